@@ -1,0 +1,142 @@
+"""The bus client: publish typed events to JetStream, follow a call live, replay its history."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
+from nats.js.errors import NotFoundError
+
+from .. import tracing
+from ..events import Event, EventDecodeError, decode, encode
+from .streams import EVENTS_STREAM, StreamSettings, ensure_streams
+from .subjects import call_events, event_subject
+
+log = logging.getLogger(__name__)
+
+MSG_ID = "Nats-Msg-Id"
+EventHandler = Callable[[Event], Awaitable[None]]
+
+
+async def connect(url: str, *, name: str, **options: Any) -> NATS:
+    """Connect with endless reconnects (a restarted server is waited for, not fatal)."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats error: %s", exc)
+
+    async def on_disconnected() -> None:
+        if not (nc.is_closed or nc.is_draining):
+            log.warning("nats disconnected; reconnecting")
+
+    async def on_reconnected() -> None:
+        log.info("nats reconnected")
+
+    nc = NATS()
+    await nc.connect(
+        url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+        error_cb=on_error, disconnected_cb=on_disconnected, reconnected_cb=on_reconnected,
+        **options,
+    )
+    return nc
+
+
+class Bus:
+    """One service's connection to NATS and JetStream.
+
+    Own the connection (``await Bus.connect(...)``) or wrap one (``Bus(nc)``); ``close`` drains
+    only what it owns.
+    """
+
+    def __init__(self, nc: NATS, *, owns_connection: bool = False,
+                 publish_timeout: float = 5.0) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=publish_timeout)
+        self._owns = owns_connection
+        self._publish_timeout = publish_timeout
+
+    @classmethod
+    async def connect(cls, url: str, *, name: str, **options: Any) -> Bus:
+        """Connect and own the connection."""
+        return cls(await connect(url, name=name, **options), owns_connection=True)
+
+    async def ensure_streams(self, settings: StreamSettings | None = None) -> None:
+        """Create or update EVENTS, AUDIO, DEADLETTER and the lease bucket."""
+        await ensure_streams(self.js, settings or StreamSettings())
+
+    async def close(self) -> None:
+        """Drain: finish in-flight deliveries and flush publishes, then disconnect."""
+        if self._owns and not self.nc.is_closed:
+            await self.nc.drain()
+
+    async def publish(self, event: Event, *, headers: dict[str, str] | None = None) -> PubAck:
+        """Publish to JetStream and await the ack; republishing the same event is a no-op.
+
+        ``Nats-Msg-Id`` is the event id, so JetStream drops duplicates within its window
+        (``ack.duplicate`` is then true and ``ack.seq`` is the original's sequence).
+        """
+        all_headers = tracing.inject_headers(dict(headers or {}))
+        all_headers[MSG_ID] = str(event.id)
+        return await self.js.publish(event_subject(event), encode(event), headers=all_headers,
+                                     timeout=self._publish_timeout)
+
+    async def subscribe_call(self, call_id: str, handler: EventHandler, *,
+                             org_id: str = "*") -> Subscription:
+        """Follow one call live over core NATS (no durability: for reacting, not for work).
+
+        Events that cannot be decoded are logged and skipped; handler errors are logged and do
+        not end the subscription.
+        """
+
+        async def on_message(msg: Msg) -> None:
+            try:
+                event = decode(msg.data)
+            except EventDecodeError as exc:
+                log.error("undecodable event on %s: %s", msg.subject, exc)
+                return
+            try:
+                await handler(event)
+            except Exception:
+                log.exception("call handler failed on %s", event.type)
+
+        return await self.nc.subscribe(call_events(call_id, org_id), cb=on_message)
+
+    async def replay(self, subject_filter: str, *, start_seq: int = 1,
+                     batch: int = 256) -> AsyncIterator[tuple[int, Event]]:
+        """Yield ``(stream sequence, event)`` for a filter, oldest first, up to now.
+
+        Uses an ephemeral, ack-less pull consumer, so nothing is left behind on the server.
+        """
+        config = ConsumerConfig(
+            filter_subject=subject_filter, ack_policy=AckPolicy.NONE,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq,
+            inactive_threshold=30.0, mem_storage=True,
+        )
+        sub = await self.js.pull_subscribe(subject_filter, stream=EVENTS_STREAM, config=config)
+        info = await sub.consumer_info()
+        try:
+            remaining = info.num_pending or 0
+            while remaining > 0:
+                try:
+                    msgs = await sub.fetch(min(batch, remaining), timeout=2.0)
+                except asyncio.TimeoutError:
+                    break  # the stream shrank (max_age) after we counted
+                for msg in msgs:
+                    remaining = msg.metadata.num_pending
+                    yield msg.metadata.sequence.stream, decode(msg.data)
+        finally:
+            await sub.unsubscribe()
+            with contextlib.suppress(NotFoundError):  # inactive_threshold would remove it anyway
+                await self.js.delete_consumer(EVENTS_STREAM, info.name)
+
+    async def replay_call(self, call_id: str, *, org_id: str = "*") -> list[Event]:
+        """Every recorded event of one call from the stream, in order."""
+        return [event async for _, event in self.replay(call_events(call_id, org_id))]

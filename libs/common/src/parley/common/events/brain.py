@@ -1,0 +1,73 @@
+"""Thinking events, emitted by the brain."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from .envelope import CallEvent
+
+
+class TurnStarted(CallEvent, frozen=True, kw_only=True, tag="turn.started"):
+    """The brain began answering a user turn."""
+
+    turn_id: str
+    provider: str = ""
+
+
+class AgentSay(CallEvent, frozen=True, kw_only=True, tag="agent.say"):
+    """One clause for the agent to speak, in order; ``last`` closes the turn's speech."""
+
+    turn_id: str
+    seq: int
+    text: str
+    last: bool = False
+
+
+class TokenUsage(msgspec.Struct, frozen=True, kw_only=True):
+    """LLM tokens spent on a turn."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+
+
+class TurnCompleted(CallEvent, frozen=True, kw_only=True, tag="turn.completed"):
+    """The brain finished a turn."""
+
+    turn_id: str
+    provider: str = ""
+    model: str = ""
+    usage: TokenUsage = msgspec.field(default_factory=TokenUsage)
+    ttft_ms: float = 0.0
+    duration_ms: float = 0.0
+    cancelled: bool = False
+
+
+class ToolRequested(CallEvent, frozen=True, kw_only=True, tag="tool.requested"):
+    """The model asked to run a tool."""
+
+    turn_id: str
+    tool_call_id: str
+    name: str
+    arguments: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class IntentDetected(CallEvent, frozen=True, kw_only=True, tag="intent.detected"):
+    """The caller's intent, classified from the transcript."""
+
+    turn_id: str
+    intent: str
+    confidence: float = 1.0
+
+
+class KnowledgeRetrieved(CallEvent, frozen=True, kw_only=True, tag="knowledge.retrieved"):
+    """Knowledge chunks retrieved for a turn."""
+
+    turn_id: str
+    query: str
+    chunk_ids: list[str] = msgspec.field(default_factory=list)
+    scores: list[float] = msgspec.field(default_factory=list)
+    latency_ms: float = 0.0

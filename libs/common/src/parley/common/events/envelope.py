@@ -1,0 +1,95 @@
+"""The envelope every event carries, and the base classes per aggregate.
+
+An event is a frozen, keyword-only msgspec Struct tagged by an explicit dotted string
+(``tag="transcript.final"``), never by its class name: stored rows outlive renames. Schema
+evolution follows msgspec's rules — new fields get defaults, field types never change, and a
+type's ``v`` default is bumped when its meaning changes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, ClassVar
+
+import msgspec
+
+# One subject token: NATS subjects split on "." and treat "*", ">" and whitespace specially.
+TOKEN_PATTERN = r"^[A-Za-z0-9_\-]{1,128}$"
+_TOKEN = re.compile(TOKEN_PATTERN)
+Token = Annotated[str, msgspec.Meta(pattern=TOKEN_PATTERN)]
+
+
+def uuid7() -> uuid.UUID:
+    """A time-ordered UUID (RFC 9562 version 7): 48-bit ms timestamp, then randomness."""
+    unix_ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (unix_ms & 0xFFFF_FFFF_FFFF) << 80
+    value |= 0x7 << 76  # version
+    value |= (rand >> 68) << 64  # 12 bits rand_a
+    value |= 0b10 << 62  # variant
+    value |= rand & ((1 << 62) - 1)  # 62 bits rand_b
+    return uuid.UUID(int=value)
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+def is_token(value: str) -> bool:
+    """True if value can stand as one NATS subject token (ids, org ids)."""
+    return bool(_TOKEN.match(value))
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Envelope fields shared by every event.
+
+    ``id`` is a UUIDv7 (also the JetStream ``Nats-Msg-Id``, so a republish is deduplicated),
+    ``causation_id`` the id of the event or command that caused this one, ``v`` the schema version.
+    """
+
+    aggregate: ClassVar[str]
+    aggregate_field: ClassVar[str]
+
+    id: uuid.UUID = msgspec.field(default_factory=uuid7)
+    org_id: Token
+    at: datetime = msgspec.field(default_factory=utcnow)
+    causation_id: uuid.UUID | None = None
+    v: int = 1
+
+    @property
+    def type(self) -> str:
+        """The dotted event type, e.g. ``transcript.final``."""
+        return type(self).__struct_config__.tag  # type: ignore[return-value]
+
+    @property
+    def aggregate_id(self) -> str:
+        """Id of the aggregate (call, agent, org…) this event belongs to."""
+        return str(getattr(self, self.aggregate_field))
+
+
+class CallEvent(Event, frozen=True, kw_only=True):
+    """An event in the life of one call."""
+
+    aggregate: ClassVar[str] = "call"
+    aggregate_field: ClassVar[str] = "call_id"
+    call_id: Token
+
+
+class AgentEvent(Event, frozen=True, kw_only=True):
+    """A configuration change of an agent."""
+
+    aggregate: ClassVar[str] = "agent"
+    aggregate_field: ClassVar[str] = "agent_id"
+    agent_id: Token
+
+
+class OrgEvent(Event, frozen=True, kw_only=True):
+    """An event about the organisation as a whole (keys, numbers, quotas, security)."""
+
+    aggregate: ClassVar[str] = "org"
+    aggregate_field: ClassVar[str] = "org_id"

@@ -1,0 +1,98 @@
+"""Audio-side events, emitted by the media service."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from .envelope import CallEvent
+
+
+class Word(msgspec.Struct, frozen=True, array_like=True):
+    """A recognised or spoken word with its timing in seconds from the segment start."""
+
+    text: str
+    start: float
+    end: float
+
+
+class SpeechStarted(CallEvent, frozen=True, kw_only=True, tag="speech.started"):
+    """Voice activity detected from the caller."""
+
+    offset_ms: int
+
+
+class SpeechStopped(CallEvent, frozen=True, kw_only=True, tag="speech.stopped"):
+    """The caller's voice activity ended."""
+
+    offset_ms: int
+
+
+class TranscriptPartial(CallEvent, frozen=True, kw_only=True, tag="transcript.partial"):
+    """An interim hypothesis of what the caller is saying; later partials supersede it."""
+
+    text: str
+    utterance_id: str = ""
+
+
+class TranscriptFinal(CallEvent, frozen=True, kw_only=True, tag="transcript.final"):
+    """A stable transcript segment with word timings."""
+
+    text: str
+    utterance_id: str = ""
+    words: list[Word] = msgspec.field(default_factory=list)
+    confidence: float = 1.0
+    provider: str = ""
+    latency_ms: float = 0.0
+
+
+class TurnUserEnded(CallEvent, frozen=True, kw_only=True, tag="turn.user_ended"):
+    """The caller finished a turn; the brain answers it."""
+
+    turn_id: str
+    text: str
+    reason: Literal["silence", "utterance_end", "max_wait", "dtmf", "prompt"] = "silence"
+    eou_delay_ms: float = 0.0
+    stt_final_ms: float = 0.0
+
+
+class AgentSpeechStarted(CallEvent, frozen=True, kw_only=True, tag="agent.speech.started"):
+    """The first agent audio frame of a turn left for the telephony socket."""
+
+    turn_id: str
+    tts_ttfb_ms: float = 0.0
+    voice_to_voice_ms: float = 0.0
+
+
+class AgentSpeechProgress(CallEvent, frozen=True, kw_only=True, tag="agent.speech.progress"):
+    """The carrier acknowledged playing audio up to a mark (Twilio mark / Plivo checkpoint)."""
+
+    turn_id: str
+    mark: str
+    seq: int
+
+
+class AgentSpeechInterrupted(CallEvent, frozen=True, kw_only=True,
+                             tag="agent.speech.interrupted"):
+    """The caller spoke over the agent; ``played_text`` is what the caller actually heard."""
+
+    turn_id: str
+    played_text: str
+    cut_seq: int = 0
+    cut_ms: int = 0
+
+
+class AgentSpeechFinished(CallEvent, frozen=True, kw_only=True, tag="agent.speech.finished"):
+    """All of the agent's audio for a turn was played."""
+
+    turn_id: str
+
+
+class MediaProviderSwitched(CallEvent, frozen=True, kw_only=True, tag="media.provider_switched"):
+    """STT or TTS moved to the next provider in the fallback chain."""
+
+    kind: Literal["stt", "tts"]
+    from_provider: str
+    to_provider: str
+    reason: str = ""

@@ -1,0 +1,118 @@
+"""Reading and appending the permanent event store (the ``events`` table)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import msgspec
+from psycopg import AsyncConnection, AsyncCursor
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from ..events import Event, decode, to_builtins
+
+# data is read as text and decoded by msgspec: much faster than psycopg's json.loads.
+_COLUMNS = "position, recorded_at, data::text, trace"
+
+
+class StoredEvent(msgspec.Struct, frozen=True):
+    """An event with where and when the store recorded it."""
+
+    position: int
+    event: Event
+    recorded_at: datetime
+    trace: str | None = None
+
+
+def _row_to_stored(row: Sequence[Any]) -> StoredEvent:
+    return StoredEvent(position=row[0], event=decode(row[2]), recorded_at=row[1], trace=row[3])
+
+
+def event_row(position: int, event: Event, trace: str | None) -> tuple[Any, ...]:
+    """The ``events`` row for an event at a stream position (for COPY, in column order)."""
+    data = to_builtins(event)  # includes the "type" tag, so a row decodes on its own
+    return (position, event.id, event.org_id, event.aggregate, event.aggregate_id, event.type,
+            event.v, event.at, event.causation_id, Jsonb(data), trace)
+
+
+async def append(cursor: AsyncCursor[Any], rows: Sequence[tuple[Any, ...]]) -> None:
+    """Append event rows with COPY inside the caller's transaction.
+
+    A position or event id that is already stored makes the whole transaction fail: callers
+    (the recorder) guarantee each position is written once by moving their checkpoint in the
+    same transaction.
+    """
+    async with cursor.copy(
+        "COPY events (position, event_id, org_id, aggregate, aggregate_id, type, v, at, "
+        "causation_id, data, trace) FROM STDIN"
+    ) as copy:
+        for row in rows:
+            await copy.write_row(row)
+
+
+async def get_checkpoint(conn: AsyncConnection[Any], name: str) -> int:
+    """The last position a reader has committed (0 when it never ran)."""
+    cursor = await conn.execute("SELECT position FROM checkpoints WHERE name = %s", (name,))
+    row = await cursor.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def set_checkpoint(conn: AsyncConnection[Any], name: str, position: int) -> None:
+    """Move a reader's checkpoint (call inside the transaction that covers its effects)."""
+    await conn.execute(
+        "INSERT INTO checkpoints (name, position) VALUES (%s, %s) ON CONFLICT (name) DO UPDATE "
+        "SET position = excluded.position, updated_at = now()", (name, position))
+
+
+class EventStore:
+    """Queries over ``events``; tenant-scoped reads take the org id."""
+
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+        self.pool = pool
+
+    async def _query(self, sql: str, params: Sequence[Any]) -> list[StoredEvent]:
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(f"SELECT {_COLUMNS} FROM events {sql}", params)
+            return [_row_to_stored(row) for row in await cursor.fetchall()]
+
+    async def read_aggregate(self, aggregate_id: str, *, org_id: str | None = None,
+                             after: int = 0) -> list[StoredEvent]:
+        """All events of one call (or agent, org…) in order; only the org's when given."""
+        if org_id is None:
+            return await self._query("WHERE aggregate_id = %s AND position > %s ORDER BY position",
+                                     (aggregate_id, after))
+        return await self._query(
+            "WHERE aggregate_id = %s AND org_id = %s AND position > %s ORDER BY position",
+            (aggregate_id, org_id, after))
+
+    async def read_range(self, after: int, *, limit: int = 1000,
+                         until: int | None = None) -> list[StoredEvent]:
+        """Events with ``after < position [<= until]`` in order, at most ``limit``."""
+        if until is None:
+            return await self._query("WHERE position > %s ORDER BY position LIMIT %s",
+                                     (after, limit))
+        return await self._query(
+            "WHERE position > %s AND position <= %s ORDER BY position LIMIT %s",
+            (after, until, limit))
+
+    async def read_by_type(self, org_id: str, types: Sequence[str], *, after: int = 0,
+                           limit: int = 1000) -> list[StoredEvent]:
+        """One org's events of the given types, in order."""
+        return await self._query(
+            "WHERE org_id = %s AND type = ANY(%s) AND position > %s ORDER BY position LIMIT %s",
+            (org_id, list(types), after, limit))
+
+    async def get(self, event_id: uuid.UUID) -> StoredEvent | None:
+        """One event by id."""
+        found = await self._query("WHERE event_id = %s", (event_id,))
+        return found[0] if found else None
+
+    async def max_position(self) -> int:
+        """The highest stored position (0 when empty)."""
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute("SELECT coalesce(max(position), 0) FROM events")
+            row = await cursor.fetchone()
+            return int(row[0]) if row else 0

@@ -1,0 +1,267 @@
+import asyncio
+
+import nats
+import pytest
+from nats.js.api import StorageType
+
+from parley.common import events
+from parley.common.bus import (
+    AUDIO_STREAM,
+    DEAD_LETTER_STREAM,
+    EVENTS_STREAM,
+    LEASES_BUCKET,
+    Bus,
+    ConsumerSettings,
+    DurableConsumer,
+    PermanentError,
+    StreamSettings,
+    call_events,
+    dead_letter_subject,
+    publish_frame,
+    subscribe_frames,
+)
+from parley.common.bus.subjects import SubjectError, event_subject
+
+
+async def wait_for(predicate, timeout=5.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+def test_subject_is_derived_from_org_aggregate_id_and_type() -> None:
+    event = events.TranscriptFinal(org_id="o1", call_id="c9", text="hi")
+    assert event_subject(event) == "parley.ev.o1.call.c9.transcript.final"
+    agent = events.AgentCreated(org_id="o1", agent_id="a1", name="Ann")
+    assert event_subject(agent) == "parley.ev.o1.agent.a1.agent.created"
+    assert event_subject(events.QuotaExceeded(org_id="o1", kind="x", limit=1, used=2)) == \
+        "parley.ev.o1.org.o1.quota.exceeded"
+
+
+def test_subject_tokens_are_validated() -> None:
+    with pytest.raises(SubjectError, match="call_id"):
+        call_events("c.*")
+
+
+async def test_ensure_streams_is_idempotent_and_follows_settings(nats_url: str) -> None:
+    bus = await Bus.connect(nats_url, name="t")
+    settings = StreamSettings(events_max_age_s=3600, audio_max_age_s=60, audio_storage="memory")
+    await bus.ensure_streams(settings)
+    await bus.ensure_streams(settings)
+    info = await bus.js.stream_info(EVENTS_STREAM)
+    assert info.config.max_age == 3600 and info.config.num_replicas == 1
+    audio = await bus.js.stream_info(AUDIO_STREAM)
+    assert audio.config.storage == StorageType.MEMORY and audio.config.max_age == 60
+    await bus.js.stream_info(DEAD_LETTER_STREAM)
+    kv = await bus.js.key_value(LEASES_BUCKET)
+    assert (await kv.status()).ttl == 5.0
+    await bus.close()
+
+
+async def test_publish_awaits_ack_with_msg_id_and_trace_header(bus: Bus) -> None:
+    from parley.common import tracing
+
+    provider = tracing.configure_tracing("test", set_global=False)
+    event = events.CallRinging(org_id="o1", call_id="c1")
+    with tracing.tracer("test", provider).start_as_current_span("publish") as span:
+        ack = await bus.publish(event)
+    assert ack.stream == EVENTS_STREAM and ack.seq == 1 and not ack.duplicate
+    msg = await bus.js.get_msg(EVENTS_STREAM, 1)
+    assert msg.subject == "parley.ev.o1.call.c1.call.ringing"
+    assert msg.headers["Nats-Msg-Id"] == str(event.id)
+    trace_id = format(span.get_span_context().trace_id, "032x")
+    assert msg.headers["traceparent"].startswith(f"00-{trace_id}-")
+    assert events.decode(msg.data) == event
+
+
+async def test_publishing_the_same_event_twice_stores_it_once(bus: Bus) -> None:
+    event = events.CallAnswered(org_id="o1", call_id="c1")
+    first = await bus.publish(event)
+    again = await bus.publish(event)
+    assert again.duplicate and again.seq == first.seq
+    assert (await bus.js.stream_info(EVENTS_STREAM)).state.messages == 1
+
+
+async def test_subscribe_call_sees_only_that_call_live_and_in_order(bus: Bus) -> None:
+    seen: list[events.Event] = []
+
+    async def on_event(event: events.Event) -> None:
+        seen.append(event)
+
+    sub = await bus.subscribe_call("c1", on_event)
+    await bus.nc.flush()
+    for i in range(20):
+        await bus.publish(events.TranscriptPartial(org_id="o1", call_id="c1", text=str(i)))
+        await bus.publish(events.TranscriptPartial(org_id="o1", call_id="c2", text="other"))
+    await wait_for(lambda: len(seen) == 20)
+    assert [e.text for e in seen] == [str(i) for i in range(20)]  # type: ignore[attr-defined]
+    await sub.unsubscribe()
+
+
+async def test_replay_call_returns_the_calls_events_in_stream_order(bus: Bus) -> None:
+    published = []
+    for i in range(300):
+        call = "c1" if i % 3 else "c2"
+        event = events.TranscriptPartial(org_id="o1", call_id=call, text=str(i))
+        await bus.publish(event)
+        if call == "c1":
+            published.append(event)
+    assert await bus.replay_call("c1") == published
+    assert await bus.replay_call("nobody") == []
+    assert await bus.replay_call("c1", org_id="o2") == []
+
+
+async def test_audio_frames_are_raw_bytes_with_seq_and_timestamp(bus: Bus) -> None:
+    got: list[tuple[bytes, int, int]] = []
+
+    async def on_frame(payload: bytes, seq: int, ts: int, _msg: object) -> None:
+        got.append((payload, seq, ts))
+
+    sub = await subscribe_frames(bus.nc, "c1", "in", on_frame)
+    await bus.nc.flush()
+    for seq in range(50):
+        await publish_frame(bus.nc, "c1", "in", bytes([seq]) * 160, seq=seq, timestamp_ms=seq * 20)
+    await wait_for(lambda: len(got) == 50)
+    assert got[7] == (bytes([7]) * 160, 7, 140)
+    await wait_for(lambda: True)
+    info = await bus.js.stream_info(AUDIO_STREAM)
+    assert info.state.messages == 50  # captured for replay and failover catch-up
+    await sub.unsubscribe()
+
+
+def _settings(name: str, **overrides: object) -> ConsumerSettings:
+    values: dict[str, object] = {
+        "durable": name, "filter_subjects": ["parley.ev.*.call.*.>"],
+        "backoff_initial_s": 0.05, "ack_wait_s": 2.0}
+    values.update(overrides)
+    return ConsumerSettings(**values)  # type: ignore[arg-type]
+
+
+async def test_consumer_acks_after_the_handler_and_retries_transient_errors(bus: Bus) -> None:
+    handled: list[str] = []
+    attempts: dict[str, int] = {}
+
+    async def handler(event: events.Event, _msg: object) -> None:
+        key = event.text  # type: ignore[attr-defined]
+        attempts[key] = attempts.get(key, 0) + 1
+        if key == "flaky" and attempts[key] < 3:
+            raise ConnectionError("database blinked")
+        handled.append(key)
+
+    consumer = DurableConsumer(bus, _settings("workers"), handler)
+    await consumer.start()
+    for text in ["a", "flaky", "b"]:
+        await bus.publish(events.TranscriptFinal(org_id="o1", call_id="c1", text=text))
+    await wait_for(lambda: len(handled) == 3)
+    assert sorted(handled) == ["a", "b", "flaky"] and attempts["flaky"] == 3
+    await consumer.stop()
+    info = await bus.js.consumer_info(EVENTS_STREAM, "workers")
+    assert info.num_ack_pending == 0 and info.num_pending == 0
+
+
+async def test_poison_messages_are_dead_lettered_with_reason_and_do_not_block(bus: Bus) -> None:
+    handled: list[str] = []
+
+    async def handler(event: events.Event, _msg: object) -> None:
+        if event.text == "refuse":  # type: ignore[attr-defined]
+            raise PermanentError("tool schema says no")
+        handled.append(event.text)  # type: ignore[attr-defined]
+
+    consumer = DurableConsumer(bus, _settings("poison"), handler)
+    await consumer.start()
+    await bus.js.publish("parley.ev.o1.call.c1.transcript.final", b"{not json")
+    await bus.js.publish("parley.ev.o1.call.c1.call.ended",
+                         b'{"type":"call.ended","org_id":"o1","call_id":"c1","duration_s":"x"}')
+    await bus.publish(events.TranscriptFinal(org_id="o1", call_id="c1", text="refuse"))
+    await bus.publish(events.TranscriptFinal(org_id="o1", call_id="c1", text="after"))
+    await wait_for(lambda: handled == ["after"] and consumer.dead_lettered == 3)
+    await consumer.stop()
+
+    dlq = await bus.js.pull_subscribe(dead_letter_subject("poison"), stream=DEAD_LETTER_STREAM)
+    letters = await dlq.fetch(3, timeout=2)
+    reasons = [m.headers["Parley-Dlq-Reason"] for m in letters]
+    assert "undecodable" in reasons[0] and "malformed" in reasons[0]
+    assert "duration_s" in reasons[1]
+    assert "PermanentError: tool schema says no" in reasons[2]
+    assert letters[0].data == b"{not json"
+    assert [m.headers["Parley-Dlq-Stream-Seq"] for m in letters] == ["1", "2", "3"]
+    info = await bus.js.consumer_info(EVENTS_STREAM, "poison")
+    assert info.num_ack_pending == 0 and info.num_redelivered == 0
+
+
+async def test_a_message_that_keeps_failing_is_dead_lettered_after_max_deliver(bus: Bus) -> None:
+    async def handler(event: events.Event, _msg: object) -> None:
+        raise RuntimeError("always broken")
+
+    consumer = DurableConsumer(bus, _settings("giveup", max_deliver=3), handler)
+    await consumer.start()
+    await bus.publish(events.CallEnded(org_id="o1", call_id="c1"))
+    await wait_for(lambda: consumer.dead_lettered == 1)
+    await consumer.stop()
+    dlq = await bus.js.pull_subscribe(dead_letter_subject("giveup"), stream=DEAD_LETTER_STREAM)
+    (letter,) = await dlq.fetch(1, timeout=2)
+    assert "failed 3 times" in letter.headers["Parley-Dlq-Reason"]
+    assert letter.headers["Parley-Dlq-Deliveries"] == "3"
+
+
+async def test_a_consumer_that_dies_before_acking_gets_the_message_redelivered(
+        nats_url: str, bus: Bus) -> None:
+    dying = await Bus.connect(nats_url, name="dying")
+    started = asyncio.Event()
+
+    async def die_mid_handler(event: events.Event, _msg: object) -> None:
+        started.set()
+        await asyncio.sleep(3600)  # the process "dies" here: never returns, never acks
+
+    settings = _settings("shared", ack_wait_s=1.0)
+    first = DurableConsumer(dying, settings, die_mid_handler)
+    await first.start()
+    event = events.ToolRequested(org_id="o1", call_id="c1", turn_id="t1", tool_call_id="x",
+                                 name="book")
+    await bus.publish(event)
+    await asyncio.wait_for(started.wait(), 5)
+    first._task.cancel()  # noqa: SLF001 - simulate the crash: connection gone, no ack, no nak
+    await dying.nc.close()
+
+    survivor_got: list[tuple[events.Event, int]] = []
+
+    async def handler(got: events.Event, msg: object) -> None:
+        survivor_got.append((got, msg.metadata.num_delivered))  # type: ignore[attr-defined]
+
+    second = DurableConsumer(bus, settings, handler)
+    await second.start()
+    await wait_for(lambda: len(survivor_got) == 1, timeout=10)
+    assert survivor_got[0][0] == event and survivor_got[0][1] == 2
+    await second.stop()
+
+
+async def test_stop_is_graceful_and_the_durable_resumes_where_it_left_off(bus: Bus) -> None:
+    seen: list[str] = []
+
+    async def handler(event: events.Event, _msg: object) -> None:
+        seen.append(event.text)  # type: ignore[attr-defined]
+
+    consumer = DurableConsumer(bus, _settings("resume"), handler)
+    await consumer.start()
+    await bus.publish(events.TranscriptFinal(org_id="o1", call_id="c1", text="one"))
+    await wait_for(lambda: seen == ["one"])
+    await consumer.stop()
+    await bus.publish(events.TranscriptFinal(org_id="o1", call_id="c1", text="two"))
+    again = DurableConsumer(bus, _settings("resume"), handler)
+    await again.start()
+    await wait_for(lambda: seen == ["one", "two"])
+    await again.stop()
+
+
+async def test_core_nats_connection_options(nats_url: str) -> None:
+    bus = await Bus.connect(nats_url, name="svc")
+    assert bus.nc.options["max_reconnect_attempts"] == -1
+    await bus.close()
+    assert bus.nc.is_closed
+    plain = await nats.connect(nats_url)
+    wrapped = Bus(plain)
+    await wrapped.close()  # does not own it: leaves it open
+    assert plain.is_connected
+    await plain.close()

