@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -30,17 +32,23 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    """One Postgres cluster for the session, with a migrated template database."""
+def postgres_server() -> Iterator[PostgresServer]:
+    """One Postgres cluster for the session, with a migrated template database.
+
+    Its directory is outside pytest's temp tree: pytest keeps that tree private (0700) and
+    re-tightens it when another session starts, which would lock out the postgres user.
+    """
     from parley.common.store import apply_migrations
 
-    server = PostgresServer(Path(tmp_path_factory.mktemp("pg")), fsync=False).start()
+    root = Path(tempfile.mkdtemp(prefix="parley-test-pg-"))
+    server = PostgresServer(root, fsync=False).start()
     admin = server.url.rsplit("/", 1)[0] + "/postgres"
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {TEMPLATE_DB}")
     asyncio.run(apply_migrations(admin.rsplit("/", 1)[0] + "/" + TEMPLATE_DB))
     yield server
     server.stop()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from parley.common.runtime import run_service
+
+SERVICE = textwrap.dedent(
+    """
+    import asyncio, sys
+    from parley.common.runtime import run_service
+
+    async def main(stop: asyncio.Event) -> None:
+        print("ready", flush=True)
+        await stop.wait()
+        print("stopping", flush=True)
+        if sys.argv[1] == "slow-drain":
+            await asyncio.sleep(60)
+        print("drained", flush=True)
+
+    sys.exit(run_service(main))
+    """
+)
+
+
+def test_signal_sets_stop_event_and_returns_zero() -> None:
+    seen: list[bool] = []
+
+    async def main(stop: asyncio.Event) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(stop.wait(), timeout=5)
+        seen.append(stop.is_set())
+
+    assert run_service(main) == 0
+    assert seen == [True]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_main_returning_on_its_own_is_a_clean_stop() -> None:
+    async def main(stop: asyncio.Event) -> None:
+        assert not stop.is_set()
+
+    assert run_service(main) == 0
+
+
+def test_exception_from_main_propagates() -> None:
+    async def main(stop: asyncio.Event) -> None:
+        raise RuntimeError("could not connect")
+
+    with pytest.raises(RuntimeError, match="could not connect"):
+        run_service(main)
+
+
+async def start(tmp_path: Path, mode: str) -> asyncio.subprocess.Process:
+    script = tmp_path / "service.py"
+    script.write_text(SERVICE)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), mode, stdout=asyncio.subprocess.PIPE
+    )
+    assert await read_line(process) == "ready"
+    return process
+
+
+async def read_line(process: asyncio.subprocess.Process) -> str:
+    assert process.stdout is not None
+    line = await asyncio.wait_for(process.stdout.readline(), timeout=30)
+    return line.decode().strip()
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+async def test_first_signal_drains_and_exits_zero(tmp_path: Path, stop_signal: int) -> None:
+    process = await start(tmp_path, "quick-drain")
+    process.send_signal(stop_signal)
+    assert await read_line(process) == "stopping"
+    assert await read_line(process) == "drained"
+    assert await asyncio.wait_for(process.wait(), timeout=30) == 0
+
+
+async def test_second_signal_exits_immediately(tmp_path: Path) -> None:
+    process = await start(tmp_path, "slow-drain")
+    try:
+        process.send_signal(signal.SIGTERM)
+        assert await read_line(process) == "stopping"
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), timeout=30) == 128 + signal.SIGTERM
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

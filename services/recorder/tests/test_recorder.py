@@ -1,0 +1,161 @@
+import asyncio
+import contextlib
+
+import psycopg
+import pytest
+
+from parley.common import events as ev
+from parley.common.bus import Bus
+from parley.common.metrics import Metrics
+from parley.common.store import rebuild
+from parley.recorder.projections import AuditLogProjection, CallsProjection
+from parley.recorder.worker import CHECKPOINT, Recorder
+
+from .conftest import wait_for
+
+
+def call_script(call_id: str, org: str = "o1") -> list[ev.Event]:
+    return [
+        ev.CallRequested(org_id=org, call_id=call_id, direction="inbound", agent_id="a1",
+                         from_number="+15550001", to_number="+15550002"),
+        ev.CallRinging(org_id=org, call_id=call_id),
+        ev.CallAnswered(org_id=org, call_id=call_id),
+        ev.TranscriptFinal(org_id=org, call_id=call_id, text="hello"),
+        ev.TurnUserEnded(org_id=org, call_id=call_id, turn_id="t1", text="hello"),
+        ev.AgentSay(org_id=org, call_id=call_id, turn_id="t1", seq=0, text="Hi!", last=True),
+        ev.CallEnded(org_id=org, call_id=call_id, reason="caller_hangup", duration_s=12.5),
+    ]
+
+
+@contextlib.asynccontextmanager
+async def running_recorder(bus: Bus, database_url: str, **kwargs):
+    recorder = Recorder(bus, database_url, [CallsProjection(), AuditLogProjection()],
+                        metrics=Metrics("recorder"), **kwargs)
+    stop = asyncio.Event()
+    task = asyncio.create_task(recorder.run(stop))
+    try:
+        yield recorder
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def checkpoint(database_url: str) -> int:
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cur = await conn.execute("SELECT position FROM checkpoints WHERE name = %s",
+                                 (CHECKPOINT,))
+        row = await cur.fetchone()
+        return row[0] if row else 0
+
+
+def rows(database_url: str, query: str) -> list[tuple]:
+    with psycopg.connect(database_url) as conn:
+        return conn.execute(query).fetchall()
+
+
+async def test_records_every_event_in_stream_order_with_projections(
+        bus: Bus, database_url: str) -> None:
+    published = []
+    for i in range(30):
+        for event in call_script(f"c{i}"):
+            await bus.publish(event)
+            published.append(event)
+    await bus.publish(ev.AgentCreated(org_id="o1", agent_id="a1", name="Reception",
+                                      actor="user:ann"))
+    async with running_recorder(bus, database_url, batch_size=50):
+        await wait_for(lambda: checkpoint(database_url), timeout=15)
+        await wait_for(lambda: _at(database_url, len(published) + 1))
+
+    stored = rows(database_url, "SELECT position, event_id FROM events ORDER BY position")
+    assert [p for p, _ in stored] == list(range(1, len(published) + 2))
+    assert [i for _, i in stored[:-1]] == [e.id for e in published]
+    calls = rows(database_url, "SELECT call_id, state, turns, duration_s, end_reason, "
+                               "event_count FROM calls WHERE call_id = 'c7'")
+    assert calls == [("c7", "ended", 1, 12.5, "caller_hangup", 7)]
+    assert rows(database_url, "SELECT count(*) FROM calls") == [(30,)]
+    audit = rows(database_url, "SELECT type, actor FROM audit_log WHERE aggregate = 'agent'")
+    assert audit == [("agent.created", "user:ann")]
+    assert rows(database_url, "SELECT count(*) FROM audit_log WHERE type = 'call.requested'") \
+        == [(30,)]
+
+
+async def _at(database_url: str, position: int) -> bool:
+    return await checkpoint(database_url) >= position
+
+
+async def test_poison_and_late_duplicates_become_dead_letters_not_gaps(
+        bus: Bus, database_url: str) -> None:
+    first = ev.CallRinging(org_id="o1", call_id="c1")
+    await bus.publish(first)
+    await bus.js.publish("parley.ev.o1.call.c1.call.ringing", b'{"type":"call.ringing"}')
+    # The same event id again without Nats-Msg-Id: what a republish after the window looks like.
+    await bus.js.publish("parley.ev.o1.call.c1.call.ringing", ev.encode(first))
+    await bus.publish(ev.CallEnded(org_id="o1", call_id="c1"))
+    async with running_recorder(bus, database_url):
+        await wait_for(lambda: _at(database_url, 4))
+    assert rows(database_url, "SELECT position FROM events ORDER BY 1") == [(1,), (4,)]
+    dead = rows(database_url, "SELECT position, reason FROM dead_letters ORDER BY 1")
+    assert dead[0][0] == 2 and "undecodable" in dead[0][1] and "org_id" in dead[0][1]
+    assert dead[1][0] == 3 and dead[1][1].startswith("duplicate") and "position 1" in dead[1][1]
+    assert rows(database_url, "SELECT state FROM calls") == [("ended",)]
+
+
+async def test_resumes_from_its_checkpoint_without_rewriting(bus: Bus, database_url: str) -> None:
+    for event in call_script("c1"):
+        await bus.publish(event)
+    async with running_recorder(bus, database_url):
+        await wait_for(lambda: _at(database_url, 7))
+    for event in call_script("c2"):
+        await bus.publish(event)
+    async with running_recorder(bus, database_url):
+        await wait_for(lambda: _at(database_url, 14))
+    assert rows(database_url, "SELECT count(*), min(position), max(position) FROM events") == \
+        [(14, 1, 14)]
+
+
+async def test_only_one_recorder_writes_at_a_time(bus: Bus, database_url: str) -> None:
+    async with running_recorder(bus, database_url) as leader:
+        await wait_for(lambda: leader.leader)
+        async with running_recorder(bus, database_url) as standby:
+            await asyncio.sleep(0.5)
+            assert not standby.leader
+            await bus.publish(ev.CallRinging(org_id="o1", call_id="c1"))
+            await wait_for(lambda: _at(database_url, 1))
+
+
+async def test_a_rebuilt_projection_equals_the_live_one(bus: Bus, database_url: str) -> None:
+    for i in range(40):
+        for event in call_script(f"c{i}", org="o2" if i % 2 else "o1"):
+            await bus.publish(event)
+    await bus.publish(ev.ApiKeyCreated(org_id="o1", key_id="k1", actor="user:bo"))
+    async with running_recorder(bus, database_url, batch_size=37):
+        await wait_for(lambda: _at(database_url, 281))
+        live_calls = rows(database_url, "SELECT * FROM calls ORDER BY call_id")
+        live_audit = rows(database_url, "SELECT * FROM audit_log ORDER BY position")
+        async with await psycopg.AsyncConnection.connect(database_url) as conn:
+            report = await rebuild(conn, CallsProjection(), batch_size=50)
+            await rebuild(conn, AuditLogProjection(), batch_size=50)
+        assert report.events == 281 and report.position == 281
+        # The live recorder keeps writing into the swapped-in table.
+        for event in call_script("after-rebuild"):
+            await bus.publish(event)
+        await wait_for(lambda: _at(database_url, 288))
+    assert rows(database_url, "SELECT * FROM calls WHERE call_id <> 'after-rebuild' "
+                              "ORDER BY call_id") == live_calls
+    assert rows(database_url, "SELECT * FROM audit_log WHERE position <= 281 "
+                              "ORDER BY position") == live_audit
+    assert rows(database_url, "SELECT state FROM calls WHERE call_id = 'after-rebuild'") == \
+        [("ended",)]
+
+
+def test_events_are_append_only(database_url: str) -> None:
+    with psycopg.connect(database_url) as conn:
+        conn.execute("INSERT INTO events (position, event_id, org_id, aggregate, aggregate_id, "
+                     "type, v, at, data) VALUES (1, gen_random_uuid(), 'o', 'call', 'c', "
+                     "'call.ringing', 1, now(), '{}')")
+        conn.commit()
+        with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+            conn.execute("UPDATE events SET org_id = 'other'")
+        conn.rollback()
+        with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+            conn.execute("DELETE FROM events")
