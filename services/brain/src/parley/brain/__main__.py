@@ -1,0 +1,21 @@
+"""``python -m parley.brain``: per-turn thinking: context fold, retrieval, intent, LLM streaming, clauses.
+
+Today this runs the service shell only (bus connection, streams, /healthz, /readyz, /metrics)
+so `parley up` can supervise the full topology; the brain's own work lands with its issue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from parley.common.config import CommonConfig
+from parley.common.service import ServiceContext, serve
+
+
+async def idle(ctx: ServiceContext[CommonConfig], stop: asyncio.Event) -> None:
+    """Hold the connections open until stopped."""
+    await stop.wait()
+
+
+if __name__ == "__main__":
+    raise SystemExit(serve("brain", CommonConfig, idle))
