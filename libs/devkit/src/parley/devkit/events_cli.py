@@ -1,9 +1,196 @@
-"""``parley events ...`` (placeholder: the real commands are being written separately)."""
+"""``parley events …``: read the event store and the live bus while debugging a call.
+
+- ``show <call>``: a call's timeline with the time between steps (Postgres, or the stream);
+- ``tail [--org] [--type]``: follow events live;
+- ``rebuild <projection>``: rebuild a read model from ``events`` and swap it in;
+- ``schema``: export the catalog as JSON Schema and docs/events.md.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from parley.common import events as ev
+from parley.common.events import schema
+from parley.devkit.local_infra import read_env_file
+
+_ENVELOPE = {"type", "id", "org_id", "at", "causation_id", "v"}
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the ``events`` commands to the ``parley`` parser (none yet)."""
+    """Add ``parley events`` and its subcommands."""
+    parser = subparsers.add_parser("events", help="inspect, follow and rebuild events")
+    parser.add_argument("--dir", type=Path, default=Path(".parley"),
+                        help="where `parley infra up` wrote env (default .parley)")
+    commands = parser.add_subparsers(title="events commands", metavar="COMMAND", required=True)
+
+    show = commands.add_parser("show", help="a call's timeline with per-step latency")
+    show.add_argument("call_id")
+    show.add_argument("--org", help="only this org's events")
+    show.add_argument("--from-stream", action="store_true",
+                      help="read JetStream instead of Postgres (before the recorder caught up)")
+    show.add_argument("--json", action="store_true", help="one JSON event per line")
+    show.set_defaults(handler=lambda args: asyncio.run(_show(args)))
+
+    tail = commands.add_parser("tail", help="follow events live")
+    tail.add_argument("--org", default="*")
+    tail.add_argument("--type", dest="event_type", help="e.g. transcript.final")
+    tail.add_argument("--limit", type=int, default=0, help="exit after this many events")
+    tail.add_argument("--json", action="store_true")
+    tail.set_defaults(handler=lambda args: asyncio.run(_tail(args)))
+
+    rebuild = commands.add_parser("rebuild", help="rebuild a projection from the event store")
+    rebuild.add_argument("projection", help="e.g. calls, audit_log")
+    rebuild.set_defaults(handler=lambda args: asyncio.run(_rebuild(args)))
+
+    export = commands.add_parser("schema", help="export the event catalog")
+    export.add_argument("--json", type=Path, help="write JSON Schema here (default: stdout)")
+    export.add_argument("--markdown", type=Path, help="write the reference page here")
+    export.set_defaults(handler=_schema)
+
+
+def server_url(root: Path, variable: str) -> str:
+    """A server URL from the environment, else from ``.parley/env``."""
+    url = os.environ.get(variable) or read_env_file(root).get(variable)
+    if not url:
+        raise SystemExit(f"parley: {variable} is not set; run `parley infra up` or set it")
+    return url
+
+
+def summarize(event: ev.Event) -> str:
+    """The event's own fields as ``key=value`` pairs, long values shortened."""
+    fields = ev.to_builtins(event)
+    parts = []
+    for key, value in fields.items():
+        if key in _ENVELOPE or value in ("", None, [], {}):
+            continue
+        text = value if isinstance(value, str) else msgspec.json.encode(value).decode()
+        if len(text) > 60:
+            text = text[:57] + "..."
+        parts.append(f"{key}={text!r}" if isinstance(value, str) else f"{key}={text}")
+    return " ".join(parts)
+
+
+def timeline(rows: Iterable[tuple[int, ev.Event]]) -> list[str]:
+    """Readable lines: position, time since the first event, time since the previous one."""
+    lines: list[str] = []
+    first: datetime | None = None
+    previous: datetime | None = None
+    for position, event in rows:
+        first = first or event.at
+        since_start = (event.at - first).total_seconds()
+        step = "" if previous is None else f"+{(event.at - previous).total_seconds() * 1000:.0f}ms"
+        previous = event.at
+        lines.append(f"{position:>8}  {since_start:>8.3f}s  {step:>9}  {event.type:<26} "
+                     f"{summarize(event)}".rstrip())
+    return lines
+
+
+async def _show(args: argparse.Namespace) -> int:
+    rows: Sequence[tuple[int, ev.Event]]
+    if args.from_stream:
+        from parley.common.bus import Bus, call_events
+
+        bus = await Bus.connect(server_url(args.dir, "PARLEY_NATS_URL"), name="parley-cli")
+        try:
+            rows = [r async for r in bus.replay(call_events(args.call_id, args.org or "*"))]
+        finally:
+            await bus.close()
+    else:
+        from psycopg_pool import AsyncConnectionPool
+
+        from parley.common.store import EventStore
+
+        url = server_url(args.dir, "PARLEY_DATABASE_URL")
+        async with AsyncConnectionPool(url, min_size=1, max_size=1, open=False) as pool:
+            stored = await EventStore(pool).read_aggregate(args.call_id, org_id=args.org)
+        rows = [(s.position, s.event) for s in stored]
+    if not rows:
+        print(f"no events for call {args.call_id}", file=sys.stderr)
+        return 1
+    if args.json:
+        for _, event in rows:
+            print(ev.encode(event).decode())
+    else:
+        head = rows[0][1]
+        print(f"call {args.call_id}  org {head.org_id}  {len(rows)} events  "
+              f"from {head.at.isoformat()}")
+        print("\n".join(timeline(rows)))
+    return 0
+
+
+async def _tail(args: argparse.Namespace) -> int:
+    from parley.common.bus import Bus, events_of_type, org_events
+    from parley.common.bus.subjects import EVENTS_PREFIX
+
+    if args.event_type:
+        subject = events_of_type(args.event_type, args.org)
+    else:
+        subject = f"{EVENTS_PREFIX}.>" if args.org == "*" else org_events(args.org)
+    bus = await Bus.connect(server_url(args.dir, "PARLEY_NATS_URL"), name="parley-cli")
+    done = asyncio.Event()
+    seen = 0
+
+    async def on_message(msg: Any) -> None:
+        nonlocal seen
+        try:
+            event = ev.decode(msg.data)
+        except ev.EventDecodeError as exc:
+            print(f"!! {msg.subject}: {exc}", flush=True)
+            return
+        seen += 1
+        if args.json:
+            print(msg.data.decode(), flush=True)
+        else:
+            print(f"{event.at:%H:%M:%S.%f}"[:-3] + f"  {event.org_id}  {event.aggregate_id}  "
+                  f"{event.type:<26} {summarize(event)}", flush=True)
+        if args.limit and seen >= args.limit:
+            done.set()
+
+    await bus.nc.subscribe(subject, cb=on_message)
+    await bus.nc.flush()
+    print(f"following {subject} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    try:
+        await done.wait()
+    finally:
+        await bus.close()
+    return 0
+
+
+async def _rebuild(args: argparse.Namespace) -> int:
+    import psycopg
+
+    from parley.common.store import installed_projections, rebuild
+
+    projections = installed_projections()
+    if args.projection not in projections:
+        print(f"parley: unknown projection {args.projection!r}; known: "
+              f"{', '.join(sorted(projections))}", file=sys.stderr)
+        return 2
+    url = server_url(args.dir, "PARLEY_DATABASE_URL")
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        report = await rebuild(conn, projections[args.projection])
+    rate = report.events / report.seconds if report.seconds else 0.0
+    print(f"rebuilt {report.projection} from {report.events} events up to position "
+          f"{report.position} in {report.seconds:.2f}s ({rate:,.0f} events/s)")
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    exported = msgspec.json.format(msgspec.json.encode(schema.json_schema()), indent=2)
+    if args.json:
+        args.json.write_bytes(exported + b"\n")
+    if args.markdown:
+        args.markdown.write_text(schema.markdown())
+    if not args.json and not args.markdown:
+        sys.stdout.write(exported.decode() + "\n")
+    return 0

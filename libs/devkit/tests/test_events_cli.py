@@ -1,0 +1,100 @@
+import asyncio
+import os
+import subprocess
+import sys
+
+from parley.common import events as ev
+from parley.common.bus import Bus
+from parley.common.metrics import Metrics
+from parley.recorder.projections import AuditLogProjection, CallsProjection
+from parley.recorder.worker import Recorder
+
+
+def parley(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "parley.devkit.cli", *args], text=True,
+                          capture_output=True, env={**os.environ, **env}, timeout=60)
+
+
+async def record_all(bus: Bus, database_url: str, count: int) -> None:
+    import psycopg
+
+    recorder = Recorder(bus, database_url, [CallsProjection(), AuditLogProjection()],
+                        metrics=Metrics("recorder"))
+    stop = asyncio.Event()
+    task = asyncio.create_task(recorder.run(stop))
+    for _ in range(500):
+        with psycopg.connect(database_url) as conn:
+            row = conn.execute("SELECT position FROM checkpoints").fetchone()
+        if row and row[0] >= count:
+            break
+        await asyncio.sleep(0.02)
+    stop.set()
+    await task
+
+
+async def test_show_prints_a_calls_timeline_from_postgres_and_the_stream(
+        bus: Bus, database_url: str, nats_url: str) -> None:
+    script = [
+        ev.CallRequested(org_id="o1", call_id="c42", direction="inbound", agent_id="a1",
+                         from_number="+15550001", to_number="+15550002"),
+        ev.TranscriptFinal(org_id="o1", call_id="c42", text="what are your hours"),
+        ev.AgentSay(org_id="o1", call_id="c42", turn_id="t1", seq=0, text="Nine to five.",
+                    last=True),
+        ev.CallEnded(org_id="o1", call_id="c42", reason="caller_hangup", duration_s=9.0),
+    ]
+    for event in script:
+        await bus.publish(event)
+    await bus.publish(ev.CallRinging(org_id="o1", call_id="other"))
+    await record_all(bus, database_url, 5)
+    env = {"PARLEY_DATABASE_URL": database_url, "PARLEY_NATS_URL": nats_url}
+
+    shown = await asyncio.to_thread(parley, "events", "show", "c42", env=env)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert "4 events" in lines[0]
+    assert [line.split()[3 if i else 2] for i, line in enumerate(lines[1:])] == \
+        ["call.requested", "transcript.final", "agent.say", "call.ended"]
+    assert "text='what are your hours'" in shown.stdout
+    assert "ms" in lines[2]  # time since the previous step
+
+    streamed = await asyncio.to_thread(parley, "events", "show", "c42", "--from-stream",
+                                       "--json", env=env)
+    assert [ev.decode(line) for line in streamed.stdout.splitlines()] == script
+
+    other_org = await asyncio.to_thread(parley, "events", "show", "c42", "--org", "o2", env=env)
+    assert other_org.returncode == 1 and "no events" in other_org.stderr
+
+
+async def test_tail_follows_live_events_filtered_by_type(bus: Bus, nats_url: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "parley.devkit.cli", "events", "tail", "--type", "call.ended",
+        "--limit", "2", env={**os.environ, "PARLEY_NATS_URL": nats_url},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert proc.stderr is not None
+    await asyncio.wait_for(proc.stderr.readline(), 30)  # "following ..." once subscribed
+    for i in range(3):
+        await bus.publish(ev.CallRinging(org_id="o1", call_id=f"c{i}"))
+        await bus.publish(ev.CallEnded(org_id="o1", call_id=f"c{i}", reason="busy"))
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    lines = out.decode().splitlines()
+    assert len(lines) == 2 and all("call.ended" in line and "busy" in line for line in lines)
+
+
+async def test_rebuild_command(bus: Bus, database_url: str) -> None:
+    for i in range(5):
+        await bus.publish(ev.CallEnded(org_id="o1", call_id=f"c{i}"))
+    await record_all(bus, database_url, 5)
+    env = {"PARLEY_DATABASE_URL": database_url}
+    done = await asyncio.to_thread(parley, "events", "rebuild", "calls", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "rebuilt calls from 5 events up to position 5" in done.stdout
+    unknown = await asyncio.to_thread(parley, "events", "rebuild", "nope", env=env)
+    assert unknown.returncode == 2 and "audit_log" in unknown.stderr
+
+
+def test_schema_export(tmp_path) -> None:
+    out = parley("events", "schema", "--json", str(tmp_path / "s.json"), "--markdown",
+                 str(tmp_path / "e.md"), env={})
+    assert out.returncode == 0, out.stderr
+    assert '"transcript.final"' in (tmp_path / "s.json").read_text()
+    assert (tmp_path / "e.md").read_text().startswith("# Event reference")
