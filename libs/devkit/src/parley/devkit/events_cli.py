@@ -71,7 +71,7 @@ def summarize(event: ev.Event) -> str:
     fields = ev.to_builtins(event)
     parts = []
     for key, value in fields.items():
-        if key in _ENVELOPE or value in ("", None, [], {}):
+        if key in _ENVELOPE or key == event.aggregate_field or value in ("", None, [], {}):
             continue
         text = value if isinstance(value, str) else msgspec.json.encode(value).decode()
         if len(text) > 60:

@@ -1,4 +1,4 @@
-"""``python -m parley.brain``: per-turn thinking: context fold, retrieval, intent, LLM streaming, clauses.
+"""``python -m parley.brain``: per-turn thinking (fold, retrieval, LLM, clauses).
 
 Today this runs the service shell only (bus connection, streams, /healthz, /readyz, /metrics)
 so `parley up` can supervise the full topology; the brain's own work lands with its issue.

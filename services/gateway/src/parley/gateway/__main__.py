@@ -1,4 +1,4 @@
-"""``python -m parley.gateway``: Twilio/Plivo webhooks and media sockets, the External and Dashboard APIs.
+"""``python -m parley.gateway``: telephony webhooks, media sockets, public APIs.
 
 Today this runs the service shell only (bus connection, streams, /healthz, /readyz, /metrics)
 so `parley up` can supervise the full topology; the gateway's own work lands with its issue.

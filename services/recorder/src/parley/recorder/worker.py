@@ -101,7 +101,7 @@ class Recorder:
             while not stop.is_set():
                 try:
                     msgs = await sub.fetch(self.batch_size, timeout=0.2)
-                except (FetchTimeoutError, NatsTimeoutError, asyncio.TimeoutError):
+                except (TimeoutError, FetchTimeoutError, NatsTimeoutError):
                     self._lag.set(0)
                     continue
                 if not msgs:

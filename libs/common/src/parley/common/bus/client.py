@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -42,7 +40,7 @@ async def connect(url: str, *, name: str, **options: Any) -> NATS:
 
     nc = NATS()
     await nc.connect(
-        url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+        url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,  # type: ignore[arg-type]  # seconds; int in the stubs only
         error_cb=on_error, disconnected_cb=on_disconnected, reconnected_cb=on_reconnected,
         **options,
     )
@@ -127,7 +125,7 @@ class Bus:
             while remaining > 0:
                 try:
                     msgs = await sub.fetch(min(batch, remaining), timeout=2.0)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break  # the stream shrank (max_age) after we counted
                 for msg in msgs:
                     remaining = msg.metadata.num_pending

@@ -108,7 +108,7 @@ class DurableConsumer:
         while not self._stopping.is_set():
             try:
                 msgs = await self._sub.fetch(self.settings.batch, timeout=0.5)
-            except (FetchTimeoutError, NatsTimeoutError, asyncio.TimeoutError):
+            except (TimeoutError, FetchTimeoutError, NatsTimeoutError):
                 continue
             except Exception:
                 if self._stopping.is_set() or self.bus.nc.is_closed:

@@ -41,7 +41,8 @@ def stream_configs(settings: StreamSettings) -> list[StreamConfig]:
             name=AUDIO_STREAM, subjects=[f"{AUDIO_PREFIX}.>"],
             storage=StorageType(settings.audio_storage), retention=RetentionPolicy.LIMITS,
             max_age=settings.audio_max_age_s, num_replicas=settings.replicas,
-            discard=DiscardPolicy.OLD, description="Raw call audio for replay and failover catch-up",
+            discard=DiscardPolicy.OLD,
+            description="Raw call audio for replay and failover catch-up",
         ),
         StreamConfig(
             name=DEAD_LETTER_STREAM, subjects=[f"{DEAD_LETTER_PREFIX}.>"],

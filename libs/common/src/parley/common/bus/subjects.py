@@ -21,7 +21,10 @@ def _token(value: str, what: str) -> str:
 
 
 def event_subject(event: Event) -> str:
-    """``parley.ev.<org>.<aggregate>.<id>.<type>``, e.g. ``parley.ev.o1.call.c9.transcript.final``."""
+    """``parley.ev.<org>.<aggregate>.<id>.<type>``.
+
+    For example ``parley.ev.o1.call.c9.transcript.final``.
+    """
     return (f"{EVENTS_PREFIX}.{_token(event.org_id, 'org_id')}.{event.aggregate}."
             f"{_token(event.aggregate_id, event.aggregate_field)}.{event.type}")
 

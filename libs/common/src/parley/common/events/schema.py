@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from . import AnyEvent, EVENT_TYPES
+from . import EVENT_TYPES, AnyEvent
 from .envelope import Event
 
 _ENVELOPE = ("type", "id", "org_id", "at", "causation_id", "v")
