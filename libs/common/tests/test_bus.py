@@ -265,3 +265,23 @@ async def test_core_nats_connection_options(nats_url: str) -> None:
     await wrapped.close()  # does not own it: leaves it open
     assert plain.is_connected
     await plain.close()
+
+
+async def test_one_trace_spans_publisher_and_consumer(bus: Bus) -> None:
+    from opentelemetry import trace
+
+    from parley.common import tracing
+
+    tracing.configure_tracing("test-services")
+    seen_trace_ids: list[int] = []
+
+    async def handler(event: events.Event, _msg: object) -> None:
+        seen_trace_ids.append(trace.get_current_span().get_span_context().trace_id)
+
+    consumer = DurableConsumer(bus, _settings("traced"), handler)
+    await consumer.start()
+    with tracing.tracer("gateway").start_as_current_span("webhook") as span:
+        await bus.publish(events.CallAnswered(org_id="o1", call_id="c1"))
+    await wait_for(lambda: len(seen_trace_ids) == 1)
+    await consumer.stop()
+    assert seen_trace_ids == [span.get_span_context().trace_id]
