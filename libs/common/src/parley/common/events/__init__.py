@@ -28,6 +28,7 @@ from .call import (
     CallEnded,
     CallFailed,
     CallMachineDetected,
+    CallRecordingAvailable,
     CallRequested,
     CallRinging,
     CallStreamStarted,
@@ -41,6 +42,7 @@ from .config import (
     ApiKeyRevoked,
     KnowledgeIngested,
     NumberAssigned,
+    OrgCreated,
     SecuritySignatureRejected,
 )
 from .envelope import AgentEvent, CallEvent, Event, OrgEvent, is_token, utcnow, uuid7
@@ -69,6 +71,7 @@ from .tools import ToolApprovalRequested, ToolApproved, ToolCompleted, ToolDenie
 AnyEvent = (
     CallRequested | CallDialing | CallRinging | CallAnswered | CallMachineDetected
     | CallStreamStarted | CallDtmf | CallTransferred | CallEnded | CallFailed
+    | CallRecordingAvailable
     | SpeechStarted | SpeechStopped | TranscriptPartial | TranscriptFinal | TurnUserEnded
     | AgentSpeechStarted | AgentSpeechProgress | AgentSpeechInterrupted | AgentSpeechFinished
     | MediaProviderSwitched
@@ -76,7 +79,7 @@ AnyEvent = (
     | ToolApprovalRequested | ToolApproved | ToolDenied | ToolCompleted | ToolFailed
     | CallSummarized | RecordingAttached | WebhookDelivered | WebhookFailed | CallerProfileUpdated
     | UsageRecorded | QuotaExceeded
-    | AgentCreated | AgentUpdated | AgentDeleted | ApiKeyCreated | ApiKeyRevoked | NumberAssigned
+    | OrgCreated | AgentCreated | AgentUpdated | AgentDeleted | ApiKeyCreated | ApiKeyRevoked | NumberAssigned
     | KnowledgeIngested | SecuritySignatureRejected
 )
 
@@ -130,10 +133,10 @@ __all__ = [
     "EVENT_TYPES", "AgentCreated", "AgentDeleted", "AgentEvent", "AgentSay",
     "AgentSpeechFinished", "AgentSpeechInterrupted", "AgentSpeechProgress", "AgentSpeechStarted",
     "AgentUpdated", "AnyEvent", "ApiKeyCreated", "ApiKeyRevoked", "CallAnswered", "CallDialing",
-    "CallDtmf", "CallEnded", "CallEvent", "CallFailed", "CallMachineDetected", "CallRequested",
+    "CallDtmf", "CallEnded", "CallEvent", "CallFailed", "CallMachineDetected", "CallRecordingAvailable", "CallRequested",
     "CallRinging", "CallStreamStarted", "CallSummarized", "CallTransferred",
     "CallerProfileUpdated", "Event", "EventDecodeError", "IntentDetected", "KnowledgeIngested",
-    "KnowledgeRetrieved", "MediaProviderSwitched", "NumberAssigned", "OrgEvent", "QuotaExceeded",
+    "KnowledgeRetrieved", "MediaProviderSwitched", "NumberAssigned", "OrgCreated", "OrgEvent", "QuotaExceeded",
     "RecordingAttached", "SecuritySignatureRejected", "SpeechStarted", "SpeechStopped",
     "TokenUsage", "ToolApprovalRequested", "ToolApproved", "ToolCompleted", "ToolDenied",
     "ToolFailed", "ToolRequested", "TranscriptFinal", "TranscriptPartial", "TurnCompleted",

@@ -84,3 +84,13 @@ class CallFailed(CallEvent, frozen=True, kw_only=True, tag="call.failed"):
 
     reason: str
     carrier_status: str = ""
+
+
+class CallRecordingAvailable(CallEvent, frozen=True, kw_only=True,
+                             tag="call.recording_available"):
+    """The carrier finished a recording; postcall fetches ``url`` and attaches it."""
+
+    recording_sid: str
+    url: str
+    duration_s: float = 0.0
+    carrier: Carrier = "twilio"

@@ -13,6 +13,13 @@ import msgspec
 from .envelope import AgentEvent, OrgEvent
 
 
+class OrgCreated(OrgEvent, frozen=True, kw_only=True, tag="org.created"):
+    """A tenant was created."""
+
+    name: str
+    actor: str = ""
+
+
 class AgentCreated(AgentEvent, frozen=True, kw_only=True, tag="agent.created"):
     """An agent was created."""
 

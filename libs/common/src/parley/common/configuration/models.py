@@ -1,0 +1,77 @@
+"""Configuration records: orgs, agents and their settings, phone numbers, API keys."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+import msgspec
+
+from ..events.envelope import Token
+
+Pipeline = Literal["cascading", "managed", "realtime"]
+InterruptionMode = Literal["none", "dtmf", "speech", "any"]
+Sensitivity = Literal["low", "medium", "high"]
+MachinePolicy = Literal["hangup", "leave_message", "continue"]
+
+
+class AgentSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """How an agent talks and behaves on a call. New settings get defaults."""
+
+    prompt: str = "You are a helpful phone agent. Keep answers short."
+    greeting: str = "Hello! How can I help you today?"
+    voice: str = ""
+    language: str = "en-US"
+    pipeline: Pipeline = "cascading"
+    interruption_mode: InterruptionMode = "speech"
+    interruption_sensitivity: Sensitivity = "medium"
+    backchannels: list[str] = msgspec.field(
+        default_factory=lambda: ["uh-huh", "mm-hmm", "okay", "right", "yeah"])
+    endpointing_ms: Annotated[int, msgspec.Meta(ge=100, le=5000)] = 600
+    max_duration_s: Annotated[int, msgspec.Meta(ge=10, le=4 * 3600)] = 1800
+    idle_prompt_s: Annotated[float, msgspec.Meta(ge=0)] = 8.0
+    idle_hangup_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    machine_policy: MachinePolicy = "hangup"
+    voicemail_message: str = ""
+    record: bool = True
+    providers: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class Org(msgspec.Struct, kw_only=True):
+    """A tenant."""
+
+    org_id: Token
+    name: str
+    allow_private_tool_targets: bool = False
+    created_at: datetime | None = None
+
+
+class Agent(msgspec.Struct, kw_only=True):
+    """An AI phone agent of an org."""
+
+    agent_id: Token
+    org_id: Token
+    name: str
+    settings: AgentSettings
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class PhoneNumber(msgspec.Struct, kw_only=True):
+    """An E.164 number routed to an agent."""
+
+    number: str
+    org_id: str
+    agent_id: str
+    carrier: Literal["twilio", "plivo"] = "twilio"
+
+
+class ApiKey(msgspec.Struct, kw_only=True):
+    """An API key's public part (the secret is shown once, at creation, and stored hashed)."""
+
+    key_id: str
+    org_id: str
+    name: str = ""
+    scopes: list[str] = msgspec.field(default_factory=list)
+    created_at: datetime | None = None
+    revoked_at: datetime | None = None
