@@ -159,3 +159,14 @@ def test_events_are_append_only(database_url: str) -> None:
         conn.rollback()
         with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
             conn.execute("DELETE FROM events")
+
+
+async def test_text_postgres_cannot_store_is_a_dead_letter_not_a_stuck_recorder(
+        bus: Bus, database_url: str) -> None:
+    await bus.publish(ev.TranscriptFinal(org_id="o1", call_id="c1", text="bad \x00 byte"))
+    await bus.publish(ev.TranscriptFinal(org_id="o1", call_id="c1", text="fine"))
+    async with running_recorder(bus, database_url):
+        await wait_for(lambda: _at(database_url, 2))
+    assert rows(database_url, "SELECT position FROM events") == [(2,)]
+    (dead,) = rows(database_url, "SELECT position, reason FROM dead_letters")
+    assert dead[0] == 1 and "NUL" in dead[1]

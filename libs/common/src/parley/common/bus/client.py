@@ -38,12 +38,13 @@ async def connect(url: str, *, name: str, **options: Any) -> NATS:
     async def on_reconnected() -> None:
         log.info("nats reconnected")
 
+    settings: dict[str, Any] = {
+        "name": name, "max_reconnect_attempts": -1, "reconnect_time_wait": 0.5,
+        "error_cb": on_error, "disconnected_cb": on_disconnected,
+        "reconnected_cb": on_reconnected,
+    }
     nc = NATS()
-    await nc.connect(
-        url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,  # type: ignore[arg-type]  # seconds; int in the stubs only
-        error_cb=on_error, disconnected_cb=on_disconnected, reconnected_cb=on_reconnected,
-        **options,
-    )
+    await nc.connect(url, **{**settings, **options})
     return nc
 
 

@@ -9,10 +9,9 @@ from typing import Any
 
 import msgspec
 from psycopg import AsyncConnection, AsyncCursor
-from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from ..events import Event, decode, to_builtins
+from ..events import Event, decode, encode
 
 # data is read as text and decoded by msgspec: much faster than psycopg's json.loads.
 _COLUMNS = "position, recorded_at, data::text, trace"
@@ -31,11 +30,16 @@ def _row_to_stored(row: Sequence[Any]) -> StoredEvent:
     return StoredEvent(position=row[0], event=decode(row[2]), recorded_at=row[1], trace=row[3])
 
 
-def event_row(position: int, event: Event, trace: str | None) -> tuple[Any, ...]:
-    """The ``events`` row for an event at a stream position (for COPY, in column order)."""
-    data = to_builtins(event)  # includes the "type" tag, so a row decodes on its own
+def event_row(position: int, event: Event, trace: str | None,
+              encoded: bytes | None = None) -> tuple[Any, ...]:
+    """The ``events`` row for an event at a stream position (for COPY, in column order).
+
+    ``data`` is the event's own JSON (it includes the ``type`` tag, so a row decodes on its own);
+    pass the bytes already on the wire as ``encoded`` to skip re-encoding.
+    """
+    data = (encoded if encoded is not None else encode(event)).decode()
     return (position, event.id, event.org_id, event.aggregate, event.aggregate_id, event.type,
-            event.v, event.at, event.causation_id, Jsonb(data), trace)
+            event.v, event.at, event.causation_id, data, trace)
 
 
 async def append(cursor: AsyncCursor[Any], rows: Sequence[tuple[Any, ...]]) -> None:
