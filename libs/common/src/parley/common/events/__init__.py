@@ -79,7 +79,8 @@ AnyEvent = (
     | ToolApprovalRequested | ToolApproved | ToolDenied | ToolCompleted | ToolFailed
     | CallSummarized | RecordingAttached | WebhookDelivered | WebhookFailed | CallerProfileUpdated
     | UsageRecorded | QuotaExceeded
-    | OrgCreated | AgentCreated | AgentUpdated | AgentDeleted | ApiKeyCreated | ApiKeyRevoked | NumberAssigned
+    | OrgCreated | AgentCreated | AgentUpdated | AgentDeleted | ApiKeyCreated | ApiKeyRevoked
+    | NumberAssigned
     | KnowledgeIngested | SecuritySignatureRejected
 )
 
@@ -130,16 +131,16 @@ def _explain(data: bytes | str, exc: msgspec.ValidationError) -> str:
 
 
 __all__ = [
-    "EVENT_TYPES", "AgentCreated", "AgentDeleted", "AgentEvent", "AgentSay",
-    "AgentSpeechFinished", "AgentSpeechInterrupted", "AgentSpeechProgress", "AgentSpeechStarted",
-    "AgentUpdated", "AnyEvent", "ApiKeyCreated", "ApiKeyRevoked", "CallAnswered", "CallDialing",
-    "CallDtmf", "CallEnded", "CallEvent", "CallFailed", "CallMachineDetected", "CallRecordingAvailable", "CallRequested",
-    "CallRinging", "CallStreamStarted", "CallSummarized", "CallTransferred",
+    "EVENT_TYPES", "AgentCreated", "AgentDeleted", "AgentEvent", "AgentSay", "AgentSpeechFinished",
+    "AgentSpeechInterrupted", "AgentSpeechProgress", "AgentSpeechStarted", "AgentUpdated",
+    "AnyEvent", "ApiKeyCreated", "ApiKeyRevoked", "CallAnswered", "CallDialing", "CallDtmf",
+    "CallEnded", "CallEvent", "CallFailed", "CallMachineDetected", "CallRecordingAvailable",
+    "CallRequested", "CallRinging", "CallStreamStarted", "CallSummarized", "CallTransferred",
     "CallerProfileUpdated", "Event", "EventDecodeError", "IntentDetected", "KnowledgeIngested",
-    "KnowledgeRetrieved", "MediaProviderSwitched", "NumberAssigned", "OrgCreated", "OrgEvent", "QuotaExceeded",
-    "RecordingAttached", "SecuritySignatureRejected", "SpeechStarted", "SpeechStopped",
-    "TokenUsage", "ToolApprovalRequested", "ToolApproved", "ToolCompleted", "ToolDenied",
-    "ToolFailed", "ToolRequested", "TranscriptFinal", "TranscriptPartial", "TurnCompleted",
-    "TurnStarted", "TurnUserEnded", "UsageRecorded", "WebhookDelivered", "WebhookFailed", "Word",
-    "decode", "encode", "is_token", "to_builtins", "utcnow", "uuid7",
+    "KnowledgeRetrieved", "MediaProviderSwitched", "NumberAssigned", "OrgCreated", "OrgEvent",
+    "QuotaExceeded", "RecordingAttached", "SecuritySignatureRejected", "SpeechStarted",
+    "SpeechStopped", "TokenUsage", "ToolApprovalRequested", "ToolApproved", "ToolCompleted",
+    "ToolDenied", "ToolFailed", "ToolRequested", "TranscriptFinal", "TranscriptPartial",
+    "TurnCompleted", "TurnStarted", "TurnUserEnded", "UsageRecorded", "WebhookDelivered",
+    "WebhookFailed", "Word", "decode", "encode", "is_token", "to_builtins", "utcnow", "uuid7",
 ]
