@@ -112,7 +112,7 @@ def place_segments(segments: Sequence[tuple[float, bytes]], length: int = 0) -> 
     """Decode µ-law segments and place each at its start time (seconds) on one 8 kHz track."""
     ends = [round(start * SAMPLE_RATE) + len(audio) for start, audio in segments]
     track = np.zeros(max([length, *ends]), dtype=np.int16)
-    for (start, audio), end in zip(segments, ends, strict=True):
+    for (_, audio), end in zip(segments, ends, strict=True):
         track[end - len(audio) : end] = ulaw_decode(audio)
     return track
 
