@@ -1,0 +1,155 @@
+"""``POST /v1/calls`` (place an outbound call) and ``GET /v1/calls/{call_id}`` (read one).
+
+Placing a call: authenticate (``calls:write``), validate the body and the numbers, publish
+call.requested, ask the carrier that owns the ``from`` number to dial, then record the
+carrier's id in ``carrier_calls`` and publish call.dialing in one transaction. A carrier that
+refuses publishes call.failed and answers 422 (the request's fault) or 502 (anyone else's).
+
+Reading a call: the ``calls`` read model, scoped to the key's org — another org's call is a
+404, like a call that does not exist. The read model follows the bus a moment behind; until
+the recorder has seen a call, the gateway's own ``carrier_calls`` row answers for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from parley.common.configuration import Agent, find_number, get_agent
+from parley.common.events import CallDialing, CallFailed, CallRequested, is_token
+
+from ..calls import CarrierCall, find_by_call_id, new_call_id, record_carrier_call
+from ..keys import BUS, METRICS, POOL
+from ..problems import Problem
+from .auth import authenticate
+from .dialing import CarrierUnavailable, DialError, dial
+from .schemas import MAX_BODY_BYTES, CallCreated, CallView, PlaceCall, decode_body, e164, invalid
+
+log = logging.getLogger(__name__)
+
+CALLS_PATH = "/v1/calls"
+_encoder = msgspec.json.Encoder()
+
+
+def _json(body: msgspec.Struct, *, status: int = 200,
+          headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=_encoder.encode(body),
+                        content_type="application/json", headers=headers)
+
+
+def _count(request: web.Request, outcome: str) -> None:
+    request.app[METRICS].counter("gateway_api_calls_placed", "POST /v1/calls, by outcome",
+                                 ["outcome"]).labels(outcome).inc()
+
+
+async def place_call(request: web.Request) -> web.Response:
+    """Have an agent call a number; 201 with the call id once the carrier is dialing."""
+    key = await authenticate(request, "calls:write")
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise Problem(413, "Content Too Large", f"the body is over {MAX_BODY_BYTES} bytes")
+    body = decode_body(await request.read(), PlaceCall)
+    to_number, from_number = e164(body.to, "to"), e164(body.from_, "from")
+    if to_number == from_number:
+        raise invalid("to", "an agent cannot call the number it calls from")
+    app, org_id = request.app, key.org_id
+    async with app[POOL].connection() as conn:
+        agent = await get_agent(conn, body.agent_id, org_id=org_id)
+        number = await find_number(conn, from_number)
+    if agent is None:
+        _count(request, "unknown_agent")
+        raise Problem(404, "Not Found", f"no agent {body.agent_id}", kind="unknown-agent")
+    if number is None or number.org_id != org_id:
+        raise invalid("from", f"{from_number} is not one of your numbers")
+    call = CarrierCall(carrier=number.carrier, carrier_call_id="", call_id=new_call_id(),
+                       org_id=org_id, agent_id=agent.agent_id, direction="outbound",
+                       from_number=from_number, to_number=to_number)
+    await app[BUS].publish(CallRequested(
+        org_id=org_id, call_id=call.call_id, direction="outbound", agent_id=agent.agent_id,
+        from_number=from_number, to_number=to_number, carrier=number.carrier,
+        context=body.context, metadata=body.metadata))
+    call.carrier_call_id = await _dial_or_fail(request, call, agent)
+    async with app[POOL].connection() as conn, conn.transaction():
+        await record_carrier_call(conn, call)
+        await app[BUS].publish(CallDialing(org_id=org_id, call_id=call.call_id,
+                                           carrier_call_id=call.carrier_call_id))
+    _count(request, "dialing")
+    log.info("call %s: %s dialing %s for agent %s", call.call_id, call.carrier, to_number,
+             agent.agent_id)
+    return _json(CallCreated(call_id=call.call_id), status=201,
+                 headers={"Location": f"{CALLS_PATH}/{call.call_id}"})
+
+
+async def _dial_or_fail(request: web.Request, call: CarrierCall, agent: Agent) -> str:
+    """The carrier's id for the call, or call.failed and the Problem that says why."""
+    app = request.app
+    try:
+        return await dial(app, carrier=call.carrier, call_id=call.call_id, agent=agent,
+                          from_number=call.from_number, to_number=call.to_number)
+    except CarrierUnavailable as exc:
+        await app[BUS].publish(CallFailed(org_id=call.org_id, call_id=call.call_id,
+                                          reason=str(exc)[:500]))
+        _count(request, "carrier_unavailable")
+        raise Problem(503, "Service Unavailable", str(exc), kind="carrier-unavailable") from exc
+    except DialError as exc:
+        await app[BUS].publish(CallFailed(org_id=call.org_id, call_id=call.call_id,
+                                          reason=exc.message[:500], carrier_status=exc.status))
+        log.warning("call %s: %s refused to dial %s: %s", call.call_id, exc.carrier,
+                    call.to_number, exc.message)
+        extra = {"call_id": call.call_id}
+        if exc.caller_fault:
+            _count(request, "carrier_rejected")
+            raise Problem(422, "Unprocessable Content", f"{exc.carrier} refused the call: "
+                          f"{exc.message}", kind="carrier-rejected", extra=extra) from exc
+        _count(request, "carrier_error")
+        raise Problem(502, "Bad Gateway", f"{exc.carrier} could not place the call: "
+                      f"{exc.message}", kind="carrier-error", extra=extra) from exc
+
+
+_CALL_COLUMNS = ("call_id, agent_id, direction, from_number, to_number, carrier, "
+                 "carrier_call_id, state, answered_by, end_reason, failure_reason, "
+                 "requested_at, answered_at, ended_at, duration_s, turns")
+
+
+async def get_call(request: web.Request) -> web.Response:
+    """One of the org's calls."""
+    key = await authenticate(request, "calls:read")
+    call_id = request.match_info["call_id"]
+    if not is_token(call_id):
+        raise Problem(404, "Not Found", f"no call {call_id[:64]}", kind="unknown-call")
+    async with request.app[POOL].connection() as conn:
+        cursor = await conn.execute(
+            f"SELECT {_CALL_COLUMNS} FROM calls WHERE call_id = %s AND org_id = %s",
+            (call_id, key.org_id))
+        row = await cursor.fetchone()
+        view = _view(row) if row is not None else _pending_view(
+            await find_by_call_id(conn, call_id), key.org_id)
+    if view is None:
+        raise Problem(404, "Not Found", f"no call {call_id}", kind="unknown-call")
+    return _json(view)
+
+
+def _view(row: tuple[Any, ...]) -> CallView:
+    values = dict(zip(_CALL_COLUMNS.split(", "), row, strict=True))
+    values["from_"] = values.pop("from_number")
+    values["to"] = values.pop("to_number")
+    return CallView(**values)
+
+
+def _pending_view(call: CarrierCall | None, org_id: str) -> CallView | None:
+    """A call the recorder has not projected yet, from the gateway's own bookkeeping."""
+    if call is None or call.org_id != org_id:
+        return None
+    if call.ended_at is not None:
+        state = "ended"
+    elif call.answered_at is not None:
+        state = "answered"
+    else:
+        state = "dialing" if call.direction == "outbound" else "requested"
+    return CallView(call_id=call.call_id, agent_id=call.agent_id, direction=call.direction,
+                    from_=call.from_number, to=call.to_number, carrier=call.carrier,
+                    carrier_call_id=call.carrier_call_id, state=state,
+                    end_reason=call.end_reason, requested_at=call.created_at,
+                    answered_at=call.answered_at, ended_at=call.ended_at)

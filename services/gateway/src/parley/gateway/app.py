@@ -1,0 +1,133 @@
+"""The gateway's aiohttp application: the composition root of everything behind its port.
+
+``create_app`` wires injected collaborators (tests pass their own bus, pool, clock) and creates
+whatever was not injected in a ``cleanup_ctx``, stored under the typed keys of
+:mod:`parley.gateway.keys` — nothing connects at import time. Route modules register through
+``add_routes(app)`` hooks: Twilio's here, and those of ``parley.gateway.plivo.routes`` and
+``parley.gateway.api.routes``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from aiohttp import WSCloseCode, web
+from psycopg_pool import AsyncConnectionPool
+
+from parley.common.bus import Bus
+from parley.common.events import utcnow
+from parley.common.metrics import Metrics
+
+from .api import routes as api_routes
+from .config import GatewayConfig
+from .keys import BUS, CALLS, CLOCK, CONFIG, METRICS, POOL, TWILIO_REST, Clock
+from .plivo import routes as plivo_routes
+from .problems import problem_middleware
+from .registry import CallRegistry
+from .twilio import media_stream, relay, webhooks
+from .twilio.rest import TwilioCalls
+
+log = logging.getLogger(__name__)
+
+RouteHook = Callable[[web.Application], None]
+
+# Each carrier/API package contributes its routes through one function.
+ROUTE_HOOKS: tuple[RouteHook, ...] = (
+    webhooks.add_routes,
+    media_stream.add_routes,
+    relay.add_routes,
+    plivo_routes.add_routes,
+    api_routes.add_routes,
+)
+
+
+def create_app(config: GatewayConfig, *, bus: Bus | None = None,
+               db_pool: AsyncConnectionPool[Any] | None = None, clock: Clock = utcnow,
+               metrics: Metrics | None = None, twilio_rest: TwilioCalls | None = None,
+               ) -> web.Application:
+    """Build the gateway app; what is not injected is created (and closed) with the app.
+
+    ``twilio_rest`` defaults to a twilio SDK client when ``twilio_account_sid`` and
+    ``twilio_auth_token`` are configured (pointed at ``twilio_api_base_url`` if set), else None:
+    call control then falls back to closing sockets and AMD only reports.
+    """
+    app = web.Application(middlewares=[problem_middleware],
+                          client_max_size=max(1024 * 1024, config.max_frame_bytes))
+    app[CONFIG] = config
+    app[CLOCK] = clock
+    app[METRICS] = metrics or Metrics("gateway")
+    app[CALLS] = CallRegistry()
+    app.cleanup_ctx.append(_bus_context(bus))
+    app.cleanup_ctx.append(_pool_context(db_pool))
+    app.cleanup_ctx.append(_twilio_context(twilio_rest))
+    app.on_shutdown.append(_going_away)
+    for add_routes in ROUTE_HOOKS:
+        add_routes(app)
+    return app
+
+
+def _bus_context(bus: Bus | None) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        if bus is not None:
+            app[BUS] = bus
+            yield
+            return
+        owned = await Bus.connect(app[CONFIG].nats_url, name=app[CONFIG].instance_id
+                                  or "gateway")
+        app[BUS] = owned
+        try:
+            yield
+        finally:
+            await owned.close()
+
+    return context
+
+
+def _pool_context(pool: AsyncConnectionPool[Any] | None,
+                  ) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        if pool is not None:
+            app[POOL] = pool
+            yield
+            return
+        config = app[CONFIG]
+        owned: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            config.database_url, min_size=1, max_size=config.db_pool_max_size, open=False,
+            kwargs={"autocommit": True}, name="gateway")
+        await owned.open(wait=True, timeout=30.0)
+        app[POOL] = owned
+        try:
+            yield
+        finally:
+            await owned.close()
+
+    return context
+
+
+def _twilio_context(rest: TwilioCalls | None,
+                    ) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        config = app[CONFIG]
+        if rest is not None or not (config.twilio_account_sid and config.twilio_auth_token):
+            app[TWILIO_REST] = rest
+            yield
+            return
+        owned = TwilioCalls.create(config.twilio_account_sid, config.twilio_auth_token,
+                                   base_url=config.twilio_api_base_url)
+        app[TWILIO_REST] = owned
+        try:
+            yield
+        finally:
+            await owned.close()
+
+    return context
+
+
+async def _going_away(app: web.Application) -> None:
+    """Close every carrier socket with 1001 so the carrier reconnects to another instance."""
+    count = len(app[CALLS].sockets)
+    if count:
+        log.info("closing %d carrier sockets (going away)", count)
+    await app[CALLS].close_all(WSCloseCode.GOING_AWAY, b"server shutting down")

@@ -1,0 +1,54 @@
+"""Gateway settings, from ``PARLEY_*`` environment variables."""
+
+from __future__ import annotations
+
+from typing import Annotated
+from urllib.parse import urlsplit
+
+import msgspec
+
+from parley.common.config import CommonConfig
+
+
+class GatewayConfig(CommonConfig, kw_only=True):
+    """``PARLEY_PUBLIC_BASE_URL``, ``PARLEY_TWILIO_AUTH_TOKEN`` etc.; see CommonConfig too.
+
+    ``public_base_url`` is the address carriers use (``https://voice.example.com``): what Twilio
+    signs, and where the ``wss://`` stream URLs in TwiML point. The server itself may listen on
+    plain HTTP behind a TLS proxy, so signatures are never checked against the request's own URL.
+    """
+
+    public_base_url: str = "http://127.0.0.1:8080"
+    http_host: str = "127.0.0.1"
+    http_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    twilio_account_sid: str = ""
+    twilio_auth_token: str = ""
+    # Where the twilio SDK sends REST calls; empty = Twilio itself. Tests point it at the emulator.
+    twilio_api_base_url: str = ""
+    plivo_auth_id: str = ""
+    plivo_auth_token: str = ""
+    plivo_api_base_url: str = ""
+    max_frame_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 65536
+    # A media socket that has not sent ``start`` this long after the upgrade is closed.
+    stream_start_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    # Reconnects of one call to a new stream through the <Connect action> URL before we hang up.
+    max_reconnects: Annotated[int, msgspec.Meta(ge=0)] = 5
+    db_pool_max_size: Annotated[int, msgspec.Meta(ge=1)] = 10
+    outbox_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 0.5
+
+    @property
+    def public_base(self) -> str:
+        """The public base URL without a trailing slash."""
+        return self.public_base_url.rstrip("/")
+
+    @property
+    def public_ws_base(self) -> str:
+        """``wss://host[:port]`` (or ``ws://`` when the public URL is plain http)."""
+        parts = urlsplit(self.public_base)
+        scheme = "wss" if parts.scheme == "https" else "ws"
+        return f"{scheme}://{parts.netloc}{parts.path}"
+
+    @property
+    def gateway_instance(self) -> str:
+        """The name of this instance in call.stream_started (who holds the socket)."""
+        return self.instance_id or "gateway"

@@ -1,0 +1,33 @@
+"""Typed application keys shared by every part of the gateway (Twilio, Plivo, the APIs).
+
+Values are put in place by :func:`parley.gateway.app.create_app` (injected, or created in a
+``cleanup_ctx``); route modules only read them: ``request.app[POOL]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+from psycopg_pool import AsyncConnectionPool
+
+from parley.common.bus import Bus
+from parley.common.metrics import Metrics
+
+from .config import GatewayConfig
+from .registry import CallRegistry
+from .twilio.rest import TwilioCalls
+
+Clock = Callable[[], datetime]
+
+CONFIG = web.AppKey("parley_gateway_config", GatewayConfig)
+BUS = web.AppKey("parley_gateway_bus", Bus)
+POOL: web.AppKey[AsyncConnectionPool[Any]] = web.AppKey("parley_gateway_pool")
+METRICS = web.AppKey("parley_gateway_metrics", Metrics)
+CLOCK: web.AppKey[Clock] = web.AppKey("parley_gateway_clock")
+# The live calls whose socket this instance holds (commands, shutdown with GOING_AWAY).
+CALLS = web.AppKey("parley_gateway_calls", CallRegistry)
+# The twilio SDK REST client (hang up, redirect, transfer), or None when not configured.
+TWILIO_REST: web.AppKey[TwilioCalls | None] = web.AppKey("parley_gateway_twilio_rest")

@@ -1,0 +1,123 @@
+"""The Plivo audio-stream protocol's messages, as msgspec Structs decoded by one Decoder.
+
+In (Plivo → us): ``start``, ``media``, ``dtmf``, ``playedStream`` (echo of our checkpoint),
+``clearedAudio``. Out (us → Plivo): ``playAudio``, ``checkpoint``, ``clearAudio``.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from ..close_codes import CloseCode, ProtocolViolation
+
+CONTENT_TYPE = "audio/x-mulaw"
+SAMPLE_RATE = 8000
+
+
+class _Message(msgspec.Struct, tag_field="event", rename="camel", kw_only=True):
+    sequence_number: int | None = None
+    stream_id: str = ""
+
+
+class MediaFormat(msgspec.Struct, rename="camel", kw_only=True):
+    """``start.mediaFormat``."""
+
+    encoding: str = CONTENT_TYPE
+    sample_rate: int = SAMPLE_RATE
+
+
+class StartDetails(msgspec.Struct, rename="camel", kw_only=True):
+    """``start.start``: which call and stream."""
+
+    call_id: str
+    stream_id: str
+    account_id: str = ""
+    tracks: list[str] = msgspec.field(default_factory=list)
+    media_format: MediaFormat = msgspec.field(default_factory=MediaFormat)
+
+
+class Start(_Message, tag="start"):
+    """The stream began."""
+
+    start: StartDetails
+    extra_headers: str = msgspec.field(default="", name="extra_headers")
+
+
+class MediaChunk(msgspec.Struct, kw_only=True):
+    """One chunk of base64 µ-law; ``timestamp`` is Unix milliseconds (sent as a string)."""
+
+    payload: str
+    track: str = "inbound"
+    chunk: int = 0
+    timestamp: int = 0
+
+
+class Media(_Message, tag="media"):
+    """Caller audio."""
+
+    sequence_number: int
+    media: MediaChunk
+
+
+class Digit(msgspec.Struct, kw_only=True):
+    """``dtmf.dtmf``."""
+
+    digit: str
+    track: str = "inbound"
+    timestamp: int = 0
+
+
+class Dtmf(_Message, tag="dtmf"):
+    """The caller pressed a key."""
+
+    dtmf: Digit
+
+
+class PlayedStream(_Message, tag="playedStream"):
+    """The echo of a checkpoint we sent: the audio queued before it has been played."""
+
+    name: str
+
+
+class ClearedAudio(_Message, tag="clearedAudio"):
+    """Plivo flushed the audio we had queued (our clearAudio)."""
+
+
+StreamMessage = Start | Media | Dtmf | PlayedStream | ClearedAudio
+# strict=False: Plivo sends media.timestamp (and possibly other numbers) as JSON strings.
+_decoder = msgspec.json.Decoder(StreamMessage, strict=False)
+_encoder = msgspec.json.Encoder()
+
+
+def decode_message(data: str) -> StreamMessage:
+    """Parse one message or raise the ProtocolViolation naming what is wrong."""
+    try:
+        message: StreamMessage = _decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        if "`$.event`" in str(exc):
+            raise ProtocolViolation(CloseCode.UNKNOWN_EVENT, f"unknown event: {exc}") from None
+        raise ProtocolViolation(CloseCode.INVALID_MESSAGE, f"invalid message: {exc}") from None
+    except msgspec.DecodeError:
+        raise ProtocolViolation(CloseCode.UNSUPPORTED_DATA, "message is not JSON") from None
+    return message
+
+
+def event_name(message: StreamMessage) -> str:
+    """The message's ``event`` value."""
+    return str(type(message).__struct_config__.tag)
+
+
+def play_audio(payload_b64: str) -> bytes:
+    """``playAudio``: queue base64 µ-law for the caller."""
+    return _encoder.encode({"event": "playAudio", "media": {
+        "contentType": CONTENT_TYPE, "sampleRate": SAMPLE_RATE, "payload": payload_b64}})
+
+
+def checkpoint(stream_id: str, name: str) -> bytes:
+    """``checkpoint``: ask Plivo to echo ``name`` once the audio queued so far has played."""
+    return _encoder.encode({"event": "checkpoint", "streamId": stream_id, "name": name})
+
+
+def clear_audio(stream_id: str) -> bytes:
+    """``clearAudio``: drop the audio queued at Plivo (barge-in)."""
+    return _encoder.encode({"event": "clearAudio", "streamId": stream_id})

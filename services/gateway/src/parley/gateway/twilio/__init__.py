@@ -1,0 +1,1 @@
+"""Twilio: webhooks, Media Streams, ConversationRelay, signatures and REST call control."""

@@ -1,0 +1,287 @@
+"""``WSS /twilio/stream``: Twilio Media Streams, bridged to the bus.
+
+In (Twilio → us): ``connected``, ``start``, ``media``, ``mark`` (echo), ``dtmf``, ``stop``.
+Inbound µ-law goes to ``parley.audio.<call>.in`` as raw bytes with Twilio's sequence number
+and timestamp in headers; mark echoes become agent.speech.progress; dtmf becomes call.dtmf;
+stop ends the call unless it already ended.
+
+Out (us → Twilio): frames from ``parley.audio.<call>.out`` become ``media`` messages, and a
+frame carrying a ``Parley-Mark`` header is followed by a ``mark``; commands (``clear``,
+``mark``, ``hangup``, ``dtmf``, ``transfer``) arrive on ``parley.cmd.gateway.<call>.*``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from typing import ClassVar
+
+import msgspec
+from aiohttp import web
+from nats.aio.msg import Msg
+
+from parley.common.bus import publish_frame, subscribe_frames
+from parley.common.bus.audio import MARK
+from parley.common.events import AgentSpeechProgress, CallDtmf, is_token
+
+from ..close_codes import CloseCode, ProtocolViolation, clean_text
+from ..commands import CommandError
+from ..keys import CONFIG
+from ..marks import parse_mark
+from . import twiml
+from .session import TwilioSession
+from .signatures import verify_twilio
+
+log = logging.getLogger(__name__)
+
+
+class _Message(msgspec.Struct, tag_field="event", rename="camel", kw_only=True):
+    sequence_number: int | None = None
+    stream_sid: str = ""
+
+
+class Connected(_Message, tag="connected"):
+    """First message: the protocol announcement."""
+
+    protocol: str = ""
+    version: str = ""
+
+
+class StartDetails(msgspec.Struct, rename="camel", kw_only=True):
+    """``start.start``: which call and stream, and our custom parameters."""
+
+    stream_sid: str
+    call_sid: str
+    account_sid: str = ""
+    tracks: list[str] = msgspec.field(default_factory=list)
+    custom_parameters: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class Start(_Message, tag="start"):
+    """The stream began."""
+
+    start: StartDetails
+
+
+class MediaChunk(msgspec.Struct, kw_only=True):
+    """One chunk of base64 µ-law (Twilio sends chunk and timestamp as strings)."""
+
+    payload: str
+    track: str = "inbound"
+    chunk: int = 0
+    timestamp: int = 0
+
+
+class Media(_Message, tag="media"):
+    """Caller audio."""
+
+    sequence_number: int
+    media: MediaChunk
+
+
+class MarkName(msgspec.Struct):
+    """``mark.mark``."""
+
+    name: str
+
+
+class Mark(_Message, tag="mark"):
+    """The echo of a mark we sent: the audio before it has been played."""
+
+    mark: MarkName
+
+
+class Digit(msgspec.Struct):
+    """``dtmf.dtmf``."""
+
+    digit: str
+    track: str = "inbound_track"
+
+
+class Dtmf(_Message, tag="dtmf"):
+    """The caller pressed a key."""
+
+    dtmf: Digit
+
+
+class Stop(_Message, tag="stop"):
+    """The stream ended (the call hung up, or the stream was stopped)."""
+
+
+StreamMessage = Connected | Start | Media | Mark | Dtmf | Stop
+# strict=False: Twilio sends sequenceNumber, chunk and timestamp as JSON strings.
+_decoder: msgspec.json.Decoder[StreamMessage] = msgspec.json.Decoder(StreamMessage,
+                                                                    strict=False)
+_encoder = msgspec.json.Encoder()
+
+
+def decode_message(data: str) -> StreamMessage:
+    """Parse one message or raise the ProtocolViolation naming what is wrong."""
+    try:
+        return _decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        if "`$.event`" in str(exc):
+            raise ProtocolViolation(CloseCode.UNKNOWN_EVENT, f"unknown event: {exc}") from None
+        raise ProtocolViolation(CloseCode.INVALID_MESSAGE, f"invalid message: {exc}") from None
+    except msgspec.DecodeError:
+        raise ProtocolViolation(CloseCode.UNSUPPORTED_DATA, "message is not JSON") from None
+
+
+def add_routes(app: web.Application) -> None:
+    """Register ``/twilio/stream``."""
+    app.router.add_get(twiml.STREAM_PATH, media_stream)
+
+
+async def media_stream(request: web.Request) -> web.WebSocketResponse:
+    """Check the upgrade's signature, then run the socket as its own session."""
+    await verify_twilio(request, websocket=True)
+    ws = web.WebSocketResponse(max_msg_size=request.app[CONFIG].max_frame_bytes)
+    await ws.prepare(request)
+    await MediaStreamSession(request.app, ws).run()
+    return ws
+
+
+class MediaStreamSession(TwilioSession):
+    """One Media Streams socket."""
+
+    protocol: ClassVar[str] = "twilio_stream"
+
+    def __init__(self, app: web.Application, ws: web.WebSocketResponse) -> None:
+        super().__init__(app, ws)
+        self.stream_sid = ""
+        self.last_sequence = 0
+        self.redirecting = False  # we replaced the TwiML: a stop does not end the call
+        self._frames_in = self.metrics.counter(
+            "gateway_frames", "Audio frames relayed", ["protocol", "direction"]).labels(
+            self.protocol, "in")
+        self._frames_out = self.metrics.counter(
+            "gateway_frames", "Audio frames relayed", ["protocol", "direction"]).labels(
+            self.protocol, "out")
+
+    async def on_text(self, data: str) -> None:
+        """Dispatch one Media Streams message."""
+        message = decode_message(data)
+        if isinstance(message, Connected):
+            return
+        self._check_order(message)
+        if isinstance(message, Start):
+            await self._start(message)
+            return
+        if not self.started:
+            raise ProtocolViolation(CloseCode.NOT_STARTED, f"{_event(message)} before start")
+        if message.stream_sid != self.stream_sid:
+            raise ProtocolViolation(CloseCode.POLICY_VIOLATION,
+                                    f"unknown stream {message.stream_sid[:40]!r}")
+        match message:
+            case Media():
+                await self._media(message)
+            case Mark():
+                name = clean_text(message.mark.name, 256)
+                turn_id, seq = parse_mark(name)
+                await self.publish(AgentSpeechProgress(
+                    org_id=self._org, call_id=self.call_id, turn_id=turn_id, mark=name,
+                    seq=seq))
+            case Dtmf():
+                await self.publish(CallDtmf(org_id=self._org, call_id=self.call_id,
+                                            digit=dtmf_digit(message.dtmf.digit)))
+            case Stop():
+                await self._stop()
+
+    @property
+    def _org(self) -> str:
+        assert self.call is not None
+        return self.call.org_id
+
+    def _check_order(self, message: StreamMessage) -> None:
+        number = message.sequence_number
+        if number is None:
+            return
+        if number <= self.last_sequence:
+            raise ProtocolViolation(CloseCode.OUT_OF_ORDER, f"sequenceNumber {number} after "
+                                    f"{self.last_sequence}")
+        self.last_sequence = number
+
+    async def _start(self, message: Start) -> None:
+        if self.started:
+            raise ProtocolViolation(CloseCode.DUPLICATE_START, "second start on one socket")
+        details = message.start
+        self.stream_sid = message.stream_sid or details.stream_sid
+        if not is_token(self.stream_sid) or details.stream_sid != self.stream_sid:
+            raise ProtocolViolation(CloseCode.INVALID_MESSAGE, "start without a consistent, "
+                                    "valid streamSid")
+        await self.attach(details.call_sid, details.custom_parameters, self.stream_sid)
+
+    async def _media(self, message: Media) -> None:
+        chunk = message.media
+        if chunk.track not in ("inbound", "inbound_track"):
+            return
+        try:
+            audio = base64.b64decode(chunk.payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise ProtocolViolation(CloseCode.INVALID_PAYLOAD,
+                                    f"media {message.sequence_number}: invalid base64") from None
+        if audio:
+            await publish_frame(self.bus.nc, self.call_id, "in", audio,
+                                seq=message.sequence_number, timestamp_ms=chunk.timestamp)
+            self._frames_in.inc()
+
+    async def _stop(self) -> None:
+        self.finished = True
+        if self.redirecting:
+            log.info("call %s: stream %s stopped for a redirect", self.call_id, self.stream_sid)
+        elif await self.end_call("caller_hangup"):
+            log.info("call %s ended by the caller (stream stop)", self.call_id)
+        await self.close(CloseCode.NORMAL, "stream stopped")
+
+    # -- outwards ---------------------------------------------------------------------------
+
+    async def subscribe(self) -> None:
+        """Relay the agent's audio frames (and marks) to Twilio."""
+        self.add_subscription(await subscribe_frames(self.bus.nc, self.call_id, "out",
+                                                     self._out_frame))
+
+    async def _out_frame(self, payload: bytes, seq: int, timestamp_ms: int, msg: Msg) -> None:
+        media = {"event": "media", "streamSid": self.stream_sid,
+                 "media": {"payload": base64.b64encode(payload).decode()}}
+        if not await self.send(_encoder.encode(media)):
+            return
+        self._frames_out.inc()
+        name = (msg.headers or {}).get(MARK)
+        if name:
+            await self.mark(name)
+
+    async def clear(self) -> None:
+        """Flush the audio Twilio has queued (barge-in)."""
+        await self.send(_encoder.encode({"event": "clear", "streamSid": self.stream_sid}))
+
+    async def mark(self, name: str) -> None:
+        """Ask Twilio to echo ``name`` once the audio sent so far has played."""
+        await self.send(_encoder.encode({"event": "mark", "streamSid": self.stream_sid,
+                                         "mark": {"name": name}}))
+
+    async def send_digits(self, digits: str) -> None:
+        """Play DTMF: redirect the call to ``<Play digits>`` and then a new stream."""
+        call, agent = self.call, self.agent
+        if call is None or agent is None:
+            raise CommandError("no call attached yet")
+        if self.rest is None:
+            raise CommandError("sending DTMF needs the Twilio REST client")
+        self.redirecting = True
+        await self.rest.redirect(call.carrier_call_id, twiml.digits_then_connect(
+            self.config, agent.settings, digits, call_id=call.call_id, org_id=call.org_id,
+            agent_id=call.agent_id))
+
+
+_DIGITS = frozenset("0123456789*#ABCD")
+
+
+def dtmf_digit(digit: str) -> str:
+    """A DTMF key as Twilio reports it; anything else is a protocol error."""
+    if len(digit) != 1 or digit not in _DIGITS:
+        raise ProtocolViolation(CloseCode.INVALID_MESSAGE, f"invalid dtmf digit {digit[:8]!r}")
+    return digit
+
+
+def _event(message: StreamMessage) -> str:
+    return str(type(message).__struct_config__.tag)

@@ -1,0 +1,205 @@
+"""``WSS /twilio/relay``: Twilio ConversationRelay (managed pipeline), bridged to the bus.
+
+Twilio does speech recognition and synthesis; we exchange text. In: ``setup``, ``prompt``,
+``interrupt``, ``dtmf``, ``error``. Out: ``text`` tokens, ``play``, ``sendDigits``, ``end``.
+The bridge speaks the same events as the cascading path: a final prompt becomes
+transcript.final + turn.user_ended (reason ``prompt``), each agent.say becomes a text token
+(``last`` on the turn's last clause), and an interrupt becomes agent.speech.interrupted with
+what the caller actually heard.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import ClassVar, Literal
+
+import msgspec
+from aiohttp import web
+
+from parley.common.events import (
+    AgentSay,
+    AgentSpeechInterrupted,
+    CallDtmf,
+    Event,
+    TranscriptFinal,
+    TurnUserEnded,
+    is_token,
+    uuid7,
+)
+
+from ..close_codes import CloseCode, ProtocolViolation, clean_text
+from ..commands import CommandError
+from ..keys import CONFIG
+from . import twiml
+from .media_stream import dtmf_digit
+from .session import TwilioSession
+from .signatures import verify_twilio
+
+log = logging.getLogger(__name__)
+
+
+class _Message(msgspec.Struct, tag_field="type", rename="camel", kw_only=True):
+    pass
+
+
+class Setup(_Message, tag="setup"):
+    """The session began: which call, and our custom parameters."""
+
+    call_sid: str
+    session_id: str = ""
+    custom_parameters: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class Prompt(_Message, tag="prompt"):
+    """What the caller said (``last`` false for partial prompts)."""
+
+    voice_prompt: str
+    lang: str = ""
+    last: bool = True
+
+
+class Interrupt(_Message, tag="interrupt"):
+    """The caller spoke over the agent."""
+
+    utterance_until_interrupt: str = ""
+    duration_until_interrupt_ms: int = 0
+
+
+class Dtmf(_Message, tag="dtmf"):
+    """The caller pressed a key."""
+
+    digit: str
+
+
+class Error(_Message, tag="error"):
+    """Twilio reports a problem with something we sent."""
+
+    description: str = ""
+
+
+RelayMessage = Setup | Prompt | Interrupt | Dtmf | Error
+_decoder: msgspec.json.Decoder[RelayMessage] = msgspec.json.Decoder(RelayMessage, strict=False)
+_encoder = msgspec.json.Encoder()
+
+
+def decode_message(data: str) -> RelayMessage:
+    """Parse one message or raise the ProtocolViolation naming what is wrong."""
+    try:
+        return _decoder.decode(data)
+    except msgspec.ValidationError as exc:
+        if "`$.type`" in str(exc):
+            raise ProtocolViolation(CloseCode.UNKNOWN_EVENT, f"unknown type: {exc}") from None
+        raise ProtocolViolation(CloseCode.INVALID_MESSAGE, f"invalid message: {exc}") from None
+    except msgspec.DecodeError:
+        raise ProtocolViolation(CloseCode.UNSUPPORTED_DATA, "message is not JSON") from None
+
+
+def add_routes(app: web.Application) -> None:
+    """Register ``/twilio/relay``."""
+    app.router.add_get(twiml.RELAY_PATH, conversation_relay)
+
+
+async def conversation_relay(request: web.Request) -> web.WebSocketResponse:
+    """Check the upgrade's signature, then run the socket as its own session."""
+    await verify_twilio(request, websocket=True)
+    ws = web.WebSocketResponse(max_msg_size=request.app[CONFIG].max_frame_bytes)
+    await ws.prepare(request)
+    await RelaySession(request.app, ws).run()
+    return ws
+
+
+class RelaySession(TwilioSession):
+    """One ConversationRelay socket."""
+
+    protocol: ClassVar[str] = "twilio_relay"
+    pipeline: ClassVar[Literal["cascading", "managed"]] = "managed"
+
+    def __init__(self, app: web.Application, ws: web.WebSocketResponse) -> None:
+        super().__init__(app, ws)
+        self.speaking_turn = ""  # the turn whose text we last sent
+        self._turn_has_text = False
+        self._errors = self.metrics.counter(
+            "gateway_relay_errors", "ConversationRelay error messages from Twilio")
+
+    async def on_text(self, data: str) -> None:
+        """Dispatch one ConversationRelay message."""
+        message = decode_message(data)
+        if isinstance(message, Setup):
+            if self.started:
+                raise ProtocolViolation(CloseCode.DUPLICATE_START, "second setup on one socket")
+            session_id = message.session_id or message.call_sid
+            if not is_token(session_id):
+                raise ProtocolViolation(CloseCode.INVALID_MESSAGE, "invalid sessionId")
+            await self.attach(message.call_sid, message.custom_parameters, session_id)
+            return
+        if not self.started:
+            raise ProtocolViolation(CloseCode.NOT_STARTED, f"{_type(message)} before setup")
+        assert self.call is not None
+        org_id, call_id = self.call.org_id, self.call_id
+        match message:
+            case Prompt(last=True):
+                turn_id, text = f"turn_{uuid7().hex}", clean_text(message.voice_prompt)
+                await self.publish(TranscriptFinal(org_id=org_id, call_id=call_id, text=text,
+                                                   utterance_id=turn_id,
+                                                   provider="twilio-relay"))
+                await self.publish(TurnUserEnded(org_id=org_id, call_id=call_id,
+                                                 turn_id=turn_id, text=text, reason="prompt"))
+            case Prompt():
+                pass  # partial prompts: the final one carries the whole utterance
+            case Interrupt():
+                await self.publish(AgentSpeechInterrupted(
+                    org_id=org_id, call_id=call_id, turn_id=self.speaking_turn,
+                    played_text=clean_text(message.utterance_until_interrupt),
+                    cut_ms=max(0, message.duration_until_interrupt_ms)))
+            case Dtmf():
+                await self.publish(CallDtmf(org_id=org_id, call_id=call_id,
+                                            digit=dtmf_digit(message.digit)))
+            case Error():
+                self._errors.inc()
+                log.warning("call %s: ConversationRelay error: %s", self.call_id,
+                            clean_text(message.description, 500))
+
+    # -- outwards ---------------------------------------------------------------------------
+
+    async def subscribe(self) -> None:
+        """Follow the call's events: agent.say becomes text tokens."""
+        assert self.call is not None
+        self.add_subscription(await self.bus.subscribe_call(
+            self.call_id, self._on_event, org_id=self.call.org_id))
+
+    async def _on_event(self, event: Event) -> None:
+        if not isinstance(event, AgentSay):
+            return
+        if event.turn_id != self.speaking_turn:
+            self.speaking_turn, self._turn_has_text = event.turn_id, False
+        token = event.text
+        # Clauses arrive without the space between them; TTS needs it to say them apart.
+        if self._turn_has_text and token and not token[0].isspace():
+            token = " " + token
+        self._turn_has_text = self._turn_has_text or bool(token)
+        await self.send(_encoder.encode({"type": "text", "token": token, "last": event.last}))
+
+    async def play(self, source: str) -> None:
+        """Play an audio URL to the caller."""
+        await self.send(_encoder.encode({"type": "play", "source": source}))
+
+    async def clear(self) -> None:
+        """Nothing to flush: Twilio stops its own speech when the caller interrupts."""
+
+    async def mark(self, name: str) -> None:
+        """ConversationRelay has no marks; progress comes from interrupt messages."""
+        raise CommandError("ConversationRelay has no marks")
+
+    async def send_digits(self, digits: str) -> None:
+        """Play DTMF tones to the caller."""
+        if not await self.send(_encoder.encode({"type": "sendDigits", "digits": digits})):
+            raise CommandError("socket closed")
+
+    async def end_locally(self, reason: str) -> None:
+        """End the session; Twilio then asks the action URL, which hangs the call up."""
+        handoff = _encoder.encode({"reason": reason}).decode()
+        await self.send(_encoder.encode({"type": "end", "handoffData": handoff}))
+
+
+def _type(message: RelayMessage) -> str:
+    return str(type(message).__struct_config__.tag)

@@ -1,0 +1,282 @@
+"""What every Twilio call socket shares (Media Streams and ConversationRelay alike).
+
+A session is one WebSocket, run inside its own request task: it reads messages until the
+socket closes, turning protocol violations into a precise close code and any bug into 1011 —
+never affecting another call. Once the carrier says which call it is, the session checks it
+against ``carrier_calls``, takes ownership of the call on this instance, answers the call's
+commands, enforces the agent's maximum duration and emits call.stream_started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import timedelta
+from typing import Any, ClassVar, Literal
+
+from aiohttp import WSMsgType, web
+from nats.aio.subscription import Subscription
+
+from parley.common.configuration import Agent, get_agent
+from parley.common.events import CallEnded, CallStreamStarted, CallTransferred, Event, is_token
+from parley.common.logging import log_context
+
+from ..calls import (
+    CarrierCall,
+    claim_milestone,
+    find_by_call_id,
+    publish_end,
+    seconds_since,
+)
+from ..close_codes import CloseCode, ProtocolViolation
+from ..commands import CommandError, EndReason, serve_commands
+from ..keys import BUS, CALLS, CLOCK, CONFIG, METRICS, POOL, TWILIO_REST
+from . import twiml
+
+log = logging.getLogger(__name__)
+
+
+class TwilioSession:
+    """One Twilio WebSocket; subclasses speak the protocol (``on_text``, ``end_locally``)."""
+
+    protocol: ClassVar[str] = "twilio"
+    pipeline: ClassVar[Literal["cascading", "managed"]] = "cascading"
+
+    def __init__(self, app: web.Application, ws: web.WebSocketResponse) -> None:
+        self.app, self.ws = app, ws
+        self.config, self.bus, self.pool = app[CONFIG], app[BUS], app[POOL]
+        self.metrics, self.clock, self.rest = app[METRICS], app[CLOCK], app[TWILIO_REST]
+        self.call_id = ""
+        self.call: CarrierCall | None = None
+        self.agent: Agent | None = None
+        self.finished = False  # the call is over for this socket; stop reading
+        self._subscriptions: list[Subscription] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closes = self.metrics.counter(
+            "gateway_socket_closes", "Carrier sockets closed by the gateway, by code",
+            ["protocol", "code"])
+
+    @property
+    def started(self) -> bool:
+        """True once the call is attached (start / setup accepted)."""
+        return self.call is not None
+
+    # -- the socket -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Read until the socket closes; contain every error to this socket."""
+        registry = self.app[CALLS]
+        registry.sockets.add(self.ws)
+        live = self.metrics.gauge("gateway_live_sockets", "Open carrier sockets", ["protocol"])
+        live.labels(self.protocol).inc()
+        loop = asyncio.get_running_loop()
+        start_deadline = loop.time() + self.config.stream_start_timeout_s
+        try:
+            while not self.finished:
+                timeout = None if self.started else max(0.0, start_deadline - loop.time())
+                try:
+                    msg = await self.ws.receive(timeout=timeout)
+                except TimeoutError:
+                    raise ProtocolViolation(CloseCode.START_TIMEOUT, "no start within "
+                                            f"{self.config.stream_start_timeout_s:g}s") from None
+                if msg.type is WSMsgType.TEXT:
+                    await self.on_text(msg.data)
+                elif msg.type is WSMsgType.BINARY:
+                    raise ProtocolViolation(CloseCode.UNSUPPORTED_DATA,
+                                            "binary frames are not part of the protocol")
+                else:  # CLOSE/CLOSING/CLOSED, or ERROR (aiohttp already closed, e.g. 1009)
+                    if msg.type is WSMsgType.ERROR:
+                        self._count_close(getattr(msg.data, "code", CloseCode.INTERNAL_ERROR))
+                    break
+        except ProtocolViolation as exc:
+            log.warning("%s socket (call %s): closing %d %s", self.protocol,
+                        self.call_id or "-", exc.code, exc.reason)
+            await self.close(exc.code, exc.reason)
+        except Exception:
+            log.exception("%s socket (call %s) failed", self.protocol, self.call_id or "-")
+            await self.close(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            await self._teardown()
+            registry.sockets.discard(self.ws)
+            live.labels(self.protocol).dec()
+
+    async def on_text(self, data: str) -> None:
+        """Handle one text message (the protocol)."""
+        raise NotImplementedError
+
+    async def clear(self) -> None:
+        """Flush agent audio queued at the carrier (command ``clear``)."""
+        raise NotImplementedError
+
+    async def mark(self, name: str) -> None:
+        """Place a mark after queued audio (command ``mark``)."""
+        raise NotImplementedError
+
+    async def send_digits(self, digits: str) -> None:
+        """Play DTMF to the caller (command ``dtmf``)."""
+        raise NotImplementedError
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close the socket with a code and reason (counted once per socket)."""
+        if self.ws.closed:
+            return
+        self._count_close(code)
+        self.finished = True
+        with contextlib.suppress(Exception):
+            await self.ws.close(code=code, message=reason.encode()[:123])
+
+    def _count_close(self, code: int) -> None:
+        self._closes.labels(self.protocol, str(int(code))).inc()
+
+    async def send(self, data: bytes) -> bool:
+        """Send a JSON text message; False if the socket is already gone."""
+        if self.ws.closed:
+            return False
+        try:
+            await self.ws.send_str(data.decode())
+        except (ConnectionError, RuntimeError):
+            return False
+        return True
+
+    # -- attaching the call -----------------------------------------------------------------
+
+    async def attach(self, call_sid: str, params: dict[str, str], stream_id: str) -> None:
+        """Check the carrier's ids against ``carrier_calls``; own the call; announce it."""
+        call_id = params.get("call_id", "")
+        if not is_token(call_id):
+            raise ProtocolViolation(CloseCode.POLICY_VIOLATION, "missing or invalid call_id")
+        async with self.pool.connection() as conn:
+            call = await find_by_call_id(conn, call_id)
+            agent = None if call is None else await get_agent(conn, call.agent_id,
+                                                              org_id=call.org_id)
+        if (call is None or call.carrier_call_id != call_sid
+                or params.get("org_id", call.org_id) != call.org_id
+                or params.get("agent_id", call.agent_id) != call.agent_id):
+            raise ProtocolViolation(CloseCode.POLICY_VIOLATION, "unknown call")
+        if call.ended:
+            raise ProtocolViolation(CloseCode.POLICY_VIOLATION, "call already ended")
+        if agent is None:
+            raise ProtocolViolation(CloseCode.POLICY_VIOLATION, "agent no longer exists")
+        self.call_id, self.call, self.agent = call.call_id, call, agent
+        previous = self.app[CALLS].claim(self)
+        if previous is not None:
+            await previous.replace()
+        self._subscriptions.append(await serve_commands(self.bus.nc, call.call_id, self))
+        await self.subscribe()
+        self._spawn(self._expire(), "max-duration")
+        if self.rest is not None and agent.settings.record and call.direction == "inbound":
+            self._spawn(self._record(), "record")
+        await self.publish(CallStreamStarted(
+            org_id=call.org_id, call_id=call.call_id, stream_id=stream_id,
+            gateway_instance=self.config.gateway_instance, pipeline=self.pipeline,
+            agent_id=call.agent_id))
+        log.info("%s socket attached to call %s (stream %s)", self.protocol, call.call_id,
+                 stream_id)
+
+    async def subscribe(self) -> None:
+        """Subscribe to what the socket relays outwards (audio or agent text)."""
+
+    def add_subscription(self, subscription: Subscription) -> None:
+        """Track a subscription so teardown drops it."""
+        self._subscriptions.append(subscription)
+
+    async def publish(self, event: Event) -> None:
+        """Publish one of this call's events, in the call's log context."""
+        with log_context(call_id=self.call_id):
+            await self.bus.publish(event)
+
+    async def replace(self) -> None:
+        """A newer socket took this call over on this instance."""
+        await self.close(CloseCode.POLICY_VIOLATION, "replaced by a newer stream")
+
+    # -- ending the call --------------------------------------------------------------------
+
+    async def end_call(self, reason: str, *extra: Event) -> bool:
+        """Emit call.ended once (with ``extra`` events first); True if this session ended it."""
+        call = self.call
+        if call is None:
+            return False
+        return await publish_end(self.pool, self.bus, CallEnded(
+            org_id=call.org_id, call_id=call.call_id, reason=reason,  # type: ignore[arg-type]
+            duration_s=seconds_since(call.answered_at or call.created_at, self.clock())), *extra)
+
+    async def hangup(self, reason: EndReason) -> None:
+        """End the call: call.ended, then Twilio's REST API (or just this socket)."""
+        call = self.call
+        if call is None:
+            raise CommandError("no call attached yet")
+        await self.end_call(reason)
+        if self.rest is not None:
+            try:
+                await self.rest.hangup(call.carrier_call_id)
+                return
+            except Exception:
+                log.exception("call %s: REST hang-up failed; closing the socket", self.call_id)
+        await self.end_locally(reason)
+
+    async def end_locally(self, reason: str) -> None:
+        """End the call without the REST API (Twilio then asks the action URL, which hangs up)."""
+        await self.close(CloseCode.NORMAL, reason)
+
+    async def transfer(self, to: str, mode: Literal["cold", "warm"]) -> None:
+        """Cold transfer: redirect the call to ``<Dial>`` through the REST API."""
+        call = self.call
+        if call is None:
+            raise CommandError("no call attached yet")
+        if self.rest is None:
+            raise CommandError("transfer needs the Twilio REST client (no account configured)")
+        transferred = CallTransferred(org_id=call.org_id, call_id=call.call_id, to_number=to,
+                                      mode=mode)
+        if not await self.end_call("transferred", transferred):
+            raise CommandError("call already ended")
+        await self.rest.redirect(call.carrier_call_id, twiml.dial_twiml(to))
+
+    async def _record(self) -> None:
+        """Start recording an inbound call once (outbound calls are recorded from creation)."""
+        call = self.call
+        assert call is not None and self.rest is not None
+        try:
+            async with self.pool.connection() as conn:
+                if not await claim_milestone(conn, call.call_id, "recording_started"):
+                    return
+            urls = twiml.outbound_callback_urls(self.config, call_id=call.call_id,
+                                                org_id=call.org_id, agent_id=call.agent_id)
+            await self.rest.start_recording(call.carrier_call_id,
+                                            urls["recording_status_callback"])
+        except Exception:
+            log.exception("call %s: could not start the recording", call.call_id)
+
+    async def _expire(self) -> None:
+        call, agent = self.call, self.agent
+        assert call is not None and agent is not None
+        started = call.answered_at or call.created_at or self.clock()
+        deadline = started + timedelta(seconds=agent.settings.max_duration_s)
+        await asyncio.sleep(max(0.0, (deadline - self.clock()).total_seconds()))
+        log.info("call %s reached its maximum duration (%ds)", call.call_id,
+                 agent.settings.max_duration_s)
+        try:
+            await self.hangup("max_duration")
+        except Exception:
+            log.exception("call %s: max-duration hang-up failed", call.call_id)
+
+    # -- housekeeping -----------------------------------------------------------------------
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=f"{self.protocol}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _teardown(self) -> None:
+        current = asyncio.current_task()
+        tasks = [task for task in self._tasks if task is not current]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for subscription in self._subscriptions:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+        self._subscriptions.clear()
+        self.app[CALLS].release(self)

@@ -1,0 +1,107 @@
+"""X-Twilio-Signature on every Twilio webhook and WebSocket upgrade.
+
+Checked with the twilio SDK's ``RequestValidator`` over the URL Twilio requested — the
+configured public base URL plus the request's raw path and query, since the server may sit
+behind a TLS proxy and never sees that URL itself. WebSocket upgrades are signed over the
+``wss://`` URL with no parameters and are checked before upgrading. A bad or missing signature
+is answered 403 (problem JSON), never processed, counted, and audited as
+``security.signature_rejected``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from aiohttp import web
+from multidict import MultiDict, MultiDictProxy
+from twilio.request_validator import (
+    SIGNATURE_HEADER,
+    SIGNATURE_SETTINGS_HEADER,
+    RequestValidator,
+    get_signature_algorithm,
+)
+
+from parley.common.configuration import find_number
+from parley.common.events import SecuritySignatureRejected, is_token
+
+from ..keys import BUS, CONFIG, METRICS, POOL
+from ..problems import Problem
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_ORG = "unknown"
+
+
+def signed_url(request: web.Request, *, websocket: bool = False) -> str:
+    """The URL Twilio signed for this request: public base + raw path and query."""
+    config = request.app[CONFIG]
+    base = config.public_ws_base if websocket else config.public_base
+    return base + request.raw_path
+
+
+async def verify_twilio(request: web.Request, params: Mapping[str, str] | None = None, *,
+                        websocket: bool = False) -> None:
+    """Return if the request is signed by our Twilio account; raise a 403 Problem otherwise."""
+    config = request.app[CONFIG]
+    signature = request.headers.get(SIGNATURE_HEADER, "")
+    if not config.twilio_auth_token:
+        reason = "no Twilio auth token configured"
+    elif not signature:
+        reason = "missing X-Twilio-Signature"
+    else:
+        algorithm = get_signature_algorithm(request.headers.get(SIGNATURE_SETTINGS_HEADER, ""))
+        validator = RequestValidator(config.twilio_auth_token)
+        url = signed_url(request, websocket=websocket)
+        if validator.validate(url, params or {}, signature, algorithm):
+            return
+        reason = "invalid X-Twilio-Signature"
+    await reject(request, reason, params)
+    raise Problem(403, "Forbidden", reason, kind="invalid-signature")
+
+
+async def reject(request: web.Request, reason: str,
+                 params: Mapping[str, str] | None, *, carrier: str = "twilio") -> None:
+    """Count and audit a refused request (never raises: the 403 matters more)."""
+    route = request.match_info.route.resource
+    path = route.canonical if route is not None else request.path
+    request.app[METRICS].counter(
+        "gateway_signature_rejections", "Webhooks and upgrades refused for their signature",
+        ["carrier", "path"]).labels(carrier, path).inc()
+    org_id = await _org_of(request, params)
+    log.warning("refused %s %s from %s: %s (org %s)", request.method, request.path,
+                request.remote, reason, org_id)
+    try:
+        await request.app[BUS].publish(SecuritySignatureRejected(
+            org_id=org_id, path=request.path, carrier=carrier, remote=request.remote or "",
+            reason=reason))
+    except Exception:
+        log.exception("could not publish security.signature_rejected")
+
+
+async def _org_of(request: web.Request, params: Mapping[str, str] | None) -> str:
+    """The org of the called number when it resolves (an unverified hint, for the audit)."""
+    number = (params or {}).get("To", "")
+    if not number:
+        return UNKNOWN_ORG
+    try:
+        async with request.app[POOL].connection() as conn:
+            found = await find_number(conn, number)
+    except Exception:
+        log.exception("number lookup failed while auditing a refused request")
+        return UNKNOWN_ORG
+    return found.org_id if found is not None and is_token(found.org_id) else UNKNOWN_ORG
+
+
+async def signed_form(request: web.Request) -> MultiDictProxy[str]:
+    """The POSTed form of a Twilio webhook, after checking its signature."""
+    form = await request.post()
+    # Twilio's webhooks carry no file parts; anything else is not part of what it signed.
+    params = MultiDictProxy(MultiDict(
+        (key, value) for key, value in form.items() if isinstance(value, str)))
+    await verify_twilio(request, params)
+    for name, value in (*params.items(), *request.query.items()):
+        if "\x00" in name or "\x00" in value:  # Postgres text cannot hold NUL
+            raise Problem(400, "Bad Request", f"field {name[:40]!r} contains a NUL character",
+                          kind="invalid-webhook")
+    return params

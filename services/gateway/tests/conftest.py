@@ -1,0 +1,289 @@
+import asyncio
+import base64
+import itertools
+import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import psycopg
+import pytest
+from aiohttp import WSMsgType, web
+from aiohttp.test_utils import TestClient, TestServer
+from twilio.request_validator import RequestValidator
+
+from parley.common.configuration import AgentSettings, assign_number, create_agent, create_org
+from parley.common.events import Event, decode
+from parley.common.metrics import Metrics
+from parley.gateway.app import create_app
+from parley.gateway.config import GatewayConfig
+from parley.gateway.keys import CALLS
+from parley.gateway.twilio.rest import TwilioCalls
+
+TOKEN = "test-auth-token-0123456789abcdef"
+ACCOUNT = "AC" + "0" * 32
+PUBLIC = "https://voice.example.com"
+PUBLIC_WS = "wss://voice.example.com"
+ORG = "org_acme"
+CASCADING_AGENT, CASCADING_NUMBER = "ag_cascading", "+14155550100"
+MANAGED_AGENT, MANAGED_NUMBER = "ag_managed", "+14155550101"
+CALLER = "+14155559999"
+_sids = itertools.count(1)
+
+
+async def wait_for(predicate, timeout=10.0, interval=0.01):
+    """Poll an (async or sync) predicate until it is truthy."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(interval)
+
+
+def new_call_sid() -> str:
+    return f"CA{next(_sids):032x}"
+
+
+def sign(url: str, params: dict[str, str] | None = None) -> str:
+    return RequestValidator(TOKEN).compute_signature(url, params or {})
+
+
+class Events:
+    """Every event published while the test runs, in arrival order."""
+
+    def __init__(self) -> None:
+        self.items: list[Event] = []
+
+    def of(self, event_type: str, call_id: str | None = None) -> list[Event]:
+        return [e for e in self.items if e.type == event_type
+                and (call_id is None or getattr(e, "call_id", None) == call_id)]
+
+    async def wait(self, event_type: str, call_id: str | None = None, count: int = 1,
+                   timeout: float = 10.0) -> list[Event]:
+        await wait_for(lambda: len(self.of(event_type, call_id)) >= count, timeout)
+        return self.of(event_type, call_id)
+
+
+@pytest.fixture
+async def events(bus):
+    collected = Events()
+
+    async def on_message(msg):
+        collected.items.append(decode(msg.data))
+
+    sub = await bus.nc.subscribe("parley.ev.>", cb=on_message)
+    yield collected
+    await sub.unsubscribe()
+
+
+@pytest.fixture
+async def db(database_url):
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+async def configured(db):
+    """One org with a cascading agent and a managed agent, each on a number."""
+    await create_org(db, ORG, "Acme")
+    await create_agent(db, ORG, "Cascading", AgentSettings(max_duration_s=60),
+                       agent_id=CASCADING_AGENT)
+    await create_agent(db, ORG, "Managed", AgentSettings(
+        pipeline="managed", voice="en-US-Journey-O", language="en-GB",
+        greeting="Hi, Acme here.", interruption_mode="any", interruption_sensitivity="high"),
+        agent_id=MANAGED_AGENT)
+    await assign_number(db, ORG, CASCADING_NUMBER, CASCADING_AGENT)
+    await assign_number(db, ORG, MANAGED_NUMBER, MANAGED_AGENT)
+
+
+@dataclass
+class FakeTwilioRest:
+    """A stand-in for Twilio's Calls update endpoint that records what the SDK sent."""
+
+    updates: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    recordings: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+
+        async def update(request: web.Request) -> web.Response:
+            form = await request.post()
+            self.updates.append((request.match_info["sid"], {k: str(v) for k, v in
+                                                             form.items()}))
+            return web.json_response({"sid": request.match_info["sid"], "account_sid": ACCOUNT,
+                                      "status": form.get("Status", "in-progress")})
+
+        async def record(request: web.Request) -> web.Response:
+            form = await request.post()
+            self.recordings.append((request.match_info["sid"], {k: str(v) for k, v in
+                                                                form.items()}))
+            return web.json_response({"sid": "RE" + "0" * 32, "account_sid": ACCOUNT,
+                                      "call_sid": request.match_info["sid"],
+                                      "status": "in-progress"}, status=201)
+
+        app.router.add_post("/2010-04-01/Accounts/{account}/Calls/{sid}.json", update)
+        app.router.add_post("/2010-04-01/Accounts/{account}/Calls/{sid}/Recordings.json",
+                            record)
+        return app
+
+
+@dataclass
+class Gateway:
+    client: TestClient
+    app: web.Application
+    config: GatewayConfig
+    metrics: Metrics
+
+    async def post(self, path: str, params: dict[str, str], *, signature: str | None = None,
+                   headers: dict[str, str] | None = None):
+        all_headers = {"X-Twilio-Signature": signature if signature is not None
+                       else sign(PUBLIC + path, params), **(headers or {})}
+        return await self.client.post(path, data=params, headers=all_headers)
+
+    async def ws(self, path: str = "/twilio/stream", *, signature: str | None = None,
+                 **options: Any):
+        headers = {"X-Twilio-Signature": signature if signature is not None
+                   else sign(PUBLIC_WS + path)}
+        return await self.client.ws_connect(path, headers=headers, **options)
+
+    async def inbound_call(self, number: str = CASCADING_NUMBER, call_sid: str | None = None,
+                           ) -> tuple[str, str, ElementTree.Element]:
+        """POST /twilio/voice; returns (call_sid, call_id, parsed TwiML)."""
+        call_sid = call_sid or new_call_sid()
+        response = await self.post("/twilio/voice", {
+            "CallSid": call_sid, "AccountSid": ACCOUNT, "From": CALLER, "To": number,
+            "Direction": "inbound", "CallStatus": "ringing"})
+        assert response.status == 200, await response.text()
+        root = ElementTree.fromstring(await response.text())
+        params = {p.get("name"): p.get("value") for p in root.iter("Parameter")}
+        return call_sid, params.get("call_id", ""), root
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(f"parley_{name}", labels) or 0.0
+
+
+@pytest.fixture
+async def make_gateway(bus, database_url, configured):
+    opened: list[Any] = []
+
+    async def make(*, rest: bool = False, clock=None, **overrides: Any) -> Gateway:
+        twilio_rest = None
+        if rest:
+            fake = FakeTwilioRest()
+            rest_client = TestClient(TestServer(fake.app()))
+            await rest_client.start_server()
+            opened.append(rest_client)
+            twilio_rest = TwilioCalls.create(ACCOUNT, TOKEN,
+                                             base_url=str(rest_client.make_url("")))
+            opened.append(twilio_rest)
+        settings = {"nats_url": "", "database_url": database_url, "public_base_url": PUBLIC,
+                    "twilio_auth_token": TOKEN, "instance_id": "gw-test", **overrides}
+        config = GatewayConfig(**settings)
+        metrics = Metrics("gateway")
+        options = {"clock": clock} if clock else {}
+        app = create_app(config, bus=bus, metrics=metrics, twilio_rest=twilio_rest, **options)
+        client = TestClient(TestServer(app))
+        await client.start_server()
+        opened.append(client)
+        gateway = Gateway(client=client, app=app, config=config, metrics=metrics)
+        if rest:
+            gateway.rest_fake = fake  # type: ignore[attr-defined]
+        return gateway
+
+    yield make
+    for item in reversed(opened):
+        await item.close()
+
+
+@pytest.fixture
+async def gateway(make_gateway) -> Gateway:
+    return await make_gateway()
+
+
+class StreamClient:
+    """Plays Twilio on a Media Streams socket: numbers messages the way Twilio does."""
+
+    def __init__(self, ws, *, stream_sid: str | None = None) -> None:
+        self.ws = ws
+        self.stream_sid = stream_sid or f"MZ{next(_sids):032x}"
+        self.seq = 0
+        self.chunk = 0
+
+    def _next(self) -> str:
+        self.seq += 1
+        return str(self.seq)
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.ws.send_str(msgspec.json.encode(message).decode())
+
+    async def connected(self) -> None:
+        await self.send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+
+    async def start(self, call_sid: str, call_id: str, org_id: str = ORG,
+                    agent_id: str = CASCADING_AGENT) -> None:
+        await self.send({"event": "start", "sequenceNumber": self._next(), "start": {
+            "accountSid": ACCOUNT, "streamSid": self.stream_sid, "callSid": call_sid,
+            "tracks": ["inbound"], "customParameters": {
+                "call_id": call_id, "org_id": org_id, "agent_id": agent_id},
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}},
+            "streamSid": self.stream_sid})
+
+    async def media(self, audio: bytes) -> int:
+        self.chunk += 1
+        seq = self._next()
+        await self.send({"event": "media", "sequenceNumber": seq, "media": {
+            "track": "inbound", "chunk": str(self.chunk), "timestamp": str(self.chunk * 20),
+            "payload": base64.b64encode(audio).decode()}, "streamSid": self.stream_sid})
+        return int(seq)
+
+    async def mark(self, name: str) -> None:
+        await self.send({"event": "mark", "sequenceNumber": self._next(),
+                         "streamSid": self.stream_sid, "mark": {"name": name}})
+
+    async def dtmf(self, digit: str) -> None:
+        await self.send({"event": "dtmf", "sequenceNumber": self._next(),
+                         "streamSid": self.stream_sid,
+                         "dtmf": {"track": "inbound_track", "digit": digit}})
+
+    async def stop(self, call_sid: str) -> None:
+        await self.send({"event": "stop", "sequenceNumber": self._next(),
+                         "streamSid": self.stream_sid,
+                         "stop": {"accountSid": ACCOUNT, "callSid": call_sid}})
+
+    async def receive_json(self, timeout: float = 5.0) -> dict[str, Any]:
+        return msgspec.json.decode((await self.ws.receive(timeout=timeout)).data)
+
+    async def closed(self, timeout: float = 5.0) -> tuple[int | None, str]:
+        """Read (skipping other messages) until the server closes; (code, reason)."""
+        return await closed(self.ws, timeout)
+
+
+async def closed(ws, timeout: float = 5.0) -> tuple[int | None, str]:
+    """Read (skipping other messages) until the server closes; (code, reason)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            msg = await ws.receive()
+            if msg.type is WSMsgType.CLOSE:
+                return msg.data, msg.extra or ""
+            if msg.type in (WSMsgType.CLOSED, WSMsgType.ERROR):
+                return ws.close_code, ""
+
+
+async def started_stream(gateway: Gateway, events: Events, number: str = CASCADING_NUMBER,
+                         ) -> tuple[StreamClient, str, str]:
+    """An inbound call with a started media stream: (client, call_sid, call_id)."""
+    call_sid, call_id, _ = await gateway.inbound_call(number)
+    stream = StreamClient(await gateway.ws())
+    await stream.connected()
+    await stream.start(call_sid, call_id)
+    await events.wait("call.stream_started", call_id)
+    return stream, call_sid, call_id
+
+
+def live_calls(gateway: Gateway) -> dict[str, Any]:
+    return gateway.app[CALLS].calls

@@ -1,0 +1,160 @@
+import asyncio
+
+import pytest
+
+from parley.gateway.close_codes import CloseCode
+
+from .conftest import StreamClient, closed, started_stream, wait_for
+
+
+async def _started(gateway, events):
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    return stream, call_sid, call_id
+
+
+async def binary(gateway, events):
+    ws = await gateway.ws()
+    await ws.send_bytes(b"\x00\x01")
+    return await closed(ws)
+
+
+async def not_json(gateway, events):
+    ws = await gateway.ws()
+    await ws.send_str("{nope")
+    return await closed(ws)
+
+
+async def unknown_event(gateway, events):
+    ws = await gateway.ws()
+    await ws.send_str('{"event": "teleport", "sequenceNumber": "1"}')
+    return await closed(ws)
+
+
+async def invalid_message(gateway, events):
+    ws = await gateway.ws()
+    await ws.send_str('{"event": "start", "sequenceNumber": "1", "start": {"callSid": 5}}')
+    return await closed(ws)
+
+
+async def invalid_base64(gateway, events):
+    stream, _, _ = await _started(gateway, events)
+    await stream.send({"event": "media", "sequenceNumber": "9", "streamSid": stream.stream_sid,
+                       "media": {"track": "inbound", "chunk": "1", "timestamp": "20",
+                                 "payload": "not*base64!"}})
+    return await stream.closed()
+
+
+async def out_of_order(gateway, events):
+    stream, _, _ = await _started(gateway, events)
+    await stream.media(b"\xff" * 160)
+    stream.seq -= 2  # Twilio never goes backwards
+    await stream.media(b"\xff" * 160)
+    return await stream.closed()
+
+
+async def media_before_start(gateway, events):
+    stream = StreamClient(await gateway.ws())
+    await stream.connected()
+    await stream.media(b"\xff" * 160)
+    return await stream.closed()
+
+
+async def duplicate_start(gateway, events):
+    stream, call_sid, call_id = await _started(gateway, events)
+    await stream.start(call_sid, call_id)
+    return await stream.closed()
+
+
+async def unknown_call(gateway, events):
+    stream = StreamClient(await gateway.ws())
+    await stream.start("CA" + "f" * 32, "call_doesnotexist")
+    return await stream.closed()
+
+
+async def foreign_call_sid(gateway, events):
+    _, call_id, _ = await gateway.inbound_call()
+    stream = StreamClient(await gateway.ws())
+    await stream.start("CA" + "e" * 32, call_id)  # our call id, someone else's CallSid
+    return await stream.closed()
+
+
+async def unknown_stream(gateway, events):
+    stream, _, _ = await _started(gateway, events)
+    stream.stream_sid = "MZ" + "0" * 32
+    await stream.media(b"\xff" * 160)
+    return await stream.closed()
+
+
+async def too_big(gateway, events):
+    ws = await gateway.ws()
+    await ws.send_str('{"event": "connected", "pad": "' + "x" * 70_000 + '"}')
+    return await closed(ws)
+
+
+async def start_timeout(gateway, events):
+    ws = await gateway.ws()
+    await StreamClient(ws).connected()
+    return await closed(ws)
+
+
+async def ended_call(gateway, events):
+    call_sid, call_id, _ = await gateway.inbound_call()
+    await gateway.post("/twilio/status", {"CallSid": call_sid, "CallStatus": "completed"})
+    stream = StreamClient(await gateway.ws())
+    await stream.start(call_sid, call_id)
+    return await stream.closed()
+
+
+CASES = [
+    (binary, CloseCode.UNSUPPORTED_DATA, "binary frames are not part of the protocol"),
+    (not_json, CloseCode.UNSUPPORTED_DATA, "message is not JSON"),
+    (unknown_event, CloseCode.UNKNOWN_EVENT, "unknown event"),
+    (invalid_message, CloseCode.INVALID_MESSAGE, "invalid message"),
+    (invalid_base64, CloseCode.INVALID_PAYLOAD, "invalid base64"),
+    (out_of_order, CloseCode.OUT_OF_ORDER, "sequenceNumber"),
+    (media_before_start, CloseCode.NOT_STARTED, "media before start"),
+    (duplicate_start, CloseCode.DUPLICATE_START, "second start on one socket"),
+    (unknown_call, CloseCode.POLICY_VIOLATION, "unknown call"),
+    (foreign_call_sid, CloseCode.POLICY_VIOLATION, "unknown call"),
+    (unknown_stream, CloseCode.POLICY_VIOLATION, "unknown stream"),
+    (too_big, CloseCode.MESSAGE_TOO_BIG, ""),
+    (start_timeout, CloseCode.START_TIMEOUT, "no start within 0.5s"),
+    (ended_call, CloseCode.POLICY_VIOLATION, "call already ended"),
+]
+
+
+@pytest.mark.parametrize(("case", "code", "reason"), CASES, ids=[c[0].__name__ for c in CASES])
+async def test_bad_input_gets_a_precise_close(make_gateway, events, case, code, reason):
+    gateway = await make_gateway(stream_start_timeout_s=0.5)
+    got_code, got_reason = await case(gateway, events)
+    assert got_code == code
+    assert reason in got_reason
+    await wait_for(lambda: gateway.metric("gateway_socket_closes_total",
+                                          protocol="twilio_stream", code=str(int(code))) == 1)
+
+
+async def test_bad_sockets_do_not_affect_a_concurrent_good_call(make_gateway, events, bus):
+    gateway = await make_gateway(stream_start_timeout_s=0.5)
+    good, call_sid, call_id = await started_stream(gateway, events)
+    received = []
+
+    async def on_in(msg):
+        received.append(msg.data)
+
+    sub = await bus.nc.subscribe(f"parley.audio.{call_id}.in", cb=on_in)
+
+    async def keep_talking():
+        for n in range(50):
+            await good.media(bytes([n]) * 160)
+            await asyncio.sleep(0.01)
+
+    results = await asyncio.gather(keep_talking(),
+                                   *(case(gateway, events) for case, _, _ in CASES))
+    assert [code for code, _ in results[1:]] == [code for _, code, _ in CASES]
+    await wait_for(lambda: len(received) == 50)
+    assert received == [bytes([n]) * 160 for n in range(50)]
+    await sub.unsubscribe()
+    await good.stop(call_sid)
+    assert await good.closed() == (1000, "stream stopped")
+    [ended] = await events.wait("call.ended", call_id)
+    assert ended.reason == "caller_hangup"

@@ -1,0 +1,184 @@
+import asyncio
+import base64
+import xml.etree.ElementTree as ElementTree
+from datetime import timedelta
+
+import msgspec
+
+from parley.common.bus import command_subject, publish_frame
+from parley.common.events import utcnow
+from parley.gateway.marks import mark_name
+
+from .conftest import (
+    CASCADING_AGENT,
+    StreamClient,
+    live_calls,
+    started_stream,
+    wait_for,
+)
+
+
+async def request(bus, call_id: str, verb: str, body: dict | None = None) -> dict:
+    reply = await bus.nc.request(command_subject(call_id, verb),
+                                 msgspec.json.encode(body or {}), timeout=5)
+    return msgspec.json.decode(reply.data)
+
+
+async def test_full_media_stream_session(gateway, events, bus):
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    [started] = events.of("call.stream_started", call_id)
+    assert started.stream_id == stream.stream_sid and started.gateway_instance == "gw-test"
+    assert started.agent_id == CASCADING_AGENT and started.pipeline == "cascading"
+    assert call_id in live_calls(gateway)
+
+    # caller audio → parley.audio.<call>.in, raw bytes with Twilio's seq and timestamp
+    inbound: list[tuple[bytes, dict]] = []
+
+    async def on_in(msg):
+        inbound.append((msg.data, msg.headers))
+
+    sub = await bus.nc.subscribe(f"parley.audio.{call_id}.in", cb=on_in)
+    frames = [bytes([n]) * 160 for n in range(1, 6)]
+    sequence_numbers = [await stream.media(frame) for frame in frames]
+    await wait_for(lambda: len(inbound) == 5)
+    await sub.unsubscribe()
+    assert [data for data, _ in inbound] == frames
+    assert [int(h["Parley-Seq"]) for _, h in inbound] == sequence_numbers
+    assert [int(h["Parley-Ts"]) for _, h in inbound] == [20, 40, 60, 80, 100]
+
+    # agent audio → media messages, and a mark after the frame that carries one
+    await publish_frame(bus.nc, call_id, "out", b"\x7f" * 160, seq=1, timestamp_ms=0)
+    await publish_frame(bus.nc, call_id, "out", b"\x80" * 160, seq=2, timestamp_ms=20,
+                        mark=mark_name("turn_1", 2))
+    first, second, mark = [await stream.receive_json() for _ in range(3)]
+    assert first == {"event": "media", "streamSid": stream.stream_sid,
+                     "media": {"payload": base64.b64encode(b"\x7f" * 160).decode()}}
+    assert base64.b64decode(second["media"]["payload"]) == b"\x80" * 160
+    assert mark == {"event": "mark", "streamSid": stream.stream_sid,
+                    "mark": {"name": "turn_1:2"}}
+
+    # the mark's echo → agent.speech.progress
+    await stream.mark("turn_1:2")
+    [progress] = await events.wait("agent.speech.progress", call_id)
+    assert (progress.turn_id, progress.seq, progress.mark) == ("turn_1", 2, "turn_1:2")
+
+    await stream.dtmf("7")
+    [dtmf] = await events.wait("call.dtmf", call_id)
+    assert dtmf.digit == "7"
+
+    # commands: clear and mark
+    assert await request(bus, call_id, "clear") == {"ok": True}
+    assert await stream.receive_json() == {"event": "clear", "streamSid": stream.stream_sid}
+    assert await request(bus, call_id, "mark", {"name": "turn_2:0"}) == {"ok": True}
+    assert (await stream.receive_json())["mark"] == {"name": "turn_2:0"}
+    assert (await request(bus, call_id, "mark"))["ok"] is False
+
+    # stop → call.ended once, even with the status callback after it
+    await stream.stop(call_sid)
+    assert await stream.closed() == (1000, "stream stopped")
+    [ended] = await events.wait("call.ended", call_id)
+    assert ended.reason == "caller_hangup"
+    await gateway.post("/twilio/status", {"CallSid": call_sid, "CallStatus": "completed",
+                                          "CallDuration": "3"})
+    await asyncio.sleep(0.2)
+    assert len(events.of("call.ended", call_id)) == 1
+    await wait_for(lambda: call_id not in live_calls(gateway))
+
+
+async def test_hangup_command_without_rest_closes_the_socket(gateway, events, bus):
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    assert await request(bus, call_id, "hangup") == {"ok": True}
+    assert await stream.closed() == (1000, "agent_hangup")
+    [ended] = await events.wait("call.ended", call_id)
+    assert ended.reason == "agent_hangup"
+    # Twilio then asks the action URL, which hangs up the ended call
+    response = await gateway.post(f"/twilio/voice/reconnect?call_id={call_id}",
+                                  {"CallSid": call_sid})
+    assert ElementTree.fromstring(await response.text())[0].tag == "Hangup"
+
+
+async def test_hangup_and_transfer_use_the_rest_api(make_gateway, events, bus):
+    gateway = await make_gateway(rest=True)
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    assert await request(bus, call_id, "transfer", {"to": "+14155550123"}) == {"ok": True}
+    [transferred] = await events.wait("call.transferred", call_id)
+    assert transferred.to_number == "+14155550123" and transferred.mode == "cold"
+    [ended] = await events.wait("call.ended", call_id)
+    assert ended.reason == "transferred"
+    [(sid, form)] = gateway.rest_fake.updates
+    assert sid == call_sid
+    dial = ElementTree.fromstring(form["Twiml"]).find("Dial")
+    assert dial.text == "+14155550123"
+    # a second end is refused, and the stop that follows emits nothing
+    assert (await request(bus, call_id, "transfer", {"to": "+14155550124"}))["ok"] is False
+    assert (await request(bus, call_id, "transfer", {"to": "555"}))["error"].startswith(
+        "transfer needs an E.164")
+    await stream.stop(call_sid)
+    await stream.closed()
+    assert len(events.of("call.ended", call_id)) == 1
+
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    # an inbound call of an agent that records is recorded from the stream's start, once
+    await wait_for(lambda: len(gateway.rest_fake.recordings) == 2)
+    sid, form = gateway.rest_fake.recordings[-1]
+    assert sid == call_sid and form["RecordingChannels"] == "dual"
+    assert form["RecordingStatusCallback"].startswith(
+        f"https://voice.example.com/twilio/recording?call_id={call_id}&")
+    assert await request(bus, call_id, "hangup", {"reason": "agent_hangup"}) == {"ok": True}
+    await wait_for(lambda: len(gateway.rest_fake.updates) == 2)
+    assert gateway.rest_fake.updates[-1] == (call_sid, {"Status": "completed"})
+    await events.wait("call.ended", call_id)
+
+
+async def test_dtmf_redirects_and_the_call_continues_on_a_new_stream(make_gateway, events, bus):
+    gateway = await make_gateway(rest=True)
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    assert await request(bus, call_id, "dtmf", {"digits": "12#"}) == {"ok": True}
+    [(sid, form)] = gateway.rest_fake.updates
+    root = ElementTree.fromstring(form["Twiml"])
+    assert root[0].tag == "Play" and root[0].get("digits") == "12#"
+    assert root.find("./Connect/Stream") is not None
+    await stream.stop(call_sid)  # Twilio stops the old stream for the new TwiML
+    await stream.closed()
+    assert not events.of("call.ended", call_id)
+
+    again = StreamClient(await gateway.ws())
+    await again.start(call_sid, call_id)
+    await events.wait("call.stream_started", call_id, count=2)
+    assert (await request(bus, call_id, "dtmf", {"digits": "x"}))["ok"] is False
+    await again.stop(call_sid)
+    await events.wait("call.ended", call_id)
+
+
+async def test_dtmf_without_rest_is_an_error_reply(gateway, events, bus):
+    stream, _, call_id = await started_stream(gateway, events)
+    reply = await request(bus, call_id, "dtmf", {"digits": "1"})
+    assert reply["ok"] is False and "REST" in reply["error"]
+    await stream.ws.close()
+
+
+async def test_max_duration_hangs_up(make_gateway, events):
+    # the agent allows 60 s; the clock says 59.7 s have already passed since the answer
+    gateway = await make_gateway(clock=lambda: utcnow() + timedelta(seconds=59.7))
+    stream, _, call_id = await started_stream(gateway, events)
+    [ended] = await events.wait("call.ended", call_id, timeout=5)
+    assert ended.reason == "max_duration"
+    assert await stream.closed() == (1000, "max_duration")
+
+
+async def test_a_newer_stream_replaces_the_old_one(gateway, events):
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    newer = StreamClient(await gateway.ws())
+    await newer.start(call_sid, call_id)
+    assert await stream.closed() == (1008, "replaced by a newer stream")
+    await events.wait("call.stream_started", call_id, count=2)
+    await newer.stop(call_sid)
+    await events.wait("call.ended", call_id)
+
+
+async def test_shutdown_closes_sockets_with_going_away(make_gateway, events):
+    gateway = await make_gateway()
+    stream, _, _ = await started_stream(gateway, events)
+    closing = asyncio.create_task(stream.closed())
+    await gateway.client.server.runner.shutdown()
+    assert await closing == (1001, "server shutting down")

@@ -1,0 +1,298 @@
+import asyncio
+import base64
+
+import msgspec
+import pytest
+from aiohttp import WSServerHandshakeError
+
+from parley.common.bus import command_subject, publish_frame
+from parley.gateway.close_codes import CloseCode
+from parley.gateway.marks import mark_name
+
+from . import test_plivo_support as support
+from .conftest import CASCADING_AGENT, PUBLIC, closed, live_calls, wait_for
+from .test_plivo_support import (
+    PlivoStreamClient,
+    https_form,
+    new_call_uuid,
+    signed_headers,
+    started_plivo_stream,
+)
+
+# the shared Plivo fixtures, made visible to pytest in this module
+make_plivo_gateway = support.make_plivo_gateway
+plivo_gateway = support.plivo_gateway
+plivo_number = support.plivo_number
+
+
+async def request(bus, call_id: str, verb: str, body: dict | None = None) -> dict:
+    reply = await bus.nc.request(command_subject(call_id, verb),
+                                 msgspec.json.encode(body or {}), timeout=5)
+    return msgspec.json.decode(reply.data)
+
+
+async def test_full_plivo_stream_session(plivo_gateway, events, bus):
+    call_uuid, call_id, root = await plivo_gateway.answer()
+    # the socket is opened at the URL the XML named, signed over its https:// form
+    stream_url = root.find("Stream").text
+    path = stream_url.removeprefix("wss://voice.example.com")
+    ws = await plivo_gateway.gateway.client.ws_connect(
+        path, headers=signed_headers("GET", https_form(stream_url)))
+    stream = PlivoStreamClient(ws)
+    await stream.start(call_uuid)
+    [started] = await events.wait("call.stream_started", call_id)
+    assert (started.stream_id, started.agent_id) == (stream.stream_id, CASCADING_AGENT)
+    assert (started.encoding, started.sample_rate, started.gateway_instance) == (
+        "mulaw", 8000, "gw-test")
+    assert call_id in live_calls(plivo_gateway)
+
+    # caller audio → parley.audio.<call>.in: raw bytes, Plivo's sequence number, audio ms
+    inbound: list[tuple[bytes, dict]] = []
+
+    async def on_in(msg):
+        inbound.append((msg.data, msg.headers))
+
+    sub = await bus.nc.subscribe(f"parley.audio.{call_id}.in", cb=on_in)
+    frames = [bytes([n]) * 160 for n in range(1, 5)]
+    sequence_numbers = [await stream.media(frame) for frame in frames]
+    await wait_for(lambda: len(inbound) == 4)
+    await sub.unsubscribe()
+    assert [data for data, _ in inbound] == frames
+    assert [int(h["Parley-Seq"]) for _, h in inbound] == sequence_numbers
+    assert [int(h["Parley-Ts"]) for _, h in inbound] == [0, 20, 40, 60]
+
+    await stream.dtmf("5")
+    [dtmf] = await events.wait("call.dtmf", call_id)
+    assert dtmf.digit == "5"
+
+    # agent audio → playAudio, and a checkpoint after the frame that carries a mark
+    await publish_frame(bus.nc, call_id, "out", b"\x7f" * 160, seq=1, timestamp_ms=0)
+    await publish_frame(bus.nc, call_id, "out", b"\x80" * 160, seq=2, timestamp_ms=20,
+                        mark=mark_name("turn_1", 2))
+    first, second, checkpoint = [await stream.receive_json() for _ in range(3)]
+    assert first == {"event": "playAudio", "media": {
+        "contentType": "audio/x-mulaw", "sampleRate": 8000,
+        "payload": base64.b64encode(b"\x7f" * 160).decode()}}
+    assert base64.b64decode(second["media"]["payload"]) == b"\x80" * 160
+    assert checkpoint == {"event": "checkpoint", "streamId": stream.stream_id,
+                          "name": "turn_1:2"}
+
+    # the checkpoint's echo → agent.speech.progress
+    await stream.played("turn_1:2")
+    [progress] = await events.wait("agent.speech.progress", call_id)
+    assert (progress.turn_id, progress.seq, progress.mark) == ("turn_1", 2, "turn_1:2")
+
+    # commands: clear → clearAudio (acknowledged by clearedAudio), mark → checkpoint
+    assert await request(bus, call_id, "clear") == {"ok": True}
+    assert await stream.receive_json() == {"event": "clearAudio", "streamId": stream.stream_id}
+    await stream.cleared()
+    assert await request(bus, call_id, "mark", {"name": "turn_2:0"}) == {"ok": True}
+    assert (await stream.receive_json())["name"] == "turn_2:0"
+
+    # hang-up command: call.ended once, then Plivo's REST API (the stand-in) ends the call
+    assert await request(bus, call_id, "hangup") == {"ok": True}
+    [ended] = await events.wait("call.ended", call_id)
+    assert ended.reason == "agent_hangup"
+    assert plivo_gateway.api.hung_up == [call_uuid]
+    await plivo_gateway.post("/plivo/hangup", {"CallUUID": call_uuid, "CallStatus": "completed",
+                                               "Duration": "3", "HangupSource": "API Request"})
+    assert len(events.of("call.ended", call_id)) == 1
+    await ws.close()
+    await wait_for(lambda: call_id not in live_calls(plivo_gateway))
+
+
+async def test_dtmf_and_transfer_commands_use_the_rest_api(plivo_gateway, events, bus):
+    stream, call_uuid, call_id = await started_plivo_stream(plivo_gateway, events)
+    assert await request(bus, call_id, "dtmf", {"digits": "12#"}) == {"ok": True}
+    [(uuid, body)] = plivo_gateway.api.digits
+    assert (uuid, body["digits"], body["leg"]) == (call_uuid, "12#", "aleg")
+    assert await request(bus, call_id, "transfer", {"to": "+14155550123"}) == {"ok": True}
+    [(uuid, body)] = plivo_gateway.api.transferred
+    assert uuid == call_uuid and body["legs"] == "aleg"
+    assert body["aleg_url"] == (f"{PUBLIC}/plivo/transfer?call_id={call_id}"
+                                "&to=%2B14155550123")
+    [transferred] = await events.wait("call.transferred", call_id)
+    assert transferred.to_number == "+14155550123"
+    [ended] = await events.wait("call.ended", call_id)
+    assert ended.reason == "transferred"
+    assert (await request(bus, call_id, "transfer", {"to": "+14155550123"}))["ok"] is False
+    await stream.ws.close()
+
+
+async def test_hangup_without_rest_closes_the_socket(make_plivo_gateway, events, bus):
+    gateway = await make_plivo_gateway(plivo_auth_id="")
+    stream, call_uuid, call_id = await started_plivo_stream(gateway, events)
+    assert (await request(bus, call_id, "dtmf", {"digits": "1"}))["ok"] is False
+    assert await request(bus, call_id, "hangup") == {"ok": True}
+    assert await stream.closed() == (1000, "agent_hangup")
+    [ended] = await events.wait("call.ended", call_id)
+    assert ended.reason == "agent_hangup"
+    # Plivo then follows the <Redirect>: the call has ended, so it hangs up
+    _, _, root = await gateway.answer(call_uuid=call_uuid, path=f"/plivo/answer?call_id={call_id}")
+    assert [child.tag for child in root] == ["Hangup"]
+
+
+async def test_upgrade_with_a_bad_signature_is_refused(plivo_gateway, events):
+    _, call_id, _ = await plivo_gateway.answer()
+    headers = signed_headers("GET", f"{PUBLIC}/plivo/stream?call_id={call_id}")
+    headers["X-Plivo-Signature-V3"] = "x" + headers["X-Plivo-Signature-V3"][1:]
+    with pytest.raises(WSServerHandshakeError) as refused:
+        await plivo_gateway.ws(call_id, headers=headers)
+    assert refused.value.status == 403
+    [rejected] = await events.wait("security.signature_rejected")
+    assert (rejected.carrier, rejected.path) == ("plivo", "/plivo/stream")
+
+
+# -- bad input: a precise close code and reason, counted, never affecting another call ------
+
+async def _socket(gateway, events):
+    _, call_id, _ = await gateway.answer()
+    return PlivoStreamClient(await gateway.ws(call_id))
+
+
+async def binary(gateway, events):
+    stream = await _socket(gateway, events)
+    await stream.ws.send_bytes(b"\x00\x01")
+    return await stream.closed()
+
+
+async def not_json(gateway, events):
+    stream = await _socket(gateway, events)
+    await stream.ws.send_str("{nope")
+    return await stream.closed()
+
+
+async def unknown_event(gateway, events):
+    stream = await _socket(gateway, events)
+    await stream.send({"event": "teleport", "sequenceNumber": 1})
+    return await stream.closed()
+
+
+async def invalid_message(gateway, events):
+    stream = await _socket(gateway, events)
+    await stream.send({"event": "start", "sequenceNumber": 1, "start": {"callId": 5}})
+    return await stream.closed()
+
+
+async def unsupported_format(gateway, events):
+    call_uuid, call_id, _ = await gateway.answer()
+    stream = PlivoStreamClient(await gateway.ws(call_id))
+    await stream.start(call_uuid, encoding="audio/x-l16", sample_rate=16000)
+    return await stream.closed()
+
+
+async def invalid_base64(gateway, events):
+    stream, _, _ = await started_plivo_stream(gateway, events)
+    await stream.media(b"", payload="not*base64!")
+    return await stream.closed()
+
+
+async def out_of_order(gateway, events):
+    stream, _, _ = await started_plivo_stream(gateway, events)
+    await stream.media(b"\xff" * 160)
+    stream.seq -= 2
+    await stream.media(b"\xff" * 160)
+    return await stream.closed()
+
+
+async def media_before_start(gateway, events):
+    stream = await _socket(gateway, events)
+    await stream.media(b"\xff" * 160)
+    return await stream.closed()
+
+
+async def duplicate_start(gateway, events):
+    stream, call_uuid, _ = await started_plivo_stream(gateway, events)
+    await stream.start(call_uuid)
+    return await stream.closed()
+
+
+async def foreign_call_uuid(gateway, events):
+    stream = await _socket(gateway, events)
+    await stream.start(new_call_uuid())  # our call id in the URL, someone else's CallUUID
+    return await stream.closed()
+
+
+async def unknown_call(gateway, events):
+    stream = PlivoStreamClient(await gateway.ws("call_doesnotexist"))
+    await stream.start(new_call_uuid())
+    return await stream.closed()
+
+
+async def unknown_stream(gateway, events):
+    stream, _, _ = await started_plivo_stream(gateway, events)
+    stream.stream_id = new_call_uuid()
+    await stream.media(b"\xff" * 160)
+    return await stream.closed()
+
+
+async def too_big(gateway, events):
+    stream = await _socket(gateway, events)
+    await stream.ws.send_str('{"event": "media", "pad": "' + "x" * 70_000 + '"}')
+    return await stream.closed()
+
+
+async def start_timeout(gateway, events):
+    return await closed((await _socket(gateway, events)).ws)
+
+
+async def ended_call(gateway, events):
+    call_uuid, call_id, _ = await gateway.answer()
+    await gateway.post("/plivo/hangup", {"CallUUID": call_uuid, "CallStatus": "completed"})
+    stream = PlivoStreamClient(await gateway.ws(call_id))
+    await stream.start(call_uuid)
+    return await stream.closed()
+
+
+CASES = [
+    (binary, CloseCode.UNSUPPORTED_DATA, "binary frames are not part of the protocol"),
+    (not_json, CloseCode.UNSUPPORTED_DATA, "message is not JSON"),
+    (unknown_event, CloseCode.UNKNOWN_EVENT, "unknown event"),
+    (invalid_message, CloseCode.INVALID_MESSAGE, "invalid message"),
+    (unsupported_format, CloseCode.INVALID_MESSAGE, "unsupported media format"),
+    (invalid_base64, CloseCode.INVALID_PAYLOAD, "invalid base64"),
+    (out_of_order, CloseCode.OUT_OF_ORDER, "sequenceNumber"),
+    (media_before_start, CloseCode.NOT_STARTED, "media before start"),
+    (duplicate_start, CloseCode.DUPLICATE_START, "second start on one socket"),
+    (foreign_call_uuid, CloseCode.POLICY_VIOLATION, "unknown call"),
+    (unknown_call, CloseCode.POLICY_VIOLATION, "unknown call"),
+    (unknown_stream, CloseCode.POLICY_VIOLATION, "unknown stream"),
+    (too_big, CloseCode.MESSAGE_TOO_BIG, ""),
+    (start_timeout, CloseCode.START_TIMEOUT, "no start within 0.5s"),
+    (ended_call, CloseCode.POLICY_VIOLATION, "call already ended"),
+]
+
+
+@pytest.mark.parametrize(("case", "code", "reason"), CASES, ids=[c[0].__name__ for c in CASES])
+async def test_bad_input_gets_a_precise_close(make_plivo_gateway, events, case, code, reason):
+    gateway = await make_plivo_gateway(stream_start_timeout_s=0.5)
+    got_code, got_reason = await case(gateway, events)
+    assert got_code == code
+    assert reason in got_reason
+    await wait_for(lambda: gateway.metric("gateway_socket_closes_total",
+                                          protocol="plivo_stream", code=str(int(code))) == 1)
+
+
+async def test_bad_sockets_do_not_affect_a_concurrent_good_call(make_plivo_gateway, events,
+                                                                bus):
+    gateway = await make_plivo_gateway(stream_start_timeout_s=0.5)
+    good, _, call_id = await started_plivo_stream(gateway, events)
+    received = []
+
+    async def on_in(msg):
+        received.append(msg.data)
+
+    sub = await bus.nc.subscribe(f"parley.audio.{call_id}.in", cb=on_in)
+
+    async def keep_talking():
+        for n in range(50):
+            await good.media(bytes([n]) * 160)
+            await asyncio.sleep(0.01)
+
+    results = await asyncio.gather(keep_talking(),
+                                   *(case(gateway, events) for case, _, _ in CASES))
+    assert [code for code, _ in results[1:]] == [code for _, code, _ in CASES]
+    await wait_for(lambda: len(received) == 50)
+    assert received == [bytes([n]) * 160 for n in range(50)]
+    await sub.unsubscribe()
+    await good.ws.close()

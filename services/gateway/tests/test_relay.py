@@ -1,0 +1,89 @@
+import asyncio
+
+import msgspec
+
+from parley.common.events import AgentSay
+
+from .conftest import CALLER, MANAGED_AGENT, MANAGED_NUMBER, ORG, closed, wait_for
+from .test_media_stream import request
+
+
+async def send(ws, message: dict) -> None:
+    await ws.send_str(msgspec.json.encode(message).decode())
+
+
+async def receive(ws) -> dict:
+    return msgspec.json.decode((await ws.receive(timeout=5)).data)
+
+
+async def setup_relay(gateway, events):
+    call_sid, call_id, _ = await gateway.inbound_call(MANAGED_NUMBER)
+    ws = await gateway.ws("/twilio/relay")
+    await send(ws, {"type": "setup", "sessionId": "VX" + "1" * 32, "callSid": call_sid,
+                    "accountSid": "AC", "from": CALLER, "to": MANAGED_NUMBER,
+                    "direction": "inbound", "callType": "PSTN", "customParameters": {
+                        "call_id": call_id, "org_id": ORG, "agent_id": MANAGED_AGENT}})
+    await events.wait("call.stream_started", call_id)
+    return ws, call_sid, call_id
+
+
+async def test_relay_session_bridges_prompts_speech_and_interrupts(gateway, events, bus):
+    ws, call_sid, call_id = await setup_relay(gateway, events)
+    [started] = events.of("call.stream_started", call_id)
+    assert started.pipeline == "managed" and started.stream_id == "VX" + "1" * 32
+
+    await send(ws, {"type": "prompt", "voicePrompt": "I want to", "lang": "en-US",
+                    "last": False})
+    await send(ws, {"type": "prompt", "voicePrompt": "I want to book a table.",
+                    "lang": "en-US", "last": True})
+    [turn] = await events.wait("turn.user_ended", call_id)
+    assert turn.text == "I want to book a table." and turn.reason == "prompt"
+    [final] = events.of("transcript.final", call_id)
+    assert final.text == turn.text
+
+    for seq, (text, last) in enumerate([("Sure.", False), ("For how many people?", True)]):
+        await bus.publish(AgentSay(org_id=ORG, call_id=call_id, turn_id="turn_a", seq=seq,
+                                   text=text, last=last))
+    assert await receive(ws) == {"type": "text", "token": "Sure.", "last": False}
+    assert await receive(ws) == {"type": "text", "token": " For how many people?",
+                                 "last": True}
+
+    await send(ws, {"type": "interrupt", "utteranceUntilInterrupt": "For how",
+                    "durationUntilInterruptMs": "460"})
+    [interrupted] = await events.wait("agent.speech.interrupted", call_id)
+    assert interrupted.turn_id == "turn_a" and interrupted.played_text == "For how"
+    assert interrupted.cut_ms == 460
+
+    await send(ws, {"type": "dtmf", "digit": "5"})
+    assert (await events.wait("call.dtmf", call_id))[0].digit == "5"
+    await send(ws, {"type": "error", "description": "Invalid message received"})
+    await wait_for(lambda: gateway.metric("gateway_relay_errors_total") == 1)
+
+    assert await request(bus, call_id, "dtmf", {"digits": "42"}) == {"ok": True}
+    assert await receive(ws) == {"type": "sendDigits", "digits": "42"}
+    assert (await request(bus, call_id, "mark", {"name": "x"}))["ok"] is False
+    assert await request(bus, call_id, "hangup") == {"ok": True}
+    end = await receive(ws)
+    assert end["type"] == "end"
+    assert msgspec.json.decode(end["handoffData"]) == {"reason": "agent_hangup"}
+    [ended] = await events.wait("call.ended", call_id)
+    assert ended.reason == "agent_hangup"
+    await ws.close()
+    await asyncio.sleep(0.1)
+    assert len(events.of("call.ended", call_id)) == 1
+
+
+async def test_relay_protocol_errors_close_precisely(gateway, events):
+    ws = await gateway.ws("/twilio/relay")
+    await send(ws, {"type": "prompt", "voicePrompt": "hi", "last": True})
+    assert await closed(ws) == (4404, "prompt before setup")
+
+    ws = await gateway.ws("/twilio/relay")
+    await send(ws, {"type": "dance"})
+    code, reason = await closed(ws)
+    assert code == 4401 and reason.startswith("unknown type")
+
+    ws, _, _ = await setup_relay(gateway, events)
+    await send(ws, {"type": "prompt", "last": True})  # no voicePrompt
+    code, reason = await closed(ws)
+    assert code == 4400 and "voicePrompt" in reason

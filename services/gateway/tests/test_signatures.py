@@ -1,0 +1,127 @@
+import aiohttp
+import pytest
+
+from .conftest import (
+    ACCOUNT,
+    CALLER,
+    CASCADING_NUMBER,
+    ORG,
+    PUBLIC,
+    PUBLIC_WS,
+    StreamClient,
+    new_call_sid,
+    sign,
+)
+
+
+def voice_params(call_sid: str) -> dict[str, str]:
+    return {"CallSid": call_sid, "AccountSid": ACCOUNT, "From": CALLER, "To": CASCADING_NUMBER,
+            "Direction": "inbound", "CallStatus": "ringing"}
+
+
+def one_char_changed(text: str) -> str:
+    replacement = "A" if text[5] != "A" else "B"
+    return text[:5] + replacement + text[6:]
+
+
+async def test_signature_from_the_sdk_is_accepted(gateway, events):
+    params = voice_params(new_call_sid())
+    response = await gateway.post("/twilio/voice", params,
+                                  signature=sign(PUBLIC + "/twilio/voice", params))
+    assert response.status == 200
+    assert response.content_type == "application/xml"
+    await events.wait("call.requested")
+    assert gateway.metric("gateway_signature_rejections_total", carrier="twilio",
+                          path="/twilio/voice") == 0
+
+
+@pytest.mark.parametrize("tamper", ["signature", "param", "url", "missing"])
+async def test_one_character_changed_is_rejected(gateway, events, tamper):
+    params = voice_params(new_call_sid())
+    signature = sign(PUBLIC + "/twilio/voice", params)
+    if tamper == "signature":
+        signature = one_char_changed(signature)
+    elif tamper == "param":
+        params["From"] = params["From"][:-1] + "8"
+    elif tamper == "url":  # signed for another host: what a proxy mix-up looks like
+        signature = sign(PUBLIC.replace("voice", "voicE") + "/twilio/voice", params)
+    else:
+        signature = ""
+    response = await gateway.post("/twilio/voice", params, signature=signature)
+
+    assert response.status == 403
+    assert response.content_type == "application/problem+json"
+    problem = await response.json()
+    assert problem["status"] == 403 and problem["title"] == "Forbidden"
+    assert problem["type"].endswith("/invalid-signature")
+    assert "Signature" in problem["detail"]
+    [rejected] = await events.wait("security.signature_rejected")
+    assert rejected.org_id == ORG  # resolved from the called number
+    assert rejected.path == "/twilio/voice" and rejected.carrier == "twilio"
+    assert rejected.remote == "127.0.0.1" and rejected.reason
+    assert not events.of("call.requested")  # never processed
+    assert gateway.metric("gateway_signature_rejections_total", carrier="twilio",
+                          path="/twilio/voice") == 1
+
+
+async def test_rejection_from_an_unknown_number_is_audited_as_unknown(gateway, events):
+    params = {**voice_params(new_call_sid()), "To": "+14155550199"}
+    response = await gateway.post("/twilio/voice", params, signature="bogus")
+    assert response.status == 403
+    [rejected] = await events.wait("security.signature_rejected")
+    assert rejected.org_id == "unknown"
+
+
+@pytest.mark.parametrize("path", ["/twilio/status", "/twilio/amd", "/twilio/recording",
+                                  "/twilio/voice/reconnect?call_id=x"])
+async def test_every_webhook_checks_the_signature(gateway, events, path):
+    params = {"CallSid": new_call_sid(), "CallStatus": "completed"}
+    response = await gateway.post(path, params, signature=one_char_changed(
+        sign(PUBLIC + path, params)))
+    assert response.status == 403
+    await events.wait("security.signature_rejected")
+
+
+async def test_query_string_is_part_of_the_signed_url(gateway, events):
+    params = {"CallSid": new_call_sid(), "CallStatus": "ringing"}
+    path = "/twilio/status?call_id=call_1&org_id=org_acme&agent_id=ag_cascading"
+    signed_without_query = sign(PUBLIC + "/twilio/status", params)
+    response = await gateway.post(path, params, signature=signed_without_query)
+    assert response.status == 403
+    response = await gateway.post(path, params)  # signed over the full URL
+    assert response.status == 204
+
+
+@pytest.mark.parametrize("path", ["/twilio/stream", "/twilio/relay"])
+async def test_websocket_upgrade_is_signed_over_the_wss_url(gateway, events, path):
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await gateway.ws(path, signature=one_char_changed(sign(PUBLIC_WS + path)))
+    assert refused.value.status == 403
+    [rejected] = await events.wait("security.signature_rejected")
+    assert rejected.org_id == "unknown" and rejected.path == path
+
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await gateway.ws(path, signature=sign(PUBLIC + path))  # https:// instead of wss://
+    assert refused.value.status == 403
+
+    ws = await gateway.ws(path)  # correctly signed: upgraded
+    await StreamClient(ws).connected()
+    await ws.close()
+
+
+async def test_without_an_auth_token_everything_is_refused(make_gateway, events):
+    gateway = await make_gateway(twilio_auth_token="")
+    params = voice_params(new_call_sid())
+    response = await gateway.post("/twilio/voice", params)
+    assert response.status == 403
+    assert (await response.json())["detail"] == "no Twilio auth token configured"
+
+
+async def test_errors_are_problem_documents(gateway):
+    response = await gateway.client.get("/no/such/path")
+    assert response.status == 404
+    assert response.content_type == "application/problem+json"
+    assert (await response.json())["status"] == 404
+    response = await gateway.client.get("/twilio/voice")
+    assert response.status == 405
+    assert (await response.json())["title"] == "Method Not Allowed"
