@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -30,11 +32,15 @@ def parley(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
 
 
 @pytest.fixture
-def state_dir(tmp_path: Path) -> Iterator[Path]:
-    root = tmp_path / ".parley"
+def state_dir() -> Iterator[Path]:
+    # Outside pytest's private temp tree: another pytest session re-tightens that tree to 0700,
+    # which would lock the unprivileged postgres user out of its data directory mid-test.
+    base = Path(tempfile.mkdtemp(prefix="parley-infra-test-"))
+    root = base / ".parley"
     yield root
     if (root / "infra.json").exists():
         parley("infra", "down", "--dir", str(root))
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def port_of(url: str) -> int:

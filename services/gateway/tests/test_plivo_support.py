@@ -8,7 +8,7 @@ import uuid
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import msgspec
 import pytest
@@ -108,7 +108,8 @@ class PlivoGateway:
                    headers: dict[str, str] | None = None):
         all_headers = headers if headers is not None else signed_headers(
             "POST", PUBLIC + path, params)
-        return await self.gateway.client.post(path, data=params, headers=all_headers)
+        all_headers = {**all_headers, "Content-Type": "application/x-www-form-urlencoded"}
+        return await self.gateway.client.post(path, data=urlencode(params), headers=all_headers)
 
     async def answer(self, *, number: str = PLIVO_NUMBER, call_uuid: str | None = None,
                      path: str = "/plivo/answer", **extra: str,

@@ -195,3 +195,13 @@ async def test_transfer_xml_dials_the_number(plivo_gateway):
     response = await plivo_gateway.post("/plivo/transfer?call_id=c1&to=nope", {
         "CallUUID": new_call_uuid()})
     assert response.status == 400
+
+
+async def test_a_query_the_sdk_cannot_parse_is_a_403_not_a_crash(plivo_gateway, events):
+    # found by the fuzz test: the SDK's helper raises on non-ASCII escapes in the query
+    response = await plivo_gateway.post("/plivo/answer?call_id=%C2%80", answer_params(
+        new_call_uuid()), headers={"X-Plivo-Signature-V3": "x",
+                                   "X-Plivo-Signature-V3-Nonce": "1"})
+    assert response.status == 403
+    [rejected] = await events.wait("security.signature_rejected")
+    assert rejected.reason == "invalid X-Plivo-Signature-V3"

@@ -142,6 +142,8 @@ async def _tail(args: argparse.Namespace) -> int:
 
     async def on_message(msg: Any) -> None:
         nonlocal seen
+        if done.is_set():  # --limit reached; the rest of the delivered batch is dropped
+            return
         try:
             event = ev.decode(msg.data)
         except ev.EventDecodeError as exc:

@@ -65,6 +65,8 @@ async def verify_plivo(request: web.Request, params: Mapping[str, str] | None = 
         except PlivoValidationError as exc:  # e.g. a public base URL that is not http(s)
             log.error("cannot check a Plivo signature: %s", exc)
             valid = False
+        except ValueError:  # the SDK cannot parse a query with non-ASCII escapes: not Plivo's
+            valid = False
         if valid:
             return
         reason = f"invalid {SIGNATURE_HEADER}"
