@@ -114,3 +114,19 @@ async def test_outbound_call_answered_by_a_machine_is_hung_up(platform: Platform
                         "call.machine_detected", "call.ended"], types), types
     assert row["answered_by"] == "machine_end_beep" and row["state"] == "ended"
     assert row["end_reason"] == "machine"
+
+
+async def test_parley_call_shows_the_call_live_from_the_bus(platform: Platform,
+                                                             nats_url: str) -> None:
+    import os
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "parley.devkit.cli", "call", platform.gateway_url,
+        "--from", CALLER, "--to", AGENT_NUMBER, "--dtmf", "7@0.6", "--hangup-after", "1.5",
+        env={**os.environ, "PARLEY_NATS_URL": nats_url, "PARLEY_TWILIO_AUTH_TOKEN": AUTH_TOKEN},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    text = out.decode()
+    assert proc.returncode == 0, err.decode()
+    assert "caller pressed 7" in text and "call ended: caller_hangup" in text, text

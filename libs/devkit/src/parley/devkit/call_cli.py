@@ -18,7 +18,11 @@ import os
 import sys
 import time
 import wave
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+from parley.devkit.local_infra import read_env_file
 from parley.devkit.telephony.call_script import CallScript, KeyPress, Utterance
 from parley.devkit.telephony.caller_simulator import CallerSimulator, CallResult
 from parley.devkit.telephony.media_stream_client import StreamError
@@ -116,8 +120,17 @@ def run_call(args: argparse.Namespace) -> int:
         gateway_url=args.gateway_url, auth_token=args.auth_token,
         from_number=args.from_number, to_number=args.to_number, script=script,
         public_url=args.public_url, account_sid=args.account_sid, wav_path=args.wav, log=log)
+    follower = TranscriptFollower(log)
+    simulator.on_stream = follower.follow
+
+    async def place() -> CallResult:
+        try:
+            return await simulator.run()
+        finally:
+            await follower.close()
+
     try:
-        result = asyncio.run(simulator.run())
+        result = asyncio.run(place())
     except (WebhookError, TwimlError, StreamError) as error:
         print(f"parley call: {error}", file=sys.stderr)
         return 1
@@ -136,3 +149,59 @@ def print_summary(result: CallResult) -> None:
         print(f"  protocol error: {error}")
     if result.wav_path:
         print(f"  recording: {result.wav_path} (caller left, agent right)")
+
+
+class TranscriptFollower:
+    """Prints the call's transcript and agent clauses live from the bus, when NATS is known.
+
+    The NATS URL comes from ``PARLEY_NATS_URL`` or ``.parley/env`` (what ``parley up`` uses);
+    without one the call runs as before, audio only.
+    """
+
+    SHOWN = ("transcript.final", "turn.user_ended", "agent.say", "turn.completed",
+             "agent.speech.interrupted", "call.dtmf", "call.ended")
+
+    def __init__(self, log: Callable[[float, str], None]) -> None:
+        self._log = log
+        self._bus: Any = None
+
+    async def follow(self, parameters: dict[str, str]) -> None:
+        """Subscribe to the call's events (best effort: the call goes on without it)."""
+        url = os.environ.get("PARLEY_NATS_URL") or read_env_file(Path(".parley")).get(
+            "PARLEY_NATS_URL")
+        call_id = parameters.get("call_id")
+        if not url or not call_id:
+            return
+        from parley.common.bus import Bus
+
+        try:
+            self._bus = await asyncio.wait_for(
+                Bus.connect(url, name="parley-call", max_reconnect_attempts=0), 2)
+            await self._bus.subscribe_call(call_id, self._show)
+        except Exception as exc:  # noqa: BLE001 - no transcript, but the call still runs
+            self._log(0.0, f"(no live transcript: {exc})")
+
+    async def _show(self, event: Any) -> None:
+        if event.type not in self.SHOWN:
+            return
+        match event.type:
+            case "transcript.final":
+                text = f"caller: {event.text}"
+            case "turn.user_ended":
+                text = f"-- end of caller turn ({event.reason}, EOU {event.eou_delay_ms:.0f} ms)"
+            case "agent.say":
+                text = f"agent:  {event.text}"
+            case "turn.completed":
+                text = f"-- agent turn done (LLM first token {event.ttft_ms:.0f} ms)"
+            case "agent.speech.interrupted":
+                text = f"-- agent interrupted; caller heard: {event.played_text!r}"
+            case "call.dtmf":
+                text = f"caller pressed {event.digit}"
+            case _:
+                text = f"call ended: {event.reason}"
+        self._log(0.0, text)
+
+    async def close(self) -> None:
+        """Drain the bus connection."""
+        if self._bus is not None:
+            await self._bus.close()

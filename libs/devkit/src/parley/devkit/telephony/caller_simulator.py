@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +80,8 @@ class CallerSimulator:
         self._clock = clock or MonotonicClock()
         self._log: Log = log or (lambda _at, _text: None)
         self._client: MediaStreamClient | None = None
+        # Called with the <Stream> parameters (call_id, org_id, agent_id) before streaming.
+        self.on_stream: Callable[[dict[str, str]], Awaitable[None]] | None = None
 
     def hang_up(self, reason: str = "hangup") -> None:
         """Hang up the call in progress at the next frame."""
@@ -102,6 +105,8 @@ class CallerSimulator:
                                    auth_token=self._auth_token)
         stream = first_stream(parse_twiml(twiml))
         self._log(0.0, f"TwiML: <Connect><Stream url={stream.url!r}>")
+        if self.on_stream is not None:
+            await self.on_stream(dict(stream.parameters))
         self._client = MediaStreamClient(
             session=session, url=stream.url, custom_parameters=stream.parameters,
             auth_token=self._auth_token, account_sid=self._account_sid, call_sid=self.call_sid,
