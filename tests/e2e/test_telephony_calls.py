@@ -129,4 +129,4 @@ async def test_parley_call_shows_the_call_live_from_the_bus(platform: Platform,
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     text = out.decode()
     assert proc.returncode == 0, err.decode()
-    assert "caller pressed 7" in text and "call ended: caller_hangup" in text, text
+    assert "[bus] caller pressed 7" in text and "[bus] call ended: caller_hangup" in text, text

@@ -186,19 +186,19 @@ class TranscriptFollower:
             return
         match event.type:
             case "transcript.final":
-                text = f"caller: {event.text}"
+                text = f"[bus] caller: {event.text}"
             case "turn.user_ended":
                 text = f"-- end of caller turn ({event.reason}, EOU {event.eou_delay_ms:.0f} ms)"
             case "agent.say":
-                text = f"agent:  {event.text}"
+                text = f"[bus] agent:  {event.text}"
             case "turn.completed":
                 text = f"-- agent turn done (LLM first token {event.ttft_ms:.0f} ms)"
             case "agent.speech.interrupted":
                 text = f"-- agent interrupted; caller heard: {event.played_text!r}"
             case "call.dtmf":
-                text = f"caller pressed {event.digit}"
+                text = f"[bus] caller pressed {event.digit}"
             case _:
-                text = f"call ended: {event.reason}"
+                text = f"[bus] call ended: {event.reason}"
         self._log(0.0, text)
 
     async def close(self) -> None:

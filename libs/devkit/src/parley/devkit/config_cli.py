@@ -77,7 +77,10 @@ def _command(group: argparse._SubParsersAction[argparse.ArgumentParser], name: s
 
 
 async def _run(action: Action, args: argparse.Namespace) -> int:
+    from parley.common.store import apply_migrations
+
     url = server_url(args.dir, "PARLEY_DATABASE_URL")
+    await apply_migrations(url)
     async with await psycopg.AsyncConnection.connect(url) as conn:
         try:
             code = await action(conn, args)

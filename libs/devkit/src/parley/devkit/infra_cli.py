@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 from pathlib import Path
@@ -55,6 +56,9 @@ def infra_up(args: argparse.Namespace) -> int:
     """Start the servers that are not running, write and print ``.parley/env``."""
     session = ensure_infra(args.dir, environ=os.environ, report=report, detach=True,
                            nats_port=args.nats_port, postgres_port=args.pg_port)
+    from parley.devkit.up_cli import prepare_platform  # the schema, so config commands work
+
+    asyncio.run(prepare_platform(session.urls))
     print(format_env(session.urls), end="", flush=True)
     env_file = args.dir / ENV_FILE_NAME
     report(f"written to {env_file}; load it with: set -a; . {env_file}; set +a")
