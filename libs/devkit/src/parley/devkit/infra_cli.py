@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+import psycopg
+
 from parley.devkit.local_infra import (
     ENV_FILE_NAME,
     ensure_infra,
@@ -58,7 +60,10 @@ def infra_up(args: argparse.Namespace) -> int:
                            nats_port=args.nats_port, postgres_port=args.pg_port)
     from parley.devkit.up_cli import prepare_platform  # the schema, so config commands work
 
-    asyncio.run(prepare_platform(session.urls))
+    try:
+        asyncio.run(prepare_platform(session.urls))
+    except psycopg.OperationalError as exc:  # an external database that is not up (yet)
+        report(f"migrations not applied (database unreachable): {str(exc).strip()[:200]}")
     print(format_env(session.urls), end="", flush=True)
     env_file = args.dir / ENV_FILE_NAME
     report(f"written to {env_file}; load it with: set -a; . {env_file}; set +a")
