@@ -117,6 +117,8 @@ class BenchResult:
 def _number(value: float) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
+    if isinstance(value, int):  # counts (e.g. frames lost)
+        return f"{value:,}"
     if abs(value) >= 1000:
         return f"{value:,.0f}"
     if abs(value) >= 10:

@@ -2,7 +2,8 @@
 
     python bench/run.py [names...] [--check] [--quick] [--out DIR]
 
-Benchmarks: bus_latency, recorder_throughput, projection_rebuild, fold_call (default: all).
+Benchmarks: bus_latency, recorder_throughput, projection_rebuild, fold_call, gateway_frames
+(default: all).
 nats-server and Postgres are started from the installed packages on free loopback ports in temp
 dirs under /tmp, and stopped and removed at the end. Prints a table, writes ``<out>/<name>.json``
 (date, machine, config, raw summaries) and ``<out>/latest.md``; ``out`` is ``bench/results``, or
@@ -30,13 +31,15 @@ from _infra import Servers
 from _stats import ERROR, FAIL, BenchResult, render_table, write_results
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("bus_latency", "recorder_throughput", "projection_rebuild", "fold_call")
+BENCHMARKS = ("bus_latency", "recorder_throughput", "projection_rebuild", "fold_call",
+              "gateway_frames")
 # Wall-clock limit per benchmark in seconds (full, quick), server start-up included.
 TIME_LIMITS = {
     "bus_latency": (180, 30),
     "recorder_throughput": (600, 45),
     "projection_rebuild": (300, 45),
     "fold_call": (180, 30),
+    "gateway_frames": (300, 45),
 }
 
 

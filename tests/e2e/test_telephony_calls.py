@@ -116,8 +116,8 @@ async def test_outbound_call_answered_by_a_machine_is_hung_up(platform: Platform
     assert row["end_reason"] == "machine"
 
 
-async def test_parley_call_shows_the_call_live_from_the_bus(platform: Platform,
-                                                             nats_url: str) -> None:
+async def test_parley_call_shows_the_call_live_from_the_bus(platform: Platform, nats_url: str,
+                                                             tmp_path) -> None:
     import os
     import sys
 
@@ -125,8 +125,9 @@ async def test_parley_call_shows_the_call_live_from_the_bus(platform: Platform,
         sys.executable, "-m", "parley.devkit.cli", "call", platform.gateway_url,
         "--from", CALLER, "--to", AGENT_NUMBER, "--dtmf", "7@0.6", "--hangup-after", "1.5",
         env={**os.environ, "PARLEY_NATS_URL": nats_url, "PARLEY_TWILIO_AUTH_TOKEN": AUTH_TOKEN},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=tmp_path)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     text = out.decode()
     assert proc.returncode == 0, err.decode()
     assert "[bus] caller pressed 7" in text and "[bus] call ended: caller_hangup" in text, text
+    assert (tmp_path / "parley-call.wav").exists()  # the stereo recording of the call
