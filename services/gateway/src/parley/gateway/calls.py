@@ -8,6 +8,7 @@ event, so a failed publish rolls the claim back and the carrier's retry tries ag
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from typing import Any
 
@@ -16,7 +17,10 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from parley.common.bus import Bus
-from parley.common.events import CallEnded, CallFailed, Event, uuid7
+from parley.common.configuration import Agent, find_number, get_agent
+from parley.common.events import CallEnded, CallFailed, CallRequested, Event, uuid7
+
+log = logging.getLogger(__name__)
 
 _COLUMNS = ("carrier, carrier_call_id, call_id, org_id, agent_id, direction, from_number, "
             "to_number, created_at, answered_at, ended_at, end_reason")
@@ -156,3 +160,32 @@ async def publish_end(pool: AsyncConnectionPool[Any], bus: Bus,
 def seconds_since(start: datetime | None, now: datetime) -> float:
     """Whole-call arithmetic for durations; 0 when the start is unknown."""
     return 0.0 if start is None else max(0.0, (now - start).total_seconds())
+
+
+async def open_inbound_call(pool: AsyncConnectionPool[Any], bus: Bus, *, carrier: str,
+                            carrier_call_id: str, to_number: str,
+                            from_number: str) -> tuple[CarrierCall, Agent] | None:
+    """Resolve org and agent from the called number and record the call (once).
+
+    ``call.requested`` is published inside the insert's transaction, so a carrier's retry of the
+    same webhook finds the row and publishes nothing; None when the number routes nowhere.
+    """
+    async with pool.connection() as conn:
+        number = await find_number(conn, to_number)
+        agent = None if number is None else await get_agent(conn, number.agent_id,
+                                                            org_id=number.org_id)
+        if number is None or agent is None:
+            log.warning("%s call %s to %r: number not assigned to a live agent", carrier,
+                        carrier_call_id, to_number)
+            return None
+        async with conn.transaction():
+            call, created = await record_carrier_call(conn, CarrierCall(
+                carrier=carrier, carrier_call_id=carrier_call_id, call_id=new_call_id(),
+                org_id=number.org_id, agent_id=agent.agent_id, direction="inbound",
+                from_number=from_number, to_number=number.number))
+            if created:
+                await bus.publish(CallRequested(
+                    org_id=call.org_id, call_id=call.call_id, direction="inbound",
+                    agent_id=call.agent_id, from_number=from_number, to_number=number.number,
+                    carrier=carrier, carrier_call_id=carrier_call_id))  # type: ignore[arg-type]
+    return call, agent

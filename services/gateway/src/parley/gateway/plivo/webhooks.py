@@ -20,12 +20,11 @@ from typing import Any, Literal
 from aiohttp import web
 from multidict import MultiDictProxy
 
-from parley.common.configuration import Agent, find_number, get_agent
+from parley.common.configuration import get_agent
 from parley.common.events import (
     CallAnswered,
     CallEnded,
     CallFailed,
-    CallRequested,
     CallRinging,
     is_token,
 )
@@ -36,7 +35,7 @@ from ..calls import (
     count_milestones,
     find_by_call_id,
     find_by_carrier_id,
-    new_call_id,
+    open_inbound_call,
     publish_answered,
     publish_end,
     publish_once,
@@ -94,7 +93,9 @@ async def answer(request: web.Request) -> web.Response:
             raise Problem(404, "Not Found", f"agent {call.agent_id} of call {call.call_id} "
                           "is gone", kind="unknown-agent")
     else:
-        found = await _inbound_call(request, form, call_uuid)
+        found = await open_inbound_call(
+            request.app[POOL], request.app[BUS], carrier=CARRIER, carrier_call_id=call_uuid,
+            to_number=form.get("To", ""), from_number=form.get("From", ""))
         if found is None:
             _count(request, "unknown_number")
             return _xml(xml.speak_and_hangup(xml.NOT_IN_SERVICE))
@@ -130,31 +131,6 @@ async def _may_reconnect(request: web.Request, call: CarrierCall) -> bool:
         org_id=call.org_id, call_id=call.call_id, reason="error",
         duration_s=seconds_since(call.answered_at, app[CLOCK]())))
     return False
-
-
-async def _inbound_call(request: web.Request, form: MultiDictProxy[str],
-                        call_uuid: str) -> tuple[CarrierCall, Agent] | None:
-    to_number, from_number = form.get("To", ""), form.get("From", "")
-    app = request.app
-    async with app[POOL].connection() as conn:
-        number = await find_number(conn, to_number)
-        agent = None if number is None else await get_agent(conn, number.agent_id,
-                                                            org_id=number.org_id)
-        if number is None or agent is None:
-            log.warning("plivo call %s to %r: number not assigned to a live agent", call_uuid,
-                        to_number)
-            return None
-        async with conn.transaction():
-            call, created = await record_carrier_call(conn, CarrierCall(
-                carrier=CARRIER, carrier_call_id=call_uuid, call_id=new_call_id(),
-                org_id=number.org_id, agent_id=agent.agent_id, direction="inbound",
-                from_number=from_number, to_number=number.number))
-            if created:  # published inside the insert's transaction: both or neither
-                await app[BUS].publish(CallRequested(
-                    org_id=call.org_id, call_id=call.call_id, direction="inbound",
-                    agent_id=call.agent_id, from_number=from_number, to_number=number.number,
-                    carrier=CARRIER, carrier_call_id=call_uuid))
-    return call, agent
 
 
 async def resolve(request: web.Request, form: MultiDictProxy[str],

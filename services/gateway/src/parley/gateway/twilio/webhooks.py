@@ -16,14 +16,13 @@ from typing import Any, Final
 from aiohttp import web
 from multidict import MultiDictProxy
 
-from parley.common.configuration import Agent, find_number, get_agent
+from parley.common.configuration import Agent, get_agent
 from parley.common.events import (
     CallAnswered,
     CallEnded,
     CallFailed,
     CallMachineDetected,
     CallRecordingAvailable,
-    CallRequested,
     CallRinging,
     is_token,
 )
@@ -34,7 +33,7 @@ from ..calls import (
     count_milestones,
     find_by_call_id,
     find_by_carrier_id,
-    new_call_id,
+    open_inbound_call,
     publish_answered,
     publish_end,
     publish_once,
@@ -91,7 +90,9 @@ async def voice(request: web.Request) -> web.Response:
     if form.get("Direction", "inbound").startswith("outbound"):
         call, agent = await _outbound_call(request, form, call_sid)
     else:
-        found = await _inbound_call(request, form, call_sid)
+        found = await open_inbound_call(
+            request.app[POOL], request.app[BUS], carrier=CARRIER, carrier_call_id=call_sid,
+            to_number=form.get("To", ""), from_number=form.get("From", ""))
         if found is None:
             _count(request, "unknown_number")
             return _xml(twiml.say_and_hangup(twiml.NOT_IN_SERVICE))
@@ -105,31 +106,6 @@ async def voice(request: web.Request) -> web.Response:
     _count(request, "connected")
     return _xml(twiml.connect_twiml(app[CONFIG], agent.settings, call_id=call.call_id,
                                     org_id=call.org_id, agent_id=call.agent_id))
-
-
-async def _inbound_call(request: web.Request, form: MultiDictProxy[str],
-                        call_sid: str) -> tuple[CarrierCall, Agent] | None:
-    to_number, from_number = form.get("To", ""), form.get("From", "")
-    app = request.app
-    async with app[POOL].connection() as conn:
-        number = await find_number(conn, to_number)
-        agent = None if number is None else await get_agent(conn, number.agent_id,
-                                                            org_id=number.org_id)
-        if number is None or agent is None:
-            log.warning("call %s to %r: number not assigned to a live agent", call_sid,
-                        to_number)
-            return None
-        async with conn.transaction():
-            call, created = await record_carrier_call(conn, CarrierCall(
-                carrier=CARRIER, carrier_call_id=call_sid, call_id=new_call_id(),
-                org_id=number.org_id, agent_id=agent.agent_id, direction="inbound",
-                from_number=from_number, to_number=number.number))
-            if created:  # published inside the insert's transaction: both or neither
-                await app[BUS].publish(CallRequested(
-                    org_id=call.org_id, call_id=call.call_id, direction="inbound",
-                    agent_id=call.agent_id, from_number=from_number, to_number=number.number,
-                    carrier=CARRIER, carrier_call_id=call_sid))
-    return call, agent
 
 
 async def _outbound_call(request: web.Request, form: MultiDictProxy[str],
