@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -65,6 +66,11 @@ async def running_service(name: str, config: ConfigT) -> AsyncIterator[ServiceCo
         ops = OpsServer(create_ops_app(service=name, registry=metrics.registry,
                                        ready=context.ready))
         context.ops_port = await ops.start(config.ops_host, config.ops_port)
+        # Everything loaded so far lives for the whole process: move it out of the collector's
+        # reach, so a full collection no longer walks ~60k start-up objects (a 15-20 ms pause
+        # measured on the decode path) in the middle of a call.
+        gc.collect()
+        gc.freeze()
         log.info("%s up; ops on http://%s:%d (/healthz /readyz /metrics)", name,
                  config.ops_host, context.ops_port)
         try:
