@@ -1,0 +1,327 @@
+"""A Deepgram live-transcription emulator: ``GET /v1/listen`` upgraded to a WebSocket.
+
+It checks ``Authorization: Token <key>`` before the upgrade (401 with Deepgram's JSON error
+otherwise), reads the query the deepgram-sdk sends (``encoding`` mulaw/linear16,
+``sample_rate``, ``interim_results``, ``endpointing``, ``utterance_end_ms``, ``vad_events``,
+``smart_format``/``punctuate``), takes binary audio and the JSON controls ``KeepAlive``,
+``Finalize`` and ``CloseStream``, and answers with Deepgram-shaped ``Results``,
+``SpeechStarted``, ``UtteranceEnd`` and, on close, ``Metadata``.
+
+Transcripts are scripted: :class:`DeepgramEmulator` holds a queue of utterance texts, and each
+stretch of speech it detects in the audio (20 ms frames whose mean ``|pcm|`` reaches
+``energy_threshold``) consumes the next one. Everything is timed in *audio* time (bytes
+received), so results do not depend on how fast a test sends: ``SpeechStarted`` at the first
+loud frame, interim ``Results`` every ``interim_every_s`` revealing one more word per
+``seconds_per_word``, a final ``Results`` (``is_final`` and ``speech_final``) once
+``endpointing`` ms of silence follow the speech, or at once on ``Finalize`` (``from_finalize``),
+then ``UtteranceEnd`` after ``utterance_end_ms`` of silence (at once after a Finalize). Silence
+gets an empty final ``Results`` every ``silence_result_s``, as the real service does.
+
+Fault switches (:class:`DeepgramFaults`, changeable while a session runs): ``stall`` keeps the
+socket open but answers nothing, ``close_with_error`` closes with 1011 on the next message,
+``reject_status`` refuses the upgrade with that HTTP status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from aiohttp import WSMsgType, web
+
+from parley.devkit.emulators import EmulatorServer, run_cli
+from parley.devkit.telephony.audio_codec import ulaw_decode
+
+MODEL_INFO = {"name": "2-general-nova", "version": "2024-01-18.26916", "arch": "nova-3"}
+_ENCODINGS = {"mulaw", "linear16"}
+
+
+@dataclass
+class DeepgramFaults:
+    """Switches a test flips to make the emulator misbehave."""
+
+    stall: bool = False
+    close_with_error: bool = False
+    reject_status: int | None = None
+
+
+@dataclass
+class ListenSession:
+    """What one ``/v1/listen`` connection sent and received (for assertions)."""
+
+    params: dict[str, str]
+    audio_bytes: int = 0
+    keepalives: int = 0
+    finalizes: int = 0
+    close_stream: bool = False
+    sent: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RecognizerSettings:
+    """How the scripted recogniser paces its answers (audio seconds)."""
+
+    energy_threshold: float = 300.0
+    interim_every_s: float = 0.3
+    seconds_per_word: float = 0.25
+    silence_result_s: float = 1.0
+
+
+def _flag(params: dict[str, str], name: str) -> bool:
+    return params.get(name, "false").lower() == "true"
+
+
+def _milliseconds(params: dict[str, str], name: str, default: int | None) -> int | None:
+    value = params.get(name)
+    if value is None:
+        return default
+    if value.lower() == "false":
+        return None
+    return int(value)
+
+
+class ScriptedRecognizer:
+    """Turns audio into Deepgram messages following a script (pure: no I/O, audio-time clock)."""
+
+    def __init__(self, params: dict[str, str], script: deque[str],
+                 settings: RecognizerSettings) -> None:
+        self.rate = int(params.get("sample_rate", "8000"))
+        self.encoding = params.get("encoding", "mulaw")
+        self.interim = _flag(params, "interim_results")
+        self.vad_events = _flag(params, "vad_events")
+        self.punctuated = _flag(params, "smart_format") or _flag(params, "punctuate")
+        self.endpointing_ms = _milliseconds(params, "endpointing", 10)
+        self.utterance_end_ms = _milliseconds(params, "utterance_end_ms", None)
+        self.settings = settings
+        self.request_id = str(uuid.uuid4())
+        self._script = script
+        self._frame_bytes = self.rate // 50 * (1 if self.encoding == "mulaw" else 2)
+        self._pending = b""
+        self.position_s = 0.0
+        self._speaking = False
+        self._words: list[str] = []
+        self._utterance_start = 0.0
+        self._last_loud_end = 0.0
+        self._last_interim = 0.0
+        self._window_start = 0.0  # start of audio not yet covered by a final
+        self._last_word_end: float | None = None  # owed an UtteranceEnd after this
+
+    def audio(self, data: bytes) -> list[dict[str, Any]]:
+        """Consume audio; return the messages it triggers."""
+        out: list[dict[str, Any]] = []
+        data = self._pending + data
+        usable = len(data) - len(data) % self._frame_bytes
+        self._pending = data[usable:]
+        for offset in range(0, usable, self._frame_bytes):
+            out.extend(self._frame(data[offset:offset + self._frame_bytes]))
+        return out
+
+    def finalize(self) -> list[dict[str, Any]]:
+        """``Finalize``: the open utterance (if any) becomes final now, then UtteranceEnd."""
+        if not self._speaking:
+            return [self._result(self._window_start, self.position_s, [], is_final=True,
+                                 speech_final=False, from_finalize=True)]
+        out = [self._final(from_finalize=True)]
+        out.extend(self._utterance_end())
+        return out
+
+    def close(self) -> list[dict[str, Any]]:
+        """``CloseStream``: flush the open utterance, then the session's ``Metadata``."""
+        out = [self._final(from_finalize=False)] if self._speaking else []
+        out.append({
+            "type": "Metadata", "transaction_key": "deprecated", "request_id": self.request_id,
+            "sha256": "0" * 64, "created": datetime.now(UTC).isoformat(),
+            "duration": round(self.position_s, 3), "channels": 1,
+            "models": [str(uuid.uuid5(uuid.NAMESPACE_DNS, MODEL_INFO["name"]))],
+            "model_info": {str(uuid.uuid5(uuid.NAMESPACE_DNS, MODEL_INFO["name"])): MODEL_INFO},
+        })
+        return out
+
+    def _frame(self, frame: bytes) -> Iterable[dict[str, Any]]:
+        pcm = (ulaw_decode(frame) if self.encoding == "mulaw"
+               else np.frombuffer(frame, dtype="<i2"))
+        start = self.position_s
+        self.position_s = end = start + pcm.size / self.rate
+        loud = float(np.mean(np.abs(pcm.astype(np.int32)))) >= self.settings.energy_threshold
+        if loud:
+            if not self._speaking:
+                self._speaking = True
+                self._last_word_end = None  # speech resumed: no UtteranceEnd for the last one
+                self._words = self._script.popleft().split() if self._script else []
+                self._utterance_start = self._last_interim = start
+                if self.vad_events:
+                    yield {"type": "SpeechStarted", "channel": [0], "timestamp": round(start, 3)}
+            self._last_loud_end = end
+            if self.interim and end - self._last_interim >= self.settings.interim_every_s:
+                self._last_interim = end
+                heard = int((end - self._utterance_start) / self.settings.seconds_per_word) + 1
+                shown = min(heard, max(len(self._words) - 1, 1), len(self._words))
+                words = self._timings(self._words[:shown], self._utterance_start, end)
+                yield self._result(self._window_start, end, words, is_final=False,
+                                   speech_final=False)
+            return
+        silence_ms = (end - self._last_loud_end) * 1000
+        if self._speaking and self.endpointing_ms is not None and silence_ms >= self.endpointing_ms:
+            yield self._final(from_finalize=False)
+        if self._last_word_end is not None and self.utterance_end_ms is not None \
+                and (end - self._last_word_end) * 1000 >= self.utterance_end_ms:
+            yield from self._utterance_end()
+        if not self._speaking and end - self._window_start >= self.settings.silence_result_s:
+            yield self._result(self._window_start, end, [], is_final=True, speech_final=False)
+            self._window_start = end
+
+    def _final(self, *, from_finalize: bool) -> dict[str, Any]:
+        end = max(self._last_loud_end, self._utterance_start + 0.1)
+        words = self._timings(self._words, self._utterance_start, end)
+        message = self._result(self._window_start, self.position_s, words, is_final=True,
+                               speech_final=True, from_finalize=from_finalize)
+        self._speaking = False
+        self._window_start = self.position_s
+        self._last_word_end = words[-1]["end"] if words else None
+        return message
+
+    def _utterance_end(self) -> list[dict[str, Any]]:
+        if self._last_word_end is None:
+            return []
+        message = {"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": self._last_word_end}
+        self._last_word_end = None
+        return [message]
+
+    def _timings(self, words: list[str], start: float, end: float) -> list[dict[str, Any]]:
+        """Spread ``words`` over ``[start, end]`` by length, as Deepgram word objects."""
+        if not words:
+            return []
+        weights = np.array([len(word) + 1 for word in words], dtype=np.float64)
+        edges = start + np.concatenate(([0.0], np.cumsum(weights))) / weights.sum() * (end - start)
+        return [{"word": re.sub(r"[^\w']", "", word).lower() or word,
+                 "start": round(float(edges[i]), 3), "end": round(float(edges[i + 1]), 3),
+                 "confidence": 0.99, "punctuated_word": word}
+                for i, word in enumerate(words)]
+
+    def _result(self, start: float, end: float, words: list[dict[str, Any]], *,
+                is_final: bool, speech_final: bool, from_finalize: bool = False
+                ) -> dict[str, Any]:
+        key = "punctuated_word" if self.punctuated else "word"
+        message: dict[str, Any] = {
+            "type": "Results", "channel_index": [0, 1], "duration": round(end - start, 3),
+            "start": round(start, 3), "is_final": is_final, "speech_final": speech_final,
+            "channel": {"alternatives": [{
+                "transcript": " ".join(word[key] for word in words),
+                "confidence": 0.99 if words else 0.0, "words": words}]},
+            "metadata": {"request_id": self.request_id, "model_info": MODEL_INFO,
+                         "model_uuid": str(uuid.uuid5(uuid.NAMESPACE_DNS, MODEL_INFO["name"]))},
+        }
+        if from_finalize:
+            message["from_finalize"] = True
+        return message
+
+
+class DeepgramEmulator(EmulatorServer):
+    """The emulator: scripted utterances, latency, faults and a record of every session."""
+
+    def __init__(self, *, api_key: str = "test-deepgram-key", utterances: Iterable[str] = (),
+                 latency_s: float = 0.0, settings: RecognizerSettings | None = None) -> None:
+        super().__init__()
+        self.api_key = api_key
+        self.script: deque[str] = deque(utterances)
+        self.latency_s = latency_s
+        self.settings = settings or RecognizerSettings()
+        self.faults = DeepgramFaults()
+        self.sessions: list[ListenSession] = []
+
+    def create_app(self) -> web.Application:
+        """``GET /v1/listen`` (WebSocket)."""
+        app = web.Application()
+        app.router.add_get("/v1/listen", self._listen)
+        return app
+
+    async def _listen(self, request: web.Request) -> web.StreamResponse:
+        if self.faults.reject_status is not None:
+            return _error(self.faults.reject_status, "REJECTED", "Rejected by fault injection.")
+        if request.headers.get("Authorization", "") != f"Token {self.api_key}":
+            return _error(401, "INVALID_AUTH", "Invalid credentials.")
+        params = dict(request.query)
+        if params.get("encoding", "mulaw") not in _ENCODINGS or "sample_rate" not in params:
+            return _error(400, "Bad Request", "unsupported encoding or missing sample_rate")
+        ws = web.WebSocketResponse(autoping=True)
+        await ws.prepare(request)
+        self.sockets.add(ws)
+        session = ListenSession(params)
+        self.sessions.append(session)
+        recognizer = ScriptedRecognizer(params, self.script, self.settings)
+        outbox: asyncio.Queue[tuple[float, dict[str, Any]] | None] = asyncio.Queue()
+        sender = asyncio.create_task(self._send(ws, session, outbox), name="deepgram-emulator")
+        loop = asyncio.get_running_loop()
+
+        def post(messages: list[dict[str, Any]]) -> None:
+            for message in messages:
+                outbox.put_nowait((loop.time() + self.latency_s, message))
+
+        try:
+            async for message in ws:
+                if self.faults.close_with_error:
+                    await ws.close(code=1011, message=b"NET-0001: fault injected")
+                    break
+                if message.type == WSMsgType.BINARY:
+                    session.audio_bytes += len(message.data)
+                    post(recognizer.audio(message.data))
+                elif message.type == WSMsgType.TEXT:
+                    control = json.loads(message.data).get("type")
+                    if control == "KeepAlive":
+                        session.keepalives += 1
+                    elif control == "Finalize":
+                        session.finalizes += 1
+                        post(recognizer.finalize())
+                    elif control == "CloseStream" and not self.faults.stall:
+                        session.close_stream = True
+                        post(recognizer.close())
+                        outbox.put_nowait(None)
+                        await asyncio.shield(sender)
+                        break
+        finally:
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+            self.sockets.discard(ws)
+        return ws
+
+    async def _send(self, ws: web.WebSocketResponse, session: ListenSession,
+                    outbox: asyncio.Queue[tuple[float, dict[str, Any]] | None]) -> None:
+        loop = asyncio.get_running_loop()
+        while (item := await outbox.get()) is not None:
+            due, message = item
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            if self.faults.stall or ws.closed:
+                continue
+            session.sent.append(message)
+            await ws.send_json(message)
+        await ws.close()
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    body = {"err_code": code, "err_msg": message, "request_id": str(uuid.uuid4())}
+    return web.json_response(body, status=status)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m parley.devkit.emulators.deepgram --port 0 --api-key KEY --utterance TEXT``."""
+    def options(parser: Any) -> None:
+        parser.add_argument("--api-key", default="test-deepgram-key")
+        parser.add_argument("--utterance", action="append", default=[],
+                            help="scripted transcript, one per detected utterance (repeatable)")
+        parser.add_argument("--latency", type=float, default=0.0, help="seconds per result")
+
+    run_cli(lambda args: DeepgramEmulator(api_key=args.api_key, utterances=args.utterance,
+                                          latency_s=args.latency),
+            "Deepgram live-transcription emulator", argv, options)
+
+
+if __name__ == "__main__":
+    main()

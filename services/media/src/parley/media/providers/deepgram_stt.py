@@ -1,0 +1,240 @@
+"""Deepgram live STT through the deepgram-sdk ``listen.v1`` WebSocket.
+
+Caller audio goes out exactly as it arrives, 8 kHz µ-law (``encoding=mulaw``,
+``sample_rate=8000``): no transcoding. The socket asks for interim results, endpointing,
+``utterance_end_ms``, VAD events and smart formatting; answers map onto the protocol as
+``Results`` → :class:`Partial` (interim) or :class:`Final` (``is_final``; ``speech_final`` carried
+over; empty finals, which Deepgram sends through silence, are dropped), ``SpeechStarted`` →
+:class:`SpeechStarted`, ``UtteranceEnd`` → :class:`UtteranceEnd`.
+
+Deepgram closes a socket that hears nothing for ~10 s, so when no audio has gone out for
+``keepalive_after_s`` a ``KeepAlive`` is sent. ``finalize()`` sends ``Finalize``; ``close()``
+sends ``CloseStream`` and waits (bounded) for the last results and ``Metadata``.
+
+Failures: an HTTP 4xx refusal of the upgrade (bad key 401, bad request 400, no credit 402,
+forbidden 403) is a permanent :class:`ProviderError` from ``open``; anything else (refused
+connection, 5xx, a socket closed with an error, a server ``Error`` message, a stall caught by
+the :class:`StallWatchdog`) is transient, raised by ``open`` or at the end of ``events()``.
+
+SDK quirk: deepgram-sdk 7.x imports ``websockets.legacy`` and the deprecated
+``InvalidStatusCode``, which warn on import; the import is done here with those
+DeprecationWarnings silenced so a ``-W error`` test run can load it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from parley.media.providers.base import (
+    Final,
+    Partial,
+    ProviderError,
+    SpeechStarted,
+    SttEvent,
+    UtteranceEnd,
+    WordTiming,
+)
+from parley.media.providers.watchdog import StallWatchdog
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from deepgram import AsyncDeepgramClient
+    from deepgram.core.api_error import ApiError
+    from deepgram.environment import DeepgramClientEnvironment
+    from deepgram.listen.v1 import raw_client as _listen_raw_client  # noqa: F401 (warns)
+    from deepgram.listen.v1.socket_client import AsyncV1SocketClient
+    from deepgram.listen.v1.types import (
+        ListenV1Error,
+        ListenV1Results,
+        ListenV1SpeechStarted,
+        ListenV1UtteranceEnd,
+    )
+
+PROVIDER = "deepgram"
+_PERMANENT_STATUSES = range(400, 500)
+_END = None  # queue sentinel
+
+
+def _environment(base_url: str) -> DeepgramClientEnvironment:
+    """An SDK environment for ``base_url`` (``http(s)://`` or ``ws(s)://``, no path)."""
+    parts = urlsplit(base_url.rstrip("/"))
+    secure = parts.scheme in ("https", "wss")
+    http = urlunsplit(("https" if secure else "http", parts.netloc, parts.path, "", ""))
+    ws = urlunsplit(("wss" if secure else "ws", parts.netloc, parts.path, "", ""))
+    return DeepgramClientEnvironment(base=http, production=ws, agent=ws, agent_rest=http)
+
+
+class DeepgramStt:
+    """Opens Deepgram live recognition streams (implements ``SttProvider``)."""
+
+    name = PROVIDER
+
+    def __init__(self, api_key: str, *, base_url: str | None = None, model: str = "nova-3",
+                 endpointing_ms: int = 300, utterance_end_ms: int = 1000,
+                 smart_format: bool = True, keepalive_after_s: float = 4.0,
+                 stall_after_s: float = 5.0, close_timeout_s: float = 3.0) -> None:
+        if not api_key:
+            raise ProviderError(PROVIDER, "no API key", permanent=True)
+        environment = (_environment(base_url) if base_url
+                       else DeepgramClientEnvironment.PRODUCTION)
+        self._client = AsyncDeepgramClient(api_key=api_key, environment=environment)
+        self._model = model
+        self._endpointing_ms = endpointing_ms
+        self._utterance_end_ms = utterance_end_ms
+        self._smart_format = smart_format
+        self._keepalive_after_s = keepalive_after_s
+        self._stall_after_s = stall_after_s
+        self._close_timeout_s = close_timeout_s
+
+    async def open(self, *, language: str = "en-US") -> DeepgramSttStream:
+        """Connect a live socket for one stream of 8 kHz µ-law."""
+        exits = contextlib.AsyncExitStack()
+        connection = self._client.listen.v1.connect(
+            model=self._model, language=language, encoding="mulaw", sample_rate="8000",
+            channels="1", interim_results="true", endpointing=str(self._endpointing_ms),
+            utterance_end_ms=str(self._utterance_end_ms), vad_events="true",
+            smart_format="true" if self._smart_format else "false")
+        try:
+            socket = await exits.enter_async_context(connection)
+        except ApiError as exc:
+            status = exc.status_code or 0
+            raise ProviderError(PROVIDER, f"connect refused: HTTP {status} {exc.body}",
+                                permanent=status in _PERMANENT_STATUSES) from exc
+        except Exception as exc:
+            raise ProviderError(PROVIDER, f"connect failed: {exc!r}") from exc
+        return DeepgramSttStream(socket, exits, keepalive_after_s=self._keepalive_after_s,
+                                 stall_after_s=self._stall_after_s,
+                                 close_timeout_s=self._close_timeout_s)
+
+
+class DeepgramSttStream:
+    """One call's Deepgram socket (implements ``SttStream``); see the module docstring."""
+
+    def __init__(self, socket: AsyncV1SocketClient, exits: contextlib.AsyncExitStack, *,
+                 keepalive_after_s: float, stall_after_s: float,
+                 close_timeout_s: float) -> None:
+        self._socket = socket
+        self._exits = exits
+        self._keepalive_after_s = keepalive_after_s
+        self._close_timeout_s = close_timeout_s
+        self._loop = asyncio.get_running_loop()
+        self._last_sent = self._loop.time()
+        self._events: asyncio.Queue[SttEvent | None] = asyncio.Queue()
+        self._error: ProviderError | None = None
+        self._closing = False
+        self._closed = False
+        self._watchdog = StallWatchdog(PROVIDER, stall_after_s, self._stalled)
+        self._reader = asyncio.create_task(self._read(), name="deepgram-stt-read")
+        self._keepalive = asyncio.create_task(self._keep_alive(), name="deepgram-stt-keepalive")
+
+    async def send(self, ulaw: bytes) -> None:
+        """Send caller audio (8 kHz µ-law) as it is."""
+        if not ulaw:
+            return
+        await self._send(self._socket.send_media, ulaw)
+        self._watchdog.expect()
+
+    async def finalize(self) -> None:
+        """Send ``Finalize``: Deepgram answers with finals for everything heard so far."""
+        await self._send(self._socket.send_finalize)
+        self._watchdog.expect()
+
+    async def events(self) -> AsyncIterator[SttEvent]:
+        """Events in order until the socket closes; a failure raises :class:`ProviderError`."""
+        while (event := await self._events.get()) is not _END:
+            yield event
+        if self._error is not None:
+            raise self._error
+
+    async def close(self) -> None:
+        """Send ``CloseStream``, wait (bounded) for the last results, release the socket."""
+        if self._closed:
+            return
+        self._closed = self._closing = True
+        self._keepalive.cancel()
+        if self._error is None and not self._reader.done():
+            with contextlib.suppress(Exception):
+                await self._socket.send_close_stream()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._reader), self._close_timeout_s)
+        self._watchdog.stop()
+        self._reader.cancel()
+        await asyncio.gather(self._reader, self._keepalive, return_exceptions=True)
+        with contextlib.suppress(Exception):  # the socket may already be gone; nothing to save
+            await self._exits.aclose()
+
+    async def _send(self, method: Callable[..., Awaitable[None]], *args: Any) -> None:
+        if self._closed:
+            raise RuntimeError("send on a closed Deepgram stream")
+        if self._error is not None:
+            raise self._error
+        try:
+            await method(*args)
+        except Exception as exc:
+            raise ProviderError(PROVIDER, f"send failed: {exc!r}") from exc
+        self._last_sent = self._loop.time()
+
+    async def _read(self) -> None:
+        try:
+            async for message in self._socket:
+                self._watchdog.feed()
+                if isinstance(message, ListenV1Error):
+                    raise ProviderError(PROVIDER, f"{message.variant}: {message.description}")
+                event = _event(message)
+                if event is not None:
+                    self._events.put_nowait(event)
+        except asyncio.CancelledError:
+            pass
+        except ProviderError as exc:
+            self._error = self._error or exc
+        except Exception as exc:  # the socket failed: surfaced through events()
+            if not self._closing:
+                self._error = self._error or ProviderError(PROVIDER, f"socket failed: {exc!r}")
+        finally:
+            self._watchdog.stop()
+            self._keepalive.cancel()
+            self._events.put_nowait(_END)
+
+    async def _keep_alive(self) -> None:
+        while True:
+            idle = self._loop.time() - self._last_sent
+            if idle >= self._keepalive_after_s:
+                try:
+                    await self._socket.send_keep_alive()
+                except Exception:  # the reader sees the broken socket and reports it
+                    return
+                self._last_sent = self._loop.time()
+                idle = 0.0
+            await asyncio.sleep(self._keepalive_after_s - idle)
+
+    def _stalled(self) -> None:
+        self._error = self._error or self._watchdog.error()
+        self._reader.cancel()
+
+
+def _event(message: object) -> SttEvent | None:
+    """The protocol event for one Deepgram message (None: nothing to report)."""
+    match message:
+        case ListenV1Results(channel=channel, is_final=is_final) if channel.alternatives:
+            best = channel.alternatives[0]
+            text = best.transcript.strip()
+            if not text:
+                return None
+            if not is_final:
+                return Partial(text)
+            words = [WordTiming(word.punctuated_word or word.word, word.start, word.end)
+                     for word in best.words]
+            start_s = words[0].start if words else message.start
+            end_s = words[-1].end if words else message.start + message.duration
+            return Final(text, words, confidence=best.confidence, start_s=start_s, end_s=end_s,
+                         speech_final=bool(message.speech_final))
+        case ListenV1SpeechStarted(timestamp=timestamp):
+            return SpeechStarted(timestamp)
+        case ListenV1UtteranceEnd(last_word_end=last_word_end):
+            return UtteranceEnd(last_word_end)
+    return None

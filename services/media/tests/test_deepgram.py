@@ -1,0 +1,198 @@
+import asyncio
+from collections.abc import AsyncIterator
+from itertools import pairwise
+
+import numpy as np
+import pytest
+
+from parley.devkit.emulators.deepgram import DeepgramEmulator
+from parley.media.audio.codec import pcm16_array_to_ulaw
+from parley.media.providers.base import (
+    Final,
+    Partial,
+    ProviderError,
+    SpeechStarted,
+    SttEvent,
+    UtteranceEnd,
+)
+from parley.media.providers.deepgram_stt import DeepgramStt, DeepgramSttStream
+
+KEY = "dg-test-key"
+RATE = 8000
+FRAME = 160
+
+
+def speech(seconds: float, seed: int = 0) -> bytes:
+    """Speech-like audio: noise shaped into syllable-rate bursts, ~-20 dBFS."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * RATE)) / RATE
+    envelope = 0.6 + 0.4 * np.sin(2 * np.pi * 4 * t)  # 4 syllables/s, never silent
+    pcm = rng.normal(0, 3000, t.size) * envelope
+    return pcm16_array_to_ulaw(np.clip(pcm, -32768, 32767).astype(np.int16))
+
+
+def silence(seconds: float) -> bytes:
+    return pcm16_array_to_ulaw(np.zeros(int(seconds * RATE), dtype=np.int16))
+
+
+async def send_audio(stream: DeepgramSttStream, audio: bytes) -> None:
+    for offset in range(0, len(audio), FRAME):
+        await stream.send(audio[offset:offset + FRAME])
+
+
+class Collector:
+    """Reads a stream's events in the background."""
+
+    def __init__(self, stream: DeepgramSttStream) -> None:
+        self.events: list[SttEvent] = []
+        self.error: BaseException | None = None
+        self.changed = asyncio.Event()
+        self.task = asyncio.create_task(self._run(stream))
+
+    async def _run(self, stream: DeepgramSttStream) -> None:
+        try:
+            async for event in stream.events():
+                self.events.append(event)
+                self.changed.set()
+        except ProviderError as exc:
+            self.error = exc
+        self.changed.set()
+
+    async def wait_for(self, kind: type, count: int = 1, timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout):
+            while sum(isinstance(e, kind) for e in self.events) < count:
+                if self.task.done():
+                    raise AssertionError(f"stream ended: {self.events} {self.error!r}")
+                self.changed.clear()
+                await self.changed.wait()
+
+    def of(self, kind: type) -> list:
+        return [event for event in self.events if isinstance(event, kind)]
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[DeepgramEmulator]:
+    server = DeepgramEmulator(api_key=KEY, utterances=[
+        "Hello there, I need help.", "Book a table for two."])
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def provider(emulator: DeepgramEmulator, **options: float) -> DeepgramStt:
+    return DeepgramStt(KEY, base_url=emulator.base_url, **options)  # type: ignore[arg-type]
+
+
+async def test_scripted_utterances_give_partials_finals_and_utterance_ends(
+        emulator: DeepgramEmulator) -> None:
+    stream = await provider(emulator).open()
+    collector = Collector(stream)
+    await send_audio(stream, silence(0.5) + speech(1.2) + silence(1.2)
+                     + speech(1.0, seed=1) + silence(1.2))
+    await collector.wait_for(UtteranceEnd, 2)
+    await stream.close()
+    await collector.task
+    assert collector.error is None
+
+    params = emulator.sessions[0].params
+    assert params["encoding"] == "mulaw" and params["sample_rate"] == "8000"
+    assert params["interim_results"] == "true" and params["vad_events"] == "true"
+    assert params["smart_format"] == "true"
+    assert params["endpointing"] == "300" and params["utterance_end_ms"] == "1000"
+    assert emulator.sessions[0].close_stream
+
+    kinds = [type(event) for event in collector.events]
+    first_end = kinds.index(UtteranceEnd)
+    assert kinds[0] is SpeechStarted
+    assert Partial in kinds[:first_end] and Final in kinds[:first_end]
+    assert kinds.index(Partial) < kinds.index(Final) < first_end
+
+    started = collector.of(SpeechStarted)
+    assert started[0].at_s == pytest.approx(0.5, abs=0.05)
+    partials = collector.of(Partial)
+    assert all("Hello there, I need help.".startswith(p.text) for p in partials[:2])
+    finals = collector.of(Final)
+    assert [f.text for f in finals] == ["Hello there, I need help.", "Book a table for two."]
+    first = finals[0]
+    assert first.speech_final and first.confidence > 0.9
+    assert [w.text for w in first.words] == ["Hello", "there,", "I", "need", "help."]
+    assert first.words[0].start == pytest.approx(0.5, abs=0.05)
+    assert first.words[-1].end == pytest.approx(1.7, abs=0.05)
+    assert all(a.end <= b.start + 1e-6 for a, b in pairwise(first.words))
+    ends = collector.of(UtteranceEnd)
+    assert ends[0].last_word_end_s == pytest.approx(first.words[-1].end)
+
+
+async def test_finalize_at_turn_end_flushes_the_open_utterance(
+        emulator: DeepgramEmulator) -> None:
+    stream = await provider(emulator).open()
+    collector = Collector(stream)
+    await send_audio(stream, speech(0.8))  # still talking: no endpoint yet
+    await collector.wait_for(Partial)
+    assert not collector.of(Final)
+    await stream.finalize()
+    await collector.wait_for(UtteranceEnd)
+    assert [f.text for f in collector.of(Final)] == ["Hello there, I need help."]
+    assert emulator.sessions[0].finalizes == 1
+    await stream.close()
+
+
+async def test_keepalive_is_sent_while_no_audio_flows(emulator: DeepgramEmulator) -> None:
+    stream = await provider(emulator, keepalive_after_s=0.1).open()
+    await send_audio(stream, silence(0.1))
+    await asyncio.sleep(0.8)  # ~7 idle periods: at least two KeepAlives even on a busy machine
+    assert emulator.sessions[0].keepalives >= 2
+    await stream.close()
+
+
+async def test_a_wrong_key_is_a_permanent_error(emulator: DeepgramEmulator) -> None:
+    with pytest.raises(ProviderError) as caught:
+        await DeepgramStt("wrong", base_url=emulator.base_url).open()
+    assert caught.value.permanent and "401" in str(caught.value)
+
+
+@pytest.mark.parametrize(("status", "permanent"), [(402, True), (503, False)])
+async def test_upgrade_refusals_are_classified(emulator: DeepgramEmulator, status: int,
+                                                 permanent: bool) -> None:
+    emulator.faults.reject_status = status
+    with pytest.raises(ProviderError) as caught:
+        await provider(emulator).open()
+    assert caught.value.permanent is permanent
+
+
+async def test_connection_refused_is_transient() -> None:
+    server = DeepgramEmulator(api_key=KEY)
+    url = await server.start()
+    await server.stop()
+    with pytest.raises(ProviderError) as caught:
+        await DeepgramStt(KEY, base_url=url).open()
+    assert not caught.value.permanent
+
+
+async def test_a_stalled_socket_fails_events_within_the_watchdog_time(
+        emulator: DeepgramEmulator) -> None:
+    stream = await provider(emulator, stall_after_s=0.5).open()
+    collector = Collector(stream)
+    emulator.faults.stall = True
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with asyncio.timeout(10):
+        while not collector.task.done():
+            await stream.send(silence(0.02))
+            await asyncio.sleep(0.02)
+    assert isinstance(collector.error, ProviderError) and not collector.error.permanent
+    assert "stalled" in str(collector.error)
+    assert 0.45 <= loop.time() - started < 5
+    with pytest.raises(ProviderError):
+        await stream.send(silence(0.02))
+    await stream.close()
+
+
+async def test_a_socket_closed_with_an_error_fails_events(emulator: DeepgramEmulator) -> None:
+    stream = await provider(emulator).open()
+    collector = Collector(stream)
+    emulator.faults.close_with_error = True
+    await stream.send(silence(0.02))
+    await asyncio.wait_for(collector.task, 10)
+    assert isinstance(collector.error, ProviderError) and not collector.error.permanent
+    await stream.close()
