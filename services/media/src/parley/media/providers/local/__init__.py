@@ -1,0 +1,1 @@
+"""Offline providers: Whisper (faster-whisper, bundled tiny.en) and Piper (bundled voice)."""
