@@ -1,0 +1,110 @@
+"""The approval API: a human (or their software) approves or denies a sensitive tool call.
+
+``POST /v1/tool-calls/{tool_call_id}/approve`` and ``…/deny`` (optional JSON body
+``{"reason": "..."}``), authenticated with an org API key in ``X-API-Key`` holding the
+``tools:approve`` scope. The key's org scopes the lookup, so another org's tool call is a 404.
+A call no longer waiting is a 409. The decision and its event (``tool.approved`` /
+``tool.denied``) are written together in the journal and published at once; the tools workers
+then run an approved call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from aiohttp import web
+from psycopg_pool import AsyncConnectionPool
+
+from parley.common.bus import Bus
+from parley.common.configuration import ApiKey, verify_api_key
+
+from . import journal
+from .problems import Problem, problem_middleware
+
+API_KEY_HEADER = "X-API-Key"
+APPROVE_SCOPE = "tools:approve"
+PATH = "/v1/tool-calls/{tool_call_id}"
+
+POOL: web.AppKey[AsyncConnectionPool[Any]] = web.AppKey("parley_tools_pool")
+BUS = web.AppKey("parley_tools_bus", Bus)
+
+
+class DecisionBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Optional body of approve/deny."""
+
+    reason: str = ""
+
+
+def create_app(*, pool: AsyncConnectionPool[Any], bus: Bus) -> web.Application:
+    """The approval API over the tools service's pool and bus (owned by the caller)."""
+    app = web.Application(middlewares=[problem_middleware], client_max_size=64 * 1024)
+    app[POOL] = pool
+    app[BUS] = bus
+    app.router.add_post(PATH + "/approve", approve)
+    app.router.add_post(PATH + "/deny", deny)
+    return app
+
+
+async def approve(request: web.Request) -> web.Response:
+    """Approve a waiting tool call."""
+    return await _decide(request, approve=True)
+
+
+async def deny(request: web.Request) -> web.Response:
+    """Deny a waiting tool call."""
+    return await _decide(request, approve=False)
+
+
+async def _decide(request: web.Request, *, approve: bool) -> web.Response:
+    key = await authenticate(request)
+    body = await _body(request)
+    tool_call_id = request.match_info["tool_call_id"]
+    async with request.app[POOL].connection() as conn:
+        outcome, event = await journal.decide(conn, key.org_id, tool_call_id, approve=approve,
+                                              by=f"api_key:{key.key_id}", reason=body.reason)
+        if outcome == "not_found":
+            raise Problem(404, "Not Found", f"no tool call {tool_call_id!r} in this org",
+                          kind="tool-call-not-found")
+        if outcome == "already_decided":
+            raise Problem(409, "Conflict", "the tool call is not waiting for approval",
+                          kind="tool-call-not-waiting")
+        if outcome == "expired":
+            raise Problem(409, "Conflict", "the approval deadline has passed",
+                          kind="approval-expired")
+        assert event is not None
+        await journal.publish_pending(conn, request.app[BUS], call_id=event.aggregate_id,
+                                      tool_call_id=tool_call_id)
+    return web.json_response({"tool_call_id": tool_call_id, "call_id": event.aggregate_id,
+                              "state": "approved" if approve else "denied",
+                              "event_id": str(event.id)})
+
+
+async def authenticate(request: web.Request) -> ApiKey:
+    """The live key presented in ``X-API-Key``; it must hold ``tools:approve``.
+
+    No key or an unknown/revoked one → 401; a valid key without the scope → 403.
+    """
+    token = request.headers.get(API_KEY_HEADER, "").strip()
+    if not token:
+        raise Problem(401, "Unauthorized", f"send an API key in the {API_KEY_HEADER} header",
+                      kind="missing-api-key")
+    async with request.app[POOL].connection() as conn:
+        key = await verify_api_key(conn, token)
+    if key is None:
+        raise Problem(401, "Unauthorized", "the API key is not valid (unknown or revoked)",
+                      kind="invalid-api-key")
+    if APPROVE_SCOPE not in key.scopes:
+        raise Problem(403, "Forbidden", f"the API key lacks the {APPROVE_SCOPE} scope",
+                      kind="insufficient-scope", extra={"required_scope": APPROVE_SCOPE})
+    return key
+
+
+async def _body(request: web.Request) -> DecisionBody:
+    raw = await request.read()
+    if not raw.strip():
+        return DecisionBody()
+    try:
+        return msgspec.json.decode(raw, type=DecisionBody)
+    except msgspec.DecodeError as exc:
+        raise Problem(400, "Bad Request", f"invalid body: {exc}", kind="invalid-body") from exc

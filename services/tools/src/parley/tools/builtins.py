@@ -1,0 +1,128 @@
+"""The built-in tools: call control through the gateway, knowledge lookup, callbacks.
+
+``end_call``, ``transfer_call`` and ``send_dtmf`` are core-NATS requests to the gateway
+instance holding the call's socket (``parley.cmd.gateway.<call>.<verb>``, bodies as in
+``parley.gateway.commands``). ``lookup_knowledge`` calls the :data:`KnowledgeLookup` injected
+at start-up (the brain's retrieval); without one it fails with a clear message.
+``schedule_callback`` stores a row in ``tool_callbacks``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from psycopg import AsyncConnection
+
+from parley.common.bus import command_subject
+
+from .call_context import CallContext
+from .outcomes import ToolError, ToolOutcome
+
+
+class KnowledgeQuery(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``lookup_knowledge`` asks the knowledge base."""
+
+    org_id: str
+    agent_id: str
+    call_id: str
+    query: str
+
+
+KnowledgeLookup = Callable[[KnowledgeQuery], Awaitable[Any]]
+"""Returns JSON-compatible passages for a query; raise ToolError to report a failure."""
+
+
+async def knowledge_unavailable(query: KnowledgeQuery) -> Any:
+    """The default lookup: there is no knowledge base wired into this tools service."""
+    raise ToolError("knowledge lookup unavailable: no knowledge base is connected to the tools "
+                    "service; answer from what you know or offer a callback")
+
+
+class _Reply(msgspec.Struct):
+    ok: bool
+    error: str = ""
+
+
+_reply = msgspec.json.Decoder(_Reply)
+
+
+class Builtins:
+    """Runs built-in tools for one service instance."""
+
+    def __init__(self, nc: NATS, *, knowledge: KnowledgeLookup = knowledge_unavailable,
+                 command_timeout_s: float = 5.0) -> None:
+        self.nc = nc
+        self.knowledge = knowledge
+        self.command_timeout_s = command_timeout_s
+
+    async def run(self, conn: AsyncConnection[Any], name: str, arguments: dict[str, Any],
+                  call: CallContext, tool_call_id: str) -> ToolOutcome:
+        """Run one built-in with validated arguments."""
+        try:
+            match name:
+                case "end_call":
+                    await self._command(call.call_id, "hangup", {"reason": "agent_hangup"})
+                    return ToolOutcome.success({"ok": True, "detail": "the call is ending"})
+                case "transfer_call":
+                    await self._command(call.call_id, "transfer",
+                                        {"to": arguments["to"], "mode": "cold"})
+                    return ToolOutcome.success({"ok": True, "transferred_to": arguments["to"]})
+                case "send_dtmf":
+                    await self._command(call.call_id, "dtmf", {"digits": arguments["digits"]})
+                    return ToolOutcome.success({"ok": True, "sent": arguments["digits"]})
+                case "lookup_knowledge":
+                    found = await self.knowledge(KnowledgeQuery(
+                        org_id=call.org_id, agent_id=call.agent_id, call_id=call.call_id,
+                        query=arguments["query"]))
+                    return ToolOutcome.success(msgspec.to_builtins(found))
+                case "schedule_callback":
+                    return await schedule_callback(conn, arguments, call, tool_call_id)
+                case _:
+                    raise ToolError(f"unknown built-in tool {name!r}")
+        except ToolError as exc:
+            return exc.outcome()
+
+    async def _command(self, call_id: str, verb: str, body: dict[str, Any]) -> None:
+        try:
+            msg = await self.nc.request(command_subject(call_id, verb), msgspec.json.encode(body),
+                                        timeout=self.command_timeout_s)
+        except NoRespondersError:
+            raise ToolError("the call is not live: no gateway holds it") from None
+        except (NatsTimeoutError, TimeoutError):
+            raise ToolError(f"the gateway did not answer the {verb} command in time",
+                            retryable=True) from None
+        try:
+            reply = _reply.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            raise ToolError(f"the gateway sent an unreadable reply to {verb}: {exc}") from None
+        if not reply.ok:
+            raise ToolError(f"the gateway refused {verb}: {reply.error}")
+
+
+async def schedule_callback(conn: AsyncConnection[Any], arguments: dict[str, Any],
+                            call: CallContext, tool_call_id: str) -> ToolOutcome:
+    """Store a callback request (once per tool call)."""
+    try:
+        when = datetime.fromisoformat(arguments["when"])
+    except ValueError:
+        raise ToolError(f"when: {arguments['when']!r} is not an ISO 8601 date-time") from None
+    if when.tzinfo is None:
+        raise ToolError("when: give a UTC offset, e.g. 2030-01-31T15:00:00-05:00")
+    if when <= datetime.now(UTC):
+        raise ToolError("when: the callback time must be in the future")
+    number = arguments.get("number") or call.customer_number
+    if not number:
+        raise ToolError("number: the caller's number is unknown; ask for it and pass number")
+    note = arguments.get("note", "")
+    await conn.execute(
+        "INSERT INTO tool_callbacks (org_id, call_id, tool_call_id, agent_id, number, "
+        "callback_at, note) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+        "ON CONFLICT (call_id, tool_call_id) DO NOTHING",
+        (call.org_id, call.call_id, tool_call_id, call.agent_id, number, when, note))
+    return ToolOutcome.success({"scheduled": True, "when": when.isoformat(), "number": number})

@@ -1,0 +1,174 @@
+"""What the tools service does with each event: plan, journal, run, report.
+
+``tool.requested`` → look up the call's agent and the tool, validate the arguments (JSON
+Schema), then journal the call in one of three ways: failed at once (unknown tool, invalid
+arguments — the error is phrased for the model), awaiting approval (sensitive tools: the
+request is acked right away so nothing waits on a human), or running. A running tool's outcome
+becomes ``tool.completed`` / ``tool.failed``.
+
+``tool.approved`` → claim the approved call and run it; ``tool.denied`` → record it. The
+brain reads one terminal event per tool call: ``tool.completed``, ``tool.failed`` or
+``tool.denied``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import aiohttp
+from nats.aio.msg import Msg
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from parley.common.bus import Bus
+from parley.common.events import Event, ToolApproved, ToolDenied, ToolRequested
+from parley.common.metrics import Metrics
+
+from . import journal
+from .builtin_specs import BUILTIN_SPECS
+from .builtins import Builtins
+from .call_context import CallContext, CallDirectory
+from .definitions import HttpTool, ToolSpec, argument_errors
+from .http_tool import run_http_tool
+from .outcomes import ToolOutcome
+from .repository import allows_private_targets, get_secrets, get_tool
+
+log = logging.getLogger(__name__)
+
+Tool = HttpTool | ToolSpec
+
+
+class HttpSessions:
+    """The guarded session (public targets only) and the open one (orgs allowing private)."""
+
+    def __init__(self, guarded: aiohttp.ClientSession, open_: aiohttp.ClientSession) -> None:
+        self.guarded = guarded
+        self.open = open_
+
+    def for_org(self, allow_private: bool) -> aiohttp.ClientSession:
+        """The session an org's tools go through."""
+        return self.open if allow_private else self.guarded
+
+
+class Dispatcher:
+    """Handles tool.requested and the approval decisions."""
+
+    def __init__(self, *, bus: Bus, pool: AsyncConnectionPool[Any], directory: CallDirectory,
+                 builtins: Builtins, sessions: HttpSessions, metrics: Metrics,
+                 lease_margin_s: float = 30.0) -> None:
+        self.bus = bus
+        self.pool = pool
+        self.directory = directory
+        self.builtins = builtins
+        self.sessions = sessions
+        self.lease_margin_s = lease_margin_s
+        self._outcomes = metrics.counter("tools_outcomes", "Tool calls by how they ended",
+                                         ["outcome"])
+        self._latency = metrics.histogram("tools_run_seconds", "Time to run a tool")
+
+    async def on_requested(self, event: Event, msg: Msg | None = None) -> None:
+        """Journal a requested tool call and run it unless it waits for approval."""
+        if not isinstance(event, ToolRequested):
+            return
+        request = event
+        async with self.pool.connection() as conn:
+            call = await self.directory.lookup(conn, request.org_id, request.call_id)
+            tool = await self._find_tool(conn, call, request.name)
+            if tool is None:
+                state, first, lease = "failed", ToolOutcome.failure(
+                    f"unknown tool {request.name!r}; use only the tools you were given"
+                ).event(request), 0.0
+            elif errors := argument_errors(tool.parameters, request.arguments):
+                state, first, lease = "failed", ToolOutcome.failure(
+                    f"invalid arguments for {request.name}: {'; '.join(errors)}. "
+                    "Fix them and call the tool again.").event(request), 0.0
+            elif isinstance(tool, HttpTool) and tool.sensitive:
+                state, lease = "awaiting_approval", 0.0
+                first = journal.approval_request(request, tool.approval_timeout_s)
+            else:
+                state, first, lease = "running", None, self._lease(tool)
+            existing = await journal.open_call(
+                conn, request, call.agent_id, state, event=first, lease_s=lease,
+                expires_in_s=first.expires_in_s if state == "awaiting_approval" else 0.0)
+            await journal.publish_pending(conn, self.bus, call_id=request.call_id,
+                                          tool_call_id=request.tool_call_id)
+        if existing is not None:
+            log.info("tool call %s already %s; not running it again", request.tool_call_id,
+                     existing)
+            return
+        if state == "failed":
+            self._outcomes.labels("failed").inc()
+        elif state == "running" and tool is not None:
+            await self._run(request, call, tool)
+
+    async def on_decision(self, event: Event, msg: Msg | None = None) -> None:
+        """Adopt an approval decision; run the tool if it was approved."""
+        if not isinstance(event, ToolApproved | ToolDenied):
+            return
+        async with self.pool.connection() as conn:
+            await journal.accept_decision(conn, event)
+            if isinstance(event, ToolDenied):
+                self._outcomes.labels("denied").inc()
+                return
+            claimed = await journal.start_approved(conn, event.call_id, event.tool_call_id,
+                                                   lease_s=self._lease(None))
+            if claimed is None:
+                return
+            request, _ = claimed
+            call = await self.directory.lookup(conn, request.org_id, request.call_id)
+            tool = await self._find_tool(conn, call, request.name)
+        if tool is None:
+            await self._report(request, ToolOutcome.failure(
+                f"the tool {request.name!r} was removed before it could run"), 0.0)
+            return
+        await self._run(request, call, tool)
+
+    async def _find_tool(self, conn: AsyncConnection[Any], call: CallContext,
+                         name: str) -> Tool | None:
+        if name in BUILTIN_SPECS:
+            return BUILTIN_SPECS[name]
+        if not call.agent_id:
+            return None
+        return await get_tool(conn, call.org_id, call.agent_id, name)
+
+    def _lease(self, tool: Tool | None) -> float:
+        worst = tool.worst_case_s() if isinstance(tool, HttpTool) else 120.0
+        return worst + self.lease_margin_s
+
+    async def _run(self, request: ToolRequested, call: CallContext, tool: Tool) -> None:
+        started = time.perf_counter()
+        try:
+            if isinstance(tool, HttpTool):
+                async with self.pool.connection() as conn:
+                    secrets = await get_secrets(conn, call.org_id, tool.secret_names())
+                    allow_private = await allows_private_targets(conn, call.org_id)
+                outcome = await run_http_tool(self.sessions.for_org(allow_private), tool,
+                                              request.arguments, secrets=secrets,
+                                              tool_call_id=request.tool_call_id)
+            else:
+                async with self.pool.connection() as conn:
+                    outcome = await self.builtins.run(conn, tool.name, request.arguments, call,
+                                                      request.tool_call_id)
+        except Exception as exc:  # a bug or an outage: report it, never re-run (see journal)
+            log.exception("tool %s (%s) crashed", request.name, request.tool_call_id)
+            outcome = ToolOutcome.failure(
+                f"the tool failed unexpectedly ({type(exc).__name__})", retryable=True)
+        elapsed = time.perf_counter() - started
+        self._latency.observe(elapsed)
+        await self._report(request, outcome, elapsed * 1000)
+
+    async def _report(self, request: ToolRequested, outcome: ToolOutcome,
+                      latency_ms: float) -> None:
+        event = outcome.event(request, latency_ms=latency_ms)
+        async with self.pool.connection() as conn:
+            if not await journal.finish(conn, request, event):
+                log.warning("tool call %s was no longer running (lease expired?); its outcome "
+                            "is dropped", request.tool_call_id)
+                return
+            await journal.publish_pending(conn, self.bus, call_id=request.call_id,
+                                          tool_call_id=request.tool_call_id)
+        self._outcomes.labels("completed" if outcome.ok else "failed").inc()
+        log.info("tool %s (%s) %s in %.0f ms", request.name, request.tool_call_id,
+                 "completed" if outcome.ok else "failed", latency_ms)

@@ -1,0 +1,191 @@
+"""Running an HTTP tool: fill the request, call with retries, read a bounded response.
+
+The caller passes the session to use — the guarded one (public targets only, see
+:mod:`parley.tools.target_guard`) or, for orgs that allow private targets, the open one — and
+the org's secrets. Secret values go into request headers only: they are never logged, never
+part of an error message and never part of an event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import msgspec
+from tenacity import (
+    AsyncRetrying,
+    RetryError,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from .definitions import SECRET_PLACEHOLDER, HttpTool
+from .outcomes import ToolError, ToolOutcome
+from .target_guard import TargetNotAllowed, check_url, refused_target
+
+log = logging.getLogger(__name__)
+
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+ERROR_BODY_CHARS = 500
+
+
+class _Transient(Exception):
+    """A failure worth retrying (5xx, timeout, connection error)."""
+
+    def __init__(self, error: str) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+async def run_http_tool(session: aiohttp.ClientSession, tool: HttpTool,
+                        arguments: dict[str, Any], *, secrets: Mapping[str, str],
+                        tool_call_id: str) -> ToolOutcome:
+    """Call the tool's endpoint; never raises for anything the endpoint or network does."""
+    used = [secrets[name] for name in tool.secret_names() if name in secrets]
+    return redact(await _run(session, tool, arguments, secrets, tool_call_id), used)
+
+
+async def _run(session: aiohttp.ClientSession, tool: HttpTool, arguments: dict[str, Any],
+               secrets: Mapping[str, str], tool_call_id: str) -> ToolOutcome:
+    try:
+        url, remaining = fill_url(tool.url, arguments)
+        check_url(url)
+        headers = render_headers(tool.headers, secrets)
+    except ToolError as exc:
+        return exc.outcome()
+    except TargetNotAllowed as exc:
+        return ToolOutcome.failure(str(exc))
+    headers.setdefault("Idempotency-Key", tool_call_id)
+    body = remaining if tool.method in BODY_METHODS else None
+    params = None if tool.method in BODY_METHODS else _query(remaining)
+    attempts = tool.retry.attempts if tool.may_retry() else 1
+    retrying = AsyncRetrying(
+        stop=stop_after_attempt(attempts),
+        wait=wait_exponential(multiplier=tool.retry.backoff_initial_s,
+                              max=tool.retry.backoff_max_s),
+        retry=retry_if_exception_type(_Transient), reraise=False)
+    try:
+        async for attempt in retrying:
+            with attempt:
+                return await _attempt(session, tool, url, headers, params, body)
+    except RetryError as exc:
+        last = exc.last_attempt.exception()
+        error = last.error if isinstance(last, _Transient) else str(last)
+        suffix = f" (after {attempts} attempts)" if attempts > 1 else ""
+        return ToolOutcome.failure(error + suffix, retryable=True)
+    except ToolError as exc:
+        return exc.outcome()
+    raise AssertionError("unreachable: tenacity either returns, retries or raises")
+
+
+async def _attempt(session: aiohttp.ClientSession, tool: HttpTool, url: str,
+                   headers: dict[str, str], params: dict[str, str] | None,
+                   body: dict[str, Any] | None) -> ToolOutcome:
+    try:
+        async with session.request(
+                tool.method, url, headers=headers, params=params, json=body,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=tool.timeout_s)) as response:
+            raw, truncated = await _read_bounded(response, tool.max_response_bytes)
+            status = response.status
+            content_type = response.content_type
+    except TimeoutError as exc:
+        raise _Transient(f"{tool.name} timed out after {tool.timeout_s:g}s") from exc
+    except aiohttp.ClientError as exc:
+        refused = refused_target(exc)
+        if refused is not None:
+            raise ToolError(str(refused)) from None
+        raise _Transient(f"could not reach {tool.name}: {type(exc).__name__}") from exc
+    if status >= 500:
+        raise _Transient(f"{tool.name} answered {status}: {_snippet(raw)}")
+    if 300 <= status < 400:
+        raise ToolError(f"{tool.name} answered a redirect ({status}); redirects are not followed")
+    if status >= 400:
+        raise ToolError(f"{tool.name} answered {status}: {_snippet(raw)}")
+    return _result(raw, truncated, content_type, tool.max_response_bytes)
+
+
+async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """At most ``limit`` bytes of the body (never buffering more), and whether there was more."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = await response.content.read(limit + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    data = b"".join(chunks)
+    return data[:limit], len(data) > limit
+
+
+def _result(raw: bytes, truncated: bool, content_type: str, limit: int) -> ToolOutcome:
+    text = raw.decode("utf-8", errors="replace")
+    if truncated:
+        return ToolOutcome.success(
+            {"partial_body": text,
+             "note": f"The response was longer than {limit} bytes and was cut off there; "
+                     "ask for less (filters, fewer fields) if you need the rest."},
+            truncated=True)
+    if not raw.strip():
+        return ToolOutcome.success({"ok": True})
+    if content_type == "application/json" or content_type.endswith("+json"):
+        try:
+            return ToolOutcome.success(json.loads(text))
+        except ValueError:
+            pass
+    return ToolOutcome.success({"text": text})
+
+
+def fill_url(template: str, arguments: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Substitute ``{name}`` placeholders (URL-quoted); return the URL and unused arguments."""
+    remaining = dict(arguments)
+    url = template
+    for name in list(arguments):
+        placeholder = "{" + name + "}"
+        if placeholder in url:
+            url = url.replace(placeholder, quote(str(remaining.pop(name)), safe=""))
+    if "{" in url.split("?", 1)[0] and "}" in url:
+        raise ToolError("missing arguments for the tool's URL placeholders")
+    return url, remaining
+
+
+def render_headers(templates: Mapping[str, str], secrets: Mapping[str, str]) -> dict[str, str]:
+    """Headers with ``{secret:<name>}`` replaced by the org's secret values."""
+
+    def substitute(match: Any) -> str:
+        name = match.group(1)
+        if name not in secrets:
+            raise ToolError(f"the tool needs the secret {name!r}, which the org has not set")
+        return secrets[name]
+
+    return {key: SECRET_PLACEHOLDER.sub(substitute, value) for key, value in templates.items()}
+
+
+def _query(arguments: dict[str, Any]) -> dict[str, str]:
+    return {key: value if isinstance(value, str) else json.dumps(value)
+            for key, value in arguments.items() if value is not None}
+
+
+def _snippet(raw: bytes) -> str:
+    text = raw.decode("utf-8", errors="replace").strip()
+    return text[:ERROR_BODY_CHARS] + ("…" if len(text) > ERROR_BODY_CHARS else "")
+
+
+def redact(outcome: ToolOutcome, values: Iterable[str]) -> ToolOutcome:
+    """The outcome with any secret value an endpoint echoed back replaced by ``[redacted]``."""
+    values = [v for v in values if len(v) >= 4]
+    if not values:
+        return outcome
+    encoded = json.dumps([outcome.result, outcome.error])
+    if not any(json.dumps(v)[1:-1] in encoded for v in values):
+        return outcome
+    for value in values:
+        encoded = encoded.replace(json.dumps(value)[1:-1], "[redacted]")
+    result, error = json.loads(encoded)
+    return msgspec.structs.replace(outcome, result=result, error=error)

@@ -1,0 +1,99 @@
+"""SSRF guard: tools may only reach public addresses unless the org allows private targets.
+
+The check runs on the addresses a connection will actually use. For host names it lives in the
+resolver of the guarded HTTP session (:class:`GuardedResolver`): aiohttp connects only to what
+the resolver returns, so the connection is pinned to the checked addresses and a DNS answer
+that changes between a check and the connect (DNS rebinding) cannot slip through. IP literals
+never reach a resolver, so :func:`check_url` checks them before the request. Redirects are
+never followed (a 3xx could point anywhere), and proxies from the environment are not used.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class TargetNotAllowed(OSError):
+    """The tool's target resolves to an address tools may not reach."""
+
+
+def address_allowed(address: IPAddress) -> bool:
+    """True for globally routable unicast addresses only.
+
+    Refuses private, loopback, link-local, multicast, reserved, unspecified and shared
+    (100.64/10) ranges, and IPv6 forms that embed an IPv4 address (mapped, 6to4, Teredo, NAT64)
+    when the embedded address is refused.
+    """
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address_allowed(address.ipv4_mapped)
+        if address.sixtofour is not None and not address_allowed(address.sixtofour):
+            return False
+        if address.teredo is not None and not address_allowed(address.teredo[1]):
+            return False
+        if address in _NAT64 and not address_allowed(ipaddress.IPv4Address(
+                int(address) & 0xFFFF_FFFF)):
+            return False
+    return address.is_global and not (address.is_multicast or address.is_reserved
+                                      or address.is_loopback or address.is_link_local
+                                      or address.is_unspecified)
+
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+def check_url(url: str) -> None:
+    """Raise TargetNotAllowed for a URL whose host is a refused IP literal."""
+    host = (urlsplit(url).hostname or "").strip("[]")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return  # a host name: the guarded resolver checks what it resolves to
+    if not address_allowed(address):
+        raise TargetNotAllowed(f"target not allowed: {host} is not a public address")
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves like the default resolver, then refuses if any address is not public.
+
+    Refusing when *any* address is bad (rather than filtering) keeps a name that mixes public
+    and private answers from being used to probe the inside.
+    """
+
+    def __init__(self, inner: AbstractResolver | None = None) -> None:
+        self._inner = inner or DefaultResolver()
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        """Resolve ``host`` and return its addresses only if every one is public."""
+        results = await self._inner.resolve(host, port, family)
+        for result in results:
+            address = ipaddress.ip_address(result["host"].split("%", 1)[0])
+            if not address_allowed(address):
+                raise TargetNotAllowed(
+                    f"target not allowed: {host} resolves to {address}, not a public address")
+        return results
+
+    async def close(self) -> None:
+        """Close the wrapped resolver."""
+        await self._inner.close()
+
+
+def refused_target(exc: BaseException) -> TargetNotAllowed | None:
+    """The TargetNotAllowed behind an aiohttp connection error, if that is what it was."""
+    seen: set[int] = set()
+    current: Any = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, TargetNotAllowed):
+            return current
+        seen.add(id(current))
+        current = getattr(current, "os_error", None) or current.__cause__ or current.__context__
+    return None
