@@ -11,10 +11,18 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from parley.devkit import call_cli, config_cli, demo_cli, events_cli, infra_cli, up_cli
+from parley.devkit import (
+    call_cli,
+    config_cli,
+    demo_cli,
+    events_cli,
+    infra_cli,
+    knowledge_cli,
+    up_cli,
+)
 from parley.devkit.infra import InfraError
 
-COMMAND_MODULES = (demo_cli, up_cli, infra_cli, events_cli, config_cli, call_cli)
+COMMAND_MODULES = (demo_cli, up_cli, infra_cli, events_cli, config_cli, knowledge_cli, call_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:
