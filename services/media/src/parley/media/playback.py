@@ -1,0 +1,251 @@
+"""What the caller has actually heard of the agent, and when the caller barges in.
+
+:class:`AgentTurnAudio` keeps one agent turn's outbound audio: the 20 ms frames, where each
+clause ends and the words with their times on the turn's timeline (from TTS word timestamps). It
+decides where marks go — after the first frame (playback has begun), every ``MARK_EVERY`` frames
+and after each clause — and learns from the carrier's echoes (Twilio ``mark`` / Plivo
+``playedStream``, relayed by the gateway as ``agent.speech.progress``) how far playback really
+got. The played position is the last echoed mark plus the time since that echo, never past the
+next mark not yet echoed: truth from the carrier, not from "sent at real-time pace".
+
+Mark names are ``<turn_id>:<seq>`` with ``seq = generation * 1_000_000 + frame``; a resume after
+a false interruption starts a new generation, so the echoes of marks flushed by ``clear`` (which
+Twilio sends back) are told apart and ignored.
+
+:class:`BargeIn` is the policy: interruption mode ``none|dtmf|speech|any`` and sensitivity
+``low|medium|high``. Caller speech over agent audio for ``pause_ms`` pauses the agent (the
+gateway's ``clear``); ``min_words`` content words (backchannels do not count) confirm the
+interruption; no words within ``resume_after_s`` — or only a backchannel — resumes the rest of
+the agent's audio from where it was cut. Both classes are pure: the session feeds them time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from parley.media.providers.base import WordTiming
+
+FRAME_MS = 20
+MARK_EVERY = 25  # frames: a mark each 500 ms of audio between clause ends
+GENERATION = 1_000_000
+
+Mode = Literal["none", "dtmf", "speech", "any"]
+Sensitivity = Literal["low", "medium", "high"]
+
+
+def mark_seq(generation: int, frame: int) -> int:
+    """The ``seq`` a mark carries: generation and frame index in one integer."""
+    return generation * GENERATION + frame
+
+
+@dataclass
+class AgentTurnAudio:
+    """One agent turn's outbound audio and how much of it has played."""
+
+    turn_id: str
+    frames: list[bytes] = field(default_factory=list)
+    clause_ends: list[int] = field(default_factory=list)  # frame index after each clause
+    words: list[WordTiming] = field(default_factory=list)  # on the turn's timeline, seconds
+    text_done: bool = False  # every clause has been synthesised
+    generation: int = 0
+    sent: int = 0  # frames of this generation's run published so far (absolute index)
+    played_frames: int = 0  # confirmed by an echo
+    echoed_at: float | None = None  # monotonic time of that echo
+    pending_marks: list[int] = field(default_factory=list)  # frame indices marked, not echoed
+    cut_frames: int | None = None  # where a pause or interruption cut playback
+    run_start: int = 0  # first frame of the current run (0, or the cut it resumed from)
+    finished: bool = False  # the last mark was echoed: everything played
+
+    @property
+    def duration_ms(self) -> int:
+        """Audio synthesised so far."""
+        return len(self.frames) * FRAME_MS
+
+    def add_frames(self, frames: list[bytes], words: list[WordTiming], *,
+                   clause_start_s: float) -> None:
+        """Append frames of the clause that began at ``clause_start_s`` on the turn timeline."""
+        self.words.extend(WordTiming(w.text, w.start + clause_start_s, w.end + clause_start_s)
+                          for w in words)
+        self.frames.extend(frames)
+
+    def end_clause(self) -> None:
+        """The clause being added is complete: a mark goes after its last frame."""
+        if self.frames and (not self.clause_ends or self.clause_ends[-1] != len(self.frames)):
+            self.clause_ends.append(len(self.frames))
+
+    def mark_after(self, frame: int) -> bool:
+        """Whether a mark goes after frame index ``frame`` (0-based) when it is sent.
+
+        After the first frame of a run (playback has begun), every ``MARK_EVERY`` frames, after
+        each clause and after the last frame.
+        """
+        n = frame + 1  # frames played once this mark is reached
+        return n == self.run_start + 1 or n % MARK_EVERY == 0 or n in self.clause_ends or (
+            self.text_done and n == len(self.frames))
+
+    def take_unsent(self) -> list[tuple[int, bytes, int | None]]:
+        """Frames ready to publish as ``(index, frame, mark seq or None)``; marks them sent."""
+        out: list[tuple[int, bytes, int | None]] = []
+        while self.sent < len(self.frames):
+            index = self.sent
+            seq = None
+            if self.mark_after(index):
+                seq = mark_seq(self.generation, index + 1)
+                self.pending_marks.append(index + 1)
+            out.append((index, self.frames[index], seq))
+            self.sent += 1
+        return out
+
+    def last_mark_missing(self) -> bool:
+        """The final frame went out before the text was known to be done: needs a mark."""
+        return self.text_done and self.sent == len(self.frames) and bool(self.frames) and (
+            not self.pending_marks or self.pending_marks[-1] != len(self.frames)) and (
+            self.played_frames < len(self.frames))
+
+    def echo(self, seq: int, now: float) -> bool:
+        """A mark echoed; returns True if it belongs to the current run (else it is stale)."""
+        generation, frames = divmod(seq, GENERATION)
+        if generation != self.generation or self.cut_frames is not None:
+            return False
+        if frames >= self.played_frames:
+            self.played_frames = frames
+            self.echoed_at = now
+        self.pending_marks = [m for m in self.pending_marks if m > frames]
+        if self.text_done and frames >= len(self.frames):
+            self.finished = True
+        return True
+
+    @property
+    def started(self) -> bool:
+        """The carrier has begun playing this turn (the first mark came back)."""
+        return self.echoed_at is not None
+
+    def playing(self, now: float) -> bool:
+        """Whether agent audio of this turn is (or is about to be) audible right now."""
+        if self.finished or self.cut_frames is not None or not self.frames:
+            return False
+        return self.sent > self.played_frames or self.position_ms(now) < self.sent * FRAME_MS
+
+    def position_ms(self, now: float) -> int:
+        """How far playback has got: last echo + time since, capped by the next mark."""
+        if self.echoed_at is None:
+            return 0
+        position = self.played_frames * FRAME_MS + round((now - self.echoed_at) * 1000)
+        cap = self.pending_marks[0] if self.pending_marks else self.sent
+        return min(position, cap * FRAME_MS, self.sent * FRAME_MS)
+
+    def heard_text(self, position_ms: int) -> str:
+        """The words the caller heard completely by ``position_ms``."""
+        limit = position_ms / 1000 + 0.02
+        return " ".join(w.text for w in self.words if w.end <= limit)
+
+    def cut(self, now: float) -> int:
+        """Stop playback here (pause or interruption); returns the cut position in frames."""
+        if self.cut_frames is None:
+            self.cut_frames = self.position_ms(now) // FRAME_MS
+        return self.cut_frames
+
+    def resume(self) -> None:
+        """Play on from the cut: a new generation re-sends the frames after it."""
+        assert self.cut_frames is not None
+        self.generation += 1
+        self.sent = self.run_start = self.cut_frames
+        self.played_frames = self.cut_frames
+        self.echoed_at = None
+        self.pending_marks = []
+        self.cut_frames = None
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """How much caller speech pauses the agent and how many words confirm an interruption."""
+
+    pause_ms: int
+    min_words: int
+
+
+SENSITIVITY: dict[str, Thresholds] = {
+    "high": Thresholds(pause_ms=200, min_words=1),
+    "medium": Thresholds(pause_ms=400, min_words=1),
+    "low": Thresholds(pause_ms=700, min_words=2),
+}
+
+
+@dataclass(frozen=True)
+class Pause:
+    """Stop the agent's audio now (clear) and wait for words."""
+
+
+@dataclass(frozen=True)
+class Interrupt:
+    """The caller took the turn: the agent's turn ends at the cut."""
+
+
+@dataclass(frozen=True)
+class Resume:
+    """False alarm: play the rest of the agent's audio."""
+
+
+class BargeIn:
+    """The interruption policy for one call (see the module docstring)."""
+
+    def __init__(self, mode: Mode = "speech", sensitivity: Sensitivity = "medium", *,
+                 resume_after_s: float = 1.5) -> None:
+        self.mode = mode
+        self.thresholds = SENSITIVITY[sensitivity]
+        self.resume_after_s = resume_after_s
+        self.paused_at: float | None = None
+        self.false_alarms = 0
+
+    @property
+    def by_speech(self) -> bool:
+        """Whether caller speech can interrupt."""
+        return self.mode in ("speech", "any")
+
+    @property
+    def by_dtmf(self) -> bool:
+        """Whether a key press interrupts."""
+        return self.mode in ("dtmf", "any")
+
+    def on_speech(self, speech_ms: int, content_words: int, *, agent_playing: bool,
+                  now: float) -> Pause | Interrupt | None:
+        """Caller speech has lasted ``speech_ms`` with ``content_words`` recognised so far."""
+        if not self.by_speech:
+            return None
+        if self.paused_at is not None:
+            if content_words >= self.thresholds.min_words:
+                self.paused_at = None
+                return Interrupt()
+            return None
+        if not agent_playing:
+            return None
+        if content_words >= self.thresholds.min_words:
+            return Interrupt()
+        if speech_ms >= self.thresholds.pause_ms:
+            self.paused_at = now
+            return Pause()
+        return None
+
+    def on_dtmf(self, *, agent_playing: bool) -> Interrupt | None:
+        """A key press while the agent speaks."""
+        if self.by_dtmf and (agent_playing or self.paused_at is not None):
+            self.paused_at = None
+            return Interrupt()
+        return None
+
+    def tick(self, now: float, *, only_backchannel: bool = False,
+             caller_speaking: bool = True) -> Resume | None:
+        """While paused, decide whether to resume.
+
+        Resume after ``resume_after_s`` without words, or at once when what was said is only a
+        backchannel and the caller has stopped.
+        """
+        if self.paused_at is None:
+            return None
+        if now - self.paused_at >= self.resume_after_s or (
+                only_backchannel and not caller_speaking):
+            self.paused_at = None
+            self.false_alarms += 1
+            return Resume()
+        return None

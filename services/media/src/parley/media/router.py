@@ -1,0 +1,120 @@
+"""Choosing a speech provider, and falling back to the next one when it fails.
+
+Each provider has a :class:`ProviderHealth` shared by every call in the process: a circuit
+breaker (consecutive failures open it; a probe after ``reset_timeout`` closes it again), and
+exponentially weighted error rate and latency, combined into a score exported as a metric. A
+:class:`ProviderRouter` holds one kind's providers (STT or TTS) and, per call, walks the call's
+chain (e.g. ``deepgram → whisper``) skipping providers whose breaker is open. Opening a stream
+retries transient errors with backoff; permanent ones (4xx: bad key, bad request) move on at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+from parley.common.resilience import CircuitBreaker, retry_policy
+from parley.media.providers.base import ProviderError
+
+log = logging.getLogger(__name__)
+
+P = TypeVar("P")
+S = TypeVar("S")
+
+
+class ProviderHealth:
+    """Breaker plus error-rate and latency EWMAs for one provider."""
+
+    def __init__(self, name: str, *, failure_threshold: int = 3, reset_timeout_s: float = 30.0,
+                 alpha: float = 0.2) -> None:
+        self.name = name
+        self.breaker = CircuitBreaker(f"provider:{name}", failure_threshold=failure_threshold,
+                                      reset_timeout=reset_timeout_s)
+        self.alpha = alpha
+        self.error_rate = 0.0
+        self.latency_s = 0.0
+
+    def success(self, latency_s: float | None = None) -> None:
+        """The provider did its job (``latency_s``: time to its first result, if measured)."""
+        self.breaker.record_success()
+        self.error_rate *= 1 - self.alpha
+        if latency_s is not None:
+            self.latency_s += self.alpha * (latency_s - self.latency_s)
+
+    def failure(self) -> None:
+        """The provider failed a call."""
+        self.breaker.record_failure()
+        self.error_rate += self.alpha * (1 - self.error_rate)
+
+    @property
+    def available(self) -> bool:
+        """Whether the breaker lets calls through (a half-open breaker lets a probe through)."""
+        return self.breaker.state.value != "open"
+
+    @property
+    def score(self) -> float:
+        """0 (useless) … 1 (healthy and instant)."""
+        return (1 - self.error_rate) / (1 + self.latency_s)
+
+
+class AllProvidersFailed(ProviderError):
+    """Every provider in the chain failed or is unavailable."""
+
+
+class ProviderRouter(Generic[P]):
+    """One kind of provider (``stt`` or ``tts``) by name, with health and fallback."""
+
+    def __init__(self, kind: str, providers: dict[str, P], default_chain: Sequence[str], *,
+                 open_attempts: int = 2, retry_initial_s: float = 0.1) -> None:
+        unknown = [name for name in default_chain if name not in providers]
+        if unknown or not default_chain:
+            raise ValueError(f"{kind} chain {list(default_chain)} names unknown providers "
+                             f"{unknown}; configured: {sorted(providers)}")
+        self.kind = kind
+        self.providers = providers
+        self.default_chain = list(default_chain)
+        self.health = {name: ProviderHealth(name) for name in providers}
+        self.open_attempts = open_attempts
+        self.retry_initial_s = retry_initial_s
+
+    def chain(self, preferred: str = "") -> list[str]:
+        """The call's chain: the agent's preferred provider first if configured, then defaults."""
+        names = list(self.default_chain)
+        if preferred in self.providers:
+            names = [preferred, *[n for n in names if n != preferred]]
+        return names
+
+    async def open(self, chain: Sequence[str], opener: Callable[[P], Awaitable[S]], *,
+                   after: str = "") -> tuple[str, S]:
+        """Open a stream on the first usable provider of ``chain`` (after ``after``, if given).
+
+        Providers with an open breaker are skipped unless every one is open (then the chain is
+        tried anyway: a dead fallback is no better than a probe). Transient open errors are
+        retried with backoff; a permanent one moves on at once.
+        """
+        names = list(chain)
+        if after in names:
+            names = names[names.index(after) + 1:]
+        usable = [n for n in names if self.health[n].available] or names
+        last: ProviderError | None = None
+        for name in usable:
+            provider = self.providers[name]
+            started = time.monotonic()
+            try:
+                async for attempt in retry_policy(
+                        attempts=self.open_attempts, initial=self.retry_initial_s,
+                        maximum=1.0, retry_on=(ProviderError,),
+                        is_transient=lambda exc: not getattr(exc, "permanent", False)):
+                    with attempt:
+                        stream = await opener(provider)
+            except ProviderError as exc:
+                self.health[name].failure()
+                log.warning("%s provider %s failed to open: %s", self.kind, name, exc)
+                last = exc
+                continue
+            self.health[name].success(time.monotonic() - started)
+            return name, stream
+        raise AllProvidersFailed(self.kind, f"no {self.kind} provider could open "
+                                 f"(tried {usable}); last error: {last}")

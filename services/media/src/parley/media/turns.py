@@ -1,0 +1,210 @@
+"""Turn detection: deciding when the caller has finished speaking.
+
+Pure state, driven by the call's audio clock (milliseconds of inbound audio, from the gateway's
+frame timestamps) so the same audio always gives the same turns, live or replayed after a
+failover. Inputs are the VAD's speech start/stop and the recogniser's partials, finals and
+utterance ends; :meth:`TurnDetector.poll`, called once per inbound frame, answers with nothing,
+a request to flush the recogniser (:class:`Flush`), or the end of the turn (:class:`TurnEnd`).
+
+A turn ends when the caller has been silent for ``endpointing_ms`` and the recogniser has caught
+up (a final covers everything said, no partial is pending). A recogniser's own end of utterance
+(Deepgram ``speech_final`` / ``UtteranceEnd``, Whisper's segment end) lets it end after half
+that silence. If the recogniser lags, it is asked to flush at ``endpointing_ms``; after
+``max_wait_ms`` of silence the turn ends with whatever text there is (reason ``max_wait``).
+
+Backchannels ("uh-huh", "okay", "mm-hmm") do not end a turn early: a turn whose text is only
+backchannels needs twice the silence; and while the agent is speaking they are no turn at all
+(the caller is listening, not answering), so they are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+Reason = Literal["silence", "utterance_end", "max_wait"]
+
+DEFAULT_BACKCHANNELS = ("uh-huh", "mm-hmm", "okay", "right", "yeah", "uh huh", "mm hmm", "mhm",
+                        "ok", "yep", "sure", "i see", "got it", "hmm", "mm")
+_WORD = re.compile(r"[a-z0-9']+(?:-[a-z0-9']+)*")
+
+
+def words_of(text: str) -> list[str]:
+    """Lower-case words of ``text`` without punctuation ("Uh-huh." → ["uh-huh"])."""
+    return _WORD.findall(text.lower())
+
+
+class Backchannels:
+    """Recognises text made only of backchannel phrases."""
+
+    def __init__(self, phrases: tuple[str, ...] | list[str] = DEFAULT_BACKCHANNELS) -> None:
+        self._phrases = {tuple(words_of(phrase)) for phrase in phrases if words_of(phrase)}
+        self._longest = max((len(p) for p in self._phrases), default=1)
+
+    def only_backchannel(self, text: str) -> bool:
+        """True if ``text`` has words and every one belongs to a backchannel phrase."""
+        words = words_of(text)
+        if not words:
+            return False
+        i = 0
+        while i < len(words):
+            for size in range(min(self._longest, len(words) - i), 0, -1):
+                if tuple(words[i:i + size]) in self._phrases:
+                    i += size
+                    break
+            else:
+                return False
+        return True
+
+    def content_words(self, text: str) -> int:
+        """How many words of ``text`` are not part of a backchannel phrase."""
+        return 0 if self.only_backchannel(text) else len(words_of(text))
+
+
+@dataclass(frozen=True)
+class TurnSettings:
+    """Per-agent endpointing (from ``AgentSettings``)."""
+
+    endpointing_ms: int = 600
+    max_wait_ms: int = 2500
+    backchannels: tuple[str, ...] = DEFAULT_BACKCHANNELS
+
+
+@dataclass(frozen=True)
+class Flush:
+    """Ask the recogniser to finalise what it has heard (the caller has gone quiet)."""
+
+
+@dataclass(frozen=True)
+class TurnEnd:
+    """The caller's turn is over."""
+
+    text: str
+    reason: Reason
+    speech_end_ms: int  # audio time the caller stopped speaking
+    ended_ms: int  # audio time the turn was declared over
+    stt_final_ms: int  # audio time from speech end to the last final (0 if it came before)
+    started_ms: int  # audio time the turn's first speech began
+
+    @property
+    def eou_delay_ms(self) -> int:
+        """End-of-utterance delay: silence waited before declaring the turn over."""
+        return self.ended_ms - self.speech_end_ms
+
+
+@dataclass
+class _Turn:
+    started_ms: int
+    finals: list[str] = field(default_factory=list)
+    partial: str = ""  # latest partial not yet covered by a final
+    final_at_ms: int = 0
+    stt_ended: bool = False  # the recogniser said the utterance is over
+    flushed: bool = False
+
+
+class TurnDetector:
+    """See the module docstring. One per call."""
+
+    def __init__(self, settings: TurnSettings | None = None) -> None:
+        self.settings = settings or TurnSettings()
+        self.backchannels = Backchannels(self.settings.backchannels)
+        self._turn: _Turn | None = None
+        self._speaking = False
+        self._speech_end_ms = 0
+        self.dropped_backchannels = 0
+
+    @property
+    def in_turn(self) -> bool:
+        """Whether the caller has started a turn that has not ended yet."""
+        return self._turn is not None
+
+    @property
+    def turn_started_ms(self) -> int | None:
+        """Audio time the open turn began, if one is open."""
+        return None if self._turn is None else self._turn.started_ms
+
+    @property
+    def text(self) -> str:
+        """What the open turn has said so far (finals, then the pending partial)."""
+        if self._turn is None:
+            return ""
+        return " ".join([*self._turn.finals, self._turn.partial]).strip()
+
+    def speech_started(self, at_ms: int) -> None:
+        """The VAD heard the caller begin speaking."""
+        self._speaking = True
+        if self._turn is None:
+            self._turn = _Turn(started_ms=at_ms)
+        self._turn.stt_ended = False
+        self._turn.flushed = False
+
+    def speech_stopped(self, at_ms: int) -> None:
+        """The VAD heard the caller stop (``at_ms`` is the end of the last speech frame)."""
+        self._speaking = False
+        self._speech_end_ms = at_ms
+
+    def partial(self, text: str) -> None:
+        """An interim hypothesis of the current utterance."""
+        if text.strip():
+            if self._turn is None:  # the recogniser heard speech the VAD missed
+                self._turn = _Turn(started_ms=self._speech_end_ms)
+            self._turn.partial = text.strip()
+
+    def final(self, text: str, now_ms: int, *, speech_final: bool = False) -> None:
+        """A stable segment; ``speech_final`` if the recogniser also ended the utterance."""
+        if text.strip():
+            if self._turn is None:
+                self._turn = _Turn(started_ms=self._speech_end_ms)
+            self._turn.finals.append(text.strip())
+            self._turn.final_at_ms = now_ms
+        if self._turn is not None:
+            self._turn.partial = ""
+            self._turn.stt_ended = self._turn.stt_ended or speech_final
+
+    def utterance_end(self) -> None:
+        """The recogniser's silence-based end of utterance."""
+        if self._turn is not None:
+            self._turn.stt_ended = True
+
+    def poll(self, now_ms: int, *, agent_speaking: bool = False) -> Flush | TurnEnd | None:
+        """Called each frame with the audio clock; see the module docstring."""
+        turn = self._turn
+        if turn is None or self._speaking:
+            return None
+        silence = now_ms - self._speech_end_ms
+        finals = " ".join(turn.finals).strip()
+        settings = self.settings
+        only_backchannel = self.backchannels.only_backchannel(finals or turn.partial)
+        needed = settings.endpointing_ms * (2 if only_backchannel else 1)
+        caught_up = bool(finals) and not turn.partial
+        if caught_up and (silence >= needed or (turn.stt_ended and silence >= needed // 2)):
+            return self._end(finals, "utterance_end" if turn.stt_ended else "silence", now_ms,
+                             agent_speaking=agent_speaking, only_backchannel=only_backchannel)
+        if silence >= settings.max_wait_ms:
+            text = " ".join([finals, turn.partial]).strip()
+            if not text:  # a noise with no words: no turn
+                self._turn = None
+                return None
+            return self._end(text, "max_wait", now_ms, agent_speaking=agent_speaking,
+                             only_backchannel=self.backchannels.only_backchannel(text))
+        if silence >= settings.endpointing_ms and not turn.flushed and not caught_up:
+            turn.flushed = True
+            return Flush()
+        return None
+
+    def reset(self) -> None:
+        """Forget the open turn (e.g. after a DTMF or a barge-in took it over)."""
+        self._turn = None
+
+    def _end(self, text: str, reason: Reason, now_ms: int, *, agent_speaking: bool,
+             only_backchannel: bool) -> TurnEnd | None:
+        turn = self._turn
+        assert turn is not None
+        self._turn = None
+        if agent_speaking and only_backchannel:
+            self.dropped_backchannels += 1
+            return None
+        stt_final_ms = max(0, turn.final_at_ms - self._speech_end_ms) if turn.finals else 0
+        return TurnEnd(text, reason, self._speech_end_ms, now_ms, stt_final_ms,
+                       turn.started_ms)

@@ -1,0 +1,99 @@
+"""Played position from mark echoes, heard text from word times, barge-in policy."""
+
+from parley.media.playback import (
+    GENERATION,
+    AgentTurnAudio,
+    BargeIn,
+    Interrupt,
+    Pause,
+    Resume,
+)
+from parley.media.providers.base import WordTiming
+
+FRAME = b"\x00" * 160
+
+
+def turn_with(seconds: float, words: list[WordTiming]) -> AgentTurnAudio:
+    turn = AgentTurnAudio("t1")
+    turn.add_frames([FRAME] * int(seconds * 50), words, clause_start_s=0.0)
+    turn.end_clause()
+    turn.text_done = True
+    return turn
+
+
+def test_marks_go_after_the_first_frame_every_500_ms_and_at_the_end() -> None:
+    turn = turn_with(1.3, [])
+    marks = [mark for _, _, mark in turn.take_unsent() if mark is not None]
+    assert marks == [1, 25, 50, 65]
+    assert turn.take_unsent() == []
+
+
+def test_position_follows_echoes_capped_by_the_next_unechoed_mark() -> None:
+    turn = turn_with(2.0, [])
+    turn.take_unsent()
+    assert turn.position_ms(100.0) == 0  # nothing echoed: nothing known to have played
+    turn.echo(1, 100.0)
+    assert turn.position_ms(100.2) == 220
+    assert turn.position_ms(105.0) == 500  # the carrier has not reached mark 25 yet
+    turn.echo(25, 100.5)
+    assert turn.position_ms(100.6) == 600
+    turn.echo(100, 102.0)
+    assert turn.finished and not turn.playing(102.0)
+
+
+def test_heard_text_is_the_words_fully_played_before_the_cut() -> None:
+    words = [WordTiming("Our", 0.0, 0.2), WordTiming("hours", 0.2, 0.5),
+             WordTiming("are", 0.5, 0.7), WordTiming("nine", 0.7, 1.0),
+             WordTiming("to", 1.0, 1.1), WordTiming("five", 1.1, 1.5)]
+    turn = turn_with(1.6, words)
+    turn.take_unsent()
+    turn.echo(1, 10.0)
+    turn.echo(25, 10.48)
+    cut = turn.cut(10.70)  # 500 ms echoed + 220 ms since
+    assert cut == 36
+    assert turn.heard_text(cut * 20) == "Our hours are"
+
+
+def test_resume_resends_from_the_cut_and_ignores_echoes_of_flushed_marks() -> None:
+    turn = turn_with(1.0, [])
+    turn.take_unsent()
+    turn.echo(1, 0.0)
+    cut = turn.cut(0.3)  # 20 ms echoed + 300 ms since
+    assert cut == 16
+    assert not turn.echo(25, 0.31)  # flushed by clear, echoed anyway: stale
+    turn.resume()
+    resent = turn.take_unsent()
+    assert [i for i, _, _ in resent][0] == 16 and len(resent) == 34
+    marks = [m for _, _, m in resent if m is not None]
+    assert marks[0] == GENERATION + 17 and marks[-1] == GENERATION + 50
+    assert not turn.echo(50, 0.5)  # old generation
+    assert turn.echo(GENERATION + 50, 1.2) and turn.finished
+
+
+def test_speech_over_the_agent_pauses_then_words_interrupt() -> None:
+    policy = BargeIn("speech", "medium")
+    assert policy.on_speech(200, 0, agent_playing=True, now=1.0) is None
+    assert isinstance(policy.on_speech(400, 0, agent_playing=True, now=1.2), Pause)
+    assert policy.on_speech(600, 0, agent_playing=False, now=1.4) is None
+    assert isinstance(policy.on_speech(800, 1, agent_playing=False, now=1.6), Interrupt)
+
+
+def test_no_words_within_the_window_resumes() -> None:
+    policy = BargeIn("speech", "high", resume_after_s=1.5)
+    assert isinstance(policy.on_speech(200, 0, agent_playing=True, now=10.0), Pause)
+    assert policy.tick(11.0) is None
+    assert isinstance(policy.tick(11.5), Resume) and policy.false_alarms == 1
+    assert isinstance(policy.on_speech(200, 0, agent_playing=True, now=12.0), Pause)
+    assert isinstance(policy.tick(12.1, only_backchannel=True, caller_speaking=False), Resume)
+
+
+def test_modes_and_sensitivity() -> None:
+    assert BargeIn("none").on_speech(5000, 9, agent_playing=True, now=0) is None
+    assert BargeIn("dtmf").on_speech(5000, 9, agent_playing=True, now=0) is None
+    assert isinstance(BargeIn("dtmf").on_dtmf(agent_playing=True), Interrupt)
+    assert BargeIn("speech").on_dtmf(agent_playing=True) is None
+    assert isinstance(BargeIn("any").on_dtmf(agent_playing=True), Interrupt)
+    low = BargeIn("speech", "low")
+    assert low.on_speech(600, 1, agent_playing=True, now=0) is None  # one word is not enough
+    assert isinstance(low.on_speech(600, 2, agent_playing=True, now=0), Interrupt)
+    assert BargeIn("speech").on_speech(5000, 3, agent_playing=False, now=0) is None

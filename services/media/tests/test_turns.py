@@ -1,0 +1,101 @@
+"""Turn detection on the audio clock: endpointing, flush, max wait, backchannels."""
+
+from parley.media.turns import Backchannels, Flush, TurnDetector, TurnEnd, TurnSettings
+
+
+def run(detector: TurnDetector, start: int, end: int, **kw) -> list[object]:
+    out = []
+    for now in range(start, end, 20):
+        result = detector.poll(now, **kw)
+        if result is not None:
+            out.append((now, result))
+    return out
+
+
+def test_silence_after_a_final_ends_the_turn_at_the_endpointing_delay() -> None:
+    d = TurnDetector(TurnSettings(endpointing_ms=600))
+    d.speech_started(1000)
+    assert run(d, 1000, 2000) == []  # still speaking
+    d.speech_stopped(2000)
+    d.final("I'd like to book a cleaning.", 2100)
+    results = run(d, 2000, 4000)
+    now, end = results[0]
+    assert isinstance(end, TurnEnd) and now == 2600
+    assert (end.text, end.reason, end.eou_delay_ms, end.stt_final_ms, end.started_ms) == (
+        "I'd like to book a cleaning.", "silence", 600, 100, 1000)
+    assert len(results) == 1 and not d.in_turn
+
+
+def test_recogniser_end_of_utterance_ends_after_half_the_silence() -> None:
+    d = TurnDetector(TurnSettings(endpointing_ms=600))
+    d.speech_started(0)
+    d.speech_stopped(500)
+    d.final("Hello there.", 600, speech_final=True)
+    (now, end), = run(d, 500, 2000)
+    assert now == 800 and end.reason == "utterance_end"
+
+
+def test_a_lagging_recogniser_is_flushed_then_the_final_ends_the_turn() -> None:
+    d = TurnDetector(TurnSettings(endpointing_ms=600, max_wait_ms=3000))
+    d.speech_started(0)
+    d.partial("what time do you")
+    d.speech_stopped(1000)
+    (now, flush), = run(d, 1000, 1700)
+    assert now == 1600 and isinstance(flush, Flush)
+    d.final("What time do you open?", 1750)
+    (now, end), = run(d, 1700, 2500)
+    assert end.text == "What time do you open?" and end.stt_final_ms == 750
+
+
+def test_max_wait_ends_with_the_partial_and_noise_without_words_ends_nothing() -> None:
+    d = TurnDetector(TurnSettings(endpointing_ms=600, max_wait_ms=2000))
+    d.speech_started(0)
+    d.partial("tomorrow at ten")
+    d.speech_stopped(500)
+    results = run(d, 500, 3000)
+    assert isinstance(results[0][1], Flush)
+    now, end = results[1]
+    assert now == 2500 and (end.text, end.reason) == ("tomorrow at ten", "max_wait")
+
+    d.speech_started(5000)
+    d.speech_stopped(5200)  # a cough: no words ever come
+    assert [type(r) for _, r in run(d, 5200, 8000)] == [Flush]
+    assert not d.in_turn
+
+
+def test_speech_resuming_before_the_endpoint_continues_the_same_turn() -> None:
+    d = TurnDetector(TurnSettings(endpointing_ms=600))
+    d.speech_started(0)
+    d.speech_stopped(1000)
+    d.final("I need to move", 1100)
+    assert run(d, 1000, 1400) == []
+    d.speech_started(1400)
+    d.speech_stopped(2400)
+    d.final("my appointment to Friday.", 2500)
+    (_, end), = run(d, 2400, 4000)
+    assert end.text == "I need to move my appointment to Friday." and end.started_ms == 0
+
+
+def test_backchannels_wait_longer_and_are_dropped_while_the_agent_speaks() -> None:
+    d = TurnDetector(TurnSettings(endpointing_ms=600))
+    d.speech_started(0)
+    d.speech_stopped(400)
+    d.final("Okay.", 450)
+    assert run(d, 400, 1000) == []  # twice the silence for a lone backchannel
+    (now, end), = run(d, 1000, 2000)
+    assert now == 1600 and end.text == "Okay."
+
+    d.speech_started(3000)
+    d.speech_stopped(3400)
+    d.final("Uh-huh.", 3450)
+    assert run(d, 3400, 6000, agent_speaking=True) == []
+    assert d.dropped_backchannels == 1 and not d.in_turn
+
+
+def test_backchannel_recognition() -> None:
+    b = Backchannels()
+    assert b.only_backchannel("Uh-huh.") and b.only_backchannel("okay, yeah")
+    assert b.only_backchannel("Mm-hmm. Got it.")
+    assert not b.only_backchannel("okay so I want to cancel")
+    assert not b.only_backchannel("")
+    assert b.content_words("Okay.") == 0 and b.content_words("wait, stop") == 2
