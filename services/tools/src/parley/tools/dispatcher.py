@@ -146,7 +146,8 @@ class Dispatcher:
                     allow_private = await allows_private_targets(conn, call.org_id)
                 outcome = await run_http_tool(self.sessions.for_org(allow_private), tool,
                                               request.arguments, secrets=secrets,
-                                              tool_call_id=request.tool_call_id)
+                                              tool_call_id=request.tool_call_id,
+                                              allow_private=allow_private)
             else:
                 async with self.pool.connection() as conn:
                     outcome = await self.builtins.run(conn, tool.name, request.arguments, call,

@@ -44,17 +44,24 @@ class _Transient(Exception):
 
 async def run_http_tool(session: aiohttp.ClientSession, tool: HttpTool,
                         arguments: dict[str, Any], *, secrets: Mapping[str, str],
-                        tool_call_id: str) -> ToolOutcome:
-    """Call the tool's endpoint; never raises for anything the endpoint or network does."""
+                        tool_call_id: str, allow_private: bool = False) -> ToolOutcome:
+    """Call the tool's endpoint; never raises for anything the endpoint or network does.
+
+    Unless ``allow_private``, an IP-literal target must be public (host names are checked by
+    the guarded session's resolver, which ``session`` must then be).
+    """
     used = [secrets[name] for name in tool.secret_names() if name in secrets]
-    return redact(await _run(session, tool, arguments, secrets, tool_call_id), used)
+    outcome = await _run(session, tool, arguments, secrets, tool_call_id, allow_private)
+    return redact(outcome, used)
 
 
 async def _run(session: aiohttp.ClientSession, tool: HttpTool, arguments: dict[str, Any],
-               secrets: Mapping[str, str], tool_call_id: str) -> ToolOutcome:
+               secrets: Mapping[str, str], tool_call_id: str,
+               allow_private: bool) -> ToolOutcome:
     try:
         url, remaining = fill_url(tool.url, arguments)
-        check_url(url)
+        if not allow_private:
+            check_url(url)
         headers = render_headers(tool.headers, secrets)
     except ToolError as exc:
         return exc.outcome()

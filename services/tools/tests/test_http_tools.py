@@ -1,0 +1,194 @@
+import logging
+
+import msgspec
+
+from parley.common.events import uuid7
+from parley.tools.repository import set_secret
+
+from .conftest import ORG, add_http_tool, request_tool, start_call
+
+SCHEMA = {"type": "object", "required": ["account"], "additionalProperties": False,
+          "properties": {"account": {"type": "string", "pattern": "^[0-9]+$"}}}
+
+
+async def test_http_tool_completes_with_json_result(bus, pool, service, target, events):
+    await add_http_tool(pool, "find_account", target.url("/ok"), parameters=SCHEMA)
+    await service()
+    call_id = await start_call(bus)
+    request = await request_tool(bus, call_id, "find_account", {"account": "42"})
+
+    done = await events.outcome(request.tool_call_id)
+    assert done.type == "tool.completed", done
+    assert done.result["status"] == "found"
+    assert done.result["received"] == {"account": "42"}
+    assert done.truncated is False
+    assert done.causation_id == request.id
+    assert target.headers[0]["Idempotency-Key"] == request.tool_call_id
+
+
+async def test_get_tool_fills_url_placeholders_and_query(bus, pool, service, target, events):
+    await add_http_tool(pool, "get_customer", target.url("/customers/{customer_id}"),
+                        method="GET", parameters={
+                            "type": "object", "required": ["customer_id"],
+                            "properties": {"customer_id": {"type": "string"}}})
+    await service()
+    call_id = await start_call(bus)
+    request = await request_tool(bus, call_id, "get_customer", {"customer_id": "A 42"})
+    done = await events.outcome(request.tool_call_id)
+    assert done.type == "tool.completed", done
+    assert done.result == {"customer": "A 42"}
+
+
+async def test_invalid_arguments_fail_readably_and_the_next_request_is_served(
+        bus, pool, service, target, events):
+    await add_http_tool(pool, "find_account", target.url("/ok"), parameters=SCHEMA)
+    await service()
+    call_id = await start_call(bus)
+    bad = await request_tool(bus, call_id, "find_account", {"account": 42, "extra": True})
+    good = await request_tool(bus, call_id, "find_account", {"account": "7"})
+
+    failed = await events.outcome(bad.tool_call_id)
+    assert failed.type == "tool.failed"
+    assert failed.retryable is False
+    assert "invalid arguments for find_account" in failed.error
+    assert "account: 42 is not of type 'string'" in failed.error
+    assert "'extra' was unexpected" in failed.error
+    assert (await events.outcome(good.tool_call_id)).type == "tool.completed"
+    assert target.hits["/ok"] == 1
+
+
+async def test_unknown_tool_fails(bus, service, events):
+    await service()
+    call_id = await start_call(bus)
+    request = await request_tool(bus, call_id, "launch_rocket", {})
+    failed = await events.outcome(request.tool_call_id)
+    assert failed.type == "tool.failed"
+    assert "unknown tool 'launch_rocket'" in failed.error
+
+
+async def test_5xx_is_retried_until_success(bus, pool, service, target, events):
+    await add_http_tool(pool, "flaky", target.url("/flaky"), method="PUT",
+                        retry={"attempts": 3, "backoff_initial_s": 0.01, "backoff_max_s": 0.05})
+    await service()
+    call_id = await start_call(bus)
+    request = await request_tool(bus, call_id, "flaky")
+    done = await events.outcome(request.tool_call_id)
+    assert done.type == "tool.completed", done
+    assert done.result == {"ok": "third time"}
+    assert target.hits["/flaky"] == 3
+
+
+async def test_post_is_not_retried_unless_declared_idempotent(bus, pool, service, target,
+                                                               events):
+    fast = {"attempts": 3, "backoff_initial_s": 0.01, "backoff_max_s": 0.05}
+    await add_http_tool(pool, "unsafe", target.url("/broken"), method="POST", retry=fast)
+    await service()
+    call_id = await start_call(bus)
+    request = await request_tool(bus, call_id, "unsafe")
+    failed = await events.outcome(request.tool_call_id)
+    assert failed.type == "tool.failed"
+    assert failed.retryable is True
+    assert "answered 500" in failed.error
+    assert target.hits["/broken"] == 1
+
+
+async def test_exhausted_retries_fail_retryable(bus, pool, service, target, events):
+    await add_http_tool(pool, "broken", target.url("/broken"), method="POST", retry={
+        "attempts": 2, "backoff_initial_s": 0.01, "retry_unsafe_methods": True})
+    await service()
+    call_id = await start_call(bus)
+    request = await request_tool(bus, call_id, "broken")
+    failed = await events.outcome(request.tool_call_id)
+    assert failed.type == "tool.failed" and failed.retryable is True
+    assert "after 2 attempts" in failed.error
+    assert target.hits["/broken"] == 2
+
+
+async def test_timeout_fails_retryable(bus, pool, service, target, events):
+    await add_http_tool(pool, "slow", target.url("/slow"), timeout_s=0.3,
+                        retry={"attempts": 1})
+    await service()
+    call_id = await start_call(bus)
+    request = await request_tool(bus, call_id, "slow")
+    failed = await events.outcome(request.tool_call_id)
+    assert failed.type == "tool.failed"
+    assert failed.retryable is True
+    assert "timed out after 0.3s" in failed.error
+
+
+async def test_4xx_fails_not_retryable_with_the_body_for_the_model(bus, pool, service, target,
+                                                                   events):
+    await add_http_tool(pool, "bad", target.url("/bad"), method="GET")
+    await service()
+    call_id = await start_call(bus)
+    request = await request_tool(bus, call_id, "bad")
+    failed = await events.outcome(request.tool_call_id)
+    assert failed.type == "tool.failed" and failed.retryable is False
+    assert "answered 400" in failed.error and "account_id is unknown" in failed.error
+    assert target.hits["/bad"] == 1
+
+
+async def test_oversized_response_is_truncated_with_a_note(bus, pool, service, target, events):
+    await add_http_tool(pool, "big", target.url("/big"), max_response_bytes=1000)
+    await service()
+    call_id = await start_call(bus)
+    request = await request_tool(bus, call_id, "big")
+    done = await events.outcome(request.tool_call_id)
+    assert done.type == "tool.completed", done
+    assert done.truncated is True
+    assert done.result["partial_body"] == "x" * 1000
+    assert "longer than 1000 bytes" in done.result["note"]
+
+
+async def test_redelivered_request_does_not_run_the_tool_twice(bus, pool, service, target,
+                                                               events):
+    await add_http_tool(pool, "find_account", target.url("/ok"), parameters=SCHEMA)
+    await service()
+    call_id = await start_call(bus)
+    request = await request_tool(bus, call_id, "find_account", {"account": "1"})
+    await events.outcome(request.tool_call_id)
+
+    # The same tool call again under a new message id: what a redelivery after a crash, or a
+    # republish by the brain, looks like to the tools service.
+    again = msgspec.structs.replace(request, id=uuid7())
+    await bus.publish(again)
+    marker = await request_tool(bus, call_id, "find_account", {"account": "2"})
+    await events.outcome(marker.tool_call_id)  # processed after the duplicate
+
+    assert target.hits["/ok"] == 2  # the original and the marker, not the duplicate
+    assert len(events.of("tool.completed", request.tool_call_id)) == 1
+
+
+async def test_secret_header_is_sent_but_never_logged_or_echoed(bus, pool, service, target,
+                                                                events, caplog):
+    caplog.set_level(logging.DEBUG)
+    secret = "s3cr3t-crm-token-0123456789"
+    async with pool.connection() as conn:
+        await set_secret(conn, ORG, "crm_token", secret)
+    headers = {"Authorization": "Bearer {secret:crm_token}"}
+    await add_http_tool(pool, "crm", target.url("/ok"), headers=headers)
+    await add_http_tool(pool, "crm_echo", target.url("/echo-auth"), headers=headers)
+    await service()
+    call_id = await start_call(bus)
+    ok = await request_tool(bus, call_id, "crm", {"q": 1})
+    echoed = await request_tool(bus, call_id, "crm_echo")
+
+    assert (await events.outcome(ok.tool_call_id)).type == "tool.completed"
+    failed = await events.outcome(echoed.tool_call_id)
+    assert failed.type == "tool.failed"
+    assert "[redacted]" in failed.error
+    assert target.headers[0]["Authorization"] == f"Bearer {secret}"
+    assert secret not in caplog.text
+    assert all(secret not in repr(event) for event in events.items)
+
+
+async def test_missing_secret_fails_clearly(bus, pool, service, target, events):
+    await add_http_tool(pool, "crm", target.url("/ok"),
+                        headers={"Authorization": "Bearer {secret:nope}"})
+    await service()
+    call_id = await start_call(bus)
+    request = await request_tool(bus, call_id, "crm")
+    failed = await events.outcome(request.tool_call_id)
+    assert failed.type == "tool.failed"
+    assert "secret 'nope'" in failed.error
+    assert "/ok" not in target.hits
