@@ -38,8 +38,12 @@ UTTERANCES = [
     "Yes, that works for me, thank you very much.",
     "No, I would prefer something later in the afternoon.",
     "My order number is seven four two nine one.",
-    "Can you tell me your prices for a haircut and colour?",
+    "Can you tell me your prices for a haircut and color?",
     "I would like to speak to someone about my insurance claim.",
+    "My last name is Patel, that is P A T E L.",
+    "Do you have anything available around half past two?",
+    "My email is john dot smith at gmail dot com.",
+    "We are a party of twelve, is that okay?",
 ]
 
 
