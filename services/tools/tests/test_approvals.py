@@ -1,0 +1,114 @@
+import aiohttp
+import pytest
+
+from parley.common.configuration import create_api_key
+
+from .conftest import ORG, add_http_tool, request_tool, start_call
+
+PROBLEM = "application/problem+json"
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def decide(http, service, tool_call_id, verb, key, body=None):
+    url = f"http://127.0.0.1:{service.http_port}/v1/tool-calls/{tool_call_id}/{verb}"
+    headers = {"X-API-Key": key} if key else {}
+    async with http.post(url, json=body, headers=headers) as response:
+        return response.status, response.content_type, await response.json(content_type=None)
+
+
+async def sensitive_request(bus, pool, target, events, **fields):
+    await add_http_tool(pool, "refund", target.url("/ok"), sensitive=True, **fields)
+    call_id = await start_call(bus)
+    request = await request_tool(bus, call_id, "refund", {"amount": 20})
+    asked = (await events.wait("tool.approval_requested", request.tool_call_id))[0]
+    assert asked.name == "refund" and asked.arguments == {"amount": 20}
+    return request
+
+
+async def test_approve_runs_the_tool(bus, pool, service, target, events, http, api_key):
+    tools = await service()
+    request = await sensitive_request(bus, pool, target, events)
+    assert "/ok" not in target.hits
+
+    status, _, body = await decide(http, tools, request.tool_call_id, "approve", api_key)
+    assert status == 200, body
+    assert body["state"] == "approved" and body["call_id"] == request.call_id
+
+    approved = (await events.wait("tool.approved", request.tool_call_id))[0]
+    assert approved.approved_by.startswith("api_key:")
+    done = await events.outcome(request.tool_call_id)
+    assert done.type == "tool.completed", done
+    assert target.hits["/ok"] == 1
+    assert target.bodies == [{"amount": 20}]
+
+    status, content_type, problem = await decide(http, tools, request.tool_call_id, "deny",
+                                                 api_key)
+    assert (status, content_type) == (409, PROBLEM)
+    assert problem["type"].endswith("tool-call-not-waiting")
+
+
+async def test_deny_reports_denied_and_never_runs(bus, pool, service, target, events, http,
+                                                  api_key):
+    tools = await service()
+    request = await sensitive_request(bus, pool, target, events)
+    status, _, body = await decide(http, tools, request.tool_call_id, "deny", api_key,
+                                   {"reason": "amount too high"})
+    assert status == 200 and body["state"] == "denied"
+
+    denied = await events.outcome(request.tool_call_id)
+    assert denied.type == "tool.denied"
+    assert denied.reason == "amount too high" and denied.denied_by.startswith("api_key:")
+    assert not events.of("tool.completed", request.tool_call_id)
+    assert "/ok" not in target.hits
+
+
+async def test_no_decision_in_time_is_denied_by_timeout(bus, pool, service, target, events):
+    await service()
+    request = await sensitive_request(bus, pool, target, events, approval_timeout_s=0.3)
+    denied = await events.outcome(request.tool_call_id)
+    assert denied.type == "tool.denied"
+    assert denied.denied_by == "timeout"
+    assert "/ok" not in target.hits
+
+
+async def test_another_orgs_tool_call_is_not_found(bus, pool, service, target, events, http,
+                                                   other_api_key):
+    tools = await service()
+    request = await sensitive_request(bus, pool, target, events)
+    status, content_type, problem = await decide(http, tools, request.tool_call_id, "approve",
+                                                 other_api_key)
+    assert (status, content_type) == (404, PROBLEM)
+    assert problem["type"].endswith("tool-call-not-found")
+    status, _, _ = await decide(http, tools, "toolu_nope", "approve", other_api_key)
+    assert status == 404
+
+
+async def test_keys_are_checked(bus, pool, service, http, orgs):
+    tools = await service()
+    async with pool.connection() as conn:
+        _, calls_only = await create_api_key(conn, ORG, scopes=["calls:read"])
+    status, content_type, problem = await decide(http, tools, "x", "approve", None)
+    assert (status, content_type, problem["type"].rsplit("/", 1)[1]) == (
+        401, PROBLEM, "missing-api-key")
+    status, _, problem = await decide(http, tools, "x", "approve", "pk_nope_nope")
+    assert (status, problem["type"].rsplit("/", 1)[1]) == (401, "invalid-api-key")
+    status, _, problem = await decide(http, tools, "x", "approve", calls_only)
+    assert (status, problem["required_scope"]) == (403, "tools:approve")
+
+
+async def test_a_waiting_approval_survives_a_restart(bus, pool, service, target, events, http,
+                                                     api_key):
+    first = await service()
+    request = await sensitive_request(bus, pool, target, events)
+    await first.stop()
+
+    second = await service()
+    status, _, _ = await decide(http, second, request.tool_call_id, "approve", api_key)
+    assert status == 200
+    assert (await events.outcome(request.tool_call_id)).type == "tool.completed"
+    assert target.hits["/ok"] == 1

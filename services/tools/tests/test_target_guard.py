@@ -1,0 +1,90 @@
+import ipaddress
+
+import pytest
+
+from parley.tools.target_guard import GuardedResolver, TargetNotAllowed, address_allowed, check_url
+
+from .conftest import OTHER_AGENT, OTHER_ORG, add_http_tool, request_tool, start_call
+
+
+@pytest.mark.parametrize("address", [
+    "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "0.0.0.0",
+    "100.64.0.1", "224.0.0.1", "240.0.0.1", "255.255.255.255", "::1", "::", "fe80::1",
+    "fc00::1", "ff02::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1", "2002:7f00:1::",
+    "64:ff9b::a00:1", "2001:db8::1",
+])
+def test_refused_addresses(address):
+    assert not address_allowed(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111",
+                                     "::ffff:8.8.8.8"])
+def test_public_addresses(address):
+    assert address_allowed(ipaddress.ip_address(address))
+
+
+def test_ip_literal_urls_are_checked_before_any_request():
+    with pytest.raises(TargetNotAllowed):
+        check_url("http://127.0.0.1:8080/x")
+    with pytest.raises(TargetNotAllowed):
+        check_url("http://[::1]/x")
+    check_url("https://93.184.216.34/x")
+    check_url("https://example.com/x")  # names are the resolver's to check
+
+
+async def test_resolver_refuses_a_name_resolving_to_loopback():
+    resolver = GuardedResolver()
+    try:
+        with pytest.raises(TargetNotAllowed, match="localhost resolves to"):
+            await resolver.resolve("localhost", 80)
+    finally:
+        await resolver.close()
+
+
+class _FixedResolver:
+    """Answers like DNS would for a rebinding attacker's name: public first, then private."""
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+
+    async def resolve(self, host, port=0, family=0):
+        address = self.answers.pop(0)
+        return [{"hostname": host, "host": address, "port": port, "family": family,
+                 "proto": 0, "flags": 0}]
+
+    async def close(self):
+        pass
+
+
+async def test_each_resolution_is_checked_so_rebinding_is_refused():
+    resolver = GuardedResolver(_FixedResolver(["93.184.216.34", "127.0.0.1"]))
+    assert (await resolver.resolve("rebind.example", 80))[0]["host"] == "93.184.216.34"
+    with pytest.raises(TargetNotAllowed):
+        await resolver.resolve("rebind.example", 80)
+
+
+async def test_loopback_target_refused_when_the_org_does_not_allow_private(
+        bus, pool, service, target, events):
+    await add_http_tool(pool, "by_ip", target.url("/ok"), org=OTHER_ORG, agent=OTHER_AGENT)
+    await add_http_tool(pool, "by_name", f"http://localhost:{target.server.port}/ok",
+                        org=OTHER_ORG, agent=OTHER_AGENT)
+    await service()
+    call_id = await start_call(bus, org=OTHER_ORG, agent=OTHER_AGENT)
+    by_ip = await request_tool(bus, call_id, "by_ip", org=OTHER_ORG)
+    by_name = await request_tool(bus, call_id, "by_name", org=OTHER_ORG)
+
+    for request in (by_ip, by_name):
+        failed = await events.outcome(request.tool_call_id)
+        assert failed.type == "tool.failed", failed
+        assert failed.error.startswith("target not allowed"), failed.error
+        assert failed.retryable is False
+    assert "/ok" not in target.hits
+
+
+async def test_localhost_name_allowed_when_the_org_allows_private(bus, pool, service, target,
+                                                                  events):
+    await add_http_tool(pool, "by_name", f"http://localhost:{target.server.port}/ok")
+    await service()
+    call_id = await start_call(bus)
+    request = await request_tool(bus, call_id, "by_name")
+    assert (await events.outcome(request.tool_call_id)).type == "tool.completed"
