@@ -1,0 +1,283 @@
+"""Cartesia TTS through the cartesia SDK's WebSocket (``/tts/websocket``).
+
+One WebSocket per provider, opened on the first ``open`` and shared by every turn (saving a
+handshake per turn); one Cartesia *context* per :class:`CartesiaTtsStream` (agent turn). A
+reader task routes each message to its context's stream; if the socket fails, every stream on
+it fails with a transient :class:`ProviderError` and the next ``open`` reconnects.
+
+Each ``say`` is one generation request in the turn's context: raw 8 kHz ``pcm_mulaw`` out,
+``add_timestamps``, ``continue`` true except on the last clause. Cartesia does not label audio
+with the request that produced it, but it does number *flushes*: a request sent with
+``flush: true`` makes the server finish everything before it, answer ``flush_done``, and tag the
+audio that follows with the next ``flush_id``. So every clause but the last is sent with
+``flush`` (``flush_clauses=True``, the default), and a chunk's clause is its ``flush_id`` - 1
+(or, when the server omits ``flush_id``, the number of ``flush_done`` seen so far). The cost is
+that Cartesia cannot buffer text across a clause boundary, which the turn's clauses, being whole
+phrases, do not need; the context still carries prosody from one to the next. With
+``flush_clauses=False`` audio is attributed to the latest clause sent (approximate).
+
+Word timestamps come in ``timestamps`` messages, in seconds from the start of the context's
+audio; they are made relative to their clause's first audio sample (the protocol's convention)
+and delivered as :class:`TtsChunk` with empty audio and the words, in stream order.
+
+``cancel`` sends Cartesia's cancel for the context and ends ``audio()`` at once; anything still
+arriving for the context is dropped. A context that goes quiet while audio is owed fails after
+``stall_after_s`` (:class:`StallWatchdog`) and takes the shared socket down with it.
+
+Errors: an HTTP 4xx refusal of the upgrade (bad key, …) and 4xx ``error`` messages (bad voice,
+bad request) are permanent; everything else is transient.
+
+SDK quirk: the SDK's ``send`` silently reconnects a closed socket (dropping its contexts), and its
+own per-context listener swallows a closed socket (``receive()`` then waits forever); so this
+module never uses the SDK's context helper: it reads the socket itself and stops sending on a
+connection it has seen fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from cartesia import AsyncCartesia
+from cartesia.lib._tts import AsyncTTSResourceConnection
+from cartesia.types.websocket_client_event import CancelContextRequest
+from cartesia.types.websocket_response import Chunk, Done, Error, FlushDone, Timestamps
+from websockets.exceptions import InvalidStatus
+
+from parley.media.providers.base import ProviderError, TtsChunk, WordTiming
+from parley.media.providers.watchdog import StallWatchdog
+
+PROVIDER = "cartesia"
+DEFAULT_VOICE = "6ccbfb76-1fc6-48f7-b71d-91ac6298247b"
+OUTPUT_FORMAT = {"container": "raw", "encoding": "pcm_mulaw", "sample_rate": 8000}
+BYTES_PER_SECOND = 8000
+_END = None  # queue sentinel
+
+
+def _urls(base_url: str) -> tuple[str, str]:
+    """The HTTP and WebSocket base URLs for ``base_url`` (either scheme)."""
+    parts = urlsplit(base_url.rstrip("/"))
+    secure = parts.scheme in ("https", "wss")
+    http = urlunsplit(("https" if secure else "http", parts.netloc, parts.path, "", ""))
+    ws = urlunsplit(("wss" if secure else "ws", parts.netloc, parts.path, "", ""))
+    return http, ws
+
+
+class CartesiaTts:
+    """Opens Cartesia synthesis streams over one shared WebSocket (implements ``TtsProvider``)."""
+
+    name = PROVIDER
+
+    def __init__(self, api_key: str, *, base_url: str | None = None, model_id: str = "sonic-2",
+                 voice_id: str = DEFAULT_VOICE, stall_after_s: float = 3.0,
+                 flush_clauses: bool = True) -> None:
+        if not api_key:
+            raise ProviderError(PROVIDER, "no API key", permanent=True)
+        http, ws = _urls(base_url) if base_url else (None, None)
+        self._client = AsyncCartesia(api_key=api_key, base_url=http, websocket_base_url=ws)
+        self._model_id = model_id
+        self._voice_id = voice_id
+        self._stall_after_s = stall_after_s
+        self._flush_clauses = flush_clauses
+        self._connection: _Connection | None = None
+        self._connecting = asyncio.Lock()
+
+    async def open(self, *, voice: str = "", language: str = "en-US") -> CartesiaTtsStream:
+        """Start a turn: a new context on the shared socket (connecting it if needed)."""
+        connection = await self._connect()
+        request = {"model_id": self._model_id, "voice": {"id": voice or self._voice_id},
+                   "output_format": OUTPUT_FORMAT, "language": language.split("-")[0].lower(),
+                   "add_timestamps": True}
+        return CartesiaTtsStream(connection, request, flush_clauses=self._flush_clauses,
+                                 stall_after_s=self._stall_after_s)
+
+    async def close(self) -> None:
+        """Close the shared socket (failing any turn still on it) and the SDK client."""
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+        await self._client.close()
+
+    async def _connect(self) -> _Connection:
+        async with self._connecting:
+            if self._connection is not None and self._connection.error is None:
+                return self._connection
+            if self._connection is not None:
+                await self._connection.close()
+                self._connection = None
+            try:
+                socket = await self._client.tts.websocket_connect().enter()
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                raise ProviderError(PROVIDER, f"connect refused: HTTP {status}",
+                                    permanent=400 <= status < 500) from exc
+            except Exception as exc:
+                raise ProviderError(PROVIDER, f"connect failed: {exc!r}") from exc
+            self._connection = _Connection(socket)
+            return self._connection
+
+
+class _Connection:
+    """The shared socket: sends requests, routes answers to streams by context id."""
+
+    def __init__(self, socket: AsyncTTSResourceConnection) -> None:
+        self.socket = socket
+        self.streams: dict[str, CartesiaTtsStream] = {}
+        self.error: ProviderError | None = None
+        self._reader = asyncio.create_task(self._read(), name="cartesia-tts-read")
+
+    async def send(self, event: Any) -> None:
+        if self.error is not None:
+            raise self.error
+        try:
+            await self.socket.send(event)
+        except Exception as exc:
+            self.fail(ProviderError(PROVIDER, f"send failed: {exc!r}"))
+            raise self.error from exc  # type: ignore[misc]
+
+    def fail(self, error: ProviderError) -> None:
+        """Mark the socket dead and fail every stream on it."""
+        self.error = self.error or error
+        for stream in list(self.streams.values()):
+            stream.fail(self.error)
+
+    async def close(self) -> None:
+        self.fail(ProviderError(PROVIDER, "connection closed"))
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+        with contextlib.suppress(Exception):  # already broken: nothing left to release cleanly
+            await self.socket.close()
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                event = self.socket.parse_event(await self.socket.recv_bytes())
+                stream = self.streams.get(getattr(event, "context_id", None) or "")
+                if stream is not None:
+                    stream.receive(event)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # closed or broken: every open turn fails, transiently
+            self.fail(ProviderError(PROVIDER, f"socket failed: {exc!r}"))
+
+
+class CartesiaTtsStream:
+    """One agent turn in one Cartesia context (implements ``TtsStream``); see the module doc."""
+
+    def __init__(self, connection: _Connection, request: dict[str, Any], *,
+                 flush_clauses: bool, stall_after_s: float) -> None:
+        self.context_id = str(uuid.uuid4())
+        self._connection = connection
+        self._request = {**request, "context_id": self.context_id}
+        self._flush_clauses = flush_clauses
+        self._chunks: asyncio.Queue[TtsChunk | None] = asyncio.Queue()
+        self._error: ProviderError | None = None
+        self._ended = False
+        self._text_closed = False
+        self._clauses_sent = 0
+        self._flushes_done = 0
+        self._clause = 0  # clause of the audio now arriving
+        self._clause_start_s = 0.0  # where that clause's audio starts in the context
+        self._audio_s = 0.0
+        self._watchdog = StallWatchdog(PROVIDER, stall_after_s, self._stalled)
+        connection.streams[self.context_id] = self
+
+    async def say(self, text: str, *, last: bool = False) -> None:
+        """Send a clause into the context (``continue`` unless ``last``)."""
+        if self._ended:
+            if self._error is not None:
+                raise self._error
+            return  # cancelled: the turn is over
+        if self._text_closed:
+            raise RuntimeError("say() after the last clause")
+        request = {**self._request, "transcript": text, "continue": not last}
+        if self._flush_clauses and not last:
+            request["flush"] = True
+        self._text_closed = last
+        self._clauses_sent += 1
+        await self._connection.send(request)
+        self._watchdog.expect()
+
+    async def audio(self) -> AsyncIterator[TtsChunk]:
+        """Chunks in order until the context is done or cancelled; failures raise."""
+        while (chunk := await self._chunks.get()) is not _END:
+            yield chunk
+        if self._error is not None:
+            raise self._error
+
+    async def cancel(self) -> None:
+        """Cancel the context at Cartesia and end ``audio()`` now."""
+        if self._ended:
+            return
+        self._end()
+        with contextlib.suppress(ProviderError):  # a dead socket has nothing left to cancel
+            await self._connection.send(CancelContextRequest(cancel=True,
+                                                             context_id=self.context_id))
+
+    def receive(self, event: object) -> None:
+        """One message for this context, from the connection's reader."""
+        if self._ended:
+            return
+        match event:
+            case Chunk():
+                self._enter_clause(self._clause_of(event.flush_id))
+                audio = base64.b64decode(event.data) if event.data else b""
+                self._audio_s += len(audio) / BYTES_PER_SECOND
+                self._chunks.put_nowait(TtsChunk(audio, [], self._clause))
+            case Timestamps(word_timestamps=stamps) if stamps is not None:
+                self._enter_clause(self._clause_of(event.flush_id))
+                offset = self._clause_start_s
+                words = [WordTiming(word, max(0.0, start - offset), max(0.0, end - offset))
+                         for word, start, end in zip(stamps.words, stamps.start, stamps.end,
+                                                     strict=False)]
+                self._chunks.put_nowait(TtsChunk(b"", words, self._clause))
+            case FlushDone():
+                self._flushes_done += 1
+            case Done():
+                self._end()
+                return
+            case Error():
+                status = event.status_code or 0
+                self.fail(ProviderError(PROVIDER, f"{status} {event.title}: {event.message}",
+                                        permanent=400 <= status < 500))
+                return
+        self._watchdog.feed(more_expected=self._owed())
+
+    def fail(self, error: ProviderError) -> None:
+        """End the turn with ``error`` (raised at the end of ``audio()``)."""
+        if self._ended:
+            return
+        self._error = error
+        self._end()
+
+    def _clause_of(self, flush_id: int | None) -> int:
+        if not self._flush_clauses:
+            return max(self._clauses_sent - 1, 0)
+        return flush_id - 1 if flush_id else self._flushes_done
+
+    def _enter_clause(self, clause: int) -> None:
+        if clause > self._clause:
+            self._clause = clause
+            self._clause_start_s = self._audio_s
+
+    def _owed(self) -> bool:
+        """Whether Cartesia still owes this context audio (so silence would be a stall)."""
+        if self._text_closed:
+            return True  # until done
+        return self._flush_clauses and self._flushes_done < self._clauses_sent
+
+    def _end(self) -> None:
+        self._ended = True
+        self._watchdog.stop()
+        self._connection.streams.pop(self.context_id, None)
+        self._chunks.put_nowait(_END)
+
+    def _stalled(self) -> None:
+        error = self._watchdog.error()
+        self.fail(error)
+        self._connection.fail(error)  # a wedged socket would stall the next turn too

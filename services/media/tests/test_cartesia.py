@@ -1,0 +1,161 @@
+import asyncio
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+
+from parley.devkit.emulators.cartesia import CartesiaEmulator, Voice
+from parley.media.audio.codec import ulaw_to_pcm16_array
+from parley.media.providers.base import ProviderError, TtsChunk
+from parley.media.providers.cartesia_tts import CartesiaTts, CartesiaTtsStream
+
+KEY = "cartesia-test-key"
+VOICE = Voice(seconds_per_character=0.06, gap_s=0.04, chunk_s=0.1, speed=20.0)
+
+
+def expected_seconds(text: str) -> float:
+    return sum(len(word) * VOICE.seconds_per_character + VOICE.gap_s for word in text.split())
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[CartesiaEmulator]:
+    server = CartesiaEmulator(api_key=KEY, voice=VOICE)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def tts(emulator: CartesiaEmulator) -> AsyncIterator[CartesiaTts]:
+    provider = CartesiaTts(KEY, base_url=emulator.base_url, stall_after_s=1.0)
+    yield provider
+    await provider.close()
+
+
+async def collect(stream: CartesiaTtsStream, timeout: float = 10.0) -> list[TtsChunk]:
+    async with asyncio.timeout(timeout):
+        return [chunk async for chunk in stream.audio()]
+
+
+async def test_two_clauses_in_one_context(emulator: CartesiaEmulator, tts: CartesiaTts) -> None:
+    stream = await tts.open()
+    first, second = "Hello there caller.", "How can I help?"
+    await stream.say(first)
+    await stream.say(second, last=True)
+    chunks = await collect(stream)
+
+    requests = emulator.sessions[0].requests
+    assert [r["transcript"] for r in requests] == [first, second]
+    assert [r["continue"] for r in requests] == [True, False]
+    assert len({r["context_id"] for r in requests}) == 1
+    assert requests[0]["output_format"] == {"container": "raw", "encoding": "pcm_mulaw",
+                                            "sample_rate": 8000}
+    assert all(r["add_timestamps"] for r in requests)
+    assert emulator.sessions[0].version  # the SDK's cartesia-version header
+
+    audio = {clause: b"".join(c.audio for c in chunks if c.clause == clause) for clause in (0, 1)}
+    assert len(audio[0]) == pytest.approx(expected_seconds(first) * 8000, abs=8)
+    assert len(audio[1]) == pytest.approx(expected_seconds(second) * 8000, abs=8)
+    clauses = [c.clause for c in chunks]
+    assert clauses == sorted(clauses)
+    pcm = ulaw_to_pcm16_array(audio[0])  # µ-law of a 0.3 FS tone: really audio, not silence
+    assert 5000 < np.abs(pcm).max() < 12000
+
+    words = {clause: [w for c in chunks if c.clause == clause for w in c.words]
+             for clause in (0, 1)}
+    assert [w.text for w in words[0]] == first.split()
+    assert [w.text for w in words[1]] == second.split()
+    assert words[1][0].start == pytest.approx(0.0, abs=1e-6)  # relative to the clause
+    assert words[0][1].start == pytest.approx(len("Hello") * 0.06 + 0.04, abs=1e-3)
+    assert all(w.end > w.start for w in words[0] + words[1])
+
+
+async def test_turns_share_the_socket_with_separate_contexts(
+        emulator: CartesiaEmulator, tts: CartesiaTts) -> None:
+    for text in ("One.", "Two."):
+        stream = await tts.open()
+        await stream.say(text, last=True)
+        assert b"".join(c.audio for c in await collect(stream))
+    assert len(emulator.sessions) == 1
+    assert len({r["context_id"] for r in emulator.sessions[0].requests}) == 2
+
+
+async def test_cancel_ends_audio_promptly(emulator: CartesiaEmulator) -> None:
+    slow = CartesiaEmulator(api_key=KEY, voice=Voice(speed=1.0))  # real-time: ~6 s of speech
+    await slow.start()
+    tts = CartesiaTts(KEY, base_url=slow.base_url)
+    try:
+        stream = await tts.open()
+        await stream.say("This is a rather long sentence that would take a while to say. " * 3,
+                         last=True)
+        received: list[TtsChunk] = []
+        sounding = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        async def consume() -> None:
+            async for chunk in stream.audio():
+                received.append(chunk)
+                if chunk.audio:
+                    sounding.set()
+
+        consumer = asyncio.create_task(consume())
+        await asyncio.wait_for(sounding.wait(), 5)
+        cancelled_at = loop.time()
+        await stream.cancel()
+        await asyncio.wait_for(consumer, 1.0)
+        assert loop.time() - cancelled_at < 0.5
+        assert slow.sessions[0].cancels == [stream.context_id]
+        await stream.say("ignored after cancel")
+    finally:
+        await tts.close()
+        await slow.stop()
+
+
+async def test_a_wrong_key_is_a_permanent_error(emulator: CartesiaEmulator) -> None:
+    tts = CartesiaTts("wrong", base_url=emulator.base_url)
+    try:
+        with pytest.raises(ProviderError) as caught:
+            await tts.open()
+        assert caught.value.permanent and "401" in str(caught.value)
+    finally:
+        await tts.close()
+
+
+async def test_server_errors_are_classified(emulator: CartesiaEmulator, tts: CartesiaTts) -> None:
+    emulator.faults.error_status = 500
+    stream = await tts.open()
+    await stream.say("Hi.", last=True)
+    with pytest.raises(ProviderError) as caught:
+        await collect(stream)
+    assert not caught.value.permanent
+    emulator.faults.reject_status = 503  # the socket is still up: a new turn works
+    stream = await tts.open()
+    await stream.say("Hi.", last=True)
+    assert await collect(stream)
+
+
+async def test_a_stalled_context_fails_within_the_watchdog_time(
+        emulator: CartesiaEmulator, tts: CartesiaTts) -> None:
+    stream = await tts.open()
+    emulator.faults.stall = True
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await stream.say("Anyone there?", last=True)
+    with pytest.raises(ProviderError) as caught:
+        await collect(stream)
+    assert "stalled" in str(caught.value) and not caught.value.permanent
+    assert 0.9 <= loop.time() - started < 5
+    emulator.faults.stall = False  # the wedged socket is dropped: the next turn reconnects
+    stream = await tts.open()
+    await stream.say("Hello?", last=True)
+    assert await collect(stream)
+    assert len(emulator.sessions) == 2
+
+
+async def test_a_dropped_socket_fails_the_turn(emulator: CartesiaEmulator,
+                                               tts: CartesiaTts) -> None:
+    stream = await tts.open()
+    await emulator.stop()
+    with pytest.raises(ProviderError) as caught:
+        await collect(stream)
+    assert not caught.value.permanent
