@@ -1,0 +1,119 @@
+import json
+
+import pytest
+
+from parley.tools.builtins import KnowledgeQuery
+from parley.tools.outcomes import ToolError
+
+from .conftest import AGENT, CALLER, ORG, request_tool, start_call
+
+
+@pytest.fixture
+async def gateway(bus):
+    """A stand-in for the gateway instance holding the call: records commands, answers ok."""
+    received: list[tuple[str, dict]] = []
+    refusals: dict[str, str] = {}
+
+    async def on_command(msg):
+        verb = msg.subject.rsplit(".", 1)[1]
+        received.append((msg.subject, json.loads(msg.data)))
+        reply = {"ok": False, "error": refusals[verb]} if verb in refusals else {"ok": True}
+        await msg.respond(json.dumps(reply).encode())
+
+    sub = await bus.nc.subscribe("parley.cmd.gateway.*.*", cb=on_command)
+    yield received, refusals
+    await sub.unsubscribe()
+
+
+async def test_end_call_sends_hangup_to_the_gateway(bus, service, events, gateway):
+    received, _ = gateway
+    await service()
+    call_id = await start_call(bus)
+    request = await request_tool(bus, call_id, "end_call")
+    done = await events.outcome(request.tool_call_id)
+    assert done.type == "tool.completed", done
+    assert received == [(f"parley.cmd.gateway.{call_id}.hangup", {"reason": "agent_hangup"})]
+
+
+async def test_end_call_on_a_call_no_gateway_holds_fails(bus, service, events):
+    await service()
+    call_id = await start_call(bus)
+    request = await request_tool(bus, call_id, "end_call")
+    failed = await events.outcome(request.tool_call_id)
+    assert failed.type == "tool.failed"
+    assert "not live" in failed.error
+
+
+async def test_transfer_and_dtmf_send_their_commands(bus, service, events, gateway):
+    received, refusals = gateway
+    await service()
+    call_id = await start_call(bus)
+    transfer = await request_tool(bus, call_id, "transfer_call", {"to": "+14155550123"})
+    assert (await events.outcome(transfer.tool_call_id)).type == "tool.completed"
+    dtmf = await request_tool(bus, call_id, "send_dtmf", {"digits": "12#"})
+    assert (await events.outcome(dtmf.tool_call_id)).type == "tool.completed"
+    assert received == [
+        (f"parley.cmd.gateway.{call_id}.transfer", {"to": "+14155550123", "mode": "cold"}),
+        (f"parley.cmd.gateway.{call_id}.dtmf", {"digits": "12#"})]
+
+    refusals["dtmf"] = "the carrier does not support DTMF on this call"
+    refused = await request_tool(bus, call_id, "send_dtmf", {"digits": "1"})
+    failed = await events.outcome(refused.tool_call_id)
+    assert failed.type == "tool.failed" and "does not support DTMF" in failed.error
+
+    bad = await request_tool(bus, call_id, "transfer_call", {"to": "555-1234"})
+    failed = await events.outcome(bad.tool_call_id)
+    assert failed.type == "tool.failed" and "invalid arguments for transfer_call" in failed.error
+    assert len(received) == 3
+
+
+async def test_lookup_knowledge_without_a_knowledge_base_fails_clearly(bus, service, events):
+    await service()
+    call_id = await start_call(bus)
+    request = await request_tool(bus, call_id, "lookup_knowledge", {"query": "opening hours"})
+    failed = await events.outcome(request.tool_call_id)
+    assert failed.type == "tool.failed"
+    assert failed.error.startswith("knowledge lookup unavailable")
+
+
+async def test_lookup_knowledge_calls_the_injected_lookup(bus, service, events):
+    asked: list[KnowledgeQuery] = []
+
+    async def knowledge(query: KnowledgeQuery):
+        asked.append(query)
+        if query.query == "broken":
+            raise ToolError("the index is rebuilding", retryable=True)
+        return {"passages": [{"text": "We open at 9.", "score": 0.9}]}
+
+    await service(knowledge=knowledge)
+    call_id = await start_call(bus)
+    request = await request_tool(bus, call_id, "lookup_knowledge", {"query": "opening hours"})
+    done = await events.outcome(request.tool_call_id)
+    assert done.type == "tool.completed"
+    assert done.result["passages"][0]["text"] == "We open at 9."
+    assert asked[0] == KnowledgeQuery(org_id=ORG, agent_id=AGENT, call_id=call_id,
+                                      query="opening hours")
+
+    broken = await request_tool(bus, call_id, "lookup_knowledge", {"query": "broken"})
+    failed = await events.outcome(broken.tool_call_id)
+    assert failed.type == "tool.failed" and failed.retryable is True
+
+
+async def test_schedule_callback_stores_a_request(bus, pool, service, events):
+    await service()
+    call_id = await start_call(bus)
+    request = await request_tool(bus, call_id, "schedule_callback",
+                                 {"when": "2099-01-31T15:00:00-05:00", "note": "billing"})
+    done = await events.outcome(request.tool_call_id)
+    assert done.type == "tool.completed", done
+    assert done.result["number"] == CALLER
+    async with pool.connection() as conn:
+        cursor = await conn.execute(
+            "SELECT org_id, agent_id, number, note, callback_at::text FROM tool_callbacks "
+            "WHERE call_id = %s", (call_id,))
+        rows = await cursor.fetchall()
+    assert rows == [(ORG, AGENT, CALLER, "billing", "2099-01-31 20:00:00+00")]
+
+    past = await request_tool(bus, call_id, "schedule_callback", {"when": "2001-01-01T00:00Z"})
+    failed = await events.outcome(past.tool_call_id)
+    assert failed.type == "tool.failed" and "in the future" in failed.error

@@ -1,0 +1,75 @@
+import pytest
+
+from parley.tools.builtin_specs import BUILTIN_SPECS
+from parley.tools.definitions import ToolDefinitionError
+from parley.tools.repository import (
+    add_tool,
+    agent_tool_specs,
+    delete_tool,
+    get_secrets,
+    get_tool,
+    list_tools,
+    set_secret,
+)
+
+from .conftest import AGENT, ORG, OTHER_AGENT, OTHER_ORG
+
+CRM = {"name": "crm_lookup", "description": "Find a customer in the CRM.",
+       "url": "https://crm.example.com/customers/{phone}", "method": "GET",
+       "parameters": {"type": "object", "required": ["phone"],
+                      "properties": {"phone": {"type": "string"}}},
+       "headers": {"Authorization": "Bearer {secret:crm_token}"}, "sensitive": True}
+
+
+async def test_add_get_list_and_offer_tools(pool, orgs):
+    async with pool.connection() as conn:
+        tool = await add_tool(conn, ORG, AGENT, CRM)
+        assert tool.secret_names() == {"crm_token"}
+        assert await get_tool(conn, ORG, AGENT, "crm_lookup") == tool
+        assert await get_tool(conn, OTHER_ORG, AGENT, "crm_lookup") is None
+        assert await list_tools(conn, ORG, AGENT) == [tool]
+
+        specs = await agent_tool_specs(conn, ORG, AGENT)
+        assert [s.name for s in specs] == [*BUILTIN_SPECS, "crm_lookup"]
+        assert specs[-1].parameters == CRM["parameters"] and specs[-1].sensitive
+        only = await agent_tool_specs(conn, ORG, AGENT, builtins=["end_call"])
+        assert [s.name for s in only] == ["end_call", "crm_lookup"]
+        assert [s.name for s in await agent_tool_specs(conn, OTHER_ORG, OTHER_AGENT)] == [
+            *BUILTIN_SPECS]
+
+        with pytest.raises(ToolDefinitionError, match="already has"):
+            await add_tool(conn, ORG, AGENT, CRM)
+        await add_tool(conn, ORG, AGENT, {**CRM, "description": "v2"}, replace=True)
+        assert (await get_tool(conn, ORG, AGENT, "crm_lookup")).description == "v2"
+        assert await delete_tool(conn, ORG, AGENT, "crm_lookup")
+        assert await list_tools(conn, ORG, AGENT) == []
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"name": "end_call"}, "built-in"),
+    ({"name": "has space"}, "invalid tool definition"),
+    ({"url": "ftp://x"}, "http"),
+    ({"parameters": {"type": "array"}}, '"type": "object"'),
+    ({"parameters": {"type": "object", "properties": {"x": {"type": "nope"}}}}, "schema"),
+    ({"timeout_s": 0}, "invalid tool definition"),
+    ({"retry": {"attempts": 0}}, "invalid tool definition"),
+    ({"surprise": 1}, "invalid tool definition"),
+])
+async def test_bad_definitions_are_refused(pool, orgs, change, message):
+    async with pool.connection() as conn:
+        with pytest.raises(ToolDefinitionError, match=message):
+            await add_tool(conn, ORG, AGENT, {**CRM, **change})
+
+
+async def test_a_tool_needs_an_agent_of_the_org(pool, orgs):
+    async with pool.connection() as conn:
+        with pytest.raises(ToolDefinitionError, match="not found in org"):
+            await add_tool(conn, ORG, OTHER_AGENT, CRM)
+
+
+async def test_secrets_are_per_org(pool, orgs):
+    async with pool.connection() as conn:
+        await set_secret(conn, ORG, "crm_token", "one")
+        await set_secret(conn, ORG, "crm_token", "two")
+        assert await get_secrets(conn, ORG, ["crm_token", "other"]) == {"crm_token": "two"}
+        assert await get_secrets(conn, OTHER_ORG, ["crm_token"]) == {}
