@@ -40,11 +40,10 @@ import base64
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from cartesia import AsyncCartesia
-from cartesia.lib._tts import AsyncTTSResourceConnection
 from cartesia.types.websocket_client_event import CancelContextRequest
 from cartesia.types.websocket_response import Chunk, Done, Error, FlushDone, Timestamps
 from websockets.exceptions import InvalidStatus
@@ -52,11 +51,15 @@ from websockets.exceptions import InvalidStatus
 from parley.media.providers.base import ProviderError, TtsChunk, WordTiming
 from parley.media.providers.watchdog import StallWatchdog
 
+if TYPE_CHECKING:  # the SDK keeps its WebSocket classes in a private module
+    from cartesia.lib._tts import AsyncTTSResourceConnection
+
 PROVIDER = "cartesia"
 DEFAULT_VOICE = "6ccbfb76-1fc6-48f7-b71d-91ac6298247b"
 OUTPUT_FORMAT = {"container": "raw", "encoding": "pcm_mulaw", "sample_rate": 8000}
 BYTES_PER_SECOND = 8000
 _END = None  # queue sentinel
+_CLOSE_TIMEOUT_S = 3.0
 
 
 def _urls(base_url: str) -> tuple[str, str]:
@@ -150,8 +153,9 @@ class _Connection:
         self.fail(ProviderError(PROVIDER, "connection closed"))
         self._reader.cancel()
         await asyncio.gather(self._reader, return_exceptions=True)
-        with contextlib.suppress(Exception):  # already broken: nothing left to release cleanly
-            await self.socket.close()
+        # Already broken (nothing to release cleanly) or wedged: bound the close handshake.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.socket.close(), _CLOSE_TIMEOUT_S)
 
     async def _read(self) -> None:
         try:

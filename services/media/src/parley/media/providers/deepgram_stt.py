@@ -165,8 +165,9 @@ class DeepgramSttStream:
         self._watchdog.stop()
         self._reader.cancel()
         await asyncio.gather(self._reader, self._keepalive, return_exceptions=True)
-        with contextlib.suppress(Exception):  # the socket may already be gone; nothing to save
-            await self._exits.aclose()
+        # The socket may already be gone (nothing to save), or wedged: bound the close handshake.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._exits.aclose(), self._close_timeout_s)
 
     async def _send(self, method: Callable[..., Awaitable[None]], *args: Any) -> None:
         if self._closed:
