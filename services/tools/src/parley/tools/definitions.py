@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]
 import msgspec
 
 HttpMethod = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]

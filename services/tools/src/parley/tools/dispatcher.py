@@ -76,22 +76,24 @@ class Dispatcher:
         async with self.pool.connection() as conn:
             call = await self.directory.lookup(conn, request.org_id, request.call_id)
             tool = await self._find_tool(conn, call, request.name)
+            first: Event | None = None
+            state: journal.State
+            lease = expires = 0.0
             if tool is None:
-                state, first, lease = "failed", ToolOutcome.failure(
+                state, first = "failed", ToolOutcome.failure(
                     f"unknown tool {request.name!r}; use only the tools you were given"
-                ).event(request), 0.0
+                ).event(request)
             elif errors := argument_errors(tool.parameters, request.arguments):
-                state, first, lease = "failed", ToolOutcome.failure(
+                state, first = "failed", ToolOutcome.failure(
                     f"invalid arguments for {request.name}: {'; '.join(errors)}. "
-                    "Fix them and call the tool again.").event(request), 0.0
+                    "Fix them and call the tool again.").event(request)
             elif isinstance(tool, HttpTool) and tool.sensitive:
-                state, lease = "awaiting_approval", 0.0
-                first = journal.approval_request(request, tool.approval_timeout_s)
+                state, expires = "awaiting_approval", tool.approval_timeout_s
+                first = journal.approval_request(request, expires)
             else:
-                state, first, lease = "running", None, self._lease(tool)
-            existing = await journal.open_call(
-                conn, request, call.agent_id, state, event=first, lease_s=lease,
-                expires_in_s=first.expires_in_s if state == "awaiting_approval" else 0.0)
+                state, lease = "running", self._lease(tool)
+            existing = await journal.open_call(conn, request, call.agent_id, state, event=first,
+                                               lease_s=lease, expires_in_s=expires)
             await journal.publish_pending(conn, self.bus, call_id=request.call_id,
                                           tool_call_id=request.tool_call_id)
         if existing is not None:
