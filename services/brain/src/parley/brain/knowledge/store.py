@@ -165,9 +165,10 @@ async def retrieve(db: Database, org_id: str, agent_id: str | None, query: str, 
     """The ``k`` chunks that best answer ``query``, visible to the agent (or org-wide only).
 
     Full text: any of the query's words may match (a caller's question rarely shares all its
-    words with the answer); candidates are ranked by ``ts_rank_cd`` and scored by
-    ``coverage * rank / (rank + 0.1)``, where coverage is the share of the query's words the
-    chunk contains — so a score near 0 means "nothing relevant" and 1 a dense, complete match.
+    words with the answer). The best 200 matches by ``ts_rank`` are ranked by ``ts_rank_cd``
+    and returned by score ``coverage * rank / (rank + 0.1)``, where coverage is the share of
+    the query's words the chunk contains: near 0 means "nothing relevant" (≥ 0.2 is a
+    reasonable "relevant" threshold), 1 a dense match of every word.
     A query with no searchable words returns nothing.
 
     With an ``embedder`` (and pgvector), the full-text and vector rankings are fused by
