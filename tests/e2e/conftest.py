@@ -42,6 +42,19 @@ class Platform:
     database_url: str
     api_key: str
     emulator: web.Application
+    env: dict[str, str]
+    logs: Path
+    processes: list[subprocess.Popen[bytes]]
+
+    def spawn(self, service: str, name: str = "", **extra: str) -> subprocess.Popen[bytes]:
+        """Start another service process (``python -m parley.<service>``) with extra env."""
+        log = self.logs / f"{name or service}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", f"parley.{service}"],
+                                    env={**self.env, **extra}, stdout=out,
+                                    stderr=subprocess.STDOUT)
+        self.processes.append(proc)
+        return proc
 
 
 async def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -110,7 +123,8 @@ async def platform(nats_url: str, database_url: str, tmp_path: Path,
                                               stderr=subprocess.STDOUT))
     await _wait_http(gateway_url, processes[-1], tmp_path / "gateway.log")
     try:
-        yield Platform(gateway_url, emulator_url, database_url, api_key, emulator_app)
+        yield Platform(gateway_url, emulator_url, database_url, api_key, emulator_app, env,
+                       tmp_path, processes)
     finally:
         await runner.cleanup()
 

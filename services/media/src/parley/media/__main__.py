@@ -1,21 +1,54 @@
-"""``python -m parley.media``: per-call audio: codec, VAD, endpointing, STT, TTS, barge-in.
-
-Today this runs the service shell only (bus connection, streams, /healthz, /readyz, /metrics)
-so `parley up` can supervise the full topology; the media's own work lands with its issue.
-"""
+"""``python -m parley.media``: per-call audio: VAD, endpointing, STT, TTS, barge-in."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import socket
+import uuid
 
-from parley.common.config import CommonConfig
+from psycopg_pool import AsyncConnectionPool
+
 from parley.common.service import ServiceContext, serve
+from parley.media.config import MediaConfig
+from parley.media.ownership import Leases
+from parley.media.session import SessionServices
+from parley.media.worker import AgentSettingsCache, MediaWorker, build_routers
+
+log = logging.getLogger("parley.media")
 
 
-async def idle(ctx: ServiceContext[CommonConfig], stop: asyncio.Event) -> None:
-    """Hold the connections open until stopped."""
-    await stop.wait()
+async def run(ctx: ServiceContext[MediaConfig], stop: asyncio.Event) -> None:
+    """Load the models, then claim and serve calls until stopped."""
+    config = ctx.config
+    instance = config.instance_id or f"media-{socket.gethostname()}-{os.getpid()}"
+    stt, tts = build_routers(config)
+    if config.preload_models:
+        for provider in (*stt.providers.values(), *tts.providers.values()):
+            preload = getattr(provider, "preload", None)
+            if preload is not None:
+                await preload()
+    unknown = ctx.metrics.counter("media_audio_dropped", "Inbound frames with no live session")
+    events = ctx.metrics.counter("media_events", "Events the media service emitted", ["type"])
+    services = SessionServices(
+        bus=ctx.bus, instance=instance or uuid.uuid4().hex,
+        leases=Leases(ctx.bus, instance, renew_s=config.lease_renew_s,
+                      timeout_s=config.lease_timeout_s),
+        stt=stt, tts=tts, command_timeout_s=config.command_timeout_s,
+        on_unknown_audio=unknown.inc, on_event=lambda kind: events.labels(kind).inc())
+    async with AsyncConnectionPool(config.database_url, min_size=1, max_size=4,
+                                   open=False) as pool:
+        worker = MediaWorker(services, AgentSettingsCache(pool, config.agent_cache_s),
+                             metrics=ctx.metrics)
+        await worker.start()
+        log.info("media ready: instance %s, stt %s, tts %s", instance, ",".join(stt.default_chain),
+                 ",".join(tts.default_chain))
+        try:
+            await stop.wait()
+        finally:
+            await worker.stop()
 
 
 if __name__ == "__main__":
-    raise SystemExit(serve("media", CommonConfig, idle))
+    raise SystemExit(serve("media", MediaConfig, run))

@@ -1,0 +1,714 @@
+"""One call's media: caller audio in → VAD, STT, turns; agent clauses in → TTS, frames out.
+
+Inbound audio comes from the AUDIO stream through an ordered consumer on
+``parley.audio.<call>.in`` — from the start of the call on a first claim, from the lease's
+resume point on a take-over — so a successor catches up what it missed and then follows live
+with no gap. Every inbound frame runs the cheap path inline (µ-law decode, webrtcvad, the
+segmenter, the turn detector and the barge-in policy, all on the audio clock); the recogniser
+runs in its own task and feeds finals back.
+
+Events a successor could emit again after a take-over (speech.started/stopped,
+transcript.final, turn.user_ended) get ids derived from the call, the turn number and their
+ordinal in the turn, so JetStream's duplicate window drops the repeat: no transcript is emitted
+twice. Partials are not emitted while catching up.
+
+Agent speech: ``agent.say`` clauses of a turn go to one TTS stream, in order; its audio is cut
+into 20 ms frames and published to ``parley.audio.<call>.out`` at once (the carrier buffers
+and plays in real time), with marks after the first frame, every 500 ms and after each clause
+(see :mod:`parley.media.playback`). Turns play one after another. A provider that fails is
+replaced by the next in the call's chain mid-call (``media.provider_switched``); for STT the
+open turn's audio is replayed into the new stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from parley.common.bus import Bus, audio_subject, call_events, command_subject
+from parley.common.bus.audio import MARK, SEQ, TIMESTAMP
+from parley.common.bus.streams import AUDIO_STREAM, EVENTS_STREAM
+from parley.common.configuration.models import AgentSettings
+from parley.common.events import (
+    AgentSay,
+    AgentSpeechFinished,
+    AgentSpeechInterrupted,
+    AgentSpeechProgress,
+    AgentSpeechStarted,
+    CallDtmf,
+    CallEnded,
+    Event,
+    EventDecodeError,
+    MediaProviderSwitched,
+    SpeechStarted,
+    SpeechStopped,
+    TranscriptFinal,
+    TranscriptPartial,
+    TurnUserEnded,
+    UsageRecorded,
+    Word,
+    decode,
+)
+from parley.media.audio.codec import ULAW_TO_PCM16
+from parley.media.audio.frames import ULAW_FRAME_BYTES, FrameAligner
+from parley.media.ownership import LeaseLost, Leases, LeaseState
+from parley.media.playback import (
+    FRAME_MS,
+    AgentTurnAudio,
+    BargeIn,
+    Interrupt,
+    Pause,
+    Resume,
+    mark_seq,
+)
+from parley.media.providers.base import (
+    Final,
+    Partial,
+    ProviderError,
+    SttEvent,
+    SttProvider,
+    SttStream,
+    TtsProvider,
+    TtsStream,
+    UtteranceEnd,
+)
+from parley.media.router import ProviderRouter
+from parley.media.turns import Flush, TurnDetector, TurnEnd, TurnSettings
+from parley.media.vad import SegmenterSettings, SpeechSegmenter, SpeechStart, SpeechStop, WebRtcVad
+
+log = logging.getLogger(__name__)
+
+_ID_NAMESPACE = uuid.UUID("6c1d2a39-4f0e-4c55-9d0e-7a7b8f0b8a11")
+PREROLL_MS = 400  # resume this much audio before the open turn began
+CHECKPOINT_EVERY = 50  # frames between remembered (audio ms → stream sequence) points
+SILENCE = b"\xff" * ULAW_FRAME_BYTES
+
+
+def stable_id(call_id: str, *parts: object) -> uuid.UUID:
+    """An event id that is the same whichever instance emits the event."""
+    return uuid.uuid5(_ID_NAMESPACE, "/".join([call_id, *map(str, parts)]))
+
+
+@dataclass
+class SessionServices:
+    """What every session of an instance shares."""
+
+    bus: Bus
+    leases: Leases
+    stt: ProviderRouter[SttProvider]
+    tts: ProviderRouter[TtsProvider]
+    instance: str
+    command_timeout_s: float = 1.0
+    on_unknown_audio: Callable[[], None] = lambda: None
+    on_event: Callable[[str], None] = lambda kind: None
+
+
+@dataclass
+class _AgentTurn:
+    turn_id: str
+    audio: AgentTurnAudio
+    clauses: asyncio.Queue[AgentSay | None] = field(default_factory=asyncio.Queue)
+    next_seq: int = 0
+    waiting: dict[int, AgentSay] = field(default_factory=dict)
+    closed: bool = False  # no more clauses will come
+    interrupted: bool = False
+    first_say_at: float = 0.0
+    first_frame_at: float = 0.0
+    stream: TtsStream | None = None
+    provider: str = ""
+    chars: int = 0
+
+
+class CallSession:
+    """Runs one call until it ends, the lease is lost, or the instance stops."""
+
+    def __init__(self, services: SessionServices, *, call_id: str, org_id: str, agent_id: str,
+                 settings: AgentSettings, revision: int, resume: LeaseState | None = None,
+                 ) -> None:
+        self.s = services
+        self.call_id = call_id
+        self.org_id = org_id
+        self.agent_id = agent_id
+        self.settings = settings
+        self.revision = revision
+        self.resuming = resume is not None
+        self.lease = LeaseState(owner=services.instance, org_id=org_id, agent_id=agent_id,
+                                turn_no=resume.turn_no if resume else 0,
+                                resume_seq=resume.resume_seq if resume else 0,
+                                resume_ms=resume.resume_ms if resume else 0)
+        self.turn_no = self.lease.turn_no
+        self.detector = TurnDetector(TurnSettings(
+            endpointing_ms=settings.endpointing_ms,
+            max_wait_ms=max(2500, settings.endpointing_ms * 3),
+            backchannels=tuple(settings.backchannels)))
+        self.vad = WebRtcVad(2)
+        self.segmenter = SpeechSegmenter(SegmenterSettings(start_ms=100, hangover_ms=300))
+        self.barge_in = BargeIn(settings.interruption_mode, settings.interruption_sensitivity)
+        self._aligner = FrameAligner(ULAW_FRAME_BYTES)
+        self.stopped = asyncio.Event()
+        self.end_reason = ""
+        self.audio_ms = 0  # audio clock: end of the last inbound frame processed
+        self._base_ms: int | None = None  # audio time of the segmenter's first frame
+        self._last_seq = -1
+        self._speech_start_ms: int | None = None
+        self._speech_end_wall = 0.0
+        self._ordinals: dict[str, int] = {}
+        self._checkpoints: deque[tuple[int, int]] = deque(maxlen=600)  # (audio ms, stream seq)
+        self._frames_seen = 0
+        self._catching_up = self.resuming
+        # STT
+        self._stt_chain = services.stt.chain(settings.providers.get("stt", ""))
+        self._stt_name = ""
+        self._stt: SttStream | None = None
+        self._stt_task: asyncio.Task[None] | None = None
+        self._turn_audio: list[bytes] = []  # inbound audio of the open turn (for a switch)
+        self._stt_seconds: dict[str, float] = {}
+        self._stt_lock = asyncio.Lock()
+        # TTS
+        self._tts_chain = services.tts.chain(settings.providers.get("tts", ""))
+        self._turns: dict[str, _AgentTurn] = {}
+        self._speak_queue: asyncio.Queue[_AgentTurn] = asyncio.Queue()
+        self._current: _AgentTurn | None = None  # the turn whose audio is (or was last) out
+        self._out_seq = 0
+        self._tts_chars: dict[str, int] = {}
+        self._user_turn_ends: dict[str, float] = {}  # user turn id → wall time speech ended
+        self._tasks: list[asyncio.Task[Any]] = []
+        # Until the call's past events are read: agent clauses by turn, turns already voiced.
+        self._history: dict[str, list[AgentSay]] | None = {}
+        self._voiced: set[str] = set()
+        self._subs: list[Any] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Open the recogniser, follow the call, and clean up when it is over."""
+        bus = self.s.bus
+        try:
+            self._stt_name, self._stt = await self.s.stt.open(
+                self._stt_chain, lambda p: p.open(language=self.settings.language))
+            self._stt_task = asyncio.create_task(self._recognise(), name=f"stt:{self.call_id}")
+            self._tasks.append(asyncio.create_task(self._speaker(), name=f"tts:{self.call_id}"))
+            self._tasks.append(asyncio.create_task(self._renew(), name=f"lease:{self.call_id}"))
+            self._subs.append(await bus.js.subscribe(
+                call_events(self.call_id, self.org_id), stream=EVENTS_STREAM,
+                ordered_consumer=True, idle_heartbeat=5.0, cb=self._on_event_message,
+                config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL)))
+            self._subs.append(await self._follow_audio())
+            await self.stopped.wait()
+        except ProviderError as exc:
+            log.error("call %s: no speech recogniser: %s", self.call_id, exc)
+            self.end_reason = "stt_unavailable"
+        finally:
+            await self._close()
+
+    def stop(self, reason: str) -> None:
+        """Ask the session to finish (idempotent)."""
+        if not self.end_reason:
+            self.end_reason = reason
+        self.stopped.set()
+
+    async def _close(self) -> None:
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        for turn in self._turns.values():
+            if turn.stream is not None:
+                with contextlib.suppress(Exception):
+                    await turn.stream.cancel()
+        for task in self._tasks:
+            task.cancel()
+        if self._stt is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._stt.close(), 5)
+        if self._stt_task is not None:
+            self._stt_task.cancel()
+        await asyncio.gather(*self._tasks, *([self._stt_task] if self._stt_task else []),
+                             return_exceptions=True)
+        if self.end_reason == "call_ended":
+            await self._record_usage()
+            await self.s.leases.release(self.call_id, self.revision)
+        elif self.end_reason == "shutdown":
+            self._update_lease()
+            await self.s.leases.release(self.call_id, self.revision, hand_over=self.lease)
+
+    async def _renew(self) -> None:
+        while True:
+            await asyncio.sleep(self.s.leases.renew_s)
+            self._update_lease()
+            try:
+                self.revision = await self.s.leases.renew(self.call_id, self.lease, self.revision)
+            except LeaseLost:
+                log.warning("call %s: lease lost; another instance has the call", self.call_id)
+                self.stop("lease_lost")
+                return
+            except Exception:
+                log.exception("call %s: lease renewal failed", self.call_id)
+
+    def _update_lease(self) -> None:
+        self.lease.turn_no = self.turn_no
+        start = self.detector.turn_started_ms
+        target = (start if start is not None else self.audio_ms) - PREROLL_MS
+        seq, at_ms = self.lease.resume_seq, self.lease.resume_ms
+        for ms, stream_seq in self._checkpoints:
+            if ms > target:
+                break
+            seq, at_ms = stream_seq, ms
+        self.lease.resume_seq, self.lease.resume_ms = seq, at_ms
+
+    # ------------------------------------------------------------------ inbound audio
+
+    async def _follow_audio(self) -> Any:
+        if self.lease.resume_seq > 0:
+            config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                    opt_start_seq=self.lease.resume_seq)
+        else:
+            config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+        return await self.s.bus.js.subscribe(
+            audio_subject(self.call_id, "in"), stream=AUDIO_STREAM, ordered_consumer=True,
+            idle_heartbeat=5.0, config=config, cb=self._on_audio)
+
+    async def _on_audio(self, msg: Msg) -> None:
+        if self.stopped.is_set():
+            self.s.on_unknown_audio()
+            return
+        headers = msg.headers or {}
+        try:
+            seq = int(headers.get(SEQ, "-1"))
+            ts = int(headers.get(TIMESTAMP, "0"))
+        except ValueError:
+            self.s.on_unknown_audio()
+            return
+        if seq <= self._last_seq:
+            return  # redelivered
+        self._last_seq = seq
+        meta = msg.metadata
+        self._catching_up = meta.num_pending > 25
+        self._frames_seen += 1
+        if self._frames_seen % CHECKPOINT_EVERY == 1:
+            self._checkpoints.append((ts, meta.sequence.stream))
+        try:
+            await self._inbound(msg.data, ts)
+        except Exception:
+            log.exception("call %s: inbound frame failed", self.call_id)
+
+    async def _inbound(self, ulaw: bytes, ts_ms: int) -> None:
+        if self._base_ms is None:
+            self._base_ms = ts_ms
+        await self._stt_send(ulaw)
+        now = time.monotonic()
+        for frame in self._aligner.push(ulaw):
+            pcm = ULAW_TO_PCM16[np.frombuffer(frame, dtype=np.uint8)]
+            boundary = self.segmenter.push(self.vad.is_speech(pcm.tobytes()))
+            self.audio_ms = self._base_ms + self.segmenter.position_ms
+            if isinstance(boundary, SpeechStart):
+                at = self._base_ms + boundary.at_ms
+                self._speech_start_ms = at
+                if not self.detector.in_turn:
+                    self._turn_audio = []
+                self.detector.speech_started(at)
+                await self._publish(SpeechStarted, "speech.started", offset_ms=at)
+            elif isinstance(boundary, SpeechStop):
+                at = self._base_ms + boundary.at_ms
+                self._speech_start_ms = None
+                self._speech_end_wall = time.time() - (self.audio_ms - at) / 1000
+                self.detector.speech_stopped(at)
+                await self._publish(SpeechStopped, "speech.stopped", offset_ms=at)
+            await self._barge_in_on_frame(now)
+            await self._poll_turn()
+
+    async def _stt_send(self, ulaw: bytes) -> None:
+        self._turn_audio.append(ulaw)
+        if not self.detector.in_turn and len(self._turn_audio) > PREROLL_MS // FRAME_MS:
+            del self._turn_audio[0]
+        self._stt_seconds[self._stt_name] = (
+            self._stt_seconds.get(self._stt_name, 0.0) + len(ulaw) / 8000)
+        async with self._stt_lock:
+            if self._stt is not None:
+                try:
+                    await self._stt.send(ulaw)
+                except Exception as exc:  # the recogniser task notices and switches
+                    log.debug("call %s: stt send failed: %s", self.call_id, exc)
+
+    async def _poll_turn(self) -> None:
+        result = self.detector.poll(self.audio_ms, agent_speaking=self._agent_audible())
+        if isinstance(result, Flush):
+            if self._stt is not None:
+                with contextlib.suppress(Exception):
+                    await self._stt.finalize()
+        elif isinstance(result, TurnEnd):
+            await self._end_turn(result)
+
+    async def _end_turn(self, end: TurnEnd) -> None:
+        self.turn_no += 1
+        turn_id = f"t{self.turn_no}"
+        self._user_turn_ends[turn_id] = self._speech_end_wall
+        self._turn_audio = []
+        await self._publish(TurnUserEnded, "turn.user_ended", turn_id=turn_id, text=end.text,
+                            reason=end.reason, eou_delay_ms=float(end.eou_delay_ms),
+                            stt_final_ms=float(end.stt_final_ms), key=(self.turn_no,))
+
+    # ------------------------------------------------------------------ recognition
+
+    async def _recognise(self) -> None:
+        while not self.stopped.is_set():
+            stream = self._stt
+            assert stream is not None
+            try:
+                async for event in stream.events():
+                    await self._on_stt(event)
+                return  # closed by us
+            except ProviderError as exc:
+                if self.stopped.is_set():
+                    return
+                await self._switch_stt(str(exc))
+            except Exception as exc:
+                log.exception("call %s: recogniser failed", self.call_id)
+                await self._switch_stt(repr(exc))
+
+    async def _switch_stt(self, reason: str) -> None:
+        failed = self._stt_name
+        self.s.stt.health[failed].failure()
+        async with self._stt_lock:
+            if self._stt is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._stt.close(), 2)
+            try:
+                self._stt_name, self._stt = await self.s.stt.open(
+                    self._stt_chain, lambda p: p.open(language=self.settings.language),
+                    after=failed)
+            except ProviderError as exc:
+                log.error("call %s: every recogniser failed: %s", self.call_id, exc)
+                self._stt = None
+                self.stop("stt_failed")
+                return
+            for chunk in self._turn_audio:  # what the open turn said so far
+                await self._stt.send(chunk)
+        log.warning("call %s: stt %s → %s (%s)", self.call_id, failed, self._stt_name, reason)
+        await self.s.bus.publish(MediaProviderSwitched(
+            org_id=self.org_id, call_id=self.call_id, kind="stt", from_provider=failed,
+            to_provider=self._stt_name, reason=reason[:500]))
+
+    async def _on_stt(self, event: SttEvent) -> None:
+        if isinstance(event, Partial):
+            self.detector.partial(event.text)
+            if not self._catching_up:
+                await self.s.bus.publish(TranscriptPartial(
+                    org_id=self.org_id, call_id=self.call_id, text=event.text,
+                    utterance_id=f"t{self.turn_no + 1}"))
+            await self._barge_in_on_words()
+        elif isinstance(event, Final):
+            self.detector.final(event.text, self.audio_ms, speech_final=event.speech_final)
+            if event.text.strip():
+                latency = (time.time() - self._speech_end_wall) * 1000 if (
+                    self._speech_start_ms is None and self._speech_end_wall) else 0.0
+                await self._publish(
+                    TranscriptFinal, "transcript.final", text=event.text,
+                    utterance_id=f"t{self.turn_no + 1}",
+                    words=[Word(w.text, w.start, w.end) for w in event.words],
+                    confidence=event.confidence, provider=self._stt_name,
+                    latency_ms=round(max(latency, 0.0), 1))
+            await self._barge_in_on_words()
+            await self._poll_turn()
+        elif isinstance(event, UtteranceEnd):
+            self.detector.utterance_end()
+            await self._poll_turn()
+
+    # ------------------------------------------------------------------ events of the call
+
+    async def _on_event_message(self, msg: Msg) -> None:
+        try:
+            event = decode(msg.data)
+        except EventDecodeError as exc:
+            log.error("call %s: undecodable event skipped: %s", self.call_id, exc)
+            return
+        try:
+            if self._history is not None:
+                self._catch_up(event)
+                if msg.metadata.num_pending == 0:
+                    await self._caught_up()
+            else:
+                await self._on_event(event)
+        except Exception:
+            log.exception("call %s: handling %s failed", self.call_id, event.type)
+
+    def _catch_up(self, event: Event) -> None:
+        """Events from before this session: remember agent turns nobody has voiced yet."""
+        assert self._history is not None
+        if isinstance(event, AgentSay):
+            self._history.setdefault(event.turn_id, []).append(event)
+        elif isinstance(event, AgentSpeechStarted | AgentSpeechFinished |
+                        AgentSpeechInterrupted):
+            self._voiced.add(event.turn_id)
+        elif isinstance(event, CallEnded):
+            self.stop("call_ended")
+
+    async def _caught_up(self) -> None:
+        history, self._history = self._history or {}, None
+        for turn_id, says in history.items():
+            if turn_id not in self._voiced:
+                for say in says:
+                    self._on_say(say)
+
+    async def _on_event(self, event: Event) -> None:
+        if isinstance(event, AgentSay):
+            self._on_say(event)
+        elif isinstance(event, AgentSpeechProgress):
+            await self._on_progress(event)
+        elif isinstance(event, CallDtmf):
+            current = self._current
+            if current is not None and self.barge_in.on_dtmf(
+                    agent_playing=self._agent_audible()) is not None:
+                await self._interrupt(current, time.monotonic())
+        elif isinstance(event, CallEnded):
+            self.stop("call_ended")
+
+    def _on_say(self, say: AgentSay) -> None:
+        turn = self._turns.get(say.turn_id)
+        if turn is None:
+            for other in self._turns.values():  # a new turn closes the ones before it
+                if not other.closed:
+                    other.closed = True
+                    other.clauses.put_nowait(None)
+            turn = _AgentTurn(say.turn_id, AgentTurnAudio(say.turn_id),
+                              first_say_at=time.monotonic())
+            self._turns[say.turn_id] = turn
+            self._speak_queue.put_nowait(turn)
+        if turn.closed or say.seq < turn.next_seq:
+            return
+        turn.waiting[say.seq] = say
+        while turn.next_seq in turn.waiting:
+            clause = turn.waiting.pop(turn.next_seq)
+            turn.next_seq += 1
+            turn.clauses.put_nowait(clause)
+            if clause.last:
+                turn.closed = True
+                turn.clauses.put_nowait(None)
+
+    async def _on_progress(self, event: AgentSpeechProgress) -> None:
+        turn = self._turns.get(event.turn_id)
+        if turn is None or not turn.audio.echo(event.seq, time.monotonic()):
+            return
+        if turn.audio.finished and not turn.interrupted:
+            await self._publish(AgentSpeechFinished, "agent.speech.finished",
+                                turn_id=turn.turn_id)
+
+    # ------------------------------------------------------------------ speaking
+
+    async def _speaker(self) -> None:
+        while True:
+            turn = await self._speak_queue.get()
+            if turn.interrupted:
+                continue
+            self._current = turn
+            try:
+                await self._speak(turn)
+            except Exception:
+                log.exception("call %s: speaking turn %s failed", self.call_id, turn.turn_id)
+
+    async def _speak(self, turn: _AgentTurn) -> None:
+        said: list[AgentSay] = []  # every clause of the turn received so far
+        done_clauses = 0  # clauses whose audio is complete
+        after = ""
+        while not turn.interrupted:
+            try:
+                turn.provider, turn.stream = await self.s.tts.open(
+                    self._tts_chain, lambda p: p.open(voice=self.settings.voice,
+                                                      language=self.settings.language),
+                    after=after)
+            except ProviderError as exc:
+                log.error("call %s: no speech synthesiser: %s", self.call_id, exc)
+                return
+            stream = turn.stream
+            first = done_clauses
+            feeder = asyncio.create_task(self._feed(turn, stream, said, first))
+            aligner = FrameAligner(ULAW_FRAME_BYTES)
+            clause = first
+            clause_start = len(turn.audio.frames) * FRAME_MS / 1000
+            try:
+                async for chunk in stream.audio():
+                    index = first + chunk.clause
+                    if index != clause:
+                        rest = aligner.flush(pad=b"\xff")
+                        if rest:
+                            turn.audio.add_frames([rest], [], clause_start_s=clause_start)
+                        turn.audio.end_clause()
+                        done_clauses = index
+                        clause = index
+                        clause_start = len(turn.audio.frames) * FRAME_MS / 1000
+                    turn.audio.add_frames(aligner.push(chunk.audio), chunk.words,
+                                          clause_start_s=clause_start)
+                    await self._send_out(turn)
+                rest = aligner.flush(pad=b"\xff")
+                if rest:
+                    turn.audio.add_frames([rest], [], clause_start_s=clause_start)
+                break
+            except ProviderError as exc:
+                if turn.interrupted:
+                    break
+                self.s.tts.health[turn.provider].failure()
+                await self.s.bus.publish(MediaProviderSwitched(
+                    org_id=self.org_id, call_id=self.call_id, kind="tts",
+                    from_provider=turn.provider, to_provider="next", reason=str(exc)[:500]))
+                after = turn.provider
+                done_clauses = clause  # re-synthesise from the clause that broke
+            finally:
+                feeder.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await feeder
+        turn.audio.end_clause()
+        turn.audio.text_done = True
+        self._tts_chars[turn.provider] = self._tts_chars.get(turn.provider, 0) + turn.chars
+        await self._send_out(turn)
+        if turn.audio.last_mark_missing() and turn.audio.cut_frames is None:
+            turn.audio.pending_marks.append(len(turn.audio.frames))
+            seq = mark_seq(turn.audio.generation, len(turn.audio.frames))
+            await self._command("mark", {"name": f"{turn.turn_id}:{seq}"})
+
+    async def _feed(self, turn: _AgentTurn, stream: TtsStream, said: list[AgentSay],
+                    first: int) -> None:
+        """Send the turn's clauses from ``first`` on, then new ones as they arrive."""
+        for clause in said[first:]:
+            await stream.say(clause.text, last=clause.last)
+            if clause.last:
+                return
+        while True:
+            clause = await turn.clauses.get()
+            if clause is None:
+                if not said or not said[-1].last:
+                    await stream.say("", last=True)
+                return
+            said.append(clause)
+            turn.chars += len(clause.text)
+            await stream.say(clause.text, last=clause.last)
+            if clause.last:
+                return
+
+    async def _send_out(self, turn: _AgentTurn) -> None:
+        if turn.interrupted or turn.audio.cut_frames is not None:
+            return
+        nc = self.s.bus.nc
+        subject = audio_subject(self.call_id, "out")
+        for _index, frame, mark in turn.audio.take_unsent():
+            headers = {SEQ: str(self._out_seq), TIMESTAMP: str(self._out_seq * FRAME_MS)}
+            if mark is not None:
+                headers[MARK] = f"{turn.turn_id}:{mark}"
+            self._out_seq += 1
+            await nc.publish(subject, frame, headers=headers)
+            if not turn.first_frame_at:
+                turn.first_frame_at = time.monotonic()
+                spoke_at = self._user_turn_ends.get(turn.turn_id, 0.0)
+                await self._publish(
+                    AgentSpeechStarted, "agent.speech.started", turn_id=turn.turn_id,
+                    tts_ttfb_ms=round((turn.first_frame_at - turn.first_say_at) * 1000, 1),
+                    voice_to_voice_ms=round((time.time() - spoke_at) * 1000, 1)
+                    if spoke_at else 0.0, key=(turn.turn_id,))
+
+    def _agent_audible(self) -> bool:
+        turn = self._current
+        if turn is None or turn.interrupted:
+            return False
+        return turn.audio.playing(time.monotonic()) or self.barge_in.paused_at is not None
+
+    # ------------------------------------------------------------------ barge-in
+
+    async def _barge_in_on_frame(self, now: float) -> None:
+        turn = self._current
+        if turn is None or turn.interrupted:
+            return
+        if self._speech_start_ms is not None:
+            action = self.barge_in.on_speech(
+                self.audio_ms - self._speech_start_ms,
+                self.detector.backchannels.content_words(self.detector.text),
+                agent_playing=turn.audio.playing(now), now=now)
+            await self._act(turn, action, now)
+        resume = self.barge_in.tick(
+            now, only_backchannel=self.detector.backchannels.only_backchannel(
+                self.detector.text), caller_speaking=self._speech_start_ms is not None)
+        await self._act(turn, resume, now)
+
+    async def _barge_in_on_words(self) -> None:
+        turn = self._current
+        if turn is None or turn.interrupted or self._speech_start_ms is None and (
+                self.barge_in.paused_at is None):
+            return
+        now = time.monotonic()
+        action = self.barge_in.on_speech(
+            self.audio_ms - (self._speech_start_ms or self.audio_ms),
+            self.detector.backchannels.content_words(self.detector.text),
+            agent_playing=turn.audio.playing(now), now=now)
+        await self._act(turn, action, now)
+
+    async def _act(self, turn: _AgentTurn, action: Pause | Interrupt | Resume | None,
+                   now: float) -> None:
+        if isinstance(action, Pause):
+            turn.audio.cut(now)
+            await self._command("clear", {})
+        elif isinstance(action, Interrupt):
+            await self._interrupt(turn, now)
+        elif isinstance(action, Resume):
+            if turn.audio.cut_frames is not None and not turn.interrupted:
+                turn.audio.resume()
+                await self._send_out(turn)
+
+    async def _interrupt(self, turn: _AgentTurn, now: float) -> None:
+        if turn.interrupted:
+            return
+        already_cut = turn.audio.cut_frames is not None
+        cut = turn.audio.cut(now)
+        turn.interrupted = True
+        if not already_cut:
+            await self._command("clear", {})
+        if turn.stream is not None:
+            with contextlib.suppress(Exception):
+                await turn.stream.cancel()
+        heard = turn.audio.heard_text(cut * FRAME_MS)
+        await self._publish(AgentSpeechInterrupted, "agent.speech.interrupted",
+                            turn_id=turn.turn_id, played_text=heard,
+                            cut_seq=cut, cut_ms=cut * FRAME_MS, key=(turn.turn_id,))
+
+    async def _command(self, verb: str, body: dict[str, Any]) -> None:
+        try:
+            await self.s.bus.nc.request(command_subject(self.call_id, verb),
+                                        json.dumps(body).encode(),
+                                        timeout=self.s.command_timeout_s)
+        except Exception as exc:
+            log.warning("call %s: gateway command %s failed: %s", self.call_id, verb, exc)
+
+    # ------------------------------------------------------------------ output
+
+    async def _publish(self, cls: type[Event], kind: str, *, key: tuple[object, ...] = (),
+                       **fields: Any) -> None:
+        if not key:
+            ordinal = self._ordinals.get(f"{kind}/{self.turn_no}", 0)
+            self._ordinals[f"{kind}/{self.turn_no}"] = ordinal + 1
+            key = (self.turn_no, ordinal)
+        event = cls(id=stable_id(self.call_id, kind, *key), org_id=self.org_id,
+                    call_id=self.call_id, **fields)
+        await self.s.bus.publish(event)
+        self.s.on_event(kind)
+
+    async def _record_usage(self) -> None:
+        for provider, seconds in self._stt_seconds.items():
+            if provider and seconds > 0:
+                await self.s.bus.publish(UsageRecorded(
+                    id=stable_id(self.call_id, "usage", "stt", provider, self.s.instance),
+                    org_id=self.org_id, call_id=self.call_id, kind="stt_seconds",
+                    quantity=round(seconds, 3), unit="s", provider=provider))
+        for provider, chars in self._tts_chars.items():
+            if provider and chars > 0:
+                await self.s.bus.publish(UsageRecorded(
+                    id=stable_id(self.call_id, "usage", "tts", provider, self.s.instance),
+                    org_id=self.org_id, call_id=self.call_id, kind="tts_characters",
+                    quantity=float(chars), unit="characters", provider=provider))

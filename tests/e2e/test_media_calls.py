@@ -1,0 +1,209 @@
+"""The media service in a real call: gateway, recorder and media as processes, a simulated caller.
+
+The caller speaks Piper-synthesised sentences over the Twilio Media Streams protocol; media
+(local Whisper + Piper) hears them, ends turns and speaks the clauses this test publishes as
+the brain would. Barge-in is checked against what the caller's side actually played; failover by
+SIGKILLing the media instance that owns the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+
+import msgspec
+import numpy as np
+import pytest
+
+from parley.common.bus.streams import LEASES_BUCKET
+from parley.common.events import AgentSay, Event, decode
+from parley.devkit.telephony.call_script import CallScript, Utterance
+from parley.devkit.telephony.caller_simulator import CallerSimulator
+from parley.media.audio.codec import ulaw_to_pcm16_array
+from parley.media.audio.resample import pcm16_to_float32, resample
+from parley.media.providers.local.piper_tts import PiperTts
+from parley.media.providers.local.whisper_stt import load_model, transcribe
+
+from .conftest import AGENT_NUMBER, AUTH_TOKEN, CALLER, Platform, stored_call
+
+pytestmark = pytest.mark.timeout(180)
+
+
+async def synthesise(text: str) -> bytes:
+    """8 kHz µ-law speech for ``text`` (the caller's voice)."""
+    stream = await PiperTts().open()
+    await stream.say(text, last=True)
+    return b"".join([chunk.audio async for chunk in stream.audio()])
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+class Brain:
+    """Plays the brain: records every event and answers user turns with scripted clauses."""
+
+    def __init__(self, bus, answers: dict[str, list[str]]) -> None:
+        self.bus = bus
+        self.answers = answers
+        self.events: list[Event] = []
+        self.call_id = ""
+
+    async def start(self) -> None:
+        self.sub = await self.bus.nc.subscribe("parley.ev.>", cb=self._on_message)
+
+    async def _on_message(self, msg) -> None:
+        event = decode(msg.data)
+        self.events.append(event)
+        if event.type == "call.stream_started":
+            self.call_id = event.call_id
+            if "t0" in self.answers:
+                await self.say(event, "t0")
+        elif event.type == "turn.user_ended" and event.turn_id in self.answers:
+            await self.say(event, event.turn_id)
+
+    async def say(self, cause: Event, turn_id: str) -> None:
+        clauses = self.answers[turn_id]
+        for seq, text in enumerate(clauses):
+            await self.bus.publish(AgentSay(org_id=cause.org_id, call_id=cause.call_id,
+                                            turn_id=turn_id, seq=seq, text=text,
+                                            last=seq == len(clauses) - 1, causation_id=cause.id))
+
+    def of(self, event_type: str) -> list[Event]:
+        return [e for e in self.events if e.type == event_type]
+
+    async def wait(self, event_type: str, count: int = 1, timeout: float = 30.0) -> list[Event]:
+        deadline = time.monotonic() + timeout
+        while len(self.of(event_type)) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {event_type}; saw {[e.type for e in self.events]}")
+            await asyncio.sleep(0.02)
+        return self.of(event_type)
+
+
+async def start_media(platform: Platform, *names: str) -> dict[str, object]:
+    procs = {name: platform.spawn("media", name, PARLEY_INSTANCE_ID=name) for name in names}
+    deadline = time.monotonic() + 60
+    for name, proc in procs.items():
+        log = platform.logs / f"{name}.log"
+        while "media ready" not in log.read_text(errors="replace"):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            await asyncio.sleep(0.1)
+    return procs
+
+
+def simulator(platform: Platform, script: CallScript, tmp_path=None) -> CallerSimulator:
+    return CallerSimulator(gateway_url=platform.gateway_url, auth_token=AUTH_TOKEN,
+                           from_number=CALLER, to_number=AGENT_NUMBER, script=script,
+                           wav_path=tmp_path / "call.wav" if tmp_path else None)
+
+
+async def test_the_caller_is_heard_and_answered(platform: Platform, bus, tmp_path) -> None:
+    await start_media(platform, "media-a")
+    question = await synthesise("What time do you open tomorrow morning?")
+    brain = Brain(bus, {"t1": ["We open at eight in the morning,", "and close at five."]})
+    await brain.start()
+    script = CallScript(utterances=(Utterance(audio=question, label="question", at=0.5),),
+                        reply_timeout=20.0)
+    result = await simulator(platform, script, tmp_path).run()
+    assert not result.protocol_errors
+
+    final, = await brain.wait("transcript.final")
+    assert {"time", "open", "tomorrow", "morning"} <= set(words(final.text)), final.text
+    assert final.provider == "whisper" and final.words
+    ended, = await brain.wait("turn.user_ended")
+    assert ended.turn_id == "t1" and ended.reason in ("silence", "utterance_end")
+    assert ended.text == final.text and 500 <= ended.eou_delay_ms <= 1500
+    started, = await brain.wait("agent.speech.started")
+    assert started.turn_id == "t1" and 0 < started.voice_to_voice_ms < 5000
+    await brain.wait("agent.speech.finished")
+    assert result.latencies_ms[0] is not None and result.latencies_ms[0] < 5000
+    assert (tmp_path / "call.wav").stat().st_size > 16000
+
+    types, row = await stored_call(platform.database_url, brain.call_id, until="usage.recorded")
+    order = ["call.stream_started", "speech.started", "speech.stopped", "transcript.final",
+             "turn.user_ended", "agent.say", "agent.speech.started", "agent.speech.finished",
+             "call.ended", "usage.recorded"]
+    positions = [types.index(t) for t in order]
+    assert positions == sorted(positions), types
+    assert types.count("transcript.final") == 1 and types.count("turn.user_ended") == 1
+    usage = {(u.kind, u.provider): u.quantity for u in brain.of("usage.recorded")}
+    assert usage[("tts_characters", "piper")] == len("We open at eight in the morning,") + len(
+        "and close at five.")
+    assert usage[("stt_seconds", "whisper")] >= 3.0
+    assert row["state"] == "ended"
+
+
+async def test_barge_in_reports_what_the_caller_heard(platform: Platform, bus, tmp_path) -> None:
+    await start_media(platform, "media-a")
+    greeting = ["Thank you for calling Bright Smile Dental,",
+                "we are open Monday to Friday from eight in the morning until five,",
+                "and on Saturdays from nine until noon for cleanings and checkups."]
+    interruption = await synthesise("Sorry, can I book a cleaning for Friday?")
+    brain = Brain(bus, {"t0": greeting, "t1": ["Of course."]})
+    await brain.start()
+    script = CallScript(utterances=(Utterance(audio=interruption, label="interrupt",
+                                              over_agent_after=2.5),), reply_timeout=20.0)
+    result = await simulator(platform, script).run()
+    assert not result.protocol_errors
+
+    cut, = await brain.wait("agent.speech.interrupted")
+    assert cut.turn_id == "t0"
+    ended = await brain.wait("turn.user_ended")
+    assert "friday" in words(ended[0].text)
+    heard = words(cut.played_text)
+    spoken = words(" ".join(greeting))
+    assert heard == spoken[:len(heard)] and 3 <= len(heard) < len(spoken)
+
+    # What the caller's side really played of the greeting, before the gateway's clear:
+    outcome = result.stream
+    assert outcome is not None
+    greeting_audio = b"".join(audio for at, audio in outcome.agent_audio
+                              if at < result.turns[0].ended_at)
+    played_s = len(greeting_audio) / 8000
+    assert abs(played_s - cut.cut_ms / 1000) < 0.3, (played_s, cut.cut_ms)
+    model = await asyncio.to_thread(load_model)
+    pcm = resample(pcm16_to_float32(ulaw_to_pcm16_array(greeting_audio)), 8000, 16000)
+    transcript = await asyncio.to_thread(transcribe, model, np.asarray(pcm), words=False)
+    understood = words(transcript.text)
+    assert abs(len(understood) - len(heard)) <= 2, (transcript.text, cut.played_text)
+
+
+async def test_a_killed_media_instance_is_replaced_within_two_seconds(
+        platform: Platform, bus) -> None:
+    procs = await start_media(platform, "media-a", "media-b")
+    first = await synthesise("Hi, I would like to book an appointment.")
+    second = await synthesise("Next Tuesday at three in the afternoon would be perfect.")
+    brain = Brain(bus, {"t1": ["Sure, when would you like to come in?"]})
+    await brain.start()
+    script = CallScript(utterances=(Utterance(audio=first, label="first", at=0.5),
+                                    Utterance(audio=second, label="second", pause=0.3)),
+                        reply_timeout=20.0)
+    call = asyncio.create_task(simulator(platform, script).run())
+
+    await brain.wait("turn.user_ended")
+    await brain.wait("speech.started", count=2)  # the caller is saying the second sentence
+    kv = await bus.js.key_value(LEASES_BUCKET)
+    owner = msgspec.json.decode((await kv.get(brain.call_id)).value)["owner"]
+    killed_at = time.monotonic()
+    os.kill(procs[owner].pid, signal.SIGKILL)
+    while True:
+        lease = msgspec.json.decode((await kv.get(brain.call_id)).value)
+        if lease["owner"] not in (owner, ""):
+            break
+        assert time.monotonic() - killed_at < 2.0, "nobody took the call over within 2 s"
+        await asyncio.sleep(0.02)
+    took_over_s = time.monotonic() - killed_at
+
+    ended = await brain.wait("turn.user_ended", count=2)
+    assert {"tuesday", "afternoon"} <= set(words(ended[1].text)), ended[1].text
+    result = await call
+    assert not result.protocol_errors
+    types, _ = await stored_call(platform.database_url, brain.call_id, until="call.ended")
+    assert types.count("transcript.final") == len(brain.of("transcript.final")) == 2, types
+    assert types.count("turn.user_ended") == 2
+    print(f"take-over {took_over_s * 1000:.0f} ms after SIGKILL")
