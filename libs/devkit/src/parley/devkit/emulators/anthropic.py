@@ -1,0 +1,344 @@
+"""An Anthropic Messages API emulator: ``POST /v1/messages``, streamed (SSE) or not.
+
+It checks the API key — ``x-api-key``, or ``Authorization: Bearer`` as anthropic SDK 2.x sends it
+— (401 ``authentication_error`` otherwise) and the request's required
+fields (400 ``invalid_request_error``), then answers with the next scripted reply
+(:class:`ScriptedReply`: text and/or tool uses, or a function of the request body) — or
+``default_reply`` when the queue is empty. A stream has the real event shapes: ``message_start``
+(with usage), ``ping``, ``content_block_start`` (``text`` / ``tool_use``), ``content_block_delta``
+(``text_delta`` one word at a time / ``input_json_delta`` with the JSON cut into fragments),
+``content_block_stop``, ``message_delta`` (``stop_reason``, usage) and ``message_stop``.
+
+Prompt caching is modelled: a request whose system blocks carry ``cache_control`` writes its
+prefix (system + tools) on first sight and reads it afterwards, reported in
+``cache_creation_input_tokens`` / ``cache_read_input_tokens``. Token counts are whitespace words.
+
+Pacing: ``ttft_s`` before the first content block, then ``tokens_per_second``. Faults
+(:class:`AnthropicFaults`): ``fail_next(status)`` answers the next requests with Anthropic's error
+JSON (429 ``rate_limit_error``, 500 ``api_error``, 529 ``overloaded_error``…), ``stall`` sends
+``message_start`` and then nothing, ``error_after_tokens`` sends an ``error`` event mid-stream.
+Every request body is kept in :attr:`AnthropicEmulator.requests`; every stream the client
+abandoned is recorded in :attr:`AnthropicEmulator.aborted` (with the tokens sent before).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from parley.devkit.emulators import EmulatorServer, run_cli
+
+__all__ = [
+    "AbortedStream", "AnthropicEmulator", "AnthropicFaults", "ScriptedReply", "ScriptedToolUse",
+    "count_tokens", "json_fragments", "main", "word_tokens",
+]
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+               403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+               429: "rate_limit_error", 500: "api_error", 529: "overloaded_error"}
+
+
+@dataclass(frozen=True)
+class ScriptedToolUse:
+    """A tool call the emulated model makes; ``id`` is generated when omitted."""
+
+    name: str
+    input: dict[str, Any]
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class ScriptedReply:
+    """One reply: text, then tool uses; ``stop_reason`` defaults to ``tool_use`` when any."""
+
+    text: str = ""
+    tool_uses: tuple[ScriptedToolUse, ...] = ()
+    stop_reason: str | None = None
+
+    @property
+    def final_stop_reason(self) -> str:
+        """The stop reason reported for this reply."""
+        return self.stop_reason or ("tool_use" if self.tool_uses else "end_turn")
+
+
+Script = ScriptedReply | Callable[[dict[str, Any]], ScriptedReply]
+
+
+@dataclass
+class AnthropicFaults:
+    """Switches a test flips to make the emulator misbehave."""
+
+    fail_status: int | None = None
+    fail_times: int = 0
+    stall: bool = False
+    error_after_tokens: int | None = None
+
+    def fail_next(self, status: int, *, times: int = 1) -> None:
+        """Answer the next ``times`` requests with ``status`` and Anthropic's error body."""
+        self.fail_status = status
+        self.fail_times = times
+
+    def take_failure(self) -> int | None:
+        """The status to fail this request with, if any (consumes one)."""
+        if self.fail_status is None or self.fail_times <= 0:
+            return None
+        self.fail_times -= 1
+        return self.fail_status
+
+
+@dataclass
+class AbortedStream:
+    """A stream whose client went away before ``message_stop``."""
+
+    tokens_sent: int
+    at: float = field(default_factory=time.monotonic)
+
+
+def word_tokens(text: str) -> list[str]:
+    """``text`` as emulated tokens: each word with the whitespace before it."""
+    return re.findall(r"\s*\S+", text) or ([text] if text else [])
+
+
+def count_tokens(value: Any) -> int:
+    """A rough token count of any JSON-able value: its whitespace-separated words."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return len(text.split())
+
+
+def json_fragments(value: dict[str, Any], size: int = 7) -> list[str]:
+    """``value`` as JSON cut into ``size``-character fragments (as input_json_delta sends)."""
+    text = json.dumps(value)
+    return [text[i:i + size] for i in range(0, len(text), size)]
+
+
+def error_body(status: int, message: str) -> dict[str, Any]:
+    """Anthropic's error JSON for ``status``."""
+    kind = ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+class AnthropicEmulator(EmulatorServer):
+    """The Messages API with scripted replies, pacing, faults and request recording."""
+
+    def __init__(self, *, api_key: str = "test-key", model: str = "claude-emulated",
+                 ttft_s: float = 0.0, tokens_per_second: float | None = None,
+                 default_reply: Script | None = None) -> None:
+        super().__init__()
+        self.api_key = api_key
+        self.model = model
+        self.ttft_s = ttft_s
+        self.tokens_per_second = tokens_per_second
+        self.default_reply: Script = default_reply or ScriptedReply(text="OK.")
+        self.scripts: deque[Script] = deque()
+        self.faults = AnthropicFaults()
+        self.requests: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.aborted: list[AbortedStream] = []
+        self.completed_streams = 0
+        self._cached_prefixes: set[str] = set()
+
+    def script(self, *replies: Script) -> None:
+        """Queue replies, used in order by the next requests."""
+        self.scripts.extend(replies)
+
+    def create_app(self) -> web.Application:
+        """The emulator's aiohttp application."""
+        app = web.Application()
+        app.router.add_post("/v1/messages", self._messages)
+        return app
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        if _credential(request) != self.api_key:
+            return _error(401, "invalid x-api-key")
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "the body is not JSON")
+        problem = _invalid(body)
+        if problem:
+            return _error(400, problem)
+        self.requests.append(body)
+        self.headers.append(dict(request.headers))
+        status = self.faults.take_failure()
+        if status is not None:
+            return _error(status, {429: "Number of request tokens has exceeded your rate limit",
+                                   529: "Overloaded"}.get(status, "Internal server error"))
+        script = self.scripts.popleft() if self.scripts else self.default_reply
+        reply = script(body) if callable(script) else script
+        usage = self._usage(body)
+        if body.get("stream"):
+            return await self._stream(request, reply, usage)
+        return web.json_response(self._message(reply, usage))
+
+    def _usage(self, body: dict[str, Any]) -> dict[str, int]:
+        system = body.get("system")
+        system_text = (system if isinstance(system, str)
+                       else " ".join(b.get("text", "") for b in system or []))
+        prefix_tokens = count_tokens(system_text) + (count_tokens(body["tools"])
+                                                     if body.get("tools") else 0)
+        cached = isinstance(system, list) and any("cache_control" in b for b in system)
+        read = write = 0
+        if cached:
+            key = json.dumps([system, body.get("tools", [])], sort_keys=True)
+            if key in self._cached_prefixes:
+                read = prefix_tokens
+            else:
+                write = prefix_tokens
+                self._cached_prefixes.add(key)
+        return {"input_tokens": count_tokens(body["messages"]) + (0 if cached else prefix_tokens),
+                "cache_creation_input_tokens": write, "cache_read_input_tokens": read}
+
+    def _message(self, reply: ScriptedReply, usage: dict[str, int]) -> dict[str, Any]:
+        content: list[dict[str, Any]] = []
+        if reply.text:
+            content.append({"type": "text", "text": reply.text})
+        for use in reply.tool_uses:
+            content.append({"type": "tool_use", "id": use.id or _tool_id(), "name": use.name,
+                            "input": use.input})
+        output = count_tokens(reply.text) + sum(count_tokens(u.input) for u in reply.tool_uses)
+        return {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
+                "model": self.model, "content": content, "stop_reason": reply.final_stop_reason,
+                "stop_sequence": None, "usage": {**usage, "output_tokens": output}}
+
+    async def _stream(self, request: web.Request, reply: ScriptedReply,
+                      usage: dict[str, int]) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-cache",
+                                               "request-id": f"req_{uuid.uuid4().hex[:20]}"})
+        await response.prepare(request)
+        sent = 0
+        try:
+            start = self._message(ScriptedReply(), usage)
+            start.update(stop_reason=None, usage={**usage, "output_tokens": 1})
+            await _event(response, "message_start", {"type": "message_start", "message": start})
+            if self.faults.stall:
+                await _until_disconnected(request)
+                raise ConnectionResetError("the client gave up on a stalled stream")
+            await _event(response, "ping", {"type": "ping"})
+            if self.ttft_s:
+                await asyncio.sleep(self.ttft_s)
+            index = 0
+            if reply.text:
+                await _event(response, "content_block_start", {
+                    "type": "content_block_start", "index": index,
+                    "content_block": {"type": "text", "text": ""}})
+                for token in word_tokens(reply.text):
+                    sent = await self._token(response, sent, index,
+                                             {"type": "text_delta", "text": token})
+                await _event(response, "content_block_stop",
+                             {"type": "content_block_stop", "index": index})
+                index += 1
+            for use in reply.tool_uses:
+                await _event(response, "content_block_start", {
+                    "type": "content_block_start", "index": index,
+                    "content_block": {"type": "tool_use", "id": use.id or _tool_id(),
+                                      "name": use.name, "input": {}}})
+                for fragment in json_fragments(use.input):
+                    sent = await self._token(response, sent, index,
+                                             {"type": "input_json_delta",
+                                              "partial_json": fragment})
+                await _event(response, "content_block_stop",
+                             {"type": "content_block_stop", "index": index})
+                index += 1
+            await _event(response, "message_delta", {
+                "type": "message_delta",
+                "delta": {"stop_reason": reply.final_stop_reason, "stop_sequence": None},
+                "usage": {"output_tokens": sent}})
+            await _event(response, "message_stop", {"type": "message_stop"})
+        except _MidStreamError:
+            await response.write_eof()
+            return response
+        except (ConnectionError, asyncio.CancelledError):
+            self.aborted.append(AbortedStream(tokens_sent=sent))
+            raise
+        await response.write_eof()
+        self.completed_streams += 1
+        return response
+
+    async def _token(self, response: web.StreamResponse, sent: int, index: int,
+                     delta: dict[str, Any]) -> int:
+        if self.faults.error_after_tokens is not None and sent >= self.faults.error_after_tokens:
+            await _event(response, "error", error_body(529, "Overloaded"))
+            raise _MidStreamError
+        if self.tokens_per_second and sent:
+            await asyncio.sleep(1 / self.tokens_per_second)
+        await _event(response, "content_block_delta",
+                     {"type": "content_block_delta", "index": index, "delta": delta})
+        return sent + 1
+
+
+class _MidStreamError(Exception):
+    """Raised to end a stream right after an ``error`` event."""
+
+
+async def _until_disconnected(request: web.Request) -> None:
+    # aiohttp does not cancel handlers on disconnect and offers no event to await: poll.
+    while request.transport is not None and not request.transport.is_closing():  # noqa: ASYNC110
+        await asyncio.sleep(0.02)
+
+
+def _invalid(body: Any) -> str | None:
+    if not isinstance(body, dict):
+        return "the body must be a JSON object"
+    for name, kind in (("model", str), ("max_tokens", int), ("messages", list)):
+        if not isinstance(body.get(name), kind):
+            return f"{name}: Field required"
+    if not body["messages"]:
+        return "messages: at least one message is required"
+    for message in body["messages"]:
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+            return "messages: each message needs a role of user or assistant"
+    roles = [m["role"] for m in body["messages"]]
+    if any(a == b for a, b in zip(roles, roles[1:], strict=False)):
+        return "messages: roles must alternate between user and assistant"
+    return None
+
+
+def _credential(request: web.Request) -> str | None:
+    """The API key sent as ``x-api-key`` or (as anthropic SDK 2.x does) a bearer token."""
+    if "x-api-key" in request.headers:
+        return request.headers["x-api-key"]
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token if scheme.lower() == "bearer" else None
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response(error_body(status, message), status=status,
+                             headers={"request-id": f"req_{uuid.uuid4().hex[:20]}"})
+
+
+async def _event(response: web.StreamResponse, name: str, data: dict[str, Any]) -> None:
+    await response.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+
+
+def _tool_id() -> str:
+    return f"toolu_{uuid.uuid4().hex[:24]}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m parley.devkit.emulators.anthropic --port N [--api-key K] [--ttft-ms M]``."""
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--api-key", default="test-key")
+        parser.add_argument("--ttft-ms", type=float, default=200.0)
+        parser.add_argument("--tokens-per-second", type=float, default=60.0)
+
+    def factory(args: argparse.Namespace) -> AnthropicEmulator:
+        return AnthropicEmulator(api_key=args.api_key, ttft_s=args.ttft_ms / 1000,
+                                 tokens_per_second=args.tokens_per_second)
+
+    run_cli(factory, "Anthropic Messages API emulator", argv, add_arguments)
+
+
+if __name__ == "__main__":
+    main()

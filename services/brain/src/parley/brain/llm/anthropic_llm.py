@@ -1,0 +1,203 @@
+"""Claude through the anthropic SDK: streamed text, streamed tool calls, a cached system prompt.
+
+The request is sent with ``AsyncAnthropic.messages.create(stream=True)`` and the raw stream events
+are mapped to :data:`~parley.brain.llm.base.LlmEvent`: ``text_delta`` → :class:`TextDelta`;
+a ``tool_use`` block's ``input_json_delta`` fragments are joined and parsed at
+``content_block_stop`` → :class:`ToolCall`; usage from ``message_start`` (input, cache read,
+cache write) and ``message_delta`` (output) → :class:`Done`. The system prompt goes as one text
+block with ``cache_control: ephemeral`` when it is cacheable, so every turn after the first reads
+it from Anthropic's prompt cache.
+
+The SDK's own retries are off by default (``max_retries=0``): the router falls back to another
+provider faster than a backoff would. Closing the event stream (or cancelling the task that
+consumes it) closes the HTTP response at once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anthropic
+
+from .base import (
+    AssistantMessage,
+    Done,
+    LlmError,
+    LlmEvent,
+    LlmRequest,
+    Message,
+    TextDelta,
+    ToolCall,
+    ToolResult,
+    ToolUse,
+    Usage,
+    UserMessage,
+)
+
+__all__ = ["AnthropicLlm", "to_anthropic_messages"]
+
+# Error types Anthropic reports in a stream's ``error`` event, where the HTTP status is a 200.
+_STREAM_ERROR_STATUS = {"overloaded_error": 529, "api_error": 500, "rate_limit_error": 429,
+                        "invalid_request_error": 400}
+
+
+class AnthropicLlm:
+    """An :class:`~parley.brain.llm.base.LlmProvider` for the Anthropic Messages API.
+
+    Pass ``client`` to share one ``AsyncAnthropic`` (it is then not closed here); otherwise one is
+    made from ``api_key``/``base_url`` on first use and closed by :meth:`aclose`.
+    """
+
+    supports_tools = True
+
+    def __init__(self, *, api_key: str | None = None, model: str = "claude-haiku-4-5",
+                 base_url: str | None = None, client: anthropic.AsyncAnthropic | None = None,
+                 name: str = "anthropic", cost: float = 1.0, max_retries: int = 0,
+                 timeout_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self.cost = cost
+        self.model = model
+        self._api_key = api_key
+        self._base_url = base_url
+        self._max_retries = max_retries
+        self._timeout_s = timeout_s
+        self._client = client
+        self._owns_client = client is None
+        self._clock = clock
+
+    def _get_client(self) -> anthropic.AsyncAnthropic:
+        if self._client is None:
+            self._client = anthropic.AsyncAnthropic(
+                api_key=self._api_key, base_url=self._base_url, max_retries=self._max_retries,
+                timeout=self._timeout_s)
+        return self._client
+
+    async def aclose(self) -> None:
+        """Close the SDK client if this provider made it."""
+        if self._owns_client and self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    def request_params(self, request: LlmRequest) -> dict[str, Any]:
+        """The ``messages.create`` keyword arguments for ``request`` (without ``stream``)."""
+        params: dict[str, Any] = {"model": self.model, "max_tokens": request.max_tokens,
+                                  "messages": to_anthropic_messages(request.messages)}
+        if request.system is not None and request.system.text:
+            block: dict[str, Any] = {"type": "text", "text": request.system.text}
+            if request.system.cacheable:
+                block["cache_control"] = {"type": "ephemeral"}
+            params["system"] = [block]
+        if request.tools:
+            params["tools"] = [{"name": t.name, "description": t.description,
+                                "input_schema": t.input_schema} for t in request.tools]
+        if request.temperature is not None:
+            params["temperature"] = request.temperature
+        return params
+
+    async def stream(self, request: LlmRequest) -> AsyncIterator[LlmEvent]:
+        """Stream Claude's reply to ``request``; SDK errors become :class:`LlmError`."""
+        started = self._clock()
+        ttft_ms: float | None = None
+        usage: dict[str, int] = {}
+        stop_reason = "end_turn"
+        tools: dict[int, tuple[str, str, list[str]]] = {}  # block index → id, name, fragments
+        try:
+            events = await self._get_client().messages.create(
+                **self.request_params(request), stream=True)
+            async with events:
+                async for event in events:
+                    match event.type:
+                        case "message_start":
+                            _merge_usage(usage, event.message.usage)
+                        case "content_block_start" if event.content_block.type == "tool_use":
+                            block = event.content_block
+                            tools[event.index] = (block.id, block.name, [])
+                        case "content_block_delta":
+                            delta = event.delta
+                            if ttft_ms is None:
+                                ttft_ms = (self._clock() - started) * 1000
+                            if delta.type == "text_delta" and delta.text:
+                                yield TextDelta(text=delta.text)
+                            elif delta.type == "input_json_delta" and event.index in tools:
+                                tools[event.index][2].append(delta.partial_json)
+                        case "content_block_stop" if event.index in tools:
+                            tool_id, tool_name, fragments = tools.pop(event.index)
+                            yield ToolCall(id=tool_id, name=tool_name,
+                                           arguments=self._arguments(tool_name, fragments))
+                        case "message_delta":
+                            _merge_usage(usage, event.usage)
+                            if event.delta.stop_reason:
+                                stop_reason = event.delta.stop_reason
+        except anthropic.APIStatusError as exc:
+            raise _status_error(self.name, exc) from exc
+        except anthropic.APIConnectionError as exc:
+            raise LlmError(self.name, f"connection failed: {exc}", retryable=True) from exc
+        yield Done(usage=Usage(input_tokens=usage.get("input_tokens", 0),
+                               output_tokens=usage.get("output_tokens", 0),
+                               cache_read_tokens=usage.get("cache_read_input_tokens", 0),
+                               cache_write_tokens=usage.get("cache_creation_input_tokens", 0)),
+                   stop_reason=stop_reason, ttft_ms=ttft_ms)
+
+    def _arguments(self, tool_name: str, fragments: list[str]) -> dict[str, Any]:
+        text = "".join(fragments).strip()
+        if not text:
+            return {}
+        try:
+            arguments = json.loads(text)
+        except ValueError as exc:
+            raise LlmError(self.name, f"tool {tool_name!r}: arguments are not JSON",
+                           retryable=False) from exc
+        if not isinstance(arguments, dict):
+            raise LlmError(self.name, f"tool {tool_name!r}: arguments are not an object",
+                           retryable=False)
+        return arguments
+
+
+def to_anthropic_messages(messages: tuple[Message, ...]) -> list[dict[str, Any]]:
+    """The conversation as Anthropic messages: alternating roles, tool blocks in content lists.
+
+    Consecutive items of the same role are merged into one message (a reply's text and its tool
+    uses; several tool results), as the API requires roles to alternate.
+    """
+    result: list[dict[str, Any]] = []
+    for message in messages:
+        match message:
+            case UserMessage(text=text):
+                role, block = "user", {"type": "text", "text": text}
+            case AssistantMessage(text=text):
+                role, block = "assistant", {"type": "text", "text": text}
+            case ToolUse(id=tool_id, name=name, arguments=arguments):
+                role, block = "assistant", {"type": "tool_use", "id": tool_id, "name": name,
+                                            "input": arguments}
+            case ToolResult(tool_use_id=tool_id, content=content, is_error=is_error):
+                role = "user"
+                block = {"type": "tool_result", "tool_use_id": tool_id, "content": content}
+                if is_error:
+                    block["is_error"] = True
+        if block.get("type") == "text" and not block["text"]:
+            continue  # the API rejects empty text blocks (e.g. an utterance cut to nothing)
+        if result and result[-1]["role"] == role:
+            result[-1]["content"].append(block)
+        else:
+            result.append({"role": role, "content": [block]})
+    return result
+
+
+def _merge_usage(usage: dict[str, int], reported: Any) -> None:
+    if reported is None:
+        return
+    for field in ("input_tokens", "output_tokens", "cache_read_input_tokens",
+                  "cache_creation_input_tokens"):
+        value = getattr(reported, field, None)
+        if value is not None:
+            usage[field] = value
+
+
+def _status_error(provider: str, exc: anthropic.APIStatusError) -> LlmError:
+    status = exc.status_code
+    if status < 400:  # an ``error`` event inside a 200 stream
+        status = _STREAM_ERROR_STATUS.get(exc.type or "", 500)
+    return LlmError(provider, exc.api_message or str(exc), status=status)

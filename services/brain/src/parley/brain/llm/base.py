@@ -1,0 +1,179 @@
+"""What every LLM provider speaks: a request in, a stream of events out.
+
+A provider turns an :class:`LlmRequest` (system prompt, conversation, tools) into an async stream
+of :data:`LlmEvent`: text as it arrives (:class:`TextDelta`), each tool call once its arguments are
+complete (:class:`ToolCall`), and one :class:`Done` with usage and time to first token. Failures
+are :class:`LlmError`, classified retryable (429, 5xx, connection) or not (other 4xx), so the
+router can fall back and the breaker counts the right things.
+
+Consumers close the stream when they stop early (``contextlib.aclosing``), and cancelling the
+consuming task closes the provider's HTTP stream: nothing keeps generating after a barge-in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol, runtime_checkable
+
+import msgspec
+
+__all__ = [
+    "AssistantMessage", "Done", "Filler", "LlmError", "LlmEvent", "LlmProvider", "LlmRequest",
+    "Message", "ProviderSwitched", "SystemPrompt", "TextDelta", "ToolCall", "ToolResult",
+    "ToolSpec", "ToolUse", "Usage", "UserMessage", "is_retryable_status",
+]
+
+
+class SystemPrompt(msgspec.Struct, frozen=True, kw_only=True):
+    """The agent's instructions; ``cacheable`` asks the provider to cache them across turns."""
+
+    text: str
+    cacheable: bool = True
+
+
+class UserMessage(msgspec.Struct, frozen=True, kw_only=True, tag="user"):
+    """What the caller said."""
+
+    text: str
+
+
+class AssistantMessage(msgspec.Struct, frozen=True, kw_only=True, tag="assistant"):
+    """What the agent said (only the part that was actually played, after a barge-in)."""
+
+    text: str
+
+
+class ToolUse(msgspec.Struct, frozen=True, kw_only=True, tag="tool_use"):
+    """A tool call the agent made earlier in the conversation."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+
+class ToolResult(msgspec.Struct, frozen=True, kw_only=True, tag="tool_result"):
+    """The outcome of the tool call ``tool_use_id``; ``content`` is text (often JSON)."""
+
+    tool_use_id: str
+    content: str
+    is_error: bool = False
+
+
+Message = UserMessage | AssistantMessage | ToolUse | ToolResult
+
+
+class ToolSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A tool offered to the model: a name, what it does, and a JSON schema for its input."""
+
+    name: str
+    description: str = ""
+    input_schema: dict[str, Any] = msgspec.field(
+        default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class LlmRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One turn's request: instructions, the conversation so far, the tools on offer."""
+
+    messages: tuple[Message, ...]
+    system: SystemPrompt | None = None
+    tools: tuple[ToolSpec, ...] = ()
+    max_tokens: int = 512
+    temperature: float | None = None
+
+    @property
+    def last_user_text(self) -> str:
+        """The caller's latest words ("" when the conversation has none)."""
+        for message in reversed(self.messages):
+            if isinstance(message, UserMessage):
+                return message.text
+        return ""
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    """Tokens billed for one response; cache fields are 0 where the provider has no cache."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+
+
+class TextDelta(msgspec.Struct, frozen=True, kw_only=True, tag="text"):
+    """A piece of the reply's text, in order."""
+
+    text: str
+
+
+class ToolCall(msgspec.Struct, frozen=True, kw_only=True, tag="tool_call"):
+    """A complete tool call: emitted once its arguments have fully arrived."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+
+class Done(msgspec.Struct, frozen=True, kw_only=True, tag="done"):
+    """The end of a response.
+
+    ``stop_reason`` is the provider's (normalised to ``end_turn``, ``tool_use``, ``max_tokens``
+    or what the vendor said); ``ttft_ms`` is the time to the first text or tool token (``None``
+    if there was none); ``intent`` is set by providers that classify (the local responder);
+    ``provider`` is filled in by the router with whoever served the turn.
+    """
+
+    usage: Usage = Usage()
+    stop_reason: str = "end_turn"
+    ttft_ms: float | None = None
+    intent: str | None = None
+    provider: str = ""
+
+
+class Filler(msgspec.Struct, frozen=True, kw_only=True, tag="filler"):
+    """Said by the router when no first token came in time, so the caller never hears silence."""
+
+    text: str
+
+
+class ProviderSwitched(msgspec.Struct, frozen=True, kw_only=True, tag="provider_switched"):
+    """The router gave up on ``from_provider`` for this turn and tries ``to_provider``."""
+
+    from_provider: str
+    to_provider: str
+    reason: str
+
+
+LlmEvent = TextDelta | ToolCall | Done
+
+
+def is_retryable_status(status: int | None) -> bool:
+    """Whether an HTTP status may succeed on retry: none (connection), 408, 409, 429 or 5xx."""
+    return status is None or status in (408, 409, 429) or status >= 500
+
+
+class LlmError(Exception):
+    """A provider failed: who, what, the HTTP status if any, and whether retrying may help."""
+
+    def __init__(self, provider: str, message: str, *, status: int | None = None,
+                 retryable: bool | None = None) -> None:
+        super().__init__(f"{provider}: {message}" + (f" (HTTP {status})" if status else ""))
+        self.provider = provider
+        self.message = message
+        self.status = status
+        self.retryable = is_retryable_status(status) if retryable is None else retryable
+
+
+@runtime_checkable
+class LlmProvider(Protocol):
+    """A language model behind a uniform streaming interface.
+
+    ``cost`` is a relative price per turn (any unit, the same for all providers of a router);
+    ``supports_tools`` says whether it can be offered tools.
+    """
+
+    name: str
+    cost: float
+    supports_tools: bool
+
+    def stream(self, request: LlmRequest) -> AsyncIterator[LlmEvent]:
+        """Stream the reply to ``request``; raise :class:`LlmError` on failure."""
+        ...

@@ -1,0 +1,191 @@
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+import pytest
+
+from parley.brain.llm.anthropic_llm import AnthropicLlm
+from parley.brain.llm.base import (
+    AssistantMessage,
+    Done,
+    LlmError,
+    LlmEvent,
+    LlmRequest,
+    SystemPrompt,
+    TextDelta,
+    ToolCall,
+    ToolResult,
+    ToolSpec,
+    ToolUse,
+    UserMessage,
+)
+from parley.brain.llm.clauses import ClauseSplitter
+from parley.devkit.emulators.anthropic import AnthropicEmulator, ScriptedReply, ScriptedToolUse
+
+BOOK = ToolSpec(name="book_appointment", description="Book a dental appointment.",
+                input_schema={"type": "object", "required": ["day"],
+                              "properties": {"day": {"type": "string"},
+                                             "time": {"type": "string"}}})
+SYSTEM = SystemPrompt(text="You are the receptionist of Bright Smile Dental. Be brief.")
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[AnthropicEmulator]:
+    server = AnthropicEmulator(api_key="sk-test")
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def claude(emulator: AnthropicEmulator) -> AsyncIterator[AnthropicLlm]:
+    provider = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url, model="claude-test")
+    yield provider
+    await provider.aclose()
+
+
+async def collect(provider: AnthropicLlm, request: LlmRequest) -> list[LlmEvent]:
+    return [event async for event in provider.stream(request)]
+
+
+def ask(text: str, **kwargs: object) -> LlmRequest:
+    return LlmRequest(system=SYSTEM, messages=(UserMessage(text=text),), **kwargs)  # type: ignore[arg-type]
+
+
+async def test_streamed_text_arrives_in_pieces_and_splits_into_clauses(
+        emulator: AnthropicEmulator, claude: AnthropicLlm) -> None:
+    emulator.script(ScriptedReply(text="Sure! A cleaning costs $95, and it takes about an hour. "
+                                       "Would Tuesday at 10:30 work?"))
+    events = await collect(claude, ask("How much is a cleaning?"))
+    deltas = [e.text for e in events if isinstance(e, TextDelta)]
+    assert len(deltas) > 5  # streamed word by word, not in one piece
+    splitter = ClauseSplitter()
+    clauses = [c for d in deltas for c in splitter.feed(d)] + [splitter.flush()]
+    assert clauses == ["Sure!", "A cleaning costs $95,", "and it takes about an hour.",
+                       "Would Tuesday at 10:30 work?"]
+    done = events[-1]
+    assert isinstance(done, Done) and done.stop_reason == "end_turn"
+    assert done.ttft_ms is not None and done.ttft_ms >= 0
+
+
+async def test_system_prompt_is_cached_and_usage_is_mapped(
+        emulator: AnthropicEmulator, claude: AnthropicLlm) -> None:
+    first = await collect(claude, ask("Hello"))
+    second = await collect(claude, ask("Hello again"))
+    sent = emulator.requests[0]
+    assert sent["system"] == [{"type": "text", "text": SYSTEM.text,
+                               "cache_control": {"type": "ephemeral"}}]
+    assert sent["model"] == "claude-test" and sent["stream"] is True
+    assert emulator.headers[0]["Authorization"] == "Bearer sk-test"  # how SDK 2.x sends the key
+    first_done, second_done = first[-1], second[-1]
+    assert isinstance(first_done, Done) and isinstance(second_done, Done)
+    prefix = len(SYSTEM.text.split())
+    assert first_done.usage.cache_write_tokens == prefix and first_done.usage.cache_read_tokens == 0
+    assert second_done.usage.cache_read_tokens == prefix
+    assert second_done.usage.cache_write_tokens == 0
+    assert first_done.usage.input_tokens > 0 and first_done.usage.output_tokens == 1  # "OK."
+
+    uncached = LlmRequest(system=SystemPrompt(text="Be brief.", cacheable=False),
+                          messages=(UserMessage(text="Hi"),))
+    await collect(claude, uncached)
+    assert emulator.requests[-1]["system"] == [{"type": "text", "text": "Be brief."}]
+
+
+async def test_tool_use_round_trip(emulator: AnthropicEmulator, claude: AnthropicLlm) -> None:
+    arguments = {"day": "Tuesday", "time": "10:30", "note": "first visit, \"sensitive\" teeth"}
+    emulator.script(
+        ScriptedReply(text="Let me book that.",
+                      tool_uses=(ScriptedToolUse(name="book_appointment", input=arguments,
+                                                 id="toolu_1"),)),
+        lambda body: ScriptedReply(
+            text="You're booked." if body["messages"][-1]["content"][0]["type"] == "tool_result"
+            else "Hmm."))
+    request = ask("Book me in Tuesday at 10:30", tools=(BOOK,))
+    events = await collect(claude, request)
+    calls = [e for e in events if isinstance(e, ToolCall)]
+    assert calls == [ToolCall(id="toolu_1", name="book_appointment", arguments=arguments)]
+    assert isinstance(events[-1], Done) and events[-1].stop_reason == "tool_use"
+    assert emulator.requests[0]["tools"] == [{"name": "book_appointment",
+                                              "description": BOOK.description,
+                                              "input_schema": BOOK.input_schema}]
+
+    follow_up = LlmRequest(system=SYSTEM, tools=(BOOK,), messages=(
+        *request.messages, AssistantMessage(text="Let me book that."),
+        ToolUse(id="toolu_1", name="book_appointment", arguments=arguments),
+        ToolResult(tool_use_id="toolu_1", content='{"confirmation": "A12"}')))
+    events = await collect(claude, follow_up)
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "You're booked."
+    assert [m["role"] for m in emulator.requests[1]["messages"]] == ["user", "assistant", "user"]
+    assert emulator.requests[1]["messages"][1]["content"][1] == {
+        "type": "tool_use", "id": "toolu_1", "name": "book_appointment", "input": arguments}
+
+
+async def test_cancelling_the_consumer_closes_the_stream_promptly(
+        emulator: AnthropicEmulator, claude: AnthropicLlm) -> None:
+    emulator.tokens_per_second = 50
+    emulator.script(ScriptedReply(text=" ".join(["word"] * 200)))  # 4 s at full length
+    received: list[str] = []
+    two_words = asyncio.Event()
+
+    async def consume() -> None:
+        async with aclosing(claude.stream(ask("Tell me a long story"))) as events:
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    received.append(event.text)
+                    if len(received) == 2:
+                        two_words.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(two_words.wait(), 5)
+    cancelled_at = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(100):
+        if emulator.aborted:
+            break
+        await asyncio.sleep(0.01)
+    assert emulator.aborted, "the emulator never saw the connection close"
+    assert emulator.aborted[0].at - cancelled_at < 0.5
+    assert emulator.aborted[0].tokens_sent < 50
+    assert emulator.completed_streams == 0
+
+
+@pytest.mark.parametrize(("status", "retryable"), [(429, True), (529, True), (500, True),
+                                                   (400, False)])
+async def test_http_errors_become_classified_llm_errors(
+        emulator: AnthropicEmulator, claude: AnthropicLlm, status: int, retryable: bool) -> None:
+    emulator.faults.fail_next(status)
+    with pytest.raises(LlmError) as caught:
+        await collect(claude, ask("Hello"))
+    assert caught.value.status == status and caught.value.retryable is retryable
+    assert caught.value.provider == "anthropic"
+    assert len(emulator.requests) == 1  # the SDK did not retry behind the router's back
+
+
+async def test_a_mid_stream_error_event_is_retryable(
+        emulator: AnthropicEmulator, claude: AnthropicLlm) -> None:
+    emulator.faults.error_after_tokens = 2
+    emulator.script(ScriptedReply(text="one two three four"))
+    received: list[LlmEvent] = []
+    with pytest.raises(LlmError) as caught:
+        async for event in claude.stream(ask("Count")):
+            received.append(event)
+    assert [e.text for e in received if isinstance(e, TextDelta)] == ["one", " two"]
+    assert caught.value.status == 529 and caught.value.retryable
+
+
+async def test_wrong_key_and_unreachable_server(emulator: AnthropicEmulator) -> None:
+    wrong = AnthropicLlm(api_key="nope", base_url=emulator.base_url)
+    with pytest.raises(LlmError) as caught:
+        await collect(wrong, ask("Hi"))
+    assert caught.value.status == 401 and not caught.value.retryable
+    await wrong.aclose()
+
+    await emulator.stop()
+    gone = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    with pytest.raises(LlmError) as caught:
+        await collect(gone, ask("Hi"))
+    assert caught.value.status is None and caught.value.retryable
+    await gone.aclose()
