@@ -2,8 +2,8 @@
 
     python bench/run.py [names...] [--check] [--quick] [--out DIR]
 
-Benchmarks: bus_latency, recorder_throughput, projection_rebuild, fold_call, gateway_frames
-(default: all).
+Benchmarks: bus_latency, recorder_throughput, projection_rebuild, fold_call, gateway_frames,
+media_frame_path, local_stt_latency, piper_ttfa (default: all).
 nats-server and Postgres are started from the installed packages on free loopback ports in temp
 dirs under /tmp, and stopped and removed at the end. Prints a table, writes ``<out>/<name>.json``
 (date, machine, config, raw summaries) and ``<out>/latest.md``; ``out`` is ``bench/results``, or
@@ -32,7 +32,13 @@ from _stats import ERROR, FAIL, BenchResult, render_table, write_results
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = ("bus_latency", "recorder_throughput", "projection_rebuild", "fold_call",
-              "gateway_frames")
+              "gateway_frames", "media_frame_path", "local_stt_latency", "piper_ttfa")
+# A benchmark is ``<name>.run`` unless it shares a module: name → (module, function).
+ENTRY_POINTS = {
+    "media_frame_path": ("media", "run_frame_path"),
+    "local_stt_latency": ("media", "run_stt_latency"),
+    "piper_ttfa": ("media", "run_piper_ttfa"),
+}
 # Wall-clock limit per benchmark in seconds (full, quick), server start-up included.
 TIME_LIMITS = {
     "bus_latency": (180, 30),
@@ -40,6 +46,9 @@ TIME_LIMITS = {
     "projection_rebuild": (300, 45),
     "fold_call": (180, 30),
     "gateway_frames": (300, 45),
+    "media_frame_path": (180, 45),
+    "local_stt_latency": (240, 60),
+    "piper_ttfa": (120, 30),
 }
 
 
@@ -70,12 +79,13 @@ async def _run_all(names: list[str], ctx: Context) -> list[BenchResult]:
     results = []
     for name in names:
         limit = TIME_LIMITS[name][1 if ctx.quick else 0]
-        module = importlib.import_module(name)
+        module_name, function = ENTRY_POINTS.get(name, (name, "run"))
+        module = importlib.import_module(module_name)
         _log(f"[{name}] (limit {limit}s)")
         ctx.deadline = time.monotonic() + limit
         started = time.perf_counter()
         try:
-            result = await asyncio.wait_for(module.run(ctx), limit)
+            result = await asyncio.wait_for(getattr(module, function)(ctx), limit)
         except Exception as exc:  # report it and go on with the next benchmark
             detail = (f"timed out after {limit}s" if isinstance(exc, TimeoutError) and
                       time.monotonic() >= ctx.deadline else traceback.format_exc())
