@@ -10,8 +10,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from parley.common.configuration import create_agent, create_api_key, create_org
 from parley.common.events import CallRequested, Event, ToolRequested, decode
+from parley.common.tools.repository import add_tool
 from parley.tools.config import ToolsConfig
-from parley.tools.repository import add_tool
 from parley.tools.worker import ToolsService
 
 ORG, AGENT = "org_acme", "ag_support"

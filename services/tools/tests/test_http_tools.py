@@ -3,7 +3,7 @@ import logging
 import msgspec
 
 from parley.common.events import uuid7
-from parley.tools.repository import set_secret
+from parley.common.tools.repository import set_secret
 
 from .conftest import ORG, add_http_tool, request_tool, start_call
 

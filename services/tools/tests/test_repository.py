@@ -1,8 +1,8 @@
 import pytest
 
-from parley.tools.builtin_specs import BUILTIN_SPECS
-from parley.tools.definitions import ToolDefinitionError
-from parley.tools.repository import (
+from parley.common.tools.builtin_specs import BUILTIN_SPECS
+from parley.common.tools.definitions import ToolDefinitionError
+from parley.common.tools.repository import (
     add_tool,
     agent_tool_specs,
     delete_tool,

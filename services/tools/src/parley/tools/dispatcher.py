@@ -25,15 +25,15 @@ from psycopg_pool import AsyncConnectionPool
 from parley.common.bus import Bus
 from parley.common.events import Event, ToolApproved, ToolDenied, ToolRequested
 from parley.common.metrics import Metrics
+from parley.common.tools.builtin_specs import BUILTIN_SPECS
+from parley.common.tools.definitions import HttpTool, ToolSpec, argument_errors
+from parley.common.tools.repository import allows_private_targets, get_secrets, get_tool
 
 from . import journal
-from .builtin_specs import BUILTIN_SPECS
 from .builtins import Builtins
 from .call_context import CallContext, CallDirectory
-from .definitions import HttpTool, ToolSpec, argument_errors
 from .http_tool import run_http_tool
 from .outcomes import ToolOutcome
-from .repository import allows_private_targets, get_secrets, get_tool
 
 log = logging.getLogger(__name__)
 

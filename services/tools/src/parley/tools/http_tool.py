@@ -24,7 +24,8 @@ from tenacity import (
     wait_exponential,
 )
 
-from .definitions import SECRET_PLACEHOLDER, HttpTool
+from parley.common.tools.definitions import SECRET_PLACEHOLDER, HttpTool
+
 from .outcomes import ToolError, ToolOutcome
 from .target_guard import TargetNotAllowed, check_url, refused_target
 
