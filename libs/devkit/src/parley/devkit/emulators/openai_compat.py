@@ -1,0 +1,156 @@
+"""An OpenAI-compatible chat completions emulator: ``POST /v1/chat/completions``.
+
+The same scripted replies as :mod:`.anthropic` (:class:`ScriptedReply`), answered as the real
+service does: with ``stream: true``, ``chat.completion.chunk`` server-sent events (a role chunk,
+``delta.content`` one word at a time, ``delta.tool_calls`` with the id and name first and then
+the arguments JSON in fragments, a ``finish_reason`` chunk, a usage chunk when
+``stream_options.include_usage`` is set, then ``data: [DONE]``); otherwise one
+``chat.completion`` object. ``Authorization: Bearer <api_key>`` is checked when ``api_key`` is
+set; ``fail_next(status)`` answers with OpenAI's error JSON. Bodies land in :attr:`requests`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+import uuid
+from collections import deque
+from typing import Any
+
+from aiohttp import web
+
+from parley.devkit.emulators import EmulatorServer, run_cli
+from parley.devkit.emulators.anthropic import (
+    AnthropicFaults,
+    Script,
+    ScriptedReply,
+    ScriptedToolUse,
+    count_tokens,
+    json_fragments,
+    word_tokens,
+)
+
+__all__ = ["OpenAICompatEmulator", "ScriptedReply", "ScriptedToolUse", "main"]
+
+_ERROR_TYPES = {401: "invalid_api_key", 429: "rate_limit_exceeded", 400: "invalid_request_error"}
+
+
+class OpenAICompatEmulator(EmulatorServer):
+    """Chat completions with scripted replies, pacing, failures and request recording."""
+
+    def __init__(self, *, api_key: str | None = None, model: str = "emulated-chat",
+                 tokens_per_second: float | None = None,
+                 default_reply: Script | None = None) -> None:
+        super().__init__()
+        self.api_key = api_key
+        self.model = model
+        self.tokens_per_second = tokens_per_second
+        self.default_reply: Script = default_reply or ScriptedReply(text="OK.")
+        self.scripts: deque[Script] = deque()
+        self.faults = AnthropicFaults()  # only fail_next() applies here
+        self.requests: list[dict[str, Any]] = []
+
+    def script(self, *replies: Script) -> None:
+        """Queue replies, used in order by the next requests."""
+        self.scripts.extend(replies)
+
+    def create_app(self) -> web.Application:
+        """The emulator's aiohttp application."""
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._completions)
+        return app
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return _error(401, "Incorrect API key provided")
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "We could not parse the JSON body of your request.")
+        if not isinstance(body, dict) or not body.get("messages") or not body.get("model"):
+            return _error(400, "'model' and 'messages' are required")
+        self.requests.append(body)
+        status = self.faults.take_failure()
+        if status is not None:
+            return _error(status, "The server had an error while processing your request.")
+        script = self.scripts.popleft() if self.scripts else self.default_reply
+        reply = script(body) if callable(script) else script
+        usage = {"prompt_tokens": count_tokens(body["messages"]),
+                 "completion_tokens": count_tokens(reply.text)
+                 + sum(count_tokens(u.input) for u in reply.tool_uses)}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        finish = "tool_calls" if reply.tool_uses else "stop"
+        calls = [{"id": use.id or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                  "function": {"name": use.name, "arguments": json.dumps(use.input)}}
+                 for use in reply.tool_uses]
+        if not body.get("stream"):
+            message: dict[str, Any] = {"role": "assistant", "content": reply.text or None}
+            if calls:
+                message["tool_calls"] = calls
+            return web.json_response({**self._envelope("chat.completion"), "usage": usage,
+                                      "choices": [{"index": 0, "message": message,
+                                                   "finish_reason": finish}]})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        chunk = self._envelope("chat.completion.chunk")
+        await self._send(response, chunk, {"role": "assistant", "content": ""})
+        for token in word_tokens(reply.text):
+            await self._pace()
+            await self._send(response, chunk, {"content": token})
+        for index, call in enumerate(calls):
+            await self._send(response, chunk, {"tool_calls": [{
+                "index": index, "id": call["id"], "type": "function",
+                "function": {"name": call["function"]["name"], "arguments": ""}}]})
+            for fragment in json_fragments(reply.tool_uses[index].input):
+                await self._pace()
+                await self._send(response, chunk, {"tool_calls": [{
+                    "index": index, "function": {"arguments": fragment}}]})
+        await self._send(response, chunk, {}, finish_reason=finish)
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await _data(response, {**chunk, "choices": [], "usage": usage})
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    def _envelope(self, kind: str) -> dict[str, Any]:
+        return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": kind,
+                "created": int(time.time()), "model": self.model}
+
+    async def _send(self, response: web.StreamResponse, chunk: dict[str, Any],
+                    delta: dict[str, Any], finish_reason: str | None = None) -> None:
+        await _data(response, {**chunk, "choices": [
+            {"index": 0, "delta": delta, "finish_reason": finish_reason}]})
+
+    async def _pace(self) -> None:
+        if self.tokens_per_second:
+            await asyncio.sleep(1 / self.tokens_per_second)
+
+
+async def _data(response: web.StreamResponse, payload: dict[str, Any]) -> None:
+    await response.write(f"data: {json.dumps(payload)}\n\n".encode())
+
+
+def _error(status: int, message: str) -> web.Response:
+    kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return web.json_response({"error": {"message": message, "type": kind, "param": None,
+                                        "code": kind}}, status=status)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m parley.devkit.emulators.openai_compat --port N [--api-key K]``."""
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--api-key", default=None)
+        parser.add_argument("--tokens-per-second", type=float, default=60.0)
+
+    def factory(args: argparse.Namespace) -> OpenAICompatEmulator:
+        return OpenAICompatEmulator(api_key=args.api_key,
+                                    tokens_per_second=args.tokens_per_second)
+
+    run_cli(factory, "OpenAI-compatible chat completions emulator", argv, add_arguments)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Any OpenAI-compatible chat endpoint (Ollama, vLLM, llama.cpp server, OpenAI) over aiohttp.
+
+``POST {base_url}/chat/completions`` with ``stream: true``; ``base_url`` includes the version
+prefix, as in the OpenAI SDK (``http://localhost:11434/v1``). The response is server-sent events:
+``data: {chat.completion.chunk}`` lines ending with ``data: [DONE]``. Text comes in
+``delta.content``; tool calls come in ``delta.tool_calls`` fragments keyed by ``index`` (the id
+and name first, then pieces of the ``arguments`` JSON), joined and emitted as :class:`ToolCall`
+when the choice finishes. ``stream_options.include_usage`` asks for a last chunk with usage
+(servers that do not know it ignore it or, with ``include_usage=False``, are not asked).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+
+from .base import (
+    AssistantMessage,
+    Done,
+    LlmError,
+    LlmEvent,
+    LlmRequest,
+    TextDelta,
+    ToolCall,
+    ToolResult,
+    ToolUse,
+    Usage,
+    UserMessage,
+)
+
+__all__ = ["OpenAICompatLlm", "to_openai_messages"]
+
+_STOP_REASONS = {"stop": "end_turn", "tool_calls": "tool_use", "function_call": "tool_use",
+                 "length": "max_tokens"}
+
+
+class OpenAICompatLlm:
+    """An :class:`~parley.brain.llm.base.LlmProvider` for OpenAI-style chat completions.
+
+    Pass ``session`` to share an ``aiohttp.ClientSession`` (not closed here); otherwise one is
+    created on first use and closed by :meth:`aclose`.
+    """
+
+    def __init__(self, *, base_url: str, model: str, api_key: str | None = None,
+                 session: aiohttp.ClientSession | None = None, name: str = "openai",
+                 cost: float = 0.5, supports_tools: bool = True, include_usage: bool = True,
+                 timeout_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self.cost = cost
+        self.supports_tools = supports_tools
+        self.model = model
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self._api_key = api_key
+        self._session = session
+        self._owns_session = session is None
+        self._include_usage = include_usage
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=timeout_s,
+                                              sock_read=timeout_s)
+        self._clock = clock
+
+    async def aclose(self) -> None:
+        """Close the HTTP session if this provider made it."""
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def request_body(self, request: LlmRequest) -> dict[str, Any]:
+        """The JSON body for ``request``."""
+        messages = to_openai_messages(request)
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "stream": True,
+                                "max_tokens": request.max_tokens}
+        if self._include_usage:
+            body["stream_options"] = {"include_usage": True}
+        if request.tools:
+            body["tools"] = [{"type": "function",
+                              "function": {"name": t.name, "description": t.description,
+                                           "parameters": t.input_schema}}
+                             for t in request.tools]
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
+        return body
+
+    async def stream(self, request: LlmRequest) -> AsyncIterator[LlmEvent]:
+        """Stream the reply to ``request``; HTTP and connection failures are :class:`LlmError`."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        headers = {"Accept": "text/event-stream"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        started = self._clock()
+        ttft_ms: float | None = None
+        usage = Usage()
+        stop_reason = "end_turn"
+        calls: dict[int, dict[str, Any]] = {}
+        try:
+            async with self._session.post(self.url, json=self.request_body(request),
+                                          headers=headers, timeout=self._timeout) as response:
+                if response.status != 200:
+                    raise LlmError(self.name, _error_message(await response.text()),
+                                   status=response.status)
+                async for chunk in _sse_chunks(response, self.name):
+                    if chunk.get("usage"):
+                        usage = _usage(chunk["usage"])
+                    for choice in chunk.get("choices") or []:
+                        delta = choice.get("delta") or {}
+                        if ttft_ms is None and (delta.get("content") or delta.get("tool_calls")):
+                            ttft_ms = (self._clock() - started) * 1000
+                        if delta.get("content"):
+                            yield TextDelta(text=delta["content"])
+                        for fragment in delta.get("tool_calls") or []:
+                            _add_fragment(calls, fragment)
+                        if choice.get("finish_reason"):
+                            stop_reason = _STOP_REASONS.get(choice["finish_reason"],
+                                                            choice["finish_reason"])
+                            for call in self._complete(calls):
+                                yield call
+            for call in self._complete(calls):  # servers that never send finish_reason
+                yield call
+        except aiohttp.ClientResponseError as exc:
+            raise LlmError(self.name, exc.message, status=exc.status) from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise LlmError(self.name, f"connection failed: {exc!r}", retryable=True) from exc
+        yield Done(usage=usage, stop_reason=stop_reason, ttft_ms=ttft_ms)
+
+    def _complete(self, calls: dict[int, dict[str, Any]]) -> list[ToolCall]:
+        complete = []
+        for index in sorted(calls):
+            call = calls.pop(index)
+            text = "".join(call["arguments"]).strip()
+            try:
+                arguments = json.loads(text) if text else {}
+            except ValueError as exc:
+                raise LlmError(self.name, f"tool {call['name']!r}: arguments are not JSON",
+                               retryable=False) from exc
+            if not isinstance(arguments, dict):
+                raise LlmError(self.name, f"tool {call['name']!r}: arguments are not an object",
+                               retryable=False)
+            complete.append(ToolCall(id=call["id"] or f"call_{index}", name=call["name"],
+                                     arguments=arguments))
+        return complete
+
+
+def to_openai_messages(request: LlmRequest) -> list[dict[str, Any]]:
+    """The system prompt and conversation as OpenAI chat messages.
+
+    An agent's tool uses join the assistant message before them (as ``tool_calls`` with JSON
+    ``arguments``); each tool result is a ``tool`` message.
+    """
+    messages: list[dict[str, Any]] = []
+    if request.system is not None and request.system.text:
+        messages.append({"role": "system", "content": request.system.text})
+    for message in request.messages:
+        match message:
+            case UserMessage(text=text):
+                messages.append({"role": "user", "content": text})
+            case AssistantMessage(text=text):
+                messages.append({"role": "assistant", "content": text})
+            case ToolUse(id=tool_id, name=name, arguments=arguments):
+                call = {"id": tool_id, "type": "function",
+                        "function": {"name": name, "arguments": json.dumps(arguments)}}
+                if messages and messages[-1]["role"] == "assistant":
+                    messages[-1].setdefault("tool_calls", []).append(call)
+                else:
+                    messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            case ToolResult(tool_use_id=tool_id, content=content):
+                messages.append({"role": "tool", "tool_call_id": tool_id, "content": content})
+    return messages
+
+
+async def _sse_chunks(response: aiohttp.ClientResponse,
+                      provider: str) -> AsyncIterator[dict[str, Any]]:
+    """The JSON objects of the ``data:`` lines, up to ``[DONE]``."""
+    async for raw in response.content:
+        line = raw.decode().strip()
+        if not line.startswith("data:"):
+            continue  # blank separators, comments (": keep-alive"), event names
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        try:
+            chunk = json.loads(data)
+        except ValueError as exc:
+            raise LlmError(provider, f"malformed stream chunk {data[:80]!r}",
+                           retryable=True) from exc
+        if isinstance(chunk, dict) and chunk.get("error"):
+            raise LlmError(provider, _error_message(data), retryable=True)
+        yield chunk
+
+
+def _add_fragment(calls: dict[int, dict[str, Any]], fragment: dict[str, Any]) -> None:
+    call = calls.setdefault(fragment.get("index", 0), {"id": "", "name": "", "arguments": []})
+    if fragment.get("id"):
+        call["id"] = fragment["id"]
+    function = fragment.get("function") or {}
+    if function.get("name"):
+        call["name"] = function["name"]
+    if function.get("arguments"):
+        call["arguments"].append(function["arguments"])
+
+
+def _usage(reported: dict[str, Any]) -> Usage:
+    details = reported.get("prompt_tokens_details") or {}
+    return Usage(input_tokens=reported.get("prompt_tokens") or 0,
+                 output_tokens=reported.get("completion_tokens") or 0,
+                 cache_read_tokens=details.get("cached_tokens") or 0)
+
+
+def _error_message(body: str) -> str:
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return body[:200] or "no error body"
+    if isinstance(error, dict):
+        return str(error.get("message") or error)
+    return str(error)

@@ -1,0 +1,106 @@
+from collections.abc import AsyncIterator
+
+import pytest
+
+from parley.brain.llm.base import (
+    AssistantMessage,
+    Done,
+    LlmError,
+    LlmEvent,
+    LlmRequest,
+    SystemPrompt,
+    TextDelta,
+    ToolCall,
+    ToolResult,
+    ToolSpec,
+    ToolUse,
+    UserMessage,
+)
+from parley.brain.llm.openai_compat import OpenAICompatLlm
+from parley.devkit.emulators.openai_compat import (
+    OpenAICompatEmulator,
+    ScriptedReply,
+    ScriptedToolUse,
+)
+
+LOOKUP = ToolSpec(name="lookup_order", description="Find an order by number.",
+                  input_schema={"type": "object", "properties": {"order": {"type": "string"}}})
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[OpenAICompatEmulator]:
+    server = OpenAICompatEmulator(api_key="sk-local")
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def llm(emulator: OpenAICompatEmulator) -> AsyncIterator[OpenAICompatLlm]:
+    provider = OpenAICompatLlm(base_url=f"{emulator.base_url}/v1", model="llama3",
+                               api_key="sk-local")
+    yield provider
+    await provider.aclose()
+
+
+async def collect(provider: OpenAICompatLlm, request: LlmRequest) -> list[LlmEvent]:
+    return [event async for event in provider.stream(request)]
+
+
+REQUEST = LlmRequest(system=SystemPrompt(text="Be brief."), tools=(LOOKUP,),
+                     messages=(UserMessage(text="Where is order 42?"),))
+
+
+async def test_text_streams_with_usage(emulator: OpenAICompatEmulator,
+                                       llm: OpenAICompatLlm) -> None:
+    emulator.script(ScriptedReply(text="Your order ships today."))
+    events = await collect(llm, REQUEST)
+    deltas = [e.text for e in events if isinstance(e, TextDelta)]
+    assert len(deltas) == 4 and "".join(deltas) == "Your order ships today."
+    done = events[-1]
+    assert isinstance(done, Done) and done.stop_reason == "end_turn"
+    assert done.usage.output_tokens == 4 and done.usage.input_tokens > 0
+    sent = emulator.requests[0]
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+    assert sent["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert sent["tools"][0]["function"]["name"] == "lookup_order"
+
+
+async def test_tool_call_fragments_are_assembled(emulator: OpenAICompatEmulator,
+                                                 llm: OpenAICompatLlm) -> None:
+    arguments = {"order": "42", "include": ["items", "tracking"], "note": "a \"quoted\" word"}
+    emulator.script(ScriptedReply(text="Checking.", tool_uses=(
+        ScriptedToolUse(name="lookup_order", input=arguments, id="call_7"),
+        ScriptedToolUse(name="lookup_order", input={"order": "43"}, id="call_8"))))
+    events = await collect(llm, REQUEST)
+    assert [e for e in events if isinstance(e, ToolCall)] == [
+        ToolCall(id="call_7", name="lookup_order", arguments=arguments),
+        ToolCall(id="call_8", name="lookup_order", arguments={"order": "43"})]
+    assert isinstance(events[-1], Done) and events[-1].stop_reason == "tool_use"
+
+    follow_up = LlmRequest(messages=(
+        *REQUEST.messages, AssistantMessage(text="Checking."),
+        ToolUse(id="call_7", name="lookup_order", arguments=arguments),
+        ToolResult(tool_use_id="call_7", content='{"status": "shipped"}')))
+    await collect(llm, follow_up)
+    assert emulator.requests[1]["messages"][1:] == [
+        {"role": "assistant", "content": "Checking.", "tool_calls": [
+            {"id": "call_7", "type": "function",
+             "function": {"name": "lookup_order", "arguments": '{"order": "42", "include": '
+                          '["items", "tracking"], "note": "a \\"quoted\\" word"}'}}]},
+        {"role": "tool", "tool_call_id": "call_7", "content": '{"status": "shipped"}'}]
+
+
+async def test_errors_are_classified(emulator: OpenAICompatEmulator,
+                                     llm: OpenAICompatLlm) -> None:
+    emulator.faults.fail_next(503)
+    with pytest.raises(LlmError) as caught:
+        await collect(llm, REQUEST)
+    assert caught.value.status == 503 and caught.value.retryable
+
+    wrong = OpenAICompatLlm(base_url=f"{emulator.base_url}/v1", model="m", api_key="bad")
+    with pytest.raises(LlmError) as caught:
+        await collect(wrong, REQUEST)
+    assert caught.value.status == 401 and not caught.value.retryable
+    assert "Incorrect API key" in caught.value.message
+    await wrong.aclose()
