@@ -1,0 +1,267 @@
+"""The offline default "LLM": intent rules plus answers lifted verbatim from the knowledge base.
+
+Deterministic and free, so a call works with no API keys and tests are exact. For the caller's
+latest words it picks an intent (:func:`classify_intent`) and answers:
+
+- greeting → a short greeting; thanks → "you're welcome";
+- goodbye → a goodbye sentence, then the ``end_call`` tool;
+- asking for a human → a sentence, then ``transfer_call`` to the configured number (without one,
+  it says someone will follow up instead);
+- a request that matches one of the agent's tools by name and description (``book an
+  appointment`` → ``book_appointment``) → that tool, with arguments extracted best effort
+  (:func:`extract_arguments`); when required ones are missing it asks for them once;
+- a question (or anything else with content words) → knowledge retrieval: the one or two
+  sentences of the retrieved chunks that share the most words with the question. When no chunk
+  scores ``min_score`` or no sentence shares a content word, it says it will check and follow up:
+  it never makes up a fact.
+
+When the conversation ends with a tool result, it phrases a reply from that result. Text comes
+out a few words per :class:`TextDelta` (so clause streaming downstream is exercised), then a
+:class:`Done` with zero usage and the chosen ``intent``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+from .base import (
+    AssistantMessage,
+    Done,
+    LlmEvent,
+    LlmRequest,
+    TextDelta,
+    ToolCall,
+    ToolResult,
+    ToolSpec,
+    ToolUse,
+    UserMessage,
+)
+from .clauses import split_sentences
+from .intents import (
+    Intent,
+    classify_intent,
+    content_words,
+    extract_arguments,
+    is_small_talk,
+    match_tool,
+)
+
+__all__ = ["Intent", "LocalResponder", "RetrievedChunk", "Retrieve", "answer_from_chunks",
+           "classify_intent", "content_words", "extract_arguments", "match_tool"]
+
+
+class RetrievedChunk(Protocol):
+    """A knowledge passage as retrieval returns it (``parley.brain.knowledge.Chunk`` fits)."""
+
+    @property
+    def id(self) -> str:
+        """The chunk's id."""
+        ...
+
+    @property
+    def text(self) -> str:
+        """The passage."""
+        ...
+
+    @property
+    def score(self) -> float:
+        """Relevance in [0, 1]."""
+        ...
+
+
+Retrieve = Callable[[str], Awaitable[Sequence[RetrievedChunk]]]
+
+DECLINE = "I'm not sure about that, so let me check and follow up with you."
+_ASK_DETAILS = "Sure, I can help with that. Could you tell me"
+_PRICE = re.compile(r"\b(how much|cost|costs|price|prices|fee|fees|charge|expensive|cheap)\b")
+
+
+def answer_from_chunks(question: str, chunks: Sequence[RetrievedChunk], *,
+                       min_score: float = 0.05, max_sentences: int = 2) -> str | None:
+    """One or two sentences of ``chunks`` that answer ``question``, verbatim; ``None`` if none.
+
+    Sentences are ranked by the question's content words (with a few synonyms) they share, plus
+    a bonus when a price question meets a sentence with a number; a sentence sharing no word
+    never answers. A second sentence is added only if it is nearly as relevant as the first.
+    """
+    asked = content_words(question, expand=True)
+    if not asked:
+        return None
+    wants_price = bool(_PRICE.search(question.lower()))
+    ranked: list[tuple[float, int, str]] = []
+    order = 0
+    for chunk in chunks:
+        if chunk.score < min_score:
+            continue
+        for sentence in split_sentences(" ".join(chunk.text.split())):
+            order += 1
+            shared = len(asked & content_words(sentence))
+            if not shared:
+                continue
+            bonus = 0.5 if wants_price and re.search(r"[$\d]", sentence) else 0.0
+            ranked.append((shared + bonus + chunk.score / 10, order, sentence))
+    if not ranked:
+        return None
+    ranked.sort(key=lambda item: (-item[0], item[1]))
+    best = ranked[0][0]
+    chosen = [item for item in ranked[:max_sentences] if item[0] >= 0.75 * best]
+    return " ".join(sentence for _, _, sentence in sorted(chosen, key=lambda item: item[1]))
+
+
+class LocalResponder:
+    """An :class:`~parley.brain.llm.base.LlmProvider` that needs no model and no network.
+
+    ``retrieve`` looks up knowledge for a question (none: every question is declined politely);
+    ``transfer_number`` (E.164) is where "a human, please" goes.
+    """
+
+    name = "local"
+    cost = 0.0
+    supports_tools = True
+
+    def __init__(self, *, retrieve: Retrieve | None = None, transfer_number: str | None = None,
+                 greeting: str = "Hi! How can I help you today?", min_score: float = 0.05,
+                 words_per_delta: int = 3, clock: Callable[[], float] = time.monotonic) -> None:
+        self.retrieve = retrieve
+        self.transfer_number = transfer_number
+        self.greeting = greeting
+        self.min_score = min_score
+        self.words_per_delta = words_per_delta
+        self._clock = clock
+
+    async def stream(self, request: LlmRequest) -> AsyncIterator[LlmEvent]:
+        """Reply to the conversation in ``request``: text in word groups, tool calls, Done."""
+        started = self._clock()
+        text, call, intent = await self._reply(request)
+        ttft_ms = (self._clock() - started) * 1000
+        for piece in _pieces(text, self.words_per_delta):
+            yield TextDelta(text=piece)
+            await asyncio.sleep(0)  # let the consumer speak the first clause meanwhile
+        if call is not None:
+            yield call
+        yield Done(stop_reason="tool_use" if call else "end_turn", ttft_ms=ttft_ms,
+                   intent=intent.value)
+
+    async def _reply(self, request: LlmRequest) -> tuple[str, ToolCall | None, Intent]:
+        messages = request.messages
+        if messages and isinstance(messages[-1], ToolResult):
+            return _phrase_tool_result(messages), None, Intent.TOOL
+        said = request.last_user_text
+        call_id = f"local_{sum(isinstance(m, ToolUse) for m in messages) + 1}"
+        pending = _pending_tool(messages, request.tools)
+        if pending is not None:
+            tool, earlier = pending
+            return self._use_tool(tool, f"{earlier} {said}", call_id, ask=False)
+        intent, _ = classify_intent(said, request.tools)
+        match intent:
+            case Intent.GREETING:
+                if is_small_talk(said):
+                    return "I'm doing well, thanks! How can I help you today?", None, intent
+                return self.greeting, None, intent
+            case Intent.THANKS:
+                return "You're welcome! Is there anything else I can help with?", None, intent
+            case Intent.GOODBYE:
+                return ("Thanks for calling. Goodbye!",
+                        ToolCall(id=call_id, name="end_call", arguments={}), intent)
+            case Intent.HUMAN:
+                number = self.transfer_number or _fixed_transfer_number(request.tools)
+                if number is None:
+                    return ("I can't transfer you right now, but someone from our team will "
+                            "follow up with you.", None, intent)
+                return ("Of course. Let me transfer you to someone on our team.",
+                        ToolCall(id=call_id, name="transfer_call", arguments={"to": number}),
+                        intent)
+            case Intent.TOOL if (tool := match_tool(said, request.tools)) is not None:
+                return self._use_tool(tool, said, call_id, ask=True)
+            case Intent.QUESTION:
+                return await self._answer(said), None, intent
+            case _:
+                return "Sorry, could you say that again?", None, intent
+
+    def _use_tool(self, tool: ToolSpec, said: str, call_id: str,
+                  *, ask: bool) -> tuple[str, ToolCall | None, Intent]:
+        arguments = extract_arguments(said, tool)
+        missing = [k for k in tool.input_schema.get("required", []) if k not in arguments]
+        if missing and ask:
+            wanted = [k.replace("_", " ") for k in missing]
+            listed = " and ".join([", ".join(wanted[:-1]), wanted[-1]] if len(wanted) > 1
+                                  else wanted)
+            return f"{_ASK_DETAILS} the {listed}?", None, Intent.TOOL
+        if missing:
+            return ("Sorry, I didn't catch everything I need for that. Someone from our team "
+                    "will follow up with you.", None, Intent.TOOL)
+        return "One moment.", ToolCall(id=call_id, name=tool.name, arguments=arguments), Intent.TOOL
+
+    async def _answer(self, question: str) -> str:
+        if self.retrieve is None:
+            return DECLINE
+        chunks = await self.retrieve(question)
+        return answer_from_chunks(question, chunks, min_score=self.min_score) or DECLINE
+
+
+def _pending_tool(messages: Sequence[Any],
+                  tools: Sequence[ToolSpec]) -> tuple[ToolSpec, str] | None:
+    """The tool we asked details for in the previous turn, and what the caller said before."""
+    if len(messages) < 3 or not isinstance(messages[-1], UserMessage):
+        return None
+    asked, before = messages[-2], messages[-3]
+    if not (isinstance(asked, AssistantMessage) and asked.text.startswith(_ASK_DETAILS)
+            and isinstance(before, UserMessage)):
+        return None
+    tool = match_tool(before.text, tools)
+    return (tool, before.text) if tool is not None else None
+
+
+def _fixed_transfer_number(tools: Sequence[ToolSpec]) -> str | None:
+    """A transfer number pinned in the ``transfer_call`` schema (``const``/one ``enum``/default)."""
+    for tool in tools:
+        if tool.name == "transfer_call":
+            to = (tool.input_schema.get("properties") or {}).get("to") or {}
+            if isinstance(to.get("const"), str):
+                return str(to["const"])
+            if isinstance(to.get("enum"), list) and len(to["enum"]) == 1:
+                return str(to["enum"][0])
+            if isinstance(to.get("default"), str):
+                return str(to["default"])
+    return None
+
+
+def _phrase_tool_result(messages: Sequence[Any]) -> str:
+    result: ToolResult = messages[-1]
+    name = next((m.name for m in messages if isinstance(m, ToolUse)
+                 and m.id == result.tool_use_id), "")
+    if name in ("end_call", "transfer_call"):
+        return ""  # the call is ending or moving on: nothing more to say
+    try:
+        content: Any = json.loads(result.content)
+    except ValueError:
+        content = result.content
+    failed = result.is_error or (isinstance(content, dict) and content.get("ok") is False)
+    if failed:
+        return ("I'm sorry, I couldn't complete that just now. Someone from our team will "
+                "follow up with you.")
+    if isinstance(content, dict):
+        for key in ("message", "summary", "detail", "details", "confirmation_message", "status"):
+            if isinstance(content.get(key), str) and content[key].strip():
+                return f"All set. {_sentence(content[key])}"
+        facts = [f"{k.replace('_', ' ')} {v}" for k, v in content.items()
+                 if isinstance(v, str | int | float) and not isinstance(v, bool)][:3]
+        return f"All set: {', '.join(facts)}." if facts else "All set."
+    if isinstance(content, str) and content.strip():
+        return "All set. " + " ".join(split_sentences(" ".join(content.split()))[:2])
+    return "All set."
+
+
+def _sentence(text: str) -> str:
+    text = " ".join(text.split())
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+def _pieces(text: str, words: int) -> list[str]:
+    tokens = re.findall(r"\S+\s*", text)
+    return ["".join(tokens[i:i + words]) for i in range(0, len(tokens), max(words, 1))]

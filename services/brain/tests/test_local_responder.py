@@ -1,0 +1,199 @@
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pytest
+
+from parley.brain.llm.base import (
+    AssistantMessage,
+    Done,
+    LlmEvent,
+    LlmRequest,
+    Message,
+    TextDelta,
+    ToolCall,
+    ToolResult,
+    ToolSpec,
+    ToolUse,
+    UserMessage,
+)
+from parley.brain.llm.clauses import ClauseSplitter
+from parley.brain.llm.local_responder import (
+    Intent,
+    LocalResponder,
+    answer_from_chunks,
+    classify_intent,
+    extract_arguments,
+)
+
+
+@dataclass(frozen=True)
+class Passage:
+    id: str
+    text: str
+    score: float
+
+
+PRICES = Passage("c1", "We offer cleanings, fillings and whitening. A cleaning costs $95. "
+                       "Whitening costs $250 and takes about an hour.", 0.6)
+HOURS = Passage("c2", "We are open Monday to Friday, 8 a.m. to 5 p.m. Parking is free.", 0.3)
+PARKING = Passage("c3", "Parking is free behind the building.", 0.4)
+
+BOOK = ToolSpec(name="book_appointment", description="Book a dental appointment for the caller.",
+                input_schema={"type": "object", "required": ["day", "time"], "properties": {
+                    "day": {"type": "string"}, "time": {"type": "string"},
+                    "service": {"type": "string", "enum": ["cleaning", "whitening"]},
+                    "patient_name": {"type": "string"}, "phone": {"type": "string"}}})
+
+
+def retriever(*chunks: Passage):
+    asked: list[str] = []
+
+    async def retrieve(query: str) -> Sequence[Passage]:
+        asked.append(query)
+        return list(chunks)
+
+    retrieve.asked = asked  # type: ignore[attr-defined]
+    return retrieve
+
+
+async def run(responder: LocalResponder, *messages: Message,
+              tools: tuple[ToolSpec, ...] = ()) -> tuple[str, list[ToolCall], Done, list[str]]:
+    events: list[LlmEvent] = [e async for e in responder.stream(
+        LlmRequest(messages=tuple(messages), tools=tools))]
+    deltas = [e.text for e in events if isinstance(e, TextDelta)]
+    calls = [e for e in events if isinstance(e, ToolCall)]
+    done = events[-1]
+    assert isinstance(done, Done) and done.usage.input_tokens == done.usage.output_tokens == 0
+    return "".join(deltas), calls, done, deltas
+
+
+def say(text: str) -> UserMessage:
+    return UserMessage(text=text)
+
+
+async def test_greeting() -> None:
+    text, calls, done, _ = await run(LocalResponder(), say("Hello there"))
+    assert text == "Hi! How can I help you today?" and not calls and done.intent == "greeting"
+
+
+async def test_goodbye_ends_the_call() -> None:
+    text, calls, done, _ = await run(LocalResponder(), say("No, that's all. Bye!"))
+    assert text == "Thanks for calling. Goodbye!"
+    assert calls == [ToolCall(id="local_1", name="end_call", arguments={})]
+    assert done.intent == "goodbye" and done.stop_reason == "tool_use"
+
+
+@pytest.mark.parametrize("said", ["A human, please.", "Can I speak to a person?",
+                                  "I want to talk to an agent", "representative",
+                                  "Put me through to a real person please"])
+async def test_asking_for_a_human_transfers(said: str) -> None:
+    text, calls, done, _ = await run(LocalResponder(transfer_number="+14155550123"), say(said))
+    assert calls == [ToolCall(id="local_1", name="transfer_call",
+                              arguments={"to": "+14155550123"})]
+    assert "transfer" in text and done.intent == "human"
+
+
+async def test_human_without_a_transfer_number_promises_a_follow_up() -> None:
+    text, calls, _, _ = await run(LocalResponder(), say("a human please"))
+    assert not calls and "follow up" in text
+
+
+async def test_answers_a_price_from_the_knowledge_in_small_pieces() -> None:
+    retrieve = retriever(PRICES, PARKING)
+    text, calls, done, deltas = await run(LocalResponder(retrieve=retrieve),
+                                          say("how much is a cleaning?"))
+    assert text == "A cleaning costs $95."
+    assert retrieve.asked == ["how much is a cleaning?"]  # type: ignore[attr-defined]
+    assert len(deltas) == 2 and not calls and done.intent == "question"
+
+
+async def test_answers_with_up_to_two_relevant_sentences() -> None:
+    text, _, _, deltas = await run(LocalResponder(retrieve=retriever(PRICES, HOURS)),
+                                   say("What are your opening hours on Monday"))
+    assert text == "We are open Monday to Friday, 8 a.m. to 5 p.m."
+    splitter = ClauseSplitter()
+    clauses = [c for d in deltas for c in splitter.feed(d)] + [splitter.flush()]
+    assert clauses == ["We are open Monday to Friday,", "8 a.m. to 5 p.m."]
+
+
+WEAK = Passage("c9", "A cleaning costs $95.", 0.01)  # relevant words, but retrieval barely matched
+
+
+@pytest.mark.parametrize("chunks", [(PARKING,), (), (WEAK,)])
+async def test_declines_without_inventing_when_nothing_relevant(
+        chunks: tuple[Passage, ...]) -> None:
+    text, calls, _, _ = await run(LocalResponder(retrieve=retriever(*chunks)),
+                                  say("How much is a cleaning?"))
+    assert "check" in text and "follow up" in text
+    assert not re.search(r"\d", text) and not calls
+
+
+async def test_a_matching_tool_is_called_with_extracted_arguments() -> None:
+    text, calls, done, _ = await run(
+        LocalResponder(),
+        say("I'd like to book an appointment for a cleaning on Tuesday at 3 pm. "
+            "My name is Ana Lopez, my number is 415 555 0123."), tools=(BOOK,))
+    assert calls == [ToolCall(id="local_1", name="book_appointment", arguments={
+        "day": "Tuesday", "time": "3 pm", "service": "cleaning", "patient_name": "Ana Lopez",
+        "phone": "+14155550123"})]
+    assert done.intent == "tool" and text == "One moment."
+
+
+async def test_missing_required_arguments_are_asked_for_once() -> None:
+    responder = LocalResponder()
+    first = say("Can I make an appointment?")
+    text, calls, _, _ = await run(responder, first, tools=(BOOK,))
+    assert not calls and text == "Sure, I can help with that. Could you tell me the day and time?"
+    text, calls, _, _ = await run(responder, first, AssistantMessage(text=text),
+                                  say("Friday at 10:30"), tools=(BOOK,))
+    assert calls == [ToolCall(id="local_1", name="book_appointment",
+                              arguments={"day": "Friday", "time": "10:30"})]
+
+
+async def test_replies_from_a_tool_result() -> None:
+    use = ToolUse(id="local_1", name="book_appointment", arguments={"day": "Friday"})
+    history = (say("Book Friday at 10:30"), use)
+    text, calls, _, _ = await run(LocalResponder(), *history, ToolResult(
+        tool_use_id="local_1", content='{"message": "You are booked for Friday at 10:30"}'))
+    assert text == "All set. You are booked for Friday at 10:30." and not calls
+    text, _, _, _ = await run(LocalResponder(), *history, ToolResult(
+        tool_use_id="local_1", content='{"confirmation": "A12", "day": "Friday"}'))
+    assert text == "All set: confirmation A12, day Friday."
+    text, _, _, _ = await run(LocalResponder(), *history, ToolResult(
+        tool_use_id="local_1", content="timeout", is_error=True))
+    assert "couldn't complete" in text and "follow up" in text
+    end = ToolUse(id="local_2", name="end_call", arguments={})
+    text, _, _, _ = await run(LocalResponder(), end,
+                              ToolResult(tool_use_id="local_2", content='{"ok": true}'))
+    assert text == ""
+
+
+@pytest.mark.parametrize(("said", "intent"), [
+    ("hi", Intent.GREETING), ("Good morning!", Intent.GREETING),
+    ("Hi, how are you?", Intent.GREETING), ("thanks", Intent.THANKS),
+    ("okay bye", Intent.GOODBYE), ("have a great day", Intent.GOODBYE),
+    ("do you take insurance", Intent.QUESTION), ("How much is whitening?", Intent.QUESTION),
+    ("I need to speak with a representative", Intent.HUMAN),
+    ("book an appointment", Intent.TOOL), ("How much does it cost to book an appointment?",
+                                           Intent.QUESTION),
+    ("um", Intent.OTHER), ("", Intent.OTHER),
+])
+def test_classify_intent(said: str, intent: Intent) -> None:
+    found, confidence = classify_intent(said, (BOOK,))
+    assert found is intent and 0 <= confidence <= 1
+
+
+def test_extract_arguments_leaves_out_what_it_cannot_find() -> None:
+    assert extract_arguments("book me in please", BOOK) == {}
+    when = ToolSpec(name="schedule_callback", input_schema={"properties": {
+        "when": {"type": "string"}, "note": {"type": "string"}, "count": {"type": "integer"}}})
+    assert extract_arguments("Call me back tomorrow at 9:15 about 2 crowns", when) == {
+        "when": "tomorrow 9:15", "note": "Call me back tomorrow at 9:15 about 2 crowns",
+        "count": 2}
+
+
+def test_answer_from_chunks_is_verbatim() -> None:
+    answer = answer_from_chunks("how much does whitening cost", [PRICES])
+    assert answer == "Whitening costs $250 and takes about an hour."
+    assert answer_from_chunks("hello", [PRICES]) is None
