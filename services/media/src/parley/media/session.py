@@ -521,6 +521,7 @@ class CallSession:
         said: list[AgentSay] = []  # every clause of the turn received so far
         done_clauses = 0  # clauses whose audio is complete
         after = ""
+        failure = ""  # why ``after`` was given up, until the replacement is open
         while not turn.interrupted:
             try:
                 turn.provider, turn.stream = await self.s.tts.open(
@@ -530,6 +531,13 @@ class CallSession:
             except ProviderError as exc:
                 log.error("call %s: no speech synthesiser: %s", self.call_id, exc)
                 return
+            if failure:  # only now is it known which provider took over
+                log.warning("call %s: tts %s → %s (%s)", self.call_id, after, turn.provider,
+                            failure)
+                await self.s.bus.publish(MediaProviderSwitched(
+                    org_id=self.org_id, call_id=self.call_id, kind="tts", from_provider=after,
+                    to_provider=turn.provider, reason=failure[:500]))
+                failure = ""
             stream = turn.stream
             first = done_clauses
             feeder = asyncio.create_task(self._feed(turn, stream, said, first))
@@ -558,10 +566,7 @@ class CallSession:
                 if turn.interrupted:
                     break
                 self.s.tts.health[turn.provider].failure()
-                await self.s.bus.publish(MediaProviderSwitched(
-                    org_id=self.org_id, call_id=self.call_id, kind="tts",
-                    from_provider=turn.provider, to_provider="next", reason=str(exc)[:500]))
-                after = turn.provider
+                after, failure = turn.provider, str(exc)
                 done_clauses = clause  # re-synthesise from the clause that broke
             finally:
                 feeder.cancel()
