@@ -1,0 +1,200 @@
+"""Choose an LLM per turn, fall back before the caller notices, and never leave dead air.
+
+For each turn the router lists the providers that can serve it — tools need ``supports_tools``,
+a ``max_cost`` budget leaves out dearer ones, an open circuit breaker leaves a provider out
+until its reset timeout — and tries them in order: the configured order (best first), with
+unhealthy ones (half-open breaker, error-rate EWMA over ``max_error_rate``) moved behind the
+healthy ones. An attempt that fails *before its first token* — an error, or no token within
+``first_token_deadline_s`` — is counted against the provider (health EWMA and breaker) and the
+next one is tried, announced by a :class:`ProviderSwitched` event. A failure *after* text went
+out ends the turn with :class:`LlmError`: repeating half a sentence would be worse.
+
+If no first token has come ``filler_after_ms`` into the turn, one :class:`Filler` ("One
+moment.") is yielded, so the caller hears something while a slow or failing provider is
+replaced. The final :class:`Done` names the provider that served the turn.
+
+Each attempt runs the provider's stream in its own task feeding a queue, so waiting with a
+deadline never cancels the provider halfway through a read; closing the router's stream (or
+cancelling its consumer) cancels that task, which closes the provider's HTTP stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+
+from parley.common.resilience import CircuitBreaker, CircuitOpenError, CircuitState
+
+from .base import (
+    Done,
+    Filler,
+    LlmError,
+    LlmEvent,
+    LlmProvider,
+    LlmRequest,
+    ProviderSwitched,
+)
+
+__all__ = ["LlmRouter", "ProviderHealth", "RouterEvent"]
+
+RouterEvent = LlmEvent | Filler | ProviderSwitched
+_END = object()
+
+
+@dataclass
+class ProviderHealth:
+    """What the router knows about one provider: latency and error-rate EWMAs, a breaker."""
+
+    breaker: CircuitBreaker
+    ttft_ewma_ms: float | None = None
+    error_rate: float = 0.0
+    turns: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def record(self, *, ok: bool, alpha: float, ttft_ms: float | None = None,
+               reason: str = "") -> None:
+        """Fold one attempt's outcome into the averages (the breaker is updated separately)."""
+        self.turns += 1
+        self.error_rate += alpha * ((0.0 if ok else 1.0) - self.error_rate)
+        if ttft_ms is not None:
+            self.ttft_ewma_ms = (ttft_ms if self.ttft_ewma_ms is None
+                                 else self.ttft_ewma_ms + alpha * (ttft_ms - self.ttft_ewma_ms))
+        if reason:
+            self.failures = [*self.failures[-9:], reason]
+
+
+class LlmRouter:
+    """Streams each turn from the best available provider, with fallback and a filler.
+
+    ``breaker_factory`` makes each provider's :class:`CircuitBreaker` (default: open after 3
+    consecutive failures, probe again after 30 s). ``clock`` is injectable for tests.
+    """
+
+    def __init__(self, providers: Sequence[LlmProvider], *, first_token_deadline_s: float = 3.0,
+                 filler_after_ms: float | None = 1200.0, filler_text: str = "One moment.",
+                 ewma_alpha: float = 0.2, max_error_rate: float = 0.5,
+                 breaker_factory: Callable[[str], CircuitBreaker] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not providers:
+            raise ValueError("a router needs at least one provider")
+        names = [p.name for p in providers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"provider names must be unique: {names}")
+        self.providers = list(providers)
+        self.first_token_deadline_s = first_token_deadline_s
+        self.filler_after_ms = filler_after_ms
+        self.filler_text = filler_text
+        self.ewma_alpha = ewma_alpha
+        self.max_error_rate = max_error_rate
+        make = breaker_factory or (lambda name: CircuitBreaker(
+            name, failure_threshold=3, reset_timeout=30.0, clock=clock))
+        self.health = {p.name: ProviderHealth(breaker=make(p.name)) for p in providers}
+        self._clock = clock
+
+    def candidates(self, request: LlmRequest, *, max_cost: float | None = None,
+                   ) -> list[LlmProvider]:
+        """The providers that may serve ``request``, in the order they will be tried."""
+        eligible = [p for p in self.providers
+                    if (p.supports_tools or not request.tools)
+                    and (max_cost is None or p.cost <= max_cost)
+                    and self.health[p.name].breaker.state is not CircuitState.OPEN]
+        return sorted(eligible, key=lambda p: not self._healthy(p.name))  # stable: keeps order
+
+    def _healthy(self, name: str) -> bool:
+        health = self.health[name]
+        return (health.breaker.state is CircuitState.CLOSED
+                and health.error_rate <= self.max_error_rate)
+
+    async def stream(self, request: LlmRequest, *,
+                     max_cost: float | None = None) -> AsyncIterator[RouterEvent]:
+        """Stream the turn; raise :class:`LlmError` if no provider could start it."""
+        turn_started = self._clock()
+        filler_due = (None if self.filler_after_ms is None
+                      else turn_started + self.filler_after_ms / 1000)
+        tried: list[str] = []
+        previous: tuple[str, str] | None = None
+        for provider in self.candidates(request, max_cost=max_cost):
+            if previous is not None:
+                yield ProviderSwitched(from_provider=previous[0], to_provider=provider.name,
+                                       reason=previous[1])
+            health = self.health[provider.name]
+            emitted = False
+            try:
+                async with health.breaker.guard():
+                    async for event in self._attempt(provider, request, filler_due):
+                        if isinstance(event, Filler):
+                            filler_due = None
+                        elif isinstance(event, Done):
+                            event = msgspec.structs.replace(event, provider=provider.name)
+                            health.record(ok=True, alpha=self.ewma_alpha, ttft_ms=event.ttft_ms)
+                        else:
+                            emitted = True
+                        yield event
+                return
+            except CircuitOpenError:
+                reason = "circuit open"
+            except LlmError as exc:
+                reason = exc.message if exc.status is None else f"HTTP {exc.status}: {exc.message}"
+                health.record(ok=False, alpha=self.ewma_alpha, reason=reason)
+                if emitted:
+                    raise
+            tried.append(f"{provider.name} ({reason})")
+            previous = (provider.name, reason)
+        raise LlmError("router", "no provider could serve the turn: "
+                       + (", ".join(tried) or "none eligible"), retryable=bool(tried))
+
+    async def _attempt(self, provider: LlmProvider, request: LlmRequest,
+                       filler_due: float | None) -> AsyncIterator[LlmEvent | Filler]:
+        """One provider's events; before the first, enforce the deadline and say the filler."""
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        pump = asyncio.create_task(_pump(provider, request, queue),
+                                   name=f"llm-{provider.name}")
+        deadline = self._clock() + self.first_token_deadline_s
+        started = False
+        try:
+            while True:
+                if started:
+                    item = await queue.get()
+                else:
+                    now = self._clock()
+                    wake = deadline if filler_due is None else min(deadline, filler_due)
+                    try:
+                        item = await asyncio.wait_for(queue.get(), max(wake - now, 0))
+                    except TimeoutError:
+                        if filler_due is not None and self._clock() >= filler_due:
+                            filler_due = None
+                            yield Filler(text=self.filler_text)
+                            continue
+                        if self._clock() >= deadline:
+                            raise LlmError(provider.name, "no first token within "
+                                           f"{self.first_token_deadline_s:g} s") from None
+                        continue
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                started = True
+                yield item  # type: ignore[misc]
+        finally:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+
+
+async def _pump(provider: LlmProvider, request: LlmRequest, queue: asyncio.Queue[object]) -> None:
+    """Run ``provider``'s stream to the end in this task, handing events (or its error) over."""
+    try:
+        async with contextlib.aclosing(provider.stream(request)) as events:
+            async for event in events:
+                queue.put_nowait(event)
+    except LlmError as exc:
+        queue.put_nowait(exc)
+    except Exception as exc:  # a provider bug must not hang the turn: report it as a failure
+        queue.put_nowait(LlmError(provider.name, f"unexpected {exc!r}", retryable=True))
+    else:
+        queue.put_nowait(_END)

@@ -1,0 +1,197 @@
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+import pytest
+
+from parley.brain.llm.anthropic_llm import AnthropicLlm
+from parley.brain.llm.base import (
+    Done,
+    Filler,
+    LlmError,
+    LlmRequest,
+    ProviderSwitched,
+    TextDelta,
+    ToolSpec,
+    UserMessage,
+)
+from parley.brain.llm.local_responder import LocalResponder
+from parley.brain.llm.router import LlmRouter, RouterEvent
+from parley.common.resilience import CircuitBreaker, CircuitState
+from parley.devkit.emulators.anthropic import AnthropicEmulator, ScriptedReply
+
+REQUEST = LlmRequest(messages=(UserMessage(text="Hello"),))
+
+
+class FakeProvider:
+    """A provider whose timing and failures a test controls."""
+
+    def __init__(self, name: str, *, text: str = "Hello there.", delay_s: float = 0.0,
+                 fail_status: int | None = None, fail_after_text: bool = False,
+                 supports_tools: bool = True, cost: float = 1.0) -> None:
+        self.name = name
+        self.cost = cost
+        self.supports_tools = supports_tools
+        self.text = text
+        self.delay_s = delay_s
+        self.fail_status = fail_status
+        self.fail_after_text = fail_after_text
+        self.calls = 0
+        self.closed = 0
+
+    async def stream(self, request: LlmRequest) -> AsyncIterator[TextDelta | Done]:
+        self.calls += 1
+        try:
+            await asyncio.sleep(self.delay_s)
+            if self.fail_status is not None:
+                raise LlmError(self.name, "boom", status=self.fail_status)
+            yield TextDelta(text=self.text)
+            if self.fail_after_text:
+                raise LlmError(self.name, "connection reset", retryable=True)
+            yield Done(ttft_ms=self.delay_s * 1000)
+        finally:
+            self.closed += 1
+
+
+async def collect(router: LlmRouter, request: LlmRequest = REQUEST,
+                  **kwargs: float) -> list[RouterEvent]:
+    async with aclosing(router.stream(request, **kwargs)) as events:  # type: ignore[arg-type]
+        return [event async for event in events]
+
+
+def text_of(events: list[RouterEvent]) -> str:
+    return "".join(e.text for e in events if isinstance(e, TextDelta))
+
+
+async def test_the_first_healthy_provider_serves() -> None:
+    first, second = FakeProvider("a", text="From A."), FakeProvider("b")
+    events = await collect(LlmRouter([first, second]))
+    assert text_of(events) == "From A." and second.calls == 0
+    done = events[-1]
+    assert isinstance(done, Done) and done.provider == "a"
+
+
+async def test_falls_back_from_anthropic_500_to_the_local_responder() -> None:
+    emulator = AnthropicEmulator(api_key="k")
+    await emulator.start()
+    claude = AnthropicLlm(api_key="k", base_url=emulator.base_url)
+    try:
+        emulator.faults.fail_next(500)
+        router = LlmRouter([claude, LocalResponder()])
+        events = await collect(router)
+        assert events[0] == ProviderSwitched(from_provider="anthropic", to_provider="local",
+                                             reason="HTTP 500: Internal server error")
+        assert text_of(events) == "Hi! How can I help you today?"
+        done = events[-1]
+        assert isinstance(done, Done) and done.provider == "local" and done.intent == "greeting"
+        assert router.health["anthropic"].error_rate > 0
+        assert router.health["anthropic"].failures == ["HTTP 500: Internal server error"]
+
+        emulator.script(ScriptedReply(text="Claude again."))  # healthy again: back to first
+        events = await collect(router)
+        assert text_of(events) == "Claude again." and events[-1].provider == "anthropic"  # type: ignore[union-attr]
+    finally:
+        await claude.aclose()
+        await emulator.stop()
+
+
+async def test_a_stalled_stream_is_abandoned_and_closed_at_the_deadline() -> None:
+    emulator = AnthropicEmulator(api_key="k")
+    await emulator.start()
+    claude = AnthropicLlm(api_key="k", base_url=emulator.base_url)
+    try:
+        emulator.faults.stall = True
+        router = LlmRouter([claude, LocalResponder()], first_token_deadline_s=0.3,
+                           filler_after_ms=None)
+        events = await collect(router)
+        assert events[0] == ProviderSwitched(from_provider="anthropic", to_provider="local",
+                                             reason="no first token within 0.3 s")
+        assert text_of(events) == "Hi! How can I help you today?"
+        for _ in range(100):
+            if emulator.aborted:
+                break
+            await asyncio.sleep(0.01)
+        assert emulator.aborted, "the stalled HTTP stream was left open"
+    finally:
+        await claude.aclose()
+        await emulator.stop()
+
+
+async def test_a_filler_is_said_once_when_the_first_token_is_slow() -> None:
+    slow = FakeProvider("slow", delay_s=0.3, text="Here you go.")
+    events = await collect(LlmRouter([slow], filler_after_ms=50, first_token_deadline_s=2))
+    assert events[0] == Filler(text="One moment.")
+    assert sum(isinstance(e, Filler) for e in events) == 1
+    assert text_of(events) == "Here you go."
+
+    fast = FakeProvider("fast")
+    events = await collect(LlmRouter([fast], filler_after_ms=200))
+    assert not any(isinstance(e, Filler) for e in events)
+
+
+async def test_filler_then_fallback_when_the_deadline_passes() -> None:
+    stuck, backup = FakeProvider("stuck", delay_s=5), FakeProvider("backup", text="Backup.")
+    router = LlmRouter([stuck, backup], filler_after_ms=50, first_token_deadline_s=0.2)
+    events = await collect(router)
+    assert [type(e) for e in events] == [Filler, ProviderSwitched, TextDelta, Done]
+    assert text_of(events) == "Backup." and stuck.closed == 1  # its stream was cancelled
+
+
+async def test_the_breaker_opens_after_repeated_failures() -> None:
+    broken, backup = FakeProvider("broken", fail_status=503), FakeProvider("backup")
+    router = LlmRouter([broken, backup], breaker_factory=lambda name: CircuitBreaker(
+        name, failure_threshold=3, reset_timeout=60))
+    for _ in range(3):
+        assert text_of(await collect(router)) == "Hello there."
+    assert broken.calls == 3
+    assert router.health["broken"].breaker.state is CircuitState.OPEN
+    events = await collect(router)
+    assert broken.calls == 3 and not any(isinstance(e, ProviderSwitched) for e in events)
+    assert [p.name for p in router.candidates(REQUEST)] == ["backup"]
+
+
+async def test_a_failure_after_text_is_not_retried_elsewhere() -> None:
+    flaky, backup = FakeProvider("flaky", fail_after_text=True), FakeProvider("backup")
+    router = LlmRouter([flaky, backup])
+    received: list[RouterEvent] = []
+    with pytest.raises(LlmError) as caught:
+        async for event in router.stream(REQUEST):
+            received.append(event)
+    assert text_of(received) == "Hello there." and caught.value.provider == "flaky"
+    assert backup.calls == 0 and router.health["flaky"].error_rate > 0
+
+
+async def test_capability_and_cost_narrow_the_choice() -> None:
+    no_tools = FakeProvider("no-tools", supports_tools=False, cost=0.1)
+    pricey = FakeProvider("pricey", cost=5.0)
+    cheap = FakeProvider("cheap", cost=0.5, text="Cheap.")
+    router = LlmRouter([no_tools, pricey, cheap])
+    with_tools = LlmRequest(messages=REQUEST.messages, tools=(ToolSpec(name="end_call"),))
+    assert [p.name for p in router.candidates(with_tools)] == ["pricey", "cheap"]
+    assert [p.name for p in router.candidates(with_tools, max_cost=1)] == ["cheap"]
+    assert text_of(await collect(router, with_tools, max_cost=1)) == "Cheap."
+
+    broken = FakeProvider("broken", fail_status=400)
+    with pytest.raises(LlmError) as caught:
+        await collect(LlmRouter([broken]))
+    assert "broken (HTTP 400: boom)" in caught.value.message
+
+
+async def test_unhealthy_providers_go_last() -> None:
+    first, second = FakeProvider("first"), FakeProvider("second")
+    router = LlmRouter([first, second])
+    router.health["first"].error_rate = 0.9
+    assert [p.name for p in router.candidates(REQUEST)] == ["second", "first"]
+
+
+async def test_cancelling_the_consumer_cancels_the_provider() -> None:
+    slow = FakeProvider("slow", delay_s=5)
+    router = LlmRouter([slow], filler_after_ms=None, first_token_deadline_s=10)
+    task = asyncio.create_task(collect(router))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert slow.closed == 1
+    assert router.health["slow"].breaker.state is CircuitState.CLOSED
+    assert router.health["slow"].error_rate == 0
