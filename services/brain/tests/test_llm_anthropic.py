@@ -189,3 +189,19 @@ async def test_wrong_key_and_unreachable_server(emulator: AnthropicEmulator) -> 
         await collect(gone, ask("Hi"))
     assert caught.value.status is None and caught.value.retryable
     await gone.aclose()
+
+
+async def test_the_emulator_answers_non_streamed_requests(emulator: AnthropicEmulator) -> None:
+    import anthropic
+
+    client = anthropic.AsyncAnthropic(api_key="sk-test", base_url=emulator.base_url,
+                                      max_retries=0)
+    emulator.script(ScriptedReply(text="Booked.", tool_uses=(
+        ScriptedToolUse(name="book_appointment", input={"day": "Friday"}, id="toolu_9"),)))
+    message = await client.messages.create(model="claude-test", max_tokens=50,
+                                           messages=[{"role": "user", "content": "Book Friday"}])
+    await client.close()
+    assert message.stop_reason == "tool_use"
+    assert [block.type for block in message.content] == ["text", "tool_use"]
+    assert message.content[1].input == {"day": "Friday"}  # type: ignore[union-attr]
+    assert message.usage.output_tokens == 3  # "Booked." + '{"day": "Friday"}' in words

@@ -82,9 +82,10 @@ class OpenAICompatEmulator(EmulatorServer):
                  + sum(count_tokens(u.input) for u in reply.tool_uses)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         finish = "tool_calls" if reply.tool_uses else "stop"
-        calls = [{"id": use.id or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                  "function": {"name": use.name, "arguments": json.dumps(use.input)}}
-                 for use in reply.tool_uses]
+        calls: list[dict[str, Any]] = [
+            {"id": use.id or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": use.name, "arguments": json.dumps(use.input)}}
+            for use in reply.tool_uses]
         if not body.get("stream"):
             message: dict[str, Any] = {"role": "assistant", "content": reply.text or None}
             if calls:

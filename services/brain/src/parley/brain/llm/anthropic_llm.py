@@ -163,6 +163,7 @@ def to_anthropic_messages(messages: tuple[Message, ...]) -> list[dict[str, Any]]
     uses; several tool results), as the API requires roles to alternate.
     """
     result: list[dict[str, Any]] = []
+    block: dict[str, Any]
     for message in messages:
         match message:
             case UserMessage(text=text):

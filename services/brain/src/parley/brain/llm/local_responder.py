@@ -176,8 +176,8 @@ class LocalResponder:
                 return ("Of course. Let me transfer you to someone on our team.",
                         ToolCall(id=call_id, name="transfer_call", arguments={"to": number}),
                         intent)
-            case Intent.TOOL if (tool := match_tool(said, request.tools)) is not None:
-                return self._use_tool(tool, said, call_id, ask=True)
+            case Intent.TOOL if (matched := match_tool(said, request.tools)) is not None:
+                return self._use_tool(matched, said, call_id, ask=True)
             case Intent.QUESTION:
                 return await self._answer(said), None, intent
             case _:

@@ -188,13 +188,17 @@ class LlmRouter:
 
 async def _pump(provider: LlmProvider, request: LlmRequest, queue: asyncio.Queue[object]) -> None:
     """Run ``provider``'s stream to the end in this task, handing events (or its error) over."""
+    events = provider.stream(request)
     try:
-        async with contextlib.aclosing(provider.stream(request)) as events:
-            async for event in events:
-                queue.put_nowait(event)
+        async for event in events:
+            queue.put_nowait(event)
     except LlmError as exc:
         queue.put_nowait(exc)
     except Exception as exc:  # a provider bug must not hang the turn: report it as a failure
         queue.put_nowait(LlmError(provider.name, f"unexpected {exc!r}", retryable=True))
     else:
         queue.put_nowait(_END)
+    finally:  # on cancellation too: closes the provider's HTTP stream
+        close = getattr(events, "aclose", None)
+        if close is not None:
+            await close()
