@@ -1,21 +1,105 @@
-"""``python -m parley.brain``: per-turn thinking (fold, retrieval, LLM, clauses).
-
-Today this runs the service shell only (bus connection, streams, /healthz, /readyz, /metrics)
-so `parley up` can supervise the full topology; the brain's own work lands with its issue.
-"""
+"""``python -m parley.brain``: answers callers' turns (fold, retrieval, LLM, clauses)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
+from typing import Any
 
-from parley.common.config import CommonConfig
+from psycopg_pool import AsyncConnectionPool
+
+from parley.brain.config import BrainConfig
+from parley.brain.knowledge import retrieve
+from parley.brain.llm.anthropic_llm import AnthropicLlm
+from parley.brain.llm.base import LlmProvider, ToolSpec
+from parley.brain.llm.local_responder import LocalResponder
+from parley.brain.llm.openai_compat import OpenAICompatLlm
+from parley.brain.llm.router import LlmRouter
+from parley.brain.worker import BrainServices, BrainWorker
+from parley.common.configuration.models import AgentSettings
+from parley.common.configuration.repository import get_agent
 from parley.common.service import ServiceContext, serve
+from parley.common.tools import agent_tool_specs
+
+log = logging.getLogger("parley.brain")
 
 
-async def idle(ctx: ServiceContext[CommonConfig], stop: asyncio.Event) -> None:
-    """Hold the connections open until stopped."""
-    await stop.wait()
+def build_router(config: BrainConfig) -> LlmRouter:
+    """The configured providers in fallback order, the local responder last."""
+    providers: list[LlmProvider] = []
+    for name in config.chain():
+        if name == "anthropic":
+            providers.append(AnthropicLlm(api_key=config.key("anthropic"),
+                                          model=config.anthropic_model,
+                                          base_url=config.anthropic_url or None))
+        elif name == "openai":
+            providers.append(OpenAICompatLlm(base_url=config.openai_url,
+                                             model=config.openai_model,
+                                             api_key=config.key("openai") or None))
+        elif name == "local":
+            providers.append(LocalResponder())
+        else:
+            raise ValueError(f"unknown LLM provider {name!r} in PARLEY_LLM_CHAIN")
+    return LlmRouter(providers, filler_after_ms=config.filler_after_ms,
+                     filler_text=config.filler_text)
+
+
+async def run(ctx: ServiceContext[BrainConfig], stop: asyncio.Event) -> None:
+    """Answer turns until stopped."""
+    config = ctx.config
+    router = build_router(config)
+    latency = ctx.metrics.histogram("brain_prepare_ms", "Turn preparation (retrieval, profile)",
+                                    ["kind"], buckets=(0.5, 1, 2, 5, 10, 20, 50, 100, 250))
+    cache: dict[str, tuple[float, AgentSettings]] = {}
+    async with AsyncConnectionPool(config.database_url, min_size=1, max_size=8,
+                                   open=False) as pool:
+
+        async def agents(org_id: str, agent_id: str) -> AgentSettings:
+            hit = cache.get(agent_id)
+            if hit is not None and time.monotonic() - hit[0] < config.agent_cache_s:
+                return hit[1]
+            async with pool.connection() as conn:
+                agent = await get_agent(conn, agent_id, org_id=org_id) if agent_id else None
+            settings = agent.settings if agent is not None else AgentSettings()
+            cache[agent_id] = (time.monotonic(), settings)
+            return settings
+
+        async def tools(org_id: str, agent_id: str) -> list[ToolSpec]:
+            if not agent_id:
+                return []
+            async with pool.connection() as conn:
+                specs = await agent_tool_specs(conn, org_id, agent_id)
+            return [ToolSpec(name=s.name, description=s.description, input_schema=s.parameters)
+                    for s in specs]
+
+        async def knowledge(org_id: str, agent_id: str, query: str) -> list[Any]:
+            return await retrieve(pool, org_id, agent_id or None, query, k=config.knowledge_k)
+
+        async def profile(org_id: str, call_id: str, _number: str) -> str:
+            async with pool.connection() as conn:
+                cursor = await conn.execute(
+                    "SELECT count(*), max(c.requested_at) FROM calls c JOIN calls me "
+                    "ON me.call_id = %s AND me.org_id = c.org_id "
+                    "AND me.from_number = c.from_number AND me.direction = 'inbound' "
+                    "WHERE c.call_id <> me.call_id", (call_id,))
+                count, last = await cursor.fetchone() or (0, None)
+            if not count:
+                return ""
+            return f"has called {count} time(s) before, last on {last:%Y-%m-%d}."
+
+        worker = BrainWorker(BrainServices(
+            bus=ctx.bus, router=router, agents=agents, tools=tools, retrieve=knowledge,
+            profile=profile, instance=config.instance_id or "brain",
+            turn_deadline_s=config.turn_deadline_s,
+            on_turn=lambda kind, ms: latency.labels(kind).observe(ms)))
+        await worker.start()
+        log.info("brain ready: LLM chain %s", ",".join(p.name for p in router.providers))
+        try:
+            await stop.wait()
+        finally:
+            await worker.stop()
 
 
 if __name__ == "__main__":
-    raise SystemExit(serve("brain", CommonConfig, idle))
+    raise SystemExit(serve("brain", BrainConfig, run))

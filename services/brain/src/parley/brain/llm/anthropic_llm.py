@@ -90,6 +90,8 @@ class AnthropicLlm:
             if request.system.cacheable:
                 block["cache_control"] = {"type": "ephemeral"}
             params["system"] = [block]
+        if request.context:
+            params.setdefault("system", []).append({"type": "text", "text": request.context})
         if request.tools:
             params["tools"] = [{"name": t.name, "description": t.description,
                                 "input_schema": t.input_schema} for t in request.tools]

@@ -18,9 +18,9 @@ from typing import Any, Protocol, runtime_checkable
 import msgspec
 
 __all__ = [
-    "AssistantMessage", "Done", "Filler", "LlmError", "LlmEvent", "LlmProvider", "LlmRequest",
-    "Message", "ProviderSwitched", "SystemPrompt", "TextDelta", "ToolCall", "ToolResult",
-    "ToolSpec", "ToolUse", "Usage", "UserMessage", "is_retryable_status",
+    "AssistantMessage", "Done", "Filler", "KnowledgeChunk", "LlmError", "LlmEvent", "LlmProvider",
+    "LlmRequest", "Message", "ProviderSwitched", "SystemPrompt", "TextDelta", "ToolCall",
+    "ToolResult", "ToolSpec", "ToolUse", "Usage", "UserMessage", "is_retryable_status",
 ]
 
 
@@ -71,11 +71,28 @@ class ToolSpec(msgspec.Struct, frozen=True, kw_only=True):
         default_factory=lambda: {"type": "object", "properties": {}})
 
 
+class KnowledgeChunk(msgspec.Struct, frozen=True, kw_only=True):
+    """A piece of the agent's knowledge retrieved for this turn, with its relevance 0..1."""
+
+    id: str
+    text: str
+    score: float
+    source: str = ""
+
+
 class LlmRequest(msgspec.Struct, frozen=True, kw_only=True):
-    """One turn's request: instructions, the conversation so far, the tools on offer."""
+    """One turn's request: instructions, the conversation so far, the tools on offer.
+
+    ``system`` is the agent's standing instructions (cacheable); ``context`` is this turn's
+    prepared material as text (retrieved knowledge, what we know about the caller), sent after
+    the system prompt and never cached; ``knowledge`` is the same retrieval as data, for
+    providers that reason over it directly (the local responder).
+    """
 
     messages: tuple[Message, ...]
     system: SystemPrompt | None = None
+    context: str = ""
+    knowledge: tuple[KnowledgeChunk, ...] | None = None
     tools: tuple[ToolSpec, ...] = ()
     max_tokens: int = 512
     temperature: float | None = None

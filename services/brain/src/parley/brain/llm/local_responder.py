@@ -179,7 +179,7 @@ class LocalResponder:
             case Intent.TOOL if (matched := match_tool(said, request.tools)) is not None:
                 return self._use_tool(matched, said, call_id, ask=True)
             case Intent.QUESTION:
-                return await self._answer(said), None, intent
+                return await self._answer(said, request.knowledge), None, intent
             case _:
                 return "Sorry, could you say that again?", None, intent
 
@@ -197,10 +197,14 @@ class LocalResponder:
                     "will follow up with you.", None, Intent.TOOL)
         return "One moment.", ToolCall(id=call_id, name=tool.name, arguments=arguments), Intent.TOOL
 
-    async def _answer(self, question: str) -> str:
-        if self.retrieve is None:
+    async def _answer(self, question: str,
+                      prepared: Sequence[RetrievedChunk] | None = None) -> str:
+        if prepared is not None:  # the brain retrieved for this turn already
+            chunks: Sequence[RetrievedChunk] = prepared
+        elif self.retrieve is None:
             return DECLINE
-        chunks = await self.retrieve(question)
+        else:
+            chunks = await self.retrieve(question)
         return answer_from_chunks(question, chunks, min_score=self.min_score) or DECLINE
 
 

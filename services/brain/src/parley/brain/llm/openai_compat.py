@@ -153,6 +153,8 @@ def to_openai_messages(request: LlmRequest) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
     if request.system is not None and request.system.text:
         messages.append({"role": "system", "content": request.system.text})
+    if request.context:
+        messages.append({"role": "system", "content": request.context})
     for message in request.messages:
         match message:
             case UserMessage(text=text):

@@ -1,0 +1,38 @@
+"""Brain settings (``PARLEY_*``; vendor keys also from their usual variable names)."""
+
+from __future__ import annotations
+
+import os
+
+from parley.common.config import CommonConfig
+
+
+class BrainConfig(CommonConfig, kw_only=True):
+    """LLM providers, their chain, and turn limits."""
+
+    llm_chain: str = ""  # e.g. "anthropic,openai,local"; empty: whichever are configured + local
+    anthropic_api_key: str = ""
+    anthropic_url: str = ""  # base URL (an emulator in tests); empty: the SDK's default
+    anthropic_model: str = "claude-haiku-4-5"
+    openai_url: str = ""  # any OpenAI-compatible server, e.g. http://127.0.0.1:11434/v1
+    openai_api_key: str = ""
+    openai_model: str = "llama3.2"
+    filler_after_ms: float = 1200.0
+    filler_text: str = "One moment."
+    turn_deadline_s: float = 30.0
+    knowledge_k: int = 3
+    agent_cache_s: float = 30.0
+
+    def key(self, vendor: str) -> str:
+        """``PARLEY_<VENDOR>_API_KEY`` or else ``<VENDOR>_API_KEY``."""
+        value = str(getattr(self, f"{vendor}_api_key"))
+        return value or os.environ.get(f"{vendor.upper()}_API_KEY", "")
+
+    def chain(self) -> list[str]:
+        """Providers in fallback order; the local responder always ends the chain."""
+        if self.llm_chain:
+            names = [n.strip() for n in self.llm_chain.split(",") if n.strip()]
+        else:
+            names = [*(["anthropic"] if self.key("anthropic") else []),
+                     *(["openai"] if self.openai_url else [])]
+        return [*[n for n in names if n != "local"], "local"]

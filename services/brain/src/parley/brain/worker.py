@@ -1,0 +1,430 @@
+"""The brain worker: answers the caller's turns, clause by clause.
+
+A work-queue consumer (``brain-turns``) takes ``turn.user_ended`` (answer), ``call.stream_started``
+(greet) and tool outcomes (continue the turn that called the tool), so any instance can take any
+unit of work. For each it folds the call's events (:mod:`parley.brain.conversation`) — there is
+no other state — builds the request (agent prompt, grounding instruction, retrieved knowledge,
+the caller's history with us, the conversation), and streams the reply through the
+:class:`~parley.brain.llm.router.LlmRouter`. Text goes through the clause splitter and out as
+``agent.say`` the moment each clause is complete; a tool call becomes ``tool.requested`` and the
+turn waits for its outcome; the end is ``turn.completed`` with token usage and time to first
+token. While a turn runs, the worker follows the call: ``agent.speech.interrupted`` for the turn
+or a newer ``turn.user_ended`` cancels it (the LLM stream is closed).
+
+Warm-up: every instance follows ``transcript.partial`` and starts retrieval, the profile lookup
+and intent classification while the caller is still talking (:class:`Warmup`); at the end of the
+turn only the LLM call remains when the final text matches what was warmed.
+
+Event ids are derived from the call, turn, round and seq, so an instance that re-runs a turn
+after another died mid-turn emits the same ids and JetStream drops the repeats; clauses the fold
+already shows are not sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.msg import Msg
+
+from parley.brain.conversation import Conversation, fold
+from parley.brain.llm.base import (
+    Done,
+    Filler,
+    KnowledgeChunk,
+    LlmRequest,
+    ProviderSwitched,
+    SystemPrompt,
+    TextDelta,
+    ToolCall,
+    ToolSpec,
+)
+from parley.brain.llm.clauses import ClauseSplitter
+from parley.brain.llm.local_responder import classify_intent
+from parley.brain.llm.router import LlmRouter
+from parley.common.bus import Bus, ConsumerSettings, DurableConsumer, events_of_type
+from parley.common.configuration.models import AgentSettings
+from parley.common.events import (
+    AgentSay,
+    AgentSpeechInterrupted,
+    CallStreamStarted,
+    Event,
+    IntentDetected,
+    KnowledgeRetrieved,
+    TokenUsage,
+    ToolCompleted,
+    ToolDenied,
+    ToolFailed,
+    ToolRequested,
+    TranscriptPartial,
+    TurnCompleted,
+    TurnStarted,
+    TurnUserEnded,
+    decode,
+)
+
+log = logging.getLogger(__name__)
+
+_ID_NAMESPACE = uuid.UUID("0b7f5c1e-2f4d-4b8a-9a53-1c9f2e7d4a60")
+
+GROUNDING = (
+    "Answer only from the knowledge given with the caller's words and from tool results. If the "
+    "answer is not there, say you will check and follow up; never invent prices, times, names or "
+    "policies. You are on the phone: short, plain sentences, no lists, no markdown.")
+
+
+def stable_id(call_id: str, *parts: object) -> uuid.UUID:
+    """An event id any instance would give the same event."""
+    return uuid.uuid5(_ID_NAMESPACE, "/".join([call_id, *map(str, parts)]))
+
+
+@dataclass
+class Knowledge:
+    """What was retrieved for a query."""
+
+    query: str
+    chunks: list[Any]  # parley.brain.knowledge.Chunk
+    latency_ms: float
+
+
+@dataclass
+class Context:
+    """Everything prepared for a turn besides the conversation."""
+
+    knowledge: Knowledge | None = None
+    intent: tuple[Any, float] = ("", 0.0)
+    profile: str = ""
+    warm: bool = False  # prepared from partials before the turn ended
+
+
+Retrieve = Callable[[str, str, str], Awaitable[list[Any]]]  # org, agent, query → chunks
+Profile = Callable[[str, str, str], Awaitable[str]]  # org, call, from number → summary
+AgentSource = Callable[[str, str], Awaitable[AgentSettings]]  # org, agent → settings
+ToolSource = Callable[[str, str], Awaitable[list[ToolSpec]]]  # org, agent → tools
+
+
+def _content_words(text: str) -> set[str]:
+    return {w for w in "".join(c if c.isalnum() else " " for c in text.lower()).split()
+            if len(w) > 2}
+
+
+@dataclass
+class _Warm:
+    text: str
+    task: asyncio.Task[Context]
+
+
+class Warmup:
+    """Prepares each call's turn context from partial transcripts."""
+
+    def __init__(self, prepare: Callable[[str, str, str, str], Awaitable[Context]]) -> None:
+        self._prepare = prepare  # (org, call, agent, text) → context
+        self._calls: dict[str, _Warm] = {}
+        self._agents: dict[str, str] = {}  # call → agent, learned from call.stream_started
+        self.hits = 0
+        self.misses = 0
+
+    def on_event(self, event: Event) -> None:
+        """Follow partials (and stream starts, to know each call's agent)."""
+        if isinstance(event, CallStreamStarted):
+            self._agents[event.call_id] = event.agent_id
+        elif isinstance(event, TranscriptPartial) and event.text.strip():
+            current = self._calls.get(event.call_id)
+            if current is not None and current.text == event.text:
+                return
+            if current is not None and not current.task.done():
+                current.task.cancel()
+            agent = self._agents.get(event.call_id, "")
+            task = asyncio.create_task(self._prepare(event.org_id, event.call_id, agent,
+                                                     event.text))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._calls[event.call_id] = _Warm(event.text, task)
+            if len(self._calls) > 10_000:  # calls that ended: forget the oldest
+                self._calls.pop(next(iter(self._calls)))
+
+    async def take(self, call_id: str, final_text: str) -> Context | None:
+        """The warmed context if it was prepared from (nearly) the final words."""
+        warm = self._calls.pop(call_id, None)
+        if warm is None:
+            self.misses += 1
+            return None
+        final, partial = _content_words(final_text), _content_words(warm.text)
+        if not final or len(final & partial) < 0.8 * len(final):
+            warm.task.cancel()
+            self.misses += 1
+            return None
+        try:
+            context = await warm.task
+        except (asyncio.CancelledError, Exception):
+            self.misses += 1
+            return None
+        self.hits += 1
+        context.warm = True
+        return context
+
+
+@dataclass
+class BrainServices:
+    """What the worker calls out to."""
+
+    bus: Bus
+    router: LlmRouter
+    agents: AgentSource
+    tools: ToolSource
+    retrieve: Retrieve
+    profile: Profile
+    instance: str = "brain"
+    turn_deadline_s: float = 30.0
+    on_turn: Callable[[str, float], None] = lambda kind, ms: None  # metrics hook
+
+
+@dataclass
+class _Running:
+    turn_id: str
+    task: asyncio.Task[None]
+    cancelled_by: str = ""
+    heard: dict[str, str] = field(default_factory=dict)
+
+
+class BrainWorker:
+    """Consumes turns and tool outcomes; see the module docstring."""
+
+    def __init__(self, services: BrainServices) -> None:
+        self.s = services
+        self.warmup = Warmup(self._prepare_context)
+        self._running: dict[str, _Running] = {}  # call → its turn in progress here
+        self._consumer = DurableConsumer(services.bus, ConsumerSettings(
+            durable="brain-turns",
+            filter_subjects=[events_of_type(t) for t in (
+                "turn.user_ended", "call.stream_started", "tool.completed", "tool.failed",
+                "tool.denied")],
+            ack_wait_s=5.0, max_deliver=6, max_ack_pending=512), self._handle)
+        self._subs: list[Any] = []
+
+    async def start(self) -> None:
+        """Start consuming and following partials."""
+        nc = self.s.bus.nc
+
+        async def on_partial(msg: Msg) -> None:
+            with contextlib.suppress(Exception):
+                self.warmup.on_event(decode(msg.data))
+
+        for kind in ("transcript.partial", "call.stream_started"):
+            self._subs.append(await nc.subscribe(events_of_type(kind), cb=on_partial))
+        await self._consumer.start()
+
+    async def stop(self) -> None:
+        """Stop consuming (turns in hand finish first)."""
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        await self._consumer.stop()
+
+    # ------------------------------------------------------------------ dispatch
+
+    async def _handle(self, event: Event, msg: Msg) -> None:
+        call_id = getattr(event, "call_id", "")
+        conversation = fold(call_id, await self.s.bus.replay_call(call_id,
+                                                                 org_id=event.org_id))
+        if conversation.ended:
+            return
+        if isinstance(event, CallStreamStarted):
+            await self._greet(conversation, event)
+        elif isinstance(event, TurnUserEnded):
+            if event.turn_id != conversation.latest_user_turn:
+                return  # superseded by a newer turn before we got to it
+            turn = conversation.turn(event.turn_id)
+            if turn.completed or turn.spoken_last or turn.interrupted or turn.tools:
+                return  # already answered (a redelivery) or continued through its tools
+            await self._run(conversation, event.turn_id, event, msg, final_text=event.text)
+        elif isinstance(event, ToolCompleted | ToolFailed | ToolDenied):
+            owner = next((t for t in conversation.turns.values()
+                          if event.tool_call_id in t.tools), None)
+            if owner is None or owner.completed or owner.interrupted:
+                return
+            if owner.turn_id != conversation.latest_user_turn or owner.waiting_for_tools:
+                return  # the caller moved on, or other tools of the round are still out
+            await self._run(conversation, owner.turn_id, event, msg, final_text="")
+
+    async def _greet(self, conversation: Conversation, event: CallStreamStarted) -> None:
+        if conversation.greeted:
+            return
+        settings = await self.s.agents(event.org_id, conversation.agent_id or event.agent_id)
+        if settings.greeting.strip():
+            await self.s.bus.publish(AgentSay(
+                id=stable_id(event.call_id, "t0", "say", 0), org_id=event.org_id,
+                call_id=event.call_id, turn_id="t0", seq=0, text=settings.greeting.strip(),
+                last=True, causation_id=event.id))
+
+    # ------------------------------------------------------------------ a turn
+
+    async def _run(self, conversation: Conversation, turn_id: str, cause: Event, msg: Msg, *,
+                   final_text: str) -> None:
+        call_id = conversation.call_id
+        previous = self._running.get(call_id)
+        if previous is not None and previous.turn_id != turn_id:
+            previous.cancelled_by = "newer turn"
+            previous.task.cancel()
+        task = asyncio.create_task(self._turn(conversation, turn_id, cause, final_text))
+        running = _Running(turn_id, task)
+        self._running[call_id] = running
+        watch = await self.s.bus.subscribe_call(
+            call_id, lambda e: self._watch(running, e), org_id=conversation.org_id)
+        try:
+            while not task.done():
+                done, _ = await asyncio.wait({task}, timeout=1.0)
+                if not done:
+                    await msg.in_progress()  # keep the work ours while the turn runs
+            if task.cancelled() and running.cancelled_by:
+                await self._completed(conversation, turn_id, cause, cancelled=True)
+            elif not task.cancelled():
+                task.result()
+        finally:
+            with contextlib.suppress(Exception):
+                await watch.unsubscribe()
+            if self._running.get(call_id) is running:
+                del self._running[call_id]
+
+    async def _watch(self, running: _Running, event: Event) -> None:
+        if isinstance(event, AgentSpeechInterrupted) and event.turn_id == running.turn_id:
+            running.cancelled_by = "interrupted"
+        elif isinstance(event, TurnUserEnded) and event.turn_id != running.turn_id:
+            running.cancelled_by = "newer turn"
+        else:
+            return
+        running.task.cancel()
+
+    async def _turn(self, conversation: Conversation, turn_id: str, cause: Event,
+                    final_text: str) -> None:
+        bus, call_id, org_id = self.s.bus, conversation.call_id, conversation.org_id
+        started = time.perf_counter()
+        agent_turn = conversation.turn(turn_id)
+        round_no = agent_turn.round
+        settings = await self.s.agents(org_id, conversation.agent_id)
+        context = Context()
+        if final_text:  # a caller's turn (not a continuation after a tool)
+            context = await self.warmup.take(call_id, final_text) or await self._prepare_context(
+                org_id, call_id, conversation.agent_id, final_text)
+            await self._publish_context(conversation, turn_id, context, cause)
+        self.s.on_turn("prepare_warm" if context.warm else "prepare_cold",
+                       (time.perf_counter() - started) * 1000)
+        request = self._request(conversation, settings, context,
+                                await self.s.tools(org_id, conversation.agent_id))
+        candidates = self.s.router.candidates(request)
+        await bus.publish(TurnStarted(
+            id=stable_id(call_id, turn_id, "started", round_no), org_id=org_id,
+            call_id=call_id, turn_id=turn_id, provider=candidates[0].name if candidates else "",
+            causation_id=cause.id))
+
+        seq = agent_turn.round_starts[round_no]  # where this round's clauses begin
+        already = agent_turn.next_seq  # clauses a crashed run of this round already sent
+        splitter = ClauseSplitter()
+        done: Done | None = None
+
+        async def say(text: str, *, last: bool = False) -> None:
+            nonlocal seq
+            if seq >= already and (text.strip() or last):
+                await bus.publish(AgentSay(
+                    id=stable_id(call_id, turn_id, "say", seq), org_id=org_id,
+                    call_id=call_id, turn_id=turn_id, seq=seq, text=text.strip(), last=last,
+                    causation_id=cause.id))
+            if text.strip() or last:
+                seq += 1
+
+        async with asyncio.timeout(self.s.turn_deadline_s):
+            stream = self.s.router.stream(request)
+            try:
+                async for item in stream:
+                    if isinstance(item, TextDelta):
+                        for clause in splitter.feed(item.text):
+                            await say(clause)
+                    elif isinstance(item, Filler):
+                        await say(item.text)
+                    elif isinstance(item, ToolCall):
+                        rest = splitter.flush()
+                        if rest.strip():
+                            await say(rest)
+                        await bus.publish(ToolRequested(
+                            id=stable_id(call_id, turn_id, "tool", item.id), org_id=org_id,
+                            call_id=call_id, turn_id=turn_id, tool_call_id=item.id,
+                            name=item.name, arguments=item.arguments, causation_id=cause.id))
+                    elif isinstance(item, Done):
+                        done = item
+                    elif isinstance(item, ProviderSwitched):
+                        log.warning("call %s turn %s: LLM %s → %s (%s)", call_id, turn_id,
+                                    item.from_provider, item.to_provider, item.reason)
+            finally:
+                await stream.aclose()
+        if done is not None and done.stop_reason == "tool_use":
+            return  # the turn goes on when the tool outcomes arrive
+        await say(splitter.flush(), last=True)
+        await self._completed(conversation, turn_id, cause, done=done, round_no=round_no,
+                              duration_ms=(time.perf_counter() - started) * 1000)
+
+    async def _completed(self, conversation: Conversation, turn_id: str, cause: Event, *,
+                         done: Done | None = None, cancelled: bool = False, round_no: int = 0,
+                         duration_ms: float = 0.0) -> None:
+        usage = done.usage if done is not None else None
+        await self.s.bus.publish(TurnCompleted(
+            id=stable_id(conversation.call_id, turn_id, "completed"),
+            org_id=conversation.org_id, call_id=conversation.call_id, turn_id=turn_id,
+            provider=done.provider if done else "", model="",
+            usage=TokenUsage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+                             cache_read_tokens=usage.cache_read_tokens,
+                             cache_write_tokens=usage.cache_write_tokens) if usage else
+            TokenUsage(), ttft_ms=round(done.ttft_ms or 0.0, 2) if done else 0.0,
+            duration_ms=round(duration_ms, 2), cancelled=cancelled, causation_id=cause.id))
+
+    # ------------------------------------------------------------------ context
+
+    async def _prepare_context(self, org_id: str, call_id: str, agent_id: str,
+                               text: str) -> Context:
+        """Retrieval, profile and intent, concurrently."""
+        started = time.perf_counter()
+        retrieval = asyncio.create_task(self.s.retrieve(org_id, agent_id, text))
+        profile = asyncio.create_task(self.s.profile(org_id, call_id, ""))
+        intent = classify_intent(text)
+        chunks = await retrieval
+        knowledge = Knowledge(text, chunks, (time.perf_counter() - started) * 1000)
+        return Context(knowledge=knowledge, intent=intent, profile=await profile)
+
+    async def _publish_context(self, conversation: Conversation, turn_id: str,
+                               context: Context, cause: Event) -> None:
+        call_id, org_id = conversation.call_id, conversation.org_id
+        if context.intent[0]:
+            await self.s.bus.publish(IntentDetected(
+                id=stable_id(call_id, turn_id, "intent"), org_id=org_id, call_id=call_id,
+                turn_id=turn_id, intent=str(context.intent[0]),
+                confidence=float(context.intent[1]),
+                causation_id=cause.id))
+        if context.knowledge is not None:
+            k = context.knowledge
+            await self.s.bus.publish(KnowledgeRetrieved(
+                id=stable_id(call_id, turn_id, "knowledge"), org_id=org_id, call_id=call_id,
+                turn_id=turn_id, query=k.query[:500], chunk_ids=[c.id for c in k.chunks],
+                scores=[round(c.score, 4) for c in k.chunks],
+                latency_ms=round(k.latency_ms, 2), causation_id=cause.id))
+
+    def _request(self, conversation: Conversation, settings: AgentSettings, context: Context,
+                 tools: list[ToolSpec]) -> LlmRequest:
+        notes = []
+        if context.profile:
+            notes.append(f"About the caller: {context.profile}")
+        chunks = context.knowledge.chunks if context.knowledge is not None else []
+        if chunks:
+            notes.append("Knowledge for this turn:\n" + "\n---\n".join(
+                f"[{c.source}] {c.text}" for c in chunks))
+        elif context.knowledge is not None:
+            notes.append("Knowledge for this turn: nothing relevant was found.")
+        return LlmRequest(
+            system=SystemPrompt(text=f"{settings.prompt.strip()}\n\n{GROUNDING}"),
+            context="\n\n".join(notes), messages=conversation.llm_messages(),
+            tools=tuple(tools),
+            knowledge=tuple(KnowledgeChunk(id=c.id, text=c.text, score=c.score, source=c.source)
+                            for c in chunks))

@@ -1,0 +1,266 @@
+"""The brain worker against real NATS and Postgres, the real anthropic SDK and its emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from parley.brain.conversation import fold
+from parley.brain.knowledge import ingest, retrieve
+from parley.brain.llm.anthropic_llm import AnthropicLlm
+from parley.brain.llm.local_responder import LocalResponder
+from parley.brain.llm.router import LlmRouter
+from parley.brain.worker import BrainServices, BrainWorker
+from parley.common.configuration import AgentSettings, create_agent, create_org
+from parley.common.events import (
+    AgentSay,
+    AgentSpeechInterrupted,
+    CallRequested,
+    CallStreamStarted,
+    Event,
+    ToolCompleted,
+    ToolRequested,
+    TurnUserEnded,
+    decode,
+)
+from parley.devkit.emulators.anthropic import AnthropicEmulator, ScriptedReply, ScriptedToolUse
+
+ORG, AGENT = "dental", "reception"
+SETTINGS = AgentSettings(prompt="You are the receptionist of Bright Smile Dental.",
+                         greeting="Thanks for calling Bright Smile Dental!")
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    async def on_message(self, msg: Any) -> None:
+        self.events.append(decode(msg.data))
+
+    def of(self, kind: str, call_id: str) -> list[Any]:
+        return [e for e in self.events if e.type == kind and e.call_id == call_id]
+
+    async def wait(self, kind: str, call_id: str, count: int = 1, timeout: float = 15.0,
+                   where=lambda e: True) -> list[Any]:
+        deadline = time.monotonic() + timeout
+        while len([e for e in self.of(kind, call_id) if where(e)]) < count:
+            assert time.monotonic() < deadline, [e.type for e in self.events]
+            await asyncio.sleep(0.01)
+        return [e for e in self.of(kind, call_id) if where(e)]
+
+
+@pytest.fixture
+async def recorder(bus):
+    rec = Recorder()
+    sub = await bus.nc.subscribe("parley.ev.>", cb=rec.on_message)
+    yield rec
+    await sub.unsubscribe()
+
+
+@pytest.fixture
+async def pool(database_url):
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        await create_org(conn, ORG, "Bright Smile Dental")
+        await create_agent(conn, ORG, "Reception", SETTINGS, agent_id=AGENT)
+    async with AsyncConnectionPool(database_url, min_size=1, max_size=4, open=False) as p:
+        yield p
+
+
+@pytest.fixture
+async def emulator():
+    emu = AnthropicEmulator(api_key="sk-test")
+    await emu.start()
+    yield emu
+    await emu.stop()
+
+
+def services(bus, pool, providers) -> BrainServices:
+    async def agents(org_id: str, agent_id: str) -> AgentSettings:
+        return SETTINGS
+
+    async def tools(org_id: str, agent_id: str) -> list:
+        return []
+
+    async def knowledge(org_id: str, agent_id: str, query: str) -> list:
+        return await retrieve(pool, org_id, agent_id, query, k=3)
+
+    async def profile(org_id: str, call_id: str, number: str) -> str:
+        return ""
+
+    return BrainServices(bus=bus, router=LlmRouter(providers, filler_after_ms=None),
+                         agents=agents, tools=tools, retrieve=knowledge, profile=profile)
+
+
+async def open_call(bus, call_id: str) -> None:
+    await bus.publish(CallRequested(org_id=ORG, call_id=call_id, direction="inbound",
+                                    agent_id=AGENT, from_number="+14155550123",
+                                    to_number="+14155550100"))
+    await bus.publish(CallStreamStarted(org_id=ORG, call_id=call_id, stream_id="MZ1",
+                                        gateway_instance="gw", agent_id=AGENT))
+
+
+async def user_says(bus, call_id: str, turn_id: str, text: str) -> None:
+    await bus.publish(TurnUserEnded(org_id=ORG, call_id=call_id, turn_id=turn_id, text=text))
+
+
+async def test_greets_then_answers_clause_by_clause(bus, pool, emulator, recorder) -> None:
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(services(bus, pool, [llm]))
+    await worker.start()
+    try:
+        emulator.script(ScriptedReply(text="We open at eight in the morning, Monday to Friday. "
+                                           "Would you like to book a visit?"))
+        await open_call(bus, "c1")
+        greeting, = await recorder.wait("agent.say", "c1")
+        assert (greeting.turn_id, greeting.text, greeting.last) == (
+            "t0", SETTINGS.greeting, True)
+        await user_says(bus, "c1", "t1", "When do you open?")
+        done, = await recorder.wait("turn.completed", "c1")
+        says = [e for e in recorder.of("agent.say", "c1") if e.turn_id == "t1"]
+        assert [s.seq for s in says] == list(range(len(says))) and says[-1].last
+        assert len(says) >= 2  # streamed in clauses, not one blob
+        assert " ".join(s.text for s in says).strip() == (
+            "We open at eight in the morning, Monday to Friday. Would you like to book a visit?")
+        assert done.usage.output_tokens > 0 and done.ttft_ms > 0 and not done.cancelled
+        assert done.provider == "anthropic"
+        started, = recorder.of("turn.started", "c1")
+        assert started.provider == "anthropic"
+        request = emulator.requests[-1]
+        assert request["system"][0]["cache_control"] == {"type": "ephemeral"}
+        assert request["messages"][-1]["content"][-1]["text"] == "When do you open?" or \
+            "When do you open?" in str(request["messages"][-1])
+        assert "Thanks for calling" in str(request["messages"])  # the greeting is history
+    finally:
+        await worker.stop()
+        await llm.aclose()
+
+
+async def test_tool_use_round_trip_continues_the_turn(bus, pool, emulator, recorder) -> None:
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(services(bus, pool, [llm]))
+    await worker.start()
+    try:
+        emulator.script(
+            ScriptedReply(text="Let me check the calendar.", tool_uses=(ScriptedToolUse(
+                name="book_appointment", input={"day": "Friday", "time": "10:00"},
+                id="toolu_1"),)),
+            ScriptedReply(text="You're booked for Friday at ten."))
+        await open_call(bus, "c2")
+        await user_says(bus, "c2", "t1", "Can I come Friday at ten?")
+        requested, = await recorder.wait("tool.requested", "c2")
+        assert (requested.name, requested.arguments) == (
+            "book_appointment", {"day": "Friday", "time": "10:00"})
+        assert not recorder.of("turn.completed", "c2")
+        await bus.publish(ToolCompleted(org_id=ORG, call_id="c2", tool_call_id="toolu_1",
+                                        name="book_appointment", result={"booked": True}))
+        await recorder.wait("turn.completed", "c2")
+        says = [e for e in recorder.of("agent.say", "c2") if e.turn_id == "t1"]
+        assert [s.text for s in says] == ["Let me check the calendar.",
+                                          "You're booked for Friday at ten."]
+        assert [s.seq for s in says] == [0, 1] and says[-1].last and not says[0].last
+        second = emulator.requests[-1]["messages"]
+        assert any(block.get("type") == "tool_result" for m in second
+                   if isinstance(m["content"], list) for block in m["content"])
+    finally:
+        await worker.stop()
+        await llm.aclose()
+
+
+async def test_barge_in_cancels_generation_and_history_keeps_what_was_heard(
+        bus, pool, emulator, recorder) -> None:
+    emulator.tokens_per_second = 20
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(services(bus, pool, [llm]))
+    await worker.start()
+    try:
+        emulator.script(ScriptedReply(text="Our hours are eight to five on weekdays, " * 8))
+        await open_call(bus, "c3")
+        await user_says(bus, "c3", "t1", "What are your hours?")
+        first, = await recorder.wait("agent.say", "c3", where=lambda e: e.turn_id == "t1")
+        await bus.publish(AgentSpeechInterrupted(org_id=ORG, call_id="c3", turn_id="t1",
+                                                 played_text="Our hours are"))
+        done, = await recorder.wait("turn.completed", "c3")
+        assert done.cancelled
+        await asyncio.sleep(0.3)
+        assert emulator.aborted, "the LLM stream was not closed"
+        says = [e for e in recorder.of("agent.say", "c3") if e.turn_id == "t1"]
+        assert not any(s.last for s in says)
+        events = await bus.replay_call("c3")
+        conversation = fold("c3", events)
+        assert conversation.llm_messages()[-1].text == "Our hours are"
+    finally:
+        await worker.stop()
+        await llm.aclose()
+
+
+async def test_local_responder_is_grounded_in_ingested_knowledge(bus, pool, recorder) -> None:
+    await ingest(pool, ORG, AGENT, "prices.md", b"# Prices\n\nA teeth cleaning costs $95. "
+                 b"A whitening session costs $250.\n\nWe accept most dental insurance plans.")
+    worker = BrainWorker(services(bus, pool, [LocalResponder()]))
+    await worker.start()
+    try:
+        await open_call(bus, "c4")
+        await user_says(bus, "c4", "t1", "How much is a teeth cleaning?")
+        await recorder.wait("turn.completed", "c4")
+        answer = " ".join(e.text for e in recorder.of("agent.say", "c4") if e.turn_id == "t1")
+        assert "$95" in answer, answer
+        retrieved, = recorder.of("knowledge.retrieved", "c4")
+        assert retrieved.chunk_ids and retrieved.scores[0] > 0
+        assert recorder.of("intent.detected", "c4")[0].intent
+
+        await user_says(bus, "c4", "t2", "Who is the dentist's favourite football team?")
+        await recorder.wait("turn.completed", "c4", count=2)
+        answer = " ".join(e.text for e in recorder.of("agent.say", "c4") if e.turn_id == "t2")
+        assert "follow up" in answer.lower() or "check" in answer.lower(), answer
+        assert not any(ch.isdigit() for ch in answer)
+    finally:
+        await worker.stop()
+
+
+async def test_a_newer_user_turn_supersedes_the_running_one(bus, pool, emulator,
+                                                            recorder) -> None:
+    emulator.tokens_per_second = 10
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(services(bus, pool, [llm]))
+    await worker.start()
+    try:
+        emulator.script(ScriptedReply(text="Let me think about that for a while, " * 10),
+                        ScriptedReply(text="Sure, Friday works."))
+        await open_call(bus, "c5")
+        await user_says(bus, "c5", "t1", "I want to book.")
+        await recorder.wait("turn.started", "c5")
+        await user_says(bus, "c5", "t2", "Actually, Friday please.")
+        completed = await recorder.wait("turn.completed", "c5", count=2)
+        by_turn = {c.turn_id: c for c in completed}
+        assert by_turn["t1"].cancelled and not by_turn["t2"].cancelled
+        t2 = [e.text for e in recorder.of("agent.say", "c5") if e.turn_id == "t2"]
+        assert " ".join(t2) == "Sure, Friday works."
+    finally:
+        await worker.stop()
+        await llm.aclose()
+
+
+def test_fold_keeps_only_heard_text_and_numbers_tool_rounds() -> None:
+    events: list[Event] = [
+        TurnUserEnded(org_id=ORG, call_id="c", turn_id="t1", text="Book me in."),
+        AgentSay(org_id=ORG, call_id="c", turn_id="t1", seq=0, text="Checking."),
+        ToolRequested(org_id=ORG, call_id="c", turn_id="t1", tool_call_id="x", name="book"),
+        ToolCompleted(org_id=ORG, call_id="c", tool_call_id="x", name="book", result="ok"),
+        AgentSay(org_id=ORG, call_id="c", turn_id="t1", seq=1, text="Done, you're booked."),
+        AgentSay(org_id=ORG, call_id="c", turn_id="t1", seq=1, text="Done, you're booked."),
+        AgentSay(org_id=ORG, call_id="c", turn_id="t1", seq=2, text="Anything else?",
+                 last=True),
+        AgentSpeechInterrupted(org_id=ORG, call_id="c", turn_id="t1",
+                               played_text="Done, you're"),
+    ]
+    conversation = fold("c", events)
+    turn = conversation.turn("t1")
+    assert turn.round_starts == [0, 1] and turn.next_seq == 3 and turn.interrupted
+    kinds = [type(m).__name__ for m in conversation.llm_messages()]
+    assert kinds == ["UserMessage", "AssistantMessage", "ToolUse", "ToolResult"]
+    assert conversation.llm_messages()[1].text == "Done, you're"
