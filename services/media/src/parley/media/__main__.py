@@ -31,12 +31,18 @@ async def run(ctx: ServiceContext[MediaConfig], stop: asyncio.Event) -> None:
                 await preload()
     unknown = ctx.metrics.counter("media_audio_dropped", "Inbound frames with no live session")
     events = ctx.metrics.counter("media_events", "Events the media service emitted", ["type"])
+    inbound = ctx.metrics.histogram(
+        "media_inbound_frame_delay_seconds",
+        "Inbound audio frame: stored by nats-server (JetStream timestamp) → handled by its "
+        "session", buckets=(0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02,
+                            0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
     services = SessionServices(
         bus=ctx.bus, instance=instance or uuid.uuid4().hex,
         leases=Leases(ctx.bus, instance, renew_s=config.lease_renew_s,
                       timeout_s=config.lease_timeout_s),
         stt=stt, tts=tts, command_timeout_s=config.command_timeout_s,
-        on_unknown_audio=unknown.inc, on_event=lambda kind: events.labels(kind).inc())
+        on_unknown_audio=unknown.inc, on_event=lambda kind: events.labels(kind).inc(),
+        on_inbound_frame=inbound.observe)
     async with AsyncConnectionPool(config.database_url, min_size=1, max_size=4,
                                    open=False) as pool:
         worker = MediaWorker(services, AgentSettingsCache(pool, config.agent_cache_s),

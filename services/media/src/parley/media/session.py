@@ -113,6 +113,8 @@ class SessionServices:
     command_timeout_s: float = 1.0
     on_unknown_audio: Callable[[], None] = lambda: None
     on_event: Callable[[str], None] = lambda kind: None
+    # Seconds from nats-server storing an inbound frame to its session handling it.
+    on_inbound_frame: Callable[[float], None] = lambda delay_s: None
 
 
 @dataclass
@@ -294,6 +296,7 @@ class CallSession:
             return  # redelivered
         self._last_seq = seq
         meta = msg.metadata
+        self.s.on_inbound_frame(time.time() - meta.timestamp.timestamp())
         self._catching_up = meta.num_pending > 25
         self._frames_seen += 1
         if self._frames_seen % CHECKPOINT_EVERY == 1:
