@@ -3,7 +3,7 @@
     python bench/run.py [names...] [--check] [--quick] [--out DIR]
 
 Benchmarks: bus_latency, recorder_throughput, projection_rebuild, fold_call, gateway_frames,
-media_frame_path, local_stt_latency, piper_ttfa (default: all).
+media_frame_path, local_stt_latency, piper_ttfa, media_calls (default: all).
 nats-server and Postgres are started from the installed packages on free loopback ports in temp
 dirs under /tmp, and stopped and removed at the end. Prints a table, writes ``<out>/<name>.json``
 (date, machine, config, raw summaries) and ``<out>/latest.md``; ``out`` is ``bench/results``, or
@@ -32,7 +32,8 @@ from _stats import ERROR, FAIL, BenchResult, render_table, write_results
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = ("bus_latency", "recorder_throughput", "projection_rebuild", "fold_call",
-              "gateway_frames", "media_frame_path", "local_stt_latency", "piper_ttfa")
+              "gateway_frames", "media_frame_path", "local_stt_latency", "piper_ttfa",
+              "media_calls")
 # A benchmark is ``<name>.run`` unless it shares a module: name → (module, function).
 ENTRY_POINTS = {
     "media_frame_path": ("media", "run_frame_path"),
@@ -49,6 +50,7 @@ TIME_LIMITS = {
     "media_frame_path": (180, 45),
     "local_stt_latency": (240, 60),
     "piper_ttfa": (120, 30),
+    "media_calls": (420, 60),
 }
 
 
