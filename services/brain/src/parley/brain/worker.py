@@ -71,6 +71,7 @@ from parley.common.events import (
 
 log = logging.getLogger(__name__)
 
+TERMINAL_TOOLS = frozenset({"end_call", "transfer_call"})  # the turn ends with the call
 _ID_NAMESPACE = uuid.UUID("0b7f5c1e-2f4d-4b8a-9a53-1c9f2e7d4a60")
 
 GROUNDING = (
@@ -326,6 +327,7 @@ class BrainWorker:
         already = agent_turn.next_seq  # clauses a crashed run of this round already sent
         splitter = ClauseSplitter()
         done: Done | None = None
+        terminal = False  # the agent is hanging up or transferring: nothing more to say
 
         async def say(text: str, *, last: bool = False) -> None:
             nonlocal seq
@@ -354,6 +356,7 @@ class BrainWorker:
                             id=stable_id(call_id, turn_id, "tool", item.id), org_id=org_id,
                             call_id=call_id, turn_id=turn_id, tool_call_id=item.id,
                             name=item.name, arguments=item.arguments, causation_id=cause.id))
+                        terminal = terminal or item.name in TERMINAL_TOOLS
                     elif isinstance(item, Done):
                         done = item
                     elif isinstance(item, ProviderSwitched):
@@ -361,7 +364,7 @@ class BrainWorker:
                                     item.from_provider, item.to_provider, item.reason)
             finally:
                 await stream.aclose()
-        if done is not None and done.stop_reason == "tool_use":
+        if done is not None and done.stop_reason == "tool_use" and not terminal:
             return  # the turn goes on when the tool outcomes arrive
         await say(splitter.flush(), last=True)
         await self._completed(conversation, turn_id, cause, done=done, round_no=round_no,

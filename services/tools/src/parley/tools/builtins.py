@@ -9,6 +9,8 @@ at start-up (the brain's retrieval); without one it fails with a clear message.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -19,7 +21,8 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from psycopg import AsyncConnection
 
-from parley.common.bus import command_subject
+from parley.common.bus import Bus, command_subject
+from parley.common.events import AgentSpeechFinished, AgentSpeechInterrupted
 
 from .call_context import CallContext
 from .outcomes import ToolError, ToolOutcome
@@ -87,6 +90,37 @@ class Builtins:
                     raise ToolError(f"unknown built-in tool {name!r}")
         except ToolError as exc:
             return exc.outcome()
+
+    async def after_speech(self, org_id: str, call_id: str, turn_id: str, *,
+                           timeout_s: float = 20.0) -> None:
+        """Wait until the agent's audio of ``turn_id`` has played (or was cut off).
+
+        ``end_call`` and ``transfer_call`` come with a last sentence ("Goodbye!"); acting at
+        once would cut it off. The wait ends on ``agent.speech.finished`` or
+        ``agent.speech.interrupted`` of the turn, and after ``timeout_s`` in any case.
+        """
+        if not turn_id:
+            return
+        done = asyncio.Event()
+
+        def check(event: Any) -> None:
+            if isinstance(event, AgentSpeechFinished | AgentSpeechInterrupted) and (
+                    event.turn_id == turn_id):
+                done.set()
+
+        bus = Bus(self.nc)
+
+        async def on_event(event: Any) -> None:
+            check(event)
+
+        sub = await bus.subscribe_call(call_id, on_event, org_id=org_id)
+        try:
+            for event in await bus.replay_call(call_id, org_id=org_id):
+                check(event)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), timeout_s)
+        finally:
+            await sub.unsubscribe()
 
     async def _command(self, call_id: str, verb: str, body: dict[str, Any]) -> None:
         try:

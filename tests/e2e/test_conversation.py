@@ -1,0 +1,177 @@
+"""A whole conversation across every service, each its own process, offline providers.
+
+The caller (simulated, Piper's voice) asks a price the agent only knows from its knowledge base,
+books an appointment through a sensitive tool a human approves, and says goodbye; the agent
+hangs up. Gateway, recorder, media (Whisper + Piper), brain (local responder) and tools run as
+processes against real NATS and Postgres; the assertions read the event log in Postgres.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import aiohttp
+import psycopg
+import pytest
+from aiohttp import web
+from psycopg_pool import AsyncConnectionPool
+
+from parley.brain.knowledge import ingest
+from parley.common.configuration import create_api_key
+from parley.common.events import decode
+from parley.common.tools.repository import add_tool
+from parley.devkit.infra import free_port
+from parley.devkit.telephony.call_script import CallScript, Utterance
+from parley.devkit.telephony.caller_simulator import CallerSimulator
+from parley.media.providers.local.piper_tts import PiperTts
+
+from .conftest import AGENT_NUMBER, AUTH_TOKEN, CALLER, ORG, Platform, stored_call
+
+pytestmark = pytest.mark.timeout(240)
+
+KNOWLEDGE = b"""# Bright Smile Dental
+
+## Prices
+A teeth cleaning costs $95. A whitening session costs $250.
+
+## Hours
+We are open Monday to Friday from 8 am to 5 pm.
+"""
+
+
+async def synthesise(text: str) -> bytes:
+    stream = await PiperTts().open()
+    await stream.say(text, last=True)
+    return b"".join([chunk.audio async for chunk in stream.audio()])
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9$']+", text.lower())
+
+
+async def wait_log(platform: Platform, name: str, proc, line: str, timeout: float = 60) -> None:
+    log = platform.logs / f"{name}.log"
+    deadline = time.monotonic() + timeout
+    while line not in log.read_text(errors="replace"):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+async def booking_api():
+    """The dental office's booking endpoint (what book_appointment calls)."""
+    booked: list[dict] = []
+
+    async def book(request: web.Request) -> web.Response:
+        body = await request.json()
+        booked.append(body)
+        return web.json_response({"confirmed": True, "day": body.get("day", ""),
+                                  "time": body.get("time", "")})
+
+    app = web.Application()
+    app.router.add_post("/appointments", book)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"http://127.0.0.1:{port}/appointments", booked
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def everything(platform: Platform, booking_api):
+    url, booked = booking_api
+    async with await psycopg.AsyncConnection.connect(platform.database_url,
+                                                     autocommit=True) as conn:
+        await conn.execute("UPDATE orgs SET allow_private_tool_targets = true WHERE org_id = %s",
+                           (ORG,))
+        await add_tool(conn, ORG, "reception", {
+            "name": "book_appointment", "description": "Book a dental appointment",
+            "url": url, "sensitive": True, "approval_timeout_s": 30,
+            "parameters": {"type": "object", "required": ["day"], "properties": {
+                "day": {"type": "string", "description": "day of the appointment"},
+                "time": {"type": "string", "description": "time of the appointment"}}}})
+        _, approver = await create_api_key(conn, ORG, name="desk", scopes=["tools:approve"])
+    async with AsyncConnectionPool(platform.database_url, min_size=1, max_size=2,
+                                   open=False) as pool:
+        await ingest(pool, ORG, "reception", "clinic.md", KNOWLEDGE)
+    tools_port = free_port()
+    procs = {
+        "media": platform.spawn("media", PARLEY_INSTANCE_ID="media-1"),
+        "brain": platform.spawn("brain"),
+        "tools": platform.spawn("tools", PARLEY_TOOLS_HTTP_PORT=str(tools_port)),
+    }
+    await wait_log(platform, "media", procs["media"], "media ready")
+    await wait_log(platform, "brain", procs["brain"], "brain ready")
+    await wait_log(platform, "tools", procs["tools"], "tools up")
+    return f"http://127.0.0.1:{tools_port}", approver, booked
+
+
+async def test_a_conversation_with_knowledge_an_approved_tool_and_a_hang_up(
+        platform: Platform, everything, bus, tmp_path) -> None:
+    tools_url, approver, booked = everything
+    approvals: list[str] = []
+
+    async def on_event(msg) -> None:  # the front desk approves what the agent asks
+        event = decode(msg.data)
+        if event.type == "tool.approval_requested":
+            approvals.append(event.tool_call_id)
+            async with aiohttp.ClientSession() as http, http.post(
+                    f"{tools_url}/v1/tool-calls/{event.tool_call_id}/approve",
+                    headers={"X-API-Key": approver}) as response:
+                assert response.status == 200, await response.text()
+
+    sub = await bus.nc.subscribe("parley.ev.*.call.*.tool.approval_requested", cb=on_event)
+    utterances = (
+        Utterance(audio=await synthesise("How much is a teeth cleaning?"), label="price"),
+        Utterance(audio=await synthesise("I would like to book an appointment on Friday "
+                                         "at ten."), label="book"),
+        Utterance(audio=await synthesise("Thank you, goodbye."), label="bye"),
+    )
+    simulator = CallerSimulator(
+        gateway_url=platform.gateway_url, auth_token=AUTH_TOKEN, from_number=CALLER,
+        to_number=AGENT_NUMBER, wav_path=tmp_path / "call.wav",
+        script=CallScript(utterances=utterances, reply_timeout=25.0, hang_up_when_done=False,
+                          hangup_after=90.0))
+    result = await simulator.run()
+    await sub.unsubscribe()
+    assert result.stop_reason == "gateway_closed", result.stop_reason
+    assert not result.protocol_errors
+
+    async with await psycopg.AsyncConnection.connect(platform.database_url) as conn:
+        cursor = await conn.execute("SELECT call_id FROM carrier_calls WHERE carrier_call_id = %s",
+                                    (result.call_sid,))
+        call_id = (await cursor.fetchone())[0]
+    types, row = await stored_call(platform.database_url, call_id, until="call.ended")
+    async with await psycopg.AsyncConnection.connect(platform.database_url) as conn:
+        cursor = await conn.execute(
+            "SELECT type, data FROM events WHERE aggregate_id = %s ORDER BY position",
+            (call_id,))
+        events = [(t, p) for t, p in await cursor.fetchall()]
+
+    said = {}
+    for kind, payload in events:
+        if kind == "agent.say":
+            said.setdefault(payload["turn_id"], []).append(payload["text"])
+    answers = {turn: " ".join(texts) for turn, texts in said.items()}
+    user = [p for k, p in events if k == "turn.user_ended"]
+    assert [len(user)] == [3], [p["text"] for p in user]
+    assert "$95" in answers[user[0]["turn_id"]] or "95" in answers[user[0]["turn_id"]], answers
+    assert approvals and booked and booked[0]["day"].lower().startswith("friday"), booked
+    assert "tool.approval_requested" in types and "tool.approved" in types
+    assert "tool.completed" in types
+    end_call = [p for k, p in events if k == "tool.requested" and p["name"] == "end_call"]
+    assert end_call, answers
+    positions = [types.index(t) for t in ("call.stream_started", "turn.user_ended",
+                                          "knowledge.retrieved", "tool.approval_requested",
+                                          "tool.approved", "tool.completed", "call.ended")]
+    assert positions == sorted(positions), types
+    assert row["state"] == "ended" and row["end_reason"] == "agent_hangup"
+    bye_turn = end_call[0]["turn_id"]
+    finished = [i for i, (k, p) in enumerate(events)
+                if k == "agent.speech.finished" and p["turn_id"] == bye_turn]
+    ended = [i for i, (k, _) in enumerate(events) if k == "call.ended"]
+    assert finished and finished[0] < ended[0], "the goodbye was cut off by the hang-up"
+    assert all(latency is not None for latency in result.latencies_ms[:2]), result.latencies_ms
