@@ -7,10 +7,13 @@ import logging
 import time
 from typing import Any
 
+from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
+from parley.brain.api import create_app
 from parley.brain.config import BrainConfig
 from parley.brain.knowledge import retrieve
+from parley.brain.knowledge_rpc import KnowledgeResponder, search_in
 from parley.brain.llm.anthropic_llm import AnthropicLlm
 from parley.brain.llm.base import LlmProvider, ToolSpec
 from parley.brain.llm.local_responder import LocalResponder
@@ -93,12 +96,24 @@ async def run(ctx: ServiceContext[BrainConfig], stop: asyncio.Event) -> None:
             profile=profile, instance=config.instance_id or "brain",
             turn_deadline_s=config.turn_deadline_s,
             on_turn=lambda kind, ms: latency.labels(kind).observe(ms)))
-        await worker.start()
-        log.info("brain ready: LLM chain %s", ",".join(p.name for p in router.providers))
+        responder = KnowledgeResponder(ctx.bus.nc, search_in(pool),
+                                       default_k=config.knowledge_k)
+        runner = web.AppRunner(create_app(pool=pool,
+                                          max_upload_bytes=config.knowledge_max_upload_bytes),
+                               access_log=None)
+        await runner.setup()
         try:
+            await web.TCPSite(runner, config.brain_http_host, config.brain_http_port).start()
+            await responder.start()
+            await worker.start()
+            log.info("brain ready: LLM chain %s; knowledge API on http://%s:%d",
+                     ",".join(p.name for p in router.providers), config.brain_http_host,
+                     runner.addresses[0][1])
             await stop.wait()
         finally:
             await worker.stop()
+            await responder.stop()
+            await runner.cleanup()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,9 @@ class BrainConfig(CommonConfig, kw_only=True):
     turn_deadline_s: float = 30.0
     knowledge_k: int = 3
     agent_cache_s: float = 30.0
+    brain_http_host: str = "127.0.0.1"  # the knowledge API (parley.brain.api)
+    brain_http_port: int = 8083  # 0 picks a free port
+    knowledge_max_upload_bytes: int = 20 * 1024 * 1024
 
     def key(self, vendor: str) -> str:
         """``PARLEY_<VENDOR>_API_KEY`` or else ``<VENDOR>_API_KEY``."""

@@ -1,0 +1,229 @@
+"""The knowledge API the brain serves: upload documents, list them, try a search.
+
+    POST /v1/agents/{agent_id}/knowledge          upload (multipart ``file``, or the raw body
+                                                  with ``?source=name.pdf``); ``?org_wide=true``
+                                                  stores it for every agent of the org
+    GET  /v1/agents/{agent_id}/knowledge          the documents the agent sees
+    GET  /v1/agents/{agent_id}/knowledge/search   ``?q=...&k=4``: what a caller's question finds
+
+Every request carries an org API key in ``X-API-Key``; the key's org scopes everything, so an
+agent of another org is a 404 like an unknown one. Errors are RFC 9457 problem documents:
+400 for a file that gives no text (unsupported type, corrupt, empty) or a bad parameter, 401
+for a missing or invalid key, 404 for an unknown agent, 413 past ``max_upload_bytes``.
+Ingesting writes ``knowledge.ingested`` to the configuration outbox in the same transaction;
+the gateway's outbox relay publishes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgspec
+from aiohttp import BodyPartReader, web
+from aiohttp.typedefs import Handler
+from psycopg_pool import AsyncConnectionPool
+
+from parley.common.configuration import ApiKey, get_agent, verify_api_key
+
+from .knowledge import ExtractionError, KnowledgeError, ingest, list_documents, retrieve
+from .knowledge.extract import content_type
+
+log = logging.getLogger(__name__)
+
+API_KEY_HEADER = "X-API-Key"
+PATH = "/v1/agents/{agent_id}/knowledge"
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+PROBLEM_BASE = "https://parley.dev/problems/"
+MAX_SEARCH_K = 20
+_READ_CHUNK = 64 * 1024
+_MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the file
+
+POOL: web.AppKey[AsyncConnectionPool[Any]] = web.AppKey("parley_brain_pool")
+MAX_UPLOAD: web.AppKey[int] = web.AppKey("parley_brain_max_upload", int)
+
+
+class Problem(Exception):
+    """An error answered to the client as a problem document."""
+
+    def __init__(self, status: int, title: str, detail: str = "", *, kind: str = "") -> None:
+        super().__init__(f"{status} {title}: {detail}")
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.kind = kind or title.lower().replace(" ", "-")
+
+
+def problem_response(status: int, title: str, detail: str = "", *,
+                     kind: str = "") -> web.Response:
+    """A ready ``application/problem+json`` response."""
+    body = {"type": PROBLEM_BASE + (kind or title.lower().replace(" ", "-")), "title": title,
+            "status": status, "detail": detail}
+    return web.Response(status=status, body=msgspec.json.encode(body),
+                        content_type=PROBLEM_CONTENT_TYPE)
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render Problems, HTTP errors and crashes as problem documents."""
+    try:
+        return await handler(request)
+    except Problem as exc:
+        return problem_response(exc.status, exc.title, exc.detail, kind=exc.kind)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        detail = "" if (exc.text or "").startswith(f"{exc.status}:") else (exc.text or "")
+        response = problem_response(exc.status, exc.reason, detail)
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return problem_response(500, "Internal Server Error", "the server failed; see its logs",
+                                kind="internal")
+
+
+def create_app(*, pool: AsyncConnectionPool[Any],
+               max_upload_bytes: int = 20 * 1024 * 1024) -> web.Application:
+    """The knowledge API over the brain's pool (owned by the caller)."""
+    app = web.Application(middlewares=[problem_middleware],
+                          client_max_size=max_upload_bytes + _MULTIPART_SLACK)
+    app[POOL] = pool
+    app[MAX_UPLOAD] = max_upload_bytes
+    app.router.add_post(PATH, upload)
+    app.router.add_get(PATH, documents)
+    app.router.add_get(PATH + "/search", search)
+    return app
+
+
+async def upload(request: web.Request) -> web.Response:
+    """Ingest one document for the agent (or, with ``org_wide=true``, for the whole org)."""
+    key, agent_id = await _agent_of_key(request)
+    org_wide = _flag(request, "org_wide")
+    source, data = await _document(request)
+    try:
+        result = await ingest(request.app[POOL], key.org_id, None if org_wide else agent_id,
+                              source, data, actor=f"api_key:{key.key_id}")
+    except ExtractionError as exc:
+        raise Problem(400, "Bad Request", str(exc), kind="unreadable-document") from None
+    except KnowledgeError as exc:  # the agent was deleted meanwhile
+        raise Problem(404, "Not Found", str(exc), kind="agent-not-found") from None
+    body = {**msgspec.to_builtins(result), "agent_id": None if org_wide else agent_id,
+            "org_wide": org_wide}
+    return web.json_response(body, status=201, headers={"Location": request.path})
+
+
+async def documents(request: web.Request) -> web.Response:
+    """The documents the agent sees: its own and the org-wide ones."""
+    key, agent_id = await _agent_of_key(request)
+    found = await list_documents(request.app[POOL], key.org_id, agent_id)
+    return _json({"documents": found})
+
+
+async def search(request: web.Request) -> web.Response:
+    """The chunks a caller's question would retrieve for the agent."""
+    key, agent_id = await _agent_of_key(request)
+    query = request.query.get("q", "").strip()
+    if not query:
+        raise Problem(400, "Bad Request", "give the question in ?q=", kind="missing-query")
+    k = _int(request, "k", default=4, low=1, high=MAX_SEARCH_K)
+    chunks = await retrieve(request.app[POOL], key.org_id, agent_id, query, k=k)
+    return _json({"query": query, "chunks": chunks})
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+async def _agent_of_key(request: web.Request) -> tuple[ApiKey, str]:
+    """The caller's key and the path's agent, which must belong to the key's org."""
+    token = request.headers.get(API_KEY_HEADER, "").strip()
+    if not token:
+        raise Problem(401, "Unauthorized", f"send an API key in the {API_KEY_HEADER} header",
+                      kind="missing-api-key")
+    agent_id = request.match_info["agent_id"]
+    async with request.app[POOL].connection() as conn:
+        key = await verify_api_key(conn, token)
+        if key is None:
+            raise Problem(401, "Unauthorized", "the API key is not valid (unknown or revoked)",
+                          kind="invalid-api-key")
+        agent = await get_agent(conn, agent_id, org_id=key.org_id)
+    if agent is None:
+        raise Problem(404, "Not Found", f"no agent {agent_id!r} in this org",
+                      kind="agent-not-found")
+    return key, agent_id
+
+
+async def _document(request: web.Request) -> tuple[str, bytes]:
+    """The uploaded file's name and bytes, read up to the size limit."""
+    limit = request.app[MAX_UPLOAD]
+    if request.content_length is not None and request.content_length > limit + _MULTIPART_SLACK:
+        raise _too_large(limit)
+    source = request.query.get("source", "").strip()
+    if request.content_type.startswith("multipart/"):
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if isinstance(part, BodyPartReader) and part.filename:
+                source = source or part.filename
+                _check_type(source)
+                return source, await _read(part.read_chunk, limit)
+            await part.release()
+        raise Problem(400, "Bad Request", "the multipart body has no file part",
+                      kind="missing-file")
+    if not source:
+        raise Problem(400, "Bad Request", "name the document with ?source=name.pdf "
+                      "(its extension gives the format), or upload it as multipart form data",
+                      kind="missing-source")
+    _check_type(source)
+    return source, await _read(lambda size: request.content.read(size), limit)
+
+
+async def _read(read: Any, limit: int) -> bytes:
+    data = bytearray()
+    while chunk := await read(_READ_CHUNK):
+        data += chunk
+        if len(data) > limit:
+            raise _too_large(limit)
+    if not data:
+        raise Problem(400, "Bad Request", "the document is empty", kind="unreadable-document")
+    return bytes(data)
+
+
+def _check_type(source: str) -> None:
+    try:
+        content_type(source)
+    except ExtractionError as exc:
+        raise Problem(400, "Bad Request", str(exc), kind="unreadable-document") from None
+
+
+def _too_large(limit: int) -> Problem:
+    return Problem(413, "Content Too Large", f"documents are limited to {limit:,} bytes",
+                   kind="document-too-large")
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    value = request.query.get(name, "false").strip().lower()
+    if value in ("1", "true", "yes"):
+        return True
+    if value in ("", "0", "false", "no"):
+        return False
+    raise Problem(400, "Bad Request", f"?{name}= takes true or false, not {value!r}",
+                  kind="invalid-parameter")
+
+
+def _int(request: web.Request, name: str, *, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise Problem(400, "Bad Request", f"?{name}= takes a whole number from {low} to {high}",
+                      kind="invalid-parameter")
+    return value
+
+
+def _json(body: Any) -> web.Response:
+    return web.Response(body=msgspec.json.encode(body), content_type="application/json")
