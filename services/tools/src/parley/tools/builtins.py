@@ -22,7 +22,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from psycopg import AsyncConnection
 
 from parley.common.bus import Bus, command_subject
-from parley.common.events import AgentSpeechFinished, AgentSpeechInterrupted
+from parley.common.events import AgentSay, AgentSpeechFinished, AgentSpeechInterrupted
 
 from .call_context import CallContext
 from .outcomes import ToolError, ToolOutcome
@@ -97,7 +97,8 @@ class Builtins:
 
         ``end_call`` and ``transfer_call`` come with a last sentence ("Goodbye!"); acting at
         once would cut it off. The wait ends on ``agent.speech.finished`` or
-        ``agent.speech.interrupted`` of the turn, and after ``timeout_s`` in any case.
+        ``agent.speech.interrupted`` of the turn, and after ``timeout_s`` in any case; a turn
+        that said nothing is not waited for.
         """
         if not turn_id:
             return
@@ -115,8 +116,13 @@ class Builtins:
 
         sub = await bus.subscribe_call(call_id, on_event, org_id=org_id)
         try:
+            spoke = False  # the turn said something (the brain says it before the tool call)
             for event in await bus.replay_call(call_id, org_id=org_id):
                 check(event)
+                spoke = spoke or (isinstance(event, AgentSay) and event.turn_id == turn_id
+                                  and bool(event.text.strip()))
+            if not spoke:
+                return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), timeout_s)
         finally:
