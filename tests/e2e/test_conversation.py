@@ -175,3 +175,104 @@ async def test_a_conversation_with_knowledge_an_approved_tool_and_a_hang_up(
     ended = [i for i, (k, _) in enumerate(events) if k == "call.ended"]
     assert finished and finished[0] < ended[0], "the goodbye was cut off by the hang-up"
     assert all(latency is not None for latency in result.latencies_ms[:2]), result.latencies_ms
+
+
+async def call_events(database_url: str, call_id: str) -> list[tuple[str, dict]]:
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cursor = await conn.execute(
+            "SELECT type, data FROM events WHERE aggregate_id = %s ORDER BY position",
+            (call_id,))
+        return [(t, d) for t, d in await cursor.fetchall()]
+
+
+def in_order(types: list[str], expected: list[str]) -> bool:
+    remaining = iter(types)
+    return all(any(item == seen for seen in remaining) for item in expected)
+
+
+async def place_call(platform: Platform, to: str) -> str:
+    async with aiohttp.ClientSession() as http, http.post(
+            platform.gateway_url + "/v1/calls", headers={"X-API-Key": platform.api_key},
+            json={"agent_id": "reception", "to": to, "from": AGENT_NUMBER}) as response:
+        body = await response.json()
+        assert response.status == 201, body
+        return str(body["call_id"])
+
+
+async def test_outbound_call_answered_by_a_person_who_talks_with_the_agent(
+        platform: Platform, everything) -> None:
+    from parley.devkit.telephony.emulated_call import Callee
+
+    from .conftest import emulator_state
+
+    question = await synthesise("What time do you open on Friday?")
+    emulator_state(platform).callees["+14155550166"] = Callee(
+        answered_by="human", script=CallScript(utterances=(
+            Utterance(audio=question, label="question"),), hang_up_when_done=True,
+            reply_timeout=25.0))
+    call_id = await place_call(platform, "+14155550166")
+    types, row = await stored_call(platform.database_url, call_id, until="call.ended",
+                                   timeout=60)
+    assert in_order(types, ["call.requested", "call.dialing", "call.answered",
+                            "call.stream_started", "agent.say", "agent.speech.started",
+                            "turn.user_ended", "turn.started", "agent.say",
+                            "agent.speech.started", "call.ended"]), types
+    events = await call_events(platform.database_url, call_id)
+    answer = " ".join(d["text"] for t, d in events if t == "agent.say" and d["turn_id"] == "t1")
+    assert "8" in answer or "eight" in answer.lower(), answer
+    assert (row["direction"], row["answered_by"], row["state"]) == ("outbound", "human",
+                                                                    "ended")
+
+
+async def test_outbound_call_answered_by_a_machine_is_hung_up_before_anyone_speaks(
+        platform: Platform, everything) -> None:
+    from .conftest import CALLEE_MACHINE
+
+    call_id = await place_call(platform, CALLEE_MACHINE)
+    types, row = await stored_call(platform.database_url, call_id, until="call.ended",
+                                   timeout=30)
+    assert in_order(types, ["call.requested", "call.dialing", "call.answered",
+                            "call.machine_detected", "call.ended"]), types
+    assert "turn.user_ended" not in types
+    assert (row["answered_by"], row["end_reason"]) == ("machine_end_beep", "machine")
+
+
+async def test_barge_in_and_dtmf_across_every_service(platform: Platform, everything,
+                                                      tmp_path) -> None:
+    from parley.devkit.telephony.call_script import KeyPress
+
+    async with await psycopg.AsyncConnection.connect(platform.database_url,
+                                                     autocommit=True) as conn:
+        await conn.execute(
+            "UPDATE agents SET settings = settings || %s::jsonb WHERE agent_id = 'reception'",
+            ('{"interruption_mode": "any", "greeting": "Thank you for calling Bright Smile '
+             'Dental, the friendliest dental office in town, where we look after the whole '
+             'family from the first tooth to the last. How can I help you today?"}',))
+    interruption = await synthesise("Sorry, what are your opening hours?")
+    simulator = CallerSimulator(
+        gateway_url=platform.gateway_url, auth_token=AUTH_TOKEN, from_number=CALLER,
+        to_number=AGENT_NUMBER, wav_path=tmp_path / "barge.wav",
+        script=CallScript(utterances=(Utterance(audio=interruption, label="interrupt",
+                                                over_agent_after=2.0),),
+                          key_presses=(KeyPress(digit="1", at=14.0),),
+                          reply_timeout=25.0, hang_up_when_done=False, hangup_after=18.0))
+    result = await simulator.run()
+    assert not result.protocol_errors
+    async with await psycopg.AsyncConnection.connect(platform.database_url) as conn:
+        cursor = await conn.execute(
+            "SELECT call_id FROM carrier_calls WHERE carrier_call_id = %s", (result.call_sid,))
+        call_id = (await cursor.fetchone())[0]
+    types, row = await stored_call(platform.database_url, call_id, until="call.ended")
+    events = await call_events(platform.database_url, call_id)
+    cut = [d for t, d in events if t == "agent.speech.interrupted" and d["turn_id"] == "t0"]
+    assert cut, types
+    heard = words(cut[0]["played_text"])
+    greeting = words("Thank you for calling Bright Smile Dental, the friendliest dental office "
+                     "in town")
+    assert heard and heard == greeting[:len(heard)], cut[0]["played_text"]
+    assert in_order(types, ["agent.speech.started", "speech.started",
+                            "agent.speech.interrupted", "turn.user_ended", "turn.started",
+                            "call.dtmf", "call.ended"]), types
+    dtmf = [d for t, d in events if t == "call.dtmf"]
+    assert [d["digit"] for d in dtmf] == ["1"]
+    assert row["state"] == "ended" and row["end_reason"] == "caller_hangup"
