@@ -198,7 +198,10 @@ class Media:
         self.proc: subprocess.Popen[bytes] | None = None
 
     async def start(self, timeout_s: float = 60.0) -> psutil.Process:
-        self.proc = _spawn(["-m", "parley.media"], self.env, self.log_path)
+        # MEDIA_CALLS_PROFILE=<file>: run media under cProfile (written when it exits).
+        profile = os.environ.get("MEDIA_CALLS_PROFILE")
+        profiler = ["-m", "cProfile", "-o", profile] if profile else []
+        self.proc = _spawn([*profiler, "-m", "parley.media"], self.env, self.log_path)
         deadline = time.monotonic() + timeout_s
         while "media ready" not in self.log_path.read_text(errors="replace"):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -223,7 +226,8 @@ class Media:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
         try:
-            return await asyncio.to_thread(proc.wait, 20)
+            limit = 90 if "MEDIA_CALLS_PROFILE" in os.environ else 20  # profile is written last
+            return await asyncio.to_thread(proc.wait, limit)
         except subprocess.TimeoutExpired:
             proc.kill()
             await asyncio.to_thread(proc.wait)
@@ -554,6 +558,8 @@ def _lines(level: Level) -> tuple[list[Line], str, bool]:
 async def run(ctx: Any) -> BenchResult:
     """Levels of concurrent calls against one gateway and a fresh media process each."""
     levels = QUICK_LEVELS if ctx.quick else LEVELS
+    if os.environ.get("MEDIA_CALLS_LEVELS"):  # e.g. "100" or "150,200" (investigations)
+        levels = tuple(int(n) for n in os.environ["MEDIA_CALLS_LEVELS"].split(","))
     warmup_s, measure_s = (4.0, 6.0) if ctx.quick else (5.0, 20.0)
     result = BenchResult("media_calls", config={
         "levels": ", ".join(f"{n} calls" for n in levels),
