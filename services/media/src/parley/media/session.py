@@ -94,6 +94,10 @@ _ID_NAMESPACE = uuid.UUID("6c1d2a39-4f0e-4c55-9d0e-7a7b8f0b8a11")
 PREROLL_MS = 400  # resume this much audio before the open turn began
 CHECKPOINT_EVERY = 50  # frames between remembered (audio ms → stream sequence) points
 SILENCE = b"\xff" * ULAW_FRAME_BYTES
+# Caller audio goes to the recogniser 100 ms at a time, not per 20 ms frame: a vendor socket
+# write (syscall, WebSocket framing, deflate) per frame was the largest per-frame cost of a
+# session. Pending audio is sent before a flush, so turn ends are not delayed by it.
+STT_BATCH_FRAMES = 5
 
 
 def stable_id(call_id: str, *parts: object) -> uuid.UUID:
@@ -176,6 +180,7 @@ class CallSession:
         self._stt: SttStream | None = None
         self._stt_task: asyncio.Task[None] | None = None
         self._turn_audio: list[bytes] = []  # inbound audio of the open turn (for a switch)
+        self._stt_pending: list[bytes] = []  # frames not yet sent to the recogniser
         self._stt_seconds: dict[str, float] = {}
         self._stt_lock = asyncio.Lock()
         # TTS
@@ -337,16 +342,26 @@ class CallSession:
             del self._turn_audio[0]
         self._stt_seconds[self._stt_name] = (
             self._stt_seconds.get(self._stt_name, 0.0) + len(ulaw) / 8000)
+        self._stt_pending.append(ulaw)
+        if len(self._stt_pending) >= STT_BATCH_FRAMES:
+            await self._stt_flush()
+
+    async def _stt_flush(self) -> None:
+        if not self._stt_pending:
+            return
+        audio = b"".join(self._stt_pending)
+        self._stt_pending.clear()
         async with self._stt_lock:
             if self._stt is not None:
                 try:
-                    await self._stt.send(ulaw)
+                    await self._stt.send(audio)
                 except Exception as exc:  # the recogniser task notices and switches
                     log.debug("call %s: stt send failed: %s", self.call_id, exc)
 
     async def _poll_turn(self) -> None:
         result = self.detector.poll(self.audio_ms, agent_speaking=self._agent_audible())
         if isinstance(result, Flush):
+            await self._stt_flush()
             if self._stt is not None:
                 with contextlib.suppress(Exception):
                     await self._stt.finalize()
@@ -396,6 +411,7 @@ class CallSession:
                 self._stt = None
                 self.stop("stt_failed")
                 return
+            self._stt_pending.clear()  # the open turn's audio (replayed next) includes it
             for chunk in self._turn_audio:  # what the open turn said so far
                 await self._stt.send(chunk)
         log.warning("call %s: stt %s → %s (%s)", self.call_id, failed, self._stt_name, reason)
