@@ -27,6 +27,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +49,7 @@ from parley.brain.llm.base import (
 from parley.brain.llm.clauses import ClauseSplitter
 from parley.brain.llm.local_responder import classify_intent
 from parley.brain.llm.router import LlmRouter
-from parley.common.bus import Bus, ConsumerSettings, DurableConsumer, events_of_type
+from parley.common.bus import Bus, ConsumerSettings, DurableConsumer, call_events, events_of_type
 from parley.common.configuration.models import AgentSettings
 from parley.common.events import (
     AgentSay,
@@ -72,6 +73,7 @@ from parley.common.events import (
 log = logging.getLogger(__name__)
 
 TERMINAL_TOOLS = frozenset({"end_call", "transfer_call"})  # the turn ends with the call
+HISTORY_CALLS = 256  # calls whose events an instance keeps between turns (least recent go)
 _ID_NAMESPACE = uuid.UUID("0b7f5c1e-2f4d-4b8a-9a53-1c9f2e7d4a60")
 
 GROUNDING = (
@@ -200,6 +202,9 @@ class BrainWorker:
         self.s = services
         self.warmup = Warmup(self._prepare_context)
         self._running: dict[str, _Running] = {}  # call → its turn in progress here
+        # call → (last stream sequence read, its events so far): the next turn of a call this
+        # instance has seen replays only what came after, not the whole call again.
+        self._history: OrderedDict[str, tuple[int, list[Event]]] = OrderedDict()
         self._consumer = DurableConsumer(services.bus, ConsumerSettings(
             durable="brain-turns",
             filter_subjects=[events_of_type(t) for t in (
@@ -231,9 +236,9 @@ class BrainWorker:
 
     async def _handle(self, event: Event, msg: Msg) -> None:
         call_id = getattr(event, "call_id", "")
-        conversation = fold(call_id, await self.s.bus.replay_call(call_id,
-                                                                 org_id=event.org_id))
+        conversation = fold(call_id, await self._call_events(call_id, event.org_id))
         if conversation.ended:
+            self._history.pop(call_id, None)
             return
         if isinstance(event, CallStreamStarted):
             await self._greet(conversation, event)
@@ -252,6 +257,19 @@ class BrainWorker:
             if owner.turn_id != conversation.latest_user_turn or owner.waiting_for_tools:
                 return  # the caller moved on, or other tools of the round are still out
             await self._run(conversation, owner.turn_id, event, msg, final_text="")
+
+    async def _call_events(self, call_id: str, org_id: str) -> list[Event]:
+        """The call's events in stream order: the cached ones plus those recorded since."""
+        last, cached = self._history.pop(call_id, (0, []))
+        events = list(cached)  # a concurrent handler of the same call may hold the old list
+        async for seq, event in self.s.bus.replay(call_events(call_id, org_id),
+                                                  start_seq=last + 1):
+            events.append(event)
+            last = seq
+        self._history[call_id] = (last, events)
+        if len(self._history) > HISTORY_CALLS:
+            self._history.popitem(last=False)
+        return events
 
     async def _greet(self, conversation: Conversation, event: CallStreamStarted) -> None:
         if conversation.greeted:
@@ -312,16 +330,17 @@ class BrainWorker:
         if final_text:  # a caller's turn (not a continuation after a tool)
             context = await self.warmup.take(call_id, final_text) or await self._prepare_context(
                 org_id, call_id, conversation.agent_id, final_text)
-            await self._publish_context(conversation, turn_id, context, cause)
         self.s.on_turn("prepare_warm" if context.warm else "prepare_cold",
                        (time.perf_counter() - started) * 1000)
         request = self._request(conversation, settings, context,
                                 await self.s.tools(org_id, conversation.agent_id))
         candidates = self.s.router.candidates(request)
-        await bus.publish(TurnStarted(
+        # Independent facts: published together rather than one ack after another.
+        await asyncio.gather(*self._context_events(conversation, turn_id, context, cause)
+                             if final_text else (), bus.publish(TurnStarted(
             id=stable_id(call_id, turn_id, "started", round_no), org_id=org_id,
             call_id=call_id, turn_id=turn_id, provider=candidates[0].name if candidates else "",
-            causation_id=cause.id))
+            causation_id=cause.id)))
 
         seq = agent_turn.round_starts[round_no]  # where this round's clauses begin
         already = agent_turn.next_seq  # clauses a crashed run of this round already sent
@@ -397,22 +416,25 @@ class BrainWorker:
         knowledge = Knowledge(text, chunks, (time.perf_counter() - started) * 1000)
         return Context(knowledge=knowledge, intent=intent, profile=await profile)
 
-    async def _publish_context(self, conversation: Conversation, turn_id: str,
-                               context: Context, cause: Event) -> None:
+    def _context_events(self, conversation: Conversation, turn_id: str, context: Context,
+                        cause: Event) -> list[Awaitable[Any]]:
+        """Publishes of what was prepared for the turn (intent, knowledge), to be awaited."""
         call_id, org_id = conversation.call_id, conversation.org_id
+        publishes = []
         if context.intent[0]:
-            await self.s.bus.publish(IntentDetected(
+            publishes.append(self.s.bus.publish(IntentDetected(
                 id=stable_id(call_id, turn_id, "intent"), org_id=org_id, call_id=call_id,
                 turn_id=turn_id, intent=str(context.intent[0]),
                 confidence=float(context.intent[1]),
-                causation_id=cause.id))
+                causation_id=cause.id)))
         if context.knowledge is not None:
             k = context.knowledge
-            await self.s.bus.publish(KnowledgeRetrieved(
+            publishes.append(self.s.bus.publish(KnowledgeRetrieved(
                 id=stable_id(call_id, turn_id, "knowledge"), org_id=org_id, call_id=call_id,
                 turn_id=turn_id, query=k.query[:500], chunk_ids=[c.id for c in k.chunks],
                 scores=[round(c.score, 4) for c in k.chunks],
-                latency_ms=round(k.latency_ms, 2), causation_id=cause.id))
+                latency_ms=round(k.latency_ms, 2), causation_id=cause.id)))
+        return publishes
 
     def _request(self, conversation: Conversation, settings: AgentSettings, context: Context,
                  tools: list[ToolSpec]) -> LlmRequest:
