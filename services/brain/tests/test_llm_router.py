@@ -77,7 +77,7 @@ async def test_falls_back_from_anthropic_500_to_the_local_responder() -> None:
     claude = AnthropicLlm(api_key="k", base_url=emulator.base_url)
     try:
         emulator.faults.fail_next(500)
-        router = LlmRouter([claude, LocalResponder()])
+        router = LlmRouter([claude, LocalResponder()], retries=0)
         events = await collect(router)
         assert events[0] == ProviderSwitched(from_provider="anthropic", to_provider="local",
                                              reason="HTTP 500: Internal server error")
@@ -90,6 +90,23 @@ async def test_falls_back_from_anthropic_500_to_the_local_responder() -> None:
         emulator.script(ScriptedReply(text="Claude again."))  # healthy again: back to first
         events = await collect(router)
         assert text_of(events) == "Claude again." and events[-1].provider == "anthropic"  # type: ignore[union-attr]
+    finally:
+        await claude.aclose()
+        await emulator.stop()
+
+
+async def test_a_429_is_retried_on_the_same_provider_within_the_deadline() -> None:
+    emulator = AnthropicEmulator(api_key="k")
+    await emulator.start()
+    claude = AnthropicLlm(api_key="k", base_url=emulator.base_url)
+    try:
+        emulator.faults.fail_next(429)
+        emulator.script(ScriptedReply(text="Second time lucky."))
+        router = LlmRouter([claude, LocalResponder()], retry_backoff_s=0.05)
+        events = await collect(router)
+        assert not any(isinstance(e, ProviderSwitched) for e in events)
+        assert text_of(events) == "Second time lucky." and events[-1].provider == "anthropic"
+        assert len(emulator.requests) == 2
     finally:
         await claude.aclose()
         await emulator.stop()

@@ -79,7 +79,8 @@ class LlmRouter:
                  filler_after_ms: float | None = 1200.0, filler_text: str = "One moment.",
                  ewma_alpha: float = 0.2, max_error_rate: float = 0.5,
                  breaker_factory: Callable[[str], CircuitBreaker] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, retries: int = 1,
+                 retry_backoff_s: float = 0.2) -> None:
         if not providers:
             raise ValueError("a router needs at least one provider")
         names = [p.name for p in providers]
@@ -95,6 +96,8 @@ class LlmRouter:
             name, failure_threshold=3, reset_timeout=30.0, clock=clock))
         self.health = {p.name: ProviderHealth(breaker=make(p.name)) for p in providers}
         self._clock = clock
+        self.retries = retries  # extra tries on the same provider for a retryable error
+        self.retry_backoff_s = retry_backoff_s
 
     def candidates(self, request: LlmRequest, *, max_cost: float | None = None,
                    ) -> list[LlmProvider]:
@@ -124,25 +127,36 @@ class LlmRouter:
                                        reason=previous[1])
             health = self.health[provider.name]
             emitted = False
-            try:
-                async with health.breaker.guard():
-                    async for event in self._attempt(provider, request, filler_due):
-                        if isinstance(event, Filler):
-                            filler_due = None
-                        elif isinstance(event, Done):
-                            event = msgspec.structs.replace(event, provider=provider.name)
-                            health.record(ok=True, alpha=self.ewma_alpha, ttft_ms=event.ttft_ms)
-                        else:
-                            emitted = True
-                        yield event
-                return
-            except CircuitOpenError:
-                reason = "circuit open"
-            except LlmError as exc:
-                reason = exc.message if exc.status is None else f"HTTP {exc.status}: {exc.message}"
-                health.record(ok=False, alpha=self.ewma_alpha, reason=reason)
-                if emitted:
-                    raise
+            for attempt in range(1 + self.retries):
+                try:
+                    async with health.breaker.guard():
+                        async for event in self._attempt(provider, request, filler_due):
+                            if isinstance(event, Filler):
+                                filler_due = None
+                            elif isinstance(event, Done):
+                                event = msgspec.structs.replace(event, provider=provider.name)
+                                health.record(ok=True, alpha=self.ewma_alpha,
+                                              ttft_ms=event.ttft_ms)
+                            else:
+                                emitted = True
+                            yield event
+                    return
+                except CircuitOpenError:
+                    reason = "circuit open"
+                    break
+                except LlmError as exc:
+                    reason = (exc.message if exc.status is None
+                              else f"HTTP {exc.status}: {exc.message}")
+                    health.record(ok=False, alpha=self.ewma_alpha, reason=reason)
+                    if emitted:
+                        raise
+                    # 429/5xx: once more on the same provider if the turn can afford the wait
+                    backoff = self.retry_backoff_s * (attempt + 1)
+                    spent = self._clock() - turn_started
+                    if (not exc.retryable or attempt == self.retries
+                            or spent + backoff >= self.first_token_deadline_s):
+                        break
+                    await asyncio.sleep(backoff)
             tried.append(f"{provider.name} ({reason})")
             previous = (provider.name, reason)
         raise LlmError("router", "no provider could serve the turn: "
