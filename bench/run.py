@@ -3,7 +3,8 @@
     python bench/run.py [names...] [--check] [--quick] [--out DIR]
 
 Benchmarks: bus_latency, recorder_throughput, projection_rebuild, fold_call, gateway_frames,
-media_frame_path, local_stt_latency, piper_ttfa, media_calls (default: all).
+media_frame_path, local_stt_latency, piper_ttfa, media_calls, brain_overhead, knowledge_retrieval,
+fold_turn (default: all).
 nats-server and Postgres are started from the installed packages on free loopback ports in temp
 dirs under /tmp, and stopped and removed at the end. Prints a table, writes ``<out>/<name>.json``
 (date, machine, config, raw summaries) and ``<out>/latest.md``; ``out`` is ``bench/results``, or
@@ -33,12 +34,15 @@ from _stats import ERROR, FAIL, BenchResult, render_table, write_results
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = ("bus_latency", "recorder_throughput", "projection_rebuild", "fold_call",
               "gateway_frames", "media_frame_path", "local_stt_latency", "piper_ttfa",
-              "media_calls")
+              "media_calls", "brain_overhead", "knowledge_retrieval", "fold_turn")
 # A benchmark is ``<name>.run`` unless it shares a module: name → (module, function).
 ENTRY_POINTS = {
     "media_frame_path": ("media", "run_frame_path"),
     "local_stt_latency": ("media", "run_stt_latency"),
     "piper_ttfa": ("media", "run_piper_ttfa"),
+    "brain_overhead": ("brain", "run_overhead"),
+    "knowledge_retrieval": ("brain", "run_retrieval"),
+    "fold_turn": ("brain", "run_fold_turn"),
 }
 # Wall-clock limit per benchmark in seconds (full, quick), server start-up included.
 TIME_LIMITS = {
@@ -51,6 +55,9 @@ TIME_LIMITS = {
     "local_stt_latency": (240, 60),
     "piper_ttfa": (120, 30),
     "media_calls": (420, 60),
+    "brain_overhead": (300, 30),
+    "knowledge_retrieval": (300, 30),
+    "fold_turn": (120, 20),
 }
 
 

@@ -68,13 +68,20 @@ async def run(ctx: ServiceContext[BrainConfig], stop: asyncio.Event) -> None:
             cache[agent_id] = (time.monotonic(), settings)
             return settings
 
+        tool_cache: dict[str, tuple[float, list[ToolSpec]]] = {}
+
         async def tools(org_id: str, agent_id: str) -> list[ToolSpec]:
             if not agent_id:
                 return []
+            hit = tool_cache.get(agent_id)
+            if hit is not None and time.monotonic() - hit[0] < config.agent_cache_s:
+                return hit[1]
             async with pool.connection() as conn:
                 specs = await agent_tool_specs(conn, org_id, agent_id)
-            return [ToolSpec(name=s.name, description=s.description, input_schema=s.parameters)
-                    for s in specs]
+            found = [ToolSpec(name=s.name, description=s.description, input_schema=s.parameters)
+                     for s in specs]
+            tool_cache[agent_id] = (time.monotonic(), found)
+            return found
 
         async def knowledge(org_id: str, agent_id: str, query: str) -> list[Any]:
             return await retrieve(pool, org_id, agent_id or None, query, k=config.knowledge_k)

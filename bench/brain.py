@@ -1,0 +1,286 @@
+"""Brain benchmarks: the brain's own overhead per turn, knowledge retrieval, folding a call.
+
+``brain_overhead`` — ``turn.user_ended`` published → first ``agent.say`` received, with the brain
+as ``python -m parley.brain`` composes it (``parley.brain.__main__.run``: the worker, its agent
+cache, tools and profile lookups, retrieval, the knowledge API and RPC) running in this process
+on real NATS and Postgres, and a zero-latency LLM: the real anthropic SDK against the
+Anthropic-protocol emulator in its own process with no time to first token and no pacing. So
+the number is the brain's overhead: fold of the call by JetStream replay, retrieval over a few
+ingested documents, profile, request building, the stream up to the first clause, and the
+publishes in between. Calls of 10 turns (caller speech events, the turn, the agent's playback);
+each turn waits for ``turn.completed`` before the next. Cold turns publish no partial; warm turns
+publish ``transcript.partial`` with the final words 300 ms before ``turn.user_ended``, so
+retrieval, profile and intent are ready when the turn ends (the saving is reported).
+
+``knowledge_retrieval`` — :func:`parley.brain.knowledge.bench.bench_retrieval`: full-text
+retrieval (k=4, round trip included) over 10,000 chunks (quick: 2,000).
+
+``fold_turn`` — the CPU the brain spends folding a call's events into its
+:class:`~parley.brain.conversation.Conversation` at each turn: a realistic 40-turn call
+(``_workload.call_events``); at every ``turn.user_ended`` the events so far are folded, as the
+worker does after replaying them. Per-turn fold p50/p99, decode + fold (what the replayed JSON
+costs) and the whole call as info.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import random
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from _stats import BenchResult, Budget, Line, latency_summary
+from _workload import call_events
+
+from parley.brain.__main__ import run as run_brain
+from parley.brain.config import BrainConfig
+from parley.brain.conversation import fold
+from parley.brain.knowledge import ingest
+from parley.brain.knowledge.bench import bench_retrieval
+from parley.common import configuration as cfg
+from parley.common import events as ev
+from parley.common.metrics import Metrics
+from parley.common.service import ServiceContext
+
+OVERHEAD_BUDGET_MS = 3.0
+RETRIEVAL_BUDGET_MS = 10.0
+ORG, AGENT, API_KEY = "bench", "bench-agent", "sk-bench"
+TURNS_PER_CALL = 10
+WARM_LEAD_S = 0.3
+REPLY = ("A cleaning is ninety five dollars, and whitening is two hundred. "
+         "Would you like me to book one for you?")
+QUESTIONS = [
+    "how much does a teeth cleaning cost", "what are your opening hours on friday",
+    "do you take dental insurance", "where can I park my car",
+    "how much is whitening", "can I book a filling next week",
+]
+DOCUMENTS = {
+    "prices.md": "# Prices\n\nTeeth cleaning costs $95. Whitening is $200 per session, and a "
+                 "filling starts at $150. Crowns start at $900.\n\nWe accept all major dental "
+                 "insurance plans and offer payment plans for larger treatments.",
+    "hours.txt": "Opening hours\n\nThe clinic is open Monday to Friday from 9am to 5pm and "
+                 "closed on weekends and public holidays. Emergency appointments are available "
+                 "by phone.",
+    "parking.txt": "Parking is free in the garage behind the building; take the ramp on Elm "
+                   "Street. Bicycle racks are at the front entrance.",
+    "booking.md": "# Booking\n\nAppointments can be booked by phone or online. Fillings and "
+                  "cleanings can usually be booked within a week; cancellations need 24 hours "
+                  "notice or a $25 fee applies.",
+}
+_EMULATOR = f"""
+import asyncio
+from parley.devkit.emulators import serve_until_stopped
+from parley.devkit.emulators.anthropic import AnthropicEmulator, ScriptedReply
+emulator = AnthropicEmulator(api_key={API_KEY!r}, ttft_s=0.0, tokens_per_second=None,
+                             default_reply=ScriptedReply(text={REPLY!r}))
+asyncio.run(serve_until_stopped(emulator, port=0))
+"""
+
+
+class _Watch:
+    """First agent.say and turn.completed per (call, turn), timed on arrival."""
+
+    def __init__(self) -> None:
+        self.first_say: dict[tuple[str, str], int] = {}
+        self._waiters: dict[tuple[str, str, str], asyncio.Future[int]] = {}
+
+    def expect(self, kind: str, call_id: str, turn_id: str) -> asyncio.Future[int]:
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiters[(kind, call_id, turn_id)] = future
+        return future
+
+    async def on_message(self, msg: Any) -> None:
+        now = time.perf_counter_ns()
+        event = ev.decode(msg.data)
+        kind = "say" if isinstance(event, ev.AgentSay) else "completed"
+        future = self._waiters.pop((kind, event.call_id, getattr(event, "turn_id", "")), None)
+        if future is not None and not future.done():
+            future.set_result(now)
+
+
+async def _start_emulator() -> tuple[asyncio.subprocess.Process, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _EMULATOR, stdout=asyncio.subprocess.PIPE)
+    assert process.stdout is not None
+    line = await asyncio.wait_for(process.stdout.readline(), 30)
+    if not line.startswith(b"http"):
+        process.kill()
+        raise RuntimeError(f"the Anthropic emulator did not start: {line!r}")
+    return process, line.decode().strip()
+
+
+async def run_overhead(ctx: Any) -> BenchResult:
+    """Time turn.user_ended → first agent.say, cold and warmed from partials."""
+    cold_turns, warm_turns = (24, 16) if ctx.quick else (200, 200)
+    bus = await ctx.servers.clean_bus("bench-brain")
+    database_url = await ctx.servers.fresh_database(fsync=True)
+    emulator, emulator_url = await _start_emulator()
+    stop = asyncio.Event()
+    brain: asyncio.Task[None] | None = None
+    try:
+        import psycopg
+
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+            await cfg.create_org(conn, ORG, "Bench Dental")
+            await cfg.create_agent(conn, ORG, "Reception", cfg.AgentSettings(
+                prompt="You are the receptionist of Bench Dental."), agent_id=AGENT)
+            for source, text in DOCUMENTS.items():
+                await ingest(conn, ORG, AGENT if source.endswith(".md") else None, source,
+                             text.encode())
+        config = BrainConfig(nats_url=ctx.servers.nats().url, database_url=database_url,
+                             llm_chain="anthropic", anthropic_api_key=API_KEY,
+                             anthropic_url=emulator_url, brain_http_port=0,
+                             log_level="WARNING")
+        service = ServiceContext(name="brain", config=config, bus=bus, metrics=Metrics("brain"))
+        brain = asyncio.create_task(run_brain(service, stop), name="bench:brain")
+        watch = _Watch()
+        subs = [await bus.nc.subscribe(f"parley.ev.{ORG}.call.*.{kind}", cb=watch.on_message)
+                for kind in ("agent.say", "turn.completed")]
+        await bus.nc.flush()
+
+        async def one_call(number: int, turns: int, *, warm: bool) -> list[int]:
+            call_id = f"call-{'w' if warm else 'c'}{number}"
+            common = {"org_id": ORG, "call_id": call_id}
+            await bus.publish(ev.CallRequested(**common, direction="inbound", agent_id=AGENT,
+                                               from_number="+14155550123",
+                                               to_number="+14155550100"))
+            await bus.publish(ev.CallStreamStarted(**common, stream_id="MZ", agent_id=AGENT,
+                                                   gateway_instance="bench"))
+            samples = []
+            for n in range(1, turns + 1):
+                turn_id, text = f"u{n}", QUESTIONS[(number + n) % len(QUESTIONS)]
+                await bus.publish(ev.SpeechStarted(**common, offset_ms=n * 10_000))
+                if warm:
+                    await bus.publish(ev.TranscriptPartial(**common, text=text))
+                await asyncio.sleep(WARM_LEAD_S)  # the caller speaking, in both cases
+                await bus.publish(ev.TranscriptFinal(**common, text=text))
+                said = watch.expect("say", call_id, turn_id)
+                completed = watch.expect("completed", call_id, turn_id)
+                began = time.perf_counter_ns()
+                await bus.publish(ev.TurnUserEnded(**common, turn_id=turn_id, text=text))
+                samples.append(await asyncio.wait_for(said, 10) - began)
+                await asyncio.wait_for(completed, 10)
+                await bus.publish(ev.AgentSpeechStarted(**common, turn_id=turn_id))
+                await bus.publish(ev.AgentSpeechFinished(**common, turn_id=turn_id))
+            await bus.publish(ev.CallEnded(**common, reason="completed"))
+            return samples
+
+        await one_call(0, 3, warm=False)  # connections and caches warmed up: not timed
+        await one_call(0, 2, warm=True)
+        gc.collect()
+        gc.freeze()  # as parley.common.service does after start-up
+        results: dict[bool, list[int]] = {False: [], True: []}
+        for warm, total in ((False, cold_turns), (True, warm_turns)):
+            number = 1
+            while len(results[warm]) < total:
+                turns = min(TURNS_PER_CALL, total - len(results[warm]))
+                results[warm] += await one_call(number, turns, warm=warm)
+                number += 1
+        for sub in subs:
+            await sub.unsubscribe()
+    finally:
+        stop.set()
+        if brain is not None:
+            await asyncio.wait_for(brain, 15)
+        gc.unfreeze()
+        emulator.terminate()
+        await emulator.wait()
+        await bus.close()
+
+    cold, warm = latency_summary(results[False]), latency_summary(results[True])
+    saving = cold["p50"] - warm["p50"]
+    result = BenchResult("brain_overhead", config={
+        "brain": "parley.brain.__main__.run in this process (worker + knowledge API + RPC), "
+                 "LLM chain: anthropic SDK → Anthropic emulator (own process, ttft 0, "
+                 "unpaced tokens)",
+        "knowledge": f"{len(DOCUMENTS)} documents (2 agent, 2 org-wide), k=3 full-text",
+        "turns": f"{cold_turns} cold + {warm_turns} warm, {TURNS_PER_CALL} per call, "
+                 f"sequential; warm: transcript.partial {WARM_LEAD_S * 1000:.0f} ms before "
+                 "turn.user_ended",
+        "reply": f"{REPLY!r} (first clause = first agent.say)",
+    }, notes=[f"warm-up saves {saving:.2f} ms at p50 ({cold['p50']:.2f} → "
+              f"{warm['p50']:.2f} ms); p99 {cold['p99']:.2f} → {warm['p99']:.2f} ms"])
+    result.lines.append(Line(
+        "brain_overhead.cold", "ms", cold["p50"], cold["p99"],
+        budget=Budget("median", "<=", OVERHEAD_BUDGET_MS), summary=cold,
+        note="turn.user_ended publish → first agent.say received, no partials before the "
+             "turn (fold by replay, retrieval, profile, request, LLM stream to first clause)"))
+    result.lines.append(Line(
+        "brain_overhead.warm", "ms", warm["p50"], warm["p99"],
+        budget=Budget("median", "<=", OVERHEAD_BUDGET_MS), summary=warm,
+        note="the same after a matching transcript.partial 300 ms earlier (retrieval, profile "
+             "and intent prepared while the caller spoke)"))
+    return result
+
+
+async def run_retrieval(ctx: Any) -> BenchResult:
+    """bench_retrieval over 10,000 chunks (quick: 2,000)."""
+    chunks, queries = (2_000, 200) if ctx.quick else (10_000, 500)
+    database_url = await ctx.servers.fresh_database(fsync=True)
+    measured = await bench_retrieval(database_url, chunks=chunks, queries=queries,
+                                     log=ctx.log)
+    summary = latency_summary(measured.samples_ns)
+    return BenchResult("knowledge_retrieval", config={
+        **measured.config, "ingest_seconds": round(measured.ingest_seconds, 1)},
+        lines=[Line("knowledge_retrieval", "ms", summary["p50"], summary["p99"],
+                    budget=Budget("median", "<=", RETRIEVAL_BUDGET_MS), summary=summary,
+                    note=f"retrieve(k=4) over {measured.chunks:,} chunks, one connection, "
+                         "round trip included; Zipf-distributed words, caller-like questions")])
+
+
+def _time(work: Callable[[], object], repetitions: int) -> list[int]:
+    samples = []
+    for _ in range(repetitions):
+        began = time.perf_counter_ns()
+        work()
+        samples.append(time.perf_counter_ns() - began)
+    return samples
+
+
+async def run_fold_turn(ctx: Any) -> BenchResult:
+    """Fold the call's events at each of its 40 turns."""
+    turns, repetitions = 40, (20 if ctx.quick else 200)
+    events = call_events(random.Random(7), ORG, "call-fold", size=1_200)
+    ends = [i for i, e in enumerate(events) if isinstance(e, ev.TurnUserEnded)][:turns]
+    if len(ends) < turns:
+        raise RuntimeError(f"the workload call has only {len(ends)} turns")
+    events = events[:ends[-1] + 1]
+    payloads = [ev.encode(e) for e in events]
+    final = fold("call-fold", events)
+    if len(final.turns) < turns // 2 or final.latest_user_turn != events[-1].turn_id:
+        raise RuntimeError(f"unexpected fold: {len(final.turns)} agent turns")
+
+    per_turn: list[int] = []
+    decode_per_turn: list[int] = []
+    for _ in range(repetitions):
+        for end in ends:
+            prefix = events[:end + 1]
+            began = time.perf_counter_ns()
+            fold("call-fold", prefix)
+            per_turn.append(time.perf_counter_ns() - began)
+            raw = payloads[:end + 1]
+            began = time.perf_counter_ns()
+            fold("call-fold", [ev.decode(p) for p in raw])
+            decode_per_turn.append(time.perf_counter_ns() - began)
+    whole = _time(lambda: fold("call-fold", events), repetitions * 5)
+    fold_turn, decode_and_fold = latency_summary(per_turn), latency_summary(decode_per_turn)
+    whole_summary = latency_summary(whole)
+    return BenchResult("fold_turn", config={
+        "call": f"{len(events)} events, {turns} caller turns, {len(final.messages)} messages "
+                "after the fold (_workload.call_events: partials, finals, clauses, marks, "
+                "tools, barge-ins)",
+        "repetitions": f"{repetitions} × {turns} turns",
+    }, lines=[
+        Line("fold_turn.fold", "ms/turn", fold_turn["p50"], fold_turn["p99"],
+             summary=fold_turn,
+             note="fold of the call's events up to each turn.user_ended (turns 1..40), "
+                  "already decoded (info)"),
+        Line("fold_turn.decode_and_fold", "ms/turn", decode_and_fold["p50"],
+             decode_and_fold["p99"], summary=decode_and_fold,
+             note="decode of the replayed JSON + fold, per turn (info)"),
+        Line("fold_turn.whole_call", "ms/call", whole_summary["p50"], whole_summary["p99"],
+             summary=whole_summary, note=f"fold of all {len(events)} events (info)"),
+    ])
