@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from parley.devkit.infra import free_port
 from parley.devkit.infra_cli import add_dir_argument, report
 from parley.devkit.local_infra import (
     DATABASE_URL_VAR,
@@ -21,6 +23,7 @@ from parley.devkit.local_infra import (
     ensure_infra,
     format_env,
     read_env_file,
+    write_env_file,
 )
 from parley.devkit.supervisor import PrepareHook, Supervisor, serve
 
@@ -74,18 +77,48 @@ def service_commands(names: Iterable[str]) -> dict[str, list[str]]:
 def run_up(args: argparse.Namespace, *, prepare: PrepareHook = prepare_platform) -> int:
     """Run ``parley up``; ``prepare`` is handed to the supervisor, which awaits it first."""
     session = None
+    recorded = read_env_file(args.dir)
     if args.no_infra:
         urls = urls_without_infra(args.dir, os.environ)
     else:
         session = ensure_infra(args.dir, environ=os.environ, report=report, detach=False)
         urls = session.urls
-    print(format_env(urls), end="", flush=True)
-    supervisor = Supervisor(service_commands(args.only), env=urls, prepare=prepare)
+    env = {**urls, **local_telephony(recorded, os.environ)}
+    if not args.no_infra:
+        write_env_file(args.dir, env)  # what `parley call` reads
+    print(format_env(env), end="", flush=True)
+    supervisor = Supervisor(service_commands(args.only), env=env, prepare=prepare)
     try:
         return serve(supervisor)
     finally:
         if session is not None:
             session.stop_started(report)
+
+
+def local_telephony(recorded: Mapping[str, str], environ: Mapping[str, str]) -> dict[str, str]:
+    """Twilio settings for talking to a local gateway with ``parley call``.
+
+    Without a Twilio account in the environment, the gateway checks signatures with a local
+    auth token (kept across runs in ``.parley/env``) and dials outbound calls through the
+    Twilio emulator that ``parley call --outbound`` serves on a loopback port. Variables set in
+    the environment win; a real ``PARLEY_TWILIO_AUTH_TOKEN`` turns the emulator off.
+    """
+    gateway_url = f"http://127.0.0.1:{environ.get('PARLEY_HTTP_PORT', '8080')}"
+    where = {"PARLEY_GATEWAY_URL": gateway_url}
+    if not environ.get("PARLEY_PUBLIC_BASE_URL"):  # what the gateway signs and puts in TwiML
+        where["PARLEY_PUBLIC_BASE_URL"] = gateway_url
+    env = {
+        **where,
+        "PARLEY_TWILIO_ACCOUNT_SID": recorded.get("PARLEY_TWILIO_ACCOUNT_SID")
+        or "AC" + secrets.token_hex(16),
+        "PARLEY_TWILIO_AUTH_TOKEN": recorded.get("PARLEY_TWILIO_AUTH_TOKEN")
+        or secrets.token_hex(16),
+        "PARLEY_TWILIO_API_BASE_URL": recorded.get("PARLEY_TWILIO_API_BASE_URL")
+        or f"http://127.0.0.1:{free_port()}",
+    }
+    if environ.get("PARLEY_TWILIO_AUTH_TOKEN"):  # a real account: no emulator, no local secrets
+        return where
+    return env
 
 
 def urls_without_infra(root: Path, environ: Mapping[str, str]) -> dict[str, str]:

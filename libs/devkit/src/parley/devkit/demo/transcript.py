@@ -80,6 +80,11 @@ class LiveTranscript:
         self.end_reason = ""
         self._bus: Any = None
 
+    @property
+    def following(self) -> bool:
+        """Subscribed to a call's events."""
+        return self._bus is not None
+
     async def follow(self, nats_url: str, call_id: str) -> None:
         """Subscribe to the call's events."""
         from parley.common.bus import Bus
@@ -135,7 +140,7 @@ class LiveTranscript:
                 self._log(f"caller pressed {event.digit}")
             case "call.ended":
                 self.end_reason = event.reason
-                self._log(f"-- call ended: {event.reason}")
+                self._log(f"call ended: {event.reason}")
                 self.ended.set()
             case _:
                 pass
