@@ -103,7 +103,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                            " or ^C)")
     call.add_argument("--wav", default="parley-call.wav",
                       help="stereo recording to write: caller left, agent right")
-    call.add_argument("--verbose", action="store_true", help="also show marks and stream events")
+    call.add_argument("--quiet", action="store_true",
+                      help="leave out marks and agent audio start/stop from the live log")
     call.set_defaults(handler=run_call)
 
 
@@ -187,20 +188,20 @@ def script_for(args: argparse.Namespace, said: tuple[Utterance, ...]) -> CallScr
         reply_timeout=args.reply_timeout)
 
 
-def logger(verbose: bool) -> Any:  # noqa: ANN401 - (at, text) -> None
-    """The simulator's log: timestamped lines; marks and agent audio only when verbose."""
+def logger(quiet: bool) -> Any:  # noqa: ANN401 - (at, text) -> None
+    """The simulator's log: timestamped lines; without marks and agent audio when quiet."""
     started = time.monotonic()
     noisy = ("mark ", "agent audio started", "agent audio stopped", "stream ")
 
     def log(_at: float, text: str) -> None:
-        if verbose or not text.startswith(noisy):
+        if not quiet or not text.startswith(noisy):
             print(f"{time.monotonic() - started:8.2f}s  {text}", flush=True)
 
     return log
 
 
 async def _inbound(args: argparse.Namespace) -> int:
-    log = logger(args.verbose)
+    log = logger(args.quiet)
     simulator = CallerSimulator(
         gateway_url=args.gateway_url, auth_token=args.auth_token,
         from_number=args.from_number or "+14155550123", to_number=args.to_number,
@@ -242,7 +243,7 @@ def print_summary(result: CallResult, transcript: LiveTranscript) -> None:
     print(f"\ncall {result.call_sid} ended after {result.duration:.1f} s: {result.stop_reason}")
     for turn in result.turns:
         latency = f"{turn.latency_ms:.0f} ms" if turn.latency_ms is not None else "no answer"
-        print(f"  utterance {turn.index} {turn.label!r}: agent audio after {latency}")
+        print(f"  turn {turn.index} {turn.label}: {latency} (end of utterance → agent audio)")
     if transcript.turns:
         print("  latency per turn (platform = voice-to-voice − max(EOU, STT final) − LLM TTFT − "
               "TTS TTFB):")

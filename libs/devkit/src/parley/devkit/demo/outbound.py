@@ -49,7 +49,7 @@ async def place_outbound(args: argparse.Namespace) -> int:
     org_id, from_number, issued = await _agent_line(database_url, args.agent, args.from_number,
                                                     need_key=not api_key)
     api_key = api_key or issued
-    log = call_cli.logger(args.verbose)
+    log = call_cli.logger(args.quiet)
     script = call_cli.script_for(args, await call_cli.utterances(args))
     app = create_emulator_app(
         gateway_url=args.gateway_url, public_url=args.public_url, auth_token=args.auth_token,
