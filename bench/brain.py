@@ -85,6 +85,7 @@ class _Watch:
 
     def __init__(self) -> None:
         self.first_say: dict[tuple[str, str], int] = {}
+        self.ttft_ns: dict[tuple[str, str], int] = {}  # the LLM's own time to first token
         self._waiters: dict[tuple[str, str, str], asyncio.Future[int]] = {}
 
     def expect(self, kind: str, call_id: str, turn_id: str) -> asyncio.Future[int]:
@@ -96,6 +97,8 @@ class _Watch:
         now = time.perf_counter_ns()
         event = ev.decode(msg.data)
         kind = "say" if isinstance(event, ev.AgentSay) else "completed"
+        if isinstance(event, ev.TurnCompleted):
+            self.ttft_ns[(event.call_id, event.turn_id)] = int(event.ttft_ms * 1e6)
         future = self._waiters.pop((kind, event.call_id, getattr(event, "turn_id", "")), None)
         if future is not None and not future.done():
             future.set_result(now)
@@ -141,6 +144,8 @@ async def run_overhead(ctx: Any) -> BenchResult:
                 for kind in ("agent.say", "turn.completed")]
         await bus.nc.flush()
 
+        excluding_llm: dict[bool, list[int]] = {False: [], True: []}
+
         async def one_call(number: int, turns: int, *, warm: bool) -> list[int]:
             call_id = f"call-{'w' if warm else 'c'}{number}"
             common = {"org_id": ORG, "call_id": call_id}
@@ -163,6 +168,7 @@ async def run_overhead(ctx: Any) -> BenchResult:
                 await bus.publish(ev.TurnUserEnded(**common, turn_id=turn_id, text=text))
                 samples.append(await asyncio.wait_for(said, 10) - began)
                 await asyncio.wait_for(completed, 10)
+                excluding_llm[warm].append(samples[-1] - watch.ttft_ns[(call_id, turn_id)])
                 await bus.publish(ev.AgentSpeechStarted(**common, turn_id=turn_id))
                 await bus.publish(ev.AgentSpeechFinished(**common, turn_id=turn_id))
             await bus.publish(ev.CallEnded(**common, reason="completed"))
@@ -170,6 +176,7 @@ async def run_overhead(ctx: Any) -> BenchResult:
 
         await one_call(0, 3, warm=False)  # connections and caches warmed up: not timed
         await one_call(0, 2, warm=True)
+        excluding_llm = {False: [], True: []}
         gc.collect()
         gc.freeze()  # as parley.common.service does after start-up
         results: dict[bool, list[int]] = {False: [], True: []}
@@ -213,6 +220,13 @@ async def run_overhead(ctx: Any) -> BenchResult:
         budget=Budget("median", "<=", OVERHEAD_BUDGET_MS), summary=warm,
         note="the same after a matching transcript.partial 300 ms earlier (retrieval, profile "
              "and intent prepared while the caller spoke)"))
+    for warm, label in ((False, "cold"), (True, "warm")):
+        summary = latency_summary(excluding_llm[warm])
+        result.lines.append(Line(
+            f"brain_overhead.{label}_excluding_llm", "ms", summary["p50"], summary["p99"],
+            summary=summary,
+            note="the same minus the LLM's own time to first token as the SDK measured it "
+                 "(turn.completed.ttft_ms: HTTP to the emulator process and its response)"))
     return result
 
 

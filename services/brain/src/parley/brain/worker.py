@@ -15,6 +15,10 @@ Warm-up: every instance follows ``transcript.partial`` and starts retrieval, the
 and intent classification while the caller is still talking (:class:`Warmup`); at the end of the
 turn only the LLM call remains when the final text matches what was warmed.
 
+History: the first unit of work of a call replays its events from JetStream; from then on an
+ordered consumer over every call event keeps the instance's copy current, so later turns fold
+from memory (replaying only if the copy has a gap).
+
 Event ids are derived from the call, turn, round and seq, so an instance that re-runs a turn
 after another died mid-turn emits the same ids and JetStream drops the repeats; clauses the fold
 already shows are not sent again.
@@ -33,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
 
 from parley.brain.conversation import Conversation, fold
 from parley.brain.llm.base import (
@@ -50,12 +55,15 @@ from parley.brain.llm.clauses import ClauseSplitter
 from parley.brain.llm.local_responder import classify_intent
 from parley.brain.llm.router import LlmRouter
 from parley.common.bus import Bus, ConsumerSettings, DurableConsumer, call_events, events_of_type
+from parley.common.bus.streams import EVENTS_STREAM
+from parley.common.bus.subjects import EVENTS_PREFIX, SubjectError, parse_event_subject
 from parley.common.configuration.models import AgentSettings
 from parley.common.events import (
     AgentSay,
     AgentSpeechInterrupted,
     CallStreamStarted,
     Event,
+    EventDecodeError,
     IntentDetected,
     KnowledgeRetrieved,
     TokenUsage,
@@ -212,6 +220,8 @@ class BrainWorker:
                 "tool.denied")],
             ack_wait_s=5.0, max_deliver=6, max_ack_pending=512), self._handle)
         self._subs: list[Any] = []
+        self._followed_from = 0  # first stream sequence the live follower delivered
+        self.replays = 0  # turns that had to read their call from JetStream
 
     async def start(self) -> None:
         """Start consuming and following partials."""
@@ -223,6 +233,11 @@ class BrainWorker:
 
         for kind in ("transcript.partial", "call.stream_started"):
             self._subs.append(await nc.subscribe(events_of_type(kind), cb=on_partial))
+        # Follow every call event from now on, in stream order, to keep the cached calls
+        # current: a turn of a call seen before then needs no replay at all.
+        self._subs.append(await self.s.bus.js.subscribe(
+            f"{EVENTS_PREFIX}.*.call.>", stream=EVENTS_STREAM, ordered_consumer=True,
+            idle_heartbeat=5.0, deliver_policy=DeliverPolicy.NEW, cb=self._follow))
         await self._consumer.start()
 
     async def stop(self) -> None:
@@ -236,7 +251,8 @@ class BrainWorker:
 
     async def _handle(self, event: Event, msg: Msg) -> None:
         call_id = getattr(event, "call_id", "")
-        conversation = fold(call_id, await self._call_events(call_id, event.org_id))
+        conversation = fold(call_id, await self._call_events(
+            call_id, event.org_id, upto=msg.metadata.sequence.stream))
         if conversation.ended:
             self._history.pop(call_id, None)
             return
@@ -258,10 +274,45 @@ class BrainWorker:
                 return  # the caller moved on, or other tools of the round are still out
             await self._run(conversation, owner.turn_id, event, msg, final_text="")
 
-    async def _call_events(self, call_id: str, org_id: str) -> list[Event]:
-        """The call's events in stream order: the cached ones plus those recorded since."""
-        last, cached = self._history.pop(call_id, (0, []))
-        events = list(cached)  # a concurrent handler of the same call may hold the old list
+    async def _follow(self, msg: Msg) -> None:
+        """Append a live event to its call's cached history, if that call is cached."""
+        seq = msg.metadata.sequence.stream
+        if self._followed_from == 0:
+            self._followed_from = seq
+        try:
+            call_id = parse_event_subject(msg.subject)[2]
+        except SubjectError:
+            return
+        cached = self._history.get(call_id)
+        if cached is None or cached[0] >= seq:
+            return
+        if cached[0] < self._followed_from - 1:
+            return  # a gap before the follower began: the next turn replays it
+        try:
+            event = decode(msg.data)
+        except EventDecodeError:
+            return
+        cached[1].append(event)
+        self._history[call_id] = (seq, cached[1])
+
+    async def _call_events(self, call_id: str, org_id: str, *, upto: int = 0) -> list[Event]:
+        """The call's events in stream order, at least up to stream sequence ``upto``.
+
+        A call this instance follows is served from memory (waiting a moment for the follower
+        to deliver ``upto`` if needed); otherwise the events after the cached ones are replayed.
+        """
+        for _ in range(20):
+            cached = self._history.get(call_id)
+            if cached is None or cached[0] < self._followed_from - 1 or upto == 0:
+                break
+            if cached[0] >= upto:
+                self._history.move_to_end(call_id)
+                return list(cached[1])
+            await asyncio.sleep(0.001)
+        self.replays += 1
+        last, cached_events = self._history.pop(call_id, (0, []))
+        cached = (last, cached_events)
+        events = list(cached[1])  # a concurrent handler of the same call may hold the old list
         async for seq, event in self.s.bus.replay(call_events(call_id, org_id),
                                                   start_seq=last + 1):
             events.append(event)
@@ -335,12 +386,14 @@ class BrainWorker:
         request = self._request(conversation, settings, context,
                                 await self.s.tools(org_id, conversation.agent_id))
         candidates = self.s.router.candidates(request)
-        # Independent facts: published together rather than one ack after another.
-        await asyncio.gather(*self._context_events(conversation, turn_id, context, cause)
-                             if final_text else (), bus.publish(TurnStarted(
+        # Independent facts, published together and while the LLM starts: their acks are only
+        # awaited before the first clause goes out, so turn.started still precedes agent.say.
+        facts = asyncio.gather(*self._context_events(conversation, turn_id, context, cause)
+                               if final_text else (), bus.publish(TurnStarted(
             id=stable_id(call_id, turn_id, "started", round_no), org_id=org_id,
             call_id=call_id, turn_id=turn_id, provider=candidates[0].name if candidates else "",
             causation_id=cause.id)))
+        facts.add_done_callback(lambda f: f.cancelled() or f.exception())
 
         seq = agent_turn.round_starts[round_no]  # where this round's clauses begin
         already = agent_turn.next_seq  # clauses a crashed run of this round already sent
@@ -350,6 +403,7 @@ class BrainWorker:
 
         async def say(text: str, *, last: bool = False) -> None:
             nonlocal seq
+            await facts
             if seq >= already and (text.strip() or last):
                 await bus.publish(AgentSay(
                     id=stable_id(call_id, turn_id, "say", seq), org_id=org_id,
@@ -371,6 +425,7 @@ class BrainWorker:
                         rest = splitter.flush()
                         if rest.strip():
                             await say(rest)
+                        await facts
                         await bus.publish(ToolRequested(
                             id=stable_id(call_id, turn_id, "tool", item.id), org_id=org_id,
                             call_id=call_id, turn_id=turn_id, tool_call_id=item.id,
