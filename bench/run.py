@@ -4,7 +4,7 @@
 
 Benchmarks: bus_latency, recorder_throughput, projection_rebuild, fold_call, gateway_frames,
 media_frame_path, local_stt_latency, piper_ttfa, media_calls, brain_overhead, knowledge_retrieval,
-fold_turn (default: all).
+fold_turn, e2e (default: all).
 nats-server and Postgres are started from the installed packages on free loopback ports in temp
 dirs under /tmp, and stopped and removed at the end. Prints a table, writes ``<out>/<name>.json``
 (date, machine, config, raw summaries) and ``<out>/latest.md``; ``out`` is ``bench/results``, or
@@ -34,7 +34,7 @@ from _stats import ERROR, FAIL, BenchResult, render_table, write_results
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = ("bus_latency", "recorder_throughput", "projection_rebuild", "fold_call",
               "gateway_frames", "media_frame_path", "local_stt_latency", "piper_ttfa",
-              "media_calls", "brain_overhead", "knowledge_retrieval", "fold_turn")
+              "media_calls", "brain_overhead", "knowledge_retrieval", "fold_turn", "e2e")
 # A benchmark is ``<name>.run`` unless it shares a module: name → (module, function).
 ENTRY_POINTS = {
     "media_frame_path": ("media", "run_frame_path"),
@@ -58,6 +58,7 @@ TIME_LIMITS = {
     "brain_overhead": (300, 30),
     "knowledge_retrieval": (300, 30),
     "fold_turn": (120, 20),
+    "e2e": (600, 300),
 }
 
 
