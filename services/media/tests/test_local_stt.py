@@ -14,7 +14,7 @@ from parley.media.providers.base import (
     UtteranceEnd,
 )
 from parley.media.providers.local.whisper_stt import WhisperStt, WhisperSttStream, load_model
-from parley.media.vad import SegmenterSettings, SpeechSegmenter
+from parley.media.vad import SegmenterSettings, SpeechSegmenter, WebRtcVad
 from services.media.tests.utterances import SILENCE_FRAME, frames, synthesise
 
 FRAME_S = 0.02
@@ -193,3 +193,24 @@ async def test_a_missing_model_is_a_permanent_error(tmp_path):
     with pytest.raises(ProviderError) as error:
         await WhisperStt(model_dir=tmp_path).open()
     assert error.value.permanent
+
+
+async def test_the_final_is_decoded_during_the_hangover(speech):
+    # A long hangover keeps the segment open; the final's decode starts after a short silence,
+    # so when the segment closes the Final is already there.
+    stream = WhisperSttStream(await asyncio.to_thread(load_model), vad=WebRtcVad(),
+                              segmenter=SpeechSegmenter(SegmenterSettings(hangover_ms=2000)))
+    recorder = Recorder(stream)
+    await feed(stream, [SILENCE_FRAME] * 10 + speech["short"] + [SILENCE_FRAME] * 25)
+    await asyncio.sleep(3.0)  # ample for one decode; the segment is still open (0.5 s < 2 s)
+    assert not [e for e in recorder.kinds() if isinstance(e, Final | UtteranceEnd)]
+    closed = time.perf_counter()
+    await stream.finalize()
+    await recorder.wait_for(UtteranceEnd)
+    arrived = next(t for t, e in recorder.events if isinstance(e, Final))
+    events = await recorder.close()
+    assert [type(e) for e in events if not isinstance(e, Partial)] == [
+        SpeechStarted, Final, UtteranceEnd]
+    assert arrived - closed < 0.2  # no decode after the close
+    final = next(e for e in events if isinstance(e, Final))
+    assert mostly_heard(final.text, SHORT), final.text

@@ -3,10 +3,19 @@
 Whisper is not a streaming recogniser, so the stream segments the call itself: µ-law frames are
 decoded to PCM16, judged by a VAD and cut into utterances by a :class:`SpeechSegmenter`. Speech
 start → :class:`SpeechStarted`; while the caller talks, the growing segment is re-decoded at most
-every ``partial_interval_ms`` of audio (and never while a decode of this stream is queued) →
-:class:`Partial`; at the end of the hangover, or on ``finalize()``, the whole segment is decoded
-with word timestamps → :class:`Final` (``speech_final=True``) then :class:`UtteranceEnd`.
-Segments Whisper finds empty yield no Final, only the UtteranceEnd that closes the SpeechStarted.
+every ``partial_interval_ms`` of audio after the previous partial was decoded (only on a speech
+frame) → :class:`Partial`; at the end of the hangover, or on ``finalize()``, the whole
+segment is decoded with word timestamps → :class:`Final` (``speech_final=True``) then
+:class:`UtteranceEnd`. Segments Whisper finds empty yield no Final, only the UtteranceEnd that
+closes the SpeechStarted.
+
+The final decode is what the caller waits for at the end of every turn (a decode of tiny.en is
+~300 ms on two cores, as long as the hangover), so it starts early: after ``early_final_ms`` of
+silence in a segment the segment so far is decoded as the final would be. If the segment then
+ends with no speech in between, that decode is the Final (emitted at the SpeechStop, or when the
+decode finishes if later); if the caller speaks again it is dropped (or, when already decoded,
+shown as a partial) and a new early decode starts at the next pause. Partials are not started
+on silent frames, so a partial queued during the hangover never delays the final.
 
 The model is loaded once per process, lazily and off the event loop. Decoding runs on one
 dedicated thread per process: one decode at a time (it already uses every core) in FIFO order,
@@ -54,6 +63,7 @@ from parley.media.vad import (
 
 PROVIDER = "whisper"
 MAX_SEGMENT_MS = 25_000  # Whisper sees 30 s windows; cut long monologues before that
+EARLY_FINAL_MS = 60  # silence after speech before the final decode starts (see the docstring)
 
 _models: dict[Path, WhisperModel] = {}
 _models_lock = threading.Lock()
@@ -125,8 +135,9 @@ class WhisperStt:
                  settings: SegmenterSettings | None = None,
                  vad_factory: Callable[[], VoiceActivityDetector] = WebRtcVad,
                  partial_interval_ms: int = 300, preroll_ms: int = 200,
-                 cpu_threads: int = 0) -> None:
+                 early_final_ms: int = EARLY_FINAL_MS, cpu_threads: int = 0) -> None:
         self._model_dir = model_dir
+        self._early_final_ms = early_final_ms
         self._settings = settings or SegmenterSettings()
         self._vad_factory = vad_factory
         self._partial_interval_ms = partial_interval_ms
@@ -146,7 +157,8 @@ class WhisperStt:
                                         cpu_threads=self._cpu_threads)
         return WhisperSttStream(
             model, vad=self._vad_factory(), segmenter=SpeechSegmenter(self._settings),
-            partial_interval_ms=self._partial_interval_ms, preroll_ms=self._preroll_ms)
+            partial_interval_ms=self._partial_interval_ms, preroll_ms=self._preroll_ms,
+            early_final_ms=self._early_final_ms)
 
 
 @dataclass
@@ -155,6 +167,8 @@ class _Job:
     audio: npt.NDArray[np.int16]  # 8 kHz
     start_ms: int  # stream time of audio[0]
     stop: SpeechStop | None = None  # set for the final decode
+    early: bool = False  # decoded as a final before the segment ended (see the docstring)
+    transcript: Transcript | None = None  # an early job's result, once decoded
 
 
 class WhisperSttStream:
@@ -162,12 +176,15 @@ class WhisperSttStream:
 
     def __init__(self, model: WhisperModel, *, vad: VoiceActivityDetector,
                  segmenter: SpeechSegmenter, partial_interval_ms: int = 300,
-                 preroll_ms: int = 200) -> None:
+                 preroll_ms: int = 200, early_final_ms: int = EARLY_FINAL_MS) -> None:
         self._model = model
         self._vad = vad
         self._segmenter = segmenter
         self._aligner = FrameAligner(ULAW_FRAME_BYTES)
         self._partial_interval_ms = partial_interval_ms
+        self._early_final_ms = early_final_ms
+        self._silent_ms = 0  # trailing silence in the open segment
+        self._early: _Job | None = None  # the open segment's early final, while still valid
         # Frames kept from before speech was confirmed: the qualifying run plus a lead-in.
         lead_frames = (segmenter.settings.start_ms + preroll_ms) // FRAME_MS + 1
         self._preroll: deque[npt.NDArray[np.int16]] = deque(maxlen=lead_frames)
@@ -219,21 +236,33 @@ class WhisperSttStream:
             raise
 
     def _frame(self, pcm: npt.NDArray[np.int16]) -> None:
-        boundary = self._segmenter.push(self._vad.is_speech(pcm.tobytes()))
+        speech = self._vad.is_speech(pcm.tobytes())
+        boundary = self._segmenter.push(speech)
         if isinstance(boundary, SpeechStart):
             self._segment += 1
             self._frames = [*self._preroll, pcm]
             self._preroll.clear()
             self._segment_start_ms = self._segmenter.position_ms - len(self._frames) * FRAME_MS
             self._since_partial_ms = 0
+            self._silent_ms = 0
+            self._early = None
             self._last_partial = ""
             self._events.put_nowait(SpeechStarted(boundary.at_ms / 1000))
         elif self._segmenter.speaking:
             self._frames.append(pcm)
             self._since_partial_ms += FRAME_MS
+            if speech:
+                self._silent_ms = 0
+                self._early = None  # the caller goes on: that early decode is stale
+            else:
+                self._silent_ms += FRAME_MS
             if len(self._frames) * FRAME_MS >= MAX_SEGMENT_MS:
                 self._end_segment(self._segmenter.flush())
-            elif (self._since_partial_ms >= self._partial_interval_ms
+            elif self._silent_ms == self._early_final_ms and self._early is None:
+                self._early = _Job(self._segment, np.concatenate(self._frames),
+                                   self._segment_start_ms, early=True)
+                self._jobs.put_nowait(self._early)
+            elif (speech and self._since_partial_ms >= self._partial_interval_ms
                   and not self._partial_queued):
                 self._since_partial_ms = 0
                 self._partial_queued = True
@@ -248,8 +277,14 @@ class WhisperSttStream:
     def _end_segment(self, stop: SpeechStop | None) -> None:
         if stop is None or not self._frames:
             return
-        self._jobs.put_nowait(_Job(self._segment, np.concatenate(self._frames),
-                                   self._segment_start_ms, stop))
+        early, self._early = self._early, None
+        if early is not None:  # nothing but silence since its audio: it is the final
+            early.stop = stop
+            if early.transcript is not None:
+                self._emit_final(early, early.transcript)
+        else:
+            self._jobs.put_nowait(_Job(self._segment, np.concatenate(self._frames),
+                                       self._segment_start_ms, stop))
         self._frames = []
 
     async def _run(self) -> None:
@@ -258,25 +293,42 @@ class WhisperSttStream:
             while (job := await self._jobs.get()) is not None or not self._jobs.empty():
                 if job is None:
                     continue
-                final = job.stop is not None
-                if not final:
-                    self._partial_queued = False
-                    # Stale once its segment ended or the stream is closing: skip the decode.
-                    if self._closed or job.segment != self._segment or not self._frames:
+                if job.early:
+                    if job.stop is None and job is not self._early:
+                        continue  # the caller spoke again before it started: stale
+                elif job.stop is None:
+                    # Stale once its segment ended, the stream is closing, or an early final
+                    # (newer audio) is waiting behind it: skip the decode.
+                    if (self._closed or job.segment != self._segment or not self._frames
+                            or self._early is not None):
+                        self._partial_queued = False
                         continue
+                final = job.stop is not None or job.early
                 audio = resample(pcm16_to_float32(job.audio), 8000, 16000)
                 transcript = await loop.run_in_executor(
                     _decoder(), lambda a=audio, w=final: transcribe(self._model, a, words=w))
-                if final:
+                if job.stop is not None:
                     self._emit_final(job, transcript)
-                elif transcript.text and transcript.text != self._last_partial:
-                    if job.segment == self._segment and self._frames:
-                        self._last_partial = transcript.text
-                        self._events.put_nowait(Partial(transcript.text))
+                elif job.early:
+                    job.transcript = transcript  # the final once its segment ends
+                    if job is not self._early:  # or a partial, if the caller went on
+                        self._partial(job, transcript)
+                else:
+                    # The next partial waits a full interval after this one is decoded: back to
+                    # back, the decoder would be busy when the caller stops, delaying the final.
+                    self._partial_queued = False
+                    self._since_partial_ms = 0
+                    self._partial(job, transcript)
         except Exception as exc:  # surfaced to the consumer through events()
             self._error = ProviderError(PROVIDER, f"decode failed: {exc!r}")
         finally:
             self._events.put_nowait(None)
+
+    def _partial(self, job: _Job, transcript: Transcript) -> None:
+        if (transcript.text and transcript.text != self._last_partial
+                and job.segment == self._segment and self._frames):
+            self._last_partial = transcript.text
+            self._events.put_nowait(Partial(transcript.text))
 
     def _emit_final(self, job: _Job, transcript: Transcript) -> None:
         assert job.stop is not None
