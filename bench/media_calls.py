@@ -23,8 +23,9 @@ publishes the ``agent.say`` clauses of ``ANSWER`` at once (no LLM time).
 
 Per level (fresh calls and a fresh media process; gateway and emulators are shared):
 
-- inbound latency: media's histogram ``media_inbound_frame_delay_seconds`` (the JetStream
-  timestamp nats-server gave the frame → its session's handler, wall clock on one host),
+- inbound latency: media's histogram ``media_inbound_frame_delay_seconds`` (the time the
+  gateway published the frame, carried in the frame's prefix → its session's handler, wall
+  clock on one host; live frames arrive over core NATS, missed ones from the AUDIO stream),
   scraped from media's ``/metrics`` at the window's edges; percentiles interpolated within
   buckets. ``gateway_path``: Twilio ``send_str`` → a core subscriber in this process for every
   10th call (what ``gateway_frames`` measures, here with media running). The two legs are in
@@ -527,10 +528,10 @@ def _lines(level: Level) -> tuple[list[Line], str, bool]:
     lines = [
         Line(f"{name}.inbound", "ms", gw["p50"] + media_p50, inbound_p99, budget=budget,
              summary=summary,
-             note="gateway path (send_str → core subscriber) + media leg (JetStream timestamp → "
+             note="gateway path (send_str → core subscriber) + media leg (gateway publish → "
                   "session handler); sum of the two legs' p50 / p99 (an upper bound)"),
         Line(f"{name}.media_leg", "ms", media_p50, media_p99, summary=summary["media_leg_ms"],
-             note="nats-server stored the frame → media's session handler (histogram buckets)"),
+             note="gateway published the frame → media's session handler (histogram buckets)"),
         Line(f"{name}.lost", "frames", lost_in, lost_out, tail_label="out",
              summary=summary, note="inbound frames lost (sent − handled by media); second "
                                    "column: outbound (expected agent frames − received)"),

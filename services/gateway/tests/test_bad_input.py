@@ -2,6 +2,7 @@ import asyncio
 
 import pytest
 
+from parley.common.bus.audio import decode_frame
 from parley.gateway.close_codes import CloseCode
 
 from .conftest import StreamClient, closed, started_stream, wait_for
@@ -139,7 +140,7 @@ async def test_bad_sockets_do_not_affect_a_concurrent_good_call(make_gateway, ev
     received = []
 
     async def on_in(msg):
-        received.append(msg.data)
+        received.append(decode_frame(msg.data)[3])
 
     sub = await bus.nc.subscribe(f"parley.audio.{call_id}.in", cb=on_in)
 

@@ -18,6 +18,7 @@ import psycopg
 import pytest
 
 from parley.common.bus import Bus
+from parley.common.bus.audio import decode_frame
 from parley.common.configuration import AgentSettings, assign_number, create_agent, create_org
 from parley.common.metrics import Metrics
 from parley.gateway.app import create_app
@@ -270,7 +271,7 @@ def test_server_survives_the_fuzz_and_a_concurrent_call_works(server):
 
     async def subscribe(call_id: str):
         async def on_in(msg):
-            received.append(msg.data)
+            received.append(decode_frame(msg.data)[3])
 
         return await server.bus.nc.subscribe(f"parley.audio.{call_id}.in", cb=on_in)
 

@@ -6,6 +6,7 @@ from datetime import timedelta
 import msgspec
 
 from parley.common.bus import command_subject, publish_frame
+from parley.common.bus.audio import decode_frame
 from parley.common.events import utcnow
 from parley.gateway.marks import mark_name
 
@@ -32,19 +33,20 @@ async def test_full_media_stream_session(gateway, events, bus):
     assert call_id in live_calls(gateway)
 
     # caller audio → parley.audio.<call>.in, raw bytes with Twilio's seq and timestamp
-    inbound: list[tuple[bytes, dict]] = []
+    inbound: list[tuple[bytes, int, int]] = []
 
     async def on_in(msg):
-        inbound.append((msg.data, msg.headers))
+        seq, timestamp_ms, _, audio = decode_frame(msg.data)
+        inbound.append((audio, seq, timestamp_ms))
 
     sub = await bus.nc.subscribe(f"parley.audio.{call_id}.in", cb=on_in)
     frames = [bytes([n]) * 160 for n in range(1, 6)]
     sequence_numbers = [await stream.media(frame) for frame in frames]
     await wait_for(lambda: len(inbound) == 5)
     await sub.unsubscribe()
-    assert [data for data, _ in inbound] == frames
-    assert [int(h["Parley-Seq"]) for _, h in inbound] == sequence_numbers
-    assert [int(h["Parley-Ts"]) for _, h in inbound] == [20, 40, 60, 80, 100]
+    assert [data for data, _, _ in inbound] == frames
+    assert [seq for _, seq, _ in inbound] == sequence_numbers
+    assert [timestamp_ms for _, _, timestamp_ms in inbound] == [20, 40, 60, 80, 100]
 
     # agent audio → media messages, and a mark after the frame that carries one
     await publish_frame(bus.nc, call_id, "out", b"\x7f" * 160, seq=1, timestamp_ms=0)

@@ -15,6 +15,7 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from parley.common.bus.audio import decode_frame
 from parley.gateway.close_codes import CloseCode, ProtocolViolation
 from parley.gateway.plivo.protocol import decode_message
 
@@ -145,7 +146,7 @@ async def test_junk_on_other_sockets_leaves_a_good_call_working(plivo_gateway, e
     received: list[bytes] = []
 
     async def on_in(msg):
-        received.append(msg.data)
+        received.append(decode_frame(msg.data)[3])
 
     sub = await bus.nc.subscribe(f"parley.audio.{call_id}.in", cb=on_in)
 

@@ -6,6 +6,7 @@ import pytest
 from aiohttp import WSServerHandshakeError
 
 from parley.common.bus import command_subject, publish_frame
+from parley.common.bus.audio import decode_frame
 from parley.gateway.close_codes import CloseCode
 from parley.gateway.marks import mark_name
 
@@ -47,19 +48,20 @@ async def test_full_plivo_stream_session(plivo_gateway, events, bus):
     assert call_id in live_calls(plivo_gateway)
 
     # caller audio → parley.audio.<call>.in: raw bytes, Plivo's sequence number, audio ms
-    inbound: list[tuple[bytes, dict]] = []
+    inbound: list[tuple[bytes, int, int]] = []
 
     async def on_in(msg):
-        inbound.append((msg.data, msg.headers))
+        seq, timestamp_ms, _, audio = decode_frame(msg.data)
+        inbound.append((audio, seq, timestamp_ms))
 
     sub = await bus.nc.subscribe(f"parley.audio.{call_id}.in", cb=on_in)
     frames = [bytes([n]) * 160 for n in range(1, 5)]
     sequence_numbers = [await stream.media(frame) for frame in frames]
     await wait_for(lambda: len(inbound) == 4)
     await sub.unsubscribe()
-    assert [data for data, _ in inbound] == frames
-    assert [int(h["Parley-Seq"]) for _, h in inbound] == sequence_numbers
-    assert [int(h["Parley-Ts"]) for _, h in inbound] == [0, 20, 40, 60]
+    assert [data for data, _, _ in inbound] == frames
+    assert [seq for _, seq, _ in inbound] == sequence_numbers
+    assert [timestamp_ms for _, _, timestamp_ms in inbound] == [0, 20, 40, 60]
 
     await stream.dtmf("5")
     [dtmf] = await events.wait("call.dtmf", call_id)
@@ -280,7 +282,7 @@ async def test_bad_sockets_do_not_affect_a_concurrent_good_call(make_plivo_gatew
     received = []
 
     async def on_in(msg):
-        received.append(msg.data)
+        received.append(decode_frame(msg.data)[3])
 
     sub = await bus.nc.subscribe(f"parley.audio.{call_id}.in", cb=on_in)
 

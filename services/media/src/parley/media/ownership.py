@@ -3,8 +3,8 @@
 An instance claims a call (``create``: only one can) when the work-queue consumer hands it
 ``call.stream_started``, and renews the lease every ``renew_s`` with a compare-and-set on the
 revision it last wrote, so an instance that lost its lease learns it on the next renewal and
-stops. The lease value says where a successor should resume: the turn number and the AUDIO
-stream sequence of the frame where the caller's open turn began.
+stops. The lease value says where a successor should resume: the turn number and the frame
+(sequence number and the time it was sent) where the caller's open turn began.
 
 Every instance watches the bucket. A lease not renewed for ``timeout_s`` belongs to an instance
 that died or hung; the first instance whose compare-and-set on that revision succeeds takes the
@@ -37,8 +37,12 @@ class LeaseState(msgspec.Struct, kw_only=True):
     org_id: str
     agent_id: str = ""
     turn_no: int = 0  # user turns completed
-    resume_seq: int = 0  # AUDIO stream sequence to resume inbound audio from (0: the start)
-    resume_ms: int = 0  # audio time of that frame
+    # Where inbound audio resumes: the frame with this sequence number (0: the start of the
+    # call), its audio time, and when the gateway sent it (epoch s) — a successor reads the
+    # AUDIO stream from a little before then, skipping frames before ``resume_seq``.
+    resume_seq: int = 0
+    resume_ms: int = 0
+    resume_at: float = 0.0
 
 
 class LeaseLost(Exception):

@@ -1,11 +1,11 @@
 """One call's media: caller audio in → VAD, STT, turns; agent clauses in → TTS, frames out.
 
-Inbound audio comes from the AUDIO stream through an ordered consumer on
-``parley.audio.<call>.in`` — from the start of the call on a first claim, from the lease's
-resume point on a take-over — so a successor catches up what it missed and then follows live
-with no gap. Every inbound frame runs the cheap path inline (µ-law decode, webrtcvad, the
-segmenter, the turn detector and the barge-in policy, all on the audio clock); the recogniser
-runs in its own task and feeds finals back.
+Inbound audio comes live over a core subscription on ``parley.audio.<call>.in``; what the
+session missed — the start of the call on a first claim, the audio since the lease's resume
+point on a take-over — is caught up from the AUDIO stream first, with no gap and no frame twice
+(:mod:`parley.media.inbound`). Every inbound frame runs the cheap path inline (µ-law decode,
+webrtcvad, the segmenter, the turn detector and the barge-in policy, all on the audio clock);
+the recogniser runs in its own task and feeds finals back.
 
 Events a successor could emit again after a take-over (speech.started/stopped,
 transcript.final, turn.user_ended) get ids derived from the call, the turn number and their
@@ -38,8 +38,8 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from parley.common.bus import Bus, audio_subject, call_events, command_subject
-from parley.common.bus.audio import MARK, SEQ, TIMESTAMP
-from parley.common.bus.streams import AUDIO_STREAM, EVENTS_STREAM
+from parley.common.bus.audio import MARK, encode_frame
+from parley.common.bus.streams import EVENTS_STREAM
 from parley.common.configuration.models import AgentSettings
 from parley.common.events import (
     AgentSay,
@@ -63,6 +63,7 @@ from parley.common.events import (
 )
 from parley.media.audio.codec import ULAW_TO_PCM16
 from parley.media.audio.frames import ULAW_FRAME_BYTES, FrameAligner
+from parley.media.inbound import InboundAudio
 from parley.media.ownership import LeaseLost, Leases, LeaseState
 from parley.media.playback import (
     FRAME_MS,
@@ -92,7 +93,10 @@ log = logging.getLogger(__name__)
 
 _ID_NAMESPACE = uuid.UUID("6c1d2a39-4f0e-4c55-9d0e-7a7b8f0b8a11")
 PREROLL_MS = 400  # resume this much audio before the open turn began
-CHECKPOINT_EVERY = 50  # frames between remembered (audio ms → stream sequence) points
+CHECKPOINT_EVERY = 50  # frames between remembered (audio ms → frame seq, sent time) points
+# A successor's catch-up starts this long before the resume frame was sent, so clock skew
+# between hosts cannot make it miss the frame (the extra frames it reads are skipped).
+RESUME_MARGIN_S = 1.0
 SILENCE = b"\xff" * ULAW_FRAME_BYTES
 # Caller audio goes to the recogniser 100 ms at a time, not per 20 ms frame: a vendor socket
 # write (syscall, WebSocket framing, deflate) per frame was the largest per-frame cost of a
@@ -117,7 +121,7 @@ class SessionServices:
     command_timeout_s: float = 1.0
     on_unknown_audio: Callable[[], None] = lambda: None
     on_event: Callable[[str], None] = lambda kind: None
-    # Seconds from nats-server storing an inbound frame to its session handling it.
+    # Seconds an inbound frame was late when its session handled it (see parley.media.inbound).
     on_inbound_frame: Callable[[float], None] = lambda delay_s: None
 
 
@@ -153,7 +157,8 @@ class CallSession:
         self.lease = LeaseState(owner=services.instance, org_id=org_id, agent_id=agent_id,
                                 turn_no=resume.turn_no if resume else 0,
                                 resume_seq=resume.resume_seq if resume else 0,
-                                resume_ms=resume.resume_ms if resume else 0)
+                                resume_ms=resume.resume_ms if resume else 0,
+                                resume_at=resume.resume_at if resume else 0.0)
         self.turn_no = self.lease.turn_no
         self.detector = TurnDetector(TurnSettings(
             endpointing_ms=settings.endpointing_ms,
@@ -167,11 +172,11 @@ class CallSession:
         self.end_reason = ""
         self.audio_ms = 0  # audio clock: end of the last inbound frame processed
         self._base_ms: int | None = None  # audio time of the segmenter's first frame
-        self._last_seq = -1
         self._speech_start_ms: int | None = None
         self._speech_end_wall = 0.0
         self._ordinals: dict[str, int] = {}
-        self._checkpoints: deque[tuple[int, int]] = deque(maxlen=600)  # (audio ms, stream seq)
+        # (audio ms, frame seq, when the gateway sent the frame)
+        self._checkpoints: deque[tuple[int, int, float]] = deque(maxlen=600)
         self._frames_seen = 0
         self._catching_up = self.resuming
         # STT
@@ -196,6 +201,7 @@ class CallSession:
         self._history: dict[str, list[AgentSay]] | None = {}
         self._voiced: set[str] = set()
         self._subs: list[Any] = []
+        self._inbound: InboundAudio | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -212,7 +218,7 @@ class CallSession:
                 call_events(self.call_id, self.org_id), stream=EVENTS_STREAM,
                 ordered_consumer=True, idle_heartbeat=5.0, cb=self._on_event_message,
                 config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL)))
-            self._subs.append(await self._follow_audio())
+            await self._follow_audio()
             await self.stopped.wait()
         except ProviderError as exc:
             log.error("call %s: no speech recogniser: %s", self.call_id, exc)
@@ -227,6 +233,8 @@ class CallSession:
         self.stopped.set()
 
     async def _close(self) -> None:
+        if self._inbound is not None:
+            await self._inbound.stop()
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -267,51 +275,39 @@ class CallSession:
         self.lease.turn_no = self.turn_no
         start = self.detector.turn_started_ms
         target = (start if start is not None else self.audio_ms) - PREROLL_MS
-        seq, at_ms = self.lease.resume_seq, self.lease.resume_ms
-        for ms, stream_seq in self._checkpoints:
+        lease = self.lease
+        for ms, seq, sent_at in self._checkpoints:
             if ms > target:
                 break
-            seq, at_ms = stream_seq, ms
-        self.lease.resume_seq, self.lease.resume_ms = seq, at_ms
+            lease.resume_seq, lease.resume_ms, lease.resume_at = seq, ms, sent_at
 
     # ------------------------------------------------------------------ inbound audio
 
-    async def _follow_audio(self) -> Any:
-        if self.lease.resume_seq > 0:
-            config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                                    opt_start_seq=self.lease.resume_seq)
-        else:
-            config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-        return await self.s.bus.js.subscribe(
-            audio_subject(self.call_id, "in"), stream=AUDIO_STREAM, ordered_consumer=True,
-            idle_heartbeat=5.0, config=config, cb=self._on_audio)
+    async def _follow_audio(self) -> None:
+        lease = self.lease
+        resume = lease.resume_seq > 0
+        self._inbound = InboundAudio(
+            self.s.bus, self.call_id, self._on_audio,
+            after_seq=lease.resume_seq - 1 if resume else -1,
+            since=lease.resume_at - RESUME_MARGIN_S if resume else None,
+            on_delay=self.s.on_inbound_frame, on_invalid=self.s.on_unknown_audio)
+        await self._inbound.start()
 
-    async def _on_audio(self, msg: Msg) -> None:
+    async def _on_audio(self, ulaw: bytes, seq: int, ts_ms: int, sent_at: float,
+                        behind: bool) -> None:
         if self.stopped.is_set():
             self.s.on_unknown_audio()
             return
-        headers = msg.headers or {}
-        try:
-            seq = int(headers.get(SEQ, "-1"))
-            ts = int(headers.get(TIMESTAMP, "0"))
-        except ValueError:
-            self.s.on_unknown_audio()
-            return
-        if seq <= self._last_seq:
-            return  # redelivered
-        self._last_seq = seq
-        meta = msg.metadata
-        self.s.on_inbound_frame(time.time() - meta.timestamp.timestamp())
-        self._catching_up = meta.num_pending > 25
+        self._catching_up = behind
         self._frames_seen += 1
         if self._frames_seen % CHECKPOINT_EVERY == 1:
-            self._checkpoints.append((ts, meta.sequence.stream))
+            self._checkpoints.append((ts_ms, seq, sent_at))
         try:
-            await self._inbound(msg.data, ts)
+            await self._inbound_frame(ulaw, ts_ms)
         except Exception:
             log.exception("call %s: inbound frame failed", self.call_id)
 
-    async def _inbound(self, ulaw: bytes, ts_ms: int) -> None:
+    async def _inbound_frame(self, ulaw: bytes, ts_ms: int) -> None:
         if self._base_ms is None:
             self._base_ms = ts_ms
         await self._stt_send(ulaw)
@@ -625,11 +621,10 @@ class CallSession:
         nc = self.s.bus.nc
         subject = audio_subject(self.call_id, "out")
         for _index, frame, mark in turn.audio.take_unsent():
-            headers = {SEQ: str(self._out_seq), TIMESTAMP: str(self._out_seq * FRAME_MS)}
-            if mark is not None:
-                headers[MARK] = f"{turn.turn_id}:{mark}"
+            data = encode_frame(frame, seq=self._out_seq, timestamp_ms=self._out_seq * FRAME_MS)
             self._out_seq += 1
-            await nc.publish(subject, frame, headers=headers)
+            await nc.publish(subject, data, headers=None if mark is None else {
+                MARK: f"{turn.turn_id}:{mark}"})
             if not turn.first_frame_at:
                 turn.first_frame_at = time.monotonic()
                 spoke_at = self._user_turn_ends.get(turn.turn_id, 0.0)

@@ -1,9 +1,9 @@
 """``WSS /twilio/stream``: Twilio Media Streams, bridged to the bus.
 
 In (Twilio → us): ``connected``, ``start``, ``media``, ``mark`` (echo), ``dtmf``, ``stop``.
-Inbound µ-law goes to ``parley.audio.<call>.in`` as raw bytes with Twilio's sequence number
-and timestamp in headers; mark echoes become agent.speech.progress; dtmf becomes call.dtmf;
-stop ends the call unless it already ended.
+Inbound µ-law goes to ``parley.audio.<call>.in`` as raw bytes after a binary prefix with
+Twilio's sequence number and timestamp (:mod:`parley.common.bus.audio`); mark echoes become
+agent.speech.progress; dtmf becomes call.dtmf; stop ends the call unless it already ended.
 
 Out (us → Twilio): frames from ``parley.audio.<call>.out`` become ``media`` messages, and a
 frame carrying a ``Parley-Mark`` header is followed by a ``mark``; commands (``clear``,
