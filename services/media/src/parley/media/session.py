@@ -652,6 +652,8 @@ class CallSession:
                 self.detector.backchannels.content_words(self.detector.text),
                 agent_playing=turn.audio.playing(now), now=now)
             await self._act(turn, action, now)
+        if self.barge_in.paused_at is None:
+            return  # nothing to resume: skip matching the caller's words, on every frame
         resume = self.barge_in.tick(
             now, only_backchannel=self.detector.backchannels.only_backchannel(
                 self.detector.text), caller_speaking=self._speech_start_ms is not None)
