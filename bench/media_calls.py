@@ -5,8 +5,9 @@ emulated providers, 50 frames/s each way, with zero lost frames and p99 inbound 
 ≤ 20 ms.
 
 Processes, all on this machine's two cores: nats-server, Postgres (config only), the gateway
-(``python -m parley.gateway``), ONE media process (``python -m parley.media``, models not
-preloaded: Whisper/Piper are only the fallbacks) configured with the Deepgram and Cartesia
+(``python -m parley.gateway``), one media process (``python -m parley.media``, models not
+preloaded: Whisper/Piper are only the fallbacks; ``MEDIA_CALLS_INSTANCES=2`` runs two, which
+share the calls through the ``media-claims`` work queue) configured with the Deepgram and Cartesia
 emulators, each emulator in its own process (``python -m parley.devkit.emulators.deepgram``,
 ``….cartesia``), and this process, which plays Twilio for every call and the brain.
 
@@ -38,8 +39,10 @@ Per level (fresh calls and a fresh media process; gateway and emulators are shar
   caller: bus hop to the brain, ``agent.say`` publish, media's TTS request, the Cartesia
   emulator's first chunk (it paces audio at 20× real time: 5 ms for the first 100 ms chunk),
   media's frames out, gateway, WebSocket.
-- CPU per process over the window (user+sys, % of one core) and media's RSS per call (RSS at
-  the window's end − RSS before the first call, ÷ calls).
+- CPU per process over the window (user+sys, % of one core), the time its threads waited on
+  the run queue (``/proc/<pid>/task/*/schedstat``, % of the window: CPU they wanted and did not
+  get) and media's RSS per call (RSS at the window's end − RSS before the first call, ÷ calls;
+  summed over media instances).
 """
 
 from __future__ import annotations
@@ -153,6 +156,8 @@ class Level:
     interrupted: int
     switched: int
     cpu_s: dict[str, float]
+    wait_s: dict[str, float]  # run-queue wait
+    calls_per_media: list[int]
     media_rss_mb: float
     media_base_rss_mb: float
     tick_lag_ms: list[float]
@@ -160,6 +165,10 @@ class Level:
     def cpu_percent(self, who: str) -> float:
         """``who``'s CPU over the window as % of one core."""
         return 100 * self.cpu_s.get(who, math.nan) / self.window_s
+
+    def media_cpu_percent(self) -> float:
+        """Every media instance's CPU over the window, as % of one core."""
+        return sum(self.cpu_percent(who) for who in self.cpu_s if who.startswith("media"))
 
 
 # -- processes ------------------------------------------------------------------------------
@@ -191,7 +200,9 @@ async def _emulator(module: str, args: list[str], root: Path) -> tuple[subproces
 class Media:
     """``python -m parley.media`` on the emulators, with its ops port for ``/metrics``."""
 
-    def __init__(self, env: dict[str, str], root: Path, name: str) -> None:
+    def __init__(self, env: dict[str, str], root: Path, name: str, *,
+                 profile: bool = True) -> None:
+        self.profile = profile
         self.ops = f"http://127.0.0.1:{_free_port()}"
         self.env = {**env, "PARLEY_OPS_PORT": self.ops.rsplit(":", 1)[1],
                     "PARLEY_INSTANCE_ID": name}
@@ -200,7 +211,7 @@ class Media:
 
     async def start(self, timeout_s: float = 60.0) -> psutil.Process:
         # MEDIA_CALLS_PROFILE=<file>: run media under cProfile (written when it exits).
-        profile = os.environ.get("MEDIA_CALLS_PROFILE")
+        profile = os.environ.get("MEDIA_CALLS_PROFILE") if self.profile else None
         profiler = ["-m", "cProfile", "-o", profile] if profile else []
         self.proc = _spawn([*profiler, "-m", "parley.media"], self.env, self.log_path)
         deadline = time.monotonic() + timeout_s
@@ -212,13 +223,22 @@ class Media:
 
     async def histogram(self, http: aiohttp.ClientSession) -> list[tuple[float, float]]:
         """The inbound-delay histogram's cumulative buckets (le seconds, count)."""
-        async with http.get(self.ops + "/metrics") as response:
-            text = await response.text()
+        text = await self._metrics(http)
         buckets = []
         for match in re.finditer(r'inbound_frame_delay_seconds_bucket\{le="([^"]+)"\} (\S+)',
                                  text):
             buckets.append((float(match.group(1)), float(match.group(2))))
         return sorted(buckets)
+
+    async def calls(self, http: aiohttp.ClientSession) -> int:
+        """Calls this instance is serving (its ``media_calls`` gauge)."""
+        match = re.search(r"^parley_media_calls(?:\{[^}]*\})? (\S+)$", await self._metrics(http),
+                          re.MULTILINE)
+        return int(float(match.group(1))) if match else 0
+
+    async def _metrics(self, http: aiohttp.ClientSession) -> str:
+        async with http.get(self.ops + "/metrics") as response:
+            return await response.text()
 
     async def stop(self) -> int:
         proc, self.proc = self.proc, None
@@ -429,13 +449,30 @@ async def _pace(calls: list[Call], *, seconds: float, speaking: bool, lags: list
                     pass
 
 
+def _sum_buckets(histograms: list[list[tuple[float, float]]]) -> list[tuple[float, float]]:
+    """One histogram from several instances' (same buckets)."""
+    if any(not h for h in histograms):
+        return []
+    return [(le, sum(h[i][1] for h in histograms)) for i, (le, _) in enumerate(histograms[0])]
+
+
 async def _run_level(http: aiohttp.ClientSession, bus: Any, gateway: Gateway,
                      media_env: dict[str, str], root: Path, others: dict[str, psutil.Process],
-                     count: int, *, warmup_s: float, measure_s: float, log: Any) -> Level:
-    media = Media(media_env, root, f"media-{count}")
-    media_process = await media.start()
-    processes = {**others, "media": media_process}
-    base_rss = media_process.memory_info().rss / 2**20
+                     count: int, *, instances: int, warmup_s: float, measure_s: float,
+                     log: Any) -> Level:
+    medias = [Media(media_env, root, f"media-{count}" + (f"-{i + 1}" if instances > 1 else ""),
+                    profile=i == 0) for i in range(instances)]
+    media_processes = {("media" if instances == 1 else f"media-{i + 1}"): await media.start()
+                       for i, media in enumerate(medias)}
+    processes = {**others, **media_processes}
+
+    def media_rss() -> float:
+        return sum(p.memory_info().rss for p in media_processes.values()) / 2**20
+
+    async def histogram() -> list[tuple[float, float]]:
+        return _sum_buckets([await media.histogram(http) for media in medias])
+
+    base_rss = media_rss()
     gateway_path: list[int] = []
     TURN_MS.clear()
     opened = time.perf_counter()
@@ -451,33 +488,35 @@ async def _run_level(http: aiohttp.ClientSession, bus: Any, gateway: Gateway,
     gc.disable()
     try:
         await _pace(calls, seconds=warmup_s, speaking=True, lags=[], sampled=False)
-        before = await media.histogram(http)
+        before = await histogram()
         cpu_start, start = _sample(processes), time.perf_counter()
         gateway_path.clear()
         turns_before = len(TURN_MS)
         await _pace(calls, seconds=measure_s, speaking=True, lags=lags, sampled=True)
         cpu_end, end = _sample(processes), time.perf_counter()
-        after = await media.histogram(http)
-        media_rss = media_process.memory_info().rss / 2**20
+        after = await histogram()
+        rss = media_rss()
+        calls_per_media = [await media.calls(http) for media in medias]
         window_turns = TURN_MS[turns_before:]
         # Grace: callers stay on the line (silence) until every answer has been sent.
         brain.answering = False
         await _pace(calls, seconds=4.0, speaking=False, lags=[], sampled=False)
         await asyncio.sleep(0.5)  # the last frames sent are still on their way
-        final = await media.histogram(http)
+        final = await histogram()
     finally:
         gc.enable()
         gc.unfreeze()
         await brain.stop()
         problems = await _close(calls)
-        code = await media.stop()
+        codes = [await media.stop() for media in medias]
     if problems:
         log(f"  {len(problems)} calls did not end cleanly; first: {problems[0]}")
-    if code != 0:
-        log(f"  media exited with {code}:\n{_log_tail(media.log_path, 8)}")
+    for media, code in zip(medias, codes, strict=True):
+        if code != 0:
+            log(f"  {media.log_path.stem} exited with {code}:\n{_log_tail(media.log_path, 8)}")
     if not before or not final:
         raise RuntimeError(f"no inbound histogram on media's /metrics:\n"
-                           f"{_log_tail(media.log_path)}")
+                           f"{_log_tail(medias[0].log_path)}")
     window = [(le, count_after - count_before)
               for (le, count_before), (_, count_after) in zip(before, after, strict=True)]
     return Level(
@@ -490,7 +529,9 @@ async def _run_level(http: aiohttp.ClientSession, bus: Any, gateway: Gateway,
         turns_unanswered=sum(1 for call in calls if call.awaiting is not None),
         interrupted=brain.interrupted, switched=brain.switched,
         cpu_s={name: cpu_end[name][0] - cpu_start[name][0] for name in cpu_start},
-        media_rss_mb=media_rss, media_base_rss_mb=base_rss, tick_lag_ms=lags)
+        wait_s={name: cpu_end[name][1] - cpu_start[name][1] for name in cpu_start},
+        calls_per_media=calls_per_media, media_rss_mb=rss, media_base_rss_mb=base_rss,
+        tick_lag_ms=lags)
 
 
 # -- the benchmark ---------------------------------------------------------------------------
@@ -511,6 +552,8 @@ def _lines(level: Level) -> tuple[list[Line], str, bool]:
     held = (lost_in == 0 and lost_out == 0 and inbound_p99 <= BUDGET_P99_MS
             and level.interrupted == 0)
     cpu = {who: level.cpu_percent(who) for who in level.cpu_s}
+    wait = {who: 100 * level.wait_s[who] / level.window_s for who in level.wait_s}
+    media_cpu = level.media_cpu_percent()
     rss_per_call_kb = 1024 * (level.media_rss_mb - level.media_base_rss_mb) / level.calls
     budget = Budget("tail", "<=", BUDGET_P99_MS) if level.calls == BUDGET_CALLS else None
     summary = {"media_leg_ms": {"p50": media_p50, "p99": media_p99,
@@ -520,7 +563,9 @@ def _lines(level: Level) -> tuple[list[Line], str, bool]:
                "expected_out": level.expected_out, "turn_ms": turn,
                "turns_unanswered_at_end": level.turns_unanswered,
                "interrupted": level.interrupted, "provider_switches": level.switched,
-               "cpu_pct_core": cpu, "window_s": level.window_s,
+               "cpu_pct_core": cpu, "run_queue_wait_pct": wait,
+               "media_instances": len(level.calls_per_media),
+               "calls_per_media": level.calls_per_media, "window_s": level.window_s,
                "media_rss_mb": level.media_rss_mb, "media_base_rss_mb": level.media_base_rss_mb,
                "media_rss_kb_per_call": rss_per_call_kb,
                "tick_lag_ms": {"p50": percentile(level.tick_lag_ms, 50),
@@ -538,8 +583,9 @@ def _lines(level: Level) -> tuple[list[Line], str, bool]:
         Line(f"{name}.turn", "ms", turn["p50"], turn["p99"], summary=turn,
              note="turn.user_ended (media) → first agent frame at the caller, emulated brain "
                   "and TTS"),
-        Line(f"{name}.media_cpu", "% core", cpu["media"], cpu["gateway"], tail_label="gateway",
-             summary=cpu, note="media process CPU; second column gateway CPU (% of a core)"),
+        Line(f"{name}.media_cpu", "% core", media_cpu, cpu["gateway"], tail_label="gateway",
+             summary={"cpu_pct_core": cpu, "run_queue_wait_pct": wait},
+             note="media CPU (all instances); second column gateway CPU (% of a core)"),
         Line(f"{name}.media_rss_per_call", "KB", rss_per_call_kb, level.media_rss_mb,
              tail_label="RSS MB", summary=summary,
              note="(media RSS at the window's end − before the first call) ÷ calls; second "
@@ -550,7 +596,10 @@ def _lines(level: Level) -> tuple[list[Line], str, bool]:
             f"{level.sent_in}, out {lost_out} of {level.expected_out}; turn p50 "
             f"{turn['p50']:.1f} ms p99 {turn['p99']:.1f} ms ({turn['n']} turns); CPU % core: "
             + ", ".join(f"{who} {value:.0f}" for who, value in cpu.items())
-            + f"; media RSS {level.media_rss_mb:.0f} MB ({rss_per_call_kb:.0f} KB/call); "
+            + "; run-queue wait %: " + ", ".join(f"{who} {value:.0f}"
+                                                 for who, value in wait.items())
+            + f"; calls per media {level.calls_per_media}; media RSS "
+            f"{level.media_rss_mb:.0f} MB ({rss_per_call_kb:.0f} KB/call); "
             f"interrupted {level.interrupted}, switches {level.switched}; "
             f"{'HELD' if held else 'NOT held'}")
     return lines, note, held
@@ -562,8 +611,10 @@ async def run(ctx: Any) -> BenchResult:
     if os.environ.get("MEDIA_CALLS_LEVELS"):  # e.g. "100" or "150,200" (investigations)
         levels = tuple(int(n) for n in os.environ["MEDIA_CALLS_LEVELS"].split(","))
     warmup_s, measure_s = (4.0, 6.0) if ctx.quick else (5.0, 20.0)
+    instances = int(os.environ.get("MEDIA_CALLS_INSTANCES", "1"))
     result = BenchResult("media_calls", config={
         "levels": ", ".join(f"{n} calls" for n in levels),
+        "media": f"{instances} process(es)",
         "per level": f"fresh calls and media process; {warmup_s:g} s warm-up, {measure_s:g} s "
                      "measured, 4 s grace (silence) for the last answers",
         "caller": f"Twilio `media` 50/s; {UTTERANCE_FRAMES * 20} ms noise bursts, then silence "
@@ -605,7 +656,8 @@ async def run(ctx: Any) -> BenchResult:
             largest_held = 0
             for count in levels:
                 level = await _run_level(http, bus, gateway, media_env, root, others, count,
-                                         warmup_s=warmup_s, measure_s=measure_s, log=ctx.log)
+                                         instances=instances, warmup_s=warmup_s,
+                                         measure_s=measure_s, log=ctx.log)
                 lines, note, held = _lines(level)
                 result.lines += lines
                 result.notes.append(note)
