@@ -10,7 +10,7 @@ simulated stream this process plays Twilio: a signed ``POST /twilio/voice`` webh
 then one 20 ms ``media`` message (160 bytes of µ-law, base64 in JSON, exactly as Twilio sends
 it, built with ``StreamMessages``) per stream every 20 ms. The same process subscribes (core
 NATS, ``subscribe_frames`` — what the media service runs) to each call's ``parley.audio.<call>.in``
-and matches every frame to its send time by (stream, ``Parley-Seq``), the Twilio sequenceNumber
+and matches every frame to its send time by (stream, frame seq), the Twilio sequenceNumber
 the gateway copies into the header, so both ends read one ``perf_counter_ns`` clock. Latency is
 ``send_str`` called → frame handler entered: client framing and masking, loopback TCP, the
 gateway's WebSocket read, JSON decode, base64 decode, ``nc.publish`` with headers, nats-server
