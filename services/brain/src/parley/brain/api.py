@@ -21,10 +21,10 @@ from typing import Any
 
 import msgspec
 from aiohttp import BodyPartReader, web
-from aiohttp.typedefs import Handler
 from psycopg_pool import AsyncConnectionPool
 
 from parley.common.configuration import ApiKey, get_agent, verify_api_key
+from parley.common.problems import Problem, problem_middleware
 
 from .knowledge import ExtractionError, KnowledgeError, ingest, list_documents, retrieve
 from .knowledge.extract import content_type
@@ -33,55 +33,12 @@ log = logging.getLogger(__name__)
 
 API_KEY_HEADER = "X-API-Key"
 PATH = "/v1/agents/{agent_id}/knowledge"
-PROBLEM_CONTENT_TYPE = "application/problem+json"
-PROBLEM_BASE = "https://parley.dev/problems/"
 MAX_SEARCH_K = 20
 _READ_CHUNK = 64 * 1024
 _MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the file
 
 POOL: web.AppKey[AsyncConnectionPool[Any]] = web.AppKey("parley_brain_pool")
 MAX_UPLOAD: web.AppKey[int] = web.AppKey("parley_brain_max_upload", int)
-
-
-class Problem(Exception):
-    """An error answered to the client as a problem document."""
-
-    def __init__(self, status: int, title: str, detail: str = "", *, kind: str = "") -> None:
-        super().__init__(f"{status} {title}: {detail}")
-        self.status = status
-        self.title = title
-        self.detail = detail
-        self.kind = kind or title.lower().replace(" ", "-")
-
-
-def problem_response(status: int, title: str, detail: str = "", *,
-                     kind: str = "") -> web.Response:
-    """A ready ``application/problem+json`` response."""
-    body = {"type": PROBLEM_BASE + (kind or title.lower().replace(" ", "-")), "title": title,
-            "status": status, "detail": detail}
-    return web.Response(status=status, body=msgspec.json.encode(body),
-                        content_type=PROBLEM_CONTENT_TYPE)
-
-
-@web.middleware
-async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Render Problems, HTTP errors and crashes as problem documents."""
-    try:
-        return await handler(request)
-    except Problem as exc:
-        return problem_response(exc.status, exc.title, exc.detail, kind=exc.kind)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        detail = "" if (exc.text or "").startswith(f"{exc.status}:") else (exc.text or "")
-        response = problem_response(exc.status, exc.reason, detail)
-        if "Allow" in exc.headers:
-            response.headers["Allow"] = exc.headers["Allow"]
-        return response
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return problem_response(500, "Internal Server Error", "the server failed; see its logs",
-                                kind="internal")
 
 
 def create_app(*, pool: AsyncConnectionPool[Any],

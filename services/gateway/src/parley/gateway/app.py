@@ -19,12 +19,12 @@ from psycopg_pool import AsyncConnectionPool
 from parley.common.bus import Bus
 from parley.common.events import utcnow
 from parley.common.metrics import Metrics
+from parley.common.problems import problem_middleware
 
 from .api import routes as api_routes
 from .config import GatewayConfig
 from .keys import BUS, CALLS, CLOCK, CONFIG, METRICS, POOL, TWILIO_REST, Clock
 from .plivo import routes as plivo_routes
-from .problems import problem_middleware
 from .registry import CallRegistry
 from .twilio import media_stream, relay, webhooks
 from .twilio.rest import TwilioCalls

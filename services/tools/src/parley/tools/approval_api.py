@@ -18,9 +18,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from parley.common.bus import Bus
 from parley.common.configuration import ApiKey, verify_api_key
+from parley.common.problems import Problem, problem_middleware
 
 from . import journal
-from .problems import Problem, problem_middleware
 
 API_KEY_HEADER = "X-API-Key"
 APPROVE_SCOPE = "tools:approve"

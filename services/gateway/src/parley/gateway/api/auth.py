@@ -5,9 +5,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from parley.common.configuration import ApiKey, verify_api_key
+from parley.common.problems import Problem
 
 from ..keys import METRICS, POOL
-from ..problems import Problem
 
 API_KEY_HEADER = "X-API-Key"
 

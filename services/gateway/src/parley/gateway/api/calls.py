@@ -20,10 +20,10 @@ from aiohttp import web
 
 from parley.common.configuration import Agent, find_number, get_agent
 from parley.common.events import CallDialing, CallFailed, CallRequested, is_token
+from parley.common.problems import Problem
 
 from ..calls import CarrierCall, find_by_call_id, new_call_id, record_carrier_call
 from ..keys import BUS, METRICS, POOL
-from ..problems import Problem
 from .auth import authenticate
 from .dialing import CarrierUnavailable, DialError, dial
 from .schemas import MAX_BODY_BYTES, CallCreated, CallView, PlaceCall, decode_body, e164, invalid

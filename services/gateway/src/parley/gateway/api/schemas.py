@@ -14,8 +14,7 @@ import msgspec
 import phonenumbers
 
 from parley.common.events.envelope import Token
-
-from ..problems import Problem
+from parley.common.problems import Problem
 
 T = TypeVar("T")
 

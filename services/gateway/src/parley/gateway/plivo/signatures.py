@@ -20,8 +20,9 @@ from multidict import MultiDict, MultiDictProxy
 from plivo.exceptions import ValidationError as PlivoValidationError
 from plivo.utils import validate_v3_signature
 
+from parley.common.problems import Problem
+
 from ..keys import CONFIG
-from ..problems import Problem
 from ..twilio.signatures import reject
 
 log = logging.getLogger(__name__)

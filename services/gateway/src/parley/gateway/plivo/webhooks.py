@@ -28,6 +28,7 @@ from parley.common.events import (
     CallRinging,
     is_token,
 )
+from parley.common.problems import Problem
 
 from ..calls import (
     CarrierCall,
@@ -43,7 +44,6 @@ from ..calls import (
     seconds_since,
 )
 from ..keys import BUS, CLOCK, CONFIG, METRICS, POOL
-from ..problems import Problem
 from . import xml
 from .signatures import CARRIER, signed_form
 

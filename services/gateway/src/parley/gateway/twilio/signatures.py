@@ -24,9 +24,9 @@ from twilio.request_validator import (
 
 from parley.common.configuration import find_number
 from parley.common.events import SecuritySignatureRejected, is_token
+from parley.common.problems import Problem
 
 from ..keys import BUS, CONFIG, METRICS, POOL
-from ..problems import Problem
 
 log = logging.getLogger(__name__)
 

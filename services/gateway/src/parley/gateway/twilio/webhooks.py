@@ -26,6 +26,7 @@ from parley.common.events import (
     CallRinging,
     is_token,
 )
+from parley.common.problems import Problem
 
 from ..calls import (
     CarrierCall,
@@ -41,7 +42,6 @@ from ..calls import (
     seconds_since,
 )
 from ..keys import BUS, CLOCK, CONFIG, METRICS, POOL, TWILIO_REST
-from ..problems import Problem
 from . import twiml
 from .signatures import signed_form
 

@@ -1,4 +1,12 @@
-"""RFC 9457 problem details for the approval API (``application/problem+json``)."""
+"""RFC 9457 problem details: every 4xx/5xx a Parley HTTP API answers has a JSON body.
+
+Shared by the gateway's public API, the tools service's approval API and the brain's knowledge
+API.
+
+Handlers raise :class:`Problem` (or any ``web.HTTPException``); :func:`problem_middleware`
+renders it as ``application/problem+json`` with ``type``, ``title``, ``status`` and ``detail``.
+Unexpected exceptions become a 500 problem and are logged with the traceback.
+"""
 
 from __future__ import annotations
 
@@ -30,7 +38,7 @@ class Problem(Exception):
 
 def problem_response(status: int, title: str, detail: str = "", *, kind: str = "",
                      extra: dict[str, Any] | None = None) -> web.Response:
-    """A ready problem document response."""
+    """A ready ``application/problem+json`` response."""
     body = {"type": PROBLEM_BASE + (kind or title.lower().replace(" ", "-")), "title": title,
             "status": status, "detail": detail, **(extra or {})}
     return web.Response(status=status, body=msgspec.json.encode(body),
@@ -41,19 +49,34 @@ def problem_response(status: int, title: str, detail: str = "", *, kind: str = "
 async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Render Problems, HTTP errors and crashes as problem documents."""
     try:
-        return await handler(request)
+        response = await handler(request)
     except Problem as exc:
         return problem_response(exc.status, exc.title, exc.detail, kind=exc.kind,
                                 extra=exc.extra)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        detail = "" if (exc.text or "").startswith(f"{exc.status}:") else (exc.text or "")
-        response = problem_response(exc.status, exc.reason, detail)
-        if "Allow" in exc.headers:
-            response.headers["Allow"] = exc.headers["Allow"]
-        return response
+        return _from_http_exception(exc)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return problem_response(500, "Internal Server Error", "the server failed; see its logs",
                                 kind="internal")
+    if response.status >= 400 and not response.prepared and _is_plain(response):
+        text = response.text if isinstance(response, web.Response) else ""
+        return problem_response(response.status, response.reason or "Error", text or "")
+    return response
+
+
+def _from_http_exception(exc: web.HTTPException) -> web.Response:
+    detail = exc.text or ""
+    if detail.startswith(f"{exc.status}:"):  # aiohttp's default body, "404: Not Found"
+        detail = ""
+    response = problem_response(exc.status, exc.reason, detail)
+    for name in ("Allow",):
+        if name in exc.headers:
+            response.headers[name] = exc.headers[name]
+    return response
+
+
+def _is_plain(response: web.StreamResponse) -> bool:
+    return response.content_type in ("text/plain", "application/octet-stream", "")
