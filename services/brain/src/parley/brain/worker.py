@@ -33,7 +33,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -200,7 +200,6 @@ class _Running:
     turn_id: str
     task: asyncio.Task[None]
     cancelled_by: str = ""
-    heard: dict[str, str] = field(default_factory=dict)
 
 
 class BrainWorker:

@@ -97,7 +97,6 @@ CHECKPOINT_EVERY = 50  # frames between remembered (audio ms → frame seq, sent
 # A successor's catch-up starts this long before the resume frame was sent, so clock skew
 # between hosts cannot make it miss the frame (the extra frames it reads are skipped).
 RESUME_MARGIN_S = 1.0
-SILENCE = b"\xff" * ULAW_FRAME_BYTES
 # Caller audio goes to the recogniser 100 ms at a time, not per 20 ms frame: a vendor socket
 # write (syscall, WebSocket framing, deflate) per frame was the largest per-frame cost of a
 # session. Pending audio is sent before a flush, so turn ends are not delayed by it.
