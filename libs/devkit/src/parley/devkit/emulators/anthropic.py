@@ -216,46 +216,49 @@ class AnthropicEmulator(EmulatorServer):
                                                "Cache-Control": "no-cache",
                                                "request-id": f"req_{uuid.uuid4().hex[:20]}"})
         await response.prepare(request)
+        out = _EventWriter(response)
         sent = 0
         try:
             start = self._message(ScriptedReply(), usage)
             start.update(stop_reason=None, usage={**usage, "output_tokens": 1})
-            await _event(response, "message_start", {"type": "message_start", "message": start})
+            out.event("message_start", {"type": "message_start", "message": start})
             if self.faults.stall:
+                await out.flush()
                 await _until_disconnected(request)
                 raise ConnectionResetError("the client gave up on a stalled stream")
-            await _event(response, "ping", {"type": "ping"})
+            out.event("ping", {"type": "ping"})
             if self.ttft_s:
+                await out.flush()
                 await asyncio.sleep(self.ttft_s)
             index = 0
             if reply.text:
-                await _event(response, "content_block_start", {
+                out.event("content_block_start", {
                     "type": "content_block_start", "index": index,
                     "content_block": {"type": "text", "text": ""}})
                 for token in word_tokens(reply.text):
-                    sent = await self._token(response, sent, index,
+                    sent = await self._token(out, sent, index,
                                              {"type": "text_delta", "text": token})
-                await _event(response, "content_block_stop",
-                             {"type": "content_block_stop", "index": index})
+                out.event("content_block_stop", {"type": "content_block_stop", "index": index})
                 index += 1
             for use in reply.tool_uses:
-                await _event(response, "content_block_start", {
+                out.event("content_block_start", {
                     "type": "content_block_start", "index": index,
                     "content_block": {"type": "tool_use", "id": use.id or _tool_id(),
                                       "name": use.name, "input": {}}})
                 for fragment in json_fragments(use.input):
-                    sent = await self._token(response, sent, index,
+                    sent = await self._token(out, sent, index,
                                              {"type": "input_json_delta",
                                               "partial_json": fragment})
-                await _event(response, "content_block_stop",
-                             {"type": "content_block_stop", "index": index})
+                out.event("content_block_stop", {"type": "content_block_stop", "index": index})
                 index += 1
-            await _event(response, "message_delta", {
+            out.event("message_delta", {
                 "type": "message_delta",
                 "delta": {"stop_reason": reply.final_stop_reason, "stop_sequence": None},
                 "usage": {"output_tokens": sent}})
-            await _event(response, "message_stop", {"type": "message_stop"})
+            out.event("message_stop", {"type": "message_stop"})
+            await out.flush()
         except _MidStreamError:
+            await out.flush()
             await response.write_eof()
             return response
         except (ConnectionError, asyncio.CancelledError):
@@ -265,15 +268,16 @@ class AnthropicEmulator(EmulatorServer):
         self.completed_streams += 1
         return response
 
-    async def _token(self, response: web.StreamResponse, sent: int, index: int,
+    async def _token(self, out: _EventWriter, sent: int, index: int,
                      delta: dict[str, Any]) -> int:
         if self.faults.error_after_tokens is not None and sent >= self.faults.error_after_tokens:
-            await _event(response, "error", error_body(529, "Overloaded"))
+            out.event("error", error_body(529, "Overloaded"))
             raise _MidStreamError
         if self.tokens_per_second and sent:
+            await out.flush()
             await asyncio.sleep(1 / self.tokens_per_second)
-        await _event(response, "content_block_delta",
-                     {"type": "content_block_delta", "index": index, "delta": delta})
+        out.event("content_block_delta",
+                  {"type": "content_block_delta", "index": index, "delta": delta})
         return sent + 1
 
 
@@ -317,8 +321,26 @@ def _error(status: int, message: str) -> web.Response:
                              headers={"request-id": f"req_{uuid.uuid4().hex[:20]}"})
 
 
-async def _event(response: web.StreamResponse, name: str, data: dict[str, Any]) -> None:
-    await response.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+class _EventWriter:
+    """SSE events for one response, sent when the emulated model pauses (or ends).
+
+    Events produced without a pause in between (all of them, when unpaced) go out in one write,
+    as a server would send what it has at once, rather than one syscall (and one wake-up of the
+    client) per event.
+    """
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        self._response = response
+        self._pending: list[bytes] = []
+
+    def event(self, name: str, data: dict[str, Any]) -> None:
+        self._pending.append(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+
+    async def flush(self) -> None:
+        if self._pending:
+            chunk = b"".join(self._pending)
+            self._pending.clear()
+            await self._response.write(chunk)
 
 
 def _tool_id() -> str:
