@@ -8,6 +8,11 @@ cache write) and ``message_delta`` (output) → :class:`Done`. The system prompt
 block with ``cache_control: ephemeral`` when it is cacheable, so every turn after the first reads
 it from Anthropic's prompt cache.
 
+The SDK client made here speaks HTTP through aiohttp (``anthropic.DefaultAioHttpClient``, the
+SDK's ``aiohttp`` extra) rather than its default httpx transport: per request it costs less
+CPU, which is most of a turn's overhead before the first token when the model itself is fast.
+Connections are kept alive and reused across turns.
+
 The SDK's own retries are off by default (``max_retries=0``): the router falls back to another
 provider faster than a backoff would. Closing the event stream (or cancelling the task that
 consumes it) closes the HTTP response at once.
@@ -72,7 +77,7 @@ class AnthropicLlm:
         if self._client is None:
             self._client = anthropic.AsyncAnthropic(
                 api_key=self._api_key, base_url=self._base_url, max_retries=self._max_retries,
-                timeout=self._timeout_s)
+                timeout=self._timeout_s, http_client=anthropic.DefaultAioHttpClient())
         return self._client
 
     async def aclose(self) -> None:
