@@ -206,6 +206,9 @@ async def _pump(provider: LlmProvider, request: LlmRequest, queue: asyncio.Queue
     try:
         async for event in events:
             queue.put_nowait(event)
+            # Let the consumer have it now: events that arrived together (a burst in one read)
+            # would otherwise all be parsed before the first is handed over.
+            await asyncio.sleep(0)
     except LlmError as exc:
         queue.put_nowait(exc)
     except Exception as exc:  # a provider bug must not hang the turn: report it as a failure
