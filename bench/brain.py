@@ -4,13 +4,18 @@
 as ``python -m parley.brain`` composes it (``parley.brain.__main__.run``: the worker, its agent
 cache, tools and profile lookups, retrieval, the knowledge API and RPC) running in this process
 on real NATS and Postgres, and a zero-latency LLM: the real anthropic SDK against the
-Anthropic-protocol emulator in its own process with no time to first token and no pacing. So
-the number is the brain's overhead: fold of the call by JetStream replay, retrieval over a few
-ingested documents, profile, request building, the stream up to the first clause, and the
-publishes in between. Calls of 10 turns (caller speech events, the turn, the agent's playback);
-each turn waits for ``turn.completed`` before the next. Cold turns publish no partial; warm turns
-publish ``transcript.partial`` with the final words 300 ms before ``turn.user_ended``, so
-retrieval, profile and intent are ready when the turn ends (the saving is reported).
+Anthropic-protocol emulator in its own process with no time to first token and no pacing (so it
+writes the whole event stream at once). So the number is the brain's overhead: the work-queue
+delivery, the fold of the call, retrieval over a few ingested documents, request building, the
+SDK's HTTP request and SSE parsing up to the first clause, and the publishes in between
+(``turn.started``, ``intent.detected`` and ``knowledge.retrieved`` acked before the first
+``agent.say``). Calls of 10 turns (caller speech events, the turn, the agent's playback); each
+turn waits for ``turn.completed`` before the next. Cold turns publish no partial, only
+``transcript.final`` immediately before ``turn.user_ended`` (as media does, where the final comes
+up to the endpointing silence earlier; the brain starts retrieval from it, so cold turns gain
+the final's publish time at most); warm turns publish ``transcript.partial`` with the final
+words 300 ms before ``turn.user_ended``, so retrieval and intent are ready when the turn ends
+(the saving is reported). In both, the caller profile was looked up once when the call started.
 
 ``knowledge_retrieval`` — :func:`parley.brain.knowledge.bench.bench_retrieval`: full-text
 retrieval (k=4, round trip included) over 10,000 chunks (quick: 2,000).
@@ -214,7 +219,8 @@ async def run_overhead(ctx: Any) -> BenchResult:
         "brain_overhead.cold", "ms", cold["p50"], cold["p99"],
         budget=Budget("median", "<=", OVERHEAD_BUDGET_MS), summary=cold,
         note="turn.user_ended publish → first agent.say received, no partials before the "
-             "turn (fold by replay, retrieval, profile, request, LLM stream to first clause)"))
+             "turn, transcript.final just before it (fold, retrieval, request, LLM stream to "
+             "first clause)"))
     result.lines.append(Line(
         "brain_overhead.warm", "ms", warm["p50"], warm["p99"],
         budget=Budget("median", "<=", OVERHEAD_BUDGET_MS), summary=warm,

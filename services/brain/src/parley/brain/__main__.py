@@ -55,8 +55,10 @@ async def run(ctx: ServiceContext[BrainConfig], stop: asyncio.Event) -> None:
     latency = ctx.metrics.histogram("brain_prepare_ms", "Turn preparation (retrieval, profile)",
                                     ["kind"], buckets=(0.5, 1, 2, 5, 10, 20, 50, 100, 250))
     cache: dict[str, tuple[float, AgentSettings]] = {}
-    async with AsyncConnectionPool(config.database_url, min_size=1, max_size=8,
-                                   open=False) as pool:
+    # Autocommit: the brain's reads are single statements, and a transaction around each would
+    # add a BEGIN and a COMMIT round trip to every lookup (writes use conn.transaction()).
+    async with AsyncConnectionPool(config.database_url, min_size=2, max_size=8,
+                                   kwargs={"autocommit": True}, open=False) as pool:
 
         async def agents(org_id: str, agent_id: str) -> AgentSettings:
             hit = cache.get(agent_id)
@@ -86,13 +88,11 @@ async def run(ctx: ServiceContext[BrainConfig], stop: asyncio.Event) -> None:
         async def knowledge(org_id: str, agent_id: str, query: str) -> list[Any]:
             return await retrieve(pool, org_id, agent_id or None, query, k=config.knowledge_k)
 
-        async def profile(org_id: str, call_id: str, _number: str) -> str:
+        async def profile(org_id: str, call_id: str, number: str) -> str:
             async with pool.connection() as conn:
                 cursor = await conn.execute(
-                    "SELECT count(*), max(c.requested_at) FROM calls c JOIN calls me "
-                    "ON me.call_id = %s AND me.org_id = c.org_id "
-                    "AND me.from_number = c.from_number AND me.direction = 'inbound' "
-                    "WHERE c.call_id <> me.call_id", (call_id,))
+                    "SELECT count(*), max(requested_at) FROM calls WHERE org_id = %s "
+                    "AND from_number = %s AND call_id <> %s", (org_id, number, call_id))
                 count, last = await cursor.fetchone() or (0, None)
             if not count:
                 return ""

@@ -11,9 +11,12 @@ turn waits for its outcome; the end is ``turn.completed`` with token usage and t
 token. While a turn runs, the worker follows the call: ``agent.speech.interrupted`` for the turn
 or a newer ``turn.user_ended`` cancels it (the LLM stream is closed).
 
-Warm-up: every instance follows ``transcript.partial`` and starts retrieval, the profile lookup
-and intent classification while the caller is still talking (:class:`Warmup`); at the end of the
-turn only the LLM call remains when the final text matches what was warmed.
+Warm-up: every instance follows ``transcript.partial`` and ``transcript.final`` and starts
+retrieval and intent classification while the caller is still talking or the turn's end is being
+confirmed (:class:`Warmup`); at the end of the turn only the LLM call remains when the final text
+matches what was warmed. The caller's profile (their
+earlier calls) cannot change during a call: it is looked up once per call, as the call starts,
+and kept.
 
 History: the first unit of work of a call replays its events from JetStream; from then on an
 ordered consumer over every call event keeps the instance's copy current, so later turns fold
@@ -61,6 +64,7 @@ from parley.common.configuration.models import AgentSettings
 from parley.common.events import (
     AgentSay,
     AgentSpeechInterrupted,
+    CallRequested,
     CallStreamStarted,
     Event,
     EventDecodeError,
@@ -71,6 +75,7 @@ from parley.common.events import (
     ToolDenied,
     ToolFailed,
     ToolRequested,
+    TranscriptFinal,
     TranscriptPartial,
     TurnCompleted,
     TurnStarted,
@@ -82,6 +87,7 @@ log = logging.getLogger(__name__)
 
 TERMINAL_TOOLS = frozenset({"end_call", "transfer_call"})  # the turn ends with the call
 HISTORY_CALLS = 256  # calls whose events an instance keeps between turns (least recent go)
+PROFILE_CALLS = 10_000  # calls whose caller profile an instance keeps (least recent go)
 _ID_NAMESPACE = uuid.UUID("0b7f5c1e-2f4d-4b8a-9a53-1c9f2e7d4a60")
 
 GROUNDING = (
@@ -132,20 +138,32 @@ class _Warm:
 
 
 class Warmup:
-    """Prepares each call's turn context from partial transcripts."""
+    """Prepares each call's turn context from its transcripts, partials and final.
 
-    def __init__(self, prepare: Callable[[str, str, str, str], Awaitable[Context]]) -> None:
+    ``on_call(org, call, from_number)`` is told of each call as it starts (``call.requested``
+    names the caller), so what depends only on the call can be prepared before the first turn.
+    """
+
+    def __init__(self, prepare: Callable[[str, str, str, str], Awaitable[Context]], *,
+                 on_call: Callable[[str, str, str], object] = lambda org, call, number: None,
+                 ) -> None:
         self._prepare = prepare  # (org, call, agent, text) → context
+        self._on_call = on_call
         self._calls: dict[str, _Warm] = {}
         self._agents: dict[str, str] = {}  # call → agent, learned from call.stream_started
         self.hits = 0
         self.misses = 0
 
     def on_event(self, event: Event) -> None:
-        """Follow partials (and stream starts, to know each call's agent)."""
-        if isinstance(event, CallStreamStarted):
+        """Follow transcripts (and call starts, to know each call's agent and caller)."""
+        if isinstance(event, CallRequested):
             self._agents[event.call_id] = event.agent_id
-        elif isinstance(event, TranscriptPartial) and event.text.strip():
+            if event.direction == "inbound":
+                self._on_call(event.org_id, event.call_id, event.from_number)
+        elif isinstance(event, CallStreamStarted):
+            if event.agent_id:
+                self._agents[event.call_id] = event.agent_id
+        elif isinstance(event, TranscriptPartial | TranscriptFinal) and event.text.strip():
             current = self._calls.get(event.call_id)
             if current is not None and current.text == event.text:
                 return
@@ -158,6 +176,8 @@ class Warmup:
             self._calls[event.call_id] = _Warm(event.text, task)
             if len(self._calls) > 10_000:  # calls that ended: forget the oldest
                 self._calls.pop(next(iter(self._calls)))
+        if len(self._agents) > 10_000:
+            self._agents.pop(next(iter(self._agents)))
 
     async def take(self, call_id: str, final_text: str) -> Context | None:
         """The warmed context if it was prepared from (nearly) the final words."""
@@ -189,7 +209,7 @@ class BrainServices:
     agents: AgentSource
     tools: ToolSource
     retrieve: Retrieve
-    profile: Profile
+    profile: Profile  # the caller's earlier calls: looked up once per call
     instance: str = "brain"
     turn_deadline_s: float = 30.0
     on_turn: Callable[[str, float], None] = lambda kind, ms: None  # metrics hook
@@ -207,7 +227,9 @@ class BrainWorker:
 
     def __init__(self, services: BrainServices) -> None:
         self.s = services
-        self.warmup = Warmup(self._prepare_context)
+        self.warmup = Warmup(self._prepare_context, on_call=self._caller_profile)
+        # call → its caller's profile (a lookup in flight or done), for inbound calls
+        self._profiles: OrderedDict[str, asyncio.Task[str]] = OrderedDict()
         self._running: dict[str, _Running] = {}  # call → its turn in progress here
         # call → (last stream sequence read, its events so far): the next turn of a call this
         # instance has seen replays only what came after, not the whole call again.
@@ -230,7 +252,8 @@ class BrainWorker:
             with contextlib.suppress(Exception):
                 self.warmup.on_event(decode(msg.data))
 
-        for kind in ("transcript.partial", "call.stream_started"):
+        for kind in ("transcript.partial", "transcript.final", "call.requested",
+                     "call.stream_started"):
             self._subs.append(await nc.subscribe(events_of_type(kind), cb=on_partial))
         # Follow every call event from now on, in stream order, to keep the cached calls
         # current: a turn of a call seen before then needs no replay at all.
@@ -245,6 +268,9 @@ class BrainWorker:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         await self._consumer.stop()
+        for task in self._profiles.values():
+            task.cancel()
+        self._profiles.clear()
 
     # ------------------------------------------------------------------ dispatch
 
@@ -254,6 +280,9 @@ class BrainWorker:
             call_id, event.org_id, upto=msg.metadata.sequence.stream))
         if conversation.ended:
             self._history.pop(call_id, None)
+            profile = self._profiles.pop(call_id, None)
+            if profile is not None:
+                profile.cancel()
             return
         if isinstance(event, CallStreamStarted):
             await self._greet(conversation, event)
@@ -343,8 +372,16 @@ class BrainWorker:
         task = asyncio.create_task(self._turn(conversation, turn_id, cause, final_text))
         running = _Running(turn_id, task)
         self._running[call_id] = running
-        watch = await self.s.bus.subscribe_call(
-            call_id, lambda e: self._watch(running, e), org_id=conversation.org_id)
+
+        async def on_message(msg: Msg) -> None:
+            with contextlib.suppress(EventDecodeError):
+                await self._watch(running, decode(msg.data))
+
+        # Only the two events that cancel a turn, so the turn's own events (and everything else
+        # the call publishes meanwhile) are not sent here and decoded for nothing.
+        prefix = call_events(call_id, conversation.org_id).removesuffix(">")
+        watches = [await self.s.bus.nc.subscribe(prefix + kind, cb=on_message)
+                   for kind in ("agent.speech.interrupted", "turn.user_ended")]
         try:
             while not task.done():
                 done, _ = await asyncio.wait({task}, timeout=1.0)
@@ -355,8 +392,9 @@ class BrainWorker:
             elif not task.cancelled():
                 task.result()
         finally:
-            with contextlib.suppress(Exception):
-                await watch.unsubscribe()
+            for watch in watches:
+                with contextlib.suppress(Exception):
+                    await watch.unsubscribe()
             if self._running.get(call_id) is running:
                 del self._running[call_id]
 
@@ -377,21 +415,27 @@ class BrainWorker:
         round_no = agent_turn.round
         settings = await self.s.agents(org_id, conversation.agent_id)
         context = Context()
+        profile = self._caller_profile(
+            org_id, call_id, conversation.from_number if conversation.direction == "inbound"
+            else "")
         if final_text:  # a caller's turn (not a continuation after a tool)
             context = await self.warmup.take(call_id, final_text) or await self._prepare_context(
                 org_id, call_id, conversation.agent_id, final_text)
+        context.profile = await self._profile_text(call_id, profile)
         self.s.on_turn("prepare_warm" if context.warm else "prepare_cold",
                        (time.perf_counter() - started) * 1000)
         request = self._request(conversation, settings, context,
                                 await self.s.tools(org_id, conversation.agent_id))
         candidates = self.s.router.candidates(request)
-        # Independent facts, published together and while the LLM starts: their acks are only
-        # awaited before the first clause goes out, so turn.started still precedes agent.say.
-        facts = asyncio.gather(*self._context_events(conversation, turn_id, context, cause)
-                               if final_text else (), bus.publish(TurnStarted(
+        turn_started = TurnStarted(
             id=stable_id(call_id, turn_id, "started", round_no), org_id=org_id,
             call_id=call_id, turn_id=turn_id, provider=candidates[0].name if candidates else "",
-            causation_id=cause.id)))
+            causation_id=cause.id)
+        context_events = self._context_events(conversation, turn_id, context, cause) \
+            if final_text else []
+        # Independent facts, published together and while the LLM starts: their acks are only
+        # awaited before the first clause goes out, so turn.started still precedes agent.say.
+        facts = asyncio.gather(*(bus.publish(e) for e in (*context_events, turn_started)))
         facts.add_done_callback(lambda f: f.cancelled() or f.exception())
 
         seq = agent_turn.round_starts[round_no]  # where this round's clauses begin
@@ -461,33 +505,60 @@ class BrainWorker:
 
     async def _prepare_context(self, org_id: str, call_id: str, agent_id: str,
                                text: str) -> Context:
-        """Retrieval, profile and intent, concurrently."""
+        """Retrieval and intent for what the caller said."""
         started = time.perf_counter()
         retrieval = asyncio.create_task(self.s.retrieve(org_id, agent_id, text))
-        profile = asyncio.create_task(self.s.profile(org_id, call_id, ""))
         intent = classify_intent(text)
         chunks = await retrieval
         knowledge = Knowledge(text, chunks, (time.perf_counter() - started) * 1000)
-        return Context(knowledge=knowledge, intent=intent, profile=await profile)
+        return Context(knowledge=knowledge, intent=intent)
+
+    def _caller_profile(self, org_id: str, call_id: str, number: str) -> asyncio.Task[str] | None:
+        """The lookup of the caller's earlier calls, started on first need and kept per call."""
+        task = self._profiles.get(call_id)
+        if task is None and number:
+            task = asyncio.create_task(self.s.profile(org_id, call_id, number),
+                                       name=f"profile:{call_id}")
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._profiles[call_id] = task
+            if len(self._profiles) > PROFILE_CALLS:
+                self._profiles.popitem(last=False)[1].cancel()
+        return task
+
+    async def _profile_text(self, call_id: str, lookup: asyncio.Task[str] | None) -> str:
+        """The profile's text; a failed lookup is dropped (the next turn tries again)."""
+        if lookup is None:
+            return ""
+        try:
+            return await asyncio.shield(lookup)  # a cancelled turn leaves it for the next
+        except asyncio.CancelledError:
+            if not lookup.cancelled():
+                raise  # this turn was cancelled, not the lookup
+            return ""  # the call ended or was forgotten meanwhile
+        except Exception:
+            log.warning("caller profile lookup failed for call %s", call_id, exc_info=True)
+            if self._profiles.get(call_id) is lookup:
+                del self._profiles[call_id]
+            return ""
 
     def _context_events(self, conversation: Conversation, turn_id: str, context: Context,
-                        cause: Event) -> list[Awaitable[Any]]:
-        """Publishes of what was prepared for the turn (intent, knowledge), to be awaited."""
+                        cause: Event) -> list[Event]:
+        """What was prepared for the turn (intent, knowledge), as events to publish."""
         call_id, org_id = conversation.call_id, conversation.org_id
-        publishes = []
+        publishes: list[Event] = []
         if context.intent[0]:
-            publishes.append(self.s.bus.publish(IntentDetected(
+            publishes.append(IntentDetected(
                 id=stable_id(call_id, turn_id, "intent"), org_id=org_id, call_id=call_id,
                 turn_id=turn_id, intent=str(context.intent[0]),
                 confidence=float(context.intent[1]),
-                causation_id=cause.id)))
+                causation_id=cause.id))
         if context.knowledge is not None:
             k = context.knowledge
-            publishes.append(self.s.bus.publish(KnowledgeRetrieved(
+            publishes.append(KnowledgeRetrieved(
                 id=stable_id(call_id, turn_id, "knowledge"), org_id=org_id, call_id=call_id,
                 turn_id=turn_id, query=k.query[:500], chunk_ids=[c.id for c in k.chunks],
                 scores=[round(c.score, 4) for c in k.chunks],
-                latency_ms=round(k.latency_ms, 2), causation_id=cause.id)))
+                latency_ms=round(k.latency_ms, 2), causation_id=cause.id))
         return publishes
 
     def _request(self, conversation: Conversation, settings: AgentSettings, context: Context,
