@@ -121,6 +121,10 @@ async def run(ctx: ServiceContext[BrainConfig], stop: asyncio.Event) -> None:
             await worker.stop()
             await responder.stop()
             await runner.cleanup()
+            for provider in router.providers:  # their HTTP clients (kept-alive connections)
+                close = getattr(provider, "aclose", None)
+                if close is not None:
+                    await close()
 
 
 if __name__ == "__main__":
