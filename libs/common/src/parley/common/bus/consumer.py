@@ -5,6 +5,11 @@ acks only after the handler returns — so the handler must commit its effect (k
 before returning. Transient failures are nak'ed with exponential backoff; a message that can never
 succeed (undecodable, :class:`PermanentError`, or out of attempts) is copied to the dead-letter
 stream with the reason and ``term``-ed, so it never blocks the messages behind it.
+
+By default one message is handled at a time, in stream order. ``concurrency=n`` handles up to
+``n`` at once while the runner keeps fetching; with a ``key`` (e.g. the call id), messages with the
+same key are still handled one after another in stream order and only different keys run in
+parallel. Each message is acked, nak'ed or dead-lettered on its own.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from .subjects import dead_letter_subject
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[Event, Msg], Awaitable[None]]
+MessageKey = Callable[[Event], str]
 
 
 class PermanentError(Exception):
@@ -68,12 +74,20 @@ class DurableConsumer:
     """Runs a handler over a durable pull consumer until stopped."""
 
     def __init__(self, bus: Bus, settings: ConsumerSettings, handler: MessageHandler, *,
-                 on_dead_letter: Callable[[str], None] | None = None) -> None:
+                 on_dead_letter: Callable[[str], None] | None = None, concurrency: int = 1,
+                 key: MessageKey | None = None) -> None:
+        if not 1 <= concurrency <= settings.max_ack_pending:
+            raise ValueError(f"concurrency must be 1..max_ack_pending "
+                             f"({settings.max_ack_pending}), not {concurrency}")
         self.bus = bus
         self.settings = settings
         self.handler = handler
+        self.concurrency = concurrency
+        self._key = key
         self._on_dead_letter = on_dead_letter
         self._task: asyncio.Task[None] | None = None
+        self._in_hand: set[asyncio.Task[None]] = set()  # concurrent mode: fetched, not settled
+        self._tails: dict[str, asyncio.Task[None]] = {}  # key → its latest message's task
         self._stopping = asyncio.Event()
         self.processed = 0
         self.dead_lettered = 0
@@ -95,7 +109,12 @@ class DurableConsumer:
         self._task = asyncio.create_task(self._run(), name=f"consumer:{self.settings.durable}")
 
     async def stop(self) -> None:
-        """Finish the message in hand, then stop pulling (the durable stays on the server)."""
+        """Finish the messages being handled, hand back the rest, stop pulling.
+
+        Messages fetched but not started (the rest of a batch, or ones waiting behind another
+        message with the same key) are nak'ed at once rather than left to ``ack_wait``. The
+        durable stays on the server.
+        """
         self._stopping.set()
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
@@ -105,6 +124,9 @@ class DurableConsumer:
             await self._sub.unsubscribe()
 
     async def _run(self) -> None:
+        if self.concurrency > 1:
+            await self._run_concurrently()
+            return
         while not self._stopping.is_set():
             try:
                 msgs = await self._sub.fetch(self.settings.batch, timeout=0.5)
@@ -124,12 +146,88 @@ class DurableConsumer:
                     return
                 await self._process(msg)
 
-    async def _process(self, msg: Msg) -> None:
-        durable = self.settings.durable
+    async def _run_concurrently(self) -> None:
+        """Fetch while handlers run, at most ``concurrency`` messages in hand."""
         try:
-            event = decode(msg.data)
+            await self._fetch_and_dispatch()
+        except asyncio.CancelledError:
+            for task in self._in_hand:
+                task.cancel()
+            raise
+        # Handlers already running finish; messages still waiting behind a key nak themselves.
+        while self._in_hand:
+            await asyncio.wait(set(self._in_hand))
+
+    async def _fetch_and_dispatch(self) -> None:
+        while not self._stopping.is_set():
+            room = self.concurrency - len(self._in_hand)
+            if room <= 0:
+                await asyncio.wait(self._in_hand, timeout=0.5,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                continue
+            try:
+                msgs = await self._sub.fetch(min(self.settings.batch, room), timeout=0.5)
+            except (TimeoutError, FetchTimeoutError, NatsTimeoutError):
+                continue
+            except Exception:
+                if self._stopping.is_set() or self.bus.nc.is_closed:
+                    return
+                log.exception("fetch failed on %s", self.settings.durable)
+                await asyncio.sleep(0.5)
+                continue
+            for index, msg in enumerate(msgs):
+                if self._stopping.is_set():
+                    for rest in msgs[index:]:
+                        await rest.nak()
+                    return
+                self._dispatch(msg)
+
+    def _dispatch(self, msg: Msg) -> None:
+        try:
+            event: Event | EventDecodeError = decode(msg.data)
         except EventDecodeError as exc:
-            await self._give_up(msg, f"undecodable: {exc}")
+            event = exc
+        key = self._key(event) if self._key is not None and not isinstance(
+            event, EventDecodeError) else None
+        before = self._tails.get(key) if key is not None else None
+        task = asyncio.create_task(self._after(before, msg, event),
+                                   name=f"consumer:{self.settings.durable}:{key or ''}")
+        self._in_hand.add(task)
+        if key is not None:
+            self._tails[key] = task
+
+        def settled(done: asyncio.Task[None]) -> None:
+            self._in_hand.discard(done)
+            if key is not None and self._tails.get(key) is done:
+                del self._tails[key]
+            if not done.cancelled() and done.exception() is not None:
+                log.error("%s: handling failed outside the handler", self.settings.durable,
+                          exc_info=done.exception())
+
+        task.add_done_callback(settled)
+
+    async def _after(self, before: asyncio.Task[None] | None, msg: Msg,
+                     event: Event | EventDecodeError) -> None:
+        """Handle ``msg`` once the message with the same key before it is settled."""
+        if before is not None:
+            while not before.done():
+                await asyncio.wait({before}, timeout=self.settings.ack_wait_s / 3)
+                if not before.done():
+                    await msg.in_progress()  # still ours: it waits its turn, not forgotten
+            if self._stopping.is_set():
+                await msg.nak()  # not started: hand it back at once
+                return
+        await self._process(msg, event)
+
+    async def _process(self, msg: Msg, event: Event | EventDecodeError | None = None) -> None:
+        durable = self.settings.durable
+        if event is None:
+            try:
+                event = decode(msg.data)
+            except EventDecodeError as exc:
+                event = exc
+        if isinstance(event, EventDecodeError):
+            await self._give_up(msg, f"undecodable: {event}")
             return
         context = tracing.extract_context(msg.headers)
         try:
