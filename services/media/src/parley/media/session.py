@@ -101,6 +101,10 @@ RESUME_MARGIN_S = 1.0
 # write (syscall, WebSocket framing, deflate) per frame was the largest per-frame cost of a
 # session. Pending audio is sent before a flush, so turn ends are not delayed by it.
 STT_BATCH_FRAMES = 5
+# Agent audio ready at once (a synthesiser chunk) goes out up to this many frames per message:
+# per-message costs (publish, the AUDIO stream, the gateway's relay, the telephony socket)
+# were paid per 20 ms frame before, and nothing waits for a message to fill up.
+OUT_CHUNK_FRAMES = 10
 
 
 def stable_id(call_id: str, *parts: object) -> uuid.UUID:
@@ -619,19 +623,34 @@ class CallSession:
             return
         nc = self.s.bus.nc
         subject = audio_subject(self.call_id, "out")
+        # Frames ready together go out as one message (the gateway forwards it as one media
+        # message; the telephony side buffers and plays it): a message ends at a marked frame,
+        # so a mark still follows exactly the audio before it, or after OUT_CHUNK_FRAMES.
+        run: list[bytes] = []
         for _index, frame, mark in turn.audio.take_unsent():
-            data = encode_frame(frame, seq=self._out_seq, timestamp_ms=self._out_seq * FRAME_MS)
-            self._out_seq += 1
-            await nc.publish(subject, data, headers=None if mark is None else {
-                MARK: f"{turn.turn_id}:{mark}"})
-            if not turn.first_frame_at:
-                turn.first_frame_at = time.monotonic()
-                spoke_at = self._user_turn_ends.get(turn.turn_id, 0.0)
-                await self._publish(
-                    AgentSpeechStarted, "agent.speech.started", turn_id=turn.turn_id,
-                    tts_ttfb_ms=round((turn.first_frame_at - turn.first_say_at) * 1000, 1),
-                    voice_to_voice_ms=round((time.time() - spoke_at) * 1000, 1)
-                    if spoke_at else 0.0, key=(turn.turn_id,))
+            run.append(frame)
+            if mark is None and len(run) < OUT_CHUNK_FRAMES:
+                continue
+            await self._publish_out(nc, subject, turn, run, mark)
+            run = []
+        if run:
+            await self._publish_out(nc, subject, turn, run, None)
+
+    async def _publish_out(self, nc: Any, subject: str, turn: _AgentTurn, frames: list[bytes],
+                           mark: int | None) -> None:
+        data = encode_frame(b"".join(frames), seq=self._out_seq,
+                            timestamp_ms=self._out_seq * FRAME_MS)
+        self._out_seq += len(frames)
+        await nc.publish(subject, data, headers=None if mark is None else {
+            MARK: f"{turn.turn_id}:{mark}"})
+        if not turn.first_frame_at:
+            turn.first_frame_at = time.monotonic()
+            spoke_at = self._user_turn_ends.get(turn.turn_id, 0.0)
+            await self._publish(
+                AgentSpeechStarted, "agent.speech.started", turn_id=turn.turn_id,
+                tts_ttfb_ms=round((turn.first_frame_at - turn.first_say_at) * 1000, 1),
+                voice_to_voice_ms=round((time.time() - spoke_at) * 1000, 1)
+                if spoke_at else 0.0, key=(turn.turn_id,))
 
     def _agent_audible(self) -> bool:
         turn = self._current

@@ -10,6 +10,10 @@ call), so sequence and timestamps travel in a fixed prefix that one ``struct`` c
 how late it handles a frame — live or replayed from the AUDIO stream — without JetStream
 metadata. The only header left is ``Parley-Mark`` on an outbound frame that carries a mark.
 
+A frame is as long as its sender makes it: inbound frames are what the telephony side sends
+(20 ms from Twilio); media sends agent audio that is ready together as one frame of up to
+200 ms (``seq`` and the audio ms then count 20 ms units, so they step by the frames it holds).
+
 The AUDIO stream captures these subjects for replay and failover catch-up; live consumers use
 plain core subscriptions.
 """
