@@ -101,7 +101,7 @@ async def run(ctx: ServiceContext[BrainConfig], stop: asyncio.Event) -> None:
         worker = BrainWorker(BrainServices(
             bus=ctx.bus, router=router, agents=agents, tools=tools, retrieve=knowledge,
             profile=profile, instance=config.instance_id or "brain",
-            turn_deadline_s=config.turn_deadline_s,
+            turn_deadline_s=config.turn_deadline_s, turn_concurrency=config.turn_concurrency,
             on_turn=lambda kind, ms: latency.labels(kind).observe(ms)))
         responder = KnowledgeResponder(ctx.bus.nc, search_in(pool),
                                        default_k=config.knowledge_k)

@@ -20,6 +20,7 @@ class BrainConfig(CommonConfig, kw_only=True):
     filler_after_ms: float = 1200.0
     filler_text: str = "One moment."
     turn_deadline_s: float = 30.0
+    turn_concurrency: int = 64  # turns (of different calls) one instance handles at once
     knowledge_k: int = 3
     agent_cache_s: float = 30.0
     brain_http_host: str = "127.0.0.1"  # the knowledge API (parley.brain.api)

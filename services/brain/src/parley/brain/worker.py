@@ -11,6 +11,11 @@ turn waits for its outcome; the end is ``turn.completed`` with token usage and t
 token. While a turn runs, the worker follows the call: ``agent.speech.interrupted`` for the turn
 or a newer ``turn.user_ended`` cancels it (the LLM stream is closed).
 
+Concurrency: an instance handles up to ``turn_concurrency`` units of work at once, keyed by call:
+different calls in parallel, one call's units one after another in stream order. So a newer turn
+of a call waits for the older one's handler, which the newer ``turn.user_ended`` cancels at once
+(seen live, or already seen by the follower before the older turn began).
+
 Warm-up: every instance follows ``transcript.partial`` and ``transcript.final`` and starts
 retrieval and intent classification while the caller is still talking or the turn's end is being
 confirmed (:class:`Warmup`); at the end of the turn only the LLM call remains when the final text
@@ -212,6 +217,7 @@ class BrainServices:
     profile: Profile  # the caller's earlier calls: looked up once per call
     instance: str = "brain"
     turn_deadline_s: float = 30.0
+    turn_concurrency: int = 64  # units of work in hand at once (different calls)
     on_turn: Callable[[str, float], None] = lambda kind, ms: None  # metrics hook
 
 
@@ -219,7 +225,12 @@ class BrainServices:
 class _Running:
     turn_id: str
     task: asyncio.Task[None]
+    seq: int  # stream sequence of the event that started this run
     cancelled_by: str = ""
+
+    def cancel(self, reason: str) -> None:
+        self.cancelled_by = reason
+        self.task.cancel()
 
 
 class BrainWorker:
@@ -239,7 +250,10 @@ class BrainWorker:
             filter_subjects=[events_of_type(t) for t in (
                 "turn.user_ended", "call.stream_started", "tool.completed", "tool.failed",
                 "tool.denied")],
-            ack_wait_s=5.0, max_deliver=6, max_ack_pending=512), self._handle)
+            ack_wait_s=5.0, max_deliver=6, max_ack_pending=512), self._handle,
+            concurrency=services.turn_concurrency, key=lambda e: getattr(e, "call_id", ""))
+        # call → (stream sequence, turn id) of its latest turn.user_ended the follower saw
+        self._turn_ends: OrderedDict[str, tuple[int, str]] = OrderedDict()
         self._subs: list[Any] = []
         self._followed_from = 0  # first stream sequence the live follower delivered
         self.replays = 0  # turns that had to read their call from JetStream
@@ -311,6 +325,8 @@ class BrainWorker:
             call_id = parse_event_subject(msg.subject)[2]
         except SubjectError:
             return
+        if msg.subject.endswith(".turn.user_ended"):
+            self._turn_ended(call_id, seq, msg.data)
         cached = self._history.get(call_id)
         if cached is None or cached[0] >= seq:
             return
@@ -322,6 +338,22 @@ class BrainWorker:
             return
         cached[1].append(event)
         self._history[call_id] = (seq, cached[1])
+
+    def _turn_ended(self, call_id: str, seq: int, data: bytes) -> None:
+        """Note a call's newest turn end, and cancel an older turn of the call running here."""
+        try:
+            event = decode(data)
+        except EventDecodeError:
+            return
+        if not isinstance(event, TurnUserEnded):
+            return
+        self._turn_ends[call_id] = (seq, event.turn_id)
+        self._turn_ends.move_to_end(call_id)
+        if len(self._turn_ends) > PROFILE_CALLS:
+            self._turn_ends.popitem(last=False)
+        running = self._running.get(call_id)
+        if running is not None and running.turn_id != event.turn_id and running.seq < seq:
+            running.cancel("newer turn")
 
     async def _call_events(self, call_id: str, org_id: str, *, upto: int = 0) -> list[Event]:
         """The call's events in stream order, at least up to stream sequence ``upto``.
@@ -367,11 +399,13 @@ class BrainWorker:
         call_id = conversation.call_id
         previous = self._running.get(call_id)
         if previous is not None and previous.turn_id != turn_id:
-            previous.cancelled_by = "newer turn"
-            previous.task.cancel()
+            previous.cancel("newer turn")
         task = asyncio.create_task(self._turn(conversation, turn_id, cause, final_text))
-        running = _Running(turn_id, task)
+        running = _Running(turn_id, task, msg.metadata.sequence.stream)
         self._running[call_id] = running
+        ended = self._turn_ends.get(call_id)
+        if ended is not None and ended[1] != turn_id and ended[0] > running.seq:
+            running.cancel("newer turn")  # it ended before this run began: no watch sees it
 
         async def on_message(msg: Msg) -> None:
             with contextlib.suppress(EventDecodeError):
@@ -400,12 +434,9 @@ class BrainWorker:
 
     async def _watch(self, running: _Running, event: Event) -> None:
         if isinstance(event, AgentSpeechInterrupted) and event.turn_id == running.turn_id:
-            running.cancelled_by = "interrupted"
+            running.cancel("interrupted")
         elif isinstance(event, TurnUserEnded) and event.turn_id != running.turn_id:
-            running.cancelled_by = "newer turn"
-        else:
-            return
-        running.task.cancel()
+            running.cancel("newer turn")
 
     async def _turn(self, conversation: Conversation, turn_id: str, cause: Event,
                     final_text: str) -> None:
