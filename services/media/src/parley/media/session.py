@@ -139,6 +139,9 @@ class _AgentTurn:
     interrupted: bool = False
     first_say_at: float = 0.0
     first_frame_at: float = 0.0
+    # The synthesiser's own time to first audio: first clause handed to it → its first chunk.
+    tts_asked_at: float = 0.0
+    tts_answered_at: float = 0.0
     stream: TtsStream | None = None
     provider: str = ""
     chars: int = 0
@@ -564,6 +567,8 @@ class CallSession:
             clause_start = len(turn.audio.frames) * FRAME_MS / 1000
             try:
                 async for chunk in stream.audio():
+                    if not turn.tts_answered_at:
+                        turn.tts_answered_at = time.monotonic()
                     index = first + chunk.clause
                     if index != clause:
                         rest = aligner.flush(pad=b"\xff")
@@ -604,6 +609,7 @@ class CallSession:
         """Send the turn's clauses from ``first`` on, then new ones as they arrive."""
         for clause in said[first:]:
             await stream.say(clause.text, last=clause.last)
+            turn.tts_asked_at = turn.tts_asked_at or time.monotonic()
             if clause.last:
                 return
         while True:
@@ -615,6 +621,7 @@ class CallSession:
             said.append(clause)
             turn.chars += len(clause.text)
             await stream.say(clause.text, last=clause.last)
+            turn.tts_asked_at = turn.tts_asked_at or time.monotonic()
             if clause.last:
                 return
 
@@ -649,6 +656,8 @@ class CallSession:
             await self._publish(
                 AgentSpeechStarted, "agent.speech.started", turn_id=turn.turn_id,
                 tts_ttfb_ms=round((turn.first_frame_at - turn.first_say_at) * 1000, 1),
+                tts_provider_ms=round((turn.tts_answered_at - turn.tts_asked_at) * 1000, 1)
+                if turn.tts_asked_at and turn.tts_answered_at >= turn.tts_asked_at else 0.0,
                 voice_to_voice_ms=round((time.time() - spoke_at) * 1000, 1)
                 if spoke_at else 0.0, key=(turn.turn_id,))
 

@@ -61,7 +61,10 @@ class AgentSpeechStarted(CallEvent, frozen=True, kw_only=True, tag="agent.speech
     """The first agent audio frame of a turn left for the telephony socket."""
 
     turn_id: str
+    # media: the first agent.say received → this frame published (synthesis included)
     tts_ttfb_ms: float = 0.0
+    # the synthesiser alone: the first clause sent to it → its first audio back
+    tts_provider_ms: float = 0.0
     voice_to_voice_ms: float = 0.0
 
 
