@@ -24,12 +24,12 @@ brain's LLM stream started → first token (the SDK's request, loopback HTTP, th
 handling); ``tts_provider_ms`` is media's first clause sent (the SDK's ``send`` returned) → the
 synthesiser's first audio chunk back (loopback, the Cartesia emulator's synthesis of a tone,
 µ-law, base64, one WebSocket message, the SDK's parse). Everything else — bus hops, consumer
-fetches, folds, lookups, retrieval, opening the TTS context, framing, the gateway, the
-telephony socket — is platform time. ``agent.speech.started.tts_ttfb_ms`` (media's say → first frame, synthesis
-included) is reported as a stage, not subtracted. The gross time (nothing subtracted) is
-reported beside it. Where the time goes is broken down from the events' ``at`` stamps (wall
-clock, one host): user_ended → turn.started (bus hop, consumer fetch, fold, agent/tools lookups, retrieval,
-profile) → first agent.say (the LLM stream up to the first clause, ttft included) →
+fetches, folds, lookups, retrieval, opening the TTS context, framing, the gateway, the telephony
+socket — is platform time. ``agent.speech.started.tts_ttfb_ms`` (media's say → first frame,
+synthesis included) is reported as a stage, not subtracted. The gross time (nothing subtracted)
+is reported beside it. Where the time goes is broken down from the events' ``at`` stamps (wall
+clock, one host): user_ended → turn.started (bus hop, consumer fetch, fold, agent/tools lookups,
+retrieval, profile) → first agent.say (the LLM stream up to the first clause, ttft included) →
 agent.speech.started (media receives the clause, opens TTS, first chunk, first frame published)
 → caller (audio bus hop, gateway, WebSocket).
 
