@@ -84,6 +84,23 @@ async def test_publishing_the_same_event_twice_stores_it_once(bus: Bus) -> None:
     assert (await bus.js.stream_info(EVENTS_STREAM)).state.messages == 1
 
 
+async def test_sent_events_keep_their_order_in_the_stream_while_acks_are_awaited_later(
+        bus: Bus) -> None:
+    sent = [events.TranscriptPartial(org_id="o1", call_id="c7", text=str(i)) for i in range(300)]
+    pending = []
+    for i, event in enumerate(sent):
+        if i % 50 == 49:  # an awaited publish in between takes its place in the order too
+            await bus.publish(event)
+        else:
+            pending.append(await bus.send(event))
+    acks = await bus.acked(pending)
+    assert [a.seq for a in acks] == sorted(a.seq for a in acks)
+    stored = await bus.replay_call("c7")
+    assert [e.text for e in stored] == [str(i) for i in range(300)]  # type: ignore[attr-defined]
+    again = await bus.acked([await bus.send(sent[0])])
+    assert again[0].duplicate  # the same Nats-Msg-Id as publish
+
+
 async def test_subscribe_call_sees_only_that_call_live_and_in_order(bus: Bus) -> None:
     seen: list[events.Event] = []
 

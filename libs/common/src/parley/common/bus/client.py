@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -86,6 +87,29 @@ class Bus:
         all_headers[MSG_ID] = str(event.id)
         return await self.js.publish(event_subject(event), encode(event), headers=all_headers,
                                      timeout=self._publish_timeout)
+
+    async def send(self, event: Event, *,
+                   headers: dict[str, str] | None = None) -> asyncio.Future[PubAck]:
+        """Publish to JetStream without waiting for the ack; await it later with :meth:`acked`.
+
+        When this returns, the message is in the connection's outgoing buffer behind everything
+        sent before it on this connection (``publish`` and ``send`` alike), and the server
+        stores one connection's messages in the order it reads them: events sent one after
+        another keep their order in the stream while their acks are awaited together. Same
+        ``Nats-Msg-Id`` and headers as :meth:`publish`.
+        """
+        all_headers = tracing.inject_headers(dict(headers or {}))
+        all_headers[MSG_ID] = str(event.id)
+        return await self.js.publish_async(event_subject(event), encode(event),
+                                           headers=all_headers)
+
+    async def acked(self, pending: list[asyncio.Future[PubAck]]) -> list[PubAck]:
+        """The acks of events :meth:`send` sent; on timeout the rest are given up (cancelled)."""
+        try:
+            return await asyncio.wait_for(asyncio.gather(*pending), self._publish_timeout)
+        finally:
+            for future in pending:
+                future.cancel()  # no-op when done; frees the client's pending-ack slot
 
     async def subscribe_call(self, call_id: str, handler: EventHandler, *,
                              org_id: str = "*") -> Subscription:
