@@ -54,6 +54,9 @@ async def run(ctx: ServiceContext[BrainConfig], stop: asyncio.Event) -> None:
     router = build_router(config)
     latency = ctx.metrics.histogram("brain_prepare_ms", "Turn preparation (retrieval, profile)",
                                     ["kind"], buckets=(0.5, 1, 2, 5, 10, 20, 50, 100, 250))
+    speculations = ctx.metrics.counter(
+        "brain_preemptive", "Speculative replies by outcome (adopted, discarded, superseded, "
+        "caller spoke, call ended, unclaimed, expired, stopped)", ["outcome"])
     cache: dict[str, tuple[float, AgentSettings]] = {}
     # Autocommit: the brain's reads are single statements, and a transaction around each would
     # add a BEGIN and a COMMIT round trip to every lookup (writes use conn.transaction()).
@@ -102,7 +105,11 @@ async def run(ctx: ServiceContext[BrainConfig], stop: asyncio.Event) -> None:
             bus=ctx.bus, router=router, agents=agents, tools=tools, retrieve=knowledge,
             profile=profile, instance=config.instance_id or "brain",
             turn_deadline_s=config.turn_deadline_s, turn_concurrency=config.turn_concurrency,
-            on_turn=lambda kind, ms: latency.labels(kind).observe(ms)))
+            preemptive=config.preemptive_generation,
+            preemptive_partial_stable_s=config.preemptive_partial_stable_ms / 1000,
+            preemptive_timeout_s=config.preemptive_timeout_s,
+            on_turn=lambda kind, ms: latency.labels(kind).observe(ms),
+            on_speculation=lambda outcome: speculations.labels(outcome).inc()))
         responder = KnowledgeResponder(ctx.bus.nc, search_in(pool),
                                        default_k=config.knowledge_k)
         runner = web.AppRunner(create_app(pool=pool,

@@ -23,6 +23,13 @@ matches what was warmed. The caller's profile (their
 earlier calls) cannot change during a call: it is looked up once per call, as the call starts,
 and kept.
 
+Preemptive generation (:mod:`parley.brain.preemptive`, on by default): an instance that serves a
+call (it has the call's history) also starts the LLM request speculatively once the caller's words
+are known — at a ``transcript.final``, or a partial unchanged for a moment — and buffers the reply
+without publishing anything. The turn adopts it when its own request turns out the same, so the
+first clauses go out as soon as the turn ends; otherwise the speculation is dropped. A turn that
+lands on another instance just runs normally there.
+
 History: the first unit of work of a call replays its events from JetStream; from then on an
 ordered consumer over every call event keeps the instance's copy current, so later turns fold
 from memory (replaying only if the copy has a gap).
@@ -40,12 +47,12 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy
+from nats.js.api import DeliverPolicy, PubAck
 
 from parley.brain.conversation import Conversation, fold
 from parley.brain.llm.base import (
@@ -61,7 +68,8 @@ from parley.brain.llm.base import (
 )
 from parley.brain.llm.clauses import ClauseSplitter
 from parley.brain.llm.local_responder import classify_intent
-from parley.brain.llm.router import LlmRouter
+from parley.brain.llm.router import LlmRouter, RouterEvent
+from parley.brain.preemptive import Speculation, Speculations, normalize
 from parley.common.bus import Bus, ConsumerSettings, DurableConsumer, call_events, events_of_type
 from parley.common.bus.streams import EVENTS_STREAM
 from parley.common.bus.subjects import EVENTS_PREFIX, SubjectError, parse_event_subject
@@ -69,12 +77,14 @@ from parley.common.configuration.models import AgentSettings
 from parley.common.events import (
     AgentSay,
     AgentSpeechInterrupted,
+    CallEnded,
     CallRequested,
     CallStreamStarted,
     Event,
     EventDecodeError,
     IntentDetected,
     KnowledgeRetrieved,
+    SpeechStarted,
     TokenUsage,
     ToolCompleted,
     ToolDenied,
@@ -156,6 +166,7 @@ class Warmup:
         self._on_call = on_call
         self._calls: dict[str, _Warm] = {}
         self._agents: dict[str, str] = {}  # call → agent, learned from call.stream_started
+        self._finals: dict[str, list[str]] = {}  # call → the open turn's finals so far
         self.hits = 0
         self.misses = 0
 
@@ -168,21 +179,37 @@ class Warmup:
         elif isinstance(event, CallStreamStarted):
             if event.agent_id:
                 self._agents[event.call_id] = event.agent_id
+        elif isinstance(event, TurnUserEnded | CallEnded):
+            self._finals.pop(event.call_id, None)
         elif isinstance(event, TranscriptPartial | TranscriptFinal) and event.text.strip():
+            # The turn's text is its finals joined, then the words not final yet (as media
+            # builds turn.user_ended's text).
+            finals = self._finals.setdefault(event.call_id, [])
+            if isinstance(event, TranscriptFinal):
+                finals.append(event.text.strip())
+                text = " ".join(finals)
+            else:
+                text = " ".join([*finals, event.text.strip()])
             current = self._calls.get(event.call_id)
-            if current is not None and current.text == event.text:
+            if current is not None and current.text == text:
                 return
             if current is not None and not current.task.done():
                 current.task.cancel()
             agent = self._agents.get(event.call_id, "")
-            task = asyncio.create_task(self._prepare(event.org_id, event.call_id, agent,
-                                                     event.text))
+            task = asyncio.create_task(self._prepare(event.org_id, event.call_id, agent, text))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
-            self._calls[event.call_id] = _Warm(event.text, task)
+            self._calls[event.call_id] = _Warm(text, task)
             if len(self._calls) > 10_000:  # calls that ended: forget the oldest
                 self._calls.pop(next(iter(self._calls)))
         if len(self._agents) > 10_000:
             self._agents.pop(next(iter(self._agents)))
+        if len(self._finals) > 10_000:
+            self._finals.pop(next(iter(self._finals)))
+
+    def expected(self, call_id: str) -> tuple[str, asyncio.Task[Context]] | None:
+        """The words the call's open turn would end with now, and their context in preparation."""
+        warm = self._calls.get(call_id)
+        return (warm.text, warm.task) if warm is not None else None
 
     async def take(self, call_id: str, final_text: str) -> Context | None:
         """The warmed context if it was prepared from (nearly) the final words."""
@@ -218,7 +245,11 @@ class BrainServices:
     instance: str = "brain"
     turn_deadline_s: float = 30.0
     turn_concurrency: int = 64  # units of work in hand at once (different calls)
+    preemptive: bool = True  # start the reply speculatively once the caller's words are known
+    preemptive_partial_stable_s: float = 0.15  # a partial unchanged this long counts (0: never)
+    preemptive_timeout_s: float = 10.0  # a speculation not adopted by then is dropped
     on_turn: Callable[[str, float], None] = lambda kind, ms: None  # metrics hook
+    on_speculation: Callable[[str], None] = lambda outcome: None  # metrics hook
 
 
 @dataclass
@@ -242,6 +273,7 @@ class BrainWorker:
         # call → its caller's profile (a lookup in flight or done), for inbound calls
         self._profiles: OrderedDict[str, asyncio.Task[str]] = OrderedDict()
         self._running: dict[str, _Running] = {}  # call → its turn in progress here
+        self.speculations = Speculations(on_outcome=services.on_speculation)
         # call → (last stream sequence read, its events so far): the next turn of a call this
         # instance has seen replays only what came after, not the whole call again.
         self._history: OrderedDict[str, tuple[int, list[Event]]] = OrderedDict()
@@ -262,13 +294,20 @@ class BrainWorker:
         """Start consuming and following partials."""
         nc = self.s.bus.nc
 
-        async def on_partial(msg: Msg) -> None:
-            with contextlib.suppress(Exception):
-                self.warmup.on_event(decode(msg.data))
+        async def on_live(msg: Msg) -> None:
+            try:
+                event = decode(msg.data)
+            except EventDecodeError:
+                return
+            try:
+                self.warmup.on_event(event)
+                self._speculate_on(event)
+            except Exception:
+                log.exception("warm-up failed on %s", event.type)
 
         for kind in ("transcript.partial", "transcript.final", "call.requested",
-                     "call.stream_started"):
-            self._subs.append(await nc.subscribe(events_of_type(kind), cb=on_partial))
+                     "call.stream_started", "speech.started", "turn.user_ended", "call.ended"):
+            self._subs.append(await nc.subscribe(events_of_type(kind), cb=on_live))
         # Follow every call event from now on, in stream order, to keep the cached calls
         # current: a turn of a call seen before then needs no replay at all.
         self._subs.append(await self.s.bus.js.subscribe(
@@ -282,9 +321,68 @@ class BrainWorker:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         await self._consumer.stop()
+        self.speculations.cancel_all()
         for task in self._profiles.values():
             task.cancel()
         self._profiles.clear()
+
+    # ------------------------------------------------------------------ preemptive generation
+
+    def _speculate_on(self, event: Event) -> None:
+        """Start, confirm or drop the call's speculative reply as the caller's words come."""
+        call_id = getattr(event, "call_id", "")
+        if isinstance(event, TurnUserEnded):
+            self.speculations.turn_ended(call_id, event.text)
+        elif isinstance(event, SpeechStarted):
+            self.speculations.cancel(call_id, "caller spoke")
+        elif isinstance(event, CallEnded):
+            self.speculations.cancel(call_id, "call ended")
+        elif isinstance(event, TranscriptPartial | TranscriptFinal) and self.s.preemptive:
+            final = isinstance(event, TranscriptFinal)
+            expected = self.warmup.expected(call_id)
+            current = self.speculations.get(call_id)
+            if expected is None:
+                return
+            if current is not None and normalize(current.text) == normalize(expected[0]):
+                if final:
+                    current.start_now()
+                return
+            stable_s = self.s.preemptive_partial_stable_s
+            if call_id not in self._history or (not final and stable_s <= 0):
+                self.speculations.cancel(call_id, "superseded")  # a call served elsewhere
+                return
+            text, context = expected
+            self.speculations.start(
+                call_id, text, stream=self.s.router.stream,
+                build=lambda: self._speculative_request(event.org_id, call_id, text, context),
+                delay_s=0.0 if final else stable_s, timeout_s=self.s.preemptive_timeout_s)
+
+    async def _speculative_request(self, org_id: str, call_id: str, text: str,
+                                   prepared: asyncio.Task[Context]) -> LlmRequest | None:
+        """The request the turn will make if it ends with ``text`` now.
+
+        None if that cannot be known here: the call is not followed here, or the agent is busy
+        answering (the history will change).
+        """
+        cached = self._history.get(call_id)
+        if cached is None or cached[0] < self._followed_from - 1 or call_id in self._running:
+            return None
+        conversation = fold(call_id, cached[1])
+        latest = conversation.turns.get(conversation.latest_user_turn)
+        if conversation.ended or (conversation.latest_user_turn and (
+                latest is None or not (latest.completed or latest.interrupted))):
+            return None
+        conversation.apply(TurnUserEnded(org_id=org_id, call_id=call_id, turn_id="",
+                                         text=text))
+        warm = await asyncio.shield(prepared)  # the turn may still use it: never cancel it
+        profile = self._caller_profile(
+            org_id, call_id, conversation.from_number if conversation.direction == "inbound"
+            else "")
+        context = Context(knowledge=warm.knowledge, intent=warm.intent,
+                          profile=await self._profile_text(call_id, profile))
+        settings = await self.s.agents(org_id, conversation.agent_id)
+        return self._request(conversation, settings, context,
+                             await self.s.tools(org_id, conversation.agent_id))
 
     # ------------------------------------------------------------------ dispatch
 
@@ -440,8 +538,23 @@ class BrainWorker:
 
     async def _turn(self, conversation: Conversation, turn_id: str, cause: Event,
                     final_text: str) -> None:
+        call_id, started = conversation.call_id, time.perf_counter()
+        # A caller's turn may adopt the reply started while its end was being confirmed.
+        speculation = self.speculations.take(call_id) if final_text else None
+        pending: list[asyncio.Future[PubAck]] = []  # sent, acks awaited before the turn ends
+        try:
+            await self._answer(conversation, turn_id, cause, final_text, speculation, pending,
+                               started)
+        finally:
+            if speculation is not None and not speculation.outcome:
+                speculation.cancel("discarded")  # the turn failed before it could decide
+            for future in pending:
+                future.cancel()  # a cancelled or failed turn: its acks are no longer awaited
+
+    async def _answer(self, conversation: Conversation, turn_id: str, cause: Event,
+                      final_text: str, speculation: Speculation | None,
+                      pending: list[asyncio.Future[PubAck]], started: float) -> None:
         bus, call_id, org_id = self.s.bus, conversation.call_id, conversation.org_id
-        started = time.perf_counter()
         agent_turn = conversation.turn(turn_id)
         round_no = agent_turn.round
         settings = await self.s.agents(org_id, conversation.agent_id)
@@ -464,10 +577,17 @@ class BrainWorker:
             causation_id=cause.id)
         context_events = self._context_events(conversation, turn_id, context, cause) \
             if final_text else []
-        # Independent facts, published together and while the LLM starts: their acks are only
-        # awaited before the first clause goes out, so turn.started still precedes agent.say.
-        facts = asyncio.gather(*(bus.publish(e) for e in (*context_events, turn_started)))
-        facts.add_done_callback(lambda f: f.cancelled() or f.exception())
+        stream: AsyncIterator[RouterEvent] | None = None
+        if speculation is not None:
+            if await speculation.matches(final_text, request):
+                stream = speculation.adopt()
+            else:
+                speculation.cancel("discarded")
+        # Everything the turn publishes is sent without waiting for each ack — one connection,
+        # so the stream keeps the order they were sent in (turn.started before agent.say) —
+        # and the acks are awaited together before the turn ends.
+        for fact in (*context_events, turn_started):
+            pending.append(await bus.send(fact))
 
         seq = agent_turn.round_starts[round_no]  # where this round's clauses begin
         already = agent_turn.next_seq  # clauses a crashed run of this round already sent
@@ -477,17 +597,17 @@ class BrainWorker:
 
         async def say(text: str, *, last: bool = False) -> None:
             nonlocal seq
-            await facts
             if seq >= already and (text.strip() or last):
-                await bus.publish(AgentSay(
+                pending.append(await bus.send(AgentSay(
                     id=stable_id(call_id, turn_id, "say", seq), org_id=org_id,
                     call_id=call_id, turn_id=turn_id, seq=seq, text=text.strip(), last=last,
-                    causation_id=cause.id))
+                    causation_id=cause.id)))
             if text.strip() or last:
                 seq += 1
 
         async with asyncio.timeout(self.s.turn_deadline_s):
-            stream = self.s.router.stream(request)
+            if stream is None:
+                stream = self.s.router.stream(request)
             try:
                 async for item in stream:
                     if isinstance(item, TextDelta):
@@ -499,11 +619,10 @@ class BrainWorker:
                         rest = splitter.flush()
                         if rest.strip():
                             await say(rest)
-                        await facts
-                        await bus.publish(ToolRequested(
+                        pending.append(await bus.send(ToolRequested(
                             id=stable_id(call_id, turn_id, "tool", item.id), org_id=org_id,
                             call_id=call_id, turn_id=turn_id, tool_call_id=item.id,
-                            name=item.name, arguments=item.arguments, causation_id=cause.id))
+                            name=item.name, arguments=item.arguments, causation_id=cause.id)))
                         terminal = terminal or item.name in TERMINAL_TOOLS
                     elif isinstance(item, Done):
                         done = item
@@ -513,8 +632,10 @@ class BrainWorker:
             finally:
                 await stream.aclose()
         if done is not None and done.stop_reason == "tool_use" and not terminal:
+            await bus.acked(pending)
             return  # the turn goes on when the tool outcomes arrive
         await say(splitter.flush(), last=True)
+        await bus.acked(pending)
         await self._completed(conversation, turn_id, cause, done=done, round_no=round_no,
                               duration_ms=(time.perf_counter() - started) * 1000)
 

@@ -1,0 +1,217 @@
+"""Preemptive generation: start the reply while the end of the caller's turn is being confirmed.
+
+The caller's words are often known before the turn ends: a ``transcript.final`` comes up to the
+endpointing silence before ``turn.user_ended``, and a partial that has stopped changing is usually
+what the final will say. The worker then starts the turn's LLM request speculatively — the
+conversation and the warmed context as they will be if the turn ends with those words — and a
+:class:`Speculation` buffers what comes back. Nothing is published: no ``turn.started``, no
+``agent.say``, and a tool call the model makes stays in the buffer like text.
+
+When the turn ends, the worker builds the turn's request as usual. If it is the request the
+speculation made (the same words once normalised, and nothing else changed: history, knowledge,
+profile, prompt, tools), the speculation is adopted: its buffered output goes through the turn
+as if it had just arrived, and the stream continues. Otherwise it is dropped and the request is
+made fresh. A speculation is cancelled by newer words or speech from the caller, the call's end,
+its timeout, or a turn end that another instance takes; there is at most one per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import msgspec
+
+from parley.brain.llm.base import Filler, LlmRequest
+from parley.brain.llm.router import RouterEvent
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Speculation", "Speculations", "normalize"]
+
+UNCLAIMED_GRACE_S = 2.0  # after the turn ends, how long a speculation waits to be taken here
+
+
+def normalize(text: str) -> str:
+    """Words only: case, punctuation and spacing do not make two transcripts different."""
+    return " ".join("".join(c if c.isalnum() or c == "'" else " " for c in text.lower()).split())
+
+
+class Speculation:
+    """One call's speculative reply to ``text``.
+
+    Built after ``delay_s`` (or at :meth:`start_now`), then streamed into a buffer until adopted
+    or cancelled.
+    """
+
+    def __init__(self, call_id: str, text: str, *,
+                 build: Callable[[], Awaitable[LlmRequest | None]],
+                 stream: Callable[[LlmRequest], AsyncIterator[RouterEvent]],
+                 delay_s: float, on_outcome: Callable[[str], None]) -> None:
+        self.call_id = call_id
+        self.text = text
+        self.request: LlmRequest | None = None
+        self.outcome = ""
+        self._items: list[RouterEvent] = []
+        self._more = asyncio.Event()
+        self._go = asyncio.Event()
+        self._ready = asyncio.Event()  # the request is made (or never will be)
+        self._error: Exception | None = None
+        self._on_outcome = on_outcome
+        self._task = asyncio.create_task(self._run(build, stream, delay_s),
+                                         name=f"speculation:{call_id}")
+
+    def start_now(self) -> None:
+        """Skip what is left of the wait (the words were confirmed)."""
+        self._go.set()
+
+    async def _run(self, build: Callable[[], Awaitable[LlmRequest | None]],
+                   stream_of: Callable[[LlmRequest], AsyncIterator[RouterEvent]],
+                   delay_s: float) -> None:
+        try:
+            if delay_s > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._go.wait(), delay_s)
+            self.request = await build()
+            self._ready.set()
+            if self.request is None:
+                return  # not a turn this instance can speculate on
+            stream = stream_of(self.request)
+            try:
+                async for item in stream:
+                    self._items.append(item)
+                    self._more.set()
+            finally:
+                await stream.aclose()
+        except Exception as exc:  # kept for the turn: it then makes its own request
+            self._error = exc
+        finally:
+            self._ready.set()
+            self._more.set()
+
+    async def matches(self, text: str, request: LlmRequest) -> bool:
+        """Whether the turn that ended with ``text`` and builds ``request`` can adopt this.
+
+        Waits for the speculative request to be built if that is under way (it needs the same
+        context the turn just awaited), not for a wait for stable words still running.
+        """
+        if normalize(text) != normalize(self.text) or not self._go_or_started():
+            return False
+        await self._ready.wait()
+        if self.request is None or self._error is not None or self._task.cancelled():
+            return False
+        if not self.request.messages or not request.messages:
+            return False
+        # The caller's words may differ in case and punctuation: compare with the turn's own.
+        candidate = msgspec.structs.replace(
+            self.request, messages=(*self.request.messages[:-1], request.messages[-1]))
+        return candidate == request
+
+    def _go_or_started(self) -> bool:
+        return self._go.is_set() or self._ready.is_set() or self.request is not None or (
+            self._task.done())
+
+    def adopt(self) -> AsyncIterator[RouterEvent]:
+        """The reply: what was buffered, then the rest as it comes. Closing it stops the LLM."""
+        self._finish("adopted")
+        return self._replay(len(self._items))
+
+    async def _replay(self, buffered: int) -> AsyncIterator[RouterEvent]:
+        index = 0
+        try:
+            while True:
+                while index < len(self._items):
+                    item = self._items[index]
+                    index += 1
+                    if isinstance(item, Filler) and index <= buffered:
+                        continue  # its wait happened while the caller was still talking
+                    yield item
+                if self._task.done():
+                    if self._error is not None:
+                        raise self._error
+                    return
+                self._more.clear()
+                await self._more.wait()
+        finally:
+            self._task.cancel()
+
+    def cancel(self, outcome: str = "cancelled") -> None:
+        """Stop generating; nothing it produced is used."""
+        self._task.cancel()
+        self._finish(outcome)
+
+    def _finish(self, outcome: str) -> None:
+        if not self.outcome:
+            self.outcome = outcome
+            self._on_outcome(outcome)
+
+
+class Speculations:
+    """At most one :class:`Speculation` per call, and what became of them."""
+
+    def __init__(self, *, on_outcome: Callable[[str], None] = lambda outcome: None) -> None:
+        self._calls: dict[str, Speculation] = {}
+        self._on_outcome = on_outcome
+        self.outcomes: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def get(self, call_id: str) -> Speculation | None:
+        """The call's speculation, if one is under way."""
+        return self._calls.get(call_id)
+
+    def start(self, call_id: str, text: str, *, build: Callable[[], Awaitable[LlmRequest | None]],
+              stream: Callable[[LlmRequest], AsyncIterator[RouterEvent]], delay_s: float,
+              timeout_s: float) -> Speculation:
+        """Replace the call's speculation with one for ``text``."""
+        self.cancel(call_id, "superseded")
+        speculation = Speculation(call_id, text, build=build, stream=stream, delay_s=delay_s,
+                                  on_outcome=self._count)
+        self._calls[call_id] = speculation
+        self._cancel_later(call_id, speculation, delay_s + timeout_s, "expired")
+        return speculation
+
+    def take(self, call_id: str) -> Speculation | None:
+        """The call's speculation, now the turn's to adopt or drop."""
+        return self._calls.pop(call_id, None)
+
+    def cancel(self, call_id: str, outcome: str = "cancelled") -> None:
+        """Drop the call's speculation, if any."""
+        speculation = self._calls.pop(call_id, None)
+        if speculation is not None:
+            speculation.cancel(outcome)
+
+    def turn_ended(self, call_id: str, text: str) -> None:
+        """The turn ended (seen live): confirm a matching speculation, drop another one.
+
+        A confirmed one is dropped anyway if this instance has not taken the turn within a grace
+        period (another instance answers it).
+        """
+        speculation = self._calls.get(call_id)
+        if speculation is None:
+            return
+        if normalize(text) != normalize(speculation.text):
+            self.cancel(call_id, "superseded")
+            return
+        speculation.start_now()
+        self._cancel_later(call_id, speculation, UNCLAIMED_GRACE_S, "unclaimed")
+
+    def _cancel_later(self, call_id: str, speculation: Speculation, delay_s: float,
+                      outcome: str) -> None:
+        def cancel() -> None:
+            if self._calls.get(call_id) is speculation:  # not taken by a turn nor replaced
+                self.cancel(call_id, outcome)
+
+        asyncio.get_running_loop().call_later(delay_s, cancel)
+
+    def cancel_all(self) -> None:
+        """Drop every speculation (shutdown)."""
+        for call_id in list(self._calls):
+            self.cancel(call_id, "stopped")
+
+    def _count(self, outcome: str) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        self._on_outcome(outcome)

@@ -1,0 +1,171 @@
+"""Preemptive generation: the reply starts before the turn ends and is published only after."""
+
+from __future__ import annotations
+
+import asyncio
+
+from parley.brain.llm.anthropic_llm import AnthropicLlm
+from parley.brain.preemptive import normalize
+from parley.brain.worker import BrainWorker
+from parley.common.events import SpeechStarted, TranscriptFinal, TranscriptPartial
+from parley.devkit.emulators.anthropic import ScriptedReply, ScriptedToolUse
+
+from .conftest import ORG, open_call, services, user_says
+
+REPLY = "We open at eight. Would you like to book a visit?"
+
+
+async def final(bus, call_id: str, text: str) -> None:
+    await bus.publish(TranscriptFinal(org_id=ORG, call_id=call_id, text=text))
+
+
+async def until(predicate, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def published(recorder, call_id: str, turn_id: str) -> list[str]:
+    """What the brain published for the turn, in order."""
+    return [e.type for e in recorder.events if e.call_id == call_id
+            and getattr(e, "turn_id", "") == turn_id and e.type != "turn.user_ended"]
+
+
+async def started_worker(bus, pool, emulator, **overrides):
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(services(bus, pool, [llm], **overrides))
+    await worker.start()
+    return worker, llm
+
+
+async def test_a_reply_started_from_the_final_is_published_only_when_the_turn_ends(
+        bus, pool, emulator, recorder) -> None:
+    worker, llm = await started_worker(bus, pool, emulator)
+    try:
+        await open_call(bus, "p1")
+        await recorder.wait("agent.say", "p1")  # greeted: this instance follows the call
+        emulator.script(ScriptedReply(text=REPLY))
+        await final(bus, "p1", "What time do you open?")
+        await until(lambda: emulator.completed_streams == 1)  # the whole reply is buffered
+        await asyncio.sleep(0.2)
+        assert published(recorder, "p1", "t1") == []  # nothing before the turn ends
+
+        await user_says(bus, "p1", "t1", "what time do you open")  # same words, other casing
+        completed = await recorder.wait("turn.completed", "p1")
+        speculative = [(e.seq, e.text, e.last) for e in recorder.of("agent.say", "p1")
+                       if e.turn_id == "t1"]
+        assert len(emulator.requests) == 1  # the speculative request was the turn's
+        assert worker.speculations.outcomes == {"adopted": 1}
+        assert not completed[0].cancelled
+        kinds = published(recorder, "p1", "t1")
+        assert kinds.index("turn.started") < kinds.index("agent.say")
+
+        # The same turn without a final before it: no speculation, the same clauses.
+        await open_call(bus, "p2")
+        await recorder.wait("agent.say", "p2")
+        emulator.script(ScriptedReply(text=REPLY))
+        await user_says(bus, "p2", "t1", "what time do you open")
+        await recorder.wait("turn.completed", "p2")
+        plain = [(e.seq, e.text, e.last) for e in recorder.of("agent.say", "p2")
+                 if e.turn_id == "t1"]
+        assert speculative == plain and " ".join(t for _, t, _ in plain) == REPLY
+        assert worker.speculations.outcomes == {"adopted": 1}
+    finally:
+        await worker.stop()
+        await llm.aclose()
+
+
+async def test_a_speculation_on_other_words_is_never_published(
+        bus, pool, emulator, recorder) -> None:
+    worker, llm = await started_worker(bus, pool, emulator)
+    try:
+        await open_call(bus, "p3")
+        await recorder.wait("agent.say", "p3")
+        emulator.script(ScriptedReply(text="Tuesday is fully booked."),
+                        ScriptedReply(text="Wednesday at nine is free."))
+        await final(bus, "p3", "Can I come on Tuesday?")
+        await until(lambda: emulator.completed_streams == 1)
+        await user_says(bus, "p3", "t1", "Can I come on Wednesday?")
+        await recorder.wait("turn.completed", "p3")
+        said = [e.text for e in recorder.of("agent.say", "p3") if e.turn_id == "t1"]
+        assert said == ["Wednesday at nine is free."]
+        assert len(emulator.requests) == 2
+        assert emulator.requests[-1]["messages"][-1]["content"][0]["text"] \
+            == "Can I come on Wednesday?"
+        assert "adopted" not in worker.speculations.outcomes
+        assert sum(worker.speculations.outcomes.values()) == 1
+    finally:
+        await worker.stop()
+        await llm.aclose()
+
+
+async def test_a_tool_call_in_a_speculative_reply_waits_for_the_turn(
+        bus, pool, emulator, recorder) -> None:
+    worker, llm = await started_worker(bus, pool, emulator)
+    try:
+        await open_call(bus, "p4")
+        await recorder.wait("agent.say", "p4")
+        emulator.script(ScriptedReply(text="Let me book that.", tool_uses=(
+            ScriptedToolUse("book_appointment", {"day": "friday"}, id="toolu_p4"),)))
+        await final(bus, "p4", "Book me for Friday.")
+        await until(lambda: emulator.completed_streams == 1)
+        await asyncio.sleep(0.2)
+        assert recorder.of("tool.requested", "p4") == []
+        assert published(recorder, "p4", "t1") == []
+
+        await user_says(bus, "p4", "t1", "Book me for Friday.")
+        (tool,) = await recorder.wait("tool.requested", "p4")
+        assert tool.tool_call_id == "toolu_p4" and tool.arguments == {"day": "friday"}
+        assert worker.speculations.outcomes == {"adopted": 1}
+        said = [e.text for e in recorder.of("agent.say", "p4") if e.turn_id == "t1"]
+        assert said == ["Let me book that."]
+    finally:
+        await worker.stop()
+        await llm.aclose()
+
+
+async def test_a_stable_partial_starts_it_and_new_speech_cancels_it(
+        bus, pool, emulator, recorder) -> None:
+    worker, llm = await started_worker(bus, pool, emulator, preemptive_partial_stable_s=0.05)
+    try:
+        await open_call(bus, "p5")
+        await recorder.wait("agent.say", "p5")
+        emulator.script(ScriptedReply(text="First guess."), ScriptedReply(text="Sure."))
+        await bus.publish(TranscriptPartial(org_id=ORG, call_id="p5", text="I need a"))
+        await until(lambda: emulator.completed_streams == 1)  # stable for 50 ms: started
+        await bus.publish(SpeechStarted(org_id=ORG, call_id="p5", offset_ms=1000))
+        await until(lambda: worker.speculations.outcomes.get("caller spoke") == 1)
+        await bus.publish(TranscriptPartial(org_id=ORG, call_id="p5", text="cleaning"))
+        await final(bus, "p5", "I need a cleaning.")  # the turn's words: finals joined
+        await until(lambda: len(emulator.requests) == 2)
+        await user_says(bus, "p5", "t1", "I need a cleaning.")
+        await recorder.wait("turn.completed", "p5")
+        assert [e.text for e in recorder.of("agent.say", "p5") if e.turn_id == "t1"] == [
+            "Sure."]
+        assert worker.speculations.outcomes.get("adopted") == 1
+        assert len(emulator.requests) == 2
+    finally:
+        await worker.stop()
+        await llm.aclose()
+
+
+async def test_turned_off_it_never_speculates(bus, pool, emulator, recorder) -> None:
+    worker, llm = await started_worker(bus, pool, emulator, preemptive=False)
+    try:
+        await open_call(bus, "p6")
+        await recorder.wait("agent.say", "p6")
+        await final(bus, "p6", "Hello there.")
+        await asyncio.sleep(0.3)
+        assert emulator.requests == []
+        await user_says(bus, "p6", "t1", "Hello there.")
+        await recorder.wait("turn.completed", "p6")
+        assert len(emulator.requests) == 1 and worker.speculations.outcomes == {}
+    finally:
+        await worker.stop()
+        await llm.aclose()
+
+
+def test_normalize_ignores_case_punctuation_and_spacing() -> None:
+    assert normalize("What time do you OPEN?") == normalize(" what time, do you open ")
+    assert normalize("I'd like Tuesday.") != normalize("I'd like Wednesday.")
