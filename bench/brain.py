@@ -8,14 +8,27 @@ Anthropic-protocol emulator in its own process with no time to first token and n
 writes the whole event stream at once). So the number is the brain's overhead: the work-queue
 delivery, the fold of the call, retrieval over a few ingested documents, request building, the
 SDK's HTTP request and SSE parsing up to the first clause, and the publishes in between
-(``turn.started``, ``intent.detected`` and ``knowledge.retrieved`` acked before the first
-``agent.say``). Calls of 10 turns (caller speech events, the turn, the agent's playback); each
-turn waits for ``turn.completed`` before the next. Cold turns publish no partial, only
-``transcript.final`` immediately before ``turn.user_ended`` (as media does, where the final comes
-up to the endpointing silence earlier; the brain starts retrieval from it, so cold turns gain
-the final's publish time at most); warm turns publish ``transcript.partial`` with the final
-words 300 ms before ``turn.user_ended``, so retrieval and intent are ready when the turn ends
-(the saving is reported). In both, the caller profile was looked up once when the call started.
+(``turn.started``, ``intent.detected`` and ``knowledge.retrieved`` are sent before the first
+``agent.say`` without waiting for their acks; all acks are awaited before ``turn.completed``).
+Calls of 10 turns (caller speech events, the turn, the agent's playback); each turn waits for
+``turn.completed`` before the next. Cold turns publish no partial, only ``transcript.final``
+immediately before ``turn.user_ended`` (as media does, where the final comes up to the
+endpointing silence earlier; here the lead is only the final's publish); warm turns publish
+``transcript.partial`` with the final words 300 ms before ``turn.user_ended``. In both, the
+caller profile was looked up once when the call started.
+
+Everything is measured twice, in two brain runs on the same servers: with preemptive generation
+(the default; the budget lines) and without it (info lines). What the speculation overlaps:
+in warm turns the partial, unchanged for ``PARLEY_PREEMPTIVE_PARTIAL_STABLE_MS`` (150 ms), starts
+retrieval and intent (as the warm-up always did) and then the whole LLM request, whose reply is
+buffered before the turn ends — so the warm number is the turn's delivery, fold, its own request
+built and compared with the speculative one, the publishes, and the buffered first clause; the
+LLM's time is entirely off the path. In cold turns the speculation starts at the final, a fraction
+of a millisecond before ``turn.user_ended``: it overlaps only the turn's delivery and fold with
+retrieval and the SDK request, and everything runs on one CPU-bound event loop against a
+zero-latency model, so there is almost nothing to gain there (with real finals, hundreds of ms
+early, and a real model's time to first token, cold turns behave like the warm ones). The
+``*_excluding_llm`` lines (preemption off) subtract the LLM's own time to first token.
 
 ``knowledge_retrieval`` — :func:`parley.brain.knowledge.bench.bench_retrieval`: full-text
 retrieval (k=4, round trip included) over 10,000 chunks (quick: 2,000).
@@ -120,14 +133,91 @@ async def _start_emulator() -> tuple[asyncio.subprocess.Process, str]:
     return process, line.decode().strip()
 
 
+Samples = dict[bool, list[int]]  # warm? → turn.user_ended published → first agent.say, ns
+
+
+async def _measure(ctx: Any, bus: Any, database_url: str, emulator_url: str, *,
+                   preemptive: bool, turns: tuple[int, int]) -> tuple[Samples, Samples,
+                                                                    dict[str, float]]:
+    """Run the brain with or without preemptive generation; time its cold and warm turns.
+
+    Returns the samples, the same minus the LLM's own time to first token, and the brain's
+    speculation outcomes.
+    """
+    config = BrainConfig(nats_url=ctx.servers.nats().url, database_url=database_url,
+                         llm_chain="anthropic", anthropic_api_key=API_KEY,
+                         anthropic_url=emulator_url, brain_http_port=0, log_level="WARNING",
+                         preemptive_generation=preemptive)
+    metrics = Metrics("brain")
+    service = ServiceContext(name="brain", config=config, bus=bus, metrics=metrics)
+    stop = asyncio.Event()
+    brain = asyncio.create_task(run_brain(service, stop), name="bench:brain")
+    watch = _Watch()
+    subs = [await bus.nc.subscribe(f"parley.ev.{ORG}.call.*.{kind}", cb=watch.on_message)
+            for kind in ("agent.say", "turn.completed")]
+    await bus.nc.flush()
+    label = "p" if preemptive else "n"
+    excluding_llm: Samples = {False: [], True: []}
+
+    async def one_call(number: int, count: int, *, warm: bool) -> list[int]:
+        call_id = f"call-{label}{'w' if warm else 'c'}{number}"
+        common = {"org_id": ORG, "call_id": call_id}
+        await bus.publish(ev.CallRequested(**common, direction="inbound", agent_id=AGENT,
+                                           from_number="+14155550123",
+                                           to_number="+14155550100"))
+        await bus.publish(ev.CallStreamStarted(**common, stream_id="MZ", agent_id=AGENT,
+                                               gateway_instance="bench"))
+        samples = []
+        for n in range(1, count + 1):
+            turn_id, text = f"u{n}", QUESTIONS[(number + n) % len(QUESTIONS)]
+            await bus.publish(ev.SpeechStarted(**common, offset_ms=n * 10_000))
+            if warm:
+                await bus.publish(ev.TranscriptPartial(**common, text=text))
+            await asyncio.sleep(WARM_LEAD_S)  # the caller speaking, in both cases
+            await bus.publish(ev.TranscriptFinal(**common, text=text))
+            said = watch.expect("say", call_id, turn_id)
+            completed = watch.expect("completed", call_id, turn_id)
+            began = time.perf_counter_ns()
+            await bus.publish(ev.TurnUserEnded(**common, turn_id=turn_id, text=text))
+            samples.append(await asyncio.wait_for(said, 10) - began)
+            await asyncio.wait_for(completed, 10)
+            excluding_llm[warm].append(samples[-1] - watch.ttft_ns[(call_id, turn_id)])
+            await bus.publish(ev.AgentSpeechStarted(**common, turn_id=turn_id))
+            await bus.publish(ev.AgentSpeechFinished(**common, turn_id=turn_id))
+        await bus.publish(ev.CallEnded(**common, reason="completed"))
+        return samples
+
+    results: Samples = {False: [], True: []}
+    try:
+        await one_call(0, 3, warm=False)  # connections and caches warmed up: not timed
+        await one_call(0, 2, warm=True)
+        excluding_llm = {False: [], True: []}
+        gc.collect()
+        gc.freeze()  # as parley.common.service does after start-up
+        for warm, total in ((False, turns[0]), (True, turns[1])):
+            number = 1
+            while len(results[warm]) < total:
+                count = min(TURNS_PER_CALL, total - len(results[warm]))
+                results[warm] += await one_call(number, count, warm=warm)
+                number += 1
+    finally:
+        for sub in subs:
+            await sub.unsubscribe()
+        stop.set()
+        await asyncio.wait_for(brain, 15)
+        gc.unfreeze()
+    outcomes = {sample.labels["outcome"]: sample.value
+                for family in metrics.registry.collect() if family.name.endswith("preemptive")
+                for sample in family.samples if sample.name.endswith("_total")}
+    return results, excluding_llm, outcomes
+
+
 async def run_overhead(ctx: Any) -> BenchResult:
-    """Time turn.user_ended → first agent.say, cold and warmed from partials."""
-    cold_turns, warm_turns = (24, 16) if ctx.quick else (200, 200)
+    """Time turn.user_ended → first agent.say, cold and warmed, with and without preemption."""
+    turns = (24, 16) if ctx.quick else (200, 200)
     bus = await ctx.servers.clean_bus("bench-brain")
     database_url = await ctx.servers.fresh_database(fsync=True)
     emulator, emulator_url = await _start_emulator()
-    stop = asyncio.Event()
-    brain: asyncio.Task[None] | None = None
     try:
         import psycopg
 
@@ -138,101 +228,59 @@ async def run_overhead(ctx: Any) -> BenchResult:
             for source, text in DOCUMENTS.items():
                 await ingest(conn, ORG, AGENT if source.endswith(".md") else None, source,
                              text.encode())
-        config = BrainConfig(nats_url=ctx.servers.nats().url, database_url=database_url,
-                             llm_chain="anthropic", anthropic_api_key=API_KEY,
-                             anthropic_url=emulator_url, brain_http_port=0,
-                             log_level="WARNING")
-        service = ServiceContext(name="brain", config=config, bus=bus, metrics=Metrics("brain"))
-        brain = asyncio.create_task(run_brain(service, stop), name="bench:brain")
-        watch = _Watch()
-        subs = [await bus.nc.subscribe(f"parley.ev.{ORG}.call.*.{kind}", cb=watch.on_message)
-                for kind in ("agent.say", "turn.completed")]
-        await bus.nc.flush()
-
-        excluding_llm: dict[bool, list[int]] = {False: [], True: []}
-
-        async def one_call(number: int, turns: int, *, warm: bool) -> list[int]:
-            call_id = f"call-{'w' if warm else 'c'}{number}"
-            common = {"org_id": ORG, "call_id": call_id}
-            await bus.publish(ev.CallRequested(**common, direction="inbound", agent_id=AGENT,
-                                               from_number="+14155550123",
-                                               to_number="+14155550100"))
-            await bus.publish(ev.CallStreamStarted(**common, stream_id="MZ", agent_id=AGENT,
-                                                   gateway_instance="bench"))
-            samples = []
-            for n in range(1, turns + 1):
-                turn_id, text = f"u{n}", QUESTIONS[(number + n) % len(QUESTIONS)]
-                await bus.publish(ev.SpeechStarted(**common, offset_ms=n * 10_000))
-                if warm:
-                    await bus.publish(ev.TranscriptPartial(**common, text=text))
-                await asyncio.sleep(WARM_LEAD_S)  # the caller speaking, in both cases
-                await bus.publish(ev.TranscriptFinal(**common, text=text))
-                said = watch.expect("say", call_id, turn_id)
-                completed = watch.expect("completed", call_id, turn_id)
-                began = time.perf_counter_ns()
-                await bus.publish(ev.TurnUserEnded(**common, turn_id=turn_id, text=text))
-                samples.append(await asyncio.wait_for(said, 10) - began)
-                await asyncio.wait_for(completed, 10)
-                excluding_llm[warm].append(samples[-1] - watch.ttft_ns[(call_id, turn_id)])
-                await bus.publish(ev.AgentSpeechStarted(**common, turn_id=turn_id))
-                await bus.publish(ev.AgentSpeechFinished(**common, turn_id=turn_id))
-            await bus.publish(ev.CallEnded(**common, reason="completed"))
-            return samples
-
-        await one_call(0, 3, warm=False)  # connections and caches warmed up: not timed
-        await one_call(0, 2, warm=True)
-        excluding_llm = {False: [], True: []}
-        gc.collect()
-        gc.freeze()  # as parley.common.service does after start-up
-        results: dict[bool, list[int]] = {False: [], True: []}
-        for warm, total in ((False, cold_turns), (True, warm_turns)):
-            number = 1
-            while len(results[warm]) < total:
-                turns = min(TURNS_PER_CALL, total - len(results[warm]))
-                results[warm] += await one_call(number, turns, warm=warm)
-                number += 1
-        for sub in subs:
-            await sub.unsubscribe()
+        results, _, outcomes = await _measure(ctx, bus, database_url, emulator_url,
+                                              preemptive=True, turns=turns)
+        plain, excluding_llm, _ = await _measure(ctx, bus, database_url, emulator_url,
+                                                 preemptive=False, turns=turns)
     finally:
-        stop.set()
-        if brain is not None:
-            await asyncio.wait_for(brain, 15)
-        gc.unfreeze()
         emulator.terminate()
         await emulator.wait()
         await bus.close()
 
     cold, warm = latency_summary(results[False]), latency_summary(results[True])
-    saving = cold["p50"] - warm["p50"]
+    plain_cold, plain_warm = latency_summary(plain[False]), latency_summary(plain[True])
+    counted = ", ".join(f"{k} {v:.0f}" for k, v in sorted(outcomes.items())) or "none"
     result = BenchResult("brain_overhead", config={
         "brain": "parley.brain.__main__.run in this process (worker + knowledge API + RPC), "
                  "LLM chain: anthropic SDK → Anthropic emulator (own process, ttft 0, "
                  "unpaced tokens)",
         "knowledge": f"{len(DOCUMENTS)} documents (2 agent, 2 org-wide), k=3 full-text",
-        "turns": f"{cold_turns} cold + {warm_turns} warm, {TURNS_PER_CALL} per call, "
+        "turns": f"{turns[0]} cold + {turns[1]} warm, {TURNS_PER_CALL} per call, "
                  f"sequential; warm: transcript.partial {WARM_LEAD_S * 1000:.0f} ms before "
-                 "turn.user_ended",
+                 "turn.user_ended; all measured twice: preemptive generation on (the default, "
+                 "budget lines), then off (info lines)",
         "reply": f"{REPLY!r} (first clause = first agent.say)",
-    }, notes=[f"warm-up saves {saving:.2f} ms at p50 ({cold['p50']:.2f} → "
-              f"{warm['p50']:.2f} ms); p99 {cold['p99']:.2f} → {warm['p99']:.2f} ms"])
+    }, notes=[
+        f"preemptive generation saves {plain_cold['p50'] - cold['p50']:.2f} ms cold and "
+        f"{plain_warm['p50'] - warm['p50']:.2f} ms warm at p50 (off → on: cold "
+        f"{plain_cold['p50']:.2f} → {cold['p50']:.2f}, warm {plain_warm['p50']:.2f} → "
+        f"{warm['p50']:.2f} ms)",
+        f"speculations with preemption on (warm-up calls included): {counted}",
+        f"warm-up without preemption saves {plain_cold['p50'] - plain_warm['p50']:.2f} ms at "
+        f"p50 ({plain_cold['p50']:.2f} → {plain_warm['p50']:.2f} ms)"])
     result.lines.append(Line(
         "brain_overhead.cold", "ms", cold["p50"], cold["p99"],
         budget=Budget("median", "<=", OVERHEAD_BUDGET_MS), summary=cold,
         note="turn.user_ended publish → first agent.say received, no partials before the "
-             "turn, transcript.final just before it (fold, retrieval, request, LLM stream to "
-             "first clause)"))
+             "turn, transcript.final just before it (the speculation it starts overlaps the "
+             "turn's delivery and fold, not retrieval nor the LLM)"))
     result.lines.append(Line(
         "brain_overhead.warm", "ms", warm["p50"], warm["p99"],
         budget=Budget("median", "<=", OVERHEAD_BUDGET_MS), summary=warm,
-        note="the same after a matching transcript.partial 300 ms earlier (retrieval, profile "
-             "and intent prepared while the caller spoke)"))
-    for warm, label in ((False, "cold"), (True, "warm")):
-        summary = latency_summary(excluding_llm[warm])
+        note="the same after a matching transcript.partial 300 ms earlier (retrieval, profile, "
+             "intent and the speculative LLM reply all done while the caller spoke)"))
+    for warm_turns, label, summary in ((False, "cold", plain_cold), (True, "warm", plain_warm)):
         result.lines.append(Line(
-            f"brain_overhead.{label}_excluding_llm", "ms", summary["p50"], summary["p99"],
+            f"brain_overhead.{label}_preemptive_off", "ms", summary["p50"], summary["p99"],
             summary=summary,
-            note="the same minus the LLM's own time to first token as the SDK measured it "
-                 "(turn.completed.ttft_ms: HTTP to the emulator process and its response)"))
+            note="the same with PARLEY_PREEMPTIVE_GENERATION=false (info): the LLM request "
+                 "starts only when the turn is handled"))
+        excluded = latency_summary(excluding_llm[warm_turns])
+        result.lines.append(Line(
+            f"brain_overhead.{label}_excluding_llm", "ms", excluded["p50"], excluded["p99"],
+            summary=excluded,
+            note="preemption off, minus the LLM's own time to first token as the SDK measured "
+                 "it (turn.completed.ttft_ms: HTTP to the emulator process and its response)"))
     return result
 
 
