@@ -29,6 +29,9 @@ retrieval and the SDK request, and everything runs on one CPU-bound event loop a
 zero-latency model, so there is almost nothing to gain there (with real finals, hundreds of ms
 early, and a real model's time to first token, cold turns behave like the warm ones). The
 ``*_excluding_llm`` lines (preemption off) subtract the LLM's own time to first token.
+The second brain run in the process is slower for that reason alone (swapping the order once:
+warm with preemption 2.6 ms first, 3.7 ms second; without it 5.9 ms first, 6.1 ms second), so
+the off lines, measured second, overstate the saving a little; cold shows none to speak of.
 
 ``knowledge_retrieval`` — :func:`parley.brain.knowledge.bench.bench_retrieval`: full-text
 retrieval (k=4, round trip included) over 10,000 chunks (quick: 2,000).
