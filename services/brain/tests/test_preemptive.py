@@ -42,6 +42,7 @@ async def started_worker(bus, pool, emulator, **overrides):
 async def test_a_reply_started_from_the_final_is_published_only_when_the_turn_ends(
         bus, pool, emulator, recorder) -> None:
     worker, llm = await started_worker(bus, pool, emulator)
+    emulator.ttft_s = 0.1  # the model's first token comes 100 ms after each request
     try:
         await open_call(bus, "p1")
         await recorder.wait("agent.say", "p1")  # greeted: this instance follows the call
@@ -58,6 +59,8 @@ async def test_a_reply_started_from_the_final_is_published_only_when_the_turn_en
         assert len(emulator.requests) == 1  # the speculative request was the turn's
         assert worker.speculations.outcomes == {"adopted": 1}
         assert not completed[0].cancelled
+        # The model took its 100 ms, but before the turn ended: the turn did not wait for it.
+        assert completed[0].ttft_ms >= 100 and completed[0].llm_wait_ms < 50
         kinds = published(recorder, "p1", "t1")
         assert kinds.index("turn.started") < kinds.index("agent.say")
 
@@ -66,12 +69,14 @@ async def test_a_reply_started_from_the_final_is_published_only_when_the_turn_en
         await recorder.wait("agent.say", "p2")
         emulator.script(ScriptedReply(text=REPLY))
         await user_says(bus, "p2", "t1", "what time do you open")
-        await recorder.wait("turn.completed", "p2")
+        plain_completed = await recorder.wait("turn.completed", "p2")
+        assert plain_completed[0].llm_wait_ms >= 100  # this turn waited out the model's ttft
         plain = [(e.seq, e.text, e.last) for e in recorder.of("agent.say", "p2")
                  if e.turn_id == "t1"]
         assert speculative == plain and " ".join(t for _, t, _ in plain) == REPLY
         assert worker.speculations.outcomes == {"adopted": 1}
     finally:
+        emulator.ttft_s = 0.0
         await worker.stop()
         await llm.aclose()
 

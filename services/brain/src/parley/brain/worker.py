@@ -594,6 +594,9 @@ class BrainWorker:
         splitter = ClauseSplitter()
         done: Done | None = None
         terminal = False  # the agent is hanging up or transferring: nothing more to say
+        # What this turn waited for the model's first token: its ttft for a fresh request,
+        # less (often nothing) for a preemptive reply that was under way when the turn ended.
+        llm_wait_ms: float | None = None
 
         async def say(text: str, *, last: bool = False) -> None:
             nonlocal seq
@@ -608,8 +611,11 @@ class BrainWorker:
         async with asyncio.timeout(self.s.turn_deadline_s):
             if stream is None:
                 stream = self.s.router.stream(request)
+            asked = time.perf_counter()
             try:
                 async for item in stream:
+                    if llm_wait_ms is None and isinstance(item, TextDelta | ToolCall):
+                        llm_wait_ms = (time.perf_counter() - asked) * 1000
                     if isinstance(item, TextDelta):
                         for clause in splitter.feed(item.text):
                             await say(clause)
@@ -637,11 +643,12 @@ class BrainWorker:
         await say(splitter.flush(), last=True)
         await bus.acked(pending)
         await self._completed(conversation, turn_id, cause, done=done, round_no=round_no,
-                              duration_ms=(time.perf_counter() - started) * 1000)
+                              duration_ms=(time.perf_counter() - started) * 1000,
+                              llm_wait_ms=llm_wait_ms or 0.0)
 
     async def _completed(self, conversation: Conversation, turn_id: str, cause: Event, *,
                          done: Done | None = None, cancelled: bool = False, round_no: int = 0,
-                         duration_ms: float = 0.0) -> None:
+                         duration_ms: float = 0.0, llm_wait_ms: float = 0.0) -> None:
         usage = done.usage if done is not None else None
         await self.s.bus.publish(TurnCompleted(
             id=stable_id(conversation.call_id, turn_id, "completed"),
@@ -651,7 +658,8 @@ class BrainWorker:
                              cache_read_tokens=usage.cache_read_tokens,
                              cache_write_tokens=usage.cache_write_tokens) if usage else
             TokenUsage(), ttft_ms=round(done.ttft_ms or 0.0, 2) if done else 0.0,
-            duration_ms=round(duration_ms, 2), cancelled=cancelled, causation_id=cause.id))
+            llm_wait_ms=round(llm_wait_ms, 2), duration_ms=round(duration_ms, 2),
+            cancelled=cancelled, causation_id=cause.id))
 
     # ------------------------------------------------------------------ context
 

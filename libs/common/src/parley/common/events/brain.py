@@ -41,7 +41,10 @@ class TurnCompleted(CallEvent, frozen=True, kw_only=True, tag="turn.completed"):
     provider: str = ""
     model: str = ""
     usage: TokenUsage = msgspec.field(default_factory=TokenUsage)
-    ttft_ms: float = 0.0
+    ttft_ms: float = 0.0  # the model's time to first token, from its request
+    # what the turn itself waited for that token: ttft_ms for a request made at the turn's end,
+    # less (often 0) when a preemptive reply started before the caller finished was adopted
+    llm_wait_ms: float = 0.0
     duration_ms: float = 0.0
     cancelled: bool = False
 

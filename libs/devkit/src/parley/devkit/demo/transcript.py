@@ -13,9 +13,11 @@ reported its time to first token (``turn.completed``):
 - voice-to-voice: caller stopped speaking → first agent frame out (``voice_to_voice_ms``);
 - platform: voice-to-voice minus the provider times, floored at 0. The STT final arrives while
   the end-of-utterance silence is being waited out (both count from the end of speech), so the
-  two overlap and only the longer one is subtracted:
-  ``v2v − (max(EOU, STT final) + TTFT + TTS TTFB)``. What is left is Parley itself: bus hops,
-  the brain's fold and knowledge retrieval, clause splitting, frame pacing.
+  two overlap and only the longer one is subtracted; of the LLM, what the turn waited for its
+  first token (``turn.completed.llm_wait_ms``: less than TTFT when a preemptive reply was under
+  way), of the TTS its own time to first audio (``agent.speech.started.tts_provider_ms``):
+  ``v2v − (max(EOU, STT final) + LLM wait + TTS provider)``. What is left is Parley itself: bus
+  hops, the brain's fold and knowledge retrieval, clause splitting, framing.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class TurnLatency:
     ttft_ms: float | None = None
     tts_ttfb_ms: float | None = None
     voice_to_voice_ms: float | None = None
+    llm_wait_ms: float | None = None  # default: the TTFT
+    tts_provider_ms: float | None = None  # default: the TTS TTFB
     shown: bool = False
 
     @property
@@ -53,8 +57,10 @@ class TurnLatency:
         """Voice-to-voice minus the provider times (see the module doc), at least 0."""
         if not self.complete:
             return None
+        llm = self.ttft_ms if self.llm_wait_ms is None else self.llm_wait_ms
+        tts = self.tts_ttfb_ms if self.tts_provider_ms is None else self.tts_provider_ms
         providers = (max(self.eou_delay_ms or 0.0, self.stt_final_ms or 0.0)
-                     + (self.ttft_ms or 0.0) + (self.tts_ttfb_ms or 0.0))
+                     + (llm or 0.0) + (tts or 0.0))
         return max(0.0, (self.voice_to_voice_ms or 0.0) - providers)
 
     def describe(self) -> str:
@@ -123,11 +129,11 @@ class LiveTranscript:
             case "turn.completed" if event.turn_id in self.turns:
                 turn = self.turns[event.turn_id]
                 if turn.ttft_ms is None:  # the first round; tool rounds follow
-                    turn.ttft_ms = event.ttft_ms
+                    turn.ttft_ms, turn.llm_wait_ms = event.ttft_ms, event.llm_wait_ms
                 self._maybe_show(turn)
             case "agent.speech.started" if event.turn_id in self.turns:
                 turn = self.turns[event.turn_id]
-                turn.tts_ttfb_ms = event.tts_ttfb_ms
+                turn.tts_ttfb_ms, turn.tts_provider_ms = event.tts_ttfb_ms, event.tts_provider_ms
                 turn.voice_to_voice_ms = event.voice_to_voice_ms
                 self._maybe_show(turn)
             case "agent.speech.interrupted":
