@@ -92,12 +92,12 @@ DOCUMENTS = {
                   "notice or a $25 fee applies.",
 }
 _EMULATOR = f"""
-import asyncio
+from parley.common import runtime
 from parley.devkit.emulators import serve_until_stopped
 from parley.devkit.emulators.anthropic import AnthropicEmulator, ScriptedReply
 emulator = AnthropicEmulator(api_key={API_KEY!r}, ttft_s=0.0, tokens_per_second=None,
                              default_reply=ScriptedReply(text={REPLY!r}))
-asyncio.run(serve_until_stopped(emulator, port=0))
+runtime.run(serve_until_stopped(emulator, port=0))
 """
 
 

@@ -113,12 +113,12 @@ SENTENCES = (
     "Can I book a cleaning for next Tuesday?",
 )
 _ANTHROPIC = f"""
-import asyncio
+from parley.common import runtime
 from parley.devkit.emulators import serve_until_stopped
 from parley.devkit.emulators.anthropic import AnthropicEmulator, ScriptedReply
 emulator = AnthropicEmulator(api_key={ANTHROPIC_KEY!r}, ttft_s=0.0, tokens_per_second=None,
                              default_reply=ScriptedReply(text={ANSWER!r}))
-asyncio.run(serve_until_stopped(emulator, port=0))
+runtime.run(serve_until_stopped(emulator, port=0))
 """
 VENDOR_VARIABLES = ("ANTHROPIC_API_KEY", "DEEPGRAM_API_KEY", "CARTESIA_API_KEY",
                     "OPENAI_API_KEY")

@@ -31,6 +31,8 @@ from typing import Any
 from _infra import Servers
 from _stats import ERROR, FAIL, BenchResult, render_table, write_results
 
+from parley.common import runtime
+
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = ("bus_latency", "recorder_throughput", "projection_rebuild", "fold_call",
               "gateway_frames", "media_frame_path", "local_stt_latency", "piper_ttfa",
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Context(servers, quick=args.quick, log=_log)
     results: list[BenchResult] = []
     try:
-        results = asyncio.run(_run_all(names, ctx))
+        results = runtime.run(_run_all(names, ctx))
     except (KeyboardInterrupt, asyncio.CancelledError):
         _log("interrupted; stopping servers")
         return 130

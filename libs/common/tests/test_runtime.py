@@ -93,3 +93,20 @@ async def test_second_signal_exits_immediately(tmp_path: Path) -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+def test_services_run_on_uvloop_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvloop
+
+    from parley.common.runtime import run
+
+    async def loop_type() -> type:
+        return type(asyncio.get_running_loop())
+
+    monkeypatch.delenv("PARLEY_EVENT_LOOP", raising=False)
+    assert issubclass(run(loop_type()), uvloop.Loop)
+    monkeypatch.setenv("PARLEY_EVENT_LOOP", "asyncio")
+    assert not issubclass(run(loop_type()), uvloop.Loop)
+    monkeypatch.setenv("PARLEY_EVENT_LOOP", "tokio")
+    with pytest.raises(ValueError, match="PARLEY_EVENT_LOOP='tokio'"):
+        run(loop_type())

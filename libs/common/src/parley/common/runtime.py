@@ -3,6 +3,11 @@
 The first SIGTERM or SIGINT sets the stop event; ``main`` is expected to notice, drain (finish
 in-flight calls, ``drain()`` the NATS connection) and return. A second signal means the operator
 (or the orchestrator's grace period) has lost patience, so the process exits at once.
+
+Processes run on uvloop (libuv; its transports, timers and callbacks are C): the per-message
+cost of every socket hop — Twilio frames in the gateway, NATS deliveries in media — is largely
+the event loop's, and the audio path makes tens of thousands of them a second. Set
+``PARLEY_EVENT_LOOP=asyncio`` for the standard loop (e.g. to use asyncio's debug mode).
 """
 
 from __future__ import annotations
@@ -12,13 +17,39 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
-__all__ = ["run_service"]
+__all__ = ["new_event_loop", "run", "run_service"]
 
 log = logging.getLogger(__name__)
 
 ServiceMain = Callable[[asyncio.Event], Awaitable[None]]
+T = TypeVar("T")
+EVENT_LOOPS = ("uvloop", "asyncio")
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A new loop of the kind ``PARLEY_EVENT_LOOP`` names (default uvloop)."""
+    kind = os.environ.get("PARLEY_EVENT_LOOP", "uvloop").strip().lower() or "uvloop"
+    if kind not in EVENT_LOOPS:
+        raise ValueError(f"PARLEY_EVENT_LOOP={kind!r}: choose one of {', '.join(EVENT_LOOPS)}")
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` on the configured event loop."""
+    try:
+        loop = new_event_loop()
+    except Exception:
+        coro.close()  # never awaited: say so once, as the error, not as a warning too
+        raise
+    with asyncio.Runner(loop_factory=lambda: loop) as runner:
+        return runner.run(coro)
 
 
 def run_service(
@@ -32,7 +63,7 @@ def run_service(
     ``run_service(main)`` and ``sys.exit(run_service(main))`` behave correctly. A second signal
     while stopping ends the process immediately with status ``128 + signal number``.
     """
-    return asyncio.run(_run(main, signals))
+    return run(_run(main, signals))
 
 
 async def _run(main: ServiceMain, signals: Sequence[signal.Signals]) -> int:

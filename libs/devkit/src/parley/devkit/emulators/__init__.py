@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 
 from aiohttp import WSCloseCode, web
 
+from parley.common import runtime
+
 
 class EmulatorServer:
     """Start/stop plumbing shared by the emulators: one aiohttp app on 127.0.0.1.
@@ -83,4 +85,4 @@ def run_cli(factory: Callable[[argparse.Namespace], EmulatorServer], description
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args(argv)
-    asyncio.run(serve_until_stopped(factory(args), port=args.port))
+    runtime.run(serve_until_stopped(factory(args), port=args.port))
