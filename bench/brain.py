@@ -11,23 +11,24 @@ SDK's HTTP request and SSE parsing up to the first clause, and the publishes in 
 (``turn.started``, ``intent.detected`` and ``knowledge.retrieved`` are sent before the first
 ``agent.say`` without waiting for their acks; all acks are awaited before ``turn.completed``).
 Calls of 10 turns (caller speech events, the turn, the agent's playback); each turn waits for
-``turn.completed`` before the next. Cold turns publish no partial, only ``transcript.final``
-immediately before ``turn.user_ended`` (as media does, where the final comes up to the
-endpointing silence earlier; here the lead is only the final's publish); warm turns publish
-``transcript.partial`` with the final words 300 ms before ``turn.user_ended``. In both, the
-caller profile was looked up once when the call started.
+``turn.completed`` before the next. Every turn: ``speech.started``, ``speech.stopped``, 300 ms
+(the endpointing silence media waits out), ``transcript.final``, then at once
+``turn.user_ended``. Warm turns also publish a ``transcript.partial`` with the final words
+before the caller stops (what the recogniser heard so far, as Deepgram's interim results and
+local Whisper's re-decodes give it); cold turns have no words until the final, a fraction of a
+millisecond before the turn ends (a recogniser that said nothing while the caller spoke). In
+both, the caller profile was looked up once when the call started.
 
 Everything is measured twice, in two brain runs on the same servers: with preemptive generation
 (the default; the budget lines) and without it (info lines). What the speculation overlaps:
-in warm turns the partial, unchanged for ``PARLEY_PREEMPTIVE_PARTIAL_STABLE_MS`` (150 ms), starts
-retrieval and intent (as the warm-up always did) and then the whole LLM request, whose reply is
-buffered before the turn ends — so the warm number is the turn's delivery, fold, its own request
-built and compared with the speculative one, the publishes, and the buffered first clause; the
-LLM's time is entirely off the path. In cold turns the speculation starts at the final, a fraction
-of a millisecond before ``turn.user_ended``: it overlaps only the turn's delivery and fold with
-retrieval and the SDK request, and everything runs on one CPU-bound event loop against a
-zero-latency model, so there is almost nothing to gain there (with real finals, hundreds of ms
-early, and a real model's time to first token, cold turns behave like the warm ones). The
+in warm turns the partial starts retrieval and intent (the warm-up), and ``speech.stopped`` —
+the caller has stopped, these are the words — starts the whole LLM request, whose reply is
+buffered during the endpointing silence — so the warm number is the turn's delivery, fold, its
+own request built and compared with the speculative one, the publishes, and the buffered first
+clause; the LLM's time is entirely off the path. In cold turns the speculation starts at the
+final, a fraction of a millisecond before ``turn.user_ended``: it overlaps only the turn's
+delivery and fold with retrieval and the SDK request, and everything runs on one CPU-bound event
+loop against a zero-latency model, so there is almost nothing to gain there. The
 ``*_excluding_llm`` lines (preemption off) subtract the LLM's own time to first token.
 The second brain run in the process is slower for that reason alone (swapping the order once:
 warm with preemption 2.6 ms first, 3.7 ms second; without it 5.9 ms first, 6.1 ms second), so
@@ -176,7 +177,9 @@ async def _measure(ctx: Any, bus: Any, database_url: str, emulator_url: str, *,
             await bus.publish(ev.SpeechStarted(**common, offset_ms=n * 10_000))
             if warm:
                 await bus.publish(ev.TranscriptPartial(**common, text=text))
-            await asyncio.sleep(WARM_LEAD_S)  # the caller speaking, in both cases
+            # The caller stops; media waits out the endpointing silence before the turn ends.
+            await bus.publish(ev.SpeechStopped(**common, offset_ms=n * 10_000 + 1500))
+            await asyncio.sleep(WARM_LEAD_S)
             await bus.publish(ev.TranscriptFinal(**common, text=text))
             said = watch.expect("say", call_id, turn_id)
             completed = watch.expect("completed", call_id, turn_id)
@@ -249,9 +252,10 @@ async def run_overhead(ctx: Any) -> BenchResult:
                  "unpaced tokens)",
         "knowledge": f"{len(DOCUMENTS)} documents (2 agent, 2 org-wide), k=3 full-text",
         "turns": f"{turns[0]} cold + {turns[1]} warm, {TURNS_PER_CALL} per call, "
-                 f"sequential; warm: transcript.partial {WARM_LEAD_S * 1000:.0f} ms before "
-                 "turn.user_ended; all measured twice: preemptive generation on (the default, "
-                 "budget lines), then off (info lines)",
+                 f"sequential; speech.stopped {WARM_LEAD_S * 1000:.0f} ms before "
+                 "transcript.final + turn.user_ended; warm: a transcript.partial with the "
+                 "words before speech.stopped; all measured twice: preemptive generation on "
+                 "(the default, budget lines), then off (info lines)",
         "reply": f"{REPLY!r} (first clause = first agent.say)",
     }, notes=[
         f"preemptive generation saves {plain_cold['p50'] - cold['p50']:.2f} ms cold and "
@@ -264,14 +268,15 @@ async def run_overhead(ctx: Any) -> BenchResult:
     result.lines.append(Line(
         "brain_overhead.cold", "ms", cold["p50"], cold["p99"],
         budget=Budget("median", "<=", OVERHEAD_BUDGET_MS), summary=cold,
-        note="turn.user_ended publish → first agent.say received, no partials before the "
-             "turn, transcript.final just before it (the speculation it starts overlaps the "
-             "turn's delivery and fold, not retrieval nor the LLM)"))
+        note="turn.user_ended publish → first agent.say received, no words before "
+             "transcript.final just before the turn's end (the speculation it starts overlaps "
+             "the turn's delivery and fold, not retrieval nor the LLM)"))
     result.lines.append(Line(
         "brain_overhead.warm", "ms", warm["p50"], warm["p99"],
         budget=Budget("median", "<=", OVERHEAD_BUDGET_MS), summary=warm,
-        note="the same after a matching transcript.partial 300 ms earlier (retrieval, profile, "
-             "intent and the speculative LLM reply all done while the caller spoke)"))
+        note="the same with the words known (a partial) when the caller stopped, 300 ms "
+             "earlier (retrieval and intent while the caller spoke, the speculative LLM reply "
+             "during the endpointing silence)"))
     for warm_turns, label, summary in ((False, "cold", plain_cold), (True, "warm", plain_warm)):
         result.lines.append(Line(
             f"brain_overhead.{label}_preemptive_off", "ms", summary["p50"], summary["p99"],

@@ -15,7 +15,7 @@ the brain on the Anthropic emulator with no time to first token and no pacing (t
 loopback HTTP). The agent has no greeting. Per turn:
 
     overhead = (first agent frame received by the caller − turn.user_ended.at)
-               − turn.completed.llm_wait_ms − agent.speech.started.tts_provider_ms
+               − min(turn.completed.llm_wait_ms, ttft_ms) − agent.speech.started.tts_provider_ms
 
 ``turn.user_ended.at`` is media's wall clock when it built the event; the frame time is this
 process's wall clock when its WebSocket reader got the first ``media`` message of the answer
@@ -325,7 +325,9 @@ def _overhead_turns(events: Events, answers: Answers, window: tuple[float, float
             continue
         gross = 1000 * (frame - facts.user_ended)
         ttft = 0.0 if math.isnan(facts.ttft_ms) else facts.ttft_ms
-        llm = 0.0 if math.isnan(facts.llm_wait_ms) else facts.llm_wait_ms
+        # The provider's share of the turn's wait: never more than the model's own ttft (the
+        # rest of a long wait is this brain's loop being busy, i.e. platform time).
+        llm = 0.0 if math.isnan(facts.llm_wait_ms) else min(facts.llm_wait_ms, ttft)
         tts = 0.0 if math.isnan(facts.tts_provider_ms) else facts.tts_provider_ms
         rows.append({
             "gross": gross, "overhead": gross - llm - tts, "ttft": ttft, "llm_wait": llm,

@@ -7,7 +7,7 @@ import asyncio
 from parley.brain.llm.anthropic_llm import AnthropicLlm
 from parley.brain.preemptive import normalize
 from parley.brain.worker import BrainWorker
-from parley.common.events import SpeechStarted, TranscriptFinal, TranscriptPartial
+from parley.common.events import SpeechStarted, SpeechStopped, TranscriptFinal, TranscriptPartial
 from parley.devkit.emulators.anthropic import ScriptedReply, ScriptedToolUse
 
 from .conftest import ORG, open_call, services, user_says
@@ -150,6 +150,31 @@ async def test_a_stable_partial_starts_it_and_new_speech_cancels_it(
             "Sure."]
         assert worker.speculations.outcomes.get("adopted") == 1
         assert len(emulator.requests) == 2
+    finally:
+        await worker.stop()
+        await llm.aclose()
+
+
+async def test_by_default_the_caller_stopping_starts_it_and_a_partial_alone_does_not(
+        bus, pool, emulator, recorder) -> None:
+    worker, llm = await started_worker(bus, pool, emulator)  # the service's defaults
+    try:
+        await open_call(bus, "p7")
+        await recorder.wait("agent.say", "p7")
+        emulator.script(ScriptedReply(text="We are open until six."))
+        await bus.publish(SpeechStarted(org_id=ORG, call_id="p7", offset_ms=500))
+        await bus.publish(TranscriptPartial(org_id=ORG, call_id="p7", text="When do you close"))
+        await asyncio.sleep(0.3)
+        assert emulator.requests == []  # words still coming: no billed request yet
+        await bus.publish(SpeechStopped(org_id=ORG, call_id="p7", offset_ms=1800))
+        await until(lambda: emulator.completed_streams == 1)  # the endpointing silence
+        await final(bus, "p7", "When do you close?")  # the same words: nothing new
+        await user_says(bus, "p7", "t1", "When do you close?")
+        await recorder.wait("turn.completed", "p7")
+        assert len(emulator.requests) == 1
+        assert worker.speculations.outcomes == {"adopted": 1}
+        assert [e.text for e in recorder.of("agent.say", "p7") if e.turn_id == "t1"] == [
+            "We are open until six."]
     finally:
         await worker.stop()
         await llm.aclose()

@@ -21,10 +21,11 @@ class BrainConfig(CommonConfig, kw_only=True):
     filler_text: str = "One moment."
     turn_deadline_s: float = 30.0
     turn_concurrency: int = 64  # turns (of different calls) one instance handles at once
-    # Preemptive generation: start the reply once the caller's words are known (a final, or a
-    # partial unchanged for preemptive_partial_stable_ms; 0: finals only), publish on turn end.
+    # Preemptive generation: start the reply once the caller's words are known (the caller
+    # stopped speaking, or a final; also a partial unchanged for preemptive_partial_stable_ms if
+    # that is > 0, at the price of more discarded requests), publish it on turn end.
     preemptive_generation: bool = True
-    preemptive_partial_stable_ms: float = 150.0
+    preemptive_partial_stable_ms: float = 0.0
     preemptive_timeout_s: float = 10.0
     knowledge_k: int = 3
     agent_cache_s: float = 30.0

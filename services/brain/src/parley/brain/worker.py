@@ -24,11 +24,14 @@ earlier calls) cannot change during a call: it is looked up once per call, as th
 and kept.
 
 Preemptive generation (:mod:`parley.brain.preemptive`, on by default): an instance that serves a
-call (it has the call's history) also starts the LLM request speculatively once the caller's words
-are known — at a ``transcript.final``, or a partial unchanged for a moment — and buffers the reply
-without publishing anything. The turn adopts it when its own request turns out the same, so the
-first clauses go out as soon as the turn ends; otherwise the speculation is dropped. A turn that
-lands on another instance just runs normally there.
+call (it has the call's history) also starts the LLM request speculatively once the caller's
+words are known — when the caller stops speaking (``speech.stopped``: media is now waiting out
+the endpointing silence) with the words heard so far, or at a ``transcript.final``; optionally
+at a partial unchanged for a moment — and buffers the reply without publishing anything. Each
+speculation is a billed LLM request, so it starts at those moments only, not on every partial.
+The turn adopts it when its own request turns out the same, so the first clauses go out as soon
+as the turn ends; otherwise the speculation is dropped. A turn that lands on another instance
+just runs normally there.
 
 History: the first unit of work of a call replays its events from JetStream; from then on an
 ordered consumer over every call event keeps the instance's copy current, so later turns fold
@@ -85,6 +88,7 @@ from parley.common.events import (
     IntentDetected,
     KnowledgeRetrieved,
     SpeechStarted,
+    SpeechStopped,
     TokenUsage,
     ToolCompleted,
     ToolDenied,
@@ -246,7 +250,7 @@ class BrainServices:
     turn_deadline_s: float = 30.0
     turn_concurrency: int = 64  # units of work in hand at once (different calls)
     preemptive: bool = True  # start the reply speculatively once the caller's words are known
-    preemptive_partial_stable_s: float = 0.15  # a partial unchanged this long counts (0: never)
+    preemptive_partial_stable_s: float = 0.0  # a partial unchanged this long counts (0: never)
     preemptive_timeout_s: float = 10.0  # a speculation not adopted by then is dropped
     on_turn: Callable[[str, float], None] = lambda kind, ms: None  # metrics hook
     on_speculation: Callable[[str], None] = lambda outcome: None  # metrics hook
@@ -306,7 +310,8 @@ class BrainWorker:
                 log.exception("warm-up failed on %s", event.type)
 
         for kind in ("transcript.partial", "transcript.final", "call.requested",
-                     "call.stream_started", "speech.started", "turn.user_ended", "call.ended"):
+                     "call.stream_started", "speech.started", "speech.stopped", "turn.user_ended",
+                     "call.ended"):
             self._subs.append(await nc.subscribe(events_of_type(kind), cb=on_live))
         # Follow every call event from now on, in stream order, to keep the cached calls
         # current: a turn of a call seen before then needs no replay at all.
@@ -337,8 +342,10 @@ class BrainWorker:
             self.speculations.cancel(call_id, "caller spoke")
         elif isinstance(event, CallEnded):
             self.speculations.cancel(call_id, "call ended")
-        elif isinstance(event, TranscriptPartial | TranscriptFinal) and self.s.preemptive:
-            final = isinstance(event, TranscriptFinal)
+        elif isinstance(event, TranscriptPartial | TranscriptFinal | SpeechStopped) and (
+                self.s.preemptive):
+            # The words are as good as known at a final, or when the caller has stopped.
+            final = isinstance(event, TranscriptFinal | SpeechStopped)
             expected = self.warmup.expected(call_id)
             current = self.speculations.get(call_id)
             if expected is None:

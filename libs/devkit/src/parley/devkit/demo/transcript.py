@@ -57,7 +57,8 @@ class TurnLatency:
         """Voice-to-voice minus the provider times (see the module doc), at least 0."""
         if not self.complete:
             return None
-        llm = self.ttft_ms if self.llm_wait_ms is None else self.llm_wait_ms
+        llm = self.ttft_ms if self.llm_wait_ms is None else min(self.llm_wait_ms,
+                                                                  self.ttft_ms or 0.0)
         tts = self.tts_ttfb_ms if self.tts_provider_ms is None else self.tts_provider_ms
         providers = (max(self.eou_delay_ms or 0.0, self.stt_final_ms or 0.0)
                      + (llm or 0.0) + (tts or 0.0))
