@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -261,10 +262,14 @@ class AnthropicEmulator(EmulatorServer):
             await out.flush()
             await response.write_eof()
             return response
-        except (ConnectionError, asyncio.CancelledError):
+        except asyncio.CancelledError:
             self.aborted.append(AbortedStream(tokens_sent=sent))
             raise
-        await response.write_eof()
+        except ConnectionError:  # the client hung up mid-stream (it cancelled): nothing to say
+            self.aborted.append(AbortedStream(tokens_sent=sent))
+            return response
+        with contextlib.suppress(ConnectionError):  # a client that read it all may be gone
+            await response.write_eof()
         self.completed_streams += 1
         return response
 
