@@ -12,12 +12,18 @@ transcript.final, turn.user_ended) get ids derived from the call, the turn numbe
 ordinal in the turn, so JetStream's duplicate window drops the repeat: no transcript is emitted
 twice. Partials are not emitted while catching up.
 
+The call's events (``agent.say``, mark echoes, DTMF, the end) come the same way: a core
+subscription, made first and buffering, then the call's past events read from the EVENTS stream
+with an ephemeral pull consumer; the buffer is then drained without what the stream already
+gave (by event id) and the session goes live. A per-call JetStream push consumer cost a
+consumer on the server per live call and a slower hop for every clause.
+
 Agent speech: ``agent.say`` clauses of a turn go to one TTS stream, in order; its audio is cut
-into 20 ms frames and published to ``parley.audio.<call>.out`` at once (the carrier buffers
-and plays in real time), with marks after the first frame, every 500 ms and after each clause
-(see :mod:`parley.media.playback`). Turns play one after another. A provider that fails is
-replaced by the next in the call's chain mid-call (``media.provider_switched``); for STT the
-open turn's audio is replayed into the new stream.
+into 20 ms frames and published to ``parley.audio.<call>.out`` at once (the carrier buffers and
+plays in real time; what is ready together goes as one message), with marks after the first
+frame, every 500 ms and after each clause (see :mod:`parley.media.playback`). Turns play one
+after another. A provider that fails is replaced by the next in the call's chain mid-call
+(``media.provider_switched``); for STT the open turn's audio is replayed into the new stream.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from typing import Any
 
 import numpy as np
 from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from parley.common.bus import Bus, audio_subject, call_events, command_subject
 from parley.common.bus.audio import MARK, encode_frame
@@ -206,6 +212,7 @@ class CallSession:
         # Until the call's past events are read: agent clauses by turn, turns already voiced.
         self._history: dict[str, list[AgentSay]] | None = {}
         self._voiced: set[str] = set()
+        self._live_events: list[Msg] | None = []  # live events held while the past is read
         self._subs: list[Any] = []
         self._inbound: InboundAudio | None = None
 
@@ -220,10 +227,10 @@ class CallSession:
             self._stt_task = asyncio.create_task(self._recognise(), name=f"stt:{self.call_id}")
             self._tasks.append(asyncio.create_task(self._speaker(), name=f"tts:{self.call_id}"))
             self._tasks.append(asyncio.create_task(self._renew(), name=f"lease:{self.call_id}"))
-            self._subs.append(await bus.js.subscribe(
-                call_events(self.call_id, self.org_id), stream=EVENTS_STREAM,
-                ordered_consumer=True, idle_heartbeat=5.0, cb=self._on_event_message,
-                config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL)))
+            self._subs.append(await bus.nc.subscribe(
+                call_events(self.call_id, self.org_id), cb=self._on_event_message))
+            await bus.nc.flush()  # subscribed on the server: every later event reaches us live
+            await self._read_past_events()
             await self._follow_audio()
             await self.stopped.wait()
         except ProviderError as exc:
@@ -449,20 +456,61 @@ class CallSession:
     # ------------------------------------------------------------------ events of the call
 
     async def _on_event_message(self, msg: Msg) -> None:
+        if self._live_events is not None:
+            self._live_events.append(msg)
+            return
+        event = self._decode(msg)
+        if event is not None:
+            await self._handle_event(event)
+
+    def _decode(self, msg: Msg) -> Event | None:
         try:
-            event = decode(msg.data)
+            return decode(msg.data)
         except EventDecodeError as exc:
             log.error("call %s: undecodable event skipped: %s", self.call_id, exc)
-            return
+            return None
+
+    async def _handle_event(self, event: Event) -> None:
         try:
-            if self._history is not None:
-                self._catch_up(event)
-                if msg.metadata.num_pending == 0:
-                    await self._caught_up()
-            else:
-                await self._on_event(event)
+            await self._on_event(event)
         except Exception:
             log.exception("call %s: handling %s failed", self.call_id, event.type)
+
+    async def _read_past_events(self) -> None:
+        """The call's events so far from the stream, then the live ones held meanwhile."""
+        js, subject = self.s.bus.js, call_events(self.call_id, self.org_id)
+        seen: set[Any] = set()
+        sub = await js.pull_subscribe(subject, stream=EVENTS_STREAM, config=ConsumerConfig(
+            filter_subject=subject, deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.NONE, inactive_threshold=30.0, mem_storage=True))
+        name = ""
+        try:
+            info = await sub.consumer_info()
+            name, remaining = info.name, info.num_pending or 0
+            while remaining > 0:
+                try:
+                    msgs = await sub.fetch(min(remaining, 256), timeout=2.0)
+                except TimeoutError:
+                    break
+                for msg in msgs:
+                    remaining = msg.metadata.num_pending
+                    event = self._decode(msg)
+                    if event is not None:
+                        seen.add(event.id)
+                        self._catch_up(event)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            if name:
+                with contextlib.suppress(Exception):
+                    await js.delete_consumer(EVENTS_STREAM, name)
+        await self._caught_up()
+        live = self._live_events or []
+        while live:  # events that came while reading (and while handling these)
+            event = self._decode(live.pop(0))
+            if event is not None and event.id not in seen:
+                await self._handle_event(event)
+        self._live_events = None  # no await since the list was last seen empty: order kept
 
     def _catch_up(self, event: Event) -> None:
         """Events from before this session: remember agent turns nobody has voiced yet."""
