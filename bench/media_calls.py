@@ -88,7 +88,7 @@ from parley.devkit.telephony.audio_codec import ulaw_encode
 
 BUDGET_CALLS = 250
 BUDGET_P99_MS = 20.0
-LEVELS = (50, 100, 250)
+LEVELS = (50, 100, 150, 200, 250)
 QUICK_LEVELS = (50,)
 SLOTS = 10
 TICK_S = tp.FRAME_SECONDS
