@@ -128,23 +128,34 @@ class DurableConsumer:
             await self._run_concurrently()
             return
         while not self._stopping.is_set():
-            try:
-                msgs = await self._sub.fetch(self.settings.batch, timeout=0.5)
-            except (TimeoutError, FetchTimeoutError, NatsTimeoutError):
-                continue
-            except Exception:
-                if self._stopping.is_set() or self.bus.nc.is_closed:
-                    return
-                log.exception("fetch failed on %s", self.settings.durable)
-                await asyncio.sleep(0.5)
-                continue
+            msgs = await self._fetch(self.settings.batch)
+            if msgs is None:
+                return
             for index, msg in enumerate(msgs):
-                if self._stopping.is_set():
-                    # Hand the rest back at once rather than waiting out ack_wait.
-                    for rest in msgs[index:]:
-                        await rest.nak()
+                if await self._handed_back(msgs, index):
                     return
                 await self._process(msg)
+
+    async def _fetch(self, count: int) -> list[Msg] | None:
+        """Up to ``count`` messages (none after a quiet 0.5 s); None once the bus is gone."""
+        try:
+            return await self._sub.fetch(count, timeout=0.5)
+        except (TimeoutError, FetchTimeoutError, NatsTimeoutError):
+            return []
+        except Exception:
+            if self._stopping.is_set() or self.bus.nc.is_closed:
+                return None
+            log.exception("fetch failed on %s", self.settings.durable)
+            await asyncio.sleep(0.5)
+            return []
+
+    async def _handed_back(self, msgs: list[Msg], index: int) -> bool:
+        """When stopping, hand ``msgs[index:]`` back at once rather than wait out ack_wait."""
+        if not self._stopping.is_set():
+            return False
+        for rest in msgs[index:]:
+            await rest.nak()
+        return True
 
     async def _run_concurrently(self) -> None:
         """Fetch while handlers run, at most ``concurrency`` messages in hand."""
@@ -165,20 +176,11 @@ class DurableConsumer:
                 await asyncio.wait(self._in_hand, timeout=0.5,
                                    return_when=asyncio.FIRST_COMPLETED)
                 continue
-            try:
-                msgs = await self._sub.fetch(min(self.settings.batch, room), timeout=0.5)
-            except (TimeoutError, FetchTimeoutError, NatsTimeoutError):
-                continue
-            except Exception:
-                if self._stopping.is_set() or self.bus.nc.is_closed:
-                    return
-                log.exception("fetch failed on %s", self.settings.durable)
-                await asyncio.sleep(0.5)
-                continue
+            msgs = await self._fetch(min(self.settings.batch, room))
+            if msgs is None:
+                return
             for index, msg in enumerate(msgs):
-                if self._stopping.is_set():
-                    for rest in msgs[index:]:
-                        await rest.nak()
+                if await self._handed_back(msgs, index):
                     return
                 self._dispatch(msg)
 
