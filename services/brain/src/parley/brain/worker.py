@@ -290,6 +290,8 @@ class BrainWorker:
             concurrency=services.turn_concurrency, key=lambda e: getattr(e, "call_id", ""))
         # call → (stream sequence, turn id) of its latest turn.user_ended the follower saw
         self._turn_ends: OrderedDict[str, tuple[int, str]] = OrderedDict()
+        # call → (stream sequence, event) the follower delivered while the call was replayed
+        self._replaying: dict[str, list[tuple[int, Event]]] = {}
         self._subs: list[Any] = []
         self._followed_from = 0  # first stream sequence the live follower delivered
         self.replays = 0  # turns that had to read their call from JetStream
@@ -432,6 +434,11 @@ class BrainWorker:
             return
         if msg.subject.endswith(".turn.user_ended"):
             self._turn_ended(call_id, seq, msg.data)
+        replaying = self._replaying.get(call_id)
+        if replaying is not None:  # the replay may end before this: it adds what it lacks
+            with contextlib.suppress(EventDecodeError):
+                replaying.append((seq, decode(msg.data)))
+            return
         cached = self._history.get(call_id)
         if cached is None or cached[0] >= seq:
             return
@@ -476,12 +483,22 @@ class BrainWorker:
             await asyncio.sleep(0.001)
         self.replays += 1
         last, cached_events = self._history.pop(call_id, (0, []))
-        cached = (last, cached_events)
-        events = list(cached[1])  # a concurrent handler of the same call may hold the old list
-        async for seq, event in self.s.bus.replay(call_events(call_id, org_id),
-                                                  start_seq=last + 1):
-            events.append(event)
-            last = seq
+        events = list(cached_events)  # a concurrent handler of the same call may hold the old list
+        # What the follower delivers for the call meanwhile is kept, not dropped: the replay
+        # reads up to the stream's end as it was when it began, and an event stored after that
+        # would otherwise be missing from the history the follower goes on appending to.
+        live = self._replaying[call_id] = []
+        try:
+            async for seq, event in self.s.bus.replay(call_events(call_id, org_id),
+                                                      start_seq=last + 1):
+                events.append(event)
+                last = seq
+        finally:
+            del self._replaying[call_id]
+        for seq, event in live:
+            if seq > last:
+                events.append(event)
+                last = seq
         self._history[call_id] = (last, events)
         if len(self._history) > HISTORY_CALLS:
             self._history.popitem(last=False)
