@@ -42,8 +42,6 @@ async def test_a_slow_turn_of_one_call_does_not_delay_another_call(
     try:
         await open_call(bus, "ca")
         await open_call(bus, "cb")
-        await recorder.wait("agent.say", "ca")  # greeted: both calls are under way
-        await recorder.wait("agent.say", "cb")
         await user_says(bus, "ca", "t1", "Please think slowly about my question.")
         await recorder.wait("turn.started", "ca")
         began = time.monotonic()
