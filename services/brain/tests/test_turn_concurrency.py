@@ -11,7 +11,7 @@ from parley.brain.llm.base import LlmEvent, LlmRequest
 from parley.brain.worker import BrainWorker
 from parley.devkit.emulators.anthropic import ScriptedReply
 
-from .conftest import open_call, services, user_says
+from .conftest import ORG, open_call, services, user_says
 
 
 class HeldBack:
@@ -90,5 +90,44 @@ async def test_a_newer_turn_cancels_the_older_one_promptly_even_if_it_came_first
             assert t1_end < kinds.index(("turn.started", "t2"))
     finally:
         held.release.set()
+        await worker.stop()
+        await llm.aclose()
+
+
+async def test_an_event_stored_while_its_call_is_replayed_is_not_lost(
+        bus, pool, emulator, recorder) -> None:
+    """The follower delivers an event of a call whose history is being replayed, and the replay
+    (which reads the stream as it was when it began) ends before it: the history keeps it."""
+    from nats.aio.msg import Msg
+
+    from parley.common.events import TurnUserEnded, encode
+
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(services(bus, pool, [llm]))
+    await worker.start()
+    try:
+        await open_call(bus, "cr")
+        await recorder.wait("agent.say", "cr")
+        worker._history.pop("cr", None)  # not cached here: the next unit of work replays it
+        stored = await bus.replay_call("cr")
+        later = TurnUserEnded(org_id=ORG, call_id="cr", turn_id="t1", text="Hello?")
+        real_replay = worker.s.bus.replay
+
+        async def replay_then_a_late_event(subject: str, *, start_seq: int = 1):
+            async for item in real_replay(subject, start_seq=start_seq):
+                yield item
+            # The follower delivers an event stored after the replay took its snapshot.
+            msg = Msg(bus.nc, subject=f"parley.ev.{ORG}.call.cr.turn.user_ended",
+                      data=encode(later), reply="$JS.ACK.EVENTS.c.1.999.999.0.0")
+            worker._followed_from = worker._followed_from or 1
+            await worker._follow(msg)
+
+        worker.s.bus.replay = replay_then_a_late_event  # type: ignore[method-assign]
+        events = await worker._call_events("cr", ORG, upto=1)
+        worker.s.bus.replay = real_replay  # type: ignore[method-assign]
+        assert [e.id for e in events[:len(stored)]] == [e.id for e in stored]
+        assert events[-1].id == later.id  # kept, not dropped while the history was rebuilt
+        assert worker._history["cr"][0] == 999
+    finally:
         await worker.stop()
         await llm.aclose()
