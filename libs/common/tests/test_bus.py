@@ -302,3 +302,12 @@ async def test_one_trace_spans_publisher_and_consumer(bus: Bus) -> None:
     await wait_for(lambda: len(seen_trace_ids) == 1)
     await consumer.stop()
     assert seen_trace_ids == [span.get_span_context().trace_id]
+
+
+async def test_replay_skips_a_message_that_is_not_an_event(bus: Bus) -> None:
+    first = events.TranscriptPartial(org_id="o1", call_id="c9", text="one")
+    last = events.TranscriptPartial(org_id="o1", call_id="c9", text="two")
+    await bus.publish(first)
+    await bus.js.publish("parley.ev.o1.call.c9.transcript.partial", b"not json")
+    await bus.publish(last)
+    assert await bus.replay_call("c9") == [first, last]

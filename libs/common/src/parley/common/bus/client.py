@@ -136,7 +136,9 @@ class Bus:
                      batch: int = 256) -> AsyncIterator[tuple[int, Event]]:
         """Yield ``(stream sequence, event)`` for a filter, oldest first, up to now.
 
-        Uses an ephemeral, ack-less pull consumer, so nothing is left behind on the server.
+        Uses an ephemeral, ack-less pull consumer, so nothing is left behind on the server. A
+        message that is not an event is logged (with its stream sequence) and skipped, so one
+        bad message does not stop everything after it from being read.
         """
         config = ConsumerConfig(
             filter_subject=subject_filter, ack_policy=AckPolicy.NONE,
@@ -154,7 +156,13 @@ class Bus:
                     break  # the stream shrank (max_age) after we counted
                 for msg in msgs:
                     remaining = msg.metadata.num_pending
-                    yield msg.metadata.sequence.stream, decode(msg.data)
+                    try:
+                        event = decode(msg.data)
+                    except EventDecodeError as exc:
+                        log.error("replay of %s: stream seq %d skipped: %s", subject_filter,
+                                  msg.metadata.sequence.stream, exc)
+                        continue
+                    yield msg.metadata.sequence.stream, event
         finally:
             await sub.unsubscribe()
             with contextlib.suppress(NotFoundError):  # inactive_threshold would remove it anyway
