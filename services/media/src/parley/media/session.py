@@ -41,11 +41,9 @@ from typing import Any
 
 import numpy as np
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from parley.common.bus import Bus, audio_subject, call_events, command_subject
 from parley.common.bus.audio import MARK, encode_frame
-from parley.common.bus.streams import EVENTS_STREAM
 from parley.common.configuration.models import AgentSettings
 from parley.common.events import (
     AgentSay,
@@ -478,32 +476,10 @@ class CallSession:
 
     async def _read_past_events(self) -> None:
         """The call's events so far from the stream, then the live ones held meanwhile."""
-        js, subject = self.s.bus.js, call_events(self.call_id, self.org_id)
         seen: set[Any] = set()
-        sub = await js.pull_subscribe(subject, stream=EVENTS_STREAM, config=ConsumerConfig(
-            filter_subject=subject, deliver_policy=DeliverPolicy.ALL,
-            ack_policy=AckPolicy.NONE, inactive_threshold=30.0, mem_storage=True))
-        name = ""
-        try:
-            info = await sub.consumer_info()
-            name, remaining = info.name, info.num_pending or 0
-            while remaining > 0:
-                try:
-                    msgs = await sub.fetch(min(remaining, 256), timeout=2.0)
-                except TimeoutError:
-                    break
-                for msg in msgs:
-                    remaining = msg.metadata.num_pending
-                    event = self._decode(msg)
-                    if event is not None:
-                        seen.add(event.id)
-                        self._catch_up(event)
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-            if name:
-                with contextlib.suppress(Exception):
-                    await js.delete_consumer(EVENTS_STREAM, name)
+        async for _, event in self.s.bus.replay(call_events(self.call_id, self.org_id)):
+            seen.add(event.id)
+            self._catch_up(event)
         await self._caught_up()
         live = self._live_events or []
         while live:  # events that came while reading (and while handling these)
@@ -615,7 +591,7 @@ class CallSession:
             clause_start = len(turn.audio.frames) * FRAME_MS / 1000
             try:
                 async for chunk in stream.audio():
-                    if not turn.tts_answered_at:
+                    if chunk.audio and not turn.tts_answered_at:
                         turn.tts_answered_at = time.monotonic()
                     index = first + chunk.clause
                     if index != clause:
