@@ -179,3 +179,48 @@ async def test_failures_are_retried_and_dead_lettered_per_message(bus: Bus) -> N
     assert reasons[0].startswith("PermanentError: never") and "undecodable" in reasons[1]
     info = await bus.js.consumer_info(EVENTS_STREAM, "mixed")
     assert info.num_ack_pending == 0 and info.num_pending == 0
+
+
+@pytest.mark.parametrize("concurrency", [1, 8])
+async def test_each_message_is_handled_as_it_is_stored_not_when_a_batch_fills(
+        bus: Bus, concurrency: int) -> None:
+    # Messages one at a time, with quiet gaps between them, and a batch of 32 that never fills:
+    # each is handled at once, not when the batch fills or a fetch times out.
+    delays: list[float] = []
+
+    async def handler(event: events.Event, _msg: object) -> None:
+        delays.append(asyncio.get_running_loop().time() - float(event.text))  # type: ignore[attr-defined]
+
+    consumer = DurableConsumer(bus, _settings(f"prompt{concurrency}", batch=32), handler,
+                               concurrency=concurrency, key=by_call)
+    await consumer.start()
+    for n in range(8):
+        await asyncio.sleep(0.15 + 0.05 * n)
+        await bus.publish(said(f"c{n}", str(asyncio.get_running_loop().time())))
+    await wait_for(lambda: len(delays) == 8)
+    await consumer.stop()
+    assert max(delays) < 0.1, delays
+
+
+async def test_pull_requests_are_renewed_and_do_not_pile_up(bus: Bus) -> None:
+    handled: list[str] = []
+
+    async def handler(event: events.Event, _msg: object) -> None:
+        handled.append(event.text)  # type: ignore[attr-defined]
+
+    from parley.common.bus import consumer as consumer_module
+    consumer = DurableConsumer(bus, _settings("renewed", batch=4), handler)
+    original = consumer_module.PULL_EXPIRES_S
+    consumer_module.PULL_EXPIRES_S = 0.3  # several requests run their course during the test
+    try:
+        await consumer.start()
+        await asyncio.sleep(1.0)
+        info = await bus.js.consumer_info(EVENTS_STREAM, "renewed")
+        assert info.num_waiting <= 1  # one request of 4 at a time, not one per lapse
+        for n in range(10):  # more than a request's batch: the runner asks again as they come
+            await bus.publish(said("a", f"m{n}"))
+        await wait_for(lambda: len(handled) == 10)
+        assert handled == [f"m{n}" for n in range(10)]
+    finally:
+        consumer_module.PULL_EXPIRES_S = original
+        await consumer.stop()

@@ -1,13 +1,13 @@
 """Durable pull consumers: work that must happen exactly once.
 
-The runner fetches from a durable JetStream consumer, decodes each event, calls the handler and
+The runner pulls from a durable JetStream consumer, decodes each event, calls the handler and
 acks only after the handler returns — so the handler must commit its effect (keyed by event id)
 before returning. Transient failures are nak'ed with exponential backoff; a message that can never
 succeed (undecodable, :class:`PermanentError`, or out of attempts) is copied to the dead-letter
 stream with the reason and ``term``-ed, so it never blocks the messages behind it.
 
 By default one message is handled at a time, in stream order. ``concurrency=n`` handles up to
-``n`` at once while the runner keeps fetching; with a ``key`` (e.g. the call id), messages with the
+``n`` at once while the runner keeps pulling; with a ``key`` (e.g. the call id), messages with the
 same key are still handled one after another in stream order and only different keys run in
 parallel. Each message is acked, nak'ed or dead-lettered on its own.
 """
@@ -15,15 +15,17 @@ parallel. Each message is acked, nak'ed or dead-lettered on its own.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import msgspec
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import FetchTimeoutError
+from nats.aio.subscription import Subscription
+from nats.js.api import DEFAULT_PREFIX, AckPolicy, ConsumerConfig, DeliverPolicy, Header
 
 from .. import tracing
 from ..events import Event, EventDecodeError, decode
@@ -32,6 +34,9 @@ from .streams import EVENTS_STREAM
 from .subjects import dead_letter_subject
 
 log = logging.getLogger(__name__)
+
+PULL_EXPIRES_S = 5.0  # how long a pull request waits on the server for messages
+PULL_GRACE_S = 1.0  # a request whose end never arrived is forgotten this long after it expired
 
 MessageHandler = Callable[[Event, Msg], Awaitable[None]]
 MessageKey = Callable[[Event], str]
@@ -71,7 +76,15 @@ async def dead_letter(bus: Bus, msg: Msg, *, consumer: str, reason: str) -> None
 
 
 class DurableConsumer:
-    """Runs a handler over a durable pull consumer until stopped."""
+    """Runs a handler over a durable pull consumer until stopped.
+
+    Messages are pulled continuously rather than fetched batch by batch: pull requests stay
+    outstanding on the server (each for up to ``PULL_EXPIRES_S``), topped up as messages are
+    settled, so a message is pushed to the handler the moment it is stored. (nats-py's
+    ``fetch(n)`` can hold the first message until the batch fills or its timeout passes: up to
+    half a second at a quiet moment.) At most ``batch`` messages (one at a time) or
+    ``concurrency`` messages (concurrent) are in hand or requested at once.
+    """
 
     def __init__(self, bus: Bus, settings: ConsumerSettings, handler: MessageHandler, *,
                  on_dead_letter: Callable[[str], None] | None = None, concurrency: int = 1,
@@ -86,8 +99,14 @@ class DurableConsumer:
         self._key = key
         self._on_dead_letter = on_dead_letter
         self._task: asyncio.Task[None] | None = None
-        self._in_hand: set[asyncio.Task[None]] = set()  # concurrent mode: fetched, not settled
+        self._sub: Subscription | None = None
+        # Pull requests outstanding on the server, oldest first: [local deadline, still owed].
+        self._requests: collections.deque[list[float]] = collections.deque()
+        self._buffer: collections.deque[Msg] = collections.deque()  # one-at-a-time: arrived
+        self._busy = False  # one-at-a-time: a message is being handled
+        self._in_hand: set[asyncio.Task[None]] = set()  # concurrent mode: arrived, not settled
         self._tails: dict[str, asyncio.Task[None]] = {}  # key → its latest message's task
+        self._changed = asyncio.Event()  # room to pull more, or a message to handle
         self._stopping = asyncio.Event()
         self.processed = 0
         self.dead_lettered = 0
@@ -104,63 +123,151 @@ class DurableConsumer:
     async def start(self) -> None:
         """Declare the consumer (idempotent) and start pulling in a tracked task."""
         await self.bus.js.add_consumer(self.settings.stream, self.consumer_config())
-        self._sub = await self.bus.js.pull_subscribe_bind(
-            self.settings.durable, stream=self.settings.stream)
+        self._next = f"{DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{self.settings.stream}." \
+                     f"{self.settings.durable}"
+        self._inbox = self.bus.nc.new_inbox()
+        self._sub = await self.bus.nc.subscribe(self._inbox, cb=self._arrived)
         self._task = asyncio.create_task(self._run(), name=f"consumer:{self.settings.durable}")
 
     async def stop(self) -> None:
         """Finish the messages being handled, hand back the rest, stop pulling.
 
-        Messages fetched but not started (the rest of a batch, or ones waiting behind another
+        Messages that arrived but were not started (waiting in the buffer, or behind another
         message with the same key) are nak'ed at once rather than left to ``ack_wait``. The
         durable stays on the server.
         """
         self._stopping.set()
+        self._changed.set()
+        if self._sub is not None:  # no more deliveries: the server drops requests without interest
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        with contextlib.suppress(Exception):
-            await self._sub.unsubscribe()
+        while self._buffer:
+            with contextlib.suppress(Exception):
+                await self._buffer.popleft().nak()
+
+    # ------------------------------------------------------------------ pulling
+
+    @property
+    def _owed(self) -> int:
+        """Messages requested from the server and not delivered yet."""
+        return int(sum(owed for _, owed in self._requests))
+
+    def _room(self) -> int:
+        """How many more messages may be requested now."""
+        if self.concurrency > 1:
+            held = len(self._in_hand)
+            limit = self.concurrency
+        else:
+            held = len(self._buffer) + self._busy
+            limit = self.settings.batch
+        return limit - held - self._owed
+
+    async def _pull(self) -> None:
+        """Keep pull requests outstanding while there is room for their messages."""
+        limit = self.concurrency if self.concurrency > 1 else self.settings.batch
+        threshold = max(1, min(limit, self.settings.batch) // 2)
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            while self._requests and self._requests[0][0] < now:
+                self._requests.popleft()  # its end never came (a reconnect): stop counting it
+            room = self._room()
+            if room > 0 and (not self._requests or room >= threshold):
+                count = min(room, self.settings.batch)
+                request = json.dumps({"batch": count,
+                                      "expires": int(PULL_EXPIRES_S * 1e9)}).encode()
+                self._requests.append([now + PULL_EXPIRES_S + PULL_GRACE_S, count])
+                try:
+                    await self.bus.nc.publish(self._next, request, reply=self._inbox)
+                except Exception:
+                    self._requests.pop()
+                    if self._stopping.is_set() or self.bus.nc.is_closed:
+                        return
+                    log.exception("pull request failed on %s", self.settings.durable)
+                    await asyncio.sleep(0.5)
+                continue
+            self._changed.clear()
+            wait = self._requests[0][0] - now if self._requests else PULL_EXPIRES_S
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=max(wait, 0.01))
+
+    async def _arrived(self, msg: Msg) -> None:
+        """A message (or a request's end) delivered to the inbox."""
+        status = msg.headers.get(Header.STATUS) if msg.headers else None
+        if status is not None:
+            self._request_ended(msg, status)
+            return
+        if self._requests:
+            self._requests[0][1] -= 1
+            if self._requests[0][1] <= 0:
+                self._requests.popleft()
+        if self._stopping.is_set():
+            await msg.nak()  # not started: hand it back at once
+            return
+        if self.concurrency > 1:
+            self._dispatch(msg)
+        else:
+            self._buffer.append(msg)
+            self._changed.set()
+
+    def _request_ended(self, msg: Msg, status: str) -> None:
+        if status == "100":  # an idle heartbeat (none are asked for)
+            return
+        if self._requests:  # requests end in the order they were made
+            self._requests.popleft()
+        description = msg.headers.get(Header.DESCRIPTION, "") if msg.headers else ""
+        if status != "408":  # 408 is a request that ran its course
+            log.warning("%s: pull request ended: %s %s", self.settings.durable, status,
+                        description)
+        if "deleted" in description.lower() and not self._stopping.is_set():
+            asyncio.create_task(self._redeclare())
+        self._changed.set()
+
+    async def _redeclare(self) -> None:
+        """The consumer was deleted under us: declare it again, so work does not stop."""
+        try:
+            await self.bus.js.add_consumer(self.settings.stream, self.consumer_config())
+            log.warning("%s: consumer declared again after it was deleted",
+                        self.settings.durable)
+        except Exception:
+            log.exception("%s: declaring the deleted consumer again failed",
+                          self.settings.durable)
+
+    # ------------------------------------------------------------------ handling
 
     async def _run(self) -> None:
         if self.concurrency > 1:
             await self._run_concurrently()
             return
-        while not self._stopping.is_set():
-            msgs = await self._fetch(self.settings.batch)
-            if msgs is None:
-                return
-            for index, msg in enumerate(msgs):
-                if await self._handed_back(msgs, index):
-                    return
-                await self._process(msg)
-
-    async def _fetch(self, count: int) -> list[Msg] | None:
-        """Up to ``count`` messages (none after a quiet 0.5 s); None once the bus is gone."""
+        puller = asyncio.create_task(self._pull())
         try:
-            return await self._sub.fetch(count, timeout=0.5)
-        except (TimeoutError, FetchTimeoutError, NatsTimeoutError):
-            return []
-        except Exception:
-            if self._stopping.is_set() or self.bus.nc.is_closed:
-                return None
-            log.exception("fetch failed on %s", self.settings.durable)
-            await asyncio.sleep(0.5)
-            return []
-
-    async def _handed_back(self, msgs: list[Msg], index: int) -> bool:
-        """When stopping, hand ``msgs[index:]`` back at once rather than wait out ack_wait."""
-        if not self._stopping.is_set():
-            return False
-        for rest in msgs[index:]:
-            await rest.nak()
-        return True
+            while True:
+                while not self._buffer:
+                    if self._stopping.is_set():
+                        return
+                    self._changed.clear()
+                    await self._changed.wait()
+                    self._changed.set()  # the puller may be waiting on the same change
+                if self._stopping.is_set():
+                    return  # stop() hands the buffer back
+                self._busy = True
+                try:
+                    await self._process(self._buffer.popleft())
+                finally:
+                    self._busy = False
+                    self._changed.set()
+        finally:
+            puller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await puller
 
     async def _run_concurrently(self) -> None:
-        """Fetch while handlers run, at most ``concurrency`` messages in hand."""
+        """Pull while handlers run, at most ``concurrency`` messages in hand or requested."""
         try:
-            await self._fetch_and_dispatch()
+            await self._pull()
         except asyncio.CancelledError:
             for task in self._in_hand:
                 task.cancel()
@@ -168,21 +275,6 @@ class DurableConsumer:
         # Handlers already running finish; messages still waiting behind a key nak themselves.
         while self._in_hand:
             await asyncio.wait(set(self._in_hand))
-
-    async def _fetch_and_dispatch(self) -> None:
-        while not self._stopping.is_set():
-            room = self.concurrency - len(self._in_hand)
-            if room <= 0:
-                await asyncio.wait(self._in_hand, timeout=0.5,
-                                   return_when=asyncio.FIRST_COMPLETED)
-                continue
-            msgs = await self._fetch(min(self.settings.batch, room))
-            if msgs is None:
-                return
-            for index, msg in enumerate(msgs):
-                if await self._handed_back(msgs, index):
-                    return
-                self._dispatch(msg)
 
     def _dispatch(self, msg: Msg) -> None:
         try:
@@ -200,6 +292,7 @@ class DurableConsumer:
 
         def settled(done: asyncio.Task[None]) -> None:
             self._in_hand.discard(done)
+            self._changed.set()  # room for one more
             if key is not None and self._tails.get(key) is done:
                 del self._tails[key]
             if not done.cancelled() and done.exception() is not None:
