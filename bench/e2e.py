@@ -9,7 +9,8 @@ which plays Twilio for every call and reads the call events off the bus (core su
 
 ``e2e.platform_overhead`` — N concurrent calls (100; quick 20) as in ``media_calls``: signed
 webhook, WebSocket, 50 frames/s each way; each caller speaks 1 s noise bursts (the Deepgram
-emulator answers with a scripted transcript), waits for the answer to play, pauses, speaks again.
+emulator answers with a scripted transcript), waits for the answer to play, pauses (0.6 ± 0.3 s,
+drawn every turn, as ``media_calls``), speaks again.
 Media runs on the Deepgram and Cartesia emulators (Cartesia: no first-byte delay, 20× real time),
 the brain on the Anthropic emulator with no time to first token and no pacing (the real SDK over
 loopback HTTP). The agent has no greeting. Per turn:
@@ -44,7 +45,9 @@ utterance's last frame sent → the first agent frame received (``CallResult.lat
 broken down by ``turn.user_ended`` (``eou_delay_ms``, ``stt_final_ms``), the brain (user_ended →
 first agent.say) and media's TTS (agent.say → agent.speech.started).
 
-``E2E_PARTS=overhead`` or ``E2E_PARTS=voice`` runs one part (investigations).
+``E2E_PARTS=overhead`` or ``E2E_PARTS=voice`` runs one part (investigations);
+``E2E_ROWS=<file>`` writes every measured turn's stages (with its ``turn.user_ended`` time) as
+JSON, to see when the slow turns happened and where they lost their time.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import math
 import os
 import shutil
@@ -83,7 +87,6 @@ from gateway_frames import (
 from media_calls import (
     CARTESIA_KEY,
     DEEPGRAM_KEY,
-    PAUSE_S,
     TRANSCRIPT,
     Call,
     Media,
@@ -302,7 +305,7 @@ async def _receive(call: Call, answers: Answers) -> None:
             size = len(payload) * 3 // 4 - payload.count("=", -2)
             call.out_bytes += size
             call.played_until = max(call.played_until, now) + size / 8000
-            call.speak_at = call.played_until + PAUSE_S
+            call.speak_at = call.played_until + call.pause
         elif isinstance(event, tp.ServerMark):
             call.marks.append((max(call.played_until, now), event.mark.name))
         elif isinstance(event, tp.Clear):
@@ -330,6 +333,7 @@ def _overhead_turns(events: Events, answers: Answers, window: tuple[float, float
         llm = 0.0 if math.isnan(facts.llm_wait_ms) else min(facts.llm_wait_ms, ttft)
         tts = 0.0 if math.isnan(facts.tts_provider_ms) else facts.tts_provider_ms
         rows.append({
+            "at": facts.user_ended,
             "gross": gross, "overhead": gross - llm - tts, "ttft": ttft, "llm_wait": llm,
             "tts_provider": tts,
             "bus_to_bench": 1000 * (facts.arrived - facts.user_ended),
@@ -340,6 +344,10 @@ def _overhead_turns(events: Events, answers: Answers, window: tuple[float, float
             "tts_ttfb_ms": facts.tts_ttfb_ms,
             "frame_to_caller": 1000 * (frame - facts.speech_started),
         })
+    if os.environ.get("E2E_ROWS"):  # every turn's stages, to find where the slow ones lost time
+        Path(os.environ["E2E_ROWS"]).write_text(json.dumps(rows))
+    for row in rows:
+        del row["at"]  # a time, not a latency: not summarised
     return rows, unanswered
 
 

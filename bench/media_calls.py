@@ -16,8 +16,9 @@ WebSocket upgrade, ``connected``, ``start``) and paced by one task: a 20 ms tick
 ``SLOTS`` slots, each sending one ``media`` message on its share of the sockets. Each caller
 speaks a 1 s noise burst (webrtcvad and the Deepgram emulator both take it for speech; the
 emulator answers with a scripted transcript), then silence until the agent has answered and the
-answer has "played" (its audio length after it arrived) plus a pause, then speaks again; the
-first utterance of each call starts at a random time so turns are spread out. The caller side
+answer has "played" (its audio length after it arrived) plus a pause (0.6 ± 0.3 s, uniform, drawn
+every turn: a fixed pause phase-locks calls, see ``next_pause``), then speaks again; the first
+utterance of each call starts at a random time so turns are spread out. The caller side
 echoes every ``mark`` when the audio before it has played, as Twilio does, so media knows what
 was heard and never sees a barge-in. This process plays the brain: on ``turn.user_ended`` it
 publishes the ``agent.say`` clauses of ``ANSWER`` at once (no LLM time).
@@ -93,7 +94,8 @@ QUICK_LEVELS = (50,)
 SLOTS = 10
 TICK_S = tp.FRAME_SECONDS
 UTTERANCE_FRAMES = 50  # 1 s of noise per caller utterance
-PAUSE_S = 0.6  # caller's pause after the agent's answer has played
+PAUSE_S = 0.6  # caller's pause after the agent's answer has played, on average …
+PAUSE_JITTER_S = 0.3  # … give or take this much (uniform), drawn for every turn
 REPLY_TIMEOUT_S = 6.0  # speak again anyway if no answer came
 TRANSCRIPT = "I would like to book a cleaning please"
 ANSWER = ("Sure, one moment,", "let me check.")
@@ -128,6 +130,7 @@ class Call:
     subscription: Subscription | None = None
     chunk_ms: int = 0
     speak_at: float = 0.0  # perf_counter time of the next utterance
+    pause: float = PAUSE_S  # this turn's pause after the answer has played
     offset: int = -1  # frame of the utterance being spoken (-1: silent)
     played_until: float = 0.0  # when the agent audio received so far has finished playing
     marks: list[tuple[float, str]] = field(default_factory=list)  # (due, name) to echo
@@ -292,7 +295,7 @@ async def _receive(call: Call) -> None:
                 TURN_MS.append(1000 * (time.time() - spoke))
             call.out_bytes += size
             call.played_until = max(call.played_until, now) + size / 8000
-            call.speak_at = call.played_until + PAUSE_S
+            call.speak_at = call.played_until + call.pause
         elif isinstance(event, tp.ServerMark):
             call.marks.append((max(call.played_until, now), event.mark.name))
         elif isinstance(event, tp.Clear):
@@ -302,6 +305,17 @@ async def _receive(call: Call) -> None:
 
 
 TURN_MS: list[float] = []  # reset per level
+_PAUSES = random.Random(11)
+
+
+def next_pause() -> float:
+    """A caller's pause before speaking again: people do not all pause alike.
+
+    With one fixed pause every call's cycle is the same length, so calls whose turns once ended
+    together (in a stall of a few ms) stay in step for good: turns then came in clumps (up to 7
+    ending within 20 ms, every cycle, in e2e), a load no set of independent callers makes.
+    """
+    return PAUSE_S + _PAUSES.uniform(-PAUSE_JITTER_S, PAUSE_JITTER_S)
 
 
 async def _open(http: aiohttp.ClientSession, nc: NATS, gateway: Gateway, count: int,
@@ -433,6 +447,7 @@ async def _pace(calls: list[Call], *, seconds: float, speaking: bool, lags: list
                     if call.offset == UTTERANCE_FRAMES:
                         call.offset = -1
                         call.speak_at = now + REPLY_TIMEOUT_S  # unless an answer comes
+                        call.pause = next_pause()
                 else:
                     audio = SILENCE
                 message = call.messages.media(audio, call.chunk_ms)
@@ -618,7 +633,8 @@ async def run(ctx: Any) -> BenchResult:
         "per level": f"fresh calls and media process; {warmup_s:g} s warm-up, {measure_s:g} s "
                      "measured, 4 s grace (silence) for the last answers",
         "caller": f"Twilio `media` 50/s; {UTTERANCE_FRAMES * 20} ms noise bursts, then silence "
-                  f"until the answer has played + {PAUSE_S:g} s; marks echoed at play time",
+                  f"until the answer has played + {PAUSE_S:g} ± {PAUSE_JITTER_S:g} s (uniform, "
+                  "drawn every turn); marks echoed at play time",
         "brain": f"this process: agent.say {list(ANSWER)} on turn.user_ended",
         "providers": "Deepgram and Cartesia emulators, one process each; media chains "
                      "deepgram→whisper, cartesia→piper (fallbacks not preloaded)",
