@@ -585,11 +585,16 @@ class CallSession:
                 failure = ""
             stream = turn.stream
             first = done_clauses
-            feeder = asyncio.create_task(self._feed(turn, stream, said, first))
+            feeder: asyncio.Task[bool] | None = None
             aligner = FrameAligner(ULAW_FRAME_BYTES)
             clause = first
             clause_start = len(turn.audio.frames) * FRAME_MS / 1000
             try:
+                # The clauses already here go to the synthesiser now, not one task hop later
+                # (on a busy loop a hop is most of a millisecond); a feeder sends the rest.
+                if not await self._feed(turn, stream, said, first, wait=False):
+                    feeder = asyncio.create_task(
+                        self._feed(turn, stream, said, len(said), wait=True))
                 async for chunk in stream.audio():
                     if chunk.audio and not turn.tts_answered_at:
                         turn.tts_answered_at = time.monotonic()
@@ -616,9 +621,10 @@ class CallSession:
                 after, failure = turn.provider, str(exc)
                 done_clauses = clause  # re-synthesise from the clause that broke
             finally:
-                feeder.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await feeder
+                if feeder is not None:
+                    feeder.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await feeder
         turn.audio.end_clause()
         turn.audio.text_done = True
         self._tts_chars[turn.provider] = self._tts_chars.get(turn.provider, 0) + turn.chars
@@ -629,25 +635,33 @@ class CallSession:
             await self._command("mark", {"name": f"{turn.turn_id}:{seq}"})
 
     async def _feed(self, turn: _AgentTurn, stream: TtsStream, said: list[AgentSay],
-                    first: int) -> None:
-        """Send the turn's clauses from ``first`` on, then new ones as they arrive."""
+                    first: int, *, wait: bool) -> bool:
+        """Send the turn's clauses from ``first`` on, then the ones that arrive.
+
+        Without ``wait`` only those already here; True once the turn's last clause is sent.
+        """
         for clause in said[first:]:
             await stream.say(clause.text, last=clause.last)
             turn.tts_asked_at = turn.tts_asked_at or time.monotonic()
             if clause.last:
-                return
+                return True
         while True:
-            clause = await turn.clauses.get()
+            if wait:
+                clause = await turn.clauses.get()
+            elif turn.clauses.empty():
+                return False
+            else:
+                clause = turn.clauses.get_nowait()
             if clause is None:
                 if not said or not said[-1].last:
                     await stream.say("", last=True)
-                return
+                return True
             said.append(clause)
             turn.chars += len(clause.text)
             await stream.say(clause.text, last=clause.last)
             turn.tts_asked_at = turn.tts_asked_at or time.monotonic()
             if clause.last:
-                return
+                return True
 
     async def _send_out(self, turn: _AgentTurn) -> None:
         if turn.interrupted or turn.audio.cut_frames is not None:
