@@ -224,3 +224,67 @@ async def test_pull_requests_are_renewed_and_do_not_pile_up(bus: Bus) -> None:
     finally:
         consumer_module.PULL_EXPIRES_S = original
         await consumer.stop()
+
+
+async def test_a_consumer_keeps_working_after_the_server_crashes(tmp_path) -> None:
+    # A crashed server forgets its waiting pull requests; the runner must ask again once
+    # reconnected rather than wait for requests that will never be answered.
+    from parley.devkit.infra import NatsServer
+
+    server = NatsServer(tmp_path / "nats").start()
+    bus = await Bus.connect(server.url, name="restart")
+    try:
+        await bus.ensure_streams()
+        handled: list[str] = []
+
+        async def handler(event: events.Event, _msg: object) -> None:
+            handled.append(event.text)  # type: ignore[attr-defined]
+
+        consumer = DurableConsumer(bus, _settings("restarted"), handler)
+        await consumer.start()
+        await bus.publish(said("a", "before"))
+        await wait_for(lambda: handled == ["before"])
+        assert server.proc is not None
+        server.proc.kill()  # a crash: no "server shutdown" status ends the waiting requests
+        server.proc.wait()
+        server.start()  # same port, same store: the stream and the durable are still there
+        await wait_for(lambda: bus.nc.is_connected and bus.nc.stats["reconnects"] == 1)
+        for _ in range(50):  # JetStream takes a moment to recover its streams after a crash
+            try:
+                await bus.publish(said("a", "after"))
+                break
+            except Exception:
+                await asyncio.sleep(0.1)
+        published = asyncio.get_running_loop().time()
+        await wait_for(lambda: handled == ["before", "after"], timeout=5.0)
+        # Asked again within a second of the reconnect, not after the lost requests' expiry.
+        assert asyncio.get_running_loop().time() - published < 3.0
+        await consumer.stop()
+    finally:
+        await bus.close()
+        server.stop()
+
+
+async def test_a_deleted_consumer_is_reported_and_work_resumes_once_it_is_back(
+        bus: Bus, caplog: pytest.LogCaptureFixture) -> None:
+    handled: list[str] = []
+
+    async def handler(event: events.Event, _msg: object) -> None:
+        handled.append(event.text)  # type: ignore[attr-defined]
+
+    consumer = DurableConsumer(bus, _settings("deleted"), handler)
+    await consumer.start()
+    await bus.publish(said("a", "before"))
+    await wait_for(lambda: handled == ["before"])
+    sent = bus.nc.stats["out_msgs"]
+    await bus.js.delete_consumer(EVENTS_STREAM, "deleted")  # an operator's mistake
+    await asyncio.sleep(1.5)
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert refused == ["deleted: pull request refused: 409 Consumer Deleted",  # each said once
+                       "deleted: pull request refused: 503 no responders: the consumer does "
+                       "not exist"]
+    assert bus.nc.stats["out_msgs"] - sent <= 4  # asked again after a pause, not in a loop
+    await bus.js.add_consumer(EVENTS_STREAM, consumer.consumer_config())  # put back (new
+    await bus.publish(said("a", "after"))  # consumers start at the stream's beginning)
+    await wait_for(lambda: handled[-1:] == ["after"])
+    await consumer.stop()

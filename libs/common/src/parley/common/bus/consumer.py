@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 PULL_EXPIRES_S = 5.0  # how long a pull request waits on the server for messages
 PULL_GRACE_S = 1.0  # a request whose end never arrived is forgotten this long after it expired
+PULL_RETRY_S = 1.0  # after the server refused a pull request, ask again this much later
 
 MessageHandler = Callable[[Event, Msg], Awaitable[None]]
 MessageKey = Callable[[Event], str]
@@ -107,6 +108,8 @@ class DurableConsumer:
         self._in_hand: set[asyncio.Task[None]] = set()  # concurrent mode: arrived, not settled
         self._tails: dict[str, asyncio.Task[None]] = {}  # key → its latest message's task
         self._changed = asyncio.Event()  # room to pull more, or a message to handle
+        self._problem = ""  # why the server last refused a pull request, until one works
+        self._pause_until = 0.0  # no pull requests before then (after a refusal)
         self._stopping = asyncio.Event()
         self.processed = 0
         self.dead_lettered = 0
@@ -170,11 +173,20 @@ class DurableConsumer:
         """Keep pull requests outstanding while there is room for their messages."""
         limit = self.concurrency if self.concurrency > 1 else self.settings.batch
         threshold = max(1, min(limit, self.settings.batch) // 2)
+        reconnects = self.bus.nc.stats["reconnects"]
         while not self._stopping.is_set():
             now = time.monotonic()
+            if self.bus.nc.stats["reconnects"] != reconnects:
+                # A restarted server has forgotten our requests: ask afresh, now. (A server
+                # that survived ends the old ones later; each such end is taken for one of the
+                # new requests, which only means asking again a little early.)
+                reconnects = self.bus.nc.stats["reconnects"]
+                self._requests.clear()
             while self._requests and self._requests[0][0] < now:
-                self._requests.popleft()  # its end never came (a reconnect): stop counting it
+                self._requests.popleft()  # its end never came: stop counting it
             room = self._room()
+            if now < self._pause_until:
+                room = 0
             if room > 0 and (not self._requests or room >= threshold):
                 count = min(room, self.settings.batch)
                 request = json.dumps({"batch": count,
@@ -191,8 +203,10 @@ class DurableConsumer:
                 continue
             self._changed.clear()
             wait = self._requests[0][0] - now if self._requests else PULL_EXPIRES_S
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout=max(wait, 0.01))
+            if now < self._pause_until:
+                wait = min(wait, self._pause_until - now)
+            with contextlib.suppress(TimeoutError):  # at least every second: a reconnect?
+                await asyncio.wait_for(self._changed.wait(), timeout=min(max(wait, 0.01), 1.0))
 
     async def _arrived(self, msg: Msg) -> None:
         """A message (or a request's end) delivered to the inbox."""
@@ -204,6 +218,9 @@ class DurableConsumer:
             self._requests[0][1] -= 1
             if self._requests[0][1] <= 0:
                 self._requests.popleft()
+        if self._problem:
+            log.info("%s: pulling again", self.settings.durable)
+            self._problem = ""
         if self._stopping.is_set():
             await msg.nak()  # not started: hand it back at once
             return
@@ -218,23 +235,21 @@ class DurableConsumer:
             return
         if self._requests:  # requests end in the order they were made
             self._requests.popleft()
-        description = msg.headers.get(Header.DESCRIPTION, "") if msg.headers else ""
-        if status != "408":  # 408 is a request that ran its course
-            log.warning("%s: pull request ended: %s %s", self.settings.durable, status,
-                        description)
-        if "deleted" in description.lower() and not self._stopping.is_set():
-            asyncio.create_task(self._redeclare())
+        if status != "408":  # 408: a request that ran its course; anything else is trouble
+            # e.g. 409 Consumer Deleted, 503 no responders (no such consumer): say so once,
+            # and ask again only after a pause, not in a tight loop.
+            description = (msg.headers.get(Header.DESCRIPTION) or "").strip().splitlines()
+            problem = f"{status} {description[0] if description else ''}".strip()
+            if status == "503":
+                problem = "503 no responders: the consumer does not exist"
+            if problem != self._problem:
+                log.error("%s: pull request refused: %s", self.settings.durable, problem)
+                self._problem = problem
+            self._pause_until = time.monotonic() + PULL_RETRY_S
+        elif self._problem:
+            log.info("%s: pulling again", self.settings.durable)
+            self._problem = ""
         self._changed.set()
-
-    async def _redeclare(self) -> None:
-        """The consumer was deleted under us: declare it again, so work does not stop."""
-        try:
-            await self.bus.js.add_consumer(self.settings.stream, self.consumer_config())
-            log.warning("%s: consumer declared again after it was deleted",
-                        self.settings.durable)
-        except Exception:
-            log.exception("%s: declaring the deleted consumer again failed",
-                          self.settings.durable)
 
     # ------------------------------------------------------------------ handling
 
