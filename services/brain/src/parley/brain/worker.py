@@ -306,6 +306,7 @@ class BrainWorker:
             except EventDecodeError:
                 return
             try:
+                self._cancel_on(event)
                 self.warmup.on_event(event)
                 self._speculate_on(event)
             except Exception:
@@ -313,7 +314,7 @@ class BrainWorker:
 
         for kind in ("transcript.partial", "transcript.final", "call.requested",
                      "call.stream_started", "speech.started", "speech.stopped", "turn.user_ended",
-                     "call.ended"):
+                     "call.ended", "agent.speech.interrupted"):
             self._subs.append(await nc.subscribe(events_of_type(kind), cb=on_live))
         # Follow every call event from now on, in stream order, to keep the cached calls
         # current: a turn of a call seen before then needs no replay at all.
@@ -529,15 +530,8 @@ class BrainWorker:
         if ended is not None and ended[1] != turn_id and ended[0] > running.seq:
             running.cancel("newer turn")  # it ended before this run began: no watch sees it
 
-        async def on_message(msg: Msg) -> None:
-            with contextlib.suppress(EventDecodeError):
-                await self._watch(running, decode(msg.data))
-
-        # Only the two events that cancel a turn, so the turn's own events (and everything else
-        # the call publishes meanwhile) are not sent here and decoded for nothing.
-        prefix = call_events(call_id, conversation.org_id).removesuffix(">")
-        watches = [await self.s.bus.nc.subscribe(prefix + kind, cb=on_message)
-                   for kind in ("agent.speech.interrupted", "turn.user_ended")]
+        # What cancels it comes through the instance's live subscriptions (``_cancel_on``)
+        # and the follower (``_turn_ended``), not subscriptions of its own.
         try:
             while not task.done():
                 done, _ = await asyncio.wait({task}, timeout=1.0)
@@ -548,13 +542,14 @@ class BrainWorker:
             elif not task.cancelled():
                 task.result()
         finally:
-            for watch in watches:
-                with contextlib.suppress(Exception):
-                    await watch.unsubscribe()
             if self._running.get(call_id) is running:
                 del self._running[call_id]
 
-    async def _watch(self, running: _Running, event: Event) -> None:
+    def _cancel_on(self, event: Event) -> None:
+        """Cancel the call's turn running here when the caller interrupts it or moves on."""
+        running = self._running.get(getattr(event, "call_id", ""))
+        if running is None:
+            return
         if isinstance(event, AgentSpeechInterrupted) and event.turn_id == running.turn_id:
             running.cancel("interrupted")
         elif isinstance(event, TurnUserEnded) and event.turn_id != running.turn_id:
