@@ -238,7 +238,7 @@ class DurableConsumer:
         if status != "408":  # 408: a request that ran its course; anything else is trouble
             # e.g. 409 Consumer Deleted, 503 no responders (no such consumer): say so once,
             # and ask again only after a pause, not in a tight loop.
-            description = (msg.headers.get(Header.DESCRIPTION) or "").strip().splitlines()
+            description = ((msg.headers or {}).get(Header.DESCRIPTION) or "").strip().splitlines()
             problem = f"{status} {description[0] if description else ''}".strip()
             if status == "503":
                 problem = "503 no responders: the consumer does not exist"
