@@ -68,6 +68,7 @@ class Leases:
         self._kv: KeyValue | None = None
         self._seen: dict[str, tuple[int, LeaseState, float]] = {}  # key → (rev, value, when)
         self._tasks: list[asyncio.Task[None]] = []
+        self._watcher: KeyValue.KeyWatcher | None = None
         self._taking: set[str] = set()
 
     async def kv(self) -> KeyValue:
@@ -116,12 +117,16 @@ class Leases:
         is the previous owner's, the revision ours).
         """
         kv = await self.kv()
-        watcher = await kv.watchall()
+        self._watcher = watcher = await kv.watchall()
         self._tasks.append(asyncio.create_task(self._follow(watcher), name="lease-watch"))
         self._tasks.append(asyncio.create_task(self._scan(take_over), name="lease-scan"))
 
     async def stop(self) -> None:
         """Stop watching."""
+        if self._watcher is not None:  # ends the follower's iteration (and unsubscribes)
+            with contextlib.suppress(Exception):
+                await self._watcher.stop()
+            self._watcher = None
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -130,8 +135,11 @@ class Leases:
         self._tasks.clear()
 
     async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
-        while True:
-            entry = await watcher.updates(timeout=3600)
+        # Iterated, not ``updates(timeout=…)``: that wraps the queue in ``wait_for``, which on
+        # Python 3.11 swallows a cancel that lands as an update arrives (stop() then waited
+        # forever: lease renewals arrive every second per call), and its timeout ended the
+        # watch for good on an instance with no calls for that long.
+        async for entry in watcher:
             if entry is None:  # end of the initial values
                 continue
             if entry.operation in ("DEL", "PURGE") or not entry.value:
