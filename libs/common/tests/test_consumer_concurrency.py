@@ -40,6 +40,16 @@ def said(call_id: str, text: str) -> events.TranscriptFinal:
     return events.TranscriptFinal(org_id="o1", call_id=call_id, text=text)
 
 
+def recording(bus: Bus, name: str, **settings: object) -> tuple[DurableConsumer, list[str]]:
+    """A one-at-a-time consumer that keeps the text of every event it handles, in order."""
+    handled: list[str] = []
+
+    async def handler(event: events.Event, _msg: object) -> None:
+        handled.append(event.text)  # type: ignore[attr-defined]
+
+    return DurableConsumer(bus, _settings(name, **settings), handler), handled
+
+
 async def test_a_slow_message_does_not_hold_up_other_keys(bus: Bus) -> None:
     release = asyncio.Event()
     log: list[str] = []
@@ -203,13 +213,8 @@ async def test_each_message_is_handled_as_it_is_stored_not_when_a_batch_fills(
 
 
 async def test_pull_requests_are_renewed_and_do_not_pile_up(bus: Bus) -> None:
-    handled: list[str] = []
-
-    async def handler(event: events.Event, _msg: object) -> None:
-        handled.append(event.text)  # type: ignore[attr-defined]
-
     from parley.common.bus import consumer as consumer_module
-    consumer = DurableConsumer(bus, _settings("renewed", batch=4), handler)
+    consumer, handled = recording(bus, "renewed", batch=4)
     original = consumer_module.PULL_EXPIRES_S
     consumer_module.PULL_EXPIRES_S = 0.3  # several requests run their course during the test
     try:
@@ -235,12 +240,7 @@ async def test_a_consumer_keeps_working_after_the_server_crashes(tmp_path) -> No
     bus = await Bus.connect(server.url, name="restart")
     try:
         await bus.ensure_streams()
-        handled: list[str] = []
-
-        async def handler(event: events.Event, _msg: object) -> None:
-            handled.append(event.text)  # type: ignore[attr-defined]
-
-        consumer = DurableConsumer(bus, _settings("restarted"), handler)
+        consumer, handled = recording(bus, "restarted")
         await consumer.start()
         await bus.publish(said("a", "before"))
         await wait_for(lambda: handled == ["before"])
@@ -271,12 +271,7 @@ async def test_a_consumer_keeps_working_after_the_server_crashes(tmp_path) -> No
 
 async def test_a_deleted_consumer_is_reported_and_work_resumes_once_it_is_back(
         bus: Bus, caplog: pytest.LogCaptureFixture) -> None:
-    handled: list[str] = []
-
-    async def handler(event: events.Event, _msg: object) -> None:
-        handled.append(event.text)  # type: ignore[attr-defined]
-
-    consumer = DurableConsumer(bus, _settings("deleted"), handler)
+    consumer, handled = recording(bus, "deleted")
     await consumer.start()
     await bus.publish(said("a", "before"))
     await wait_for(lambda: handled == ["before"])
