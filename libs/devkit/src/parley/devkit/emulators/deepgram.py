@@ -42,6 +42,7 @@ from parley.devkit.telephony.audio_codec import ulaw_decode
 
 MODEL_INFO = {"name": "2-general-nova", "version": "2024-01-18.26916", "arch": "nova-3"}
 _ENCODINGS = {"mulaw", "linear16"}
+_ULAW_ABS = np.abs(ulaw_decode(bytes(range(256))).astype(np.int32))  # µ-law byte → |sample|
 
 
 @dataclass
@@ -120,8 +121,17 @@ class ScriptedRecognizer:
         data = self._pending + data
         usable = len(data) - len(data) % self._frame_bytes
         self._pending = data[usable:]
-        for offset in range(0, usable, self._frame_bytes):
-            out.extend(self._frame(data[offset:offset + self._frame_bytes]))
+        if not usable:
+            return out
+        # Every whole 20 ms frame's mean absolute level, in one pass over the chunk.
+        if self.encoding == "mulaw":
+            levels = _ULAW_ABS[np.frombuffer(data, dtype=np.uint8, count=usable)]
+        else:
+            levels = np.abs(np.frombuffer(data, dtype="<i2", count=usable // 2).astype(np.int32))
+        frames = levels.reshape(-1, self.rate // 50)
+        threshold = self.settings.energy_threshold * frames.shape[1]
+        for loud in (frames.sum(axis=1) >= threshold).tolist():
+            out.extend(self._frame(loud, frames.shape[1]))
         return out
 
     def finalize(self) -> list[dict[str, Any]]:
@@ -145,12 +155,9 @@ class ScriptedRecognizer:
         })
         return out
 
-    def _frame(self, frame: bytes) -> Iterable[dict[str, Any]]:
-        pcm = (ulaw_decode(frame) if self.encoding == "mulaw"
-               else np.frombuffer(frame, dtype="<i2"))
+    def _frame(self, loud: bool, samples: int) -> Iterable[dict[str, Any]]:
         start = self.position_s
-        self.position_s = end = start + pcm.size / self.rate
-        loud = float(np.mean(np.abs(pcm.astype(np.int32)))) >= self.settings.energy_threshold
+        self.position_s = end = start + samples / self.rate
         if loud:
             if not self._speaking:
                 self._speaking = True
