@@ -83,3 +83,22 @@ def test_batch_processor_exports_on_shutdown(exporter: InMemorySpanExporter) -> 
         pass
     provider.shutdown()
     assert [span.name for span in exporter.get_finished_spans()] == ["frame"]
+
+
+def test_without_an_exporter_spans_carry_ids_but_record_nothing() -> None:
+    provider = configure_tracing("brain", set_global=False)
+    with tracer("parley.brain", provider).start_as_current_span("turn") as span:
+        headers = inject_headers({})
+    assert not span.is_recording()
+    context = span.get_span_context()
+    assert context.is_valid
+    version, trace_id, span_id, flags = headers["traceparent"].split("-")
+    assert (trace_id, span_id) == (f"{context.trace_id:032x}", f"{context.span_id:016x}")
+    assert not int(flags, 16) & 1  # not sampled: whoever receives it records nothing either
+
+
+def test_with_an_exporter_spans_are_recorded(exporter: InMemorySpanExporter) -> None:
+    provider = configure_tracing("brain", exporter=exporter, batch=False, set_global=False)
+    with tracer("parley.brain", provider).start_as_current_span("turn") as span:
+        assert span.is_recording()
+    assert [s.name for s in exporter.get_finished_spans()] == ["turn"]
