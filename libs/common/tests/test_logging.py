@@ -165,3 +165,21 @@ def test_redact_objects_rendered_as_text() -> None:
             return "Settings(url='nats://svc:pw@nats:4222')"
 
     assert redact([Settings(), 1, None]) == ["Settings(url='nats://svc:***@nats:4222')", 1, None]
+
+
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+def test_vendor_http_clients_log_a_request_only_at_debug(level: str) -> None:
+    root = logging.getLogger()
+    previous_level = root.level
+    buffer = io.StringIO()
+    handler = configure_logging("brain", level=level, stream=buffer)
+    try:
+        logging.getLogger("httpx2").info('HTTP Request: POST http://x/v1/messages "HTTP/1.1 200 OK"')
+        logging.getLogger("httpx2").warning("retrying")
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        root.setLevel(previous_level)
+    expected = ["retrying"] if level == "INFO" else [
+        'HTTP Request: POST http://x/v1/messages "HTTP/1.1 200 OK"', "retrying"]
+    assert [line["msg"] for line in lines(buffer)] == expected

@@ -109,6 +109,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(redact(entry), default=str, ensure_ascii=False)
 
 
+CHATTY_LIBRARIES = ("httpx", "httpx2", "httpcore")  # quiet below WARNING unless level is DEBUG
+
+
 class _ParleyHandler(logging.StreamHandler[TextIO]):
     """Marks the handler we own so reconfiguring replaces it instead of stacking another."""
 
@@ -130,4 +133,9 @@ def configure_logging(
     handler.setFormatter(JsonFormatter(service))
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # HTTP clients inside vendor SDKs log a line per request at INFO (the anthropic SDK's
+    # "HTTP Request: POST …/v1/messages 200 OK"): one per LLM turn, 2 % of the brain's CPU.
+    chatty = logging.DEBUG if root.level <= logging.DEBUG else logging.WARNING
+    for name in CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(chatty)
     return handler
