@@ -174,12 +174,12 @@ def test_vendor_http_clients_log_a_request_only_at_debug(level: str) -> None:
     buffer = io.StringIO()
     handler = configure_logging("brain", level=level, stream=buffer)
     try:
-        logging.getLogger("httpx2").info('HTTP Request: POST http://x/v1/messages "HTTP/1.1 200 OK"')
+        logging.getLogger("httpx2").info("HTTP Request: POST %s", "http://x/v1/messages")
         logging.getLogger("httpx2").warning("retrying")
     finally:
         root.removeHandler(handler)
         handler.close()
         root.setLevel(previous_level)
     expected = ["retrying"] if level == "INFO" else [
-        'HTTP Request: POST http://x/v1/messages "HTTP/1.1 200 OK"', "retrying"]
+        "HTTP Request: POST http://x/v1/messages", "retrying"]
     assert [line["msg"] for line in lines(buffer)] == expected
