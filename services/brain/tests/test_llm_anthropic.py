@@ -1,4 +1,5 @@
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -149,6 +150,25 @@ async def test_cancelling_the_consumer_closes_the_stream_promptly(
     assert emulator.aborted, "the emulator never saw the connection close"
     assert emulator.aborted[0].at - cancelled_at < 0.5
     assert emulator.aborted[0].tokens_sent < 50
+    assert emulator.completed_streams == 0
+
+
+async def test_a_client_gone_before_the_stream_starts_is_an_aborted_stream(
+        emulator: AnthropicEmulator) -> None:
+    # A turn cancelled the moment it asked: the request arrives with the connection's end.
+    body = json.dumps({"model": "claude-test", "max_tokens": 64, "stream": True,
+                       "messages": [{"role": "user", "content": "hello"}]}).encode()
+    port = int(emulator.base_url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: sk-test\r\n"
+                 b"content-type: application/json\r\n"
+                 b"content-length: %d\r\n\r\n%s" % (len(body), body))
+    writer.close()
+    for _ in range(100):
+        if emulator.aborted:
+            break
+        await asyncio.sleep(0.01)
+    assert [a.tokens_sent for a in emulator.aborted] == [0]
     assert emulator.completed_streams == 0
 
 

@@ -216,7 +216,11 @@ class AnthropicEmulator(EmulatorServer):
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                "Cache-Control": "no-cache",
                                                "request-id": f"req_{uuid.uuid4().hex[:20]}"})
-        await response.prepare(request)
+        try:
+            await response.prepare(request)
+        except ConnectionError:  # the client gave up (cancelled) before the headers went out
+            self.aborted.append(AbortedStream(tokens_sent=0))
+            return response
         out = _EventWriter(response)
         sent = 0
         try:
