@@ -159,11 +159,12 @@ async def test_a_client_gone_before_the_stream_starts_is_an_aborted_stream(
     body = json.dumps({"model": "claude-test", "max_tokens": 64, "stream": True,
                        "messages": [{"role": "user", "content": "hello"}]}).encode()
     port = int(emulator.base_url.rsplit(":", 1)[1])
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: sk-test\r\n"
                  b"content-type: application/json\r\n"
                  b"content-length: %d\r\n\r\n%s" % (len(body), body))
     writer.close()
+    await writer.wait_closed()
     for _ in range(100):
         if emulator.aborted:
             break

@@ -129,11 +129,9 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-# Go threads the embedded nats-server may run at once, unless GOMAXPROCS is set. It shares a
-# small machine with every Python service, and with one P per core its idle Ps spin looking for
-# work: on 2 cores at 100 calls it used 27 % of a core, 22 % with one, and every service's hop
-# waited less for a CPU (e2e platform overhead p50 10–14 → 8–9 ms). One core is far more
-# than this server needs here; a NATS of its own machine is not started here.
+# Go threads the embedded nats-server runs at once, unless GOMAXPROCS is set. It shares a small
+# machine with every Python service, and with one Go P per core its idle Ps spin looking for work,
+# taking CPU the services then wait for (see docs/architecture.md, "Running it").
 NATS_GOMAXPROCS = "1"
 
 
