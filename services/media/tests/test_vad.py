@@ -193,7 +193,10 @@ def test_segmenter_on_real_speech(speech_frames):
     starts = [b for b in boundaries if isinstance(b, SpeechStart)]
     stops = [b for b in boundaries if isinstance(b, SpeechStop)]
     assert len(starts) == len(stops) >= 1
-    assert starts[0].at_ms == pytest.approx(500, abs=200)
-    speech_end_ms = (25 + len(speech_frames)) * 20
-    assert stops[-1].at_ms == pytest.approx(speech_end_ms, abs=300)
+    # Where the voice is: Piper's own lead-in and tail vary from one synthesis to the next.
+    loud = [i for i, frame in enumerate(speech_frames)
+            if np.sqrt(np.mean(np.frombuffer(frame, np.int16).astype(np.float32) ** 2)) > 1000]
+    voice_start_ms, voice_end_ms = (25 + loud[0]) * 20, (25 + loud[-1] + 1) * 20
+    assert starts[0].at_ms == pytest.approx(voice_start_ms, abs=150)
+    assert voice_end_ms <= stops[-1].at_ms <= voice_end_ms + 300
     assert np.all(np.diff([b.at_ms for b in boundaries]) >= 0)
