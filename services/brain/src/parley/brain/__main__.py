@@ -120,6 +120,7 @@ async def run(ctx: ServiceContext[BrainConfig], stop: asyncio.Event) -> None:
             await web.TCPSite(runner, config.brain_http_host, config.brain_http_port).start()
             await responder.start()
             await worker.start()
+            ctx.settle()
             log.info("brain ready: LLM chain %s; knowledge API on http://%s:%d",
                      ",".join(p.name for p in router.providers), config.brain_http_host,
                      runner.addresses[0][1])

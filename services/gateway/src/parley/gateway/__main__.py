@@ -34,6 +34,7 @@ async def work(ctx: ServiceContext[GatewayConfig], stop: asyncio.Event) -> None:
     await runner.setup()
     site = web.TCPSite(runner, config.http_host, config.http_port)
     await site.start()
+    ctx.settle()
     log.info("gateway listening on http://%s:%d (public %s)", config.http_host,
              config.http_port, config.public_base)
     relay = asyncio.create_task(relay_outbox(ctx.bus, config, stop), name="gateway:outbox")

@@ -49,6 +49,7 @@ async def run(ctx: ServiceContext[MediaConfig], stop: asyncio.Event) -> None:
         worker = MediaWorker(services, AgentSettingsCache(pool, config.agent_cache_s),
                              metrics=ctx.metrics)
         await worker.start()
+        ctx.settle()
         log.info("media ready: instance %s, stt %s, tts %s", instance, ",".join(stt.default_chain),
                  ",".join(tts.default_chain))
         try:

@@ -71,6 +71,7 @@ async def work(ctx: ServiceContext[ToolsConfig], stop: asyncio.Event) -> None:
     service = ToolsService(ctx.config, ctx.bus, metrics=ctx.metrics,
                            knowledge=knowledge_over_nats(ctx.bus.nc))
     await service.start()
+    ctx.settle()
     ctx.ready_checks.append(service.ready)
     try:
         await stop.wait()

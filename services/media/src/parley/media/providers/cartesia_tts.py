@@ -83,6 +83,7 @@ class CartesiaTts:
             raise ProviderError(PROVIDER, "no API key", permanent=True)
         http, ws = _urls(base_url) if base_url else (None, None)
         self._client = AsyncCartesia(api_key=api_key, base_url=http, websocket_base_url=ws)
+        self._tts = self._client.tts  # the SDK loads it on first use: now, before start-up ends
         self._model_id = model_id
         self._voice_id = voice_id
         self._stall_after_s = stall_after_s
@@ -114,7 +115,7 @@ class CartesiaTts:
                 await self._connection.close()
                 self._connection = None
             try:
-                socket = await self._client.tts.websocket_connect().enter()
+                socket = await self._tts.websocket_connect().enter()
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 raise ProviderError(PROVIDER, f"connect refused: HTTP {status}",

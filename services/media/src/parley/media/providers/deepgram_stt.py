@@ -83,6 +83,7 @@ class DeepgramStt:
         environment = (_environment(base_url) if base_url
                        else DeepgramClientEnvironment.PRODUCTION)
         self._client = AsyncDeepgramClient(api_key=api_key, environment=environment)
+        self._listen = self._client.listen.v1  # the SDK loads it on first use: now, at start-up
         self._model = model
         self._endpointing_ms = endpointing_ms
         self._utterance_end_ms = utterance_end_ms
@@ -94,7 +95,7 @@ class DeepgramStt:
     async def open(self, *, language: str = "en-US") -> DeepgramSttStream:
         """Connect a live socket for one stream of 8 kHz µ-law."""
         exits = contextlib.AsyncExitStack()
-        connection = self._client.listen.v1.connect(
+        connection = self._listen.connect(
             model=self._model, language=language, encoding="mulaw", sample_rate="8000",
             channels="1", interim_results="true", endpointing=str(self._endpointing_ms),
             utterance_end_ms=str(self._utterance_end_ms), vad_events="true",
