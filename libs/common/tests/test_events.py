@@ -129,3 +129,12 @@ def test_ids_must_be_subject_tokens() -> None:
 def test_malformed_json_is_a_decode_error() -> None:
     with pytest.raises(EventDecodeError, match="not an event"):
         decode(b"{nope")
+
+
+def test_events_are_not_tracked_by_the_cyclic_collector() -> None:
+    import gc
+
+    for event_type in EVENT_TYPES.values():
+        assert event_type.__struct_config__.gc is False, event_type
+    event = decode(encode(events.TranscriptFinal(org_id="acme", call_id="c1", text="hi")))
+    assert not gc.is_tracked(event)

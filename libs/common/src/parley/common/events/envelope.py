@@ -45,11 +45,16 @@ def is_token(value: str) -> bool:
     return bool(_TOKEN.match(value))
 
 
-class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=False):
     """Envelope fields shared by every event.
 
     ``id`` is a UUIDv7 (also the JetStream ``Nats-Msg-Id``, so a republish is deduplicated),
     ``causation_id`` the id of the event or command that caused this one, ``v`` the schema version.
+
+    Events are not tracked by the cyclic garbage collector (``gc=False``, inherited by every
+    event type): they are immutable data and never part of a reference cycle, and services keep
+    thousands of them (the brain caches each live call's history), which every full collection
+    would otherwise walk.
     """
 
     aggregate: ClassVar[str]
