@@ -149,6 +149,7 @@ class _AgentTurn:
     stream: TtsStream | None = None
     provider: str = ""
     chars: int = 0
+    spoken: bool = False  # the speaker is done with it (voiced, or skipped as interrupted)
 
 
 class CallSession:
@@ -201,6 +202,9 @@ class CallSession:
         # TTS
         self._tts_chain = services.tts.chain(settings.providers.get("tts", ""))
         self._turns: dict[str, _AgentTurn] = {}
+        # Turns done with (voiced and heard, or interrupted) are forgotten, but for their ids: a
+        # late clause of one must not start it again. A long call keeps no audio of old turns.
+        self._past_turns: set[str] = set()
         self._speak_queue: asyncio.Queue[_AgentTurn] = asyncio.Queue()
         self._current: _AgentTurn | None = None  # the turn whose audio is (or was last) out
         self._out_seq = 0
@@ -520,12 +524,15 @@ class CallSession:
             self.stop("call_ended")
 
     def _on_say(self, say: AgentSay) -> None:
+        if say.turn_id in self._past_turns:
+            return
         turn = self._turns.get(say.turn_id)
         if turn is None:
             for other in self._turns.values():  # a new turn closes the ones before it
                 if not other.closed:
                     other.closed = True
                     other.clauses.put_nowait(None)
+            self._forget_past_turns()
             turn = _AgentTurn(say.turn_id, AgentTurnAudio(say.turn_id),
                               first_say_at=time.monotonic())
             self._turns[say.turn_id] = turn
@@ -541,6 +548,14 @@ class CallSession:
                 turn.closed = True
                 turn.clauses.put_nowait(None)
 
+    def _forget_past_turns(self) -> None:
+        """Drop the turns nothing can change any more (their ids are kept)."""
+        for turn_id, turn in list(self._turns.items()):
+            if turn.spoken and turn is not self._current and (
+                    turn.interrupted or turn.audio.finished):
+                del self._turns[turn_id]
+                self._past_turns.add(turn_id)
+
     async def _on_progress(self, event: AgentSpeechProgress) -> None:
         turn = self._turns.get(event.turn_id)
         if turn is None or not turn.audio.echo(event.seq, time.monotonic()):
@@ -555,12 +570,15 @@ class CallSession:
         while True:
             turn = await self._speak_queue.get()
             if turn.interrupted:
+                turn.spoken = True
                 continue
             self._current = turn
             try:
                 await self._speak(turn)
             except Exception:
                 log.exception("call %s: speaking turn %s failed", self.call_id, turn.turn_id)
+            finally:
+                turn.spoken = True
 
     async def _speak(self, turn: _AgentTurn) -> None:
         said: list[AgentSay] = []  # every clause of the turn received so far

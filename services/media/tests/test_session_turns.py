@@ -1,0 +1,72 @@
+"""A call's agent turns: the ones done with are forgotten, but a late clause never restarts one."""
+
+from __future__ import annotations
+
+from parley.common.configuration.models import AgentSettings
+from parley.common.events import AgentSay
+from parley.media.router import ProviderRouter
+from parley.media.session import CallSession, SessionServices
+
+ORG, CALL = "acme", "call-1"
+
+
+def session() -> CallSession:
+    services = SessionServices(
+        bus=None, leases=None,  # type: ignore[arg-type]  # nothing here touches them
+        stt=ProviderRouter("stt", {"never": object()}, ["never"]),  # never opened here
+        tts=ProviderRouter("tts", {"never": object()}, ["never"]), instance="test")
+    return CallSession(services, call_id=CALL, org_id=ORG, agent_id="agent",
+                       settings=AgentSettings(prompt="p"), revision=1)
+
+
+def say(turn_id: str, seq: int = 0, *, last: bool = True) -> AgentSay:
+    return AgentSay(org_id=ORG, call_id=CALL, turn_id=turn_id, seq=seq, text="Hello.", last=last)
+
+
+def voice(call: CallSession, turn_id: str, *, heard: bool) -> None:
+    """What the speaker and the carrier's echoes do to a turn, without the audio."""
+    turn = call._turns[turn_id]
+    call._current = turn
+    turn.audio.frames = [b"\xff" * 160] * 10
+    turn.audio.text_done = True
+    turn.spoken = True
+    if heard:
+        assert turn.audio.echo(10, 0.0)
+
+
+async def test_turns_done_with_are_forgotten_as_the_call_goes_on() -> None:
+    call = session()
+    for n in range(1, 6):
+        call._on_say(say(f"t{n}"))
+        voice(call, f"t{n}", heard=True)
+    call._on_say(say("t6"))
+    # The newest turn and the one whose audio was out last are kept; older ones are only ids.
+    assert list(call._turns) == ["t5", "t6"]
+    assert call._past_turns == {"t1", "t2", "t3", "t4"}
+
+
+async def test_a_late_clause_of_a_forgotten_turn_is_ignored() -> None:
+    call = session()
+    call._on_say(say("t1", last=False))
+    voice(call, "t1", heard=True)
+    call._on_say(say("t2"))
+    voice(call, "t2", heard=True)
+    call._on_say(say("t3"))
+    assert "t1" not in call._turns
+    queued = call._speak_queue.qsize()
+    call._on_say(say("t1", seq=1))  # redelivered late
+    assert "t1" not in call._turns
+    assert call._speak_queue.qsize() == queued
+
+
+async def test_a_turn_still_playing_or_not_yet_voiced_is_kept() -> None:
+    call = session()
+    call._on_say(say("t1"))
+    voice(call, "t1", heard=False)  # sent, the carrier has not echoed its end yet
+    call._on_say(say("t2"))  # queued behind it, not voiced
+    call._on_say(say("t3"))
+    assert list(call._turns) == ["t1", "t2", "t3"]
+    call._turns["t1"].interrupted = True
+    call._current = call._turns["t2"]
+    call._on_say(say("t4"))
+    assert list(call._turns) == ["t2", "t3", "t4"]
