@@ -64,6 +64,9 @@ class StallWatchdog:
     def stop(self) -> None:
         """Stop watching (the stream ended); ``on_stall`` will not run after this."""
         self._stopped = True
+        # Let go of the stream (on_stall is usually its bound method): an ended stream is then
+        # freed when its turn lets go of it, not left for a full collection of the cycle.
+        self._on_stall = _never
         self._waiting_since = None
         if self._timer is not None:
             self._timer.cancel()
@@ -84,5 +87,10 @@ class StallWatchdog:
             self._timer = self._loop.call_at(overdue_at, self._check)
             return
         self.stalled = True
+        on_stall = self._on_stall
         self.stop()
-        self._on_stall()
+        on_stall()
+
+
+def _never() -> None:
+    """What a stopped watchdog would call: nothing."""
