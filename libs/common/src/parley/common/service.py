@@ -57,9 +57,8 @@ def settle() -> None:
     yet every full collection would walk it again, pausing the event loop (every call the
     process serves) each time. The shell settles once connected, and each service again when
     its own start-up (providers, SDK clients, pools) is done: media imports ~490 modules after
-    the shell's settle (the vendor SDKs, the local model runtimes), ~30k objects that made
-    every full collection ~10 ms longer. What is left for a full collection is what calls
-    create.
+    the shell's settle (the vendor SDKs, the local model runtimes): ~30k objects that every
+    full collection walked again. What is left for a full collection is what calls create.
     """
     gc.collect()
     gc.freeze()
