@@ -21,6 +21,7 @@ from parley.common.bus import (
     subscribe_frames,
 )
 from parley.common.bus.subjects import SubjectError, event_subject
+from parley.devkit.pytest_plugin import Settled
 
 
 async def wait_for(predicate, timeout=5.0):
@@ -156,7 +157,8 @@ def _settings(name: str, **overrides: object) -> ConsumerSettings:
     return ConsumerSettings(**values)  # type: ignore[arg-type]
 
 
-async def test_consumer_acks_after_the_handler_and_retries_transient_errors(bus: Bus) -> None:
+async def test_consumer_acks_after_the_handler_and_retries_transient_errors(
+        bus: Bus, settled: Settled) -> None:
     handled: list[str] = []
     attempts: dict[str, int] = {}
 
@@ -174,11 +176,12 @@ async def test_consumer_acks_after_the_handler_and_retries_transient_errors(bus:
     await wait_for(lambda: len(handled) == 3)
     assert sorted(handled) == ["a", "b", "flaky"] and attempts["flaky"] == 3
     await consumer.stop()
-    info = await bus.js.consumer_info(EVENTS_STREAM, "workers")
+    info = await settled("workers")
     assert info.num_ack_pending == 0 and info.num_pending == 0
 
 
-async def test_poison_messages_are_dead_lettered_with_reason_and_do_not_block(bus: Bus) -> None:
+async def test_poison_messages_are_dead_lettered_with_reason_and_do_not_block(
+        bus: Bus, settled: Settled) -> None:
     handled: list[str] = []
 
     async def handler(event: events.Event, _msg: object) -> None:
@@ -204,7 +207,7 @@ async def test_poison_messages_are_dead_lettered_with_reason_and_do_not_block(bu
     assert "PermanentError: tool schema says no" in reasons[2]
     assert letters[0].data == b"{not json"
     assert [m.headers["Parley-Dlq-Stream-Seq"] for m in letters] == ["1", "2", "3"]
-    info = await bus.js.consumer_info(EVENTS_STREAM, "poison")
+    info = await settled("poison")
     assert info.num_ack_pending == 0 and info.num_redelivered == 0
 
 

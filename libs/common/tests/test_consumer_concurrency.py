@@ -14,6 +14,7 @@ from parley.common.bus import (
     PermanentError,
     dead_letter_subject,
 )
+from parley.devkit.pytest_plugin import Settled
 
 
 async def wait_for(predicate, timeout=5.0):
@@ -50,7 +51,7 @@ def recording(bus: Bus, name: str, **settings: object) -> tuple[DurableConsumer,
     return DurableConsumer(bus, _settings(name, **settings), handler), handled
 
 
-async def test_a_slow_message_does_not_hold_up_other_keys(bus: Bus) -> None:
+async def test_a_slow_message_does_not_hold_up_other_keys(bus: Bus, settled: Settled) -> None:
     release = asyncio.Event()
     log: list[str] = []
 
@@ -70,7 +71,7 @@ async def test_a_slow_message_does_not_hold_up_other_keys(bus: Bus) -> None:
     release.set()
     await wait_for(lambda: consumer.processed == 2)
     await consumer.stop()
-    info = await bus.js.consumer_info(EVENTS_STREAM, "parallel")
+    info = await settled("parallel")
     assert info.num_ack_pending == 0 and info.num_pending == 0
 
 
@@ -161,7 +162,8 @@ async def test_stop_finishes_running_handlers_and_hands_back_the_waiting_ones(
     await again.stop()
 
 
-async def test_failures_are_retried_and_dead_lettered_per_message(bus: Bus) -> None:
+async def test_failures_are_retried_and_dead_lettered_per_message(
+        bus: Bus, settled: Settled) -> None:
     attempts: dict[str, int] = {}
     handled: list[str] = []
 
@@ -187,7 +189,7 @@ async def test_failures_are_retried_and_dead_lettered_per_message(bus: Bus) -> N
     letters = await dlq.fetch(2, timeout=2)
     reasons = sorted(m.headers["Parley-Dlq-Reason"] for m in letters)
     assert reasons[0].startswith("PermanentError: never") and "undecodable" in reasons[1]
-    info = await bus.js.consumer_info(EVENTS_STREAM, "mixed")
+    info = await settled("mixed")
     assert info.num_ack_pending == 0 and info.num_pending == 0
 
 

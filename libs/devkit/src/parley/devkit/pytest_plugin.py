@@ -11,8 +11,9 @@ import asyncio
 import itertools
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -85,3 +86,31 @@ async def bus(nats_url: str) -> AsyncIterator[object]:
     await connected.ensure_streams()
     yield connected
     await connected.close()
+
+
+Settled = Callable[[str], Awaitable[Any]]
+
+
+@pytest.fixture
+def settled(bus: Any) -> Settled:
+    """Wait for a durable to have nothing pending or unacked, then return its info.
+
+    Use as ``info = await settled("durable")``; it gives up after five seconds and returns the
+    info as it then is, for the test's own assertion to report.
+
+    An ack is a plain publish that the server applies on a goroutine of its own, so a
+    ``consumer_info`` asked right after the last ack may still count that message as unacked:
+    poll rather than ask once.
+    """
+    from parley.common.bus import EVENTS_STREAM
+
+    async def wait(durable: str) -> Any:
+        deadline = asyncio.get_running_loop().time() + 5.0
+        while True:
+            info = await bus.js.consumer_info(EVENTS_STREAM, durable)
+            if (info.num_ack_pending == 0 and info.num_pending == 0) or \
+                    asyncio.get_running_loop().time() > deadline:
+                return info
+            await asyncio.sleep(0.01)
+
+    return wait
