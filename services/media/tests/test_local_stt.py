@@ -202,7 +202,12 @@ async def test_the_final_is_decoded_during_the_hangover(speech):
                               segmenter=SpeechSegmenter(SegmenterSettings(hangover_ms=2000)))
     recorder = Recorder(stream)
     await feed(stream, [SILENCE_FRAME] * 10 + speech["short"] + [SILENCE_FRAME] * 25)
-    await asyncio.sleep(3.0)  # ample for one decode; the segment is still open (0.5 s < 2 s)
+    # The segment stays open (0.5 s of silence < 2 s, in audio time) however long the decode
+    # takes, so wait for the early decode itself rather than a guess at how long it needs.
+    deadline = time.perf_counter() + 60
+    while stream._early is None or stream._early.transcript is None:
+        assert time.perf_counter() < deadline, "the early final was never decoded"
+        await asyncio.sleep(0.05)
     assert not [e for e in recorder.kinds() if isinstance(e, Final | UtteranceEnd)]
     closed = time.perf_counter()
     await stream.finalize()
