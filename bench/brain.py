@@ -34,6 +34,14 @@ The second brain run in the process is slower for that reason alone (swapping th
 warm with preemption 2.6 ms first, 3.7 ms second; without it 5.9 ms first, 6.1 ms second), so
 the off lines, measured second, overstate the saving a little; cold shows none to speak of.
 
+``brain_overhead.llm_request_{hot,after_idle}`` (info) — why cold turns cost more than their
+parts measured back to back: the SDK request alone (a turn-sized request: system prompt with
+knowledge, 20 messages, 5 tools → the first text delta), made 200 times back to back, then 40
+times each after the brain has been idle for ``WARM_LEAD_S`` (as in a cold turn, where nothing
+happens between ``speech.stopped`` and the final). On this VM the idle one is several times
+slower: the vCPUs halt when idle (cpuidle haltpoll, no guest polling), and caches go cold, in
+this process and in the emulator's — Postgres's retrieval pays the same.
+
 ``knowledge_retrieval`` — :func:`parley.brain.knowledge.bench.bench_retrieval`: full-text
 retrieval (k=4, round trip included) over 10,000 chunks (quick: 2,000).
 
@@ -62,6 +70,15 @@ from parley.brain.config import BrainConfig
 from parley.brain.conversation import fold
 from parley.brain.knowledge import ingest
 from parley.brain.knowledge.bench import bench_retrieval
+from parley.brain.llm.anthropic_llm import AnthropicLlm
+from parley.brain.llm.base import (
+    AssistantMessage,
+    LlmRequest,
+    SystemPrompt,
+    TextDelta,
+    ToolSpec,
+    UserMessage,
+)
 from parley.common import configuration as cfg
 from parley.common import events as ev
 from parley.common.metrics import Metrics
@@ -218,6 +235,49 @@ async def _measure(ctx: Any, bus: Any, database_url: str, emulator_url: str, *,
     return results, excluding_llm, outcomes
 
 
+def _turn_sized_request() -> LlmRequest:
+    history: list[Any] = []
+    for question in QUESTIONS * 2:
+        history += [UserMessage(text=question), AssistantMessage(text=REPLY)]
+    tools = tuple(ToolSpec(name=f"tool_{n}", description="Books, moves or cancels a visit.",
+                           input_schema={"type": "object", "required": ["date"], "properties": {
+                               "date": {"type": "string", "description": "ISO date"},
+                               "name": {"type": "string"}}}) for n in range(5))
+    return LlmRequest(system=SystemPrompt(text="You are the receptionist of Bench Dental. " * 12),
+                      context="\n".join(DOCUMENTS.values())[:1500],
+                      messages=(*history[-19:], UserMessage(text=QUESTIONS[0])), tools=tools)
+
+
+async def _llm_request_idle_cost(emulator_url: str, *, hot: int, idle: int
+                                 ) -> tuple[list[int], list[int]]:
+    """The SDK's request → first text delta, back to back, then each after an idle pause."""
+    llm = AnthropicLlm(api_key=API_KEY, base_url=emulator_url)
+    request = _turn_sized_request()
+
+    async def once() -> int:
+        began = time.perf_counter_ns()
+        stream = llm.stream(request)
+        try:
+            async for item in stream:
+                if isinstance(item, TextDelta):
+                    return time.perf_counter_ns() - began
+        finally:
+            await stream.aclose()
+        raise RuntimeError("the emulator sent no text")
+
+    try:
+        for _ in range(20):
+            await once()  # connection open, code paths warmed
+        back_to_back = [await once() for _ in range(hot)]
+        after_idle = []
+        for _ in range(idle):
+            await asyncio.sleep(WARM_LEAD_S)
+            after_idle.append(await once())
+    finally:
+        await llm.aclose()
+    return back_to_back, after_idle
+
+
 async def run_overhead(ctx: Any) -> BenchResult:
     """Time turn.user_ended → first agent.say, cold and warmed, with and without preemption."""
     turns = (24, 16) if ctx.quick else (200, 200)
@@ -238,6 +298,8 @@ async def run_overhead(ctx: Any) -> BenchResult:
                                               preemptive=True, turns=turns)
         plain, excluding_llm, _ = await _measure(ctx, bus, database_url, emulator_url,
                                                  preemptive=False, turns=turns)
+        hot, after_idle = await _llm_request_idle_cost(
+            emulator_url, hot=50 if ctx.quick else 200, idle=10 if ctx.quick else 40)
     finally:
         emulator.terminate()
         await emulator.wait()
@@ -289,6 +351,18 @@ async def run_overhead(ctx: Any) -> BenchResult:
             summary=excluded,
             note="preemption off, minus the LLM's own time to first token as the SDK measured "
                  "it (turn.completed.ttft_ms: HTTP to the emulator process and its response)"))
+    hot_summary, idle_summary = latency_summary(hot), latency_summary(after_idle)
+    result.lines.append(Line(
+        "brain_overhead.llm_request_hot", "ms", hot_summary["p50"], hot_summary["p99"],
+        summary=hot_summary, note="a turn-sized SDK request → first text delta, back to back"))
+    result.lines.append(Line(
+        "brain_overhead.llm_request_after_idle", "ms", idle_summary["p50"],
+        idle_summary["p99"], summary=idle_summary,
+        note=f"the same request, each after {WARM_LEAD_S * 1000:.0f} ms idle (a cold turn's "
+             "situation): what a halted vCPU and cold caches add"))
+    result.notes.append(
+        f"the SDK request alone: {hot_summary['p50']:.2f} ms back to back, "
+        f"{idle_summary['p50']:.2f} ms after {WARM_LEAD_S * 1000:.0f} ms idle (p50)")
     return result
 
 
