@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from parley.common.bus.streams import LEASES_BUCKET
-from parley.common.events import AgentSay, Event, decode
+from parley.common.events import AgentReplyPrepared, AgentSay, Event, decode
+from parley.common.words import normalize_words
 from parley.devkit.telephony.call_script import CallScript, Utterance
 from parley.devkit.telephony.caller_simulator import CallerSimulator
 from parley.media.audio.codec import ulaw_to_pcm16_array
@@ -46,9 +47,13 @@ def words(text: str) -> list[str]:
 class Brain:
     """Plays the brain: records every event and answers user turns with scripted clauses."""
 
-    def __init__(self, bus, answers: dict[str, list[str]]) -> None:
+    def __init__(self, bus, answers: dict[str, list[str]], *,
+                 prepared: dict[str, tuple[str, str]] | None = None,
+                 answer_after_s: float = 0.0) -> None:
         self.bus = bus
         self.answers = answers
+        self.prepared = prepared or {}  # turn → (the words it answers, its first clause)
+        self.answer_after_s = answer_after_s
         self.events: list[Event] = []
         self.call_id = ""
 
@@ -62,7 +67,15 @@ class Brain:
             self.call_id = event.call_id
             if "t0" in self.answers:
                 await self.say(event, "t0")
+        elif event.type == "speech.stopped":  # as the real brain speculates: words known
+            turn_id = f"t{len(self.of('turn.user_ended')) + 1}"
+            if turn_id in self.prepared:
+                words, clause = self.prepared[turn_id]
+                await self.bus.publish(AgentReplyPrepared(
+                    org_id=event.org_id, call_id=event.call_id, turn_id=turn_id,
+                    words=normalize_words(words), text=clause))
         elif event.type == "turn.user_ended" and event.turn_id in self.answers:
+            await asyncio.sleep(self.answer_after_s)
             await self.say(event, event.turn_id)
 
     async def say(self, cause: Event, turn_id: str) -> None:
@@ -141,6 +154,49 @@ async def test_the_caller_is_heard_and_answered(platform: Platform, bus, tmp_pat
         "and close at five.")
     assert usage[("stt_seconds", "whisper")] >= 3.0
     assert row["state"] == "ended"
+
+
+async def test_a_prepared_reply_plays_as_the_turn_ends_and_one_for_other_words_never_does(
+        platform: Platform, bus, tmp_path) -> None:
+    await start_media(platform, "media-a")
+    question = "What time do you open tomorrow morning?"
+    first = await synthesise(question)
+    second = await synthesise("And do you take new patients?")
+    t1 = ["We open at eight,", "and close at five."]
+    t2 = ["Yes, we do,", "and the first visit is free."]
+    # t1's first clause is prepared for the words the caller says; t2's for other words.
+    # The brain answers each turn 0.3 s after it ended (a slow model), repeating the clause.
+    brain = Brain(bus, {"t1": t1, "t2": t2}, answer_after_s=0.3,
+                  prepared={"t1": (question, t1[0]), "t2": ("do you take walk ins", "No, sorry.")})
+    await brain.start()
+    script = CallScript(utterances=(Utterance(audio=first, label="first", at=0.5),
+                                    Utterance(audio=second, label="second", pause=0.5)),
+                        reply_timeout=20.0)
+    result = await simulator(platform, script).run()
+    assert not result.protocol_errors
+
+    ended = await brain.wait("turn.user_ended", count=2)
+    assert normalize_words(ended[0].text) == normalize_words(question), ended[0].text
+    assert (ended[0].prepared_text, ended[1].prepared_text) == (t1[0], "")
+    await brain.wait("agent.speech.finished", count=2)
+    types, _ = await stored_call(platform.database_url, brain.call_id, until="usage.recorded")
+    turns = [(e.type, getattr(e, "turn_id", "")) for e in brain.events
+             if e.type in ("agent.say", "agent.speech.started")]
+    # t1 was heard before the brain said anything; t2 only after the brain's answer.
+    assert turns.index(("agent.speech.started", "t1")) < turns.index(("agent.say", "t1"))
+    assert turns.index(("agent.say", "t2")) < turns.index(("agent.speech.started", "t2"))
+    t1_started = next(e for e in brain.of("agent.speech.started") if e.turn_id == "t1")
+    assert t1_started.tts_ttfb_ms < 1000 and t1_started.voice_to_voice_ms < 2500
+    # Every clause was synthesised once: t1's first not again when the brain said it. The
+    # dropped one is counted if it reached the synthesiser before the turn ended.
+    usage = {(u.kind, u.provider): u.quantity for u in brain.of("usage.recorded")}
+    assert usage[("tts_characters", "piper")] in (
+        sum(map(len, t1 + t2)), sum(map(len, t1 + t2)) + len("No, sorry."))
+    # What the caller heard of t1 is both clauses, once: about as long as Piper makes them.
+    answer = b"".join(audio for at, audio in result.stream.agent_audio
+                      if result.turns[0].ended_at <= at < result.turns[1].started_at)
+    spoken = len(await synthesise(t1[0])) + len(await synthesise(t1[1]))
+    assert abs(len(answer) - spoken) / 8000 < 0.6, (len(answer) / 8000, spoken / 8000)
 
 
 async def test_barge_in_reports_what_the_caller_heard(platform: Platform, bus, tmp_path) -> None:

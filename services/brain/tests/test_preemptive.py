@@ -7,7 +7,13 @@ import asyncio
 from parley.brain.llm.anthropic_llm import AnthropicLlm
 from parley.brain.preemptive import normalize
 from parley.brain.worker import BrainWorker
-from parley.common.events import SpeechStarted, SpeechStopped, TranscriptFinal, TranscriptPartial
+from parley.common.events import (
+    SpeechStarted,
+    SpeechStopped,
+    TranscriptFinal,
+    TranscriptPartial,
+    TurnUserEnded,
+)
 from parley.devkit.emulators.anthropic import ScriptedReply, ScriptedToolUse
 
 from .conftest import ORG, open_call, services, user_says
@@ -50,7 +56,11 @@ async def test_a_reply_started_from_the_final_is_published_only_when_the_turn_en
         await final(bus, "p1", "What time do you open?")
         await until(lambda: emulator.completed_streams == 1)  # the whole reply is buffered
         await asyncio.sleep(0.2)
-        assert published(recorder, "p1", "t1") == []  # nothing before the turn ends
+        # Before the turn ends only its first clause goes out, prepared for media to synthesise.
+        assert published(recorder, "p1", "t1") == ["agent.reply_prepared"]
+        prepared, = recorder.of("agent.reply_prepared", "p1")
+        assert (prepared.words, prepared.text, prepared.last) == (
+            "what time do you open", "We open at eight.", False)
 
         await user_says(bus, "p1", "t1", "what time do you open")  # same words, other casing
         completed = await recorder.wait("turn.completed", "p1")
@@ -63,6 +73,7 @@ async def test_a_reply_started_from_the_final_is_published_only_when_the_turn_en
         assert completed[0].ttft_ms >= 100 and completed[0].llm_wait_ms < 50
         kinds = published(recorder, "p1", "t1")
         assert kinds.index("turn.started") < kinds.index("agent.say")
+        assert kinds.count("agent.reply_prepared") == 1
 
         # The same turn without a final before it: no speculation, the same clauses.
         await open_call(bus, "p2")
@@ -199,3 +210,67 @@ async def test_turned_off_it_never_speculates(bus, pool, emulator, recorder) -> 
 def test_normalize_ignores_case_punctuation_and_spacing() -> None:
     assert normalize("What time do you OPEN?") == normalize(" what time, do you open ")
     assert normalize("I'd like Tuesday.") != normalize("I'd like Wednesday.")
+
+
+async def playing(bus, call_id: str, turn_id: str, text: str, clause: str, *,
+                  last: bool = False) -> None:
+    """The turn ended, and media is already playing ``clause`` (a prepared first clause)."""
+    await bus.publish(TurnUserEnded(org_id=ORG, call_id=call_id, turn_id=turn_id, text=text,
+                                    prepared_text=clause, prepared_last=last))
+
+
+async def test_a_turn_playing_the_prepared_clause_adopts_the_speculation_that_made_it(
+        bus, pool, emulator, recorder) -> None:
+    worker, llm = await started_worker(bus, pool, emulator)
+    try:
+        await open_call(bus, "q1")
+        await recorder.wait("agent.say", "q1")
+        emulator.script(ScriptedReply(text=REPLY))
+        await final(bus, "q1", "What time do you open?")
+        prepared, = await recorder.wait("agent.reply_prepared", "q1")
+        assert prepared.turn_id == "t1" and prepared.text == "We open at eight."
+
+        # Media played it: the turn adopts the speculation even though the words it ended
+        # with differ (media compared them itself; the brain must say what is being heard).
+        await playing(bus, "q1", "t1", "What time do you open, please?", prepared.text)
+        await recorder.wait("turn.completed", "q1")
+        said = [(e.seq, e.text) for e in recorder.of("agent.say", "q1") if e.turn_id == "t1"]
+        assert said == [(0, "We open at eight."), (1, "Would you like to book a visit?")]
+        assert len(emulator.requests) == 1
+        assert worker.speculations.outcomes == {"adopted": 1}
+    finally:
+        await worker.stop()
+        await llm.aclose()
+
+
+async def test_a_prepared_clause_from_elsewhere_is_said_first_and_the_model_continues_it(
+        bus, pool, emulator, recorder) -> None:
+    # This instance did not speculate (another one did): the clause the caller hears is the
+    # turn's first, and the model is asked to go on from it.
+    worker, llm = await started_worker(bus, pool, emulator, preemptive=False)
+    try:
+        await open_call(bus, "q2")
+        await recorder.wait("agent.say", "q2")
+        emulator.script(ScriptedReply(text=" Would you like to book a visit?"))
+        await playing(bus, "q2", "t1", "What time do you open?", "We open at eight.")
+        await recorder.wait("turn.completed", "q2")
+        said = [(e.seq, e.text, e.last) for e in recorder.of("agent.say", "q2")
+                if e.turn_id == "t1"]
+        assert said == [(0, "We open at eight.", False),
+                        (1, "Would you like to book a visit?", True)]
+        messages = emulator.requests[-1]["messages"]
+        assert messages[-1] == {"role": "assistant", "content": [
+            {"type": "text", "text": "We open at eight."}]}
+        assert messages[-2]["role"] == "user"
+
+        # A prepared clause that was the whole reply ends the turn without asking the model.
+        requests = len(emulator.requests)
+        await playing(bus, "q2", "t2", "Thanks!", "You're welcome!", last=True)
+        await until(lambda: any(e.turn_id == "t2" for e in recorder.of("turn.completed", "q2")))
+        said = [(e.seq, e.text, e.last) for e in recorder.of("agent.say", "q2")
+                if e.turn_id == "t2"]
+        assert said == [(0, "You're welcome!", True)]
+        assert len(emulator.requests) == requests
+    finally:
+        await worker.stop()
+        await llm.aclose()

@@ -108,6 +108,7 @@ async def run(ctx: ServiceContext[BrainConfig], stop: asyncio.Event) -> None:
             preemptive=config.preemptive_generation,
             preemptive_partial_stable_s=config.preemptive_partial_stable_ms / 1000,
             preemptive_timeout_s=config.preemptive_timeout_s,
+            prepare_replies=config.prepare_replies,
             on_turn=lambda kind, ms: latency.labels(kind).observe(ms),
             on_speculation=lambda outcome: speculations.labels(outcome).inc()))
         responder = KnowledgeResponder(ctx.bus.nc, search_in(pool),

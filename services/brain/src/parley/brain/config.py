@@ -27,6 +27,10 @@ class BrainConfig(CommonConfig, kw_only=True):
     preemptive_generation: bool = True
     preemptive_partial_stable_ms: float = 0.0
     preemptive_timeout_s: float = 10.0
+    # Publish a speculative reply's first clause (agent.reply_prepared) so media can synthesise
+    # it during the endpointing silence and play it the moment the turn ends; a discarded one
+    # still costs its synthesis.
+    prepare_replies: bool = True
     knowledge_k: int = 3
     agent_cache_s: float = 30.0
     brain_http_host: str = "127.0.0.1"  # the knowledge API (parley.brain.api)

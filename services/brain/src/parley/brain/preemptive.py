@@ -13,8 +13,14 @@ When the turn ends, the worker builds the turn's request as usual. If it is the 
 speculation made (the same words once normalised, and nothing else changed: history, knowledge,
 profile, prompt, tools), the speculation is adopted: its buffered output goes through the turn
 as if it had just arrived, and the stream continues. Otherwise it is dropped and the request is
-made fresh. A speculation is cancelled by newer words or speech from the caller, the call's end,
-its timeout, or a turn end that another instance takes; there is at most one per call.
+made fresh. A speculation is cancelled by newer words or speech from the caller, the call's
+end, its timeout, or a turn end that another instance takes; there is at most one per call.
+
+The reply's first clause is *prepared* as soon as it is complete (``on_clause``; the worker
+publishes it as ``agent.reply_prepared``): media synthesises it while it waits out the silence
+and, if the turn ends with the same words, plays it the moment the turn ends. Such a turn says
+so (``turn.user_ended.prepared_text``) and must then adopt the speculation that prepared the
+clause, whatever else changed: the caller is already hearing it.
 """
 
 from __future__ import annotations
@@ -26,19 +32,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
 
-from parley.brain.llm.base import Filler, LlmRequest
+from parley.brain.llm.base import Done, Filler, LlmRequest, TextDelta, ToolCall
+from parley.brain.llm.clauses import ClauseSplitter
 from parley.brain.llm.router import RouterEvent
+from parley.common.words import normalize_words as normalize
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Speculation", "Speculations", "normalize"]
 
 UNCLAIMED_GRACE_S = 2.0  # after the turn ends, how long a speculation waits to be taken here
-
-
-def normalize(text: str) -> str:
-    """Words only: case, punctuation and spacing do not make two transcripts different."""
-    return " ".join("".join(c if c.isalnum() or c == "'" else " " for c in text.lower()).split())
 
 
 class Speculation:
@@ -51,11 +54,17 @@ class Speculation:
     def __init__(self, call_id: str, text: str, *,
                  build: Callable[[], Awaitable[LlmRequest | None]],
                  stream: Callable[[LlmRequest], AsyncIterator[RouterEvent]],
-                 delay_s: float, on_outcome: Callable[[str], None]) -> None:
+                 delay_s: float, on_outcome: Callable[[str], None],
+                 on_clause: Callable[[str, bool], Awaitable[None]] | None = None) -> None:
         self.call_id = call_id
         self.text = text
         self.request: LlmRequest | None = None
         self.outcome = ""
+        # The first clause of the reply once complete (``last``: it is the whole reply), handed
+        # to ``on_clause`` to be prepared; "" until then, or if the reply starts with a tool.
+        self.prepared = ""
+        self.prepared_last = False
+        self._on_clause = on_clause
         self._items: list[RouterEvent] = []
         self._more = asyncio.Event()
         self._go = asyncio.Event()
@@ -81,10 +90,13 @@ class Speculation:
             if self.request is None:
                 return  # not a turn this instance can speculate on
             stream = stream_of(self.request)
+            splitter = ClauseSplitter() if self._on_clause is not None else None
             try:
                 async for item in stream:
                     self._items.append(item)
                     self._more.set()
+                    if splitter is not None:
+                        splitter = await self._prepare(splitter, item)
             finally:
                 await stream.aclose()
         except Exception as exc:  # kept for the turn: it then makes its own request
@@ -92,6 +104,27 @@ class Speculation:
         finally:
             self._ready.set()
             self._more.set()
+
+    async def _prepare(self, splitter: ClauseSplitter, item: RouterEvent) -> ClauseSplitter | None:
+        """Split the reply as the turn will; hand on its first clause. None: nothing to do."""
+        clause, last = "", False
+        if isinstance(item, TextDelta):
+            clauses = splitter.feed(item.text)
+            clause = clauses[0] if clauses else ""
+        elif isinstance(item, Done):
+            clause, last = splitter.flush(), item.stop_reason != "tool_use"
+        elif isinstance(item, ToolCall):
+            return None  # a tool comes first: the turn's first words wait for its outcome
+        if not clause.strip():
+            return None if isinstance(item, Done) else splitter
+        self.prepared, self.prepared_last = clause.strip(), last
+        assert self._on_clause is not None
+        await self._on_clause(self.prepared, last)
+        return None
+
+    def prepared_as(self, text: str, last: bool) -> bool:
+        """Whether this is the speculation that prepared the clause a turn started playing."""
+        return bool(text) and self.prepared == text and self.prepared_last == last
 
     async def matches(self, text: str, request: LlmRequest) -> bool:
         """Whether the turn that ended with ``text`` and builds ``request`` can adopt this.
@@ -167,11 +200,12 @@ class Speculations:
 
     def start(self, call_id: str, text: str, *, build: Callable[[], Awaitable[LlmRequest | None]],
               stream: Callable[[LlmRequest], AsyncIterator[RouterEvent]], delay_s: float,
-              timeout_s: float) -> Speculation:
+              timeout_s: float,
+              on_clause: Callable[[str, bool], Awaitable[None]] | None = None) -> Speculation:
         """Replace the call's speculation with one for ``text``."""
         self.cancel(call_id, "superseded")
         speculation = Speculation(call_id, text, build=build, stream=stream, delay_s=delay_s,
-                                  on_outcome=self._count)
+                                  on_outcome=self._count, on_clause=on_clause)
         self._calls[call_id] = speculation
         self._cancel_later(call_id, speculation, delay_s + timeout_s, "expired")
         return speculation
@@ -186,16 +220,19 @@ class Speculations:
         if speculation is not None:
             speculation.cancel(outcome)
 
-    def turn_ended(self, call_id: str, text: str) -> None:
+    def turn_ended(self, call_id: str, text: str, *, prepared: str = "",
+                   prepared_last: bool = False) -> None:
         """The turn ended (seen live): confirm a matching speculation, drop another one.
 
-        A confirmed one is dropped anyway if this instance has not taken the turn within a grace
-        period (another instance answers it).
+        It matches on its words, or — when media plays a prepared clause — on being the one
+        that prepared it. A confirmed one is dropped anyway if this instance has not taken the
+        turn within a grace period (another instance answers it).
         """
         speculation = self._calls.get(call_id)
         if speculation is None:
             return
-        if normalize(text) != normalize(speculation.text):
+        if prepared and not speculation.prepared_as(prepared, prepared_last) or (
+                not prepared and normalize(text) != normalize(speculation.text)):
             self.cancel(call_id, "superseded")
             return
         speculation.start_now()

@@ -54,6 +54,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy, PubAck
 
@@ -72,12 +73,13 @@ from parley.brain.llm.base import (
 from parley.brain.llm.clauses import ClauseSplitter
 from parley.brain.llm.local_responder import classify_intent
 from parley.brain.llm.router import LlmRouter, RouterEvent
-from parley.brain.preemptive import Speculation, Speculations, normalize
+from parley.brain.preemptive import Speculation, Speculations
 from parley.common.bus import Bus, ConsumerSettings, DurableConsumer, call_events, events_of_type
 from parley.common.bus.streams import EVENTS_STREAM
 from parley.common.bus.subjects import EVENTS_PREFIX, SubjectError, parse_event_subject
 from parley.common.configuration.models import AgentSettings
 from parley.common.events import (
+    AgentReplyPrepared,
     AgentSay,
     AgentSpeechInterrupted,
     CallEnded,
@@ -101,6 +103,7 @@ from parley.common.events import (
     TurnUserEnded,
     decode,
 )
+from parley.common.words import normalize_words as normalize
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +116,14 @@ GROUNDING = (
     "Answer only from the knowledge given with the caller's words and from tool results. If the "
     "answer is not there, say you will check and follow up; never invent prices, times, names or "
     "policies. You are on the phone: short, plain sentences, no lists, no markdown.")
+
+
+def next_user_turn(latest: str) -> str:
+    """The id media gives the caller's turn after ``latest`` (``t1``, ``t2``…; "" unknown)."""
+    if not latest:
+        return "t1"
+    number = latest[1:]
+    return f"t{int(number) + 1}" if latest[0] == "t" and number.isdigit() else ""
 
 
 def stable_id(call_id: str, *parts: object) -> uuid.UUID:
@@ -252,6 +263,7 @@ class BrainServices:
     preemptive: bool = True  # start the reply speculatively once the caller's words are known
     preemptive_partial_stable_s: float = 0.0  # a partial unchanged this long counts (0: never)
     preemptive_timeout_s: float = 10.0  # a speculation not adopted by then is dropped
+    prepare_replies: bool = True  # publish a speculation's first clause for media to synthesise
     on_turn: Callable[[str, float], None] = lambda kind, ms: None  # metrics hook
     on_speculation: Callable[[str], None] = lambda outcome: None  # metrics hook
 
@@ -292,6 +304,8 @@ class BrainWorker:
         self._turn_ends: OrderedDict[str, tuple[int, str]] = OrderedDict()
         # call → (stream sequence, event) the follower delivered while the call was replayed
         self._replaying: dict[str, list[tuple[int, Event]]] = {}
+        # call → the caller's turn its speculation answers (the one after its latest)
+        self._anticipated: dict[str, str] = {}
         self._subs: list[Any] = []
         self._followed_from = 0  # first stream sequence the live follower delivered
         self.replays = 0  # turns that had to read their call from JetStream
@@ -340,11 +354,13 @@ class BrainWorker:
         """Start, confirm or drop the call's speculative reply as the caller's words come."""
         call_id = getattr(event, "call_id", "")
         if isinstance(event, TurnUserEnded):
-            self.speculations.turn_ended(call_id, event.text)
+            self.speculations.turn_ended(call_id, event.text, prepared=event.prepared_text,
+                                         prepared_last=event.prepared_last)
         elif isinstance(event, SpeechStarted):
             self.speculations.cancel(call_id, "caller spoke")
         elif isinstance(event, CallEnded):
             self.speculations.cancel(call_id, "call ended")
+            self._anticipated.pop(call_id, None)
         elif isinstance(event, TranscriptPartial | TranscriptFinal | SpeechStopped) and (
                 self.s.preemptive):
             # The words are as good as known at a final, or when the caller has stopped.
@@ -362,10 +378,20 @@ class BrainWorker:
                 self.speculations.cancel(call_id, "superseded")  # a call served elsewhere
                 return
             text, context = expected
-            self.speculations.start(
+            org_id = event.org_id
+
+            async def prepared(clause: str, last: bool) -> None:
+                turn_id = self._anticipated.get(call_id)
+                if turn_id and self.speculations.get(call_id) is speculation:
+                    await self.s.bus.publish(AgentReplyPrepared(
+                        org_id=org_id, call_id=call_id, turn_id=turn_id,
+                        words=normalize(text), text=clause, last=last))
+
+            speculation = self.speculations.start(
                 call_id, text, stream=self.s.router.stream,
-                build=lambda: self._speculative_request(event.org_id, call_id, text, context),
-                delay_s=0.0 if final else stable_s, timeout_s=self.s.preemptive_timeout_s)
+                build=lambda: self._speculative_request(org_id, call_id, text, context),
+                delay_s=0.0 if final else stable_s, timeout_s=self.s.preemptive_timeout_s,
+                on_clause=prepared if self.s.prepare_replies else None)
 
     async def _speculative_request(self, org_id: str, call_id: str, text: str,
                                    prepared: asyncio.Task[Context]) -> LlmRequest | None:
@@ -382,6 +408,7 @@ class BrainWorker:
         if conversation.ended or (conversation.latest_user_turn and (
                 latest is None or not (latest.completed or latest.interrupted))):
             return None
+        self._anticipated[call_id] = next_user_turn(conversation.latest_user_turn)
         conversation.apply(TurnUserEnded(org_id=org_id, call_id=call_id, turn_id="",
                                          text=text))
         warm = await asyncio.shield(prepared)  # the turn may still use it: never cancel it
@@ -596,9 +623,13 @@ class BrainWorker:
             causation_id=cause.id)
         context_events = self._context_events(conversation, turn_id, context, cause) \
             if final_text else []
+        # The clause media already plays as this turn's answer (prepared by a speculation).
+        prepared = cause.prepared_text if isinstance(cause, TurnUserEnded) else ""
+        prepared_last = isinstance(cause, TurnUserEnded) and cause.prepared_last
         stream: AsyncIterator[RouterEvent] | None = None
         if speculation is not None:
-            if await speculation.matches(final_text, request):
+            if speculation.prepared_as(prepared, prepared_last) or (
+                    not prepared and await speculation.matches(final_text, request)):
                 stream = speculation.adopt()
             else:
                 speculation.cancel("discarded")
@@ -627,6 +658,17 @@ class BrainWorker:
             if text.strip() or last:
                 seq += 1
 
+        if prepared and stream is None:
+            # Prepared by a speculation that is not here (another instance's, or replaced): the
+            # caller hears it anyway, so it is this turn's first clause and the model goes on
+            # from it.
+            await say(prepared, last=prepared_last)
+            if prepared_last:
+                await bus.acked(pending)
+                await self._completed(conversation, turn_id, cause, round_no=round_no,
+                                      duration_ms=(time.perf_counter() - started) * 1000)
+                return
+            request = msgspec.structs.replace(request, prefill=prepared)
         async with asyncio.timeout(self.s.turn_deadline_s):
             if stream is None:
                 stream = self.s.router.stream(request)

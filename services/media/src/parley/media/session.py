@@ -41,11 +41,13 @@ from typing import Any
 
 import numpy as np
 from nats.aio.msg import Msg
+from nats.js.api import PubAck
 
 from parley.common.bus import Bus, audio_subject, call_events, command_subject
 from parley.common.bus.audio import MARK, encode_frame
 from parley.common.configuration.models import AgentSettings
 from parley.common.events import (
+    AgentReplyPrepared,
     AgentSay,
     AgentSpeechFinished,
     AgentSpeechInterrupted,
@@ -65,6 +67,7 @@ from parley.common.events import (
     Word,
     decode,
 )
+from parley.common.words import normalize_words
 from parley.media.audio.codec import ULAW_TO_PCM16
 from parley.media.audio.frames import ULAW_FRAME_BYTES, FrameAligner
 from parley.media.inbound import InboundAudio
@@ -150,6 +153,12 @@ class _AgentTurn:
     provider: str = ""
     chars: int = 0
     spoken: bool = False  # the speaker is done with it (voiced, or skipped as interrupted)
+    # A prepared reply (agent.reply_prepared): synthesised while the caller's turn is still
+    # open, its audio held until that turn ends with ``words`` (then played) or not (dropped).
+    held: bool = False
+    words: str = ""
+    prepared: AgentSay | None = None  # its first clause, from agent.reply_prepared
+    discarded: bool = False
 
 
 class CallSession:
@@ -209,6 +218,7 @@ class CallSession:
         self._current: _AgentTurn | None = None  # the turn whose audio is (or was last) out
         self._out_seq = 0
         self._tts_chars: dict[str, int] = {}
+        self._prepared: _AgentTurn | None = None  # the reply prepared for the open user turn
         self._user_turn_ends: dict[str, float] = {}  # user turn id → wall time speech ended
         self._tasks: list[asyncio.Task[Any]] = []
         # Until the call's past events are read: agent clauses by turn, turns already voiced.
@@ -384,9 +394,21 @@ class CallSession:
         turn_id = f"t{self.turn_no}"
         self._user_turn_ends[turn_id] = self._speech_end_wall
         self._turn_audio = []
-        await self._publish(TurnUserEnded, "turn.user_ended", turn_id=turn_id, text=end.text,
-                            reason=end.reason, eou_delay_ms=float(end.eou_delay_ms),
-                            stt_final_ms=float(end.stt_final_ms), key=(self.turn_no,))
+        prepared = self._prepared
+        if prepared is not None and (prepared.turn_id != turn_id or prepared.words != (
+                normalize_words(end.text))):
+            await self._discard_prepared()
+            prepared = None
+        self._prepared = None
+        first = prepared.prepared if prepared is not None else None
+        ack = await self._send(TurnUserEnded, "turn.user_ended", turn_id=turn_id, text=end.text,
+                               reason=end.reason, eou_delay_ms=float(end.eou_delay_ms),
+                               stt_final_ms=float(end.stt_final_ms),
+                               prepared_text=first.text if first else "",
+                               prepared_last=first.last if first else False, key=(self.turn_no,))
+        if prepared is not None:
+            await self._play_prepared(prepared)
+        await self.s.bus.acked([ack])
 
     # ------------------------------------------------------------------ recognition
 
@@ -513,6 +535,8 @@ class CallSession:
     async def _on_event(self, event: Event) -> None:
         if isinstance(event, AgentSay):
             self._on_say(event)
+        elif isinstance(event, AgentReplyPrepared):
+            await self._on_prepared(event)
         elif isinstance(event, AgentSpeechProgress):
             await self._on_progress(event)
         elif isinstance(event, CallDtmf):
@@ -529,7 +553,7 @@ class CallSession:
         turn = self._turns.get(say.turn_id)
         if turn is None:
             for other in self._turns.values():  # a new turn closes the ones before it
-                if not other.closed:
+                if not other.closed and not other.held:
                     other.closed = True
                     other.clauses.put_nowait(None)
             self._forget_past_turns()
@@ -547,6 +571,63 @@ class CallSession:
             if clause.last:
                 turn.closed = True
                 turn.clauses.put_nowait(None)
+
+    # ------------------------------------------------------------------ prepared replies
+
+    async def _on_prepared(self, event: AgentReplyPrepared) -> None:
+        """Synthesise the clause prepared for the caller's open turn; hold its audio."""
+        turn_id = f"t{self.turn_no + 1}"
+        if event.turn_id != turn_id or self._catching_up or self._history is not None:
+            return  # for a turn that has ended already (or not this session's to judge)
+        await self._discard_prepared()
+        clause = AgentSay(org_id=self.org_id, call_id=self.call_id, turn_id=turn_id, seq=0,
+                          text=event.text, last=event.last)
+        turn = _AgentTurn(turn_id, AgentTurnAudio(turn_id), held=True, words=event.words,
+                          prepared=clause, next_seq=1, first_say_at=time.monotonic())
+        turn.clauses.put_nowait(clause)
+        if clause.last:
+            turn.closed = True
+            turn.clauses.put_nowait(None)
+        self._prepared = turn
+        self._turns[turn_id] = turn
+        self._tasks.append(asyncio.create_task(self._prepare(turn),
+                                               name=f"tts-prepared:{self.call_id}"))
+
+    async def _prepare(self, turn: _AgentTurn) -> None:
+        try:
+            await self._speak(turn)
+        except Exception:
+            log.exception("call %s: preparing turn %s failed", self.call_id, turn.turn_id)
+        finally:
+            turn.spoken = True
+            with contextlib.suppress(ValueError):
+                self._tasks.remove(asyncio.current_task())  # type: ignore[arg-type]
+
+    async def _play_prepared(self, turn: _AgentTurn) -> None:
+        """The turn ended with the prepared words: its audio goes out now, ahead of the brain."""
+        for other in self._turns.values():  # as a new turn from agent.say would
+            if other is not turn and not other.closed:
+                other.closed = True
+                other.clauses.put_nowait(None)
+        turn.held = False
+        turn.first_say_at = time.monotonic()  # from here on the turn waits on the synthesiser
+        self._current = turn
+        await self._send_out(turn)
+
+    async def _discard_prepared(self) -> None:
+        """Drop the prepared reply: nothing of it is heard; its synthesis is still counted."""
+        turn, self._prepared = self._prepared, None
+        if turn is None:
+            return
+        turn.interrupted = turn.discarded = True
+        if self._turns.get(turn.turn_id) is turn:
+            del self._turns[turn.turn_id]  # the brain's own answer to that turn starts afresh
+        if not turn.closed:
+            turn.closed = True
+            turn.clauses.put_nowait(None)
+        if turn.stream is not None:
+            with contextlib.suppress(Exception):
+                await turn.stream.cancel()
 
     def _forget_past_turns(self) -> None:
         """Drop the turns nothing can change any more (their ids are kept)."""
@@ -602,6 +683,10 @@ class CallSession:
                     to_provider=turn.provider, reason=failure[:500]))
                 failure = ""
             stream = turn.stream
+            if turn.interrupted:  # cut (or a prepared reply dropped) while the stream opened
+                with contextlib.suppress(Exception):
+                    await stream.cancel()
+                break
             first = done_clauses
             feeder: asyncio.Task[bool] | None = None
             aligner = FrameAligner(ULAW_FRAME_BYTES)
@@ -647,6 +732,8 @@ class CallSession:
         turn.audio.text_done = True
         self._tts_chars[turn.provider] = self._tts_chars.get(turn.provider, 0) + turn.chars
         await self._send_out(turn)
+        if turn.discarded:
+            return
         if turn.audio.last_mark_missing() and turn.audio.cut_frames is None:
             turn.audio.pending_marks.append(len(turn.audio.frames))
             seq = mark_seq(turn.audio.generation, len(turn.audio.frames))
@@ -682,7 +769,7 @@ class CallSession:
                 return True
 
     async def _send_out(self, turn: _AgentTurn) -> None:
-        if turn.interrupted or turn.audio.cut_frames is not None:
+        if turn.interrupted or turn.held or turn.audio.cut_frames is not None:
             return
         nc = self.s.bus.nc
         subject = audio_subject(self.call_id, "out")
@@ -712,10 +799,21 @@ class CallSession:
             await self._publish(
                 AgentSpeechStarted, "agent.speech.started", turn_id=turn.turn_id,
                 tts_ttfb_ms=round((turn.first_frame_at - turn.first_say_at) * 1000, 1),
-                tts_provider_ms=round((turn.tts_answered_at - turn.tts_asked_at) * 1000, 1)
-                if turn.tts_asked_at and turn.tts_answered_at >= turn.tts_asked_at else 0.0,
+                tts_provider_ms=self._tts_wait_ms(turn),
                 voice_to_voice_ms=round((time.time() - spoke_at) * 1000, 1)
                 if spoke_at else 0.0, key=(turn.turn_id,))
+
+    @staticmethod
+    def _tts_wait_ms(turn: _AgentTurn) -> float:
+        """What the turn waited for the synthesiser's first audio, in ms.
+
+        From asking it — or, for a prepared reply, from the turn's end — to its first audio; 0
+        if the audio was there already.
+        """
+        asked = max(turn.tts_asked_at, turn.first_say_at) if turn.tts_asked_at else 0.0
+        if not asked or turn.tts_answered_at < asked:
+            return 0.0
+        return round((turn.tts_answered_at - asked) * 1000, 1)
 
     def _agent_audible(self) -> bool:
         turn = self._current
@@ -794,14 +892,20 @@ class CallSession:
 
     async def _publish(self, cls: type[Event], kind: str, *, key: tuple[object, ...] = (),
                        **fields: Any) -> None:
+        await self.s.bus.acked([await self._send(cls, kind, key=key, **fields)])
+
+    async def _send(self, cls: type[Event], kind: str, *, key: tuple[object, ...] = (),
+                    **fields: Any) -> asyncio.Future[PubAck]:
+        """Publish without waiting for the ack (await it with ``bus.acked``)."""
         if not key:
             ordinal = self._ordinals.get(f"{kind}/{self.turn_no}", 0)
             self._ordinals[f"{kind}/{self.turn_no}"] = ordinal + 1
             key = (self.turn_no, ordinal)
         event = cls(id=stable_id(self.call_id, kind, *key), org_id=self.org_id,
                     call_id=self.call_id, **fields)
-        await self.s.bus.publish(event)
+        ack = await self.s.bus.send(event)
         self.s.on_event(kind)
+        return ack
 
     async def _record_usage(self) -> None:
         for provider, seconds in self._stt_seconds.items():

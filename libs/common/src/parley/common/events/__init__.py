@@ -13,6 +13,7 @@ import msgspec
 
 from .billing import QuotaExceeded, UsageRecorded
 from .brain import (
+    AgentReplyPrepared,
     AgentSay,
     IntentDetected,
     KnowledgeRetrieved,
@@ -75,7 +76,8 @@ AnyEvent = (
     | SpeechStarted | SpeechStopped | TranscriptPartial | TranscriptFinal | TurnUserEnded
     | AgentSpeechStarted | AgentSpeechProgress | AgentSpeechInterrupted | AgentSpeechFinished
     | MediaProviderSwitched
-    | TurnStarted | AgentSay | TurnCompleted | ToolRequested | IntentDetected | KnowledgeRetrieved
+    | TurnStarted | AgentSay | AgentReplyPrepared | TurnCompleted | ToolRequested | IntentDetected
+    | KnowledgeRetrieved
     | ToolApprovalRequested | ToolApproved | ToolDenied | ToolCompleted | ToolFailed
     | CallSummarized | RecordingAttached | WebhookDelivered | WebhookFailed | CallerProfileUpdated
     | UsageRecorded | QuotaExceeded
@@ -131,7 +133,8 @@ def _explain(data: bytes | str, exc: msgspec.ValidationError) -> str:
 
 
 __all__ = [
-    "EVENT_TYPES", "AgentCreated", "AgentDeleted", "AgentEvent", "AgentSay", "AgentSpeechFinished",
+    "EVENT_TYPES", "AgentCreated", "AgentDeleted", "AgentEvent", "AgentReplyPrepared", "AgentSay",
+    "AgentSpeechFinished",
     "AgentSpeechInterrupted", "AgentSpeechProgress", "AgentSpeechStarted", "AgentUpdated",
     "AnyEvent", "ApiKeyCreated", "ApiKeyRevoked", "CallAnswered", "CallDialing", "CallDtmf",
     "CallEnded", "CallEvent", "CallFailed", "CallMachineDetected", "CallRecordingAvailable",

@@ -25,6 +25,21 @@ class AgentSay(CallEvent, frozen=True, kw_only=True, tag="agent.say"):
     last: bool = False
 
 
+class AgentReplyPrepared(CallEvent, frozen=True, kw_only=True, tag="agent.reply_prepared"):
+    """The first clause of a reply made before the caller's turn ended, for media to synthesise.
+
+    The brain speculates on the caller's words (``words``) while media waits out the
+    endpointing silence. Media synthesises ``text`` ahead and, if turn ``turn_id`` ends with the
+    same words, plays it at once and says so in ``turn.user_ended.prepared_text``; the brain then
+    answers that turn starting with this clause. Otherwise nothing of it is heard.
+    """
+
+    turn_id: str  # the caller's turn it answers (the next one media will end)
+    words: str  # the caller's words it answers, normalised (see parley.common.words)
+    text: str
+    last: bool = False  # the whole reply
+
+
 class TokenUsage(msgspec.Struct, frozen=True, kw_only=True):
     """LLM tokens spent on a turn."""
 

@@ -55,6 +55,9 @@ class TurnUserEnded(CallEvent, frozen=True, kw_only=True, tag="turn.user_ended")
     reason: Literal["silence", "utterance_end", "max_wait", "dtmf", "prompt"] = "silence"
     eou_delay_ms: float = 0.0
     stt_final_ms: float = 0.0
+    # the agent.reply_prepared clause media started playing as this turn's answer ("" if none)
+    prepared_text: str = ""
+    prepared_last: bool = False
 
 
 class AgentSpeechStarted(CallEvent, frozen=True, kw_only=True, tag="agent.speech.started"):

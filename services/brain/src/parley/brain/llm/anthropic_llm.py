@@ -88,8 +88,12 @@ class AnthropicLlm:
 
     def request_params(self, request: LlmRequest) -> dict[str, Any]:
         """The ``messages.create`` keyword arguments for ``request`` (without ``stream``)."""
+        messages = to_anthropic_messages(request.messages)
+        if request.prefill.strip():  # the API refuses a final assistant turn ending in a space
+            messages.append({"role": "assistant", "content": [
+                {"type": "text", "text": request.prefill.rstrip()}]})
         params: dict[str, Any] = {"model": self.model, "max_tokens": request.max_tokens,
-                                  "messages": to_anthropic_messages(request.messages)}
+                                  "messages": messages}
         if request.system is not None and request.system.text:
             block: dict[str, Any] = {"type": "text", "text": request.system.text}
             if request.system.cacheable:

@@ -86,7 +86,8 @@ class LlmRequest(msgspec.Struct, frozen=True, kw_only=True):
     ``system`` is the agent's standing instructions (cacheable); ``context`` is this turn's
     prepared material as text (retrieved knowledge, what we know about the caller), sent after
     the system prompt and never cached; ``knowledge`` is the same retrieval as data, for
-    providers that reason over it directly (the local responder).
+    providers that reason over it directly (the local responder); ``prefill`` is the reply's
+    beginning, already said, that the answer continues.
     """
 
     messages: tuple[Message, ...]
@@ -96,6 +97,9 @@ class LlmRequest(msgspec.Struct, frozen=True, kw_only=True):
     tools: tuple[ToolSpec, ...] = ()
     max_tokens: int = 512
     temperature: float | None = None
+    # The start of the reply, already being spoken: the model continues after it (an Anthropic
+    # assistant prefill; a trailing assistant message for OpenAI-compatible servers).
+    prefill: str = ""
 
     @property
     def last_user_text(self) -> str:

@@ -138,6 +138,9 @@ class LocalResponder:
         """Reply to the conversation in ``request``: text in word groups, tool calls, Done."""
         started = self._clock()
         text, call, intent = await self._reply(request)
+        if request.prefill:  # already said: only what follows it, if it is this reply's start
+            said = request.prefill.strip()
+            text = text.strip()[len(said):] if text.strip().startswith(said) else ""
         ttft_ms = (self._clock() - started) * 1000
         for piece in _pieces(text, self.words_per_delta):
             yield TextDelta(text=piece)

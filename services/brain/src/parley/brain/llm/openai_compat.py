@@ -148,7 +148,8 @@ def to_openai_messages(request: LlmRequest) -> list[dict[str, Any]]:
     """The system prompt and conversation as OpenAI chat messages.
 
     An agent's tool uses join the assistant message before them (as ``tool_calls`` with JSON
-    ``arguments``); each tool result is a ``tool`` message.
+    ``arguments``); each tool result is a ``tool`` message; a prefill is a last assistant
+    message.
     """
     messages: list[dict[str, Any]] = []
     if request.system is not None and request.system.text:
@@ -170,6 +171,8 @@ def to_openai_messages(request: LlmRequest) -> list[dict[str, Any]]:
                     messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
             case ToolResult(tool_use_id=tool_id, content=content):
                 messages.append({"role": "tool", "tool_call_id": tool_id, "content": content})
+    if request.prefill.strip():  # servers that continue a final assistant message do so
+        messages.append({"role": "assistant", "content": request.prefill})
     return messages
 
 
