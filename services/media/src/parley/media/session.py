@@ -160,6 +160,12 @@ class _AgentTurn:
     prepared: AgentSay | None = None  # its first clause, from agent.reply_prepared
     discarded: bool = False
 
+    def close(self) -> None:
+        """No more clauses will come: the speaker finishes with what it has."""
+        if not self.closed:
+            self.closed = True
+            self.clauses.put_nowait(None)
+
 
 class CallSession:
     """Runs one call until it ends, the lease is lost, or the instance stops."""
@@ -552,11 +558,7 @@ class CallSession:
             return
         turn = self._turns.get(say.turn_id)
         if turn is None:
-            for other in self._turns.values():  # a new turn closes the ones before it
-                if not other.closed and not other.held:
-                    other.closed = True
-                    other.clauses.put_nowait(None)
-            self._forget_past_turns()
+            self._close_earlier_turns()
             turn = _AgentTurn(say.turn_id, AgentTurnAudio(say.turn_id),
                               first_say_at=time.monotonic())
             self._turns[say.turn_id] = turn
@@ -569,8 +571,18 @@ class CallSession:
             turn.next_seq += 1
             turn.clauses.put_nowait(clause)
             if clause.last:
-                turn.closed = True
-                turn.clauses.put_nowait(None)
+                turn.close()
+
+    def _close_earlier_turns(self, *, keep: _AgentTurn | None = None) -> None:
+        """A new agent turn begins: the ones before it get no more clauses.
+
+        A reply prepared for the caller's open turn is not before it. Turns done with are
+        forgotten (see :meth:`_forget_past_turns`).
+        """
+        for other in self._turns.values():
+            if other is not keep and not other.held:
+                other.close()
+        self._forget_past_turns()
 
     # ------------------------------------------------------------------ prepared replies
 
@@ -586,8 +598,7 @@ class CallSession:
                           prepared=clause, next_seq=1, first_say_at=time.monotonic())
         turn.clauses.put_nowait(clause)
         if clause.last:
-            turn.closed = True
-            turn.clauses.put_nowait(None)
+            turn.close()
         self._prepared = turn
         self._turns[turn_id] = turn
         self._tasks.append(asyncio.create_task(self._prepare(turn),
@@ -605,11 +616,8 @@ class CallSession:
 
     async def _play_prepared(self, turn: _AgentTurn) -> None:
         """The turn ended with the prepared words: its audio goes out now, ahead of the brain."""
-        for other in self._turns.values():  # as a new turn from agent.say would
-            if other is not turn and not other.closed:
-                other.closed = True
-                other.clauses.put_nowait(None)
         turn.held = False
+        self._close_earlier_turns(keep=turn)  # as a new turn from agent.say does
         turn.first_say_at = time.monotonic()  # from here on the turn waits on the synthesiser
         self._current = turn
         await self._send_out(turn)
@@ -622,9 +630,7 @@ class CallSession:
         turn.interrupted = turn.discarded = True
         if self._turns.get(turn.turn_id) is turn:
             del self._turns[turn.turn_id]  # the brain's own answer to that turn starts afresh
-        if not turn.closed:
-            turn.closed = True
-            turn.clauses.put_nowait(None)
+        turn.close()
         if turn.stream is not None:
             with contextlib.suppress(Exception):
                 await turn.stream.cancel()
