@@ -37,6 +37,14 @@ retrieval, profile) → first agent.say (the LLM stream up to the first clause, 
 agent.speech.started (media receives the clause, opens TTS, first chunk, first frame published)
 → caller (audio bus hop, gateway, WebSocket).
 
+Most turns play a prepared reply: the Deepgram emulator sends its final 200 ms into the caller's
+silence (media asks for that endpointing, 100 ms before its own 300 ms end of turn), the brain
+speculates on those words and publishes the reply's first clause, media synthesises it, and
+the turn's answer starts the moment the turn ends. The note gives the share of such turns and
+both groups' numbers. ``e2e.platform_overhead.nothing_ahead`` (info, full run only) runs the
+same load again with the brain neither speculating nor preparing: every turn goes the whole
+way — bus, brain, LLM request, ``agent.say``, TTS — after it ended.
+
 ``e2e.voice_to_voice_offline`` — a few calls in sequence with local providers only (media:
 WebRTC VAD + Whisper tiny.en + Piper; brain: the local responder), each caller saying several
 Piper-synthesised sentences (leading/trailing silence trimmed, so the last frame sent is the end
@@ -46,8 +54,9 @@ broken down by ``turn.user_ended`` (``eou_delay_ms``, ``stt_final_ms``), the bra
 first agent.say) and media's TTS (agent.say → agent.speech.started).
 
 ``E2E_PARTS=overhead`` or ``E2E_PARTS=voice`` runs one part (investigations);
-``E2E_ROWS=<file>`` writes every measured turn's stages (with its ``turn.user_ended`` time) as
-JSON, to see when the slow turns happened and where they lost their time.
+``E2E_ROWS=<file>`` writes every measured turn's stages (with its ``turn.user_ended`` time, when
+the caller's words became known and whether a prepared reply played) as JSON, to see when the
+slow turns happened and where they lost their time (``<file>.nothing_ahead``: the second run).
 """
 
 from __future__ import annotations
@@ -147,6 +156,10 @@ class TurnFacts:
     eou_delay_ms: float = math.nan
     stt_final_ms: float = math.nan
     text: str = ""
+    stopped: float = math.nan  # the call's last speech.stopped before the turn ended
+    final: float = math.nan  # the call's last transcript.final before the turn ended
+    reply_prepared: float = math.nan  # agent.reply_prepared for this turn
+    prepared: bool = False  # media played a prepared reply at the turn's end
 
 
 class Events:
@@ -155,6 +168,7 @@ class Events:
     def __init__(self) -> None:
         self.turns: dict[tuple[str, str], TurnFacts] = defaultdict(TurnFacts)
         self.counts: dict[str, int] = defaultdict(int)
+        self._heard: dict[tuple[str, str], float] = {}  # (call, event type) → its last ``at``
 
     async def on_message(self, msg: Msg) -> None:
         now = time.time()
@@ -165,13 +179,20 @@ class Events:
         kind = event.type
         self.counts[kind] += 1
         turn_id = getattr(event, "turn_id", None)
+        at = event.at.timestamp()
         if turn_id is None:
+            if kind in ("speech.stopped", "transcript.final"):
+                self._heard[(event.call_id, kind)] = at
             return
         facts = self.turns[(event.call_id, turn_id)]
-        at = event.at.timestamp()
         if kind == "turn.user_ended":
             facts.user_ended, facts.arrived, facts.text = at, now, event.text
             facts.eou_delay_ms, facts.stt_final_ms = event.eou_delay_ms, event.stt_final_ms
+            facts.prepared = bool(event.prepared_text)
+            facts.stopped = self._heard.get((event.call_id, "speech.stopped"), math.nan)
+            facts.final = self._heard.get((event.call_id, "transcript.final"), math.nan)
+        elif kind == "agent.reply_prepared" and math.isnan(facts.reply_prepared):
+            facts.reply_prepared = at
         elif kind == "turn.started" and math.isnan(facts.started):
             facts.started = at
         elif kind == "agent.say" and math.isnan(facts.first_say):
@@ -314,8 +335,8 @@ async def _receive(call: Call, answers: Answers) -> None:
     call.closed_code = ws.close_code
 
 
-def _overhead_turns(events: Events, answers: Answers, window: tuple[float, float]
-                    ) -> tuple[list[dict[str, float]], int]:
+def _overhead_turns(events: Events, answers: Answers, window: tuple[float, float],
+                    rows_file: str = "") -> tuple[list[dict[str, float]], int]:
     """Each turn that ended in the window, matched with the first answer frame after it."""
     rows, unanswered = [], 0
     for (call_id, _turn_id), facts in events.turns.items():
@@ -343,15 +364,21 @@ def _overhead_turns(events: Events, answers: Answers, window: tuple[float, float
             "media_say_to_frame": 1000 * (facts.speech_started - facts.first_say),
             "tts_ttfb_ms": facts.tts_ttfb_ms,
             "frame_to_caller": 1000 * (frame - facts.speech_started),
+            # When the caller's words were known, relative to the turn's end (negative: before).
+            "stopped_to_end": 1000 * (facts.user_ended - facts.stopped),
+            "final_to_end": 1000 * (facts.user_ended - facts.final),
+            "prepared_to_end": 1000 * (facts.user_ended - facts.reply_prepared),
+            "prepared": float(facts.prepared),
         })
-    if os.environ.get("E2E_ROWS"):  # every turn's stages, to find where the slow ones lost time
-        Path(os.environ["E2E_ROWS"]).write_text(json.dumps(rows))
+    if rows_file:  # every turn's stages, to find where the slow ones lost time
+        Path(rows_file).write_text(json.dumps(rows))
     for row in rows:
         del row["at"]  # a time, not a latency: not summarised
     return rows, unanswered
 
 
-async def _platform_overhead(ctx: Any, result: BenchResult) -> None:
+async def _platform_overhead(ctx: Any, result: BenchResult, *, ahead: bool = True) -> None:
+    """Run (a); ``ahead=False``: the brain neither speculates nor prepares (info lines)."""
     count = 20 if ctx.quick else OVERHEAD_CALLS
     if os.environ.get("E2E_CALLS"):
         count = int(os.environ["E2E_CALLS"])
@@ -385,7 +412,10 @@ async def _platform_overhead(ctx: Any, result: BenchResult) -> None:
         brain = Service("brain", {**env, "PARLEY_ANTHROPIC_API_KEY": ANTHROPIC_KEY,
                                   "PARLEY_ANTHROPIC_URL": anthropic_url,
                                   "PARLEY_LLM_CHAIN": "anthropic",
-                                  "PARLEY_BRAIN_HTTP_PORT": "0"}, root, "brain ready")
+                                  "PARLEY_BRAIN_HTTP_PORT": "0",
+                                  "PARLEY_PREEMPTIVE_GENERATION": str(ahead).lower(),
+                                  "PARLEY_PREPARE_REPLIES": str(ahead).lower()},
+                        root, "brain ready")
         recorder = Service("recorder", env, root, "recorder up")
         services += [recorder, brain]
         processes = {"recorder": await recorder.start(), "brain": await brain.start(),
@@ -431,19 +461,37 @@ async def _platform_overhead(ctx: Any, result: BenchResult) -> None:
         await bus.close()
         shutil.rmtree(root, ignore_errors=True)
 
-    rows, unanswered = _overhead_turns(events, answers, (wall_start, wall_end))
-    stats = {key: _summary([row[key] for row in rows]) for key in (rows[0] if rows else {})}
+    rows_file = os.environ.get("E2E_ROWS", "")
+    rows, unanswered = _overhead_turns(events, answers, (wall_start, wall_end),
+                                       rows_file + ("" if ahead or not rows_file
+                                                    else ".nothing_ahead"))
+    stats = {key: _summary([row[key] for row in rows])
+             for key in (rows[0] if rows else {}) if key != "prepared"}
     cpu = {who: 100 * (cpu_end[who][0] - cpu_start[who][0]) / (end - start) for who in cpu_start}
     overhead = stats.get("overhead", _summary([]))
     gross = stats.get("gross", _summary([]))
-    budgeted = count == OVERHEAD_CALLS
+    prepared = [row["overhead"] for row in rows if row["prepared"]]
+    ordinary = _summary([row["overhead"] for row in rows if not row["prepared"]])
+    budgeted = count == OVERHEAD_CALLS and ahead
     summary = {"calls": count, "turns": overhead["n"], "unanswered": unanswered,
+               "prepared_turns": len(prepared), "prepared_ms": _summary(prepared),
+               "unprepared_ms": ordinary,
                "stages_ms": stats, "cpu_pct_core": cpu, "window_s": end - start,
                "subtracted": "turn.completed.llm_wait_ms (LLM: what the turn waited for the "
                              "first token — its ttft, or less when a preemptive reply was "
                              "adopted) and "
                              "agent.speech.started.tts_provider_ms (TTS: first clause sent → "
                              "first audio back)"}
+    if not ahead:
+        result.lines.append(Line(
+            "e2e.platform_overhead.nothing_ahead", "ms", overhead["p50"], overhead["p99"],
+            summary=summary, note=f"{count} calls, the brain neither speculating nor preparing "
+                                  "replies: every turn asked of the LLM when it ended"))
+        result.notes.append(
+            f"platform overhead with nothing done ahead, {count} calls, {overhead['n']} turns: "
+            f"p50 {overhead['p50']:.1f} ms, p99 {overhead['p99']:.1f} ms")
+        ctx.log("  " + result.notes[-1])
+        return
     result.lines += [
         Line("e2e.platform_overhead", "ms", overhead["p50"], overhead["p99"], summary=summary,
              budget=Budget("median", "<=", OVERHEAD_P50_MS) if budgeted else None,
@@ -461,7 +509,10 @@ async def _platform_overhead(ctx: Any, result: BenchResult) -> None:
     result.notes.append(
         f"platform overhead, {count} calls, {overhead['n']} turns ({unanswered} unanswered): "
         f"p50 {overhead['p50']:.1f} ms, p99 {overhead['p99']:.1f} ms (gross p50 "
-        f"{gross['p50']:.1f}, p99 {gross['p99']:.1f}); stages p50/p99 ms: "
+        f"{gross['p50']:.1f}, p99 {gross['p99']:.1f}); {len(prepared)} turns played a "
+        f"prepared reply (p50 {_summary(prepared)['p50']:.1f}, p99 "
+        f"{_summary(prepared)['p99']:.1f}), {ordinary['n']} did not (p50 {ordinary['p50']:.1f}, "
+        f"p99 {ordinary['p99']:.1f}); stages p50/p99 ms: "
         + ", ".join(f"{s} {stats[s]['p50']:.1f}/{stats[s]['p99']:.1f}" for s in stages
                     if s in stats)
         + "; CPU % core: " + ", ".join(f"{who} {v:.0f}" for who, v in cpu.items()))
@@ -602,6 +653,8 @@ async def run(ctx: Any) -> BenchResult:
     })
     if "overhead" in parts:
         await _platform_overhead(ctx, result)
+        if not ctx.quick:
+            await _platform_overhead(ctx, result, ahead=False)
     if "voice" in parts:
         await _voice_to_voice(ctx, result)
     return result

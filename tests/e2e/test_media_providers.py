@@ -97,6 +97,10 @@ async def test_a_call_runs_on_the_vendors(platform: Platform, bus, deepgram: Dee
     assert final.provider == "deepgram" and final.text == BOOKING and final.words
     ended, = await brain.wait("turn.user_ended")
     assert ended.turn_id == "t1" and ended.text == BOOKING
+    # Deepgram ends the utterance 100 ms before media's own end of turn (half the agent's
+    # 600 ms endpointing): the words are known while the turn is still open.
+    assert deepgram.sessions[0].params["endpointing"] == "200"
+    assert final.at < ended.at
     await brain.wait("agent.speech.finished")
     assert not brain.of("media.provider_switched")
     latency = result.latencies_ms[0]

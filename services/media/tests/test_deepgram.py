@@ -137,6 +137,22 @@ async def test_finalize_at_turn_end_flushes_the_open_utterance(
     await stream.close()
 
 
+@pytest.mark.parametrize(("endpointing_ms", "ends"), [(None, False), (200, True)])
+async def test_a_stream_can_end_utterances_sooner_than_the_provider_default(
+        emulator: DeepgramEmulator, endpointing_ms: int | None, ends: bool) -> None:
+    # 250 ms of silence after speech: past a stream's 200 ms endpointing, short of the
+    # provider's 300 ms.
+    stream = await provider(emulator).open(endpointing_ms=endpointing_ms)
+    collector = Collector(stream)
+    await send_audio(stream, speech(0.8) + silence(0.25))
+    await collector.wait_for(Partial)
+    await asyncio.sleep(0.3)  # the emulator answers at once: room for a final to arrive
+    finals = collector.of(Final)
+    assert [f.speech_final for f in finals] == ([True] if ends else [])
+    assert emulator.sessions[0].params["endpointing"] == str(endpointing_ms or 300)
+    await stream.close()
+
+
 async def test_keepalive_is_sent_while_no_audio_flows(emulator: DeepgramEmulator) -> None:
     stream = await provider(emulator, keepalive_after_s=0.1).open()
     await send_audio(stream, silence(0.1))

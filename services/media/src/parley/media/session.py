@@ -108,6 +108,13 @@ RESUME_MARGIN_S = 1.0
 # write (syscall, WebSocket framing, deflate) per frame was the largest per-frame cost of a
 # session. Pending audio is sent before a flush, so turn ends are not delayed by it.
 STT_BATCH_FRAMES = 5
+# A recogniser that ends utterances itself (Deepgram's ``endpointing``) is asked to do so this
+# much sooner than the turn detector's shortest end of turn (half the agent's endpointing
+# silence, once the recogniser has ended the utterance). With the two equal, the final words
+# arrived with the end of the turn, or after it: the brain could prepare nothing during the
+# silence (see ``agent.reply_prepared``), and the turn's end waited for the recogniser's
+# latency on top of the silence. The turn still ends on media's own silence, never sooner.
+STT_ENDPOINTING_LEAD_MS = 100
 # Agent audio ready at once (a synthesiser chunk) goes out up to this many frames per message:
 # per-message costs (publish, the AUDIO stream, the gateway's relay, the telephony socket)
 # were paid per 20 ms frame before, and nothing waits for a message to fill up.
@@ -241,7 +248,7 @@ class CallSession:
         bus = self.s.bus
         try:
             self._stt_name, self._stt = await self.s.stt.open(
-                self._stt_chain, lambda p: p.open(language=self.settings.language))
+                self._stt_chain, self._open_stt)
             self._stt_task = asyncio.create_task(self._recognise(), name=f"stt:{self.call_id}")
             self._tasks.append(asyncio.create_task(self._speaker(), name=f"tts:{self.call_id}"))
             self._tasks.append(asyncio.create_task(self._renew(), name=f"lease:{self.call_id}"))
@@ -418,6 +425,12 @@ class CallSession:
 
     # ------------------------------------------------------------------ recognition
 
+    async def _open_stt(self, provider: SttProvider) -> SttStream:
+        utterance_end_ms = self.detector.settings.endpointing_ms // 2
+        return await provider.open(
+            language=self.settings.language,
+            endpointing_ms=max(10, utterance_end_ms - STT_ENDPOINTING_LEAD_MS))
+
     async def _recognise(self) -> None:
         while not self.stopped.is_set():
             stream = self._stt
@@ -443,7 +456,7 @@ class CallSession:
                     await asyncio.wait_for(self._stt.close(), 2)
             try:
                 self._stt_name, self._stt = await self.s.stt.open(
-                    self._stt_chain, lambda p: p.open(language=self.settings.language),
+                    self._stt_chain, self._open_stt,
                     after=failed)
             except ProviderError as exc:
                 log.error("call %s: every recogniser failed: %s", self.call_id, exc)

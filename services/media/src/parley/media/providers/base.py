@@ -84,8 +84,14 @@ class SttProvider(Protocol):
 
     name: str
 
-    async def open(self, *, language: str = "en-US") -> SttStream:
-        """Start recognising a new stream of 8 kHz µ-law audio."""
+    async def open(self, *, language: str = "en-US",
+                   endpointing_ms: int | None = None) -> SttStream:
+        """Start recognising a new stream of 8 kHz µ-law audio.
+
+        ``endpointing_ms``: the silence after which a recogniser that ends utterances itself
+        should say so (``speech_final``); None leaves the provider's own setting. Recognisers
+        segmented by media's VAD ignore it.
+        """
 
 
 class TtsChunk(msgspec.Struct, frozen=True):

@@ -92,12 +92,17 @@ class DeepgramStt:
         self._stall_after_s = stall_after_s
         self._close_timeout_s = close_timeout_s
 
-    async def open(self, *, language: str = "en-US") -> DeepgramSttStream:
-        """Connect a live socket for one stream of 8 kHz µ-law."""
+    async def open(self, *, language: str = "en-US",
+                   endpointing_ms: int | None = None) -> DeepgramSttStream:
+        """Connect a live socket for one stream of 8 kHz µ-law.
+
+        ``endpointing_ms`` is this stream's ``endpointing``; None: the provider's.
+        """
         exits = contextlib.AsyncExitStack()
+        endpointing = endpointing_ms if endpointing_ms is not None else self._endpointing_ms
         connection = self._listen.connect(
             model=self._model, language=language, encoding="mulaw", sample_rate="8000",
-            channels="1", interim_results="true", endpointing=str(self._endpointing_ms),
+            channels="1", interim_results="true", endpointing=str(endpointing),
             utterance_end_ms=str(self._utterance_end_ms), vad_events="true",
             smart_format="true" if self._smart_format else "false")
         try:

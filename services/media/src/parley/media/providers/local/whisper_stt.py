@@ -148,7 +148,8 @@ class WhisperStt:
         """Load the model now instead of on the first ``open``."""
         await asyncio.to_thread(load_model, self._model_dir, cpu_threads=self._cpu_threads)
 
-    async def open(self, *, language: str = "en-US") -> WhisperSttStream:
+    async def open(self, *, language: str = "en-US",
+                   endpointing_ms: int | None = None) -> WhisperSttStream:
         """Start recognising a stream of 8 kHz µ-law (English only: the model is tiny.en)."""
         if not language.lower().startswith("en"):
             raise ProviderError(PROVIDER, f"tiny.en recognises English, not {language}",
