@@ -1,10 +1,11 @@
 """Preemptive generation: start the reply while the end of the caller's turn is being confirmed.
 
 The caller's words are often known before the turn ends: when the caller stops speaking
-(``speech.stopped``) media still waits out the endpointing silence, and the words heard by then
-are usually what the turn will say; a ``transcript.final`` may also come before
-``turn.user_ended``; optionally (off by default: each speculation is a billed request) a partial
-that has stopped changing. The worker then starts the turn's LLM request speculatively — the
+(``speech.stopped``) media may still be waiting out the endpointing silence, and the words heard
+by then are usually what the turn will say; a ``transcript.final`` usually comes before
+``turn.user_ended`` (media asks Deepgram to end utterances ahead of its own end of turn);
+optionally (off by default: each speculation is a billed request) a partial that has stopped
+changing. The worker then starts the turn's LLM request speculatively — the
 conversation and the warmed context as they will be if the turn ends with those words — and a
 :class:`Speculation` buffers what comes back. Nothing is published: no ``turn.started``, no
 ``agent.say``, and a tool call the model makes stays in the buffer like text.

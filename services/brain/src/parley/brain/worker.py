@@ -25,10 +25,11 @@ and kept.
 
 Preemptive generation (:mod:`parley.brain.preemptive`, on by default): an instance that serves a
 call (it has the call's history) also starts the LLM request speculatively once the caller's
-words are known — when the caller stops speaking (``speech.stopped``: media is now waiting out
-the endpointing silence) with the words heard so far, or at a ``transcript.final``; optionally
-at a partial unchanged for a moment — and buffers the reply without publishing anything. Each
-speculation is a billed LLM request, so it starts at those moments only, not on every partial.
+words are known — when the caller stops speaking (``speech.stopped``: media may still be
+waiting out the endpointing silence) with the words heard so far, or at a
+``transcript.final``; optionally at a partial unchanged for a moment — and buffers the reply
+without publishing anything. Each speculation is a billed LLM request, so it starts at those
+moments only, not on every partial.
 The turn adopts it when its own request turns out the same, so the first clauses go out as soon
 as the turn ends; otherwise the speculation is dropped. A turn that lands on another instance
 just runs normally there.
