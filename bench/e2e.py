@@ -45,6 +45,14 @@ both groups' numbers. ``e2e.platform_overhead.nothing_ahead`` (info, full run on
 same load again with the brain neither speculating nor preparing: every turn goes the whole
 way — bus, brain, LLM request, ``agent.say``, TTS — after it ended.
 
+``e2e.memory_per_call`` — the §8 budget of at most 1 MB per live call across all services, from
+the same run: the gateway's, media's, the brain's and the recorder's RSS with every call live
+at the end of the measured window, less their RSS once started and before the first call, ÷
+calls. Anything first loaded by the first call (SDK clients, codecs) counts as per-call memory,
+so the figure errs high. nats-server's growth is given beside it, not in the sum: it is the
+bus, not a Parley service, and it grows while the AUDIO stream captures the calls' audio (about
+2 MB/s at 100 calls) — 48 MB over a full run's 30 s of calls, 2026-12-05.
+
 ``e2e.voice_to_voice_offline`` — a few calls in sequence with local providers only (media:
 WebRTC VAD + Whisper tiny.en + Piper; brain: the local responder), each caller saying several
 Piper-synthesised sentences (leading/trailing silence trimmed, so the last frame sent is the end
@@ -114,6 +122,8 @@ from parley.devkit.telephony.audio_codec import ulaw_decode
 from parley.devkit.telephony.call_script import CallScript, Utterance
 
 OVERHEAD_P50_MS, OVERHEAD_P99_MS, OVERHEAD_CALLS = 5.0, 25.0, 100
+MEMORY_PER_CALL_KB = 1024.0  # §8: memory per live call across all services ≤ 1 MB
+SERVICES = ("gateway", "media", "brain", "recorder")
 V2V_P50_MS = 700.0
 ANSWER = "Sure, one moment, let me check."
 ANTHROPIC_KEY = "sk-bench-e2e"
@@ -203,6 +213,12 @@ class Events:
             facts.tts_provider_ms = event.tts_provider_ms
         elif kind == "turn.completed":
             facts.ttft_ms, facts.llm_wait_ms = event.ttft_ms, event.llm_wait_ms
+
+
+def _rss(processes: dict[str, psutil.Process]) -> dict[str, int]:
+    """Resident memory of every process but this one, bytes."""
+    return {who: process.memory_info().rss for who, process in processes.items()
+            if who != "bench"}
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -428,6 +444,7 @@ async def _platform_overhead(ctx: Any, result: BenchResult, *, ahead: bool = Tru
             processes["bench"] = psutil.Process()
             if ctx.servers.nats().pid is not None:
                 processes["nats-server"] = psutil.Process(ctx.servers.nats().pid)
+            rss_idle = _rss(processes)
             calls = await _open(http, bus.nc, gateway, count, [])
             for call in calls:  # our own reader, which notes when each answer began
                 assert call.receiver is not None
@@ -444,6 +461,7 @@ async def _platform_overhead(ctx: Any, result: BenchResult, *, ahead: bool = Tru
                 cpu_start, start, wall_start = _sample(processes), time.perf_counter(), time.time()
                 await _pace(calls, seconds=measure_s, speaking=True, lags=[], sampled=False)
                 cpu_end, end, wall_end = _sample(processes), time.perf_counter(), time.time()
+                rss_live = _rss(processes)
                 await _pace(calls, seconds=4.0, speaking=False, lags=[], sampled=False)
             finally:
                 gc.enable()
@@ -473,6 +491,12 @@ async def _platform_overhead(ctx: Any, result: BenchResult, *, ahead: bool = Tru
     prepared = [row["overhead"] for row in rows if row["prepared"]]
     ordinary = _summary([row["overhead"] for row in rows if not row["prepared"]])
     budgeted = count == OVERHEAD_CALLS and ahead
+    grown = {who: rss_live[who] - rss_idle[who] for who in rss_idle}
+    per_call_kb = sum(grown[who] for who in SERVICES) / count / 1024
+    memory = {"calls": count, "per_call_kb": per_call_kb,
+              "idle_mb": {who: v / 2**20 for who, v in rss_idle.items()},
+              "live_mb": {who: v / 2**20 for who, v in rss_live.items()},
+              "per_call_kb_each": {who: v / count / 1024 for who, v in grown.items()}}
     summary = {"calls": count, "turns": overhead["n"], "unanswered": unanswered,
                "prepared_turns": len(prepared), "prepared_ms": _summary(prepared),
                "unprepared_ms": ordinary,
@@ -504,6 +528,19 @@ async def _platform_overhead(ctx: Any, result: BenchResult, *, ahead: bool = Tru
         Line("e2e.platform_overhead.gross", "ms", gross["p50"], gross["p99"], summary=gross,
              note="nothing subtracted"),
     ]
+    result.lines.append(Line(
+        "e2e.memory_per_call", "KB", per_call_kb, sum(rss_live[w] for w in SERVICES) / 2**20,
+        tail_label="services RSS MB", summary=memory,
+        budget=Budget("median", "<=", MEMORY_PER_CALL_KB) if budgeted else None,
+        note=f"(RSS of {', '.join(SERVICES)} with {count} calls live at the window's end − their "
+             "RSS before the first call) ÷ calls; second column the services' RSS"))
+    result.notes.append(
+        f"memory per live call: {per_call_kb:.0f} KB across the services ("
+        + ", ".join(f"{who} {memory['per_call_kb_each'][who]:.0f}" for who in grown)
+        + " KB/call; nats-server is not a Parley service and is not in the sum); RSS MB idle → "
+        + "live: " + ", ".join(f"{who} {memory['idle_mb'][who]:.0f} → "
+                               f"{memory['live_mb'][who]:.0f}" for who in grown))
+    ctx.log("  " + result.notes[-1])
     stages = ("bus_to_bench", "brain_to_started", "brain_without_llm", "ttft", "llm_wait",
               "media_say_to_frame", "tts_ttfb_ms", "tts_provider", "frame_to_caller")
     result.notes.append(
