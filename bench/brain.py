@@ -39,8 +39,9 @@ parts measured back to back: the SDK request alone (a turn-sized request: system
 knowledge, 20 messages, 5 tools → the first text delta), made 200 times back to back, then 40
 times each after the brain has been idle for ``WARM_LEAD_S`` (as in a cold turn, where nothing
 happens between ``speech.stopped`` and the final). On this VM the idle one is several times
-slower: the vCPUs halt when idle (cpuidle haltpoll, no guest polling), and caches go cold, in
-this process and in the emulator's — Postgres's retrieval pays the same.
+slower because the caches have gone cold, in this process and in the emulator's. Waking the
+vCPU costs little: a pipe ping-pong takes 61 µs after 300 ms asleep against 31 µs hot. Spinning
+instead of sleeping barely helps either. Postgres's retrieval pays the same.
 
 ``knowledge_retrieval`` — :func:`parley.brain.knowledge.bench.bench_retrieval`: full-text
 retrieval (k=4, round trip included) over 10,000 chunks (quick: 2,000).
