@@ -600,6 +600,7 @@ async def _voice_to_voice(ctx: Any, result: BenchResult) -> None:
     events = Events()
     latencies: list[float] = []
     per_turn: list[tuple[str, int, float]] = []  # (call_id, utterance index, ms)
+    unmeasured: list[tuple[str, int]] = []  # utterances the caller heard no answer after
     stop_reasons: list[str] = []
     try:
         sentences = await _caller_sentences()
@@ -629,6 +630,8 @@ async def _voice_to_voice(ctx: Any, result: BenchResult) -> None:
                     if latency is not None:
                         latencies.append(latency)
                         per_turn.append((call_ids[0] if call_ids else "", index + 1, latency))
+                    else:
+                        unmeasured.append((call_ids[0] if call_ids else "", index + 1))
                 ctx.log(f"  call {number + 1}: voice-to-voice ms "
                         + ", ".join("-" if v is None else f"{v:.0f}"
                                     for v in outcome.latencies_ms))
@@ -661,6 +664,7 @@ async def _voice_to_voice(ctx: Any, result: BenchResult) -> None:
     v2v = _summary(latencies)
     summary = {"calls": calls, "turns_per_call": turns_per_call, "turns": v2v,
                "user_turns_ended": len(user_turns), "expected_turns": expected,
+               "unmeasured": [f"{call_id} u{index}" for call_id, index in unmeasured],
                "stop_reasons": stop_reasons, "parts_ms": stats,
                "texts": [f.text for _, f in sorted(user_turns)]}
     result.lines += [
@@ -674,6 +678,17 @@ async def _voice_to_voice(ctx: Any, result: BenchResult) -> None:
         f"{v2v['p99']:.0f} ms; turns ended {len(user_turns)} of {expected} utterances; parts "
         "p50 ms: " + ", ".join(f"{k} {s['p50']:.0f}" for k, s in stats.items()))
     ctx.log("  " + result.notes[-1])
+    for call_id, index in unmeasured:  # not in the numbers above: say what the services saw
+        facts = events.turns.get((call_id, f"t{index}"), TurnFacts())
+        result.notes.append(
+            f"{call_id} utterance {index}: no agent audio reached the caller after it "
+            f"ended; the services' turn t{index}: user_ended text {facts.text!r}, agent.say "
+            f"{'yes' if not math.isnan(facts.first_say) else 'no'}, agent.speech.started "
+            f"{'yes' if not math.isnan(facts.speech_started) else 'no'} (media's "
+            f"voice_to_voice_ms {facts.voice_to_voice_ms:.0f}); user turns of the call: "
+            + ", ".join(f"{turn}={f.text!r}" for (c, turn), f in sorted(events.turns.items())
+                        if c == call_id and not math.isnan(f.user_ended)))
+        ctx.log("  " + result.notes[-1])
 
 
 async def run(ctx: Any) -> BenchResult:
