@@ -426,10 +426,10 @@ class CallSession:
     # ------------------------------------------------------------------ recognition
 
     async def _open_stt(self, provider: SttProvider) -> SttStream:
-        utterance_end_ms = self.detector.settings.endpointing_ms // 2
+        ends_turn_ms = self.detector.settings.utterance_end_ms
         return await provider.open(
             language=self.settings.language,
-            endpointing_ms=max(10, utterance_end_ms - STT_ENDPOINTING_LEAD_MS))
+            endpointing_ms=max(10, ends_turn_ms - STT_ENDPOINTING_LEAD_MS))
 
     async def _recognise(self) -> None:
         while not self.stopped.is_set():

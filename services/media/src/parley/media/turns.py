@@ -70,6 +70,11 @@ class TurnSettings:
     max_wait_ms: int = 2500
     backchannels: tuple[str, ...] = DEFAULT_BACKCHANNELS
 
+    @property
+    def utterance_end_ms(self) -> int:
+        """The silence that ends a turn once the recogniser has ended the utterance."""
+        return self.endpointing_ms // 2
+
 
 @dataclass(frozen=True)
 class Flush:
@@ -176,9 +181,10 @@ class TurnDetector:
         finals = " ".join(turn.finals).strip()
         settings = self.settings
         only_backchannel = self.backchannels.only_backchannel(finals or turn.partial)
-        needed = settings.endpointing_ms * (2 if only_backchannel else 1)
+        factor = 2 if only_backchannel else 1
         caught_up = bool(finals) and not turn.partial
-        if caught_up and (silence >= needed or (turn.stt_ended and silence >= needed // 2)):
+        if caught_up and (silence >= settings.endpointing_ms * factor or (
+                turn.stt_ended and silence >= settings.utterance_end_ms * factor)):
             return self._end(finals, "utterance_end" if turn.stt_ended else "silence", now_ms,
                              agent_speaking=agent_speaking, only_backchannel=only_backchannel)
         if silence >= settings.max_wait_ms:
