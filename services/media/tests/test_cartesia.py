@@ -52,6 +52,7 @@ async def test_two_clauses_in_one_context(emulator: CartesiaEmulator, tts: Carte
                                             "sample_rate": 8000}
     assert all(r["add_timestamps"] for r in requests)
     assert emulator.sessions[0].version  # the SDK's cartesia-version header
+    assert emulator.sessions[0].extensions == ""  # no permessage-deflate: audio barely shrinks
 
     audio = {clause: b"".join(c.audio for c in chunks if c.clause == clause) for clause in (0, 1)}
     assert len(audio[0]) == pytest.approx(expected_seconds(first) * 8000, abs=8)

@@ -100,6 +100,7 @@ async def test_scripted_utterances_give_partials_finals_and_utterance_ends(
     assert params["smart_format"] == "true"
     assert params["endpointing"] == "300" and params["utterance_end_ms"] == "1000"
     assert emulator.sessions[0].close_stream
+    assert emulator.sessions[0].extensions == ""  # no permessage-deflate: audio barely shrinks
 
     kinds = [type(event) for event in collector.events]
     first_end = kinds.index(UtteranceEnd)

@@ -53,6 +53,7 @@ class TtsSession:
     """What one ``/tts/websocket`` connection received and sent (for assertions)."""
 
     version: str
+    extensions: str = ""  # the client's Sec-WebSocket-Extensions offer ("": none)
     requests: list[dict[str, Any]] = field(default_factory=list)
     cancels: list[str] = field(default_factory=list)
     sent: list[dict[str, Any]] = field(default_factory=list)
@@ -174,7 +175,7 @@ class CartesiaEmulator(EmulatorServer):
         ws = web.WebSocketResponse(autoping=True)
         await ws.prepare(request)
         self.sockets.add(ws)
-        session = TtsSession(version)
+        session = TtsSession(version, request.headers.get("Sec-WebSocket-Extensions", ""))
         self.sessions.append(session)
         contexts: dict[str, _Context] = {}
         sending = asyncio.Lock()

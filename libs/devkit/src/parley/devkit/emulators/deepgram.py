@@ -59,6 +59,7 @@ class ListenSession:
     """What one ``/v1/listen`` connection sent and received (for assertions)."""
 
     params: dict[str, str]
+    extensions: str = ""  # the client's Sec-WebSocket-Extensions offer ("": none)
     audio_bytes: int = 0
     keepalives: int = 0
     finalizes: int = 0
@@ -261,7 +262,7 @@ class DeepgramEmulator(EmulatorServer):
         ws = web.WebSocketResponse(autoping=True)
         await ws.prepare(request)
         self.sockets.add(ws)
-        session = ListenSession(params)
+        session = ListenSession(params, request.headers.get("Sec-WebSocket-Extensions", ""))
         self.sessions.append(session)
         recognizer = ScriptedRecognizer(params, self.script, self.settings)
         outbox: asyncio.Queue[tuple[float, dict[str, Any]] | None] = asyncio.Queue()

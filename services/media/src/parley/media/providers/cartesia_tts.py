@@ -27,6 +27,9 @@ arriving for the context is dropped. A context that goes quiet while audio is ow
 Errors: an HTTP 4xx refusal of the upgrade (bad key, …) and 4xx ``error`` messages (bad voice,
 bad request) are permanent; everything else is transient.
 
+The socket is opened without permessage-deflate: the audio is base64 of µ-law, which deflate
+barely shrinks, at a CPU cost on both ends and a compressor's memory per socket.
+
 SDK quirk: the SDK's ``send`` silently reconnects a closed socket (dropping its contexts), and its
 own per-context listener swallows a closed socket (``receive()`` then waits forever); so this
 module never uses the SDK's context helper: it reads the socket itself and stops sending on a
@@ -115,7 +118,8 @@ class CartesiaTts:
                 await self._connection.close()
                 self._connection = None
             try:
-                socket = await self._tts.websocket_connect().enter()
+                socket = await self._tts.websocket_connect(
+                    websocket_connection_options={"compression": None}).enter()
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 raise ProviderError(PROVIDER, f"connect refused: HTTP {status}",
