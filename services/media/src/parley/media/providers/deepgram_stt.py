@@ -77,8 +77,8 @@ def _without_compression(connect: Callable[..., Any]) -> Callable[..., Any]:
     return uncompressed
 
 
-_listen_client.websockets_client_connect = _without_compression(
-    _listen_client.websockets_client_connect)
+_SDK_CONNECT = "websockets_client_connect"  # what listen.v1's client opens its sockets with
+setattr(_listen_client, _SDK_CONNECT, _without_compression(getattr(_listen_client, _SDK_CONNECT)))
 _PERMANENT_STATUSES = range(400, 500)
 _END = None  # queue sentinel
 
