@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from aiohttp import WSCloseCode, web
 
 from parley.common import runtime
+from parley.common.service import settle
 
 
 class EmulatorServer:
@@ -64,6 +65,7 @@ class EmulatorServer:
 async def serve_until_stopped(emulator: EmulatorServer, *, port: int) -> None:
     """Run ``emulator`` on ``port``, print its URL, and serve until SIGINT/SIGTERM."""
     url = await emulator.start(port=port)
+    settle()  # as the services do: start-up's objects are out of every full collection's walk
     print(url, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
