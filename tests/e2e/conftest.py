@@ -33,6 +33,18 @@ AGENT_NUMBER = "+14155550100"
 CALLER = "+14155550123"
 CALLEE_HUMAN = "+14155550177"
 CALLEE_MACHINE = "+14155550188"
+LOG_TAIL_LINES = 80
+_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Iterator[None]:
+    """Remember a failed test body, so the teardown below can show the services' logs."""
+    report = yield
+    if report.when == "call" and report.failed:
+        item.stash[_FAILED] = True
+    return report
 
 
 @dataclass
@@ -71,7 +83,8 @@ async def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path) -> None
 
 
 @pytest.fixture
-def processes(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+def processes(request: pytest.FixtureRequest,
+              tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
     yield started
     for proc in started:
@@ -82,6 +95,10 @@ def processes(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    if request.node.stash.get(_FAILED, False):  # what each service said, in the report
+        for log in sorted(tmp_path.glob("*.log")):
+            lines = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+            print(f"----- {log.name} (last {len(lines)} lines) -----", *lines, sep="\n")
 
 
 @pytest.fixture
