@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from parley.common.runtime import run_service
+from parley.common.runtime import cancel_and_wait, run_service
 
 SERVICE = textwrap.dedent(
     """
@@ -110,3 +110,49 @@ def test_services_run_on_uvloop_unless_told_otherwise(monkeypatch: pytest.Monkey
     monkeypatch.setenv("PARLEY_EVENT_LOOP", "tokio")
     with pytest.raises(ValueError, match="PARLEY_EVENT_LOOP='tokio'"):
         run(loop_type())
+
+
+async def _stops_slowly() -> None:
+    try:
+        await asyncio.sleep(10)
+    except asyncio.CancelledError:
+        await asyncio.sleep(0.05)  # cleaning up: the canceller waits meanwhile
+        raise
+
+
+async def test_cancel_and_wait_stops_the_task_and_returns() -> None:
+    task = asyncio.create_task(_stops_slowly())
+    await asyncio.sleep(0)
+    await cancel_and_wait(task)
+    assert task.cancelled()
+
+
+async def test_cancel_and_wait_keeps_the_callers_own_cancellation() -> None:
+    went_on = asyncio.Event()
+
+    async def loop_that_stops_a_helper() -> None:
+        helper = asyncio.create_task(_stops_slowly())
+        await asyncio.sleep(0)
+        await cancel_and_wait(helper)
+        went_on.set()  # a swallowed cancellation lands here
+        await asyncio.sleep(10)
+
+    caller = asyncio.create_task(loop_that_stops_a_helper())
+    await asyncio.sleep(0.01)  # the caller waits for the helper to stop
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(caller, 1)
+    assert not went_on.is_set()
+
+
+async def test_cancel_and_wait_lets_other_errors_through() -> None:
+    async def fails_on_cancel() -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            raise RuntimeError("cleanup failed") from None
+
+    task = asyncio.create_task(fails_on_cancel())
+    await asyncio.sleep(0)
+    with pytest.raises(RuntimeError, match="cleanup failed"):
+        await cancel_and_wait(task)

@@ -20,13 +20,29 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["new_event_loop", "run", "run_service"]
+__all__ = ["cancel_and_wait", "new_event_loop", "run", "run_service"]
 
 log = logging.getLogger(__name__)
 
 ServiceMain = Callable[[asyncio.Event], Awaitable[None]]
 T = TypeVar("T")
 EVENT_LOOPS = ("uvloop", "asyncio")
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait until it has stopped; its other errors propagate.
+
+    Not ``with suppress(CancelledError): await task``: if the caller is itself cancelled while it
+    waits, that swallows the caller's cancellation too, and a loop that called it carries on
+    (media's speaker did, so a session's close waited for it forever).
+    """
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # the caller was cancelled, not (only) the task
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -28,6 +28,7 @@ from nats.js.errors import NotFoundError
 from parley.common.bus import Bus, audio_subject
 from parley.common.bus.audio import FrameFormatError, decode_frame
 from parley.common.bus.streams import AUDIO_STREAM
+from parley.common.runtime import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +74,7 @@ class InboundAudio:
         """Stop following (idempotent)."""
         self._stopped = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()

@@ -67,6 +67,7 @@ from parley.common.events import (
     Word,
     decode,
 )
+from parley.common.runtime import cancel_and_wait
 from parley.common.words import normalize_words
 from parley.media.audio.codec import ULAW_TO_PCM16
 from parley.media.audio.frames import ULAW_FRAME_BYTES, FrameAligner
@@ -744,9 +745,7 @@ class CallSession:
                 done_clauses = clause  # re-synthesise from the clause that broke
             finally:
                 if feeder is not None:
-                    feeder.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await feeder
+                    await cancel_and_wait(feeder)
         turn.audio.end_clause()
         turn.audio.text_done = True
         self._tts_chars[turn.provider] = self._tts_chars.get(turn.provider, 0) + turn.chars
