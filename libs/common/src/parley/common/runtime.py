@@ -34,7 +34,7 @@ async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
 
     Not ``with suppress(CancelledError): await task``: if the caller is itself cancelled while it
     waits, that swallows the caller's cancellation too, and a loop that called it carries on
-    (media's speaker did, so a session's close waited for it forever).
+    (media's speaker could, and a session's close then waited for it forever).
     """
     task.cancel()
     try:

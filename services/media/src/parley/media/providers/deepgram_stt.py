@@ -79,6 +79,7 @@ def _without_compression(connect: Callable[..., Any]) -> Callable[..., Any]:
 
 _SDK_CONNECT = "websockets_client_connect"  # what listen.v1's client opens its sockets with
 setattr(_listen_client, _SDK_CONNECT, _without_compression(getattr(_listen_client, _SDK_CONNECT)))
+
 _PERMANENT_STATUSES = range(400, 500)
 _END = None  # queue sentinel
 
