@@ -28,7 +28,6 @@ from nats.js.errors import NotFoundError
 from parley.common.bus import Bus, audio_subject
 from parley.common.bus.audio import FrameFormatError, decode_frame
 from parley.common.bus.streams import AUDIO_STREAM
-from parley.common.runtime import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +73,9 @@ class InboundAudio:
         """Stop following (idempotent)."""
         self._stopped = True
         if self._task is not None:
-            await cancel_and_wait(self._task)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
