@@ -1,6 +1,9 @@
-"""Leases: watching the bucket stops promptly, however busy the bucket is."""
+"""Leases: renewing the ones held, losing one that was taken, and a watch that stops promptly."""
 
 import asyncio
+
+import pytest
+from nats.js.errors import KeyNotFoundError
 
 from parley.media.ownership import Leases, LeaseState
 
@@ -36,3 +39,55 @@ async def test_stop_returns_while_leases_keep_being_renewed(bus) -> None:
     finally:
         done.set()
         await asyncio.wait_for(renewing, 5.0)
+
+
+async def test_held_leases_are_renewed_with_their_latest_state_until_let_go(bus) -> None:
+    leases = Leases(bus, "me", renew_s=0.1)
+    kv = await leases.kv()
+    state = LeaseState(owner="me", org_id="o1")
+    revisions = {call: await leases.claim(call, state) for call in ("call-a", "call-b")}
+    turns = {"call-a": 0, "call-b": 0}
+    lost: list[str] = []
+
+    def state_of(call: str):
+        def current() -> LeaseState:
+            turns[call] += 1
+            return LeaseState(owner="me", org_id="o1", turn_no=turns[call])
+        return current
+
+    try:
+        for call, revision in revisions.items():
+            await leases.hold(call, revision, state_of(call), lambda c=call: lost.append(c))
+        await asyncio.sleep(0.65)
+        revision = await leases.let_go("call-a")
+        entry = await kv.get("call-a")
+        assert revision == entry.revision and revision > revisions["call-a"]
+        assert turns["call-a"] >= 4  # renewed every 0.1 s, not once
+        assert b'"turn_no":%d' % turns["call-a"] in entry.value  # the state at the last renewal
+        await asyncio.sleep(0.3)
+        assert (await kv.get("call-a")).revision == revision  # let go: no more renewals
+        assert (await kv.get("call-b")).revision > entry.revision  # the other one still renewed
+        await leases.release("call-a", revision)  # the revision let_go gave is the bucket's
+        with pytest.raises(KeyNotFoundError):
+            await kv.get("call-a")
+        assert lost == []
+    finally:
+        await leases.close()
+
+
+async def test_a_lease_another_instance_took_is_lost_at_the_next_renewal(bus) -> None:
+    mine = Leases(bus, "me", renew_s=0.1)
+    kv = await mine.kv()
+    revision = await mine.claim("call-c", LeaseState(owner="me", org_id="o1"))
+    lost = asyncio.Event()
+    try:
+        await mine.hold("call-c", revision, lambda: LeaseState(owner="me", org_id="o1"), lost.set)
+        await asyncio.sleep(0.25)
+        current = (await kv.get("call-c")).revision
+        await kv.update("call-c", b'{"owner":"other","org_id":"o1"}', last=current)
+        await asyncio.wait_for(lost.wait(), 1.0)
+        assert await mine.let_go("call-c") is None  # the hold ended with the loss
+        await asyncio.sleep(0.25)
+        assert b'"other"' in (await kv.get("call-c")).value  # and nothing overwrote the taker
+    finally:
+        await mine.close()

@@ -6,6 +6,13 @@ revision it last wrote, so an instance that lost its lease learns it on the next
 stops. The lease value says where a successor should resume: the turn number and the frame
 (sequence number and the time it was sent) where the caller's open turn began.
 
+One task renews every lease the instance holds: each tick (a tenth of ``renew_s``) it publishes
+the renewals that are due straight onto the bucket's subjects, together, and reads their
+acknowledgements on one inbox subscription. Through ``KeyValue.update`` each renewal was a
+request of its own (a future, a timeout, a JSON acknowledgement parsed into a dataclass):
+~150 µs of CPU, 4 % of a core for 250 calls. Batched, they cost ~36 µs each and reach the
+server in a few writes a tick.
+
 Every instance watches the bucket. A lease not renewed for ``timeout_s`` belongs to an instance
 that died or hung; the first instance whose compare-and-set on that revision succeeds takes the
 call over. A lease whose owner is empty was handed back by an instance shutting down and is taken
@@ -16,11 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import msgspec
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import Header
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
@@ -49,10 +61,40 @@ class LeaseLost(Exception):
     """Another instance holds the lease now (or it expired): stop working on the call."""
 
 
+class _ApiError(msgspec.Struct):
+    code: int = 0
+    err_code: int = 0
+    description: str = ""
+
+
+class _PubAck(msgspec.Struct):
+    """JetStream's answer to a publish: the sequence it stored, or why not."""
+
+    seq: int = 0
+    error: _ApiError | None = None
+
+
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(LeaseState)
+_ack_decoder = msgspec.json.Decoder(_PubAck)
+_WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream's error codes for a failed compare-and-set
+_BUCKET_SUBJECTS = f"$KV.{LEASES_BUCKET}."
+_EXPECTED_REVISION = Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value  # the compare in the CAS
 
 TakeOver = Callable[[str, LeaseState, int], Awaitable[None]]
+
+
+@dataclass
+class _Held:
+    """A lease this instance holds and renews."""
+
+    revision: int
+    state: Callable[[], LeaseState]  # the value to write at each renewal
+    on_lost: Callable[[], None]
+    due: float  # loop time of the next renewal
+    in_flight: asyncio.Future[None] | None = None  # a renewal awaiting its acknowledgement
+    token: str = ""  # its reply subject's last token
+    sent: float = 0.0
 
 
 class Leases:
@@ -70,6 +112,12 @@ class Leases:
         self._tasks: list[asyncio.Task[None]] = []
         self._watcher: KeyValue.KeyWatcher | None = None
         self._taking: set[str] = set()
+        self._held: dict[str, _Held] = {}
+        self._acks: dict[str, str] = {}  # reply token → call id, renewals in flight
+        self._tokens = itertools.count()
+        self._inbox = ""
+        self._ack_sub: Subscription | None = None
+        self._renewer: asyncio.Task[None] | None = None
 
     async def kv(self) -> KeyValue:
         """The lease bucket."""
@@ -98,6 +146,112 @@ class Leases:
             if "wrong last sequence" in str(exc):
                 raise LeaseLost(call_id) from exc
             raise
+
+    # -- the leases this instance holds ------------------------------------------------------
+
+    async def hold(self, call_id: str, revision: int, state: Callable[[], LeaseState],
+                   on_lost: Callable[[], None]) -> None:
+        """Keep renewing ``call_id``'s lease (from ``revision``) until :meth:`let_go`.
+
+        ``state()`` gives the value each renewal writes; ``on_lost()`` runs once if a renewal
+        finds that another instance has the lease (the hold ends then).
+        """
+        if self._renewer is None:
+            nc = self.bus.nc
+            self._inbox = nc.new_inbox()
+            self._ack_sub = await nc.subscribe(f"{self._inbox}.*", cb=self._on_ack)
+            self._renewer = asyncio.create_task(self._renew_due(), name="lease-renewer")
+        loop = asyncio.get_running_loop()
+        self._held[call_id] = _Held(revision, state, on_lost, due=loop.time() + self.renew_s)
+
+    async def let_go(self, call_id: str, *, wait_s: float = 1.0) -> int | None:
+        """Stop renewing ``call_id``; its latest revision (None: not held, or lost).
+
+        A renewal still in flight is waited for (up to ``wait_s``), so the revision returned is
+        the one the bucket has and a release's compare-and-set can succeed.
+        """
+        held = self._held.pop(call_id, None)
+        if held is None:
+            return None
+        if held.in_flight is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(held.in_flight), wait_s)
+            self._acks.pop(held.token, None)
+        return held.revision
+
+    async def close(self) -> None:
+        """Stop renewing (after the sessions have let go of their leases)."""
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+            self._renewer = None
+        if self._ack_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._ack_sub.unsubscribe()
+            self._ack_sub = None
+
+    async def _renew_due(self) -> None:
+        loop = asyncio.get_running_loop()
+        nc = self.bus.nc
+        tick_s = self.renew_s / 10
+        while True:
+            await asyncio.sleep(tick_s)
+            now = loop.time()
+            for call_id, held in list(self._held.items()):
+                if held.due > now:
+                    continue
+                if held.in_flight is not None:
+                    if now - held.sent < self.renew_s:
+                        continue  # unanswered yet: give it up to a renewal period
+                    log.warning("call %s: lease renewal unanswered for %.1fs; renewing again",
+                                call_id, now - held.sent)
+                    self._acks.pop(held.token, None)
+                    self._settle(held)
+                token = str(next(self._tokens))
+                try:
+                    await nc.publish(_BUCKET_SUBJECTS + call_id, _encoder.encode(held.state()),
+                                     reply=f"{self._inbox}.{token}",
+                                     headers={_EXPECTED_REVISION: str(held.revision)})
+                except Exception:
+                    log.exception("call %s: lease renewal failed", call_id)
+                    continue
+                self._acks[token] = call_id
+                held.in_flight, held.token = loop.create_future(), token
+                held.sent, held.due = now, now + self.renew_s
+
+    async def _on_ack(self, msg: Msg) -> None:
+        token = msg.subject.rpartition(".")[2]
+        call_id = self._acks.pop(token, None)
+        held = self._held.get(call_id) if call_id is not None else None
+        if held is None or held.in_flight is None or held.token != token:
+            return  # let go of meanwhile, or a late answer to a renewal sent again
+        try:
+            ack = _ack_decoder.decode(msg.data)
+        except msgspec.DecodeError:  # e.g. "no responders": JetStream is not there
+            log.error("call %s: lease renewal not acknowledged: %r %r", call_id,
+                      bytes(msg.data[:80]), msg.headers)
+            self._settle(held)
+            return
+        if ack.error is None:
+            held.revision = ack.seq
+        elif ack.error.err_code in _WRONG_LAST_SEQUENCE:
+            assert call_id is not None
+            self._held.pop(call_id, None)
+            self._settle(held)
+            held.on_lost()
+            return
+        else:
+            log.error("call %s: lease renewal refused: %s", call_id, ack.error.description)
+        self._settle(held)
+
+    @staticmethod
+    def _settle(held: _Held) -> None:
+        if held.in_flight is not None and not held.in_flight.done():
+            held.in_flight.set_result(None)
+        held.in_flight = None
+
+    # -- giving up, watching, taking over ----------------------------------------------------
 
     async def release(self, call_id: str, revision: int, *, hand_over: LeaseState | None = None
                       ) -> None:

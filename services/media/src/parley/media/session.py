@@ -72,7 +72,7 @@ from parley.common.words import normalize_words
 from parley.media.audio.codec import ULAW_TO_PCM16
 from parley.media.audio.frames import ULAW_FRAME_BYTES, FrameAligner
 from parley.media.inbound import InboundAudio
-from parley.media.ownership import LeaseLost, Leases, LeaseState
+from parley.media.ownership import Leases, LeaseState
 from parley.media.playback import (
     FRAME_MS,
     AgentTurnAudio,
@@ -252,7 +252,8 @@ class CallSession:
                 self._stt_chain, self._open_stt)
             self._stt_task = asyncio.create_task(self._recognise(), name=f"stt:{self.call_id}")
             self._tasks.append(asyncio.create_task(self._speaker(), name=f"tts:{self.call_id}"))
-            self._tasks.append(asyncio.create_task(self._renew(), name=f"lease:{self.call_id}"))
+            await self.s.leases.hold(self.call_id, self.revision, self._lease_state,
+                                     self._lease_lost)
             self._subs.append(await bus.nc.subscribe(
                 call_events(self.call_id, self.org_id), cb=self._on_event_message))
             await bus.nc.flush()  # subscribed on the server: every later event reaches us live
@@ -290,6 +291,9 @@ class CallSession:
             self._stt_task.cancel()
         await asyncio.gather(*self._tasks, *([self._stt_task] if self._stt_task else []),
                              return_exceptions=True)
+        revision = await self.s.leases.let_go(self.call_id)
+        if revision is not None:
+            self.revision = revision
         if self.end_reason == "call_ended":
             await self._record_usage()
             await self.s.leases.release(self.call_id, self.revision)
@@ -297,18 +301,13 @@ class CallSession:
             self._update_lease()
             await self.s.leases.release(self.call_id, self.revision, hand_over=self.lease)
 
-    async def _renew(self) -> None:
-        while True:
-            await asyncio.sleep(self.s.leases.renew_s)
-            self._update_lease()
-            try:
-                self.revision = await self.s.leases.renew(self.call_id, self.lease, self.revision)
-            except LeaseLost:
-                log.warning("call %s: lease lost; another instance has the call", self.call_id)
-                self.stop("lease_lost")
-                return
-            except Exception:
-                log.exception("call %s: lease renewal failed", self.call_id)
+    def _lease_state(self) -> LeaseState:
+        self._update_lease()
+        return self.lease
+
+    def _lease_lost(self) -> None:
+        log.warning("call %s: lease lost; another instance has the call", self.call_id)
+        self.stop("lease_lost")
 
     def _update_lease(self) -> None:
         self.lease.turn_no = self.turn_no

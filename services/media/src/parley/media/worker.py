@@ -112,6 +112,7 @@ class MediaWorker:
             session.stop("shutdown")
         await asyncio.gather(*(task for _, task in self.sessions.values()),
                              return_exceptions=True)
+        await self.s.leases.close()
 
     async def _on_stream_started(self, event: Event, msg: Msg) -> None:
         if not isinstance(event, CallStreamStarted) or event.pipeline != "cascading":
