@@ -15,7 +15,7 @@ from parley.media.providers.base import (
     SttEvent,
     UtteranceEnd,
 )
-from parley.media.providers.deepgram_stt import DeepgramStt, DeepgramSttStream
+from parley.media.providers.deepgram_stt import DeepgramStt, DeepgramSttStream, decode_message
 
 KEY = "dg-test-key"
 RATE = 8000
@@ -213,3 +213,28 @@ async def test_a_socket_closed_with_an_error_fails_events(emulator: DeepgramEmul
     await asyncio.wait_for(collector.task, 10)
     assert isinstance(collector.error, ProviderError) and not collector.error.permanent
     await stream.close()
+
+
+def test_server_messages_decode_to_events_and_an_error_message_fails_the_stream(caplog) -> None:
+    interim = ('{"type":"Results","channel_index":[0,1],"duration":0.6,"start":0.0,'
+               '"is_final":false,"speech_final":false,"channel":{"alternatives":[{"transcript":'
+               '"book a","confidence":0.99,"words":[{"word":"book","start":0.1,"end":0.3,'
+               '"confidence":0.99,"punctuated_word":"Book"}]}]},"metadata":{"request_id":"r"}}')
+    assert decode_message(interim) == Partial("book a")
+    final = interim.replace('"is_final":false', '"is_final":true').replace(
+        '"speech_final":false', '"speech_final":true')
+    event = decode_message(final)
+    assert isinstance(event, Final) and event.speech_final and event.words[0].text == "Book"
+    assert decode_message('{"type":"SpeechStarted","channel":[0],"timestamp":1.25}') == \
+        SpeechStarted(1.25)
+    assert decode_message('{"type":"UtteranceEnd","channel":[0,1],"last_word_end":2.5}') == \
+        UtteranceEnd(2.5)
+    with pytest.raises(ProviderError, match="SchemaError: could not parse"):
+        decode_message('{"type":"Error","variant":"SchemaError",'
+                       '"description":"could not parse","message":"{"}')
+    assert decode_message('{"type":"Metadata","request_id":"r","duration":3.0}') is None
+    assert not caplog.records  # Metadata is expected: nothing to warn about
+    assert decode_message('{"type":"SomethingNew","x":1}') is None
+    assert decode_message(b"not json") is None
+    assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING"]
+    assert "SomethingNew" in caplog.records[0].getMessage()
