@@ -7,7 +7,14 @@ import pytest
 from parley.devkit.emulators.cartesia import CartesiaEmulator, Voice
 from parley.media.audio.codec import ulaw_to_pcm16_array
 from parley.media.providers.base import ProviderError, TtsChunk
-from parley.media.providers.cartesia_tts import CartesiaTts, CartesiaTtsStream
+from parley.media.providers.cartesia_tts import (
+    CartesiaTts,
+    CartesiaTtsStream,
+    Chunk,
+    Error,
+    Timestamps,
+    decode_message,
+)
 
 KEY = "cartesia-test-key"
 VOICE = Voice(seconds_per_character=0.06, gap_s=0.04, chunk_s=0.1, speed=20.0)
@@ -160,3 +167,21 @@ async def test_a_dropped_socket_fails_the_turn(emulator: CartesiaEmulator,
     with pytest.raises(ProviderError) as caught:
         await collect(stream)
     assert not caught.value.permanent
+
+
+def test_server_messages_decode_and_unknown_ones_are_logged_and_skipped(caplog) -> None:
+    chunk = decode_message(b'{"type":"chunk","context_id":"c1","data":"f38=","done":false,'
+                           b'"status_code":206,"step_time":1.0,"flush_id":2}')
+    assert chunk == Chunk(context_id="c1", data="f38=", flush_id=2)
+    stamps = decode_message('{"type":"timestamps","context_id":"c1","done":false,'
+                            '"status_code":206,"word_timestamps":{"words":["hi"],"start":[0.0],'
+                            '"end":[0.2]}}')
+    assert isinstance(stamps, Timestamps) and stamps.word_timestamps is not None
+    assert stamps.word_timestamps.words == ["hi"] and stamps.flush_id is None
+    error = decode_message('{"type":"error","done":true,"status_code":400,"title":"Bad voice",'
+                           '"message":"no such voice"}')
+    assert isinstance(error, Error) and error.context_id is None and error.status_code == 400
+    assert not caplog.records
+    assert decode_message('{"type":"phoneme_timestamps","context_id":"c1"}') is None
+    assert decode_message("{") is None
+    assert len(caplog.records) == 2 and "phoneme_timestamps" in caplog.records[0].getMessage()
