@@ -91,3 +91,28 @@ async def test_a_lease_another_instance_took_is_lost_at_the_next_renewal(bus) ->
         assert b'"other"' in (await kv.get("call-c")).value  # and nothing overwrote the taker
     finally:
         await mine.close()
+
+
+async def test_a_lease_let_go_and_handed_over_is_taken_at_once(bus) -> None:
+    leaving = Leases(bus, "leaving", renew_s=0.1)
+    staying = Leases(bus, "staying", renew_s=0.1, timeout_s=30.0)  # silence alone: never
+    taken: asyncio.Queue[tuple[str, LeaseState, int]] = asyncio.Queue()
+
+    async def take_over(call_id: str, state: LeaseState, revision: int) -> None:
+        await taken.put((call_id, state, revision))
+
+    state = LeaseState(owner="leaving", org_id="o1", turn_no=2, resume_seq=150)
+    revision = await leaving.claim("call-d", state)
+    await staying.watch(take_over)
+    try:
+        await leaving.hold("call-d", revision, lambda: state, lambda: None)
+        await asyncio.sleep(0.35)  # renewed a few times meanwhile
+        latest = await leaving.let_go("call-d")
+        await leaving.release("call-d", latest, hand_over=state)
+        call_id, previous, won = await asyncio.wait_for(taken.get(), 1.0)
+        assert (call_id, previous.owner, previous.resume_seq) == ("call-d", "", 150)
+        entry = await (await staying.kv()).get("call-d")
+        assert entry.revision == won and b'"owner":"staying"' in entry.value
+    finally:
+        await staying.stop()
+        await leaving.close()
