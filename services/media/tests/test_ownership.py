@@ -93,6 +93,29 @@ async def test_a_lease_another_instance_took_is_lost_at_the_next_renewal(bus) ->
         await mine.close()
 
 
+async def test_a_renewal_beaten_by_our_own_earlier_one_keeps_the_lease(bus) -> None:
+    # A renewal unanswered for a period is sent again; if the first did land (its answer was
+    # only late: a busy loop or server), the second's compare-and-set fails. The lease is
+    # still ours: the hold goes on from the bucket's revision instead of dropping the call.
+    mine = Leases(bus, "me", renew_s=0.1)
+    kv = await mine.kv()
+    revision = await mine.claim("call-e", LeaseState(owner="me", org_id="o1"))
+    lost = asyncio.Event()
+    try:
+        await mine.hold("call-e", revision, lambda: LeaseState(owner="me", org_id="o1"), lost.set)
+        for _ in range(3):  # "our" writes that the holder never heard about
+            await asyncio.sleep(0.15)
+            current = (await kv.get("call-e")).revision
+            await kv.update("call-e", b'{"owner":"me","org_id":"o1","turn_no":7}', last=current)
+        await asyncio.sleep(0.3)
+        assert not lost.is_set()
+        latest = await mine.let_go("call-e")
+        assert latest == (await kv.get("call-e")).revision
+        assert latest > current + 1  # renewed after the foreign-looking writes, too
+    finally:
+        await mine.close()
+
+
 async def test_a_lease_let_go_and_handed_over_is_taken_at_once(bus) -> None:
     leaving = Leases(bus, "leaving", renew_s=0.1)
     staying = Leases(bus, "staying", renew_s=0.1, timeout_s=30.0)  # silence alone: never

@@ -11,7 +11,9 @@ the renewals that are due straight onto the bucket's subjects, together, and rea
 acknowledgements on one inbox subscription. Through ``KeyValue.update`` each renewal was a
 request of its own (a future, a timeout, a JSON acknowledgement parsed into a dataclass):
 ~150 µs of CPU, 4 % of a core for 250 calls. Batched, they cost ~36 µs each and reach the
-server in a few writes a tick.
+server in a few writes a tick. A renewal unanswered for ``renew_s`` is sent again; if it is
+refused, the first may have landed after all (its answer late: a busy loop or server), so the
+bucket is read before the call is given up: the lease is still ours if its owner is.
 
 Every instance watches the bucket. A lease not renewed for ``timeout_s`` belongs to an instance
 that died or hung; the first instance whose compare-and-set on that revision succeeds takes the
@@ -95,6 +97,7 @@ class _Held:
     in_flight: asyncio.Future[None] | None = None  # a renewal awaiting its acknowledgement
     token: str = ""  # its reply subject's last token
     sent: float = 0.0
+    checking: bool = False  # a refused renewal is being checked against the bucket
 
 
 class Leases:
@@ -118,6 +121,7 @@ class Leases:
         self._inbox = ""
         self._ack_sub: Subscription | None = None
         self._renewer: asyncio.Task[None] | None = None
+        self._checks: set[asyncio.Task[None]] = set()
 
     async def kv(self) -> KeyValue:
         """The lease bucket."""
@@ -186,6 +190,8 @@ class Leases:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
             self._renewer = None
+        for task in list(self._checks):
+            task.cancel()
         if self._ack_sub is not None:
             with contextlib.suppress(Exception):
                 await self._ack_sub.unsubscribe()
@@ -202,7 +208,7 @@ class Leases:
                 if held.due > now:
                     continue
                 if held.in_flight is not None:
-                    if now - held.sent < self.renew_s:
+                    if held.checking or now - held.sent < self.renew_s:
                         continue  # unanswered yet: give it up to a renewal period
                     log.warning("call %s: lease renewal unanswered for %.1fs; renewing again",
                                 call_id, now - held.sent)
@@ -237,13 +243,38 @@ class Leases:
             held.revision = ack.seq
         elif ack.error.err_code in _WRONG_LAST_SEQUENCE:
             assert call_id is not None
-            self._held.pop(call_id, None)
-            self._settle(held)
-            held.on_lost()
+            held.checking = True
+            self._checks.add(asyncio.create_task(self._check(call_id, held),
+                                                 name=f"lease-check-{call_id}"))
             return
         else:
             log.error("call %s: lease renewal refused: %s", call_id, ack.error.description)
         self._settle(held)
+
+    async def _check(self, call_id: str, held: _Held) -> None:
+        """After a refused renewal: is the lease lost, or did our own earlier renewal land.
+
+        A renewal sent again after its first went unanswered (a busy loop or server) fails
+        when the first did land. The bucket says which: the lease is still ours if its owner is.
+        """
+        try:
+            entry = await (await self.kv()).get(call_id)
+            state = _decoder.decode(entry.value or b"")
+            ours = state.owner == self.instance
+        except Exception as exc:  # deleted, purged, expired or undecodable: not ours
+            log.debug("call %s: lease check: %r", call_id, exc)
+            ours, entry = False, None
+        finally:
+            held.checking = False
+            self._checks.discard(asyncio.current_task())  # type: ignore[arg-type]
+        if ours and entry is not None:
+            held.revision = entry.revision or held.revision
+            self._settle(held)
+            return
+        self._settle(held)
+        if self._held.get(call_id) is held:
+            del self._held[call_id]
+            held.on_lost()
 
     @staticmethod
     def _settle(held: _Held) -> None:
