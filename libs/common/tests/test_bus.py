@@ -1,4 +1,5 @@
 import asyncio
+import gc
 
 import nats
 import pytest
@@ -100,6 +101,33 @@ async def test_sent_events_keep_their_order_in_the_stream_while_acks_are_awaited
     assert [e.text for e in stored] == [str(i) for i in range(300)]  # type: ignore[attr-defined]
     again = await bus.acked([await bus.send(sent[0])])
     assert again[0].duplicate  # the same Nats-Msg-Id as publish
+
+
+async def test_acks_given_up_leave_no_unretrieved_error(bus: Bus) -> None:
+    # A session closing (its task cancelled) while acks are awaited, or a wait that times out,
+    # gives the acks up; nothing may be left behind but that ("_GatheringFuture exception was
+    # never retrieved" was logged hundreds of times by an overloaded media instance).
+    loop = asyncio.get_running_loop()
+    reported: list[str] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: reported.append(context["message"]))
+    try:
+        never = [loop.create_future() for _ in range(3)]  # acks that do not come
+        waiting = asyncio.create_task(bus.acked(never))
+        await asyncio.sleep(0.01)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        never = [loop.create_future() for _ in range(3)]
+        with pytest.raises(TimeoutError):
+            await Bus(bus.nc, publish_timeout=0.05).acked(never)
+        assert all(future.cancelled() for future in never)
+        del waiting, never
+        gc.collect()
+        await asyncio.sleep(0)
+        assert reported == []
+    finally:
+        loop.set_exception_handler(previous)
 
 
 async def test_subscribe_call_sees_only_that_call_live_and_in_order(bus: Bus) -> None:

@@ -105,11 +105,15 @@ class Bus:
 
     async def acked(self, pending: list[asyncio.Future[PubAck]]) -> list[PubAck]:
         """The acks of events :meth:`send` sent; on timeout the rest are given up (cancelled)."""
+        gathered = asyncio.gather(*pending)
         try:
-            return await asyncio.wait_for(asyncio.gather(*pending), self._publish_timeout)
+            return await asyncio.wait_for(gathered, self._publish_timeout)
         finally:
             for future in pending:
                 future.cancel()  # no-op when done; frees the client's pending-ack slot
+            # A caller cancelled mid-wait leaves the gather failed with a CancelledError that
+            # nobody reads: read it, or asyncio logs "exception was never retrieved".
+            gathered.add_done_callback(_retrieve)
 
     async def subscribe_call(self, call_id: str, handler: EventHandler, *,
                              org_id: str = "*") -> Subscription:
@@ -171,3 +175,8 @@ class Bus:
     async def replay_call(self, call_id: str, *, org_id: str = "*") -> list[Event]:
         """Every recorded event of one call from the stream, in order."""
         return [event async for _, event in self.replay(call_events(call_id, org_id))]
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
