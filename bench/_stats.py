@@ -13,6 +13,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -150,6 +151,23 @@ def machine() -> dict[str, Any]:
         "implementation": platform.python_implementation(),
         "platform": platform.platform(),
     }
+
+
+def speed_probe(repeats: int = 5) -> float:
+    """ms for a fixed pure-Python workload (median of ``repeats``): how fast this CPU is now.
+
+    A VM's CPU can run several times slower on one day than another (a busy host); every
+    number taken meanwhile is slower by as much. Each benchmark records the probe taken just
+    before it, so runs on different days can be told apart from changes in the code.
+    """
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        table: dict[int, str] = {}
+        for i in range(100_000):
+            table[i & 1023] = str(i)
+        times.append(1000 * (time.perf_counter() - began))
+    return round(sorted(times)[repeats // 2], 2)
 
 
 TABLE_HEADER = ("benchmark", "unit", "median", "p99 / worst", "budget", "result")

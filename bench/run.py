@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from _infra import Servers
-from _stats import ERROR, FAIL, BenchResult, render_table, write_results
+from _stats import ERROR, FAIL, BenchResult, render_table, speed_probe, write_results
 
 from parley.common import runtime
 
@@ -94,6 +94,8 @@ async def _run_all(names: list[str], ctx: Context) -> list[BenchResult]:
         module_name, function = ENTRY_POINTS.get(name, (name, "run"))
         module = importlib.import_module(module_name)
         _log(f"[{name}] (limit {limit}s)")
+        probe = speed_probe()
+        _log(f"[{name}] speed probe {probe:.1f} ms")
         ctx.deadline = time.monotonic() + limit
         started = time.perf_counter()
         try:
@@ -104,6 +106,7 @@ async def _run_all(names: list[str], ctx: Context) -> list[BenchResult]:
             _log(f"[{name}] {ERROR}: {detail}")
             result = BenchResult(name, error=detail)
         result.seconds = time.perf_counter() - started
+        result.config["speed probe"] = f"{probe:.1f} ms (see bench/README.md)"
         _log(f"[{name}] done in {result.seconds:.1f}s")
         results.append(result)
     return results
