@@ -9,6 +9,7 @@ import pytest
 from parley.media.providers.base import (
     Final,
     Partial,
+    ProviderBusy,
     ProviderError,
     SpeechStarted,
     UtteranceEnd,
@@ -219,3 +220,19 @@ async def test_the_final_is_decoded_during_the_hangover(speech):
     assert arrived - closed < 0.2  # no decode after the close
     final = next(e for e in events if isinstance(e, Final))
     assert mostly_heard(final.text, SHORT), final.text
+
+
+async def test_no_more_streams_than_its_limit_and_room_again_once_one_closes():
+    # One decoder thread serves every stream: past the limit another call gets ProviderBusy
+    # (the router moves on without marking Whisper down) instead of starving the process.
+    stt = WhisperStt(max_streams=2)
+    first, second = await stt.open(), await stt.open()
+    with pytest.raises(ProviderBusy):
+        await stt.open()
+    assert stt.streams == 2
+    await first.close()
+    third = await stt.open()
+    assert stt.streams == 2
+    for stream in (second, third):
+        await stream.close()
+    assert stt.streams == 0

@@ -18,6 +18,7 @@ class MediaConfig(CommonConfig, kw_only=True):
     cartesia_url: str = ""
     cartesia_voice: str = ""
     whisper_threads: int = 0  # 0: one per core (at most 4)
+    whisper_max_streams: int = 8  # calls on local Whisper at once per process (0: no limit)
     preload_models: bool = True
     lease_renew_s: float = 1.0
     lease_timeout_s: float = 1.5

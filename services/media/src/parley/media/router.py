@@ -5,7 +5,9 @@ breaker (consecutive failures open it; a probe after ``reset_timeout`` closes it
 exponentially weighted error rate and latency, combined into a score exported as a metric. A
 :class:`ProviderRouter` holds one kind's providers (STT or TTS) and, per call, walks the call's
 chain (e.g. ``deepgram → whisper``) skipping providers whose breaker is open. Opening a stream
-retries transient errors with backoff; permanent ones (4xx: bad key, bad request) move on at once.
+retries transient errors with backoff; permanent ones (4xx: bad key, bad request) move on at once,
+as does a provider with no room for another stream (a local model at its limit), which is not
+counted against its health.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 from parley.common.resilience import CircuitBreaker, retry_policy
-from parley.media.providers.base import ProviderError
+from parley.media.providers.base import ProviderBusy, ProviderError
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,10 @@ class ProviderRouter(Generic[P]):
                         is_transient=lambda exc: not getattr(exc, "permanent", False)):
                     with attempt:
                         stream = await opener(provider)
+            except ProviderBusy as exc:  # healthy, only full: not held against it
+                log.warning("%s provider %s has no room: %s", self.kind, name, exc)
+                last = exc
+                continue
             except ProviderError as exc:
                 self.health[name].failure()
                 log.warning("%s provider %s failed to open: %s", self.kind, name, exc)

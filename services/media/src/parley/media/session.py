@@ -455,9 +455,17 @@ class CallSession:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._stt.close(), 2)
             try:
-                self._stt_name, self._stt = await self.s.stt.open(
-                    self._stt_chain, self._open_stt,
-                    after=failed)
+                try:
+                    self._stt_name, self._stt = await self.s.stt.open(
+                        self._stt_chain, self._open_stt, after=failed)
+                except ProviderError as exc:
+                    # No fallback could take the call (failed, or full: every call moving to
+                    # a local model at once would starve the process): the whole chain again,
+                    # the provider that just failed included, before giving the call up.
+                    log.warning("call %s: no recogniser after %s (%s); trying the chain again",
+                                self.call_id, failed, exc)
+                    self._stt_name, self._stt = await self.s.stt.open(
+                        self._stt_chain, self._open_stt)
             except ProviderError as exc:
                 log.error("call %s: every recogniser failed: %s", self.call_id, exc)
                 self._stt = None
@@ -466,6 +474,9 @@ class CallSession:
             self._stt_pending.clear()  # the open turn's audio (replayed next) includes it
             for chunk in self._turn_audio:  # what the open turn said so far
                 await self._stt.send(chunk)
+        if self._stt_name == failed:
+            log.warning("call %s: stt %s reopened (%s)", self.call_id, failed, reason)
+            return
         log.warning("call %s: stt %s → %s (%s)", self.call_id, failed, self._stt_name, reason)
         await self.s.bus.publish(MediaProviderSwitched(
             org_id=self.org_id, call_id=self.call_id, kind="stt", from_provider=failed,

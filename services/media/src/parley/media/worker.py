@@ -38,7 +38,8 @@ def build_routers(config: MediaConfig) -> tuple[ProviderRouter[SttProvider],
     from parley.media.providers.local.piper_tts import PiperTts
     from parley.media.providers.local.whisper_stt import WhisperStt
 
-    stt: dict[str, SttProvider] = {"whisper": WhisperStt(cpu_threads=config.whisper_threads)}
+    stt: dict[str, SttProvider] = {"whisper": WhisperStt(cpu_threads=config.whisper_threads,
+                                                       max_streams=config.whisper_max_streams)}
     tts: dict[str, TtsProvider] = {"piper": PiperTts()}
     if config.key("deepgram"):
         from parley.media.providers.deepgram_stt import DeepgramStt

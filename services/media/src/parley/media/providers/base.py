@@ -23,6 +23,16 @@ class ProviderError(Exception):
         self.permanent = permanent
 
 
+class ProviderBusy(ProviderError):
+    """The provider is healthy but has no room for another stream (a local model at capacity).
+
+    Not a failure: the router moves on to the next provider without marking this one down.
+    """
+
+    def __init__(self, provider: str, message: str) -> None:
+        super().__init__(provider, message, permanent=True)
+
+
 class WordTiming(msgspec.Struct, frozen=True, array_like=True):
     """A word and its start/end in seconds (from the stream start for STT, the clause for TTS)."""
 

@@ -45,6 +45,7 @@ from parley.media.audio.resample import pcm16_to_float32, resample
 from parley.media.providers.base import (
     Final,
     Partial,
+    ProviderBusy,
     ProviderError,
     SpeechStarted,
     SttEvent,
@@ -135,8 +136,11 @@ class WhisperStt:
                  settings: SegmenterSettings | None = None,
                  vad_factory: Callable[[], VoiceActivityDetector] = WebRtcVad,
                  partial_interval_ms: int = 300, preroll_ms: int = 200,
-                 early_final_ms: int = EARLY_FINAL_MS, cpu_threads: int = 0) -> None:
+                 early_final_ms: int = EARLY_FINAL_MS, cpu_threads: int = 0,
+                 max_streams: int = 0) -> None:
         self._model_dir = model_dir
+        self.max_streams = max_streams  # 0: no limit
+        self.streams = 0  # open now
         self._early_final_ms = early_final_ms
         self._settings = settings or SegmenterSettings()
         self._vad_factory = vad_factory
@@ -154,12 +158,28 @@ class WhisperStt:
         if not language.lower().startswith("en"):
             raise ProviderError(PROVIDER, f"tiny.en recognises English, not {language}",
                                 permanent=True)
-        model = await asyncio.to_thread(load_model, self._model_dir,
-                                        cpu_threads=self._cpu_threads)
-        return WhisperSttStream(
-            model, vad=self._vad_factory(), segmenter=SpeechSegmenter(self._settings),
-            partial_interval_ms=self._partial_interval_ms, preroll_ms=self._preroll_ms,
-            early_final_ms=self._early_final_ms)
+        if self.max_streams and self.streams >= self.max_streams:
+            # One decoder thread serves every stream of the process and already uses every
+            # core: past a few streams each one only waits longer, and the decoder starves
+            # the rest of the process (a Deepgram outage moving every call here did just that).
+            raise ProviderBusy(PROVIDER, f"at capacity: {self.streams} streams open "
+                                         "(PARLEY_WHISPER_MAX_STREAMS)")
+        self.streams += 1
+        try:
+            model = await asyncio.to_thread(load_model, self._model_dir,
+                                            cpu_threads=self._cpu_threads)
+            stream = WhisperSttStream(
+                model, vad=self._vad_factory(), segmenter=SpeechSegmenter(self._settings),
+                partial_interval_ms=self._partial_interval_ms, preroll_ms=self._preroll_ms,
+                early_final_ms=self._early_final_ms)
+        except BaseException:
+            self.streams -= 1
+            raise
+        stream._worker.add_done_callback(self._release)  # ends when the stream is done
+        return stream
+
+    def _release(self, _: object) -> None:
+        self.streams -= 1
 
 
 @dataclass
