@@ -57,3 +57,13 @@ async def test_nothing_with_room_after_the_failed_one_is_an_error_naming_the_cau
     # … and the whole chain again (what a session does next) reopens the first one
     assert await stt.open(["deepgram", "whisper"], Opener(whisper="busy")) == (
         "deepgram", "stream:deepgram")
+
+
+async def test_a_provider_whose_breaker_is_open_is_still_tried_when_nothing_else_opens() -> None:
+    stt = router()
+    for _ in range(3):
+        stt.health["deepgram"].failure()
+    assert not stt.health["deepgram"].available
+    opener = Opener(whisper="busy")
+    assert await stt.open(["deepgram", "whisper"], opener) == ("deepgram", "stream:deepgram")
+    assert opener.tried == ["whisper", "deepgram"]  # the healthy one first, then the probe

@@ -92,14 +92,15 @@ class ProviderRouter(Generic[P]):
                    after: str = "") -> tuple[str, S]:
         """Open a stream on the first usable provider of ``chain`` (after ``after``, if given).
 
-        Providers with an open breaker are skipped unless every one is open (then the chain is
-        tried anyway: a dead fallback is no better than a probe). Transient open errors are
-        retried with backoff; a permanent one moves on at once.
+        Providers with an open breaker are tried last, only if no other one opens (a probe is
+        better than no provider at all). Transient open errors are retried with backoff; a
+        permanent one moves on at once.
         """
         names = list(chain)
         if after in names:
             names = names[names.index(after) + 1:]
-        usable = [n for n in names if self.health[n].available] or names
+        usable = ([n for n in names if self.health[n].available]
+                  + [n for n in names if not self.health[n].available])
         last: ProviderError | None = None
         for name in usable:
             provider = self.providers[name]
