@@ -41,9 +41,8 @@ from typing import Any
 
 import numpy as np
 from nats.aio.msg import Msg
-from nats.js.api import PubAck
 
-from parley.common.bus import Bus, audio_subject, call_events, command_subject
+from parley.common.bus import Bus, Outbox, audio_subject, call_events, command_subject
 from parley.common.bus.audio import MARK, encode_frame
 from parley.common.configuration.models import AgentSettings
 from parley.common.events import (
@@ -194,6 +193,7 @@ class CallSession:
                                 resume_ms=resume.resume_ms if resume else 0,
                                 resume_at=resume.resume_at if resume else 0.0)
         self.turn_no = self.lease.turn_no
+        self._outbox = Outbox(services.bus, name=f"call {call_id}")
         self.detector = TurnDetector(TurnSettings(
             endpointing_ms=settings.endpointing_ms,
             max_wait_ms=max(2500, settings.endpointing_ms * 3),
@@ -291,6 +291,7 @@ class CallSession:
             self._stt_task.cancel()
         await asyncio.gather(*self._tasks, *([self._stt_task] if self._stt_task else []),
                              return_exceptions=True)
+        await self._outbox.drain()  # stored before a successor reads the call's events
         revision = await self.s.leases.let_go(self.call_id)
         if revision is not None:
             self.revision = revision
@@ -414,14 +415,13 @@ class CallSession:
             prepared = None
         self._prepared = None
         first = prepared.prepared if prepared is not None else None
-        ack = await self._send(TurnUserEnded, "turn.user_ended", turn_id=turn_id, text=end.text,
-                               reason=end.reason, eou_delay_ms=float(end.eou_delay_ms),
-                               stt_final_ms=float(end.stt_final_ms),
-                               prepared_text=first.text if first else "",
-                               prepared_last=first.last if first else False, key=(self.turn_no,))
+        await self._publish(TurnUserEnded, "turn.user_ended", turn_id=turn_id, text=end.text,
+                            reason=end.reason, eou_delay_ms=float(end.eou_delay_ms),
+                            stt_final_ms=float(end.stt_final_ms),
+                            prepared_text=first.text if first else "",
+                            prepared_last=first.last if first else False, key=(self.turn_no,))
         if prepared is not None:
             await self._play_prepared(prepared)
-        await self.s.bus.acked([ack])
 
     # ------------------------------------------------------------------ recognition
 
@@ -920,20 +920,23 @@ class CallSession:
 
     async def _publish(self, cls: type[Event], kind: str, *, key: tuple[object, ...] = (),
                        **fields: Any) -> None:
-        await self.s.bus.acked([await self._send(cls, kind, key=key, **fields)])
+        """Publish the call's next ``kind`` event; its ack is checked in the background.
 
-    async def _send(self, cls: type[Event], kind: str, *, key: tuple[object, ...] = (),
-                    **fields: Any) -> asyncio.Future[PubAck]:
-        """Publish without waiting for the ack (await it with ``bus.acked``)."""
+        Most of these are published while an audio frame is handled: waiting for the ack there
+        held up the call's next frames for a JetStream round trip (for the whole publish
+        timeout on a slow server, after which the frame's remaining work was skipped). The
+        outbox publishes again what is not acknowledged; ``_close`` drains it before the call
+        is handed over. The id is stable (call, kind, key), so a successor, or a second
+        attempt, cannot store an event twice.
+        """
         if not key:
             ordinal = self._ordinals.get(f"{kind}/{self.turn_no}", 0)
             self._ordinals[f"{kind}/{self.turn_no}"] = ordinal + 1
             key = (self.turn_no, ordinal)
         event = cls(id=stable_id(self.call_id, kind, *key), org_id=self.org_id,
                     call_id=self.call_id, **fields)
-        ack = await self.s.bus.send(event)
+        await self._outbox.put(event)
         self.s.on_event(kind)
-        return ack
 
     async def _record_usage(self) -> None:
         for provider, seconds in self._stt_seconds.items():

@@ -3,6 +3,7 @@
 from .audio import publish_frame, subscribe_frames
 from .client import Bus, connect
 from .consumer import ConsumerSettings, DurableConsumer, PermanentError, dead_letter
+from .outbox import Outbox
 from .streams import (
     AUDIO_STREAM,
     DEAD_LETTER_STREAM,
@@ -23,7 +24,7 @@ from .subjects import (
 )
 
 __all__ = [
-    "AUDIO_STREAM", "DEAD_LETTER_STREAM", "EVENTS_STREAM", "LEASES_BUCKET", "Bus",
+    "AUDIO_STREAM", "DEAD_LETTER_STREAM", "EVENTS_STREAM", "LEASES_BUCKET", "Bus", "Outbox",
     "ConsumerSettings", "DurableConsumer", "PermanentError", "StreamSettings", "audio_subject",
     "call_events", "command_subject", "connect", "dead_letter", "dead_letter_subject",
     "ensure_streams", "event_subject", "events_of_type", "org_events", "parse_event_subject",

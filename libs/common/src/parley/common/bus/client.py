@@ -68,6 +68,11 @@ class Bus:
         """Connect and own the connection."""
         return cls(await connect(url, name=name, **options), owns_connection=True)
 
+    @property
+    def publish_timeout(self) -> float:
+        """Seconds a JetStream publish waits for its ack."""
+        return self._publish_timeout
+
     async def ensure_streams(self, settings: StreamSettings | None = None) -> None:
         """Create or update EVENTS, AUDIO, DEADLETTER and the lease bucket."""
         await ensure_streams(self.js, settings or StreamSettings())
