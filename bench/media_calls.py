@@ -32,6 +32,9 @@ Per level (fresh calls and a fresh media process; gateway and emulators are shar
   buckets. ``gateway_path``: Twilio ``send_str`` → a core subscriber in this process for every
   10th call (what ``gateway_frames`` measures, here with media running). The two legs are in
   series, so "held" requires p99(gateway path) + p99(media leg) ≤ 20 ms (an upper bound).
+- media loop lag (info): how late media's event loop woke its 50 ms lag timer
+  (``event_loop_lag_seconds``, every service has it) over the window: the queueing every frame
+  handled at that moment shared, so a media leg's tail close to it is the loop's, not the bus's.
 - lost frames: inbound, every frame sent during the level − frames media's sessions handled
   (the histogram's count; media reads a call's audio from the start, so it must see them all);
   outbound, frames of every answered turn (the emulator's voice is deterministic: 60 ms of tone
@@ -101,6 +104,7 @@ TRANSCRIPT = "I would like to book a cleaning please"
 ANSWER = ("Sure, one moment,", "let me check.")
 FRAMES_PER_ANSWER = sum(3 * len(word) + 2 for word in " ".join(ANSWER).split())
 DEEPGRAM_KEY, CARTESIA_KEY = "bench-deepgram-key", "bench-cartesia-key"
+LOOP_LAG = "event_loop_lag_seconds"
 SAMPLE_EVERY = 10  # gateway-path subscriber on every 10th call
 SETUP_CONCURRENCY = 16
 
@@ -164,6 +168,7 @@ class Level:
     media_rss_mb: float
     media_base_rss_mb: float
     tick_lag_ms: list[float]
+    loop_lag_buckets: list[tuple[float, float]]  # media's event loop lag in the window
 
     def cpu_percent(self, who: str) -> float:
         """``who``'s CPU over the window as % of one core."""
@@ -224,12 +229,12 @@ class Media:
             await asyncio.sleep(0.05)
         return psutil.Process(self.proc.pid)
 
-    async def histogram(self, http: aiohttp.ClientSession) -> list[tuple[float, float]]:
-        """The inbound-delay histogram's cumulative buckets (le seconds, count)."""
+    async def histogram(self, http: aiohttp.ClientSession,
+                        metric: str = "inbound_frame_delay_seconds") -> list[tuple[float, float]]:
+        """A histogram's cumulative buckets (le seconds, count): by default, inbound delay."""
         text = await self._metrics(http)
         buckets = []
-        for match in re.finditer(r'inbound_frame_delay_seconds_bucket\{le="([^"]+)"\} (\S+)',
-                                 text):
+        for match in re.finditer(metric + r'_bucket\{le="([^"]+)"\} (\S+)', text):
             buckets.append((float(match.group(1)), float(match.group(2))))
         return sorted(buckets)
 
@@ -484,8 +489,14 @@ async def _run_level(http: aiohttp.ClientSession, bus: Any, gateway: Gateway,
     def media_rss() -> float:
         return sum(p.memory_info().rss for p in media_processes.values()) / 2**20
 
-    async def histogram() -> list[tuple[float, float]]:
-        return _sum_buckets([await media.histogram(http) for media in medias])
+    async def histogram(metric: str = "inbound_frame_delay_seconds"
+                        ) -> list[tuple[float, float]]:
+        return _sum_buckets([await media.histogram(http, metric) for media in medias])
+
+    def window(before: list[tuple[float, float]], after: list[tuple[float, float]]
+               ) -> list[tuple[float, float]]:
+        return [(le, count_after - count_before)
+                for (le, count_before), (_, count_after) in zip(before, after, strict=True)]
 
     base_rss = media_rss()
     gateway_path: list[int] = []
@@ -503,13 +514,13 @@ async def _run_level(http: aiohttp.ClientSession, bus: Any, gateway: Gateway,
     gc.disable()
     try:
         await _pace(calls, seconds=warmup_s, speaking=True, lags=[], sampled=False)
-        before = await histogram()
+        before, lag_before = await histogram(), await histogram(LOOP_LAG)
         cpu_start, start = _sample(processes), time.perf_counter()
         gateway_path.clear()
         turns_before = len(TURN_MS)
         await _pace(calls, seconds=measure_s, speaking=True, lags=lags, sampled=True)
         cpu_end, end = _sample(processes), time.perf_counter()
-        after = await histogram()
+        after, lag_after = await histogram(), await histogram(LOOP_LAG)
         rss = media_rss()
         calls_per_media = [await media.calls(http) for media in medias]
         window_turns = TURN_MS[turns_before:]
@@ -532,10 +543,8 @@ async def _run_level(http: aiohttp.ClientSession, bus: Any, gateway: Gateway,
     if not before or not final:
         raise RuntimeError(f"no inbound histogram on media's /metrics:\n"
                            f"{_log_tail(medias[0].log_path)}")
-    window = [(le, count_after - count_before)
-              for (le, count_before), (_, count_after) in zip(before, after, strict=True)]
     return Level(
-        calls=count, window_s=end - start, media_buckets=window,
+        calls=count, window_s=end - start, media_buckets=window(before, after),
         gateway_path_ns=gateway_path, sent_in=sum(call.sent for call in calls),
         handled_in=int(final[-1][1]),
         expected_out=FRAMES_PER_ANSWER * sum(call.answered for call in calls),
@@ -546,7 +555,7 @@ async def _run_level(http: aiohttp.ClientSession, bus: Any, gateway: Gateway,
         cpu_s={name: cpu_end[name][0] - cpu_start[name][0] for name in cpu_start},
         wait_s={name: cpu_end[name][1] - cpu_start[name][1] for name in cpu_start},
         calls_per_media=calls_per_media, media_rss_mb=rss, media_base_rss_mb=base_rss,
-        tick_lag_ms=lags)
+        tick_lag_ms=lags, loop_lag_buckets=window(lag_before, lag_after))
 
 
 # -- the benchmark ---------------------------------------------------------------------------
@@ -559,6 +568,9 @@ def _lines(level: Level) -> tuple[list[Line], str, bool]:
     gw = latency_summary(level.gateway_path_ns) if level.gateway_path_ns else {
         "p50": math.nan, "p99": math.nan, "n": 0}
     inbound_p99 = gw["p99"] + media_p99
+    loop_lag = {"p50": _bucket_percentile(level.loop_lag_buckets, 50),
+                "p99": _bucket_percentile(level.loop_lag_buckets, 99),
+                "buckets": level.loop_lag_buckets}
     lost_in = level.sent_in - level.handled_in
     lost_out = level.expected_out - level.received_out
     turn = ({"p50": percentile(level.turn_ms, 50), "p99": percentile(level.turn_ms, 99),
@@ -592,6 +604,10 @@ def _lines(level: Level) -> tuple[list[Line], str, bool]:
                   "session handler); sum of the two legs' p50 / p99 (an upper bound)"),
         Line(f"{name}.media_leg", "ms", media_p50, media_p99, summary=summary["media_leg_ms"],
              note="gateway published the frame → media's session handler (histogram buckets)"),
+        Line(f"{name}.media_loop_lag", "ms", loop_lag["p50"], loop_lag["p99"], summary=loop_lag,
+             note="how late media's event loop woke a 50 ms timer (its "
+                  "event_loop_lag_seconds histogram over the window): the wait every frame "
+                  "handled at that moment shared"),
         Line(f"{name}.lost", "frames", lost_in, lost_out, tail_label="out",
              summary=summary, note="inbound frames lost (sent − handled by media); second "
                                    "column: outbound (expected agent frames − received)"),
@@ -607,7 +623,8 @@ def _lines(level: Level) -> tuple[list[Line], str, bool]:
                   "column media's RSS"),
     ]
     note = (f"{level.calls} calls: inbound p50 {gw['p50']:.2f}+{media_p50:.2f} ms, p99 "
-            f"{gw['p99']:.2f}+{media_p99:.2f} = {inbound_p99:.1f} ms; lost in {lost_in} of "
+            f"{gw['p99']:.2f}+{media_p99:.2f} = {inbound_p99:.1f} ms; media loop lag p99 "
+            f"{loop_lag['p99']:.1f} ms; lost in {lost_in} of "
             f"{level.sent_in}, out {lost_out} of {level.expected_out}; turn p50 "
             f"{turn['p50']:.1f} ms p99 {turn['p99']:.1f} ms ({turn['n']} turns); CPU % core: "
             + ", ".join(f"{who} {value:.0f}" for who, value in cpu.items())

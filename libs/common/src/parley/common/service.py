@@ -64,6 +64,34 @@ def settle() -> None:
     gc.freeze()
 
 
+LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+async def watch_loop_lag(metrics: Metrics, *, every_s: float = 0.05,
+                         warn_after_s: float = 1.0) -> None:
+    """Record how late the event loop wakes a sleeper: ``parley_event_loop_lag_seconds``.
+
+    Everything a service does waits its turn on one loop, so this lag is added to every
+    frame, event and request it handles at that moment: when a latency's tail grows, this
+    says whether the process was busy (or descheduled) rather than the thing it waited for.
+    A lag past ``warn_after_s`` is logged (at most once a minute).
+    """
+    histogram = metrics.histogram("event_loop_lag_seconds",
+                                  "How late the event loop woke a timer, sampled every 50 ms",
+                                  buckets=LAG_BUCKETS)
+    loop = asyncio.get_running_loop()
+    warned = -60.0
+    while True:
+        due = loop.time() + every_s
+        await asyncio.sleep(every_s)
+        now = loop.time()
+        lag = max(0.0, now - due)
+        histogram.observe(lag)
+        if lag > warn_after_s and now - warned > 60:
+            warned = now
+            log.warning("event loop %.1f s late: the process is overloaded or was paused", lag)
+
+
 def stream_settings(config: CommonConfig) -> StreamSettings:
     """Stream replicas and retention from the shared config."""
     return StreamSettings(replicas=config.events_replicas,
@@ -87,9 +115,11 @@ async def running_service(name: str, config: ConfigT) -> AsyncIterator[ServiceCo
         settle()
         log.info("%s up; ops on http://%s:%d (/healthz /readyz /metrics)", name,
                  config.ops_host, context.ops_port)
+        lag = asyncio.create_task(watch_loop_lag(metrics), name=f"{name}:loop-lag")
         try:
             yield context
         finally:
+            lag.cancel()
             await ops.stop()
     finally:
         await bus.close()
