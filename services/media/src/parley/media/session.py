@@ -39,7 +39,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from nats.aio.msg import Msg
 
 from parley.common.bus import Bus, Outbox, audio_subject, call_events, command_subject
@@ -68,7 +67,7 @@ from parley.common.events import (
 )
 from parley.common.runtime import cancel_and_wait
 from parley.common.words import normalize_words
-from parley.media.audio.codec import ULAW_TO_PCM16
+from parley.media.audio.codec import ulaw_to_pcm16
 from parley.media.audio.frames import ULAW_FRAME_BYTES, FrameAligner
 from parley.media.inbound import InboundAudio
 from parley.media.ownership import Leases, LeaseState
@@ -352,8 +351,7 @@ class CallSession:
         await self._stt_send(ulaw)
         now = time.monotonic()
         for frame in self._aligner.push(ulaw):
-            pcm = ULAW_TO_PCM16[np.frombuffer(frame, dtype=np.uint8)]
-            boundary = self.segmenter.push(self.vad.is_speech(pcm.tobytes()))
+            boundary = self.segmenter.push(self.vad.is_speech(ulaw_to_pcm16(frame)))
             self.audio_ms = self._base_ms + self.segmenter.position_ms
             if isinstance(boundary, SpeechStart):
                 at = self._base_ms + boundary.at_ms

@@ -4,7 +4,8 @@ Bit-exact with the ITU-T G.711 µ-law reference (Sun's ``g711.c``) as the old st
 ``audioop.ulaw2lin`` / ``audioop.lin2ulaw`` implemented it: decoding uses the 256-entry table of
 14-bit magnitudes scaled to 16 bits, encoding drops the two low bits of the 16-bit sample first.
 Both tables are built once at import from the reference algorithm (a few ms); a conversion is then
-one fancy-indexing pass over the buffer, so a 20 ms frame costs a couple of microseconds.
+one fancy-indexing pass over the buffer (decoding to bytes: two ``bytes.translate`` passes), so a
+20 ms frame costs a microsecond or two.
 PCM is little-endian signed 16-bit, the wire format everywhere in the media service.
 """
 
@@ -50,9 +51,23 @@ def ulaw_to_pcm16_array(ulaw: bytes | bytearray | memoryview) -> npt.NDArray[np.
     return ULAW_TO_PCM16[np.frombuffer(ulaw, dtype=np.uint8)]
 
 
+_DECODED = ULAW_TO_PCM16.tobytes()
+_LOW_BYTES = _DECODED[0::2]  # code → low byte of its little-endian sample
+_HIGH_BYTES = _DECODED[1::2]  # code → high byte
+
+
 def ulaw_to_pcm16(ulaw: bytes | bytearray | memoryview) -> bytes:
-    """Decode µ-law bytes into little-endian PCM16 bytes (twice as long)."""
-    return ulaw_to_pcm16_array(ulaw).tobytes()
+    """Decode µ-law bytes into little-endian PCM16 bytes (twice as long).
+
+    Two ``bytes.translate`` passes (low bytes, high bytes) interleaved by slice assignment:
+    about half the time of the numpy lookup plus ``tobytes`` for a 20 ms frame, where numpy's
+    per-call overhead outweighs the work (every caller's frame goes through here for VAD).
+    """
+    codes = bytes(ulaw)
+    pcm = bytearray(2 * len(codes))
+    pcm[0::2] = codes.translate(_LOW_BYTES)
+    pcm[1::2] = codes.translate(_HIGH_BYTES)
+    return bytes(pcm)
 
 
 def pcm16_array_to_ulaw(samples: npt.NDArray[np.int16]) -> bytes:
