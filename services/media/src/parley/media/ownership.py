@@ -261,9 +261,14 @@ class Leases:
             entry = await (await self.kv()).get(call_id)
             state = _decoder.decode(entry.value or b"")
             ours = state.owner == self.instance
-        except Exception as exc:  # deleted, purged, expired or undecodable: not ours
+        except (NotFoundError, msgspec.DecodeError) as exc:  # gone (expired, deleted)
             log.debug("call %s: lease check: %r", call_id, exc)
             ours, entry = False, None
+        except Exception as exc:  # no answer (a slow server): unknown, so still held; the
+            # next renewal fails the same way and asks again
+            log.warning("call %s: lease check failed: %r; asking again", call_id, exc)
+            self._settle(held)
+            return
         finally:
             held.checking = False
             self._checks.discard(asyncio.current_task())  # type: ignore[arg-type]
