@@ -262,8 +262,17 @@ async def test_a_killed_media_instance_is_replaced_within_two_seconds(
         await asyncio.sleep(0.02)
     took_over_s = time.monotonic() - killed_at
 
-    ended = await brain.wait("turn.user_ended", count=2)
-    assert {"tuesday", "afternoon"} <= set(words(ended[1].text)), ended[1].text
+    # The successor caught up the whole sentence: its final has every word.
+    final = (await brain.wait("transcript.final", count=2))[1]
+    heard = words(final.text)
+    assert {"tuesday", "afternoon"} <= set(heard), final.text
+    ended = (await brain.wait("turn.user_ended", count=2))[1]
+    if ended.reason == "max_wait":
+        # A recogniser slower than the detector's max wait (local Whisper on a CPU-starved VM:
+        # 2.5 s after the caller stopped) ends the turn with the words heard by then.
+        assert heard[:len(words(ended.text))] == words(ended.text), (ended.text, final.text)
+    else:
+        assert words(ended.text) == heard, (ended.text, final.text)
     result = await call
     assert not result.protocol_errors
     types, _ = await stored_call(platform.database_url, brain.call_id, until="call.ended")
