@@ -99,3 +99,37 @@ def test_backchannel_recognition() -> None:
     assert not b.only_backchannel("okay so I want to cancel")
     assert not b.only_backchannel("")
     assert b.content_words("Okay.") == 0 and b.content_words("wait, stop") == 2
+
+
+def test_words_after_a_max_wait_end_belong_to_that_turn_not_a_new_one() -> None:
+    # A recogniser slower than the max wait (local Whisper on a starved CPU) delivers the
+    # sentence's final after the turn ended with the partial: no second turn from it.
+    d = TurnDetector(TurnSettings(endpointing_ms=600, max_wait_ms=2000))
+    d.speech_started(0)
+    d.partial("Next.")
+    d.speech_stopped(3000)
+    (_, flush), (_, end) = run(d, 3000, 5100)
+    assert isinstance(flush, Flush) and isinstance(end, TurnEnd)
+    assert (end.text, end.reason) == ("Next.", "max_wait")
+    assert d.late
+    d.final("Next Tuesday at three would be perfect.", 5300)
+    d.utterance_end()
+    assert run(d, 5100, 9000) == [] and not d.in_turn and d.late_results == 1
+
+    d.speech_started(9000)  # the caller speaks again: a new turn, on time this time
+    assert not d.late
+    d.speech_stopped(9800)
+    d.final("Thank you.", 9900)
+    (_, end), = run(d, 9800, 11000)
+    assert (end.text, end.reason) == ("Thank you.", "silence")
+
+
+def test_a_turn_ended_on_time_leaves_nothing_late() -> None:
+    d = TurnDetector(TurnSettings(endpointing_ms=600))
+    d.speech_started(0)
+    d.speech_stopped(1000)
+    d.final("Hello.", 1100)
+    (_, end), = run(d, 1000, 2000)
+    assert end.reason == "silence" and not d.late
+    d.final("Hello again.", 2100)  # the recogniser heard something the VAD missed: a turn
+    assert d.in_turn

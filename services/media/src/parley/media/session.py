@@ -481,8 +481,13 @@ class CallSession:
             to_provider=self._stt_name, reason=reason[:500]))
 
     async def _on_stt(self, event: SttEvent) -> None:
+        # Words for the turn that ended at max wait (a recogniser slower than that): recorded
+        # as that turn's, but neither a new turn nor the caller talking over the agent.
+        late = self.detector.late
         if isinstance(event, Partial):
             self.detector.partial(event.text)
+            if late:
+                return
             if not self._catching_up:
                 await self.s.bus.publish(TranscriptPartial(
                     org_id=self.org_id, call_id=self.call_id, text=event.text,
@@ -495,10 +500,12 @@ class CallSession:
                     self._speech_start_ms is None and self._speech_end_wall) else 0.0
                 await self._publish(
                     TranscriptFinal, "transcript.final", text=event.text,
-                    utterance_id=f"t{self.turn_no + 1}",
+                    utterance_id=f"t{self.turn_no if late else self.turn_no + 1}",
                     words=[Word(w.text, w.start, w.end) for w in event.words],
                     confidence=event.confidence, provider=self._stt_name,
                     latency_ms=round(max(latency, 0.0), 1))
+            if late:
+                return
             await self._barge_in_on_words()
             await self._poll_turn()
         elif isinstance(event, UtteranceEnd):

@@ -10,7 +10,10 @@ A turn ends when the caller has been silent for ``endpointing_ms`` and the recog
 up (a final covers everything said, no partial is pending). A recogniser's own end of utterance
 (Deepgram ``speech_final`` / ``UtteranceEnd``, Whisper's segment end) lets it end after half
 that silence. If the recogniser lags, it is asked to flush at ``endpointing_ms``; after
-``max_wait_ms`` of silence the turn ends with whatever text there is (reason ``max_wait``).
+``max_wait_ms`` of silence the turn ends with whatever text there is (reason ``max_wait``). What
+the recogniser delivers after that, before the caller speaks again, is that turn's late words
+(:attr:`TurnDetector.late`): they are not a new turn. (A recogniser slower than the max wait, e.g.
+local Whisper on a starved CPU, otherwise turned one sentence into two turns.)
 
 Backchannels ("uh-huh", "okay", "mm-hmm") do not end a turn early: a turn whose text is only
 backchannels needs twice the silence; and while the agent is speaking they are no turn at all
@@ -118,6 +121,8 @@ class TurnDetector:
         self._speaking = False
         self._speech_end_ms = 0
         self.dropped_backchannels = 0
+        self._late = False  # a turn ended at max wait, and the caller has not spoken since
+        self.late_results = 0  # partials and finals that came for such a turn
 
     @property
     def in_turn(self) -> bool:
@@ -136,9 +141,15 @@ class TurnDetector:
             return ""
         return " ".join([*self._turn.finals, self._turn.partial]).strip()
 
+    @property
+    def late(self) -> bool:
+        """Whether a recogniser result now belongs to the turn that ended at max wait."""
+        return self._late and self._turn is None
+
     def speech_started(self, at_ms: int) -> None:
         """The VAD heard the caller begin speaking."""
         self._speaking = True
+        self._late = False
         if self._turn is None:
             self._turn = _Turn(started_ms=at_ms)
         self._turn.stt_ended = False
@@ -151,6 +162,9 @@ class TurnDetector:
 
     def partial(self, text: str) -> None:
         """An interim hypothesis of the current utterance."""
+        if self.late:
+            self.late_results += 1
+            return
         if text.strip():
             if self._turn is None:  # the recogniser heard speech the VAD missed
                 self._turn = _Turn(started_ms=self._speech_end_ms)
@@ -158,6 +172,9 @@ class TurnDetector:
 
     def final(self, text: str, now_ms: int, *, speech_final: bool = False) -> None:
         """A stable segment; ``speech_final`` if the recogniser also ended the utterance."""
+        if self.late:
+            self.late_results += 1
+            return
         if text.strip():
             if self._turn is None:
                 self._turn = _Turn(started_ms=self._speech_end_ms)
@@ -208,6 +225,7 @@ class TurnDetector:
         turn = self._turn
         assert turn is not None
         self._turn = None
+        self._late = reason == "max_wait"
         if agent_speaking and only_backchannel:
             self.dropped_backchannels += 1
             return None
