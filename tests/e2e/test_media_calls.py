@@ -216,8 +216,17 @@ async def test_barge_in_reports_what_the_caller_heard(platform: Platform, bus, t
 
     cut, = await brain.wait("agent.speech.interrupted")
     assert cut.turn_id == "t0"
-    ended = await brain.wait("turn.user_ended")
-    assert "friday" in words(ended[0].text)
+    ended = (await brain.wait("turn.user_ended"))[0]
+    if ended.reason == "max_wait":
+        # A recogniser slower than the detector's max wait (local Whisper on a CPU-starved VM)
+        # ends the turn with the words heard by then; the rest come late, as t1's finals.
+        deadline = time.monotonic() + 30
+        while "friday" not in [w for f in brain.of("transcript.final") if f.utterance_id == "t1"
+                               for w in words(f.text)]:
+            assert time.monotonic() < deadline, (ended.text, brain.of("transcript.final"))
+            await asyncio.sleep(0.05)
+    else:
+        assert "friday" in words(ended.text), ended.text
     heard = words(cut.played_text)
     spoken = words(" ".join(greeting))
     assert heard == spoken[:len(heard)] and 3 <= len(heard) < len(spoken)
