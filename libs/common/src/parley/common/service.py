@@ -120,6 +120,8 @@ async def running_service(name: str, config: ConfigT) -> AsyncIterator[ServiceCo
             yield context
         finally:
             lag.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lag
             await ops.stop()
     finally:
         await bus.close()
