@@ -70,6 +70,24 @@ def test_resume_resends_from_the_cut_and_ignores_echoes_of_flushed_marks() -> No
     assert turn.echo(GENERATION + 50, 1.2) and turn.finished
 
 
+def test_after_a_resume_playback_is_at_the_cut_until_the_first_echo() -> None:
+    words = [WordTiming("Thank", 0.0, 0.3), WordTiming("you", 0.3, 0.5),
+             WordTiming("for", 0.5, 0.7), WordTiming("calling", 0.7, 1.1)]
+    turn = turn_with(2.0, words)
+    turn.take_unsent()
+    turn.echo(1, 10.0)
+    turn.echo(25, 10.5)
+    assert turn.cut(10.6) == 30  # 500 ms echoed + 100 ms since
+    turn.resume()
+    turn.take_unsent()
+    # Paused again before the carrier echoes the resumed run's first mark: the caller has heard
+    # up to the first cut, not nothing.
+    assert turn.position_ms(12.0) == 600
+    assert turn.playing(12.0)
+    cut = turn.cut(12.0)
+    assert cut == 30 and turn.heard_text(cut * 20) == "Thank you"
+
+
 def test_speech_over_the_agent_pauses_then_words_interrupt() -> None:
     policy = BargeIn("speech", "medium")
     assert policy.on_speech(200, 0, agent_playing=True, now=1.0) is None
@@ -83,8 +101,26 @@ def test_no_words_within_the_window_resumes() -> None:
     assert isinstance(policy.on_speech(200, 0, agent_playing=True, now=10.0), Pause)
     assert policy.tick(11.0) is None
     assert isinstance(policy.tick(11.5), Resume) and policy.false_alarms == 1
+    policy.speech_started()
     assert isinstance(policy.on_speech(200, 0, agent_playing=True, now=12.0), Pause)
     assert isinstance(policy.tick(12.1, only_backchannel=True, caller_speaking=False), Resume)
+
+
+def test_speech_that_was_a_false_alarm_does_not_pause_again_but_its_words_interrupt() -> None:
+    policy = BargeIn("speech", "medium", resume_after_s=1.5)
+    assert isinstance(policy.on_speech(400, 0, agent_playing=True, now=10.0), Pause)
+    assert isinstance(policy.tick(11.5, caller_speaking=True), Resume)
+    # The same speech goes on with no words (noise, or a recogniser still decoding): the rest
+    # of the agent's audio plays.
+    assert policy.on_speech(1960, 0, agent_playing=True, now=11.52) is None
+    assert policy.on_speech(2500, 0, agent_playing=True, now=12.1) is None
+    assert isinstance(policy.on_speech(2700, 1, agent_playing=True, now=12.3), Interrupt)
+    # New speech over the agent pauses it again.
+    again = BargeIn("speech", "medium", resume_after_s=1.5)
+    again.on_speech(400, 0, agent_playing=True, now=10.0)
+    again.tick(11.5, caller_speaking=True)
+    again.speech_started()
+    assert isinstance(again.on_speech(400, 0, agent_playing=True, now=13.0), Pause)
 
 
 def test_modes_and_sensitivity() -> None:

@@ -16,7 +16,8 @@ Twilio sends back) are told apart and ignored.
 ``low|medium|high``. Caller speech over agent audio for ``pause_ms`` pauses the agent (the
 gateway's ``clear``); ``min_words`` content words (backchannels do not count) confirm the
 interruption; no words within ``resume_after_s`` — or only a backchannel — resumes the rest of
-the agent's audio from where it was cut. Both classes are pure: the session feeds them time.
+the agent's audio from where it was cut, and the speech that caused the false alarm does not
+pause it again (words still interrupt). Both classes are pure: the session feeds them time.
 """
 
 from __future__ import annotations
@@ -128,9 +129,12 @@ class AgentTurnAudio:
         return self.sent > self.played_frames or self.position_ms(now) < self.sent * FRAME_MS
 
     def position_ms(self, now: float) -> int:
-        """How far playback has got: last echo + time since, capped by the next mark."""
+        """How far playback has got: last echo + time since, capped by the next mark.
+
+        Before this run's first echo: where the run starts (0, or the cut it resumed from).
+        """
         if self.echoed_at is None:
-            return 0
+            return self.played_frames * FRAME_MS
         position = self.played_frames * FRAME_MS + round((now - self.echoed_at) * 1000)
         cap = self.pending_marks[0] if self.pending_marks else self.sent
         return min(position, cap * FRAME_MS, self.sent * FRAME_MS)
@@ -197,6 +201,9 @@ class BargeIn:
         self.resume_after_s = resume_after_s
         self.paused_at: float | None = None
         self.false_alarms = 0
+        # The caller's speech went on through a resume without words (noise, a cough, the TV):
+        # it does not pause the agent again; words still interrupt, and so does new speech.
+        self._false_alarm_speech = False
 
     @property
     def by_speech(self) -> bool:
@@ -222,10 +229,14 @@ class BargeIn:
             return None
         if content_words >= self.thresholds.min_words:
             return Interrupt()
-        if speech_ms >= self.thresholds.pause_ms:
+        if speech_ms >= self.thresholds.pause_ms and not self._false_alarm_speech:
             self.paused_at = now
             return Pause()
         return None
+
+    def speech_started(self) -> None:
+        """The caller began a new stretch of speech (what follows a false alarm counts again)."""
+        self._false_alarm_speech = False
 
     def on_dtmf(self, *, agent_playing: bool) -> Interrupt | None:
         """A key press while the agent speaks."""
@@ -247,5 +258,6 @@ class BargeIn:
                 only_backchannel and not caller_speaking):
             self.paused_at = None
             self.false_alarms += 1
+            self._false_alarm_speech = caller_speaking
             return Resume()
         return None

@@ -356,6 +356,7 @@ class CallSession:
             if isinstance(boundary, SpeechStart):
                 at = self._base_ms + boundary.at_ms
                 self._speech_start_ms = at
+                self.barge_in.speech_started()
                 if not self.detector.in_turn:
                     self._turn_audio = []
                 self.detector.speech_started(at)
