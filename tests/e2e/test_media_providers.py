@@ -140,9 +140,12 @@ async def test_a_broken_recogniser_is_replaced_by_whisper(
     assert "deepgram" in switched.reason
 
     second = (await brain.wait("turn.user_ended", count=2, timeout=40))[1]
-    assert {"tuesday", "afternoon"} <= set(words(second.text)), second.text
-    finals = brain.of("transcript.final")
+    # Whisper heard the follow-up. On a starved CPU its final may come after the turn's max
+    # wait, which then ends the turn with the partial words; the final is that turn's late words.
+    finals = await brain.wait("transcript.final", count=2, timeout=20)
     assert [f.provider for f in finals] == ["deepgram", "whisper"], finals
+    assert {"tuesday", "afternoon"} <= set(words(finals[1].text)), finals[1].text
+    assert second.reason == "max_wait" or second.text == finals[1].text, (second, finals)
     result = await call
     assert not result.protocol_errors
     assert all(latency is not None for latency in result.latencies_ms), result.turns
