@@ -188,7 +188,10 @@ async def test_a_prepared_reply_plays_as_the_turn_ends_and_one_for_other_words_n
     assert turns.index(("agent.speech.started", "t1")) < turns.index(("agent.say", "t1"))
     assert turns.index(("agent.say", "t2")) < turns.index(("agent.speech.started", "t2"))
     t1_started = next(e for e in brain.of("agent.speech.started") if e.turn_id == "t1")
-    assert t1_started.tts_ttfb_ms < 1000 and t1_started.voice_to_voice_ms < 2500
+    # Its audio starts as the turn ends: the caller waits the end-of-turn silence (as long as
+    # the recogniser takes, up to the max wait) and little more.
+    assert t1_started.tts_ttfb_ms < 1000, t1_started
+    assert t1_started.voice_to_voice_ms < ended[0].eou_delay_ms + 1000, (t1_started, ended[0])
     # Every clause was synthesised once: t1's first not again when the brain said it. The
     # dropped one is counted if it reached the synthesiser before the turn ended.
     usage = {(u.kind, u.provider): u.quantity for u in brain.of("usage.recorded")}
