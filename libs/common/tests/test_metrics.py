@@ -54,3 +54,24 @@ def test_render_returns_text_exposition() -> None:
     assert content_type.startswith("text/plain")
     assert b"# HELP parley_tool_calls_total Tool calls" in body
     assert b"parley_tool_calls_total 1.0" in body
+
+
+def test_a_loop_histogram_exposes_what_prometheus_clients_histogram_would() -> None:
+    buckets = (0.0005, 0.001, 0.002, 0.005, 0.0075, 0.01, 0.5)
+    values = [0.0, 0.0004, 0.0005, 0.00051, 0.001, 0.003, 0.0075, 0.2, 0.5, 0.9, 7.0]
+    fast, reference = Metrics("media", namespace="a"), Metrics("media", namespace="a")
+    loop = fast.loop_histogram("frame_delay_seconds", "Delay", buckets)
+    standard = reference.histogram("frame_delay_seconds", "Delay", buckets=buckets)
+    for value in values:
+        loop.observe(value)
+        standard.observe(value)
+
+    def samples(registry: CollectorRegistry) -> list[str]:
+        return [line for line in render(registry)[0].decode().splitlines()
+                if "_created" not in line]
+
+    assert samples(fast.registry) == samples(reference.registry)
+    assert fast.registry.get_sample_value("a_frame_delay_seconds_bucket", {"le": "0.0005"}) == 3
+    assert fast.registry.get_sample_value("a_frame_delay_seconds_count") == len(values)
+    with pytest.raises(ValueError, match="already exists"):
+        fast.loop_histogram("frame_delay_seconds", "Delay", buckets)

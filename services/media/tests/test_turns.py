@@ -99,6 +99,10 @@ def test_backchannel_recognition() -> None:
     assert not b.only_backchannel("okay so I want to cancel")
     assert not b.only_backchannel("")
     assert b.content_words("Okay.") == 0 and b.content_words("wait, stop") == 2
+    # Asked again and again (every frame) as the text changes, back and forth.
+    for _ in range(2):
+        assert b.only_backchannel("okay") and not b.only_backchannel("okay book it")
+        assert b.content_words("okay") == 0 and b.content_words("okay book it") == 3
 
 
 def test_words_after_a_max_wait_end_belong_to_that_turn_not_a_new_one() -> None:

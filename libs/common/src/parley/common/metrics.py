@@ -7,7 +7,9 @@ lets tests build as many services as they like in one process without name clash
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import bisect
+import math
+from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 from prometheus_client import (
@@ -18,9 +20,12 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
-__all__ = ["Metrics", "render"]
+__all__ = ["LoopHistogram", "Metrics", "render"]
 
 _MetricT = TypeVar("_MetricT", bound=MetricWrapperBase)
 
@@ -39,6 +44,7 @@ class Metrics:
         self.namespace = namespace
         self.registry = CollectorRegistry() if registry is None else registry
         self._metrics: dict[str, tuple[MetricWrapperBase, tuple[str, ...]]] = {}
+        self._loop_histograms: dict[str, LoopHistogram] = {}
 
     def counter(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Counter:
         """Return the counter ``<namespace>_<name>`` (``_total`` is added by the exposition)."""
@@ -58,6 +64,17 @@ class Metrics:
         """Return the histogram ``<namespace>_<name>``; buckets default to seconds scale."""
         return self._get(Histogram, name, documentation, labelnames, buckets=buckets)
 
+    def loop_histogram(
+        self, name: str, documentation: str, buckets: Sequence[float]
+    ) -> LoopHistogram:
+        """Return an unlabelled histogram for a hot path on the event loop (see LoopHistogram)."""
+        if name in self._metrics or name in self._loop_histograms:
+            raise ValueError(f"metric {name!r} already exists")
+        histogram = LoopHistogram(f"{self.namespace}_{name}", documentation, buckets)
+        self.registry.register(histogram)
+        self._loop_histograms[name] = histogram
+        return histogram
+
     def _get(
         self,
         kind: type[_MetricT],
@@ -67,6 +84,8 @@ class Metrics:
         **options: Any,
     ) -> _MetricT:
         labels = tuple(labelnames)
+        if name in self._loop_histograms:
+            raise ValueError(f"metric {name!r} already exists as a LoopHistogram")
         if name not in self._metrics:
             metric = kind(
                 name,
@@ -84,6 +103,40 @@ class Metrics:
                 f" with labels {existing_labels}"
             )
         return existing
+
+
+class LoopHistogram(Collector):
+    """A histogram observed from one event loop only, exposed as prometheus_client's would be.
+
+    prometheus_client's ``Histogram.observe`` takes a lock per observation and walks the
+    buckets (~2.4 µs); this one finds the bucket by bisection and adds without a lock
+    (~0.5 µs), which counts where something is observed for every audio frame. Observing from
+    another thread is not supported; a scrape from one may read a count a moment old.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float]) -> None:
+        bounds = sorted(float(b) for b in buckets if not math.isinf(b))
+        self.name = name
+        self.documentation = documentation
+        self._bounds = bounds
+        self._labels = [*map(floatToGoString, bounds), "+Inf"]
+        self._counts = [0] * (len(bounds) + 1)  # the last is above every bound
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        """Count ``value`` in the first bucket whose upper bound is >= it."""
+        self._counts[bisect.bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        """The cumulative buckets, sum and count, as the Prometheus exposition has them."""
+        family = HistogramMetricFamily(self.name, self.documentation)
+        cumulative, total = [], 0
+        for label, count in zip(self._labels, self._counts, strict=True):
+            total += count
+            cumulative.append((label, float(total)))
+        family.add_metric([], cumulative, sum_value=self._sum)
+        yield family
 
 
 def render(registry: CollectorRegistry) -> tuple[bytes, str]:

@@ -44,9 +44,17 @@ class Backchannels:
     def __init__(self, phrases: tuple[str, ...] | list[str] = DEFAULT_BACKCHANNELS) -> None:
         self._phrases = {tuple(words_of(phrase)) for phrase in phrases if words_of(phrase)}
         self._longest = max((len(p) for p in self._phrases), default=1)
+        # Asked on every frame about text that changes a few times a turn: the last answers.
+        self._only: tuple[str, bool] = ("", False)
+        self._content: tuple[str, int] = ("", 0)
 
     def only_backchannel(self, text: str) -> bool:
         """True if ``text`` has words and every one belongs to a backchannel phrase."""
+        if text != self._only[0]:
+            self._only = (text, self._only_backchannel(text))
+        return self._only[1]
+
+    def _only_backchannel(self, text: str) -> bool:
         words = words_of(text)
         if not words:
             return False
@@ -62,7 +70,9 @@ class Backchannels:
 
     def content_words(self, text: str) -> int:
         """How many words of ``text`` are not part of a backchannel phrase."""
-        return 0 if self.only_backchannel(text) else len(words_of(text))
+        if text != self._content[0]:
+            self._content = (text, 0 if self.only_backchannel(text) else len(words_of(text)))
+        return self._content[1]
 
 
 @dataclass(frozen=True)
