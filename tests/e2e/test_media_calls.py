@@ -131,9 +131,11 @@ async def test_the_caller_is_heard_and_answered(platform: Platform, bus, tmp_pat
     ended, = await brain.wait("turn.user_ended")
     assert ended.turn_id == "t1" and ended.reason in ("silence", "utterance_end")
     # A turn the recogniser itself ended may close after half the 600 ms endpointing silence;
-    # any turn closes by the detector's max wait (2.5 s), however slow the recogniser (local
-    # Whisper's final takes ~0.3 s on a quiet 2-core VM, 1.5 s on one 5x slower).
-    assert ended.text == final.text and 300 <= ended.eou_delay_ms <= 2500, ended.eou_delay_ms
+    # a turn with words closes by the detector's max wait (2.5 s), however slow the recogniser
+    # (local Whisper's final takes ~0.3 s on a quiet 2-core VM, 1.5 s on one 5x slower). With
+    # no words at all by then it was taken for noise, and the late final opens and ends it.
+    assert ended.text == final.text and 300 <= ended.eou_delay_ms, ended.eou_delay_ms
+    assert ended.eou_delay_ms <= 2500 or final.latency_ms > 2500, (ended, final.latency_ms)
     started, = await brain.wait("agent.speech.started")
     assert started.turn_id == "t1" and 0 < started.voice_to_voice_ms < 5000
     await brain.wait("agent.speech.finished")

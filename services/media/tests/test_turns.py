@@ -62,6 +62,18 @@ def test_max_wait_ends_with_the_partial_and_noise_without_words_ends_nothing() -
     assert [type(r) for _, r in run(d, 5200, 8000)] == [Flush]
     assert not d.in_turn
 
+    # Words with no partial before the max wait (a recogniser slower than it): taken for
+    # noise at the max wait, then the late final opens the turn and ends it.
+    d.speech_started(10_000)
+    d.speech_stopped(11_000)
+    assert [type(r) for _, r in run(d, 11_000, 13_200)] == [Flush]
+    assert not d.in_turn
+    d.final("see you then", 13_300, speech_final=True)
+    end = d.poll(13_300)
+    assert isinstance(end, TurnEnd) and (end.text, end.reason) == ("see you then",
+                                                                    "utterance_end")
+    assert end.eou_delay_ms == 2300
+
 
 def test_speech_resuming_before_the_endpoint_continues_the_same_turn() -> None:
     d = TurnDetector(TurnSettings(endpointing_ms=600))
