@@ -123,6 +123,24 @@ def test_speech_that_was_a_false_alarm_does_not_pause_again_but_its_words_interr
     assert isinstance(again.on_speech(400, 0, agent_playing=True, now=13.0), Pause)
 
 
+def test_words_after_the_caller_stopped_interrupt_only_speech_that_was_over_the_agent() -> None:
+    # A recogniser slower than the speech: the caller talked over the agent, was heard as a
+    # false alarm, stopped; the words come while the agent is still speaking.
+    policy = BargeIn("speech", "medium", resume_after_s=1.5)
+    policy.speech_started(new_turn=True)
+    assert isinstance(policy.on_speech(400, 0, agent_playing=True, now=10.0), Pause)
+    assert isinstance(policy.tick(11.5, caller_speaking=True), Resume)
+    assert policy.on_words_after_speech(0, agent_playing=True) is None  # backchannels only
+    assert policy.on_words_after_speech(3, agent_playing=False) is None  # the agent is done
+    assert isinstance(policy.on_words_after_speech(3, agent_playing=True), Interrupt)
+    # Speech before the agent began: its late words do not cut the agent's greeting, and a
+    # new caller turn starts with no overlap.
+    policy.speech_started(new_turn=True)
+    assert policy.on_speech(300, 0, agent_playing=False, now=20.0) is None
+    assert policy.on_words_after_speech(3, agent_playing=True) is None
+    assert BargeIn("dtmf").on_words_after_speech(3, agent_playing=True) is None
+
+
 def test_modes_and_sensitivity() -> None:
     assert BargeIn("none").on_speech(5000, 9, agent_playing=True, now=0) is None
     assert BargeIn("dtmf").on_speech(5000, 9, agent_playing=True, now=0) is None

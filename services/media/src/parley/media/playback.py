@@ -17,7 +17,9 @@ Twilio sends back) are told apart and ignored.
 gateway's ``clear``); ``min_words`` content words (backchannels do not count) confirm the
 interruption; no words within ``resume_after_s`` — or only a backchannel — resumes the rest of
 the agent's audio from where it was cut, and the speech that caused the false alarm does not
-pause it again (words still interrupt). Both classes are pure: the session feeds them time.
+pause it again (words still interrupt). Words that come only after the caller stopped (a
+recogniser slower than the speech) still interrupt if that speech was over the agent's audio and
+the agent is still speaking. Both classes are pure: the session feeds them time.
 """
 
 from __future__ import annotations
@@ -204,6 +206,8 @@ class BargeIn:
         # The caller's speech went on through a resume without words (noise, a cough, the TV):
         # it does not pause the agent again; words still interrupt, and so does new speech.
         self._false_alarm_speech = False
+        # The caller's open turn was spoken over the agent's audio (its words may come late).
+        self._overlapped = False
 
     @property
     def by_speech(self) -> bool:
@@ -220,6 +224,8 @@ class BargeIn:
         """Caller speech has lasted ``speech_ms`` with ``content_words`` recognised so far."""
         if not self.by_speech:
             return None
+        if agent_playing:
+            self._overlapped = True
         if self.paused_at is not None:
             if content_words >= self.thresholds.min_words:
                 self.paused_at = None
@@ -234,9 +240,26 @@ class BargeIn:
             return Pause()
         return None
 
-    def speech_started(self) -> None:
-        """The caller began a new stretch of speech (what follows a false alarm counts again)."""
+    def speech_started(self, *, new_turn: bool = True) -> None:
+        """The caller began a new stretch of speech (what follows a false alarm counts again).
+
+        ``new_turn``: it opens a new caller turn (not a continuation of the open one).
+        """
         self._false_alarm_speech = False
+        if new_turn:
+            self._overlapped = False
+
+    def on_words_after_speech(self, content_words: int, *,
+                              agent_playing: bool) -> Interrupt | None:
+        """Words that came after the caller stopped (a recogniser slower than the speech).
+
+        They interrupt if the agent is still speaking and the caller's turn was spoken over it:
+        the caller did talk over the agent; the words only say so late.
+        """
+        if self.by_speech and self._overlapped and agent_playing and (
+                content_words >= self.thresholds.min_words):
+            return Interrupt()
+        return None
 
     def on_dtmf(self, *, agent_playing: bool) -> Interrupt | None:
         """A key press while the agent speaks."""

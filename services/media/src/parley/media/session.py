@@ -356,7 +356,7 @@ class CallSession:
             if isinstance(boundary, SpeechStart):
                 at = self._base_ms + boundary.at_ms
                 self._speech_start_ms = at
-                self.barge_in.speech_started()
+                self.barge_in.speech_started(new_turn=not self.detector.in_turn)
                 if not self.detector.in_turn:
                     self._turn_audio = []
                 self.detector.speech_started(at)
@@ -876,10 +876,15 @@ class CallSession:
 
     async def _barge_in_on_words(self) -> None:
         turn = self._current
-        if turn is None or turn.interrupted or self._speech_start_ms is None and (
-                self.barge_in.paused_at is None):
+        if turn is None or turn.interrupted:
             return
         now = time.monotonic()
+        if self._speech_start_ms is None and self.barge_in.paused_at is None:
+            if self.detector.in_turn:  # words for speech already over: a slow recogniser
+                await self._act(turn, self.barge_in.on_words_after_speech(
+                    self.detector.backchannels.content_words(self.detector.text),
+                    agent_playing=turn.audio.playing(now)), now)
+            return
         action = self.barge_in.on_speech(
             self.audio_ms - (self._speech_start_ms or self.audio_ms),
             self.detector.backchannels.content_words(self.detector.text),
