@@ -138,7 +138,6 @@ def test_words_after_the_caller_stopped_interrupt_only_speech_that_was_over_the_
     policy.speech_started(new_turn=True)
     assert policy.on_speech(300, 0, agent_playing=False, now=20.0) is None
     assert policy.on_words_after_speech(3, agent_playing=True) is None
-    assert BargeIn("dtmf").on_words_after_speech(3, agent_playing=True) is None
 
 
 def test_modes_and_sensitivity() -> None:
