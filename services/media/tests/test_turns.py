@@ -117,20 +117,27 @@ def test_backchannel_recognition() -> None:
         assert b.content_words("okay") == 0 and b.content_words("okay book it") == 3
 
 
-def test_words_after_a_max_wait_end_belong_to_that_turn_not_a_new_one() -> None:
+def test_words_after_a_max_wait_end_revise_that_turn() -> None:
     # A recogniser slower than the max wait (local Whisper on a starved CPU) delivers the
-    # sentence's final after the turn ended with the partial: no second turn from it.
+    # sentence's final after the turn ended with a stale partial: not a second turn, but the
+    # whole turn again, replacing the one that ended on "Next." — once the utterance is over.
     d = TurnDetector(TurnSettings(endpointing_ms=600, max_wait_ms=2000))
     d.speech_started(0)
     d.partial("Next.")
     d.speech_stopped(3000)
     (_, flush), (_, end) = run(d, 3000, 5100)
     assert isinstance(flush, Flush) and isinstance(end, TurnEnd)
-    assert (end.text, end.reason) == ("Next.", "max_wait")
+    assert (end.text, end.reason, end.revises) == ("Next.", "max_wait", False)
     assert d.late
-    d.final("Next Tuesday at three would be perfect.", 5300)
-    d.utterance_end()
-    assert run(d, 5100, 9000) == [] and not d.in_turn and d.late_results == 1
+    d.partial("Next Tuesday at")  # late partials change nothing
+    d.final("Next Tuesday at three", 5300)
+    assert run(d, 5300, 5400) == [] and not d.in_turn  # more may follow: not over yet
+    d.final("would be perfect.", 5400, speech_final=True)
+    (now, revised), = run(d, 5400, 9000)
+    assert now == 5400 and revised.revises and revised.reason == "utterance_end"
+    assert revised.text == "Next Tuesday at three would be perfect."
+    assert (revised.speech_end_ms, revised.started_ms, revised.stt_final_ms) == (3000, 0, 2400)
+    assert not d.in_turn and d.late_results == 3 and d.late
 
     d.speech_started(9000)  # the caller speaks again: a new turn, on time this time
     assert not d.late
@@ -140,12 +147,23 @@ def test_words_after_a_max_wait_end_belong_to_that_turn_not_a_new_one() -> None:
     assert (end.text, end.reason) == ("Thank you.", "silence")
 
 
+def test_a_late_final_that_says_no_more_revises_nothing() -> None:
+    d = TurnDetector(TurnSettings(endpointing_ms=600, max_wait_ms=2000))
+    d.speech_started(0)
+    d.partial("tomorrow at ten")
+    d.speech_stopped(1000)
+    (_, _), (_, end) = run(d, 1000, 3100)
+    assert end.text == "tomorrow at ten"
+    d.final("Tomorrow at ten.", 3500, speech_final=True)
+    assert run(d, 3500, 4000) == [] and d.late_results == 1
+
+
 def test_a_turn_ended_on_time_leaves_nothing_late() -> None:
     d = TurnDetector(TurnSettings(endpointing_ms=600))
     d.speech_started(0)
     d.speech_stopped(1000)
     d.final("Hello.", 1100)
     (_, end), = run(d, 1000, 2000)
-    assert end.reason == "silence" and not d.late
+    assert end.reason == "silence" and not d.late and not end.revises
     d.final("Hello again.", 2100)  # the recogniser heard something the VAD missed: a turn
     assert d.in_turn

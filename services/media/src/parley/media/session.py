@@ -403,6 +403,9 @@ class CallSession:
             await self._end_turn(result)
 
     async def _end_turn(self, end: TurnEnd) -> None:
+        revises = f"t{self.turn_no}" if end.revises else ""
+        if revises:
+            await self._supersede(revises)
         self.turn_no += 1
         turn_id = f"t{self.turn_no}"
         self._user_turn_ends[turn_id] = self._speech_end_wall
@@ -418,9 +421,25 @@ class CallSession:
                             reason=end.reason, eou_delay_ms=float(end.eou_delay_ms),
                             stt_final_ms=float(end.stt_final_ms),
                             prepared_text=first.text if first else "",
-                            prepared_last=first.last if first else False, key=(self.turn_no,))
+                            prepared_last=first.last if first else False, revises=revises,
+                            key=(self.turn_no,))
         if prepared is not None:
             await self._play_prepared(prepared)
+
+    async def _supersede(self, turn_id: str) -> None:
+        """The caller's turn ``turn_id`` is replaced: the answer to it stops, or never starts.
+
+        What of it was played stays heard (``agent.speech.interrupted``); the brain cancels it
+        on the newer turn.
+        """
+        turn = self._turns.get(turn_id)
+        if turn is None:  # the brain has not answered yet: what it still sends is not spoken
+            self._past_turns.add(turn_id)
+            turn = _AgentTurn(turn_id, AgentTurnAudio(turn_id), spoken=True)
+        elif turn.audio.finished:
+            return
+        turn.close()
+        await self._interrupt(turn, time.monotonic())
 
     # ------------------------------------------------------------------ recognition
 
@@ -505,9 +524,8 @@ class CallSession:
                     words=[Word(w.text, w.start, w.end) for w in event.words],
                     confidence=event.confidence, provider=self._stt_name,
                     latency_ms=round(max(latency, 0.0), 1))
-            if late:
-                return
-            await self._barge_in_on_words()
+            if not late:  # late words revise their turn (``_poll_turn``), never barge in
+                await self._barge_in_on_words()
             await self._poll_turn()
         elif isinstance(event, UtteranceEnd):
             self.detector.utterance_end()
@@ -909,7 +927,7 @@ class CallSession:
         already_cut = turn.audio.cut_frames is not None
         cut = turn.audio.cut(now)
         turn.interrupted = True
-        if not already_cut:
+        if not already_cut and turn.audio.sent:  # (none sent: what plays is another turn's)
             await self._command("clear", {})
         if turn.stream is not None:
             with contextlib.suppress(Exception):

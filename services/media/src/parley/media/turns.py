@@ -12,8 +12,12 @@ up (a final covers everything said, no partial is pending). A recogniser's own e
 that silence. If the recogniser lags, it is asked to flush at ``endpointing_ms``; after
 ``max_wait_ms`` of silence the turn ends with whatever text there is (reason ``max_wait``). What
 the recogniser delivers after that, before the caller speaks again, is that turn's late words
-(:attr:`TurnDetector.late`): they are not a new turn. (A recogniser slower than the max wait, e.g.
-local Whisper on a starved CPU, otherwise turned one sentence into two turns.)
+(:attr:`TurnDetector.late`), not a new turn: a recogniser slower than the max wait (local Whisper
+on a starved CPU) otherwise turned one sentence into two turns. Once the recogniser has ended
+the utterance, late finals that say more than the turn did revise it: a :class:`TurnEnd` with
+``revises`` set and the whole text replaces the turn that ended on a stale partial ("I would
+like..." → "I would like to book an appointment on Friday at ten."), as a person who answered
+too soon stops and answers what was actually said.
 
 Backchannels ("uh-huh", "okay", "mm-hmm") do not end a turn early: a turn whose text is only
 backchannels needs twice the silence; and while the agent is speaking they are no turn at all
@@ -104,6 +108,7 @@ class TurnEnd:
     ended_ms: int  # audio time the turn was declared over
     stt_final_ms: int  # audio time from speech end to the last final (0 if it came before)
     started_ms: int  # audio time the turn's first speech began
+    revises: bool = False  # replaces the turn before, which ended at max wait on fewer words
 
     @property
     def eou_delay_ms(self) -> int:
@@ -133,6 +138,10 @@ class TurnDetector:
         self.dropped_backchannels = 0
         self._late = False  # a turn ended at max wait, and the caller has not spoken since
         self.late_results = 0  # partials and finals that came for such a turn
+        self._late_turn: TurnEnd | None = None  # that turn (or its latest revision)
+        self._late_finals: list[str] = []  # its finals, those before its end included
+        self._late_final_ms = 0  # audio time of the last late final
+        self._revision_due = False  # late finals came and the recogniser ended the utterance
 
     @property
     def in_turn(self) -> bool:
@@ -184,6 +193,10 @@ class TurnDetector:
         """A stable segment; ``speech_final`` if the recogniser also ended the utterance."""
         if self.late:
             self.late_results += 1
+            if text.strip():
+                self._late_finals.append(text.strip())
+                self._late_final_ms = now_ms
+            self._revision_due = speech_final or self._revision_due
             return
         if text.strip():
             if self._turn is None:
@@ -198,12 +211,14 @@ class TurnDetector:
         """The recogniser's silence-based end of utterance."""
         if self._turn is not None:
             self._turn.stt_ended = True
+        elif self.late:
+            self._revision_due = True
 
     def poll(self, now_ms: int, *, agent_speaking: bool = False) -> Flush | TurnEnd | None:
         """Called each frame with the audio clock; see the module docstring."""
         turn = self._turn
         if turn is None or self._speaking:
-            return None
+            return self._revision(now_ms) if self._revision_due and self.late else None
         silence = now_ms - self._speech_end_ms
         finals = " ".join(turn.finals).strip()
         settings = self.settings
@@ -226,6 +241,19 @@ class TurnDetector:
             return Flush()
         return None
 
+    def _revision(self, now_ms: int) -> TurnEnd | None:
+        """The late turn again with its late finals, if they say more than it did."""
+        self._revision_due = False
+        late = self._late_turn
+        text = " ".join(self._late_finals)
+        if late is None or len(words_of(text)) <= len(words_of(late.text)) or (
+                self.backchannels.only_backchannel(text)):
+            return None
+        self._late_turn = TurnEnd(
+            text, "utterance_end", late.speech_end_ms, now_ms,
+            max(0, self._late_final_ms - late.speech_end_ms), late.started_ms, revises=True)
+        return self._late_turn
+
     def reset(self) -> None:
         """Forget the open turn (e.g. after a DTMF or a barge-in took it over)."""
         self._turn = None
@@ -236,9 +264,12 @@ class TurnDetector:
         assert turn is not None
         self._turn = None
         self._late = reason == "max_wait"
+        self._late_turn, self._late_finals, self._revision_due = None, list(turn.finals), False
         if agent_speaking and only_backchannel:
             self.dropped_backchannels += 1
             return None
         stt_final_ms = max(0, turn.final_at_ms - self._speech_end_ms) if turn.finals else 0
-        return TurnEnd(text, reason, self._speech_end_ms, now_ms, stt_final_ms,
-                       turn.started_ms)
+        end = TurnEnd(text, reason, self._speech_end_ms, now_ms, stt_final_ms, turn.started_ms)
+        if self._late:
+            self._late_turn = end
+        return end

@@ -58,6 +58,9 @@ class TurnUserEnded(CallEvent, frozen=True, kw_only=True, tag="turn.user_ended")
     # the agent.reply_prepared clause media started playing as this turn's answer ("" if none)
     prepared_text: str = ""
     prepared_last: bool = False
+    # the turn this one replaces: it ended at max wait on a stale partial and the recogniser's
+    # late final said more (this text is the whole of it; the brain answers this one instead)
+    revises: str = ""
 
 
 class AgentSpeechStarted(CallEvent, frozen=True, kw_only=True, tag="agent.speech.started"):
