@@ -179,3 +179,23 @@ def test_fold_keeps_only_heard_text_and_numbers_tool_rounds() -> None:
     kinds = [type(m).__name__ for m in conversation.llm_messages()]
     assert kinds == ["UserMessage", "AssistantMessage", "ToolUse", "ToolResult"]
     assert conversation.llm_messages()[1].text == "Done, you're"
+
+
+def test_a_revised_user_turn_replaces_the_words_it_revises_unless_an_answer_was_heard() -> None:
+    def ended(turn_id: str, text: str, revises: str = "") -> TurnUserEnded:
+        return TurnUserEnded(org_id=ORG, call_id="c", turn_id=turn_id, text=text,
+                             revises=revises)
+
+    def cut(turn_id: str, heard: str) -> AgentSpeechInterrupted:
+        return AgentSpeechInterrupted(org_id=ORG, call_id="c", turn_id=turn_id,
+                                      played_text=heard)
+
+    said = AgentSay(org_id=ORG, call_id="c", turn_id="t1", seq=0, text="Sorry, say again?")
+    unheard = fold("c", [ended("t1", "I would like"), said, cut("t1", ""),
+                         ended("t2", "I would like to book Friday.", revises="t1")])
+    assert [m.text for m in unheard.llm_messages()] == ["I would like to book Friday."]
+    heard = fold("c", [ended("t1", "I would like"), said, cut("t1", "Sorry,"),
+                       ended("t2", "I would like to book Friday.", revises="t1")])
+    assert [m.text for m in heard.llm_messages()] == [
+        "I would like", "Sorry,", "I would like to book Friday."]
+    assert heard.latest_user_turn == "t2"

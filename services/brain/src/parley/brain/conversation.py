@@ -99,7 +99,11 @@ class Conversation:
                 self.agent_id = self.agent_id or event.agent_id
             case TurnUserEnded():
                 self.latest_user_turn = event.turn_id
-                self.messages.append(UserMessage(text=event.text))
+                last = self.messages[-1] if self.messages else None
+                if event.revises and isinstance(last, UserMessage):
+                    self.messages[-1] = UserMessage(text=event.text)  # nothing heard between
+                else:
+                    self.messages.append(UserMessage(text=event.text))
             case AgentSay():
                 turn = self.turn(event.turn_id)
                 if event.seq < turn.next_seq:
