@@ -156,10 +156,17 @@ async def test_a_conversation_with_knowledge_an_approved_tool_and_a_hang_up(
         if kind == "agent.say":
             said.setdefault(payload["turn_id"], []).append(payload["text"])
     answers = {turn: " ".join(texts) for turn, texts in said.items()}
-    user = [p for k, p in events if k == "turn.user_ended"]
-    assert [len(user)] == [3], [p["text"] for p in user]
+    ended = [p for k, p in events if k == "turn.user_ended"]
+    # A turn ended at the max wait on a partial may be revised by the late final (a starved CPU
+    # makes Whisper slow): the revision carries the superseded turn's id in `revises`.
+    superseded = {p["revises"] for p in ended if p["revises"]}
+    user = [p for p in ended if p["turn_id"] not in superseded]
+    assert [len(user)] == [3], [(p["turn_id"], p["text"], p["revises"]) for p in ended]
     assert "$95" in answers[user[0]["turn_id"]] or "95" in answers[user[0]["turn_id"]], answers
-    assert approvals and booked and booked[0]["day"].lower().startswith("friday"), booked
+    heard = [(p["text"], p["reason"], p["eou_delay_ms"]) for p in ended]
+    heard += [(p["text"], "final", p["latency_ms"]) for k, p in events if k == "transcript.final"]
+    assert approvals and booked and booked[0]["day"].lower().startswith("friday"), (
+        booked, approvals, heard, answers)
     assert "tool.approval_requested" in types and "tool.approved" in types
     assert "tool.completed" in types
     end_call = [p for k, p in events if k == "tool.requested" and p["name"] == "end_call"]
