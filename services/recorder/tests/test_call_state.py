@@ -17,12 +17,13 @@ def test_an_inbound_call_from_request_to_end() -> None:
         ev.CallStreamStarted(org_id="o1", call_id="c1", stream_id="s", gateway_instance="g1"),
         ev.TurnUserEnded(org_id="o1", call_id="c1", turn_id="t1", text="hi"),
         ev.TurnUserEnded(org_id="o1", call_id="c1", turn_id="t2", text="bye"),
+        ev.TurnUserEnded(org_id="o1", call_id="c1", turn_id="t3", text="bye now", revises="t2"),
         ev.CallEnded(org_id="o1", call_id="c1", reason="caller_hangup", duration_s=42.0),
     ])
     assert state is not None
     assert (state.state, state.turns, state.end_reason, state.duration_s) == \
         ("ended", 2, "caller_hangup", 42.0)
-    assert state.agent_id == "a1" and state.event_count == 6 and state.last_position == 6
+    assert state.agent_id == "a1" and state.event_count == 7 and state.last_position == 7
     assert state.answered_at is not None and state.ended_at is not None
 
 

@@ -124,6 +124,9 @@ class LiveTranscript:
                 turn = self._turn(event.turn_id)
                 turn.caller_text = event.text
                 turn.eou_delay_ms, turn.stt_final_ms = event.eou_delay_ms, event.stt_final_ms
+                if event.revises:
+                    self._log(f"-- the recogniser's late final revises {event.revises}: "
+                              f"{event.text!r}")
             case "agent.say" if event.text.strip():
                 self.agent_lines.append(event.text)
                 self._log(f"agent:  {event.text}")

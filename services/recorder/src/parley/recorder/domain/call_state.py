@@ -71,7 +71,7 @@ def evolve(state: CallState | None, position: int, event: ev.Event) -> CallState
             state.answered_at = state.answered_at or event.at
             _advance(state, "streaming")
         case ev.TurnUserEnded():
-            state.turns += 1
+            state.turns += 0 if event.revises else 1  # a revision replaces its turn
         case ev.CallTransferred():
             _advance(state, "transferred")
         case ev.CallEnded():
