@@ -70,3 +70,35 @@ async def test_a_turn_still_playing_or_not_yet_voiced_is_kept() -> None:
     call._current = call._turns["t2"]
     call._on_say(say("t4"))
     assert list(call._turns) == ["t2", "t3", "t4"]
+
+
+async def test_a_revised_caller_turn_stops_the_answer_to_the_words_it_revises() -> None:
+    call = session()
+    published: list[tuple[str, str, str]] = []
+    commands: list[str] = []
+
+    async def publish(cls: object, kind: str, *, key: object = (), **fields: object) -> None:
+        published.append((kind, str(fields.get("turn_id")), str(fields.get("played_text"))))
+
+    async def command(verb: str, body: object) -> None:
+        commands.append(verb)
+
+    call._publish = publish  # type: ignore[method-assign]
+    call._command = command  # type: ignore[method-assign]
+    # Not answered yet: the answer is never spoken, and nothing is cleared (nothing of it plays).
+    await call._supersede("t1")
+    assert published == [("agent.speech.interrupted", "t1", "")] and commands == []
+    call._on_say(say("t1"))
+    assert "t1" not in call._turns
+    # Playing: cut where the carrier is, with the gateway's clear.
+    call._on_say(say("t2"))
+    voice(call, "t2", heard=False)
+    call._turns["t2"].audio.sent = 10
+    await call._supersede("t2")
+    assert published[-1][:2] == ("agent.speech.interrupted", "t2") and commands == ["clear"]
+    assert call._turns["t2"].interrupted
+    # Played to the end: nothing to stop.
+    call._on_say(say("t3"))
+    voice(call, "t3", heard=True)
+    await call._supersede("t3")
+    assert len(published) == 2 and commands == ["clear"]
