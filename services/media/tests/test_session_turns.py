@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+
+from nats.aio.msg import Msg
+
+from parley.common.bus import Bus, command_subject
 from parley.common.configuration.models import AgentSettings
-from parley.common.events import AgentSay
+from parley.common.events import AgentSay, AgentSpeechInterrupted, Event
 from parley.media.router import ProviderRouter
 from parley.media.session import CallSession, SessionServices
 
 ORG, CALL = "acme", "call-1"
 
 
-def session() -> CallSession:
+def session(bus: Bus | None = None) -> CallSession:
     services = SessionServices(
-        bus=None, leases=None,  # type: ignore[arg-type]  # nothing here touches them
+        bus=bus, leases=None,  # type: ignore[arg-type]  # only the last test publishes
         stt=ProviderRouter("stt", {"never": object()}, ["never"]),  # never opened here
         tts=ProviderRouter("tts", {"never": object()}, ["never"]), instance="test")
     return CallSession(services, call_id=CALL, org_id=ORG, agent_id="agent",
@@ -72,22 +77,36 @@ async def test_a_turn_still_playing_or_not_yet_voiced_is_kept() -> None:
     assert list(call._turns) == ["t2", "t3", "t4"]
 
 
-async def test_a_revised_caller_turn_stops_the_answer_to_the_words_it_revises() -> None:
-    call = session()
-    published: list[tuple[str, str, str]] = []
+
+async def test_a_revised_caller_turn_stops_the_answer_to_the_words_it_revises(bus) -> None:
+    # Through the real bus: the events a successor reads, and the gateway's clear command.
+    call = session(bus)
+    events: list[tuple[str, str, str]] = []
     commands: list[str] = []
 
-    async def publish(cls: object, kind: str, *, key: object = (), **fields: object) -> None:
-        published.append((kind, str(fields.get("turn_id")), str(fields.get("played_text"))))
+    async def on_event(event: Event) -> None:
+        if isinstance(event, AgentSpeechInterrupted):
+            events.append((event.type, event.turn_id, event.played_text))
 
-    async def command(verb: str, body: object) -> None:
-        commands.append(verb)
+    async def on_command(msg: Msg) -> None:
+        commands.append(msg.subject.rsplit(".", 1)[-1])
+        await msg.respond(b"{}")
 
-    call._publish = publish  # type: ignore[method-assign]
-    call._command = command  # type: ignore[method-assign]
+    await bus.subscribe_call(CALL, on_event)
+    await bus.nc.subscribe(command_subject(CALL, "clear"), cb=on_command)
+    await bus.nc.flush()
+
+    async def settled(count: int) -> None:
+        for _ in range(100):
+            if len(events) >= count:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)  # nothing more comes
+
     # Not answered yet: the answer is never spoken, and nothing is cleared (nothing of it plays).
     await call._supersede("t1")
-    assert published == [("agent.speech.interrupted", "t1", "")] and commands == []
+    await settled(1)
+    assert events == [("agent.speech.interrupted", "t1", "")] and commands == []
     call._on_say(say("t1"))
     assert "t1" not in call._turns
     # Playing: cut where the carrier is, with the gateway's clear.
@@ -95,10 +114,13 @@ async def test_a_revised_caller_turn_stops_the_answer_to_the_words_it_revises() 
     voice(call, "t2", heard=False)
     call._turns["t2"].audio.sent = 10
     await call._supersede("t2")
-    assert published[-1][:2] == ("agent.speech.interrupted", "t2") and commands == ["clear"]
+    await settled(2)
+    assert events[1][:2] == ("agent.speech.interrupted", "t2") and commands == ["clear"]
     assert call._turns["t2"].interrupted
     # Played to the end: nothing to stop.
     call._on_say(say("t3"))
     voice(call, "t3", heard=True)
     await call._supersede("t3")
-    assert len(published) == 2 and commands == ["clear"]
+    await settled(3)
+    assert len(events) == 2 and commands == ["clear"]
+    await call._outbox.drain()
