@@ -11,6 +11,15 @@ share the calls through the ``media-claims`` work queue) configured with the Dee
 emulators, each emulator in its own process (``python -m parley.devkit.emulators.deepgram``,
 ``….cartesia``), and this process, which plays Twilio for every call and the brain.
 
+Media runs as deployed, at its default niceness -5 (``PARLEY_NICE``; raising priority needs
+CAP_SYS_NICE — without it media logs so and runs at 0, and every level's note says which it got).
+At equal weight the kernel shares the cores between runnable threads by weight, not by need:
+media, which needs the most CPU of all these processes, then waited for its share whenever the
+others were busy too (250 calls on 2026-12-06: run-queue wait 27 % of the window, loop lag p99
+16 ms, inbound p99 22–28 ms; at nice -5: 13.7 ms). A full run repeats the budget level with
+``PARLEY_NICE=0`` as info lines (``media_calls.250_equal_weight.*``), so what the weight buys
+stays measured.
+
 Calls are opened as in ``gateway_frames`` (signed ``/twilio/voice`` webhook, TwiML, signed
 WebSocket upgrade, ``connected``, ``start``) and paced by one task: a 20 ms tick split into
 ``SLOTS`` slots, each sending one ``media`` message on its share of the sockets. Each caller
@@ -177,6 +186,7 @@ class Level:
     media_base_rss_mb: float
     tick_lag_ms: list[float]
     loop_lag_buckets: list[tuple[float, float]]  # media's event loop lag in the window
+    media_nice: int  # the niceness media ran at (PARLEY_NICE, if it was allowed)
 
     def cpu_percent(self, who: str) -> float:
         """``who``'s CPU over the window as % of one core."""
@@ -495,6 +505,7 @@ async def _run_level(http: aiohttp.ClientSession, bus: Any, gateway: Gateway,
     media_processes = {("media" if instances == 1 else f"media-{i + 1}"): await media.start()
                        for i, media in enumerate(medias)}
     processes = {**others, **media_processes}
+    media_nice = max(process.nice() for process in media_processes.values())
 
     def media_rss() -> float:
         return sum(p.memory_info().rss for p in media_processes.values()) / 2**20
@@ -554,7 +565,8 @@ async def _run_level(http: aiohttp.ClientSession, bus: Any, gateway: Gateway,
         raise RuntimeError(f"no inbound histogram on media's /metrics:\n"
                            f"{_log_tail(medias[0].log_path)}")
     return Level(
-        calls=count, window_s=end - start, media_buckets=window(before, after),
+        media_nice=media_nice, calls=count, window_s=end - start,
+        media_buckets=window(before, after),
         gateway_path_ns=[to_publish for to_publish, _ in gateway_path],
         gateway_roundtrip_ns=[roundtrip for _, roundtrip in gateway_path],
         sent_in=sum(call.sent for call in calls),
@@ -573,8 +585,8 @@ async def _run_level(http: aiohttp.ClientSession, bus: Any, gateway: Gateway,
 # -- the benchmark ---------------------------------------------------------------------------
 
 
-def _lines(level: Level) -> tuple[list[Line], str, bool]:
-    name = f"media_calls.{level.calls}"
+def _lines(level: Level, tag: str = "") -> tuple[list[Line], str, bool]:
+    name = f"media_calls.{level.calls}{tag}"
     media_p50 = _bucket_percentile(level.media_buckets, 50)
     media_p99 = _bucket_percentile(level.media_buckets, 99)
     gw = latency_summary(level.gateway_path_ns) if level.gateway_path_ns else {
@@ -596,7 +608,8 @@ def _lines(level: Level) -> tuple[list[Line], str, bool]:
     wait = {who: 100 * level.wait_s[who] / level.window_s for who in level.wait_s}
     media_cpu = level.media_cpu_percent()
     rss_per_call_kb = 1024 * (level.media_rss_mb - level.media_base_rss_mb) / level.calls
-    budget = Budget("tail", "<=", BUDGET_P99_MS) if level.calls == BUDGET_CALLS else None
+    budget = (Budget("tail", "<=", BUDGET_P99_MS) if level.calls == BUDGET_CALLS and not tag
+              else None)
     summary = {"media_leg_ms": {"p50": media_p50, "p99": media_p99,
                                 "buckets": level.media_buckets},
                "gateway_path_ms": gw, "gateway_roundtrip_ms": roundtrip,
@@ -606,7 +619,7 @@ def _lines(level: Level) -> tuple[list[Line], str, bool]:
                "turns_unanswered_at_end": level.turns_unanswered,
                "interrupted": level.interrupted, "provider_switches": level.switched,
                "cpu_pct_core": cpu, "run_queue_wait_pct": wait,
-               "media_instances": len(level.calls_per_media),
+               "media_instances": len(level.calls_per_media), "media_nice": level.media_nice,
                "calls_per_media": level.calls_per_media, "window_s": level.window_s,
                "media_rss_mb": level.media_rss_mb, "media_base_rss_mb": level.media_base_rss_mb,
                "media_rss_kb_per_call": rss_per_call_kb,
@@ -643,7 +656,8 @@ def _lines(level: Level) -> tuple[list[Line], str, bool]:
              note="(media RSS at the window's end − before the first call) ÷ calls; second "
                   "column media's RSS"),
     ]
-    note = (f"{level.calls} calls: inbound p50 {gw['p50']:.2f}+{media_p50:.2f} ms, p99 "
+    note = (f"{level.calls} calls{tag.replace('_', ' ')}: media at nice {level.media_nice}; "
+            f"inbound p50 {gw['p50']:.2f}+{media_p50:.2f} ms, p99 "
             f"{gw['p99']:.2f}+{media_p99:.2f} = {inbound_p99:.1f} ms; media loop lag p99 "
             f"{loop_lag['p99']:.1f} ms; lost in {lost_in} of "
             f"{level.sent_in}, out {lost_out} of {level.expected_out}; turn p50 "
@@ -667,7 +681,8 @@ async def run(ctx: Any) -> BenchResult:
     instances = int(os.environ.get("MEDIA_CALLS_INSTANCES", "1"))
     result = BenchResult("media_calls", config={
         "levels": ", ".join(f"{n} calls" for n in levels),
-        "media": f"{instances} process(es)",
+        "media": f"{instances} process(es), PARLEY_NICE "
+                 f"{os.environ.get('PARLEY_NICE', 'unset: -5, media’s default')}",
         "per level": f"fresh calls and media process; {warmup_s:g} s warm-up, {measure_s:g} s "
                      "measured, 4 s grace (silence) for the last answers",
         "caller": f"Twilio `media` 50/s; {UTTERANCE_FRAMES * 20} ms noise bursts, then silence "
@@ -684,7 +699,9 @@ async def run(ctx: Any) -> BenchResult:
     nats_url = ctx.servers.nats().url
     gateway = Gateway(nats_url=nats_url, database_url=database_url, root=root)
     period_s = 1.0 + 1.0 + FRAMES_PER_ANSWER * 0.02 + PAUSE_S
-    utterances = sum(levels) * (math.ceil((warmup_s + measure_s + 4) / period_s) + 3)
+    equal_weight = BUDGET_CALLS in levels and not ctx.quick  # the budget level again, at nice 0
+    runs = sum(levels) + (BUDGET_CALLS if equal_weight else 0)
+    utterances = runs * (math.ceil((warmup_s + measure_s + 4) / period_s) + 3)
     emulators: list[subprocess.Popen[bytes]] = []
     connector = aiohttp.TCPConnector(limit=0)
     try:
@@ -720,6 +737,15 @@ async def run(ctx: Any) -> BenchResult:
                     largest_held = count
             result.notes.append(f"largest level held (0 lost frames, inbound p99 ≤ "
                                 f"{BUDGET_P99_MS:g} ms, no barge-in): {largest_held} calls")
+            if equal_weight and level.media_nice != 0:
+                # The same load with media at the others' weight (info): what the niceness buys.
+                level = await _run_level(http, bus, gateway, dict(media_env, PARLEY_NICE="0"),
+                                         root, others, BUDGET_CALLS, instances=instances,
+                                         warmup_s=warmup_s, measure_s=measure_s, log=ctx.log)
+                lines, note, _ = _lines(level, "_equal_weight")
+                result.lines += lines
+                result.notes.append(note)
+                ctx.log(f"  {note}")
             await gateway.stop()
     finally:
         gateway.kill()

@@ -120,3 +120,9 @@ def test_required_variable_present() -> None:
 def test_rejects_non_struct() -> None:
     with pytest.raises(TypeError):
         load_config(dict, environ={})  # type: ignore[type-var]
+
+
+def test_niceness_is_checked_against_the_kernels_range() -> None:
+    assert load_config(CommonConfig, environ={"PARLEY_NICE": "-5"}).nice == -5
+    with pytest.raises(ConfigError, match="PARLEY_NICE"):
+        load_config(CommonConfig, environ={"PARLEY_NICE": "-21"})

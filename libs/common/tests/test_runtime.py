@@ -156,3 +156,57 @@ async def test_cancel_and_wait_lets_other_errors_through() -> None:
     await asyncio.sleep(0)
     with pytest.raises(RuntimeError, match="cleanup failed"):
         await cancel_and_wait(task)
+
+
+NICENESS = textwrap.dedent(
+    """
+    import os, sys, threading
+    from parley.common.service import _set_niceness
+
+    def nices():
+        # /proc/<pid>/task/<tid>/stat: field 19 is the thread's nice value
+        return sorted(int(open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()[16])
+                      for tid in os.listdir("/proc/self/task"))
+
+    started = threading.Event()
+    release = threading.Event()
+    threading.Thread(target=lambda: (started.set(), release.wait())).start()
+    started.wait()
+    _set_niceness(int(sys.argv[1]))
+    later = []
+    thread = threading.Thread(target=lambda: later.append(os.getpriority(os.PRIO_PROCESS, 0)))
+    thread.start()
+    thread.join()
+    print(nices(), later)  # while the first thread still runs
+    release.set()
+    """
+)
+
+
+def _niceness_run(nice: int, *, unprivileged: bool = False) -> tuple[str, str]:
+    import shutil
+    import subprocess
+
+    command = [sys.executable, "-c", NICENESS, str(nice)]
+    if unprivileged and os.geteuid() == 0:  # root without CAP_SYS_NICE, as a container runs it
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root and util-linux's setpriv is not installed")
+        command = [setpriv, "--bounding-set", "-sys_nice", *command]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30, check=True)
+    return result.stdout.strip(), result.stderr
+
+
+def test_set_niceness_reaches_every_thread_and_the_ones_started_later() -> None:
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    nice = min(base + 3, 19)
+    out, _ = _niceness_run(nice)
+    assert out == f"[{nice}, {nice}] [{nice}]"  # the main thread, the running one, a new one
+
+
+def test_without_the_privilege_the_service_says_so_and_carries_on() -> None:
+    out, err = _niceness_run(-5, unprivileged=True)
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert out == f"[{base}, {base}] [{base}]"
+    assert f"running at nice {base}, not -5 (PARLEY_NICE)" in err
+    assert "CAP_SYS_NICE" in err

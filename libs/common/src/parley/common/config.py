@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from msgspec import inspect as msgspec_inspect
 
-__all__ = ["CommonConfig", "ConfigError", "load_config"]
+__all__ = ["CommonConfig", "ConfigError", "Niceness", "load_config"]
 
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -32,6 +32,10 @@ _COLLECTION_TYPES = (
 )
 # msgspec reports the failing location as " - at `$.field[...]`"; we replace it with the variable.
 _LOCATION = re.compile(r" - at `\$\.(?P<field>[^`.\[]+)[^`]*`$")
+
+
+# A scheduling niceness (see parley.common.runtime.set_niceness).
+Niceness = Annotated[int, msgspec.Meta(ge=-20, le=19)]
 
 
 class ConfigError(ValueError):
@@ -50,6 +54,9 @@ class CommonConfig(msgspec.Struct, kw_only=True):
     events_max_age_days: float = 7.0
     audio_max_age_minutes: float = 30.0
     instance_id: str = ""
+    # Scheduling niceness for every thread, -20..19 (0: leave it as started); below the
+    # current value needs CAP_SYS_NICE. See parley.common.runtime.set_niceness.
+    nice: Niceness = 0
 
 
 def load_config(

@@ -8,6 +8,11 @@ Processes run on uvloop (libuv; its transports, timers and callbacks are C): the
 cost of every socket hop — Twilio frames in the gateway, NATS deliveries in media — is largely
 the event loop's, and the audio path makes tens of thousands of them a second. Set
 ``PARLEY_EVENT_LOOP=asyncio`` for the standard loop (e.g. to use asyncio's debug mode).
+
+A service can ask for a scheduling priority (``PARLEY_NICE``, see :func:`set_niceness`): on a
+machine whose cores every process shares, the kernel divides the CPU between runnable threads by
+weight, not by need, so the service that needs the most of it waits the most whenever the
+others are busy too. Media, whose every inbound frame is due within 20 ms, asks for nice -5.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["cancel_and_wait", "new_event_loop", "run", "run_service"]
+__all__ = ["cancel_and_wait", "new_event_loop", "run", "run_service", "set_niceness"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,27 @@ async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
         current = asyncio.current_task()
         if current is not None and current.cancelling():
             raise  # the caller was cancelled, not (only) the task
+
+
+def set_niceness(nice: int) -> None:
+    """Give every thread of this process the niceness ``nice`` (-20..19).
+
+    Linux keeps a nice value per thread (``setpriority`` on the process changes only the
+    calling thread), so each thread in ``/proc/self/task`` is set; threads started later inherit
+    it. Going below the current value needs ``CAP_SYS_NICE`` (or an ``RLIMIT_NICE``): without it
+    ``PermissionError`` is raised and nothing has changed.
+    """
+    if not -20 <= nice <= 19:
+        raise ValueError(f"niceness {nice} is outside -20..19")
+    try:
+        threads = sorted(int(tid) for tid in os.listdir("/proc/self/task"))
+    except OSError:
+        threads = [0]  # not Linux: the process (or the calling thread) is all we can name
+    for tid in threads:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+        except ProcessLookupError:  # that thread has ended since
+            continue
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from .config import CommonConfig, ConfigError, load_config
 from .logging import configure_logging
 from .metrics import Metrics
 from .ops import OpsServer, create_ops_app
-from .runtime import run_service
+from .runtime import run_service, set_niceness
 from .tracing import configure_tracing
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,17 @@ class ServiceContext(Generic[ConfigT]):
     def settle(self) -> None:
         """The service's own start-up is done: see :func:`settle`."""
         settle()
+
+
+def _set_niceness(nice: int) -> None:
+    try:
+        set_niceness(nice)
+    except PermissionError:
+        log.warning("running at nice %d, not %d (PARLEY_NICE): a higher priority needs "
+                    "CAP_SYS_NICE (systemd: Nice=%d; a container: --cap-add SYS_NICE)",
+                    os.getpriority(os.PRIO_PROCESS, 0), nice, nice)
+    else:
+        log.info("running at nice %d (PARLEY_NICE)", nice)
 
 
 def settle() -> None:
@@ -103,6 +115,8 @@ def stream_settings(config: CommonConfig) -> StreamSettings:
 async def running_service(name: str, config: ConfigT) -> AsyncIterator[ServiceContext[ConfigT]]:
     """Connect everything a service needs; drain and close it all on exit."""
     configure_logging(name, level=config.log_level)
+    if config.nice:
+        _set_niceness(config.nice)
     configure_tracing(name, instance_id=config.instance_id)
     bus = await Bus.connect(config.nats_url, name=config.instance_id or name)
     try:
