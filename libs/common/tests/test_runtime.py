@@ -163,22 +163,24 @@ NICENESS = textwrap.dedent(
     import os, sys, threading
     from parley.common.service import _set_niceness
 
-    def nices():
-        # /proc/<pid>/task/<tid>/stat: field 19 is the thread's nice value
-        return sorted(int(open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()[16])
-                      for tid in os.listdir("/proc/self/task"))
+    def nice(tid):
+        # /proc/self/task/<tid>/stat: field 19 is that thread's nice value
+        return int(open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()[16])
 
     started = threading.Event()
     release = threading.Event()
-    threading.Thread(target=lambda: (started.set(), release.wait())).start()
+    running = threading.Thread(target=lambda: (started.set(), release.wait()), daemon=True)
+    running.start()
     started.wait()
-    _set_niceness(int(sys.argv[1]))
-    later = []
-    thread = threading.Thread(target=lambda: later.append(os.getpriority(os.PRIO_PROCESS, 0)))
-    thread.start()
-    thread.join()
-    print(nices(), later)  # while the first thread still runs
-    release.set()
+    try:
+        _set_niceness(int(sys.argv[1]))
+        later = []
+        thread = threading.Thread(target=lambda: later.append(os.getpriority(os.PRIO_PROCESS, 0)))
+        thread.start()
+        thread.join()
+        print([nice(threading.get_native_id()), nice(running.native_id)], later)
+    finally:
+        release.set()
     """
 )
 
