@@ -108,9 +108,9 @@ from parley.devkit.telephony.audio_codec import ulaw_encode
 
 BUDGET_CALLS = 250
 # The emulators stand in for Deepgram's and Cartesia's servers, which are not on this machine:
-# they run at a lower priority, so that the services under test do not wait for them (their
-# answers still come within ~20 ms; see the turn lines). The caller side, this process, keeps
-# its priority: late callers would send in bursts, which no carrier does.
+# they run at a lower priority, so that the services under test do not wait for them (what
+# that costs their answers shows in the turn lines). The caller side, this process, keeps its
+# priority: late callers would send in bursts, which no carrier does.
 EMULATOR_NICE = 5
 BUDGET_P99_MS = 20.0
 LEVELS = (50, 100, 150, 200, 250)
