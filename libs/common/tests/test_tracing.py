@@ -8,7 +8,13 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace.span import TraceState
 
-from parley.common.tracing import configure_tracing, extract_context, inject_headers, tracer
+from parley.common.tracing import (
+    configure_tracing,
+    extract_context,
+    inject_headers,
+    records_spans,
+    tracer,
+)
 
 
 @pytest.fixture
@@ -95,10 +101,13 @@ def test_without_an_exporter_spans_carry_ids_but_record_nothing() -> None:
     version, trace_id, span_id, flags = headers["traceparent"].split("-")
     assert (trace_id, span_id) == (f"{context.trace_id:032x}", f"{context.span_id:016x}")
     assert not int(flags, 16) & 1  # not sampled: whoever receives it records nothing either
+    assert not records_spans(provider)
+    assert not records_spans(trace.NoOpTracerProvider())
 
 
 def test_with_an_exporter_spans_are_recorded(exporter: InMemorySpanExporter) -> None:
     provider = configure_tracing("brain", exporter=exporter, batch=False, set_global=False)
     with tracer("parley.brain", provider).start_as_current_span("turn") as span:
         assert span.is_recording()
+    assert records_spans(provider)
     assert [s.name for s in exporter.get_finished_spans()] == ["turn"]

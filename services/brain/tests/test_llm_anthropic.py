@@ -5,6 +5,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from parley.brain.llm.anthropic_llm import AnthropicLlm
 from parley.brain.llm.base import (
@@ -22,6 +23,7 @@ from parley.brain.llm.base import (
     UserMessage,
 )
 from parley.brain.llm.clauses import ClauseSplitter
+from parley.common.tracing import configure_tracing
 from parley.devkit.emulators.anthropic import AnthropicEmulator, ScriptedReply, ScriptedToolUse
 
 BOOK = ToolSpec(name="book_appointment", description="Book a dental appointment.",
@@ -91,6 +93,25 @@ async def test_system_prompt_is_cached_and_usage_is_mapped(
                           messages=(UserMessage(text="Hi"),))
     await collect(claude, uncached)
     assert emulator.requests[-1]["system"] == [{"type": "text", "text": "Be brief."}]
+
+
+@pytest.mark.parametrize("spans", [True, False])
+async def test_the_sdk_traces_its_requests_only_when_asked(emulator: AnthropicEmulator,
+                                                           spans: bool) -> None:
+    exporter = InMemorySpanExporter()
+    provider = configure_tracing("brain", exporter=exporter, batch=False, set_global=False)
+    claude = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url, spans=spans)
+    try:
+        with provider.get_tracer("test").start_as_current_span("turn") as turn:
+            events = await collect(claude, ask("Hello"))
+    finally:
+        await claude.aclose()
+    assert isinstance(events[-1], Done)
+    trace_id = format(turn.get_span_context().trace_id, "032x")
+    # With spans the SDK carries the turn's trace to the API (its own span records nothing
+    # here: it comes from the global provider, which these tests leave unconfigured).
+    assert (trace_id in emulator.headers[0].get("traceparent", "")) is spans
+    assert [s.name for s in exporter.get_finished_spans()] == ["turn"]
 
 
 async def test_tool_use_round_trip(emulator: AnthropicEmulator, claude: AnthropicLlm) -> None:

@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
-__all__ = ["configure_tracing", "extract_context", "inject_headers", "tracer"]
+__all__ = ["configure_tracing", "extract_context", "inject_headers", "records_spans", "tracer"]
 
 
 def configure_tracing(
@@ -48,6 +48,16 @@ def configure_tracing(
     if set_global:
         trace.set_tracer_provider(provider)
     return provider
+
+
+def records_spans(provider: trace.TracerProvider | None = None) -> bool:
+    """Whether spans of ``provider`` (by default the global one) are recorded, to be exported.
+
+    False for :func:`configure_tracing` without an exporter (spans only carry ids) and for
+    OpenTelemetry's default provider, which has no SDK behind it.
+    """
+    provider = provider if provider is not None else trace.get_tracer_provider()
+    return isinstance(provider, TracerProvider) and provider.sampler is not ALWAYS_OFF
 
 
 def tracer(name: str, provider: trace.TracerProvider | None = None) -> trace.Tracer:
