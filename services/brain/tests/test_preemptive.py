@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 from parley.brain.llm.anthropic_llm import AnthropicLlm
-from parley.brain.preemptive import normalize
+from parley.brain.llm.base import LlmEvent, LlmRequest, TextDelta, UserMessage
+from parley.brain.llm.router import LlmRouter
+from parley.brain.preemptive import Speculation, normalize
 from parley.brain.worker import BrainWorker
 from parley.common.events import (
     SpeechStarted,
@@ -274,3 +277,66 @@ async def test_a_prepared_clause_from_elsewhere_is_said_first_and_the_model_cont
     finally:
         await worker.stop()
         await llm.aclose()
+
+
+class _Waiting:
+    """A provider that notes when its request goes out, then waits for the model."""
+
+    name, cost, supports_tools = "waiting", 1.0, True
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    async def stream(self, request: LlmRequest) -> AsyncIterator[LlmEvent]:
+        self.log.append("request sent")
+        await asyncio.sleep(30)
+        yield TextDelta(text="never")
+
+
+async def test_a_turn_that_will_adopt_a_speculation_lets_its_request_go_out_first() -> None:
+    log: list[str] = []
+    built = asyncio.Event()
+
+    async def build() -> LlmRequest:
+        await built.wait()  # retrieval and the rest of the context
+        return LlmRequest(messages=(UserMessage(text="what time do you open"),))
+
+    speculation = Speculation("c1", "what time do you open", build=build,
+                              stream=LlmRouter([_Waiting(log)]).stream, delay_s=0.0,
+                              on_outcome=lambda outcome: None)
+
+    async def turn() -> None:
+        await speculation.made(timeout_s=5.0)
+        log.append("turn prepares")
+
+    waiting = asyncio.create_task(turn())
+    await asyncio.sleep(0.05)
+    assert log == []  # the request is not built yet: the turn waits for it
+    built.set()
+    await asyncio.wait_for(waiting, 1.0)
+    # The router starts the provider in a task of its own; the turn runs only after it.
+    assert log == ["request sent", "turn prepares"]
+    speculation.cancel()
+
+
+async def test_waiting_for_a_speculative_request_is_bounded() -> None:
+    never = asyncio.Event()
+
+    async def build() -> LlmRequest:
+        await never.wait()
+        raise AssertionError("unreachable")
+
+    stuck = Speculation("c1", "hello", build=build, stream=LlmRouter([_Waiting([])]).stream,
+                        delay_s=0.0, on_outcome=lambda outcome: None)
+    began = asyncio.get_running_loop().time()
+    await stuck.made(timeout_s=0.1)
+    assert 0.09 <= asyncio.get_running_loop().time() - began < 1.0
+    stuck.cancel()
+
+    # One still waiting for its words to settle has made no request: nothing to wait for.
+    unsettled = Speculation("c2", "hello", build=build, stream=LlmRouter([_Waiting([])]).stream,
+                            delay_s=30.0, on_outcome=lambda outcome: None)
+    began = asyncio.get_running_loop().time()
+    await unsettled.made(timeout_s=5.0)
+    assert asyncio.get_running_loop().time() - began < 0.05
+    unsettled.cancel()

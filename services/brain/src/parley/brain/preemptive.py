@@ -68,7 +68,9 @@ class Speculation:
         self._on_clause = on_clause
         self._items: list[RouterEvent] = []
         self._more = asyncio.Event()
-        self._go = asyncio.Event()
+        self._go = asyncio.Event()  # no (more) waiting for the words to settle
+        if delay_s <= 0:
+            self._go.set()
         self._ready = asyncio.Event()  # the request is made (or never will be)
         self._error: Exception | None = None
         self._on_outcome = on_outcome
@@ -122,6 +124,18 @@ class Speculation:
         assert self._on_clause is not None
         await self._on_clause(self.prepared, last)
         return None
+
+    async def made(self, timeout_s: float) -> None:
+        """Return once the request is on its way, or will never be (at most ``timeout_s``).
+
+        The request is written out by the router's task for the provider, which starts in
+        the loop iteration that wakes a waiter here: one more turn of the loop lets it go first,
+        so that the caller runs while the model answers.
+        """
+        if self._go_or_started():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), timeout_s)
+            await asyncio.sleep(0)
 
     def prepared_as(self, text: str, last: bool) -> bool:
         """Whether this is the speculation that prepared the clause a turn started playing."""

@@ -426,6 +426,14 @@ class BrainWorker:
 
     async def _handle(self, event: Event, msg: Msg) -> None:
         call_id = getattr(event, "call_id", "")
+        if isinstance(event, TurnUserEnded):
+            speculation = self.speculations.get(call_id)
+            if speculation is not None and normalize(speculation.text) == normalize(event.text):
+                # The turn will most likely adopt it: let its request go out first, so this
+                # turn's fold, context and request are built while the model answers rather
+                # than ahead of its request (``matches`` waits for the request anyway). Bounded:
+                # the turn keeps its message in progress only once it runs.
+                await speculation.made(timeout_s=1.0)
         conversation = fold(call_id, await self._call_events(
             call_id, event.org_id, upto=msg.metadata.sequence.stream))
         if conversation.ended:
