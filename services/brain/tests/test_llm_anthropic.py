@@ -7,7 +7,7 @@ from contextlib import aclosing
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from parley.brain.llm.anthropic_llm import AnthropicLlm
+from parley.brain.llm.anthropic_llm import AnthropicLlm, to_anthropic_messages
 from parley.brain.llm.base import (
     AssistantMessage,
     Done,
@@ -112,6 +112,24 @@ async def test_the_sdk_traces_its_requests_only_when_asked(emulator: AnthropicEm
     # here: it comes from the global provider, which these tests leave unconfigured).
     assert (trace_id in emulator.headers[0].get("traceparent", "")) is spans
     assert [s.name for s in exporter.get_finished_spans()] == ["turn"]
+
+
+def test_messages_alternate_and_a_lone_text_is_sent_as_a_string() -> None:
+    use = ToolUse(id="toolu_1", name="book_appointment", arguments={"day": "Friday"})
+    messages = to_anthropic_messages((
+        UserMessage(text="Book me in on Friday"), AssistantMessage(text="Booking it."), use,
+        ToolResult(tool_use_id="toolu_1", content='{"ok": true}'), UserMessage(text=""),
+        AssistantMessage(text="You're booked."), UserMessage(text="Thanks")))
+    assert messages == [
+        {"role": "user", "content": "Book me in on Friday"},
+        {"role": "assistant", "content": [
+            {"type": "text", "text": "Booking it."},
+            {"type": "tool_use", "id": "toolu_1", "name": "book_appointment",
+             "input": {"day": "Friday"}}]},
+        {"role": "user", "content": [  # the empty utterance is dropped, not sent empty
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": '{"ok": true}'}]},
+        {"role": "assistant", "content": "You're booked."},
+        {"role": "user", "content": "Thanks"}]
 
 
 async def test_tool_use_round_trip(emulator: AnthropicEmulator, claude: AnthropicLlm) -> None:
