@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
 from parley.devkit.emulators import EmulatorServer, run_cli
@@ -146,7 +147,7 @@ class AnthropicEmulator(EmulatorServer):
         self.headers: list[dict[str, str]] = []
         self.aborted: list[AbortedStream] = []
         self.completed_streams = 0
-        self._cached_prefixes: set[str] = set()
+        self._cached_prefixes: set[bytes] = set()
 
     def script(self, *replies: Script) -> None:
         """Queue replies, used in order by the next requests."""
@@ -190,7 +191,7 @@ class AnthropicEmulator(EmulatorServer):
         cached = isinstance(system, list) and any("cache_control" in b for b in system)
         read = write = 0
         if cached:
-            key = json.dumps([system, body.get("tools", [])], sort_keys=True)
+            key = msgspec.json.encode([system, body.get("tools", [])], order="sorted")
             if key in self._cached_prefixes:
                 read = prefix_tokens
             else:
@@ -335,15 +336,18 @@ class _EventWriter:
 
     Events produced without a pause in between (all of them, when unpaced) go out in one write,
     as a server would send what it has at once, rather than one syscall (and one wake-up of the
-    client) per event.
+    client) per event. Encoded with msgspec: json.dumps was a third of the emulator's time per
+    request, which a benchmark with a zero-latency model counts as the model's.
     """
+
+    _encode = msgspec.json.Encoder().encode
 
     def __init__(self, response: web.StreamResponse) -> None:
         self._response = response
         self._pending: list[bytes] = []
 
     def event(self, name: str, data: dict[str, Any]) -> None:
-        self._pending.append(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+        self._pending += (b"event: ", name.encode(), b"\ndata: ", self._encode(data), b"\n\n")
 
     async def flush(self) -> None:
         if self._pending:
