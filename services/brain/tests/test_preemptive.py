@@ -6,9 +6,9 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from parley.brain.llm.anthropic_llm import AnthropicLlm
-from parley.brain.llm.base import LlmEvent, LlmRequest, TextDelta, UserMessage
+from parley.brain.llm.base import Done, LlmEvent, LlmRequest, TextDelta, Usage, UserMessage
 from parley.brain.llm.router import LlmRouter
-from parley.brain.preemptive import Speculation, normalize
+from parley.brain.preemptive import Speculation, Speculations, normalize
 from parley.brain.worker import BrainWorker
 from parley.common.events import (
     SpeechStarted,
@@ -339,3 +339,33 @@ async def test_waiting_for_a_speculative_request_is_bounded() -> None:
     await unsettled.made(timeout_s=5.0)
     assert asyncio.get_running_loop().time() - began < 0.05
     unsettled.cancel()
+
+
+async def test_no_clause_is_prepared_once_the_turn_has_ended() -> None:
+    answered = asyncio.Event()
+    prepared: list[str] = []
+
+    async def build() -> LlmRequest:
+        return LlmRequest(messages=(UserMessage(text="what time do you open"),))
+
+    async def stream(request: LlmRequest) -> AsyncIterator[LlmEvent]:
+        await answered.wait()
+        yield TextDelta(text="We open at eight. Would you like to book a visit?")
+        yield Done(usage=Usage())
+
+    async def prepare(clause: str, last: bool) -> None:
+        prepared.append(clause)
+
+    speculations = Speculations()
+    speculation = speculations.start("c1", "What time do you open?", build=build, stream=stream,
+                                     delay_s=0.0, timeout_s=10.0, on_clause=prepare)
+    await speculation.made(timeout_s=1.0)
+    # The turn ends (seen live) before the first clause is complete, and before the turn's
+    # handler takes the speculation: media must not be handed a clause for a turn that is over.
+    speculations.turn_ended("c1", "what time do you open")
+    answered.set()
+    taken = speculations.take("c1")
+    assert taken is speculation
+    items = [item async for item in speculation.adopt()]
+    assert isinstance(items[0], TextDelta) and isinstance(items[-1], Done)
+    assert prepared == [] and speculation.prepared == ""

@@ -81,6 +81,15 @@ class Speculation:
         """Skip what is left of the wait (the words were confirmed)."""
         self._go.set()
 
+    def turn_ended(self) -> None:
+        """The turn ended with these words: start now, and prepare no clause from here on.
+
+        The turn publishes the reply itself; a clause prepared now would reach media after the
+        turn it was meant to open had ended.
+        """
+        self._on_clause = None
+        self._go.set()
+
     async def _run(self, build: Callable[[], Awaitable[LlmRequest | None]],
                    stream_of: Callable[[LlmRequest], AsyncIterator[RouterEvent]],
                    delay_s: float) -> None:
@@ -118,10 +127,11 @@ class Speculation:
             clause, last = splitter.flush(), item.stop_reason != "tool_use"
         elif isinstance(item, ToolCall):
             return None  # a tool comes first: the turn's first words wait for its outcome
+        if self._on_clause is None:
+            return None  # the turn ended meanwhile
         if not clause.strip():
             return None if isinstance(item, Done) else splitter
         self.prepared, self.prepared_last = clause.strip(), last
-        assert self._on_clause is not None
         await self._on_clause(self.prepared, last)
         return None
 
@@ -250,7 +260,7 @@ class Speculations:
                 not prepared and normalize(text) != normalize(speculation.text)):
             self.cancel(call_id, "superseded")
             return
-        speculation.start_now()
+        speculation.turn_ended()
         self._cancel_later(call_id, speculation, UNCLAIMED_GRACE_S, "unclaimed")
 
     def _cancel_later(self, call_id: str, speculation: Speculation, delay_s: float,
