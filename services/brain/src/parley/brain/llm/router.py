@@ -178,7 +178,10 @@ class LlmRouter:
                     now = self._clock()
                     wake = deadline if filler_due is None else min(deadline, filler_due)
                     try:
-                        item = await asyncio.wait_for(queue.get(), max(wake - now, 0))
+                        # A timeout scope, not wait_for: that runs the get in a task of its own,
+                        # and the first token would reach the turn two loop turns later.
+                        async with asyncio.timeout(max(wake - now, 0)):
+                            item = await queue.get()
                     except TimeoutError:
                         if filler_due is not None and self._clock() >= filler_due:
                             filler_due = None
