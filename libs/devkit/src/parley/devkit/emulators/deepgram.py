@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import numpy as np
 from aiohttp import WSMsgType, web
 
@@ -43,6 +44,9 @@ from parley.devkit.telephony.audio_codec import ulaw_decode
 MODEL_INFO = {"name": "2-general-nova", "version": "2024-01-18.26916", "arch": "nova-3"}
 _ENCODINGS = {"mulaw", "linear16"}
 _ULAW_ABS = np.abs(ulaw_decode(bytes(range(256))).astype(np.int32))  # µ-law byte → |sample|
+_MODEL_UUID = str(uuid.uuid5(uuid.NAMESPACE_DNS, MODEL_INFO["name"]))
+_NOT_WORD = re.compile(r"[^\w']")
+_encode = msgspec.json.Encoder().encode
 
 
 @dataclass
@@ -151,8 +155,7 @@ class ScriptedRecognizer:
             "type": "Metadata", "transaction_key": "deprecated", "request_id": self.request_id,
             "sha256": "0" * 64, "created": datetime.now(UTC).isoformat(),
             "duration": round(self.position_s, 3), "channels": 1,
-            "models": [str(uuid.uuid5(uuid.NAMESPACE_DNS, MODEL_INFO["name"]))],
-            "model_info": {str(uuid.uuid5(uuid.NAMESPACE_DNS, MODEL_INFO["name"])): MODEL_INFO},
+            "models": [_MODEL_UUID], "model_info": {_MODEL_UUID: MODEL_INFO},
         })
         return out
 
@@ -205,14 +208,17 @@ class ScriptedRecognizer:
 
     def _timings(self, words: list[str], start: float, end: float) -> list[dict[str, Any]]:
         """Spread ``words`` over ``[start, end]`` by length, as Deepgram word objects."""
-        if not words:
-            return []
-        weights = np.array([len(word) + 1 for word in words], dtype=np.float64)
-        edges = start + np.concatenate(([0.0], np.cumsum(weights))) / weights.sum() * (end - start)
-        return [{"word": re.sub(r"[^\w']", "", word).lower() or word,
-                 "start": round(float(edges[i]), 3), "end": round(float(edges[i + 1]), 3),
-                 "confidence": 0.99, "punctuated_word": word}
-                for i, word in enumerate(words)]
+        total = sum(len(word) + 1 for word in words)
+        span = end - start
+        timed: list[dict[str, Any]] = []
+        done = 0
+        for word in words:
+            begin = start + done / total * span
+            done += len(word) + 1
+            timed.append({"word": _NOT_WORD.sub("", word).lower() or word,
+                          "start": round(begin, 3), "end": round(start + done / total * span, 3),
+                          "confidence": 0.99, "punctuated_word": word})
+        return timed
 
     def _result(self, start: float, end: float, words: list[dict[str, Any]], *,
                 is_final: bool, speech_final: bool, from_finalize: bool = False
@@ -225,7 +231,7 @@ class ScriptedRecognizer:
                 "transcript": " ".join(word[key] for word in words),
                 "confidence": 0.99 if words else 0.0, "words": words}]},
             "metadata": {"request_id": self.request_id, "model_info": MODEL_INFO,
-                         "model_uuid": str(uuid.uuid5(uuid.NAMESPACE_DNS, MODEL_INFO["name"]))},
+                         "model_uuid": _MODEL_UUID},
         }
         if from_finalize:
             message["from_finalize"] = True
@@ -305,11 +311,12 @@ class DeepgramEmulator(EmulatorServer):
         loop = asyncio.get_running_loop()
         while (item := await outbox.get()) is not None:
             due, message = item
-            await asyncio.sleep(max(0.0, due - loop.time()))
+            if (wait := due - loop.time()) > 0:
+                await asyncio.sleep(wait)
             if self.faults.stall or ws.closed:
                 continue
             session.sent.append(message)
-            await ws.send_json(message)
+            await ws.send_frame(_encode(message), WSMsgType.TEXT)
         await ws.close()
 
 
