@@ -89,11 +89,12 @@ def encode(samples: np.ndarray, encoding: str) -> bytes:
     return ulaw_encode(pcm) if encoding == "pcm_mulaw" else pcm.tobytes()
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=512)
 def _spoken(word: str, rate: int, encoding: str, voice: Voice) -> tuple[tuple[str, ...], int]:
     """A word's audio as the base64 ``data`` of its chunks, and its length in samples.
 
     Cached: the voice is deterministic, and a load test speaks the same words over and over.
+    (A word is a few KB at 8 kHz µ-law, up to ~100 KB as 48 kHz float: 512 of them at most.)
     """
     samples = synthesise(word, rate, voice)
     size = max(1, round(voice.chunk_s * rate))
@@ -139,8 +140,8 @@ class _Context:
                 self._started = True
                 await asyncio.sleep(self._voice.first_byte_s)
             for number, data in enumerate(chunks):
-                samples = min(chunk_samples, size - number * chunk_samples)
-                await asyncio.sleep(samples / rate / self._voice.speed)
+                length = min(chunk_samples, size - number * chunk_samples)
+                await asyncio.sleep(length / rate / self._voice.speed)
                 await self._send({"type": "chunk", "data": data, "done": False,
                                   "status_code": 206, "step_time": 1.0,
                                   "flush_id": self._flushes + 1})
