@@ -32,6 +32,17 @@ def test_ip_literal_urls_are_checked_before_any_request():
     check_url("https://example.com/x")  # names are the resolver's to check
 
 
+@pytest.mark.parametrize("host", ["\uff11\uff12\uff17.\uff10.\uff10.\uff11",  # full-width digits
+                                  "127\u30020\u30020\u30021",  # ideographic full stops
+                                  "\u2460\u2461\u2466.0.0.1",  # circled digits
+                                  "\uff11\uff16\uff19.254.169.254"])
+def test_unicode_forms_of_an_ip_literal_are_checked_as_aiohttp_reads_them(host):
+    # urlsplit leaves these as names (no resolver would see them); aiohttp's yarl connects to
+    # the IP literal they normalise to.
+    with pytest.raises(TargetNotAllowed, match="not a public address"):
+        check_url(f"http://{host}:8080/x")
+
+
 async def test_resolver_refuses_a_name_resolving_to_loopback():
     resolver = GuardedResolver()
     try:
@@ -68,12 +79,15 @@ async def test_loopback_target_refused_when_the_org_does_not_allow_private(
     await add_http_tool(pool, "by_ip", target.url("/ok"), org=OTHER_ORG, agent=OTHER_AGENT)
     await add_http_tool(pool, "by_name", f"http://localhost:{target.server.port}/ok",
                         org=OTHER_ORG, agent=OTHER_AGENT)
+    await add_http_tool(pool, "by_full_width",  # "127.0.0.1" in full-width digits
+                        f"http://\uff11\uff12\uff17.\uff10.\uff10.\uff11:{target.server.port}/ok",
+                        org=OTHER_ORG, agent=OTHER_AGENT)
     await service()
     call_id = await start_call(bus, org=OTHER_ORG, agent=OTHER_AGENT)
-    by_ip = await request_tool(bus, call_id, "by_ip", org=OTHER_ORG)
-    by_name = await request_tool(bus, call_id, "by_name", org=OTHER_ORG)
+    requests = [await request_tool(bus, call_id, name, org=OTHER_ORG)
+                for name in ("by_ip", "by_name", "by_full_width")]
 
-    for request in (by_ip, by_name):
+    for request in requests:
         failed = await events.outcome(request.tool_call_id)
         assert failed.type == "tool.failed", failed
         assert failed.error.startswith("target not allowed"), failed.error

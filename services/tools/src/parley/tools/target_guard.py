@@ -4,8 +4,11 @@ The check runs on the addresses a connection will actually use. For host names i
 resolver of the guarded HTTP session (:class:`GuardedResolver`): aiohttp connects only to what
 the resolver returns, so the connection is pinned to the checked addresses and a DNS answer
 that changes between a check and the connect (DNS rebinding) cannot slip through. IP literals
-never reach a resolver, so :func:`check_url` checks them before the request. Redirects are
-never followed (a 3xx could point anywhere), and proxies from the environment are not used.
+never reach a resolver, so :func:`check_url` checks them before the request, reading the host
+as aiohttp will (yarl): it normalises Unicode forms such as full-width digits or an ideographic
+full stop (``１２７.０.０.１``, ``127。0。0。1``) to an IP literal, which the standard library's
+``urlsplit`` leaves as a name. Redirects are never followed (a 3xx could point anywhere), and
+proxies from the environment are not used.
 """
 
 from __future__ import annotations
@@ -13,10 +16,10 @@ from __future__ import annotations
 import ipaddress
 import socket
 from typing import Any
-from urllib.parse import urlsplit
 
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
+from yarl import URL
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -52,7 +55,10 @@ _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 
 def check_url(url: str) -> None:
     """Raise TargetNotAllowed for a URL whose host is a refused IP literal."""
-    host = (urlsplit(url).hostname or "").strip("[]")
+    try:
+        host = (URL(url).raw_host or "").split("%", 1)[0]  # the host aiohttp will connect to
+    except ValueError as exc:
+        raise TargetNotAllowed(f"target not allowed: the URL cannot be parsed ({exc})") from exc
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
