@@ -167,6 +167,28 @@ async def test_the_breaker_opens_after_repeated_failures() -> None:
     assert [p.name for p in router.candidates(REQUEST)] == ["backup"]
 
 
+async def test_a_refused_request_does_not_count_against_the_provider() -> None:
+    # One call's bad request (redelivered turn after turn) must not open the breaker for all.
+    refusing = FakeProvider("main", fail_status=400)
+    router = LlmRouter([refusing])
+    for _ in range(5):
+        with pytest.raises(LlmError, match="HTTP 400"):
+            await collect(router)
+    health = router.health["main"]
+    assert refusing.calls == 5 and health.breaker.state is CircuitState.CLOSED
+    assert health.error_rate == 0.0
+    refusing.fail_status = None  # the next call's request is fine: it is served
+    assert text_of(await collect(router)) == "Hello there."
+
+    # A bad key fails every request: that one does count.
+    unauthorised = FakeProvider("main", fail_status=401)
+    router = LlmRouter([unauthorised])
+    for _ in range(3):
+        with pytest.raises(LlmError, match="HTTP 401"):
+            await collect(router)
+    assert router.health["main"].breaker.state is CircuitState.OPEN
+
+
 async def test_a_failure_after_text_is_not_retried_elsewhere() -> None:
     flaky, backup = FakeProvider("flaky", fail_after_text=True), FakeProvider("backup")
     router = LlmRouter([flaky, backup])

@@ -6,8 +6,12 @@ until its reset timeout — and tries them in order: the configured order (best 
 unhealthy ones (half-open breaker, error-rate EWMA over ``max_error_rate``) moved behind the
 healthy ones. An attempt that fails *before its first token* — an error, or no token within
 ``first_token_deadline_s`` — is counted against the provider (health EWMA and breaker) and the
-next one is tried, announced by a :class:`ProviderSwitched` event. A failure *after* text went
-out ends the turn with :class:`LlmError`: repeating half a sentence would be worse.
+next one is tried, announced by a :class:`ProviderSwitched` event. An error that is about the
+request rather than the provider (a 400, 413 or 422; a reply the model garbled, such as tool
+arguments that are not JSON) is not counted: one call's bad request, redelivered a few times,
+would otherwise open the breaker and take the provider away from every call on the instance.
+A failure *after* text went out ends the turn with :class:`LlmError`: repeating half a sentence
+would be worse.
 
 If no first token has come ``filler_after_ms`` into the turn, one :class:`Filler` ("One
 moment.") is yielded, so the caller hears something while a slow or failing provider is
@@ -40,7 +44,7 @@ from .base import (
     ProviderSwitched,
 )
 
-__all__ = ["LlmRouter", "ProviderHealth", "RouterEvent"]
+__all__ = ["LlmRouter", "ProviderHealth", "RouterEvent", "against_provider"]
 
 RouterEvent = LlmEvent | Filler | ProviderSwitched
 _END = object()
@@ -93,7 +97,8 @@ class LlmRouter:
         self.ewma_alpha = ewma_alpha
         self.max_error_rate = max_error_rate
         make = breaker_factory or (lambda name: CircuitBreaker(
-            name, failure_threshold=3, reset_timeout=30.0, clock=clock))
+            name, failure_threshold=3, reset_timeout=30.0, clock=clock,
+            is_failure=against_provider))
         self.health = {p.name: ProviderHealth(breaker=make(p.name)) for p in providers}
         self._clock = clock
         self.retries = retries  # extra tries on the same provider for a retryable error
@@ -147,7 +152,8 @@ class LlmRouter:
                 except LlmError as exc:
                     reason = (exc.message if exc.status is None
                               else f"HTTP {exc.status}: {exc.message}")
-                    health.record(ok=False, alpha=self.ewma_alpha, reason=reason)
+                    if against_provider(exc):
+                        health.record(ok=False, alpha=self.ewma_alpha, reason=reason)
                     if emitted:
                         raise
                     # 429/5xx: once more on the same provider if the turn can afford the wait
@@ -201,6 +207,18 @@ class LlmRouter:
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
+
+
+def against_provider(exc: BaseException) -> bool:
+    """Whether a failure says the provider is unwell, not that this one request was refused.
+
+    Counted: connection failures, timeouts, 429 and 5xx (retryable), and 401/403/404 (a bad key
+    or a missing model fail every request). Not counted: other 4xx and non-retryable errors
+    without a status (what the model sent back for this request could not be used).
+    """
+    if not isinstance(exc, LlmError) or exc.retryable:
+        return True
+    return exc.status in (401, 403, 404)
 
 
 async def _pump(provider: LlmProvider, request: LlmRequest, queue: asyncio.Queue[object]) -> None:
