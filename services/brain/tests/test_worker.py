@@ -198,3 +198,26 @@ def test_a_revised_user_turn_replaces_the_words_it_revises_unless_an_answer_was_
     assert [m.text for m in heard.llm_messages()] == [
         "I would like", "Sorry,", "I would like to book Friday."]
     assert heard.latest_user_turn == "t2"
+
+
+def test_clauses_stored_after_the_interruption_are_not_heard_text() -> None:
+    # The brain publishes on its own connection: clauses it sent before the interruption reached
+    # it are stored after agent.speech.interrupted. Media drops them; the caller never heard them.
+    def say(seq: int, text: str) -> AgentSay:
+        return AgentSay(org_id=ORG, call_id="c", turn_id="t1", seq=seq, text=text)
+
+    asked = TurnUserEnded(org_id=ORG, call_id="c", turn_id="t1", text="What are your hours?")
+    cut = AgentSpeechInterrupted(org_id=ORG, call_id="c", turn_id="t1",
+                                 played_text="Our hours are")
+    late = fold("c", [asked, say(0, "Our hours are nine to five."), cut,
+                      say(1, "On Saturdays we open at ten.")])
+    assert [m.text for m in late.llm_messages()] == ["What are your hours?", "Our hours are"]
+    assert late.turn("t1").next_seq == 2  # still numbered: a re-run would not reuse seq 1
+
+    unanswered = fold("c", [asked, AgentSpeechInterrupted(org_id=ORG, call_id="c", turn_id="t1",
+                                                          played_text=""),
+                            say(0, "On Saturdays we open at ten."),
+                            TurnUserEnded(org_id=ORG, call_id="c", turn_id="t2",
+                                          text="What are your hours on Saturday?",
+                                          revises="t1")])
+    assert [m.text for m in unanswered.llm_messages()] == ["What are your hours on Saturday?"]
