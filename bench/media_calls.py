@@ -101,7 +101,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from parley.common.bus import subscribe_frames
-from parley.common.bus.audio import decode_frame
+from parley.common.bus.audio import carrier_sequence, decode_frame
 from parley.common.events import AgentSay, decode
 from parley.devkit.telephony import twilio_protocol as tp
 from parley.devkit.telephony.audio_codec import ulaw_encode
@@ -365,7 +365,7 @@ async def _open(http: aiohttp.ClientSession, nc: NATS, gateway: Gateway, count: 
             if index % SAMPLE_EVERY == 0:
                 async def on_frame(_payload: bytes, seq: int, _ts: int, msg: Msg,
                                    call: Call = call) -> None:
-                    began = call.sent_at.pop(seq, None)
+                    began = call.sent_at.pop(carrier_sequence(seq), None)
                     if began is not None:
                         sent_ns = decode_frame(msg.data)[2]  # the gateway's publish, wall clock
                         gateway_path.append((sent_ns - began[1],

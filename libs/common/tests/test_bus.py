@@ -1,5 +1,7 @@
 import asyncio
+import datetime
 import gc
+import struct
 
 import nats
 import pytest
@@ -20,6 +22,12 @@ from parley.common.bus import (
     dead_letter_subject,
     publish_frame,
     subscribe_frames,
+)
+from parley.common.bus.audio import (
+    carrier_sequence,
+    decode_frame,
+    encode_frame,
+    stream_seq_base,
 )
 from parley.common.bus.subjects import SubjectError, event_subject
 from parley.devkit.pytest_plugin import Settled
@@ -175,6 +183,18 @@ async def test_audio_frames_are_raw_bytes_with_seq_and_timestamp(bus: Bus) -> No
     info = await bus.js.stream_info(AUDIO_STREAM)
     assert info.state.messages == 50  # captured for replay and failover catch-up
     await sub.unsubscribe()
+
+
+def test_frame_seqs_grow_over_a_calls_streams_and_old_frames_still_decode() -> None:
+    started = datetime.datetime(2025, 3, 1, 12, 0, tzinfo=datetime.UTC)
+    first = stream_seq_base(started) + 720_000  # four hours of 20 ms frames
+    second = stream_seq_base(started + datetime.timedelta(milliseconds=1)) + 2
+    assert first < second < 2**63
+    assert (carrier_sequence(first), carrier_sequence(second)) == (720_000, 2)
+    assert decode_frame(encode_frame(b"ab", seq=second, timestamp_ms=40, sent_ns=7)) == (
+        second, 40, 7, b"ab")
+    version_1 = struct.pack("<BIIQ", 1, 9, 180, 7) + b"ab"  # from a gateway not yet upgraded
+    assert decode_frame(version_1) == (9, 180, 7, b"ab")
 
 
 def _settings(name: str, **overrides: object) -> ConsumerSettings:

@@ -6,7 +6,7 @@ from datetime import timedelta
 import msgspec
 
 from parley.common.bus import command_subject, publish_frame
-from parley.common.bus.audio import decode_frame
+from parley.common.bus.audio import carrier_sequence, decode_frame
 from parley.common.events import utcnow
 from parley.gateway.marks import mark_name
 
@@ -45,7 +45,7 @@ async def test_full_media_stream_session(gateway, events, bus):
     await wait_for(lambda: len(inbound) == 5)
     await sub.unsubscribe()
     assert [data for data, _, _ in inbound] == frames
-    assert [seq for _, seq, _ in inbound] == sequence_numbers
+    assert [carrier_sequence(seq) for _, seq, _ in inbound] == sequence_numbers
     assert [timestamp_ms for _, _, timestamp_ms in inbound] == [20, 40, 60, 80, 100]
 
     # agent audio → media messages, and a mark after the frame that carries one
@@ -174,6 +174,34 @@ async def test_a_newer_stream_replaces_the_old_one(gateway, events):
     await newer.start(call_sid, call_id)
     assert await stream.closed() == (1008, "replaced by a newer stream")
     await events.wait("call.stream_started", call_id, count=2)
+    await newer.stop(call_sid)
+    await events.wait("call.ended", call_id)
+
+
+async def test_frame_seqs_keep_growing_over_the_streams_of_a_call(make_gateway, events, bus):
+    # A reconnect (DTMF sent, a gateway failing over) gives the call a new stream, which
+    # Twilio numbers from 1 again; media drops each frame whose seq is not above the last one.
+    gap = [timedelta()]
+    gateway = await make_gateway(clock=lambda: utcnow() + gap[0])
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    seqs: list[int] = []
+
+    async def on_in(msg):
+        seqs.append(decode_frame(msg.data)[0])
+
+    sub = await bus.nc.subscribe(f"parley.audio.{call_id}.in", cb=on_in)
+    numbers = [await stream.media(b"\xff" * 160) for _ in range(3)]
+    await wait_for(lambda: len(seqs) == 3)
+    gap[0] = timedelta(seconds=2)  # the carrier reconnects a little later
+    newer = StreamClient(await gateway.ws())
+    await newer.start(call_sid, call_id)
+    await events.wait("call.stream_started", call_id, count=2)
+    numbers += [await newer.media(b"\xff" * 160) for _ in range(3)]
+    await wait_for(lambda: len(seqs) == 6)
+    await sub.unsubscribe()
+    assert numbers == [2, 3, 4, 2, 3, 4]
+    assert [carrier_sequence(seq) for seq in seqs] == numbers
+    assert seqs == sorted(set(seqs))  # strictly growing: none is dropped as seen already
     await newer.stop(call_sid)
     await events.wait("call.ended", call_id)
 

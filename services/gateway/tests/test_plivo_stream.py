@@ -6,7 +6,7 @@ import pytest
 from aiohttp import WSServerHandshakeError
 
 from parley.common.bus import command_subject, publish_frame
-from parley.common.bus.audio import decode_frame
+from parley.common.bus.audio import carrier_sequence, decode_frame
 from parley.gateway.close_codes import CloseCode
 from parley.gateway.marks import mark_name
 
@@ -60,7 +60,7 @@ async def test_full_plivo_stream_session(plivo_gateway, events, bus):
     await wait_for(lambda: len(inbound) == 4)
     await sub.unsubscribe()
     assert [data for data, _, _ in inbound] == frames
-    assert [seq for _, seq, _ in inbound] == sequence_numbers
+    assert [carrier_sequence(seq) for _, seq, _ in inbound] == sequence_numbers
     assert [timestamp_ms for _, _, timestamp_ms in inbound] == [0, 20, 40, 60]
 
     await stream.dtmf("5")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import time
 
 from nats.aio.msg import Msg
 
 from parley.common.bus import Bus, command_subject
+from parley.common.bus.audio import stream_seq_base
 from parley.common.configuration.models import AgentSettings
 from parley.common.events import AgentSay, AgentSpeechInterrupted, Event
 from parley.media.router import ProviderRouter
@@ -124,3 +127,21 @@ async def test_a_revised_caller_turn_stops_the_answer_to_the_words_it_revises(bu
     await settled(3)
     assert len(events) == 2 and commands == ["clear"]
     await call._outbox.drain()
+
+
+async def test_the_lease_resumes_before_the_open_turn_after_a_reconnect() -> None:
+    # A reconnect's new stream numbers its audio ms from 0 again: the lease's checkpoint is
+    # picked on the session's own audio clock, not by the frames' timestamps.
+    call = session()
+    start = datetime.datetime.now(datetime.UTC)
+    seqs = []
+    for n in range(210):  # 100 frames on the first stream, 110 on the next
+        stream, number = (0, n) if n < 100 else (1, n - 100)
+        seq = stream_seq_base(start + datetime.timedelta(seconds=5 * stream)) + number + 2
+        seqs.append(seq)
+        await call._on_audio(b"\xff" * 160, seq, number * 20, time.time(), False)
+    assert call.audio_ms == 4200
+    lease = call._lease_state()
+    # the last checkpoint at or before 400 ms ahead of now: frame 150 (3000 ms), not frame 200
+    # (whose own timestamp, 2000 ms into its stream, looked old enough)
+    assert (lease.resume_seq, lease.resume_ms) == (seqs[150], 3000)

@@ -339,7 +339,10 @@ class CallSession:
         self._catching_up = behind
         self._frames_seen += 1
         if self._frames_seen % CHECKPOINT_EVERY == 1:
-            self._checkpoints.append((ts_ms, seq, sent_at))
+            # On the session's audio clock, as the open turn's start is: a frame's own
+            # timestamp starts at 0 again on each of the call's streams.
+            at = ts_ms if self._base_ms is None else self.audio_ms
+            self._checkpoints.append((at, seq, sent_at))
         try:
             await self._inbound_frame(ulaw, ts_ms)
         except Exception:

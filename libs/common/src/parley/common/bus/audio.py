@@ -1,10 +1,22 @@
-"""Raw audio frames over core NATS: a 17-byte binary prefix, then the audio bytes.
+"""Raw audio frames over core NATS: a 21-byte binary prefix, then the audio bytes.
 
 No JSON, no base64 and no NATS headers on the hot path: parsing ``Parley-Seq``/``Parley-Ts``
 headers was about half of nats-py's per-message cost at a media instance (50 frames/s per
 call), so sequence and timestamps travel in a fixed prefix that one ``struct`` call reads:
 
-    version (u8 = 1) | seq (u32) | audio ms since the stream started (u32) | sent (u64, epoch ns)
+    version (u8 = 2) | seq (u64) | audio ms since the stream started (u32) | sent (u64, epoch ns)
+
+An inbound ``seq`` grows over all of a call's carrier streams, not only within one: a call
+gets a new stream on a reconnect (sending DTMF, a gateway failover through ``<Connect
+action>``), and the carrier numbers each stream from 1 again. The gateway sends
+:func:`stream_seq_base` of the stream's start (its wall clock, in ms since 2024) plus the
+carrier's sequence number, which takes the low :data:`CARRIER_SEQ_BITS` bits (23 hours of
+20 ms frames); :func:`carrier_sequence` gives the carrier's number back. So a consumer drops
+duplicates, and resumes after a checkpoint, by ``seq`` alone, whichever gateway instance sent
+the frame — as long as the gateways' clocks differ by less than the gap between one stream's
+end and the next one's start (seconds: the carrier reconnects after a redirect or a failure).
+The audio ms restart at 0 with each stream. Version 1 frames (``seq`` u32, numbered per
+stream) from a gateway not yet upgraded are still read.
 
 ``sent`` is when the publisher put the frame on the bus (its wall clock), so a consumer can tell
 how late it handles a frame — live or replayed from the AUDIO stream — without JetStream
@@ -20,6 +32,7 @@ plain core subscriptions.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import struct
 import time
@@ -34,15 +47,29 @@ from .subjects import audio_subject
 log = logging.getLogger(__name__)
 
 MARK = "Parley-Mark"  # on outbound frames: a mark to place after this frame
-FORMAT_VERSION = 1
-PREFIX = struct.Struct("<BIIQ")
+FORMAT_VERSION = 2
+PREFIX = struct.Struct("<BQIQ")
 PREFIX_BYTES = PREFIX.size
+_PREFIX_V1 = struct.Struct("<BIIQ")
+CARRIER_SEQ_BITS = 22
+_SEQ_EPOCH_MS = 1_704_067_200_000  # 2024-01-01T00:00Z: a seq stays below 2**63 until 2093
 
 FrameHandler = Callable[[bytes, int, int, Msg], Awaitable[None]]
 
 
 class FrameFormatError(ValueError):
     """A message on an audio subject that is not a frame of this format."""
+
+
+def stream_seq_base(started: datetime.datetime) -> int:
+    """What a stream that started at ``started`` adds to the carrier's sequence numbers."""
+    started_ms = round(started.timestamp() * 1000) - _SEQ_EPOCH_MS
+    return max(0, started_ms) << CARRIER_SEQ_BITS
+
+
+def carrier_sequence(seq: int) -> int:
+    """The carrier's own sequence number in an inbound frame's ``seq``."""
+    return seq & ((1 << CARRIER_SEQ_BITS) - 1)
 
 
 def encode_frame(payload: bytes, *, seq: int, timestamp_ms: int,
@@ -54,10 +81,13 @@ def encode_frame(payload: bytes, *, seq: int, timestamp_ms: int,
 
 def decode_frame(data: bytes) -> tuple[int, int, int, bytes]:
     """``(seq, timestamp_ms, sent_ns, payload)`` of a frame's wire form."""
-    if len(data) < PREFIX_BYTES or data[0] != FORMAT_VERSION:
-        raise FrameFormatError(f"not an audio frame (v{FORMAT_VERSION}): {bytes(data[:8])!r}")
-    _, seq, timestamp_ms, sent_ns = PREFIX.unpack_from(data)
-    return seq, timestamp_ms, sent_ns, data[PREFIX_BYTES:]
+    if len(data) >= PREFIX_BYTES and data[0] == FORMAT_VERSION:
+        _, seq, timestamp_ms, sent_ns = PREFIX.unpack_from(data)
+        return seq, timestamp_ms, sent_ns, data[PREFIX_BYTES:]
+    if len(data) >= _PREFIX_V1.size and data[0] == 1:
+        _, seq, timestamp_ms, sent_ns = _PREFIX_V1.unpack_from(data)
+        return seq, timestamp_ms, sent_ns, data[_PREFIX_V1.size:]
+    raise FrameFormatError(f"not an audio frame (v{FORMAT_VERSION}): {bytes(data[:8])!r}")
 
 
 async def publish_frame(nc: NATS, call_id: str, direction: str, payload: bytes, *, seq: int,

@@ -2,8 +2,10 @@
 
 In: ``start`` attaches the socket to the call named by the ``call_id`` in its (signed) URL and
 the ``callId`` Plivo sends; ``media`` µ-law goes to ``parley.audio.<call>.in`` as raw bytes
-with Plivo's sequence number and the milliseconds of audio received so far; ``dtmf`` becomes
-call.dtmf; ``playedStream`` (the echo of our checkpoint) becomes agent.speech.progress.
+with Plivo's sequence number (on top of the stream's start, so it grows over all of the
+call's streams, see :mod:`parley.common.bus.audio`) and the milliseconds of audio received so
+far; ``dtmf`` becomes call.dtmf; ``playedStream`` (the echo of our checkpoint) becomes
+agent.speech.progress.
 
 Out: frames from ``parley.audio.<call>.out`` become ``playAudio``, and a frame carrying a
 ``Parley-Mark`` header is followed by a ``checkpoint``; commands (``clear``, ``mark``,
@@ -25,7 +27,7 @@ from aiohttp import web
 from nats.aio.msg import Msg
 
 from parley.common.bus import publish_frame, subscribe_frames
-from parley.common.bus.audio import MARK
+from parley.common.bus.audio import MARK, stream_seq_base
 from parley.common.events import AgentSpeechProgress, CallDtmf, CallTransferred
 
 from ..close_codes import CloseCode, ProtocolViolation
@@ -69,6 +71,7 @@ class PlivoStreamSession(TwilioSession):
         self.url_call_id = call_id
         self.stream_id = ""
         self.last_sequence = 0
+        self.seq_base = 0  # added to Plivo's sequenceNumber: the call's frames keep growing
         self.audio_bytes = 0
         frames = self.metrics.counter("gateway_frames", "Audio frames relayed",
                                       ["protocol", "direction"])
@@ -128,6 +131,7 @@ class PlivoStreamSession(TwilioSession):
         if not details.stream_id:
             raise ProtocolViolation(CloseCode.INVALID_MESSAGE, "start without a streamId")
         self.stream_id = details.stream_id
+        self.seq_base = stream_seq_base(self.clock())
         await self.attach(details.call_id, {"call_id": self.url_call_id}, self.stream_id)
 
     async def _media(self, message: Media) -> None:
@@ -141,7 +145,7 @@ class PlivoStreamSession(TwilioSession):
                                     f"media {message.sequence_number}: invalid base64") from None
         if audio:
             await publish_frame(self.bus.nc, self.call_id, "in", audio,
-                                seq=message.sequence_number,
+                                seq=self.seq_base + message.sequence_number,
                                 timestamp_ms=self.audio_bytes // BYTES_PER_MS)
             self.audio_bytes += len(audio)
             self._frames_in.inc()

@@ -2,7 +2,8 @@
 
 In (Twilio → us): ``connected``, ``start``, ``media``, ``mark`` (echo), ``dtmf``, ``stop``.
 Inbound µ-law goes to ``parley.audio.<call>.in`` as raw bytes after a binary prefix with
-Twilio's sequence number and timestamp (:mod:`parley.common.bus.audio`); mark echoes become
+Twilio's sequence number (on top of the stream's start, so it grows over all of the call's
+streams) and timestamp (:mod:`parley.common.bus.audio`); mark echoes become
 agent.speech.progress; dtmf becomes call.dtmf; stop ends the call unless it already ended.
 
 Out (us → Twilio): frames from ``parley.audio.<call>.out`` become ``media`` messages, and a
@@ -22,7 +23,7 @@ from aiohttp import web
 from nats.aio.msg import Msg
 
 from parley.common.bus import publish_frame, subscribe_frames
-from parley.common.bus.audio import MARK
+from parley.common.bus.audio import MARK, stream_seq_base
 from parley.common.events import AgentSpeechProgress, CallDtmf, is_token
 
 from ..close_codes import CloseCode, ProtocolViolation, clean_text
@@ -151,6 +152,7 @@ class MediaStreamSession(TwilioSession):
         super().__init__(app, ws)
         self.stream_sid = ""
         self.last_sequence = 0
+        self.seq_base = 0  # added to Twilio's sequenceNumber: the call's frames keep growing
         self.redirecting = False  # we replaced the TwiML: a stop does not end the call
         self._frames_in = self.metrics.counter(
             "gateway_frames", "Audio frames relayed", ["protocol", "direction"]).labels(
@@ -210,6 +212,7 @@ class MediaStreamSession(TwilioSession):
         if not is_token(self.stream_sid) or details.stream_sid != self.stream_sid:
             raise ProtocolViolation(CloseCode.INVALID_MESSAGE, "start without a consistent, "
                                     "valid streamSid")
+        self.seq_base = stream_seq_base(self.clock())
         await self.attach(details.call_sid, details.custom_parameters, self.stream_sid)
 
     async def _media(self, message: Media) -> None:
@@ -223,7 +226,8 @@ class MediaStreamSession(TwilioSession):
                                     f"media {message.sequence_number}: invalid base64") from None
         if audio:
             await publish_frame(self.bus.nc, self.call_id, "in", audio,
-                                seq=message.sequence_number, timestamp_ms=chunk.timestamp)
+                                seq=self.seq_base + message.sequence_number,
+                                timestamp_ms=chunk.timestamp)
             self._frames_in.inc()
 
     async def _stop(self) -> None:
