@@ -1,11 +1,12 @@
 import logging
 
 import msgspec
+from psycopg.types.json import Jsonb
 
 from parley.common.events import uuid7
 from parley.common.tools.repository import set_secret
 
-from .conftest import ORG, add_http_tool, request_tool, start_call
+from .conftest import AGENT, ORG, add_http_tool, request_tool, start_call
 
 SCHEMA = {"type": "object", "required": ["account"], "additionalProperties": False,
           "properties": {"account": {"type": "string", "pattern": "^[0-9]+$"}}}
@@ -55,6 +56,27 @@ async def test_invalid_arguments_fail_readably_and_the_next_request_is_served(
     assert "'extra' was unexpected" in failed.error
     assert (await events.outcome(good.tool_call_id)).type == "tool.completed"
     assert target.hits["/ok"] == 1
+
+
+async def test_a_stored_schema_whose_ref_does_not_resolve_fails_the_call(
+        bus, pool, service, target, events):
+    # stored before definitions with unresolvable refs were refused: validation used to raise,
+    # the request was dead-lettered and no outcome ever reached the waiting turn
+    parameters = {"type": "object", "properties": {"day": {"$ref": "#/$defs/missing"}}}
+    async with pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO tools (org_id, agent_id, name, definition) VALUES (%s, %s, %s, %s)",
+            (ORG, AGENT, "check_slot", Jsonb({"name": "check_slot", "description": "Slots.",
+                                              "url": target.url("/ok"),
+                                              "parameters": parameters})))
+    await service()
+    call_id = await start_call(bus)
+    request = await request_tool(bus, call_id, "check_slot", {"day": "mon"})
+    failed = await events.outcome(request.tool_call_id)
+    assert failed.type == "tool.failed"
+    assert failed.retryable is False
+    assert "the tool's parameter schema is unusable" in failed.error
+    assert "/ok" not in target.hits
 
 
 async def test_unknown_tool_fails(bus, service, events):

@@ -1,7 +1,7 @@
 import pytest
 
 from parley.common.tools.builtin_specs import BUILTIN_SPECS
-from parley.common.tools.definitions import ToolDefinitionError
+from parley.common.tools.definitions import ToolDefinitionError, argument_errors
 from parley.common.tools.repository import (
     add_tool,
     agent_tool_specs,
@@ -51,6 +51,10 @@ async def test_add_get_list_and_offer_tools(pool, orgs):
     ({"url": "ftp://x"}, "http"),
     ({"parameters": {"type": "array"}}, '"type": "object"'),
     ({"parameters": {"type": "object", "properties": {"x": {"type": "nope"}}}}, "schema"),
+    ({"parameters": {"type": "object", "properties": {"x": {"$ref": "#/$defs/missing"}}}},
+     "'#/\\$defs/missing' does not resolve"),
+    ({"parameters": {"type": "object", "properties": {"x": {"$ref": "https://example.com/s"}}}},
+     "remote references are not fetched"),
     ({"timeout_s": 0}, "invalid tool definition"),
     ({"retry": {"attempts": 0}}, "invalid tool definition"),
     ({"surprise": 1}, "invalid tool definition"),
@@ -59,6 +63,17 @@ async def test_bad_definitions_are_refused(pool, orgs, change, message):
     async with pool.connection() as conn:
         with pytest.raises(ToolDefinitionError, match=message):
             await add_tool(conn, ORG, AGENT, {**CRM, **change})
+
+
+async def test_refs_within_the_schema_are_accepted(pool, orgs):
+    parameters = {"type": "object", "$defs": {"day": {"enum": ["mon", "tue"]}},
+                  "properties": {"day": {"$ref": "#/$defs/day"},
+                                 "slots": {"type": "array", "items": {"$ref": "#/$defs/day"}}}}
+    async with pool.connection() as conn:
+        tool = await add_tool(conn, ORG, AGENT, {**CRM, "parameters": parameters})
+    assert argument_errors(tool.parameters, {"day": "mon", "slots": ["tue"]}) == []
+    assert argument_errors(tool.parameters, {"day": "sun"}) == [
+        "day: 'sun' is not one of ['mon', 'tue']"]
 
 
 async def test_a_tool_needs_an_agent_of_the_org(pool, orgs):

@@ -2,9 +2,10 @@
 
 ``tool.requested`` → look up the call's agent and the tool, validate the arguments (JSON
 Schema), then journal the call in one of three ways: failed at once (unknown tool, invalid
-arguments — the error is phrased for the model), awaiting approval (sensitive tools: the
-request is acked right away so nothing waits on a human), or running. A running tool's outcome
-becomes ``tool.completed`` / ``tool.failed``.
+arguments, a parameters schema that cannot be applied — the error is phrased for the
+model), awaiting approval (sensitive tools: the request is acked right away so nothing waits
+on a human), or running. A running tool's outcome becomes ``tool.completed`` /
+``tool.failed``.
 
 ``tool.approved`` → claim the approved call and run it; ``tool.denied`` → record it. The
 brain reads one terminal event per tool call: ``tool.completed``, ``tool.failed`` or
@@ -26,7 +27,12 @@ from parley.common.bus import Bus
 from parley.common.events import Event, ToolApproved, ToolDenied, ToolRequested
 from parley.common.metrics import Metrics
 from parley.common.tools.builtin_specs import BUILTIN_SPECS
-from parley.common.tools.definitions import HttpTool, ToolSpec, argument_errors
+from parley.common.tools.definitions import (
+    HttpTool,
+    ToolDefinitionError,
+    ToolSpec,
+    argument_errors,
+)
 from parley.common.tools.repository import allows_private_targets, get_secrets, get_tool
 
 from . import journal
@@ -79,14 +85,8 @@ class Dispatcher:
             first: Event | None = None
             state: journal.State
             lease = expires = 0.0
-            if tool is None:
-                state, first = "failed", ToolOutcome.failure(
-                    f"unknown tool {request.name!r}; use only the tools you were given"
-                ).event(request)
-            elif errors := argument_errors(tool.parameters, request.arguments):
-                state, first = "failed", ToolOutcome.failure(
-                    f"invalid arguments for {request.name}: {'; '.join(errors)}. "
-                    "Fix them and call the tool again.").event(request)
+            if (refusal := self._refusal(request, tool)) is not None:
+                state, first = "failed", ToolOutcome.failure(refusal).event(request)
             elif isinstance(tool, HttpTool) and tool.sensitive:
                 state, expires = "awaiting_approval", tool.approval_timeout_s
                 first = journal.approval_request(request, expires)
@@ -126,6 +126,21 @@ class Dispatcher:
                 f"the tool {request.name!r} was removed before it could run"), 0.0)
             return
         await self._run(request, call, tool)
+
+    @staticmethod
+    def _refusal(request: ToolRequested, tool: Tool | None) -> str | None:
+        """Why the call fails without running (phrased for the model), or None."""
+        if tool is None:
+            return f"unknown tool {request.name!r}; use only the tools you were given"
+        try:
+            errors = argument_errors(tool.parameters, request.arguments)
+        except ToolDefinitionError as exc:  # stored before check_schema refused such schemas
+            return (f"the tool's parameter schema is unusable: {exc}. {request.name} cannot "
+                    "be called; do not retry it.")
+        if errors:
+            return (f"invalid arguments for {request.name}: {'; '.join(errors)}. "
+                    "Fix them and call the tool again.")
+        return None
 
     async def _find_tool(self, conn: AsyncConnection[Any], call: CallContext,
                          name: str) -> Tool | None:

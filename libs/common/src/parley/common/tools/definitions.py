@@ -11,6 +11,11 @@ because a timed-out POST may still have taken effect, they happen for idempotent
 HEAD, OPTIONS, PUT, DELETE) unless the tool's author sets ``retry.retry_unsafe_methods`` for
 an endpoint known to be idempotent. Every request carries ``Idempotency-Key: <tool_call_id>``
 so endpoints that support it can deduplicate.
+
+A parameters schema is self-contained: each ``$ref`` must resolve inside it (``#/$defs/…``, an
+anchor, an embedded ``$id``). Nothing is ever fetched — a remote ``$ref`` would let a tool's
+author make the tools service request any URL — so a definition whose refs point elsewhere is
+refused, and validation of arguments never leaves the schema.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from typing import Annotated, Any, Literal
 
 import jsonschema  # type: ignore[import-untyped]
 import msgspec
+import referencing
+import referencing.jsonschema
+from referencing.exceptions import Unresolvable
 
 HttpMethod = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
@@ -27,6 +35,9 @@ TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 ToolName = Annotated[str, msgspec.Meta(pattern=TOOL_NAME_PATTERN)]
 SECRET_PLACEHOLDER = re.compile(r"\{secret:([A-Za-z0-9_.-]{1,128})\}")
 EMPTY_OBJECT_SCHEMA: dict[str, Any] = {"type": "object", "properties": {}}
+# No documents and no retrieve function: a $ref outside the schema itself is Unresolvable
+# (jsonschema's default registry would fetch it over the network).
+NOTHING_REMOTE: referencing.Registry[Any] = referencing.Registry()
 
 
 class ToolDefinitionError(ValueError):
@@ -105,18 +116,51 @@ def parse_http_tool(data: dict[str, Any] | bytes) -> HttpTool:
 
 
 def check_schema(schema: dict[str, Any]) -> None:
-    """Raise ToolDefinitionError unless ``schema`` is a valid JSON Schema for an object."""
+    """Raise ToolDefinitionError unless ``schema`` is a valid, self-contained object schema."""
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
         raise ToolDefinitionError(f"invalid parameters schema: {exc.message}") from exc
     if schema.get("type") != "object":
         raise ToolDefinitionError('the parameters schema must have "type": "object"')
+    _check_references(schema)
+
+
+def _check_references(schema: dict[str, Any]) -> None:
+    """Resolve every ``$ref`` / ``$dynamicRef`` of the schema and its subschemas, locally."""
+    specification = referencing.jsonschema.specification_with(
+        schema.get("$schema", ""), default=referencing.jsonschema.DRAFT202012)
+    root = specification.create_resource(schema)
+    pending = [(root, NOTHING_REMOTE.resolver_with_root(root))]
+    while pending:
+        resource, resolver = pending.pop()
+        contents = resource.contents
+        for keyword in ("$ref", "$dynamicRef"):
+            reference = contents.get(keyword) if isinstance(contents, dict) else None
+            if not isinstance(reference, str):
+                continue
+            try:
+                resolver.lookup(reference)
+            except Unresolvable as exc:
+                raise ToolDefinitionError(
+                    f"invalid parameters schema: {keyword} {reference!r} does not resolve "
+                    "within the schema (remote references are not fetched)") from exc
+        pending.extend((sub, resolver.in_subresource(sub)) for sub in resource.subresources())
 
 
 def argument_errors(schema: dict[str, Any], arguments: dict[str, Any]) -> list[str]:
-    """Every way ``arguments`` break ``schema``, phrased for the model; empty when valid."""
-    validator = jsonschema.validators.validator_for(schema)(schema)
-    errors = sorted(validator.iter_errors(arguments), key=lambda e: list(e.absolute_path))
+    """Every way ``arguments`` break ``schema``, phrased for the model; empty when valid.
+
+    Raise ToolDefinitionError when the schema itself cannot be applied — a ``$ref`` that does
+    not resolve (a definition stored before :func:`check_schema` refused those), or refs that
+    loop without consuming the arguments.
+    """
+    validator = jsonschema.validators.validator_for(schema)(schema, registry=NOTHING_REMOTE)
+    try:
+        errors = sorted(validator.iter_errors(arguments), key=lambda e: list(e.absolute_path))
+    except Unresolvable as exc:
+        raise ToolDefinitionError(f"a $ref does not resolve: {exc}") from exc
+    except RecursionError as exc:
+        raise ToolDefinitionError("its $refs loop endlessly") from exc
     return [(f"{'/'.join(str(p) for p in e.absolute_path)}: " if e.absolute_path else "")
             + e.message for e in errors]
