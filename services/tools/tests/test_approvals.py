@@ -2,8 +2,9 @@ import aiohttp
 import pytest
 
 from parley.common.configuration import create_api_key
+from parley.common.tools.repository import get_tool
 
-from .conftest import ORG, add_http_tool, request_tool, start_call
+from .conftest import AGENT, ORG, add_http_tool, request_tool, start_call, wait_for
 
 PROBLEM = "application/problem+json"
 
@@ -112,3 +113,26 @@ async def test_a_waiting_approval_survives_a_restart(bus, pool, service, target,
     assert status == 200
     assert (await events.outcome(request.tool_call_id)).type == "tool.completed"
     assert target.hits["/ok"] == 1
+
+
+async def test_an_approved_tool_is_leased_for_its_worst_case_runtime(
+        bus, pool, service, target, events, http, api_key):
+    # a fixed 150 s lease let the sweep fail a slow endpoint still running (and drop its result)
+    await add_http_tool(pool, "slow_refund", target.url("/slow"), method="PUT", timeout_s=60,
+                        retry={"attempts": 3, "backoff_max_s": 2.0}, sensitive=True)
+    tools = await service()
+    request = await request_tool(bus, await start_call(bus), "slow_refund")
+    await events.wait("tool.approval_requested", request.tool_call_id)
+
+    status, _, _ = await decide(http, tools, request.tool_call_id, "approve", api_key)
+    assert status == 200
+    await wait_for(lambda: target.hits.get("/slow") == 1)
+    async with pool.connection() as conn:
+        cursor = await conn.execute(
+            "SELECT state, EXTRACT(EPOCH FROM lease_until - now()) FROM tool_calls "
+            "WHERE call_id = %s AND tool_call_id = %s", (request.call_id, request.tool_call_id))
+        state, lease_left_s = await cursor.fetchone()
+        tool = await get_tool(conn, ORG, AGENT, "slow_refund")
+    assert state == "running"
+    assert lease_left_s > tool.worst_case_s() > 150
+    assert (await events.outcome(request.tool_call_id)).type == "tool.completed"

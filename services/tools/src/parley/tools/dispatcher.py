@@ -121,6 +121,9 @@ class Dispatcher:
             request, _ = claimed
             call = await self.directory.lookup(conn, request.org_id, request.call_id)
             tool = await self._find_tool(conn, call, request.name)
+            if tool is not None:  # the claim could not know the tool: lease it for its runtime
+                await journal.extend_lease(conn, event.call_id, event.tool_call_id,
+                                           lease_s=self._lease(tool))
         if tool is None:
             await self._report(request, ToolOutcome.failure(
                 f"the tool {request.name!r} was removed before it could run"), 0.0)

@@ -132,6 +132,15 @@ async def start_approved(conn: AsyncConnection[Any], call_id: str, tool_call_id:
     return None if row is None else (request_of(row), row[7])
 
 
+async def extend_lease(conn: AsyncConnection[Any], call_id: str, tool_call_id: str,
+                       lease_s: float) -> None:
+    """Give a running call until ``lease_s`` from now before the sweep fails it."""
+    await conn.execute(
+        "UPDATE tool_calls SET lease_until = now() + %s, updated_at = now() "
+        "WHERE call_id = %s AND tool_call_id = %s AND state = 'running'",
+        (timedelta(seconds=lease_s), call_id, tool_call_id))
+
+
 async def expire(conn: AsyncConnection[Any], *, limit: int = 100) -> int:
     """Deny approvals past their deadline and fail runs whose lease ran out; how many."""
     count = 0
