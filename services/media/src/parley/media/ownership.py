@@ -158,13 +158,20 @@ class Leases:
         """Keep renewing ``call_id``'s lease (from ``revision``) until :meth:`let_go`.
 
         ``state()`` gives the value each renewal writes; ``on_lost()`` runs once if a renewal
-        finds that another instance has the lease (the hold ends then).
+        finds that another instance has the lease (the hold ends then). A lease is held from the
+        moment it is won — a session takes longer to start (settings, a recogniser to open) than
+        a silent lease is left alone — so for a lease held already, only ``state`` and
+        ``on_lost`` change: its renewals go on from the revision they reached.
         """
         if self._renewer is None:
             nc = self.bus.nc
             self._inbox = nc.new_inbox()
             self._ack_sub = await nc.subscribe(f"{self._inbox}.*", cb=self._on_ack)
             self._renewer = asyncio.create_task(self._renew_due(), name="lease-renewer")
+        held = self._held.get(call_id)
+        if held is not None:
+            held.state, held.on_lost = state, on_lost
+            return
         loop = asyncio.get_running_loop()
         self._held[call_id] = _Held(revision, state, on_lost, due=loop.time() + self.renew_s)
 
@@ -304,7 +311,8 @@ class Leases:
         """Start following the bucket and taking over calls whose owner went silent.
 
         ``take_over(call_id, state, revision)`` runs for each call this instance wins (the state
-        is the previous owner's, the revision ours).
+        is the previous owner's, the revision ours); the lease is held (renewed with that state)
+        from the moment it is won, until the call's session holds it or ``take_over`` lets go.
         """
         kv = await self.kv()
         self._watcher = watcher = await kv.watchall()
@@ -352,20 +360,26 @@ class Leases:
                 if state.owner and now - seen < self.timeout_s:
                     continue
                 self._taking.add(call_id)
+                mine = msgspec.structs.replace(state, owner=self.instance)
                 try:
-                    won = await self._try_take(call_id, state, revision)
+                    won = await self._try_take(call_id, mine, revision)
                     if won is not None:
                         log.warning("taking over call %s from %s (lease silent %.1fs)",
                                     call_id, state.owner or "a departing instance", now - seen)
+                        # Renewed from now on: starting the call's session takes a while.
+                        if call_id not in self._held:
+                            await self.hold(call_id, won, lambda mine=mine: mine,
+                                            lambda call_id=call_id: log.warning(
+                                                "call %s: lost before its session started",
+                                                call_id))
                         await take_over(call_id, state, won)
                 except Exception:
                     log.exception("take-over of %s failed", call_id)
                 finally:
                     self._taking.discard(call_id)
 
-    async def _try_take(self, call_id: str, state: LeaseState, revision: int) -> int | None:
+    async def _try_take(self, call_id: str, mine: LeaseState, revision: int) -> int | None:
         kv = await self.kv()
-        mine = msgspec.structs.replace(state, owner=self.instance)
         try:
             return await kv.update(call_id, _encoder.encode(mine), last=revision)
         except KeyWrongLastSequenceError:

@@ -244,15 +244,16 @@ class CallSession:
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
-        """Open the recogniser, follow the call, and clean up when it is over."""
+        """Hold the lease, open the recogniser, follow the call, and clean up when it is over."""
         bus = self.s.bus
         try:
+            # First: opening a recogniser can take longer than a lease is left unrenewed.
+            await self.s.leases.hold(self.call_id, self.revision, self._lease_state,
+                                     self._lease_lost)
             self._stt_name, self._stt = await self.s.stt.open(
                 self._stt_chain, self._open_stt)
             self._stt_task = asyncio.create_task(self._recognise(), name=f"stt:{self.call_id}")
             self._tasks.append(asyncio.create_task(self._speaker(), name=f"tts:{self.call_id}"))
-            await self.s.leases.hold(self.call_id, self.revision, self._lease_state,
-                                     self._lease_lost)
             self._subs.append(await bus.nc.subscribe(
                 call_events(self.call_id, self.org_id), cb=self._on_event_message))
             await bus.nc.flush()  # subscribed on the server: every later event reaches us live

@@ -5,7 +5,8 @@ Calls arrive through the shared durable consumer ``media-claims`` on ``call.stre
 a :class:`~parley.media.session.CallSession`; a redelivered or duplicate event finds the lease
 taken and is acked. A stream that is not ``cascading`` (ConversationRelay does its own speech)
 is not media's. The :class:`~parley.media.ownership.Leases` watcher starts sessions for calls
-whose owner went silent, resuming from the lease's checkpoint.
+whose owner went silent, resuming from the lease's checkpoint. A lease is renewed from the
+moment it is won, while the session starts (settings to read, a recogniser to open).
 """
 
 from __future__ import annotations
@@ -125,6 +126,9 @@ class MediaWorker:
         if revision is None:
             log.info("call %s is already owned; not claiming", event.call_id)
             return
+        # Renewed from now on: the session takes a while to start (settings, a recogniser).
+        await self.s.leases.hold(event.call_id, revision, lambda: state, lambda: log.warning(
+            "call %s: lost before its session started", event.call_id))
         await self._start(event.call_id, event.org_id, event.agent_id, revision, None)
 
     async def _take_over(self, call_id: str, state: LeaseState, revision: int) -> None:
@@ -132,6 +136,7 @@ class MediaWorker:
             return
         events = await self.s.bus.replay_call(call_id, org_id=state.org_id)
         if any(isinstance(e, CallEnded) for e in events):
+            revision = await self.s.leases.let_go(call_id) or revision  # renewed meanwhile
             await self.s.leases.release(call_id, revision)
             return
         if self._taken is not None:
