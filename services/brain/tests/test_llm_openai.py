@@ -91,6 +91,21 @@ async def test_tool_call_fragments_are_assembled(emulator: OpenAICompatEmulator,
         {"role": "tool", "tool_call_id": "call_7", "content": '{"status": "shipped"}'}]
 
 
+async def test_tool_calls_sent_without_ids_get_ids_that_never_repeat(
+        emulator: OpenAICompatEmulator, llm: OpenAICompatLlm) -> None:
+    # "call_{index}" gave every call's first tool call the same id: the tools journal took the
+    # second for a repeat of the first and never ran it, and the turn waited forever
+    emulator.tool_call_ids = False
+    lookups = (ScriptedToolUse(name="lookup_order", input={"order": "42"}),
+               ScriptedToolUse(name="lookup_order", input={"order": "43"}))
+    emulator.script(ScriptedReply(tool_uses=lookups), ScriptedReply(tool_uses=lookups))
+    first, second = [[e for e in await collect(llm, REQUEST) if isinstance(e, ToolCall)]
+                     for _ in range(2)]
+    assert [c.arguments for c in first] == [{"order": "42"}, {"order": "43"}]
+    ids = [c.id for c in (*first, *second)]
+    assert len(set(ids)) == 4 and all(i.startswith("call_") for i in ids)
+
+
 async def test_errors_are_classified(emulator: OpenAICompatEmulator,
                                      llm: OpenAICompatLlm) -> None:
     emulator.faults.fail_next(503)

@@ -57,6 +57,10 @@ def retriever(*chunks: Passage):
     return retrieve
 
 
+def first_id() -> str:
+    return "local_1"
+
+
 async def run(responder: LocalResponder, *messages: Message,
               tools: tuple[ToolSpec, ...] = ()) -> tuple[str, list[ToolCall], Done, list[str]]:
     events: list[LlmEvent] = [e async for e in responder.stream(
@@ -78,7 +82,8 @@ async def test_greeting() -> None:
 
 
 async def test_goodbye_ends_the_call() -> None:
-    text, calls, done, _ = await run(LocalResponder(), say("No, that's all. Bye!"))
+    text, calls, done, _ = await run(LocalResponder(new_tool_call_id=first_id),
+                                     say("No, that's all. Bye!"))
     assert text == "Thanks for calling. Goodbye!"
     assert calls == [ToolCall(id="local_1", name="end_call", arguments={})]
     assert done.intent == "goodbye" and done.stop_reason == "tool_use"
@@ -88,10 +93,19 @@ async def test_goodbye_ends_the_call() -> None:
                                   "I want to talk to an agent", "representative",
                                   "Put me through to a real person please"])
 async def test_asking_for_a_human_transfers(said: str) -> None:
-    text, calls, done, _ = await run(LocalResponder(transfer_number="+14155550123"), say(said))
+    text, calls, done, _ = await run(
+        LocalResponder(transfer_number="+14155550123", new_tool_call_id=first_id), say(said))
     assert calls == [ToolCall(id="local_1", name="transfer_call",
                               arguments={"to": "+14155550123"})]
     assert "transfer" in text and done.intent == "human"
+
+
+async def test_tool_call_ids_never_repeat_across_calls() -> None:
+    # "local_<n>" repeated in every call: approving "local_1" by id was ambiguous within an org
+    responder = LocalResponder()
+    ids = [(await run(responder, say("Bye!")))[1][0].id for _ in range(2)]
+    ids += [(await run(LocalResponder(), say("Bye!")))[1][0].id]
+    assert len(set(ids)) == 3 and all(i.startswith("local_") for i in ids)
 
 
 async def test_human_without_a_transfer_number_promises_a_follow_up() -> None:
@@ -131,7 +145,7 @@ async def test_declines_without_inventing_when_nothing_relevant(
 
 async def test_a_matching_tool_is_called_with_extracted_arguments() -> None:
     text, calls, done, _ = await run(
-        LocalResponder(),
+        LocalResponder(new_tool_call_id=first_id),
         say("I'd like to book an appointment for a cleaning on Tuesday at 3 pm. "
             "My name is Ana Lopez, my number is 415 555 0123."), tools=(BOOK,))
     assert calls == [ToolCall(id="local_1", name="book_appointment", arguments={
@@ -141,7 +155,7 @@ async def test_a_matching_tool_is_called_with_extracted_arguments() -> None:
 
 
 async def test_missing_required_arguments_are_asked_for_once() -> None:
-    responder = LocalResponder()
+    responder = LocalResponder(new_tool_call_id=first_id)
     first = say("Can I make an appointment?")
     text, calls, _, _ = await run(responder, first, tools=(BOOK,))
     assert not calls and text == "Sure, I can help with that. Could you tell me the day and time?"

@@ -7,6 +7,7 @@ the arguments JSON in fragments, a ``finish_reason`` chunk, a usage chunk when
 ``stream_options.include_usage`` is set, then ``data: [DONE]``); otherwise one
 ``chat.completion`` object. ``Authorization: Bearer <api_key>`` is checked when ``api_key`` is
 set; ``fail_next(status)`` answers with OpenAI's error JSON. Bodies land in :attr:`requests`.
+With ``tool_call_ids=False`` tool calls carry no id, as some local servers send them.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class OpenAICompatEmulator(EmulatorServer):
 
     def __init__(self, *, api_key: str | None = None, model: str = "emulated-chat",
                  tokens_per_second: float | None = None,
-                 default_reply: Script | None = None) -> None:
+                 default_reply: Script | None = None, tool_call_ids: bool = True) -> None:
         super().__init__()
         self.api_key = api_key
         self.model = model
@@ -51,6 +52,7 @@ class OpenAICompatEmulator(EmulatorServer):
         self.scripts: deque[Script] = deque()
         self.faults = AnthropicFaults()  # only fail_next() applies here
         self.requests: list[dict[str, Any]] = []
+        self.tool_call_ids = tool_call_ids
 
     def script(self, *replies: Script) -> None:
         """Queue replies, used in order by the next requests."""
@@ -83,7 +85,8 @@ class OpenAICompatEmulator(EmulatorServer):
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         finish = "tool_calls" if reply.tool_uses else "stop"
         calls: list[dict[str, Any]] = [
-            {"id": use.id or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            {**({"id": use.id or f"call_{uuid.uuid4().hex[:24]}"} if self.tool_call_ids else {}),
+             "type": "function",
              "function": {"name": use.name, "arguments": json.dumps(use.input)}}
             for use in reply.tool_uses]
         if not body.get("stream"):
@@ -102,7 +105,8 @@ class OpenAICompatEmulator(EmulatorServer):
             await self._send(response, chunk, {"content": token})
         for index, call in enumerate(calls):
             await self._send(response, chunk, {"tool_calls": [{
-                "index": index, "id": call["id"], "type": "function",
+                "index": index, **({"id": call["id"]} if "id" in call else {}),
+                "type": "function",
                 "function": {"name": call["function"]["name"], "arguments": ""}}]})
             for fragment in json_fragments(reply.tool_uses[index].input):
                 await self._pace()

@@ -1,7 +1,8 @@
 """The offline default "LLM": intent rules plus answers lifted verbatim from the knowledge base.
 
-Deterministic and free, so a call works with no API keys and tests are exact. For the caller's
-latest words it picks an intent (:func:`classify_intent`) and answers:
+Deterministic (tool-call ids aside, see below) and free, so a call works with no API keys and
+tests are exact. For the caller's latest words it picks an intent (:func:`classify_intent`) and
+answers:
 
 - greeting → a short greeting; thanks → "you're welcome";
 - goodbye → a goodbye sentence, then the ``end_call`` tool;
@@ -18,6 +19,10 @@ latest words it picks an intent (:func:`classify_intent`) and answers:
 When the conversation ends with a tool result, it phrases a reply from that result. Text comes
 out a few words per :class:`TextDelta` (so clause streaming downstream is exercised), then a
 :class:`Done` with zero usage and the chosen ``intent``.
+
+Tool-call ids are random (``local_<uuid hex>``), as a model's are: an id names its tool call in
+the tools journal and in the approval API across all of an org's calls, so it must never
+repeat. Tests that want exact ids inject ``new_tool_call_id``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import asyncio
 import json
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -126,13 +132,16 @@ class LocalResponder:
 
     def __init__(self, *, retrieve: Retrieve | None = None, transfer_number: str | None = None,
                  greeting: str = "Hi! How can I help you today?", min_score: float = 0.05,
-                 words_per_delta: int = 3, clock: Callable[[], float] = time.monotonic) -> None:
+                 words_per_delta: int = 3, clock: Callable[[], float] = time.monotonic,
+                 new_tool_call_id: Callable[[], str] = lambda: f"local_{uuid.uuid4().hex}"
+                 ) -> None:
         self.retrieve = retrieve
         self.transfer_number = transfer_number
         self.greeting = greeting
         self.min_score = min_score
         self.words_per_delta = words_per_delta
         self._clock = clock
+        self._new_tool_call_id = new_tool_call_id
 
     async def stream(self, request: LlmRequest) -> AsyncIterator[LlmEvent]:
         """Reply to the conversation in ``request``: text in word groups, tool calls, Done."""
@@ -155,7 +164,7 @@ class LocalResponder:
         if messages and isinstance(messages[-1], ToolResult):
             return _phrase_tool_result(messages), None, Intent.TOOL
         said = request.last_user_text
-        call_id = f"local_{sum(isinstance(m, ToolUse) for m in messages) + 1}"
+        call_id = self._new_tool_call_id()
         pending = _pending_tool(messages, request.tools)
         if pending is not None:
             tool, earlier = pending

@@ -5,14 +5,17 @@ prefix, as in the OpenAI SDK (``http://localhost:11434/v1``). The response is se
 ``data: {chat.completion.chunk}`` lines ending with ``data: [DONE]``. Text comes in
 ``delta.content``; tool calls come in ``delta.tool_calls`` fragments keyed by ``index`` (the id
 and name first, then pieces of the ``arguments`` JSON), joined and emitted as :class:`ToolCall`
-when the choice finishes. ``stream_options.include_usage`` asks for a last chunk with usage
-(servers that do not know it ignore it or, with ``include_usage=False``, are not asked).
+when the choice finishes; a call the server sent without an id gets a random one (the id names
+the tool call in the tools journal and the conversation, so it must never repeat).
+``stream_options.include_usage`` asks for a last chunk with usage (servers that do not know it
+ignore it or, with ``include_usage=False``, are not asked).
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -139,8 +142,8 @@ class OpenAICompatLlm:
             if not isinstance(arguments, dict):
                 raise LlmError(self.name, f"tool {call['name']!r}: arguments are not an object",
                                retryable=False)
-            complete.append(ToolCall(id=call["id"] or f"call_{index}", name=call["name"],
-                                     arguments=arguments))
+            complete.append(ToolCall(id=call["id"] or f"call_{uuid.uuid4().hex}",
+                                     name=call["name"], arguments=arguments))
         return complete
 
 
