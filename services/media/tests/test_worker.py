@@ -132,3 +132,32 @@ async def test_a_call_taken_over_is_not_taken_again_while_its_session_starts(
         await b.stop()
         await c.stop()
         await other_bus.close()
+
+
+async def test_a_claim_whose_session_fails_to_start_is_claimed_again(bus) -> None:
+    agents = Agents(failures=1)  # e.g. Postgres restarting as the call came in
+    a = worker(bus, "media-a", agents)
+    try:
+        await a.start()
+        await bus.publish(CallStreamStarted(org_id=ORG, call_id="call-3", stream_id="s1",
+                                            gateway_instance="g1", agent_id="a1"))
+        await wait_for(lambda: serving("call-3", a) == ["media-a"])
+        assert agents.lookups == 2  # the redelivered event claimed it again
+    finally:
+        await a.stop()
+
+
+async def test_a_take_over_that_fails_to_start_is_handed_back(bus) -> None:
+    agents = Agents(failures=1)
+    b = worker(bus, "media-b", agents)
+    try:
+        departing = Leases(bus, "departing")
+        revision = await departing.claim("call-4", LeaseState(owner="departing", org_id=ORG))
+        assert revision is not None
+        await b.s.leases.watch(b._take_over)
+        await departing.release("call-4", revision,
+                                hand_over=LeaseState(owner="departing", org_id=ORG))
+        await wait_for(lambda: serving("call-4", b) == ["media-b"])
+        assert agents.lookups == 2
+    finally:
+        await b.stop()

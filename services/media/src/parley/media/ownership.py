@@ -313,6 +313,8 @@ class Leases:
         ``take_over(call_id, state, revision)`` runs for each call this instance wins (the state
         is the previous owner's, the revision ours); the lease is held (renewed with that state)
         from the moment it is won, until the call's session holds it or ``take_over`` lets go.
+        If ``take_over`` raises, the lease is handed back (owner emptied) for any instance to
+        take at once.
         """
         kv = await self.kv()
         self._watcher = watcher = await kv.watchall()
@@ -361,6 +363,7 @@ class Leases:
                     continue
                 self._taking.add(call_id)
                 mine = msgspec.structs.replace(state, owner=self.instance)
+                won: int | None = None
                 try:
                     won = await self._try_take(call_id, mine, revision)
                     if won is not None:
@@ -375,8 +378,15 @@ class Leases:
                         await take_over(call_id, state, won)
                 except Exception:
                     log.exception("take-over of %s failed", call_id)
+                    if won is not None:  # won but nobody serves it: any instance may take it
+                        await self._hand_back(call_id, mine)
                 finally:
                     self._taking.discard(call_id)
+
+    async def _hand_back(self, call_id: str, state: LeaseState) -> None:
+        revision = await self.let_go(call_id)
+        if revision is not None:
+            await self.release(call_id, revision, hand_over=msgspec.structs.replace(state))
 
     async def _try_take(self, call_id: str, mine: LeaseState, revision: int) -> int | None:
         kv = await self.kv()

@@ -126,10 +126,16 @@ class MediaWorker:
         if revision is None:
             log.info("call %s is already owned; not claiming", event.call_id)
             return
-        # Renewed from now on: the session takes a while to start (settings, a recogniser).
-        await self.s.leases.hold(event.call_id, revision, lambda: state, lambda: log.warning(
-            "call %s: lost before its session started", event.call_id))
-        await self._start(event.call_id, event.org_id, event.agent_id, revision, None)
+        try:
+            # Renewed from now on: the session takes a while to start (settings, a recogniser).
+            await self.s.leases.hold(event.call_id, revision, lambda: state, lambda: log.warning(
+                "call %s: lost before its session started", event.call_id))
+            await self._start(event.call_id, event.org_id, event.agent_id, revision, None)
+        except Exception:
+            # Nobody serves the call: give the claim up, so the redelivery can claim it again.
+            revision = await self.s.leases.let_go(event.call_id) or revision
+            await self.s.leases.release(event.call_id, revision)
+            raise
 
     async def _take_over(self, call_id: str, state: LeaseState, revision: int) -> None:
         if call_id in self.sessions:
