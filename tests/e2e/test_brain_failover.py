@@ -69,5 +69,8 @@ async def test_a_killed_brain_is_replaced_and_no_clause_is_said_twice(
         completed = [e for e in events if e.type == "turn.completed"]
         assert len(completed) == 1 and not completed[0].cancelled
         assert len(emulator.requests) >= 2  # the second instance really re-ran the turn
+        # ... going on from what the first had said: the said clauses were its prefill.
+        prefill = emulator.requests[-1]["messages"][-1]["content"][-1]["text"]
+        assert prefill.startswith(says[0].text) and REPLY.startswith(prefill)
     finally:
         await emulator.stop()

@@ -132,6 +132,26 @@ def test_messages_alternate_and_a_lone_text_is_sent_as_a_string() -> None:
         {"role": "user", "content": "Thanks"}]
 
 
+async def test_a_prefill_is_continued_and_joins_a_trailing_assistant_message(
+        emulator: AnthropicEmulator, claude: AnthropicLlm) -> None:
+    emulator.script(ScriptedReply(text="We open at eight. We close at five."))
+    said = "We open at eight."
+    events = await collect(claude, ask("When are you open?", prefill=said + " "))
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == " We close at five."
+    assert emulator.requests[-1]["messages"][-1] == {
+        "role": "assistant", "content": [{"type": "text", "text": said}]}
+
+    # The history already ends with the agent's words (a greeting stored after the caller's
+    # turn): the prefill is that message's last block, as the API wants roles to alternate.
+    greeted = LlmRequest(system=SYSTEM, prefill=said, messages=(
+        UserMessage(text="When are you open?"), AssistantMessage(text="Hello!")))
+    emulator.script(ScriptedReply(text="We open at eight. We close at five."))
+    events = await collect(claude, greeted)
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == " We close at five."
+    assert emulator.requests[-1]["messages"][-1] == {"role": "assistant", "content": [
+        {"type": "text", "text": "Hello!"}, {"type": "text", "text": said}]}
+
+
 async def test_tool_use_round_trip(emulator: AnthropicEmulator, claude: AnthropicLlm) -> None:
     arguments = {"day": "Tuesday", "time": "10:30", "note": "first visit, \"sensitive\" teeth"}
     emulator.script(

@@ -112,6 +112,41 @@ async def test_barge_in_cancels_generation_and_history_keeps_what_was_heard(
         await llm.aclose()
 
 
+async def test_a_turn_re_run_after_failing_mid_reply_goes_on_from_what_the_caller_heard(
+        bus, pool, emulator, recorder) -> None:
+    reply = "We open at eight. We close at five. A cleaning is ninety five dollars. Anything else?"
+
+    def recovered(body: dict) -> ScriptedReply:
+        emulator.faults.error_after_tokens = None  # the provider is well again
+        return ScriptedReply(text=reply)
+
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(services(bus, pool, [llm]))
+    await worker.start()
+    try:
+        await open_call(bus, "c6")
+        await recorder.wait("agent.say", "c6")
+        # The first answer breaks off (overloaded_error) after its first two clauses' words.
+        emulator.faults.error_after_tokens = 9
+        emulator.script(ScriptedReply(text=reply), recovered)
+        await user_says(bus, "c6", "t1", "Tell me about the clinic.")
+        done, = await recorder.wait("turn.completed", "c6", timeout=15)
+        assert not done.cancelled and len(emulator.requests) == 2
+        said = [(e.seq, e.text, e.last) for e in recorder.of("agent.say", "c6")
+                if e.turn_id == "t1"]
+        assert [seq for seq, _, _ in said] == list(range(len(said))), said
+        assert " ".join(text for _, text, _ in said if text) == reply  # nothing lost or repeated
+        assert [last for _, _, last in said].count(True) == 1 and said[-1][2]
+        # The re-run asked the model to go on from the clauses already said (a prefill).
+        heard = " ".join(text for seq, text, _ in said if seq < 2)
+        assert heard.startswith("We open at eight.")
+        assert emulator.requests[1]["messages"][-1] == {
+            "role": "assistant", "content": [{"type": "text", "text": heard}]}
+    finally:
+        await worker.stop()
+        await llm.aclose()
+
+
 async def test_local_responder_is_grounded_in_ingested_knowledge(bus, pool, recorder) -> None:
     await ingest(pool, ORG, AGENT, "prices.md", b"# Prices\n\nA teeth cleaning costs $95. "
                  b"A whitening session costs $250.\n\nWe accept most dental insurance plans.")

@@ -5,8 +5,9 @@ what the caller said (``turn.user_ended``), what the agent said (``agent.say`` c
 after ``agent.speech.interrupted`` only the part the caller actually heard), the tools the agent
 called and their outcomes. Tool calls split an agent turn into *rounds*: round 0 answers the
 caller, round *n* continues after the *n*-th tool outcome. Clause numbers (``seq``) run on
-across rounds, and a round re-run after a crash numbers its clauses from where the round began,
-so a repeat carries the same event ids and is dropped as a duplicate.
+across rounds; a round re-run after a crash goes on after the clauses it already said
+(``next_seq``), and a clause repeated with the same number carries the same event id and is
+dropped as a duplicate.
 """
 
 from __future__ import annotations

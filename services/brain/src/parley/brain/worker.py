@@ -39,8 +39,9 @@ ordered consumer over every call event keeps the instance's copy current, so lat
 from memory (replaying only if the copy has a gap).
 
 Event ids are derived from the call, turn, round and seq, so an instance that re-runs a turn
-after another died mid-turn emits the same ids and JetStream drops the repeats; clauses the fold
-already shows are not sent again.
+after another died mid-turn emits the same ids and JetStream drops the repeats. Clauses the fold
+already shows are not said again: the caller heard them, so the re-run sends them as the
+request's prefill (the model goes on from them) and numbers its clauses after them.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from nats.js.api import DeliverPolicy, PubAck
 
 from parley.brain.conversation import Conversation, fold
 from parley.brain.llm.base import (
+    AssistantMessage,
     Done,
     Filler,
     KnowledgeChunk,
@@ -155,6 +157,14 @@ Retrieve = Callable[[str, str, str], Awaitable[list[Any]]]  # org, agent, query 
 Profile = Callable[[str, str, str], Awaitable[str]]  # org, call, from number → summary
 AgentSource = Callable[[str, str], Awaitable[AgentSettings]]  # org, agent → settings
 ToolSource = Callable[[str, str], Awaitable[list[ToolSpec]]]  # org, agent → tools
+
+
+def _continuing(request: LlmRequest) -> LlmRequest:
+    """``request`` with its trailing reply (what the round said so far) moved to the prefill."""
+    *history, said = request.messages
+    if not isinstance(said, AssistantMessage):
+        return request
+    return msgspec.structs.replace(request, messages=tuple(history), prefill=said.text)
 
 
 def _content_words(text: str) -> set[str]:
@@ -635,6 +645,17 @@ class BrainWorker:
         # The clause media already plays as this turn's answer (prepared by a speculation).
         prepared = cause.prepared_text if isinstance(cause, TurnUserEnded) else ""
         prepared_last = isinstance(cause, TurnUserEnded) and cause.prepared_last
+        seq = agent_turn.round_starts[round_no]  # where this round's clauses begin
+        if agent_turn.next_seq > seq:
+            # A re-run of a round that already said its first clauses (its instance died, or the
+            # provider failed after them): the caller heard them, so the model goes on from
+            # them — they become the request's prefill, not a reply in the history that a
+            # model could begin again — and the new clauses are numbered after them.
+            request = _continuing(request)
+            seq, prepared, prepared_last = agent_turn.next_seq, "", False
+            if speculation is not None:
+                speculation.cancel("discarded")
+                speculation = None
         stream: AsyncIterator[RouterEvent] | None = None
         if speculation is not None:
             if speculation.prepared_as(prepared, prepared_last) or (
@@ -648,8 +669,6 @@ class BrainWorker:
         for fact in (*context_events, turn_started):
             pending.append(await bus.send(fact))
 
-        seq = agent_turn.round_starts[round_no]  # where this round's clauses begin
-        already = agent_turn.next_seq  # clauses a crashed run of this round already sent
         splitter = ClauseSplitter()
         done: Done | None = None
         terminal = False  # the agent is hanging up or transferring: nothing more to say
@@ -659,12 +678,11 @@ class BrainWorker:
 
         async def say(text: str, *, last: bool = False) -> None:
             nonlocal seq
-            if seq >= already and (text.strip() or last):
+            if text.strip() or last:
                 pending.append(await bus.send(AgentSay(
                     id=stable_id(call_id, turn_id, "say", seq), org_id=org_id,
                     call_id=call_id, turn_id=turn_id, seq=seq, text=text.strip(), last=last,
                     causation_id=cause.id)))
-            if text.strip() or last:
                 seq += 1
 
         if prepared and stream is None:

@@ -4,7 +4,9 @@ It checks the API key — ``x-api-key``, or ``Authorization: Bearer`` as anthrop
 — (401 ``authentication_error`` otherwise) and the request's required
 fields (400 ``invalid_request_error``), then answers with the next scripted reply
 (:class:`ScriptedReply`: text and/or tool uses, or a function of the request body) — or
-``default_reply`` when the queue is empty. A stream has the real event shapes: ``message_start``
+``default_reply`` when the queue is empty. A request whose last message is the assistant's is a
+prefill, as in the real API: the reply continues it — a scripted text that starts with the
+prefill is sent from where the prefill ends. A stream has the real event shapes: ``message_start``
 (with usage), ``ping``, ``content_block_start`` (``text`` / ``tool_use``), ``content_block_delta``
 (``text_delta`` one word at a time / ``input_json_delta`` with the JSON cut into fragments),
 ``content_block_stop``, ``message_delta`` (``stop_reason``, usage) and ``message_stop``.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import re
 import time
@@ -176,7 +179,7 @@ class AnthropicEmulator(EmulatorServer):
             return _error(status, {429: "Number of request tokens has exceeded your rate limit",
                                    529: "Overloaded"}.get(status, "Internal server error"))
         script = self.scripts.popleft() if self.scripts else self.default_reply
-        reply = script(body) if callable(script) else script
+        reply = _continued(script(body) if callable(script) else script, body["messages"][-1])
         usage = self._usage(body)
         if body.get("stream"):
             return await self._stream(request, reply, usage)
@@ -316,6 +319,19 @@ def _invalid(body: Any) -> str | None:
     if any(a == b for a, b in zip(roles, roles[1:], strict=False)):
         return "messages: roles must alternate between user and assistant"
     return None
+
+
+def _continued(reply: ScriptedReply, last: dict[str, Any]) -> ScriptedReply:
+    """``reply`` as the continuation of an assistant prefill (the request's last message)."""
+    if last["role"] != "assistant":
+        return reply
+    content = last.get("content")
+    texts = [content] if isinstance(content, str) else [
+        block.get("text", "") for block in content or [] if isinstance(block, dict)]
+    prefill = texts[-1] if texts else ""  # the model goes on from the message's last block
+    if not prefill or not reply.text.startswith(prefill):
+        return reply
+    return dataclasses.replace(reply, text=reply.text[len(prefill):])
 
 
 def _credential(request: web.Request) -> str | None:

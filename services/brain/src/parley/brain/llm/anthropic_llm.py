@@ -103,8 +103,14 @@ class AnthropicLlm:
         """The ``messages.create`` keyword arguments for ``request`` (without ``stream``)."""
         messages = to_anthropic_messages(request.messages)
         if request.prefill.strip():  # the API refuses a final assistant turn ending in a space
-            messages.append({"role": "assistant", "content": [
-                {"type": "text", "text": request.prefill.rstrip()}]})
+            block = {"type": "text", "text": request.prefill.rstrip()}
+            if messages and messages[-1]["role"] == "assistant":  # roles must alternate
+                content = messages[-1]["content"]
+                messages[-1]["content"] = [
+                    *([{"type": "text", "text": content}] if isinstance(content, str)
+                      else content), block]
+            else:
+                messages.append({"role": "assistant", "content": [block]})
         params: dict[str, Any] = {"model": self.model, "max_tokens": request.max_tokens,
                                   "messages": messages}
         if request.system is not None and request.system.text:
