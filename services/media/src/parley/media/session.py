@@ -253,6 +253,7 @@ class CallSession:
             self._stt_name, self._stt = await self.s.stt.open(
                 self._stt_chain, self._open_stt)
             self._stt_task = asyncio.create_task(self._recognise(), name=f"stt:{self.call_id}")
+            self._stt_task.add_done_callback(self._recogniser_done)
             self._tasks.append(asyncio.create_task(self._speaker(), name=f"tts:{self.call_id}"))
             self._subs.append(await bus.nc.subscribe(
                 call_events(self.call_id, self.org_id), cb=self._on_event_message))
@@ -469,6 +470,14 @@ class CallSession:
                 log.exception("call %s: recogniser failed", self.call_id)
                 await self._switch_stt(repr(exc))
 
+    def _recogniser_done(self, task: asyncio.Task[None]) -> None:
+        """A recogniser task that died leaves the call deaf: the session ends, said why."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("call %s: recogniser task failed; ending the session", self.call_id,
+                  exc_info=task.exception())
+        self.stop("stt_failed")
+
     async def _switch_stt(self, reason: str) -> None:
         failed = self._stt_name
         self.s.stt.health[failed].failure()
@@ -494,13 +503,18 @@ class CallSession:
                 self.stop("stt_failed")
                 return
             self._stt_pending.clear()  # the open turn's audio (replayed next) includes it
-            for chunk in self._turn_audio:  # what the open turn said so far
-                await self._stt.send(chunk)
+            try:
+                for chunk in self._turn_audio:  # what the open turn said so far
+                    await self._stt.send(chunk)
+            except Exception as exc:  # as in _stt_flush: its events() fails, and we switch again
+                log.warning("call %s: replaying the turn to stt %s failed: %s", self.call_id,
+                            self._stt_name, exc)
         if self._stt_name == failed:
             log.warning("call %s: stt %s reopened (%s)", self.call_id, failed, reason)
             return
         log.warning("call %s: stt %s → %s (%s)", self.call_id, failed, self._stt_name, reason)
-        await self.s.bus.publish(MediaProviderSwitched(
+        # Through the outbox: a slow or failing publish must not end the recogniser task.
+        await self._outbox.put(MediaProviderSwitched(
             org_id=self.org_id, call_id=self.call_id, kind="stt", from_provider=failed,
             to_provider=self._stt_name, reason=reason[:500]))
 

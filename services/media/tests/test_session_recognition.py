@@ -1,0 +1,93 @@
+"""A call's recogniser: switched mid-call when it fails, with the open turn's audio replayed."""
+
+from __future__ import annotations
+
+import asyncio
+
+from parley.common.bus import Bus
+from parley.common.configuration.models import AgentSettings
+from parley.media.providers.base import Final, ProviderError
+from parley.media.router import ProviderRouter
+from parley.media.session import CallSession, SessionServices
+
+ORG, CALL = "acme", "call-1"
+
+
+class Stream:
+    """A recogniser stream: events are what the test puts in ``results``."""
+
+    def __init__(self, name: str, *, broken_send: bool = False) -> None:
+        self.name = name
+        self.broken_send = broken_send
+        self.sent: list[bytes] = []
+        self.results: asyncio.Queue[object] = asyncio.Queue()
+
+    async def send(self, ulaw: bytes) -> None:
+        if self.broken_send:
+            raise ProviderError(self.name, "send failed: ConnectionClosedError()")
+        self.sent.append(bytes(ulaw))
+
+    async def finalize(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        self.results.put_nowait(None)
+
+    async def events(self):
+        while (item := await self.results.get()) is not None:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+
+class Recogniser:
+    def __init__(self, name: str, *, first_send_broken: bool = False) -> None:
+        self.name = name
+        self.first_send_broken = first_send_broken
+        self.streams: list[Stream] = []
+
+    async def open(self, *, language: str = "en-US", endpointing_ms: int | None = None):
+        stream = Stream(self.name, broken_send=self.first_send_broken and not self.streams)
+        self.streams.append(stream)
+        return stream
+
+
+def session(bus: Bus, *recognisers: Recogniser) -> CallSession:
+    providers = {r.name: r for r in recognisers}
+    services = SessionServices(
+        bus=bus, leases=None,  # type: ignore[arg-type]  # run() is not called
+        stt=ProviderRouter("stt", providers, list(providers)),  # type: ignore[arg-type]
+        tts=ProviderRouter("tts", {"never": object()}, ["never"]),  # type: ignore[dict-item]
+        instance="test")
+    return CallSession(services, call_id=CALL, org_id=ORG, agent_id="agent",
+                       settings=AgentSettings(), revision=1)
+
+
+async def test_a_fallback_whose_socket_breaks_during_the_replay_still_hears_the_caller(
+        bus) -> None:
+    deepgram, whisper = Recogniser("deepgram"), Recogniser("whisper", first_send_broken=True)
+    call = session(bus, deepgram, whisper)
+    call._stt_name, call._stt = await call.s.stt.open(call._stt_chain, call._open_stt)
+    call._stt_task = asyncio.create_task(call._recognise())
+    try:
+        for n in range(10):  # caller audio before the failure: replayed to the fallback
+            await call._inbound_frame(b"\xff" * 160, n * 20)
+        deepgram.streams[0].results.put_nowait(ProviderError("deepgram", "socket failed"))
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if call._stt is whisper.streams[0]:
+                break
+        assert call._stt is whisper.streams[0]
+        await asyncio.sleep(0.05)
+        assert not call._stt_task.done()  # the replay's failure did not end the task
+        whisper.streams[0].results.put_nowait(Final("book me in for friday", speech_final=True))
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if call.detector.text:
+                break
+        assert call.detector.text == "book me in for friday"
+    finally:
+        call.stop("test")
+        call._stt_task.cancel()
+        await asyncio.gather(call._stt_task, return_exceptions=True)
+        await call._outbox.drain(1)
