@@ -797,7 +797,12 @@ class CallSession:
                 done_clauses = clause  # re-synthesise from the clause that broke
             finally:
                 if feeder is not None:
-                    await cancel_and_wait(feeder)
+                    try:
+                        await cancel_and_wait(feeder)
+                    except ProviderError as exc:
+                        # A send that failed with the stream: its failure is the one above, or
+                        # (all audio came) none. Propagating skipped the fallback.
+                        log.debug("call %s: tts feeder: %s", self.call_id, exc)
         turn.audio.end_clause()
         turn.audio.text_done = True
         self._tts_chars[turn.provider] = self._tts_chars.get(turn.provider, 0) + turn.chars
@@ -820,6 +825,9 @@ class CallSession:
             turn.tts_asked_at = turn.tts_asked_at or time.monotonic()
             if clause.last:
                 return True
+        if turn.closed and turn.clauses.empty():  # an earlier stream of the turn took its end
+            await stream.say("", last=True)
+            return True
         while True:
             if wait:
                 clause = await turn.clauses.get()

@@ -1,0 +1,153 @@
+"""A call's agent speech: a synthesiser that fails mid-turn is replaced, and turns never mix."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from parley.common.bus import Bus
+from parley.common.configuration.models import AgentSettings
+from parley.common.events import AgentSay
+from parley.media.providers.base import ProviderError, TtsChunk
+from parley.media.router import ProviderRouter
+from parley.media.session import CallSession, SessionServices
+
+ORG, CALL = "acme", "call-1"
+
+
+class Stream:
+    """A synthesiser stream: a chunk per clause after ``delay_s``; ``fail()`` breaks it.
+
+    With ``stuck_second_say``, its second ``say`` is in the socket when the socket breaks.
+    """
+
+    def __init__(self, name: str, said: list[tuple[str, str, bool]], *, delay_s: float,
+                 stuck_second_say: bool) -> None:
+        self.name = name
+        self.said = said
+        self.delay_s = delay_s
+        self.stuck_second_say = stuck_second_say
+        self.chunks: asyncio.Queue[object] = asyncio.Queue()
+        self.dead = asyncio.Event()
+        self.clauses = 0
+        self._synthesis: list[asyncio.Task[None]] = []
+
+    async def say(self, text: str, *, last: bool = False) -> None:
+        self.said.append((self.name, text, last))
+        clause = self.clauses
+        self.clauses += 1
+        if self.stuck_second_say and clause == 1:
+            await self.dead.wait()
+        if self.dead.is_set():
+            raise ProviderError(self.name, "send failed: ConnectionClosed")
+        previous = self._synthesis[-1] if self._synthesis else None
+        self._synthesis.append(asyncio.create_task(self._synthesise(text, clause, last,
+                                                                    previous)))
+
+    async def _synthesise(self, text: str, clause: int, last: bool,
+                          previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            await previous
+        await asyncio.sleep(self.delay_s)
+        if text:
+            self.chunks.put_nowait(TtsChunk(b"\x7f" * 800, [], clause))
+        if last:
+            self.chunks.put_nowait(None)
+
+    def fail(self) -> None:
+        self.dead.set()
+        self.chunks.put_nowait(ProviderError(self.name, "socket failed"))
+
+    async def audio(self):
+        while (item := await self.chunks.get()) is not None:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+    async def cancel(self) -> None:
+        for task in self._synthesis:
+            task.cancel()
+        self.chunks.put_nowait(None)
+
+
+class Synthesiser:
+    def __init__(self, name: str, said: list[tuple[str, str, bool]], *, delay_s: float = 0.0,
+                 stuck_second_say: bool = False) -> None:
+        self.name = name
+        self.said = said
+        self.delay_s = delay_s
+        self.stuck_second_say = stuck_second_say
+        self.streams: list[Stream] = []
+
+    async def open(self, *, voice: str = "", language: str = "en-US") -> Stream:
+        stream = Stream(self.name, self.said, delay_s=self.delay_s,
+                        stuck_second_say=self.stuck_second_say)
+        self.streams.append(stream)
+        return stream
+
+
+def session(bus: Bus, *synthesisers: Synthesiser,
+            settings: AgentSettings | None = None) -> CallSession:
+    providers = {s.name: s for s in synthesisers}
+    services = SessionServices(
+        bus=bus, leases=None,  # type: ignore[arg-type]  # run() is not called
+        stt=ProviderRouter("stt", {"never": object()}, ["never"]),  # type: ignore[dict-item]
+        tts=ProviderRouter("tts", providers, list(providers)),  # type: ignore[arg-type]
+        instance="test", command_timeout_s=0.05)
+    call = CallSession(services, call_id=CALL, org_id=ORG, agent_id="agent",
+                       settings=settings or AgentSettings(), revision=1)
+    call._history = None  # the call's past events are read
+    return call
+
+
+def say(turn_id: str, seq: int, text: str, *, last: bool = False) -> AgentSay:
+    return AgentSay(org_id=ORG, call_id=CALL, turn_id=turn_id, seq=seq, text=text, last=last)
+
+
+async def wait_for(predicate, timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def stop(call: CallSession, speaker: asyncio.Task[None]) -> None:
+    speaker.cancel()
+    await asyncio.gather(speaker, *call._tasks, return_exceptions=True)
+    await call._outbox.drain(1)
+
+
+async def test_a_send_that_fails_with_the_synthesiser_falls_back_to_the_next(bus) -> None:
+    said: list[tuple[str, str, bool]] = []
+    first = Synthesiser("first", said, stuck_second_say=True)
+    call = session(bus, first, Synthesiser("second", said))
+    speaker = asyncio.create_task(call._speaker())
+    try:
+        call._on_say(say("t1", 0, "Let me check that."))
+        await wait_for(lambda: len(said) == 1)
+        call._on_say(say("t1", 1, "One moment please.", last=True))  # the feeder sends it
+        await wait_for(lambda: len(said) == 2)
+        first.streams[0].fail()
+        await wait_for(lambda: ("second", "One moment please.", True) in said)
+        await wait_for(lambda: call._turns["t1"].audio.text_done)
+    finally:
+        await stop(call, speaker)
+
+
+async def test_a_turn_closed_without_a_last_clause_survives_a_synthesiser_failure(bus) -> None:
+    said: list[tuple[str, str, bool]] = []
+    first = Synthesiser("first", said, delay_s=0.3)
+    call = session(bus, first, Synthesiser("second", said, delay_s=0.05))
+    speaker = asyncio.create_task(call._speaker())
+    try:
+        call._on_say(say("t1", 0, "Let me check that for you."))  # no last clause comes
+        await wait_for(lambda: len(said) == 1)
+        call._on_say(say("t2", 0, "Sorry, go ahead.", last=True))  # a newer turn closes t1
+        await wait_for(lambda: len(said) == 2)  # t1's end: an empty last clause
+        first.streams[0].fail()
+        await wait_for(lambda: ("second", "", True) in said)  # t1 retried, to its end
+        # t2 is not held up behind t1 (the first synthesiser still takes calls: one failure)
+        await wait_for(lambda: any((text, last) == ("Sorry, go ahead.", True)
+                                   for _, text, last in said))
+    finally:
+        await stop(call, speaker)
