@@ -91,3 +91,28 @@ async def test_a_fallback_whose_socket_breaks_during_the_replay_still_hears_the_
         call._stt_task.cancel()
         await asyncio.gather(call._stt_task, return_exceptions=True)
         await call._outbox.drain(1)
+
+
+class LoudIsSpeech:
+    """A VAD for synthetic frames: µ-law 0x00 (full scale) is speech, 0xff (zero) is not."""
+
+    def is_speech(self, pcm: bytes) -> bool:
+        return pcm[:2] != b"\x00\x00"
+
+
+async def test_a_switch_mid_turn_replays_the_turn_from_its_pre_roll(bus) -> None:
+    first, second = Recogniser("first"), Recogniser("second")
+    call = session(bus, first, second)
+    call.vad = LoudIsSpeech()  # type: ignore[assignment]
+    call._stt_name, call._stt = await call.s.stt.open(call._stt_chain, call._open_stt)
+    silence = [b"\xff" * 159 + bytes([n]) for n in range(60)]
+    speech = [b"\x00" * 159 + bytes([n]) for n in range(30)]
+    for n, frame in enumerate(silence + speech):
+        await call._inbound_frame(frame, n * 20)
+    assert call.detector.in_turn
+    await call._switch_stt("first: socket failed")
+    replayed = b"".join(second.streams[0].sent)
+    frames = [replayed[i:i + 160] for i in range(0, len(replayed), 160)]
+    # 400 ms of pre-roll before the speech began, then all of the speech: none of it clipped
+    assert frames == silence[-20:] + speech
+    await call._outbox.drain(1)

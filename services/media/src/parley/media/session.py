@@ -199,6 +199,8 @@ class CallSession:
             backchannels=tuple(settings.backchannels)))
         self.vad = WebRtcVad(2)
         self.segmenter = SpeechSegmenter(SegmenterSettings(start_ms=100, hangover_ms=300))
+        # Audio kept while no turn is open: the pre-roll, and the speech that confirms a start.
+        self._preroll_frames = (PREROLL_MS + self.segmenter.settings.start_ms) // FRAME_MS
         self.barge_in = BargeIn(settings.interruption_mode, settings.interruption_sensitivity)
         self._aligner = FrameAligner(ULAW_FRAME_BYTES)
         self.stopped = asyncio.Event()
@@ -217,7 +219,8 @@ class CallSession:
         self._stt_name = ""
         self._stt: SttStream | None = None
         self._stt_task: asyncio.Task[None] | None = None
-        self._turn_audio: list[bytes] = []  # inbound audio of the open turn (for a switch)
+        # Inbound audio of the open turn, from its pre-roll on (replayed on a switch).
+        self._turn_audio: list[bytes] = []
         self._stt_pending: list[bytes] = []  # frames not yet sent to the recogniser
         self._stt_seconds: dict[str, float] = {}
         self._stt_lock = asyncio.Lock()
@@ -362,8 +365,8 @@ class CallSession:
                 at = self._base_ms + boundary.at_ms
                 self._speech_start_ms = at
                 self.barge_in.speech_started(new_turn=not self.detector.in_turn)
-                if not self.detector.in_turn:
-                    self._turn_audio = []
+                if not self.detector.in_turn:  # the turn's audio: from its pre-roll on
+                    del self._turn_audio[:-self._preroll_frames]
                 self.detector.speech_started(at)
                 await self._publish(SpeechStarted, "speech.started", offset_ms=at)
             elif isinstance(boundary, SpeechStop):
@@ -377,8 +380,8 @@ class CallSession:
 
     async def _stt_send(self, ulaw: bytes) -> None:
         self._turn_audio.append(ulaw)
-        if not self.detector.in_turn and len(self._turn_audio) > PREROLL_MS // FRAME_MS:
-            del self._turn_audio[0]
+        if not self.detector.in_turn and len(self._turn_audio) > 2 * self._preroll_frames:
+            del self._turn_audio[:-self._preroll_frames]  # once per pre-roll's worth of frames
         self._stt_seconds[self._stt_name] = (
             self._stt_seconds.get(self._stt_name, 0.0) + len(ulaw) / 8000)
         self._stt_pending.append(ulaw)
@@ -503,6 +506,8 @@ class CallSession:
                 self.stop("stt_failed")
                 return
             self._stt_pending.clear()  # the open turn's audio (replayed next) includes it
+            if not self.detector.in_turn:
+                del self._turn_audio[:-self._preroll_frames]  # no turn yet: its pre-roll
             try:
                 for chunk in self._turn_audio:  # what the open turn said so far
                     await self._stt.send(chunk)
