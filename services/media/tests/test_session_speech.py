@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import time
 
-from parley.common.bus import Bus
+from nats.aio.msg import Msg
+
+from parley.common.bus import Bus, audio_subject
+from parley.common.bus.audio import decode_frame
 from parley.common.configuration.models import AgentSettings
-from parley.common.events import AgentSay
+from parley.common.events import AgentReplyPrepared, AgentSay
 from parley.media.providers.base import ProviderError, TtsChunk
 from parley.media.router import ProviderRouter
 from parley.media.session import CallSession, SessionServices
+from parley.media.turns import TurnEnd
 
 ORG, CALL = "acme", "call-1"
 
@@ -49,8 +53,8 @@ class Stream:
         if previous is not None:
             await previous
         await asyncio.sleep(self.delay_s)
-        if text:
-            self.chunks.put_nowait(TtsChunk(b"\x7f" * 800, [], clause))
+        if text:  # 100 ms of audio whose bytes are the clause's first letter
+            self.chunks.put_nowait(TtsChunk(text[:1].encode() * 800, [], clause))
         if last:
             self.chunks.put_nowait(None)
 
@@ -150,4 +154,37 @@ async def test_a_turn_closed_without_a_last_clause_survives_a_synthesiser_failur
         await wait_for(lambda: any((text, last) == ("Sorry, go ahead.", True)
                                    for _, text, last in said))
     finally:
+        await stop(call, speaker)
+
+
+async def test_a_prepared_reply_plays_after_the_agent_turn_still_being_voiced(bus) -> None:
+    # interruption_mode "dtmf": the caller spoke over the agent's t1 without stopping it, and
+    # the reply prepared for the caller's words is released while t1 is still synthesised.
+    said: list[tuple[str, str, bool]] = []
+    call = session(bus, Synthesiser("tts", said, delay_s=0.15),
+                   settings=AgentSettings(interruption_mode="dtmf"))
+    call.turn_no = 1  # the caller's t1 was answered by the agent's t1
+    out: list[int] = []
+
+    async def on_out(msg: Msg) -> None:
+        out.extend(decode_frame(msg.data)[3][::160])  # a marker byte per 20 ms frame
+
+    sub = await bus.nc.subscribe(audio_subject(CALL, "out"), cb=on_out)
+    await bus.nc.flush()
+    speaker = asyncio.create_task(call._speaker())
+    try:
+        call._on_say(say("t1", 0, "A one"))
+        call._on_say(say("t1", 1, "A two"))
+        call._on_say(say("t1", 2, "A three", last=True))
+        await wait_for(lambda: len(out) > 0)
+        await call._on_prepared(AgentReplyPrepared(org_id=ORG, call_id=CALL, turn_id="t2",
+                                                   words="book friday", text="B sure",
+                                                   last=True))
+        await call._end_turn(TurnEnd("Book Friday.", "silence", 0, 600, 0, 0))
+        await wait_for(lambda: len(out) == 20)  # 5 frames a clause
+        await asyncio.sleep(0.1)
+        voices = "".join("A" if byte == ord("A") else "B" for byte in out)
+        assert voices == "A" * 15 + "B" * 5
+    finally:
+        await sub.unsubscribe()
         await stop(call, speaker)

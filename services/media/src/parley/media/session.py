@@ -165,6 +165,7 @@ class _AgentTurn:
     words: str = ""
     prepared: AgentSay | None = None  # its first clause, from agent.reply_prepared
     discarded: bool = False
+    synthesis: asyncio.Task[None] | None = None  # a prepared reply's own speaking task
 
     def close(self) -> None:
         """No more clauses will come: the speaker finishes with what it has."""
@@ -432,7 +433,7 @@ class CallSession:
                             prepared_last=first.last if first else False, revises=revises,
                             key=(self.turn_no,))
         if prepared is not None:
-            await self._play_prepared(prepared)
+            self._play_prepared(prepared)
 
     async def _supersede(self, turn_id: str) -> None:
         """The caller's turn ``turn_id`` is replaced: the answer to it stops, or never starts.
@@ -672,8 +673,9 @@ class CallSession:
             turn.close()
         self._prepared = turn
         self._turns[turn_id] = turn
-        self._tasks.append(asyncio.create_task(self._prepare(turn),
-                                               name=f"tts-prepared:{self.call_id}"))
+        turn.synthesis = asyncio.create_task(self._prepare(turn),
+                                             name=f"tts-prepared:{self.call_id}")
+        self._tasks.append(turn.synthesis)
 
     async def _prepare(self, turn: _AgentTurn) -> None:
         try:
@@ -685,13 +687,23 @@ class CallSession:
             with contextlib.suppress(ValueError):
                 self._tasks.remove(asyncio.current_task())  # type: ignore[arg-type]
 
-    async def _play_prepared(self, turn: _AgentTurn) -> None:
-        """The turn ended with the prepared words: its audio goes out now, ahead of the brain."""
-        turn.held = False
+    def _play_prepared(self, turn: _AgentTurn) -> None:
+        """The turn ended with the prepared words: its audio goes out, ahead of the brain.
+
+        It takes its place in the speaker's queue, as a turn from ``agent.say`` does: an
+        earlier agent turn still being voiced (the caller spoke over it, and it was not
+        interrupted) is finished first, not interleaved with it.
+        """
         self._close_earlier_turns(keep=turn)  # as a new turn from agent.say does
         turn.first_say_at = time.monotonic()  # from here on the turn waits on the synthesiser
-        self._current = turn
+        self._speak_queue.put_nowait(turn)
+
+    async def _release_prepared(self, turn: _AgentTurn) -> None:
+        """The speaker's turn is the prepared reply: its audio goes out as it is synthesised."""
+        turn.held = False
         await self._send_out(turn)
+        if turn.synthesis is not None:  # the next turn waits until this one is all out
+            await asyncio.wait({turn.synthesis})
 
     async def _discard_prepared(self) -> None:
         """Drop the prepared reply: nothing of it is heard; its synthesis is still counted."""
@@ -732,7 +744,10 @@ class CallSession:
                 continue
             self._current = turn
             try:
-                await self._speak(turn)
+                if turn.prepared is not None:  # synthesised by its own task, held until now
+                    await self._release_prepared(turn)
+                else:
+                    await self._speak(turn)
             except Exception:
                 log.exception("call %s: speaking turn %s failed", self.call_id, turn.turn_id)
             finally:
