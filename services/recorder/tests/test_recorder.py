@@ -170,3 +170,18 @@ async def test_text_postgres_cannot_store_is_a_dead_letter_not_a_stuck_recorder(
     assert rows(database_url, "SELECT position FROM events") == [(2,)]
     (dead,) = rows(database_url, "SELECT position, reason FROM dead_letters")
     assert dead[0] == 1 and "NUL" in dead[1]
+
+
+async def test_text_with_a_backslash_before_u0000_is_stored_not_mistaken_for_nul(
+        bus: Bus, database_url: str) -> None:
+    # Stringified JSON in a tool result: a literal backslash then "u0000", which jsonb accepts.
+    text = r'the API returned {"sep": "\u0000"}'
+    await bus.publish(ev.ToolCompleted(org_id="o1", call_id="c1", tool_call_id="x",
+                                       name="lookup", result={"body": text}))
+    await bus.publish(ev.TranscriptFinal(org_id="o1", call_id="c1", text="bad \\\x00 byte"))
+    async with running_recorder(bus, database_url):
+        await wait_for(lambda: _at(database_url, 2))
+    assert rows(database_url, "SELECT position FROM events") == [(1,)]
+    assert rows(database_url, "SELECT data->'result'->>'body' FROM events") == [(text,)]
+    (dead,) = rows(database_url, "SELECT position, reason FROM dead_letters")
+    assert dead[0] == 2 and "NUL" in dead[1]

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import time
 import uuid
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "recorder"
 LEADER_LOCK = 0x7265636F7264  # "record"
+# The JSON escape of NUL (backslash, u0000), which jsonb refuses. Only after an even number of
+# backslashes: after an odd number it is an escaped backslash followed by the text "u0000".
+_NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
 
 class Recorder:
@@ -125,7 +129,7 @@ class Recorder:
             except EventDecodeError as exc:
                 dead.append((seq, msg.subject, f"undecodable: {exc}", msg.data))
                 continue
-            if b"\\u0000" in msg.data:
+            if b"\\u0000" in msg.data and _NUL_ESCAPE.search(msg.data):
                 dead.append((seq, msg.subject, "unstorable: a NUL character, which Postgres "
                              "jsonb refuses", msg.data))
                 continue
