@@ -274,6 +274,32 @@ async def test_a_message_that_keeps_failing_is_dead_lettered_after_max_deliver(b
     assert letter.headers["Parley-Dlq-Deliveries"] == "3"
 
 
+async def test_a_dead_letter_that_cannot_be_stored_is_tried_again_and_the_runner_goes_on(
+        bus: Bus, settled: Settled) -> None:
+    handled: list[str] = []
+
+    async def handler(event: events.Event, _msg: object) -> None:
+        if event.text == "refuse":  # type: ignore[attr-defined]
+            raise PermanentError("no")
+        handled.append(event.text)  # type: ignore[attr-defined]
+
+    await bus.js.delete_stream(DEAD_LETTER_STREAM)  # dead letters cannot be stored for now
+    consumer = DurableConsumer(bus, _settings("dlq-down", backoff_max_s=0.5), handler)
+    await consumer.start()
+    await bus.publish(events.TranscriptFinal(org_id="o1", call_id="c1", text="refuse"))
+    await bus.publish(events.TranscriptFinal(org_id="o1", call_id="c1", text="after"))
+    await wait_for(lambda: handled == ["after"])  # the runner outlived the failed dead letter
+    assert consumer.dead_lettered == 0
+    await bus.ensure_streams()  # back: the refused message is dead-lettered on its next try
+    await wait_for(lambda: consumer.dead_lettered == 1)
+    await consumer.stop()
+    dlq = await bus.js.pull_subscribe(dead_letter_subject("dlq-down"), stream=DEAD_LETTER_STREAM)
+    (letter,) = await dlq.fetch(1, timeout=2)
+    assert "PermanentError: no" in letter.headers["Parley-Dlq-Reason"]
+    info = await settled("dlq-down")
+    assert info.num_ack_pending == 0 and info.num_pending == 0
+
+
 async def test_a_consumer_that_dies_before_acking_gets_the_message_redelivered(
         nats_url: str, bus: Bus) -> None:
     dying = await Bus.connect(nats_url, name="dying")

@@ -4,7 +4,10 @@ The runner pulls from a durable JetStream consumer, decodes each event, calls th
 acks only after the handler returns — so the handler must commit its effect (keyed by event id)
 before returning. Transient failures are nak'ed with exponential backoff; a message that can never
 succeed (undecodable, :class:`PermanentError`, or out of attempts) is copied to the dead-letter
-stream with the reason and ``term``-ed, so it never blocks the messages behind it.
+stream with the reason and ``term``-ed, so it never blocks the messages behind it. If the dead
+letter cannot be stored, the message is nak'ed (``backoff_max_s``) and given up again later. No
+single message ends the runner: a failure outside the handler (an ack lost in a NATS blip) is
+logged, and the message comes back after ``ack_wait``.
 
 By default one message is handled at a time, in stream order. ``concurrency=n`` handles up to
 ``n`` at once while the runner keeps pulling; with a ``key`` (e.g. the call id), messages with the
@@ -269,8 +272,13 @@ class DurableConsumer:
                 if self._stopping.is_set():
                     return  # stop() hands the buffer back
                 self._busy = True
+                msg = self._buffer.popleft()
                 try:
-                    await self._process(self._buffer.popleft())
+                    await self._process(msg)
+                except Exception:  # e.g. the ack lost in a NATS blip: one message never ends us
+                    log.exception("%s: handling stream seq %d failed outside the handler; "
+                                  "it comes back after ack_wait", self.settings.durable,
+                                  msg.metadata.sequence.stream)
                 finally:
                     self._busy = False
                     self._changed.set()
@@ -363,9 +371,17 @@ class DurableConsumer:
         self.processed += 1
 
     async def _give_up(self, msg: Msg, reason: str) -> None:
-        log.error("%s: dead-lettering stream seq %d: %s", self.settings.durable,
-                  msg.metadata.sequence.stream, reason)
-        await dead_letter(self.bus, msg, consumer=self.settings.durable, reason=reason)
+        """Dead-letter ``msg`` and ``term`` it; if the dead letter cannot be stored, try later."""
+        durable, seq = self.settings.durable, msg.metadata.sequence.stream
+        log.error("%s: dead-lettering stream seq %d: %s", durable, seq, reason)
+        try:
+            await dead_letter(self.bus, msg, consumer=durable, reason=reason)
+        except Exception:  # e.g. the same NATS blip that failed the handler: keep the message
+            delay = self.settings.backoff_max_s
+            log.exception("%s: could not dead-letter stream seq %d, retry in %.2fs",
+                          durable, seq, delay)
+            await msg.nak(delay=delay)
+            return
         await msg.term()
         self.dead_lettered += 1
         if self._on_dead_letter is not None:
