@@ -1,4 +1,5 @@
 import asyncio
+import dataclasses
 import datetime
 import gc
 import struct
@@ -329,6 +330,57 @@ async def test_a_consumer_that_dies_before_acking_gets_the_message_redelivered(
     await wait_for(lambda: len(survivor_got) == 1, timeout=10)
     assert survivor_got[0][0] == event and survivor_got[0][1] == 2
     await second.stop()
+
+
+async def test_a_message_whose_deliveries_all_crashed_the_process_is_dead_lettered(
+        nats_url: str, bus: Bus, settled: Settled) -> None:
+    settings = _settings("crashy", ack_wait_s=1.0, max_deliver=2)
+    await bus.publish(events.CallEnded(org_id="o1", call_id="c1"))
+    for _ in range(settings.max_deliver):  # the poison message takes the process down each time
+        dying = await Bus.connect(nats_url, name="dying")
+        started = asyncio.Event()
+
+        async def die_mid_handler(event: events.Event, _msg: object,
+                                  started: asyncio.Event = started) -> None:
+            started.set()
+            await asyncio.sleep(3600)  # never returns, never acks
+
+        consumer = DurableConsumer(dying, settings, die_mid_handler)
+        await consumer.start()
+        await asyncio.wait_for(started.wait(), 5)
+        consumer._task.cancel()  # type: ignore[union-attr]  # noqa: SLF001 - the crash
+        await dying.nc.close()
+
+    handled: list[events.Event] = []
+
+    async def handler(event: events.Event, _msg: object) -> None:
+        handled.append(event)
+
+    survivor = DurableConsumer(bus, settings, handler)
+    await survivor.start()
+    await wait_for(lambda: survivor.dead_lettered == 1, timeout=10)
+    await survivor.stop()
+    assert handled == []  # its attempts were used up: not tried a third time
+    dlq = await bus.js.pull_subscribe(dead_letter_subject("crashy"), stream=DEAD_LETTER_STREAM)
+    (letter,) = await dlq.fetch(1, timeout=2)
+    assert "not settled in 2 deliveries" in letter.headers["Parley-Dlq-Reason"]
+    assert letter.headers["Parley-Dlq-Deliveries"] == "3"
+    info = await settled("crashy")
+    assert info.num_ack_pending == 0 and info.num_pending == 0
+
+
+async def test_an_existing_durable_is_updated_to_the_deliveries_the_runner_counts(
+        bus: Bus) -> None:
+    async def handler(event: events.Event, _msg: object) -> None:
+        pass
+
+    consumer = DurableConsumer(bus, _settings("older"), handler)
+    declared_before = dataclasses.replace(consumer.consumer_config(), max_deliver=8)
+    await bus.js.add_consumer(EVENTS_STREAM, declared_before)  # a deployment's durable
+    await consumer.start()
+    await consumer.stop()
+    info = await bus.js.consumer_info(EVENTS_STREAM, "older")
+    assert info.config.max_deliver == -1  # the server no longer drops exhausted messages
 
 
 async def test_stop_is_graceful_and_the_durable_resumes_where_it_left_off(bus: Bus) -> None:

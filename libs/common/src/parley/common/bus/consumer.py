@@ -4,7 +4,9 @@ The runner pulls from a durable JetStream consumer, decodes each event, calls th
 acks only after the handler returns — so the handler must commit its effect (keyed by event id)
 before returning. Transient failures are nak'ed with exponential backoff; a message that can never
 succeed (undecodable, :class:`PermanentError`, or out of attempts) is copied to the dead-letter
-stream with the reason and ``term``-ed, so it never blocks the messages behind it. If the dead
+stream with the reason and ``term``-ed, so it never blocks the messages behind it. Attempts run out
+however they were used: a delivery past ``max_deliver`` (the earlier ones crashed the process,
+overran ``ack_wait`` or were handed back) is dead-lettered without calling the handler. If the dead
 letter cannot be stored, the message is nak'ed (``backoff_max_s``) and given up again later. No
 single message ends the runner: a failure outside the handler (an ack lost in a NATS blip) is
 logged, and the message comes back after ``ack_wait``.
@@ -58,7 +60,7 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True):
     stream: str = EVENTS_STREAM
     max_ack_pending: int = 256
     ack_wait_s: float = 30.0
-    max_deliver: int = 8
+    max_deliver: int = 8  # deliveries the handler gets; the runner dead-letters the next one
     batch: int = 32
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 30.0
@@ -120,9 +122,12 @@ class DurableConsumer:
     def consumer_config(self) -> ConsumerConfig:
         """The JetStream consumer this runner declares."""
         s = self.settings
+        # No limit on the server: one that stops delivering drops the message without a dead
+        # letter. The runner counts deliveries itself, so a message leaves only acked, or
+        # term-ed once its dead letter is stored. (An existing durable is updated in place.)
         return ConsumerConfig(
             durable_name=s.durable, name=s.durable, filter_subjects=s.filter_subjects,
-            ack_policy=AckPolicy.EXPLICIT, ack_wait=s.ack_wait_s, max_deliver=s.max_deliver,
+            ack_policy=AckPolicy.EXPLICIT, ack_wait=s.ack_wait_s, max_deliver=-1,
             max_ack_pending=s.max_ack_pending, deliver_policy=DeliverPolicy(s.deliver_policy),
         )
 
@@ -339,6 +344,11 @@ class DurableConsumer:
 
     async def _process(self, msg: Msg, event: Event | EventDecodeError | None = None) -> None:
         durable = self.settings.durable
+        deliveries = msg.metadata.num_delivered
+        if deliveries > self.settings.max_deliver:
+            await self._give_up(msg, f"not settled in {deliveries - 1} deliveries: the handler "
+                                     "crashed or overran ack_wait, or the message was handed back")
+            return
         if event is None:
             try:
                 event = decode(msg.data)
