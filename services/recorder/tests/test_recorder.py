@@ -5,9 +5,10 @@ import psycopg
 import pytest
 
 from parley.common import events as ev
-from parley.common.bus import Bus
+from parley.common.bus import EVENTS_STREAM, Bus
 from parley.common.metrics import Metrics
 from parley.common.store import rebuild
+from parley.devkit.infra import NatsServer
 from parley.recorder.projections import AuditLogProjection, CallsProjection
 from parley.recorder.worker import CHECKPOINT, Recorder
 
@@ -185,3 +186,41 @@ async def test_text_with_a_backslash_before_u0000_is_stored_not_mistaken_for_nul
     assert rows(database_url, "SELECT data->'result'->>'body' FROM events") == [(text,)]
     (dead,) = rows(database_url, "SELECT position, reason FROM dead_letters")
     assert dead[0] == 2 and "NUL" in dead[1]
+
+
+async def test_resumes_from_its_checkpoint_when_its_consumer_is_gone(
+        bus: Bus, database_url: str) -> None:
+    await bus.publish(ev.CallRinging(org_id="o1", call_id="c1"))
+    async with running_recorder(bus, database_url):
+        await wait_for(lambda: _at(database_url, 1))
+        # What inactive_threshold does to the ephemeral consumer after a long batch write.
+        for consumer in await bus.js.consumers_info(EVENTS_STREAM):
+            await bus.js.delete_consumer(EVENTS_STREAM, consumer.name)
+        await bus.publish(ev.CallAnswered(org_id="o1", call_id="c1"))
+        await bus.publish(ev.CallEnded(org_id="o1", call_id="c1"))
+        await wait_for(lambda: _at(database_url, 3))
+    assert rows(database_url, "SELECT position FROM events ORDER BY 1") == [(1,), (2,), (3,)]
+    assert rows(database_url, "SELECT state FROM calls") == [("ended",)]
+
+
+async def test_resumes_after_the_nats_server_restarts(tmp_path, database_url: str) -> None:
+    server = NatsServer(tmp_path / "nats").start()
+    try:
+        bus = await Bus.connect(server.url, name="test")
+        await bus.ensure_streams()
+        try:
+            await bus.publish(ev.CallRinging(org_id="o1", call_id="c1"))
+            async with running_recorder(bus, database_url):
+                await wait_for(lambda: _at(database_url, 1))
+                server.stop()  # the in-memory ephemeral consumer goes with it
+                await wait_for(lambda: not bus.nc.is_connected)
+                server.start()
+                await wait_for(lambda: bus.nc.is_connected)
+                await bus.publish(ev.CallAnswered(org_id="o1", call_id="c1"))
+                await bus.publish(ev.CallEnded(org_id="o1", call_id="c1"))
+                await wait_for(lambda: _at(database_url, 3), timeout=20)
+        finally:
+            await bus.close()
+    finally:
+        server.stop()
+    assert rows(database_url, "SELECT position FROM events ORDER BY 1") == [(1,), (2,), (3,)]

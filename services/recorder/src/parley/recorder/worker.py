@@ -4,7 +4,8 @@ Postgres is the source of truth for progress. The recorder reads its checkpoint,
 stream from checkpoint+1 through an ephemeral consumer, and writes each batch — event rows
 (COPY), the inline projections and the new checkpoint — in one transaction. Nothing is acked
 to JetStream: a crash anywhere simply restarts from the committed checkpoint, so no position is
-written twice and none is skipped. Positions that cannot become events (undecodable payloads,
+written twice and none is skipped; a lost consumer (a NATS restart, the consumer expired) is
+replaced the same way. Positions that cannot become events (undecodable payloads,
 duplicate ids republished after the dedupe window, messages expired before they were recorded)
 go to ``dead_letters`` with the reason, so every stream sequence is accounted for.
 
@@ -17,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -29,7 +31,7 @@ import psycopg
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from parley.common.bus import EVENTS_STREAM, Bus
 from parley.common.events import Event, EventDecodeError, decode
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "recorder"
 LEADER_LOCK = 0x7265636F7264  # "record"
+RETRY_MIN_S, RETRY_MAX_S = 0.5, 8.0
 # The JSON escape of NUL (backslash, u0000), which jsonb refuses. Only after an even number of
 # backslashes: after an odd number it is an escaped backslash followed by the text "u0000".
 _NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
@@ -81,13 +84,21 @@ class Recorder:
                 return
             self.leader = True
             log.info("recorder is the leader")
+            delay, failed_at = RETRY_MIN_S, -math.inf
             while not stop.is_set():
                 try:
                     async with await psycopg.AsyncConnection.connect(self.database_url) as conn:
                         await self._record(conn, stop)
-                except (psycopg.OperationalError, NotFoundError, NatsTimeoutError) as exc:
-                    log.warning("recorder interrupted (%s); resuming from checkpoint", exc)
-                    await _wait(stop, 0.5)
+                except (psycopg.OperationalError, NotFoundError, ServiceUnavailableError,
+                        NatsTimeoutError) as exc:
+                    # Back off while failures follow each other (NATS still restarting, the
+                    # consumer lost again at once); an isolated failure is retried quickly.
+                    now = time.monotonic()
+                    delay = RETRY_MIN_S if now - failed_at > 60 else min(delay * 2, RETRY_MAX_S)
+                    failed_at = now
+                    log.warning("recorder interrupted (%s); resuming from checkpoint in %.1f s",
+                                exc, delay)
+                    await _wait(stop, delay)
 
     async def _try_lead(self, conn: psycopg.AsyncConnection[Any]) -> bool:
         cursor = await conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,))
@@ -205,6 +216,7 @@ class _BatchPuller:
         self.expires_ns = int(expires_s * 1e9)
         self._buffer: list[Msg] = []
         self._done = asyncio.Event()
+        self._lost = ""
         self._name = f"recorder-{uuid.uuid4().hex[:12]}"
         self._inbox = bus.nc.new_inbox()
 
@@ -219,10 +231,14 @@ class _BatchPuller:
         self.request()
 
     async def _on_message(self, msg: Msg) -> None:
-        if msg.headers and msg.headers.get("Status"):
-            if msg.headers["Status"] == "409" and "Deleted" in msg.headers.get("Description", ""):
-                log.warning("recorder consumer was deleted; resuming from checkpoint")
-            self._done.set()  # 404 no messages / 408 expired / 409: this request is over
+        status = msg.headers.get("Status") if msg.headers else None
+        if status:
+            if status not in ("404", "408"):  # not "no messages" or "request expired"
+                # 409 consumer deleted (inactive_threshold passed during a long write), 503 no
+                # responders (the server restarted without this in-memory consumer), ...: no
+                # later request can succeed either.
+                self._lost = f"{status} {msg.headers.get('Description', '')}".strip()
+            self._done.set()  # this request is over
             return
         self._buffer.append(msg)
         if len(self._buffer) >= self.batch:
@@ -237,12 +253,18 @@ class _BatchPuller:
             self.bus.nc.publish(subject, payload, reply=self._inbox))
 
     async def wait(self) -> list[Msg]:
-        """The batch requested last (possibly empty after the request expired)."""
+        """The batch requested last (possibly empty after the request expired).
+
+        Raises ``NotFoundError`` once the consumer is gone: the caller resumes from its
+        checkpoint with a new one.
+        """
         await self._pending_request
         try:
             await asyncio.wait_for(self._done.wait(), self.expires_ns / 1e9 + 5)
         except TimeoutError as exc:  # the server never answered: treat as a lost consumer
-            raise NotFoundError from exc
+            raise NotFoundError(description="no answer to a pull request") from exc
+        if self._lost:
+            raise NotFoundError(description=f"pull consumer lost: {self._lost}")
         batch, self._buffer = self._buffer, []
         return batch
 
