@@ -107,14 +107,22 @@ class FakeTwilioRest:
 
     updates: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     recordings: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    fail_updates_with: int | None = None  # an HTTP status: Twilio having a bad moment
+    hold_updates: asyncio.Event | None = None  # answer an update only once this is set
 
     def app(self) -> web.Application:
         app = web.Application()
 
         async def update(request: web.Request) -> web.Response:
             form = await request.post()
+            if self.fail_updates_with is not None:
+                return web.json_response({"code": 20500, "message": "Internal Server Error",
+                                          "status": self.fail_updates_with},
+                                         status=self.fail_updates_with)
             self.updates.append((request.match_info["sid"], {k: str(v) for k, v in
                                                              form.items()}))
+            if self.hold_updates is not None:
+                await self.hold_updates.wait()
             return web.json_response({"sid": request.match_info["sid"], "account_sid": ACCOUNT,
                                       "status": form.get("Status", "in-progress")})
 

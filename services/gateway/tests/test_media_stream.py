@@ -132,6 +132,46 @@ async def test_hangup_and_transfer_use_the_rest_api(make_gateway, events, bus):
     await events.wait("call.ended", call_id)
 
 
+async def test_a_transfer_twilio_fails_leaves_the_call_live(make_gateway, events, bus):
+    gateway = await make_gateway(rest=True)
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    gateway.rest_fake.fail_updates_with = 500
+    reply = await request(bus, call_id, "transfer", {"to": "+14155550123"})
+    assert reply["ok"] is False and "500" in reply["error"]
+    # the caller is still with the agent: nothing says otherwise, and the command can be retried
+    await asyncio.sleep(0.2)
+    assert not events.of("call.transferred", call_id) and not events.of("call.ended", call_id)
+    assert not stream.ws.closed
+    gateway.rest_fake.fail_updates_with = None
+    assert await request(bus, call_id, "transfer", {"to": "+14155550123"}) == {"ok": True}
+    [ended] = await events.wait("call.ended", call_id)
+    assert ended.reason == "transferred"
+    assert len(events.of("call.transferred", call_id)) == 1
+    # the stop that follows the redirect is not the caller hanging up
+    await stream.stop(call_sid)
+    await stream.closed()
+    await asyncio.sleep(0.1)
+    assert len(events.of("call.ended", call_id)) == 1
+
+
+async def test_a_transfer_ends_the_call_even_if_the_stream_stops_before_twilio_answers(
+        make_gateway, events, bus):
+    gateway = await make_gateway(rest=True)
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    gateway.rest_fake.hold_updates = asyncio.Event()
+    transfer = asyncio.create_task(request(bus, call_id, "transfer", {"to": "+14155550123"}))
+    await wait_for(lambda: gateway.rest_fake.updates)
+    # Twilio has applied the new TwiML and stops the stream before its REST answer arrives
+    await stream.stop(call_sid)
+    await stream.closed()
+    await asyncio.sleep(0.1)
+    gateway.rest_fake.hold_updates.set()
+    assert await transfer == {"ok": True}
+    [ended] = await events.wait("call.ended", call_id)
+    assert ended.reason == "transferred"
+    assert len(events.of("call.transferred", call_id)) == 1
+
+
 async def test_dtmf_redirects_and_the_call_continues_on_a_new_stream(make_gateway, events, bus):
     gateway = await make_gateway(rest=True)
     stream, call_sid, call_id = await started_stream(gateway, events)

@@ -121,6 +121,21 @@ async def test_dtmf_and_transfer_commands_use_the_rest_api(plivo_gateway, events
     await stream.ws.close()
 
 
+async def test_a_transfer_plivo_fails_leaves_the_call_live(plivo_gateway, events, bus):
+    stream, call_uuid, call_id = await started_plivo_stream(plivo_gateway, events)
+    plivo_gateway.api.fail_transfers_with = 500
+    assert (await request(bus, call_id, "transfer", {"to": "+14155550123"}))["ok"] is False
+    await asyncio.sleep(0.2)
+    assert not events.of("call.transferred", call_id) and not events.of("call.ended", call_id)
+    assert not stream.ws.closed
+    plivo_gateway.api.fail_transfers_with = None
+    assert await request(bus, call_id, "transfer", {"to": "+14155550123"}) == {"ok": True}
+    [ended] = await events.wait("call.ended", call_id)
+    assert ended.reason == "transferred"
+    assert len(events.of("call.transferred", call_id)) == 1
+    await stream.ws.close()
+
+
 async def test_hangup_without_rest_closes_the_socket(make_plivo_gateway, events, bus):
     gateway = await make_plivo_gateway(plivo_auth_id="")
     stream, call_uuid, call_id = await started_plivo_stream(gateway, events)

@@ -56,6 +56,7 @@ class FakePlivoApi:
     digits: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     auth: list[str] = field(default_factory=list)
     fail_with: tuple[int, dict[str, Any]] | None = None
+    fail_transfers_with: int | None = None  # an HTTP status for the Call update endpoint
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -75,6 +76,9 @@ class FakePlivoApi:
             return web.Response(status=204)
 
         async def update(request: web.Request) -> web.Response:
+            if self.fail_transfers_with is not None:
+                return web.json_response({"api_id": "x", "error": "internal server error"},
+                                         status=self.fail_transfers_with)
             self.transferred.append((request.match_info["uuid"], await request.json()))
             return web.json_response({"api_id": "x", "message": "call transferred"},
                                      status=202)

@@ -203,15 +203,20 @@ class PlivoStreamSession(TwilioSession):
         await self.plivo.send_digits(call.carrier_call_id, digits)
 
     async def transfer(self, to: str, mode: Literal["cold", "warm"]) -> None:
-        """Cold transfer: point the caller's leg at our ``<Dial>`` XML."""
+        """Cold transfer: point the caller's leg at our ``<Dial>`` XML.
+
+        call.transferred and call.ended (reason ``transferred``) are published once Plivo has
+        accepted the transfer; if it fails, the call stays live with the agent.
+        """
         call = self.call
         if call is None:
             raise CommandError("no call attached yet")
         if self.plivo is None:
             raise CommandError("transfer needs the Plivo REST client (no account configured)")
+        await self.refuse_if_ended()
+        await self.plivo.transfer(call.carrier_call_id, xml.callback_url(
+            self.config, xml.TRANSFER_PATH, call_id=call.call_id, to=to))
         transferred = CallTransferred(org_id=call.org_id, call_id=call.call_id, to_number=to,
                                       mode=mode)
         if not await self.end_call("transferred", transferred):
             raise CommandError("call already ended")
-        await self.plivo.transfer(call.carrier_call_id, xml.callback_url(
-            self.config, xml.TRANSFER_PATH, call_id=call.call_id, to=to))

@@ -153,7 +153,6 @@ class MediaStreamSession(TwilioSession):
         self.stream_sid = ""
         self.last_sequence = 0
         self.seq_base = 0  # added to Twilio's sequenceNumber: the call's frames keep growing
-        self.redirecting = False  # we replaced the TwiML: a stop does not end the call
         self._frames_in = self.metrics.counter(
             "gateway_frames", "Audio frames relayed", ["protocol", "direction"]).labels(
             self.protocol, "in")

@@ -36,6 +36,10 @@ from . import twiml
 
 log = logging.getLogger(__name__)
 
+# A command still running when the socket ends gets this long to finish (the REST clients time
+# out after 10 s): a transfer whose redirect stopped this very stream publishes its end after.
+COMMAND_GRACE_S = 15.0
+
 
 class TwilioSession:
     """One Twilio WebSocket; subclasses speak the protocol (``on_text``, ``end_locally``)."""
@@ -51,7 +55,9 @@ class TwilioSession:
         self.call: CarrierCall | None = None
         self.agent: Agent | None = None
         self.finished = False  # the call is over for this socket; stop reading
+        self.redirecting = False  # we are replacing the TwiML: the stream's stop is not a hang-up
         self._subscriptions: list[Subscription] = []
+        self._commands: Subscription | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closes = self.metrics.counter(
             "gateway_socket_closes", "Carrier sockets closed by the gateway, by code",
@@ -162,7 +168,7 @@ class TwilioSession:
         previous = self.app[CALLS].claim(self)
         if previous is not None:
             await previous.replace()
-        self._subscriptions.append(await serve_commands(self.bus.nc, call.call_id, self))
+        self._commands = await serve_commands(self.bus.nc, call.call_id, self)
         await self.subscribe()
         self._spawn(self._expire(), "max-duration")
         if self.rest is not None and agent.settings.record and call.direction == "inbound":
@@ -220,17 +226,47 @@ class TwilioSession:
         await self.close(CloseCode.NORMAL, reason)
 
     async def transfer(self, to: str, mode: Literal["cold", "warm"]) -> None:
-        """Cold transfer: redirect the call to ``<Dial>`` through the REST API."""
+        """Cold transfer: redirect the call to ``<Dial>`` through the REST API.
+
+        call.transferred and call.ended (reason ``transferred``) are published once Twilio
+        has accepted the redirect, never before.
+        """
         call = self.call
         if call is None:
             raise CommandError("no call attached yet")
         if self.rest is None:
             raise CommandError("transfer needs the Twilio REST client (no account configured)")
+        await self.refuse_if_ended()
+        await self.redirect(twiml.dial_twiml(to))
+        # Only now is the caller on their way to the new number: a failed redirect leaves the
+        # call live with the agent (and the command's error says why), so nothing is published.
         transferred = CallTransferred(org_id=call.org_id, call_id=call.call_id, to_number=to,
                                       mode=mode)
         if not await self.end_call("transferred", transferred):
             raise CommandError("call already ended")
-        await self.rest.redirect(call.carrier_call_id, twiml.dial_twiml(to))
+
+    async def refuse_if_ended(self) -> None:
+        """Raise CommandError if the call has already ended (e.g. transferred before)."""
+        async with self.pool.connection() as conn:
+            call = await find_by_call_id(conn, self.call_id)
+        if call is None or call.ended:
+            raise CommandError("call already ended")
+
+    async def redirect(self, new_twiml: str) -> None:
+        """Replace the TwiML the call executes; the stream's ``stop`` then ends nothing.
+
+        If Twilio refuses or times out, the call is still ours: the flag is reset so that the
+        caller's later hang-up ends the call, and the error propagates to the command.
+        """
+        call = self.call
+        if call is None or self.rest is None:
+            raise CommandError("redirecting needs an attached call and the Twilio REST client")
+        self.redirecting = True
+        try:
+            await self.rest.redirect(call.carrier_call_id, new_twiml)
+        except BaseException:
+            self.redirecting = False
+            raise
 
     async def _record(self) -> None:
         """Start recording an inbound call once (outbound calls are recorded from creation)."""
@@ -275,8 +311,29 @@ class TwilioSession:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for subscription in self._subscriptions:
-            with contextlib.suppress(Exception):
-                await subscription.unsubscribe()
-        self._subscriptions.clear()
-        self.app[CALLS].release(self)
+        try:
+            await self._finish_commands()
+        finally:
+            for subscription in self._subscriptions:
+                with contextlib.suppress(Exception):
+                    await subscription.unsubscribe()
+            self._subscriptions.clear()
+            self.app[CALLS].release(self)
+
+    async def _finish_commands(self) -> None:
+        """Stop taking commands, letting the one in flight finish (unsubscribing cancels it)."""
+        commands, self._commands = self._commands, None
+        if commands is None:
+            return
+        drained = False
+        try:
+            async with asyncio.timeout(COMMAND_GRACE_S):
+                await commands.drain()
+            drained = True
+        except Exception as exc:
+            log.warning("call %s: commands in flight not finished with the socket (%s); "
+                        "cancelling them", self.call_id, type(exc).__name__)
+        finally:
+            if not drained:
+                with contextlib.suppress(Exception):
+                    await commands.unsubscribe()
