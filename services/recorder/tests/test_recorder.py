@@ -10,7 +10,7 @@ from parley.common.metrics import Metrics
 from parley.common.store import rebuild
 from parley.devkit.infra import NatsServer
 from parley.recorder.projections import AuditLogProjection, CallsProjection
-from parley.recorder.worker import CHECKPOINT, Recorder
+from parley.recorder.worker import CHECKPOINT, LEADER_LOCK, Recorder
 
 from .conftest import wait_for
 
@@ -224,3 +224,26 @@ async def test_resumes_after_the_nats_server_restarts(tmp_path, database_url: st
     finally:
         server.stop()
     assert rows(database_url, "SELECT position FROM events ORDER BY 1") == [(1,), (2,), (3,)]
+
+
+async def test_a_leader_that_lost_its_lock_connection_stops_writing(
+        bus: Bus, database_url: str) -> None:
+    async with running_recorder(bus, database_url, batch_size=3) as old:
+        await wait_for(lambda: old.leader)
+        async with running_recorder(bus, database_url, batch_size=3) as new:
+            await asyncio.sleep(0.5)
+            assert not new.leader
+            # The leader's idle lock connection is dropped (a Postgres restart, a proxy's idle
+            # timeout): its lock is released and the standby takes it.
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_locks WHERE "
+                             "locktype = 'advisory' AND objid = %s", (LEADER_LOCK & 0xFFFFFFFF,))
+            await wait_for(lambda: new.leader)
+            for i in range(40):
+                await bus.publish(ev.TranscriptFinal(org_id="o1", call_id="c1", text=str(i)))
+                await asyncio.sleep(0.02)
+            await wait_for(lambda: _at(database_url, 40))
+            await wait_for(lambda: not old.leader)
+    assert rows(database_url, "SELECT position FROM events ORDER BY 1") == \
+        [(p,) for p in range(1, 41)]
+    assert rows(database_url, "SELECT position, reason FROM dead_letters") == []

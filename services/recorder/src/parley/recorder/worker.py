@@ -9,7 +9,9 @@ replaced the same way. Positions that cannot become events (undecodable payloads
 duplicate ids republished after the dedupe window, messages expired before they were recorded)
 go to ``dead_letters`` with the reason, so every stream sequence is accounted for.
 
-Only one recorder writes at a time (a session advisory lock); others wait as hot standbys.
+Only one recorder writes at a time (a session advisory lock); others wait as hot standbys. A
+leader whose lock connection drops goes back to waiting for the lock; each batch locks the
+checkpoint row and is dropped if another recorder moved it, so a deposed leader never writes.
 """
 
 from __future__ import annotations
@@ -44,9 +46,14 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "recorder"
 LEADER_LOCK = 0x7265636F7264  # "record"
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 8.0
+LEAD_CHECK_S = 1.0  # how often a leader checks that its lock's connection is alive
 # The JSON escape of NUL (backslash, u0000), which jsonb refuses. Only after an even number of
 # backslashes: after an odd number it is an escaped backslash followed by the text "u0000".
 _NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
+class LeadershipLost(Exception):
+    """The recorder no longer holds the leader lock, or another one wrote past it."""
 
 
 class Recorder:
@@ -76,43 +83,73 @@ class Recorder:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Record until ``stop`` is set; survives NATS and Postgres outages by retrying."""
-        async with await psycopg.AsyncConnection.connect(self.database_url,
-                                                         autocommit=True) as leader_conn:
-            while not stop.is_set() and not await self._try_lead(leader_conn):
+        while not stop.is_set():
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                        self.database_url, autocommit=True) as leader_conn:
+                    await self._lead(leader_conn, stop)
+            except (psycopg.OperationalError, LeadershipLost) as exc:
+                log.warning("recorder is not the leader any more (%s); trying again", exc)
                 await _wait(stop, 1.0)
-            if stop.is_set():
-                return
-            self.leader = True
-            log.info("recorder is the leader")
-            delay, failed_at = RETRY_MIN_S, -math.inf
-            while not stop.is_set():
-                try:
-                    async with await psycopg.AsyncConnection.connect(self.database_url) as conn:
-                        await self._record(conn, stop)
-                except (psycopg.OperationalError, NotFoundError, ServiceUnavailableError,
-                        NatsTimeoutError) as exc:
-                    # Back off while failures follow each other (NATS still restarting, the
-                    # consumer lost again at once); an isolated failure is retried quickly.
-                    now = time.monotonic()
-                    delay = RETRY_MIN_S if now - failed_at > 60 else min(delay * 2, RETRY_MAX_S)
-                    failed_at = now
-                    log.warning("recorder interrupted (%s); resuming from checkpoint in %.1f s",
-                                exc, delay)
-                    await _wait(stop, delay)
+            finally:
+                self.leader = False
+
+    async def _lead(self, leader_conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> None:
+        """Wait for the leader lock on ``leader_conn``, then record while it holds it."""
+        while not stop.is_set() and not await self._try_lead(leader_conn):
+            await _wait(stop, 1.0)
+        if stop.is_set():
+            return
+        self.leader = True
+        log.info("recorder is the leader")
+        delay, failed_at = RETRY_MIN_S, -math.inf
+        while not stop.is_set():
+            try:
+                async with await psycopg.AsyncConnection.connect(self.database_url) as conn:
+                    await self._record(conn, leader_conn, stop)
+            except (psycopg.OperationalError, NotFoundError, ServiceUnavailableError,
+                    NatsTimeoutError) as exc:
+                # Back off while failures follow each other (NATS still restarting, the
+                # consumer lost again at once); an isolated failure is retried quickly.
+                now = time.monotonic()
+                delay = RETRY_MIN_S if now - failed_at > 60 else min(delay * 2, RETRY_MAX_S)
+                failed_at = now
+                log.warning("recorder interrupted (%s); resuming from checkpoint in %.1f s",
+                            exc, delay)
+                await _wait(stop, delay)
 
     async def _try_lead(self, conn: psycopg.AsyncConnection[Any]) -> bool:
         cursor = await conn.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,))
         row = await cursor.fetchone()
         return bool(row and row[0])
 
-    async def _record(self, conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> None:
+    async def _check_lead(self, leader_conn: psycopg.AsyncConnection[Any]) -> None:
+        """Raise ``LeadershipLost`` if the session holding the leader lock is gone.
+
+        Its lock went with it, so a standby may be leading already.
+        """
+        try:
+            await leader_conn.execute("SELECT 1")
+        except psycopg.Error as exc:
+            raise LeadershipLost(f"the leader lock's connection failed: {exc}") from exc
+
+    async def _record(self, conn: psycopg.AsyncConnection[Any],
+                      leader_conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> None:
+        await self._check_lead(leader_conn)
+        # The row each batch locks to fence out a deposed leader (see _write_batch).
+        await conn.execute("INSERT INTO checkpoints (name, position) VALUES (%s, 0) "
+                           "ON CONFLICT (name) DO NOTHING", (CHECKPOINT,))
         self.position = await get_checkpoint(conn, CHECKPOINT)
         await conn.commit()
         puller = _BatchPuller(self.bus, start_seq=self.position + 1, batch=self.batch_size)
         await puller.start()
+        next_lead_check = time.monotonic() + LEAD_CHECK_S
         try:
             batch = await puller.next_batch()
             while not stop.is_set():
+                if time.monotonic() >= next_lead_check:
+                    await self._check_lead(leader_conn)
+                    next_lead_check = time.monotonic() + LEAD_CHECK_S
                 puller.request()  # the next batch streams in while this one is written
                 if batch:
                     await self._write_batch(conn, batch)
@@ -149,6 +186,7 @@ class Recorder:
             return
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+            await self._fence(conn)
             good = await self._drop_duplicates(conn, good, dead)
             async with conn.cursor() as cursor:
                 await append(cursor, [event_row(p, e, t, raw) for p, e, raw, t in good])
@@ -169,6 +207,19 @@ class Recorder:
             self._dead.labels(reason.split(":", 1)[0]).inc()
             log.error("dead letter at position: %s", reason)
         self._batch_seconds.observe(time.perf_counter() - started)
+
+    async def _fence(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Lock the checkpoint row; raise ``LeadershipLost`` if another recorder moved it.
+
+        The leader lock alone cannot stop a leader that lost it (its lock connection dropped)
+        from finishing the batches it already pulled, while a standby took over.
+        """
+        cursor = await conn.execute(
+            "SELECT position FROM checkpoints WHERE name = %s FOR UPDATE", (CHECKPOINT,))
+        row = await cursor.fetchone()
+        if row is None or row[0] != self.position:
+            raise LeadershipLost(f"another recorder moved the checkpoint to "
+                                 f"{row[0] if row else None}, from {self.position}")
 
     async def _drop_duplicates(self, conn: psycopg.AsyncConnection[Any],
                                good: list[tuple[int, Event, bytes, str | None]],
