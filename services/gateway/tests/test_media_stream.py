@@ -192,6 +192,19 @@ async def test_dtmf_redirects_and_the_call_continues_on_a_new_stream(make_gatewa
     await events.wait("call.ended", call_id)
 
 
+async def test_a_failed_dtmf_redirect_leaves_the_callers_hang_up_ending_the_call(
+        make_gateway, events, bus):
+    gateway = await make_gateway(rest=True)
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    gateway.rest_fake.fail_updates_with = 500
+    reply = await request(bus, call_id, "dtmf", {"digits": "1"})
+    assert reply["ok"] is False and "500" in reply["error"]
+    await stream.stop(call_sid)  # no redirect happened: this is the caller hanging up
+    await stream.closed()
+    [ended] = await events.wait("call.ended", call_id)
+    assert ended.reason == "caller_hangup"
+
+
 async def test_dtmf_without_rest_is_an_error_reply(gateway, events, bus):
     stream, _, call_id = await started_stream(gateway, events)
     reply = await request(bus, call_id, "dtmf", {"digits": "1"})

@@ -264,14 +264,16 @@ class MediaStreamSession(TwilioSession):
                                          "mark": {"name": name}}))
 
     async def send_digits(self, digits: str) -> None:
-        """Play DTMF: redirect the call to ``<Play digits>`` and then a new stream."""
+        """Play DTMF: redirect the call to ``<Play digits>`` and then a new stream.
+
+        If the redirect fails the stream goes on, and its later ``stop`` ends the call.
+        """
         call, agent = self.call, self.agent
         if call is None or agent is None:
             raise CommandError("no call attached yet")
         if self.rest is None:
             raise CommandError("sending DTMF needs the Twilio REST client")
-        self.redirecting = True
-        await self.rest.redirect(call.carrier_call_id, twiml.digits_then_connect(
+        await self.redirect(twiml.digits_then_connect(
             self.config, agent.settings, digits, call_id=call.call_id, org_id=call.org_id,
             agent_id=call.agent_id))
 
