@@ -301,6 +301,25 @@ async def test_a_dead_letter_that_cannot_be_stored_is_tried_again_and_the_runner
     assert info.num_ack_pending == 0 and info.num_pending == 0
 
 
+async def test_messages_waiting_behind_a_slow_handler_are_not_delivered_again(bus: Bus) -> None:
+    handled: list[tuple[str, int]] = []
+
+    async def handler(event: events.Event, msg: object) -> None:
+        handled.append((event.text, msg.metadata.num_delivered))  # type: ignore[attr-defined]
+        await asyncio.sleep(0.3)  # e.g. a webhook: the later ones wait past ack_wait
+
+    consumer = DurableConsumer(bus, _settings("slow", ack_wait_s=1.0), handler)
+    await consumer.start()
+    for text in "012345":
+        await bus.publish(events.TranscriptFinal(org_id="o1", call_id="c1", text=text))
+    await wait_for(lambda: consumer.processed == 6)
+    # Anything delivered again while it waited is queued by now, ahead of this one.
+    await bus.publish(events.TranscriptFinal(org_id="o1", call_id="c1", text="last"))
+    await wait_for(lambda: handled[-1][0] == "last")
+    await consumer.stop()
+    assert handled == [(text, 1) for text in [*"012345", "last"]]
+
+
 async def test_a_consumer_that_dies_before_acking_gets_the_message_redelivered(
         nats_url: str, bus: Bus) -> None:
     dying = await Bus.connect(nats_url, name="dying")

@@ -14,7 +14,9 @@ logged, and the message comes back after ``ack_wait``.
 By default one message is handled at a time, in stream order. ``concurrency=n`` handles up to
 ``n`` at once while the runner keeps pulling; with a ``key`` (e.g. the call id), messages with the
 same key are still handled one after another in stream order and only different keys run in
-parallel. Each message is acked, nak'ed or dead-lettered on its own.
+parallel. Each message is acked, nak'ed or dead-lettered on its own. A message that arrived and
+waits its turn (pulled ahead, or behind its key) is kept alive with ``in_progress`` every
+``ack_wait``/3, so the server does not deliver it again while it waits.
 """
 
 from __future__ import annotations
@@ -261,11 +263,17 @@ class DurableConsumer:
 
     # ------------------------------------------------------------------ handling
 
+    @property
+    def _keep_alive_s(self) -> float:
+        """How often a message waiting its turn tells the server it is still ours."""
+        return self.settings.ack_wait_s / 3
+
     async def _run(self) -> None:
         if self.concurrency > 1:
             await self._run_concurrently()
             return
         puller = asyncio.create_task(self._pull())
+        keeper = asyncio.create_task(self._keep_buffer_alive())
         try:
             while True:
                 while not self._buffer:
@@ -288,9 +296,25 @@ class DurableConsumer:
                     self._busy = False
                     self._changed.set()
         finally:
-            puller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await puller
+            for task in (puller, keeper):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _keep_buffer_alive(self) -> None:
+        """Tell the server now and then that the messages waiting in the buffer are still ours.
+
+        Up to ``batch`` messages wait behind the one being handled; past ``ack_wait`` the server
+        would deliver them again while they are still queued here, to be handled twice.
+        """
+        while True:
+            await asyncio.sleep(self._keep_alive_s)
+            try:
+                for msg in list(self._buffer):
+                    await msg.in_progress()
+            except Exception:
+                log.warning("%s: could not keep the waiting messages alive",
+                            self.settings.durable, exc_info=True)
 
     async def _run_concurrently(self) -> None:
         """Pull while handlers run, at most ``concurrency`` messages in hand or requested."""
@@ -334,7 +358,7 @@ class DurableConsumer:
         """Handle ``msg`` once the message with the same key before it is settled."""
         if before is not None:
             while not before.done():
-                await asyncio.wait({before}, timeout=self.settings.ack_wait_s / 3)
+                await asyncio.wait({before}, timeout=self._keep_alive_s)
                 if not before.done():
                     await msg.in_progress()  # still ours: it waits its turn, not forgotten
             if self._stopping.is_set():
