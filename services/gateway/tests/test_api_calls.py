@@ -95,6 +95,14 @@ async def place(api, key: str | None, body: Any):
     return await api.gateway.client.post("/v1/calls", json=body, headers=headers)
 
 
+def nested(levels: int) -> list[Any]:
+    """A list ``levels`` deep: ``[[...[]...]]``."""
+    value: list[Any] = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
 def body(**changes: Any) -> dict[str, Any]:
     return {"agent_id": CASCADING_AGENT, "to": CALLEE, "from": CASCADING_NUMBER, **changes}
 
@@ -224,6 +232,12 @@ async def test_authentication_failures(api, twilio_api, keys, events, key, statu
     (body(to=CASCADING_NUMBER), "to", "cannot call the number it calls from"),
     (body(**{"from": OTHER_NUMBER}), "from", "not one of your numbers"),
     (body(**{"from": "+14155550188"}), "from", "not one of your numbers"),
+    # what Postgres jsonb refuses would cost the call its call.requested in the event store
+    (body(metadata={"crm": "a\u0000b"}), "metadata", "metadata.crm contains a NUL"),
+    (body(metadata={"c\u0000rm": "ab"}), "metadata", "a key in metadata contains a NUL"),
+    (body(context={"a": [{"b": "\u0000"}]}), "context", "context.a[0].b contains a NUL"),
+    (body(context={"a": {"\u0000": 1}}), "context", "a key in context.a contains a NUL"),
+    (body(context={"a": nested(32)}), "context", "nested more than 32 levels"),
 ])
 async def test_validation_errors_name_the_field(api, twilio_api, keys, events, payload, field,
                                                 words):
@@ -232,6 +246,17 @@ async def test_validation_errors_name_the_field(api, twilio_api, keys, events, p
     problem = await response.json()
     assert problem["field"] == field and words in problem["detail"]
     assert twilio_api.requests == [] and events.of("call.requested") == []
+
+
+async def test_deeply_nested_context_is_a_422(api, twilio_api, keys, events):
+    assert (await place(api, keys["full"], body(context={"a": nested(31)}))).status == 201
+    deep = b'{"agent_id": "%s", "to": "%s", "from": "%s", "context": {"a": %s%s}}' % (
+        CASCADING_AGENT.encode(), CALLEE.encode(), CASCADING_NUMBER.encode(),
+        b"[" * 30_000, b"]" * 30_000)
+    response = await place(api, keys["full"], deep)
+    assert response.status == 422
+    assert "nested too deeply" in (await response.json())["detail"]
+    assert len(twilio_api.requests) == 1 and len(events.of("call.requested")) == 1
 
 
 async def test_malformed_json_is_a_400(api, keys):

@@ -26,7 +26,16 @@ from ..calls import CarrierCall, find_by_call_id, new_call_id, record_carrier_ca
 from ..keys import BUS, METRICS, POOL
 from .auth import authenticate
 from .dialing import CarrierUnavailable, DialError, dial
-from .schemas import MAX_BODY_BYTES, CallCreated, CallView, PlaceCall, decode_body, e164, invalid
+from .schemas import (
+    MAX_BODY_BYTES,
+    CallCreated,
+    CallView,
+    PlaceCall,
+    decode_body,
+    e164,
+    invalid,
+    storable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +60,8 @@ async def place_call(request: web.Request) -> web.Response:
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise Problem(413, "Content Too Large", f"the body is over {MAX_BODY_BYTES} bytes")
     body = decode_body(await request.read(), PlaceCall)
+    storable(body.context, "context")
+    storable(body.metadata, "metadata")
     to_number, from_number = e164(body.to, "to"), e164(body.from_, "from")
     if to_number == from_number:
         raise invalid("to", "an agent cannot call the number it calls from")

@@ -1,7 +1,9 @@
 """Request and response bodies of the calls API (msgspec Structs), and their validation.
 
 Decoding errors become problems that name the field at fault: malformed JSON is a 400, a body
-of the wrong shape (missing, unknown or mistyped field) a 422 with ``field`` set.
+of the wrong shape (missing, unknown or mistyped field) a 422 with ``field`` set. Free-form JSON
+the event store keeps (``context``, ``metadata``) must be storable as Postgres ``jsonb``: no NUL
+character in any key or string, and at most :data:`MAX_JSON_DEPTH` levels of nesting.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ T = TypeVar("T")
 
 E164 = re.compile(r"^\+[1-9]\d{1,14}$")
 MAX_BODY_BYTES = 64 * 1024
+MAX_JSON_DEPTH = 32  # levels of objects/arrays in a free-form field (the field itself is one)
 
 
 class PlaceCall(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -78,6 +81,9 @@ def decode_body(body: bytes, kind: type[T]) -> T:
         match = _FIELD_AT.search(message) or _FIELD_NAMED.search(message)
         field = match["field"] if match else ""
         raise invalid(field, message) from None
+    except RecursionError:
+        raise invalid("", f"the body is nested too deeply (at most {MAX_JSON_DEPTH} levels "
+                      "in context)") from None
     except msgspec.DecodeError as exc:
         raise Problem(400, "Bad Request", f"the body is not valid JSON: {exc}",
                       kind="malformed-json") from None
@@ -89,6 +95,32 @@ def invalid(field: str, detail: str) -> Problem:
     prefix = f"{field}: " if field and not detail.startswith(field) else ""
     return Problem(422, "Unprocessable Content", prefix + detail, kind="invalid-request",
                    extra=extra)
+
+
+def storable(value: Any, field: str) -> None:
+    """Raise the 422 naming ``field`` if the event store could not keep ``value`` as jsonb.
+
+    Postgres refuses a NUL character in jsonb (the recorder would dead-letter the call's
+    call.requested), and deep nesting costs recursion in every reader, so both are refused here.
+    """
+    pending: list[tuple[Any, int, str]] = [(value, 1, field)]
+    while pending:
+        item, depth, path = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise invalid(field, f"{path[:200]} contains a NUL character (\\u0000)")
+            continue
+        if isinstance(item, dict | list) and depth > MAX_JSON_DEPTH:
+            raise invalid(field, f"{path[:200]} is nested more than {MAX_JSON_DEPTH} levels deep")
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if "\x00" in key:
+                    raise invalid(field, f"a key in {path[:200]} contains a NUL character "
+                                  "(\\u0000)")
+                pending.append((child, depth + 1, f"{path}.{key}"))
+        elif isinstance(item, list):
+            pending.extend((child, depth + 1, f"{path}[{index}]")
+                           for index, child in enumerate(item))
 
 
 def e164(value: str, field: str) -> str:
