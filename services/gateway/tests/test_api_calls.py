@@ -227,6 +227,10 @@ async def test_authentication_failures(api, twilio_api, keys, events, key, statu
     (body(metadata={"n": 1}), "metadata", "Expected `str`"),
     (body(to="4155550123"), "to", "not an E.164 number"),
     (body(to="+1 415 555 0123"), "to", "not an E.164 number"),
+    (body(to=CALLEE + "\n"), "to", "not an E.164 number"),
+    (body(to=CASCADING_NUMBER + "\n"), "to", "not an E.164 number"),  # the self-call check
+    (body(to="+1415\uff15\uff15\uff150123"), "to", "not an E.164 number"),  # fullwidth 5s
+    (body(**{"from": CASCADING_NUMBER + "\n"}), "from", "not an E.164 number"),
     (body(to="+15551234567"), "to", "not a valid phone number"),
     (body(**{"from": "+1415"}), "from", "not a valid phone number"),
     (body(to=CASCADING_NUMBER), "to", "cannot call the number it calls from"),

@@ -20,7 +20,8 @@ from parley.common.problems import Problem
 
 T = TypeVar("T")
 
-E164 = re.compile(r"^\+[1-9]\d{1,14}$")
+# ASCII digits only, matched whole (fullmatch: `$` would let a trailing newline through).
+E164 = re.compile(r"\+[1-9][0-9]{1,14}")
 MAX_BODY_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 32  # levels of objects/arrays in a free-form field (the field itself is one)
 
@@ -124,12 +125,13 @@ def storable(value: Any, field: str) -> None:
 
 
 def e164(value: str, field: str) -> str:
-    """``value`` if it is a valid E.164 number (``+14155550100``); a 422 naming ``field`` if not.
+    """``value`` as a valid E.164 number (``+14155550100``); a 422 naming ``field`` if not.
 
-    Strict on purpose: the number is passed to the carrier as given, so a formatted or national
-    number is refused rather than guessed at.
+    Strict on purpose: a formatted or national number is refused rather than guessed at. The
+    number returned (to the carrier, the events and the self-call check) is phonenumbers' own
+    E.164 rendering of it, never the raw input.
     """
-    if not E164.match(value):
+    if not E164.fullmatch(value):
         raise invalid(field, f"{value!r} is not an E.164 number (like +14155550100)")
     try:
         parsed = phonenumbers.parse(value, None)
@@ -137,4 +139,4 @@ def e164(value: str, field: str) -> str:
         raise invalid(field, f"{value!r} is not a phone number: {exc}") from None
     if not phonenumbers.is_valid_number(parsed):
         raise invalid(field, f"{value} is not a valid phone number")
-    return value
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
