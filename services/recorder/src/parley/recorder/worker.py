@@ -5,9 +5,11 @@ stream from checkpoint+1 through an ephemeral consumer, and writes each batch â€
 (COPY), the inline projections and the new checkpoint â€” in one transaction. Nothing is acked
 to JetStream: a crash anywhere simply restarts from the committed checkpoint, so no position is
 written twice and none is skipped; a lost consumer (a NATS restart, the consumer expired) is
-replaced the same way. Positions that cannot become events (undecodable payloads,
-duplicate ids republished after the dedupe window, messages expired before they were recorded)
-go to ``dead_letters`` with the reason, so every stream sequence is accounted for.
+replaced the same way, and so is a message lost in transit (a connection dropped while it was
+delivered), which the stream still holds. Positions that cannot become events (undecodable
+payloads, duplicate ids republished after the dedupe window, messages expired or deleted
+before they were recorded) go to ``dead_letters`` with the reason, so every stream sequence is
+accounted for.
 
 Only one recorder writes at a time (a session advisory lock); others wait as hot standbys. A
 leader whose lock connection drops goes back to waiting for the lock; each batch locks the
@@ -54,6 +56,10 @@ _NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 
 class LeadershipLost(Exception):
     """The recorder no longer holds the leader lock, or another one wrote past it."""
+
+
+class MessageLost(Exception):
+    """A position the stream still holds never reached the recorder (lost in transit)."""
 
 
 class Recorder:
@@ -108,7 +114,7 @@ class Recorder:
                 async with await psycopg.AsyncConnection.connect(self.database_url) as conn:
                     await self._record(conn, leader_conn, stop)
             except (psycopg.OperationalError, NotFoundError, ServiceUnavailableError,
-                    NatsTimeoutError) as exc:
+                    NatsTimeoutError, MessageLost) as exc:
                 # Back off while failures follow each other (NATS still restarting, the
                 # consumer lost again at once); an isolated failure is retried quickly.
                 now = time.monotonic()
@@ -169,8 +175,8 @@ class Recorder:
             seq = _stream_sequence(msg)
             if seq < expected:
                 continue  # already recorded (a stale delivery)
-            dead.extend((missing, "", "missing from stream: expired or deleted before "
-                         "it was recorded", None) for missing in range(expected, seq))
+            if seq > expected:
+                dead.extend(await self._missing(expected, seq))
             expected = seq + 1
             try:
                 event = decode(msg.data)
@@ -207,6 +213,28 @@ class Recorder:
             self._dead.labels(reason.split(":", 1)[0]).inc()
             log.error("dead letter at position: %s", reason)
         self._batch_seconds.observe(time.perf_counter() - started)
+
+    async def _missing(self, start: int, end: int) -> list[tuple[int, str, str, bytes | None]]:
+        """Dead letters for the positions ``start``..``end - 1`` that the consumer skipped.
+
+        Below the stream's first sequence they expired (or were purged); above it, a position
+        the stream no longer has was deleted. One it still has was lost in transit (a
+        connection dropped while it was delivered): raise ``MessageLost`` to pull again from
+        the checkpoint.
+        """
+        first = (await self.bus.js.stream_info(EVENTS_STREAM)).state.first_seq
+        dead: list[tuple[int, str, str, bytes | None]] = [
+            (position, "", "missing from stream: expired or purged before it was recorded",
+             None) for position in range(start, min(end, first))]
+        for position in range(max(start, first), end):
+            try:
+                await self.bus.js.get_msg(EVENTS_STREAM, position)
+            except NotFoundError:
+                dead.append((position, "", "missing from stream: deleted before it was "
+                             "recorded", None))
+                continue
+            raise MessageLost(f"position {position} is in the stream but was not delivered")
+        return dead
 
     async def _fence(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Lock the checkpoint row; raise ``LeadershipLost`` if another recorder moved it.
