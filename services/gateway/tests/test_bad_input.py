@@ -45,6 +45,30 @@ async def invalid_base64(gateway, events):
     return await stream.closed()
 
 
+async def _bad_media(gateway, events, *, seq: str = "9", timestamp: str = "20"):
+    stream, _, _ = await _started(gateway, events)
+    await stream.send({"event": "media", "sequenceNumber": seq, "streamSid": stream.stream_sid,
+                       "media": {"track": "inbound", "chunk": "1", "timestamp": timestamp,
+                                 "payload": "//8="}})
+    return await stream.closed()
+
+
+async def sequence_number_too_big(gateway, events):  # over the 22 bits a frame's seq has for it
+    return await _bad_media(gateway, events, seq=str(2**22))
+
+
+async def sequence_number_over_64_bits(gateway, events):
+    return await _bad_media(gateway, events, seq=str(2**64 - 1))
+
+
+async def negative_timestamp(gateway, events):
+    return await _bad_media(gateway, events, timestamp="-20")
+
+
+async def timestamp_over_32_bits(gateway, events):
+    return await _bad_media(gateway, events, timestamp=str(2**32))
+
+
 async def out_of_order(gateway, events):
     stream, _, _ = await _started(gateway, events)
     await stream.media(b"\xff" * 160)
@@ -112,6 +136,10 @@ CASES = [
     (unknown_event, CloseCode.UNKNOWN_EVENT, "unknown event"),
     (invalid_message, CloseCode.INVALID_MESSAGE, "invalid message"),
     (invalid_base64, CloseCode.INVALID_PAYLOAD, "invalid base64"),
+    (sequence_number_too_big, CloseCode.INVALID_MESSAGE, "sequenceNumber"),
+    (sequence_number_over_64_bits, CloseCode.INVALID_MESSAGE, "sequenceNumber"),
+    (negative_timestamp, CloseCode.INVALID_MESSAGE, "media.timestamp"),
+    (timestamp_over_32_bits, CloseCode.INVALID_MESSAGE, "media.timestamp"),
     (out_of_order, CloseCode.OUT_OF_ORDER, "sequenceNumber"),
     (media_before_start, CloseCode.NOT_STARTED, "media before start"),
     (duplicate_start, CloseCode.DUPLICATE_START, "second start on one socket"),

@@ -206,6 +206,13 @@ async def invalid_base64(gateway, events):
     return await stream.closed()
 
 
+async def sequence_number_too_big(gateway, events):  # over the 22 bits a frame's seq has for it
+    stream, _, _ = await started_plivo_stream(gateway, events)
+    stream.seq = 2**22 - 1
+    await stream.media(b"\xff" * 160)
+    return await stream.closed()
+
+
 async def out_of_order(gateway, events):
     stream, _, _ = await started_plivo_stream(gateway, events)
     await stream.media(b"\xff" * 160)
@@ -270,6 +277,7 @@ CASES = [
     (invalid_message, CloseCode.INVALID_MESSAGE, "invalid message"),
     (unsupported_format, CloseCode.INVALID_MESSAGE, "unsupported media format"),
     (invalid_base64, CloseCode.INVALID_PAYLOAD, "invalid base64"),
+    (sequence_number_too_big, CloseCode.INVALID_MESSAGE, "sequenceNumber"),
     (out_of_order, CloseCode.OUT_OF_ORDER, "sequenceNumber"),
     (media_before_start, CloseCode.NOT_STARTED, "media before start"),
     (duplicate_start, CloseCode.DUPLICATE_START, "second start on one socket"),

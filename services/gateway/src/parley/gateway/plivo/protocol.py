@@ -6,7 +6,11 @@ In (Plivo → us): ``start``, ``media``, ``dtmf``, ``playedStream`` (echo of our
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
+
+from parley.common.bus.audio import CARRIER_SEQ_BITS
 
 from ..close_codes import CloseCode, ProtocolViolation
 
@@ -14,8 +18,14 @@ CONTENT_TYPE = "audio/x-mulaw"
 SAMPLE_RATE = 8000
 
 
+# The carrier's sequence number takes the low CARRIER_SEQ_BITS bits of an audio frame's seq
+# (parley.common.bus.audio): a larger one is a protocol violation (4400) at decoding, not a
+# struct.error (1011) when the frame is packed.
+SequenceNumber = Annotated[int, msgspec.Meta(ge=1, lt=1 << CARRIER_SEQ_BITS)]
+
+
 class _Message(msgspec.Struct, tag_field="event", rename="camel", kw_only=True):
-    sequence_number: int | None = None
+    sequence_number: SequenceNumber | None = None
     stream_id: str = ""
 
 
@@ -55,7 +65,7 @@ class MediaChunk(msgspec.Struct, kw_only=True):
 class Media(_Message, tag="media"):
     """Caller audio."""
 
-    sequence_number: int
+    sequence_number: SequenceNumber
     media: MediaChunk
 
 

@@ -16,14 +16,14 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import msgspec
 from aiohttp import web
 from nats.aio.msg import Msg
 
 from parley.common.bus import publish_frame, subscribe_frames
-from parley.common.bus.audio import MARK, stream_seq_base
+from parley.common.bus.audio import CARRIER_SEQ_BITS, MARK, stream_seq_base
 from parley.common.events import AgentSpeechProgress, CallDtmf, is_token
 
 from ..close_codes import CloseCode, ProtocolViolation, clean_text
@@ -37,8 +37,15 @@ from .signatures import verify_twilio
 log = logging.getLogger(__name__)
 
 
+# What fits the frame prefix (parley.common.bus.audio): the carrier's sequence number takes the
+# low CARRIER_SEQ_BITS bits of a frame's seq, the stream's audio ms a u32. Anything else is a
+# protocol violation (4400) at decoding, not a struct.error (1011) when the frame is packed.
+SequenceNumber = Annotated[int, msgspec.Meta(ge=1, lt=1 << CARRIER_SEQ_BITS)]
+AudioMs = Annotated[int, msgspec.Meta(ge=0, lt=1 << 32)]
+
+
 class _Message(msgspec.Struct, tag_field="event", rename="camel", kw_only=True):
-    sequence_number: int | None = None
+    sequence_number: SequenceNumber | None = None
     stream_sid: str = ""
 
 
@@ -71,13 +78,13 @@ class MediaChunk(msgspec.Struct, kw_only=True):
     payload: str
     track: str = "inbound"
     chunk: int = 0
-    timestamp: int = 0
+    timestamp: AudioMs = 0
 
 
 class Media(_Message, tag="media"):
     """Caller audio."""
 
-    sequence_number: int
+    sequence_number: SequenceNumber
     media: MediaChunk
 
 
