@@ -90,3 +90,19 @@ async def test_deleted_and_expired_positions_become_dead_letters(
     assert [p for p, _ in dead] == [1, 2, 5]
     assert "expired" in dead[0][1] and "expired" in dead[1][1]
     assert "deleted" in dead[2][1] and "expired" not in dead[2][1]
+
+
+async def test_a_long_gap_is_recorded_in_bounded_chunks(bus: Bus, database_url: str) -> None:
+    gap = 25_000
+    await bus.publish(ev.TranscriptFinal(org_id="o1", call_id="c1", text="one"))
+    # Everything up to position gap + 1 is gone: the recorder was down past the max age.
+    await bus.js.purge_stream(EVENTS_STREAM, seq=gap + 2)
+    await bus.publish(ev.TranscriptFinal(org_id="o1", call_id="c1", text="after"))
+    async with running_recorder(bus, database_url):
+        await wait_for(lambda: _at(database_url, gap + 2), timeout=30)
+    assert rows(database_url, "SELECT position FROM events") == [(gap + 2,)]
+    assert rows(database_url, "SELECT count(*), min(position), max(position) FROM dead_letters") \
+        == [(gap + 1, 1, gap + 1)]
+    # A transaction per chunk (recorded_at is the transaction's start), not one for them all.
+    (chunks,), = rows(database_url, "SELECT count(DISTINCT recorded_at) FROM dead_letters")
+    assert chunks > 1

@@ -28,6 +28,7 @@ import re
 import signal
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "recorder"
 LEADER_LOCK = 0x7265636F7264  # "record"
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 8.0
+GAP_CHUNK = 10_000  # skipped positions dead-lettered per transaction
 LEAD_CHECK_S = 1.0  # how often a leader checks that its lock's connection is alive
 # The JSON escape of NUL (backslash, u0000), which jsonb refuses. Only after an even number of
 # backslashes: after an odd number it is an escaped backslash followed by the text "u0000".
@@ -175,8 +177,10 @@ class Recorder:
             seq = _stream_sequence(msg)
             if seq < expected:
                 continue  # already recorded (a stale delivery)
-            if seq > expected:
-                dead.extend(await self._missing(expected, seq))
+            if seq > expected:  # what came before the gap, then the gap in its own chunks
+                await self._commit(conn, good, dead, expected - 1)
+                good, dead = [], []
+                await self._write_gap(conn, seq)
             expected = seq + 1
             try:
                 event = decode(msg.data)
@@ -190,29 +194,58 @@ class Recorder:
             good.append((seq, event, msg.data, (msg.headers or {}).get("traceparent")))
         if expected == self.position + 1:
             return
+        await self._commit(conn, good, dead, expected - 1)
+        self._batch_seconds.observe(time.perf_counter() - started)
+
+    async def _write_gap(self, conn: psycopg.AsyncConnection[Any], end: int) -> None:
+        """Dead-letter the skipped positions before ``end``, ``GAP_CHUNK`` per transaction.
+
+        A recorder down longer than the stream's max age (or a purge) can face millions; the
+        checkpoint moves with each chunk.
+        """
+        while self.position + 1 < end:
+            chunk_end = min(end, self.position + 1 + GAP_CHUNK)
+            dead = await self._missing(self.position + 1, chunk_end)
+            await self._commit(conn, [], dead, chunk_end - 1)
+
+    async def _commit(self, conn: psycopg.AsyncConnection[Any],
+                      good: list[tuple[int, Event, bytes, str | None]],
+                      dead: list[tuple[int, str, str, bytes | None]], position: int) -> None:
+        """Write the events and dead letters up to ``position`` and move the checkpoint there."""
+        if position == self.position:
+            return
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
             await self._fence(conn)
-            good = await self._drop_duplicates(conn, good, dead)
+            if good:
+                good = await self._drop_duplicates(conn, good, dead)
             async with conn.cursor() as cursor:
                 await append(cursor, [event_row(p, e, t, raw) for p, e, raw, t in good])
                 if dead:
-                    await cursor.executemany(
-                        "INSERT INTO dead_letters (position, subject, reason, payload) "
-                        "VALUES (%s, %s, %s, %s)", dead)
+                    async with cursor.copy("COPY dead_letters (position, subject, reason, "
+                                           "payload) FROM STDIN") as copy:
+                        for row in dead:
+                            await copy.write_row(row)
             self._maybe_crash("after_insert")
             batch = [(p, e) for p, e, _, _ in good]
             for projection in self.projections:
                 await projection.apply(conn, {t: t for t in projection.tables}, batch)
-            await store_checkpoint(conn, CHECKPOINT, expected - 1)
+            await store_checkpoint(conn, CHECKPOINT, position)
         self._maybe_crash("after_commit")
-        self.position = expected - 1
+        self.position = position
         self._batches += 1
         self._recorded.inc(len(good))
-        for _, _, reason, _ in dead:
-            self._dead.labels(reason.split(":", 1)[0]).inc()
-            log.error("dead letter at position: %s", reason)
-        self._batch_seconds.observe(time.perf_counter() - started)
+        reasons = Counter(reason for _, _, reason, _ in dead)
+        for reason, count in reasons.items():
+            self._dead.labels(reason.split(":", 1)[0]).inc(count)
+        if len(dead) <= 10:
+            for at, _, reason, _ in dead:
+                log.error("dead letter at position %d: %s", at, reason)
+        else:  # a gap: a line per reason, not per position
+            for reason, count in reasons.items():
+                log.error("%d dead letters at positions %d to %d: %s", count,
+                          min(at for at, _, r, _ in dead if r == reason),
+                          max(at for at, _, r, _ in dead if r == reason), reason)
 
     async def _missing(self, start: int, end: int) -> list[tuple[int, str, str, bytes | None]]:
         """Dead letters for the positions ``start``..``end - 1`` that the consumer skipped.
