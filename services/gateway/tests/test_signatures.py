@@ -1,5 +1,6 @@
 import aiohttp
 import pytest
+from twilio.request_validator import SIGNATURE_SETTINGS_HEADER, RequestValidator
 
 from .conftest import (
     ACCOUNT,
@@ -115,6 +116,59 @@ async def test_without_an_auth_token_everything_is_refused(make_gateway, events)
     response = await gateway.post("/twilio/voice", params)
     assert response.status == 403
     assert (await response.json())["detail"] == "no Twilio auth token configured"
+
+
+SHARED_KEY_SECRET = "shared-key-secret-0123456789"
+
+
+def shared_key_settings(algorithm: str) -> dict[str, str]:
+    """The header Twilio adds when a Webhook Rule's Setting signs with a SharedKey."""
+    return {SIGNATURE_SETTINGS_HEADER: f"key=KS{'0' * 32},algorithm={algorithm}"}
+
+
+@pytest.mark.parametrize("algorithm", ["HMAC_SHA256", "HMAC_SHA1"])
+async def test_a_webhook_signed_with_a_shared_key_is_checked_with_its_secret(
+        make_gateway, events, algorithm):
+    gateway = await make_gateway(twilio_webhook_shared_key_secret=SHARED_KEY_SECRET)
+    params = voice_params(new_call_sid())
+    signature = RequestValidator(SHARED_KEY_SECRET).compute_signature(
+        PUBLIC + "/twilio/voice", params, algorithm)
+    response = await gateway.post("/twilio/voice", params, signature=signature,
+                                  headers=shared_key_settings(algorithm))
+    assert response.status == 200
+    await events.wait("call.requested")
+    # the header names the key that signed: the Auth Token's signature does not pass with it
+    params = voice_params(new_call_sid())
+    response = await gateway.post("/twilio/voice", params,
+                                  headers=shared_key_settings(algorithm))
+    assert response.status == 403
+    assert (await response.json())["detail"] == "invalid X-Twilio-Signature"
+    # an upgrade is signed the same way
+    ws = await gateway.client.ws_connect("/twilio/stream", headers={
+        "X-Twilio-Signature": RequestValidator(SHARED_KEY_SECRET).compute_signature(
+            PUBLIC_WS + "/twilio/stream", {}, algorithm), **shared_key_settings(algorithm)})
+    await ws.close()
+
+
+async def test_a_shared_key_signature_without_its_secret_is_refused_saying_why(gateway, events):
+    params = voice_params(new_call_sid())
+    signature = RequestValidator(SHARED_KEY_SECRET).compute_signature(
+        PUBLIC + "/twilio/voice", params, "HMAC_SHA256")
+    response = await gateway.post("/twilio/voice", params, signature=signature,
+                                  headers=shared_key_settings("HMAC_SHA256"))
+    assert response.status == 403
+    assert "twilio_webhook_shared_key_secret" in (await response.json())["detail"]
+    [rejected] = await events.wait("security.signature_rejected")
+    assert "shared key" in rejected.reason
+    assert not events.of("call.requested")
+
+
+async def test_an_unsupported_signature_algorithm_is_refused(make_gateway, events):
+    gateway = await make_gateway(twilio_webhook_shared_key_secret=SHARED_KEY_SECRET)
+    response = await gateway.post("/twilio/voice", voice_params(new_call_sid()),
+                                  signature="x", headers=shared_key_settings("HMAC_MD5"))
+    assert response.status == 403
+    assert (await response.json())["detail"] == "unsupported signature algorithm 'HMAC_MD5'"
 
 
 async def test_errors_are_problem_documents(gateway):

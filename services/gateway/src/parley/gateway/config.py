@@ -23,6 +23,9 @@ class GatewayConfig(CommonConfig, kw_only=True):
     http_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
     twilio_account_sid: str = ""
     twilio_auth_token: str = ""
+    # The secret of the SharedKey a Twilio Webhook Rule signs with: such webhooks carry
+    # X-Twilio-Webhooks-Signature-Settings and are refused (403) while this is empty.
+    twilio_webhook_shared_key_secret: str = ""
     # Where the twilio SDK sends REST calls; empty = Twilio itself. Tests point it at the emulator.
     twilio_api_base_url: str = ""
     plivo_auth_id: str = ""

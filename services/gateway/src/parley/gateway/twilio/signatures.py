@@ -6,6 +6,12 @@ behind a TLS proxy and never sees that URL itself. WebSocket upgrades are signed
 ``wss://`` URL with no parameters and are checked before upgrading. A bad or missing signature
 is answered 403 (problem JSON), never processed, counted, and audited as
 ``security.signature_rejected``.
+
+By default Twilio signs with the account's Auth Token (HMAC-SHA1). A request that matched a
+Webhook Rule whose Setting signs with a SharedKey carries ``X-Twilio-Webhooks-Signature-Settings:
+key=<SharedKey sid>,algorithm=<HMAC_SHA1|HMAC_SHA256>``: it is checked with the SharedKey's
+secret (``twilio_webhook_shared_key_secret``) and that algorithm instead, and refused when no
+secret is configured.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from collections.abc import Mapping
 from aiohttp import web
 from multidict import MultiDict, MultiDictProxy
 from twilio.request_validator import (
+    HMAC_SHA1,
+    HMAC_SHA256,
     SIGNATURE_HEADER,
     SIGNATURE_SETTINGS_HEADER,
     RequestValidator,
@@ -45,13 +53,22 @@ async def verify_twilio(request: web.Request, params: Mapping[str, str] | None =
     """Return if the request is signed by our Twilio account; raise a 403 Problem otherwise."""
     config = request.app[CONFIG]
     signature = request.headers.get(SIGNATURE_HEADER, "")
-    if not config.twilio_auth_token:
-        reason = "no Twilio auth token configured"
+    settings = request.headers.get(SIGNATURE_SETTINGS_HEADER, "")
+    algorithm = get_signature_algorithm(settings)
+    if settings:  # signed by a Webhook Rule's SharedKey, not the Auth Token
+        secret = config.twilio_webhook_shared_key_secret
+        missing_secret = ("signed with a Twilio webhook shared key, and no "
+                          "twilio_webhook_shared_key_secret is configured")
+    else:
+        secret, missing_secret = config.twilio_auth_token, "no Twilio auth token configured"
+    if not secret:
+        reason = missing_secret
     elif not signature:
         reason = "missing X-Twilio-Signature"
+    elif algorithm.upper() not in (HMAC_SHA1, HMAC_SHA256):
+        reason = f"unsupported signature algorithm {algorithm[:40]!r}"
     else:
-        algorithm = get_signature_algorithm(request.headers.get(SIGNATURE_SETTINGS_HEADER, ""))
-        validator = RequestValidator(config.twilio_auth_token)
+        validator = RequestValidator(secret)
         url = signed_url(request, websocket=websocket)
         if validator.validate(url, params or {}, signature, algorithm):
             return
