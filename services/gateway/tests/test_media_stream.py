@@ -113,8 +113,9 @@ async def test_hangup_and_transfer_use_the_rest_api(make_gateway, events, bus):
     assert dial.text == "+14155550123"
     # a second end is refused, and the stop that follows emits nothing
     assert (await request(bus, call_id, "transfer", {"to": "+14155550124"}))["ok"] is False
-    assert (await request(bus, call_id, "transfer", {"to": "555"}))["error"].startswith(
-        "transfer needs an E.164")
+    for bad in ("555", "+1415\uff15550123"):  # ..., and a full-width digit in it
+        assert (await request(bus, call_id, "transfer", {"to": bad}))["error"].startswith(
+            "transfer needs an E.164")
     await stream.stop(call_sid)
     await stream.closed()
     assert len(events.of("call.ended", call_id)) == 1

@@ -19,6 +19,7 @@ instance holds gets no reply (the requester's timeout / no-responders error says
 from __future__ import annotations
 
 import logging
+import re
 from typing import Literal, Protocol
 
 import msgspec
@@ -77,6 +78,8 @@ class CommandTarget(Protocol):
 _decoder = msgspec.json.Decoder(CommandBody)
 _encoder = msgspec.json.Encoder()
 _DIGITS = frozenset("0123456789*#wW")
+# A transfer target: "+" and ASCII digits only (str.isdigit() takes other scripts' digits too).
+E164_NUMBER = re.compile(r"\+[1-9][0-9]{6,14}")
 
 
 async def serve_commands(nc: NATS, call_id: str, target: CommandTarget) -> Subscription:
@@ -116,7 +119,7 @@ async def dispatch(target: CommandTarget, verb: str, data: bytes) -> None:
                 raise CommandError(f"dtmf digits must be 0-9 * # w, not {body.digits!r}")
             await target.send_digits(body.digits)
         case "transfer":
-            if not body.to.startswith("+") or not body.to[1:].isdigit():
+            if not E164_NUMBER.fullmatch(body.to):
                 raise CommandError(f"transfer needs an E.164 number, not {body.to!r}")
             await target.transfer(body.to, body.mode)
         case _:

@@ -43,6 +43,7 @@ from ..calls import (
     record_carrier_call,
     seconds_since,
 )
+from ..commands import E164_NUMBER
 from ..keys import BUS, CLOCK, CONFIG, METRICS, POOL
 from . import xml
 from .signatures import CARRIER, signed_form
@@ -232,7 +233,7 @@ async def transfer(request: web.Request) -> web.Response:
     """The XML a transferred call runs: dial the number in our own (signed) URL."""
     await signed_form(request)
     to = request.query.get("to", "")
-    if not to.startswith("+") or not to[1:].isdigit():
+    if not E164_NUMBER.fullmatch(to):
         raise Problem(400, "Bad Request", f"transfer needs an E.164 number, not {to!r}",
                       kind="invalid-webhook")
     _count(request, "transferred")
