@@ -218,6 +218,29 @@ async def test_a_socket_closed_with_an_error_fails_events(emulator: DeepgramEmul
     await stream.close()
 
 
+async def test_a_socket_the_server_closes_cleanly_fails_events(
+        emulator: DeepgramEmulator) -> None:
+    # Deepgram (or a load balancer) going away closes 1001 with no error: unless we sent
+    # CloseStream, the stream is over and events() must say so, or the call goes deaf.
+    stream = await provider(emulator).open()
+    collector = Collector(stream)
+    await stream.send(silence(0.02))
+    await emulator.stop()  # closes every socket 1001 GOING_AWAY
+    await asyncio.wait_for(collector.task, 10)
+    assert isinstance(collector.error, ProviderError) and not collector.error.permanent
+    assert "closed by the server: 1001" in str(collector.error)
+    await stream.close()
+
+
+async def test_our_own_close_ends_events_without_an_error(emulator: DeepgramEmulator) -> None:
+    stream = await provider(emulator).open()
+    collector = Collector(stream)
+    await send_audio(stream, silence(0.2))
+    await stream.close()
+    await asyncio.wait_for(collector.task, 10)
+    assert collector.error is None
+
+
 def test_server_messages_decode_to_events_and_an_error_message_fails_the_stream(caplog) -> None:
     interim = ('{"type":"Results","channel_index":[0,1],"duration":0.6,"start":0.0,'
                '"is_final":false,"speech_final":false,"channel":{"alternatives":[{"transcript":'

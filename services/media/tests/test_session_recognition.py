@@ -6,7 +6,9 @@ import asyncio
 
 from parley.common.bus import Bus
 from parley.common.configuration.models import AgentSettings
+from parley.devkit.emulators.deepgram import DeepgramEmulator
 from parley.media.providers.base import Final, ProviderError
+from parley.media.providers.deepgram_stt import DeepgramStt
 from parley.media.router import ProviderRouter
 from parley.media.session import CallSession, SessionServices
 
@@ -116,3 +118,32 @@ async def test_a_switch_mid_turn_replays_the_turn_from_its_pre_roll(bus) -> None
     # 400 ms of pre-roll before the speech began, then all of the speech: none of it clipped
     assert frames == silence[-20:] + speech
     await call._outbox.drain(1)
+
+
+async def test_deepgram_closing_the_socket_cleanly_moves_the_call_to_the_fallback(bus) -> None:
+    # A clean 1001 from Deepgram's side (a redeploy, a proxy going away) is a failure of the
+    # stream, not our close: the call goes on with the next recogniser instead of going deaf.
+    server = DeepgramEmulator(api_key="dg-key")
+    await server.start()
+    whisper = Recogniser("whisper")
+    call = session(bus, DeepgramStt("dg-key", base_url=server.base_url),  # type: ignore[arg-type]
+                   whisper)
+    call._stt_name, call._stt = await call.s.stt.open(call._stt_chain, call._open_stt)
+    call._stt_task = asyncio.create_task(call._recognise())
+    try:
+        for n in range(10):
+            await call._inbound_frame(b"\xff" * 160, n * 20)
+        await server.stop()
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if whisper.streams:
+                break
+        assert call._stt_name == "whisper" and call._stt is whisper.streams[0]
+        assert not call._stt_task.done() and not call.stopped.is_set()
+        assert call.s.stt.health["deepgram"].error_rate > 0
+    finally:
+        call.stop("test")
+        call._stt_task.cancel()
+        await asyncio.gather(call._stt_task, return_exceptions=True)
+        await call._outbox.drain(1)
+        await server.stop()

@@ -14,7 +14,10 @@ sends ``CloseStream`` and waits (bounded) for the last results and ``Metadata``.
 Failures: an HTTP 4xx refusal of the upgrade (bad key 401, bad request 400, no credit 402,
 forbidden 403) is a permanent :class:`ProviderError` from ``open``; anything else (refused
 connection, 5xx, a socket closed with an error, a server ``Error`` message, a stall caught by
-the :class:`StallWatchdog`) is transient, raised by ``open`` or at the end of ``events()``.
+the :class:`StallWatchdog`) is transient, raised by ``open`` or at the end of ``events()``. So
+is a socket the server closes cleanly (1000/1001: Deepgram, a load balancer or a proxy going
+away) before our ``CloseStream``: ``events()`` ends normally only after ``close()``, so a call
+is never left listening to a socket that is gone.
 
 The socket is opened without permessage-deflate: µ-law audio barely compresses, and each
 socket's deflate state costs ~190 KB and CPU on both ends for every 100 ms of audio sent (media
@@ -293,6 +296,12 @@ class DeepgramSttStream:
                 event = decode_message(message)
                 if event is not None:
                     self._events.put_nowait(event)
+            if not self._closing:  # a clean close (1000/1001) we did not ask for: going away
+                websocket = self._socket._websocket
+                code = getattr(websocket, "close_code", None)
+                reason = getattr(websocket, "close_reason", "") or ""
+                self._error = self._error or ProviderError(
+                    PROVIDER, f"socket closed by the server: {code} {reason}".rstrip())
         except asyncio.CancelledError:
             pass
         except ProviderError as exc:
