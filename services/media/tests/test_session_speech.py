@@ -10,7 +10,7 @@ from nats.aio.msg import Msg
 from parley.common.bus import Bus, audio_subject
 from parley.common.bus.audio import decode_frame
 from parley.common.configuration.models import AgentSettings
-from parley.common.events import AgentReplyPrepared, AgentSay
+from parley.common.events import AgentReplyPrepared, AgentSay, UsageRecorded
 from parley.media.providers.base import ProviderError, TtsChunk
 from parley.media.router import ProviderRouter
 from parley.media.session import CallSession, SessionServices
@@ -136,6 +136,29 @@ async def test_a_send_that_fails_with_the_synthesiser_falls_back_to_the_next(bus
         await wait_for(lambda: call._turns["t1"].audio.text_done)
     finally:
         await stop(call, speaker)
+
+
+async def test_characters_count_to_the_synthesiser_each_clause_was_sent_to(bus) -> None:
+    said: list[tuple[str, str, bool]] = []
+    first = Synthesiser("first", said, stuck_second_say=True)
+    call = session(bus, first, Synthesiser("second", said))
+    speaker = asyncio.create_task(call._speaker())
+    try:
+        call._on_say(say("t1", 0, "Let me check that."))
+        await wait_for(lambda: len(said) == 1)
+        call._on_say(say("t1", 1, "One moment please.", last=True))
+        await wait_for(lambda: len(said) == 2)
+        first.streams[0].fail()  # its second say fails: only the first clause reached it
+        await wait_for(lambda: call._turns["t1"].audio.text_done)
+        await call._record_usage()
+        await call._outbox.drain(1)
+    finally:
+        await stop(call, speaker)
+    usage = {event.provider: event.quantity for event in await bus.replay_call(CALL, org_id=ORG)
+             if isinstance(event, UsageRecorded) and event.kind == "tts_characters"}
+    # The fallback synthesised the turn from the clause that broke, the first one.
+    assert usage == {"first": len("Let me check that."),
+                     "second": len("Let me check that.") + len("One moment please.")}
 
 
 async def test_a_turn_closed_without_a_last_clause_survives_a_synthesiser_failure(bus) -> None:

@@ -157,7 +157,6 @@ class _AgentTurn:
     tts_answered_at: float = 0.0
     stream: TtsStream | None = None
     provider: str = ""
-    chars: int = 0
     spoken: bool = False  # the speaker is done with it (voiced, or skipped as interrupted)
     # A prepared reply (agent.reply_prepared): synthesised while the caller's turn is still
     # open, its audio held until that turn ends with ``words`` (then played) or not (dropped).
@@ -187,6 +186,9 @@ class CallSession:
         self.settings = settings
         self.revision = revision
         self.resuming = resume is not None
+        # This session's claim of the call: the lease revision it was given is unique to it (a
+        # claim or a take-over is a write to the lease bucket), whichever instance it runs on.
+        self._claim = revision
         self.lease = LeaseState(owner=services.instance, org_id=org_id, agent_id=agent_id,
                                 turn_no=resume.turn_no if resume else 0,
                                 resume_seq=resume.resume_seq if resume else 0,
@@ -234,7 +236,7 @@ class CallSession:
         self._speak_queue: asyncio.Queue[_AgentTurn] = asyncio.Queue()
         self._current: _AgentTurn | None = None  # the turn whose audio is (or was last) out
         self._out_seq = 0
-        self._tts_chars: dict[str, int] = {}
+        self._tts_chars: dict[str, int] = {}  # characters sent to each synthesiser
         self._prepared: _AgentTurn | None = None  # the reply prepared for the open user turn
         self._user_turn_ends: dict[str, float] = {}  # user turn id → wall time speech ended
         self._tasks: list[asyncio.Task[Any]] = []
@@ -296,12 +298,17 @@ class CallSession:
             self._stt_task.cancel()
         await asyncio.gather(*self._tasks, *([self._stt_task] if self._stt_task else []),
                              return_exceptions=True)
+        # However the session ends (the call over, handed over on shutdown, the lease lost,
+        # the recogniser gone), what it used was used: recorded before the call is let go.
+        try:
+            await self._record_usage()
+        except Exception:
+            log.exception("call %s: recording usage failed", self.call_id)
         await self._outbox.drain()  # stored before a successor reads the call's events
         revision = await self.s.leases.let_go(self.call_id)
         if revision is not None:
             self.revision = revision
         if self.end_reason == "call_ended":
-            await self._record_usage()
             await self.s.leases.release(self.call_id, self.revision)
         elif self.end_reason == "shutdown":
             self._update_lease()
@@ -825,7 +832,6 @@ class CallSession:
                         log.debug("call %s: tts feeder: %s", self.call_id, exc)
         turn.audio.end_clause()
         turn.audio.text_done = True
-        self._tts_chars[turn.provider] = self._tts_chars.get(turn.provider, 0) + turn.chars
         await self._send_out(turn)
         if turn.discarded:
             return
@@ -841,8 +847,7 @@ class CallSession:
         Without ``wait`` only those already here; True once the turn's last clause is sent.
         """
         for clause in said[first:]:
-            await stream.say(clause.text, last=clause.last)
-            turn.tts_asked_at = turn.tts_asked_at or time.monotonic()
+            await self._say(turn, stream, clause.text, last=clause.last)
             if clause.last:
                 return True
         if turn.closed and turn.clauses.empty():  # an earlier stream of the turn took its end
@@ -860,11 +865,18 @@ class CallSession:
                     await stream.say("", last=True)
                 return True
             said.append(clause)
-            turn.chars += len(clause.text)
-            await stream.say(clause.text, last=clause.last)
-            turn.tts_asked_at = turn.tts_asked_at or time.monotonic()
+            await self._say(turn, stream, clause.text, last=clause.last)
             if clause.last:
                 return True
+
+    async def _say(self, turn: _AgentTurn, stream: TtsStream, text: str, *, last: bool) -> None:
+        """Send a clause to the turn's synthesiser, its characters counted to that provider.
+
+        A clause synthesised again by a fallback counts to both: each was asked for it.
+        """
+        await stream.say(text, last=last)
+        self._tts_chars[turn.provider] = self._tts_chars.get(turn.provider, 0) + len(text)
+        turn.tts_asked_at = turn.tts_asked_at or time.monotonic()
 
     async def _send_out(self, turn: _AgentTurn) -> None:
         if turn.interrupted or turn.held or turn.audio.cut_frames is not None:
@@ -1014,15 +1026,24 @@ class CallSession:
         self.s.on_event(kind)
 
     async def _record_usage(self) -> None:
+        """Put the session's STT seconds and TTS characters, per provider, in the outbox.
+
+        An id is unique to the session's claim (instance and lease revision): each session
+        that served the call records its own, a call back on an instance that served it before
+        included, and a publish of the same record again is dropped as a duplicate.
+        """
         for provider, seconds in self._stt_seconds.items():
             if provider and seconds > 0:
-                await self.s.bus.publish(UsageRecorded(
-                    id=stable_id(self.call_id, "usage", "stt", provider, self.s.instance),
+                await self._outbox.put(UsageRecorded(
+                    id=self._usage_id("stt", provider),
                     org_id=self.org_id, call_id=self.call_id, kind="stt_seconds",
                     quantity=round(seconds, 3), unit="s", provider=provider))
         for provider, chars in self._tts_chars.items():
             if provider and chars > 0:
-                await self.s.bus.publish(UsageRecorded(
-                    id=stable_id(self.call_id, "usage", "tts", provider, self.s.instance),
+                await self._outbox.put(UsageRecorded(
+                    id=self._usage_id("tts", provider),
                     org_id=self.org_id, call_id=self.call_id, kind="tts_characters",
                     quantity=float(chars), unit="characters", provider=provider))
+
+    def _usage_id(self, kind: str, provider: str) -> uuid.UUID:
+        return stable_id(self.call_id, "usage", kind, provider, self.s.instance, self._claim)

@@ -1,0 +1,89 @@
+"""A call's usage: every session that served it records what it used, however it ended."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from parley.common.bus import Bus
+from parley.common.configuration.models import AgentSettings
+from parley.common.events import UsageRecorded
+from parley.media.ownership import Leases
+from parley.media.router import ProviderRouter
+from parley.media.session import CallSession, SessionServices
+
+ORG, CALL = "acme", "call-1"
+SILENCE = b"\xff" * 160  # 20 ms of µ-law
+
+
+class Stream:
+    """A recogniser that hears nothing until closed."""
+
+    def __init__(self) -> None:
+        self.closed = asyncio.Event()
+
+    async def send(self, ulaw: bytes) -> None:
+        pass
+
+    async def finalize(self) -> None:
+        pass
+
+    async def events(self):
+        await self.closed.wait()
+        return
+        yield
+
+    async def close(self) -> None:
+        self.closed.set()
+
+
+class Recogniser:
+    name = "deepgram"
+
+    async def open(self, *, language: str = "en-US", endpointing_ms: int | None = None):
+        return Stream()
+
+
+def session(bus: Bus, instance: str, revision: int) -> CallSession:
+    services = SessionServices(
+        bus=bus, leases=Leases(bus, instance), instance=instance,
+        stt=ProviderRouter("stt", {"deepgram": Recogniser()}, ["deepgram"]),  # type: ignore[dict-item]
+        tts=ProviderRouter("tts", {"never": object()}, ["never"]))  # type: ignore[dict-item]
+    return CallSession(services, call_id=CALL, org_id=ORG, agent_id="agent",
+                       settings=AgentSettings(), revision=revision)
+
+
+async def serve(call: CallSession, seconds: float, reason: str) -> None:
+    """The session hears ``seconds`` of the caller, then ends for ``reason``."""
+    call._stt_name, call._stt = await call.s.stt.open(call._stt_chain, call._open_stt)
+    for n in range(round(seconds * 50)):
+        await call._inbound_frame(SILENCE, n * 20)
+    call.stop(reason)
+    await call._close()
+
+
+async def usage(bus: Bus) -> list[tuple[str, str, float]]:
+    return [(event.kind, event.provider, event.quantity)
+            for event in await bus.replay_call(CALL, org_id=ORG)
+            if isinstance(event, UsageRecorded)]
+
+
+@pytest.mark.parametrize("reason", ["call_ended", "shutdown", "lease_lost", "stt_failed"])
+async def test_a_session_records_its_usage_however_it_ends(bus, reason: str) -> None:
+    await serve(session(bus, "media-a", 11), 2.0, reason)
+    assert await usage(bus) == [("stt_seconds", "deepgram", 2.0)]
+
+
+async def test_every_session_of_a_call_records_its_own_and_a_repeat_is_dropped(bus) -> None:
+    # Handed over on a rolling deploy, then taken back by the same instance (a new claim).
+    first = session(bus, "media-a", 11)
+    await serve(first, 2.0, "shutdown")
+    await serve(session(bus, "media-b", 12), 1.0, "shutdown")
+    await serve(session(bus, "media-a", 13), 3.0, "call_ended")
+    assert await usage(bus) == [("stt_seconds", "deepgram", 2.0),
+                                ("stt_seconds", "deepgram", 1.0),
+                                ("stt_seconds", "deepgram", 3.0)]
+    await first._record_usage()  # published again (a retry): the same id, dropped
+    await first._outbox.drain(1)
+    assert len(await usage(bus)) == 3
