@@ -19,9 +19,10 @@ of a call waits for the older one's handler, which the newer ``turn.user_ended``
 Warm-up: every instance follows ``transcript.partial`` and ``transcript.final`` and starts
 retrieval and intent classification while the caller is still talking or the turn's end is being
 confirmed (:class:`Warmup`); at the end of the turn only the LLM call remains when the final text
-matches what was warmed. The caller's profile (their
-earlier calls) cannot change during a call: it is looked up once per call, as the call starts,
-and kept.
+matches what was warmed, for the call's agent (an instance that joined a call under way learns
+the agent from its fold; until then it warms the org's knowledge only, which no turn takes).
+The caller's profile (their earlier calls) cannot change during a call: it is looked up once per
+call, as the call starts, and kept.
 
 Preemptive generation (:mod:`parley.brain.preemptive`, on by default): an instance that serves a
 call (it has the call's history) also starts the LLM request speculatively once the caller's
@@ -175,6 +176,7 @@ def _content_words(text: str) -> set[str]:
 @dataclass
 class _Warm:
     text: str
+    agent_id: str  # whose knowledge was retrieved ("" not known: the org's only)
     task: asyncio.Task[Context]
 
 
@@ -183,6 +185,9 @@ class Warmup:
 
     ``on_call(org, call, from_number)`` is told of each call as it starts (``call.requested``
     names the caller), so what depends only on the call can be prepared before the first turn.
+    The call's agent comes from ``call.requested``/``call.stream_started`` or, for a call that
+    began before this instance followed it, from the worker's fold (:meth:`learn_agent`);
+    context warmed for another agent (or none) is never taken.
     """
 
     def __init__(self, prepare: Callable[[str, str, str, str], Awaitable[Context]], *,
@@ -196,6 +201,13 @@ class Warmup:
         self.hits = 0
         self.misses = 0
 
+    def learn_agent(self, call_id: str, agent_id: str) -> None:
+        """Note the call's agent (known from its fold), for the warm-ups from now on."""
+        if agent_id and self._agents.get(call_id) != agent_id:
+            self._agents[call_id] = agent_id
+            if len(self._agents) > 10_000:
+                self._agents.pop(next(iter(self._agents)))
+
     def on_event(self, event: Event) -> None:
         """Follow transcripts (and call starts, to know each call's agent and caller)."""
         if isinstance(event, CallRequested):
@@ -203,8 +215,8 @@ class Warmup:
             if event.direction == "inbound":
                 self._on_call(event.org_id, event.call_id, event.from_number)
         elif isinstance(event, CallStreamStarted):
-            if event.agent_id:
-                self._agents[event.call_id] = event.agent_id
+            if event.agent_id:  # as the fold: call.requested's agent, else the stream's
+                self._agents.setdefault(event.call_id, event.agent_id)
         elif isinstance(event, TurnUserEnded | CallEnded):
             self._finals.pop(event.call_id, None)
         elif isinstance(event, TranscriptPartial | TranscriptFinal) and event.text.strip():
@@ -224,7 +236,7 @@ class Warmup:
             agent = self._agents.get(event.call_id, "")
             task = asyncio.create_task(self._prepare(event.org_id, event.call_id, agent, text))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
-            self._calls[event.call_id] = _Warm(text, task)
+            self._calls[event.call_id] = _Warm(text, agent, task)
             if len(self._calls) > 10_000:  # calls that ended: forget the oldest
                 self._calls.pop(next(iter(self._calls)))
         if len(self._agents) > 10_000:
@@ -232,19 +244,19 @@ class Warmup:
         if len(self._finals) > 10_000:
             self._finals.pop(next(iter(self._finals)))
 
-    def expected(self, call_id: str) -> tuple[str, asyncio.Task[Context]] | None:
-        """The words the call's open turn would end with now, and their context in preparation."""
+    def expected(self, call_id: str) -> tuple[str, str, asyncio.Task[Context]] | None:
+        """The words the call's open turn would end with now, for which agent, and their context."""
         warm = self._calls.get(call_id)
-        return (warm.text, warm.task) if warm is not None else None
+        return (warm.text, warm.agent_id, warm.task) if warm is not None else None
 
-    async def take(self, call_id: str, final_text: str) -> Context | None:
-        """The warmed context if it was prepared from (nearly) the final words."""
+    async def take(self, call_id: str, final_text: str, *, agent_id: str) -> Context | None:
+        """The warmed context if it was prepared from (nearly) the final words, for the agent."""
         warm = self._calls.pop(call_id, None)
         if warm is None:
             self.misses += 1
             return None
         final, partial = _content_words(final_text), _content_words(warm.text)
-        if not final or len(final & partial) < 0.8 * len(final):
+        if warm.agent_id != agent_id or not final or len(final & partial) < 0.8 * len(final):
             warm.task.cancel()
             self.misses += 1
             return None
@@ -388,7 +400,7 @@ class BrainWorker:
             if call_id not in self._history or (not final and stable_s <= 0):
                 self.speculations.cancel(call_id, "superseded")  # a call served elsewhere
                 return
-            text, context = expected
+            text, agent_id, context = expected
             org_id = event.org_id
 
             async def prepared(clause: str, last: bool) -> None:
@@ -400,23 +412,24 @@ class BrainWorker:
 
             speculation = self.speculations.start(
                 call_id, text, stream=self.s.router.stream,
-                build=lambda: self._speculative_request(org_id, call_id, text, context),
+                build=lambda: self._speculative_request(org_id, call_id, text, agent_id, context),
                 delay_s=0.0 if final else stable_s, timeout_s=self.s.preemptive_timeout_s,
                 on_clause=prepared if self.s.prepare_replies else None)
 
-    async def _speculative_request(self, org_id: str, call_id: str, text: str,
+    async def _speculative_request(self, org_id: str, call_id: str, text: str, agent_id: str,
                                    prepared: asyncio.Task[Context]) -> LlmRequest | None:
         """The request the turn will make if it ends with ``text`` now.
 
-        None if that cannot be known here: the call is not followed here, or the agent is busy
-        answering (the history will change).
+        None if that cannot be known here: the call is not followed here, the agent is busy
+        answering (the history will change), or the context was warmed for another agent.
         """
         cached = self._history.get(call_id)
         if cached is None or cached[0] < self._followed_from - 1 or call_id in self._running:
             return None
         conversation = fold(call_id, cached[1])
         latest = conversation.turns.get(conversation.latest_user_turn)
-        if conversation.ended or (conversation.latest_user_turn and (
+        if conversation.ended or conversation.agent_id != agent_id or (
+                conversation.latest_user_turn and (
                 latest is None or not (latest.completed or latest.interrupted))):
             return None
         self._anticipated[call_id] = next_user_turn(conversation.latest_user_turn)
@@ -446,6 +459,8 @@ class BrainWorker:
                 await speculation.made(timeout_s=1.0)
         conversation = fold(call_id, await self._call_events(
             call_id, event.org_id, upto=msg.metadata.sequence.stream))
+        # A call that began before this instance followed it: its warm-ups learn the agent here.
+        self.warmup.learn_agent(call_id, conversation.agent_id)
         if conversation.ended:
             self._history.pop(call_id, None)
             profile = self._profiles.pop(call_id, None)
@@ -628,7 +643,8 @@ class BrainWorker:
             org_id, call_id, conversation.from_number if conversation.direction == "inbound"
             else "")
         if final_text:  # a caller's turn (not a continuation after a tool)
-            context = await self.warmup.take(call_id, final_text) or await self._prepare_context(
+            context = await self.warmup.take(
+                call_id, final_text, agent_id=conversation.agent_id) or await self._prepare_context(
                 org_id, call_id, conversation.agent_id, final_text)
         context.profile = await self._profile_text(call_id, profile)
         self.s.on_turn("prepare_warm" if context.warm else "prepare_cold",
