@@ -5,7 +5,7 @@ from itertools import pairwise
 import numpy as np
 import pytest
 
-from parley.devkit.emulators.deepgram import DeepgramEmulator
+from parley.devkit.emulators.deepgram import DeepgramEmulator, Retracted
 from parley.media.audio.codec import pcm16_array_to_ulaw
 from parley.media.providers.base import (
     Final,
@@ -154,6 +154,24 @@ async def test_a_stream_can_end_utterances_sooner_than_the_provider_default(
     await stream.close()
 
 
+async def test_an_interim_the_final_takes_back_ends_in_an_empty_final() -> None:
+    # A cough heard as "uh", then retracted: the empty final is what clears the interim.
+    server = DeepgramEmulator(api_key=KEY, utterances=[Retracted("Uh")])
+    await server.start()
+    try:
+        stream = await provider(server).open()
+        collector = Collector(stream)
+        await send_audio(stream, speech(0.4) + silence(0.4))
+        await collector.wait_for(Final)
+        await stream.close()
+    finally:
+        await server.stop()
+    assert collector.of(Partial) == [Partial("Uh")]
+    final, = collector.of(Final)
+    assert final.text == "" and final.words == [] and final.speech_final
+    assert final.start_s == 0.0 and final.end_s == pytest.approx(0.7, abs=0.05)  # + endpointing
+
+
 async def test_keepalive_is_sent_while_no_audio_flows(emulator: DeepgramEmulator) -> None:
     stream = await provider(emulator, keepalive_after_s=0.1).open()
     await send_audio(stream, silence(0.1))
@@ -258,6 +276,12 @@ def test_server_messages_decode_to_events_and_an_error_message_fails_the_stream(
     with pytest.raises(ProviderError, match="SchemaError: could not parse"):
         decode_message('{"type":"Error","variant":"SchemaError",'
                        '"description":"could not parse","message":"{"}')
+    # An empty interim says nothing; an empty final takes back the interim before it.
+    assert decode_message(interim.replace('"book a"', '""')) is None
+    assert decode_message(final.replace('"book a"', '""').replace(
+        '"words":[{"word":"book","start":0.1,"end":0.3,"confidence":0.99,'
+        '"punctuated_word":"Book"}]', '"words":[]')) == Final(
+        "", [], confidence=0.99, start_s=0.0, end_s=0.6, speech_final=True)
     assert decode_message('{"type":"Metadata","request_id":"r","duration":3.0}') is None
     assert not caplog.records  # Metadata is expected: nothing to warn about
     assert decode_message('{"type":"SomethingNew","x":1}') is None

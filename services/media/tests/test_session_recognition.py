@@ -6,7 +6,8 @@ import asyncio
 
 from parley.common.bus import Bus
 from parley.common.configuration.models import AgentSettings
-from parley.devkit.emulators.deepgram import DeepgramEmulator
+from parley.common.events import TranscriptFinal, TurnUserEnded
+from parley.devkit.emulators.deepgram import DeepgramEmulator, Retracted
 from parley.media.providers.base import Final, ProviderError
 from parley.media.providers.deepgram_stt import DeepgramStt
 from parley.media.router import ProviderRouter
@@ -147,3 +148,53 @@ async def test_deepgram_closing_the_socket_cleanly_moves_the_call_to_the_fallbac
         await asyncio.gather(call._stt_task, return_exceptions=True)
         await call._outbox.drain(1)
         await server.stop()
+
+
+async def test_an_interim_deepgram_takes_back_neither_delays_the_turn_nor_joins_it(bus) -> None:
+    # "I'd like to book a table." then a breath Deepgram first hears as "uh" and then takes
+    # back with an empty final: the turn ends on the recogniser's end of utterance, without it.
+    server = DeepgramEmulator(api_key="dg-key",
+                              utterances=["I'd like to book a table.", Retracted("Uh")])
+    await server.start()
+    call = session(bus, DeepgramStt("dg-key", base_url=server.base_url))  # type: ignore[arg-type]
+    call.vad = LoudIsSpeech()  # type: ignore[assignment]
+    call._stt_name, call._stt = await call.s.stt.open(call._stt_chain, call._open_stt)
+    call._stt_task = asyncio.create_task(call._recognise())
+    frames = 0
+
+    async def hear(frame: bytes, count: int) -> None:
+        nonlocal frames
+        for _ in range(count):
+            await call._inbound_frame(frame, frames * 20)
+            frames += 1
+
+    async def until(predicate) -> None:  # the recogniser's answer to the audio so far
+        deadline = asyncio.get_running_loop().time() + 3
+        while not predicate():
+            assert asyncio.get_running_loop().time() < deadline, call.detector.text
+            await asyncio.sleep(0.01)
+
+    loud, quiet = b"\x00" * 160, b"\xff" * 160
+    try:
+        await hear(quiet, 10)
+        await hear(loud, 60)
+        await hear(quiet, 10)  # Deepgram's endpointing (200 ms): the sentence's final
+        await until(lambda: call.detector.text == "I'd like to book a table.")
+        await hear(loud, 20)  # within the VAD's hangover: the same turn
+        await until(lambda: call.detector.text.endswith("Uh"))
+        await hear(quiet, 15)  # Deepgram's empty final; the VAD's hangover is over
+        await until(lambda: call.turn_no == 1 or not call.detector.text.endswith("Uh"))
+        while call.turn_no == 0 and frames < 250:
+            await hear(quiet, 1)
+        await call._outbox.drain(1)
+    finally:
+        call.stop("test")
+        await call._stt.close()
+        await asyncio.gather(call._stt_task, return_exceptions=True)
+        await server.stop()
+    events = await bus.replay_call(CALL, org_id=ORG)
+    ended, = [e for e in events if isinstance(e, TurnUserEnded)]
+    assert (ended.text, ended.reason) == ("I'd like to book a table.", "utterance_end")
+    assert ended.eou_delay_ms <= 400  # half the endpointing silence, not the 2.5 s max wait
+    assert [e.text for e in events if isinstance(e, TranscriptFinal)] == [
+        "I'd like to book a table."]

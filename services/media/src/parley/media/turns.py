@@ -3,7 +3,8 @@
 Pure state, driven by the call's audio clock (milliseconds of inbound audio, from the gateway's
 frame timestamps) so the same audio always gives the same turns, live or replayed after a
 failover. Inputs are the VAD's speech start/stop and the recogniser's partials, finals and
-utterance ends; :meth:`TurnDetector.poll`, called once per inbound frame, answers with nothing,
+utterance ends (an empty final retracts the partial before it: the recogniser heard no words
+there after all); :meth:`TurnDetector.poll`, called once per inbound frame, answers with nothing,
 a request to flush the recogniser (:class:`Flush`), or the end of the turn (:class:`TurnEnd`).
 
 A turn ends when the caller has been silent for ``endpointing_ms`` and the recogniser has caught
@@ -190,10 +191,13 @@ class TurnDetector:
             self._turn.partial = text.strip()
 
     def final(self, text: str, now_ms: int, *, speech_final: bool = False) -> None:
-        """A stable segment; ``speech_final`` if the recogniser also ended the utterance."""
+        """A stable segment; ``speech_final`` if the recogniser also ended the utterance.
+
+        An empty one (no words in that audio after all) retracts the pending partial.
+        """
         if self.late:
-            self.late_results += 1
             if text.strip():
+                self.late_results += 1
                 self._late_finals.append(text.strip())
                 self._late_final_ms = now_ms
             self._revision_due = speech_final or self._revision_due

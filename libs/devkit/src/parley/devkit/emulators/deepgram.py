@@ -15,7 +15,10 @@ loud frame, interim ``Results`` every ``interim_every_s`` revealing one more wor
 ``seconds_per_word``, a final ``Results`` (``is_final`` and ``speech_final``) once
 ``endpointing`` ms of silence follow the speech, or at once on ``Finalize`` (``from_finalize``),
 then ``UtteranceEnd`` after ``utterance_end_ms`` of silence (at once after a Finalize). Silence
-gets an empty final ``Results`` every ``silence_result_s``, as the real service does.
+gets an empty final ``Results`` every ``silence_result_s``, as the real service does. A script
+entry wrapped in :class:`Retracted` is shown in interims and then taken back: its final is empty
+(and no ``UtteranceEnd`` follows), as Deepgram does with a cough or a breath it first heard as
+"uh".
 
 Fault switches (:class:`DeepgramFaults`, changeable while a session runs): ``stall`` keeps the
 socket open but answers nothing, ``close_with_error`` closes with 1011 on the next message,
@@ -47,6 +50,13 @@ _ULAW_ABS = np.abs(ulaw_decode(bytes(range(256))).astype(np.int32))  # µ-law by
 _MODEL_UUID = str(uuid.uuid5(uuid.NAMESPACE_DNS, MODEL_INFO["name"]))
 _NOT_WORD = re.compile(r"[^\w']")
 _encode = msgspec.json.Encoder().encode
+
+
+@dataclass(frozen=True)
+class Retracted:
+    """A script entry heard in interims that its final takes back (empty transcript)."""
+
+    text: str
 
 
 @dataclass
@@ -97,7 +107,7 @@ def _milliseconds(params: dict[str, str], name: str, default: int | None) -> int
 class ScriptedRecognizer:
     """Turns audio into Deepgram messages following a script (pure: no I/O, audio-time clock)."""
 
-    def __init__(self, params: dict[str, str], script: deque[str],
+    def __init__(self, params: dict[str, str], script: deque[str | Retracted],
                  settings: RecognizerSettings) -> None:
         self.rate = int(params.get("sample_rate", "8000"))
         self.encoding = params.get("encoding", "mulaw")
@@ -114,6 +124,7 @@ class ScriptedRecognizer:
         self.position_s = 0.0
         self._speaking = False
         self._words: list[str] = []
+        self._retracted = False  # the utterance's final takes its interims back
         self._utterance_start = 0.0
         self._last_loud_end = 0.0
         self._last_interim = 0.0
@@ -166,7 +177,9 @@ class ScriptedRecognizer:
             if not self._speaking:
                 self._speaking = True
                 self._last_word_end = None  # speech resumed: no UtteranceEnd for the last one
-                self._words = self._script.popleft().split() if self._script else []
+                entry = self._script.popleft() if self._script else ""
+                self._retracted = isinstance(entry, Retracted)
+                self._words = (entry.text if isinstance(entry, Retracted) else entry).split()
                 self._utterance_start = self._last_interim = start
                 if self.vad_events:
                     yield {"type": "SpeechStarted", "channel": [0], "timestamp": round(start, 3)}
@@ -191,7 +204,7 @@ class ScriptedRecognizer:
 
     def _final(self, *, from_finalize: bool) -> dict[str, Any]:
         end = max(self._last_loud_end, self._utterance_start + 0.1)
-        words = self._timings(self._words, self._utterance_start, end)
+        words = [] if self._retracted else self._timings(self._words, self._utterance_start, end)
         message = self._result(self._window_start, self.position_s, words, is_final=True,
                                speech_final=True, from_finalize=from_finalize)
         self._speaking = False
@@ -241,11 +254,12 @@ class ScriptedRecognizer:
 class DeepgramEmulator(EmulatorServer):
     """The emulator: scripted utterances, latency, faults and a record of every session."""
 
-    def __init__(self, *, api_key: str = "test-deepgram-key", utterances: Iterable[str] = (),
+    def __init__(self, *, api_key: str = "test-deepgram-key",
+                 utterances: Iterable[str | Retracted] = (),
                  latency_s: float = 0.0, settings: RecognizerSettings | None = None) -> None:
         super().__init__()
         self.api_key = api_key
-        self.script: deque[str] = deque(utterances)
+        self.script: deque[str | Retracted] = deque(utterances)
         self.latency_s = latency_s
         self.settings = settings or RecognizerSettings()
         self.faults = DeepgramFaults()

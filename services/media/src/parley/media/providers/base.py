@@ -54,7 +54,11 @@ class Partial(msgspec.Struct, frozen=True, tag="partial"):
 
 
 class Final(msgspec.Struct, frozen=True, tag="final"):
-    """A stable transcript segment; ``speech_final`` marks the provider's end of utterance."""
+    """A stable transcript segment; ``speech_final`` marks the provider's end of utterance.
+
+    Its ``text`` may be empty: no words in that audio after all (the partial before it is
+    taken back).
+    """
 
     text: str
     words: list[WordTiming] = msgspec.field(default_factory=list)

@@ -3,9 +3,11 @@
 Caller audio goes out exactly as it arrives, 8 kHz µ-law (``encoding=mulaw``,
 ``sample_rate=8000``): no transcoding. The socket asks for interim results, endpointing,
 ``utterance_end_ms``, VAD events and smart formatting; answers map onto the protocol as
-``Results`` → :class:`Partial` (interim) or :class:`Final` (``is_final``; ``speech_final`` carried
-over; empty finals, which Deepgram sends through silence, are dropped), ``SpeechStarted`` →
-:class:`SpeechStarted`, ``UtteranceEnd`` → :class:`UtteranceEnd`.
+``Results`` → :class:`Partial` (interim; empty ones are dropped) or :class:`Final` (``is_final``;
+``speech_final`` carried over), ``SpeechStarted`` → :class:`SpeechStarted`, ``UtteranceEnd`` →
+:class:`UtteranceEnd`. An empty final is passed on: Deepgram sends them through silence, and
+one that follows an interim retracts it (the "uh" of a breath or a cough was no word after all);
+dropped, the interim stuck to the turn, which then waited for the max wait and ended on it.
 
 Deepgram closes a socket that hears nothing for ~10 s, so when no audio has gone out for
 ``keepalive_after_s`` a ``KeepAlive`` is sent. ``finalize()`` sends ``Finalize``; ``close()``
@@ -338,10 +340,8 @@ def _event(message: _Message) -> SttEvent | None:
         case _Results(channel=channel, is_final=is_final) if channel.alternatives:
             best = channel.alternatives[0]
             text = best.transcript.strip()
-            if not text:
-                return None
             if not is_final:
-                return Partial(text)
+                return Partial(text) if text else None
             words = [WordTiming(word.punctuated_word or word.word, word.start, word.end)
                      for word in best.words]
             start_s = words[0].start if words else message.start
