@@ -5,9 +5,17 @@ from __future__ import annotations
 import asyncio
 
 from parley.brain.knowledge import ingest
+from parley.brain.llm.anthropic_llm import AnthropicLlm
 from parley.brain.llm.local_responder import LocalResponder
 from parley.brain.worker import BrainWorker, Context, Warmup
-from parley.common.events import TranscriptFinal, TurnUserEnded
+from parley.common.events import (
+    SpeechStarted,
+    SpeechStopped,
+    TranscriptFinal,
+    TranscriptPartial,
+    TurnUserEnded,
+)
+from parley.devkit.emulators.anthropic import ScriptedReply
 
 from .conftest import AGENT, ORG, open_call, services, user_says
 
@@ -68,3 +76,70 @@ async def test_an_instance_started_mid_call_answers_from_the_agents_knowledge(
         assert (worker.warmup.misses, worker.warmup.hits) == (1, 1)
     finally:
         await worker.stop()
+
+
+async def test_an_ended_turns_words_are_not_expected_but_that_turn_still_takes_them() -> None:
+    warmup, _ = recording_warmup()
+    warmup.on_event(TranscriptFinal(org_id=ORG, call_id="c1", text="What time do you open?",
+                                    utterance_id="t1"))
+    assert warmup.expected("c1") is not None
+    # The turn ends (seen live); its handler, here or on another instance, has not run yet.
+    warmup.on_event(TurnUserEnded(org_id=ORG, call_id="c1", turn_id="t1",
+                                  text="What time do you open?"))
+    assert warmup.expected("c1") is None  # no speculation on them at the next speech.stopped
+    context = await warmup.take("c1", "What time do you open?", agent_id="")
+    assert context is not None and context.warm
+
+    # The next turn may say the same words: they are its own.
+    warmup.on_event(TurnUserEnded(org_id=ORG, call_id="c1", turn_id="t1",
+                                  text="What time do you open?"))
+    warmup.on_event(TranscriptFinal(org_id=ORG, call_id="c1", text="What time do you open?",
+                                    utterance_id="t2"))
+    expected = warmup.expected("c1")
+    assert expected is not None and expected[0] == "What time do you open?"
+
+
+async def test_late_words_of_an_ended_turn_are_not_the_next_turns() -> None:
+    warmup, prepared = recording_warmup()
+    warmup.on_event(TranscriptPartial(org_id=ORG, call_id="c1", text="What time do you open",
+                                      utterance_id="t1"))
+    # Media ended t1 at its max wait on the partial; the slow recogniser's final comes after.
+    warmup.on_event(TurnUserEnded(org_id=ORG, call_id="c1", turn_id="t1",
+                                  text="What time do you open"))
+    warmup.on_event(TranscriptFinal(org_id=ORG, call_id="c1", text="What time do you open?",
+                                    utterance_id="t1"))
+    assert warmup.expected("c1") is None
+    warmup.on_event(TranscriptFinal(org_id=ORG, call_id="c1", text="Do you take Delta Dental?",
+                                    utterance_id="t2"))
+    expected = warmup.expected("c1")
+    assert expected is not None and expected[0] == "Do you take Delta Dental?"
+    await asyncio.sleep(0)
+    assert prepared[-1][1] == "Do you take Delta Dental?"
+    assert not any("open?" in text for _, text in prepared)  # the late final: never warmed
+
+
+async def test_no_billed_speculation_on_an_answered_turns_late_words(
+        bus, pool, emulator, recorder) -> None:
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(services(bus, pool, [llm]))
+    await worker.start()
+    try:
+        await open_call(bus, "w2")
+        await recorder.wait("agent.say", "w2")  # greeted: this instance follows the call
+        emulator.script(ScriptedReply(text="We open at eight."))
+        await user_says(bus, "w2", "t1", "What time do you open")
+        await recorder.wait("turn.completed", "w2")
+        assert len(emulator.requests) == 1
+        # The recogniser's final for t1 comes after the turn was answered, then the caller
+        # starts the next turn and stops before the recogniser says anything of it.
+        await bus.publish(TranscriptFinal(org_id=ORG, call_id="w2",
+                                          text="What time do you open on Saturday?",
+                                          utterance_id="t1"))
+        await bus.publish(SpeechStarted(org_id=ORG, call_id="w2", offset_ms=5000))
+        await bus.publish(SpeechStopped(org_id=ORG, call_id="w2", offset_ms=5600))
+        await asyncio.sleep(0.3)
+        assert len(emulator.requests) == 1  # no speculation on the previous turn's words
+        assert worker.speculations.get("w2") is None
+    finally:
+        await worker.stop()
+        await llm.aclose()

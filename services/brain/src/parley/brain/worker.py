@@ -21,6 +21,8 @@ retrieval and intent classification while the caller is still talking or the tur
 confirmed (:class:`Warmup`); at the end of the turn only the LLM call remains when the final text
 matches what was warmed, for the call's agent (an instance that joined a call under way learns
 the agent from its fold; until then it warms the org's knowledge only, which no turn takes).
+Once a turn has ended, its words are that turn's only: the next turn is warmed (and speculated
+on) from its own transcripts, never from the ended turn's or the recogniser's late words for it.
 The caller's profile (their earlier calls) cannot change during a call: it is looked up once per
 call, as the call starts, and kept.
 
@@ -173,11 +175,18 @@ def _content_words(text: str) -> set[str]:
             if len(w) > 2}
 
 
+def _turn_number(turn_id: str) -> int | None:
+    """``3`` for media's ``t3``; None for an id of another form."""
+    number = turn_id[1:]
+    return int(number) if turn_id[:1] == "t" and number.isdigit() else None
+
+
 @dataclass
 class _Warm:
     text: str
     agent_id: str  # whose knowledge was retrieved ("" not known: the org's only)
     task: asyncio.Task[Context]
+    ended: bool = False  # its turn has ended: that turn may take it, a speculation may not
 
 
 class Warmup:
@@ -187,7 +196,9 @@ class Warmup:
     names the caller), so what depends only on the call can be prepared before the first turn.
     The call's agent comes from ``call.requested``/``call.stream_started`` or, for a call that
     began before this instance followed it, from the worker's fold (:meth:`learn_agent`);
-    context warmed for another agent (or none) is never taken.
+    context warmed for another agent (or none) is never taken. Words of a turn that has ended
+    are not the next turn's: neither the recogniser's late words for it (media tags them with
+    the ended turn's ``utterance_id``) nor what was warmed for it, which only that turn takes.
     """
 
     def __init__(self, prepare: Callable[[str, str, str, str], Awaitable[Context]], *,
@@ -198,6 +209,7 @@ class Warmup:
         self._calls: dict[str, _Warm] = {}
         self._agents: dict[str, str] = {}  # call → agent, learned from call.stream_started
         self._finals: dict[str, list[str]] = {}  # call → the open turn's finals so far
+        self._ended: dict[str, int] = {}  # call → the number of its latest ended turn (tN)
         self.hits = 0
         self.misses = 0
 
@@ -217,9 +229,23 @@ class Warmup:
         elif isinstance(event, CallStreamStarted):
             if event.agent_id:  # as the fold: call.requested's agent, else the stream's
                 self._agents.setdefault(event.call_id, event.agent_id)
-        elif isinstance(event, TurnUserEnded | CallEnded):
+        elif isinstance(event, TurnUserEnded):
             self._finals.pop(event.call_id, None)
+            number = _turn_number(event.turn_id)
+            if number is not None:
+                self._ended[event.call_id] = number
+            current = self._calls.get(event.call_id)
+            if current is not None:
+                current.ended = True
+        elif isinstance(event, CallEnded):
+            self._finals.pop(event.call_id, None)
+            self._ended.pop(event.call_id, None)
         elif isinstance(event, TranscriptPartial | TranscriptFinal) and event.text.strip():
+            ended = self._ended.get(event.call_id)
+            if ended is not None and event.utterance_id:
+                number = _turn_number(event.utterance_id)
+                if number is not None and number <= ended:
+                    return  # a late word of a turn that has ended, not the next turn's
             # The turn's text is its finals joined, then the words not final yet (as media
             # builds turn.user_ended's text).
             finals = self._finals.setdefault(event.call_id, [])
@@ -229,7 +255,7 @@ class Warmup:
             else:
                 text = " ".join([*finals, event.text.strip()])
             current = self._calls.get(event.call_id)
-            if current is not None and current.text == text:
+            if current is not None and current.text == text and not current.ended:
                 return
             if current is not None and not current.task.done():
                 current.task.cancel()
@@ -243,11 +269,18 @@ class Warmup:
             self._agents.pop(next(iter(self._agents)))
         if len(self._finals) > 10_000:
             self._finals.pop(next(iter(self._finals)))
+        if len(self._ended) > 10_000:
+            self._ended.pop(next(iter(self._ended)))
 
     def expected(self, call_id: str) -> tuple[str, str, asyncio.Task[Context]] | None:
-        """The words the call's open turn would end with now, for which agent, and their context."""
+        """The words the call's open turn would end with now, for which agent, and their context.
+
+        None while no turn is open: what was warmed last is a turn that has ended.
+        """
         warm = self._calls.get(call_id)
-        return (warm.text, warm.agent_id, warm.task) if warm is not None else None
+        if warm is None or warm.ended:
+            return None
+        return warm.text, warm.agent_id, warm.task
 
     async def take(self, call_id: str, final_text: str, *, agent_id: str) -> Context | None:
         """The warmed context if it was prepared from (nearly) the final words, for the agent."""
