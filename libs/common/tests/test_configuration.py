@@ -1,3 +1,4 @@
+import msgspec
 import psycopg
 import pytest
 
@@ -95,3 +96,12 @@ async def test_outbox_relay_publishes_in_order_once(conn, bus: Bus) -> None:
     replayed = [e async for _, e in bus.replay("parley.ev.acme.>")]
     assert [e.type for e in replayed] == ["org.created", "agent.created"]
     assert [e.id for e in replayed] == [e.id for e in await outbox_events(conn)]
+
+
+def test_an_agent_gets_the_common_backchannels_by_default() -> None:
+    # Hesitations and acknowledgements ("hmm", "got it") are the caller listening: an agent
+    # configured with nothing must not be interrupted by them.
+    settings = msgspec.json.decode(b"{}", type=AgentSettings)
+    assert settings.backchannels == AgentSettings().backchannels
+    assert {"uh-huh", "mm-hmm", "okay", "yeah", "hmm", "mm", "got it", "i see"} <= set(
+        settings.backchannels)

@@ -1,5 +1,6 @@
 """Turn detection on the audio clock: endpointing, flush, max wait, backchannels."""
 
+from parley.common.configuration.models import AgentSettings
 from parley.media.turns import Backchannels, Flush, TurnDetector, TurnEnd, TurnSettings
 
 
@@ -115,6 +116,21 @@ def test_backchannel_recognition() -> None:
     for _ in range(2):
         assert b.only_backchannel("okay") and not b.only_backchannel("okay book it")
         assert b.content_words("okay") == 0 and b.content_words("okay book it") == 3
+
+
+def test_backchannels_match_however_they_are_spelt() -> None:
+    # A recogniser writes "OK." or "Mhm." for what an agent's list has as "okay" or "mm-hmm":
+    # taken for words, they interrupted the agent (one content word is enough).
+    configured = Backchannels(["uh-huh", "mm-hmm", "okay"])
+    for text in ["OK.", "Ok, ok.", "Uh huh.", "Uhhuh", "Mhm.", "Mm hmm.", "mm-hm", "Mmhmm."]:
+        assert configured.only_backchannel(text) and configured.content_words(text) == 0, text
+    assert Backchannels(["uh huh", "ok", "mhm"]).only_backchannel("Uh-huh. Okay. Mm-hmm.")
+    assert not configured.only_backchannel("Uh-uh.")  # no: an answer
+    assert configured.content_words("OK, so I want to cancel.") == 6
+    # What an agent gets by default: hesitations and acknowledgements are not the turn either.
+    default = TurnDetector(TurnSettings(backchannels=tuple(AgentSettings().backchannels)))
+    for text in ["Hmm.", "Mm.", "Got it.", "I see.", "Yep.", "Yup.", "Sure."]:
+        assert default.backchannels.only_backchannel(text), text
 
 
 def test_words_after_a_max_wait_end_revise_that_turn() -> None:

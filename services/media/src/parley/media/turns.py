@@ -31,11 +31,18 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+from parley.common.configuration.models import DEFAULT_BACKCHANNELS
+
 Reason = Literal["silence", "utterance_end", "max_wait"]
 
-DEFAULT_BACKCHANNELS = ("uh-huh", "mm-hmm", "okay", "right", "yeah", "uh huh", "mm hmm", "mhm",
-                        "ok", "yep", "sure", "i see", "got it", "hmm", "mm")
 _WORD = re.compile(r"[a-z0-9']+(?:-[a-z0-9']+)*")
+# Spellings of one backchannel that recognisers (and agent configurations) write differently,
+# matched as the first: "OK" as "okay", "Mhm" / "mm-hm" as "mm hmm", "Uhhuh" as "uh huh".
+_BACKCHANNEL_SPELLINGS = {
+    "ok": ("okay",), "mhm": ("mm", "hmm"), "mhmm": ("mm", "hmm"), "mmhm": ("mm", "hmm"),
+    "mmhmm": ("mm", "hmm"), "hm": ("hmm",), "hmmm": ("hmm",), "mmm": ("mm",),
+    "uhhuh": ("uh", "huh"), "yup": ("yep",),
+}
 
 
 def words_of(text: str) -> list[str]:
@@ -43,11 +50,24 @@ def words_of(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+def _backchannel_words(text: str) -> list[str]:
+    """The words of ``text`` as backchannels are compared: hyphens as spaces, one spelling."""
+    words: list[str] = []
+    for word in words_of(text.replace("-", " ")):
+        words.extend(_BACKCHANNEL_SPELLINGS.get(word, (word,)))
+    return words
+
+
 class Backchannels:
-    """Recognises text made only of backchannel phrases."""
+    """Recognises text made only of backchannel phrases.
+
+    Phrases and text are compared in one spelling (see ``_backchannel_words``), so a configured
+    "uh-huh" also matches "Uh huh." and "uhhuh", and "okay" matches "OK.".
+    """
 
     def __init__(self, phrases: tuple[str, ...] | list[str] = DEFAULT_BACKCHANNELS) -> None:
-        self._phrases = {tuple(words_of(phrase)) for phrase in phrases if words_of(phrase)}
+        self._phrases = {tuple(words) for phrase in phrases
+                         if (words := _backchannel_words(phrase))}
         self._longest = max((len(p) for p in self._phrases), default=1)
         # Asked on every frame about text that changes a few times a turn: the last answers.
         self._only: tuple[str, bool] = ("", False)
@@ -60,7 +80,7 @@ class Backchannels:
         return self._only[1]
 
     def _only_backchannel(self, text: str) -> bool:
-        words = words_of(text)
+        words = _backchannel_words(text)
         if not words:
             return False
         i = 0

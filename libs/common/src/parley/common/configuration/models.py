@@ -14,6 +14,11 @@ InterruptionMode = Literal["none", "dtmf", "speech", "any"]
 Sensitivity = Literal["low", "medium", "high"]
 MachinePolicy = Literal["hangup", "leave_message", "continue"]
 
+# What a caller says to show they are listening, not taking the turn. Spellings are matched
+# loosely (media normalises "OK", "Uh huh", "Mhm", "mm-hm" to these), so one of each is enough.
+DEFAULT_BACKCHANNELS = ("uh-huh", "mm-hmm", "okay", "right", "yeah", "yep", "sure", "i see",
+                        "got it", "hmm", "mm")
+
 
 class AgentSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """How an agent talks and behaves on a call. New settings get defaults."""
@@ -25,8 +30,7 @@ class AgentSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pipeline: Pipeline = "cascading"
     interruption_mode: InterruptionMode = "speech"
     interruption_sensitivity: Sensitivity = "medium"
-    backchannels: list[str] = msgspec.field(
-        default_factory=lambda: ["uh-huh", "mm-hmm", "okay", "right", "yeah"])
+    backchannels: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_BACKCHANNELS))
     endpointing_ms: Annotated[int, msgspec.Meta(ge=100, le=5000)] = 600
     max_duration_s: Annotated[int, msgspec.Meta(ge=10, le=4 * 3600)] = 1800
     idle_prompt_s: Annotated[float, msgspec.Meta(ge=0)] = 8.0
