@@ -115,3 +115,39 @@ def test_a_zip_that_is_not_a_docx_is_corrupt() -> None:
 def test_an_empty_pdf_page_has_no_text() -> None:
     with pytest.raises(ExtractionError, match="no text"):
         extract_text("scan.pdf", minimal_pdf(""))
+
+
+def encrypted_pdf(text: str, *, algorithm: str, user_password: str = "") -> bytes:
+    """``minimal_pdf(text)`` encrypted with pypdf, an owner password restricting it."""
+    from pypdf import PdfReader, PdfWriter
+
+    writer = PdfWriter(clone_from=PdfReader(io.BytesIO(minimal_pdf(text))))
+    writer.encrypt(user_password=user_password, owner_password="owner-secret",
+                   algorithm=algorithm)
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("algorithm", ["AES-128", "AES-256", "RC4-128"])
+def test_a_pdf_that_opens_without_a_password_is_read(algorithm: str) -> None:
+    # Brochures and statements often come so: anyone may read, only copying is restricted.
+    data = encrypted_pdf("Teeth cleaning costs $95", algorithm=algorithm)
+    assert extract_text("brochure.pdf", data) == "Teeth cleaning costs $95"
+
+
+def test_a_pdf_that_needs_a_password_is_refused_as_such() -> None:
+    data = encrypted_pdf("Teeth cleaning costs $95", algorithm="AES-256", user_password="x")
+    with pytest.raises(ExtractionError, match="password-protected"):
+        extract_text("private.pdf", data)
+
+
+def test_whatever_a_parser_raises_on_a_document_is_an_extraction_error() -> None:
+    # Encrypted for certificate holders (Adobe's public-key handler): pypdf raises
+    # NotImplementedError, which is no parse error of its own.
+    data = minimal_pdf("Teeth cleaning costs $95").replace(
+        b"/Root 1 0 R >>", b"/Root 1 0 R /Encrypt << /Filter /Adobe.PubSec /V 4 >> "
+                           b"/ID [<0102> <0102>] >>")
+    with pytest.raises(ExtractionError) as raised:
+        extract_text("certified.pdf", data)
+    assert str(raised.value).startswith("certified.pdf: unreadable application/pdf document")

@@ -2,7 +2,10 @@
 
 Every extractor returns text whose paragraphs are separated by a blank line, so the chunker can
 prefer paragraph boundaries whatever the format was. Anything that cannot give text raises an
-:class:`ExtractionError` naming the file and the reason.
+:class:`ExtractionError` naming the file and the reason — whatever a parser raised on it, so a
+document no parser can read is refused as such, never an internal error. Encrypted PDFs that
+open without a password (an owner password restricting only copying or printing, as brochures
+often have) are read: AES needs pypdf's ``crypto`` extra (``cryptography``).
 """
 
 from __future__ import annotations
@@ -48,8 +51,14 @@ def content_type(source: str) -> str:
 
 def extract_text(source: str, data: bytes) -> str:
     """The text of a document named ``source`` (its extension picks the format)."""
-    extractor = _EXTRACTORS[content_type(source)]
-    text = _normalise(extractor(source, data))
+    kind = content_type(source)
+    try:
+        text = _normalise(_EXTRACTORS[kind](source, data))
+    except ExtractionError:
+        raise
+    except Exception as exc:  # a parser's failure on a document it was not ready for
+        raise ExtractionError(source, f"unreadable {kind} document "
+                                      f"({type(exc).__name__}: {exc})") from exc
     if not text:
         raise ExtractionError(source, "no text in the document (empty, or only images/markup)")
     return text
