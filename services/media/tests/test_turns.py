@@ -1,7 +1,14 @@
 """Turn detection on the audio clock: endpointing, flush, max wait, backchannels."""
 
 from parley.common.configuration.models import AgentSettings
-from parley.media.turns import Backchannels, Flush, TurnDetector, TurnEnd, TurnSettings
+from parley.media.turns import (
+    Backchannels,
+    Flush,
+    TurnDetector,
+    TurnEnd,
+    TurnSettings,
+    words_of,
+)
 
 
 def run(detector: TurnDetector, start: int, end: int, **kw) -> list[object]:
@@ -131,6 +138,29 @@ def test_backchannels_match_however_they_are_spelt() -> None:
     default = TurnDetector(TurnSettings(backchannels=tuple(AgentSettings().backchannels)))
     for text in ["Hmm.", "Mm.", "Got it.", "I see.", "Yep.", "Yup.", "Sure."]:
         assert default.backchannels.only_backchannel(text), text
+
+
+def test_words_are_words_in_any_script() -> None:
+    # Only [a-z0-9'] counted: a Russian or Hindi caller said no words, so words never barged in
+    # on the agent and late finals never revised a turn.
+    assert words_of("Подождите, пожалуйста, СТОП!") == ["подождите", "пожалуйста", "стоп"]
+    assert words_of("मुझे रुकना है।") == ["मुझे", "रुकना", "है"]  # vowel signs inside words
+    assert words_of("ちょっと待って") == ["ちょっと待って"]
+    assert words_of("Ça va? C'est l'été, uh-huh.") == ["ça", "va", "c'est", "l'été", "uh-huh"]
+    assert Backchannels().content_words("Подождите, стоп") == 2
+    assert Backchannels(["да", "ага"]).only_backchannel("Ага, да.")
+
+
+def test_late_words_in_another_script_revise_the_turn() -> None:
+    d = TurnDetector(TurnSettings(endpointing_ms=600, max_wait_ms=2000))
+    d.speech_started(0)
+    d.partial("Завтра")
+    d.speech_stopped(1000)
+    (_, _), (_, end) = run(d, 1000, 3100)
+    assert end.text == "Завтра"
+    d.final("Завтра в десять утра.", 3500, speech_final=True)
+    (_, revised), = run(d, 3500, 4000)
+    assert revised.revises and revised.text == "Завтра в десять утра."
 
 
 def test_words_after_a_max_wait_end_revise_that_turn() -> None:

@@ -28,6 +28,7 @@ backchannels needs twice the silence; and while the agent is speaking they are n
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -35,7 +36,25 @@ from parley.common.configuration.models import DEFAULT_BACKCHANNELS
 
 Reason = Literal["silence", "utterance_end", "max_wait"]
 
-_WORD = re.compile(r"[a-z0-9']+(?:-[a-z0-9']+)*")
+
+def _combining_marks() -> str:
+    """A character class body of the BMP's combining marks (Unicode category M)."""
+    ranges: list[tuple[int, int]] = []
+    for code in range(0x10000):
+        if unicodedata.category(chr(code)).startswith("M"):
+            if ranges and ranges[-1][1] == code - 1:
+                ranges[-1] = (ranges[-1][0], code)
+            else:
+                ranges.append((code, code))
+    return "".join(f"{chr(first)}-{chr(last)}" for first, last in ranges)
+
+
+# A word: letters and digits of any script (as parley.common.words.normalize_words has them)
+# and apostrophes, with the combining marks inside it (Devanagari's vowel signs, Thai's tone
+# marks: ``\w`` alone cuts "नमस्ते" in two), hyphenated parts kept together. ``[a-z0-9']``
+# found no word in Cyrillic, Devanagari or Japanese text: barge-in on words never fired.
+_WORD_CHARACTER = rf"[\w'{_combining_marks()}]"
+_WORD = re.compile(rf"{_WORD_CHARACTER}+(?:-{_WORD_CHARACTER}+)*")
 # Spellings of one backchannel that recognisers (and agent configurations) write differently,
 # matched as the first: "OK" as "okay", "Mhm" / "mm-hm" as "mm hmm", "Uhhuh" as "uh huh".
 _BACKCHANNEL_SPELLINGS = {
@@ -46,8 +65,8 @@ _BACKCHANNEL_SPELLINGS = {
 
 
 def words_of(text: str) -> list[str]:
-    """Lower-case words of ``text`` without punctuation ("Uh-huh." → ["uh-huh"])."""
-    return _WORD.findall(text.lower())
+    """Case-folded words of ``text``, any script, without punctuation ("Uh-huh." → ["uh-huh"])."""
+    return _WORD.findall(text.casefold())
 
 
 def _backchannel_words(text: str) -> list[str]:
