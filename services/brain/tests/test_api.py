@@ -189,3 +189,24 @@ async def test_documents_past_the_limit_are_refused(client: Any, keys: dict[str,
     form = aiohttp.FormData()
     form.add_field("file", big, filename="big.txt", content_type="text/plain")
     await problem(await client.post(url(), data=form, headers=headers), 413)
+
+
+async def test_nul_characters_in_a_document_or_a_question_are_dropped(
+        client: Any, keys: dict[str, str]) -> None:
+    from .test_knowledge_extract import minimal_pdf
+
+    headers = {"X-API-Key": keys["acme"]}
+    # A PDF's unmapped glyph extracts as U+0000, which Postgres text cannot hold.
+    response = await client.post(url(), params={"source": "prices.pdf"}, headers=headers,
+                                 data=minimal_pdf("Teeth cleaning costs $95 \x00 per visit"))
+    assert response.status == 201, await response.text()
+    response = await client.get(url(suffix="/search"), params={"q": "cleaning\x00"},
+                                headers=headers)
+    assert response.status == 200, await response.text()
+    found = (await response.json())["chunks"]
+    assert [c["text"] for c in found] == ["Teeth cleaning costs $95 per visit"]
+    await problem(await client.get(url(suffix="/search"), params={"q": "\x00"},
+                                   headers=headers), 400)
+    body = await problem(await client.post(url(), params={"source": "prices\x00.txt"},
+                                           data=HOURS, headers=headers), 400)
+    assert "NUL" in body["detail"]

@@ -151,3 +151,9 @@ def test_whatever_a_parser_raises_on_a_document_is_an_extraction_error() -> None
     with pytest.raises(ExtractionError) as raised:
         extract_text("certified.pdf", data)
     assert str(raised.value).startswith("certified.pdf: unreadable application/pdf document")
+
+
+def test_nul_characters_are_dropped() -> None:
+    # A PDF's glyph with no Unicode mapping extracts as U+0000; Postgres text cannot hold it.
+    text = extract_text("prices.pdf", minimal_pdf("Teeth cleaning costs $95 \x00 per visit"))
+    assert text == "Teeth cleaning costs $95 per visit"

@@ -187,3 +187,10 @@ async def test_embeddings_are_fused_with_full_text(conn: psycopg.AsyncConnection
                                              embedder=other)] == ["prices.md"]
     cursor = await conn.execute("SELECT DISTINCT embedding_model FROM knowledge_chunks")
     assert await cursor.fetchall() == [("hashing-for-tests-64",)]
+
+
+async def test_a_question_with_a_nul_character_is_searched_without_it(
+        conn: psycopg.AsyncConnection[Any]) -> None:
+    await ingest(conn, "acme", None, "prices.md", PRICES)
+    found = await retrieve(conn, "acme", "rx", "how much is a cleaning?\x00")
+    assert found and found[0].source == "prices.md"

@@ -81,7 +81,7 @@ async def documents(request: web.Request) -> web.Response:
 async def search(request: web.Request) -> web.Response:
     """The chunks a caller's question would retrieve for the agent."""
     key, agent_id = await _agent_of_key(request)
-    query = request.query.get("q", "").strip()
+    query = request.query.get("q", "").replace("\x00", "").strip()
     if not query:
         raise Problem(400, "Bad Request", "give the question in ?q=", kind="missing-query")
     k = _int(request, "k", default=4, low=1, high=MAX_SEARCH_K)
@@ -147,6 +147,9 @@ async def _read(read: Any, limit: int) -> bytes:
 
 
 def _check_type(source: str) -> None:
+    if "\x00" in source:  # Postgres text cannot hold it
+        raise Problem(400, "Bad Request", "the document's name contains a NUL character",
+                      kind="bad-source")
     try:
         content_type(source)
     except ExtractionError as exc:

@@ -170,8 +170,12 @@ _EXTRACTORS: dict[str, Callable[[str, bytes], str]] = {
 
 
 def _normalise(text: str) -> str:
-    """Spaces collapsed, lines trimmed, paragraphs separated by exactly one blank line."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\xa0", " ")
+    """Spaces collapsed, lines trimmed, paragraphs separated by exactly one blank line.
+
+    NULs go (a PDF's unmapped glyphs extract as U+0000, which Postgres text cannot hold).
+    """
+    text = text.replace("\x00", "").replace("\r\n", "\n").replace("\r", "\n")
+    text = text.replace("\xa0", " ")
     paragraphs = []
     for block in re.split(r"\n\s*\n", text):
         lines = [re.sub(r"[ \t\f\v]+", " ", line).strip() for line in block.split("\n")]

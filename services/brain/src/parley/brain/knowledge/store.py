@@ -177,6 +177,7 @@ async def retrieve(db: Database, org_id: str, agent_id: str | None, query: str, 
     """
     if k <= 0:
         return []
+    query = query.replace("\x00", "")  # Postgres text cannot hold it; no word has it
     async with _connection(db) as conn:
         lexical = await _full_text(conn, org_id, agent_id, query, max(k, _FTS_CANDIDATES))
         if embedder is None:
