@@ -98,6 +98,31 @@ async def test_outbox_relay_publishes_in_order_once(conn, bus: Bus) -> None:
     assert [e.id for e in replayed] == [e.id for e in await outbox_events(conn)]
 
 
+async def test_an_id_with_a_trailing_newline_is_refused(conn) -> None:
+    with pytest.raises(ConfigurationError):
+        await create_org(conn, "evil\n", "Evil")
+
+
+async def test_an_unpublishable_outbox_row_is_set_aside_and_the_rest_published(
+        conn, bus: Bus) -> None:
+    # A row stored before ids were checked as they are now (or corrupted): NATS refuses its
+    # subject every time. It used to roll back every batch, so no config event left again.
+    await create_org(conn, "before", "Before")
+    bad = ev.OrgCreated(org_id="before", name="Evil")
+    payload = ev.encode(bad).replace(b'"org_id":"before"', b'"org_id":"evil\\n"')
+    await conn.execute("INSERT INTO outbox (event_id, payload) VALUES (%s, %s)", (bad.id, payload))
+    await create_org(conn, "after", "After")
+    await conn.commit()
+    relay = OutboxRelay(bus, conn)
+    assert await relay.publish_pending() == 2
+    assert await relay.publish_pending() == 0
+    replayed = [e.org_id async for _, e in bus.replay("parley.ev.>")]
+    assert replayed == ["before", "after"]
+    cursor = await conn.execute("SELECT failure FROM outbox WHERE failed_at IS NOT NULL")
+    ((failure,),) = await cursor.fetchall()
+    assert "org_id" in failure
+
+
 def test_an_agent_gets_the_common_backchannels_by_default() -> None:
     # Hesitations and acknowledgements ("hmm", "got it") are the caller listening: an agent
     # configured with nothing must not be interrupted by them.

@@ -126,6 +126,13 @@ def test_ids_must_be_subject_tokens() -> None:
         decode(b'{"type":"call.ended","org_id":"o1.>","call_id":"c1"}')
 
 
+def test_an_id_with_a_trailing_newline_is_not_a_token() -> None:
+    # "$" matches before a final "\n": such an id passed every check and NATS then refused it.
+    assert events.is_token("c1") and not events.is_token("c1\n")
+    with pytest.raises(EventDecodeError, match="org_id"):
+        decode(b'{"type":"call.ended","org_id":"o1\\n","call_id":"c1"}')
+
+
 def test_malformed_json_is_a_decode_error() -> None:
     with pytest.raises(EventDecodeError, match="not an event"):
         decode(b"{nope")

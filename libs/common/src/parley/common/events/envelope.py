@@ -18,7 +18,9 @@ from typing import Annotated, ClassVar
 import msgspec
 
 # One subject token: NATS subjects split on "." and treat "*", ">" and whitespace specially.
-TOKEN_PATTERN = r"^[A-Za-z0-9_\-]{1,128}$"
+# "(?!\n)" because "$" also matches before a final newline ("c1\n" would pass, and NATS refuses
+# that subject); a lookahead rather than "\Z" keeps the pattern valid JSON Schema (ECMA 262).
+TOKEN_PATTERN = r"^[A-Za-z0-9_\-]{1,128}(?!\n)$"
 _TOKEN = re.compile(TOKEN_PATTERN)
 Token = Annotated[str, msgspec.Meta(pattern=TOKEN_PATTERN)]
 
@@ -42,7 +44,7 @@ def utcnow() -> datetime:
 
 def is_token(value: str) -> bool:
     """True if value can stand as one NATS subject token (ids, org ids)."""
-    return bool(_TOKEN.match(value))
+    return _TOKEN.fullmatch(value) is not None
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=False):

@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 
 from . import EVENT_TYPES, AnyEvent
-from .envelope import Event
+from .envelope import TOKEN_PATTERN, Event
 
 _ENVELOPE = ("type", "id", "org_id", "at", "causation_id", "v")
 
@@ -26,7 +26,7 @@ def _type_name(annotation: Any) -> str:
     text = inspect.formatannotation(annotation)
     for prefix in ("typing.", "datetime.", "uuid.", "parley.common.events.media."):
         text = text.replace(prefix, "")
-    return text.replace("Annotated[str, msgspec.Meta(pattern='^[A-Za-z0-9_\\\\-]{1,128}$')]",
+    return text.replace(f"Annotated[str, msgspec.Meta(pattern={TOKEN_PATTERN!r})]",
                         "id").replace("|", "\\|")
 
 
