@@ -157,3 +157,30 @@ def test_nul_characters_are_dropped() -> None:
     # A PDF's glyph with no Unicode mapping extracts as U+0000; Postgres text cannot hold it.
     text = extract_text("prices.pdf", minimal_pdf("Teeth cleaning costs $95 \x00 per visit"))
     assert text == "Teeth cleaning costs $95 per visit"
+
+
+def test_docx_merged_cells_are_read_once_and_every_row_stands_alone() -> None:
+    document = docx.Document()
+    grid = document.add_table(rows=3, cols=3)
+    grid.cell(0, 0).merge(grid.cell(0, 2)).text = "Cleaning prices"  # one cell, 3 columns
+    grid.cell(1, 0).merge(grid.cell(2, 0)).text = "Cleaning"  # one cell, 2 rows
+    for row, (price, who) in enumerate([("$95", "adults"), ("$60", "children")], 1):
+        grid.cell(row, 1).text, grid.cell(row, 2).text = price, who
+    out = io.BytesIO()
+    document.save(out)
+    assert extract_text("prices.docx", out.getvalue()) == (
+        "Cleaning prices\n\nCleaning | $95 | adults\n\nCleaning | $60 | children")
+
+
+def test_docx_a_vertical_merge_continued_in_a_first_row_is_read() -> None:
+    # Word marks a cell continuing the merge above with <w:vMerge/>; some writers put one in a
+    # table's first row, where there is nothing above to continue.
+    from docx.oxml import OxmlElement
+
+    document = docx.Document()
+    grid = document.add_table(rows=1, cols=2)
+    grid.cell(0, 0).text, grid.cell(0, 1).text = "Cleaning", "$95"
+    grid.rows[0]._tr.tc_lst[0].get_or_add_tcPr().append(OxmlElement("w:vMerge"))
+    out = io.BytesIO()
+    document.save(out)
+    assert extract_text("prices.docx", out.getvalue()) == "Cleaning | $95"

@@ -108,15 +108,28 @@ def _pdf(source: str, data: bytes) -> str:
 
 def _docx(source: str, data: bytes) -> str:
     import docx
+    from docx.table import _Cell
 
     try:
         document = docx.Document(io.BytesIO(data))
+        blocks = [paragraph.text for paragraph in document.paragraphs]
+        for table in document.tables:
+            # Each cell once (``row.cells`` repeats a merged cell in every column it spans),
+            # and a row a vertical merge continues into repeats the merged text, so each row
+            # reads on its own (``row.cells`` fails on a merge continued in the first row).
+            above: dict[int, str] = {}  # grid column → the text of the cell there
+            for row in table.rows:
+                column, cells = row._tr.grid_before, []
+                for tc in row._tr.tc_lst:
+                    text = _Cell(tc, table).text.strip()
+                    if tc.vMerge == "continue":
+                        text = above.get(column, text)
+                    above[column] = text
+                    cells.append(text)
+                    column += tc.grid_span
+                blocks.append(" | ".join(cells))
     except Exception as exc:  # BadZipFile, KeyError, python-docx's PackageNotFoundError, …
         raise ExtractionError(source, f"corrupt or unreadable DOCX ({exc})") from exc
-    blocks = [paragraph.text for paragraph in document.paragraphs]
-    for table in document.tables:
-        for row in table.rows:
-            blocks.append(" | ".join(cell.text.strip() for cell in row.cells))
     return "\n\n".join(blocks)
 
 
