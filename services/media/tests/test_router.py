@@ -67,3 +67,27 @@ async def test_a_provider_whose_breaker_is_open_is_still_tried_when_nothing_else
     opener = Opener(whisper="busy")
     assert await stt.open(["deepgram", "whisper"], opener) == ("deepgram", "stream:deepgram")
     assert opener.tried == ["whisper", "deepgram"]  # the healthy one first, then the probe
+
+
+async def test_a_provider_whose_streams_open_and_then_fail_opens_its_breaker() -> None:
+    # The socket opens every time, then the stream stalls or breaks (what a session reports):
+    # counting the open as a success reset the breaker, so every new call paid the stall.
+    stt = router()
+    for _ in range(3):
+        assert await stt.open(stt.chain(), Opener()) == ("deepgram", "stream:deepgram")
+        stt.health["deepgram"].failure()
+    assert not stt.health["deepgram"].available
+    assert await stt.open(stt.chain(), Opener()) == ("whisper", "stream:whisper")
+
+
+async def test_a_stream_that_delivers_resets_the_failures_before_it() -> None:
+    stt = router()
+    for _ in range(2):
+        await stt.open(stt.chain(), Opener())
+        stt.health["deepgram"].failure()
+    await stt.open(stt.chain(), Opener())
+    stt.health["deepgram"].success()  # its first result came
+    for _ in range(2):
+        await stt.open(stt.chain(), Opener())
+        stt.health["deepgram"].failure()
+    assert stt.health["deepgram"].available

@@ -96,6 +96,59 @@ async def test_a_fallback_whose_socket_breaks_during_the_replay_still_hears_the_
         await call._outbox.drain(1)
 
 
+async def test_a_recogniser_whose_streams_open_but_never_deliver_gets_its_breaker_opened(
+        bus) -> None:
+    # Every socket opens, then the stream fails before a single result (a stall): what
+    # counts is the stream, not the open, so after three such calls the breaker opens and the
+    # next call starts on the fallback instead of paying the stall again.
+    deepgram, whisper = Recogniser("deepgram"), Recogniser("whisper")
+    services = session(bus, deepgram, whisper).s
+    for n in range(3):
+        call = CallSession(services, call_id=f"call-{n}", org_id=ORG, agent_id="agent",
+                           settings=AgentSettings(), revision=1)
+        call._stt_name, call._stt = await services.stt.open(call._stt_chain, call._open_stt)
+        assert call._stt_name == "deepgram"
+        call._stt_task = asyncio.create_task(call._recognise())
+        try:
+            call._stt.results.put_nowait(ProviderError("deepgram", "stalled"))  # type: ignore[attr-defined]
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                if call._stt_name == "whisper":
+                    break
+            assert call._stt_name == "whisper"
+        finally:
+            call.stop("test")
+            call._stt_task.cancel()
+            await asyncio.gather(call._stt_task, return_exceptions=True)
+            await call._outbox.drain(1)
+    assert not services.stt.health["deepgram"].available
+    assert (await services.stt.open(services.stt.chain(), call._open_stt))[0] == "whisper"
+
+
+async def test_a_recogniser_stream_that_delivers_resets_the_failures_counted_before(bus) -> None:
+    deepgram = Recogniser("deepgram")
+    call = session(bus, deepgram, Recogniser("whisper"))
+    health = call.s.stt.health["deepgram"]
+    call._stt_name, call._stt = await call.s.stt.open(call._stt_chain, call._open_stt)
+    call._stt_task = asyncio.create_task(call._recognise())
+    try:
+        health.failure()  # other calls' streams broke meanwhile
+        health.failure()
+        deepgram.streams[0].results.put_nowait(Final("hello", speech_final=True))
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if call.detector.text:
+                break
+        health.failure()
+        health.failure()
+        assert health.available  # 2 failures since this stream's first result, not 4
+    finally:
+        call.stop("test")
+        call._stt_task.cancel()
+        await asyncio.gather(call._stt_task, return_exceptions=True)
+        await call._outbox.drain(1)
+
+
 class LoudIsSpeech:
     """A VAD for synthetic frames: µ-law 0x00 (full scale) is speech, 0xff (zero) is not."""
 

@@ -161,6 +161,28 @@ async def test_characters_count_to_the_synthesiser_each_clause_was_sent_to(bus) 
                      "second": len("Let me check that.") + len("One moment please.")}
 
 
+async def test_a_synthesiser_whose_streams_open_but_fail_before_audio_is_skipped(bus) -> None:
+    # Each turn's stream opens, then breaks before its first audio: counted on open, the
+    # breaker never opened and every turn waited for the failure before falling back.
+    said: list[tuple[str, str, bool]] = []
+    first, second = Synthesiser("first", said, delay_s=10), Synthesiser("second", said)
+    call = session(bus, first, second)
+    speaker = asyncio.create_task(call._speaker())
+    try:
+        for n in range(3):
+            call._on_say(say(f"t{n}", 0, "Hello.", last=True))
+            await wait_for(lambda n=n: len(first.streams) == n + 1)
+            first.streams[n].fail()
+            await wait_for(lambda n=n: call._turns[f"t{n}"].audio.text_done)
+        assert not call.s.tts.health["first"].available
+        assert call.s.tts.health["second"].available
+        call._on_say(say("t3", 0, "Hello.", last=True))
+        await wait_for(lambda: call._turns["t3"].audio.text_done)
+        assert len(first.streams) == 3 and len(second.streams) == 4  # t3 began on second
+    finally:
+        await stop(call, speaker)
+
+
 async def test_a_turn_closed_without_a_last_clause_survives_a_synthesiser_failure(bus) -> None:
     said: list[tuple[str, str, bool]] = []
     first = Synthesiser("first", said, delay_s=0.3)

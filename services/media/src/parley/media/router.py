@@ -2,7 +2,10 @@
 
 Each provider has a :class:`ProviderHealth` shared by every call in the process: a circuit
 breaker (consecutive failures open it; a probe after ``reset_timeout`` closes it again), and
-exponentially weighted error rate and latency, combined into a score exported as a metric. A
+exponentially weighted error rate and latency (to open a stream), combined into a score. A stream
+that opens has not succeeded yet: the session counts a success when it delivers (its first
+result or audio) or ends cleanly, and a failure when it breaks. Counted on open, a provider that
+took every socket and then stalled or failed every stream never opened its breaker. A
 :class:`ProviderRouter` holds one kind's providers (STT or TTS) and, per call, walks the call's
 chain (e.g. ``deepgram → whisper``) skipping providers whose breaker is open. Opening a stream
 retries transient errors with backoff; permanent ones (4xx: bad key, bad request) move on at once,
@@ -38,12 +41,14 @@ class ProviderHealth:
         self.error_rate = 0.0
         self.latency_s = 0.0
 
-    def success(self, latency_s: float | None = None) -> None:
-        """The provider did its job (``latency_s``: time to its first result, if measured)."""
+    def opened(self, latency_s: float) -> None:
+        """A stream opened in ``latency_s``: no verdict yet (it may still stall or fail)."""
+        self.latency_s += self.alpha * (latency_s - self.latency_s)
+
+    def success(self) -> None:
+        """A stream did its job: it delivered (its first result or audio) or ended cleanly."""
         self.breaker.record_success()
         self.error_rate *= 1 - self.alpha
-        if latency_s is not None:
-            self.latency_s += self.alpha * (latency_s - self.latency_s)
 
     def failure(self) -> None:
         """The provider failed a call."""
@@ -121,7 +126,7 @@ class ProviderRouter(Generic[P]):
                 log.warning("%s provider %s failed to open: %s", self.kind, name, exc)
                 last = exc
                 continue
-            self.health[name].success(time.monotonic() - started)
+            self.health[name].opened(time.monotonic() - started)
             return name, stream
         raise AllProvidersFailed(self.kind, f"no {self.kind} provider could open "
                                  f"(tried {usable}); last error: {last}")

@@ -469,9 +469,15 @@ class CallSession:
         while not self.stopped.is_set():
             stream = self._stt
             assert stream is not None
+            delivered = False
             try:
                 async for event in stream.events():
+                    if not delivered:  # only now has the provider done its job (router.py)
+                        delivered = True
+                        self.s.stt.health[self._stt_name].success()
                     await self._on_stt(event)
+                if not delivered:
+                    self.s.stt.health[self._stt_name].success()
                 return  # closed by us
             except ProviderError as exc:
                 if self.stopped.is_set():
@@ -787,6 +793,7 @@ class CallSession:
                     await stream.cancel()
                 break
             first = done_clauses
+            delivered = False  # this stream's first audio: only then has the provider done its job
             feeder: asyncio.Task[bool] | None = None
             aligner = FrameAligner(ULAW_FRAME_BYTES)
             clause = first
@@ -798,8 +805,10 @@ class CallSession:
                     feeder = asyncio.create_task(
                         self._feed(turn, stream, said, len(said), wait=True))
                 async for chunk in stream.audio():
-                    if chunk.audio and not turn.tts_answered_at:
-                        turn.tts_answered_at = time.monotonic()
+                    if chunk.audio and not delivered:
+                        delivered = True
+                        self.s.tts.health[turn.provider].success()
+                        turn.tts_answered_at = turn.tts_answered_at or time.monotonic()
                     index = first + chunk.clause
                     if index != clause:
                         rest = aligner.flush(pad=b"\xff")
@@ -815,6 +824,8 @@ class CallSession:
                 rest = aligner.flush(pad=b"\xff")
                 if rest:
                     turn.audio.add_frames([rest], [], clause_start_s=clause_start)
+                if not delivered and not turn.interrupted:  # ended cleanly with no audio
+                    self.s.tts.health[turn.provider].success()
                 break
             except ProviderError as exc:
                 if turn.interrupted:
