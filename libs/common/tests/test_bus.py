@@ -31,6 +31,7 @@ from parley.common.bus.audio import (
     stream_seq_base,
 )
 from parley.common.bus.subjects import SubjectError, event_subject
+from parley.devkit.infra import NatsServer
 from parley.devkit.pytest_plugin import Settled
 
 
@@ -459,3 +460,14 @@ async def test_replay_skips_a_message_that_is_not_an_event(bus: Bus) -> None:
     await bus.js.publish("parley.ev.o1.call.c9.transcript.partial", b"not json")
     await bus.publish(last)
     assert await bus.replay_call("c9") == [first, last]
+
+
+async def test_close_while_nats_is_down_closes_without_draining(tmp_path) -> None:
+    # A service stopped during a NATS outage: drain() refuses while reconnecting, which made
+    # every such stop a traceback and exit status 1.
+    server = NatsServer(tmp_path).start()
+    bus = await Bus.connect(server.url, name="svc")
+    server.stop()
+    await wait_for(lambda: bus.nc.is_reconnecting)
+    await bus.close()
+    assert bus.nc.is_closed

@@ -78,9 +78,22 @@ class Bus:
         await ensure_streams(self.js, settings or StreamSettings())
 
     async def close(self) -> None:
-        """Drain: finish in-flight deliveries and flush publishes, then disconnect."""
-        if self._owns and not self.nc.is_closed:
+        """Drain: finish in-flight deliveries and flush publishes, then disconnect.
+
+        Without a server to drain to (reconnecting, or the drain itself fails) the connection
+        is just closed: stopping a service during a NATS outage must still be a clean stop.
+        """
+        if not self._owns or self.nc.is_closed:
+            return
+        if self.nc.is_connecting or self.nc.is_reconnecting:
+            log.warning("nats unreachable while closing; closed without draining")
+            await self.nc.close()
+            return
+        try:
             await self.nc.drain()
+        except Exception as exc:
+            log.warning("nats drain failed (%r); closing without it", exc)
+            await self.nc.close()
 
     async def publish(self, event: Event, *, headers: dict[str, str] | None = None) -> PubAck:
         """Publish to JetStream and await the ack; republishing the same event is a no-op.
