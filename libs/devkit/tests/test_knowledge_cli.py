@@ -58,6 +58,16 @@ async def test_add_search_and_list_knowledge_from_the_command_line(
     assert "slides.pptx: unsupported file type '.pptx'" in bad.stderr
     assert "added prices.md" in bad.stdout  # good files still go in
 
+    # Documents are named by file name: two files of one name would be one document.
+    for language, text in (("en", "A cleaning costs $95."), ("es", "Una limpieza: 95 USD.")):
+        (tmp_path / language).mkdir()
+        (tmp_path / language / "faq.md").write_text(text)
+    clash = await asyncio.to_thread(run, "add", "rx", "en/faq.md", "prices.md", "es/faq.md")
+    assert clash.returncode == 1 and clash.stdout == ""
+    assert "en/faq.md and es/faq.md would both be stored as 'faq.md'" in clash.stderr
+    listed = await asyncio.to_thread(run, "list", "rx")
+    assert "faq.md" not in listed.stdout  # nothing was added
+
     published = [(e.type, e.agent_id) async for _, e in bus.replay("parley.ev.acme.>")
                  if e.type == "knowledge.ingested"]
     assert published == [("knowledge.ingested", "_org"), ("knowledge.ingested", "rx"),

@@ -1,8 +1,11 @@
 """``parley knowledge add|search|list``: an agent's knowledge from the command line.
 
 The agent's org is looked up from the agents table. ``add --org-wide`` stores documents for
-every agent of that org. Each file is its own transaction with its ``knowledge.ingested``
-outbox row, published straight away when NATS is reachable (as ``parley agents add`` does).
+every agent of that org. A document is named by its file name, as an upload through the API is:
+adding a file of a name already stored in that scope replaces that document, so two different
+files of one name (``en/faq.md``, ``es/faq.md``) in one ``add`` are refused before anything is
+stored. Each file is its own transaction with its ``knowledge.ingested`` outbox row, published
+straight away when NATS is reachable (as ``parley agents add`` does).
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     add = _command(group, "add", "ingest TXT/MD/PDF/DOCX/HTML files", _add)
     add.add_argument("agent_id")
-    add.add_argument("files", nargs="+", type=Path)
+    add.add_argument("files", nargs="+", type=Path, help=(
+        "each stored under its file name (not its folder), replacing a document of that name "
+        "already there; two different files of one name are refused"))
     add.add_argument("--org-wide", action="store_true",
                      help="visible to every agent of the agent's org")
 
@@ -81,6 +86,14 @@ async def _add(conn: psycopg.AsyncConnection[Any], args: argparse.Namespace, org
     knowledge = _knowledge()
     agent_id = None if args.org_wide else args.agent_id
     scope = f"org {org_id} (all agents)" if agent_id is None else f"agent {agent_id}"
+    named: dict[str, Path] = {}
+    for path in args.files:
+        first = named.setdefault(path.name, path)
+        if first.resolve() != path.resolve():
+            print(f"parley: {first} and {path} would both be stored as {path.name!r} (a "
+                  "document is named by its file name, so the second would replace the "
+                  "first): rename one; nothing was added", file=sys.stderr)
+            return 1
     failed = 0
     for path in args.files:
         try:
