@@ -6,8 +6,11 @@ import asyncio
 import gc
 import time
 
+import aiohttp
+
+from parley.common.config import CommonConfig
 from parley.common.metrics import Metrics
-from parley.common.service import settle, watch_loop_lag
+from parley.common.service import running_service, settle, watch_loop_lag
 
 
 def walked(obj: object) -> bool:
@@ -42,3 +45,25 @@ async def test_loop_lag_is_measured_when_something_blocks_the_loop() -> None:
     assert counts["+Inf"] >= 5  # sampled all along
     assert counts["+Inf"] - counts["0.1"] == 1  # one wake-up at least 0.1 s late: the block
     assert counts["0.05"] >= counts["+Inf"] - 1  # the rest on time
+
+
+async def test_ready_only_from_the_services_start_up_until_it_is_stopping(nats_url: str) -> None:
+    # /readyz was green as soon as the shell had connected (models still loading, no consumer
+    # bound, no site listening) and stayed green while the service shut down.
+    stop = asyncio.Event()
+    config = CommonConfig(nats_url=nats_url)
+    async with running_service("svc", config, stop=stop) as ctx, \
+            aiohttp.ClientSession(f"http://127.0.0.1:{ctx.ops_port}") as http:
+
+        async def readyz() -> int:
+            async with http.get("/readyz") as response:
+                return response.status
+
+        assert await readyz() == 503  # the service's own start-up has not run
+        try:
+            ctx.settle()  # what each service's work() calls once it is up
+        finally:
+            gc.unfreeze()
+        assert await readyz() == 200
+        stop.set()
+        assert await readyz() == 503  # shutting down: take no new work

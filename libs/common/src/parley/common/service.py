@@ -2,7 +2,11 @@
 
 A service's ``__main__`` is then just its own work::
 
-    async def work(ctx: ServiceContext, stop: asyncio.Event) -> None: ...
+    async def work(ctx: ServiceContext, stop: asyncio.Event) -> None:
+        ...  # load, bind consumers, listen
+        ctx.settle()  # start-up done: /readyz is green from here until stop is set
+        await stop.wait()
+
     raise SystemExit(serve("brain", BrainConfig, work))
 """
 
@@ -33,7 +37,11 @@ ConfigT = TypeVar("ConfigT", bound=CommonConfig)
 
 @dataclass
 class ServiceContext(Generic[ConfigT]):
-    """What a running service is given: its config and connections, and a readiness hook."""
+    """What a running service is given: its config and connections, and a readiness hook.
+
+    ``/readyz`` is green only between the service's :meth:`settle` (its models loaded, its
+    consumers bound, its sites listening) and ``stopping`` being set (the shutdown began).
+    """
 
     name: str
     config: ConfigT
@@ -41,14 +49,22 @@ class ServiceContext(Generic[ConfigT]):
     metrics: Metrics
     ops_port: int = 0
     ready_checks: list[Callable[[], bool]] = field(default_factory=list)
+    started: bool = False
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     def ready(self) -> bool:
-        """Ready when connected to NATS and every registered check passes."""
-        return self.bus.nc.is_connected and all(check() for check in self.ready_checks)
+        """Started, not stopping, connected to NATS, and every registered check passes."""
+        return (self.started and not self.stopping.is_set() and self.bus.nc.is_connected
+                and all(check() for check in self.ready_checks))
 
     def settle(self) -> None:
-        """The service's own start-up is done: see :func:`settle`."""
+        """The service's own start-up is done: settle it (:func:`settle`), ready from now on.
+
+        Every service's ``work`` calls this once its consumers are bound and its sites listen;
+        until then ``/readyz`` answers 503.
+        """
         settle()
+        self.started = True
 
 
 def _set_niceness(nice: int) -> None:
@@ -112,8 +128,12 @@ def stream_settings(config: CommonConfig) -> StreamSettings:
 
 
 @contextlib.asynccontextmanager
-async def running_service(name: str, config: ConfigT) -> AsyncIterator[ServiceContext[ConfigT]]:
-    """Connect everything a service needs; drain and close it all on exit."""
+async def running_service(name: str, config: ConfigT, *, stop: asyncio.Event | None = None,
+                          ) -> AsyncIterator[ServiceContext[ConfigT]]:
+    """Connect everything a service needs; drain and close it all on exit.
+
+    Once ``stop`` is set the service is no longer ready, while its shutdown runs.
+    """
     configure_logging(name, level=config.log_level)
     if config.nice:
         _set_niceness(config.nice)
@@ -122,7 +142,8 @@ async def running_service(name: str, config: ConfigT) -> AsyncIterator[ServiceCo
     try:
         await bus.ensure_streams(stream_settings(config))
         metrics = Metrics(name)
-        context = ServiceContext(name=name, config=config, bus=bus, metrics=metrics)
+        context = ServiceContext(name=name, config=config, bus=bus, metrics=metrics,
+                                 stopping=stop or asyncio.Event())
         ops = OpsServer(create_ops_app(service=name, registry=metrics.registry,
                                        ready=context.ready))
         context.ops_port = await ops.start(config.ops_host, config.ops_port)
@@ -154,7 +175,7 @@ def serve(name: str, config_type: type[ConfigT],
         started = asyncio.Event()
 
         async def body() -> None:
-            async with running_service(name, config) as context:
+            async with running_service(name, config, stop=stop) as context:
                 started.set()
                 await work(context, stop)
 

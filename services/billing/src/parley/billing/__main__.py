@@ -14,6 +14,7 @@ from parley.common.service import ServiceContext, serve
 
 async def idle(ctx: ServiceContext[CommonConfig], stop: asyncio.Event) -> None:
     """Hold the connections open until stopped."""
+    ctx.settle()
     await stop.wait()
 
 

@@ -21,6 +21,7 @@ async def record(ctx: ServiceContext[RecorderConfig], stop: asyncio.Event) -> No
                         crash_point=config.recorder_crash_point,
                         crash_after_batches=config.recorder_crash_after_batches)
     ctx.ready_checks.append(lambda: recorder.leader)
+    ctx.settle()
     await recorder.run(stop)
 
 
