@@ -252,3 +252,41 @@ async def test_cancelled_probe_gives_its_slot_back() -> None:
         await task
     assert state(breaker) is CircuitState.HALF_OPEN
     assert breaker.allow()
+
+
+async def test_a_call_admitted_while_closed_has_no_say_once_the_circuit_opened() -> None:
+    # A long call (an LLM stream) let through while closed ends after the circuit opened and
+    # turned half-open: cancelled, it used to give back the probe slot it never held, letting
+    # a second probe through; succeeding, it used to close the circuit the probe is testing.
+    clock = FakeClock()
+    breaker = make(clock)
+    finish: list[asyncio.Event] = []
+
+    async def long_call(outcome: str) -> None:
+        finish.append(done := asyncio.Event())
+        async with breaker.guard():
+            await done.wait()
+            if outcome == "fails":
+                raise ConnectionError("vendor down")
+
+    cancelled = asyncio.create_task(long_call("cancelled"))
+    succeeds = asyncio.create_task(long_call("succeeds"))
+    fails = asyncio.create_task(long_call("fails"))
+    await asyncio.sleep(0)
+    for _ in range(3):
+        breaker.record_failure()
+    clock.now += 10
+    assert breaker.allow()  # the one probe
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert not breaker.allow(), "a second concurrent probe was let through"
+    finish[1].set()
+    await succeeds
+    assert state(breaker) is CircuitState.HALF_OPEN  # the probe decides, not a stale success
+    finish[2].set()
+    with pytest.raises(ConnectionError):
+        await fails
+    assert state(breaker) is CircuitState.HALF_OPEN and not breaker.allow()
+    breaker.record_success()  # the probe's own outcome
+    assert state(breaker) is CircuitState.CLOSED

@@ -97,6 +97,7 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = 0.0
         self._probes = 0
+        self._openings = 0  # how many times it opened: tells a call's outcome is stale
 
     @property
     def state(self) -> CircuitState:
@@ -139,24 +140,33 @@ class CircuitBreaker:
         """Run the block if allowed (else raise :class:`CircuitOpenError`) and record its outcome.
 
         Cancellation and exceptions rejected by ``is_failure`` are not held against the
-        dependency; they only give back a half-open probe slot.
+        dependency; a probe then gives its half-open slot back. An outcome counts only if the
+        circuit has not opened since the call was let through: a call admitted while closed
+        that ends after the circuit opened (a long stream) neither closes the circuit, nor
+        re-opens it, nor frees a probe slot it never held.
         """
         if not self.allow():
             raise CircuitOpenError(self.name, max(self._remaining(), 0.0))
+        probe = self._state is CircuitState.HALF_OPEN
+        opened = self._openings
         try:
             yield
         except Exception as exc:
-            if self.is_failure(exc):
-                self.record_failure()
-            else:
-                self._release_probe()
+            if self._openings == opened:
+                if self.is_failure(exc):
+                    self.record_failure()
+                elif probe:
+                    self._release_probe()
             raise
         except BaseException:
-            self._release_probe()
+            if probe and self._openings == opened:
+                self._release_probe()
             raise
-        self.record_success()
+        if self._openings == opened:
+            self.record_success()
 
     def _open(self) -> None:
+        self._openings += 1
         self._transition(CircuitState.OPEN)
         self._opened_at = self._clock()
         self._failures = 0
