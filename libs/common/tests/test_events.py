@@ -12,7 +12,8 @@ from parley.common.events import EVENT_TYPES, EventDecodeError, decode, encode
 def _sample_value(annotation: object, name: str) -> object:
     origin = typing.get_origin(annotation)
     if origin is typing.Annotated:
-        return "tok_" + name.replace("_", "")
+        base = typing.get_args(annotation)[0]
+        return "tok_" + name.replace("_", "") if base is str else _sample_value(base, name)
     if origin is typing.Literal:
         return typing.get_args(annotation)[-1]
     if origin in (list,):
@@ -94,6 +95,26 @@ def test_envelope_defaults() -> None:
     assert event.at.tzinfo is not None
     assert event.v == 1 and event.causation_id is None
     assert event.aggregate == "call" and event.aggregate_id == "c1"
+
+
+def test_the_wire_must_carry_the_id_and_an_aware_time() -> None:
+    # decode used to make up a missing id (the same bytes, read twice, were two events) and
+    # took a naive time (that `parley events show` then could not subtract from an aware one).
+    event = events.CallAnswered(org_id="o1", call_id="c1")
+    wire = msgspec.json.decode(encode(event))
+    without_id = {k: v for k, v in wire.items() if k != "id"}
+    without_at = {k: v for k, v in wire.items() if k != "at"}
+    naive = {**wire, "at": "2026-01-02T03:04:05"}
+    with pytest.raises(EventDecodeError, match="call.answered.*`id`"):
+        decode(msgspec.json.encode(without_id))
+    with pytest.raises(EventDecodeError, match="call.answered.*`at`"):
+        decode(msgspec.json.encode(without_at))
+    with pytest.raises(EventDecodeError, match="timezone"):
+        decode(msgspec.json.encode(naive))
+    assert decode(msgspec.json.encode({**wire, "at": "2026-01-02T03:04:05+02:00"})).at.utcoffset()
+    assert decode(encode(event)) == event
+    after = events.CallAnswered(org_id="o1", call_id="c1")  # new events still get both
+    assert after.id.version == 7 and after.id != event.id and after.at.tzinfo is not None
 
 
 def test_uuid7_is_time_ordered() -> None:

@@ -46,7 +46,18 @@ from .config import (
     OrgCreated,
     SecuritySignatureRejected,
 )
-from .envelope import AgentEvent, CallEvent, Event, OrgEvent, is_token, utcnow, uuid7
+from .envelope import (
+    DECODING,
+    MISSING_AT,
+    MISSING_ID,
+    AgentEvent,
+    CallEvent,
+    Event,
+    OrgEvent,
+    is_token,
+    utcnow,
+    uuid7,
+)
 from .media import (
     AgentSpeechFinished,
     AgentSpeechInterrupted,
@@ -106,13 +117,25 @@ def encode(event: Event) -> bytes:
 
 
 def decode(data: bytes | str) -> Event:
-    """Parse JSON bytes into the typed event; unknown fields are ignored."""
+    """Parse JSON bytes into the typed event; unknown fields are ignored.
+
+    ``id`` and ``at`` are required (``at`` with its offset): the same bytes always decode to
+    the same event.
+    """
+    DECODING.active = True
     try:
-        return _decoder.decode(data)
+        event = _decoder.decode(data)
     except msgspec.ValidationError as exc:
         raise EventDecodeError(_explain(data, exc)) from exc
     except msgspec.DecodeError as exc:
         raise EventDecodeError(f"not an event: {exc}") from exc
+    finally:
+        DECODING.active = False
+    if event.id is MISSING_ID or event.at is MISSING_AT:
+        missing = "id" if event.id is MISSING_ID else "at"
+        raise EventDecodeError(f"invalid {event.type} event: Object missing required field "
+                               f"`{missing}`")
+    return event
 
 
 def to_builtins(event: Event) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -42,6 +43,26 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class _Decoding(threading.local):
+    """Whether this thread is inside ``decode``, where a missing field must not be made up."""
+
+    active = False
+
+
+DECODING = _Decoding()
+# What a missing id or at decodes to (never a made-up value): decode refuses the event.
+MISSING_ID = uuid.UUID(int=0)
+MISSING_AT = datetime.min.replace(tzinfo=UTC)
+
+
+def _new_id() -> uuid.UUID:
+    return MISSING_ID if DECODING.active else uuid7()
+
+
+def _now() -> datetime:
+    return MISSING_AT if DECODING.active else utcnow()
+
+
 def is_token(value: str) -> bool:
     """True if value can stand as one NATS subject token (ids, org ids)."""
     return _TOKEN.fullmatch(value) is not None
@@ -51,7 +72,10 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=Fals
     """Envelope fields shared by every event.
 
     ``id`` is a UUIDv7 (also the JetStream ``Nats-Msg-Id``, so a republish is deduplicated),
-    ``causation_id`` the id of the event or command that caused this one, ``v`` the schema version.
+    ``at`` a timezone-aware time, ``causation_id`` the id of the event or command that caused
+    this one, ``v`` the schema version. A new event gets a fresh ``id`` and ``at`` by default,
+    but on the wire both are required and ``at`` must carry its offset: a decode that made up an
+    id would give the same bytes a different identity each time they are read.
 
     Events are not tracked by the cyclic garbage collector (``gc=False``, inherited by every
     event type): they are immutable data and never part of a reference cycle, and services keep
@@ -62,9 +86,9 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", gc=Fals
     aggregate: ClassVar[str]
     aggregate_field: ClassVar[str]
 
-    id: uuid.UUID = msgspec.field(default_factory=uuid7)
+    id: uuid.UUID = msgspec.field(default_factory=_new_id)
     org_id: Token
-    at: datetime = msgspec.field(default_factory=utcnow)
+    at: Annotated[datetime, msgspec.Meta(tz=True)] = msgspec.field(default_factory=_now)
     causation_id: uuid.UUID | None = None
     v: int = 1
 

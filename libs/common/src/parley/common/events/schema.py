@@ -17,6 +17,9 @@ _ENVELOPE = ("type", "id", "org_id", "at", "causation_id", "v")
 def json_schema() -> dict[str, Any]:
     """JSON Schema (2020-12) of the event union, with one definition per event type."""
     schema: dict[str, Any] = msgspec.json.schema(AnyEvent)
+    for cls in EVENT_TYPES.values():  # defaults for new events in code, required on the wire
+        required = schema["$defs"][cls.__name__]["required"]
+        required[1:1] = [name for name in ("id", "at") if name not in required]
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "Parley event"
     return schema
@@ -45,9 +48,9 @@ def markdown() -> str:
         "| field | type | meaning |",
         "|---|---|---|",
         "| `type` | string | the event type below, e.g. `transcript.final` |",
-        "| `id` | UUIDv7 | unique, time-ordered event id (deduplication key) |",
+        "| `id` | UUIDv7 | unique, time-ordered event id (deduplication key); required |",
         "| `org_id` | id | the tenant |",
-        "| `at` | RFC 3339 UTC | when it happened |",
+        "| `at` | RFC 3339 with offset (UTC) | when it happened; required |",
         "| `causation_id` | UUID or null | the event or command that caused it |",
         "| `v` | int | schema version of this type |",
         "",
