@@ -98,3 +98,30 @@ def test_schema_export(tmp_path) -> None:
     assert out.returncode == 0, out.stderr
     assert '"transcript.final"' in (tmp_path / "s.json").read_text()
     assert (tmp_path / "e.md").read_text().startswith("# Event reference")
+
+
+def test_a_server_that_cannot_be_reached_is_a_message_and_exit_1() -> None:
+    # tail and show --from-stream used to retry an unreachable NATS for ever, and show a 30 s
+    # PoolTimeout traceback when Postgres was down.
+    from parley.devkit.infra import free_port
+
+    nats_port, postgres_port = free_port(), free_port()
+    env = {**os.environ, "PARLEY_NATS_URL": f"nats://127.0.0.1:{nats_port}",
+           "PARLEY_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{postgres_port}/parley"}
+    commands = {("events", "tail"): f"cannot reach NATS at 127.0.0.1:{nats_port}",
+                ("events", "show", "c1", "--from-stream"):
+                    f"cannot reach NATS at 127.0.0.1:{nats_port}",
+                ("events", "show", "c1"): f"cannot reach Postgres at 127.0.0.1:{postgres_port}"}
+    running = {args: subprocess.Popen([sys.executable, "-m", "parley.devkit.cli", *args],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True)
+               for args in commands}
+    for args, proc in running.items():
+        try:
+            _, stderr = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise AssertionError(f"parley {' '.join(args)} still waiting after 20 s") from None
+        assert proc.returncode == 1, (args, stderr)
+        assert f"parley: {commands[args]}" in stderr and "Traceback" not in stderr, stderr

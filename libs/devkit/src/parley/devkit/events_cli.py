@@ -15,15 +15,22 @@ import sys
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import msgspec
 
 from parley.common import events as ev
 from parley.common.events import schema
+from parley.devkit.infra import InfraError
 from parley.devkit.local_infra import read_env_file
 
+if TYPE_CHECKING:
+    from parley.common.bus import Bus
+
 _ENVELOPE = {"type", "id", "org_id", "at", "causation_id", "v"}
+# How long a command waits for a server before saying it cannot reach it.
+CONNECT_TIMEOUT_S = 5.0
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -66,6 +73,47 @@ def server_url(root: Path, variable: str) -> str:
     return url
 
 
+def where(url: str) -> str:
+    """A server URL's host and port, without credentials (for messages)."""
+    return urlsplit(url).netloc.rpartition("@")[2] or url
+
+
+async def connect_bus(root: Path) -> Bus:
+    """Connect to NATS, or raise :class:`InfraError` if it cannot be reached in time.
+
+    Only the first connection is bounded: once connected, a restarted server is waited for.
+    """
+    from nats.errors import Error as NatsError
+
+    from parley.common.bus import Bus
+
+    url = server_url(root, "PARLEY_NATS_URL")
+    last_error: list[Exception] = []
+
+    async def remember(exc: Exception) -> None:
+        last_error[:] = [exc]
+
+    try:
+        return await asyncio.wait_for(Bus.connect(url, name="parley-cli", error_cb=remember),
+                                      CONNECT_TIMEOUT_S)
+    except (TimeoutError, OSError, NatsError) as exc:
+        reason = last_error[0] if last_error else exc
+        raise InfraError(f"cannot reach NATS at {where(url)}: {reason}") from None
+
+
+async def check_postgres(url: str) -> None:
+    """Raise :class:`InfraError` saying why if Postgres cannot be reached in time."""
+    import psycopg
+
+    try:
+        connection = await psycopg.AsyncConnection.connect(
+            url, connect_timeout=max(2, int(CONNECT_TIMEOUT_S)))
+    except psycopg.OperationalError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InfraError(f"cannot reach Postgres at {where(url)}: {reason}") from None
+    await connection.close()
+
+
 def summarize(event: ev.Event) -> str:
     """The event's own fields as ``key=value`` pairs, long values shortened."""
     fields = ev.to_builtins(event)
@@ -98,21 +146,26 @@ def timeline(rows: Iterable[tuple[int, ev.Event]]) -> list[str]:
 async def _show(args: argparse.Namespace) -> int:
     rows: Sequence[tuple[int, ev.Event]]
     if args.from_stream:
-        from parley.common.bus import Bus, call_events
+        from parley.common.bus import call_events
 
-        bus = await Bus.connect(server_url(args.dir, "PARLEY_NATS_URL"), name="parley-cli")
+        bus = await connect_bus(args.dir)
         try:
             rows = [r async for r in bus.replay(call_events(args.call_id, args.org or "*"))]
         finally:
             await bus.close()
     else:
-        from psycopg_pool import AsyncConnectionPool
+        from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
         from parley.common.store import EventStore
 
         url = server_url(args.dir, "PARLEY_DATABASE_URL")
-        async with AsyncConnectionPool(url, min_size=1, max_size=1, open=False) as pool:
-            stored = await EventStore(pool).read_aggregate(args.call_id, org_id=args.org)
+        await check_postgres(url)  # the pool would retry in silence, then time out
+        try:
+            async with AsyncConnectionPool(url, min_size=1, max_size=1, open=False,
+                                           timeout=CONNECT_TIMEOUT_S) as pool:
+                stored = await EventStore(pool).read_aggregate(args.call_id, org_id=args.org)
+        except PoolTimeout:
+            raise InfraError(f"cannot reach Postgres at {where(url)}") from None
         rows = [(s.position, s.event) for s in stored]
     if not rows:
         print(f"no events for call {args.call_id}", file=sys.stderr)
@@ -129,14 +182,14 @@ async def _show(args: argparse.Namespace) -> int:
 
 
 async def _tail(args: argparse.Namespace) -> int:
-    from parley.common.bus import Bus, events_of_type, org_events
+    from parley.common.bus import events_of_type, org_events
     from parley.common.bus.subjects import EVENTS_PREFIX
 
     if args.event_type:
         subject = events_of_type(args.event_type, args.org)
     else:
         subject = f"{EVENTS_PREFIX}.>" if args.org == "*" else org_events(args.org)
-    bus = await Bus.connect(server_url(args.dir, "PARLEY_NATS_URL"), name="parley-cli")
+    bus = await connect_bus(args.dir)
     done = asyncio.Event()
     seen = 0
 
