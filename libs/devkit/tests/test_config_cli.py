@@ -40,3 +40,21 @@ async def test_orgs_agents_numbers_keys_from_the_command_line(
 
     published = [e.type async for _, e in bus.replay("parley.ev.acme.>")]
     assert published == ["org.created", "agent.created", "number.assigned", "api_key.created"]
+
+
+def test_bad_settings_and_an_unreachable_postgres_are_a_message_and_exit_1(
+        database_url: str, monkeypatch, capsys) -> None:
+    # --settings '{bad' ended in a msgspec.DecodeError traceback, and any command with
+    # Postgres down in a psycopg.OperationalError one.
+    from parley.devkit.cli import main
+    from parley.devkit.infra import free_port
+
+    monkeypatch.setenv("PARLEY_DATABASE_URL", database_url)
+    monkeypatch.delenv("PARLEY_NATS_URL", raising=False)
+    for settings in ("{bad", "[1]"):
+        assert main(["agents", "add", "o1", "A", "--settings", settings]) == 1
+        assert "parley: --settings is not a JSON object" in capsys.readouterr().err
+    port = free_port()
+    monkeypatch.setenv("PARLEY_DATABASE_URL", f"postgresql://postgres@127.0.0.1:{port}/parley")
+    assert main(["orgs", "add", "acme", "Acme"]) == 1
+    assert f"parley: cannot reach Postgres at 127.0.0.1:{port}" in capsys.readouterr().err

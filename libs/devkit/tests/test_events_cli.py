@@ -125,3 +125,22 @@ def test_a_server_that_cannot_be_reached_is_a_message_and_exit_1() -> None:
             raise AssertionError(f"parley {' '.join(args)} still waiting after 20 s") from None
         assert proc.returncode == 1, (args, stderr)
         assert f"parley: {commands[args]}" in stderr and "Traceback" not in stderr, stderr
+
+
+def test_bad_ids_and_event_types_are_a_message_and_exit_1(
+        nats_url: str, monkeypatch, capsys) -> None:
+    # Each of these used to end in a traceback (SubjectError, nats BadSubjectError).
+    from parley.devkit.cli import main
+
+    monkeypatch.setenv("PARLEY_NATS_URL", nats_url)
+    for argv, message in [
+        (["events", "show", "a.b", "--from-stream"], "call id 'a.b' is not a valid id"),
+        (["events", "show", "c1", "--org", "a b"], "org id 'a b' is not a valid id"),
+        (["events", "tail", "--org", "a.b"], "org id 'a.b' is not a valid id"),
+        (["events", "tail", "--type", "a b"], "unknown event type 'a b'"),
+        (["events", "tail", "--type", "transcript.finall"],
+         "did you mean transcript.final"),
+    ]:
+        assert main([*argv]) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith("parley: ") and message in err, err

@@ -2,7 +2,10 @@
 
 Each command module exposes ``register(subparsers)``, which adds its parsers and sets
 ``handler=<function(args) -> int>`` as a parser default; :func:`main` parses, then calls the
-handler. To add commands, write such a module and list it in ``COMMAND_MODULES``.
+handler. To add commands, write such a module and list it in ``COMMAND_MODULES``. A handler
+reports what it expects to go wrong (bad input, a server it cannot reach) by raising
+:class:`~parley.devkit.errors.CommandError` or :class:`~parley.devkit.infra.InfraError`:
+:func:`main` prints ``parley: <message>`` and returns 1, with no traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+
+import psycopg
 
 from parley.devkit import (
     call_cli,
@@ -20,6 +25,7 @@ from parley.devkit import (
     knowledge_cli,
     up_cli,
 )
+from parley.devkit.errors import CommandError
 from parley.devkit.infra import InfraError
 
 COMMAND_MODULES = (demo_cli, up_cli, infra_cli, events_cli, config_cli, knowledge_cli, call_cli)
@@ -43,8 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.handler(args))
-    except InfraError as error:
+    except (CommandError, InfraError) as error:
         print(f"parley: {error}", file=sys.stderr)
+        return 1
+    except psycopg.OperationalError as error:  # Postgres went away during the command
+        print(f"parley: Postgres: {str(error).strip()}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -19,7 +19,7 @@ import msgspec
 import psycopg
 
 from parley.common import configuration as cfg
-from parley.devkit.events_cli import server_url
+from parley.devkit.events_cli import check_postgres, server_url
 from parley.devkit.local_infra import read_env_file
 
 Action = Callable[[psycopg.AsyncConnection[Any], argparse.Namespace], Awaitable[int]]
@@ -80,6 +80,7 @@ async def _run(action: Action, args: argparse.Namespace) -> int:
     from parley.common.store import apply_migrations
 
     url = server_url(args.dir, "PARLEY_DATABASE_URL")
+    await check_postgres(url)
     await apply_migrations(url)
     async with await psycopg.AsyncConnection.connect(url) as conn:
         try:
@@ -127,7 +128,10 @@ async def _list_orgs(conn: psycopg.AsyncConnection[Any], args: argparse.Namespac
 
 
 async def _add_agent(conn: psycopg.AsyncConnection[Any], args: argparse.Namespace) -> int:
-    values: dict[str, Any] = msgspec.json.decode(args.settings) if args.settings else {}
+    try:
+        values = msgspec.json.decode(args.settings or "{}", type=dict[str, Any])
+    except msgspec.DecodeError as exc:
+        raise cfg.ConfigurationError(f"--settings is not a JSON object: {exc}") from exc
     for field in cfg.AgentSettings.__struct_fields__:
         given = getattr(args, field, None)
         if given is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -22,6 +23,7 @@ import msgspec
 
 from parley.common import events as ev
 from parley.common.events import schema
+from parley.devkit.errors import CommandError
 from parley.devkit.infra import InfraError
 from parley.devkit.local_infra import read_env_file
 
@@ -71,6 +73,22 @@ def server_url(root: Path, variable: str) -> str:
     if not url:
         raise SystemExit(f"parley: {variable} is not set; run `parley infra up` or set it")
     return url
+
+
+def checked_id(value: str, what: str) -> str:
+    """``value`` if it can be an id (a subject token), else a :class:`CommandError`."""
+    if not ev.is_token(value):
+        raise CommandError(f"{what} {value!r} is not a valid id (1-128 letters, digits, _ or -)")
+    return value
+
+
+def checked_event_type(value: str) -> str:
+    """``value`` if it is an event type of the catalog, else a :class:`CommandError`."""
+    if value not in ev.EVENT_TYPES:
+        close = difflib.get_close_matches(value, ev.EVENT_TYPES, n=3)
+        hint = f"did you mean {' or '.join(close)}?" if close else "see docs/events.md"
+        raise CommandError(f"unknown event type {value!r}; {hint}")
+    return value
 
 
 def where(url: str) -> str:
@@ -145,6 +163,9 @@ def timeline(rows: Iterable[tuple[int, ev.Event]]) -> list[str]:
 
 async def _show(args: argparse.Namespace) -> int:
     rows: Sequence[tuple[int, ev.Event]]
+    checked_id(args.call_id, "call id")
+    if args.org is not None:
+        checked_id(args.org, "org id")
     if args.from_stream:
         from parley.common.bus import call_events
 
@@ -185,7 +206,10 @@ async def _tail(args: argparse.Namespace) -> int:
     from parley.common.bus import events_of_type, org_events
     from parley.common.bus.subjects import EVENTS_PREFIX
 
+    if args.org != "*":
+        checked_id(args.org, "org id")
     if args.event_type:
+        checked_event_type(args.event_type)
         subject = events_of_type(args.event_type, args.org)
     else:
         subject = f"{EVENTS_PREFIX}.>" if args.org == "*" else org_events(args.org)
@@ -232,6 +256,7 @@ async def _rebuild(args: argparse.Namespace) -> int:
               f"{', '.join(sorted(projections))}", file=sys.stderr)
         return 2
     url = server_url(args.dir, "PARLEY_DATABASE_URL")
+    await check_postgres(url)
     async with await psycopg.AsyncConnection.connect(url) as conn:
         report = await rebuild(conn, projections[args.projection])
     rate = report.events / report.seconds if report.seconds else 0.0
