@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
+import subprocess
+import sys
 import time
 
 import aiohttp
@@ -67,3 +70,19 @@ async def test_ready_only_from_the_services_start_up_until_it_is_stopping(nats_u
         assert await readyz() == 200
         stop.set()
         assert await readyz() == 503  # shutting down: take no new work
+
+
+def test_an_unknown_event_loop_is_a_configuration_error_naming_the_variable() -> None:
+    # PARLEY_EVENT_LOOP=foo used to end the service in a ValueError traceback, exit status 1,
+    # unlike every other invalid setting (a one-line configuration error, exit status 2).
+    script = ("import asyncio\n"
+              "from parley.common.config import CommonConfig\n"
+              "from parley.common.service import serve\n"
+              "async def work(ctx, stop): await stop.wait()\n"
+              "raise SystemExit(serve('svc', CommonConfig, work))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PARLEY_EVENT_LOOP": "foo",
+                               "PARLEY_NATS_URL": "nats://127.0.0.1:1"}, timeout=30)
+    assert done.returncode == 2, done.stderr
+    assert "configuration error: PARLEY_EVENT_LOOP='foo'" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -7,7 +7,8 @@ in-flight calls, ``drain()`` the NATS connection) and return. A second signal me
 Processes run on uvloop (libuv; its transports, timers and callbacks are C): the per-message
 cost of every socket hop — Twilio frames in the gateway, NATS deliveries in media — is largely
 the event loop's, and the audio path makes tens of thousands of them a second. Set
-``PARLEY_EVENT_LOOP=asyncio`` for the standard loop (e.g. to use asyncio's debug mode).
+``PARLEY_EVENT_LOOP=asyncio`` for the standard loop (e.g. to use asyncio's debug mode); any other
+value is a :class:`~parley.common.config.ConfigError`, which ``serve`` reports like every setting.
 
 A service can ask for a scheduling priority (``PARLEY_NICE``, see :func:`set_niceness`): on a
 machine whose cores every process shares, the kernel divides the CPU between runnable threads by
@@ -25,7 +26,10 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["cancel_and_wait", "new_event_loop", "run", "run_service", "set_niceness"]
+from .config import ConfigError
+
+__all__ = ["cancel_and_wait", "event_loop_kind", "new_event_loop", "run", "run_service",
+           "set_niceness"]
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +75,17 @@ def set_niceness(nice: int) -> None:
             continue
 
 
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """A new loop of the kind ``PARLEY_EVENT_LOOP`` names (default uvloop)."""
+def event_loop_kind() -> str:
+    """The loop ``PARLEY_EVENT_LOOP`` names (default uvloop); :class:`ConfigError` if unknown."""
     kind = os.environ.get("PARLEY_EVENT_LOOP", "uvloop").strip().lower() or "uvloop"
     if kind not in EVENT_LOOPS:
-        raise ValueError(f"PARLEY_EVENT_LOOP={kind!r}: choose one of {', '.join(EVENT_LOOPS)}")
-    if kind == "uvloop":
+        raise ConfigError(f"PARLEY_EVENT_LOOP={kind!r}: choose one of {', '.join(EVENT_LOOPS)}")
+    return kind
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A new loop of the kind ``PARLEY_EVENT_LOOP`` names (default uvloop)."""
+    if event_loop_kind() == "uvloop":
         import uvloop
 
         return uvloop.new_event_loop()

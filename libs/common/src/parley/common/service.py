@@ -27,7 +27,7 @@ from .config import CommonConfig, ConfigError, load_config
 from .logging import configure_logging
 from .metrics import Metrics
 from .ops import OpsServer, create_ops_app
-from .runtime import run_service, set_niceness
+from .runtime import event_loop_kind, run_service, set_niceness
 from .tracing import configure_tracing
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,7 @@ def serve(name: str, config_type: type[ConfigT],
     """Entry point: load config (exit 2 naming the bad variable), then run until signalled."""
     try:
         config = load_config(config_type)
+        event_loop_kind()  # PARLEY_EVENT_LOOP is read by the runtime, checked here with the rest
     except ConfigError as exc:
         print(f"parley.{name}: configuration error: {exc}", file=sys.stderr)
         return 2
