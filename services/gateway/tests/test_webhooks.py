@@ -89,6 +89,11 @@ async def test_missing_call_sid_is_a_400_problem(gateway):
     response = await gateway.post("/twilio/voice", {"To": MANAGED_NUMBER})
     assert response.status == 400
     assert (await response.json())["detail"] == "missing form field CallSid"
+    # $ in a pattern matches before a final newline: a CallSid must be matched whole
+    response = await gateway.post("/twilio/voice", {"To": MANAGED_NUMBER,
+                                                    "CallSid": "CA" + "0" * 32 + "\n"})
+    assert response.status == 400
+    assert (await response.json())["detail"] == "CallSid is not CA followed by 32 hex digits"
 
 
 async def test_outbound_answer_uses_the_signed_query_ids(gateway, events, db):

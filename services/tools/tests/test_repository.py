@@ -48,6 +48,7 @@ async def test_add_get_list_and_offer_tools(pool, orgs):
 @pytest.mark.parametrize(("change", "message"), [
     ({"name": "end_call"}, "built-in"),
     ({"name": "has space"}, "invalid tool definition"),
+    ({"name": "crm_lookup\n"}, "invalid tool definition"),  # $ would match before the newline
     ({"url": "ftp://x"}, "http"),
     ({"parameters": {"type": "array"}}, '"type": "object"'),
     ({"parameters": {"type": "object", "properties": {"x": {"type": "nope"}}}}, "schema"),

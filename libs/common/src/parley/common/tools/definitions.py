@@ -31,7 +31,7 @@ from referencing.exceptions import Unresolvable
 
 HttpMethod = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
-TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}(?!\n)$"  # (?!\n): $ also matches before a final newline
 ToolName = Annotated[str, msgspec.Meta(pattern=TOOL_NAME_PATTERN)]
 SECRET_PLACEHOLDER = re.compile(r"\{secret:([A-Za-z0-9_.-]{1,128})\}")
 EMPTY_OBJECT_SCHEMA: dict[str, Any] = {"type": "object", "properties": {}}

@@ -48,7 +48,7 @@ from .signatures import signed_form
 log = logging.getLogger(__name__)
 
 CARRIER: Final = "twilio"
-_CALL_SID = re.compile(r"^CA[0-9a-fA-F]{32}$")
+_CALL_SID = re.compile(r"CA[0-9a-fA-F]{32}")  # matched whole (fullmatch)
 _FAILED_STATUSES = {"busy": "busy", "no-answer": "no_answer", "failed": "failed",
                     "canceled": "canceled"}
 _ANSWERED_BY = {"human", "machine_start", "machine_end_beep", "machine_end_silence",
@@ -77,7 +77,7 @@ def _required(form: MultiDictProxy[str], name: str) -> str:
     value = form.get(name, "")
     if not value:
         raise Problem(400, "Bad Request", f"missing form field {name}", kind="invalid-webhook")
-    if name == "CallSid" and not _CALL_SID.match(value):
+    if name == "CallSid" and not _CALL_SID.fullmatch(value):
         raise Problem(400, "Bad Request", "CallSid is not CA followed by 32 hex digits",
                       kind="invalid-webhook")
     return value
