@@ -10,8 +10,9 @@ simulated stream this process plays Twilio: a signed ``POST /twilio/voice`` webh
 then one 20 ms ``media`` message (160 bytes of µ-law, base64 in JSON, exactly as Twilio sends
 it, built with ``StreamMessages``) per stream every 20 ms. The same process subscribes (core
 NATS, ``subscribe_frames`` — what the media service runs) to each call's ``parley.audio.<call>.in``
-and matches every frame to its send time by (stream, frame seq), the Twilio sequenceNumber
-the gateway copies into the header, so both ends read one ``perf_counter_ns`` clock. Latency is
+and matches every frame to its send time by (stream, Twilio sequenceNumber: the low bits of the
+frame's seq, :func:`~parley.common.bus.audio.carrier_sequence`), so both ends read one
+``perf_counter_ns`` clock. Latency is
 ``send_str`` called → frame handler entered: client framing and masking, loopback TCP, the
 gateway's WebSocket read, JSON decode, base64 decode, ``nc.publish`` with headers, nats-server
 routing (the AUDIO stream also stores the subject), the subscriber's read, parse and task hop.
@@ -66,6 +67,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from parley.common.bus import subscribe_frames
+from parley.common.bus.audio import carrier_sequence
 from parley.common.configuration import AgentSettings, assign_number, create_agent, create_org
 from parley.devkit.telephony import twilio_protocol as tp
 from parley.devkit.telephony.twiml_reader import first_stream, parse_twiml
@@ -276,7 +278,7 @@ async def _subscribe(nc: NATS, stream: Stream, latencies: list[int],
     async def on_frame(payload: bytes, seq: int, _timestamp_ms: int, _msg: Msg) -> None:
         received = time.perf_counter_ns()
         stream.received += 1
-        began = sent.pop(seq, None)
+        began = sent.pop(carrier_sequence(seq), None)  # seq: the stream's base + Twilio's
         if began is not None:
             latencies.append(received - began)
         if len(payload) != tp.FRAME_BYTES and len(errors) < 10:
