@@ -1,6 +1,8 @@
 import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
-from parley.common.events import ToolRequested
+from parley.common.events import ToolCompleted, ToolRequested, encode
 from parley.common.metrics import Metrics
 from parley.tools import journal
 from parley.tools.builtins import Builtins
@@ -8,7 +10,7 @@ from parley.tools.call_context import CallDirectory
 from parley.tools.dispatcher import Dispatcher, HttpSessions
 from parley.tools.outcomes import ToolOutcome
 
-from .conftest import AGENT, ORG, add_http_tool, start_call
+from .conftest import AGENT, ORG, add_http_tool, request_tool, start_call
 
 
 def tool_request(call_id: str, tool_call_id: str, name: str = "find") -> ToolRequested:
@@ -60,3 +62,61 @@ async def test_handling_the_same_request_twice_runs_the_tool_once(bus, pool, org
             "SELECT type, published_at IS NOT NULL FROM tool_call_events "
             "WHERE tool_call_id = 'toolu_twice'")
         assert await cursor.fetchall() == [("tool.completed", True)]
+
+
+def test_a_result_too_large_for_nats_is_cut_to_fit_and_marked_truncated():
+    request = tool_request("call_big", "toolu_big")
+    for result in ({"rows": "x" * 1_500_000}, {"blob": "\x01" * 170_000}):
+        event = ToolOutcome.success(result).event(request)
+        assert len(encode(event)) <= 512 * 1024  # well under NATS's default 1 MiB
+        assert event.truncated is True
+        assert event.result["partial_result"].startswith('{"')
+        assert "cut off" in event.result["note"]
+    small = ToolOutcome.success({"answer": 42}).event(request)
+    assert small.result == {"answer": 42} and small.truncated is False
+
+
+async def test_an_event_nats_refuses_is_set_aside_and_the_others_are_published(
+        bus, pool, orgs, events):
+    call_id = await start_call(bus)
+    huge, later = tool_request(call_id, "toolu_huge"), tool_request(call_id, "toolu_later")
+    refused = ToolCompleted(org_id=ORG, call_id=call_id, tool_call_id=huge.tool_call_id,
+                            name="find", result={"rows": "x" * 1_500_000})  # not cut: too big
+    fine = ToolOutcome.success({"answer": 42}).event(later)
+    async with pool.connection() as conn:
+        for request, event in ((huge, refused), (later, fine)):
+            await journal.open_call(conn, request, AGENT, "running", lease_s=60)
+            assert await journal.finish(conn, request, event)
+        assert await journal.publish_pending(conn, bus) == 1
+        assert await journal.publish_pending(conn, bus) == 0  # the refused one is not retried
+        cursor = await conn.execute(
+            "SELECT failure FROM tool_call_events WHERE event_id = %s AND failed_at IS NOT NULL",
+            (refused.id,))
+        assert "MaxPayloadError" in (await cursor.fetchone())[0]
+    assert (await events.outcome(later.tool_call_id)).id == fine.id
+
+
+async def test_an_oversized_result_reaches_the_model_cut_and_others_are_not_held_up(
+        bus, pool, service, target, events):
+    async def export(request: web.Request) -> web.Response:
+        return web.Response(body=b'{"rows": "' + b"x" * 1_500_000 + b'"}',
+                            content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/export", export)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        await add_http_tool(pool, "export", f"http://127.0.0.1:{server.port}/export",
+                            method="GET", max_response_bytes=2_000_000)
+        await add_http_tool(pool, "refund", target.url("/ok"), sensitive=True,
+                            approval_timeout_s=0.5)
+        await service()
+        call_id = await start_call(bus)
+        big = await request_tool(bus, call_id, "export")
+        done = await events.outcome(big.tool_call_id)
+        assert done.type == "tool.completed" and done.truncated is True
+        other = await request_tool(bus, call_id, "refund", {"amount": 5})
+        assert (await events.outcome(other.tool_call_id)).type == "tool.denied"
+    finally:
+        await server.close()

@@ -2,9 +2,11 @@
 
 Every state change and the event that reports it are written in one transaction; the event is
 published after commit (:func:`publish_pending`) and, should that fail, again by the sweep —
-``Nats-Msg-Id`` is the event id, so publishing twice is harmless. The row is what makes a
-redelivered ``tool.requested`` a no-op, what an approval resumes from after a restart, and what
-the approval API and the timeout sweep race on (``SELECT … FOR UPDATE``: one decision wins).
+``Nats-Msg-Id`` is the event id, so publishing twice is harmless. An event that can never be
+published (NATS refuses it) is set aside with the reason, so it holds back no other tool call.
+The row is what makes a redelivered ``tool.requested`` a no-op, what an approval resumes from
+after a restart, and what the approval API and the timeout sweep race on (``SELECT … FOR
+UPDATE``: one decision wins).
 
 States: ``awaiting_approval`` → ``approved`` → ``running`` → ``completed`` | ``failed``; and
 ``awaiting_approval`` → ``denied``.
@@ -12,6 +14,7 @@ States: ``awaiting_approval`` → ``approved`` → ``running`` → ``completed``
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -19,6 +22,7 @@ from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
 from parley.common.bus import Bus
+from parley.common.configuration.outbox import UNPUBLISHABLE
 from parley.common.events import (
     Event,
     ToolApprovalRequested,
@@ -29,6 +33,8 @@ from parley.common.events import (
     decode,
     encode,
 )
+
+log = logging.getLogger(__name__)
 
 State = Literal["awaiting_approval", "approved", "running", "completed", "failed", "denied"]
 Decision = Literal["decided", "not_found", "already_decided", "expired"]
@@ -176,20 +182,31 @@ async def expire(conn: AsyncConnection[Any], *, limit: int = 100) -> int:
 async def publish_pending(conn: AsyncConnection[Any], bus: Bus, *, call_id: str | None = None,
                           tool_call_id: str | None = None, older_than_s: float = 0.0,
                           limit: int = 500) -> int:
-    """Publish journaled events not yet published (of one tool call, or all); how many."""
+    """Publish journaled events not yet published (of one tool call, or all); how many.
+
+    An event that can never be published is logged and marked failed (``failed_at``,
+    ``failure``); the events after it are published all the same.
+    """
     query = ("SELECT event_id, payload FROM tool_call_events WHERE published_at IS NULL "
-             "AND created_at <= now() - %s")
+             "AND failed_at IS NULL AND created_at <= now() - %s")
     params: list[Any] = [timedelta(seconds=older_than_s)]
     if call_id is not None:
         query += " AND call_id = %s AND tool_call_id = %s"
         params += [call_id, tool_call_id]
     cursor = await conn.execute(query + " ORDER BY created_at LIMIT %s", [*params, limit])
-    rows = await cursor.fetchall()
-    for event_id, payload in rows:
-        await bus.publish(decode(bytes(payload)))
+    published = 0
+    for event_id, payload in await cursor.fetchall():
+        try:
+            await bus.publish(decode(bytes(payload)))
+        except UNPUBLISHABLE as exc:
+            log.error("tool call event %s can never be published, set aside: %r", event_id, exc)
+            await conn.execute("UPDATE tool_call_events SET failed_at = now(), failure = %s "
+                               "WHERE event_id = %s", (repr(exc), event_id))
+            continue
         await conn.execute("UPDATE tool_call_events SET published_at = now() "
                            "WHERE event_id = %s", (event_id,))
-    return len(rows)
+        published += 1
+    return published
 
 
 async def state_of(conn: AsyncConnection[Any], call_id: str, tool_call_id: str) -> State | None:

@@ -7,7 +7,11 @@ from typing import Any
 
 import msgspec
 
-from parley.common.events import ToolCompleted, ToolFailed, ToolRequested
+from parley.common.events import ToolCompleted, ToolFailed, ToolRequested, encode
+
+# An event NATS refuses (its max_payload is 1 MiB by default) would report nothing at all, and
+# a result that large is of no use to the model anyway: a result is cut to fit this budget.
+MAX_EVENT_BYTES = 512 * 1024
 
 
 class ToolOutcome(msgspec.Struct, frozen=True, kw_only=True):
@@ -31,16 +35,39 @@ class ToolOutcome(msgspec.Struct, frozen=True, kw_only=True):
 
     def event(self, request: ToolRequested, *, latency_ms: float = 0.0,
               event_id: uuid.UUID | None = None) -> ToolCompleted | ToolFailed:
-        """The event that reports this outcome for ``request``."""
+        """The event that reports this outcome for ``request``.
+
+        A result whose event would exceed :data:`MAX_EVENT_BYTES` is replaced by the beginning
+        of its JSON text (``partial_result``) and a note, with ``truncated`` set.
+        """
         common: dict[str, Any] = {"org_id": request.org_id, "call_id": request.call_id,
                                   "causation_id": request.id,
                                   "tool_call_id": request.tool_call_id, "name": request.name}
         if event_id is not None:
             common["id"] = event_id
         if self.ok:
-            return ToolCompleted(**common, result=self.result, truncated=self.truncated,
-                                 latency_ms=round(latency_ms, 3))
+            completed = ToolCompleted(**common, result=self.result, truncated=self.truncated,
+                                      latency_ms=round(latency_ms, 3))
+            return _fit(completed, MAX_EVENT_BYTES)
         return ToolFailed(**common, error=self.error, retryable=self.retryable)
+
+
+def _fit(event: ToolCompleted, budget: int) -> ToolCompleted:
+    """``event``, or the same with its result cut so that the encoded event fits ``budget``."""
+    size = len(encode(event))
+    if size <= budget:
+        return event
+    text = msgspec.json.encode(event.result).decode()
+    note = (f"The result was too large to pass on ({size} bytes) and was cut off; ask for "
+            "less (filters, fewer fields) if you need the rest.")
+    keep = min(len(text), budget)
+    while True:  # escaping makes the encoded size unknowable up front: shrink until it fits
+        cut = msgspec.structs.replace(event, result={"partial_result": text[:keep], "note": note},
+                                      truncated=True)
+        size = len(encode(cut))
+        if size <= budget or keep == 0:
+            return cut
+        keep = min(keep - 1, int(keep * budget / size * 0.95))
 
 
 class ToolError(Exception):

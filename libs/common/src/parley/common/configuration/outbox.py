@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # Failures that publishing the same row again cannot cure; anything else (NATS down, no ack)
 # leaves the row pending for the next run.
-_UNPUBLISHABLE = (EventDecodeError, SubjectError, BadSubjectError, MaxPayloadError)
+UNPUBLISHABLE = (EventDecodeError, SubjectError, BadSubjectError, MaxPayloadError)
 
 
 async def emit(conn: AsyncConnection[Any], event: Event) -> None:
@@ -55,7 +55,7 @@ class OutboxRelay:
                 for row_id, payload in rows:
                     try:
                         await self.bus.publish(decode(bytes(payload)))
-                    except _UNPUBLISHABLE as exc:
+                    except UNPUBLISHABLE as exc:
                         log.error("outbox row %d can never be published, set aside: %r",
                                   row_id, exc)
                         await self.conn.execute(
