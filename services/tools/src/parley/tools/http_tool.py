@@ -12,7 +12,7 @@ import json
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import aiohttp
 import msgspec
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 ERROR_BODY_CHARS = 500
+DOT_SEGMENTS = frozenset({".", ".."})
 
 
 class _Transient(Exception):
@@ -151,15 +152,30 @@ def _result(raw: bytes, truncated: bool, content_type: str, limit: int) -> ToolO
 
 
 def fill_url(template: str, arguments: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Substitute ``{name}`` placeholders (URL-quoted); return the URL and unused arguments."""
+    """Substitute ``{name}`` placeholders (URL-quoted); return the URL and unused arguments.
+
+    A value that would make a path segment ``.`` or ``..`` is refused: the URL library removes
+    dot segments (even ``%2E%2E``), so ``..`` would climb out of the templated path (e.g.
+    ``/v1/customers/{id}/orders`` → ``/v1/orders``).
+    """
     remaining = dict(arguments)
     url = template
+    path = template.split("?", 1)[0]
     for name in list(arguments):
         placeholder = "{" + name + "}"
         if placeholder in url:
-            url = url.replace(placeholder, quote(str(remaining.pop(name)), safe=""))
+            value = str(remaining.pop(name))
+            if placeholder in path and unquote(value) in DOT_SEGMENTS:
+                raise ToolError(f"the argument {name!r} cannot be {value!r}: it is part of the "
+                                "URL path; pass the actual value")
+            url = url.replace(placeholder, quote(value, safe=""))
     if "{" in url.split("?", 1)[0] and "}" in url:
         raise ToolError("missing arguments for the tool's URL placeholders")
+    filled = url.split("?", 1)[0].split("/")
+    for before, after in zip(path.split("/"), filled, strict=False):
+        if "{" in before and unquote(after) in DOT_SEGMENTS:
+            raise ToolError("the arguments would make a URL path segment "
+                            f"{unquote(after)!r}; pass the actual values")
     return url, remaining
 
 
