@@ -18,6 +18,10 @@ async def endpoint():
 
     async def handler(request: web.Request) -> web.Response:
         seen.append(f"{request.method} {request.raw_path}")
+        if request.path.startswith("/echo/"):  # echoes the Authorization header after padding
+            status, padding = request.path.split("/")[2:4]
+            text = "d" * int(padding) + str(request.headers.get("Authorization")) + "!"
+            return web.Response(status=int(status), text=text)
         return web.json_response({"path": request.path})
 
     app = web.Application()
@@ -62,3 +66,23 @@ async def test_dots_inside_a_path_argument_are_sent_as_they_are(endpoint):
     outcome = await run(tool, {"name": "..report.v2"})
     assert outcome.ok and outcome.result == {"path": "/v1/files/..report.v2"}
     assert seen == ["GET /v1/files/..report.v2"]
+
+
+@pytest.mark.parametrize("status", [401, 503])
+async def test_no_beginning_of_an_echoed_secret_survives_the_error_snippet(endpoint, status):
+    base, _ = endpoint
+    tool = http_tool(base + f"/echo/{status}/480", headers={"Authorization": "Bearer {secret:crm}"},
+                     method="GET")
+    outcome = await run(tool, {}, {"crm": SECRET})
+    assert not outcome.ok
+    assert SECRET[:3] not in outcome.error, outcome.error[-60:]
+    assert "d" * 10 + "Bearer [redacted]!" in outcome.error
+
+
+async def test_no_beginning_of_an_echoed_secret_survives_the_size_cut(endpoint):
+    base, _ = endpoint
+    tool = http_tool(base + "/echo/200/1000", headers={"Authorization": "{secret:crm}"},
+                     method="GET", max_response_bytes=1010)
+    outcome = await run(tool, {}, {"crm": SECRET})
+    assert outcome.ok and outcome.truncated
+    assert outcome.result["partial_body"] == "d" * 1000 + "[redacted]"

@@ -53,13 +53,14 @@ async def run_http_tool(session: aiohttp.ClientSession, tool: HttpTool,
     the guarded session's resolver, which ``session`` must then be).
     """
     used = [secrets[name] for name in tool.secret_names() if name in secrets]
-    outcome = await _run(session, tool, arguments, secrets, tool_call_id, allow_private)
+    outcome = await _run(session, tool, arguments, secrets, tool_call_id, allow_private,
+                         _forms(used))
     return redact(outcome, used)
 
 
 async def _run(session: aiohttp.ClientSession, tool: HttpTool, arguments: dict[str, Any],
                secrets: Mapping[str, str], tool_call_id: str,
-               allow_private: bool) -> ToolOutcome:
+               allow_private: bool, hidden: list[str]) -> ToolOutcome:
     try:
         url, remaining = fill_url(tool.url, arguments)
         if not allow_private:
@@ -81,7 +82,7 @@ async def _run(session: aiohttp.ClientSession, tool: HttpTool, arguments: dict[s
     try:
         async for attempt in retrying:
             with attempt:
-                return await _attempt(session, tool, url, headers, params, body)
+                return await _attempt(session, tool, url, headers, params, body, hidden)
     except RetryError as exc:
         last = exc.last_attempt.exception()
         error = last.error if isinstance(last, _Transient) else str(last)
@@ -94,13 +95,17 @@ async def _run(session: aiohttp.ClientSession, tool: HttpTool, arguments: dict[s
 
 async def _attempt(session: aiohttp.ClientSession, tool: HttpTool, url: str,
                    headers: dict[str, str], params: dict[str, str] | None,
-                   body: dict[str, Any] | None) -> ToolOutcome:
+                   body: dict[str, Any] | None, hidden: list[str]) -> ToolOutcome:
+    # A secret the endpoint echoes must be redacted before the body is cut (error snippet,
+    # max_response_bytes), or the part before the cut would survive: read enough to see whole
+    # any secret that starts before the cut.
+    margin = max((len(form.encode()) for form in hidden), default=0)
     try:
         async with session.request(
                 tool.method, url, headers=headers, params=params, json=body,
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=tool.timeout_s)) as response:
-            raw, truncated = await _read_bounded(response, tool.max_response_bytes)
+            raw, more = await _read_bounded(response, tool.max_response_bytes + margin)
             status = response.status
             content_type = response.content_type
     except TimeoutError as exc:
@@ -111,12 +116,13 @@ async def _attempt(session: aiohttp.ClientSession, tool: HttpTool, url: str,
             raise ToolError(str(refused)) from None
         raise _Transient(f"could not reach {tool.name}: {type(exc).__name__}") from exc
     if status >= 500:
-        raise _Transient(f"{tool.name} answered {status}: {_snippet(raw)}")
+        raise _Transient(f"{tool.name} answered {status}: {_snippet(raw, hidden)}")
     if 300 <= status < 400:
         raise ToolError(f"{tool.name} answered a redirect ({status}); redirects are not followed")
     if status >= 400:
-        raise ToolError(f"{tool.name} answered {status}: {_snippet(raw)}")
-    return _result(raw, truncated, content_type, tool.max_response_bytes)
+        raise ToolError(f"{tool.name} answered {status}: {_snippet(raw, hidden)}")
+    limit = tool.max_response_bytes
+    return _result(raw, more or len(raw) > limit, content_type, limit, hidden)
 
 
 async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
@@ -133,11 +139,13 @@ async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> tuple[b
     return data[:limit], len(data) > limit
 
 
-def _result(raw: bytes, truncated: bool, content_type: str, limit: int) -> ToolOutcome:
+def _result(raw: bytes, truncated: bool, content_type: str, limit: int,
+            hidden: list[str]) -> ToolOutcome:
     text = raw.decode("utf-8", errors="replace")
     if truncated:
+        partial = _redact_text(text, hidden).encode()[:limit].decode("utf-8", errors="ignore")
         return ToolOutcome.success(
-            {"partial_body": text,
+            {"partial_body": _without_secret_prefix(partial, hidden),
              "note": f"The response was longer than {limit} bytes and was cut off there; "
                      "ask for less (filters, fewer fields) if you need the rest."},
             truncated=True)
@@ -196,9 +204,37 @@ def _query(arguments: dict[str, Any]) -> dict[str, str]:
             for key, value in arguments.items() if value is not None}
 
 
-def _snippet(raw: bytes) -> str:
-    text = raw.decode("utf-8", errors="replace").strip()
-    return text[:ERROR_BODY_CHARS] + ("…" if len(text) > ERROR_BODY_CHARS else "")
+def _snippet(raw: bytes, hidden: list[str]) -> str:
+    text = _redact_text(raw.decode("utf-8", errors="replace").strip(), hidden)
+    if len(text) <= ERROR_BODY_CHARS:
+        return text
+    return _without_secret_prefix(text[:ERROR_BODY_CHARS], hidden) + "…"
+
+
+def _forms(values: Iterable[str]) -> list[str]:
+    """The ways a secret worth redacting (4+ characters) can appear in a body, longest first."""
+    forms = {form for value in values if len(value) >= 4
+             for form in (value, json.dumps(value)[1:-1],
+                          json.dumps(value, ensure_ascii=False)[1:-1])}
+    return sorted(forms, key=len, reverse=True)
+
+
+def _redact_text(text: str, hidden: list[str]) -> str:
+    for form in hidden:
+        text = text.replace(form, "[redacted]")
+    return text
+
+
+def _without_secret_prefix(cut: str, hidden: list[str]) -> str:
+    """A cut text without a trailing beginning of a secret (the rest fell beyond the cut)."""
+    shortened = True
+    while shortened:
+        shortened = False
+        for form in hidden:
+            length = next((n for n in range(len(form) - 1, 0, -1) if cut.endswith(form[:n])), 0)
+            if length:
+                cut, shortened = cut[:-length], True
+    return cut
 
 
 def redact(outcome: ToolOutcome, values: Iterable[str]) -> ToolOutcome:
