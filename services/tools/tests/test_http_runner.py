@@ -22,6 +22,8 @@ async def endpoint():
             status, padding = request.path.split("/")[2:4]
             text = "d" * int(padding) + str(request.headers.get("Authorization")) + "!"
             return web.Response(status=int(status), text=text)
+        if request.path == "/total":  # the client id also appears among the digits
+            return web.json_response({"order_total_cents": 1123456, "client": "c-123456"})
         return web.json_response({"path": request.path})
 
     app = web.Application()
@@ -86,3 +88,12 @@ async def test_no_beginning_of_an_echoed_secret_survives_the_size_cut(endpoint):
     outcome = await run(tool, {}, {"crm": SECRET})
     assert outcome.ok and outcome.truncated
     assert outcome.result["partial_body"] == "d" * 1000 + "[redacted]"
+
+
+async def test_redaction_never_touches_the_numbers_of_a_result(endpoint):
+    base, _ = endpoint
+    tool = http_tool(base + "/total", headers={"X-Client-Id": "{secret:client_id}"},
+                     method="POST")
+    outcome = await run(tool, {}, {"client_id": "123456"})
+    assert outcome.ok, outcome.error
+    assert outcome.result == {"order_total_cents": 1123456, "client": "c-[redacted]"}

@@ -238,14 +238,24 @@ def _without_secret_prefix(cut: str, hidden: list[str]) -> str:
 
 
 def redact(outcome: ToolOutcome, values: Iterable[str]) -> ToolOutcome:
-    """The outcome with any secret value an endpoint echoed back replaced by ``[redacted]``."""
-    values = [v for v in values if len(v) >= 4]
-    if not values:
+    """The outcome with any secret value an endpoint echoed back replaced by ``[redacted]``.
+
+    Only strings (values and keys) of the result are touched: a secret made of digits must not
+    rewrite a number of the result.
+    """
+    hidden = _forms(values)
+    if not hidden:
         return outcome
-    encoded = json.dumps([outcome.result, outcome.error])
-    if not any(json.dumps(v)[1:-1] in encoded for v in values):
-        return outcome
-    for value in values:
-        encoded = encoded.replace(json.dumps(value)[1:-1], "[redacted]")
-    result, error = json.loads(encoded)
-    return msgspec.structs.replace(outcome, result=result, error=error)
+    return msgspec.structs.replace(outcome, result=_redact_tree(outcome.result, hidden),
+                                   error=_redact_text(outcome.error, hidden))
+
+
+def _redact_tree(value: Any, hidden: list[str]) -> Any:
+    if isinstance(value, str):
+        return _redact_text(value, hidden)
+    if isinstance(value, list):
+        return [_redact_tree(item, hidden) for item in value]
+    if isinstance(value, dict):
+        return {_redact_tree(key, hidden): _redact_tree(item, hidden)
+                for key, item in value.items()}
+    return value
