@@ -97,3 +97,19 @@ async def test_redaction_never_touches_the_numbers_of_a_result(endpoint):
     outcome = await run(tool, {}, {"client_id": "123456"})
     assert outcome.ok, outcome.error
     assert outcome.result == {"order_total_cents": 1123456, "client": "c-[redacted]"}
+
+
+async def test_a_binary_body_is_described_not_passed_as_text():
+    async def logo(request: web.Request) -> web.Response:
+        return web.Response(body=b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", content_type="image/png")
+
+    app = web.Application()
+    app.router.add_get("/logo", logo)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        outcome = await run(http_tool(f"http://127.0.0.1:{server.port}/logo", method="GET"), {})
+    finally:
+        await server.close()
+    assert outcome.ok
+    assert outcome.result == {"binary": True, "content_type": "image/png", "bytes": 16}

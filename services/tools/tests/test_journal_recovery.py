@@ -120,3 +120,20 @@ async def test_an_oversized_result_reaches_the_model_cut_and_others_are_not_held
         assert (await events.outcome(other.tool_call_id)).type == "tool.denied"
     finally:
         await server.close()
+
+
+def test_an_outcome_event_never_carries_a_nul_character():
+    request = tool_request("call_nul", "toolu_nul")
+    done = ToolOutcome.success({"te\x00xt": ["a\x00b", 1]}).event(request)
+    failed = ToolOutcome.failure("bad\x00body").event(request)
+    assert done.result == {"te\ufffdxt": ["a\ufffdb", 1]} and failed.error == "bad\ufffdbody"
+
+
+async def test_a_nul_in_the_model_arguments_is_refused_readably(bus, pool, service, events):
+    await service()
+    call_id = await start_call(bus)
+    request = await request_tool(bus, call_id, "lookup_knowledge", {"query": "refund\x00policy"})
+    failed = await events.outcome(request.tool_call_id)
+    assert failed.type == "tool.failed" and "NUL" in failed.error
+    async with pool.connection() as conn:
+        assert await journal.state_of(conn, call_id, request.tool_call_id) == "failed"

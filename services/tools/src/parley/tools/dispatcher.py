@@ -39,7 +39,7 @@ from . import journal
 from .builtins import Builtins
 from .call_context import CallContext, CallDirectory
 from .http_tool import run_http_tool
-from .outcomes import ToolOutcome
+from .outcomes import ToolOutcome, without_nul
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,9 @@ class Dispatcher:
         """Why the call fails without running (phrased for the model), or None."""
         if tool is None:
             return f"unknown tool {request.name!r}; use only the tools you were given"
+        if without_nul(request.arguments) != request.arguments:
+            return (f"invalid arguments for {request.name}: they contain a NUL character "
+                    "(\\u0000); remove it and call the tool again.")
         try:
             errors = argument_errors(tool.parameters, request.arguments)
         except ToolDefinitionError as exc:  # stored before check_schema refused such schemas

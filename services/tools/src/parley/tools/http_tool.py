@@ -26,7 +26,7 @@ from tenacity import (
 
 from parley.common.tools.definitions import SECRET_PLACEHOLDER, HttpTool
 
-from .outcomes import ToolError, ToolOutcome
+from .outcomes import ToolError, ToolOutcome, map_strings
 from .target_guard import TargetNotAllowed, check_url, refused_target
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 ERROR_BODY_CHARS = 500
 DOT_SEGMENTS = frozenset({".", ".."})
+TEXT_TYPES = frozenset({"application/json", "application/xml", "application/javascript",
+                        "application/x-www-form-urlencoded"})
 
 
 class _Transient(Exception):
@@ -141,6 +143,10 @@ async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> tuple[b
 
 def _result(raw: bytes, truncated: bool, content_type: str, limit: int,
             hidden: list[str]) -> ToolOutcome:
+    if _is_binary(raw, content_type):  # an image, a PDF…: nothing the model can read
+        return ToolOutcome.success(
+            {"binary": True, "content_type": content_type, "bytes": min(len(raw), limit)},
+            truncated=truncated)
     text = raw.decode("utf-8", errors="replace")
     if truncated:
         partial = _redact_text(text, hidden).encode()[:limit].decode("utf-8", errors="ignore")
@@ -157,6 +163,19 @@ def _result(raw: bytes, truncated: bool, content_type: str, limit: int,
         except ValueError:
             pass
     return ToolOutcome.success({"text": text})
+
+
+def _is_binary(raw: bytes, content_type: str) -> bool:
+    """Whether a body is not text: not of a text type and not UTF-8 without NUL."""
+    if content_type.startswith("text/") or content_type in TEXT_TYPES or content_type.endswith(
+            ("+json", "+xml")):
+        return False
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(raw) - 3:  # not merely a character cut at the end of a partial body
+            return True
+    return b"\x00" in raw
 
 
 def fill_url(template: str, arguments: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -246,16 +265,6 @@ def redact(outcome: ToolOutcome, values: Iterable[str]) -> ToolOutcome:
     hidden = _forms(values)
     if not hidden:
         return outcome
-    return msgspec.structs.replace(outcome, result=_redact_tree(outcome.result, hidden),
-                                   error=_redact_text(outcome.error, hidden))
-
-
-def _redact_tree(value: Any, hidden: list[str]) -> Any:
-    if isinstance(value, str):
-        return _redact_text(value, hidden)
-    if isinstance(value, list):
-        return [_redact_tree(item, hidden) for item in value]
-    if isinstance(value, dict):
-        return {_redact_tree(key, hidden): _redact_tree(item, hidden)
-                for key, item in value.items()}
-    return value
+    return msgspec.structs.replace(
+        outcome, result=map_strings(outcome.result, lambda text: _redact_text(text, hidden)),
+        error=_redact_text(outcome.error, hidden))

@@ -34,6 +34,8 @@ from parley.common.events import (
     encode,
 )
 
+from .outcomes import without_nul
+
 log = logging.getLogger(__name__)
 
 State = Literal["awaiting_approval", "approved", "running", "completed", "failed", "denied"]
@@ -61,7 +63,7 @@ async def open_call(conn: AsyncConnection[Any], request: ToolRequested, agent_id
             "%s, %s, %s, %s, %s, %s, now() + %s, now() + %s) "
             "ON CONFLICT (call_id, tool_call_id) DO NOTHING RETURNING state",
             (request.org_id, request.call_id, request.tool_call_id, request.turn_id,
-             request.name, Jsonb(request.arguments), request.id, agent_id, state,
+             request.name, Jsonb(without_nul(request.arguments)), request.id, agent_id, state,
              timedelta(seconds=expires_in_s), timedelta(seconds=lease_s)))
         if await cursor.fetchone() is None:
             cursor = await conn.execute(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -38,7 +39,8 @@ class ToolOutcome(msgspec.Struct, frozen=True, kw_only=True):
         """The event that reports this outcome for ``request``.
 
         A result whose event would exceed :data:`MAX_EVENT_BYTES` is replaced by the beginning
-        of its JSON text (``partial_result``) and a note, with ``truncated`` set.
+        of its JSON text (``partial_result``) and a note, with ``truncated`` set. A NUL
+        character (which the event store's jsonb cannot hold) becomes U+FFFD.
         """
         common: dict[str, Any] = {"org_id": request.org_id, "call_id": request.call_id,
                                   "causation_id": request.id,
@@ -46,10 +48,27 @@ class ToolOutcome(msgspec.Struct, frozen=True, kw_only=True):
         if event_id is not None:
             common["id"] = event_id
         if self.ok:
-            completed = ToolCompleted(**common, result=self.result, truncated=self.truncated,
-                                      latency_ms=round(latency_ms, 3))
+            completed = ToolCompleted(**common, result=without_nul(self.result),
+                                      truncated=self.truncated, latency_ms=round(latency_ms, 3))
             return _fit(completed, MAX_EVENT_BYTES)
-        return ToolFailed(**common, error=self.error, retryable=self.retryable)
+        return ToolFailed(**common, error=without_nul(self.error), retryable=self.retryable)
+
+
+def map_strings(value: Any, change: Callable[[str], str]) -> Any:
+    """A JSON-like value with ``change`` applied to every string in it (keys included)."""
+    if isinstance(value, str):
+        return change(value)
+    if isinstance(value, list):
+        return [map_strings(item, change) for item in value]
+    if isinstance(value, dict):
+        return {map_strings(key, change): map_strings(item, change)
+                for key, item in value.items()}
+    return value
+
+
+def without_nul(value: Any) -> Any:
+    """``value`` with every NUL character replaced by U+FFFD (Postgres refuses NUL)."""
+    return map_strings(value, lambda text: text.replace("\x00", "\ufffd"))
 
 
 def _fit(event: ToolCompleted, budget: int) -> ToolCompleted:
