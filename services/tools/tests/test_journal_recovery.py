@@ -1,4 +1,5 @@
 import aiohttp
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -137,3 +138,41 @@ async def test_a_nul_in_the_model_arguments_is_refused_readably(bus, pool, servi
     assert failed.type == "tool.failed" and "NUL" in failed.error
     async with pool.connection() as conn:
         assert await journal.state_of(conn, call_id, request.tool_call_id) == "failed"
+
+
+class FlakyDirectory(CallDirectory):
+    """A call directory whose first lookup fails (NATS blip during the replay)."""
+
+    def __init__(self, bus) -> None:
+        super().__init__(bus)
+        self.failures = 1
+
+    async def lookup(self, conn, org_id, call_id):
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("NATS blip during replay")
+        return await super().lookup(conn, org_id, call_id)
+
+
+async def test_an_approved_call_runs_on_redelivery_after_a_failed_lookup(bus, pool, orgs, target):
+    await add_http_tool(pool, "refund", target.url("/ok"), sensitive=True)
+    call_id = await start_call(bus)
+    request = tool_request(call_id, "toolu_refund", name="refund")
+    async with pool.connection() as conn:
+        await journal.open_call(conn, request, AGENT, "awaiting_approval", expires_in_s=60)
+        decision, approved = await journal.decide(conn, ORG, "toolu_refund", approve=True,
+                                                  by="me")
+    assert decision == "decided"
+    sessions = HttpSessions(aiohttp.ClientSession(), aiohttp.ClientSession())
+    dispatcher = Dispatcher(bus=bus, pool=pool, directory=FlakyDirectory(bus),
+                            builtins=Builtins(bus.nc), sessions=sessions, metrics=Metrics("t"))
+    try:
+        with pytest.raises(ConnectionError):
+            await dispatcher.on_decision(approved)  # the consumer naks it
+        await dispatcher.on_decision(approved)  # the redelivery
+    finally:
+        await sessions.guarded.close()
+        await sessions.open.close()
+    assert target.hits.get("/ok") == 1
+    async with pool.connection() as conn:
+        assert await journal.state_of(conn, call_id, "toolu_refund") == "completed"

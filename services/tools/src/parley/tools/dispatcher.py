@@ -7,7 +7,8 @@ model), awaiting approval (sensitive tools: the request is acked right away so n
 on a human), or running. A running tool's outcome becomes ``tool.completed`` /
 ``tool.failed``.
 
-``tool.approved`` → claim the approved call and run it; ``tool.denied`` → record it. The
+``tool.approved`` → look up the call, claim the approved call and run it (a failure before
+the run gives the claim back, so the redelivered decision runs it); ``tool.denied`` → record it. The
 brain reads one terminal event per tool call: ``tool.completed``, ``tool.failed`` or
 ``tool.denied``.
 """
@@ -114,16 +115,22 @@ class Dispatcher:
             if isinstance(event, ToolDenied):
                 self._outcomes.labels("denied").inc()
                 return
+            # Everything that may fail comes before the claim, or gives it back: a claimed call
+            # that does not run would only be failed by the sweep as "may have taken effect".
+            call = await self.directory.lookup(conn, event.org_id, event.call_id)
             claimed = await journal.start_approved(conn, event.call_id, event.tool_call_id,
                                                    lease_s=self._lease(None))
             if claimed is None:
                 return
             request, _ = claimed
-            call = await self.directory.lookup(conn, request.org_id, request.call_id)
-            tool = await self._find_tool(conn, call, request.name)
-            if tool is not None:  # the claim could not know the tool: lease it for its runtime
-                await journal.extend_lease(conn, event.call_id, event.tool_call_id,
-                                           lease_s=self._lease(tool))
+            try:
+                tool = await self._find_tool(conn, call, request.name)
+                if tool is not None:  # the claim could not know the tool: lease it for its run
+                    await journal.extend_lease(conn, event.call_id, event.tool_call_id,
+                                               lease_s=self._lease(tool))
+            except BaseException:
+                await journal.unclaim(conn, event.call_id, event.tool_call_id)
+                raise
         if tool is None:
             await self._report(request, ToolOutcome.failure(
                 f"the tool {request.name!r} was removed before it could run"), 0.0)

@@ -140,6 +140,14 @@ async def start_approved(conn: AsyncConnection[Any], call_id: str, tool_call_id:
     return None if row is None else (request_of(row), row[7])
 
 
+async def unclaim(conn: AsyncConnection[Any], call_id: str, tool_call_id: str) -> None:
+    """Give back a claim taken by :func:`start_approved` whose tool was not started."""
+    await conn.execute(
+        "UPDATE tool_calls SET state = 'approved', lease_until = NULL, updated_at = now() "
+        "WHERE call_id = %s AND tool_call_id = %s AND state = 'running'",
+        (call_id, tool_call_id))
+
+
 async def extend_lease(conn: AsyncConnection[Any], call_id: str, tool_call_id: str,
                        lease_s: float) -> None:
     """Give a running call until ``lease_s`` from now before the sweep fails it."""
