@@ -89,3 +89,14 @@ async def test_secrets_are_per_org(pool, orgs):
         await set_secret(conn, ORG, "crm_token", "two")
         assert await get_secrets(conn, ORG, ["crm_token", "other"]) == {"crm_token": "two"}
         assert await get_secrets(conn, OTHER_ORG, ["crm_token"]) == {}
+
+
+@pytest.mark.parametrize(("name", "arguments"), [
+    ("transfer_call", {"to": "+14155550123\n"}),
+    ("schedule_callback", {"when": "2030-01-01T10:00:00+00:00", "number": "+14155550123\n"}),
+    ("send_dtmf", {"digits": "123#\n"}),
+])
+def test_builtin_arguments_ending_in_a_newline_are_refused(name, arguments):
+    assert argument_errors(BUILTIN_SPECS[name].parameters, arguments)  # $ matches before "\n"
+    assert not argument_errors(BUILTIN_SPECS[name].parameters,
+                               {key: value.rstrip("\n") for key, value in arguments.items()})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .definitions import ToolSpec
 
-E164 = r"^\+[1-9][0-9]{6,14}$"
+E164 = r"^\+[1-9][0-9]{6,14}(?!\n)$"  # (?!\n): $ also matches before a final newline
 
 END_CALL = ToolSpec(
     name="end_call", builtin=True,
@@ -23,7 +23,8 @@ SEND_DTMF = ToolSpec(
     name="send_dtmf", builtin=True,
     description="Press phone keys (DTMF), e.g. to navigate a phone menu. 'w' waits 0.5 s.",
     parameters={"type": "object", "required": ["digits"], "additionalProperties": False,
-                "properties": {"digits": {"type": "string", "pattern": "^[0-9*#wW]{1,64}$"}}})
+                "properties": {"digits": {"type": "string",
+                                          "pattern": r"^[0-9*#wW]{1,64}(?!\n)$"}}})
 
 LOOKUP_KNOWLEDGE = ToolSpec(
     name="lookup_knowledge", builtin=True,
