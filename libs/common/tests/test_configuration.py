@@ -18,6 +18,7 @@ from parley.common.configuration import (
     update_agent,
     verify_api_key,
 )
+from parley.common.store.migrations import migration_files
 
 
 @pytest.fixture
@@ -85,6 +86,19 @@ async def test_api_keys_are_hashed_verified_and_revocable(conn) -> None:
     assert await verify_api_key(conn, token) is None
     events = await outbox_events(conn)
     assert token not in str(events)  # the secret is never in an event
+
+
+async def test_keys_issued_with_the_old_default_scopes_keep_the_knowledge_api(conn) -> None:
+    await create_org(conn, "acme", "Acme")
+    default, _ = await create_api_key(conn, "acme")
+    assert {"knowledge:read", "knowledge:write"} <= set(default.scopes)
+    old, old_token = await create_api_key(conn, "acme", scopes=["calls:write", "calls:read"])
+    narrow, narrow_token = await create_api_key(conn, "acme", scopes=["calls:read"])
+    [upgrade] = [sql for _, name, sql in migration_files() if name == "knowledge_scopes"]
+    await conn.execute(upgrade)
+    assert (await verify_api_key(conn, old_token)).scopes == [
+        "calls:write", "calls:read", "knowledge:read", "knowledge:write"]
+    assert (await verify_api_key(conn, narrow_token)).scopes == ["calls:read"]
 
 
 async def test_outbox_relay_publishes_in_order_once(conn, bus: Bus) -> None:

@@ -32,7 +32,11 @@ async def keys(database_url: str) -> dict[str, str]:
         _, acme = await cfg.create_api_key(conn, ORG)
         revoked, revoked_token = await cfg.create_api_key(conn, ORG, name="old")
         await cfg.revoke_api_key(conn, ORG, revoked.key_id)
-    return {"acme": acme, "revoked": revoked_token}
+        _, reader = await cfg.create_api_key(conn, ORG, scopes=["knowledge:read"])
+        _, calls = await cfg.create_api_key(conn, ORG, scopes=["calls:read"])
+        _, approver = await cfg.create_api_key(conn, ORG, scopes=["tools:approve"])
+    return {"acme": acme, "revoked": revoked_token, "reader": reader, "calls": calls,
+            "approver": approver}
 
 
 @pytest.fixture
@@ -210,3 +214,23 @@ async def test_nul_characters_in_a_document_or_a_question_are_dropped(
     body = await problem(await client.post(url(), params={"source": "prices\x00.txt"},
                                            data=HOURS, headers=headers), 400)
     assert "NUL" in body["detail"]
+
+
+async def test_each_endpoint_needs_its_knowledge_scope(client, keys) -> None:
+    # Uploaded knowledge is read out to callers: a reporting or approving key may not add any.
+    for name in ("calls", "approver", "reader"):
+        response = await client.post(url(suffix="?source=prices.md&org_wide=true"), data=PRICES,
+                                     headers={"X-API-Key": keys[name]})
+        body = await problem(response, 403)
+        assert body["required_scope"] == "knowledge:write", name
+    for name in ("calls", "approver"):
+        for suffix in ("", "/search?q=cleaning"):
+            response = await client.get(url(suffix=suffix), headers={"X-API-Key": keys[name]})
+            assert (await problem(response, 403))["required_scope"] == "knowledge:read"
+
+    response = await client.post(url(suffix="?source=prices.md"), data=PRICES,
+                                 headers={"X-API-Key": keys["acme"]})  # a default key may
+    assert response.status == 201, await response.text()
+    response = await client.get(url(suffix="/search?q=cleaning"),
+                                headers={"X-API-Key": keys["reader"]})
+    assert response.status == 200 and "$95" in str(await response.json())

@@ -6,10 +6,13 @@
     GET  /v1/agents/{agent_id}/knowledge          the documents the agent sees
     GET  /v1/agents/{agent_id}/knowledge/search   ``?q=...&k=4``: what a caller's question finds
 
-Every request carries an org API key in ``X-API-Key``; the key's org scopes everything, so an
-agent of another org is a 404 like an unknown one. Errors are RFC 9457 problem documents:
-400 for a file that gives no text (unsupported type, corrupt, empty) or a bad parameter, 401
-for a missing or invalid key, 404 for an unknown agent, 413 past ``max_upload_bytes``.
+Every request carries an org API key in ``X-API-Key`` holding the endpoint's scope —
+``knowledge:write`` to upload (what every agent may then read out to callers),
+``knowledge:read`` to list and search — and the key's org scopes everything, so an agent of
+another org is a 404 like an unknown one. Errors are RFC 9457 problem documents: 400 for a file
+that gives no text (unsupported type, corrupt, empty) or a bad parameter, 401 for a missing or
+invalid key, 403 for a key without the scope, 404 for an unknown agent, 413 past
+``max_upload_bytes``.
 Ingesting writes ``knowledge.ingested`` to the configuration outbox in the same transaction;
 the gateway's outbox relay publishes it.
 """
@@ -32,6 +35,7 @@ from .knowledge.extract import content_type
 log = logging.getLogger(__name__)
 
 API_KEY_HEADER = "X-API-Key"
+READ_SCOPE, WRITE_SCOPE = "knowledge:read", "knowledge:write"
 PATH = "/v1/agents/{agent_id}/knowledge"
 MAX_SEARCH_K = 20
 _READ_CHUNK = 64 * 1024
@@ -56,7 +60,7 @@ def create_app(*, pool: AsyncConnectionPool[Any],
 
 async def upload(request: web.Request) -> web.Response:
     """Ingest one document for the agent (or, with ``org_wide=true``, for the whole org)."""
-    key, agent_id = await _agent_of_key(request)
+    key, agent_id = await _agent_of_key(request, WRITE_SCOPE)
     org_wide = _flag(request, "org_wide")
     source, data = await _document(request)
     try:
@@ -73,14 +77,14 @@ async def upload(request: web.Request) -> web.Response:
 
 async def documents(request: web.Request) -> web.Response:
     """The documents the agent sees: its own and the org-wide ones."""
-    key, agent_id = await _agent_of_key(request)
+    key, agent_id = await _agent_of_key(request, READ_SCOPE)
     found = await list_documents(request.app[POOL], key.org_id, agent_id)
     return _json({"documents": found})
 
 
 async def search(request: web.Request) -> web.Response:
     """The chunks a caller's question would retrieve for the agent."""
-    key, agent_id = await _agent_of_key(request)
+    key, agent_id = await _agent_of_key(request, READ_SCOPE)
     query = request.query.get("q", "").replace("\x00", "").strip()
     if not query:
         raise Problem(400, "Bad Request", "give the question in ?q=", kind="missing-query")
@@ -92,8 +96,8 @@ async def search(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------------------------- helpers
 
 
-async def _agent_of_key(request: web.Request) -> tuple[ApiKey, str]:
-    """The caller's key and the path's agent, which must belong to the key's org."""
+async def _agent_of_key(request: web.Request, scope: str) -> tuple[ApiKey, str]:
+    """The caller's key, which must hold ``scope``, and the path's agent, of the key's org."""
     token = request.headers.get(API_KEY_HEADER, "").strip()
     if not token:
         raise Problem(401, "Unauthorized", f"send an API key in the {API_KEY_HEADER} header",
@@ -104,6 +108,9 @@ async def _agent_of_key(request: web.Request) -> tuple[ApiKey, str]:
         if key is None:
             raise Problem(401, "Unauthorized", "the API key is not valid (unknown or revoked)",
                           kind="invalid-api-key")
+        if scope not in key.scopes:
+            raise Problem(403, "Forbidden", f"the API key lacks the {scope} scope",
+                          kind="insufficient-scope", extra={"required_scope": scope})
         agent = await get_agent(conn, agent_id, org_id=key.org_id)
     if agent is None:
         raise Problem(404, "Not Found", f"no agent {agent_id!r} in this org",

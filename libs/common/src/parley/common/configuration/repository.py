@@ -21,6 +21,9 @@ from .models import Agent, AgentSettings, ApiKey, Org, PhoneNumber
 from .outbox import emit
 
 API_KEY_PREFIX = "pk"
+# What a key is given when its scopes are not named: the org's calls and its agents' knowledge
+# (tools:approve, for the people who approve sensitive tool calls, is only ever asked for).
+DEFAULT_SCOPES = ("calls:write", "calls:read", "knowledge:read", "knowledge:write")
 
 
 class ConfigurationError(ValueError):
@@ -174,10 +177,13 @@ async def list_numbers(conn: AsyncConnection[Any], org_id: str) -> list[PhoneNum
 
 async def create_api_key(conn: AsyncConnection[Any], org_id: str, *, name: str = "",
                          scopes: list[str] | None = None, actor: str = "") -> tuple[ApiKey, str]:
-    """Issue a key; returns it with the full secret token, which is never stored or shown again."""
+    """Issue a key; returns it with the full secret token, which is never stored or shown again.
+
+    Without ``scopes`` the key gets :data:`DEFAULT_SCOPES`.
+    """
     key_id = secrets.token_hex(8)
     secret = secrets.token_urlsafe(32)
-    scopes = scopes or ["calls:write", "calls:read"]
+    scopes = scopes or list(DEFAULT_SCOPES)
     async with conn.transaction():
         await _require_org(conn, org_id)
         await conn.execute(
