@@ -144,3 +144,15 @@ def test_an_agent_gets_the_common_backchannels_by_default() -> None:
     assert settings.backchannels == AgentSettings().backchannels
     assert {"uh-huh", "mm-hmm", "okay", "yeah", "hmm", "mm", "got it", "i see"} <= set(
         settings.backchannels)
+
+
+async def test_transfer_numbers_are_e164_and_none_by_default(conn) -> None:
+    await create_org(conn, "acme", "Acme")
+    agent = await create_agent(conn, "acme", "Reception", agent_id="reception")
+    assert agent.settings.transfer_numbers == []  # the agent may not transfer
+    updated = await update_agent(conn, "acme", "reception",
+                                 {"transfer_numbers": ["+14155550123"]})
+    assert updated.settings.transfer_numbers == ["+14155550123"]
+    for bad in ("4155550123", "+1 415 555 0123", "+14155550123\n", "+0123456789"):
+        with pytest.raises(ConfigurationError, match="transfer_numbers"):
+            await update_agent(conn, "acme", "reception", {"transfer_numbers": [bad]})

@@ -25,6 +25,8 @@ from parley.brain.llm.local_responder import (
     classify_intent,
     extract_arguments,
 )
+from parley.common.tools.builtin_specs import BUILTIN_SPECS, offered_builtins
+from parley.common.tools.definitions import ToolSpec as CommonToolSpec
 
 
 @dataclass(frozen=True)
@@ -89,15 +91,31 @@ async def test_goodbye_ends_the_call() -> None:
     assert done.intent == "goodbye" and done.stop_reason == "tool_use"
 
 
+def offered(*builtins: CommonToolSpec) -> tuple[ToolSpec, ...]:
+    """Built-in specs as the brain hands them to a provider."""
+    return tuple(ToolSpec(name=s.name, description=s.description, input_schema=s.parameters)
+                 for s in builtins)
+
+
 @pytest.mark.parametrize("said", ["A human, please.", "Can I speak to a person?",
                                   "I want to talk to an agent", "representative",
                                   "Put me through to a real person please"])
-async def test_asking_for_a_human_transfers(said: str) -> None:
-    text, calls, done, _ = await run(
-        LocalResponder(transfer_number="+14155550123", new_tool_call_id=first_id), say(said))
+async def test_asking_for_a_human_transfers_to_the_agents_first_transfer_number(
+        said: str) -> None:
+    # The brain offers transfer_call pinned to the agent's transfer_numbers (in their order).
+    tools = offered(*offered_builtins(["+14155550123", "+14155550124"]).values())
+    text, calls, done, _ = await run(LocalResponder(new_tool_call_id=first_id), say(said),
+                                     tools=tools)
     assert calls == [ToolCall(id="local_1", name="transfer_call",
                               arguments={"to": "+14155550123"})]
     assert "transfer" in text and done.intent == "human"
+
+
+async def test_human_with_transfer_call_open_to_any_number_is_not_transferred() -> None:
+    # A schema that names no number (the general one) gives the responder nowhere it may go.
+    text, calls, _, _ = await run(LocalResponder(), say("a human please"),
+                                  tools=offered(BUILTIN_SPECS["transfer_call"]))
+    assert not calls and "follow up" in text
 
 
 async def test_tool_call_ids_never_repeat_across_calls() -> None:
@@ -109,7 +127,9 @@ async def test_tool_call_ids_never_repeat_across_calls() -> None:
 
 
 async def test_human_without_a_transfer_number_promises_a_follow_up() -> None:
-    text, calls, _, _ = await run(LocalResponder(), say("a human please"))
+    # An agent with no transfer_numbers is not offered transfer_call at all.
+    text, calls, _, _ = await run(LocalResponder(), say("a human please"),
+                                  tools=offered(*offered_builtins([]).values()))
     assert not calls and "follow up" in text
 
 

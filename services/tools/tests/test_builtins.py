@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from parley.common.configuration import update_agent
 from parley.tools.builtins import KnowledgeQuery
 from parley.tools.outcomes import ToolError
 
@@ -44,8 +45,14 @@ async def test_end_call_on_a_call_no_gateway_holds_fails(bus, service, events):
     assert "not live" in failed.error
 
 
-async def test_transfer_and_dtmf_send_their_commands(bus, service, events, gateway):
+async def allow_transfers(pool, *numbers: str) -> None:
+    async with pool.connection() as conn:
+        await update_agent(conn, ORG, AGENT, {"transfer_numbers": list(numbers)})
+
+
+async def test_transfer_and_dtmf_send_their_commands(bus, pool, service, events, gateway):
     received, refusals = gateway
+    await allow_transfers(pool, "+14155550123")
     await service()
     call_id = await start_call(bus)
     transfer = await request_tool(bus, call_id, "transfer_call", {"to": "+14155550123"})
@@ -65,6 +72,33 @@ async def test_transfer_and_dtmf_send_their_commands(bus, service, events, gatew
     failed = await events.outcome(bad.tool_call_id)
     assert failed.type == "tool.failed" and "invalid arguments for transfer_call" in failed.error
     assert len(received) == 3
+
+
+async def test_transfer_to_a_number_the_agent_does_not_allow_is_refused(
+        bus, pool, service, events, gateway):
+    # Toll fraud: a caller talks the model into a cold transfer to a premium-rate or foreign
+    # number, which the org pays for. Only the agent's transfer_numbers may be dialled.
+    received, _ = gateway
+    await service()
+    call_id = await start_call(bus)
+    premium = await request_tool(bus, call_id, "transfer_call", {"to": "+882345678901"})
+    failed = await events.outcome(premium.tool_call_id)
+    assert failed.type == "tool.failed" and failed.retryable is False
+    assert "no transfer numbers" in failed.error and "offer a callback" in failed.error
+
+    await allow_transfers(pool, "+14155550123", "+14155550124")
+    abroad = await request_tool(bus, call_id, "transfer_call", {"to": "+442071234567"})
+    failed = await events.outcome(abroad.tool_call_id)
+    assert failed.type == "tool.failed"
+    assert failed.error == ("transfer target +442071234567 not allowed for this agent; transfer "
+                            "only to +14155550123, +14155550124, or offer a callback "
+                            "(schedule_callback).")
+    assert received == []  # the gateway was never asked
+
+    allowed = await request_tool(bus, call_id, "transfer_call", {"to": "+14155550124"})
+    assert (await events.outcome(allowed.tool_call_id)).type == "tool.completed"
+    assert received == [(f"parley.cmd.gateway.{call_id}.transfer",
+                         {"to": "+14155550124", "mode": "cold"})]
 
 
 async def test_lookup_knowledge_without_a_knowledge_base_fails_clearly(bus, service, events):

@@ -1,5 +1,6 @@
 import pytest
 
+from parley.common.configuration import update_agent
 from parley.common.tools.builtin_specs import BUILTIN_SPECS
 from parley.common.tools.definitions import ToolDefinitionError, argument_errors
 from parley.common.tools.repository import (
@@ -13,6 +14,8 @@ from parley.common.tools.repository import (
 )
 
 from .conftest import AGENT, ORG, OTHER_AGENT, OTHER_ORG
+
+WITHOUT_TRANSFER = [name for name in BUILTIN_SPECS if name != "transfer_call"]
 
 CRM = {"name": "crm_lookup", "description": "Find a customer in the CRM.",
        "url": "https://crm.example.com/customers/{phone}", "method": "GET",
@@ -30,12 +33,12 @@ async def test_add_get_list_and_offer_tools(pool, orgs):
         assert await list_tools(conn, ORG, AGENT) == [tool]
 
         specs = await agent_tool_specs(conn, ORG, AGENT)
-        assert [s.name for s in specs] == [*BUILTIN_SPECS, "crm_lookup"]
+        assert [s.name for s in specs] == [*WITHOUT_TRANSFER, "crm_lookup"]
         assert specs[-1].parameters == CRM["parameters"] and specs[-1].sensitive
         only = await agent_tool_specs(conn, ORG, AGENT, builtins=["end_call"])
         assert [s.name for s in only] == ["end_call", "crm_lookup"]
         assert [s.name for s in await agent_tool_specs(conn, OTHER_ORG, OTHER_AGENT)] == [
-            *BUILTIN_SPECS]
+            *WITHOUT_TRANSFER]
 
         with pytest.raises(ToolDefinitionError, match="already has"):
             await add_tool(conn, ORG, AGENT, CRM)
@@ -43,6 +46,21 @@ async def test_add_get_list_and_offer_tools(pool, orgs):
         assert (await get_tool(conn, ORG, AGENT, "crm_lookup")).description == "v2"
         assert await delete_tool(conn, ORG, AGENT, "crm_lookup")
         assert await list_tools(conn, ORG, AGENT) == []
+
+
+async def test_transfer_call_is_offered_only_pinned_to_the_agents_transfer_numbers(pool, orgs):
+    async with pool.connection() as conn:
+        assert "transfer_call" not in [s.name for s in await agent_tool_specs(conn, ORG, AGENT)]
+        await update_agent(conn, ORG, AGENT,
+                           {"transfer_numbers": ["+14155550123", "+14155550124"]})
+        specs = {s.name: s for s in await agent_tool_specs(conn, ORG, AGENT)}
+        assert list(specs) == list(BUILTIN_SPECS)
+        transfer = specs["transfer_call"].parameters
+        assert transfer["properties"]["to"]["enum"] == ["+14155550123", "+14155550124"]
+        assert argument_errors(transfer, {"to": "+882345678901"})
+        assert not argument_errors(transfer, {"to": "+14155550124"})
+        assert "transfer_call" not in [  # another org's agent is not affected
+            s.name for s in await agent_tool_specs(conn, OTHER_ORG, OTHER_AGENT)]
 
 
 @pytest.mark.parametrize(("change", "message"), [

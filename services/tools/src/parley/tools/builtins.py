@@ -2,8 +2,11 @@
 
 ``end_call``, ``transfer_call`` and ``send_dtmf`` are core-NATS requests to the gateway
 instance holding the call's socket (``parley.cmd.gateway.<call>.<verb>``, bodies as in
-``parley.gateway.commands``). ``lookup_knowledge`` calls the :data:`KnowledgeLookup` injected
-at start-up (the brain's retrieval); without one it fails with a clear message.
+``parley.gateway.commands``). ``transfer_call`` goes only to one of the agent's
+``transfer_numbers``, read when the transfer is asked for (the brain offers the tool pinned to
+them, but a model may still name another number); any other target fails without a command.
+``lookup_knowledge`` calls the :data:`KnowledgeLookup` injected at start-up (the brain's
+retrieval); without one it fails with a clear message.
 ``schedule_callback`` stores a row in ``tool_callbacks``.
 """
 
@@ -22,6 +25,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from psycopg import AsyncConnection
 
 from parley.common.bus import Bus, command_subject
+from parley.common.configuration.repository import get_agent
 from parley.common.events import AgentSay, AgentSpeechFinished, AgentSpeechInterrupted
 
 from .call_context import CallContext
@@ -73,6 +77,7 @@ class Builtins:
                     await self._command(call.call_id, "hangup", {"reason": "agent_hangup"})
                     return ToolOutcome.success({"ok": True, "detail": "the call is ending"})
                 case "transfer_call":
+                    await check_transfer_target(conn, call, arguments["to"])
                     await self._command(call.call_id, "transfer",
                                         {"to": arguments["to"], "mode": "cold"})
                     return ToolOutcome.success({"ok": True, "transferred_to": arguments["to"]})
@@ -143,6 +148,23 @@ class Builtins:
             raise ToolError(f"the gateway sent an unreadable reply to {verb}: {exc}") from None
         if not reply.ok:
             raise ToolError(f"the gateway refused {verb}: {reply.error}")
+
+
+async def check_transfer_target(conn: AsyncConnection[Any], call: CallContext, to: str) -> None:
+    """Raise ToolError unless ``to`` is one of the call's agent's ``transfer_numbers``.
+
+    A cold transfer dials out at the org's expense, so a caller who talks the model into a
+    premium-rate or international number must get nowhere.
+    """
+    agent = await get_agent(conn, call.agent_id, org_id=call.org_id) if call.agent_id else None
+    allowed = agent.settings.transfer_numbers if agent is not None else []
+    if to in allowed:
+        return
+    if not allowed:
+        raise ToolError("transfer not allowed: this agent has no transfer numbers. Do not "
+                        "transfer; offer a callback (schedule_callback) or take a message.")
+    raise ToolError(f"transfer target {to} not allowed for this agent; transfer only to "
+                    f"{', '.join(allowed)}, or offer a callback (schedule_callback).")
 
 
 async def schedule_callback(conn: AsyncConnection[Any], arguments: dict[str, Any],

@@ -14,6 +14,10 @@ InterruptionMode = Literal["none", "dtmf", "speech", "any"]
 Sensitivity = Literal["low", "medium", "high"]
 MachinePolicy = Literal["hangup", "leave_message", "continue"]
 
+# An E.164 number as ``+`` and 7 to 15 digits. (?!\n): $ also matches before a final newline.
+E164_PATTERN = r"^\+[1-9][0-9]{6,14}(?!\n)$"
+E164Number = Annotated[str, msgspec.Meta(pattern=E164_PATTERN)]
+
 # What a caller says to show they are listening, not taking the turn. Spellings are matched
 # loosely (media normalises "OK", "Uh huh", "Mhm", "mm-hm" to these), so one of each is enough.
 DEFAULT_BACKCHANNELS = ("uh-huh", "mm-hmm", "okay", "right", "yeah", "yep", "sure", "i see",
@@ -39,6 +43,10 @@ class AgentSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     voicemail_message: str = ""
     record: bool = True
     providers: dict[str, str] = msgspec.field(default_factory=dict)
+    # Where the built-in transfer_call may send a caller (a cold transfer: the org pays the
+    # onward leg). Empty: the agent is not offered transfer_call and the tools service refuses
+    # it, so a caller cannot talk the model into dialling a premium-rate or foreign number.
+    transfer_numbers: list[E164Number] = msgspec.field(default_factory=list)
 
 
 class Org(msgspec.Struct, kw_only=True):

@@ -1,10 +1,15 @@
-"""The built-in tools every agent is offered, as the model sees them."""
+"""The built-in tools, as the model sees them.
+
+Every agent is offered them all but ``transfer_call``, which only an agent with
+``transfer_numbers`` is offered, its ``to`` pinned to those numbers (:func:`offered_builtins`).
+"""
 
 from __future__ import annotations
 
-from .definitions import ToolSpec
+from collections.abc import Sequence
 
-E164 = r"^\+[1-9][0-9]{6,14}(?!\n)$"  # (?!\n): $ also matches before a final newline
+from ..configuration.models import E164_PATTERN as E164
+from .definitions import ToolSpec
 
 END_CALL = ToolSpec(
     name="end_call", builtin=True,
@@ -49,3 +54,25 @@ BUILTIN_SPECS: dict[str, ToolSpec] = {
     spec.name: spec
     for spec in (END_CALL, TRANSFER_CALL, SEND_DTMF, LOOKUP_KNOWLEDGE, SCHEDULE_CALLBACK)
 }
+"""Every built-in by name, with the general schemas the tools service validates against."""
+
+
+def transfer_call_to(numbers: Sequence[str]) -> ToolSpec:
+    """``transfer_call`` for an agent allowed ``numbers``: ``to`` is one of them (an enum)."""
+    return ToolSpec(
+        name="transfer_call", builtin=True,
+        description=f"{TRANSFER_CALL.description} Only the listed numbers can be dialled.",
+        parameters={"type": "object", "required": ["to"], "additionalProperties": False,
+                    "properties": {"to": {"type": "string", "enum": list(dict.fromkeys(numbers)),
+                                          "description": "E.164 number to transfer to"}}})
+
+
+def offered_builtins(transfer_numbers: Sequence[str]) -> dict[str, ToolSpec]:
+    """The built-ins offered to an agent whose ``transfer_numbers`` are these.
+
+    Without transfer numbers the agent is not offered ``transfer_call`` at all (the tools
+    service would refuse every target anyway); with them, the model picks among them.
+    """
+    return {name: (transfer_call_to(transfer_numbers) if name == TRANSFER_CALL.name else spec)
+            for name, spec in BUILTIN_SPECS.items()
+            if name != TRANSFER_CALL.name or transfer_numbers}

@@ -13,7 +13,8 @@ import msgspec
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
-from .builtin_specs import BUILTIN_SPECS
+from ..configuration.repository import get_agent
+from .builtin_specs import BUILTIN_SPECS, offered_builtins
 from .definitions import HttpTool, ToolDefinitionError, ToolSpec, parse_http_tool
 
 
@@ -70,10 +71,14 @@ async def agent_tool_specs(conn: AsyncConnection[Any], org_id: str, agent_id: st
                            builtins: Iterable[str] | None = None) -> list[ToolSpec]:
     """Everything to offer the model for this agent: the built-ins, then its HTTP tools.
 
-    ``builtins`` limits which built-ins are included (default: all of them).
+    ``transfer_call`` is offered only to an agent with ``transfer_numbers``, pinned to them
+    (:func:`~parley.common.tools.builtin_specs.offered_builtins`). ``builtins`` limits which
+    built-ins are included (default: all the agent is offered).
     """
-    wanted = BUILTIN_SPECS if builtins is None else {
-        name: BUILTIN_SPECS[name] for name in builtins if name in BUILTIN_SPECS}
+    agent = await get_agent(conn, agent_id, org_id=org_id)
+    offered = offered_builtins(agent.settings.transfer_numbers if agent is not None else [])
+    wanted = offered if builtins is None else {
+        name: offered[name] for name in builtins if name in offered}
     return [*wanted.values(), *(tool.spec() for tool in await list_tools(conn, org_id, agent_id))]
 
 

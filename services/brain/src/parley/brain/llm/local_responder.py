@@ -6,8 +6,10 @@ answers:
 
 - greeting → a short greeting; thanks → "you're welcome";
 - goodbye → a goodbye sentence, then the ``end_call`` tool;
-- asking for a human → a sentence, then ``transfer_call`` to the configured number (without one,
-  it says someone will follow up instead);
+- asking for a human → a sentence, then ``transfer_call`` to the agent's first transfer number:
+  the first of the numbers ``transfer_call``'s ``to`` is pinned to (the brain offers it so to an
+  agent with ``transfer_numbers``, and not at all to one without). Without it, it says someone
+  will follow up instead;
 - a request that matches one of the agent's tools by name and description (``book an
   appointment`` → ``book_appointment``) → that tool, with arguments extracted best effort
   (:func:`extract_arguments`); when required ones are missing it asks for them once;
@@ -122,21 +124,20 @@ def answer_from_chunks(question: str, chunks: Sequence[RetrievedChunk], *,
 class LocalResponder:
     """An :class:`~parley.brain.llm.base.LlmProvider` that needs no model and no network.
 
-    ``retrieve`` looks up knowledge for a question (none: every question is declined politely);
-    ``transfer_number`` (E.164) is where "a human, please" goes.
+    ``retrieve`` looks up knowledge for a question (none: every question is declined politely).
+    "A human, please" goes where the offered ``transfer_call`` allows (the agent's settings).
     """
 
     name = "local"
     cost = 0.0
     supports_tools = True
 
-    def __init__(self, *, retrieve: Retrieve | None = None, transfer_number: str | None = None,
+    def __init__(self, *, retrieve: Retrieve | None = None,
                  greeting: str = "Hi! How can I help you today?", min_score: float = 0.05,
                  words_per_delta: int = 3, clock: Callable[[], float] = time.monotonic,
                  new_tool_call_id: Callable[[], str] = lambda: f"local_{uuid.uuid4().hex}"
                  ) -> None:
         self.retrieve = retrieve
-        self.transfer_number = transfer_number
         self.greeting = greeting
         self.min_score = min_score
         self.words_per_delta = words_per_delta
@@ -181,7 +182,7 @@ class LocalResponder:
                 return ("Thanks for calling. Goodbye!",
                         ToolCall(id=call_id, name="end_call", arguments={}), intent)
             case Intent.HUMAN:
-                number = self.transfer_number or _fixed_transfer_number(request.tools)
+                number = _transfer_number(request.tools)
                 if number is None:
                     return ("I can't transfer you right now, but someone from our team will "
                             "follow up with you.", None, intent)
@@ -233,17 +234,19 @@ def _pending_tool(messages: Sequence[Any],
     return (tool, before.text) if tool is not None else None
 
 
-def _fixed_transfer_number(tools: Sequence[ToolSpec]) -> str | None:
-    """A transfer number pinned in the ``transfer_call`` schema (``const``/one ``enum``/default)."""
+def _transfer_number(tools: Sequence[ToolSpec]) -> str | None:
+    """The first number the offered ``transfer_call`` may dial (its ``to`` const or enum).
+
+    None when ``transfer_call`` is not offered or leaves ``to`` open: a number the agent's
+    settings do not name would only be refused.
+    """
     for tool in tools:
         if tool.name == "transfer_call":
             to = (tool.input_schema.get("properties") or {}).get("to") or {}
             if isinstance(to.get("const"), str):
                 return str(to["const"])
-            if isinstance(to.get("enum"), list) and len(to["enum"]) == 1:
+            if isinstance(to.get("enum"), list) and to["enum"] and isinstance(to["enum"][0], str):
                 return str(to["enum"][0])
-            if isinstance(to.get("default"), str):
-                return str(to["default"])
     return None
 
 
