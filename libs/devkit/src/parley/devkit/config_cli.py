@@ -42,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                   "interruption-sensitivity", "machine-policy", "voicemail-message"):
         add.add_argument(f"--{field}")
     add.add_argument("--max-duration-s", type=int)
+    add.add_argument("--transfer-number", action="append", dest="transfer_numbers",
+                     metavar="E164", help="a number the agent may transfer callers to "
+                     "(repeatable; without any, the agent cannot transfer)")
     add.add_argument("--settings", help="JSON object of any AgentSettings fields")
     listing = _command(agents, "list", "list an org's agents", _list_agents)
     listing.add_argument("org_id")
