@@ -24,6 +24,12 @@ plays in real time; what is ready together goes as one message), with marks afte
 frame, every 500 ms and after each clause (see :mod:`parley.media.playback`). Turns play one
 after another. A provider that fails is replaced by the next in the call's chain mid-call
 (``media.provider_switched``); for STT the open turn's audio is replayed into the new stream.
+
+A caller silent while nothing is pending (no caller turn waiting for its answer, no agent audio
+to play) is noticed on the audio clock (:mod:`parley.media.idle`): ``caller.idle`` asks the
+brain for a prompt after the agent's ``idle_prompt_s``, and for the goodbye and hang-up after
+``idle_hangup_s``. Its ids are stable per call and ordinal, and a successor goes on with the
+silence its predecessor counted (from the call's past events), so a take-over repeats neither.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 import uuid
 from collections import deque
@@ -53,6 +60,7 @@ from parley.common.events import (
     AgentSpeechStarted,
     CallDtmf,
     CallEnded,
+    CallerIdle,
     Event,
     EventDecodeError,
     MediaProviderSwitched,
@@ -60,6 +68,7 @@ from parley.common.events import (
     SpeechStopped,
     TranscriptFinal,
     TranscriptPartial,
+    TurnCompleted,
     TurnUserEnded,
     UsageRecorded,
     Word,
@@ -69,6 +78,7 @@ from parley.common.runtime import cancel_and_wait
 from parley.common.words import normalize_words
 from parley.media.audio.codec import ulaw_to_pcm16
 from parley.media.audio.frames import ULAW_FRAME_BYTES, FrameAligner
+from parley.media.idle import Action, IdleClock, IdleSettings
 from parley.media.inbound import InboundAudio
 from parley.media.ownership import Leases, LeaseState
 from parley.media.playback import (
@@ -118,6 +128,9 @@ STT_ENDPOINTING_LEAD_MS = 100
 # per-message costs (publish, the AUDIO stream, the gateway's relay, the telephony socket)
 # were paid per 20 ms frame before, and nothing waits for a message to fill up.
 OUT_CHUNK_FRAMES = 10
+# The idle clock (parley.media.idle) is looked at every this many ms of inbound audio: once per
+# frame would cost every call's every frame for timers counted in seconds.
+IDLE_TICK_MS = 100
 
 
 def stable_id(call_id: str, *parts: object) -> uuid.UUID:
@@ -246,6 +259,15 @@ class CallSession:
         self._live_events: list[Msg] | None = []  # live events held while the past is read
         self._subs: list[Any] = []
         self._inbound: InboundAudio | None = None
+        # Idle handling: the caller's silence while nothing is pending (parley.media.idle).
+        self._idle = IdleClock(IdleSettings(prompt_ms=round(settings.idle_prompt_s * 1000),
+                                            hangup_ms=round(settings.idle_hangup_s * 1000)))
+        self._idle_due_ms = 0.0 if self._idle.settings.enabled else math.inf
+        self._idle_turns: set[str] = set()  # agent turns of caller.idle (the prompts, goodbyes)
+        self._idle_count = 0  # caller.idle events of the call so far (their turns: i0, i1…)
+        # The caller turn whose answer is not over: the brain has not completed it, or its audio
+        # is still to play ("t0": the greeting, when the agent has one). No idle meanwhile.
+        self._unanswered = "t0" if settings.greeting.strip() else ""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -376,6 +398,7 @@ class CallSession:
                 if not self.detector.in_turn:  # the turn's audio: from its pre-roll on
                     del self._turn_audio[:-self._preroll_frames]
                 self.detector.speech_started(at)
+                self._idle.reset()
                 await self._publish(SpeechStarted, "speech.started", offset_ms=at)
             elif isinstance(boundary, SpeechStop):
                 at = self._base_ms + boundary.at_ms
@@ -385,6 +408,8 @@ class CallSession:
                 await self._publish(SpeechStopped, "speech.stopped", offset_ms=at)
             await self._barge_in_on_frame(now)
             await self._poll_turn()
+        if self.audio_ms >= self._idle_due_ms:
+            await self._idle_tick()
 
     async def _stt_send(self, ulaw: bytes) -> None:
         self._turn_audio.append(ulaw)
@@ -424,6 +449,8 @@ class CallSession:
             await self._supersede(revises)
         self.turn_no += 1
         turn_id = f"t{self.turn_no}"
+        self._unanswered = turn_id
+        self._idle.reset()
         self._user_turn_ends[turn_id] = self._speech_end_wall
         self._turn_audio = []
         prepared = self._prepared
@@ -615,6 +642,7 @@ class CallSession:
             self._voiced.add(event.turn_id)
         elif isinstance(event, CallEnded):
             self.stop("call_ended")
+        self._idle_catch_up(event)
 
     async def _caught_up(self) -> None:
         history, self._history = self._history or {}, None
@@ -631,10 +659,15 @@ class CallSession:
         elif isinstance(event, AgentSpeechProgress):
             await self._on_progress(event)
         elif isinstance(event, CallDtmf):
+            self._idle.reset()
             current = self._current
             if current is not None and self.barge_in.on_dtmf(
                     agent_playing=self._agent_audible()) is not None:
                 await self._interrupt(current, time.monotonic())
+        elif isinstance(event, TurnCompleted):
+            self._answered(event.turn_id)
+        elif isinstance(event, CallerIdle):
+            self._idle_seen(event)  # ours, or (just after a take-over) the previous owner's
         elif isinstance(event, CallEnded):
             self.stop("call_ended")
 
@@ -744,6 +777,7 @@ class CallSession:
         if turn is None or not turn.audio.echo(event.seq, time.monotonic()):
             return
         if turn.audio.finished and not turn.interrupted:
+            self._answered(turn.turn_id)
             await self._publish(AgentSpeechFinished, "agent.speech.finished",
                                 turn_id=turn.turn_id)
 
@@ -916,6 +950,8 @@ class CallSession:
             MARK: f"{turn.turn_id}:{mark}"})
         if not turn.first_frame_at:
             turn.first_frame_at = time.monotonic()
+            if turn.turn_id not in self._idle_turns:  # the agent said something new
+                self._idle.reset()
             spoke_at = self._user_turn_ends.get(turn.turn_id, 0.0)
             await self._publish(
                 AgentSpeechStarted, "agent.speech.started", turn_id=turn.turn_id,
@@ -941,6 +977,81 @@ class CallSession:
         if turn is None or turn.interrupted:
             return False
         return turn.audio.playing(time.monotonic()) or self.barge_in.paused_at is not None
+
+    # ------------------------------------------------------------------ idle caller
+
+    async def _idle_tick(self) -> None:
+        """Count the caller's silence; emit caller.idle when a prompt or hang-up is due."""
+        self._idle_due_ms = self.audio_ms + IDLE_TICK_MS
+        busy = self._catching_up or self._history is not None or self._idle_busy()
+        action = self._idle.tick(self.audio_ms, busy=busy)
+        if action is not None:
+            await self._publish_idle(action)
+
+    def _idle_busy(self) -> bool:
+        """Whether the caller or the agent is at it, or a caller turn waits for its answer."""
+        if self._unanswered or self._speech_start_ms is not None or self.detector.in_turn:
+            return True
+        if not self._speak_queue.empty():
+            return True
+        for turn in self._turns.values():
+            if turn.held or turn.discarded:
+                continue  # a prepared reply nobody hears (yet): the caller's turn is open
+            if not turn.spoken or (
+                    not turn.interrupted and turn.audio.frames and not turn.audio.finished):
+                return True  # still to be synthesised, or playing until its last mark echoes
+        return False
+
+    async def _publish_idle(self, action: Action) -> None:
+        """caller.idle: the brain says the prompt (or goodbye) in agent turn ``i<n>``.
+
+        The n-th of the call has the same id whichever instance emits it, and a successor
+        learns the ones before from the call's events, so a take-over does not repeat one.
+        """
+        number = self._idle_count
+        turn_id = f"i{number}"
+        self._idle_count += 1
+        self._idle_turns.add(turn_id)
+        silent_s = round(self._idle.silent_ms / 1000, 1)
+        log.info("call %s: caller silent for %.1f s: %s (%s)", self.call_id, silent_s, action,
+                 turn_id)
+        await self._publish(CallerIdle, "caller.idle", turn_id=turn_id, action=action,
+                            silent_s=silent_s, key=(number,))
+
+    def _idle_seen(self, event: CallerIdle) -> None:
+        """A caller.idle of the call: this session's own, or one its previous owner emitted.
+
+        Another's silence goes on where it was: what it asked for is not asked for again.
+        """
+        if event.turn_id in self._idle_turns:
+            return
+        self._idle_turns.add(event.turn_id)
+        number = event.turn_id[1:]
+        if number.isdigit():
+            self._idle_count = max(self._idle_count, int(number) + 1)
+        self._idle.silent_ms = max(self._idle.silent_ms, round(event.silent_s * 1000))
+        self._idle.prompted = True
+        self._idle.hung_up = self._idle.hung_up or event.action == "hangup"
+
+    def _answered(self, turn_id: str) -> None:
+        """The caller turn ``turn_id`` is answered (or its answer cut): no longer pending."""
+        if turn_id == self._unanswered:
+            self._unanswered = ""
+
+    def _idle_catch_up(self, event: Event) -> None:
+        """The idle state as the call's past events leave it (a previous owner's silence)."""
+        if isinstance(event, CallerIdle):
+            self._idle_seen(event)
+        elif isinstance(event, SpeechStarted | CallDtmf):
+            self._idle.reset()
+        elif isinstance(event, TurnUserEnded):
+            self._idle.reset()
+            self._unanswered = event.turn_id
+        elif isinstance(event, AgentSpeechStarted):
+            if event.turn_id not in self._idle_turns:
+                self._idle.reset()
+        elif isinstance(event, AgentSpeechFinished | AgentSpeechInterrupted | TurnCompleted):
+            self._answered(event.turn_id)
 
     # ------------------------------------------------------------------ barge-in
 
@@ -1002,6 +1113,7 @@ class CallSession:
             with contextlib.suppress(Exception):
                 await turn.stream.cancel()
         heard = turn.audio.heard_text(cut * FRAME_MS)
+        self._answered(turn.turn_id)
         await self._publish(AgentSpeechInterrupted, "agent.speech.interrupted",
                             turn_id=turn.turn_id, played_text=heard,
                             cut_seq=cut, cut_ms=cut * FRAME_MS, key=(turn.turn_id,))

@@ -63,6 +63,7 @@ from .media import (
     AgentSpeechInterrupted,
     AgentSpeechProgress,
     AgentSpeechStarted,
+    CallerIdle,
     MediaProviderSwitched,
     SpeechStarted,
     SpeechStopped,
@@ -86,7 +87,7 @@ AnyEvent = (
     | CallRecordingAvailable
     | SpeechStarted | SpeechStopped | TranscriptPartial | TranscriptFinal | TurnUserEnded
     | AgentSpeechStarted | AgentSpeechProgress | AgentSpeechInterrupted | AgentSpeechFinished
-    | MediaProviderSwitched
+    | MediaProviderSwitched | CallerIdle
     | TurnStarted | AgentSay | AgentReplyPrepared | TurnCompleted | ToolRequested | IntentDetected
     | KnowledgeRetrieved
     | ToolApprovalRequested | ToolApproved | ToolDenied | ToolCompleted | ToolFailed
@@ -162,7 +163,8 @@ __all__ = [
     "AnyEvent", "ApiKeyCreated", "ApiKeyRevoked", "CallAnswered", "CallDialing", "CallDtmf",
     "CallEnded", "CallEvent", "CallFailed", "CallMachineDetected", "CallRecordingAvailable",
     "CallRequested", "CallRinging", "CallStreamStarted", "CallSummarized", "CallTransferred",
-    "CallerProfileUpdated", "Event", "EventDecodeError", "IntentDetected", "KnowledgeIngested",
+    "CallerIdle", "CallerProfileUpdated", "Event", "EventDecodeError", "IntentDetected",
+    "KnowledgeIngested",
     "KnowledgeRetrieved", "MediaProviderSwitched", "NumberAssigned", "OrgCreated", "OrgEvent",
     "QuotaExceeded", "RecordingAttached", "SecuritySignatureRejected", "SpeechStarted",
     "SpeechStopped", "TokenUsage", "ToolApprovalRequested", "ToolApproved", "ToolCompleted",

@@ -98,6 +98,21 @@ class AgentSpeechFinished(CallEvent, frozen=True, kw_only=True, tag="agent.speec
     turn_id: str
 
 
+class CallerIdle(CallEvent, frozen=True, kw_only=True, tag="caller.idle"):
+    """The caller has said nothing for ``silent_s`` while nothing was pending.
+
+    Media emits it after the agent's ``idle_prompt_s`` (``action`` "prompt": the brain asks
+    whether the caller is still there) and ``idle_hangup_s`` (``action`` "hangup": the brain says
+    goodbye and ends the call, ``call.ended`` reason "idle"). ``silent_s`` counts only the silence
+    after the agent's audio ended with no caller turn waiting for its answer (the prompt's own
+    audio not counted); caller speech or a key press starts it again from 0.
+    """
+
+    turn_id: str  # the agent turn the brain says it in: "i0", "i1"… (one per caller.idle)
+    action: Literal["prompt", "hangup"]
+    silent_s: float = 0.0
+
+
 class MediaProviderSwitched(CallEvent, frozen=True, kw_only=True, tag="media.provider_switched"):
     """STT or TTS moved to the next provider in the fallback chain."""
 

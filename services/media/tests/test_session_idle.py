@@ -1,0 +1,277 @@
+"""A silent caller: media asks for a prompt, then for the hang-up, only while nothing is pending.
+
+The session is driven by its inbound audio (the audio clock), as live: 20 ms frames of silence
+or of noise the VAD takes for speech, the agent's turns synthesised by a stand-in synthesiser
+and played when the carrier's echo of their last mark comes back. What it emits is read back
+from the EVENTS stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+
+from parley.common.bus import Bus
+from parley.common.configuration.models import AgentSettings
+from parley.common.events import (
+    AgentSay,
+    AgentSpeechProgress,
+    CallDtmf,
+    CallerIdle,
+    TurnCompleted,
+)
+from parley.media.audio.codec import pcm16_array_to_ulaw
+from parley.media.playback import mark_seq
+from parley.media.providers.base import TtsChunk
+from parley.media.router import ProviderRouter
+from parley.media.session import CallSession, SessionServices
+from parley.media.turns import TurnEnd
+
+ORG = "acme"
+SILENCE = b"\xff" * 160
+NOISE = pcm16_array_to_ulaw(np.clip(np.random.default_rng(1).normal(0.0, 3000.0, 160 * 50),
+                                    -32768, 32767).astype(np.int16))
+
+
+class Stream:
+    """Synthesises each clause at once as 100 ms of audio."""
+
+    def __init__(self) -> None:
+        self.chunks: asyncio.Queue[TtsChunk | None] = asyncio.Queue()
+        self.clauses = 0
+
+    async def say(self, text: str, *, last: bool = False) -> None:
+        if text:
+            self.chunks.put_nowait(TtsChunk(b"\x7f" * 800, [], self.clauses))
+        self.clauses += 1
+        if last:
+            self.chunks.put_nowait(None)
+
+    async def audio(self):
+        while (chunk := await self.chunks.get()) is not None:
+            yield chunk
+
+    async def cancel(self) -> None:
+        self.chunks.put_nowait(None)
+
+
+class Synthesiser:
+    async def open(self, *, voice: str = "", language: str = "en-US") -> Stream:
+        return Stream()
+
+
+class Call:
+    """A session with its speaker running, fed audio frame by frame."""
+
+    def __init__(self, bus: Bus, call_id: str, settings: AgentSettings) -> None:
+        services = SessionServices(
+            bus=bus, leases=None,  # type: ignore[arg-type]  # run() is not called
+            stt=ProviderRouter("stt", {"never": object()}, ["never"]),  # type: ignore[dict-item]
+            tts=ProviderRouter("tts", {"tts": Synthesiser()}, ["tts"]),  # type: ignore[dict-item]
+            instance="test", command_timeout_s=0.05)
+        self.bus = bus
+        self.call_id = call_id
+        self.session = CallSession(services, call_id=call_id, org_id=ORG, agent_id="agent",
+                                   settings=settings, revision=1)
+        self.session._history = None  # the call's past events are read
+        self.seq = 0
+        self.speaker = asyncio.create_task(self.session._speaker())
+
+    async def audio(self, seconds: float, frame: bytes = SILENCE) -> None:
+        """``seconds`` of inbound audio (at once: the session's clock is the audio's)."""
+        for _ in range(round(seconds * 50)):
+            self.seq += 1
+            await self.session._on_audio(frame, self.seq, self.seq * 20, time.time(), False)
+
+    async def speech(self, seconds: float) -> None:
+        """The caller makes a sound the VAD takes for speech (no words come of it)."""
+        for n in range(round(seconds * 50)):
+            await self.audio(0.02, NOISE[n % 50 * 160:n % 50 * 160 + 160])
+
+    async def agent_says(self, turn_id: str, *texts: str, last: bool = True,
+                         first_seq: int = 0) -> None:
+        """The brain's clauses for ``turn_id``; they are synthesised and sent to the carrier."""
+        for n, text in enumerate(texts):
+            self.session._on_say(AgentSay(org_id=ORG, call_id=self.call_id, turn_id=turn_id,
+                                          seq=first_seq + n, text=text,
+                                          last=last and n == len(texts) - 1))
+        await wait_for(lambda: turn_id in self.session._turns and (
+            self.session._turns[turn_id].audio.sent == len(self.session._turns[turn_id].audio
+                                                           .frames) > 0))
+
+    async def played(self, turn_id: str) -> None:
+        """The carrier echoes the turn's last mark: all of it was heard."""
+        turn = self.session._turns[turn_id]
+        await wait_for(lambda: turn.audio.text_done and turn.spoken)
+        seq = mark_seq(turn.audio.generation, len(turn.audio.frames))
+        await self.session._on_progress(AgentSpeechProgress(
+            org_id=ORG, call_id=self.call_id, turn_id=turn_id, mark=f"{turn_id}:{seq}",
+            seq=seq))
+        assert turn.audio.finished
+
+    async def caller_turn(self, text: str) -> None:
+        """The caller speaks and the turn ends with ``text`` (the recogniser's words)."""
+        await self.speech(0.6)
+        await self.audio(0.6)
+        self.session.detector.reset()  # as its own end of turn does (no recogniser here)
+        await self.session._end_turn(TurnEnd(text, "silence", 0, 0, 0, 0))
+
+    async def silence_until_idle(self, limit_s: float) -> float | None:
+        """Silence until the session emits a caller.idle: how many seconds (None: none came)."""
+        count = self.session._idle_count
+        for n in range(round(limit_s * 50)):
+            await self.audio(0.02)
+            if self.session._idle_count > count:
+                return round((n + 1) * 0.02, 2)
+        return None
+
+    async def idle(self) -> list[CallerIdle]:
+        """The caller.idle events stored so far."""
+        await self.session._outbox.drain(2)
+        return [e for e in await self.bus.replay_call(self.call_id, org_id=ORG)
+                if isinstance(e, CallerIdle)]
+
+    async def close(self) -> None:
+        self.speaker.cancel()
+        await asyncio.gather(self.speaker, *self.session._tasks, return_exceptions=True)
+        await self.session._outbox.drain(2)
+
+
+async def wait_for(predicate, timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+IDLE = AgentSettings(greeting="Hello!", idle_prompt_s=0.5, idle_hangup_s=1.5)
+QUIET_CALLER = AgentSettings(greeting="", idle_prompt_s=0.5, idle_hangup_s=1.5)
+TICK = 0.1  # the session looks at its idle clock every 100 ms of audio
+
+
+async def test_a_silent_caller_is_prompted_then_hung_up_on(bus) -> None:
+    call = Call(bus, "call-idle-1", IDLE)
+    try:
+        # The greeting is still to come (the brain greets): the conversation has not begun.
+        assert await call.silence_until_idle(2.0) is None
+        await call.agent_says("t0", "Hello!")
+        assert await call.silence_until_idle(1.0) is None  # playing: its last mark not echoed
+        await call.played("t0")
+        took = await call.silence_until_idle(2.0)
+        assert took is not None and 0.5 - TICK <= took <= 0.5 + TICK
+        [prompt] = await call.idle()
+        assert (prompt.turn_id, prompt.action, prompt.silent_s) == ("i0", "prompt", 0.5)
+
+        # The prompt plays: its audio does not count, nor does it start the silence over.
+        await call.agent_says("i0", "Are you still there?")
+        assert await call.silence_until_idle(3.0) is None
+        await call.played("i0")
+        took = await call.silence_until_idle(2.0)
+        assert took is not None and 1.0 - TICK <= took <= 1.0 + TICK
+        [again, hangup] = await call.idle()
+        assert again == prompt
+        assert (hangup.turn_id, hangup.action, hangup.silent_s) == ("i1", "hangup", 1.5)
+        # The goodbye plays; the hang-up is the brain's and the tools service's: nothing more.
+        await call.agent_says("i1", "Goodbye!")
+        await call.played("i1")
+        assert await call.silence_until_idle(3.0) is None
+        assert len(await call.idle()) == 2
+    finally:
+        await call.close()
+
+
+async def test_no_idle_while_a_caller_turn_waits_for_its_answer(bus) -> None:
+    # A slow tool or an approval: the caller asked, the agent said "let me check" and waits
+    # for the outcome. That silence is not the caller's.
+    call = Call(bus, "call-idle-2", QUIET_CALLER)
+    try:
+        await call.caller_turn("Book me for Friday.")
+        assert await call.silence_until_idle(2.0) is None  # the brain has not answered yet
+        await call.agent_says("t1", "Let me check the calendar.", last=False)
+        seq = mark_seq(0, len(call.session._turns["t1"].audio.frames))
+        await call.session._on_progress(AgentSpeechProgress(
+            org_id=ORG, call_id=call.call_id, turn_id="t1", mark=f"t1:{seq}", seq=seq))
+        assert await call.silence_until_idle(3.0) is None  # played; the tool is slow
+        await call.agent_says("t1", "You're booked for Friday.", first_seq=1)
+        await call.played("t1")
+        took = await call.silence_until_idle(2.0)  # the answer's end begins the silence
+        assert took is not None and 0.5 - TICK <= took <= 0.5 + TICK
+        assert [(e.turn_id, e.action) for e in await call.idle()] == [("i0", "prompt")]
+
+        # A turn the brain completes without a word (an end_call alone that failed) ends too.
+        await call.caller_turn("Hmm, never mind.")
+        assert await call.silence_until_idle(2.0) is None
+        await call.session._on_event(TurnCompleted(org_id=ORG, call_id=call.call_id,
+                                                   turn_id="t2"))
+        took = await call.silence_until_idle(2.0)
+        assert took is not None and 0.5 - TICK <= took <= 0.5 + TICK
+        assert [(e.turn_id, e.action) for e in await call.idle()] == [
+            ("i0", "prompt"), ("i1", "prompt")]
+    finally:
+        await call.close()
+
+
+async def test_caller_speech_or_a_key_press_starts_the_silence_over(bus) -> None:
+    call = Call(bus, "call-idle-3", QUIET_CALLER)
+    try:
+        await call.audio(0.4)
+        await call.session._on_event(CallDtmf(org_id=ORG, call_id=call.call_id, digit="5"))
+        took = await call.silence_until_idle(2.0)
+        assert took is not None and 0.5 - TICK <= took <= 0.5 + TICK
+        [prompt] = await call.idle()
+        assert prompt.silent_s == 0.5
+        await call.audio(0.6)
+        # A cough (speech, no words): the caller is there. Its wordless turn is dropped at the
+        # max wait (2.5 s), and the count begins again from 0, the prompt included.
+        await call.speech(0.5)
+        took = await call.silence_until_idle(5.0)
+        assert took is not None and 2.5 + 0.5 - TICK <= took <= 2.5 + 0.5 + 3 * TICK
+        [_, again] = await call.idle()
+        assert (again.turn_id, again.action, again.silent_s) == ("i1", "prompt", 0.5)
+    finally:
+        await call.close()
+
+
+async def test_zero_turns_each_timer_off(bus) -> None:
+    off = Call(bus, "call-idle-4", AgentSettings(greeting="", idle_prompt_s=0, idle_hangup_s=0))
+    hang_up_only = Call(bus, "call-idle-5", AgentSettings(greeting="", idle_prompt_s=0,
+                                                          idle_hangup_s=1.0))
+    prompt_only = Call(bus, "call-idle-6", AgentSettings(greeting="", idle_prompt_s=0.5,
+                                                         idle_hangup_s=0))
+    try:
+        for call in (off, hang_up_only, prompt_only):
+            await call.audio(5.0)
+        assert await off.idle() == []
+        assert [(e.action, e.silent_s) for e in await hang_up_only.idle()] == [("hangup", 1.0)]
+        assert [(e.action, e.silent_s) for e in await prompt_only.idle()] == [("prompt", 0.5)]
+    finally:
+        for call in (off, hang_up_only, prompt_only):
+            await call.close()
+
+
+async def test_a_successor_goes_on_with_the_silence_it_took_over(bus) -> None:
+    # Media instance A prompted and died; B takes the call over and reads the call's events:
+    # it does not prompt again, and hangs up when the silence A counted reaches idle_hangup_s.
+    first = Call(bus, "call-idle-7", QUIET_CALLER)
+    assert await first.silence_until_idle(1.0) is not None
+    await first.close()
+    [prompt] = await first.idle()
+    second = Call(bus, "call-idle-7", QUIET_CALLER)
+    try:
+        second.session._history = {}
+        for event in await bus.replay_call("call-idle-7", org_id=ORG):
+            second.session._catch_up(event)
+        await second.session._caught_up()
+        took = await second.silence_until_idle(2.0)
+        assert took is not None and 1.0 - TICK <= took <= 1.0 + TICK
+        [again, hangup] = await second.idle()
+        assert again == prompt and (hangup.turn_id, hangup.action) == ("i1", "hangup")
+        # Had B not known of A's prompt, its own would have been the same event: dropped.
+        third = Call(bus, "call-idle-7", QUIET_CALLER)
+        assert await third.silence_until_idle(1.0) is not None
+        await third.close()
+        assert await third.idle() == [prompt, hangup]
+    finally:
+        await second.close()
