@@ -4,8 +4,10 @@ import asyncio
 import re
 import time
 
+import numpy as np
 import pytest
 
+from parley.media.audio.codec import pcm16_array_to_ulaw
 from parley.media.providers.base import (
     Final,
     Partial,
@@ -174,6 +176,26 @@ async def test_an_empty_segment_yields_only_the_utterance_end():
     events = await recorder.close()
     assert [type(e) for e in events] == [SpeechStarted, UtteranceEnd]
     assert events[1].last_word_end_s == pytest.approx(1.0)
+
+
+def breathing(seconds: float = 2.0) -> bytes:
+    """Hiss swelling and fading like a breath into the handset: webrtcvad calls half speech."""
+    t = np.arange(int(8000 * seconds)) / 8000
+    hiss = np.convolve(np.random.default_rng(0).normal(0, 1, t.size), np.ones(4) / 4, "same")
+    envelope = np.clip(np.sin(2 * np.pi * t / seconds), 0, 1)
+    return pcm16_array_to_ulaw((hiss * envelope * 0.1 * 32768).astype(np.int16))
+
+
+async def test_a_breath_the_vad_took_for_speech_yields_no_words():
+    # tiny.en heard "You" in it (no_speech_prob 0.73, avg log prob -0.94: just inside Whisper's
+    # own no-speech rule): a turn the caller never said, which the agent answered.
+    stream = WhisperSttStream(await asyncio.to_thread(load_model), vad=AlwaysSpeech(),
+                              segmenter=SpeechSegmenter(SegmenterSettings()))
+    recorder = Recorder(stream)
+    await feed(stream, frames(breathing()))
+    await stream.finalize()
+    events = await recorder.close()
+    assert [type(e) for e in events] == [SpeechStarted, UtteranceEnd], events
 
 
 async def test_silence_yields_nothing_and_odd_chunk_sizes_are_fine(stt):

@@ -65,6 +65,13 @@ from parley.media.vad import (
 PROVIDER = "whisper"
 MAX_SEGMENT_MS = 25_000  # Whisper sees 30 s windows; cut long monologues before that
 EARLY_FINAL_MS = 60  # silence after speech before the final decode starts (see the docstring)
+# Whisper drops a segment it thinks is no speech only if its tokens are also unlikely (avg log
+# prob below -1.0). On breathing into the handset, which the VAD takes for speech, tiny.en says
+# "You" with no_speech_prob 0.7-0.8 at an avg log prob of -0.92 to -0.98: just inside that rule,
+# so the caller "said" a turn. Real short words, even in loud line noise, stayed above -0.7 whenever
+# their no_speech_prob passed 0.6 (e.g. "Two" at 0.68 / -0.55), so the log prob bar is -0.8 here.
+NO_SPEECH_PROB = 0.6
+NO_SPEECH_LOG_PROB = -0.8
 
 _models: dict[Path, WhisperModel] = {}
 _models_lock = threading.Lock()
@@ -109,11 +116,15 @@ class Transcript:
 
 def transcribe(model: WhisperModel, audio_16k: npt.NDArray[np.float32], *,
                words: bool) -> Transcript:
-    """Decode one segment (16 kHz float32) greedily, English, without Whisper's own VAD."""
+    """Decode one segment (16 kHz float32) greedily, English, without Whisper's own VAD.
+
+    Segments that are probably not speech (see ``NO_SPEECH_PROB``) are left out.
+    """
     segments, _info = model.transcribe(
         audio_16k, language="en", beam_size=1, condition_on_previous_text=False,
         vad_filter=False, word_timestamps=words, without_timestamps=not words)
-    segments = list(segments)
+    segments = [segment for segment in segments if not (
+        segment.no_speech_prob > NO_SPEECH_PROB and segment.avg_logprob < NO_SPEECH_LOG_PROB)]
     text = " ".join(segment.text.strip() for segment in segments).strip()
     timings = [WordTiming(word.word.strip(), float(word.start), float(word.end))
                for segment in segments for word in (segment.words or ()) if word.word.strip()]
