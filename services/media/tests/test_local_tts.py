@@ -93,6 +93,18 @@ async def test_empty_clause_yields_no_audio_and_the_stream_still_ends(tts):
     assert {chunk.clause for chunk in chunks} == {1}
 
 
+async def test_control_characters_in_a_clause_are_skipped_not_fatal(tts):
+    # A NUL (an LLM or a knowledge chunk can carry one) failed the clause in espeak-ng with
+    # "embedded null character": the stream raised, and with Piper as the only synthesiser the
+    # rest of the reply was never spoken.
+    stream = await tts.open()
+    await stream.say("Your total is\x00 ninety five dollars.")
+    await stream.say("See you\ud800 soon.", last=True)
+    chunks = await asyncio.wait_for(collect(stream), 30)
+    assert {chunk.clause for chunk in chunks} == {0, 1}
+    assert [w.text for c in chunks if c.clause == 0 for w in c.words][-1] == "dollars."
+
+
 async def test_say_after_last_is_an_error(tts):
     stream = await tts.open()
     await stream.say("Goodbye.", last=True)

@@ -32,6 +32,9 @@ PROVIDER = "piper"
 OUTPUT_RATE = 8000
 _VOICED_FRACTION = 0.02
 _END = None  # queue sentinel
+# Nothing a voice can say, and fatal to espeak-ng: a NUL ends Piper's call into it with "embedded
+# null character", a lone surrogate fails its UTF-8 encoding. Control characters become spaces.
+_UNSPEAKABLE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 
 _voices: dict[Path, PiperVoice] = {}
 _voices_lock = threading.Lock()
@@ -162,6 +165,7 @@ class PiperTtsStream:
 
     def _synthesise(self, clause: int, text: str) -> None:
         """Runs in a worker thread; posts each sentence's audio back to the loop."""
+        text = _UNSPEAKABLE.sub(" ", text)
         if self._cancelled.is_set() or not text.strip():
             return
         voice = self._voice
