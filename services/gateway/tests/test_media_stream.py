@@ -99,6 +99,15 @@ async def test_hangup_command_without_rest_closes_the_socket(gateway, events, bu
     assert ElementTree.fromstring(await response.text())[0].tag == "Hangup"
 
 
+async def test_an_idle_hangup_ends_the_call_with_reason_idle(gateway, events, bus):
+    # The tools service's end_call for a caller silent for the agent's idle_hangup_s.
+    stream, _, call_id = await started_stream(gateway, events)
+    assert await request(bus, call_id, "hangup", {"reason": "idle"}) == {"ok": True}
+    assert await stream.closed() == (1000, "idle")
+    [ended] = await events.wait("call.ended", call_id)
+    assert ended.reason == "idle"
+
+
 async def test_hangup_and_transfer_use_the_rest_api(make_gateway, events, bus):
     gateway = await make_gateway(rest=True)
     stream, call_sid, call_id = await started_stream(gateway, events)

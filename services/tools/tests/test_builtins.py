@@ -3,6 +3,8 @@ import json
 import pytest
 
 from parley.common.configuration import update_agent
+from parley.common.events import AgentSay, AgentSpeechInterrupted
+from parley.common.tools.builtin_specs import offered_builtins
 from parley.tools.builtins import KnowledgeQuery
 from parley.tools.outcomes import ToolError
 
@@ -33,6 +35,44 @@ async def test_end_call_sends_hangup_to_the_gateway(bus, service, events, gatewa
     request = await request_tool(bus, call_id, "end_call")
     done = await events.outcome(request.tool_call_id)
     assert done.type == "tool.completed", done
+    assert received == [(f"parley.cmd.gateway.{call_id}.hangup", {"reason": "agent_hangup"})]
+
+
+async def test_an_idle_hang_up_ends_the_call_with_reason_idle(bus, service, events, gateway):
+    # The brain's goodbye to a caller silent for idle_hangup_s: call.ended says why.
+    received, _ = gateway
+    await service()
+    call_id = await start_call(bus)
+    request = await request_tool(bus, call_id, "end_call", {"reason": "idle"})
+    done = await events.outcome(request.tool_call_id)
+    assert done.type == "tool.completed", done
+    assert received == [(f"parley.cmd.gateway.{call_id}.hangup", {"reason": "idle"})]
+    # The model is not offered the argument, and no other reason is accepted.
+    assert "reason" not in offered_builtins([])["end_call"].parameters["properties"]
+    other = await request_tool(bus, call_id, "end_call", {"reason": "max_duration"})
+    failed = await events.outcome(other.tool_call_id)
+    assert failed.type == "tool.failed" and "invalid arguments for end_call" in failed.error
+    assert len(received) == 1
+
+
+async def test_an_idle_hang_up_the_caller_spoke_over_does_not_happen(
+        bus, service, events, gateway):
+    # "I'll end the call now. Goodbye!" — "No wait, I'm here!": the caller barged in on the
+    # goodbye (agent.speech.interrupted), so the caller is there after all and the call goes on.
+    received, _ = gateway
+    await service()
+    call_id = await start_call(bus)
+    await bus.publish(AgentSay(org_id=ORG, call_id=call_id, turn_id="t1", seq=0,
+                               text="I'll end the call now. Goodbye!", last=True))
+    await bus.publish(AgentSpeechInterrupted(org_id=ORG, call_id=call_id, turn_id="t1",
+                                             played_text="I'll end the"))
+    idle = await request_tool(bus, call_id, "end_call", {"reason": "idle"})
+    failed = await events.outcome(idle.tool_call_id)
+    assert failed.type == "tool.failed" and "the call goes on" in failed.error
+    assert received == []
+    # The model's own end_call hangs up all the same: it decided with what it heard.
+    asked = await request_tool(bus, call_id, "end_call")
+    assert (await events.outcome(asked.tool_call_id)).type == "tool.completed"
     assert received == [(f"parley.cmd.gateway.{call_id}.hangup", {"reason": "agent_hangup"})]
 
 

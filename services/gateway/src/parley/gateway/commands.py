@@ -7,7 +7,7 @@ verb       body                                         effect
 =========  ===========================================  =====================================
 clear      ``{}``                                       flush audio queued at the carrier
 mark       ``{"name": "<turn_id>:<seq>"}``              place a mark after the queued audio
-hangup     ``{"reason": "agent_hangup"}`` (optional)    end the call (call.ended)
+hangup     ``{"reason": "agent_hangup"}`` (optional)    end the call (call.ended, that reason)
 dtmf       ``{"digits": "12#"}``                        play DTMF tones to the caller
 transfer   ``{"to": "+15551234567", "mode": "cold"}``   hand the call to another number
 =========  ===========================================  =====================================
@@ -32,7 +32,8 @@ from parley.common.bus import command_subject
 log = logging.getLogger(__name__)
 
 VERBS = ("clear", "mark", "hangup", "dtmf", "transfer")
-EndReason = Literal["agent_hangup", "completed", "max_duration", "machine", "error"]
+# call.ended's reason; "idle": the tools service's end_call for a caller silent too long
+EndReason = Literal["agent_hangup", "completed", "max_duration", "machine", "error", "idle"]
 
 
 class CommandError(Exception):

@@ -5,6 +5,8 @@ instance holding the call's socket (``parley.cmd.gateway.<call>.<verb>``, bodies
 ``parley.gateway.commands``). ``transfer_call`` goes only to one of the agent's
 ``transfer_numbers``, read when the transfer is asked for (the brain offers the tool pinned to
 them, but a model may still name another number); any other target fails without a command.
+``end_call`` with ``reason`` "idle" is the brain's hang-up on a silent caller (``caller.idle``):
+the gateway ends the call with that reason, unless the caller spoke over the goodbye.
 ``lookup_knowledge`` calls the :data:`KnowledgeLookup` injected at start-up (the brain's
 retrieval); without one it fails with a clear message.
 ``schedule_callback`` stores a row in ``tool_callbacks``.
@@ -69,12 +71,22 @@ class Builtins:
         self.command_timeout_s = command_timeout_s
 
     async def run(self, conn: AsyncConnection[Any], name: str, arguments: dict[str, Any],
-                  call: CallContext, tool_call_id: str) -> ToolOutcome:
-        """Run one built-in with validated arguments."""
+                  call: CallContext, tool_call_id: str, *,
+                  goodbye_interrupted: bool = False) -> ToolOutcome:
+        """Run one built-in with validated arguments.
+
+        ``goodbye_interrupted``: the caller spoke over the turn's last words (see
+        :meth:`after_speech`). An idle hang-up (``end_call`` with reason "idle") then does not
+        happen: the caller is there after all.
+        """
         try:
             match name:
                 case "end_call":
-                    await self._command(call.call_id, "hangup", {"reason": "agent_hangup"})
+                    reason = arguments.get("reason", "agent_hangup")
+                    if reason == "idle" and goodbye_interrupted:
+                        raise ToolError("not hung up: the caller spoke over the goodbye, so "
+                                        "the call goes on")
+                    await self._command(call.call_id, "hangup", {"reason": reason})
                     return ToolOutcome.success({"ok": True, "detail": "the call is ending"})
                 case "transfer_call":
                     await check_transfer_target(conn, call, arguments["to"])
@@ -97,21 +109,24 @@ class Builtins:
             return exc.outcome()
 
     async def after_speech(self, org_id: str, call_id: str, turn_id: str, *,
-                           timeout_s: float = 20.0) -> None:
+                           timeout_s: float = 20.0) -> bool:
         """Wait until the agent's audio of ``turn_id`` has played (or was cut off).
 
         ``end_call`` and ``transfer_call`` come with a last sentence ("Goodbye!"); acting at
         once would cut it off. The wait ends on ``agent.speech.finished`` or
         ``agent.speech.interrupted`` of the turn, and after ``timeout_s`` in any case; a turn
-        that said nothing is not waited for.
+        that said nothing is not waited for. True if the caller interrupted it.
         """
         if not turn_id:
-            return
+            return False
         done = asyncio.Event()
+        interrupted = False
 
         def check(event: Any) -> None:
+            nonlocal interrupted
             if isinstance(event, AgentSpeechFinished | AgentSpeechInterrupted) and (
                     event.turn_id == turn_id):
+                interrupted = interrupted or isinstance(event, AgentSpeechInterrupted)
                 done.set()
 
         bus = Bus(self.nc)
@@ -127,11 +142,12 @@ class Builtins:
                 spoke = spoke or (isinstance(event, AgentSay) and event.turn_id == turn_id
                                   and bool(event.text.strip()))
             if not spoke:
-                return
+                return False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), timeout_s)
         finally:
             await sub.unsubscribe()
+        return interrupted
 
     async def _command(self, call_id: str, verb: str, body: dict[str, Any]) -> None:
         try:

@@ -179,11 +179,14 @@ class Dispatcher:
                                               tool_call_id=request.tool_call_id,
                                               allow_private=allow_private)
             else:
+                interrupted = False
                 if tool.name in ("end_call", "transfer_call"):  # let the last words play
-                    await self.builtins.after_speech(call.org_id, call.call_id, request.turn_id)
+                    interrupted = await self.builtins.after_speech(
+                        call.org_id, call.call_id, request.turn_id)
                 async with self.pool.connection() as conn:
                     outcome = await self.builtins.run(conn, tool.name, request.arguments, call,
-                                                      request.tool_call_id)
+                                                      request.tool_call_id,
+                                                      goodbye_interrupted=interrupted)
         except Exception as exc:  # a bug or an outage: report it, never re-run (see journal)
             log.exception("tool %s (%s) crashed", request.name, request.tool_call_id)
             outcome = ToolOutcome.failure(

@@ -74,8 +74,9 @@ class CallTransferred(CallEvent, frozen=True, kw_only=True, tag="call.transferre
 class CallEnded(CallEvent, frozen=True, kw_only=True, tag="call.ended"):
     """The call is over."""
 
+    # idle: the agent hung up on a caller silent for the agent's idle_hangup_s (caller.idle)
     reason: Literal["caller_hangup", "agent_hangup", "completed", "max_duration", "transferred",
-                    "machine", "no_answer", "busy", "error"] = "completed"
+                    "machine", "no_answer", "busy", "error", "idle"] = "completed"
     duration_s: float = 0.0
 
 

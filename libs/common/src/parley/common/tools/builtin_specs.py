@@ -2,6 +2,8 @@
 
 Every agent is offered them all but ``transfer_call``, which only an agent with
 ``transfer_numbers`` is offered, its ``to`` pinned to those numbers (:func:`offered_builtins`).
+``end_call`` is offered without the ``reason`` the tools service also accepts (the brain's own
+hang-up on a silent caller gives "idle").
 """
 
 from __future__ import annotations
@@ -15,6 +17,14 @@ END_CALL = ToolSpec(
     name="end_call", builtin=True,
     description="Hang up the call. Use it after saying goodbye, when the caller is done.",
     parameters={"type": "object", "properties": {}, "additionalProperties": False})
+
+# What the tools service accepts for end_call: also ``reason`` "idle", with which the brain hangs
+# up on a caller silent for the agent's idle_hangup_s (caller.idle), so call.ended says why. The
+# model is offered END_CALL, without it.
+END_CALL_ACCEPTED = ToolSpec(
+    name=END_CALL.name, builtin=True, description=END_CALL.description,
+    parameters={"type": "object", "additionalProperties": False,
+                "properties": {"reason": {"enum": ["idle"]}}})
 
 TRANSFER_CALL = ToolSpec(
     name="transfer_call", builtin=True,
@@ -52,7 +62,8 @@ SCHEDULE_CALLBACK = ToolSpec(
 
 BUILTIN_SPECS: dict[str, ToolSpec] = {
     spec.name: spec
-    for spec in (END_CALL, TRANSFER_CALL, SEND_DTMF, LOOKUP_KNOWLEDGE, SCHEDULE_CALLBACK)
+    for spec in (END_CALL_ACCEPTED, TRANSFER_CALL, SEND_DTMF, LOOKUP_KNOWLEDGE,
+                 SCHEDULE_CALLBACK)
 }
 """Every built-in by name, with the general schemas the tools service validates against."""
 
@@ -73,6 +84,7 @@ def offered_builtins(transfer_numbers: Sequence[str]) -> dict[str, ToolSpec]:
     Without transfer numbers the agent is not offered ``transfer_call`` at all (the tools
     service would refuse every target anyway); with them, the model picks among them.
     """
-    return {name: (transfer_call_to(transfer_numbers) if name == TRANSFER_CALL.name else spec)
-            for name, spec in BUILTIN_SPECS.items()
+    offered = {END_CALL.name: END_CALL,
+               TRANSFER_CALL.name: transfer_call_to(transfer_numbers)}
+    return {name: offered.get(name, spec) for name, spec in BUILTIN_SPECS.items()
             if name != TRANSFER_CALL.name or transfer_numbers}
