@@ -203,6 +203,18 @@ async def test_replies_from_a_tool_result() -> None:
     assert text == ""
 
 
+async def test_a_refused_transfer_is_owned_up_to_not_tried_again() -> None:
+    tools = offered(*offered_builtins(["+14155550123"]).values())
+    use = ToolUse(id="local_1", name="transfer_call", arguments={"to": "+14155550123"})
+    text, calls, _, _ = await run(LocalResponder(), say("A human, please."), use, ToolResult(
+        tool_use_id="local_1", is_error=True,
+        content="the gateway refused transfer: the carrier rejected it"), tools=tools)
+    assert "can't transfer" in text and "follow up" in text and not calls
+    text, calls, _, _ = await run(LocalResponder(), say("A human, please."), use, ToolResult(
+        tool_use_id="local_1", content='{"ok": true}'), tools=tools)
+    assert text == "" and not calls  # transferred: nothing more to say
+
+
 @pytest.mark.parametrize(("said", "intent"), [
     ("hi", Intent.GREETING), ("Good morning!", Intent.GREETING),
     ("Hi, how are you?", Intent.GREETING), ("thanks", Intent.THANKS),

@@ -8,6 +8,16 @@ caller, round *n* continues after the *n*-th tool outcome. Clause numbers (``seq
 across rounds; a round re-run after a crash goes on after the clauses it already said
 (``next_seq``), and a clause repeated with the same number carries the same event id and is
 dropped as a duplicate.
+
+A *hand-off* (``end_call``, ``transfer_call``) ends the turn: its round closes the speech
+(``last``), so the last words play before the call ends or moves, and the turn completes. If
+the hand-off fails (the transfer is refused, the gateway does not answer), the turn is taken up
+again: the model reads the failure and tells the caller. What it says then is a new utterance,
+since the one before is closed (media voices no clause after a turn's last): from the first
+outcome of a hand-off's round on, the turn's clauses go out under its next *speech* id
+(``t3.1``, numbered from 0), which the fold maps back to the turn. A turn is completed once it
+has one ``turn.completed`` more than failed hand-offs. Both hold whatever order the outcome,
+the closing clause and the completion are stored in.
 """
 
 from __future__ import annotations
@@ -32,6 +42,8 @@ from parley.common.events import (
     TurnUserEnded,
 )
 
+HAND_OFFS = frozenset({"end_call", "transfer_call"})  # tools that end the turn with the call
+
 
 @dataclass
 class AgentTurn:
@@ -41,10 +53,25 @@ class AgentTurn:
     says: list[AgentSay] = field(default_factory=list)
     round_starts: list[int] = field(default_factory=lambda: [0])  # first seq of each round
     tools: dict[str, str] = field(default_factory=dict)  # tool_call_id → name
+    requested_in: dict[str, int] = field(default_factory=dict)  # tool_call_id → its round
     results: set[str] = field(default_factory=set)  # tool_call_ids with an outcome
-    completed: bool = False
+    failed: set[str] = field(default_factory=set)  # tool_call_ids that failed or were denied
+    completions: int = 0  # turn.completed events seen
     interrupted: bool = False
-    spoken_last: bool = False  # a clause with last=True went out
+    spoken_last: bool = False  # a clause with last=True closed the current speech
+    new_speech_after: set[int] = field(default_factory=set)  # rounds whose outcome began one
+    # The ids the agent's utterances in this turn go out under: the turn's own, then one per
+    # utterance after a failed hand-off (``t3.1``…), each numbered from seq 0.
+    speeches: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.speeches:
+            self.speeches.append(self.turn_id)
+
+    @property
+    def speech(self) -> str:
+        """The id the turn's next clauses go out under."""
+        return self.speeches[-1]
 
     @property
     def round(self) -> int:
@@ -53,13 +80,46 @@ class AgentTurn:
 
     @property
     def next_seq(self) -> int:
-        """The seq the next clause gets."""
-        return self.says[-1].seq + 1 if self.says else 0
+        """The seq the next clause of the current speech gets."""
+        return self.says[-1].seq + 1 if self.says and self.says[-1].turn_id == self.speech \
+            else 0
 
     @property
     def waiting_for_tools(self) -> bool:
         """Some tool the agent called has no outcome yet."""
         return bool(set(self.tools) - self.results)
+
+    def _hand_off_rounds(self) -> dict[int, bool]:
+        """Rounds that called a hand-off → whether one of their hand-offs failed."""
+        rounds: dict[int, bool] = {}
+        for tool_call_id, name in self.tools.items():
+            if name in HAND_OFFS:
+                round_no = self.requested_in[tool_call_id]
+                rounds[round_no] = rounds.get(round_no, False) or tool_call_id in self.failed
+        return rounds
+
+    def hands_off_in(self, round_no: int) -> bool:
+        """Round ``round_no`` called a hand-off."""
+        return round_no in self._hand_off_rounds()
+
+    @property
+    def failed_hand_offs(self) -> int:
+        """Rounds whose hand-off failed: each takes the turn up again after its completion."""
+        return sum(self._hand_off_rounds().values())
+
+    @property
+    def completed(self) -> bool:
+        """The brain is done with the turn (a failed hand-off reopens it until it completes)."""
+        return self.completions > self.failed_hand_offs
+
+    @property
+    def handed_off(self) -> bool:
+        """The latest round called a hand-off and none failed: the call ends or moves on."""
+        if not self.requested_in:
+            return False
+        rounds = self._hand_off_rounds()
+        latest = max(self.requested_in.values())
+        return latest in rounds and not rounds[latest]
 
 
 @dataclass
@@ -79,6 +139,7 @@ class Conversation:
     greeted: bool = False
     ended: bool = False
     events: int = 0
+    speeches: dict[str, str] = field(default_factory=dict)  # later speech id → its turn id
 
     def turn(self, turn_id: str) -> AgentTurn:
         """The agent's side of ``turn_id`` (created empty)."""
@@ -86,6 +147,10 @@ class Conversation:
         if found is None:
             found = self.turns[turn_id] = AgentTurn(turn_id)
         return found
+
+    def turn_of(self, speech_id: str) -> AgentTurn:
+        """The turn whose utterance ``speech_id`` is (the turn's own id included)."""
+        return self.turn(self.speeches.get(speech_id, speech_id))
 
     def apply(self, event: Event) -> None:
         """Fold one event in."""
@@ -106,9 +171,9 @@ class Conversation:
                 else:
                     self.messages.append(UserMessage(text=event.text))
             case AgentSay():
-                turn = self.turn(event.turn_id)
-                if event.seq < turn.next_seq:
-                    return  # a duplicate
+                turn = self.turn_of(event.turn_id)
+                if event.turn_id != turn.speech or event.seq < turn.next_seq:
+                    return  # a duplicate (or of an utterance closed before)
                 turn.says.append(event)
                 turn.spoken_last = turn.spoken_last or event.last
                 if event.turn_id == "t0":
@@ -118,18 +183,19 @@ class Conversation:
                     # it (sent before the brain learnt of it) was dropped by media, unplayed.
                     self._say(event.turn_id, event.text.strip())
             case AgentSpeechInterrupted():
-                turn = self.turn(event.turn_id)
+                turn = self.turn_of(event.turn_id)
                 turn.interrupted = True
                 self._replace_said(event.turn_id, event.played_text.strip())
             case ToolRequested():
-                turn = self.turn(event.turn_id)
+                turn = self.turn_of(event.turn_id)
                 turn.tools[event.tool_call_id] = event.name
+                turn.requested_in[event.tool_call_id] = turn.round
                 self.messages.append(ToolUse(id=event.tool_call_id, name=event.name,
                                              arguments=dict(event.arguments)))
             case ToolCompleted() | ToolFailed() | ToolDenied():
                 self._tool_outcome(event)
             case TurnCompleted():
-                self.turn(event.turn_id).completed = True
+                self.turn(event.turn_id).completions += 1
             case CallEnded():
                 self.ended = True
 
@@ -156,6 +222,18 @@ class Conversation:
         if owner is None or event.tool_call_id in owner.results:
             return
         owner.results.add(event.tool_call_id)
+        if not isinstance(event, ToolCompleted):
+            owner.failed.add(event.tool_call_id)
+        requested_in = owner.requested_in[event.tool_call_id]
+        if requested_in not in owner.new_speech_after and (
+                owner.spoken_last or owner.hands_off_in(requested_in)):
+            # The speech is closed, or will be (a hand-off's round closes it, perhaps stored
+            # after this outcome): what follows, if anything, is a new utterance.
+            owner.new_speech_after.add(requested_in)
+            speech = f"{owner.turn_id}.{len(owner.speeches)}"
+            owner.speeches.append(speech)
+            owner.spoken_last = False
+            self.speeches[speech] = owner.turn_id
         owner.round_starts.append(owner.next_seq)
         if isinstance(event, ToolCompleted):
             content = event.result if isinstance(event.result, str) else json.dumps(

@@ -8,8 +8,11 @@ the caller's history with us, the conversation), and streams the reply through t
 :class:`~parley.brain.llm.router.LlmRouter`. Text goes through the clause splitter and out as
 ``agent.say`` the moment each clause is complete; a tool call becomes ``tool.requested`` and the
 turn waits for its outcome; the end is ``turn.completed`` with token usage and time to first
-token. While a turn runs, the worker follows the call: ``agent.speech.interrupted`` for the turn
-or a newer ``turn.user_ended`` cancels it (the LLM stream is closed).
+token. A hand-off (``end_call``, ``transfer_call``) ends the turn at once, its speech closed;
+if it then fails, its outcome takes the turn up again like any tool's (the model tells the
+caller), as a new utterance (see :mod:`parley.brain.conversation`). While a turn runs, the
+worker follows the call: ``agent.speech.interrupted`` for the turn or a newer
+``turn.user_ended`` cancels it (the LLM stream is closed).
 
 Concurrency: an instance handles up to ``turn_concurrency`` units of work at once, keyed by call:
 different calls in parallel, one call's units one after another in stream order. So a newer turn
@@ -63,7 +66,7 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy, PubAck
 
-from parley.brain.conversation import Conversation, fold
+from parley.brain.conversation import HAND_OFFS, Conversation, fold
 from parley.brain.llm.base import (
     AssistantMessage,
     Done,
@@ -113,7 +116,9 @@ from parley.common.words import normalize_words as normalize
 
 log = logging.getLogger(__name__)
 
-TERMINAL_TOOLS = frozenset({"end_call", "transfer_call"})  # the turn ends with the call
+# Tool calls one turn may make: a model that keeps calling tools (a transfer it retries after
+# each refusal) would otherwise loop through billed requests until the caller speaks again.
+MAX_TOOL_CALLS_PER_TURN = 8
 HISTORY_CALLS = 256  # calls whose events an instance keeps between turns (least recent go)
 PROFILE_CALLS = 10_000  # calls whose caller profile an instance keeps (least recent go)
 _ID_NAMESPACE = uuid.UUID("0b7f5c1e-2f4d-4b8a-9a53-1c9f2e7d4a60")
@@ -329,6 +334,7 @@ class _Running:
     turn_id: str
     task: asyncio.Task[None]
     seq: int  # stream sequence of the event that started this run
+    speeches: frozenset[str]  # the ids the turn's utterances go out under (media's turn ids)
     cancelled_by: str = ""
 
     def cancel(self, reason: str) -> None:
@@ -513,9 +519,11 @@ class BrainWorker:
             owner = next((t for t in conversation.turns.values()
                           if event.tool_call_id in t.tools), None)
             if owner is None or owner.completed or owner.interrupted:
-                return
+                return  # (a failed hand-off leaves its turn not completed: it goes on)
             if owner.turn_id != conversation.latest_user_turn or owner.waiting_for_tools:
                 return  # the caller moved on, or other tools of the round are still out
+            if owner.handed_off:
+                return  # the call ended or moved on: nothing more to say
             await self._run(conversation, owner.turn_id, event, msg, final_text="")
 
     async def _follow(self, msg: Msg) -> None:
@@ -618,7 +626,8 @@ class BrainWorker:
         if previous is not None and previous.turn_id != turn_id:
             previous.cancel("newer turn")
         task = asyncio.create_task(self._turn(conversation, turn_id, cause, final_text))
-        running = _Running(turn_id, task, msg.metadata.sequence.stream)
+        running = _Running(turn_id, task, msg.metadata.sequence.stream,
+                           frozenset(conversation.turn(turn_id).speeches))
         self._running[call_id] = running
         ended = self._turn_ends.get(call_id)
         if ended is not None and ended[1] != turn_id and ended[0] > running.seq:
@@ -644,7 +653,7 @@ class BrainWorker:
         running = self._running.get(getattr(event, "call_id", ""))
         if running is None:
             return
-        if isinstance(event, AgentSpeechInterrupted) and event.turn_id == running.turn_id:
+        if isinstance(event, AgentSpeechInterrupted) and event.turn_id in running.speeches:
             running.cancel("interrupted")
         elif isinstance(event, TurnUserEnded) and event.turn_id != running.turn_id:
             running.cancel("newer turn")
@@ -720,7 +729,9 @@ class BrainWorker:
 
         splitter = ClauseSplitter()
         done: Done | None = None
-        terminal = False  # the agent is hanging up or transferring: nothing more to say
+        # The model's tool calls, requested once its response is complete (see below).
+        calls: list[ToolRequested] = []
+        speech = agent_turn.speech  # the utterance this round's clauses belong to
         # What this turn waited for the model's first token: its ttft for a fresh request,
         # less (often nothing) for a preemptive reply that was under way when the turn ended.
         llm_wait_ms: float | None = None
@@ -729,8 +740,8 @@ class BrainWorker:
             nonlocal seq
             if text.strip() or last:
                 pending.append(await bus.send(AgentSay(
-                    id=stable_id(call_id, turn_id, "say", seq), org_id=org_id,
-                    call_id=call_id, turn_id=turn_id, seq=seq, text=text.strip(), last=last,
+                    id=stable_id(call_id, speech, "say", seq), org_id=org_id,
+                    call_id=call_id, turn_id=speech, seq=seq, text=text.strip(), last=last,
                     causation_id=cause.id)))
                 seq += 1
 
@@ -762,11 +773,15 @@ class BrainWorker:
                         rest = splitter.flush()
                         if rest.strip():
                             await say(rest)
-                        pending.append(await bus.send(ToolRequested(
+                        if len(agent_turn.tools) + len(calls) >= MAX_TOOL_CALLS_PER_TURN:
+                            log.warning("call %s turn %s: %s not called: the turn has made %d "
+                                        "tool calls already", call_id, turn_id, item.name,
+                                        MAX_TOOL_CALLS_PER_TURN)
+                            continue
+                        calls.append(ToolRequested(
                             id=stable_id(call_id, turn_id, "tool", item.id), org_id=org_id,
-                            call_id=call_id, turn_id=turn_id, tool_call_id=item.id,
-                            name=item.name, arguments=item.arguments, causation_id=cause.id)))
-                        terminal = terminal or item.name in TERMINAL_TOOLS
+                            call_id=call_id, turn_id=speech, tool_call_id=item.id,
+                            name=item.name, arguments=item.arguments, causation_id=cause.id))
                     elif isinstance(item, Done):
                         done = item
                     elif isinstance(item, ProviderSwitched):
@@ -774,9 +789,17 @@ class BrainWorker:
                                     item.from_provider, item.to_provider, item.reason)
             finally:
                 await stream.aclose()
-        if done is not None and done.stop_reason == "tool_use" and not terminal:
+        # Requested together, once the response is complete: an outcome never arrives while
+        # another tool of the same response is still to be requested (and the round goes on
+        # without it).
+        for call in calls:
+            pending.append(await bus.send(call))
+        if calls and not any(call.name in HAND_OFFS for call in calls):
             await bus.acked(pending)
             return  # the turn goes on when the tool outcomes arrive
+        # The turn ends here (with a hand-off: unless it fails, and its outcome takes the turn
+        # up again). The last clause closes the speech, so media plays it out before the
+        # tools service hangs up or transfers.
         await say(splitter.flush(), last=True)
         await bus.acked(pending)
         await self._completed(conversation, turn_id, cause, done=done, round_no=round_no,
@@ -787,8 +810,11 @@ class BrainWorker:
                          done: Done | None = None, cancelled: bool = False, round_no: int = 0,
                          duration_ms: float = 0.0, llm_wait_ms: float = 0.0) -> None:
         usage = done.usage if done is not None else None
+        # One completion per time the turn is taken up (after a failed hand-off), each its own.
+        reopened = conversation.turn(turn_id).failed_hand_offs
+        key = ("completed", reopened) if reopened else ("completed",)
         await self.s.bus.publish(TurnCompleted(
-            id=stable_id(conversation.call_id, turn_id, "completed"),
+            id=stable_id(conversation.call_id, turn_id, *key),
             org_id=conversation.org_id, call_id=conversation.call_id, turn_id=turn_id,
             provider=done.provider if done else "", model="",
             usage=TokenUsage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,

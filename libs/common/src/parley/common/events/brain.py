@@ -17,7 +17,12 @@ class TurnStarted(CallEvent, frozen=True, kw_only=True, tag="turn.started"):
 
 
 class AgentSay(CallEvent, frozen=True, kw_only=True, tag="agent.say"):
-    """One clause for the agent to speak, in order; ``last`` closes the turn's speech."""
+    """One clause for the agent to speak, in order; ``last`` closes the turn's speech.
+
+    ``turn_id`` is the caller's turn it answers. A turn's speech closes with its hand-off
+    (``end_call``, ``transfer_call``); if the hand-off fails, what the agent says next in that
+    turn is a new utterance, ``<turn_id>.1`` (then ``.2``…), numbered from ``seq`` 0.
+    """
 
     turn_id: str
     seq: int
@@ -50,7 +55,12 @@ class TokenUsage(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class TurnCompleted(CallEvent, frozen=True, kw_only=True, tag="turn.completed"):
-    """The brain finished a turn."""
+    """The brain finished a turn.
+
+    A turn that hands off (``end_call``, ``transfer_call``) completes at once. If the hand-off
+    then fails, the brain takes the turn up again so the caller hears why, and the turn
+    completes once more (a second ``turn.completed`` with the same ``turn_id``).
+    """
 
     turn_id: str
     provider: str = ""
@@ -65,7 +75,11 @@ class TurnCompleted(CallEvent, frozen=True, kw_only=True, tag="turn.completed"):
 
 
 class ToolRequested(CallEvent, frozen=True, kw_only=True, tag="tool.requested"):
-    """The model asked to run a tool."""
+    """The model asked to run a tool.
+
+    ``turn_id`` names the utterance it follows (see ``agent.say``), whose audio the tools
+    service lets play before ``end_call`` or ``transfer_call`` acts.
+    """
 
     turn_id: str
     tool_call_id: str

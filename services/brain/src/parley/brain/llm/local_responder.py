@@ -18,7 +18,9 @@ answers:
   scores ``min_score`` or no sentence shares a content word, it says it will check and follow up:
   it never makes up a fact.
 
-When the conversation ends with a tool result, it phrases a reply from that result. Text comes
+When the conversation ends with a tool result, it phrases a reply from that result (a failed
+``transfer_call``: it cannot transfer now, someone will follow up — it never calls a tool in
+reply to a tool result, so a refused transfer is not tried again in a loop). Text comes
 out a few words per :class:`TextDelta` (so clause streaming downstream is exercised), then a
 :class:`Done` with zero usage and the chosen ``intent``.
 
@@ -254,13 +256,16 @@ def _phrase_tool_result(messages: Sequence[Any]) -> str:
     result: ToolResult = messages[-1]
     name = next((m.name for m in messages if isinstance(m, ToolUse)
                  and m.id == result.tool_use_id), "")
-    if name in ("end_call", "transfer_call"):
-        return ""  # the call is ending or moving on: nothing more to say
     try:
         content: Any = json.loads(result.content)
     except ValueError:
         content = result.content
     failed = result.is_error or (isinstance(content, dict) and content.get("ok") is False)
+    if name == "transfer_call" and failed:  # not retried: a refusal would only come again
+        return ("I'm sorry, I can't transfer you right now. Someone from our team will follow "
+                "up with you.")
+    if name in ("end_call", "transfer_call"):
+        return ""  # the call is ending or moving on (or would not end): nothing more to say
     if failed:
         return ("I'm sorry, I couldn't complete that just now. Someone from our team will "
                 "follow up with you.")
