@@ -2,6 +2,7 @@
 
 import asyncio
 import re
+import threading
 import time
 
 import numpy as np
@@ -16,6 +17,7 @@ from parley.media.providers.base import (
     SpeechStarted,
     UtteranceEnd,
 )
+from parley.media.providers.local import whisper_stt
 from parley.media.providers.local.whisper_stt import WhisperStt, WhisperSttStream, load_model
 from parley.media.vad import SegmenterSettings, SpeechSegmenter, WebRtcVad
 from services.media.tests.utterances import SILENCE_FRAME, frames, synthesise
@@ -258,3 +260,32 @@ async def test_no_more_streams_than_its_limit_and_room_again_once_one_closes():
     for stream in (second, third):
         await stream.close()
     assert stt.streams == 0
+
+
+async def test_a_final_does_not_wait_behind_other_calls_partials(speech):
+    # One decoder thread serves every call. In FIFO order a caller who stopped talking waited
+    # for the partial of every other caller still talking (~0.7 s each on two cores) before
+    # their final, and so their turn's end: up to 5 s with the 8 calls Whisper may take.
+    model = await asyncio.to_thread(load_model)
+    gate = threading.Event()
+    busy = whisper_stt._decoder().submit(gate.wait)  # another call's decode, in progress
+    await asyncio.sleep(0.1)
+    done = WhisperSttStream(model, vad=WebRtcVad(), segmenter=SpeechSegmenter())
+    talking = [WhisperSttStream(model, vad=AlwaysSpeech(), segmenter=SpeechSegmenter())
+               for _ in range(2)]
+    recorders = [Recorder(stream) for stream in (done, *talking)]
+    await feed(done, [SILENCE_FRAME] * 10 + speech["short"])  # its partial waits for the decoder
+    for stream in talking:
+        await feed(stream, speech["long"][:40])
+    await done.finalize()
+    await asyncio.sleep(0.1)
+    gate.set()
+    busy.result()
+    await recorders[0].wait_for(UtteranceEnd)
+    final_at = next(t for t, e in recorders[0].events if isinstance(e, Final))
+    for stream, recorder in zip(talking, recorders[1:], strict=True):
+        assert all(t > final_at for t, e in recorder.events if isinstance(e, Partial))
+        await feed(stream, speech["long"][40:60])  # they still get partials afterwards
+        await recorder.wait_for(Partial)
+    for recorder in recorders:
+        await recorder.close()

