@@ -1,9 +1,10 @@
+import asyncio
 import json
 
 import pytest
 
 from parley.common.configuration import update_agent
-from parley.common.events import AgentSay, AgentSpeechInterrupted
+from parley.common.events import AgentSay, AgentSpeechFinished, AgentSpeechInterrupted
 from parley.common.tools.builtin_specs import offered_builtins
 from parley.tools.builtins import KnowledgeQuery
 from parley.tools.outcomes import ToolError
@@ -139,6 +140,30 @@ async def test_transfer_to_a_number_the_agent_does_not_allow_is_refused(
     assert (await events.outcome(allowed.tool_call_id)).type == "tool.completed"
     assert received == [(f"parley.cmd.gateway.{call_id}.transfer",
                          {"to": "+14155550124", "mode": "cold"})]
+
+
+async def test_a_refused_transfer_does_not_wait_for_the_last_words(
+        bus, pool, service, events, gateway):
+    # "Let me transfer you to our front desk." is still playing: a target the agent may not dial
+    # fails at once, so the brain tells the caller meanwhile rather than after a silence. An
+    # allowed transfer still waits for the words to play out.
+    received, _ = gateway
+    await allow_transfers(pool, "+14155550123")
+    await service()
+    call_id = await start_call(bus)
+    await bus.publish(AgentSay(org_id=ORG, call_id=call_id, turn_id="t1", seq=0,
+                               text="Let me transfer you to our front desk.", last=True))
+    abroad = await request_tool(bus, call_id, "transfer_call", {"to": "+442071234567"})
+    failed = await events.outcome(abroad.tool_call_id, timeout=5.0)
+    assert failed.type == "tool.failed" and "not allowed for this agent" in failed.error
+
+    allowed = await request_tool(bus, call_id, "transfer_call", {"to": "+14155550123"})
+    await asyncio.sleep(0.5)
+    assert received == [] and not events.of("tool.completed", allowed.tool_call_id)
+    await bus.publish(AgentSpeechFinished(org_id=ORG, call_id=call_id, turn_id="t1"))
+    assert (await events.outcome(allowed.tool_call_id)).type == "tool.completed"
+    assert received == [(f"parley.cmd.gateway.{call_id}.transfer",
+                         {"to": "+14155550123", "mode": "cold"})]
 
 
 async def test_lookup_knowledge_without_a_knowledge_base_fails_clearly(bus, service, events):

@@ -4,7 +4,8 @@
 instance holding the call's socket (``parley.cmd.gateway.<call>.<verb>``, bodies as in
 ``parley.gateway.commands``). ``transfer_call`` goes only to one of the agent's
 ``transfer_numbers``, read when the transfer is asked for (the brain offers the tool pinned to
-them, but a model may still name another number); any other target fails without a command.
+them, but a model may still name another number); any other target fails without a command,
+and without waiting for the turn's last words to play (:meth:`Builtins.transfer_refusal`).
 ``end_call`` with ``reason`` "idle" is the brain's hang-up on a silent caller (``caller.idle``):
 the gateway ends the call with that reason, unless the caller spoke over the goodbye.
 ``lookup_knowledge`` calls the :data:`KnowledgeLookup` injected at start-up (the brain's
@@ -107,6 +108,16 @@ class Builtins:
                     raise ToolError(f"unknown built-in tool {name!r}")
         except ToolError as exc:
             return exc.outcome()
+
+    @staticmethod
+    async def transfer_refusal(conn: AsyncConnection[Any], call: CallContext,
+                               to: str) -> ToolOutcome | None:
+        """How a transfer to ``to`` fails, known before it waits for the last words; or None."""
+        try:
+            await check_transfer_target(conn, call, to)
+        except ToolError as exc:
+            return exc.outcome()
+        return None
 
     async def after_speech(self, org_id: str, call_id: str, turn_id: str, *,
                            timeout_s: float = 20.0) -> bool:

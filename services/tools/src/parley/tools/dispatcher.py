@@ -179,14 +179,7 @@ class Dispatcher:
                                               tool_call_id=request.tool_call_id,
                                               allow_private=allow_private)
             else:
-                interrupted = False
-                if tool.name in ("end_call", "transfer_call"):  # let the last words play
-                    interrupted = await self.builtins.after_speech(
-                        call.org_id, call.call_id, request.turn_id)
-                async with self.pool.connection() as conn:
-                    outcome = await self.builtins.run(conn, tool.name, request.arguments, call,
-                                                      request.tool_call_id,
-                                                      goodbye_interrupted=interrupted)
+                outcome = await self._run_builtin(request, call, tool)
         except Exception as exc:  # a bug or an outage: report it, never re-run (see journal)
             log.exception("tool %s (%s) crashed", request.name, request.tool_call_id)
             outcome = ToolOutcome.failure(
@@ -194,6 +187,24 @@ class Dispatcher:
         elapsed = time.perf_counter() - started
         self._latency.observe(elapsed)
         await self._report(request, outcome, elapsed * 1000)
+
+    async def _run_builtin(self, request: ToolRequested, call: CallContext,
+                           tool: ToolSpec) -> ToolOutcome:
+        interrupted = False
+        if tool.name in ("end_call", "transfer_call"):
+            if tool.name == "transfer_call":
+                # A transfer that will be refused fails at once, while its last words still
+                # play: the brain tells the caller meanwhile, not after them and a silence.
+                async with self.pool.connection() as conn:
+                    refusal = await self.builtins.transfer_refusal(conn, call,
+                                                                   request.arguments["to"])
+                if refusal is not None:
+                    return refusal
+            interrupted = await self.builtins.after_speech(  # let the last words play
+                call.org_id, call.call_id, request.turn_id)
+        async with self.pool.connection() as conn:  # (a transfer target is checked again)
+            return await self.builtins.run(conn, tool.name, request.arguments, call,
+                                           request.tool_call_id, goodbye_interrupted=interrupted)
 
     async def _report(self, request: ToolRequested, outcome: ToolOutcome,
                       latency_ms: float) -> None:
