@@ -105,6 +105,17 @@ async def test_control_characters_in_a_clause_are_skipped_not_fatal(tts):
     assert [w.text for c in chunks if c.clause == 0 for w in c.words][-1] == "dollars."
 
 
+async def test_double_brackets_are_read_as_words_not_phonemes(tts):
+    # Piper takes [[...]] for raw phonemes: "A7B9C4" is none, so the code was never spoken.
+    async def seconds(text: str) -> float:
+        stream = await tts.open()
+        await stream.say(text, last=True)
+        return sum(len(c.audio) for c in await asyncio.wait_for(collect(stream), 30)) / RATE
+
+    plain, bracketed = await seconds("Code A7B9C4."), await seconds("Code [[A7B9C4]].")
+    assert bracketed > 0.8 * plain, (bracketed, plain)
+
+
 async def test_say_after_last_is_an_error(tts):
     stream = await tts.open()
     await stream.say("Goodbye.", last=True)

@@ -34,6 +34,7 @@ _VOICED_FRACTION = 0.02
 _END = None  # queue sentinel
 # Nothing a voice can say, and fatal to espeak-ng: a NUL ends Piper's call into it with "embedded
 # null character", a lone surrogate fails its UTF-8 encoding. Control characters become spaces.
+_PHONEME_BLOCK_START = re.compile(r"\[(?=\[)")  # a "[" that another follows (see _synthesise)
 _UNSPEAKABLE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
 
 _voices: dict[Path, PiperVoice] = {}
@@ -168,11 +169,14 @@ class PiperTtsStream:
         text = _UNSPEAKABLE.sub(" ", text)
         if self._cancelled.is_set() or not text.strip():
             return
+        # Piper reads text between [[ and ]] as raw phonemes: "[[A7]]" was silence, and
+        # "[[customer name]]" letters as sounds. A space after each such "[" keeps them words.
+        spoken = _PHONEME_BLOCK_START.sub("[ ", text)
         voice = self._voice
-        sentences = voice.phonemize(text)
+        sentences = voice.phonemize(spoken)
         word_groups = _split_words(sentences, text)
         offset_s = 0.0
-        for index, piece in enumerate(voice.synthesize(text, syn_config=self._config)):
+        for index, piece in enumerate(voice.synthesize(spoken, syn_config=self._config)):
             if self._cancelled.is_set():
                 return
             audio = resample(piece.audio_float_array, piece.sample_rate, OUTPUT_RATE)
