@@ -18,6 +18,12 @@ outcome of a hand-off's round on, the turn's clauses go out under its next *spee
 (``t3.1``, numbered from 0), which the fold maps back to the turn. A turn is completed once it
 has one ``turn.completed`` more than failed hand-offs. Both hold whatever order the outcome,
 the closing clause and the completion are stored in.
+
+*Idle turns* (``i0``, ``i1``…) are the agent's own, not the caller's: the prompt to a caller who
+went silent, or the goodbye before hanging up on them, one per ``caller.idle``. What they say is
+history like any clause (the model knows it asked); their hang-up is not the model's tool call
+and stays out of its messages. The fold counts what the caller did (speech starts, key presses,
+turns) so an idle turn the caller has spoken since can be told apart.
 """
 
 from __future__ import annotations
@@ -30,10 +36,13 @@ from parley.brain.llm.base import AssistantMessage, Message, ToolResult, ToolUse
 from parley.common.events import (
     AgentSay,
     AgentSpeechInterrupted,
+    CallDtmf,
     CallEnded,
+    CallerIdle,
     CallRequested,
     CallStreamStarted,
     Event,
+    SpeechStarted,
     ToolCompleted,
     ToolDenied,
     ToolFailed,
@@ -140,6 +149,8 @@ class Conversation:
     ended: bool = False
     events: int = 0
     speeches: dict[str, str] = field(default_factory=dict)  # later speech id → its turn id
+    caller_moves: int = 0  # the caller's speech starts, key presses and turns so far
+    idle_turns: dict[str, int] = field(default_factory=dict)  # idle turn → caller_moves then
 
     def turn(self, turn_id: str) -> AgentTurn:
         """The agent's side of ``turn_id`` (created empty)."""
@@ -147,6 +158,10 @@ class Conversation:
         if found is None:
             found = self.turns[turn_id] = AgentTurn(turn_id)
         return found
+
+    def caller_moved_since(self, idle_turn: str) -> bool:
+        """Whether the caller spoke or pressed a key after media asked for ``idle_turn``."""
+        return self.caller_moves > self.idle_turns.get(idle_turn, self.caller_moves)
 
     def turn_of(self, speech_id: str) -> AgentTurn:
         """The turn whose utterance ``speech_id`` is (the turn's own id included)."""
@@ -165,6 +180,7 @@ class Conversation:
                 self.agent_id = self.agent_id or event.agent_id
             case TurnUserEnded():
                 self.latest_user_turn = event.turn_id
+                self.caller_moves += 1
                 last = self.messages[-1] if self.messages else None
                 if event.revises and isinstance(last, UserMessage):
                     self.messages[-1] = UserMessage(text=event.text)  # nothing heard between
@@ -190,12 +206,17 @@ class Conversation:
                 turn = self.turn_of(event.turn_id)
                 turn.tools[event.tool_call_id] = event.name
                 turn.requested_in[event.tool_call_id] = turn.round
-                self.messages.append(ToolUse(id=event.tool_call_id, name=event.name,
-                                             arguments=dict(event.arguments)))
+                if turn.turn_id not in self.idle_turns:  # an idle hang-up is not the model's
+                    self.messages.append(ToolUse(id=event.tool_call_id, name=event.name,
+                                                 arguments=dict(event.arguments)))
             case ToolCompleted() | ToolFailed() | ToolDenied():
                 self._tool_outcome(event)
             case TurnCompleted():
                 self.turn(event.turn_id).completions += 1
+            case CallerIdle():
+                self.idle_turns.setdefault(event.turn_id, self.caller_moves)
+            case SpeechStarted() | CallDtmf():
+                self.caller_moves += 1
             case CallEnded():
                 self.ended = True
 
@@ -247,7 +268,8 @@ class Conversation:
         else:
             result = ToolResult(tool_use_id=event.tool_call_id, is_error=True,
                                 content=f"denied by {event.denied_by}: {event.reason}".strip())
-        self.messages.append(result)
+        if owner.turn_id not in self.idle_turns:
+            self.messages.append(result)
 
     def llm_messages(self) -> tuple[Message, ...]:
         """The conversation for the model: agent text as plain assistant messages."""

@@ -14,6 +14,10 @@ caller), as a new utterance (see :mod:`parley.brain.conversation`). While a turn
 worker follows the call: ``agent.speech.interrupted`` for the turn or a newer
 ``turn.user_ended`` cancels it (the LLM stream is closed).
 
+A caller who went silent (``caller.idle``, from media's idle clock) gets a fixed prompt, or a
+goodbye and the idle hang-up (``end_call`` with reason "idle"), in an agent turn of its own
+(``i0``, ``i1``…): no model request, and nothing if the caller has spoken since.
+
 Concurrency: an instance handles up to ``turn_concurrency`` units of work at once, keyed by call:
 different calls in parallel, one call's units one after another in stream order. So a newer turn
 of a call waits for the older one's handler, which the newer ``turn.user_ended`` cancels at once
@@ -92,6 +96,7 @@ from parley.common.events import (
     AgentSay,
     AgentSpeechInterrupted,
     CallEnded,
+    CallerIdle,
     CallRequested,
     CallStreamStarted,
     Event,
@@ -122,6 +127,11 @@ MAX_TOOL_CALLS_PER_TURN = 8
 HISTORY_CALLS = 256  # calls whose events an instance keeps between turns (least recent go)
 PROFILE_CALLS = 10_000  # calls whose caller profile an instance keeps (least recent go)
 _ID_NAMESPACE = uuid.UUID("0b7f5c1e-2f4d-4b8a-9a53-1c9f2e7d4a60")
+
+# What the agent says to a caller silent for the agent's idle_prompt_s / idle_hangup_s
+# (caller.idle). Fixed, not the model's: said at once, the same by every instance.
+IDLE_PROMPT = "Are you still there?"
+IDLE_GOODBYE = "I haven't heard anything for a while, so I'll end the call now. Goodbye!"
 
 GROUNDING = (
     "Answer only from the knowledge given with the caller's words and from tool results. If the "
@@ -359,7 +369,7 @@ class BrainWorker:
             durable="brain-turns",
             filter_subjects=[events_of_type(t) for t in (
                 "turn.user_ended", "call.stream_started", "tool.completed", "tool.failed",
-                "tool.denied")],
+                "tool.denied", "caller.idle")],
             ack_wait_s=5.0, max_deliver=6, max_ack_pending=512), self._handle,
             concurrency=services.turn_concurrency, key=lambda e: getattr(e, "call_id", ""))
         # call → (stream sequence, turn id) of its latest turn.user_ended the follower saw
@@ -525,6 +535,8 @@ class BrainWorker:
             if owner.handed_off:
                 return  # the call ended or moved on: nothing more to say
             await self._run(conversation, owner.turn_id, event, msg, final_text="")
+        elif isinstance(event, CallerIdle):
+            await self._idle(conversation, event)
 
     async def _follow(self, msg: Msg) -> None:
         """Append a live event to its call's cached history, if that call is cached."""
@@ -616,6 +628,35 @@ class BrainWorker:
                 id=stable_id(event.call_id, "t0", "say", 0), org_id=event.org_id,
                 call_id=event.call_id, turn_id="t0", seq=0, text=settings.greeting.strip(),
                 last=True, causation_id=event.id))
+
+    async def _idle(self, conversation: Conversation, event: CallerIdle) -> None:
+        """The caller has been silent: ask whether they are there, or say goodbye and hang up.
+
+        In the agent turn media named (``i<n>``), with fixed words: no model is asked. Each step
+        is published once, as the fold does not show it yet, under an id any instance gives it,
+        so a redelivery (or another instance after this one died) adds nothing; the goodbye is
+        stored before the hang-up, which the tools service carries out once it has played
+        (``end_call`` with reason "idle", so ``call.ended`` says so). Not if the caller spoke
+        or pressed a key since media counted the silence: it counts a new one.
+        """
+        if conversation.caller_moved_since(event.turn_id):
+            return
+        bus, call_id, org_id, turn_id = self.s.bus, event.call_id, event.org_id, event.turn_id
+        turn = conversation.turn(turn_id)
+        hang_up = event.action == "hangup"
+        if not turn.says:
+            await bus.publish(AgentSay(
+                id=stable_id(call_id, turn_id, "say", 0), org_id=org_id, call_id=call_id,
+                turn_id=turn_id, seq=0, text=IDLE_GOODBYE if hang_up else IDLE_PROMPT,
+                last=True, causation_id=event.id))
+        if hang_up and not turn.tools:
+            tool_call_id = f"{turn_id}_end_call"
+            await bus.publish(ToolRequested(
+                id=stable_id(call_id, turn_id, "tool", tool_call_id), org_id=org_id,
+                call_id=call_id, turn_id=turn_id, tool_call_id=tool_call_id, name="end_call",
+                arguments={"reason": "idle"}, causation_id=event.id))
+        log.info("call %s: caller silent %.1f s: %s (%s)", call_id, event.silent_s,
+                 "goodbye and hang-up" if hang_up else "prompt", turn_id)
 
     # ------------------------------------------------------------------ a turn
 
