@@ -401,7 +401,10 @@ async def _platform_overhead(ctx: Any, result: BenchResult, *, ahead: bool = Tru
     warmup_s, measure_s = (4.0, 8.0) if ctx.quick else (6.0, 20.0)
     bus = await ctx.servers.clean_bus("bench-e2e")
     database_url = await ctx.servers.fresh_database(fsync=True)
-    await _configure(database_url, AgentSettings(record=False, max_duration_s=3600, greeting=""))
+    # No idle prompts or hang-ups: the calls are measured turn by turn, and a caller whose
+    # burst got no words (or a call opened long before its first burst) is not a silent caller.
+    await _configure(database_url, AgentSettings(record=False, max_duration_s=3600, greeting="",
+                                                 idle_prompt_s=0, idle_hangup_s=0))
     root = Path(tempfile.mkdtemp(prefix="parley-bench-e2e-", dir="/tmp"))
     nats_url = ctx.servers.nats().url
     env = _base_env(nats_url, database_url)
@@ -586,7 +589,7 @@ async def _voice_to_voice(ctx: Any, result: BenchResult) -> None:
     calls, turns_per_call = (1, 3) if ctx.quick else (3, 4)
     bus = await ctx.servers.clean_bus("bench-e2e-v2v")
     database_url = await ctx.servers.fresh_database(fsync=True)
-    settings = AgentSettings(record=False, max_duration_s=600)
+    settings = AgentSettings(record=False, max_duration_s=600, idle_prompt_s=0, idle_hangup_s=0)
     await _configure(database_url, settings)
     root = Path(tempfile.mkdtemp(prefix="parley-bench-e2e-v2v-", dir="/tmp"))
     nats_url = ctx.servers.nats().url

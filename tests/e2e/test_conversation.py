@@ -256,11 +256,13 @@ async def test_barge_in_and_dtmf_across_every_service(platform: Platform, everyt
 
     async with await psycopg.AsyncConnection.connect(platform.database_url,
                                                      autocommit=True) as conn:
+        # No idle prompt in the quiet seconds before the key press (tests/e2e/test_idle.py).
         await conn.execute(
             "UPDATE agents SET settings = settings || %s::jsonb WHERE agent_id = 'reception'",
-            ('{"interruption_mode": "any", "greeting": "Thank you for calling Bright Smile '
-             'Dental, the friendliest dental office in town, where we look after the whole '
-             'family from the first tooth to the last. How can I help you today?"}',))
+            ('{"interruption_mode": "any", "idle_prompt_s": 0, "idle_hangup_s": 0, '
+             '"greeting": "Thank you for calling Bright Smile Dental, the friendliest dental '
+             'office in town, where we look after the whole family from the first tooth to the '
+             'last. How can I help you today?"}',))
     interruption = await synthesise("Sorry, what are your opening hours?")
     simulator = CallerSimulator(
         gateway_url=platform.gateway_url, auth_token=AUTH_TOKEN, from_number=CALLER,
