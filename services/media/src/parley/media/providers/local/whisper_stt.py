@@ -68,6 +68,9 @@ from parley.media.vad import (
 
 PROVIDER = "whisper"
 MAX_SEGMENT_MS = 25_000  # Whisper sees 30 s windows; cut long monologues before that
+# ...at a pause once they are this long: a cut mid-word loses or garbles the word.
+PAUSED_SEGMENT_MS = 20_000
+PAUSE_MS = 3 * FRAME_MS  # shorter, and a fricative ("s" of "seven") passed for a pause
 EARLY_FINAL_MS = 60  # silence after speech before the final decode starts (see the docstring)
 # Whisper drops a segment it thinks is no speech only if its tokens are also unlikely (avg log
 # prob below -1.0). On breathing into the handset, which the VAD takes for speech, tiny.en says
@@ -322,7 +325,9 @@ class WhisperSttStream:
                 self._early = None  # the caller goes on: that early decode is stale
             else:
                 self._silent_ms += FRAME_MS
-            if len(self._frames) * FRAME_MS >= MAX_SEGMENT_MS:
+            length_ms = len(self._frames) * FRAME_MS
+            if length_ms >= MAX_SEGMENT_MS or (
+                    length_ms >= PAUSED_SEGMENT_MS and self._silent_ms >= PAUSE_MS):
                 self._end_segment(self._segmenter.flush())
             elif self._silent_ms == self._early_final_ms and self._early is None:
                 self._early = _Job(self._segment, np.concatenate(self._frames),
