@@ -124,6 +124,15 @@ async def test_say_after_last_is_an_error(tts):
     await asyncio.wait_for(collect(stream), 30)
 
 
+async def test_another_synthesisers_voice_gets_the_bundled_voice(tts):
+    # An agent has one voice setting, a Cartesia voice id when Cartesia speaks for it. Piper
+    # took that id for a file path and refused it ("voice model not found", permanent): when
+    # Cartesia failed there was no fallback, and the turn went silent.
+    stream = await tts.open(voice="6ccbfb76-1fc6-48f7-b71d-91ac6298247b")
+    await stream.say("Okay.", last=True)
+    assert await asyncio.wait_for(collect(stream), 30)
+
+
 async def test_only_english_and_existing_voices(tts, tmp_path):
     with pytest.raises(ProviderError) as error:
         await tts.open(language="fr-FR")

@@ -94,11 +94,15 @@ class PiperTts:
         await asyncio.to_thread(load_voice, self._model_path)
 
     async def open(self, *, voice: str = "", language: str = "en-US") -> PiperTtsStream:
-        """Start a turn; ``voice`` may name another Piper ``.onnx`` file (default: bundled)."""
+        """Start a turn; ``voice`` may name another Piper ``.onnx`` file (default: bundled).
+
+        Any other ``voice`` is another synthesiser's (the agent's one voice setting, e.g. a
+        Cartesia voice id while Piper stands in for Cartesia): the bundled voice speaks instead.
+        """
         if not language.lower().startswith("en"):
             raise ProviderError(PROVIDER, f"the bundled voice speaks English, not {language}",
                                 permanent=True)
-        path = Path(voice) if voice else self._model_path
+        path = Path(voice) if voice.endswith(".onnx") else self._model_path
         loaded = await asyncio.to_thread(load_voice, path)
         return PiperTtsStream(loaded, self._config)
 
