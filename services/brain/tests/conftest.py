@@ -80,8 +80,8 @@ def services(bus, pool, providers, **overrides: Any) -> BrainServices:
         return ""
 
     return BrainServices(bus=bus, router=LlmRouter(providers, filler_after_ms=None),
-                         agents=agents, tools=tools, retrieve=knowledge, profile=profile,
-                         **overrides)
+                         **{"agents": agents, "tools": tools, "retrieve": knowledge,
+                            "profile": profile, **overrides})
 
 
 async def open_call(bus, call_id: str) -> None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
+
 from parley.brain.conversation import fold
 from parley.brain.llm.anthropic_llm import AnthropicLlm
-from parley.brain.worker import IDLE_GOODBYE, IDLE_PROMPT, BrainWorker
+from parley.brain.worker import BrainWorker
+from parley.common.configuration import AgentSettings
 from parley.common.events import (
     AgentSay,
     AgentSpeechInterrupted,
@@ -18,7 +21,9 @@ from parley.common.events import (
 )
 from parley.devkit.emulators.anthropic import ScriptedReply
 
-from .conftest import ORG, open_call, services, user_says
+from .conftest import ORG, SETTINGS, open_call, services, user_says
+
+IDLE_PROMPT, IDLE_GOODBYE = SETTINGS.idle_prompt, SETTINGS.idle_goodbye
 
 
 def idle(call_id: str, turn_id: str, action: str, silent_s: float) -> CallerIdle:
@@ -113,6 +118,30 @@ async def test_a_prompt_the_caller_spoke_before_is_not_said(bus, pool, emulator,
         assert [e.turn_id for e in recorder.of("agent.say", "idle3")
                 if e.turn_id.startswith("i")] == []
         assert not recorder.of("tool.requested", "idle3") and not conversation.ended
+    finally:
+        await worker.stop()
+        await llm.aclose()
+
+
+async def test_the_agents_own_words_in_its_language(bus, pool, emulator, recorder) -> None:
+    """A Spanish agent asks and says goodbye in Spanish: the words are the agent's settings."""
+    spanish = msgspec.structs.replace(
+        SETTINGS, language="es-ES", idle_prompt="¿Sigue ahí?",
+        idle_goodbye="No le oigo, así que voy a colgar. ¡Adiós!")
+
+    async def agents(org_id: str, agent_id: str) -> AgentSettings:
+        return spanish
+
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(services(bus, pool, [llm], agents=agents))
+    await worker.start()
+    try:
+        await open_call(bus, "idle9")
+        await bus.publish(idle("idle9", "i0", "prompt", 8.0))
+        await bus.publish(idle("idle9", "i1", "hangup", 30.0))
+        await recorder.wait("tool.requested", "idle9")
+        said = {e.turn_id: e.text for e in recorder.of("agent.say", "idle9")}
+        assert (said["i0"], said["i1"]) == (spanish.idle_prompt, spanish.idle_goodbye)
     finally:
         await worker.stop()
         await llm.aclose()

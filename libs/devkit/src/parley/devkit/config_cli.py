@@ -39,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add.add_argument("name")
     add.add_argument("--id", dest="agent_id")
     for field in ("prompt", "greeting", "voice", "language", "pipeline", "interruption-mode",
-                  "interruption-sensitivity", "machine-policy", "voicemail-message"):
+                  "interruption-sensitivity", "machine-policy", "voicemail-message",
+                  "idle-prompt", "idle-goodbye"):
         add.add_argument(f"--{field}")
     add.add_argument("--max-duration-s", type=int)
     add.add_argument("--transfer-number", action="append", dest="transfer_numbers",

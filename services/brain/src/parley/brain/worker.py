@@ -14,9 +14,10 @@ caller), as a new utterance (see :mod:`parley.brain.conversation`). While a turn
 worker follows the call: ``agent.speech.interrupted`` for the turn or a newer
 ``turn.user_ended`` cancels it (the LLM stream is closed).
 
-A caller who went silent (``caller.idle``, from media's idle clock) gets a fixed prompt, or a
-goodbye and the idle hang-up (``end_call`` with reason "idle"), in an agent turn of its own
-(``i0``, ``i1``…): no model request, and nothing if the caller has spoken since.
+A caller who went silent (``caller.idle``, from media's idle clock) gets the agent's
+``idle_prompt``, or its ``idle_goodbye`` and the idle hang-up (``end_call`` with reason
+"idle"), in an agent turn of its own (``i0``, ``i1``…): no model request, and nothing if the
+caller has spoken since.
 
 Concurrency: an instance handles up to ``turn_concurrency`` units of work at once, keyed by call:
 different calls in parallel, one call's units one after another in stream order. So a newer turn
@@ -128,10 +129,6 @@ HISTORY_CALLS = 256  # calls whose events an instance keeps between turns (least
 PROFILE_CALLS = 10_000  # calls whose caller profile an instance keeps (least recent go)
 _ID_NAMESPACE = uuid.UUID("0b7f5c1e-2f4d-4b8a-9a53-1c9f2e7d4a60")
 
-# What the agent says to a caller silent for the agent's idle_prompt_s / idle_hangup_s
-# (caller.idle). Fixed, not the model's: said at once, the same by every instance.
-IDLE_PROMPT = "Are you still there?"
-IDLE_GOODBYE = "I haven't heard anything for a while, so I'll end the call now. Goodbye!"
 
 GROUNDING = (
     "Answer only from the knowledge given with the caller's words and from tool results. If the "
@@ -632,7 +629,8 @@ class BrainWorker:
     async def _idle(self, conversation: Conversation, event: CallerIdle) -> None:
         """The caller has been silent: ask whether they are there, or say goodbye and hang up.
 
-        In the agent turn media named (``i<n>``), with fixed words: no model is asked. Each step
+        In the agent turn media named (``i<n>``), with the words of the agent's settings
+        (``idle_prompt``, ``idle_goodbye``): no model is asked. Each step
         is published once, as the fold does not show it yet, under an id any instance gives it,
         so a redelivery (or another instance after this one died) adds nothing; the goodbye is
         stored before the hang-up, which the tools service carries out once it has played
@@ -645,9 +643,11 @@ class BrainWorker:
         turn = conversation.turn(turn_id)
         hang_up = event.action == "hangup"
         if not turn.says:
+            settings = await self.s.agents(org_id, conversation.agent_id)
             await bus.publish(AgentSay(
                 id=stable_id(call_id, turn_id, "say", 0), org_id=org_id, call_id=call_id,
-                turn_id=turn_id, seq=0, text=IDLE_GOODBYE if hang_up else IDLE_PROMPT,
+                turn_id=turn_id, seq=0,
+                text=(settings.idle_goodbye if hang_up else settings.idle_prompt).strip(),
                 last=True, causation_id=event.id))
         if hang_up and not turn.tools:
             tool_call_id = f"{turn_id}_end_call"
