@@ -4,7 +4,13 @@ import json
 import pytest
 
 from parley.common.configuration import update_agent
-from parley.common.events import AgentSay, AgentSpeechFinished, AgentSpeechInterrupted
+from parley.common.events import (
+    AgentSay,
+    AgentSpeechFinished,
+    AgentSpeechInterrupted,
+    CallDtmf,
+    SpeechStarted,
+)
 from parley.common.tools.builtin_specs import offered_builtins
 from parley.tools.builtins import KnowledgeQuery
 from parley.tools.outcomes import ToolError
@@ -75,6 +81,27 @@ async def test_an_idle_hang_up_the_caller_spoke_over_does_not_happen(
     asked = await request_tool(bus, call_id, "end_call")
     assert (await events.outcome(asked.tool_call_id)).type == "tool.completed"
     assert received == [(f"parley.cmd.gateway.{call_id}.hangup", {"reason": "agent_hangup"})]
+
+
+@pytest.mark.parametrize("reply", ["speech", "key"])
+async def test_an_idle_hang_up_the_caller_answered_without_barging_in_does_not_happen(
+        bus, service, events, gateway, reply):
+    # An agent whose interruption_mode is "none" or "dtmf" (or a caller who says only "yeah",
+    # a backchannel): the caller answers the goodbye ("wait, I'm here!") or presses a key, but
+    # does not interrupt it, so it plays out (agent.speech.finished). The caller is there all
+    # the same: the call goes on.
+    received, _ = gateway
+    await service()
+    call_id = await start_call(bus)
+    await bus.publish(AgentSay(org_id=ORG, call_id=call_id, turn_id="t1", seq=0,
+                               text="I'll end the call now. Goodbye!", last=True))
+    await bus.publish(SpeechStarted(org_id=ORG, call_id=call_id, offset_ms=31_000)
+                      if reply == "speech" else CallDtmf(org_id=ORG, call_id=call_id, digit="1"))
+    await bus.publish(AgentSpeechFinished(org_id=ORG, call_id=call_id, turn_id="t1"))
+    idle = await request_tool(bus, call_id, "end_call", {"reason": "idle"})
+    failed = await events.outcome(idle.tool_call_id)
+    assert failed.type == "tool.failed" and "the call goes on" in failed.error
+    assert received == []
 
 
 async def test_end_call_on_a_call_no_gateway_holds_fails(bus, service, events):

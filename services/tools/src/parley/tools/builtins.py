@@ -7,7 +7,8 @@ instance holding the call's socket (``parley.cmd.gateway.<call>.<verb>``, bodies
 them, but a model may still name another number); any other target fails without a command,
 and without waiting for the turn's last words to play (:meth:`Builtins.transfer_refusal`).
 ``end_call`` with ``reason`` "idle" is the brain's hang-up on a silent caller (``caller.idle``):
-the gateway ends the call with that reason, unless the caller spoke over the goodbye.
+the gateway ends the call with that reason, unless the caller spoke or pressed a key since
+the goodbye began (barging in or not).
 ``lookup_knowledge`` calls the :data:`KnowledgeLookup` injected at start-up (the brain's
 retrieval); without one it fails with a clear message.
 ``schedule_callback`` stores a row in ``tool_callbacks``.
@@ -29,7 +30,15 @@ from psycopg import AsyncConnection
 
 from parley.common.bus import Bus, command_subject
 from parley.common.configuration.repository import get_agent
-from parley.common.events import AgentSay, AgentSpeechFinished, AgentSpeechInterrupted
+from parley.common.events import (
+    AgentSay,
+    AgentSpeechFinished,
+    AgentSpeechInterrupted,
+    CallDtmf,
+    CallerIdle,
+    SpeechStarted,
+    TurnUserEnded,
+)
 
 from .call_context import CallContext
 from .outcomes import ToolError, ToolOutcome
@@ -73,20 +82,20 @@ class Builtins:
 
     async def run(self, conn: AsyncConnection[Any], name: str, arguments: dict[str, Any],
                   call: CallContext, tool_call_id: str, *,
-                  goodbye_interrupted: bool = False) -> ToolOutcome:
+                  caller_answered: bool = False) -> ToolOutcome:
         """Run one built-in with validated arguments.
 
-        ``goodbye_interrupted``: the caller spoke over the turn's last words (see
-        :meth:`after_speech`). An idle hang-up (``end_call`` with reason "idle") then does not
-        happen: the caller is there after all.
+        ``caller_answered``: the caller spoke, pressed a key or barged in since the turn's
+        last words began (see :meth:`after_speech`). An idle hang-up (``end_call`` with reason
+        "idle") then does not happen: the caller is there after all.
         """
         try:
             match name:
                 case "end_call":
                     reason = arguments.get("reason", "agent_hangup")
-                    if reason == "idle" and goodbye_interrupted:
-                        raise ToolError("not hung up: the caller spoke over the goodbye, so "
-                                        "the call goes on")
+                    if reason == "idle" and caller_answered:
+                        raise ToolError("not hung up: the caller spoke or pressed a key during "
+                                        "the goodbye, so the call goes on")
                     await self._command(call.call_id, "hangup", {"reason": reason})
                     return ToolOutcome.success({"ok": True, "detail": "the call is ending"})
                 case "transfer_call":
@@ -126,30 +135,40 @@ class Builtins:
         ``end_call`` and ``transfer_call`` come with a last sentence ("Goodbye!"); acting at
         once would cut it off. The wait ends on ``agent.speech.finished`` or
         ``agent.speech.interrupted`` of the turn, and after ``timeout_s`` in any case; a turn
-        that said nothing is not waited for. True if the caller interrupted it.
+        that said nothing is not waited for.
+
+        True if the caller answered it: interrupted it, or spoke or pressed a key (a turn, in
+        the managed pipeline) since the turn began (its ``caller.idle`` or first clause), even
+        without interrupting — an agent whose interruption mode is "none" or "dtmf", or a
+        caller's "yeah" (a backchannel), lets the words play out over the caller.
         """
         if not turn_id:
             return False
         done = asyncio.Event()
-        interrupted = False
+        answered = began = False
 
-        def check(event: Any) -> None:
-            nonlocal interrupted
-            if isinstance(event, AgentSpeechFinished | AgentSpeechInterrupted) and (
+        def check(event: Any, *, live: bool) -> None:
+            nonlocal answered, began
+            if isinstance(event, AgentSay | CallerIdle) and event.turn_id == turn_id:
+                began = True
+            elif isinstance(event, SpeechStarted | CallDtmf | TurnUserEnded) and (
+                    began or live):  # a live event comes after the turn's clauses
+                answered = True
+            elif isinstance(event, AgentSpeechFinished | AgentSpeechInterrupted) and (
                     event.turn_id == turn_id):
-                interrupted = interrupted or isinstance(event, AgentSpeechInterrupted)
+                answered = answered or isinstance(event, AgentSpeechInterrupted)
                 done.set()
 
         bus = Bus(self.nc)
 
         async def on_event(event: Any) -> None:
-            check(event)
+            check(event, live=True)
 
         sub = await bus.subscribe_call(call_id, on_event, org_id=org_id)
         try:
             spoke = False  # the turn said something (the brain says it before the tool call)
             for event in await bus.replay_call(call_id, org_id=org_id):
-                check(event)
+                check(event, live=False)
                 spoke = spoke or (isinstance(event, AgentSay) and event.turn_id == turn_id
                                   and bool(event.text.strip()))
             if not spoke:
@@ -158,7 +177,7 @@ class Builtins:
                 await asyncio.wait_for(done.wait(), timeout_s)
         finally:
             await sub.unsubscribe()
-        return interrupted
+        return answered
 
     async def _command(self, call_id: str, verb: str, body: dict[str, Any]) -> None:
         try:

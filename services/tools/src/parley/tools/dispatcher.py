@@ -190,7 +190,7 @@ class Dispatcher:
 
     async def _run_builtin(self, request: ToolRequested, call: CallContext,
                            tool: ToolSpec) -> ToolOutcome:
-        interrupted = False
+        answered = False
         if tool.name in ("end_call", "transfer_call"):
             if tool.name == "transfer_call":
                 # A transfer that will be refused fails at once, while its last words still
@@ -200,11 +200,11 @@ class Dispatcher:
                                                                    request.arguments["to"])
                 if refusal is not None:
                     return refusal
-            interrupted = await self.builtins.after_speech(  # let the last words play
+            answered = await self.builtins.after_speech(  # let the last words play
                 call.org_id, call.call_id, request.turn_id)
         async with self.pool.connection() as conn:  # (a transfer target is checked again)
             return await self.builtins.run(conn, tool.name, request.arguments, call,
-                                           request.tool_call_id, goodbye_interrupted=interrupted)
+                                           request.tool_call_id, caller_answered=answered)
 
     async def _report(self, request: ToolRequested, outcome: ToolOutcome,
                       latency_ms: float) -> None:
