@@ -17,6 +17,7 @@ from parley.common.bus import Bus
 from parley.common.configuration.models import AgentSettings
 from parley.common.events import (
     AgentSay,
+    AgentSpeechFinished,
     AgentSpeechProgress,
     CallDtmf,
     CallerIdle,
@@ -275,3 +276,30 @@ async def test_a_successor_goes_on_with_the_silence_it_took_over(bus) -> None:
         assert await third.idle() == [prompt, hangup]
     finally:
         await second.close()
+
+
+async def test_a_successors_goodbye_is_reported_played(bus) -> None:
+    # A answered the caller (t1 played) and handed the call over; the caller stays silent and
+    # B plays the idle goodbye, still within A's caller turn. The tools service hangs up once
+    # it reads the goodbye's agent.speech.finished: B's must be stored, not taken by JetStream
+    # for a repeat of A's (ids counted per session, per caller turn, collided), which left the
+    # caller 20 s of dead air before the hang-up.
+    first = Call(bus, "call-idle-8", QUIET_CALLER)
+    await first.caller_turn("Thanks, that's all I needed.")
+    await first.agent_says("t1", "You're welcome!")
+    await first.played("t1")
+    await first.close()
+    second = Call(bus, "call-idle-8", QUIET_CALLER)
+    try:
+        second.session._history = {}
+        for event in await bus.replay_call("call-idle-8", org_id=ORG):
+            second.session._catch_up(event)
+        await second.session._caught_up()
+        second.session.turn_no = first.session.turn_no  # as the lease resumes it
+        await second.agent_says("i0", "Goodbye!")
+        await second.played("i0")
+    finally:
+        await second.close()
+    finished = [e.turn_id for e in await bus.replay_call("call-idle-8", org_id=ORG)
+                if isinstance(e, AgentSpeechFinished)]
+    assert finished == ["t1", "i0"]

@@ -778,8 +778,12 @@ class CallSession:
             return
         if turn.audio.finished and not turn.interrupted:
             self._answered(turn.turn_id)
+            # Keyed by the agent turn, as started and interrupted are: several agent turns can
+            # finish within one caller turn (an idle prompt and goodbye, what follows a failed
+            # hand-off), and an ordinal counted per session would give a successor's the id
+            # of its predecessor's, which JetStream then drops as a repeat.
             await self._publish(AgentSpeechFinished, "agent.speech.finished",
-                                turn_id=turn.turn_id)
+                                turn_id=turn.turn_id, key=(turn.turn_id,))
 
     # ------------------------------------------------------------------ speaking
 
