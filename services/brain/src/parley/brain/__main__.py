@@ -4,26 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
+from parley.brain.agents import AgentLookups
 from parley.brain.api import create_app
 from parley.brain.config import BrainConfig
 from parley.brain.knowledge import retrieve
 from parley.brain.knowledge_rpc import KnowledgeResponder, search_in
 from parley.brain.llm.anthropic_llm import AnthropicLlm
-from parley.brain.llm.base import LlmProvider, ToolSpec
+from parley.brain.llm.base import LlmProvider
 from parley.brain.llm.local_responder import LocalResponder
 from parley.brain.llm.openai_compat import OpenAICompatLlm
 from parley.brain.llm.router import LlmRouter
 from parley.brain.worker import BrainServices, BrainWorker
-from parley.common.configuration.models import AgentSettings
-from parley.common.configuration.repository import get_agent
 from parley.common.service import ServiceContext, serve
-from parley.common.tools import agent_tool_specs
 
 log = logging.getLogger("parley.brain")
 
@@ -57,36 +54,11 @@ async def run(ctx: ServiceContext[BrainConfig], stop: asyncio.Event) -> None:
     speculations = ctx.metrics.counter(
         "brain_preemptive", "Speculative replies by outcome (adopted, discarded, superseded, "
         "caller spoke, call ended, unclaimed, expired, stopped)", ["outcome"])
-    cache: dict[str, tuple[float, AgentSettings]] = {}
     # Autocommit: the brain's reads are single statements, and a transaction around each would
     # add a BEGIN and a COMMIT round trip to every lookup (writes use conn.transaction()).
     async with AsyncConnectionPool(config.database_url, min_size=2, max_size=8,
                                    kwargs={"autocommit": True}, open=False) as pool:
-
-        async def agents(org_id: str, agent_id: str) -> AgentSettings:
-            hit = cache.get(agent_id)
-            if hit is not None and time.monotonic() - hit[0] < config.agent_cache_s:
-                return hit[1]
-            async with pool.connection() as conn:
-                agent = await get_agent(conn, agent_id, org_id=org_id) if agent_id else None
-            settings = agent.settings if agent is not None else AgentSettings()
-            cache[agent_id] = (time.monotonic(), settings)
-            return settings
-
-        tool_cache: dict[str, tuple[float, list[ToolSpec]]] = {}
-
-        async def tools(org_id: str, agent_id: str) -> list[ToolSpec]:
-            if not agent_id:
-                return []
-            hit = tool_cache.get(agent_id)
-            if hit is not None and time.monotonic() - hit[0] < config.agent_cache_s:
-                return hit[1]
-            async with pool.connection() as conn:
-                specs = await agent_tool_specs(conn, org_id, agent_id)
-            found = [ToolSpec(name=s.name, description=s.description, input_schema=s.parameters)
-                     for s in specs]
-            tool_cache[agent_id] = (time.monotonic(), found)
-            return found
+        lookups = AgentLookups(pool, keep_s=config.agent_cache_s)
 
         async def knowledge(org_id: str, agent_id: str, query: str) -> list[Any]:
             return await retrieve(pool, org_id, agent_id or None, query, k=config.knowledge_k)
@@ -102,7 +74,8 @@ async def run(ctx: ServiceContext[BrainConfig], stop: asyncio.Event) -> None:
             return f"has called {count} time(s) before, last on {last:%Y-%m-%d}."
 
         worker = BrainWorker(BrainServices(
-            bus=ctx.bus, router=router, agents=agents, tools=tools, retrieve=knowledge,
+            bus=ctx.bus, router=router, agents=lookups.settings, tools=lookups.tools,
+            retrieve=knowledge,
             profile=profile, instance=config.instance_id or "brain",
             turn_deadline_s=config.turn_deadline_s, turn_concurrency=config.turn_concurrency,
             preemptive=config.preemptive_generation,
