@@ -156,3 +156,12 @@ async def test_transfer_numbers_are_e164_and_none_by_default(conn) -> None:
     for bad in ("4155550123", "+1 415 555 0123", "+14155550123\n", "+0123456789"):
         with pytest.raises(ConfigurationError, match="transfer_numbers"):
             await update_agent(conn, "acme", "reception", {"transfer_numbers": [bad]})
+
+
+@pytest.mark.parametrize("field", ["idle_prompt", "idle_goodbye"])
+@pytest.mark.parametrize("words", ["", "   ", "\n\t"])
+def test_idle_words_must_be_words(field: str, words: str) -> None:
+    """Spaces alone would be said as nothing: a silent goodbye, then the hang-up."""
+    with pytest.raises(msgspec.ValidationError, match=field):
+        msgspec.convert({field: words}, AgentSettings)
+    assert getattr(msgspec.convert({field: " Hola? "}, AgentSettings), field) == " Hola? "

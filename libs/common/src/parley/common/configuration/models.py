@@ -40,10 +40,11 @@ class AgentSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     idle_prompt_s: Annotated[float, msgspec.Meta(ge=0)] = 8.0
     idle_hangup_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     # What the agent says to a caller silent for idle_prompt_s, and before it hangs up at
-    # idle_hangup_s (in the agent's language: no model writes them).
-    idle_prompt: Annotated[str, msgspec.Meta(min_length=1, max_length=500)] = (
+    # idle_hangup_s (in the agent's language: no model writes them). Words, not only spaces,
+    # which would be said as nothing (a silent goodbye, then the hang-up).
+    idle_prompt: Annotated[str, msgspec.Meta(max_length=500, pattern=r"\S")] = (
         "Are you still there?")
-    idle_goodbye: Annotated[str, msgspec.Meta(min_length=1, max_length=500)] = (
+    idle_goodbye: Annotated[str, msgspec.Meta(max_length=500, pattern=r"\S")] = (
         "I haven't heard anything for a while, so I'll end the call now. Goodbye!")
     machine_policy: MachinePolicy = "hangup"
     voicemail_message: str = ""
