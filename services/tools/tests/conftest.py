@@ -218,8 +218,9 @@ async def start_call(bus, *, org=ORG, agent=AGENT) -> str:
 
 
 async def request_tool(bus, call_id: str, name: str, arguments: dict[str, Any] | None = None,
-                       *, org=ORG, tool_call_id: str | None = None) -> ToolRequested:
-    event = ToolRequested(org_id=org, call_id=call_id, turn_id="t1",
+                       *, org=ORG, tool_call_id: str | None = None,
+                       turn_id: str = "t1") -> ToolRequested:
+    event = ToolRequested(org_id=org, call_id=call_id, turn_id=turn_id,
                           tool_call_id=tool_call_id or f"toolu_{next(_ids)}", name=name,
                           arguments=arguments or {})
     await bus.publish(event)

@@ -77,10 +77,35 @@ async def test_an_idle_hang_up_the_caller_spoke_over_does_not_happen(
     failed = await events.outcome(idle.tool_call_id)
     assert failed.type == "tool.failed" and "the call goes on" in failed.error
     assert received == []
-    # The model's own end_call hangs up all the same: it decided with what it heard.
-    asked = await request_tool(bus, call_id, "end_call")
+    # The model, having heard the caller out, says goodbye again and hangs up in its turn.
+    await bus.publish(AgentSay(org_id=ORG, call_id=call_id, turn_id="t2", seq=0,
+                               text="Glad you're there. Goodbye!", last=True))
+    await bus.publish(AgentSpeechFinished(org_id=ORG, call_id=call_id, turn_id="t2"))
+    asked = await request_tool(bus, call_id, "end_call", turn_id="t2")
     assert (await events.outcome(asked.tool_call_id)).type == "tool.completed"
     assert received == [(f"parley.cmd.gateway.{call_id}.hangup", {"reason": "agent_hangup"})]
+
+
+@pytest.mark.parametrize("tool", ["end_call", "transfer_call"])
+async def test_a_hand_off_whose_last_words_the_caller_interrupted_does_not_happen(
+        bus, pool, service, events, gateway, tool):
+    # "Thanks for calling. Goodbye!" — "Wait, one more thing!": the caller barged in on the
+    # model's goodbye (or on "Let me transfer you"), so they are not done: no hang-up, no
+    # transfer; the model answers them in their turn and reads why.
+    received, _ = gateway
+    await allow_transfers(pool, "+14155550123")
+    await service()
+    call_id = await start_call(bus)
+    await bus.publish(AgentSay(org_id=ORG, call_id=call_id, turn_id="t1", seq=0,
+                               text="Thanks for calling. Goodbye!", last=True))
+    await bus.publish(AgentSpeechInterrupted(org_id=ORG, call_id=call_id, turn_id="t1",
+                                             played_text="Thanks for calling."))
+    request = await request_tool(bus, call_id, tool,
+                                 {"to": "+14155550123"} if tool == "transfer_call" else {})
+    failed = await events.outcome(request.tool_call_id)
+    assert failed.type == "tool.failed" and "the caller interrupted" in failed.error
+    assert not failed.retryable
+    assert received == []
 
 
 @pytest.mark.parametrize("reply", ["speech", "key"])

@@ -8,7 +8,9 @@ them, but a model may still name another number); any other target fails without
 and without waiting for the turn's last words to play (:meth:`Builtins.transfer_refusal`).
 ``end_call`` with ``reason`` "idle" is the brain's hang-up on a silent caller (``caller.idle``):
 the gateway ends the call with that reason, unless the caller spoke or pressed a key since
-the goodbye began (barging in or not).
+the goodbye began (barging in or not). Any ``end_call`` or ``transfer_call`` whose last words
+the caller interrupted ("Goodbye!" — "wait, one more thing") does not happen either: the
+caller is not done, and the model answers them in their turn, knowing why.
 ``lookup_knowledge`` calls the :data:`KnowledgeLookup` injected at start-up (the brain's
 retrieval); without one it fails with a clear message.
 ``schedule_callback`` stores a row in ``tool_callbacks``.
@@ -71,6 +73,16 @@ class _Reply(msgspec.Struct):
 _reply = msgspec.json.Decoder(_Reply)
 
 
+class LastWords(msgspec.Struct, frozen=True):
+    """How the caller met a turn's last words (see :meth:`Builtins.after_speech`)."""
+
+    answered: bool = False  # spoke, pressed a key or barged in since they began
+    interrupted: bool = False  # barged in: agent.speech.interrupted of the turn
+
+
+UNANSWERED = LastWords()  # nothing to wait for, or the caller let the words play
+
+
 class Builtins:
     """Runs built-in tools for one service instance."""
 
@@ -82,23 +94,30 @@ class Builtins:
 
     async def run(self, conn: AsyncConnection[Any], name: str, arguments: dict[str, Any],
                   call: CallContext, tool_call_id: str, *,
-                  caller_answered: bool = False) -> ToolOutcome:
+                  last_words: LastWords = UNANSWERED) -> ToolOutcome:
         """Run one built-in with validated arguments.
 
-        ``caller_answered``: the caller spoke, pressed a key or barged in since the turn's
-        last words began (see :meth:`after_speech`). An idle hang-up (``end_call`` with reason
-        "idle") then does not happen: the caller is there after all.
+        ``last_words``: how the caller met the turn's last words (see :meth:`after_speech`).
+        A hand-off whose last words they interrupted does not happen, nor an idle hang-up
+        (``end_call`` with reason "idle") they answered at all: the caller is there after all.
         """
         try:
             match name:
                 case "end_call":
                     reason = arguments.get("reason", "agent_hangup")
-                    if reason == "idle" and caller_answered:
+                    if reason == "idle" and last_words.answered:
                         raise ToolError("not hung up: the caller spoke or pressed a key during "
                                         "the goodbye, so the call goes on")
+                    if last_words.interrupted:
+                        raise ToolError("not hung up: the caller interrupted the goodbye, so "
+                                        "the call goes on; answer what they say")
                     await self._command(call.call_id, "hangup", {"reason": reason})
                     return ToolOutcome.success({"ok": True, "detail": "the call is ending"})
                 case "transfer_call":
+                    if last_words.interrupted:
+                        raise ToolError("not transferred: the caller interrupted before the "
+                                        "transfer; answer what they say, and transfer only if "
+                                        "they still want it")
                     await check_transfer_target(conn, call, arguments["to"])
                     await self._command(call.call_id, "transfer",
                                         {"to": arguments["to"], "mode": "cold"})
@@ -129,7 +148,7 @@ class Builtins:
         return None
 
     async def after_speech(self, org_id: str, call_id: str, turn_id: str, *,
-                           timeout_s: float = 20.0) -> bool:
+                           timeout_s: float = 20.0) -> LastWords:
         """Wait until the agent's audio of ``turn_id`` has played (or was cut off).
 
         ``end_call`` and ``transfer_call`` come with a last sentence ("Goodbye!"); acting at
@@ -137,18 +156,19 @@ class Builtins:
         ``agent.speech.interrupted`` of the turn, and after ``timeout_s`` in any case; a turn
         that said nothing is not waited for.
 
-        True if the caller answered it: interrupted it, or spoke or pressed a key (a turn, in
-        the managed pipeline) since the turn began (its ``caller.idle`` or first clause), even
+        ``answered`` if the caller interrupted it, or spoke or pressed a key (a turn, in the
+        managed pipeline) since the turn began (its ``caller.idle`` or first clause), even
         without interrupting — an agent whose interruption mode is "none" or "dtmf", or a
-        caller's "yeah" (a backchannel), lets the words play out over the caller.
+        caller's "yeah" (a backchannel), lets the words play out over the caller;
+        ``interrupted`` if they barged in (``agent.speech.interrupted``).
         """
         if not turn_id:
-            return False
+            return UNANSWERED
         done = asyncio.Event()
-        answered = began = False
+        answered = began = interrupted = False
 
         def check(event: Any, *, live: bool) -> None:
-            nonlocal answered, began
+            nonlocal answered, began, interrupted
             if isinstance(event, AgentSay | CallerIdle) and event.turn_id == turn_id:
                 began = True
             elif isinstance(event, SpeechStarted | CallDtmf | TurnUserEnded) and (
@@ -156,7 +176,8 @@ class Builtins:
                 answered = True
             elif isinstance(event, AgentSpeechFinished | AgentSpeechInterrupted) and (
                     event.turn_id == turn_id):
-                answered = answered or isinstance(event, AgentSpeechInterrupted)
+                interrupted = interrupted or isinstance(event, AgentSpeechInterrupted)
+                answered = answered or interrupted
                 done.set()
 
         bus = Bus(self.nc)
@@ -172,12 +193,12 @@ class Builtins:
                 spoke = spoke or (isinstance(event, AgentSay) and event.turn_id == turn_id
                                   and bool(event.text.strip()))
             if not spoke:
-                return False
+                return UNANSWERED
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), timeout_s)
         finally:
             await sub.unsubscribe()
-        return answered
+        return LastWords(answered=answered, interrupted=interrupted)
 
     async def _command(self, call_id: str, verb: str, body: dict[str, Any]) -> None:
         try:

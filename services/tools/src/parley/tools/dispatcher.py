@@ -37,7 +37,7 @@ from parley.common.tools.definitions import (
 from parley.common.tools.repository import allows_private_targets, get_secrets, get_tool
 
 from . import journal
-from .builtins import Builtins
+from .builtins import UNANSWERED, Builtins
 from .call_context import CallContext, CallDirectory
 from .http_tool import run_http_tool
 from .outcomes import ToolOutcome, without_nul
@@ -190,7 +190,7 @@ class Dispatcher:
 
     async def _run_builtin(self, request: ToolRequested, call: CallContext,
                            tool: ToolSpec) -> ToolOutcome:
-        answered = False
+        last_words = UNANSWERED
         if tool.name in ("end_call", "transfer_call"):
             if tool.name == "transfer_call":
                 # A transfer that will be refused fails at once, while its last words still
@@ -200,11 +200,11 @@ class Dispatcher:
                                                                    request.arguments["to"])
                 if refusal is not None:
                     return refusal
-            answered = await self.builtins.after_speech(  # let the last words play
+            last_words = await self.builtins.after_speech(  # let the last words play
                 call.org_id, call.call_id, request.turn_id)
         async with self.pool.connection() as conn:  # (a transfer target is checked again)
             return await self.builtins.run(conn, tool.name, request.arguments, call,
-                                           request.tool_call_id, caller_answered=answered)
+                                           request.tool_call_id, last_words=last_words)
 
     async def _report(self, request: ToolRequested, outcome: ToolOutcome,
                       latency_ms: float) -> None:
