@@ -272,9 +272,31 @@ class Conversation:
             self.messages.append(result)
 
     def llm_messages(self) -> tuple[Message, ...]:
-        """The conversation for the model: agent text as plain assistant messages."""
-        return tuple(AssistantMessage(text=m.text) if isinstance(m, _TurnText) else m
-                     for m in self.messages)
+        """The conversation for the model: agent text as plain assistant messages.
+
+        Each tool use is answered right after it, as the APIs require: by its result wherever
+        the fold stored it (an outcome can come after the caller's next words: an approval
+        that takes a minute, a slow tool), or, while it has none, by a note that it is still
+        running.
+        """
+        results = {m.tool_use_id: m for m in self.messages if isinstance(m, ToolResult)}
+        out: list[Message] = []
+        unanswered: list[str] = []  # the uses just passed, whose results come next
+
+        def answer() -> None:
+            out.extend(results.get(tool_id) or ToolResult(tool_use_id=tool_id, content=(
+                "still running: its result is not in yet")) for tool_id in unanswered)
+            unanswered.clear()
+
+        for m in self.messages:
+            if isinstance(m, ToolUse):
+                out.append(m)
+                unanswered.append(m.id)
+            elif not isinstance(m, ToolResult):
+                answer()
+                out.append(AssistantMessage(text=m.text) if isinstance(m, _TurnText) else m)
+        answer()
+        return tuple(out)
 
 
 class _TurnText(AssistantMessage, frozen=True, kw_only=True, tag="assistant"):
