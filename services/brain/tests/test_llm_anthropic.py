@@ -285,3 +285,21 @@ async def test_the_emulator_answers_non_streamed_requests(emulator: AnthropicEmu
     assert [block.type for block in message.content] == ["text", "tool_use"]
     assert message.content[1].input == {"day": "Friday"}  # type: ignore[union-attr]
     assert message.usage.output_tokens == 3  # "Booked." + '{"day": "Friday"}' in words
+
+
+async def test_the_emulator_refuses_a_tool_use_not_answered_at_once_as_the_api_does(
+        emulator: AnthropicEmulator, claude: AnthropicLlm) -> None:
+    use = ToolUse(id="toolu_1", name="book_appointment", arguments={"day": "Friday"})
+    result = ToolResult(tool_use_id="toolu_1", content='{"ok": true}')
+    for messages in [
+        (UserMessage(text="Book Friday."), use, UserMessage(text="Hello?")),  # no result
+        (UserMessage(text="Book Friday."), use, UserMessage(text="Hello?"),
+         AssistantMessage(text="Still checking."), result),  # a result after other words
+    ]:
+        with pytest.raises(LlmError) as refused:
+            await collect(claude, LlmRequest(system=SYSTEM, messages=messages, tools=(BOOK,)))
+        assert refused.value.status == 400 and not refused.value.retryable
+        assert "tool_use" in str(refused.value)
+    events = await collect(claude, LlmRequest(system=SYSTEM, tools=(BOOK,), messages=(
+        UserMessage(text="Book Friday."), use, result)))
+    assert isinstance(events[-1], Done)

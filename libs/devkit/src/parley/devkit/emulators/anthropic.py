@@ -318,6 +318,34 @@ def _invalid(body: Any) -> str | None:
     roles = [m["role"] for m in body["messages"]]
     if any(a == b for a, b in zip(roles, roles[1:], strict=False)):
         return "messages: roles must alternate between user and assistant"
+    return _unpaired_tool_blocks(body["messages"])
+
+
+def _blocks(message: dict[str, Any], kind: str, key: str) -> list[Any]:
+    content = message.get("content")
+    return [block.get(key) for block in content if isinstance(block, dict)
+            and block.get("type") == kind] if isinstance(content, list) else []
+
+
+def _unpaired_tool_blocks(messages: list[dict[str, Any]]) -> str | None:
+    """The API's rule: a message's tool uses are answered by results in the very next one."""
+    for index, message in enumerate(messages):
+        following = messages[index + 1] if index + 1 < len(messages) else None
+        used = _blocks(message, "tool_use", "id")
+        answered = _blocks(following, "tool_result", "tool_use_id") if following else []
+        missing = [tool_id for tool_id in used if tool_id not in answered]
+        if used and following is not None and missing:
+            return (f"messages.{index + 1}: `tool_use` ids were found without `tool_result` "
+                    f"blocks immediately after: {', '.join(map(str, missing))}. Each "
+                    "`tool_use` block must have a corresponding `tool_result` block in the next "
+                    "message.")
+        previous = _blocks(messages[index - 1], "tool_use", "id") if index else []
+        stray = [tool_id for tool_id in _blocks(message, "tool_result", "tool_use_id")
+                 if tool_id not in previous]
+        if stray:
+            return (f"messages.{index}.content: unexpected `tool_use_id` found in "
+                    f"`tool_result` blocks: {', '.join(map(str, stray))}. Each `tool_result` "
+                    "block must have a corresponding `tool_use` block in the previous message.")
     return None
 
 
