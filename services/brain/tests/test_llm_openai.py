@@ -119,3 +119,21 @@ async def test_errors_are_classified(emulator: OpenAICompatEmulator,
     assert caught.value.status == 401 and not caught.value.retryable
     assert "Incorrect API key" in caught.value.message
     await wrong.aclose()
+
+
+async def test_the_emulator_refuses_tool_calls_not_answered_at_once_as_the_api_does(
+        emulator: OpenAICompatEmulator, llm: OpenAICompatLlm) -> None:
+    system = SystemPrompt(text="You help with orders.")
+    use = ToolUse(id="call_1", name="lookup_order", arguments={"order": "42"})
+    result = ToolResult(tool_use_id="call_1", content='{"status": "shipped"}')
+    for messages in [
+        (UserMessage(text="Where is order 42?"), use, UserMessage(text="Hello?")),
+        (UserMessage(text="Where is order 42?"), use, UserMessage(text="Hello?"),
+         AssistantMessage(text="Still looking."), result),
+    ]:
+        with pytest.raises(LlmError) as refused:
+            await collect(llm, LlmRequest(system=system, messages=messages, tools=(LOOKUP,)))
+        assert refused.value.status == 400 and "tool" in str(refused.value)
+    events = await collect(llm, LlmRequest(system=system, tools=(LOOKUP,), messages=(
+        UserMessage(text="Where is order 42?"), use, result)))
+    assert isinstance(events[-1], Done)

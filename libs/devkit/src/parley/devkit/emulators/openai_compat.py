@@ -73,6 +73,9 @@ class OpenAICompatEmulator(EmulatorServer):
             return _error(400, "We could not parse the JSON body of your request.")
         if not isinstance(body, dict) or not body.get("messages") or not body.get("model"):
             return _error(400, "'model' and 'messages' are required")
+        problem = _unanswered_tool_calls(body["messages"])
+        if problem:
+            return _error(400, problem)
         self.requests.append(body)
         status = self.faults.take_failure()
         if status is not None:
@@ -159,3 +162,32 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _unanswered_tool_calls(messages: Any) -> str | None:
+    """OpenAI's rule: an assistant's tool calls are answered by ``tool`` messages right after.
+
+    Its wording: every ``tool_call_id`` needs a response before any other message, and a
+    ``tool`` message must answer a tool call of the assistant message before it.
+    """
+    if not isinstance(messages, list):
+        return "'messages' must be an array"
+    waiting: list[str] = []  # the tool calls of the last assistant message not answered yet
+    open_calls: set[str] = set()
+    for message in messages:
+        role = message.get("role") if isinstance(message, dict) else None
+        if role == "tool":
+            tool_id = message.get("tool_call_id")
+            if tool_id not in open_calls:
+                return ("Invalid parameter: messages with role 'tool' must be a response to a "
+                        "preceeding message with 'tool_calls'.")
+            waiting = [w for w in waiting if w != tool_id]
+            continue
+        if waiting:
+            return ("An assistant message with 'tool_calls' must be followed by tool messages "
+                    "responding to each 'tool_call_id'. The following tool_call_ids did not "
+                    f"have response messages: {', '.join(waiting)}")
+        calls = message.get("tool_calls") if role == "assistant" else None
+        waiting = [str(c.get("id")) for c in calls or [] if isinstance(c, dict)]
+        open_calls = set(waiting)
+    return None
