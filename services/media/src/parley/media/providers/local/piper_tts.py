@@ -97,12 +97,16 @@ class PiperTts:
         """Start a turn; ``voice`` may name another Piper ``.onnx`` file (default: bundled).
 
         Any other ``voice`` is another synthesiser's (the agent's one voice setting, e.g. a
-        Cartesia voice id while Piper stands in for Cartesia): the bundled voice speaks instead.
+        Cartesia voice id while Piper stands in for Cartesia): the bundled voice speaks instead,
+        and only for an English-speaking agent. A voice file of the agent's own speaks whatever
+        language it was trained in.
         """
-        if not language.lower().startswith("en"):
-            raise ProviderError(PROVIDER, f"the bundled voice speaks English, not {language}",
+        own = voice.endswith(".onnx")
+        if not own and not language.lower().startswith("en"):
+            raise ProviderError(PROVIDER, f"the bundled voice speaks English, not {language}; "
+                                "give the agent a Piper voice (.onnx) in its language",
                                 permanent=True)
-        path = Path(voice) if voice.endswith(".onnx") else self._model_path
+        path = Path(voice) if own else self._model_path
         loaded = await asyncio.to_thread(load_voice, path)
         return PiperTtsStream(loaded, self._config)
 
