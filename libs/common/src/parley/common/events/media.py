@@ -105,7 +105,8 @@ class CallerIdle(CallEvent, frozen=True, kw_only=True, tag="caller.idle"):
     whether the caller is still there) and ``idle_hangup_s`` (``action`` "hangup": the brain says
     goodbye and ends the call, ``call.ended`` reason "idle"). ``silent_s`` counts only the silence
     after the agent's audio ended with no caller turn waiting for its answer (the prompt's own
-    audio not counted); caller speech or a key press starts it again from 0.
+    audio not counted); caller speech, a key press, a caller turn or new agent audio (other
+    than the prompt) start it again from 0.
     """
 
     turn_id: str  # the agent turn the brain says it in: "i0", "i1"… (one per caller.idle)
