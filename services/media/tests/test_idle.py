@@ -22,7 +22,7 @@ def test_prompt_then_hang_up_counting_only_silence() -> None:
     # The prompt plays for 2 s: the count pauses, it does not start over.
     assert run(clock, 11000, busy=True, start_ms=9100) == []
     assert run(clock, 40000, start_ms=11100) == [(32000, "hangup")]
-    assert run(clock, 60000, start_ms=40100) == []  # once
+    assert run(clock, 46000, start_ms=40100) == []  # once (a hang-up ends the call)
 
 
 def test_a_reset_starts_the_silence_and_the_prompt_over() -> None:
@@ -39,3 +39,15 @@ def test_zero_is_off_and_a_hang_up_due_first_comes_without_the_prompt() -> None:
     assert run(IdleClock(IdleSettings(prompt_ms=2000, hangup_ms=0)), 9000) == [(2000, "prompt")]
     assert run(IdleClock(IdleSettings(prompt_ms=2000, hangup_ms=2000)), 9000) == [
         (2000, "hangup")]
+
+
+def test_a_hang_up_that_left_the_line_silent_is_asked_for_again() -> None:
+    # The gateway timed out on the hang-up (not the caller answering: that resets the clock).
+    # The line stays silent: the hang-up is asked for again after each further retry interval,
+    # the goodbye's own audio not counted, and never the prompt again.
+    clock = IdleClock(IdleSettings(prompt_ms=8000, hangup_ms=30000, hangup_retry_ms=15000))
+    assert run(clock, 30000) == [(8000, "prompt"), (30000, "hangup")]
+    assert run(clock, 34000, busy=True, start_ms=30100) == []  # the goodbye plays
+    assert run(clock, 65000, start_ms=34100) == [(49000, "hangup"), (64000, "hangup")]
+    clock.reset()  # the caller spoke after all: a silence of its own, prompt first
+    assert run(clock, 100000, start_ms=65100) == [(73000, "prompt"), (95000, "hangup")]

@@ -303,3 +303,35 @@ async def test_a_successors_goodbye_is_reported_played(bus) -> None:
     finished = [e.turn_id for e in await bus.replay_call("call-idle-8", org_id=ORG)
                 if isinstance(e, AgentSpeechFinished)]
     assert finished == ["t1", "i0"]
+
+
+async def test_a_hang_up_that_did_not_happen_is_asked_for_again(bus) -> None:
+    # The goodbye played, but the gateway timed out on the hang-up (or refused it): the caller
+    # did not answer, the line stays open and silent. It is hung up on after all, not left open
+    # until max_duration_s: another caller.idle hangup (the next ordinal) after a further
+    # interval of silence, by this session or a successor that took the call over.
+    call = Call(bus, "call-idle-9", AgentSettings(greeting="", idle_prompt_s=0,
+                                                  idle_hangup_s=1.0))
+    retry_s = 15.0  # IdleSettings.hangup_retry_ms
+    try:
+        assert await call.silence_until_idle(2.0) is not None
+        await call.agent_says("i0", "Goodbye!")
+        await call.played("i0")
+        took = await call.silence_until_idle(retry_s + 1.0)
+        assert took is not None and retry_s - TICK <= took <= retry_s + TICK
+        assert [(e.turn_id, e.action, e.silent_s) for e in await call.idle()] == [
+            ("i0", "hangup", 1.0), ("i1", "hangup", 1.0 + retry_s)]
+    finally:
+        await call.close()
+    successor = Call(bus, "call-idle-9", AgentSettings(greeting="", idle_prompt_s=0,
+                                                       idle_hangup_s=1.0))
+    try:
+        successor.session._history = {}
+        for event in await bus.replay_call("call-idle-9", org_id=ORG):
+            successor.session._catch_up(event)
+        await successor.session._caught_up()
+        took = await successor.silence_until_idle(retry_s + 1.0)
+        assert took is not None and retry_s - TICK <= took <= retry_s + TICK
+        assert [(e.turn_id, e.action) for e in await successor.idle()][2:] == [("i2", "hangup")]
+    finally:
+        await successor.close()

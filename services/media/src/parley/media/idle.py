@@ -13,6 +13,13 @@ hang-up comes ``hangup_ms`` of silence after the agent last spoke, not counting 
 Caller speech, a key press, a caller turn or new agent audio other than the prompt start the
 silence over (:meth:`IdleClock.reset`). 0 turns either off; a hang-up due no later than the
 prompt comes without it.
+
+A hang-up that worked ends the call, and one the caller answered starts the silence over; one
+that failed otherwise (the gateway timed out or refused) leaves the line open and silent. So the
+hang-up is asked for again after each further ``hangup_retry_ms`` of silence (its goodbye's audio
+not counted, as the prompt's is not): a dead line is still hung up on, once the gateway obeys,
+and a hang-up still under way (the tools service waits at most its command timeout, 5 s) is not
+asked for twice.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ class IdleSettings:
 
     prompt_ms: int = 8000  # 0: never prompt
     hangup_ms: int = 30000  # 0: never hang up
+    hangup_retry_ms: int = 15000  # a hang-up that did not end the call: the next, after this
 
     @property
     def enabled(self) -> bool:
@@ -43,13 +51,19 @@ class IdleClock:
         self.settings = settings
         self.silent_ms = 0  # silence counted since the last reset
         self.prompted = False  # the prompt was asked for in this silence
-        self.hung_up = False  # the hang-up was asked for in this silence
+        self.hangup_due_ms = settings.hangup_ms  # when (in silent_ms) the next hang-up is due
         self._last_ms: int | None = None
 
     def reset(self) -> None:
         """Someone spoke (or pressed a key): the silence starts over."""
         self.silent_ms = 0
-        self.prompted = self.hung_up = False
+        self.prompted = False
+        self.hangup_due_ms = self.settings.hangup_ms
+
+    def hung_up(self, at_ms: int) -> None:
+        """A hang-up was asked for at ``at_ms`` of silence: the next is due a retry later."""
+        self.prompted = True
+        self.hangup_due_ms = max(self.hangup_due_ms, at_ms + self.settings.hangup_retry_ms)
 
     def tick(self, now_ms: int, *, busy: bool) -> Action | None:
         """The audio clock is at ``now_ms``; ``busy`` if something is going on now.
@@ -58,12 +72,12 @@ class IdleClock:
         100 ms or so). Returns what is due now, if anything.
         """
         last, self._last_ms = self._last_ms, now_ms
-        if busy or last is None or self.hung_up:
+        if busy or last is None:
             return None
         self.silent_ms += max(0, now_ms - last)
         settings = self.settings
-        if settings.hangup_ms and self.silent_ms >= settings.hangup_ms:
-            self.hung_up = True
+        if settings.hangup_ms and self.silent_ms >= self.hangup_due_ms:
+            self.hung_up(self.silent_ms)
             return "hangup"
         if settings.prompt_ms and not self.prompted and self.silent_ms >= settings.prompt_ms:
             self.prompted = True

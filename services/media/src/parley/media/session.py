@@ -1035,7 +1035,8 @@ class CallSession:
             self._idle_count = max(self._idle_count, int(number) + 1)
         self._idle.silent_ms = max(self._idle.silent_ms, round(event.silent_s * 1000))
         self._idle.prompted = True
-        self._idle.hung_up = self._idle.hung_up or event.action == "hangup"
+        if event.action == "hangup":  # the next only if this one leaves the line silent
+            self._idle.hung_up(round(event.silent_s * 1000))
 
     def _answered(self, turn_id: str) -> None:
         """The caller turn ``turn_id`` is answered (or its answer cut): no longer pending."""
