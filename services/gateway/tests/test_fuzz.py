@@ -167,10 +167,12 @@ stream_messages = st.one_of(
 )
 relay_messages = st.one_of(
     st.fixed_dictionaries({"type": st.sampled_from(
-        ["setup", "prompt", "interrupt", "dtmf", "error", "nope"])}, optional={
+        ["setup", "prompt", "interrupt", "dtmf", "info", "error", "nope"])}, optional={
         "voicePrompt": json_values, "last": json_values, "digit": json_values,
         "utteranceUntilInterrupt": json_values, "durationUntilInterruptMs": json_values,
         "description": json_values, "callSid": json_values, "customParameters": json_values,
+        "name": st.sampled_from(["agentSpeaking", "tokensPlayed", "x"]) | json_values,
+        "value": json_values,
     }).map(json.dumps),
     st.text(max_size=100),
     st.binary(max_size=100),

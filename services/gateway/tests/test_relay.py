@@ -87,3 +87,69 @@ async def test_relay_protocol_errors_close_precisely(gateway, events):
     await send(ws, {"type": "prompt", "last": True})  # no voicePrompt
     code, reason = await closed(ws)
     assert code == 4400 and "voicePrompt" in reason
+
+
+async def say(bus, call_id: str, turn_id: str, clauses: list[str]) -> None:
+    for seq, text in enumerate(clauses):
+        await bus.publish(AgentSay(org_id=ORG, call_id=call_id, turn_id=turn_id, seq=seq,
+                                   text=text, last=seq == len(clauses) - 1))
+
+
+async def info(ws, name: str, value: str) -> None:
+    await send(ws, {"type": "info", "name": name, "value": value})
+
+
+async def test_relay_reports_a_goodbye_played_out_so_the_hang_up_need_not_wait(
+        gateway, events, bus):
+    """'Thanks for calling. Goodbye!' + end_call on a managed call: the tools service hangs up
+    on agent.speech.finished of the turn (else after 20 s). The relay never emitted it, so the
+    caller stayed on the line ~20 s after the goodbye. Twilio's tokensPlayed / agentSpeaking
+    info messages (events="speaker-events tokens-played") now tell it when the turn played out;
+    not before its last words have played, and a pause between clauses is no end."""
+    ws, _, call_id = await setup_relay(gateway, events)
+    await info(ws, "roundTripDelayMs", "120")  # a report we do not use is no protocol error
+    await say(bus, call_id, "turn_bye", ["Thanks for calling.", "Goodbye!"])
+    assert (await receive(ws))["token"] == "Thanks for calling."
+    assert await receive(ws) == {"type": "text", "token": " Goodbye!", "last": True}
+
+    await info(ws, "agentSpeaking", "on")
+    await info(ws, "tokensPlayed", "Thanks for calling.")
+    await info(ws, "agentSpeaking", "off")  # between the clauses: "Goodbye!" is still to come
+    await info(ws, "agentSpeaking", "on")
+    await info(ws, "tokensPlayed", "Goodbye!")  # reported as played; the audio is still ending
+    await send(ws, {"type": "dtmf", "digit": "1"})  # a marker: everything before is handled
+    await events.wait("call.dtmf", call_id)
+    assert events.of("agent.speech.finished", call_id) == []
+
+    await info(ws, "agentSpeaking", "off")
+    [finished] = await events.wait("agent.speech.finished", call_id, timeout=2)
+    assert finished.turn_id == "turn_bye"
+    assert not ws.closed
+
+
+async def test_relay_barge_in_on_the_goodbye_is_an_interruption_not_an_end(
+        gateway, events, bus):
+    ws, _, call_id = await setup_relay(gateway, events)
+    await say(bus, call_id, "turn_bye", ["Thanks for calling.", "Goodbye!"])
+    await receive(ws)
+    await receive(ws)
+    await info(ws, "agentSpeaking", "on")
+    await info(ws, "tokensPlayed", "Thanks for calling.")
+    await send(ws, {"type": "interrupt", "utteranceUntilInterrupt": "Thanks for calling.",
+                    "durationUntilInterruptMs": 900})
+    await info(ws, "agentSpeaking", "off")
+    [interrupted] = await events.wait("agent.speech.interrupted", call_id)
+    assert interrupted.turn_id == "turn_bye"
+    assert interrupted.played_text == "Thanks for calling."
+    await send(ws, {"type": "dtmf", "digit": "1"})
+    await events.wait("call.dtmf", call_id)
+    assert events.of("agent.speech.finished", call_id) == []
+
+    # The next turn is followed on its own.
+    await say(bus, call_id, "turn_next", ["Sure, go ahead."])
+    await receive(ws)
+    await info(ws, "agentSpeaking", "on")
+    await info(ws, "agentSpeaking", "off")
+    await info(ws, "tokensPlayed", "Sure, go ahead.")  # the report after the off: both count
+    [finished] = await events.wait("agent.speech.finished", call_id, timeout=2)
+    assert finished.turn_id == "turn_next"

@@ -1,16 +1,19 @@
 """``WSS /twilio/relay``: Twilio ConversationRelay (managed pipeline), bridged to the bus.
 
 Twilio does speech recognition and synthesis; we exchange text. In: ``setup``, ``prompt``,
-``interrupt``, ``dtmf``, ``error``. Out: ``text`` tokens, ``play``, ``sendDigits``, ``end``.
-The bridge speaks the same events as the cascading path: a final prompt becomes
+``interrupt``, ``dtmf``, ``info``, ``error``. Out: ``text`` tokens, ``play``, ``sendDigits``,
+``end``. The bridge speaks the same events as the cascading path: a final prompt becomes
 transcript.final + turn.user_ended (reason ``prompt``), each agent.say becomes a text token
-(``last`` on the turn's last clause), and an interrupt becomes agent.speech.interrupted with
-what the caller actually heard.
+(``last`` on the turn's last clause), an interrupt becomes agent.speech.interrupted with
+what the caller actually heard, and Twilio's ``info`` reports of the tokens it played and of
+its speech stopping become agent.speech.finished once a turn has played out
+(:mod:`.relay_playback`): the tools service waits for it before it hangs up or transfers.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import ClassVar, Literal
 
 import msgspec
@@ -18,6 +21,7 @@ from aiohttp import web
 
 from parley.common.events import (
     AgentSay,
+    AgentSpeechFinished,
     AgentSpeechInterrupted,
     CallDtmf,
     Event,
@@ -32,10 +36,13 @@ from ..commands import CommandError
 from ..keys import CONFIG
 from . import twiml
 from .media_stream import dtmf_digit
+from .relay_playback import RelayPlayback
 from .session import TwilioSession
 from .signatures import verify_twilio
 
 log = logging.getLogger(__name__)
+
+_ID_NAMESPACE = uuid.UUID("3f0c8e52-7a1d-4d6b-a0f4-5b2e9c7d1e38")
 
 
 class _Message(msgspec.Struct, tag_field="type", rename="camel", kw_only=True):
@@ -71,13 +78,24 @@ class Dtmf(_Message, tag="dtmf"):
     digit: str
 
 
+class Info(_Message, tag="info"):
+    """An event we subscribed to (``events`` in the TwiML), or a debugging report.
+
+    ``agentSpeaking`` / ``clientSpeaking`` ("on" or "off"), ``tokensPlayed`` (the text just
+    played); other names (``roundTripDelayMs`` …) are ignored.
+    """
+
+    name: str = ""
+    value: str | int | float | bool | None = None
+
+
 class Error(_Message, tag="error"):
     """Twilio reports a problem with something we sent."""
 
     description: str = ""
 
 
-RelayMessage = Setup | Prompt | Interrupt | Dtmf | Error
+RelayMessage = Setup | Prompt | Interrupt | Dtmf | Info | Error
 _decoder: msgspec.json.Decoder[RelayMessage] = msgspec.json.Decoder(RelayMessage, strict=False)
 _encoder = msgspec.json.Encoder()
 
@@ -118,6 +136,7 @@ class RelaySession(TwilioSession):
         super().__init__(app, ws)
         self.speaking_turn = ""  # the turn whose text we last sent
         self._turn_has_text = False
+        self.playback = RelayPlayback()
         self._errors = self.metrics.counter(
             "gateway_relay_errors", "ConversationRelay error messages from Twilio")
 
@@ -147,6 +166,7 @@ class RelaySession(TwilioSession):
             case Prompt():
                 pass  # partial prompts: the final one carries the whole utterance
             case Interrupt():
+                self.playback.interrupted()
                 await self.publish(AgentSpeechInterrupted(
                     org_id=org_id, call_id=call_id, turn_id=self.speaking_turn,
                     played_text=clean_text(message.utterance_until_interrupt),
@@ -154,6 +174,12 @@ class RelaySession(TwilioSession):
             case Dtmf():
                 await self.publish(CallDtmf(org_id=org_id, call_id=call_id,
                                             digit=dtmf_digit(message.digit)))
+            case Info(name="tokensPlayed"):
+                await self._finish(self.playback.played(str(message.value or "")))
+            case Info(name="agentSpeaking"):
+                await self._finish(self.playback.speaking(message.value == "on"))
+            case Info():
+                pass
             case Error():
                 self._errors.inc()
                 log.warning("call %s: ConversationRelay error: %s", self.call_id,
@@ -177,7 +203,17 @@ class RelaySession(TwilioSession):
         if self._turn_has_text and token and not token[0].isspace():
             token = " " + token
         self._turn_has_text = self._turn_has_text or bool(token)
-        await self.send(_encoder.encode({"type": "text", "token": token, "last": event.last}))
+        if await self.send(_encoder.encode({"type": "text", "token": token,
+                                            "last": event.last})):
+            await self._finish(self.playback.sent(event.turn_id, token, last=event.last))
+
+    async def _finish(self, turn_ids: list[str]) -> None:
+        """agent.speech.finished for turns Twilio has played out (one id per call and turn)."""
+        assert self.call is not None
+        for turn_id in turn_ids:
+            await self.publish(AgentSpeechFinished(
+                id=uuid.uuid5(_ID_NAMESPACE, f"{self.call_id}/agent.speech.finished/{turn_id}"),
+                org_id=self.call.org_id, call_id=self.call_id, turn_id=turn_id))
 
     async def play(self, source: str) -> None:
         """Play an audio URL to the caller."""

@@ -41,6 +41,9 @@ def connect_twiml(config: GatewayConfig, settings: AgentSettings, *, call_id: st
             interruptible=settings.interruption_mode,
             interrupt_sensitivity=settings.interruption_sensitivity,
             dtmf_detection=True,
+            # info messages: the text it played and when its speech stops, which is how the
+            # relay knows a turn has played out (agent.speech.finished; see relay_playback)
+            events="speaker-events tokens-played",
         )
         for name, value in params.items():
             relay.parameter(name=name, value=value)

@@ -1,0 +1,89 @@
+"""Which agent turns ConversationRelay has finished playing, from what Twilio reports.
+
+Twilio synthesises and plays the agent's text itself, so the gateway has no marks to echo. With
+``events="speaker-events tokens-played"`` on ``<ConversationRelay>`` it sends ``info`` messages:
+``tokensPlayed`` with the text it has just played, and ``agentSpeaking`` "on"/"off" when its
+speech starts and stops. A turn has played out once its last token has been sent, every
+character of its text has been reported played (``tokensPlayed``), and Twilio is not speaking
+(its latest ``agentSpeaking`` is "off", or it never sent one). The three together hold whichever
+of the two reports comes last, and a pause between two of the turn's clauses is no end: its
+later words are not yet reported.
+
+Text is compared on letters and digits only (case folded), so Twilio's spacing and chunking do
+not matter; a report that matches none of the queued text (the welcome greeting, which Twilio
+says on its own) is ignored. A report that matches further on than expected means the ones
+before it were lost: what precedes it has played too (Twilio plays turns in order). A turn
+whose reports never cover its text does not finish here; the tools service then stops waiting
+after its own timeout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def spoken_characters(text: str) -> str:
+    """The letters and digits of ``text``, case folded: what the comparison looks at."""
+    return "".join(ch for ch in text.casefold() if ch.isalnum())
+
+
+@dataclass
+class _Turn:
+    unplayed: str = ""  # spoken characters sent and not yet reported played
+    said_something: bool = False
+    last_sent: bool = False
+
+
+class RelayPlayback:
+    """One ConversationRelay session's agent turns, from text sent to text played."""
+
+    def __init__(self) -> None:
+        self._turns: dict[str, _Turn] = {}  # in the order they were sent, which Twilio plays
+        self.agent_speaking = False
+
+    def sent(self, turn_id: str, token: str, *, last: bool) -> list[str]:
+        """A text token of ``turn_id`` went to Twilio; returns the turns that finished."""
+        turn = self._turns.setdefault(turn_id, _Turn())
+        characters = spoken_characters(token)
+        turn.unplayed += characters
+        turn.said_something = turn.said_something or bool(characters)
+        turn.last_sent = turn.last_sent or last
+        if turn.last_sent and not turn.said_something:
+            del self._turns[turn_id]  # nothing was said, so nothing will play or finish
+            return []
+        return self._finished()
+
+    def played(self, text: str) -> list[str]:
+        """Twilio reports ``text`` played (``tokensPlayed``); returns the turns that finished."""
+        characters = spoken_characters(text)
+        if not characters:
+            return []
+        turns = list(self._turns.values())
+        for index, turn in enumerate(turns):
+            found = turn.unplayed.find(characters)
+            if found < 0:
+                continue
+            turn.unplayed = turn.unplayed[found + len(characters):]
+            for earlier in turns[:index]:  # their reports were lost; they played before
+                earlier.unplayed = ""
+            break
+        return self._finished()
+
+    def speaking(self, on: bool) -> list[str]:
+        """Twilio's ``agentSpeaking`` went on or off; returns the turns that finished."""
+        self.agent_speaking = on
+        return self._finished()
+
+    def interrupted(self) -> None:
+        """The caller interrupted: Twilio stops, and nothing sent so far will play out."""
+        self._turns.clear()
+        self.agent_speaking = False
+
+    def _finished(self) -> list[str]:
+        if self.agent_speaking:
+            return []
+        done = [turn_id for turn_id, turn in self._turns.items()
+                if turn.last_sent and not turn.unplayed]
+        for turn_id in done:
+            del self._turns[turn_id]
+        return done

@@ -1,0 +1,45 @@
+from parley.gateway.twilio.relay_playback import RelayPlayback, spoken_characters
+
+
+def test_spoken_characters_ignore_spacing_punctuation_and_case():
+    assert spoken_characters(" Goodbye, Ana! 2 ") == "goodbyeana2"
+
+
+def test_a_turn_finishes_once_its_last_words_were_played_and_the_speech_stopped():
+    playback = RelayPlayback()
+    assert playback.sent("t1", "Thanks for calling.", last=False) == []
+    assert playback.speaking(True) == []
+    assert playback.played("Thanks for calling.") == []
+    assert playback.speaking(False) == []  # a pause before the last clause was even sent
+    assert playback.sent("t1", " Goodbye!", last=True) == []
+    assert playback.speaking(True) == []
+    assert playback.played("Goodbye!") == []  # still speaking
+    assert playback.speaking(False) == ["t1"]
+    assert playback.speaking(False) == []  # once
+
+
+def test_chunking_differs_from_the_tokens_sent():
+    playback = RelayPlayback()
+    playback.sent("t1", "Your table for four is booked", last=False)
+    playback.sent("t1", " for seven thirty.", last=True)
+    assert playback.played("Your table for four") == []
+    assert playback.played("is booked for seven") == []
+    assert playback.played("thirty.") == ["t1"]  # no speaker events at all: the text decides
+
+
+def test_reports_that_match_nothing_are_ignored_and_lost_ones_are_skipped():
+    playback = RelayPlayback()
+    playback.sent("t1", "One moment.", last=True)
+    playback.sent("t2", "Here it is. Anything else?", last=True)
+    assert playback.played("Hi, Acme here.") == []  # the welcome greeting: not ours
+    assert playback.played("Anything else?") == ["t1", "t2"]  # t1's report never came
+
+
+def test_an_interrupted_turn_never_finishes_and_an_empty_one_is_not_followed():
+    playback = RelayPlayback()
+    playback.sent("t1", "Thanks for calling. Goodbye!", last=True)
+    playback.played("Thanks for calling.")
+    playback.interrupted()
+    assert playback.played("Goodbye!") == []
+    assert playback.sent("t2", "", last=True) == []
+    assert playback.speaking(False) == []
