@@ -21,6 +21,8 @@ from parley.common.events import (
     AgentSpeechProgress,
     CallDtmf,
     CallerIdle,
+    ToolFailed,
+    ToolRequested,
     TurnCompleted,
 )
 from parley.media.audio.codec import pcm16_array_to_ulaw
@@ -335,3 +337,73 @@ async def test_a_hang_up_that_did_not_happen_is_asked_for_again(bus) -> None:
         assert [(e.turn_id, e.action) for e in await successor.idle()][2:] == [("i2", "hangup")]
     finally:
         await successor.close()
+
+
+async def stored(call: Call, event: ToolRequested | ToolFailed | TurnCompleted) -> None:
+    """Another service's event of the call: stored, and seen by the session."""
+    await call.bus.publish(event)
+    await call.session._on_event(event)
+
+
+async def hand_off_fails(call: Call, turn_id: str, name: str) -> None:
+    """The brain asked for ``name`` after ``turn_id``'s last words; the tools service failed it."""
+    tool_call_id = f"{turn_id}-{name}"
+    await stored(call, ToolRequested(org_id=ORG, call_id=call.call_id, turn_id=turn_id,
+                                     tool_call_id=tool_call_id, name=name))
+    await stored(call, ToolFailed(org_id=ORG, call_id=call.call_id, tool_call_id=tool_call_id,
+                                  name=name, error="the gateway did not answer in time"))
+
+
+async def test_no_idle_while_the_brain_answers_a_failed_hand_off(bus) -> None:
+    # "Thanks for calling, goodbye!" played and the turn completed, but the hang-up failed: the
+    # brain takes the turn up again and the model writes why ("t1.1"). That silence is not the
+    # caller's: counted, a prompt could come right after the agent's explanation.
+    call = Call(bus, "call-idle-10", QUIET_CALLER)
+    try:
+        await call.caller_turn("That's all, thanks.")
+        await call.agent_says("t1", "Thanks for calling, goodbye!")
+        await stored(call, TurnCompleted(org_id=ORG, call_id=call.call_id, turn_id="t1"))
+        await call.played("t1")
+        await hand_off_fails(call, "t1", "end_call")
+        assert await call.silence_until_idle(2.0) is None  # the model writes the follow-up
+
+        # A successor that takes the call over now knows it too.
+        await call.session._outbox.drain(2)
+        successor = Call(bus, call.call_id, QUIET_CALLER)
+        try:
+            successor.session._history = {}
+            successor.session.turn_no = call.session.turn_no  # as the lease resumes it
+            for event in await bus.replay_call(call.call_id, org_id=ORG):
+                successor.session._catch_up(event)
+            await successor.session._caught_up()
+            assert await successor.silence_until_idle(2.0) is None
+        finally:
+            await successor.close()
+
+        await call.agent_says("t1.1", "Sorry, I couldn't end the call.")
+        await call.session._on_event(TurnCompleted(org_id=ORG, call_id=call.call_id,
+                                                   turn_id="t1"))
+        await call.played("t1.1")
+        took = await call.silence_until_idle(2.0)  # the follow-up's end begins the silence
+        assert took is not None and 0.5 - TICK <= took <= 0.5 + TICK
+
+        # A transfer refused at once (a number the agent may not dial): its tool.failed can
+        # come before the turn's first completion, and the announcement ends before the model
+        # has written why. Pending until the brain completes the turn a second time.
+        await call.caller_turn("Put me through to sales.")
+        await call.agent_says("t2", "Let me transfer you.")
+        await hand_off_fails(call, "t2", "transfer_call")
+        await call.session._on_event(TurnCompleted(org_id=ORG, call_id=call.call_id,
+                                                   turn_id="t2"))
+        await call.played("t2")
+        assert await call.silence_until_idle(2.0) is None
+        await call.agent_says("t2.1", "I can't transfer you right now.")
+        await call.session._on_event(TurnCompleted(org_id=ORG, call_id=call.call_id,
+                                                   turn_id="t2"))
+        await call.played("t2.1")
+        took = await call.silence_until_idle(2.0)
+        assert took is not None and 0.5 - TICK <= took <= 0.5 + TICK
+        assert [(e.turn_id, e.action) for e in await call.idle()] == [
+            ("i0", "prompt"), ("i1", "prompt")]
+    finally:
+        await call.close()

@@ -66,6 +66,8 @@ from parley.common.events import (
     MediaProviderSwitched,
     SpeechStarted,
     SpeechStopped,
+    ToolFailed,
+    ToolRequested,
     TranscriptFinal,
     TranscriptPartial,
     TurnCompleted,
@@ -128,6 +130,8 @@ STT_ENDPOINTING_LEAD_MS = 100
 # per-message costs (publish, the AUDIO stream, the gateway's relay, the telephony socket)
 # were paid per 20 ms frame before, and nothing waits for a message to fill up.
 OUT_CHUNK_FRAMES = 10
+# Tools that end the turn with the call: if one fails, the brain takes the turn up again.
+HAND_OFFS = frozenset({"end_call", "transfer_call"})
 # The idle clock (parley.media.idle) is looked at every this many ms of inbound audio: once per
 # frame would cost every call's every frame for timers counted in seconds.
 IDLE_TICK_MS = 100
@@ -268,6 +272,9 @@ class CallSession:
         # The caller turn whose answer is not over: the brain has not completed it, or its audio
         # is still to play ("t0": the greeting, when the agent has one). No idle meanwhile.
         self._unanswered = "t0" if settings.greeting.strip() else ""
+        self._owed = 1  # the turn.completed events the brain still owes it
+        self._reopened = False  # a hand-off of it failed: the brain says more ("t3.1")
+        self._hand_offs: dict[str, str] = {}  # end_call/transfer_call tool call → caller turn
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -449,7 +456,7 @@ class CallSession:
             await self._supersede(revises)
         self.turn_no += 1
         turn_id = f"t{self.turn_no}"
-        self._unanswered = turn_id
+        self._awaiting(turn_id)
         self._idle.reset()
         self._user_turn_ends[turn_id] = self._speech_end_wall
         self._turn_audio = []
@@ -665,7 +672,9 @@ class CallSession:
                     agent_playing=self._agent_audible()) is not None:
                 await self._interrupt(current, time.monotonic())
         elif isinstance(event, TurnCompleted):
-            self._answered(event.turn_id)
+            self._answered(event.turn_id, completed=True)
+        elif isinstance(event, ToolRequested | ToolFailed):
+            self._hand_off_seen(event)
         elif isinstance(event, CallerIdle):
             self._idle_seen(event)  # ours, or (just after a take-over) the previous owner's
         elif isinstance(event, CallEnded):
@@ -1038,10 +1047,47 @@ class CallSession:
         if event.action == "hangup":  # the next only if this one leaves the line silent
             self._idle.hung_up(round(event.silent_s * 1000))
 
-    def _answered(self, turn_id: str) -> None:
-        """The caller turn ``turn_id`` is answered (or its answer cut): no longer pending."""
-        if turn_id == self._unanswered:
-            self._unanswered = ""
+    def _awaiting(self, turn_id: str) -> None:
+        """The caller turn ``turn_id`` ended: pending until the brain has answered it."""
+        self._unanswered, self._owed, self._reopened = turn_id, 1, False
+
+    def _answered(self, turn_id: str, *, completed: bool = False) -> None:
+        """Agent audio of ``turn_id`` is over (played or cut), or the brain completed the turn.
+
+        The caller turn is then no longer pending, unless a hand-off of it failed and the brain
+        still owes what it says about that: a turn completes once more than its hand-offs
+        failed, and the failed hand-off's own last words ("Goodbye!") are not that answer.
+        """
+        caller_turn = turn_id.partition(".")[0]  # "t3.1" follows t3's failed hand-off
+        if caller_turn != self._unanswered:
+            return
+        if completed:
+            self._owed -= 1
+            if self._owed > 0:
+                return
+        elif self._reopened and turn_id == caller_turn:
+            return
+        self._unanswered = ""
+
+    def _hand_off_seen(self, event: ToolRequested | ToolFailed) -> None:
+        """A hand-off of the latest caller turn failed: the turn is pending again.
+
+        The brain takes it up again (the caller hears why, in ``t<n>.1``) and completes it once
+        more; until then the silence is the brain's, not the caller's. (A hand-off that worked
+        ends the call or moves it on; an idle hang-up's turn, ``i<n>``, is not the caller's.)
+        """
+        if isinstance(event, ToolRequested):
+            if event.name in HAND_OFFS:
+                self._hand_offs[event.tool_call_id] = event.turn_id.partition(".")[0]
+            return
+        turn_id = self._hand_offs.pop(event.tool_call_id, "")
+        if turn_id != f"t{self.turn_no}":
+            return  # not a hand-off, or of a turn the caller has since followed with another
+        if self._unanswered == turn_id:
+            self._owed += 1  # (failed before the turn's first completion was seen)
+        else:
+            self._unanswered, self._owed = turn_id, 1
+        self._reopened = True
 
     def _idle_catch_up(self, event: Event) -> None:
         """The idle state as the call's past events leave it (a previous owner's silence)."""
@@ -1051,12 +1097,16 @@ class CallSession:
             self._idle.reset()
         elif isinstance(event, TurnUserEnded):
             self._idle.reset()
-            self._unanswered = event.turn_id
+            self._awaiting(event.turn_id)
         elif isinstance(event, AgentSpeechStarted):
             if event.turn_id not in self._idle_turns:
                 self._idle.reset()
-        elif isinstance(event, AgentSpeechFinished | AgentSpeechInterrupted | TurnCompleted):
+        elif isinstance(event, AgentSpeechFinished | AgentSpeechInterrupted):
             self._answered(event.turn_id)
+        elif isinstance(event, TurnCompleted):
+            self._answered(event.turn_id, completed=True)
+        elif isinstance(event, ToolRequested | ToolFailed):
+            self._hand_off_seen(event)
 
     # ------------------------------------------------------------------ barge-in
 
