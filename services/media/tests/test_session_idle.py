@@ -407,3 +407,27 @@ async def test_no_idle_while_the_brain_answers_a_failed_hand_off(bus) -> None:
             ("i0", "prompt"), ("i1", "prompt")]
     finally:
         await call.close()
+
+
+async def test_a_successor_that_took_over_during_the_greeting_counts_the_silence(bus) -> None:
+    # A began the greeting and died before its last mark was echoed. B does not voice it again
+    # (agent.speech.started says it was heard), and no turn.completed comes for a greeting, nor
+    # an echo B could take for its end: B must not wait for "t0" for the rest of the call.
+    first = Call(bus, "call-idle-11", IDLE)
+    greeting = AgentSay(org_id=ORG, call_id=first.call_id, turn_id="t0", seq=0, text="Hello!",
+                        last=True)
+    await bus.publish(greeting)  # as the brain stores it
+    await first.agent_says("t0", "Hello!")
+    await first.close()
+    second = Call(bus, "call-idle-11", IDLE)
+    try:
+        second.session._history = {}
+        for event in await bus.replay_call("call-idle-11", org_id=ORG):
+            second.session._catch_up(event)
+        await second.session._caught_up()
+        assert "t0" not in second.session._turns  # not said twice
+        took = await second.silence_until_idle(3.0)
+        assert took is not None and 0.5 - TICK <= took <= 0.5 + TICK
+        assert [(e.turn_id, e.action) for e in await second.idle()] == [("i0", "prompt")]
+    finally:
+        await second.close()

@@ -1101,6 +1101,11 @@ class CallSession:
         elif isinstance(event, AgentSpeechStarted):
             if event.turn_id not in self._idle_turns:
                 self._idle.reset()
+            if event.turn_id == "t0":
+                # The predecessor began the greeting: it is not voiced again, the carrier's echoes
+                # of what is left of it match no turn of ours, and the brain completes no
+                # greeting. Waited for, it would hold the idle clock for the rest of the call.
+                self._answered("t0")
         elif isinstance(event, AgentSpeechFinished | AgentSpeechInterrupted):
             self._answered(event.turn_id)
         elif isinstance(event, TurnCompleted):
