@@ -153,3 +153,19 @@ async def test_relay_barge_in_on_the_goodbye_is_an_interruption_not_an_end(
     await info(ws, "tokensPlayed", "Sure, go ahead.")  # the report after the off: both count
     [finished] = await events.wait("agent.speech.finished", call_id, timeout=2)
     assert finished.turn_id == "turn_next"
+
+
+async def test_relay_leaves_the_greeting_to_twilios_welcome_greeting(gateway, events, bus):
+    """The TwiML gives Twilio the agent's greeting as welcomeGreeting, which it says as the
+    caller connects; the brain's greeting (turn t0, on call.stream_started) was sent as text
+    too, so a managed call's caller heard it twice."""
+    ws, _, call_id = await setup_relay(gateway, events)
+    await say(bus, call_id, "t0", ["Thanks for calling Bright Smile Dental!"])
+    await events.wait("agent.say", call_id)
+    # A caller who talks over the welcome greeting interrupts t0, as on media's pipeline.
+    await send(ws, {"type": "interrupt", "utteranceUntilInterrupt": "Thanks for",
+                    "durationUntilInterruptMs": "700"})
+    [interrupted] = await events.wait("agent.speech.interrupted", call_id)
+    assert interrupted.turn_id == "t0"
+    await say(bus, call_id, "t1", ["Sure."])
+    assert await receive(ws) == {"type": "text", "token": "Sure.", "last": True}  # t0 never sent

@@ -65,6 +65,9 @@ class Prompt(_Message, tag="prompt"):
     last: bool = True
 
 
+GREETING_TURN = "t0"  # the brain's greeting (AgentSettings.greeting, said on stream start)
+
+
 class Interrupt(_Message, tag="interrupt"):
     """The caller spoke over the agent."""
 
@@ -195,6 +198,12 @@ class RelaySession(TwilioSession):
 
     async def _on_event(self, event: Event) -> None:
         if not isinstance(event, AgentSay):
+            return
+        if event.turn_id == GREETING_TURN:
+            # Twilio said the greeting as the TwiML's welcomeGreeting the moment the caller was
+            # connected; the brain's (the same words) would say it a second time. A barge-in on
+            # it is an interruption of the greeting all the same.
+            self.speaking_turn = event.turn_id
             return
         if event.turn_id != self.speaking_turn:
             self.speaking_turn, self._turn_has_text = event.turn_id, False
