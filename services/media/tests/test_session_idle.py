@@ -431,3 +431,54 @@ async def test_a_successor_that_took_over_during_the_greeting_counts_the_silence
         assert [(e.turn_id, e.action) for e in await second.idle()] == [("i0", "prompt")]
     finally:
         await second.close()
+
+
+async def test_a_hand_off_whose_last_words_the_caller_cut_off_is_not_pending(bus) -> None:
+    # "Thanks for calling, goodbye!" and the caller presses a key over it (interruption by
+    # key): the tools service refuses the end_call (the caller interrupted the goodbye) and the
+    # brain does not take the turn up again — an interrupted turn is over; it answers the
+    # caller's next turn, if one comes. A key press makes none: had the refusal made the turn
+    # pending again, the silence after it would never count, and the caller would be neither
+    # prompted nor hung up on for the rest of the call.
+    by_key = AgentSettings(greeting="", idle_prompt_s=0.5, idle_hangup_s=1.5,
+                           interruption_mode="dtmf")
+    call = Call(bus, "call-idle-11", by_key)
+    try:
+        await call.caller_turn("That's all, thanks.")
+        await call.agent_says("t1", "Thanks for calling, goodbye!")
+        await stored(call, ToolRequested(org_id=ORG, call_id=call.call_id, turn_id="t1",
+                                         tool_call_id="t1-end_call", name="end_call"))
+        await stored(call, TurnCompleted(org_id=ORG, call_id=call.call_id, turn_id="t1"))
+        await call.session._on_event(CallDtmf(org_id=ORG, call_id=call.call_id, digit="1"))
+        assert call.session._turns["t1"].interrupted
+        await stored(call, ToolFailed(
+            org_id=ORG, call_id=call.call_id, tool_call_id="t1-end_call", name="end_call",
+            error="not hung up: the caller interrupted the goodbye, so the call goes on"))
+        took = await call.silence_until_idle(2.0)
+        assert took is not None and 0.5 - TICK <= took <= 0.5 + TICK
+
+        # The other order: a transfer refused at once (a number the agent may not dial), then
+        # the caller cuts its announcement off before the brain took the turn up again (so it
+        # does not: the turn was interrupted).
+        await call.caller_turn("Put me through to sales.")
+        await call.agent_says("t2", "Let me transfer you.")
+        await hand_off_fails(call, "t2", "transfer_call")
+        await stored(call, TurnCompleted(org_id=ORG, call_id=call.call_id, turn_id="t2"))
+        await call.session._on_event(CallDtmf(org_id=ORG, call_id=call.call_id, digit="2"))
+        assert call.session._turns["t2"].interrupted
+        took = await call.silence_until_idle(2.0)
+        assert took is not None and 0.5 - TICK <= took <= 0.5 + TICK
+    finally:
+        await call.close()
+
+    # A successor that reads the call's events knows the turns are over too.
+    successor = Call(bus, call.call_id, by_key)
+    try:
+        successor.session._history = {}
+        successor.session.turn_no = call.session.turn_no  # as the lease resumes it
+        for event in await bus.replay_call(call.call_id, org_id=ORG):
+            successor.session._catch_up(event)
+        await successor.session._caught_up()
+        assert await successor.silence_until_idle(2.0) is not None
+    finally:
+        await successor.close()

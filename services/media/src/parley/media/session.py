@@ -275,6 +275,7 @@ class CallSession:
         self._owed = 1  # the turn.completed events the brain still owes it
         self._reopened = False  # a hand-off of it failed: the brain says more ("t3.1")
         self._hand_offs: dict[str, str] = {}  # end_call/transfer_call tool call → caller turn
+        self._cut_off: set[str] = set()  # caller turns whose answer the caller interrupted
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -1051,21 +1052,26 @@ class CallSession:
         """The caller turn ``turn_id`` ended: pending until the brain has answered it."""
         self._unanswered, self._owed, self._reopened = turn_id, 1, False
 
-    def _answered(self, turn_id: str, *, completed: bool = False) -> None:
+    def _answered(self, turn_id: str, *, completed: bool = False,
+                  cut_off: bool = False) -> None:
         """Agent audio of ``turn_id`` is over (played or cut), or the brain completed the turn.
 
         The caller turn is then no longer pending, unless a hand-off of it failed and the brain
         still owes what it says about that: a turn completes once more than its hand-offs
         failed, and the failed hand-off's own last words ("Goodbye!") are not that answer.
+        ``cut_off``: the caller interrupted it, and the brain takes an interrupted turn up no
+        more (it answers their next turn, if one comes: a key press makes none), so it is over.
         """
         caller_turn = turn_id.partition(".")[0]  # "t3.1" follows t3's failed hand-off
+        if cut_off:
+            self._cut_off.add(caller_turn)
         if caller_turn != self._unanswered:
             return
         if completed:
             self._owed -= 1
             if self._owed > 0:
                 return
-        elif self._reopened and turn_id == caller_turn:
+        elif self._reopened and turn_id == caller_turn and not cut_off:
             return
         self._unanswered = ""
 
@@ -1083,6 +1089,8 @@ class CallSession:
         turn_id = self._hand_offs.pop(event.tool_call_id, "")
         if turn_id != f"t{self.turn_no}":
             return  # not a hand-off, or of a turn the caller has since followed with another
+        if turn_id in self._cut_off:
+            return  # refused as the caller interrupted its last words: the brain goes no further
         if self._unanswered == turn_id:
             self._owed += 1  # (failed before the turn's first completion was seen)
         else:
@@ -1106,8 +1114,10 @@ class CallSession:
                 # of what is left of it match no turn of ours, and the brain completes no
                 # greeting. Waited for, it would hold the idle clock for the rest of the call.
                 self._answered("t0")
-        elif isinstance(event, AgentSpeechFinished | AgentSpeechInterrupted):
+        elif isinstance(event, AgentSpeechFinished):
             self._answered(event.turn_id)
+        elif isinstance(event, AgentSpeechInterrupted):
+            self._answered(event.turn_id, cut_off=True)
         elif isinstance(event, TurnCompleted):
             self._answered(event.turn_id, completed=True)
         elif isinstance(event, ToolRequested | ToolFailed):
@@ -1173,7 +1183,7 @@ class CallSession:
             with contextlib.suppress(Exception):
                 await turn.stream.cancel()
         heard = turn.audio.heard_text(cut * FRAME_MS)
-        self._answered(turn.turn_id)
+        self._answered(turn.turn_id, cut_off=True)
         await self._publish(AgentSpeechInterrupted, "agent.speech.interrupted",
                             turn_id=turn.turn_id, played_text=heard,
                             cut_seq=cut, cut_ms=cut * FRAME_MS, key=(turn.turn_id,))
