@@ -268,3 +268,27 @@ async def test_schedule_callback_stores_a_request(bus, pool, service, events):
     past = await request_tool(bus, call_id, "schedule_callback", {"when": "2001-01-01T00:00Z"})
     failed = await events.outcome(past.tool_call_id)
     assert failed.type == "tool.failed" and "in the future" in failed.error
+
+
+@pytest.mark.parametrize("tool", ["end_call", "transfer_call"])
+async def test_a_hand_off_the_gateway_did_not_confirm_in_time_is_under_way(
+        bus, pool, service, events, tool):
+    # The gateway holding the call takes the command but is slow at the carrier's REST API:
+    # the hand-off is most likely happening. Reported as failed, the model would tell the
+    # caller it could not transfer them (and might transfer again) while the transfer went on.
+    async def slow_gateway(msg):
+        await asyncio.sleep(3.0)  # past the service's 2 s command timeout
+        await msg.respond(b'{"ok": true}')
+
+    sub = await bus.nc.subscribe("parley.cmd.gateway.*.*", cb=slow_gateway)
+    try:
+        await allow_transfers(pool, "+14155550123")
+        await service()
+        call_id = await start_call(bus)
+        request = await request_tool(bus, call_id, tool,
+                                     {"to": "+14155550123"} if tool == "transfer_call" else {})
+        outcome = await events.outcome(request.tool_call_id)
+        assert outcome.type == "tool.completed", outcome
+        assert outcome.result["confirmed"] is False
+    finally:
+        await sub.unsubscribe()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -44,6 +45,8 @@ from parley.common.events import (
 
 from .call_context import CallContext
 from .outcomes import ToolError, ToolOutcome
+
+log = logging.getLogger(__name__)
 
 
 class KnowledgeQuery(msgspec.Struct, frozen=True, kw_only=True):
@@ -111,17 +114,25 @@ class Builtins:
                     if last_words.interrupted:
                         raise ToolError("not hung up: the caller interrupted the goodbye, so "
                                         "the call goes on; answer what they say")
-                    await self._command(call.call_id, "hangup", {"reason": reason})
-                    return ToolOutcome.success({"ok": True, "detail": "the call is ending"})
+                    if await self._command(call.call_id, "hangup", {"reason": reason},
+                                           unconfirmed_ok=True):
+                        return ToolOutcome.success({"ok": True, "detail": "the call is ending"})
+                    return ToolOutcome.success({"ok": True, "confirmed": False, "detail": (
+                        "the gateway is ending the call; it did not confirm in time")})
                 case "transfer_call":
                     if last_words.interrupted:
                         raise ToolError("not transferred: the caller interrupted before the "
                                         "transfer; answer what they say, and transfer only if "
                                         "they still want it")
                     await check_transfer_target(conn, call, arguments["to"])
-                    await self._command(call.call_id, "transfer",
-                                        {"to": arguments["to"], "mode": "cold"})
-                    return ToolOutcome.success({"ok": True, "transferred_to": arguments["to"]})
+                    if await self._command(call.call_id, "transfer",
+                                           {"to": arguments["to"], "mode": "cold"},
+                                           unconfirmed_ok=True):
+                        return ToolOutcome.success({"ok": True,
+                                                    "transferred_to": arguments["to"]})
+                    return ToolOutcome.success({"ok": True, "transferred_to": arguments["to"],
+                                                "confirmed": False, "detail": (
+                        "the gateway is transferring the call; it did not confirm in time")})
                 case "send_dtmf":
                     await self._command(call.call_id, "dtmf", {"digits": arguments["digits"]})
                     return ToolOutcome.success({"ok": True, "sent": arguments["digits"]})
@@ -200,13 +211,26 @@ class Builtins:
             await sub.unsubscribe()
         return LastWords(answered=answered, interrupted=interrupted)
 
-    async def _command(self, call_id: str, verb: str, body: dict[str, Any]) -> None:
+    async def _command(self, call_id: str, verb: str, body: dict[str, Any], *,
+                       unconfirmed_ok: bool = False) -> bool:
+        """Send a command to the gateway holding the call; True once it confirmed it.
+
+        ``unconfirmed_ok``: a command the gateway holds but did not answer in time is taken as
+        under way (False), not as failed. For a hang-up or a transfer that is the likely
+        truth (a gateway holds the call and is at the carrier's REST API), and a "failure"
+        would have the model tell the caller it could not, and perhaps ask again, while it
+        happens: a second transfer.
+        """
         try:
             msg = await self.nc.request(command_subject(call_id, verb), msgspec.json.encode(body),
                                         timeout=self.command_timeout_s)
         except NoRespondersError:
             raise ToolError("the call is not live: no gateway holds it") from None
         except (NatsTimeoutError, TimeoutError):
+            if unconfirmed_ok:
+                log.warning("call %s: the gateway did not confirm %s in time; taken as under "
+                            "way", call_id, verb)
+                return False
             raise ToolError(f"the gateway did not answer the {verb} command in time",
                             retryable=True) from None
         try:
@@ -215,6 +239,7 @@ class Builtins:
             raise ToolError(f"the gateway sent an unreadable reply to {verb}: {exc}") from None
         if not reply.ok:
             raise ToolError(f"the gateway refused {verb}: {reply.error}")
+        return True
 
 
 async def check_transfer_target(conn: AsyncConnection[Any], call: CallContext, to: str) -> None:
