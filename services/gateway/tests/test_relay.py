@@ -169,3 +169,33 @@ async def test_relay_leaves_the_greeting_to_twilios_welcome_greeting(gateway, ev
     assert interrupted.turn_id == "t0"
     await say(bus, call_id, "t1", ["Sure."])
     assert await receive(ws) == {"type": "text", "token": "Sure.", "last": True}  # t0 never sent
+
+
+async def test_relay_does_not_send_clauses_of_the_turn_the_caller_interrupted(
+        gateway, events, bus):
+    """The brain cancels a turn only once it sees agent.speech.interrupted, so clauses of it
+    can reach the relay after Twilio's interrupt. They were sent as text: the caller heard
+    more of the reply they had cut off, and the tracker kept an entry for them that never
+    played, which then took the next turn's tokensPlayed reports (its finished came late or
+    never). They are now dropped, as media drops them after a barge-in."""
+    ws, _, call_id = await setup_relay(gateway, events)
+    await bus.publish(AgentSay(org_id=ORG, call_id=call_id, turn_id="turn_a", seq=0,
+                               text="Let me check.", last=False))
+    assert (await receive(ws))["token"] == "Let me check."
+    await info(ws, "agentSpeaking", "on")
+    await send(ws, {"type": "interrupt", "utteranceUntilInterrupt": "Let me",
+                    "durationUntilInterruptMs": 300})
+    await info(ws, "agentSpeaking", "off")
+    await events.wait("agent.speech.interrupted", call_id)
+
+    await bus.publish(AgentSay(org_id=ORG, call_id=call_id, turn_id="turn_a", seq=1,
+                               text="Anything else?", last=True))  # sent before the cancel
+    await say(bus, call_id, "turn_b", ["Done.", "Anything else?"])
+    assert await receive(ws) == {"type": "text", "token": "Done.", "last": False}
+    assert await receive(ws) == {"type": "text", "token": " Anything else?", "last": True}
+    await info(ws, "agentSpeaking", "on")
+    await info(ws, "tokensPlayed", "Done.")
+    await info(ws, "tokensPlayed", "Anything else?")
+    await info(ws, "agentSpeaking", "off")
+    [finished] = await events.wait("agent.speech.finished", call_id, timeout=2)
+    assert finished.turn_id == "turn_b"

@@ -39,7 +39,21 @@ def test_an_interrupted_turn_never_finishes_and_an_empty_one_is_not_followed():
     playback = RelayPlayback()
     playback.sent("t1", "Thanks for calling. Goodbye!", last=True)
     playback.played("Thanks for calling.")
-    playback.interrupted()
+    playback.interrupted("t1")
     assert playback.played("Goodbye!") == []
     assert playback.sent("t2", "", last=True) == []
     assert playback.speaking(False) == []
+
+
+def test_an_interrupted_turn_is_not_followed_again_but_a_new_utterance_of_it_is():
+    playback = RelayPlayback()
+    playback.sent("t3", "Let me check.", last=False)
+    playback.interrupted("t3")
+    # A clause the brain sent before it cancelled the turn: it must not take t4's reports.
+    assert playback.sent("t3", " Anything else?", last=True) == []
+    playback.sent("t4", "Done. Anything else?", last=True)
+    assert playback.played("Done.") == []
+    assert playback.played("Anything else?") == ["t4"]
+    assert playback.cut_off("t3") and not playback.cut_off("t3.1")
+    assert playback.sent("t3.1", "I can't transfer you right now.", last=True) == []
+    assert playback.played("I can't transfer you right now.") == ["t3.1"]

@@ -169,7 +169,7 @@ class RelaySession(TwilioSession):
             case Prompt():
                 pass  # partial prompts: the final one carries the whole utterance
             case Interrupt():
-                self.playback.interrupted()
+                self.playback.interrupted(self.speaking_turn)
                 await self.publish(AgentSpeechInterrupted(
                     org_id=org_id, call_id=call_id, turn_id=self.speaking_turn,
                     played_text=clean_text(message.utterance_until_interrupt),
@@ -198,6 +198,10 @@ class RelaySession(TwilioSession):
 
     async def _on_event(self, event: Event) -> None:
         if not isinstance(event, AgentSay):
+            return
+        if self.playback.cut_off(event.turn_id):
+            # The caller interrupted it; the brain cancels it only once it hears so, and media
+            # too drops what of it comes after a barge-in.
             return
         if event.turn_id == GREETING_TURN:
             # Twilio said the greeting as the TwiML's welcomeGreeting the moment the caller was

@@ -15,6 +15,12 @@ says on its own) is ignored. A report that matches further on than expected mean
 before it were lost: what precedes it has played too (Twilio plays turns in order). A turn
 whose reports never cover its text does not finish here; the tools service then stops waiting
 after its own timeout.
+
+An interrupted turn never finishes, and nothing more of it is followed: the brain cancels it only
+once it learns of the interruption, so clauses of it still come, and the relay does not send
+them (:meth:`RelayPlayback.cut_off`). Followed, their text, never played, would take the
+reports of a later turn that says the same words. A new utterance of the turn (``t3.1``, after a
+failed hand-off) is another id and is followed as usual.
 """
 
 from __future__ import annotations
@@ -39,10 +45,13 @@ class RelayPlayback:
 
     def __init__(self) -> None:
         self._turns: dict[str, _Turn] = {}  # in the order they were sent, which Twilio plays
+        self._cut_off: set[str] = set()  # turns the caller interrupted
         self.agent_speaking = False
 
     def sent(self, turn_id: str, token: str, *, last: bool) -> list[str]:
         """A text token of ``turn_id`` went to Twilio; returns the turns that finished."""
+        if turn_id in self._cut_off:
+            return []
         turn = self._turns.setdefault(turn_id, _Turn())
         characters = spoken_characters(token)
         turn.unplayed += characters
@@ -74,10 +83,18 @@ class RelayPlayback:
         self.agent_speaking = on
         return self._finished()
 
-    def interrupted(self) -> None:
-        """The caller interrupted: Twilio stops, and nothing sent so far will play out."""
+    def interrupted(self, turn_id: str) -> None:
+        """The caller interrupted ``turn_id``: nothing sent so far plays out, nor what follows.
+
+        Twilio stops its speech; what of ``turn_id`` comes later is not sent (:meth:`cut_off`).
+        """
+        self._cut_off.add(turn_id)
         self._turns.clear()
         self.agent_speaking = False
+
+    def cut_off(self, turn_id: str) -> bool:
+        """Whether the caller interrupted ``turn_id`` (its later clauses are not to be sent)."""
+        return turn_id in self._cut_off
 
     def _finished(self) -> list[str]:
         if self.agent_speaking:
