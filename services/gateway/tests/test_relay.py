@@ -199,3 +199,33 @@ async def test_relay_does_not_send_clauses_of_the_turn_the_caller_interrupted(
     await info(ws, "agentSpeaking", "off")
     [finished] = await events.wait("agent.speech.finished", call_id, timeout=2)
     assert finished.turn_id == "turn_b"
+
+
+async def test_relay_credits_an_interruption_to_the_turn_twilio_was_speaking(
+        gateway, events, bus):
+    """A transfer refused at once: the brain says why (turn_a.1) while Twilio is still saying
+    turn_a. The caller's interruption then went to turn_a.1, the last turn sent, so the brain
+    overwrote the wrong utterance with the heard text. It now goes to the earliest turn not
+    yet reported played in full."""
+    ws, _, call_id = await setup_relay(gateway, events)
+    await say(bus, call_id, "turn_a", ["Sure.", "Let me transfer you."])
+    await say(bus, call_id, "turn_a.1", ["I can't transfer you right now."])
+    for _ in range(3):
+        await receive(ws)
+    await info(ws, "agentSpeaking", "on")
+    await info(ws, "tokensPlayed", "Sure.")
+    await send(ws, {"type": "interrupt", "utteranceUntilInterrupt": "Sure. Let me",
+                    "durationUntilInterruptMs": 900})
+    [interrupted] = await events.wait("agent.speech.interrupted", call_id)
+    assert interrupted.turn_id == "turn_a" and interrupted.played_text == "Sure. Let me"
+
+    # Once turn_a has all been reported played, what Twilio says is turn_a.1's.
+    await say(bus, call_id, "turn_b", ["Okay."])
+    await say(bus, call_id, "turn_b.1", ["Sorry, that failed."])
+    await receive(ws)
+    await receive(ws)
+    await info(ws, "tokensPlayed", "Okay.")
+    await send(ws, {"type": "interrupt", "utteranceUntilInterrupt": "Sorry",
+                    "durationUntilInterruptMs": 200})
+    await events.wait("agent.speech.interrupted", call_id, count=2)
+    assert events.of("agent.speech.interrupted", call_id)[1].turn_id == "turn_b.1"

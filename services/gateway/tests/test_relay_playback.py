@@ -57,3 +57,20 @@ def test_an_interrupted_turn_is_not_followed_again_but_a_new_utterance_of_it_is(
     assert playback.cut_off("t3") and not playback.cut_off("t3.1")
     assert playback.sent("t3.1", "I can't transfer you right now.", last=True) == []
     assert playback.played("I can't transfer you right now.") == ["t3.1"]
+
+
+def test_the_turn_playing_is_the_earliest_not_yet_reported_played_in_full():
+    playback = RelayPlayback()
+    assert playback.playing() == ""
+    playback.sent("t3", "Sure. Let me transfer you.", last=True)
+    playback.sent("t3.1", "I can't transfer you right now.", last=True)
+    playback.speaking(True)
+    assert playback.playing() == "t3"
+    playback.played("Sure. Let me transfer you.")  # played; t3 finishes once the speech is off
+    assert playback.playing() == "t3.1"
+    playback.played("I can't transfer you right now.")
+    assert playback.playing() == ""  # all played: the relay takes the last turn sent
+    playback.sent("t4", "One moment.", last=False)  # superseded: its last clause never comes
+    playback.played("One moment.")
+    playback.sent("t5", "Sure.", last=True)
+    assert playback.playing() == "t5"

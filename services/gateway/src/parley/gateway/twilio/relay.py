@@ -137,7 +137,7 @@ class RelaySession(TwilioSession):
 
     def __init__(self, app: web.Application, ws: web.WebSocketResponse) -> None:
         super().__init__(app, ws)
-        self.speaking_turn = ""  # the turn whose text we last sent
+        self.speaking_turn = ""  # the turn whose text we last sent (or the greeting's)
         self._turn_has_text = False
         self.playback = RelayPlayback()
         self._errors = self.metrics.counter(
@@ -169,9 +169,13 @@ class RelaySession(TwilioSession):
             case Prompt():
                 pass  # partial prompts: the final one carries the whole utterance
             case Interrupt():
-                self.playback.interrupted(self.speaking_turn)
+                # Not necessarily the last turn sent: what follows a failed hand-off (t3.1) can
+                # be queued behind the turn Twilio is saying. Once all text sent has played,
+                # the last turn sent (its audio ending) or the greeting, which is not followed.
+                interrupted = self.playback.playing() or self.speaking_turn
+                self.playback.interrupted(interrupted)
                 await self.publish(AgentSpeechInterrupted(
-                    org_id=org_id, call_id=call_id, turn_id=self.speaking_turn,
+                    org_id=org_id, call_id=call_id, turn_id=interrupted,
                     played_text=clean_text(message.utterance_until_interrupt),
                     cut_ms=max(0, message.duration_until_interrupt_ms)))
             case Dtmf():

@@ -16,11 +16,12 @@ before it were lost: what precedes it has played too (Twilio plays turns in orde
 whose reports never cover its text does not finish here; the tools service then stops waiting
 after its own timeout.
 
-An interrupted turn never finishes, and nothing more of it is followed: the brain cancels it only
-once it learns of the interruption, so clauses of it still come, and the relay does not send
-them (:meth:`RelayPlayback.cut_off`). Followed, their text, never played, would take the
-reports of a later turn that says the same words. A new utterance of the turn (``t3.1``, after a
-failed hand-off) is another id and is followed as usual.
+An interruption is of the turn Twilio was saying (:meth:`RelayPlayback.playing`), which need
+not be the last one sent. An interrupted turn never finishes, and nothing more of it is
+followed: the brain cancels it only once it learns of the interruption, so clauses of it still
+come, and the relay does not send them (:meth:`RelayPlayback.cut_off`). Followed, their text,
+never played, would take the reports of a later turn that says the same words. A new utterance
+of the turn (``t3.1``, after a failed hand-off) is another id and is followed as usual.
 """
 
 from __future__ import annotations
@@ -82,6 +83,16 @@ class RelayPlayback:
         """Twilio's ``agentSpeaking`` went on or off; returns the turns that finished."""
         self.agent_speaking = on
         return self._finished()
+
+    def playing(self) -> str:
+        """The turn Twilio is saying (or is to say next); "" once all text sent was played.
+
+        The earliest whose text is not all reported played: a later one (``t3.1`` after a
+        hand-off refused at once) can already be queued behind it. A turn whose text sent so
+        far has played and whose next clause is still to come is not it: a newer caller turn
+        may have superseded it, and then its last clause never comes.
+        """
+        return next((turn_id for turn_id, turn in self._turns.items() if turn.unplayed), "")
 
     def interrupted(self, turn_id: str) -> None:
         """The caller interrupted ``turn_id``: nothing sent so far plays out, nor what follows.
