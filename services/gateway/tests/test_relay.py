@@ -229,3 +229,32 @@ async def test_relay_credits_an_interruption_to_the_turn_twilio_was_speaking(
                     "durationUntilInterruptMs": 200})
     await events.wait("agent.speech.interrupted", call_id, count=2)
     assert events.of("agent.speech.interrupted", call_id)[1].turn_id == "turn_b.1"
+
+
+async def test_relay_credits_an_interruption_to_the_turn_heard_not_an_earlier_unreported_one(
+        gateway, events, bus):
+    """A turn whose text Twilio's reports never covered ("$95", said and reported as "ninety
+    five dollars") stayed the earliest not played in full, so every later interruption went
+    to it: the goodbye the caller cut off ("wait, one more thing") was not interrupted for
+    the tools service, which hung up on them after its 20 s wait, and its later clauses were
+    still sent. Twilio says what the caller heard of the turn it was saying; that turn it is."""
+    ws, _, call_id = await setup_relay(gateway, events)
+    await say(bus, call_id, "turn_a", ["That comes to $95."])
+    await receive(ws)
+    await info(ws, "agentSpeaking", "on")
+    await info(ws, "tokensPlayed", "That comes to")
+    await info(ws, "tokensPlayed", "ninety five dollars.")
+    await info(ws, "agentSpeaking", "off")
+
+    await bus.publish(AgentSay(org_id=ORG, call_id=call_id, turn_id="turn_b", seq=0,
+                               text="Thanks for calling.", last=False))
+    assert (await receive(ws))["token"] == "Thanks for calling."
+    await info(ws, "agentSpeaking", "on")
+    await send(ws, {"type": "interrupt", "utteranceUntilInterrupt": "Thanks for",
+                    "durationUntilInterruptMs": 500})
+    [interrupted] = await events.wait("agent.speech.interrupted", call_id)
+    assert interrupted.turn_id == "turn_b"
+    await bus.publish(AgentSay(org_id=ORG, call_id=call_id, turn_id="turn_b", seq=1,
+                               text="Goodbye!", last=True))  # before the brain cancels it
+    await say(bus, call_id, "turn_c", ["Sure, what is it?"])
+    assert await receive(ws) == {"type": "text", "token": "Sure, what is it?", "last": True}

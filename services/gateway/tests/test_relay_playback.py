@@ -74,3 +74,23 @@ def test_the_turn_playing_is_the_earliest_not_yet_reported_played_in_full():
     playback.played("One moment.")
     playback.sent("t5", "Sure.", last=True)
     assert playback.playing() == "t5"
+
+
+def test_the_turn_playing_is_the_one_what_the_caller_heard_begins():
+    playback = RelayPlayback()
+    playback.sent("t1", "That comes to $95.", last=True)
+    playback.played("That comes to")
+    playback.played("ninety five dollars.")  # never covers "95": t1 stays unplayed
+    playback.sent("t2", "Thanks for calling.", last=False)
+    assert playback.playing() == "t1"  # nothing heard to go by
+    assert playback.playing("Thanks for") == "t2"
+    assert playback.playing("Something else") == "t1"  # heard matches no turn: as before
+    playback.sent("t3", "Sure. Let me transfer you.", last=True)
+    playback.sent("t3.1", "Sure. Let me check first.", last=True)
+    playback.speaking(True)  # so that played turns stay until the speech is off
+    playback.played("Thanks for calling.")  # t1 and t2 played (t1's report was lost)
+    assert playback.playing("Sure. Let") == "t3"  # both begin so: the earliest not played
+    playback.played("Sure. Let me transfer you.")
+    assert playback.playing("Sure. Let") == "t3.1"
+    playback.played("Sure. Let me check first.")
+    assert playback.playing("Sure. Let") == "t3.1"  # all played: the latest it begins

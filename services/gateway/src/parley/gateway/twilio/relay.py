@@ -170,13 +170,14 @@ class RelaySession(TwilioSession):
                 pass  # partial prompts: the final one carries the whole utterance
             case Interrupt():
                 # Not necessarily the last turn sent: what follows a failed hand-off (t3.1) can
-                # be queued behind the turn Twilio is saying. Once all text sent has played,
-                # the last turn sent (its audio ending) or the greeting, which is not followed.
-                interrupted = self.playback.playing() or self.speaking_turn
+                # be queued behind the turn Twilio is saying, the one what the caller heard
+                # begins. Once all text sent has played, the last turn sent (its audio ending)
+                # or the greeting, which is not followed.
+                heard = clean_text(message.utterance_until_interrupt)
+                interrupted = self.playback.playing(heard) or self.speaking_turn
                 self.playback.interrupted(interrupted)
                 await self.publish(AgentSpeechInterrupted(
-                    org_id=org_id, call_id=call_id, turn_id=interrupted,
-                    played_text=clean_text(message.utterance_until_interrupt),
+                    org_id=org_id, call_id=call_id, turn_id=interrupted, played_text=heard,
                     cut_ms=max(0, message.duration_until_interrupt_ms)))
             case Dtmf():
                 await self.publish(CallDtmf(org_id=org_id, call_id=call_id,

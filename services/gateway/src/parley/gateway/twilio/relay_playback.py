@@ -36,6 +36,7 @@ def spoken_characters(text: str) -> str:
 
 @dataclass
 class _Turn:
+    text: str = ""  # spoken characters sent
     unplayed: str = ""  # spoken characters sent and not yet reported played
     said_something: bool = False
     last_sent: bool = False
@@ -55,6 +56,7 @@ class RelayPlayback:
             return []
         turn = self._turns.setdefault(turn_id, _Turn())
         characters = spoken_characters(token)
+        turn.text += characters
         turn.unplayed += characters
         turn.said_something = turn.said_something or bool(characters)
         turn.last_sent = turn.last_sent or last
@@ -84,14 +86,26 @@ class RelayPlayback:
         self.agent_speaking = on
         return self._finished()
 
-    def playing(self) -> str:
+    def playing(self, heard: str = "") -> str:
         """The turn Twilio is saying (or is to say next); "" once all text sent was played.
 
-        The earliest whose text is not all reported played: a later one (``t3.1`` after a
-        hand-off refused at once) can already be queued behind it. A turn whose text sent so
-        far has played and whose next clause is still to come is not it: a newer caller turn
-        may have superseded it, and then its last clause never comes.
+        ``heard``: what Twilio says the caller heard of it (an ``interrupt``'s
+        ``utteranceUntilInterrupt``), which begins that turn's text: the turn it begins is it
+        (the earliest such not played in full, else the latest). An earlier turn whose text
+        Twilio's reports never covered ("$95", reported as "ninety five dollars") is then not
+        taken for it.
+
+        Otherwise the earliest whose text is not all reported played: a later one (``t3.1``
+        after a hand-off refused at once) can already be queued behind it. A turn whose text
+        sent so far has played and whose next clause is still to come is not it: a newer
+        caller turn may have superseded it, and then its last clause never comes.
         """
+        if heard_characters := spoken_characters(heard):
+            heard_in = [turn_id for turn_id, turn in self._turns.items()
+                        if turn.text.startswith(heard_characters)]
+            if heard_in:
+                return next((turn_id for turn_id in heard_in if self._turns[turn_id].unplayed),
+                            heard_in[-1])
         return next((turn_id for turn_id, turn in self._turns.items() if turn.unplayed), "")
 
     def interrupted(self, turn_id: str) -> None:
