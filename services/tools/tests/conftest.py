@@ -183,7 +183,8 @@ async def target():
 def config(nats_url, database_url):
     return ToolsConfig(nats_url=nats_url, database_url=database_url, tools_http_port=0,
                        tools_concurrency=2, tools_sweep_interval_s=0.1,
-                       tools_republish_after_s=1.0, tools_command_timeout_s=2.0)
+                       tools_republish_after_s=1.0, tools_command_timeout_s=2.0,
+                       tools_handoff_timeout_s=3.0)
 
 
 @pytest.fixture

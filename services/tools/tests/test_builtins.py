@@ -277,7 +277,7 @@ async def test_a_hand_off_the_gateway_did_not_confirm_in_time_is_under_way(
     # the hand-off is most likely happening. Reported as failed, the model would tell the
     # caller it could not transfer them (and might transfer again) while the transfer went on.
     async def slow_gateway(msg):
-        await asyncio.sleep(3.0)  # past the service's 2 s command timeout
+        await asyncio.sleep(4.0)  # past the service's 3 s hand-off timeout
         await msg.respond(b'{"ok": true}')
 
     sub = await bus.nc.subscribe("parley.cmd.gateway.*.*", cb=slow_gateway)
@@ -290,5 +290,29 @@ async def test_a_hand_off_the_gateway_did_not_confirm_in_time_is_under_way(
         outcome = await events.outcome(request.tool_call_id)
         assert outcome.type == "tool.completed", outcome
         assert outcome.result["confirmed"] is False
+    finally:
+        await sub.unsubscribe()
+
+
+@pytest.mark.parametrize("tool", ["end_call", "transfer_call"])
+async def test_a_hand_off_the_gateway_refuses_late_fails(bus, pool, service, events, tool):
+    # The gateway is at the carrier's REST API (its own timeout: 10 s) past the 2 s command
+    # timeout, and then Twilio refuses the redirect. That answer was dropped: the hand-off was
+    # "under way" while the caller stayed with an agent that thought them gone, and on a
+    # managed call nothing prompts a silent caller. The tools service now waits for it.
+    async def slow_refusing_gateway(msg):
+        await asyncio.sleep(2.5)
+        await msg.respond(b'{"ok": false, "error": "Twilio refused the redirect"}')
+
+    sub = await bus.nc.subscribe("parley.cmd.gateway.*.*", cb=slow_refusing_gateway)
+    try:
+        await allow_transfers(pool, "+14155550123")
+        await service()
+        call_id = await start_call(bus)
+        request = await request_tool(bus, call_id, tool,
+                                     {"to": "+14155550123"} if tool == "transfer_call" else {})
+        outcome = await events.outcome(request.tool_call_id)
+        assert outcome.type == "tool.failed", outcome
+        assert "Twilio refused the redirect" in outcome.error
     finally:
         await sub.unsubscribe()

@@ -90,10 +90,12 @@ class Builtins:
     """Runs built-in tools for one service instance."""
 
     def __init__(self, nc: NATS, *, knowledge: KnowledgeLookup = knowledge_unavailable,
-                 command_timeout_s: float = 5.0) -> None:
+                 command_timeout_s: float = 5.0, handoff_timeout_s: float = 15.0) -> None:
         self.nc = nc
         self.knowledge = knowledge
         self.command_timeout_s = command_timeout_s
+        # A hang-up or transfer: the gateway answers within its REST client's timeout (10 s).
+        self.handoff_timeout_s = max(command_timeout_s, handoff_timeout_s)
 
     async def run(self, conn: AsyncConnection[Any], name: str, arguments: dict[str, Any],
                   call: CallContext, tool_call_id: str, *,
@@ -215,15 +217,17 @@ class Builtins:
                        unconfirmed_ok: bool = False) -> bool:
         """Send a command to the gateway holding the call; True once it confirmed it.
 
-        ``unconfirmed_ok``: a command the gateway holds but did not answer in time is taken as
-        under way (False), not as failed. For a hang-up or a transfer that is the likely
-        truth (a gateway holds the call and is at the carrier's REST API), and a "failure"
+        ``unconfirmed_ok``: a hang-up or a transfer, whose answer is awaited for
+        ``handoff_timeout_s`` (the gateway is at the carrier's REST API, which it gives 10 s:
+        a refusal it reports late still fails), and which is then taken as under way (False),
+        not as failed. That is the likely truth (a gateway holds the call), and a "failure"
         would have the model tell the caller it could not, and perhaps ask again, while it
         happens: a second transfer.
         """
+        timeout = self.handoff_timeout_s if unconfirmed_ok else self.command_timeout_s
         try:
             msg = await self.nc.request(command_subject(call_id, verb), msgspec.json.encode(body),
-                                        timeout=self.command_timeout_s)
+                                        timeout=timeout)
         except NoRespondersError:
             raise ToolError("the call is not live: no gateway holds it") from None
         except (NatsTimeoutError, TimeoutError):

@@ -26,6 +26,10 @@ class ToolsConfig(CommonConfig, kw_only=True):
     tools_republish_after_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     # Gateway command round trip (end_call, transfer_call, send_dtmf).
     tools_command_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
+    # How long a hang-up or transfer waits for the gateway's answer before it is taken as under
+    # way: longer than the gateway's own REST timeout (10 s), so that a refusal it reports late
+    # still fails the tool (the model then tells the caller) rather than being dropped.
+    tools_handoff_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 15.0
     # Redelivery of an unacked tool.requested; the journal keeps a redelivery from re-running.
     tools_ack_wait_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
     # Added to a tool's worst-case duration to form its running lease (after which a crashed

@@ -76,7 +76,8 @@ class ToolsService:
         dispatcher = Dispatcher(
             bus=self.bus, pool=self.pool, directory=CallDirectory(self.bus),
             builtins=Builtins(self.bus.nc, knowledge=self._knowledge,
-                              command_timeout_s=config.tools_command_timeout_s),
+                              command_timeout_s=config.tools_command_timeout_s,
+                              handoff_timeout_s=config.tools_handoff_timeout_s),
             sessions=HttpSessions(guarded, open_), metrics=self.metrics,
             lease_margin_s=config.tools_lease_margin_s)
         for durable, types, handler in (
