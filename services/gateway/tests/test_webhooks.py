@@ -167,6 +167,18 @@ async def test_reconnect_gives_a_live_call_a_new_stream_and_an_ended_one_a_hangu
     assert [child.tag for child in ElementTree.fromstring(await response.text())] == ["Hangup"]
 
 
+async def test_a_managed_call_back_on_a_new_socket_is_not_greeted_again(gateway, events):
+    # ConversationRelay says welcomeGreeting as the caller connects: the reconnect TwiML gave
+    # it again, so a managed caller whose socket dropped heard "Hi, Acme here." mid-call.
+    call_sid, call_id, root = await gateway.inbound_call(MANAGED_NUMBER)
+    assert root.find("./Connect/ConversationRelay").get("welcomeGreeting") == "Hi, Acme here."
+    response = await gateway.post(f"/twilio/voice/reconnect?call_id={call_id}",
+                                  {"CallSid": call_sid, "CallStatus": "in-progress"})
+    relay = ElementTree.fromstring(await response.text()).find("./Connect/ConversationRelay")
+    assert relay is not None and relay.get("welcomeGreeting") is None
+    assert relay.get("events") == "speaker-events tokens-played"
+
+
 async def test_reconnects_are_capped(make_gateway, events):
     gateway = await make_gateway(max_reconnects=2)
     call_sid, call_id, _ = await gateway.inbound_call()

@@ -21,11 +21,14 @@ NOT_IN_SERVICE = "Sorry, this number is not in service. Goodbye."
 
 
 def connect_twiml(config: GatewayConfig, settings: AgentSettings, *, call_id: str,
-                  org_id: str, agent_id: str, before: VoiceResponse | None = None) -> str:
+                  org_id: str, agent_id: str, before: VoiceResponse | None = None,
+                  greet: bool = True) -> str:
     """``<Connect action>`` to our stream (cascading) or ConversationRelay (managed).
 
     The action URL brings a still-live call back to a new socket if this one drops (e.g. the
     instance holding it died). ``before`` holds verbs to run first (``<Play digits>``).
+    ``greet``: ConversationRelay says the agent's greeting as the caller connects — at the
+    call's start, not when a live call comes back to a new socket.
     """
     response = before or VoiceResponse()
     action = f"{config.public_base}{RECONNECT_PATH}?{urlencode({'call_id': call_id})}"
@@ -36,7 +39,7 @@ def connect_twiml(config: GatewayConfig, settings: AgentSettings, *, call_id: st
             url=config.public_ws_base + RELAY_PATH,
             voice=settings.voice or None,
             language=settings.language,
-            welcome_greeting=settings.greeting or None,
+            welcome_greeting=(settings.greeting or None) if greet else None,
             welcome_greeting_interruptible=settings.interruption_mode,
             interruptible=settings.interruption_mode,
             interrupt_sensitivity=settings.interruption_sensitivity,
@@ -60,7 +63,7 @@ def digits_then_connect(config: GatewayConfig, settings: AgentSettings, digits: 
     response = VoiceResponse()
     response.play(digits=digits)
     return connect_twiml(config, settings, call_id=call_id, org_id=org_id, agent_id=agent_id,
-                         before=response)
+                         before=response, greet=False)
 
 
 def dial_twiml(to: str, *, caller_id: str | None = None) -> str:

@@ -174,7 +174,7 @@ async def reconnect(request: web.Request) -> web.Response:
     _count(request, "reconnected")
     log.info("call %s: reconnecting to a new stream (attempt %d)", call.call_id, attempts + 1)
     return _xml(twiml.connect_twiml(app[CONFIG], agent.settings, call_id=call.call_id,
-                                    org_id=call.org_id, agent_id=call.agent_id))
+                                    org_id=call.org_id, agent_id=call.agent_id, greet=False))
 
 
 async def status(request: web.Request) -> web.Response:
