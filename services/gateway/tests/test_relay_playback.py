@@ -3,6 +3,14 @@ from parley.gateway.twilio.relay_playback import RelayPlayback, spoken_character
 
 def test_spoken_characters_ignore_spacing_punctuation_and_case():
     assert spoken_characters(" Goodbye, Ana! 2 ") == "goodbyeana2"
+    assert spoken_characters("I’m here, I'm") == "imhereim"
+
+
+def test_spoken_characters_match_whichever_unicode_form_twilio_reports():
+    # "café" sent composed, reported decomposed (e + U+0301), and a Hindi word whose vowel
+    # signs are combining marks: the same spoken characters either way.
+    assert spoken_characters("Un café.") == spoken_characters("Un café")
+    assert spoken_characters("नमस्ते") != spoken_characters("नमसत")
 
 
 def test_a_turn_finishes_once_its_last_words_were_played_and_the_speech_stopped():

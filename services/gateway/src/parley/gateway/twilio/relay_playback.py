@@ -28,10 +28,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from parley.common.words import normalize_words
+
 
 def spoken_characters(text: str) -> str:
-    """The letters and digits of ``text``, case folded: what the comparison looks at."""
-    return "".join(ch for ch in text.casefold() if ch.isalnum())
+    """What the comparison looks at: ``text``'s words run together, without apostrophes.
+
+    The words as :func:`normalize_words` has them (lower case, NFC, combining marks kept), so
+    text Twilio reports in another Unicode form, or with ’ for ', still matches what was sent.
+    """
+    return normalize_words(text).replace(" ", "").replace("'", "")
 
 
 @dataclass
