@@ -123,10 +123,10 @@ class Call:
 
     async def silence_until_idle(self, limit_s: float) -> float | None:
         """Silence until the session emits a caller.idle: how many seconds (None: none came)."""
-        count = self.session._idle_count
+        count = self.session._idle_state.idle_count
         for n in range(round(limit_s * 50)):
             await self.audio(0.02)
-            if self.session._idle_count > count:
+            if self.session._idle_state.idle_count > count:
                 return round((n + 1) * 0.02, 2)
         return None
 

@@ -26,7 +26,7 @@ after another. A provider that fails is replaced by the next in the call's chain
 (``media.provider_switched``); for STT the open turn's audio is replayed into the new stream.
 
 A caller silent while nothing is pending (no caller turn waiting for its answer, no agent audio
-to play) is noticed on the audio clock (:mod:`parley.media.idle`): ``caller.idle`` asks the
+to play) is noticed on the audio clock (:mod:`parley.common.idle`): ``caller.idle`` asks the
 brain for a prompt after the agent's ``idle_prompt_s``, and for the goodbye and hang-up after
 ``idle_hangup_s``. Its ids are stable per call and ordinal, and a successor goes on with the
 silence its predecessor counted (from the call's past events), so a take-over repeats neither.
@@ -76,11 +76,11 @@ from parley.common.events import (
     Word,
     decode,
 )
+from parley.common.idle import Action, IdleSettings, IdleState
 from parley.common.runtime import cancel_and_wait
 from parley.common.words import normalize_words
 from parley.media.audio.codec import ulaw_to_pcm16
 from parley.media.audio.frames import ULAW_FRAME_BYTES, FrameAligner
-from parley.media.idle import Action, IdleClock, IdleSettings
 from parley.media.inbound import InboundAudio
 from parley.media.ownership import Leases, LeaseState
 from parley.media.playback import (
@@ -130,9 +130,7 @@ STT_ENDPOINTING_LEAD_MS = 100
 # per-message costs (publish, the AUDIO stream, the gateway's relay, the telephony socket)
 # were paid per 20 ms frame before, and nothing waits for a message to fill up.
 OUT_CHUNK_FRAMES = 10
-# Tools that end the turn with the call: if one fails, the brain takes the turn up again.
-HAND_OFFS = frozenset({"end_call", "transfer_call"})
-# The idle clock (parley.media.idle) is looked at every this many ms of inbound audio: once per
+# The idle clock (parley.common.idle) is looked at every this many ms of inbound audio: once per
 # frame would cost every call's every frame for timers counted in seconds.
 IDLE_TICK_MS = 100
 
@@ -263,19 +261,15 @@ class CallSession:
         self._live_events: list[Msg] | None = []  # live events held while the past is read
         self._subs: list[Any] = []
         self._inbound: InboundAudio | None = None
-        # Idle handling: the caller's silence while nothing is pending (parley.media.idle).
-        self._idle = IdleClock(IdleSettings(prompt_ms=round(settings.idle_prompt_s * 1000),
-                                            hangup_ms=round(settings.idle_hangup_s * 1000)))
+        # Idle handling: the caller's silence while nothing is pending (parley.common.idle).
+        # The caller turn whose answer is not over starts as the greeting ("t0"), when the
+        # agent has one: no idle until it has played.
+        self._idle_state = IdleState(
+            IdleSettings(prompt_ms=round(settings.idle_prompt_s * 1000),
+                         hangup_ms=round(settings.idle_hangup_s * 1000)),
+            unanswered="t0" if settings.greeting.strip() else "")
+        self._idle = self._idle_state.clock
         self._idle_due_ms = 0.0 if self._idle.settings.enabled else math.inf
-        self._idle_turns: set[str] = set()  # agent turns of caller.idle (the prompts, goodbyes)
-        self._idle_count = 0  # caller.idle events of the call so far (their turns: i0, i1…)
-        # The caller turn whose answer is not over: the brain has not completed it, or its audio
-        # is still to play ("t0": the greeting, when the agent has one). No idle meanwhile.
-        self._unanswered = "t0" if settings.greeting.strip() else ""
-        self._owed = 1  # the turn.completed events the brain still owes it
-        self._reopened = False  # a hand-off of it failed: the brain says more ("t3.1")
-        self._hand_offs: dict[str, str] = {}  # end_call/transfer_call tool call → caller turn
-        self._cut_off: set[str] = set()  # caller turns whose answer the caller interrupted
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -457,7 +451,7 @@ class CallSession:
             await self._supersede(revises)
         self.turn_no += 1
         turn_id = f"t{self.turn_no}"
-        self._awaiting(turn_id)
+        self._idle_state.awaiting(turn_id)
         self._idle.reset()
         self._user_turn_ends[turn_id] = self._speech_end_wall
         self._turn_audio = []
@@ -650,7 +644,7 @@ class CallSession:
             self._voiced.add(event.turn_id)
         elif isinstance(event, CallEnded):
             self.stop("call_ended")
-        self._idle_catch_up(event)
+        self._idle_state.observe(event)
 
     async def _caught_up(self) -> None:
         history, self._history = self._history or {}, None
@@ -673,11 +667,11 @@ class CallSession:
                     agent_playing=self._agent_audible()) is not None:
                 await self._interrupt(current, time.monotonic())
         elif isinstance(event, TurnCompleted):
-            self._answered(event.turn_id, completed=True)
+            self._idle_state.answered(event.turn_id, completed=True)
         elif isinstance(event, ToolRequested | ToolFailed):
-            self._hand_off_seen(event)
+            self._idle_state.hand_off_seen(event)
         elif isinstance(event, CallerIdle):
-            self._idle_seen(event)  # ours, or (just after a take-over) the previous owner's
+            self._idle_state.seen(event)  # ours, or (just after a take-over) the previous owner's
         elif isinstance(event, CallEnded):
             self.stop("call_ended")
 
@@ -787,7 +781,7 @@ class CallSession:
         if turn is None or not turn.audio.echo(event.seq, time.monotonic()):
             return
         if turn.audio.finished and not turn.interrupted:
-            self._answered(turn.turn_id)
+            self._idle_state.answered(turn.turn_id)
             # Keyed by the agent turn, as started and interrupted are: several agent turns can
             # finish within one caller turn (an idle prompt and goodbye, what follows a failed
             # hand-off), and an ordinal counted per session would give a successor's the id
@@ -964,7 +958,7 @@ class CallSession:
             MARK: f"{turn.turn_id}:{mark}"})
         if not turn.first_frame_at:
             turn.first_frame_at = time.monotonic()
-            if turn.turn_id not in self._idle_turns:  # the agent said something new
+            if turn.turn_id not in self._idle_state.idle_turns:  # the agent said something new
                 self._idle.reset()
             spoke_at = self._user_turn_ends.get(turn.turn_id, 0.0)
             await self._publish(
@@ -1004,7 +998,9 @@ class CallSession:
 
     def _idle_busy(self) -> bool:
         """Whether the caller or the agent is at it, or a caller turn waits for its answer."""
-        if self._unanswered or self._speech_start_ms is not None or self.detector.in_turn:
+        if self._idle_state.unanswered or self._speech_start_ms is not None:
+            return True
+        if self.detector.in_turn:
             return True
         if not self._speak_queue.empty():
             return True
@@ -1022,106 +1018,12 @@ class CallSession:
         The n-th of the call has the same id whichever instance emits it, and a successor
         learns the ones before from the call's events, so a take-over does not repeat one.
         """
-        number = self._idle_count
-        turn_id = f"i{number}"
-        self._idle_count += 1
-        self._idle_turns.add(turn_id)
+        number, turn_id = self._idle_state.next_idle_turn()
         silent_s = round(self._idle.silent_ms / 1000, 1)
         log.info("call %s: caller silent for %.1f s: %s (%s)", self.call_id, silent_s, action,
                  turn_id)
         await self._publish(CallerIdle, "caller.idle", turn_id=turn_id, action=action,
                             silent_s=silent_s, key=(number,))
-
-    def _idle_seen(self, event: CallerIdle) -> None:
-        """A caller.idle of the call: this session's own, or one its previous owner emitted.
-
-        Another's silence goes on where it was: what it asked for is not asked for again.
-        """
-        if event.turn_id in self._idle_turns:
-            return
-        self._idle_turns.add(event.turn_id)
-        number = event.turn_id[1:]
-        if number.isdigit():
-            self._idle_count = max(self._idle_count, int(number) + 1)
-        self._idle.silent_ms = max(self._idle.silent_ms, round(event.silent_s * 1000))
-        self._idle.prompted = True
-        if event.action == "hangup":  # the next only if this one leaves the line silent
-            self._idle.hung_up(round(event.silent_s * 1000))
-
-    def _awaiting(self, turn_id: str) -> None:
-        """The caller turn ``turn_id`` ended: pending until the brain has answered it."""
-        self._unanswered, self._owed, self._reopened = turn_id, 1, False
-
-    def _answered(self, turn_id: str, *, completed: bool = False,
-                  cut_off: bool = False) -> None:
-        """Agent audio of ``turn_id`` is over (played or cut), or the brain completed the turn.
-
-        The caller turn is then no longer pending, unless a hand-off of it failed and the brain
-        still owes what it says about that: a turn completes once more than its hand-offs
-        failed, and the failed hand-off's own last words ("Goodbye!") are not that answer.
-        ``cut_off``: the caller interrupted it, and the brain takes an interrupted turn up no
-        more (it answers their next turn, if one comes: a key press makes none), so it is over.
-        """
-        caller_turn = turn_id.partition(".")[0]  # "t3.1" follows t3's failed hand-off
-        if cut_off:
-            self._cut_off.add(caller_turn)
-        if caller_turn != self._unanswered:
-            return
-        if completed:
-            self._owed -= 1
-            if self._owed > 0:
-                return
-        elif self._reopened and turn_id == caller_turn and not cut_off:
-            return
-        self._unanswered = ""
-
-    def _hand_off_seen(self, event: ToolRequested | ToolFailed) -> None:
-        """A hand-off of the latest caller turn failed: the turn is pending again.
-
-        The brain takes it up again (the caller hears why, in ``t<n>.1``) and completes it once
-        more; until then the silence is the brain's, not the caller's. (A hand-off that worked
-        ends the call or moves it on; an idle hang-up's turn, ``i<n>``, is not the caller's.)
-        """
-        if isinstance(event, ToolRequested):
-            if event.name in HAND_OFFS:
-                self._hand_offs[event.tool_call_id] = event.turn_id.partition(".")[0]
-            return
-        turn_id = self._hand_offs.pop(event.tool_call_id, "")
-        if turn_id != f"t{self.turn_no}":
-            return  # not a hand-off, or of a turn the caller has since followed with another
-        if turn_id in self._cut_off:
-            return  # refused as the caller interrupted its last words: the brain goes no further
-        if self._unanswered == turn_id:
-            self._owed += 1  # (failed before the turn's first completion was seen)
-        else:
-            self._unanswered, self._owed = turn_id, 1
-        self._reopened = True
-
-    def _idle_catch_up(self, event: Event) -> None:
-        """The idle state as the call's past events leave it (a previous owner's silence)."""
-        if isinstance(event, CallerIdle):
-            self._idle_seen(event)
-        elif isinstance(event, SpeechStarted | CallDtmf):
-            self._idle.reset()
-        elif isinstance(event, TurnUserEnded):
-            self._idle.reset()
-            self._awaiting(event.turn_id)
-        elif isinstance(event, AgentSpeechStarted):
-            if event.turn_id not in self._idle_turns:
-                self._idle.reset()
-            if event.turn_id == "t0":
-                # The predecessor began the greeting: it is not voiced again, the carrier's echoes
-                # of what is left of it match no turn of ours, and the brain completes no
-                # greeting. Waited for, it would hold the idle clock for the rest of the call.
-                self._answered("t0")
-        elif isinstance(event, AgentSpeechFinished):
-            self._answered(event.turn_id)
-        elif isinstance(event, AgentSpeechInterrupted):
-            self._answered(event.turn_id, cut_off=True)
-        elif isinstance(event, TurnCompleted):
-            self._answered(event.turn_id, completed=True)
-        elif isinstance(event, ToolRequested | ToolFailed):
-            self._hand_off_seen(event)
 
     # ------------------------------------------------------------------ barge-in
 
@@ -1183,7 +1085,7 @@ class CallSession:
             with contextlib.suppress(Exception):
                 await turn.stream.cancel()
         heard = turn.audio.heard_text(cut * FRAME_MS)
-        self._answered(turn.turn_id, cut_off=True)
+        self._idle_state.answered(turn.turn_id, cut_off=True)
         await self._publish(AgentSpeechInterrupted, "agent.speech.interrupted",
                             turn_id=turn.turn_id, played_text=heard,
                             cut_seq=cut, cut_ms=cut * FRAME_MS, key=(turn.turn_id,))
