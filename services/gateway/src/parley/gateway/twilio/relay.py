@@ -8,10 +8,13 @@ transcript.final + turn.user_ended (reason ``prompt``), each agent.say becomes a
 what the caller actually heard, and Twilio's ``info`` reports of the tokens it played and of
 its speech stopping become agent.speech.finished once a turn has played out
 (:mod:`.relay_playback`): the tools service waits for it before it hangs up or transfers.
+A caller who goes silent is prompted, then hung up on (``caller.idle``, :mod:`.relay_idle`), as
+media does on cascading calls.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from typing import ClassVar, Literal
@@ -19,25 +22,30 @@ from typing import ClassVar, Literal
 import msgspec
 from aiohttp import web
 
+from parley.common.bus import call_events
 from parley.common.events import (
     AgentSay,
     AgentSpeechFinished,
     AgentSpeechInterrupted,
     CallDtmf,
+    CallerIdle,
+    CallStreamStarted,
     Event,
     TranscriptFinal,
     TurnUserEnded,
     is_token,
     uuid7,
 )
+from parley.common.idle import Action
 
 from ..close_codes import CloseCode, ProtocolViolation, clean_text
 from ..commands import CommandError
 from ..keys import CONFIG
 from . import twiml
 from .media_stream import dtmf_digit
+from .relay_idle import TICK_S, RelayIdle
 from .relay_playback import RelayPlayback
-from .session import TwilioSession
+from .session import TwilioSession, carrier_socket
 from .signatures import verify_twilio
 
 log = logging.getLogger(__name__)
@@ -123,7 +131,7 @@ def add_routes(app: web.Application) -> None:
 async def conversation_relay(request: web.Request) -> web.WebSocketResponse:
     """Check the upgrade's signature, then run the socket as its own session."""
     await verify_twilio(request, websocket=True)
-    ws = web.WebSocketResponse(max_msg_size=request.app[CONFIG].max_frame_bytes)
+    ws = carrier_socket(request.app[CONFIG])
     await ws.prepare(request)
     await RelaySession(request.app, ws).run()
     return ws
@@ -140,6 +148,9 @@ class RelaySession(TwilioSession):
         self.speaking_turn = ""  # the turn whose text we last sent (or the greeting's)
         self._turn_has_text = False
         self.playback = RelayPlayback()
+        self.stream_id = ""  # Twilio's sessionId
+        self.idle: RelayIdle | None = None  # once attached, if the agent has idle timers on
+        self._idle_backlog: list[Event] | None = []  # live events held while the past is read
         self._errors = self.metrics.counter(
             "gateway_relay_errors", "ConversationRelay error messages from Twilio")
 
@@ -152,6 +163,7 @@ class RelaySession(TwilioSession):
             session_id = message.session_id or message.call_sid
             if not is_token(session_id):
                 raise ProtocolViolation(CloseCode.INVALID_MESSAGE, "invalid sessionId")
+            self.stream_id = session_id
             await self.attach(message.call_sid, message.custom_parameters, session_id)
             return
         if not self.started:
@@ -160,6 +172,7 @@ class RelaySession(TwilioSession):
         org_id, call_id = self.call.org_id, self.call_id
         match message:
             case Prompt(last=True):
+                self._caller_active()
                 turn_id, text = f"turn_{uuid7().hex}", clean_text(message.voice_prompt)
                 await self.publish(TranscriptFinal(org_id=org_id, call_id=call_id, text=text,
                                                    utterance_id=turn_id,
@@ -167,7 +180,7 @@ class RelaySession(TwilioSession):
                 await self.publish(TurnUserEnded(org_id=org_id, call_id=call_id,
                                                  turn_id=turn_id, text=text, reason="prompt"))
             case Prompt():
-                pass  # partial prompts: the final one carries the whole utterance
+                self._caller_active()  # partial prompts: the final one carries the utterance
             case Interrupt():
                 # Not necessarily the last turn sent: what follows a failed hand-off (t3.1) can
                 # be queued behind the turn Twilio is saying, the one what the caller heard
@@ -176,16 +189,25 @@ class RelaySession(TwilioSession):
                 heard = clean_text(message.utterance_until_interrupt)
                 interrupted = self.playback.playing(heard) or self.speaking_turn
                 self.playback.interrupted(interrupted)
+                if self.idle is not None:
+                    self.idle.interrupted()
                 await self.publish(AgentSpeechInterrupted(
                     org_id=org_id, call_id=call_id, turn_id=interrupted, played_text=heard,
                     cut_ms=max(0, message.duration_until_interrupt_ms)))
             case Dtmf():
+                self._caller_active()
                 await self.publish(CallDtmf(org_id=org_id, call_id=call_id,
                                             digit=dtmf_digit(message.digit)))
             case Info(name="tokensPlayed"):
                 await self._finish(self.playback.played(str(message.value or "")))
             case Info(name="agentSpeaking"):
                 await self._finish(self.playback.speaking(message.value == "on"))
+                if self.idle is not None:
+                    self.idle.agent_speaking_changed(message.value == "on",
+                                                     all_played=self.playback.all_played)
+            case Info(name="clientSpeaking"):
+                if self.idle is not None:
+                    self.idle.client_speaking_changed(message.value == "on")
             case Info():
                 pass
             case Error():
@@ -196,12 +218,21 @@ class RelaySession(TwilioSession):
     # -- outwards ---------------------------------------------------------------------------
 
     async def subscribe(self) -> None:
-        """Follow the call's events: agent.say becomes text tokens."""
-        assert self.call is not None
+        """Follow the call's events: agent.say becomes text tokens; all feed the idle clock."""
+        assert self.call is not None and self.agent is not None
+        if self.agent.settings.idle_prompt_s or self.agent.settings.idle_hangup_s:
+            self.idle = RelayIdle(self.agent.settings)
         self.add_subscription(await self.bus.subscribe_call(
             self.call_id, self._on_event, org_id=self.call.org_id))
+        if self.idle is not None:
+            self._spawn(self._watch_idle(), "idle")
 
     async def _on_event(self, event: Event) -> None:
+        if self.idle is not None:
+            if self._idle_backlog is not None:
+                self._idle_backlog.append(event)
+            else:
+                self.idle.observe(event)
         if not isinstance(event, AgentSay):
             return
         if self.playback.cut_off(event.turn_id):
@@ -223,6 +254,8 @@ class RelaySession(TwilioSession):
         self._turn_has_text = self._turn_has_text or bool(token)
         if await self.send(_encoder.encode({"type": "text", "token": token,
                                             "last": event.last})):
+            if self.idle is not None:
+                self.idle.agent_text(event.turn_id, token)
             await self._finish(self.playback.sent(event.turn_id, token, last=event.last))
 
     async def _finish(self, turn_ids: list[str]) -> None:
@@ -232,6 +265,48 @@ class RelaySession(TwilioSession):
             await self.publish(AgentSpeechFinished(
                 id=uuid.uuid5(_ID_NAMESPACE, f"{self.call_id}/agent.speech.finished/{turn_id}"),
                 org_id=self.call.org_id, call_id=self.call_id, turn_id=turn_id))
+
+    # -- the idle caller ---------------------------------------------------------------------
+
+    def _caller_active(self) -> None:
+        if self.idle is not None:
+            self.idle.caller_active()
+
+    async def _watch_idle(self) -> None:
+        """Read the call's past (a reconnect goes on counting), then tick the idle clock."""
+        idle, call = self.idle, self.call
+        assert idle is not None and call is not None and self.agent is not None
+        seen: set[object] = set()
+        reconnected = False
+        async for _, event in self.bus.replay(call_events(self.call_id, call.org_id)):
+            seen.add(event.id)
+            idle.observe(event)
+            if isinstance(event, CallStreamStarted) and event.stream_id != self.stream_id:
+                reconnected = True  # this socket took over a live call: no greeting
+        backlog, self._idle_backlog = self._idle_backlog or [], None
+        for event in backlog:  # (no await since the last was appended: none is lost)
+            if event.id not in seen:
+                idle.observe(event)
+        if not reconnected:
+            idle.agent_text(GREETING_TURN, self.agent.settings.greeting)  # welcomeGreeting
+        while True:
+            await asyncio.sleep(TICK_S)
+            action = idle.tick()
+            if action is not None:
+                await self._publish_idle(action)
+
+    async def _publish_idle(self, action: Action) -> None:
+        """caller.idle: the brain says the prompt (or goodbye) in agent turn ``i<n>``."""
+        idle, call = self.idle, self.call
+        assert idle is not None and call is not None
+        number, turn_id = idle.state.next_idle_turn()
+        silent_s = round(idle.state.clock.silent_ms / 1000, 1)
+        log.info("call %s: caller silent for %.1f s: %s (%s)", self.call_id, silent_s, action,
+                 turn_id)
+        await self.publish(CallerIdle(
+            id=uuid.uuid5(_ID_NAMESPACE, f"{self.call_id}/caller.idle/{number}"),
+            org_id=call.org_id, call_id=self.call_id, turn_id=turn_id,
+            action=action, silent_s=silent_s))
 
     async def play(self, source: str) -> None:
         """Play an audio URL to the caller."""

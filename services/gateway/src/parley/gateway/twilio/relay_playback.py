@@ -56,6 +56,11 @@ class RelayPlayback:
         self._cut_off: set[str] = set()  # turns the caller interrupted
         self.agent_speaking = False
 
+    @property
+    def all_played(self) -> bool:
+        """Whether every turn sent has played out (or was cut off)."""
+        return not self._turns
+
     def sent(self, turn_id: str, token: str, *, last: bool) -> list[str]:
         """A text token of ``turn_id`` went to Twilio; returns the turns that finished."""
         if turn_id in self._cut_off:
