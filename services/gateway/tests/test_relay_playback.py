@@ -102,3 +102,23 @@ def test_the_turn_playing_is_the_one_what_the_caller_heard_begins():
     assert playback.playing("Sure. Let") == "t3.1"
     playback.played("Sure. Let me check first.")
     assert playback.playing("Sure. Let") == "t3.1"  # all played: the latest it begins
+
+
+def test_a_report_spanning_two_turns_plays_both_up_to_where_it_ends():
+    """Twilio reports what it played in chunks of its own: one that ran from the end of a
+    turn into the next matched neither turn alone, so neither finished and the hang-up after
+    the second waited the tools service's 20 s."""
+    playback = RelayPlayback()
+    playback.sent("t1", "Your table is booked.", last=True)
+    playback.sent("t1.1", " Anything else? Goodbye!", last=True)
+    playback.speaking(True)
+    assert playback.played("Your table is") == []
+    assert playback.played("booked. Anything else?") == []
+    assert playback.speaking(False) == ["t1"]  # t1.1 has words still to play
+    assert playback.speaking(True) == []
+    assert playback.played("Goodbye!") == []
+    assert playback.speaking(False) == ["t1.1"]
+    # A report that matches nowhere, even across turns, still changes nothing.
+    playback.sent("t2", "Sure.", last=True)
+    assert playback.played("Goodbye Sure") == []
+    assert playback.playing() == "t2"

@@ -12,7 +12,8 @@ later words are not yet reported.
 Text is compared on letters and digits only (case folded), so Twilio's spacing and chunking do
 not matter; a report that matches none of the queued text (the welcome greeting, which Twilio
 says on its own) is ignored. A report that matches further on than expected means the ones
-before it were lost: what precedes it has played too (Twilio plays turns in order). A turn
+before it were lost: what precedes it has played too (Twilio plays turns in order). A report
+may span the end of one turn and the start of the next. A turn
 whose reports never cover its text does not finish here; the tools service then stops waiting
 after its own timeout.
 
@@ -77,19 +78,26 @@ class RelayPlayback:
         return self._finished()
 
     def played(self, text: str) -> list[str]:
-        """Twilio reports ``text`` played (``tokensPlayed``); returns the turns that finished."""
+        """Twilio reports ``text`` played (``tokensPlayed``); returns the turns that finished.
+
+        Everything sent up to the end of the earliest place the text matches has played: the
+        text may run from one turn's end into the next's (a report spanning both), and what
+        precedes it played before (its report lost).
+        """
         characters = spoken_characters(text)
         if not characters:
             return []
         turns = list(self._turns.values())
-        for index, turn in enumerate(turns):
-            found = turn.unplayed.find(characters)
-            if found < 0:
-                continue
-            turn.unplayed = turn.unplayed[found + len(characters):]
-            for earlier in turns[:index]:  # their reports were lost; they played before
-                earlier.unplayed = ""
-            break
+        found = "".join(turn.unplayed for turn in turns).find(characters)
+        if found < 0:
+            return []
+        end = found + len(characters)  # in the unplayed text of the turns, run together
+        for turn in turns:
+            if end <= 0:
+                break
+            played = min(end, len(turn.unplayed))
+            turn.unplayed = turn.unplayed[played:]
+            end -= played
         return self._finished()
 
     def speaking(self, on: bool) -> list[str]:
