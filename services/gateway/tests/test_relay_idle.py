@@ -12,6 +12,7 @@ from parley.common.events import TurnCompleted
 from parley.gateway.twilio.relay_idle import SPOKEN_CHARS_PER_S, RelayIdle
 
 from .conftest import CALLER, MANAGED_AGENT, MANAGED_NUMBER, ORG
+from .test_media_stream import request
 from .test_relay import info, receive, say, send
 
 PROMPT_S, HANGUP_S = 0.6, 1.5
@@ -173,3 +174,15 @@ async def test_idle_off_means_no_idle_events(gateway, events, bus, db):
     await asyncio.sleep(1.0)
     assert events.of("caller.idle", call_id) == []
     assert not ws.closed
+
+
+async def test_nothing_is_due_once_the_call_has_ended(gateway, events, bus, db):
+    """The socket outlives call.ended until Twilio closes it (the session's end, the REST
+    hang-up): a caller.idle of an ended call would have the brain say goodbye to nobody."""
+    await quick_idle(db)
+    ws, _, call_id = await setup(gateway, events)
+    assert await request(bus, call_id, "hangup") == {"ok": True}
+    assert (await receive(ws))["type"] == "end"
+    await events.wait("call.ended", call_id)
+    await asyncio.sleep(PROMPT_S + 0.6)
+    assert events.of("caller.idle", call_id) == []

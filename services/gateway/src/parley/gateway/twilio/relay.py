@@ -278,22 +278,30 @@ class RelaySession(TwilioSession):
         assert idle is not None and call is not None and self.agent is not None
         seen: set[object] = set()
         reconnected = False
-        async for _, event in self.bus.replay(call_events(self.call_id, call.org_id)):
-            seen.add(event.id)
-            idle.observe(event)
-            if isinstance(event, CallStreamStarted) and event.stream_id != self.stream_id:
-                reconnected = True  # this socket took over a live call: no greeting
+        try:
+            async for _, event in self.bus.replay(call_events(self.call_id, call.org_id)):
+                seen.add(event.id)
+                idle.observe(event)
+                if isinstance(event, CallStreamStarted) and event.stream_id != self.stream_id:
+                    reconnected = True  # this socket took over a live call: no greeting
+        except Exception:
+            log.exception("call %s: reading the call's past for idle handling failed; "
+                          "counting from now", self.call_id)
         backlog, self._idle_backlog = self._idle_backlog or [], None
         for event in backlog:  # (no await since the last was appended: none is lost)
             if event.id not in seen:
                 idle.observe(event)
         if not reconnected:
             idle.agent_text(GREETING_TURN, self.agent.settings.greeting)  # welcomeGreeting
-        while True:
+        while not idle.ended:
             await asyncio.sleep(TICK_S)
             action = idle.tick()
-            if action is not None:
+            if action is None:
+                continue
+            try:
                 await self._publish_idle(action)
+            except Exception:
+                log.exception("call %s: publishing caller.idle failed", self.call_id)
 
     async def _publish_idle(self, action: Action) -> None:
         """caller.idle: the brain says the prompt (or goodbye) in agent turn ``i<n>``."""

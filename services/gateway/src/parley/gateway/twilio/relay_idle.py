@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 
 from parley.common.configuration.models import AgentSettings
-from parley.common.events import Event
+from parley.common.events import CallEnded, Event
 from parley.common.idle import Action, IdleSettings, IdleState
 
 # How fast Twilio's voices say text, on the slow side (about 150 words a minute is 15 characters
@@ -43,6 +43,7 @@ class RelayIdle:
         self.client_speaking = False
         self.agent_speaking = False
         self.speaking_until = 0.0  # when the text sent so far is said, by the estimate
+        self.ended = False  # call.ended seen: nothing more is due
 
     @property
     def enabled(self) -> bool:
@@ -52,6 +53,8 @@ class RelayIdle:
     def observe(self, event: Event) -> None:
         """One of the call's events (live, or from before this socket)."""
         self.state.observe(event)
+        if isinstance(event, CallEnded):
+            self.ended = True
 
     def caller_active(self) -> None:
         """The caller spoke, is speaking or pressed a key: the silence starts over."""
@@ -90,5 +93,7 @@ class RelayIdle:
 
     def tick(self, now: float | None = None) -> Action | None:
         """Count the silence up to ``now``; what is due, if anything."""
+        if self.ended:
+            return None
         now = time.monotonic() if now is None else now
         return self.state.clock.tick(round(now * 1000), busy=self.busy(now))
