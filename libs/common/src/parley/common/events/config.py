@@ -77,9 +77,17 @@ class KnowledgeIngested(AgentEvent, frozen=True, kw_only=True, tag="knowledge.in
 
 class SecuritySignatureRejected(OrgEvent, frozen=True, kw_only=True,
                                 tag="security.signature_rejected"):
-    """A webhook or socket arrived with a bad or missing signature and was refused."""
+    """A webhook or socket arrived with a bad or missing signature and was refused.
+
+    ``count`` is how many refused requests the event stands for. The gateway audits the first
+    refusal from a source for a reason at once (``count`` 1) and folds the ones that follow
+    within its interval into one more event at the interval's end, whose ``count`` says how
+    many it folded; ``path`` and ``org_id`` are then those of the first folded request. Events
+    recorded before this field existed decode as 1, which is what each of them stood for.
+    """
 
     path: str
     carrier: str
     remote: str = ""
     reason: str = ""
+    count: int = 1
