@@ -1,3 +1,6 @@
+import asyncio
+from datetime import UTC, datetime, timedelta
+
 import aiohttp
 import pytest
 from twilio.request_validator import SIGNATURE_SETTINGS_HEADER, RequestValidator
@@ -179,3 +182,101 @@ async def test_errors_are_problem_documents(gateway):
     response = await gateway.client.get("/twilio/voice")
     assert response.status == 405
     assert (await response.json())["title"] == "Method Not Allowed"
+
+
+# -- a flood of forged requests: a 403 for each, a bounded audit that says how many ----------
+
+
+class FrozenClock:
+    """The gateway's clock, moved only by the test."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+async def forged(gateway, count: int, **changes: str) -> None:
+    for _ in range(count):
+        params = {**voice_params(new_call_sid()), **changes}
+        response = await gateway.post("/twilio/voice", params, signature="forged")
+        assert response.status == 403
+        assert (await response.json())["type"].endswith("/invalid-signature")
+
+
+async def test_a_flood_is_refused_each_time_and_audited_once_with_its_count(make_gateway,
+                                                                           events):
+    gateway = await make_gateway()
+    await forged(gateway, 40)
+
+    [first] = await events.wait("security.signature_rejected")
+    assert (first.count, first.org_id, first.remote) == (1, ORG, "127.0.0.1")
+    assert first.reason == "invalid X-Twilio-Signature"
+    await asyncio.sleep(0.2)
+    assert len(events.of("security.signature_rejected")) == 1  # the rest are folded
+    assert gateway.metric("gateway_signature_rejections_total", carrier="twilio",
+                          path="/twilio/voice") == 40  # the flood shows in the metric
+
+    # what was folded is published when the gateway stops, not lost
+    await gateway.client.close()
+    [_, folded] = await events.wait("security.signature_rejected", count=2)
+    assert (folded.count, folded.org_id, folded.path, folded.reason) == (
+        39, ORG, "/twilio/voice", first.reason)
+    assert not events.of("call.requested")
+
+
+async def test_a_flood_that_goes_on_is_one_audit_event_per_interval(make_gateway, events):
+    clock = FrozenClock()
+    gateway = await make_gateway(clock=clock, gateway_signature_audit_interval_s=60)
+    await forged(gateway, 10)
+    await events.wait("security.signature_rejected")
+    await forged(gateway, 5, To="+14155550199")  # the same source and reason, another number
+
+    clock.advance(30)
+    await asyncio.sleep(1.2)  # the audit looks at its intervals every second
+    assert len(events.of("security.signature_rejected")) == 1
+    clock.advance(30)
+    [_, summary] = await events.wait("security.signature_rejected", count=2)
+    assert (summary.count, summary.org_id) == (14, ORG)  # the org of the first one folded
+
+    await forged(gateway, 6, To="+14155550199")  # still going: folded into the next interval
+    await asyncio.sleep(1.2)
+    assert len(events.of("security.signature_rejected")) == 2
+    clock.advance(60)
+    [*_, last] = await events.wait("security.signature_rejected", count=3)
+    assert (last.count, last.org_id) == (6, "unknown")
+    assert sum(e.count for e in events.of("security.signature_rejected")) == 21
+
+    clock.advance(120)  # quiet again: the next refusal is audited at once
+    await asyncio.sleep(1.2)
+    await forged(gateway, 1)
+    [*_, again] = await events.wait("security.signature_rejected", count=4)
+    assert again.count == 1
+
+
+async def test_refusals_from_more_sources_than_tracked_are_folded_together(make_gateway,
+                                                                          events):
+    gateway = await make_gateway(gateway_signature_audit_max_sources=1,
+                                 twilio_webhook_shared_key_secret=SHARED_KEY_SECRET)
+    await forged(gateway, 3)  # tracked: one event now, two folded
+    for algorithm in ("HMAC_MD5", "HMAC_X", "HMAC_Y", "HMAC_Z"):  # a reason each, made up
+        response = await gateway.post("/twilio/voice", voice_params(new_call_sid()),
+                                      signature="x", headers=shared_key_settings(algorithm))
+        assert response.status == 403
+        assert algorithm in (await response.json())["detail"]
+
+    first, overflow = await events.wait("security.signature_rejected", count=2)
+    assert (first.reason, first.count) == ("invalid X-Twilio-Signature", 1)
+    assert "more sources than the audit tracks" in overflow.reason
+    assert (overflow.remote, overflow.count) == ("", 1)
+    await asyncio.sleep(0.2)
+    assert len(events.of("security.signature_rejected")) == 2
+
+    await gateway.client.close()
+    audited = await events.wait("security.signature_rejected", count=4)
+    assert sorted(e.count for e in audited[2:]) == [2, 3]
+    assert sum(e.count for e in audited) == 7

@@ -9,6 +9,8 @@ whatever was not injected in a ``cleanup_ctx``, stored under the typed keys of
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -23,9 +25,10 @@ from parley.common.problems import problem_middleware
 
 from .api import routes as api_routes
 from .config import GatewayConfig
-from .keys import BUS, CALLS, CLOCK, CONFIG, METRICS, POOL, TWILIO_REST, Clock
+from .keys import BUS, CALLS, CLOCK, CONFIG, METRICS, POOL, SIGNATURE_AUDIT, TWILIO_REST, Clock
 from .plivo import routes as plivo_routes
 from .registry import CallRegistry
+from .signature_audit import RefusalFolder, SignatureAudit
 from .twilio import media_stream, relay, webhooks
 from .twilio.rest import TwilioCalls
 
@@ -61,6 +64,7 @@ def create_app(config: GatewayConfig, *, bus: Bus | None = None,
     app[CALLS] = CallRegistry()
     app.cleanup_ctx.append(_bus_context(bus))
     app.cleanup_ctx.append(_pool_context(db_pool))
+    app.cleanup_ctx.append(_signature_audit_context)  # after bus and pool: closed before them
     app.cleanup_ctx.append(_twilio_context(twilio_rest))
     app.on_shutdown.append(_going_away)
     for add_routes in ROUTE_HOOKS:
@@ -104,6 +108,23 @@ def _pool_context(pool: AsyncConnectionPool[Any] | None,
             await owned.close()
 
     return context
+
+
+async def _signature_audit_context(app: web.Application) -> AsyncIterator[None]:
+    """The bounded audit of refused signatures, its flushing task, and a last flush."""
+    config = app[CONFIG]
+    audit = SignatureAudit(bus=app[BUS], pool=app[POOL], clock=app[CLOCK], folder=RefusalFolder(
+        interval_s=config.gateway_signature_audit_interval_s,
+        max_sources=config.gateway_signature_audit_max_sources))
+    app[SIGNATURE_AUDIT] = audit
+    task = asyncio.create_task(audit.run(), name="signature-audit")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await audit.flush(everything=True)  # what was folded since the last interval
 
 
 def _twilio_context(rest: TwilioCalls | None,

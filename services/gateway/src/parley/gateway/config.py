@@ -37,6 +37,10 @@ class GatewayConfig(CommonConfig, kw_only=True):
     # Reconnects of one call to a new stream through the <Connect action> URL before we hang up.
     max_reconnects: Annotated[int, msgspec.Meta(ge=0)] = 5
     db_pool_max_size: Annotated[int, msgspec.Meta(ge=1)] = 10
+    # Refused signatures: one security.signature_rejected per (carrier, route, remote, reason)
+    # per interval, the rest folded into its count; keys tracked at once, the rest folded together.
+    gateway_signature_audit_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+    gateway_signature_audit_max_sources: Annotated[int, msgspec.Meta(ge=1)] = 100
     outbox_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 0.5
 
     @property

@@ -18,6 +18,7 @@ from parley.common.metrics import Metrics
 
 from .config import GatewayConfig
 from .registry import CallRegistry
+from .signature_audit import SignatureAudit
 from .twilio.rest import TwilioCalls
 
 Clock = Callable[[], datetime]
@@ -31,3 +32,5 @@ CLOCK: web.AppKey[Clock] = web.AppKey("parley_gateway_clock")
 CALLS = web.AppKey("parley_gateway_calls", CallRegistry)
 # The twilio SDK REST client (hang up, redirect, transfer), or None when not configured.
 TWILIO_REST: web.AppKey[TwilioCalls | None] = web.AppKey("parley_gateway_twilio_rest")
+# Refused signatures, audited one event per source and reason per interval.
+SIGNATURE_AUDIT = web.AppKey("parley_gateway_signature_audit", SignatureAudit)

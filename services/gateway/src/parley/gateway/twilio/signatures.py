@@ -5,7 +5,8 @@ configured public base URL plus the request's raw path and query, since the serv
 behind a TLS proxy and never sees that URL itself. WebSocket upgrades are signed over the
 ``wss://`` URL with no parameters and are checked before upgrading. A bad or missing signature
 is answered 403 (problem JSON), never processed, counted, and audited as
-``security.signature_rejected``.
+``security.signature_rejected`` — at most one event per source and reason per interval, folding
+the rest into its count (:mod:`parley.gateway.signature_audit`).
 
 By default Twilio signs with the account's Auth Token (HMAC-SHA1). A request that matched a
 Webhook Rule whose Setting signs with a SharedKey carries ``X-Twilio-Webhooks-Signature-Settings:
@@ -30,15 +31,12 @@ from twilio.request_validator import (
     get_signature_algorithm,
 )
 
-from parley.common.configuration import find_number
-from parley.common.events import SecuritySignatureRejected, is_token
 from parley.common.problems import Problem
 
-from ..keys import BUS, CONFIG, METRICS, POOL
+from ..keys import CONFIG, METRICS, SIGNATURE_AUDIT
+from ..signature_audit import Refusal
 
 log = logging.getLogger(__name__)
-
-UNKNOWN_ORG = "unknown"
 
 
 def signed_url(request: web.Request, *, websocket: bool = False) -> str:
@@ -79,35 +77,15 @@ async def verify_twilio(request: web.Request, params: Mapping[str, str] | None =
 
 async def reject(request: web.Request, reason: str,
                  params: Mapping[str, str] | None, *, carrier: str = "twilio") -> None:
-    """Count and audit a refused request (never raises: the 403 matters more)."""
+    """Count a refused request and audit it, bounded (never raises: the 403 matters more)."""
     route = request.match_info.route.resource
     path = route.canonical if route is not None else request.path
     request.app[METRICS].counter(
         "gateway_signature_rejections", "Webhooks and upgrades refused for their signature",
         ["carrier", "path"]).labels(carrier, path).inc()
-    org_id = await _org_of(request, params)
-    log.warning("refused %s %s from %s: %s (org %s)", request.method, request.path,
-                request.remote, reason, org_id)
-    try:
-        await request.app[BUS].publish(SecuritySignatureRejected(
-            org_id=org_id, path=request.path, carrier=carrier, remote=request.remote or "",
-            reason=reason))
-    except Exception:
-        log.exception("could not publish security.signature_rejected")
-
-
-async def _org_of(request: web.Request, params: Mapping[str, str] | None) -> str:
-    """The org of the called number when it resolves (an unverified hint, for the audit)."""
-    number = (params or {}).get("To", "")
-    if not number:
-        return UNKNOWN_ORG
-    try:
-        async with request.app[POOL].connection() as conn:
-            found = await find_number(conn, number)
-    except Exception:
-        log.exception("number lookup failed while auditing a refused request")
-        return UNKNOWN_ORG
-    return found.org_id if found is not None and is_token(found.org_id) else UNKNOWN_ORG
+    await request.app[SIGNATURE_AUDIT].refused(Refusal(
+        carrier=carrier, route=path, path=request.path, remote=request.remote or "",
+        reason=reason, number=(params or {}).get("To", "")))
 
 
 async def signed_form(request: web.Request) -> MultiDictProxy[str]:

@@ -1,0 +1,157 @@
+"""The audit of refused signatures, bounded: one event per source and reason per interval.
+
+Anyone on the internet can send a forged webhook, and the event store keeps every event for
+good, so auditing each refused request would let them fill it (and each audit looked the called
+number up in Postgres). Every refusal is still answered 403 and counted
+(``parley_gateway_signature_rejections_total{carrier,path}``); the audit instead publishes
+``security.signature_rejected`` for the first refusal of a (carrier, route, remote address,
+reason) at once and folds the ones that follow within ``gateway_signature_audit_interval_s``
+into one more event at the interval's end, whose ``count`` says how many it stands for. So a
+flood from one source is one event per interval carrying its size, and one stray refusal is
+still audited the moment it happens.
+
+At most ``gateway_signature_audit_max_sources`` keys are tracked at once; refusals of any other
+key while that many are (a flood from many addresses, or with made-up algorithm names) fold into
+one key per carrier and route with no remote address and :data:`OVERFLOW_REASON`. Worst case
+this is about ``max_sources`` + the overflow keys' events per interval and instance, whatever
+the flood's size. Pending counts are published at shutdown too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+
+from parley.common.bus import Bus
+from parley.common.configuration import find_number
+from parley.common.events import SecuritySignatureRejected, is_token
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_ORG = "unknown"
+OVERFLOW_REASON = "refused from more sources than the audit tracks at once (see the metric)"
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """One refused request, as much of it as the audit keeps."""
+
+    carrier: str
+    route: str  # the route's canonical path: a bounded set
+    path: str
+    remote: str
+    reason: str
+    number: str = ""  # the called number it claimed (an unverified hint of the org)
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        """What refusals are folded by."""
+        return (self.carrier, self.route, self.remote, self.reason)
+
+
+@dataclass(slots=True)
+class _Window:
+    opened: datetime
+    folded: int = 0
+    first_folded: Refusal | None = None
+
+
+class RefusalFolder:
+    """Which refusals to audit now and which to fold (pure: the caller passes the time)."""
+
+    def __init__(self, *, interval_s: float, max_sources: int) -> None:
+        self.interval_s = interval_s
+        self.max_sources = max_sources
+        self._windows: dict[tuple[str, str, str, str], _Window] = {}
+
+    def admit(self, refusal: Refusal, now: datetime) -> Refusal | None:
+        """The refusal to audit now (with count 1), or None when it was folded."""
+        if refusal.key not in self._windows and len(self._windows) >= self.max_sources:
+            refusal = Refusal(refusal.carrier, refusal.route, refusal.path, "",
+                              OVERFLOW_REASON, refusal.number)
+        window = self._windows.get(refusal.key)
+        if window is None:
+            self._windows[refusal.key] = _Window(opened=now)
+            return refusal
+        window.folded += 1
+        if window.first_folded is None:
+            window.first_folded = refusal
+        return None
+
+    def due(self, now: datetime, *, everything: bool = False) -> list[tuple[Refusal, int]]:
+        """The folded refusals whose interval has ended (or all, at shutdown), with counts.
+
+        A key that folded refusals starts a new interval, so a flood that goes on is one event
+        per interval; a key that folded none is forgotten.
+        """
+        summaries: list[tuple[Refusal, int]] = []
+        for key, window in list(self._windows.items()):
+            if not everything and (now - window.opened).total_seconds() < self.interval_s:
+                continue
+            if window.first_folded is None:
+                del self._windows[key]
+                continue
+            summaries.append((window.first_folded, window.folded))
+            self._windows[key] = _Window(opened=now)
+        return summaries
+
+
+class SignatureAudit:
+    """Publishes the folder's events on the bus; one per gateway app."""
+
+    def __init__(self, *, bus: Bus, pool: AsyncConnectionPool[Any], folder: RefusalFolder,
+                 clock: Callable[[], datetime]) -> None:
+        self.bus, self.pool, self.folder, self.clock = bus, pool, folder, clock
+
+    async def refused(self, refusal: Refusal) -> None:
+        """Audit a refused request now, or fold it (never raises: the 403 matters more)."""
+        audited = self.folder.admit(refusal, self.clock())
+        if audited is None:
+            log.debug("refused %s from %s: %s (folded into the audit)", refusal.path,
+                      refusal.remote, refusal.reason)
+            return
+        await self._publish(audited, 1)
+
+    async def run(self) -> None:
+        """Publish folded counts as their intervals end, until cancelled."""
+        period = min(self.folder.interval_s, 1.0)
+        while True:
+            await asyncio.sleep(period)
+            await self.flush()
+
+    async def flush(self, *, everything: bool = False) -> None:
+        """Publish the folded counts that are due (all of them with ``everything``)."""
+        for refusal, count in self.folder.due(self.clock(), everything=everything):
+            await self._publish(refusal, count)
+
+    async def _publish(self, refusal: Refusal, count: int) -> None:
+        org_id = await self._org_of(refusal.number)
+        log.warning("refused %s %s from %s: %s (org %s)%s", refusal.carrier, refusal.path,
+                    refusal.remote, refusal.reason, org_id,
+                    f"; {count} such refusals folded into one audit event" if count > 1
+                    else "")
+        try:
+            await self.bus.publish(SecuritySignatureRejected(
+                org_id=org_id, path=refusal.path, carrier=refusal.carrier,
+                remote=refusal.remote, reason=refusal.reason, count=count))
+        except Exception:
+            log.exception("could not publish security.signature_rejected")
+
+    async def _org_of(self, number: str) -> str:
+        """The org of the called number when it resolves (an unverified hint, for the audit)."""
+        if not number:
+            return UNKNOWN_ORG
+        try:
+            async with self.pool.connection() as conn:
+                found = await find_number(conn, number)
+        except Exception:
+            log.exception("number lookup failed while auditing a refused request")
+            return UNKNOWN_ORG
+        return found.org_id if found is not None and is_token(found.org_id) else UNKNOWN_ORG
+
