@@ -1,4 +1,5 @@
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -355,3 +356,72 @@ async def test_get_does_not_show_another_orgs_pending_call(api, twilio_api, keys
     response = await api.gateway.client.get(f"/v1/calls/{call_id}",
                                             headers={"X-API-Key": keys["other"]})
     assert response.status == 404
+
+
+# -- rate limit: a leaked key or a runaway loop cannot dial without bound --------------------
+
+
+class FrozenClock:
+    """The gateway's clock, moved only by the test."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+def other_body() -> dict[str, Any]:
+    return {"agent_id": OTHER_AGENT, "to": CALLEE, "from": OTHER_NUMBER}
+
+
+async def test_calls_over_the_orgs_rate_limit_are_429_and_dial_nothing(
+        make_plivo_gateway, twilio_api, keys, events):
+    clock = FrozenClock()
+    api = await make_plivo_gateway(twilio_account_sid=ACCOUNT, twilio_api_base_url=twilio_api.url,
+                                   gateway_call_rate_per_s=0.25, gateway_call_burst=2,
+                                   clock=clock)
+    for _ in range(2):  # the burst
+        assert (await place(api, keys["full"], body())).status == 201
+    response = await place(api, keys["write"], body())  # another key of the same org
+
+    assert response.status == 429
+    assert response.headers["Retry-After"] == "4"  # one call per 4 s
+    assert response.content_type == "application/problem+json"
+    problem = await response.json()
+    assert problem["status"] == 429 and problem["title"] == "Too Many Requests"
+    assert problem["type"].endswith("/rate-limited") and problem["retry_after_s"] == 4
+    assert "0.25 calls per second" in problem["detail"]
+    assert len(twilio_api.requests) == 2  # nothing dialled
+    await events.wait("call.dialing", count=2)
+    assert len(events.of("call.requested")) == 2 and not events.of("call.failed")
+    assert api.gateway.metric("gateway_api_calls_placed_total", outcome="rate_limited") == 1
+
+    # another org's calls are not held back by this one's burst
+    response = await place(api, keys["other"], other_body())
+    assert response.status == 201, await response.text()
+
+    # the bucket refills at the sustained rate; a refusal took nothing from it
+    clock.advance(3)
+    response = await place(api, keys["full"], body())
+    assert (response.status, response.headers["Retry-After"]) == (429, "1")
+    clock.advance(1)
+    assert (await place(api, keys["full"], body())).status == 201
+    assert (await place(api, keys["full"], body())).status == 429
+    clock.advance(3600)  # a long pause refills the burst, no more
+    for expected in (201, 201, 429):
+        assert (await place(api, keys["full"], body())).status == expected
+    assert len(twilio_api.requests) == 6
+    assert api.gateway.metric("gateway_api_calls_placed_total", outcome="rate_limited") == 4
+
+
+async def test_a_rate_of_zero_places_calls_without_limit(make_plivo_gateway, twilio_api, keys):
+    api = await make_plivo_gateway(twilio_account_sid=ACCOUNT, twilio_api_base_url=twilio_api.url,
+                                   gateway_call_rate_per_s=0, gateway_call_burst=1,
+                                   clock=FrozenClock())
+    for _ in range(4):
+        assert (await place(api, keys["full"], body())).status == 201
+    assert len(twilio_api.requests) == 4

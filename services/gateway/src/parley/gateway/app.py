@@ -24,8 +24,20 @@ from parley.common.metrics import Metrics
 from parley.common.problems import problem_middleware
 
 from .api import routes as api_routes
+from .api.rate_limit import CallRateLimiter
 from .config import GatewayConfig
-from .keys import BUS, CALLS, CLOCK, CONFIG, METRICS, POOL, SIGNATURE_AUDIT, TWILIO_REST, Clock
+from .keys import (
+    BUS,
+    CALL_RATE_LIMITER,
+    CALLS,
+    CLOCK,
+    CONFIG,
+    METRICS,
+    POOL,
+    SIGNATURE_AUDIT,
+    TWILIO_REST,
+    Clock,
+)
 from .plivo import routes as plivo_routes
 from .registry import CallRegistry
 from .signature_audit import RefusalFolder, SignatureAudit
@@ -62,6 +74,8 @@ def create_app(config: GatewayConfig, *, bus: Bus | None = None,
     app[CLOCK] = clock
     app[METRICS] = metrics or Metrics("gateway")
     app[CALLS] = CallRegistry()
+    app[CALL_RATE_LIMITER] = CallRateLimiter(rate_per_s=config.gateway_call_rate_per_s,
+                                             burst=config.gateway_call_burst, clock=clock)
     app.cleanup_ctx.append(_bus_context(bus))
     app.cleanup_ctx.append(_pool_context(db_pool))
     app.cleanup_ctx.append(_signature_audit_context)  # after bus and pool: closed before them

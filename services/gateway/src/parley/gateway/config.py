@@ -37,6 +37,10 @@ class GatewayConfig(CommonConfig, kw_only=True):
     # Reconnects of one call to a new stream through the <Connect action> URL before we hang up.
     max_reconnects: Annotated[int, msgspec.Meta(ge=0)] = 5
     db_pool_max_size: Annotated[int, msgspec.Meta(ge=1)] = 10
+    # POST /v1/calls per org and per instance: a bucket of gateway_call_burst calls refilled at
+    # gateway_call_rate_per_s (0: no limit); over it, 429 with Retry-After and nothing dialled.
+    gateway_call_rate_per_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    gateway_call_burst: Annotated[int, msgspec.Meta(ge=1)] = 50
     # Refused signatures: one security.signature_rejected per (carrier, route, remote, reason)
     # per interval, the rest folded into its count; keys tracked at once, the rest folded together.
     gateway_signature_audit_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0

@@ -16,6 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 from parley.common.bus import Bus
 from parley.common.metrics import Metrics
 
+from .api.rate_limit import CallRateLimiter
 from .config import GatewayConfig
 from .registry import CallRegistry
 from .signature_audit import SignatureAudit
@@ -32,5 +33,7 @@ CLOCK: web.AppKey[Clock] = web.AppKey("parley_gateway_clock")
 CALLS = web.AppKey("parley_gateway_calls", CallRegistry)
 # The twilio SDK REST client (hang up, redirect, transfer), or None when not configured.
 TWILIO_REST: web.AppKey[TwilioCalls | None] = web.AppKey("parley_gateway_twilio_rest")
+# POST /v1/calls per org (this instance's token buckets).
+CALL_RATE_LIMITER = web.AppKey("parley_gateway_call_rate_limiter", CallRateLimiter)
 # Refused signatures, audited one event per source and reason per interval.
 SIGNATURE_AUDIT = web.AppKey("parley_gateway_signature_audit", SignatureAudit)

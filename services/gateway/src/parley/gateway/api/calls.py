@@ -1,9 +1,11 @@
 """``POST /v1/calls`` (place an outbound call) and ``GET /v1/calls/{call_id}`` (read one).
 
-Placing a call: authenticate (``calls:write``), validate the body and the numbers, publish
-call.requested, ask the carrier that owns the ``from`` number to dial, then record the
-carrier's id in ``carrier_calls`` and publish call.dialing in one transaction. A carrier that
-refuses publishes call.failed and answers 422 (the request's fault) or 502 (anyone else's).
+Placing a call: authenticate (``calls:write``), validate the body and the numbers, take one
+of the org's calls from its rate limit (none left: 429 with ``Retry-After``, nothing dialled;
+:mod:`parley.gateway.api.rate_limit`), publish call.requested, ask the carrier that owns the
+``from`` number to dial, then record the carrier's id in ``carrier_calls`` and publish
+call.dialing in one transaction. A carrier that refuses publishes call.failed and answers 422
+(the request's fault) or 502 (anyone else's).
 
 Reading a call: the ``calls`` read model, scoped to the key's org — another org's call is a
 404, like a call that does not exist. The read model follows the bus a moment behind; until
@@ -20,12 +22,13 @@ from aiohttp import web
 
 from parley.common.configuration import Agent, find_number, get_agent
 from parley.common.events import CallDialing, CallFailed, CallRequested, is_token
-from parley.common.problems import Problem
+from parley.common.problems import Problem, problem_response
 
 from ..calls import CarrierCall, find_by_call_id, new_call_id, record_carrier_call
-from ..keys import BUS, METRICS, POOL
+from ..keys import BUS, CALL_RATE_LIMITER, METRICS, POOL
 from .auth import authenticate
 from .dialing import CarrierUnavailable, DialError, dial
+from .rate_limit import retry_after_header
 from .schemas import (
     MAX_BODY_BYTES,
     CallCreated,
@@ -74,6 +77,8 @@ async def place_call(request: web.Request) -> web.Response:
         raise Problem(404, "Not Found", f"no agent {body.agent_id}", kind="unknown-agent")
     if number is None or number.org_id != org_id:
         raise invalid("from", f"{from_number} is not one of your numbers")
+    if wait_s := app[CALL_RATE_LIMITER].take(org_id):
+        return _rate_limited(request, wait_s)
     call = CarrierCall(carrier=number.carrier, carrier_call_id="", call_id=new_call_id(),
                        org_id=org_id, agent_id=agent.agent_id, direction="outbound",
                        from_number=from_number, to_number=to_number)
@@ -91,6 +96,19 @@ async def place_call(request: web.Request) -> web.Response:
              agent.agent_id)
     return _json(CallCreated(call_id=call.call_id), status=201,
                  headers={"Location": f"{CALLS_PATH}/{call.call_id}"})
+
+
+def _rate_limited(request: web.Request, wait_s: float) -> web.Response:
+    """429 for a call over the org's rate limit: nothing was published or dialled."""
+    _count(request, "rate_limited")
+    limiter = request.app[CALL_RATE_LIMITER]
+    retry_after = retry_after_header(wait_s)
+    response = problem_response(
+        429, "Too Many Requests", f"your organisation may place {limiter.rate_per_s:g} calls "
+        f"per second (bursts of up to {limiter.burst}); retry in {retry_after} s",
+        kind="rate-limited", extra={"retry_after_s": int(retry_after)})
+    response.headers["Retry-After"] = retry_after
+    return response
 
 
 async def _dial_or_fail(request: web.Request, call: CarrierCall, agent: Agent) -> str:
