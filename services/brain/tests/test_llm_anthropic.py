@@ -303,3 +303,39 @@ async def test_the_emulator_refuses_a_tool_use_not_answered_at_once_as_the_api_d
     events = await collect(claude, LlmRequest(system=SYSTEM, tools=(BOOK,), messages=(
         UserMessage(text="Book Friday."), use, result)))
     assert isinstance(events[-1], Done)
+
+
+async def test_blank_text_is_refused_by_the_emulator_as_by_the_api_and_never_sent(
+        emulator: AnthropicEmulator, claude: AnthropicLlm) -> None:
+    """The API answers 400 to an empty or whitespace-only text block anywhere in the history
+    ("messages: text content blocks must contain non-whitespace text"), so one blank utterance
+    (a caller turn of only a space, an agent reply of only a newline before its tool use)
+    failed every later request of the call on Anthropic. Blank text is now left out."""
+    import anthropic
+
+    client = anthropic.AsyncAnthropic(api_key="sk-test", base_url=emulator.base_url,
+                                      max_retries=0)
+    try:
+        for content, message in [
+            (" ", "text content blocks must contain non-whitespace text"),
+            ([{"type": "text", "text": "\n"}], "text content blocks must contain "
+                                               "non-whitespace text"),
+            ([{"type": "text", "text": ""}], "text content blocks must be non-empty"),
+            ("", "all messages must have non-empty content"),
+        ]:
+            with pytest.raises(anthropic.BadRequestError) as refused:
+                await client.messages.create(model="claude-test", max_tokens=50, messages=[
+                    {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                    {"role": "user", "content": content}])
+            assert message in str(refused.value)
+    finally:
+        await client.close()
+
+    emulator.script(ScriptedReply(text="We open at eight."))
+    events = await collect(claude, LlmRequest(system=SYSTEM, messages=(
+        UserMessage(text="Hi"), AssistantMessage(text="\n\n"), UserMessage(text="  "),
+        AssistantMessage(text="Hello!"), UserMessage(text="When do you open?"))))
+    assert isinstance(events[-1], Done)
+    assert emulator.requests[-1]["messages"] == [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "When do you open?"}]

@@ -318,7 +318,24 @@ def _invalid(body: Any) -> str | None:
     roles = [m["role"] for m in body["messages"]]
     if any(a == b for a, b in zip(roles, roles[1:], strict=False)):
         return "messages: roles must alternate between user and assistant"
-    return _unpaired_tool_blocks(body["messages"])
+    return _empty_text(body["messages"]) or _unpaired_tool_blocks(body["messages"])
+
+
+def _empty_text(messages: list[dict[str, Any]]) -> str | None:
+    """The API refuses empty content and blank text blocks (the final assistant turn aside)."""
+    for index, message in enumerate(messages):
+        content = message.get("content")
+        final_assistant = index == len(messages) - 1 and message["role"] == "assistant"
+        if not content and not final_assistant:
+            return (f"messages.{index}: all messages must have non-empty content except for "
+                    "the optional final assistant message")
+        texts = [content] if isinstance(content, str) else _blocks(message, "text", "text")
+        for text in texts:
+            if not isinstance(text, str) or (not text and not final_assistant):
+                return "messages: text content blocks must be non-empty"
+            if text and not text.strip():
+                return "messages: text content blocks must contain non-whitespace text"
+    return None
 
 
 def _blocks(message: dict[str, Any], kind: str, key: str) -> list[Any]:

@@ -211,8 +211,8 @@ def to_anthropic_messages(messages: tuple[Message, ...]) -> list[dict[str, Any]]
                 block = {"type": "tool_result", "tool_use_id": tool_id, "content": content}
                 if is_error:
                     block["is_error"] = True
-        if block.get("type") == "text" and not block["text"]:
-            continue  # the API rejects empty text blocks (e.g. an utterance cut to nothing)
+        if block.get("type") == "text" and not block["text"].strip():
+            continue  # the API refuses blank text blocks (e.g. an utterance cut to nothing)
         if result and result[-1]["role"] == role:
             result[-1]["content"].append(block)
         else:
