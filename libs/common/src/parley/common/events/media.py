@@ -101,7 +101,8 @@ class AgentSpeechFinished(CallEvent, frozen=True, kw_only=True, tag="agent.speec
 class CallerIdle(CallEvent, frozen=True, kw_only=True, tag="caller.idle"):
     """The caller has said nothing for ``silent_s`` while nothing was pending.
 
-    Media emits it after the agent's ``idle_prompt_s`` (``action`` "prompt": the brain asks
+    Media emits it (on managed calls, which media does not serve, the gateway's
+    ConversationRelay bridge) after the agent's ``idle_prompt_s`` (``action`` "prompt": the brain asks
     whether the caller is still there) and ``idle_hangup_s`` (``action`` "hangup": the brain says
     goodbye and ends the call, ``call.ended`` reason "idle"), and another "hangup" after each
     further 15 s of silence (the goodbye's audio not counted) if the call did not end. ``silent_s``
