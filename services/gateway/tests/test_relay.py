@@ -258,3 +258,16 @@ async def test_relay_credits_an_interruption_to_the_turn_heard_not_an_earlier_un
                                text="Goodbye!", last=True))  # before the brain cancels it
     await say(bus, call_id, "turn_c", ["Sure, what is it?"])
     assert await receive(ws) == {"type": "text", "token": "Sure, what is it?", "last": True}
+
+
+async def test_an_empty_prompt_makes_no_turn(gateway, events, bus):
+    """A final prompt with no words became a turn.user_ended with empty text: the brain asked
+    the model to answer nothing (Anthropic refuses a blank message with 400)."""
+    ws, _, call_id = await setup_relay(gateway, events)
+    await send(ws, {"type": "prompt", "voicePrompt": " ", "lang": "en-US", "last": True})
+    await send(ws, {"type": "prompt", "voicePrompt": "Hello?", "lang": "en-US", "last": True})
+    [turn] = await events.wait("turn.user_ended", call_id)
+    assert turn.text == "Hello?"
+    await asyncio.sleep(0.1)
+    assert [t.text for t in events.of("turn.user_ended", call_id)] == ["Hello?"]
+    assert [f.text for f in events.of("transcript.final", call_id)] == ["Hello?"]

@@ -174,6 +174,11 @@ class RelaySession(TwilioSession):
             case Prompt(last=True):
                 self._caller_active()
                 turn_id, text = f"turn_{uuid7().hex}", clean_text(message.voice_prompt)
+                if not text.strip():
+                    # Nothing recognised: no turn (the model would be asked to answer nothing,
+                    # and Anthropic refuses a blank message).
+                    log.info("call %s: empty prompt ignored", self.call_id)
+                    return
                 await self.publish(TranscriptFinal(org_id=org_id, call_id=call_id, text=text,
                                                    utterance_id=turn_id,
                                                    provider="twilio-relay"))
