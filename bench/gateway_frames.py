@@ -182,7 +182,11 @@ class Gateway:
         self.env = dict(os.environ, PARLEY_NATS_URL=nats_url, PARLEY_DATABASE_URL=database_url,
                         PARLEY_HTTP_PORT=str(self.port), PARLEY_PUBLIC_BASE_URL=self.base,
                         PARLEY_TWILIO_AUTH_TOKEN=TOKEN, PARLEY_LOG_LEVEL="WARNING",
-                        PARLEY_INSTANCE_ID="gw-bench")
+                        PARLEY_INSTANCE_ID="gw-bench",
+                        # The simulated callers send nothing while hundreds of calls are set up,
+                        # and these streams read (so answer pings) only at the end, which no
+                        # carrier does: the dead-socket checks would close them mid-run.
+                        PARLEY_GATEWAY_CARRIER_PING_S="0", PARLEY_GATEWAY_CARRIER_SILENCE_S="0")
         self.proc: subprocess.Popen[bytes] | None = None
         self.process: psutil.Process | None = None
 

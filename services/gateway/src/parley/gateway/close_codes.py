@@ -25,6 +25,8 @@ class CloseCode(IntEnum):
     NOT_STARTED = 4404  # media, mark, dtmf or stop before start/setup
     DUPLICATE_START = 4405  # a second start/setup on the same socket
     START_TIMEOUT = 4408  # no start/setup within stream_start_timeout_s of the upgrade
+    NO_PONG = 4409  # nothing heard, not even a pong to our ping: the socket is taken for dead
+    CARRIER_SILENT = 4410  # a media stream without a message for gateway_carrier_silence_s
 
 
 class ProtocolViolation(Exception):

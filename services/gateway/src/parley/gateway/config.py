@@ -34,6 +34,16 @@ class GatewayConfig(CommonConfig, kw_only=True):
     max_frame_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 65536
     # A media socket that has not sent ``start`` this long after the upgrade is closed.
     stream_start_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0
+    # A carrier socket that died without closing (partition, NAT timeout, crashed proxy) sends
+    # nothing and is never closed by its peer (twilio/liveness.py). Nothing heard for
+    # gateway_carrier_ping_s: ping it, and take it for dead without a pong within half that.
+    # Twilio Media Streams / Plivo streams (audio all call long) are also dead after
+    # gateway_carrier_silence_s without a message, pongs or not. A dead socket is closed; if the
+    # carrier has not come back through the reconnect URL gateway_carrier_reconnect_wait_s
+    # later, the call is hung up (call.ended reason error). 0 turns a check off (the wait: none).
+    gateway_carrier_ping_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+    gateway_carrier_silence_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    gateway_carrier_reconnect_wait_s: Annotated[float, msgspec.Meta(ge=0)] = 15.0
     # Reconnects of one call to a new stream through the <Connect action> URL before we hang up.
     max_reconnects: Annotated[int, msgspec.Meta(ge=0)] = 5
     db_pool_max_size: Annotated[int, msgspec.Meta(ge=1)] = 10

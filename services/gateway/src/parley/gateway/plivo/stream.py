@@ -34,7 +34,7 @@ from ..close_codes import CloseCode, ProtocolViolation
 from ..commands import CommandError, EndReason
 from ..keys import CONFIG
 from ..marks import parse_mark
-from ..twilio.session import TwilioSession
+from ..twilio.session import TwilioSession, carrier_socket
 from . import protocol, xml
 from .protocol import ClearedAudio, Dtmf, Media, PlayedStream, Start, StreamMessage
 from .rest import PLIVO_REST
@@ -53,7 +53,7 @@ def add_routes(app: web.Application) -> None:
 async def audio_stream(request: web.Request) -> web.WebSocketResponse:
     """Check the upgrade's signature, then run the socket as its own session."""
     await verify_plivo(request)
-    ws = web.WebSocketResponse(max_msg_size=request.app[CONFIG].max_frame_bytes)
+    ws = carrier_socket(request.app[CONFIG])
     await ws.prepare(request)
     await PlivoStreamSession(request.app, ws, call_id=request.query.get("call_id", "")).run()
     return ws
@@ -63,6 +63,7 @@ class PlivoStreamSession(TwilioSession):
     """One Plivo audio-stream socket."""
 
     protocol: ClassVar[str] = "plivo_stream"
+    streams_audio: ClassVar[bool] = True  # a media message every 20 ms
 
     def __init__(self, app: web.Application, ws: web.WebSocketResponse, *,
                  call_id: str) -> None:

@@ -31,7 +31,7 @@ from ..commands import CommandError
 from ..keys import CONFIG
 from ..marks import parse_mark
 from . import twiml
-from .session import TwilioSession
+from .session import TwilioSession, carrier_socket
 from .signatures import verify_twilio
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ def add_routes(app: web.Application) -> None:
 async def media_stream(request: web.Request) -> web.WebSocketResponse:
     """Check the upgrade's signature, then run the socket as its own session."""
     await verify_twilio(request, websocket=True)
-    ws = web.WebSocketResponse(max_msg_size=request.app[CONFIG].max_frame_bytes)
+    ws = carrier_socket(request.app[CONFIG])
     await ws.prepare(request)
     await MediaStreamSession(request.app, ws).run()
     return ws
@@ -154,6 +154,7 @@ class MediaStreamSession(TwilioSession):
     """One Media Streams socket."""
 
     protocol: ClassVar[str] = "twilio_stream"
+    streams_audio: ClassVar[bool] = True  # a media message every 20 ms
 
     def __init__(self, app: web.Application, ws: web.WebSocketResponse) -> None:
         super().__init__(app, ws)

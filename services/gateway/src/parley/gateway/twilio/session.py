@@ -5,6 +5,11 @@ socket closes, turning protocol violations into a precise close code and any bug
 never affecting another call. Once the carrier says which call it is, the session checks it
 against ``carrier_calls``, takes ownership of the call on this instance, answers the call's
 commands, enforces the agent's maximum duration and emits call.stream_started.
+
+A socket that dies without closing (:mod:`.liveness`) is closed as if the carrier had dropped
+it, so the carrier's reconnect URL can bring the call back to a new one; since a dead path may
+mean the carrier never learns of it, the call is hung up if it has not come back in
+``gateway_carrier_reconnect_wait_s``.
 """
 
 from __future__ import annotations
@@ -25,14 +30,17 @@ from parley.common.logging import log_context
 from ..calls import (
     CarrierCall,
     claim_milestone,
+    count_milestones,
     find_by_call_id,
     publish_end,
     seconds_since,
 )
 from ..close_codes import CloseCode, ProtocolViolation
 from ..commands import CommandError, EndReason, serve_commands
+from ..config import GatewayConfig
 from ..keys import BUS, CALLS, CLOCK, CONFIG, METRICS, POOL, TWILIO_REST
 from . import twiml
+from .liveness import Liveness
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +49,19 @@ log = logging.getLogger(__name__)
 COMMAND_GRACE_S = 15.0
 
 
+def carrier_socket(config: GatewayConfig) -> web.WebSocketResponse:
+    """The WebSocketResponse for a carrier socket; pings and pongs are the session's to handle."""
+    return web.WebSocketResponse(max_msg_size=config.max_frame_bytes, autoping=False)
+
+
 class TwilioSession:
     """One Twilio WebSocket; subclasses speak the protocol (``on_text``, ``end_locally``)."""
 
     protocol: ClassVar[str] = "twilio"
     pipeline: ClassVar[Literal["cascading", "managed"]] = "cascading"
+    # The carrier streams audio all call long: a socket silent for gateway_carrier_silence_s
+    # is dead even if it answers pings (liveness.py says why ConversationRelay is not).
+    streams_audio: ClassVar[bool] = False
 
     def __init__(self, app: web.Application, ws: web.WebSocketResponse) -> None:
         self.app, self.ws = app, ws
@@ -56,6 +72,12 @@ class TwilioSession:
         self.agent: Agent | None = None
         self.finished = False  # the call is over for this socket; stop reading
         self.redirecting = False  # we are replacing the TwiML: the stream's stop is not a hang-up
+        self.dead = ""  # why the socket was taken for dead (liveness.py), if it was
+        self.liveness = Liveness(ws, ping_s=self.config.gateway_carrier_ping_s,
+                                 silence_s=self.config.gateway_carrier_silence_s
+                                 if self.streams_audio else 0.0)
+        self._reconnects = 0  # the call's reconnects when this socket attached
+        self._closer: asyncio.Task[Any] | None = None  # the watchdog closing a dead socket
         self._subscriptions: list[Subscription] = []
         self._commands: Subscription | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -86,8 +108,14 @@ class TwilioSession:
                 except TimeoutError:
                     raise ProtocolViolation(CloseCode.START_TIMEOUT, "no start within "
                                             f"{self.config.stream_start_timeout_s:g}s") from None
+                self.liveness.heard(said=msg.type is WSMsgType.TEXT)
                 if msg.type is WSMsgType.TEXT:
                     await self.on_text(msg.data)
+                elif msg.type is WSMsgType.PING:
+                    with contextlib.suppress(ConnectionError):
+                        await self.ws.pong(msg.data)
+                elif msg.type is WSMsgType.PONG:
+                    pass  # heard: that is all a pong is for
                 elif msg.type is WSMsgType.BINARY:
                     raise ProtocolViolation(CloseCode.UNSUPPORTED_DATA,
                                             "binary frames are not part of the protocol")
@@ -106,6 +134,8 @@ class TwilioSession:
             await self._teardown()
             registry.sockets.discard(self.ws)
             live.labels(self.protocol).dec()
+        if self.dead:
+            await self._end_unless_carrier_returns()
 
     async def on_text(self, data: str) -> None:
         """Handle one text message (the protocol)."""
@@ -123,14 +153,17 @@ class TwilioSession:
         """Play DTMF to the caller (command ``dtmf``)."""
         raise NotImplementedError
 
-    async def close(self, code: int, reason: str) -> None:
-        """Close the socket with a code and reason (counted once per socket)."""
+    async def close(self, code: int, reason: str, *, drain: bool = True) -> None:
+        """Close the socket with a code and reason (counted once per socket).
+
+        ``drain=False`` for a dead peer, whose full send buffer would never drain.
+        """
         if self.ws.closed:
             return
         self._count_close(code)
         self.finished = True
         with contextlib.suppress(Exception):
-            await self.ws.close(code=code, message=reason.encode()[:123])
+            await self.ws.close(code=code, message=reason.encode()[:123], drain=drain)
 
     def _count_close(self, code: int) -> None:
         self._closes.labels(self.protocol, str(int(code))).inc()
@@ -156,6 +189,7 @@ class TwilioSession:
             call = await find_by_call_id(conn, call_id)
             agent = None if call is None else await get_agent(conn, call.agent_id,
                                                               org_id=call.org_id)
+            self._reconnects = await count_milestones(conn, call_id, "reconnect:")
         if (call is None or call.carrier_call_id != call_sid
                 or params.get("org_id", call.org_id) != call.org_id
                 or params.get("agent_id", call.agent_id) != call.agent_id):
@@ -171,6 +205,8 @@ class TwilioSession:
         self._commands = await serve_commands(self.bus.nc, call.call_id, self)
         await self.subscribe()
         self._spawn(self._expire(), "max-duration")
+        if self.liveness.enabled:
+            self._spawn(self._watch_liveness(), "liveness")
         if self.rest is not None and agent.settings.record and call.direction == "inbound":
             self._spawn(self._record(), "record")
         await self.publish(CallStreamStarted(
@@ -295,6 +331,47 @@ class TwilioSession:
             await self.hangup("max_duration")
         except Exception:
             log.exception("call %s: max-duration hang-up failed", call.call_id)
+
+    # -- a socket that died without closing -------------------------------------------------
+
+    async def _watch_liveness(self) -> None:
+        verdict = await self.liveness.watch()
+        if verdict is None or self.finished:
+            return
+        code, self.dead = verdict
+        # Not cancelled by the teardown its own close sets off: a close cut short leaves the
+        # socket's transport open and the session's teardown waiting on it.
+        self._tasks.discard(closer := asyncio.current_task())
+        self._closer = closer
+        log.warning("%s socket (call %s) taken for dead: %s; closing it", self.protocol,
+                    self.call_id, self.dead)
+        await self.close(code, self.dead, drain=False)
+
+    async def _end_unless_carrier_returns(self) -> None:
+        """After a dead socket: the call goes on if the carrier reconnected it, else hang up.
+
+        A carrier whose own end is still open (a stuck proxy between us) never asks the
+        reconnect URL, and the caller would hear nothing until max_duration_s; this socket's
+        max-duration timer went with it.
+        """
+        call = self.call
+        if call is None or self.redirecting:
+            return
+        wait = self.config.gateway_carrier_reconnect_wait_s
+        await asyncio.sleep(wait)
+        async with self.pool.connection() as conn:
+            now = await find_by_call_id(conn, call.call_id)
+            reconnects = await count_milestones(conn, call.call_id, "reconnect:")
+        if now is None or now.ended or reconnects > self._reconnects:
+            log.info("call %s: %s after its socket died (%s)", call.call_id,
+                     "reconnected" if reconnects > self._reconnects else "ended", self.dead)
+            return
+        log.warning("call %s: the carrier did not come back within %gs of its socket dying "
+                    "(%s); hanging up", call.call_id, wait, self.dead)
+        try:
+            await self.hangup("error")
+        except Exception:
+            log.exception("call %s: hang-up after a dead socket failed", call.call_id)
 
     # -- housekeeping -----------------------------------------------------------------------
 

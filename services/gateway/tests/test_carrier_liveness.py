@@ -1,0 +1,156 @@
+"""A carrier socket that dies without closing is closed, and its call ends unless it comes back.
+
+Short timeouts here; the defaults (ping after 10 s, silence 30 s, 15 s to reconnect) are in
+GatewayConfig. A live client answers pings only while it reads, as aiohttp's does.
+"""
+
+import asyncio
+import contextlib
+import xml.etree.ElementTree as ElementTree
+
+from .conftest import (
+    MANAGED_AGENT,
+    MANAGED_NUMBER,
+    ORG,
+    StreamClient,
+    closed,
+    live_calls,
+    started_stream,
+    wait_for,
+)
+from .test_plivo_support import make_plivo_gateway, plivo_number, started_plivo_stream
+from .test_relay import send, setup_relay
+
+__all__ = ["make_plivo_gateway", "plivo_number"]  # the Plivo fixtures, visible to pytest here
+
+SILENT = {"gateway_carrier_silence_s": 0.5, "gateway_carrier_ping_s": 0,
+          "gateway_carrier_reconnect_wait_s": 0.3}
+NO_PONG = {"gateway_carrier_silence_s": 0, "gateway_carrier_ping_s": 0.4,
+           "gateway_carrier_reconnect_wait_s": 0.3}
+
+
+async def elapsed(awaitable):
+    """(result, seconds it took)."""
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    result = await awaitable
+    return result, loop.time() - began
+
+
+async def test_a_media_stream_gone_silent_is_closed_and_hung_up_at_twilio(make_gateway, events):
+    gateway = await make_gateway(rest=True, **SILENT)
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    for _ in range(3):
+        await stream.media(b"\xff" * 160)
+    # ... then nothing: a partition. The socket is closed within the silence limit,
+    (code, reason), took = await elapsed(stream.closed(timeout=5))
+    assert code == 4410 and reason.startswith("carrier socket silent for 0.")
+    assert took < 0.5 + 0.5
+    assert gateway.metric("gateway_socket_closes_total", protocol="twilio_stream",
+                          code="4410") == 1
+    # and, Twilio not having come back through the reconnect URL, the call ends, at Twilio too
+    # (the caller may still be on the line there).
+    [ended] = await events.wait("call.ended", call_id, timeout=5)
+    assert ended.reason == "error"
+    await wait_for(lambda: gateway.rest_fake.updates)
+    assert gateway.rest_fake.updates == [(call_sid, {"Status": "completed"})]
+    await wait_for(lambda: call_id not in live_calls(gateway))
+
+
+async def test_a_media_stream_without_pongs_is_closed_and_its_call_ended(make_gateway, events):
+    gateway = await make_gateway(**NO_PONG)
+    call_sid, call_id, _ = await gateway.inbound_call()
+    stream = StreamClient(await gateway.ws(autoping=False))  # a peer that answers nothing
+    await stream.start(call_sid, call_id)
+    await events.wait("call.stream_started", call_id)
+    (code, reason), took = await elapsed(stream.closed(timeout=5))
+    assert code == 4409 and reason.startswith("no pong within 0.2 s")
+    assert took < 0.4 + 0.2 + 0.5
+    [ended] = await events.wait("call.ended", call_id, timeout=5)
+    assert ended.reason == "error"
+
+
+async def test_a_dead_socket_whose_call_twilio_reconnects_goes_on(make_gateway, events):
+    gateway = await make_gateway(**{**SILENT, "gateway_carrier_reconnect_wait_s": 1.0})
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    assert (await stream.closed(timeout=5))[0] == 4410
+    # Twilio, whose end saw the socket go, asks the <Connect action> URL and streams again
+    response = await gateway.post(f"/twilio/voice/reconnect?call_id={call_id}",
+                                  {"CallSid": call_sid})
+    assert ElementTree.fromstring(await response.text()).find("Connect") is not None
+    newer = StreamClient(await gateway.ws())
+    await newer.start(call_sid, call_id)
+    await events.wait("call.stream_started", call_id, count=2)
+    for _ in range(10):  # past the reconnect wait, streaming as Twilio does
+        await newer.media(b"\xff" * 160)
+        await asyncio.sleep(0.1)
+    assert events.of("call.ended", call_id) == []
+    assert call_id in live_calls(gateway)
+    await newer.stop(call_sid)
+    [ended] = await events.wait("call.ended", call_id)
+    assert ended.reason == "caller_hangup"
+
+
+async def test_a_streaming_socket_that_answers_pings_is_kept(make_gateway, events):
+    gateway = await make_gateway(gateway_carrier_silence_s=0.5, gateway_carrier_ping_s=0.3,
+                                 gateway_carrier_reconnect_wait_s=0.3)
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    reader = asyncio.create_task(stream.closed(timeout=10))  # reads, so it answers pings
+    try:
+        for _ in range(20):  # 2 s: four silence limits, six ping intervals
+            await stream.media(b"\xff" * 160)
+            await asyncio.sleep(0.1)
+        assert not reader.done() and call_id in live_calls(gateway)
+        await stream.stop(call_sid)
+        assert await reader == (1000, "stream stopped")
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+    [ended] = await events.wait("call.ended", call_id)
+    assert ended.reason == "caller_hangup"
+
+
+async def test_a_quiet_relay_that_answers_pings_is_kept(make_gateway, events):
+    # ConversationRelay says nothing between utterances; the silence check is not for it
+    gateway = await make_gateway(gateway_carrier_silence_s=0.3, gateway_carrier_ping_s=0.3,
+                                 gateway_carrier_reconnect_wait_s=0.3)
+    ws, _, call_id = await setup_relay(gateway, events)
+    reader = asyncio.create_task(closed(ws, timeout=10))
+    try:
+        await asyncio.sleep(2.0)
+        assert not reader.done() and call_id in live_calls(gateway)
+        assert events.of("call.ended", call_id) == []
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        await ws.close()
+
+
+async def test_a_relay_without_pongs_is_closed_and_its_call_ended(make_gateway, events):
+    gateway = await make_gateway(**NO_PONG)
+    call_sid, call_id, _ = await gateway.inbound_call(MANAGED_NUMBER)
+    ws = await gateway.ws("/twilio/relay", autoping=False)
+    await send(ws, {"type": "setup", "sessionId": "VX" + "2" * 32, "callSid": call_sid,
+                    "customParameters": {"call_id": call_id, "org_id": ORG,
+                                         "agent_id": MANAGED_AGENT}})
+    await events.wait("call.stream_started", call_id)
+    code, reason = await closed(ws, timeout=5)
+    assert code == 4409 and reason.startswith("no pong within 0.2 s")
+    [ended] = await events.wait("call.ended", call_id, timeout=5)
+    assert ended.reason == "error"
+    assert gateway.metric("gateway_socket_closes_total", protocol="twilio_relay",
+                          code="4409") == 1
+
+
+async def test_a_plivo_stream_gone_silent_is_closed_and_hung_up_at_plivo(make_plivo_gateway,
+                                                                         events):
+    plivo = await make_plivo_gateway(**SILENT)
+    stream, call_uuid, call_id = await started_plivo_stream(plivo, events)
+    await stream.media(b"\xff" * 160)
+    code, reason = await stream.closed(timeout=5)
+    assert code == 4410 and reason.startswith("carrier socket silent for 0.")
+    [ended] = await events.wait("call.ended", call_id, timeout=5)
+    assert ended.reason == "error"
+    await wait_for(lambda: plivo.api.hung_up == [call_uuid])
