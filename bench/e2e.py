@@ -408,7 +408,7 @@ async def _platform_overhead(ctx: Any, result: BenchResult, *, ahead: bool = Tru
     root = Path(tempfile.mkdtemp(prefix="parley-bench-e2e-", dir="/tmp"))
     nats_url = ctx.servers.nats().url
     env = _base_env(nats_url, database_url)
-    gateway = Gateway(nats_url=nats_url, database_url=database_url, root=root)
+    gateway = Gateway(nats_url=nats_url, database_url=database_url, root=root, liveness=True)
     services: list[Service] = []
     others: list[Any] = []
     events, answers = Events(), Answers()
@@ -594,7 +594,7 @@ async def _voice_to_voice(ctx: Any, result: BenchResult) -> None:
     root = Path(tempfile.mkdtemp(prefix="parley-bench-e2e-v2v-", dir="/tmp"))
     nats_url = ctx.servers.nats().url
     env = _base_env(nats_url, database_url)
-    gateway = Gateway(nats_url=nats_url, database_url=database_url, root=root)
+    gateway = Gateway(nats_url=nats_url, database_url=database_url, root=root, liveness=True)
     recorder = Service("recorder", env, root, "recorder up")
     media = Service("media", {**env, "PARLEY_INSTANCE_ID": "media-v2v"}, root, "media ready")
     brain = Service("brain", {**env, "PARLEY_LLM_CHAIN": "local",

@@ -175,18 +175,22 @@ def _log_tail(log_path: Path, lines: int = 30) -> str:
 class Gateway:
     """``python -m parley.gateway`` on a free port; :meth:`stop` checks it exits cleanly."""
 
-    def __init__(self, *, nats_url: str, database_url: str, root: Path) -> None:
+    def __init__(self, *, nats_url: str, database_url: str, root: Path,
+                 liveness: bool = False) -> None:
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = root / "gateway.log"
         self.env = dict(os.environ, PARLEY_NATS_URL=nats_url, PARLEY_DATABASE_URL=database_url,
                         PARLEY_HTTP_PORT=str(self.port), PARLEY_PUBLIC_BASE_URL=self.base,
                         PARLEY_TWILIO_AUTH_TOKEN=TOKEN, PARLEY_LOG_LEVEL="WARNING",
-                        PARLEY_INSTANCE_ID="gw-bench",
-                        # The simulated callers send nothing while hundreds of calls are set up,
-                        # and these streams read (so answer pings) only at the end, which no
-                        # carrier does: the dead-socket checks would close them mid-run.
-                        PARLEY_GATEWAY_CARRIER_PING_S="0", PARLEY_GATEWAY_CARRIER_SILENCE_S="0")
+                        PARLEY_INSTANCE_ID="gw-bench")
+        if not liveness:
+            # This bench's callers send nothing while hundreds of calls are set up, and read
+            # (so answer pings) only at the end, which no carrier does: the dead-socket checks
+            # would close them mid-run. Callers that stream and read all along (media_calls,
+            # e2e) keep them on, as deployed.
+            self.env.update(PARLEY_GATEWAY_CARRIER_PING_S="0",
+                            PARLEY_GATEWAY_CARRIER_SILENCE_S="0")
         self.proc: subprocess.Popen[bytes] | None = None
         self.process: psutil.Process | None = None
 

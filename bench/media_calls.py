@@ -707,7 +707,7 @@ async def run(ctx: Any) -> BenchResult:
     await _configure(database_url)
     root = Path(tempfile.mkdtemp(prefix="parley-bench-media-calls-", dir="/tmp"))
     nats_url = ctx.servers.nats().url
-    gateway = Gateway(nats_url=nats_url, database_url=database_url, root=root)
+    gateway = Gateway(nats_url=nats_url, database_url=database_url, root=root, liveness=True)
     period_s = 1.0 + 1.0 + FRAMES_PER_ANSWER * 0.02 + PAUSE_S
     media_nice_0 = BUDGET_CALLS in levels and not ctx.quick  # the budget level again, media at 0
     runs = sum(levels) + (BUDGET_CALLS if media_nice_0 else 0)
