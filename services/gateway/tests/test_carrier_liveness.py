@@ -8,6 +8,12 @@ import asyncio
 import contextlib
 import xml.etree.ElementTree as ElementTree
 
+import uvloop
+from aiohttp import WSMsgType, web
+from aiohttp.test_utils import TestClient, TestServer
+
+from parley.gateway.twilio.liveness import Liveness
+
 from .conftest import (
     MANAGED_AGENT,
     MANAGED_NUMBER,
@@ -154,3 +160,38 @@ async def test_a_plivo_stream_gone_silent_is_closed_and_hung_up_at_plivo(make_pl
     [ended] = await events.wait("call.ended", call_id, timeout=5)
     assert ended.reason == "error"
     await wait_for(lambda: plivo.api.hung_up == [call_uuid])
+
+
+def test_a_pong_within_its_pings_millisecond_counts_on_uvloop():
+    """Services run on uvloop, whose loop.time() counts milliseconds and stands still within a
+    loop iteration. A pong that came back within its ping's millisecond (a peer on the same host:
+    Twilio played by the e2e tests, a local ConversationRelay client) was stamped with the
+    ping's time, taken for no pong, and a live socket closed 4409 after its first quiet
+    ping_s (a managed call whose caller said nothing for 10 s). Frames are now counted."""
+    verdicts = []
+
+    async def carrier_socket(request):
+        ws = web.WebSocketResponse(autoping=False)
+        await ws.prepare(request)
+        liveness = Liveness(ws, ping_s=0.05, silence_s=0)
+        watch = asyncio.create_task(liveness.watch())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):  # twenty pings and more
+                async for msg in ws:  # as TwilioSession.run reads
+                    liveness.heard(said=msg.type is WSMsgType.TEXT)
+        verdicts.append(watch.result() if watch.done() else "alive")
+        watch.cancel()
+        await ws.close()
+        return ws
+
+    async def scenario():
+        app = web.Application()
+        app.router.add_get("/ws", carrier_socket)
+        async with TestClient(TestServer(app)) as client:
+            ws = await client.ws_connect("/ws")  # answers pings while it reads
+            await ws.receive()
+            await ws.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())
+    assert verdicts == ["alive"]

@@ -42,6 +42,10 @@ class Liveness:
         self.ping_s, self.silence_s = ping_s, silence_s
         self._time = asyncio.get_running_loop().time
         self.heard_at = self.said_at = self._time()  # any frame / a protocol message
+        # Frames heard, counted: what proves a pong came. Not heard_at: uvloop's clock counts
+        # milliseconds and stands still within a loop iteration, so a pong from a nearby peer
+        # is stamped with its ping's very time.
+        self.frames = 0
 
     @property
     def enabled(self) -> bool:
@@ -51,6 +55,7 @@ class Liveness:
     def heard(self, *, said: bool) -> None:
         """A frame arrived (``said``: a protocol message, not a ping or pong)."""
         now = self._time()
+        self.frames += 1
         self.heard_at = now
         if said:
             self.said_at = now
@@ -66,13 +71,13 @@ class Liveness:
                 return CloseCode.CARRIER_SILENT, (f"carrier socket silent for "
                                                   f"{round(now - self.said_at, 1):g} s")
             if self.ping_s and now - self.heard_at >= self.ping_s:
-                pinged_at = now
+                frames = self.frames
                 try:
                     await self._ws.ping()
                 except (ConnectionError, RuntimeError):
                     return None
                 await asyncio.sleep(self.ping_s / 2)
-                if self.heard_at <= pinged_at:
+                if self.frames == frames:
                     silent = self._time() - self.heard_at
                     return CloseCode.NO_PONG, (f"no pong within {self.ping_s / 2:g} s; carrier "
                                                f"socket silent for {round(silent, 1):g} s")
