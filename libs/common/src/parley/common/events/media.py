@@ -102,13 +102,13 @@ class CallerIdle(CallEvent, frozen=True, kw_only=True, tag="caller.idle"):
     """The caller has said nothing for ``silent_s`` while nothing was pending.
 
     Media emits it (on managed calls, which media does not serve, the gateway's
-    ConversationRelay bridge) after the agent's ``idle_prompt_s`` (``action`` "prompt": the brain asks
-    whether the caller is still there) and ``idle_hangup_s`` (``action`` "hangup": the brain says
-    goodbye and ends the call, ``call.ended`` reason "idle"), and another "hangup" after each
-    further 15 s of silence (the goodbye's audio not counted) if the call did not end. ``silent_s``
-    counts only the silence after the agent's audio ended with no caller turn waiting for its
-    answer (the prompt's own audio not counted); caller speech, a key press, a caller turn or new
-    agent audio (other than the prompt) start it again from 0.
+    ConversationRelay bridge) after the agent's ``idle_prompt_s`` (``action`` "prompt": the
+    brain asks whether the caller is still there) and ``idle_hangup_s`` (``action`` "hangup":
+    the brain says goodbye and ends the call, ``call.ended`` reason "idle"), and another
+    "hangup" after each further 15 s of silence (the goodbye's audio not counted) if the call
+    did not end. ``silent_s`` counts only the silence after the agent's audio ended with no
+    caller turn waiting for its answer (the prompt's own audio not counted); caller speech, a
+    key press, a caller turn or new agent audio (other than the prompt) start it again from 0.
     """
 
     turn_id: str  # the agent turn the brain says it in: "i0", "i1"… (one per caller.idle)
