@@ -298,7 +298,12 @@ class RelaySession(TwilioSession):
                 idle.observe(event)
         if not reconnected:
             idle.agent_text(GREETING_TURN, self.agent.settings.greeting)  # welcomeGreeting
+        task = asyncio.current_task()
         while not idle.ended:
+            if task is not None and task.cancelling():
+                # The teardown cancelled this task during a NATS call that swallowed it
+                # (nats-py's flush does): ticking on would hold the teardown up for good.
+                raise asyncio.CancelledError
             await asyncio.sleep(TICK_S)
             action = idle.tick()
             if action is None:
