@@ -118,3 +118,39 @@ def test_a_predecessors_idle_turns_are_counted_and_its_silence_goes_on() -> None
     assert state.clock.hangup_due_ms == 3000 + state.clock.settings.hangup_retry_ms
     state.observe(_ev(CallDtmf, digit="1"))
     assert state.clock.silent_ms == 0 and not state.clock.prompted
+
+
+def test_the_last_words_of_a_second_refused_hand_off_are_not_its_follow_up() -> None:
+    """A transfer refused at once fails while its own last words still play. The first
+    hand-off's words ("Let me transfer you", ``turn_a``) finishing did not end the wait for what
+    the brain says next, but a second one's, asked for in the follow-up ``turn_a.1`` (the model
+    tries another number), did: the time the brain took to write ``turn_a.2`` counted as the
+    caller's silence, and a slow model's answer came after "Are you still there?"."""
+    from parley.common.events import (
+        AgentSpeechFinished,
+        ToolFailed,
+        ToolRequested,
+        TurnCompleted,
+        TurnUserEnded,
+    )
+    from parley.common.idle import IdleState
+
+    state = IdleState(IdleSettings())
+    state.observe(_ev(TurnUserEnded, turn_id="turn_a", text="Put me through to Bob.",
+                      reason="prompt"))
+    state.observe(_ev(ToolRequested, turn_id="turn_a", tool_call_id="c1",
+                      name="transfer_call", arguments={"to": "+15550001"}))
+    state.observe(_ev(ToolFailed, tool_call_id="c1", name="transfer_call", error="not allowed"))
+    state.observe(_ev(TurnCompleted, turn_id="turn_a"))
+    state.observe(_ev(AgentSpeechFinished, turn_id="turn_a"))  # "Let me transfer you" played
+    assert state.unanswered == "turn_a"  # the first level holds: turn_a.1 is owed
+
+    # turn_a.1: "Sorry, I can't reach Bob. Let me try the front desk." + a second transfer,
+    # refused at once too.
+    state.observe(_ev(ToolRequested, turn_id="turn_a.1", tool_call_id="c2",
+                      name="transfer_call", arguments={"to": "+15550002"}))
+    state.observe(_ev(ToolFailed, tool_call_id="c2", name="transfer_call", error="not allowed"))
+    state.observe(_ev(TurnCompleted, turn_id="turn_a"))  # round 2 completes
+    assert state.unanswered == "turn_a"  # turn_a.2 ("I can't transfer you now…") is owed
+    state.observe(_ev(AgentSpeechFinished, turn_id="turn_a.1"))  # the second hand-off's words
+    assert state.unanswered == "turn_a", "turn_a.2 is still being written"

@@ -121,8 +121,10 @@ class IdleState:
         self.unanswered = unanswered
         self.latest = ""  # the latest caller turn
         self._owed = 1  # the turn.completed events the brain still owes the unanswered turn
-        self._reopened = False  # a hand-off of it failed: the brain says more ("t3.1")
-        self._hand_offs: dict[str, str] = {}  # end_call/transfer_call tool call → caller turn
+        # Utterances of it whose hand-off failed ("t3", then "t3.1" if the model tried again):
+        # their last words are not the answer; the brain says more ("t3.1", "t3.2").
+        self._failed: set[str] = set()
+        self._hand_offs: dict[str, str] = {}  # end_call/transfer_call tool call → utterance
         self._cut_off: set[str] = set()  # caller turns whose answer the caller interrupted
         self.idle_turns: set[str] = set()
         self.idle_count = 0  # caller.idle events of the call so far
@@ -136,14 +138,16 @@ class IdleState:
 
     def awaiting(self, turn_id: str) -> None:
         """The caller turn ``turn_id`` ended: pending until the brain has answered it."""
-        self.unanswered, self.latest, self._owed, self._reopened = turn_id, turn_id, 1, False
+        self.unanswered, self.latest, self._owed = turn_id, turn_id, 1
+        self._failed.clear()
 
     def answered(self, turn_id: str, *, completed: bool = False, cut_off: bool = False) -> None:
         """Agent audio of ``turn_id`` is over (played or cut), or the brain completed the turn.
 
         The caller turn is then no longer pending, unless a hand-off of it failed and the brain
         still owes what it says about that: a turn completes once more than its hand-offs
-        failed, and the failed hand-off's own last words ("Goodbye!") are not that answer.
+        failed, and a failed hand-off's own last words ("Goodbye!", or those of a second one
+        the model tried in ``t3.1``) are not that answer.
         ``cut_off``: the caller interrupted it, and the brain takes an interrupted turn up no
         more (it answers their next turn, if one comes: a key press makes none), so it is over.
         """
@@ -156,7 +160,7 @@ class IdleState:
             self._owed -= 1
             if self._owed > 0:
                 return
-        elif self._reopened and turn_id == caller_turn and not cut_off:
+        elif turn_id in self._failed and not cut_off:
             return
         self.unanswered = ""
 
@@ -169,9 +173,10 @@ class IdleState:
         """
         if isinstance(event, ToolRequested):
             if event.name in HAND_OFFS:
-                self._hand_offs[event.tool_call_id] = event.turn_id.partition(".")[0]
+                self._hand_offs[event.tool_call_id] = event.turn_id
             return
-        turn_id = self._hand_offs.pop(event.tool_call_id, "")
+        speech = self._hand_offs.pop(event.tool_call_id, "")
+        turn_id = speech.partition(".")[0]
         if not turn_id or turn_id != self.latest:
             return  # not a hand-off, or of a turn the caller has since followed with another
         if turn_id in self._cut_off:
@@ -180,7 +185,7 @@ class IdleState:
             self._owed += 1  # (failed before the turn's first completion was seen)
         else:
             self.unanswered, self._owed = turn_id, 1
-        self._reopened = True
+        self._failed.add(speech)
 
     def seen(self, event: CallerIdle) -> None:
         """A caller.idle of the call: one's own, or one a predecessor emitted.
