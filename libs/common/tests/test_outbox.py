@@ -41,3 +41,29 @@ async def test_an_event_no_stream_takes_is_counted_lost_after_its_attempts(bus: 
     await outbox.put(partial("c-out3", "hello"))
     await asyncio.wait_for(outbox.drain(), 10)
     assert outbox.lost == 1 and outbox.pending == 0
+
+
+async def test_an_event_that_cannot_even_be_sent_is_published_again_not_raised(
+        bus: Bus) -> None:
+    """``bus.send`` raising (the connection closed under a reconnect) made ``put`` raise: the
+    event was lost, and the caller (the relay's idle clock, having taken the event's ordinal)
+    could not send it again under the same id. It is now retried like a failed ack."""
+    outbox = Outbox(bus, name="test")
+    send, failures = bus.send, []
+
+    async def send_failing_once(event, **kwargs):
+        if not failures:
+            failures.append(event.id)
+            raise ConnectionError("nats: connection closed")
+        return await send(event, **kwargs)
+
+    bus.send = send_failing_once  # type: ignore[method-assign]
+    try:
+        event = partial("c-out4", "hello")
+        await outbox.put(event)  # does not raise
+        await outbox.drain(timeout_s=10)
+    finally:
+        bus.send = send  # type: ignore[method-assign]
+    assert failures == [event.id]
+    assert outbox.pending == 0 and outbox.lost == 0 and outbox.republished == 1
+    assert [e.id for e in await bus.replay_call("c-out4")] == [event.id]

@@ -186,3 +186,28 @@ async def test_nothing_is_due_once_the_call_has_ended(gateway, events, bus, db):
     await events.wait("call.ended", call_id)
     await asyncio.sleep(PROMPT_S + 0.6)
     assert events.of("caller.idle", call_id) == []
+
+
+async def test_a_socket_that_cannot_read_the_calls_past_counts_no_idle(
+        gateway, events, bus, db, caplog):
+    """Unread, the call's idle turns so far are unknown: a reconnect numbering from i0 again
+    gave its caller.idle the id of one already stored, which JetStream dropped unheard (the
+    caller was never prompted, the relay believed it had). Reading is tried three times; if it
+    still fails, this socket does no idle handling (max_duration_s still ends the call)."""
+    await quick_idle(db)
+    replay, attempts = bus.replay, []
+
+    def failing_replay(*args, **kwargs):
+        attempts.append(args)
+        raise ConnectionError("nats: timeout")
+
+    bus.replay = failing_replay
+    try:
+        ws, _, call_id = await setup(gateway, events)
+        await asyncio.sleep(PROMPT_S + 1.5)
+    finally:
+        bus.replay = replay
+    assert len(attempts) == 3
+    assert events.of("caller.idle", call_id) == []
+    assert "no idle handling on this socket" in caplog.text
+    assert not ws.closed

@@ -47,8 +47,16 @@ class Outbox:
         return self.bus.publish_timeout if self._ack_timeout_s is None else self._ack_timeout_s
 
     async def put(self, event: Event) -> None:
-        """Send ``event`` now; its ack is awaited in the background."""
-        ack = await self.bus.send(event)
+        """Send ``event`` now; its ack is awaited in the background.
+
+        If it cannot even be sent (the connection is closed), it is published again in the
+        background, as one whose ack failed is: ``put`` does not raise for it.
+        """
+        try:
+            ack = await self.bus.send(event)
+        except Exception as exc:
+            self._retry(event, exc)
+            return
         timer = asyncio.get_running_loop().call_later(self.ack_timeout_s, ack.cancel)
         self._unacked.add(ack)
         ack.add_done_callback(functools.partial(self._on_ack, event, timer))
@@ -82,6 +90,9 @@ class Outbox:
                                        if ack.cancelled() else ack.exception())
         if error is None:
             return
+        self._retry(event, error)
+
+    def _retry(self, event: Event, error: BaseException) -> None:
         task = asyncio.get_running_loop().create_task(self._again(event, error))
         self._retries.add(task)
         task.add_done_callback(self._retries.discard)

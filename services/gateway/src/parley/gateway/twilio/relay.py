@@ -22,7 +22,7 @@ from typing import ClassVar, Literal
 import msgspec
 from aiohttp import web
 
-from parley.common.bus import call_events
+from parley.common.bus import Outbox, call_events
 from parley.common.events import (
     AgentSay,
     AgentSpeechFinished,
@@ -37,6 +37,7 @@ from parley.common.events import (
     uuid7,
 )
 from parley.common.idle import Action
+from parley.common.resilience import retry_policy
 
 from ..close_codes import CloseCode, ProtocolViolation, clean_text
 from ..commands import CommandError
@@ -150,6 +151,7 @@ class RelaySession(TwilioSession):
         self.playback = RelayPlayback()
         self.stream_id = ""  # Twilio's sessionId
         self.idle: RelayIdle | None = None  # once attached, if the agent has idle timers on
+        self._outbox = Outbox(self.bus, name="relay idle")
         self._idle_backlog: list[Event] | None = []  # live events held while the past is read
         self._errors = self.metrics.counter(
             "gateway_relay_errors", "ConversationRelay error messages from Twilio")
@@ -281,17 +283,20 @@ class RelaySession(TwilioSession):
         """Read the call's past (a reconnect goes on counting), then tick the idle clock."""
         idle, call = self.idle, self.call
         assert idle is not None and call is not None and self.agent is not None
-        seen: set[object] = set()
+        past = await self._past_events()
+        if past is None:
+            # Unread, the call's idle turns so far are unknown: numbered from i0 again, a
+            # reconnect's would repeat earlier ids, which JetStream drops unheard.
+            log.error("call %s: the call's past could not be read; no idle handling on this "
+                      "socket (max_duration_s still ends the call)", self.call_id)
+            self.idle, self._idle_backlog = None, None
+            return
+        seen = {event.id for event in past}
         reconnected = False
-        try:
-            async for _, event in self.bus.replay(call_events(self.call_id, call.org_id)):
-                seen.add(event.id)
-                idle.observe(event)
-                if isinstance(event, CallStreamStarted) and event.stream_id != self.stream_id:
-                    reconnected = True  # this socket took over a live call: no greeting
-        except Exception:
-            log.exception("call %s: reading the call's past for idle handling failed; "
-                          "counting from now", self.call_id)
+        for event in past:
+            idle.observe(event)
+            if isinstance(event, CallStreamStarted) and event.stream_id != self.stream_id:
+                reconnected = True  # this socket took over a live call: no greeting
         backlog, self._idle_backlog = self._idle_backlog or [], None
         for event in backlog:  # (no await since the last was appended: none is lost)
             if event.id not in seen:
@@ -306,12 +311,20 @@ class RelaySession(TwilioSession):
                 raise asyncio.CancelledError
             await asyncio.sleep(TICK_S)
             action = idle.tick()
-            if action is None:
-                continue
-            try:
+            if action is not None:
                 await self._publish_idle(action)
-            except Exception:
-                log.exception("call %s: publishing caller.idle failed", self.call_id)
+
+    async def _past_events(self) -> list[Event] | None:
+        """The call's events so far (JetStream), tried a few times; None if they can't be read."""
+        assert self.call is not None
+        try:
+            async for attempt in retry_policy(attempts=3, initial=0.2, maximum=1.0):
+                with attempt:
+                    return [event async for _, event in self.bus.replay(
+                        call_events(self.call_id, self.call.org_id))]
+        except Exception:
+            log.exception("call %s: reading the call's events failed", self.call_id)
+        return None
 
     async def _publish_idle(self, action: Action) -> None:
         """caller.idle: the brain says the prompt (or goodbye) in agent turn ``i<n>``."""
@@ -321,10 +334,13 @@ class RelaySession(TwilioSession):
         silent_s = round(idle.state.clock.silent_ms / 1000, 1)
         log.info("call %s: caller silent for %.1f s: %s (%s)", self.call_id, silent_s, action,
                  turn_id)
-        await self.publish(CallerIdle(
+        # Through an outbox: one unacknowledged (a NATS blip) is published again under its id,
+        # not lost, as its ordinal is taken and the prompt counted as asked.
+        event = CallerIdle(
             id=uuid.uuid5(_ID_NAMESPACE, f"{self.call_id}/caller.idle/{number}"),
             org_id=call.org_id, call_id=self.call_id, turn_id=turn_id,
-            action=action, silent_s=silent_s))
+            action=action, silent_s=silent_s)
+        await self._outbox.put(event)
 
     async def play(self, source: str) -> None:
         """Play an audio URL to the caller."""
