@@ -14,6 +14,7 @@ from parley.common.configuration import (
     create_api_key,
     create_org,
 )
+from parley.gateway.api.rate_limit import CallRateLimiter
 from parley.gateway.calls import find_by_call_id
 
 from . import test_plivo_support as support
@@ -416,6 +417,24 @@ async def test_calls_over_the_orgs_rate_limit_are_429_and_dial_nothing(
         assert (await place(api, keys["full"], body())).status == expected
     assert len(twilio_api.requests) == 6
     assert api.gateway.metric("gateway_api_calls_placed_total", outcome="rate_limited") == 4
+
+
+def test_a_wall_clock_stepped_back_does_not_freeze_an_orgs_bucket():
+    """The buckets run on the gateway's wall clock. When it steps back (an NTP correction, a VM
+    restored or migrated), the time the bucket last refilled is in the future: it was kept
+    there, so nothing refilled until the clock caught up with it (an hour's step: an hour of
+    429s for a drained org, each saying Retry-After: 1). The refill now goes on from the
+    clock's new time, the step itself refilling nothing."""
+    clock = FrozenClock()
+    limiter = CallRateLimiter(rate_per_s=5.0, burst=2, clock=clock)
+    assert limiter.take(ORG) == limiter.take(ORG) == 0.0  # the burst is spent
+    assert 0 < limiter.take(ORG) <= 0.2
+
+    clock.advance(-3600)  # NTP steps the clock back an hour
+    assert 0 < limiter.take(ORG) <= 0.2  # the step refilled nothing
+    clock.advance(10)  # ten seconds later: fifty calls' worth, the burst's two kept
+    assert limiter.take(ORG) == limiter.take(ORG) == 0.0
+    assert limiter.take(ORG) > 0
 
 
 async def test_a_rate_of_zero_places_calls_without_limit(make_plivo_gateway, twilio_api, keys):

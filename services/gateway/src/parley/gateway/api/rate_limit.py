@@ -51,8 +51,11 @@ class CallRateLimiter:
         bucket = self._buckets.get(org_id)
         if bucket is None:
             bucket = self._buckets[org_id] = _Bucket(tokens=float(self.burst), updated=now)
-        elif now > bucket.updated:  # a clock stepping back refills nothing
-            elapsed = (now - bucket.updated).total_seconds()
+        else:
+            # A wall clock stepped back (NTP, a VM restored) refills nothing for the step, and
+            # the refill goes on from now: left in the future, ``updated`` would freeze the
+            # bucket until the clock caught up with it, every 429 saying "retry in 1 s".
+            elapsed = max(0.0, (now - bucket.updated).total_seconds())
             bucket.tokens = min(float(self.burst), bucket.tokens + elapsed * self.rate_per_s)
             bucket.updated = now
         if bucket.tokens >= 1.0:
