@@ -1,9 +1,13 @@
 import asyncio
+import contextlib
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import aiohttp
 import pytest
 from twilio.request_validator import SIGNATURE_SETTINGS_HEADER, RequestValidator
+
+from parley.gateway.signature_audit import Refusal, RefusalFolder, SignatureAudit
 
 from .conftest import (
     ACCOUNT,
@@ -280,3 +284,82 @@ async def test_refusals_from_more_sources_than_tracked_are_folded_together(make_
     audited = await events.wait("security.signature_rejected", count=4)
     assert sorted(e.count for e in audited[2:]) == [2, 3]
     assert sum(e.count for e in audited) == 7
+
+
+# -- the audit's flushing task at shutdown ---------------------------------------------------
+
+
+class AckingBus:
+    """Publishes wait for their ack with ``asyncio.wait_for``, as nats-py's JetStream publish
+    does, while ``hold`` is set; the test resolves (or not) the ack."""
+
+    def __init__(self) -> None:
+        self.hold = False
+        self.pending: asyncio.Future[None] | None = None
+        self.published: list[Any] = []
+        self.waiting = asyncio.Event()
+
+    async def publish(self, event: Any) -> None:
+        self.published.append(event)
+        if not self.hold:
+            return
+        self.pending = asyncio.get_running_loop().create_future()
+        self.waiting.set()
+        await asyncio.wait_for(self.pending, 5.0)
+
+
+def bus_audit(bus: AckingBus, clock: FrozenClock) -> SignatureAudit:
+    """An audit over ``bus`` (refusals without a number: no org lookup, so no pool)."""
+    return SignatureAudit(bus=bus, pool=None,  # type: ignore[arg-type]
+                          folder=RefusalFolder(interval_s=0.05, max_sources=10), clock=clock)
+
+
+def refusal_from(remote: str) -> Refusal:
+    return Refusal(carrier="twilio", route="/twilio/voice", path="/twilio/voice", remote=remote,
+                   reason="invalid X-Twilio-Signature")
+
+
+async def test_the_audit_task_stops_when_a_publish_swallowed_its_cancellation():
+    """The gateway's shutdown cancels the audit's flushing task and waits for it. On Python
+    3.11 ``asyncio.wait_for`` (which nats-py's publish ack and flush use) returns the result
+    instead of raising when the cancellation lands in the iteration its future resolves: the
+    CancelledError was swallowed, the task slept and flushed on for good, and the shutdown
+    hung. The task now stops at a cancellation requested of it, swallowed or not."""
+    bus, clock = AckingBus(), FrozenClock()
+    audit = bus_audit(bus, clock)
+    await audit.refused(refusal_from("203.0.113.9"))  # audited at once
+    await audit.refused(refusal_from("203.0.113.9"))  # folded
+    clock.advance(60)
+    bus.hold = True
+    task = asyncio.create_task(audit.run(), name="signature-audit")
+    await bus.waiting.wait()  # publishing the folded count
+    assert bus.pending is not None
+    bus.pending.set_result(None)  # the ack arrives ...
+    task.cancel()  # ... as the gateway shuts down
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(asyncio.shield(task), 3.0)  # TimeoutError: it ran on
+    assert task.done()
+    assert [e.count for e in bus.published] == [1, 1]
+
+
+async def test_a_flush_cut_short_at_shutdown_leaves_the_rest_to_the_last_flush():
+    """A flush that is cancelled while publishing one folded count (the gateway shutting down)
+    had taken every due count out of the audit: the ones after it were lost, and the last
+    flush at shutdown found nothing. They are now folded back in, and that flush publishes
+    them."""
+    bus, clock = AckingBus(), FrozenClock()
+    audit = bus_audit(bus, clock)
+    for remote in ("203.0.113.9", "203.0.113.10"):
+        for _ in range(3):  # one audited at once, two folded
+            await audit.refused(refusal_from(remote))
+    clock.advance(60)
+    bus.hold = True
+    task = asyncio.create_task(audit.run(), name="signature-audit")
+    await bus.waiting.wait()  # publishing the first folded count; its ack never comes
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    bus.hold = False
+    await audit.flush(everything=True)  # as the gateway's shutdown does next
+    assert [(e.remote, e.count) for e in bus.published] == [
+        ("203.0.113.9", 1), ("203.0.113.10", 1), ("203.0.113.9", 2), ("203.0.113.10", 2)]

@@ -101,6 +101,13 @@ class RefusalFolder:
             self._windows[key] = _Window(opened=now)
         return summaries
 
+    def refold(self, summaries: list[tuple[Refusal, int]], now: datetime) -> None:
+        """Fold back summaries :meth:`due` returned that could not be published."""
+        for refusal, count in summaries:
+            window = self._windows.setdefault(refusal.key, _Window(opened=now))
+            window.folded += count
+            window.first_folded = refusal  # the earlier one
+
 
 class SignatureAudit:
     """Publishes the folder's events on the bus; one per gateway app."""
@@ -116,22 +123,37 @@ class SignatureAudit:
             log.debug("refused %s from %s: %s (folded into the audit)", refusal.path,
                       refusal.remote, refusal.reason)
             return
-        await self._publish(audited, 1)
+        await self._publish(audited, 1, await self._org_of(audited.number))
 
     async def run(self) -> None:
         """Publish folded counts as their intervals end, until cancelled."""
         period = min(self.folder.interval_s, 1.0)
+        task = asyncio.current_task()
         while True:
+            if task is not None and task.cancelling():
+                # Cancelled during a publish that swallowed it (nats-py's ack and flush waits
+                # can): going on would hold the gateway's shutdown up for good.
+                raise asyncio.CancelledError
             await asyncio.sleep(period)
             await self.flush()
 
     async def flush(self, *, everything: bool = False) -> None:
-        """Publish the folded counts that are due (all of them with ``everything``)."""
-        for refusal, count in self.folder.due(self.clock(), everything=everything):
-            await self._publish(refusal, count)
+        """Publish the folded counts that are due (all of them with ``everything``).
 
-    async def _publish(self, refusal: Refusal, count: int) -> None:
-        org_id = await self._org_of(refusal.number)
+        A flush cut short (cancelled at shutdown) folds what it had not published yet back in,
+        for the last flush to publish.
+        """
+        pending = self.folder.due(self.clock(), everything=everything)
+        try:
+            while pending:
+                refusal, count = pending[0]
+                org_id = await self._org_of(refusal.number)
+                del pending[0]  # from here on it is on its way (or logged as failed)
+                await self._publish(refusal, count, org_id)
+        finally:
+            self.folder.refold(pending, self.clock())
+
+    async def _publish(self, refusal: Refusal, count: int, org_id: str) -> None:
         log.warning("refused %s %s from %s: %s (org %s)%s", refusal.carrier, refusal.path,
                     refusal.remote, refusal.reason, org_id,
                     f"; {count} such refusals folded into one audit event" if count > 1
