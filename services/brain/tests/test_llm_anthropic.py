@@ -328,6 +328,17 @@ async def test_blank_text_is_refused_by_the_emulator_as_by_the_api_and_never_sen
                     {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
                     {"role": "user", "content": content}])
             assert message in str(refused.value)
+        # The final assistant message (a prefill) may be empty, but not an empty block, nor end
+        # in whitespace.
+        for content, message in [
+            ([{"type": "text", "text": ""}], "text content blocks must be non-empty"),
+            ("Sure, ", "final assistant content cannot end with trailing whitespace"),
+        ]:
+            with pytest.raises(anthropic.BadRequestError) as refused:
+                await client.messages.create(model="claude-test", max_tokens=50, messages=[
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": content}])
+            assert message in str(refused.value)
     finally:
         await client.close()
 

@@ -322,19 +322,28 @@ def _invalid(body: Any) -> str | None:
 
 
 def _empty_text(messages: list[dict[str, Any]]) -> str | None:
-    """The API refuses empty content and blank text blocks (the final assistant turn aside)."""
+    """The API's rules on text, as its 400s state them.
+
+    No empty content but a final assistant message's, no empty or blank text block anywhere,
+    and no trailing whitespace ending a final assistant message.
+    """
     for index, message in enumerate(messages):
         content = message.get("content")
         final_assistant = index == len(messages) - 1 and message["role"] == "assistant"
         if not content and not final_assistant:
             return (f"messages.{index}: all messages must have non-empty content except for "
                     "the optional final assistant message")
-        texts = [content] if isinstance(content, str) else _blocks(message, "text", "text")
+        if isinstance(content, str):
+            texts = [content] if content else []
+        else:
+            texts = _blocks(message, "text", "text")
         for text in texts:
-            if not isinstance(text, str) or (not text and not final_assistant):
+            if not isinstance(text, str) or not text:
                 return "messages: text content blocks must be non-empty"
-            if text and not text.strip():
+            if not text.strip():
                 return "messages: text content blocks must contain non-whitespace text"
+        if final_assistant and texts and texts[-1] != texts[-1].rstrip():
+            return "messages: final assistant content cannot end with trailing whitespace"
     return None
 
 
