@@ -7,6 +7,7 @@ import aiohttp
 import pytest
 from twilio.request_validator import SIGNATURE_SETTINGS_HEADER, RequestValidator
 
+from parley.common.configuration import AgentSettings, assign_number, create_agent, create_org
 from parley.gateway.signature_audit import Refusal, RefusalFolder, SignatureAudit
 
 from .conftest import (
@@ -20,6 +21,9 @@ from .conftest import (
     new_call_sid,
     sign,
 )
+
+UNKNOWN_NUMBER = "+14155550199"  # assigned to no org
+OTHER_ORG, OTHER_NUMBER = "org_globex", "+14155550177"
 
 
 def voice_params(call_sid: str) -> dict[str, str]:
@@ -238,28 +242,56 @@ async def test_a_flood_that_goes_on_is_one_audit_event_per_interval(make_gateway
     gateway = await make_gateway(clock=clock, gateway_signature_audit_interval_s=60)
     await forged(gateway, 10)
     await events.wait("security.signature_rejected")
-    await forged(gateway, 5, To="+14155550199")  # the same source and reason, another number
+    await forged(gateway, 5, To=UNKNOWN_NUMBER)  # the same source and reason, another number
+    [_, other] = await events.wait("security.signature_rejected", count=2)
+    assert (other.count, other.org_id) == (1, "unknown")  # a key of its own: audited at once
 
     clock.advance(30)
     await asyncio.sleep(1.2)  # the audit looks at its intervals every second
-    assert len(events.of("security.signature_rejected")) == 1
-    clock.advance(30)
-    [_, summary] = await events.wait("security.signature_rejected", count=2)
-    assert (summary.count, summary.org_id) == (14, ORG)  # the org of the first one folded
-
-    await forged(gateway, 6, To="+14155550199")  # still going: folded into the next interval
-    await asyncio.sleep(1.2)
     assert len(events.of("security.signature_rejected")) == 2
+    clock.advance(30)
+    summaries = (await events.wait("security.signature_rejected", count=4))[2:]
+    assert sorted((e.count, e.org_id) for e in summaries) == [(4, "unknown"), (9, ORG)]
+
+    await forged(gateway, 6, To=UNKNOWN_NUMBER)  # still going: folded into the next interval
+    await asyncio.sleep(1.2)
+    assert len(events.of("security.signature_rejected")) == 4
     clock.advance(60)
-    [*_, last] = await events.wait("security.signature_rejected", count=3)
+    [*_, last] = await events.wait("security.signature_rejected", count=5)
     assert (last.count, last.org_id) == (6, "unknown")
     assert sum(e.count for e in events.of("security.signature_rejected")) == 21
 
     clock.advance(120)  # quiet again: the next refusal is audited at once
     await asyncio.sleep(1.2)
     await forged(gateway, 1)
-    [*_, again] = await events.wait("security.signature_rejected", count=4)
-    assert again.count == 1
+    [*_, again] = await events.wait("security.signature_rejected", count=6)
+    assert (again.count, again.org_id) == (1, ORG)
+
+
+async def test_folded_refusals_are_counted_under_the_org_they_were_aimed_at(make_gateway,
+                                                                           events, db):
+    """One source forging webhooks to two orgs' numbers within an interval was folded into one
+    summary (the called number was not part of the fold key), filed under the org of the first
+    folded request with the count of all of them: one tenant's audit log counted refusals aimed
+    at the other's numbers, and the other's showed nothing of them. The called number is now
+    part of the key, so each org's audit counts only what was aimed at its own numbers."""
+    await create_org(db, OTHER_ORG, "Globex")
+    await create_agent(db, OTHER_ORG, "Globex agent", AgentSettings(), agent_id="ag_globex")
+    await assign_number(db, OTHER_ORG, OTHER_NUMBER, "ag_globex")
+    clock = FrozenClock()
+    gateway = await make_gateway(clock=clock, gateway_signature_audit_interval_s=60)
+
+    await forged(gateway, 1)  # to Acme's number: audited at once under Acme
+    await events.wait("security.signature_rejected")
+    await forged(gateway, 3, To=OTHER_NUMBER)  # the same source, to Globex's number
+    await forged(gateway, 5)  # and more to Acme's: folded
+    clock.advance(61)
+    audited = await events.wait("security.signature_rejected", count=3)
+
+    per_org: dict[str, list[int]] = {}
+    for event in audited:
+        per_org.setdefault(event.org_id, []).append(event.count)
+    assert per_org == {ORG: [1, 5], OTHER_ORG: [1, 2]}
 
 
 async def test_refusals_from_more_sources_than_tracked_are_folded_together(make_gateway,
@@ -274,9 +306,11 @@ async def test_refusals_from_more_sources_than_tracked_are_folded_together(make_
         assert algorithm in (await response.json())["detail"]
 
     first, overflow = await events.wait("security.signature_rejected", count=2)
-    assert (first.reason, first.count) == ("invalid X-Twilio-Signature", 1)
+    assert (first.reason, first.count, first.org_id) == ("invalid X-Twilio-Signature", 1, ORG)
     assert "more sources than the audit tracks" in overflow.reason
     assert (overflow.remote, overflow.count) == ("", 1)
+    # the overflow folds requests aimed at any org's numbers: it is filed under none of them
+    assert overflow.org_id == "unknown"
     await asyncio.sleep(0.2)
     assert len(events.of("security.signature_rejected")) == 2
 

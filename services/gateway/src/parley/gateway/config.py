@@ -51,8 +51,9 @@ class GatewayConfig(CommonConfig, kw_only=True):
     # gateway_call_rate_per_s (0: no limit); over it, 429 with Retry-After and nothing dialled.
     gateway_call_rate_per_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     gateway_call_burst: Annotated[int, msgspec.Meta(ge=1)] = 50
-    # Refused signatures: one security.signature_rejected per (carrier, route, remote, reason)
-    # per interval, the rest folded into its count; keys tracked at once, the rest folded together.
+    # Refused signatures: one security.signature_rejected per (carrier, route, remote, reason,
+    # called number) per interval, the rest folded into its count; keys tracked at once, the
+    # rest folded together (under org "unknown").
     gateway_signature_audit_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
     gateway_signature_audit_max_sources: Annotated[int, msgspec.Meta(ge=1)] = 100
     outbox_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 0.5

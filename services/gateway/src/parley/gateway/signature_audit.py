@@ -5,16 +5,23 @@ good, so auditing each refused request would let them fill it (and each audit lo
 number up in Postgres). Every refusal is still answered 403 and counted
 (``parley_gateway_signature_rejections_total{carrier,path}``); the audit instead publishes
 ``security.signature_rejected`` for the first refusal of a (carrier, route, remote address,
-reason) at once and folds the ones that follow within ``gateway_signature_audit_interval_s``
-into one more event at the interval's end, whose ``count`` says how many it stands for. So a
-flood from one source is one event per interval carrying its size, and one stray refusal is
-still audited the moment it happens.
+reason, called number) at once and folds the ones that follow within
+``gateway_signature_audit_interval_s`` into one more event at the interval's end, whose
+``count`` says how many it stands for. So a flood from one source is one event per interval
+carrying its size, and one stray refusal is still audited the moment it happens.
+
+The called number is in the key because it names the org whose audit log gets the event
+(looked up once per event, not per refusal): refusals aimed at two orgs' numbers are never
+folded into one count filed under either. It is only what the forged request claimed, so an
+attacker can vary it; that merely makes more keys, which the bound below caps.
 
 At most ``gateway_signature_audit_max_sources`` keys are tracked at once; refusals of any other
-key while that many are (a flood from many addresses, or with made-up algorithm names) fold into
-one key per carrier and route with no remote address and :data:`OVERFLOW_REASON`. Worst case
-this is about ``max_sources`` + the overflow keys' events per interval and instance, whatever
-the flood's size. Pending counts are published at shutdown too.
+key while that many are (a flood from many addresses, to many numbers, or with made-up algorithm
+names) fold into one key per carrier and route with no remote address, no number and
+:data:`OVERFLOW_REASON`. Their org is :data:`UNKNOWN_ORG`, as for a number no org has: that
+count mixes requests aimed at anyone, so no org's log may show it. Worst case this is about
+``max_sources`` + the overflow keys' events per interval and instance, whatever the flood's
+size. Pending counts are published at shutdown too.
 """
 
 from __future__ import annotations
@@ -50,9 +57,9 @@ class Refusal:
     number: str = ""  # the called number it claimed (an unverified hint of the org)
 
     @property
-    def key(self) -> tuple[str, str, str, str]:
-        """What refusals are folded by."""
-        return (self.carrier, self.route, self.remote, self.reason)
+    def key(self) -> tuple[str, str, str, str, str]:
+        """What refusals are folded by (the number: never one org's refusals under another)."""
+        return (self.carrier, self.route, self.remote, self.reason, self.number)
 
 
 @dataclass(slots=True)
@@ -68,13 +75,13 @@ class RefusalFolder:
     def __init__(self, *, interval_s: float, max_sources: int) -> None:
         self.interval_s = interval_s
         self.max_sources = max_sources
-        self._windows: dict[tuple[str, str, str, str], _Window] = {}
+        self._windows: dict[tuple[str, str, str, str, str], _Window] = {}
 
     def admit(self, refusal: Refusal, now: datetime) -> Refusal | None:
         """The refusal to audit now (with count 1), or None when it was folded."""
         if refusal.key not in self._windows and len(self._windows) >= self.max_sources:
-            refusal = Refusal(refusal.carrier, refusal.route, refusal.path, "",
-                              OVERFLOW_REASON, refusal.number)
+            # No number either: this count mixes every org's, so it is filed under none.
+            refusal = Refusal(refusal.carrier, refusal.route, refusal.path, "", OVERFLOW_REASON)
         window = self._windows.get(refusal.key)
         if window is None:
             self._windows[refusal.key] = _Window(opened=now)

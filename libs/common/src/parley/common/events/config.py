@@ -82,8 +82,12 @@ class SecuritySignatureRejected(OrgEvent, frozen=True, kw_only=True,
     ``count`` is how many refused requests the event stands for. The gateway audits the first
     refusal from a source for a reason at once (``count`` 1) and folds the ones that follow
     within its interval into one more event at the interval's end, whose ``count`` says how
-    many it folded; ``path`` and ``org_id`` are then those of the first folded request. Events
-    recorded before this field existed decode as 1, which is what each of them stood for.
+    many it folded; ``path`` is then that of the first folded request. Requests are folded
+    only with others claiming the same called number, whose org is ``org_id``, so an org's
+    count is of refusals aimed at its own numbers; ``org_id`` is ``unknown`` for a number no
+    org has, and for the refusals folded together once the gateway tracks all it can (their
+    ``reason`` says so). Events recorded before this field existed decode as 1, which is what
+    each of them stood for.
     """
 
     path: str

@@ -7,7 +7,8 @@ The SDK's helper only accepts ``http(s)`` URLs, so a WebSocket upgrade (a GET) i
 the ``https://`` form of its ``wss://`` URL: same host, path and query, which is what the
 signature binds. A bad or missing signature is answered 403 (problem JSON), never processed,
 counted, and audited as ``security.signature_rejected`` (shared with Twilio's check, and
-bounded the same way: one event per source and reason per interval, carrying a count).
+bounded the same way: one event per source, reason and called number per interval, carrying
+a count).
 """
 
 from __future__ import annotations

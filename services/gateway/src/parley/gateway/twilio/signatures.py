@@ -5,8 +5,8 @@ configured public base URL plus the request's raw path and query, since the serv
 behind a TLS proxy and never sees that URL itself. WebSocket upgrades are signed over the
 ``wss://`` URL with no parameters and are checked before upgrading. A bad or missing signature
 is answered 403 (problem JSON), never processed, counted, and audited as
-``security.signature_rejected`` — at most one event per source and reason per interval, folding
-the rest into its count (:mod:`parley.gateway.signature_audit`).
+``security.signature_rejected`` — at most one event per source, reason and called number per
+interval, folding the rest into its count (:mod:`parley.gateway.signature_audit`).
 
 By default Twilio signs with the account's Auth Token (HMAC-SHA1). A request that matched a
 Webhook Rule whose Setting signs with a SharedKey carries ``X-Twilio-Webhooks-Signature-Settings:
