@@ -320,6 +320,22 @@ async def test_refusals_from_more_sources_than_tracked_are_folded_together(make_
     assert sum(e.count for e in audited) == 7
 
 
+def test_a_wall_clock_stepped_back_does_not_hold_folded_refusals_back():
+    """An interval ends once the wall clock is ``interval_s`` past its opening. When the clock
+    stepped back (an NTP correction, a VM restored), the opening was in the future, and the
+    folded refusals waited until the clock was back past it (an hour's step: an hour without
+    their audit). The interval now starts again at the step, and ends one interval later."""
+    clock = FrozenClock()
+    folder = RefusalFolder(interval_s=60, max_sources=10)
+    assert folder.admit(refusal_from("203.0.113.9"), clock()) is not None
+    assert folder.admit(refusal_from("203.0.113.9"), clock()) is None  # folded
+    clock.advance(-3600)  # NTP steps the clock back an hour
+    assert folder.due(clock()) == []
+    clock.advance(61)
+    assert [(refusal.remote, count) for refusal, count in folder.due(clock())] == [
+        ("203.0.113.9", 1)]
+
+
 # -- the audit's flushing task at shutdown ---------------------------------------------------
 
 

@@ -99,6 +99,10 @@ class RefusalFolder:
         """
         summaries: list[tuple[Refusal, int]] = []
         for key, window in list(self._windows.items()):
+            if now < window.opened:
+                # The wall clock stepped back (NTP, a VM restored): the interval starts again
+                # now, rather than ending only once the clock is back past its opening.
+                window.opened = now
             if not everything and (now - window.opened).total_seconds() < self.interval_s:
                 continue
             if window.first_folded is None:
