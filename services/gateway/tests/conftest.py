@@ -179,7 +179,8 @@ class Gateway:
 async def make_gateway(bus, database_url, configured):
     opened: list[Any] = []
 
-    async def make(*, rest: bool = False, clock=None, **overrides: Any) -> Gateway:
+    async def make(*, rest: bool = False, clock=None, shutdown_timeout: float = 60.0,
+                   **overrides: Any) -> Gateway:
         twilio_rest = None
         if rest:
             fake = FakeTwilioRest()
@@ -195,7 +196,10 @@ async def make_gateway(bus, database_url, configured):
         metrics = Metrics("gateway")
         options = {"clock": clock} if clock else {}
         app = create_app(config, bus=bus, metrics=metrics, twilio_rest=twilio_rest, **options)
-        client = TestClient(TestServer(app))
+        server = TestServer(app)
+        # the seconds the server gives requests in flight when it stops (__main__: 10)
+        await server.start_server(shutdown_timeout=shutdown_timeout)
+        client = TestClient(server)
         await client.start_server()
         opened.append(client)
         gateway = Gateway(client=client, app=app, config=config, metrics=metrics)

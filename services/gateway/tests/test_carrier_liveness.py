@@ -97,6 +97,46 @@ async def test_a_dead_socket_whose_call_twilio_reconnects_goes_on(make_gateway, 
     assert ended.reason == "caller_hangup"
 
 
+async def test_a_call_waiting_for_its_carrier_is_hung_up_when_the_gateway_stops(make_gateway,
+                                                                                events):
+    """A socket taken for dead waits gateway_carrier_reconnect_wait_s for the carrier to come
+    back, then hangs the call up. The wait was its request handler's: when the gateway stopped
+    during it, the server's shutdown cancelled the handler (or, the connection being gone,
+    never waited for it) and closed the pool and clients, and the call was never hung up: live
+    at the carrier, billed, until the carrier ended it. A stopping gateway now waits no
+    longer: it checks whether the carrier came back and, as it has not, hangs up before it
+    closes what that needs."""
+    gateway = await make_gateway(rest=True, shutdown_timeout=0.5,  # (__main__: 10)
+                                 **{**SILENT, "gateway_carrier_reconnect_wait_s": 60})
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    assert (await stream.closed(timeout=5))[0] == 4410
+    await asyncio.sleep(0.3)  # waiting for Twilio to come back through the reconnect URL
+    assert events.of("call.ended", call_id) == []
+
+    _, took = await elapsed(asyncio.wait_for(gateway.client.close(), 10))  # the gateway stops
+    assert took < 5
+    [ended] = events.of("call.ended", call_id) or await events.wait("call.ended", call_id)
+    assert ended.reason == "error"
+    assert gateway.rest_fake.updates == [(call_sid, {"Status": "completed"})]
+
+
+async def test_a_call_whose_carrier_came_back_is_not_hung_up_when_the_gateway_stops(
+        make_gateway, events):
+    """The same stop, once Twilio has asked the reconnect URL: the call is another socket's
+    (here, or on the instance Twilio reconnects to), and the stopping gateway leaves it be."""
+    gateway = await make_gateway(rest=True, **{**SILENT, "gateway_carrier_reconnect_wait_s": 60})
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    assert (await stream.closed(timeout=5))[0] == 4410
+    response = await gateway.post(f"/twilio/voice/reconnect?call_id={call_id}",
+                                  {"CallSid": call_sid})
+    assert ElementTree.fromstring(await response.text()).find("Connect") is not None
+
+    await asyncio.wait_for(gateway.client.close(), 10)
+    await asyncio.sleep(0.2)
+    assert events.of("call.ended", call_id) == []
+    assert gateway.rest_fake.updates == []
+
+
 async def test_a_streaming_socket_that_answers_pings_is_kept(make_gateway, events):
     gateway = await make_gateway(gateway_carrier_silence_s=0.5, gateway_carrier_ping_s=0.3,
                                  gateway_carrier_reconnect_wait_s=0.3)

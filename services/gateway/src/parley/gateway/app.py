@@ -80,6 +80,7 @@ def create_app(config: GatewayConfig, *, bus: Bus | None = None,
     app.cleanup_ctx.append(_pool_context(db_pool))
     app.cleanup_ctx.append(_signature_audit_context)  # after bus and pool: closed before them
     app.cleanup_ctx.append(_twilio_context(twilio_rest))
+    app.cleanup_ctx.append(_settling_context)  # last: closed before the clients it uses
     app.on_shutdown.append(_going_away)
     for add_routes in ROUTE_HOOKS:
         add_routes(app)
@@ -160,8 +161,19 @@ def _twilio_context(rest: TwilioCalls | None,
     return context
 
 
+async def _settling_context(app: web.Application) -> AsyncIterator[None]:
+    """At shutdown, the calls whose socket died are decided while bus, pool and REST are open."""
+    yield
+    await app[CALLS].settle_all()
+
+
 async def _going_away(app: web.Application) -> None:
-    """Close every carrier socket with 1001 so the carrier reconnects to another instance."""
+    """Close every carrier socket with 1001 so the carrier reconnects to another instance.
+
+    Calls whose socket died stop waiting for the carrier: they are decided now, while the
+    server still waits for their handlers.
+    """
+    app[CALLS].stopping.set()
     count = len(app[CALLS].sockets)
     if count:
         log.info("closing %d carrier sockets (going away)", count)

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Protocol
+import logging
+from collections.abc import Coroutine
+from typing import Any, Protocol
 
 from aiohttp import web
+
+log = logging.getLogger(__name__)
+
+# At shutdown, how long the calls whose socket died get to be hung up (a REST call: a second or
+# so) before the clients they need are closed. Inside the 30 s an orchestrator usually allows
+# a stopping process, after the 10 s the server gives requests in flight.
+SETTLE_AT_SHUTDOWN_S = 5.0
 
 
 class LiveCall(Protocol):
@@ -19,11 +28,43 @@ class LiveCall(Protocol):
 
 
 class CallRegistry:
-    """Which call each live session owns, and every open socket (closed on shutdown)."""
+    """The live calls, their sockets, and the calls whose socket died.
+
+    Which call each live session owns; every open socket (closed on shutdown); the calls whose
+    socket died, waiting for the carrier to reconnect (decided on shutdown).
+    """
 
     def __init__(self) -> None:
         self.sockets: set[web.WebSocketResponse] = set()
         self.calls: dict[str, LiveCall] = {}
+        self.stopping = asyncio.Event()  # the gateway is shutting down: wait for nothing
+        self.settling: set[asyncio.Task[None]] = set()
+
+    def settle(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Run what decides a call whose socket died, as a task the app's shutdown awaits.
+
+        Not its socket handler's: the server cancels that at shutdown, or forgets it when the
+        connection is lost, and the call would stay live at the carrier, billed.
+        """
+        task = asyncio.create_task(coro, name=name)
+        self.settling.add(task)
+        task.add_done_callback(self.settling.discard)
+        return task
+
+    async def settle_all(self, timeout_s: float = SETTLE_AT_SHUTDOWN_S) -> None:
+        """At shutdown: end the reconnect waits and let their calls be decided, bounded."""
+        self.stopping.set()
+        if not self.settling:
+            return
+        _, pending = await asyncio.wait(set(self.settling), timeout=timeout_s)
+        if not pending:
+            return
+        log.error("%d calls whose socket died not hung up within %gs of shutdown: they may "
+                  "stay live at the carrier", len(pending), timeout_s)
+        for task in pending:
+            task.cancel()
+        # A NATS call may swallow the cancellation (nats-py's flush does): wait only briefly.
+        await asyncio.wait(pending, timeout=1.0)
 
     def claim(self, call: LiveCall) -> LiveCall | None:
         """Make ``call`` the owner of its call id; returns the session it displaced."""

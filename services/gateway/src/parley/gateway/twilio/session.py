@@ -9,7 +9,7 @@ commands, enforces the agent's maximum duration and emits call.stream_started.
 A socket that dies without closing (:mod:`.liveness`) is closed as if the carrier had dropped
 it, so the carrier's reconnect URL can bring the call back to a new one; since a dead path may
 mean the carrier never learns of it, the call is hung up if it has not come back in
-``gateway_carrier_reconnect_wait_s``.
+``gateway_carrier_reconnect_wait_s`` (at once if the gateway stops first: then nothing would).
 """
 
 from __future__ import annotations
@@ -135,7 +135,10 @@ class TwilioSession:
             registry.sockets.discard(self.ws)
             live.labels(self.protocol).dec()
         if self.dead:
-            await self._end_unless_carrier_returns()
+            # A task of the app's, not of this handler: the server cancels or forgets handlers
+            # at shutdown, and the call must still be decided (the shutdown awaits it).
+            await asyncio.shield(self.app[CALLS].settle(
+                self._end_unless_carrier_returns(), f"{self.protocol}:reconnect-wait"))
 
     async def on_text(self, data: str) -> None:
         """Handle one text message (the protocol)."""
@@ -352,13 +355,16 @@ class TwilioSession:
 
         A carrier whose own end is still open (a stuck proxy between us) never asks the
         reconnect URL, and the caller would hear nothing until max_duration_s; this socket's
-        max-duration timer went with it.
+        max-duration timer went with it. A gateway that stops waits no longer: once it is
+        gone, nothing would hang the call up.
         """
         call = self.call
         if call is None or self.redirecting:
             return
         wait = self.config.gateway_carrier_reconnect_wait_s
-        await asyncio.sleep(wait)
+        stopping = self.app[CALLS].stopping
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), wait)
         async with self.pool.connection() as conn:
             now = await find_by_call_id(conn, call.call_id)
             reconnects = await count_milestones(conn, call.call_id, "reconnect:")
@@ -366,8 +372,13 @@ class TwilioSession:
             log.info("call %s: %s after its socket died (%s)", call.call_id,
                      "reconnected" if reconnects > self._reconnects else "ended", self.dead)
             return
-        log.warning("call %s: the carrier did not come back within %gs of its socket dying "
-                    "(%s); hanging up", call.call_id, wait, self.dead)
+        if stopping.is_set():
+            log.warning("call %s: the gateway is stopping and the carrier has not come back "
+                        "since the call's socket died (%s); hanging up now", call.call_id,
+                        self.dead)
+        else:
+            log.warning("call %s: the carrier did not come back within %gs of its socket "
+                        "dying (%s); hanging up", call.call_id, wait, self.dead)
         try:
             await self.hangup("error")
         except Exception:
