@@ -97,6 +97,24 @@ async def test_a_dead_socket_whose_call_twilio_reconnects_goes_on(make_gateway, 
     assert ended.reason == "caller_hangup"
 
 
+async def test_a_reconnect_wait_of_zero_hangs_up_at_once(make_gateway, events):
+    """PARLEY_GATEWAY_CARRIER_RECONNECT_WAIT_S=0 is no wait, not a check turned off (README had
+    said "0: check off" for all three dead-socket settings; it is so only for the ping and the
+    silence): the call of a socket taken for dead is hung up at once, at Twilio too, and a
+    reconnect Twilio asks for after that is answered <Hangup/>."""
+    gateway = await make_gateway(rest=True, gateway_carrier_silence_s=0.5,
+                                 gateway_carrier_ping_s=0, gateway_carrier_reconnect_wait_s=0)
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    assert (await stream.closed(timeout=5))[0] == 4410
+    [ended], took = await elapsed(events.wait("call.ended", call_id, timeout=5))
+    assert ended.reason == "error" and took < 0.5
+    await wait_for(lambda: gateway.rest_fake.updates)
+    assert gateway.rest_fake.updates == [(call_sid, {"Status": "completed"})]
+    response = await gateway.post(f"/twilio/voice/reconnect?call_id={call_id}",
+                                  {"CallSid": call_sid})
+    assert ElementTree.fromstring(await response.text()).find("Hangup") is not None
+
+
 async def test_a_call_waiting_for_its_carrier_is_hung_up_when_the_gateway_stops(make_gateway,
                                                                                 events):
     """A socket taken for dead waits gateway_carrier_reconnect_wait_s for the carrier to come

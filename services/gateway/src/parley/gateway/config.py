@@ -40,7 +40,8 @@ class GatewayConfig(CommonConfig, kw_only=True):
     # Twilio Media Streams / Plivo streams (audio all call long) are also dead after
     # gateway_carrier_silence_s without a message, pongs or not. A dead socket is closed; if the
     # carrier has not come back through the reconnect URL gateway_carrier_reconnect_wait_s
-    # later, the call is hung up (call.ended reason error). 0 turns a check off (the wait: none).
+    # later, the call is hung up (call.ended reason error). 0 turns a check off; a wait of 0
+    # is no wait: the call is hung up at once.
     gateway_carrier_ping_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0
     gateway_carrier_silence_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     gateway_carrier_reconnect_wait_s: Annotated[float, msgspec.Meta(ge=0)] = 15.0
