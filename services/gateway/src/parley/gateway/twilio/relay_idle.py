@@ -17,7 +17,9 @@ What counts as going on, so not as the caller's silence:
 
 Caller speech, a prompt, a key press, an interruption, and agent text other than an idle turn's
 (``i<n>``) start the silence over. A reconnected socket reads the call's past events first, so
-the count of idle turns, and a silence a previous socket had counted, go on.
+the count of idle turns goes on, and so does the silence as far as the last ``caller.idle``
+counted it (its ``silent_s``); what a previous socket counted after that, which no event
+records, is lost: the count resumes from ``silent_s`` (from 0 if anyone has spoken since).
 """
 
 from __future__ import annotations
