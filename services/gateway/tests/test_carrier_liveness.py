@@ -156,17 +156,41 @@ async def test_a_call_whose_carrier_came_back_is_not_hung_up_when_the_gateway_st
 
 
 async def test_a_streaming_socket_that_answers_pings_is_kept(make_gateway, events):
-    gateway = await make_gateway(gateway_carrier_silence_s=0.5, gateway_carrier_ping_s=0.3,
+    """A media stream whose audio pauses for longer than the ping interval (but less than the
+    silence limit) is pinged in each pause, answers, and is kept: the pong is what proves it
+    alive. (This test used to stream every 0.1 s with pings due after 0.3 s of quiet, so no
+    ping was ever sent.)"""
+    gateway = await make_gateway(gateway_carrier_silence_s=1.0, gateway_carrier_ping_s=0.3,
                                  gateway_carrier_reconnect_wait_s=0.3)
-    stream, call_sid, call_id = await started_stream(gateway, events)
-    reader = asyncio.create_task(stream.closed(timeout=10))  # reads, so it answers pings
+    call_sid, call_id, _ = await gateway.inbound_call()
+    stream = StreamClient(await gateway.ws(autoping=False))  # pongs counted, sent by hand
+    await stream.connected()
+    await stream.start(call_sid, call_id)
+    await events.wait("call.stream_started", call_id)
+    pings: list[bytes] = []
+
+    async def answer_pings() -> tuple[int | None, str]:
+        while True:
+            msg = await stream.ws.receive()
+            if msg.type is WSMsgType.PING:
+                pings.append(msg.data)
+                await stream.ws.pong(msg.data)
+            elif msg.type is WSMsgType.CLOSE:
+                return msg.data, msg.extra or ""
+            elif msg.type in (WSMsgType.CLOSED, WSMsgType.ERROR):
+                return stream.ws.close_code, ""
+
+    reader = asyncio.create_task(answer_pings())
     try:
-        for _ in range(20):  # 2 s: four silence limits, six ping intervals
-            await stream.media(b"\xff" * 160)
-            await asyncio.sleep(0.1)
+        for _ in range(4):  # 2.4 s in all: bursts of audio, then a pause longer than ping_s
+            for _ in range(5):
+                await stream.media(b"\xff" * 160)
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.5)
+        assert len(pings) >= 3  # one a pause, each answered
         assert not reader.done() and call_id in live_calls(gateway)
         await stream.stop(call_sid)
-        assert await reader == (1000, "stream stopped")
+        assert await asyncio.wait_for(reader, 5) == (1000, "stream stopped")
     finally:
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
