@@ -280,7 +280,7 @@ class RelaySession(TwilioSession):
             self.idle.caller_active()
 
     async def _watch_idle(self) -> None:
-        """Read the call's past (a reconnect goes on counting), then tick the idle clock."""
+        """Read the call's past (a reconnect goes on with its idle turns), then tick the clock."""
         idle, call = self.idle, self.call
         assert idle is not None and call is not None and self.agent is not None
         past = await self._past_events()
