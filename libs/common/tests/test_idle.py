@@ -154,3 +154,22 @@ def test_the_last_words_of_a_second_refused_hand_off_are_not_its_follow_up() -> 
     assert state.unanswered == "turn_a"  # turn_a.2 ("I can't transfer you now…") is owed
     state.observe(_ev(AgentSpeechFinished, turn_id="turn_a.1"))  # the second hand-off's words
     assert state.unanswered == "turn_a", "turn_a.2 is still being written"
+
+
+def test_a_turn_detected_again_after_a_take_over_is_not_pending_again() -> None:
+    """A successor that took the call over within a second of a turn's end resumes before it
+    (the lease lags the events) and detects the turn again, under the same id. Its catch-up
+    had read the turn's completion; the repeat made the turn pending again, and as JetStream
+    drops the repeated turn.user_ended no completion ever came: no idle handling until the
+    caller spoke."""
+    from parley.common.events import TurnCompleted, TurnUserEnded
+    from parley.common.idle import IdleState
+
+    state = IdleState(IdleSettings())
+    state.observe(_ev(TurnUserEnded, turn_id="t4", text="Thanks.", reason="silence"))
+    state.observe(_ev(TurnCompleted, turn_id="t4"))
+    assert state.unanswered == ""
+    state.awaiting("t4")  # detected again, live
+    assert state.unanswered == ""
+    state.awaiting("t5")
+    assert state.unanswered == "t5"

@@ -137,7 +137,14 @@ class IdleState:
         return number, f"i{number}"
 
     def awaiting(self, turn_id: str) -> None:
-        """The caller turn ``turn_id`` ended: pending until the brain has answered it."""
+        """The caller turn ``turn_id`` ended: pending until the brain has answered it.
+
+        Once per turn: a successor that took the call over just after the turn ended detects it
+        again from its resume point (the lease lags the events by up to a second), under the
+        same id; JetStream drops that repeat, so no second completion comes to end it.
+        """
+        if turn_id == self.latest:
+            return
         self.unanswered, self.latest, self._owed = turn_id, turn_id, 1
         self._failed.clear()
 
