@@ -211,3 +211,20 @@ async def test_a_socket_that_cannot_read_the_calls_past_counts_no_idle(
     assert events.of("caller.idle", call_id) == []
     assert "no idle handling on this socket" in caplog.text
     assert not ws.closed
+
+
+async def test_a_socket_the_call_has_left_counts_no_more(gateway, make_gateway, events, db):
+    """A call reconnected to a socket on another instance while the old one, its peer gone
+    without a close, is not yet taken for dead (10-15 s): the old socket's idle clock ran on,
+    blind to the caller speaking on the new one, and prompted them mid-sentence."""
+    await quick_idle(db)
+    old, call_sid, call_id = await setup(gateway, events)
+    other = await make_gateway()  # another instance
+    new = await connect(other, events, call_sid, call_id, session="2")
+    await info(new, "clientSpeaking", "on")  # the caller talks on and on
+    await asyncio.sleep(PROMPT_S + 1.0)
+    assert events.of("caller.idle", call_id) == []
+    assert not old.closed  # still open on the first instance
+    await info(new, "clientSpeaking", "off")
+    [prompt] = await events.wait("caller.idle", call_id, timeout=3)  # the new socket's
+    assert prompt.turn_id == "i0"

@@ -236,6 +236,11 @@ class RelaySession(TwilioSession):
 
     async def _on_event(self, event: Event) -> None:
         if self.idle is not None:
+            if isinstance(event, CallStreamStarted) and event.stream_id != self.stream_id:
+                # The call went on on a newer socket (a reconnect, perhaps to another instance,
+                # while this one is not yet taken for dead): its silence is that one's to count.
+                # This one cannot hear the caller any more and would prompt them mid-sentence.
+                self.idle.ended = True
             if self._idle_backlog is not None:
                 self._idle_backlog.append(event)
             else:
