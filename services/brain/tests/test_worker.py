@@ -256,3 +256,30 @@ def test_clauses_stored_after_the_interruption_are_not_heard_text() -> None:
                                           text="What are your hours on Saturday?",
                                           revises="t1")])
     assert [m.text for m in unanswered.llm_messages()] == ["What are your hours on Saturday?"]
+
+
+async def test_a_turn_with_no_words_is_completed_without_asking_the_model(
+        bus, pool, emulator, recorder) -> None:
+    """A turn.user_ended whose text is blank (an older ConversationRelay bridge made one from a
+    prompt of nothing) was answered: its blank message left out, the request ended with the
+    agent's last words, which Anthropic takes as a prefill to go on with (newer models refuse
+    it). It is now completed at once, nothing said, no model asked."""
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(services(bus, pool, [llm]))
+    await worker.start()
+    try:
+        await open_call(bus, "c-blank")
+        await recorder.wait("agent.say", "c-blank")  # the greeting
+        await user_says(bus, "c-blank", "t1", "  ")
+        done, = await recorder.wait("turn.completed", "c-blank")
+        assert done.turn_id == "t1" and not done.cancelled
+        assert [e.turn_id for e in recorder.of("agent.say", "c-blank")] == ["t0"]
+        assert emulator.requests == []
+        emulator.script(ScriptedReply(text="We open at eight."))
+        await user_says(bus, "c-blank", "t2", "When do you open?")  # the call goes on
+        await recorder.wait("turn.completed", "c-blank", count=2)
+        assert emulator.requests[-1]["messages"][-1] == {"role": "user",
+                                                         "content": "When do you open?"}
+    finally:
+        await worker.stop()
+        await llm.aclose()

@@ -521,6 +521,14 @@ class BrainWorker:
             turn = conversation.turn(event.turn_id)
             if turn.completed or turn.spoken_last or turn.interrupted or turn.tools:
                 return  # already answered (a redelivery) or continued through its tools
+            if not event.text.strip():
+                # No words (media makes no such turn; an older relay did): nothing to answer,
+                # and asked to, the model would go on with its last reply (Anthropic reads a
+                # request ending with the agent's words as a prefill). Completed, said nothing.
+                log.warning("call %s: turn %s has no words; not answered", call_id,
+                            event.turn_id)
+                await self._completed(conversation, event.turn_id, event)
+                return
             await self._run(conversation, event.turn_id, event, msg, final_text=event.text)
         elif isinstance(event, ToolCompleted | ToolFailed | ToolDenied):
             owner = next((t for t in conversation.turns.values()
