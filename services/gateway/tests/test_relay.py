@@ -40,6 +40,10 @@ async def test_relay_session_bridges_prompts_speech_and_interrupts(gateway, even
     assert turn.text == "I want to book a table." and turn.reason == "prompt"
     [final] = events.of("transcript.final", call_id)
     assert final.text == turn.text
+    # The partial prompt is the turn's partial transcript (the brain warms up from it).
+    [partial] = events.of("transcript.partial", call_id)
+    assert partial.text == "I want to"
+    assert partial.utterance_id == final.utterance_id == turn.turn_id
 
     for seq, (text, last) in enumerate([("Sure.", False), ("For how many people?", True)]):
         await bus.publish(AgentSay(org_id=ORG, call_id=call_id, turn_id="turn_a", seq=seq,

@@ -228,3 +228,20 @@ async def test_a_socket_the_call_has_left_counts_no_more(gateway, make_gateway, 
     await info(new, "clientSpeaking", "off")
     [prompt] = await events.wait("caller.idle", call_id, timeout=3)  # the new socket's
     assert prompt.turn_id == "i0"
+
+
+async def test_a_caller_telling_a_long_story_is_not_asked_whether_they_are_there(
+        gateway, events, db):
+    """The relay heard nothing of a caller mid-utterance but clientSpeaking, if Twilio sends it:
+    without, a story longer than idle_prompt_s got "Are you still there?" over it. The TwiML
+    asks for partial prompts, and each starts the silence over."""
+    await quick_idle(db)
+    ws, _, call_id = await setup(gateway, events)
+    words = "So the thing is, last week I came in and"
+    for count in range(1, 9):  # 8 × 0.2 s of talking, longer than the prompt's 0.6 s
+        await send(ws, {"type": "prompt", "voicePrompt": " ".join(words.split()[:count]),
+                        "lang": "en-US", "last": False})
+        await asyncio.sleep(0.2)
+    assert events.of("caller.idle", call_id) == []
+    partials = events.of("transcript.partial", call_id)
+    assert partials and len({p.utterance_id for p in partials}) == 1

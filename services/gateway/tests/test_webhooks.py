@@ -58,6 +58,7 @@ async def test_inbound_managed_twiml_uses_conversation_relay(gateway, events):
     assert relay.get("interruptSensitivity") == "high"
     # what tells the relay a turn has played out (agent.speech.finished)
     assert relay.get("events") == "speaker-events tokens-played"
+    assert relay.get("partialPrompts") == "true"  # the caller's words as they speak
     params = {p.get("name"): p.get("value") for p in relay.iter("Parameter")}
     assert params == {"call_id": call_id, "org_id": ORG, "agent_id": MANAGED_AGENT}
     assert root.find("./Connect").get("action").endswith(f"reconnect?call_id={call_id}")

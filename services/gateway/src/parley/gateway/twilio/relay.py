@@ -32,6 +32,7 @@ from parley.common.events import (
     CallStreamStarted,
     Event,
     TranscriptFinal,
+    TranscriptPartial,
     TurnUserEnded,
     is_token,
     uuid7,
@@ -150,6 +151,7 @@ class RelaySession(TwilioSession):
         self._turn_has_text = False
         self.playback = RelayPlayback()
         self.stream_id = ""  # Twilio's sessionId
+        self._utterance_id = ""  # the caller turn being spoken (from its first partial prompt)
         self.idle: RelayIdle | None = None  # once attached, if the agent has idle timers on
         self._outbox = Outbox(self.bus, name="relay idle")
         self._idle_backlog: list[Event] | None = []  # live events held while the past is read
@@ -175,7 +177,8 @@ class RelaySession(TwilioSession):
         match message:
             case Prompt(last=True):
                 self._caller_active()
-                turn_id, text = f"turn_{uuid7().hex}", clean_text(message.voice_prompt)
+                turn_id, text = self._utterance(), clean_text(message.voice_prompt)
+                self._utterance_id = ""
                 if not text.strip():
                     # Nothing recognised: no turn (the model would be asked to answer nothing,
                     # and Anthropic refuses a blank message).
@@ -187,7 +190,14 @@ class RelaySession(TwilioSession):
                 await self.publish(TurnUserEnded(org_id=org_id, call_id=call_id,
                                                  turn_id=turn_id, text=text, reason="prompt"))
             case Prompt():
-                self._caller_active()  # partial prompts: the final one carries the utterance
+                # What the caller has said so far (partialPrompts): the brain warms the turn's
+                # context up from it, as from media's partials. The final carries it all.
+                self._caller_active()
+                text = clean_text(message.voice_prompt)
+                if text.strip():
+                    await self.publish(TranscriptPartial(
+                        org_id=org_id, call_id=call_id, text=text,
+                        utterance_id=self._utterance()))
             case Interrupt():
                 # Not necessarily the last turn sent: what follows a failed hand-off (t3.1) can
                 # be queued behind the turn Twilio is saying, the one what the caller heard
@@ -277,6 +287,12 @@ class RelaySession(TwilioSession):
             await self.publish(AgentSpeechFinished(
                 id=uuid.uuid5(_ID_NAMESPACE, f"{self.call_id}/agent.speech.finished/{turn_id}"),
                 org_id=self.call.org_id, call_id=self.call_id, turn_id=turn_id))
+
+    def _utterance(self) -> str:
+        """The id of the caller turn being spoken: its partials', its final's, the turn's."""
+        if not self._utterance_id:
+            self._utterance_id = f"turn_{uuid7().hex}"
+        return self._utterance_id
 
     # -- the idle caller ---------------------------------------------------------------------
 

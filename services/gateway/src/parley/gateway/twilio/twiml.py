@@ -44,6 +44,9 @@ def connect_twiml(config: GatewayConfig, settings: AgentSettings, *, call_id: st
             interruptible=settings.interruption_mode,
             interrupt_sensitivity=settings.interruption_sensitivity,
             dtmf_detection=True,
+            # the caller's words as they speak (transcript.partial): the brain's warm-up starts
+            # before the turn ends, and the idle clock knows the caller is talking
+            partial_prompts=True,
             # info messages: the text it played and when its speech stops, which is how the
             # relay knows a turn has played out (agent.speech.finished; see relay_playback)
             events="speaker-events tokens-played",
