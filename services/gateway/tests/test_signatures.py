@@ -340,16 +340,19 @@ def test_a_wall_clock_stepped_back_does_not_hold_folded_refusals_back():
 
 
 class AckingBus:
-    """Publishes wait for their ack with ``asyncio.wait_for``, as nats-py's JetStream publish
-    does, while ``hold`` is set; the test resolves (or not) the ack."""
+    """The real bus, whose publishes then wait for a second ack with ``asyncio.wait_for`` (as
+    nats-py's JetStream publish waits for its own) while ``hold`` is set: the test resolves (or
+    not) that ack, to land a cancellation exactly where the race is."""
 
-    def __init__(self) -> None:
+    def __init__(self, bus: Any) -> None:
+        self.bus = bus
         self.hold = False
         self.pending: asyncio.Future[None] | None = None
         self.published: list[Any] = []
         self.waiting = asyncio.Event()
 
     async def publish(self, event: Any) -> None:
+        await self.bus.publish(event)  # stored in JetStream for real
         self.published.append(event)
         if not self.hold:
             return
@@ -369,47 +372,47 @@ def refusal_from(remote: str) -> Refusal:
                    reason="invalid X-Twilio-Signature")
 
 
-async def test_the_audit_task_stops_when_a_publish_swallowed_its_cancellation():
+async def test_the_audit_task_stops_when_a_publish_swallowed_its_cancellation(bus):
     """The gateway's shutdown cancels the audit's flushing task and waits for it. On Python
     3.11 ``asyncio.wait_for`` (which nats-py's publish ack and flush use) returns the result
     instead of raising when the cancellation lands in the iteration its future resolves: the
     CancelledError was swallowed, the task slept and flushed on for good, and the shutdown
     hung. The task now stops at a cancellation requested of it, swallowed or not."""
-    bus, clock = AckingBus(), FrozenClock()
-    audit = bus_audit(bus, clock)
+    held, clock = AckingBus(bus), FrozenClock()
+    audit = bus_audit(held, clock)
     await audit.refused(refusal_from("203.0.113.9"))  # audited at once
     await audit.refused(refusal_from("203.0.113.9"))  # folded
     clock.advance(60)
-    bus.hold = True
+    held.hold = True
     task = asyncio.create_task(audit.run(), name="signature-audit")
-    await bus.waiting.wait()  # publishing the folded count
-    assert bus.pending is not None
-    bus.pending.set_result(None)  # the ack arrives ...
+    await held.waiting.wait()  # publishing the folded count
+    assert held.pending is not None
+    held.pending.set_result(None)  # the ack arrives ...
     task.cancel()  # ... as the gateway shuts down
     with contextlib.suppress(asyncio.CancelledError):
         await asyncio.wait_for(asyncio.shield(task), 3.0)  # TimeoutError: it ran on
     assert task.done()
-    assert [e.count for e in bus.published] == [1, 1]
+    assert [e.count for e in held.published] == [1, 1]
 
 
-async def test_a_flush_cut_short_at_shutdown_leaves_the_rest_to_the_last_flush():
+async def test_a_flush_cut_short_at_shutdown_leaves_the_rest_to_the_last_flush(bus):
     """A flush that is cancelled while publishing one folded count (the gateway shutting down)
     had taken every due count out of the audit: the ones after it were lost, and the last
     flush at shutdown found nothing. They are now folded back in, and that flush publishes
     them."""
-    bus, clock = AckingBus(), FrozenClock()
-    audit = bus_audit(bus, clock)
+    held, clock = AckingBus(bus), FrozenClock()
+    audit = bus_audit(held, clock)
     for remote in ("203.0.113.9", "203.0.113.10"):
         for _ in range(3):  # one audited at once, two folded
             await audit.refused(refusal_from(remote))
     clock.advance(60)
-    bus.hold = True
+    held.hold = True
     task = asyncio.create_task(audit.run(), name="signature-audit")
-    await bus.waiting.wait()  # publishing the first folded count; its ack never comes
+    await held.waiting.wait()  # publishing the first folded count; its ack never comes
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    bus.hold = False
+    held.hold = False
     await audit.flush(everything=True)  # as the gateway's shutdown does next
-    assert [(e.remote, e.count) for e in bus.published] == [
+    assert [(e.remote, e.count) for e in held.published] == [
         ("203.0.113.9", 1), ("203.0.113.10", 1), ("203.0.113.9", 2), ("203.0.113.10", 2)]
