@@ -22,7 +22,7 @@ from typing import ClassVar, Literal
 import msgspec
 from aiohttp import web
 
-from parley.common.bus import Outbox, call_events
+from parley.common.bus import Outbox
 from parley.common.events import (
     AgentSay,
     AgentSpeechFinished,
@@ -341,8 +341,7 @@ class RelaySession(TwilioSession):
         try:
             async for attempt in retry_policy(attempts=3, initial=0.2, maximum=1.0):
                 with attempt:
-                    return [event async for _, event in self.bus.replay(
-                        call_events(self.call_id, self.call.org_id))]
+                    return await self.bus.replay_call(self.call_id, org_id=self.call.org_id)
         except Exception:
             log.exception("call %s: reading the call's events failed", self.call_id)
         return None
