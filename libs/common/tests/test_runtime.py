@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from parley.common.runtime import cancel_and_wait, run_service
+from parley.common.runtime import cancel_and_wait, raise_if_cancelled, run_service
 
 SERVICE = textwrap.dedent(
     """
@@ -212,3 +212,26 @@ def test_without_the_privilege_the_service_says_so_and_carries_on() -> None:
     assert out == f"[{base}, {base}] [{base}]"
     assert f"running at nice {base}, not -5 (PARLEY_NICE)" in err
     assert "CAP_SYS_NICE" in err
+
+
+async def test_raise_if_cancelled_stops_a_loop_whose_cancel_was_swallowed() -> None:
+    """nats-py's flush swallows a CancelledError: a loop that calls it never sees the cancel
+    and runs on, holding up whoever awaits it, unless it checks once a round."""
+    rounds = 0
+
+    async def loop() -> None:
+        nonlocal rounds
+        while True:
+            raise_if_cancelled()
+            rounds += 1
+            try:
+                await asyncio.sleep(0.01)  # a NATS call...
+            except asyncio.CancelledError:
+                pass  # ...that swallows the cancel
+
+    task = asyncio.create_task(loop())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=1.0)
+    assert task in done and task.cancelled()
+    assert rounds > 1

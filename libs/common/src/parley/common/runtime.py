@@ -28,8 +28,8 @@ from typing import Any, TypeVar
 
 from .config import ConfigError
 
-__all__ = ["cancel_and_wait", "event_loop_kind", "new_event_loop", "run", "run_service",
-           "set_niceness"]
+__all__ = ["cancel_and_wait", "event_loop_kind", "new_event_loop", "raise_if_cancelled", "run",
+           "run_service", "set_niceness"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,18 @@ async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
         current = asyncio.current_task()
         if current is not None and current.cancelling():
             raise  # the caller was cancelled, not (only) the task
+
+
+def raise_if_cancelled() -> None:
+    """Raise CancelledError if the current task has been asked to stop.
+
+    For loops that call NATS, once a round: nats-py's flush and ack waits can swallow a
+    CancelledError, and a loop that never saw it would run on and hold up whoever awaits it
+    (a session's teardown, the gateway's shutdown).
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def set_niceness(nice: int) -> None:

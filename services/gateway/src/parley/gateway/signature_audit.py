@@ -38,6 +38,7 @@ from psycopg_pool import AsyncConnectionPool
 from parley.common.bus import Bus
 from parley.common.configuration import find_number
 from parley.common.events import SecuritySignatureRejected, is_token
+from parley.common.runtime import raise_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -139,12 +140,8 @@ class SignatureAudit:
     async def run(self) -> None:
         """Publish folded counts as their intervals end, until cancelled."""
         period = min(self.folder.interval_s, 1.0)
-        task = asyncio.current_task()
         while True:
-            if task is not None and task.cancelling():
-                # Cancelled during a publish that swallowed it (nats-py's ack and flush waits
-                # can): going on would hold the gateway's shutdown up for good.
-                raise asyncio.CancelledError
+            raise_if_cancelled()  # (a publish may have swallowed the shutdown's cancel)
             await asyncio.sleep(period)
             await self.flush()
 

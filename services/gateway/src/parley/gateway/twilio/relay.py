@@ -39,6 +39,7 @@ from parley.common.events import (
 )
 from parley.common.idle import Action
 from parley.common.resilience import retry_policy
+from parley.common.runtime import raise_if_cancelled
 
 from ..close_codes import CloseCode, ProtocolViolation, clean_text
 from ..commands import CommandError
@@ -324,12 +325,8 @@ class RelaySession(TwilioSession):
                 idle.observe(event)
         if not reconnected:
             idle.agent_text(GREETING_TURN, self.agent.settings.greeting)  # welcomeGreeting
-        task = asyncio.current_task()
         while not idle.ended:
-            if task is not None and task.cancelling():
-                # The teardown cancelled this task during a NATS call that swallowed it
-                # (nats-py's flush does): ticking on would hold the teardown up for good.
-                raise asyncio.CancelledError
+            raise_if_cancelled()  # (a NATS call may have swallowed the teardown's cancel)
             await asyncio.sleep(TICK_S)
             action = idle.tick()
             if action is not None:
