@@ -46,6 +46,11 @@ class AgentSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         "Are you still there?")
     idle_goodbye: Annotated[str, msgspec.Meta(max_length=500, pattern=r"\S")] = (
         "I haven't heard anything for a while, so I'll end the call now. Goodbye!")
+    # Key presses as caller input (parley.common.keypad): a turn of keys ends this long after
+    # the last key, or at once on the end key ("" none). Off: keys only interrupt (mode dtmf).
+    keypad_input: bool = True
+    keypad_timeout_ms: Annotated[int, msgspec.Meta(ge=300, le=10000)] = 2000
+    keypad_end_key: Literal["#", "*", ""] = "#"
     machine_policy: MachinePolicy = "hangup"
     voicemail_message: str = ""
     record: bool = True
