@@ -2,6 +2,7 @@ import asyncio
 
 import msgspec
 
+from parley.common.configuration import update_agent
 from parley.common.events import AgentSay
 
 from .conftest import CALLER, MANAGED_AGENT, MANAGED_NUMBER, ORG, closed, wait_for
@@ -275,3 +276,76 @@ async def test_an_empty_prompt_makes_no_turn(gateway, events, bus):
     await asyncio.sleep(0.1)
     assert [t.text for t in events.of("turn.user_ended", call_id)] == ["Hello?"]
     assert [f.text for f in events.of("transcript.final", call_id)] == ["Hello?"]
+
+
+# -- keys typed: a caller turn (parley.common.keypad) ------------------------------------------
+# Before, a key press on a managed call was only call.dtmf: "enter your order number, then
+# press pound" got no answer, as the brain never heard the keys.
+
+async def press(ws, events, call_id: str, keys: str) -> None:
+    """The caller types ``keys``; returns once the relay has published each as call.dtmf."""
+    count = len(events.of("call.dtmf", call_id))
+    for key in keys:
+        await send(ws, {"type": "dtmf", "digit": key})
+    await events.wait("call.dtmf", call_id, count=count + len(keys))
+
+
+async def test_keys_typed_become_a_caller_turn_once_the_caller_stops(gateway, events, db):
+    await update_agent(db, ORG, MANAGED_AGENT, {"keypad_timeout_ms": 300})
+    ws, _, call_id = await setup_relay(gateway, events)
+    loop = asyncio.get_running_loop()
+    await press(ws, events, call_id, "1")
+    await asyncio.sleep(0.2)  # within the timeout: the next key moves the turn's end on
+    await press(ws, events, call_id, "2")
+    last_key = loop.time()
+    [turn] = await events.wait("turn.user_ended", call_id, timeout=3)
+    assert loop.time() - last_key >= 0.3
+    assert turn.text == "12" and turn.reason == "dtmf" and turn.turn_id.startswith("turn_")
+    assert [d.digit for d in events.of("call.dtmf", call_id)] == ["1", "2"]
+    assert events.of("transcript.final", call_id) == []  # keys are not speech
+
+    # The next keys are a turn of their own.
+    await press(ws, events, call_id, "7")
+    [_, second] = await events.wait("turn.user_ended", call_id, count=2, timeout=3)
+    assert second.text == "7" and second.turn_id != turn.turn_id
+
+
+async def test_the_end_key_ends_the_keys_turn_at_once(gateway, events):
+    ws, _, call_id = await setup_relay(gateway, events)  # keypad_timeout_ms 2000, end key #
+    await press(ws, events, call_id, "12#")
+    [turn] = await events.wait("turn.user_ended", call_id, timeout=1)
+    assert turn.text == "12#" and turn.reason == "dtmf"
+
+
+async def test_keypad_input_off_keys_are_no_turn_but_still_call_dtmf(gateway, events, db):
+    await update_agent(db, ORG, MANAGED_AGENT, {"keypad_timeout_ms": 300})
+    ws, _, call_id = await setup_relay(gateway, events)
+    await press(ws, events, call_id, "12")
+    await events.wait("turn.user_ended", call_id, timeout=3)  # input on: the keys are a turn
+
+    await update_agent(db, ORG, MANAGED_AGENT, {"keypad_input": False})
+    ws, _, call_id = await setup_relay(gateway, events)  # the next call: input off
+    await press(ws, events, call_id, "12#")
+    await asyncio.sleep(0.6)
+    assert events.of("turn.user_ended", call_id) == []
+    assert [d.digit for d in events.of("call.dtmf", call_id)] == ["1", "2", "#"]
+
+
+async def test_keys_pending_when_the_call_ends_or_the_socket_closes_make_no_turn(
+        gateway, events, bus, db):
+    await update_agent(db, ORG, MANAGED_AGENT, {"keypad_timeout_ms": 300})
+    ws, _, call_id = await setup_relay(gateway, events)
+    await press(ws, events, call_id, "1#")
+    await events.wait("turn.user_ended", call_id)
+    await press(ws, events, call_id, "2")
+    assert await request(bus, call_id, "hangup") == {"ok": True}
+    await events.wait("call.ended", call_id)
+    await press(ws, events, call_id, "3")  # the socket outlives the call until Twilio closes it
+    await asyncio.sleep(0.6)
+    assert [t.text for t in events.of("turn.user_ended", call_id)] == ["1#"]
+
+    ws, _, call_id = await setup_relay(gateway, events)  # another call
+    await press(ws, events, call_id, "4")
+    await ws.close()
+    await asyncio.sleep(0.6)
+    assert events.of("turn.user_ended", call_id) == []

@@ -245,3 +245,21 @@ async def test_a_caller_telling_a_long_story_is_not_asked_whether_they_are_there
     assert events.of("caller.idle", call_id) == []
     partials = events.of("transcript.partial", call_id)
     assert partials and len({p.utterance_id for p in partials}) == 1
+
+
+async def test_a_keys_turn_waits_for_its_answer_as_a_spoken_one_does(gateway, events, bus, db):
+    """The keys a caller types are a caller turn: no "Are you still there?" while the brain
+    looks their order number up."""
+    await update_agent(db, ORG, MANAGED_AGENT, {"idle_prompt_s": PROMPT_S,
+                                                "idle_hangup_s": HANGUP_S,
+                                                "keypad_timeout_ms": 300})
+    ws, _, call_id = await setup(gateway, events)
+    for key in "42#":
+        await send(ws, {"type": "dtmf", "digit": key})
+    [turn] = await events.wait("turn.user_ended", call_id)
+    assert turn.reason == "dtmf"
+    await asyncio.sleep(PROMPT_S + 0.6)  # a slow tool: the brain has not answered
+    assert events.of("caller.idle", call_id) == []
+    await bus.publish(TurnCompleted(org_id=ORG, call_id=call_id, turn_id=turn.turn_id))
+    [prompt] = await events.wait("caller.idle", call_id, timeout=3)
+    assert prompt.turn_id == "i0"

@@ -9,13 +9,18 @@ what the caller actually heard, and Twilio's ``info`` reports of the tokens it p
 its speech stopping become agent.speech.finished once a turn has played out
 (:mod:`.relay_playback`): the tools service waits for it before it hangs up or transfers.
 A caller who goes silent is prompted, then hung up on (``caller.idle``, :mod:`.relay_idle`), as
-media does on cascading calls.
+media does on cascading calls. A key press is call.dtmf, and the keys a caller types are a
+caller turn too (:mod:`parley.common.keypad`, on the wall clock): turn.user_ended with reason
+``dtmf`` and the keys as its text, at once on the agent's end key, else once no key has come
+for ``keypad_timeout_ms``. No transcript.final: keys are not speech (media does the same).
+Keys still pending when the call ends or the socket closes make no turn.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from typing import ClassVar, Literal
 
@@ -28,6 +33,7 @@ from parley.common.events import (
     AgentSpeechFinished,
     AgentSpeechInterrupted,
     CallDtmf,
+    CallEnded,
     CallerIdle,
     CallStreamStarted,
     Event,
@@ -38,6 +44,7 @@ from parley.common.events import (
     uuid7,
 )
 from parley.common.idle import Action
+from parley.common.keypad import Keypad, KeypadSettings
 from parley.common.resilience import retry_policy
 from parley.common.runtime import raise_if_cancelled
 
@@ -154,7 +161,12 @@ class RelaySession(TwilioSession):
         self.stream_id = ""  # Twilio's sessionId
         self._utterance_id = ""  # the caller turn being spoken (from its first partial prompt)
         self.idle: RelayIdle | None = None  # once attached, if the agent has idle timers on
-        self._outbox = Outbox(self.bus, name="relay idle")
+        # caller.idle and key turns, published from the socket's timers: one whose ack fails is
+        # published again under its id rather than lost (no caller to raise to)
+        self._outbox = Outbox(self.bus, name="relay")
+        self.keypad = Keypad()  # the agent's settings once attached (subscribe)
+        self._keys_timer: asyncio.Task[None] | None = None  # ends the keys' turn when due
+        self._call_ended = False  # call.ended seen: keys make no more turns
         self._idle_backlog: list[Event] | None = []  # live events held while the past is read
         self._errors = self.metrics.counter(
             "gateway_relay_errors", "ConversationRelay error messages from Twilio")
@@ -214,8 +226,9 @@ class RelaySession(TwilioSession):
                     cut_ms=max(0, message.duration_until_interrupt_ms)))
             case Dtmf():
                 self._caller_active()
-                await self.publish(CallDtmf(org_id=org_id, call_id=call_id,
-                                            digit=dtmf_digit(message.digit)))
+                digit = dtmf_digit(message.digit)
+                await self.publish(CallDtmf(org_id=org_id, call_id=call_id, digit=digit))
+                await self._key_pressed(digit)
             case Info(name="tokensPlayed"):
                 await self._finish(self.playback.played(str(message.value or "")))
             case Info(name="agentSpeaking"):
@@ -238,6 +251,7 @@ class RelaySession(TwilioSession):
     async def subscribe(self) -> None:
         """Follow the call's events: agent.say becomes text tokens; all feed the idle clock."""
         assert self.call is not None and self.agent is not None
+        self.keypad = Keypad(KeypadSettings.of(self.agent.settings))
         if self.agent.settings.idle_prompt_s or self.agent.settings.idle_hangup_s:
             self.idle = RelayIdle(self.agent.settings)
         self.add_subscription(await self.bus.subscribe_call(
@@ -246,6 +260,9 @@ class RelaySession(TwilioSession):
             self._spawn(self._watch_idle(), "idle")
 
     async def _on_event(self, event: Event) -> None:
+        if isinstance(event, CallEnded):
+            self._call_ended = True
+            self.keypad.clear()  # the timer then finds nothing due
         if self.idle is not None:
             if isinstance(event, CallStreamStarted) and event.stream_id != self.stream_id:
                 # The call went on on a newer socket (a reconnect, perhaps to another instance,
@@ -294,6 +311,42 @@ class RelaySession(TwilioSession):
         if not self._utterance_id:
             self._utterance_id = f"turn_{uuid7().hex}"
         return self._utterance_id
+
+    # -- keys typed ---------------------------------------------------------------------------
+
+    async def _key_pressed(self, digit: str) -> None:
+        """Gather a key; its turn ends now (end key), or when the timer finds it due."""
+        if self._call_ended:
+            return
+        keys = self.keypad.press(digit, _now_ms())
+        if keys is not None:
+            await self._publish_keys(keys)
+        elif self.keypad.due_ms is not None and (self._keys_timer is None
+                                                 or self._keys_timer.done()):
+            self._keys_timer = self._spawn(self._end_keys_when_due(), "keypad")
+
+    async def _end_keys_when_due(self) -> None:
+        """Wait out the keys' timeout, which each new key moves on; over once none are pending.
+
+        One task per socket, not one per key: a key pressed meanwhile only moves ``due_ms``.
+        Cancelled with the socket, so pending keys then make no turn.
+        """
+        while (due_ms := self.keypad.due_ms) is not None:
+            await asyncio.sleep(max(0, due_ms - _now_ms()) / 1000)
+            keys = self.keypad.poll(_now_ms())
+            if keys is not None:
+                await self._publish_keys(keys)
+
+    async def _publish_keys(self, keys: str) -> None:
+        """turn.user_ended (reason ``dtmf``) under a turn id of its own, not the spoken one's.
+
+        The session observes it as it does a prompt's turn: the idle clock waits for its answer.
+        """
+        assert self.call is not None
+        log.info("call %s: caller typed %d key(s)", self.call_id, len(keys))
+        await self._outbox.put(TurnUserEnded(
+            org_id=self.call.org_id, call_id=self.call_id, turn_id=f"turn_{uuid7().hex}",
+            text=keys, reason="dtmf"))
 
     # -- the idle caller ---------------------------------------------------------------------
 
@@ -379,6 +432,11 @@ class RelaySession(TwilioSession):
         """End the session; Twilio then asks the action URL, which hangs the call up."""
         handoff = _encoder.encode({"reason": reason}).decode()
         await self.send(_encoder.encode({"type": "end", "handoffData": handoff}))
+
+
+def _now_ms() -> int:
+    """The wall clock the keypad runs on (monotonic, in ms)."""
+    return round(time.monotonic() * 1000)
 
 
 def _type(message: RelayMessage) -> str:

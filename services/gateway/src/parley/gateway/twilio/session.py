@@ -386,10 +386,12 @@ class TwilioSession:
 
     # -- housekeeping -----------------------------------------------------------------------
 
-    def _spawn(self, coro: Any, name: str) -> None:
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
+        """Run ``coro`` as one of the socket's tasks: the teardown cancels and awaits it."""
         task: asyncio.Task[None] = asyncio.create_task(coro, name=f"{self.protocol}:{name}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _teardown(self) -> None:
         current = asyncio.current_task()
