@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import msgspec
 import numpy as np
 
 from parley.common.bus import Bus
@@ -217,7 +218,9 @@ async def test_no_idle_while_a_caller_turn_waits_for_its_answer(bus) -> None:
 
 
 async def test_caller_speech_or_a_key_press_starts_the_silence_over(bus) -> None:
-    call = Call(bus, "call-idle-3", QUIET_CALLER)
+    # Keys not taken as input (a key that is makes a turn, which holds the count until it is
+    # answered: test_session_keys.py) still show the caller is there.
+    call = Call(bus, "call-idle-3", msgspec.structs.replace(QUIET_CALLER, keypad_input=False))
     try:
         await call.audio(0.4)
         await call.session._on_event(CallDtmf(org_id=ORG, call_id=call.call_id, digit="5"))
@@ -437,11 +440,12 @@ async def test_a_hand_off_whose_last_words_the_caller_cut_off_is_not_pending(bus
     # "Thanks for calling, goodbye!" and the caller presses a key over it (interruption by
     # key): the tools service refuses the end_call (the caller interrupted the goodbye) and the
     # brain does not take the turn up again — an interrupted turn is over; it answers the
-    # caller's next turn, if one comes. A key press makes none: had the refusal made the turn
-    # pending again, the silence after it would never count, and the caller would be neither
-    # prompted nor hung up on for the rest of the call.
+    # caller's next turn, if one comes. A key press makes none here (keys are not input for
+    # this agent): had the refusal made the turn pending again, the silence after it would
+    # never count, and the caller would be neither prompted nor hung up on for the rest of the
+    # call.
     by_key = AgentSettings(greeting="", idle_prompt_s=0.5, idle_hangup_s=1.5,
-                           interruption_mode="dtmf")
+                           interruption_mode="dtmf", keypad_input=False)
     call = Call(bus, "call-idle-11", by_key)
     try:
         await call.caller_turn("That's all, thanks.")

@@ -193,6 +193,21 @@ def test_words_after_a_max_wait_end_revise_that_turn() -> None:
     assert (end.text, end.reason) == ("Thank you.", "silence")
 
 
+def test_late_words_revise_nothing_once_a_turn_of_keys_came_after() -> None:
+    # "Next." ended at max wait; the caller then typed keys, a turn answered after it. The late
+    # final would have replaced the keys' turn, not the stale one: it revises nothing.
+    d = TurnDetector(TurnSettings(endpointing_ms=600, max_wait_ms=2000))
+    d.speech_started(0)
+    d.partial("Next.")
+    d.speech_stopped(3000)
+    (_, _), (_, end) = run(d, 3000, 5100)
+    assert end.reason == "max_wait"
+    d.turn_of_keys()
+    d.final("Next Tuesday at three would be perfect.", 5400, speech_final=True)
+    assert run(d, 5400, 9000) == []
+    assert d.late_results == 1  # counted, and dropped
+
+
 def test_a_late_final_that_says_no_more_revises_nothing() -> None:
     d = TurnDetector(TurnSettings(endpointing_ms=600, max_wait_ms=2000))
     d.speech_started(0)

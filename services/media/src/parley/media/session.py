@@ -30,6 +30,11 @@ to play) is noticed on the audio clock (:mod:`parley.common.idle`): ``caller.idl
 brain for a prompt after the agent's ``idle_prompt_s``, and for the goodbye and hang-up after
 ``idle_hangup_s``. Its ids are stable per call and ordinal, and a successor goes on with the
 silence its predecessor counted (from the call's past events), so a take-over repeats neither.
+
+Keys the caller types (``call.dtmf``) are input too (:mod:`parley.common.keypad`): they end a
+turn of their own, ``k<n>`` with reason ``dtmf`` and the keys as text, numbered apart from the
+spoken ``t<n>`` (see :meth:`CallSession._end_turn_of_keys`). A successor rebuilds the keys being
+typed, and the turns of keys published, from the call's past events.
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ from parley.common.events import (
     decode,
 )
 from parley.common.idle import Action, IdleSettings, IdleState
+from parley.common.keypad import Keypad, KeypadSettings
 from parley.common.runtime import cancel_and_wait
 from parley.common.words import normalize_words
 from parley.media.audio.codec import ulaw_to_pcm16
@@ -270,6 +276,14 @@ class CallSession:
             unanswered="t0" if settings.greeting.strip() else "")
         self._idle = self._idle_state.clock
         self._idle_due_ms = 0.0 if self._idle.settings.enabled else math.inf
+        # Keys the caller is typing: a turn of their own (parley.common.keypad), on the audio
+        # clock; due is when it ends if no other key comes (inf: none pending).
+        self._keypad = Keypad(KeypadSettings.of(settings))
+        self._keys_due_ms = math.inf
+        self._keys_last_ms = 0
+        self._keys_wall = 0.0  # wall time of the last key
+        self._key_turns = 0  # turns of keys so far (k1, k2, …)
+        self._keys_unsent: str | None = None  # a turn of keys the past ended, not published
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -410,6 +424,9 @@ class CallSession:
                 await self._publish(SpeechStopped, "speech.stopped", offset_ms=at)
             await self._barge_in_on_frame(now)
             await self._poll_turn()
+        if self.audio_ms >= self._keys_due_ms:
+            keys, self._keys_due_ms = self._keypad.poll(self.audio_ms), math.inf
+            await self._end_turn_of_keys(keys)
         if self.audio_ms >= self._idle_due_ms:
             await self._idle_tick()
 
@@ -470,6 +487,35 @@ class CallSession:
                             key=(self.turn_no,))
         if prepared is not None:
             self._play_prepared(prepared)
+
+    def _press(self, key: str) -> str | None:
+        """A key the caller pressed: the turn of keys it ends, if it ends one."""
+        self._keys_last_ms, self._keys_wall = self.audio_ms, time.time()
+        keys = self._keypad.press(key, self.audio_ms)
+        due = self._keypad.due_ms
+        self._keys_due_ms = math.inf if due is None else due
+        return keys
+
+    async def _end_turn_of_keys(self, keys: str | None) -> None:
+        """The keys typed end a caller turn of their own: ``k<n>``, reason ``dtmf``.
+
+        Numbered apart from the spoken turns: a successor re-detects those from the audio after
+        its resume point, but knows the keys only from the call's events. Sharing ``t<n>``, a
+        turn of keys it learnt of that way would shift the spoken turns it re-detects onto
+        other numbers, and their events onto other ids. A spoken turn open meanwhile goes on.
+        """
+        if not keys:
+            return
+        self._keys_due_ms = math.inf
+        self.detector.turn_of_keys()
+        self._key_turns += 1
+        turn_id = f"k{self._key_turns}"
+        self._idle_state.awaiting(turn_id)
+        self._idle.reset()
+        self._user_turn_ends[turn_id] = self._keys_wall
+        await self._publish(TurnUserEnded, "turn.user_ended", turn_id=turn_id, text=keys,
+                            reason="dtmf", eou_delay_ms=float(self.audio_ms - self._keys_last_ms),
+                            key=("k", self._key_turns))
 
     async def _supersede(self, turn_id: str) -> None:
         """The caller's turn ``turn_id`` is replaced: the answer to it stops, or never starts.
@@ -644,6 +690,15 @@ class CallSession:
             self._voiced.add(event.turn_id)
         elif isinstance(event, CallEnded):
             self.stop("call_ended")
+        elif isinstance(event, CallDtmf):
+            self._keys_unsent = self._press(event.digit) or self._keys_unsent
+        elif isinstance(event, TurnUserEnded) and event.reason == "dtmf":
+            # Published: the keys up to here are that turn's (a predecessor ended it).
+            number = event.turn_id[1:]
+            if event.turn_id[:1] == "k" and number.isdigit():
+                self._key_turns = max(self._key_turns, int(number))
+            self._keypad.clear()
+            self._keys_unsent, self._keys_due_ms = None, math.inf
         self._idle_state.observe(event)
 
     async def _caught_up(self) -> None:
@@ -652,6 +707,11 @@ class CallSession:
             if turn_id not in self._voiced:
                 for say in says:
                     self._on_say(say)
+        # Keys whose end key a predecessor saw but whose turn it did not publish. (Keys still
+        # being typed are due on this session's audio clock, which starts behind: their turn
+        # ends with the first frames unless the caller types on.)
+        keys, self._keys_unsent = self._keys_unsent, None
+        await self._end_turn_of_keys(keys)
 
     async def _on_event(self, event: Event) -> None:
         if isinstance(event, AgentSay):
@@ -666,6 +726,7 @@ class CallSession:
             if current is not None and self.barge_in.on_dtmf(
                     agent_playing=self._agent_audible()) is not None:
                 await self._interrupt(current, time.monotonic())
+            await self._end_turn_of_keys(self._press(event.digit))
         elif isinstance(event, TurnCompleted):
             self._idle_state.answered(event.turn_id, completed=True)
         elif isinstance(event, ToolRequested | ToolFailed):

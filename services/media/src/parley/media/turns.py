@@ -34,7 +34,7 @@ from typing import Literal
 
 from parley.common.configuration.models import DEFAULT_BACKCHANNELS
 
-Reason = Literal["silence", "utterance_end", "max_wait"]
+Reason = Literal["silence", "utterance_end", "max_wait", "dtmf"]  # dtmf: a turn of keys
 
 
 def _combining_marks() -> str:
@@ -300,6 +300,14 @@ class TurnDetector:
     def reset(self) -> None:
         """Forget the open turn (e.g. after a DTMF or a barge-in took it over)."""
         self._turn = None
+
+    def turn_of_keys(self) -> None:
+        """A turn of key presses ended: late words no longer revise the turn before it.
+
+        That turn has been answered past (the keys came after it), and a revision would replace
+        the keys' turn rather than it. Late words are still counted and then dropped.
+        """
+        self._late_turn, self._revision_due = None, False
 
     def _end(self, text: str, reason: Reason, now_ms: int, *, agent_speaking: bool,
              only_backchannel: bool) -> TurnEnd | None:

@@ -1,0 +1,137 @@
+"""Key presses as caller input: the keys a caller types become a turn of their own (``k<n>``).
+
+The session is driven by its inbound audio (the audio clock, as live) and the call's events;
+what it emits is read back from the EVENTS stream.
+"""
+
+from __future__ import annotations
+
+import time
+
+from parley.common.bus import Bus
+from parley.common.configuration.models import AgentSettings
+from parley.common.events import CallDtmf, Event, TurnUserEnded
+from parley.media.router import ProviderRouter
+from parley.media.session import CallSession, SessionServices
+from parley.media.turns import TurnEnd
+
+ORG = "acme"
+SILENCE = b"\xff" * 160
+KEYS = AgentSettings(greeting="", idle_prompt_s=0, idle_hangup_s=0, keypad_timeout_ms=1000)
+
+
+class Call:
+    def __init__(self, bus: Bus, call_id: str, settings: AgentSettings = KEYS) -> None:
+        services = SessionServices(
+            bus=bus, leases=None,  # type: ignore[arg-type]  # run() is not called
+            stt=ProviderRouter("stt", {"never": object()}, ["never"]),  # type: ignore[dict-item]
+            tts=ProviderRouter("tts", {"never": object()}, ["never"]),  # type: ignore[dict-item]
+            instance="test")
+        self.bus, self.call_id = bus, call_id
+        self.session = CallSession(services, call_id=call_id, org_id=ORG, agent_id="agent",
+                                   settings=settings, revision=1)
+        self.session._history = None  # the call's past events are read
+        self.seq = 0
+
+    async def audio(self, seconds: float) -> None:
+        for _ in range(round(seconds * 50)):
+            self.seq += 1
+            await self.session._on_audio(SILENCE, self.seq, self.seq * 20, time.time(), False)
+
+    async def press(self, *keys: str) -> None:
+        for key in keys:
+            await self.session._on_event(CallDtmf(org_id=ORG, call_id=self.call_id, digit=key))
+
+    async def events(self) -> list[Event]:
+        await self.session._outbox.drain(2)
+        return await self.bus.replay_call(self.call_id, org_id=ORG)
+
+    async def turns(self) -> list[tuple[str, str, str]]:
+        return [(e.turn_id, e.text, e.reason) for e in await self.events()
+                if isinstance(e, TurnUserEnded)]
+
+
+async def test_keys_end_their_turn_when_the_caller_stops_typing(bus) -> None:
+    call = Call(bus, "call-keys-1")
+    await call.audio(0.2)
+    await call.press("1")
+    await call.audio(0.5)
+    await call.press("2")
+    await call.audio(0.98)  # 1 s after the last key, less a frame: still typing
+    assert await call.turns() == []
+    await call.audio(0.02)
+    assert await call.turns() == [("k1", "12", "dtmf")]
+    [turn] = [e for e in await call.events() if isinstance(e, TurnUserEnded)]
+    assert turn.eou_delay_ms == 1000
+    await call.audio(2)
+    assert await call.turns() == [("k1", "12", "dtmf")]  # once
+    # The turn awaits its answer (no idle prompt meanwhile, as for a spoken turn).
+    assert call.session._idle_state.unanswered == "k1"
+
+
+async def test_the_end_key_ends_the_turn_at_once(bus) -> None:
+    call = Call(bus, "call-keys-2")
+    await call.audio(0.1)
+    await call.press("4", "2", "#")
+    assert await call.turns() == [("k1", "42#", "dtmf")]
+    await call.press("#")  # alone: "repeat that", say
+    await call.audio(2)
+    assert await call.turns() == [("k1", "42#", "dtmf"), ("k2", "#", "dtmf")]
+
+
+async def test_keys_are_no_turn_when_the_agent_takes_no_keypad_input(bus) -> None:
+    call = Call(bus, "call-keys-3", AgentSettings(greeting="", keypad_input=False))
+    await call.audio(0.1)
+    await call.press("1", "#")
+    await call.audio(3)
+    assert await call.turns() == []
+
+
+async def test_spoken_turns_keep_their_numbers_around_turns_of_keys(bus) -> None:
+    call = Call(bus, "call-keys-4")
+    await call.session._end_turn(TurnEnd("I'd like to pay my bill.", "silence", 0, 0, 0, 0))
+    await call.press("9", "9", "#")
+    await call.session._end_turn(TurnEnd("Did that work?", "silence", 0, 0, 0, 0))
+    assert await call.turns() == [("t1", "I'd like to pay my bill.", "silence"),
+                                  ("k1", "99#", "dtmf"), ("t2", "Did that work?", "silence")]
+
+
+async def test_a_successor_publishes_keys_its_predecessor_saw_end_and_numbers_on(bus) -> None:
+    call = Call(bus, "call-keys-5")
+    await call.audio(0.1)
+    await call.press("1", "#")  # k1, published
+    await call.session._outbox.drain(2)
+    # The predecessor stores the caller's next keys, then dies before its turn is published.
+    for key in "57#":
+        await bus.publish(CallDtmf(org_id=ORG, call_id=call.call_id, digit=key))
+    successor = Call(bus, call.call_id)
+    successor.session._history = {}
+    for event in await bus.replay_call(call.call_id, org_id=ORG):
+        successor.session._catch_up(event)
+    await successor.session._caught_up()
+    assert await successor.turns() == [("k1", "1#", "dtmf"), ("k2", "57#", "dtmf")]
+
+    # A third session reading all of that publishes nothing again, and goes on from k3.
+    third = Call(bus, call.call_id)
+    third.session._history = {}
+    for event in await bus.replay_call(call.call_id, org_id=ORG):
+        third.session._catch_up(event)
+    await third.session._caught_up()
+    await third.audio(2)
+    await third.press("0", "#")
+    assert [t[0] for t in await third.turns()] == ["k1", "k2", "k3"]
+
+
+async def test_keys_a_predecessor_heard_still_being_typed_end_with_the_successors_audio(
+        bus) -> None:
+    call = Call(bus, "call-keys-6")
+    for key in "31":
+        await bus.publish(CallDtmf(org_id=ORG, call_id=call.call_id, digit=key))
+    successor = Call(bus, call.call_id)
+    successor.session._history = {}
+    for event in await bus.replay_call(call.call_id, org_id=ORG):
+        successor.session._catch_up(event)
+    await successor.session._caught_up()
+    assert await successor.turns() == []
+    await successor.audio(1.2)
+    assert await successor.turns() == [("k1", "31", "dtmf")]
