@@ -18,6 +18,7 @@ from parley.brain.llm.base import (
     UserMessage,
 )
 from parley.brain.llm.clauses import ClauseSplitter
+from parley.brain.llm.keypad import keypad_message
 from parley.brain.llm.local_responder import (
     Intent,
     LocalResponder,
@@ -161,6 +162,19 @@ async def test_declines_without_inventing_when_nothing_relevant(
                                   say("How much is a cleaning?"))
     assert "check" in text and "follow up" in text
     assert not re.search(r"\d", text) and not calls
+
+
+@pytest.mark.parametrize(("keys", "heard"), [
+    ("1234#", "You pressed 1 2 3 4, then pound."), ("#", "You pressed pound."),
+    ("*9", "You pressed star 9."), ("0", "You pressed 0.")])
+async def test_key_presses_are_read_back_not_looked_up(keys: str, heard: str) -> None:
+    # Read as words, "1234#" was a question: answered from a passage holding the digits, or
+    # declined with a promise to check. The keys mean nothing more to the responder.
+    retrieve = retriever(Passage("c8", "Your booking code is 1234.", 0.9))
+    text, calls, done, _ = await run(LocalResponder(retrieve=retrieve),
+                                     say(keypad_message(keys)))
+    assert text == heard and not calls and done.intent == "keypad"
+    assert retrieve.asked == []  # type: ignore[attr-defined]
 
 
 async def test_a_matching_tool_is_called_with_extracted_arguments() -> None:

@@ -118,6 +118,33 @@ async def test_a_speculation_on_other_words_is_never_published(
         await llm.aclose()
 
 
+async def test_a_speculation_on_words_is_not_adopted_by_a_turn_of_keys(
+        bus, pool, emulator, recorder) -> None:
+    # The caller read the digits out, then typed them: the words and the keys normalise alike
+    # ("1234"), and the reply speculated on the words was adopted for the keys.
+    worker, llm = await started_worker(bus, pool, emulator)
+    try:
+        await open_call(bus, "p8")
+        await recorder.wait("agent.say", "p8")
+        emulator.script(ScriptedReply(text="Twelve thirty-four, got it."),
+                        ScriptedReply(text="Thanks, I have your code."))
+        await final(bus, "p8", "1234")
+        await until(lambda: emulator.completed_streams == 1)
+        await bus.publish(TurnUserEnded(org_id=ORG, call_id="p8", turn_id="t1", text="1234#",
+                                        reason="dtmf"))
+        await recorder.wait("turn.completed", "p8")
+        assert [e.text for e in recorder.of("agent.say", "p8") if e.turn_id == "t1"] == [
+            "Thanks, I have your code."]
+        assert len(emulator.requests) == 2
+        assert emulator.requests[-1]["messages"][-1] == {"role": "user",
+                                                         "content": "[keypad] 1234#"}
+        assert "adopted" not in worker.speculations.outcomes
+        assert sum(worker.speculations.outcomes.values()) == 1
+    finally:
+        await worker.stop()
+        await llm.aclose()
+
+
 async def test_a_tool_call_in_a_speculative_reply_waits_for_the_turn(
         bus, pool, emulator, recorder) -> None:
     worker, llm = await started_worker(bus, pool, emulator)

@@ -24,6 +24,9 @@ went silent, or the goodbye before hanging up on them, one per ``caller.idle``. 
 history like any clause (the model knows it asked); their hang-up is not the model's tool call
 and stays out of its messages. The fold counts what the caller did (speech starts, key presses,
 turns) so an idle turn the caller has spoken since can be told apart.
+
+A caller's turn of keys (reason ``dtmf``: "1234#") reaches the model marked as keypad input,
+``[keypad] 1234#`` (:func:`caller_text`), not as words the caller said.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from parley.brain.llm.base import AssistantMessage, Message, ToolResult, ToolUse, UserMessage
+from parley.brain.llm.keypad import keypad_message
 from parley.common.events import (
     AgentSay,
     AgentSpeechInterrupted,
@@ -181,11 +185,12 @@ class Conversation:
             case TurnUserEnded():
                 self.latest_user_turn = event.turn_id
                 self.caller_moves += 1
+                said = UserMessage(text=caller_text(event))
                 last = self.messages[-1] if self.messages else None
                 if event.revises and isinstance(last, UserMessage):
-                    self.messages[-1] = UserMessage(text=event.text)  # nothing heard between
+                    self.messages[-1] = said  # nothing heard between
                 else:
-                    self.messages.append(UserMessage(text=event.text))
+                    self.messages.append(said)
             case AgentSay():
                 turn = self.turn_of(event.turn_id)
                 if event.turn_id != turn.speech or event.seq < turn.next_seq:
@@ -303,6 +308,15 @@ class _TurnText(AssistantMessage, frozen=True, kw_only=True, tag="assistant"):
     """Agent text that remembers its turn (so a barge-in can cut it back)."""
 
     turn_id: str
+
+
+def caller_text(event: TurnUserEnded) -> str:
+    """What the model reads for a caller's turn: their words, or their keys marked as keypad input.
+
+    A turn of keys (reason ``dtmf``) has the keys as its text; "1234#" on its own would read as
+    words the caller said (see :mod:`parley.brain.llm.keypad`).
+    """
+    return keypad_message(event.text) if event.reason == "dtmf" else event.text
 
 
 def fold(call_id: str, events: list[Event]) -> Conversation:

@@ -14,6 +14,11 @@ caller), as a new utterance (see :mod:`parley.brain.conversation`). While a turn
 worker follows the call: ``agent.speech.interrupted`` for the turn or a newer
 ``turn.user_ended`` cancels it (the LLM stream is closed).
 
+A caller's turn of keys (``turn.user_ended`` with reason ``dtmf``, its text the keys: "1234#")
+is answered as any turn, the model reading it as keypad input (see
+:mod:`parley.brain.conversation`); but no knowledge is retrieved and no intent classified for
+keys, and no speculative reply (made for words) is adopted for them.
+
 A caller who went silent (``caller.idle``, from media's idle clock) gets the agent's
 ``idle_prompt``, or its ``idle_goodbye`` and the idle hang-up (``end_call`` with reason
 "idle"), in an agent turn of its own (``i0``, ``i1``…): no model request, and nothing if the
@@ -185,6 +190,11 @@ def _continuing(request: LlmRequest) -> LlmRequest:
 def _content_words(text: str) -> set[str]:
     return {w for w in "".join(c if c.isalnum() else " " for c in text.lower()).split()
             if len(w) > 2}
+
+
+def _keyed(event: Event) -> bool:
+    """A caller's turn of key presses: its text is the keys ("1234#"), not words."""
+    return isinstance(event, TurnUserEnded) and event.reason == "dtmf"
 
 
 def _turn_number(turn_id: str) -> int | None:
@@ -422,7 +432,9 @@ class BrainWorker:
     def _speculate_on(self, event: Event) -> None:
         """Start, confirm or drop the call's speculative reply as the caller's words come."""
         call_id = getattr(event, "call_id", "")
-        if isinstance(event, TurnUserEnded):
+        if _keyed(event):
+            self.speculations.cancel(call_id, "superseded")  # it answers words, not keys
+        elif isinstance(event, TurnUserEnded):
             self.speculations.turn_ended(call_id, event.text, prepared=event.prepared_text,
                                          prepared_last=event.prepared_last)
         elif isinstance(event, SpeechStarted):
@@ -495,7 +507,7 @@ class BrainWorker:
 
     async def _handle(self, event: Event, msg: Msg) -> None:
         call_id = getattr(event, "call_id", "")
-        if isinstance(event, TurnUserEnded):
+        if isinstance(event, TurnUserEnded) and not _keyed(event):
             speculation = self.speculations.get(call_id)
             if speculation is not None and normalize(speculation.text) == normalize(event.text):
                 # The turn will most likely adopt it: let its request go out first, so this
@@ -710,8 +722,12 @@ class BrainWorker:
     async def _turn(self, conversation: Conversation, turn_id: str, cause: Event,
                     final_text: str) -> None:
         call_id, started = conversation.call_id, time.perf_counter()
-        # A caller's turn may adopt the reply started while its end was being confirmed.
+        # A caller's turn may adopt the reply started while its end was being confirmed; not a
+        # turn of keys: what was speculated on were words (the same ones, maybe, read out).
         speculation = self.speculations.take(call_id) if final_text else None
+        if speculation is not None and _keyed(cause):
+            speculation.cancel("discarded")
+            speculation = None
         pending: list[asyncio.Future[PubAck]] = []  # sent, acks awaited before the turn ends
         try:
             await self._answer(conversation, turn_id, cause, final_text, speculation, pending,
@@ -733,7 +749,10 @@ class BrainWorker:
         profile = self._caller_profile(
             org_id, call_id, conversation.from_number if conversation.direction == "inbound"
             else "")
-        if final_text:  # a caller's turn (not a continuation after a tool)
+        # A caller's words (not a continuation after a tool). Keys are nothing to retrieve
+        # knowledge for ("1234#" finds only passages that happen to hold the digits) nor to
+        # classify; the model can still look knowledge up with its tool.
+        if final_text and not _keyed(cause):
             context = await self.warmup.take(
                 call_id, final_text, agent_id=conversation.agent_id) or await self._prepare_context(
                 org_id, call_id, conversation.agent_id, final_text)

@@ -9,6 +9,7 @@
   intent rules of :mod:`.intents` (:func:`classify_intent` also serves warm-up on partials).
 - :mod:`.router`: per-turn provider choice, fallback before the first token, filler, breakers.
 - :mod:`.clauses`: :class:`ClauseSplitter`, which cuts streamed text into speakable clauses.
+- :mod:`.keypad`: how a caller's key presses read in the conversation (``[keypad] 1234#``).
 
 Provider modules are imported on use (``from parley.brain.llm.anthropic_llm import …``) so that
 importing the package does not load vendor SDKs.

@@ -28,6 +28,7 @@ class Intent(enum.StrEnum):
     TOOL = "tool"
     QUESTION = "question"
     OTHER = "other"
+    KEYPAD = "keypad"  # keys pressed, not words (a keypad message; never classified from words)
 
 
 _BUILTINS = frozenset({"end_call", "transfer_call", "send_dtmf", "lookup_knowledge"})

@@ -4,6 +4,8 @@ Deterministic (tool-call ids aside, see below) and free, so a call works with no
 tests are exact. For the caller's latest words it picks an intent (:func:`classify_intent`) and
 answers:
 
+- keys the caller pressed (a keypad message, :mod:`.keypad`) → what they pressed, read back
+  ("You pressed 1 2 3 4, then pound."): the responder knows no more of what keys mean;
 - greeting → a short greeting; thanks → "you're welcome";
 - goodbye → a goodbye sentence, then the ``end_call`` tool;
 - asking for a human → a sentence, then ``transfer_call`` to the agent's first transfer number:
@@ -60,9 +62,10 @@ from .intents import (
     is_small_talk,
     match_tool,
 )
+from .keypad import pressed_keys
 
 __all__ = ["Intent", "LocalResponder", "RetrievedChunk", "Retrieve", "answer_from_chunks",
-           "classify_intent", "content_words", "extract_arguments", "match_tool"]
+           "classify_intent", "content_words", "extract_arguments", "match_tool", "read_back"]
 
 
 class RetrievedChunk(Protocol):
@@ -167,6 +170,9 @@ class LocalResponder:
         if messages and isinstance(messages[-1], ToolResult):
             return _phrase_tool_result(messages), None, Intent.TOOL
         said = request.last_user_text
+        keys = pressed_keys(said)
+        if keys:
+            return read_back(keys), None, Intent.KEYPAD
         call_id = self._new_tool_call_id()
         pending = _pending_tool(messages, request.tools)
         if pending is not None:
@@ -221,6 +227,21 @@ class LocalResponder:
         else:
             chunks = await self.retrieve(question)
         return answer_from_chunks(question, chunks, min_score=self.min_score) or DECLINE
+
+
+_KEY_NAMES = {"#": "pound", "*": "star"}
+
+
+def read_back(keys: str) -> str:
+    """The keys a caller pressed, read back: "You pressed 1 2 3 4, then pound" for ``1234#``.
+
+    Digits one by one (a code, not a number); a closing ``#`` or ``*`` after the others, as the
+    key that ended the entry.
+    """
+    spoken = [_KEY_NAMES.get(key, key) for key in keys]
+    if len(spoken) > 1 and keys[-1] in _KEY_NAMES:
+        return f"You pressed {' '.join(spoken[:-1])}, then {spoken[-1]}."
+    return f"You pressed {' '.join(spoken)}."
 
 
 def _pending_tool(messages: Sequence[Any],
