@@ -118,6 +118,12 @@ async def test_a_speculation_on_other_words_is_never_published(
         await llm.aclose()
 
 
+async def keys(bus, call_id: str, turn_id: str, pressed: str) -> None:
+    """The caller's turn of keys, as media ends it (numbered apart from spoken turns: k<n>)."""
+    await bus.publish(TurnUserEnded(org_id=ORG, call_id=call_id, turn_id=turn_id, text=pressed,
+                                    reason="dtmf"))
+
+
 async def test_a_speculation_on_words_is_not_adopted_by_a_turn_of_keys(
         bus, pool, emulator, recorder) -> None:
     # The caller read the digits out, then typed them: the words and the keys normalise alike
@@ -130,16 +136,42 @@ async def test_a_speculation_on_words_is_not_adopted_by_a_turn_of_keys(
                         ScriptedReply(text="Thanks, I have your code."))
         await final(bus, "p8", "1234")
         await until(lambda: emulator.completed_streams == 1)
-        await bus.publish(TurnUserEnded(org_id=ORG, call_id="p8", turn_id="t1", text="1234#",
-                                        reason="dtmf"))
+        await keys(bus, "p8", "k1", "1234#")
         await recorder.wait("turn.completed", "p8")
-        assert [e.text for e in recorder.of("agent.say", "p8") if e.turn_id == "t1"] == [
+        assert [e.text for e in recorder.of("agent.say", "p8") if e.turn_id == "k1"] == [
             "Thanks, I have your code."]
         assert len(emulator.requests) == 2
         assert emulator.requests[-1]["messages"][-1] == {"role": "user",
                                                          "content": "[keypad] 1234#"}
         assert "adopted" not in worker.speculations.outcomes
         assert sum(worker.speculations.outcomes.values()) == 1
+    finally:
+        await worker.stop()
+        await llm.aclose()
+
+
+async def test_after_a_turn_of_keys_the_next_spoken_turn_is_prepared_for(
+        bus, pool, emulator, recorder) -> None:
+    # Media numbers turns of keys apart (k1) from spoken ones (t1): the reply prepared for the
+    # caller's next words was for turn "" after k1, and so never published.
+    worker, llm = await started_worker(bus, pool, emulator)
+    try:
+        await open_call(bus, "p9")
+        await recorder.wait("agent.say", "p9")
+        emulator.script(ScriptedReply(text="Thanks, I have your code."),
+                        ScriptedReply(text=REPLY))
+        await keys(bus, "p9", "k1", "1234#")
+        await recorder.wait("turn.completed", "p9")
+        await final(bus, "p9", "What time do you open?")
+        prepared, = await recorder.wait("agent.reply_prepared", "p9")
+        assert (prepared.turn_id, prepared.text) == ("t1", "We open at eight.")
+        await user_says(bus, "p9", "t1", "What time do you open?")
+        await recorder.wait("turn.completed", "p9", count=2)
+        assert worker.speculations.outcomes == {"adopted": 1}
+        assert emulator.requests[-1]["messages"][-3:] == [
+            {"role": "user", "content": "[keypad] 1234#"},
+            {"role": "assistant", "content": "Thanks, I have your code."},
+            {"role": "user", "content": "What time do you open?"}]
     finally:
         await worker.stop()
         await llm.aclose()

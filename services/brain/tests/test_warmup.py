@@ -99,6 +99,25 @@ async def test_an_ended_turns_words_are_not_expected_but_that_turn_still_takes_t
     assert expected is not None and expected[0] == "What time do you open?"
 
 
+async def test_a_turn_of_keys_leaves_the_spoken_turn_being_said_warm() -> None:
+    # Media ends a turn of keys (k1) while a spoken one goes on: the words said before the
+    # keys were forgotten, and the spoken turn missed its warmed context.
+    warmup, prepared = recording_warmup()
+    warmup.on_event(TranscriptFinal(org_id=ORG, call_id="c1", text="My order number is",
+                                    utterance_id="t1"))
+    warmup.on_event(TurnUserEnded(org_id=ORG, call_id="c1", turn_id="k1", text="1234#",
+                                  reason="dtmf"))
+    expected = warmup.expected("c1")
+    assert expected is not None and expected[0] == "My order number is"
+    warmup.on_event(TranscriptFinal(org_id=ORG, call_id="c1", text="and it never came.",
+                                    utterance_id="t1"))
+    warmup.on_event(TurnUserEnded(org_id=ORG, call_id="c1", turn_id="t1",
+                                  text="My order number is and it never came."))
+    context = await warmup.take("c1", "My order number is and it never came.", agent_id="")
+    assert context is not None and context.warm
+    assert prepared[-1] == ("", "My order number is and it never came.")
+
+
 async def test_late_words_of_an_ended_turn_are_not_the_next_turns() -> None:
     warmup, prepared = recording_warmup()
     warmup.on_event(TranscriptPartial(org_id=ORG, call_id="c1", text="What time do you open",

@@ -205,20 +205,20 @@ async def test_a_turn_of_keys_is_read_back_and_retrieves_no_knowledge(bus, pool,
     await worker.start()
     try:
         await open_call(bus, "c-keys")
-        await bus.publish(TurnUserEnded(org_id=ORG, call_id="c-keys", turn_id="t1",
+        await bus.publish(TurnUserEnded(org_id=ORG, call_id="c-keys", turn_id="k1",
                                         text="1234#", reason="dtmf"))
         await recorder.wait("turn.completed", "c-keys")
-        said = " ".join(e.text for e in recorder.of("agent.say", "c-keys") if e.turn_id == "t1")
+        said = " ".join(e.text for e in recorder.of("agent.say", "c-keys") if e.turn_id == "k1")
         assert said == "You pressed 1 2 3 4, then pound."
         assert recorder.of("knowledge.retrieved", "c-keys") == []
         assert recorder.of("intent.detected", "c-keys") == []
 
-        await user_says(bus, "c-keys", "t2", "How much is a teeth cleaning?")
+        await user_says(bus, "c-keys", "t1", "How much is a teeth cleaning?")
         await recorder.wait("turn.completed", "c-keys", count=2)
-        said = " ".join(e.text for e in recorder.of("agent.say", "c-keys") if e.turn_id == "t2")
+        said = " ".join(e.text for e in recorder.of("agent.say", "c-keys") if e.turn_id == "t1")
         assert "$95" in said, said
         retrieved, = recorder.of("knowledge.retrieved", "c-keys")
-        assert retrieved.turn_id == "t2"
+        assert retrieved.turn_id == "t1"
     finally:
         await worker.stop()
 
@@ -228,11 +228,11 @@ def test_a_turn_of_keys_reaches_the_model_as_keypad_input() -> None:
         TurnUserEnded(org_id=ORG, call_id="c", turn_id="t1", text="I want to check my order."),
         AgentSay(org_id=ORG, call_id="c", turn_id="t1", seq=0,
                  text="Please type the order number, then press pound.", last=True),
-        TurnUserEnded(org_id=ORG, call_id="c", turn_id="t2", text="1234#", reason="dtmf")])
+        TurnUserEnded(org_id=ORG, call_id="c", turn_id="k1", text="1234#", reason="dtmf")])
     assert [m.text for m in conversation.llm_messages()] == [
         "I want to check my order.", "Please type the order number, then press pound.",
         "[keypad] 1234#"]
-    assert conversation.latest_user_turn == "t2"
+    assert (conversation.latest_user_turn, conversation.latest_spoken_turn) == ("k1", "t1")
 
 
 def test_fold_keeps_only_heard_text_and_numbers_tool_rounds() -> None:

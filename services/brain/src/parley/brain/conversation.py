@@ -149,6 +149,7 @@ class Conversation:
     messages: list[Message] = field(default_factory=list)
     turns: dict[str, AgentTurn] = field(default_factory=dict)
     latest_user_turn: str = ""
+    latest_spoken_turn: str = ""  # of words, not keys: media numbers the two apart (t<n>, k<n>)
     greeted: bool = False
     ended: bool = False
     events: int = 0
@@ -184,6 +185,8 @@ class Conversation:
                 self.agent_id = self.agent_id or event.agent_id
             case TurnUserEnded():
                 self.latest_user_turn = event.turn_id
+                if event.reason != "dtmf":
+                    self.latest_spoken_turn = event.turn_id
                 self.caller_moves += 1
                 said = UserMessage(text=caller_text(event))
                 last = self.messages[-1] if self.messages else None

@@ -142,7 +142,10 @@ GROUNDING = (
 
 
 def next_user_turn(latest: str) -> str:
-    """The id media gives the caller's turn after ``latest`` (``t1``, ``t2``…; "" unknown)."""
+    """The id media gives the caller's spoken turn after ``latest`` (``t1``, ``t2``…; "" unknown).
+
+    Turns of keys are numbered apart (``k1``…): ``latest`` is the latest spoken turn.
+    """
     if not latest:
         return "t1"
     number = latest[1:]
@@ -221,6 +224,7 @@ class Warmup:
     context warmed for another agent (or none) is never taken. Words of a turn that has ended
     are not the next turn's: neither the recogniser's late words for it (media tags them with
     the ended turn's ``utterance_id``) nor what was warmed for it, which only that turn takes.
+    A turn of keys ends no spoken turn (one being said goes on), and takes nothing warmed.
     """
 
     def __init__(self, prepare: Callable[[str, str, str, str], Awaitable[Context]], *,
@@ -251,7 +255,8 @@ class Warmup:
         elif isinstance(event, CallStreamStarted):
             if event.agent_id:  # as the fold: call.requested's agent, else the stream's
                 self._agents.setdefault(event.call_id, event.agent_id)
-        elif isinstance(event, TurnUserEnded):
+        elif isinstance(event, TurnUserEnded) and not _keyed(event):
+            # (not a turn of keys: the spoken turn being said goes on)
             self._finals.pop(event.call_id, None)
             number = _turn_number(event.turn_id)
             if number is not None:
@@ -490,7 +495,7 @@ class BrainWorker:
                 conversation.latest_user_turn and (
                 latest is None or not (latest.completed or latest.interrupted))):
             return None
-        self._anticipated[call_id] = next_user_turn(conversation.latest_user_turn)
+        self._anticipated[call_id] = next_user_turn(conversation.latest_spoken_turn)
         conversation.apply(TurnUserEnded(org_id=org_id, call_id=call_id, turn_id="",
                                          text=text))
         warm = await asyncio.shield(prepared)  # the turn may still use it: never cancel it
