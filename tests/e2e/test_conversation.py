@@ -290,4 +290,10 @@ async def test_barge_in_and_dtmf_across_every_service(platform: Platform, everyt
                             "call.dtmf", "call.ended"]), types
     dtmf = [d for t, d in events if t == "call.dtmf"]
     assert [d["digit"] for d in dtmf] == ["1"]
+    # The key is input too: a turn of its own once the caller stopped typing (2 s), which the
+    # brain answers (offline, by reading it back).
+    keys = [d for t, d in events if t == "turn.user_ended" and d.get("reason") == "dtmf"]
+    assert [(d["turn_id"], d["text"]) for d in keys] == [("k1", "1")], keys
+    answer = " ".join(d["text"] for t, d in events if t == "agent.say" and d["turn_id"] == "k1")
+    assert "You pressed 1" in answer, answer
     assert row["state"] == "ended" and row["end_reason"] == "caller_hangup"
