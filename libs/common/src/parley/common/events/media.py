@@ -48,7 +48,13 @@ class TranscriptFinal(CallEvent, frozen=True, kw_only=True, tag="transcript.fina
 
 
 class TurnUserEnded(CallEvent, frozen=True, kw_only=True, tag="turn.user_ended"):
-    """The caller finished a turn; the brain answers it."""
+    """The caller finished a turn; the brain answers it.
+
+    ``turn_id``: media's spoken turns are ``t1``, ``t2``…, its turns of keys ``k1``, ``k2``…
+    (numbered apart); ConversationRelay's are ``turn_<uuid7>``. ``reason`` ``dtmf``: a turn of
+    keys the caller typed (``parley.common.keypad``), ``text`` the keys, the end key included
+    ("1234#"); no transcript precedes it. ``prompt``: a ConversationRelay prompt.
+    """
 
     turn_id: str
     text: str
