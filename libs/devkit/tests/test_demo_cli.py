@@ -103,3 +103,17 @@ def test_platform_overhead_counts_overlapping_recognition_once() -> None:
                        voice_to_voice_ms=1200).platform_ms == 0  # floored
     assert TurnLatency("t3", eou_delay_ms=900).platform_ms is None
     assert "platform ?" in TurnLatency("t3").describe()
+
+
+async def test_the_live_transcript_shows_a_turn_of_keys() -> None:
+    from parley.common.events import CallDtmf, TurnUserEnded
+    from parley.devkit.demo.transcript import LiveTranscript
+
+    lines: list[str] = []
+    transcript = LiveTranscript(lines.append)
+    await transcript.on_event(CallDtmf(org_id="o", call_id="c", digit="4"))
+    await transcript.on_event(TurnUserEnded(org_id="o", call_id="c", turn_id="k1", text="42#",
+                                            reason="dtmf"))
+    await transcript.on_event(TurnUserEnded(org_id="o", call_id="c", turn_id="t1", text="Hi."))
+    assert lines == ["caller pressed 4", "caller typed: 42#"]
+    assert transcript.turns["k1"].caller_text == "42#"

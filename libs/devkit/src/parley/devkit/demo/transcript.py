@@ -127,6 +127,8 @@ class LiveTranscript:
                 if event.revises:
                     self._log(f"-- the recogniser's late final revises {event.revises}: "
                               f"{event.text!r}")
+                if getattr(event, "reason", "") == "dtmf":  # no transcript: keys, not words
+                    self._log(f"caller typed: {event.text}")
             case "agent.say" if event.text.strip():
                 self.agent_lines.append(event.text)
                 self._log(f"agent:  {event.text}")
