@@ -135,3 +135,30 @@ async def test_keys_a_predecessor_heard_still_being_typed_end_with_the_successor
     assert await successor.turns() == []
     await successor.audio(1.2)
     assert await successor.turns() == [("k1", "31", "dtmf")]
+
+
+async def test_keys_being_typed_at_a_take_over_are_not_cut_in_two(bus) -> None:
+    # The caller types 3, 1 while the instance serving the call dies. Its successor resumes at
+    # the frame the lease names, a minute into the call (the call's audio clock), and catches up
+    # the audio sent since: the keys were placed at 0 on its clock, so their turn ended with
+    # the first frame, and the caller's "314#" reached the brain as "31", then "4#".
+    from datetime import UTC, datetime
+
+    call = Call(bus, "call-keys-7")
+    now = time.time()
+    await bus.publish(CallDtmf(org_id=ORG, call_id=call.call_id, digit="3",
+                               at=datetime.fromtimestamp(now - 2.0, UTC)))
+    successor = Call(bus, call.call_id)
+    successor.session._history = {}
+    for event in await bus.replay_call(call.call_id, org_id=ORG):
+        successor.session._catch_up(event)
+    await successor.session._caught_up()
+    sent = now - 3.0  # the resume frame: sent 3 s ago, 60 s into the call
+    for i in range(150):  # the 3 s of audio since, read from the stream (behind)
+        if i == 75:  # the caller presses 1 while the successor is still catching up
+            await successor.press("1")
+        await successor.session._on_audio(SILENCE, i + 1, 60_000 + i * 20, sent + i * 0.02,
+                                          True)
+    assert await successor.turns() == []  # the caller is still typing
+    await successor.press("4", "#")
+    assert await successor.turns() == [("k1", "314#", "dtmf")]

@@ -282,6 +282,7 @@ class CallSession:
         self._keys_due_ms = math.inf
         self._keys_last_ms = 0
         self._keys_wall = 0.0  # wall time of the last key
+        self._sent_at = 0.0  # when the gateway sent the last inbound frame (0: none yet)
         self._key_turns = 0  # turns of keys so far (k1, k2, …)
         self._keys_unsent: str | None = None  # a turn of keys the past ended, not published
 
@@ -388,6 +389,9 @@ class CallSession:
             self.s.on_unknown_audio()
             return
         self._catching_up = behind
+        if self._base_ms is None and self._keypad.pending:
+            self._place_keys(ts_ms, sent_at)
+        self._sent_at = sent_at
         self._frames_seen += 1
         if self._frames_seen % CHECKPOINT_EVERY == 1:
             # On the session's audio clock, as the open turn's start is: a frame's own
@@ -488,13 +492,39 @@ class CallSession:
         if prepared is not None:
             self._play_prepared(prepared)
 
-    def _press(self, key: str) -> str | None:
-        """A key the caller pressed: the turn of keys it ends, if it ends one."""
-        self._keys_last_ms, self._keys_wall = self.audio_ms, time.time()
-        keys = self._keypad.press(key, self.audio_ms)
+    def _press(self, key: str, at: float) -> str | None:
+        """A key the caller pressed at ``at`` (wall time): the turn of keys it ends, if any."""
+        self._keys_last_ms, self._keys_wall = self._key_ms(at), at
+        keys = self._keypad.press(key, self._keys_last_ms)
         due = self._keypad.due_ms
         self._keys_due_ms = math.inf if due is None else due
         return keys
+
+    def _key_ms(self, at: float) -> int:
+        """Where a key pressed at wall time ``at`` falls on the audio clock.
+
+        Live, now. A successor catching up the audio since its resume point is behind the
+        keys by as much as the take-over took: placed at the frame in hand, they fell due
+        within the backlog, and a number being typed was cut in two. Keys from before the
+        first frame are placed when it comes (:meth:`_place_keys`).
+        """
+        if not self._catching_up or not self._sent_at:
+            return self.audio_ms
+        return self.audio_ms + max(0, round((at - self._sent_at) * 1000))
+
+    def _place_keys(self, ts_ms: int, sent_at: float) -> None:
+        """Place the keys pending before the first frame on the audio clock it starts.
+
+        By when the last one was pressed: the frame is at ``ts_ms``, sent at ``sent_at``.
+        """
+        at_ms = ts_ms + round((self._keys_wall - sent_at) * 1000)
+        pending = self._keypad.pending
+        self._keypad.clear()
+        for key in pending:  # (no end key among them: it would have ended their turn)
+            self._keypad.press(key, at_ms)
+        self._keys_last_ms = at_ms
+        due = self._keypad.due_ms
+        self._keys_due_ms = math.inf if due is None else due
 
     async def _end_turn_of_keys(self, keys: str | None) -> None:
         """The keys typed end a caller turn of their own: ``k<n>``, reason ``dtmf``.
@@ -691,7 +721,8 @@ class CallSession:
         elif isinstance(event, CallEnded):
             self.stop("call_ended")
         elif isinstance(event, CallDtmf):
-            self._keys_unsent = self._press(event.digit) or self._keys_unsent
+            self._keys_unsent = self._press(event.digit, event.at.timestamp()) or (
+                self._keys_unsent)
         elif isinstance(event, TurnUserEnded) and event.reason == "dtmf":
             # Published: the keys up to here are that turn's (a predecessor ended it).
             number = event.turn_id[1:]
@@ -708,8 +739,8 @@ class CallSession:
                 for say in says:
                     self._on_say(say)
         # Keys whose end key a predecessor saw but whose turn it did not publish. (Keys still
-        # being typed are due on this session's audio clock, which starts behind: their turn
-        # ends with the first frames unless the caller types on.)
+        # being typed are placed on this session's audio clock by when they were pressed, at its
+        # first frame: see _key_ms.)
         keys, self._keys_unsent = self._keys_unsent, None
         await self._end_turn_of_keys(keys)
 
@@ -726,7 +757,7 @@ class CallSession:
             if current is not None and self.barge_in.on_dtmf(
                     agent_playing=self._agent_audible()) is not None:
                 await self._interrupt(current, time.monotonic())
-            await self._end_turn_of_keys(self._press(event.digit))
+            await self._end_turn_of_keys(self._press(event.digit, event.at.timestamp()))
         elif isinstance(event, TurnCompleted):
             self._idle_state.answered(event.turn_id, completed=True)
         elif isinstance(event, ToolRequested | ToolFailed):
