@@ -486,3 +486,34 @@ async def test_a_hand_off_whose_last_words_the_caller_cut_off_is_not_pending(bus
         assert await successor.silence_until_idle(2.0) is not None
     finally:
         await successor.close()
+
+
+async def test_a_turn_detected_again_after_a_take_over_is_not_pending_after_a_turn_of_keys(
+        bus) -> None:
+    # The caller says "Repeat that, please." (t1) and at once presses # (k1); the brain drops
+    # t1 for k1 and answers that; then the instance dies. Its successor resumes before t1's end
+    # (the lease lags the events) and detects t1 again, under its id (JetStream drops the
+    # repeat). Once per turn held only for the latest turn, and k1 was later: t1 became pending
+    # again, no completion ever came, and the caller was never prompted nor hung up on.
+    first = Call(bus, "call-idle-12", QUIET_CALLER)
+    try:
+        await first.caller_turn("Repeat that, please.")
+        await first.session._on_event(CallDtmf(org_id=ORG, call_id=first.call_id, digit="#"))
+        await stored(first, TurnCompleted(org_id=ORG, call_id=first.call_id, turn_id="t1",
+                                          cancelled=True))
+        await first.agent_says("k1", "You pressed pound.")
+        await first.played("k1")
+        await stored(first, TurnCompleted(org_id=ORG, call_id=first.call_id, turn_id="k1"))
+    finally:
+        await first.close()
+    successor = Call(bus, first.call_id, QUIET_CALLER)
+    try:
+        successor.session._history = {}
+        for event in await bus.replay_call(first.call_id, org_id=ORG):
+            successor.session._catch_up(event)
+        await successor.session._caught_up()
+        await successor.caller_turn("Repeat that, please.")  # t1 again (turn_no 0 resumed)
+        took = await successor.silence_until_idle(2.0)
+        assert took is not None and 0.5 - TICK <= took <= 0.5 + TICK
+    finally:
+        await successor.close()

@@ -120,6 +120,7 @@ class IdleState:
         self.clock = IdleClock(settings)
         self.unanswered = unanswered
         self.latest = ""  # the latest caller turn
+        self._ended: set[str] = set()  # the caller turns seen to end (each is awaited once)
         self._owed = 1  # the turn.completed events the brain still owes the unanswered turn
         # Utterances of it whose hand-off failed ("t3", then "t3.1" if the model tried again):
         # their last words are not the answer; the brain says more ("t3.1", "t3.2").
@@ -141,10 +142,12 @@ class IdleState:
 
         Once per turn: a successor that took the call over just after the turn ended detects it
         again from its resume point (the lease lags the events by up to a second), under the
-        same id; JetStream drops that repeat, so no second completion comes to end it.
+        same id; JetStream drops that repeat, so no second completion comes to end it. Not only
+        the latest: a turn of keys (``k<n>``, numbered apart) can have ended after it.
         """
-        if turn_id == self.latest:
+        if turn_id in self._ended:
             return
+        self._ended.add(turn_id)
         self.unanswered, self.latest, self._owed = turn_id, turn_id, 1
         self._failed.clear()
 
