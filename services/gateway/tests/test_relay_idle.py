@@ -263,3 +263,18 @@ async def test_a_keys_turn_waits_for_its_answer_as_a_spoken_one_does(gateway, ev
     await bus.publish(TurnCompleted(org_id=ORG, call_id=call_id, turn_id=turn.turn_id))
     [prompt] = await events.wait("caller.idle", call_id, timeout=3)
     assert prompt.turn_id == "i0"
+
+
+async def test_a_caller_typing_keys_is_not_asked_whether_they_are_there(gateway, events, db):
+    """An agent that waits longer for the next key than it lets a silence last: the caller
+    looking for their card between two digits is busy, not silent."""
+    await update_agent(db, ORG, MANAGED_AGENT, {"idle_prompt_s": PROMPT_S,
+                                                "idle_hangup_s": HANGUP_S,
+                                                "keypad_timeout_ms": 2000})
+    ws, _, call_id = await setup(gateway, events)
+    await send(ws, {"type": "dtmf", "digit": "4"})
+    await asyncio.sleep(PROMPT_S + 0.8)
+    assert events.of("caller.idle", call_id) == []
+    [turn] = await events.wait("turn.user_ended", call_id, timeout=3)
+    assert (turn.reason, turn.text) == ("dtmf", "4")
+    assert events.of("caller.idle", call_id) == []  # the turn awaits its answer now

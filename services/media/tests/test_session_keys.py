@@ -162,3 +162,18 @@ async def test_keys_being_typed_at_a_take_over_are_not_cut_in_two(bus) -> None:
     assert await successor.turns() == []  # the caller is still typing
     await successor.press("4", "#")
     assert await successor.turns() == [("k1", "314#", "dtmf")]
+
+
+async def test_a_caller_typing_keys_is_not_asked_whether_they_are_there(bus) -> None:
+    # An agent that waits 5 s for the next key and prompts after 0.5 s of silence: the caller
+    # looking for their card between two digits is busy, not silent.
+    patient = AgentSettings(greeting="", idle_prompt_s=0.5, idle_hangup_s=0,
+                            keypad_timeout_ms=5000)
+    call = Call(bus, "call-keys-idle", patient)
+    await call.audio(0.1)
+    await call.press("1")
+    await call.audio(4.9)
+    assert call.session._idle_state.idle_count == 0
+    await call.audio(0.1)
+    assert await call.turns() == [("k1", "1", "dtmf")]
+    assert call.session._idle_state.idle_count == 0  # the turn now awaits its answer

@@ -1092,7 +1092,7 @@ class CallSession:
         """Whether the caller or the agent is at it, or a caller turn waits for its answer."""
         if self._idle_state.unanswered or self._speech_start_ms is not None:
             return True
-        if self.detector.in_turn:
+        if self.detector.in_turn or self._keypad.pending:  # speaking, or typing keys
             return True
         if not self._speak_queue.empty():
             return True

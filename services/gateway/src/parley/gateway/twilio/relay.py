@@ -263,6 +263,7 @@ class RelaySession(TwilioSession):
         if isinstance(event, CallEnded):
             self._call_ended = True
             self.keypad.clear()  # the timer then finds nothing due
+            self._typing()
         if self.idle is not None:
             if isinstance(event, CallStreamStarted) and event.stream_id != self.stream_id:
                 # The call went on on a newer socket (a reconnect, perhaps to another instance,
@@ -319,6 +320,7 @@ class RelaySession(TwilioSession):
         if self._call_ended:
             return
         keys = self.keypad.press(digit, _now_ms())
+        self._typing()
         if keys is not None:
             await self._publish_keys(keys)
         elif self.keypad.due_ms is not None and (self._keys_timer is None
@@ -334,8 +336,18 @@ class RelaySession(TwilioSession):
         while (due_ms := self.keypad.due_ms) is not None:
             await asyncio.sleep(max(0, due_ms - _now_ms()) / 1000)
             keys = self.keypad.poll(_now_ms())
+            self._typing()
             if keys is not None:
                 await self._publish_keys(keys)
+
+    def _typing(self) -> None:
+        """Tell the idle clock whether keys are being typed: that caller is busy, not silent.
+
+        (``keypad_timeout_ms`` may pass ``idle_prompt_s``.) Once the keys make a turn, the turn
+        holds the count until it is answered.
+        """
+        if self.idle is not None:
+            self.idle.typing = bool(self.keypad.pending)
 
     async def _publish_keys(self, keys: str) -> None:
         """turn.user_ended (reason ``dtmf``) under a turn id of its own, not the spoken one's.

@@ -45,6 +45,7 @@ class RelayIdle:
         self.client_speaking = False
         self.agent_speaking = False
         self.speaking_until = 0.0  # when the text sent so far is said, by the estimate
+        self.typing = False  # keys typed that have not made their turn yet
         self.ended = False  # call.ended seen: nothing more is due
 
     @property
@@ -91,7 +92,7 @@ class RelayIdle:
     def busy(self, now: float) -> bool:
         """Whether anything is going on at ``now`` (see the module docstring)."""
         return bool(self.state.unanswered or self.client_speaking or self.agent_speaking
-                    or now < self.speaking_until)
+                    or self.typing or now < self.speaking_until)
 
     def tick(self, now: float | None = None) -> Action | None:
         """Count the silence up to ``now``; what is due, if anything."""
