@@ -13,6 +13,7 @@ from parley.brain.llm.anthropic_llm import to_anthropic_messages
 from parley.brain.llm.base import ToolResult, ToolUse
 from parley.common.events import (
     AgentSay,
+    AgentSpeechInterrupted,
     Event,
     ToolCompleted,
     ToolRequested,
@@ -72,3 +73,24 @@ def test_a_use_still_waiting_for_its_result_is_answered_as_pending() -> None:
     [pending] = [m for m in items if isinstance(m, ToolResult)]
     assert pending.tool_use_id == "toolu_r" and "not in yet" in pending.content
     assert [m.id for m in items if isinstance(m, ToolUse)] == ["toolu_r"]
+
+
+def test_a_hand_off_whose_goodbye_the_caller_cut_off_is_not_running() -> None:
+    # "#" pressed over "Goodbye!": the turn of keys comes with the interruption, before the
+    # tools service's refusal of the end_call is stored. The model must not read the hang-up
+    # as under way (it would wait for it, or say goodbye again): it is not going to happen.
+    events: list[Event] = [
+        TurnUserEnded(org_id=ORG, call_id="c", turn_id="t1", text="That's all, thanks."),
+        AgentSay(org_id=ORG, call_id="c", turn_id="t1", seq=0, text="Goodbye!", last=True),
+        ToolRequested(org_id=ORG, call_id="c", turn_id="t1", tool_call_id="toolu_e",
+                      name="end_call", arguments={}),
+        AgentSpeechInterrupted(org_id=ORG, call_id="c", turn_id="t1", played_text="Good"),
+        TurnUserEnded(org_id=ORG, call_id="c", turn_id="k1", text="#", reason="dtmf"),
+    ]
+    messages = fold("c", events).llm_messages()
+    [note] = [m for m in messages if isinstance(m, ToolResult)]
+    assert note.tool_use_id == "toolu_e" and note.content.startswith("not done")
+    # Not interrupted: the hang-up is under way.
+    running = fold("c", [e for e in events if not isinstance(e, AgentSpeechInterrupted)])
+    [note] = [m for m in running.llm_messages() if isinstance(m, ToolResult)]
+    assert note.content.startswith("still running")

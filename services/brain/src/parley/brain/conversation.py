@@ -292,8 +292,9 @@ class Conversation:
         unanswered: list[str] = []  # the uses just passed, whose results come next
 
         def answer() -> None:
-            out.extend(results.get(tool_id) or ToolResult(tool_use_id=tool_id, content=(
-                "still running: its result is not in yet")) for tool_id in unanswered)
+            out.extend(results.get(tool_id) or ToolResult(
+                tool_use_id=tool_id, content=self._pending_note(tool_id))
+                for tool_id in unanswered)
             unanswered.clear()
 
         for m in self.messages:
@@ -305,6 +306,22 @@ class Conversation:
                 out.append(AssistantMessage(text=m.text) if isinstance(m, _TurnText) else m)
         answer()
         return tuple(out)
+
+
+    def _pending_note(self, tool_id: str) -> str:
+        """What the model reads for a tool use whose outcome is not in yet.
+
+        A hand-off whose last words the caller interrupted does not happen (the tools service
+        refuses it once it hears of the interruption), and the caller's turn can be folded in
+        before that refusal is: a key pressed over "Goodbye!" ends its turn with the
+        interruption. "Still running" there had the model wait for a hang-up that never came,
+        or say goodbye again.
+        """
+        owner = next((t for t in self.turns.values() if tool_id in t.tools), None)
+        if owner is not None and owner.interrupted and owner.tools[tool_id] in HAND_OFFS:
+            return ("not done: the caller interrupted the words before it, so the call goes "
+                    "on; answer what they say")
+        return "still running: its result is not in yet"
 
 
 class _TurnText(AssistantMessage, frozen=True, kw_only=True, tag="assistant"):
