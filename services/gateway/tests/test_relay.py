@@ -291,15 +291,15 @@ async def press(ws, events, call_id: str, keys: str) -> None:
 
 
 async def test_keys_typed_become_a_caller_turn_once_the_caller_stops(gateway, events, db):
-    await update_agent(db, ORG, MANAGED_AGENT, {"keypad_timeout_ms": 300})
+    await update_agent(db, ORG, MANAGED_AGENT, {"keypad_timeout_ms": 600})
     ws, _, call_id = await setup_relay(gateway, events)
     loop = asyncio.get_running_loop()
     await press(ws, events, call_id, "1")
-    await asyncio.sleep(0.2)  # within the timeout: the next key moves the turn's end on
+    await asyncio.sleep(0.2)  # well within the timeout: the next key moves the turn's end on
+    last_key = loop.time()  # before it is sent: the relay has it no sooner
     await press(ws, events, call_id, "2")
-    last_key = loop.time()
     [turn] = await events.wait("turn.user_ended", call_id, timeout=3)
-    assert loop.time() - last_key >= 0.3
+    assert loop.time() - last_key >= 0.6
     assert turn.text == "12" and turn.reason == "dtmf" and turn.turn_id.startswith("turn_")
     assert [d.digit for d in events.of("call.dtmf", call_id)] == ["1", "2"]
     assert events.of("transcript.final", call_id) == []  # keys are not speech
@@ -333,7 +333,8 @@ async def test_keypad_input_off_keys_are_no_turn_but_still_call_dtmf(gateway, ev
 
 async def test_keys_pending_when_the_call_ends_or_the_socket_closes_make_no_turn(
         gateway, events, bus, db):
-    await update_agent(db, ORG, MANAGED_AGENT, {"keypad_timeout_ms": 300})
+    # Long enough for the hang-up to be seen first however loaded the machine.
+    await update_agent(db, ORG, MANAGED_AGENT, {"keypad_timeout_ms": 2000})
     ws, _, call_id = await setup_relay(gateway, events)
     await press(ws, events, call_id, "1#")
     await events.wait("turn.user_ended", call_id)
@@ -341,11 +342,12 @@ async def test_keys_pending_when_the_call_ends_or_the_socket_closes_make_no_turn
     assert await request(bus, call_id, "hangup") == {"ok": True}
     await events.wait("call.ended", call_id)
     await press(ws, events, call_id, "3")  # the socket outlives the call until Twilio closes it
-    await asyncio.sleep(0.6)
+    await asyncio.sleep(2.2)  # "2" (and "3") would have made their turn by now
     assert [t.text for t in events.of("turn.user_ended", call_id)] == ["1#"]
 
+    await update_agent(db, ORG, MANAGED_AGENT, {"keypad_timeout_ms": 500})
     ws, _, call_id = await setup_relay(gateway, events)  # another call
     await press(ws, events, call_id, "4")
     await ws.close()
-    await asyncio.sleep(0.6)
+    await asyncio.sleep(1.0)
     assert events.of("turn.user_ended", call_id) == []
