@@ -65,3 +65,13 @@ def test_settings_come_from_the_agent() -> None:
     assert settings == KeypadSettings(enabled=True, timeout_ms=1500, end_key="*")
     assert not KeypadSettings.of(AgentSettings(keypad_input=False)).enabled
     assert KeypadSettings.of(AgentSettings()) == KeypadSettings()
+
+
+def test_drop_forgets_the_keys_another_ended_a_turn_with_and_keeps_the_rest() -> None:
+    pad = Keypad(KeypadSettings(timeout_ms=1000))
+    for n, key in enumerate("123"):
+        pad.press(key, n * 100)
+    pad.drop("12")
+    assert pad.pending == "3" and pad.due_ms == 1200
+    pad.drop("9")  # not what was typed first: nothing of it is known to be pending
+    assert pad.pending == "" and pad.due_ms is None

@@ -177,3 +177,20 @@ async def test_a_caller_typing_keys_is_not_asked_whether_they_are_there(bus) -> 
     await call.audio(0.1)
     assert await call.turns() == [("k1", "1", "dtmf")]
     assert call.session._idle_state.idle_count == 0  # the turn now awaits its answer
+
+
+async def test_keys_typed_after_a_turn_its_predecessor_published_late_stay_pending(bus) -> None:
+    # The caller typed "12", paused, and typed "3" just as the predecessor's turn of "12" was
+    # being stored (stored after the "3"); then it died. The "3" begins the next turn.
+    call = Call(bus, "call-keys-late")
+    for key in "123":
+        await bus.publish(CallDtmf(org_id=ORG, call_id=call.call_id, digit=key))
+    await bus.publish(TurnUserEnded(org_id=ORG, call_id=call.call_id, turn_id="k1", text="12",
+                                    reason="dtmf"))
+    successor = Call(bus, call.call_id)
+    successor.session._history = {}
+    for event in await bus.replay_call(call.call_id, org_id=ORG):
+        successor.session._catch_up(event)
+    await successor.session._caught_up()
+    await successor.audio(1.2)
+    assert await successor.turns() == [("k1", "12", "dtmf"), ("k2", "3", "dtmf")]

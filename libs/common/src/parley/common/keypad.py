@@ -74,6 +74,17 @@ class Keypad:
             return None
         return self._take()
 
+    def drop(self, keys: str) -> None:
+        """Forget ``keys``, typed first, as another ended their turn; keep the keys after them.
+
+        (A media successor reading the call's past: the predecessor's turn of keys can be
+        stored after keys the caller typed next.) Keys that do not begin with them: all go.
+        """
+        if self.pending.startswith(keys):
+            del self._keys[:len(keys)]
+        else:
+            self._keys.clear()
+
     def clear(self) -> None:
         """Forget the keys typed (the call ended, or its owner changed)."""
         self._keys.clear()

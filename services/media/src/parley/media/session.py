@@ -724,12 +724,17 @@ class CallSession:
             self._keys_unsent = self._press(event.digit, event.at.timestamp()) or (
                 self._keys_unsent)
         elif isinstance(event, TurnUserEnded) and event.reason == "dtmf":
-            # Published: the keys up to here are that turn's (a predecessor ended it).
+            # Published (a predecessor ended it): its keys are neither unsent nor pending. Keys
+            # typed after them, stored before it, still are.
             number = event.turn_id[1:]
             if event.turn_id[:1] == "k" and number.isdigit():
                 self._key_turns = max(self._key_turns, int(number))
-            self._keypad.clear()
-            self._keys_unsent, self._keys_due_ms = None, math.inf
+            if self._keys_unsent == event.text:
+                self._keys_unsent = None
+            else:
+                self._keypad.drop(event.text)
+            due = self._keypad.due_ms
+            self._keys_due_ms = math.inf if due is None else due
         self._idle_state.observe(event)
 
     async def _caught_up(self) -> None:
