@@ -180,7 +180,9 @@ async def test_a_broken_synthesiser_is_replaced_by_piper(
     assert result.latencies_ms[0] is not None, result.turns
     assert result.stream is not None
     heard = await understood(b"".join(audio for _, audio in result.stream.agent_audio))
-    assert {"cleaning", "tuesday"} <= set(heard), heard  # Whisper tiny: "booked" → "book"
+    # Whisper tiny on Piper's voice (which varies from run to run) mishears a word here and
+    # there ("booked" → "book", "cleaning" → "claiming" on a CI run): most of them will do.
+    assert len({"cleaning", "book", "booked", "tuesday", "morning"} & set(heard)) >= 3, heard
 
     await stored_call(platform.database_url, brain.call_id, until="usage.recorded")
     await brain.wait("usage.recorded", count=2)
