@@ -194,3 +194,18 @@ async def test_keys_typed_after_a_turn_its_predecessor_published_late_stay_pendi
     await successor.session._caught_up()
     await successor.audio(1.2)
     assert await successor.turns() == [("k1", "12", "dtmf"), ("k2", "3", "dtmf")]
+
+
+async def test_keys_typed_after_an_unpublished_turn_of_keys_still_make_their_turn(bus) -> None:
+    # The predecessor saw "1#" end a turn but died before publishing it; the caller had typed
+    # "5" since. The successor publishes k1, and the "5" still ends its own turn when due.
+    call = Call(bus, "call-keys-unsent-then")
+    for key in "1#5":
+        await bus.publish(CallDtmf(org_id=ORG, call_id=call.call_id, digit=key))
+    successor = Call(bus, call.call_id)
+    successor.session._history = {}
+    for event in await bus.replay_call(call.call_id, org_id=ORG):
+        successor.session._catch_up(event)
+    await successor.session._caught_up()
+    await successor.audio(1.2)
+    assert await successor.turns() == [("k1", "1#", "dtmf"), ("k2", "5", "dtmf")]

@@ -429,7 +429,8 @@ class CallSession:
             await self._barge_in_on_frame(now)
             await self._poll_turn()
         if self.audio_ms >= self._keys_due_ms:
-            keys, self._keys_due_ms = self._keypad.poll(self.audio_ms), math.inf
+            keys = self._keypad.poll(self.audio_ms)
+            self._rearm_keys()
             await self._end_turn_of_keys(keys)
         if self.audio_ms >= self._idle_due_ms:
             await self._idle_tick()
@@ -496,9 +497,13 @@ class CallSession:
         """A key the caller pressed at ``at`` (wall time): the turn of keys it ends, if any."""
         self._keys_last_ms, self._keys_wall = self._key_ms(at), at
         keys = self._keypad.press(key, self._keys_last_ms)
+        self._rearm_keys()
+        return keys
+
+    def _rearm_keys(self) -> None:
+        """When the keys pending make their turn if no other key comes (inf: none pending)."""
         due = self._keypad.due_ms
         self._keys_due_ms = math.inf if due is None else due
-        return keys
 
     def _key_ms(self, at: float) -> int:
         """Where a key pressed at wall time ``at`` falls on the audio clock.
@@ -523,8 +528,7 @@ class CallSession:
         for key in pending:  # (no end key among them: it would have ended their turn)
             self._keypad.press(key, at_ms)
         self._keys_last_ms = at_ms
-        due = self._keypad.due_ms
-        self._keys_due_ms = math.inf if due is None else due
+        self._rearm_keys()
 
     async def _end_turn_of_keys(self, keys: str | None) -> None:
         """The keys typed end a caller turn of their own: ``k<n>``, reason ``dtmf``.
@@ -536,7 +540,7 @@ class CallSession:
         """
         if not keys:
             return
-        self._keys_due_ms = math.inf
+        self._rearm_keys()  # keys typed after these (a successor's past) are still pending
         self.detector.turn_of_keys()
         self._key_turns += 1
         turn_id = f"k{self._key_turns}"
@@ -733,8 +737,7 @@ class CallSession:
                 self._keys_unsent = None
             else:
                 self._keypad.drop(event.text)
-            due = self._keypad.due_ms
-            self._keys_due_ms = math.inf if due is None else due
+            self._rearm_keys()
         self._idle_state.observe(event)
 
     async def _caught_up(self) -> None:
