@@ -51,6 +51,16 @@ class Call:
                 if isinstance(e, TurnUserEnded)]
 
 
+async def take_over(bus: Bus, call_id: str) -> Call:
+    """A successor's session, having read the call's past events (as its run() does)."""
+    successor = Call(bus, call_id)
+    successor.session._history = {}
+    for event in await bus.replay_call(call_id, org_id=ORG):
+        successor.session._catch_up(event)
+    await successor.session._caught_up()
+    return successor
+
+
 async def test_keys_end_their_turn_when_the_caller_stops_typing(bus) -> None:
     call = Call(bus, "call-keys-1")
     await call.audio(0.2)
@@ -104,19 +114,11 @@ async def test_a_successor_publishes_keys_its_predecessor_saw_end_and_numbers_on
     # The predecessor stores the caller's next keys, then dies before its turn is published.
     for key in "57#":
         await bus.publish(CallDtmf(org_id=ORG, call_id=call.call_id, digit=key))
-    successor = Call(bus, call.call_id)
-    successor.session._history = {}
-    for event in await bus.replay_call(call.call_id, org_id=ORG):
-        successor.session._catch_up(event)
-    await successor.session._caught_up()
+    successor = await take_over(bus, call.call_id)
     assert await successor.turns() == [("k1", "1#", "dtmf"), ("k2", "57#", "dtmf")]
 
     # A third session reading all of that publishes nothing again, and goes on from k3.
-    third = Call(bus, call.call_id)
-    third.session._history = {}
-    for event in await bus.replay_call(call.call_id, org_id=ORG):
-        third.session._catch_up(event)
-    await third.session._caught_up()
+    third = await take_over(bus, call.call_id)
     await third.audio(2)
     await third.press("0", "#")
     assert [t[0] for t in await third.turns()] == ["k1", "k2", "k3"]
@@ -127,11 +129,7 @@ async def test_keys_a_predecessor_heard_still_being_typed_end_with_the_successor
     call = Call(bus, "call-keys-6")
     for key in "31":
         await bus.publish(CallDtmf(org_id=ORG, call_id=call.call_id, digit=key))
-    successor = Call(bus, call.call_id)
-    successor.session._history = {}
-    for event in await bus.replay_call(call.call_id, org_id=ORG):
-        successor.session._catch_up(event)
-    await successor.session._caught_up()
+    successor = await take_over(bus, call.call_id)
     assert await successor.turns() == []
     await successor.audio(1.2)
     assert await successor.turns() == [("k1", "31", "dtmf")]
@@ -148,11 +146,7 @@ async def test_keys_being_typed_at_a_take_over_are_not_cut_in_two(bus) -> None:
     now = time.time()
     await bus.publish(CallDtmf(org_id=ORG, call_id=call.call_id, digit="3",
                                at=datetime.fromtimestamp(now - 2.0, UTC)))
-    successor = Call(bus, call.call_id)
-    successor.session._history = {}
-    for event in await bus.replay_call(call.call_id, org_id=ORG):
-        successor.session._catch_up(event)
-    await successor.session._caught_up()
+    successor = await take_over(bus, call.call_id)
     sent = now - 3.0  # the resume frame: sent 3 s ago, 60 s into the call
     for i in range(150):  # the 3 s of audio since, read from the stream (behind)
         if i == 75:  # the caller presses 1 while the successor is still catching up
@@ -187,11 +181,7 @@ async def test_keys_typed_after_a_turn_its_predecessor_published_late_stay_pendi
         await bus.publish(CallDtmf(org_id=ORG, call_id=call.call_id, digit=key))
     await bus.publish(TurnUserEnded(org_id=ORG, call_id=call.call_id, turn_id="k1", text="12",
                                     reason="dtmf"))
-    successor = Call(bus, call.call_id)
-    successor.session._history = {}
-    for event in await bus.replay_call(call.call_id, org_id=ORG):
-        successor.session._catch_up(event)
-    await successor.session._caught_up()
+    successor = await take_over(bus, call.call_id)
     await successor.audio(1.2)
     assert await successor.turns() == [("k1", "12", "dtmf"), ("k2", "3", "dtmf")]
 
@@ -202,10 +192,6 @@ async def test_keys_typed_after_an_unpublished_turn_of_keys_still_make_their_tur
     call = Call(bus, "call-keys-unsent-then")
     for key in "1#5":
         await bus.publish(CallDtmf(org_id=ORG, call_id=call.call_id, digit=key))
-    successor = Call(bus, call.call_id)
-    successor.session._history = {}
-    for event in await bus.replay_call(call.call_id, org_id=ORG):
-        successor.session._catch_up(event)
-    await successor.session._caught_up()
+    successor = await take_over(bus, call.call_id)
     await successor.audio(1.2)
     assert await successor.turns() == [("k1", "1#", "dtmf"), ("k2", "5", "dtmf")]
