@@ -1,6 +1,9 @@
+import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from aiohttp import web
 
 from parley.brain.llm.base import (
     AssistantMessage,
@@ -137,3 +140,55 @@ async def test_the_emulator_refuses_tool_calls_not_answered_at_once_as_the_api_d
     events = await collect(llm, LlmRequest(system=system, tools=(LOOKUP,), messages=(
         UserMessage(text="Where is order 42?"), use, result)))
     assert isinstance(events[-1], Done)
+
+
+async def raw_sse_server(events: list[dict[str, Any]]) -> tuple[web.AppRunner, str]:
+    """A chat completions server that streams exactly ``events`` (then ``[DONE]``)."""
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in events:
+            await response.write(f"data: {json.dumps(event)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+
+
+def _chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+
+
+@pytest.mark.parametrize("server", ["ollama (every call index 0)", "no index, one chunk"])
+async def test_several_tool_calls_stay_apart_when_the_server_numbers_them_all_alike(
+        server: str) -> None:
+    # Ollama labels every tool call of a response index 0 (each call whole, with its own id);
+    # older servers send no index at all. Keyed by index alone, the calls merged into one
+    # whose arguments were two JSON objects end to end: "arguments are not JSON", and the
+    # turn that asked for two lookups failed.
+    first = {"id": "call_a", "type": "function",
+             "function": {"name": "lookup_order", "arguments": '{"order": "42"}'}}
+    second = {"id": "call_b", "type": "function",
+              "function": {"name": "lookup_order", "arguments": '{"order": "43"}'}}
+    if server.startswith("ollama"):
+        events = [_chunk({"tool_calls": [{**first, "index": 0}]}),
+                  _chunk({"tool_calls": [{**second, "index": 0}]})]
+    else:
+        events = [_chunk({"tool_calls": [first, second]})]
+    runner, base_url = await raw_sse_server([*events, _chunk({}, "tool_calls")])
+    llm = OpenAICompatLlm(base_url=base_url, model="llama3")
+    try:
+        calls = [e for e in await collect(llm, REQUEST) if isinstance(e, ToolCall)]
+    finally:
+        await llm.aclose()
+        await runner.cleanup()
+    assert calls == [ToolCall(id="call_a", name="lookup_order", arguments={"order": "42"}),
+                     ToolCall(id="call_b", name="lookup_order", arguments={"order": "43"})]

@@ -200,7 +200,20 @@ async def _sse_chunks(response: aiohttp.ClientResponse,
 
 
 def _add_fragment(calls: dict[int, dict[str, Any]], fragment: dict[str, Any]) -> None:
-    call = calls.setdefault(fragment.get("index", 0), {"id": "", "name": "", "arguments": []})
+    """Add a ``delta.tool_calls`` fragment to the call it continues, or start a call with it.
+
+    It continues the latest call of its ``index`` (without one: the latest call) unless it
+    brings another id: Ollama numbers every call of a response 0, and some servers send no
+    index, each call whole with its own id.
+    """
+    index = fragment.get("index")
+    slot = max((s for s, c in calls.items() if index is None or c["index"] == index),
+               default=None)
+    new_id = fragment.get("id")
+    if slot is None or (new_id and calls[slot]["id"] and new_id != calls[slot]["id"]):
+        slot = max(calls, default=-1) + 1
+        calls[slot] = {"index": index, "id": "", "name": "", "arguments": []}
+    call = calls[slot]
     if fragment.get("id"):
         call["id"] = fragment["id"]
     function = fragment.get("function") or {}
