@@ -1,6 +1,8 @@
 import logging
 
 import msgspec
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from psycopg.types.json import Jsonb
 
 from parley.common.events import uuid7
@@ -214,3 +216,28 @@ async def test_missing_secret_fails_clearly(bus, pool, service, target, events):
     assert failed.type == "tool.failed"
     assert "secret 'nope'" in failed.error
     assert "/ok" not in target.hits
+
+
+async def test_a_deeply_nested_json_answer_is_passed_as_text(bus, pool, service, events):
+    # Nested deeper than the readers of events recurse (the tools service's own NUL scrub of
+    # the result failed at ~500 levels, after the tool ran): the outcome never came, and the
+    # run was reported ~a minute later as "may or may not have taken effect".
+    body = "[" * 600 + "]" * 600
+
+    async def deep(request: web.Request) -> web.Response:
+        return web.Response(text=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/deep", deep)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        await add_http_tool(pool, "deep", f"http://127.0.0.1:{server.port}/deep", method="GET")
+        await service()
+        call_id = await start_call(bus)
+        request = await request_tool(bus, call_id, "deep")
+        done = await events.outcome(request.tool_call_id)
+    finally:
+        await server.close()
+    assert done.type == "tool.completed", done
+    assert done.result == {"text": body}

@@ -36,6 +36,9 @@ ERROR_BODY_CHARS = 500
 DOT_SEGMENTS = frozenset({".", ".."})
 TEXT_TYPES = frozenset({"application/json", "application/xml", "application/javascript",
                         "application/x-www-form-urlencoded"})
+# Every reader of a result (the outcome's NUL scrub and redaction, event readers) recurses
+# through it: JSON nested deeper than this is passed on as text.
+MAX_RESULT_DEPTH = 64
 
 
 class _Transient(Exception):
@@ -159,10 +162,26 @@ def _result(raw: bytes, truncated: bool, content_type: str, limit: int,
         return ToolOutcome.success({"ok": True})
     if content_type == "application/json" or content_type.endswith("+json"):
         try:
-            return ToolOutcome.success(json.loads(text))
-        except ValueError:
+            parsed = json.loads(text)
+        except (ValueError, RecursionError):
             pass
+        else:
+            if _depth_at_most(parsed, MAX_RESULT_DEPTH):
+                return ToolOutcome.success(parsed)
     return ToolOutcome.success({"text": text})
+
+
+def _depth_at_most(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests lists and objects at most ``limit`` levels deep (no recursion)."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return False
+            children = item.values() if isinstance(item, dict) else item
+            pending.extend((child, depth + 1) for child in children)
+    return True
 
 
 def _is_binary(raw: bytes, content_type: str) -> bool:
