@@ -31,9 +31,9 @@ class TargetNotAllowed(OSError):
 def address_allowed(address: IPAddress) -> bool:
     """True for globally routable unicast addresses only.
 
-    Refuses private, loopback, link-local, multicast, reserved, unspecified and shared
-    (100.64/10) ranges, and IPv6 forms that embed an IPv4 address (mapped, 6to4, Teredo, NAT64)
-    when the embedded address is refused.
+    Refuses private, loopback, link-local, site-local, multicast, reserved, unspecified and
+    shared (100.64/10) ranges, and IPv6 forms that embed an IPv4 address (mapped, 6to4, Teredo,
+    NAT64) when the embedded address is refused.
     """
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is not None:
@@ -44,6 +44,8 @@ def address_allowed(address: IPAddress) -> bool:
             return False
         if address in _NAT64 and not address_allowed(ipaddress.IPv4Address(
                 int(address) & 0xFFFF_FFFF)):
+            return False
+        if address.is_site_local:  # fec0::/10: deprecated, yet private where still in use
             return False
     return address.is_global and not (address.is_multicast or address.is_reserved
                                       or address.is_loopback or address.is_link_local
