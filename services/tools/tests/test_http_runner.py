@@ -113,3 +113,15 @@ async def test_a_binary_body_is_described_not_passed_as_text():
         await server.close()
     assert outcome.ok
     assert outcome.result == {"binary": True, "content_type": "image/png", "bytes": 16}
+
+
+async def test_a_secret_a_header_cannot_carry_fails_readably_without_a_request(endpoint):
+    # e.g. a token pasted with its trailing newline: aiohttp refuses the header (ValueError),
+    # which came out as "the tool failed unexpectedly", retryable, with a traceback.
+    base, seen = endpoint
+    tool = http_tool(base + "/x", headers={"Authorization": "Bearer {secret:crm}"},
+                     method="GET")
+    outcome = await run(tool, {}, {"crm": SECRET + "\n"})
+    assert not outcome.ok and outcome.retryable is False
+    assert "'crm'" in outcome.error and SECRET[:6] not in outcome.error
+    assert seen == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import quote, unquote
@@ -39,6 +40,7 @@ TEXT_TYPES = frozenset({"application/json", "application/xml", "application/java
 # Every reader of a result (the outcome's NUL scrub and redaction, event readers) recurses
 # through it: JSON nested deeper than this is passed on as text.
 MAX_RESULT_DEPTH = 64
+HEADER_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters but tab
 
 
 class _Transient(Exception):
@@ -232,6 +234,10 @@ def render_headers(templates: Mapping[str, str], secrets: Mapping[str, str]) -> 
         name = match.group(1)
         if name not in secrets:
             raise ToolError(f"the tool needs the secret {name!r}, which the org has not set")
+        if HEADER_FORBIDDEN.search(secrets[name]):  # aiohttp would refuse the header
+            raise ToolError(f"the org's secret {name!r} contains a line break or another "
+                            "control character, which a header cannot carry; the org must "
+                            "set it again without it")
         return secrets[name]
 
     return {key: SECRET_PLACEHOLDER.sub(substitute, value) for key, value in templates.items()}
