@@ -12,13 +12,21 @@ from parley.brain.llm.base import (
     LlmRequest,
     ProviderSwitched,
     TextDelta,
+    ToolCall,
+    ToolCallStarted,
     ToolSpec,
     UserMessage,
 )
 from parley.brain.llm.local_responder import LocalResponder
+from parley.brain.llm.openai_compat import OpenAICompatLlm
 from parley.brain.llm.router import LlmRouter, RouterEvent
 from parley.common.resilience import CircuitBreaker, CircuitState
-from parley.devkit.emulators.anthropic import AnthropicEmulator, ScriptedReply
+from parley.devkit.emulators.anthropic import (
+    AnthropicEmulator,
+    ScriptedReply,
+    ScriptedToolUse,
+)
+from parley.devkit.emulators.openai_compat import OpenAICompatEmulator
 
 REQUEST = LlmRequest(messages=(UserMessage(text="Hello"),))
 
@@ -234,3 +242,40 @@ async def test_cancelling_the_consumer_cancels_the_provider() -> None:
     assert slow.closed == 1
     assert router.health["slow"].breaker.state is CircuitState.CLOSED
     assert router.health["slow"].error_rate == 0
+
+
+@pytest.mark.parametrize("vendor", ["anthropic", "openai"])
+async def test_a_tool_call_being_written_is_not_taken_for_a_stalled_provider(
+        vendor: str) -> None:
+    # A model that answers with a tool call streams its arguments, which become one ToolCall
+    # only once complete: the router saw nothing until then and, past the first-token
+    # deadline, dropped a provider that was streaming, counted it as failing (its breaker
+    # opens after three such turns), and answered the booking with the local responder.
+    emulator: AnthropicEmulator | OpenAICompatEmulator
+    llm: AnthropicLlm | OpenAICompatLlm
+    if vendor == "anthropic":
+        emulator = AnthropicEmulator(api_key="k", tokens_per_second=25)
+        await emulator.start()
+        llm = AnthropicLlm(api_key="k", base_url=emulator.base_url)
+    else:
+        emulator = OpenAICompatEmulator(api_key="k", tokens_per_second=25)
+        await emulator.start()
+        llm = OpenAICompatLlm(base_url=f"{emulator.base_url}/v1", model="m", api_key="k")
+    booking = {"day": "Tuesday", "time": "10:30", "patient": "Jane Doe",
+               "reason": "cleaning and a check-up"}
+    try:
+        emulator.script(ScriptedReply(tool_uses=(
+            ScriptedToolUse(name="book_appointment", input=booking, id="toolu_1"),)))
+        router = LlmRouter([llm, LocalResponder()], first_token_deadline_s=0.3,
+                           filler_after_ms=None)
+        events = await collect(router, LlmRequest(
+            messages=(UserMessage(text="Book me in Tuesday at 10:30"),),
+            tools=(ToolSpec(name="book_appointment"),)))
+        assert not any(isinstance(e, ProviderSwitched | ToolCallStarted) for e in events)
+        assert [e for e in events if isinstance(e, ToolCall)] == [
+            ToolCall(id="toolu_1", name="book_appointment", arguments=booking)]
+        assert events[-1].provider == vendor  # type: ignore[union-attr]
+        assert router.health[vendor].error_rate == 0
+    finally:
+        await llm.aclose()
+        await emulator.stop()

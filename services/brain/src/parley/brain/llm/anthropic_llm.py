@@ -44,6 +44,7 @@ from .base import (
     Message,
     TextDelta,
     ToolCall,
+    ToolCallStarted,
     ToolResult,
     ToolUse,
     Usage,
@@ -145,6 +146,7 @@ class AnthropicLlm:
                         case "content_block_start" if event.content_block.type == "tool_use":
                             block = event.content_block
                             tools[event.index] = (block.id, block.name, [])
+                            yield ToolCallStarted(name=block.name)
                         case "content_block_delta":
                             delta = event.delta
                             if ttft_ms is None:

@@ -20,7 +20,8 @@ import msgspec
 __all__ = [
     "AssistantMessage", "Done", "Filler", "KnowledgeChunk", "LlmError", "LlmEvent", "LlmProvider",
     "LlmRequest", "Message", "ProviderSwitched", "SystemPrompt", "TextDelta", "ToolCall",
-    "ToolResult", "ToolSpec", "ToolUse", "Usage", "UserMessage", "is_retryable_status",
+    "ToolCallStarted", "ToolResult", "ToolSpec", "ToolUse", "Usage", "UserMessage",
+    "is_retryable_status",
 ]
 
 
@@ -133,6 +134,16 @@ class ToolCall(msgspec.Struct, frozen=True, kw_only=True, tag="tool_call"):
     arguments: dict[str, Any]
 
 
+class ToolCallStarted(msgspec.Struct, frozen=True, kw_only=True, tag="tool_call_started"):
+    """The model began a tool call, whose arguments are streaming: it is answering.
+
+    For the router, which does not pass it on: a reply that begins with a tool call shows
+    nothing else until the call is complete, and would look like a stalled provider.
+    """
+
+    name: str
+
+
 class Done(msgspec.Struct, frozen=True, kw_only=True, tag="done"):
     """The end of a response.
 
@@ -163,7 +174,7 @@ class ProviderSwitched(msgspec.Struct, frozen=True, kw_only=True, tag="provider_
     reason: str
 
 
-LlmEvent = TextDelta | ToolCall | Done
+LlmEvent = TextDelta | ToolCall | ToolCallStarted | Done
 
 
 def is_retryable_status(status: int | None) -> bool:

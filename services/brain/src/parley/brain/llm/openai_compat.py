@@ -29,6 +29,7 @@ from .base import (
     LlmRequest,
     TextDelta,
     ToolCall,
+    ToolCallStarted,
     ToolResult,
     ToolUse,
     Usage,
@@ -115,7 +116,8 @@ class OpenAICompatLlm:
                         if delta.get("content"):
                             yield TextDelta(text=delta["content"])
                         for fragment in delta.get("tool_calls") or []:
-                            _add_fragment(calls, fragment)
+                            if _add_fragment(calls, fragment):
+                                yield ToolCallStarted(name=calls[max(calls)]["name"])
                         if choice.get("finish_reason"):
                             stop_reason = _STOP_REASONS.get(choice["finish_reason"],
                                                             choice["finish_reason"])
@@ -199,8 +201,8 @@ async def _sse_chunks(response: aiohttp.ClientResponse,
         yield chunk
 
 
-def _add_fragment(calls: dict[int, dict[str, Any]], fragment: dict[str, Any]) -> None:
-    """Add a ``delta.tool_calls`` fragment to the call it continues, or start a call with it.
+def _add_fragment(calls: dict[int, dict[str, Any]], fragment: dict[str, Any]) -> bool:
+    """Add a ``delta.tool_calls`` fragment to the call it continues, or start one (True).
 
     It continues the latest call of its ``index`` (without one: the latest call) unless it
     brings another id: Ollama numbers every call of a response 0, and some servers send no
@@ -210,7 +212,8 @@ def _add_fragment(calls: dict[int, dict[str, Any]], fragment: dict[str, Any]) ->
     slot = max((s for s, c in calls.items() if index is None or c["index"] == index),
                default=None)
     new_id = fragment.get("id")
-    if slot is None or (new_id and calls[slot]["id"] and new_id != calls[slot]["id"]):
+    started = slot is None or bool(new_id and calls[slot]["id"] and new_id != calls[slot]["id"])
+    if started:
         slot = max(calls, default=-1) + 1
         calls[slot] = {"index": index, "id": "", "name": "", "arguments": []}
     call = calls[slot]
@@ -221,6 +224,7 @@ def _add_fragment(calls: dict[int, dict[str, Any]], fragment: dict[str, Any]) ->
         call["name"] = function["name"]
     if function.get("arguments"):
         call["arguments"].append(function["arguments"])
+    return started
 
 
 def _usage(reported: dict[str, Any]) -> Usage:

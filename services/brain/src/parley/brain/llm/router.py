@@ -5,10 +5,11 @@ a ``max_cost`` budget leaves out dearer ones, an open circuit breaker leaves a p
 until its reset timeout — and tries them in order: the configured order (best first), with
 unhealthy ones (half-open breaker, error-rate EWMA over ``max_error_rate``) moved behind the
 healthy ones. An attempt that fails *before its first token* — an error, or no token within
-``first_token_deadline_s`` — is counted against the provider (health EWMA and breaker) and the
-next one is tried, announced by a :class:`ProviderSwitched` event. An error that is about the
-request rather than the provider (a 400, 413 or 422; a reply the model garbled, such as tool
-arguments that are not JSON) is not counted: one call's bad request, redelivered a few times,
+``first_token_deadline_s`` (a tool call begun counts: :class:`ToolCallStarted`, not passed
+on) — is counted against the provider (health EWMA and breaker) and the next one is tried,
+announced by a :class:`ProviderSwitched` event. An error that is about the request rather
+than the provider (a 400, 413 or 422; a reply the model garbled, such as tool arguments that
+are not JSON) is not counted: one call's bad request, redelivered a few times,
 would otherwise open the breaker and take the provider away from every call on the instance.
 A failure *after* text went out ends the turn with :class:`LlmError`: repeating half a sentence
 would be worse.
@@ -42,6 +43,7 @@ from .base import (
     LlmProvider,
     LlmRequest,
     ProviderSwitched,
+    ToolCallStarted,
 )
 
 __all__ = ["LlmRouter", "ProviderHealth", "RouterEvent", "against_provider"]
@@ -174,7 +176,7 @@ class LlmRouter:
         queue: asyncio.Queue[object] = asyncio.Queue()
         pump = asyncio.create_task(_pump(provider, request, queue),
                                    name=f"llm-{provider.name}")
-        deadline = self._clock() + self.first_token_deadline_s
+        deadline: float | None = self._clock() + self.first_token_deadline_s
         started = False
         try:
             while True:
@@ -182,18 +184,18 @@ class LlmRouter:
                     item = await queue.get()
                 else:
                     now = self._clock()
-                    wake = deadline if filler_due is None else min(deadline, filler_due)
+                    wakes = [t for t in (deadline, filler_due) if t is not None]
                     try:
                         # A timeout scope, not wait_for: that runs the get in a task of its own,
                         # and the first token would reach the turn two loop turns later.
-                        async with asyncio.timeout(max(wake - now, 0)):
+                        async with asyncio.timeout(max(min(wakes) - now, 0) if wakes else None):
                             item = await queue.get()
                     except TimeoutError:
                         if filler_due is not None and self._clock() >= filler_due:
                             filler_due = None
                             yield Filler(text=self.filler_text)
                             continue
-                        if self._clock() >= deadline:
+                        if deadline is not None and self._clock() >= deadline:
                             raise LlmError(provider.name, "no first token within "
                                            f"{self.first_token_deadline_s:g} s") from None
                         continue
@@ -201,6 +203,11 @@ class LlmRouter:
                     return
                 if isinstance(item, BaseException):
                     raise item
+                if isinstance(item, ToolCallStarted):
+                    # The model is writing a tool call: not stalled, though the caller hears
+                    # nothing yet (the filler stays due).
+                    deadline = None
+                    continue
                 started = True
                 yield item  # type: ignore[misc]
         finally:
