@@ -24,6 +24,21 @@ def test_public_addresses(address):
     assert address_allowed(ipaddress.ip_address(address))
 
 
+@pytest.mark.parametrize("address", [
+    "169.254.169.254", "fd00:ec2::254", "fe80::1", "::ffff:169.254.169.254",
+    "64:ff9b::a9fe:a9fe", "0.0.0.0", "::", "224.0.0.1"])
+def test_link_local_and_metadata_addresses_are_refused_even_when_private_is_allowed(address):
+    # An org allowed its own private services must not reach the cloud's instance metadata
+    # service, which hands out the platform's credentials.
+    assert not address_allowed(ipaddress.ip_address(address), private_ok=True)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "10.1.2.3", "192.168.1.1", "::1", "fc00::1",
+                                     "93.184.216.34"])
+def test_private_and_loopback_addresses_pass_when_private_is_allowed(address):
+    assert address_allowed(ipaddress.ip_address(address), private_ok=True)
+
+
 def test_ip_literal_urls_are_checked_before_any_request():
     with pytest.raises(TargetNotAllowed):
         check_url("http://127.0.0.1:8080/x")
@@ -103,3 +118,13 @@ async def test_localhost_name_allowed_when_the_org_allows_private(bus, pool, ser
     call_id = await start_call(bus)
     request = await request_tool(bus, call_id, "by_name")
     assert (await events.outcome(request.tool_call_id)).type == "tool.completed"
+
+
+async def test_a_name_resolving_to_metadata_is_refused_even_when_private_is_allowed():
+    resolver = GuardedResolver(_FixedResolver(["10.0.0.5", "169.254.169.254"]), private_ok=True)
+    assert (await resolver.resolve("internal.example", 80))[0]["host"] == "10.0.0.5"
+    with pytest.raises(TargetNotAllowed, match="not a reachable address"):
+        await resolver.resolve("metadata.example", 80)
+    with pytest.raises(TargetNotAllowed):
+        check_url("http://169.254.169.254/latest/meta-data/", private_ok=True)
+    check_url("http://127.0.0.1:8080/x", private_ok=True)

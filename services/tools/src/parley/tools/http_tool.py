@@ -70,8 +70,7 @@ async def _run(session: aiohttp.ClientSession, tool: HttpTool, arguments: dict[s
                allow_private: bool, hidden: list[str]) -> ToolOutcome:
     try:
         url, remaining = fill_url(tool.url, arguments)
-        if not allow_private:
-            check_url(url)
+        check_url(url, private_ok=allow_private)
         headers = render_headers(tool.headers, secrets)
     except ToolError as exc:
         return exc.outcome()

@@ -9,6 +9,11 @@ as aiohttp will (yarl): it normalises Unicode forms such as full-width digits or
 full stop (``１２７.０.０.１``, ``127。0。0。1``) to an IP literal, which the standard library's
 ``urlsplit`` leaves as a name. Redirects are never followed (a 3xx could point anywhere), and
 proxies from the environment are not used.
+
+An org allowed private targets (its own services on a private network, set by the operator)
+goes through the same guard with ``private_ok``: private and loopback addresses pass, but
+link-local ones never do — 169.254.169.254 and fd00:ec2::254 are the cloud's instance metadata
+services, which hand out the platform's own credentials and are no one's tool.
 """
 
 from __future__ import annotations
@@ -28,13 +33,16 @@ class TargetNotAllowed(OSError):
     """The tool's target resolves to an address tools may not reach."""
 
 
-def address_allowed(address: IPAddress) -> bool:
+def address_allowed(address: IPAddress, *, private_ok: bool = False) -> bool:
     """True for globally routable unicast addresses only.
 
     Refuses private, loopback, link-local, site-local, multicast, reserved, unspecified and
     shared (100.64/10) ranges, and IPv6 forms that embed an IPv4 address (mapped, 6to4, Teredo,
-    NAT64) when the embedded address is refused.
+    NAT64) when the embedded address is refused. ``private_ok``: only link-local, metadata,
+    multicast and unspecified addresses are refused (see the module docstring).
     """
+    if private_ok:
+        return not _never(address)
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is not None:
             return address_allowed(address.ipv4_mapped)
@@ -53,9 +61,23 @@ def address_allowed(address: IPAddress) -> bool:
 
 
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_METADATA_V6 = ipaddress.IPv6Address("fd00:ec2::254")  # AWS's, in the private fd00::/8
 
 
-def check_url(url: str) -> None:
+def _never(address: IPAddress) -> bool:
+    """An address no tool may reach, whatever the org allows: link-local (and metadata)."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour or (
+            address.teredo[1] if address.teredo else None) or (
+            ipaddress.IPv4Address(int(address) & 0xFFFF_FFFF) if address in _NAT64 else None)
+        if embedded is not None and _never(embedded):
+            return True
+        if address == _METADATA_V6:
+            return True
+    return address.is_link_local or address.is_multicast or address.is_unspecified
+
+
+def check_url(url: str, *, private_ok: bool = False) -> None:
     """Raise TargetNotAllowed for a URL whose host is a refused IP literal."""
     try:
         host = (URL(url).raw_host or "").split("%", 1)[0]  # the host aiohttp will connect to
@@ -65,8 +87,9 @@ def check_url(url: str) -> None:
         address = ipaddress.ip_address(host)
     except ValueError:
         return  # a host name: the guarded resolver checks what it resolves to
-    if not address_allowed(address):
-        raise TargetNotAllowed(f"target not allowed: {host} is not a public address")
+    if not address_allowed(address, private_ok=private_ok):
+        raise TargetNotAllowed(f"target not allowed: {host} is not a "
+                               f"{'reachable' if private_ok else 'public'} address")
 
 
 class GuardedResolver(AbstractResolver):
@@ -76,8 +99,10 @@ class GuardedResolver(AbstractResolver):
     and private answers from being used to probe the inside.
     """
 
-    def __init__(self, inner: AbstractResolver | None = None) -> None:
+    def __init__(self, inner: AbstractResolver | None = None, *,
+                 private_ok: bool = False) -> None:
         self._inner = inner or DefaultResolver()
+        self.private_ok = private_ok
 
     async def resolve(self, host: str, port: int = 0,
                       family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
@@ -85,9 +110,10 @@ class GuardedResolver(AbstractResolver):
         results = await self._inner.resolve(host, port, family)
         for result in results:
             address = ipaddress.ip_address(result["host"].split("%", 1)[0])
-            if not address_allowed(address):
+            if not address_allowed(address, private_ok=self.private_ok):
                 raise TargetNotAllowed(
-                    f"target not allowed: {host} resolves to {address}, not a public address")
+                    f"target not allowed: {host} resolves to {address}, not a "
+                    f"{'reachable' if self.private_ok else 'public'} address")
         return results
 
     async def close(self) -> None:

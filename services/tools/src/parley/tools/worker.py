@@ -71,7 +71,9 @@ class ToolsService:
             await self._pool.open(wait=True, timeout=30.0)
         guarded = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(resolver=GuardedResolver()), trust_env=False)
-        open_ = aiohttp.ClientSession(trust_env=False)
+        open_ = aiohttp.ClientSession(  # private targets, but never link-local (metadata)
+            connector=aiohttp.TCPConnector(resolver=GuardedResolver(private_ok=True)),
+            trust_env=False)
         self._sessions = [guarded, open_]
         dispatcher = Dispatcher(
             bus=self.bus, pool=self.pool, directory=CallDirectory(self.bus),
