@@ -1,3 +1,5 @@
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -194,3 +196,29 @@ async def test_a_question_with_a_nul_character_is_searched_without_it(
     await ingest(conn, "acme", None, "prices.md", PRICES)
     found = await retrieve(conn, "acme", "rx", "how much is a cleaning?\x00")
     assert found and found[0].source == "prices.md"
+
+
+async def test_a_large_upload_does_not_hold_up_the_calls_being_answered(
+        conn: psycopg.AsyncConnection[Any]) -> None:
+    # The knowledge API runs in the brain's event loop, beside the turns of live calls.
+    # Chunking a document at the upload limit (20 MB) ran on that loop for most of a second,
+    # and every caller waiting for an answer meanwhile heard that much more silence.
+    paragraph = b"The clinic is open Monday to Friday from nine to five. " * 8
+    data = b"\n\n".join([paragraph] * (20_000_000 // (len(paragraph) + 2)))
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    try:
+        result = await ingest(conn, "acme", None, "handbook.txt", data)
+    finally:
+        ticker.cancel()
+    assert result.chunks > 40_000
+    assert max(gaps) < 0.3, f"the event loop stalled {max(gaps):.2f} s"

@@ -110,7 +110,7 @@ async def ingest(db: Database, org_id: str, agent_id: str | None, source: str | 
         name = str(source)
     media_type = content_type(name)
     text = await asyncio.to_thread(extract_text, name, data)
-    chunks = chunk_text(name, text, size=size, overlap=overlap)
+    chunks = await asyncio.to_thread(chunk_text, name, text, size=size, overlap=overlap)
     vectors: list[str | None] = [None] * len(chunks)
     model = None
     if embedder is not None:
