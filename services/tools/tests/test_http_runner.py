@@ -1,12 +1,16 @@
 """The HTTP runner against a loopback endpoint (no NATS or Postgres needed)."""
 
+import email.utils
+import time
+from datetime import UTC, datetime, timedelta
+
 import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from parley.common.tools.definitions import parse_http_tool
-from parley.tools.http_tool import run_http_tool
+from parley.tools.http_tool import retry_after_s, run_http_tool
 
 SECRET = "sk_live_0123456789abcdefghijklmnopqrstuv"
 
@@ -125,3 +129,60 @@ async def test_a_secret_a_header_cannot_carry_fails_readably_without_a_request(e
     assert not outcome.ok and outcome.retryable is False
     assert "'crm'" in outcome.error and SECRET[:6] not in outcome.error
     assert seen == []
+
+
+@pytest.fixture
+async def limited():
+    """Answers with the statuses and Retry-After values queued, then 200."""
+    answers: list[tuple[int, str | None]] = []
+    hits: list[float] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        hits.append(time.monotonic())
+        if answers:
+            status, after = answers.pop(0)
+            return web.Response(status=status, text="slow down",
+                                headers={"Retry-After": after} if after else {})
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield f"http://127.0.0.1:{server.port}", answers, hits
+    await server.close()
+
+
+async def test_a_rate_limited_call_is_retried_after_the_wait_the_endpoint_asks_for(limited):
+    base, answers, hits = limited
+    answers += [(429, "1"), (503, None)]
+    tool = http_tool(base + "/orders", method="GET",
+                     retry={"attempts": 3, "backoff_initial_s": 0.01, "backoff_max_s": 2})
+    outcome = await run(tool, {})
+    assert outcome.ok and outcome.result == {"ok": True}
+    assert len(hits) == 3
+    assert hits[1] - hits[0] >= 1.0  # Retry-After: 1, not the 10 ms backoff
+    assert hits[2] - hits[1] < 0.5  # no Retry-After: the backoff
+
+
+async def test_a_wait_longer_than_the_policy_allows_ends_the_call_at_once_saying_so(limited):
+    base, answers, hits = limited
+    later = email.utils.format_datetime(datetime.now(UTC) + timedelta(seconds=60), usegmt=True)
+    for after in ("120", later):
+        answers.append((429, after))
+        tool = http_tool(base + "/orders", method="GET", retry={"attempts": 3,
+                                                                "backoff_max_s": 2})
+        outcome = await run(tool, {})
+        assert not outcome.ok and outcome.retryable
+        assert "answered 429" in outcome.error and "retry after" in outcome.error, outcome.error
+    assert len(hits) == 2  # one attempt each
+
+
+def test_retry_after_reads_seconds_and_dates():
+    assert retry_after_s("30") == 30.0
+    assert retry_after_s(" 0 ") == 0.0
+    assert retry_after_s("Wed, 21 Oct 2026 07:28:00 GMT",
+                         now=datetime(2026, 10, 21, 7, 27, 30, tzinfo=UTC).timestamp()) == 30.0
+    assert retry_after_s("Wed, 21 Oct 2026 07:28:00 GMT",
+                         now=datetime(2026, 10, 21, 8, 0, tzinfo=UTC).timestamp()) == 0.0
+    assert retry_after_s("soon") == retry_after_s(None) == retry_after_s("-5") == 0.0

@@ -1,5 +1,10 @@
 """Running an HTTP tool: fill the request, call with retries, read a bounded response.
 
+Retried (when the tool's method and policy allow): 5xx, timeouts, connection errors and 429
+(rate limited). A 429 or 503 with ``Retry-After`` waits at least that long before the next
+attempt, if it is within the policy's ``backoff_max_s``; asking for longer ends the call at once
+with an error saying so (the caller is on the phone: the model tells them, or tries later).
+
 The caller passes the session to use — the guarded one (public targets only, see
 :mod:`parley.tools.target_guard`) or, for orgs that allow private targets, the open one — and
 the org's secrets. Secret values go into request headers only: they are never logged, never
@@ -8,9 +13,11 @@ part of an error message and never part of an event.
 
 from __future__ import annotations
 
+import email.utils
 import json
 import logging
 import re
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import quote, unquote
@@ -19,9 +26,9 @@ import aiohttp
 import msgspec
 from tenacity import (
     AsyncRetrying,
+    RetryCallState,
     RetryError,
     retry_if_exception_type,
-    stop_after_attempt,
     wait_exponential,
 )
 
@@ -44,11 +51,26 @@ HEADER_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters
 
 
 class _Transient(Exception):
-    """A failure worth retrying (5xx, timeout, connection error)."""
+    """A failure worth retrying (5xx, 429, timeout, connection error)."""
 
-    def __init__(self, error: str) -> None:
+    def __init__(self, error: str, *, retry_after_s: float = 0.0) -> None:
         super().__init__(error)
         self.error = error
+        self.retry_after_s = retry_after_s  # the endpoint's Retry-After (0: none)
+
+
+def retry_after_s(value: str | None, *, now: float | None = None) -> float:
+    """A ``Retry-After`` header in seconds (delta-seconds or an HTTP date); 0 if none or bad."""
+    if not value:
+        return 0.0
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 async def run_http_tool(session: aiohttp.ClientSession, tool: HttpTool,
@@ -80,11 +102,20 @@ async def _run(session: aiohttp.ClientSession, tool: HttpTool, arguments: dict[s
     body = remaining if tool.method in BODY_METHODS else None
     params = None if tool.method in BODY_METHODS else _query(remaining)
     attempts = tool.retry.attempts if tool.may_retry() else 1
-    retrying = AsyncRetrying(
-        stop=stop_after_attempt(attempts),
-        wait=wait_exponential(multiplier=tool.retry.backoff_initial_s,
-                              max=tool.retry.backoff_max_s),
-        retry=retry_if_exception_type(_Transient), reraise=False)
+    backoff = wait_exponential(multiplier=tool.retry.backoff_initial_s,
+                               max=tool.retry.backoff_max_s)
+
+    def wait(state: RetryCallState) -> float:
+        return max(backoff(state), _asked_wait_s(state))
+
+    def stop(state: RetryCallState) -> bool:
+        # Out of attempts, or asked to wait longer than the policy would (a rate limit reset
+        # at the top of the minute): no point holding the turn for it.
+        return state.attempt_number >= attempts or (
+            _asked_wait_s(state) > tool.retry.backoff_max_s)
+
+    retrying = AsyncRetrying(stop=stop, wait=wait, retry=retry_if_exception_type(_Transient),
+                             reraise=False)
     try:
         async for attempt in retrying:
             with attempt:
@@ -92,7 +123,10 @@ async def _run(session: aiohttp.ClientSession, tool: HttpTool, arguments: dict[s
     except RetryError as exc:
         last = exc.last_attempt.exception()
         error = last.error if isinstance(last, _Transient) else str(last)
-        suffix = f" (after {attempts} attempts)" if attempts > 1 else ""
+        tried = exc.last_attempt.attempt_number
+        suffix = f" (after {tried} attempts)" if tried > 1 else ""
+        if isinstance(last, _Transient) and last.retry_after_s:
+            suffix += f"; it asks to retry after {last.retry_after_s:g}s"
         return ToolOutcome.failure(error + suffix, retryable=True)
     except ToolError as exc:
         return exc.outcome()
@@ -114,6 +148,7 @@ async def _attempt(session: aiohttp.ClientSession, tool: HttpTool, url: str,
             raw, more = await _read_bounded(response, tool.max_response_bytes + margin)
             status = response.status
             content_type = response.content_type
+            asked = retry_after_s(response.headers.get("Retry-After"))
     except TimeoutError as exc:
         raise _Transient(f"{tool.name} timed out after {tool.timeout_s:g}s") from exc
     except aiohttp.ClientError as exc:
@@ -121,14 +156,21 @@ async def _attempt(session: aiohttp.ClientSession, tool: HttpTool, url: str,
         if refused is not None:
             raise ToolError(str(refused)) from None
         raise _Transient(f"could not reach {tool.name}: {type(exc).__name__}") from exc
-    if status >= 500:
-        raise _Transient(f"{tool.name} answered {status}: {_snippet(raw, hidden)}")
+    if status >= 500 or status == 429:
+        raise _Transient(f"{tool.name} answered {status}: {_snippet(raw, hidden)}",
+                         retry_after_s=asked)
     if 300 <= status < 400:
         raise ToolError(f"{tool.name} answered a redirect ({status}); redirects are not followed")
     if status >= 400:
         raise ToolError(f"{tool.name} answered {status}: {_snippet(raw, hidden)}")
     limit = tool.max_response_bytes
     return _result(raw, more or len(raw) > limit, content_type, limit, hidden)
+
+
+def _asked_wait_s(state: RetryCallState) -> float:
+    """The wait the failed attempt's endpoint asked for (Retry-After), 0 if none."""
+    failed = state.outcome.exception() if state.outcome is not None else None
+    return failed.retry_after_s if isinstance(failed, _Transient) else 0.0
 
 
 async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
