@@ -195,6 +195,24 @@ async def test_documents_past_the_limit_are_refused(client: Any, keys: dict[str,
     await problem(await client.post(url(), data=form, headers=headers), 413)
 
 
+async def test_documents_or_names_too_long_to_index_are_refused_not_server_errors(
+        pool: Any, keys: dict[str, str]) -> None:
+    # Under the upload limit, yet a 500: a list with no spaces (a price list exported with
+    # commas) is one chunk, as a word is never cut, and its full-text index passed Postgres's
+    # 1 MB tsvector limit; a name of thousands of characters passed the btree's row limit.
+    headers = {"X-API-Key": keys["acme"]}
+    async with TestClient(TestServer(create_app(pool=pool, max_upload_bytes=2_000_000))) as c:
+        numbers = ",".join(str(n) for n in range(150_000)).encode()  # 0.9 MB
+        body = await problem(await c.post(url(), params={"source": "codes.txt"}, data=numbers,
+                                          headers=headers), 400)
+        assert "codes.txt" in body["detail"] and "too long" in body["detail"]
+        body = await problem(await c.post(url(), params={"source": "x" * 3000 + ".txt"},
+                                          data=HOURS, headers=headers), 400)
+        assert "name" in body["detail"]
+        listed = await (await c.get(url(), headers=headers)).json()
+        assert listed["documents"] == []
+
+
 async def test_nul_characters_in_a_document_or_a_question_are_dropped(
         client: Any, keys: dict[str, str]) -> None:
     from .test_knowledge_extract import minimal_pdf

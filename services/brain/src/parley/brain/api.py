@@ -38,6 +38,7 @@ API_KEY_HEADER = "X-API-Key"
 READ_SCOPE, WRITE_SCOPE = "knowledge:read", "knowledge:write"
 PATH = "/v1/agents/{agent_id}/knowledge"
 MAX_SEARCH_K = 20
+MAX_SOURCE_CHARS = 255  # as a file name
 _READ_CHUNK = 64 * 1024
 _MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the file
 
@@ -157,6 +158,9 @@ def _check_type(source: str) -> None:
     if "\x00" in source:  # Postgres text cannot hold it
         raise Problem(400, "Bad Request", "the document's name contains a NUL character",
                       kind="bad-source")
+    if len(source) > MAX_SOURCE_CHARS:  # names are indexed: a btree row holds ~2.7 kB
+        raise Problem(400, "Bad Request", f"the document's name is longer than "
+                      f"{MAX_SOURCE_CHARS} characters", kind="bad-source")
     try:
         content_type(source)
     except ExtractionError as exc:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
@@ -135,7 +136,13 @@ async def ingest(db: Database, org_id: str, agent_id: str | None, source: str | 
         if replaced:
             await conn.execute("DELETE FROM knowledge_chunks WHERE document_id = %s",
                                (document_id,))
-        await _insert_chunks(conn, document_id, org_id, agent_id, chunks, vectors, model)
+        try:
+            await _insert_chunks(conn, document_id, org_id, agent_id, chunks, vectors, model)
+        except psycopg.errors.ProgramLimitExceeded as exc:
+            # A run without spaces is one chunk (a word is never cut): past ~1 MB of distinct
+            # words (a list exported with commas) its full-text index is more than Postgres holds.
+            raise ExtractionError(name, "a passage without spaces too long to index "
+                                        f"({exc.diag.message_primary})") from exc
         await emit(conn, ev.KnowledgeIngested(
             org_id=org_id, agent_id=agent_id or ORG_WIDE_EVENT_AGENT, document_id=document_id,
             source=name, chunks=len(chunks), actor=actor))
