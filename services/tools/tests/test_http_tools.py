@@ -1,4 +1,6 @@
+import asyncio
 import logging
+import time
 
 import msgspec
 from aiohttp import web
@@ -241,3 +243,30 @@ async def test_a_deeply_nested_json_answer_is_passed_as_text(bus, pool, service,
         await server.close()
     assert done.type == "tool.completed", done
     assert done.result == {"text": body}
+
+
+async def test_slow_tools_do_not_hold_up_another_calls_tool(bus, pool, service, target, events):
+    # As many slow tools as the service has pullers (2 here; 8 by default), each taking 2 s:
+    # before, another call's tool (an end_call, a lookup) waited for one of them to finish.
+    await add_http_tool(pool, "slow", target.url("/slow"), timeout_s=5)
+    await add_http_tool(pool, "find", target.url("/ok"))
+    await service()
+    slow = [await request_tool(bus, await start_call(bus), "slow") for _ in range(2)]
+    await asyncio.sleep(0.3)  # both taken in and running
+    started = time.monotonic()
+    quick = await request_tool(bus, await start_call(bus), "find")
+    done = await events.outcome(quick.tool_call_id)
+    assert done.type == "tool.completed"
+    assert time.monotonic() - started < 1.0  # not after a slow one's 2 s
+    for request in slow:
+        assert (await events.outcome(request.tool_call_id)).type == "tool.completed"
+
+
+async def test_stopping_the_service_lets_the_runs_in_hand_finish_and_report(
+        bus, pool, service, target, events):
+    await add_http_tool(pool, "slow", target.url("/slow"), timeout_s=5)
+    instance = await service()
+    request = await request_tool(bus, await start_call(bus), "slow")
+    await asyncio.sleep(0.3)
+    await instance.stop()  # (before, the puller itself ran it: stop waited for it the same way)
+    assert (await events.outcome(request.tool_call_id)).type == "tool.completed"

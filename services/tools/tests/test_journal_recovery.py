@@ -53,6 +53,7 @@ async def test_handling_the_same_request_twice_runs_the_tool_once(bus, pool, org
     try:
         await dispatcher.on_requested(request)
         await dispatcher.on_requested(request)
+        await dispatcher.drain()
     finally:
         await sessions.guarded.close()
         await sessions.open.close()
@@ -170,6 +171,7 @@ async def test_an_approved_call_runs_on_redelivery_after_a_failed_lookup(bus, po
         with pytest.raises(ConnectionError):
             await dispatcher.on_decision(approved)  # the consumer naks it
         await dispatcher.on_decision(approved)  # the redelivery
+        await dispatcher.drain()
     finally:
         await sessions.guarded.close()
         await sessions.open.close()

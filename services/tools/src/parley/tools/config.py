@@ -13,13 +13,16 @@ class ToolsConfig(CommonConfig, kw_only=True):
     """``PARLEY_TOOLS_HTTP_PORT`` etc.; see CommonConfig for the shared ones.
 
     ``tools_http_*`` is where the approval API listens (``0`` picks a free port).
-    ``tools_concurrency`` is how many tool requests one instance runs at once; each is a puller
-    on the shared work-queue consumer, so a slow endpoint holds one slot, not the queue.
+    ``tools_concurrency`` is how many tool requests one instance takes in at once (pullers on
+    the shared work-queue consumer: lookup, validation, journal); the runs then go on in the
+    background, up to ``tools_max_running`` at once, so slow endpoints and hang-ups waiting
+    for their goodbye to play never hold up another call's tools.
     """
 
     tools_http_host: str = "127.0.0.1"
     tools_http_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8082
     tools_concurrency: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8
+    tools_max_running: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 256
     # How often approval deadlines and interrupted runs are checked, and unpublished events
     # older than tools_republish_after_s are published again.
     tools_sweep_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 1.0

@@ -15,6 +15,7 @@ brain reads one terminal event per tool call: ``tool.completed``, ``tool.failed`
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -64,7 +65,7 @@ class Dispatcher:
 
     def __init__(self, *, bus: Bus, pool: AsyncConnectionPool[Any], directory: CallDirectory,
                  builtins: Builtins, sessions: HttpSessions, metrics: Metrics,
-                 lease_margin_s: float = 30.0) -> None:
+                 lease_margin_s: float = 30.0, max_running: int = 256) -> None:
         self.bus = bus
         self.pool = pool
         self.directory = directory
@@ -74,6 +75,11 @@ class Dispatcher:
         self._outcomes = metrics.counter("tools_outcomes", "Tool calls by how they ended",
                                          ["outcome"])
         self._latency = metrics.histogram("tools_run_seconds", "Time to run a tool")
+        # Runs go on after their request is journaled and handed back (see _start): a slow
+        # endpoint, or a hang-up waiting for its goodbye to play, holds one of these, not one
+        # of the few pullers every other call's tools come through.
+        self._slots = asyncio.Semaphore(max_running)
+        self._running: set[asyncio.Task[None]] = set()
 
     async def on_requested(self, event: Event, msg: Msg | None = None) -> None:
         """Journal a requested tool call and run it unless it waits for approval."""
@@ -104,7 +110,7 @@ class Dispatcher:
         if state == "failed":
             self._outcomes.labels("failed").inc()
         elif state == "running" and tool is not None:
-            await self._run(request, call, tool)
+            await self._start(request, call, tool)
 
     async def on_decision(self, event: Event, msg: Msg | None = None) -> None:
         """Adopt an approval decision; run the tool if it was approved."""
@@ -135,7 +141,31 @@ class Dispatcher:
             await self._report(request, ToolOutcome.failure(
                 f"the tool {request.name!r} was removed before it could run"), 0.0)
             return
-        await self._run(request, call, tool)
+        await self._start(request, call, tool)
+
+    async def _start(self, request: ToolRequested, call: CallContext, tool: Tool) -> None:
+        """Run the tool in the background, once a slot is free; the request is done with.
+
+        Its journal row is "running" under a lease already: if this instance dies mid-run, the
+        sweep reports it as it would a redelivered one (a redelivery never runs it again).
+        Waiting for a slot here, with all taken, is the back-pressure.
+        """
+        await self._slots.acquire()
+        task = asyncio.create_task(self._run_in_slot(request, call, tool),
+                                   name=f"tool:{request.tool_call_id}")
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _run_in_slot(self, request: ToolRequested, call: CallContext, tool: Tool) -> None:
+        try:
+            await self._run(request, call, tool)
+        finally:
+            self._slots.release()
+
+    async def drain(self) -> None:
+        """Wait for the runs under way (each reports its outcome)."""
+        while self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
 
     @staticmethod
     def _refusal(request: ToolRequested, tool: Tool | None) -> str | None:

@@ -4,7 +4,9 @@
 a knowledge lookup); what it creates it also closes. Work arrives through two durable
 work-queue consumers shared by every instance — ``tools-requests`` (tool.requested) and
 ``tools-decisions`` (tool.approved / tool.denied) — each pulled by ``tools_concurrency``
-runners, so one slow endpoint never holds up the other calls' tools.
+runners, which journal a request and start its run in the background (up to
+``tools_max_running`` at once): slow endpoints and hang-ups waiting for their goodbye never hold
+up the other calls' tools.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class ToolsService:
         self._knowledge = knowledge
         self._consumers: list[DurableConsumer] = []
         self._sweeper: asyncio.Task[None] | None = None
+        self._dispatcher: Dispatcher | None = None
         self._stopping = asyncio.Event()
         self._sessions: list[aiohttp.ClientSession] = []
         self._runner: web.AppRunner | None = None
@@ -81,7 +84,8 @@ class ToolsService:
                               command_timeout_s=config.tools_command_timeout_s,
                               handoff_timeout_s=config.tools_handoff_timeout_s),
             sessions=HttpSessions(guarded, open_), metrics=self.metrics,
-            lease_margin_s=config.tools_lease_margin_s)
+            lease_margin_s=config.tools_lease_margin_s, max_running=config.tools_max_running)
+        self._dispatcher = dispatcher
         for durable, types, handler in (
                 (REQUESTS_DURABLE, ["tool.requested"], dispatcher.on_requested),
                 (DECISIONS_DURABLE, ["tool.approved", "tool.denied"], dispatcher.on_decision)):
@@ -112,6 +116,9 @@ class ToolsService:
             self._runner = None
         await asyncio.gather(*(consumer.stop() for consumer in self._consumers))
         self._consumers.clear()
+        if self._dispatcher is not None:  # the runs in hand finish and report
+            await self._dispatcher.drain()
+            self._dispatcher = None
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
