@@ -14,7 +14,9 @@ from parley.brain.llm.base import (
     TextDelta,
     ToolCall,
     ToolCallStarted,
+    ToolResult,
     ToolSpec,
+    ToolUse,
     UserMessage,
 )
 from parley.brain.llm.local_responder import LocalResponder
@@ -278,4 +280,36 @@ async def test_a_tool_call_being_written_is_not_taken_for_a_stalled_provider(
         assert router.health[vendor].error_rate == 0
     finally:
         await llm.aclose()
+        await emulator.stop()
+
+
+async def test_an_empty_reply_falls_back_rather_than_leaving_silence() -> None:
+    # Models sometimes answer with nothing at all (after a tool result, typically): no text,
+    # no tool call. The turn completed and the caller heard silence.
+    emulator = AnthropicEmulator(api_key="k")
+    await emulator.start()
+    claude = AnthropicLlm(api_key="k", base_url=emulator.base_url)
+    try:
+        router = LlmRouter([claude, LocalResponder()], retries=0)
+        for empty in ("", "  \n"):
+            emulator.script(ScriptedReply(text=empty))
+            events = await collect(router)
+            assert events[0] == ProviderSwitched(
+                from_provider="anthropic", to_provider="local",
+                reason="an empty reply (no text, no tool call)")
+            assert text_of(events) == "Hi! How can I help you today?"
+        assert router.health["anthropic"].failures == []  # the provider is not unwell
+        # Continuing a reply (a prefill), having nothing to add is fine; so is silence after a
+        # tool result (digits sent into a phone menu: wait for its next prompt).
+        emulator.script(ScriptedReply(text=""))
+        events = await collect(router, LlmRequest(messages=REQUEST.messages, prefill="Sure."))
+        assert [type(e) for e in events] == [Done] and events[-1].provider == "anthropic"
+        emulator.script(ScriptedReply(text=""))
+        after_tool = LlmRequest(messages=(
+            *REQUEST.messages, ToolUse(id="toolu_1", name="send_dtmf", arguments={"digits": "1"}),
+            ToolResult(tool_use_id="toolu_1", content='{"ok": true}')))
+        events = await collect(router, after_tool)
+        assert [type(e) for e in events] == [Done] and events[-1].provider == "anthropic"
+    finally:
+        await claude.aclose()
         await emulator.stop()

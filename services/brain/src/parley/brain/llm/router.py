@@ -12,7 +12,9 @@ than the provider (a 400, 413 or 422; a reply the model garbled, such as tool ar
 are not JSON) is not counted: one call's bad request, redelivered a few times,
 would otherwise open the breaker and take the provider away from every call on the instance.
 A failure *after* text went out ends the turn with :class:`LlmError`: repeating half a sentence
-would be worse.
+would be worse. An empty reply (no text but whitespace, no tool call) to what the caller just
+said is a failure before the first token too, not counted against the provider: they would
+hear only silence. (After a tool result, silence can be the answer.)
 
 If no first token has come ``filler_after_ms`` into the turn, one :class:`Filler` ("One
 moment.") is yielded, so the caller hears something while a slow or failing provider is
@@ -43,7 +45,9 @@ from .base import (
     LlmProvider,
     LlmRequest,
     ProviderSwitched,
+    TextDelta,
     ToolCallStarted,
+    UserMessage,
 )
 
 __all__ = ["LlmRouter", "ProviderHealth", "RouterEvent", "against_provider"]
@@ -208,12 +212,31 @@ class LlmRouter:
                     # nothing yet (the filler stays due).
                     deadline = None
                     continue
+                if not started and _answers_the_caller(request) and (
+                        isinstance(item, Done) or isinstance(item, TextDelta)
+                        and not item.text.strip()):
+                    if isinstance(item, Done):
+                        # Nothing to say and nothing to do, to what the caller just said: they
+                        # would hear silence. The next provider.
+                        raise LlmError(provider.name, "an empty reply (no text, no tool call)",
+                                       retryable=False)
+                    continue  # leading whitespace: not yet a reply
                 started = True
                 yield item  # type: ignore[misc]
         finally:
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
+
+
+def _answers_the_caller(request: LlmRequest) -> bool:
+    """Whether the reply answers the caller's words, so saying nothing is no answer.
+
+    Not after a tool result (having sent DTMF into a phone menu, waiting silently for its next
+    prompt is right), nor continuing a reply already begun (a prefill: nothing to add is fine).
+    """
+    return (not request.prefill and bool(request.messages)
+            and isinstance(request.messages[-1], UserMessage))
 
 
 def against_provider(exc: BaseException) -> bool:
