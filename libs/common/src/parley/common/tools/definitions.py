@@ -29,6 +29,8 @@ import referencing
 import referencing.jsonschema
 from referencing.exceptions import Unresolvable
 
+from .patterns import bounded
+
 HttpMethod = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}(?!\n)$"  # (?!\n): $ also matches before a final newline
@@ -155,7 +157,8 @@ def argument_errors(schema: dict[str, Any], arguments: dict[str, Any]) -> list[s
     not resolve (a definition stored before :func:`check_schema` refused those), or refs that
     loop without consuming the arguments.
     """
-    validator = jsonschema.validators.validator_for(schema)(schema, registry=NOTHING_REMOTE)
+    validator = bounded(jsonschema.validators.validator_for(schema))(
+        schema, registry=NOTHING_REMOTE)
     try:
         errors = sorted(validator.iter_errors(arguments), key=lambda e: list(e.absolute_path))
     except Unresolvable as exc:
