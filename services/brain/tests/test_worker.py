@@ -74,12 +74,19 @@ async def test_tool_use_round_trip_continues_the_turn(bus, pool, emulator, recor
                                         name="book_appointment", result={"booked": True}))
         await recorder.wait("turn.completed", "c2")
         says = [e for e in recorder.of("agent.say", "c2") if e.turn_id == "t1"]
-        assert [s.text for s in says] == ["Let me check the calendar.",
-                                          "You're booked for Friday at ten."]
-        assert [s.seq for s in says] == [0, 1] and says[-1].last and not says[0].last
+        # With the tool request, the filler media says if the tool turns out slow; the round
+        # the outcome starts numbers its clauses after it.
+        assert [(s.text, s.filler_after_ms) for s in says] == [
+            ("Let me check the calendar.", 0), ("One moment.", 1500),
+            ("You're booked for Friday at ten.", 0)]
+        assert [s.seq for s in says] == [0, 1, 2] and says[-1].last and not says[0].last
+        stored = [e for e in recorder.events if e.call_id == "c2"]
+        filler_at = next(i for i, e in enumerate(stored) if getattr(e, "filler_after_ms", 0))
+        assert filler_at < stored.index(requested)  # before the tool can even start
         second = emulator.requests[-1]["messages"]
         assert any(block.get("type") == "tool_result" for m in second
                    if isinstance(m["content"], list) for block in m["content"])
+        assert "One moment" not in str(second)  # perhaps never said: not the model's words
     finally:
         await worker.stop()
         await llm.aclose()

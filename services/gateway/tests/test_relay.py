@@ -351,3 +351,24 @@ async def test_keys_pending_when_the_call_ends_or_the_socket_closes_make_no_turn
     await ws.close()
     await asyncio.sleep(1.0)
     assert events.of("turn.user_ended", call_id) == []
+
+
+# -- the filler for slow tools: said only if the tools keep the caller waiting ----------------
+
+async def test_the_filler_is_said_only_when_the_tools_are_slow(gateway, events, bus):
+    ws, _, call_id = await setup_relay(gateway, events)
+    filler = {"turn_id": "t1", "text": "One moment.", "filler_after_ms": 300}
+    await bus.publish(AgentSay(org_id=ORG, call_id=call_id, seq=0, **filler))
+    await bus.publish(AgentSay(org_id=ORG, call_id=call_id, turn_id="t1", seq=1,
+                               text="It shipped yesterday.", last=True))  # in time
+    assert (await receive(ws))["token"] == "It shipped yesterday."
+
+    await bus.publish(AgentSay(org_id=ORG, call_id=call_id, seq=0,
+                               **{**filler, "turn_id": "t2"}))
+    sent = asyncio.get_running_loop().time()
+    token = await receive(ws)  # nothing else came: the tool is slow
+    assert token == {"type": "text", "token": "One moment.", "last": False}
+    assert asyncio.get_running_loop().time() - sent >= 0.25
+    await bus.publish(AgentSay(org_id=ORG, call_id=call_id, turn_id="t2", seq=1,
+                               text="It shipped yesterday.", last=True))
+    assert (await receive(ws))["token"] == " It shipped yesterday."

@@ -10,7 +10,13 @@ from nats.aio.msg import Msg
 from parley.common.bus import Bus, audio_subject
 from parley.common.bus.audio import decode_frame
 from parley.common.configuration.models import AgentSettings
-from parley.common.events import AgentReplyPrepared, AgentSay, UsageRecorded
+from parley.common.events import (
+    AgentReplyPrepared,
+    AgentSay,
+    AgentSpeechProgress,
+    UsageRecorded,
+)
+from parley.media.playback import mark_seq
 from parley.media.providers.base import ProviderError, TtsChunk
 from parley.media.router import ProviderRouter
 from parley.media.session import CallSession, SessionServices
@@ -232,4 +238,70 @@ async def test_a_prepared_reply_plays_after_the_agent_turn_still_being_voiced(bu
         assert voices == "A" * 15 + "B" * 5
     finally:
         await sub.unsubscribe()
+        await stop(call, speaker)
+
+
+# -- the filler for slow tools -------------------------------------------------------------
+# The brain sends "One moment." with a round's tool requests (filler_after_ms); media says it
+# only if the turn's audio so far has played out and nothing more came for that long.
+
+def filler(turn_id: str, seq: int, after_ms: int = 300) -> AgentSay:
+    return AgentSay(org_id=ORG, call_id=CALL, turn_id=turn_id, seq=seq, text="One moment.",
+                    filler_after_ms=after_ms)
+
+
+async def played(call: CallSession, turn_id: str) -> None:
+    """The carrier echoes the mark after the turn's audio so far: all of it was heard."""
+    turn = call._turns[turn_id]
+    await wait_for(lambda: turn.audio.frames and turn.audio.sent == len(turn.audio.frames))
+    seq = mark_seq(turn.audio.generation, len(turn.audio.frames))
+    await call._on_progress(AgentSpeechProgress(org_id=ORG, call_id=CALL, turn_id=turn_id,
+                                                mark=f"{turn_id}:{seq}", seq=seq))
+
+
+async def test_the_filler_is_said_once_the_tools_keep_the_caller_waiting(bus) -> None:
+    said: list[tuple[str, str, bool]] = []
+    call = session(bus, Synthesiser("tts", said))
+    speaker = asyncio.create_task(call._speaker())
+    try:
+        call._on_say(say("t1", 0, "Let me check."))
+        call._on_say(filler("t1", 1))
+        await played(call, "t1")
+        heard_at = time.monotonic()
+        await wait_for(lambda: ("tts", "One moment.", False) in said, timeout=2)
+        assert time.monotonic() - heard_at >= 0.25  # not before 300 ms of silence
+        call._on_say(say("t1", 2, "It shipped yesterday.", last=True))
+        await wait_for(lambda: [t for _, t, _ in said] == [
+            "Let me check.", "One moment.", "It shipped yesterday."])
+    finally:
+        await stop(call, speaker)
+
+
+async def test_no_filler_when_the_tools_answer_in_time(bus) -> None:
+    said: list[tuple[str, str, bool]] = []
+    call = session(bus, Synthesiser("tts", said))
+    speaker = asyncio.create_task(call._speaker())
+    try:
+        call._on_say(filler("t1", 0))  # the model went straight to its tool
+        await asyncio.sleep(0.1)
+        call._on_say(say("t1", 1, "It shipped yesterday.", last=True))
+        await wait_for(lambda: call._turns["t1"].audio.text_done)
+        await asyncio.sleep(0.4)
+        assert [t for _, t, _ in said] == ["It shipped yesterday."]
+    finally:
+        await stop(call, speaker)
+
+
+async def test_the_filler_waits_for_the_audio_before_it_to_play_out(bus) -> None:
+    said: list[tuple[str, str, bool]] = []
+    call = session(bus, Synthesiser("tts", said))
+    speaker = asyncio.create_task(call._speaker())
+    try:
+        call._on_say(say("t1", 0, "Let me look that up for you."))
+        call._on_say(filler("t1", 1))
+        await asyncio.sleep(0.6)  # its audio sent, the carrier still playing it (no echo yet)
+        assert ("tts", "One moment.", False) not in said
+        await played(call, "t1")
+        await wait_for(lambda: ("tts", "One moment.", False) in said, timeout=2)
+    finally:
         await stop(call, speaker)

@@ -81,7 +81,8 @@ async def run(ctx: ServiceContext[BrainConfig], stop: asyncio.Event) -> None:
             preemptive=config.preemptive_generation,
             preemptive_partial_stable_s=config.preemptive_partial_stable_ms / 1000,
             preemptive_timeout_s=config.preemptive_timeout_s,
-            prepare_replies=config.prepare_replies,
+            prepare_replies=config.prepare_replies, tool_filler=config.filler_text,
+            tool_filler_after_ms=config.tool_filler_after_ms,
             on_turn=lambda kind, ms: latency.labels(kind).observe(ms),
             on_speculation=lambda outcome: speculations.labels(outcome).inc()))
         responder = KnowledgeResponder(ctx.bus.nc, search_in(pool),

@@ -19,6 +19,9 @@ class BrainConfig(CommonConfig, kw_only=True):
     openai_model: str = "llama3.2"
     filler_after_ms: float = 1200.0
     filler_text: str = "One moment."
+    # A round's tools still out this long after the agent last spoke: the filler is said (by
+    # media, which knows when the audio has played; 0: never).
+    tool_filler_after_ms: int = 1500
     turn_deadline_s: float = 30.0
     turn_concurrency: int = 64  # turns (of different calls) one instance handles at once
     # Preemptive generation: start the reply once the caller's words are known (the caller

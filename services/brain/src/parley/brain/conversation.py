@@ -202,7 +202,7 @@ class Conversation:
                 turn.spoken_last = turn.spoken_last or event.last
                 if event.turn_id == "t0":
                     self.greeted = True
-                if event.text.strip() and not turn.interrupted:
+                if event.text.strip() and not turn.interrupted and not event.filler_after_ms:
                     # After the interruption only what was heard counts: a clause stored after
                     # it (sent before the brain learnt of it) was dropped by media, unplayed.
                     self._say(event.turn_id, event.text.strip())

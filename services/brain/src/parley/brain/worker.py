@@ -347,6 +347,9 @@ class BrainServices:
     preemptive_partial_stable_s: float = 0.0  # a partial unchanged this long counts (0: never)
     preemptive_timeout_s: float = 10.0  # a speculation not adopted by then is dropped
     prepare_replies: bool = True  # publish a speculation's first clause for media to synthesise
+    # Said (by media) if a round's tools are still out this long after the agent last spoke.
+    tool_filler: str = "One moment."
+    tool_filler_after_ms: int = 1500  # 0: none
     on_turn: Callable[[str, float], None] = lambda kind, ms: None  # metrics hook
     on_speculation: Callable[[str], None] = lambda outcome: None  # metrics hook
 
@@ -809,13 +812,13 @@ class BrainWorker:
         # less (often nothing) for a preemptive reply that was under way when the turn ended.
         llm_wait_ms: float | None = None
 
-        async def say(text: str, *, last: bool = False) -> None:
+        async def say(text: str, *, last: bool = False, filler_after_ms: int = 0) -> None:
             nonlocal seq
             if text.strip() or last:
                 pending.append(await bus.send(AgentSay(
                     id=stable_id(call_id, speech, "say", seq), org_id=org_id,
                     call_id=call_id, turn_id=speech, seq=seq, text=text.strip(), last=last,
-                    causation_id=cause.id)))
+                    filler_after_ms=filler_after_ms, causation_id=cause.id)))
                 seq += 1
 
         if prepared and stream is None:
@@ -864,7 +867,12 @@ class BrainWorker:
                 await stream.aclose()
         # Requested together, once the response is complete: an outcome never arrives while
         # another tool of the same response is still to be requested (and the round goes on
-        # without it).
+        # without it). Before them, the filler for slow tools (a hand-off has its last words):
+        # published now, in this round's order, so the round the outcomes start numbers its
+        # clauses after it; media says it only if the tools turn out slow.
+        if calls and self.s.tool_filler_after_ms and not any(
+                call.name in HAND_OFFS for call in calls):
+            await say(self.s.tool_filler, filler_after_ms=self.s.tool_filler_after_ms)
         for call in calls:
             pending.append(await bus.send(call))
         if calls and not any(call.name in HAND_OFFS for call in calls):

@@ -125,6 +125,7 @@ RESUME_MARGIN_S = 1.0
 # write (syscall, WebSocket framing, deflate) per frame was the largest per-frame cost of a
 # session. Pending audio is sent before a flush, so turn ends are not delayed by it.
 STT_BATCH_FRAMES = 5
+FILLER_DUE = object()  # a filler clause waited out with nothing after it (_unless_more)
 # A recogniser that ends utterances itself (Deepgram's ``endpointing``) is asked to do so this
 # much sooner than the turn detector's shortest end of turn (half the agent's endpointing
 # silence, once the recogniser has ended the utterance). With the two equal, the final words
@@ -186,6 +187,7 @@ class _AgentTurn:
     prepared: AgentSay | None = None  # its first clause, from agent.reply_prepared
     discarded: bool = False
     synthesis: asyncio.Task[None] | None = None  # a prepared reply's own speaking task
+    filler: AgentSay | None = None  # a filler clause taken, not yet waited out (see _feed)
 
     def close(self) -> None:
         """No more clauses will come: the speaker finishes with what it has."""
@@ -1007,12 +1009,24 @@ class CallSession:
             await stream.say("", last=True)
             return True
         while True:
-            if wait:
+            if turn.filler is not None:  # held by the pass without waiting: its wait is ours
+                clause, turn.filler = turn.filler, None
+            elif wait:
                 clause = await turn.clauses.get()
             elif turn.clauses.empty():
                 return False
             else:
                 clause = turn.clauses.get_nowait()
+            while clause is not None and clause.filler_after_ms:
+                if not wait and turn.clauses.empty():
+                    turn.filler = clause  # the feeder task waits it out
+                    return False
+                following = await self._unless_more(turn, clause)
+                if following is FILLER_DUE:
+                    if turn.interrupted:
+                        return True  # cut off while waiting: nothing more of it is said
+                    break  # the tools are slow: say it
+                clause = following  # they answered in time: no filler (it may be another's)
             if clause is None:
                 if not said or not said[-1].last:
                     await stream.say("", last=True)
@@ -1021,6 +1035,32 @@ class CallSession:
             await self._say(turn, stream, clause.text, last=clause.last)
             if clause.last:
                 return True
+
+    async def _unless_more(self, turn: _AgentTurn,
+                           filler: AgentSay) -> AgentSay | None | object:
+        """Wait out a filler: the clause (or end) that comes first, else :data:`FILLER_DUE`.
+
+        Due once the turn's audio so far has played out and nothing more has come for the
+        filler's ``filler_after_ms`` (from when it came, at the earliest): the round's tools are
+        slow, and the caller would sit in silence. The audio still to play is looked at again
+        every 100 ms, as the clauses before the filler may still be being synthesised.
+        """
+        quiet_from = time.monotonic()  # when the silence began, or (playing) will begin
+        after_s = filler.filler_after_ms / 1000
+        while not turn.interrupted:
+            now = time.monotonic()
+            audio = turn.audio
+            unplayed_s = max(0, audio.duration_ms - audio.position_ms(now)) / 1000
+            if unplayed_s:
+                quiet_from = max(quiet_from, now + unplayed_s)
+            due = quiet_from + after_s
+            if now >= due:
+                return FILLER_DUE
+            try:
+                return await asyncio.wait_for(turn.clauses.get(), min(0.1, due - now))
+            except TimeoutError:
+                continue
+        return FILLER_DUE  # interrupted: the caller (see _feed)
 
     async def _say(self, turn: _AgentTurn, stream: TtsStream, text: str, *, last: bool) -> None:
         """Send a clause to the turn's synthesiser, its characters counted to that provider.

@@ -22,12 +22,17 @@ class AgentSay(CallEvent, frozen=True, kw_only=True, tag="agent.say"):
     ``turn_id`` is the caller's turn it answers. A turn's speech closes with its hand-off
     (``end_call``, ``transfer_call``); if the hand-off fails, what the agent says next in that
     turn is a new utterance, ``<turn_id>.1`` (then ``.2``…), numbered from ``seq`` 0.
+
+    ``filler_after_ms`` > 0: a filler ("One moment."), sent as a round's tools are requested,
+    said only if the turn's audio so far has played out and nothing more came for that long
+    (the tools are slow); otherwise media skips it. Not part of the conversation's history.
     """
 
     turn_id: str
     seq: int
     text: str
     last: bool = False
+    filler_after_ms: int = 0
 
 
 class AgentReplyPrepared(CallEvent, frozen=True, kw_only=True, tag="agent.reply_prepared"):

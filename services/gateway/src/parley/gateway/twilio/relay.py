@@ -167,6 +167,7 @@ class RelaySession(TwilioSession):
         self.keypad = Keypad()  # the agent's settings once attached (subscribe)
         self._keys_timer: asyncio.Task[None] | None = None  # ends the keys' turn when due
         self._call_ended = False  # call.ended seen: keys make no more turns
+        self._filler: AgentSay | None = None  # a filler clause held until its tools are slow
         self._idle_backlog: list[Event] | None = []  # live events held while the past is read
         self._errors = self.metrics.counter(
             "gateway_relay_errors", "ConversationRelay error messages from Twilio")
@@ -286,6 +287,30 @@ class RelaySession(TwilioSession):
             # it is an interruption of the greeting all the same.
             self.speaking_turn = event.turn_id
             return
+        if event.filler_after_ms:
+            # "One moment.", sent with a round's tool requests: said only if nothing more comes
+            # for that long once what was sent has been said (the tools are slow), as media does.
+            self._filler = event
+            self._spawn(self._say_filler_when_due(event), "filler")
+            return
+        self._filler = None  # more came (of this turn or another): no filler
+        await self._say(event)
+
+    async def _say_filler_when_due(self, filler: AgentSay) -> None:
+        received, after_s = time.monotonic(), filler.filler_after_ms / 1000
+        while self._filler is filler:
+            # Until Twilio has said the text sent so far (the idle clock's estimate, when kept).
+            speaking_until = self.idle.speaking_until if self.idle is not None else 0.0
+            wait_s = max(received, speaking_until) + after_s - time.monotonic()
+            if wait_s <= 0:
+                self._filler = None
+                if not self.playback.cut_off(filler.turn_id):
+                    await self._say(filler)
+                return
+            await asyncio.sleep(min(0.1, wait_s))
+
+    async def _say(self, event: AgentSay) -> None:
+        """An agent clause as a text token for Twilio to say."""
         if event.turn_id != self.speaking_turn:
             self.speaking_turn, self._turn_has_text = event.turn_id, False
         token = event.text
