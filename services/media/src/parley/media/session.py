@@ -1018,10 +1018,13 @@ class CallSession:
             else:
                 clause = turn.clauses.get_nowait()
             while clause is not None and clause.filler_after_ms:
+                # Held on the turn while waited out: a feeder cancelled meanwhile (a synthesiser
+                # replaced) leaves it to the next; the pass without waiting, to the feeder task.
+                turn.filler = clause
                 if not wait and turn.clauses.empty():
-                    turn.filler = clause  # the feeder task waits it out
                     return False
                 following = await self._unless_more(turn, clause)
+                turn.filler = None
                 if following is FILLER_DUE:
                     if turn.interrupted:
                         return True  # cut off while waiting: nothing more of it is said
