@@ -106,7 +106,7 @@ def test_platform_overhead_counts_overlapping_recognition_once() -> None:
 
 
 async def test_the_live_transcript_shows_a_turn_of_keys() -> None:
-    from parley.common.events import CallDtmf, TurnUserEnded
+    from parley.common.events import AgentSay, CallDtmf, TurnUserEnded
     from parley.devkit.demo.transcript import LiveTranscript
 
     lines: list[str] = []
@@ -115,5 +115,8 @@ async def test_the_live_transcript_shows_a_turn_of_keys() -> None:
     await transcript.on_event(TurnUserEnded(org_id="o", call_id="c", turn_id="k1", text="42#",
                                             reason="dtmf"))
     await transcript.on_event(TurnUserEnded(org_id="o", call_id="c", turn_id="t1", text="Hi."))
-    assert lines == ["caller pressed 4", "caller typed: 42#"]
+    await transcript.on_event(AgentSay(org_id="o", call_id="c", turn_id="k1", seq=0,
+                                       text="One moment.", filler_after_ms=1500))
+    assert lines == ["caller pressed 4", "caller typed: 42#",
+                     "-- ready if the tools are slow: 'One moment.'"]
     assert transcript.turns["k1"].caller_text == "42#"

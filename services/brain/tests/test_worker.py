@@ -331,3 +331,21 @@ async def test_a_turn_with_no_words_is_completed_without_asking_the_model(
     finally:
         await worker.stop()
         await llm.aclose()
+
+
+async def test_no_second_filler_after_the_model_said_it_itself(bus, pool, emulator,
+                                                               recorder) -> None:
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(services(bus, pool, [llm]))
+    await worker.start()
+    try:
+        emulator.script(ScriptedReply(text="One moment.", tool_uses=(ScriptedToolUse(
+            name="book_appointment", input={"day": "Friday", "time": "10:00"}, id="toolu_9"),)))
+        await open_call(bus, "c9")
+        await user_says(bus, "c9", "t1", "Can I come Friday at ten?")
+        await recorder.wait("tool.requested", "c9")
+        says = [e for e in recorder.of("agent.say", "c9") if e.turn_id == "t1"]
+        assert [(s.text, s.filler_after_ms) for s in says] == [("One moment.", 0)]
+    finally:
+        await worker.stop()
+        await llm.aclose()

@@ -812,8 +812,11 @@ class BrainWorker:
         # less (often nothing) for a preemptive reply that was under way when the turn ended.
         llm_wait_ms: float | None = None
 
+        said_last = ""  # this round's latest clause
+
         async def say(text: str, *, last: bool = False, filler_after_ms: int = 0) -> None:
-            nonlocal seq
+            nonlocal seq, said_last
+            said_last = text.strip() or said_last
             if text.strip() or last:
                 pending.append(await bus.send(AgentSay(
                     id=stable_id(call_id, speech, "say", seq), org_id=org_id,
@@ -870,8 +873,8 @@ class BrainWorker:
         # without it). Before them, the filler for slow tools (a hand-off has its last words):
         # published now, in this round's order, so the round the outcomes start numbers its
         # clauses after it; media says it only if the tools turn out slow.
-        if calls and self.s.tool_filler_after_ms and not any(
-                call.name in HAND_OFFS for call in calls):
+        if calls and self.s.tool_filler_after_ms and said_last != self.s.tool_filler.strip() and (
+                not any(call.name in HAND_OFFS for call in calls)):
             await say(self.s.tool_filler, filler_after_ms=self.s.tool_filler_after_ms)
         for call in calls:
             pending.append(await bus.send(call))

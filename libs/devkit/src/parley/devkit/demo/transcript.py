@@ -129,6 +129,8 @@ class LiveTranscript:
                               f"{event.text!r}")
                 if getattr(event, "reason", "") == "dtmf":  # no transcript: keys, not words
                     self._log(f"caller typed: {event.text}")
+            case "agent.say" if getattr(event, "filler_after_ms", 0):
+                self._log(f"-- ready if the tools are slow: {event.text!r}")
             case "agent.say" if event.text.strip():
                 self.agent_lines.append(event.text)
                 self._log(f"agent:  {event.text}")
