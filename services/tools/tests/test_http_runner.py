@@ -186,3 +186,27 @@ def test_retry_after_reads_seconds_and_dates():
     assert retry_after_s("Wed, 21 Oct 2026 07:28:00 GMT",
                          now=datetime(2026, 10, 21, 8, 0, tzinfo=UTC).timestamp()) == 0.0
     assert retry_after_s("soon") == retry_after_s(None) == retry_after_s("-5") == 0.0
+
+
+@pytest.mark.parametrize(("body", "content_type", "expected"), [
+    ("Kunde: Müller".encode("iso-8859-1"), "text/plain; charset=iso-8859-1",
+     {"text": "Kunde: Müller"}),
+    ('{"name": "Müller"}'.encode("iso-8859-1"), "application/json; charset=ISO-8859-1",
+     {"name": "Müller"}),
+    ("Müller".encode(), "text/plain", {"text": "Müller"}),  # none declared: UTF-8
+    ("Müller".encode(), "text/plain; charset=no-such-charset", {"text": "Müller"}),
+])
+async def test_a_body_is_read_in_its_declared_charset(body, content_type, expected):
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    app = web.Application()
+    app.router.add_get("/customer", handler)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        outcome = await run(http_tool(f"http://127.0.0.1:{server.port}/customer",
+                                      method="GET"), {})
+    finally:
+        await server.close()
+    assert outcome.ok and outcome.result == expected, outcome

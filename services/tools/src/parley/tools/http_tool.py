@@ -148,6 +148,7 @@ async def _attempt(session: aiohttp.ClientSession, tool: HttpTool, url: str,
             raw, more = await _read_bounded(response, tool.max_response_bytes + margin)
             status = response.status
             content_type = response.content_type
+            charset = response.charset  # from Content-Type, None if not given
             asked = retry_after_s(response.headers.get("Retry-After"))
     except TimeoutError as exc:
         raise _Transient(f"{tool.name} timed out after {tool.timeout_s:g}s") from exc
@@ -164,7 +165,7 @@ async def _attempt(session: aiohttp.ClientSession, tool: HttpTool, url: str,
     if status >= 400:
         raise ToolError(f"{tool.name} answered {status}: {_snippet(raw, hidden)}")
     limit = tool.max_response_bytes
-    return _result(raw, more or len(raw) > limit, content_type, limit, hidden)
+    return _result(raw, more or len(raw) > limit, content_type, limit, hidden, charset)
 
 
 def _asked_wait_s(state: RetryCallState) -> float:
@@ -188,12 +189,12 @@ async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> tuple[b
 
 
 def _result(raw: bytes, truncated: bool, content_type: str, limit: int,
-            hidden: list[str]) -> ToolOutcome:
+            hidden: list[str], charset: str | None = None) -> ToolOutcome:
     if _is_binary(raw, content_type):  # an image, a PDF…: nothing the model can read
         return ToolOutcome.success(
             {"binary": True, "content_type": content_type, "bytes": min(len(raw), limit)},
             truncated=truncated)
-    text = raw.decode("utf-8", errors="replace")
+    text = _decode(raw, charset)
     if truncated:
         partial = _redact_text(text, hidden).encode()[:limit].decode("utf-8", errors="ignore")
         return ToolOutcome.success(
@@ -212,6 +213,14 @@ def _result(raw: bytes, truncated: bool, content_type: str, limit: int,
             if _depth_at_most(parsed, MAX_RESULT_DEPTH):
                 return ToolOutcome.success(parsed)
     return ToolOutcome.success({"text": text})
+
+
+def _decode(raw: bytes, charset: str | None) -> str:
+    """The body as text in its declared charset (a legacy CRM's ISO-8859-1), else UTF-8."""
+    try:
+        return raw.decode(charset or "utf-8", errors="replace")
+    except LookupError:  # a charset Python does not know
+        return raw.decode("utf-8", errors="replace")
 
 
 def _depth_at_most(value: Any, limit: int) -> bool:
