@@ -1,4 +1,5 @@
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
@@ -38,6 +39,7 @@ class FakeProvider:
 
     def __init__(self, name: str, *, text: str = "Hello there.", delay_s: float = 0.0,
                  fail_status: int | None = None, fail_after_text: bool = False,
+                 stall_after_text_s: float = 0.0,
                  supports_tools: bool = True, cost: float = 1.0) -> None:
         self.name = name
         self.cost = cost
@@ -46,6 +48,7 @@ class FakeProvider:
         self.delay_s = delay_s
         self.fail_status = fail_status
         self.fail_after_text = fail_after_text
+        self.stall_after_text_s = stall_after_text_s
         self.calls = 0
         self.closed = 0
 
@@ -58,6 +61,7 @@ class FakeProvider:
             yield TextDelta(text=self.text)
             if self.fail_after_text:
                 raise LlmError(self.name, "connection reset", retryable=True)
+            await asyncio.sleep(self.stall_after_text_s)
             yield Done(ttft_ms=self.delay_s * 1000)
         finally:
             self.closed += 1
@@ -313,3 +317,20 @@ async def test_an_empty_reply_falls_back_rather_than_leaving_silence() -> None:
     finally:
         await claude.aclose()
         await emulator.stop()
+
+
+async def test_a_stream_that_stalls_mid_reply_fails_instead_of_holding_the_turn() -> None:
+    # Text went out, then the socket went quiet (no close): before, the caller waited out the
+    # 30 s turn deadline mid-sentence; now the turn fails (and its redelivery goes on from
+    # what was said).
+    stuck = FakeProvider("stuck", stall_after_text_s=30)
+    router = LlmRouter([stuck, FakeProvider("backup")], stall_timeout_s=0.3)
+    received: list[RouterEvent] = []
+    started = time.monotonic()
+    with pytest.raises(LlmError, match="stalled") as caught:
+        async for event in router.stream(REQUEST):
+            received.append(event)
+    assert time.monotonic() - started < 2
+    assert text_of(received) == "Hello there." and caught.value.provider == "stuck"
+    await asyncio.sleep(0)
+    assert stuck.closed == 1  # its stream was closed, not left hanging

@@ -12,9 +12,11 @@ than the provider (a 400, 413 or 422; a reply the model garbled, such as tool ar
 are not JSON) is not counted: one call's bad request, redelivered a few times,
 would otherwise open the breaker and take the provider away from every call on the instance.
 A failure *after* text went out ends the turn with :class:`LlmError`: repeating half a sentence
-would be worse. An empty reply (no text but whitespace, no tool call) to what the caller just
-said is a failure before the first token too, not counted against the provider: they would
-hear only silence. (After a tool result, silence can be the answer.)
+would be worse. So does a stream gone silent for ``stall_timeout_s`` once begun (a socket that
+stalls without closing), rather than the caller waiting out the turn deadline mid-sentence.
+An empty reply (no text but whitespace, no tool call) to what the caller just said is a
+failure before the first token too, not counted against the provider: they would hear only
+silence. (After a tool result, silence can be the answer.)
 
 If no first token has come ``filler_after_ms`` into the turn, one :class:`Filler` ("One
 moment.") is yielded, so the caller hears something while a slow or failing provider is
@@ -90,7 +92,7 @@ class LlmRouter:
                  ewma_alpha: float = 0.2, max_error_rate: float = 0.5,
                  breaker_factory: Callable[[str], CircuitBreaker] | None = None,
                  clock: Callable[[], float] = time.monotonic, retries: int = 1,
-                 retry_backoff_s: float = 0.2) -> None:
+                 retry_backoff_s: float = 0.2, stall_timeout_s: float = 8.0) -> None:
         if not providers:
             raise ValueError("a router needs at least one provider")
         names = [p.name for p in providers]
@@ -108,6 +110,10 @@ class LlmRouter:
         self.health = {p.name: ProviderHealth(breaker=make(p.name)) for p in providers}
         self._clock = clock
         self.retries = retries  # extra tries on the same provider for a retryable error
+        # Once it has begun, a stream silent this long has stalled: a failure after text (the
+        # turn ends, and its redelivery goes on from what was said) rather than the caller
+        # waiting out the whole turn deadline mid-sentence.
+        self.stall_timeout_s = stall_timeout_s
         self.retry_backoff_s = retry_backoff_s
 
     def candidates(self, request: LlmRequest, *, max_cost: float | None = None,
@@ -185,7 +191,12 @@ class LlmRouter:
         try:
             while True:
                 if started:
-                    item = await queue.get()
+                    try:
+                        async with asyncio.timeout(self.stall_timeout_s):
+                            item = await queue.get()
+                    except TimeoutError:
+                        raise LlmError(provider.name, "the stream stalled: nothing for "
+                                       f"{self.stall_timeout_s:g} s") from None
                 else:
                     now = self._clock()
                     wakes = [t for t in (deadline, filler_due) if t is not None]
