@@ -30,6 +30,33 @@ async def test_a_run_interrupted_by_a_crash_is_failed_not_rerun(bus, pool, servi
     assert failed.error == journal.INTERRUPTED and failed.retryable is False
 
 
+async def test_an_approved_call_whose_decision_was_lost_fails_saying_it_never_ran(
+        bus, pool, service, events):
+    # Approved, then its tool.approved dead-lettered (a database outage through every
+    # delivery): nothing would start it, and the turn waited for an outcome for ever.
+    call_id = await start_call(bus)
+    lost, fresh = tool_request(call_id, "toolu_lost"), tool_request(call_id, "toolu_fresh")
+    async with pool.connection() as conn:
+        for request in (lost, fresh):
+            await journal.open_call(conn, request, AGENT, "awaiting_approval", expires_in_s=600)
+            decision, _ = await journal.decide(conn, ORG, request.tool_call_id, approve=True,
+                                               by="me")
+            assert decision == "decided"
+        # Both decisions were published, and their messages lost.
+        await conn.execute("UPDATE tool_call_events SET published_at = now() "
+                           "WHERE tool_call_id IN ('toolu_lost', 'toolu_fresh')")
+        await conn.execute("UPDATE tool_calls SET updated_at = now() - interval '10 minutes' "
+                           "WHERE tool_call_id = 'toolu_lost'")
+    await service()
+    failed = await events.outcome(lost.tool_call_id)
+    assert failed.type == "tool.failed" and failed.error == journal.NEVER_STARTED
+    assert failed.retryable
+    async with pool.connection() as conn:
+        assert await journal.state_of(conn, call_id, "toolu_lost") == "failed"
+        # Lost only minutes ago: the consumer may still be retrying it.
+        assert await journal.state_of(conn, call_id, "toolu_fresh") == "approved"
+
+
 async def test_an_outcome_that_was_never_published_is_published_by_the_sweep(
         bus, pool, service, events):
     call_id = await start_call(bus)

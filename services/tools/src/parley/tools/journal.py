@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 State = Literal["awaiting_approval", "approved", "running", "completed", "failed", "denied"]
 Decision = Literal["decided", "not_found", "already_decided", "expired"]
+APPROVED_STALE_S = 300.0  # an approved call not started by then: its decision was lost
+NEVER_STARTED = ("it was approved, but the tools service could not start it, so it did not "
+                 "run; call it again if it is still wanted")
 INTERRUPTED = ("the tools service stopped while this tool was running; it may or may not have "
                "taken effect — check before trying again")
 
@@ -157,14 +160,23 @@ async def extend_lease(conn: AsyncConnection[Any], call_id: str, tool_call_id: s
         (timedelta(seconds=lease_s), call_id, tool_call_id))
 
 
-async def expire(conn: AsyncConnection[Any], *, limit: int = 100) -> int:
-    """Deny approvals past their deadline and fail runs whose lease ran out; how many."""
+async def expire(conn: AsyncConnection[Any], *, limit: int = 100,
+                 approved_stale_s: float = APPROVED_STALE_S) -> int:
+    """Deny overdue approvals, fail runs whose lease ran out and approved calls never started.
+
+    Returns how many.
+
+    An approved call is started by the ``tool.approved`` consumer; if that message was
+    dead-lettered (a database outage through all its deliveries), nothing else would start it,
+    and the turn would wait for an outcome for ever. It never ran, so it fails saying so.
+    """
     count = 0
     async with conn.transaction():
         cursor = await conn.execute(
             f"SELECT {_COLUMNS}, state FROM tool_calls WHERE (state = 'awaiting_approval' AND "
             "expires_at <= now()) OR (state = 'running' AND lease_until <= now()) "
-            "LIMIT %s FOR UPDATE SKIP LOCKED", (limit,))
+            "OR (state = 'approved' AND updated_at <= now() - %s) "
+            "LIMIT %s FOR UPDATE SKIP LOCKED", (timedelta(seconds=approved_stale_s), limit))
         for row in await cursor.fetchall():
             request = request_of(row)
             event: Event
@@ -174,6 +186,11 @@ async def expire(conn: AsyncConnection[Any], *, limit: int = 100) -> int:
                                    reason="no decision before the approval deadline",
                                    causation_id=request.id)
                 new_state = "denied"
+            elif row[7] == "approved":
+                event = ToolFailed(org_id=request.org_id, call_id=request.call_id,
+                                   tool_call_id=request.tool_call_id, name=request.name,
+                                   error=NEVER_STARTED, retryable=True, causation_id=request.id)
+                new_state = "failed"
             else:
                 event = ToolFailed(org_id=request.org_id, call_id=request.call_id,
                                    tool_call_id=request.tool_call_id, name=request.name,
