@@ -210,3 +210,25 @@ async def test_a_body_is_read_in_its_declared_charset(body, content_type, expect
     finally:
         await server.close()
     assert outcome.ok and outcome.result == expected, outcome
+
+
+async def test_a_templates_own_idempotency_key_is_the_only_one_sent():
+    seen: list[list[str]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(request.headers.getall("Idempotency-Key"))
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/orders", record)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        tool = http_tool(f"http://127.0.0.1:{server.port}/orders",
+                         headers={"idempotency-key": "order-42"})
+        assert (await run(tool, {})).ok
+        tool = http_tool(f"http://127.0.0.1:{server.port}/orders")
+        assert (await run(tool, {})).ok
+    finally:
+        await server.close()
+    assert seen == [["order-42"], ["toolu_1"]]  # before: both, the default added beside it

@@ -77,6 +77,11 @@ async def test_transfer_call_is_offered_only_pinned_to_the_agents_transfer_numbe
     ({"timeout_s": 0}, "invalid tool definition"),
     ({"retry": {"attempts": 0}}, "invalid tool definition"),
     ({"surprise": 1}, "invalid tool definition"),
+    # Header templates no request could carry: refused here, not failed at every call.
+    ({"headers": {"X Api Key": "k"}}, "invalid header name"),
+    ({"headers": {"X-Key\n": "k"}}, "invalid header name"),
+    ({"headers": {"X-Key": "line\nbreak"}}, "control characters"),
+    ({"headers": {"Authorization": "a", "authorization": "b"}}, "given twice"),
 ])
 async def test_bad_definitions_are_refused(pool, orgs, change, message):
     async with pool.connection() as conn:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
-import re
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -32,7 +31,11 @@ from tenacity import (
     wait_exponential,
 )
 
-from parley.common.tools.definitions import SECRET_PLACEHOLDER, HttpTool
+from parley.common.tools.definitions import (
+    HEADER_VALUE_FORBIDDEN,
+    SECRET_PLACEHOLDER,
+    HttpTool,
+)
 
 from .outcomes import ToolError, ToolOutcome, map_strings
 from .target_guard import TargetNotAllowed, check_url, refused_target
@@ -47,7 +50,6 @@ TEXT_TYPES = frozenset({"application/json", "application/xml", "application/java
 # Every reader of a result (the outcome's NUL scrub and redaction, event readers) recurses
 # through it: JSON nested deeper than this is passed on as text.
 MAX_RESULT_DEPTH = 64
-HEADER_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters but tab
 
 
 class _Transient(Exception):
@@ -98,7 +100,8 @@ async def _run(session: aiohttp.ClientSession, tool: HttpTool, arguments: dict[s
         return exc.outcome()
     except TargetNotAllowed as exc:
         return ToolOutcome.failure(str(exc))
-    headers.setdefault("Idempotency-Key", tool_call_id)
+    if not any(name.lower() == "idempotency-key" for name in headers):  # names ignore case
+        headers["Idempotency-Key"] = tool_call_id
     body = remaining if tool.method in BODY_METHODS else None
     params = None if tool.method in BODY_METHODS else _query(remaining)
     attempts = tool.retry.attempts if tool.may_retry() else 1
@@ -284,7 +287,7 @@ def render_headers(templates: Mapping[str, str], secrets: Mapping[str, str]) -> 
         name = match.group(1)
         if name not in secrets:
             raise ToolError(f"the tool needs the secret {name!r}, which the org has not set")
-        if HEADER_FORBIDDEN.search(secrets[name]):  # aiohttp would refuse the header
+        if HEADER_VALUE_FORBIDDEN.search(secrets[name]):  # aiohttp would refuse the header
             raise ToolError(f"the org's secret {name!r} contains a line break or another "
                             "control character, which a header cannot carry; the org must "
                             "set it again without it")

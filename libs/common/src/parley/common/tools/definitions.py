@@ -114,7 +114,25 @@ def parse_http_tool(data: dict[str, Any] | bytes) -> HttpTool:
     check_schema(tool.parameters)
     if not tool.url.startswith(("http://", "https://")):
         raise ToolDefinitionError(f"tool url must be http(s), not {tool.url!r}")
+    _check_headers(tool.headers)
     return tool
+
+
+HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 token (fullmatch)
+HEADER_VALUE_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters but tab
+
+
+def _check_headers(headers: dict[str, str]) -> None:
+    """Refuse header templates no request could carry (at definition, not at every call)."""
+    seen: set[str] = set()
+    for name, value in headers.items():
+        if not HEADER_NAME.fullmatch(name):
+            raise ToolDefinitionError(f"invalid header name {name!r}")
+        if HEADER_VALUE_FORBIDDEN.search(value):
+            raise ToolDefinitionError(f"header {name!r}: control characters are not allowed")
+        if name.lower() in seen:
+            raise ToolDefinitionError(f"header {name!r} is given twice (names ignore case)")
+        seen.add(name.lower())
 
 
 def check_schema(schema: dict[str, Any]) -> None:
