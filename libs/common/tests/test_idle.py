@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from parley.common.idle import IdleClock, IdleSettings
+from parley.common.events import (
+    AgentSpeechFinished,
+    CallDtmf,
+    CallerIdle,
+    ToolFailed,
+    ToolRequested,
+    TurnCompleted,
+    TurnUserEnded,
+)
+from parley.common.idle import IdleClock, IdleSettings, IdleState
 
 
 def run(clock: IdleClock, until_ms: int, *, busy: bool = False, start_ms: int = 0
@@ -63,9 +72,6 @@ def _ev(cls: type, **fields: object) -> object:
 
 
 def test_a_caller_turn_is_pending_until_the_brain_completes_it() -> None:
-    from parley.common.events import TurnCompleted, TurnUserEnded
-    from parley.common.idle import IdleState
-
     state = IdleState(IdleSettings())
     state.observe(_ev(TurnUserEnded, turn_id="t1", text="hi", reason="silence"))
     assert state.unanswered == "t1"
@@ -76,15 +82,6 @@ def test_a_caller_turn_is_pending_until_the_brain_completes_it() -> None:
 
 
 def test_a_failed_hand_off_reopens_the_turn_until_its_follow_up_completes() -> None:
-    from parley.common.events import (
-        AgentSpeechFinished,
-        ToolFailed,
-        ToolRequested,
-        TurnCompleted,
-        TurnUserEnded,
-    )
-    from parley.common.idle import IdleState
-
     state = IdleState(IdleSettings())
     state.observe(_ev(TurnUserEnded, turn_id="turn_a", text="bye", reason="prompt"))
     state.observe(_ev(ToolRequested, turn_id="turn_a", tool_call_id="c1", name="end_call",
@@ -107,9 +104,6 @@ def test_a_failed_hand_off_reopens_the_turn_until_its_follow_up_completes() -> N
 
 
 def test_a_predecessors_idle_turns_are_counted_and_its_silence_goes_on() -> None:
-    from parley.common.events import CallDtmf, CallerIdle
-    from parley.common.idle import IdleState
-
     state = IdleState(IdleSettings(prompt_ms=1000, hangup_ms=3000))
     state.observe(_ev(CallerIdle, turn_id="i0", action="prompt", silent_s=1.0))
     state.observe(_ev(CallerIdle, turn_id="i1", action="hangup", silent_s=3.0))
@@ -126,15 +120,6 @@ def test_the_last_words_of_a_second_refused_hand_off_are_not_its_follow_up() -> 
     the brain says next, but a second one's, asked for in the follow-up ``turn_a.1`` (the model
     tries another number), did: the time the brain took to write ``turn_a.2`` counted as the
     caller's silence, and a slow model's answer came after "Are you still there?"."""
-    from parley.common.events import (
-        AgentSpeechFinished,
-        ToolFailed,
-        ToolRequested,
-        TurnCompleted,
-        TurnUserEnded,
-    )
-    from parley.common.idle import IdleState
-
     state = IdleState(IdleSettings())
     state.observe(_ev(TurnUserEnded, turn_id="turn_a", text="Put me through to Bob.",
                       reason="prompt"))
@@ -162,9 +147,6 @@ def test_a_turn_detected_again_after_a_take_over_is_not_pending_again() -> None:
     had read the turn's completion; the repeat made the turn pending again, and as JetStream
     drops the repeated turn.user_ended no completion ever came: no idle handling until the
     caller spoke."""
-    from parley.common.events import TurnCompleted, TurnUserEnded
-    from parley.common.idle import IdleState
-
     state = IdleState(IdleSettings())
     state.observe(_ev(TurnUserEnded, turn_id="t4", text="Thanks.", reason="silence"))
     state.observe(_ev(TurnCompleted, turn_id="t4"))
