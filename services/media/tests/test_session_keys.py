@@ -195,3 +195,30 @@ async def test_keys_typed_after_an_unpublished_turn_of_keys_still_make_their_tur
     successor = await take_over(bus, call.call_id)
     await successor.audio(1.2)
     assert await successor.turns() == [("k1", "1#", "dtmf"), ("k2", "5", "dtmf")]
+
+
+async def test_keys_typed_before_the_callers_words_end_their_turn_come_after_them(
+        bus) -> None:
+    # "My account number is", then 1234# before the endpointing silence is out: the keys
+    # wait for the spoken turn, so the model reads the words, then the keys, as they came.
+    call = Call(bus, "call-keys-after-words")
+    await call.audio(0.2)
+    detector = call.session.detector
+    detector.speech_started(call.session.audio_ms)
+    await call.audio(1.0)
+    detector.final("my account number is", call.session.audio_ms)
+    detector.speech_stopped(call.session.audio_ms)
+    await call.press("1", "2", "3", "4", "#")
+    await call.audio(0.3)
+    assert await call.turns() == []  # the words' turn is still open: the keys wait for it
+    await call.audio(0.4)  # the endpointing silence (600 ms) is out
+    assert await call.turns() == [("t1", "my account number is", "silence"),
+                                  ("k1", "1234#", "dtmf")]
+    [_, keys] = [e for e in await call.events() if isinstance(e, TurnUserEnded)]
+    assert keys.eou_delay_ms >= 600  # from the last key to the turn, the wait included
+    assert call.session._idle_state.unanswered == "k1"
+
+    # With no words heard (a noise, or the keys' own tones), the keys do not wait.
+    detector.speech_started(call.session.audio_ms)
+    await call.press("9", "#")
+    assert (await call.turns())[-1] == ("k2", "9#", "dtmf")

@@ -287,6 +287,9 @@ class CallSession:
         self._sent_at = 0.0  # when the gateway sent the last inbound frame (0: none yet)
         self._key_turns = 0  # turns of keys so far (k1, k2, …)
         self._keys_unsent: str | None = None  # a turn of keys the past ended, not published
+        # Turns of keys that ended while the caller's words were still a turn in the making:
+        # each keys, wall time and audio time of its last key (see _end_turn_of_keys).
+        self._keys_after_words: list[tuple[str, float, int]] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -430,6 +433,8 @@ class CallSession:
                 await self._publish(SpeechStopped, "speech.stopped", offset_ms=at)
             await self._barge_in_on_frame(now)
             await self._poll_turn()
+        if self._keys_after_words and not self.detector.text:
+            await self._publish_keys_after_words()
         if self.audio_ms >= self._keys_due_ms:
             keys = self._keypad.poll(self.audio_ms)
             self._rearm_keys()
@@ -538,19 +543,35 @@ class CallSession:
         Numbered apart from the spoken turns: a successor re-detects those from the audio after
         its resume point, but knows the keys only from the call's events. Sharing ``t<n>``, a
         turn of keys it learnt of that way would shift the spoken turns it re-detects onto
-        other numbers, and their events onto other ids. A spoken turn open meanwhile goes on.
+        other numbers, and their events onto other ids.
+
+        A spoken turn open meanwhile, with words heard ("my account number is", then 1234#),
+        goes on, and these keys wait for it to end: published at once, they would be answered
+        first, and the words after them would then read to the model as said after the keys.
         """
         if not keys:
             return
         self._rearm_keys()  # keys typed after these (a successor's past) are still pending
+        if self.detector.text:
+            self._keys_after_words.append((keys, self._keys_wall, self._keys_last_ms))
+            return
+        await self._publish_keys(keys, self._keys_wall, self._keys_last_ms)
+
+    async def _publish_keys_after_words(self) -> None:
+        """The spoken turn the keys waited for is over (published, or no turn after all)."""
+        held, self._keys_after_words = self._keys_after_words, []
+        for keys, wall, last_ms in held:
+            await self._publish_keys(keys, wall, last_ms)
+
+    async def _publish_keys(self, keys: str, wall: float, last_ms: int) -> None:
         self.detector.turn_of_keys()
         self._key_turns += 1
         turn_id = f"k{self._key_turns}"
         self._idle_state.awaiting(turn_id)
         self._idle.reset()
-        self._user_turn_ends[turn_id] = self._keys_wall
+        self._user_turn_ends[turn_id] = wall
         await self._publish(TurnUserEnded, "turn.user_ended", turn_id=turn_id, text=keys,
-                            reason="dtmf", eou_delay_ms=float(self.audio_ms - self._keys_last_ms),
+                            reason="dtmf", eou_delay_ms=float(self.audio_ms - last_ms),
                             key=("k", self._key_turns))
 
     async def _supersede(self, turn_id: str) -> None:
