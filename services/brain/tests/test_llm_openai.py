@@ -142,15 +142,17 @@ async def test_the_emulator_refuses_tool_calls_not_answered_at_once_as_the_api_d
     assert isinstance(events[-1], Done)
 
 
-async def raw_sse_server(events: list[dict[str, Any]]) -> tuple[web.AppRunner, str]:
-    """A chat completions server that streams exactly ``events`` (then ``[DONE]``)."""
+async def raw_sse_server(events: list[dict[str, Any]], *,
+                         done: bool = True) -> tuple[web.AppRunner, str]:
+    """A chat completions server that streams exactly ``events`` (then ``[DONE]``, if ``done``)."""
 
     async def completions(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         for event in events:
             await response.write(f"data: {json.dumps(event)}\n\n".encode())
-        await response.write(b"data: [DONE]\n\n")
+        if done:
+            await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
 
@@ -192,3 +194,36 @@ async def test_several_tool_calls_stay_apart_when_the_server_numbers_them_all_al
         await runner.cleanup()
     assert calls == [ToolCall(id="call_a", name="lookup_order", arguments={"order": "42"}),
                      ToolCall(id="call_b", name="lookup_order", arguments={"order": "43"})]
+
+
+async def test_a_stream_closed_before_the_reply_finished_is_an_error() -> None:
+    # The connection closed mid-reply (a proxy or the server restarting): no finish_reason, no
+    # [DONE]. It was taken for a short, finished answer ("Your order") and the turn completed.
+    runner, base_url = await raw_sse_server(
+        [_chunk({"role": "assistant", "content": ""}), _chunk({"content": "Your order"})],
+        done=False)
+    llm = OpenAICompatLlm(base_url=base_url, model="llama3")
+    received: list[LlmEvent] = []
+    try:
+        with pytest.raises(LlmError, match="ended before the reply finished") as caught:
+            async for event in llm.stream(REQUEST):
+                received.append(event)
+    finally:
+        await llm.aclose()
+        await runner.cleanup()
+    assert caught.value.retryable
+    assert received == [TextDelta(text="Your order")]
+
+
+async def test_a_stream_that_finished_without_done_is_accepted() -> None:
+    # Lenient servers end the stream after the finish_reason chunk without [DONE].
+    runner, base_url = await raw_sse_server(
+        [_chunk({"content": "Your order ships today."}), _chunk({}, "stop")], done=False)
+    llm = OpenAICompatLlm(base_url=base_url, model="llama3")
+    try:
+        events = await collect(llm, REQUEST)
+    finally:
+        await llm.aclose()
+        await runner.cleanup()
+    assert events[0] == TextDelta(text="Your order ships today.")
+    assert isinstance(events[-1], Done) and events[-1].stop_reason == "end_turn"

@@ -1,8 +1,11 @@
 import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
 
+from parley.common.bus import Bus
 from parley.common.configuration import create_api_key
 from parley.common.tools.repository import get_tool
+from parley.tools.approval_api import create_app
 
 from .conftest import AGENT, ORG, add_http_tool, request_tool, start_call, wait_for
 
@@ -68,13 +71,89 @@ async def test_deny_reports_denied_and_never_runs(bus, pool, service, target, ev
     assert "/ok" not in target.hits
 
 
-async def test_no_decision_in_time_is_denied_by_timeout(bus, pool, service, target, events):
-    await service()
+async def test_no_decision_in_time_is_denied_by_timeout(bus, pool, service, target, events,
+                                                        http, api_key):
+    tools = await service()
     request = await sensitive_request(bus, pool, target, events, approval_timeout_s=0.3)
     denied = await events.outcome(request.tool_call_id)
     assert denied.type == "tool.denied"
     assert denied.denied_by == "timeout"
     assert "/ok" not in target.hits
+    # a late decision, even the same one, did not take effect: the deadline's did
+    status, _, problem = await decide(http, tools, request.tool_call_id, "deny", api_key)
+    assert (status, problem["type"].rsplit("/", 1)[1]) == (409, "approval-expired")
+
+
+async def test_the_same_decision_again_is_answered_as_before(bus, pool, service, target, events,
+                                                            http, api_key):
+    # a client that got no answer (a 500, a dropped connection) asks again to learn the outcome
+    tools = await service()
+    request = await sensitive_request(bus, pool, target, events)
+    status, _, first = await decide(http, tools, request.tool_call_id, "approve", api_key)
+    assert status == 200, first
+    assert first["decided_by"].startswith("api_key:")
+    status, _, again = await decide(http, tools, request.tool_call_id, "approve", api_key)
+    assert (status, again) == (200, first)
+    assert (await events.outcome(request.tool_call_id)).type == "tool.completed"
+    status, _, after_run = await decide(http, tools, request.tool_call_id, "approve", api_key)
+    assert (status, after_run) == (200, first)
+    approved = await events.wait("tool.approved", request.tool_call_id)
+    assert [str(e.id) for e in approved] == [first["event_id"]]
+    assert target.hits["/ok"] == 1
+
+    status, _, problem = await decide(http, tools, request.tool_call_id, "deny", api_key)
+    assert (status, problem["type"].rsplit("/", 1)[1]) == (409, "tool-call-not-waiting")
+    assert (problem["decision"], problem["decided_by"]) == ("approved", first["decided_by"])
+    assert "already approved" in problem["detail"]
+
+
+async def test_a_denial_again_is_answered_as_before_and_approval_refused(
+        bus, pool, service, target, events, http, api_key):
+    tools = await service()
+    request = await sensitive_request(bus, pool, target, events)
+    status, _, first = await decide(http, tools, request.tool_call_id, "deny", api_key,
+                                    {"reason": "no"})
+    assert (status, first["state"]) == (200, "denied")
+    status, _, again = await decide(http, tools, request.tool_call_id, "deny", api_key)
+    assert (status, again) == (200, first)
+    status, _, problem = await decide(http, tools, request.tool_call_id, "approve", api_key)
+    assert (status, problem["decision"]) == (409, "denied")
+    assert "/ok" not in target.hits
+
+
+async def test_a_call_that_needed_no_approval_cannot_be_decided(bus, pool, service, target,
+                                                               events, http, api_key):
+    tools = await service()
+    await add_http_tool(pool, "lookup", target.url("/ok"))
+    request = await request_tool(bus, await start_call(bus), "lookup")
+    assert (await events.outcome(request.tool_call_id)).type == "tool.completed"
+    status, _, problem = await decide(http, tools, request.tool_call_id, "approve", api_key)
+    assert (status, problem["type"].rsplit("/", 1)[1]) == (409, "tool-call-not-waiting")
+
+
+async def test_a_decision_stands_when_its_event_cannot_be_published_at_once(
+        bus, pool, service, target, events, http, api_key, nats_url):
+    # NATS down (here: the API's connection closed) after the decision committed: the client is
+    # told what it decided, and the journaled event is published by the sweep
+    await service()  # its sweep publishes what the journal holds, its consumers run the tool
+    request = await sensitive_request(bus, pool, target, events)
+    cut_off = await Bus.connect(nats_url, name="approval-api-cut-off")
+    await cut_off.close()
+    server = TestServer(create_app(pool=pool, bus=cut_off), host="127.0.0.1")
+    await server.start_server()
+    try:
+        url = f"http://127.0.0.1:{server.port}/v1/tool-calls/{request.tool_call_id}/approve"
+        async with http.post(url, headers={"X-API-Key": api_key}) as response:
+            status, body = response.status, await response.json(content_type=None)
+    finally:
+        await server.close()
+    assert status == 200, body
+    assert (body["state"], body["call_id"]) == ("approved", request.call_id)
+
+    approved = (await events.wait("tool.approved", request.tool_call_id))[0]
+    assert str(approved.id) == body["event_id"]
+    assert (await events.outcome(request.tool_call_id)).type == "tool.completed"
+    assert target.hits["/ok"] == 1
 
 
 async def test_another_orgs_tool_call_is_not_found(bus, pool, service, target, events, http,

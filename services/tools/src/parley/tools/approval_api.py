@@ -3,13 +3,18 @@
 ``POST /v1/tool-calls/{tool_call_id}/approve`` and ``…/deny`` (optional JSON body
 ``{"reason": "..."}``), authenticated with an org API key in ``X-API-Key`` holding the
 ``tools:approve`` scope. The key's org scopes the lookup, so another org's tool call is a 404.
-A call no longer waiting is a 409. The decision and its event (``tool.approved`` /
-``tool.denied``) are written together in the journal and published at once; the tools workers
-then run an approved call.
+The decision and its event (``tool.approved`` / ``tool.denied``) are written together in the
+journal and published at once; the tools workers then run an approved call. Once committed, a
+decision stands: if publishing fails (NATS away), the answer is still 200 and the tools
+service's sweep publishes the journaled event. The same decision again is answered as the first
+was (200, same event), so a client that lost the answer may ask again; the opposite decision is
+a 409 naming the one that stands, as is any decision on a call that needed no approval or whose
+deadline passed.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import msgspec
@@ -18,9 +23,12 @@ from psycopg_pool import AsyncConnectionPool
 
 from parley.common.bus import Bus
 from parley.common.configuration import ApiKey, verify_api_key
+from parley.common.events import ToolApproved, ToolDenied
 from parley.common.problems import Problem, problem_middleware
 
 from . import journal
+
+log = logging.getLogger(__name__)
 
 API_KEY_HEADER = "X-API-Key"
 APPROVE_SCOPE = "tools:approve"
@@ -67,17 +75,28 @@ async def _decide(request: web.Request, *, approve: bool) -> web.Response:
             raise Problem(404, "Not Found", f"no tool call {tool_call_id!r} in this org",
                           kind="tool-call-not-found")
         if outcome == "already_decided":
-            raise Problem(409, "Conflict", "the tool call is not waiting for approval",
-                          kind="tool-call-not-waiting")
+            earlier = await journal.decision_of(conn, key.org_id, tool_call_id)
+            if earlier is None:
+                raise Problem(409, "Conflict", "the tool call did not ask for approval",
+                              kind="tool-call-not-waiting")
+            decision, by = earlier
+            raise Problem(409, "Conflict", f"the tool call was already {decision} by {by}",
+                          kind="tool-call-not-waiting",
+                          extra={"decision": decision, "decided_by": by})
         if outcome == "expired":
-            raise Problem(409, "Conflict", "the approval deadline has passed",
-                          kind="approval-expired")
-        assert event is not None
-        await journal.publish_pending(conn, request.app[BUS], call_id=event.aggregate_id,
-                                      tool_call_id=tool_call_id)
-    return web.json_response({"tool_call_id": tool_call_id, "call_id": event.aggregate_id,
+            raise Problem(409, "Conflict", "the approval deadline has passed; the call was "
+                          "denied", kind="approval-expired")
+        assert isinstance(event, ToolApproved | ToolDenied)
+        try:
+            await journal.publish_pending(conn, request.app[BUS], call_id=event.call_id,
+                                          tool_call_id=tool_call_id)
+        except Exception as exc:  # the decision is committed; the sweep publishes it
+            log.warning("tool call %s: decision %s not published yet, left to the sweep: %r",
+                        tool_call_id, event.id, exc)
+    by = event.approved_by if isinstance(event, ToolApproved) else event.denied_by
+    return web.json_response({"tool_call_id": tool_call_id, "call_id": event.call_id,
                               "state": "approved" if approve else "denied",
-                              "event_id": str(event.id)})
+                              "decided_by": by, "event_id": str(event.id)})
 
 
 async def authenticate(request: web.Request) -> ApiKey:

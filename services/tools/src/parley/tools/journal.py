@@ -39,7 +39,8 @@ from .outcomes import without_nul
 log = logging.getLogger(__name__)
 
 State = Literal["awaiting_approval", "approved", "running", "completed", "failed", "denied"]
-Decision = Literal["decided", "not_found", "already_decided", "expired"]
+Decision = Literal["decided", "repeated", "not_found", "already_decided", "expired"]
+TIMEOUT = "timeout"  # who denied a call no one decided on before its deadline
 APPROVED_STALE_S = 300.0  # an approved call not started by then: its decision was lost
 NEVER_STARTED = ("it was approved, but the tools service could not start it, so it did not "
                  "run; call it again if it is still wanted")
@@ -95,18 +96,25 @@ async def finish(conn: AsyncConnection[Any], request: ToolRequested, event: Even
 
 async def decide(conn: AsyncConnection[Any], org_id: str, tool_call_id: str, *, approve: bool,
                  by: str, reason: str = "") -> tuple[Decision, Event | None]:
-    """A human's decision on an org's waiting tool call (the approval API's one write)."""
+    """A human's decision on an org's waiting tool call (the approval API's one write).
+
+    The same decision again (a client that never got the first answer asks again) is
+    ``"repeated"`` with the event that recorded it, and writes nothing; the opposite one, or any
+    on a call that needed no approval, is ``"already_decided"``; any after the deadline denied
+    the call is ``"expired"``.
+    """
     async with conn.transaction():
         cursor = await conn.execute(
-            "SELECT call_id, state, expires_at <= now() FROM tool_calls WHERE tool_call_id = %s "
+            "SELECT call_id, state, expires_at <= now(), decided_by FROM tool_calls "
+            "WHERE tool_call_id = %s "
             "AND org_id = %s ORDER BY (state = 'awaiting_approval') DESC, created_at DESC "
             "LIMIT 1 FOR UPDATE", (tool_call_id, org_id))
         row = await cursor.fetchone()
         if row is None:
             return "not_found", None
-        call_id, state, expired = row
+        call_id, state, expired, decided_by = row
         if state != "awaiting_approval":
-            return "already_decided", None
+            return await _earlier(conn, call_id, tool_call_id, approve, state, decided_by)
         if expired:
             return "expired", None  # the sweep denies it with denied_by="timeout"
         event: Event = (
@@ -117,6 +125,34 @@ async def decide(conn: AsyncConnection[Any], org_id: str, tool_call_id: str, *, 
         await _set_decision(conn, call_id, tool_call_id, approve, by)
         await _record(conn, call_id, tool_call_id, event)
     return "decided", event
+
+
+async def _earlier(conn: AsyncConnection[Any], call_id: str, tool_call_id: str, approve: bool,
+                  state: State, decided_by: str | None) -> tuple[Decision, Event | None]:
+    if decided_by == TIMEOUT:
+        return "expired", None
+    if decided_by is None or (state == "denied") == approve:
+        return "already_decided", None
+    cursor = await conn.execute(
+        "SELECT payload FROM tool_call_events WHERE call_id = %s AND tool_call_id = %s "
+        "AND type = %s ORDER BY created_at LIMIT 1",
+        (call_id, tool_call_id, "tool.approved" if approve else "tool.denied"))
+    row = await cursor.fetchone()
+    if row is None:  # decided by an event from elsewhere (accept_decision): nothing to repeat
+        return "already_decided", None
+    return "repeated", decode(bytes(row[0]))
+
+
+async def decision_of(conn: AsyncConnection[Any], org_id: str,
+                      tool_call_id: str) -> tuple[str, str] | None:
+    """How an org's tool call was decided, ``("approved" | "denied", by whom)``, if it was."""
+    cursor = await conn.execute(
+        "SELECT state, decided_by FROM tool_calls WHERE tool_call_id = %s AND org_id = %s "
+        "AND decided_by IS NOT NULL ORDER BY created_at DESC LIMIT 1", (tool_call_id, org_id))
+    row = await cursor.fetchone()
+    if row is None:
+        return None
+    return ("denied" if row[0] == "denied" else "approved"), row[1]
 
 
 async def accept_decision(conn: AsyncConnection[Any], event: ToolApproved | ToolDenied) -> None:
@@ -182,7 +218,7 @@ async def expire(conn: AsyncConnection[Any], *, limit: int = 100,
             event: Event
             if row[7] == "awaiting_approval":
                 event = ToolDenied(org_id=request.org_id, call_id=request.call_id,
-                                   tool_call_id=request.tool_call_id, denied_by="timeout",
+                                   tool_call_id=request.tool_call_id, denied_by=TIMEOUT,
                                    reason="no decision before the approval deadline",
                                    causation_id=request.id)
                 new_state = "denied"
@@ -198,9 +234,9 @@ async def expire(conn: AsyncConnection[Any], *, limit: int = 100,
                 new_state = "failed"
             await conn.execute(
                 "UPDATE tool_calls SET state = %s, decided_by = CASE WHEN %s = 'denied' "
-                "THEN 'timeout' ELSE decided_by END, lease_until = NULL, updated_at = now() "
+                "THEN %s ELSE decided_by END, lease_until = NULL, updated_at = now() "
                 "WHERE call_id = %s AND tool_call_id = %s",
-                (new_state, new_state, request.call_id, request.tool_call_id))
+                (new_state, new_state, TIMEOUT, request.call_id, request.tool_call_id))
             await _record(conn, request.call_id, request.tool_call_id, event)
             count += 1
     return count

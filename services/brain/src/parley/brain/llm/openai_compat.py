@@ -8,7 +8,9 @@ and name first, then pieces of the ``arguments`` JSON), joined and emitted as :c
 when the choice finishes; a call the server sent without an id gets a random one (the id names
 the tool call in the tools journal and the conversation, so it must never repeat).
 ``stream_options.include_usage`` asks for a last chunk with usage (servers that do not know it
-ignore it or, with ``include_usage=False``, are not asked).
+ignore it or, with ``include_usage=False``, are not asked). A stream that closes before any
+``finish_reason`` or ``[DONE]`` was cut mid-reply (a proxy, a restarting server) and is a
+retryable error, never a short finished answer.
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ class OpenAICompatLlm:
         usage = Usage()
         stop_reason = "end_turn"
         calls: dict[int, dict[str, Any]] = {}
+        finished = False  # a finish_reason or [DONE] came: the server meant the reply to end
         try:
             async with self._session.post(self.url, json=self.request_body(request),
                                           headers=headers, timeout=self._timeout) as response:
@@ -107,6 +110,9 @@ class OpenAICompatLlm:
                     raise LlmError(self.name, _error_message(await response.text()),
                                    status=response.status)
                 async for chunk in _sse_chunks(response, self.name):
+                    if chunk is _END:
+                        finished = True
+                        continue
                     if chunk.get("usage"):
                         usage = _usage(chunk["usage"])
                     for choice in chunk.get("choices") or []:
@@ -119,10 +125,14 @@ class OpenAICompatLlm:
                             if _add_fragment(calls, fragment):
                                 yield ToolCallStarted(name=calls[max(calls)]["name"])
                         if choice.get("finish_reason"):
+                            finished = True
                             stop_reason = _STOP_REASONS.get(choice["finish_reason"],
                                                             choice["finish_reason"])
                             for call in self._complete(calls):
                                 yield call
+            if not finished:  # the connection closed mid-reply: a proxy, a server restarting
+                raise LlmError(self.name, "the stream ended before the reply finished "
+                               "(no finish_reason, no [DONE])", retryable=True)
             for call in self._complete(calls):  # servers that never send finish_reason
                 yield call
         except aiohttp.ClientResponseError as exc:
@@ -181,15 +191,19 @@ def to_openai_messages(request: LlmRequest) -> list[dict[str, Any]]:
     return messages
 
 
+_END: dict[str, Any] = {}  # yielded by _sse_chunks for ``[DONE]``, compared by identity
+
+
 async def _sse_chunks(response: aiohttp.ClientResponse,
                       provider: str) -> AsyncIterator[dict[str, Any]]:
-    """The JSON objects of the ``data:`` lines, up to ``[DONE]``."""
+    """The JSON objects of the ``data:`` lines, then :data:`_END` if ``[DONE]`` came."""
     async for raw in response.content:
         line = raw.decode().strip()
         if not line.startswith("data:"):
             continue  # blank separators, comments (": keep-alive"), event names
         data = line[5:].strip()
         if data == "[DONE]":
+            yield _END
             return
         try:
             chunk = json.loads(data)
