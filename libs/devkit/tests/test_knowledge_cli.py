@@ -36,7 +36,10 @@ async def test_add_search_and_list_knowledge_from_the_command_line(
     added = await asyncio.to_thread(run, "add", "rx", "parking.html")
     assert added.returncode == 0 and "for agent rx" in added.stdout, added.stderr
     again = await asyncio.to_thread(run, "add", "rx", "parking.html")
-    assert again.stdout.startswith("replaced parking.html")
+    assert again.stdout.startswith("unchanged parking.html: 1 chunks"), again.stdout
+    (tmp_path / "parking.html").write_text("<p>Free parking behind the building, 2 hours.</p>")
+    again = await asyncio.to_thread(run, "add", "rx", "parking.html")
+    assert again.stdout.startswith("replaced parking.html"), again.stdout
 
     found = await asyncio.to_thread(run, "search", "billing", "how much is a cleaning?")
     assert found.returncode == 0, found.stderr

@@ -95,10 +95,15 @@ async def test_upload_list_and_search(client: Any, keys: dict[str, str], databas
                                 headers=headers)
     assert [c["source"] for c in (await response.json())["chunks"]] == ["hours.txt"]
 
-    # Uploading the same source again replaces it.
+    # Uploading the same source again keeps it as it is; with other content, replaces it.
     response = await client.post(url(), params={"source": "prices.md"}, data=PRICES,
                                  headers=headers)
-    assert (await response.json())["replaced"] is True
+    again = await response.json()
+    assert (response.status, again["unchanged"], again["replaced"]) == (200, True, False)
+    response = await client.post(url(), params={"source": "prices.md"},
+                                 data=PRICES + b"\nX-rays are free.", headers=headers)
+    again = await response.json()
+    assert (response.status, again["unchanged"], again["replaced"]) == (201, False, True)
 
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
         cursor = await conn.execute("SELECT payload FROM outbox ORDER BY id")

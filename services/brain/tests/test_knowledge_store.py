@@ -120,6 +120,44 @@ async def test_reingesting_a_source_replaces_its_chunks_in_that_scope_only(
     assert await cursor.fetchall() == [(1,), (agent_copy.chunks,)]
 
 
+class CountingEmbedder(HashingEmbedderForTests):
+    def __init__(self, dimensions: int = 64) -> None:
+        super().__init__(dimensions)
+        self.texts = 0
+
+    async def embed(self, texts: Any) -> list[list[float]]:
+        self.texts += len(texts)
+        return await super().embed(texts)
+
+
+async def test_reingesting_the_same_content_changes_nothing(
+        conn: psycopg.AsyncConnection[Any]) -> None:
+    # A nightly job syncing a docs folder adds every file again: an unchanged one was embedded
+    # again (a paid API, per text), its chunks rewritten and knowledge.ingested emitted again.
+    embedder = CountingEmbedder()
+    first = await ingest(conn, "acme", None, "prices.md", PRICES, embedder=embedder)
+    embedded, events = embedder.texts, len(await outbox(conn))
+    cursor = await conn.execute("SELECT chunk_id FROM knowledge_chunks ORDER BY ordinal")
+    chunk_ids = await cursor.fetchall()
+
+    again = await ingest(conn, "acme", None, "prices.md", PRICES, embedder=embedder)
+    assert (again.unchanged, again.replaced) == (True, False)
+    assert (again.document_id, again.chunks) == (first.document_id, first.chunks)
+    assert embedder.texts == embedded and len(await outbox(conn)) == events
+    cursor = await conn.execute("SELECT chunk_id FROM knowledge_chunks ORDER BY ordinal")
+    assert await cursor.fetchall() == chunk_ids
+
+    # the same bytes to be embedded by another model, or not at all, are stored anew
+    other = await ingest(conn, "acme", None, "prices.md", PRICES,
+                         embedder=CountingEmbedder(dimensions=32))
+    assert (other.unchanged, other.replaced) == (False, True)
+    plain = await ingest(conn, "acme", None, "prices.md", PRICES)
+    assert (plain.unchanged, plain.replaced) == (False, True)
+    assert (await ingest(conn, "acme", None, "prices.md", PRICES)).unchanged
+    # and chunked another way
+    assert not (await ingest(conn, "acme", None, "prices.md", PRICES, size=40, overlap=5)).unchanged
+
+
 async def test_ingest_emits_knowledge_ingested_in_the_same_transaction(
         conn: psycopg.AsyncConnection[Any]) -> None:
     result = await ingest(conn, "acme", "rx", "prices.md", PRICES, actor="cli")

@@ -102,7 +102,8 @@ async def _add(conn: psycopg.AsyncConnection[Any], args: argparse.Namespace, org
             print(f"parley: {exc}", file=sys.stderr)
             failed += 1
             continue
-        verb = "replaced" if result.replaced else "added"
+        verb = ("unchanged" if result.unchanged else "replaced" if result.replaced
+                else "added")
         print(f"{verb} {result.source}: {result.chunks} chunks for {scope} "
               f"(document {result.document_id})")
     return 1 if failed else 0

@@ -73,7 +73,8 @@ async def upload(request: web.Request) -> web.Response:
         raise Problem(404, "Not Found", str(exc), kind="agent-not-found") from None
     body = {**msgspec.to_builtins(result), "agent_id": None if org_wide else agent_id,
             "org_wide": org_wide}
-    return web.json_response(body, status=201, headers={"Location": request.path})
+    return web.json_response(body, status=200 if result.unchanged else 201,
+                             headers={"Location": request.path})
 
 
 async def documents(request: web.Request) -> web.Response:

@@ -54,7 +54,8 @@ class IngestResult(msgspec.Struct, frozen=True, kw_only=True):
     document_id: str
     source: str
     chunks: int
-    replaced: bool = False
+    replaced: bool = False  # the source was stored before, with other content
+    unchanged: bool = False  # stored before with the same chunks (and embedding model): kept
 
 
 class Chunk(msgspec.Struct, frozen=True, kw_only=True):
@@ -97,7 +98,10 @@ async def ingest(db: Database, org_id: str, agent_id: str | None, source: str | 
 
     ``source`` is a file path to read, or — with ``data`` — the name the bytes are stored under.
     A source already ingested in the same scope is replaced. The chunks and the
-    ``knowledge.ingested`` outbox row commit in one transaction.
+    ``knowledge.ingested`` outbox row commit in one transaction. A source stored before with the
+    same bytes, chunked the same and embedded by the same model (or neither) is left as it is
+    (``unchanged``; nothing embedded, written or emitted): a job that adds a whole folder again
+    every night pays only for the files that changed, and retrieval keeps its chunk ids.
     """
     if data is None:
         path = Path(source)
@@ -112,10 +116,14 @@ async def ingest(db: Database, org_id: str, agent_id: str | None, source: str | 
     media_type = content_type(name)
     text = await asyncio.to_thread(extract_text, name, data)
     chunks = await asyncio.to_thread(chunk_text, name, text, size=size, overlap=overlap)
+    digest = hashlib.sha256(data).hexdigest()
+    model = None if embedder is None else embedder_model(embedder)
+    async with _connection(db) as conn:
+        kept = await _stored_as(conn, org_id, agent_id, name, digest, chunks, model)
+    if kept is not None:
+        return IngestResult(document_id=kept, source=name, chunks=len(chunks), unchanged=True)
     vectors: list[str | None] = [None] * len(chunks)
-    model = None
     if embedder is not None:
-        model = embedder_model(embedder)
         vectors = [_vector_literal(v) for v in await embedder.embed([c.text for c in chunks])]
     async with _connection(db) as conn, conn.transaction():
         await _require_scope(conn, org_id, agent_id)
@@ -128,8 +136,7 @@ async def ingest(db: Database, org_id: str, agent_id: str | None, source: str | 
             "content_type = excluded.content_type, sha256 = excluded.sha256, "
             "chars = excluded.chars, chunk_count = excluded.chunk_count, updated_at = now() "
             "RETURNING document_id, xmax <> 0",
-            (new_id(), org_id, agent_id, name, media_type, hashlib.sha256(data).hexdigest(),
-             len(text), len(chunks)))
+            (new_id(), org_id, agent_id, name, media_type, digest, len(text), len(chunks)))
         row = await cursor.fetchone()
         assert row is not None
         document_id, replaced = row[0], bool(row[1])
@@ -148,6 +155,23 @@ async def ingest(db: Database, org_id: str, agent_id: str | None, source: str | 
             source=name, chunks=len(chunks), actor=actor))
     return IngestResult(document_id=document_id, source=name, chunks=len(chunks),
                         replaced=replaced)
+
+
+async def _stored_as(conn: AsyncConnection[Any], org_id: str, agent_id: str | None, name: str,
+                     digest: str, chunks: list[TextChunk], model: str | None) -> str | None:
+    """The document already holding exactly these chunks of these bytes, if one does."""
+    cursor = await conn.execute(
+        "SELECT c.text, c.embedding_model, d.document_id FROM knowledge_documents d "
+        "JOIN knowledge_chunks c USING (document_id) WHERE d.org_id = %s "
+        "AND coalesce(d.agent_id, '') = coalesce(%s, '') AND d.source = %s AND d.sha256 = %s "
+        "ORDER BY c.ordinal", (org_id, agent_id, name, digest))
+    rows = await cursor.fetchall()
+    if not rows or len(rows) != len(chunks):
+        return None
+    if any(text != chunk.text or stored_model != model
+           for (text, stored_model, _), chunk in zip(rows, chunks, strict=True)):
+        return None
+    return str(rows[0][2])
 
 
 async def _insert_chunks(conn: AsyncConnection[Any], document_id: str, org_id: str,
