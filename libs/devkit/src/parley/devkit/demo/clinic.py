@@ -2,7 +2,8 @@
 
 Run again, it updates rather than duplicates: the agent's settings are rewritten, the number is
 re-assigned, the ``book_appointment`` tool is replaced (its URL has this run's port) and the
-knowledge file is re-ingested under the same name, which replaces the previous copy.
+knowledge file is re-ingested under the same name, which keeps the stored copy if it is unchanged
+and replaces it otherwise.
 """
 
 from __future__ import annotations
