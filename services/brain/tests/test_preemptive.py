@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
+
+import pytest
 
 from parley.brain.llm.anthropic_llm import AnthropicLlm
 from parley.brain.llm.base import Done, LlmEvent, LlmRequest, TextDelta, Usage, UserMessage
@@ -89,6 +92,40 @@ async def test_a_reply_started_from_the_final_is_published_only_when_the_turn_en
                  if e.turn_id == "t1"]
         assert speculative == plain and " ".join(t for _, t, _ in plain) == REPLY
         assert worker.speculations.outcomes == {"adopted": 1}
+    finally:
+        emulator.ttft_s = 0.0
+        await worker.stop()
+        await llm.aclose()
+
+
+@pytest.mark.parametrize("talking_s", [0.1, 0.5])
+async def test_an_adopted_slow_speculation_says_its_filler_timed_from_the_turns_end(
+        bus, pool, emulator, recorder, talking_s) -> None:
+    # The speculation went out while the caller was still talking, and its model is slow.
+    # Timed from that request, the router's filler came too early after the turn's end (0.1 s
+    # of talking), or while the caller still talked (0.5 s), and was dropped: silence until
+    # the first token.
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(dataclasses.replace(services(bus, pool, [llm]),
+                                             router=LlmRouter([llm], filler_after_ms=300)))
+    await worker.start()
+    try:
+        await open_call(bus, "f1")
+        await recorder.wait("agent.say", "f1")
+        emulator.ttft_s = 1.5
+        emulator.script(ScriptedReply(text=REPLY))
+        await final(bus, "f1", "What time do you open?")
+        await until(lambda: len(emulator.requests) == 1)
+        await asyncio.sleep(talking_s)
+        await user_says(bus, "f1", "t1", "What time do you open?")
+        await recorder.wait("turn.completed", "f1")
+        assert worker.speculations.outcomes == {"adopted": 1}
+        ended, = recorder.of("turn.user_ended", "f1")
+        says = [e for e in recorder.of("agent.say", "f1") if e.turn_id == "t1"]
+        assert [e.text for e in says] == [
+            "One moment.", "We open at eight.", "Would you like to book a visit?"]
+        waited = (says[0].at - ended.at).total_seconds()
+        assert 0.3 <= waited < 0.3 + 0.5  # timed from the turn's end, not from the first token
     finally:
         emulator.ttft_s = 0.0
         await worker.stop()

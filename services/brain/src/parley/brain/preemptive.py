@@ -17,6 +17,11 @@ as if it had just arrived, and the stream continues. Otherwise it is dropped and
 made fresh. A speculation is cancelled by newer words or speech from the caller, the call's
 end, its timeout, or a turn end that another instance takes; there is at most one per call.
 
+An adopted reply that has not begun ``filler_after_s`` after the turn ended (its end as seen
+here, live) gets one :class:`Filler`, as a fresh request would. The router's own filler is
+dropped: it is timed from the speculative request, which went out while the caller was still
+talking, so it would come too soon after the turn's end, or before it and be lost.
+
 The reply's first clause is *prepared* as soon as it is complete (``on_clause``; the worker
 publishes it as ``agent.reply_prepared``): media synthesises it while it waits out the silence
 and, if the turn ends with the same words, plays it the moment the turn ends. Such a turn says
@@ -33,7 +38,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
 
-from parley.brain.llm.base import Done, Filler, LlmRequest, TextDelta, ToolCall
+from parley.brain.llm.base import Done, Filler, LlmRequest, ProviderSwitched, TextDelta, ToolCall
 from parley.brain.llm.clauses import ClauseSplitter
 from parley.brain.llm.router import RouterEvent
 from parley.common.words import normalize_words as normalize
@@ -49,16 +54,21 @@ class Speculation:
     """One call's speculative reply to ``text``.
 
     Built after ``delay_s`` (or at :meth:`start_now`), then streamed into a buffer until adopted
-    or cancelled.
+    or cancelled. Adopted, it says ``filler`` if nothing has come ``filler_after_s`` after the
+    turn ended (None: no filler).
     """
 
     def __init__(self, call_id: str, text: str, *,
                  build: Callable[[], Awaitable[LlmRequest | None]],
                  stream: Callable[[LlmRequest], AsyncIterator[RouterEvent]],
                  delay_s: float, on_outcome: Callable[[str], None],
-                 on_clause: Callable[[str, bool], Awaitable[None]] | None = None) -> None:
+                 on_clause: Callable[[str, bool], Awaitable[None]] | None = None,
+                 filler: str = "One moment.", filler_after_s: float | None = None) -> None:
         self.call_id = call_id
         self.text = text
+        self._filler = filler
+        self._filler_after_s = filler_after_s
+        self._ended_at: float | None = None  # when the turn ended, as seen here (loop time)
         self.request: LlmRequest | None = None
         self.outcome = ""
         # The first clause of the reply once complete (``last``: it is the whole reply), handed
@@ -87,6 +97,8 @@ class Speculation:
         The turn publishes the reply itself; a clause prepared now would reach media after the
         turn it was meant to open had ended.
         """
+        if self._ended_at is None:
+            self._ended_at = asyncio.get_running_loop().time()
         self._on_clause = None
         self._go.set()
 
@@ -176,24 +188,36 @@ class Speculation:
     def adopt(self) -> AsyncIterator[RouterEvent]:
         """The reply: what was buffered, then the rest as it comes. Closing it stops the LLM."""
         self._finish("adopted")
-        return self._replay(len(self._items))
+        if self._filler_after_s is None:
+            return self._replay(filler_due=None)
+        ended = self._ended_at  # seen live; else it is ending now
+        if ended is None:
+            ended = asyncio.get_running_loop().time()
+        return self._replay(filler_due=ended + self._filler_after_s)
 
-    async def _replay(self, buffered: int) -> AsyncIterator[RouterEvent]:
+    async def _replay(self, filler_due: float | None) -> AsyncIterator[RouterEvent]:
         index = 0
         try:
             while True:
                 while index < len(self._items):
                     item = self._items[index]
                     index += 1
-                    if isinstance(item, Filler) and index <= buffered:
-                        continue  # its wait happened while the caller was still talking
+                    if isinstance(item, Filler):
+                        continue  # timed from the request, made while the caller was talking
+                    if not isinstance(item, ProviderSwitched):
+                        filler_due = None  # the reply has begun
                     yield item
                 if self._task.done():
                     if self._error is not None:
                         raise self._error
                     return
                 self._more.clear()
-                await self._more.wait()
+                try:
+                    async with asyncio.timeout_at(filler_due):
+                        await self._more.wait()
+                except TimeoutError:
+                    filler_due = None
+                    yield Filler(text=self._filler)
         finally:
             self._task.cancel()
 
@@ -211,9 +235,12 @@ class Speculation:
 class Speculations:
     """At most one :class:`Speculation` per call, and what became of them."""
 
-    def __init__(self, *, on_outcome: Callable[[str], None] = lambda outcome: None) -> None:
+    def __init__(self, *, on_outcome: Callable[[str], None] = lambda outcome: None,
+                 filler: str = "One moment.", filler_after_s: float | None = None) -> None:
         self._calls: dict[str, Speculation] = {}
         self._on_outcome = on_outcome
+        self._filler = filler
+        self._filler_after_s = filler_after_s
         self.outcomes: dict[str, int] = {}
 
     def __len__(self) -> int:
@@ -230,7 +257,8 @@ class Speculations:
         """Replace the call's speculation with one for ``text``."""
         self.cancel(call_id, "superseded")
         speculation = Speculation(call_id, text, build=build, stream=stream, delay_s=delay_s,
-                                  on_outcome=self._count, on_clause=on_clause)
+                                  on_outcome=self._count, on_clause=on_clause,
+                                  filler=self._filler, filler_after_s=self._filler_after_s)
         self._calls[call_id] = speculation
         self._cancel_later(call_id, speculation, delay_s + timeout_s, "expired")
         return speculation

@@ -47,8 +47,9 @@ waiting out the endpointing silence) with the words heard so far, or at a
 without publishing anything. Each speculation is a billed LLM request, so it starts at those
 moments only, not on every partial.
 The turn adopts it when its own request turns out the same, so the first clauses go out as soon
-as the turn ends; otherwise the speculation is dropped. A turn that lands on another instance
-just runs normally there.
+as the turn ends (a reply not begun by then gets the router's filler ``filler_after_ms`` after
+the turn ended, not after the speculative request); otherwise the speculation is dropped. A
+turn that lands on another instance just runs normally there.
 
 History: the first unit of work of a call replays its events from JetStream; from then on an
 ordered consumer over every call event keeps the instance's copy current, so later turns fold
@@ -376,7 +377,10 @@ class BrainWorker:
         # call → its caller's profile (a lookup in flight or done), for inbound calls
         self._profiles: OrderedDict[str, asyncio.Task[str]] = OrderedDict()
         self._running: dict[str, _Running] = {}  # call → its turn in progress here
-        self.speculations = Speculations(on_outcome=services.on_speculation)
+        filler_after_ms = services.router.filler_after_ms
+        self.speculations = Speculations(
+            on_outcome=services.on_speculation, filler=services.router.filler_text,
+            filler_after_s=None if filler_after_ms is None else filler_after_ms / 1000)
         # call → (last stream sequence read, its events so far): the next turn of a call this
         # instance has seen replays only what came after, not the whole call again.
         self._history: OrderedDict[str, tuple[int, list[Event]]] = OrderedDict()

@@ -20,7 +20,9 @@ silence. (After a tool result, silence can be the answer.)
 
 If no first token has come ``filler_after_ms`` into the turn, one :class:`Filler` ("One
 moment.") is yielded, so the caller hears something while a slow or failing provider is
-replaced. The final :class:`Done` names the provider that served the turn.
+replaced. That is counted from the request: a speculative reply (requested before the turn
+ended, :mod:`parley.brain.preemptive`) drops this filler and times its own from the turn's end.
+The final :class:`Done` names the provider that served the turn.
 
 Each attempt runs the provider's stream in its own task feeding a queue, so waiting with a
 deadline never cancels the provider halfway through a read; closing the router's stream (or
