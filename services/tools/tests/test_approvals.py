@@ -4,7 +4,8 @@ from aiohttp.test_utils import TestServer
 
 from parley.common.bus import Bus
 from parley.common.configuration import create_api_key
-from parley.common.tools.repository import get_tool
+from parley.common.tools.repository import add_tool, delete_tool, get_tool
+from parley.tools import journal
 from parley.tools.approval_api import create_app
 
 from .conftest import AGENT, ORG, add_http_tool, request_tool, start_call, wait_for
@@ -215,3 +216,74 @@ async def test_an_approved_tool_is_leased_for_its_worst_case_runtime(
     assert state == "running"
     assert lease_left_s > tool.worst_case_s() > 150
     assert (await events.outcome(request.tool_call_id)).type == "tool.completed"
+
+
+async def replace_tool(pool, name, **definition) -> None:
+    async with pool.connection() as conn:
+        await add_tool(conn, ORG, AGENT, {"name": name, "description": f"The {name} tool.",
+                                          **definition}, replace=True)
+
+
+@pytest.mark.parametrize("change", [
+    pytest.param({"url": "/customers/c_1"}, id="url"),
+    pytest.param({"method": "PUT"}, id="method"),
+    pytest.param({"headers": {"X-Refund-To": "acct_9"}}, id="headers"),
+    pytest.param({"parameters": {"type": "object", "properties": {"amount": {"type": "integer",
+                                                                           "maximum": 10**6}}}},
+                 id="parameters"),
+    pytest.param({"retry": {"retry_unsafe_methods": True}}, id="retry-unsafe-methods"),
+])
+async def test_a_tool_changed_after_approval_was_asked_for_does_not_run(
+        bus, pool, service, target, events, http, api_key, change):
+    # the human approved `refund {"amount": 20}` as the tool was defined when they were asked;
+    # the definition changed before the approved call ran: it must not run under the new one
+    tools = await service()
+    request = await sensitive_request(bus, pool, target, events)
+    definition = {"url": target.url("/ok"), "sensitive": True, **change}
+    if definition["url"].startswith("/"):
+        definition["url"] = target.url(definition["url"])
+    await replace_tool(pool, "refund", **definition)
+
+    status, _, body = await decide(http, tools, request.tool_call_id, "approve", api_key)
+    assert (status, body["state"]) == (200, "approved")
+    failed = await events.outcome(request.tool_call_id)
+    assert failed.type == "tool.failed", failed
+    assert failed.retryable is False
+    assert "changed after" in failed.error and "approval" in failed.error
+    assert "call the tool again" in failed.error.lower()
+    assert target.hits == {}  # neither the old endpoint nor the new one was called
+    async with pool.connection() as conn:
+        assert await journal.state_of(conn, request.call_id, request.tool_call_id) == "failed"
+
+
+async def test_a_tool_removed_after_approval_was_asked_for_fails_without_running(
+        bus, pool, service, target, events, http, api_key):
+    tools = await service()
+    request = await sensitive_request(bus, pool, target, events)
+    async with pool.connection() as conn:
+        assert await delete_tool(conn, ORG, AGENT, "refund")
+
+    status, _, _ = await decide(http, tools, request.tool_call_id, "approve", api_key)
+    assert status == 200
+    failed = await events.outcome(request.tool_call_id)
+    assert failed.type == "tool.failed", failed
+    assert failed.retryable is False
+    assert "removed after" in failed.error and "approval" in failed.error
+    assert target.hits == {}
+
+
+async def test_an_approved_call_runs_when_only_what_it_does_not_send_changed(
+        bus, pool, service, target, events, http, api_key):
+    # the description (the model's text), the approval deadline and the response cap do not
+    # change the request the human approved; neither does saving the same definition again
+    tools = await service()
+    request = await sensitive_request(bus, pool, target, events)
+    await replace_tool(pool, "refund", url=target.url("/ok"), sensitive=True,
+                       description="Refund the caller.", approval_timeout_s=120,
+                       max_response_bytes=4096, timeout_s=20)
+
+    status, _, _ = await decide(http, tools, request.tool_call_id, "approve", api_key)
+    assert status == 200
+    done = await events.outcome(request.tool_call_id)
+    assert done.type == "tool.completed", done
+    assert target.hits == {"/ok": 1} and target.bodies == [{"amount": 20}]

@@ -5,6 +5,7 @@ from aiohttp.test_utils import TestServer
 
 from parley.common.events import ToolCompleted, ToolRequested, encode
 from parley.common.metrics import Metrics
+from parley.common.tools.repository import get_tool
 from parley.tools import journal
 from parley.tools.builtins import Builtins
 from parley.tools.call_context import CallDirectory
@@ -187,7 +188,9 @@ async def test_an_approved_call_runs_on_redelivery_after_a_failed_lookup(bus, po
     call_id = await start_call(bus)
     request = tool_request(call_id, "toolu_refund", name="refund")
     async with pool.connection() as conn:
-        await journal.open_call(conn, request, AGENT, "awaiting_approval", expires_in_s=60)
+        tool = await get_tool(conn, ORG, AGENT, "refund")
+        await journal.open_call(conn, request, AGENT, "awaiting_approval", expires_in_s=60,
+                                tool_fingerprint=tool.fingerprint())
         decision, approved = await journal.decide(conn, ORG, "toolu_refund", approve=True,
                                                   by="me")
     assert decision == "decided"
@@ -205,3 +208,21 @@ async def test_an_approved_call_runs_on_redelivery_after_a_failed_lookup(bus, po
     assert target.hits.get("/ok") == 1
     async with pool.connection() as conn:
         assert await journal.state_of(conn, call_id, "toolu_refund") == "completed"
+
+
+async def test_an_approval_asked_for_before_fingerprints_were_kept_does_not_run(
+        bus, pool, service, orgs, target, events):
+    # a call left waiting across the upgrade has no fingerprint: what the human was shown
+    # cannot be checked, so it fails asking to be called again rather than run unchecked
+    await add_http_tool(pool, "refund", target.url("/ok"), sensitive=True)
+    call_id = await start_call(bus)
+    request = tool_request(call_id, "toolu_legacy", name="refund")
+    async with pool.connection() as conn:
+        await journal.open_call(conn, request, AGENT, "awaiting_approval", expires_in_s=60)
+        _, approved = await journal.decide(conn, ORG, "toolu_legacy", approve=True, by="me")
+    await service()
+    await bus.publish(approved)
+    failed = await events.outcome(request.tool_call_id)
+    assert failed.type == "tool.failed" and failed.retryable is False
+    assert "changed after" in failed.error
+    assert target.hits == {}

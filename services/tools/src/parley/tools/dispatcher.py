@@ -8,9 +8,11 @@ on a human), or running. A running tool's outcome becomes ``tool.completed`` /
 ``tool.failed``.
 
 ``tool.approved`` → look up the call, claim the approved call and run it (a failure before
-the run gives the claim back, so the redelivered decision runs it); ``tool.denied`` → record it. The
-brain reads one terminal event per tool call: ``tool.completed``, ``tool.failed`` or
-``tool.denied``.
+the run gives the claim back, so the redelivered decision runs it) — unless its tool was
+removed, or its definition changed, since approval was asked for: an approval covers the call
+only as the human was asked about it (the definition's fingerprint is journaled with the
+request), so such a call fails without running. ``tool.denied`` → record it. The brain reads
+one terminal event per tool call: ``tool.completed``, ``tool.failed`` or ``tool.denied``.
 """
 
 from __future__ import annotations
@@ -92,15 +94,18 @@ class Dispatcher:
             first: Event | None = None
             state: journal.State
             lease = expires = 0.0
+            fingerprint: str | None = None
             if (refusal := self._refusal(request, tool)) is not None:
                 state, first = "failed", ToolOutcome.failure(refusal).event(request)
             elif isinstance(tool, HttpTool) and tool.sensitive:
                 state, expires = "awaiting_approval", tool.approval_timeout_s
                 first = journal.approval_request(request, expires)
+                fingerprint = tool.fingerprint()
             else:
                 state, lease = "running", self._lease(tool)
             existing = await journal.open_call(conn, request, call.agent_id, state, event=first,
-                                               lease_s=lease, expires_in_s=expires)
+                                               lease_s=lease, expires_in_s=expires,
+                                               tool_fingerprint=fingerprint)
             await journal.publish_pending(conn, self.bus, call_id=request.call_id,
                                           tool_call_id=request.tool_call_id)
         if existing is not None:
@@ -128,18 +133,20 @@ class Dispatcher:
                                                    lease_s=self._lease(None))
             if claimed is None:
                 return
-            request, _ = claimed
+            request, _, approved_fingerprint = claimed
             try:
-                tool = await self._find_tool(conn, call, request.name)
-                if tool is not None:  # the claim could not know the tool: lease it for its run
+                tool = self._as_approved(request.name,
+                                         await self._find_tool(conn, call, request.name),
+                                         approved_fingerprint)
+                if not isinstance(tool, str):  # the claim could not know the tool: lease it
                     await journal.extend_lease(conn, event.call_id, event.tool_call_id,
                                                lease_s=self._lease(tool))
             except BaseException:
                 await journal.unclaim(conn, event.call_id, event.tool_call_id)
                 raise
-        if tool is None:
-            await self._report(request, ToolOutcome.failure(
-                f"the tool {request.name!r} was removed before it could run"), 0.0)
+        if isinstance(tool, str):
+            log.warning("approved tool call %s not run: %s", request.tool_call_id, tool)
+            await self._report(request, ToolOutcome.failure(tool), 0.0)
             return
         await self._start(request, call, tool)
 
@@ -184,6 +191,22 @@ class Dispatcher:
             return (f"invalid arguments for {request.name}: {'; '.join(errors)}. "
                     "Fix them and call the tool again.")
         return None
+
+    @staticmethod
+    def _as_approved(name: str, tool: Tool | None, approved: str | None) -> HttpTool | str:
+        """``tool`` if it is still the one the human approved, else why not (for the model).
+
+        ``approved`` is the fingerprint of the definition the human was asked about; a call
+        journaled before fingerprints were kept (None) cannot be checked, so it is refused too.
+        """
+        if tool is None:
+            return (f"{name} did not run: the tool was removed after this call was sent for "
+                    "approval.")
+        if not isinstance(tool, HttpTool) or approved is None or tool.fingerprint() != approved:
+            return (f"{name} did not run: the tool's definition changed after this call was "
+                    "sent for approval, so that approval does not cover it. Call the tool "
+                    "again to ask for a new approval if it is still wanted.")
+        return tool
 
     async def _find_tool(self, conn: AsyncConnection[Any], call: CallContext,
                          name: str) -> Tool | None:

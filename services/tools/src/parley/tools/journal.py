@@ -6,7 +6,9 @@ published after commit (:func:`publish_pending`) and, should that fail, again by
 published (NATS refuses it) is set aside with the reason, so it holds back no other tool call.
 The row is what makes a redelivered ``tool.requested`` a no-op, what an approval resumes from
 after a restart, and what the approval API and the timeout sweep race on (``SELECT … FOR
-UPDATE``: one decision wins).
+UPDATE``: one decision wins). A call waiting for approval keeps the fingerprint of its tool's
+definition as it was when the human was asked (``tool_fingerprint``), which the approved call
+is checked against before it runs.
 
 States: ``awaiting_approval`` → ``approved`` → ``running`` → ``completed`` | ``failed``; and
 ``awaiting_approval`` → ``denied``.
@@ -58,17 +60,21 @@ def request_of(row: Any) -> ToolRequested:
 
 async def open_call(conn: AsyncConnection[Any], request: ToolRequested, agent_id: str,
                     state: State, *, event: Event | None = None, expires_in_s: float = 0.0,
-                    lease_s: float = 0.0) -> State | None:
-    """Journal a new tool call (with its first event); the existing state if already known."""
+                    lease_s: float = 0.0, tool_fingerprint: str | None = None) -> State | None:
+    """Journal a new tool call (with its first event); the existing state if already known.
+
+    A call that waits for approval is given its tool's ``tool_fingerprint`` (see
+    :func:`start_approved`).
+    """
     async with conn.transaction():
         cursor = await conn.execute(
             "INSERT INTO tool_calls (org_id, call_id, tool_call_id, turn_id, name, arguments, "
-            "request_event_id, agent_id, state, expires_at, lease_until) VALUES (%s, %s, %s, "
-            "%s, %s, %s, %s, %s, %s, now() + %s, now() + %s) "
+            "request_event_id, agent_id, state, expires_at, lease_until, tool_fingerprint) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, now() + %s, now() + %s, %s) "
             "ON CONFLICT (call_id, tool_call_id) DO NOTHING RETURNING state",
             (request.org_id, request.call_id, request.tool_call_id, request.turn_id,
              request.name, Jsonb(without_nul(request.arguments)), request.id, agent_id, state,
-             timedelta(seconds=expires_in_s), timedelta(seconds=lease_s)))
+             timedelta(seconds=expires_in_s), timedelta(seconds=lease_s), tool_fingerprint))
         if await cursor.fetchone() is None:
             cursor = await conn.execute(
                 "SELECT state FROM tool_calls WHERE call_id = %s AND tool_call_id = %s",
@@ -169,14 +175,19 @@ async def accept_decision(conn: AsyncConnection[Any], event: ToolApproved | Tool
 
 
 async def start_approved(conn: AsyncConnection[Any], call_id: str, tool_call_id: str,
-                         lease_s: float) -> tuple[ToolRequested, str] | None:
-    """Claim an approved call for running; its request and agent, or None if not approved."""
+                         lease_s: float) -> tuple[ToolRequested, str, str | None] | None:
+    """Claim an approved call for running, or None if not approved.
+
+    Its request, agent and the fingerprint of the tool's definition the approval was asked for
+    (None for a call journaled before fingerprints were kept): the caller runs it only under a
+    definition with that fingerprint.
+    """
     cursor = await conn.execute(
         "UPDATE tool_calls SET state = 'running', lease_until = now() + %s, updated_at = now() "
         f"WHERE call_id = %s AND tool_call_id = %s AND state = 'approved' RETURNING {_COLUMNS}, "
-        "agent_id", (timedelta(seconds=lease_s), call_id, tool_call_id))
+        "agent_id, tool_fingerprint", (timedelta(seconds=lease_s), call_id, tool_call_id))
     row = await cursor.fetchone()
-    return None if row is None else (request_of(row), row[7])
+    return None if row is None else (request_of(row), row[7], row[8])
 
 
 async def unclaim(conn: AsyncConnection[Any], call_id: str, tool_call_id: str) -> None:

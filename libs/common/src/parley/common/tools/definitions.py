@@ -20,6 +20,7 @@ refused, and validation of arguments never leaves the schema.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Annotated, Any, Literal
 
@@ -102,6 +103,24 @@ class HttpTool(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     def may_retry(self) -> bool:
         """Whether transient failures of this tool's method are retried."""
         return self.method in IDEMPOTENT_METHODS or self.retry.retry_unsafe_methods
+
+    def fingerprint(self) -> str:
+        """A stable hash of what decides the request this tool sends (hex SHA-256).
+
+        A human approves a sensitive call as the tool is defined when they are asked; the call
+        runs only if this is unchanged by then. It covers the name, method, URL and header
+        templates (where the call goes and what it carries), the parameters schema (which
+        arguments are let into the URL and body), the sensitivity, and how often a request may
+        be sent again (``retry.attempts``, ``retry.retry_unsafe_methods``). Not the
+        description, timeouts, backoff, approval deadline or response cap: they change nothing
+        sent. Keys are sorted, so the order jsonb stores them in does not matter; secret
+        values are not part of it (a rotated token is the same call).
+        """
+        decisive = {"name": self.name, "method": self.method, "url": self.url,
+                    "headers": self.headers, "parameters": self.parameters,
+                    "sensitive": self.sensitive, "retry_attempts": self.retry.attempts,
+                    "retry_unsafe_methods": self.retry.retry_unsafe_methods}
+        return hashlib.sha256(msgspec.json.encode(decisive, order="sorted")).hexdigest()
 
 
 def parse_http_tool(data: dict[str, Any] | bytes) -> HttpTool:
