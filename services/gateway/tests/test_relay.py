@@ -348,9 +348,49 @@ async def test_keys_pending_when_the_call_ends_or_the_socket_closes_make_no_turn
     await update_agent(db, ORG, MANAGED_AGENT, {"keypad_timeout_ms": 500})
     ws, _, call_id = await setup_relay(gateway, events)  # another call
     await press(ws, events, call_id, "4")
-    await ws.close()
+    await ws.close()  # and no socket takes the call again (see the next test)
     await asyncio.sleep(1.0)
     assert events.of("turn.user_ended", call_id) == []
+
+
+async def reconnect(gateway, events, call_sid: str, call_id: str, session: str):
+    """The call's next socket (Twilio back through the reconnect URL)."""
+    ws = await gateway.ws("/twilio/relay")
+    await send(ws, {"type": "setup", "sessionId": "VX" + session * 32, "callSid": call_sid,
+                    "accountSid": "AC", "from": CALLER, "to": MANAGED_NUMBER,
+                    "customParameters": {"call_id": call_id, "org_id": ORG,
+                                         "agent_id": MANAGED_AGENT}})
+    await events.wait("call.stream_started", call_id,
+                      count=len(events.of("call.stream_started", call_id)) + 1)
+    return ws
+
+
+async def test_keys_typed_when_the_socket_dropped_go_on_on_the_next_one(
+        gateway, events, db):
+    # "Enter your account number": 1, 2, the socket drops, Twilio reconnects, 3, #. The keys
+    # pending on the dropped socket were lost and the brain was asked about account "3#".
+    await update_agent(db, ORG, MANAGED_AGENT, {"keypad_timeout_ms": 1500})
+    ws, call_sid, call_id = await setup_relay(gateway, events)
+    await press(ws, events, call_id, "5#")  # a turn published before the drop
+    await events.wait("turn.user_ended", call_id)
+    await press(ws, events, call_id, "12")
+    await ws.close()
+    again = await reconnect(gateway, events, call_sid, call_id, "2")
+    await press(again, events, call_id, "3#")
+    [first, turn] = await events.wait("turn.user_ended", call_id, count=2, timeout=3)
+    assert (first.text, turn.text, turn.reason) == ("5#", "123#", "dtmf")
+
+    # Typed and dropped, nothing more: the turn ends when it would have.
+    loop = asyncio.get_running_loop()
+    await press(again, events, call_id, "7")
+    typed = loop.time()
+    await again.close()
+    third = await reconnect(gateway, events, call_sid, call_id, "3")
+    [*_, last] = await events.wait("turn.user_ended", call_id, count=3, timeout=4)
+    assert last.text == "7" and 1.4 <= loop.time() - typed < 3
+    await asyncio.sleep(0.3)
+    assert [t.text for t in events.of("turn.user_ended", call_id)] == ["5#", "123#", "7"]
+    assert not third.closed
 
 
 # -- the filler for slow tools: said only if the tools keep the caller waiting ----------------

@@ -13,7 +13,8 @@ media does on cascading calls. A key press is call.dtmf, and the keys a caller t
 caller turn too (:mod:`parley.common.keypad`, on the wall clock): turn.user_ended with reason
 ``dtmf`` and the keys as its text, at once on the agent's end key, else once no key has come
 for ``keypad_timeout_ms``. No transcript.final: keys are not speech (media does the same).
-Keys still pending when the call ends or the socket closes make no turn.
+Keys still pending when the call ends make no turn; those pending when the socket drops are
+gathered by the call's next socket, from the call's past.
 """
 
 from __future__ import annotations
@@ -166,6 +167,9 @@ class RelaySession(TwilioSession):
         self._outbox = Outbox(self.bus, name="relay")
         self.keypad = Keypad()  # the agent's settings once attached (subscribe)
         self._keys_timer: asyncio.Task[None] | None = None  # ends the keys' turn when due
+        self._keys_first: uuid.UUID | None = None  # call.dtmf of the open turn's first key
+        # keys pressed while the call's past is read: (digit, when, its call.dtmf id)
+        self._keys_backlog: list[tuple[str, int, uuid.UUID]] | None = []
         self._call_ended = False  # call.ended seen: keys make no more turns
         self._filler: AgentSay | None = None  # a filler clause held until its tools are slow
         self._idle_backlog: list[Event] | None = []  # live events held while the past is read
@@ -228,8 +232,9 @@ class RelaySession(TwilioSession):
             case Dtmf():
                 self._caller_active()
                 digit = dtmf_digit(message.digit)
-                await self.publish(CallDtmf(org_id=org_id, call_id=call_id, digit=digit))
-                await self._key_pressed(digit)
+                pressed = CallDtmf(org_id=org_id, call_id=call_id, digit=digit)
+                await self.publish(pressed)
+                await self._key_pressed(digit, pressed.id)
             case Info(name="tokensPlayed"):
                 await self._finish(self.playback.played(str(message.value or "")))
             case Info(name="agentSpeaking"):
@@ -257,14 +262,18 @@ class RelaySession(TwilioSession):
             self.idle = RelayIdle(self.agent.settings)
         self.add_subscription(await self.bus.subscribe_call(
             self.call_id, self._on_event, org_id=self.call.org_id))
-        if self.idle is not None:
-            self._spawn(self._watch_idle(), "idle")
+        if self.idle is not None or self.keypad.settings.enabled:
+            self._spawn(self._go_on_from_the_past(), "past")
+        else:
+            self._keys_backlog = None
 
     async def _on_event(self, event: Event) -> None:
         if isinstance(event, CallEnded):
             self._call_ended = True
             self.keypad.clear()  # the timer then finds nothing due
             self._typing()
+        if isinstance(event, CallStreamStarted) and event.stream_id != self.stream_id:
+            self.keypad.clear()  # the newer socket gathers the keys typed so far (the past)
         if self.idle is not None:
             if isinstance(event, CallStreamStarted) and event.stream_id != self.stream_id:
                 # The call went on on a newer socket (a reconnect, perhaps to another instance,
@@ -340,30 +349,80 @@ class RelaySession(TwilioSession):
 
     # -- keys typed ---------------------------------------------------------------------------
 
-    async def _key_pressed(self, digit: str) -> None:
+    async def _key_pressed(self, digit: str, event_id: uuid.UUID) -> None:
         """Gather a key; its turn ends now (end key), or when the timer finds it due."""
         if self._call_ended:
             return
-        keys = self.keypad.press(digit, _now_ms())
+        if self._keys_backlog is not None:  # after the keys of the call's past
+            self._keys_backlog.append((digit, _now_ms(), event_id))
+            return
+        await self._press(digit, _now_ms(), event_id)
+        self._end_keys_in_time()
+
+    async def _press(self, digit: str, at_ms: int, event_id: uuid.UUID,
+                     published: frozenset[str] = frozenset()) -> None:
+        """A key at ``at_ms``: it ends its turn (end key), or one due before it ended first."""
+        keys, first = self.keypad.poll(at_ms), self._keys_first
+        if keys is not None:
+            await self._publish_keys(keys, first, published)
+        if not self.keypad.pending:
+            self._keys_first = event_id
+        keys, first = self.keypad.press(digit, at_ms), self._keys_first
         self._typing()
         if keys is not None:
-            await self._publish_keys(keys)
-        elif self.keypad.due_ms is not None and (self._keys_timer is None
-                                                 or self._keys_timer.done()):
+            await self._publish_keys(keys, first, published)
+
+    def _end_keys_in_time(self) -> None:
+        if self.keypad.due_ms is not None and (self._keys_timer is None
+                                               or self._keys_timer.done()):
             self._keys_timer = self._spawn(self._end_keys_when_due(), "keypad")
 
     async def _end_keys_when_due(self) -> None:
         """Wait out the keys' timeout, which each new key moves on; over once none are pending.
 
         One task per socket, not one per key: a key pressed meanwhile only moves ``due_ms``.
-        Cancelled with the socket, so pending keys then make no turn.
+        Cancelled with the socket: a newer socket gathers the keys pending (``_resume_keys``).
         """
         while (due_ms := self.keypad.due_ms) is not None:
             await asyncio.sleep(max(0, due_ms - _now_ms()) / 1000)
-            keys = self.keypad.poll(_now_ms())
+            keys, first = self.keypad.poll(_now_ms()), self._keys_first
             self._typing()
             if keys is not None:
-                await self._publish_keys(keys)
+                await self._publish_keys(keys, first)
+
+    async def _resume_keys(self, past: list[Event]) -> None:
+        """Gather the keys typed on an earlier socket of the call whose turn was not published.
+
+        A socket that dropped mid-typing ("12", then a reconnect, then "3#") would cut the
+        number in two, its first keys lost. The ``call.dtmf`` events since the last turn of keys
+        published are gathered again by when they were pressed (not those before: gathered
+        again, a key pressed just at the timeout could fall into another turn than it did); a
+        turn the earlier socket published meanwhile (the same id: see :meth:`_publish_keys`)
+        is not published again. Then the keys pressed on this socket while the past was read.
+        """
+        backlog = self._keys_backlog if self._keys_backlog is not None else []
+        if any(isinstance(event, CallEnded) for event in past):
+            self._call_ended, self._keys_backlog = True, None
+            return
+        live = {event_id for _, _, event_id in backlog}  # pressed here, perhaps in the past too
+        published = frozenset(event.turn_id for event in past
+                              if isinstance(event, TurnUserEnded) and event.reason == "dtmf")
+        since = max((i for i, event in enumerate(past) if isinstance(event, TurnUserEnded)
+                     and event.reason == "dtmf"), default=-1) + 1
+        now_ms, now = _now_ms(), time.time()
+        for event in past[since:]:
+            if isinstance(event, CallDtmf) and event.id not in live:
+                at_ms = now_ms - round((now - event.at.timestamp()) * 1000)
+                await self._press(event.digit, at_ms, event.id, published)
+        while backlog:  # (keys pressed meanwhile join it)
+            digit, at_ms, event_id = backlog.pop(0)
+            await self._press(digit, at_ms, event_id, published)
+        self._keys_backlog = None
+        keys, first = self.keypad.poll(_now_ms()), self._keys_first
+        if keys is not None:
+            await self._publish_keys(keys, first, published)
+        self._typing()
+        self._end_keys_in_time()
 
     def _typing(self) -> None:
         """Tell the idle clock whether keys are being typed: that caller is busy, not silent.
@@ -374,16 +433,24 @@ class RelaySession(TwilioSession):
         if self.idle is not None:
             self.idle.typing = bool(self.keypad.pending)
 
-    async def _publish_keys(self, keys: str) -> None:
+    async def _publish_keys(self, keys: str, first: uuid.UUID | None,
+                            published: frozenset[str] = frozenset()) -> None:
         """turn.user_ended (reason ``dtmf``) under a turn id of its own, not the spoken one's.
 
-        The session observes it as it does a prompt's turn: the idle clock waits for its answer.
+        Its ids come from its first key's ``call.dtmf``, so two sockets of the call (one
+        dropped, one reconnected) that both end it publish it once (JetStream drops the
+        repeat). The session observes it as it does a prompt's turn: the idle clock waits for
+        its answer.
         """
         assert self.call is not None
+        name = f"{self.call_id}/keys/{first or uuid7()}"
+        turn_id = f"turn_{uuid.uuid5(_ID_NAMESPACE, name).hex}"
+        if turn_id in published:
+            return
         log.info("call %s: caller typed %d key(s)", self.call_id, len(keys))
         await self._outbox.put(TurnUserEnded(
-            org_id=self.call.org_id, call_id=self.call_id, turn_id=f"turn_{uuid7().hex}",
-            text=keys, reason="dtmf"))
+            id=uuid.uuid5(_ID_NAMESPACE, f"{name}/turn.user_ended"), org_id=self.call.org_id,
+            call_id=self.call_id, turn_id=turn_id, text=keys, reason="dtmf"))
 
     # -- the idle caller ---------------------------------------------------------------------
 
@@ -391,11 +458,17 @@ class RelaySession(TwilioSession):
         if self.idle is not None:
             self.idle.caller_active()
 
-    async def _watch_idle(self) -> None:
-        """Read the call's past (a reconnect goes on with its idle turns), then tick the clock."""
+    async def _go_on_from_the_past(self) -> None:
+        """Read the call's past: a reconnect goes on with its keys and its idle turns."""
+        past = await self._past_events()
+        await self._resume_keys(past or [])
+        if self.idle is not None:
+            await self._watch_idle(past)
+
+    async def _watch_idle(self, past: list[Event] | None) -> None:
+        """Go on from the call's past idle turns, then tick the clock."""
         idle, call = self.idle, self.call
         assert idle is not None and call is not None and self.agent is not None
-        past = await self._past_events()
         if past is None:
             # Unread, the call's idle turns so far are unknown: numbered from i0 again, a
             # reconnect's would repeat earlier ids, which JetStream drops unheard.
