@@ -224,5 +224,5 @@ async def test_an_approval_asked_for_before_fingerprints_were_kept_does_not_run(
     await bus.publish(approved)
     failed = await events.outcome(request.tool_call_id)
     assert failed.type == "tool.failed" and failed.retryable is False
-    assert "changed after" in failed.error
+    assert "before approvals were tied to the tool's definition" in failed.error
     assert target.hits == {}

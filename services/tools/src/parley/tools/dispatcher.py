@@ -202,7 +202,11 @@ class Dispatcher:
         if tool is None:
             return (f"{name} did not run: the tool was removed after this call was sent for "
                     "approval.")
-        if not isinstance(tool, HttpTool) or approved is None or tool.fingerprint() != approved:
+        if approved is None:
+            return (f"{name} did not run: it was sent for approval before approvals were tied "
+                    "to the tool's definition, so the approval cannot be checked against it. "
+                    "Call the tool again to ask for a new approval if it is still wanted.")
+        if not isinstance(tool, HttpTool) or tool.fingerprint() != approved:
             return (f"{name} did not run: the tool's definition changed after this call was "
                     "sent for approval, so that approval does not cover it. Call the tool "
                     "again to ask for a new approval if it is still wanted.")
