@@ -247,3 +247,28 @@ async def test_a_leader_that_lost_its_lock_connection_stops_writing(
     assert rows(database_url, "SELECT position FROM events ORDER BY 1") == \
         [(p,) for p in range(1, 41)]
     assert rows(database_url, "SELECT position, reason FROM dead_letters") == []
+
+
+async def test_an_event_postgres_refuses_is_a_dead_letter_not_a_stuck_recorder(
+        bus: Bus, database_url: str) -> None:
+    # Both decode (unknown fields are skipped unread, v is any int) but cannot be stored: bytes
+    # that are not UTF-8 in a field this version does not know, and a v beyond Postgres's int.
+    good = ev.encode(ev.CallRinging(org_id="o1", call_id="c1"))
+    subject = "parley.ev.o1.call.c1.call.ringing"
+    await bus.js.publish(subject, good[:-1] + b',"note":"caf\xe9"}')
+    await bus.publish(ev.CallAnswered(org_id="o1", call_id="c1"))
+    await bus.js.publish(subject, ev.encode(ev.CallRinging(org_id="o1", call_id="c1", v=2**40)))
+    # And an undecodable one whose reason quotes a NUL, which a text column refuses.
+    await bus.js.publish(subject, b'{"type":"call.ringing\\u0000"}')
+    await bus.publish(ev.CallEnded(org_id="o1", call_id="c1"))
+    async with running_recorder(bus, database_url):
+        await wait_for(lambda: _at(database_url, 5))
+    assert rows(database_url, "SELECT position FROM events ORDER BY 1") == [(2,), (5,)]
+    dead = rows(database_url, "SELECT position, subject, reason, payload FROM dead_letters "
+                              "ORDER BY 1")
+    assert [(p, s) for p, s, _, _ in dead] == [(1, subject), (3, subject), (4, subject)]
+    assert dead[0][2].startswith("unstorable") and "utf-8" in dead[0][2].lower()
+    assert dead[1][2].startswith("unstorable") and "out of range" in dead[1][2]
+    assert dead[2][2].startswith("undecodable") and "call.ringing\\0" in dead[2][2]
+    assert bytes(dead[0][3]).endswith(b'"caf\xe9"}')
+    assert rows(database_url, "SELECT state, event_count FROM calls") == [("ended", 2)]

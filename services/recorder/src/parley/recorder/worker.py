@@ -38,7 +38,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError, ServiceUnavailableError
 
-from parley.common.bus import EVENTS_STREAM, Bus
+from parley.common.bus import EVENTS_STREAM, Bus, event_subject
 from parley.common.events import Event, EventDecodeError, decode
 from parley.common.metrics import Metrics
 from parley.common.store import WRITE_LOCK, Projection, append, event_row, get_checkpoint
@@ -211,21 +211,60 @@ class Recorder:
     async def _commit(self, conn: psycopg.AsyncConnection[Any],
                       good: list[tuple[int, Event, bytes, str | None]],
                       dead: list[tuple[int, str, str, bytes | None]], position: int) -> None:
-        """Write the events and dead letters up to ``position`` and move the checkpoint there."""
+        """Write the events and dead letters up to ``position`` and move the checkpoint there.
+
+        An event Postgres refuses although it decoded (bytes that are not UTF-8 in a field this
+        version skips unread, a number beyond its column) would fail every retry of the batch
+        and hold the stream: the batch is written again one position at a time, and that event
+        becomes a dead letter with Postgres's reason.
+        """
+        try:
+            await self._commit_once(conn, good, dead, position)
+        except (psycopg.DataError, UnicodeDecodeError):
+            if not good:
+                raise  # dead letters are bytes and text Postgres takes: not an event's fault
+            log.warning("Postgres refused a row of positions %d to %d; writing them one by "
+                        "one", self.position + 1, position)
+            await self._commit_one_by_one(conn, good, dead, position)
+
+    async def _commit_one_by_one(self, conn: psycopg.AsyncConnection[Any],
+                                 good: list[tuple[int, Event, bytes, str | None]],
+                                 dead: list[tuple[int, str, str, bytes | None]],
+                                 position: int) -> None:
+        events = {item[0]: item for item in good}
+        letters = {item[0]: item for item in dead}
+        for at in range(self.position + 1, position + 1):
+            if at in letters:
+                await self._commit_once(conn, [], [letters[at]], at)
+                continue
+            _, event, raw, _ = item = events[at]
+            try:
+                await self._commit_once(conn, [item], [], at)
+            except (psycopg.DataError, UnicodeDecodeError) as exc:
+                reason = f"unstorable: {str(exc).splitlines()[0]}"
+                await self._commit_once(conn, [], [(at, event_subject(event), reason, raw)], at)
+
+    async def _commit_once(self, conn: psycopg.AsyncConnection[Any],
+                           good: list[tuple[int, Event, bytes, str | None]],
+                           dead: list[tuple[int, str, str, bytes | None]],
+                           position: int) -> None:
+        """One transaction: the rows, the projections and the checkpoint."""
         if position == self.position:
             return
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
             await self._fence(conn)
             if good:
-                good = await self._drop_duplicates(conn, good, dead)
+                good, dead = await self._drop_duplicates(conn, good, dead)
             async with conn.cursor() as cursor:
                 await append(cursor, [event_row(p, e, t, raw) for p, e, raw, t in good])
                 if dead:
                     async with cursor.copy("COPY dead_letters (position, subject, reason, "
                                            "payload) FROM STDIN") as copy:
-                        for row in dead:
-                            await copy.write_row(row)
+                        for at, subject, reason, payload in dead:
+                            # A decode error can quote the bad value, NUL included.
+                            await copy.write_row((at, subject, reason.replace("\x00", "\\0"),
+                                                  payload))
             self._maybe_crash("after_insert")
             batch = [(p, e) for p, e, _, _ in good]
             for projection in self.projections:
@@ -285,13 +324,18 @@ class Recorder:
     async def _drop_duplicates(self, conn: psycopg.AsyncConnection[Any],
                                good: list[tuple[int, Event, bytes, str | None]],
                                dead: list[tuple[int, str, str, bytes | None]],
-                               ) -> list[tuple[int, Event, bytes, str | None]]:
-        """Event ids already stored (republished after JetStream's dedupe window)."""
+                               ) -> tuple[list[tuple[int, Event, bytes, str | None]],
+                                          list[tuple[int, str, str, bytes | None]]]:
+        """The events to write and the dead letters, once ids already stored are moved over.
+
+        Such an id was republished after JetStream's dedupe window. The lists given are left
+        as they were, so a batch written again one by one starts from the same ones.
+        """
         cursor = await conn.execute(
             "SELECT event_id, position FROM events WHERE event_id = ANY(%s)",
             ([e.id for _, e, _, _ in good],))
         stored = {row[0]: row[1] for row in await cursor.fetchall()}
-        kept = []
+        kept, dead = [], list(dead)
         for position, event, raw, trace in good:
             if event.id in stored:
                 dead.append((position, "", f"duplicate: event {event.id} already at position "
@@ -299,7 +343,7 @@ class Recorder:
                 continue
             stored[event.id] = position
             kept.append((position, event, raw, trace))
-        return kept
+        return kept, dead
 
     def _maybe_crash(self, point: str) -> None:
         if self._crash_point == point and self._batches + 1 >= self._crash_after:
