@@ -251,3 +251,67 @@ async def test_an_interim_deepgram_takes_back_neither_delays_the_turn_nor_joins_
     assert ended.eou_delay_ms <= 400  # half the endpointing silence, not the 2.5 s max wait
     assert [e.text for e in events if isinstance(e, TranscriptFinal)] == [
         "I'd like to book a table."]
+
+
+
+async def test_a_switch_mid_turn_does_not_repeat_the_words_the_failed_recogniser_gave(
+        bus) -> None:
+    # "I'd like to book a table." (Deepgram's final), a breath, "On Friday." — and Deepgram's
+    # socket breaks during it. The fallback hears the whole turn again from its pre-roll and
+    # recognises both parts: the failed recogniser's final for the first part must not stay in
+    # the turn as well ("… a table. I'd like to book a table. On Friday.").
+    script = ["I'd like to book a table.", "On Friday."]
+    primary = DeepgramEmulator(api_key="dg-key", utterances=script)
+    backup = DeepgramEmulator(api_key="dg-key", utterances=script)
+    await primary.start()
+    await backup.start()
+    providers = {"deepgram": DeepgramStt("dg-key", base_url=primary.base_url),
+                 "backup": DeepgramStt("dg-key", base_url=backup.base_url)}
+    services = SessionServices(
+        bus=bus, leases=None,  # type: ignore[arg-type]  # run() is not called
+        stt=ProviderRouter("stt", providers, list(providers)),  # type: ignore[arg-type]
+        tts=ProviderRouter("tts", {"never": object()}, ["never"]),  # type: ignore[dict-item]
+        instance="test")
+    call = CallSession(services, call_id=CALL, org_id=ORG, agent_id="agent",
+                       settings=AgentSettings(), revision=1)
+    call.vad = LoudIsSpeech()  # type: ignore[assignment]
+    call._stt_name, call._stt = await call.s.stt.open(call._stt_chain, call._open_stt)
+    call._stt_task = asyncio.create_task(call._recognise())
+    frames = 0
+
+    async def hear(frame: bytes, count: int) -> None:
+        nonlocal frames
+        for _ in range(count):
+            await call._inbound_frame(frame, frames * 20)
+            frames += 1
+
+    async def until(predicate) -> None:
+        deadline = asyncio.get_running_loop().time() + 3
+        while not predicate():
+            assert asyncio.get_running_loop().time() < deadline, call.detector.text
+            await asyncio.sleep(0.01)
+
+    loud, quiet = b"\x00" * 160, b"\xff" * 160
+    try:
+        await hear(quiet, 10)
+        await hear(loud, 60)
+        await hear(quiet, 12)  # Deepgram's endpointing (200 ms), within the VAD's hangover
+        await until(lambda: call.detector.text == "I'd like to book a table.")
+        await hear(loud, 10)  # "On Friday." begins: the same turn
+        primary.faults.close_with_error = True
+        await hear(loud, 10)
+        await until(lambda: call._stt_name == "backup")
+        await hear(loud, 10)
+        while call.turn_no == 0 and frames < 400:
+            await hear(quiet, 1)
+            await asyncio.sleep(0.002)  # the backup's finals, in audio time
+        await call._outbox.drain(1)
+    finally:
+        call.stop("test")
+        await call._stt.close()
+        await asyncio.gather(call._stt_task, return_exceptions=True)
+        await primary.stop()
+        await backup.stop()
+    events = await bus.replay_call(CALL, org_id=ORG)
+    ended, = [e for e in events if isinstance(e, TurnUserEnded)]
+    assert ended.text == "I'd like to book a table. On Friday."

@@ -654,6 +654,7 @@ class CallSession:
             self._stt_pending.clear()  # the open turn's audio (replayed next) includes it
             if not self.detector.in_turn:
                 del self._turn_audio[:-self._preroll_frames]  # no turn yet: its pre-roll
+            self.detector.recognition_restarted()  # its words come again, from the replay
             try:
                 for chunk in self._turn_audio:  # what the open turn said so far
                     await self._stt.send(chunk)

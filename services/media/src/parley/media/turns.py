@@ -297,6 +297,19 @@ class TurnDetector:
             max(0, self._late_final_ms - late.speech_end_ms), late.started_ms, revises=True)
         return self._late_turn
 
+    def recognition_restarted(self) -> None:
+        """A new recogniser hears the open turn again from its start (a provider switch).
+
+        What the old one made of it is forgotten: the new one's results cover the same words,
+        and kept, they came twice ("I'd like to book a table. I'd like to book a table. On
+        Friday."). A flush already asked of the old one is asked of the new one.
+        """
+        turn = self._turn
+        if turn is not None:
+            turn.finals.clear()
+            turn.partial, turn.final_at_ms = "", 0
+            turn.stt_ended = turn.flushed = False
+
     def reset(self) -> None:
         """Forget the open turn (e.g. after a DTMF or a barge-in took it over)."""
         self._turn = None
