@@ -19,6 +19,7 @@ from parley.common.configuration.models import AgentSettings
 from parley.common.events import (
     AgentSay,
     AgentSpeechFinished,
+    AgentSpeechInterrupted,
     AgentSpeechProgress,
     CallDtmf,
     CallerIdle,
@@ -517,3 +518,30 @@ async def test_a_turn_detected_again_after_a_take_over_is_not_pending_after_a_tu
         assert took is not None and 0.5 - TICK <= took <= 0.5 + TICK
     finally:
         await successor.close()
+
+
+async def test_an_agent_turn_paused_by_the_caller_ends_when_the_next_one_starts(bus) -> None:
+    # Low sensitivity: "Stop." over the agent pauses it (700 ms of speech) but one word does not
+    # confirm the interruption; the caller's turn ends and the brain answers it before the 1.5 s
+    # resume. The paused turn was left cut for good, neither resumed nor interrupted: no
+    # agent.speech.interrupted for it, and, as its audio never finished, the call was busy
+    # for ever — the caller was never prompted nor hung up on.
+    settings = AgentSettings(greeting="", idle_prompt_s=0.5, idle_hangup_s=1.5,
+                             interruption_sensitivity="low")
+    call = Call(bus, "call-idle-paused", settings)
+    try:
+        await call.agent_says("t0", "Our opening hours are", "nine to five on weekdays.")
+        await call.speech(1.0)
+        assert call.session._turns["t0"].audio.cut_frames is not None  # paused
+        await call.audio(0.6)
+        call.session.detector.reset()
+        await call.session._end_turn(TurnEnd("Stop.", "silence", 0, 0, 0, 0))
+        await call.agent_says("t1", "Sure, I'll stop there.")
+        await call.played("t1")
+        took = await call.silence_until_idle(2.0)
+        assert took is not None and 0.5 - TICK <= took <= 0.5 + TICK
+        await call.session._outbox.drain(2)
+        events = await bus.replay_call(call.call_id, org_id=ORG)
+        assert [e.turn_id for e in events if isinstance(e, AgentSpeechInterrupted)] == ["t0"]
+    finally:
+        await call.close()

@@ -268,6 +268,10 @@ class BargeIn:
             return Interrupt()
         return None
 
+    def pause_over(self) -> None:
+        """The paused agent turn ended otherwise (a newer turn replaced it): nothing resumes."""
+        self.paused_at = None
+
     def tick(self, now: float, *, only_backchannel: bool = False,
              caller_speaking: bool = True) -> Resume | None:
         """While paused, decide whether to resume.

@@ -921,7 +921,13 @@ class CallSession:
             if turn.interrupted:
                 turn.spoken = True
                 continue
-            self._current = turn
+            previous, self._current = self._current, turn
+            if previous is not None and previous.audio.cut_frames is not None and (
+                    not previous.interrupted):
+                # Paused by the caller and not resumed before the brain's next turn (an answer
+                # to words too few to interrupt, or to keys): it ends at its cut, as heard.
+                self.barge_in.pause_over()
+                await self._interrupt(previous, time.monotonic())
             try:
                 if turn.prepared is not None:  # synthesised by its own task, held until now
                     await self._release_prepared(turn)
