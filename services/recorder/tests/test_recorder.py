@@ -272,3 +272,25 @@ async def test_an_event_postgres_refuses_is_a_dead_letter_not_a_stuck_recorder(
     assert dead[2][2].startswith("undecodable") and "call.ringing\\0" in dead[2][2]
     assert bytes(dead[0][3]).endswith(b'"caf\xe9"}')
     assert rows(database_url, "SELECT state, event_count FROM calls") == [("ended", 2)]
+
+
+async def test_an_event_on_another_orgs_subject_is_a_dead_letter_not_that_orgs_event(
+        bus: Bus, database_url: str) -> None:
+    # Tenancy is in the subject: whoever may publish on o2's subjects must not write o1's
+    # history (its call state, its audit trail), nor give one event two orgs (the stream
+    # files it under o2, the store would under o1).
+    await bus.publish(ev.CallAnswered(org_id="o1", call_id="c1"))
+    forged = ev.CallEnded(org_id="o1", call_id="c1", reason="max_duration")
+    await bus.js.publish("parley.ev.o2.call.c1.call.ended", ev.encode(forged))
+    await bus.js.publish("parley.ev.o1.call.c1.call.ringing", ev.encode(forged))
+    await bus.publish(ev.AgentDeleted(org_id="o1", agent_id="a1", actor="user:ann"))
+    async with running_recorder(bus, database_url):
+        await wait_for(lambda: _at(database_url, 4))
+    assert rows(database_url, "SELECT position FROM events ORDER BY 1") == [(1,), (4,)]
+    dead = rows(database_url, "SELECT position, subject, reason FROM dead_letters ORDER BY 1")
+    assert [(p, s) for p, s, _ in dead] == [(2, "parley.ev.o2.call.c1.call.ended"),
+                                            (3, "parley.ev.o1.call.c1.call.ringing")]
+    assert all(r.startswith("mismatched subject") and "parley.ev.o1.call.c1.call.ended" in r
+               for _, _, r in dead)
+    assert rows(database_url, "SELECT state, end_reason FROM calls") == [("answered", "")]
+    assert rows(database_url, "SELECT type FROM audit_log") == [("agent.deleted",)]

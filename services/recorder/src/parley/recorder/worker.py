@@ -7,9 +7,9 @@ to JetStream: a crash anywhere simply restarts from the committed checkpoint, so
 written twice and none is skipped; a lost consumer (a NATS restart, the consumer expired) is
 replaced the same way, and so is a message lost in transit (a connection dropped while it was
 delivered), which the stream still holds. Positions that cannot become events (undecodable
-payloads, duplicate ids republished after the dedupe window, messages expired or deleted
-before they were recorded) go to ``dead_letters`` with the reason, so every stream sequence is
-accounted for.
+payloads, events on a subject not their own, duplicate ids republished after the dedupe window,
+messages expired or deleted before they were recorded) go to ``dead_letters`` with the reason,
+so every stream sequence is accounted for.
 
 Only one recorder writes at a time (a session advisory lock); others wait as hot standbys. A
 leader whose lock connection drops goes back to waiting for the lock; each batch locks the
@@ -186,6 +186,12 @@ class Recorder:
                 event = decode(msg.data)
             except EventDecodeError as exc:
                 dead.append((seq, msg.subject, f"undecodable: {exc}", msg.data))
+                continue
+            if msg.subject != (own_subject := event_subject(event)):
+                # Tenancy is in the subject: who may publish for one org must not write
+                # another's history, and the stream and the store must agree on each event.
+                dead.append((seq, msg.subject, f"mismatched subject: the event's own is "
+                             f"{own_subject}", msg.data))
                 continue
             if b"\\u0000" in msg.data and _NUL_ESCAPE.search(msg.data):
                 dead.append((seq, msg.subject, "unstorable: a NUL character, which Postgres "
