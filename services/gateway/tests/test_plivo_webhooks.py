@@ -205,3 +205,13 @@ async def test_a_query_the_sdk_cannot_parse_is_a_403_not_a_crash(plivo_gateway, 
     assert response.status == 403
     [rejected] = await events.wait("security.signature_rejected")
     assert rejected.reason == "invalid X-Plivo-Signature-V3"
+
+
+async def test_a_nul_character_in_a_signed_callback_is_a_400_not_a_crash(plivo_gateway, events):
+    # Postgres text cannot hold NUL: it reached the carrier_calls insert and answered 500,
+    # which Plivo retries and then plays to the caller as an application error
+    params = {**answer_params(new_call_uuid()), "From": "+1415\x00"}
+    response = await plivo_gateway.post("/plivo/answer", params)
+    assert response.status == 400
+    assert "NUL" in (await response.json())["detail"]
+    assert not events.of("call.requested")

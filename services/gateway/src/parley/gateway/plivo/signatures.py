@@ -25,7 +25,7 @@ from plivo.utils import validate_v3_signature
 from parley.common.problems import Problem
 
 from ..keys import CONFIG
-from ..twilio.signatures import reject
+from ..twilio.signatures import refuse_nul_characters, reject
 
 log = logging.getLogger(__name__)
 
@@ -84,4 +84,5 @@ async def signed_form(request: web.Request) -> MultiDictProxy[str]:
     params = MultiDictProxy(MultiDict(
         (key, value) for key, value in form.items() if isinstance(value, str)))
     await verify_plivo(request, params)
+    refuse_nul_characters(request, params)
     return params
