@@ -110,6 +110,15 @@ async def unknown_stream(gateway, events):
     return await stream.closed()
 
 
+async def unknown_stream_named_in_another_script(gateway, events):
+    # the reason quotes the id; cut at 123 bytes mid-character, it was not UTF-8, and the
+    # carrier's side failed the close frame itself (1007) instead of reading 1008 and why
+    stream, _, _ = await _started(gateway, events)
+    stream.stream_sid = "流" * 40
+    await stream.media(b"\xff" * 160)
+    return await stream.closed()
+
+
 async def too_big(gateway, events):
     ws = await gateway.ws()
     await ws.send_str('{"event": "connected", "pad": "' + "x" * 70_000 + '"}')
@@ -146,6 +155,7 @@ CASES = [
     (unknown_call, CloseCode.POLICY_VIOLATION, "unknown call"),
     (foreign_call_sid, CloseCode.POLICY_VIOLATION, "unknown call"),
     (unknown_stream, CloseCode.POLICY_VIOLATION, "unknown stream"),
+    (unknown_stream_named_in_another_script, CloseCode.POLICY_VIOLATION, "unknown stream '流流"),
     (too_big, CloseCode.MESSAGE_TOO_BIG, ""),
     (start_timeout, CloseCode.START_TIMEOUT, "no start within 0.5s"),
     (ended_call, CloseCode.POLICY_VIOLATION, "call already ended"),

@@ -40,7 +40,16 @@ class ProtocolViolation(Exception):
     @property
     def message(self) -> bytes:
         """The close reason, truncated to what a close frame can carry."""
-        return self.reason.encode()[:123]
+        return close_reason(self.reason)
+
+
+def close_reason(reason: str) -> bytes:
+    """``reason`` as a close frame carries it: at most 123 bytes, cut between characters.
+
+    RFC 6455 requires a close reason to be UTF-8; a character cut in two makes the peer fail
+    the frame itself (1007) and never read our code. Reasons can quote the carrier's text.
+    """
+    return reason.encode()[:123].decode(errors="ignore").encode()
 
 
 def clean_text(text: str, limit: int = 10_000) -> str:

@@ -35,7 +35,7 @@ from ..calls import (
     publish_end,
     seconds_since,
 )
-from ..close_codes import CloseCode, ProtocolViolation
+from ..close_codes import CloseCode, ProtocolViolation, close_reason
 from ..commands import CommandError, EndReason, serve_commands
 from ..config import GatewayConfig
 from ..keys import BUS, CALLS, CLOCK, CONFIG, METRICS, POOL, TWILIO_REST
@@ -166,7 +166,7 @@ class TwilioSession:
         self._count_close(code)
         self.finished = True
         with contextlib.suppress(Exception):
-            await self.ws.close(code=code, message=reason.encode()[:123], drain=drain)
+            await self.ws.close(code=code, message=close_reason(reason), drain=drain)
 
     def _count_close(self, code: int) -> None:
         self._closes.labels(self.protocol, str(int(code))).inc()
