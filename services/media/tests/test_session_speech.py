@@ -305,3 +305,44 @@ async def test_the_filler_waits_for_the_audio_before_it_to_play_out(bus) -> None
         await wait_for(lambda: ("tts", "One moment.", False) in said, timeout=2)
     finally:
         await stop(call, speaker)
+
+
+async def test_a_broken_cartesia_socket_is_reopened_when_no_fallback_can_speak(bus) -> None:
+    # A Spanish agent: Piper's bundled voice speaks English only, so Cartesia has no fallback.
+    # Cartesia's shared socket breaks mid-turn (a redeploy, or another call's stalled context
+    # taking it down): Cartesia itself must take the turn again on a new socket; skipping to
+    # Piper, which refuses it, dropped the rest of the turn and the caller heard half a sentence.
+    from parley.devkit.emulators.cartesia import CartesiaEmulator, Voice
+    from parley.media.providers.cartesia_tts import CartesiaTts
+    from parley.media.providers.local.piper_tts import PiperTts
+
+    emulator = CartesiaEmulator(api_key="key", voice=Voice(
+        seconds_per_character=0.06, gap_s=0.04, chunk_s=0.1, speed=2.0))
+    await emulator.start()
+    cartesia = CartesiaTts("key", base_url=emulator.base_url)
+    providers = {"cartesia": cartesia, "piper": PiperTts()}
+    services = SessionServices(
+        bus=bus, leases=None,  # type: ignore[arg-type]  # run() is not called
+        stt=ProviderRouter("stt", {"never": object()}, ["never"]),  # type: ignore[dict-item]
+        tts=ProviderRouter("tts", providers, list(providers)),  # type: ignore[arg-type]
+        instance="test", command_timeout_s=0.05)
+    call = CallSession(services, call_id=CALL, org_id=ORG, agent_id="agent",
+                       settings=AgentSettings(language="es-ES"), revision=1)
+    call._history = None
+    speaker = asyncio.create_task(call._speaker())
+    try:
+        call._on_say(say("t1", 0, "Hola, gracias por llamar a la clínica dental."))
+        call._on_say(say("t1", 1, "¿En qué puedo ayudarle hoy?", last=True))
+        await wait_for(lambda: "t1" in call._turns and call._turns["t1"].audio.frames)
+        await asyncio.gather(*(ws.close(code=1011, message=b"going away")
+                               for ws in list(emulator.sockets)))
+        turn = call._turns["t1"]
+        await wait_for(lambda: turn.audio.text_done, timeout=10)
+        assert len(emulator.sessions) == 2  # a new socket took the turn up again
+        assert [r["transcript"] for r in emulator.sessions[1].requests][-1] == (
+            "¿En qué puedo ayudarle hoy?")
+        assert [w.text for w in turn.audio.words][-1] == "hoy?"
+    finally:
+        await stop(call, speaker)
+        await cartesia.close()
+        await emulator.stop()

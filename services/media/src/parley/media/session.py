@@ -47,7 +47,7 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -943,15 +943,31 @@ class CallSession:
         done_clauses = 0  # clauses whose audio is complete
         after = ""
         failure = ""  # why ``after`` was given up, until the replacement is open
+        whole_chain_again = True  # once a turn (see below)
+
+        def opener(provider: TtsProvider) -> Awaitable[TtsStream]:
+            return provider.open(voice=self.settings.voice, language=self.settings.language)
+
         while not turn.interrupted:
             try:
-                turn.provider, turn.stream = await self.s.tts.open(
-                    self._tts_chain, lambda p: p.open(voice=self.settings.voice,
-                                                      language=self.settings.language),
-                    after=after)
+                try:
+                    turn.provider, turn.stream = await self.s.tts.open(
+                        self._tts_chain, opener, after=after)
+                except ProviderError:
+                    if not after or not whole_chain_again:
+                        raise
+                    # No provider after the failed one could take the turn (none in the chain,
+                    # or none that speaks the agent's language): the whole chain again, the
+                    # failed one included — a broken socket is opened anew. Once a turn, so a
+                    # provider that fails every stream is not tried for ever.
+                    whole_chain_again = False
+                    turn.provider, turn.stream = await self.s.tts.open(self._tts_chain, opener)
             except ProviderError as exc:
                 log.error("call %s: no speech synthesiser: %s", self.call_id, exc)
                 return
+            if failure and turn.provider == after:
+                log.warning("call %s: tts %s reopened (%s)", self.call_id, after, failure)
+                failure = ""
             if failure:  # only now is it known which provider took over
                 log.warning("call %s: tts %s → %s (%s)", self.call_id, after, turn.provider,
                             failure)
