@@ -87,6 +87,16 @@ async def test_full_media_stream_session(gateway, events, bus):
     await wait_for(lambda: call_id not in live_calls(gateway))
 
 
+async def test_a_foreign_mark_ending_in_other_digits_is_reported_whole(gateway, events, bus):
+    # str.isdigit() takes "²" for a digit and int() then refused it: the socket closed 1011
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    await stream.mark("chapter:²")
+    [progress] = await events.wait("agent.speech.progress", call_id)
+    assert (progress.turn_id, progress.seq, progress.mark) == ("chapter:²", 0, "chapter:²")
+    await stream.stop(call_sid)
+    assert await stream.closed() == (1000, "stream stopped")
+
+
 async def test_hangup_command_without_rest_closes_the_socket(gateway, events, bus):
     stream, call_sid, call_id = await started_stream(gateway, events)
     assert await request(bus, call_id, "hangup") == {"ok": True}

@@ -103,6 +103,20 @@ async def test_full_plivo_stream_session(plivo_gateway, events, bus):
     await wait_for(lambda: call_id not in live_calls(plivo_gateway))
 
 
+async def test_a_checkpoint_named_with_thousands_of_digits_is_reported_whole(plivo_gateway,
+                                                                              events):
+    # int() refuses a string of over 4300 digits: the socket closed 1011
+    stream, _, call_id = await started_plivo_stream(plivo_gateway, events)
+    name = "turn_1:" + "9" * 5000
+    await stream.played(name)
+    [progress] = await events.wait("agent.speech.progress", call_id)
+    assert (progress.turn_id, progress.seq) == (name, 0)
+    await stream.media(b"\xff" * 160)
+    await stream.ws.close()
+    assert plivo_gateway.metric("gateway_socket_closes_total", protocol="plivo_stream",
+                                code="1011") == 0
+
+
 async def test_dtmf_and_transfer_commands_use_the_rest_api(plivo_gateway, events, bus):
     stream, call_uuid, call_id = await started_plivo_stream(plivo_gateway, events)
     assert await request(bus, call_id, "dtmf", {"digits": "12#"}) == {"ok": True}

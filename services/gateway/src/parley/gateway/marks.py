@@ -7,6 +7,12 @@ and turns the carrier's echo back into agent.speech.progress with that turn id a
 
 from __future__ import annotations
 
+import re
+
+# A seq as mark_name writes it: ASCII digits (str.isdigit() also takes "²", which int()
+# refuses), and few enough for an int64 (int() refuses over 4300 digits).
+_SEQ = re.compile(r"[0-9]{1,18}")
+
 
 def mark_name(turn_id: str, seq: int) -> str:
     """The name a mark carries on the wire."""
@@ -20,6 +26,6 @@ def parse_mark(name: str) -> tuple[str, int]:
     marks are still reported rather than dropped.
     """
     turn_id, sep, seq = name.rpartition(":")
-    if sep and turn_id and seq.isdigit():
+    if sep and turn_id and _SEQ.fullmatch(seq):
         return turn_id, int(seq)
     return name, 0
