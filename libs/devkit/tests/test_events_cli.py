@@ -65,6 +65,36 @@ async def test_show_prints_a_calls_timeline_from_postgres_and_the_stream(
     assert other_org.returncode == 1 and "no events" in other_org.stderr
 
 
+async def test_show_from_postgres_lists_the_calls_dead_letters_in_place(
+        bus: Bus, database_url: str) -> None:
+    # At 3 a.m. a timeline that silently skips the caller's words (an event the recorder could
+    # not store) reads as if they were never said.
+    await bus.publish(ev.CallRequested(org_id="o1", call_id="c42", direction="inbound",
+                                        agent_id="a1", from_number="+15550001",
+                                        to_number="+15550002"))
+    await bus.js.publish("parley.ev.o1.call.c42.transcript.final", b"{not json")
+    await bus.js.publish("parley.ev.o1.call.c43.transcript.final", b"{not json")
+    await bus.publish(ev.CallEnded(org_id="o1", call_id="c42", reason="caller_hangup"))
+    await record_all(bus, database_url, 4)
+    env = {"PARLEY_DATABASE_URL": database_url}
+
+    shown = await asyncio.to_thread(parley, "events", "show", "c42", env=env)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert "2 events, 1 dead letter" in lines[0]
+    assert [line.split()[0] for line in lines[1:]] == ["1", "2", "4"]
+    assert "dead letter" in lines[2] and "undecodable" in lines[2]
+    assert "call.ended" in lines[3]
+
+    as_json = await asyncio.to_thread(parley, "events", "show", "c42", "--json", env=env)
+    assert [ev.decode(line).type for line in as_json.stdout.splitlines()] == \
+        ["call.requested", "call.ended"]
+    assert "position 2" in as_json.stderr and "undecodable" in as_json.stderr
+
+    other_org = await asyncio.to_thread(parley, "events", "show", "c42", "--org", "o2", env=env)
+    assert other_org.returncode == 1 and "no events" in other_org.stderr
+
+
 async def test_tail_follows_live_events_filtered_by_type(bus: Bus, nats_url: str) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "parley.devkit.cli", "events", "tail", "--type", "call.ended",

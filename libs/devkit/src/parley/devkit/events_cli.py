@@ -1,6 +1,7 @@
 """``parley events …``: read the event store and the live bus while debugging a call.
 
-- ``show <call>``: a call's timeline with the time between steps (Postgres, or the stream);
+- ``show <call>``: a call's timeline with the time between steps (Postgres, or the stream), and
+  the positions of it the recorder could not store (dead letters, with the reason);
 - ``tail [--org] [--type]``: follow events live;
 - ``rebuild <projection>``: rebuild a read model from ``events`` and swap it in;
 - ``schema``: export the catalog as JSON Schema and docs/events.md.
@@ -29,6 +30,7 @@ from parley.devkit.local_infra import read_env_file
 
 if TYPE_CHECKING:
     from parley.common.bus import Bus
+    from parley.common.store import DeadLetter
 
 _ENVELOPE = {"type", "id", "org_id", "at", "causation_id", "v"}
 # How long a command waits for a server before saying it cannot reach it.
@@ -161,8 +163,14 @@ def timeline(rows: Iterable[tuple[int, ev.Event]]) -> list[str]:
     return lines
 
 
+def dead_letter_line(letter: DeadLetter) -> str:
+    """A timeline line for a position of the call that the recorder could not store."""
+    return f"{letter.position:>8}  {'':>8}   {'':>9}  {'(dead letter)':<26} {letter.reason}"
+
+
 async def _show(args: argparse.Namespace) -> int:
     rows: Sequence[tuple[int, ev.Event]]
+    dead: list[DeadLetter] = []
     checked_id(args.call_id, "call id")
     if args.org is not None:
         checked_id(args.org, "org id")
@@ -184,21 +192,32 @@ async def _show(args: argparse.Namespace) -> int:
         try:
             async with AsyncConnectionPool(url, min_size=1, max_size=1, open=False,
                                            timeout=CONNECT_TIMEOUT_S) as pool:
-                stored = await EventStore(pool).read_aggregate(args.call_id, org_id=args.org)
+                store = EventStore(pool)
+                stored = await store.read_aggregate(args.call_id, org_id=args.org)
+                # What the recorder could not store is part of the story (the stream path
+                # logs what it skips).
+                dead = await store.read_dead_letters("call", args.call_id, org_id=args.org)
         except PoolTimeout:
             raise InfraError(f"cannot reach Postgres at {where(url)}") from None
         rows = [(s.position, s.event) for s in stored]
-    if not rows:
+    if not rows and not dead:
         print(f"no events for call {args.call_id}", file=sys.stderr)
         return 1
     if args.json:
         for _, event in rows:
             print(ev.encode(event).decode())
-    else:
-        head = rows[0][1]
-        print(f"call {args.call_id}  org {head.org_id}  {len(rows)} events  "
-              f"from {head.at.isoformat()}")
-        print("\n".join(timeline(rows)))
+        for letter in dead:
+            print(f"parley: position {letter.position} of call {args.call_id} is a dead "
+                  f"letter: {letter.reason}", file=sys.stderr)
+        return 0
+    org = rows[0][1].org_id if rows else dead[0].subject.split(".")[2]
+    counted = f"{len(rows)} events" + (f", {len(dead)} dead letter{'s' * (len(dead) > 1)}"
+                                       if dead else "")
+    start = f"  from {rows[0][1].at.isoformat()}" if rows else ""
+    print(f"call {args.call_id}  org {org}  {counted}{start}")
+    lines = dict(zip([position for position, _ in rows], timeline(rows), strict=True))
+    lines.update((letter.position, dead_letter_line(letter)) for letter in dead)
+    print("\n".join(lines[position] for position in sorted(lines)))
     return 0
 
 

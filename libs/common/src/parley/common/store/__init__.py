@@ -1,6 +1,7 @@
 """The Postgres event store: migrations, the events table, checkpoints and projections."""
 
 from .event_store import (
+    DeadLetter,
     EventStore,
     StoredEvent,
     append,
@@ -19,7 +20,7 @@ from .projections import (
 )
 
 __all__ = [
-    "WRITE_LOCK", "EventStore", "Projection", "RebuildReport", "StoredEvent", "append",
-    "apply_migrations", "catch_up", "event_row", "get_checkpoint", "installed_projections",
-    "migration_files", "rebuild", "set_checkpoint",
+    "WRITE_LOCK", "DeadLetter", "EventStore", "Projection", "RebuildReport", "StoredEvent",
+    "append", "apply_migrations", "catch_up", "event_row", "get_checkpoint",
+    "installed_projections", "migration_files", "rebuild", "set_checkpoint",
 ]

@@ -26,6 +26,15 @@ class StoredEvent(msgspec.Struct, frozen=True):
     trace: str | None = None
 
 
+class DeadLetter(msgspec.Struct, frozen=True):
+    """A stream position the recorder kept in ``dead_letters`` instead of ``events``, and why."""
+
+    position: int
+    subject: str
+    reason: str
+    recorded_at: datetime
+
+
 def _row_to_stored(row: Sequence[Any]) -> StoredEvent:
     return StoredEvent(position=row[0], event=decode(row[2]), recorded_at=row[1], trace=row[3])
 
@@ -91,6 +100,22 @@ class EventStore:
         return await self._query(
             "WHERE aggregate_id = %s AND org_id = %s AND position > %s ORDER BY position",
             (aggregate_id, org_id, after))
+
+    async def read_dead_letters(self, aggregate: str, aggregate_id: str, *,
+                                org_id: str | None = None) -> list[DeadLetter]:
+        """Dead letters that came on one aggregate's subjects, in order; the org's when given.
+
+        Only those whose subject is known (``parley.ev.<org>.<aggregate>.<id>.<type>``): not
+        positions missing from the stream, nor duplicates, whose original is in ``events``.
+        """
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT position, subject, reason, recorded_at FROM dead_letters "
+                "WHERE subject LIKE 'parley.ev.%%' AND split_part(subject, '.', 4) = %(aggregate)s "
+                "AND split_part(subject, '.', 5) = %(id)s "
+                "AND (%(org)s::text IS NULL OR split_part(subject, '.', 3) = %(org)s) "
+                "ORDER BY position", {"aggregate": aggregate, "id": aggregate_id, "org": org_id})
+            return [DeadLetter(*row) for row in await cursor.fetchall()]
 
     async def read_range(self, after: int, *, limit: int = 1000,
                          until: int | None = None) -> list[StoredEvent]:
