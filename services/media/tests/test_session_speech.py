@@ -13,6 +13,7 @@ from parley.common.configuration.models import AgentSettings
 from parley.common.events import (
     AgentReplyPrepared,
     AgentSay,
+    AgentSpeechFinished,
     AgentSpeechProgress,
     UsageRecorded,
 )
@@ -342,6 +343,47 @@ async def test_a_broken_cartesia_socket_is_reopened_when_no_fallback_can_speak(b
         assert [r["transcript"] for r in emulator.sessions[1].requests][-1] == (
             "¿En qué puedo ayudarle hoy?")
         assert [w.text for w in turn.audio.words][-1] == "hoy?"
+    finally:
+        await stop(call, speaker)
+        await cartesia.close()
+        await emulator.stop()
+
+
+async def test_a_turn_no_synthesiser_can_finish_ends_with_the_audio_it_has(bus) -> None:
+    # Cartesia alone, and down for good mid-turn (its socket breaks, reconnecting is refused):
+    # the rest of the turn cannot be said. The audio already sent still plays, and the turn
+    # must end when it has: left without its end, it never finished, no agent.speech.finished
+    # came, and the idle clock counted the call busy for the rest of it.
+    from parley.devkit.emulators.cartesia import CartesiaEmulator, Voice
+    from parley.media.providers.cartesia_tts import CartesiaTts
+
+    emulator = CartesiaEmulator(api_key="key", voice=Voice(
+        seconds_per_character=0.06, gap_s=0.04, chunk_s=0.1, speed=2.0))
+    await emulator.start()
+    cartesia = CartesiaTts("key", base_url=emulator.base_url)
+    services = SessionServices(
+        bus=bus, leases=None,  # type: ignore[arg-type]  # run() is not called
+        stt=ProviderRouter("stt", {"never": object()}, ["never"]),  # type: ignore[dict-item]
+        tts=ProviderRouter("tts", {"cartesia": cartesia}, ["cartesia"]),  # type: ignore[dict-item]
+        instance="test", command_timeout_s=0.05)
+    call = CallSession(services, call_id=CALL, org_id=ORG, agent_id="agent",
+                       settings=AgentSettings(), revision=1)
+    call._history = None
+    speaker = asyncio.create_task(call._speaker())
+    try:
+        call._on_say(say("t1", 0, "Thanks for calling the dental clinic."))
+        call._on_say(say("t1", 1, "How can I help you today?", last=True))
+        await wait_for(lambda: "t1" in call._turns and call._turns["t1"].audio.frames)
+        emulator.faults.reject_status = 503
+        await asyncio.gather(*(ws.close(code=1011, message=b"going away")
+                               for ws in list(emulator.sockets)))
+        turn = call._turns["t1"]
+        await wait_for(lambda: turn.spoken, timeout=10)
+        await played(call, "t1")
+        assert turn.audio.finished
+        await call._outbox.drain(1)
+        events = await bus.replay_call(CALL, org_id=ORG)
+        assert [e.turn_id for e in events if isinstance(e, AgentSpeechFinished)] == ["t1"]
     finally:
         await stop(call, speaker)
         await cartesia.close()

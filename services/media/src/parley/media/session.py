@@ -963,8 +963,10 @@ class CallSession:
                     whole_chain_again = False
                     turn.provider, turn.stream = await self.s.tts.open(self._tts_chain, opener)
             except ProviderError as exc:
+                # The rest cannot be said; what was synthesised plays, and the turn ends with it
+                # (left without its end, it never finished and the call never counted as idle).
                 log.error("call %s: no speech synthesiser: %s", self.call_id, exc)
-                return
+                break
             if failure and turn.provider == after:
                 log.warning("call %s: tts %s reopened (%s)", self.call_id, after, failure)
                 failure = ""
