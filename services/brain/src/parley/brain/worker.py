@@ -543,8 +543,15 @@ class BrainWorker:
             if event.turn_id != conversation.latest_user_turn:
                 return  # superseded by a newer turn before we got to it
             turn = conversation.turn(event.turn_id)
-            if turn.completed or turn.spoken_last or turn.interrupted or turn.tools:
-                return  # already answered (a redelivery) or continued through its tools
+            if turn.completed or turn.interrupted:
+                return  # already answered (a redelivery)
+            if turn.spoken_last:
+                # Its closing clause went out, its completion did not (the instance died, or
+                # publishing turn.completed failed): completed now, nothing more said or asked.
+                await self._completed(conversation, event.turn_id, event)
+                return
+            if turn.tools:
+                return  # continued through its tools
             if not event.text.strip():
                 # No words (media makes no such turn; an older relay did): nothing to answer,
                 # and asked to, the model would go on with its last reply (Anthropic reads a
@@ -563,6 +570,11 @@ class BrainWorker:
                 return  # the caller moved on, or other tools of the round are still out
             if owner.handed_off:
                 return  # the call ended or moved on: nothing more to say
+            if owner.spoken_last:
+                # The round after this outcome closed its speech but was not completed: as for a
+                # turn.user_ended above (asked again, the model would go on after the last clause).
+                await self._completed(conversation, owner.turn_id, event)
+                return
             await self._run(conversation, owner.turn_id, event, msg, final_text="")
         elif isinstance(event, CallerIdle):
             await self._idle(conversation, event)
