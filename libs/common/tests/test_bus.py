@@ -462,6 +462,34 @@ async def test_replay_skips_a_message_that_is_not_an_event(bus: Bus) -> None:
     assert await bus.replay_call("c9") == [first, last]
 
 
+async def test_a_replay_that_stalls_goes_on_from_where_it_was(bus: Bus, monkeypatch) -> None:
+    # A fetch that timed out mid-replay (a reconnect, a busy server) was taken for the stream
+    # having shrunk: the replay ended there and the brain folded half the call as all of it.
+    published = [events.TranscriptPartial(org_id="o1", call_id="c5", text=str(i))
+                 for i in range(6)]
+    for event in published:
+        await bus.publish(event)
+    fetch, fetches = nats.js.JetStreamContext.PullSubscription.fetch, []
+
+    async def stalls_once(self, *args, **kwargs):  # the second fetch gets nothing in time
+        fetches.append(args)
+        if len(fetches) == 2:
+            raise nats.errors.TimeoutError
+        return await fetch(self, *args, **kwargs)
+
+    monkeypatch.setattr(nats.js.JetStreamContext.PullSubscription, "fetch", stalls_once)
+    assert [event async for _, event in bus.replay(call_events("c5"), batch=2)] == published
+
+    async def stalls(self, *args, **kwargs):  # no answer at all: an error, not part of the call
+        raise nats.errors.TimeoutError
+
+    monkeypatch.setattr(nats.js.JetStreamContext.PullSubscription, "fetch", stalls)
+    with pytest.raises(TimeoutError, match="stalled"):
+        await bus.replay_call("c5")
+    monkeypatch.setattr(nats.js.JetStreamContext.PullSubscription, "fetch", fetch)
+    assert await bus.replay_call("c5") == published
+
+
 async def test_close_while_nats_is_down_closes_without_draining(tmp_path) -> None:
     # A service stopped during a NATS outage: drain() refuses while reconnecting, which made
     # every such stop a traceback and exit status 1.

@@ -160,35 +160,51 @@ class Bus:
 
         Uses an ephemeral, ack-less pull consumer, so nothing is left behind on the server. A
         message that is not an event is logged (with its stream sequence) and skipped, so one
-        bad message does not stop everything after it from being read.
+        bad message does not stop everything after it from being read. A fetch that gets
+        nothing in time while messages are still pending (a reconnect, a busy server, or the
+        stream shrinking under ``max_age``) goes on from the last message read, on a new
+        consumer, which counts what is really left; three such stalls in a row raise
+        :class:`TimeoutError` rather than pass part of the history off as all of it.
         """
-        config = ConsumerConfig(
-            filter_subject=subject_filter, ack_policy=AckPolicy.NONE,
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq,
-            inactive_threshold=30.0, mem_storage=True,
-        )
-        sub = await self.js.pull_subscribe(subject_filter, stream=EVENTS_STREAM, config=config)
-        info = await sub.consumer_info()
-        try:
-            remaining = info.num_pending or 0
-            while remaining > 0:
-                try:
-                    msgs = await sub.fetch(min(batch, remaining), timeout=2.0)
-                except TimeoutError:
-                    break  # the stream shrank (max_age) after we counted
-                for msg in msgs:
-                    remaining = msg.metadata.num_pending
+        next_seq, stalls = start_seq, 0
+        while True:
+            config = ConsumerConfig(
+                filter_subject=subject_filter, ack_policy=AckPolicy.NONE,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=next_seq,
+                inactive_threshold=30.0, mem_storage=True,
+            )
+            sub = await self.js.pull_subscribe(subject_filter, stream=EVENTS_STREAM,
+                                               config=config)
+            info = await sub.consumer_info()
+            try:
+                remaining = info.num_pending or 0
+                while remaining > 0:
                     try:
-                        event = decode(msg.data)
-                    except EventDecodeError as exc:
-                        log.error("replay of %s: stream seq %d skipped: %s", subject_filter,
-                                  msg.metadata.sequence.stream, exc)
-                        continue
-                    yield msg.metadata.sequence.stream, event
-        finally:
-            await sub.unsubscribe()
-            with contextlib.suppress(NotFoundError):  # inactive_threshold would remove it anyway
-                await self.js.delete_consumer(EVENTS_STREAM, info.name)
+                        msgs = await sub.fetch(min(batch, remaining), timeout=2.0)
+                    except TimeoutError:
+                        break
+                    stalls = 0
+                    for msg in msgs:
+                        remaining = msg.metadata.num_pending
+                        next_seq = msg.metadata.sequence.stream + 1
+                        try:
+                            event = decode(msg.data)
+                        except EventDecodeError as exc:
+                            log.error("replay of %s: stream seq %d skipped: %s", subject_filter,
+                                      msg.metadata.sequence.stream, exc)
+                            continue
+                        yield msg.metadata.sequence.stream, event
+                else:
+                    return
+            finally:
+                await sub.unsubscribe()
+                with contextlib.suppress(NotFoundError):  # inactive_threshold would anyway
+                    await self.js.delete_consumer(EVENTS_STREAM, info.name)
+            stalls += 1
+            if stalls == 3:
+                raise TimeoutError(f"replay of {subject_filter} stalled at stream seq {next_seq}")
+            log.warning("replay of %s: no message in time at stream seq %d; reading on",
+                        subject_filter, next_seq)
 
     async def replay_call(self, call_id: str, *, org_id: str = "*") -> list[Event]:
         """Every recorded event of one call from the stream, in order."""
