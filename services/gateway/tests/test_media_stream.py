@@ -5,7 +5,7 @@ from datetime import timedelta
 
 import msgspec
 
-from parley.common.bus import command_subject, publish_frame
+from parley.common.bus import EVENTS_STREAM, command_subject, publish_frame
 from parley.common.bus.audio import carrier_sequence, decode_frame
 from parley.common.events import utcnow
 from parley.gateway.marks import mark_name
@@ -239,6 +239,19 @@ async def test_max_duration_hangs_up(make_gateway, events):
     [ended] = await events.wait("call.ended", call_id, timeout=5)
     assert ended.reason == "max_duration"
     assert await stream.closed() == (1000, "max_duration")
+
+
+async def test_max_duration_hangs_up_at_twilio_even_if_call_ended_cannot_be_published(
+        make_gateway, events, bus):
+    # JetStream unavailable (a leader election, an outage) when the timer fires: the
+    # call.ended publish failed, the timer gave up, and the call stayed up at Twilio, billed
+    gateway = await make_gateway(rest=True, clock=lambda: utcnow() + timedelta(seconds=59))
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    await bus.js.delete_stream(EVENTS_STREAM)
+    # (the publish fails after its 5 s timeout, as when JetStream is down)
+    await wait_for(lambda: (call_sid, {"Status": "completed"}) in gateway.rest_fake.updates,
+                   timeout=10)
+    await stream.ws.close()
 
 
 async def test_a_newer_stream_replaces_the_old_one(gateway, events):

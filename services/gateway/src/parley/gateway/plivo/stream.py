@@ -31,7 +31,7 @@ from parley.common.bus.audio import MARK, stream_seq_base
 from parley.common.events import AgentSpeechProgress, CallDtmf, CallTransferred
 
 from ..close_codes import CloseCode, ProtocolViolation
-from ..commands import CommandError, EndReason
+from ..commands import CommandError
 from ..keys import CONFIG
 from ..marks import parse_mark
 from ..twilio.session import TwilioSession, carrier_socket
@@ -176,16 +176,14 @@ class PlivoStreamSession(TwilioSession):
 
     # -- call control through Plivo's REST API ----------------------------------------------
 
-    async def hangup(self, reason: EndReason) -> None:
-        """End the call: call.ended, then Plivo's REST API.
+    async def hang_up_at_carrier(self, reason: str) -> None:
+        """Plivo's REST API hangs the call up.
 
-        Without the REST client, close this socket: the redirect that follows the stream then
-        finds the call ended and hangs up.
+        Without the REST client (or if it fails), close this socket: the redirect that follows
+        the stream then finds the call ended and hangs up.
         """
         call = self.call
-        if call is None:
-            raise CommandError("no call attached yet")
-        await self.end_call(reason)
+        assert call is not None
         if self.plivo is not None:
             try:
                 await self.plivo.hangup(call.carrier_call_id)

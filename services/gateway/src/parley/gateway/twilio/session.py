@@ -247,11 +247,24 @@ class TwilioSession:
             duration_s=seconds_since(call.answered_at or call.created_at, self.clock())), *extra)
 
     async def hangup(self, reason: EndReason) -> None:
-        """End the call: call.ended, then Twilio's REST API (or just this socket)."""
-        call = self.call
-        if call is None:
+        """End the call: call.ended, then at the carrier.
+
+        The carrier hang-up comes even if call.ended could not be published (JetStream or
+        Postgres away; the error still propagates): a call left up is billed and its caller
+        hears nothing, while its end is still reported by the stream's stop or the status
+        callback that follows.
+        """
+        if self.call is None:
             raise CommandError("no call attached yet")
-        await self.end_call(reason)
+        try:
+            await self.end_call(reason)
+        finally:
+            await self.hang_up_at_carrier(reason)
+
+    async def hang_up_at_carrier(self, reason: str) -> None:
+        """Twilio's REST API hangs the call up; without it (or if it fails), this socket."""
+        call = self.call
+        assert call is not None
         if self.rest is not None:
             try:
                 await self.rest.hangup(call.carrier_call_id)
