@@ -90,6 +90,39 @@ async def test_ops_endpoints(bus: Bus, database_url: str, recorder_process) -> N
             assert "parley_recorder_events_total 1.0" in text
 
 
+async def test_a_standby_is_ready_and_says_it_does_not_lead(
+        bus: Bus, database_url: str, recorder_process) -> None:
+    # A rolling update starts the new recorder beside the old and waits for it to be ready: a
+    # standby was never ready (only the leader was), so the rollout waited for ever.
+    ports = free_port(), free_port()
+    recorder_process(PARLEY_OPS_PORT=str(ports[0]))
+    await bus.publish(ev.CallRinging(org_id="o1", call_id="c1"))
+    await wait_for(lambda: _at(database_url, 1), timeout=30)
+    standby = recorder_process(PARLEY_OPS_PORT=str(ports[1]))
+
+    async def ops(port: int) -> tuple[int, str]:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+            async with http.get("/readyz") as resp:
+                status = resp.status
+            async with http.get("/metrics") as resp:
+                return status, await resp.text()
+
+    async def standing_by() -> bool:
+        try:
+            status, metrics = await ops(ports[1])
+        except aiohttp.ClientError:
+            return False
+        return status == 200 and "parley_recorder_leader 0.0" in metrics
+
+    deadline = asyncio.get_running_loop().time() + 30
+    while not await standing_by():
+        assert asyncio.get_running_loop().time() < deadline, await ops(ports[1])
+        await asyncio.sleep(0.2)
+    status, metrics = await ops(ports[0])
+    assert status == 200 and "parley_recorder_leader 1.0" in metrics
+    assert standby.poll() is None
+
+
 async def test_bad_configuration_fails_at_start_naming_the_variable(
         recorder_process, tmp_path) -> None:
     proc = recorder_process(PARLEY_RECORDER_BATCH_SIZE="lots")

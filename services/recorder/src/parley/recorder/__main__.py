@@ -20,7 +20,7 @@ async def record(ctx: ServiceContext[RecorderConfig], stop: asyncio.Event) -> No
                         metrics=ctx.metrics, batch_size=config.recorder_batch_size,
                         crash_point=config.recorder_crash_point,
                         crash_after_batches=config.recorder_crash_after_batches)
-    ctx.ready_checks.append(lambda: recorder.leader)
+    ctx.ready_checks.append(lambda: recorder.ready)
     ctx.settle()
     await recorder.run(stop)
 

@@ -76,6 +76,7 @@ class Recorder:
         self.batch_size = batch_size
         self.position = 0
         self.leader = False
+        self.standing_by = False  # connected, waiting for the leader lock another instance has
         # Chaos-test hook: SIGKILL this process at a named point of the Nth batch.
         self._crash_point = crash_point
         self._crash_after = crash_after_batches
@@ -88,6 +89,13 @@ class Recorder:
                                                 "Time to write one batch")
         self._lag = metrics.gauge("recorder_lag_events",
                                   "Stream messages not yet recorded")
+        self._leading = metrics.gauge("recorder_leader",
+                                      "1 while this instance records, 0 while it stands by")
+
+    @property
+    def ready(self) -> bool:
+        """Leading, or able to take over: a standby is ready (a rollout waits for it)."""
+        return self.leader or self.standing_by
 
     async def run(self, stop: asyncio.Event) -> None:
         """Record until ``stop`` is set; survives NATS and Postgres outages by retrying."""
@@ -100,15 +108,18 @@ class Recorder:
                 log.warning("recorder is not the leader any more (%s); trying again", exc)
                 await _wait(stop, 1.0)
             finally:
-                self.leader = False
+                self.leader = self.standing_by = False
+                self._leading.set(0)
 
     async def _lead(self, leader_conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> None:
         """Wait for the leader lock on ``leader_conn``, then record while it holds it."""
         while not stop.is_set() and not await self._try_lead(leader_conn):
+            self.standing_by = True
             await _wait(stop, 1.0)
         if stop.is_set():
             return
-        self.leader = True
+        self.leader, self.standing_by = True, False
+        self._leading.set(1)
         log.info("recorder is the leader")
         delay, failed_at = RETRY_MIN_S, -math.inf
         while not stop.is_set():
