@@ -266,6 +266,12 @@ async def unknown_stream(gateway, events):
     return await stream.closed()
 
 
+async def invalid_dtmf(gateway, events):  # published as a key, it became the caller's "turn"
+    stream, _, _ = await started_plivo_stream(gateway, events)
+    await stream.dtmf("hello!")
+    return await stream.closed()
+
+
 async def too_big(gateway, events):
     stream = await _socket(gateway, events)
     await stream.ws.send_str('{"event": "media", "pad": "' + "x" * 70_000 + '"}')
@@ -298,6 +304,7 @@ CASES = [
     (foreign_call_uuid, CloseCode.POLICY_VIOLATION, "unknown call"),
     (unknown_call, CloseCode.POLICY_VIOLATION, "unknown call"),
     (unknown_stream, CloseCode.POLICY_VIOLATION, "unknown stream"),
+    (invalid_dtmf, CloseCode.INVALID_MESSAGE, "invalid dtmf digit 'hello!'"),
     (too_big, CloseCode.MESSAGE_TOO_BIG, ""),
     (start_timeout, CloseCode.START_TIMEOUT, "no start within 0.5s"),
     (ended_call, CloseCode.POLICY_VIOLATION, "call already ended"),

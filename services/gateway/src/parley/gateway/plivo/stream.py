@@ -34,6 +34,7 @@ from ..close_codes import CloseCode, ProtocolViolation
 from ..commands import CommandError
 from ..keys import CONFIG
 from ..marks import parse_mark
+from ..twilio.media_stream import dtmf_digit
 from ..twilio.session import TwilioSession, carrier_socket
 from . import protocol, xml
 from .protocol import ClearedAudio, Dtmf, Media, PlayedStream, Start, StreamMessage
@@ -102,7 +103,7 @@ class PlivoStreamSession(TwilioSession):
                     mark=message.name, seq=seq))
             case Dtmf():
                 await self.publish(CallDtmf(org_id=self._org, call_id=self.call_id,
-                                            digit=message.dtmf.digit[:8]))
+                                            digit=dtmf_digit(message.dtmf.digit)))
             case ClearedAudio():
                 log.debug("call %s: Plivo cleared the queued audio", self.call_id)
 
