@@ -152,6 +152,17 @@ async def test_hangup_and_transfer_use_the_rest_api(make_gateway, events, bus):
     await events.wait("call.ended", call_id)
 
 
+async def test_a_warm_transfer_is_refused_not_done_cold(make_gateway, events, bus):
+    # No warm transfer exists: one asked for was done cold, and call.transferred said "warm"
+    gateway = await make_gateway(rest=True)
+    stream, _, call_id = await started_stream(gateway, events)
+    reply = await request(bus, call_id, "transfer", {"to": "+14155550123", "mode": "warm"})
+    assert reply == {"ok": False, "error": "warm transfer is not supported; transfer cold"}
+    await asyncio.sleep(0.2)
+    assert gateway.rest_fake.updates == [] and not events.of("call.transferred", call_id)
+    assert not stream.ws.closed
+
+
 async def test_a_transfer_twilio_fails_leaves_the_call_live(make_gateway, events, bus):
     gateway = await make_gateway(rest=True)
     stream, call_sid, call_id = await started_stream(gateway, events)

@@ -122,6 +122,8 @@ async def dispatch(target: CommandTarget, verb: str, data: bytes) -> None:
         case "transfer":
             if not E164_NUMBER.fullmatch(body.to):
                 raise CommandError(f"transfer needs an E.164 number, not {body.to!r}")
+            if body.mode != "cold":  # (the event and the command keep the field for it)
+                raise CommandError("warm transfer is not supported; transfer cold")
             await target.transfer(body.to, body.mode)
         case _:
             raise CommandError(f"unknown verb {verb!r}; expected one of {', '.join(VERBS)}")
