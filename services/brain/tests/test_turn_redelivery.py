@@ -6,7 +6,13 @@ hands it the unit of work as it would hand a redelivery to the next instance.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+
 from parley.brain.llm.anthropic_llm import AnthropicLlm
+from parley.brain.llm.base import LlmEvent, LlmRequest
+from parley.brain.llm.router import LlmRouter
 from parley.brain.worker import BrainWorker
 from parley.common.events import (
     AgentSay,
@@ -64,4 +70,75 @@ async def test_a_turn_whose_closing_clause_went_out_but_not_its_completion_is_co
                                    (1, "You're booked for Friday at ten.")]}
     finally:
         await worker.stop()
+        await llm.aclose()
+
+
+
+class HeldWhile:
+    """A provider whose requests wait while the caller's words hold one of ``words``, until that
+    word is released (a slow model keeping one of the instance's slots busy)."""
+
+    def __init__(self, inner: AnthropicLlm, *words: str) -> None:
+        self.inner = inner
+        self.name, self.cost, self.supports_tools = inner.name, inner.cost, inner.supports_tools
+        self.release = {word: asyncio.Event() for word in words}
+
+    async def stream(self, request: LlmRequest) -> AsyncIterator[LlmEvent]:
+        for word, released in self.release.items():
+            if word in request.last_user_text:
+                await released.wait()
+        async for event in self.inner.stream(request):
+            yield event
+
+
+async def test_parallel_tool_outcomes_on_two_instances_take_the_turn_up_once(
+        bus, pool, emulator, recorder) -> None:
+    """The model called two tools at once and both answered within moments. Instance X took
+    the first outcome when both were stored: its fold showed no tool still out, so it took the
+    turn up. Instance Y took the second and did the same: the round ran twice, two billed
+    requests, two replies whose clauses share ids (the caller hears a mix of both) and whose
+    tool calls all run. Now an outcome takes its turn up only if it is the turn's latest."""
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    held = HeldWhile(llm, "hold-alpha", "hold-beta", "Friday")
+    busy = BrainWorker(dataclasses.replace(
+        services(bus, pool, [held], turn_concurrency=2),
+        router=LlmRouter([held], filler_after_ms=None, first_token_deadline_s=30.0)))
+    other = BrainWorker(services(bus, pool, [llm]))
+    await _greeted(bus, "c-two")
+    await user_says(bus, "c-two", "t1", "Book me for Friday and text me the address.")
+    await bus.publish(AgentSay(org_id=ORG, call_id="c-two", turn_id="t1", seq=0,
+                               text="Let me do both."))
+    tools = (("toolu_a", "book_appointment"), ("toolu_b", "send_sms"))
+    for tool_call_id, name in tools:
+        await bus.publish(ToolRequested(org_id=ORG, call_id="c-two", turn_id="t1",
+                                        tool_call_id=tool_call_id, name=name))
+    for call_id, word in (("c-alpha", "hold-alpha"), ("c-beta", "hold-beta")):
+        await _greeted(bus, call_id)
+        await user_says(bus, call_id, "t1", f"Please answer {word}.")
+    await busy.start()
+    try:
+        # Both of X's slots hold a slow turn: the outcomes, both stored, wait for room.
+        await recorder.wait("turn.started", "c-alpha")
+        await recorder.wait("turn.started", "c-beta")
+        for tool_call_id, name in tools:
+            await bus.publish(ToolCompleted(org_id=ORG, call_id="c-two",
+                                            tool_call_id=tool_call_id, name=name,
+                                            result={"ok": True}))
+        await asyncio.sleep(0.2)
+        held.release["hold-alpha"].set()  # a slot frees: X takes the first outcome
+        await recorder.wait("turn.started", "c-two")  # (X's model is slow for this round)
+        await other.start()  # Y takes what X has no room for
+        await asyncio.sleep(0.5)
+        held.release["Friday"].set()
+        await recorder.wait("turn.completed", "c-two")
+        await asyncio.sleep(0.5)
+        rounds = [r for r in emulator.requests if "hold-" not in str(r["messages"])]
+        assert len(rounds) == 1, rounds
+        completed = recorder.of("turn.completed", "c-two")
+        assert len(completed) == 1 and not completed[0].cancelled
+    finally:
+        for released in held.release.values():
+            released.set()
+        await busy.stop()
+        await other.stop()
         await llm.aclose()

@@ -69,6 +69,7 @@ class AgentTurn:
     requested_in: dict[str, int] = field(default_factory=dict)  # tool_call_id → its round
     results: set[str] = field(default_factory=set)  # tool_call_ids with an outcome
     failed: set[str] = field(default_factory=set)  # tool_call_ids that failed or were denied
+    latest_outcome: str = ""  # the tool_call_id whose outcome came last (the one that goes on)
     completions: int = 0  # turn.completed events seen
     interrupted: bool = False
     spoken_last: bool = False  # a clause with last=True closed the current speech
@@ -251,6 +252,7 @@ class Conversation:
         if owner is None or event.tool_call_id in owner.results:
             return
         owner.results.add(event.tool_call_id)
+        owner.latest_outcome = event.tool_call_id
         if not isinstance(event, ToolCompleted):
             owner.failed.add(event.tool_call_id)
         requested_in = owner.requested_in[event.tool_call_id]

@@ -568,6 +568,10 @@ class BrainWorker:
                 return  # (a failed hand-off leaves its turn not completed: it goes on)
             if owner.turn_id != conversation.latest_user_turn or owner.waiting_for_tools:
                 return  # the caller moved on, or other tools of the round are still out
+            if owner.latest_outcome != event.tool_call_id:
+                # A later outcome of the turn is stored (the fold reaches past this event): its
+                # own unit of work takes the turn up, perhaps on another instance at this moment.
+                return
             if owner.handed_off:
                 return  # the call ended or moved on: nothing more to say
             if owner.spoken_last:
