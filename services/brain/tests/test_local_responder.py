@@ -217,6 +217,27 @@ async def test_replies_from_a_tool_result() -> None:
     assert text == ""
 
 
+@pytest.mark.parametrize("body", [
+    '{"success": false, "message": "That time is already taken"}',
+    '{"error": "No free slot on Friday"}',
+    '{"errors": [{"code": "slot_taken"}], "day": "Friday"}',
+    '{"status": "failed", "reason": "slot_taken"}',
+    '{"status": "Declined"}',
+])
+async def test_a_tool_that_answers_it_failed_is_not_reported_done(body: str) -> None:
+    """An API that answers 200 with a body saying it failed (``success: false``, an ``error``,
+    a failed ``status``) is a completed tool call to the tools service. Only ``ok: false`` was
+    read as failure: the caller heard "All set. That time is already taken." or "All set: error
+    No free slot on Friday." — a booking claimed that was never made."""
+    use = ToolUse(id="local_1", name="book_appointment", arguments={"day": "Friday"})
+    text, calls, _, _ = await run(LocalResponder(), say("Book Friday at 10:30"), use,
+                                  ToolResult(tool_use_id="local_1", content=body))
+    assert "All set" not in text and "couldn't complete" in text and not calls
+    text, _, _, _ = await run(LocalResponder(), say("Book Friday at 10:30"), use, ToolResult(
+        tool_use_id="local_1", content='{"success": true, "status": "confirmed"}'))
+    assert text == "All set. confirmed."
+
+
 async def test_a_refused_transfer_is_owned_up_to_not_tried_again() -> None:
     tools = offered(*offered_builtins(["+14155550123"]).values())
     use = ToolUse(id="local_1", name="transfer_call", arguments={"to": "+14155550123"})

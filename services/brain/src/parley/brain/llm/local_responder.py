@@ -22,7 +22,9 @@ answers:
 
 When the conversation ends with a tool result, it phrases a reply from that result (a failed
 ``transfer_call``: it cannot transfer now, someone will follow up — it never calls a tool in
-reply to a tool result, so a refused transfer is not tried again in a loop). Text comes
+reply to a tool result, so a refused transfer is not tried again in a loop). A result whose
+body says it failed (``ok`` or ``success`` false, an ``error``, a failed ``status``) is a
+failure, never "All set". Text comes
 out a few words per :class:`TextDelta` (so clause streaming downstream is exercised), then a
 :class:`Done` with zero usage and the chosen ``intent``.
 
@@ -281,7 +283,7 @@ def _phrase_tool_result(messages: Sequence[Any]) -> str:
         content: Any = json.loads(result.content)
     except ValueError:
         content = result.content
-    failed = result.is_error or (isinstance(content, dict) and content.get("ok") is False)
+    failed = result.is_error or _reports_failure(content)
     if name == "transfer_call" and failed:  # not retried: a refusal would only come again
         return ("I'm sorry, I can't transfer you right now. Someone from our team will follow "
                 "up with you.")
@@ -300,6 +302,25 @@ def _phrase_tool_result(messages: Sequence[Any]) -> str:
     if isinstance(content, str) and content.strip():
         return "All set. " + " ".join(split_sentences(" ".join(content.split()))[:2])
     return "All set."
+
+
+_FAILED_STATUSES = frozenset({"error", "failed", "failure", "declined", "rejected", "denied"})
+
+
+def _reports_failure(content: Any) -> bool:
+    """Whether a tool's body says the call failed.
+
+    An API may answer 200 with ``{"success": false}``, an ``error``, or a failed ``status``,
+    which the tools service reports as a completed call.
+    """
+    if not isinstance(content, dict):
+        return False
+    if content.get("ok") is False or content.get("success") is False:
+        return True
+    if content.get("error") or content.get("errors"):
+        return True
+    status = content.get("status")
+    return isinstance(status, str) and status.strip().lower() in _FAILED_STATUSES
 
 
 def _sentence(text: str) -> str:
