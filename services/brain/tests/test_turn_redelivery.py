@@ -73,7 +73,6 @@ async def test_a_turn_whose_closing_clause_went_out_but_not_its_completion_is_co
         await llm.aclose()
 
 
-
 class HeldWhile:
     """A provider whose requests wait while the caller's words hold one of ``words``, until that
     word is released (a slow model keeping one of the instance's slots busy)."""
