@@ -45,6 +45,9 @@ def test_soft_punctuation_splits_only_long_enough_clauses() -> None:
     "We have served 1,000 patients and 25,000 visits so far this year.",
     "Mr. and Mrs. Jones will see J. Smith at 3 p.m. tomorrow afternoon.",
     "Bring forms, cards, etc. and arrive early.",
+    "Dr. Lee has a Ph.D. in orthodontics from the state university.",
+    "The chair fits anyone up to 6 ft. 4 in. and 300 lbs. comfortably.",
+    "The scan takes 20 min. at most and the results about 2 hrs. later.",
 ])
 def test_numbers_times_and_abbreviations_do_not_split(text: str) -> None:
     assert split_streamed(text, min_words=None) == [text]
@@ -56,6 +59,10 @@ def test_ambiguous_abbreviations_end_a_sentence_before_a_capital() -> None:
         "Come at 9 a.m.", "Then we start."]
     assert split_streamed("No. We are closed on Sunday.", min_words=None) == [
         "No.", "We are closed on Sunday."]
+    assert split_streamed("She holds a Ph.D. She teaches too.", min_words=None) == [
+        "She holds a Ph.D.", "She teaches too."]
+    assert split_streamed("It is about 6 ft. The door is wider.", min_words=None) == [
+        "It is about 6 ft.", "The door is wider."]
 
 
 def test_closing_quotes_and_repeated_marks_stay_with_their_sentence() -> None:

@@ -6,7 +6,8 @@ has at least ``min_words`` words — short fragments ("Well,") would sound chopp
 followed by a non-space never ends a clause, which keeps ``$4.50``, ``10:30`` and ``1,000``
 whole; a period after a title (``Dr.``, ``Mr.``), after a Latin abbreviation (``e.g.``,
 ``i.e.``, ``vs.``), or after a single capital (an initial, ``J. Smith``) does not end a sentence
-either; ``etc.``, ``a.m.`` and ``p.m.`` end one only when a capitalised word follows.
+either; ``etc.``, ``a.m.``, ``p.m.``, degrees (``Ph.D.``) and units (``ft.``, ``lbs.``,
+``min.``) end one only when a capitalised word follows.
 
 Because a decision may need the next character (is ``$4.`` followed by ``50``?), text at the
 end of the buffer waits for more; :meth:`ClauseSplitter.flush` returns whatever is left.
@@ -27,7 +28,8 @@ _NEVER_FINAL = frozenset({
 # End a sentence only when a capitalised word follows ("at 9 a.m. Then…" vs "9 a.m. tomorrow").
 _MAYBE_FINAL = frozenset({"etc", "a.m", "p.m", "am", "pm", "inc", "ltd", "co", "u.s", "no", "jan",
                           "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept", "oct", "nov",
-                          "dec"})
+                          "dec", "ph.d", "m.d", "d.d.s", "ft", "in", "lb", "lbs", "oz", "min",
+                          "mins", "hr", "hrs", "sec", "secs"})
 
 
 class ClauseSplitter:
