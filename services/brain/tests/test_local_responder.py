@@ -235,7 +235,21 @@ async def test_a_tool_that_answers_it_failed_is_not_reported_done(body: str) -> 
     assert "All set" not in text and "couldn't complete" in text and not calls
     text, _, _, _ = await run(LocalResponder(), say("Book Friday at 10:30"), use, ToolResult(
         tool_use_id="local_1", content='{"success": true, "status": "confirmed"}'))
-    assert text == "All set. confirmed."
+    assert text == "All set: confirmed."
+
+
+@pytest.mark.parametrize(("body", "said"), [
+    ('{"status": "pending_approval"}', "I've sent that; the status is pending approval."),
+    ('{"status": "queued", "message": "A manager reviews refunds daily"}',
+     "I've sent that; the status is queued. A manager reviews refunds daily."),
+    ('{"status": "booked", "message": "See you Friday"}', "All set. See you Friday."),
+])
+async def test_a_tool_that_is_not_done_yet_is_not_reported_done(body: str, said: str) -> None:
+    # "All set. pending_approval." told the caller a refund waiting for a manager was done
+    use = ToolUse(id="local_1", name="refund", arguments={"order": "42"})
+    text, calls, _, _ = await run(LocalResponder(), say("Refund order 42"), use,
+                                  ToolResult(tool_use_id="local_1", content=body))
+    assert text == said and not calls
 
 
 async def test_a_refused_transfer_is_owned_up_to_not_tried_again() -> None:

@@ -293,9 +293,15 @@ def _phrase_tool_result(messages: Sequence[Any]) -> str:
         return ("I'm sorry, I couldn't complete that just now. Someone from our team will "
                 "follow up with you.")
     if isinstance(content, dict):
-        for key in ("message", "summary", "detail", "details", "confirmation_message", "status"):
+        status = content.get("status")
+        status = " ".join(status.replace("_", " ").split()) if isinstance(status, str) else ""
+        pending = bool(status) and status.lower() not in _DONE_STATUSES  # "pending approval"
+        opening = f"I've sent that; the status is {status}." if pending else "All set."
+        for key in ("message", "summary", "detail", "details", "confirmation_message"):
             if isinstance(content.get(key), str) and content[key].strip():
-                return f"All set. {_sentence(content[key])}"
+                return f"{opening} {_sentence(content[key])}"
+        if status:
+            return opening if pending else f"All set: {status}."
         facts = [f"{k.replace('_', ' ')} {v}" for k, v in content.items()
                  if isinstance(v, str | int | float) and not isinstance(v, bool)][:3]
         return f"All set: {', '.join(facts)}." if facts else "All set."
@@ -304,6 +310,10 @@ def _phrase_tool_result(messages: Sequence[Any]) -> str:
     return "All set."
 
 
+# A status that says the thing was done; any other ("pending_approval", "queued") is read out
+# as it is, never as "All set".
+_DONE_STATUSES = frozenset({"ok", "success", "succeeded", "confirmed", "booked", "completed",
+                            "complete", "done", "scheduled", "created", "sent", "paid"})
 _FAILED_STATUSES = frozenset({"error", "failed", "failure", "declined", "rejected", "denied"})
 
 
