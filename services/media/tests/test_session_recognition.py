@@ -315,3 +315,59 @@ async def test_a_switch_mid_turn_does_not_repeat_the_words_the_failed_recogniser
     events = await bus.replay_call(CALL, org_id=ORG)
     ended, = [e for e in events if isinstance(e, TurnUserEnded)]
     assert ended.text == "I'd like to book a table. On Friday."
+
+
+async def test_a_late_final_after_the_caller_spoke_again_stays_out_of_the_new_turn(bus) -> None:
+    # "I'd like to book a table." heard by a recogniser slower than the max wait: the turn ends
+    # on the partial "I'd like to book". The caller speaks again ("On Friday.") before that
+    # sentence's final comes: the final is the old turn's late words, not the new turn's.
+    server = DeepgramEmulator(api_key="dg-key", latency_s=1.5,
+                              utterances=["I'd like to book a table.", "On Friday."])
+    await server.start()
+    call = session(bus, DeepgramStt("dg-key", base_url=server.base_url))  # type: ignore[arg-type]
+    call.vad = LoudIsSpeech()  # type: ignore[assignment]
+    call._stt_name, call._stt = await call.s.stt.open(call._stt_chain, call._open_stt)
+    call._stt_task = asyncio.create_task(call._recognise())
+    frames = 0
+
+    async def hear(frame: bytes, count: int) -> None:
+        nonlocal frames
+        for _ in range(count):
+            await call._inbound_frame(frame, frames * 20)
+            frames += 1
+
+    async def until(predicate) -> None:
+        deadline = asyncio.get_running_loop().time() + 5
+        while not predicate():
+            assert asyncio.get_running_loop().time() < deadline, call.detector.text
+            await asyncio.sleep(0.01)
+
+    def sent(text: str) -> bool:
+        return any(message.get("is_final") and message["channel"]["alternatives"][0][
+            "transcript"] == text for message in server.sessions[0].sent)
+
+    loud, quiet = b"\x00" * 160, b"\xff" * 160
+    try:
+        await hear(quiet, 10)
+        await hear(loud, 50)
+        await until(lambda: call.detector.text == "I'd like to book")  # the interims, late
+        # Within the recogniser's latency: the max wait ends the turn, the caller speaks again.
+        await hear(quiet, 150)
+        assert call.turn_no == 1 and not sent("I'd like to book a table.")
+        await hear(loud, 30)
+        await until(lambda: sent("I'd like to book a table."))
+        await asyncio.sleep(0.05)
+        while call.turn_no == 1 and frames < 600:
+            await hear(quiet, 1)
+            await asyncio.sleep(0.02)  # in real time: the new turn's final comes within its wait
+        await call._outbox.drain(1)
+    finally:
+        call.stop("test")
+        await call._stt.close()
+        await asyncio.gather(call._stt_task, return_exceptions=True)
+        await server.stop()
+    events = await bus.replay_call(CALL, org_id=ORG)
+    assert [(e.turn_id, e.text, e.reason) for e in events if isinstance(e, TurnUserEnded)] == [
+        ("t1", "I'd like to book", "max_wait"), ("t2", "On Friday.", "utterance_end")]
+    assert [(e.text, e.utterance_id) for e in events if isinstance(e, TranscriptFinal)] == [
+        ("I'd like to book a table.", "t1"), ("On Friday.", "t2")]

@@ -228,3 +228,24 @@ def test_a_turn_ended_on_time_leaves_nothing_late() -> None:
     assert end.reason == "silence" and not d.late and not end.revises
     d.final("Hello again.", 2100)  # the recogniser heard something the VAD missed: a turn
     assert d.in_turn
+
+
+def test_a_late_final_that_comes_once_the_caller_spoke_again_stays_the_late_turns() -> None:
+    # "Next." ended at max wait; the caller speaks again at 6000 before the final for the
+    # first sentence (its words ending at 2900) arrives: it is that turn's, not the new one's.
+    d = TurnDetector(TurnSettings(endpointing_ms=600, max_wait_ms=2000))
+    d.speech_started(0)
+    d.partial("Next.")
+    d.speech_stopped(3000)
+    (_, _), (_, end) = run(d, 3000, 5100)
+    assert end.reason == "max_wait"
+    d.speech_started(6000)
+    d.partial("Next Tuesday")  # the late partial, shown before its final (results in order)
+    d.final("Next Tuesday at three.", 6300, speech_final=True, heard_ms=2900)
+    d.utterance_end(2900)
+    assert d.late_results == 1 and d.text == ""
+    d.partial("Thank")
+    d.speech_stopped(6800)
+    d.final("Thank you.", 6900, heard_ms=6700)
+    (_, end), = run(d, 6800, 8000)
+    assert (end.text, end.reason, end.revises) == ("Thank you.", "silence", False)

@@ -248,6 +248,10 @@ class CallSession:
         # Inbound audio of the open turn, from its pre-roll on (replayed on a switch).
         self._turn_audio: list[bytes] = []
         self._stt_pending: list[bytes] = []  # frames not yet sent to the recogniser
+        # Bytes of caller audio received, and where the recogniser's stream began among them
+        # (its first replayed byte): its timings are from its own start.
+        self._stt_received = 0
+        self._stt_origin = 0
         self._stt_seconds: dict[str, float] = {}
         self._stt_lock = asyncio.Lock()
         # TTS
@@ -443,6 +447,7 @@ class CallSession:
             await self._idle_tick()
 
     async def _stt_send(self, ulaw: bytes) -> None:
+        self._stt_received += len(ulaw)
         self._turn_audio.append(ulaw)
         if not self.detector.in_turn and len(self._turn_audio) > 2 * self._preroll_frames:
             del self._turn_audio[:-self._preroll_frames]  # once per pre-roll's worth of frames
@@ -655,6 +660,7 @@ class CallSession:
             if not self.detector.in_turn:
                 del self._turn_audio[:-self._preroll_frames]  # no turn yet: its pre-roll
             self.detector.recognition_restarted()  # its words come again, from the replay
+            self._stt_origin = self._stt_received - sum(map(len, self._turn_audio))
             try:
                 for chunk in self._turn_audio:  # what the open turn said so far
                     await self._stt.send(chunk)
@@ -684,7 +690,12 @@ class CallSession:
                     utterance_id=f"t{self.turn_no + 1}"))
             await self._barge_in_on_words()
         elif isinstance(event, Final):
-            self.detector.final(event.text, self.audio_ms, speech_final=event.speech_final)
+            # A final for audio before the caller spoke again, delivered after that (a
+            # recogniser slower than the max wait), is still the late turn's.
+            heard_ms = self._stt_audio_ms(event.end_s)
+            late = self.detector.late_for(heard_ms)
+            self.detector.final(event.text, self.audio_ms, speech_final=event.speech_final,
+                                heard_ms=heard_ms)
             if event.text.strip():
                 latency = (time.time() - self._speech_end_wall) * 1000 if (
                     self._speech_start_ms is None and self._speech_end_wall) else 0.0
@@ -698,8 +709,12 @@ class CallSession:
                 await self._barge_in_on_words()
             await self._poll_turn()
         elif isinstance(event, UtteranceEnd):
-            self.detector.utterance_end()
+            self.detector.utterance_end(self._stt_audio_ms(event.last_word_end_s))
             await self._poll_turn()
+
+    def _stt_audio_ms(self, stream_s: float) -> float:
+        """Where a time of the recogniser's stream falls on the audio clock."""
+        return (self._base_ms or 0) + (self._stt_origin + stream_s * 8000) / 8
 
     # ------------------------------------------------------------------ events of the call
 

@@ -12,13 +12,15 @@ up (a final covers everything said, no partial is pending). A recogniser's own e
 (Deepgram ``speech_final`` / ``UtteranceEnd``, Whisper's segment end) lets it end after half
 that silence. If the recogniser lags, it is asked to flush at ``endpointing_ms``; after
 ``max_wait_ms`` of silence the turn ends with whatever text there is (reason ``max_wait``). What
-the recogniser delivers after that, before the caller speaks again, is that turn's late words
-(:attr:`TurnDetector.late`), not a new turn: a recogniser slower than the max wait (local Whisper
-on a starved CPU) otherwise turned one sentence into two turns. Once the recogniser has ended
-the utterance, late finals that say more than the turn did revise it: a :class:`TurnEnd` with
-``revises`` set and the whole text replaces the turn that ended on a stale partial ("I would
-like..." → "I would like to book an appointment on Friday at ten."), as a person who answered
-too soon stops and answers what was actually said.
+the recogniser delivers after that for the audio before the caller spoke again is that turn's
+late words (:meth:`TurnDetector.late_for`), not a new turn: a recogniser slower than the max wait
+(local Whisper on a starved CPU) otherwise turned one sentence into two turns, and a final that
+came once the caller had spoken again put the old turn's words at the start of the new one.
+Once the recogniser has ended the utterance (and before the caller speaks again), late finals
+that say more than the turn did revise it: a :class:`TurnEnd` with ``revises`` set and the whole
+text replaces the turn that ended on a stale partial ("I would like..." → "I would like to book
+an appointment on Friday at ten."), as a person who answered too soon stops and answers what
+was actually said.
 
 Backchannels ("uh-huh", "okay", "mm-hmm") do not end a turn early: a turn whose text is only
 backchannels needs twice the silence; and while the agent is speaking they are no turn at all
@@ -27,6 +29,7 @@ backchannels needs twice the silence; and while the agent is speaking they are n
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -176,7 +179,8 @@ class TurnDetector:
         self._speaking = False
         self._speech_end_ms = 0
         self.dropped_backchannels = 0
-        self._late = False  # a turn ended at max wait, and the caller has not spoken since
+        self._late = False  # the last turn ended at max wait
+        self._spoke_again_ms = math.inf  # audio time the caller began speaking after it
         self.late_results = 0  # partials and finals that came for such a turn
         self._late_turn: TurnEnd | None = None  # that turn (or its latest revision)
         self._late_finals: list[str] = []  # its finals, those before its end included
@@ -202,13 +206,21 @@ class TurnDetector:
 
     @property
     def late(self) -> bool:
-        """Whether a recogniser result now belongs to the turn that ended at max wait."""
-        return self._late and self._turn is None
+        """Whether a result of unknown timing belongs to the turn that ended at max wait."""
+        return self.late_for(math.inf)
+
+    def late_for(self, heard_ms: float) -> bool:
+        """Whether a result for the audio up to ``heard_ms`` is the max-wait turn's late words.
+
+        It is until the caller speaks again, and after that if its audio came before.
+        """
+        return self._late and heard_ms <= self._spoke_again_ms
 
     def speech_started(self, at_ms: int) -> None:
         """The VAD heard the caller begin speaking."""
         self._speaking = True
-        self._late = False
+        if self._late:
+            self._spoke_again_ms = min(self._spoke_again_ms, at_ms)
         if self._turn is None:
             self._turn = _Turn(started_ms=at_ms)
         self._turn.stt_ended = False
@@ -229,16 +241,20 @@ class TurnDetector:
                 self._turn = _Turn(started_ms=self._speech_end_ms)
             self._turn.partial = text.strip()
 
-    def final(self, text: str, now_ms: int, *, speech_final: bool = False) -> None:
+    def final(self, text: str, now_ms: int, *, speech_final: bool = False,
+              heard_ms: float = math.inf) -> None:
         """A stable segment; ``speech_final`` if the recogniser also ended the utterance.
 
-        An empty one (no words in that audio after all) retracts the pending partial.
+        ``heard_ms``: audio time its words end (unknown: now). An empty one (no words in that
+        audio after all) retracts the pending partial.
         """
-        if self.late:
+        if self.late_for(heard_ms):
             if text.strip():
                 self.late_results += 1
                 self._late_finals.append(text.strip())
                 self._late_final_ms = now_ms
+            if self._turn is not None:  # results come in audio order: its partial was this
+                self._turn.partial = ""
             self._revision_due = speech_final or self._revision_due
             return
         if text.strip():
@@ -250,12 +266,12 @@ class TurnDetector:
             self._turn.partial = ""
             self._turn.stt_ended = self._turn.stt_ended or speech_final
 
-    def utterance_end(self) -> None:
-        """The recogniser's silence-based end of utterance."""
-        if self._turn is not None:
-            self._turn.stt_ended = True
-        elif self.late:
+    def utterance_end(self, heard_ms: float = math.inf) -> None:
+        """The recogniser's silence-based end of utterance, after words ending at ``heard_ms``."""
+        if self.late_for(heard_ms):
             self._revision_due = True
+        elif self._turn is not None:
+            self._turn.stt_ended = True
 
     def poll(self, now_ms: int, *, agent_speaking: bool = False) -> Flush | TurnEnd | None:
         """Called each frame with the audio clock; see the module docstring."""
@@ -327,7 +343,7 @@ class TurnDetector:
         turn = self._turn
         assert turn is not None
         self._turn = None
-        self._late = reason == "max_wait"
+        self._late, self._spoke_again_ms = reason == "max_wait", math.inf
         self._late_turn, self._late_finals, self._revision_due = None, list(turn.finals), False
         if agent_speaking and only_backchannel:
             self.dropped_backchannels += 1
