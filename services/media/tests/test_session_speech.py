@@ -14,6 +14,7 @@ from parley.common.events import (
     AgentReplyPrepared,
     AgentSay,
     AgentSpeechFinished,
+    AgentSpeechInterrupted,
     AgentSpeechProgress,
     UsageRecorded,
 )
@@ -388,3 +389,49 @@ async def test_a_turn_no_synthesiser_can_finish_ends_with_the_audio_it_has(bus) 
         await stop(call, speaker)
         await cartesia.close()
         await emulator.stop()
+
+
+async def test_a_fallback_mid_clause_says_only_the_rest_of_it(bus) -> None:
+    # Cartesia breaks for good while saying a clause (its socket closes, reconnecting is
+    # refused): Piper takes the turn. The clause's first words have already gone out to the
+    # caller; said again from the clause's start, the caller heard them twice, and so did what
+    # the caller heard (played_text) record them.
+    from parley.devkit.emulators.cartesia import CartesiaEmulator, Voice
+    from parley.media.providers.cartesia_tts import CartesiaTts
+    from parley.media.providers.local.piper_tts import PiperTts
+
+    emulator = CartesiaEmulator(api_key="key", voice=Voice(
+        seconds_per_character=0.06, gap_s=0.04, chunk_s=0.1, speed=1.0))
+    await emulator.start()
+    cartesia = CartesiaTts("key", base_url=emulator.base_url)
+    providers = {"cartesia": cartesia, "piper": PiperTts()}
+    services = SessionServices(
+        bus=bus, leases=None,  # type: ignore[arg-type]  # run() is not called
+        stt=ProviderRouter("stt", {"never": object()}, ["never"]),  # type: ignore[dict-item]
+        tts=ProviderRouter("tts", providers, list(providers)),  # type: ignore[arg-type]
+        instance="test", command_timeout_s=0.05)
+    call = CallSession(services, call_id=CALL, org_id=ORG, agent_id="agent",
+                       settings=AgentSettings(), revision=1)
+    call._history = None
+    speaker = asyncio.create_task(call._speaker())
+    clause = "Thanks for calling the dental clinic, how can I help you today?"
+    try:
+        call._on_say(say("t1", 0, clause, last=True))
+        await wait_for(lambda: "t1" in call._turns and len(call._turns["t1"].audio.words) >= 3)
+        emulator.faults.reject_status = 503
+        await asyncio.gather(*(ws.close(code=1011, message=b"going away")
+                               for ws in list(emulator.sockets)))
+        turn = call._turns["t1"]
+        await wait_for(lambda: turn.audio.text_done, timeout=20)
+        assert turn.provider == "piper"
+        assert [w.text for w in turn.audio.words] == clause.split()
+        await played(call, "t1")
+        await call._interrupt(turn, time.monotonic())  # the caller cuts in at its very end
+        await call._outbox.drain(1)
+    finally:
+        await stop(call, speaker)
+        await cartesia.close()
+        await emulator.stop()
+    interrupted, = [e for e in await bus.replay_call(CALL, org_id=ORG)
+                    if isinstance(e, AgentSpeechInterrupted)]
+    assert interrupted.played_text == clause

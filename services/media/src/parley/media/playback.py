@@ -72,6 +72,19 @@ class AgentTurnAudio:
                           for w in words)
         self.frames.extend(frames)
 
+    def whole_words_since(self, start_s: float) -> list[WordTiming]:
+        """The words from ``start_s`` on whose audio is all here; a word cut short is forgotten.
+
+        For a synthesiser that broke mid-clause: the next one says the rest, from that word.
+        """
+        words, here_s = self.words, (len(self.frames) + 1) * FRAME_MS / 1000
+        while words and words[-1].start >= start_s and words[-1].end > here_s:
+            words.pop()
+        first = len(words)
+        while first and words[first - 1].start >= start_s:
+            first -= 1
+        return words[first:]
+
     def end_clause(self) -> None:
         """The clause being added is complete: a mark goes after its last frame."""
         if self.frames and (not self.clause_ends or self.clause_ends[-1] != len(self.frames)):

@@ -51,6 +51,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from nats.aio.msg import Msg
 
 from parley.common.bus import Bus, Outbox, audio_subject, call_events, command_subject
@@ -108,6 +109,7 @@ from parley.media.providers.base import (
     TtsProvider,
     TtsStream,
     UtteranceEnd,
+    WordTiming,
 )
 from parley.media.router import ProviderRouter
 from parley.media.turns import Flush, TurnDetector, TurnEnd, TurnSettings
@@ -145,6 +147,21 @@ IDLE_TICK_MS = 100
 def stable_id(call_id: str, *parts: object) -> uuid.UUID:
     """An event id that is the same whichever instance emits the event."""
     return uuid.uuid5(_ID_NAMESPACE, "/".join([call_id, *map(str, parts)]))
+
+
+def rest_of_clause(clause: AgentSay, said: list[WordTiming]) -> AgentSay:
+    """What is left of ``clause`` once the words ``said`` (its first ones) have been synthesised.
+
+    The whole clause if they are not its first words as written (a synthesiser that spells
+    things its own way): said twice rather than not at all.
+    """
+    if not said:
+        return clause
+    parts = clause.text.split(maxsplit=len(said))
+    if normalize_words(" ".join(parts[:len(said)])) != normalize_words(
+            " ".join(word.text for word in said)):
+        return clause
+    return msgspec.structs.replace(clause, text=parts[len(said)] if len(parts) > len(said) else "")
 
 
 @dataclass
@@ -1037,7 +1054,14 @@ class CallSession:
                     break
                 self.s.tts.health[turn.provider].failure()
                 after, failure = turn.provider, str(exc)
-                done_clauses = clause  # re-synthesise from the clause that broke
+                # Synthesised again from the clause that broke, but for its words already out:
+                # said again from its start, the caller heard them twice (and played_text too).
+                done_clauses = clause
+                if clause < len(said):
+                    said[clause] = rest_of_clause(
+                        said[clause], turn.audio.whole_words_since(clause_start))
+                    if not said[clause].text and not said[clause].last:
+                        done_clauses += 1  # all of it is out
             finally:
                 if feeder is not None:
                     try:
