@@ -87,3 +87,53 @@ async def test_every_session_of_a_call_records_its_own_and_a_repeat_is_dropped(b
     await first._record_usage()  # published again (a retry): the same id, dropped
     await first._outbox.drain(1)
     assert len(await usage(bus)) == 3
+
+
+async def test_audio_replayed_to_a_fallback_recogniser_counts_to_it(bus) -> None:
+    # Deepgram's socket breaks mid-turn; the backup hears the open turn again from its pre-roll,
+    # then the rest of the call. Each recogniser bills the audio it was sent, the replay
+    # included: the session records what each received.
+    from parley.devkit.emulators.deepgram import DeepgramEmulator
+    from parley.media.providers.deepgram_stt import DeepgramStt
+
+    primary, backup = DeepgramEmulator(api_key="dg-key"), DeepgramEmulator(api_key="dg-key")
+    await primary.start()
+    await backup.start()
+    providers = {"deepgram": DeepgramStt("dg-key", base_url=primary.base_url),
+                 "backup": DeepgramStt("dg-key", base_url=backup.base_url)}
+    services = SessionServices(
+        bus=bus, leases=None,  # type: ignore[arg-type]  # run() is not called
+        stt=ProviderRouter("stt", providers, list(providers)),  # type: ignore[arg-type]
+        tts=ProviderRouter("tts", {"never": object()}, ["never"]),  # type: ignore[dict-item]
+        instance="test")
+    call = CallSession(services, call_id=CALL, org_id=ORG, agent_id="agent",
+                       settings=AgentSettings(), revision=1)
+    call._stt_name, call._stt = await call.s.stt.open(call._stt_chain, call._open_stt)
+    call._stt_task = asyncio.create_task(call._recognise())
+    loud = b"\x00" * 160
+    try:
+        for n in range(50):  # a second of speech: a turn is open
+            await call._inbound_frame(loud, n * 20)
+        for _ in range(300):  # Deepgram has read it
+            if primary.sessions[0].audio_bytes == 8000:
+                break
+            await asyncio.sleep(0.01)
+        primary.faults.close_with_error = True
+        for n in range(50, 100):
+            await call._inbound_frame(loud, n * 20)
+            await asyncio.sleep(0.002)
+        assert call._stt_name == "backup"
+        for n in range(100, 150):
+            await call._inbound_frame(loud, n * 20)
+        await call._stt.close()
+        await asyncio.gather(call._stt_task, return_exceptions=True)
+        await call._record_usage()
+        await call._outbox.drain(1)
+    finally:
+        call._stt_task.cancel()
+        await primary.stop()
+        await backup.stop()
+    billed = {provider: seconds for kind, provider, seconds in await usage(bus)}
+    assert billed["backup"] == backup.sessions[0].audio_bytes / 8000 > 1.0
+    # Deepgram: the second it read, and what was sent before its socket was seen to be broken.
+    assert primary.sessions[0].audio_bytes == 8000 and 1.0 < billed["deepgram"] <= 1.2

@@ -468,8 +468,6 @@ class CallSession:
         self._turn_audio.append(ulaw)
         if not self.detector.in_turn and len(self._turn_audio) > 2 * self._preroll_frames:
             del self._turn_audio[:-self._preroll_frames]  # once per pre-roll's worth of frames
-        self._stt_seconds[self._stt_name] = (
-            self._stt_seconds.get(self._stt_name, 0.0) + len(ulaw) / 8000)
         self._stt_pending.append(ulaw)
         if len(self._stt_pending) >= STT_BATCH_FRAMES:
             await self._stt_flush()
@@ -485,6 +483,13 @@ class CallSession:
                     await self._stt.send(audio)
                 except Exception as exc:  # the recogniser task notices and switches
                     log.debug("call %s: stt send failed: %s", self.call_id, exc)
+                else:
+                    self._stt_sent(len(audio))
+
+    def _stt_sent(self, size: int) -> None:
+        """``size`` bytes of audio reached the recogniser: its provider bills them."""
+        self._stt_seconds[self._stt_name] = (
+            self._stt_seconds.get(self._stt_name, 0.0) + size / 8000)
 
     async def _poll_turn(self) -> None:
         result = self.detector.poll(self.audio_ms, agent_speaking=self._agent_audible())
@@ -677,10 +682,14 @@ class CallSession:
             if not self.detector.in_turn:
                 del self._turn_audio[:-self._preroll_frames]  # no turn yet: its pre-roll
             self.detector.recognition_restarted()  # its words come again, from the replay
-            self._stt_origin = self._stt_received - sum(map(len, self._turn_audio))
+            # What the open turn said so far. Frames arriving meanwhile are pending: sent once,
+            # after it (the list itself grew under the replay, and they went twice).
+            replay = self._turn_audio[:]
+            self._stt_origin = self._stt_received - sum(map(len, replay))
             try:
-                for chunk in self._turn_audio:  # what the open turn said so far
+                for chunk in replay:
                     await self._stt.send(chunk)
+                    self._stt_sent(len(chunk))  # heard again, and billed again: it was sent
             except Exception as exc:  # as in _stt_flush: its events() fails, and we switch again
                 log.warning("call %s: replaying the turn to stt %s failed: %s", self.call_id,
                             self._stt_name, exc)
