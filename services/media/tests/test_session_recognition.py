@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
-from parley.common.bus import Bus
+import pytest
+from nats.js.errors import KeyNotFoundError
+
+from parley.common.bus import Bus, command_subject
 from parley.common.configuration.models import AgentSettings
 from parley.common.events import TranscriptFinal, TurnUserEnded
 from parley.devkit.emulators.deepgram import DeepgramEmulator, Retracted
+from parley.media.ownership import Leases, LeaseState
 from parley.media.providers.base import Final, ProviderError
 from parley.media.providers.deepgram_stt import DeepgramStt
 from parley.media.router import ProviderRouter
@@ -371,3 +376,46 @@ async def test_a_late_final_after_the_caller_spoke_again_stays_out_of_the_new_tu
         ("t1", "I'd like to book", "max_wait"), ("t2", "On Friday.", "utterance_end")]
     assert [(e.text, e.utterance_id) for e in events if isinstance(e, TranscriptFinal)] == [
         ("I'd like to book a table.", "t1"), ("On Friday.", "t2")]
+
+
+class Unavailable:
+    """A recogniser that cannot be opened (down, or full)."""
+
+    name = "deepgram"
+
+    async def open(self, *, language: str = "en-US", endpointing_ms: int | None = None):
+        raise ProviderError(self.name, "503 Service Unavailable")
+
+
+async def test_a_call_no_recogniser_can_hear_is_hung_up_and_let_go(bus) -> None:
+    # No recogniser opens for the call. The session ended and left the lease held in this
+    # instance's name: no other instance took it before the bucket's TTL, this one never
+    # takes over its own, and the caller talked to an agent that could not hear, for good.
+    # The call is hung up (reason error) and its lease released.
+    leases = Leases(bus, "media-a")
+    services = SessionServices(
+        bus=bus, leases=leases, instance="media-a",
+        stt=ProviderRouter("stt", {"deepgram": Unavailable()}, ["deepgram"],  # type: ignore[dict-item]
+                           retry_initial_s=0.01),
+        tts=ProviderRouter("tts", {"never": object()}, ["never"]))  # type: ignore[dict-item]
+    revision = await leases.claim(CALL, LeaseState(owner="media-a", org_id=ORG))
+    assert revision is not None
+    hangups: list[dict[str, object]] = []
+
+    async def gateway(msg) -> None:
+        hangups.append(json.loads(msg.data))
+        await msg.respond(b'{"ok": true}')
+
+    sub = await bus.nc.subscribe(command_subject(CALL, "hangup"), cb=gateway)
+    await bus.nc.flush()
+    call = CallSession(services, call_id=CALL, org_id=ORG, agent_id="agent",
+                       settings=AgentSettings(), revision=revision)
+    try:
+        await asyncio.wait_for(call.run(), 10)
+    finally:
+        await sub.unsubscribe()
+        await leases.close()
+    assert call.end_reason == "stt_unavailable"
+    assert hangups == [{"reason": "error"}]
+    with pytest.raises(KeyNotFoundError):
+        await (await leases.kv()).get(CALL)

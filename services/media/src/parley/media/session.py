@@ -375,6 +375,18 @@ class CallSession:
             self.revision = revision
         if self.end_reason == "call_ended":
             await self.s.leases.release(self.call_id, self.revision)
+        elif self.end_reason in ("stt_unavailable", "stt_failed"):
+            # No recogniser can hear the caller. Left held in this instance's name, the lease
+            # was taken by no one (an instance takes over none of its own; the bucket's TTL
+            # then deletes it): the agent stayed deaf for the rest of the call. The call ends;
+            # if the gateway cannot end it, any instance (this one too) takes it up anew.
+            log.error("call %s: no speech recogniser can hear the caller; hanging up",
+                      self.call_id)
+            if await self._command("hangup", {"reason": "error"}):
+                await self.s.leases.release(self.call_id, self.revision)
+            else:
+                self._update_lease()
+                await self.s.leases.release(self.call_id, self.revision, hand_over=self.lease)
         elif self.end_reason == "shutdown":
             self._update_lease()
             await self.s.leases.release(self.call_id, self.revision, hand_over=self.lease)
@@ -1327,13 +1339,19 @@ class CallSession:
                             turn_id=turn.turn_id, played_text=heard,
                             cut_seq=cut, cut_ms=cut * FRAME_MS, key=(turn.turn_id,))
 
-    async def _command(self, verb: str, body: dict[str, Any]) -> None:
+    async def _command(self, verb: str, body: dict[str, Any]) -> bool:
+        """Ask the gateway to ``verb`` the call; whether it did (a failure is logged)."""
         try:
-            await self.s.bus.nc.request(command_subject(self.call_id, verb),
-                                        json.dumps(body).encode(),
-                                        timeout=self.s.command_timeout_s)
+            reply = await self.s.bus.nc.request(command_subject(self.call_id, verb),
+                                                json.dumps(body).encode(),
+                                                timeout=self.s.command_timeout_s)
+            answer = json.loads(reply.data) if reply.data else {}
+            if not answer.get("ok"):
+                raise RuntimeError(answer.get("error") or f"refused: {reply.data!r}")
         except Exception as exc:
             log.warning("call %s: gateway command %s failed: %s", self.call_id, verb, exc)
+            return False
+        return True
 
     # ------------------------------------------------------------------ output
 
