@@ -50,6 +50,8 @@ def test_subject_is_derived_from_org_aggregate_id_and_type() -> None:
     assert event_subject(agent) == "parley.ev.o1.agent.a1.agent.created"
     assert event_subject(events.QuotaExceeded(org_id="o1", kind="x", limit=1, used=2)) == \
         "parley.ev.o1.org.o1.quota.exceeded"
+    assert call_events("c9", "o1", "transcript.final") == event_subject(
+        events.TranscriptFinal(org_id="o1", call_id="c9", text="hi"))
 
 
 def test_subject_tokens_are_validated() -> None:

@@ -3,6 +3,8 @@ import base64
 import itertools
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import format_datetime
 from typing import Any
 
 import msgspec
@@ -103,15 +105,29 @@ async def configured(db):
 
 @dataclass
 class FakeTwilioRest:
-    """A stand-in for Twilio's Calls update endpoint that records what the SDK sent."""
+    """A stand-in for Twilio's Calls fetch and update endpoints that records what the SDK sent.
+
+    Every call it is asked about is live (``in-progress``) until it is hung up: through the API
+    (``Status=completed``) or by the caller (:meth:`caller_hangs_up`).
+    """
 
     updates: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    fetches: list[str] = field(default_factory=list)
     recordings: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    ended: dict[str, tuple[str, int]] = field(default_factory=dict)  # sid → (status, duration)
     fail_updates_with: int | None = None  # an HTTP status: Twilio having a bad moment
     hold_updates: asyncio.Event | None = None  # answer an update only once this is set
 
+    def caller_hangs_up(self, call_sid: str, *, duration_s: int) -> None:
+        """The caller hangs up: Twilio has the call ``completed``, ``duration_s`` long."""
+        self.ended[call_sid] = ("completed", duration_s)
+
     def app(self) -> web.Application:
         app = web.Application()
+
+        async def fetch(request: web.Request) -> web.Response:
+            self.fetches.append(request.match_info["sid"])
+            return web.json_response(self.call_resource(request.match_info["sid"]))
 
         async def update(request: web.Request) -> web.Response:
             form = await request.post()
@@ -119,12 +135,13 @@ class FakeTwilioRest:
                 return web.json_response({"code": 20500, "message": "Internal Server Error",
                                           "status": self.fail_updates_with},
                                          status=self.fail_updates_with)
-            self.updates.append((request.match_info["sid"], {k: str(v) for k, v in
-                                                             form.items()}))
+            sid = request.match_info["sid"]
+            self.updates.append((sid, {k: str(v) for k, v in form.items()}))
             if self.hold_updates is not None:
                 await self.hold_updates.wait()
-            return web.json_response({"sid": request.match_info["sid"], "account_sid": ACCOUNT,
-                                      "status": form.get("Status", "in-progress")})
+            if form.get("Status") in ("completed", "canceled"):
+                self.ended.setdefault(sid, (str(form["Status"]), 0))
+            return web.json_response(self.call_resource(sid))
 
         async def record(request: web.Request) -> web.Response:
             form = await request.post()
@@ -134,10 +151,35 @@ class FakeTwilioRest:
                                       "call_sid": request.match_info["sid"],
                                       "status": "in-progress"}, status=201)
 
+        app.router.add_get("/2010-04-01/Accounts/{account}/Calls/{sid}.json", fetch)
         app.router.add_post("/2010-04-01/Accounts/{account}/Calls/{sid}.json", update)
         app.router.add_post("/2010-04-01/Accounts/{account}/Calls/{sid}/Recordings.json",
                             record)
         return app
+
+    def call_resource(self, sid: str) -> dict[str, Any]:
+        """The Call resource as Twilio answers a fetch or an update (an inbound call's)."""
+        status, duration = self.ended.get(sid, ("in-progress", None))
+        now = format_datetime(datetime.now(UTC))  # RFC 2822, "+0000", as Twilio dates are
+        base = f"/2010-04-01/Accounts/{ACCOUNT}/Calls/{sid}"
+        return {
+            "account_sid": ACCOUNT, "annotation": None, "answered_by": None,
+            "api_version": "2010-04-01", "caller_name": None, "date_created": now,
+            "date_updated": now, "direction": "inbound",
+            "duration": None if duration is None else str(duration),
+            "end_time": None if duration is None else now, "forwarded_from": None,
+            "from": CALLER, "from_formatted": CALLER, "group_sid": None,
+            "parent_call_sid": None, "phone_number_sid": "PN" + "0" * 32, "price": None,
+            "price_unit": "USD", "queue_time": "0", "sid": sid, "start_time": now,
+            "status": status,
+            "subresource_uris": {name: f"{base}/{name.title().replace('_', '')}.json"
+                                 for name in ("notifications", "recordings", "payments",
+                                              "events", "siprec", "streams", "transcriptions",
+                                              "user_defined_message_subscriptions",
+                                              "user_defined_messages")},
+            "to": CASCADING_NUMBER, "to_formatted": CASCADING_NUMBER, "trunk_sid": None,
+            "uri": f"{base}.json",
+        }
 
 
 @dataclass

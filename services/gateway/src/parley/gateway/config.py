@@ -41,7 +41,8 @@ class GatewayConfig(CommonConfig, kw_only=True):
     # gateway_carrier_silence_s without a message, pongs or not. A dead socket is closed; if the
     # carrier has not come back through the reconnect URL gateway_carrier_reconnect_wait_s
     # later, the call is hung up (call.ended reason error). 0 turns a check off; a wait of 0
-    # is no wait: the call is hung up at once.
+    # is no wait: the call is hung up at once. The same wait, after the digits have played,
+    # bounds a DTMF redirect's wait for the call's next stream (twilio/next_stream.py).
     gateway_carrier_ping_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0
     gateway_carrier_silence_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     gateway_carrier_reconnect_wait_s: Annotated[float, msgspec.Meta(ge=0)] = 15.0

@@ -29,10 +29,10 @@ def event_subject(event: Event) -> str:
             f"{_token(event.aggregate_id, event.aggregate_field)}.{event.type}")
 
 
-def call_events(call_id: str, org_id: str = "*") -> str:
-    """Filter for every event of one call (any org unless given)."""
+def call_events(call_id: str, org_id: str = "*", event_type: str = ">") -> str:
+    """Filter for every event of one call (any org unless given), or its events of one type."""
     org = org_id if org_id == "*" else _token(org_id, "org_id")
-    return f"{EVENTS_PREFIX}.{org}.call.{_token(call_id, 'call_id')}.>"
+    return f"{EVENTS_PREFIX}.{org}.call.{_token(call_id, 'call_id')}.{event_type}"
 
 
 def events_of_type(event_type: str, org_id: str = "*") -> str:

@@ -239,7 +239,7 @@ class MediaStreamSession(TwilioSession):
 
     async def _stop(self) -> None:
         self.finished = True
-        if self.redirecting:
+        if self.redirecting:  # a transfer ends the call; DTMF brings it back to a new stream
             log.info("call %s: stream %s stopped for a redirect", self.call_id, self.stream_sid)
         elif await self.end_call("caller_hangup"):
             log.info("call %s ended by the caller (stream stop)", self.call_id)
@@ -274,7 +274,9 @@ class MediaStreamSession(TwilioSession):
     async def send_digits(self, digits: str) -> None:
         """Play DTMF: redirect the call to ``<Play digits>`` and then a new stream.
 
-        If the redirect fails the stream goes on, and its later ``stop`` ends the call.
+        If the redirect fails the stream goes on, and its later ``stop`` ends the call. If it
+        succeeds, this socket's end waits for the next stream, which a caller who hangs up
+        while the digits play never gets (:mod:`.next_stream`).
         """
         call, agent = self.call, self.agent
         if call is None or agent is None:
@@ -284,6 +286,7 @@ class MediaStreamSession(TwilioSession):
         await self.redirect(twiml.digits_then_connect(
             self.config, agent.settings, digits, call_id=call.call_id, org_id=call.org_id,
             agent_id=call.agent_id))
+        self.next_stream_after_s = twiml.digits_play_s(digits)
 
 
 _DIGITS = frozenset("0123456789*#ABCD")

@@ -1,4 +1,4 @@
-"""Call control through the twilio SDK's REST client (hang up, redirect to new TwiML).
+"""Call control through the twilio SDK's REST client (fetch, hang up, redirect to new TwiML).
 
 The SDK is used asynchronously (``update_async``) so a slow Twilio never blocks the event loop,
 over :class:`AiohttpTwilioClient` — the SDK's own ``AsyncTwilioHttpClient`` uses aiohttp's
@@ -16,6 +16,7 @@ import aiohttp
 from twilio.http import AsyncHttpClient
 from twilio.http.response import Response
 from twilio.rest import Client
+from twilio.rest.api.v2010.account.call import CallInstance
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,14 @@ class TwilioCalls:
             client.edge = client.region = None  # TWILIO_EDGE/REGION would rewrite the host
             client.api.base_url = base_url.rstrip("/")
         return cls(client)
+
+    async def fetch(self, call_sid: str) -> CallInstance:
+        """The call as Twilio has it now.
+
+        ``status`` (``in-progress``, ``completed``…) and, once it ended, ``duration``
+        (seconds, a string).
+        """
+        return await self.client.calls(call_sid).fetch_async()
 
     async def hangup(self, call_sid: str) -> None:
         """End the call (``Status=completed``)."""

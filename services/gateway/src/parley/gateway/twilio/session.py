@@ -10,6 +10,8 @@ A socket that dies without closing (:mod:`.liveness`) is closed as if the carrie
 it, so the carrier's reconnect URL can bring the call back to a new one; since a dead path may
 mean the carrier never learns of it, the call is hung up if it has not come back in
 ``gateway_carrier_reconnect_wait_s`` (at once if the gateway stops first: then nothing would).
+A socket stopped for a redirect that brings the call back to a new stream (DTMF) waits for
+that stream in the same way (:mod:`.next_stream`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from ..config import GatewayConfig
 from ..keys import BUS, CALLS, CLOCK, CONFIG, METRICS, POOL, TWILIO_REST
 from . import twiml
 from .liveness import Liveness
+from .next_stream import end_unless_next_stream
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +71,14 @@ class TwilioSession:
         self.config, self.bus, self.pool = app[CONFIG], app[BUS], app[POOL]
         self.metrics, self.clock, self.rest = app[METRICS], app[CLOCK], app[TWILIO_REST]
         self.call_id = ""
+        self.stream_id = ""  # the carrier's id of this socket's stream, once attached
         self.call: CarrierCall | None = None
         self.agent: Agent | None = None
         self.finished = False  # the call is over for this socket; stop reading
         self.redirecting = False  # we are replacing the TwiML: the stream's stop is not a hang-up
+        # Twilio took TwiML that plays this long, then connects the call to a new stream (DTMF):
+        # this socket's end waits for that stream (next_stream.py)
+        self.next_stream_after_s: float | None = None
         self.dead = ""  # why the socket was taken for dead (liveness.py), if it was
         self.liveness = Liveness(ws, ping_s=self.config.gateway_carrier_ping_s,
                                  silence_s=self.config.gateway_carrier_silence_s
@@ -134,9 +141,13 @@ class TwilioSession:
             await self._teardown()
             registry.sockets.discard(self.ws)
             live.labels(self.protocol).dec()
-        if self.dead:
-            # A task of the app's, not of this handler: the server cancels or forgets handlers
-            # at shutdown, and the call must still be decided (the shutdown awaits it).
+        # A task of the app's, not of this handler: the server cancels or forgets handlers at
+        # shutdown, and the call must still be decided (the shutdown awaits it).
+        if self.next_stream_after_s is not None:
+            await asyncio.shield(self.app[CALLS].settle(
+                end_unless_next_stream(self, self.next_stream_after_s),
+                f"{self.protocol}:next-stream-wait"))
+        elif self.dead:
             await asyncio.shield(self.app[CALLS].settle(
                 self._end_unless_carrier_returns(), f"{self.protocol}:reconnect-wait"))
 
@@ -202,6 +213,7 @@ class TwilioSession:
         if agent is None:
             raise ProtocolViolation(CloseCode.POLICY_VIOLATION, "agent no longer exists")
         self.call_id, self.call, self.agent = call.call_id, call, agent
+        self.stream_id = stream_id
         previous = self.app[CALLS].claim(self)
         if previous is not None:
             await previous.replace()
@@ -237,14 +249,19 @@ class TwilioSession:
 
     # -- ending the call --------------------------------------------------------------------
 
-    async def end_call(self, reason: str, *extra: Event) -> bool:
-        """Emit call.ended once (with ``extra`` events first); True if this session ended it."""
+    async def end_call(self, reason: str, *extra: Event, duration_s: float | None = None) -> bool:
+        """Emit call.ended once (with ``extra`` events first); True if this session ended it.
+
+        ``duration_s``: the carrier's figure, when it has one; else counted up to now.
+        """
         call = self.call
         if call is None:
             return False
+        if duration_s is None:
+            duration_s = seconds_since(call.answered_at or call.created_at, self.clock())
         return await publish_end(self.pool, self.bus, CallEnded(
             org_id=call.org_id, call_id=call.call_id, reason=reason,  # type: ignore[arg-type]
-            duration_s=seconds_since(call.answered_at or call.created_at, self.clock())), *extra)
+            duration_s=duration_s), *extra)
 
     async def hangup(self, reason: EndReason) -> None:
         """End the call: call.ended, then at the carrier.

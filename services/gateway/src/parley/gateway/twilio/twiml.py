@@ -69,6 +69,14 @@ def digits_then_connect(config: GatewayConfig, settings: AgentSettings, digits: 
                          before=response, greet=False)
 
 
+def digits_play_s(digits: str) -> float:
+    """About how long Twilio takes to play ``digits``: 0.5 s a digit, pauses included.
+
+    (A ``w`` is a 0.5 s pause.)
+    """
+    return 0.5 * len(digits)
+
+
 def dial_twiml(to: str, *, caller_id: str | None = None) -> str:
     """Hand the call to ``to`` (a cold transfer)."""
     response = VoiceResponse()
