@@ -84,6 +84,14 @@ async def test_a_refused_transfer_is_told_to_the_caller_at_once(bus, pool, emula
             (0, "I can't transfer you right now."), (1, "Can I take a message?")], said
         completed = await recorder.wait("turn.completed", "h1", count=2)
         assert len({c.id for c in completed}) == 2 and not completed[1].cancelled
+        # Each completion reports its own rounds: together, what the turn recorded, once.
+        recorded = {kind: sum(u.quantity for u in recorder.of("usage.recorded", "h1")
+                              if u.kind == kind)
+                    for kind in ("llm_input_tokens", "llm_output_tokens")}
+        assert recorded["llm_input_tokens"] and recorded["llm_output_tokens"]
+        assert [sum(c.usage.input_tokens for c in completed),
+                sum(c.usage.output_tokens for c in completed)] == [
+            recorded["llm_input_tokens"], recorded["llm_output_tokens"]]
         result, = tool_results(emulator.requests[-1])
         assert result["is_error"] and "not allowed" in str(result["content"])
         conversation = fold("h1", await bus.replay_call("h1"))

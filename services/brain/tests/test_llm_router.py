@@ -18,6 +18,7 @@ from parley.brain.llm.base import (
     ToolResult,
     ToolSpec,
     ToolUse,
+    UsageReported,
     UserMessage,
 )
 from parley.brain.llm.local_responder import LocalResponder
@@ -134,7 +135,11 @@ async def test_a_stalled_stream_is_abandoned_and_closed_at_the_deadline() -> Non
         emulator.faults.stall = True
         router = LlmRouter([claude, LocalResponder()], first_token_deadline_s=0.3,
                            filler_after_ms=None)
-        events = await collect(router)
+        billed, *events = await collect(router)
+        # The abandoned response was billed its input, passed on for the turn to record; it
+        # is no first token, so the deadline was kept.
+        assert isinstance(billed, UsageReported) and billed.provider == "anthropic"
+        assert billed.usage.input_tokens > 0
         assert events[0] == ProviderSwitched(from_provider="anthropic", to_provider="local",
                                              reason="no first token within 0.3 s")
         assert text_of(events) == "Hi! How can I help you today?"
@@ -297,7 +302,8 @@ async def test_an_empty_reply_falls_back_rather_than_leaving_silence() -> None:
         router = LlmRouter([claude, LocalResponder()], retries=0)
         for empty in ("", "  \n"):
             emulator.script(ScriptedReply(text=empty))
-            events = await collect(router)
+            billed, *events = await collect(router)
+            assert isinstance(billed, UsageReported)  # the empty reply was billed all the same
             assert events[0] == ProviderSwitched(
                 from_provider="anthropic", to_provider="local",
                 reason="an empty reply (no text, no tool call)")
@@ -307,13 +313,15 @@ async def test_an_empty_reply_falls_back_rather_than_leaving_silence() -> None:
         # tool result (digits sent into a phone menu: wait for its next prompt).
         emulator.script(ScriptedReply(text=""))
         events = await collect(router, LlmRequest(messages=REQUEST.messages, prefill="Sure."))
-        assert [type(e) for e in events] == [Done] and events[-1].provider == "anthropic"
+        assert [type(e) for e in events] == [UsageReported, Done]
+        assert events[-1].provider == "anthropic"
         emulator.script(ScriptedReply(text=""))
         after_tool = LlmRequest(messages=(
             *REQUEST.messages, ToolUse(id="toolu_1", name="send_dtmf", arguments={"digits": "1"}),
             ToolResult(tool_use_id="toolu_1", content='{"ok": true}')))
         events = await collect(router, after_tool)
-        assert [type(e) for e in events] == [Done] and events[-1].provider == "anthropic"
+        assert [type(e) for e in events] == [UsageReported, Done]
+        assert events[-1].provider == "anthropic"
     finally:
         await claude.aclose()
         await emulator.stop()

@@ -27,6 +27,12 @@ turns) so an idle turn the caller has spoken since can be told apart.
 
 A caller's turn of keys (reason ``dtmf``: "1234#") reaches the model marked as keypad input,
 ``[keypad] 1234#`` (:func:`caller_text`), not as words the caller said.
+
+What a turn's completion reports is folded too, per round: the LLM tokens each round recorded
+(``usage.recorded`` with the turn's ``turn_id``, stored before the round's tool requests) and
+its response's time to first token (carried by its ``tool.requested``). A completion reports
+the rounds since the turn was taken up (:attr:`AgentTurn.rounds_since_taken_up`), whatever
+order the completions and failed hand-offs are stored in.
 """
 
 from __future__ import annotations
@@ -35,8 +41,16 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from parley.brain.llm.base import AssistantMessage, Message, ToolResult, ToolUse, UserMessage
+from parley.brain.llm.base import (
+    AssistantMessage,
+    Message,
+    ToolResult,
+    ToolUse,
+    Usage,
+    UserMessage,
+)
 from parley.brain.llm.keypad import keypad_message
+from parley.brain.usage import LLM_KINDS, add_usage
 from parley.common.events import (
     AgentSay,
     AgentSpeechInterrupted,
@@ -53,6 +67,7 @@ from parley.common.events import (
     ToolRequested,
     TurnCompleted,
     TurnUserEnded,
+    UsageRecorded,
 )
 
 HAND_OFFS = frozenset({"end_call", "transfer_call"})  # tools that end the turn with the call
@@ -77,6 +92,10 @@ class AgentTurn:
     # The ids the agent's utterances in this turn go out under: the turn's own, then one per
     # utterance after a failed hand-off (``t3.1``…), each numbered from seq 0.
     speeches: list[str] = field(default_factory=list)
+    # Per round, for the turn's completions: the LLM tokens it recorded, and its response's
+    # time to first token and the turn's wait for it (from its tool requests).
+    round_usage: dict[int, Usage] = field(default_factory=dict)
+    round_first_token: dict[int, tuple[float, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.speeches:
@@ -120,6 +139,23 @@ class AgentTurn:
     def failed_hand_offs(self) -> int:
         """Rounds whose hand-off failed: each takes the turn up again after its completion."""
         return sum(self._hand_off_rounds().values())
+
+    @property
+    def rounds_since_taken_up(self) -> range:
+        """The rounds the turn's next completion reports, up to the current one.
+
+        From the turn's start, or from the round after its latest failed hand-off: a completion
+        reported the rounds before.
+        """
+        failed = [round_no for round_no, failed in self._hand_off_rounds().items() if failed]
+        return range(max(failed) + 1 if failed else 0, self.round + 1)
+
+    def usage_since_taken_up(self) -> Usage:
+        """The LLM tokens the rounds since the turn was taken up recorded."""
+        total = Usage()
+        for round_no in self.rounds_since_taken_up:
+            total = add_usage(total, self.round_usage.get(round_no, Usage()))
+        return total
 
     @property
     def completed(self) -> bool:
@@ -215,6 +251,7 @@ class Conversation:
                 turn = self.turn_of(event.turn_id)
                 turn.tools[event.tool_call_id] = event.name
                 turn.requested_in[event.tool_call_id] = turn.round
+                turn.round_first_token.setdefault(turn.round, (event.ttft_ms, event.llm_wait_ms))
                 if turn.turn_id not in self.idle_turns:  # an idle hang-up is not the model's
                     self.messages.append(ToolUse(id=event.tool_call_id, name=event.name,
                                                  arguments=dict(event.arguments)))
@@ -222,6 +259,11 @@ class Conversation:
                 self._tool_outcome(event)
             case TurnCompleted():
                 self.turn(event.turn_id).completions += 1
+            case UsageRecorded() if event.turn_id and event.kind in LLM_KINDS:
+                turn = self.turn(event.turn_id)  # (stored in its round, before what ends it)
+                turn.round_usage[turn.round] = add_usage(
+                    turn.round_usage.get(turn.round, Usage()),
+                    Usage(**{LLM_KINDS[event.kind]: int(event.quantity)}))
             case CallerIdle():
                 self.idle_turns.setdefault(event.turn_id, self.caller_moves)
             case SpeechStarted() | CallDtmf():

@@ -38,7 +38,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
 
-from parley.brain.llm.base import Done, Filler, LlmRequest, ProviderSwitched, TextDelta, ToolCall
+from parley.brain.llm.base import (
+    Done,
+    Filler,
+    LlmRequest,
+    ProviderSwitched,
+    TextDelta,
+    ToolCall,
+    UsageReported,
+)
 from parley.brain.llm.clauses import ClauseSplitter
 from parley.brain.llm.router import RouterEvent
 from parley.common.words import normalize_words as normalize
@@ -204,7 +212,7 @@ class Speculation:
                     index += 1
                     if isinstance(item, Filler):
                         continue  # timed from the request, made while the caller was talking
-                    if not isinstance(item, ProviderSwitched):
+                    if not isinstance(item, ProviderSwitched | UsageReported):
                         filler_due = None  # the reply has begun
                     yield item
                 if self._task.done():

@@ -8,11 +8,14 @@ the caller's history with us, the conversation), and streams the reply through t
 :class:`~parley.brain.llm.router.LlmRouter`. Text goes through the clause splitter and out as
 ``agent.say`` the moment each clause is complete; a tool call becomes ``tool.requested`` and the
 turn waits for its outcome; the end is ``turn.completed`` with token usage and time to first
-token. A hand-off (``end_call``, ``transfer_call``) ends the turn at once, its speech closed;
-if it then fails, its outcome takes the turn up again like any tool's (the model tells the
-caller), as a new utterance (see :mod:`parley.brain.conversation`). While a turn runs, the
-worker follows the call: ``agent.speech.interrupted`` for the turn or a newer
-``turn.user_ended`` cancels it (the LLM stream is closed).
+token. Each round records what its LLM responses were billed (``usage.recorded``, see
+:mod:`parley.brain.usage`) before it goes on or ends, and when it is cancelled or fails; the
+completion sums the turn's rounds from those events. A hand-off (``end_call``,
+``transfer_call``) ends the turn at once, its speech closed; if it then fails, its outcome
+takes the turn up again like any tool's (the model tells the caller), as a new utterance
+(see :mod:`parley.brain.conversation`). While a turn runs, the worker follows the call:
+``agent.speech.interrupted`` for the turn or a newer ``turn.user_ended`` cancels it (the LLM
+stream is closed).
 
 A caller's turn of keys (``turn.user_ended`` with reason ``dtmf``, its text the keys: "1234#")
 is answered as any turn, the model reading it as keypad input (see
@@ -89,11 +92,13 @@ from parley.brain.llm.base import (
     TextDelta,
     ToolCall,
     ToolSpec,
+    UsageReported,
 )
 from parley.brain.llm.clauses import ClauseSplitter
 from parley.brain.llm.local_responder import classify_intent
 from parley.brain.llm.router import LlmRouter, RouterEvent
 from parley.brain.preemptive import Speculation, Speculations
+from parley.brain.usage import LLM_KINDS, RoundUsage, add_usage
 from parley.common.bus import Bus, ConsumerSettings, DurableConsumer, call_events, events_of_type
 from parley.common.bus.streams import EVENTS_STREAM
 from parley.common.bus.subjects import EVENTS_PREFIX, SubjectError, parse_event_subject
@@ -122,6 +127,7 @@ from parley.common.events import (
     TurnCompleted,
     TurnStarted,
     TurnUserEnded,
+    UsageRecorded,
     decode,
 )
 from parley.common.words import normalize_words as normalize
@@ -714,7 +720,8 @@ class BrainWorker:
         previous = self._running.get(call_id)
         if previous is not None and previous.turn_id != turn_id:
             previous.cancel("newer turn")
-        task = asyncio.create_task(self._turn(conversation, turn_id, cause, final_text))
+        billed = RoundUsage(run=msg.metadata.num_delivered)
+        task = asyncio.create_task(self._turn(conversation, turn_id, cause, final_text, billed))
         running = _Running(turn_id, task, msg.metadata.sequence.stream,
                            frozenset(conversation.turn(turn_id).speeches))
         self._running[call_id] = running
@@ -729,8 +736,13 @@ class BrainWorker:
                 done, _ = await asyncio.wait({task}, timeout=1.0)
                 if not done:
                     await msg.in_progress()  # keep the work ours while the turn runs
+            if task.cancelled() or task.exception() is not None:
+                # Cut short: what its responses were billed so far counts all the same (a
+                # failed unit of work is delivered again, and asks the model again).
+                await self._record_usage(conversation, turn_id, cause, billed)
             if task.cancelled() and running.cancelled_by:
-                await self._completed(conversation, turn_id, cause, cancelled=True)
+                await self._completed(conversation, turn_id, cause, cancelled=True,
+                                      billed=billed)
             elif not task.cancelled():
                 task.result()
         finally:
@@ -748,7 +760,7 @@ class BrainWorker:
             running.cancel("newer turn")
 
     async def _turn(self, conversation: Conversation, turn_id: str, cause: Event,
-                    final_text: str) -> None:
+                    final_text: str, billed: RoundUsage) -> None:
         call_id, started = conversation.call_id, time.perf_counter()
         # A caller's turn may adopt the reply started while its end was being confirmed; not a
         # turn of keys: what was speculated on were words (the same ones, maybe, read out).
@@ -759,7 +771,7 @@ class BrainWorker:
         pending: list[asyncio.Future[PubAck]] = []  # sent, acks awaited before the turn ends
         try:
             await self._answer(conversation, turn_id, cause, final_text, speculation, pending,
-                               started)
+                               started, billed)
         finally:
             if speculation is not None and not speculation.outcome:
                 speculation.cancel("discarded")  # the turn failed before it could decide
@@ -768,7 +780,8 @@ class BrainWorker:
 
     async def _answer(self, conversation: Conversation, turn_id: str, cause: Event,
                       final_text: str, speculation: Speculation | None,
-                      pending: list[asyncio.Future[PubAck]], started: float) -> None:
+                      pending: list[asyncio.Future[PubAck]], started: float,
+                      billed: RoundUsage) -> None:
         bus, call_id, org_id = self.s.bus, conversation.call_id, conversation.org_id
         agent_turn = conversation.turn(turn_id)
         round_no = agent_turn.round
@@ -881,13 +894,20 @@ class BrainWorker:
                             id=stable_id(call_id, turn_id, "tool", item.id), org_id=org_id,
                             call_id=call_id, turn_id=speech, tool_call_id=item.id,
                             name=item.name, arguments=item.arguments, causation_id=cause.id))
+                    elif isinstance(item, UsageReported):
+                        billed.add(item)
                     elif isinstance(item, Done):
                         done = item
+                        billed.add(item)
                     elif isinstance(item, ProviderSwitched):
                         log.warning("call %s turn %s: LLM %s → %s (%s)", call_id, turn_id,
                                     item.from_provider, item.to_provider, item.reason)
             finally:
                 await stream.aclose()
+        # What the round was billed, stored before what takes the turn on (its tool requests)
+        # or ends it: the unit of work that completes the turn folds it in.
+        for fact in self._usage_events(conversation, turn_id, cause, billed):
+            pending.append(await bus.send(fact))
         # Requested together, once the response is complete: an outcome never arrives while
         # another tool of the same response is still to be requested (and the round goes on
         # without it). Before them, the filler for slow tools (a hand-off has its last words):
@@ -896,8 +916,11 @@ class BrainWorker:
         if calls and self.s.tool_filler_after_ms and said_last != self.s.tool_filler.strip() and (
                 not any(call.name in HAND_OFFS for call in calls)):
             await say(self.s.tool_filler, filler_after_ms=self.s.tool_filler_after_ms)
+        # Each carries the response's time to first token, for a completion that folds it.
+        first_token = {"ttft_ms": round(done.ttft_ms or 0.0, 2) if done else 0.0,
+                       "llm_wait_ms": round(llm_wait_ms or 0.0, 2)}
         for call in calls:
-            pending.append(await bus.send(call))
+            pending.append(await bus.send(msgspec.structs.replace(call, **first_token)))
         if calls and not any(call.name in HAND_OFFS for call in calls):
             await bus.acked(pending)
             return  # the turn goes on when the tool outcomes arrive
@@ -908,25 +931,61 @@ class BrainWorker:
         await bus.acked(pending)
         await self._completed(conversation, turn_id, cause, done=done, round_no=round_no,
                               duration_ms=(time.perf_counter() - started) * 1000,
-                              llm_wait_ms=llm_wait_ms or 0.0)
+                              llm_wait_ms=llm_wait_ms or 0.0, billed=billed)
 
     async def _completed(self, conversation: Conversation, turn_id: str, cause: Event, *,
                          done: Done | None = None, cancelled: bool = False, round_no: int = 0,
-                         duration_ms: float = 0.0, llm_wait_ms: float = 0.0) -> None:
-        usage = done.usage if done is not None else None
+                         duration_ms: float = 0.0, llm_wait_ms: float = 0.0,
+                         billed: RoundUsage | None = None) -> None:
+        """Publish ``turn.completed``: the usage of every round since the turn was taken up.
+
+        The fold has what those rounds recorded (``usage.recorded``, whichever instance ran
+        them) and the first one's time to first token, if it was not this round; ``billed``
+        and ``done`` are this run's.
+        """
+        turn = conversation.turn(turn_id)
+        usage = turn.usage_since_taken_up()
+        if billed is not None:
+            usage = add_usage(usage, billed.total())
+        start = turn.rounds_since_taken_up[0]
+        earlier = turn.round_first_token.get(start) if start < turn.round else None
+        if earlier is not None:
+            ttft_ms, llm_wait_ms = earlier
+        else:  # this round is the first
+            ttft_ms = (done.ttft_ms or 0.0) if done is not None else 0.0
         # One completion per time the turn is taken up (after a failed hand-off), each its own.
-        reopened = conversation.turn(turn_id).failed_hand_offs
+        reopened = turn.failed_hand_offs
         key = ("completed", reopened) if reopened else ("completed",)
         await self.s.bus.publish(TurnCompleted(
             id=stable_id(conversation.call_id, turn_id, *key),
             org_id=conversation.org_id, call_id=conversation.call_id, turn_id=turn_id,
-            provider=done.provider if done else "", model="",
+            provider=done.provider if done else billed.provider if billed else "", model="",
             usage=TokenUsage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
                              cache_read_tokens=usage.cache_read_tokens,
-                             cache_write_tokens=usage.cache_write_tokens) if usage else
-            TokenUsage(), ttft_ms=round(done.ttft_ms or 0.0, 2) if done else 0.0,
-            llm_wait_ms=round(llm_wait_ms, 2), duration_ms=round(duration_ms, 2),
-            cancelled=cancelled, causation_id=cause.id))
+                             cache_write_tokens=usage.cache_write_tokens),
+            ttft_ms=round(ttft_ms, 2), llm_wait_ms=round(llm_wait_ms, 2),
+            duration_ms=round(duration_ms, 2), cancelled=cancelled, causation_id=cause.id))
+
+    def _usage_events(self, conversation: Conversation, turn_id: str, cause: Event,
+                      billed: RoundUsage) -> list[UsageRecorded]:
+        """What this run of the turn's current round was billed, per provider and kind.
+
+        The ids name the round and the run (the delivery of its unit of work): the same record
+        published again is a duplicate, a round asked again after a redelivery records its own.
+        """
+        call_id, round_no = conversation.call_id, conversation.turn(turn_id).round
+        return [UsageRecorded(
+            id=stable_id(call_id, turn_id, "usage", round_no, billed.run, provider, kind),
+            org_id=conversation.org_id, call_id=call_id, turn_id=turn_id,
+            kind=kind, quantity=float(getattr(usage, name)),  # type: ignore[arg-type]
+            unit="tokens", provider=provider, causation_id=cause.id)
+            for provider, usage in billed.by_provider().items()
+            for kind, name in LLM_KINDS.items() if getattr(usage, name)]
+
+    async def _record_usage(self, conversation: Conversation, turn_id: str, cause: Event,
+                            billed: RoundUsage) -> None:
+        for event in self._usage_events(conversation, turn_id, cause, billed):
+            await self.s.bus.publish(event)
 
     # ------------------------------------------------------------------ context
 

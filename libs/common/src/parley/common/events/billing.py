@@ -8,14 +8,24 @@ from .envelope import CallEvent, OrgEvent
 
 
 class UsageRecorded(CallEvent, frozen=True, kw_only=True, tag="usage.recorded"):
-    """Metered usage of a call, e.g. STT seconds or LLM tokens."""
+    """Metered usage of a call, e.g. STT seconds or LLM tokens.
+
+    The brain records the LLM tokens of each round of a turn (``turn_id``, the caller's turn)
+    once the round's usage is known, per provider: ``llm_input_tokens`` (billed at the input
+    rate: neither read from nor written to the provider's prompt cache),
+    ``llm_cache_read_tokens``, ``llm_cache_write_tokens`` and ``llm_output_tokens``, in unit
+    ``tokens``. A round cut short (a barge-in, a failure) records what the provider had reported
+    by then. A round asked again (its unit of work redelivered) records its new request too.
+    """
 
     kind: Literal["call_minutes", "stt_seconds", "tts_characters", "llm_input_tokens",
-                  "llm_output_tokens", "tool_calls", "recording_seconds"]
+                  "llm_output_tokens", "llm_cache_read_tokens", "llm_cache_write_tokens",
+                  "tool_calls", "recording_seconds"]
     quantity: float
     unit: str
     provider: str = ""
     cost_usd: float = 0.0
+    turn_id: str = ""  # the caller's turn whose LLM round this is ("" for usage of no turn)
 
 
 class QuotaExceeded(OrgEvent, frozen=True, kw_only=True, tag="quota.exceeded"):

@@ -51,7 +51,7 @@ class AgentReplyPrepared(CallEvent, frozen=True, kw_only=True, tag="agent.reply_
 
 
 class TokenUsage(msgspec.Struct, frozen=True, kw_only=True):
-    """LLM tokens spent on a turn."""
+    """LLM tokens spent on a turn (``input_tokens``: those not read from or written to a cache)."""
 
     input_tokens: int = 0
     output_tokens: int = 0
@@ -65,6 +65,11 @@ class TurnCompleted(CallEvent, frozen=True, kw_only=True, tag="turn.completed"):
     A turn that hands off (``end_call``, ``transfer_call``) completes at once. If the hand-off
     then fails, the brain takes the turn up again so the caller hears why, and the turn
     completes once more (a second ``turn.completed`` with the same ``turn_id``).
+
+    ``usage`` sums the ``usage.recorded`` of the turn's LLM rounds (the rounds tool outcomes
+    continued and a cancelled round's included, whichever instance ran them): all of them, or
+    for a completion after a failed hand-off, those after it. ``ttft_ms`` and ``llm_wait_ms``
+    are the first of those rounds' (what the caller waited for the first words).
     """
 
     turn_id: str
@@ -90,6 +95,10 @@ class ToolRequested(CallEvent, frozen=True, kw_only=True, tag="tool.requested"):
     tool_call_id: str
     name: str
     arguments: dict[str, Any] = msgspec.field(default_factory=dict)
+    # The response that asked for it: the model's time to first token and what the turn waited
+    # for it (so the completion, perhaps on another instance, reports the turn's first round's).
+    ttft_ms: float = 0.0
+    llm_wait_ms: float = 0.0
 
 
 class IntentDetected(CallEvent, frozen=True, kw_only=True, tag="intent.detected"):

@@ -32,6 +32,7 @@ from .base import (
     ToolSpec,
     ToolUse,
     Usage,
+    UsageReported,
     UserMessage,
 )
 from .clauses import ClauseSplitter, split_sentences
@@ -43,6 +44,6 @@ __all__ = [
     "AssistantMessage", "ClauseSplitter", "Done", "Filler", "Intent", "LlmError", "LlmEvent",
     "LlmProvider", "LlmRequest", "LlmRouter", "LocalResponder", "Message", "ProviderSwitched",
     "Retrieve", "RetrievedChunk", "RouterEvent", "SystemPrompt", "TextDelta", "ToolCall",
-    "ToolResult", "ToolSpec", "ToolUse", "Usage", "UserMessage", "classify_intent",
-    "split_sentences",
+    "ToolResult", "ToolSpec", "ToolUse", "Usage", "UsageReported", "UserMessage",
+    "classify_intent", "split_sentences",
 ]

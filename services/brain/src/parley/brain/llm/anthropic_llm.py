@@ -4,7 +4,8 @@ The request is sent with ``AsyncAnthropic.messages.create(stream=True)`` and the
 are mapped to :data:`~parley.brain.llm.base.LlmEvent`: ``text_delta`` → :class:`TextDelta`;
 a ``tool_use`` block's ``input_json_delta`` fragments are joined and parsed at
 ``content_block_stop`` → :class:`ToolCall`; usage from ``message_start`` (input, cache read,
-cache write) and ``message_delta`` (output) → :class:`Done`. The system prompt goes as one text
+cache write: at once as :class:`UsageReported`, so a response cut short still counts what it was
+billed) and ``message_delta`` (output) → :class:`Done`. The system prompt goes as one text
 block with ``cache_control: ephemeral`` when it is cacheable, so every turn after the first reads
 it from Anthropic's prompt cache.
 
@@ -48,6 +49,7 @@ from .base import (
     ToolResult,
     ToolUse,
     Usage,
+    UsageReported,
     UserMessage,
 )
 
@@ -143,6 +145,7 @@ class AnthropicLlm:
                     match event.type:
                         case "message_start":
                             _merge_usage(usage, event.message.usage)
+                            yield UsageReported(usage=_usage(usage))
                         case "content_block_start" if event.content_block.type == "tool_use":
                             block = event.content_block
                             tools[event.index] = (block.id, block.name, [])
@@ -167,11 +170,7 @@ class AnthropicLlm:
             raise _status_error(self.name, exc) from exc
         except anthropic.APIConnectionError as exc:
             raise LlmError(self.name, f"connection failed: {exc}", retryable=True) from exc
-        yield Done(usage=Usage(input_tokens=usage.get("input_tokens", 0),
-                               output_tokens=usage.get("output_tokens", 0),
-                               cache_read_tokens=usage.get("cache_read_input_tokens", 0),
-                               cache_write_tokens=usage.get("cache_creation_input_tokens", 0)),
-                   stop_reason=stop_reason, ttft_ms=ttft_ms)
+        yield Done(usage=_usage(usage), stop_reason=stop_reason, ttft_ms=ttft_ms)
 
     def _arguments(self, tool_name: str, fragments: list[str]) -> dict[str, Any]:
         text = "".join(fragments).strip()
@@ -224,6 +223,13 @@ def to_anthropic_messages(messages: tuple[Message, ...]) -> list[dict[str, Any]]
         if len(blocks) == 1 and blocks[0]["type"] == "text" and len(blocks[0]) == 2:
             item["content"] = blocks[0]["text"]
     return result
+
+
+def _usage(usage: dict[str, int]) -> Usage:
+    return Usage(input_tokens=usage.get("input_tokens", 0),
+                 output_tokens=usage.get("output_tokens", 0),
+                 cache_read_tokens=usage.get("cache_read_input_tokens", 0),
+                 cache_write_tokens=usage.get("cache_creation_input_tokens", 0))
 
 
 def _merge_usage(usage: dict[str, int], reported: Any) -> None:

@@ -2,7 +2,8 @@
 
 A provider turns an :class:`LlmRequest` (system prompt, conversation, tools) into an async stream
 of :data:`LlmEvent`: text as it arrives (:class:`TextDelta`), each tool call once its arguments are
-complete (:class:`ToolCall`), and one :class:`Done` with usage and time to first token. Failures
+complete (:class:`ToolCall`), and one :class:`Done` with usage and time to first token (before
+them, a provider that reports usage as a response begins says so: :class:`UsageReported`). Failures
 are :class:`LlmError`, classified retryable (429, 5xx, connection) or not (other 4xx), so the
 router can fall back and the breaker counts the right things.
 
@@ -20,8 +21,8 @@ import msgspec
 __all__ = [
     "AssistantMessage", "Done", "Filler", "KnowledgeChunk", "LlmError", "LlmEvent", "LlmProvider",
     "LlmRequest", "Message", "ProviderSwitched", "SystemPrompt", "TextDelta", "ToolCall",
-    "ToolCallStarted", "ToolResult", "ToolSpec", "ToolUse", "Usage", "UserMessage",
-    "is_retryable_status",
+    "ToolCallStarted", "ToolResult", "ToolSpec", "ToolUse", "Usage", "UsageReported",
+    "UserMessage", "is_retryable_status",
 ]
 
 
@@ -112,12 +113,29 @@ class LlmRequest(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True):
-    """Tokens billed for one response; cache fields are 0 where the provider has no cache."""
+    """Tokens billed for one response; cache fields are 0 where the provider has no cache.
+
+    ``input_tokens`` are those billed at the input rate: the prompt's tokens not read from nor
+    written to the cache, which are counted apart.
+    """
 
     input_tokens: int = 0
     output_tokens: int = 0
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
+
+
+class UsageReported(msgspec.Struct, frozen=True, kw_only=True, tag="usage"):
+    """What a response is billed as it begins (Anthropic's ``message_start``), before any token.
+
+    A response cut short — the caller barged in, the stream failed — gets no :class:`Done`, yet
+    its input was billed. At most one per response, before its first token; the response's
+    :class:`Done`, if it comes, has its whole usage. It is not the reply's beginning (the
+    router's deadlines and filler ignore it); ``provider`` is filled in by the router.
+    """
+
+    usage: Usage
+    provider: str = ""
 
 
 class TextDelta(msgspec.Struct, frozen=True, kw_only=True, tag="text"):
@@ -174,7 +192,7 @@ class ProviderSwitched(msgspec.Struct, frozen=True, kw_only=True, tag="provider_
     reason: str
 
 
-LlmEvent = TextDelta | ToolCall | ToolCallStarted | Done
+LlmEvent = UsageReported | TextDelta | ToolCall | ToolCallStarted | Done
 
 
 def is_retryable_status(status: int | None) -> bool:

@@ -242,10 +242,12 @@ def _add_fragment(calls: dict[int, dict[str, Any]], fragment: dict[str, Any]) ->
 
 
 def _usage(reported: dict[str, Any]) -> Usage:
+    # prompt_tokens includes the cached ones, which are billed apart (Usage counts them once).
     details = reported.get("prompt_tokens_details") or {}
-    return Usage(input_tokens=reported.get("prompt_tokens") or 0,
+    cached = details.get("cached_tokens") or 0
+    return Usage(input_tokens=max((reported.get("prompt_tokens") or 0) - cached, 0),
                  output_tokens=reported.get("completion_tokens") or 0,
-                 cache_read_tokens=details.get("cached_tokens") or 0)
+                 cache_read_tokens=cached)
 
 
 def _error_message(body: str) -> str:

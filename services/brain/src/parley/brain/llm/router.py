@@ -22,7 +22,9 @@ If no first token has come ``filler_after_ms`` into the turn, one :class:`Filler
 moment.") is yielded, so the caller hears something while a slow or failing provider is
 replaced. That is counted from the request: a speculative reply (requested before the turn
 ended, :mod:`parley.brain.preemptive`) drops this filler and times its own from the turn's end.
-The final :class:`Done` names the provider that served the turn.
+The final :class:`Done` names the provider that served the turn; a :class:`UsageReported` (a
+response billed as it began) names its provider too, and passes on even from an attempt that
+then fails: the caller's turn is billed for it all the same.
 
 Each attempt runs the provider's stream in its own task feeding a queue, so waiting with a
 deadline never cancels the provider halfway through a read; closing the router's stream (or
@@ -51,6 +53,7 @@ from .base import (
     ProviderSwitched,
     TextDelta,
     ToolCallStarted,
+    UsageReported,
     UserMessage,
 )
 
@@ -152,6 +155,8 @@ class LlmRouter:
                         async for event in self._attempt(provider, request, filler_due):
                             if isinstance(event, Filler):
                                 filler_due = None
+                            elif isinstance(event, UsageReported):
+                                event = msgspec.structs.replace(event, provider=provider.name)
                             elif isinstance(event, Done):
                                 event = msgspec.structs.replace(event, provider=provider.name)
                                 health.record(ok=True, alpha=self.ewma_alpha,
@@ -224,6 +229,9 @@ class LlmRouter:
                     # The model is writing a tool call: not stalled, though the caller hears
                     # nothing yet (the filler stays due).
                     deadline = None
+                    continue
+                if isinstance(item, UsageReported):
+                    yield item  # billed, but no token yet: the deadline and filler stay due
                     continue
                 if not started and _answers_the_caller(request) and (
                         isinstance(item, Done) or isinstance(item, TextDelta)

@@ -1,0 +1,194 @@
+"""What a turn's LLM requests were billed: ``usage.recorded`` per round, summed on completion.
+
+A round that called tools threw its usage away, so ``turn.completed`` carried only the last
+round's tokens (and the last round's time to first token), and a cancelled turn reported none
+though its request was billed. Each round now records what its responses were billed as
+``usage.recorded`` (input, output, cache read and cache write tokens, per provider); the turn's
+completion sums its rounds from those events, whichever instance ran them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator
+
+from parley.brain.conversation import fold
+from parley.brain.llm.anthropic_llm import AnthropicLlm
+from parley.brain.llm.base import Done, LlmEvent, LlmRequest
+from parley.brain.worker import BrainWorker
+from parley.common.events import (
+    AgentSpeechInterrupted,
+    ToolCompleted,
+    ToolFailed,
+    ToolRequested,
+    TurnCompleted,
+    TurnUserEnded,
+    UsageRecorded,
+)
+from parley.devkit.emulators.anthropic import ScriptedReply, ScriptedToolUse, count_tokens
+
+from .conftest import ORG, open_call, services, user_says
+
+KINDS = {"llm_input_tokens": "input_tokens", "llm_output_tokens": "output_tokens",
+         "llm_cache_read_tokens": "cache_read_tokens",
+         "llm_cache_write_tokens": "cache_write_tokens"}
+
+
+class Metered:
+    """The Anthropic provider, keeping the usage of every response it finished."""
+
+    def __init__(self, inner: AnthropicLlm) -> None:
+        self.inner = inner
+        self.name, self.cost, self.supports_tools = inner.name, inner.cost, inner.supports_tools
+        self.done: list[Done] = []
+
+    async def stream(self, request: LlmRequest) -> AsyncIterator[LlmEvent]:
+        async for event in self.inner.stream(request):
+            if isinstance(event, Done):
+                self.done.append(event)
+            yield event
+
+
+def recorded_totals(recorder, call_id: str) -> Counter[str]:
+    """The call's usage.recorded summed per kind (all of it the brain's, for turn t1)."""
+    totals: Counter[str] = Counter()
+    for usage in recorder.of("usage.recorded", call_id):
+        assert (usage.turn_id, usage.provider, usage.unit) == ("t1", "anthropic", "tokens")
+        totals[usage.kind] += usage.quantity
+    return totals
+
+
+def as_totals(completed: TurnCompleted) -> Counter[str]:
+    return Counter({kind: getattr(completed.usage, field) for kind, field in KINDS.items()
+                    if getattr(completed.usage, field)})
+
+
+async def test_a_turn_whose_rounds_ran_on_two_instances_completes_with_all_their_usage(
+        bus, pool, emulator, recorder) -> None:
+    """Round 0 (a slow first token, then a tool call) runs on one instance, round 1 (after the
+    tool's outcome) on another. turn.completed carried round 1's tokens and round 1's time to
+    first token only. Now it carries both rounds' tokens, summed from the usage.recorded each
+    round published, and the first round's time to first token (what the caller waited)."""
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    metered = Metered(llm)
+    emulator.script(
+        ScriptedReply(text="Let me check the calendar.", tool_uses=(ScriptedToolUse(
+            name="book_appointment", input={"day": "Friday", "time": "10:00"}, id="toolu_1"),)),
+        ScriptedReply(text="You're booked for Friday at ten."))
+    emulator.ttft_s = 0.3
+    first = BrainWorker(services(bus, pool, [metered]))
+    await first.start()
+    try:
+        await open_call(bus, "c-rounds")
+        await user_says(bus, "c-rounds", "t1", "Can I come Friday at ten?")
+        await recorder.wait("tool.requested", "c-rounds")
+    finally:
+        await first.stop()
+    emulator.ttft_s = 0.0
+    second = BrainWorker(services(bus, pool, [metered]))
+    await second.start()
+    try:
+        await bus.publish(ToolCompleted(org_id=ORG, call_id="c-rounds", tool_call_id="toolu_1",
+                                        name="book_appointment", result={"booked": True}))
+        done, = await recorder.wait("turn.completed", "c-rounds")
+        assert second.replays == 1  # it knew nothing of the call: the sum came from events
+    finally:
+        await second.stop()
+        await llm.aclose()
+    assert len(metered.done) == 2
+    billed = Counter({kind: sum(getattr(d.usage, field) for d in metered.done)
+                      for kind, field in KINDS.items()})
+    assert billed["llm_input_tokens"] and billed["llm_output_tokens"]
+    assert billed["llm_cache_write_tokens"]  # each round's system prompt, cached
+    assert as_totals(done) == +billed
+    assert recorded_totals(recorder, "c-rounds") == +billed
+    assert done.ttft_ms >= 300 and done.llm_wait_ms >= 300  # round 0's: the caller's wait
+    assert not done.cancelled and done.provider == "anthropic"
+
+
+async def test_an_interrupted_turn_reports_what_its_request_was_billed(
+        bus, pool, emulator, recorder) -> None:
+    """The caller barged in while the reply streamed: the request's input tokens were billed,
+    yet the cancelled turn.completed said zero and nothing was recorded. Now what the provider
+    reported when the response began is recorded and completes the turn."""
+    emulator.tokens_per_second = 20
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(services(bus, pool, [llm]))
+    await worker.start()
+    try:
+        emulator.script(ScriptedReply(text="Our hours are eight to five on weekdays, " * 8))
+        await open_call(bus, "c-cut")
+        await user_says(bus, "c-cut", "t1", "What are your hours?")
+        await recorder.wait("agent.say", "c-cut", where=lambda e: e.turn_id == "t1")
+        await bus.publish(AgentSpeechInterrupted(org_id=ORG, call_id="c-cut", turn_id="t1",
+                                                 played_text="Our hours are"))
+        done, = await recorder.wait("turn.completed", "c-cut")
+        assert done.cancelled
+    finally:
+        await worker.stop()
+        await llm.aclose()
+    request, = emulator.requests
+    assert done.usage.input_tokens == count_tokens(request["messages"]) > 0
+    assert done.usage.cache_write_tokens > 0  # the system prompt, cached by this request
+    assert done.provider == "anthropic"
+    assert recorded_totals(recorder, "c-cut") == as_totals(done)
+
+
+async def test_a_round_asked_again_after_a_failure_records_both_requests(
+        bus, pool, emulator, recorder) -> None:
+    """The reply broke off mid-stream (overloaded) and the redelivered turn asked the model
+    again: two billed requests. Both are recorded, each under its own ids, and summed."""
+    reply = "We open at eight. We close at five. A cleaning is ninety five dollars."
+
+    def recovered(body: dict) -> ScriptedReply:
+        emulator.faults.error_after_tokens = None
+        return ScriptedReply(text=reply)
+
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(services(bus, pool, [llm]))
+    await worker.start()
+    try:
+        await open_call(bus, "c-again")
+        await recorder.wait("agent.say", "c-again")
+        emulator.faults.error_after_tokens = 9
+        emulator.script(ScriptedReply(text=reply), recovered)
+        await user_says(bus, "c-again", "t1", "Tell me about the clinic.")
+        done, = await recorder.wait("turn.completed", "c-again")
+    finally:
+        await worker.stop()
+        await llm.aclose()
+    first, second = emulator.requests
+    assert done.usage.input_tokens == (count_tokens(first["messages"])
+                                       + count_tokens(second["messages"]))
+    assert recorded_totals(recorder, "c-again") == as_totals(done)
+    assert len({u.id for u in recorder.of("usage.recorded", "c-again")}) == len(
+        recorder.of("usage.recorded", "c-again"))
+
+
+def test_each_completion_sums_the_rounds_since_the_turn_was_taken_up() -> None:
+    """A failed hand-off takes its turn up again and the turn completes once more: that
+    completion reports the rounds after the hand-off's, which the first one reported, whether
+    the failure is stored before the first completion or after it."""
+    def usage(kind: str, quantity: float) -> UsageRecorded:
+        return UsageRecorded(org_id=ORG, call_id="c", turn_id="t1", kind=kind,
+                             quantity=quantity, unit="tokens", provider="anthropic")
+
+    asked = TurnUserEnded(org_id=ORG, call_id="c", turn_id="t1", text="Put me through.")
+    hand_off = [usage("llm_input_tokens", 120), usage("llm_output_tokens", 9),
+                ToolRequested(org_id=ORG, call_id="c", turn_id="t1", tool_call_id="x",
+                              name="transfer_call", ttft_ms=250.0, llm_wait_ms=240.0)]
+    turn = fold("c", [asked, *hand_off]).turn("t1")
+    assert turn.rounds_since_taken_up == range(0, 1)
+    assert (turn.usage_since_taken_up().input_tokens,
+            turn.usage_since_taken_up().output_tokens) == (120, 9)
+    assert turn.round_first_token[0] == (250.0, 240.0)
+
+    completed = TurnCompleted(org_id=ORG, call_id="c", turn_id="t1")
+    failed = ToolFailed(org_id=ORG, call_id="c", tool_call_id="x", name="transfer_call",
+                        error="refused")
+    for stored in ([completed, failed], [failed, completed]):
+        turn = fold("c", [asked, *hand_off, *stored, usage("llm_input_tokens", 140)]).turn("t1")
+        assert turn.rounds_since_taken_up == range(1, 2)
+        assert (turn.usage_since_taken_up().input_tokens,
+                turn.usage_since_taken_up().output_tokens) == (140, 0)
+        assert turn.round_usage[0].input_tokens == 120  # the first completion's
