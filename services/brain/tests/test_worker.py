@@ -92,6 +92,44 @@ async def test_tool_use_round_trip_continues_the_turn(bus, pool, emulator, recor
         await llm.aclose()
 
 
+async def test_what_was_heard_of_a_tool_turn_reaches_the_model_round_by_round(
+        bus, pool, emulator, recorder) -> None:
+    """The caller cut in as round 1 (after the booking) was being said. The model's next request
+    read "Let me check the calendar. One moment. You're booked for" before the tool use, and
+    nothing after its result: it saw itself claim the booking before making it."""
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(services(bus, pool, [llm]))
+    await worker.start()
+    try:
+        emulator.script(
+            ScriptedReply(text="Let me check the calendar.", tool_uses=(ScriptedToolUse(
+                name="book_appointment", input={"day": "Friday"}, id="toolu_7"),)),
+            ScriptedReply(text="You're booked for Friday at ten."),
+            ScriptedReply(text="Sure, Monday then."))
+        await open_call(bus, "c-heard")
+        await user_says(bus, "c-heard", "t1", "Can I come Friday at ten?")
+        await recorder.wait("tool.requested", "c-heard")
+        await bus.publish(ToolCompleted(org_id=ORG, call_id="c-heard", tool_call_id="toolu_7",
+                                        name="book_appointment", result={"booked": True}))
+        await recorder.wait("turn.completed", "c-heard")
+        await bus.publish(AgentSpeechInterrupted(
+            org_id=ORG, call_id="c-heard", turn_id="t1",
+            played_text="Let me check the calendar. One moment. You're booked for"))
+        await user_says(bus, "c-heard", "t2", "Actually, make it Monday.")
+        await recorder.wait("turn.completed", "c-heard", count=2)
+    finally:
+        await worker.stop()
+        await llm.aclose()
+    sent = [(m["role"], block.get("text") or block["type"])
+            for m in emulator.requests[-1]["messages"]
+            for block in ([{"text": m["content"]}] if isinstance(m["content"], str)
+                          else m["content"])]
+    assert sent[-5:] == [
+        ("assistant", "Let me check the calendar."), ("assistant", "tool_use"),
+        ("user", "tool_result"), ("assistant", "You're booked for"),
+        ("user", "Actually, make it Monday.")]
+
+
 async def test_barge_in_cancels_generation_and_history_keeps_what_was_heard(
         bus, pool, emulator, recorder) -> None:
     emulator.tokens_per_second = 20
@@ -253,14 +291,56 @@ def test_fold_keeps_only_heard_text_and_numbers_tool_rounds() -> None:
         AgentSay(org_id=ORG, call_id="c", turn_id="t1", seq=2, text="Anything else?",
                  last=True),
         AgentSpeechInterrupted(org_id=ORG, call_id="c", turn_id="t1",
-                               played_text="Done, you're"),
+                               played_text="Checking. Done, you're"),
     ]
     conversation = fold("c", events)
     turn = conversation.turn("t1")
     assert turn.round_starts == [0, 1] and turn.next_seq == 3 and turn.interrupted
     kinds = [type(m).__name__ for m in conversation.llm_messages()]
-    assert kinds == ["UserMessage", "AssistantMessage", "ToolUse", "ToolResult"]
-    assert conversation.llm_messages()[1].text == "Done, you're"
+    assert kinds == ["UserMessage", "AssistantMessage", "ToolUse", "ToolResult",
+                     "AssistantMessage"]
+    assert [conversation.llm_messages()[i].text for i in (1, 4)] == ["Checking.", "Done, you're"]
+
+
+def test_an_interruption_after_a_tool_round_cuts_each_round_to_what_was_heard_of_it() -> None:
+    """Media's played text runs over every round of the turn's speech (and the tool filler, if it
+    was said). All of it was put where round 0's text was, before the tool use, and round 1's
+    text was deleted: the model read itself saying "You're booked for" before booking. Now each
+    round keeps what was heard of its own text, in its place."""
+    def say(seq: int, text: str, *, filler: bool = False) -> AgentSay:
+        return AgentSay(org_id=ORG, call_id="c", turn_id="t1", seq=seq, text=text,
+                        filler_after_ms=1500 if filler else 0)
+
+    def heard(played: str, *, first_round: tuple[AgentSay, ...]) -> list[tuple[str, str]]:
+        conversation = fold("c", [
+            TurnUserEnded(org_id=ORG, call_id="c", turn_id="t1", text="Friday at ten?"),
+            *first_round, say(len(first_round), "One moment.", filler=True),
+            ToolRequested(org_id=ORG, call_id="c", turn_id="t1", tool_call_id="x",
+                          name="book"),
+            ToolCompleted(org_id=ORG, call_id="c", tool_call_id="x", name="book", result="ok"),
+            say(len(first_round) + 1, "You're booked for Friday at ten."),
+            say(len(first_round) + 2, "Anything else?"),
+            AgentSpeechInterrupted(org_id=ORG, call_id="c", turn_id="t1", played_text=played)])
+        return [(type(m).__name__, getattr(m, "text", "")) for m in conversation.llm_messages()]
+
+    check = (say(0, "Let me check"), say(1, "the calendar."))
+    asked, use, result = ("UserMessage", "Friday at ten?"), ("ToolUse", ""), ("ToolResult", "")
+    assert heard("Let me check the calendar. One moment. You're booked for",
+                 first_round=check) == [
+        asked, ("AssistantMessage", "Let me check the calendar."), use, result,
+        ("AssistantMessage", "You're booked for")]
+    # The filler was not said (the tool was quick).
+    assert heard("Let me check the calendar. You're booked for Friday at ten. Anything",
+                 first_round=check) == [
+        asked, ("AssistantMessage", "Let me check the calendar."), use, result,
+        ("AssistantMessage", "You're booked for Friday at ten. Anything")]
+    # Cut off in round 0: round 1 was never heard.
+    assert heard("Let me", first_round=check) == [
+        asked, ("AssistantMessage", "Let me"), use, result]
+    assert heard("", first_round=check) == [asked, use, result]
+    # A round 0 that said nothing before its tool call.
+    assert heard("One moment. You're booked", first_round=()) == [
+        asked, use, result, ("AssistantMessage", "You're booked")]
 
 
 def test_a_revised_user_turn_replaces_the_words_it_revises_unless_an_answer_was_heard() -> None:

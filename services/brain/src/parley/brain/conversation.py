@@ -69,6 +69,7 @@ from parley.common.events import (
     TurnUserEnded,
     UsageRecorded,
 )
+from parley.common.words import normalize_words
 
 HAND_OFFS = frozenset({"end_call", "transfer_call"})  # tools that end the turn with the call
 
@@ -278,16 +279,30 @@ class Conversation:
         else:
             self.messages.append(_TurnText(turn_id=turn_id, text=text))
 
-    def _replace_said(self, turn_id: str, heard: str) -> None:
-        texts = [i for i, m in enumerate(self.messages)
-                 if isinstance(m, _TurnText) and m.turn_id == turn_id]
-        for index in reversed(texts[1:]):
-            del self.messages[index]
-        if texts:
-            if heard:
-                self.messages[texts[0]] = _TurnText(turn_id=turn_id, text=heard)
+    def _replace_said(self, speech_id: str, heard: str) -> None:
+        """Cut the utterance's text to what the caller heard of it, round by round.
+
+        ``heard`` (media's played text) runs over the whole utterance: each round's text in
+        order, with the tool filler between two rounds if it was said. Each text message of the
+        utterance (a round's, in order) takes as many of the heard words as it has; a filler's
+        are passed over (it is not history); a round of which nothing was heard keeps no text.
+        """
+        words = heard.split()
+        fillers = {normalize_words(say.text) for say in self.turn_of(speech_id).says
+                   if say.filler_after_ms and say.turn_id == speech_id}
+        rounds = [i for i, m in enumerate(self.messages)
+                  if isinstance(m, _TurnText) and m.turn_id == speech_id]
+        kept: list[str] = []
+        for index in rounds:
+            words = _past_filler(words, fillers)
+            count = len(self.messages[index].text.split())
+            kept.append(" ".join(words[:count]))
+            words = words[count:]
+        for index, text in reversed(list(zip(rounds, kept, strict=True))):
+            if text:
+                self.messages[index] = _TurnText(turn_id=speech_id, text=text)
             else:
-                del self.messages[texts[0]]
+                del self.messages[index]
 
     def _tool_outcome(self, event: ToolCompleted | ToolFailed | ToolDenied) -> None:
         owner = next((t for t in self.turns.values() if event.tool_call_id in t.tools), None)
@@ -372,6 +387,15 @@ class _TurnText(AssistantMessage, frozen=True, kw_only=True, tag="assistant"):
     """Agent text that remembers its turn (so a barge-in can cut it back)."""
 
     turn_id: str
+
+
+def _past_filler(words: list[str], fillers: set[str]) -> list[str]:
+    """``words`` after a filler they begin with (as normalised words), if any."""
+    for filler in fillers:
+        size = len(filler.split())
+        if size and normalize_words(" ".join(words[:size])) == filler:
+            return words[size:]
+    return words
 
 
 def caller_text(event: TurnUserEnded) -> str:
