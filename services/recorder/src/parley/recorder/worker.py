@@ -36,7 +36,7 @@ import psycopg
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError, ServiceUnavailableError
+from nats.js.errors import APIError, NotFoundError
 
 from parley.common.bus import EVENTS_STREAM, Bus, event_subject
 from parley.common.events import Event, EventDecodeError, decode
@@ -126,8 +126,9 @@ class Recorder:
             try:
                 async with await psycopg.AsyncConnection.connect(self.database_url) as conn:
                     await self._record(conn, leader_conn, stop)
-            except (psycopg.OperationalError, NotFoundError, ServiceUnavailableError,
-                    NatsTimeoutError, MessageLost) as exc:
+            except (psycopg.OperationalError, APIError, NatsTimeoutError, MessageLost) as exc:
+                # Any JetStream API error (404 consumer gone, 503 no responders, 500, a 400
+                # such as the stream's consumer limit reached) is retried here, not fatal.
                 # Back off while failures follow each other (NATS still restarting, the
                 # consumer lost again at once); an isolated failure is retried quickly.
                 now = time.monotonic()
