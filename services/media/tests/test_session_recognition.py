@@ -10,10 +10,10 @@ from nats.js.errors import KeyNotFoundError
 
 from parley.common.bus import Bus, command_subject
 from parley.common.configuration.models import AgentSettings
-from parley.common.events import TranscriptFinal, TurnUserEnded
+from parley.common.events import TranscriptFinal, TranscriptPartial, TurnUserEnded
 from parley.devkit.emulators.deepgram import DeepgramEmulator, Retracted
 from parley.media.ownership import Leases, LeaseState
-from parley.media.providers.base import Final, ProviderError
+from parley.media.providers.base import Final, ProviderError, WordTiming
 from parley.media.providers.deepgram_stt import DeepgramStt
 from parley.media.router import ProviderRouter
 from parley.media.session import CallSession, SessionServices
@@ -259,12 +259,10 @@ async def test_an_interim_deepgram_takes_back_neither_delays_the_turn_nor_joins_
 
 
 
-async def test_a_switch_mid_turn_does_not_repeat_the_words_the_failed_recogniser_gave(
-        bus) -> None:
-    # "I'd like to book a table." (Deepgram's final), a breath, "On Friday." — and Deepgram's
-    # socket breaks during it. The fallback hears the whole turn again from its pre-roll and
-    # recognises both parts: the failed recogniser's final for the first part must not stay in
-    # the turn as well ("… a table. I'd like to book a table. On Friday.").
+async def _switch_mid_second_sentence(bus) -> list[object]:
+    """The call's events: "I'd like to book a table." (Deepgram's final), a breath, "On
+    Friday." — and Deepgram's socket breaks during it. The fallback hears the whole turn
+    again from its pre-roll and recognises both parts."""
     script = ["I'd like to book a table.", "On Friday."]
     primary = DeepgramEmulator(api_key="dg-key", utterances=script)
     backup = DeepgramEmulator(api_key="dg-key", utterances=script)
@@ -317,9 +315,61 @@ async def test_a_switch_mid_turn_does_not_repeat_the_words_the_failed_recogniser
         await asyncio.gather(call._stt_task, return_exceptions=True)
         await primary.stop()
         await backup.stop()
-    events = await bus.replay_call(CALL, org_id=ORG)
+    return await bus.replay_call(CALL, org_id=ORG)
+
+
+async def test_a_switch_mid_turn_does_not_repeat_the_words_the_failed_recogniser_gave(
+        bus) -> None:
+    # The failed recogniser's final for the first part must not stay in the turn as well as
+    # the fallback's ("… a table. I'd like to book a table. On Friday.").
+    events = await _switch_mid_second_sentence(bus)
     ended, = [e for e in events if isinstance(e, TurnUserEnded)]
     assert ended.text == "I'd like to book a table. On Friday."
+
+
+async def test_a_switch_mid_turn_publishes_no_transcript_of_the_words_already_final(
+        bus) -> None:
+    # The fallback's final for the first part, heard again in the replay, came as a second
+    # transcript.final: integrators, and the brain's warm-up (which joins the finals and the
+    # partial after them), read "I'd like to book a table. I'd like to book a table. On…".
+    events = await _switch_mid_second_sentence(bus)
+    assert [e.text for e in events if isinstance(e, TranscriptFinal)] == [
+        "I'd like to book a table.", "On Friday."]
+    finals = ""
+    for event in events:  # what a reader of the transcript sees the caller say, as it goes
+        if isinstance(event, TranscriptFinal):
+            finals = f"{finals} {event.text}".strip()
+        elif isinstance(event, TranscriptPartial):
+            assert f"{finals} {event.text}".count("I'd like") <= 1, event.text
+
+
+async def test_a_fallback_final_that_runs_on_past_the_words_already_final_adds_only_its_own(
+        bus) -> None:
+    # The failed recogniser made "I'd like to book a table." final; the fallback, replayed the
+    # turn, hears it and "On Friday." as one final: only "On Friday." is new to the transcript.
+    first, second = Recogniser("first"), Recogniser("second")
+    call = session(bus, first, second)
+    call.vad = LoudIsSpeech()  # type: ignore[assignment]
+    call._stt_name, call._stt = await call.s.stt.open(call._stt_chain, call._open_stt)
+    loud, quiet = b"\x00" * 160, b"\xff" * 160
+    for n, frame in enumerate([quiet] * 10 + [loud] * 60 + [quiet] * 12 + [loud] * 20):
+        await call._inbound_frame(frame, n * 20)
+    said = [("I'd", 0.2), ("like", 0.4), ("to", 0.6), ("book", 0.8), ("a", 1.0),
+            ("table.", 1.2), ("On", 1.65), ("Friday.", 1.85)]  # audio time, s
+    await call._on_stt(Final("I'd like to book a table.",
+                             [WordTiming(w, at, at + 0.2) for w, at in said[:6]], end_s=1.4))
+    await call._switch_stt("first: socket failed")
+    origin_s = call._stt_origin / 8000  # the fallback's times are from its stream's start
+    words = [WordTiming(w, at - origin_s + 0.03, at - origin_s + 0.21) for w, at in said]
+    await call._on_stt(Final("I'd like to book a table. On Friday.", words,
+                             start_s=words[0].start, end_s=words[-1].end))
+    await call._outbox.drain(1)
+    events = await bus.replay_call(CALL, org_id=ORG)
+    assert [(e.text, [w.text for w in e.words]) for e in events
+            if isinstance(e, TranscriptFinal)] == [
+        ("I'd like to book a table.", ["I'd", "like", "to", "book", "a", "table."]),
+        ("On Friday.", ["On", "Friday."])]
+    assert call.detector.text == "I'd like to book a table. On Friday."
 
 
 async def test_a_late_final_after_the_caller_spoke_again_stays_out_of_the_new_turn(bus) -> None:

@@ -269,6 +269,11 @@ class CallSession:
         # (its first replayed byte): its timings are from its own start.
         self._stt_received = 0
         self._stt_origin = 0
+        # Audio time up to which transcript.final has been published, and whether the stream
+        # is a replay still hearing audio before it (a fallback's replay of the open turn):
+        # what it says of that audio was published already (see _not_yet_transcribed).
+        self._transcribed_ms = 0.0
+        self._stt_repeating = False
         self._stt_seconds: dict[str, float] = {}
         self._stt_lock = asyncio.Lock()
         # TTS
@@ -698,6 +703,7 @@ class CallSession:
             # after it (the list itself grew under the replay, and they went twice).
             replay = self._turn_audio[:]
             self._stt_origin = self._stt_received - sum(map(len, replay))
+            self._stt_repeating = self._transcribed_ms > self._stt_audio_ms(0)
             try:
                 for chunk in replay:
                     await self._stt.send(chunk)
@@ -722,7 +728,7 @@ class CallSession:
             self.detector.partial(event.text)
             if late:
                 return
-            if not self._catching_up:
+            if not self._catching_up and not self._stt_repeating:
                 await self.s.bus.publish(TranscriptPartial(
                     org_id=self.org_id, call_id=self.call_id, text=event.text,
                     utterance_id=f"t{self.turn_no + 1}"))
@@ -734,14 +740,15 @@ class CallSession:
             late = self.detector.late_for(heard_ms)
             self.detector.final(event.text, self.audio_ms, speech_final=event.speech_final,
                                 heard_ms=heard_ms)
-            if event.text.strip():
+            new = self._not_yet_transcribed(event, heard_ms)
+            if new is not None:
                 latency = (time.time() - self._speech_end_wall) * 1000 if (
                     self._speech_start_ms is None and self._speech_end_wall) else 0.0
                 await self._publish(
-                    TranscriptFinal, "transcript.final", text=event.text,
+                    TranscriptFinal, "transcript.final", text=new.text,
                     utterance_id=f"t{self.turn_no if late else self.turn_no + 1}",
-                    words=[Word(w.text, w.start, w.end) for w in event.words],
-                    confidence=event.confidence, provider=self._stt_name,
+                    words=[Word(w.text, w.start, w.end) for w in new.words],
+                    confidence=new.confidence, provider=self._stt_name,
                     latency_ms=round(max(latency, 0.0), 1))
             if not late:  # late words revise their turn (``_poll_turn``), never barge in
                 await self._barge_in_on_words()
@@ -749,6 +756,33 @@ class CallSession:
         elif isinstance(event, UtteranceEnd):
             self.detector.utterance_end(self._stt_audio_ms(event.last_word_end_s))
             await self._poll_turn()
+
+    def _not_yet_transcribed(self, final: Final, heard_ms: float) -> Final | None:
+        """``final`` without the words already published as final; None if it has none left.
+
+        A fallback replayed the open turn hears again what the failed recogniser made final:
+        published again, transcript.final said the caller's first words twice (to
+        integrators, and to the brain's warm-up, which joins the finals). A word is the
+        fallback's own if its middle is past the audio transcribed (two recognisers time the
+        same word a little apart).
+        """
+        transcribed_ms = self._transcribed_ms
+        if heard_ms < transcribed_ms:
+            return None  # (its partials were not published either)
+        self._transcribed_ms = heard_ms
+        self._stt_repeating = False
+        if not final.text.strip():
+            return None
+        if not final.words or self._stt_audio_ms(final.start_s) >= transcribed_ms:
+            return final  # (without word timings it cannot be cut: published whole)
+        words = [word for word in final.words
+                 if self._stt_audio_ms((word.start + word.end) / 2) > transcribed_ms]
+        if len(words) == len(final.words):
+            return final
+        if not words:
+            return None
+        return msgspec.structs.replace(final, text=" ".join(word.text for word in words),
+                                       words=words, start_s=words[0].start)
 
     def _stt_audio_ms(self, stream_s: float) -> float:
         """Where a time of the recogniser's stream falls on the audio clock."""
