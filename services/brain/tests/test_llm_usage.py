@@ -9,6 +9,7 @@ completion sums its rounds from those events, whichever instance ran them.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
 
@@ -18,9 +19,11 @@ from parley.brain.llm.base import Done, LlmEvent, LlmRequest
 from parley.brain.worker import BrainWorker
 from parley.common.events import (
     AgentSpeechInterrupted,
+    SpeechStarted,
     ToolCompleted,
     ToolFailed,
     ToolRequested,
+    TranscriptFinal,
     TurnCompleted,
     TurnUserEnded,
     UsageRecorded,
@@ -47,6 +50,13 @@ class Metered:
             if isinstance(event, Done):
                 self.done.append(event)
             yield event
+
+
+async def until(predicate, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
 
 
 def recorded_totals(recorder, call_id: str) -> Counter[str]:
@@ -192,3 +202,65 @@ def test_each_completion_sums_the_rounds_since_the_turn_was_taken_up() -> None:
         assert (turn.usage_since_taken_up().input_tokens,
                 turn.usage_since_taken_up().output_tokens) == (140, 0)
         assert turn.round_usage[0].input_tokens == 120  # the first completion's
+
+
+async def test_a_speculation_that_is_not_adopted_records_what_it_was_billed(
+        bus, pool, emulator, recorder) -> None:
+    """Speculative replies the turn did not adopt were billed requests, but only adopted ones
+    were recorded. One on other words than the turn ended with (the whole reply streamed) and
+    one cut short by the caller speaking again (only its input reported, as it began) now
+    record what their streams reported, under the turn they answered, marked speculative: the
+    turn's completion, which sums the turn's own rounds, leaves them out."""
+    emulator.tokens_per_second = 50
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    metered = Metered(llm)
+    worker = BrainWorker(services(bus, pool, [metered]))
+    await worker.start()
+    try:
+        await open_call(bus, "c-spec")
+        await recorder.wait("agent.say", "c-spec")  # greeted: this instance follows the call
+        emulator.script(ScriptedReply(text="Tuesday is fully booked."),
+                        ScriptedReply(text="Wednesday at nine is free."))
+        await bus.publish(TranscriptFinal(org_id=ORG, call_id="c-spec",
+                                          text="Can I come on Tuesday?"))
+        await until(lambda: emulator.completed_streams == 1)
+        await user_says(bus, "c-spec", "t1", "Can I come on Wednesday?")
+        completed, = await recorder.wait("turn.completed", "c-spec")
+        assert "adopted" not in worker.speculations.outcomes
+        await asyncio.sleep(0.1)  # the follower has the completion: t2 can be speculated on
+
+        emulator.script(ScriptedReply(text="Whitening is two hundred dollars. " * 20))
+        await bus.publish(TranscriptFinal(org_id=ORG, call_id="c-spec",
+                                          text="Do you do whitening?"))
+        await until(lambda: len(metered.done) == 2 and len(emulator.requests) == 3)
+        await asyncio.sleep(0.2)  # the response has begun (message_start), and goes on
+        await bus.publish(SpeechStarted(org_id=ORG, call_id="c-spec", offset_ms=9000))
+        await until(lambda: worker.speculations.outcomes.get("caller spoke") == 1)
+        assert emulator.completed_streams == 2  # cut short: no Done, only what it began with
+        tuesday, wednesday, whitening = (count_tokens(r["messages"]) for r in emulator.requests)
+
+        every_input = tuesday + wednesday + whitening
+        await until(lambda: sum(u.quantity for u in recorder.of("usage.recorded", "c-spec")
+                                if u.kind == "llm_input_tokens") == every_input)
+
+        def recorded(turn_id: str, *, speculative: bool) -> Counter[str]:
+            totals: Counter[str] = Counter()
+            for usage in recorder.of("usage.recorded", "c-spec"):
+                if (usage.turn_id, usage.speculative) == (turn_id, speculative):
+                    assert (usage.provider, usage.unit) == ("anthropic", "tokens")
+                    totals[usage.kind] += usage.quantity
+            return totals
+
+        assert recorded("t2", speculative=True)["llm_input_tokens"] == whitening
+        first_speculation = Counter({kind: getattr(metered.done[0].usage, field)
+                                     for kind, field in KINDS.items()})
+        assert metered.done[0].usage.input_tokens == tuesday
+        assert recorded("t1", speculative=True) == +first_speculation
+        # The turn's own request, recorded and completed as before.
+        assert recorded("t1", speculative=False)["llm_input_tokens"] == wednesday
+        assert as_totals(completed) == recorded("t1", speculative=False)
+    finally:
+        await worker.stop()
+        await llm.aclose()
+    ids = [u.id for u in recorder.of("usage.recorded", "c-spec")]
+    assert len(set(ids)) == len(ids)

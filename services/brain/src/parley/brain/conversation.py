@@ -260,7 +260,8 @@ class Conversation:
                 self._tool_outcome(event)
             case TurnCompleted():
                 self.turn(event.turn_id).completions += 1
-            case UsageRecorded() if event.turn_id and event.kind in LLM_KINDS:
+            case UsageRecorded() if event.turn_id and event.kind in LLM_KINDS and (
+                    not event.speculative):  # (a dropped speculation is none of its rounds)
                 turn = self.turn(event.turn_id)  # (stored in its round, before what ends it)
                 turn.round_usage[turn.round] = add_usage(
                     turn.round_usage.get(turn.round, Usage()),

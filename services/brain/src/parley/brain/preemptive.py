@@ -17,6 +17,10 @@ as if it had just arrived, and the stream continues. Otherwise it is dropped and
 made fresh. A speculation is cancelled by newer words or speech from the caller, the call's
 end, its timeout, or a turn end that another instance takes; there is at most one per call.
 
+A speculation that is not adopted was billed all the same: what its stream reported (the
+response's input as it began, the whole usage at its end) is handed to ``on_dropped`` once it
+is dropped, for the worker to record.
+
 An adopted reply that has not begun ``filler_after_s`` after the turn ended (its end as seen
 here, live) gets one :class:`Filler`, as a fresh request would. The router's own filler is
 dropped: it is timed from the speculative request, which went out while the caller was still
@@ -34,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
@@ -49,6 +54,7 @@ from parley.brain.llm.base import (
 )
 from parley.brain.llm.clauses import ClauseSplitter
 from parley.brain.llm.router import RouterEvent
+from parley.brain.usage import RoundUsage
 from parley.common.words import normalize_words as normalize
 
 log = logging.getLogger(__name__)
@@ -63,7 +69,8 @@ class Speculation:
 
     Built after ``delay_s`` (or at :meth:`start_now`), then streamed into a buffer until adopted
     or cancelled. Adopted, it says ``filler`` if nothing has come ``filler_after_s`` after the
-    turn ended (None: no filler).
+    turn ended (None: no filler). Dropped (any outcome but adopted), it is handed to
+    ``on_dropped``: what it was billed is then :meth:`billed`.
     """
 
     def __init__(self, call_id: str, text: str, *,
@@ -71,9 +78,13 @@ class Speculation:
                  stream: Callable[[LlmRequest], AsyncIterator[RouterEvent]],
                  delay_s: float, on_outcome: Callable[[str], None],
                  on_clause: Callable[[str, bool], Awaitable[None]] | None = None,
+                 on_dropped: Callable[[Speculation], None] | None = None,
                  filler: str = "One moment.", filler_after_s: float | None = None) -> None:
+        self.id = uuid.uuid4()  # names its usage records: each speculation is its own request
         self.call_id = call_id
         self.text = text
+        self.turn_id = ""  # the caller's turn it answers, once its request is built ("": unknown)
+        self._on_dropped = on_dropped
         self._filler = filler
         self._filler_after_s = filler_after_s
         self._ended_at: float | None = None  # when the turn ended, as seen here (loop time)
@@ -231,13 +242,23 @@ class Speculation:
 
     def cancel(self, outcome: str = "cancelled") -> None:
         """Stop generating; nothing it produced is used."""
-        self._task.cancel()
+        self._task.cancel()  # from here on nothing more is buffered
         self._finish(outcome)
+
+    def billed(self) -> RoundUsage:
+        """What its responses were billed, as its stream reported them (final once dropped)."""
+        billed = RoundUsage(run=0)  # (asked by no unit of work)
+        for item in self._items:
+            if isinstance(item, UsageReported | Done):
+                billed.add(item)
+        return billed
 
     def _finish(self, outcome: str) -> None:
         if not self.outcome:
             self.outcome = outcome
             self._on_outcome(outcome)
+            if outcome != "adopted" and self._on_dropped is not None:
+                self._on_dropped(self)  # (adopted, the turn records what it was billed)
 
 
 class Speculations:
@@ -261,11 +282,13 @@ class Speculations:
     def start(self, call_id: str, text: str, *, build: Callable[[], Awaitable[LlmRequest | None]],
               stream: Callable[[LlmRequest], AsyncIterator[RouterEvent]], delay_s: float,
               timeout_s: float,
-              on_clause: Callable[[str, bool], Awaitable[None]] | None = None) -> Speculation:
+              on_clause: Callable[[str, bool], Awaitable[None]] | None = None,
+              on_dropped: Callable[[Speculation], None] | None = None) -> Speculation:
         """Replace the call's speculation with one for ``text``."""
         self.cancel(call_id, "superseded")
         speculation = Speculation(call_id, text, build=build, stream=stream, delay_s=delay_s,
                                   on_outcome=self._count, on_clause=on_clause,
+                                  on_dropped=on_dropped,
                                   filler=self._filler, filler_after_s=self._filler_after_s)
         self._calls[call_id] = speculation
         self._cancel_later(call_id, speculation, delay_s + timeout_s, "expired")

@@ -5,12 +5,18 @@ providers that report it then) and as it ends (:class:`Done`); a response cut sh
 barge-in or a failure has only the first. :class:`RoundUsage` keeps one entry per response (a
 fallback or a retry makes several); the worker records them as ``usage.recorded``, one event
 per provider and kind, for integrators to bill from and for the fold to sum into the turn's
-``turn.completed`` (a turn's rounds may run on different instances).
+``turn.completed`` (a turn's rounds may run on different instances). A speculative reply that
+no turn adopted is recorded the same way, marked ``speculative`` (billed, but none of the
+turn's rounds).
 """
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Callable
+
 from parley.brain.llm.base import Done, Usage, UsageReported
+from parley.common.events import UsageRecorded
 
 # usage.recorded kind → the Usage field it counts
 LLM_KINDS = {"llm_input_tokens": "input_tokens", "llm_cache_read_tokens": "cache_read_tokens",
@@ -58,3 +64,18 @@ class RoundUsage:
         for provider, usage in self._responses:
             totals[provider] = add_usage(totals.get(provider, Usage()), usage)
         return totals
+
+
+def usage_recorded(billed: RoundUsage, *, org_id: str, call_id: str, turn_id: str,
+                   id_of: Callable[[str, str], uuid.UUID], causation_id: uuid.UUID | None = None,
+                   speculative: bool = False) -> list[UsageRecorded]:
+    """``billed`` as ``usage.recorded`` events, one per provider and kind that is not zero.
+
+    ``id_of(provider, kind)`` names each: the same record published again is a duplicate.
+    """
+    return [UsageRecorded(
+        id=id_of(provider, kind), org_id=org_id, call_id=call_id, turn_id=turn_id,
+        kind=kind, quantity=float(getattr(usage, name)),  # type: ignore[arg-type]
+        unit="tokens", provider=provider, speculative=speculative, causation_id=causation_id)
+        for provider, usage in billed.by_provider().items()
+        for kind, name in LLM_KINDS.items() if getattr(usage, name)]

@@ -52,7 +52,9 @@ moments only, not on every partial.
 The turn adopts it when its own request turns out the same, so the first clauses go out as soon
 as the turn ends (a reply not begun by then gets the router's filler ``filler_after_ms`` after
 the turn ended, not after the speculative request); otherwise the speculation is dropped. A
-turn that lands on another instance just runs normally there.
+turn that lands on another instance just runs normally there. A dropped speculation was a
+billed request too: what its stream reported is recorded as ``usage.recorded`` marked
+``speculative``, in a task of its own (off the turn's path).
 
 History: the first unit of work of a call replays its events from JetStream; from then on an
 ordered consumer over every call event keeps the instance's copy current, so later turns fold
@@ -98,7 +100,7 @@ from parley.brain.llm.clauses import ClauseSplitter
 from parley.brain.llm.local_responder import classify_intent
 from parley.brain.llm.router import LlmRouter, RouterEvent
 from parley.brain.preemptive import Speculation, Speculations
-from parley.brain.usage import LLM_KINDS, RoundUsage, add_usage
+from parley.brain.usage import RoundUsage, add_usage, usage_recorded
 from parley.common.bus import Bus, ConsumerSettings, DurableConsumer, call_events, events_of_type
 from parley.common.bus.streams import EVENTS_STREAM
 from parley.common.bus.subjects import EVENTS_PREFIX, SubjectError, parse_event_subject
@@ -401,8 +403,8 @@ class BrainWorker:
         self._turn_ends: OrderedDict[str, tuple[int, str]] = OrderedDict()
         # call → (stream sequence, event) the follower delivered while the call was replayed
         self._replaying: dict[str, list[tuple[int, Event]]] = {}
-        # call → the caller's turn its speculation answers (the one after its latest)
-        self._anticipated: dict[str, str] = {}
+        # Recording what dropped speculations were billed (awaited on stop).
+        self._recordings: set[asyncio.Task[None]] = set()
         self._subs: list[Any] = []
         self._followed_from = 0  # first stream sequence the live follower delivered
         self.replays = 0  # turns that had to read their call from JetStream
@@ -441,6 +443,7 @@ class BrainWorker:
                 await sub.unsubscribe()
         await self._consumer.stop()
         self.speculations.cancel_all()
+        await asyncio.gather(*self._recordings)  # what they were billed, recorded still
         for task in self._profiles.values():
             task.cancel()
         self._profiles.clear()
@@ -459,7 +462,6 @@ class BrainWorker:
             self.speculations.cancel(call_id, "caller spoke")
         elif isinstance(event, CallEnded):
             self.speculations.cancel(call_id, "call ended")
-            self._anticipated.pop(call_id, None)
         elif isinstance(event, TranscriptPartial | TranscriptFinal | SpeechStopped) and (
                 self.s.preemptive):
             # The words are as good as known at a final, or when the caller has stopped.
@@ -480,25 +482,26 @@ class BrainWorker:
             org_id = event.org_id
 
             async def prepared(clause: str, last: bool) -> None:
-                turn_id = self._anticipated.get(call_id)
-                if turn_id and self.speculations.get(call_id) is speculation:
+                if speculation.turn_id and self.speculations.get(call_id) is speculation:
                     await self.s.bus.publish(AgentReplyPrepared(
-                        org_id=org_id, call_id=call_id, turn_id=turn_id,
+                        org_id=org_id, call_id=call_id, turn_id=speculation.turn_id,
                         words=normalize(text), text=clause, last=last))
 
             speculation = self.speculations.start(
                 call_id, text, stream=self.s.router.stream,
-                build=lambda: self._speculative_request(org_id, call_id, text, agent_id, context),
+                build=lambda: self._speculative_request(speculation, org_id, agent_id, context),
                 delay_s=0.0 if final else stable_s, timeout_s=self.s.preemptive_timeout_s,
-                on_clause=prepared if self.s.prepare_replies else None)
+                on_clause=prepared if self.s.prepare_replies else None,
+                on_dropped=lambda dropped: self._record_dropped(org_id, dropped))
 
-    async def _speculative_request(self, org_id: str, call_id: str, text: str, agent_id: str,
+    async def _speculative_request(self, speculation: Speculation, org_id: str, agent_id: str,
                                    prepared: asyncio.Task[Context]) -> LlmRequest | None:
-        """The request the turn will make if it ends with ``text`` now.
+        """The request the turn will make if it ends with the speculation's words now.
 
         None if that cannot be known here: the call is not followed here, the agent is busy
         answering (the history will change), or the context was warmed for another agent.
         """
+        call_id, text = speculation.call_id, speculation.text
         cached = self._history.get(call_id)
         if cached is None or cached[0] < self._followed_from - 1 or call_id in self._running:
             return None
@@ -508,7 +511,7 @@ class BrainWorker:
                 conversation.latest_user_turn and (
                 latest is None or not (latest.completed or latest.interrupted))):
             return None
-        self._anticipated[call_id] = next_user_turn(conversation.latest_spoken_turn)
+        speculation.turn_id = next_user_turn(conversation.latest_spoken_turn)
         conversation.apply(TurnUserEnded(org_id=org_id, call_id=call_id, turn_id="",
                                          text=text))
         warm = await asyncio.shield(prepared)  # the turn may still use it: never cancel it
@@ -520,6 +523,25 @@ class BrainWorker:
         settings = await self.s.agents(org_id, conversation.agent_id)
         return self._request(conversation, settings, context,
                              await self.s.tools(org_id, conversation.agent_id))
+
+    def _record_dropped(self, org_id: str, speculation: Speculation) -> None:
+        """Record what a dropped speculation was billed, in a task: a turn may be starting."""
+        task = asyncio.create_task(self._publish_speculation_usage(org_id, speculation),
+                                   name=f"speculation-usage:{speculation.call_id}")
+        self._recordings.add(task)
+        task.add_done_callback(self._recordings.discard)
+
+    async def _publish_speculation_usage(self, org_id: str, speculation: Speculation) -> None:
+        call_id = speculation.call_id
+        events = usage_recorded(
+            speculation.billed(), org_id=org_id, call_id=call_id, turn_id=speculation.turn_id,
+            speculative=True, id_of=lambda provider, kind: stable_id(
+                call_id, "speculation", speculation.id, provider, kind))
+        try:
+            for event in events:
+                await self.s.bus.publish(event)
+        except Exception:
+            log.exception("call %s: the usage of a dropped speculation was not recorded", call_id)
 
     # ------------------------------------------------------------------ dispatch
 
@@ -974,13 +996,10 @@ class BrainWorker:
         published again is a duplicate, a round asked again after a redelivery records its own.
         """
         call_id, round_no = conversation.call_id, conversation.turn(turn_id).round
-        return [UsageRecorded(
-            id=stable_id(call_id, turn_id, "usage", round_no, billed.run, provider, kind),
-            org_id=conversation.org_id, call_id=call_id, turn_id=turn_id,
-            kind=kind, quantity=float(getattr(usage, name)),  # type: ignore[arg-type]
-            unit="tokens", provider=provider, causation_id=cause.id)
-            for provider, usage in billed.by_provider().items()
-            for kind, name in LLM_KINDS.items() if getattr(usage, name)]
+        return usage_recorded(
+            billed, org_id=conversation.org_id, call_id=call_id, turn_id=turn_id,
+            causation_id=cause.id, id_of=lambda provider, kind: stable_id(
+                call_id, turn_id, "usage", round_no, billed.run, provider, kind))
 
     async def _record_usage(self, conversation: Conversation, turn_id: str, cause: Event,
                             billed: RoundUsage) -> None:

@@ -16,6 +16,9 @@ class UsageRecorded(CallEvent, frozen=True, kw_only=True, tag="usage.recorded"):
     ``llm_cache_read_tokens``, ``llm_cache_write_tokens`` and ``llm_output_tokens``, in unit
     ``tokens``. A round cut short (a barge-in, a failure) records what the provider had reported
     by then. A round asked again (its unit of work redelivered) records its new request too.
+    A reply the brain speculated on before the turn ended and then dropped (not adopted) was
+    billed too: it is recorded ``speculative``, under the turn it answered if known, and is not
+    part of that turn's ``turn.completed`` usage.
     """
 
     kind: Literal["call_minutes", "stt_seconds", "tts_characters", "llm_input_tokens",
@@ -26,6 +29,7 @@ class UsageRecorded(CallEvent, frozen=True, kw_only=True, tag="usage.recorded"):
     provider: str = ""
     cost_usd: float = 0.0
     turn_id: str = ""  # the caller's turn whose LLM round this is ("" for usage of no turn)
+    speculative: bool = False  # a speculative reply for turn_id that no turn adopted
 
 
 class QuotaExceeded(OrgEvent, frozen=True, kw_only=True, tag="quota.exceeded"):
