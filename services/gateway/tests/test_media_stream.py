@@ -19,9 +19,10 @@ from .conftest import (
 )
 
 
-async def request(bus, call_id: str, verb: str, body: dict | None = None) -> dict:
+async def request(bus, call_id: str, verb: str, body: dict | None = None, *,
+                  timeout: float = 5) -> dict:
     reply = await bus.nc.request(command_subject(call_id, verb),
-                                 msgspec.json.encode(body or {}), timeout=5)
+                                 msgspec.json.encode(body or {}), timeout=timeout)
     return msgspec.json.decode(reply.data)
 
 
@@ -201,6 +202,31 @@ async def test_a_transfer_ends_the_call_even_if_the_stream_stops_before_twilio_a
     [ended] = await events.wait("call.ended", call_id)
     assert ended.reason == "transferred"
     assert len(events.of("call.transferred", call_id)) == 1
+
+
+async def test_a_barge_in_does_not_wait_behind_a_transfer_twilio_is_slow_to_accept(
+        make_gateway, events, bus):
+    # A call's commands ran one at a time: while the transfer's redirect waited on Twilio's
+    # REST API (up to 10 s), media's clear for the caller's barge-in waited behind it, and
+    # the caller went on hearing the agent. A hang-up asked meanwhile still waits its turn.
+    gateway = await make_gateway(rest=True)
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    gateway.rest_fake.hold_updates = asyncio.Event()
+    transfer = asyncio.create_task(request(bus, call_id, "transfer", {"to": "+14155550123"}))
+    await wait_for(lambda: gateway.rest_fake.updates)
+    hangup = asyncio.create_task(request(bus, call_id, "hangup"))
+    await asyncio.sleep(0.1)  # (the hang-up has arrived)
+    assert await request(bus, call_id, "clear", timeout=1) == {"ok": True}
+    assert await stream.receive_json() == {"event": "clear", "streamSid": stream.stream_sid}
+    assert await request(bus, call_id, "mark", {"name": "turn_2:0"}, timeout=1) == {"ok": True}
+    assert (await stream.receive_json())["mark"] == {"name": "turn_2:0"}
+    assert len(gateway.rest_fake.updates) == 1  # the hang-up waits for the transfer
+    gateway.rest_fake.hold_updates.set()
+    assert await transfer == {"ok": True}
+    assert await hangup == {"ok": True}
+    assert [form for _, form in gateway.rest_fake.updates][1] == {"Status": "completed"}
+    [ended] = await events.wait("call.ended", call_id)
+    assert ended.reason == "transferred"
 
 
 async def test_dtmf_redirects_and_the_call_continues_on_a_new_stream(make_gateway, events, bus):

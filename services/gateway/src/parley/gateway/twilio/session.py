@@ -38,7 +38,7 @@ from ..calls import (
     seconds_since,
 )
 from ..close_codes import CloseCode, ProtocolViolation, close_reason
-from ..commands import CommandError, EndReason, serve_commands
+from ..commands import CommandError, CommandServer, EndReason, serve_commands
 from ..config import GatewayConfig
 from ..keys import BUS, CALLS, CLOCK, CONFIG, METRICS, POOL, TWILIO_REST
 from . import twiml
@@ -86,7 +86,7 @@ class TwilioSession:
         self._reconnects = 0  # the call's reconnects when this socket attached
         self._closer: asyncio.Task[Any] | None = None  # the watchdog closing a dead socket
         self._subscriptions: list[Subscription] = []
-        self._commands: Subscription | None = None
+        self._commands: CommandServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closes = self.metrics.counter(
             "gateway_socket_closes", "Carrier sockets closed by the gateway, by code",
@@ -441,19 +441,15 @@ class TwilioSession:
             self.app[CALLS].release(self)
 
     async def _finish_commands(self) -> None:
-        """Stop taking commands, letting the one in flight finish (unsubscribing cancels it)."""
+        """Stop taking commands, letting those received finish (stopping cancels them)."""
         commands, self._commands = self._commands, None
         if commands is None:
             return
-        drained = False
         try:
             async with asyncio.timeout(COMMAND_GRACE_S):
                 await commands.drain()
-            drained = True
         except Exception as exc:
             log.warning("call %s: commands in flight not finished with the socket (%s); "
                         "cancelling them", self.call_id, type(exc).__name__)
         finally:
-            if not drained:
-                with contextlib.suppress(Exception):
-                    await commands.unsubscribe()
+            await commands.stop()
