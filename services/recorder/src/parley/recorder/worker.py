@@ -29,7 +29,7 @@ import signal
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import psycopg
@@ -51,6 +51,16 @@ LEADER_LOCK = 0x7265636F7264  # "record"
 RETRY_MIN_S, RETRY_MAX_S = 0.5, 8.0
 GAP_CHUNK = 10_000  # skipped positions dead-lettered per transaction
 LEAD_CHECK_S = 1.0  # how often a leader checks that its lock's connection is alive
+LEAD_CHECK_TIMEOUT_S = 2.0  # a lock connection silent this long is lost
+# A Postgres that stops answering (a network blackhole, a hung server) is noticed in seconds,
+# not after the OS defaults (minutes of retransmission, two hours before a keepalive): by the
+# recorder (libpq's connect timeout and TCP keepalives, and a bound on unacknowledged data),
+# and by the server, which then ends the session and frees the leader lock for a standby.
+_CLIENT_TCP: dict[str, Any] = {
+    "connect_timeout": 5, "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
+    "keepalives_count": 3, "tcp_user_timeout": 10_000}
+_SERVER_TCP = ("SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; "
+               "SET tcp_keepalives_count = 3; SET tcp_user_timeout = 10000")
 # The JSON escape of NUL (backslash, u0000), which jsonb refuses. Only after an even number of
 # backslashes: after an odd number it is an escaped backslash followed by the text "u0000".
 _NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
@@ -101,8 +111,7 @@ class Recorder:
         """Record until ``stop`` is set; survives NATS and Postgres outages by retrying."""
         while not stop.is_set():
             try:
-                async with await psycopg.AsyncConnection.connect(
-                        self.database_url, autocommit=True) as leader_conn:
+                async with _connect(self.database_url, autocommit=True) as leader_conn:
                     await self._lead(leader_conn, stop)
             except (psycopg.OperationalError, LeadershipLost) as exc:
                 log.warning("recorder is not the leader any more (%s); trying again", exc)
@@ -124,7 +133,7 @@ class Recorder:
         delay, failed_at = RETRY_MIN_S, -math.inf
         while not stop.is_set():
             try:
-                async with await psycopg.AsyncConnection.connect(self.database_url) as conn:
+                async with _connect(self.database_url) as conn:
                     await self._record(conn, leader_conn, stop)
             except (psycopg.OperationalError, APIError, NatsTimeoutError, MessageLost) as exc:
                 # Any JetStream API error (404 consumer gone, 503 no responders, 500, a 400
@@ -144,14 +153,19 @@ class Recorder:
         return bool(row and row[0])
 
     async def _check_lead(self, leader_conn: psycopg.AsyncConnection[Any]) -> None:
-        """Raise ``LeadershipLost`` if the session holding the leader lock is gone.
+        """Raise ``LeadershipLost`` if the session holding the leader lock is gone or silent.
 
-        Its lock went with it, so a standby may be leading already.
+        Its lock went with it (or will, once the server's keepalives give up on this
+        recorder), so a standby may be leading already.
         """
         try:
-            await leader_conn.execute("SELECT 1")
+            async with asyncio.timeout(LEAD_CHECK_TIMEOUT_S):
+                await leader_conn.execute("SELECT 1")
         except psycopg.Error as exc:
             raise LeadershipLost(f"the leader lock's connection failed: {exc}") from exc
+        except TimeoutError as exc:
+            raise LeadershipLost(f"the leader lock's connection did not answer in "
+                                 f"{LEAD_CHECK_TIMEOUT_S} s") from exc
 
     async def _record(self, conn: psycopg.AsyncConnection[Any],
                       leader_conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> None:
@@ -367,6 +381,18 @@ class Recorder:
         if self._crash_point == point and self._batches + 1 >= self._crash_after:
             log.warning("chaos: killing the recorder at %s", point)
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextlib.asynccontextmanager
+async def _connect(database_url: str, *, autocommit: bool = False,
+                   ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A connection to the event store that notices, and lets the server notice, a dead peer."""
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=autocommit,
+                                                     **_CLIENT_TCP) as conn:
+        # Set per session rather than in the startup packet's options, which poolers refuse.
+        await conn.execute(_SERVER_TCP)
+        await conn.commit()
+        yield conn
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
