@@ -48,11 +48,13 @@ async def test_reads_by_call_range_org_type_and_id(database_url: str) -> None:
     await store_events(database_url, SCRIPT)
     async with AsyncConnectionPool(database_url, min_size=1, max_size=2, open=False) as pool:
         store = EventStore(pool)
-        call = await store.read_aggregate("c1")
+        call = await store.read_aggregate("call", "c1")
         assert [s.event for s in call] == [SCRIPT[0], SCRIPT[1], SCRIPT[4]]
         assert [s.position for s in call] == [1, 2, 5]
-        assert await store.read_aggregate("c1", org_id="o2") == []  # tenants never mix
-        assert [s.position for s in await store.read_aggregate("c1", after=2)] == [5]
+        assert await store.read_aggregate("call", "c1", org_id="o2") == []  # tenants never mix
+        assert [s.position for s in await store.read_aggregate("call", "c1", after=2)] == [5]
+        assert [s.event for s in await store.read_aggregate("agent", "a")] == [SCRIPT[3]]
+        assert await store.read_aggregate("call", "a") == []  # an agent's id is no call's
         assert [s.position for s in await store.read_range(1, limit=2)] == [2, 3]
         assert [s.position for s in await store.read_range(0, until=2)] == [1, 2]
         requested = await store.read_by_type("o1", ["call.requested", "agent.created"])

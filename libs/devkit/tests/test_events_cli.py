@@ -95,6 +95,24 @@ async def test_show_from_postgres_lists_the_calls_dead_letters_in_place(
     assert other_org.returncode == 1 and "no events" in other_org.stderr
 
 
+async def test_show_is_a_calls_timeline_only_not_an_agents_or_an_orgs(
+        bus: Bus, database_url: str, nats_url: str) -> None:
+    # An agent's or an org's id is no call's: Postgres agrees with the stream, which reads
+    # only a call's subjects.
+    await bus.publish(ev.AgentCreated(org_id="o1", agent_id="a1", name="Reception"))
+    await bus.publish(ev.ApiKeyCreated(org_id="o1", key_id="k1", actor="user:ann"))
+    await bus.publish(ev.CallRinging(org_id="o1", call_id="a1"))  # a call with the same id
+    await record_all(bus, database_url, 3)
+    env = {"PARLEY_DATABASE_URL": database_url, "PARLEY_NATS_URL": nats_url}
+
+    for source in ((), ("--from-stream",)):
+        org = await asyncio.to_thread(parley, "events", "show", "o1", *source, env=env)
+        assert org.returncode == 1 and "no events for call o1" in org.stderr, org.stdout
+        call = await asyncio.to_thread(parley, "events", "show", "a1", "--json", *source,
+                                       env=env)
+        assert [ev.decode(line).type for line in call.stdout.splitlines()] == ["call.ringing"]
+
+
 async def test_tail_follows_live_events_filtered_by_type(bus: Bus, nats_url: str) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "parley.devkit.cli", "events", "tail", "--type", "call.ended",

@@ -220,7 +220,7 @@ async def show_stored_call(database_url: str, call_sid: str, root: Path) -> int:
             await asyncio.sleep(0.2)
     call_id = row[0]
     async with AsyncConnectionPool(database_url, min_size=1, max_size=1, open=False) as pool:
-        stored = await EventStore(pool).read_aggregate(call_id)
+        stored = await EventStore(pool).read_aggregate("call", call_id)
     shown = [(s.position, s.event) for s in stored if s.event.type not in HIDDEN_IN_TIMELINE]
     print(f"\nEvent timeline of {call_id} from Postgres ({len(stored)} events, "
           f"{len(stored) - len(shown)} playback marks left out; all of them: "

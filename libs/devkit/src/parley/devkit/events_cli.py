@@ -193,7 +193,7 @@ async def _show(args: argparse.Namespace) -> int:
             async with AsyncConnectionPool(url, min_size=1, max_size=1, open=False,
                                            timeout=CONNECT_TIMEOUT_S) as pool:
                 store = EventStore(pool)
-                stored = await store.read_aggregate(args.call_id, org_id=args.org)
+                stored = await store.read_aggregate("call", args.call_id, org_id=args.org)
                 # What the recorder could not store is part of the story (the stream path
                 # logs what it skips).
                 dead = await store.read_dead_letters("call", args.call_id, org_id=args.org)

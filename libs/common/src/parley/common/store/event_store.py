@@ -91,15 +91,19 @@ class EventStore:
             cursor = await conn.execute(f"SELECT {_COLUMNS} FROM events {sql}", params)
             return [_row_to_stored(row) for row in await cursor.fetchall()]
 
-    async def read_aggregate(self, aggregate_id: str, *, org_id: str | None = None,
-                             after: int = 0) -> list[StoredEvent]:
-        """All events of one call (or agent, org…) in order; only the org's when given."""
+    async def read_aggregate(self, aggregate: str, aggregate_id: str, *,
+                             org_id: str | None = None, after: int = 0) -> list[StoredEvent]:
+        """All events of one call (``"call"``, its id) or agent, org… in order.
+
+        Only the org's when given. An id alone could be an agent's as well as a call's.
+        """
         if org_id is None:
-            return await self._query("WHERE aggregate_id = %s AND position > %s ORDER BY position",
-                                     (aggregate_id, after))
+            return await self._query(
+                "WHERE aggregate_id = %s AND aggregate = %s AND position > %s ORDER BY position",
+                (aggregate_id, aggregate, after))
         return await self._query(
-            "WHERE aggregate_id = %s AND org_id = %s AND position > %s ORDER BY position",
-            (aggregate_id, org_id, after))
+            "WHERE aggregate_id = %s AND aggregate = %s AND org_id = %s AND position > %s "
+            "ORDER BY position", (aggregate_id, aggregate, org_id, after))
 
     async def read_dead_letters(self, aggregate: str, aggregate_id: str, *,
                                 org_id: str | None = None) -> list[DeadLetter]:
