@@ -1,4 +1,5 @@
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -126,6 +127,26 @@ async def test_tail_follows_live_events_filtered_by_type(bus: Bus, nats_url: str
     out, _ = await asyncio.wait_for(proc.communicate(), 30)
     lines = out.decode().splitlines()
     assert len(lines) == 2 and all("call.ended" in line and "busy" in line for line in lines)
+
+
+async def test_tail_json_shows_an_event_whose_payload_is_not_utf8(
+        bus: Bus, nats_url: str) -> None:
+    # It decodes (the bytes are in a field this version skips unread) and counts to --limit:
+    # its line must not go missing.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "parley.devkit.cli", "events", "tail", "--json", "--limit", "2",
+        env={**os.environ, "PARLEY_NATS_URL": nats_url},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert proc.stderr is not None
+    await asyncio.wait_for(proc.stderr.readline(), 30)  # "following ..." once subscribed
+    ringing = ev.encode(ev.CallRinging(org_id="o1", call_id="c1"))
+    await bus.js.publish("parley.ev.o1.call.c1.call.ringing", ringing[:-1] + b',"note":"caf\xe9"}')
+    await bus.publish(ev.CallEnded(org_id="o1", call_id="c1"))
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    lines = out.decode().splitlines()
+    assert [ev.decode(line).type for line in lines] == ["call.ringing", "call.ended"]
+    assert json.loads(lines[0])["note"] == "caf\ufffd"
+    assert "not valid UTF-8" in err.decode()
 
 
 async def test_rebuild_command(bus: Bus, database_url: str) -> None:

@@ -247,7 +247,13 @@ async def _tail(args: argparse.Namespace) -> int:
             return
         seen += 1
         if args.json:
-            print(msg.data.decode(), flush=True)
+            try:
+                line = msg.data.decode()
+            except UnicodeDecodeError as exc:  # in a field this version skips unread
+                print(f"parley: {msg.subject}: the payload is not valid UTF-8 ({exc}); shown "
+                      "with U+FFFD", file=sys.stderr, flush=True)
+                line = msg.data.decode(errors="replace")  # still one JSON line, not lost
+            print(line, flush=True)
         else:
             print(f"{event.at:%H:%M:%S.%f}"[:-3] + f"  {event.org_id}  {event.aggregate_id}  "
                   f"{event.type:<26} {summarize(event)}", flush=True)
