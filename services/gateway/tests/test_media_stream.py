@@ -98,6 +98,20 @@ async def test_a_foreign_mark_ending_in_other_digits_is_reported_whole(gateway, 
     assert await stream.closed() == (1000, "stream stopped")
 
 
+async def test_clear_and_mark_say_so_when_the_socket_is_gone(gateway, events, bus):
+    # They replied ok though nothing was sent, and media waited for a mark echo that never
+    # came. The caller hangs up: on the stream's stop the session ends the call and closes the
+    # socket, and until Twilio answers the close (here: not yet) the call's commands are served.
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    await stream.stop(call_sid)
+    await events.wait("call.ended", call_id)
+    await asyncio.sleep(0.1)
+    for verb, body in (("clear", {}), ("mark", {"name": "turn_1:4"})):
+        assert await request(bus, call_id, verb, body) == {
+            "ok": False, "error": f"{verb} not sent: the call's socket is closed"}
+    assert await stream.closed() == (1000, "stream stopped")
+
+
 async def test_hangup_command_without_rest_closes_the_socket(gateway, events, bus):
     stream, call_sid, call_id = await started_stream(gateway, events)
     assert await request(bus, call_id, "hangup") == {"ok": True}

@@ -117,6 +117,20 @@ async def test_a_checkpoint_named_with_thousands_of_digits_is_reported_whole(pli
                                 code="1011") == 0
 
 
+async def test_clear_and_mark_say_so_when_the_socket_is_gone(plivo_gateway, events, bus):
+    # They replied ok though nothing was sent, and media waited for a checkpoint echo that
+    # never came. The session closes the socket on a message it refuses, and until Plivo
+    # answers the close (here: not yet) the call's commands are served.
+    stream, _, call_id = await started_plivo_stream(plivo_gateway, events)
+    await stream.dtmf("hello!")
+    await wait_for(lambda: plivo_gateway.metric("gateway_socket_closes_total",
+                                                protocol="plivo_stream", code="4400"))
+    for verb, body in (("clear", {}), ("mark", {"name": "turn_1:4"})):
+        assert await request(bus, call_id, verb, body) == {
+            "ok": False, "error": f"{verb} not sent: the call's socket is closed"}
+    assert (await stream.closed())[0] == CloseCode.INVALID_MESSAGE
+
+
 async def test_dtmf_and_transfer_commands_use_the_rest_api(plivo_gateway, events, bus):
     stream, call_uuid, call_id = await started_plivo_stream(plivo_gateway, events)
     assert await request(bus, call_id, "dtmf", {"digits": "12#"}) == {"ok": True}

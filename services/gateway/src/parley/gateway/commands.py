@@ -13,7 +13,9 @@ transfer   ``{"to": "+15551234567", "mode": "cold"}``   hand the call to another
 =========  ===========================================  =====================================
 
 The reply is ``{"ok": true}`` or ``{"ok": false, "error": "..."}``; a request for a call no
-instance holds gets no reply (the requester's timeout / no-responders error says so).
+instance holds gets no reply (the requester's timeout / no-responders error says so). A
+``clear`` or ``mark`` is ok only once written to the carrier's socket: one that finds the
+socket closed (the call ending) fails, since no mark echo will come.
 
 Order. A call's commands run in two lanes, each in the order its commands arrive. ``clear``
 and ``mark`` only write to the carrier socket and are what a barge-in waits on; ``hangup``,

@@ -165,15 +165,15 @@ class PlivoStreamSession(TwilioSession):
         self._frames_out.inc()
         name = (msg.headers or {}).get(MARK)
         if name:
-            await self.mark(name)
+            await self.send(protocol.checkpoint(self.stream_id, name))
 
     async def clear(self) -> None:
         """Flush the audio Plivo has queued (barge-in)."""
-        await self.send(protocol.clear_audio(self.stream_id))
+        await self.send_or_refuse("clear", protocol.clear_audio(self.stream_id))
 
     async def mark(self, name: str) -> None:
         """Ask Plivo to echo ``name`` (playedStream) once the audio sent so far has played."""
-        await self.send(protocol.checkpoint(self.stream_id, name))
+        await self.send_or_refuse("mark", protocol.checkpoint(self.stream_id, name))
 
     # -- call control through Plivo's REST API ----------------------------------------------
 

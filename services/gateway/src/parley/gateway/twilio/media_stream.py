@@ -260,16 +260,20 @@ class MediaStreamSession(TwilioSession):
         self._frames_out.inc()
         name = (msg.headers or {}).get(MARK)
         if name:
-            await self.mark(name)
+            await self.send(self._mark_message(name))
 
     async def clear(self) -> None:
         """Flush the audio Twilio has queued (barge-in)."""
-        await self.send(_encoder.encode({"event": "clear", "streamSid": self.stream_sid}))
+        await self.send_or_refuse("clear", _encoder.encode({"event": "clear",
+                                                            "streamSid": self.stream_sid}))
 
     async def mark(self, name: str) -> None:
         """Ask Twilio to echo ``name`` once the audio sent so far has played."""
-        await self.send(_encoder.encode({"event": "mark", "streamSid": self.stream_sid,
-                                         "mark": {"name": name}}))
+        await self.send_or_refuse("mark", self._mark_message(name))
+
+    def _mark_message(self, name: str) -> bytes:
+        return _encoder.encode({"event": "mark", "streamSid": self.stream_sid,
+                                "mark": {"name": name}})
 
     async def send_digits(self, digits: str) -> None:
         """Play DTMF: redirect the call to ``<Play digits>`` and then a new stream.

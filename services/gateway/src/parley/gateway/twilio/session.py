@@ -192,6 +192,15 @@ class TwilioSession:
             return False
         return True
 
+    async def send_or_refuse(self, verb: str, data: bytes) -> None:
+        """Send a command's message to the carrier; CommandError if it could not be sent.
+
+        A ``clear`` or ``mark`` answered ok though nothing was sent left media waiting for a
+        mark echo that never comes.
+        """
+        if not await self.send(data):
+            raise CommandError(f"{verb} not sent: the call's socket is closed")
+
     # -- attaching the call -----------------------------------------------------------------
 
     async def attach(self, call_sid: str, params: dict[str, str], stream_id: str) -> None:
