@@ -50,13 +50,17 @@ class LeaseState(msgspec.Struct, kw_only=True):
     owner: str
     org_id: str
     agent_id: str = ""
-    turn_no: int = 0  # user turns completed
+    turn_no: int = 0  # user turns completed at the resume frame
     # Where inbound audio resumes: the frame with this sequence number (0: the start of the
     # call), its audio time, and when the gateway sent it (epoch s) — a successor reads the
     # AUDIO stream from a little before then, skipping frames before ``resume_seq``.
     resume_seq: int = 0
     resume_ms: int = 0
     resume_at: float = 0.0
+    # At that frame: the ordinal of the next event of each kind numbered within turn
+    # ``turn_no`` (speech.started, speech.stopped, transcript.final), so that the events the
+    # successor detects again get the ids they had.
+    ordinals: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class LeaseLost(Exception):

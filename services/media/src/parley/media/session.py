@@ -119,7 +119,8 @@ log = logging.getLogger(__name__)
 
 _ID_NAMESPACE = uuid.UUID("6c1d2a39-4f0e-4c55-9d0e-7a7b8f0b8a11")
 PREROLL_MS = 400  # resume this much audio before the open turn began
-CHECKPOINT_EVERY = 50  # frames between remembered (audio ms → frame seq, sent time) points
+# Frames between remembered resume points (see _on_audio), at least.
+CHECKPOINT_EVERY = 50
 # A successor's catch-up starts this long before the resume frame was sent, so clock skew
 # between hosts cannot make it miss the frame (the extra frames it reads are skipped).
 RESUME_MARGIN_S = 1.0
@@ -252,10 +253,14 @@ class CallSession:
         self._base_ms: int | None = None  # audio time of the segmenter's first frame
         self._speech_start_ms: int | None = None
         self._speech_end_wall = 0.0
-        self._ordinals: dict[str, int] = {}
-        # (audio ms, frame seq, when the gateway sent the frame)
-        self._checkpoints: deque[tuple[int, int, float]] = deque(maxlen=600)
+        # The ordinal of the next event of each kind numbered within the turn (_publish).
+        self._ordinals: dict[str, int] = dict(resume.ordinals) if resume else {}
+        # Where a successor can resume: (audio ms, frame seq, when the gateway sent the frame,
+        # turn number, ordinals) at frames with no speech and no turn under way.
+        self._checkpoints: deque[tuple[int, int, float, int, dict[str, int]]] = deque(
+            maxlen=600)
         self._frames_seen = 0
+        self._next_checkpoint = 1  # frames seen when the next resume point is due
         self._catching_up = self.resuming
         # STT
         self._stt_chain = services.stt.chain(settings.providers.get("stt", ""))
@@ -405,14 +410,21 @@ class CallSession:
         self.stop("lease_lost")
 
     def _update_lease(self) -> None:
-        self.lease.turn_no = self.turn_no
+        """Resume a successor at the last resume point before the open turn's pre-roll.
+
+        With the turn number and ordinals of that point, not the latest: it detects again what
+        came after it, and the events it publishes of that get the ids they had, so they are
+        dropped as repeats. (Counted from the latest, the turn that ended since came again as
+        the next one, and a noise's events under the same number shifted the ordinals.)
+        """
         start = self.detector.turn_started_ms
         target = (start if start is not None else self.audio_ms) - PREROLL_MS
         lease = self.lease
-        for ms, seq, sent_at in self._checkpoints:
+        for ms, seq, sent_at, turn_no, ordinals in self._checkpoints:
             if ms > target:
                 break
             lease.resume_seq, lease.resume_ms, lease.resume_at = seq, ms, sent_at
+            lease.turn_no, lease.ordinals = turn_no, ordinals
 
     # ------------------------------------------------------------------ inbound audio
 
@@ -436,11 +448,15 @@ class CallSession:
             self._place_keys(ts_ms, sent_at)
         self._sent_at = sent_at
         self._frames_seen += 1
-        if self._frames_seen % CHECKPOINT_EVERY == 1:
-            # On the session's audio clock, as the open turn's start is: a frame's own
+        if self._frames_seen >= self._next_checkpoint and self.segmenter.silent and (
+                not self.detector.in_turn):
+            # A resume point only where nothing is under way: a successor starting there, with
+            # no speech or turn open, is where this session was, and detects what follows as
+            # it did. On the session's audio clock, as the open turn's start is: a frame's own
             # timestamp starts at 0 again on each of the call's streams.
             at = ts_ms if self._base_ms is None else self.audio_ms
-            self._checkpoints.append((at, seq, sent_at))
+            self._checkpoints.append((at, seq, sent_at, self.turn_no, dict(self._ordinals)))
+            self._next_checkpoint = self._frames_seen + CHECKPOINT_EVERY
         try:
             await self._inbound_frame(ulaw, ts_ms)
         except Exception:
@@ -523,6 +539,7 @@ class CallSession:
         if revises:
             await self._supersede(revises)
         self.turn_no += 1
+        self._ordinals = {}
         turn_id = f"t{self.turn_no}"
         self._idle_state.awaiting(turn_id)
         self._idle.reset()
@@ -1401,8 +1418,8 @@ class CallSession:
         attempt, cannot store an event twice.
         """
         if not key:
-            ordinal = self._ordinals.get(f"{kind}/{self.turn_no}", 0)
-            self._ordinals[f"{kind}/{self.turn_no}"] = ordinal + 1
+            ordinal = self._ordinals.get(kind, 0)
+            self._ordinals[kind] = ordinal + 1
             key = (self.turn_no, ordinal)
         event = cls(id=stable_id(self.call_id, kind, *key), org_id=self.org_id,
                     call_id=self.call_id, **fields)

@@ -155,6 +155,11 @@ class SpeechSegmenter:
         return self._started_ms is not None
 
     @property
+    def silent(self) -> bool:
+        """No segment open and the last frame was not speech: as a new segmenter is."""
+        return self._started_ms is None and self._run == 0
+
+    @property
     def position_ms(self) -> int:
         """Stream time after the frames pushed so far."""
         return self._frames * self.frame_ms

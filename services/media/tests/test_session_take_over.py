@@ -1,0 +1,130 @@
+"""A call taken over mid-call: the successor resumes from the lease and repeats no event.
+
+The predecessor is driven frame by frame as live; it dies (stops being fed) and a successor
+is built from its lease, as a take-over does, and fed the call's audio from the lease's resume
+frame on, as its catch-up from the AUDIO stream delivers it. What both emit is read back from
+the EVENTS stream.
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import numpy as np
+
+from parley.common.bus import Bus
+from parley.common.configuration.models import AgentSettings
+from parley.common.events import Event, SpeechStarted, SpeechStopped, TurnUserEnded
+from parley.media.audio.codec import pcm16_array_to_ulaw
+from parley.media.ownership import LeaseState
+from parley.media.providers.base import Final
+from parley.media.router import ProviderRouter
+from parley.media.session import CallSession, SessionServices
+
+ORG = "acme"
+SILENCE = b"\xff" * 160
+NOISE = pcm16_array_to_ulaw(np.clip(np.random.default_rng(1).normal(0.0, 3000.0, 160 * 50),
+                                    -32768, 32767).astype(np.int16))
+QUIET = AgentSettings(greeting="", idle_prompt_s=0, idle_hangup_s=0)
+
+
+class Audio:
+    """The call's inbound frames, as the gateway sent them (seq, timestamp, send time)."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.start = time.time() - 60
+
+    def silence(self, seconds: float) -> None:
+        self.frames += [SILENCE] * round(seconds * 50)
+
+    def speech(self, seconds: float) -> None:
+        """A sound the VAD takes for speech (no words come of it: no recogniser here)."""
+        self.frames += [NOISE[n % 50 * 160:n % 50 * 160 + 160]
+                        for n in range(round(seconds * 50))]
+
+    async def play(self, session: CallSession, first_seq: int, last_seq: int, *,
+                   words: str = "") -> None:
+        """Frames ``first_seq`` to ``last_seq``; ``words``: what a recogniser makes final of
+        each stretch of speech the session hears, as it ends."""
+        for seq in range(first_seq, last_seq + 1):
+            speaking = session._speech_start_ms is not None
+            await session._on_audio(self.frames[seq - 1], seq, (seq - 1) * 20,
+                                    self.start + (seq - 1) * 0.02, False)
+            if words and speaking and session._speech_start_ms is None:
+                await session._on_stt(Final(words, speech_final=True))
+
+
+def session(bus: Bus, call_id: str, *, instance: str,
+            resume: LeaseState | None = None) -> CallSession:
+    services = SessionServices(
+        bus=bus, leases=None,  # type: ignore[arg-type]  # run() is not called
+        stt=ProviderRouter("stt", {"never": object()}, ["never"]),  # type: ignore[dict-item]
+        tts=ProviderRouter("tts", {"never": object()}, ["never"]),  # type: ignore[dict-item]
+        instance=instance)
+    call = CallSession(services, call_id=call_id, org_id=ORG, agent_id="agent",
+                       settings=QUIET, revision=1, resume=resume)
+    call._history = None  # the call's past events are read
+    return call
+
+
+def lease_of(call: CallSession) -> LeaseState:
+    """The lease as the predecessor last renewed it (what the successor is given)."""
+    return msgspec.json.decode(msgspec.json.encode(call._lease_state()), type=LeaseState)
+
+
+async def events(bus: Bus, call_id: str, *calls: CallSession) -> list[Event]:
+    for call in calls:
+        await call._outbox.drain(2)
+    return await bus.replay_call(call_id, org_id=ORG)
+
+
+async def test_a_noise_before_the_resume_point_does_not_cost_the_successors_speech_its_ids(
+        bus) -> None:
+    # A noise with no words (speech.started and .stopped, no turn), then the caller speaks and
+    # the instance dies mid-speech. The successor resumes after the noise and counted its
+    # events from 0 in the turn: the speech's speech.stopped got the noise's id and JetStream
+    # dropped it as a repeat; the speech's end was never stored.
+    audio = Audio()
+    audio.silence(1)
+    audio.speech(0.3)  # the noise
+    audio.silence(3.5)  # past the max wait: no turn
+    audio.speech(1.0)
+    audio.silence(0.2)
+    dies_at = len(audio.frames)  # mid-speech (within the VAD's hangover)
+    audio.silence(1.0)
+    first = session(bus, "call-take-over-1", instance="media-a")
+    await audio.play(first, 1, dies_at)
+    lease = lease_of(first)
+    assert 0 < lease.resume_seq < 50 + 15 + 175  # after the noise, before the speech
+    successor = session(bus, "call-take-over-1", instance="media-b", resume=lease)
+    await audio.play(successor, lease.resume_seq, len(audio.frames))
+    stored = await events(bus, "call-take-over-1", first, successor)
+    starts = [e.offset_ms for e in stored if isinstance(e, SpeechStarted)]
+    stops = [e.offset_ms for e in stored if isinstance(e, SpeechStopped)]
+    assert len(starts) == len(stops) == 2, (starts, stops)
+    assert starts[0] < stops[0] < starts[1] < stops[1]
+
+
+async def test_a_turn_that_ended_just_before_the_take_over_is_not_heard_again_as_the_next(
+        bus) -> None:
+    # "Book me in for Friday." ends turn t1, the lease is renewed and the instance dies. The
+    # lease named the new turn number, t1 done, but a resume frame from before t1's last
+    # words: the successor heard their end again, as a turn of its own, t2 ("Friday."), and
+    # the brain answered it.
+    audio = Audio()
+    audio.silence(1)
+    audio.speech(1.2)
+    audio.silence(3)
+    first = session(bus, "call-take-over-2", instance="media-a")
+    seq = 0
+    while first.turn_no == 0:
+        seq += 1
+        await audio.play(first, seq, seq, words="Book me in for Friday.")
+    lease = lease_of(first)  # renewed as the turn ended; the instance dies then
+    successor = session(bus, "call-take-over-2", instance="media-b", resume=lease)
+    await audio.play(successor, lease.resume_seq, len(audio.frames), words="Friday.")
+    stored = await events(bus, "call-take-over-2", first, successor)
+    assert [(e.turn_id, e.text) for e in stored if isinstance(e, TurnUserEnded)] == [
+        ("t1", "Book me in for Friday.")]
