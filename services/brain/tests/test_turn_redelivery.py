@@ -14,12 +14,14 @@ from parley.brain.llm.anthropic_llm import AnthropicLlm
 from parley.brain.llm.base import LlmEvent, LlmRequest
 from parley.brain.llm.router import LlmRouter
 from parley.brain.worker import BrainWorker
+from parley.common.bus import Bus
 from parley.common.events import (
     AgentSay,
     ToolCompleted,
     ToolRequested,
     TurnStarted,
 )
+from parley.devkit.infra import NatsServer
 
 from .conftest import ORG, SETTINGS, open_call, services, user_says
 
@@ -141,3 +143,73 @@ async def test_parallel_tool_outcomes_on_two_instances_take_the_turn_up_once(
         await busy.stop()
         await other.stop()
         await llm.aclose()
+
+
+class Counting:
+    """A provider whose requests wait until released, counting how many are in flight at once."""
+
+    def __init__(self, inner: AnthropicLlm) -> None:
+        self.inner = inner
+        self.name, self.cost, self.supports_tools = inner.name, inner.cost, inner.supports_tools
+        self.release = asyncio.Event()
+        self.asked = self.in_flight = self.most_in_flight = 0
+
+    async def stream(self, request: LlmRequest) -> AsyncIterator[LlmEvent]:
+        self.asked += 1
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await self.release.wait()
+            async for event in self.inner.stream(request):
+                yield event
+        finally:
+            self.in_flight -= 1
+
+
+async def test_a_turn_whose_unit_of_work_failed_does_not_run_beside_its_redelivery(
+        tmp_path, pool, emulator) -> None:
+    """NATS went away while a turn waited for its model, and the brain's keep-alive of the
+    unit of work (in_progress) failed: its connection buffers nothing while it reconnects
+    (pending_size 0 here; 2 MB by default, which a longer outage fills). The handler failed
+    but left the turn's task running, unowned: the redelivery ran the same turn beside it,
+    two billed requests in flight at once, both then saying the reply. Now the turn stops with
+    its unit of work, and only the redelivery runs."""
+    server = NatsServer(tmp_path / "nats").start()
+    bus = await Bus.connect(server.url, name="pytest")
+    await bus.ensure_streams()
+    brain_bus = await Bus.connect(server.url, name="brain", pending_size=0)
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    counting = Counting(llm)
+    worker = BrainWorker(dataclasses.replace(
+        services(brain_bus, pool, [counting]),
+        router=LlmRouter([counting], filler_after_ms=None, first_token_deadline_s=30.0)))
+    await worker.start()
+    try:
+        await _greeted(bus, "c-blip")
+        await user_says(bus, "c-blip", "t1", "When do you open?")
+        deadline = asyncio.get_running_loop().time() + 5.0
+        while counting.asked == 0:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        server.stop()
+        await asyncio.sleep(1.5)  # the keep-alive, due every second, fails
+        server.start()
+        deadline = asyncio.get_running_loop().time() + 15.0  # redelivered after ack_wait (5 s)
+        while counting.asked < 2:
+            assert asyncio.get_running_loop().time() < deadline, "not redelivered"
+            await asyncio.sleep(0.05)
+        counting.release.set()
+        deadline = asyncio.get_running_loop().time() + 5.0
+        while not (await bus.replay_call("c-blip"))[-1].type == "turn.completed":
+            assert asyncio.get_running_loop().time() < deadline, "not completed"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        assert counting.most_in_flight == 1
+        assert len(emulator.requests) == 1
+    finally:
+        counting.release.set()
+        await worker.stop()
+        await llm.aclose()
+        await brain_bus.close()
+        await bus.close()
+        server.stop()

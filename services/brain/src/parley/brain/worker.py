@@ -768,6 +768,11 @@ class BrainWorker:
             elif not task.cancelled():
                 task.result()
         finally:
+            if not task.done():
+                # The unit of work failed (its keep-alive could not be sent) or was cancelled:
+                # the turn ends with it, or its redelivery would run the turn beside it.
+                task.cancel()
+                await asyncio.wait({task})
             if self._running.get(call_id) is running:
                 del self._running[call_id]
 
