@@ -1,3 +1,5 @@
+import xml.etree.ElementTree as ElementTree
+
 import pytest
 from plivo.utils import validate_v3_signature
 
@@ -173,6 +175,24 @@ async def test_redirect_reconnects_a_live_call_and_is_capped(make_plivo_gateway,
     assert [child.tag for child in root] == ["Hangup"]
     [ended] = await events.wait("call.ended", call_id)
     assert ended.reason == "error"
+    assert len(events.of("call.answered", call_id)) == 1
+
+
+async def test_a_retried_first_answer_is_answered_again_and_is_no_reconnect(
+        make_plivo_gateway, events):
+    # Our first answer was slow and Plivo asked the answer URL again (no call_id in it) after
+    # the call was answered: the retry was counted as a reconnect, and the call's one allowed
+    # reconnect was used up before its socket ever dropped.
+    gateway = await make_plivo_gateway(max_reconnects=1)
+    call_uuid, call_id, first = await gateway.answer()
+    _, again, retried = await gateway.answer(call_uuid=call_uuid)
+    assert again == call_id
+    assert ElementTree.tostring(retried) == ElementTree.tostring(first)
+    # the socket drops: the redirect reconnects the call, once
+    path = f"/plivo/answer?call_id={call_id}"
+    _, _, root = await gateway.answer(call_uuid=call_uuid, path=path)
+    assert root.find("Stream") is not None
+    assert not events.of("call.ended", call_id)
     assert len(events.of("call.answered", call_id)) == 1
 
 
