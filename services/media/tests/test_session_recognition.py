@@ -469,3 +469,84 @@ async def test_a_call_no_recogniser_can_hear_is_hung_up_and_let_go(bus) -> None:
     assert hangups == [{"reason": "error"}]
     with pytest.raises(KeyNotFoundError):
         await (await leases.kv()).get(CALL)
+
+
+class ClosingSlowly(Stream):
+    """A broken socket whose close takes a while (the closing handshake times out)."""
+
+    def __init__(self, name: str, closing: asyncio.Event) -> None:
+        super().__init__(name)
+        self.closing = closing
+        self.closed = False
+
+    async def close(self) -> None:
+        self.closing.set()
+        await asyncio.sleep(0.1)
+        self.closed = True
+        await super().close()
+
+
+class Fallback(Recogniser):
+    """Opens its stream once ``gate`` is set (a WebSocket handshake under way)."""
+
+    def __init__(self, name: str, gate: asyncio.Event) -> None:
+        super().__init__(name)
+        self.gate = gate
+        self.opening = asyncio.Event()
+
+    async def open(self, *, language: str = "en-US", endpointing_ms: int | None = None):
+        self.opening.set()
+        await self.gate.wait()
+        stream = ClosingSlowly(self.name, asyncio.Event())
+        self.streams.append(stream)  # type: ignore[arg-type]
+        return stream
+
+
+class Primary(Recogniser):
+    def __init__(self, name: str, closing: asyncio.Event) -> None:
+        super().__init__(name)
+        self.closing = closing
+
+    async def open(self, *, language: str = "en-US", endpointing_ms: int | None = None):
+        stream = ClosingSlowly(self.name, self.closing)
+        self.streams.append(stream)
+        return stream
+
+
+async def test_a_session_stopped_while_its_fallback_recogniser_opens_closes_that_one_too(
+        bus) -> None:
+    # Deepgram's socket broke and the session was opening the fallback's when the call was
+    # handed over (a shutdown). The session closed the stream it had (the broken one), the
+    # fallback's opened meanwhile, and the recogniser task was cancelled after: the new
+    # socket was never closed, its reader and keep-alive tasks left running.
+    closing = asyncio.Event()
+    primary, fallback = Primary("deepgram", closing), Fallback("backup", asyncio.Event())
+    leases = Leases(bus, "media-a")
+    services = SessionServices(
+        bus=bus, leases=leases, instance="media-a",
+        stt=ProviderRouter("stt", {"deepgram": primary, "backup": fallback},  # type: ignore[dict-item]
+                           ["deepgram", "backup"]),
+        tts=ProviderRouter("tts", {"never": object()}, ["never"]))  # type: ignore[dict-item]
+    revision = await leases.claim(CALL, LeaseState(owner="media-a", org_id=ORG))
+    assert revision is not None
+    call = CallSession(services, call_id=CALL, org_id=ORG, agent_id="agent",
+                       settings=AgentSettings(), revision=revision)
+    running = asyncio.create_task(call.run())
+    try:
+        for _ in range(200):
+            if primary.streams and call._inbound is not None:
+                break
+            await asyncio.sleep(0.01)
+        primary.streams[0].results.put_nowait(ProviderError("deepgram", "socket failed"))
+        await asyncio.wait_for(fallback.opening.wait(), 2)
+        closing.clear()  # (the switch closed the broken stream once already)
+        call.stop("shutdown")
+        await asyncio.wait_for(closing.wait(), 2)  # the session closes the stream it holds…
+        fallback.gate.set()  # …while the fallback's handshake completes
+        await asyncio.wait_for(running, 10)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await leases.close()
+    [opened] = fallback.streams
+    assert opened.closed  # type: ignore[attr-defined]

@@ -366,13 +366,15 @@ class CallSession:
                     await turn.stream.cancel()
         for task in self._tasks:
             task.cancel()
-        if self._stt is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._stt.close(), 5)
+        # Closed first, so the recogniser task still hears its last words, then cancelled.
+        recogniser = self._stt
+        await self._close_stt(recogniser)
         if self._stt_task is not None:
             self._stt_task.cancel()
         await asyncio.gather(*self._tasks, *([self._stt_task] if self._stt_task else []),
                              return_exceptions=True)
+        if self._stt is not recogniser:  # a switch under way opened another meanwhile
+            await self._close_stt(self._stt)
         # However the session ends (the call over, handed over on shutdown, the lease lost,
         # the recogniser gone), what it used was used: recorded before the call is let go.
         try:
@@ -400,6 +402,12 @@ class CallSession:
         elif self.end_reason == "shutdown":
             self._update_lease()
             await self.s.leases.release(self.call_id, self.revision, hand_over=self.lease)
+
+    @staticmethod
+    async def _close_stt(stream: SttStream | None) -> None:
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(stream.close(), 5)
 
     def _lease_state(self) -> LeaseState:
         self._update_lease()
