@@ -353,8 +353,8 @@ async def test_keys_pending_when_the_call_ends_or_the_socket_closes_make_no_turn
     assert events.of("turn.user_ended", call_id) == []
 
 
-async def reconnect(gateway, events, call_sid: str, call_id: str, session: str):
-    """The call's next socket (Twilio back through the reconnect URL)."""
+async def connect(gateway, events, call_sid: str, call_id: str, *, session: str):
+    """A socket for the call, set up (a reconnect: Twilio back through the reconnect URL)."""
     ws = await gateway.ws("/twilio/relay")
     await send(ws, {"type": "setup", "sessionId": "VX" + session * 32, "callSid": call_sid,
                     "accountSid": "AC", "from": CALLER, "to": MANAGED_NUMBER,
@@ -375,7 +375,7 @@ async def test_keys_typed_when_the_socket_dropped_go_on_on_the_next_one(
     await events.wait("turn.user_ended", call_id)
     await press(ws, events, call_id, "12")
     await ws.close()
-    again = await reconnect(gateway, events, call_sid, call_id, "2")
+    again = await connect(gateway, events, call_sid, call_id, session="2")
     await press(again, events, call_id, "3#")
     [first, turn] = await events.wait("turn.user_ended", call_id, count=2, timeout=3)
     assert (first.text, turn.text, turn.reason) == ("5#", "123#", "dtmf")
@@ -385,7 +385,7 @@ async def test_keys_typed_when_the_socket_dropped_go_on_on_the_next_one(
     await press(again, events, call_id, "7")
     typed = loop.time()
     await again.close()
-    third = await reconnect(gateway, events, call_sid, call_id, "3")
+    third = await connect(gateway, events, call_sid, call_id, session="3")
     [*_, last] = await events.wait("turn.user_ended", call_id, count=3, timeout=4)
     assert last.text == "7" and 1.4 <= loop.time() - typed < 3
     await asyncio.sleep(0.3)

@@ -11,9 +11,9 @@ from parley.common.configuration import AgentSettings, update_agent
 from parley.common.events import TurnCompleted
 from parley.gateway.twilio.relay_idle import SPOKEN_CHARS_PER_S, RelayIdle
 
-from .conftest import CALLER, MANAGED_AGENT, MANAGED_NUMBER, ORG
+from .conftest import MANAGED_AGENT, MANAGED_NUMBER, ORG
 from .test_media_stream import request
-from .test_relay import info, receive, say, send
+from .test_relay import connect, info, receive, say, send
 
 PROMPT_S, HANGUP_S = 0.6, 1.5
 
@@ -85,17 +85,6 @@ async def setup(gateway, events, *, session: str = "1"):
     await info(ws, "agentSpeaking", "on")
     await info(ws, "agentSpeaking", "off")
     return ws, call_sid, call_id
-
-
-async def connect(gateway, events, call_sid: str, call_id: str, *, session: str):
-    ws = await gateway.ws("/twilio/relay")
-    await send(ws, {"type": "setup", "sessionId": "VX" + session * 32, "callSid": call_sid,
-                    "accountSid": "AC", "from": CALLER, "to": MANAGED_NUMBER,
-                    "customParameters": {"call_id": call_id, "org_id": ORG,
-                                         "agent_id": MANAGED_AGENT}})
-    await events.wait("call.stream_started", call_id,
-                      count=len(events.of("call.stream_started", call_id)) + 1)
-    return ws
 
 
 async def play(ws, text: str) -> None:
