@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 
 import pytest
 from nats.js.errors import KeyNotFoundError
@@ -61,7 +62,11 @@ class Recogniser:
 
 
 def session(bus: Bus, *recognisers: Recogniser) -> CallSession:
-    providers = {r.name: r for r in recognisers}
+    return session_with(bus, {r.name: r for r in recognisers})
+
+
+def session_with(bus: Bus, providers: dict[str, object]) -> CallSession:
+    """A session whose recognisers are ``providers`` by name, in that order of fallback."""
     services = SessionServices(
         bus=bus, leases=None,  # type: ignore[arg-type]  # run() is not called
         stt=ProviderRouter("stt", providers, list(providers)),  # type: ignore[arg-type]
@@ -208,6 +213,38 @@ async def test_deepgram_closing_the_socket_cleanly_moves_the_call_to_the_fallbac
         await server.stop()
 
 
+class Listening:
+    """A session hearing the caller: its recogniser open and reading, frames fed on its clock."""
+
+    def __init__(self, call: CallSession) -> None:
+        self.call = call
+        self.frames = 0
+
+    @classmethod
+    async def start(cls, call: CallSession) -> Listening:
+        call.vad = LoudIsSpeech()  # type: ignore[assignment]
+        call._stt_name, call._stt = await call.s.stt.open(call._stt_chain, call._open_stt)
+        call._stt_task = asyncio.create_task(call._recognise())
+        return cls(call)
+
+    async def hear(self, frame: bytes, count: int) -> None:
+        for _ in range(count):
+            await self.call._inbound_frame(frame, self.frames * 20)
+            self.frames += 1
+
+    async def until(self, predicate: Callable[[], bool], timeout_s: float = 3.0) -> None:
+        """Wait for the recogniser's answer to the audio so far."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not predicate():
+            assert asyncio.get_running_loop().time() < deadline, self.call.detector.text
+            await asyncio.sleep(0.01)
+
+    async def close(self) -> None:
+        self.call.stop("test")
+        await self.call._stt.close()
+        await asyncio.gather(self.call._stt_task, return_exceptions=True)
+
+
 async def test_an_interim_deepgram_takes_back_neither_delays_the_turn_nor_joins_it(bus) -> None:
     # "I'd like to book a table." then a breath Deepgram first hears as "uh" and then takes
     # back with an empty final: the turn ends on the recogniser's end of utterance, without it.
@@ -215,40 +252,22 @@ async def test_an_interim_deepgram_takes_back_neither_delays_the_turn_nor_joins_
                               utterances=["I'd like to book a table.", Retracted("Uh")])
     await server.start()
     call = session(bus, DeepgramStt("dg-key", base_url=server.base_url))  # type: ignore[arg-type]
-    call.vad = LoudIsSpeech()  # type: ignore[assignment]
-    call._stt_name, call._stt = await call.s.stt.open(call._stt_chain, call._open_stt)
-    call._stt_task = asyncio.create_task(call._recognise())
-    frames = 0
-
-    async def hear(frame: bytes, count: int) -> None:
-        nonlocal frames
-        for _ in range(count):
-            await call._inbound_frame(frame, frames * 20)
-            frames += 1
-
-    async def until(predicate) -> None:  # the recogniser's answer to the audio so far
-        deadline = asyncio.get_running_loop().time() + 3
-        while not predicate():
-            assert asyncio.get_running_loop().time() < deadline, call.detector.text
-            await asyncio.sleep(0.01)
-
+    ear = await Listening.start(call)
     loud, quiet = b"\x00" * 160, b"\xff" * 160
     try:
-        await hear(quiet, 10)
-        await hear(loud, 60)
-        await hear(quiet, 10)  # Deepgram's endpointing (200 ms): the sentence's final
-        await until(lambda: call.detector.text == "I'd like to book a table.")
-        await hear(loud, 20)  # within the VAD's hangover: the same turn
-        await until(lambda: call.detector.text.endswith("Uh"))
-        await hear(quiet, 15)  # Deepgram's empty final; the VAD's hangover is over
-        await until(lambda: call.turn_no == 1 or not call.detector.text.endswith("Uh"))
-        while call.turn_no == 0 and frames < 250:
-            await hear(quiet, 1)
+        await ear.hear(quiet, 10)
+        await ear.hear(loud, 60)
+        await ear.hear(quiet, 10)  # Deepgram's endpointing (200 ms): the sentence's final
+        await ear.until(lambda: call.detector.text == "I'd like to book a table.")
+        await ear.hear(loud, 20)  # within the VAD's hangover: the same turn
+        await ear.until(lambda: call.detector.text.endswith("Uh"))
+        await ear.hear(quiet, 15)  # Deepgram's empty final; the VAD's hangover is over
+        await ear.until(lambda: call.turn_no == 1 or not call.detector.text.endswith("Uh"))
+        while call.turn_no == 0 and ear.frames < 250:
+            await ear.hear(quiet, 1)
         await call._outbox.drain(1)
     finally:
-        call.stop("test")
-        await call._stt.close()
-        await asyncio.gather(call._stt_task, return_exceptions=True)
+        await ear.close()
         await server.stop()
     events = await bus.replay_call(CALL, org_id=ORG)
     ended, = [e for e in events if isinstance(e, TurnUserEnded)]
@@ -268,51 +287,26 @@ async def _switch_mid_second_sentence(bus) -> list[object]:
     backup = DeepgramEmulator(api_key="dg-key", utterances=script)
     await primary.start()
     await backup.start()
-    providers = {"deepgram": DeepgramStt("dg-key", base_url=primary.base_url),
-                 "backup": DeepgramStt("dg-key", base_url=backup.base_url)}
-    services = SessionServices(
-        bus=bus, leases=None,  # type: ignore[arg-type]  # run() is not called
-        stt=ProviderRouter("stt", providers, list(providers)),  # type: ignore[arg-type]
-        tts=ProviderRouter("tts", {"never": object()}, ["never"]),  # type: ignore[dict-item]
-        instance="test")
-    call = CallSession(services, call_id=CALL, org_id=ORG, agent_id="agent",
-                       settings=AgentSettings(), revision=1)
-    call.vad = LoudIsSpeech()  # type: ignore[assignment]
-    call._stt_name, call._stt = await call.s.stt.open(call._stt_chain, call._open_stt)
-    call._stt_task = asyncio.create_task(call._recognise())
-    frames = 0
-
-    async def hear(frame: bytes, count: int) -> None:
-        nonlocal frames
-        for _ in range(count):
-            await call._inbound_frame(frame, frames * 20)
-            frames += 1
-
-    async def until(predicate) -> None:
-        deadline = asyncio.get_running_loop().time() + 3
-        while not predicate():
-            assert asyncio.get_running_loop().time() < deadline, call.detector.text
-            await asyncio.sleep(0.01)
-
+    call = session_with(bus, {"deepgram": DeepgramStt("dg-key", base_url=primary.base_url),
+                              "backup": DeepgramStt("dg-key", base_url=backup.base_url)})
+    ear = await Listening.start(call)
     loud, quiet = b"\x00" * 160, b"\xff" * 160
     try:
-        await hear(quiet, 10)
-        await hear(loud, 60)
-        await hear(quiet, 12)  # Deepgram's endpointing (200 ms), within the VAD's hangover
-        await until(lambda: call.detector.text == "I'd like to book a table.")
-        await hear(loud, 10)  # "On Friday." begins: the same turn
+        await ear.hear(quiet, 10)
+        await ear.hear(loud, 60)
+        await ear.hear(quiet, 12)  # Deepgram's endpointing (200 ms), within the VAD's hangover
+        await ear.until(lambda: call.detector.text == "I'd like to book a table.")
+        await ear.hear(loud, 10)  # "On Friday." begins: the same turn
         primary.faults.close_with_error = True
-        await hear(loud, 10)
-        await until(lambda: call._stt_name == "backup")
-        await hear(loud, 10)
-        while call.turn_no == 0 and frames < 400:
-            await hear(quiet, 1)
+        await ear.hear(loud, 10)
+        await ear.until(lambda: call._stt_name == "backup")
+        await ear.hear(loud, 10)
+        while call.turn_no == 0 and ear.frames < 400:
+            await ear.hear(quiet, 1)
             await asyncio.sleep(0.002)  # the backup's finals, in audio time
         await call._outbox.drain(1)
     finally:
-        call.stop("test")
-        await call._stt.close()
-        await asyncio.gather(call._stt_task, return_exceptions=True)
+        await ear.close()
         await primary.stop()
         await backup.stop()
     return await bus.replay_call(CALL, org_id=ORG)
@@ -380,22 +374,7 @@ async def test_a_late_final_after_the_caller_spoke_again_stays_out_of_the_new_tu
                               utterances=["I'd like to book a table.", "On Friday."])
     await server.start()
     call = session(bus, DeepgramStt("dg-key", base_url=server.base_url))  # type: ignore[arg-type]
-    call.vad = LoudIsSpeech()  # type: ignore[assignment]
-    call._stt_name, call._stt = await call.s.stt.open(call._stt_chain, call._open_stt)
-    call._stt_task = asyncio.create_task(call._recognise())
-    frames = 0
-
-    async def hear(frame: bytes, count: int) -> None:
-        nonlocal frames
-        for _ in range(count):
-            await call._inbound_frame(frame, frames * 20)
-            frames += 1
-
-    async def until(predicate) -> None:
-        deadline = asyncio.get_running_loop().time() + 5
-        while not predicate():
-            assert asyncio.get_running_loop().time() < deadline, call.detector.text
-            await asyncio.sleep(0.01)
+    ear = await Listening.start(call)
 
     def sent(text: str) -> bool:
         return any(message.get("is_final") and message["channel"]["alternatives"][0][
@@ -403,23 +382,22 @@ async def test_a_late_final_after_the_caller_spoke_again_stays_out_of_the_new_tu
 
     loud, quiet = b"\x00" * 160, b"\xff" * 160
     try:
-        await hear(quiet, 10)
-        await hear(loud, 50)
-        await until(lambda: call.detector.text == "I'd like to book")  # the interims, late
+        await ear.hear(quiet, 10)
+        await ear.hear(loud, 50)
+        await ear.until(lambda: call.detector.text == "I'd like to book",  # the interims, late
+                        timeout_s=5)
         # Within the recogniser's latency: the max wait ends the turn, the caller speaks again.
-        await hear(quiet, 150)
+        await ear.hear(quiet, 150)
         assert call.turn_no == 1 and not sent("I'd like to book a table.")
-        await hear(loud, 30)
-        await until(lambda: sent("I'd like to book a table."))
+        await ear.hear(loud, 30)
+        await ear.until(lambda: sent("I'd like to book a table."), timeout_s=5)
         await asyncio.sleep(0.05)
-        while call.turn_no == 1 and frames < 600:
-            await hear(quiet, 1)
+        while call.turn_no == 1 and ear.frames < 600:
+            await ear.hear(quiet, 1)
             await asyncio.sleep(0.02)  # in real time: the new turn's final comes within its wait
         await call._outbox.drain(1)
     finally:
-        call.stop("test")
-        await call._stt.close()
-        await asyncio.gather(call._stt_task, return_exceptions=True)
+        await ear.close()
         await server.stop()
     events = await bus.replay_call(CALL, org_id=ORG)
     assert [(e.turn_id, e.text, e.reason) for e in events if isinstance(e, TurnUserEnded)] == [

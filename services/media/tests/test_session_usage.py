@@ -96,18 +96,13 @@ async def test_audio_replayed_to_a_fallback_recogniser_counts_to_it(bus) -> None
     from parley.devkit.emulators.deepgram import DeepgramEmulator
     from parley.media.providers.deepgram_stt import DeepgramStt
 
+    from .test_session_recognition import session_with
+
     primary, backup = DeepgramEmulator(api_key="dg-key"), DeepgramEmulator(api_key="dg-key")
     await primary.start()
     await backup.start()
-    providers = {"deepgram": DeepgramStt("dg-key", base_url=primary.base_url),
-                 "backup": DeepgramStt("dg-key", base_url=backup.base_url)}
-    services = SessionServices(
-        bus=bus, leases=None,  # type: ignore[arg-type]  # run() is not called
-        stt=ProviderRouter("stt", providers, list(providers)),  # type: ignore[arg-type]
-        tts=ProviderRouter("tts", {"never": object()}, ["never"]),  # type: ignore[dict-item]
-        instance="test")
-    call = CallSession(services, call_id=CALL, org_id=ORG, agent_id="agent",
-                       settings=AgentSettings(), revision=1)
+    call = session_with(bus, {"deepgram": DeepgramStt("dg-key", base_url=primary.base_url),
+                              "backup": DeepgramStt("dg-key", base_url=backup.base_url)})
     call._stt_name, call._stt = await call.s.stt.open(call._stt_chain, call._open_stt)
     call._stt_task = asyncio.create_task(call._recognise())
     loud = b"\x00" * 160
