@@ -322,15 +322,7 @@ async def test_a_broken_cartesia_socket_is_reopened_when_no_fallback_can_speak(b
         seconds_per_character=0.06, gap_s=0.04, chunk_s=0.1, speed=2.0))
     await emulator.start()
     cartesia = CartesiaTts("key", base_url=emulator.base_url)
-    providers = {"cartesia": cartesia, "piper": PiperTts()}
-    services = SessionServices(
-        bus=bus, leases=None,  # type: ignore[arg-type]  # run() is not called
-        stt=ProviderRouter("stt", {"never": object()}, ["never"]),  # type: ignore[dict-item]
-        tts=ProviderRouter("tts", providers, list(providers)),  # type: ignore[arg-type]
-        instance="test", command_timeout_s=0.05)
-    call = CallSession(services, call_id=CALL, org_id=ORG, agent_id="agent",
-                       settings=AgentSettings(language="es-ES"), revision=1)
-    call._history = None
+    call = session(bus, cartesia, PiperTts(), settings=AgentSettings(language="es-ES"))
     speaker = asyncio.create_task(call._speaker())
     try:
         call._on_say(say("t1", 0, "Hola, gracias por llamar a la clínica dental."))
@@ -362,14 +354,7 @@ async def test_a_turn_no_synthesiser_can_finish_ends_with_the_audio_it_has(bus) 
         seconds_per_character=0.06, gap_s=0.04, chunk_s=0.1, speed=2.0))
     await emulator.start()
     cartesia = CartesiaTts("key", base_url=emulator.base_url)
-    services = SessionServices(
-        bus=bus, leases=None,  # type: ignore[arg-type]  # run() is not called
-        stt=ProviderRouter("stt", {"never": object()}, ["never"]),  # type: ignore[dict-item]
-        tts=ProviderRouter("tts", {"cartesia": cartesia}, ["cartesia"]),  # type: ignore[dict-item]
-        instance="test", command_timeout_s=0.05)
-    call = CallSession(services, call_id=CALL, org_id=ORG, agent_id="agent",
-                       settings=AgentSettings(), revision=1)
-    call._history = None
+    call = session(bus, cartesia)
     speaker = asyncio.create_task(call._speaker())
     try:
         call._on_say(say("t1", 0, "Thanks for calling the dental clinic."))
@@ -404,15 +389,7 @@ async def test_a_fallback_mid_clause_says_only_the_rest_of_it(bus) -> None:
         seconds_per_character=0.06, gap_s=0.04, chunk_s=0.1, speed=1.0))
     await emulator.start()
     cartesia = CartesiaTts("key", base_url=emulator.base_url)
-    providers = {"cartesia": cartesia, "piper": PiperTts()}
-    services = SessionServices(
-        bus=bus, leases=None,  # type: ignore[arg-type]  # run() is not called
-        stt=ProviderRouter("stt", {"never": object()}, ["never"]),  # type: ignore[dict-item]
-        tts=ProviderRouter("tts", providers, list(providers)),  # type: ignore[arg-type]
-        instance="test", command_timeout_s=0.05)
-    call = CallSession(services, call_id=CALL, org_id=ORG, agent_id="agent",
-                       settings=AgentSettings(), revision=1)
-    call._history = None
+    call = session(bus, cartesia, PiperTts())
     speaker = asyncio.create_task(call._speaker())
     clause = "Thanks for calling the dental clinic, how can I help you today?"
     try:
