@@ -1,4 +1,5 @@
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -44,3 +45,49 @@ def recorder_process(nats_url, database_url, tmp_path):
                 proc.kill()
                 proc.wait()
         log.close()
+
+
+class TcpProxy:
+    """A TCP proxy to a local port, for faults a real server cannot be made to show on cue.
+
+    Every chunk either side sends is passed on if :meth:`keep` says so (all, here); a side
+    that closes closes the other.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self._writers: list[asyncio.StreamWriter] = []
+
+    def keep(self, data: bytes, *, to_client: bool) -> bool:
+        """Whether to pass ``data`` on (``to_client``: it comes from the server)."""
+        return True
+
+    async def start(self) -> int:
+        """Listen; returns the port to connect to."""
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        """Stop listening and drop every connection."""
+        self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+        await self._server.wait_closed()
+
+    async def _serve(self, client_reader: asyncio.StreamReader,
+                     client_writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1",
+                                                                     self.target_port)
+        self._writers += [client_writer, server_writer]
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       to_client: bool) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await reader.read(65536):
+                    if self.keep(data, to_client=to_client):
+                        writer.write(data)
+                        await writer.drain()
+            writer.close()
+
+        await asyncio.gather(pipe(client_reader, server_writer, False),
+                             pipe(server_reader, client_writer, True))

@@ -1,7 +1,6 @@
 """Faults around the recorder: NATS API errors and Postgres connections that go quiet."""
 
 import asyncio
-import contextlib
 import dataclasses
 import os
 import socket
@@ -14,7 +13,7 @@ from parley.common import events as ev
 from parley.common.bus import EVENTS_STREAM, Bus
 from parley.recorder.worker import _connect
 
-from .conftest import wait_for
+from .conftest import TcpProxy, wait_for
 from .test_recorder import _at, rows, running_recorder
 
 
@@ -35,46 +34,17 @@ async def test_a_nats_api_error_is_retried_not_fatal(bus: Bus, database_url: str
     assert rows(database_url, "SELECT position FROM events") == [(1,)]
 
 
-class BlackholeProxy:
-    """A TCP proxy that, while ``silent``, swallows what either side sends.
+class BlackholeProxy(TcpProxy):
+    """While ``silent``, swallows what either side sends.
 
     What a recorder sees of a Postgres behind a network blackhole or hung: its bytes are
-    taken, nothing comes back, nothing is closed. A side that closes still closes the other.
+    taken, nothing comes back, nothing is closed.
     """
 
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.silent = False
-        self._writers: list[asyncio.StreamWriter] = []
+    silent = False
 
-    async def start(self) -> int:
-        """Listen; returns the port to connect to."""
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def close(self) -> None:
-        """Stop listening and drop every connection."""
-        self._server.close()
-        for writer in self._writers:
-            writer.transport.abort()
-        await self._server.wait_closed()
-
-    async def _serve(self, client_reader: asyncio.StreamReader,
-                     client_writer: asyncio.StreamWriter) -> None:
-        server_reader, server_writer = await asyncio.open_connection("127.0.0.1",
-                                                                     self.target_port)
-        self._writers += [client_writer, server_writer]
-
-        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(ConnectionError):
-                while data := await reader.read(65536):
-                    if not self.silent:
-                        writer.write(data)
-                        await writer.drain()
-            writer.close()
-
-        await asyncio.gather(pipe(client_reader, server_writer),
-                             pipe(server_reader, client_writer))
+    def keep(self, data: bytes, *, to_client: bool) -> bool:
+        return not self.silent
 
 
 async def test_a_leader_whose_postgres_goes_silent_lets_go_within_seconds(

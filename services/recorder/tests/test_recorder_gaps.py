@@ -1,65 +1,36 @@
 """Stream positions the recorder's consumer skipped: lost in transit, deleted or expired."""
 
-import asyncio
-import contextlib
 
 from parley.common import events as ev
 from parley.common.bus import EVENTS_STREAM, Bus
 
-from .conftest import wait_for
+from .conftest import TcpProxy, wait_for
 from .test_recorder import _at, rows, running_recorder
 
 
-class DroppingProxy:
-    """A TCP proxy that drops the first server-to-client chunk containing ``marker``.
+class DroppingProxy(TcpProxy):
+    """Drops the first server-to-client chunk containing ``marker``.
 
     What a connection cut mid-delivery leaves behind (the server sent the message, the client
     never got it), without depending on how fast the client reconnects.
     """
 
     def __init__(self, target_port: int, marker: bytes) -> None:
-        self.target_port = target_port
+        super().__init__(target_port)
         self.marker = marker
         self.dropped = False
-        self._writers: list[asyncio.StreamWriter] = []
 
-    async def start(self) -> str:
-        """Listen; returns the URL to connect to."""
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"nats://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-
-    async def close(self) -> None:
-        """Stop listening and drop every connection."""
-        self._server.close()
-        for writer in self._writers:
-            writer.transport.abort()
-        await self._server.wait_closed()
-
-    async def _serve(self, client_reader: asyncio.StreamReader,
-                     client_writer: asyncio.StreamWriter) -> None:
-        server_reader, server_writer = await asyncio.open_connection("127.0.0.1",
-                                                                     self.target_port)
-        self._writers += [client_writer, server_writer]
-
-        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       inspect: bool) -> None:
-            with contextlib.suppress(ConnectionError):
-                while data := await reader.read(65536):
-                    if inspect and not self.dropped and self.marker in data:
-                        self.dropped = True
-                        continue
-                    writer.write(data)
-                    await writer.drain()
-            writer.close()
-
-        await asyncio.gather(pipe(client_reader, server_writer, False),
-                             pipe(server_reader, client_writer, True))
+    def keep(self, data: bytes, *, to_client: bool) -> bool:
+        if to_client and not self.dropped and self.marker in data:
+            self.dropped = True
+            return False
+        return True
 
 
 async def test_a_delivery_lost_in_transit_is_pulled_again_not_dead_lettered(
         nats_url: str, bus: Bus, database_url: str) -> None:
     proxy = DroppingProxy(int(nats_url.rsplit(":", 1)[1]), b"LOSE-ME")
-    recorder_bus = await Bus.connect(await proxy.start(), name="recorder")
+    recorder_bus = await Bus.connect(f"nats://127.0.0.1:{await proxy.start()}", name="recorder")
     try:
         await bus.publish(ev.TranscriptFinal(org_id="o1", call_id="c1", text="one"))
         async with running_recorder(recorder_bus, database_url, batch_size=100):
