@@ -196,6 +196,32 @@ async def test_place_a_plivo_call_and_follow_it(api, keys, events, db):
     await stream.ws.close()
 
 
+async def test_a_retried_first_answer_of_a_plivo_call_we_placed_is_no_reconnect(
+        make_plivo_gateway, twilio_api, keys, events):
+    # Our first answer was slow and Plivo asked the answer URL we dialled with (which names
+    # the call, as every URL of an outbound call does) again: the retry was taken for a
+    # reconnect and used up the call's one allowed reconnect before its socket ever dropped.
+    api = await make_plivo_gateway(twilio_account_sid=ACCOUNT,
+                                   twilio_api_base_url=twilio_api.url, max_reconnects=1)
+    response = await place(api, keys["full"], body(**{"from": PLIVO_NUMBER}))
+    call_id = (await response.json())["call_id"]
+    [sent] = api.api.created
+    call_uuid = new_call_uuid()
+    answer = urlsplit(sent["answer_url"])
+    for _ in range(2):
+        _, streamed, root = await api.answer(
+            call_uuid=call_uuid, path=f"{answer.path}?{answer.query}", Direction="outbound",
+            RequestUUID="req-1")
+        assert streamed == call_id and root.find("Stream") is not None
+    # the socket drops: the <Redirect> reconnects the call, once
+    redirect = urlsplit(root.find("Redirect").text)
+    _, _, root = await api.answer(call_uuid=call_uuid, path=f"{redirect.path}?{redirect.query}",
+                                  Direction="outbound", RequestUUID="req-1")
+    assert root.find("Stream") is not None
+    assert not events.of("call.ended", call_id)
+    assert len(events.of("call.answered", call_id)) == 1
+
+
 async def test_an_unanswered_plivo_call_fails(api, keys, events):
     response = await place(api, keys["full"], body(**{"from": PLIVO_NUMBER}))
     call_id = (await response.json())["call_id"]

@@ -173,7 +173,8 @@ async def test_hangup_without_rest_closes_the_socket(make_plivo_gateway, events,
     [ended] = await events.wait("call.ended", call_id)
     assert ended.reason == "agent_hangup"
     # Plivo then follows the <Redirect>: the call has ended, so it hangs up
-    _, _, root = await gateway.answer(call_uuid=call_uuid, path=f"/plivo/answer?call_id={call_id}")
+    _, _, root = await gateway.answer(call_uuid=call_uuid,
+                                      path=f"/plivo/answer?call_id={call_id}&reconnect=1")
     assert [child.tag for child in root] == ["Hangup"]
 
 

@@ -45,7 +45,7 @@ async def test_inbound_answer_streams_to_our_socket(plivo_gateway, events, db):
         "statusCallbackMethod": "POST"}
     assert stream.text == f"wss://voice.example.com/plivo/stream?call_id={call_id}"
     assert redirect.tag == "Redirect" and redirect.get("method") == "POST"
-    assert redirect.text == f"{PUBLIC}/plivo/answer?call_id={call_id}"
+    assert redirect.text == f"{PUBLIC}/plivo/answer?call_id={call_id}&reconnect=1"
 
     [requested] = await events.wait("call.requested", call_id)
     assert (requested.direction, requested.carrier, requested.carrier_call_id) == (
@@ -147,7 +147,7 @@ async def test_hangup_ends_the_call_once_with_its_duration(plivo_gateway, events
     assert (ended.reason, ended.duration_s) == ("caller_hangup", 42.0)
     # after the end, a reconnect through the redirect only hangs up
     _, _, root = await plivo_gateway.answer(call_uuid=call_uuid, path=f"/plivo/answer?"
-                                            f"call_id={call_id}")
+                                            f"call_id={call_id}&reconnect=1")
     assert [child.tag for child in root] == ["Hangup"]
     assert len(events.of("call.ended", call_id)) == 1
 
@@ -168,7 +168,7 @@ async def test_missing_call_uuid_is_a_400_problem(plivo_gateway):
 async def test_redirect_reconnects_a_live_call_and_is_capped(make_plivo_gateway, events):
     gateway = await make_plivo_gateway(max_reconnects=1)
     call_uuid, call_id, _ = await gateway.answer()
-    path = f"/plivo/answer?call_id={call_id}"
+    path = f"/plivo/answer?call_id={call_id}&reconnect=1"
     _, again, root = await gateway.answer(call_uuid=call_uuid, path=path)
     assert again == call_id and root.find("Stream") is not None
     _, _, root = await gateway.answer(call_uuid=call_uuid, path=path)
@@ -189,7 +189,7 @@ async def test_a_retried_first_answer_is_answered_again_and_is_no_reconnect(
     assert again == call_id
     assert ElementTree.tostring(retried) == ElementTree.tostring(first)
     # the socket drops: the redirect reconnects the call, once
-    path = f"/plivo/answer?call_id={call_id}"
+    path = f"/plivo/answer?call_id={call_id}&reconnect=1"
     _, _, root = await gateway.answer(call_uuid=call_uuid, path=path)
     assert root.find("Stream") is not None
     assert not events.of("call.ended", call_id)

@@ -105,10 +105,11 @@ async def answer(request: web.Request) -> web.Response:
         _count(request, "already_ended")
         return _xml(xml.hangup_xml())
     app = request.app
-    # A reconnect comes through our <Redirect>, whose URL names the call. An inbound call's
-    # first answer asked again (Plivo retrying an answer of ours that was slow) is answered the
-    # same, and uses up none of the call's reconnects.
-    reconnecting = call.answered_at is not None and "call_id" in request.query
+    # A reconnect comes through our <Redirect>, whose URL says so. A call's first answer asked
+    # again (Plivo retrying an answer of ours that was slow: an inbound call's URL names no
+    # call, an outbound call's names it as every URL we dial with does) is answered the same,
+    # and uses up none of the call's reconnects.
+    reconnecting = call.answered_at is not None and "reconnect" in request.query
     if reconnecting and not await _may_reconnect(request, call):
         _count(request, "gave_up")
         return _xml(xml.hangup_xml())

@@ -35,8 +35,10 @@ def stream_xml(config: GatewayConfig, settings: AgentSettings, *, call_id: str) 
     ``keepCallAlive`` holds the call on the stream while the socket lasts. When it closes,
     Plivo follows the redirect to the answer URL: a call that has ended is hung up there, and a
     still-live one (say, the instance holding its socket died) is reconnected to a new stream —
-    the counterpart of Twilio's ``<Connect action>``. ``streamTimeout`` is the agent's maximum
-    call duration, a carrier-side backstop for the session's own timer.
+    the counterpart of Twilio's ``<Connect action>``. Its URL says ``reconnect=1``, since Plivo
+    retrying a slow first answer asks the answer URL too, and that is no reconnect.
+    ``streamTimeout`` is the agent's maximum call duration, a carrier-side backstop for the
+    session's own timer.
     """
     response = plivoxml.ResponseElement()
     response.add(plivoxml.StreamElement(
@@ -49,8 +51,8 @@ def stream_xml(config: GatewayConfig, settings: AgentSettings, *, call_id: str) 
         statusCallbackUrl=callback_url(config, STREAM_STATUS_PATH, call_id=call_id),
         statusCallbackMethod="POST",
     ))
-    response.add(plivoxml.RedirectElement(callback_url(config, ANSWER_PATH, call_id=call_id),
-                                          method="POST"))
+    response.add(plivoxml.RedirectElement(
+        callback_url(config, ANSWER_PATH, call_id=call_id, reconnect="1"), method="POST"))
     return str(response.to_string(pretty=False))
 
 
