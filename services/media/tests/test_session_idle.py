@@ -9,12 +9,13 @@ from the EVENTS stream.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import msgspec
 import numpy as np
 
-from parley.common.bus import Bus
+from parley.common.bus import Bus, command_subject
 from parley.common.configuration.models import AgentSettings
 from parley.common.events import (
     AgentSay,
@@ -545,3 +546,31 @@ async def test_an_agent_turn_paused_by_the_caller_ends_when_the_next_one_starts(
         assert [e.turn_id for e in events if isinstance(e, AgentSpeechInterrupted)] == ["t0"]
     finally:
         await call.close()
+
+
+async def test_an_agent_turn_whose_last_mark_the_gateway_refused_leaves_nothing_pending(
+        bus) -> None:
+    # The agent's last words went out as the carrier's socket closed (a DTMF redirect, or the
+    # connection lost and the call reconnected on a new stream): the gateway refused the mark
+    # after them, "mark not sent: the call's socket is closed". The session kept it as placed
+    # and waited for its echo, which never comes: the turn stayed playing for ever, so the
+    # caller's silence never counted again for the rest of the call (no prompt, no hang-up).
+    refused: list[str] = []
+
+    async def gateway(msg) -> None:
+        refused.append(json.loads(msg.data)["name"])
+        await msg.respond(json.dumps(
+            {"ok": False, "error": "mark not sent: the call's socket is closed"}).encode())
+
+    sub = await bus.nc.subscribe(command_subject("call-idle-refused", "mark"), cb=gateway)
+    call = Call(bus, "call-idle-refused", QUIET_CALLER)
+    try:
+        await call.agent_says("t1", "I'll put you through now.")
+        await wait_for(lambda: refused and call.session._turns["t1"].spoken)
+        turn = call.session._turns["t1"]
+        assert turn.audio.pending_marks == [] and not turn.audio.playing(time.monotonic())
+        took = await call.silence_until_idle(2.0)
+        assert took is not None and 0.5 - TICK <= took <= 0.5 + TICK
+    finally:
+        await call.close()
+        await sub.unsubscribe()

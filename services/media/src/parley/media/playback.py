@@ -59,6 +59,9 @@ class AgentTurnAudio:
     cut_frames: int | None = None  # where a pause or interruption cut playback
     run_start: int = 0  # first frame of the current run (0, or the cut it resumed from)
     finished: bool = False  # the last mark was echoed: everything played
+    # The gateway refused a mark of this run: the carrier's socket is closed, so nothing sent
+    # to it plays any more and none of the run's marks will be echoed (see :meth:`refused`).
+    echoes_lost: bool = False
 
     @property
     def duration_ms(self) -> int:
@@ -132,6 +135,16 @@ class AgentTurnAudio:
             self.finished = True
         return True
 
+    def refused(self) -> None:
+        """The gateway refused a mark: the call's socket is closed, and no echo will come.
+
+        The run's marks are forgotten and its audio is no longer playing: waited for, they kept
+        the turn playing for ever (the caller's silence never counted again, the turn was
+        never done with), though the call goes on (its stream restarted) or is ending.
+        """
+        self.pending_marks = []
+        self.echoes_lost = True
+
     @property
     def started(self) -> bool:
         """The carrier has begun playing this turn (the first mark came back)."""
@@ -139,7 +152,7 @@ class AgentTurnAudio:
 
     def playing(self, now: float) -> bool:
         """Whether agent audio of this turn is (or is about to be) audible right now."""
-        if self.finished or self.cut_frames is not None or not self.frames:
+        if self.finished or self.echoes_lost or self.cut_frames is not None or not self.frames:
             return False
         return self.sent > self.played_frames or self.position_ms(now) < self.sent * FRAME_MS
 
@@ -173,6 +186,7 @@ class AgentTurnAudio:
         self.played_frames = self.cut_frames
         self.echoed_at = None
         self.pending_marks = []
+        self.echoes_lost = False
         self.cut_frames = None
 
 

@@ -49,7 +49,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from nats.aio.msg import Msg
@@ -1008,7 +1008,7 @@ class CallSession:
         """Drop the turns nothing can change any more (their ids are kept)."""
         for turn_id, turn in list(self._turns.items()):
             if turn.spoken and turn is not self._current and (
-                    turn.interrupted or turn.audio.finished):
+                    turn.interrupted or turn.audio.finished or turn.audio.echoes_lost):
                 del self._turns[turn_id]
                 self._past_turns.add(turn_id)
 
@@ -1158,7 +1158,8 @@ class CallSession:
         if turn.audio.last_mark_missing() and turn.audio.cut_frames is None:
             turn.audio.pending_marks.append(len(turn.audio.frames))
             seq = mark_seq(turn.audio.generation, len(turn.audio.frames))
-            await self._command("mark", {"name": f"{turn.turn_id}:{seq}"})
+            if await self._ask("mark", {"name": f"{turn.turn_id}:{seq}"}) == "refused":
+                turn.audio.refused()  # the socket is closed: no echo of the turn will come
 
     async def _feed(self, turn: _AgentTurn, stream: TtsStream, said: list[AgentSay],
                     first: int, *, wait: bool) -> bool:
@@ -1316,7 +1317,8 @@ class CallSession:
             if turn.held or turn.discarded:
                 continue  # a prepared reply nobody hears (yet): the caller's turn is open
             if not turn.spoken or (
-                    not turn.interrupted and turn.audio.frames and not turn.audio.finished):
+                    not turn.interrupted and turn.audio.frames and not turn.audio.finished
+                    and not turn.audio.echoes_lost):
                 return True  # still to be synthesised, or playing until its last mark echoes
         return False
 
@@ -1400,17 +1402,26 @@ class CallSession:
 
     async def _command(self, verb: str, body: dict[str, Any]) -> bool:
         """Ask the gateway to ``verb`` the call; whether it did (a failure is logged)."""
+        return await self._ask(verb, body) == "ok"
+
+    async def _ask(self, verb: str, body: dict[str, Any]) -> Literal["ok", "refused", "failed"]:
+        """Ask the gateway to ``verb`` the call: done, refused (its reply says no), or failed.
+
+        Failed: no reply in time (or none could be sent), so it may still have been done.
+        """
         try:
             reply = await self.s.bus.nc.request(command_subject(self.call_id, verb),
                                                 json.dumps(body).encode(),
                                                 timeout=self.s.command_timeout_s)
             answer = json.loads(reply.data) if reply.data else {}
-            if not answer.get("ok"):
-                raise RuntimeError(answer.get("error") or f"refused: {reply.data!r}")
         except Exception as exc:
             log.warning("call %s: gateway command %s failed: %s", self.call_id, verb, exc)
-            return False
-        return True
+            return "failed"
+        if not answer.get("ok"):
+            log.warning("call %s: gateway command %s failed: %s", self.call_id, verb,
+                        answer.get("error") or f"refused: {reply.data!r}")
+            return "refused"
+        return "ok"
 
     # ------------------------------------------------------------------ output
 
