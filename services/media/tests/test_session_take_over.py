@@ -18,7 +18,7 @@ from parley.common.configuration.models import AgentSettings
 from parley.common.events import Event, SpeechStarted, SpeechStopped, TurnUserEnded
 from parley.media.audio.codec import pcm16_array_to_ulaw
 from parley.media.ownership import LeaseState
-from parley.media.providers.base import Final
+from parley.media.providers.base import Final, Partial
 from parley.media.router import ProviderRouter
 from parley.media.session import CallSession, SessionServices
 
@@ -67,6 +67,16 @@ def session(bus: Bus, call_id: str, *, instance: str,
                        settings=QUIET, revision=1, resume=resume)
     call._history = None  # the call's past events are read
     return call
+
+
+async def take_over(bus: Bus, call_id: str, lease: LeaseState) -> CallSession:
+    """A successor's session from ``lease``, having read the call's past events (as run() does)."""
+    successor = session(bus, call_id, instance="media-b", resume=lease)
+    successor._history = {}
+    for event in await bus.replay_call(call_id, org_id=ORG):
+        successor._catch_up(event)
+    await successor._caught_up()
+    return successor
 
 
 def lease_of(call: CallSession) -> LeaseState:
@@ -128,3 +138,32 @@ async def test_a_turn_that_ended_just_before_the_take_over_is_not_heard_again_as
     stored = await events(bus, "call-take-over-2", first, successor)
     assert [(e.turn_id, e.text) for e in stored if isinstance(e, TurnUserEnded)] == [
         ("t1", "Book me in for Friday.")]
+
+
+async def test_a_turn_waiting_for_its_late_words_is_finished_by_the_successor(bus) -> None:
+    # "I would like to book an appointment on Friday.", and the recogniser, slower than the
+    # max wait, had said only "I would like": the turn ended at max wait on that partial (t1),
+    # its late final to revise it once it came. The instance died first. The lease resumed the
+    # successor after t1, so its recogniser never heard those words: t1 stayed "I would
+    # like", and the brain asked the caller to say it again.
+    audio = Audio()
+    audio.silence(1)
+    audio.speech(2.0)
+    audio.silence(5)
+    first = session(bus, "call-take-over-3", instance="media-a")
+    seq = 0
+    while first.turn_no == 0:
+        seq += 1
+        await audio.play(first, seq, seq)
+        if first._speech_start_ms is not None and not first.detector.text:
+            await first._on_stt(Partial("I would like"))
+    await audio.play(first, seq + 1, seq + 40)  # 0.8 s on, the lease renewed: it dies
+    successor = await take_over(bus, "call-take-over-3", lease_of(first))
+    await audio.play(successor, successor.lease.resume_seq, len(audio.frames),
+                     words="I would like to book an appointment on Friday.")
+    stored = await events(bus, "call-take-over-3", first, successor)
+    assert [(e.turn_id, e.text, e.reason, e.revises) for e in stored
+            if isinstance(e, TurnUserEnded)] == [
+        ("t1", "I would like", "max_wait", ""),
+        ("t2", "I would like to book an appointment on Friday.", "utterance_end", "t1")]
+    assert successor.turn_no == 2

@@ -48,7 +48,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import msgspec
@@ -112,7 +112,7 @@ from parley.media.providers.base import (
     WordTiming,
 )
 from parley.media.router import ProviderRouter
-from parley.media.turns import Flush, TurnDetector, TurnEnd, TurnSettings
+from parley.media.turns import Flush, TurnDetector, TurnEnd, TurnSettings, words_of
 from parley.media.vad import SegmenterSettings, SpeechSegmenter, SpeechStart, SpeechStop, WebRtcVad
 
 log = logging.getLogger(__name__)
@@ -318,6 +318,10 @@ class CallSession:
         self._sent_at = 0.0  # when the gateway sent the last inbound frame (0: none yet)
         self._key_turns = 0  # turns of keys so far (k1, k2, …)
         self._keys_unsent: str | None = None  # a turn of keys the past ended, not published
+        # Spoken turns a predecessor published (number → text, reason), and which revised which
+        # (old number → new), from the call's past events (see _as_predecessor_published).
+        self._predecessor_turns: dict[int, tuple[str, str]] = {}
+        self._predecessor_revisions: dict[int, int] = {}
         # Turns of keys that ended while the caller's words were still a turn in the making:
         # each keys, wall time and audio time of its last key (see _end_turn_of_keys).
         self._keys_after_words: list[tuple[str, float, int]] = []
@@ -425,8 +429,12 @@ class CallSession:
         dropped as repeats. (Counted from the latest, the turn that ended since came again as
         the next one, and a noise's events under the same number shifted the ordinals.)
         """
-        start = self.detector.turn_started_ms
-        target = (start if start is not None else self.audio_ms) - PREROLL_MS
+        # A turn that ended at max wait, its late words still to come, is as good as open: a
+        # successor resumed after it never hears those words, and the turn keeps the stale
+        # ones. Resumed before it, the successor hears it again and revises it (_end_turn).
+        starts = [ms for ms in (self.detector.turn_started_ms,
+                                self.detector.revisable_started_ms) if ms is not None]
+        target = (min(starts) if starts else self.audio_ms) - PREROLL_MS
         lease = self.lease
         for ms, seq, sent_at, turn_no, ordinals in self._checkpoints:
             if ms > target:
@@ -543,6 +551,8 @@ class CallSession:
             await self._end_turn(result)
 
     async def _end_turn(self, end: TurnEnd) -> None:
+        if not end.revises:
+            end = self._as_predecessor_published(end)
         revises = f"t{self.turn_no}" if end.revises else ""
         if revises:
             await self._supersede(revises)
@@ -568,6 +578,28 @@ class CallSession:
                             key=(self.turn_no,))
         if prepared is not None:
             self._play_prepared(prepared)
+
+    def _as_predecessor_published(self, end: TurnEnd) -> TurnEnd:
+        """A turn heard again after a take-over, numbered as its predecessor published it.
+
+        A predecessor's turn that ended at max wait was waiting for its late words, which
+        this session's recogniser hears again (the lease resumes before that turn): saying
+        more than the turn did, or its latest revision, they revise that; else the turn is the
+        one published (again under its id: dropped as a repeat), revisions and all.
+        """
+        number = self.turn_no + 1
+        published = self._predecessor_turns.get(number)
+        if published is None or published[1] != "max_wait":
+            return end
+        while number in self._predecessor_revisions:
+            number = self._predecessor_revisions[number]
+        text = self._predecessor_turns[number][0]
+        if len(words_of(end.text)) > len(words_of(text)) and (
+                not self.detector.backchannels.only_backchannel(end.text)):
+            self.turn_no = number
+            return replace(end, revises=True)
+        self.turn_no = number - 1
+        return end
 
     def _press(self, key: str, at: float) -> str | None:
         """A key the caller pressed at ``at`` (wall time): the turn of keys it ends, if any."""
@@ -863,6 +895,12 @@ class CallSession:
         elif isinstance(event, CallDtmf):
             self._keys_unsent = self._press(event.digit, event.at.timestamp()) or (
                 self._keys_unsent)
+        elif isinstance(event, TurnUserEnded) and event.reason != "dtmf" and (
+                event.turn_id[:1] == "t" and event.turn_id[1:].isdigit()):
+            number = int(event.turn_id[1:])
+            self._predecessor_turns[number] = (event.text, event.reason)
+            if event.revises[:1] == "t" and event.revises[1:].isdigit():
+                self._predecessor_revisions[int(event.revises[1:])] = number
         elif isinstance(event, TurnUserEnded) and event.reason == "dtmf":
             # Published (a predecessor ended it): its keys are neither unsent nor pending. Keys
             # typed after them, stored before it, still are.

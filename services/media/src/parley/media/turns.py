@@ -205,6 +205,11 @@ class TurnDetector:
         return " ".join([*self._turn.finals, self._turn.partial]).strip()
 
     @property
+    def revisable_started_ms(self) -> int | None:
+        """Audio time the turn that ended at max wait began, while late words may revise it."""
+        return self._late_turn.started_ms if self._late and self._late_turn else None
+
+    @property
     def late(self) -> bool:
         """Whether a result of unknown timing belongs to the turn that ended at max wait."""
         return self.late_for(math.inf)
