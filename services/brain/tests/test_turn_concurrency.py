@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 
 from parley.brain.llm.anthropic_llm import AnthropicLlm
 from parley.brain.llm.base import LlmEvent, LlmRequest
+from parley.brain.llm.router import LlmRouter
 from parley.brain.worker import BrainWorker
+from parley.common.bus import Bus
+from parley.common.events import (
+    AgentSay,
+    AgentSpeechInterrupted,
+    ToolCompleted,
+    ToolRequested,
+    TurnCompleted,
+)
 from parley.devkit.emulators.anthropic import ScriptedReply
 
 from .conftest import ORG, open_call, services, user_says
+from .test_turn_redelivery import HeldWhile
 
 
 class HeldBack:
@@ -129,5 +140,124 @@ async def test_an_event_stored_while_its_call_is_replayed_is_not_lost(
         assert events[-1].id == later.id  # kept, not dropped while the history was rebuilt
         assert worker._history["cr"][0] == 999
     finally:
+        await worker.stop()
+        await llm.aclose()
+
+
+class LateFollower(Bus):
+    """The test's bus, except that the worker's follower (its ordered consumer of every call
+    event) gets an ``agent.speech.interrupted``, and what is stored after it, only once
+    :attr:`release` is set: the follower lags behind the live subscriptions, which get the
+    event at once."""
+
+    def __init__(self, nc) -> None:
+        super().__init__(nc)
+        self.release = asyncio.Event()
+        subscribe = self.js.subscribe
+
+        async def lagging(subject: str, *args, cb=None, ordered_consumer=False, **kwargs):
+            follow = cb
+
+            async def late(msg) -> None:
+                if msg.subject.endswith(".agent.speech.interrupted"):
+                    await self.release.wait()
+                await follow(msg)
+
+            return await subscribe(subject, *args, cb=late if ordered_consumer else cb,
+                                   ordered_consumer=ordered_consumer, **kwargs)
+
+        self.js.subscribe = lagging  # type: ignore[method-assign]
+
+
+async def _checking_the_calendar(bus, call_id: str) -> None:
+    """A call whose turn t1 said 'Let me check the calendar.' and called a booking tool."""
+    await open_call(bus, call_id)
+    await bus.publish(AgentSay(org_id=ORG, call_id=call_id, turn_id="t0", seq=0,
+                               text="Hello!", last=True))
+    await user_says(bus, call_id, "t1", "Can I come Friday at ten?")
+    await bus.publish(AgentSay(org_id=ORG, call_id=call_id, turn_id="t1", seq=0,
+                               text="Let me check the calendar."))
+    await bus.publish(ToolRequested(org_id=ORG, call_id=call_id, turn_id="t1",
+                                    tool_call_id="toolu_1", name="book_appointment"))
+
+
+async def test_an_interruption_the_follower_delivers_after_the_turn_began_cancels_it(
+        bus, pool, emulator, recorder) -> None:
+    """The caller cut in over 'Let me check the calendar.' just as the booking's outcome came.
+    The live subscription saw agent.speech.interrupted before the outcome's unit of work had
+    begun (no turn of the call running: nothing to cancel), the follower delivered it after
+    that unit had folded the call: the turn went on and said the booking over the caller."""
+    emulator.default_reply = ScriptedReply(text="You're booked for Friday at ten.")
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    held = HeldWhile(llm, "hold-alpha", "Friday")
+    late = LateFollower(bus.nc)
+    worker = BrainWorker(dataclasses.replace(
+        services(late, pool, [held], turn_concurrency=1),
+        router=LlmRouter([held], filler_after_ms=None, first_token_deadline_s=30.0)))
+    await _checking_the_calendar(bus, "c-cut")
+    await worker.start()
+    try:
+        await asyncio.sleep(0.3)  # the call's units so far are handled: its history is cached
+        await open_call(bus, "c-alpha")
+        await user_says(bus, "c-alpha", "t1", "Please answer hold-alpha.")
+        await recorder.wait("turn.started", "c-alpha")  # the instance's one slot is busy
+        await bus.publish(ToolCompleted(org_id=ORG, call_id="c-cut", tool_call_id="toolu_1",
+                                        name="book_appointment", result={"booked": True}))
+        await bus.publish(AgentSpeechInterrupted(org_id=ORG, call_id="c-cut", turn_id="t1",
+                                                 played_text="Let me check"))
+        await asyncio.sleep(0.3)  # seen live: no turn of the call runs here yet
+        held.release["hold-alpha"].set()  # the outcome's unit of work runs
+        await recorder.wait("turn.started", "c-cut")
+        late.release.set()  # the follower delivers the interruption
+        await asyncio.sleep(0.3)
+        held.release["Friday"].set()
+        completed, = await recorder.wait("turn.completed", "c-cut")
+        assert completed.cancelled
+        assert [e.text for e in recorder.of("agent.say", "c-cut") if e.turn_id == "t1"] == [
+            "Let me check the calendar."]
+    finally:
+        late.release.set()
+        for released in held.release.values():
+            released.set()
+        await worker.stop()
+        await llm.aclose()
+
+
+async def test_an_older_turns_interruption_the_follower_delivers_late_cancels_no_later_turn(
+        bus, pool, emulator, recorder) -> None:
+    emulator.default_reply = ScriptedReply(text="Tuesday at nine works.")
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    held = HeldWhile(llm, "Tuesday")
+    late = LateFollower(bus.nc)
+    worker = BrainWorker(dataclasses.replace(
+        services(late, pool, [held]),
+        router=LlmRouter([held], filler_after_ms=None, first_token_deadline_s=30.0)))
+    await open_call(bus, "c-on")
+    await bus.publish(AgentSay(org_id=ORG, call_id="c-on", turn_id="t0", seq=0, text="Hello!",
+                               last=True))
+    await user_says(bus, "c-on", "t1", "When do you open?")
+    await bus.publish(AgentSay(org_id=ORG, call_id="c-on", turn_id="t1", seq=0,
+                               text="We open at eight.", last=True))
+    await bus.publish(TurnCompleted(org_id=ORG, call_id="c-on", turn_id="t1"))
+    await worker.start()
+    try:
+        await asyncio.sleep(0.3)  # the call's units so far are handled: its history is cached
+        await user_says(bus, "c-on", "t2", "Can I come Tuesday?")
+        # (t1's words were still playing: media's interruption of them is stored after t2)
+        await bus.publish(AgentSpeechInterrupted(org_id=ORG, call_id="c-on", turn_id="t1",
+                                                 played_text="We open"))
+        await recorder.wait("turn.started", "c-on", where=lambda e: e.turn_id == "t2")
+        late.release.set()  # the follower delivers t1's interruption while t2 runs
+        await asyncio.sleep(0.3)
+        held.release["Tuesday"].set()
+        completed, = await recorder.wait("turn.completed", "c-on",
+                                         where=lambda e: e.turn_id == "t2")
+        assert not completed.cancelled
+        said = [(e.text, e.last) for e in recorder.of("agent.say", "c-on") if e.turn_id == "t2"]
+        assert " ".join(text for text, _ in said).strip() == "Tuesday at nine works."
+        assert said[-1][1]
+    finally:
+        late.release.set()
+        held.release["Tuesday"].set()
         await worker.stop()
         await llm.aclose()

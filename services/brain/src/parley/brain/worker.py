@@ -15,7 +15,8 @@ completion sums the turn's rounds from those events. A hand-off (``end_call``,
 takes the turn up again like any tool's (the model tells the caller), as a new utterance
 (see :mod:`parley.brain.conversation`). While a turn runs, the worker follows the call:
 ``agent.speech.interrupted`` for the turn or a newer ``turn.user_ended`` cancels it (the LLM
-stream is closed).
+stream is closed), whether the live subscriptions see it or only the follower, after the turn's
+fold.
 
 A caller's turn of keys (``turn.user_ended`` with reason ``dtmf``, its text the keys: "1234#")
 is answered as any turn, the model reading it as keypad input (see
@@ -622,6 +623,8 @@ class BrainWorker:
             return
         if msg.subject.endswith(".turn.user_ended"):
             self._turn_ended(call_id, seq, msg.data)
+        elif msg.subject.endswith(".agent.speech.interrupted"):
+            self._interrupted(call_id, seq, msg.data)
         replaying = self._replaying.get(call_id)
         if replaying is not None:  # the replay may end before this: it adds what it lacks
             with contextlib.suppress(EventDecodeError):
@@ -654,6 +657,24 @@ class BrainWorker:
         running = self._running.get(call_id)
         if running is not None and running.turn_id != event.turn_id and running.seq < seq:
             running.cancel("newer turn")
+
+    def _interrupted(self, call_id: str, seq: int, data: bytes) -> None:
+        """Cancel the call's turn running here if the caller interrupted it after its fold.
+
+        The live subscription may see the interruption before the turn's unit of work began
+        (nothing to cancel then) and the follower deliver it after that unit folded the call
+        (so the fold does not show it): the turn would go on over the caller. An interruption
+        the fold shows keeps the turn from running at all, so one delivered now is newer.
+        """
+        running = self._running.get(call_id)
+        if running is None or running.seq >= seq:
+            return
+        try:
+            event = decode(data)
+        except EventDecodeError:
+            return
+        if isinstance(event, AgentSpeechInterrupted) and event.turn_id in running.speeches:
+            running.cancel("interrupted")
 
     async def _call_events(self, call_id: str, org_id: str, *, upto: int = 0) -> list[Event]:
         """The call's events in stream order, at least up to stream sequence ``upto``.
