@@ -29,9 +29,10 @@ def call_script(call_id: str, org: str = "o1") -> list[ev.Event]:
 
 
 @contextlib.asynccontextmanager
-async def running_recorder(bus: Bus, database_url: str, **kwargs):
+async def running_recorder(bus: Bus, database_url: str, *, metrics: Metrics | None = None,
+                           **kwargs):
     recorder = Recorder(bus, database_url, [CallsProjection(), AuditLogProjection()],
-                        metrics=Metrics("recorder"), **kwargs)
+                        metrics=metrics or Metrics("recorder"), **kwargs)
     stop = asyncio.Event()
     task = asyncio.create_task(recorder.run(stop))
     try:

@@ -11,6 +11,10 @@ payloads, events on a subject not their own, duplicate ids republished after the
 messages expired or deleted before they were recorded) go to ``dead_letters`` with the reason,
 so every stream sequence is accounted for.
 
+A stream deleted and created again numbers its messages from 1 again: the recorder tells streams
+apart by their created time (``recorder_streams``) and stores a new one's messages after what it
+had recorded, from its first, at its sequence plus an offset.
+
 Only one recorder writes at a time (a session advisory lock); others wait as hot standbys. A
 leader whose lock connection drops goes back to waiting for the lock; each batch locks the
 checkpoint row and is dropped if another recorder moved it, so a deposed leader never writes.
@@ -30,12 +34,13 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
 from typing import Any
 
 import psycopg
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamInfo
 from nats.js.errors import APIError, NotFoundError
 
 from parley.common.bus import EVENTS_STREAM, Bus, event_subject
@@ -85,6 +90,8 @@ class Recorder:
         self.projections = list(projections)
         self.batch_size = batch_size
         self.position = 0
+        self.offset = 0  # the stream read now: its sequence s is stored at position offset + s
+        self._stream_created: datetime | None = None  # the stream the offset is for
         self.leader = False
         self.standing_by = False  # connected, waiting for the leader lock another instance has
         # Chaos-test hook: SIGKILL this process at a named point of the Nth batch.
@@ -101,6 +108,9 @@ class Recorder:
                                   "Stream messages not yet recorded")
         self._leading = metrics.gauge("recorder_leader",
                                       "1 while this instance records, 0 while it stands by")
+        self._recreated = metrics.counter(
+            "recorder_streams_recreated",
+            "EVENTS streams found deleted and created again, recorded from their first message")
 
     @property
     def ready(self) -> bool:
@@ -175,8 +185,12 @@ class Recorder:
                            "ON CONFLICT (name) DO NOTHING", (CHECKPOINT,))
         self.position = await get_checkpoint(conn, CHECKPOINT)
         await conn.commit()
-        puller = _BatchPuller(self.bus, start_seq=self.position + 1, batch=self.batch_size)
+        await self._find_stream(conn)
+        puller = _BatchPuller(self.bus, start_seq=self.position + 1 - self.offset,
+                              batch=self.batch_size)
         await puller.start()
+        # Created again between _find_stream and the consumer: the consumer reads another one.
+        self._check_stream(await self.bus.js.stream_info(EVENTS_STREAM))
         next_lead_check = time.monotonic() + LEAD_CHECK_S
         try:
             batch = await puller.next_batch()
@@ -194,13 +208,56 @@ class Recorder:
         finally:
             await puller.stop()
 
+    async def _find_stream(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Set the offset of the EVENTS stream there is now; record it if it is a new one.
+
+        A stream deleted and created again numbers its messages from its first sequence again:
+        it is read from there, stored after the checkpoint. It is told by a created time other
+        than the one recorded, or by a last sequence below what was recorded from the stream
+        (which only a replaced stream shows: one restored from an older backup, or one recreated
+        before streams were recorded). Messages it shares with the old stream (republished,
+        restored) are stored once: the copies are duplicates by event id.
+        """
+        info = await self.bus.js.stream_info(EVENTS_STREAM)
+        async with conn.transaction():
+            cursor = await conn.execute(
+                "SELECT created, sequence_offset FROM recorder_streams "
+                "ORDER BY since_position DESC LIMIT 1")
+            known = await cursor.fetchone()
+            known_offset = known[1] if known else 0
+            recreated = (known is not None and known[0] != info.created
+                         or self.position - known_offset > info.state.last_seq)
+            if known is not None and not recreated:
+                self.offset, self._stream_created = known_offset, info.created
+                return
+            offset = self.position - (info.config.first_seq or 1) + 1 if recreated else 0
+            await self._fence(conn)
+            await conn.execute(
+                "INSERT INTO recorder_streams (since_position, created, sequence_offset) "
+                "VALUES (%s, %s, %s) ON CONFLICT (since_position) DO UPDATE SET "
+                "created = excluded.created, sequence_offset = excluded.sequence_offset, "
+                "found_at = now()", (self.position, info.created, offset))
+        self.offset, self._stream_created = offset, info.created
+        if recreated:
+            self._recreated.inc()
+            log.error("EVENTS was deleted and created again (created %s, last sequence %d; "
+                      "recorded up to position %d): recording it from its first message, "
+                      "sequence s at position %d + s; whatever the old stream held past "
+                      "position %d went with it", info.created, info.state.last_seq,
+                      self.position, offset, self.position)
+
+    def _check_stream(self, info: StreamInfo) -> None:
+        """Raise ``NotFoundError`` if EVENTS is not the stream the offset was found for."""
+        if info.created != self._stream_created:
+            raise NotFoundError(description="EVENTS was created again while it was read")
+
     async def _write_batch(self, conn: psycopg.AsyncConnection[Any], msgs: list[Msg]) -> None:
         started = time.perf_counter()
         good: list[tuple[int, Event, bytes, str | None]] = []
         dead: list[tuple[int, str, str, bytes | None]] = []
         expected = self.position + 1
         for msg in msgs:
-            seq = _stream_sequence(msg)
+            seq = self.offset + _stream_sequence(msg)  # the store position
             if seq < expected:
                 continue  # already recorded (a stale delivery)
             if seq > expected:  # what came before the gap, then the gap in its own chunks
@@ -326,13 +383,15 @@ class Recorder:
         connection dropped while it was delivered): raise ``MessageLost`` to pull again from
         the checkpoint.
         """
-        first = (await self.bus.js.stream_info(EVENTS_STREAM)).state.first_seq
+        info = await self.bus.js.stream_info(EVENTS_STREAM)
+        self._check_stream(info)
+        first = self.offset + info.state.first_seq
         dead: list[tuple[int, str, str, bytes | None]] = [
             (position, "", "missing from stream: expired or purged before it was recorded",
              None) for position in range(start, min(end, first))]
         for position in range(max(start, first), end):
             try:
-                await self.bus.js.get_msg(EVENTS_STREAM, position)
+                await self.bus.js.get_msg(EVENTS_STREAM, position - self.offset)
             except NotFoundError:
                 dead.append((position, "", "missing from stream: deleted before it was "
                              "recorded", None))
