@@ -167,3 +167,35 @@ async def test_a_turn_waiting_for_its_late_words_is_finished_by_the_successor(bu
         ("t1", "I would like", "max_wait", ""),
         ("t2", "I would like to book an appointment on Friday.", "utterance_end", "t1")]
     assert successor.turn_no == 2
+
+
+async def test_a_successors_offsets_after_a_stream_restart_are_on_the_calls_clock(bus) -> None:
+    # The carrier's stream restarted (a reconnect, a DTMF redirect): a frame's timestamp starts
+    # at 0 again on the new stream, and the owner's clock goes on (2 s of the first stream,
+    # then the second's). The successor's clock started at its first frame's own timestamp,
+    # so the speech it heard was published 2 s earlier in the call than it was.
+    frames = [(SILENCE, seq, (seq - 1) * 20) for seq in range(1, 101)]  # the first stream
+    second = Audio()
+    second.silence(1)
+    second.speech(1.0)
+    second.silence(1.0)
+    frames += [(frame, 5000 + n, (n - 1) * 20) for n, frame in enumerate(second.frames, 1)]
+    start = time.time() - 60
+
+    async def play(call: CallSession, first_seq: int = 1, count: int = len(frames)) -> None:
+        for frame, seq, ts_ms in [f for f in frames if f[1] >= first_seq][:count]:
+            await call._on_audio(frame, seq, ts_ms, start + seq * 0.02, False)
+
+    first = session(bus, "call-take-over-4", instance="media-a")
+    await play(first, count=140)  # the first stream and 0.8 s of the second: it dies
+    lease = lease_of(first)
+    assert lease.resume_seq > 5000
+    successor = session(bus, "call-take-over-4", instance="media-b", resume=lease)
+    await play(successor, lease.resume_seq)
+    whole = session(bus, "call-take-over-5", instance="media-a")  # one session throughout
+    await play(whole)
+    offsets = [[(e.type, e.offset_ms) for e in await events(bus, call_id, call)
+                if isinstance(e, SpeechStarted | SpeechStopped)]
+               for call_id, call in (("call-take-over-4", successor),
+                                     ("call-take-over-5", whole))]
+    assert offsets[0] == offsets[1] and len(offsets[0]) == 2

@@ -251,6 +251,9 @@ class CallSession:
         self.end_reason = ""
         self.audio_ms = 0  # audio clock: end of the last inbound frame processed
         self._base_ms: int | None = None  # audio time of the segmenter's first frame
+        # A successor's first frame is its resume frame, at this audio time of its predecessor's
+        # clock, which it goes on with (see _on_audio).
+        self._resume_ms = resume.resume_ms if resume and resume.resume_seq else None
         self._speech_start_ms: int | None = None
         self._speech_end_wall = 0.0
         # The ordinal of the next event of each kind numbered within the turn (_publish).
@@ -460,6 +463,11 @@ class CallSession:
             self.s.on_unknown_audio()
             return
         self._catching_up = behind
+        if self._base_ms is None and self._resume_ms is not None:
+            # The call's audio clock is the predecessor's, where it left off: a frame's own
+            # timestamp starts at 0 again on each of the call's streams (a carrier stream
+            # restarted), so taken as the clock, the successor's offset_ms went back in the call.
+            ts_ms = self._resume_ms
         if self._base_ms is None and self._keypad.pending:
             self._place_keys(ts_ms, sent_at)
         self._sent_at = sent_at

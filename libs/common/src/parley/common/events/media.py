@@ -18,13 +18,17 @@ class Word(msgspec.Struct, frozen=True, array_like=True):
 
 
 class SpeechStarted(CallEvent, frozen=True, kw_only=True, tag="speech.started"):
-    """Voice activity detected from the caller."""
+    """Voice activity detected from the caller, ``offset_ms`` into the call's audio.
+
+    The call's audio clock: milliseconds of the caller's audio since the call's first frame,
+    going on across the carrier's stream restarts and a take-over by another media instance.
+    """
 
     offset_ms: int
 
 
 class SpeechStopped(CallEvent, frozen=True, kw_only=True, tag="speech.stopped"):
-    """The caller's voice activity ended."""
+    """The caller's voice activity ended, ``offset_ms`` into the call's audio (as started)."""
 
     offset_ms: int
 
