@@ -1,3 +1,4 @@
+import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -103,3 +104,39 @@ async def test_catch_up_commits_each_batch_with_its_checkpoint(database_url: str
         rows = await (await conn.execute(
             "SELECT call_id, n FROM transcript_count ORDER BY 1")).fetchall()
         assert rows == [("c0", 4), ("c1", 3), ("c2", 3)]
+
+
+class GatedCount(TranscriptCount):
+    """Holds its first batch until released, as a runner that is slow or paused mid-batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holding, self.release = asyncio.Event(), asyncio.Event()
+
+    async def apply(self, conn: AsyncConnection[Any], tables: Mapping[str, str],
+                    batch: Sequence[tuple[int, ev.Event]]) -> None:
+        if not self.release.is_set():
+            self.holding.set()
+            await self.release.wait()
+        await super().apply(conn, tables, batch)
+
+
+async def test_two_runners_of_one_projection_apply_each_event_once(database_url: str) -> None:
+    """Two instances of a service catching up the same projection at once."""
+    items = [ev.TranscriptFinal(org_id="o1", call_id=f"c{i % 3}", text="x") for i in range(10)]
+    await store_events(database_url, items)
+    async with await psycopg.AsyncConnection.connect(database_url) as slow, \
+            await psycopg.AsyncConnection.connect(database_url) as fast:
+        await slow.execute("CREATE TABLE transcript_count (call_id text PRIMARY KEY, n int)")
+        await slow.commit()
+        gated = GatedCount()
+        first = asyncio.create_task(catch_up(slow, gated, batch_size=4))
+        await gated.holding.wait()  # the first runner has read positions 1..4
+        second = asyncio.create_task(catch_up(fast, TranscriptCount()))
+        await asyncio.wait({second}, timeout=1.0)  # runs through, or waits for the first
+        gated.release.set()
+        applied = await first + await second
+        assert applied == 10
+        assert await get_checkpoint(slow, "transcript_count") == 10
+        total = await (await slow.execute("SELECT sum(n) FROM transcript_count")).fetchone()
+        assert total == (10,)

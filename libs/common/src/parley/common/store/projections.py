@@ -17,7 +17,7 @@ import msgspec
 from psycopg import AsyncConnection, sql
 
 from ..events import Event, decode
-from .event_store import get_checkpoint, set_checkpoint
+from .event_store import set_checkpoint
 
 # Held (per transaction) by the recorder for each batch and by a rebuild while it swaps tables.
 WRITE_LOCK = 0x70726F6A  # "proj"
@@ -61,17 +61,30 @@ async def _read_batch(conn: AsyncConnection[Any], after: int, limit: int,
     return [(row[0], decode(row[1])) for row in await cursor.fetchall()]
 
 
+async def _lock_checkpoint(conn: AsyncConnection[Any], name: str) -> int:
+    """The checkpoint ``name``, its row locked until the transaction ends."""
+    await conn.execute("INSERT INTO checkpoints (name, position) VALUES (%s, 0) "
+                       "ON CONFLICT (name) DO NOTHING", (name,))
+    cursor = await conn.execute(
+        "SELECT position FROM checkpoints WHERE name = %s FOR UPDATE", (name,))
+    row = await cursor.fetchone()
+    return int(row[0]) if row else 0
+
+
 async def catch_up(conn: AsyncConnection[Any], projection: Projection, *,
                    batch_size: int = 2000) -> int:
     """Apply every stored event past the projection's checkpoint; returns how many.
 
     For projections maintained outside the recorder: each batch commits with its checkpoint.
+    Each batch locks the checkpoint's row first, so runners of the same projection (a
+    service's instances) take turns: each reads where the last batch ended, and no event is
+    applied twice nor the checkpoint moved back.
     """
     identity = {table: table for table in projection.tables}
     applied = 0
     while True:
         async with conn.transaction():
-            after = await get_checkpoint(conn, projection.name)
+            after = await _lock_checkpoint(conn, projection.name)
             batch = await _read_batch(conn, after, batch_size)
             if not batch:
                 return applied
