@@ -28,8 +28,16 @@ async def setup_relay(gateway, events):
     return ws, call_sid, call_id
 
 
+async def greeted(ws) -> None:
+    """Twilio says the welcome greeting (the agent's, "Hi, Acme here.") as the call connects."""
+    await info(ws, "agentSpeaking", "on")
+    await info(ws, "tokensPlayed", "Hi, Acme here.")
+    await info(ws, "agentSpeaking", "off")
+
+
 async def test_relay_session_bridges_prompts_speech_and_interrupts(gateway, events, bus):
     ws, call_sid, call_id = await setup_relay(gateway, events)
+    await greeted(ws)
     [started] = events.of("call.stream_started", call_id)
     assert started.pipeline == "managed" and started.stream_id == "VX" + "1" * 32
 
@@ -112,6 +120,8 @@ async def test_relay_reports_a_goodbye_played_out_so_the_hang_up_need_not_wait(
     info messages (events="speaker-events tokens-played") now tell it when the turn played out;
     not before its last words have played, and a pause between clauses is no end."""
     ws, _, call_id = await setup_relay(gateway, events)
+    await greeted(ws)
+    await events.wait("agent.speech.finished", call_id)  # t0
     await info(ws, "roundTripDelayMs", "120")  # a report we do not use is no protocol error
     await say(bus, call_id, "turn_bye", ["Thanks for calling.", "Goodbye!"])
     assert (await receive(ws))["token"] == "Thanks for calling."
@@ -124,10 +134,10 @@ async def test_relay_reports_a_goodbye_played_out_so_the_hang_up_need_not_wait(
     await info(ws, "tokensPlayed", "Goodbye!")  # reported as played; the audio is still ending
     await send(ws, {"type": "dtmf", "digit": "1"})  # a marker: everything before is handled
     await events.wait("call.dtmf", call_id)
-    assert events.of("agent.speech.finished", call_id) == []
+    assert len(events.of("agent.speech.finished", call_id)) == 1
 
     await info(ws, "agentSpeaking", "off")
-    [finished] = await events.wait("agent.speech.finished", call_id, timeout=2)
+    [_, finished] = await events.wait("agent.speech.finished", call_id, count=2, timeout=2)
     assert finished.turn_id == "turn_bye"
     assert not ws.closed
 
@@ -174,6 +184,50 @@ async def test_relay_leaves_the_greeting_to_twilios_welcome_greeting(gateway, ev
     assert interrupted.turn_id == "t0"
     await say(bus, call_id, "t1", ["Sure."])
     assert await receive(ws) == {"type": "text", "token": "Sure.", "last": True}  # t0 never sent
+
+
+async def test_relay_reports_the_welcome_greeting_played_out_as_any_agent_turn(
+        gateway, events, bus):
+    """Twilio says the agent's greeting (welcomeGreeting, agent turn t0) on its own, and the
+    relay followed only the text it sent: the greeting could be interrupted but never got the
+    agent.speech.finished every other agent turn gets (and t0 gets on cascading calls), so
+    whoever reads the call's events could not tell when the greeting ended. It finishes now by
+    the same rule as the others, once Twilio reports it played and stops speaking."""
+    ws, call_sid, call_id = await setup_relay(gateway, events)
+    await info(ws, "agentSpeaking", "on")
+    await info(ws, "tokensPlayed", "Hi, Acme here.")
+    await send(ws, {"type": "dtmf", "digit": "1"})  # a marker: everything before is handled
+    await events.wait("call.dtmf", call_id)
+    assert events.of("agent.speech.finished", call_id) == []  # still speaking
+    await info(ws, "agentSpeaking", "off")
+    [finished] = await events.wait("agent.speech.finished", call_id, timeout=2)
+    assert finished.turn_id == "t0"
+    # The brain's greeting comes as t0 too: not sent (Twilio said it), nor finished again.
+    await say(bus, call_id, "t0", ["Hi, Acme here."])
+    await say(bus, call_id, "t1", ["Sure."])
+    assert await receive(ws) == {"type": "text", "token": "Sure.", "last": True}
+    await info(ws, "agentSpeaking", "on")
+    await info(ws, "tokensPlayed", "Sure.")
+    await info(ws, "agentSpeaking", "off")
+    await events.wait("agent.speech.finished", call_id, count=2, timeout=2)
+    assert [f.turn_id for f in events.of("agent.speech.finished", call_id)] == ["t0", "t1"]
+
+
+async def test_a_reconnected_relay_follows_no_greeting(gateway, events, bus):
+    """A call back on a new socket gets no welcome greeting (the reconnect's TwiML has none):
+    the greeting is not followed there, so it neither finishes nor takes the interruption."""
+    ws, call_sid, call_id = await setup_relay(gateway, events)
+    await ws.close()  # before Twilio said the greeting
+    again = await connect(gateway, events, call_sid, call_id, session="2")
+    await say(bus, call_id, "t1", ["Sorry, we were cut off."])
+    assert (await receive(again))["token"] == "Sorry, we were cut off."
+    await info(again, "agentSpeaking", "on")
+    await info(again, "tokensPlayed", "Sorry, we were cut off.")
+    await info(again, "agentSpeaking", "off")
+    [finished] = await events.wait("agent.speech.finished", call_id, timeout=2)
+    assert finished.turn_id == "t1"
+    await asyncio.sleep(0.1)
+    assert [f.turn_id for f in events.of("agent.speech.finished", call_id)] == ["t1"]
 
 
 async def test_relay_does_not_send_clauses_of_the_turn_the_caller_interrupted(
@@ -355,6 +409,10 @@ async def test_keys_pending_when_the_call_ends_or_the_socket_closes_make_no_turn
 
 async def connect(gateway, events, call_sid: str, call_id: str, *, session: str):
     """A socket for the call, set up (a reconnect: Twilio back through the reconnect URL)."""
+    if events.of("call.stream_started", call_id):  # Twilio asks the <Connect action> first
+        response = await gateway.post(f"/twilio/voice/reconnect?call_id={call_id}",
+                                      {"CallSid": call_sid})
+        assert "<ConversationRelay" in await response.text()
     ws = await gateway.ws("/twilio/relay")
     await send(ws, {"type": "setup", "sessionId": "VX" + session * 32, "callSid": call_sid,
                     "accountSid": "AC", "from": CALLER, "to": MANAGED_NUMBER,

@@ -82,8 +82,7 @@ async def setup(gateway, events, *, session: str = "1"):
     """A managed call's socket, set up; the welcome greeting ("Hi, Acme here.") has played."""
     call_sid, call_id, _ = await gateway.inbound_call(MANAGED_NUMBER)
     ws = await connect(gateway, events, call_sid, call_id, session=session)
-    await info(ws, "agentSpeaking", "on")
-    await info(ws, "agentSpeaking", "off")
+    await play(ws, "Hi, Acme here.")
     return ws, call_sid, call_id
 
 

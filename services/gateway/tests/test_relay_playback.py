@@ -39,8 +39,23 @@ def test_reports_that_match_nothing_are_ignored_and_lost_ones_are_skipped():
     playback = RelayPlayback()
     playback.sent("t1", "One moment.", last=True)
     playback.sent("t2", "Here it is. Anything else?", last=True)
-    assert playback.played("Hi, Acme here.") == []  # the welcome greeting: not ours
+    assert playback.played("Hi, Acme here.") == []  # none of the text sent
     assert playback.played("Anything else?") == ["t1", "t2"]  # t1's report never came
+
+
+def test_the_greeting_finishes_once_twilio_stops_saying_it_reported_or_not():
+    # Twilio says the welcome greeting on its own and has all of it at once: no pause in it
+    # waits for more text, and whether tokensPlayed covers it is undocumented.
+    playback = RelayPlayback()
+    playback.greeting("t0", "Hi, Acme here.")
+    assert playback.playing() == "t0"
+    assert playback.speaking(True) == []
+    playback.sent("t1", "Sure.", last=True)  # the caller spoke while it played
+    assert playback.speaking(False) == ["t0"]  # its words never reported
+    assert playback.playing() == "t1"
+    playback = RelayPlayback()
+    playback.greeting("t0", "Hi, Acme here.")
+    assert playback.played("Hi, Acme here.") == ["t0"]  # reported, no speaker events
 
 
 def test_an_interrupted_turn_never_finishes_and_an_empty_one_is_not_followed():

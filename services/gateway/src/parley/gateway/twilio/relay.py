@@ -7,7 +7,9 @@ transcript.final + turn.user_ended (reason ``prompt``), each agent.say becomes a
 (``last`` on the turn's last clause), an interrupt becomes agent.speech.interrupted with
 what the caller actually heard, and Twilio's ``info`` reports of the tokens it played and of
 its speech stopping become agent.speech.finished once a turn has played out
-(:mod:`.relay_playback`): the tools service waits for it before it hangs up or transfers.
+(:mod:`.relay_playback`): the tools service waits for it before it hangs up or transfers. The
+greeting, which Twilio says on its own as the call's first socket connects, is followed and
+finishes (agent turn ``t0``) as the text sent is.
 A caller who goes silent is prompted, then hung up on (``caller.idle``, :mod:`.relay_idle`), as
 media does on cascading calls. A key press is call.dtmf, and the keys a caller types are a
 caller turn too (:mod:`parley.common.keypad`, on the wall clock): turn.user_ended with reason
@@ -219,8 +221,8 @@ class RelaySession(TwilioSession):
             case Interrupt():
                 # Not necessarily the last turn sent: what follows a failed hand-off (t3.1) can
                 # be queued behind the turn Twilio is saying, the one what the caller heard
-                # begins. Once all text sent has played, the last turn sent (its audio ending)
-                # or the greeting, which is not followed.
+                # begins. Once all text sent has played, the last turn sent (its audio ending),
+                # or the greeting if none was.
                 heard = clean_text(message.utterance_until_interrupt)
                 interrupted = self.playback.playing(heard) or self.speaking_turn
                 self.playback.interrupted(interrupted)
@@ -260,6 +262,12 @@ class RelaySession(TwilioSession):
         self.keypad = Keypad(KeypadSettings.of(self.agent.settings))
         if self.agent.settings.idle_prompt_s or self.agent.settings.idle_hangup_s:
             self.idle = RelayIdle(self.agent.settings)
+        if self._reconnects == 0 and self.agent.settings.greeting:
+            # Twilio says the greeting (the TwiML's welcomeGreeting) as the caller connects,
+            # on the call's first socket only: it finishes, or is interrupted, as a turn of
+            # the text we send is.
+            self.speaking_turn = GREETING_TURN
+            self.playback.greeting(GREETING_TURN, self.agent.settings.greeting)
         self.add_subscription(await self.bus.subscribe_call(
             self.call_id, self._on_event, org_id=self.call.org_id))
         if self.idle is not None or self.keypad.settings.enabled:
@@ -292,9 +300,8 @@ class RelaySession(TwilioSession):
             return
         if event.turn_id == GREETING_TURN:
             # Twilio said the greeting as the TwiML's welcomeGreeting the moment the caller was
-            # connected; the brain's (the same words) would say it a second time. A barge-in on
-            # it is an interruption of the greeting all the same.
-            self.speaking_turn = event.turn_id
+            # connected (followed from then on: see subscribe); the brain's (the same words)
+            # would say it a second time.
             return
         if event.filler_after_ms:
             # "One moment.", sent with a round's tool requests: said only if nothing more comes

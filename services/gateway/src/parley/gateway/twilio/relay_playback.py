@@ -10,12 +10,15 @@ of the two reports comes last, and a pause between two of the turn's clauses is 
 later words are not yet reported.
 
 Text is compared on letters and digits only (case folded), so Twilio's spacing and chunking do
-not matter; a report that matches none of the queued text (the welcome greeting, which Twilio
-says on its own) is ignored. A report that matches further on than expected means the ones
-before it were lost: what precedes it has played too (Twilio plays turns in order). A report
-may span the end of one turn and the start of the next. A turn
-whose reports never cover its text does not finish here; the tools service then stops waiting
-after its own timeout.
+not matter; a report that matches none of the queued text is ignored. The welcome greeting,
+which Twilio says on its own, is queued by the relay (:meth:`RelayPlayback.greeting`) and
+finishes too: by its reports, or once Twilio's speech stops, since Twilio has all of its text
+from the start (no pause waits for more of it), and whether it reports on it is undocumented.
+A report
+that matches further on than expected means the ones before it were lost: what precedes it
+has played too (Twilio plays turns in order). A report may span the end of one turn and the
+start of the next. A turn whose reports never cover its text does not finish here; the tools
+service then stops waiting after its own timeout.
 
 An interruption is of the turn Twilio was saying (:meth:`RelayPlayback.playing`), which need
 not be the last one sent. An interrupted turn never finishes, and nothing more of it is
@@ -47,6 +50,7 @@ class _Turn:
     unplayed: str = ""  # spoken characters sent and not yet reported played
     said_something: bool = False
     last_sent: bool = False
+    whole: bool = False  # Twilio has all of it (the greeting): its speech stopping ends it
 
 
 class RelayPlayback:
@@ -77,6 +81,12 @@ class RelayPlayback:
             return []
         return self._finished()
 
+    def greeting(self, turn_id: str, text: str) -> None:
+        """Twilio says ``text`` on its own (the welcome greeting), before any text we send."""
+        self.sent(turn_id, text, last=True)
+        if turn_id in self._turns:
+            self._turns[turn_id].whole = True
+
     def played(self, text: str) -> list[str]:
         """Twilio reports ``text`` played (``tokensPlayed``); returns the turns that finished.
 
@@ -103,6 +113,10 @@ class RelayPlayback:
     def speaking(self, on: bool) -> list[str]:
         """Twilio's ``agentSpeaking`` went on or off; returns the turns that finished."""
         self.agent_speaking = on
+        if not on:
+            for turn in self._turns.values():
+                if turn.whole:
+                    turn.unplayed = ""
         return self._finished()
 
     def playing(self, heard: str = "") -> str:
