@@ -189,10 +189,10 @@ class Recorder:
         puller = _BatchPuller(self.bus, start_seq=self.position + 1 - self.offset,
                               batch=self.batch_size)
         await puller.start()
-        # Created again between _find_stream and the consumer: the consumer reads another one.
-        self._check_stream(await self.bus.js.stream_info(EVENTS_STREAM))
         next_lead_check = time.monotonic() + LEAD_CHECK_S
         try:
+            # Created again between _find_stream and the consumer: the consumer reads another.
+            self._check_stream(await self.bus.js.stream_info(EVENTS_STREAM))
             batch = await puller.next_batch()
             while not stop.is_set():
                 if time.monotonic() >= next_lead_check:
