@@ -1,9 +1,11 @@
 """An EVENTS stream deleted and created again numbers its messages from 1 again."""
 
 import uuid
+from dataclasses import replace
 
 from parley.common import events as ev
 from parley.common.bus import EVENTS_STREAM, Bus
+from parley.common.bus.streams import StreamSettings, stream_configs
 from parley.common.metrics import Metrics
 
 from .conftest import wait_for
@@ -83,3 +85,24 @@ async def test_a_stream_recreated_before_its_identity_was_kept_is_noticed_by_its
     async with running_recorder(bus, database_url):
         await wait_for(lambda: _at(database_url, 6))
     assert stored_ids(database_url) == [e.id for e in before + after]
+
+
+async def test_a_stream_recreated_numbered_on_from_the_checkpoint_keeps_its_sequences(
+        bus: Bus, database_url: str) -> None:
+    """What docs/architecture.md tells an operator to do: ``first_seq`` one past the checkpoint."""
+    before = [said(f"before {i}") for i in range(3)]
+    for event in before:
+        await bus.publish(event)
+    async with running_recorder(bus, database_url):
+        await wait_for(lambda: _at(database_url, 3))
+        [config] = [c for c in stream_configs(StreamSettings()) if c.name == EVENTS_STREAM]
+        await bus.js.delete_stream(EVENTS_STREAM)
+        await bus.js.add_stream(replace(config, first_seq=4))
+        after = [said(f"after {i}") for i in range(2)]
+        acks = [await bus.publish(event) for event in after]
+        await wait_for(lambda: _at(database_url, 5))
+    assert [ack.seq for ack in acks] == [4, 5]
+    assert rows(database_url, "SELECT position, event_id FROM events ORDER BY 1") == \
+        [(i, e.id) for i, e in enumerate(before + after, 1)]
+    assert rows(database_url, "SELECT since_position, sequence_offset FROM recorder_streams "
+                              "ORDER BY 1") == [(0, 0), (3, 0)]
