@@ -15,7 +15,7 @@ import numpy as np
 
 from parley.common.bus import Bus
 from parley.common.configuration.models import AgentSettings
-from parley.common.events import Event, SpeechStarted, SpeechStopped, TurnUserEnded
+from parley.common.events import CallDtmf, Event, SpeechStarted, SpeechStopped, TurnUserEnded
 from parley.media.audio.codec import pcm16_array_to_ulaw
 from parley.media.ownership import LeaseState
 from parley.media.providers.base import Final, Partial
@@ -45,13 +45,14 @@ class Audio:
                         for n in range(round(seconds * 50))]
 
     async def play(self, session: CallSession, first_seq: int, last_seq: int, *,
-                   words: str = "") -> None:
+                   words: str = "", behind_until: int = 0) -> None:
         """Frames ``first_seq`` to ``last_seq``; ``words``: what a recogniser makes final of
-        each stretch of speech the session hears, as it ends."""
+        each stretch of speech the session hears, as it ends. Frames up to ``behind_until``
+        come as a successor's catch-up from the AUDIO stream does (behind live)."""
         for seq in range(first_seq, last_seq + 1):
             speaking = session._speech_start_ms is not None
             await session._on_audio(self.frames[seq - 1], seq, (seq - 1) * 20,
-                                    self.start + (seq - 1) * 0.02, False)
+                                    self.start + (seq - 1) * 0.02, seq <= behind_until)
             if words and speaking and session._speech_start_ms is None:
                 await session._on_stt(Final(words, speech_final=True))
 
@@ -199,3 +200,28 @@ async def test_a_successors_offsets_after_a_stream_restart_are_on_the_calls_cloc
                for call_id, call in (("call-take-over-4", successor),
                                      ("call-take-over-5", whole))]
     assert offsets[0] == offsets[1] and len(offsets[0]) == 2
+
+
+async def test_keys_held_for_the_callers_words_wait_for_the_successor_to_hear_them(bus) -> None:
+    # "My account number is", then 1234# while the turn is still open: the owner holds the
+    # keys for the words' turn, and dies. The successor learnt the keys from the call's events
+    # and published them at once, before the words it then heard again from the caught-up
+    # audio: the brain answered the keys first, and the model read the words as said after.
+    audio = Audio()
+    audio.silence(1)
+    audio.speech(1.5)
+    audio.silence(3)
+    first = session(bus, "call-take-over-6", instance="media-a")
+    await audio.play(first, 1, 50 + 60)  # 1.2 s into the speech
+    await first._on_stt(Final("my account number is"))
+    for key in "1234#":  # the gateway's call.dtmf, stored and heard live
+        press = CallDtmf(org_id=ORG, call_id="call-take-over-6", digit=key)
+        await bus.publish(press)
+        await first._on_event(press)
+    assert first._keys_after_words  # held for the words' turn; the instance dies
+    successor = await take_over(bus, "call-take-over-6", lease_of(first))
+    await audio.play(successor, successor.lease.resume_seq, len(audio.frames),
+                     words="my account number is", behind_until=110)
+    stored = await events(bus, "call-take-over-6", first, successor)
+    assert [(e.turn_id, e.text) for e in stored if isinstance(e, TurnUserEnded)] == [
+        ("t1", "my account number is"), ("k1", "1234#")]

@@ -325,6 +325,9 @@ class CallSession:
         # (old number → new), from the call's past events (see _as_predecessor_published).
         self._predecessor_turns: dict[int, tuple[str, str]] = {}
         self._predecessor_revisions: dict[int, int] = {}
+        # The spoken turn a predecessor heard words of but did not end (0: none), from the
+        # call's past events: keys wait for this session to hear it again (_words_to_hear).
+        self._words_turn = 0
         # Turns of keys that ended while the caller's words were still a turn in the making:
         # each keys, wall time and audio time of its last key (see _end_turn_of_keys).
         self._keys_after_words: list[tuple[str, float, int]] = []
@@ -511,7 +514,7 @@ class CallSession:
                 await self._publish(SpeechStopped, "speech.stopped", offset_ms=at)
             await self._barge_in_on_frame(now)
             await self._poll_turn()
-        if self._keys_after_words and not self.detector.text:
+        if self._keys_after_words and not self.detector.text and not self._words_to_hear():
             await self._publish_keys_after_words()
         if self.audio_ms >= self._keys_due_ms:
             keys = self._keypad.poll(self.audio_ms)
@@ -661,10 +664,23 @@ class CallSession:
         if not keys:
             return
         self._rearm_keys()  # keys typed after these (a successor's past) are still pending
-        if self.detector.text:
+        if self.detector.text or self._words_to_hear():
             self._keys_after_words.append((keys, self._keys_wall, self._keys_last_ms))
             return
         await self._publish_keys(keys, self._keys_wall, self._keys_last_ms)
+
+    def _words_to_hear(self) -> bool:
+        """Whether words a predecessor heard, of a turn it did not end, are still to come.
+
+        This session hears them again from the audio after its resume point, which the keys
+        typed after them wait for: until it ends that turn, while it catches up or has a turn
+        open (a turn it does not make of them, no words heard this time, holds no keys for ever).
+        """
+        if self.turn_no >= self._words_turn or not (
+                self._catching_up or self.detector.in_turn):
+            self._words_turn = 0
+            return False
+        return True
 
     async def _publish_keys_after_words(self) -> None:
         """The spoken turn the keys waited for is over (published, or no turn after all)."""
@@ -903,10 +919,17 @@ class CallSession:
         elif isinstance(event, CallDtmf):
             self._keys_unsent = self._press(event.digit, event.at.timestamp()) or (
                 self._keys_unsent)
+        elif isinstance(event, TranscriptPartial | TranscriptFinal) and event.text.strip() and (
+                event.utterance_id[:1] == "t" and event.utterance_id[1:].isdigit()):
+            number = int(event.utterance_id[1:])
+            if number > max(self._predecessor_turns, default=0):  # (not a turn's late words)
+                self._words_turn = number
         elif isinstance(event, TurnUserEnded) and event.reason != "dtmf" and (
                 event.turn_id[:1] == "t" and event.turn_id[1:].isdigit()):
             number = int(event.turn_id[1:])
             self._predecessor_turns[number] = (event.text, event.reason)
+            if number >= self._words_turn:
+                self._words_turn = 0
             if event.revises[:1] == "t" and event.revises[1:].isdigit():
                 self._predecessor_revisions[int(event.revises[1:])] = number
         elif isinstance(event, TurnUserEnded) and event.reason == "dtmf":
