@@ -12,10 +12,20 @@ import time
 
 import msgspec
 import numpy as np
+import pytest
 
 from parley.common.bus import Bus
 from parley.common.configuration.models import AgentSettings
-from parley.common.events import CallDtmf, Event, SpeechStarted, SpeechStopped, TurnUserEnded
+from parley.common.events import (
+    AgentSpeechFinished,
+    AgentSpeechInterrupted,
+    AgentSpeechStarted,
+    CallDtmf,
+    Event,
+    SpeechStarted,
+    SpeechStopped,
+    TurnUserEnded,
+)
 from parley.media.audio.codec import pcm16_array_to_ulaw
 from parley.media.ownership import LeaseState
 from parley.media.providers.base import Final, Partial
@@ -141,17 +151,20 @@ async def test_a_turn_that_ended_just_before_the_take_over_is_not_heard_again_as
         ("t1", "Book me in for Friday.")]
 
 
-async def test_a_turn_waiting_for_its_late_words_is_finished_by_the_successor(bus) -> None:
+@pytest.mark.parametrize("answer_played", [False, True])
+async def test_a_turn_waiting_for_its_late_words_is_finished_by_the_successor(
+        bus, answer_played: bool) -> None:
     # "I would like to book an appointment on Friday.", and the recogniser, slower than the
     # max wait, had said only "I would like": the turn ended at max wait on that partial (t1),
     # its late final to revise it once it came. The instance died first. The lease resumed the
     # successor after t1, so its recogniser never heard those words: t1 stayed "I would
     # like", and the brain asked the caller to say it again.
+    call_id = f"call-take-over-3-{answer_played}"
     audio = Audio()
     audio.silence(1)
     audio.speech(2.0)
     audio.silence(5)
-    first = session(bus, "call-take-over-3", instance="media-a")
+    first = session(bus, call_id, instance="media-a")
     seq = 0
     while first.turn_no == 0:
         seq += 1
@@ -159,15 +172,23 @@ async def test_a_turn_waiting_for_its_late_words_is_finished_by_the_successor(bu
         if first._speech_start_ms is not None and not first.detector.text:
             await first._on_stt(Partial("I would like"))
     await audio.play(first, seq + 1, seq + 40)  # 0.8 s on, the lease renewed: it dies
-    successor = await take_over(bus, "call-take-over-3", lease_of(first))
+    if answer_played:  # the brain's answer to t1 ("Could you say that again?") had played
+        for event in (AgentSpeechStarted(org_id=ORG, call_id=call_id, turn_id="t1"),
+                      AgentSpeechFinished(org_id=ORG, call_id=call_id, turn_id="t1")):
+            await bus.publish(event)
+    successor = await take_over(bus, call_id, lease_of(first))
     await audio.play(successor, successor.lease.resume_seq, len(audio.frames),
                      words="I would like to book an appointment on Friday.")
-    stored = await events(bus, "call-take-over-3", first, successor)
+    stored = await events(bus, call_id, first, successor)
     assert [(e.turn_id, e.text, e.reason, e.revises) for e in stored
             if isinstance(e, TurnUserEnded)] == [
         ("t1", "I would like", "max_wait", ""),
         ("t2", "I would like to book an appointment on Friday.", "utterance_end", "t1")]
     assert successor.turn_no == 2
+    # The answer to t1 stops: one not begun is cut off with nothing heard (never said); one
+    # the predecessor played is not said to have been cut off unheard (its events say what was).
+    assert [(e.turn_id, e.played_text) for e in stored
+            if isinstance(e, AgentSpeechInterrupted)] == ([] if answer_played else [("t1", "")])
 
 
 async def test_a_successors_offsets_after_a_stream_restart_are_on_the_calls_clock(bus) -> None:

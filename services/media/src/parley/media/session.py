@@ -708,6 +708,10 @@ class CallSession:
         turn = self._turns.get(turn_id)
         if turn is None:  # the brain has not answered yet: what it still sends is not spoken
             self._past_turns.add(turn_id)
+            if turn_id in self._voiced:
+                # A predecessor voiced the answer (a successor revising that turn): what was
+                # heard of it is its events' to say; said here, "nothing" denied what played.
+                return
             turn = _AgentTurn(turn_id, AgentTurnAudio(turn_id), spoken=True)
         elif turn.audio.finished:
             return
