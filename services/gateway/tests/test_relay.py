@@ -451,6 +451,37 @@ async def test_keys_typed_when_the_socket_dropped_go_on_on_the_next_one(
     assert not third.closed
 
 
+async def test_an_interruption_after_a_reconnect_counts_what_the_caller_heard_before_it(
+        gateway, events, bus):
+    """'Let me check the calendar.' played, the socket dropped while the tool ran, and the
+    answer after it came on the call's next socket: the caller cut in at 'You're booked' and
+    the interruption said they had heard 'You're booked' of the turn, all Twilio's new session
+    had said. The brain reads a turn's played text from its start, so it put those words
+    where 'Let me check the calendar.' was, before the tool use: the model saw itself claim
+    the booking before making it. The new socket now reads what the call's earlier sockets
+    sent of the turn from the call's events, and the played text begins with it."""
+    ws, call_sid, call_id = await setup_relay(gateway, events)
+    await greeted(ws)
+    await bus.publish(AgentSay(org_id=ORG, call_id=call_id, turn_id="turn_a", seq=0,
+                               text="Let me check the calendar.", last=False))
+    assert (await receive(ws))["token"] == "Let me check the calendar."
+    await info(ws, "agentSpeaking", "on")
+    await info(ws, "tokensPlayed", "Let me check the calendar.")
+    await info(ws, "agentSpeaking", "off")
+    await ws.close()
+    again = await connect(gateway, events, call_sid, call_id, session="2")
+    await bus.publish(AgentSay(org_id=ORG, call_id=call_id, turn_id="turn_a", seq=1,
+                               text="You're booked for Friday.", last=True))
+    assert await receive(again) == {"type": "text", "token": "You're booked for Friday.",
+                                    "last": True}
+    await info(again, "agentSpeaking", "on")
+    await send(again, {"type": "interrupt", "utteranceUntilInterrupt": "You're booked",
+                       "durationUntilInterruptMs": 600})
+    [interrupted] = await events.wait("agent.speech.interrupted", call_id)
+    assert interrupted.turn_id == "turn_a"
+    assert interrupted.played_text == "Let me check the calendar. You're booked"
+
+
 # -- the filler for slow tools: said only if the tools keep the caller waiting ----------------
 
 async def test_the_filler_is_said_only_when_the_tools_are_slow(gateway, events, bus):

@@ -16,7 +16,8 @@ caller turn too (:mod:`parley.common.keypad`, on the wall clock): turn.user_ende
 ``dtmf`` and the keys as its text, at once on the agent's end key, else once no key has come
 for ``keypad_timeout_ms``. No transcript.final: keys are not speech (media does the same).
 Keys still pending when the call ends make no turn; those pending when the socket drops are
-gathered by the call's next socket, from the call's past.
+gathered by the call's next socket, from the call's past. So is what earlier sockets said of
+a turn that goes on on this one: an interruption's played text begins with it.
 """
 
 from __future__ import annotations
@@ -174,6 +175,11 @@ class RelaySession(TwilioSession):
         self._keys_backlog: list[tuple[str, int, uuid.UUID]] | None = []
         self._call_ended = False  # call.ended seen: keys make no more turns
         self._filler: AgentSay | None = None  # a filler clause held until its tools are slow
+        # What the call's earlier sockets sent of each turn (read from the call's past), and
+        # the agent.say seen live while that is read, which this socket sent itself.
+        self._said_before: dict[str, str] = {}
+        self._says_here: set[uuid.UUID] | None = set()
+        self._past_read = asyncio.Event()
         self._idle_backlog: list[Event] | None = []  # live events held while the past is read
         self._errors = self.metrics.counter(
             "gateway_relay_errors", "ConversationRelay error messages from Twilio")
@@ -228,8 +234,12 @@ class RelaySession(TwilioSession):
                 self.playback.interrupted(interrupted)
                 if self.idle is not None:
                     self.idle.interrupted()
+                # Twilio's session on this socket heard of the turn only what this socket sent;
+                # the brain reads the played text from the turn's start (see _resume_speech).
+                await self._past_read.wait()
+                played = f"{self._said_before.get(interrupted, '')} {heard}".strip()
                 await self.publish(AgentSpeechInterrupted(
-                    org_id=org_id, call_id=call_id, turn_id=interrupted, played_text=heard,
+                    org_id=org_id, call_id=call_id, turn_id=interrupted, played_text=played,
                     cut_ms=max(0, message.duration_until_interrupt_ms)))
             case Dtmf():
                 self._caller_active()
@@ -270,10 +280,7 @@ class RelaySession(TwilioSession):
             self.playback.greeting(GREETING_TURN, self.agent.settings.greeting)
         self.add_subscription(await self.bus.subscribe_call(
             self.call_id, self._on_event, org_id=self.call.org_id))
-        if self.idle is not None or self.keypad.settings.enabled:
-            self._spawn(self._go_on_from_the_past(), "past")
-        else:
-            self._keys_backlog = None
+        self._spawn(self._go_on_from_the_past(), "past")
 
     async def _on_event(self, event: Event) -> None:
         if isinstance(event, CallEnded):
@@ -294,6 +301,8 @@ class RelaySession(TwilioSession):
                 self.idle.observe(event)
         if not isinstance(event, AgentSay):
             return
+        if self._says_here is not None:
+            self._says_here.add(event.id)
         if self.playback.cut_off(event.turn_id):
             # The caller interrupted it; the brain cancels it only once it hears so, and media
             # too drops what of it comes after a barge-in.
@@ -353,6 +362,26 @@ class RelaySession(TwilioSession):
         if not self._utterance_id:
             self._utterance_id = f"turn_{uuid7().hex}"
         return self._utterance_id
+
+    def _resume_speech(self, past: list[Event]) -> None:
+        """Learn what the call's earlier sockets sent of each turn (this one is a reconnect).
+
+        Twilio's session on a new socket says only what that socket sends, so an interruption
+        there reports what was heard of that alone: 'You're booked' of a turn whose 'Let me
+        check the calendar.' played before the socket dropped. The brain reads a turn's played
+        text from the turn's start, so the interruption's played text begins with the turn's
+        text from before this socket (its fillers, said or not, left out, as the brain passes
+        over them). All of it is taken as heard: text still unplayed when the old socket
+        dropped, or published while the call had no socket, cannot be told apart from the call's
+        events.
+        """
+        seen, self._says_here = self._says_here or set(), None
+        for event in past:
+            if (isinstance(event, AgentSay) and event.id not in seen and event.text.strip()
+                    and event.turn_id != GREETING_TURN and not event.filler_after_ms):
+                before = self._said_before.get(event.turn_id, "")
+                self._said_before[event.turn_id] = f"{before} {event.text.strip()}".lstrip()
+        self._past_read.set()
 
     # -- keys typed ---------------------------------------------------------------------------
 
@@ -466,8 +495,9 @@ class RelaySession(TwilioSession):
             self.idle.caller_active()
 
     async def _go_on_from_the_past(self) -> None:
-        """Read the call's past: a reconnect goes on with its keys and its idle turns."""
+        """Read the call's past: a reconnect goes on with its speech, keys and idle turns."""
         past = await self._past_events()
+        self._resume_speech(past or [])
         await self._resume_keys(past or [])
         if self.idle is not None:
             await self._watch_idle(past)
