@@ -21,9 +21,11 @@ from parley.common.events import (
     ToolRequested,
     TurnStarted,
 )
+from parley.devkit.emulators.anthropic import ScriptedReply, ScriptedToolUse
 from parley.devkit.infra import NatsServer
 
 from .conftest import ORG, SETTINGS, open_call, services, user_says
+from .test_hand_offs import tool_results
 
 
 async def _greeted(bus, call_id: str) -> None:
@@ -213,3 +215,82 @@ async def test_a_turn_whose_unit_of_work_failed_does_not_run_beside_its_redelive
         await brain_bus.close()
         await bus.close()
         server.stop()
+
+
+class DiesBefore(Bus):
+    """The worker's bus, except that sending ``tool_call_id``'s request fails once: the instance
+    died there (or its connection did), the round's earlier events stored, none after."""
+
+    def __init__(self, nc, tool_call_id: str) -> None:
+        super().__init__(nc)
+        self.tool_call_id, self.died = tool_call_id, False
+
+    async def send(self, event, **kwargs):
+        if isinstance(event, ToolRequested) and event.tool_call_id == self.tool_call_id and (
+                not self.died):
+            self.died = True
+            raise ConnectionError("the instance died here")
+        return await super().send(event, **kwargs)
+
+
+async def test_a_round_whose_tool_requests_were_cut_short_requests_the_rest_once(
+        bus, pool, emulator, recorder) -> None:
+    """The model asked to book and to text the address; the brain died after publishing the
+    booking's tool.requested. The redelivered turn found a tool requested and took the turn as
+    continued through its tools: the text was never requested, and the booking's outcome took
+    the turn up with one of the two results, the model asked again as if it had wanted one."""
+    emulator.script(
+        ScriptedReply(text="Let me do both.", tool_uses=(
+            ScriptedToolUse(name="book_appointment", input={"day": "Friday"}, id="toolu_a"),
+            ScriptedToolUse(name="send_sms", input={"text": "12 Main St"}, id="toolu_b"))),
+        ScriptedReply(text="You're booked, and the address is on its way."))
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    dies = DiesBefore(bus.nc, "toolu_b")
+    worker = BrainWorker(services(dies, pool, [llm]))
+    await _greeted(bus, "c-cut")
+    await worker.start()
+    try:
+        await user_says(bus, "c-cut", "t1", "Book me for Friday and text me the address.")
+        await recorder.wait("tool.requested", "c-cut", count=2, timeout=5.0)
+        await bus.publish(ToolCompleted(org_id=ORG, call_id="c-cut", tool_call_id="toolu_a",
+                                        name="book_appointment", result={"booked": True}))
+        await asyncio.sleep(0.5)
+        assert len(emulator.requests) == 1  # the text's outcome is still to come
+        await bus.publish(ToolCompleted(org_id=ORG, call_id="c-cut", tool_call_id="toolu_b",
+                                        name="send_sms", result={"sent": True}))
+        done, = await recorder.wait("turn.completed", "c-cut")
+        assert not done.cancelled
+        await asyncio.sleep(0.3)
+        stored = [e for e in await bus.replay_call("c-cut") if isinstance(e, ToolRequested)]
+        assert [(e.tool_call_id, e.name, e.arguments) for e in stored] == [
+            ("toolu_a", "book_appointment", {"day": "Friday"}),
+            ("toolu_b", "send_sms", {"text": "12 Main St"})]
+        assert len(emulator.requests) == 2
+        assert len(tool_results(emulator.requests[1])) == 2
+    finally:
+        await worker.stop()
+        await llm.aclose()
+
+
+def test_a_tool_requested_late_belongs_to_the_round_of_its_response() -> None:
+    from parley.brain.conversation import fold
+    from parley.common.events import RequestedCall, TurnUserEnded
+
+    calls = [RequestedCall(tool_call_id="a", name="book_appointment"),
+             RequestedCall(tool_call_id="b", name="send_sms")]
+
+    def requested(tool_call_id: str, name: str) -> ToolRequested:
+        return ToolRequested(org_id=ORG, call_id="c", turn_id="t1", tool_call_id=tool_call_id,
+                             name=name, response_calls=calls)
+
+    before = [TurnUserEnded(org_id=ORG, call_id="c", turn_id="t1", text="Both, please."),
+              requested("a", "book_appointment"),
+              ToolCompleted(org_id=ORG, call_id="c", tool_call_id="a", name="book_appointment")]
+    turn = fold("c", before).turn("t1")
+    assert turn.waiting_for_tools and set(turn.unrequested) == {"b"}
+    turn = fold("c", [*before, requested("b", "send_sms")]).turn("t1")
+    assert turn.waiting_for_tools and not turn.unrequested
+    assert turn.requested_in == {"a": 0, "b": 0}
+    turn = fold("c", [*before, requested("b", "send_sms"), ToolCompleted(
+        org_id=ORG, call_id="c", tool_call_id="b", name="send_sms")]).turn("t1")
+    assert not turn.waiting_for_tools and turn.latest_outcome == "b"

@@ -60,6 +60,7 @@ from parley.common.events import (
     CallRequested,
     CallStreamStarted,
     Event,
+    RequestedCall,
     SpeechStarted,
     ToolCompleted,
     ToolDenied,
@@ -84,6 +85,9 @@ class AgentTurn:
     tools: dict[str, str] = field(default_factory=dict)  # tool_call_id → name
     requested_in: dict[str, int] = field(default_factory=dict)  # tool_call_id → its round
     results: set[str] = field(default_factory=set)  # tool_call_ids with an outcome
+    # Tool calls of a response whose requests are stored in part (the instance died between
+    # them): tool_call_id → the call, and a request of the same response stored.
+    unrequested: dict[str, tuple[RequestedCall, ToolRequested]] = field(default_factory=dict)
     failed: set[str] = field(default_factory=set)  # tool_call_ids that failed or were denied
     latest_outcome: str = ""  # the tool_call_id whose outcome came last (the one that goes on)
     completions: int = 0  # turn.completed events seen
@@ -120,8 +124,8 @@ class AgentTurn:
 
     @property
     def waiting_for_tools(self) -> bool:
-        """Some tool the agent called has no outcome yet."""
-        return bool(set(self.tools) - self.results)
+        """Some tool the agent called has no outcome yet (or is not even requested yet)."""
+        return bool(set(self.tools) - self.results or self.unrequested)
 
     def _hand_off_rounds(self) -> dict[int, bool]:
         """Rounds that called a hand-off → whether one of their hand-offs failed."""
@@ -251,8 +255,15 @@ class Conversation:
             case ToolRequested():
                 turn = self.turn_of(event.turn_id)
                 turn.tools[event.tool_call_id] = event.name
-                turn.requested_in[event.tool_call_id] = turn.round
-                turn.round_first_token.setdefault(turn.round, (event.ttft_ms, event.llm_wait_ms))
+                late = turn.unrequested.pop(event.tool_call_id, None)
+                # (requested late, after an outcome of its response perhaps: in its round)
+                turn.requested_in[event.tool_call_id] = turn.round if late is None else (
+                    turn.requested_in[late[1].tool_call_id])
+                for call in event.response_calls:
+                    if call.tool_call_id not in turn.tools:
+                        turn.unrequested.setdefault(call.tool_call_id, (call, event))
+                turn.round_first_token.setdefault(turn.requested_in[event.tool_call_id],
+                                                  (event.ttft_ms, event.llm_wait_ms))
                 if turn.turn_id not in self.idle_turns:  # an idle hang-up is not the model's
                     self.messages.append(ToolUse(id=event.tool_call_id, name=event.name,
                                                  arguments=dict(event.arguments)))

@@ -64,7 +64,10 @@ from memory (replaying only if the copy has a gap).
 Event ids are derived from the call, turn, round and seq, so an instance that re-runs a turn
 after another died mid-turn emits the same ids and JetStream drops the repeats. Clauses the fold
 already shows are not said again: the caller heard them, so the re-run sends them as the
-request's prefill (the model goes on from them) and numbers its clauses after them.
+request's prefill (the model goes on from them) and numbers its clauses after them. A
+response's tool requests each carry all its calls (``response_calls``): if the instance died
+between two, the turn's next unit of work (its redelivery, or an outcome) requests the rest,
+with the ids they would have had, and the turn waits for all their outcomes.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy, PubAck
 
-from parley.brain.conversation import HAND_OFFS, Conversation, fold
+from parley.brain.conversation import HAND_OFFS, AgentTurn, Conversation, fold
 from parley.brain.llm.base import (
     AssistantMessage,
     Done,
@@ -118,6 +121,7 @@ from parley.common.events import (
     EventDecodeError,
     IntentDetected,
     KnowledgeRetrieved,
+    RequestedCall,
     SpeechStarted,
     SpeechStopped,
     TokenUsage,
@@ -580,6 +584,7 @@ class BrainWorker:
                 await self._completed(conversation, event.turn_id, event)
                 return
             if turn.tools:
+                await self._request_unrequested(conversation, turn)
                 return  # continued through its tools
             if not event.text.strip():
                 # No words (media makes no such turn; an older relay did): nothing to answer,
@@ -595,8 +600,11 @@ class BrainWorker:
                           if event.tool_call_id in t.tools), None)
             if owner is None or owner.completed or owner.interrupted:
                 return  # (a failed hand-off leaves its turn not completed: it goes on)
-            if owner.turn_id != conversation.latest_user_turn or owner.waiting_for_tools:
-                return  # the caller moved on, or other tools of the round are still out
+            if owner.turn_id != conversation.latest_user_turn:
+                return  # the caller moved on
+            if owner.waiting_for_tools:
+                await self._request_unrequested(conversation, owner)
+                return  # other tools of the round are still out
             if owner.latest_outcome != event.tool_call_id:
                 # A later outcome of the turn is stored (the fold reaches past this event): its
                 # own unit of work takes the turn up, perhaps on another instance at this moment.
@@ -712,6 +720,24 @@ class BrainWorker:
         if len(self._history) > HISTORY_CALLS:
             self._history.popitem(last=False)
         return events
+
+    async def _request_unrequested(self, conversation: Conversation, turn: AgentTurn) -> None:
+        """Request the tool calls of a response whose requests are stored only in part.
+
+        The instance that published them died between two: each is published as it would have
+        been (the same id, so a publish of its own still under way is a duplicate), from a
+        request of the same response that is stored.
+        """
+        call_id = conversation.call_id
+        for call, sibling in list(turn.unrequested.values()):
+            await self.s.bus.publish(ToolRequested(
+                id=stable_id(call_id, turn.turn_id, "tool", call.tool_call_id),
+                org_id=conversation.org_id, call_id=call_id, turn_id=sibling.turn_id,
+                tool_call_id=call.tool_call_id, name=call.name, arguments=call.arguments,
+                ttft_ms=sibling.ttft_ms, llm_wait_ms=sibling.llm_wait_ms,
+                response_calls=sibling.response_calls, causation_id=sibling.causation_id))
+            log.warning("call %s turn %s: %s requested late: its instance died before it",
+                        call_id, turn.turn_id, call.name)
 
     async def _greet(self, conversation: Conversation, event: CallStreamStarted) -> None:
         if conversation.greeted:
@@ -964,11 +990,16 @@ class BrainWorker:
         if calls and self.s.tool_filler_after_ms and said_last != self.s.tool_filler.strip() and (
                 not any(call.name in HAND_OFFS for call in calls)):
             await say(self.s.tool_filler, filler_after_ms=self.s.tool_filler_after_ms)
-        # Each carries the response's time to first token, for a completion that folds it.
+        # Each carries the response's time to first token, for a completion that folds it, and
+        # the response's other calls, for whoever finds only some of them stored.
         first_token = {"ttft_ms": round(done.ttft_ms or 0.0, 2) if done else 0.0,
                        "llm_wait_ms": round(llm_wait_ms or 0.0, 2)}
+        response_calls = [RequestedCall(tool_call_id=call.tool_call_id, name=call.name,
+                                        arguments=call.arguments)
+                          for call in calls] if len(calls) > 1 else []
         for call in calls:
-            pending.append(await bus.send(msgspec.structs.replace(call, **first_token)))
+            pending.append(await bus.send(msgspec.structs.replace(
+                call, **first_token, response_calls=response_calls)))
         if calls and not any(call.name in HAND_OFFS for call in calls):
             await bus.acked(pending)
             return  # the turn goes on when the tool outcomes arrive

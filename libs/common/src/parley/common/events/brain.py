@@ -84,11 +84,23 @@ class TurnCompleted(CallEvent, frozen=True, kw_only=True, tag="turn.completed"):
     cancelled: bool = False
 
 
+class RequestedCall(msgspec.Struct, frozen=True, kw_only=True):
+    """One tool call of a model's response (see ``tool.requested``'s ``response_calls``)."""
+
+    tool_call_id: str
+    name: str
+    arguments: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
 class ToolRequested(CallEvent, frozen=True, kw_only=True, tag="tool.requested"):
     """The model asked to run a tool.
 
     ``turn_id`` names the utterance it follows (see ``agent.say``), whose audio the tools
     service lets play before ``end_call`` or ``transfer_call`` acts.
+
+    ``response_calls``: when the model's response called several tools, all of them in order,
+    on each of their requests. They are published one after another, so an instance that died
+    between two left some unpublished: whoever takes the turn up requests those.
     """
 
     turn_id: str
@@ -99,6 +111,7 @@ class ToolRequested(CallEvent, frozen=True, kw_only=True, tag="tool.requested"):
     # for it (so the completion, perhaps on another instance, reports the turn's first round's).
     ttft_ms: float = 0.0
     llm_wait_ms: float = 0.0
+    response_calls: list[RequestedCall] = msgspec.field(default_factory=list)
 
 
 class IntentDetected(CallEvent, frozen=True, kw_only=True, tag="intent.detected"):
