@@ -1,9 +1,13 @@
 import asyncio
+import base64
+import binascii
+import itertools
 
 import pytest
 
 from parley.common.bus.audio import decode_frame
 from parley.gateway.close_codes import CloseCode
+from parley.gateway.twilio.media_stream import b64decode
 
 from .conftest import StreamClient, closed, started_stream, wait_for
 
@@ -197,3 +201,19 @@ async def test_bad_sockets_do_not_affect_a_concurrent_good_call(make_gateway, ev
     assert await good.closed() == (1000, "stream stopped")
     [ended] = await events.wait("call.ended", call_id)
     assert ended.reason == "caller_hangup"
+
+
+def test_media_payloads_are_decoded_and_refused_as_b64decode_validate_does():
+    """Every string of up to 6 characters from base64's alphabet, padding and what is not."""
+
+    def outcome(decode, payload):
+        try:
+            return decode(payload)
+        except (binascii.Error, ValueError) as exc:
+            return type(exc)
+
+    for length in range(7):
+        for chars in itertools.product("AB+/=a\n é", repeat=length):
+            payload = "".join(chars)
+            assert outcome(b64decode, payload) == outcome(
+                lambda p: base64.b64decode(p, validate=True), payload), payload
