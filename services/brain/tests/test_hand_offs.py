@@ -285,3 +285,58 @@ def test_the_utterance_after_a_failed_hand_off_belongs_to_its_turn() -> None:
     finished = fold("c", [*before, *ending, failed, *again[:2],
                           TurnCompleted(org_id=ORG, call_id="c", turn_id="t1")])
     assert finished.turn("t1").completed
+
+
+async def test_a_hand_off_round_cut_short_is_completed_when_taken_up_again(
+        bus, pool, emulator, recorder) -> None:
+    """The brain requested a transfer and died before the turn's completion (h-said: its closing
+    clause stored; h-open: not even that), and the transfer was refused. The refusal took the
+    turn up and completed it once more, but the hand-off's own completion was never published:
+    the turn had as many completions as failed hand-offs, and stayed open for good (no
+    speculation for the call, a turn that never ends in the record). Now the redelivered turn
+    finishes the hand-off's round: closes its speech if still open, and completes it."""
+    def transfer_requested(call_id: str, *, closed: bool) -> list[Event]:
+        events: list[Event] = [
+            AgentSay(org_id=ORG, call_id=call_id, turn_id="t1", seq=0,
+                     text="Let me transfer you."),
+            ToolRequested(org_id=ORG, call_id=call_id, turn_id="t1", tool_call_id="toolu_t",
+                          name="transfer_call", arguments={"to": DESK})]
+        if closed:
+            events.append(AgentSay(org_id=ORG, call_id=call_id, turn_id="t1", seq=1, text="",
+                                   last=True))
+        return events
+
+    emulator.default_reply = ScriptedReply(text="I can't transfer you right now.")
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    for call_id, closed in (("h-said", True), ("h-open", False)):
+        await open_call(bus, call_id)
+        await user_says(bus, call_id, "t1", "A person, please.")
+        for event in transfer_requested(call_id, closed=closed):
+            await bus.publish(event)
+    # h-said: refused before the redelivery; h-open: after it.
+    await bus.publish(ToolFailed(org_id=ORG, call_id="h-said", tool_call_id="toolu_t",
+                                 name="transfer_call", error=REFUSED))
+    worker = BrainWorker(with_hand_offs(services(bus, pool, [llm])))
+    await worker.start()
+    try:
+        await recorder.wait("turn.completed", "h-said", count=2)
+        closing, = await recorder.wait("agent.say", "h-open",
+                                       where=lambda e: e.last and e.turn_id == "t1")
+        assert (closing.turn_id, closing.seq, closing.text) == ("t1", 1, "")
+        await recorder.wait("turn.completed", "h-open")
+        await bus.publish(ToolFailed(org_id=ORG, call_id="h-open", tool_call_id="toolu_t",
+                                     name="transfer_call", error=REFUSED))
+        await recorder.wait("turn.completed", "h-open", count=2)
+        await asyncio.sleep(0.3)
+        for call_id in ("h-said", "h-open"):
+            completed = recorder.of("turn.completed", call_id)
+            assert len({c.id for c in completed}) == 2, call_id
+            turn = fold(call_id, await bus.replay_call(call_id)).turn("t1")
+            assert turn.completed and turn.speeches == ["t1", "t1.1"], call_id
+            said = [(e.turn_id, e.text) for e in recorder.of("agent.say", call_id)
+                    if e.turn_id == "t1.1"]
+            assert said == [("t1.1", "I can't transfer you right now.")], call_id
+        assert len(emulator.requests) == 2  # the refusals only: the hand-offs are not asked again
+    finally:
+        await worker.stop()
+        await llm.aclose()

@@ -38,6 +38,7 @@ order the completions and failed hand-offs are stored in.
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,10 +91,11 @@ class AgentTurn:
     unrequested: dict[str, tuple[RequestedCall, ToolRequested]] = field(default_factory=dict)
     failed: set[str] = field(default_factory=set)  # tool_call_ids that failed or were denied
     latest_outcome: str = ""  # the tool_call_id whose outcome came last (the one that goes on)
-    completions: int = 0  # turn.completed events seen
+    completion_ids: set[uuid.UUID] = field(default_factory=set)  # turn.completed events seen
     interrupted: bool = False
     spoken_last: bool = False  # a clause with last=True closed the current speech
     new_speech_after: set[int] = field(default_factory=set)  # rounds whose outcome began one
+    begun_by: dict[str, int] = field(default_factory=dict)  # tool_call_id → round its outcome began
     # The ids the agent's utterances in this turn go out under: the turn's own, then one per
     # utterance after a failed hand-off (``t3.1``…), each numbered from seq 0.
     speeches: list[str] = field(default_factory=list)
@@ -140,6 +142,20 @@ class AgentTurn:
         """Round ``round_no`` called a hand-off."""
         return round_no in self._hand_off_rounds()
 
+    def hand_off_index(self, round_no: int) -> int | None:
+        """Which of the turn's hand-offs round ``round_no``'s is (0: the first); None: none.
+
+        The turn's completion after its hand-off number ``i`` is its completion number ``i``:
+        each hand-off before it failed and took the turn up again.
+        """
+        rounds = sorted(self._hand_off_rounds())
+        return rounds.index(round_no) if round_no in rounds else None
+
+    def rounds_up_to_hand_off(self, index: int) -> range:
+        """The rounds the completion after hand-off number ``index`` reports."""
+        rounds = sorted(self._hand_off_rounds())
+        return range(rounds[index - 1] + 1 if index else 0, rounds[index] + 1)
+
     @property
     def failed_hand_offs(self) -> int:
         """Rounds whose hand-off failed: each takes the turn up again after its completion."""
@@ -157,10 +173,19 @@ class AgentTurn:
 
     def usage_since_taken_up(self) -> Usage:
         """The LLM tokens the rounds since the turn was taken up recorded."""
+        return self.usage_of(self.rounds_since_taken_up)
+
+    def usage_of(self, rounds: range) -> Usage:
+        """The LLM tokens ``rounds`` recorded."""
         total = Usage()
-        for round_no in self.rounds_since_taken_up:
+        for round_no in rounds:
             total = add_usage(total, self.round_usage.get(round_no, Usage()))
         return total
+
+    @property
+    def completions(self) -> int:
+        """The turn's completions (``turn.completed``: one per time it was taken up)."""
+        return len(self.completion_ids)
 
     @property
     def completed(self) -> bool:
@@ -270,7 +295,7 @@ class Conversation:
             case ToolCompleted() | ToolFailed() | ToolDenied():
                 self._tool_outcome(event)
             case TurnCompleted():
-                self.turn(event.turn_id).completions += 1
+                self.turn(event.turn_id).completion_ids.add(event.id)
             case UsageRecorded() if event.turn_id and event.kind in LLM_KINDS and (
                     not event.speculative):  # (a dropped speculation is none of its rounds)
                 turn = self.turn(event.turn_id)  # (stored in its round, before what ends it)
@@ -335,6 +360,7 @@ class Conversation:
             owner.spoken_last = False
             self.speeches[speech] = owner.turn_id
         owner.round_starts.append(owner.next_seq)
+        owner.begun_by[event.tool_call_id] = owner.round
         if isinstance(event, ToolCompleted):
             content = event.result if isinstance(event.result, str) else json.dumps(
                 event.result, default=str)

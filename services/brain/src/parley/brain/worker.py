@@ -67,7 +67,9 @@ already shows are not said again: the caller heard them, so the re-run sends the
 request's prefill (the model goes on from them) and numbers its clauses after them. A
 response's tool requests each carry all its calls (``response_calls``): if the instance died
 between two, the turn's next unit of work (its redelivery, or an outcome) requests the rest,
-with the ids they would have had, and the turn waits for all their outcomes.
+with the ids they would have had, and the turn waits for all their outcomes. A hand-off's
+round is finished by its redelivery the same way (its speech closed, its completion published),
+even if the hand-off has failed since and the turn was taken up again.
 """
 
 from __future__ import annotations
@@ -578,6 +580,8 @@ class BrainWorker:
             turn = conversation.turn(event.turn_id)
             if turn.completed or turn.interrupted:
                 return  # already answered (a redelivery)
+            if await self._finish_hand_off(conversation, turn, event):
+                return
             if turn.spoken_last:
                 # Its closing clause went out, its completion did not (the instance died, or
                 # publishing turn.completed failed): completed now, nothing more said or asked.
@@ -602,6 +606,8 @@ class BrainWorker:
                 return  # (a failed hand-off leaves its turn not completed: it goes on)
             if owner.turn_id != conversation.latest_user_turn:
                 return  # the caller moved on
+            if await self._finish_hand_off(conversation, owner, event):
+                return
             if owner.waiting_for_tools:
                 await self._request_unrequested(conversation, owner)
                 return  # other tools of the round are still out
@@ -1015,28 +1021,31 @@ class BrainWorker:
     async def _completed(self, conversation: Conversation, turn_id: str, cause: Event, *,
                          done: Done | None = None, cancelled: bool = False, round_no: int = 0,
                          duration_ms: float = 0.0, llm_wait_ms: float = 0.0,
-                         billed: RoundUsage | None = None) -> None:
+                         billed: RoundUsage | None = None, hand_off: int | None = None) -> None:
         """Publish ``turn.completed``: the usage of every round since the turn was taken up.
 
         The fold has what those rounds recorded (``usage.recorded``, whichever instance ran
         them) and the first one's time to first token, if it was not this round; ``billed``
-        and ``done`` are this run's.
+        and ``done`` are this run's. ``hand_off``: the completion that follows the turn's
+        hand-off of that number, for the rounds up to it (its instance died before it).
         """
         turn = conversation.turn(turn_id)
-        usage = turn.usage_since_taken_up()
+        if hand_off is None:
+            rounds = turn.rounds_since_taken_up
+            earlier = turn.round_first_token.get(rounds[0]) if rounds[0] < turn.round else None
+        else:
+            rounds = turn.rounds_up_to_hand_off(hand_off)
+            earlier = turn.round_first_token.get(rounds[0])
+        usage = turn.usage_of(rounds)
         if billed is not None:
             usage = add_usage(usage, billed.total())
-        start = turn.rounds_since_taken_up[0]
-        earlier = turn.round_first_token.get(start) if start < turn.round else None
         if earlier is not None:
             ttft_ms, llm_wait_ms = earlier
         else:  # this round is the first
             ttft_ms = (done.ttft_ms or 0.0) if done is not None else 0.0
-        # One completion per time the turn is taken up (after a failed hand-off), each its own.
-        reopened = turn.failed_hand_offs
-        key = ("completed", reopened) if reopened else ("completed",)
         await self.s.bus.publish(TurnCompleted(
-            id=stable_id(conversation.call_id, turn_id, *key),
+            id=self._completion_id(conversation.call_id, turn_id, turn.failed_hand_offs
+                                   if hand_off is None else hand_off),
             org_id=conversation.org_id, call_id=conversation.call_id, turn_id=turn_id,
             provider=done.provider if done else billed.provider if billed else "", model="",
             usage=TokenUsage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
@@ -1044,6 +1053,44 @@ class BrainWorker:
                              cache_write_tokens=usage.cache_write_tokens),
             ttft_ms=round(ttft_ms, 2), llm_wait_ms=round(llm_wait_ms, 2),
             duration_ms=round(duration_ms, 2), cancelled=cancelled, causation_id=cause.id))
+
+    @staticmethod
+    def _completion_id(call_id: str, turn_id: str, reopened: int) -> uuid.UUID:
+        """The id of the turn's completion after ``reopened`` failed hand-offs.
+
+        One completion per time the turn is taken up (after a failed hand-off), each its own.
+        """
+        return stable_id(call_id, turn_id, *(("completed", reopened) if reopened
+                                             else ("completed",)))
+
+    async def _finish_hand_off(self, conversation: Conversation, turn: AgentTurn,
+                               cause: Event) -> bool:
+        """Finish the hand-off round ``cause`` began, if its instance died before it could.
+
+        That round requested a hand-off, and then its speech was to close and the turn to
+        complete; the unit of work is delivered again when the instance died on the way. What
+        is missing is done now, with the ids it would have had: the rest of its tool requests,
+        the closing clause (unless an outcome of the round began another utterance since), and
+        the completion that goes with this hand-off (whether it failed since or not: a failure
+        takes the turn up again, and completes it once more). True if the round was one.
+        """
+        round_no = 0 if isinstance(cause, TurnUserEnded) else turn.begun_by.get(
+            getattr(cause, "tool_call_id", ""))
+        if round_no is None or (index := turn.hand_off_index(round_no)) is None:
+            return False
+        if self._completion_id(conversation.call_id, turn.turn_id, index) in turn.completion_ids:
+            return False
+        await self._request_unrequested(conversation, turn)
+        if not turn.spoken_last and round_no not in turn.new_speech_after:
+            seq = turn.next_seq
+            await self.s.bus.publish(AgentSay(
+                id=stable_id(conversation.call_id, turn.speech, "say", seq),
+                org_id=conversation.org_id, call_id=conversation.call_id, turn_id=turn.speech,
+                seq=seq, text="", last=True, causation_id=cause.id))
+        await self._completed(conversation, turn.turn_id, cause, hand_off=index)
+        log.warning("call %s turn %s: the hand-off's round completed late: its instance died "
+                    "before it", conversation.call_id, turn.turn_id)
+        return True
 
     def _usage_events(self, conversation: Conversation, turn_id: str, cause: Event,
                       billed: RoundUsage) -> list[UsageRecorded]:
