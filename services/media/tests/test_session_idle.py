@@ -574,3 +574,25 @@ async def test_an_agent_turn_whose_last_mark_the_gateway_refused_leaves_nothing_
     finally:
         await call.close()
         await sub.unsubscribe()
+
+
+async def test_a_greeting_whose_last_mark_the_gateway_refused_leaves_the_silence_to_count(
+        bus) -> None:
+    # As above, for the greeting (t0): the stream restarted as its last words went out, and
+    # the gateway refused the mark after them. The greeting's turn is done with, but the idle
+    # state still waited for its audio to be over (a greeting's end is only its last echo: the
+    # brain completes no greeting), so a caller who never spoke was never prompted or hung up on.
+    async def gateway(msg) -> None:
+        await msg.respond(json.dumps(
+            {"ok": False, "error": "mark not sent: the call's socket is closed"}).encode())
+
+    sub = await bus.nc.subscribe(command_subject("call-idle-refused-0", "mark"), cb=gateway)
+    call = Call(bus, "call-idle-refused-0", IDLE)
+    try:
+        await call.agent_says("t0", "Hello!")
+        await wait_for(lambda: call.session._turns["t0"].audio.echoes_lost)
+        took = await call.silence_until_idle(2.0)
+        assert took is not None and 0.5 - TICK <= took <= 0.5 + TICK
+    finally:
+        await call.close()
+        await sub.unsubscribe()

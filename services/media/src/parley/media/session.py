@@ -1233,6 +1233,9 @@ class CallSession:
             seq = mark_seq(turn.audio.generation, len(turn.audio.frames))
             if await self._ask("mark", {"name": f"{turn.turn_id}:{seq}"}) == "refused":
                 turn.audio.refused()  # the socket is closed: no echo of the turn will come
+                # Its audio is over, as if played: the greeting's end is nothing else (the
+                # brain completes no greeting), and waited for, no silence counted again.
+                self._idle_state.answered(turn.turn_id)
 
     async def _feed(self, turn: _AgentTurn, stream: TtsStream, said: list[AgentSay],
                     first: int, *, wait: bool) -> bool:
