@@ -246,3 +246,38 @@ async def test_keys_held_for_the_callers_words_wait_for_the_successor_to_hear_th
     stored = await events(bus, "call-take-over-6", first, successor)
     assert [(e.turn_id, e.text) for e in stored if isinstance(e, TurnUserEnded)] == [
         ("t1", "my account number is"), ("k1", "1234#")]
+
+
+@pytest.mark.parametrize("after", ["revised", "no more words", "caller spoke again"])
+async def test_a_turn_that_can_no_longer_be_revised_does_not_hold_the_resume_point(
+        bus, after: str) -> None:
+    # A turn ended at max wait on "I would like", and the lease resumed before it while its
+    # late words might revise it. Then its late words came and the recogniser ended the
+    # utterance (the revision published, or none due), or the caller spoke again (a cough: no
+    # revision comes after that). The lease still resumed before the turn, for as long as the
+    # caller said nothing more: after a long silence a successor read all of it again, and
+    # past JetStream's duplicate window (2 min) published that turn's events a second time.
+    call_id = f"call-take-over-7-{after.replace(' ', '-')}"
+    audio = Audio()
+    audio.silence(1)
+    audio.speech(2.0)
+    audio.silence(4)
+    if after == "caller spoke again":
+        audio.speech(0.3)
+    audio.silence(10)
+    first = session(bus, call_id, instance="media-a")
+    seq = 0
+    while first.turn_no == 0:
+        seq += 1
+        await audio.play(first, seq, seq)
+        if first._speech_start_ms is not None and not first.detector.text:
+            await first._on_stt(Partial("I would like"))
+    ended_ms = first.audio_ms
+    if after == "revised":
+        await first._on_stt(Final("I would like to book an appointment on Friday.",
+                                  speech_final=True))
+    elif after == "no more words":
+        await first._on_stt(Final("I would like", speech_final=True))
+    await audio.play(first, seq + 1, len(audio.frames))
+    assert first.turn_no == (2 if after == "revised" else 1)
+    assert lease_of(first).resume_ms > ended_ms

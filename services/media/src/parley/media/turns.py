@@ -186,6 +186,7 @@ class TurnDetector:
         self._late_finals: list[str] = []  # its finals, those before its end included
         self._late_final_ms = 0  # audio time of the last late final
         self._revision_due = False  # late finals came and the recogniser ended the utterance
+        self._revision_decided = False  # it did, and the late words revised the turn, or not
 
     @property
     def in_turn(self) -> bool:
@@ -206,8 +207,15 @@ class TurnDetector:
 
     @property
     def revisable_started_ms(self) -> int | None:
-        """Audio time the turn that ended at max wait began, while late words may revise it."""
-        return self._late_turn.started_ms if self._late and self._late_turn else None
+        """Audio time the turn that ended at max wait began, while late words may revise it.
+
+        Until the recogniser has ended the utterance after it (the revision, if any, is out)
+        or the caller has spoken again (none comes after that). Counted until the next turn
+        instead, a caller who said nothing more held a successor's resume point before it for
+        the rest of the call.
+        """
+        late = self._late_turn
+        return late.started_ms if late and self.late and not self._revision_decided else None
 
     @property
     def late(self) -> bool:
@@ -307,7 +315,7 @@ class TurnDetector:
 
     def _revision(self, now_ms: int) -> TurnEnd | None:
         """The late turn again with its late finals, if they say more than it did."""
-        self._revision_due = False
+        self._revision_due, self._revision_decided = False, True
         late = self._late_turn
         text = " ".join(self._late_finals)
         if late is None or len(words_of(text)) <= len(words_of(late.text)) or (
@@ -350,6 +358,7 @@ class TurnDetector:
         self._turn = None
         self._late, self._spoke_again_ms = reason == "max_wait", math.inf
         self._late_turn, self._late_finals, self._revision_due = None, list(turn.finals), False
+        self._revision_decided = False
         if agent_speaking and only_backchannel:
             self.dropped_backchannels += 1
             return None
