@@ -294,3 +294,37 @@ def test_a_tool_requested_late_belongs_to_the_round_of_its_response() -> None:
     turn = fold("c", [*before, requested("b", "send_sms"), ToolCompleted(
         org_id=ORG, call_id="c", tool_call_id="b", name="send_sms")]).turn("t1")
     assert not turn.waiting_for_tools and turn.latest_outcome == "b"
+
+
+async def test_a_response_cut_short_before_its_hand_off_request_finishes_the_hand_off(
+        bus, pool, emulator, recorder) -> None:
+    """The model booked and hung up in one response; the brain died after publishing the
+    booking's tool.requested, before end_call's. The redelivered turn requested end_call but,
+    the hand-off not stored yet, did not take the round for a hand-off's: the speech was never
+    closed (the tools service waited out its 20 s for the last words) and the turn never
+    completed. Now the round is finished as a hand-off's: closed and completed, once."""
+    from .test_hand_offs import with_hand_offs
+
+    emulator.script(ScriptedReply(text="You're booked. Goodbye!", tool_uses=(
+        ScriptedToolUse(name="book_appointment", input={"day": "Friday"}, id="toolu_a"),
+        ScriptedToolUse(name="end_call", input={}, id="toolu_end"))))
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    dies = DiesBefore(bus.nc, "toolu_end")
+    worker = BrainWorker(with_hand_offs(services(dies, pool, [llm])))
+    await _greeted(bus, "c-bye")
+    await worker.start()
+    try:
+        await user_says(bus, "c-bye", "t1", "Book me for Friday, that's all.")
+        await recorder.wait("tool.requested", "c-bye", count=2, timeout=5.0)
+        closing, = await recorder.wait("agent.say", "c-bye", timeout=5.0,
+                                       where=lambda e: e.last and e.turn_id == "t1")
+        assert closing.text == ""
+        await recorder.wait("turn.completed", "c-bye", timeout=5.0)
+        await bus.publish(ToolCompleted(org_id=ORG, call_id="c-bye", tool_call_id="toolu_a",
+                                        name="book_appointment", result={"booked": True}))
+        await asyncio.sleep(0.5)
+        assert len(recorder.of("turn.completed", "c-bye")) == 1
+        assert len(emulator.requests) == 1
+    finally:
+        await worker.stop()
+        await llm.aclose()

@@ -130,12 +130,19 @@ class AgentTurn:
         return bool(set(self.tools) - self.results or self.unrequested)
 
     def _hand_off_rounds(self) -> dict[int, bool]:
-        """Rounds that called a hand-off → whether one of their hand-offs failed."""
+        """Rounds that called a hand-off → whether one of their hand-offs failed.
+
+        A hand-off not requested yet (its instance died before it) counts: its round is a
+        hand-off's all the same, to be closed and completed as one.
+        """
         rounds: dict[int, bool] = {}
         for tool_call_id, name in self.tools.items():
             if name in HAND_OFFS:
                 round_no = self.requested_in[tool_call_id]
                 rounds[round_no] = rounds.get(round_no, False) or tool_call_id in self.failed
+        for call, sibling in self.unrequested.values():
+            if call.name in HAND_OFFS:
+                rounds.setdefault(self.requested_in[sibling.tool_call_id], False)
         return rounds
 
     def hands_off_in(self, round_no: int) -> bool:
