@@ -24,6 +24,7 @@ from parley.common.events import (
     AgentSpeechProgress,
     CallDtmf,
     CallerIdle,
+    CallStreamStarted,
     ToolFailed,
     ToolRequested,
     TurnCompleted,
@@ -596,3 +597,22 @@ async def test_a_greeting_whose_last_mark_the_gateway_refused_leaves_the_silence
     finally:
         await call.close()
         await sub.unsubscribe()
+
+
+async def test_an_agent_turn_sent_to_a_stream_that_restarted_leaves_nothing_pending(bus) -> None:
+    # The agent's answer went out, the carrier's stream then restarted (a DTMF redirect, a
+    # gateway failover: the call reconnected on a new stream) before it played out. The old
+    # stream's queued audio is gone and none of its marks will be echoed: in-band marks are
+    # dropped with their frames, unanswered (no refusal to learn from), and the last mark's
+    # command timed out. The turn counted as playing for the rest of the call.
+    call = Call(bus, "call-idle-restarted", QUIET_CALLER)
+    try:
+        await call.agent_says("t1", "I'll put you through now.")
+        await wait_for(lambda: call.session._turns["t1"].spoken)
+        assert await call.silence_until_idle(1.0) is None  # playing: its last mark not echoed
+        await call.session._on_event(CallStreamStarted(
+            org_id=ORG, call_id=call.call_id, stream_id="MZ2", gateway_instance="gw-2"))
+        took = await call.silence_until_idle(2.0)
+        assert took is not None and 0.5 - TICK <= took <= 0.5 + TICK
+    finally:
+        await call.close()

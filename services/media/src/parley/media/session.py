@@ -67,6 +67,7 @@ from parley.common.events import (
     CallDtmf,
     CallEnded,
     CallerIdle,
+    CallStreamStarted,
     Event,
     EventDecodeError,
     MediaProviderSwitched,
@@ -981,6 +982,8 @@ class CallSession:
             self._idle_state.hand_off_seen(event)
         elif isinstance(event, CallerIdle):
             self._idle_state.seen(event)  # ours, or (just after a take-over) the previous owner's
+        elif isinstance(event, CallStreamStarted):  # (the call's first is in its past events)
+            self._stream_restarted()
         elif isinstance(event, CallEnded):
             self.stop("call_ended")
 
@@ -1232,10 +1235,30 @@ class CallSession:
             turn.audio.pending_marks.append(len(turn.audio.frames))
             seq = mark_seq(turn.audio.generation, len(turn.audio.frames))
             if await self._ask("mark", {"name": f"{turn.turn_id}:{seq}"}) == "refused":
-                turn.audio.refused()  # the socket is closed: no echo of the turn will come
-                # Its audio is over, as if played: the greeting's end is nothing else (the
-                # brain completes no greeting), and waited for, no silence counted again.
-                self._idle_state.answered(turn.turn_id)
+                self._echoes_lost(turn)  # the socket is closed: no echo of the turn will come
+
+    def _echoes_lost(self, turn: _AgentTurn) -> None:
+        """No echo of the turn will come: its audio is over, as if played.
+
+        No agent.speech.finished either: nothing said it was heard. The greeting's end is
+        nothing else (the brain completes no greeting): waited for, no silence counted again.
+        """
+        turn.audio.refused()
+        self._idle_state.answered(turn.turn_id)
+
+    def _stream_restarted(self) -> None:
+        """The carrier's stream restarted: what was queued on the old one will not play.
+
+        A turn all of whose audio went to it gets no echo (marks sent with frames to a closed
+        socket are dropped unanswered; only a mark sent as a command can be refused). A turn
+        still being sent plays on: the marks of its later frames, on the new stream, are echoed.
+        """
+        for turn in self._turns.values():
+            audio = turn.audio
+            if audio.text_done and audio.frames and audio.sent == len(audio.frames) and not (
+                    audio.finished or audio.echoes_lost or turn.interrupted or turn.held
+                    or audio.cut_frames is not None):
+                self._echoes_lost(turn)
 
     async def _feed(self, turn: _AgentTurn, stream: TtsStream, said: list[AgentSay],
                     first: int, *, wait: bool) -> bool:
