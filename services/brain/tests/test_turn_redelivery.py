@@ -328,3 +328,44 @@ async def test_a_response_cut_short_before_its_hand_off_request_finishes_the_han
     finally:
         await worker.stop()
         await llm.aclose()
+
+
+async def test_a_hand_off_round_cut_short_closes_its_speech_after_an_outcome_began_another(
+        bus, pool, emulator, recorder) -> None:
+    """The same response, the brain dead after the booking's request, and the booking's
+    outcome stored before the redelivery (the tool is quicker than the ack wait): that outcome
+    began the turn's next utterance (t1.1), so the redelivery took t1 for closed and left it
+    open; end_call waited out its 20 s for t1's last words. Now t1 is closed after its last
+    clause, whatever began since."""
+    from parley.common.events import RequestedCall
+
+    from .test_hand_offs import with_hand_offs
+
+    calls = [RequestedCall(tool_call_id="toolu_a", name="book_appointment"),
+             RequestedCall(tool_call_id="toolu_end", name="end_call")]
+    await _greeted(bus, "c-quick")
+    await user_says(bus, "c-quick", "t1", "Book me for Friday, that's all.")
+    for event in (AgentSay(org_id=ORG, call_id="c-quick", turn_id="t1", seq=0,
+                           text="You're booked. Goodbye!"),
+                  ToolRequested(org_id=ORG, call_id="c-quick", turn_id="t1",
+                                tool_call_id="toolu_a", name="book_appointment",
+                                response_calls=calls),
+                  ToolCompleted(org_id=ORG, call_id="c-quick", tool_call_id="toolu_a",
+                                name="book_appointment", result={"booked": True})):
+        await bus.publish(event)
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(with_hand_offs(services(bus, pool, [llm])))
+    await worker.start()
+    try:
+        await recorder.wait("turn.completed", "c-quick", timeout=5.0)
+        closing, = await recorder.wait("agent.say", "c-quick", timeout=5.0,
+                                       where=lambda e: e.last and e.turn_id == "t1")
+        assert (closing.seq, closing.text) == (1, "")
+        await asyncio.sleep(0.5)
+        assert [e.name for e in recorder.of("tool.requested", "c-quick")] == [
+            "book_appointment", "end_call"]
+        assert len(recorder.of("turn.completed", "c-quick")) == 1
+        assert not emulator.requests
+    finally:
+        await worker.stop()
+        await llm.aclose()

@@ -94,6 +94,7 @@ class AgentTurn:
     completion_ids: set[uuid.UUID] = field(default_factory=set)  # turn.completed events seen
     interrupted: bool = False
     spoken_last: bool = False  # a clause with last=True closed the current speech
+    closed: set[str] = field(default_factory=set)  # speeches whose last clause is stored
     new_speech_after: set[int] = field(default_factory=set)  # rounds whose outcome began one
     begun_by: dict[str, int] = field(default_factory=dict)  # tool_call_id → round its outcome began
     # The ids the agent's utterances in this turn go out under: the turn's own, then one per
@@ -112,6 +113,18 @@ class AgentTurn:
     def speech(self) -> str:
         """The id the turn's next clauses go out under."""
         return self.speeches[-1]
+
+    def speech_of(self, round_no: int) -> str:
+        """The id round ``round_no``'s clauses went out under.
+
+        A round whose outcome began a new speech is the last of its own: the rounds after it
+        go out under the next one.
+        """
+        return self.speeches[sum(1 for begun in self.new_speech_after if begun < round_no)]
+
+    def next_seq_of(self, speech: str) -> int:
+        """The seq the next clause of ``speech`` gets (an earlier speech's included)."""
+        return max((say.seq + 1 for say in self.says if say.turn_id == speech), default=0)
 
     @property
     def round(self) -> int:
@@ -270,6 +283,8 @@ class Conversation:
                     self.messages.append(said)
             case AgentSay():
                 turn = self.turn_of(event.turn_id)
+                if event.last:  # (stored after the next speech began, perhaps: a hand-off's)
+                    turn.closed.add(event.turn_id)
                 if event.turn_id != turn.speech or event.seq < turn.next_seq:
                     return  # a duplicate (or of an utterance closed before)
                 turn.says.append(event)

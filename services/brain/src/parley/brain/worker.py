@@ -1070,7 +1070,7 @@ class BrainWorker:
         That round requested a hand-off, and then its speech was to close and the turn to
         complete; the unit of work is delivered again when the instance died on the way. What
         is missing is done now, with the ids it would have had: the rest of its tool requests,
-        the closing clause (unless an outcome of the round began another utterance since), and
+        the closing clause of its speech (even if an outcome began another utterance since), and
         the completion that goes with this hand-off (whether it failed since or not: a failure
         takes the turn up again, and completes it once more). True if the round was one.
         """
@@ -1081,11 +1081,14 @@ class BrainWorker:
         if self._completion_id(conversation.call_id, turn.turn_id, index) in turn.completion_ids:
             return False
         await self._request_unrequested(conversation, turn)
-        if not turn.spoken_last and round_no not in turn.new_speech_after:
-            seq = turn.next_seq
+        # The round's own speech, even if an outcome of it (a quick tool of the same response,
+        # a refusal) began the next since: its hand-off waits for these last words.
+        speech = turn.speech_of(round_no)
+        if speech not in turn.closed:
+            seq = turn.next_seq_of(speech)
             await self.s.bus.publish(AgentSay(
-                id=stable_id(conversation.call_id, turn.speech, "say", seq),
-                org_id=conversation.org_id, call_id=conversation.call_id, turn_id=turn.speech,
+                id=stable_id(conversation.call_id, speech, "say", seq),
+                org_id=conversation.org_id, call_id=conversation.call_id, turn_id=speech,
                 seq=seq, text="", last=True, causation_id=cause.id))
         await self._completed(conversation, turn.turn_id, cause, hand_off=index)
         log.warning("call %s turn %s: the hand-off's round completed late: its instance died "
