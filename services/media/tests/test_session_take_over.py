@@ -14,7 +14,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from parley.common.bus import Bus
+from parley.common.bus import Bus, command_subject
 from parley.common.configuration.models import AgentSettings
 from parley.common.events import (
     AgentSpeechFinished,
@@ -151,15 +151,22 @@ async def test_a_turn_that_ended_just_before_the_take_over_is_not_heard_again_as
         ("t1", "Book me in for Friday.")]
 
 
-@pytest.mark.parametrize("answer_played", [False, True])
+@pytest.mark.parametrize("answer", ["not begun", "playing", "played"])
 async def test_a_turn_waiting_for_its_late_words_is_finished_by_the_successor(
-        bus, answer_played: bool) -> None:
+        bus, answer: str) -> None:
     # "I would like to book an appointment on Friday.", and the recogniser, slower than the
     # max wait, had said only "I would like": the turn ended at max wait on that partial (t1),
     # its late final to revise it once it came. The instance died first. The lease resumed the
     # successor after t1, so its recogniser never heard those words: t1 stayed "I would
     # like", and the brain asked the caller to say it again.
-    call_id = f"call-take-over-3-{answer_played}"
+    call_id = f"call-take-over-3-{answer.replace(' ', '-')}"
+    cleared: list[bytes] = []
+
+    async def gateway(msg) -> None:
+        cleared.append(msg.data)
+        await msg.respond(b'{"ok": true}')
+
+    sub = await bus.nc.subscribe(command_subject(call_id, "clear"), cb=gateway)
     audio = Audio()
     audio.silence(1)
     audio.speech(2.0)
@@ -172,23 +179,29 @@ async def test_a_turn_waiting_for_its_late_words_is_finished_by_the_successor(
         if first._speech_start_ms is not None and not first.detector.text:
             await first._on_stt(Partial("I would like"))
     await audio.play(first, seq + 1, seq + 40)  # 0.8 s on, the lease renewed: it dies
-    if answer_played:  # the brain's answer to t1 ("Could you say that again?") had played
-        for event in (AgentSpeechStarted(org_id=ORG, call_id=call_id, turn_id="t1"),
-                      AgentSpeechFinished(org_id=ORG, call_id=call_id, turn_id="t1")):
-            await bus.publish(event)
+    # The brain's answer to t1 ("Could you say that again?"), as the predecessor left it.
+    said = {"not begun": [], "playing": [AgentSpeechStarted],
+            "played": [AgentSpeechStarted, AgentSpeechFinished]}[answer]
+    for kind in said:
+        await bus.publish(kind(org_id=ORG, call_id=call_id, turn_id="t1"))
     successor = await take_over(bus, call_id, lease_of(first))
     await audio.play(successor, successor.lease.resume_seq, len(audio.frames),
                      words="I would like to book an appointment on Friday.")
     stored = await events(bus, call_id, first, successor)
+    await sub.unsubscribe()
     assert [(e.turn_id, e.text, e.reason, e.revises) for e in stored
             if isinstance(e, TurnUserEnded)] == [
         ("t1", "I would like", "max_wait", ""),
         ("t2", "I would like to book an appointment on Friday.", "utterance_end", "t1")]
     assert successor.turn_no == 2
-    # The answer to t1 stops: one not begun is cut off with nothing heard (never said); one
-    # the predecessor played is not said to have been cut off unheard (its events say what was).
+    # The answer to t1 stops. One not begun is cut off with nothing heard (never said). One
+    # still playing on the carrier is cleared (the successor knows none of its audio, so what
+    # the caller heard of it is unknown: nothing is claimed), else it played on before the
+    # answer to t2 and never ended. One the predecessor played out is left to its events.
     assert [(e.turn_id, e.played_text) for e in stored
-            if isinstance(e, AgentSpeechInterrupted)] == ([] if answer_played else [("t1", "")])
+            if isinstance(e, AgentSpeechInterrupted)] == (
+        [] if answer == "played" else [("t1", "")])
+    assert len(cleared) == (1 if answer == "playing" else 0)
 
 
 async def test_a_successors_offsets_after_a_stream_restart_are_on_the_calls_clock(bus) -> None:

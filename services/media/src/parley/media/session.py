@@ -301,6 +301,7 @@ class CallSession:
         # Until the call's past events are read: agent clauses by turn, turns already voiced.
         self._history: dict[str, list[AgentSay]] | None = {}
         self._voiced: set[str] = set()
+        self._voiced_done: set[str] = set()  # of those, the ones whose end is stored
         self._live_events: list[Msg] | None = []  # live events held while the past is read
         self._subs: list[Any] = []
         self._inbound: InboundAudio | None = None
@@ -709,11 +710,16 @@ class CallSession:
         turn = self._turns.get(turn_id)
         if turn is None:  # the brain has not answered yet: what it still sends is not spoken
             self._past_turns.add(turn_id)
-            if turn_id in self._voiced:
-                # A predecessor voiced the answer (a successor revising that turn): what was
-                # heard of it is its events' to say; said here, "nothing" denied what played.
+            if turn_id in self._voiced_done:
+                # A predecessor played the answer out or saw it cut off (a successor revising
+                # that turn): what was heard of it is its events' to say.
                 return
             turn = _AgentTurn(turn_id, AgentTurnAudio(turn_id), spoken=True)
+            if turn_id in self._voiced:
+                # Still playing on the carrier, none of its audio known here: cleared, or it
+                # played on before the next answer and never ended. What was heard of it is
+                # unknown, so nothing is claimed.
+                await self._command("clear", {})
         elif turn.audio.finished:
             return
         turn.close()
@@ -919,6 +925,8 @@ class CallSession:
         elif isinstance(event, AgentSpeechStarted | AgentSpeechFinished |
                         AgentSpeechInterrupted):
             self._voiced.add(event.turn_id)
+            if not isinstance(event, AgentSpeechStarted):
+                self._voiced_done.add(event.turn_id)
         elif isinstance(event, CallEnded):
             self.stop("call_ended")
         elif isinstance(event, CallDtmf):
