@@ -74,7 +74,15 @@ class TurnUserEnded(CallEvent, frozen=True, kw_only=True, tag="turn.user_ended")
 
 
 class AgentSpeechStarted(CallEvent, frozen=True, kw_only=True, tag="agent.speech.started"):
-    """The first agent audio frame of a turn left for the telephony socket."""
+    """The first agent audio frame of a turn left for the telephony socket.
+
+    The turn normally ends with ``agent.speech.finished`` (all of it played) or
+    ``agent.speech.interrupted`` (cut off, with what was heard). It may end with neither when
+    no one can tell: its audio went to a carrier stream that closed before playing it out (a
+    reconnect, a DTMF redirect, the call ending), or it was playing when the media instance
+    died (its successor knows none of its audio). The brain counts such a turn's clauses as
+    said.
+    """
 
     turn_id: str
     # media: the first agent.say received → this frame published (synthesis included)
