@@ -215,6 +215,13 @@ class _AgentTurn:
             self.clauses.put_nowait(None)
 
 
+def _turn_number(turn_id: str, prefix: str) -> int | None:
+    """``n`` of a turn id ``<prefix><n>`` ("t3", "k1"), else None (another kind of turn)."""
+    if turn_id[:1] == prefix and turn_id[1:].isdigit():
+        return int(turn_id[1:])
+    return None
+
+
 class CallSession:
     """Runs one call until it ends, the lease is lost, or the instance stops."""
 
@@ -933,24 +940,21 @@ class CallSession:
             self._keys_unsent = self._press(event.digit, event.at.timestamp()) or (
                 self._keys_unsent)
         elif isinstance(event, TranscriptPartial | TranscriptFinal) and event.text.strip() and (
-                event.utterance_id[:1] == "t" and event.utterance_id[1:].isdigit()):
-            number = int(event.utterance_id[1:])
+                (number := _turn_number(event.utterance_id, "t")) is not None):
             if number > max(self._predecessor_turns, default=0):  # (not a turn's late words)
                 self._words_turn = number
         elif isinstance(event, TurnUserEnded) and event.reason != "dtmf" and (
-                event.turn_id[:1] == "t" and event.turn_id[1:].isdigit()):
-            number = int(event.turn_id[1:])
+                (number := _turn_number(event.turn_id, "t")) is not None):
             self._predecessor_turns[number] = (event.text, event.reason)
             if number >= self._words_turn:
                 self._words_turn = 0
-            if event.revises[:1] == "t" and event.revises[1:].isdigit():
-                self._predecessor_revisions[int(event.revises[1:])] = number
+            if (revised := _turn_number(event.revises, "t")) is not None:
+                self._predecessor_revisions[revised] = number
         elif isinstance(event, TurnUserEnded) and event.reason == "dtmf":
             # Published (a predecessor ended it): its keys are neither unsent nor pending. Keys
             # typed after them, stored before it, still are.
-            number = event.turn_id[1:]
-            if event.turn_id[:1] == "k" and number.isdigit():
-                self._key_turns = max(self._key_turns, int(number))
+            if (number := _turn_number(event.turn_id, "k")) is not None:
+                self._key_turns = max(self._key_turns, number)
             if self._keys_unsent == event.text:
                 self._keys_unsent = None
             else:
