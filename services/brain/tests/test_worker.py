@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
+
+import msgspec
 
 from parley.brain.conversation import fold
 from parley.brain.knowledge import ingest
@@ -429,3 +432,22 @@ async def test_no_second_filler_after_the_model_said_it_itself(bus, pool, emulat
     finally:
         await worker.stop()
         await llm.aclose()
+
+
+def test_a_tool_request_stored_twice_is_one_tool_use_in_its_round() -> None:
+    """A unit of work redelivered past JetStream's 2-minute duplicate window publishes its
+    tool.requested again, under the same tool call id, and the store keeps both. The fold took
+    the copy for another call: two tool uses with one id went to the model (which refuses a
+    request with a tool use answered twice or not at all) and the copy moved the round on."""
+    request = ToolRequested(org_id=ORG, call_id="c", turn_id="t1", tool_call_id="x",
+                            name="book", arguments={"day": "Friday"})
+    conversation = fold("c", [
+        TurnUserEnded(org_id=ORG, call_id="c", turn_id="t1", text="Book me in."),
+        request,
+        ToolCompleted(org_id=ORG, call_id="c", tool_call_id="x", name="book", result="ok"),
+        msgspec.structs.replace(request, id=str(uuid.uuid4())),  # the copy, stored later
+    ])
+    turn = conversation.turn("t1")
+    assert turn.requested_in == {"x": 0} and not turn.waiting_for_tools
+    assert [type(m).__name__ for m in conversation.llm_messages()] == [
+        "UserMessage", "ToolUse", "ToolResult"]

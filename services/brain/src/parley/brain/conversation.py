@@ -301,6 +301,8 @@ class Conversation:
                 self._replace_said(event.turn_id, event.played_text.strip())
             case ToolRequested():
                 turn = self.turn_of(event.turn_id)
+                if event.tool_call_id in turn.tools:
+                    return  # published again past the duplicate window (a late redelivery)
                 turn.tools[event.tool_call_id] = event.name
                 late = turn.unrequested.pop(event.tool_call_id, None)
                 # (requested late, after an outcome of its response perhaps: in its round)
