@@ -225,7 +225,8 @@ class Recorder:
                 "ORDER BY since_position DESC LIMIT 1")
             known = await cursor.fetchone()
             known_offset = known[1] if known else 0
-            recreated = (known is not None and known[0] != info.created
+            # Another stream than the one recorded, or one that went backwards (replaced).
+            recreated = ((known is not None and known[0] != info.created)
                          or self.position - known_offset > info.state.last_seq)
             if known is not None and not recreated:
                 self.offset, self._stream_created = known_offset, info.created
