@@ -75,3 +75,32 @@ def test_a_loop_histogram_exposes_what_prometheus_clients_histogram_would() -> N
     assert fast.registry.get_sample_value("a_frame_delay_seconds_count") == len(values)
     with pytest.raises(ValueError, match="already exists"):
         fast.loop_histogram("frame_delay_seconds", "Delay", buckets)
+
+
+def test_a_loop_counter_exposes_what_prometheus_clients_counter_would() -> None:
+    fast, reference = Metrics("gateway", namespace="a"), Metrics("gateway", namespace="a")
+    loop = fast.loop_counter("frames", "Frames relayed", ["protocol", "direction"])
+    standard = reference.counter("frames", "Frames relayed", ["protocol", "direction"])
+    for protocol, direction, times in (("twilio", "in", 3), ("twilio", "out", 1),
+                                       ("plivo", "in", 2)):
+        for _ in range(times):
+            loop.labels(protocol, direction).inc()
+            standard.labels(protocol, direction).inc()
+    loop.labels("plivo", "out")  # asked for, never counted: exposed as 0, as prometheus does
+    standard.labels("plivo", "out")
+
+    def samples(registry: CollectorRegistry) -> list[str]:
+        return [line for line in render(registry)[0].decode().splitlines()
+                if "_created" not in line]
+
+    assert samples(fast.registry) == samples(reference.registry)
+    assert fast.registry.get_sample_value(
+        "a_frames_total", {"protocol": "twilio", "direction": "in"}) == 3
+    # Asked for again (every socket asks): the same counter, still counting.
+    assert fast.loop_counter("frames", "Frames relayed", ["protocol", "direction"]) is loop
+    with pytest.raises(ValueError, match="already exists"):
+        fast.loop_counter("frames", "Frames relayed", ["protocol"])
+    with pytest.raises(ValueError, match="already exists"):
+        fast.counter("frames", "Frames relayed", ["protocol", "direction"])
+    with pytest.raises(ValueError, match="labels"):
+        loop.labels("twilio")

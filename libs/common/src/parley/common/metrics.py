@@ -20,12 +20,12 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-__all__ = ["LoopHistogram", "Metrics", "render"]
+__all__ = ["LoopCounter", "LoopHistogram", "Metrics", "render"]
 
 _MetricT = TypeVar("_MetricT", bound=MetricWrapperBase)
 
@@ -45,6 +45,7 @@ class Metrics:
         self.registry = CollectorRegistry() if registry is None else registry
         self._metrics: dict[str, tuple[MetricWrapperBase, tuple[str, ...]]] = {}
         self._loop_histograms: dict[str, LoopHistogram] = {}
+        self._loop_counters: dict[str, LoopCounter] = {}
 
     def counter(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Counter:
         """Return the counter ``<namespace>_<name>`` (``_total`` is added by the exposition)."""
@@ -68,12 +69,28 @@ class Metrics:
         self, name: str, documentation: str, buckets: Sequence[float]
     ) -> LoopHistogram:
         """Return an unlabelled histogram for a hot path on the event loop (see LoopHistogram)."""
-        if name in self._metrics or name in self._loop_histograms:
+        if name in self._metrics or name in self._loop_histograms or name in self._loop_counters:
             raise ValueError(f"metric {name!r} already exists")
         histogram = LoopHistogram(f"{self.namespace}_{name}", documentation, buckets)
         self.registry.register(histogram)
         self._loop_histograms[name] = histogram
         return histogram
+
+    def loop_counter(self, name: str, documentation: str,
+                     labelnames: Sequence[str] = ()) -> LoopCounter:
+        """Return the counter ``<namespace>_<name>`` for a hot path on the event loop.
+
+        See :class:`LoopCounter`. Asking again with the same labels returns the same counter.
+        """
+        existing = self._loop_counters.get(name)
+        if existing is not None and existing.labelnames == tuple(labelnames):
+            return existing
+        if existing is not None or name in self._metrics or name in self._loop_histograms:
+            raise ValueError(f"metric {name!r} already exists")
+        counter = LoopCounter(f"{self.namespace}_{name}", documentation, labelnames)
+        self.registry.register(counter)
+        self._loop_counters[name] = counter
+        return counter
 
     def _get(
         self,
@@ -84,8 +101,8 @@ class Metrics:
         **options: Any,
     ) -> _MetricT:
         labels = tuple(labelnames)
-        if name in self._loop_histograms:
-            raise ValueError(f"metric {name!r} already exists as a LoopHistogram")
+        if name in self._loop_histograms or name in self._loop_counters:
+            raise ValueError(f"metric {name!r} already exists as a loop metric")
         if name not in self._metrics:
             metric = kind(
                 name,
@@ -136,6 +153,56 @@ class LoopHistogram(Collector):
             total += count
             cumulative.append((label, float(total)))
         family.add_metric([], cumulative, sum_value=self._sum)
+        yield family
+
+
+class LoopCount:
+    """One labelled series of a :class:`LoopCounter`."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        """Add ``amount`` (1 by default)."""
+        self.value += amount
+
+
+class LoopCounter(Collector):
+    """A counter incremented from one event loop only, exposed as prometheus_client's would be.
+
+    prometheus_client's ``Counter.inc`` takes a lock per increment (~0.5 µs with its checks);
+    this one adds to a number, which counts where something is counted for every audio frame
+    (the gateway's frames relayed). Like :class:`LoopHistogram`: no incrementing from another
+    thread, no ``_created`` series.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._series: dict[tuple[str, ...], LoopCount] = {}
+
+    def labels(self, *values: str) -> LoopCount:
+        """The series of these label values (in the order of ``labelnames``), made at 0."""
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name} takes labels {self.labelnames}, not {values}")
+        key = tuple(map(str, values))
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = LoopCount()
+        return series
+
+    def inc(self, amount: float = 1) -> None:
+        """Add ``amount`` to the counter without labels."""
+        self.labels().inc(amount)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        """Every series asked for so far, as the Prometheus exposition has them."""
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for key, series in self._series.items():
+            family.add_metric(list(key), series.value)
         yield family
 
 

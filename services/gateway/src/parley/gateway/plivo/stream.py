@@ -75,8 +75,8 @@ class PlivoStreamSession(TwilioSession):
         self.last_sequence = 0
         self.seq_base = 0  # added to Plivo's sequenceNumber: the call's frames keep growing
         self.audio_bytes = 0
-        frames = self.metrics.counter("gateway_frames", "Audio frames relayed",
-                                      ["protocol", "direction"])
+        frames = self.metrics.loop_counter("gateway_frames", "Audio frames relayed",
+                                           ["protocol", "direction"])  # counted every frame
         self._frames_in = frames.labels(self.protocol, "in")
         self._frames_out = frames.labels(self.protocol, "out")
 

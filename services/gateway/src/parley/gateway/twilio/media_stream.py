@@ -162,12 +162,10 @@ class MediaStreamSession(TwilioSession):
         self.last_sequence = 0
         self.seq_base = 0  # added to Twilio's sequenceNumber: the call's frames keep growing
         self.audio_in = ""  # the call's inbound audio subject, once attached
-        self._frames_in = self.metrics.counter(
-            "gateway_frames", "Audio frames relayed", ["protocol", "direction"]).labels(
-            self.protocol, "in")
-        self._frames_out = self.metrics.counter(
-            "gateway_frames", "Audio frames relayed", ["protocol", "direction"]).labels(
-            self.protocol, "out")
+        frames = self.metrics.loop_counter("gateway_frames", "Audio frames relayed",
+                                           ["protocol", "direction"])  # counted every frame
+        self._frames_in = frames.labels(self.protocol, "in")
+        self._frames_out = frames.labels(self.protocol, "out")
 
     async def on_text(self, data: str) -> None:
         """Dispatch one Media Streams message."""
