@@ -1,4 +1,6 @@
 import asyncio
+import socket
+import time
 
 import pytest
 
@@ -13,6 +15,11 @@ class Fired:
     def __call__(self) -> None:
         self.count += 1
         self.event.set()
+
+
+def pause(seconds: float) -> None:
+    """Stop the event loop, as a paused process (SIGSTOP, a starved VM) stops."""
+    time.sleep(seconds)
 
 
 async def test_fires_once_when_an_expected_answer_never_comes() -> None:
@@ -76,3 +83,47 @@ async def test_stop_cancels() -> None:
 async def test_rejects_a_non_positive_limit() -> None:
     with pytest.raises(ValueError):
         StallWatchdog("test", 0, lambda: None)
+
+
+async def test_a_paused_process_does_not_blame_the_provider() -> None:
+    """The answer came while the process was paused (SIGSTOP, a starved VM): no stall.
+
+    The provider writes to the socket during the pause; once the loop runs again, its late
+    check must not fire before the reader has had a turn to read what is waiting.
+    """
+    fired = Fired()
+    watchdog = StallWatchdog("test", 0.1, fired)
+    ours, theirs = socket.socketpair()
+    reader, writer = await asyncio.open_connection(sock=ours)
+
+    async def read() -> None:
+        while await reader.read(100):
+            watchdog.feed()
+
+    reading = asyncio.create_task(read())
+    try:
+        await asyncio.sleep(0.01)
+        watchdog.expect()
+        pause(0.05)
+        theirs.send(b"answer")  # the provider answers in time, unread while paused
+        pause(0.5)
+        await asyncio.sleep(0.05)  # the process runs again
+        assert fired.count == 0 and not watchdog.waiting
+    finally:
+        theirs.close()
+        await reading
+        writer.close()
+        await writer.wait_closed()
+        watchdog.stop()
+
+
+async def test_a_stall_across_a_pause_still_fires() -> None:
+    """No answer before, during or after the pause: a stall, one window after the process woke."""
+    fired = Fired()
+    watchdog = StallWatchdog("test", 0.1, fired)
+    loop = asyncio.get_running_loop()
+    watchdog.expect()
+    pause(0.5)
+    woke = loop.time()
+    await asyncio.wait_for(fired.event.wait(), 5)
+    assert 0.1 <= loop.time() - woke < 0.5 and fired.count == 1

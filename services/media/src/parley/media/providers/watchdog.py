@@ -8,7 +8,11 @@ without any bytes arriving, ``on_stall`` runs once and the stream fails itself w
 :class:`~parley.media.providers.base.ProviderError`.
 
 The clock is the event loop's; the check is one ``call_later`` timer, not a task, so there is
-nothing to cancel but the timer (:meth:`stop`).
+nothing to cancel but the timer (:meth:`stop`). A check the loop runs late (the process was
+paused or starved) does not judge: what the provider sent meanwhile is still unread, and the
+reader runs after the check. That window starts again from the wake-up, once per wait. Before,
+a media process paused for 7 s woke up to find every vendor stream "stalled", switched each call
+to the local fallback (filling it) and opened the vendor's circuit for its new calls.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import asyncio
 from collections.abc import Callable
 
 from parley.media.providers.base import ProviderError
+
+LATE_S = 0.25  # a check woken this much after its time: the process was paused, not the provider
 
 
 class StallWatchdog:
@@ -38,6 +44,7 @@ class StallWatchdog:
         self._waiting_since: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._stopped = False
+        self._restarted = False  # the wait's window already began again after a late check
         self.stalled = False
 
     @property
@@ -50,6 +57,7 @@ class StallWatchdog:
         if self._stopped or self._waiting_since is not None:
             return
         self._waiting_since = self._loop.time()
+        self._restarted = False
         if self._timer is None:
             self._timer = self._loop.call_later(self.stall_after_s, self._check)
 
@@ -58,6 +66,7 @@ class StallWatchdog:
         if self._stopped:
             return
         self._waiting_since = self._loop.time() if more_expected else None
+        self._restarted = False
         if more_expected and self._timer is None:
             self._timer = self._loop.call_later(self.stall_after_s, self._check)
 
@@ -78,6 +87,7 @@ class StallWatchdog:
                              f"stalled: no response for {self.stall_after_s:g} s", permanent=False)
 
     def _check(self) -> None:
+        due = self._timer.when() if self._timer is not None else self._loop.time()
         self._timer = None
         if self._stopped or self._waiting_since is None:
             return
@@ -85,6 +95,11 @@ class StallWatchdog:
         now = self._loop.time()
         if now < overdue_at:
             self._timer = self._loop.call_at(overdue_at, self._check)
+            return
+        if now - due > LATE_S and not self._restarted:
+            self._restarted = True  # once: a loop late every time cannot put a stall off
+            self._waiting_since = now
+            self._timer = self._loop.call_at(now + self.stall_after_s, self._check)
             return
         self.stalled = True
         on_stall = self._on_stall
