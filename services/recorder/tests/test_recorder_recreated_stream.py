@@ -21,6 +21,20 @@ async def recreate_stream(bus: Bus) -> None:
     await bus.ensure_streams()
 
 
+async def publish_all(bus: Bus, texts: str, count: int) -> list[ev.TranscriptFinal]:
+    """Publish ``count`` events said "<texts> 0", "<texts> 1"…; return them."""
+    events = [said(f"{texts} {i}") for i in range(count)]
+    for event in events:
+        await bus.publish(event)
+    return events
+
+
+async def record(bus: Bus, database_url: str, upto: int) -> None:
+    """Run a recorder until it has recorded up to position ``upto``."""
+    async with running_recorder(bus, database_url):
+        await wait_for(lambda: _at(database_url, upto))
+
+
 def stored_ids(database_url: str) -> list[uuid.UUID]:
     return [row[0] for row in rows(database_url, "SELECT event_id FROM events ORDER BY position")]
 
@@ -32,11 +46,9 @@ def accounted_positions(database_url: str) -> list[int]:
 
 async def test_a_stream_recreated_while_recording_is_recorded_from_its_first_message(
         bus: Bus, database_url: str) -> None:
-    before = [said(f"before {i}") for i in range(5)]
+    before = await publish_all(bus, "before", 5)
     after = [said(f"after {i}") for i in range(3)]
     metrics = Metrics("recorder")
-    for event in before:
-        await bus.publish(event)
     async with running_recorder(bus, database_url, metrics=metrics):
         await wait_for(lambda: _at(database_url, 5))
         await recreate_stream(bus)
@@ -53,18 +65,12 @@ async def test_a_stream_recreated_while_recording_is_recorded_from_its_first_mes
 
 async def test_a_stream_recreated_while_the_recorder_was_down_is_noticed_by_its_identity(
         bus: Bus, database_url: str) -> None:
-    before = [said(f"before {i}") for i in range(3)]
-    for event in before:
-        await bus.publish(event)
-    async with running_recorder(bus, database_url):
-        await wait_for(lambda: _at(database_url, 3))
+    before = await publish_all(bus, "before", 3)
+    await record(bus, database_url, 3)
     await recreate_stream(bus)
     # More than were recorded: the new stream's last sequence is past the checkpoint.
-    after = [said(f"after {i}") for i in range(5)]
-    for event in after:
-        await bus.publish(event)
-    async with running_recorder(bus, database_url):
-        await wait_for(lambda: _at(database_url, 8))
+    after = await publish_all(bus, "after", 5)
+    await record(bus, database_url, 8)
     assert stored_ids(database_url) == [e.id for e in before + after]
     assert accounted_positions(database_url) == list(range(1, 9))
 
@@ -72,27 +78,19 @@ async def test_a_stream_recreated_while_the_recorder_was_down_is_noticed_by_its_
 async def test_a_stream_recreated_before_its_identity_was_kept_is_noticed_by_its_sequences(
         bus: Bus, database_url: str) -> None:
     """A recorder of a version that kept no stream identity recorded up to position 4."""
-    before = [said(f"before {i}") for i in range(4)]
-    for event in before:
-        await bus.publish(event)
-    async with running_recorder(bus, database_url):
-        await wait_for(lambda: _at(database_url, 4))
+    before = await publish_all(bus, "before", 4)
+    await record(bus, database_url, 4)
     rows(database_url, "DELETE FROM recorder_streams RETURNING 1")
     await recreate_stream(bus)
-    after = [said(f"after {i}") for i in range(2)]
-    for event in after:
-        await bus.publish(event)
-    async with running_recorder(bus, database_url):
-        await wait_for(lambda: _at(database_url, 6))
+    after = await publish_all(bus, "after", 2)
+    await record(bus, database_url, 6)
     assert stored_ids(database_url) == [e.id for e in before + after]
 
 
 async def test_a_stream_recreated_numbered_on_from_the_checkpoint_keeps_its_sequences(
         bus: Bus, database_url: str) -> None:
     """What docs/architecture.md tells an operator to do: ``first_seq`` one past the checkpoint."""
-    before = [said(f"before {i}") for i in range(3)]
-    for event in before:
-        await bus.publish(event)
+    before = await publish_all(bus, "before", 3)
     async with running_recorder(bus, database_url):
         await wait_for(lambda: _at(database_url, 3))
         [config] = [c for c in stream_configs(StreamSettings()) if c.name == EVENTS_STREAM]
