@@ -90,6 +90,18 @@ async def take_over(bus: Bus, call_id: str, lease: LeaseState) -> CallSession:
     return successor
 
 
+async def until_max_wait(audio: Audio, call: CallSession, *, partial: str) -> int:
+    """Play frames until the caller's turn ends at max wait on ``partial`` (a recogniser slower
+    than the max wait has said no more); return the last frame's seq."""
+    seq = 0
+    while call.turn_no == 0:
+        seq += 1
+        await audio.play(call, seq, seq)
+        if call._speech_start_ms is not None and not call.detector.text:
+            await call._on_stt(Partial(partial))
+    return seq
+
+
 def lease_of(call: CallSession) -> LeaseState:
     """The lease as the predecessor last renewed it (what the successor is given)."""
     return msgspec.json.decode(msgspec.json.encode(call._lease_state()), type=LeaseState)
@@ -172,12 +184,7 @@ async def test_a_turn_waiting_for_its_late_words_is_finished_by_the_successor(
     audio.speech(2.0)
     audio.silence(5)
     first = session(bus, call_id, instance="media-a")
-    seq = 0
-    while first.turn_no == 0:
-        seq += 1
-        await audio.play(first, seq, seq)
-        if first._speech_start_ms is not None and not first.detector.text:
-            await first._on_stt(Partial("I would like"))
+    seq = await until_max_wait(audio, first, partial="I would like")
     await audio.play(first, seq + 1, seq + 40)  # 0.8 s on, the lease renewed: it dies
     # The brain's answer to t1 ("Could you say that again?"), as the predecessor left it.
     said = {"not begun": [], "playing": [AgentSpeechStarted],
@@ -279,12 +286,7 @@ async def test_a_turn_that_can_no_longer_be_revised_does_not_hold_the_resume_poi
         audio.speech(0.3)
     audio.silence(10)
     first = session(bus, call_id, instance="media-a")
-    seq = 0
-    while first.turn_no == 0:
-        seq += 1
-        await audio.play(first, seq, seq)
-        if first._speech_start_ms is not None and not first.detector.text:
-            await first._on_stt(Partial("I would like"))
+    seq = await until_max_wait(audio, first, partial="I would like")
     ended_ms = first.audio_ms
     if after == "revised":
         await first._on_stt(Final("I would like to book an appointment on Friday.",
