@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 from parley.common.bus import Bus
 from parley.common.configuration.models import AgentSettings
-from parley.common.events import CallStreamStarted
+from parley.common.events import CallDtmf, CallStreamStarted, TurnUserEnded
 from parley.media.ownership import Leases, LeaseState
 from parley.media.router import ProviderRouter
 from parley.media.session import SessionServices
@@ -161,3 +162,114 @@ async def test_a_take_over_that_fails_to_start_is_handed_back(bus) -> None:
         assert agents.lookups == 2
     finally:
         await b.stop()
+
+
+async def serve(w: MediaWorker, bus: Bus, call_id: str):
+    """``w`` claims ``call_id`` and its session runs (holds the lease, follows the audio)."""
+    await w.start()
+    await bus.publish(CallStreamStarted(org_id=ORG, call_id=call_id, stream_id="s1",
+                                        gateway_instance="g1", agent_id="a1"))
+    await wait_for(lambda: serving(call_id, w) == [w.s.instance])
+    session, task = w.sessions[call_id]
+    await wait_for(lambda: session._inbound is not None)
+    return session, task
+
+
+async def press(bus: Bus, call_id: str, keys: str) -> None:
+    """The caller types ``keys``: the gateway's call.dtmf, which the session hears live (or,
+    frozen, queued: handled on waking)."""
+    for key in keys:
+        await bus.publish(CallDtmf(org_id=ORG, call_id=call_id, digit=key))
+    await asyncio.sleep(0.1)
+
+
+def freeze_renewals(w: MediaWorker, call_id: str):
+    """The instance stops renewing the call's lease, as a frozen process does (SIGSTOP, a
+    starved VM); thawed by setting the returned hold's ``due`` back to 0."""
+    held = w.s.leases._held[call_id]
+    held.due = math.inf
+    return held
+
+
+async def take_lease(bus: Bus, call_id: str, owner: str) -> None:
+    kv = await bus.js.key_value("call_leases")
+    current = await kv.get(call_id)
+    await kv.update(call_id, b'{"owner":"%s","org_id":"%s"}' % (owner.encode(), ORG.encode()),
+                    last=current.revision)
+
+
+async def key_turns(bus: Bus, call_id: str) -> list[tuple[str, str]]:
+    return [(e.turn_id, e.text) for e in await bus.replay_call(call_id, org_id=ORG)
+            if isinstance(e, TurnUserEnded)]
+
+
+async def stored(bus: Bus, call_id: str, turns: list[tuple[str, str]]) -> None:
+    """Wait until the call's turns of keys stored are ``turns``."""
+    deadline = time.monotonic() + 3
+    while (found := await key_turns(bus, call_id)) != turns:
+        assert time.monotonic() < deadline, found
+        await asyncio.sleep(0.05)
+
+
+async def test_an_instance_that_lost_its_lease_while_frozen_publishes_nothing_on_waking(
+        bus) -> None:
+    # A chaos run froze an instance past the lease timeout; another took the call over. On
+    # waking, the frozen one handled the key presses queued meanwhile and published a phantom
+    # turn.user_ended (then speech, transcripts, after call.ended even) before its next
+    # renewal was refused: two owners publishing for one call. What it published while its
+    # lease was confirmed is stored; nothing after.
+    a = worker(bus, "media-a", Agents())
+    try:
+        session, task = await serve(a, bus, "call-5")
+        await press(bus, session.call_id, "1#")
+        await stored(bus, session.call_id, [("k1", "1#")])  # published while confirmed
+        held = freeze_renewals(a, "call-5")
+        await asyncio.sleep(0.4)  # past the lease timeout (0.3 s)
+        await take_lease(bus, "call-5", "media-b")
+        await press(bus, session.call_id, "2#")  # queued while frozen, handled on waking
+        held.due = 0  # awake: the next renewal goes out, and is refused
+        await asyncio.wait_for(task, 5)
+        assert session.end_reason == "lease_lost"
+        assert await key_turns(bus, "call-5") == [("k1", "1#")]
+    finally:
+        await a.stop()
+
+
+async def test_what_an_unconfirmed_session_held_goes_out_once_its_lease_is_renewed(
+        bus) -> None:
+    # Frozen past the timeout, but nobody took the call (no other instance, or a NATS blip):
+    # the events wait for the next renewal's answer, and go out when it confirms the lease.
+    a = worker(bus, "media-a", Agents())
+    try:
+        session, _ = await serve(a, bus, "call-6")
+        await press(bus, session.call_id, "1#")
+        await stored(bus, session.call_id, [("k1", "1#")])  # published while confirmed
+        held = freeze_renewals(a, "call-6")
+        await asyncio.sleep(0.4)
+        await press(bus, session.call_id, "2#")
+        await asyncio.sleep(0.2)
+        assert await key_turns(bus, "call-6") == [("k1", "1#")]  # held
+        held.due = 0  # the next renewal confirms the lease: what was held goes out
+        await stored(bus, "call-6", [("k1", "1#"), ("k2", "2#")])
+        assert not session.stopped.is_set()
+    finally:
+        await a.stop()
+
+
+async def test_a_session_stopped_for_a_lost_lease_drops_what_it_held(bus) -> None:
+    # The loss is known (the hold's on_lost) while events are held: they are not drained
+    # out on the way out, as the events of a session ending otherwise are.
+    a = worker(bus, "media-a", Agents())
+    try:
+        session, task = await serve(a, bus, "call-7")
+        await press(bus, session.call_id, "1#")
+        await stored(bus, session.call_id, [("k1", "1#")])
+        freeze_renewals(a, "call-7")
+        await asyncio.sleep(0.4)
+        await take_lease(bus, "call-7", "media-b")
+        await press(bus, session.call_id, "2#")
+        session._lease_lost()
+        await asyncio.wait_for(task, 5)
+        assert await key_turns(bus, "call-7") == [("k1", "1#")]
+    finally:
+        await a.stop()

@@ -31,6 +31,9 @@ async def run(ctx: ServiceContext[MediaConfig], stop: asyncio.Event) -> None:
                 await preload()
     unknown = ctx.metrics.counter("media_audio_dropped", "Inbound frames with no live session")
     events = ctx.metrics.counter("media_events", "Events the media service emitted", ["type"])
+    fenced = ctx.metrics.counter(
+        "media_events_fenced", "Events a session held while its lease was unconfirmed (a "
+        "frozen or cut-off instance), then dropped: the lease was lost")
     inbound = ctx.metrics.loop_histogram(  # observed for every frame
         "media_inbound_frame_delay_seconds",
         "Inbound audio frame: how late its session handled it (caught-up frames: since "
@@ -43,7 +46,7 @@ async def run(ctx: ServiceContext[MediaConfig], stop: asyncio.Event) -> None:
                       timeout_s=config.lease_timeout_s),
         stt=stt, tts=tts, command_timeout_s=config.command_timeout_s,
         on_unknown_audio=unknown.inc, on_event=lambda kind: events.labels(kind).inc(),
-        on_inbound_frame=inbound.observe)
+        on_fenced=fenced.inc, on_inbound_frame=inbound.observe)
     async with AsyncConnectionPool(config.database_url, min_size=1, max_size=4,
                                    open=False) as pool:
         worker = MediaWorker(services, AgentSettingsCache(pool, config.agent_cache_s),

@@ -19,6 +19,9 @@ Every instance watches the bucket. A lease not renewed for ``timeout_s`` belongs
 that died or hung; the first instance whose compare-and-set on that revision succeeds takes the
 call over. A lease whose owner is empty was handed back by an instance shutting down and is taken
 at once. The bucket's own TTL (5 s by default) removes leases nobody took.
+
+A session's :class:`~parley.media.fencing.Fence` learns from each confirmed renewal until when
+the lease is surely its own (the renewal's send time plus ``timeout_s``), and that it is lost.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from nats.js.kv import KeyValue
 
 from parley.common.bus import Bus
 from parley.common.bus.streams import LEASES_BUCKET
+from parley.media.fencing import Fence
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +106,11 @@ class _Held:
     token: str = ""  # its reply subject's last token
     sent: float = 0.0
     checking: bool = False  # a refused renewal is being checked against the bucket
+    # time.monotonic() when the renewal in flight was sent, and when the last one the bucket
+    # confirmed was (the claim or take-over: when the hold began)
+    sent_at: float = 0.0
+    confirmed_at: float = 0.0
+    fence: Fence | None = None  # the session's, told of each confirmation and of the loss
 
 
 class Leases:
@@ -158,14 +167,16 @@ class Leases:
     # -- the leases this instance holds ------------------------------------------------------
 
     async def hold(self, call_id: str, revision: int, state: Callable[[], LeaseState],
-                   on_lost: Callable[[], None]) -> None:
+                   on_lost: Callable[[], None], *, fence: Fence | None = None) -> None:
         """Keep renewing ``call_id``'s lease (from ``revision``) until :meth:`let_go`.
 
         ``state()`` gives the value each renewal writes; ``on_lost()`` runs once if a renewal
         finds that another instance has the lease (the hold ends then). A lease is held from the
         moment it is won — a session takes longer to start (settings, a recogniser to open) than
         a silent lease is left alone — so for a lease held already, only ``state`` and
-        ``on_lost`` change: its renewals go on from the revision they reached.
+        ``on_lost`` change: its renewals go on from the revision they reached. ``fence`` is
+        told until when the lease is surely ours, at once and at each confirmed renewal, and is
+        dropped if the lease is lost.
         """
         if self._renewer is None:
             nc = self.bus.nc
@@ -175,9 +186,14 @@ class Leases:
         held = self._held.get(call_id)
         if held is not None:
             held.state, held.on_lost = state, on_lost
-            return
-        loop = asyncio.get_running_loop()
-        self._held[call_id] = _Held(revision, state, on_lost, due=loop.time() + self.renew_s)
+        else:
+            loop = asyncio.get_running_loop()
+            held = self._held[call_id] = _Held(revision, state, on_lost,
+                                               due=loop.time() + self.renew_s,
+                                               confirmed_at=time.monotonic())
+        if fence is not None:
+            held.fence = fence
+            fence.confirm(held.confirmed_at + self.timeout_s)
 
     async def let_go(self, call_id: str, *, wait_s: float = 1.0) -> int | None:
         """Stop renewing ``call_id``; its latest revision (None: not held, or lost).
@@ -226,6 +242,7 @@ class Leases:
                     self._acks.pop(held.token, None)
                     self._settle(held)
                 token = str(next(self._tokens))
+                sent_at = time.monotonic()
                 try:
                     await nc.publish(_BUCKET_SUBJECTS + call_id, _encoder.encode(held.state()),
                                      reply=f"{self._inbox}.{token}",
@@ -235,7 +252,7 @@ class Leases:
                     continue
                 self._acks[token] = call_id
                 held.in_flight, held.token = loop.create_future(), token
-                held.sent, held.due = now, now + self.renew_s
+                held.sent, held.due, held.sent_at = now, now + self.renew_s, sent_at
 
     async def _on_ack(self, msg: Msg) -> None:
         token = msg.subject.rpartition(".")[2]
@@ -251,7 +268,9 @@ class Leases:
             self._settle(held)
             return
         if ack.error is None:
-            held.revision = ack.seq
+            held.revision, held.confirmed_at = ack.seq, held.sent_at
+            if held.fence is not None:
+                held.fence.confirm(held.sent_at + self.timeout_s)
         elif ack.error.err_code in _WRONG_LAST_SEQUENCE:
             assert call_id is not None
             held.checking = True
@@ -290,6 +309,8 @@ class Leases:
         self._settle(held)
         if self._held.get(call_id) is held:
             del self._held[call_id]
+            if held.fence is not None:
+                held.fence.drop()
             held.on_lost()
 
     @staticmethod

@@ -89,6 +89,7 @@ from parley.common.runtime import cancel_and_wait
 from parley.common.words import normalize_words
 from parley.media.audio.codec import ulaw_to_pcm16
 from parley.media.audio.frames import ULAW_FRAME_BYTES, FrameAligner
+from parley.media.fencing import Fence
 from parley.media.inbound import InboundAudio
 from parley.media.ownership import Leases, LeaseState
 from parley.media.playback import (
@@ -144,6 +145,9 @@ OUT_CHUNK_FRAMES = 10
 # The idle clock (parley.common.idle) is looked at every this many ms of inbound audio: once per
 # frame would cost every call's every frame for timers counted in seconds.
 IDLE_TICK_MS = 100
+# At the end, what the session holds while its lease is unconfirmed waits this long at most for
+# the lease's verdict: a renewal period, and one more for a renewal sent again.
+FENCE_SETTLE_S = 3.0
 
 
 def stable_id(call_id: str, *parts: object) -> uuid.UUID:
@@ -178,6 +182,8 @@ class SessionServices:
     command_timeout_s: float = 1.0
     on_unknown_audio: Callable[[], None] = lambda: None
     on_event: Callable[[str], None] = lambda kind: None
+    # Events a session held while its lease was unconfirmed, dropped: the lease was lost.
+    on_fenced: Callable[[int], None] = lambda count: None
     # Seconds an inbound frame was late when its session handled it (see parley.media.inbound).
     on_inbound_frame: Callable[[float], None] = lambda delay_s: None
 
@@ -245,6 +251,9 @@ class CallSession:
                                 resume_at=resume.resume_at if resume else 0.0)
         self.turn_no = self.lease.turn_no
         self._outbox = Outbox(services.bus, name=f"call {call_id}")
+        # The call's events go out only while the lease is surely ours (parley.media.fencing).
+        self._fence = Fence(self._outbox.put, name=f"call {call_id}",
+                            on_dropped=services.on_fenced)
         self.detector = TurnDetector(TurnSettings(
             endpointing_ms=settings.endpointing_ms,
             max_wait_ms=max(2500, settings.endpointing_ms * 3),
@@ -349,7 +358,7 @@ class CallSession:
         try:
             # First: opening a recogniser can take longer than a lease is left unrenewed.
             await self.s.leases.hold(self.call_id, self.revision, self._lease_state,
-                                     self._lease_lost)
+                                     self._lease_lost, fence=self._fence)
             self._stt_name, self._stt = await self.s.stt.open(
                 self._stt_chain, self._open_stt)
             self._stt_task = asyncio.create_task(self._recognise(), name=f"stt:{self.call_id}")
@@ -400,6 +409,12 @@ class CallSession:
             await self._record_usage()
         except Exception:
             log.exception("call %s: recording usage failed", self.call_id)
+        # What was held while the lease was unconfirmed goes out only if the lease proves ours;
+        # lost, another instance has the call and publishes for it.
+        if self.end_reason == "lease_lost":
+            self._fence.drop()
+        else:
+            await self._fence.settle(FENCE_SETTLE_S)
         await self._outbox.drain()  # stored before a successor reads the call's events
         revision = await self.s.leases.let_go(self.call_id)
         if revision is not None:
@@ -815,7 +830,7 @@ class CallSession:
             return
         log.warning("call %s: stt %s → %s (%s)", self.call_id, failed, self._stt_name, reason)
         # Through the outbox: a slow or failing publish must not end the recogniser task.
-        await self._outbox.put(MediaProviderSwitched(
+        await self._fence.put(MediaProviderSwitched(
             org_id=self.org_id, call_id=self.call_id, kind="stt", from_provider=failed,
             to_provider=self._stt_name, reason=reason[:500]))
 
@@ -1518,8 +1533,13 @@ class CallSession:
     async def _ask(self, verb: str, body: dict[str, Any]) -> Literal["ok", "refused", "failed"]:
         """Ask the gateway to ``verb`` the call: done, refused (its reply says no), or failed.
 
-        Failed: no reply in time (or none could be sent), so it may still have been done.
+        Failed: no reply in time (or none could be sent), so it may still have been done. Not
+        sent while the lease is unconfirmed (failed): another instance may serve the call now.
         """
+        if not self._fence.open():
+            log.warning("call %s: gateway command %s not sent: lease unconfirmed", self.call_id,
+                        verb)
+            return "failed"
         try:
             reply = await self.s.bus.nc.request(command_subject(self.call_id, verb),
                                                 json.dumps(body).encode(),
@@ -1553,7 +1573,7 @@ class CallSession:
             key = (self.turn_no, ordinal)
         event = cls(id=stable_id(self.call_id, kind, *key), org_id=self.org_id,
                     call_id=self.call_id, **fields)
-        await self._outbox.put(event)
+        await self._fence.put(event)
         self.s.on_event(kind)
 
     async def _record_usage(self) -> None:
