@@ -68,6 +68,7 @@ from parley.common.events import (
     ToolFailed,
     ToolRequested,
     TurnCompleted,
+    TurnStarted,
     TurnUserEnded,
     UsageRecorded,
 )
@@ -92,6 +93,7 @@ class AgentTurn:
     failed: set[str] = field(default_factory=set)  # tool_call_ids that failed or were denied
     latest_outcome: str = ""  # the tool_call_id whose outcome came last (the one that goes on)
     completion_ids: set[uuid.UUID] = field(default_factory=set)  # turn.completed events seen
+    started_rounds: set[int] = field(default_factory=set)  # rounds with a turn.started stored
     interrupted: bool = False
     spoken_last: bool = False  # a clause with last=True closed the current speech
     closed: set[str] = field(default_factory=set)  # speeches whose last clause is stored
@@ -136,6 +138,11 @@ class AgentTurn:
         """The seq the next clause of the current speech gets."""
         return self.says[-1].seq + 1 if self.says and self.says[-1].turn_id == self.speech \
             else 0
+
+    @property
+    def tools_out(self) -> bool:
+        """Some tool the agent requested has no outcome yet (that outcome takes the turn up)."""
+        return bool(set(self.tools) - self.results)
 
     @property
     def waiting_for_tools(self) -> bool:
@@ -190,6 +197,15 @@ class AgentTurn:
         """
         failed = [round_no for round_no, failed in self._hand_off_rounds().items() if failed]
         return range(max(failed) + 1 if failed else 0, self.round + 1)
+
+    @property
+    def started_since_taken_up(self) -> bool:
+        """A round since the turn was taken up published ``turn.started``: a completion is due.
+
+        Not so after a failed hand-off whose outcome never ran its round (the caller had cut
+        the turn off): the completion before it closed what the integrator saw start.
+        """
+        return any(round_no in self.started_rounds for round_no in self.rounds_since_taken_up)
 
     def usage_since_taken_up(self) -> Usage:
         """The LLM tokens the rounds since the turn was taken up recorded."""
@@ -318,6 +334,9 @@ class Conversation:
                                                  arguments=dict(event.arguments)))
             case ToolCompleted() | ToolFailed() | ToolDenied():
                 self._tool_outcome(event)
+            case TurnStarted():
+                turn = self.turn(event.turn_id)  # (published as its round begins)
+                turn.started_rounds.add(turn.round)
             case TurnCompleted():
                 self.turn(event.turn_id).completion_ids.add(event.id)
             case UsageRecorded() if event.turn_id and event.kind in LLM_KINDS and (

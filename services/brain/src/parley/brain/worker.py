@@ -16,7 +16,9 @@ takes the turn up again like any tool's (the model tells the caller), as a new u
 (see :mod:`parley.brain.conversation`). While a turn runs, the worker follows the call:
 ``agent.speech.interrupted`` for the turn or a newer ``turn.user_ended`` cancels it (the LLM
 stream is closed), whether the live subscriptions see it or only the follower, after the turn's
-fold.
+fold. A turn cut short while no instance ran it (its instance died, or it waited for a tool; or
+the call ended meanwhile) is completed, cancelled, by the unit of work that takes it up next:
+the redelivery, or the outcome.
 
 A caller's turn of keys (``turn.user_ended`` with reason ``dtmf``, its text the keys: "1234#")
 is answered as any turn, the model reading it as keypad input (see
@@ -567,6 +569,7 @@ class BrainWorker:
         # A call that began before this instance followed it: its warm-ups learn the agent here.
         self.warmup.learn_agent(call_id, conversation.agent_id)
         if conversation.ended:
+            await self._complete_cancelled(conversation, event)  # (the caller hung up on it)
             self._history.pop(call_id, None)
             profile = self._profiles.pop(call_id, None)
             if profile is not None:
@@ -576,9 +579,11 @@ class BrainWorker:
             await self._greet(conversation, event)
         elif isinstance(event, TurnUserEnded):
             if event.turn_id != conversation.latest_user_turn:
+                await self._complete_cancelled(conversation, event)  # (begun, if its instance died)
                 return  # superseded by a newer turn before we got to it
             turn = conversation.turn(event.turn_id)
             if turn.completed or turn.interrupted:
+                await self._complete_cancelled(conversation, event)
                 return  # already answered (a redelivery)
             if await self._finish_hand_off(conversation, turn, event):
                 return
@@ -602,10 +607,11 @@ class BrainWorker:
         elif isinstance(event, ToolCompleted | ToolFailed | ToolDenied):
             owner = next((t for t in conversation.turns.values()
                           if event.tool_call_id in t.tools), None)
-            if owner is None or owner.completed or owner.interrupted:
+            if owner is None or owner.completed:
                 return  # (a failed hand-off leaves its turn not completed: it goes on)
-            if owner.turn_id != conversation.latest_user_turn:
-                return  # the caller moved on
+            if owner.interrupted or owner.turn_id != conversation.latest_user_turn:
+                await self._complete_cancelled(conversation, event)
+                return  # the caller cut it off or moved on
             if await self._finish_hand_off(conversation, owner, event):
                 return
             if owner.waiting_for_tools:
@@ -744,6 +750,35 @@ class BrainWorker:
                 response_calls=sibling.response_calls, causation_id=sibling.causation_id))
             log.warning("call %s turn %s: %s requested late: its instance died before it",
                         call_id, turn.turn_id, call.name)
+
+    async def _complete_cancelled(self, conversation: Conversation, cause: Event) -> None:
+        """Complete, as cancelled, the turn ``cause`` would take up, cut short with none running it.
+
+        The caller barged in, spoke again or hung up while no instance ran the turn: the one
+        running it died (``cause``, the unit of work that began the turn's current round, is
+        delivered again), or the turn waited for a tool (``cause`` is that outcome). No other
+        unit of work takes the turn up, so its completion is published here, under the id it
+        would have had (a late original's, or another instance's, is then a duplicate), with
+        the usage the fold has for its rounds. Only by the unit of work that began the current
+        round, once no tool of the turn is still out (the outcome's unit completes it then): a
+        unit of work of an earlier round leaves the turn to the instance that may be running
+        its current round and completes it itself. Nothing for a turn that published no
+        ``turn.started`` since it was taken up: no integrator waits for its end.
+        """
+        if isinstance(cause, TurnUserEnded):
+            turn, began = conversation.turns.get(cause.turn_id), 0
+        elif isinstance(cause, ToolCompleted | ToolFailed | ToolDenied):
+            turn = next((t for t in conversation.turns.values()
+                         if cause.tool_call_id in t.tools), None)
+            began = turn.begun_by.get(cause.tool_call_id) if turn is not None else None
+        else:
+            return
+        if turn is None or turn.completed or not turn.started_since_taken_up or (
+                turn.tools_out or began != turn.round):
+            return
+        await self._completed(conversation, turn.turn_id, cause, cancelled=True)
+        log.info("call %s turn %s: completed as cancelled: cut short while no instance ran it",
+                 conversation.call_id, turn.turn_id)
 
     async def _greet(self, conversation: Conversation, event: CallStreamStarted) -> None:
         if conversation.greeted:
