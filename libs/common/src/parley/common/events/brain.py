@@ -66,6 +66,11 @@ class TurnCompleted(CallEvent, frozen=True, kw_only=True, tag="turn.completed"):
     then fails, the brain takes the turn up again so the caller hears why, and the turn
     completes once more (a second ``turn.completed`` with the same ``turn_id``).
 
+    Every ``turn.started`` is followed by a ``turn.completed``: ``cancelled`` when the caller
+    barged in, spoke again or hung up, even if no brain instance was running the turn then
+    (published when its unit of work comes back: a redelivery after a crash, or a tool's
+    outcome).
+
     ``usage`` sums the ``usage.recorded`` of the turn's LLM rounds (the rounds tool outcomes
     continued and a cancelled round's included, whichever instance ran them): all of them, or
     for a completion after a failed hand-off, those after it. ``ttft_ms`` and ``llm_wait_ms``
