@@ -48,6 +48,19 @@ from parley.media.fencing import Fence
 log = logging.getLogger(__name__)
 
 
+class LeaseUsage(msgspec.Struct, kw_only=True):
+    """A session's usage so far, and the claim its usage ids are derived from.
+
+    The STT seconds and TTS characters sent to each provider; the claim is the session's
+    instance and lease revision.
+    """
+
+    instance: str
+    claim: int
+    stt_seconds: dict[str, float] = msgspec.field(default_factory=dict)
+    tts_chars: dict[str, int] = msgspec.field(default_factory=dict)
+
+
 class LeaseState(msgspec.Struct, kw_only=True):
     """A lease's value: the owner and where a successor resumes the call."""
 
@@ -65,6 +78,9 @@ class LeaseState(msgspec.Struct, kw_only=True):
     # ``turn_no`` (speech.started, speech.stopped, transcript.final), so that the events the
     # successor detects again get the ids they had.
     ordinals: dict[str, int] = msgspec.field(default_factory=dict)
+    # The owner's usage as of this renewal, unrecorded: a successor records it, under the ids
+    # the owner's own record has (None: nothing unrecorded, or a lease of an older version).
+    usage: LeaseUsage | None = None
 
 
 class LeaseLost(Exception):

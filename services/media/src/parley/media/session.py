@@ -91,7 +91,7 @@ from parley.media.audio.codec import ulaw_to_pcm16
 from parley.media.audio.frames import ULAW_FRAME_BYTES, FrameAligner
 from parley.media.fencing import Fence
 from parley.media.inbound import InboundAudio
-from parley.media.ownership import Leases, LeaseState
+from parley.media.ownership import Leases, LeaseState, LeaseUsage
 from parley.media.playback import (
     FRAME_MS,
     AgentTurnAudio,
@@ -311,6 +311,13 @@ class CallSession:
         self._current: _AgentTurn | None = None  # the turn whose audio is (or was last) out
         self._out_seq = 0
         self._tts_chars: dict[str, int] = {}  # characters sent to each synthesiser
+        # Usage: this session's so far (its counters themselves: each renewal carries them in
+        # the lease), and what a predecessor that did not end cleanly had used by its last
+        # renewal (recorded as this session starts).
+        self._usage = LeaseUsage(instance=services.instance, claim=self._claim,
+                                 stt_seconds=self._stt_seconds, tts_chars=self._tts_chars)
+        self.lease.usage = self._usage
+        self._predecessor_usage = resume.usage if resume else None
         self._prepared: _AgentTurn | None = None  # the reply prepared for the open user turn
         self._user_turn_ends: dict[str, float] = {}  # user turn id → wall time speech ended
         self._tasks: list[asyncio.Task[Any]] = []
@@ -356,6 +363,8 @@ class CallSession:
         """Hold the lease, open the recogniser, follow the call, and clean up when it is over."""
         bus = self.s.bus
         try:
+            # While the lease still carries it (renewed as the predecessor left it).
+            await self._record_predecessor_usage()
             # First: opening a recogniser can take longer than a lease is left unrenewed.
             await self.s.leases.hold(self.call_id, self.revision, self._lease_state,
                                      self._lease_lost, fence=self._fence)
@@ -416,6 +425,7 @@ class CallSession:
         else:
             await self._fence.settle(FENCE_SETTLE_S)
         await self._outbox.drain()  # stored before a successor reads the call's events
+        self.lease.usage = None  # recorded: a successor has none of it to record
         revision = await self.s.leases.let_go(self.call_id)
         if revision is not None:
             self.revision = revision
@@ -1583,18 +1593,31 @@ class CallSession:
         that served the call records its own, a call back on an instance that served it before
         included, and a publish of the same record again is dropped as a duplicate.
         """
-        for provider, seconds in self._stt_seconds.items():
-            if provider and seconds > 0:
-                await self._outbox.put(UsageRecorded(
-                    id=self._usage_id("stt", provider),
-                    org_id=self.org_id, call_id=self.call_id, kind="stt_seconds",
-                    quantity=round(seconds, 3), unit="s", provider=provider))
-        for provider, chars in self._tts_chars.items():
-            if provider and chars > 0:
-                await self._outbox.put(UsageRecorded(
-                    id=self._usage_id("tts", provider),
-                    org_id=self.org_id, call_id=self.call_id, kind="tts_characters",
-                    quantity=float(chars), unit="characters", provider=provider))
+        for event in usage_records(self.org_id, self.call_id, self._usage):
+            await self._outbox.put(event)
 
-    def _usage_id(self, kind: str, provider: str) -> uuid.UUID:
-        return stable_id(self.call_id, "usage", kind, provider, self.s.instance, self._claim)
+    async def _record_predecessor_usage(self) -> None:
+        """Record what the predecessor had used by its last renewal (the lease's usage).
+
+        A predecessor killed mid-call never recorded it. Under the ids its own record has: one
+        that was only frozen and records its usage as it ends after all is a duplicate of this,
+        or this of it (the first stored is kept).
+        """
+        if self._predecessor_usage is not None:
+            for event in usage_records(self.org_id, self.call_id, self._predecessor_usage):
+                await self._outbox.put(event)
+            self._predecessor_usage = None
+
+
+def usage_records(org_id: str, call_id: str, usage: LeaseUsage) -> list[UsageRecorded]:
+    """A session's ``usage.recorded``, per kind and provider, under its claim's ids."""
+    def record(of: str, kind: Literal["stt_seconds", "tts_characters"], provider: str,
+               quantity: float, unit: str) -> UsageRecorded:
+        return UsageRecorded(
+            id=stable_id(call_id, "usage", of, provider, usage.instance, usage.claim),
+            org_id=org_id, call_id=call_id, kind=kind, quantity=quantity, unit=unit,
+            provider=provider)
+    return ([record("stt", "stt_seconds", provider, round(seconds, 3), "s")
+             for provider, seconds in usage.stt_seconds.items() if provider and seconds > 0]
+            + [record("tts", "tts_characters", provider, float(chars), "characters")
+               for provider, chars in usage.tts_chars.items() if provider and chars > 0])
