@@ -20,6 +20,7 @@ from parley.common.events import (
     AgentSay,
     AgentSpeechInterrupted,
     CallEnded,
+    RequestedCall,
     ToolCompleted,
     ToolFailed,
     ToolRequested,
@@ -140,6 +141,89 @@ async def test_a_hand_off_refused_after_a_barge_in_adds_no_completion(
         await asyncio.sleep(1.5)
         assert len(recorder.of("turn.completed", "c-bye")) == 1  # the one stored
         assert emulator.requests == []
+    finally:
+        await worker.stop()
+        await llm.aclose()
+
+
+async def _goodbye_requested(bus, call_id: str, *, booked: bool = False) -> None:
+    """t1 said "Goodbye!" and called end_call (or booked and called it, booked: the brain died
+    after the booking's request, before end_call's); its instance died before closing the
+    speech and completing the turn, and the caller barged in on the goodbye."""
+    await _started_t1(bus, call_id)
+    await bus.publish(AgentSay(org_id=ORG, call_id=call_id, turn_id="t1", seq=1,
+                               text="Goodbye!"))
+    calls = [RequestedCall(tool_call_id="toolu_1", name="book_appointment"),
+             RequestedCall(tool_call_id="toolu_e", name="end_call")]
+    request = calls[0] if booked else calls[1]
+    await bus.publish(ToolRequested(org_id=ORG, call_id=call_id, turn_id="t1",
+                                    tool_call_id=request.tool_call_id, name=request.name,
+                                    response_calls=calls if booked else []))
+    await bus.publish(AgentSpeechInterrupted(org_id=ORG, call_id=call_id, turn_id="t1",
+                                             played_text="Let me check the calendar. Good"))
+
+
+async def test_a_hand_off_round_whose_instance_died_is_completed_once_the_caller_cut_it_off(
+        bus, pool, emulator, recorder) -> None:
+    """The brain said "Goodbye!" and called end_call, then died before the turn's completion;
+    the caller barged in on the goodbye before the unit of work came back. The redelivery saw
+    the turn interrupted and returned before it finished the hand-off's round: its completion
+    was never published, and the refusal that followed (the caller cut off the last words)
+    reopened the turn, which stayed open for good. Now the redelivery completes the round,
+    cancelled, under the hand-off's completion id, and says and requests nothing: not the
+    closing clause (the caller cut the speech off), nor a hang-up never requested (c-booked:
+    the caller interrupted the goodbye, so it does not happen)."""
+    await _goodbye_requested(bus, "c-late")  # refused after the redelivery
+    await _goodbye_requested(bus, "c-first")  # refused before it
+    await bus.publish(ToolFailed(org_id=ORG, call_id="c-first", tool_call_id="toolu_e",
+                                 name="end_call", error="not hung up: the caller interrupted"))
+    await _goodbye_requested(bus, "c-booked", booked=True)
+
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(services(bus, pool, [llm]))
+    await worker.start()
+    try:
+        for call_id in ("c-late", "c-first", "c-booked"):
+            await _cancelled_once(recorder, call_id)
+        await bus.publish(ToolFailed(org_id=ORG, call_id="c-late", tool_call_id="toolu_e",
+                                     name="end_call", error="not hung up: the caller interrupted"))
+        await bus.publish(ToolCompleted(org_id=ORG, call_id="c-booked", tool_call_id="toolu_1",
+                                        name="book_appointment", result={"booked": True}))
+        await asyncio.sleep(0.5)
+        for call_id in ("c-late", "c-first", "c-booked"):
+            assert len(recorder.of("turn.completed", call_id)) == 1, call_id
+            assert not [e for e in recorder.of("agent.say", call_id) if e.last and
+                        e.turn_id == "t1"], call_id  # what the caller cut off is not closed
+            assert len(recorder.of("tool.requested", call_id)) == 1, call_id
+        assert emulator.requests == []  # the interrupted turns are not taken up
+    finally:
+        await worker.stop()
+        await llm.aclose()
+
+
+async def test_a_hand_off_round_whose_instance_died_is_completed_after_the_hang_up(
+        bus, pool, emulator, recorder) -> None:
+    """The brain said "Goodbye!" and called end_call, then died before closing the speech and
+    completing the turn; the tools service hung up all the same (its wait for the last words
+    timed out). The redelivery found the call ended and returned: the turn was never
+    completed. Now it is, not cancelled (the hand-off went through), and nothing is said."""
+    await _started_t1(bus, "c-hung")
+    await bus.publish(ToolRequested(org_id=ORG, call_id="c-hung", turn_id="t1",
+                                    tool_call_id="toolu_e", name="end_call"))
+    await bus.publish(ToolCompleted(org_id=ORG, call_id="c-hung", tool_call_id="toolu_e",
+                                    name="end_call", result={"ok": True}))
+    await bus.publish(CallEnded(org_id=ORG, call_id="c-hung", reason="agent_hangup"))
+
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(services(bus, pool, [llm]))
+    await worker.start()
+    try:
+        done, = await recorder.wait("turn.completed", "c-hung", timeout=5.0)
+        assert not done.cancelled and done.usage.input_tokens == 120
+        assert done.id == BrainWorker._completion_id("c-hung", "t1", 0)
+        await asyncio.sleep(0.3)
+        assert len(recorder.of("turn.completed", "c-hung")) == 1
+        assert len(recorder.of("agent.say", "c-hung")) == 2 and emulator.requests == []
     finally:
         await worker.stop()
         await llm.aclose()

@@ -178,6 +178,12 @@ class AgentTurn:
         rounds = sorted(self._hand_off_rounds())
         return rounds.index(round_no) if round_no in rounds else None
 
+    def hand_off_done(self, round_no: int) -> bool:
+        """Round ``round_no``'s hand-off went through (it completed, none of it failed)."""
+        ids = {i for i, name in self.tools.items()
+               if name in HAND_OFFS and self.requested_in[i] == round_no}
+        return bool(ids) and ids <= self.results - self.failed
+
     def rounds_up_to_hand_off(self, index: int) -> range:
         """The rounds the completion after hand-off number ``index`` reports."""
         rounds = sorted(self._hand_off_rounds())

@@ -18,7 +18,9 @@ takes the turn up again like any tool's (the model tells the caller), as a new u
 stream is closed), whether the live subscriptions see it or only the follower, after the turn's
 fold. A turn cut short while no instance ran it (its instance died, or it waited for a tool; or
 the call ended meanwhile) is completed, cancelled, by the unit of work that takes it up next:
-the redelivery, or the outcome.
+the redelivery, or the outcome. A hand-off's round so cut short is completed by its own unit of
+work even with a tool out or the hand-off refused since, and nothing more of it is done (the
+caller cut the goodbye off: the speech is not closed, a hand-off not requested is not).
 
 A caller's turn of keys (``turn.user_ended`` with reason ``dtmf``, its text the keys: "1234#")
 is answered as any turn, the model reading it as keypad input (see
@@ -764,6 +766,13 @@ class BrainWorker:
         unit of work of an earlier round leaves the turn to the instance that may be running
         its current round and completes it itself. Nothing for a turn that published no
         ``turn.started`` since it was taken up: no integrator waits for its end.
+
+        A hand-off's round that ``cause`` began is completed whatever has happened since (a
+        tool still out, the hand-off refused and the turn taken up again), under the id of the
+        completion that goes with that hand-off, cancelled unless the hand-off went through (the
+        call ended with it): nothing more of it is done (its speech is not closed, a hand-off
+        not requested is not: the caller cut the goodbye off, so it does not happen, and the
+        tools service refuses one requested).
         """
         if isinstance(cause, TurnUserEnded):
             turn, began = conversation.turns.get(cause.turn_id), 0
@@ -772,6 +781,15 @@ class BrainWorker:
                          if cause.tool_call_id in t.tools), None)
             began = turn.begun_by.get(cause.tool_call_id) if turn is not None else None
         else:
+            return
+        index = turn.hand_off_index(began) if turn is not None and began is not None else None
+        if turn is not None and index is not None and (
+                self._completion_id(conversation.call_id, turn.turn_id, index)
+                not in turn.completion_ids):
+            await self._completed(conversation, turn.turn_id, cause, hand_off=index,
+                                  cancelled=not turn.hand_off_done(began))
+            log.info("call %s turn %s: the hand-off's round completed late: its instance died "
+                     "and the turn was cut short", conversation.call_id, turn.turn_id)
             return
         if turn is None or turn.completed or not turn.started_since_taken_up or (
                 turn.tools_out or began != turn.round):
