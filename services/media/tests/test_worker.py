@@ -273,3 +273,42 @@ async def test_a_session_stopped_for_a_lost_lease_drops_what_it_held(bus) -> Non
         assert await key_turns(bus, "call-7") == [("k1", "1#")]
     finally:
         await a.stop()
+
+
+async def test_a_killed_instances_usage_is_recorded_when_its_call_ended_before_the_take_over(
+        bus) -> None:
+    # media-a is killed mid-call, and the caller hangs up before its lease times out: the
+    # instance that takes the lease up finds the call over and starts no session, but records
+    # what media-a had used by its last renewal.
+    from parley.common.events import CallEnded, UsageRecorded
+    from parley.media.ownership import LeaseUsage
+
+    killed = Leases(bus, "media-a")
+    used = LeaseUsage(instance="media-a", claim=7, stt_seconds={"deepgram": 12.5},
+                      tts_chars={"cartesia": 80})
+    assert await killed.claim("call-9", LeaseState(owner="media-a", org_id=ORG,
+                                                   usage=used)) is not None
+    await bus.publish(CallEnded(org_id=ORG, call_id="call-9", reason="caller_hangup"))
+    b = worker(bus, "media-b", Agents())
+    try:
+        await b.s.leases.watch(b._take_over)
+        kv = await killed.kv()
+
+        async def released() -> bool:
+            try:
+                await kv.get("call-9")
+            except Exception:
+                return True
+            return False
+
+        deadline = time.monotonic() + 5
+        while not await released():
+            assert time.monotonic() < deadline, "the lease was not released"
+            await asyncio.sleep(0.05)
+        assert serving("call-9", b) == []
+        recorded = sorted((e.kind, e.provider, e.quantity)
+                          for e in await bus.replay_call("call-9", org_id=ORG)
+                          if isinstance(e, UsageRecorded))
+        assert recorded == [("stt_seconds", "deepgram", 12.5), ("tts_characters", "cartesia", 80)]
+    finally:
+        await b.stop()

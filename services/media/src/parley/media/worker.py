@@ -28,7 +28,7 @@ from parley.media.config import MediaConfig
 from parley.media.ownership import LeaseState
 from parley.media.providers.base import SttProvider, TtsProvider
 from parley.media.router import ProviderRouter
-from parley.media.session import CallSession, SessionServices
+from parley.media.session import CallSession, SessionServices, usage_records
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,10 @@ class MediaWorker:
             return
         events = await self.s.bus.replay_call(call_id, org_id=state.org_id)
         if any(isinstance(e, CallEnded) for e in events):
+            # No session to start; what the owner used by its last renewal is recorded still.
+            if state.usage is not None:
+                for record in usage_records(state.org_id, call_id, state.usage):
+                    await self.s.bus.publish(record)
             revision = await self.s.leases.let_go(call_id) or revision  # renewed meanwhile
             await self.s.leases.release(call_id, revision)
             return
