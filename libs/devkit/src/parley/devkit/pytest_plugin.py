@@ -80,12 +80,26 @@ async def nats_url(nats_server: NatsServer) -> str:
 @pytest.fixture
 async def bus(nats_url: str) -> AsyncIterator[object]:
     """A connected :class:`parley.common.bus.Bus` with the streams created."""
+    from nats.js.errors import ServerError
+
     from parley.common.bus import Bus
 
     connected = await Bus.connect(nats_url, name="pytest")
-    await connected.ensure_streams()
-    yield connected
-    await connected.close()
+    try:
+        for attempt in range(5):
+            try:
+                await connected.ensure_streams()
+                break
+            except ServerError:
+                # "error creating store for stream" (500, 10049): seen once, on a machine whose
+                # disk another run kept busy, creating a stream nats_url had just deleted (the
+                # server was still removing the old one's store).
+                if attempt == 4:
+                    raise
+                await asyncio.sleep(0.2)
+        yield connected
+    finally:  # (a connection left open is a socket a later test's garbage collection reports)
+        await connected.close()
 
 
 Settled = Callable[[str], Awaitable[Any]]
