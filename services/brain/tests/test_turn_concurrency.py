@@ -261,3 +261,39 @@ async def test_an_older_turns_interruption_the_follower_delivers_late_cancels_no
         held.release["Tuesday"].set()
         await worker.stop()
         await llm.aclose()
+
+
+async def test_a_repeated_older_turn_end_does_not_cancel_the_running_turn(
+        bus, pool, emulator, recorder) -> None:
+    # A media instance that takes a call over hears the turn its predecessor had open again and
+    # publishes its turn.user_ended again, under the same id: JetStream stores it once, but the
+    # brain's live subscription still receives the repeat. In a chaos run it came while the
+    # caller's next turn (keys) ran, which was cancelled as if the caller had moved on: it
+    # completed, cancelled, with nothing said.
+    from parley.common.events import TurnUserEnded
+
+    emulator.default_reply = ScriptedReply(text="Friday works.")
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    held = HeldBack(llm, "book")
+    worker = BrainWorker(services(bus, pool, [held], turn_concurrency=8))
+    await worker.start()
+    try:
+        await open_call(bus, "cd")
+        await recorder.wait("agent.say", "cd")
+        first = TurnUserEnded(org_id=ORG, call_id="cd", turn_id="t1", text="Hello?")
+        await bus.publish(first)
+        await recorder.wait("turn.completed", "cd", where=lambda e: e.turn_id == "t1")
+        await user_says(bus, "cd", "t2", "I want to book.")
+        await recorder.wait("turn.started", "cd", where=lambda e: e.turn_id == "t2")
+        ack = await bus.publish(first)  # the successor's repeat
+        assert ack.duplicate
+        await asyncio.sleep(0.3)
+        held.release.set()
+        (done,) = await recorder.wait("turn.completed", "cd", where=lambda e: e.turn_id == "t2")
+        assert not done.cancelled
+        assert [e.text for e in recorder.of("agent.say", "cd") if e.turn_id == "t2"] == [
+            "Friday works."]
+    finally:
+        held.release.set()
+        await worker.stop()
+        await llm.aclose()

@@ -259,6 +259,7 @@ class Conversation:
     turns: dict[str, AgentTurn] = field(default_factory=dict)
     latest_user_turn: str = ""
     latest_spoken_turn: str = ""  # of words, not keys: media numbers the two apart (t<n>, k<n>)
+    user_turns: set[str] = field(default_factory=set)  # the caller's turns ended so far
     greeted: bool = False
     ended: bool = False
     events: int = 0
@@ -294,6 +295,7 @@ class Conversation:
                 self.agent_id = self.agent_id or event.agent_id
             case TurnUserEnded():
                 self.latest_user_turn = event.turn_id
+                self.user_turns.add(event.turn_id)
                 if event.reason != "dtmf":
                     self.latest_spoken_turn = event.turn_id
                 self.caller_moves += 1

@@ -380,6 +380,7 @@ class _Running:
     task: asyncio.Task[None]
     seq: int  # stream sequence of the event that started this run
     speeches: frozenset[str]  # the ids the turn's utterances go out under (media's turn ids)
+    ended: frozenset[str] = frozenset()  # the caller's turns its fold has: none of them is newer
     cancelled_by: str = ""
 
     def cancel(self, reason: str) -> None:
@@ -851,7 +852,8 @@ class BrainWorker:
         billed = RoundUsage(run=msg.metadata.num_delivered)
         task = asyncio.create_task(self._turn(conversation, turn_id, cause, final_text, billed))
         running = _Running(turn_id, task, msg.metadata.sequence.stream,
-                           frozenset(conversation.turn(turn_id).speeches))
+                           frozenset(conversation.turn(turn_id).speeches),
+                           frozenset(conversation.user_turns))
         self._running[call_id] = running
         ended = self._turn_ends.get(call_id)
         if ended is not None and ended[1] != turn_id and ended[0] > running.seq:
@@ -889,7 +891,10 @@ class BrainWorker:
             return
         if isinstance(event, AgentSpeechInterrupted) and event.turn_id in running.speeches:
             running.cancel("interrupted")
-        elif isinstance(event, TurnUserEnded) and event.turn_id != running.turn_id:
+        elif isinstance(event, TurnUserEnded) and event.turn_id != running.turn_id and (
+                event.turn_id not in running.ended):
+            # Not one the turn's fold has: a media instance taking the call over publishes the
+            # turn its predecessor had open again (stored once, but live subscribers get it).
             running.cancel("newer turn")
 
     async def _turn(self, conversation: Conversation, turn_id: str, cause: Event,
