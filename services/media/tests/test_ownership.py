@@ -5,7 +5,7 @@ import asyncio
 import pytest
 from nats.js.errors import KeyNotFoundError
 
-from parley.media.ownership import Leases, LeaseState
+from parley.media.ownership import Leases, LeaseState, instance_name
 
 
 async def test_stop_returns_while_leases_keep_being_renewed(bus) -> None:
@@ -139,3 +139,27 @@ async def test_a_lease_let_go_and_handed_over_is_taken_at_once(bus) -> None:
     finally:
         await staying.stop()
         await leaving.close()
+
+
+async def test_a_restarted_instance_takes_back_the_calls_it_left(bus) -> None:
+    """A media container restarted in its pod keeps its hostname and pid 1, so its instance
+    name, or a fixed PARLEY_INSTANCE_ID, was the same as before: leases in its own name it
+    took for its own and never took over, and with no other instance the calls stayed silent
+    until the callers hung up. The lease owner's name is unique to each start now."""
+    first = instance_name("media-0")
+    died = Leases(bus, first, renew_s=0.1)
+    revision = await died.claim("call-r", LeaseState(owner=first, org_id="o1", resume_seq=7))
+    await died.close()  # killed: the lease is renewed no more
+    restarted = Leases(bus, instance_name("media-0"), renew_s=0.1, timeout_s=0.3)
+    taken: asyncio.Queue[tuple[str, LeaseState, int]] = asyncio.Queue()
+
+    async def take_over(call_id: str, state: LeaseState, won: int) -> None:
+        await taken.put((call_id, state, won))
+
+    await restarted.watch(take_over)
+    try:
+        call_id, previous, won = await asyncio.wait_for(taken.get(), 3.0)
+        assert (call_id, previous.owner, previous.resume_seq) == ("call-r", first, 7)
+        assert won > revision
+    finally:
+        await restarted.stop()

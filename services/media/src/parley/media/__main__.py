@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 import uuid
 
 from psycopg_pool import AsyncConnectionPool
 
 from parley.common.service import ServiceContext, serve
 from parley.media.config import MediaConfig
-from parley.media.ownership import Leases
+from parley.media.ownership import Leases, instance_name
 from parley.media.session import SessionServices
 from parley.media.worker import AgentSettingsCache, MediaWorker, build_routers
 
@@ -22,7 +20,7 @@ log = logging.getLogger("parley.media")
 async def run(ctx: ServiceContext[MediaConfig], stop: asyncio.Event) -> None:
     """Load the models, then claim and serve calls until stopped."""
     config = ctx.config
-    instance = config.instance_id or f"media-{socket.gethostname()}-{os.getpid()}"
+    instance = instance_name(config.instance_id)
     stt, tts = build_routers(config)
     if config.preload_models:
         for provider in (*stt.providers.values(), *tts.providers.values()):

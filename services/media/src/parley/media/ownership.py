@@ -30,6 +30,9 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
+import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -46,6 +49,19 @@ from parley.common.bus.streams import LEASES_BUCKET
 from parley.media.fencing import Fence
 
 log = logging.getLogger(__name__)
+
+
+def instance_name(configured: str = "") -> str:
+    """The lease-owner name of this process: ``configured`` (else host, pid), unique per start.
+
+    An instance takes over no lease in its own name (it holds those), so a restarted process
+    that kept its name — a container restarted in its pod (same hostname, pid 1), or a fixed
+    ``PARLEY_INSTANCE_ID`` — never took back the calls it had left, and with no other media
+    instance they stayed silent until the callers hung up. A suffix drawn at start keeps the
+    configured name readable in logs and lease values.
+    """
+    base = configured or f"media-{socket.gethostname()}-{os.getpid()}"
+    return f"{base}.{secrets.token_hex(3)}"
 
 
 class LeaseUsage(msgspec.Struct, kw_only=True):
