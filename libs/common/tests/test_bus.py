@@ -70,7 +70,22 @@ async def test_ensure_streams_is_idempotent_and_follows_settings(nats_url: str) 
     assert audio.config.storage == StorageType.MEMORY and audio.config.max_age == 60
     await bus.js.stream_info(DEAD_LETTER_STREAM)
     kv = await bus.js.key_value(LEASES_BUCKET)
-    assert (await kv.status()).ttl == 5.0
+    assert (await kv.status()).ttl == StreamSettings().lease_ttl_s
+    await bus.close()
+
+
+async def test_ensure_streams_lengthens_the_lease_ttl_of_a_bucket_made_before(
+        nats_url: str) -> None:
+    # Call leases lived 5 s: one whose owner died while no other media instance was up expired,
+    # and no instance that started later took its call up. The longer TTL reaches a bucket an
+    # older version made (create_key_value refuses another configuration), its leases kept.
+    bus = await Bus.connect(nats_url, name="t")
+    await bus.ensure_streams(StreamSettings(lease_ttl_s=5.0))
+    kv = await bus.js.key_value(LEASES_BUCKET)
+    await kv.put("call-1", b"{}")
+    await bus.ensure_streams()
+    assert (await kv.status()).ttl == StreamSettings().lease_ttl_s >= 3600
+    assert (await kv.get("call-1")).value == b"{}"
     await bus.close()
 
 

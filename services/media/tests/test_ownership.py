@@ -163,3 +163,25 @@ async def test_a_restarted_instance_takes_back_the_calls_it_left(bus) -> None:
         assert won > revision
     finally:
         await restarted.stop()
+
+
+async def test_a_call_left_while_no_instance_was_up_is_taken_by_the_next_to_start(bus) -> None:
+    """Both media instances killed within a second, the next up 6 s later: the leases had
+    expired (the bucket's TTL was 5 s) and a new instance's watch never saw them, so no one took
+    the calls up and they stayed silent until the callers hung up."""
+    died = Leases(bus, "media-a.1", renew_s=0.1)
+    await died.claim("call-x", LeaseState(owner="media-a.1", org_id="o1", resume_seq=3))
+    await died.close()
+    await asyncio.sleep(6.0)  # no media instance up, past the old TTL
+    started = Leases(bus, "media-b.1", renew_s=0.1, timeout_s=0.3)
+    taken: asyncio.Queue[tuple[str, LeaseState, int]] = asyncio.Queue()
+
+    async def take_over(call_id: str, state: LeaseState, won: int) -> None:
+        await taken.put((call_id, state, won))
+
+    await started.watch(take_over)
+    try:
+        call_id, previous, _ = await asyncio.wait_for(taken.get(), 3.0)
+        assert (call_id, previous.owner, previous.resume_seq) == ("call-x", "media-a.1", 3)
+    finally:
+        await started.stop()

@@ -18,7 +18,9 @@ bucket is read before the call is given up: the lease is still ours if its owner
 Every instance watches the bucket. A lease not renewed for ``timeout_s`` belongs to an instance
 that died or hung; the first instance whose compare-and-set on that revision succeeds takes the
 call over. A lease whose owner is empty was handed back by an instance shutting down and is taken
-at once. The bucket's own TTL (5 s by default) removes leases nobody took.
+at once. The bucket's own TTL (4 h by default: longer than any outage of every media instance)
+removes leases nobody took; an instance that starts sees the others' in its watch and takes up
+the silent ones, those of calls that ended meanwhile included (it lets them go).
 
 A session's :class:`~parley.media.fencing.Fence` learns from each confirmed renewal until when
 the lease is surely its own (the renewal's send time plus ``timeout_s``), and that it is lost.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
@@ -23,7 +25,11 @@ class StreamSettings(msgspec.Struct, frozen=True, kw_only=True):
     audio_max_age_s: float = 30 * 60.0
     audio_storage: str = "file"
     dead_letter_max_age_s: float = 30 * 24 * 3600.0
-    lease_ttl_s: float = 5.0
+    # How long a call's lease outlives its last renewal. Longer than any outage of every media
+    # instance (a call's longest: Twilio's 4 h): a lease that expired while none was alive was
+    # taken up by none that started later, and its call stayed silent. Leases of calls that
+    # ended meanwhile are let go by the instance that takes them over.
+    lease_ttl_s: float = 4 * 3600.0
     duplicate_window_s: float = 120.0
 
 
@@ -65,7 +71,14 @@ async def ensure_streams(js: JetStreamContext, settings: StreamSettings) -> None
             except BadRequestError:  # created concurrently by another instance
                 pass
         await js.update_stream(config)
-    await js.create_key_value(KeyValueConfig(
-        bucket=LEASES_BUCKET, ttl=settings.lease_ttl_s, history=1,
-        replicas=settings.replicas, description="Which media instance owns which call",
-    ))
+    try:
+        await js.create_key_value(KeyValueConfig(
+            bucket=LEASES_BUCKET, ttl=settings.lease_ttl_s, history=1,
+            replicas=settings.replicas, description="Which media instance owns which call",
+        ))
+    except BadRequestError:  # made with another configuration (an older TTL): update it
+        bucket = (await js.stream_info(f"KV_{LEASES_BUCKET}")).config
+        await js.update_stream(replace(
+            bucket, max_age=settings.lease_ttl_s, num_replicas=settings.replicas,
+            duplicate_window=min(bucket.duplicate_window or 120.0, settings.lease_ttl_s,
+                                 120.0)))
