@@ -296,3 +296,34 @@ async def test_a_turn_that_can_no_longer_be_revised_does_not_hold_the_resume_poi
     await audio.play(first, seq + 1, len(audio.frames))
     assert first.turn_no == (2 if after == "revised" else 1)
     assert lease_of(first).resume_ms > ended_ms
+
+
+async def test_a_successor_publishes_nothing_the_call_already_has(bus) -> None:
+    # The lease was last renewed while the caller was speaking; the turn then ended (t1
+    # published) and the instance died. The successor, resuming before the turn, heard it
+    # again and published its speech.stopped, transcript.final and turn.user_ended again under
+    # their ids: JetStream stored each once, but live subscribers got the repeats, and in a
+    # chaos run the brain cancelled the caller's next turn (keys) as if the caller had moved on.
+    audio = Audio()
+    audio.silence(1)
+    audio.speech(1.0)
+    audio.silence(3)
+    first = session(bus, "call-take-over-repeat", instance="media-a")
+    await audio.play(first, 1, 50 + 40)  # mid-speech: the lease's last renewal
+    lease = lease_of(first)
+    words = "Book me in for Friday."
+    await audio.play(first, 50 + 41, len(audio.frames), words=words)
+    heard: list[Event] = []
+
+    async def live(event: Event) -> None:
+        heard.append(event)
+
+    sub = await bus.subscribe_call("call-take-over-repeat", live, org_id=ORG)
+    successor = await take_over(bus, "call-take-over-repeat", lease)
+    await audio.play(successor, lease.resume_seq, len(audio.frames), words=words)
+    stored = await events(bus, "call-take-over-repeat", first, successor)
+    await sub.unsubscribe()
+    assert [(e.turn_id, e.text) for e in stored if isinstance(e, TurnUserEnded)] == [
+        ("t1", words)]
+    assert successor.turn_no == 1
+    assert [e.type for e in heard] == []  # nothing new: every event was the predecessor's

@@ -325,6 +325,7 @@ class CallSession:
         self._history: dict[str, list[AgentSay]] | None = {}
         self._voiced: set[str] = set()
         self._voiced_done: set[str] = set()  # of those, the ones whose end is stored
+        self._stored: set[uuid.UUID] = set()  # ids of the call's events read from its past
         self._live_events: list[Msg] | None = []  # live events held while the past is read
         self._subs: list[Any] = []
         self._inbound: InboundAudio | None = None
@@ -952,6 +953,7 @@ class CallSession:
     def _catch_up(self, event: Event) -> None:
         """Events from before this session: remember agent turns nobody has voiced yet."""
         assert self._history is not None
+        self._stored.add(event.id)
         if isinstance(event, AgentSay):
             self._history.setdefault(event.turn_id, []).append(event)
         elif isinstance(event, AgentSpeechStarted | AgentSpeechFinished |
@@ -1575,14 +1577,20 @@ class CallSession:
         timeout on a slow server, after which the frame's remaining work was skipped). The
         outbox publishes again what is not acknowledged; ``_close`` drains it before the call
         is handed over. The id is stable (call, kind, key), so a successor, or a second
-        attempt, cannot store an event twice.
+        attempt, cannot store an event twice; one the call's past already has (read as a
+        successor started) is not published again at all.
         """
         if not key:
             ordinal = self._ordinals.get(kind, 0)
             self._ordinals[kind] = ordinal + 1
             key = (self.turn_no, ordinal)
-        event = cls(id=stable_id(self.call_id, kind, *key), org_id=self.org_id,
-                    call_id=self.call_id, **fields)
+        event_id = stable_id(self.call_id, kind, *key)
+        if event_id in self._stored:
+            # Heard again by a successor (its lease resumed before it): stored once anyway, but
+            # published again, live subscribers got the repeat (the brain took a repeated
+            # turn.user_ended for a newer turn and cancelled the one running).
+            return
+        event = cls(id=event_id, org_id=self.org_id, call_id=self.call_id, **fields)
         await self._fence.put(event)
         self.s.on_event(kind)
 
