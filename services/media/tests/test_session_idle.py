@@ -549,6 +549,15 @@ async def test_an_agent_turn_paused_by_the_caller_ends_when_the_next_one_starts(
         await call.close()
 
 
+async def refusing_marks(bus: Bus, call_id: str, refused: list[str]):
+    """Play the call's gateway whose socket is closed: every mark refused (its name noted)."""
+    async def gateway(msg) -> None:
+        refused.append(json.loads(msg.data)["name"])
+        await msg.respond(json.dumps(
+            {"ok": False, "error": "mark not sent: the call's socket is closed"}).encode())
+
+    return await bus.nc.subscribe(command_subject(call_id, "mark"), cb=gateway)
+
 async def test_an_agent_turn_whose_last_mark_the_gateway_refused_leaves_nothing_pending(
         bus) -> None:
     # The agent's last words went out as the carrier's socket closed (a DTMF redirect, or the
@@ -557,13 +566,7 @@ async def test_an_agent_turn_whose_last_mark_the_gateway_refused_leaves_nothing_
     # and waited for its echo, which never comes: the turn stayed playing for ever, so the
     # caller's silence never counted again for the rest of the call (no prompt, no hang-up).
     refused: list[str] = []
-
-    async def gateway(msg) -> None:
-        refused.append(json.loads(msg.data)["name"])
-        await msg.respond(json.dumps(
-            {"ok": False, "error": "mark not sent: the call's socket is closed"}).encode())
-
-    sub = await bus.nc.subscribe(command_subject("call-idle-refused", "mark"), cb=gateway)
+    sub = await refusing_marks(bus, "call-idle-refused", refused)
     call = Call(bus, "call-idle-refused", QUIET_CALLER)
     try:
         await call.agent_says("t1", "I'll put you through now.")
@@ -583,11 +586,7 @@ async def test_a_greeting_whose_last_mark_the_gateway_refused_leaves_the_silence
     # the gateway refused the mark after them. The greeting's turn is done with, but the idle
     # state still waited for its audio to be over (a greeting's end is only its last echo: the
     # brain completes no greeting), so a caller who never spoke was never prompted or hung up on.
-    async def gateway(msg) -> None:
-        await msg.respond(json.dumps(
-            {"ok": False, "error": "mark not sent: the call's socket is closed"}).encode())
-
-    sub = await bus.nc.subscribe(command_subject("call-idle-refused-0", "mark"), cb=gateway)
+    sub = await refusing_marks(bus, "call-idle-refused-0", [])
     call = Call(bus, "call-idle-refused-0", IDLE)
     try:
         await call.agent_says("t0", "Hello!")
