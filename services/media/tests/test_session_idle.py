@@ -558,6 +558,7 @@ async def refusing_marks(bus: Bus, call_id: str, refused: list[str]):
 
     return await bus.nc.subscribe(command_subject(call_id, "mark"), cb=gateway)
 
+
 async def test_an_agent_turn_whose_last_mark_the_gateway_refused_leaves_nothing_pending(
         bus) -> None:
     # The agent's last words went out as the carrier's socket closed (a DTMF redirect, or the
