@@ -7,7 +7,7 @@ has no status callback of ours to say so: the call must still end.
 
 import asyncio
 
-from .conftest import StreamClient, live_calls, started_stream
+from .conftest import StreamClient, live_calls, started_stream, wait_for
 from .test_media_stream import request
 
 FAST = {"gateway_carrier_reconnect_wait_s": 0.3}  # + 0.5 s to play a digit
@@ -45,6 +45,8 @@ async def test_a_call_still_live_at_twilio_without_a_new_stream_is_hung_up(make_
     [ended] = await events.wait("call.ended", call_id, timeout=5)
     assert ended.reason == "error"
     assert gateway.rest_fake.fetches == [call_sid]
+    # (call.ended is published first, then Twilio is asked to hang up)
+    await wait_for(lambda: gateway.rest_fake.updates[-1][1] == {"Status": "completed"})
     assert gateway.rest_fake.updates[-1] == (call_sid, {"Status": "completed"})
 
 

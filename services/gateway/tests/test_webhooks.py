@@ -217,6 +217,7 @@ async def test_amd_machine_hangs_up_through_the_rest_api(make_gateway, events):
     await gateway.post("/twilio/amd", {"CallSid": call_sid, "AnsweredBy": "machine_start"})
     [ended] = await events.wait("call.ended", call_id)
     assert ended.reason == "machine"
+    await wait_for(lambda: gateway.rest_fake.updates)  # (call.ended is published first)
     assert gateway.rest_fake.updates == [(call_sid, {"Status": "completed"})]
 
 
