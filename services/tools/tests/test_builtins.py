@@ -1,5 +1,6 @@
 import asyncio
 import json
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -9,6 +10,7 @@ from parley.common.events import (
     AgentSpeechFinished,
     AgentSpeechInterrupted,
     CallDtmf,
+    CallRequested,
     SpeechStarted,
 )
 from parley.common.tools.builtin_specs import offered_builtins
@@ -250,24 +252,93 @@ async def test_lookup_knowledge_calls_the_injected_lookup(bus, service, events):
     assert failed.type == "tool.failed" and failed.retryable is True
 
 
+def in_days(days: float) -> str:
+    return (datetime.now(UTC) + timedelta(days=days)).isoformat()
+
+
 async def test_schedule_callback_stores_a_request(bus, pool, service, events):
     await service()
     call_id = await start_call(bus)
+    when = datetime.now(timezone(timedelta(hours=-5))).replace(microsecond=0) + timedelta(days=2)
     request = await request_tool(bus, call_id, "schedule_callback",
-                                 {"when": "2099-01-31T15:00:00-05:00", "note": "billing"})
+                                 {"when": when.isoformat(), "note": "billing"})
     done = await events.outcome(request.tool_call_id)
     assert done.type == "tool.completed", done
     assert done.result["number"] == CALLER
     async with pool.connection() as conn:
         cursor = await conn.execute(
-            "SELECT org_id, agent_id, number, note, callback_at::text FROM tool_callbacks "
+            "SELECT org_id, agent_id, number, note, callback_at, status FROM tool_callbacks "
             "WHERE call_id = %s", (call_id,))
         rows = await cursor.fetchall()
-    assert rows == [(ORG, AGENT, CALLER, "billing", "2099-01-31 20:00:00+00")]
+    assert rows == [(ORG, AGENT, CALLER, "billing", when, "pending")]
 
     past = await request_tool(bus, call_id, "schedule_callback", {"when": "2001-01-01T00:00Z"})
     failed = await events.outcome(past.tool_call_id)
     assert failed.type == "tool.failed" and "in the future" in failed.error
+
+
+async def test_a_callback_to_a_number_other_than_the_callers_is_refused(
+        bus, pool, service, events):
+    # Toll fraud: the caller talks the model into booking a "callback" to a premium-rate or
+    # foreign number, which the gateway later dials at the org's expense. By default only the
+    # caller's own number can be called back.
+    await service()
+    call_id = await start_call(bus)
+    premium = await request_tool(bus, call_id, "schedule_callback",
+                                 {"when": in_days(1), "number": "+882345678901"})
+    failed = await events.outcome(premium.tool_call_id)
+    assert failed.type == "tool.failed" and failed.retryable is False
+    assert failed.error == ("callback to +882345678901 not allowed for this agent: it can only "
+                            f"call back the caller's own number ({CALLER}). Offer that, or "
+                            "take a message.")
+
+    # An agent whose settings allow other numbers by prefix: those, and only those.
+    async with pool.connection() as conn:
+        await update_agent(conn, ORG, AGENT, {"callback_number_prefixes": ["+1415", "+1650"]})
+    abroad = await request_tool(bus, call_id, "schedule_callback",
+                                {"when": in_days(1), "number": "+442071234567"})
+    failed = await events.outcome(abroad.tool_call_id)
+    assert failed.type == "tool.failed"
+    assert "numbers starting +1415, +1650" in failed.error
+    office = await request_tool(bus, call_id, "schedule_callback",
+                                {"when": in_days(1), "number": "+14155550123"})
+    assert (await events.outcome(office.tool_call_id)).type == "tool.completed"
+    async with pool.connection() as conn:
+        cursor = await conn.execute("SELECT number FROM tool_callbacks WHERE call_id = %s",
+                                    (call_id,))
+        assert await cursor.fetchall() == [("+14155550123",)]
+
+
+async def test_a_caller_without_a_phone_number_cannot_be_called_back(bus, service, events):
+    # A withheld number reaches us as "anonymous" (or a SIP address): nothing to dial.
+    await service()
+    call_id = "call_anonymous"
+    await bus.publish(CallRequested(org_id=ORG, call_id=call_id, direction="inbound",
+                                    agent_id=AGENT, from_number="anonymous",
+                                    to_number="+14155550100"))
+    request = await request_tool(bus, call_id, "schedule_callback", {"when": in_days(1)})
+    failed = await events.outcome(request.tool_call_id)
+    assert failed.type == "tool.failed"
+    assert "the caller's number is unknown" in failed.error
+
+
+async def test_a_callback_too_far_ahead_or_booked_twice_is_refused(bus, pool, service, events):
+    await service()
+    call_id = await start_call(bus)
+    late = await request_tool(bus, call_id, "schedule_callback", {"when": in_days(31)})
+    failed = await events.outcome(late.tool_call_id)
+    assert failed.type == "tool.failed" and "at most 30 days ahead" in failed.error
+
+    first = await request_tool(bus, call_id, "schedule_callback", {"when": in_days(2)})
+    assert (await events.outcome(first.tool_call_id)).type == "tool.completed"
+    again = await request_tool(bus, call_id, "schedule_callback", {"when": in_days(3)})
+    failed = await events.outcome(again.tool_call_id)
+    assert failed.type == "tool.failed"
+    assert f"a callback to {CALLER} is already booked for" in failed.error
+    async with pool.connection() as conn:
+        cursor = await conn.execute("SELECT count(*) FROM tool_callbacks WHERE call_id = %s",
+                                    (call_id,))
+        assert await cursor.fetchone() == (1,)
 
 
 @pytest.mark.parametrize("tool", ["end_call", "transfer_call"])

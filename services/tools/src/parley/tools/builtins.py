@@ -13,7 +13,9 @@ the caller interrupted ("Goodbye!" — "wait, one more thing") does not happen e
 caller is not done, and the model answers them in their turn, knowing why.
 ``lookup_knowledge`` calls the :data:`KnowledgeLookup` injected at start-up (the brain's
 retrieval); without one it fails with a clear message.
-``schedule_callback`` stores a row in ``tool_callbacks``.
+``schedule_callback`` books a row in ``tool_callbacks``, which the gateway dials when it is due
+(``parley.gateway.due_callbacks``); only to the caller's own number unless the agent's
+``callback_number_prefixes`` allow another (:func:`check_callback_number`).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -32,6 +35,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from psycopg import AsyncConnection
 
 from parley.common.bus import Bus, command_subject
+from parley.common.configuration.models import E164_PATTERN
 from parley.common.configuration.repository import get_agent
 from parley.common.events import (
     AgentSay,
@@ -47,6 +51,8 @@ from .call_context import CallContext
 from .outcomes import ToolError, ToolOutcome
 
 log = logging.getLogger(__name__)
+
+MAX_CALLBACK_AHEAD = timedelta(days=30)
 
 
 class KnowledgeQuery(msgspec.Struct, frozen=True, kw_only=True):
@@ -265,18 +271,36 @@ async def check_transfer_target(conn: AsyncConnection[Any], call: CallContext, t
 
 async def schedule_callback(conn: AsyncConnection[Any], arguments: dict[str, Any],
                             call: CallContext, tool_call_id: str) -> ToolOutcome:
-    """Store a callback request (once per tool call)."""
+    """Book a callback the gateway dials when it is due (once per tool call).
+
+    The gateway dials it at the org's expense, so, as with transfers, a caller who talks the
+    model into a premium-rate or foreign number must get nowhere: only the caller's own number,
+    or one the agent's ``callback_number_prefixes`` allow; at most
+    :data:`MAX_CALLBACK_AHEAD` ahead; one pending callback per call and number.
+    """
     try:
         when = datetime.fromisoformat(arguments["when"])
     except ValueError:
         raise ToolError(f"when: {arguments['when']!r} is not an ISO 8601 date-time") from None
     if when.tzinfo is None:
         raise ToolError("when: give a UTC offset, e.g. 2030-01-31T15:00:00-05:00")
-    if when <= datetime.now(UTC):
+    now = datetime.now(UTC)
+    if when <= now:
         raise ToolError("when: the callback time must be in the future")
+    if when > now + MAX_CALLBACK_AHEAD:
+        raise ToolError(f"when: a callback can be at most {MAX_CALLBACK_AHEAD.days} days ahead; "
+                        "offer a sooner time, or take a message")
     number = arguments.get("number") or call.customer_number
-    if not number:
-        raise ToolError("number: the caller's number is unknown; ask for it and pass number")
+    if not re.match(E164_PATTERN, number):
+        raise ToolError("number: the caller's number is unknown (withheld); ask for it and "
+                        "pass number")
+    await check_callback_number(conn, call, number)
+    cursor = await conn.execute(
+        "SELECT callback_at FROM tool_callbacks WHERE call_id = %s AND number = %s "
+        "AND status = 'pending' AND tool_call_id <> %s", (call.call_id, number, tool_call_id))
+    if (booked := await cursor.fetchone()) is not None:
+        raise ToolError(f"a callback to {number} is already booked for {booked[0].isoformat()}; "
+                        "tell the caller it stands (it cannot be moved in this call)")
     note = arguments.get("note", "")
     await conn.execute(
         "INSERT INTO tool_callbacks (org_id, call_id, tool_call_id, agent_id, number, "
@@ -284,3 +308,22 @@ async def schedule_callback(conn: AsyncConnection[Any], arguments: dict[str, Any
         "ON CONFLICT (call_id, tool_call_id) DO NOTHING",
         (call.org_id, call.call_id, tool_call_id, call.agent_id, number, when, note))
     return ToolOutcome.success({"scheduled": True, "when": when.isoformat(), "number": number})
+
+
+async def check_callback_number(conn: AsyncConnection[Any], call: CallContext,
+                                number: str) -> None:
+    """Raise ToolError unless ``number`` is the caller's own or the agent allows it."""
+    if number == call.customer_number:
+        return
+    agent = await get_agent(conn, call.agent_id, org_id=call.org_id) if call.agent_id else None
+    prefixes = agent.settings.callback_number_prefixes if agent is not None else []
+    if any(number.startswith(prefix) for prefix in prefixes):
+        return
+    own = (f"the caller's own number ({call.customer_number})" if call.customer_number
+           else "the caller's own number")
+    if not prefixes:
+        raise ToolError(f"callback to {number} not allowed for this agent: it can only call "
+                        f"back {own}. Offer that, or take a message.")
+    raise ToolError(f"callback to {number} not allowed for this agent: it can call back "
+                    f"{own} or numbers starting {', '.join(prefixes)}. Offer one of those, or "
+                    "take a message.")

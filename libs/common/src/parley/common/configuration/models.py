@@ -17,6 +17,8 @@ MachinePolicy = Literal["hangup", "leave_message", "continue"]
 # An E.164 number as ``+`` and 7 to 15 digits. (?!\n): $ also matches before a final newline.
 E164_PATTERN = r"^\+[1-9][0-9]{6,14}(?!\n)$"
 E164Number = Annotated[str, msgspec.Meta(pattern=E164_PATTERN)]
+# The start of E.164 numbers: "+" and up to 15 digits.
+CallbackPrefix = Annotated[str, msgspec.Meta(pattern=r"^\+[0-9]{0,15}(?!\n)$")]
 
 # What a caller says to show they are listening, not taking the turn. Spellings are matched
 # loosely (media normalises "OK", "Uh huh", "Mhm", "mm-hm" to these), so one of each is enough.
@@ -59,6 +61,10 @@ class AgentSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # onward leg). Empty: the agent is not offered transfer_call and the tools service refuses
     # it, so a caller cannot talk the model into dialling a premium-rate or foreign number.
     transfer_numbers: list[E164Number] = msgspec.field(default_factory=list)
+    # Whom the built-in schedule_callback may book a call back to (the gateway dials it when it
+    # is due, at the org's expense): the caller's own number always; another number only if it
+    # starts with one of these prefixes ("+1415"; "+" alone allows any). Empty: the caller's only.
+    callback_number_prefixes: list[CallbackPrefix] = msgspec.field(default_factory=list)
 
 
 class Org(msgspec.Struct, kw_only=True):

@@ -50,7 +50,8 @@ LOOKUP_KNOWLEDGE = ToolSpec(
 
 SCHEDULE_CALLBACK = ToolSpec(
     name="schedule_callback", builtin=True,
-    description="Schedule a call back to the caller (or another number) at a given time.",
+    description="Schedule a call back to the caller at a given time, at most 30 days ahead. "
+                "Another number only if this agent allows it.",
     parameters={"type": "object", "required": ["when"], "additionalProperties": False,
                 "properties": {
                     "when": {"type": "string",

@@ -1,0 +1,17 @@
+-- The gateway dials the callbacks schedule_callback books (parley.gateway.due_callbacks).
+-- status: pending → dialing → placed | failed; a transient carrier failure puts it back to
+-- pending with retry_at later, until its last attempt. A row is claimed (dialing) in a committed
+-- transaction before it is dialled, so no two gateway instances dial it; one left dialing by an
+-- instance that died mid-dial is never dialled again (the carrier may have placed it).
+-- placed_call_id: our id of the call dialled last (placed: the callback call).
+ALTER TABLE tool_callbacks
+    ADD COLUMN status          text        NOT NULL DEFAULT 'pending',
+    ADD COLUMN attempts        integer     NOT NULL DEFAULT 0,
+    ADD COLUMN retry_at        timestamptz,
+    ADD COLUMN placed_call_id  text        NOT NULL DEFAULT '',
+    ADD COLUMN last_error      text        NOT NULL DEFAULT '',
+    ADD COLUMN updated_at      timestamptz NOT NULL DEFAULT now();
+CREATE INDEX tool_callbacks_pending ON tool_callbacks ((coalesce(retry_at, callback_at)))
+    WHERE status = 'pending';
+CREATE INDEX tool_callbacks_dialing ON tool_callbacks (updated_at) WHERE status = 'dialing';
+CREATE INDEX tool_callbacks_of_call ON tool_callbacks (call_id, number);
