@@ -2,10 +2,10 @@
 
 Placing a call: authenticate (``calls:write``), validate the body and the numbers, take one
 of the org's calls from its rate limit (none left: 429 with ``Retry-After``, nothing dialled;
-:mod:`parley.gateway.api.rate_limit`), publish call.requested, ask the carrier that owns the
-``from`` number to dial, then record the carrier's id in ``carrier_calls`` and publish
-call.dialing in one transaction. A carrier that refuses publishes call.failed and answers 422
-(the request's fault) or 502 (anyone else's).
+:mod:`parley.gateway.api.rate_limit`), then place it (:func:`parley.gateway.outbound.
+place_outbound`: call.requested, the carrier that owns the ``from`` number dials, then
+``carrier_calls`` and call.dialing). A carrier that refuses publishes call.failed and answers
+422 (the request's fault) or 502 (anyone else's).
 
 Reading a call: the ``calls`` read model, scoped to the key's org — another org's call is a
 404, like a call that does not exist. The read model follows the bus a moment behind; until
@@ -20,14 +20,15 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from parley.common.configuration import Agent, find_number, get_agent
-from parley.common.events import CallDialing, CallFailed, CallRequested, is_token
+from parley.common.configuration import find_number, get_agent
+from parley.common.events import is_token
 from parley.common.problems import Problem, problem_response
 
-from ..calls import CarrierCall, find_by_call_id, new_call_id, record_carrier_call
-from ..keys import BUS, CALL_RATE_LIMITER, METRICS, POOL
+from ..calls import CarrierCall, find_by_call_id, new_call_id
+from ..keys import CALL_RATE_LIMITER, METRICS, POOL
+from ..outbound import place_outbound
 from .auth import authenticate
-from .dialing import CarrierUnavailable, DialError, dial
+from .dialing import CarrierUnavailable, DialError
 from .rate_limit import retry_after_header
 from .schemas import (
     MAX_BODY_BYTES,
@@ -79,23 +80,25 @@ async def place_call(request: web.Request) -> web.Response:
         raise invalid("from", f"{from_number} is not one of your numbers")
     if wait_s := app[CALL_RATE_LIMITER].take(org_id):
         return _rate_limited(request, wait_s)
-    call = CarrierCall(carrier=number.carrier, carrier_call_id="", call_id=new_call_id(),
-                       org_id=org_id, agent_id=agent.agent_id, direction="outbound",
-                       from_number=from_number, to_number=to_number)
-    await app[BUS].publish(CallRequested(
-        org_id=org_id, call_id=call.call_id, direction="outbound", agent_id=agent.agent_id,
-        from_number=from_number, to_number=to_number, carrier=number.carrier,
-        context=body.context, metadata=body.metadata))
-    call.carrier_call_id = await _dial_or_fail(request, call, agent)
-    async with app[POOL].connection() as conn, conn.transaction():
-        await record_carrier_call(conn, call)
-        await app[BUS].publish(CallDialing(org_id=org_id, call_id=call.call_id,
-                                           carrier_call_id=call.carrier_call_id))
+    call_id = new_call_id()
+    try:
+        await place_outbound(app, call_id=call_id, agent=agent, number=number,
+                             to_number=to_number, context=body.context, metadata=body.metadata)
+    except CarrierUnavailable as exc:
+        _count(request, "carrier_unavailable")
+        raise Problem(503, "Service Unavailable", str(exc), kind="carrier-unavailable") from exc
+    except DialError as exc:
+        extra = {"call_id": call_id}
+        if exc.caller_fault:
+            _count(request, "carrier_rejected")
+            raise Problem(422, "Unprocessable Content", f"{exc.carrier} refused the call: "
+                          f"{exc.message}", kind="carrier-rejected", extra=extra) from exc
+        _count(request, "carrier_error")
+        raise Problem(502, "Bad Gateway", f"{exc.carrier} could not place the call: "
+                      f"{exc.message}", kind="carrier-error", extra=extra) from exc
     _count(request, "dialing")
-    log.info("call %s: %s dialing %s for agent %s", call.call_id, call.carrier, to_number,
-             agent.agent_id)
-    return _json(CallCreated(call_id=call.call_id), status=201,
-                 headers={"Location": f"{CALLS_PATH}/{call.call_id}"})
+    return _json(CallCreated(call_id=call_id), status=201,
+                 headers={"Location": f"{CALLS_PATH}/{call_id}"})
 
 
 def _rate_limited(request: web.Request, wait_s: float) -> web.Response:
@@ -109,32 +112,6 @@ def _rate_limited(request: web.Request, wait_s: float) -> web.Response:
         kind="rate-limited", extra={"retry_after_s": int(retry_after)})
     response.headers["Retry-After"] = retry_after
     return response
-
-
-async def _dial_or_fail(request: web.Request, call: CarrierCall, agent: Agent) -> str:
-    """The carrier's id for the call, or call.failed and the Problem that says why."""
-    app = request.app
-    try:
-        return await dial(app, carrier=call.carrier, call_id=call.call_id, agent=agent,
-                          from_number=call.from_number, to_number=call.to_number)
-    except CarrierUnavailable as exc:
-        await app[BUS].publish(CallFailed(org_id=call.org_id, call_id=call.call_id,
-                                          reason=str(exc)[:500]))
-        _count(request, "carrier_unavailable")
-        raise Problem(503, "Service Unavailable", str(exc), kind="carrier-unavailable") from exc
-    except DialError as exc:
-        await app[BUS].publish(CallFailed(org_id=call.org_id, call_id=call.call_id,
-                                          reason=exc.message[:500], carrier_status=exc.status))
-        log.warning("call %s: %s refused to dial %s: %s", call.call_id, exc.carrier,
-                    call.to_number, exc.message)
-        extra = {"call_id": call.call_id}
-        if exc.caller_fault:
-            _count(request, "carrier_rejected")
-            raise Problem(422, "Unprocessable Content", f"{exc.carrier} refused the call: "
-                          f"{exc.message}", kind="carrier-rejected", extra=extra) from exc
-        _count(request, "carrier_error")
-        raise Problem(502, "Bad Gateway", f"{exc.carrier} could not place the call: "
-                      f"{exc.message}", kind="carrier-error", extra=extra) from exc
 
 
 _CALL_COLUMNS = ("call_id, agent_id, direction, from_number, to_number, carrier, "
