@@ -7,7 +7,9 @@ the arguments JSON in fragments, a ``finish_reason`` chunk, a usage chunk when
 ``stream_options.include_usage`` is set, then ``data: [DONE]``); otherwise one
 ``chat.completion`` object. ``Authorization: Bearer <api_key>`` is checked when ``api_key`` is
 set; ``fail_next(status)`` answers with OpenAI's error JSON. Bodies land in :attr:`requests`.
-With ``tool_call_ids=False`` tool calls carry no id, as some local servers send them.
+With ``tool_call_ids=False`` tool calls carry no id, as some local servers send them. With
+``cut_after_tokens`` set, a stream closes after that many tokens (words and argument fragments)
+with no ``finish_reason``, usage or ``[DONE]``, as when a proxy or a restarting server drops it.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class OpenAICompatEmulator(EmulatorServer):
         self.faults = AnthropicFaults()  # only fail_next() applies here
         self.requests: list[dict[str, Any]] = []
         self.tool_call_ids = tool_call_ids
+        self.cut_after_tokens: int | None = None
 
     def script(self, *replies: Script) -> None:
         """Queue replies, used in order by the next requests."""
@@ -103,23 +106,31 @@ class OpenAICompatEmulator(EmulatorServer):
         await response.prepare(request)
         chunk = self._envelope("chat.completion.chunk")
         await self._send(response, chunk, {"role": "assistant", "content": ""})
-        for token in word_tokens(reply.text):
-            await self._pace()
-            await self._send(response, chunk, {"content": token})
+        deltas: list[dict[str, Any]] = [{"content": token} for token in word_tokens(reply.text)]
         for index, call in enumerate(calls):
-            await self._send(response, chunk, {"tool_calls": [{
+            deltas.append({"tool_calls": [{
                 "index": index, **({"id": call["id"]} if "id" in call else {}),
                 "type": "function",
                 "function": {"name": call["function"]["name"], "arguments": ""}}]})
-            for fragment in json_fragments(reply.tool_uses[index].input):
-                await self._pace()
-                await self._send(response, chunk, {"tool_calls": [{
-                    "index": index, "function": {"arguments": fragment}}]})
-        await self._send(response, chunk, {}, finish_reason=finish)
-        if (body.get("stream_options") or {}).get("include_usage"):
-            await _data(response, {**chunk, "choices": [], "usage": usage})
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+            deltas.extend({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]}
+                          for fragment in json_fragments(reply.tool_uses[index].input))
+        sent = 0
+        try:
+            for delta in deltas:
+                if "content" in delta or delta["tool_calls"][0]["function"]["arguments"]:
+                    if sent == self.cut_after_tokens:
+                        await response.write_eof()  # dropped mid-reply
+                        return response
+                    sent += 1
+                    await self._pace()
+                await self._send(response, chunk, delta)
+            await self._send(response, chunk, {}, finish_reason=finish)
+            if (body.get("stream_options") or {}).get("include_usage"):
+                await _data(response, {**chunk, "choices": [], "usage": usage})
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except ConnectionError:  # the client hung up mid-stream (it cancelled): nothing to say
+            pass
         return response
 
     def _envelope(self, kind: str) -> dict[str, Any]:
