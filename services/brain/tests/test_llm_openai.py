@@ -17,9 +17,12 @@ from parley.brain.llm.base import (
     ToolResult,
     ToolSpec,
     ToolUse,
+    Usage,
+    UsageReported,
     UserMessage,
 )
 from parley.brain.llm.openai_compat import OpenAICompatLlm
+from parley.devkit.emulators.anthropic import count_tokens
 from parley.devkit.emulators.openai_compat import (
     OpenAICompatEmulator,
     ScriptedReply,
@@ -212,7 +215,9 @@ async def test_a_stream_closed_before_the_reply_finished_is_an_error() -> None:
         await llm.aclose()
         await runner.cleanup()
     assert caught.value.retryable
-    assert received == [TextDelta(text="Your order")]
+    began, text = received  # no usage came: the consumer counts the estimate it began with
+    assert isinstance(began, UsageReported) and began.estimated
+    assert began.usage.input_tokens > 0 and text == TextDelta(text="Your order")
 
 
 async def test_a_stream_that_finished_without_done_is_accepted() -> None:
@@ -225,5 +230,40 @@ async def test_a_stream_that_finished_without_done_is_accepted() -> None:
     finally:
         await llm.aclose()
         await runner.cleanup()
-    assert events[0] == TextDelta(text="Your order ships today.")
+    assert events[1] == TextDelta(text="Your order ships today.")
     assert isinstance(events[-1], Done) and events[-1].stop_reason == "end_turn"
+
+
+async def test_a_reply_without_usage_reports_an_estimate_and_one_with_usage_reports_it(
+        emulator: OpenAICompatEmulator) -> None:
+    # Usage comes only in the stream's last chunk, if the server sends it at all: a reply with
+    # none ended with zero tokens, though the server billed it.
+    text = "Let me look that order up for you."
+    arguments = {"order": "42", "note": "the customer asked twice"}
+    reply = ScriptedReply(text=text, tool_uses=(
+        ScriptedToolUse(name="lookup_order", input=arguments, id="call_1"),))
+    emulator.script(reply, reply)
+    silent = OpenAICompatLlm(base_url=f"{emulator.base_url}/v1", model="llama3",
+                             api_key="sk-local", include_usage=False)
+    try:
+        began, *_, done = await collect(silent, REQUEST)
+    finally:
+        await silent.aclose()
+    characters = len(json.dumps(emulator.requests[0]))
+    assert isinstance(began, UsageReported) and began.estimated
+    assert characters / 5 < began.usage.input_tokens < characters / 3
+    assert isinstance(done, Done) and done.estimated
+    assert done.usage.input_tokens == began.usage.input_tokens
+    output = len(text) + len("lookup_order") + len(json.dumps(arguments))
+    assert output / 5 < done.usage.output_tokens < output / 3
+
+    llm = OpenAICompatLlm(base_url=f"{emulator.base_url}/v1", model="llama3",
+                          api_key="sk-local")
+    try:
+        began, *_, done = await collect(llm, REQUEST)
+    finally:
+        await llm.aclose()
+    assert isinstance(began, UsageReported) and began.estimated  # until the reply ends
+    assert isinstance(done, Done) and not done.estimated
+    assert done.usage == Usage(input_tokens=count_tokens(emulator.requests[1]["messages"]),
+                               output_tokens=count_tokens(text) + count_tokens(arguments))

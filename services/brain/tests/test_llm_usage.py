@@ -10,12 +10,27 @@ completion sums its rounds from those events, whichever instance ran them.
 from __future__ import annotations
 
 import asyncio
+import json
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 
+import pytest
+
 from parley.brain.conversation import fold
 from parley.brain.llm.anthropic_llm import AnthropicLlm
-from parley.brain.llm.base import Done, LlmEvent, LlmRequest
+from parley.brain.llm.base import (
+    Done,
+    Filler,
+    LlmEvent,
+    LlmRequest,
+    ProviderSwitched,
+    TextDelta,
+    Usage,
+    UsageReported,
+)
+from parley.brain.llm.openai_compat import OpenAICompatLlm
+from parley.brain.usage import RoundUsage, usage_recorded
 from parley.brain.worker import BrainWorker
 from parley.common.events import (
     AgentSpeechInterrupted,
@@ -29,6 +44,7 @@ from parley.common.events import (
     UsageRecorded,
 )
 from parley.devkit.emulators.anthropic import ScriptedReply, ScriptedToolUse, count_tokens
+from parley.devkit.emulators.openai_compat import OpenAICompatEmulator
 
 from .conftest import ORG, open_call, services, user_says
 
@@ -264,3 +280,155 @@ async def test_a_speculation_that_is_not_adopted_records_what_it_was_billed(
         await llm.aclose()
     ids = [u.id for u in recorder.of("usage.recorded", "c-spec")]
     assert len(set(ids)) == len(ids)
+
+
+@pytest.fixture
+async def openai_emulator() -> AsyncIterator[OpenAICompatEmulator]:
+    server = OpenAICompatEmulator(api_key="sk-test")
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def openai_llm(emulator: OpenAICompatEmulator) -> OpenAICompatLlm:
+    return OpenAICompatLlm(base_url=f"{emulator.base_url}/v1", model="llama3",
+                           api_key="sk-test", name="openai")
+
+
+def recorded_by_estimate(recorder, call_id: str) -> dict[bool, Counter[str]]:
+    """The call's usage.recorded summed per kind, apart for estimates and reported usage."""
+    totals: dict[bool, Counter[str]] = {False: Counter(), True: Counter()}
+    for usage in recorder.of("usage.recorded", call_id):
+        assert (usage.turn_id, usage.provider, usage.unit) == ("t1", "openai", "tokens")
+        totals[usage.estimated][usage.kind] += usage.quantity
+    return totals
+
+
+def characters_of(request: dict) -> int:
+    """What an OpenAI-compatible request holds: its messages (the system prompt among them)."""
+    return len(json.dumps(request["messages"])) + len(json.dumps(request.get("tools", [])))
+
+
+async def test_an_openai_compatible_turn_cut_short_records_an_estimate_of_its_usage(
+        bus, pool, openai_emulator, recorder) -> None:
+    """An OpenAI-compatible server reports usage only in the stream's last chunk. The caller
+    barged in mid-reply: the server had billed the prompt and the words it generated, yet the
+    cancelled turn recorded nothing and its turn.completed said zero. Now the turn records an
+    estimate, marked so: the input from the request's characters, the output from the reply's
+    characters received before the cut."""
+    reply = "Our hours are eight to five on weekdays, and nine to noon on Saturdays. " * 6
+    openai_emulator.tokens_per_second = 20
+    openai_emulator.script(ScriptedReply(text=reply))
+    llm = openai_llm(openai_emulator)
+    worker = BrainWorker(services(bus, pool, [llm]))
+    await worker.start()
+    try:
+        await open_call(bus, "c-oa-cut")
+        await user_says(bus, "c-oa-cut", "t1", "What are your hours?")
+        said = await recorder.wait("agent.say", "c-oa-cut", where=lambda e: e.turn_id == "t1")
+        await bus.publish(AgentSpeechInterrupted(org_id=ORG, call_id="c-oa-cut", turn_id="t1",
+                                                 played_text="Our hours are"))
+        done, = await recorder.wait("turn.completed", "c-oa-cut")
+        assert done.cancelled
+        await asyncio.sleep(0.1)  # nothing more is recorded
+    finally:
+        await worker.stop()
+        await llm.aclose()
+    request, = openai_emulator.requests
+    recorded = recorded_by_estimate(recorder, "c-oa-cut")
+    assert not recorded[False]  # the server reported nothing
+    estimate = recorded[True]
+    assert characters_of(request) / 5 < estimate["llm_input_tokens"] < characters_of(request) / 3
+    heard = len(said[0].text)
+    assert heard / 5 < estimate["llm_output_tokens"] < len(reply) / 4
+    assert as_totals(done) == estimate
+    assert done.provider == "openai"
+
+
+async def test_an_openai_compatible_turn_that_finished_records_only_what_the_server_reported(
+        bus, pool, openai_emulator, recorder) -> None:
+    """A reply that streamed to its end: the usage chunk it ends with is what the turn records
+    and completes with, and no estimate besides it."""
+    openai_emulator.script(ScriptedReply(text="We open at eight and close at five."))
+    llm = openai_llm(openai_emulator)
+    worker = BrainWorker(services(bus, pool, [llm]))
+    await worker.start()
+    try:
+        await open_call(bus, "c-oa-done")
+        await user_says(bus, "c-oa-done", "t1", "What are your hours?")
+        done, = await recorder.wait("turn.completed", "c-oa-done")
+        await asyncio.sleep(0.1)
+    finally:
+        await worker.stop()
+        await llm.aclose()
+    request, = openai_emulator.requests
+    recorded = recorded_by_estimate(recorder, "c-oa-done")
+    assert not recorded[True]
+    assert recorded[False] == Counter({
+        "llm_input_tokens": count_tokens(request["messages"]),
+        "llm_output_tokens": count_tokens("We open at eight and close at five.")})
+    assert as_totals(done) == recorded[False] and not done.cancelled
+
+
+async def test_an_openai_compatible_stream_dropped_mid_reply_records_an_estimate(
+        bus, pool, openai_emulator, recorder) -> None:
+    """The connection closed mid-reply (no usage chunk) and the redelivered turn asked again:
+    the first request is recorded as an estimate, the second as the server reported it."""
+    reply = "We open at eight. We close at five. A cleaning is ninety five dollars."
+
+    def recovered(body: dict) -> ScriptedReply:
+        openai_emulator.cut_after_tokens = None
+        return ScriptedReply(text=reply)
+
+    llm = openai_llm(openai_emulator)
+    worker = BrainWorker(services(bus, pool, [llm]))
+    await worker.start()
+    try:
+        await open_call(bus, "c-oa-drop")
+        await recorder.wait("agent.say", "c-oa-drop")
+        openai_emulator.cut_after_tokens = 9
+        openai_emulator.script(ScriptedReply(text=reply), recovered)
+        await user_says(bus, "c-oa-drop", "t1", "Tell me about the clinic.")
+        done, = await recorder.wait("turn.completed", "c-oa-drop")
+    finally:
+        await worker.stop()
+        await llm.aclose()
+    first, second = openai_emulator.requests[-2:]
+    recorded = recorded_by_estimate(recorder, "c-oa-drop")
+    assert characters_of(first) / 5 < recorded[True]["llm_input_tokens"] < (
+        characters_of(first) / 3)
+    assert 0 < recorded[True]["llm_output_tokens"] < len(reply) / 4
+    assert recorded[False]["llm_input_tokens"] == count_tokens(second["messages"])
+    assert as_totals(done) == recorded[True] + recorded[False]
+
+
+def test_an_estimate_counts_its_response_output_only_and_is_recorded_apart() -> None:
+    """An OpenAI-compatible response estimated as it began, cut before its first token and
+    retried on the same provider, whose retry reported its usage; then a fallback to a provider
+    that reports none. The estimate gets the first response's output only (not the fallback's
+    text, and not past the filler), and it is recorded apart from the reported usage of the
+    same provider and kind, under ids of its own: the same ids would keep only one."""
+    billed = RoundUsage(run=1)
+    for item in (UsageReported(usage=Usage(input_tokens=100), provider="openai",
+                               estimated=True),
+                 Filler(text="One moment."),
+                 TextDelta(text="x" * 40),  # ten tokens' worth, before the stream broke
+                 UsageReported(usage=Usage(input_tokens=100), provider="openai",
+                               estimated=True),
+                 Done(usage=Usage(input_tokens=90, output_tokens=7), provider="openai"),
+                 UsageReported(usage=Usage(input_tokens=100), provider="openai",
+                               estimated=True),
+                 ProviderSwitched(from_provider="openai", to_provider="local", reason="x"),
+                 TextDelta(text="y" * 400),
+                 Done(provider="local")):
+        billed.add(item)
+    recorded = usage_recorded(billed, org_id=ORG, call_id="c", turn_id="t1",
+                              id_of=lambda *parts: uuid.uuid5(uuid.NAMESPACE_URL, repr(parts)))
+    totals = Counter()
+    for usage in recorded:
+        totals[usage.provider, usage.estimated, usage.kind] += usage.quantity
+    assert totals == {("openai", True, "llm_input_tokens"): 200,
+                      ("openai", True, "llm_output_tokens"): 10,
+                      ("openai", False, "llm_input_tokens"): 90,
+                      ("openai", False, "llm_output_tokens"): 7}
+    assert len({usage.id for usage in recorded}) == len(recorded)

@@ -249,8 +249,7 @@ class Speculation:
         """What its responses were billed, as its stream reported them (final once dropped)."""
         billed = RoundUsage(run=0)  # (asked by no unit of work)
         for item in self._items:
-            if isinstance(item, UsageReported | Done):
-                billed.add(item)
+            billed.add(item)
         return billed
 
     def _finish(self, outcome: str) -> None:

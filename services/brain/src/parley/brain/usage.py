@@ -2,20 +2,37 @@
 
 A round's stream says what each response is billed as it begins (:class:`UsageReported`, from
 providers that report it then) and as it ends (:class:`Done`); a response cut short by a
-barge-in or a failure has only the first. :class:`RoundUsage` keeps one entry per response (a
-fallback or a retry makes several); the worker records them as ``usage.recorded``, one event
-per provider and kind, for integrators to bill from and for the fold to sum into the turn's
-``turn.completed`` (a turn's rounds may run on different instances). A speculative reply that
+barge-in or a failure has only the first. A provider that learns usage only at the end (an
+OpenAI-compatible server) reports an estimate as the response begins: its input, to which the
+text and tool calls that come add their output, until the response's :class:`Done` brings the
+server's usage instead (a response cut short keeps the estimate). :class:`RoundUsage` keeps one
+entry per response (a fallback or a retry makes several); the worker records them as
+``usage.recorded``, one event per provider and kind (estimates apart, marked ``estimated``), for
+integrators to bill from and for the fold to sum into the turn's ``turn.completed`` (a turn's
+rounds may run on different instances). A speculative reply that
 no turn adopted is recorded the same way, marked ``speculative`` (billed, but none of the
 turn's rounds).
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from parley.brain.llm.base import Done, Usage, UsageReported
+import msgspec
+
+from parley.brain.llm.base import (
+    Done,
+    ProviderSwitched,
+    TextDelta,
+    ToolCall,
+    Usage,
+    UsageReported,
+    estimate_tokens,
+)
+from parley.brain.llm.router import RouterEvent
 from parley.common.events import UsageRecorded
 
 # usage.recorded kind → the Usage field it counts
@@ -29,53 +46,81 @@ def add_usage(a: Usage, b: Usage) -> Usage:
     return Usage(**{name: getattr(a, name) + getattr(b, name) for name in LLM_KINDS.values()})
 
 
+@dataclass
+class _Response:
+    provider: str
+    usage: Usage  # what it was billed, as reported or estimated so far
+    estimated: bool = False
+    output_characters: int = 0  # of an estimated response's text and tool calls, so far
+
+
 class RoundUsage:
     """The responses one run of a round was billed for, as its stream reported them."""
 
     def __init__(self, run: int) -> None:
         self.run = run  # the delivery of the unit of work that asks the model (1 the first time)
-        self._responses: list[tuple[str, Usage]] = []  # (provider, billed) per response
+        self._responses: list[_Response] = []
         self._begun = False  # the latest response reported its start and has not ended
 
-    def add(self, item: UsageReported | Done) -> None:
-        """Count a response that began, or one that ended (with its whole usage)."""
+    def add(self, item: RouterEvent) -> None:
+        """Count what an item of the stream says a response was billed.
+
+        A response that began (:class:`UsageReported`), one that ended (:class:`Done`, with
+        its whole usage, instead of what it began with), and the text and tool calls of one
+        whose usage is an estimate until it ends (not once the router switched provider: what
+        comes then is another response's).
+        """
         latest = self._responses[-1] if self._responses else None
-        if isinstance(item, Done) and self._begun and latest and latest[0] == item.provider:
-            self._responses[-1] = (item.provider, item.usage)  # instead of what it began with
-        else:
-            self._responses.append((item.provider, item.usage))
-        self._begun = isinstance(item, UsageReported)
+        if isinstance(item, TextDelta | ToolCall):
+            if self._begun and latest is not None and latest.estimated:
+                latest.output_characters += len(item.text) if isinstance(item, TextDelta) \
+                    else len(item.name) + len(json.dumps(item.arguments))
+                latest.usage = msgspec.structs.replace(
+                    latest.usage, output_tokens=estimate_tokens(latest.output_characters))
+        elif isinstance(item, ProviderSwitched):
+            self._begun = False
+        elif isinstance(item, UsageReported | Done):
+            if isinstance(item, Done) and self._begun and latest and (
+                    latest.provider == item.provider):
+                self._responses[-1] = _Response(item.provider, item.usage, item.estimated)
+            else:
+                self._responses.append(_Response(item.provider, item.usage, item.estimated))
+            self._begun = isinstance(item, UsageReported)
 
     @property
     def provider(self) -> str:
         """The provider of the latest response ("" before any)."""
-        return self._responses[-1][0] if self._responses else ""
+        return self._responses[-1].provider if self._responses else ""
 
     def total(self) -> Usage:
         """Every response's tokens."""
         total = Usage()
-        for _, usage in self._responses:
-            total = add_usage(total, usage)
+        for response in self._responses:
+            total = add_usage(total, response.usage)
         return total
 
-    def by_provider(self) -> dict[str, Usage]:
-        """The tokens per provider."""
-        totals: dict[str, Usage] = {}
-        for provider, usage in self._responses:
-            totals[provider] = add_usage(totals.get(provider, Usage()), usage)
+    def by_provider(self) -> dict[tuple[str, bool], Usage]:
+        """The tokens per provider, estimated (True) apart from reported."""
+        totals: dict[tuple[str, bool], Usage] = {}
+        for response in self._responses:
+            key = (response.provider, response.estimated)
+            totals[key] = add_usage(totals.get(key, Usage()), response.usage)
         return totals
 
 
 def usage_recorded(billed: RoundUsage, *, org_id: str, call_id: str, turn_id: str,
-                   id_of: Callable[[str, str], uuid.UUID], causation_id: uuid.UUID | None = None,
+                   id_of: Callable[[str, str, bool], uuid.UUID],
+                   causation_id: uuid.UUID | None = None,
                    speculative: bool = False) -> list[UsageRecorded]:
     """``billed`` as ``usage.recorded`` events, one per provider and kind that is not zero.
 
-    ``id_of(provider, kind)`` names each: the same record published again is a duplicate.
+    ``id_of(provider, kind, estimated)`` names each: the same record published again is a
+    duplicate.
     """
     return [UsageRecorded(
-        id=id_of(provider, kind), org_id=org_id, call_id=call_id, turn_id=turn_id,
+        id=id_of(provider, kind, estimated), org_id=org_id, call_id=call_id, turn_id=turn_id,
         kind=kind, quantity=float(getattr(usage, name)),  # type: ignore[arg-type]
-        unit="tokens", provider=provider, speculative=speculative, causation_id=causation_id)
-        for provider, usage in billed.by_provider().items()
+        unit="tokens", provider=provider, speculative=speculative, estimated=estimated,
+        causation_id=causation_id)
+        for (provider, estimated), usage in billed.by_provider().items()
         for kind, name in LLM_KINDS.items() if getattr(usage, name)]

@@ -104,7 +104,6 @@ from parley.brain.llm.base import (
     TextDelta,
     ToolCall,
     ToolSpec,
-    UsageReported,
 )
 from parley.brain.llm.clauses import ClauseSplitter
 from parley.brain.llm.local_responder import classify_intent
@@ -547,8 +546,9 @@ class BrainWorker:
         call_id = speculation.call_id
         events = usage_recorded(
             speculation.billed(), org_id=org_id, call_id=call_id, turn_id=speculation.turn_id,
-            speculative=True, id_of=lambda provider, kind: stable_id(
-                call_id, "speculation", speculation.id, provider, kind))
+            speculative=True, id_of=lambda provider, kind, estimated: stable_id(
+                call_id, "speculation", speculation.id, provider, kind,
+                *(("estimated",) if estimated else ())))
         try:
             for event in events:
                 await self.s.bus.publish(event)
@@ -1012,6 +1012,7 @@ class BrainWorker:
             asked = time.perf_counter()
             try:
                 async for item in stream:
+                    billed.add(item)  # (as it comes: the turn may be cancelled at any await)
                     if llm_wait_ms is None and isinstance(item, TextDelta | ToolCall):
                         llm_wait_ms = (time.perf_counter() - asked) * 1000
                     if isinstance(item, TextDelta):
@@ -1032,11 +1033,8 @@ class BrainWorker:
                             id=stable_id(call_id, turn_id, "tool", item.id), org_id=org_id,
                             call_id=call_id, turn_id=speech, tool_call_id=item.id,
                             name=item.name, arguments=item.arguments, causation_id=cause.id))
-                    elif isinstance(item, UsageReported):
-                        billed.add(item)
                     elif isinstance(item, Done):
                         done = item
-                        billed.add(item)
                     elif isinstance(item, ProviderSwitched):
                         log.warning("call %s turn %s: LLM %s → %s (%s)", call_id, turn_id,
                                     item.from_provider, item.to_provider, item.reason)
@@ -1159,12 +1157,15 @@ class BrainWorker:
 
         The ids name the round and the run (the delivery of its unit of work): the same record
         published again is a duplicate, a round asked again after a redelivery records its own.
+        An estimate's are its own too: a provider may have a response estimated (cut short)
+        and one reported in the same run (retried).
         """
         call_id, round_no = conversation.call_id, conversation.turn(turn_id).round
         return usage_recorded(
             billed, org_id=conversation.org_id, call_id=call_id, turn_id=turn_id,
-            causation_id=cause.id, id_of=lambda provider, kind: stable_id(
-                call_id, turn_id, "usage", round_no, billed.run, provider, kind))
+            causation_id=cause.id, id_of=lambda provider, kind, estimated: stable_id(
+                call_id, turn_id, "usage", round_no, billed.run, provider, kind,
+                *(("estimated",) if estimated else ())))
 
     async def _record_usage(self, conversation: Conversation, turn_id: str, cause: Event,
                             billed: RoundUsage) -> None:

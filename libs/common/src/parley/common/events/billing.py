@@ -15,7 +15,11 @@ class UsageRecorded(CallEvent, frozen=True, kw_only=True, tag="usage.recorded"):
     rate: neither read from nor written to the provider's prompt cache),
     ``llm_cache_read_tokens``, ``llm_cache_write_tokens`` and ``llm_output_tokens``, in unit
     ``tokens``. A round cut short (a barge-in, a failure) records what the provider had reported
-    by then. A round asked again (its unit of work redelivered) records its new request too.
+    by then. A provider that reports usage only as a response ends (an OpenAI-compatible
+    server) reports nothing for a response cut short, or one that ended without usage: the
+    brain records an estimate instead, marked ``estimated`` (the input from the request's
+    characters, the output from the reply's characters received, about four a token). A round
+    asked again (its unit of work redelivered) records its new request too.
     A reply the brain speculated on before the turn ended and then dropped (not adopted) was
     billed too: it is recorded ``speculative``, under the turn it answered if known, and is not
     part of that turn's ``turn.completed`` usage.
@@ -30,6 +34,7 @@ class UsageRecorded(CallEvent, frozen=True, kw_only=True, tag="usage.recorded"):
     cost_usd: float = 0.0
     turn_id: str = ""  # the caller's turn whose LLM round this is ("" for usage of no turn)
     speculative: bool = False  # a speculative reply for turn_id that no turn adopted
+    estimated: bool = False  # the brain's estimate: the provider never reported this usage
 
 
 class QuotaExceeded(OrgEvent, frozen=True, kw_only=True, tag="quota.exceeded"):

@@ -3,7 +3,8 @@
 A provider turns an :class:`LlmRequest` (system prompt, conversation, tools) into an async stream
 of :data:`LlmEvent`: text as it arrives (:class:`TextDelta`), each tool call once its arguments are
 complete (:class:`ToolCall`), and one :class:`Done` with usage and time to first token (before
-them, a provider that reports usage as a response begins says so: :class:`UsageReported`). Failures
+them, what the response is billed as it begins: :class:`UsageReported`, reported by Anthropic
+or estimated from the request by providers that learn usage only at the end). Failures
 are :class:`LlmError`, classified retryable (429, 5xx, connection) or not (other 4xx), so the
 router can fall back and the breaker counts the right things.
 
@@ -22,7 +23,7 @@ __all__ = [
     "AssistantMessage", "Done", "Filler", "KnowledgeChunk", "LlmError", "LlmEvent", "LlmProvider",
     "LlmRequest", "Message", "ProviderSwitched", "SystemPrompt", "TextDelta", "ToolCall",
     "ToolCallStarted", "ToolResult", "ToolSpec", "ToolUse", "Usage", "UsageReported",
-    "UserMessage", "is_retryable_status",
+    "UserMessage", "estimate_tokens", "is_retryable_status",
 ]
 
 
@@ -132,10 +133,16 @@ class UsageReported(msgspec.Struct, frozen=True, kw_only=True, tag="usage"):
     its input was billed. At most one per response, before its first token; the response's
     :class:`Done`, if it comes, has its whole usage. It is not the reply's beginning (the
     router's deadlines and filler ignore it); ``provider`` is filled in by the router.
+
+    ``estimated``: the provider learns usage only as the response ends (an OpenAI-compatible
+    server's last chunk), so ``usage`` is the input estimated from the request, and until the
+    response's :class:`Done` its output counts as the characters of the text and tool calls
+    that came (:func:`estimate_tokens`).
     """
 
     usage: Usage
     provider: str = ""
+    estimated: bool = False
 
 
 class TextDelta(msgspec.Struct, frozen=True, kw_only=True, tag="text"):
@@ -168,7 +175,8 @@ class Done(msgspec.Struct, frozen=True, kw_only=True, tag="done"):
     ``stop_reason`` is the provider's (normalised to ``end_turn``, ``tool_use``, ``max_tokens``
     or what the vendor said); ``ttft_ms`` is the time to the first text or tool token (``None``
     if there was none); ``intent`` is set by providers that classify (the local responder);
-    ``provider`` is filled in by the router with whoever served the turn.
+    ``provider`` is filled in by the router with whoever served the turn; ``estimated``: the
+    response ended without the provider's usage, and ``usage`` is an estimate.
     """
 
     usage: Usage = Usage()
@@ -176,6 +184,7 @@ class Done(msgspec.Struct, frozen=True, kw_only=True, tag="done"):
     ttft_ms: float | None = None
     intent: str | None = None
     provider: str = ""
+    estimated: bool = False
 
 
 class Filler(msgspec.Struct, frozen=True, kw_only=True, tag="filler"):
@@ -193,6 +202,15 @@ class ProviderSwitched(msgspec.Struct, frozen=True, kw_only=True, tag="provider_
 
 
 LlmEvent = UsageReported | TextDelta | ToolCall | ToolCallStarted | Done
+
+
+def estimate_tokens(characters: int) -> int:
+    """A rough token count for ``characters`` of text or JSON: about four characters a token.
+
+    For usage a provider never reported; English text runs close to it with OpenAI's and
+    Llama's tokenizers.
+    """
+    return -(-characters // 4)
 
 
 def is_retryable_status(status: int | None) -> bool:

@@ -8,9 +8,13 @@ and name first, then pieces of the ``arguments`` JSON), joined and emitted as :c
 when the choice finishes; a call the server sent without an id gets a random one (the id names
 the tool call in the tools journal and the conversation, so it must never repeat).
 ``stream_options.include_usage`` asks for a last chunk with usage (servers that do not know it
-ignore it or, with ``include_usage=False``, are not asked). A stream that closes before any
-``finish_reason`` or ``[DONE]`` was cut mid-reply (a proxy, a restarting server) and is a
-retryable error, never a short finished answer.
+ignore it or, with ``include_usage=False``, are not asked). So a response cut short (a barge-in,
+a broken stream) would report no usage though the server billed it: as it begins, the response
+reports its input estimated from the request body's characters (:class:`UsageReported`,
+``estimated``), which the consumer counts with the output that came; its :class:`Done` has the
+server's usage or, if none came, the same estimate with the output's characters. A stream that
+closes before any ``finish_reason`` or ``[DONE]`` was cut mid-reply (a proxy, a restarting
+server) and is a retryable error, never a short finished answer.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
+import msgspec
 
 from .base import (
     AssistantMessage,
@@ -35,7 +40,9 @@ from .base import (
     ToolResult,
     ToolUse,
     Usage,
+    UsageReported,
     UserMessage,
+    estimate_tokens,
 )
 
 __all__ = ["OpenAICompatLlm", "to_openai_messages"]
@@ -94,21 +101,25 @@ class OpenAICompatLlm:
         """Stream the reply to ``request``; HTTP and connection failures are :class:`LlmError`."""
         if self._session is None:
             self._session = aiohttp.ClientSession()
-        headers = {"Accept": "text/event-stream"}
+        headers = {"Accept": "text/event-stream", "Content-Type": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         started = self._clock()
         ttft_ms: float | None = None
-        usage = Usage()
+        body = json.dumps(self.request_body(request))
+        usage: Usage | None = None  # the server's, from the last chunk
+        output_characters = 0  # of the text and tool calls received, for an estimate
         stop_reason = "end_turn"
         calls: dict[int, dict[str, Any]] = {}
         finished = False  # a finish_reason or [DONE] came: the server meant the reply to end
         try:
-            async with self._session.post(self.url, json=self.request_body(request),
-                                          headers=headers, timeout=self._timeout) as response:
+            async with self._session.post(self.url, data=body, headers=headers,
+                                          timeout=self._timeout) as response:
                 if response.status != 200:
                     raise LlmError(self.name, _error_message(await response.text()),
                                    status=response.status)
+                estimate = Usage(input_tokens=estimate_tokens(len(body)))
+                yield UsageReported(usage=estimate, estimated=True)
                 async for chunk in _sse_chunks(response, self.name):
                     if chunk is _END:
                         finished = True
@@ -120,8 +131,12 @@ class OpenAICompatLlm:
                         if ttft_ms is None and (delta.get("content") or delta.get("tool_calls")):
                             ttft_ms = (self._clock() - started) * 1000
                         if delta.get("content"):
+                            output_characters += len(delta["content"])
                             yield TextDelta(text=delta["content"])
                         for fragment in delta.get("tool_calls") or []:
+                            function = fragment.get("function") or {}
+                            output_characters += len(function.get("name") or "") + len(
+                                function.get("arguments") or "")
                             if _add_fragment(calls, fragment):
                                 yield ToolCallStarted(name=calls[max(calls)]["name"])
                         if choice.get("finish_reason"):
@@ -139,7 +154,12 @@ class OpenAICompatLlm:
             raise LlmError(self.name, exc.message, status=exc.status) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise LlmError(self.name, f"connection failed: {exc!r}", retryable=True) from exc
-        yield Done(usage=usage, stop_reason=stop_reason, ttft_ms=ttft_ms)
+        if usage is None:  # a server that does not send usage
+            yield Done(usage=msgspec.structs.replace(
+                estimate, output_tokens=estimate_tokens(output_characters)),
+                stop_reason=stop_reason, ttft_ms=ttft_ms, estimated=True)
+        else:
+            yield Done(usage=usage, stop_reason=stop_reason, ttft_ms=ttft_ms)
 
     def _complete(self, calls: dict[int, dict[str, Any]]) -> list[ToolCall]:
         complete = []
