@@ -23,6 +23,7 @@ from parley.common.events import utcnow
 from parley.common.metrics import Metrics
 from parley.common.problems import problem_middleware
 
+from . import due_callbacks
 from .api import routes as api_routes
 from .api.rate_limit import CallRateLimiter
 from .config import GatewayConfig
@@ -80,6 +81,7 @@ def create_app(config: GatewayConfig, *, bus: Bus | None = None,
     app.cleanup_ctx.append(_pool_context(db_pool))
     app.cleanup_ctx.append(_signature_audit_context)  # after bus and pool: closed before them
     app.cleanup_ctx.append(_twilio_context(twilio_rest))
+    app.cleanup_ctx.append(_due_callbacks_context)  # stopped before the clients it dials with
     app.cleanup_ctx.append(_settling_context)  # last: closed before the clients it uses
     app.on_shutdown.append(_going_away)
     for add_routes in ROUTE_HOOKS:
@@ -159,6 +161,20 @@ def _twilio_context(rest: TwilioCalls | None,
             await owned.close()
 
     return context
+
+
+async def _due_callbacks_context(app: web.Application) -> AsyncIterator[None]:
+    """The loop that dials the callbacks schedule_callback booked, when they are due."""
+    if not app[CONFIG].gateway_callback_interval_s:
+        yield
+        return
+    task = asyncio.create_task(due_callbacks.run(app), name="due-callbacks")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _settling_context(app: web.Application) -> AsyncIterator[None]:

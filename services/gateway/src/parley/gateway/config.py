@@ -53,6 +53,12 @@ class GatewayConfig(CommonConfig, kw_only=True):
     # gateway_call_rate_per_s (0: no limit); over it, 429 with Retry-After and nothing dialled.
     gateway_call_rate_per_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     gateway_call_burst: Annotated[int, msgspec.Meta(ge=1)] = 50
+    # The callbacks schedule_callback books are dialled when due (due_callbacks.py): each
+    # instance looks every gateway_callback_interval_s (0: this instance dials none); a carrier
+    # that failed for a reason other than the number is tried again after
+    # gateway_callback_retry_s, then twice that, and the callback fails after its third attempt.
+    gateway_callback_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+    gateway_callback_retry_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     # Refused signatures: one security.signature_rejected per (carrier, route, remote, reason,
     # called number) per interval, the rest folded into its count; keys tracked at once, the
     # rest folded together (under org "unknown").

@@ -1,0 +1,177 @@
+"""Dialling the callbacks the ``schedule_callback`` built-in books (rows of ``tool_callbacks``).
+
+The tools service only books them; placing outbound calls is the gateway's (carrier clients,
+numbers, the org's call rate), so the gateway dials them when they are due. Every
+``gateway_callback_interval_s`` each instance claims due ``pending`` rows with ``SELECT … FOR
+UPDATE SKIP LOCKED`` and marks them ``dialing`` in that transaction, committed before it dials:
+two instances never dial one callback. An instance that dies mid-dial leaves its row
+``dialing``; after :data:`INTERRUPTED_AFTER_S` a round settles it without dialling again (the
+carrier may have placed the call): ``placed`` if its call reached ``carrier_calls``, else
+``failed``.
+
+A callback is dialled from the agent's number of the call it was booked on (the number the
+caller reached, or the one the agent called from), as that call's agent, through
+:func:`parley.gateway.outbound.place_outbound`; its call.requested carries ``metadata``
+``callback_of`` (the call it was booked on) and ``tool_call_id``, and ``context``
+``callback_note``, the note the model gave. It takes one of the org's calls from the rate
+limiter like ``POST /v1/calls``; with none left it stays pending for a later round.
+
+Outcomes, on the row: ``placed`` (``placed_call_id``); ``failed`` (``last_error``) when the
+carrier refused the number itself, or nothing can call it any more (the call it was booked on,
+that number or the agent gone); any other carrier failure is tried again after
+``gateway_callback_retry_s``, then twice that, and fails after :data:`MAX_ATTEMPTS` attempts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import msgspec
+from aiohttp import web
+from psycopg import AsyncConnection
+
+from parley.common.configuration import Agent, PhoneNumber, find_number, get_agent
+
+from .api.dialing import CarrierUnavailable, DialError
+from .calls import find_by_call_id, new_call_id
+from .keys import CALL_RATE_LIMITER, CONFIG, METRICS, POOL
+from .outbound import place_outbound
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+BATCH = 10  # claimed per round; a full batch starts the next round at once
+INTERRUPTED_AFTER_S = 120  # a dial takes at most the carrier REST client's timeout (10 s)
+
+_COLUMNS = "id, org_id, call_id, tool_call_id, agent_id, number, note, attempts"
+
+
+class _Due(msgspec.Struct, kw_only=True):
+    id: int
+    org_id: str
+    call_id: str
+    tool_call_id: str
+    agent_id: str
+    number: str
+    note: str
+    attempts: int
+    placed_call_id: str = ""
+
+
+class _Undiallable(Exception):
+    """Nothing can place this callback any more."""
+
+
+async def run(app: web.Application) -> None:
+    """Place due callbacks every ``gateway_callback_interval_s``, until cancelled."""
+    interval = app[CONFIG].gateway_callback_interval_s
+    while True:
+        try:
+            while await place_due(app) == BATCH:
+                pass
+        except Exception:  # a database or bus outage: the next round tries again
+            log.exception("due callbacks: the round failed")
+        await asyncio.sleep(interval)
+
+
+async def place_due(app: web.Application) -> int:
+    """Dial the callbacks due now that this instance claims; how many it claimed."""
+    claimed = await _claim(app)
+    for due in claimed:
+        await _place(app, due)
+    return len(claimed)
+
+
+async def _claim(app: web.Application) -> list[_Due]:
+    limiter = app[CALL_RATE_LIMITER]
+    claimed = []
+    async with app[POOL].connection() as conn, conn.transaction():
+        await _settle_interrupted(conn)
+        cursor = await conn.execute(
+            f"SELECT {_COLUMNS} FROM tool_callbacks WHERE status = 'pending' "
+            "AND coalesce(retry_at, callback_at) <= now() "
+            "ORDER BY coalesce(retry_at, callback_at) LIMIT %s FOR UPDATE SKIP LOCKED",
+            (BATCH,))
+        for row in await cursor.fetchall():
+            due = _Due(**dict(zip(_COLUMNS.split(", "), row, strict=True)))
+            if limiter.take(due.org_id):
+                continue  # over the org's call rate: a later round
+            due.attempts += 1
+            due.placed_call_id = new_call_id()
+            await conn.execute(
+                "UPDATE tool_callbacks SET status = 'dialing', attempts = %s, "
+                "placed_call_id = %s, updated_at = now() WHERE id = %s",
+                (due.attempts, due.placed_call_id, due.id))
+            claimed.append(due)
+    return claimed
+
+
+async def _settle_interrupted(conn: AsyncConnection[Any]) -> None:
+    """Rows an instance that died mid-dial left ``dialing``: never dialled again."""
+    cursor = await conn.execute(
+        "UPDATE tool_callbacks c SET status = CASE WHEN EXISTS (SELECT 1 FROM carrier_calls "
+        "WHERE call_id = c.placed_call_id) THEN 'placed' ELSE 'failed' END, "
+        "last_error = 'interrupted: the gateway dialling it stopped; not dialled again, as the "
+        "carrier may have placed the call', updated_at = now() "
+        "WHERE status = 'dialing' AND updated_at < now() - make_interval(secs => %s) "
+        "RETURNING id, status", (INTERRUPTED_AFTER_S,))
+    for callback_id, status in await cursor.fetchall():
+        log.warning("callback %s: interrupted while dialling; %s", callback_id, status)
+
+
+async def _place(app: web.Application, due: _Due) -> None:
+    try:
+        agent, number = await _origin(app, due)
+        await place_outbound(app, call_id=due.placed_call_id, agent=agent, number=number,
+                             to_number=due.number, context={"callback_note": due.note},
+                             metadata={"callback_of": due.call_id,
+                                       "tool_call_id": due.tool_call_id})
+    except _Undiallable as exc:
+        await _settle(app, due, "failed", str(exc), placed_call_id="")
+    except (DialError, CarrierUnavailable) as exc:
+        number_fault = isinstance(exc, DialError) and exc.caller_fault
+        if number_fault or due.attempts >= MAX_ATTEMPTS:
+            await _settle(app, due, "failed", str(exc))
+        else:
+            await _settle(app, due, "pending", str(exc), retry_after_s=(
+                app[CONFIG].gateway_callback_retry_s * 2 ** (due.attempts - 1)))
+    except Exception:  # left dialing: the carrier may have it; settled as interrupted later
+        log.exception("callback %s: placing call %s failed", due.id, due.placed_call_id)
+    else:
+        await _settle(app, due, "placed")
+
+
+async def _origin(app: web.Application, due: _Due) -> tuple[Agent, PhoneNumber]:
+    """The agent and number of the call the callback was booked on, as they are now."""
+    async with app[POOL].connection() as conn:
+        original = await find_by_call_id(conn, due.call_id)
+        if original is None or original.org_id != due.org_id:
+            raise _Undiallable(f"the call {due.call_id} it was booked on is unknown to the "
+                               "gateway: no number to call from")
+        own = original.to_number if original.direction == "inbound" else original.from_number
+        number = await find_number(conn, own)
+        agent = await get_agent(conn, due.agent_id or original.agent_id, org_id=due.org_id)
+    if number is None or number.org_id != due.org_id:
+        raise _Undiallable(f"{own}, the number of the call it was booked on, is no longer one "
+                           "of the org's numbers")
+    if agent is None:
+        raise _Undiallable(f"the agent {due.agent_id or original.agent_id} no longer exists")
+    return agent, number
+
+
+async def _settle(app: web.Application, due: _Due, status: str, error: str = "", *,
+                  placed_call_id: str | None = None, retry_after_s: float = 0.0) -> None:
+    async with app[POOL].connection() as conn:
+        await conn.execute(
+            "UPDATE tool_callbacks SET status = %s, last_error = %s, placed_call_id = %s, "
+            "retry_at = now() + make_interval(secs => %s), updated_at = now() WHERE id = %s",
+            (status, error[:500], due.placed_call_id if placed_call_id is None
+             else placed_call_id, retry_after_s, due.id))
+    app[METRICS].counter("gateway_callbacks", "callbacks dialled when due, by outcome",
+                         ["outcome"]).labels(status if status != "pending" else "retry").inc()
+    if status == "placed":
+        log.info("callback %s: call %s placed to %s", due.id, due.placed_call_id, due.number)
+    else:
+        log.warning("callback %s (attempt %d): %s: %s", due.id, due.attempts, status, error)

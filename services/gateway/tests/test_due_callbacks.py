@@ -1,0 +1,167 @@
+"""The callbacks schedule_callback books are dialled by the gateway when they are due."""
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from parley.common.events import CallFailed, CallRequested
+from parley.gateway.due_callbacks import place_due
+
+from . import test_plivo_support as support
+from .conftest import ACCOUNT, CALLER, CASCADING_AGENT, CASCADING_NUMBER, ORG, wait_for
+from .test_api_calls import twilio_api  # noqa: F401 (a fixture)
+
+make_plivo_gateway = support.make_plivo_gateway
+plivo_number = support.plivo_number
+
+NUMBER_FAULT = (400, {"code": 21211, "message": "The 'To' number +14155550123 is not a valid "
+                      "phone number.", "status": 400})
+OUTAGE = (500, {"code": 20500, "message": "Internal Server Error", "status": 500})
+
+
+@pytest.fixture
+async def make_dialler(make_plivo_gateway, twilio_api):  # noqa: F811
+    """A gateway whose due-callback loop looks every 50 ms, dialling Twilio's stand-in."""
+    async def make(**overrides: Any):
+        settings = {"twilio_account_sid": ACCOUNT, "twilio_api_base_url": twilio_api.url,
+                    "gateway_callback_interval_s": 0.05, **overrides}
+        return (await make_plivo_gateway(**settings)).gateway
+
+    return make
+
+
+async def book(db, call_id: str, tool_call_id: str, *, number: str = CALLER,
+               due_in_s: float = -1.0, note: str = "the refund for order 42") -> int:
+    """A row as schedule_callback writes it; its id."""
+    cursor = await db.execute(
+        "INSERT INTO tool_callbacks (org_id, call_id, tool_call_id, agent_id, number, "
+        "callback_at, note) VALUES (%s, %s, %s, %s, %s, now() + make_interval(secs => %s), %s) "
+        "RETURNING id", (ORG, call_id, tool_call_id, CASCADING_AGENT, number, due_in_s, note))
+    return (await cursor.fetchone())[0]
+
+
+async def callback(db, callback_id: int) -> dict[str, Any]:
+    cursor = await db.execute(
+        "SELECT status, attempts, placed_call_id, last_error FROM tool_callbacks WHERE id = %s",
+        (callback_id,))
+    return dict(zip(("status", "attempts", "placed_call_id", "last_error"),
+                    await cursor.fetchone(), strict=True))
+
+
+async def settled(db, callback_id: int, status: str = "placed") -> dict[str, Any]:
+    async def check():
+        row = await callback(db, callback_id)
+        return row if row["status"] == status else None
+
+    return await wait_for(check)
+
+
+async def test_a_due_callback_is_dialled_once_from_the_number_the_caller_reached(
+        make_dialler, twilio_api, db, events):  # noqa: F811
+    # Two gateway instances' rounds race for the same due callbacks: each is dialled by one
+    # of them, once, from the agent's number of the call it was booked on, as a call whose
+    # call.requested says which call and tool call it follows up.
+    instances = [await make_dialler(gateway_callback_interval_s=0) for _ in range(2)]
+    _, call_id, _ = await instances[0].inbound_call()
+    numbers = [f"+1415555020{n}" for n in range(6)]
+    ids = [await book(db, call_id, f"toolu_{n}", number=number)
+           for n, number in enumerate(numbers)]
+    for _ in range(2):  # the instances' rounds, at the same time
+        await asyncio.gather(*(place_due(gateway.app) for gateway in instances))
+    rows = [await callback(db, callback_id) for callback_id in ids]
+    assert [row["status"] for row in rows] == ["placed"] * 6
+    assert sorted(sent["To"] for sent in twilio_api.requests) == numbers
+    assert {sent["From"] for sent in twilio_api.requests} == {CASCADING_NUMBER}
+    assert [row["attempts"] for row in rows] == [1] * 6
+
+    placed = rows[0]["placed_call_id"]
+    [requested] = await events.wait("call.requested", placed)
+    assert isinstance(requested, CallRequested)
+    assert (requested.direction, requested.agent_id, requested.from_number,
+            requested.to_number) == ("outbound", CASCADING_AGENT, CASCADING_NUMBER, numbers[0])
+    assert requested.metadata == {"callback_of": call_id, "tool_call_id": "toolu_0"}
+    assert requested.context == {"callback_note": "the refund for order 42"}
+    await events.wait("call.dialing", placed)
+    assert len(events.of("call.requested")) == 1 + 6  # the inbound call and the callbacks
+
+
+async def test_a_callback_not_due_yet_is_not_dialled(make_dialler, twilio_api, db):  # noqa: F811
+    gateway = await make_dialler()
+    _, call_id, _ = await gateway.inbound_call()
+    later = await book(db, call_id, "toolu_later", due_in_s=3600)
+    now = await book(db, call_id, "toolu_now", number="+14155550201")
+    await settled(db, now)
+    await asyncio.sleep(0.2)
+    assert [sent["To"] for sent in twilio_api.requests] == ["+14155550201"]
+    assert await callback(db, later) == {"status": "pending", "attempts": 0,
+                                         "placed_call_id": "", "last_error": ""}
+
+
+async def test_a_number_the_carrier_refuses_fails_the_callback(
+        make_dialler, twilio_api, db, events):  # noqa: F811
+    # Twilio refuses the number itself (21211): trying again would not help.
+    twilio_api.fail_with = NUMBER_FAULT
+    gateway = await make_dialler()
+    _, call_id, _ = await gateway.inbound_call()
+    refused = await book(db, call_id, "toolu_1")
+    row = await settled(db, refused, "failed")
+    assert row["attempts"] == 1 and "is not a valid phone number" in row["last_error"]
+    [failed] = await events.wait("call.failed", row["placed_call_id"])
+    assert isinstance(failed, CallFailed) and failed.carrier_status == "21211"
+    # A callback booked on a call the gateway never had has no number to call from.
+    unknown = await book(db, "call_unknown", "toolu_2")
+    row = await settled(db, unknown, "failed")
+    assert "call_unknown" in row["last_error"] and row["placed_call_id"] == ""
+    await asyncio.sleep(0.2)
+    assert len(twilio_api.requests) == 1
+
+
+async def test_a_carrier_outage_is_retried_with_backoff_then_fails(
+        make_dialler, twilio_api, db, events):  # noqa: F811
+    twilio_api.fail_with = OUTAGE
+    gateway = await make_dialler(gateway_callback_retry_s=1.0)
+    _, call_id, _ = await gateway.inbound_call()
+    retried = await book(db, call_id, "toolu_1")
+    await wait_for(lambda: len(twilio_api.requests) == 1)
+    await asyncio.sleep(0.3)  # within the backoff: not dialled again yet
+    assert len(twilio_api.requests) == 1
+    row = await callback(db, retried)
+    assert (row["status"], row["attempts"]) == ("pending", 1)
+    assert "Internal Server Error" in row["last_error"]
+    twilio_api.fail_with = None  # Twilio is back
+    row = await settled(db, retried)
+    assert row["attempts"] == 2 and len(twilio_api.requests) == 2
+
+    twilio_api.fail_with = OUTAGE  # down for good: three attempts, then failed
+    down = await book(db, call_id, "toolu_2", number="+14155550201")
+    row = await settled(db, down, "failed")
+    assert row["attempts"] == 3 and "Internal Server Error" in row["last_error"]
+    assert len(twilio_api.requests) == 2 + 3
+    assert len(events.of("call.failed")) == 1 + 3  # one call per attempt
+
+
+async def test_callbacks_keep_to_the_orgs_call_rate(make_dialler, twilio_api, db):  # noqa: F811
+    gateway = await make_dialler(gateway_call_rate_per_s=0.001, gateway_call_burst=1)
+    _, call_id, _ = await gateway.inbound_call()
+    first = await book(db, call_id, "toolu_1")
+    await settled(db, first)
+    second = await book(db, call_id, "toolu_2", number="+14155550201")
+    await asyncio.sleep(0.3)
+    assert len(twilio_api.requests) == 1
+    assert (await callback(db, second))["status"] == "pending"
+
+
+async def test_a_callback_left_dialing_by_a_dead_instance_is_not_dialled_again(
+        make_dialler, twilio_api, db):  # noqa: F811
+    # An instance claimed it and died mid-dial: the carrier may have placed the call, so it is
+    # never dialled again; it is failed, saying so, unless its call reached carrier_calls.
+    gateway = await make_dialler()
+    _, call_id, _ = await gateway.inbound_call()
+    lost = await book(db, call_id, "toolu_1")
+    await db.execute("UPDATE tool_callbacks SET status = 'dialing', attempts = 1, "
+                     "placed_call_id = 'call_lost', updated_at = now() - interval '10 minutes' "
+                     "WHERE id = %s", (lost,))
+    row = await settled(db, lost, "failed")
+    assert "interrupted" in row["last_error"]
+    assert twilio_api.requests == []
