@@ -115,6 +115,7 @@ async def test_a_number_the_carrier_refuses_fails_the_callback(
     assert "call_unknown" in row["last_error"] and row["placed_call_id"] == ""
     await asyncio.sleep(0.2)
     assert len(twilio_api.requests) == 1
+    assert gateway.metric("gateway_callbacks_total", outcome="failed") == 2
 
 
 async def test_a_carrier_outage_is_retried_with_backoff_then_fails(
