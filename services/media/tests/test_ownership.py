@@ -5,6 +5,8 @@ import asyncio
 import pytest
 from nats.js.errors import KeyNotFoundError
 
+from parley.common.bus import Bus
+from parley.devkit.infra import NatsServer
 from parley.media.ownership import Leases, LeaseState, instance_name
 
 
@@ -185,3 +187,75 @@ async def test_a_call_left_while_no_instance_was_up_is_taken_by_the_next_to_star
         assert (call_id, previous.owner, previous.resume_seq) == ("call-x", "media-a.1", 3)
     finally:
         await started.stop()
+
+
+async def test_a_nats_restart_hands_no_live_instances_call_to_another(tmp_path) -> None:
+    """nats-server killed and back 2 s later, with both media instances alive: the watcher
+    counted its own time cut off from NATS as the lease's silence and, reconnected before the
+    owner's next renewal landed, took a call its live owner was still serving (a chaos run)."""
+    server = NatsServer(tmp_path / "nats").start()
+    owner_bus = await Bus.connect(server.url, name="owner")
+    watcher_bus = await Bus.connect(server.url, name="watcher")
+    owner, watcher = Leases(owner_bus, "owner"), Leases(watcher_bus, "watcher")
+    taken: list[str] = []
+
+    async def take_over(call_id: str, state: LeaseState, won: int) -> None:
+        taken.append(call_id)
+
+    try:
+        await owner_bus.ensure_streams()
+        state = LeaseState(owner="owner", org_id="o1")
+        revision = await owner.claim("call-n", state)
+        await owner.hold("call-n", revision, lambda: state, lambda: taken.append("lost"))
+        await watcher.watch(take_over)
+        await asyncio.sleep(1.2)  # renewed and seen
+        assert server.proc is not None
+        server.proc.kill()
+        server.proc.wait()
+        await asyncio.sleep(2.0)
+        server.start()  # same port, same store
+        await asyncio.sleep(4.0)  # several renewal periods after both reconnected
+        assert taken == []
+    finally:
+        await watcher.stop()
+        await owner.close()
+        await watcher_bus.close()
+        await owner_bus.close()
+        server.stop()
+
+
+async def test_a_call_whose_instance_dies_after_a_nats_restart_is_taken_over(tmp_path) -> None:
+    """The lease watch is an ordered consumer, kept in the server's memory: a restarted
+    nats-server had forgotten it, the watcher saw no lease change from then on, and when an
+    owner died later its call was taken over by no one (the compare-and-set on the revision
+    last seen failed for ever)."""
+    server = NatsServer(tmp_path / "nats").start()
+    owner_bus = await Bus.connect(server.url, name="owner")
+    watcher_bus = await Bus.connect(server.url, name="watcher")
+    owner = Leases(owner_bus, "owner", renew_s=0.2)
+    watcher = Leases(watcher_bus, "watcher", timeout_s=0.6)
+    taken: asyncio.Queue[str] = asyncio.Queue()
+
+    async def take_over(call_id: str, state: LeaseState, won: int) -> None:
+        await taken.put(call_id)
+
+    try:
+        await owner_bus.ensure_streams()
+        state = LeaseState(owner="owner", org_id="o1")
+        revision = await owner.claim("call-w", state)
+        await owner.hold("call-w", revision, lambda: state, lambda: None)
+        await watcher.watch(take_over)
+        assert server.proc is not None
+        server.proc.kill()
+        server.proc.wait()
+        server.start()  # same port, same store
+        await asyncio.sleep(3.0)  # both back, the lease renewed meanwhile
+        assert taken.empty()
+        await owner.close()  # the owner dies: its lease is renewed no more
+        assert await asyncio.wait_for(taken.get(), 5.0) == "call-w"
+    finally:
+        await watcher.stop()
+        await owner.close()
+        await watcher_bus.close()
+        await owner_bus.close()
+        server.stop()

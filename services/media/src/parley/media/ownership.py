@@ -161,6 +161,7 @@ class Leases:
         self._seen: dict[str, tuple[int, LeaseState, float]] = {}  # key → (rev, value, when)
         self._tasks: list[asyncio.Task[None]] = []
         self._watcher: KeyValue.KeyWatcher | None = None
+        self._follower: asyncio.Task[None] | None = None
         self._taking: set[str] = set()
         self._held: dict[str, _Held] = {}
         self._acks: dict[str, str] = {}  # reply token → call id, renewals in flight
@@ -375,10 +376,20 @@ class Leases:
         If ``take_over`` raises, the lease is handed back (owner emptied) for any instance to
         take at once.
         """
-        kv = await self.kv()
-        self._watcher = watcher = await kv.watchall()
-        self._tasks.append(asyncio.create_task(self._follow(watcher), name="lease-watch"))
+        await self._watch_all()
         self._tasks.append(asyncio.create_task(self._scan(take_over), name="lease-scan"))
+
+    async def _watch_all(self) -> None:
+        """Follow the bucket afresh: its current leases first, then every change."""
+        if self._watcher is not None:
+            with contextlib.suppress(Exception):
+                await self._watcher.stop()
+        if self._follower is not None:
+            self._follower.cancel()
+        self._seen.clear()
+        self._watcher = watcher = await (await self.kv()).watchall()
+        self._follower = asyncio.create_task(self._follow(watcher), name="lease-watch")
+        self._tasks.append(self._follower)
 
     async def stop(self) -> None:
         """Stop watching."""
@@ -392,6 +403,7 @@ class Leases:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        self._follower = None
 
     async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
         # Iterated, not ``updates(timeout=…)``: that wraps the queue in ``wait_for``, which on
@@ -412,9 +424,29 @@ class Leases:
             self._seen[entry.key] = (entry.revision or 0, state, time.monotonic())
 
     async def _scan(self, take_over: TakeOver) -> None:
+        nc = self.bus.nc
+        reconnects = warned = nc.stats["reconnects"]
         while True:
             await asyncio.sleep(self.scan_s)
             now = time.monotonic()
+            if not nc.is_connected:
+                continue
+            if nc.stats["reconnects"] != reconnects:
+                # The watch is an ordered consumer, kept in the server's memory: a restarted
+                # server has forgotten it, and it would see no change again (an owner that
+                # died later was taken over by no one). Watched anew, every lease's silence
+                # counts from now: cut off from NATS, this instance saw no renewal, and that
+                # silence was ours, not the owners' (the first instance back from a 2 s NATS
+                # restart took the calls of one still serving them).
+                try:
+                    await self._watch_all()
+                except Exception as exc:  # JetStream still recovering: try again next scan
+                    if warned != nc.stats["reconnects"]:
+                        warned = nc.stats["reconnects"]
+                        log.warning("lease watch not restarted after a reconnect yet: %r", exc)
+                    continue
+                reconnects = nc.stats["reconnects"]
+                continue
             for call_id, (revision, state, seen) in list(self._seen.items()):
                 if state.owner == self.instance or call_id in self._taking:
                     continue
