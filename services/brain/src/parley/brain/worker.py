@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -158,6 +159,18 @@ GROUNDING = (
     "Answer only from the knowledge given with the caller's words and from tool results. If the "
     "answer is not there, say you will check and follow up; never invent prices, times, names or "
     "policies. You are on the phone: short, plain sentences, no lists, no markdown.")
+
+
+def call_context_note(context: dict[str, Any]) -> str:
+    """What whoever placed the call said about it, for the model: one line per key.
+
+    ``call.requested``'s ``context``: an outbound call's, set by the integrator through
+    ``POST /v1/calls`` (who is called and why), or a callback's note (``schedule_callback``).
+    Text values go as they are, others as JSON.
+    """
+    lines = [f"- {key}: {value if isinstance(value, str) else json.dumps(value)}"
+             for key, value in context.items()]
+    return "About this call (from whoever placed it):\n" + "\n".join(lines)
 
 
 def next_user_turn(latest: str) -> str:
@@ -1235,6 +1248,8 @@ class BrainWorker:
     def _request(self, conversation: Conversation, settings: AgentSettings, context: Context,
                  tools: list[ToolSpec]) -> LlmRequest:
         notes = []
+        if conversation.context:
+            notes.append(call_context_note(conversation.context))
         if context.profile:
             notes.append(f"About the caller: {context.profile}")
         chunks = context.knowledge.chunks if context.knowledge is not None else []

@@ -1,0 +1,46 @@
+"""What whoever placed the call said about it (``call.requested``'s context) reaches the model."""
+
+from __future__ import annotations
+
+from parley.brain.llm.anthropic_llm import AnthropicLlm
+from parley.brain.worker import BrainWorker
+from parley.common.events import CallRequested, CallStreamStarted
+from parley.devkit.emulators.anthropic import ScriptedReply
+
+from .conftest import AGENT, ORG, services, user_says
+
+
+def system_text(request: dict) -> str:
+    return "\n".join(block["text"] for block in request.get("system", []))
+
+
+async def call(bus, call_id: str, context: dict) -> None:
+    await bus.publish(CallRequested(org_id=ORG, call_id=call_id, direction="outbound",
+                                    agent_id=AGENT, from_number="+14155550100",
+                                    to_number="+14155550123", context=context))
+    await bus.publish(CallStreamStarted(org_id=ORG, call_id=call_id, stream_id="MZ1",
+                                        gateway_instance="gw", agent_id=AGENT))
+
+
+async def test_an_outbound_calls_context_is_in_front_of_the_model(
+        bus, pool, emulator, recorder) -> None:
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(services(bus, pool, [llm]))
+    await worker.start()
+    try:
+        await call(bus, "ctx1", {"callback_note": "Wants to move Friday's cleaning to Monday",
+                                 "patient": {"name": "Ann Lee", "visits": 3}})
+        emulator.script(ScriptedReply(text="Hi Ann, about your cleaning."))
+        await user_says(bus, "ctx1", "t1", "Hello?")
+        await recorder.wait("turn.completed", "ctx1")
+        system = system_text(emulator.requests[-1])
+        assert "Wants to move Friday's cleaning to Monday" in system
+        assert '- patient: {"name": "Ann Lee", "visits": 3}' in system
+        # (a second call without context says nothing of one)
+        await call(bus, "ctx2", {})
+        await user_says(bus, "ctx2", "t1", "Hello?")
+        await recorder.wait("turn.completed", "ctx2")
+        assert "About this call" not in system_text(emulator.requests[-1])
+    finally:
+        await worker.stop()
+        await llm.aclose()
