@@ -24,10 +24,12 @@ async def test_orgs_agents_numbers_keys_from_the_command_line(
     added = await asyncio.to_thread(run, "agents", "add", "acme", "Reception", "--id", "rx",
                                     "--pipeline", "managed", "--max-duration-s", "900",
                                     "--transfer-number", "+14155550199",
+                                    "--callback-prefix", "+1415",
                                     "--idle-prompt", "Still with me?")
     assert '"pipeline":"managed"' in added.stdout
     assert '"idle_prompt":"Still with me?"' in added.stdout
     assert '"transfer_numbers":["+14155550199"]' in added.stdout
+    assert '"callback_number_prefixes":["+1415"]' in added.stdout
     await asyncio.to_thread(run, "numbers", "add", "acme", "+1 415 555 0100", "rx")
     listed = await asyncio.to_thread(run, "numbers", "list", "acme")
     assert listed.stdout.split() == ["+14155550100", "twilio", "rx"]

@@ -46,6 +46,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add.add_argument("--transfer-number", action="append", dest="transfer_numbers",
                      metavar="E164", help="a number the agent may transfer callers to "
                      "(repeatable; without any, the agent cannot transfer)")
+    add.add_argument("--callback-prefix", action="append", dest="callback_number_prefixes",
+                     metavar="E164_PREFIX", help="numbers starting with it may be called back "
+                     "besides the caller's own (repeatable, e.g. +1415; '+' allows any)")
     add.add_argument("--settings", help="JSON object of any AgentSettings fields")
     listing = _command(agents, "list", "list an org's agents", _list_agents)
     listing.add_argument("org_id")
