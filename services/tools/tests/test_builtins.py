@@ -12,6 +12,7 @@ from parley.common.events import (
     CallDtmf,
     CallRequested,
     SpeechStarted,
+    TurnUserEnded,
 )
 from parley.common.tools.builtin_specs import offered_builtins
 from parley.tools.builtins import KnowledgeQuery
@@ -108,6 +109,47 @@ async def test_a_hand_off_whose_last_words_the_caller_interrupted_does_not_happe
     assert failed.type == "tool.failed" and "the caller interrupted" in failed.error
     assert not failed.retryable
     assert received == []
+
+
+@pytest.mark.parametrize("tool", ["end_call", "transfer_call"])
+async def test_a_hand_off_whose_round_was_cut_short_by_a_new_turn_does_not_happen(
+        bus, pool, service, events, gateway, tool):
+    # The brain said "Thanks for calling. Goodbye!", requested the hang-up (or transfer) and was
+    # killed before the clause closing its speech: media played the goodbye but never finishes
+    # it. The caller then spoke again ("Actually, one more thing"), without barging in (nothing
+    # was playing by then), and the brain answers that new turn. The tools service used to
+    # wait out its 20 s for the last words and then hang up on a caller mid-conversation.
+    received, _ = gateway
+    await allow_transfers(pool, "+14155550123")
+    await service()
+    arguments = {"to": "+14155550123"} if tool == "transfer_call" else {}
+    verb = "transfer" if tool == "transfer_call" else "hangup"
+
+    cut_short = await start_call(bus)
+    await bus.publish(TurnUserEnded(org_id=ORG, call_id=cut_short, turn_id="t1",
+                                    text="That's all, thanks."))
+    await bus.publish(AgentSay(org_id=ORG, call_id=cut_short, turn_id="t1", seq=0,
+                               text="Thanks for calling. Goodbye!"))
+    request = await request_tool(bus, cut_short, tool, arguments)
+    await asyncio.sleep(0.3)
+    await bus.publish(TurnUserEnded(org_id=ORG, call_id=cut_short, turn_id="t2",
+                                    text="Actually, one more thing."))
+    failed = await events.outcome(request.tool_call_id, timeout=25.0)
+    assert failed.type == "tool.failed" and "the caller spoke again" in failed.error, failed
+    assert not failed.retryable
+    assert received == []
+
+    # A goodbye that closed (the brain was not cut short) and that the caller only talked over
+    # without interrupting ("ok bye"): it plays out, and the hand-off goes ahead as asked.
+    talked_over = await start_call(bus)
+    await bus.publish(AgentSay(org_id=ORG, call_id=talked_over, turn_id="t1", seq=0,
+                               text="Thanks for calling. Goodbye!", last=True))
+    request = await request_tool(bus, talked_over, tool, arguments)
+    await bus.publish(TurnUserEnded(org_id=ORG, call_id=talked_over, turn_id="t2",
+                                    text="ok bye then"))
+    await bus.publish(AgentSpeechFinished(org_id=ORG, call_id=talked_over, turn_id="t1"))
+    assert (await events.outcome(request.tool_call_id)).type == "tool.completed"
+    assert [subject for subject, _ in received] == [f"parley.cmd.gateway.{talked_over}.{verb}"]
 
 
 @pytest.mark.parametrize("reply", ["speech", "key"])

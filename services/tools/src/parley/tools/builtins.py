@@ -9,8 +9,10 @@ and without waiting for the turn's last words to play (:meth:`Builtins.transfer_
 ``end_call`` with ``reason`` "idle" is the brain's hang-up on a silent caller (``caller.idle``):
 the gateway ends the call with that reason, unless the caller spoke or pressed a key since
 the goodbye began (barging in or not). Any ``end_call`` or ``transfer_call`` whose last words
-the caller interrupted ("Goodbye!" — "wait, one more thing") does not happen either: the
-caller is not done, and the model answers them in their turn, knowing why.
+the caller interrupted ("Goodbye!" — "wait, one more thing") does not happen either, nor one
+whose round was cut short before its last words closed (the brain's instance died, or a newer
+turn cancelled it) and the caller then ended a new turn: the caller is not done, and the model
+answers them in their turn, knowing why.
 ``lookup_knowledge`` calls the :data:`KnowledgeLookup` injected at start-up (the brain's
 retrieval); without one it fails with a clear message.
 ``schedule_callback`` books a row in ``tool_callbacks``, which the gateway dials when it is due
@@ -87,6 +89,7 @@ class LastWords(msgspec.Struct, frozen=True):
 
     answered: bool = False  # spoke, pressed a key or barged in since they began
     interrupted: bool = False  # barged in: agent.speech.interrupted of the turn
+    spoke_again: bool = False  # ended a new turn before the last words' closing clause
 
 
 UNANSWERED = LastWords()  # nothing to wait for, or the caller let the words play
@@ -122,14 +125,19 @@ class Builtins:
                     if last_words.interrupted:
                         raise ToolError("not hung up: the caller interrupted the goodbye, so "
                                         "the call goes on; answer what they say")
+                    if last_words.spoke_again:
+                        raise ToolError("not hung up: the caller spoke again before the "
+                                        "goodbye was over, so the call goes on; answer what "
+                                        "they say")
                     if await self._command(call.call_id, "hangup", {"reason": reason},
                                            unconfirmed_ok=True):
                         return ToolOutcome.success({"ok": True, "detail": "the call is ending"})
                     return ToolOutcome.success({"ok": True, "confirmed": False, "detail": (
                         "the gateway is ending the call; it did not confirm in time")})
                 case "transfer_call":
-                    if last_words.interrupted:
-                        raise ToolError("not transferred: the caller interrupted before the "
+                    if last_words.interrupted or last_words.spoke_again:
+                        how = "interrupted" if last_words.interrupted else "spoke again"
+                        raise ToolError(f"not transferred: the caller {how} before the "
                                         "transfer; answer what they say, and transfer only if "
                                         "they still want it")
                     await check_transfer_target(conn, call, arguments["to"])
@@ -179,20 +187,34 @@ class Builtins:
         managed pipeline) since the turn began (its ``caller.idle`` or first clause), even
         without interrupting — an agent whose interruption mode is "none" or "dtmf", or a
         caller's "yeah" (a backchannel), lets the words play out over the caller;
-        ``interrupted`` if they barged in (``agent.speech.interrupted``).
+        ``interrupted`` if they barged in (``agent.speech.interrupted``); ``spoke_again`` if
+        they ended a new turn while the turn's closing clause (``last``) was still to come,
+        which ends the wait: its round was cut short (the brain's instance died before
+        closing it, or the new turn cancelled it), so no ``finished`` comes, and the brain
+        answers that new turn. A goodbye that closed and that the caller only talked over
+        ("ok bye") still plays out and is acted on.
         """
         if not turn_id:
             return UNANSWERED
         done = asyncio.Event()
-        answered = began = interrupted = False
+        answered = began = closed = interrupted = spoke_again = False
+        earlier: set[str] = set()  # turns ended before it began (a media take-over repeats one)
 
         def check(event: Any, *, live: bool) -> None:
-            nonlocal answered, began, interrupted
+            nonlocal answered, began, closed, interrupted, spoke_again
             if isinstance(event, AgentSay | CallerIdle) and event.turn_id == turn_id:
                 began = True
-            elif isinstance(event, SpeechStarted | CallDtmf | TurnUserEnded) and (
-                    began or live):  # a live event comes after the turn's clauses
+                closed = closed or (isinstance(event, AgentSay) and event.last)
+            elif isinstance(event, SpeechStarted | CallDtmf | TurnUserEnded):
+                if not (began or live):  # a live event comes after the turn's clauses
+                    if isinstance(event, TurnUserEnded):
+                        earlier.add(event.turn_id)
+                    return
                 answered = True
+                if isinstance(event, TurnUserEnded) and not closed and (
+                        event.turn_id not in earlier):
+                    spoke_again = True
+                    done.set()
             elif isinstance(event, AgentSpeechFinished | AgentSpeechInterrupted) and (
                     event.turn_id == turn_id):
                 interrupted = interrupted or isinstance(event, AgentSpeechInterrupted)
@@ -200,24 +222,34 @@ class Builtins:
                 done.set()
 
         bus = Bus(self.nc)
+        live: list[Any] | None = []  # what comes while the call's past is read, checked after it
 
         async def on_event(event: Any) -> None:
-            check(event, live=True)
+            if live is None:
+                check(event, live=True)
+            else:
+                live.append(event)
 
         sub = await bus.subscribe_call(call_id, on_event, org_id=org_id)
         try:
             spoke = False  # the turn said something (the brain says it before the tool call)
-            for event in await bus.replay_call(call_id, org_id=org_id):
+            past = await bus.replay_call(call_id, org_id=org_id)
+            for event in past:
                 check(event, live=False)
                 spoke = spoke or (isinstance(event, AgentSay) and event.turn_id == turn_id
                                   and bool(event.text.strip()))
             if not spoke:
                 return UNANSWERED
+            read = {event.id for event in past}
+            for event in live:
+                if event.id not in read:
+                    check(event, live=True)
+            live = None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), timeout_s)
         finally:
             await sub.unsubscribe()
-        return LastWords(answered=answered, interrupted=interrupted)
+        return LastWords(answered=answered, interrupted=interrupted, spoke_again=spoke_again)
 
     async def _command(self, call_id: str, verb: str, body: dict[str, Any], *,
                        unconfirmed_ok: bool = False) -> bool:
