@@ -146,10 +146,12 @@ async def test_a_hand_off_refused_after_a_barge_in_adds_no_completion(
         await llm.aclose()
 
 
-async def _goodbye_requested(bus, call_id: str, *, booked: bool = False) -> None:
+async def _goodbye_requested(bus, call_id: str, *, booked: bool = False,
+                             spoke_again: bool = False) -> None:
     """t1 said "Goodbye!" and called end_call (or booked and called it, booked: the brain died
     after the booking's request, before end_call's); its instance died before closing the
-    speech and completing the turn, and the caller barged in on the goodbye."""
+    speech and completing the turn, and the caller barged in on the goodbye (or, spoke_again:
+    spoke again once it had played, a new turn, t2)."""
     await _started_t1(bus, call_id)
     await bus.publish(AgentSay(org_id=ORG, call_id=call_id, turn_id="t1", seq=1,
                                text="Goodbye!"))
@@ -159,6 +161,9 @@ async def _goodbye_requested(bus, call_id: str, *, booked: bool = False) -> None
     await bus.publish(ToolRequested(org_id=ORG, call_id=call_id, turn_id="t1",
                                     tool_call_id=request.tool_call_id, name=request.name,
                                     response_calls=calls if booked else []))
+    if spoke_again:
+        await user_says(bus, call_id, "t2", "Actually, one more thing.")
+        return
     await bus.publish(AgentSpeechInterrupted(org_id=ORG, call_id=call_id, turn_id="t1",
                                              played_text="Let me check the calendar. Good"))
 
@@ -196,6 +201,46 @@ async def test_a_hand_off_round_whose_instance_died_is_completed_once_the_caller
                         e.turn_id == "t1"], call_id  # what the caller cut off is not closed
             assert len(recorder.of("tool.requested", call_id)) == 1, call_id
         assert emulator.requests == []  # the interrupted turns are not taken up
+    finally:
+        await worker.stop()
+        await llm.aclose()
+
+
+async def test_a_hand_off_round_whose_instance_died_is_completed_once_the_caller_spoke_again(
+        bus, pool, emulator, recorder) -> None:
+    """As above, but the caller did not barge in: the goodbye played (never closed: no
+    agent.speech.finished) and they spoke again. The redelivery completes t1's round once,
+    cancelled, closes nothing and requests no hang-up never requested (c-booked); the tools
+    service refuses the one requested (the caller spoke again before the goodbye was over),
+    before the redelivery (c-first) or after it (c-late), and that adds nothing. t2 is
+    answered as any turn."""
+    refusal = "not hung up: the caller spoke again before the goodbye was over"
+    await _goodbye_requested(bus, "c-late", spoke_again=True)
+    await _goodbye_requested(bus, "c-first", spoke_again=True)
+    await bus.publish(ToolFailed(org_id=ORG, call_id="c-first", tool_call_id="toolu_e",
+                                 name="end_call", error=refusal))
+    await _goodbye_requested(bus, "c-booked", booked=True, spoke_again=True)
+
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(services(bus, pool, [llm]))
+    await worker.start()
+    try:
+        for call_id in ("c-late", "c-first", "c-booked"):
+            await _cancelled_once(recorder, call_id)
+            t2, = await recorder.wait("turn.completed", call_id,
+                                      where=lambda e: e.turn_id == "t2")
+            assert not t2.cancelled, call_id
+        await bus.publish(ToolFailed(org_id=ORG, call_id="c-late", tool_call_id="toolu_e",
+                                     name="end_call", error=refusal))
+        await bus.publish(ToolCompleted(org_id=ORG, call_id="c-booked", tool_call_id="toolu_1",
+                                        name="book_appointment", result={"booked": True}))
+        await asyncio.sleep(0.5)
+        for call_id in ("c-late", "c-first", "c-booked"):
+            assert len(recorder.of("turn.completed", call_id)) == 2, call_id  # t1's, t2's
+            assert not [e for e in recorder.of("agent.say", call_id) if e.last and
+                        e.turn_id == "t1"], call_id
+            assert len(recorder.of("tool.requested", call_id)) == 1, call_id
+        assert len(emulator.requests) == 3  # each call's t2; t1 is not taken up again
     finally:
         await worker.stop()
         await llm.aclose()
