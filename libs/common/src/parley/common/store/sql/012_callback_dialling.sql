@@ -15,3 +15,18 @@ CREATE INDEX tool_callbacks_pending ON tool_callbacks ((coalesce(retry_at, callb
     WHERE status = 'pending';
 CREATE INDEX tool_callbacks_dialing ON tool_callbacks (updated_at) WHERE status = 'dialing';
 CREATE INDEX tool_callbacks_of_call ON tool_callbacks (call_id, number);
+-- Rows booked before this migration were never going to be dialled, and schedule_callback
+-- booked them unguarded (any number the model named, any time): only those schedule_callback
+-- would book now stay pending — still ahead, at most 30 days after booking, to the caller's own
+-- number (no agent had callback_number_prefixes yet). The rest (a time long past: the caller
+-- was never called back; a number a caller may have talked the model into) are failed.
+UPDATE tool_callbacks c
+   SET status = 'failed',
+       last_error = 'booked before callbacks were dialled (migration 012), and not one '
+                    'schedule_callback would book now: due already, over 30 days ahead, or '
+                    'not to the caller''s own number'
+ WHERE callback_at <= now()
+    OR callback_at > created_at + interval '30 days'
+    OR NOT EXISTS (SELECT 1 FROM carrier_calls o WHERE o.call_id = c.call_id
+                   AND c.number = CASE WHEN o.direction = 'inbound' THEN o.from_number
+                                       ELSE o.to_number END);
