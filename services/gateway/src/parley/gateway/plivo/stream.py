@@ -25,6 +25,7 @@ from typing import ClassVar, Literal
 
 from aiohttp import web
 from nats.aio.msg import Msg
+from nats.errors import OutboundBufferLimitError
 
 from parley.common.bus import publish_frame, subscribe_frames
 from parley.common.bus.audio import MARK, stream_seq_base
@@ -146,11 +147,15 @@ class PlivoStreamSession(TwilioSession):
             raise ProtocolViolation(CloseCode.INVALID_PAYLOAD,
                                     f"media {message.sequence_number}: invalid base64") from None
         if audio:
-            await publish_frame(self.bus.nc, self.call_id, "in", audio,
-                                seq=self.seq_base + message.sequence_number,
-                                timestamp_ms=self.audio_bytes // BYTES_PER_MS)
+            try:
+                await publish_frame(self.bus.nc, self.call_id, "in", audio,
+                                    seq=self.seq_base + message.sequence_number,
+                                    timestamp_ms=self.audio_bytes // BYTES_PER_MS)
+            except OutboundBufferLimitError:
+                self.audio_refused()
+            else:
+                self._frames_in.inc()
             self.audio_bytes += len(audio)
-            self._frames_in.inc()
 
     # -- outwards ---------------------------------------------------------------------------
 

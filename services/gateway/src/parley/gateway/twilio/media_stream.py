@@ -21,6 +21,7 @@ from typing import Annotated, ClassVar
 import msgspec
 from aiohttp import web
 from nats.aio.msg import Msg
+from nats.errors import OutboundBufferLimitError
 
 from parley.common.bus import audio_subject, subscribe_frames
 from parley.common.bus.audio import CARRIER_SEQ_BITS, MARK, encode_frame, stream_seq_base
@@ -232,8 +233,13 @@ class MediaStreamSession(TwilioSession):
             raise ProtocolViolation(CloseCode.INVALID_PAYLOAD,
                                     f"media {message.sequence_number}: invalid base64") from None
         if audio:  # publish_frame's work, with the subject worked out once per stream
-            await self.bus.nc.publish(self.audio_in, encode_frame(
-                audio, seq=self.seq_base + message.sequence_number, timestamp_ms=chunk.timestamp))
+            try:
+                await self.bus.nc.publish(self.audio_in, encode_frame(
+                    audio, seq=self.seq_base + message.sequence_number,
+                    timestamp_ms=chunk.timestamp))
+            except OutboundBufferLimitError:
+                self.audio_refused()
+                return
             self._frames_in.inc()
 
     async def _stop(self) -> None:

@@ -31,7 +31,6 @@ from typing import ClassVar, Literal
 import msgspec
 from aiohttp import web
 
-from parley.common.bus import Outbox
 from parley.common.events import (
     AgentSay,
     AgentSpeechFinished,
@@ -165,9 +164,6 @@ class RelaySession(TwilioSession):
         self.stream_id = ""  # Twilio's sessionId
         self._utterance_id = ""  # the caller turn being spoken (from its first partial prompt)
         self.idle: RelayIdle | None = None  # once attached, if the agent has idle timers on
-        # caller.idle and key turns, published from the socket's timers: one whose ack fails is
-        # published again under its id rather than lost (no caller to raise to)
-        self._outbox = Outbox(self.bus, name="relay")
         self.keypad = Keypad()  # the agent's settings once attached (subscribe)
         self._keys_timer: asyncio.Task[None] | None = None  # ends the keys' turn when due
         self._keys_first: uuid.UUID | None = None  # call.dtmf of the open turn's first key
@@ -484,7 +480,7 @@ class RelaySession(TwilioSession):
         if turn_id in published:
             return
         log.info("call %s: caller typed %d key(s)", self.call_id, len(keys))
-        await self._outbox.put(TurnUserEnded(
+        await self.outbox.put(TurnUserEnded(
             id=uuid.uuid5(_ID_NAMESPACE, f"{name}/turn.user_ended"), org_id=self.call.org_id,
             call_id=self.call_id, turn_id=turn_id, text=keys, reason="dtmf"))
 
@@ -557,7 +553,7 @@ class RelaySession(TwilioSession):
             id=uuid.uuid5(_ID_NAMESPACE, f"{self.call_id}/caller.idle/{number}"),
             org_id=call.org_id, call_id=self.call_id, turn_id=turn_id,
             action=action, silent_s=silent_s)
-        await self._outbox.put(event)
+        await self.outbox.put(event)
 
     async def play(self, source: str) -> None:
         """Play an audio URL to the caller."""

@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Literal
 from aiohttp import WSMsgType, web
 from nats.aio.subscription import Subscription
 
+from parley.common.bus import Outbox
 from parley.common.configuration import Agent, get_agent
 from parley.common.events import CallEnded, CallStreamStarted, CallTransferred, Event, is_token
 from parley.common.logging import log_context
@@ -52,6 +53,11 @@ log = logging.getLogger(__name__)
 COMMAND_GRACE_S = 15.0
 
 
+# Attempts at an event whose first publish went unacknowledged, each up to the bus's publish
+# timeout (5 s): a NATS outage of about a minute loses nothing the carrier reported.
+PUBLISH_ATTEMPTS = 10
+
+
 def carrier_socket(config: GatewayConfig) -> web.WebSocketResponse:
     """The WebSocketResponse for a carrier socket; pings and pongs are the session's to handle."""
     return web.WebSocketResponse(max_msg_size=config.max_frame_bytes, autoping=False)
@@ -70,6 +76,11 @@ class TwilioSession:
         self.app, self.ws = app, ws
         self.config, self.bus, self.pool = app[CONFIG], app[BUS], app[POOL]
         self.metrics, self.clock, self.rest = app[METRICS], app[CLOCK], app[TWILIO_REST]
+        # What the socket reports (its start, mark echoes, keys, the relay's turns) goes out
+        # through an outbox: the read loop waits on no ack, and an event unacknowledged (a NATS
+        # outage) is published again under its id. Awaited, an 8 s outage timed a mark echo's
+        # publish out and failed the socket, and the call never ended in the store.
+        self.outbox = Outbox(self.bus, name=f"{self.protocol} socket", attempts=PUBLISH_ATTEMPTS)
         self.call_id = ""
         self.stream_id = ""  # the carrier's id of this socket's stream, once attached
         self.call: CarrierCall | None = None
@@ -91,6 +102,10 @@ class TwilioSession:
         self._closes = self.metrics.counter(
             "gateway_socket_closes", "Carrier sockets closed by the gateway, by code",
             ["protocol", "code"])
+        self._frames_dropped = self.metrics.counter(
+            "gateway_frames_dropped", "Caller audio frames NATS could not take (an outage)",
+            ["protocol"])
+        self._dropped_audio = False  # said once per socket
 
     @property
     def started(self) -> bool:
@@ -243,14 +258,27 @@ class TwilioSession:
     async def subscribe(self) -> None:
         """Subscribe to what the socket relays outwards (audio or agent text)."""
 
+    def audio_refused(self) -> None:
+        """A caller frame the NATS client refused: cut off from the server too long; dropped.
+
+        Cut off, the client buffers what is published (2 MiB: about 200 call-seconds of audio,
+        8 s with 25 calls), then refuses it: the refused frame failed the socket, and so every
+        call on the gateway. What the caller says meanwhile is lost, as it would be to media.
+        """
+        self._frames_dropped.labels(self.protocol).inc()
+        if not self._dropped_audio:
+            self._dropped_audio = True
+            log.warning("call %s: NATS unreachable; caller audio dropped until it is back",
+                        self.call_id)
+
     def add_subscription(self, subscription: Subscription) -> None:
         """Track a subscription so teardown drops it."""
         self._subscriptions.append(subscription)
 
     async def publish(self, event: Event) -> None:
-        """Publish one of this call's events, in the call's log context."""
+        """Publish one of this call's events (through the outbox), in the call's log context."""
         with log_context(call_id=self.call_id):
-            await self.bus.publish(event)
+            await self.outbox.put(event)
 
     async def replace(self) -> None:
         """A newer socket took this call over on this instance."""

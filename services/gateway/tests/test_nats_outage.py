@@ -1,0 +1,103 @@
+"""A NATS outage mid-call: the carrier's socket stays up and what it reported is not lost.
+
+These tests run their own nats-server (killed and started again on the same port and store)
+instead of the session's.
+"""
+
+import asyncio
+
+import pytest
+
+from parley.common.bus import Bus
+from parley.common.bus.client import connect
+from parley.devkit.infra import NatsServer
+
+from .conftest import started_stream, wait_for
+
+
+@pytest.fixture
+def nats_server_of_test(tmp_path):
+    server = NatsServer(tmp_path / "nats").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def bus(nats_server_of_test):
+    """The gateway's bus, on this test's server: publishes time out after half a second, and
+    what is sent while the server is away is buffered up to 8 KiB (nats-py's default: 2 MiB)."""
+    connected = Bus(await connect(nats_server_of_test.url, name="gateway",
+                                  pending_size=8 * 1024),
+                    owns_connection=True, publish_timeout=0.5)
+    try:
+        await connected.ensure_streams()
+        yield connected
+    finally:
+        await connected.close()
+
+
+async def test_a_nats_outage_neither_drops_the_socket_nor_loses_what_it_reported(
+        nats_server_of_test, bus, gateway, events):
+    """nats-server killed for 8 s in a chaos run: a mark echo (or a key press) arriving
+    meanwhile was published with the socket's read loop waiting on its ack, which timed out and
+    failed the socket (1011): Twilio's stream ended, and the call never ended in the store."""
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    server = nats_server_of_test
+    assert server.proc is not None
+    server.proc.kill()
+    server.proc.wait()
+    await wait_for(lambda: not bus.nc.is_connected)
+    await stream.mark("t1:3")
+    await stream.dtmf("5")
+    await asyncio.sleep(1.5)  # well past the publish timeout
+    server.start()  # same port, same store
+    await wait_for(lambda: bus.nc.is_connected)
+    await stream.media(b"\xff" * 160)
+
+    async def stored() -> set[str]:
+        try:
+            return {event.type for event in await bus.replay_call(call_id)}
+        except Exception:  # JetStream still recovering
+            return set()
+
+    await wait_for(lambda: _has(stored(), {"agent.speech.progress", "call.dtmf"}), timeout=15)
+    assert not stream.ws.closed
+    await stream.stop(call_sid)
+    assert await stream.closed() == (1000, "stream stopped")
+    await wait_for(lambda: _has(stored(), {"call.ended"}), timeout=10)
+
+
+async def test_caller_audio_the_client_cannot_buffer_during_an_outage_is_dropped(
+        nats_server_of_test, bus, gateway, events):
+    """Cut off from NATS, the client buffers what is published (2 MiB by default: about 200
+    call-seconds of audio, reached in 8 s with 25 calls) and then refuses it: the refused frame
+    failed the socket, and so every call on the gateway."""
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    server = nats_server_of_test
+    assert server.proc is not None
+    server.proc.kill()
+    server.proc.wait()
+    await wait_for(lambda: not bus.nc.is_connected)
+    for _ in range(60):  # 1.2 s of audio, past the 8 KiB buffer
+        await stream.media(b"\xff" * 160)
+    await stream.mark("t1:3")
+    await asyncio.sleep(0.5)
+    server.start()
+    await wait_for(lambda: bus.nc.is_connected)
+    received: list[bytes] = []
+
+    async def on_frame(msg) -> None:
+        received.append(msg.data)
+
+    sub = await bus.nc.subscribe(f"parley.audio.{call_id}.in", cb=on_frame)
+    await bus.nc.flush()
+    await stream.media(b"\x01" * 160)
+    await wait_for(lambda: received, timeout=5)  # the socket goes on relaying
+    await sub.unsubscribe()
+    assert not stream.ws.closed
+    await stream.stop(call_sid)
+    assert await stream.closed() == (1000, "stream stopped")
+
+
+async def _has(types, wanted: set[str]) -> bool:
+    return wanted <= await types
