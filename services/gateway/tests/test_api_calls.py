@@ -1,3 +1,4 @@
+import asyncio
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -39,6 +40,7 @@ class FakeTwilioCalls:
 
     requests: list[MultiDict] = field(default_factory=list)
     fail_with: tuple[int, dict[str, Any]] | None = None
+    hold: asyncio.Event | None = None  # set: answers wait until it is set
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -46,6 +48,8 @@ class FakeTwilioCalls:
         async def create(request: web.Request) -> web.Response:
             form = MultiDict((key, str(value)) for key, value in (await request.post()).items())
             self.requests.append(form)
+            if self.hold is not None:
+                await self.hold.wait()
             if self.fail_with is not None:
                 return web.json_response(self.fail_with[1], status=self.fail_with[0])
             sid = f"CA{len(self.requests):032x}"

@@ -5,6 +5,7 @@ from typing import Any
 
 import pytest
 
+from parley.common.bus import EVENTS_STREAM
 from parley.common.events import CallFailed, CallRequested
 from parley.gateway.due_callbacks import place_due
 
@@ -166,3 +167,53 @@ async def test_a_callback_left_dialing_by_a_dead_instance_is_not_dialled_again(
     row = await settled(db, lost, "failed")
     assert "interrupted" in row["last_error"]
     assert twilio_api.requests == []
+
+
+async def test_callbacks_claimed_but_not_dialled_when_the_gateway_stops_are_dialled_later(
+        make_dialler, twilio_api, db):  # noqa: F811
+    # A round claims a batch, then the gateway stops (a deploy) while the first is being
+    # dialled: that one may have reached the carrier and stays dialing, but the others were
+    # never dialled and must not be lost with it.
+    twilio_api.hold = asyncio.Event()
+    gateway = await make_dialler(gateway_callback_interval_s=0)
+    _, call_id, _ = await gateway.inbound_call()
+    ids = [await book(db, call_id, f"toolu_{n}", number=f"+1415555020{n}", due_in_s=-3 + n)
+           for n in range(3)]
+    round_ = asyncio.create_task(place_due(gateway.app))
+    await wait_for(lambda: len(twilio_api.requests) == 1)
+    round_.cancel()  # as the app's cleanup does
+    with pytest.raises(asyncio.CancelledError):
+        await round_
+    rows = [await callback(db, callback_id) for callback_id in ids]
+    assert rows[0]["status"] == "dialing"
+    assert [(row["status"], row["attempts"]) for row in rows[1:]] == [("pending", 0)] * 2
+
+    twilio_api.hold.set()
+    another = await make_dialler()  # the next instance dials them
+    await settled(db, ids[1])
+    await settled(db, ids[2])
+    assert sorted(sent["To"] for sent in twilio_api.requests) == [
+        "+14155550200", "+14155550201", "+14155550202"]
+    assert another.metric("gateway_callbacks_total", outcome="placed") == 2
+
+
+async def test_a_callback_nats_could_not_take_is_dialled_once_it_can(
+        make_dialler, twilio_api, db, bus):  # noqa: F811
+    # call.requested could not be published (JetStream had no stream to store it: NATS
+    # unavailable), so the carrier was never asked: the callback is not lost as "interrupted"
+    # two minutes later, it waits for a round that can place it.
+    gateway = await make_dialler(gateway_callback_interval_s=0)
+    _, call_id, _ = await gateway.inbound_call()
+    due = await book(db, call_id, "toolu_1")
+    await bus.js.delete_stream(EVENTS_STREAM)
+    try:
+        assert await place_due(gateway.app) == 1
+    finally:
+        await bus.ensure_streams()
+    assert twilio_api.requests == []
+    row = await callback(db, due)
+    assert (row["status"], row["attempts"]) == ("pending", 0)
+    await place_due(gateway.app)
+    row = await callback(db, due)
+    assert (row["status"], row["attempts"]) == ("placed", 1)
+    assert [sent["To"] for sent in twilio_api.requests] == [CALLER]

@@ -7,7 +7,9 @@ UPDATE SKIP LOCKED`` and marks them ``dialing`` in that transaction, committed b
 two instances never dial one callback. An instance that dies mid-dial leaves its row
 ``dialing``; after :data:`INTERRUPTED_AFTER_S` a round settles it without dialling again (the
 carrier may have placed the call): ``placed`` if its call reached ``carrier_calls``, else
-``failed``.
+``failed``. A row claimed but not dialled goes back to ``pending`` (:func:`_release`): the rest
+of a batch when the gateway stops or the database fails mid-batch, and one whose call.requested
+NATS did not take (:class:`parley.gateway.outbound.NotDialled`).
 
 A callback is dialled from the agent's number of the call it was booked on (the number the
 caller reached, or the one the agent called from), as that call's agent, through
@@ -37,7 +39,7 @@ from parley.common.configuration import Agent, PhoneNumber, find_number, get_age
 from .api.dialing import CarrierUnavailable, DialError
 from .calls import find_by_call_id, new_call_id
 from .keys import CALL_RATE_LIMITER, CONFIG, METRICS, POOL
-from .outbound import place_outbound
+from .outbound import NotDialled, place_outbound
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +81,12 @@ async def run(app: web.Application) -> None:
 async def place_due(app: web.Application) -> int:
     """Dial the callbacks due now that this instance claims; how many it claimed."""
     claimed = await _claim(app)
-    for due in claimed:
-        await _place(app, due)
+    for index, due in enumerate(claimed):
+        try:
+            await _place(app, due)
+        except BaseException:  # stopping (cancelled), or the database failed: the rest wait
+            await _release(app, claimed[index + 1:])
+            raise
     return len(claimed)
 
 
@@ -124,12 +130,20 @@ async def _settle_interrupted(conn: AsyncConnection[Any]) -> None:
 async def _place(app: web.Application, due: _Due) -> None:
     try:
         agent, number = await _origin(app, due)
+    except _Undiallable as exc:
+        await _settle(app, due, "failed", str(exc), placed_call_id="")
+        return
+    except BaseException:  # the database failed, or the gateway is stopping: not dialled
+        await _release(app, [due])
+        raise
+    try:
         await place_outbound(app, call_id=due.placed_call_id, agent=agent, number=number,
                              to_number=due.number, context={"callback_note": due.note},
                              metadata={"callback_of": due.call_id,
                                        "tool_call_id": due.tool_call_id})
-    except _Undiallable as exc:
-        await _settle(app, due, "failed", str(exc), placed_call_id="")
+    except NotDialled as exc:  # NATS down: the carrier was not asked; a later round
+        log.warning("callback %s: not dialled: %s", due.id, exc)
+        await _release(app, [due])
     except (DialError, CarrierUnavailable) as exc:
         number_fault = isinstance(exc, DialError) and exc.caller_fault
         if number_fault or due.attempts >= MAX_ATTEMPTS:
@@ -141,6 +155,17 @@ async def _place(app: web.Application, due: _Due) -> None:
         log.exception("callback %s: placing call %s failed", due.id, due.placed_call_id)
     else:
         await _settle(app, due, "placed")
+
+
+async def _release(app: web.Application, claimed: list[_Due]) -> None:
+    """Claimed callbacks that were not dialled: pending again, the attempt not counted."""
+    if not claimed:
+        return
+    async with app[POOL].connection() as conn:
+        await conn.execute(
+            "UPDATE tool_callbacks SET status = 'pending', attempts = attempts - 1, "
+            "updated_at = now() WHERE id = ANY(%s) AND status = 'dialing'",
+            ([due.id for due in claimed],))
 
 
 async def _origin(app: web.Application, due: _Due) -> tuple[Agent, PhoneNumber]:

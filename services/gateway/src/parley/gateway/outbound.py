@@ -4,6 +4,7 @@ Publish call.requested, ask the carrier that owns the ``from`` number to dial
 (:func:`parley.gateway.api.dialing.dial`), then record the carrier's id in ``carrier_calls`` and
 publish call.dialing in one transaction. A carrier that refuses publishes call.failed and the
 refusal is raised for the caller to answer as it must (an HTTP problem, a callback's retry).
+When call.requested cannot be published (NATS down), nothing is dialled: :class:`NotDialled`.
 """
 
 from __future__ import annotations
@@ -23,22 +24,29 @@ from .keys import BUS, POOL
 log = logging.getLogger(__name__)
 
 
+class NotDialled(Exception):
+    """call.requested could not be published, so the carrier was not asked to dial."""
+
+
 async def place_outbound(app: web.Application, *, call_id: str, agent: Agent,
                          number: PhoneNumber, to_number: str, context: dict[str, Any],
                          metadata: dict[str, str]) -> CarrierCall:
     """Have ``agent`` call ``to_number`` from ``number``; the call once the carrier is dialing.
 
     Raises :class:`DialError` or :class:`CarrierUnavailable` (call.failed published) when the
-    carrier did not place the call.
+    carrier did not place the call, :class:`NotDialled` when it was not asked to.
     """
     call = CarrierCall(carrier=number.carrier, carrier_call_id="", call_id=call_id,
                        org_id=agent.org_id, agent_id=agent.agent_id, direction="outbound",
                        from_number=number.number, to_number=to_number)
     bus = app[BUS]
-    await bus.publish(CallRequested(
-        org_id=call.org_id, call_id=call_id, direction="outbound", agent_id=agent.agent_id,
-        from_number=number.number, to_number=to_number, carrier=number.carrier,
-        context=context, metadata=metadata))
+    try:
+        await bus.publish(CallRequested(
+            org_id=call.org_id, call_id=call_id, direction="outbound", agent_id=agent.agent_id,
+            from_number=number.number, to_number=to_number, carrier=number.carrier,
+            context=context, metadata=metadata))
+    except Exception as exc:
+        raise NotDialled(f"call.requested not published: {exc!r}") from exc
     try:
         call.carrier_call_id = await dial(app, carrier=call.carrier, call_id=call_id,
                                           agent=agent, from_number=call.from_number,
