@@ -6,8 +6,9 @@ from typing import Any
 import pytest
 
 from parley.common.bus import EVENTS_STREAM
+from parley.common.configuration import assign_number, create_agent, create_org
 from parley.common.events import CallFailed, CallRequested
-from parley.gateway.due_callbacks import place_due
+from parley.gateway.due_callbacks import BATCH, place_due
 
 from . import test_plivo_support as support
 from .conftest import ACCOUNT, CALLER, CASCADING_AGENT, CASCADING_NUMBER, ORG, wait_for
@@ -33,12 +34,13 @@ async def make_dialler(make_plivo_gateway, twilio_api):  # noqa: F811
 
 
 async def book(db, call_id: str, tool_call_id: str, *, number: str = CALLER,
-               due_in_s: float = -1.0, note: str = "the refund for order 42") -> int:
+               due_in_s: float = -1.0, note: str = "the refund for order 42",
+               org_id: str = ORG, agent_id: str = CASCADING_AGENT) -> int:
     """A row as schedule_callback writes it; its id."""
     cursor = await db.execute(
         "INSERT INTO tool_callbacks (org_id, call_id, tool_call_id, agent_id, number, "
         "callback_at, note) VALUES (%s, %s, %s, %s, %s, now() + make_interval(secs => %s), %s) "
-        "RETURNING id", (ORG, call_id, tool_call_id, CASCADING_AGENT, number, due_in_s, note))
+        "RETURNING id", (org_id, call_id, tool_call_id, agent_id, number, due_in_s, note))
     return (await cursor.fetchone())[0]
 
 
@@ -152,6 +154,33 @@ async def test_callbacks_keep_to_the_orgs_call_rate(make_dialler, twilio_api, db
     await asyncio.sleep(0.3)
     assert len(twilio_api.requests) == 1
     assert (await callback(db, second))["status"] == "pending"
+
+
+async def test_an_org_over_its_call_rate_does_not_hold_back_another_orgs_callbacks(
+        make_dialler, twilio_api, db):  # noqa: F811
+    # Orgs have separate rate buckets so that one org's campaign never holds back another's
+    # calls: a batch's worth of one org's callbacks due first, over its rate, must not keep
+    # the callbacks due after them, of another org, from being dialled.
+    gateway = await make_dialler(gateway_callback_interval_s=0, gateway_call_rate_per_s=0.001,
+                                 gateway_call_burst=1)
+    _, call_id, _ = await gateway.inbound_call()
+    backlog = [await book(db, call_id, f"toolu_{n}", number=f"+141555502{n:02d}", due_in_s=-60)
+               for n in range(BATCH + 1)]
+    await create_org(db, "org_other", "Other")
+    await create_agent(db, "org_other", "Other agent", agent_id="ag_other")
+    await assign_number(db, "org_other", "+14155550177", "ag_other")
+    await db.execute(
+        "INSERT INTO carrier_calls (carrier, carrier_call_id, call_id, org_id, agent_id, "
+        "direction, from_number, to_number) VALUES ('twilio', 'CAother', 'call_other', "
+        "'org_other', 'ag_other', 'inbound', '+14155550188', '+14155550177')")
+    other = await book(db, "call_other", "toolu_other", number="+14155550188",
+                       org_id="org_other", agent_id="ag_other")
+    for _ in range(3):
+        await place_due(gateway.app)
+    assert (await callback(db, other))["status"] == "placed"
+    statuses = [(await callback(db, callback_id))["status"] for callback_id in backlog]
+    assert statuses == ["placed"] + ["pending"] * BATCH  # the first org: one, its burst
+    assert [sent["From"] for sent in twilio_api.requests] == [CASCADING_NUMBER, "+14155550177"]
 
 
 async def test_a_callback_left_dialing_by_a_dead_instance_is_not_dialled_again(

@@ -91,26 +91,41 @@ async def place_due(app: web.Application) -> int:
 
 
 async def _claim(app: web.Application) -> list[_Due]:
+    """Due callbacks, marked dialing; an org over its call rate waits for a later round.
+
+    Its rows are left out and the rest looked at again, so an org with a backlog due first
+    does not hold back another org's callbacks (each has its own bucket).
+    """
     limiter = app[CALL_RATE_LIMITER]
-    claimed = []
+    claimed: list[_Due] = []
+    over_rate: list[str] = []
     async with app[POOL].connection() as conn, conn.transaction():
         await _settle_interrupted(conn)
-        cursor = await conn.execute(
-            f"SELECT {_COLUMNS} FROM tool_callbacks WHERE status = 'pending' "
-            "AND coalesce(retry_at, callback_at) <= now() "
-            "ORDER BY coalesce(retry_at, callback_at) LIMIT %s FOR UPDATE SKIP LOCKED",
-            (BATCH,))
-        for row in await cursor.fetchall():
-            due = _Due(**dict(zip(_COLUMNS.split(", "), row, strict=True)))
-            if limiter.take(due.org_id):
-                continue  # over the org's call rate: a later round
-            due.attempts += 1
-            due.placed_call_id = new_call_id()
-            await conn.execute(
-                "UPDATE tool_callbacks SET status = 'dialing', attempts = %s, "
-                "placed_call_id = %s, updated_at = now() WHERE id = %s",
-                (due.attempts, due.placed_call_id, due.id))
-            claimed.append(due)
+        while len(claimed) < BATCH:
+            cursor = await conn.execute(
+                f"SELECT {_COLUMNS} FROM tool_callbacks WHERE status = 'pending' "
+                "AND coalesce(retry_at, callback_at) <= now() AND org_id <> ALL(%s) "
+                "ORDER BY coalesce(retry_at, callback_at) LIMIT %s FOR UPDATE SKIP LOCKED",
+                (over_rate, BATCH - len(claimed)))
+            rows = await cursor.fetchall()
+            went_over = False
+            for row in rows:
+                due = _Due(**dict(zip(_COLUMNS.split(", "), row, strict=True)))
+                if due.org_id in over_rate:
+                    continue
+                if limiter.take(due.org_id):
+                    over_rate.append(due.org_id)  # a later round
+                    went_over = True
+                    continue
+                due.attempts += 1
+                due.placed_call_id = new_call_id()
+                await conn.execute(
+                    "UPDATE tool_callbacks SET status = 'dialing', attempts = %s, "
+                    "placed_call_id = %s, updated_at = now() WHERE id = %s",
+                    (due.attempts, due.placed_call_id, due.id))
+                claimed.append(due)
+            if not went_over:  # all taken, or none left due
+                break
     return claimed
 
 
