@@ -246,3 +246,29 @@ async def test_a_callback_nats_could_not_take_is_dialled_once_it_can(
     row = await callback(db, due)
     assert (row["status"], row["attempts"]) == ("placed", 1)
     assert [sent["To"] for sent in twilio_api.requests] == [CALLER]
+
+
+async def test_a_late_outcome_does_not_overwrite_a_callback_settled_as_interrupted(
+        make_dialler, twilio_api, db):  # noqa: F811
+    # Twilio was so slow to answer that another round took the dial for interrupted and failed
+    # the callback (the carrier may have placed it); Twilio's late outage answer must not put it
+    # back to pending, to be dialled again.
+    twilio_api.hold = asyncio.Event()
+    twilio_api.fail_with = OUTAGE
+    gateway = await make_dialler(gateway_callback_interval_s=0)
+    _, call_id, _ = await gateway.inbound_call()
+    slow = await book(db, call_id, "toolu_1")
+    round_ = asyncio.create_task(place_due(gateway.app))
+    await wait_for(lambda: len(twilio_api.requests) == 1)
+    await db.execute("UPDATE tool_callbacks SET updated_at = now() - interval '10 minutes' "
+                     "WHERE id = %s", (slow,))
+    another = await make_dialler(gateway_callback_interval_s=0)
+    await place_due(another.app)
+    assert (await callback(db, slow))["status"] == "failed"
+    twilio_api.hold.set()
+    await round_
+    row = await callback(db, slow)
+    assert row["status"] == "failed" and "interrupted" in row["last_error"]
+    await db.execute("UPDATE tool_callbacks SET retry_at = now() WHERE id = %s", (slow,))
+    await place_due(gateway.app)
+    assert len(twilio_api.requests) == 1

@@ -7,9 +7,11 @@ UPDATE SKIP LOCKED`` and marks them ``dialing`` in that transaction, committed b
 two instances never dial one callback. An instance that dies mid-dial leaves its row
 ``dialing``; after :data:`INTERRUPTED_AFTER_S` a round settles it without dialling again (the
 carrier may have placed the call): ``placed`` if its call reached ``carrier_calls``, else
-``failed``. A row claimed but not dialled goes back to ``pending`` (:func:`_release`): the rest
-of a batch when the gateway stops or the database fails mid-batch, and one whose call.requested
-NATS did not take (:class:`parley.gateway.outbound.NotDialled`).
+``failed``; the dialling instance, if it was only slow (a carrier answering after that), then
+leaves the row as settled (:func:`_settle` changes only a ``dialing`` row). A row claimed but
+not dialled goes back to ``pending`` (:func:`_release`): the rest of a batch when the gateway
+stops or the database fails mid-batch, and one whose call.requested NATS did not take
+(:class:`parley.gateway.outbound.NotDialled`).
 
 A callback is dialled from the agent's number of the call it was booked on (the number the
 caller reached, or the one the agent called from), as that call's agent, through
@@ -203,12 +205,19 @@ async def _origin(app: web.Application, due: _Due) -> tuple[Agent, PhoneNumber]:
 
 async def _settle(app: web.Application, due: _Due, status: str, error: str = "", *,
                   placed_call_id: str | None = None, retry_after_s: float = 0.0) -> None:
+    """Record the dial's outcome, unless a round already settled the row as interrupted."""
     async with app[POOL].connection() as conn:
-        await conn.execute(
+        cursor = await conn.execute(
             "UPDATE tool_callbacks SET status = %s, last_error = %s, placed_call_id = %s, "
-            "retry_at = now() + make_interval(secs => %s), updated_at = now() WHERE id = %s",
+            "retry_at = now() + make_interval(secs => %s), updated_at = now() "
+            "WHERE id = %s AND status = 'dialing'",
             (status, error[:500], due.placed_call_id if placed_call_id is None
              else placed_call_id, retry_after_s, due.id))
+    if cursor.rowcount == 0:
+        log.warning("callback %s: settled as interrupted while dialling took over %d s; "
+                    "its outcome (%s: %s) is not recorded", due.id, INTERRUPTED_AFTER_S,
+                    status, error)
+        return
     app[METRICS].counter("gateway_callbacks", "callbacks dialled when due, by outcome",
                          ["outcome"]).labels(status if status != "pending" else "retry").inc()
     if status == "placed":
