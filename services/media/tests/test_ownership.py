@@ -226,9 +226,10 @@ async def test_a_nats_restart_hands_no_live_instances_call_to_another(tmp_path) 
 
 async def test_a_call_whose_instance_dies_after_a_nats_restart_is_taken_over(tmp_path) -> None:
     """The lease watch is an ordered consumer, kept in the server's memory: a restarted
-    nats-server had forgotten it, the watcher saw no lease change from then on, and when an
-    owner died later its call was taken over by no one (the compare-and-set on the revision
-    last seen failed for ever)."""
+    nats-server had forgotten it, and the watcher saw no lease change until nats-py's missed
+    heartbeats made it ask for the consumer again, about 20 s later: an owner that died
+    meanwhile had its call taken over by no one until then (the compare-and-set on the
+    revision last seen failed), the caller hearing nothing."""
     server = NatsServer(tmp_path / "nats").start()
     owner_bus = await Bus.connect(server.url, name="owner")
     watcher_bus = await Bus.connect(server.url, name="watcher")

@@ -433,11 +433,12 @@ class Leases:
                 continue
             if nc.stats["reconnects"] != reconnects:
                 # The watch is an ordered consumer, kept in the server's memory: a restarted
-                # server has forgotten it, and it would see no change again (an owner that
-                # died later was taken over by no one). Watched anew, every lease's silence
-                # counts from now: cut off from NATS, this instance saw no renewal, and that
-                # silence was ours, not the owners' (the first instance back from a 2 s NATS
-                # restart took the calls of one still serving them).
+                # server has forgotten it, and it saw no change until nats-py asked for it
+                # again, ~20 s later (an owner that died meanwhile was taken over by no one
+                # until then). Watched anew, every lease's silence counts from now: cut off
+                # from NATS, this instance saw no renewal, and that silence was ours, not the
+                # owners' (the first instance back from a 2 s NATS restart took the calls of
+                # one still serving them).
                 try:
                     await self._watch_all()
                 except Exception as exc:  # JetStream still recovering: try again next scan
