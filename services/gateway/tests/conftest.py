@@ -117,6 +117,7 @@ class FakeTwilioRest:
     ended: dict[str, tuple[str, int]] = field(default_factory=dict)  # sid → (status, duration)
     fail_updates_with: int | None = None  # an HTTP status: Twilio having a bad moment
     hold_updates: asyncio.Event | None = None  # answer an update only once this is set
+    unknown: set[str] = field(default_factory=set)  # sids a fetch answers 404 for
 
     def caller_hangs_up(self, call_sid: str, *, duration_s: int) -> None:
         """The caller hangs up: Twilio has the call ``completed``, ``duration_s`` long."""
@@ -127,6 +128,9 @@ class FakeTwilioRest:
 
         async def fetch(request: web.Request) -> web.Response:
             self.fetches.append(request.match_info["sid"])
+            if request.match_info["sid"] in self.unknown:
+                return web.json_response({"code": 20404, "message": "The requested resource "
+                                          "was not found", "status": 404}, status=404)
             return web.json_response(self.call_resource(request.match_info["sid"]))
 
         async def update(request: web.Request) -> web.Response:

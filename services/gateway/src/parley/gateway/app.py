@@ -42,7 +42,7 @@ from .keys import (
 from .plivo import routes as plivo_routes
 from .registry import CallRegistry
 from .signature_audit import RefusalFolder, SignatureAudit
-from .twilio import media_stream, relay, webhooks
+from .twilio import media_stream, orphans, relay, webhooks
 from .twilio.rest import TwilioCalls
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ def create_app(config: GatewayConfig, *, bus: Bus | None = None,
     app.cleanup_ctx.append(_signature_audit_context)  # after bus and pool: closed before them
     app.cleanup_ctx.append(_twilio_context(twilio_rest))
     app.cleanup_ctx.append(_due_callbacks_context)  # stopped before the clients it dials with
+    app.cleanup_ctx.append(_orphans_context)  # likewise
     app.cleanup_ctx.append(_settling_context)  # last: closed before the clients it uses
     app.on_shutdown.append(_going_away)
     for add_routes in ROUTE_HOOKS:
@@ -169,6 +170,20 @@ async def _due_callbacks_context(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     task = asyncio.create_task(due_callbacks.run(app), name="due-callbacks")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _orphans_context(app: web.Application) -> AsyncIterator[None]:
+    """The loop that ends the calls no instance holds (their gateway was killed)."""
+    if not app[CONFIG].gateway_orphan_check_s:
+        yield
+        return
+    task = asyncio.create_task(orphans.run(app), name="orphaned-calls")
     try:
         yield
     finally:

@@ -10,6 +10,7 @@ mark       ``{"name": "<turn_id>:<seq>"}``              place a mark after the q
 hangup     ``{"reason": "agent_hangup"}`` (optional)    end the call (call.ended, that reason)
 dtmf       ``{"digits": "12#"}``                        play DTMF tones to the caller
 transfer   ``{"to": "+15551234567", "mode": "cold"}``   hand the call to another number
+ping       ``{}``                                       none: says an instance holds the call
 =========  ===========================================  =====================================
 
 The reply is ``{"ok": true}`` or ``{"ok": false, "error": "..."}``; a request for a call no
@@ -45,7 +46,7 @@ from parley.common.bus import command_subject
 
 log = logging.getLogger(__name__)
 
-VERBS = ("clear", "mark", "hangup", "dtmf", "transfer")
+VERBS = ("clear", "mark", "hangup", "dtmf", "transfer", "ping")
 CARRIER_VERBS = frozenset({"hangup", "dtmf", "transfer"})  # the lane that may wait on REST
 # call.ended's reason; "idle": the tools service's end_call for a caller silent too long
 EndReason = Literal["agent_hangup", "completed", "max_duration", "machine", "error", "idle"]
@@ -191,5 +192,7 @@ async def dispatch(target: CommandTarget, verb: str, data: bytes) -> None:
             if body.mode != "cold":  # (the event and the command keep the field for it)
                 raise CommandError("warm transfer is not supported; transfer cold")
             await target.transfer(body.to, body.mode)
+        case "ping":
+            pass
         case _:
             raise CommandError(f"unknown verb {verb!r}; expected one of {', '.join(VERBS)}")
