@@ -41,6 +41,7 @@ class FakeTwilioCalls:
     requests: list[MultiDict] = field(default_factory=list)
     fail_with: tuple[int, dict[str, Any]] | None = None
     hold: asyncio.Event | None = None  # set: answers wait until it is set
+    drop: bool = False  # the connection is closed once a request is read: no answer
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -50,6 +51,8 @@ class FakeTwilioCalls:
             self.requests.append(form)
             if self.hold is not None:
                 await self.hold.wait()
+            if self.drop and request.transport is not None:
+                request.transport.close()
             if self.fail_with is not None:
                 return web.json_response(self.fail_with[1], status=self.fail_with[0])
             sid = f"CA{len(self.requests):032x}"
@@ -474,3 +477,16 @@ async def test_a_rate_of_zero_places_calls_without_limit(make_plivo_gateway, twi
     for _ in range(4):
         assert (await place(api, keys["full"], body())).status == 201
     assert len(twilio_api.requests) == 4
+
+
+async def test_a_call_twilio_never_answered_for_is_still_a_502(api, twilio_api, keys, events):
+    # The connection dropped once the request was sent: Twilio may have placed the call
+    # (DialError.ambiguous, which a due callback is not dialled again after), but the API's
+    # answer stays the carrier-error one.
+    twilio_api.drop = True
+    response = await place(api, keys["full"], body())
+    assert response.status == 502
+    problem = await response.json()
+    assert problem["type"].endswith("carrier-error")
+    assert problem["detail"] == "twilio could not place the call: Server disconnected"
+    await events.wait("call.failed", problem["call_id"])

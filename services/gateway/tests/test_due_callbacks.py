@@ -9,6 +9,7 @@ from parley.common.bus import EVENTS_STREAM
 from parley.common.configuration import assign_number, create_agent, create_org
 from parley.common.events import CallFailed, CallRequested
 from parley.gateway.due_callbacks import BATCH, place_due
+from parley.gateway.keys import TWILIO_REST
 
 from . import test_plivo_support as support
 from .conftest import ACCOUNT, CALLER, CASCADING_AGENT, CASCADING_NUMBER, ORG, wait_for
@@ -272,3 +273,42 @@ async def test_a_late_outcome_does_not_overwrite_a_callback_settled_as_interrupt
     await db.execute("UPDATE tool_callbacks SET retry_at = now() WHERE id = %s", (slow,))
     await place_due(gateway.app)
     assert len(twilio_api.requests) == 1
+
+
+@pytest.mark.parametrize("failure", ["dropped", "timeout"])
+async def test_a_callback_the_carrier_did_not_answer_for_is_not_dialled_again(
+        make_dialler, twilio_api, db, failure):  # noqa: F811
+    # The create request reached Twilio but no answer came back (the connection dropped, or
+    # the REST client timed out): Twilio may have placed the call, so dialling again 30 s later
+    # could ring the caller twice. It is settled as an interrupted dial would be.
+    gateway = await make_dialler(gateway_callback_interval_s=0)
+    if failure == "dropped":
+        twilio_api.drop = True
+    else:
+        twilio_api.hold = asyncio.Event()
+        gateway.app[TWILIO_REST].client.http_client.timeout = 0.2
+    _, call_id, _ = await gateway.inbound_call()
+    unanswered = await book(db, call_id, "toolu_1")
+    await place_due(gateway.app)
+    row = await callback(db, unanswered)
+    assert (row["status"], row["attempts"]) == ("failed", 1), row
+    assert "may have placed the call" in row["last_error"]
+    await db.execute("UPDATE tool_callbacks SET retry_at = now() WHERE id = %s", (unanswered,))
+    await place_due(gateway.app)
+    assert len(twilio_api.requests) == 1
+    if twilio_api.hold is not None:
+        twilio_api.hold.set()
+
+
+async def test_a_callback_plivo_did_not_answer_for_is_not_dialled_again(
+        make_plivo_gateway, db):
+    # As with Twilio: the connection dropped once the create request was sent.
+    plivo = await make_plivo_gateway(gateway_callback_interval_s=0)
+    plivo.api.drop = True
+    _, call_id, _ = await plivo.answer()
+    unanswered = await book(db, call_id, "toolu_1", number=support.PLIVO_CALLER)
+    await place_due(plivo.app)
+    row = await callback(db, unanswered)
+    assert (row["status"], row["attempts"]) == ("failed", 1), row
+    assert "may have placed the call" in row["last_error"]
+    assert len(plivo.api.created) == 1

@@ -57,6 +57,7 @@ class FakePlivoApi:
     auth: list[str] = field(default_factory=list)
     fail_with: tuple[int, dict[str, Any]] | None = None
     fail_transfers_with: int | None = None  # an HTTP status for the Call update endpoint
+    drop: bool = False  # a create request's connection is closed once read: no answer
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -66,6 +67,8 @@ class FakePlivoApi:
             self.auth.append(request.headers.get("Authorization", ""))
             body = await request.json()
             self.created.append(body)
+            if self.drop and request.transport is not None:
+                request.transport.close()
             if self.fail_with is not None:
                 return web.json_response(self.fail_with[1], status=self.fail_with[0])
             return web.json_response({"api_id": str(uuid.uuid4()), "message": "call fired",

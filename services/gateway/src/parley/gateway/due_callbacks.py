@@ -22,8 +22,11 @@ limiter like ``POST /v1/calls``; with none left it stays pending for a later rou
 
 Outcomes, on the row: ``placed`` (``placed_call_id``); ``failed`` (``last_error``) when the
 carrier refused the number itself, or nothing can call it any more (the call it was booked on,
-that number or the agent gone); any other carrier failure is tried again after
-``gateway_callback_retry_s``, then twice that, and fails after :data:`MAX_ATTEMPTS` attempts.
+that number or the agent gone). A dial the carrier never answered (``DialError.ambiguous``: a
+timeout, the connection lost once the request was sent) is settled like an interrupted one and
+never dialled again, as the carrier may have placed the call. Any other carrier failure (an
+error answer, the carrier unconfigured) is tried again after ``gateway_callback_retry_s``, then
+twice that, and fails after :data:`MAX_ATTEMPTS` attempts.
 """
 
 from __future__ import annotations
@@ -163,7 +166,11 @@ async def _place(app: web.Application, due: _Due) -> None:
         await _release(app, [due])
     except (DialError, CarrierUnavailable) as exc:
         number_fault = isinstance(exc, DialError) and exc.caller_fault
-        if number_fault or due.attempts >= MAX_ATTEMPTS:
+        if isinstance(exc, DialError) and exc.ambiguous:  # never again, as if interrupted
+            placed = await _reached_carrier(app, due)
+            await _settle(app, due, "placed" if placed else "failed", (
+                f"{exc}; not dialled again, as the carrier may have placed the call"))
+        elif number_fault or due.attempts >= MAX_ATTEMPTS:
             await _settle(app, due, "failed", str(exc))
         else:
             await _settle(app, due, "pending", str(exc), retry_after_s=(
@@ -172,6 +179,14 @@ async def _place(app: web.Application, due: _Due) -> None:
         log.exception("callback %s: placing call %s failed", due.id, due.placed_call_id)
     else:
         await _settle(app, due, "placed")
+
+
+async def _reached_carrier(app: web.Application, due: _Due) -> bool:
+    """Whether the call dialled for it is in ``carrier_calls`` (its webhooks came)."""
+    async with app[POOL].connection() as conn:
+        cursor = await conn.execute("SELECT 1 FROM carrier_calls WHERE call_id = %s",
+                                    (due.placed_call_id,))
+        return await cursor.fetchone() is not None
 
 
 async def _release(app: web.Application, claimed: list[_Due]) -> None:

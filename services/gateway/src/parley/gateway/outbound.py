@@ -3,7 +3,8 @@
 Publish call.requested, ask the carrier that owns the ``from`` number to dial
 (:func:`parley.gateway.api.dialing.dial`), then record the carrier's id in ``carrier_calls`` and
 publish call.dialing in one transaction. A carrier that refuses publishes call.failed and the
-refusal is raised for the caller to answer as it must (an HTTP problem, a callback's retry).
+refusal is raised for the caller to answer as it must (an HTTP problem, a callback's retry); so
+does one that never answered (``DialError.ambiguous``: it may have placed the call).
 When call.requested cannot be published (NATS down), nothing is dialled: :class:`NotDialled`.
 """
 
@@ -58,8 +59,8 @@ async def place_outbound(app: web.Application, *, call_id: str, agent: Agent,
     except DialError as exc:
         await bus.publish(CallFailed(org_id=call.org_id, call_id=call_id,
                                      reason=exc.message[:500], carrier_status=exc.status))
-        log.warning("call %s: %s refused to dial %s: %s", call_id, exc.carrier, to_number,
-                    exc.message)
+        log.warning("call %s: %s %s %s: %s", call_id, exc.carrier, "may have dialled"
+                    if exc.ambiguous else "refused to dial", to_number, exc.message)
         raise
     async with app[POOL].connection() as conn, conn.transaction():
         await record_carrier_call(conn, call)

@@ -8,7 +8,9 @@ that overtakes the API's own bookkeeping can still be resolved.
 
 A carrier refusal becomes :class:`DialError`: ``caller_fault`` when the request itself was bad
 (an invalid or unreachable number: Twilio 400/404/422, Plivo validation errors), else ours or
-the carrier's (credentials, outages, timeouts).
+the carrier's (credentials, outages). A request the carrier never answered (a timeout, the
+connection lost once it was sent) is ``ambiguous``: the carrier may have placed the call, so
+dialling again could ring the number twice. One that never reached it (no connection) is not.
 """
 
 from __future__ import annotations
@@ -35,15 +37,16 @@ _TWILIO_CALLER_STATUSES = {400, 404, 422}
 
 
 class DialError(Exception):
-    """The carrier did not place the call."""
+    """The carrier did not place the call, or (``ambiguous``) did not say whether it did."""
 
     def __init__(self, carrier: str, message: str, *, caller_fault: bool,
-                 status: str = "") -> None:
+                 status: str = "", ambiguous: bool = False) -> None:
         super().__init__(f"{carrier}: {message}")
         self.carrier = carrier
         self.message = message
         self.caller_fault = caller_fault
         self.status = status
+        self.ambiguous = ambiguous
 
 
 class CarrierUnavailable(Exception):
@@ -89,10 +92,16 @@ async def _dial_twilio(app: web.Application, ids: dict[str, str], agent: Agent,
         raise DialError("twilio", exc.detail or exc.title,
                         caller_fault=exc.status in _TWILIO_CALLER_STATUSES,
                         status=str(exc.code or exc.status)) from exc
-    except (TwilioException, aiohttp.ClientError, TimeoutError) as exc:
+    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:  # not sent
+        raise DialError("twilio", str(exc) or type(exc).__name__, caller_fault=False) from exc
+    except (aiohttp.ClientError, TimeoutError) as exc:  # sent, and no answer came back
+        raise DialError("twilio", str(exc) or type(exc).__name__, caller_fault=False,
+                        ambiguous=True) from exc
+    except TwilioException as exc:
         raise DialError("twilio", str(exc) or type(exc).__name__, caller_fault=False) from exc
     if not call.sid:
-        raise DialError("twilio", "Twilio accepted the call without a sid", caller_fault=False)
+        raise DialError("twilio", "Twilio accepted the call without a sid", caller_fault=False,
+                        ambiguous=True)
     return str(call.sid)
 
 
@@ -108,5 +117,6 @@ async def _dial_plivo(app: web.Application, ids: dict[str, str], agent: Agent,
                                  answer_url=answer, hangup_url=hangup, ring_url=ring,
                                  time_limit_s=agent.settings.max_duration_s)
     except PlivoCallError as exc:
-        raise DialError("plivo", str(exc), caller_fault=exc.caller_fault) from exc
+        raise DialError("plivo", str(exc), caller_fault=exc.caller_fault,
+                        ambiguous=exc.ambiguous) from exc
     return dialed.request_uuid

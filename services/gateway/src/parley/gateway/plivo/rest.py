@@ -26,6 +26,9 @@ from plivo import exceptions as plivo_errors
 from plivo.rest.client import PLIVO_API, fetch_credentials
 from requests import PreparedRequest
 from requests import RequestException as TransportError
+from requests.exceptions import ChunkedEncodingError, Timeout
+from requests.exceptions import ConnectionError as ConnectionLost
+from urllib3.exceptions import MaxRetryError
 
 from ..keys import CONFIG
 
@@ -37,11 +40,16 @@ CALLER_ERRORS: tuple[type[Exception], ...] = (
 
 
 class PlivoCallError(Exception):
-    """Plivo refused or failed a REST call; ``caller_fault`` if the request itself was bad."""
+    """Plivo refused or failed a REST call; ``caller_fault`` if the request itself was bad.
 
-    def __init__(self, message: str, *, caller_fault: bool) -> None:
+    ``ambiguous``: Plivo never answered a request that was sent (a timeout, the connection
+    lost), or answered without the id it owes, so it may have done what was asked.
+    """
+
+    def __init__(self, message: str, *, caller_fault: bool, ambiguous: bool = False) -> None:
         super().__init__(message)
         self.caller_fault = caller_fault
+        self.ambiguous = ambiguous
 
 
 class Dialed(msgspec.Struct, frozen=True, kw_only=True):
@@ -107,7 +115,7 @@ class PlivoCalls:
         request_uuid = _field(response, "request_uuid")
         if not isinstance(request_uuid, str) or not request_uuid:
             raise PlivoCallError("Plivo accepted the call without a request_uuid",
-                                 caller_fault=False)
+                                 caller_fault=False, ambiguous=True)
         return Dialed(request_uuid=request_uuid, message=str(_field(response, "message") or ""))
 
     async def hangup(self, call_uuid: str) -> None:
@@ -139,7 +147,15 @@ class PlivoCalls:
         except CALLER_ERRORS as exc:
             raise PlivoCallError(_message(exc), caller_fault=True) from exc
         except (plivo_errors.PlivoRestError, TransportError) as exc:
-            raise PlivoCallError(_message(exc), caller_fault=False) from exc
+            raise PlivoCallError(_message(exc), caller_fault=False,
+                                 ambiguous=_unanswered(exc)) from exc
+
+
+def _unanswered(exc: Exception) -> bool:
+    """Whether the request was sent and no answer came back (not: no connection was made)."""
+    if not isinstance(exc, Timeout | ConnectionLost | ChunkedEncodingError):
+        return False
+    return not (exc.args and isinstance(exc.args[0], MaxRetryError))  # connecting failed
 
 
 def _field(response: Any, name: str) -> Any:
