@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 
-from parley.common.bus import Bus
+from nats.aio.msg import Msg
+
+from parley.common.bus import Bus, command_subject, subscribe_frames
+from parley.common.bus.audio import MARK
 from parley.common.configuration.models import AgentSettings
-from parley.common.events import CallDtmf, CallStreamStarted, TurnUserEnded
+from parley.common.events import (
+    AgentSay,
+    AgentSpeechFinished,
+    AgentSpeechProgress,
+    CallDtmf,
+    CallStreamStarted,
+    TurnUserEnded,
+)
 from parley.media.ownership import Leases, LeaseState
+from parley.media.providers.base import TtsChunk
 from parley.media.router import ProviderRouter
 from parley.media.session import SessionServices
 from parley.media.worker import MediaWorker
@@ -67,14 +79,45 @@ class Agents:
         return AgentSettings()
 
 
-def worker(bus: Bus, name: str, agents: Agents, *, stt_delay_s: float = 0.0) -> MediaWorker:
+class VoiceStream:
+    """100 ms of audio per clause at once, its bytes the clause's first letter."""
+
+    def __init__(self) -> None:
+        self.chunks: asyncio.Queue[TtsChunk | None] = asyncio.Queue()
+        self.clauses = 0
+
+    async def say(self, text: str, *, last: bool = False) -> None:
+        if text:
+            self.chunks.put_nowait(TtsChunk(text[:1].encode() * 800, [], self.clauses))
+        self.clauses += 1
+        if last:
+            self.chunks.put_nowait(None)
+
+    async def audio(self):
+        while (chunk := await self.chunks.get()) is not None:
+            yield chunk
+
+    async def cancel(self) -> None:
+        self.chunks.put_nowait(None)
+
+
+class Voice:
+    name = "voice"
+
+    async def open(self, *, voice: str = "", language: str = "en-US") -> VoiceStream:
+        return VoiceStream()
+
+
+def worker(bus: Bus, name: str, agents: Agents, *, stt_delay_s: float = 0.0,
+           voice: Voice | None = None) -> MediaWorker:
     # A lease is renewed every 0.2 s and taken over after 0.3 s of silence (1 s and 1.5 s
     # in production): the same race, five times faster.
     stt = SlowStt(stt_delay_s)
+    tts = {"voice": voice} if voice is not None else {"slow": stt}
     services = SessionServices(
         bus=bus, leases=Leases(bus, name, renew_s=0.2, timeout_s=0.3, scan_s=0.05),
         instance=name, stt=ProviderRouter("stt", {"slow": stt}, ["slow"]),
-        tts=ProviderRouter("tts", {"slow": stt}, ["slow"]))  # type: ignore[dict-item]
+        tts=ProviderRouter("tts", tts, list(tts)))  # type: ignore[arg-type]
     return MediaWorker(services, agents)  # type: ignore[arg-type]
 
 
@@ -273,6 +316,141 @@ async def test_a_session_stopped_for_a_lost_lease_drops_what_it_held(bus) -> Non
         assert await key_turns(bus, "call-7") == [("k1", "1#")]
     finally:
         await a.stop()
+
+
+class Carrier:
+    """The call's agent audio as the gateway passes it to the carrier, which plays it at once:
+    each mark (with a frame, or asked for by command) is echoed as agent.speech.progress."""
+
+    def __init__(self, bus: Bus, call_id: str) -> None:
+        self.bus = bus
+        self.call_id = call_id
+        self.audio = b""
+        self.seqs: list[int] = []
+        self.marks: list[str] = []
+        self._subs: list = []
+
+    async def start(self) -> Carrier:
+        self._subs.append(await subscribe_frames(self.bus.nc, self.call_id, "out", self._frame))
+        self._subs.append(await self.bus.nc.subscribe(command_subject(self.call_id, "mark"),
+                                                      cb=self._mark_command))
+        await self.bus.nc.flush()
+        return self
+
+    async def stop(self) -> None:
+        for sub in self._subs:
+            await sub.unsubscribe()
+
+    async def _frame(self, payload: bytes, seq: int, timestamp_ms: int, msg: Msg) -> None:
+        self.audio += payload
+        self.seqs.append(seq)
+        if mark := (msg.headers or {}).get(MARK):
+            await self._echo(mark)
+
+    async def _mark_command(self, msg: Msg) -> None:
+        await msg.respond(b'{"ok": true}')
+        await self._echo(json.loads(msg.data)["name"])
+
+    async def _echo(self, mark: str) -> None:
+        self.marks.append(mark)
+        turn_id, seq = mark.split(":")
+        await self.bus.publish(AgentSpeechProgress(org_id=ORG, call_id=self.call_id,
+                                                   turn_id=turn_id, mark=mark, seq=int(seq)))
+
+
+def agent_says(call_id: str, turn_id: str, seq: int, text: str, *,
+               last: bool = False) -> AgentSay:
+    return AgentSay(org_id=ORG, call_id=call_id, turn_id=turn_id, seq=seq, text=text, last=last)
+
+
+async def finished(bus: Bus, call_id: str) -> list[str]:
+    return [e.turn_id for e in await bus.replay_call(call_id, org_id=ORG)
+            if isinstance(e, AgentSpeechFinished)]
+
+
+async def test_an_instance_that_lost_its_lease_while_frozen_sends_no_agent_audio_on_waking(
+        bus) -> None:
+    # Frozen past the lease timeout, an instance lost the call; its successor now plays the
+    # agent's audio. On waking, the frozen one voiced the clauses queued meanwhile and sent
+    # their audio until its next renewal was refused: the caller heard two agents at once.
+    a = worker(bus, "media-a", Agents(), voice=Voice())
+    carrier = await Carrier(bus, "call-10").start()
+    try:
+        session, task = await serve(a, bus, "call-10")
+        await bus.publish(agent_says("call-10", "t1", 0, "Alpha.", last=True))
+        await wait_for(lambda: carrier.audio == b"A" * 800)  # sent while confirmed
+        held = freeze_renewals(a, "call-10")
+        await asyncio.sleep(0.4)  # past the lease timeout (0.3 s)
+        await take_lease(bus, "call-10", "media-b")
+        await bus.publish(agent_says("call-10", "t2", 0, "Bravo.", last=True))  # on waking
+        await asyncio.sleep(0.2)
+        held.due = 0  # the next renewal goes out, and is refused
+        await asyncio.wait_for(task, 5)
+        assert session.end_reason == "lease_lost"
+        assert carrier.audio == b"A" * 800
+    finally:
+        await carrier.stop()
+        await a.stop()
+
+
+async def test_agent_audio_paused_while_the_lease_was_unconfirmed_plays_on_once_it_is(
+        bus) -> None:
+    # Frozen past the timeout, but nobody took the call: the turn's audio waits for the next
+    # renewal's answer, then goes on where it stopped (the caller heard a pause, the freeze's).
+    a = worker(bus, "media-a", Agents(), voice=Voice())
+    carrier = await Carrier(bus, "call-11").start()
+    try:
+        session, _ = await serve(a, bus, "call-11")
+        await bus.publish(agent_says("call-11", "t1", 0, "Alpha."))
+        await wait_for(lambda: carrier.audio == b"A" * 800)
+        held = freeze_renewals(a, "call-11")
+        await asyncio.sleep(0.4)
+        await bus.publish(agent_says("call-11", "t1", 1, "Bravo.", last=True))
+        await asyncio.sleep(0.2)
+        assert carrier.audio == b"A" * 800  # paused
+        held.due = 0  # the next renewal confirms the lease
+        await wait_for(lambda: carrier.audio == b"A" * 800 + b"B" * 800)
+        assert carrier.seqs == sorted(carrier.seqs)  # in order, none twice
+        # A mark after the first frame sent again: its echo says when the caller hears the
+        # agent again (the pause is not counted as heard); the turn's end is marked and heard.
+        assert carrier.marks == ["t1:1", "t1:6", "t1:10"]
+        await wait_for_stored(bus, "call-11", ["t1"])
+        assert not session.stopped.is_set()
+    finally:
+        await carrier.stop()
+        await a.stop()
+
+
+async def test_a_turn_whose_end_came_while_the_lease_was_unconfirmed_is_marked_once_it_is(
+        bus) -> None:
+    # All of the turn's audio went out before the freeze; its end came after: the mark after
+    # its last frame, a gateway command, was not sent while unconfirmed, and the turn, its
+    # end never echoed, counted as playing for ever once the lease proved ours.
+    a = worker(bus, "media-a", Agents(), voice=Voice())
+    carrier = await Carrier(bus, "call-12").start()
+    try:
+        await serve(a, bus, "call-12")
+        await bus.publish(agent_says("call-12", "t1", 0, "Alpha."))
+        await wait_for(lambda: carrier.audio == b"A" * 800)
+        held = freeze_renewals(a, "call-12")
+        await asyncio.sleep(0.4)
+        await bus.publish(agent_says("call-12", "t1", 1, "", last=True))
+        await asyncio.sleep(0.2)
+        assert carrier.marks == ["t1:1"]
+        held.due = 0
+        await wait_for_stored(bus, "call-12", ["t1"])
+        assert carrier.marks == ["t1:1", "t1:5"]
+    finally:
+        await carrier.stop()
+        await a.stop()
+
+
+async def wait_for_stored(bus: Bus, call_id: str, turns: list[str]) -> None:
+    """Wait until the agent turns whose agent.speech.finished is stored are ``turns``."""
+    deadline = time.monotonic() + 3
+    while (found := await finished(bus, call_id)) != turns:
+        assert time.monotonic() < deadline, found
+        await asyncio.sleep(0.05)
 
 
 async def test_a_killed_instances_usage_is_recorded_when_its_call_ended_before_the_take_over(

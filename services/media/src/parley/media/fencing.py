@@ -8,7 +8,8 @@ transcripts again under new ids, even after ``call.ended``, for a call another i
 The lease is surely ours until the lease timeout after the send time of the last renewal the
 bucket confirmed (another instance counts the silence from when it saw that write, which is
 later). Past that, the session's events are held: released when the next renewal confirms the
-lease, dropped if it finds the lease lost. A session that never held its lease through
+lease, dropped if it finds the lease lost. The session's outbound audio is paused meanwhile
+(``on_confirmed`` tells it to go on). A session that never held its lease through
 :class:`~parley.media.ownership.Leases` (tests that drive one by hand) is never fenced.
 """
 
@@ -30,13 +31,15 @@ class Fence:
     """Holds a session's events while its lease is not confirmed; releases or drops them."""
 
     def __init__(self, publish: Callable[[Event], Awaitable[None]], *, name: str = "",
-                 on_dropped: Callable[[int], None] = lambda count: None) -> None:
+                 on_dropped: Callable[[int], None] = lambda count: None,
+                 on_confirmed: Callable[[], None] = lambda: None) -> None:
         # time.monotonic() up to which the lease is surely ours (set by Leases at each
         # confirmed renewal; -inf once lost)
         self.until = math.inf
         self.name = name
         self._publish = publish
         self._on_dropped = on_dropped
+        self._on_confirmed = on_confirmed
         self._held: list[Event] = []
         self._releasing: asyncio.Task[None] | None = None
         self._settled = asyncio.Event()
@@ -69,6 +72,7 @@ class Fence:
         self.until = until
         if self._held and self._releasing is None:
             self._releasing = asyncio.get_running_loop().create_task(self._release())
+        self._on_confirmed()
 
     def drop(self) -> None:
         """The lease is lost: what is held is never published, nor anything after it."""

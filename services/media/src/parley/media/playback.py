@@ -57,7 +57,9 @@ class AgentTurnAudio:
     echoed_at: float | None = None  # monotonic time of that echo
     pending_marks: list[int] = field(default_factory=list)  # frame indices marked, not echoed
     cut_frames: int | None = None  # where a pause or interruption cut playback
-    run_start: int = 0  # first frame of the current run (0, or the cut it resumed from)
+    # First frame of the current run (0, or the cut it resumed from), or where sending went on
+    # after a pause (see :meth:`paused`): a mark goes after it.
+    run_start: int = 0
     finished: bool = False  # the last mark was echoed: everything played
     # The gateway refused a mark of this run: the carrier's socket is closed, so nothing sent
     # to it plays any more and none of the run's marks will be echoed (see :meth:`refused`).
@@ -115,6 +117,15 @@ class AgentTurnAudio:
             out.append((index, self.frames[index], seq))
             self.sent += 1
         return out
+
+    def paused(self) -> None:
+        """Sending stops here for a while (the session's lease is unconfirmed).
+
+        A mark goes after the next frame sent: until its echo, the position is capped there
+        (last echo + time since would count the pause as played), and the echo says when the
+        caller hears the turn again.
+        """
+        self.run_start = self.sent
 
     def last_mark_missing(self) -> bool:
         """The final frame went out before the text was known to be done: needs a mark."""

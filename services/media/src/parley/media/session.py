@@ -21,9 +21,11 @@ consumer on the server per live call and a slower hop for every clause.
 Agent speech: ``agent.say`` clauses of a turn go to one TTS stream, in order; its audio is cut
 into 20 ms frames and published to ``parley.audio.<call>.out`` at once (the carrier buffers and
 plays in real time; what is ready together goes as one message), with marks after the first
-frame, every 500 ms and after each clause (see :mod:`parley.media.playback`). Turns play one
-after another. A provider that fails is replaced by the next in the call's chain mid-call
-(``media.provider_switched``); for STT the open turn's audio is replayed into the new stream.
+frame, every 500 ms and after each clause (see :mod:`parley.media.playback`). While the lease is
+unconfirmed (:mod:`parley.media.fencing`) it is paused, and goes on once a renewal confirms
+it. Turns play one after another. A provider that fails is replaced by the next in the call's
+chain mid-call (``media.provider_switched``); for STT the open turn's audio is replayed into the
+new stream.
 
 A caller silent while nothing is pending (no caller turn waiting for its answer, no agent audio
 to play) is noticed on the audio clock (:mod:`parley.common.idle`): ``caller.idle`` asks the
@@ -253,7 +255,7 @@ class CallSession:
         self._outbox = Outbox(services.bus, name=f"call {call_id}")
         # The call's events go out only while the lease is surely ours (parley.media.fencing).
         self._fence = Fence(self._outbox.put, name=f"call {call_id}",
-                            on_dropped=services.on_fenced)
+                            on_dropped=services.on_fenced, on_confirmed=self._lease_confirmed)
         self.detector = TurnDetector(TurnSettings(
             endpointing_ms=settings.endpointing_ms,
             max_wait_ms=max(2500, settings.endpointing_ms * 3),
@@ -310,6 +312,10 @@ class CallSession:
         self._speak_queue: asyncio.Queue[_AgentTurn] = asyncio.Queue()
         self._current: _AgentTurn | None = None  # the turn whose audio is (or was last) out
         self._out_seq = 0
+        # Agent audio is not sent while the lease is unconfirmed, until the next renewal
+        # confirms it (_resume_out): another instance may play the call now.
+        self._out_paused = False
+        self._resuming_out: asyncio.Task[None] | None = None
         self._tts_chars: dict[str, int] = {}  # characters sent to each synthesiser
         # Usage: this session's so far (its counters themselves: each renewal carries them in
         # the lease), and what a predecessor that did not end cleanly had used by its last
@@ -1268,13 +1274,7 @@ class CallSession:
         turn.audio.end_clause()
         turn.audio.text_done = True
         await self._send_out(turn)
-        if turn.discarded:
-            return
-        if turn.audio.last_mark_missing() and turn.audio.cut_frames is None:
-            turn.audio.pending_marks.append(len(turn.audio.frames))
-            seq = mark_seq(turn.audio.generation, len(turn.audio.frames))
-            if await self._ask("mark", {"name": f"{turn.turn_id}:{seq}"}) == "refused":
-                self._echoes_lost(turn)  # the socket is closed: no echo of the turn will come
+        await self._mark_end(turn)
 
     def _echoes_lost(self, turn: _AgentTurn) -> None:
         """No echo of the turn will come: its audio is over, as if played.
@@ -1381,6 +1381,9 @@ class CallSession:
     async def _send_out(self, turn: _AgentTurn) -> None:
         if turn.interrupted or turn.held or turn.audio.cut_frames is not None:
             return
+        if self._out_paused or not self._fence.open():
+            self._pause_out(turn)
+            return
         nc = self.s.bus.nc
         subject = audio_subject(self.call_id, "out")
         # Frames ready together go out as one message (the gateway forwards it as one media
@@ -1414,6 +1417,56 @@ class CallSession:
                 tts_provider_ms=self._tts_wait_ms(turn),
                 voice_to_voice_ms=round((time.time() - spoke_at) * 1000, 1)
                 if spoke_at else 0.0, key=(turn.turn_id,))
+
+    async def _mark_end(self, turn: _AgentTurn) -> None:
+        """The turn's last frame went out before its end was known: a mark after it, by command.
+
+        Paused as the audio is while the lease is unconfirmed: sent as an unanswered command,
+        it was never echoed, and the turn counted as playing for ever once the lease proved ours.
+        """
+        audio = turn.audio
+        if turn.discarded or audio.cut_frames is not None or not audio.last_mark_missing():
+            return
+        if self._out_paused or not self._fence.open():
+            self._pause_out(turn)
+            return
+        audio.pending_marks.append(len(audio.frames))
+        seq = mark_seq(audio.generation, len(audio.frames))
+        if await self._ask("mark", {"name": f"{turn.turn_id}:{seq}"}) == "refused":
+            self._echoes_lost(turn)  # the socket is closed: no echo of the turn will come
+
+    def _pause_out(self, turn: _AgentTurn) -> None:
+        """Agent audio waits for the lease's verdict: gone on with once confirmed, else never.
+
+        Sent meanwhile, a woken instance's audio (one frozen past the lease timeout) played over
+        its successor's, the call's new owner, for up to a second. Held back, not dropped: its
+        marks would go with it, and the turn never finish when the lease proves ours.
+        """
+        self._out_paused = True
+        turn.audio.paused()
+
+    def _lease_confirmed(self) -> None:
+        # (Not once the session is ending: its tasks are over, and the call is or goes elsewhere.)
+        if self._out_paused and self._resuming_out is None and not self.stopped.is_set():
+            self._resuming_out = asyncio.create_task(self._resume_out(),
+                                                     name=f"resume-out:{self.call_id}")
+            self._tasks.append(self._resuming_out)
+
+    async def _resume_out(self) -> None:
+        """The lease is confirmed: the turns' audio goes on where it stopped, in order.
+
+        All that is ready goes at once, as ever: the carrier queues it and plays it at its own
+        pace, so the caller hears a pause (the freeze's), not the backlog hurried.
+        """
+        try:
+            self._out_paused = False
+            for turn in list(self._turns.values()):
+                await self._send_out(turn)
+                await self._mark_end(turn)
+        finally:
+            self._resuming_out = None
+            with contextlib.suppress(ValueError):
+                self._tasks.remove(asyncio.current_task())  # type: ignore[arg-type]
 
     @staticmethod
     def _tts_wait_ms(turn: _AgentTurn) -> float:
