@@ -15,7 +15,8 @@ from parley.common.events import (
     TurnUserEnded,
 )
 from parley.common.tools.builtin_specs import offered_builtins
-from parley.tools.builtins import KnowledgeQuery
+from parley.tools.builtins import KnowledgeQuery, schedule_callback
+from parley.tools.call_context import CallContext
 from parley.tools.outcomes import ToolError
 
 from .conftest import AGENT, CALLER, ORG, request_tool, start_call
@@ -381,6 +382,28 @@ async def test_a_callback_too_far_ahead_or_booked_twice_is_refused(bus, pool, se
         cursor = await conn.execute("SELECT count(*) FROM tool_callbacks WHERE call_id = %s",
                                     (call_id,))
         assert await cursor.fetchone() == (1,)
+
+
+async def test_two_callbacks_booked_at_once_to_one_number_are_not_both_booked(pool):
+    # One round of the model asks for two callbacks to the caller, handled at the same time:
+    # each checks that none is booked yet before either has booked. Only one may be booked,
+    # and the other refused as a callback booked first is.
+    call = CallContext(org_id=ORG, call_id="call_twice", agent_id=AGENT, customer_number=CALLER)
+    async with pool.connection() as first, pool.connection() as second:
+        async with first.transaction():  # booked, not committed yet: the second checks now
+            await schedule_callback(first, {"when": in_days(1)}, call, "toolu_1")
+            racing = asyncio.create_task(schedule_callback(second, {"when": in_days(2)}, call,
+                                                           "toolu_2"))
+            await asyncio.sleep(0.3)
+        with pytest.raises(ToolError, match=f"a callback to \\{CALLER} is already booked"):
+            await racing
+        cursor = await second.execute(
+            "SELECT tool_call_id FROM tool_callbacks WHERE call_id = %s", (call.call_id,))
+        assert await cursor.fetchall() == [("toolu_1",)]
+    # The same tool call delivered again is the one it booked, not a refusal.
+    async with pool.connection() as conn:
+        again = await schedule_callback(conn, {"when": in_days(1)}, call, "toolu_1")
+    assert again.ok and again.result["number"] == CALLER
 
 
 @pytest.mark.parametrize("tool", ["end_call", "transfer_call"])

@@ -308,7 +308,8 @@ async def schedule_callback(conn: AsyncConnection[Any], arguments: dict[str, Any
     The gateway dials it at the org's expense, so, as with transfers, a caller who talks the
     model into a premium-rate or foreign number must get nowhere: only the caller's own number,
     or one the agent's ``callback_number_prefixes`` allow; at most
-    :data:`MAX_CALLBACK_AHEAD` ahead; one pending callback per call and number.
+    :data:`MAX_CALLBACK_AHEAD` ahead; one callback not yet dialled (pending or dialing) per
+    call and number, which migration 012's unique index enforces.
     """
     try:
         when = datetime.fromisoformat(arguments["when"])
@@ -327,19 +328,31 @@ async def schedule_callback(conn: AsyncConnection[Any], arguments: dict[str, Any
         raise ToolError("number: the caller's number is unknown (withheld); ask for it and "
                         "pass number")
     await check_callback_number(conn, call, number)
+    await _refuse_if_booked(conn, call, number, tool_call_id)
+    note = arguments.get("note", "")
+    # Unique per tool call (a redelivery books nothing more) and, in migration 012's index, per
+    # call and number while pending or dialing: one booked at the same time wins, and this
+    # insert waits for it.
+    cursor = await conn.execute(
+        "INSERT INTO tool_callbacks (org_id, call_id, tool_call_id, agent_id, number, "
+        "callback_at, note) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+        "ON CONFLICT DO NOTHING RETURNING id",
+        (call.org_id, call.call_id, tool_call_id, call.agent_id, number, when, note))
+    if await cursor.fetchone() is None:
+        await _refuse_if_booked(conn, call, number, tool_call_id)
+    return ToolOutcome.success({"scheduled": True, "when": when.isoformat(), "number": number})
+
+
+async def _refuse_if_booked(conn: AsyncConnection[Any], call: CallContext, number: str,
+                            tool_call_id: str) -> None:
+    """Raise ToolError if another tool call booked a callback to ``number`` not dialled yet."""
     cursor = await conn.execute(
         "SELECT callback_at FROM tool_callbacks WHERE call_id = %s AND number = %s "
-        "AND status = 'pending' AND tool_call_id <> %s", (call.call_id, number, tool_call_id))
+        "AND status IN ('pending', 'dialing') AND tool_call_id <> %s",
+        (call.call_id, number, tool_call_id))
     if (booked := await cursor.fetchone()) is not None:
         raise ToolError(f"a callback to {number} is already booked for {booked[0].isoformat()}; "
                         "tell the caller it stands (it cannot be moved in this call)")
-    note = arguments.get("note", "")
-    await conn.execute(
-        "INSERT INTO tool_callbacks (org_id, call_id, tool_call_id, agent_id, number, "
-        "callback_at, note) VALUES (%s, %s, %s, %s, %s, %s, %s) "
-        "ON CONFLICT (call_id, tool_call_id) DO NOTHING",
-        (call.org_id, call.call_id, tool_call_id, call.agent_id, number, when, note))
-    return ToolOutcome.success({"scheduled": True, "when": when.isoformat(), "number": number})
 
 
 async def check_callback_number(conn: AsyncConnection[Any], call: CallContext,

@@ -14,7 +14,6 @@ ALTER TABLE tool_callbacks
 CREATE INDEX tool_callbacks_pending ON tool_callbacks ((coalesce(retry_at, callback_at)))
     WHERE status = 'pending';
 CREATE INDEX tool_callbacks_dialing ON tool_callbacks (updated_at) WHERE status = 'dialing';
-CREATE INDEX tool_callbacks_of_call ON tool_callbacks (call_id, number);
 -- Rows booked before this migration were never going to be dialled, and schedule_callback
 -- booked them unguarded (any number the model named, any time): only those schedule_callback
 -- would book now stay pending — still ahead, at most 30 days after booking, to the caller's own
@@ -30,3 +29,15 @@ UPDATE tool_callbacks c
     OR NOT EXISTS (SELECT 1 FROM carrier_calls o WHERE o.call_id = c.call_id
                    AND c.number = CASE WHEN o.direction = 'inbound' THEN o.from_number
                                        ELSE o.to_number END);
+-- One outstanding (pending or dialing) callback per call and number: schedule_callback refuses a
+-- second, and the index makes that hold when two tool calls of one round book at once. Of the
+-- rows booked before, the first stands.
+UPDATE tool_callbacks c
+   SET status = 'failed',
+       last_error = 'booked before callbacks were dialled (migration 012), after another '
+                    'callback to the same number on the same call, which stands'
+ WHERE status = 'pending'
+   AND EXISTS (SELECT 1 FROM tool_callbacks o WHERE o.call_id = c.call_id
+               AND o.number = c.number AND o.status = 'pending' AND o.id < c.id);
+CREATE UNIQUE INDEX tool_callbacks_outstanding ON tool_callbacks (call_id, number)
+    WHERE status IN ('pending', 'dialing');
