@@ -180,6 +180,26 @@ async def test_keepalive_is_sent_while_no_audio_flows(emulator: DeepgramEmulator
     await stream.close()
 
 
+async def test_caller_audio_that_stops_mid_speech_is_no_stall(emulator: DeepgramEmulator) -> None:
+    """The caller's audio stopped mid-word (nats-server or the gateway killed, in chaos runs):
+    Deepgram keeps the last of the audio it was sent unanswered until more comes (its docs:
+    Finalize answers when "a noticeable amount of audio" is buffered), the watchdog took that
+    for a stall, and every call switched to the local fallback, opening Deepgram's breaker for
+    the calls that came next. Once no audio flows, nothing is owed; it is again once it does."""
+    stream = await provider(emulator, keepalive_after_s=0.2, stall_after_s=0.6).open()
+    collector = Collector(stream)
+    audio = speech(0.5)
+    for offset in range(0, len(audio), FRAME):  # in real time, as a call's audio comes
+        await stream.send(audio[offset:offset + FRAME])
+        await asyncio.sleep(0.02)
+    assert collector.of(Partial)
+    await asyncio.sleep(1.5)  # no audio: the stream's tail is not answered
+    assert collector.error is None and not collector.task.done()
+    await send_audio(stream, speech(0.3) + silence(1.0))
+    await collector.wait_for(Final)  # the socket was fine all along
+    await stream.close()
+
+
 async def test_a_wrong_key_is_a_permanent_error(emulator: DeepgramEmulator) -> None:
     with pytest.raises(ProviderError) as caught:
         await DeepgramStt("wrong", base_url=emulator.base_url).open()

@@ -320,6 +320,11 @@ class DeepgramSttStream:
         while True:
             idle = self._loop.time() - self._last_sent
             if idle >= self._keepalive_after_s:
+                # No audio for a while (the caller's stream, or NATS, cut off mid-word):
+                # Deepgram keeps the last of it unanswered until more comes (Finalize answers
+                # only "a noticeable amount" buffered). Owed, it was taken for a stall, and a
+                # NATS outage switched every call to the fallback and opened the breaker.
+                self._watchdog.withdraw()
                 try:
                     await self._socket.send_keep_alive()
                 except Exception:  # the reader sees the broken socket and reports it

@@ -32,6 +32,7 @@ class StallWatchdog:
       the clock unless it is already running, so a steady stream of sends cannot hide a stall.
     - :meth:`feed`: bytes arrived from the provider; stops the clock, or restarts it from now
       when ``more_expected`` (work still owed, e.g. the rest of a TTS clause).
+    - :meth:`withdraw`: the sender went quiet; stops the clock.
     """
 
     def __init__(self, provider: str, stall_after_s: float, on_stall: Callable[[], None]) -> None:
@@ -69,6 +70,15 @@ class StallWatchdog:
         self._restarted = False
         if more_expected and self._timer is None:
             self._timer = self._loop.call_later(self.stall_after_s, self._check)
+
+    def withdraw(self) -> None:
+        """Nothing is owed any more: the sender went quiet.
+
+        A streaming recogniser may keep the last of what it was sent unanswered until more
+        comes; whether it is stalled is unknown until the next :meth:`expect`.
+        """
+        self._waiting_since = None
+        self._restarted = False
 
     def stop(self) -> None:
         """Stop watching (the stream ended); ``on_stall`` will not run after this."""
