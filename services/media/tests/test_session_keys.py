@@ -89,6 +89,20 @@ async def test_the_end_key_ends_the_turn_at_once(bus) -> None:
     assert await call.turns() == [("k1", "42#", "dtmf"), ("k2", "#", "dtmf")]
 
 
+async def test_a_key_press_delivered_twice_is_one_press(bus) -> None:
+    """nats-server killed for 8 s (a chaos run): the caller typed 1 2 # meanwhile, and the
+    gateway, their acks lost, published them again under their ids. JetStream stored each
+    once, but the session's live subscription got both copies and made two turns of "12#"
+    (k1, then k2 80 ms later), the second cancelling the brain's answer to the first."""
+    call = Call(bus, "call-keys-twice")
+    await call.audio(0.1)
+    presses = [CallDtmf(org_id=ORG, call_id=call.call_id, digit=key) for key in "12#"]
+    for press in presses + presses:
+        await call.session._on_event(press)
+    await call.audio(2)
+    assert await call.turns() == [("k1", "12#", "dtmf")]
+
+
 async def test_keys_are_no_turn_when_the_agent_takes_no_keypad_input(bus) -> None:
     call = Call(bus, "call-keys-3", AgentSettings(greeting="", keypad_input=False))
     await call.audio(0.1)

@@ -353,6 +353,9 @@ class CallSession:
         self._sent_at = 0.0  # when the gateway sent the last inbound frame (0: none yet)
         self._key_turns = 0  # turns of keys so far (k1, k2, …)
         self._keys_unsent: str | None = None  # a turn of keys the past ended, not published
+        # call.dtmf ids handled: one published again (its ack lost in a NATS outage) reaches
+        # the live subscription again, though JetStream stores it once
+        self._presses: set[uuid.UUID] = set()
         # Spoken turns a predecessor published (number → text, reason), and which revised which
         # (old number → new), from the call's past events (see _as_predecessor_published).
         self._predecessor_turns: dict[int, tuple[str, str]] = {}
@@ -970,6 +973,7 @@ class CallSession:
         elif isinstance(event, CallEnded):
             self.stop("call_ended")
         elif isinstance(event, CallDtmf):
+            self._presses.add(event.id)
             self._keys_unsent = self._press(event.digit, event.at.timestamp()) or (
                 self._keys_unsent)
         elif isinstance(event, TranscriptPartial | TranscriptFinal) and event.text.strip() and (
@@ -1015,6 +1019,9 @@ class CallSession:
         elif isinstance(event, AgentSpeechProgress):
             await self._on_progress(event)
         elif isinstance(event, CallDtmf):
+            if event.id in self._presses:
+                return  # a repeat: the same key pressed once
+            self._presses.add(event.id)
             self._idle.reset()
             current = self._current
             if current is not None and self.barge_in.on_dtmf(
