@@ -445,6 +445,34 @@ async def test_a_turn_whose_end_came_while_the_lease_was_unconfirmed_is_marked_o
         await a.stop()
 
 
+async def test_a_turn_a_restarted_stream_dropped_while_paused_is_not_marked_heard(bus) -> None:
+    # t1's audio all went out before the freeze; its end came after (its last mark paused);
+    # then the carrier's stream restarted, and what was queued on the old one never played.
+    # Once the lease was confirmed, the paused mark went to the new stream, whose echo said
+    # t1 was heard: agent.speech.finished for words the caller never heard (a goodbye the
+    # tools service then hung up after).
+    a = worker(bus, "media-a", Agents(), voice=Voice())
+    carrier = await Carrier(bus, "call-13").start()
+    try:
+        await serve(a, bus, "call-13")
+        await bus.publish(agent_says("call-13", "t1", 0, "Alpha."))
+        await wait_for(lambda: carrier.audio == b"A" * 800)
+        held = freeze_renewals(a, "call-13")
+        await asyncio.sleep(0.4)
+        await bus.publish(agent_says("call-13", "t1", 1, "", last=True))
+        await bus.publish(CallStreamStarted(org_id=ORG, call_id="call-13", stream_id="s2",
+                                            gateway_instance="g1", agent_id="a1"))
+        await asyncio.sleep(0.2)
+        held.due = 0  # the next renewal confirms the lease
+        await asyncio.sleep(0.3)
+        await bus.publish(agent_says("call-13", "t2", 0, "Bravo.", last=True))
+        await wait_for_stored(bus, "call-13", ["t2"])
+        assert carrier.marks == ["t1:1", "t2:1", "t2:5"]
+    finally:
+        await carrier.stop()
+        await a.stop()
+
+
 async def wait_for_stored(bus: Bus, call_id: str, turns: list[str]) -> None:
     """Wait until the agent turns whose agent.speech.finished is stored are ``turns``."""
     deadline = time.monotonic() + 3

@@ -1430,9 +1430,12 @@ class CallSession:
 
         Paused as the audio is while the lease is unconfirmed: sent as an unanswered command,
         it was never echoed, and the turn counted as playing for ever once the lease proved ours.
+        Not for a turn whose echoes are lost (its stream restarted meanwhile): the new stream
+        echoed it at once, and the turn counted as heard.
         """
         audio = turn.audio
-        if turn.discarded or audio.cut_frames is not None or not audio.last_mark_missing():
+        if turn.discarded or audio.cut_frames is not None or audio.echoes_lost or (
+                not audio.last_mark_missing()):
             return
         if self._out_paused or not self._fence.open():
             self._pause_out(turn)
