@@ -32,6 +32,7 @@ from parley.brain.llm.base import (
 from parley.brain.llm.openai_compat import OpenAICompatLlm
 from parley.brain.usage import RoundUsage, usage_recorded
 from parley.brain.worker import BrainWorker
+from parley.common.bus import Bus
 from parley.common.events import (
     AgentSpeechInterrupted,
     SpeechStarted,
@@ -45,6 +46,7 @@ from parley.common.events import (
 )
 from parley.devkit.emulators.anthropic import ScriptedReply, ScriptedToolUse, count_tokens
 from parley.devkit.emulators.openai_compat import OpenAICompatEmulator
+from parley.devkit.infra import NatsServer
 
 from .conftest import ORG, open_call, services, user_says
 
@@ -432,3 +434,58 @@ def test_an_estimate_counts_its_response_output_only_and_is_recorded_apart() -> 
                       ("openai", False, "llm_input_tokens"): 90,
                       ("openai", False, "llm_output_tokens"): 7}
     assert len({usage.id for usage in recorded}) == len(recorded)
+
+
+async def test_a_dropped_speculations_usage_is_recorded_across_a_nats_outage(
+        tmp_path, pool, emulator) -> None:
+    """nats-server killed for 8 s (a chaos run): the usage of speculations dropped meanwhile
+    was published once, the publish failed, and what they were billed was never recorded."""
+    server = NatsServer(tmp_path / "nats").start()
+    bus = await Bus.connect(server.url, name="pytest")
+    await bus.ensure_streams()
+    # pending_size 0: the connection buffers nothing while it reconnects, as when a longer
+    # outage has filled the 2 MB buffer
+    brain_bus = await Bus.connect(server.url, name="brain", pending_size=0)
+    emulator.tokens_per_second = 50
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(services(brain_bus, pool, [llm]))
+    await worker.start()
+
+    async def stored(kind: str) -> list:
+        return [e for e in await bus.replay_call("c-out") if e.type == kind]
+
+    try:
+        await open_call(bus, "c-out")
+        await until_async(lambda: stored("agent.say"))  # greeted: the instance follows the call
+        emulator.script(ScriptedReply(text="Whitening is two hundred dollars. " * 20))
+        await bus.publish(TranscriptFinal(org_id=ORG, call_id="c-out",
+                                          text="Do you do whitening?"))
+        await until(lambda: len(emulator.requests) == 1)
+        await asyncio.sleep(0.3)  # the response has begun: its input is reported
+        server.stop()
+        worker.speculations.cancel("c-out", "caller spoke")  # dropped while NATS is away
+        await asyncio.sleep(1.0)
+        server.start()
+        usage = await until_async(lambda: stored("usage.recorded"), timeout=15.0)
+        assert {u.speculative for u in usage} == {True}
+        assert any(u.kind == "llm_input_tokens" and u.quantity > 0 for u in usage)
+    finally:
+        await worker.stop()
+        await llm.aclose()
+        await brain_bus.close()
+        await bus.close()
+        server.stop()
+
+
+async def until_async(check, timeout: float = 5.0):
+    """Poll an async ``check`` until it returns something truthy; return that."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            found = await check()
+        except Exception:  # JetStream still recovering after the restart
+            found = None
+        if found:
+            return found
+        assert asyncio.get_running_loop().time() < deadline, "not in time"
+        await asyncio.sleep(0.05)

@@ -143,6 +143,7 @@ from parley.common.events import (
     UsageRecorded,
     decode,
 )
+from parley.common.resilience import retry_policy
 from parley.common.words import normalize_words as normalize
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,9 @@ log = logging.getLogger(__name__)
 # each refusal) would otherwise loop through billed requests until the caller speaks again.
 MAX_TOOL_CALLS_PER_TURN = 8
 HISTORY_CALLS = 256  # calls whose events an instance keeps between turns (least recent go)
+# A dropped speculation's usage is published again for about a minute (each try up to the
+# publish timeout, 5 s), then given up (logged)
+USAGE_PUBLISH_ATTEMPTS = 10
 PROFILE_CALLS = 10_000  # calls whose caller profile an instance keeps (least recent go)
 _ID_NAMESPACE = uuid.UUID("0b7f5c1e-2f4d-4b8a-9a53-1c9f2e7d4a60")
 
@@ -580,9 +584,12 @@ class BrainWorker:
             speculative=True, id_of=lambda provider, kind, estimated: stable_id(
                 call_id, "speculation", speculation.id, provider, kind,
                 *(("estimated",) if estimated else ())))
-        try:
-            for event in events:
-                await self.s.bus.publish(event)
+        try:  # again while NATS is away (an 8 s outage lost it): the ids make a repeat a no-op
+            async for attempt in retry_policy(attempts=USAGE_PUBLISH_ATTEMPTS, initial=0.5,
+                                              maximum=5.0):
+                with attempt:
+                    for event in events:
+                        await self.s.bus.publish(event)
         except Exception:
             log.exception("call %s: the usage of a dropped speculation was not recorded", call_id)
 
