@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 from nats.aio.msg import Msg
 
-from parley.common.bus import Bus, audio_subject
+from parley.common.bus import Bus, audio_subject, command_subject
 from parley.common.bus.audio import decode_frame
 from parley.common.configuration.models import AgentSettings
 from parley.common.events import (
@@ -240,6 +241,47 @@ async def test_a_prepared_reply_plays_after_the_agent_turn_still_being_voiced(bu
         assert voices == "A" * 15 + "B" * 5
     finally:
         await sub.unsubscribe()
+        await stop(call, speaker)
+
+
+async def test_agent_audio_paused_again_while_resuming_goes_on_once_the_lease_is_confirmed(
+        bus) -> None:
+    # A renewal confirmed the lease and the paused audio went on; while it waited for the
+    # gateway's answer to t1's end mark, the lease went unconfirmed again (the confirmation
+    # had come late) and t2's audio was paused, and the renewal that confirmed the lease again
+    # came before that resume was over: it was not resumed again, and t2 waited in silence
+    # for the next renewal (a second in production).
+    said: list[tuple[str, str, bool]] = []
+    call = session(bus, Synthesiser("tts", said))
+    call.s.command_timeout_s = 2.0
+    out: list[int] = []
+
+    async def on_out(msg: Msg) -> None:
+        out.extend(decode_frame(msg.data)[3][::160])  # a marker byte per 20 ms frame
+
+    async def on_mark(msg: Msg) -> None:  # the gateway, as the lease goes unconfirmed again
+        call._fence.until = time.monotonic()
+        call._on_say(say("t2", 0, "B two", last=True))
+        await wait_for(lambda: "t2" in call._turns and call._turns["t2"].audio.text_done)
+        call._fence.confirm(math.inf)
+        await msg.respond(b'{"ok": true}')
+
+    subs = [await bus.nc.subscribe(audio_subject(CALL, "out"), cb=on_out),
+            await bus.nc.subscribe(command_subject(CALL, "mark"), cb=on_mark)]
+    await bus.nc.flush()
+    speaker = asyncio.create_task(call._speaker())
+    try:
+        call._on_say(say("t1", 0, "A one"))
+        await wait_for(lambda: len(out) == 5)
+        call._fence.until = time.monotonic()  # unconfirmed: t1's end mark is paused
+        call._on_say(say("t1", 1, "", last=True))
+        await wait_for(lambda: call._turns["t1"].audio.text_done)
+        call._fence.confirm(math.inf)
+        await wait_for(lambda: len(out) == 10)
+        assert bytes(out) == b"A" * 5 + b"B" * 5
+    finally:
+        for sub in subs:
+            await sub.unsubscribe()
         await stop(call, speaker)
 
 

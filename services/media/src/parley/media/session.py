@@ -1469,10 +1469,13 @@ class CallSession:
         pace, so the caller hears a pause (the freeze's), not the backlog hurried.
         """
         try:
-            self._out_paused = False
-            for turn in list(self._turns.values()):
-                await self._send_out(turn)
-                await self._mark_end(turn)
+            # Again while paused anew and confirmed again before this pass was over (no other
+            # resume starts while this one runs): else the audio waited for the next renewal.
+            while self._out_paused and self._fence.open():
+                self._out_paused = False
+                for turn in list(self._turns.values()):
+                    await self._send_out(turn)
+                    await self._mark_end(turn)
         finally:
             self._resuming_out = None
             with contextlib.suppress(ValueError):
