@@ -285,6 +285,42 @@ async def test_agent_audio_paused_again_while_resuming_goes_on_once_the_lease_is
         await stop(call, speaker)
 
 
+async def test_paused_agent_turns_go_on_in_the_order_they_are_spoken(bus) -> None:
+    # The reply prepared for the caller's t2 came before t1.1 (what the agent said after its
+    # transfer failed) began, and was released once t2 ended, after t1.1; all of it paused
+    # while the lease was unconfirmed. Resumed in the order the turns were first heard of,
+    # the answer to t2 went out before the rest of t1.1 and the caller heard them swapped.
+    said: list[tuple[str, str, bool]] = []
+    call = session(bus, Synthesiser("tts", said))
+    call.turn_no = 1
+    out: list[int] = []
+
+    async def on_out(msg: Msg) -> None:
+        out.extend(decode_frame(msg.data)[3][::160])  # a marker byte per 20 ms frame
+
+    sub = await bus.nc.subscribe(audio_subject(CALL, "out"), cb=on_out)
+    await bus.nc.flush()
+    speaker = asyncio.create_task(call._speaker())
+    try:
+        call._fence.until = time.monotonic()  # unconfirmed from here on
+        await call._on_prepared(AgentReplyPrepared(org_id=ORG, call_id=CALL, turn_id="t2",
+                                                   words="book friday", text="B sure",
+                                                   last=True))
+        call._on_say(say("t1.1", 0, "A one"))
+        call._on_say(say("t1.1", 1, "A two", last=True))
+        await call._end_turn(TurnEnd("Book Friday.", "silence", 0, 600, 0, 0))
+        await wait_for(lambda: call._current is call._turns["t2"]
+                       and call._turns["t2"].spoken)
+        assert out == []  # paused
+        call._fence.confirm(math.inf)
+        await wait_for(lambda: len(out) == 15)
+        await asyncio.sleep(0.1)
+        assert bytes(out) == b"A" * 10 + b"B" * 5
+    finally:
+        await sub.unsubscribe()
+        await stop(call, speaker)
+
+
 # -- the filler for slow tools -------------------------------------------------------------
 # The brain sends "One moment." with a round's tool requests (filler_after_ms); media says it
 # only if the turn's audio so far has played out and nothing more came for that long.

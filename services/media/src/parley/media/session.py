@@ -199,7 +199,7 @@ class _AgentTurn:
     waiting: dict[int, AgentSay] = field(default_factory=dict)
     closed: bool = False  # no more clauses will come
     interrupted: bool = False
-    first_say_at: float = 0.0
+    first_say_at: float = 0.0  # when queued for the speaker (a prepared reply: its turn's end)
     first_frame_at: float = 0.0
     # The synthesiser's own time to first audio: first clause handed to it → its first chunk.
     tts_asked_at: float = 0.0
@@ -1473,7 +1473,9 @@ class CallSession:
             # resume starts while this one runs): else the audio waited for the next renewal.
             while self._out_paused and self._fence.open():
                 self._out_paused = False
-                for turn in list(self._turns.values()):
+                # In the order they are spoken: a prepared reply is known before a turn spoken
+                # ahead of it (it is queued when the caller's turn ends, as first_say_at says).
+                for turn in sorted(self._turns.values(), key=lambda turn: turn.first_say_at):
                     await self._send_out(turn)
                     await self._mark_end(turn)
         finally:
