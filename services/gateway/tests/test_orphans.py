@@ -2,7 +2,11 @@
 
 import asyncio
 
-from .conftest import started_stream, wait_for
+from parley.gateway.twilio import orphans
+
+from .conftest import StreamClient, live_calls, started_stream, wait_for
+from .test_dtmf_redirect import redirected_for_digits
+from .test_media_stream import request
 
 
 async def test_a_call_no_instance_holds_is_hung_up_and_ended(make_gateway, events):
@@ -41,3 +45,25 @@ async def test_a_call_whose_socket_is_up_is_left_alone(make_gateway, events):
     assert gateway.rest_fake.updates == [] and not stream.ws.closed
     await stream.stop(call_sid)
     await wait_for(lambda: events.of("call.ended", call_id))
+
+
+async def test_a_call_between_streams_at_two_rounds_is_left_alone(make_gateway, events, bus):
+    """An agent working through a phone menu sends digits often, and each time the call has no
+    socket for a few seconds (the digits play, then a new stream starts). A round that found it
+    so, and the next that found it so again though it had been back on a stream in between,
+    took it for a call no instance held: Twilio, asked, had it in progress, and it was hung up
+    mid-conversation."""
+    gateway = await make_gateway(rest=True, gateway_orphan_check_s=0)  # rounds run by hand
+    call_sid, call_id = await redirected_for_digits(gateway, events, bus)
+    await wait_for(lambda: call_id not in live_calls(gateway))
+    unheld = await orphans.check(gateway.app, {})
+    assert call_id in unheld  # the digits are playing
+    newer = StreamClient(await gateway.ws())  # then Twilio connects the next stream
+    await newer.start(call_sid, call_id)
+    await events.wait("call.stream_started", call_id, count=2)
+    assert await request(bus, call_id, "dtmf", {"digits": "2"}) == {"ok": True}
+    await newer.stop(call_sid)  # more digits: between streams again at the next round
+    await newer.closed()
+    await orphans.check(gateway.app, unheld)
+    assert events.of("call.ended", call_id) == []
+    assert (call_sid, {"Status": "completed"}) not in gateway.rest_fake.updates

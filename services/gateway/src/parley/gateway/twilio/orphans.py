@@ -10,7 +10,9 @@ again; one whose reconnect failed has none.
 So every instance looks every ``gateway_orphan_check_s`` at the answered Twilio calls not ended:
 whether any instance holds the call's socket is whether any answers its ``ping`` command (no
 responders: none does). A call none holds in two rounds in a row (a stream starting, or a DTMF
-redirect's next one, takes seconds) is asked of Twilio, as a dead socket's is: over →
+redirect's next one, takes seconds), and on no new stream in between (each stream's start is a
+``stream:<id>`` milestone: an agent sending digits often is between streams at many a round),
+is asked of Twilio, as a dead socket's is: over →
 ``call.ended`` (``caller_hangup``, Twilio's duration); still up → hung up (REST), reason
 ``error``; unknown to Twilio (404) → ``call.ended``, reason ``error``. Several instances may
 decide the same call: ``call.ended`` is published once.
@@ -41,7 +43,7 @@ PING_TIMEOUT_S = 2.0  # a ping unanswered in time has a responder: the call is h
 async def run(app: web.Application) -> None:
     """Look for calls no instance holds every ``gateway_orphan_check_s``, until cancelled."""
     interval = app[CONFIG].gateway_orphan_check_s
-    unheld: set[str] = set()  # calls no instance held in the last round
+    unheld: dict[str, int] = {}  # calls no instance held in the last round → their streams
     while True:
         await asyncio.sleep(interval)
         try:
@@ -50,20 +52,25 @@ async def run(app: web.Application) -> None:
             log.exception("orphaned calls: the round failed")
 
 
-async def check(app: web.Application, unheld_before: set[str]) -> set[str]:
-    """One round: end the calls no instance held now or in the last round; those held now."""
+async def check(app: web.Application, unheld_before: dict[str, int]) -> dict[str, int]:
+    """One round: end the calls held neither now nor in the last round; those not held now.
+
+    A call is ended only if no new stream started in between: the map is call → its streams.
+    """
     async with app[POOL].connection() as conn:
         cursor = await conn.execute(
-            "SELECT call_id, carrier_call_id, org_id, answered_at FROM carrier_calls "
+            "SELECT call_id, carrier_call_id, org_id, answered_at, (SELECT count(*) FROM "
+            "carrier_call_milestones m WHERE m.call_id = c.call_id AND m.milestone LIKE "
+            "'stream:%%') FROM carrier_calls c "
             "WHERE carrier = 'twilio' AND ended_at IS NULL AND answered_at IS NOT NULL "
             "ORDER BY answered_at LIMIT %s", (BATCH,))
         rows = await cursor.fetchall()
-    unheld = set()
-    for call_id, carrier_call_id, org_id, answered_at in rows:
+    unheld = {}
+    for call_id, carrier_call_id, org_id, answered_at, streams in rows:
         if await _held(app, call_id):
             continue
-        unheld.add(call_id)
-        if call_id not in unheld_before:
+        unheld[call_id] = streams
+        if unheld_before.get(call_id) != streams:
             continue
         try:
             await _end(app, call_id, carrier_call_id, org_id,

@@ -238,6 +238,8 @@ class TwilioSession:
             raise ProtocolViolation(CloseCode.POLICY_VIOLATION, "agent no longer exists")
         self.call_id, self.call, self.agent = call.call_id, call, agent
         self.stream_id = stream_id
+        async with self.pool.connection() as conn:  # the orphan check's sign of a new stream
+            await claim_milestone(conn, call.call_id, f"stream:{stream_id}")
         previous = self.app[CALLS].claim(self)
         if previous is not None:
             await previous.replace()
