@@ -67,3 +67,17 @@ async def test_a_call_between_streams_at_two_rounds_is_left_alone(make_gateway, 
     await orphans.check(gateway.app, unheld)
     assert events.of("call.ended", call_id) == []
     assert (call_sid, {"Status": "completed"}) not in gateway.rest_fake.updates
+
+
+async def test_calls_past_the_first_batch_are_looked_at(make_gateway, events, monkeypatch):
+    """A round read the BATCH (1000) calls answered first: with more live calls than that, one
+    answered later that no instance held was never looked at, and never ended."""
+    monkeypatch.setattr(orphans, "BATCH", 1)
+    gateway = await make_gateway(rest=True, gateway_orphan_check_s=0)  # rounds run by hand
+    stream, held_sid, held_id = await started_stream(gateway, events)  # answered first
+    call_sid, call_id, _ = await gateway.inbound_call()  # answered later; its socket never came
+    unheld = await orphans.check(gateway.app, {})
+    await orphans.check(gateway.app, unheld)
+    [ended] = await events.wait("call.ended", call_id, timeout=2)
+    assert ended.reason == "error"
+    assert events.of("call.ended", held_id) == [] and not stream.ws.closed

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
 from nats.errors import NoRespondersError
@@ -36,7 +38,7 @@ from .next_stream import ENDED_AT_TWILIO
 
 log = logging.getLogger(__name__)
 
-BATCH = 1000  # calls looked at per round, oldest first
+BATCH = 1000  # calls read at once, oldest first
 PING_TIMEOUT_S = 2.0  # a ping unanswered in time has a responder: the call is held
 
 
@@ -57,15 +59,26 @@ async def check(app: web.Application, unheld_before: dict[str, int]) -> dict[str
 
     A call is ended only if no new stream started in between: the map is call → its streams.
     """
-    async with app[POOL].connection() as conn:
-        cursor = await conn.execute(
-            "SELECT call_id, carrier_call_id, org_id, answered_at, (SELECT count(*) FROM "
-            "carrier_call_milestones m WHERE m.call_id = c.call_id AND m.milestone LIKE "
-            "'stream:%%') FROM carrier_calls c "
-            "WHERE carrier = 'twilio' AND ended_at IS NULL AND answered_at IS NOT NULL "
-            "ORDER BY answered_at LIMIT %s", (BATCH,))
-        rows = await cursor.fetchall()
-    unheld = {}
+    unheld: dict[str, int] = {}
+    after = (datetime.min.replace(tzinfo=UTC), "")  # the last call looked at
+    while True:  # every live call, BATCH at a time: those answered later are orphaned too
+        async with app[POOL].connection() as conn:
+            cursor = await conn.execute(
+                "SELECT call_id, carrier_call_id, org_id, answered_at, (SELECT count(*) FROM "
+                "carrier_call_milestones m WHERE m.call_id = c.call_id AND m.milestone LIKE "
+                "'stream:%%') FROM carrier_calls c "
+                "WHERE carrier = 'twilio' AND ended_at IS NULL AND answered_at IS NOT NULL "
+                "AND (answered_at, call_id) > (%s, %s) ORDER BY answered_at, call_id LIMIT %s",
+                (*after, BATCH))
+            rows = await cursor.fetchall()
+        await _look_at(app, rows, unheld_before, unheld)
+        if len(rows) < BATCH:
+            return unheld
+        after = (rows[-1][3], rows[-1][0])
+
+
+async def _look_at(app: web.Application, rows: list[Any], unheld_before: dict[str, int],
+                   unheld: dict[str, int]) -> None:
     for call_id, carrier_call_id, org_id, answered_at, streams in rows:
         if await _held(app, call_id):
             continue
@@ -77,7 +90,6 @@ async def check(app: web.Application, unheld_before: dict[str, int]) -> dict[str
                        seconds_since(answered_at, app[CLOCK]()))
         except Exception:  # Twilio or the bus failing: this call is asked about next round
             log.exception("call %s: no gateway holds it, and ending it failed", call_id)
-    return unheld
 
 
 async def _held(app: web.Application, call_id: str) -> bool:
