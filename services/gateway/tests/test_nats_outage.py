@@ -99,5 +99,34 @@ async def test_caller_audio_the_client_cannot_buffer_during_an_outage_is_dropped
     assert await stream.closed() == (1000, "stream stopped")
 
 
+async def test_what_the_socket_reported_outlasts_an_outage_the_audio_filled_the_buffer_in(
+        nats_server_of_test, bus, gateway, events):
+    """Its buffer full of caller audio, the cut-off client refuses a publish at once rather
+    than after the publish timeout: the outbox's ten attempts at a mark echo, meant to last
+    about a minute, were spent in 7 s (their backoff), and an 8 s outage lost it."""
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    server = nats_server_of_test
+    assert server.proc is not None
+    server.proc.kill()
+    server.proc.wait()
+    await wait_for(lambda: not bus.nc.is_connected)
+    for _ in range(60):  # 1.2 s of audio, past the 8 KiB buffer
+        await stream.media(b"\xff" * 160)
+    await stream.mark("t1:3")
+    await asyncio.sleep(9)
+    server.start()
+    await wait_for(lambda: bus.nc.is_connected)
+
+    async def stored() -> set[str]:
+        try:
+            return {event.type for event in await bus.replay_call(call_id)}
+        except Exception:  # JetStream still recovering
+            return set()
+
+    await wait_for(lambda: _has(stored(), {"agent.speech.progress"}), timeout=10)
+    await stream.stop(call_sid)
+    await stream.closed()
+
+
 async def _has(types, wanted: set[str]) -> bool:
     return wanted <= await types

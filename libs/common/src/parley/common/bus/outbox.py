@@ -26,6 +26,8 @@ from .client import Bus
 
 log = logging.getLogger(__name__)
 
+RECONNECTED_POLL_S = 0.05  # how often an attempt cut off from the server looks for it
+
 
 class Outbox:
     """Events of one publisher (e.g. a call's media session), acknowledged in the background."""
@@ -104,6 +106,7 @@ class Outbox:
             async for attempt in retry_policy(attempts=self.attempts, initial=0.1,
                                               maximum=1.0):
                 with attempt:
+                    await self._reconnected()
                     await self.bus.publish(event)
             self.republished += 1
         except asyncio.CancelledError:
@@ -113,3 +116,15 @@ class Outbox:
             log.error("%s: %s %s lost after %d attempts: %r", self.name, event.type, event.id,
                       self.attempts + 1, exc)
 
+    async def _reconnected(self) -> None:
+        """Wait (up to the ack timeout) for a connection cut off from the server to be back.
+
+        Cut off, the client buffers what is published until its buffer is full, and then
+        refuses it at once: the attempts, each meant to last up to the ack timeout, were spent
+        in seconds of backoff (a socket full of caller audio lost a mark echo to an 8 s outage).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ack_timeout_s
+        # (nats-py has no awaitable for it, only the one reconnected_cb the connection's owner set)
+        while not self.bus.nc.is_connected and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(min(RECONNECTED_POLL_S, self.ack_timeout_s))
