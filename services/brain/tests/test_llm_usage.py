@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 
 import pytest
 
+from parley.brain import worker as brain_worker
 from parley.brain.conversation import fold
 from parley.brain.llm.anthropic_llm import AnthropicLlm
 from parley.brain.llm.base import (
@@ -471,6 +473,43 @@ async def test_a_dropped_speculations_usage_is_recorded_across_a_nats_outage(
         assert any(u.kind == "llm_input_tokens" and u.quantity > 0 for u in usage)
     finally:
         await worker.stop()
+        await llm.aclose()
+        await brain_bus.close()
+        await bus.close()
+        server.stop()
+
+
+async def test_a_brain_stopped_during_a_nats_outage_waits_no_minute_for_usage(
+        tmp_path, pool, emulator, monkeypatch) -> None:
+    """Its usage retried for about a minute while NATS is away, a dropped speculation held the
+    brain's stop that long, past an orchestrator's kill grace: the stop now waits a bounded time."""
+    monkeypatch.setattr(brain_worker, "STOP_RECORDING_WAIT_S", 0.5)
+    server = NatsServer(tmp_path / "nats").start()
+    bus = await Bus.connect(server.url, name="pytest")
+    await bus.ensure_streams()
+    brain_bus = await Bus.connect(server.url, name="brain", pending_size=0)
+    emulator.tokens_per_second = 50
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(services(brain_bus, pool, [llm]))
+    await worker.start()
+    stopped = False
+    try:
+        await open_call(bus, "c-stop")
+        await until_async(lambda: bus.replay_call("c-stop"))
+        emulator.script(ScriptedReply(text="Whitening is two hundred dollars. " * 20))
+        await bus.publish(TranscriptFinal(org_id=ORG, call_id="c-stop",
+                                          text="Do you do whitening?"))
+        await until(lambda: len(emulator.requests) == 1)
+        await asyncio.sleep(0.3)  # the response has begun: its input is reported
+        server.stop()
+        worker.speculations.cancel("c-stop", "caller spoke")  # dropped while NATS is away
+        began = time.monotonic()
+        await worker.stop()
+        stopped = True
+        assert time.monotonic() - began < 5
+    finally:
+        if not stopped:
+            await worker.stop()
         await llm.aclose()
         await brain_bus.close()
         await bus.close()

@@ -155,6 +155,9 @@ HISTORY_CALLS = 256  # calls whose events an instance keeps between turns (least
 # A dropped speculation's usage is published again for about a minute (each try up to the
 # publish timeout, 5 s), then given up (logged)
 USAGE_PUBLISH_ATTEMPTS = 10
+# At stop, how long the usage of dropped speculations may still take to publish: retried for
+# about a minute through a NATS outage, it must not outlast an orchestrator's kill grace (30 s).
+STOP_RECORDING_WAIT_S = 10.0
 PROFILE_CALLS = 10_000  # calls whose caller profile an instance keeps (least recent go)
 _ID_NAMESPACE = uuid.UUID("0b7f5c1e-2f4d-4b8a-9a53-1c9f2e7d4a60")
 
@@ -489,7 +492,13 @@ class BrainWorker:
                 await sub.unsubscribe()
         await self._consumer.stop()
         self.speculations.cancel_all()
-        await asyncio.gather(*self._recordings)  # what they were billed, recorded still
+        if self._recordings:  # what they were billed, recorded still, if NATS takes it soon
+            _, unrecorded = await asyncio.wait(self._recordings, timeout=STOP_RECORDING_WAIT_S)
+            for task in unrecorded:
+                task.cancel()
+            if unrecorded:
+                log.error("stopping with the usage of %d dropped speculations not recorded "
+                          "(NATS unreachable for %g s)", len(unrecorded), STOP_RECORDING_WAIT_S)
         for task in self._profiles.values():
             task.cancel()
         self._profiles.clear()
