@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from aiohttp import WSCloseCode, web
@@ -81,8 +81,11 @@ def create_app(config: GatewayConfig, *, bus: Bus | None = None,
     app.cleanup_ctx.append(_pool_context(db_pool))
     app.cleanup_ctx.append(_signature_audit_context)  # after bus and pool: closed before them
     app.cleanup_ctx.append(_twilio_context(twilio_rest))
-    app.cleanup_ctx.append(_due_callbacks_context)  # stopped before the clients it dials with
-    app.cleanup_ctx.append(_orphans_context)  # likewise
+    # Stopped before the clients they use. Due callbacks: dialled when due (schedule_callback);
+    # orphans: the calls no instance holds (their gateway was killed) are ended.
+    app.cleanup_ctx.append(_loop("due-callbacks", due_callbacks.run,
+                                 "gateway_callback_interval_s"))
+    app.cleanup_ctx.append(_loop("orphaned-calls", orphans.run, "gateway_orphan_check_s"))
     app.cleanup_ctx.append(_settling_context)  # last: closed before the clients it uses
     app.on_shutdown.append(_going_away)
     for add_routes in ROUTE_HOOKS:
@@ -164,32 +167,25 @@ def _twilio_context(rest: TwilioCalls | None,
     return context
 
 
-async def _due_callbacks_context(app: web.Application) -> AsyncIterator[None]:
-    """The loop that dials the callbacks schedule_callback booked, when they are due."""
-    if not app[CONFIG].gateway_callback_interval_s:
-        yield
-        return
-    task = asyncio.create_task(due_callbacks.run(app), name="due-callbacks")
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+def _loop(name: str, run: Callable[[web.Application], Coroutine[Any, Any, None]],
+          setting: str) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context running ``run(app)`` as a task while the app runs.
 
+    None when the config's ``setting`` (the loop's interval) is 0: this instance does not run it.
+    """
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        if not getattr(app[CONFIG], setting):
+            yield
+            return
+        task = asyncio.create_task(run(app), name=name)
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
-async def _orphans_context(app: web.Application) -> AsyncIterator[None]:
-    """The loop that ends the calls no instance holds (their gateway was killed)."""
-    if not app[CONFIG].gateway_orphan_check_s:
-        yield
-        return
-    task = asyncio.create_task(orphans.run(app), name="orphaned-calls")
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    return context
 
 
 async def _settling_context(app: web.Application) -> AsyncIterator[None]:
