@@ -2,11 +2,17 @@
 
 import asyncio
 
-from parley.gateway.twilio import orphans
+from parley.gateway import orphans
 
+from . import test_plivo_support as support
 from .conftest import StreamClient, live_calls, started_stream, wait_for
 from .test_dtmf_redirect import redirected_for_digits
 from .test_media_stream import request
+from .test_plivo_support import started_plivo_stream
+
+# the shared Plivo fixtures, made visible to pytest in this module
+make_plivo_gateway = support.make_plivo_gateway
+plivo_number = support.plivo_number
 
 
 async def test_a_call_no_instance_holds_is_hung_up_and_ended(make_gateway, events):
@@ -81,3 +87,39 @@ async def test_calls_past_the_first_batch_are_looked_at(make_gateway, events, mo
     [ended] = await events.wait("call.ended", call_id, timeout=2)
     assert ended.reason == "error"
     assert events.of("call.ended", held_id) == [] and not stream.ws.closed
+
+
+async def test_a_plivo_call_no_instance_holds_is_hung_up_and_ended(make_plivo_gateway, events):
+    """The same for Plivo: its gateway killed mid-call, its socket gone, and nothing ever ended
+    it in the store (nor at Plivo, had it kept the call up)."""
+    gateway = await make_plivo_gateway(gateway_orphan_check_s=0.2)
+    call_uuid, call_id, _ = await gateway.answer()  # answered; its socket never came
+    gateway.api.live[call_uuid] = "in-progress"
+    [ended] = await events.wait("call.ended", call_id, timeout=5)
+    assert ended.reason == "error"  # then hung up at Plivo
+    await wait_for(lambda: call_uuid in gateway.api.hung_up)
+
+
+async def test_a_call_plivo_has_over_ends_as_the_callers_hang_up(make_plivo_gateway, events):
+    gateway = await make_plivo_gateway(gateway_orphan_check_s=0.2)
+    call_uuid, call_id, _ = await gateway.answer()
+    gateway.api.ended[call_uuid] = 42  # not live; its record says 42 s
+    [ended] = await events.wait("call.ended", call_id, timeout=5)
+    assert (ended.reason, ended.duration_s) == ("caller_hangup", 42.0)
+    assert gateway.api.hung_up == []
+
+
+async def test_a_call_plivo_does_not_know_is_ended(make_plivo_gateway, events):
+    gateway = await make_plivo_gateway(gateway_orphan_check_s=0.2)
+    call_uuid, call_id, _ = await gateway.answer()  # neither live nor recorded: 404 twice
+    [ended] = await events.wait("call.ended", call_id, timeout=5)
+    assert ended.reason == "error" and gateway.api.hung_up == []
+
+
+async def test_a_plivo_call_whose_socket_is_up_is_left_alone(make_plivo_gateway, events):
+    gateway = await make_plivo_gateway(gateway_orphan_check_s=0.1)
+    stream, call_uuid, call_id = await started_plivo_stream(gateway, events)
+    gateway.api.live[call_uuid] = "in-progress"
+    await asyncio.sleep(1.0)  # ten rounds
+    assert events.of("call.ended", call_id) == []
+    assert gateway.api.hung_up == [] and not stream.ws.closed

@@ -58,6 +58,8 @@ class FakePlivoApi:
     fail_with: tuple[int, dict[str, Any]] | None = None
     fail_transfers_with: int | None = None  # an HTTP status for the Call update endpoint
     drop: bool = False  # a create request's connection is closed once read: no answer
+    live: dict[str, str] = field(default_factory=dict)  # CallUUID → call_status (in-progress)
+    ended: dict[str, int] = field(default_factory=dict)  # CallUUID → call_duration (its record)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -86,11 +88,34 @@ class FakePlivoApi:
             return web.json_response({"api_id": "x", "message": "call transferred"},
                                      status=202)
 
+        async def get(request: web.Request) -> web.Response:
+            """Retrieve a live call (``?status=live``) or an ended one's record, or 404."""
+            call_uuid = request.match_info["uuid"]
+            if request.query.get("status") == "live" and call_uuid in self.live:
+                return web.json_response({
+                    "api_id": str(uuid.uuid4()), "call_status": self.live[call_uuid],
+                    "call_uuid": call_uuid, "caller_name": "", "direction": "inbound",
+                    "from": PLIVO_CALLER, "request_uuid": call_uuid,
+                    "session_start": "2026-12-07 18:00:00.000000", "to": PLIVO_NUMBER})
+            if "status" not in request.query and call_uuid in self.ended:
+                return web.json_response({
+                    "answer_time": "2026-12-07 18:00:00+00:00", "api_id": str(uuid.uuid4()),
+                    "bill_duration": self.ended[call_uuid], "billed_duration": 60,
+                    "call_direction": "inbound", "call_duration": self.ended[call_uuid],
+                    "call_uuid": call_uuid, "end_time": "2026-12-07 18:01:00+00:00",
+                    "from_number": PLIVO_CALLER, "initiation_time": "2026-12-07 18:00:00+00:00",
+                    "parent_call_uuid": None, "resource_uri": request.path,
+                    "to_number": PLIVO_NUMBER, "total_amount": "0.00500",
+                    "total_rate": "0.00500"})
+            return web.json_response({"api_id": str(uuid.uuid4()), "error": "not found"},
+                                     status=404)
+
         async def dtmf(request: web.Request) -> web.Response:
             self.digits.append((request.match_info["uuid"], await request.json()))
             return web.json_response({"api_id": "x", "message": "digits sent"}, status=202)
 
         app.router.add_post(base, create)
+        app.router.add_get(base + "{uuid}/", get)
         app.router.add_delete(base + "{uuid}/", hangup)
         app.router.add_post(base + "{uuid}/", update)
         app.router.add_post(base + "{uuid}/DTMF/", dtmf)

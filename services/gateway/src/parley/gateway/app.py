@@ -23,7 +23,7 @@ from parley.common.events import utcnow
 from parley.common.metrics import Metrics
 from parley.common.problems import problem_middleware
 
-from . import due_callbacks
+from . import due_callbacks, orphans
 from .api import routes as api_routes
 from .api.rate_limit import CallRateLimiter
 from .config import GatewayConfig
@@ -42,7 +42,7 @@ from .keys import (
 from .plivo import routes as plivo_routes
 from .registry import CallRegistry
 from .signature_audit import RefusalFolder, SignatureAudit
-from .twilio import media_stream, orphans, relay, webhooks
+from .twilio import media_stream, relay, webhooks
 from .twilio.rest import TwilioCalls
 
 log = logging.getLogger(__name__)

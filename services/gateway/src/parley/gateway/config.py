@@ -47,8 +47,8 @@ class GatewayConfig(CommonConfig, kw_only=True):
     gateway_carrier_silence_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     gateway_carrier_reconnect_wait_s: Annotated[float, msgspec.Meta(ge=0)] = 15.0
     # Calls no instance holds the socket of (their gateway was killed): each instance looks
-    # every gateway_orphan_check_s (0: never) and asks Twilio about a call found so twice in a
-    # row: over → call.ended; still up → hung up, reason error (twilio/orphans.py).
+    # every gateway_orphan_check_s (0: never) and asks the carrier (Twilio, Plivo) about a call
+    # found so twice in a row: over → call.ended; still up → hung up, reason error (orphans.py).
     gateway_orphan_check_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     # Reconnects of one call to a new stream through the <Connect action> URL before we hang up.
     max_reconnects: Annotated[int, msgspec.Meta(ge=0)] = 5

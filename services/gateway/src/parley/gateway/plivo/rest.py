@@ -1,4 +1,4 @@
-"""Call control through the plivo SDK's REST client: place, hang up, transfer, send digits.
+"""Call control through the plivo SDK's REST client: place, look up, hang up, transfer, DTMF.
 
 The SDK is synchronous (``requests``), so every call runs in a worker thread and a slow Plivo
 never blocks the event loop. ``base_url`` points it elsewhere — an emulator in tests — by
@@ -63,6 +63,22 @@ class Dialed(msgspec.Struct, frozen=True, kw_only=True):
     message: str = ""
 
 
+class AtPlivo(msgspec.Struct, frozen=True, kw_only=True):
+    """A call as Plivo has it.
+
+    Live: ``status`` is its ``call_status`` (``ringing``, ``in-progress``…). Over: ``status``
+    is ``completed`` and ``duration_s`` its record's ``call_duration``.
+    """
+
+    status: str
+    duration_s: float | None = None
+
+    @property
+    def live(self) -> bool:
+        """Whether Plivo has the call up."""
+        return self.status != "completed"
+
+
 class _RebasedClient(plivo.RestClient):  # type: ignore[misc]  # the SDK is untyped
     """The SDK's client, sending every request to ``base_url`` instead of Plivo's API."""
 
@@ -118,6 +134,21 @@ class PlivoCalls:
                                  caller_fault=False, ambiguous=True)
         return Dialed(request_uuid=request_uuid, message=str(_field(response, "message") or ""))
 
+    async def fetch(self, call_uuid: str) -> AtPlivo | None:
+        """The call as Plivo has it now (None: Plivo knows no such call).
+
+        Asked as a live call first; one no longer live (404) is asked for its record.
+        """
+        live = await self._run(lambda: _found(lambda: self._client().live_calls.get(call_uuid)))
+        if live is not None:
+            return AtPlivo(status=str(_field(live, "call_status") or ""))
+        record = await self._run(lambda: _found(lambda: self._client().calls.get(call_uuid)))
+        if record is None:
+            return None
+        duration = _field(record, "call_duration")
+        return AtPlivo(status="completed",
+                       duration_s=float(duration) if duration is not None else None)
+
     async def hangup(self, call_uuid: str) -> None:
         """End a live call."""
         await self._run(lambda: self._client().calls.delete(call_uuid))
@@ -156,6 +187,14 @@ def _unanswered(exc: Exception) -> bool:
     if not isinstance(exc, Timeout | ConnectionLost | ChunkedEncodingError):
         return False
     return not (exc.args and isinstance(exc.args[0], MaxRetryError))  # connecting failed
+
+
+def _found(operation: Callable[[], T]) -> T | None:
+    """``operation``'s answer, or None if Plivo answered 404."""
+    try:
+        return operation()
+    except plivo_errors.ResourceNotFoundError:
+        return None
 
 
 def _field(response: Any, name: str) -> Any:
