@@ -5,7 +5,9 @@ providers that report it then) and as it ends (:class:`Done`); a response cut sh
 barge-in or a failure has only the first. A provider that learns usage only at the end (an
 OpenAI-compatible server) reports an estimate as the response begins: its input, to which the
 text and tool calls that come add their output, until the response's :class:`Done` brings the
-server's usage instead (a response cut short keeps the estimate). :class:`RoundUsage` keeps one
+server's usage instead (a response cut short keeps the estimate). One that reports its input as
+it begins and its output only at the end (Anthropic) and is cut short adds an estimate of the
+output it had streamed. :class:`RoundUsage` keeps one
 entry per response (a fallback or a retry makes several); the worker records them as
 ``usage.recorded``, one event per provider and kind (estimates apart, marked ``estimated``), for
 integrators to bill from and for the fold to sum into the turn's ``turn.completed`` (a turn's
@@ -51,7 +53,18 @@ class _Response:
     provider: str
     usage: Usage  # what it was billed, as reported or estimated so far
     estimated: bool = False
-    output_characters: int = 0  # of an estimated response's text and tool calls, so far
+    output_characters: int = 0  # of its text and tool calls, so far
+    ended: bool = False  # its Done came (with the whole usage)
+
+    def unreported_output(self) -> int:
+        """Output tokens a reported response cut short made past what it reported (estimated).
+
+        Anthropic reports a response's input as it begins and its output only as it ends: one
+        cut short (a barge-in) was billed the words it had written by then.
+        """
+        if self.estimated or self.ended or not self.output_characters:
+            return 0
+        return max(estimate_tokens(self.output_characters) - self.usage.output_tokens, 0)
 
 
 class RoundUsage:
@@ -72,19 +85,22 @@ class RoundUsage:
         """
         latest = self._responses[-1] if self._responses else None
         if isinstance(item, TextDelta | ToolCall):
-            if self._begun and latest is not None and latest.estimated:
+            if self._begun and latest is not None:
                 latest.output_characters += len(item.text) if isinstance(item, TextDelta) \
                     else len(item.name) + len(json.dumps(item.arguments))
-                latest.usage = msgspec.structs.replace(
-                    latest.usage, output_tokens=estimate_tokens(latest.output_characters))
+                if latest.estimated:
+                    latest.usage = msgspec.structs.replace(
+                        latest.usage, output_tokens=estimate_tokens(latest.output_characters))
         elif isinstance(item, ProviderSwitched):
             self._begun = False
         elif isinstance(item, UsageReported | Done):
             if isinstance(item, Done) and self._begun and latest and (
                     latest.provider == item.provider):
-                self._responses[-1] = _Response(item.provider, item.usage, item.estimated)
+                self._responses[-1] = _Response(item.provider, item.usage, item.estimated,
+                                                ended=True)
             else:
-                self._responses.append(_Response(item.provider, item.usage, item.estimated))
+                self._responses.append(_Response(item.provider, item.usage, item.estimated,
+                                                 ended=isinstance(item, Done)))
             self._begun = isinstance(item, UsageReported)
 
     @property
@@ -93,18 +109,23 @@ class RoundUsage:
         return self._responses[-1].provider if self._responses else ""
 
     def total(self) -> Usage:
-        """Every response's tokens."""
+        """Every response's tokens, estimates included."""
         total = Usage()
-        for response in self._responses:
-            total = add_usage(total, response.usage)
+        for usage in self.by_provider().values():
+            total = add_usage(total, usage)
         return total
 
     def by_provider(self) -> dict[tuple[str, bool], Usage]:
         """The tokens per provider, estimated (True) apart from reported."""
         totals: dict[tuple[str, bool], Usage] = {}
+
+        def count(key: tuple[str, bool], usage: Usage) -> None:
+            totals[key] = add_usage(totals.get(key, Usage()), usage)
+
         for response in self._responses:
-            key = (response.provider, response.estimated)
-            totals[key] = add_usage(totals.get(key, Usage()), response.usage)
+            count((response.provider, response.estimated), response.usage)
+            if unreported := response.unreported_output():
+                count((response.provider, True), Usage(output_tokens=unreported))
         return totals
 
 

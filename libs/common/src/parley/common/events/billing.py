@@ -18,7 +18,9 @@ class UsageRecorded(CallEvent, frozen=True, kw_only=True, tag="usage.recorded"):
     by then. A provider that reports usage only as a response ends (an OpenAI-compatible
     server) reports nothing for a response cut short, or one that ended without usage: the
     brain records an estimate instead, marked ``estimated`` (the input from the request's
-    characters, the output from the reply's characters received, about four a token). A round
+    characters, the output from the reply's characters received, about four a token); one
+    that reports its input as a response begins and its output only as it ends (Anthropic)
+    records, for a response cut short, the reported input and an estimate of the output. A round
     asked again (its unit of work redelivered) records its new request too.
     A reply the brain speculated on before the turn ended and then dropped (not adopted) was
     billed too: it is recorded ``speculative``, under the turn it answered if known, and is not
