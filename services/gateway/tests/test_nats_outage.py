@@ -5,14 +5,19 @@ instead of the session's.
 """
 
 import asyncio
+import contextlib
 
 import pytest
 
 from parley.common.bus import Bus
 from parley.common.bus.client import connect
 from parley.devkit.infra import NatsServer
+from parley.gateway import orphans
+from parley.gateway.calls import find_by_call_id
+from parley.gateway.keys import POOL
 
 from .conftest import started_stream, wait_for
+from .test_media_stream import request
 
 
 @pytest.fixture
@@ -130,3 +135,36 @@ async def test_what_the_socket_reported_outlasts_an_outage_the_audio_filled_the_
 
 async def _has(types, wanted: set[str]) -> bool:
     return wanted <= await types
+
+
+async def test_a_call_transferred_during_an_outage_is_not_hung_up_as_orphaned(
+        nats_server_of_test, bus, make_gateway, events):
+    """Twilio took the transfer (the caller on their way to a person) just as NATS went away:
+    call.ended could not be published, so the call stayed live in the store with no stream,
+    and the orphan check, finding no instance held it and Twilio had it in progress, hung the
+    caller up mid-conversation with the person they were transferred to."""
+    gateway = await make_gateway(rest=True, gateway_orphan_check_s=0)  # rounds run by hand
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    gateway.rest_fake.hold_updates = asyncio.Event()
+    transfer = asyncio.create_task(request(bus, call_id, "transfer", {"to": "+14155550123"}))
+    await wait_for(lambda: gateway.rest_fake.updates)
+    server = nats_server_of_test
+    assert server.proc is not None
+    server.proc.kill()
+    server.proc.wait()
+    await wait_for(lambda: not bus.nc.is_connected)
+    gateway.rest_fake.hold_updates.set()  # Twilio accepted the redirect; the end is not stored
+    with contextlib.suppress(Exception):
+        await transfer
+    await stream.stop(call_sid)  # Twilio leaves the stream for the <Dial>
+    await stream.closed()
+    server.start()
+    await wait_for(lambda: bus.nc.is_connected)
+    unheld = await orphans.check(gateway.app, {})
+    await orphans.check(gateway.app, unheld)
+    assert (call_sid, {"Status": "completed"}) not in gateway.rest_fake.updates
+    async with gateway.app[POOL].connection() as conn:
+        call = await find_by_call_id(conn, call_id)
+    assert call is not None and call.end_reason == "transferred"
+    [ended] = await events.wait("call.ended", call_id, timeout=5)
+    assert ended.reason == "transferred" and events.of("call.transferred", call_id)

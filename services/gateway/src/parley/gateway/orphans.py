@@ -15,7 +15,9 @@ starting, or a DTMF redirect's next one, takes seconds), and on no new stream in
 stream's start is a ``stream:<id>`` milestone: an agent sending digits often is between streams
 at many a round), is asked of its carrier through its REST API, as a dead socket's is: over →
 ``call.ended`` (``caller_hangup``, the carrier's duration); still up → hung up (REST), reason
-``error``; unknown to the carrier (404) → ``call.ended``, reason ``error``. Twilio is asked for
+``error``; unknown to the carrier (404) → ``call.ended``, reason ``error``. One whose transfer
+the carrier took (a ``transferred:<to>`` milestone), its end not published then (NATS away), is
+ended as transferred, not hung up: the caller is talking to the person now. Twilio is asked for
 the call; Plivo for the live call, then for the ended call's record. Several instances may
 decide the same call: ``call.ended`` is published once.
 """
@@ -32,7 +34,7 @@ from nats.errors import NoRespondersError
 from twilio.base.exceptions import TwilioRestException
 
 from parley.common.bus import command_subject
-from parley.common.events import CallEnded
+from parley.common.events import CallEnded, CallTransferred
 
 from .calls import publish_end, seconds_since
 from .keys import BUS, CLOCK, CONFIG, POOL, TWILIO_REST
@@ -76,12 +78,15 @@ async def check(app: web.Application, unheld_before: dict[str, int]) -> dict[str
     while True:  # every live call, BATCH at a time: those answered later are orphaned too
         async with app[POOL].connection() as conn:
             cursor = await conn.execute(
-                "SELECT call_id, carrier_call_id, org_id, answered_at, (SELECT count(*) FROM "
+                "SELECT c.call_id, carrier_call_id, org_id, answered_at, (SELECT count(*) FROM "
                 "carrier_call_milestones m WHERE m.call_id = c.call_id AND m.milestone LIKE "
-                "'stream:%%'), carrier FROM carrier_calls c "
+                "'stream:%%'), carrier, t.milestone, t.at FROM carrier_calls c "
+                "LEFT JOIN LATERAL (SELECT milestone, at FROM carrier_call_milestones m "
+                "WHERE m.call_id = c.call_id AND m.milestone LIKE 'transferred:%%' "
+                "ORDER BY at LIMIT 1) t ON true "
                 "WHERE carrier IN ('twilio', 'plivo') AND ended_at IS NULL "
-                "AND answered_at IS NOT NULL "
-                "AND (answered_at, call_id) > (%s, %s) ORDER BY answered_at, call_id LIMIT %s",
+                "AND answered_at IS NOT NULL AND (answered_at, c.call_id) > (%s, %s) "
+                "ORDER BY answered_at, c.call_id LIMIT %s",
                 (*after, BATCH))
             rows = await cursor.fetchall()
         await _look_at(app, rows, unheld_before, unheld)
@@ -92,15 +97,20 @@ async def check(app: web.Application, unheld_before: dict[str, int]) -> dict[str
 
 async def _look_at(app: web.Application, rows: list[Any], unheld_before: dict[str, int],
                    unheld: dict[str, int]) -> None:
-    for call_id, carrier_call_id, org_id, answered_at, streams, carrier in rows:
+    for (call_id, carrier_call_id, org_id, answered_at, streams, carrier, transferred,
+         transferred_at) in rows:
         if await _held(app, call_id):
             continue
         unheld[call_id] = streams
         if unheld_before.get(call_id) != streams:
             continue
         try:
-            await _end(app, carrier, call_id, carrier_call_id, org_id,
-                       seconds_since(answered_at, app[CLOCK]()))
+            if transferred is not None:
+                await _end_transferred(app, call_id, org_id, transferred.removeprefix(
+                    "transferred:"), transferred_at, answered_at)
+            else:
+                await _end(app, carrier, call_id, carrier_call_id, org_id,
+                           seconds_since(answered_at, app[CLOCK]()))
         except Exception:  # the carrier or the bus failing: this call is asked about next round
             log.exception("call %s: no gateway holds it, and ending it failed", call_id)
 
@@ -114,6 +124,20 @@ async def _held(app: web.Application, call_id: str) -> bool:
     except TimeoutError:
         pass
     return True
+
+
+async def _end_transferred(app: web.Application, call_id: str, org_id: str, to: str,
+                           transferred_at: datetime, answered_at: datetime) -> None:
+    """A call whose transfer the carrier took, its end never published (NATS away then).
+
+    The caller is with the person they were transferred to: not a call to hang up.
+    """
+    if await publish_end(app[POOL], app[BUS], CallEnded(
+            org_id=org_id, call_id=call_id, reason="transferred",
+            duration_s=seconds_since(answered_at, transferred_at)), CallTransferred(
+            org_id=org_id, call_id=call_id, to_number=to, mode="cold")):
+        log.warning("call %s: no gateway holds it, and it was transferred to %s: ended",
+                    call_id, to)
 
 
 async def _end(app: web.Application, carrier: str, call_id: str, carrier_call_id: str,

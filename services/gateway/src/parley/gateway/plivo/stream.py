@@ -29,7 +29,7 @@ from nats.errors import OutboundBufferLimitError
 
 from parley.common.bus import publish_frame, subscribe_frames
 from parley.common.bus.audio import MARK, stream_seq_base
-from parley.common.events import AgentSpeechProgress, CallDtmf, CallTransferred
+from parley.common.events import AgentSpeechProgress, CallDtmf
 
 from ..close_codes import CloseCode, ProtocolViolation
 from ..commands import CommandError
@@ -221,7 +221,4 @@ class PlivoStreamSession(TwilioSession):
         await self.refuse_if_ended()
         await self.plivo.transfer(call.carrier_call_id, xml.callback_url(
             self.config, xml.TRANSFER_PATH, call_id=call.call_id, to=to))
-        transferred = CallTransferred(org_id=call.org_id, call_id=call.call_id, to_number=to,
-                                      mode=mode)
-        if not await self.end_call("transferred", transferred):
-            raise CommandError("call already ended")
+        await self.end_transferred(to, mode)

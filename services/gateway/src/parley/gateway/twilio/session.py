@@ -348,6 +348,19 @@ class TwilioSession:
         await self.redirect(twiml.dial_twiml(to))
         # Only now is the caller on their way to the new number: a failed redirect leaves the
         # call live with the agent (and the command's error says why), so nothing is published.
+        await self.end_transferred(to, mode)
+
+    async def end_transferred(self, to: str, mode: Literal["cold", "warm"]) -> None:
+        """The carrier took the transfer: call.transferred, then call.ended (``transferred``).
+
+        A ``transferred:<to>`` milestone first: if the end cannot be published (NATS away),
+        the orphan check, finding the call held by no instance, ends it as transferred instead
+        of hanging up a caller now talking to the person they were transferred to.
+        """
+        call = self.call
+        assert call is not None
+        async with self.pool.connection() as conn:
+            await claim_milestone(conn, call.call_id, f"transferred:{to}")
         transferred = CallTransferred(org_id=call.org_id, call_id=call.call_id, to_number=to,
                                       mode=mode)
         if not await self.end_call("transferred", transferred):
