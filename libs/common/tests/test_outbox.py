@@ -67,3 +67,17 @@ async def test_an_event_that_cannot_even_be_sent_is_published_again_not_raised(
     assert failures == [event.id]
     assert outbox.pending == 0 and outbox.lost == 0 and outbox.republished == 1
     assert [e.id for e in await bus.replay_call("c-out4")] == [event.id]
+
+
+async def test_a_bus_closed_for_good_fails_the_retries_fast(nats_url: str) -> None:
+    """An outbox attempt waits for a connection cut off from the server to come back (up to
+    the ack timeout). At shutdown the bus closes for good, and the retries still waited their
+    whole timeout each: a stopping service's outbox took attempts × ack timeout to give up."""
+    bus = await Bus.connect(nats_url, name="closing")
+    outbox = Outbox(bus, name="test", ack_timeout_s=5.0, attempts=3)
+    await outbox.put(partial("c-out5", "hello"))  # no stream takes it: the event is retried
+    await bus.close()
+    began = asyncio.get_running_loop().time()
+    await outbox.drain(timeout_s=30)
+    assert outbox.lost == 1 and outbox.pending == 0
+    assert asyncio.get_running_loop().time() - began < 5

@@ -122,9 +122,12 @@ class Outbox:
         Cut off, the client buffers what is published until its buffer is full, and then
         refuses it at once: the attempts, each meant to last up to the ack timeout, were spent
         in seconds of backoff (a socket full of caller audio lost a mark echo to an 8 s outage).
+        A connection closed for good (the service stopping) is waited for no more.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.ack_timeout_s
         # (nats-py has no awaitable for it, only the one reconnected_cb the connection's owner set)
-        while not self.bus.nc.is_connected and loop.time() < deadline:  # noqa: ASYNC110
+        nc = self.bus.nc
+        while not nc.is_connected and not nc.is_closed and (  # noqa: ASYNC110
+                loop.time() < deadline):
             await asyncio.sleep(min(RECONNECTED_POLL_S, self.ack_timeout_s))
