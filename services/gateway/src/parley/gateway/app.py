@@ -171,7 +171,7 @@ def _loop(name: str, run: Callable[[web.Application], Coroutine[Any, Any, None]]
           setting: str) -> Callable[[web.Application], AsyncIterator[None]]:
     """A cleanup context running ``run(app)`` as a task while the app runs.
 
-    None when the config's ``setting`` (the loop's interval) is 0: this instance does not run it.
+    When the config's ``setting`` (the loop's interval) is 0, this instance does not run it.
     """
     async def context(app: web.Application) -> AsyncIterator[None]:
         if not getattr(app[CONFIG], setting):
