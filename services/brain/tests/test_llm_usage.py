@@ -10,11 +10,13 @@ completion sums its rounds from those events, whichever instance ran them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -467,10 +469,11 @@ def test_an_estimate_counts_its_response_output_only_and_is_recorded_apart() -> 
     assert len({usage.id for usage in recorded}) == len(recorded)
 
 
-async def test_a_dropped_speculations_usage_is_recorded_across_a_nats_outage(
-        tmp_path, pool, emulator) -> None:
-    """nats-server killed for 8 s (a chaos run): the usage of speculations dropped meanwhile
-    was published once, the publish failed, and what they were billed was never recorded."""
+@contextlib.asynccontextmanager
+async def speculation_dropped_while_nats_is_away(tmp_path, pool, emulator, call_id: str
+                                                 ) -> AsyncIterator[tuple[Any, Bus, Any]]:
+    """A brain on its own nats-server, a speculation begun (its input reported) and then dropped
+    with the server down: the server, a bus of the test's own and the worker (stopped after)."""
     server = NatsServer(tmp_path / "nats").start()
     bus = await Bus.connect(server.url, name="pytest")
     await bus.ensure_streams()
@@ -481,31 +484,41 @@ async def test_a_dropped_speculations_usage_is_recorded_across_a_nats_outage(
     llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
     worker = BrainWorker(services(brain_bus, pool, [llm]))
     await worker.start()
-
-    async def stored(kind: str) -> list:
-        return [e for e in await bus.replay_call("c-out") if e.type == kind]
-
     try:
-        await open_call(bus, "c-out")
-        await until_async(lambda: stored("agent.say"))  # greeted: the instance follows the call
+        await open_call(bus, call_id)
+        # greeted: the instance follows the call
+        await until_async(lambda: stored(bus, call_id, "agent.say"))
         emulator.script(ScriptedReply(text="Whitening is two hundred dollars. " * 20))
-        await bus.publish(TranscriptFinal(org_id=ORG, call_id="c-out",
+        await bus.publish(TranscriptFinal(org_id=ORG, call_id=call_id,
                                           text="Do you do whitening?"))
         await until(lambda: len(emulator.requests) == 1)
         await asyncio.sleep(0.3)  # the response has begun: its input is reported
         server.stop()
-        worker.speculations.cancel("c-out", "caller spoke")  # dropped while NATS is away
-        await asyncio.sleep(1.0)
-        server.start()
-        usage = await until_async(lambda: stored("usage.recorded"), timeout=15.0)
-        assert {u.speculative for u in usage} == {True}
-        assert any(u.kind == "llm_input_tokens" and u.quantity > 0 for u in usage)
+        worker.speculations.cancel(call_id, "caller spoke")  # dropped while NATS is away
+        yield server, bus, worker
     finally:
-        await worker.stop()
+        await worker.stop()  # (again: a no-op)
         await llm.aclose()
         await brain_bus.close()
         await bus.close()
         server.stop()
+
+
+async def stored(bus: Bus, call_id: str, kind: str) -> list:
+    return [e for e in await bus.replay_call(call_id) if e.type == kind]
+
+
+async def test_a_dropped_speculations_usage_is_recorded_across_a_nats_outage(
+        tmp_path, pool, emulator) -> None:
+    """nats-server killed for 8 s (a chaos run): the usage of speculations dropped meanwhile
+    was published once, the publish failed, and what they were billed was never recorded."""
+    async with speculation_dropped_while_nats_is_away(tmp_path, pool, emulator, "c-out") as (
+            server, bus, _):
+        await asyncio.sleep(1.0)
+        server.start()
+        usage = await until_async(lambda: stored(bus, "c-out", "usage.recorded"), timeout=15.0)
+        assert {u.speculative for u in usage} == {True}
+        assert any(u.kind == "llm_input_tokens" and u.quantity > 0 for u in usage)
 
 
 async def test_a_brain_stopped_during_a_nats_outage_waits_no_minute_for_usage(
@@ -513,36 +526,11 @@ async def test_a_brain_stopped_during_a_nats_outage_waits_no_minute_for_usage(
     """Its usage retried for about a minute while NATS is away, a dropped speculation held the
     brain's stop that long, past an orchestrator's kill grace: the stop now waits a bounded time."""
     monkeypatch.setattr(brain_worker, "STOP_RECORDING_WAIT_S", 0.5)
-    server = NatsServer(tmp_path / "nats").start()
-    bus = await Bus.connect(server.url, name="pytest")
-    await bus.ensure_streams()
-    brain_bus = await Bus.connect(server.url, name="brain", pending_size=0)
-    emulator.tokens_per_second = 50
-    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
-    worker = BrainWorker(services(brain_bus, pool, [llm]))
-    await worker.start()
-    stopped = False
-    try:
-        await open_call(bus, "c-stop")
-        await until_async(lambda: bus.replay_call("c-stop"))
-        emulator.script(ScriptedReply(text="Whitening is two hundred dollars. " * 20))
-        await bus.publish(TranscriptFinal(org_id=ORG, call_id="c-stop",
-                                          text="Do you do whitening?"))
-        await until(lambda: len(emulator.requests) == 1)
-        await asyncio.sleep(0.3)  # the response has begun: its input is reported
-        server.stop()
-        worker.speculations.cancel("c-stop", "caller spoke")  # dropped while NATS is away
+    async with speculation_dropped_while_nats_is_away(tmp_path, pool, emulator, "c-stop") as (
+            _, _, worker):
         began = time.monotonic()
         await worker.stop()
-        stopped = True
         assert time.monotonic() - began < 5
-    finally:
-        if not stopped:
-            await worker.stop()
-        await llm.aclose()
-        await brain_bus.close()
-        await bus.close()
-        server.stop()
 
 
 async def until_async(check, timeout: float = 5.0):
