@@ -47,29 +47,19 @@ async def test_a_nats_outage_neither_drops_the_socket_nor_loses_what_it_reported
     meanwhile was published with the socket's read loop waiting on its ack, which timed out and
     failed the socket (1011): Twilio's stream ended, and the call never ended in the store."""
     stream, call_sid, call_id = await started_stream(gateway, events)
-    server = nats_server_of_test
-    assert server.proc is not None
-    server.proc.kill()
-    server.proc.wait()
-    await wait_for(lambda: not bus.nc.is_connected)
+    server = await cut_off(nats_server_of_test, bus)
     await stream.mark("t1:3")
     await stream.dtmf("5")
     await asyncio.sleep(1.5)  # well past the publish timeout
     server.start()  # same port, same store
     await wait_for(lambda: bus.nc.is_connected)
     await stream.media(b"\xff" * 160)
-
-    async def stored() -> set[str]:
-        try:
-            return {event.type for event in await bus.replay_call(call_id)}
-        except Exception:  # JetStream still recovering
-            return set()
-
-    await wait_for(lambda: _has(stored(), {"agent.speech.progress", "call.dtmf"}), timeout=15)
+    await wait_for(lambda: _has(stored(bus, call_id), {"agent.speech.progress", "call.dtmf"}),
+                   timeout=15)
     assert not stream.ws.closed
     await stream.stop(call_sid)
     assert await stream.closed() == (1000, "stream stopped")
-    await wait_for(lambda: _has(stored(), {"call.ended"}), timeout=10)
+    await wait_for(lambda: _has(stored(bus, call_id), {"call.ended"}), timeout=10)
 
 
 async def test_caller_audio_the_client_cannot_buffer_during_an_outage_is_dropped(
@@ -78,11 +68,7 @@ async def test_caller_audio_the_client_cannot_buffer_during_an_outage_is_dropped
     call-seconds of audio, reached in 8 s with 25 calls) and then refuses it: the refused frame
     failed the socket, and so every call on the gateway."""
     stream, call_sid, call_id = await started_stream(gateway, events)
-    server = nats_server_of_test
-    assert server.proc is not None
-    server.proc.kill()
-    server.proc.wait()
-    await wait_for(lambda: not bus.nc.is_connected)
+    server = await cut_off(nats_server_of_test, bus)
     for _ in range(60):  # 1.2 s of audio, past the 8 KiB buffer
         await stream.media(b"\xff" * 160)
     await stream.mark("t1:3")
@@ -110,31 +96,37 @@ async def test_what_the_socket_reported_outlasts_an_outage_the_audio_filled_the_
     than after the publish timeout: the outbox's ten attempts at a mark echo, meant to last
     about a minute, were spent in 7 s (their backoff), and an 8 s outage lost it."""
     stream, call_sid, call_id = await started_stream(gateway, events)
-    server = nats_server_of_test
-    assert server.proc is not None
-    server.proc.kill()
-    server.proc.wait()
-    await wait_for(lambda: not bus.nc.is_connected)
+    server = await cut_off(nats_server_of_test, bus)
     for _ in range(60):  # 1.2 s of audio, past the 8 KiB buffer
         await stream.media(b"\xff" * 160)
     await stream.mark("t1:3")
     await asyncio.sleep(9)
     server.start()
     await wait_for(lambda: bus.nc.is_connected)
-
-    async def stored() -> set[str]:
-        try:
-            return {event.type for event in await bus.replay_call(call_id)}
-        except Exception:  # JetStream still recovering
-            return set()
-
-    await wait_for(lambda: _has(stored(), {"agent.speech.progress"}), timeout=10)
+    await wait_for(lambda: _has(stored(bus, call_id), {"agent.speech.progress"}), timeout=10)
     await stream.stop(call_sid)
     await stream.closed()
 
 
 async def _has(types, wanted: set[str]) -> bool:
     return wanted <= await types
+
+
+async def cut_off(server, bus):
+    """nats-server killed: returns it, once the bus has noticed (start it again to end it)."""
+    assert server.proc is not None
+    server.proc.kill()
+    server.proc.wait()
+    await wait_for(lambda: not bus.nc.is_connected)
+    return server
+
+
+async def stored(bus, call_id: str) -> set[str]:
+    """The types of the call's stored events (none while JetStream still recovers)."""
+    try:
+        return {event.type for event in await bus.replay_call(call_id)}
+    except Exception:
+        return set()
 
 
 async def test_a_call_transferred_during_an_outage_is_not_hung_up_as_orphaned(
@@ -148,11 +140,7 @@ async def test_a_call_transferred_during_an_outage_is_not_hung_up_as_orphaned(
     gateway.rest_fake.hold_updates = asyncio.Event()
     transfer = asyncio.create_task(request(bus, call_id, "transfer", {"to": "+14155550123"}))
     await wait_for(lambda: gateway.rest_fake.updates)
-    server = nats_server_of_test
-    assert server.proc is not None
-    server.proc.kill()
-    server.proc.wait()
-    await wait_for(lambda: not bus.nc.is_connected)
+    server = await cut_off(nats_server_of_test, bus)
     gateway.rest_fake.hold_updates.set()  # Twilio accepted the redirect; the end is not stored
     with contextlib.suppress(Exception):
         await transfer
