@@ -1,10 +1,12 @@
 """The HTTP runner against a loopback endpoint (no NATS or Postgres needed)."""
 
 import email.utils
+import json
 import time
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
+import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -92,6 +94,37 @@ async def test_no_beginning_of_an_echoed_secret_survives_the_size_cut(endpoint):
     outcome = await run(tool, {}, {"crm": SECRET})
     assert outcome.ok and outcome.truncated
     assert outcome.result["partial_body"] == "d" * 1000 + "[redacted]"
+
+
+@pytest.mark.parametrize("escape", [
+    lambda text: text.replace("/", "\\/"),  # PHP's json_encode escapes every slash
+    lambda text: text.replace("<", "\\u003c").replace(">", "\\u003e"),  # Go's HTML-safe JSON
+])
+@pytest.mark.parametrize("status, cap", [(401, 16_384), (200, 100)])
+async def test_a_secret_echoed_in_an_escaped_json_form_is_redacted(status, cap, escape):
+    # A base64 key (with "/") or a password (with "<") comes back from a PHP or Go endpoint
+    # escaped as JSON allows: in the error snippet, or in a body cut to the size cap, that text
+    # is passed on unparsed, and only the secret's plain and Python-escaped forms were redacted.
+    secret = "wJalrXUtnFEMI/K7MDENG/bPxR<fiCY>EXAMPLEKEY"
+
+    async def echo(request: web.Request) -> web.Response:
+        quoted = escape(json.dumps({"error": "bad key " + request.headers["X-Key"]}))
+        return web.Response(status=status, text=quoted + " " * 200,
+                            content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/echo", echo)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        tool = http_tool(f"http://127.0.0.1:{server.port}/echo", method="GET",
+                         headers={"X-Key": "{secret:key}"}, max_response_bytes=cap)
+        outcome = await run(tool, {}, {"key": secret})
+    finally:
+        await server.close()
+    text = json.dumps(msgspec.to_builtins(outcome))
+    assert "wJalrX" not in text and "EXAMPLEKEY" not in text, text
+    assert "[redacted]" in text, text
 
 
 async def test_redaction_never_touches_the_numbers_of_a_result(endpoint):

@@ -309,11 +309,24 @@ def _snippet(raw: bytes, hidden: list[str]) -> str:
 
 
 def _forms(values: Iterable[str]) -> list[str]:
-    """The ways a secret worth redacting (4+ characters) can appear in a body, longest first."""
+    r"""The ways a secret worth redacting (4+ characters) can appear in a body, longest first.
+
+    As is, and as a JSON string's contents the way common encoders write it: Python's (ASCII
+    or not), PHP's (every ``/`` as ``\/``) and Go's (``<``, ``>``, ``&`` as ``\u003c``…).
+    An error snippet or a cut body is passed on as text, never parsed, so each must be matched.
+    """
     forms = {form for value in values if len(value) >= 4
-             for form in (value, json.dumps(value)[1:-1],
-                          json.dumps(value, ensure_ascii=False)[1:-1])}
+             for quoted in (json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1])
+             for form in (value, quoted, quoted.replace("/", "\\/"), _go_escaped(quoted))}
     return sorted(forms, key=len, reverse=True)
+
+
+def _go_escaped(quoted: str) -> str:
+    """A JSON string's contents as Go's encoding/json writes them (HTML-safe)."""
+    for char, escape in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e"),
+                         ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        quoted = quoted.replace(char, escape)
+    return quoted
 
 
 def _redact_text(text: str, hidden: list[str]) -> str:
