@@ -192,6 +192,26 @@ async def test_errors_are_problem_documents(gateway):
     assert (await response.json())["title"] == "Method Not Allowed"
 
 
+BAD_FORMS = [
+    ("application/x-www-form-urlencoded; charset=no-such-charset", b"CallSid=CA1"),
+    ("application/x-www-form-urlencoded", b"CallSid=\xff\xfe"),  # not UTF-8
+    ("multipart/form-data", b"CallSid=CA1"),  # no boundary
+    ("multipart/form-data; boundary=xx", b"not multipart at all"),
+]
+
+
+@pytest.mark.parametrize("content_type, data", BAD_FORMS)
+@pytest.mark.parametrize("path", ["/twilio/voice", "/twilio/status", "/plivo/answer",
+                                  "/plivo/hangup"])
+async def test_a_form_that_cannot_be_read_is_a_400_problem(gateway, path, content_type, data):
+    # Anyone can send these, signed or not: the form is read before its signature is checked.
+    response = await gateway.client.post(path, data=data, headers={
+        "Content-Type": content_type, "X-Twilio-Signature": "x"})
+    assert response.status == 400
+    assert response.content_type == "application/problem+json"
+    assert (await response.json())["type"].endswith("/invalid-webhook")
+
+
 # -- a flood of forged requests: a 403 for each, a bounded audit that says how many ----------
 
 

@@ -25,7 +25,7 @@ from plivo.utils import validate_v3_signature
 from parley.common.problems import Problem
 
 from ..keys import CONFIG
-from ..twilio.signatures import refuse_nul_characters, reject
+from ..twilio.signatures import read_form, refuse_nul_characters, reject
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,7 @@ async def verify_plivo(request: web.Request, params: Mapping[str, str] | None = 
 
 async def signed_form(request: web.Request) -> MultiDictProxy[str]:
     """The POSTed form of a Plivo webhook, after checking its signature."""
-    form = await request.post()
-    # Plivo's callbacks carry no file parts; anything else is not part of what it signed.
-    params = MultiDictProxy(MultiDict(
-        (key, value) for key, value in form.items() if isinstance(value, str)))
+    params = await read_form(request)
     await verify_plivo(request, params)
     refuse_nul_characters(request, params)
     return params

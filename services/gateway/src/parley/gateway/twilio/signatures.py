@@ -88,12 +88,26 @@ async def reject(request: web.Request, reason: str,
         reason=reason, number=(params or {}).get("To", "")))
 
 
+async def read_form(request: web.Request) -> MultiDictProxy[str]:
+    """The POSTed form's text fields (what a carrier signs); a 400 Problem if unreadable.
+
+    The form is read before its signature can be checked, so anyone can send one that aiohttp
+    cannot parse (an unknown charset, bytes that are not UTF-8, multipart without its
+    boundary): that is a bad request, not a 500 with a traceback in the log.
+    """
+    try:
+        form = await request.post()
+    except (ValueError, LookupError) as exc:  # UnicodeDecodeError is a ValueError
+        raise Problem(400, "Bad Request", f"the form cannot be read: {str(exc)[:200]}",
+                      kind="invalid-webhook") from None
+    # Carriers' webhooks carry no file parts; anything else is not part of what they signed.
+    return MultiDictProxy(MultiDict(
+        (key, value) for key, value in form.items() if isinstance(value, str)))
+
+
 async def signed_form(request: web.Request) -> MultiDictProxy[str]:
     """The POSTed form of a Twilio webhook, after checking its signature."""
-    form = await request.post()
-    # Twilio's webhooks carry no file parts; anything else is not part of what it signed.
-    params = MultiDictProxy(MultiDict(
-        (key, value) for key, value in form.items() if isinstance(value, str)))
+    params = await read_form(request)
     await verify_twilio(request, params)
     refuse_nul_characters(request, params)
     return params
