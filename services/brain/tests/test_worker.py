@@ -451,3 +451,35 @@ def test_a_tool_request_stored_twice_is_one_tool_use_in_its_round() -> None:
     assert turn.requested_in == {"x": 0} and not turn.waiting_for_tools
     assert [type(m).__name__ for m in conversation.llm_messages()] == [
         "UserMessage", "ToolUse", "ToolResult"]
+
+
+async def test_the_turns_knowledge_stays_in_front_of_the_model_after_a_tool_result(
+        bus, pool, emulator, recorder) -> None:
+    """A caller asks to book and what it costs: the model books first, then answers the price.
+
+    Before, the round after the tool's outcome was sent without the knowledge retrieved for the
+    caller's words ("Answer only from the knowledge given"), so the price was no longer there.
+    """
+    await ingest(pool, ORG, AGENT, "prices.md", b"# Prices\n\nA teeth cleaning costs $95.")
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(services(bus, pool, [llm]))
+    await worker.start()
+    try:
+        emulator.script(
+            ScriptedReply(text="Let me book that.", tool_uses=(ScriptedToolUse(
+                name="book_appointment", input={"day": "Friday"}, id="toolu_kb"),)),
+            ScriptedReply(text="You're booked for Friday, and a cleaning costs $95."))
+        await open_call(bus, "c-kb")
+        await user_says(bus, "c-kb", "t1", "Can I book a teeth cleaning Friday, and how much "
+                                           "is a teeth cleaning?")
+        await recorder.wait("tool.requested", "c-kb")
+        assert "$95" in str(emulator.requests[-1]["system"])
+        await bus.publish(ToolCompleted(org_id=ORG, call_id="c-kb", tool_call_id="toolu_kb",
+                                        name="book_appointment", result={"booked": True}))
+        await recorder.wait("turn.completed", "c-kb")
+        assert len(emulator.requests) == 2
+        assert "$95" in str(emulator.requests[-1]["system"])
+        assert len(recorder.of("knowledge.retrieved", "c-kb")) == 1
+    finally:
+        await worker.stop()
+        await llm.aclose()

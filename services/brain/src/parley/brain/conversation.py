@@ -260,6 +260,8 @@ class Conversation:
     latest_user_turn: str = ""
     latest_spoken_turn: str = ""  # of words, not keys: media numbers the two apart (t<n>, k<n>)
     user_turns: set[str] = field(default_factory=set)  # the caller's turns ended so far
+    # The caller's spoken turns' words (not keys): what their knowledge was retrieved for.
+    words_of: dict[str, str] = field(default_factory=dict)
     greeted: bool = False
     ended: bool = False
     events: int = 0
@@ -298,6 +300,7 @@ class Conversation:
                 self.user_turns.add(event.turn_id)
                 if event.reason != "dtmf":
                     self.latest_spoken_turn = event.turn_id
+                    self.words_of[event.turn_id] = event.text
                 self.caller_moves += 1
                 said = UserMessage(text=caller_text(event))
                 last = self.messages[-1] if self.messages else None

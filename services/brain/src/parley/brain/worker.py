@@ -982,6 +982,13 @@ class BrainWorker:
             context = await self.warmup.take(
                 call_id, final_text, agent_id=conversation.agent_id) or await self._prepare_context(
                 org_id, call_id, conversation.agent_id, final_text)
+        elif not final_text and (words := conversation.words_of.get(turn_id, "")).strip():
+            # A round after a tool's outcome answers the same words: their knowledge is still
+            # what the model may answer from (retrieved again; published once, with the turn).
+            retrieved = time.perf_counter()
+            chunks = await self.s.retrieve(org_id, conversation.agent_id, words)
+            context = Context(knowledge=Knowledge(
+                words, chunks, (time.perf_counter() - retrieved) * 1000))
         context.profile = await self._profile_text(call_id, profile)
         self.s.on_turn("prepare_warm" if context.warm else "prepare_cold",
                        (time.perf_counter() - started) * 1000)
