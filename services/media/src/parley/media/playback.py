@@ -128,10 +128,14 @@ class AgentTurnAudio:
         self.run_start = self.sent
 
     def last_mark_missing(self) -> bool:
-        """The final frame went out before the text was known to be done: needs a mark."""
+        """The final frame went out before the text was known to be done: needs a mark.
+
+        So does a run resumed at the very end (nothing left to send with a mark), and a turn
+        whose last frame was echoed before its text was done: neither would ever finish.
+        """
         return self.text_done and self.sent == len(self.frames) and bool(self.frames) and (
             not self.pending_marks or self.pending_marks[-1] != len(self.frames)) and (
-            self.played_frames < len(self.frames))
+            not self.finished)
 
     def echo(self, seq: int, now: float) -> bool:
         """A mark echoed; returns True if it belongs to the current run (else it is stale)."""

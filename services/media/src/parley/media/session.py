@@ -1588,6 +1588,9 @@ class CallSession:
             if turn.audio.cut_frames is not None and not turn.interrupted:
                 turn.audio.resume()
                 await self._send_out(turn)
+                # Cut at its very end (the last echo on its way), nothing is sent again: the
+                # mark after it goes alone, else the turn played for ever.
+                await self._mark_end(turn)
 
     async def _interrupt(self, turn: _AgentTurn, now: float) -> None:
         if turn.interrupted:

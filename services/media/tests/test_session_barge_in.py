@@ -1,0 +1,93 @@
+"""The caller over the agent's audio: a pause that was a false alarm plays the rest, and ends.
+
+Driven as in test_session_idle: inbound audio frame by frame (the audio clock), the agent's
+turns from a stand-in synthesiser, the carrier's echoes given by the test, and a stand-in
+gateway answering ``clear`` and ``mark`` as the real one does (ok), noting each mark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from parley.common.events import AgentSpeechFinished, AgentSpeechProgress
+from parley.media.playback import GENERATION, mark_seq
+
+from .test_session_idle import ORG, QUIET_CALLER, Call, wait_for
+
+
+async def gateway(call: Call, marks: list[int]):
+    """Answer the call's clear and mark commands ok; the marks' seqs are noted."""
+    async def answer(msg) -> None:
+        if msg.subject.endswith(".mark"):
+            marks.append(int(json.loads(msg.data)["name"].split(":")[1]))
+        await msg.respond(b'{"ok": true}')
+
+    return await call.bus.nc.subscribe(f"parley.cmd.gateway.{call.call_id}.*", cb=answer)
+
+
+async def echo(call: Call, turn_id: str, seq: int) -> None:
+    await call.session._on_progress(AgentSpeechProgress(
+        org_id=ORG, call_id=call.call_id, turn_id=turn_id, mark=f"{turn_id}:{seq}", seq=seq))
+
+
+async def test_a_false_alarm_once_the_agent_had_played_out_still_ends_its_turn(bus) -> None:
+    # The agent's last words have played (by its echoes and the time since) but the echo of
+    # its last mark is still on its way when the caller coughs (the line's latency). The cough
+    # pauses the agent at its end (clear: the late echo is one of the flushed marks), and no
+    # words come: 1.5 s later the rest plays, which is nothing. Nothing was sent, so no mark
+    # of the resumed run was ever echoed: the turn counted as playing for the rest of the call
+    # (no agent.speech.finished; the caller's silence never counted, no prompt, no hang-up).
+    call = Call(bus, "call-barge-in-1", QUIET_CALLER)
+    marks: list[int] = []
+    sub = await gateway(call, marks)
+    try:
+        await call.agent_says("t1", "Our hours are nine to five.")
+        turn = call.session._turns["t1"]
+        await wait_for(lambda: turn.spoken and turn.audio.text_done)
+        frames = len(turn.audio.frames)
+        await echo(call, "t1", mark_seq(0, 1))  # playback began
+        await asyncio.sleep(frames * 0.02 + 0.05)  # ... and has played out, by the time since
+        await call.speech(0.6)  # a cough over it
+        assert turn.audio.cut_frames == frames
+        await echo(call, "t1", mark_seq(0, frames))  # flushed by the clear: ignored
+        await call.audio(0.6)
+        for _ in range(25):  # no words: the pause is over after 1.5 s (wall time)
+            await call.audio(0.1)
+            await asyncio.sleep(0.1)
+        assert turn.audio.cut_frames is None and not turn.interrupted  # resumed
+        for seq in [seq for seq in marks if seq >= GENERATION]:  # the carrier echoes at once
+            await echo(call, "t1", seq)
+        await wait_for(lambda: turn.audio.finished)
+        assert await call.silence_until_idle(4.0) is not None
+        await call.session._outbox.drain(2)
+        events = await bus.replay_call(call.call_id, org_id=ORG)
+        assert [e.turn_id for e in events if isinstance(e, AgentSpeechFinished)] == ["t1"]
+    finally:
+        await call.close()
+        await sub.unsubscribe()
+
+
+async def test_a_turn_echoed_to_its_end_before_its_last_clause_came_still_ends(bus) -> None:
+    # The agent said five clauses (25 frames: a mark after the last, as after every 500 ms),
+    # then the brain took its time over the turn's end (an empty last clause after a slow
+    # response). The carrier echoed the 25th frame's mark meanwhile: all of it played, before
+    # the text was known to be done. Once it was, the mark after the last frame was thought
+    # not missing (played already), none was sent, and nothing ever finished the turn.
+    call = Call(bus, "call-barge-in-2", QUIET_CALLER)
+    marks: list[int] = []
+    sub = await gateway(call, marks)
+    try:
+        await call.agent_says("t1", "One.", "Two.", "Three.", "Four.", "Five.", last=False)
+        turn = call.session._turns["t1"]
+        assert len(turn.audio.frames) == 25 and turn.audio.pending_marks[-1] == 25
+        await echo(call, "t1", mark_seq(0, 25))
+        await call.agent_says("t1", "", first_seq=5)  # the turn's end, nothing more to say
+        await wait_for(lambda: turn.spoken)
+        for seq in marks:  # the carrier echoes a mark with nothing queued before it at once
+            await echo(call, "t1", seq)
+        assert turn.audio.finished
+        assert await call.silence_until_idle(2.0) is not None
+    finally:
+        await call.close()
+        await sub.unsubscribe()
