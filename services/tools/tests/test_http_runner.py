@@ -127,6 +127,20 @@ async def test_a_secret_echoed_in_an_escaped_json_form_is_redacted(status, cap, 
     assert "[redacted]" in text, text
 
 
+@pytest.mark.parametrize("pasted", [SECRET + " ", "\t" + SECRET, " " + SECRET + "\t "])
+async def test_a_secret_pasted_with_blanks_around_it_is_redacted_as_the_endpoint_echoes_it(
+        endpoint, pasted):
+    # A header value's leading and trailing blanks are not part of it (RFC 9110): the endpoint
+    # receives and echoes the key without them, and only the value as set was redacted.
+    base, _ = endpoint
+    tool = http_tool(base + "/echo/401/10", headers={"Authorization": "{secret:crm}"},
+                     method="GET")
+    outcome = await run(tool, {}, {"crm": pasted})
+    assert not outcome.ok
+    assert SECRET[:8] not in outcome.error, outcome.error
+    assert "d" * 10 + "[redacted]!" in outcome.error
+
+
 async def test_redaction_never_touches_the_numbers_of_a_result(endpoint):
     base, _ = endpoint
     tool = http_tool(base + "/total", headers={"X-Client-Id": "{secret:client_id}"},

@@ -314,8 +314,11 @@ def _forms(values: Iterable[str]) -> list[str]:
     As is, and as a JSON string's contents the way common encoders write it: Python's (ASCII
     or not), PHP's (every ``/`` as ``\/``) and Go's (``<``, ``>``, ``&`` as ``\u003c``…).
     An error snippet or a cut body is passed on as text, never parsed, so each must be matched.
+    A secret set with blanks around it (pasted so) reaches the endpoint without them, as a
+    header value's leading and trailing blanks are not part of it: that form is matched too.
     """
-    forms = {form for value in values if len(value) >= 4
+    forms = {form for secret in values for value in {secret, secret.strip(" \t")}
+             if len(value) >= 4
              for quoted in (json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1])
              for form in (value, quoted, quoted.replace("/", "\\/"), _go_escaped(quoted))}
     return sorted(forms, key=len, reverse=True)
