@@ -238,6 +238,27 @@ async def test_a_tool_that_answers_it_failed_is_not_reported_done(body: str) -> 
     assert text == "All set: confirmed."
 
 
+async def test_a_response_of_several_tools_is_not_all_set_when_one_of_them_failed() -> None:
+    """A model answered with two tool calls (book, then text the confirmation) and the local
+    responder, its fallback, phrased the round after their outcomes. It read only the last
+    result: the booking failed, the text went out, and the caller heard "All set: sent."."""
+    book = ToolUse(id="t_1", name="book_appointment", arguments={"day": "Friday"})
+    text_them = ToolUse(id="t_2", name="send_sms", arguments={"body": "Booked for Friday"})
+    history = (say("Book me Friday and text me the confirmation"), book, text_them)
+    text, calls, _, _ = await run(LocalResponder(), *history, ToolResult(
+        tool_use_id="t_1", content="no free slot on Friday", is_error=True),
+        ToolResult(tool_use_id="t_2", content='{"status": "sent"}'))
+    assert "All set" not in text and "couldn't complete" in text and not calls
+    text, _, _, _ = await run(LocalResponder(), *history, ToolResult(
+        tool_use_id="t_1", content='{"success": false}'),
+        ToolResult(tool_use_id="t_2", content='{"status": "sent"}'))
+    assert "All set" not in text and "couldn't complete" in text
+    text, _, _, _ = await run(LocalResponder(), *history, ToolResult(
+        tool_use_id="t_1", content='{"status": "booked"}'),
+        ToolResult(tool_use_id="t_2", content='{"status": "sent"}'))
+    assert text == "All set: sent."
+
+
 @pytest.mark.parametrize(("body", "said"), [
     ('{"status": "pending_approval"}', "I've sent that; the status is pending approval."),
     ('{"status": "queued", "message": "A manager reviews refunds daily"}',

@@ -276,14 +276,22 @@ def _transfer_number(tools: Sequence[ToolSpec]) -> str | None:
 
 
 def _phrase_tool_result(messages: Sequence[Any]) -> str:
-    result: ToolResult = messages[-1]
-    name = next((m.name for m in messages if isinstance(m, ToolUse)
-                 and m.id == result.tool_use_id), "")
-    try:
-        content: Any = json.loads(result.content)
-    except ValueError:
-        content = result.content
-    failed = result.is_error or _reports_failure(content)
+    # The response's results (it may have called several tools): one that failed is what the
+    # caller must hear, whichever came last; with none failed, the last is phrased.
+    outcomes = []
+    for message in reversed(messages):
+        if not isinstance(message, ToolResult):
+            break
+        name = next((m.name for m in messages if isinstance(m, ToolUse)
+                     and m.id == message.tool_use_id), "")
+        try:
+            body: Any = json.loads(message.content)
+        except ValueError:
+            body = message.content
+        outcomes.append((name, body, message.is_error or _reports_failure(body)))
+    name, content, failed = next(
+        (outcome for outcome in outcomes if outcome[2] and outcome[0] not in _HAND_OFFS),
+        next((outcome for outcome in outcomes if outcome[2]), outcomes[0]))
     if name == "transfer_call" and failed:  # not retried: a refusal would only come again
         return ("I'm sorry, I can't transfer you right now. Someone from our team will follow "
                 "up with you.")
@@ -310,6 +318,7 @@ def _phrase_tool_result(messages: Sequence[Any]) -> str:
     return "All set."
 
 
+_HAND_OFFS = frozenset({"end_call", "transfer_call"})
 # A status that says the thing was done; any other ("pending_approval", "queued") is read out
 # as it is, never as "All set".
 _DONE_STATUSES = frozenset({"ok", "success", "succeeded", "confirmed", "booked", "completed",
