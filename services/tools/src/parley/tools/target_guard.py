@@ -55,12 +55,17 @@ def address_allowed(address: IPAddress, *, private_ok: bool = False) -> bool:
             return False
         if address.is_site_local:  # fec0::/10: deprecated, yet private where still in use
             return False
+    elif address in _IETF_PROTOCOL and address not in _IETF_GLOBAL:
+        return False  # is_global says otherwise before Python 3.11.10 (CVE-2024-4032)
     return address.is_global and not (address.is_multicast or address.is_reserved
                                       or address.is_loopback or address.is_link_local
                                       or address.is_unspecified)
 
 
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+# IETF protocol assignments: not globally reachable but for two anycast addresses (IANA).
+_IETF_PROTOCOL = ipaddress.IPv4Network("192.0.0.0/24")
+_IETF_GLOBAL = frozenset({ipaddress.IPv4Address("192.0.0.9"), ipaddress.IPv4Address("192.0.0.10")})
 _METADATA_V6 = ipaddress.IPv6Address("fd00:ec2::254")  # AWS's, in the private fd00::/8
 
 
