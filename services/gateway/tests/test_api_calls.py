@@ -1,4 +1,5 @@
 import asyncio
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,6 +17,7 @@ from parley.common.configuration import (
     create_org,
 )
 from parley.gateway.api.rate_limit import CallRateLimiter
+from parley.gateway.api.schemas import MAX_BODY_BYTES
 from parley.gateway.calls import find_by_call_id
 
 from . import test_plivo_support as support
@@ -296,6 +298,22 @@ async def test_deeply_nested_context_is_a_422(api, twilio_api, keys, events):
     assert response.status == 422
     assert "nested too deeply" in (await response.json())["detail"]
     assert len(twilio_api.requests) == 1 and len(events.of("call.requested")) == 1
+
+
+async def test_a_body_over_the_cap_is_a_413_even_without_a_content_length(api, twilio_api,
+                                                                         keys, events):
+    # Sent in chunks, the body has no Content-Length to refuse it by before it is read.
+    data = json.dumps(body(context={"notes": "a" * MAX_BODY_BYTES})).encode()
+
+    async def chunks():
+        for start in range(0, len(data), 4096):
+            yield data[start:start + 4096]
+
+    response = await api.gateway.client.post("/v1/calls", data=chunks(), headers={
+        "X-API-Key": keys["full"], "Content-Type": "application/json"})
+    assert response.status == 413
+    assert response.content_type == "application/problem+json"
+    assert not twilio_api.requests and not events.of("call.requested")
 
 
 async def test_malformed_json_is_a_400(api, keys):
