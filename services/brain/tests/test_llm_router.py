@@ -302,8 +302,9 @@ async def test_an_empty_reply_falls_back_rather_than_leaving_silence() -> None:
         router = LlmRouter([claude, LocalResponder()], retries=0)
         for empty in ("", "  \n"):
             emulator.script(ScriptedReply(text=empty))
-            billed, *events = await collect(router)
+            billed, ended, *events = await collect(router)
             assert isinstance(billed, UsageReported)  # the empty reply was billed all the same
+            assert ended.final and ended.provider == "anthropic"  # ... as its end said
             assert events[0] == ProviderSwitched(
                 from_provider="anthropic", to_provider="local",
                 reason="an empty reply (no text, no tool call)")

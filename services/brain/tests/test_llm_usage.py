@@ -33,6 +33,7 @@ from parley.brain.llm.base import (
     Usage,
     UsageReported,
 )
+from parley.brain.llm.local_responder import LocalResponder
 from parley.brain.llm.openai_compat import OpenAICompatLlm
 from parley.brain.usage import RoundUsage, usage_recorded
 from parley.brain.worker import BrainWorker
@@ -435,6 +436,37 @@ async def test_an_openai_compatible_stream_dropped_mid_reply_records_an_estimate
     assert 0 < recorded[True]["llm_output_tokens"] < len(reply) / 4
     assert recorded[False]["llm_input_tokens"] == count_tokens(second["messages"])
     assert as_totals(done) == recorded[True] + recorded[False]
+
+
+async def test_an_empty_reply_that_fell_back_records_what_the_server_billed_for_it(
+        bus, pool, openai_emulator, recorder) -> None:
+    """The OpenAI-compatible server answered with nothing but whitespace, and the router fell
+    back to the local responder. The server had billed that response (its usage chunk came),
+    yet only the estimate made as it began was recorded: its Done, with the server's usage,
+    was dropped with the empty reply, so billing counted a guess. Now the response is recorded
+    as the server reported it, and no estimate besides."""
+    openai_emulator.script(ScriptedReply(text="  \n"))
+    llm = openai_llm(openai_emulator)
+    worker = BrainWorker(services(bus, pool, [llm, LocalResponder()]))
+    await worker.start()
+    try:
+        await open_call(bus, "c-oa-empty")
+        await recorder.wait("agent.say", "c-oa-empty")  # the greeting
+        await user_says(bus, "c-oa-empty", "t1", "What are your hours?")
+        done, = await recorder.wait("turn.completed", "c-oa-empty")
+        await asyncio.sleep(0.1)
+    finally:
+        await worker.stop()
+        await llm.aclose()
+    request, = openai_emulator.requests
+    recorded: dict[tuple[str, bool], Counter[str]] = {}
+    for usage in recorder.of("usage.recorded", "c-oa-empty"):
+        recorded.setdefault((usage.provider, usage.estimated), Counter())[usage.kind] += (
+            usage.quantity)
+    assert recorded == {("openai", False): Counter(
+        {"llm_input_tokens": count_tokens(request["messages"])})}
+    assert done.provider == "local" and not done.cancelled
+    assert as_totals(done) == recorded["openai", False]
 
 
 def test_an_estimate_counts_its_response_output_only_and_is_recorded_apart() -> None:

@@ -78,8 +78,9 @@ class RoundUsage:
     def add(self, item: RouterEvent) -> None:
         """Count what an item of the stream says a response was billed.
 
-        A response that began (:class:`UsageReported`), one that ended (:class:`Done`, with
-        its whole usage, instead of what it began with), and the text and tool calls of one
+        A response that began (:class:`UsageReported`), one that ended (:class:`Done`, or a
+        ``final`` :class:`UsageReported` for an empty reply the router fell back from: its
+        whole usage, instead of what it began with), and the text and tool calls of one
         whose usage is an estimate until it ends (not once the router switched provider: what
         comes then is another response's).
         """
@@ -94,14 +95,14 @@ class RoundUsage:
         elif isinstance(item, ProviderSwitched):
             self._begun = False
         elif isinstance(item, UsageReported | Done):
-            if isinstance(item, Done) and self._begun and latest and (
-                    latest.provider == item.provider):
+            ended = isinstance(item, Done) or item.final
+            if ended and self._begun and latest and latest.provider == item.provider:
                 self._responses[-1] = _Response(item.provider, item.usage, item.estimated,
                                                 ended=True)
             else:
                 self._responses.append(_Response(item.provider, item.usage, item.estimated,
-                                                 ended=isinstance(item, Done)))
-            self._begun = isinstance(item, UsageReported)
+                                                 ended=ended))
+            self._begun = not ended
 
     @property
     def provider(self) -> str:

@@ -138,11 +138,16 @@ class UsageReported(msgspec.Struct, frozen=True, kw_only=True, tag="usage"):
     server's last chunk), so ``usage`` is the input estimated from the request, and until the
     response's :class:`Done` its output counts as the characters of the text and tool calls
     that came (:func:`estimate_tokens`).
+
+    ``final``: not the response's beginning but its whole usage, from a :class:`Done` that the
+    router did not pass on (an empty reply it fell back from), so the response is billed as it
+    ended and not only as it began.
     """
 
     usage: Usage
     provider: str = ""
     estimated: bool = False
+    final: bool = False
 
 
 class TextDelta(msgspec.Struct, frozen=True, kw_only=True, tag="text"):

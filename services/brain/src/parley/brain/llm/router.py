@@ -24,7 +24,8 @@ replaced. That is counted from the request: a speculative reply (requested befor
 ended, :mod:`parley.brain.preemptive`) drops this filler and times its own from the turn's end.
 The final :class:`Done` names the provider that served the turn; a :class:`UsageReported` (a
 response billed as it began) names its provider too, and passes on even from an attempt that
-then fails: the caller's turn is billed for it all the same.
+then fails: the caller's turn is billed for it all the same. An empty reply's :class:`Done` is
+not passed on (the turn goes on), but its usage is, as a ``final`` :class:`UsageReported`.
 
 Each attempt runs the provider's stream in its own task feeding a queue, so waiting with a
 deadline never cancels the provider halfway through a read; closing the router's stream (or
@@ -238,7 +239,10 @@ class LlmRouter:
                         and not item.text.strip()):
                     if isinstance(item, Done):
                         # Nothing to say and nothing to do, to what the caller just said: they
-                        # would hear silence. The next provider.
+                        # would hear silence. The next provider; the response was billed all
+                        # the same, as its end says (not only as it began).
+                        yield UsageReported(usage=item.usage, estimated=item.estimated,
+                                            final=True)
                         raise LlmError(provider.name, "an empty reply (no text, no tool call)",
                                        retryable=False)
                     continue  # leading whitespace: not yet a reply
