@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 
 from parley.common.bus import EVENTS_STREAM
-from parley.common.configuration import assign_number, create_agent, create_org
+from parley.common.configuration import assign_number, create_agent, create_org, update_agent
 from parley.common.events import CallFailed, CallRequested
 from parley.gateway.due_callbacks import BATCH, place_due
 from parley.gateway.keys import TWILIO_REST
@@ -24,12 +24,15 @@ OUTAGE = (500, {"code": 20500, "message": "Internal Server Error", "status": 500
 
 
 @pytest.fixture
-async def make_dialler(make_plivo_gateway, twilio_api):  # noqa: F811
-    """A gateway whose due-callback loop looks every 50 ms, dialling Twilio's stand-in."""
+async def make_dialler(make_plivo_gateway, twilio_api, db):  # noqa: F811
+    """A gateway whose due-callback loop looks every 50 ms, dialling Twilio's stand-in; the
+    cascading agent may call back numbers starting +1415."""
     async def make(**overrides: Any):
         settings = {"twilio_account_sid": ACCOUNT, "twilio_api_base_url": twilio_api.url,
                     "gateway_callback_interval_s": 0.05, **overrides}
-        return (await make_plivo_gateway(**settings)).gateway
+        gateway = (await make_plivo_gateway(**settings)).gateway
+        await update_agent(db, ORG, CASCADING_AGENT, {"callback_number_prefixes": ["+1415"]})
+        return gateway
 
     return make
 
@@ -312,3 +315,34 @@ async def test_a_callback_plivo_did_not_answer_for_is_not_dialled_again(
     assert (row["status"], row["attempts"]) == ("failed", 1), row
     assert "may have placed the call" in row["last_error"]
     assert len(plivo.api.created) == 1
+
+
+@pytest.mark.parametrize("change", ["narrowed", "deleted"])
+async def test_a_callback_the_agent_no_longer_allows_is_not_dialled(
+        make_dialler, twilio_api, db, events, change):  # noqa: F811
+    # Booked to a number the agent's callback_number_prefixes allowed then (not the caller's
+    # own); before it was due the prefixes were narrowed (or the agent deleted), say because
+    # callers were talking it into numbers at the org's expense. It was dialled all the same:
+    # the guard was checked only at booking. Now it is failed, saying why, and the caller's
+    # own number, which needs no prefix, is still called back.
+    gateway = await make_dialler(gateway_callback_interval_s=0)
+    _, call_id, _ = await gateway.inbound_call()
+    other = await book(db, call_id, "toolu_1", number="+14155550201")
+    own = await book(db, call_id, "toolu_2", number=CALLER)
+    if change == "narrowed":
+        await update_agent(db, ORG, CASCADING_AGENT, {"callback_number_prefixes": ["+1212"]})
+    else:
+        await db.execute("UPDATE agents SET deleted_at = now() WHERE agent_id = %s",
+                         (CASCADING_AGENT,))
+    await place_due(gateway.app)
+    row = await callback(db, other)
+    assert (row["status"], row["attempts"]) == ("failed", 1), row
+    expected = ("not allowed for this agent any more" if change == "narrowed"
+                else "no longer exists")
+    assert expected in row["last_error"]
+    assert [sent["To"] for sent in twilio_api.requests] == (
+        [CALLER] if change == "narrowed" else [])
+    assert not events.of("call.requested", row["placed_call_id"])
+    if change == "narrowed":
+        assert (await callback(db, own))["status"] == "placed"
+        assert "+1212" in row["last_error"] and CALLER in row["last_error"]

@@ -22,9 +22,12 @@ limiter like ``POST /v1/calls``; with none left it stays pending for a later rou
 
 Outcomes, on the row: ``placed`` (``placed_call_id``); ``failed`` (``last_error``) when the
 carrier refused the number itself, or nothing can call it any more (the call it was booked on,
-that number or the agent gone). A dial the carrier never answered (``DialError.ambiguous``: a
-timeout, the connection lost once the request was sent) is settled like an interrupted one and
-never dialled again, as the carrier may have placed the call. Any other carrier failure (an
+that number or the agent gone), or it no longer passes schedule_callback's guard as the agent
+is now (:func:`_check_guard`: the caller's own number or one of the agent's
+``callback_number_prefixes``, narrowed since it was booked; at most 30 days after booking).
+A dial the carrier never answered (``DialError.ambiguous``: a timeout, the connection lost once
+the request was sent) is settled like an interrupted one and never dialled again, as the
+carrier may have placed the call. Any other carrier failure (an
 error answer, the carrier unconfigured) is tried again after ``gateway_callback_retry_s``, then
 twice that, and fails after :data:`MAX_ATTEMPTS` attempts.
 """
@@ -33,6 +36,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -40,6 +45,7 @@ from aiohttp import web
 from psycopg import AsyncConnection
 
 from parley.common.configuration import Agent, PhoneNumber, find_number, get_agent
+from parley.common.configuration.models import E164_PATTERN
 
 from .api.dialing import CarrierUnavailable, DialError
 from .calls import find_by_call_id, new_call_id
@@ -52,7 +58,9 @@ MAX_ATTEMPTS = 3
 BATCH = 10  # claimed per round; a full batch starts the next round at once
 INTERRUPTED_AFTER_S = 120  # a dial takes at most the carrier REST client's timeout (10 s)
 
-_COLUMNS = "id, org_id, call_id, tool_call_id, agent_id, number, note, attempts"
+MAX_AHEAD = timedelta(days=30)  # as schedule_callback books them
+_COLUMNS = ("id, org_id, call_id, tool_call_id, agent_id, number, note, attempts, callback_at, "
+            "created_at")
 
 
 class _Due(msgspec.Struct, kw_only=True):
@@ -64,6 +72,8 @@ class _Due(msgspec.Struct, kw_only=True):
     number: str
     note: str
     attempts: int
+    callback_at: datetime
+    created_at: datetime
     placed_call_id: str = ""
 
 
@@ -215,7 +225,31 @@ async def _origin(app: web.Application, due: _Due) -> tuple[Agent, PhoneNumber]:
                            "of the org's numbers")
     if agent is None:
         raise _Undiallable(f"the agent {due.agent_id or original.agent_id} no longer exists")
+    _check_guard(due, agent, original.from_number if original.direction == "inbound"
+                 else original.to_number)
     return agent, number
+
+
+def _check_guard(due: _Due, agent: Agent, callers_own: str) -> None:
+    """Raise :class:`_Undiallable` unless schedule_callback would book this callback now.
+
+    Booking checked it, but the agent's ``callback_number_prefixes`` may have been narrowed
+    since (callers talking it into numbers at the org's expense): what counts is the guard as
+    it is when the org pays for the call.
+    """
+    if not re.match(E164_PATTERN, due.number):
+        raise _Undiallable(f"{due.number!r} is not an E.164 number")
+    if due.callback_at > due.created_at + MAX_AHEAD:
+        raise _Undiallable(f"booked for {due.callback_at.isoformat()}, over "
+                           f"{MAX_AHEAD.days} days after it was booked")
+    prefixes = agent.settings.callback_number_prefixes
+    if due.number == callers_own or any(due.number.startswith(p) for p in prefixes):
+        return
+    raise _Undiallable(
+        f"callback to {due.number} not allowed for this agent any more: it can call back only "
+        f"the caller's own number ({callers_own or 'unknown'})"
+        + (f" or numbers starting {', '.join(prefixes)}" if prefixes else "")
+        + " (its callback_number_prefixes changed after booking)")
 
 
 async def _settle(app: web.Application, due: _Due, status: str, error: str = "", *,
