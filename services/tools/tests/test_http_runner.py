@@ -141,6 +141,29 @@ async def test_a_secret_pasted_with_blanks_around_it_is_redacted_as_the_endpoint
     assert "d" * 10 + "[redacted]!" in outcome.error
 
 
+@pytest.mark.parametrize("charset, secret", [("utf-16", SECRET), ("iso-8859-1", "clé-secrète-42")])
+async def test_an_error_body_in_its_declared_charset_has_the_secret_redacted(charset, secret):
+    # The snippet was read as UTF-8 whatever the charset: a UTF-16 401 echoing the key came
+    # out as its characters between NULs (U+FFFD in tool.failed), a Latin-1 one as the key
+    # with a replacement character for each accented letter; neither matched the secret.
+    async def echo(request: web.Request) -> web.Response:
+        return web.Response(status=401, body=f"bad key {request.headers['X-Key']}".encode(charset),
+                            content_type="text/plain", charset=charset)
+
+    app = web.Application()
+    app.router.add_get("/echo", echo)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        tool = http_tool(f"http://127.0.0.1:{server.port}/echo", method="GET",
+                         headers={"X-Key": "{secret:key}"})
+        outcome = await run(tool, {}, {"key": secret})
+    finally:
+        await server.close()
+    assert not outcome.ok
+    assert outcome.error.endswith("401: bad key [redacted]"), outcome.error
+
+
 async def test_redaction_never_touches_the_numbers_of_a_result(endpoint):
     base, _ = endpoint
     tool = http_tool(base + "/total", headers={"X-Client-Id": "{secret:client_id}"},
