@@ -117,6 +117,14 @@ async def test_a_checkpoint_named_with_thousands_of_digits_is_reported_whole(pli
                                 code="1011") == 0
 
 
+async def test_a_checkpoint_name_with_a_nul_is_reported_without_it(plivo_gateway, events):
+    # Postgres cannot store a NUL: the event store's recorder would refuse the progress event
+    stream, _, call_id = await started_plivo_stream(plivo_gateway, events)
+    await stream.played("turn_1\x00:3")
+    [progress] = await events.wait("agent.speech.progress", call_id)
+    assert (progress.mark, progress.turn_id, progress.seq) == ("turn_1:3", "turn_1", 3)
+
+
 async def test_clear_and_mark_say_so_when_the_socket_is_gone(plivo_gateway, events, bus):
     # They replied ok though nothing was sent, and media waited for a checkpoint echo that
     # never came. The session closes the socket on a message it refuses, and until Plivo
@@ -281,6 +289,13 @@ async def unknown_stream(gateway, events):
     return await stream.closed()
 
 
+async def nul_in_stream_id(gateway, events):  # stored as the stream's milestone: 1011
+    call_uuid, call_id, _ = await gateway.answer()
+    stream = PlivoStreamClient(await gateway.ws(call_id), stream_id="stream\x00one")
+    await stream.start(call_uuid)
+    return await stream.closed()
+
+
 async def invalid_dtmf(gateway, events):  # published as a key, it became the caller's "turn"
     stream, _, _ = await started_plivo_stream(gateway, events)
     await stream.dtmf("hello!")
@@ -320,6 +335,7 @@ CASES = [
     (unknown_call, CloseCode.POLICY_VIOLATION, "unknown call"),
     (unknown_stream, CloseCode.POLICY_VIOLATION, "unknown stream"),
     (invalid_dtmf, CloseCode.INVALID_MESSAGE, "invalid dtmf digit 'hello!'"),
+    (nul_in_stream_id, CloseCode.INVALID_MESSAGE, "start without a valid streamId"),
     (too_big, CloseCode.MESSAGE_TOO_BIG, ""),
     (start_timeout, CloseCode.START_TIMEOUT, "no start within 0.5s"),
     (ended_call, CloseCode.POLICY_VIOLATION, "call already ended"),

@@ -29,9 +29,9 @@ from nats.errors import OutboundBufferLimitError
 
 from parley.common.bus import publish_frame, subscribe_frames
 from parley.common.bus.audio import MARK, stream_seq_base
-from parley.common.events import AgentSpeechProgress, CallDtmf
+from parley.common.events import AgentSpeechProgress, CallDtmf, is_token
 
-from ..close_codes import CloseCode, ProtocolViolation
+from ..close_codes import CloseCode, ProtocolViolation, clean_text
 from ..commands import CommandError
 from ..keys import CONFIG
 from ..marks import parse_mark
@@ -98,10 +98,11 @@ class PlivoStreamSession(TwilioSession):
             case Media():
                 await self._media(message)
             case PlayedStream():
-                turn_id, seq = parse_mark(message.name)
+                name = clean_text(message.name)
+                turn_id, seq = parse_mark(name)
                 await self.publish(AgentSpeechProgress(
                     org_id=self._org, call_id=self.call_id, turn_id=turn_id,
-                    mark=message.name, seq=seq))
+                    mark=name, seq=seq))
             case Dtmf():
                 await self.publish(CallDtmf(org_id=self._org, call_id=self.call_id,
                                             digit=dtmf_digit(message.dtmf.digit)))
@@ -131,8 +132,8 @@ class PlivoStreamSession(TwilioSession):
                 or media_format.sample_rate != protocol.SAMPLE_RATE):
             raise ProtocolViolation(CloseCode.INVALID_MESSAGE, "unsupported media format "
                                     f"{media_format.encoding[:30]}@{media_format.sample_rate}")
-        if not details.stream_id:
-            raise ProtocolViolation(CloseCode.INVALID_MESSAGE, "start without a streamId")
+        if not is_token(details.stream_id):  # stored (milestone) and published as it is
+            raise ProtocolViolation(CloseCode.INVALID_MESSAGE, "start without a valid streamId")
         self.stream_id = details.stream_id
         self.seq_base = stream_seq_base(self.clock())
         await self.attach(details.call_id, {"call_id": self.url_call_id}, self.stream_id)
