@@ -29,7 +29,8 @@ def test_public_addresses(address):
 
 @pytest.mark.parametrize("address", [
     "169.254.169.254", "fd00:ec2::254", "fe80::1", "::ffff:169.254.169.254",
-    "64:ff9b::a9fe:a9fe", "0.0.0.0", "::", "224.0.0.1"])
+    "64:ff9b::a9fe:a9fe", "0.0.0.0", "::", "224.0.0.1",
+    "100.100.100.200", "::ffff:100.100.100.200"])  # Alibaba Cloud's (RAM role credentials)
 def test_link_local_and_metadata_addresses_are_refused_even_when_private_is_allowed(address):
     # An org allowed its own private services must not reach the cloud's instance metadata
     # service, which hands out the platform's credentials.

@@ -13,7 +13,8 @@ proxies from the environment are not used.
 An org allowed private targets (its own services on a private network, set by the operator)
 goes through the same guard with ``private_ok``: private and loopback addresses pass, but
 link-local ones never do — 169.254.169.254 and fd00:ec2::254 are the cloud's instance metadata
-services, which hand out the platform's own credentials and are no one's tool.
+services, which hand out the platform's own credentials and are no one's tool — nor Alibaba
+Cloud's metadata service, 100.100.100.200 (in the shared range 100.64/10, not link-local).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _IETF_PROTOCOL = ipaddress.IPv4Network("192.0.0.0/24")
 _IETF_GLOBAL = frozenset({ipaddress.IPv4Address("192.0.0.9"), ipaddress.IPv4Address("192.0.0.10")})
 _METADATA_V6 = ipaddress.IPv6Address("fd00:ec2::254")  # AWS's, in the private fd00::/8
+_METADATA_V4 = ipaddress.IPv4Address("100.100.100.200")  # Alibaba Cloud's, in 100.64/10
 
 
 def _never(address: IPAddress) -> bool:
@@ -79,6 +81,8 @@ def _never(address: IPAddress) -> bool:
             return True
         if address == _METADATA_V6:
             return True
+    elif address == _METADATA_V4:
+        return True
     return address.is_link_local or address.is_multicast or address.is_unspecified
 
 
