@@ -248,6 +248,25 @@ async def test_a_wait_longer_than_the_policy_allows_ends_the_call_at_once_saying
     assert len(hits) == 2  # one attempt each
 
 
+@pytest.mark.parametrize("after", ["\u00b2", "\u2075"])  # superscript digits: isdigit, not float
+async def test_a_retry_after_that_is_no_number_is_ignored(after):
+    # Read on every answer, it raised ValueError: the tool "failed unexpectedly" (with a
+    # traceback) though the endpoint answered 200.
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True}, headers={"Retry-After": after})
+
+    app = web.Application()
+    app.router.add_get("/x", answer)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        outcome = await run(http_tool(f"http://127.0.0.1:{server.port}/x", method="GET"), {})
+    finally:
+        await server.close()
+    assert outcome.ok and outcome.result == {"ok": True}, outcome
+    assert retry_after_s(after) == 0.0
+
+
 def test_retry_after_reads_seconds_and_dates():
     assert retry_after_s("30") == 30.0
     assert retry_after_s(" 0 ") == 0.0

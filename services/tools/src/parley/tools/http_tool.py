@@ -66,7 +66,7 @@ def retry_after_s(value: str | None, *, now: float | None = None) -> float:
     if not value:
         return 0.0
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # isdigit alone takes "²", which float refuses
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
