@@ -84,6 +84,10 @@ async def test_api_keys_are_hashed_verified_and_revocable(conn) -> None:
     assert await verify_api_key(conn, "garbage") is None
     await revoke_api_key(conn, "acme", key.key_id)
     assert await verify_api_key(conn, token) is None
+    # what no key holds, and Postgres cannot take: a header's undecodable bytes, a NUL
+    assert await verify_api_key(conn, f"pk_{key.key_id}\udcff_secret") is None
+    assert await verify_api_key(conn, "pk_\udcff\udcfe_secret") is None
+    assert await verify_api_key(conn, "pk_a\x00b_secret") is None
     events = await outbox_events(conn)
     assert token not in str(events)  # the secret is never in an event
 

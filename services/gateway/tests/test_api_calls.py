@@ -256,6 +256,21 @@ async def test_authentication_failures(api, twilio_api, keys, events, key, statu
     assert twilio_api.requests == [] and events.of("call.requested") == []
 
 
+async def test_a_key_that_is_not_utf8_is_a_401(api, keys):
+    # Raw bytes: aiohttp reads a header's undecodable bytes as surrogates, which Postgres
+    # cannot take (a 500 with a traceback for anyone who sent one).
+    server = api.gateway.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(b"GET /v1/calls/call_1 HTTP/1.1\r\nHost: gateway\r\n"
+                 b"X-API-Key: pk_\xff\xfe_secret\r\nConnection: close\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, problem = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401 ")
+    assert b"Content-Type: application/problem+json" in head
+    assert json.loads(problem)["type"].endswith("/invalid-api-key")
+
+
 @pytest.mark.parametrize(("payload", "field", "words"), [
     (body(to=15551234567), "to", "Expected `str`, got `int`"),
     ({"agent_id": CASCADING_AGENT, "to": CALLEE}, "from", "missing required field"),

@@ -196,7 +196,13 @@ async def create_api_key(conn: AsyncConnection[Any], org_id: str, *, name: str =
 
 
 async def verify_api_key(conn: AsyncConnection[Any], token: str) -> ApiKey | None:
-    """The live key a presented token belongs to, or None (constant-time comparison)."""
+    """The live key a presented token belongs to, or None (constant-time comparison).
+
+    Keys are printable ASCII; anything else (a header's undecodable bytes, which aiohttp reads
+    as surrogates, or a NUL) is no key, and Postgres could not even take it as a parameter.
+    """
+    if not (token.isascii() and token.isprintable()):
+        return None
     prefix, _, rest = token.partition("_")
     key_id, _, secret = rest.partition("_")
     if prefix != API_KEY_PREFIX or not key_id or not secret:
