@@ -164,6 +164,24 @@ async def test_an_error_body_in_its_declared_charset_has_the_secret_redacted(cha
     assert outcome.error.endswith("401: bad key [redacted]"), outcome.error
 
 
+@pytest.mark.parametrize("charset", ["idna", "undefined", "no-such-charset"])
+async def test_an_error_body_in_a_charset_that_cannot_be_decoded_is_read_as_utf8(charset):
+    async def refuse(request: web.Request) -> web.Response:
+        return web.Response(status=404, body="Kunde Müller unbekannt".encode(),
+                            headers={"Content-Type": f"text/plain; charset={charset}"})
+
+    app = web.Application()
+    app.router.add_get("/customer", refuse)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        outcome = await run(http_tool(f"http://127.0.0.1:{server.port}/customer",
+                                      method="GET"), {})
+    finally:
+        await server.close()
+    assert not outcome.ok and outcome.error == "t answered 404: Kunde Müller unbekannt", outcome
+
+
 async def test_redaction_never_touches_the_numbers_of_a_result(endpoint):
     base, _ = endpoint
     tool = http_tool(base + "/total", headers={"X-Client-Id": "{secret:client_id}"},
@@ -284,6 +302,9 @@ def test_retry_after_reads_seconds_and_dates():
      {"name": "Müller"}),
     ("Müller".encode(), "text/plain", {"text": "Müller"}),  # none declared: UTF-8
     ("Müller".encode(), "text/plain; charset=no-such-charset", {"text": "Müller"}),
+    # codecs Python knows but that cannot decode a body (UnicodeError, not LookupError)
+    ("Müller".encode(), "text/plain; charset=idna", {"text": "Müller"}),
+    ("Müller".encode(), "text/plain; charset=undefined", {"text": "Müller"}),
 ])
 async def test_a_body_is_read_in_its_declared_charset(body, content_type, expected):
     async def handler(request: web.Request) -> web.Response:

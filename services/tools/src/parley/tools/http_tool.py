@@ -222,8 +222,8 @@ def _decode(raw: bytes, charset: str | None) -> str:
     """The body as text in its declared charset (a legacy CRM's ISO-8859-1), else UTF-8."""
     try:
         return raw.decode(charset or "utf-8", errors="replace")
-    except LookupError:  # a charset Python does not know
-        return raw.decode("utf-8", errors="replace")
+    except (LookupError, UnicodeError):  # a charset Python does not know, or cannot use so
+        return raw.decode("utf-8", errors="replace")  # ("idna", "undefined")
 
 
 def _depth_at_most(value: Any, limit: int) -> bool:
