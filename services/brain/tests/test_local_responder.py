@@ -260,6 +260,20 @@ async def test_a_response_of_several_tools_is_not_all_set_when_one_of_them_faile
 
 
 @pytest.mark.parametrize(("body", "said"), [
+    ('{"available": false, "day": "Friday"}', "Here's what I found: available no, day Friday."),
+    ('{"booked": false, "message": "That slot is taken"}',
+     "Here's what I found: That slot is taken."),
+])
+async def test_a_result_that_answers_no_is_not_reported_done(body: str, said: str) -> None:
+    # A check that answered no ({"available": false, "day": "Friday"}) was read out as
+    # "All set: day Friday.": the caller took it for a booking on Friday.
+    use = ToolUse(id="local_1", name="check_availability", arguments={"day": "Friday"})
+    text, calls, _, _ = await run(LocalResponder(), say("Anything free on Friday?"), use,
+                                  ToolResult(tool_use_id="local_1", content=body))
+    assert text == said and not calls
+
+
+@pytest.mark.parametrize(("body", "said"), [
     ('{"status": "pending_approval"}', "I've sent that; the status is pending approval."),
     ('{"status": "queued", "message": "A manager reviews refunds daily"}',
      "I've sent that; the status is queued. A manager reviews refunds daily."),

@@ -24,7 +24,8 @@ When the conversation ends with a tool result, it phrases a reply from that resu
 ``transfer_call``: it cannot transfer now, someone will follow up — it never calls a tool in
 reply to a tool result, so a refused transfer is not tried again in a loop). A result whose
 body says it failed (``ok`` or ``success`` false, an ``error``, a failed ``status``) is a
-failure, never "All set". Text comes
+failure, never "All set"; so is not one that answers no (a field ``false``:
+``{"available": false}``), which is read out as what was found. Text comes
 out a few words per :class:`TextDelta` (so clause streaming downstream is exercised), then a
 :class:`Done` with zero usage and the chosen ``intent``.
 
@@ -304,12 +305,19 @@ def _phrase_tool_result(messages: Sequence[Any]) -> str:
         status = content.get("status")
         status = " ".join(status.replace("_", " ").split()) if isinstance(status, str) else ""
         pending = bool(status) and status.lower() not in _DONE_STATUSES  # "pending approval"
-        opening = f"I've sent that; the status is {status}." if pending else "All set."
+        # A result that answers no ({"available": false}) is read out, never "All set".
+        answered_no = not status and any(value is False for value in content.values())
+        opening = (f"I've sent that; the status is {status}." if pending
+                   else "Here's what I found:" if answered_no else "All set.")
         for key in ("message", "summary", "detail", "details", "confirmation_message"):
             if isinstance(content.get(key), str) and content[key].strip():
                 return f"{opening} {_sentence(content[key])}"
         if status:
             return opening if pending else f"All set: {status}."
+        if answered_no:
+            facts = [f"{k.replace('_', ' ')} {_spoken(v)}" for k, v in content.items()
+                     if isinstance(v, str | int | float)][:3]
+            return f"{opening} {', '.join(facts)}."
         facts = [f"{k.replace('_', ' ')} {v}" for k, v in content.items()
                  if isinstance(v, str | int | float) and not isinstance(v, bool)][:3]
         return f"All set: {', '.join(facts)}." if facts else "All set."
@@ -340,6 +348,10 @@ def _reports_failure(content: Any) -> bool:
         return True
     status = content.get("status")
     return isinstance(status, str) and status.strip().lower() in _FAILED_STATUSES
+
+
+def _spoken(value: str | int | float) -> str:
+    return ("yes" if value else "no") if isinstance(value, bool) else str(value)
 
 
 def _sentence(text: str) -> str:
