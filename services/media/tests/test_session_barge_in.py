@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 
-from parley.common.events import AgentSpeechFinished, AgentSpeechProgress
+from parley.common.events import AgentSpeechFinished, AgentSpeechProgress, TurnUserEnded
 from parley.media.playback import GENERATION, mark_seq
+from parley.media.providers.base import Final
 
 from .test_session_idle import ORG, QUIET_CALLER, Call, wait_for
 
@@ -91,3 +92,26 @@ async def test_a_turn_echoed_to_its_end_before_its_last_clause_came_still_ends(b
     finally:
         await call.close()
         await sub.unsubscribe()
+
+
+async def test_a_backchannel_while_the_agent_waits_between_its_words_is_no_turn(bus) -> None:
+    # "Let me check that for you." The agent's turn goes on (its tools are slow: no more words
+    # yet, its last clause still to come) and its words so far have played. The caller says
+    # "Okay." That was taken as a turn of its own, the agent being silent just then: the brain
+    # cancelled the turn it was running (tools and all) for a newer one, and answered "Okay.".
+    call = Call(bus, "call-barge-in-3", QUIET_CALLER)
+    try:
+        await call.agent_says("t1", "Let me check that for you.", last=False)
+        turn = call.session._turns["t1"]
+        await echo(call, "t1", mark_seq(0, 1))
+        await asyncio.sleep(len(turn.audio.frames) * 0.02 + 0.05)  # its words have played
+        await call.speech(0.4)
+        await call.session._on_stt(Final("Okay.", speech_final=True))
+        await call.audio(3.0)  # a backchannel's silence, and more
+        assert not call.session.detector.in_turn
+        await call.session._outbox.drain(2)
+        events = await bus.replay_call(call.call_id, org_id=ORG)
+        assert [e.text for e in events if isinstance(e, TurnUserEnded)] == []
+        assert call.session.detector.dropped_backchannels == 1
+    finally:
+        await call.close()

@@ -596,7 +596,7 @@ class CallSession:
             self._stt_seconds.get(self._stt_name, 0.0) + size / 8000)
 
     async def _poll_turn(self) -> None:
-        result = self.detector.poll(self.audio_ms, agent_speaking=self._agent_audible())
+        result = self.detector.poll(self.audio_ms, agent_speaking=self._agent_mid_turn())
         if isinstance(result, Flush):
             await self._stt_flush()
             if self._stt is not None:
@@ -1500,6 +1500,19 @@ class CallSession:
         if turn is None or turn.interrupted:
             return False
         return turn.audio.playing(time.monotonic()) or self.barge_in.paused_at is not None
+
+    def _agent_mid_turn(self) -> bool:
+        """Whether the agent is speaking, or silent within a turn it has begun and not said all of.
+
+        "Let me check that for you." — its tools are slow, its last clause still to come: a
+        caller's "okay" then is listening, not answering. Taken for a turn, the brain cancelled
+        the turn it was running (tools and all) for it, and answered "okay".
+        """
+        if self._agent_audible():
+            return True
+        turn = self._current
+        return turn is not None and not turn.interrupted and turn.audio.sent > 0 and (
+            not turn.audio.text_done)
 
     # ------------------------------------------------------------------ idle caller
 
