@@ -346,3 +346,55 @@ async def test_a_callback_the_agent_no_longer_allows_is_not_dialled(
     if change == "narrowed":
         assert (await callback(db, own))["status"] == "placed"
         assert "+1212" in row["last_error"] and CALLER in row["last_error"]
+
+
+async def drop_connection_once(db, table: str, when: str = "true") -> None:
+    """The first write to ``table`` (where ``when`` holds of NEW) loses its connection, as it
+    would if Postgres restarted at that moment: its backend is terminated mid-statement."""
+    await db.execute(f"""
+        CREATE SEQUENCE dropped_{table};
+        CREATE FUNCTION drop_connection_{table}() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF {when} THEN
+                IF nextval('dropped_{table}') = 1 THEN
+                    PERFORM pg_terminate_backend(pg_backend_pid());
+                END IF;
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER drop_connection BEFORE INSERT OR UPDATE ON {table}
+            FOR EACH ROW EXECUTE FUNCTION drop_connection_{table}();""")
+
+
+@pytest.mark.parametrize(("table", "when"), [("carrier_calls", "true"),
+                                             ("tool_callbacks", "NEW.status = 'placed'")])
+async def test_a_dialled_callback_is_placed_though_its_database_connection_dropped(
+        make_dialler, twilio_api, db, events, table, when):  # noqa: F811
+    # The carrier placed the call, and then the gateway lost its connection to Postgres (a
+    # restart) while recording the carrier's id (carrier_calls) or the callback's outcome.
+    # The row was left dialing, the outcome lost: two minutes later it was settled as
+    # interrupted, failed (no carrier_calls row) though the callee's phone had rung, or the
+    # round failed. Now both writes are retried: the callback is placed, its call recorded,
+    # and it is never dialled again.
+    gateway = await make_dialler(gateway_callback_interval_s=0)
+    # (a sid of its own: Twilio's stand-in numbers the calls it places from 1 too)
+    _, call_id, _ = await gateway.inbound_call(call_sid="CA" + "f" * 32)
+    due = await book(db, call_id, "toolu_1")
+    await drop_connection_once(db, table, when)
+    await place_due(gateway.app)
+    cursor = await db.execute(f"SELECT is_called FROM dropped_{table}")
+    assert (await cursor.fetchone())[0]  # the connection was dropped
+    row = await callback(db, due)
+    assert (row["status"], row["attempts"], row["last_error"]) == ("placed", 1, ""), row
+    cursor = await db.execute("SELECT carrier_call_id FROM carrier_calls WHERE call_id = %s",
+                              (row["placed_call_id"],))
+    assert await cursor.fetchone() is not None
+    await events.wait("call.dialing", row["placed_call_id"])
+    assert gateway.metric("gateway_callbacks_total", outcome="placed") == 1
+    # Later rounds, past the time a dial is taken for interrupted: the outcome stands.
+    await db.execute("UPDATE tool_callbacks SET updated_at = now() - interval '10 minutes', "
+                     "retry_at = now() WHERE id = %s", (due,))
+    await place_due(gateway.app)
+    assert await callback(db, due) == row
+    assert len(twilio_api.requests) == 1
+    assert len(events.of("call.dialing", row["placed_call_id"])) == 1

@@ -50,7 +50,7 @@ from parley.common.configuration.models import E164_PATTERN
 from .api.dialing import CarrierUnavailable, DialError
 from .calls import find_by_call_id, new_call_id
 from .keys import CALL_RATE_LIMITER, CONFIG, METRICS, POOL
-from .outbound import NotDialled, place_outbound
+from .outbound import DialledNotRecorded, NotDialled, place_outbound, retried
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,8 @@ async def _place(app: web.Application, due: _Due) -> None:
     except NotDialled as exc:  # NATS down: the carrier was not asked; a later round
         log.warning("callback %s: not dialled: %s", due.id, exc)
         await _release(app, [due])
+    except DialledNotRecorded as exc:  # the carrier is dialling it, whatever the database said
+        await _settle(app, due, "placed", str(exc))
     except (DialError, CarrierUnavailable) as exc:
         number_fault = isinstance(exc, DialError) and exc.caller_fault
         if isinstance(exc, DialError) and exc.ambiguous:  # never again, as if interrupted
@@ -254,15 +256,28 @@ def _check_guard(due: _Due, agent: Agent, callers_own: str) -> None:
 
 async def _settle(app: web.Application, due: _Due, status: str, error: str = "", *,
                   placed_call_id: str | None = None, retry_after_s: float = 0.0) -> None:
-    """Record the dial's outcome, unless a round already settled the row as interrupted."""
-    async with app[POOL].connection() as conn:
-        cursor = await conn.execute(
-            "UPDATE tool_callbacks SET status = %s, last_error = %s, placed_call_id = %s, "
-            "retry_at = now() + make_interval(secs => %s), updated_at = now() "
-            "WHERE id = %s AND status = 'dialing'",
-            (status, error[:500], due.placed_call_id if placed_call_id is None
-             else placed_call_id, retry_after_s, due.id))
-    if cursor.rowcount == 0:
+    """Record the dial's outcome, unless a round already settled the row as interrupted.
+
+    Tried again through a database outage (:func:`parley.gateway.outbound.retried`): a dial
+    whose outcome is lost is settled as interrupted two minutes later, by then a guess. A try
+    whose update was committed though its answer was lost leaves the row as this outcome, which
+    the next try then takes as its own.
+    """
+    placed_call_id = due.placed_call_id if placed_call_id is None else placed_call_id
+    error = error[:500]
+
+    async def update(attempt: int) -> int:
+        async with app[POOL].connection() as conn:
+            cursor = await conn.execute(
+                "UPDATE tool_callbacks SET status = %s, last_error = %s, placed_call_id = %s, "
+                "retry_at = now() + make_interval(secs => %s), updated_at = now() "
+                "WHERE id = %s AND (status = 'dialing' OR %s AND status = %s "
+                "AND last_error = %s AND placed_call_id = %s)",
+                (status, error, placed_call_id, retry_after_s, due.id,
+                 attempt > 0, status, error, placed_call_id))
+            return cursor.rowcount
+
+    if await retried(update, f"callback {due.id}: recording {status}") == 0:
         log.warning("callback %s: settled as interrupted while dialling took over %d s; "
                     "its outcome (%s: %s) is not recorded", due.id, INTERRUPTED_AFTER_S,
                     status, error)

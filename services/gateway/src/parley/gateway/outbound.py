@@ -6,14 +6,25 @@ publish call.dialing in one transaction. A carrier that refuses publishes call.f
 refusal is raised for the caller to answer as it must (an HTTP problem, a callback's retry); so
 does one that never answered (``DialError.ambiguous``: it may have placed the call).
 When call.requested cannot be published (NATS down), nothing is dialled: :class:`NotDialled`.
+
+Once the carrier has said it is dialling, the call exists whatever happens next: recording it
+(``carrier_calls`` and call.dialing, both idempotent: the insert skips a known call, the event
+has a stable id) is retried through a database or bus outage (a Postgres restart drops every
+connection) rather than reported as a failed dial, which a caller might dial again. Only when
+it still fails after :data:`RECORD_RETRY_DELAYS_S` is :class:`DialledNotRecorded` raised.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Any
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
+import psycopg
 from aiohttp import web
+from psycopg_pool import PoolTimeout
 
 from parley.common.configuration import Agent, PhoneNumber
 from parley.common.events import CallDialing, CallFailed, CallRequested
@@ -25,8 +36,50 @@ from .keys import BUS, POOL
 log = logging.getLogger(__name__)
 
 
+T = TypeVar("T")
+
+# Between tries of a write that must not be lost once the carrier dialled: about half a minute
+# in all, a database restart's worth, and well within the two minutes after which a callback
+# still dialing is taken for interrupted.
+RECORD_RETRY_DELAYS_S = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 8.0)
+_DIALING_IDS = uuid.UUID("5d0c8b8e-8f0c-4b8e-9d8a-0c5a1d1a9e11")
+
+
 class NotDialled(Exception):
     """call.requested could not be published, so the carrier was not asked to dial."""
+
+
+class DialledNotRecorded(Exception):
+    """The carrier is dialling ``call``, but recording it failed, even when tried again."""
+
+    def __init__(self, call: CarrierCall, cause: BaseException) -> None:
+        super().__init__(f"{call.carrier} is dialling (carrier id {call.carrier_call_id}), but "
+                         f"recording it failed: {cause!r}")
+        self.call = call
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a write may succeed if tried again: the database or the bus was unreachable."""
+    if isinstance(exc, psycopg.Error):
+        return isinstance(exc, psycopg.OperationalError)
+    return isinstance(exc, PoolTimeout | OSError | TimeoutError) or (
+        type(exc).__module__.startswith("nats."))
+
+
+async def retried(write: Callable[[int], Awaitable[T]], what: str) -> T:
+    """Await ``write(attempt)``, again after each of :data:`RECORD_RETRY_DELAYS_S`.
+
+    Only while what it raises is :func:`transient`; the last failure is raised.
+    """
+    for attempt, delay in enumerate((*RECORD_RETRY_DELAYS_S, None)):
+        try:
+            return await write(attempt)
+        except Exception as exc:
+            if delay is None or not transient(exc):
+                raise
+            log.warning("%s failed (%r); trying again in %g s", what, exc, delay)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 async def place_outbound(app: web.Application, *, call_id: str, agent: Agent,
@@ -35,7 +88,8 @@ async def place_outbound(app: web.Application, *, call_id: str, agent: Agent,
     """Have ``agent`` call ``to_number`` from ``number``; the call once the carrier is dialing.
 
     Raises :class:`DialError` or :class:`CarrierUnavailable` (call.failed published) when the
-    carrier did not place the call, :class:`NotDialled` when it was not asked to.
+    carrier did not place the call, :class:`NotDialled` when it was not asked to, and
+    :class:`DialledNotRecorded` when it did but recording that failed, tried again.
     """
     call = CarrierCall(carrier=number.carrier, carrier_call_id="", call_id=call_id,
                        org_id=agent.org_id, agent_id=agent.agent_id, direction="outbound",
@@ -62,10 +116,20 @@ async def place_outbound(app: web.Application, *, call_id: str, agent: Agent,
         log.warning("call %s: %s %s %s: %s", call_id, exc.carrier, "may have dialled"
                     if exc.ambiguous else "refused to dial", to_number, exc.message)
         raise
-    async with app[POOL].connection() as conn, conn.transaction():
-        await record_carrier_call(conn, call)
-        await bus.publish(CallDialing(org_id=call.org_id, call_id=call_id,
-                                      carrier_call_id=call.carrier_call_id))
+    dialing = CallDialing(id=uuid.uuid5(_DIALING_IDS, call_id), org_id=call.org_id,
+                          call_id=call_id, carrier_call_id=call.carrier_call_id)
+
+    async def record(attempt: int) -> None:
+        async with app[POOL].connection() as conn, conn.transaction():
+            await record_carrier_call(conn, call)
+            await bus.publish(dialing)
+
+    try:
+        await retried(record, f"call {call_id}: recording that {call.carrier} is dialling")
+    except Exception as exc:
+        log.exception("call %s: %s is dialling %s, but recording it failed", call_id,
+                      call.carrier, to_number)
+        raise DialledNotRecorded(call, exc) from exc
     log.info("call %s: %s dialing %s for agent %s", call_id, call.carrier, to_number,
              agent.agent_id)
     return call
