@@ -270,3 +270,30 @@ async def test_stopping_the_service_lets_the_runs_in_hand_finish_and_report(
     await asyncio.sleep(0.3)
     await instance.stop()  # (before, the puller itself ran it: stop waited for it the same way)
     assert (await events.outcome(request.tool_call_id)).type == "tool.completed"
+
+
+async def test_a_json_answer_with_a_lone_surrogate_completes_with_a_replacement_character(
+        bus, pool, service, events):
+    # JavaScript's substring cuts an emoji in half and JSON.stringify writes the half as
+    # "\ud83d", which Python's json reads into a string no event can encode (UTF-8 has no
+    # surrogates): the outcome never came, and the run was reported ~a minute later as "may
+    # or may not have taken effect".
+    body = '{"summary": "Great news \\ud83d", "\\udc00": "ok"}'
+
+    async def cut(request: web.Request) -> web.Response:
+        return web.Response(text=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/cut", cut)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        await add_http_tool(pool, "cut", f"http://127.0.0.1:{server.port}/cut", method="GET")
+        await service()
+        call_id = await start_call(bus)
+        request = await request_tool(bus, call_id, "cut")
+        done = await events.outcome(request.tool_call_id)
+    finally:
+        await server.close()
+    assert done.type == "tool.completed", done
+    assert done.result == {"summary": "Great news \ufffd", "\ufffd": "ok"}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import re
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -50,6 +51,7 @@ TEXT_TYPES = frozenset({"application/json", "application/xml", "application/java
 # Every reader of a result (the outcome's NUL scrub and redaction, event readers) recurses
 # through it: JSON nested deeper than this is passed on as text.
 MAX_RESULT_DEPTH = 64
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class _Transient(Exception):
@@ -214,8 +216,17 @@ def _result(raw: bytes, truncated: bool, content_type: str, limit: int,
             pass
         else:
             if _depth_at_most(parsed, MAX_RESULT_DEPTH):
-                return ToolOutcome.success(parsed)
+                return ToolOutcome.success(map_strings(parsed, _whole_characters))
     return ToolOutcome.success({"text": text})
+
+
+def _whole_characters(text: str) -> str:
+    r"""``text`` with each half of a surrogate pair replaced by U+FFFD.
+
+    JSON may escape one ("\ud83d": JavaScript cut an emoji in half), and json reads it into a
+    string that UTF-8, and so no event, can carry.
+    """
+    return _LONE_SURROGATE.sub("\ufffd", text)
 
 
 def _decode(raw: bytes, charset: str | None) -> str:
