@@ -15,6 +15,7 @@ created in a ``cleanup_ctx`` unless one was injected, and its HTTP sessions are 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -31,6 +32,8 @@ from requests.exceptions import ConnectionError as ConnectionLost
 from urllib3.exceptions import MaxRetryError
 
 from ..keys import CONFIG
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -177,9 +180,17 @@ class PlivoCalls:
             return await asyncio.to_thread(operation)
         except CALLER_ERRORS as exc:
             raise PlivoCallError(_message(exc), caller_fault=True) from exc
-        except (plivo_errors.PlivoRestError, TransportError) as exc:
-            raise PlivoCallError(_message(exc), caller_fault=False,
-                                 ambiguous=_unanswered(exc)) from exc
+        except TransportError as exc:
+            # requests names the URL, and Plivo's hold the account's Auth ID: this message
+            # reaches the org that placed the call (the API's problem, call.failed), so it
+            # says only what happened; the whole of it is for our log.
+            ambiguous = _unanswered(exc)
+            log.warning("Plivo request failed: %s", exc)
+            raise PlivoCallError(f"{'no answer from' if ambiguous else 'could not reach'} "
+                                 f"Plivo ({type(exc).__name__})", caller_fault=False,
+                                 ambiguous=ambiguous) from exc
+        except plivo_errors.PlivoRestError as exc:
+            raise PlivoCallError(_message(exc), caller_fault=False) from exc
 
 
 def _unanswered(exc: Exception) -> bool:
