@@ -16,6 +16,7 @@ from parley.common.configuration import (
     create_api_key,
     create_org,
 )
+from parley.gateway import outbound
 from parley.gateway.api.rate_limit import CallRateLimiter
 from parley.gateway.api.schemas import MAX_BODY_BYTES
 from parley.gateway.calls import find_by_call_id
@@ -104,6 +105,25 @@ async def place(api, key: str | None, body: Any):
         return await api.gateway.client.post("/v1/calls", data=body, headers={
             **headers, "Content-Type": "application/json"})
     return await api.gateway.client.post("/v1/calls", json=body, headers=headers)
+
+
+async def drop_connection(db, table: str, when: str = "true", *, times: int = 1) -> None:
+    """The first ``times`` writes to ``table`` (where ``when`` holds of NEW) lose their
+    connection, as they would if Postgres restarted at that moment: the backend is terminated
+    mid-statement. ``dropped_<table>`` counts them."""
+    await db.execute(f"""
+        CREATE SEQUENCE dropped_{table};
+        CREATE FUNCTION drop_connection_{table}() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF {when} THEN
+                IF nextval('dropped_{table}') <= {times} THEN
+                    PERFORM pg_terminate_backend(pg_backend_pid());
+                END IF;
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER drop_connection BEFORE INSERT OR UPDATE ON {table}
+            FOR EACH ROW EXECUTE FUNCTION drop_connection_{table}();""")
 
 
 def nested(levels: int) -> list[Any]:
@@ -523,3 +543,19 @@ async def test_a_call_twilio_never_answered_for_is_still_a_502(api, twilio_api, 
     assert problem["type"].endswith("carrier-error")
     assert problem["detail"] == "twilio could not place the call: Server disconnected"
     await events.wait("call.failed", problem["call_id"])
+
+
+async def test_a_call_the_carrier_placed_is_201_though_it_could_not_be_recorded(
+        api, twilio_api, keys, events, db, monkeypatch):
+    # Twilio placed the call, but Postgres kept dropping the connection that recorded it
+    # (carrier_calls) past the retries. The answer was a 500, and an integrator that retries a
+    # 500 would ring the callee a second time. The carrier is dialling: the answer is 201.
+    monkeypatch.setattr(outbound, "RECORD_RETRY_DELAYS_S", (0.05, 0.05))
+    await drop_connection(db, "carrier_calls", times=3)
+    response = await place(api, keys["full"], body())
+    assert response.status == 201, await response.text()
+    call_id = (await response.json())["call_id"]
+    cursor = await db.execute("SELECT last_value FROM dropped_carrier_calls")
+    assert (await cursor.fetchone())[0] == 3  # every try lost its connection
+    assert len(twilio_api.requests) == 1
+    await events.wait("call.requested", call_id)

@@ -8,12 +8,13 @@ import pytest
 from parley.common.bus import EVENTS_STREAM
 from parley.common.configuration import assign_number, create_agent, create_org, update_agent
 from parley.common.events import CallFailed, CallRequested
+from parley.gateway import outbound
 from parley.gateway.due_callbacks import BATCH, place_due
 from parley.gateway.keys import TWILIO_REST
 
 from . import test_plivo_support as support
 from .conftest import ACCOUNT, CALLER, CASCADING_AGENT, CASCADING_NUMBER, ORG, wait_for
-from .test_api_calls import twilio_api  # noqa: F401 (a fixture)
+from .test_api_calls import drop_connection, twilio_api  # noqa: F401 (a fixture)
 
 make_plivo_gateway = support.make_plivo_gateway
 plivo_number = support.plivo_number
@@ -348,24 +349,6 @@ async def test_a_callback_the_agent_no_longer_allows_is_not_dialled(
         assert "+1212" in row["last_error"] and CALLER in row["last_error"]
 
 
-async def drop_connection_once(db, table: str, when: str = "true") -> None:
-    """The first write to ``table`` (where ``when`` holds of NEW) loses its connection, as it
-    would if Postgres restarted at that moment: its backend is terminated mid-statement."""
-    await db.execute(f"""
-        CREATE SEQUENCE dropped_{table};
-        CREATE FUNCTION drop_connection_{table}() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            IF {when} THEN
-                IF nextval('dropped_{table}') = 1 THEN
-                    PERFORM pg_terminate_backend(pg_backend_pid());
-                END IF;
-            END IF;
-            RETURN NEW;
-        END $$;
-        CREATE TRIGGER drop_connection BEFORE INSERT OR UPDATE ON {table}
-            FOR EACH ROW EXECUTE FUNCTION drop_connection_{table}();""")
-
-
 @pytest.mark.parametrize(("table", "when"), [("carrier_calls", "true"),
                                              ("tool_callbacks", "NEW.status = 'placed'")])
 async def test_a_dialled_callback_is_placed_though_its_database_connection_dropped(
@@ -380,7 +363,7 @@ async def test_a_dialled_callback_is_placed_though_its_database_connection_dropp
     # (a sid of its own: Twilio's stand-in numbers the calls it places from 1 too)
     _, call_id, _ = await gateway.inbound_call(call_sid="CA" + "f" * 32)
     due = await book(db, call_id, "toolu_1")
-    await drop_connection_once(db, table, when)
+    await drop_connection(db, table, when)
     await place_due(gateway.app)
     cursor = await db.execute(f"SELECT is_called FROM dropped_{table}")
     assert (await cursor.fetchone())[0]  # the connection was dropped
@@ -398,3 +381,25 @@ async def test_a_dialled_callback_is_placed_though_its_database_connection_dropp
     assert await callback(db, due) == row
     assert len(twilio_api.requests) == 1
     assert len(events.of("call.dialing", row["placed_call_id"])) == 1
+
+
+async def test_a_dialled_callback_that_could_not_be_recorded_at_all_is_placed_and_says_so(
+        make_dialler, twilio_api, db, monkeypatch):  # noqa: F811
+    # Recording the carrier's id lost its connection on every try: the carrier is dialling all
+    # the same, so the callback is placed (its last_error says what was not recorded), not
+    # left to be taken for interrupted and failed, and not dialled again.
+    monkeypatch.setattr(outbound, "RECORD_RETRY_DELAYS_S", (0.05, 0.05))
+    gateway = await make_dialler(gateway_callback_interval_s=0)
+    _, call_id, _ = await gateway.inbound_call(call_sid="CA" + "f" * 32)
+    due = await book(db, call_id, "toolu_1")
+    await drop_connection(db, "carrier_calls", times=3)
+    await place_due(gateway.app)
+    row = await callback(db, due)
+    assert (row["status"], row["attempts"]) == ("placed", 1), row
+    assert "twilio is dialling" in row["last_error"]
+    assert "recording it failed" in row["last_error"]
+    await db.execute("UPDATE tool_callbacks SET updated_at = now() - interval '10 minutes', "
+                     "retry_at = now() WHERE id = %s", (due,))
+    await place_due(gateway.app)
+    assert await callback(db, due) == row
+    assert len(twilio_api.requests) == 1

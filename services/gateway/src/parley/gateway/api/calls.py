@@ -5,7 +5,9 @@ of the org's calls from its rate limit (none left: 429 with ``Retry-After``, not
 :mod:`parley.gateway.api.rate_limit`), then place it (:func:`parley.gateway.outbound.
 place_outbound`: call.requested, the carrier that owns the ``from`` number dials, then
 ``carrier_calls`` and call.dialing). A carrier that refuses publishes call.failed and answers
-422 (the request's fault) or 502 (anyone else's).
+422 (the request's fault) or 502 (anyone else's). A call the carrier placed is 201 even when
+recording it failed through the retries (:class:`parley.gateway.outbound.DialledNotRecorded`):
+a 500 would invite a retry that rings the callee twice.
 
 Reading a call: the ``calls`` read model, scoped to the key's org — another org's call is a
 404, like a call that does not exist. The read model follows the bus a moment behind; until
@@ -26,7 +28,7 @@ from parley.common.problems import Problem, problem_response
 
 from ..calls import CarrierCall, find_by_call_id, new_call_id
 from ..keys import CALL_RATE_LIMITER, METRICS, POOL
-from ..outbound import place_outbound
+from ..outbound import DialledNotRecorded, place_outbound
 from .auth import authenticate
 from .dialing import CarrierUnavailable, DialError
 from .rate_limit import retry_after_header
@@ -82,6 +84,10 @@ async def place_call(request: web.Request) -> web.Response:
     try:
         await place_outbound(app, call_id=call_id, agent=agent, number=number,
                              to_number=to_number, context=body.context, metadata=body.metadata)
+    except DialledNotRecorded:
+        # The carrier is dialling (logged with why it is not recorded): a 500 would invite a
+        # retry that rings the callee twice. Its webhooks carry our ids, so they still resolve.
+        pass
     except CarrierUnavailable as exc:
         _count(request, "carrier_unavailable")
         raise Problem(503, "Service Unavailable", str(exc), kind="carrier-unavailable") from exc
