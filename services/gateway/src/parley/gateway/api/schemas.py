@@ -88,6 +88,9 @@ def decode_body(body: bytes, kind: type[T]) -> T:
     except msgspec.DecodeError as exc:
         raise Problem(400, "Bad Request", f"the body is not valid JSON: {exc}",
                       kind="malformed-json") from None
+    except UnicodeDecodeError as exc:  # msgspec raises it for a string that is not UTF-8
+        raise Problem(400, "Bad Request", "the body is not valid JSON: a string in it is not "
+                      f"UTF-8 ({exc.reason})", kind="malformed-json") from None
 
 
 def invalid(field: str, detail: str) -> Problem:
