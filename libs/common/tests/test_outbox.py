@@ -79,5 +79,44 @@ async def test_a_bus_closed_for_good_fails_the_retries_fast(nats_url: str) -> No
     await bus.close()
     began = asyncio.get_running_loop().time()
     await outbox.drain(timeout_s=30)
-    assert outbox.lost == 1 and outbox.pending == 0
+    # given up at once by the drain (nothing will take it), or lost after its fast attempts
+    assert outbox.lost + outbox.dropped == 1 and outbox.pending == 0
     assert asyncio.get_running_loop().time() - began < 5
+
+
+async def test_an_event_put_after_pending_is_stored_after_events_published_again(
+        bus: Bus) -> None:
+    """A call's end put straight after events JetStream refused (no stream: an outage) was
+    stored first, and the events published again after it: whoever reads the call's stream saw
+    events after its end. Put after what is pending, it waits for them, then is retried like
+    them."""
+    outbox = Outbox(bus, name="test", ack_timeout_s=0.5, attempts=10)
+    await bus.js.delete_stream("EVENTS")
+    try:
+        for i in range(3):
+            await outbox.put(partial("c-out6", str(i)))
+        ended = outbox.put_after_pending(partial("c-out6", "end"), partial("c-out6", "ended"))
+        await asyncio.sleep(0.3)
+        assert not ended.done()
+    finally:
+        await bus.ensure_streams()  # the stream is back
+    assert await asyncio.wait_for(ended, 30) is True
+    assert outbox.pending == 0 and outbox.lost == 0
+    stored = await bus.replay_call("c-out6")
+    assert [e.text for e in stored][-2:] == ["end", "ended"]  # type: ignore[attr-defined]
+    assert sorted(e.text for e in stored) == ["0", "1", "2", "end", "ended"]  # type: ignore[attr-defined]
+
+
+async def test_a_drain_out_of_time_gives_up_and_counts_what_is_still_unconfirmed(
+        bus: Bus) -> None:
+    outbox = Outbox(bus, name="test", ack_timeout_s=0.5, attempts=10)
+    await bus.js.delete_stream("EVENTS")
+    try:
+        await outbox.put(partial("c-out7", "0"))
+        outbox.put_after_pending(partial("c-out7", "end"), partial("c-out7", "ended"))
+        assert await outbox.drain(timeout_s=1.0) == 3
+    finally:
+        await bus.ensure_streams()
+    assert outbox.pending == 0 and outbox.dropped == 3
+    await asyncio.sleep(1.0)  # nothing given up is published again
+    assert await bus.replay_call("c-out7") == []
