@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
-from parley.common.events import AgentSpeechFinished, AgentSpeechProgress, TurnUserEnded
+from parley.common.events import (
+    AgentSpeechFinished,
+    AgentSpeechInterrupted,
+    AgentSpeechProgress,
+    TurnUserEnded,
+)
 from parley.media.playback import GENERATION, mark_seq
 from parley.media.providers.base import Final
 
@@ -115,3 +121,31 @@ async def test_a_backchannel_while_the_agent_waits_between_its_words_is_no_turn(
         assert call.session.detector.dropped_backchannels == 1
     finally:
         await call.close()
+
+
+async def test_what_was_heard_does_not_count_the_wait_between_two_clauses_as_played(bus) -> None:
+    # "Let me check." played (its first mark echoed, its 100 ms since), then nothing for a
+    # while: the tools were slow, the carrier had nothing to play. The next clause's audio went
+    # out, and the caller spoke over it at once. The played position was the last echo plus
+    # all the time since, capped only by the next unechoed mark (500 ms on): the wait counted
+    # as played, and agent.speech.interrupted said the caller heard words of the second clause
+    # the carrier had not yet begun to play.
+    call = Call(bus, "call-barge-in-4", QUIET_CALLER)
+    sub = await gateway(call, [])
+    try:
+        await call.agent_says("t1", "Let me check.", last=False)
+        turn = call.session._turns["t1"]
+        first = len(turn.audio.frames)
+        await echo(call, "t1", mark_seq(0, 1))
+        await asyncio.sleep(0.3)  # its audio has played; the carrier waits for more
+        await call.agent_says("t1", "You're booked for Friday.", first_seq=1)
+        await wait_for(lambda: turn.audio.sent > first)
+        await call.session._interrupt(turn, time.monotonic())  # the caller cuts in at once
+        await call.session._outbox.drain(2)
+        [interrupted] = [e for e in await bus.replay_call(call.call_id, org_id=ORG)
+                         if isinstance(e, AgentSpeechInterrupted)]
+        # Heard: the first clause, and at most the frame the carrier was about to play.
+        assert interrupted.cut_ms <= (first + 1) * 20
+    finally:
+        await call.close()
+        await sub.unsubscribe()

@@ -58,7 +58,8 @@ class AgentTurnAudio:
     pending_marks: list[int] = field(default_factory=list)  # frame indices marked, not echoed
     cut_frames: int | None = None  # where a pause or interruption cut playback
     # First frame of the current run (0, or the cut it resumed from), or where sending went on
-    # after a pause (see :meth:`paused`): a mark goes after it.
+    # after a pause (see :meth:`paused`) or after the carrier ran dry (see
+    # :meth:`take_unsent`): a mark goes after it.
     run_start: int = 0
     finished: bool = False  # the last mark was echoed: everything played
     # The gateway refused a mark of this run: the carrier's socket is closed, so nothing sent
@@ -105,8 +106,17 @@ class AgentTurnAudio:
         return n == self.run_start + 1 or n % MARK_EVERY == 0 or n in self.clause_ends or (
             self.text_done and n == len(self.frames))
 
-    def take_unsent(self) -> list[tuple[int, bytes, int | None]]:
-        """Frames ready to publish as ``(index, frame, mark seq or None)``; marks them sent."""
+    def take_unsent(self, now: float | None = None) -> list[tuple[int, bytes, int | None]]:
+        """Frames ready to publish as ``(index, frame, mark seq or None)``; marks them sent.
+
+        If by ``now`` the carrier has played all it was sent (a wait for the next clause, or a
+        synthesiser slower than the audio), a mark goes after the first frame sent now, as
+        after a pause: the wait is not playback, and last echo + time since counted it as
+        played, up to the next mark (words not yet heard taken as heard).
+        """
+        if now is not None and self.echoed_at is not None and self.sent < len(self.frames) and (
+                self.position_ms(now) >= self.sent * FRAME_MS):
+            self.run_start = self.sent
         out: list[tuple[int, bytes, int | None]] = []
         while self.sent < len(self.frames):
             index = self.sent

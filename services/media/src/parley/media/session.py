@@ -1397,7 +1397,7 @@ class CallSession:
         # message; the telephony side buffers and plays it): a message ends at a marked frame,
         # so a mark still follows exactly the audio before it, or after OUT_CHUNK_FRAMES.
         run: list[bytes] = []
-        for _index, frame, mark in turn.audio.take_unsent():
+        for _index, frame, mark in turn.audio.take_unsent(time.monotonic()):
             run.append(frame)
             if mark is None and len(run) < OUT_CHUNK_FRAMES:
                 continue
