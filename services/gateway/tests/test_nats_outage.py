@@ -156,3 +156,55 @@ async def test_a_call_transferred_during_an_outage_is_not_hung_up_as_orphaned(
     assert call is not None and call.end_reason == "transferred"
     [ended] = await events.wait("call.ended", call_id, timeout=5)
     assert ended.reason == "transferred" and events.of("call.transferred", call_id)
+
+
+async def _reported_then_cut_off(nats_server_of_test, bus, gateway, events):
+    """A call whose socket reported a mark echo the cut-off client refused (its buffer full of
+    caller audio): the echo waits in the outbox. Returns (stream, call_sid, call_id, server)."""
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    server = await cut_off(nats_server_of_test, bus)
+    for _ in range(60):  # 1.2 s of audio, past the 8 KiB buffer
+        await stream.media(b"\xff" * 160)
+    await stream.mark("t1:3")
+    await asyncio.sleep(0.5)
+    return stream, call_sid, call_id, server
+
+
+async def _ended_last(bus, call_id: str) -> list[str]:
+    types = [event.type for event in await bus.replay_call(call_id)]
+    assert "agent.speech.progress" in types and types[-1] == "call.ended", types
+    return types
+
+
+async def test_a_call_ended_during_an_outage_is_stored_after_what_its_socket_reported(
+        nats_server_of_test, bus, gateway, events):
+    """The caller hung up (the stream's stop) while NATS was away: call.ended, published
+    directly, was refused, which failed the socket (1011) and left the call never ended in the
+    store; had it gone out as the server came back, it was stored before the mark echo the
+    outbox was still publishing again. It now goes out after the call's outstanding events,
+    retried like them."""
+    stream, call_sid, call_id, server = await _reported_then_cut_off(
+        nats_server_of_test, bus, gateway, events)
+    await stream.stop(call_sid)
+    assert await stream.closed() == (1000, "stream stopped")
+    server.start()
+    await wait_for(lambda: bus.nc.is_connected)
+    await wait_for(lambda: _has(stored(bus, call_id), {"call.ended"}), timeout=20)
+    await _ended_last(bus, call_id)
+
+
+async def test_a_status_callback_ending_a_call_during_an_outage_waits_for_its_socket_events(
+        nats_server_of_test, bus, gateway, events):
+    """Twilio's status callback (the caller hung up) arrives while the call's socket has a mark
+    echo still to publish: call.ended, not the socket's, goes after it all the same."""
+    stream, call_sid, call_id, server = await _reported_then_cut_off(
+        nats_server_of_test, bus, gateway, events)
+    response = await gateway.post("/twilio/status", {
+        "CallSid": call_sid, "CallStatus": "completed", "CallDuration": "12"})
+    assert response.status < 300, await response.text()
+    server.start()
+    await wait_for(lambda: bus.nc.is_connected)
+    await wait_for(lambda: _has(stored(bus, call_id), {"call.ended"}), timeout=20)
+    await _ended_last(bus, call_id)
+    await stream.ws.close()
+

@@ -26,9 +26,11 @@ from parley.common.problems import problem_middleware
 from . import due_callbacks, orphans
 from .api import routes as api_routes
 from .api.rate_limit import CallRateLimiter
+from .call_outboxes import CallOutboxes
 from .config import GatewayConfig
 from .keys import (
     BUS,
+    CALL_OUTBOXES,
     CALL_RATE_LIMITER,
     CALLS,
     CLOCK,
@@ -81,6 +83,7 @@ def create_app(config: GatewayConfig, *, bus: Bus | None = None,
     app.cleanup_ctx.append(_pool_context(db_pool))
     app.cleanup_ctx.append(_signature_audit_context)  # after bus and pool: closed before them
     app.cleanup_ctx.append(_twilio_context(twilio_rest))
+    app.cleanup_ctx.append(_call_outboxes_context)
     # Stopped before the clients they use. Due callbacks: dialled when due (schedule_callback);
     # orphans: the calls no instance holds (their gateway was killed) are ended.
     app.cleanup_ctx.append(_loop("due-callbacks", due_callbacks.run,
@@ -146,6 +149,12 @@ async def _signature_audit_context(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await audit.flush(everything=True)  # what was folded since the last interval
+
+
+async def _call_outboxes_context(app: web.Application) -> AsyncIterator[None]:
+    """Each call's outbox (what its sockets report, then its end)."""
+    app[CALL_OUTBOXES] = CallOutboxes(app[BUS], app[POOL])
+    yield
 
 
 def _twilio_context(rest: TwilioCalls | None,

@@ -2,8 +2,10 @@
 
 Carriers identify a call by their own id (Twilio's CallSid), and retry their webhooks; these
 functions resolve that id synchronously and make each lifecycle event happen once: a milestone
-row (or ``answered_at`` / ``ended_at``) is claimed in the same transaction that publishes the
-event, so a failed publish rolls the claim back and the carrier's retry tries again.
+row (or ``answered_at``) is claimed in the same transaction that publishes the event, so a
+failed publish rolls the claim back and the carrier's retry tries again. The end
+(``ended_at``) is claimed first and its event then goes through the call's outbox, after the
+call's events still pending there (:mod:`.call_outboxes`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from psycopg_pool import AsyncConnectionPool
 from parley.common.bus import Bus
 from parley.common.configuration import Agent, find_number, get_agent
 from parley.common.events import CallEnded, CallFailed, CallRequested, Event, uuid7
+
+from .call_outboxes import CallOutboxes
 
 log = logging.getLogger(__name__)
 
@@ -138,22 +142,22 @@ async def publish_answered(pool: AsyncConnectionPool[Any], bus: Bus, call_id: st
     return True
 
 
-async def publish_end(pool: AsyncConnectionPool[Any], bus: Bus,
+async def publish_end(pool: AsyncConnectionPool[Any], outboxes: CallOutboxes,
                       event: CallEnded | CallFailed, *extra: Event) -> bool:
-    """End the call once: claim ``ended_at`` and publish ``extra`` events then the end event.
+    """End the call once: claim ``ended_at``, then publish ``extra`` events and the end event.
 
-    Returns False (publishing nothing) when the call had already ended or is unknown.
+    They go out through the call's outbox after the events it has pending (a NATS outage:
+    retried, never stored before them), so a NATS failure does not raise here; an end given up
+    unpublished gives its claim back (:mod:`.call_outboxes`). Returns False (publishing
+    nothing) when the call had already ended or is unknown.
     """
-    reason = event.reason
-    async with pool.connection() as conn, conn.transaction():
+    async with pool.connection() as conn:
         cursor = await conn.execute(
             "UPDATE carrier_calls SET ended_at = %s, end_reason = %s WHERE call_id = %s "
-            "AND ended_at IS NULL RETURNING 1", (event.at, reason, event.call_id))
+            "AND ended_at IS NULL RETURNING 1", (event.at, event.reason, event.call_id))
         if await cursor.fetchone() is None:
             return False
-        for other in extra:
-            await bus.publish(other)
-        await bus.publish(event)
+    outboxes.end(event, *extra)
     return True
 
 

@@ -17,6 +17,7 @@ from parley.common.bus import Bus
 from parley.common.metrics import Metrics
 
 from .api.rate_limit import CallRateLimiter
+from .call_outboxes import CallOutboxes
 from .config import GatewayConfig
 from .registry import CallRegistry
 from .signature_audit import SignatureAudit
@@ -31,6 +32,8 @@ METRICS = web.AppKey("parley_gateway_metrics", Metrics)
 CLOCK: web.AppKey[Clock] = web.AppKey("parley_gateway_clock")
 # The live calls whose socket this instance holds (commands, shutdown with GOING_AWAY).
 CALLS = web.AppKey("parley_gateway_calls", CallRegistry)
+# Each call's outbox: what its sockets report, then its end (call_outboxes.py).
+CALL_OUTBOXES = web.AppKey("parley_gateway_call_outboxes", CallOutboxes)
 # The twilio SDK REST client (hang up, redirect, transfer), or None when not configured.
 TWILIO_REST: web.AppKey[TwilioCalls | None] = web.AppKey("parley_gateway_twilio_rest")
 # POST /v1/calls per org (this instance's token buckets).

@@ -37,7 +37,7 @@ from parley.common.bus import command_subject
 from parley.common.events import CallEnded, CallTransferred
 
 from .calls import publish_end, seconds_since
-from .keys import BUS, CLOCK, CONFIG, POOL, TWILIO_REST
+from .keys import BUS, CALL_OUTBOXES, CLOCK, CONFIG, POOL, TWILIO_REST
 from .plivo.rest import PLIVO_REST, PlivoCalls
 from .twilio.next_stream import ENDED_AT_TWILIO
 from .twilio.rest import TwilioCalls
@@ -132,7 +132,7 @@ async def _end_transferred(app: web.Application, call_id: str, org_id: str, to: 
 
     The caller is with the person they were transferred to: not a call to hang up.
     """
-    if await publish_end(app[POOL], app[BUS], CallEnded(
+    if await publish_end(app[POOL], app[CALL_OUTBOXES], CallEnded(
             org_id=org_id, call_id=call_id, reason="transferred",
             duration_s=seconds_since(answered_at, transferred_at)), CallTransferred(
             org_id=org_id, call_id=call_id, to_number=to, mode="cold")):
@@ -153,14 +153,14 @@ async def _end(app: web.Application, carrier: str, call_id: str, carrier_call_id
     if at_carrier.live is None:
         # the carrier knows no such call (any more): nothing is up to hang up, nor says who
         # ended it
-        if await publish_end(app[POOL], app[BUS], CallEnded(
+        if await publish_end(app[POOL], app[CALL_OUTBOXES], CallEnded(
                 org_id=org_id, call_id=call_id, reason="error", duration_s=duration_s)):
             log.warning("call %s: no gateway holds it, and %s does not know it: ended",
                         call_id, carrier)
         return
     if not at_carrier.live:
         duration = at_carrier.duration_s if at_carrier.duration_s is not None else duration_s
-        if await publish_end(app[POOL], app[BUS], CallEnded(
+        if await publish_end(app[POOL], app[CALL_OUTBOXES], CallEnded(
                 org_id=org_id, call_id=call_id, reason="caller_hangup", duration_s=duration)):
             log.warning("call %s: no gateway holds it, and %s has it %s: ended", call_id,
                         carrier, at_carrier.status)
@@ -168,7 +168,7 @@ async def _end(app: web.Application, carrier: str, call_id: str, carrier_call_id
     log.warning("call %s: no gateway holds it, and %s has it %s: hanging up", call_id, carrier,
                 at_carrier.status)
     try:
-        await publish_end(app[POOL], app[BUS], CallEnded(
+        await publish_end(app[POOL], app[CALL_OUTBOXES], CallEnded(
             org_id=org_id, call_id=call_id, reason="error", duration_s=duration_s))
     finally:
         await rest.hangup(carrier_call_id)

@@ -44,7 +44,7 @@ from ..calls import (
     seconds_since,
 )
 from ..commands import E164_NUMBER
-from ..keys import BUS, CLOCK, CONFIG, METRICS, POOL
+from ..keys import BUS, CALL_OUTBOXES, CLOCK, CONFIG, METRICS, POOL
 from . import xml
 from .signatures import CARRIER, signed_form
 
@@ -133,7 +133,7 @@ async def _may_reconnect(request: web.Request, call: CarrierCall) -> bool:
                      attempts + 1)
             return True
     log.warning("plivo call %s: not reconnecting after %d attempts", call.call_id, attempts)
-    await publish_end(app[POOL], app[BUS], CallEnded(
+    await publish_end(app[POOL], app[CALL_OUTBOXES], CallEnded(
         org_id=call.org_id, call_id=call.call_id, reason="error",
         duration_s=seconds_since(call.answered_at, app[CLOCK]())))
     return False
@@ -198,7 +198,7 @@ async def hangup(request: web.Request) -> web.Response:
         event = CallEnded(org_id=call.org_id, call_id=call.call_id,
                           reason=_end_reason(call, form),
                           duration_s=_number(form.get("Duration", "0")))
-    published = await publish_end(request.app[POOL], request.app[BUS], event)
+    published = await publish_end(request.app[POOL], request.app[CALL_OUTBOXES], event)
     _count(request, status if published else "duplicate")
     return web.Response(status=204)
 

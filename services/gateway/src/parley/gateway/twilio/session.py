@@ -41,7 +41,7 @@ from ..calls import (
 from ..close_codes import CloseCode, ProtocolViolation, close_reason
 from ..commands import CommandError, CommandServer, EndReason, serve_commands
 from ..config import GatewayConfig
-from ..keys import BUS, CALLS, CLOCK, CONFIG, METRICS, POOL, TWILIO_REST
+from ..keys import BUS, CALL_OUTBOXES, CALLS, CLOCK, CONFIG, METRICS, POOL, TWILIO_REST
 from . import twiml
 from .liveness import Liveness
 from .next_stream import end_unless_next_stream
@@ -51,11 +51,6 @@ log = logging.getLogger(__name__)
 # A command still running when the socket ends gets this long to finish (the REST clients time
 # out after 10 s): a transfer whose redirect stopped this very stream publishes its end after.
 COMMAND_GRACE_S = 15.0
-
-
-# Attempts at an event whose first publish went unacknowledged, each up to the bus's publish
-# timeout (5 s): a NATS outage of about a minute loses nothing the carrier reported.
-PUBLISH_ATTEMPTS = 10
 
 
 def carrier_socket(config: GatewayConfig) -> web.WebSocketResponse:
@@ -76,11 +71,6 @@ class TwilioSession:
         self.app, self.ws = app, ws
         self.config, self.bus, self.pool = app[CONFIG], app[BUS], app[POOL]
         self.metrics, self.clock, self.rest = app[METRICS], app[CLOCK], app[TWILIO_REST]
-        # What the socket reports (its start, mark echoes, keys, the relay's turns) goes out
-        # through an outbox: the read loop waits on no ack, and an event unacknowledged (a NATS
-        # outage) is published again under its id. Awaited, an 8 s outage timed a mark echo's
-        # publish out and failed the socket, and the call never ended in the store.
-        self.outbox = Outbox(self.bus, name=f"{self.protocol} socket", attempts=PUBLISH_ATTEMPTS)
         self.call_id = ""
         self.stream_id = ""  # the carrier's id of this socket's stream, once attached
         self.call: CarrierCall | None = None
@@ -106,6 +96,17 @@ class TwilioSession:
             "gateway_frames_dropped", "Caller audio frames NATS could not take (an outage)",
             ["protocol"])
         self._dropped_audio = False  # said once per socket
+
+    @property
+    def outbox(self) -> Outbox:
+        """The call's outbox, which what the socket reports goes out through.
+
+        The read loop waits on no ack, and an event unacknowledged (a NATS outage) is
+        published again under its id: awaited, an 8 s outage timed a mark echo's publish out
+        and failed the socket, and the call never ended in the store. The call's end goes out
+        after it all (call_outboxes.py).
+        """
+        return self.app[CALL_OUTBOXES].of(self.call_id)
 
     @property
     def started(self) -> bool:
@@ -298,17 +299,17 @@ class TwilioSession:
             return False
         if duration_s is None:
             duration_s = seconds_since(call.answered_at or call.created_at, self.clock())
-        return await publish_end(self.pool, self.bus, CallEnded(
+        return await publish_end(self.pool, self.app[CALL_OUTBOXES], CallEnded(
             org_id=call.org_id, call_id=call.call_id, reason=reason,  # type: ignore[arg-type]
             duration_s=duration_s), *extra)
 
     async def hangup(self, reason: EndReason) -> None:
         """End the call: call.ended, then at the carrier.
 
-        The carrier hang-up comes even if call.ended could not be published (JetStream or
-        Postgres away; the error still propagates): a call left up is billed and its caller
-        hears nothing, while its end is still reported by the stream's stop or the status
-        callback that follows.
+        The carrier hang-up comes even if call.ended could not be claimed (Postgres away; the
+        error still propagates; with NATS away it is claimed and published when NATS takes
+        it): a call left up is billed and its caller hears nothing, while its end is still
+        reported by the stream's stop or the status callback that follows.
         """
         if self.call is None:
             raise CommandError("no call attached yet")
@@ -353,9 +354,10 @@ class TwilioSession:
     async def end_transferred(self, to: str, mode: Literal["cold", "warm"]) -> None:
         """The carrier took the transfer: call.transferred, then call.ended (``transferred``).
 
-        A ``transferred:<to>`` milestone first: if the end cannot be published (NATS away),
-        the orphan check, finding the call held by no instance, ends it as transferred instead
-        of hanging up a caller now talking to the person they were transferred to.
+        A ``transferred:<to>`` milestone first: if the end is never published (NATS away for
+        longer than the outbox tries; its claim is then given back), the orphan check, finding
+        the call held by no instance, ends it as transferred instead of hanging up a caller now
+        talking to the person they were transferred to.
         """
         call = self.call
         assert call is not None
@@ -491,6 +493,7 @@ class TwilioSession:
                     await subscription.unsubscribe()
             self._subscriptions.clear()
             self.app[CALLS].release(self)
+            self.app[CALL_OUTBOXES].sweep()
 
     async def _finish_commands(self) -> None:
         """Stop taking commands, letting those received finish (stopping cancels them)."""

@@ -41,7 +41,7 @@ from ..calls import (
     record_carrier_call,
     seconds_since,
 )
-from ..keys import BUS, CLOCK, CONFIG, METRICS, POOL, TWILIO_REST
+from ..keys import BUS, CALL_OUTBOXES, CLOCK, CONFIG, METRICS, POOL, TWILIO_REST
 from . import twiml
 from .signatures import signed_form
 
@@ -164,7 +164,7 @@ async def reconnect(request: web.Request) -> web.Response:
     if agent is None or attempts >= app[CONFIG].max_reconnects:
         log.warning("call %s: not reconnecting (attempt %d, agent %s)", call.call_id,
                     attempts + 1, "ok" if agent else "gone")
-        await publish_end(app[POOL], app[BUS], CallEnded(
+        await publish_end(app[POOL], app[CALL_OUTBOXES], CallEnded(
             org_id=call.org_id, call_id=call.call_id, reason="error",
             duration_s=seconds_since(call.answered_at, app[CLOCK]())))
         _count(request, "gave_up")
@@ -189,13 +189,13 @@ async def status(request: web.Request) -> web.Response:
     elif state in ("in-progress", "answered"):
         await publish_answered(pool, bus, call_id, CallAnswered(org_id=org_id, call_id=call_id))
     elif state == "completed":
-        await publish_end(pool, bus, CallEnded(
+        await publish_end(pool, app[CALL_OUTBOXES], CallEnded(
             org_id=org_id, call_id=call_id, reason="completed",
             duration_s=_number(form.get("CallDuration", "0"))))
     elif state in _FAILED_STATUSES:
-        await publish_end(pool, bus, CallFailed(org_id=org_id, call_id=call_id,
-                                                reason=_FAILED_STATUSES[state],
-                                                carrier_status=state))
+        await publish_end(pool, app[CALL_OUTBOXES], CallFailed(
+            org_id=org_id, call_id=call_id, reason=_FAILED_STATUSES[state],
+            carrier_status=state))
     elif state not in ("queued", "initiated"):
         log.warning("call %s: ignoring unknown CallStatus %r", call.call_id, state)
     _count(request, state if state in _KNOWN_STATUSES else "other")
@@ -239,7 +239,7 @@ async def _act_on_machine(request: web.Request, call: CarrierCall, agent: Agent,
         log.info("call %s: machine policy %s left to the agent (no REST client or message)",
                  call.call_id, action)
         return
-    ended = await publish_end(app[POOL], app[BUS], CallEnded(
+    ended = await publish_end(app[POOL], app[CALL_OUTBOXES], CallEnded(
         org_id=call.org_id, call_id=call.call_id, reason="machine",
         duration_s=seconds_since(call.answered_at, app[CLOCK]())))
     if not ended:

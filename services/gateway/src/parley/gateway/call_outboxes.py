@@ -1,0 +1,78 @@
+"""Each call's outbox on this instance: what its sockets report, and the call's end after it.
+
+What a carrier socket reports (its start, mark echoes, keys, the relay's turns) goes out
+through an outbox: an event NATS did not acknowledge (an outage) is published again under its
+id, for about a minute. The call's end, published straight away, was stored before events the
+outbox was still publishing again, and readers of the stream (projections, folds, integrators)
+saw a call's events after its end; refused outright during the outage, it failed the socket
+(or the carrier's status callback) and the call never ended in the store. So a call's sockets
+on this instance share one outbox, and its end (whichever socket, webhook or check decides it)
+goes through it after everything the call has pending, retried like the rest: other calls wait
+on nothing of it. An end given up unpublished gives its claim back, so the orphan check
+(:mod:`.orphans`) ends the call later rather than never.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from psycopg_pool import AsyncConnectionPool
+
+from parley.common.bus import Bus, Outbox
+from parley.common.events import CallEnded, CallFailed, Event
+
+log = logging.getLogger(__name__)
+
+# Attempts at an event whose first publish went unacknowledged, each up to the bus's publish
+# timeout (5 s): a NATS outage of about a minute loses nothing the carrier reported.
+PUBLISH_ATTEMPTS = 10
+
+
+class CallOutboxes:
+    """The outbox of each call with events pending on this instance."""
+
+    def __init__(self, bus: Bus, pool: AsyncConnectionPool[Any]) -> None:
+        self.bus, self.pool = bus, pool
+        self._outboxes: dict[str, Outbox] = {}
+        self._ends: set[asyncio.Task[None]] = set()
+
+    def of(self, call_id: str) -> Outbox:
+        """The call's outbox (the same for every socket of the call while it has events)."""
+        outbox = self._outboxes.get(call_id)
+        if outbox is None:
+            outbox = self._outboxes[call_id] = Outbox(self.bus, name=f"call {call_id}",
+                                                      attempts=PUBLISH_ATTEMPTS)
+        return outbox
+
+    def end(self, event: CallEnded | CallFailed, *extra: Event) -> None:
+        """Publish ``extra`` then ``event`` after the call's pending events (its end claimed)."""
+        # queued now, not by the task: a shutdown's drain must find it
+        published = self.of(event.call_id).put_after_pending(*extra, event)
+        task = asyncio.create_task(self._end(event, published), name=f"end:{event.call_id}")
+        self._ends.add(task)
+        task.add_done_callback(self._ends.discard)
+
+    def sweep(self) -> None:
+        """Forget the outboxes with nothing pending (a call's next event gets a new one)."""
+        for call_id in [call_id for call_id, outbox in self._outboxes.items()
+                        if not outbox.pending]:
+            del self._outboxes[call_id]
+
+    async def _end(self, event: CallEnded | CallFailed, published: asyncio.Task[bool]) -> None:
+        """Once the end is published or given up: a lost end gives its claim back."""
+        await asyncio.wait({published})
+        confirmed = not published.cancelled() and published.result()
+        self.sweep()
+        if confirmed:
+            return
+        log.error("call %s: %s not published; the call is left to the orphan check",
+                  event.call_id, event.type)
+        try:
+            async with self.pool.connection() as conn:
+                await conn.execute(
+                    "UPDATE carrier_calls SET ended_at = NULL, end_reason = '' "
+                    "WHERE call_id = %s AND ended_at = %s", (event.call_id, event.at))
+        except Exception:
+            log.exception("call %s: could not give its end's claim back", event.call_id)
