@@ -80,7 +80,8 @@ async def events(bus):
 
     sub = await bus.nc.subscribe("parley.ev.>", cb=on_message)
     yield collected
-    await sub.unsubscribe()
+    if not bus.nc.is_closed:  # (a test may close the bus, as a stopping service does)
+        await sub.unsubscribe()
 
 
 @pytest.fixture

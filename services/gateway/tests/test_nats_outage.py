@@ -170,6 +170,15 @@ async def _reported_then_cut_off(nats_server_of_test, bus, gateway, events):
     return stream, call_sid, call_id, server
 
 
+async def close_for_good(bus) -> None:
+    """``Bus.close``, which raises ConnectionResetError when closed cut off from the server with
+    publishes still buffered (nats-py flushes them into the lost transport); closed all the
+    same."""
+    with contextlib.suppress(ConnectionResetError):
+        await bus.close()
+    assert bus.nc.is_closed
+
+
 async def _ended_last(bus, call_id: str) -> list[str]:
     types = [event.type for event in await bus.replay_call(call_id)]
     assert "agent.speech.progress" in types and types[-1] == "call.ended", types
@@ -208,3 +217,45 @@ async def test_a_status_callback_ending_a_call_during_an_outage_waits_for_its_so
     await _ended_last(bus, call_id)
     await stream.ws.close()
 
+
+async def test_a_stop_during_a_short_outage_gives_pending_events_time_to_go_out(
+        nats_server_of_test, bus, gateway, events):
+    """A deploy (SIGTERM) during a NATS blip: the app stopped at once, the bus was closed
+    behind it (as ``serve`` does), and the events the outbox was still publishing again were
+    dropped: a call's mark echo, its end, lost. The stop now gives them a bounded time."""
+    stream, call_sid, call_id, server = await _reported_then_cut_off(
+        nats_server_of_test, bus, gateway, events)
+
+    async def stop_as_serve_does() -> None:
+        await gateway.client.close()  # the app's shutdown and cleanup
+        await close_for_good(bus)
+
+    stopping = asyncio.create_task(stop_as_serve_does())
+    await asyncio.sleep(1.0)  # the blip ends while the gateway stops
+    server.start()
+    await asyncio.wait_for(stopping, 30)
+    after = Bus(await connect(nats_server_of_test.url, name="test"), owns_connection=True)
+    try:
+        await wait_for(lambda: _has(stored(after, call_id), {"agent.speech.progress"}),
+                       timeout=10)
+    finally:
+        await after.close()
+    assert gateway.metric("gateway_call_events_dropped_total") == 0
+
+
+async def test_a_stop_with_the_bus_closed_for_good_drops_pending_events_at_once_and_counts_them(
+        nats_server_of_test, bus, gateway, events, db):
+    """Nothing will take them any more: the stop does not wait out its bound for them. The
+    call's end, given up, gives its claim back: the orphan check ends the call later."""
+    stream, call_sid, call_id, _ = await _reported_then_cut_off(
+        nats_server_of_test, bus, gateway, events)
+    await stream.stop(call_sid)  # the caller hangs up: call.ended waits behind the mark echo
+    assert await stream.closed() == (1000, "stream stopped")
+    await close_for_good(bus)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await asyncio.wait_for(gateway.client.close(), 30)
+    assert loop.time() - started < 5.0
+    assert gateway.metric("gateway_call_events_dropped_total") == 2
+    call = await find_by_call_id(db, call_id)
+    assert call is not None and not call.ended

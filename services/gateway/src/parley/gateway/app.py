@@ -83,6 +83,8 @@ def create_app(config: GatewayConfig, *, bus: Bus | None = None,
     app.cleanup_ctx.append(_pool_context(db_pool))
     app.cleanup_ctx.append(_signature_audit_context)  # after bus and pool: closed before them
     app.cleanup_ctx.append(_twilio_context(twilio_rest))
+    # Drained at shutdown once nothing publishes through them any more: after the loops and
+    # the settling of calls whose socket died, before the bus and pool they need.
     app.cleanup_ctx.append(_call_outboxes_context)
     # Stopped before the clients they use. Due callbacks: dialled when due (schedule_callback);
     # orphans: the calls no instance holds (their gateway was killed) are ended.
@@ -152,9 +154,10 @@ async def _signature_audit_context(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _call_outboxes_context(app: web.Application) -> AsyncIterator[None]:
-    """Each call's outbox (what its sockets report, then its end)."""
-    app[CALL_OUTBOXES] = CallOutboxes(app[BUS], app[POOL])
+    """Each call's outbox; at shutdown, what they still hold gets a bounded time to go out."""
+    outboxes = app[CALL_OUTBOXES] = CallOutboxes(app[BUS], app[POOL], app[METRICS])
     yield
+    await outboxes.drain()
 
 
 def _twilio_context(rest: TwilioCalls | None,

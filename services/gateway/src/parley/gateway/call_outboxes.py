@@ -10,6 +10,9 @@ on this instance share one outbox, and its end (whichever socket, webhook or che
 goes through it after everything the call has pending, retried like the rest: other calls wait
 on nothing of it. An end given up unpublished gives its claim back, so the orphan check
 (:mod:`.orphans`) ends the call later rather than never.
+
+At shutdown what is pending gets :data:`DRAIN_AT_SHUTDOWN_S` to go out (a deploy during a NATS
+blip lost it otherwise); what does not is given up, logged and counted.
 """
 
 from __future__ import annotations
@@ -22,21 +25,30 @@ from psycopg_pool import AsyncConnectionPool
 
 from parley.common.bus import Bus, Outbox
 from parley.common.events import CallEnded, CallFailed, Event
+from parley.common.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 # Attempts at an event whose first publish went unacknowledged, each up to the bus's publish
 # timeout (5 s): a NATS outage of about a minute loses nothing the carrier reported.
 PUBLISH_ATTEMPTS = 10
+# At shutdown, how long pending events may still take to go out: retried for about a minute
+# through an outage, they must not outlast an orchestrator's kill grace (30 s), after the 10 s
+# the server gives requests in flight and the 5 s calls whose socket died get to be settled.
+DRAIN_AT_SHUTDOWN_S = 10.0
+UNCLAIM_AT_SHUTDOWN_S = 2.0  # ends given up at shutdown giving their claim back (Postgres)
 
 
 class CallOutboxes:
     """The outbox of each call with events pending on this instance."""
 
-    def __init__(self, bus: Bus, pool: AsyncConnectionPool[Any]) -> None:
+    def __init__(self, bus: Bus, pool: AsyncConnectionPool[Any], metrics: Metrics) -> None:
         self.bus, self.pool = bus, pool
         self._outboxes: dict[str, Outbox] = {}
         self._ends: set[asyncio.Task[None]] = set()
+        self._dropped = metrics.counter(
+            "gateway_call_events_dropped",
+            "Call events given up unpublished when the gateway stopped (NATS away)")
 
     def of(self, call_id: str) -> Outbox:
         """The call's outbox (the same for every socket of the call while it has events)."""
@@ -59,6 +71,24 @@ class CallOutboxes:
         for call_id in [call_id for call_id, outbox in self._outboxes.items()
                         if not outbox.pending]:
             del self._outboxes[call_id]
+
+    async def drain(self, timeout_s: float = DRAIN_AT_SHUTDOWN_S) -> int:
+        """At shutdown: let pending events go out for up to ``timeout_s``; give up the rest.
+
+        At once if the bus is closed for good. Returns how many events were given up.
+        """
+        outboxes = list(self._outboxes.values())
+        dropped = sum(await asyncio.gather(*(outbox.drain(timeout_s) for outbox in outboxes)))
+        if self._ends:  # ends given up give their claim back
+            _, stuck = await asyncio.wait(set(self._ends), timeout=UNCLAIM_AT_SHUTDOWN_S)
+            for task in stuck:
+                task.cancel()
+        self.sweep()
+        if dropped:
+            self._dropped.inc(dropped)
+            log.error("stopping with %d call events not published (NATS unreachable for %g s)",
+                      dropped, timeout_s)
+        return dropped
 
     async def _end(self, event: CallEnded | CallFailed, published: asyncio.Task[bool]) -> None:
         """Once the end is published or given up: a lost end gives its claim back."""
