@@ -7,7 +7,9 @@ place_outbound`: call.requested, the carrier that owns the ``from`` number dials
 ``carrier_calls`` and call.dialing). A carrier that refuses publishes call.failed and answers
 422 (the request's fault) or 502 (anyone else's). A call the carrier placed is 201 even when
 recording it failed through the retries (:class:`parley.gateway.outbound.DialledNotRecorded`):
-a 500 would invite a retry that rings the callee twice.
+a 500 would invite a retry that rings the callee twice. When call.requested cannot be published
+(NATS down), the carrier was never asked (:class:`parley.gateway.outbound.NotDialled`): 503 with
+``Retry-After``, saying the call was not dialled and is safe to place again.
 
 Reading a call: the ``calls`` read model, scoped to the key's org — another org's call is a
 404, like a call that does not exist. The read model follows the bus a moment behind; until
@@ -28,7 +30,7 @@ from parley.common.problems import Problem, problem_response
 
 from ..calls import CarrierCall, find_by_call_id, new_call_id
 from ..keys import CALL_RATE_LIMITER, METRICS, POOL
-from ..outbound import DialledNotRecorded, place_outbound
+from ..outbound import DialledNotRecorded, NotDialled, place_outbound
 from .auth import authenticate
 from .dialing import CarrierUnavailable, DialError
 from .rate_limit import retry_after_header
@@ -46,6 +48,9 @@ from .schemas import (
 log = logging.getLogger(__name__)
 
 CALLS_PATH = "/v1/calls"
+# How long a client told the call was not dialled (NATS down) waits before placing it again:
+# a few of the bus client's reconnect attempts, about what a nats-server restart takes.
+NOT_DIALLED_RETRY_AFTER_S = 5
 _encoder = msgspec.json.Encoder()
 
 
@@ -88,6 +93,9 @@ async def place_call(request: web.Request) -> web.Response:
         # The carrier is dialling (logged with why it is not recorded): a 500 would invite a
         # retry that rings the callee twice. Its webhooks carry our ids, so they still resolve.
         pass
+    except NotDialled as exc:
+        log.warning("call %s: not dialled: %s", call_id, exc)
+        return _not_dialled(request)
     except CarrierUnavailable as exc:
         _count(request, "carrier_unavailable")
         raise Problem(503, "Service Unavailable", str(exc), kind="carrier-unavailable") from exc
@@ -121,6 +129,18 @@ async def _read_capped(request: web.Request) -> bytes:
             return bytes(data)
         data += chunk
     raise too_large
+
+
+def _not_dialled(request: web.Request) -> web.Response:
+    """503 for a call whose call.requested could not be published: the carrier was not asked."""
+    _count(request, "not_dialled")
+    retry_after = retry_after_header(NOT_DIALLED_RETRY_AFTER_S)
+    response = problem_response(
+        503, "Service Unavailable", "the event bus is unavailable, so the call was not dialled; it "
+        f"is safe to retry (in {retry_after} s)", kind="bus-unavailable",
+        extra={"retry_after_s": int(retry_after)})
+    response.headers["Retry-After"] = retry_after
+    return response
 
 
 def _rate_limited(request: web.Request, wait_s: float) -> web.Response:

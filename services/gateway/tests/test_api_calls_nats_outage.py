@@ -1,0 +1,42 @@
+"""POST /v1/calls while NATS is down: a 503 that says nothing was dialled, not a 500.
+
+These tests run their own nats-server (killed and started again) instead of the session's.
+"""
+
+from . import test_api_calls as api_calls
+from . import test_nats_outage as outage
+from . import test_plivo_support as support
+from .conftest import wait_for
+from .test_api_calls import body, place
+
+# the shared fixtures, made visible to pytest in this module (the bus on this test's server)
+nats_server_of_test = outage.nats_server_of_test
+bus = outage.bus
+make_plivo_gateway = support.make_plivo_gateway
+plivo_number = support.plivo_number
+twilio_api = api_calls.twilio_api
+api = api_calls.api
+keys = api_calls.keys
+
+
+async def test_a_call_placed_while_nats_is_down_is_a_503_safe_to_retry(
+        nats_server_of_test, bus, api, twilio_api, keys):
+    """call.requested could not be published, so the carrier was never asked: NotDialled went
+    unanswered and the client got a 500, which says nothing of whether the callee is ringing."""
+    server = await outage.cut_off(nats_server_of_test, bus)
+    try:
+        response = await place(api, keys["full"], body())
+    finally:
+        server.start()  # the retry, once NATS is back, places the call
+    assert response.status == 503, await response.text()
+    assert response.content_type == "application/problem+json"
+    problem = await response.json()
+    assert problem["type"].endswith("/bus-unavailable")
+    assert "not dialled" in problem["detail"] and "safe to retry" in problem["detail"]
+    assert int(response.headers["Retry-After"]) >= 1
+    assert not twilio_api.requests
+    assert api.gateway.metric("gateway_api_calls_placed_total", outcome="not_dialled") == 1
+    await wait_for(lambda: bus.nc.is_connected)
+    response = await place(api, keys["full"], body())
+    assert response.status == 201, await response.text()
+    assert len(twilio_api.requests) == 1
