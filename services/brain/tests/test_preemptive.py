@@ -465,3 +465,37 @@ async def test_no_clause_is_prepared_once_the_turn_has_ended() -> None:
     items = [item async for item in speculation.adopt()]
     assert isinstance(items[0], TextDelta) and isinstance(items[-1], Done)
     assert prepared == [] and speculation.prepared == ""
+
+
+async def test_a_follow_up_is_warmed_and_speculated_on_with_its_subjects_knowledge(
+        bus, pool, emulator, recorder) -> None:
+    # "How much is it?" after "Do you do teeth whitening?": its knowledge is searched with the
+    # previous turn's words too, already while the caller speaks, so the speculation made
+    # from the warmed context is the turn's own request and is adopted.
+    from parley.brain.knowledge import ingest
+
+    await ingest(pool, ORG, "reception", "whitening.md",
+                 b"Teeth whitening: a whitening session takes an hour and costs $300.")
+    worker, llm = await started_worker(bus, pool, emulator)
+    try:
+        await open_call(bus, "p-follow")
+        await recorder.wait("agent.say", "p-follow")
+        emulator.script(ScriptedReply(text="Yes, we do whitening."),
+                        ScriptedReply(text="It costs $300."))
+        await final(bus, "p-follow", "Do you do teeth whitening?")
+        await until(lambda: emulator.completed_streams == 1)
+        await user_says(bus, "p-follow", "t1", "Do you do teeth whitening?")
+        await recorder.wait("turn.completed", "p-follow")
+        await final(bus, "p-follow", "How much is it?")
+        await until(lambda: emulator.completed_streams == 2)
+        await user_says(bus, "p-follow", "t2", "How much is it?")
+        await recorder.wait("turn.completed", "p-follow", count=2)
+        assert worker.speculations.outcomes == {"adopted": 2}
+        assert len(emulator.requests) == 2
+        assert "$300" in str(emulator.requests[-1]["system"])
+        assert worker.warmup.hits == 2
+        retrieved = recorder.of("knowledge.retrieved", "p-follow")[-1]
+        assert retrieved.turn_id == "t2" and len(retrieved.chunk_ids) == 1
+    finally:
+        await worker.stop()
+        await llm.aclose()

@@ -31,7 +31,7 @@ def recording_warmup() -> tuple[Warmup, list[tuple[str, str]]]:
     """A warm-up whose preparations are recorded as (agent, text)."""
     prepared: list[tuple[str, str]] = []
 
-    async def prepare(org: str, call: str, agent: str, text: str) -> Context:
+    async def prepare(org: str, call: str, agent: str, text: str, previous: str) -> Context:
         prepared.append((agent, text))
         return Context()
 
@@ -51,7 +51,8 @@ async def test_context_warmed_without_the_agent_is_not_taken() -> None:
     warmup.on_event(TranscriptFinal(org_id=ORG, call_id="c1", text="And a whitening?"))
     warmup.on_event(TurnUserEnded(org_id=ORG, call_id="c1", turn_id="t2",
                                   text="And a whitening?"))
-    context = await warmup.take("c1", "And a whitening?", agent_id=AGENT)
+    context = await warmup.take("c1", "And a whitening?", agent_id=AGENT,
+                                previous="How much is a cleaning?")
     assert context is not None and context.warm
     assert prepared[-1] == (AGENT, "And a whitening?")
 
@@ -162,3 +163,27 @@ async def test_no_billed_speculation_on_an_answered_turns_late_words(
     finally:
         await worker.stop()
         await llm.aclose()
+
+
+async def test_a_turn_takes_only_what_was_warmed_knowing_its_previous_turns_words() -> None:
+    # A follow-up's knowledge is searched with the caller's previous turn's words too: what
+    # was warmed without them (an instance that did not see that turn end) is not the turn's.
+    warmup, _ = recording_warmup()
+    warmup.on_event(TranscriptFinal(org_id=ORG, call_id="c1", text="How much is it?",
+                                    utterance_id="t2"))
+    assert await warmup.take("c1", "How much is it?", agent_id="",
+                             previous="Do you do teeth whitening?") is None
+
+    warmup.learn_words("c1", "Do you do teeth whitening?")  # from the fold of t1's unit of work
+    warmup.on_event(TranscriptFinal(org_id=ORG, call_id="c1", text="How much is it?",
+                                    utterance_id="t2"))
+    context = await warmup.take("c1", "How much is it?", agent_id="",
+                                previous="Do you do teeth whitening?")
+    assert context is not None and context.warm
+    # Seen live, a turn's end gives the next turn its previous words.
+    warmup.on_event(TurnUserEnded(org_id=ORG, call_id="c1", turn_id="t2", text="How much is it?"))
+    warmup.learn_words("c1", "Do you do teeth whitening?")  # an older fold changes nothing
+    warmup.on_event(TranscriptFinal(org_id=ORG, call_id="c1", text="And how long?",
+                                    utterance_id="t3"))
+    context = await warmup.take("c1", "And how long?", agent_id="", previous="How much is it?")
+    assert context is not None and context.warm

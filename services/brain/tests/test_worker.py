@@ -483,3 +483,44 @@ async def test_the_turns_knowledge_stays_in_front_of_the_model_after_a_tool_resu
     finally:
         await worker.stop()
         await llm.aclose()
+
+
+async def test_a_follow_up_question_is_answered_from_what_its_subject_found(
+        bus, pool, emulator, recorder) -> None:
+    """"Do you do teeth whitening?" — "Yes…" — "How much is it?".
+
+    Before, the follow-up's knowledge was searched with its own words only: "how much is it"
+    finds nothing, the prompt said nothing relevant was found, and the model declined a price
+    it had been shown one turn earlier. Short words are now searched with the caller's
+    previous turn's, and knowledge.retrieved names that search and what went in.
+    """
+    await ingest(pool, ORG, AGENT, "whitening.md",
+                 b"Teeth whitening: a whitening session takes an hour and costs $300.")
+    await ingest(pool, ORG, AGENT, "hours.md", b"We open at eight, Monday to Friday.")
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(services(bus, pool, [llm]))
+    await worker.start()
+    try:
+        emulator.script(ScriptedReply(text="Yes, we do whitening."),
+                        ScriptedReply(text="It costs $300."))
+        await open_call(bus, "c-follow")
+        await user_says(bus, "c-follow", "t1", "Do you do teeth whitening?")
+        await recorder.wait("turn.completed", "c-follow")
+        await user_says(bus, "c-follow", "t2", "How much is it?")
+        await recorder.wait("turn.completed", "c-follow", count=2)
+        system = str(emulator.requests[-1]["system"])
+        assert "$300" in system and "nothing relevant" not in system
+        first, second = recorder.of("knowledge.retrieved", "c-follow")
+        assert second.chunk_ids == first.chunk_ids[:1] and len(second.chunk_ids) == 1
+        assert second.query == "Do you do teeth whitening? How much is it?"
+
+        # A question of its own is searched with its own words only.
+        emulator.script(ScriptedReply(text="We open at eight."))
+        await user_says(bus, "c-follow", "t3", "What time do you open on Monday?")
+        await recorder.wait("turn.completed", "c-follow", count=3)
+        third = recorder.of("knowledge.retrieved", "c-follow")[2]
+        assert third.query == "What time do you open on Monday?"
+        assert "$300" not in str(emulator.requests[-1]["system"])
+    finally:
+        await worker.stop()
+        await llm.aclose()

@@ -262,6 +262,9 @@ class Conversation:
     user_turns: set[str] = field(default_factory=set)  # the caller's turns ended so far
     # The caller's spoken turns' words (not keys): what their knowledge was retrieved for.
     words_of: dict[str, str] = field(default_factory=dict)
+    # Spoken turn → the words of the caller's spoken turn before it (the one it revises passed
+    # over): a follow-up's knowledge is searched with them too (see the worker).
+    previous_words: dict[str, str] = field(default_factory=dict)
     greeted: bool = False
     ended: bool = False
     events: int = 0
@@ -299,6 +302,9 @@ class Conversation:
                 self.latest_user_turn = event.turn_id
                 self.user_turns.add(event.turn_id)
                 if event.reason != "dtmf":
+                    self.previous_words[event.turn_id] = (
+                        self.previous_words.get(event.revises, "") if event.revises
+                        else self.words_of.get(self.latest_spoken_turn, ""))
                     self.latest_spoken_turn = event.turn_id
                     self.words_of[event.turn_id] = event.text
                 self.caller_moves += 1

@@ -44,6 +44,9 @@ matches what was warmed, for the call's agent (an instance that joined a call un
 the agent from its fold; until then it warms the org's knowledge only, which no turn takes).
 Once a turn has ended, its words are that turn's only: the next turn is warmed (and speculated
 on) from its own transcripts, never from the ended turn's or the recogniser's late words for it.
+A follow-up ("How much is it?" after "Do you do teeth whitening?") names nothing it asks
+about: a turn's words that are few, or that find nothing, are searched together with the
+caller's previous turn's (:meth:`BrainWorker._knowledge`), warmed or not.
 The caller's profile (their earlier calls) cannot change during a call: it is looked up once per
 call, as the call starts, and kept.
 
@@ -159,6 +162,9 @@ USAGE_PUBLISH_ATTEMPTS = 10
 # about a minute through a NATS outage, it must not outlast an orchestrator's kill grace (30 s).
 STOP_RECORDING_WAIT_S = 10.0
 PROFILE_CALLS = 10_000  # calls whose caller profile an instance keeps (least recent go)
+# A caller's turn of at most this many words (of three letters or more: "How much is it?") is a
+# follow-up: its knowledge is searched with the previous turn's words and its own together.
+FOLLOW_UP_WORDS = 3
 _ID_NAMESPACE = uuid.UUID("0b7f5c1e-2f4d-4b8a-9a53-1c9f2e7d4a60")
 
 
@@ -216,7 +222,11 @@ def stable_id(call_id: str, *parts: object) -> uuid.UUID:
 
 @dataclass
 class Knowledge:
-    """What was retrieved for a query."""
+    """What was retrieved for a query.
+
+    The query is the words searched: the turn's, or a follow-up's with the previous turn's in
+    front (see :meth:`BrainWorker._knowledge`).
+    """
 
     query: str
     chunks: list[Any]  # parley.brain.knowledge.Chunk
@@ -268,6 +278,7 @@ class _Warm:
     text: str
     agent_id: str  # whose knowledge was retrieved ("" not known: the org's only)
     task: asyncio.Task[Context]
+    previous: str = ""  # the words of the caller's turn before (a follow-up searches them too)
     ended: bool = False  # its turn has ended: that turn may take it, a speculation may not
 
 
@@ -282,17 +293,21 @@ class Warmup:
     are not the next turn's: neither the recogniser's late words for it (media tags them with
     the ended turn's ``utterance_id``) nor what was warmed for it, which only that turn takes.
     A turn of keys ends no spoken turn (one being said goes on), and takes nothing warmed.
+    Each warm-up knows the words of the call's latest spoken turn that ended (seen live, or
+    from the fold: :meth:`learn_words`), for a follow-up's retrieval; a turn takes it only if
+    its own previous turn's words are those.
     """
 
-    def __init__(self, prepare: Callable[[str, str, str, str], Awaitable[Context]], *,
+    def __init__(self, prepare: Callable[[str, str, str, str, str], Awaitable[Context]], *,
                  on_call: Callable[[str, str, str], object] = lambda org, call, number: None,
                  ) -> None:
-        self._prepare = prepare  # (org, call, agent, text) → context
+        self._prepare = prepare  # (org, call, agent, text, previous turn's words) → context
         self._on_call = on_call
         self._calls: dict[str, _Warm] = {}
         self._agents: dict[str, str] = {}  # call → agent, learned from call.stream_started
         self._finals: dict[str, list[str]] = {}  # call → the open turn's finals so far
         self._ended: dict[str, int] = {}  # call → the number of its latest ended turn (tN)
+        self._said: dict[str, str] = {}  # call → the words of its latest spoken turn that ended
         self.hits = 0
         self.misses = 0
 
@@ -302,6 +317,13 @@ class Warmup:
             self._agents[call_id] = agent_id
             if len(self._agents) > 10_000:
                 self._agents.pop(next(iter(self._agents)))
+
+    def learn_words(self, call_id: str, words: str) -> None:
+        """Note the call's latest spoken turn's words (from its fold) if none was seen live."""
+        if words and call_id not in self._said:
+            self._said[call_id] = words
+            if len(self._said) > 10_000:
+                self._said.pop(next(iter(self._said)))
 
     def on_event(self, event: Event) -> None:
         """Follow transcripts (and call starts, to know each call's agent and caller)."""
@@ -315,6 +337,7 @@ class Warmup:
         elif isinstance(event, TurnUserEnded) and not _keyed(event):
             # (not a turn of keys: the spoken turn being said goes on)
             self._finals.pop(event.call_id, None)
+            self._said[event.call_id] = event.text
             number = _turn_number(event.turn_id)
             if number is not None:
                 self._ended[event.call_id] = number
@@ -324,6 +347,7 @@ class Warmup:
         elif isinstance(event, CallEnded):
             self._finals.pop(event.call_id, None)
             self._ended.pop(event.call_id, None)
+            self._said.pop(event.call_id, None)
         elif isinstance(event, TranscriptPartial | TranscriptFinal) and event.text.strip():
             ended = self._ended.get(event.call_id)
             if ended is not None and event.utterance_id:
@@ -344,9 +368,11 @@ class Warmup:
             if current is not None and not current.task.done():
                 current.task.cancel()
             agent = self._agents.get(event.call_id, "")
-            task = asyncio.create_task(self._prepare(event.org_id, event.call_id, agent, text))
+            previous = self._said.get(event.call_id, "")
+            task = asyncio.create_task(
+                self._prepare(event.org_id, event.call_id, agent, text, previous))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
-            self._calls[event.call_id] = _Warm(text, agent, task)
+            self._calls[event.call_id] = _Warm(text, agent, task, previous)
             if len(self._calls) > 10_000:  # calls that ended: forget the oldest
                 self._calls.pop(next(iter(self._calls)))
         if len(self._agents) > 10_000:
@@ -355,6 +381,8 @@ class Warmup:
             self._finals.pop(next(iter(self._finals)))
         if len(self._ended) > 10_000:
             self._ended.pop(next(iter(self._ended)))
+        if len(self._said) > 10_000:
+            self._said.pop(next(iter(self._said)))
 
     def expected(self, call_id: str) -> tuple[str, str, asyncio.Task[Context]] | None:
         """The words the call's open turn would end with now, for which agent, and their context.
@@ -366,14 +394,19 @@ class Warmup:
             return None
         return warm.text, warm.agent_id, warm.task
 
-    async def take(self, call_id: str, final_text: str, *, agent_id: str) -> Context | None:
-        """The warmed context if it was prepared from (nearly) the final words, for the agent."""
+    async def take(self, call_id: str, final_text: str, *, agent_id: str,
+                   previous: str = "") -> Context | None:
+        """The warmed context if it was prepared from (nearly) the final words, for the agent.
+
+        Only if it knew the words of the caller's turn before (``previous``) as the turn does.
+        """
         warm = self._calls.pop(call_id, None)
         if warm is None:
             self.misses += 1
             return None
         final, partial = _content_words(final_text), _content_words(warm.text)
-        if warm.agent_id != agent_id or not final or len(final & partial) < 0.8 * len(final):
+        if warm.agent_id != agent_id or not final or len(final & partial) < 0.8 * len(final) or (
+                warm.previous != previous):
             warm.task.cancel()
             self.misses += 1
             return None
@@ -616,8 +649,11 @@ class BrainWorker:
                 await speculation.made(timeout_s=1.0)
         conversation = fold(call_id, await self._call_events(
             call_id, event.org_id, upto=msg.metadata.sequence.stream))
-        # A call that began before this instance followed it: its warm-ups learn the agent here.
+        # A call that began before this instance followed it: its warm-ups learn the agent (and
+        # the words a follow-up is searched with) here.
         self.warmup.learn_agent(call_id, conversation.agent_id)
+        self.warmup.learn_words(call_id, conversation.words_of.get(
+            conversation.latest_spoken_turn, ""))
         if conversation.ended:
             await self._complete_cancelled(conversation, event)  # (the caller hung up on it)
             self._history.pop(call_id, None)
@@ -978,17 +1014,18 @@ class BrainWorker:
         # A caller's words (not a continuation after a tool). Keys are nothing to retrieve
         # knowledge for ("1234#" finds only passages that happen to hold the digits) nor to
         # classify; the model can still look knowledge up with its tool.
+        previous = conversation.previous_words.get(turn_id, "")
         if final_text and not _keyed(cause):
             context = await self.warmup.take(
-                call_id, final_text, agent_id=conversation.agent_id) or await self._prepare_context(
-                org_id, call_id, conversation.agent_id, final_text)
+                call_id, final_text, agent_id=conversation.agent_id, previous=previous,
+            ) or await self._prepare_context(
+                org_id, call_id, conversation.agent_id, final_text, previous)
         elif not final_text and (words := conversation.words_of.get(turn_id, "")).strip():
             # A round after a tool's outcome answers the same words: their knowledge is still
-            # what the model may answer from (retrieved again; published once, with the turn).
-            retrieved = time.perf_counter()
-            chunks = await self.s.retrieve(org_id, conversation.agent_id, words)
-            context = Context(knowledge=Knowledge(
-                words, chunks, (time.perf_counter() - retrieved) * 1000))
+            # what the model may answer from (retrieved again, by the same rule; published
+            # once, with the turn).
+            context = Context(knowledge=await self._knowledge(
+                org_id, conversation.agent_id, words, previous))
         context.profile = await self._profile_text(call_id, profile)
         self.s.on_turn("prepare_warm" if context.warm else "prepare_cold",
                        (time.perf_counter() - started) * 1000)
@@ -1229,14 +1266,30 @@ class BrainWorker:
     # ------------------------------------------------------------------ context
 
     async def _prepare_context(self, org_id: str, call_id: str, agent_id: str,
-                               text: str) -> Context:
-        """Retrieval and intent for what the caller said."""
-        started = time.perf_counter()
-        retrieval = asyncio.create_task(self.s.retrieve(org_id, agent_id, text))
+                               text: str, previous: str) -> Context:
+        """Retrieval and intent for what the caller said (``previous``: their turn before)."""
+        retrieval = asyncio.create_task(self._knowledge(org_id, agent_id, text, previous))
         intent = classify_intent(text)
-        chunks = await retrieval
-        knowledge = Knowledge(text, chunks, (time.perf_counter() - started) * 1000)
-        return Context(knowledge=knowledge, intent=intent)
+        return Context(knowledge=await retrieval, intent=intent)
+
+    async def _knowledge(self, org_id: str, agent_id: str, words: str,
+                         previous: str) -> Knowledge:
+        """What the caller's words find, a follow-up's searched with their previous turn's.
+
+        A follow-up ("How much is it?" after "Do you do teeth whitening?") names nothing it asks
+        about: words that are few (:data:`FOLLOW_UP_WORDS`), or that find nothing, are searched
+        together with the previous turn's, whose subject they most likely go on with. At most
+        two searches a turn; the query recorded is the one whose passages the prompt gets.
+        """
+        started = time.perf_counter()
+        together = f"{previous.strip()} {words.strip()}"
+        if previous.strip() and len(_content_words(words)) <= FOLLOW_UP_WORDS:
+            query, chunks = together, await self.s.retrieve(org_id, agent_id, together)
+        else:
+            query, chunks = words, await self.s.retrieve(org_id, agent_id, words)
+            if not chunks and previous.strip():
+                query, chunks = together, await self.s.retrieve(org_id, agent_id, together)
+        return Knowledge(query, chunks, (time.perf_counter() - started) * 1000)
 
     def _caller_profile(self, org_id: str, call_id: str, number: str) -> asyncio.Task[str] | None:
         """The lookup of the caller's earlier calls, started on first need and kept per call."""
