@@ -516,3 +516,24 @@ async def test_close_while_nats_is_down_closes_without_draining(tmp_path) -> Non
     await wait_for(lambda: bus.nc.is_reconnecting)
     await bus.close()
     assert bus.nc.is_closed
+
+
+async def test_close_while_nats_is_down_with_publishes_buffered_closes_all_the_same(
+        tmp_path) -> None:
+    """A service stopped during a NATS outage after publishing meanwhile (a gateway's caller
+    audio, an outbox's retries): nats-py flushes what it buffered into the lost connection, and
+    the close raised ConnectionResetError: the stop ended in a traceback and exit status 1."""
+    server = NatsServer(tmp_path).start()
+    bus = await Bus.connect(server.url, name="svc")
+
+    async def ignore(msg) -> None:
+        pass
+
+    sub = await bus.nc.subscribe("parley.test.>", cb=ignore)
+    server.stop()
+    await wait_for(lambda: bus.nc.is_reconnecting)
+    await bus.nc.publish("parley.test.buffered", b"x" * 1024)  # buffered until reconnected
+    await bus.close()
+    assert bus.nc.is_closed
+    await asyncio.sleep(0)
+    assert sub._wait_for_msgs_task is not None and sub._wait_for_msgs_task.done()

@@ -170,15 +170,6 @@ async def _reported_then_cut_off(nats_server_of_test, bus, gateway, events):
     return stream, call_sid, call_id, server
 
 
-async def close_for_good(bus) -> None:
-    """``Bus.close``, which raises ConnectionResetError when closed cut off from the server with
-    publishes still buffered (nats-py flushes them into the lost transport); closed all the
-    same."""
-    with contextlib.suppress(ConnectionResetError):
-        await bus.close()
-    assert bus.nc.is_closed
-
-
 async def _ended_last(bus, call_id: str) -> list[str]:
     types = [event.type for event in await bus.replay_call(call_id)]
     assert "agent.speech.progress" in types and types[-1] == "call.ended", types
@@ -228,7 +219,7 @@ async def test_a_stop_during_a_short_outage_gives_pending_events_time_to_go_out(
 
     async def stop_as_serve_does() -> None:
         await gateway.client.close()  # the app's shutdown and cleanup
-        await close_for_good(bus)
+        await bus.close()
 
     stopping = asyncio.create_task(stop_as_serve_does())
     await asyncio.sleep(1.0)  # the blip ends while the gateway stops
@@ -251,7 +242,7 @@ async def test_a_stop_with_the_bus_closed_for_good_drops_pending_events_at_once_
         nats_server_of_test, bus, gateway, events)
     await stream.stop(call_sid)  # the caller hangs up: call.ended waits behind the mark echo
     assert await stream.closed() == (1000, "stream stopped")
-    await close_for_good(bus)
+    await bus.close()
     loop = asyncio.get_running_loop()
     started = loop.time()
     await asyncio.wait_for(gateway.client.close(), 30)

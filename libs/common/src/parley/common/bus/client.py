@@ -86,7 +86,14 @@ class Bus:
         if not self._owns or self.nc.is_closed:
             return
         if self.nc.is_connecting or self.nc.is_reconnecting:
-            log.warning("nats unreachable while closing; closed without draining")
+            # What was published meanwhile, buffered for the server, is dropped: closing
+            # flushed it into the lost connection, raised ConnectionResetError and skipped the
+            # rest of the close (subscriptions, transport). nats-py has no call for it.
+            buffered = self.nc._pending_data_size
+            self.nc._pending.clear()
+            self.nc._pending_data_size = 0
+            log.warning("nats unreachable while closing; closed without draining%s",
+                        f" ({buffered} bytes published meanwhile not sent)" if buffered else "")
             await self.nc.close()
             return
         try:
