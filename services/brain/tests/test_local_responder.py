@@ -327,3 +327,42 @@ def test_answer_from_chunks_is_verbatim() -> None:
     answer = answer_from_chunks("how much does whitening cost", [PRICES])
     assert answer == "Whitening costs $250 and takes about an hour."
     assert answer_from_chunks("hello", [PRICES]) is None
+
+
+@pytest.mark.parametrize("body", ["Sorry, no slots Friday", "Sorry, no slots Friday.",
+                                  '"Sorry, no slots Friday"'])
+async def test_a_plain_text_result_is_read_out_not_claimed_done(body: str) -> None:
+    # An endpoint that answers in plain text was read out as "All set. Sorry, no slots
+    # Friday.": the responder cannot tell a refusal from a confirmation in free text.
+    use = ToolUse(id="local_1", name="book_appointment", arguments={"day": "Friday"})
+    text, calls, _, _ = await run(LocalResponder(), say("Book Friday at 10"), use,
+                                  ToolResult(tool_use_id="local_1", content=body))
+    assert text == "Here's what I found: Sorry, no slots Friday." and not calls
+
+
+DEMO_PRICES = Passage("c4", "A teeth cleaning costs $95. A check-up with X-rays costs $140. "
+                            "A whitening session costs $250. A filling starts at $180.", 0.5)
+
+
+@pytest.mark.parametrize("question", ["How much does a root canal cost?",
+                                      "What's the price of a crown?",
+                                      "How expensive are braces?"])
+async def test_a_passage_about_another_subject_does_not_answer(question: str) -> None:
+    # "How much does a root canal cost?" shares only "cost" with the price list: it was
+    # answered "A cleaning costs $95. Whitening costs $250." — a price for another question.
+    for chunks in [(PRICES,), (DEMO_PRICES,)]:
+        text, calls, _, _ = await run(LocalResponder(retrieve=retriever(*chunks)),
+                                      say(question))
+        assert "check" in text and "follow up" in text, text
+        assert not re.search(r"\d", text) and not calls
+
+
+@pytest.mark.parametrize(("question", "answer"), [
+    ("how much is a teeth cleaning?", "A teeth cleaning costs $95."),
+    ("How much does whitening cost?", "A whitening session costs $250."),
+    ("What does a filling cost?", "A filling starts at $180."),
+])
+async def test_a_price_is_answered_from_the_sentence_about_its_subject(
+        question: str, answer: str) -> None:
+    text, _, _, _ = await run(LocalResponder(retrieve=retriever(DEMO_PRICES)), say(question))
+    assert text == answer

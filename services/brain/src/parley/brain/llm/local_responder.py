@@ -16,16 +16,19 @@ answers:
   appointment`` → ``book_appointment``) → that tool, with arguments extracted best effort
   (:func:`extract_arguments`); when required ones are missing it asks for them once;
 - a question (or anything else with content words) → knowledge retrieval: the one or two
-  sentences of the retrieved chunks that share the most words with the question. When no chunk
-  scores ``min_score`` or no sentence shares a content word, it says it will check and follow up:
-  it never makes up a fact.
+  sentences of the retrieved chunks that share the most words with the question, and its
+  subject if it names one (a sentence sharing only "cost" with "How much does a root canal
+  cost?" is about another subject). When no chunk scores ``min_score`` or no sentence shares a
+  content word (and the subject), it says it will check and follow up: it never makes up or
+  misattributes a fact.
 
 When the conversation ends with a tool result, it phrases a reply from that result (a failed
 ``transfer_call``: it cannot transfer now, someone will follow up — it never calls a tool in
 reply to a tool result, so a refused transfer is not tried again in a loop). A result whose
 body says it failed (``ok`` or ``success`` false, an ``error``, a failed ``status``) is a
 failure, never "All set"; so is not one that answers no (a field ``false``:
-``{"available": false}``), which is read out as what was found. Text comes
+``{"available": false}``), which is read out as what was found, as is a plain-text result
+(free text: "Sorry, no slots Friday" cannot be told from a confirmation). Text comes
 out a few words per :class:`TextDelta` (so clause streaming downstream is exercised), then a
 :class:`Done` with zero usage and the chosen ``intent``.
 
@@ -95,6 +98,13 @@ Retrieve = Callable[[str], Awaitable[Sequence[RetrievedChunk]]]
 DECLINE = "I'm not sure about that, so let me check and follow up with you."
 _ASK_DETAILS = "Sure, I can help with that. Could you tell me"
 _PRICE = re.compile(r"\b(how much|cost|costs|price|prices|fee|fees|charge|expensive|cheap)\b")
+# Words that ask something of a subject (its price, hours, how long it takes), not name it: a
+# sentence sharing only these with the question is about another subject ("A cleaning costs
+# $95." shares "cost" with "How much does a root canal cost?").
+_ASPECT_WORDS = content_words(
+    "cost costs price prices fee fees charge charges charged pay paying paid expensive cheap "
+    "cheaper hour hours open opening opened close closes closed closing time times long take "
+    "takes") | {"$", "closed"}
 
 
 def answer_from_chunks(question: str, chunks: Sequence[RetrievedChunk], *,
@@ -103,11 +113,16 @@ def answer_from_chunks(question: str, chunks: Sequence[RetrievedChunk], *,
 
     Sentences are ranked by the question's content words (with a few synonyms) they share, plus
     a bonus when a price question meets a sentence with a number; a sentence sharing no word
-    never answers. A second sentence is added only if it is nearly as relevant as the first.
+    never answers. A question that names a subject (words besides what it asks of it: "root
+    canal" in "How much does a root canal cost?") is answered only by a sentence that names it
+    too: one sharing only "cost" is about something else. A question naming none ("What are
+    your hours?") is answered as before. A second sentence is added only if it is nearly as
+    relevant as the first.
     """
     asked = content_words(question, expand=True)
     if not asked:
         return None
+    subject = asked - _ASPECT_WORDS
     wants_price = bool(_PRICE.search(question.lower()))
     ranked: list[tuple[float, int, str]] = []
     order = 0
@@ -116,8 +131,9 @@ def answer_from_chunks(question: str, chunks: Sequence[RetrievedChunk], *,
             continue
         for sentence in split_sentences(" ".join(chunk.text.split())):
             order += 1
-            shared = len(asked & content_words(sentence))
-            if not shared:
+            words = content_words(sentence)
+            shared = len(asked & words)
+            if not shared or (subject and not subject & words):
                 continue
             bonus = 0.5 if wants_price and re.search(r"[$\d]", sentence) else 0.0
             ranked.append((shared + bonus + chunk.score / 10, order, sentence))
@@ -322,7 +338,10 @@ def _phrase_tool_result(messages: Sequence[Any]) -> str:
                  if isinstance(v, str | int | float) and not isinstance(v, bool)][:3]
         return f"All set: {', '.join(facts)}." if facts else "All set."
     if isinstance(content, str) and content.strip():
-        return "All set. " + " ".join(split_sentences(" ".join(content.split()))[:2])
+        # Free text says nothing the responder can tell success by ("Sorry, no slots Friday"):
+        # read out as what came back, never as done.
+        return "Here's what I found: " + " ".join(
+            _sentence(s) for s in split_sentences(" ".join(content.split()))[:2])
     return "All set."
 
 
