@@ -25,6 +25,7 @@ from parley.common.bus import Bus
 from parley.common.configuration import ApiKey, verify_api_key
 from parley.common.events import ToolApproved, ToolDenied
 from parley.common.problems import Problem, problem_middleware
+from parley.common.request_bodies import decode_json, read_body
 
 from . import journal
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 API_KEY_HEADER = "X-API-Key"
 APPROVE_SCOPE = "tools:approve"
 PATH = "/v1/tool-calls/{tool_call_id}"
+MAX_BODY_BYTES = 64 * 1024
 
 POOL: web.AppKey[AsyncConnectionPool[Any]] = web.AppKey("parley_tools_pool")
 BUS = web.AppKey("parley_tools_bus", Bus)
@@ -44,9 +46,12 @@ class DecisionBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     reason: str = ""
 
 
+_decision_decoder = msgspec.json.Decoder(DecisionBody)
+
+
 def create_app(*, pool: AsyncConnectionPool[Any], bus: Bus) -> web.Application:
     """The approval API over the tools service's pool and bus (owned by the caller)."""
-    app = web.Application(middlewares=[problem_middleware], client_max_size=64 * 1024)
+    app = web.Application(middlewares=[problem_middleware], client_max_size=MAX_BODY_BYTES)
     app[POOL] = pool
     app[BUS] = bus
     app.router.add_post(PATH + "/approve", approve)
@@ -120,10 +125,14 @@ async def authenticate(request: web.Request) -> ApiKey:
 
 
 async def _body(request: web.Request) -> DecisionBody:
-    raw = await request.read()
+    """The decision's body (none: no reason); a 400 problem if it is not one, 413 over 64 KiB.
+
+    Read as JSON whatever its Content-Type (``curl -d`` sends a form's).
+    """
+    raw = await read_body(request, MAX_BODY_BYTES)
     if not raw.strip():
         return DecisionBody()
     try:
-        return msgspec.json.decode(raw, type=DecisionBody)
-    except msgspec.DecodeError as exc:
+        return decode_json(raw, _decision_decoder, kind="invalid-body")
+    except msgspec.ValidationError as exc:
         raise Problem(400, "Bad Request", f"invalid body: {exc}", kind="invalid-body") from exc
