@@ -149,3 +149,37 @@ async def test_what_was_heard_does_not_count_the_wait_between_two_clauses_as_pla
     finally:
         await call.close()
         await sub.unsubscribe()
+
+
+async def test_speech_over_an_answer_queued_behind_the_one_playing_cuts_both(bus) -> None:
+    # "Press one for sales, two for support, ..." — the caller pressed 1 early, and the answer
+    # to the keys ("Connecting you to sales.") went out behind the menu still playing. Then the
+    # caller spoke over the menu. Barge-in looked only at the newest turn: it paused and
+    # interrupted the answer (nothing of it heard), the gateway's clear flushed the menu's
+    # rest with it, and the menu was never said to be cut off: its flushed marks echoed back
+    # and it was reported heard to its end (agent.speech.finished).
+    call = Call(bus, "call-barge-in-5", QUIET_CALLER)
+    sub = await gateway(call, [])
+    try:
+        await call.agent_says("t1", "Press one for sales.", "Two for support.", "Three for",
+                              "billing.", "Four for anything else.")
+        menu = call.session._turns["t1"]
+        await wait_for(lambda: menu.spoken)
+        await echo(call, "t1", mark_seq(0, 1))  # the menu has begun to play
+        await call.agent_says("k1", "Connecting you to sales.")
+        answer = call.session._turns["k1"]
+        await wait_for(lambda: answer.spoken)
+        await call.speech(0.6)  # the caller speaks over the menu
+        await call.session._on_stt(Final("Wait, I meant support."))
+        await echo(call, "t1", mark_seq(0, len(menu.audio.frames)))  # flushed by the clear
+        await call.session._outbox.drain(2)
+        events = await bus.replay_call(call.call_id, org_id=ORG)
+        assert sorted(e.turn_id for e in events if isinstance(e, AgentSpeechInterrupted)) == [
+            "k1", "t1"]
+        assert [e.turn_id for e in events if isinstance(e, AgentSpeechFinished)] == []
+        [heard] = [e for e in events if isinstance(e, AgentSpeechInterrupted)
+                   and e.turn_id == "k1"]
+        assert heard.played_text == "" and heard.cut_ms == 0
+    finally:
+        await call.close()
+        await sub.unsubscribe()

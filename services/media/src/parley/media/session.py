@@ -1023,10 +1023,10 @@ class CallSession:
                 return  # a repeat: the same key pressed once
             self._presses.add(event.id)
             self._idle.reset()
-            current = self._current
-            if current is not None and self.barge_in.on_dtmf(
-                    agent_playing=self._agent_audible()) is not None:
-                await self._interrupt(current, time.monotonic())
+            now = time.monotonic()
+            on_air = self._on_air(now)
+            if on_air and self.barge_in.on_dtmf(agent_playing=self._agent_audible()) is not None:
+                await self._act(on_air, Interrupt(), now)
             await self._end_turn_of_keys(self._press(event.digit, event.at.timestamp()))
         elif isinstance(event, TurnCompleted):
             self._idle_state.answered(event.turn_id, completed=True)
@@ -1161,13 +1161,15 @@ class CallSession:
             if turn.interrupted:
                 turn.spoken = True
                 continue
-            previous, self._current = self._current, turn
-            if previous is not None and previous.audio.cut_frames is not None and (
-                    not previous.interrupted):
+            self._current = turn
+            paused = [other for other in self._turns.values() if other is not turn and (
+                other.audio.cut_frames is not None and not other.interrupted)]
+            if paused:
                 # Paused by the caller and not resumed before the brain's next turn (an answer
-                # to words too few to interrupt, or to keys): it ends at its cut, as heard.
+                # to words too few to interrupt, or to keys): they end at their cuts, as heard.
                 self.barge_in.pause_over()
-                await self._interrupt(previous, time.monotonic())
+                for previous in sorted(paused, key=lambda other: other.first_say_at):
+                    await self._interrupt(previous, time.monotonic())
             try:
                 if turn.prepared is not None:  # synthesised by its own task, held until now
                     await self._release_prepared(turn)
@@ -1496,10 +1498,36 @@ class CallSession:
         return round((turn.tts_answered_at - asked) * 1000, 1)
 
     def _agent_audible(self) -> bool:
-        turn = self._current
-        if turn is None or turn.interrupted:
-            return False
-        return turn.audio.playing(time.monotonic()) or self.barge_in.paused_at is not None
+        now = time.monotonic()
+        on_air = self._on_air(now)
+        return bool(on_air) and (self.barge_in.paused_at is not None or any(
+            turn.audio.playing(now) for turn in on_air))
+
+    def _on_air(self, now: float) -> list[_AgentTurn]:
+        """The agent turns the caller may be hearing, in the order spoken; barge-in acts on all.
+
+        The current turn, and those before it from the first still playing or paused by the
+        caller. A turn all of whose audio is sent is followed on the carrier by the next at
+        once: the caller hears the one while the next is voiced. Looking at the newest alone,
+        speech over the one playing paused and interrupted only the next (nothing of it
+        heard), the gateway's clear flushed both, and the one cut off, its flushed marks
+        echoed, was reported heard to its end.
+        """
+        current = self._current
+        if current is None:
+            return []
+        turns = self._turns.values()
+        if len(turns) > 1:
+            turns = sorted(turns, key=lambda turn: turn.first_say_at)
+        on_air: list[_AgentTurn] = []
+        for turn in turns:
+            if not (turn.interrupted or turn.held or turn.discarded) and (
+                    on_air or turn is current or turn.audio.cut_frames is not None
+                    or turn.audio.playing(now)):
+                on_air.append(turn)
+            if turn is current:
+                break
+        return on_air
 
     def _agent_mid_turn(self) -> bool:
         """Whether the agent is speaking, or silent within a turn it has begun and not said all of.
@@ -1557,53 +1585,62 @@ class CallSession:
     # ------------------------------------------------------------------ barge-in
 
     async def _barge_in_on_frame(self, now: float) -> None:
-        turn = self._current
-        if turn is None or turn.interrupted:
+        on_air = self._on_air(now)
+        if not on_air:
             return
         if self._speech_start_ms is not None:
             action = self.barge_in.on_speech(
                 self.audio_ms - self._speech_start_ms,
                 self.detector.backchannels.content_words(self.detector.text),
-                agent_playing=turn.audio.playing(now), now=now)
-            await self._act(turn, action, now)
+                agent_playing=any(turn.audio.playing(now) for turn in on_air), now=now)
+            await self._act(on_air, action, now)
         if self.barge_in.paused_at is None:
             return  # nothing to resume: skip matching the caller's words, on every frame
         resume = self.barge_in.tick(
             now, only_backchannel=self.detector.backchannels.only_backchannel(
                 self.detector.text), caller_speaking=self._speech_start_ms is not None)
-        await self._act(turn, resume, now)
+        await self._act(on_air, resume, now)
 
     async def _barge_in_on_words(self) -> None:
-        turn = self._current
-        if turn is None or turn.interrupted:
-            return
         now = time.monotonic()
+        on_air = self._on_air(now)
+        if not on_air:
+            return
+        playing = any(turn.audio.playing(now) for turn in on_air)
         if self._speech_start_ms is None and self.barge_in.paused_at is None:
             if self.detector.in_turn:  # words for speech already over: a slow recogniser
-                await self._act(turn, self.barge_in.on_words_after_speech(
+                await self._act(on_air, self.barge_in.on_words_after_speech(
                     self.detector.backchannels.content_words(self.detector.text),
-                    agent_playing=turn.audio.playing(now)), now)
+                    agent_playing=playing), now)
             return
         action = self.barge_in.on_speech(
             self.audio_ms - (self._speech_start_ms or self.audio_ms),
             self.detector.backchannels.content_words(self.detector.text),
-            agent_playing=turn.audio.playing(now), now=now)
-        await self._act(turn, action, now)
+            agent_playing=playing, now=now)
+        await self._act(on_air, action, now)
 
-    async def _act(self, turn: _AgentTurn, action: Pause | Interrupt | Resume | None,
+    async def _act(self, on_air: list[_AgentTurn], action: Pause | Interrupt | Resume | None,
                    now: float) -> None:
+        """Pause, interrupt or resume the turns on the air (see :meth:`_on_air`), in order."""
         if isinstance(action, Pause):
-            turn.audio.cut(now)
-            await self._command("clear", {})
+            for turn in on_air:
+                turn.audio.cut(now)
+            await self._command("clear", {})  # (one clear flushes all of them)
         elif isinstance(action, Interrupt):
-            await self._interrupt(turn, now)
+            if any(turn.audio.cut_frames is None and turn.audio.sent for turn in on_air):
+                for turn in on_air:
+                    turn.audio.cut(now)
+                await self._command("clear", {})
+            for turn in on_air:
+                await self._interrupt(turn, now)
         elif isinstance(action, Resume):
-            if turn.audio.cut_frames is not None and not turn.interrupted:
-                turn.audio.resume()
-                await self._send_out(turn)
-                # Cut at its very end (the last echo on its way), nothing is sent again: the
-                # mark after it goes alone, else the turn played for ever.
-                await self._mark_end(turn)
+            for turn in on_air:
+                if turn.audio.cut_frames is not None and not turn.interrupted:
+                    turn.audio.resume()
+                    await self._send_out(turn)
+                    # Cut at its very end (the last echo on its way), nothing is sent again:
+                    # the mark after it goes alone, else the turn played for ever.
+                    await self._mark_end(turn)
 
     async def _interrupt(self, turn: _AgentTurn, now: float) -> None:
         if turn.interrupted:
