@@ -60,8 +60,12 @@ class CallOutboxes:
 
     def end(self, event: CallEnded | CallFailed, *extra: Event) -> None:
         """Publish ``extra`` then ``event`` after the call's pending events (its end claimed)."""
-        # queued now, not by the task: a shutdown's drain must find it
-        published = self.of(event.call_id).put_after_pending(*extra, event)
+        # queued now, not by the task: a shutdown's drain must find it. The end on its own
+        # (after the extra events all the same): whether it was stored decides its claim.
+        outbox = self.of(event.call_id)
+        if extra:
+            outbox.put_after_pending(*extra)
+        published = outbox.put_after_pending(event)
         task = asyncio.create_task(self._end(event, published), name=f"end:{event.call_id}")
         self._ends.add(task)
         task.add_done_callback(self._ends.discard)
@@ -86,8 +90,8 @@ class CallOutboxes:
         self.sweep()
         if dropped:
             self._dropped.inc(dropped)
-            log.error("stopping with %d call events not published (NATS unreachable for %g s)",
-                      dropped, timeout_s)
+            log.error("stopping with %d call events not published (NATS unreachable; "
+                      "waited up to %g s)", dropped, timeout_s)
         return dropped
 
     async def _end(self, event: CallEnded | CallFailed, published: asyncio.Task[bool]) -> None:
