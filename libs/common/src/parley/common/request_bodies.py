@@ -2,7 +2,7 @@
 
 Shared by the gateway's public API, the tools service's approval API and the brain's knowledge
 API, so that none of them answers 500 to a body it cannot read. A body is read only up to one
-byte past its cap, whether or not it came with a Content-Length (a chunked one has none, and
+chunk past its cap, whether or not it came with a Content-Length (a chunked one has none, and
 ``client_max_size`` does not cover a body read as a stream). JSON that is not JSON is a 400:
 msgspec raises its DecodeError for bad syntax but UnicodeDecodeError for a string or key that
 is not UTF-8, so both are caught.
@@ -20,6 +20,8 @@ from .problems import Problem
 
 T = TypeVar("T")
 
+READ_CHUNK = 64 * 1024
+
 
 def too_large(limit: int, detail: str = "") -> Problem:
     """The 413 problem for a body over ``limit`` bytes."""
@@ -30,15 +32,15 @@ async def read_capped(read: Callable[[int], Awaitable[bytes]], limit: int,
                       refusal: Problem | None = None) -> bytes:
     """What ``read(size)`` gives until it gives nothing; ``refusal`` (a 413) past ``limit``.
 
-    Never more than ``limit + 1`` bytes are read: the answer comes before the rest is sent.
+    Read in chunks of :data:`READ_CHUNK` (aiohttp's multipart reader refuses a size shorter
+    than its boundary), so at most one chunk past ``limit`` is read before the answer.
     """
     data = bytearray()
-    while len(data) <= limit:
-        chunk = await read(limit + 1 - len(data))
-        if not chunk:
-            return bytes(data)
+    while chunk := await read(READ_CHUNK):
         data += chunk
-    raise refusal or too_large(limit)
+        if len(data) > limit:
+            raise refusal or too_large(limit)
+    return bytes(data)
 
 
 async def read_body(request: web.Request, limit: int, refusal: Problem | None = None) -> bytes:

@@ -12,7 +12,9 @@ Every request carries an org API key in ``X-API-Key`` holding the endpoint's sco
 another org is a 404 like an unknown one. Errors are RFC 9457 problem documents: 400 for a file
 that gives no text (unsupported type, corrupt, empty) or a bad parameter, 401 for a missing or
 invalid key, 403 for a key without the scope, 404 for an unknown agent, 413 past
-``max_upload_bytes``.
+``max_upload_bytes`` (however the body is sent: the file is read only up to a chunk past it,
+and a multipart body's other parts only up to ``_MULTIPART_SLACK``), 400 for a multipart body
+that cannot be read (no boundary, none found, a file name that is not UTF-8).
 Ingesting writes ``knowledge.ingested`` to the configuration outbox in the same transaction;
 the gateway's outbox relay publishes it.
 """
@@ -28,6 +30,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from parley.common.configuration import ApiKey, get_agent, verify_api_key
 from parley.common.problems import Problem, problem_middleware
+from parley.common.request_bodies import read_capped
 
 from .knowledge import ExtractionError, KnowledgeError, ingest, list_documents, retrieve
 from .knowledge.extract import content_type
@@ -39,8 +42,8 @@ READ_SCOPE, WRITE_SCOPE = "knowledge:read", "knowledge:write"
 PATH = "/v1/agents/{agent_id}/knowledge"
 MAX_SEARCH_K = 20
 MAX_SOURCE_CHARS = 255  # as a file name
-_READ_CHUNK = 64 * 1024
-_MULTIPART_SLACK = 64 * 1024  # boundaries and part headers around the file
+_MULTIPART_SLACK = 64 * 1024  # boundaries, part headers and other fields around the file
+_MAX_OTHER_PARTS = 16  # form fields sent before the file
 
 POOL: web.AppKey[AsyncConnectionPool[Any]] = web.AppKey("parley_brain_pool")
 MAX_UPLOAD: web.AppKey[int] = web.AppKey("parley_brain_max_upload", int)
@@ -127,38 +130,55 @@ async def _document(request: web.Request) -> tuple[str, bytes]:
         raise _too_large(limit)
     source = request.query.get("source", "").strip()
     if request.content_type.startswith("multipart/"):
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            if isinstance(part, BodyPartReader) and part.filename:
-                source = source or part.filename
-                _check_type(source)
-                return source, await _read(part.read_chunk, limit)
-            await part.release()
-        raise Problem(400, "Bad Request", "the multipart body has no file part",
-                      kind="missing-file")
+        try:
+            return await _file_part(request, source, limit)
+        except ValueError as exc:  # aiohttp's reader: no boundary, none found, a bad header
+            raise Problem(400, "Bad Request", f"the multipart body cannot be read: {exc}",
+                          kind="malformed-multipart") from None
     if not source:
         raise Problem(400, "Bad Request", "name the document with ?source=name.pdf "
                       "(its extension gives the format), or upload it as multipart form data",
                       kind="missing-source")
     _check_type(source)
-    return source, await _read(lambda size: request.content.read(size), limit)
+    return source, _not_empty(await read_capped(request.content.read, limit, _too_large(limit)))
 
 
-async def _read(read: Any, limit: int) -> bytes:
-    data = bytearray()
-    while chunk := await read(_READ_CHUNK):
-        data += chunk
-        if len(data) > limit:
-            raise _too_large(limit)
+async def _file_part(request: web.Request, source: str, limit: int) -> tuple[str, bytes]:
+    """The first file of a multipart body; what comes before it is read up to the slack."""
+    reader = await request.multipart()
+    slack = _MULTIPART_SLACK
+    for _ in range(_MAX_OTHER_PARTS + 1):
+        part = await reader.next()
+        if part is None:
+            break
+        if not isinstance(part, BodyPartReader):
+            raise Problem(400, "Bad Request", "a part of the multipart body is itself "
+                          "multipart; send the file as a part of its own", kind="missing-file")
+        if part.filename:
+            source = source or part.filename
+            _check_type(source)
+            return source, _not_empty(await read_capped(part.read_chunk, limit,
+                                                        _too_large(limit)))
+        slack -= len(await read_capped(part.read_chunk, slack, _too_large(limit)))
+    else:
+        raise Problem(400, "Bad Request", f"the file is not among the multipart body's first "
+                      f"{_MAX_OTHER_PARTS + 1} parts", kind="missing-file")
+    raise Problem(400, "Bad Request", "the multipart body has no file part",
+                  kind="missing-file")
+
+
+def _not_empty(data: bytes) -> bytes:
     if not data:
         raise Problem(400, "Bad Request", "the document is empty", kind="unreadable-document")
-    return bytes(data)
+    return data
 
 
 def _check_type(source: str) -> None:
     if "\x00" in source:  # Postgres text cannot hold it
         raise Problem(400, "Bad Request", "the document's name contains a NUL character",
                       kind="bad-source")
+    if not _utf8(source):  # a multipart file name's raw bytes, read as surrogates
+        raise Problem(400, "Bad Request", "the document's name is not UTF-8", kind="bad-source")
     if len(source) > MAX_SOURCE_CHARS:  # names are indexed: a btree row holds ~2.7 kB
         raise Problem(400, "Bad Request", f"the document's name is longer than "
                       f"{MAX_SOURCE_CHARS} characters", kind="bad-source")
@@ -166,6 +186,14 @@ def _check_type(source: str) -> None:
         content_type(source)
     except ExtractionError as exc:
         raise Problem(400, "Bad Request", str(exc), kind="unreadable-document") from None
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _too_large(limit: int) -> Problem:
