@@ -183,3 +183,30 @@ async def test_speech_over_an_answer_queued_behind_the_one_playing_cuts_both(bus
     finally:
         await call.close()
         await sub.unsubscribe()
+
+
+async def test_an_interruption_clears_the_carrier_again_if_the_pause_could_not(bus) -> None:
+    # The caller speaks over the agent: the pause's clear goes unanswered (the gateway slow,
+    # a NATS blip), so the carrier may still be playing. The caller's words then confirm the
+    # interruption, but the turn was cut already, so no clear was sent again: the agent went
+    # on talking over the caller to the end of its turn while the brain answered the words.
+    call = Call(bus, "call-barge-in-6", QUIET_CALLER)
+    clears: list[bool] = []
+
+    async def gateway(msg) -> None:
+        clears.append(bool(clears))
+        if len(clears) > 1:  # the first goes unanswered
+            await msg.respond(b'{"ok": true}')
+
+    sub = await bus.nc.subscribe(f"parley.cmd.gateway.{call.call_id}.clear", cb=gateway)
+    try:
+        await call.agent_says("t1", "Our opening hours are", "nine to five on weekdays.")
+        await echo(call, "t1", mark_seq(0, 1))
+        await call.speech(0.6)
+        assert call.session._turns["t1"].audio.cut_frames is not None and len(clears) == 1
+        await call.session._on_stt(Final("Wait, stop."))
+        assert call.session._turns["t1"].interrupted
+        await wait_for(lambda: len(clears) == 2)
+    finally:
+        await call.close()
+        await sub.unsubscribe()

@@ -316,6 +316,9 @@ class CallSession:
         # confirms it (_resume_out): another instance may play the call now.
         self._out_paused = False
         self._resuming_out: asyncio.Task[None] | None = None
+        # The last clear barge-in asked of the gateway went unanswered (or unsent): the carrier
+        # may still be playing what was cut, so the next cut or resume asks again.
+        self._clear_unconfirmed = False
         self._tts_chars: dict[str, int] = {}  # characters sent to each synthesiser
         # Usage: this session's so far (its counters themselves: each renewal carries them in
         # the lease), and what a predecessor that did not end cleanly had used by its last
@@ -1625,15 +1628,18 @@ class CallSession:
         if isinstance(action, Pause):
             for turn in on_air:
                 turn.audio.cut(now)
-            await self._command("clear", {})  # (one clear flushes all of them)
+            await self._clear()  # (one clear flushes all of them)
         elif isinstance(action, Interrupt):
-            if any(turn.audio.cut_frames is None and turn.audio.sent for turn in on_air):
+            if self._clear_unconfirmed or any(
+                    turn.audio.cut_frames is None and turn.audio.sent for turn in on_air):
                 for turn in on_air:
                     turn.audio.cut(now)
-                await self._command("clear", {})
+                await self._clear()
             for turn in on_air:
                 await self._interrupt(turn, now)
         elif isinstance(action, Resume):
+            if self._clear_unconfirmed:  # what was cut may still be playing: not twice
+                await self._clear()
             for turn in on_air:
                 if turn.audio.cut_frames is not None and not turn.interrupted:
                     turn.audio.resume()
@@ -1648,8 +1654,8 @@ class CallSession:
         already_cut = turn.audio.cut_frames is not None
         cut = turn.audio.cut(now)
         turn.interrupted = True
-        if not already_cut and turn.audio.sent:  # (none sent: what plays is another turn's)
-            await self._command("clear", {})
+        if (not already_cut or self._clear_unconfirmed) and turn.audio.sent:
+            await self._clear()  # (none sent: what plays is another turn's)
         if turn.stream is not None:
             with contextlib.suppress(Exception):
                 await turn.stream.cancel()
@@ -1658,6 +1664,15 @@ class CallSession:
         await self._publish(AgentSpeechInterrupted, "agent.speech.interrupted",
                             turn_id=turn.turn_id, played_text=heard,
                             cut_seq=cut, cut_ms=cut * FRAME_MS, key=(turn.turn_id,))
+
+    async def _clear(self) -> None:
+        """Ask the gateway to clear the carrier's queued agent audio (barge-in).
+
+        Unanswered, it may not have been done: the next cut asks again. Before, a pause whose
+        clear was lost left the cut turn playing on, and the caller's words then interrupted
+        it without a clear: the agent talked over the caller to the end of its turn.
+        """
+        self._clear_unconfirmed = not await self._command("clear", {})
 
     async def _command(self, verb: str, body: dict[str, Any]) -> bool:
         """Ask the gateway to ``verb`` the call; whether it did (a failure is logged)."""
