@@ -27,6 +27,7 @@ from aiohttp import web
 from parley.common.configuration import find_number, get_agent
 from parley.common.events import is_token
 from parley.common.problems import Problem, problem_response
+from parley.common.request_bodies import read_body
 
 from ..calls import CarrierCall, find_by_call_id, new_call_id
 from ..keys import CALL_RATE_LIMITER, METRICS, POOL
@@ -68,7 +69,7 @@ def _count(request: web.Request, outcome: str) -> None:
 async def place_call(request: web.Request) -> web.Response:
     """Have an agent call a number; 201 with the call id once the carrier is dialing."""
     key = await authenticate(request, "calls:write")
-    body = decode_body(await _read_capped(request), PlaceCall)
+    body = decode_body(await read_body(request, MAX_BODY_BYTES), PlaceCall)
     storable(body.context, "context")
     storable(body.metadata, "metadata")
     to_number, from_number = e164(body.to, "to"), e164(body.from_, "from")
@@ -111,24 +112,6 @@ async def place_call(request: web.Request) -> web.Response:
     _count(request, "dialing")
     return _json(CallCreated(call_id=call_id), status=201,
                  headers={"Location": f"{CALLS_PATH}/{call_id}"})
-
-
-async def _read_capped(request: web.Request) -> bytes:
-    """The body, or a 413 once it is over MAX_BODY_BYTES.
-
-    By its Content-Length when it has one; a chunked body has none, so it is read only up to
-    one byte past the cap.
-    """
-    too_large = Problem(413, "Content Too Large", f"the body is over {MAX_BODY_BYTES} bytes")
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise too_large
-    data = bytearray()
-    while len(data) <= MAX_BODY_BYTES:
-        chunk = await request.content.read(MAX_BODY_BYTES + 1 - len(data))
-        if not chunk:
-            return bytes(data)
-        data += chunk
-    raise too_large
 
 
 def _not_dialled(request: web.Request) -> web.Response:

@@ -17,6 +17,7 @@ import phonenumbers
 
 from parley.common.events.envelope import Token
 from parley.common.problems import Problem
+from parley.common.request_bodies import decode_json
 
 T = TypeVar("T")
 
@@ -76,7 +77,7 @@ def decode_body(body: bytes, kind: type[T]) -> T:
     if decoder is None:
         decoder = _decoders[kind] = msgspec.json.Decoder(kind)
     try:
-        return decoder.decode(body)  # type: ignore[no-any-return]
+        return decode_json(body, decoder)  # malformed JSON or not UTF-8: the 400 problem
     except msgspec.ValidationError as exc:
         message = str(exc)
         match = _FIELD_AT.search(message) or _FIELD_NAMED.search(message)
@@ -85,12 +86,6 @@ def decode_body(body: bytes, kind: type[T]) -> T:
     except RecursionError:
         raise invalid("", f"the body is nested too deeply (at most {MAX_JSON_DEPTH} levels "
                       "in context)") from None
-    except msgspec.DecodeError as exc:
-        raise Problem(400, "Bad Request", f"the body is not valid JSON: {exc}",
-                      kind="malformed-json") from None
-    except UnicodeDecodeError as exc:  # msgspec raises it for a string that is not UTF-8
-        raise Problem(400, "Bad Request", "the body is not valid JSON: a string in it is not "
-                      f"UTF-8 ({exc.reason})", kind="malformed-json") from None
 
 
 def invalid(field: str, detail: str) -> Problem:
