@@ -350,3 +350,20 @@ async def test_blank_text_is_refused_by_the_emulator_as_by_the_api_and_never_sen
     assert emulator.requests[-1]["messages"] == [
         {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
         {"role": "user", "content": "When do you open?"}]
+
+
+async def test_tool_arguments_that_are_not_json_are_a_call_whose_error_goes_to_the_model(
+        emulator: AnthropicEmulator, claude: AnthropicLlm) -> None:
+    # A model that garbled its arguments (cut off, an unescaped quote) raised LlmError: the
+    # router fell back to another provider, or after spoken text the turn failed, was retried
+    # and dropped, and the caller heard silence. It is a tool call like one whose arguments break
+    # the schema: the tools service fails it with the error, which the model reads next round.
+    emulator.script(ScriptedReply(text="Let me book that.", tool_uses=(
+        ScriptedToolUse(name="book_appointment", input='{"day": "Tuesday", "note": "a "b""}',
+                        id="toolu_9"),)))
+    events = await collect(claude, ask("Book me in Tuesday", tools=(BOOK,)))
+    calls = [e for e in events if isinstance(e, ToolCall)]
+    assert len(calls) == 1 and calls[0].id == "toolu_9" and calls[0].arguments == {}
+    assert "not valid JSON" in calls[0].arguments_error
+    assert '{"day": "Tuesday", "note": "a "b""}' in calls[0].arguments_error  # what it sent
+    assert isinstance(events[-1], Done) and events[-1].stop_reason == "tool_use"

@@ -267,3 +267,19 @@ async def test_a_reply_without_usage_reports_an_estimate_and_one_with_usage_repo
     assert isinstance(done, Done) and not done.estimated
     assert done.usage == Usage(input_tokens=count_tokens(emulator.requests[1]["messages"]),
                                output_tokens=count_tokens(text) + count_tokens(arguments))
+
+
+@pytest.mark.parametrize("arguments", ['{"order": "42"', '["42"]'])
+async def test_tool_arguments_that_are_not_a_json_object_are_a_call_with_an_error(
+        emulator: OpenAICompatEmulator, llm: OpenAICompatLlm, arguments: str) -> None:
+    # A model that garbled its arguments raised LlmError, and the turn failed or fell back;
+    # now it is a tool call whose error the tools service sends back to the model.
+    emulator.script(ScriptedReply(text="Checking.", tool_uses=(
+        ScriptedToolUse(name="lookup_order", input=arguments, id="call_9"),
+        ScriptedToolUse(name="lookup_order", input={"order": "43"}, id="call_10"))))
+    events = await collect(llm, REQUEST)
+    bad, good = [e for e in events if isinstance(e, ToolCall)]
+    assert (bad.id, bad.name, bad.arguments) == ("call_9", "lookup_order", {})
+    assert arguments in bad.arguments_error and "JSON" in bad.arguments_error
+    assert good == ToolCall(id="call_10", name="lookup_order", arguments={"order": "43"})
+    assert isinstance(events[-1], Done) and events[-1].stop_reason == "tool_use"

@@ -12,6 +12,7 @@ from parley.common.events import (
     CallDtmf,
     CallRequested,
     SpeechStarted,
+    ToolRequested,
     TurnUserEnded,
 )
 from parley.common.tools.builtin_specs import offered_builtins
@@ -64,6 +65,26 @@ async def test_an_idle_hang_up_ends_the_call_with_reason_idle(bus, service, even
     failed = await events.outcome(other.tool_call_id)
     assert failed.type == "tool.failed" and "invalid arguments for end_call" in failed.error
     assert len(received) == 1
+
+
+async def test_a_call_whose_arguments_the_model_garbled_fails_back_to_it(
+        bus, service, events, gateway):
+    # The model wrote end_call's arguments as no JSON object: the brain requests it with
+    # arguments_error, and it fails as arguments that break the schema do (the model reads why
+    # in its next round), without hanging up.
+    received, _ = gateway
+    await service()
+    call_id = await start_call(bus)
+    request = ToolRequested(org_id=ORG, call_id=call_id, turn_id="t1", tool_call_id="toolu_bad",
+                            name="end_call", arguments_error="the arguments are not valid JSON "
+                            "(Expecting value: line 1 column 12); you sent: {\"reason\": }")
+    await bus.publish(request)
+    failed = await events.outcome(request.tool_call_id)
+    assert failed.type == "tool.failed", failed
+    assert failed.error.startswith("invalid arguments for end_call: the arguments are not valid "
+                                   "JSON (Expecting value")
+    assert 'you sent: {"reason": }' in failed.error and "call the tool again" in failed.error
+    assert received == []
 
 
 async def test_an_idle_hang_up_the_caller_spoke_over_does_not_happen(

@@ -832,7 +832,8 @@ class BrainWorker:
                 id=stable_id(call_id, turn.turn_id, "tool", call.tool_call_id),
                 org_id=conversation.org_id, call_id=call_id, turn_id=sibling.turn_id,
                 tool_call_id=call.tool_call_id, name=call.name, arguments=call.arguments,
-                ttft_ms=sibling.ttft_ms, llm_wait_ms=sibling.llm_wait_ms,
+                arguments_error=call.arguments_error, ttft_ms=sibling.ttft_ms,
+                llm_wait_ms=sibling.llm_wait_ms,
                 response_calls=sibling.response_calls, causation_id=sibling.causation_id))
             log.warning("call %s turn %s: %s requested late: its instance died before it",
                         call_id, turn.turn_id, call.name)
@@ -1123,7 +1124,8 @@ class BrainWorker:
                         calls.append(ToolRequested(
                             id=stable_id(call_id, turn_id, "tool", item.id), org_id=org_id,
                             call_id=call_id, turn_id=speech, tool_call_id=item.id,
-                            name=item.name, arguments=item.arguments, causation_id=cause.id))
+                            name=item.name, arguments=item.arguments,
+                            arguments_error=item.arguments_error, causation_id=cause.id))
                     elif isinstance(item, Done):
                         done = item
                     elif isinstance(item, ProviderSwitched):
@@ -1148,7 +1150,8 @@ class BrainWorker:
         first_token = {"ttft_ms": round(done.ttft_ms or 0.0, 2) if done else 0.0,
                        "llm_wait_ms": round(llm_wait_ms or 0.0, 2)}
         response_calls = [RequestedCall(tool_call_id=call.tool_call_id, name=call.name,
-                                        arguments=call.arguments)
+                                        arguments=call.arguments,
+                                        arguments_error=call.arguments_error)
                           for call in calls] if len(calls) > 1 else []
         for call in calls:
             pending.append(await bus.send(msgspec.structs.replace(

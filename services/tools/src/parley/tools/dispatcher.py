@@ -2,10 +2,11 @@
 
 ``tool.requested`` → look up the call's agent and the tool, validate the arguments (JSON
 Schema), then journal the call in one of three ways: failed at once (unknown tool, invalid
-arguments, a parameters schema that cannot be applied — the error is phrased for the
-model), awaiting approval (sensitive tools: the request is acked right away so nothing waits
-on a human), or running. A running tool's outcome becomes ``tool.completed`` /
-``tool.failed``.
+arguments — those that break the schema, or that the model wrote as no JSON object, which the
+brain sends as ``arguments_error`` —, a parameters schema that cannot be applied — the error
+is phrased for the model), awaiting approval (sensitive tools: the request is acked right
+away so nothing waits on a human), or running. A running tool's outcome becomes
+``tool.completed`` / ``tool.failed``.
 
 ``tool.approved`` → look up the call, claim the approved call and run it (a failure before
 the run gives the claim back, so the redelivered decision runs it) — unless its tool was
@@ -179,6 +180,9 @@ class Dispatcher:
         """Why the call fails without running (phrased for the model), or None."""
         if tool is None:
             return f"unknown tool {request.name!r}; use only the tools you were given"
+        if request.arguments_error:  # the model's arguments could not be read at all
+            return (f"invalid arguments for {request.name}: {request.arguments_error}. "
+                    "Fix them and call the tool again.")
         if without_nul(request.arguments) != request.arguments:
             return (f"invalid arguments for {request.name}: they contain a NUL character "
                     "(\\u0000); remove it and call the tool again.")

@@ -95,6 +95,7 @@ class RequestedCall(msgspec.Struct, frozen=True, kw_only=True):
     tool_call_id: str
     name: str
     arguments: dict[str, Any] = msgspec.field(default_factory=dict)
+    arguments_error: str = ""
 
 
 class ToolRequested(CallEvent, frozen=True, kw_only=True, tag="tool.requested"):
@@ -112,6 +113,10 @@ class ToolRequested(CallEvent, frozen=True, kw_only=True, tag="tool.requested"):
     tool_call_id: str
     name: str
     arguments: dict[str, Any] = msgspec.field(default_factory=dict)
+    # The arguments the model wrote could not be read (not a JSON object; ``arguments`` is then
+    # empty): why, for the model. The tools service fails the call with it, as it does
+    # arguments that break the tool's schema, and the model reads it in the next round.
+    arguments_error: str = ""
     # The response that asked for it: the model's time to first token and what the turn waited
     # for it (so the completion, perhaps on another instance, reports the turn's first round's).
     ttft_ms: float = 0.0

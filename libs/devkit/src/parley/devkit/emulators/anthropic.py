@@ -55,11 +55,20 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
 
 @dataclass(frozen=True)
 class ScriptedToolUse:
-    """A tool call the emulated model makes; ``id`` is generated when omitted."""
+    """A tool call the emulated model makes; ``id`` is generated when omitted.
+
+    ``input`` as a string is the arguments' text as the model wrote it, sent as it is when
+    streamed: a model can garble its arguments (a cut-off or unescaped JSON object).
+    """
 
     name: str
-    input: dict[str, Any]
+    input: dict[str, Any] | str
     id: str | None = None
+
+    @property
+    def input_json(self) -> str:
+        """The arguments as the streamed reply sends them."""
+        return self.input if isinstance(self.input, str) else json.dumps(self.input)
 
 
 @dataclass(frozen=True)
@@ -120,9 +129,12 @@ def count_tokens(value: Any) -> int:
     return len(text.split())
 
 
-def json_fragments(value: dict[str, Any], size: int = 7) -> list[str]:
-    """``value`` as JSON cut into ``size``-character fragments (as input_json_delta sends)."""
-    text = json.dumps(value)
+def json_fragments(value: dict[str, Any] | str, size: int = 7) -> list[str]:
+    """``value`` as JSON cut into ``size``-character fragments (as input_json_delta sends).
+
+    A string is taken as JSON text already (perhaps not valid: see :class:`ScriptedToolUse`).
+    """
+    text = value if isinstance(value, str) else json.dumps(value)
     return [text[i:i + size] for i in range(0, len(text), size)]
 
 

@@ -93,7 +93,7 @@ class OpenAICompatEmulator(EmulatorServer):
         calls: list[dict[str, Any]] = [
             {**({"id": use.id or f"call_{uuid.uuid4().hex[:24]}"} if self.tool_call_ids else {}),
              "type": "function",
-             "function": {"name": use.name, "arguments": json.dumps(use.input)}}
+             "function": {"name": use.name, "arguments": use.input_json}}
             for use in reply.tool_uses]
         if not body.get("stream"):
             message: dict[str, Any] = {"role": "assistant", "content": reply.text or None}

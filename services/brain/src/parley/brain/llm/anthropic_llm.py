@@ -3,9 +3,11 @@
 The request is sent with ``AsyncAnthropic.messages.create(stream=True)`` and the raw stream events
 are mapped to :data:`~parley.brain.llm.base.LlmEvent`: ``text_delta`` → :class:`TextDelta`;
 a ``tool_use`` block's ``input_json_delta`` fragments are joined and parsed at
-``content_block_stop`` → :class:`ToolCall`; usage from ``message_start`` (input, cache read,
-cache write: at once as :class:`UsageReported`, so a response cut short still counts what it was
-billed) and ``message_delta`` (output) → :class:`Done`. The system prompt goes as one text
+``content_block_stop`` → :class:`ToolCall` (arguments that are not a JSON object: a call with
+``arguments_error``, for the model to read, never an error of the stream); usage from
+``message_start`` (input, cache read, cache write: at once as :class:`UsageReported`, so a
+response cut short still counts what it was billed) and ``message_delta`` (output) →
+:class:`Done`. The system prompt goes as one text
 block with ``cache_control: ephemeral`` when it is cacheable, so every turn after the first reads
 it from Anthropic's prompt cache.
 
@@ -27,7 +29,6 @@ consumes it) closes the HTTP response at once.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -51,6 +52,7 @@ from .base import (
     Usage,
     UsageReported,
     UserMessage,
+    read_tool_arguments,
 )
 
 __all__ = ["AnthropicLlm", "to_anthropic_messages"]
@@ -160,8 +162,9 @@ class AnthropicLlm:
                                 tools[event.index][2].append(delta.partial_json)
                         case "content_block_stop" if event.index in tools:
                             tool_id, tool_name, fragments = tools.pop(event.index)
-                            yield ToolCall(id=tool_id, name=tool_name,
-                                           arguments=self._arguments(tool_name, fragments))
+                            arguments, error = read_tool_arguments("".join(fragments))
+                            yield ToolCall(id=tool_id, name=tool_name, arguments=arguments,
+                                           arguments_error=error)
                         case "message_delta":
                             _merge_usage(usage, event.usage)
                             if event.delta.stop_reason:
@@ -171,20 +174,6 @@ class AnthropicLlm:
         except anthropic.APIConnectionError as exc:
             raise LlmError(self.name, f"connection failed: {exc}", retryable=True) from exc
         yield Done(usage=_usage(usage), stop_reason=stop_reason, ttft_ms=ttft_ms)
-
-    def _arguments(self, tool_name: str, fragments: list[str]) -> dict[str, Any]:
-        text = "".join(fragments).strip()
-        if not text:
-            return {}
-        try:
-            arguments = json.loads(text)
-        except ValueError as exc:
-            raise LlmError(self.name, f"tool {tool_name!r}: arguments are not JSON",
-                           retryable=False) from exc
-        if not isinstance(arguments, dict):
-            raise LlmError(self.name, f"tool {tool_name!r}: arguments are not an object",
-                           retryable=False)
-        return arguments
 
 
 def to_anthropic_messages(messages: tuple[Message, ...]) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ consuming task closes the provider's HTTP stream: nothing keeps generating after
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any, Protocol, runtime_checkable
 
@@ -23,7 +24,7 @@ __all__ = [
     "AssistantMessage", "Done", "Filler", "KnowledgeChunk", "LlmError", "LlmEvent", "LlmProvider",
     "LlmRequest", "Message", "ProviderSwitched", "SystemPrompt", "TextDelta", "ToolCall",
     "ToolCallStarted", "ToolResult", "ToolSpec", "ToolUse", "Usage", "UsageReported",
-    "UserMessage", "estimate_tokens", "is_retryable_status",
+    "UserMessage", "estimate_tokens", "is_retryable_status", "read_tool_arguments",
 ]
 
 
@@ -157,11 +158,18 @@ class TextDelta(msgspec.Struct, frozen=True, kw_only=True, tag="text"):
 
 
 class ToolCall(msgspec.Struct, frozen=True, kw_only=True, tag="tool_call"):
-    """A complete tool call: emitted once its arguments have fully arrived."""
+    """A complete tool call: emitted once its arguments have fully arrived.
+
+    ``arguments_error``: the arguments the model wrote could not be read (not JSON, or not a
+    JSON object), said for the model with what it sent; ``arguments`` is then empty. It is a
+    call all the same, which the tools service fails with this error, as it does arguments that
+    break the tool's schema: the model reads why in the next round and can call again.
+    """
 
     id: str
     name: str
     arguments: dict[str, Any]
+    arguments_error: str = ""
 
 
 class ToolCallStarted(msgspec.Struct, frozen=True, kw_only=True, tag="tool_call_started"):
@@ -216,6 +224,25 @@ def estimate_tokens(characters: int) -> int:
     Llama's tokenizers.
     """
     return -(-characters // 4)
+
+
+def read_tool_arguments(text: str) -> tuple[dict[str, Any], str]:
+    """A tool call's arguments from the JSON the model wrote, and why not ("" when read).
+
+    Empty text is no arguments. Text that is not a JSON object gives ``{}`` and an error phrased
+    for the model, quoting (the start of) what it sent: see :attr:`ToolCall.arguments_error`.
+    """
+    text = text.strip()
+    if not text:
+        return {}, ""
+    sent = text if len(text) <= 300 else text[:300] + "…"
+    try:
+        arguments = json.loads(text)
+    except ValueError as exc:
+        return {}, f"the arguments are not valid JSON ({exc}); you sent: {sent}"
+    if not isinstance(arguments, dict):
+        return {}, f"the arguments must be a JSON object; you sent: {sent}"
+    return arguments, ""
 
 
 def is_retryable_status(status: int | None) -> bool:

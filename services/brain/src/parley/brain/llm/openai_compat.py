@@ -5,7 +5,8 @@ prefix, as in the OpenAI SDK (``http://localhost:11434/v1``). The response is se
 ``data: {chat.completion.chunk}`` lines ending with ``data: [DONE]``. Text comes in
 ``delta.content``; tool calls come in ``delta.tool_calls`` fragments keyed by ``index`` (the id
 and name first, then pieces of the ``arguments`` JSON), joined and emitted as :class:`ToolCall`
-when the choice finishes; a call the server sent without an id gets a random one (the id names
+when the choice finishes (arguments that are not a JSON object: a call with ``arguments_error``,
+for the model to read); a call the server sent without an id gets a random one (the id names
 the tool call in the tools journal and the conversation, so it must never repeat).
 ``stream_options.include_usage`` asks for a last chunk with usage (servers that do not know it
 ignore it or, with ``include_usage=False``, are not asked). So a response cut short (a barge-in,
@@ -43,6 +44,7 @@ from .base import (
     UsageReported,
     UserMessage,
     estimate_tokens,
+    read_tool_arguments,
 )
 
 __all__ = ["OpenAICompatLlm", "to_openai_messages"]
@@ -165,17 +167,10 @@ class OpenAICompatLlm:
         complete = []
         for index in sorted(calls):
             call = calls.pop(index)
-            text = "".join(call["arguments"]).strip()
-            try:
-                arguments = json.loads(text) if text else {}
-            except ValueError as exc:
-                raise LlmError(self.name, f"tool {call['name']!r}: arguments are not JSON",
-                               retryable=False) from exc
-            if not isinstance(arguments, dict):
-                raise LlmError(self.name, f"tool {call['name']!r}: arguments are not an object",
-                               retryable=False)
+            arguments, error = read_tool_arguments("".join(call["arguments"]))
             complete.append(ToolCall(id=call["id"] or f"call_{uuid.uuid4().hex}",
-                                     name=call["name"], arguments=arguments))
+                                     name=call["name"], arguments=arguments,
+                                     arguments_error=error))
         return complete
 
 

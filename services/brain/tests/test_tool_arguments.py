@@ -1,0 +1,53 @@
+"""Tool arguments the model garbled go back to it as the call's error: the turn goes on."""
+
+from __future__ import annotations
+
+from parley.brain.llm.anthropic_llm import AnthropicLlm
+from parley.brain.llm.local_responder import LocalResponder
+from parley.brain.worker import BrainWorker
+from parley.common.events import ToolFailed
+from parley.devkit.emulators.anthropic import ScriptedReply, ScriptedToolUse
+
+from .conftest import ORG, open_call, services, user_says
+
+
+async def test_garbled_tool_arguments_after_text_reach_the_model_as_the_calls_error(
+        bus, pool, emulator, recorder) -> None:
+    # "Let me book that." was said, then the model wrote book_appointment's arguments with an
+    # unescaped quote. That raised in the provider: after text the turn failed, was redelivered
+    # and retried until dropped, and the caller heard silence. Now it is a tool request with
+    # arguments_error; the tools service fails it (as arguments breaking the schema), the model
+    # reads why, calls again or says so, and the turn ends with its words.
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(services(bus, pool, [llm, LocalResponder()]))
+    await worker.start()
+    try:
+        emulator.script(
+            ScriptedReply(text="Let me book that.", tool_uses=(ScriptedToolUse(
+                name="book_appointment", input='{"day": "Friday", "note": "a "big" one"}',
+                id="toolu_bad"),)),
+            ScriptedReply(text="Sorry, I could not book that. Which day again?"))
+        await open_call(bus, "c-args")
+        await user_says(bus, "c-args", "t1", "Book me in Friday")
+        requested, = await recorder.wait("tool.requested", "c-args")
+        assert (requested.tool_call_id, requested.name, requested.arguments) == (
+            "toolu_bad", "book_appointment", {})
+        assert requested.arguments_error.startswith("the arguments are not valid JSON")
+        error = f"invalid arguments for book_appointment: {requested.arguments_error}. " \
+                "Fix them and call the tool again."
+        await bus.publish(ToolFailed(org_id=ORG, call_id="c-args", tool_call_id="toolu_bad",
+                                     name="book_appointment", error=error))
+        done, = await recorder.wait("turn.completed", "c-args")
+        assert done.provider == "anthropic"
+        says = [s.text for s in recorder.of("agent.say", "c-args") if s.turn_id == "t1"]
+        assert says[0] == "Let me book that." and says[-1] == "Which day again?"
+        assert not recorder.of("turn.failed", "c-args")
+        blocks = [b for m in emulator.requests[-1]["messages"] if isinstance(m["content"], list)
+                  for b in m["content"]]
+        use, = [b for b in blocks if b["type"] == "tool_use"]
+        result, = [b for b in blocks if b["type"] == "tool_result"]
+        assert use["id"] == result["tool_use_id"] == "toolu_bad" and use["input"] == {}
+        assert result["is_error"] and "not valid JSON" in str(result["content"])
+    finally:
+        await worker.stop()
+        await llm.aclose()
