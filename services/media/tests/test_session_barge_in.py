@@ -210,3 +210,36 @@ async def test_an_interruption_clears_the_carrier_again_if_the_pause_could_not(b
     finally:
         await call.close()
         await sub.unsubscribe()
+
+
+async def test_okay_over_the_agent_pauses_it_and_the_rest_plays_from_the_cut(bus) -> None:
+    # The caller says "Okaaay" over the agent, long enough to pause it. Only a backchannel:
+    # once the caller stops, the rest plays from where it was cut (a new mark generation),
+    # nothing is interrupted, and the backchannel is no turn.
+    call = Call(bus, "call-barge-in-7", QUIET_CALLER)
+    marks: list[int] = []
+    sub = await gateway(call, marks)
+    try:
+        await call.agent_says("t1", "Your table is booked", "for Friday at seven.",
+                              "We look forward", "to seeing you.")
+        turn = call.session._turns["t1"]
+        await echo(call, "t1", mark_seq(0, 1))
+        await asyncio.sleep(0.1)
+        await call.speech(0.5)
+        cut = turn.audio.cut_frames
+        assert cut is not None and 1 <= cut < len(turn.audio.frames)
+        await call.session._on_stt(Final("Okay.", speech_final=True))
+        await call.audio(0.4)  # the caller has stopped: resumed at once
+        assert turn.audio.cut_frames is None and turn.audio.generation == 1
+        assert turn.audio.sent == len(turn.audio.frames)
+        assert turn.audio.pending_marks[0] == cut + 1  # a mark after the first frame sent again
+        await call.audio(2.0)
+        await call.played("t1")
+        await call.session._outbox.drain(2)
+        events = await bus.replay_call(call.call_id, org_id=ORG)
+        assert [e for e in events if isinstance(e, AgentSpeechInterrupted | TurnUserEnded)] == []
+        assert [e.turn_id for e in events if isinstance(e, AgentSpeechFinished)] == ["t1"]
+        assert call.session.detector.dropped_backchannels == 1
+    finally:
+        await call.close()
+        await sub.unsubscribe()
