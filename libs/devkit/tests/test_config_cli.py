@@ -25,8 +25,10 @@ async def test_orgs_agents_numbers_keys_from_the_command_line(
                                     "--pipeline", "managed", "--max-duration-s", "900",
                                     "--transfer-number", "+14155550199",
                                     "--callback-prefix", "+1415",
-                                    "--idle-prompt", "Still with me?")
+                                    "--idle-prompt", "Still with me?",
+                                    "--filler-after-ms", "800")
     assert '"pipeline":"managed"' in added.stdout
+    assert '"filler_after_ms":800' in added.stdout
     assert '"idle_prompt":"Still with me?"' in added.stdout
     assert '"transfer_numbers":["+14155550199"]' in added.stdout
     assert '"callback_number_prefixes":["+1415"]' in added.stdout
@@ -41,6 +43,9 @@ async def test_orgs_agents_numbers_keys_from_the_command_line(
     bad = await asyncio.to_thread(parley, "agents", "add", "acme", "X", "--pipeline", "telepathy",
                                   env=env)
     assert bad.returncode == 1 and "pipeline" in bad.stderr
+    bad = await asyncio.to_thread(parley, "agents", "add", "acme", "X", "--filler-after-ms",
+                                  "60000", env=env)
+    assert bad.returncode == 1 and "filler_after_ms" in bad.stderr
     dup = await asyncio.to_thread(parley, "orgs", "add", "acme", "Again", env=env)
     assert dup.returncode == 1 and "already exists" in dup.stderr
 

@@ -155,9 +155,9 @@ async def test_a_stalled_stream_is_abandoned_and_closed_at_the_deadline() -> Non
 
 async def test_a_filler_is_said_once_when_the_first_token_is_slow() -> None:
     slow = FakeProvider("slow", delay_s=0.3, text="Here you go.")
-    events = await collect(LlmRouter([slow], filler_after_ms=50, first_token_deadline_s=2))
+    events = await collect(LlmRouter([slow], filler_after_ms=250, first_token_deadline_s=2))
     assert events[0] == Filler(text="One moment.")
-    assert sum(isinstance(e, Filler) for e in events) == 1
+    assert sum(isinstance(e, Filler) for e in events) == 1  # the next was due at 0.5 s
     assert text_of(events) == "Here you go."
 
     fast = FakeProvider("fast")
@@ -167,7 +167,7 @@ async def test_a_filler_is_said_once_when_the_first_token_is_slow() -> None:
 
 async def test_filler_then_fallback_when_the_deadline_passes() -> None:
     stuck, backup = FakeProvider("stuck", delay_s=5), FakeProvider("backup", text="Backup.")
-    router = LlmRouter([stuck, backup], filler_after_ms=50, first_token_deadline_s=0.2)
+    router = LlmRouter([stuck, backup], filler_after_ms=120, first_token_deadline_s=0.2)
     events = await collect(router)
     assert [type(e) for e in events] == [Filler, ProviderSwitched, TextDelta, Done]
     assert text_of(events) == "Backup." and stuck.closed == 1  # its stream was cancelled
@@ -343,3 +343,82 @@ async def test_a_stream_that_stalls_mid_reply_fails_instead_of_holding_the_turn(
     assert text_of(received) == "Hello there." and caught.value.provider == "stuck"
     await asyncio.sleep(0)
     assert stuck.closed == 1  # its stream was closed, not left hanging
+
+
+async def timed(router: LlmRouter, **kwargs: object) -> list[tuple[float, RouterEvent]]:
+    started = time.monotonic()
+    async with aclosing(router.stream(REQUEST, **kwargs)) as events:  # type: ignore[arg-type]
+        return [(time.monotonic() - started, event) async for event in events]
+
+
+async def test_providers_failing_in_turn_never_leave_the_caller_silent_past_the_threshold(
+        ) -> None:
+    # Two providers that hang, then the local responder. The filler was said once, at the
+    # threshold, and each provider had the whole first-token deadline: with the defaults, the
+    # caller heard "One moment." at 1.2 s, then silence until 6 s. Now a different filler follows
+    # each further threshold of silence (a few at most), and a fallback gets a shorter window.
+    first, second = FakeProvider("a", delay_s=30), FakeProvider("b", delay_s=30)
+    router = LlmRouter([first, second, LocalResponder()], filler_after_ms=300,
+                       first_token_deadline_s=1.0, fallback_first_token_deadline_s=0.5)
+    events = await timed(router)
+    kinds = [type(e) for _, e in events if not isinstance(e, TextDelta)]
+    assert kinds == [Filler, Filler, Filler, ProviderSwitched, ProviderSwitched, Done]
+    fillers = [(at, e.text) for at, e in events if isinstance(e, Filler)]
+    assert [text for _, text in fillers] == ["One moment.", "Sorry, just a moment longer.",
+                                             "Thanks for bearing with me."]
+    assert all(later - earlier >= 0.28 for (earlier, _), (later, _) in zip(
+        fillers, fillers[1:], strict=False))  # a threshold apart, not bunched
+    switched = [e for _, e in events if isinstance(e, ProviderSwitched)]
+    assert [s.reason for s in switched] == ["no first token within 1 s",
+                                            "no first token within 0.5 s"]
+    answered = next(at for at, e in events if isinstance(e, TextDelta))
+    assert 1.4 <= answered < 1.9  # the local responder at ~1.5 s, not 2.0 s
+    assert first.closed == second.closed == 1
+
+
+async def test_the_agents_filler_threshold_is_used_over_the_routers() -> None:
+    slow = FakeProvider("slow", delay_s=0.4, text="Here you go.")
+    router = LlmRouter([slow], filler_after_ms=5000)
+    events = await collect(router, filler_after_ms=100)
+    assert events[0] == Filler(text="One moment.") and text_of(events) == "Here you go."
+    events = await collect(router, filler_after_ms=0)
+    assert not any(isinstance(e, Filler) for e in events)
+
+
+class FlakyProvider(FakeProvider):
+    """Answers 429 its first ``failures`` times, at once; then as a FakeProvider."""
+
+    def __init__(self, name: str, failures: int, **kwargs: object) -> None:
+        super().__init__(name, **kwargs)  # type: ignore[arg-type]
+        self.failures = failures
+
+    async def stream(self, request: LlmRequest) -> AsyncIterator[TextDelta | Done]:
+        if self.failures:
+            self.failures -= 1
+            self.calls += 1
+            raise LlmError(self.name, "rate limited", status=429)
+        async for event in super().stream(request):
+            yield event
+
+
+async def test_a_fallback_is_retried_on_a_429_in_its_own_window() -> None:
+    # The retry's budget was the time since the turn began against the first-token deadline:
+    # once the first provider had used its deadline, the second was never retried on a 429,
+    # and the turn went to the third (or failed).
+    stuck, busy = FakeProvider("stuck", delay_s=30), FlakyProvider("busy", 1, text="Busy one.")
+    router = LlmRouter([stuck, busy, FakeProvider("last", text="Last.")],
+                       first_token_deadline_s=0.5, filler_after_ms=None, retry_backoff_s=0.05)
+    events = await collect(router)
+    assert text_of(events) == "Busy one." and events[-1].provider == "busy"  # type: ignore[union-attr]
+    assert busy.calls == 2
+
+
+async def test_429s_are_retried_only_within_the_turns_deadline() -> None:
+    # Retried while a backoff ends within the turn's deadline, not the first-token deadline's
+    # turn-long budget: a turn whose deadline is near does not sleep past it.
+    busy = FlakyProvider("busy", 100)
+    router = LlmRouter([busy], first_token_deadline_s=30, retries=10, retry_backoff_s=0.1,
+                       filler_after_ms=None, turn_deadline_s=0.5)
+    with pytest.raises(LlmError):
+        await collect(router)
+    assert busy.calls == 3  # at 0, 0.1 and 0.3 s; the next (0.6 s) is past the deadline

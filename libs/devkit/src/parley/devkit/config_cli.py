@@ -43,6 +43,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                   "idle-prompt", "idle-goodbye"):
         add.add_argument(f"--{field}")
     add.add_argument("--max-duration-s", type=int)
+    add.add_argument("--filler-after-ms", type=int, help="say a filler when the reply has not "
+                     "begun this long into the turn, and again after as long (0: never)")
     add.add_argument("--transfer-number", action="append", dest="transfer_numbers",
                      metavar="E164", help="a number the agent may transfer callers to "
                      "(repeatable; without any, the agent cannot transfer)")

@@ -42,7 +42,7 @@ def build_router(config: BrainConfig) -> LlmRouter:
         else:
             raise ValueError(f"unknown LLM provider {name!r} in PARLEY_LLM_CHAIN")
     return LlmRouter(providers, filler_after_ms=config.filler_after_ms,
-                     filler_text=config.filler_text)
+                     filler_text=config.filler_text, turn_deadline_s=config.turn_deadline_s)
 
 
 async def run(ctx: ServiceContext[BrainConfig], stop: asyncio.Event) -> None:

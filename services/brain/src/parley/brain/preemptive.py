@@ -21,10 +21,12 @@ A speculation that is not adopted was billed all the same: what its stream repor
 response's input as it began, the whole usage at its end) is handed to ``on_dropped`` once it
 is dropped, for the worker to record.
 
-An adopted reply that has not begun ``filler_after_s`` after the turn ended (its end as seen
-here, live) gets one :class:`Filler`, as a fresh request would. The router's own filler is
-dropped: it is timed from the speculative request, which went out while the caller was still
-talking, so it would come too soon after the turn's end, or before it and be lost.
+An adopted reply that has not begun ``filler_after_s`` (the agent's threshold) after the turn
+ended (its end as seen here, live) gets a :class:`Filler`, and the next of ``fillers`` after
+each further threshold of silence until they run out, as a fresh request would. The router's
+own fillers are dropped: they are timed from the speculative request, which went out while the
+caller was still talking, so they would come too soon after the turn's end, or before it and be
+lost.
 
 The reply's first clause is *prepared* as soon as it is complete (``on_clause``; the worker
 publishes it as ``agent.reply_prepared``): media synthesises it while it waits out the silence
@@ -39,7 +41,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import msgspec
 
@@ -68,8 +70,9 @@ class Speculation:
     """One call's speculative reply to ``text``.
 
     Built after ``delay_s`` (or at :meth:`start_now`), then streamed into a buffer until adopted
-    or cancelled. Adopted, it says ``filler`` if nothing has come ``filler_after_s`` after the
-    turn ended (None: no filler). Dropped (any outcome but adopted), it is handed to
+    or cancelled. Adopted, it says ``filler`` (the first of them, if several) if nothing has come
+    ``filler_after_s`` after the turn ended (None: no filler), then the next after each further
+    ``filler_after_s`` of silence. Dropped (any outcome but adopted), it is handed to
     ``on_dropped``: what it was billed is then :meth:`billed`.
     """
 
@@ -79,13 +82,14 @@ class Speculation:
                  delay_s: float, on_outcome: Callable[[str], None],
                  on_clause: Callable[[str, bool], Awaitable[None]] | None = None,
                  on_dropped: Callable[[Speculation], None] | None = None,
-                 filler: str = "One moment.", filler_after_s: float | None = None) -> None:
+                 filler: str | Sequence[str] = "One moment.",
+                 filler_after_s: float | None = None) -> None:
         self.id = uuid.uuid4()  # names its usage records: each speculation is its own request
         self.call_id = call_id
         self.text = text
         self.turn_id = ""  # the caller's turn it answers, once its request is built ("": unknown)
         self._on_dropped = on_dropped
-        self._filler = filler
+        self._fillers = (filler,) if isinstance(filler, str) else tuple(filler)
         self._filler_after_s = filler_after_s
         self._ended_at: float | None = None  # when the turn ended, as seen here (loop time)
         self.request: LlmRequest | None = None
@@ -204,17 +208,24 @@ class Speculation:
         return self._go.is_set() or self._ready.is_set() or self.request is not None or (
             self._task.done())
 
-    def adopt(self) -> AsyncIterator[RouterEvent]:
-        """The reply: what was buffered, then the rest as it comes. Closing it stops the LLM."""
+    def adopt(self, filler_after_ms: float | None = None) -> AsyncIterator[RouterEvent]:
+        """The reply: what was buffered, then the rest as it comes. Closing it stops the LLM.
+
+        ``filler_after_ms``: the agent's filler threshold (0: no filler; None: the one this
+        speculation was made with).
+        """
         self._finish("adopted")
-        if self._filler_after_s is None:
-            return self._replay(filler_due=None)
+        after_s = self._filler_after_s if filler_after_ms is None else filler_after_ms / 1000
+        if not after_s or after_s <= 0:
+            return self._replay(filler_due=None, every_s=0.0)
         ended = self._ended_at  # seen live; else it is ending now
         if ended is None:
             ended = asyncio.get_running_loop().time()
-        return self._replay(filler_due=ended + self._filler_after_s)
+        return self._replay(filler_due=ended + after_s, every_s=after_s)
 
-    async def _replay(self, filler_due: float | None) -> AsyncIterator[RouterEvent]:
+    async def _replay(self, filler_due: float | None,
+                      every_s: float) -> AsyncIterator[RouterEvent]:
+        fillers = list(self._fillers)
         index = 0
         try:
             while True:
@@ -235,8 +246,10 @@ class Speculation:
                     async with asyncio.timeout_at(filler_due):
                         await self._more.wait()
                 except TimeoutError:
-                    filler_due = None
-                    yield Filler(text=self._filler)
+                    filler = fillers.pop(0)
+                    filler_due = (asyncio.get_running_loop().time() + every_s if fillers
+                                  else None)
+                    yield Filler(text=filler)
         finally:
             self._task.cancel()
 
@@ -264,7 +277,8 @@ class Speculations:
     """At most one :class:`Speculation` per call, and what became of them."""
 
     def __init__(self, *, on_outcome: Callable[[str], None] = lambda outcome: None,
-                 filler: str = "One moment.", filler_after_s: float | None = None) -> None:
+                 filler: str | Sequence[str] = "One moment.",
+                 filler_after_s: float | None = None) -> None:
         self._calls: dict[str, Speculation] = {}
         self._on_outcome = on_outcome
         self._filler = filler

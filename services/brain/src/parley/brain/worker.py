@@ -469,7 +469,8 @@ class BrainWorker:
         self._running: dict[str, _Running] = {}  # call → its turn in progress here
         filler_after_ms = services.router.filler_after_ms
         self.speculations = Speculations(
-            on_outcome=services.on_speculation, filler=services.router.filler_text,
+            on_outcome=services.on_speculation,
+            filler=(services.router.filler_text, *services.router.more_fillers),
             filler_after_s=None if filler_after_ms is None else filler_after_ms / 1000)
         # call → (last stream sequence read, its events so far): the next turn of a call this
         # instance has seen replays only what came after, not the whole call again.
@@ -1057,7 +1058,7 @@ class BrainWorker:
         if speculation is not None:
             if speculation.prepared_as(prepared, prepared_last) or (
                     not prepared and await speculation.matches(final_text, request)):
-                stream = speculation.adopt()
+                stream = speculation.adopt(settings.filler_after_ms)
             else:
                 speculation.cancel("discarded")
         # Everything the turn publishes is sent without waiting for each ack — one connection,
@@ -1100,7 +1101,7 @@ class BrainWorker:
             request = msgspec.structs.replace(request, prefill=prepared)
         async with asyncio.timeout(self.s.turn_deadline_s):
             if stream is None:
-                stream = self.s.router.stream(request)
+                stream = self.s.router.stream(request, filler_after_ms=settings.filler_after_ms)
             asked = time.perf_counter()
             try:
                 async for item in stream:

@@ -39,6 +39,11 @@ class AgentSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     backchannels: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_BACKCHANNELS))
     endpointing_ms: Annotated[int, msgspec.Meta(ge=100, le=5000)] = 600
     max_duration_s: Annotated[int, msgspec.Meta(ge=10, le=4 * 3600)] = 1800
+    # A reply not begun this long into the turn (the model slow, or a provider failing over):
+    # the agent says a filler ("One moment."), then another, different one after each further
+    # this long of silence (a few at most). 0: no filler; None: the brain's (1200 ms unless
+    # PARLEY_FILLER_AFTER_MS says otherwise).
+    filler_after_ms: Annotated[int, msgspec.Meta(ge=0, le=10000)] | None = None
     idle_prompt_s: Annotated[float, msgspec.Meta(ge=0)] = 8.0
     idle_hangup_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
     # What the agent says to a caller silent for idle_prompt_s, and before it hangs up at

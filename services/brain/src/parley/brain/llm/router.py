@@ -7,10 +7,19 @@ unhealthy ones (half-open breaker, error-rate EWMA over ``max_error_rate``) move
 healthy ones. An attempt that fails *before its first token* — an error, or no token within
 ``first_token_deadline_s`` (a tool call begun counts: :class:`ToolCallStarted`, not passed
 on) — is counted against the provider (health EWMA and breaker) and the next one is tried,
-announced by a :class:`ProviderSwitched` event. An error that is about the request rather
-than the provider (a 400, 413 or 422; a reply the model garbled, such as tool arguments that
-are not JSON) is not counted: one call's bad request, redelivered a few times,
-would otherwise open the breaker and take the provider away from every call on the instance.
+announced by a :class:`ProviderSwitched` event. The first provider tried has
+``first_token_deadline_s``; each fallback has ``fallback_first_token_deadline_s`` (at most the
+same), shorter by default: the caller has waited out one provider already, and the last in a
+chain (the local responder) answers at once. An error that is about the request rather than
+the provider (a 400, 413 or 422) is not counted: one call's bad request, redelivered a few
+times, would otherwise open the breaker and take the provider away from every call on the
+instance. (Tool arguments the model garbled are no error: the provider yields the call with
+its ``arguments_error``, which goes back to the model as the call's outcome.)
+
+A retryable error (429, 5xx, a connection failure) is tried again on the same provider, after
+a short backoff, while the backoff ends within that provider's window (its first-token
+deadline, counted from its first attempt: a retry does not get a window of its own) and
+within the turn's deadline (``turn_deadline_s``, from the request).
 A failure *after* text went out ends the turn with :class:`LlmError`: repeating half a sentence
 would be worse. So does a stream gone silent for ``stall_timeout_s`` once begun (a socket that
 stalls without closing), rather than the caller waiting out the turn deadline mid-sentence.
@@ -18,9 +27,13 @@ An empty reply (no text but whitespace, no tool call) to what the caller just sa
 failure before the first token too, not counted against the provider: they would hear only
 silence. (After a tool result, silence can be the answer.)
 
-If no first token has come ``filler_after_ms`` into the turn, one :class:`Filler` ("One
+If no first token has come ``filler_after_ms`` into the turn, a :class:`Filler` ("One
 moment.") is yielded, so the caller hears something while a slow or failing provider is
-replaced. That is counted from the request: a speculative reply (requested before the turn
+replaced; if still none has come ``filler_after_ms`` after that, the next of ``more_fillers``
+("Sorry, just a moment longer."), and so on until they run out: a few different phrases, not
+one said over and over, and never a silence longer than the threshold until they do. The
+threshold is the agent's (``stream(filler_after_ms=…)``, from its settings), else the
+router's. That is counted from the request: a speculative reply (requested before the turn
 ended, :mod:`parley.brain.preemptive`) drops this filler and times its own from the turn's end.
 The final :class:`Done` names the provider that served the turn; a :class:`UsageReported` (a
 response billed as it began) names its provider too, and passes on even from an attempt that
@@ -58,10 +71,27 @@ from .base import (
     UserMessage,
 )
 
-__all__ = ["LlmRouter", "ProviderHealth", "RouterEvent", "against_provider"]
+__all__ = ["MORE_FILLERS", "LlmRouter", "ProviderHealth", "RouterEvent", "against_provider"]
 
 RouterEvent = LlmEvent | Filler | ProviderSwitched
 _END = object()
+# Said in turn after the first filler, each after another filler threshold of silence.
+MORE_FILLERS = ("Sorry, just a moment longer.", "Thanks for bearing with me.")
+
+
+@dataclass
+class _Fillers:
+    """The turn's fillers still to say, and when the next is due (None: no more)."""
+
+    texts: list[str]
+    every_s: float
+    due: float | None
+
+    def take(self, now: float) -> Filler:
+        """The filler due now; the next is due a threshold later, if any is left."""
+        filler = Filler(text=self.texts.pop(0))
+        self.due = now + self.every_s if self.texts else None
+        return filler
 
 
 @dataclass
@@ -94,11 +124,14 @@ class LlmRouter:
     """
 
     def __init__(self, providers: Sequence[LlmProvider], *, first_token_deadline_s: float = 3.0,
+                 fallback_first_token_deadline_s: float | None = 1.5,
                  filler_after_ms: float | None = 1200.0, filler_text: str = "One moment.",
+                 more_fillers: Sequence[str] = MORE_FILLERS,
                  ewma_alpha: float = 0.2, max_error_rate: float = 0.5,
                  breaker_factory: Callable[[str], CircuitBreaker] | None = None,
                  clock: Callable[[], float] = time.monotonic, retries: int = 1,
-                 retry_backoff_s: float = 0.2, stall_timeout_s: float = 8.0) -> None:
+                 retry_backoff_s: float = 0.2, stall_timeout_s: float = 8.0,
+                 turn_deadline_s: float | None = None) -> None:
         if not providers:
             raise ValueError("a router needs at least one provider")
         names = [p.name for p in providers]
@@ -106,8 +139,14 @@ class LlmRouter:
             raise ValueError(f"provider names must be unique: {names}")
         self.providers = list(providers)
         self.first_token_deadline_s = first_token_deadline_s
+        # A fallback's window (None: the first provider's); never longer than the first's.
+        self.fallback_first_token_deadline_s = (
+            first_token_deadline_s if fallback_first_token_deadline_s is None
+            else min(first_token_deadline_s, fallback_first_token_deadline_s))
         self.filler_after_ms = filler_after_ms
         self.filler_text = filler_text
+        self.more_fillers = tuple(more_fillers)
+        self.turn_deadline_s = turn_deadline_s  # the whole turn's (None: none), for retries
         self.ewma_alpha = ewma_alpha
         self.max_error_rate = max_error_rate
         make = breaker_factory or (lambda name: CircuitBreaker(
@@ -136,12 +175,18 @@ class LlmRouter:
         return (health.breaker.state is CircuitState.CLOSED
                 and health.error_rate <= self.max_error_rate)
 
-    async def stream(self, request: LlmRequest, *,
-                     max_cost: float | None = None) -> AsyncIterator[RouterEvent]:
-        """Stream the turn; raise :class:`LlmError` if no provider could start it."""
+    async def stream(self, request: LlmRequest, *, max_cost: float | None = None,
+                     filler_after_ms: float | None = None) -> AsyncIterator[RouterEvent]:
+        """Stream the turn; raise :class:`LlmError` if no provider could start it.
+
+        ``filler_after_ms``: the agent's filler threshold (0: no filler; None: the router's).
+        """
         turn_started = self._clock()
-        filler_due = (None if self.filler_after_ms is None
-                      else turn_started + self.filler_after_ms / 1000)
+        turn_end = None if self.turn_deadline_s is None else turn_started + self.turn_deadline_s
+        after_ms = self.filler_after_ms if filler_after_ms is None else filler_after_ms
+        fillers = (_Fillers([], 0.0, None) if not after_ms or after_ms <= 0
+                   else _Fillers([self.filler_text, *self.more_fillers], after_ms / 1000,
+                                 turn_started + after_ms / 1000))
         tried: list[str] = []
         previous: tuple[str, str] | None = None
         for provider in self.candidates(request, max_cost=max_cost):
@@ -150,19 +195,23 @@ class LlmRouter:
                                        reason=previous[1])
             health = self.health[provider.name]
             emitted = False
+            # The provider's own window for a first token, its retries included.
+            window = (self.first_token_deadline_s if previous is None
+                      else self.fallback_first_token_deadline_s)
+            window_end = self._clock() + window
+            deadline = window_end if turn_end is None else min(window_end, turn_end)
             for attempt in range(1 + self.retries):
                 try:
                     async with health.breaker.guard():
-                        async for event in self._attempt(provider, request, filler_due):
-                            if isinstance(event, Filler):
-                                filler_due = None
-                            elif isinstance(event, UsageReported):
+                        async for event in self._attempt(provider, request, fillers,
+                                                         deadline, window):
+                            if isinstance(event, UsageReported):
                                 event = msgspec.structs.replace(event, provider=provider.name)
                             elif isinstance(event, Done):
                                 event = msgspec.structs.replace(event, provider=provider.name)
                                 health.record(ok=True, alpha=self.ewma_alpha,
                                               ttft_ms=event.ttft_ms)
-                            else:
+                            elif not isinstance(event, Filler):
                                 emitted = True
                             yield event
                     return
@@ -176,11 +225,11 @@ class LlmRouter:
                         health.record(ok=False, alpha=self.ewma_alpha, reason=reason)
                     if emitted:
                         raise
-                    # 429/5xx: once more on the same provider if the turn can afford the wait
+                    # 429/5xx: again on the same provider if the wait ends within its window
+                    # and the turn's deadline
                     backoff = self.retry_backoff_s * (attempt + 1)
-                    spent = self._clock() - turn_started
                     if (not exc.retryable or attempt == self.retries
-                            or spent + backoff >= self.first_token_deadline_s):
+                            or self._clock() + backoff >= deadline):
                         break
                     await asyncio.sleep(backoff)
             tried.append(f"{provider.name} ({reason})")
@@ -188,13 +237,13 @@ class LlmRouter:
         raise LlmError("router", "no provider could serve the turn: "
                        + (", ".join(tried) or "none eligible"), retryable=bool(tried))
 
-    async def _attempt(self, provider: LlmProvider, request: LlmRequest,
-                       filler_due: float | None) -> AsyncIterator[LlmEvent | Filler]:
-        """One provider's events; before the first, enforce the deadline and say the filler."""
+    async def _attempt(self, provider: LlmProvider, request: LlmRequest, fillers: _Fillers,
+                       first_token_by: float, window: float) -> AsyncIterator[LlmEvent | Filler]:
+        """One provider's events; before the first, enforce the deadline and say the fillers."""
         queue: asyncio.Queue[object] = asyncio.Queue()
         pump = asyncio.create_task(_pump(provider, request, queue),
                                    name=f"llm-{provider.name}")
-        deadline: float | None = self._clock() + self.first_token_deadline_s
+        deadline: float | None = first_token_by
         started = False
         try:
             while True:
@@ -207,20 +256,20 @@ class LlmRouter:
                                        f"{self.stall_timeout_s:g} s") from None
                 else:
                     now = self._clock()
-                    wakes = [t for t in (deadline, filler_due) if t is not None]
+                    wakes = [t for t in (deadline, fillers.due) if t is not None]
                     try:
                         # A timeout scope, not wait_for: that runs the get in a task of its own,
                         # and the first token would reach the turn two loop turns later.
                         async with asyncio.timeout(max(min(wakes) - now, 0) if wakes else None):
                             item = await queue.get()
                     except TimeoutError:
-                        if filler_due is not None and self._clock() >= filler_due:
-                            filler_due = None
-                            yield Filler(text=self.filler_text)
+                        now = self._clock()
+                        if fillers.due is not None and now >= fillers.due:
+                            yield fillers.take(now)
                             continue
-                        if deadline is not None and self._clock() >= deadline:
-                            raise LlmError(provider.name, "no first token within "
-                                           f"{self.first_token_deadline_s:g} s") from None
+                        if deadline is not None and now >= deadline:
+                            raise LlmError(provider.name,
+                                           f"no first token within {window:g} s") from None
                         continue
                 if item is _END:
                     return
@@ -247,6 +296,7 @@ class LlmRouter:
                                        retryable=False)
                     continue  # leading whitespace: not yet a reply
                 started = True
+                fillers.due = None  # the reply has begun: no more fillers
                 yield item  # type: ignore[misc]
         finally:
             pump.cancel()

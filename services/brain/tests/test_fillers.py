@@ -1,0 +1,52 @@
+"""The agent's filler threshold, from its stored settings, times what the caller hears."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import psycopg
+
+from parley.brain.agents import AgentLookups
+from parley.brain.llm.anthropic_llm import AnthropicLlm
+from parley.brain.llm.router import LlmRouter
+from parley.brain.worker import BrainWorker
+from parley.common.configuration import update_agent
+from parley.devkit.emulators.anthropic import ScriptedReply
+
+from .conftest import AGENT, ORG, open_call, services, user_says
+
+
+async def test_a_slow_reply_gets_the_fillers_at_the_agents_threshold(
+        bus, pool, emulator, recorder, database_url) -> None:
+    # The filler threshold was the brain's alone (PARLEY_FILLER_AFTER_MS, 1.2 s): an agent could
+    # not have its own. Stored with the agent, it times the fillers its calls hear; with a slow
+    # model, a second, different one follows another threshold of silence.
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        await update_agent(conn, ORG, AGENT, {"filler_after_ms": 400})
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    lookups = AgentLookups(pool, keep_s=0)
+    worker = BrainWorker(dataclasses.replace(
+        services(bus, pool, [llm], agents=lookups.settings),
+        router=LlmRouter([llm], filler_after_ms=5000, first_token_deadline_s=10)))
+    await worker.start()
+    try:
+        await open_call(bus, "fa")
+        await recorder.wait("agent.say", "fa")  # the greeting
+        emulator.ttft_s = 1.1
+        emulator.script(ScriptedReply(text="We open at eight."))
+        await user_says(bus, "fa", "t1", "When do you open?")
+        await recorder.wait("turn.completed", "fa")
+        says = [e.text for e in recorder.of("agent.say", "fa") if e.turn_id == "t1"]
+        assert says[:2] == ["One moment.", "Sorry, just a moment longer."]
+        assert says[-1] == "We open at eight."
+
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+            await update_agent(conn, ORG, AGENT, {"filler_after_ms": 0})  # none
+        emulator.script(ScriptedReply(text="Nine on Saturdays."))
+        await user_says(bus, "fa", "t2", "And on Saturdays?")
+        await recorder.wait("turn.completed", "fa", count=2)
+        says = [e.text for e in recorder.of("agent.say", "fa") if e.turn_id == "t2"]
+        assert says == ["Nine on Saturdays."]
+    finally:
+        await worker.stop()
+        await llm.aclose()
