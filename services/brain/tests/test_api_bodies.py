@@ -92,3 +92,11 @@ async def test_a_file_after_too_many_form_fields_is_a_400_problem(client: Any,
         "X-API-Key": keys["acme"], "Content-Type": MULTIPART})
     await problem(response, 400)
     assert await stored(client, keys) == []
+
+
+async def test_an_upload_that_does_not_decompress_is_a_400_problem(client: Any,
+                                                                   keys: dict[str, str]) -> None:
+    response = await client.post(url(), params={"source": "a.txt"}, data=b"not gzip at all",
+                                 headers={"X-API-Key": keys["acme"], "Content-Encoding": "gzip"})
+    assert (await problem(response, 400))["type"].endswith("/unreadable-body")
+    assert await stored(client, keys) == []

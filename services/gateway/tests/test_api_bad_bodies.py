@@ -25,3 +25,13 @@ async def test_a_body_that_is_not_utf8_is_a_400(api, twilio_api, keys, events, d
     assert response.content_type == "application/problem+json"
     assert (await response.json())["type"].endswith("/malformed-json")
     assert not twilio_api.requests and not events.of("call.requested")
+
+
+async def test_a_body_that_does_not_decompress_is_a_400(api, twilio_api, keys, events):
+    response = await api.gateway.client.post("/v1/calls", data=b"not gzip at all", headers={
+        "X-API-Key": keys["full"], "Content-Type": "application/json",
+        "Content-Encoding": "gzip"})
+    assert response.status == 400
+    assert response.content_type == "application/problem+json"
+    assert (await response.json())["type"].endswith("/unreadable-body")
+    assert not twilio_api.requests and not events.of("call.requested")

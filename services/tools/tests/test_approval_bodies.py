@@ -55,3 +55,10 @@ async def test_a_body_over_the_cap_sent_in_chunks_is_a_413_problem(api, pool, ap
                               headers={"X-API-Key": api_key,
                                        "Content-Type": "application/json"})
     await problem_of(response, 413)
+
+
+async def test_a_body_that_does_not_decompress_is_a_400_problem(api, api_key):
+    response = await api.post("/v1/tool-calls/tc_1/approve", data=b"not gzip at all",
+                              headers={"X-API-Key": api_key, "Content-Encoding": "gzip",
+                                       "Content-Type": "application/json"})
+    await problem_of(response, 400)

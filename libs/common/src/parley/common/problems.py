@@ -5,7 +5,9 @@ API.
 
 Handlers raise :class:`Problem` (or any ``web.HTTPException``); :func:`problem_middleware`
 renders it as ``application/problem+json`` with ``type``, ``title``, ``status`` and ``detail``.
-Unexpected exceptions become a 500 problem and are logged with the traceback.
+A body aiohttp cannot read (a Content-Encoding that does not decode, broken chunked framing) is
+a 400, wherever in the handler it was read. Unexpected exceptions become a 500 problem and are
+logged with the traceback.
 """
 
 from __future__ import annotations
@@ -57,6 +59,14 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         if exc.status < 400:
             raise
         return _from_http_exception(exc)
+    except web.RequestPayloadError as exc:  # raised by reading the request's body, never a reply
+        log.info("unreadable body on %s %s: %r", request.method, request.path,
+                 exc.__cause__ or exc)
+        response = problem_response(400, "Bad Request", "the body cannot be read: its "
+                                    "Content-Encoding does not decode or its chunked framing "
+                                    "is broken", kind="unreadable-body")
+        response.force_close()  # the rest of the body cannot be found: no next request on it
+        return response
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return problem_response(500, "Internal Server Error", "the server failed; see its logs",
