@@ -100,3 +100,12 @@ async def test_an_upload_that_does_not_decompress_is_a_400_problem(client: Any,
                                  headers={"X-API-Key": keys["acme"], "Content-Encoding": "gzip"})
     assert (await problem(response, 400))["type"].endswith("/unreadable-body")
     assert await stored(client, keys) == []
+
+
+
+@pytest.mark.parametrize("agent_id", ["a%00b", "a" * 5000], ids=["nul", "long"])
+async def test_an_agent_id_no_agent_can_have_is_a_404_problem(client: Any, keys: dict[str, str],
+                                                              agent_id: str) -> None:
+    response = await client.get(url(agent_id), headers={"X-API-Key": keys["acme"]})
+    body = await problem(response, 404)
+    assert body["type"].endswith("/agent-not-found") and len(body["detail"]) < 200

@@ -62,3 +62,12 @@ async def test_a_body_that_does_not_decompress_is_a_400_problem(api, api_key):
                               headers={"X-API-Key": api_key, "Content-Encoding": "gzip",
                                        "Content-Type": "application/json"})
     await problem_of(response, 400)
+
+
+
+@pytest.mark.parametrize("tool_call_id", ["a%00b", "a" * 5000], ids=["nul", "long"])
+async def test_a_tool_call_id_no_call_can_have_is_a_404_problem(api, api_key, tool_call_id):
+    response = await api.post(f"/v1/tool-calls/{tool_call_id}/approve",
+                              headers={"X-API-Key": api_key})
+    problem = await problem_of(response, 404)
+    assert problem["type"].endswith("/tool-call-not-found") and len(problem["detail"]) < 200

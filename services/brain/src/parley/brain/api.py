@@ -116,9 +116,11 @@ async def _agent_of_key(request: web.Request, scope: str) -> tuple[ApiKey, str]:
         if scope not in key.scopes:
             raise Problem(403, "Forbidden", f"the API key lacks the {scope} scope",
                           kind="insufficient-scope", extra={"required_scope": scope})
-        agent = await get_agent(conn, agent_id, org_id=key.org_id)
+        # (no id holds a NUL, which Postgres text cannot)
+        agent = None if "\x00" in agent_id else await get_agent(conn, agent_id,
+                                                                org_id=key.org_id)
     if agent is None:
-        raise Problem(404, "Not Found", f"no agent {agent_id!r} in this org",
+        raise Problem(404, "Not Found", f"no agent {agent_id[:64]!r} in this org",
                       kind="agent-not-found")
     return key, agent_id
 

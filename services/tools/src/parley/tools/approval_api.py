@@ -73,12 +73,15 @@ async def _decide(request: web.Request, *, approve: bool) -> web.Response:
     key = await authenticate(request)
     body = await _body(request)
     tool_call_id = request.match_info["tool_call_id"]
+    not_found = Problem(404, "Not Found", f"no tool call {tool_call_id[:64]!r} in this org",
+                        kind="tool-call-not-found")
+    if "\x00" in tool_call_id:  # no id holds one (Postgres text cannot)
+        raise not_found
     async with request.app[POOL].connection() as conn:
         outcome, event = await journal.decide(conn, key.org_id, tool_call_id, approve=approve,
                                               by=f"api_key:{key.key_id}", reason=body.reason)
         if outcome == "not_found":
-            raise Problem(404, "Not Found", f"no tool call {tool_call_id!r} in this org",
-                          kind="tool-call-not-found")
+            raise not_found
         if outcome == "already_decided":
             earlier = await journal.decision_of(conn, key.org_id, tool_call_id)
             if earlier is None:
