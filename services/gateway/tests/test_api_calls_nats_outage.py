@@ -40,3 +40,22 @@ async def test_a_call_placed_while_nats_is_down_is_a_503_safe_to_retry(
     response = await place(api, keys["full"], body())
     assert response.status == 201, await response.text()
     assert len(twilio_api.requests) == 1
+
+
+async def test_a_call_not_dialled_takes_nothing_from_the_orgs_rate_limit(
+        nats_server_of_test, bus, make_plivo_gateway, twilio_api, keys):
+    """The org's last call of its burst, not dialled for the outage: its retry was a 429, the
+    bucket charged for a call nobody placed."""
+    api = await make_plivo_gateway(twilio_account_sid=api_calls.ACCOUNT,
+                                   twilio_api_base_url=twilio_api.url,
+                                   gateway_call_rate_per_s=0.001, gateway_call_burst=1)
+    server = await outage.cut_off(nats_server_of_test, bus)
+    try:
+        response = await place(api, keys["full"], body())
+    finally:
+        server.start()
+    assert response.status == 503, await response.text()
+    await wait_for(lambda: bus.nc.is_connected)
+    response = await place(api, keys["full"], body())
+    assert response.status == 201, await response.text()
+    assert (await place(api, keys["full"], body())).status == 429  # the burst, spent now

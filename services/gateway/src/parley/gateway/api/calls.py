@@ -9,7 +9,8 @@ place_outbound`: call.requested, the carrier that owns the ``from`` number dials
 recording it failed through the retries (:class:`parley.gateway.outbound.DialledNotRecorded`):
 a 500 would invite a retry that rings the callee twice. When call.requested cannot be published
 (NATS down), the carrier was never asked (:class:`parley.gateway.outbound.NotDialled`): 503 with
-``Retry-After``, saying the call was not dialled and is safe to place again.
+``Retry-After``, saying the call was not dialled and is safe to place again; the call's token
+goes back to the org's rate limit.
 
 Reading a call: the ``calls`` read model, scoped to the key's org — another org's call is a
 404, like a call that does not exist. The read model follows the bus a moment behind; until
@@ -96,6 +97,7 @@ async def place_call(request: web.Request) -> web.Response:
         pass
     except NotDialled as exc:
         log.warning("call %s: not dialled: %s", call_id, exc)
+        app[CALL_RATE_LIMITER].give_back(org_id)  # no call was placed: its retry is not one more
         return _not_dialled(request)
     except CarrierUnavailable as exc:
         _count(request, "carrier_unavailable")

@@ -63,6 +63,12 @@ class CallRateLimiter:
             return 0.0
         return (1.0 - bucket.tokens) / self.rate_per_s
 
+    def give_back(self, org_id: str) -> None:
+        """Return the token a call took that was not dialled after all (never past the burst)."""
+        bucket = self._buckets.get(org_id)
+        if bucket is not None and not self.unlimited:
+            bucket.tokens = min(float(self.burst), bucket.tokens + 1.0)
+
 
 def retry_after_header(delay_s: float) -> str:
     """``Retry-After`` in whole seconds (what HTTP allows), rounded up, at least 1."""
