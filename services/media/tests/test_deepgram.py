@@ -200,6 +200,27 @@ async def test_caller_audio_that_stops_mid_speech_is_no_stall(emulator: Deepgram
     await stream.close()
 
 
+@pytest.mark.parametrize(("language", "sent"), [
+    ("en-US", "en-US"), ("de-DE", "de"), ("fr-FR", "fr"), ("es-MX", "es"), ("pt-BR", "pt-BR"),
+    ("fr-ca", "fr-CA"), ("it", "it")])
+async def test_the_agent_language_goes_out_as_a_code_deepgram_accepts(
+        emulator: DeepgramEmulator, language: str, sent: str) -> None:
+    # nova-3 knows "de", "fr", "es" and a few regional codes ("en-US", "pt-BR", "fr-CA"), not
+    # "de-DE" or "fr-FR": those were refused with HTTP 400 at the upgrade, permanently, so a
+    # German agent never had Deepgram (and the English-only local fallback refused it too).
+    stream = await provider(emulator).open(language=language)
+    await stream.close()
+    assert emulator.sessions[0].params["language"] == sent
+
+
+async def test_a_language_deepgram_does_not_know_is_a_permanent_error(
+        emulator: DeepgramEmulator) -> None:
+    with pytest.raises(ProviderError) as caught:
+        await provider(emulator).open(language="xx-YY")
+    assert caught.value.permanent and "400" in str(caught.value)
+    assert not emulator.sessions
+
+
 async def test_a_wrong_key_is_a_permanent_error(emulator: DeepgramEmulator) -> None:
     with pytest.raises(ProviderError) as caught:
         await DeepgramStt("wrong", base_url=emulator.base_url).open()

@@ -3,7 +3,8 @@
 It checks ``Authorization: Token <key>`` before the upgrade (401 with Deepgram's JSON error
 otherwise), reads the query the deepgram-sdk sends (``encoding`` mulaw/linear16,
 ``sample_rate``, ``interim_results``, ``endpointing``, ``utterance_end_ms``, ``vad_events``,
-``smart_format``/``punctuate``), takes binary audio and the JSON controls ``KeepAlive``,
+``smart_format``/``punctuate``; a ``language`` nova-3 does not list is refused with 400, as
+Deepgram refuses it), takes binary audio and the JSON controls ``KeepAlive``,
 ``Finalize`` and ``CloseStream``, and answers with Deepgram-shaped ``Results``,
 ``SpeechStarted``, ``UtteranceEnd`` and, on close, ``Metadata``.
 
@@ -46,6 +47,18 @@ from parley.devkit.telephony.audio_codec import ulaw_decode
 
 MODEL_INFO = {"name": "2-general-nova", "version": "2024-01-18.26916", "arch": "nova-3"}
 _ENCODINGS = {"mulaw", "linear16"}
+# The ``language`` codes nova-3 takes (Deepgram's "Models & Languages Overview" and changelog,
+# 2025-08 to 2026-03): base codes and only these regional ones; any other ("de-DE", "fr-FR",
+# "es-ES") is refused with HTTP 400 at the upgrade, as the real service refuses a model and
+# language it has no model for. Checked only for ``model=nova-3`` (the other models' lists
+# differ).
+NOVA_3_LANGUAGES = frozenset({
+    "multi", "en", "en-US", "en-AU", "en-GB", "en-IN", "en-NZ", "es", "es-419", "fr", "fr-CA",
+    "pt", "pt-BR", "pt-PT", "de", "de-CH", "nl", "nl-BE", "sv", "sv-SE", "da", "da-DK", "it",
+    "tr", "no", "id", "ja", "ko", "ko-KR", "hi", "ru", "uk", "vi", "pl", "cs", "bg", "fi", "hu",
+    "ca", "et", "el", "lv", "lt", "ms", "ro", "sk", "be", "bn", "bs", "hr", "kn", "mk", "mr",
+    "sr", "sl", "ta", "tl", "te", "zh", "zh-CN", "zh-Hans", "zh-TW", "zh-Hant",
+})
 _ULAW_ABS = np.abs(ulaw_decode(bytes(range(256))).astype(np.int32))  # µ-law byte → |sample|
 _MODEL_UUID = str(uuid.uuid5(uuid.NAMESPACE_DNS, MODEL_INFO["name"]))
 _NOT_WORD = re.compile(r"[^\w']")
@@ -279,6 +292,8 @@ class DeepgramEmulator(EmulatorServer):
         params = dict(request.query)
         if params.get("encoding", "mulaw") not in _ENCODINGS or "sample_rate" not in params:
             return _error(400, "Bad Request", "unsupported encoding or missing sample_rate")
+        if params.get("model") == "nova-3" and params.get("language", "en") not in NOVA_3_LANGUAGES:
+            return _error(400, "Bad Request", "No such model/language/tier combination found.")
         ws = web.WebSocketResponse(autoping=True)
         await ws.prepare(request)
         self.sockets.add(ws)

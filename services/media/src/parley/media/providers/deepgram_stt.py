@@ -1,7 +1,10 @@
 """Deepgram live STT through the deepgram-sdk ``listen.v1`` WebSocket.
 
 Caller audio goes out exactly as it arrives, 8 kHz µ-law (``encoding=mulaw``,
-``sample_rate=8000``): no transcoding. The socket asks for interim results, endpointing,
+``sample_rate=8000``): no transcoding. The agent's language goes out as a code Deepgram takes:
+the tag itself if it is one of the few regional codes nova-3 knows ("en-US", "pt-BR", "fr-CA"),
+else its language ("de-DE" → "de"); Deepgram refuses the upgrade (HTTP 400) for a code it has
+no model for. The socket asks for interim results, endpointing,
 ``utterance_end_ms``, VAD events and smart formatting; answers map onto the protocol as
 ``Results`` → :class:`Partial` (interim; empty ones are dropped) or :class:`Final` (``is_final``;
 ``speech_final`` carried over), ``SpeechStarted`` → :class:`SpeechStarted`, ``UtteranceEnd`` →
@@ -160,6 +163,17 @@ setattr(_listen_client, _SDK_CONNECT, _without_compression(getattr(_listen_clien
 
 log = logging.getLogger(__name__)
 _PERMANENT_STATUSES = range(400, 500)
+# The regional codes Deepgram's nova-3 takes (its "Models & Languages Overview" and changelog);
+# for any other tag only the language itself is sent: "de-DE" → "de", "es-MX" → "es".
+_REGIONAL_CODES = {code.lower(): code for code in (
+    "en-US", "en-AU", "en-GB", "en-IN", "en-NZ", "es-419", "fr-CA", "pt-BR", "pt-PT", "de-CH",
+    "nl-BE", "sv-SE", "da-DK", "ko-KR", "zh-CN", "zh-Hans", "zh-TW", "zh-Hant")}
+
+
+def deepgram_language(tag: str) -> str:
+    """The ``language`` code for a BCP-47 tag: Deepgram refuses (HTTP 400) regions it lacks."""
+    tag = tag.strip().replace("_", "-")
+    return _REGIONAL_CODES.get(tag.lower()) or tag.split("-")[0].lower() or "en"
 _END = None  # queue sentinel
 
 
@@ -204,7 +218,8 @@ class DeepgramStt:
         exits = contextlib.AsyncExitStack()
         endpointing = endpointing_ms if endpointing_ms is not None else self._endpointing_ms
         connection = self._listen.connect(
-            model=self._model, language=language, encoding="mulaw", sample_rate="8000",
+            model=self._model, language=deepgram_language(language), encoding="mulaw",
+            sample_rate="8000",
             channels="1", interim_results="true", endpointing=str(endpointing),
             utterance_end_ms=str(self._utterance_end_ms), vad_events="true",
             smart_format="true" if self._smart_format else "false")
