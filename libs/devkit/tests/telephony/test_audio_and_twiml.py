@@ -100,3 +100,20 @@ def test_public_urls_are_mapped_to_the_gateways_real_address() -> None:
         "ws://127.0.0.1:9/gw/twilio/stream"
     assert prefixed.actual_for("https://x.test/other") == "https://x.test/other"
     assert UrlMap().actual_for("wss://a.test/s") == "wss://a.test/s"
+
+
+def test_a_stream_url_twilio_would_refuse_is_refused() -> None:
+    """Twilio connects Media Streams over wss only and takes no query string on <Stream url>.
+
+    Twilio error 31922: values go to the socket as <Parameter>s (the start message's
+    customParameters), never in the URL, which Twilio does not deliver. The test kit used to
+    connect to such a URL as it was, so a gateway relying on its query passed here and failed
+    on the real Twilio. (``ws://`` stays allowed: a local gateway has no TLS.)
+    """
+    for url in ("wss://g.test/twilio/stream?call_id=c1", "wss://g.test/twilio/stream?",
+                "https://g.test/twilio/stream", "g.test/twilio/stream"):
+        with pytest.raises(TwimlError, match="31922"):
+            parse_twiml(f'<Response><Connect><Stream url="{url}"/></Connect></Response>')
+    assert parse_twiml('<Response><Connect><Stream url="ws://127.0.0.1:8080/twilio/stream"/>'
+                       '</Connect></Response>') == [ConnectStream(
+                           "ws://127.0.0.1:8080/twilio/stream", {}, None, "POST")]

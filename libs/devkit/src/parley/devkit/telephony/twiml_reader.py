@@ -4,12 +4,17 @@ Only what the test kit acts on is modelled: ``<Connect><Stream>`` (with ``<Param
 ``<Connect action>``), ``<Pause>``, ``<Redirect>`` and ``<Hangup>``/``<Reject>``; any other verb is
 kept as :class:`OtherVerb` so callers can log it. The TwiML comes from our own gateway in tests
 and development, so the standard library's XML parser is adequate.
+
+A ``<Stream url>`` Twilio would not connect to is refused, as Twilio refuses it (error 31922):
+Media Streams use ``wss`` only (``ws`` is let through for a local gateway without TLS), and the
+URL takes no query string: values for the socket go in ``<Parameter>``s.
 """
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 
 class TwimlError(ValueError):
@@ -79,6 +84,7 @@ def _verb(element: ElementTree.Element) -> Verb:
             url = stream.get("url")
             if not url:
                 raise TwimlError("<Stream> without a url")
+            _check_stream_url(url)
             parameters = {
                 parameter.get("name", ""): parameter.get("value", "")
                 for parameter in stream if parameter.tag == "Parameter"
@@ -96,6 +102,17 @@ def _verb(element: ElementTree.Element) -> Verb:
             return Hangup()
         case tag:
             return OtherVerb(tag, (element.text or "").strip())
+
+
+def _check_stream_url(url: str) -> None:
+    """Refuse a ``<Stream url>`` Twilio would not connect to (its error 31922)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("wss", "ws"):
+        raise TwimlError(f"<Stream url={url!r}>: Twilio error 31922, Media Streams connect "
+                         "over wss only")
+    if parts.query or url.endswith("?"):
+        raise TwimlError(f"<Stream url={url!r}>: Twilio error 31922, the url takes no query "
+                         "string (pass values as <Parameter>s)")
 
 
 def first_stream(verbs: list[Verb]) -> ConnectStream:
