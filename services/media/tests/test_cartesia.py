@@ -119,6 +119,32 @@ async def test_cancel_ends_audio_promptly(emulator: CartesiaEmulator) -> None:
         await slow.stop()
 
 
+@pytest.mark.parametrize("language", ["en-US", "it-IT", "nl-NL", "hi-IN", "ar-SA"])
+async def test_the_default_model_speaks_the_languages_cartesia_still_serves(
+        emulator: CartesiaEmulator, tts: CartesiaTts, language: str) -> None:
+    # On 2026-06-01 Cartesia sunset sonic-2 for it, nl, pl, ru, sv, tr and hi (it never had
+    # ar): with it as the default, an Italian agent's every turn was a "model_sunsetted" error.
+    stream = await tts.open(language=language)
+    await stream.say("Ciao.", last=True)
+    assert b"".join(c.audio for c in await collect(stream))
+    assert emulator.sessions[0].requests[0]["model_id"] == "sonic-3"
+
+
+async def test_a_sunset_model_is_a_permanent_error(emulator: CartesiaEmulator) -> None:
+    tts = CartesiaTts(KEY, base_url=emulator.base_url, model_id="sonic-2")
+    try:
+        stream = await tts.open(language="it-IT")
+        await stream.say("Ciao.", last=True)
+        with pytest.raises(ProviderError, match="sunsetted") as caught:
+            await collect(stream)
+        assert caught.value.permanent
+        stream = await tts.open(language="de-DE")  # sonic-2 still speaks German
+        await stream.say("Hallo.", last=True)
+        assert await collect(stream)
+    finally:
+        await tts.close()
+
+
 async def test_a_wrong_key_is_a_permanent_error(emulator: CartesiaEmulator) -> None:
     tts = CartesiaTts("wrong", base_url=emulator.base_url)
     try:

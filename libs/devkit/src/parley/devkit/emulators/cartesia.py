@@ -7,7 +7,8 @@ upgrade. Messages in: generation requests (``context_id``, ``model_id``, ``trans
 ``{"context_id": …, "cancel": true}``. Messages out, Cartesia-shaped: ``chunk`` (base64 audio,
 ``flush_id``), ``timestamps`` (``word_timestamps`` ``{words, start, end}``, seconds from the
 start of the context's audio), ``flush_done`` after a request sent with ``flush``, ``done`` once
-a request with ``continue: false`` has been spoken, and ``error`` (with ``status_code``).
+a request with ``continue: false`` has been spoken, and ``error`` (with ``status_code``), also
+for a model (or a model's language) Cartesia has sunset (``error_code`` "model_sunsetted").
 
 Audio is deterministic and cheap: per word a tone (pitch from the word's letters) lasting
 ``seconds_per_character`` per character, then ``gap_s`` of silence, in the requested raw
@@ -40,6 +41,13 @@ _REQUIRED = ("context_id", "model_id", "transcript", "voice", "output_format")
 _RATES = {8000, 16000, 22050, 24000, 44100, 48000}
 _ENCODINGS = {"pcm_mulaw", "pcm_s16le", "pcm_f32le"}
 _encode_json = msgspec.json.Encoder().encode
+# Cartesia's "API Changes" page: on 2026-06-01 these models stopped serving, and sonic-2 and
+# sonic-turbo kept only these languages; a request for any other is an ``error`` with
+# ``error_code`` "model_sunsetted". (sonic-3 and sonic-3.5 speak all 42 languages.)
+_SUNSET_MODELS = frozenset({"sonic", "sonic-english", "sonic-multilingual",
+                            "sonic-2-2025-03-07", "sonic-turbo-2025-03-07"})
+_SONIC_2_LANGUAGES = frozenset({"en", "de", "es", "fr", "ja", "ko", "pt", "zh"})
+_REDUCED_MODELS = {"sonic-2": _SONIC_2_LANGUAGES, "sonic-turbo": _SONIC_2_LANGUAGES | {"hi"}}
 
 
 @dataclass
@@ -221,6 +229,12 @@ class CartesiaEmulator(EmulatorServer):
                                 "status_code": status, "title": "Invalid request",
                                 "message": text, "error_code": "invalid_request"})
                     continue
+                if _sunset(str(body["model_id"]), str(body.get("language", "en"))):
+                    await post({"type": "error", "context_id": context_id, "done": True,
+                                "status_code": 400, "error_code": "model_sunsetted",
+                                "title": "Model sunsetted", "message": "The requested model "
+                                "has been sunsetted and is no longer available."})
+                    continue
                 context = contexts.get(context_id)
                 if context is None:
                     context = contexts[context_id] = _Context(context_id, post, self.voice,
@@ -249,6 +263,15 @@ class CartesiaEmulator(EmulatorServer):
         if context is not None and context.closed:
             return 400, f"context {body['context_id']} is closed"
         return None
+
+
+def _sunset(model_id: str, language: str) -> bool:
+    """Whether Cartesia no longer serves ``model_id`` in ``language`` (see _SUNSET_MODELS)."""
+    if model_id in _SUNSET_MODELS:
+        return True
+    family = next((name for name in _REDUCED_MODELS
+                   if model_id == name or model_id.startswith(f"{name}-")), None)
+    return family is not None and language not in _REDUCED_MODELS[family]
 
 
 def _http_error(status: int, message: str) -> web.Response:

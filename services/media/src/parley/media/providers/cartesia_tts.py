@@ -5,6 +5,9 @@ handshake per turn); one Cartesia *context* per :class:`CartesiaTtsStream` (agen
 reader task routes each message to its context's stream; if the socket fails, every stream on
 it fails with a transient :class:`ProviderError` and the next ``open`` reconnects.
 
+The model is ``sonic-3`` (all of Cartesia's 42 languages): Cartesia sunset ``sonic-2`` on
+2026-06-01 for all but en, de, es, fr, ja, ko, pt and zh.
+
 Each ``say`` is one generation request in the turn's context: raw 8 kHz ``pcm_mulaw`` out,
 ``add_timestamps``, ``continue`` true except on the last clause. Cartesia does not label audio
 with the request that produced it, but it does number *flushes*: a request sent with
@@ -155,7 +158,7 @@ class CartesiaTts:
 
     name = PROVIDER
 
-    def __init__(self, api_key: str, *, base_url: str | None = None, model_id: str = "sonic-2",
+    def __init__(self, api_key: str, *, base_url: str | None = None, model_id: str = "sonic-3",
                  voice_id: str = DEFAULT_VOICE, stall_after_s: float = 3.0,
                  flush_clauses: bool = True) -> None:
         if not api_key:
