@@ -11,12 +11,17 @@ import asyncio
 import json
 import time
 
+import msgspec
+
 from parley.common.events import (
     AgentSpeechFinished,
     AgentSpeechInterrupted,
     AgentSpeechProgress,
+    CallDtmf,
+    CallEnded,
     TurnUserEnded,
 )
+from parley.media.ownership import Leases
 from parley.media.playback import GENERATION, mark_seq
 from parley.media.providers.base import Final
 
@@ -243,3 +248,98 @@ async def test_okay_over_the_agent_pauses_it_and_the_rest_plays_from_the_cut(bus
     finally:
         await call.close()
         await sub.unsubscribe()
+
+
+async def spoken_over(call: Call, words: str) -> None:
+    """The caller says ``words`` over the agent and stops: the turn ends (a backchannel's
+    silence and more)."""
+    await call.speech(0.6)
+    await call.session._on_stt(Final(words, speech_final=True))
+    await call.audio(1.0)
+
+
+async def test_a_turn_spoken_over_an_agent_that_cannot_be_interrupted_waits_for_it(bus) -> None:
+    # Mode none: the caller's speech does not barge in. "Can you also check Saturday?" over
+    # the agent's answer, the brain still writing it. Media cleared nothing and interrupted
+    # nothing, but published the caller's turn at once: the brain cancelled the turn it was
+    # running for the newer one, and the caller heard an answer that stopped mid-sentence
+    # (wherever generation had got to). Now the turn waits until the agent's turn has played,
+    # then goes out with its words and its timing as heard.
+    call = Call(bus, "call-barge-in-none-1", msgspec.structs.replace(
+        QUIET_CALLER, interruption_mode="none"))
+    clears: list[str] = []
+
+    async def clear(msg) -> None:
+        clears.append(msg.subject)
+        await msg.respond(b'{"ok": true}')
+
+    sub = await bus.nc.subscribe(f"parley.cmd.gateway.{call.call_id}.clear", cb=clear)
+    try:
+        await call.agent_says("t1", "Friday at ten is free.", "Friday at two", last=False)
+        turn = call.session._turns["t1"]
+        await echo(call, "t1", mark_seq(0, 1))
+        await spoken_over(call, "Can you also check Saturday?")
+        assert call.session.turn_no == 1  # the turn has ended ...
+        await call.audio(2.0)
+        await call.session._outbox.drain(2)
+        events = await bus.replay_call(call.call_id, org_id=ORG)
+        assert [e for e in events if isinstance(e, TurnUserEnded)] == []  # ... and waits
+        assert not turn.interrupted and turn.audio.cut_frames is None and clears == []
+        await call.agent_says("t1", "is free too.", first_seq=2)  # the rest of the answer
+        await call.played("t1")
+        await call.audio(0.1)
+        await call.session._outbox.drain(2)
+        events = await bus.replay_call(call.call_id, org_id=ORG)
+        [ended] = [e for e in events if isinstance(e, TurnUserEnded)]
+        assert (ended.turn_id, ended.text) == ("t1", "Can you also check Saturday?")
+        assert ended.reason == "utterance_end"
+        assert ended.eou_delay_ms < 1000  # the silence waited then, not the wait for the agent
+        assert [e.turn_id for e in events if isinstance(e, AgentSpeechFinished)] == ["t1"]
+        assert [e for e in events if isinstance(e, AgentSpeechInterrupted)] == []
+    finally:
+        await call.close()
+        await sub.unsubscribe()
+
+
+async def test_a_key_interrupts_in_mode_dtmf_and_the_turn_held_goes_out_before_it(bus) -> None:
+    # Mode dtmf: the caller's words over the agent wait for it (as above), but a key cuts it
+    # off; the caller's turn goes out then, followed by the turn of keys it came before.
+    call = Call(bus, "call-barge-in-dtmf-1", msgspec.structs.replace(
+        QUIET_CALLER, interruption_mode="dtmf", keypad_end_key="#"))
+    sub = await gateway(call, [])
+    try:
+        await call.agent_says("t1", "Please say or enter", "your account number.", last=False)
+        turn = call.session._turns["t1"]
+        await echo(call, "t1", mark_seq(0, 1))
+        await spoken_over(call, "It is one two three.")
+        await call.session._on_event(CallDtmf(org_id=ORG, call_id=call.call_id, digit="#"))
+        assert turn.interrupted
+        await call.audio(0.1)
+        await call.session._outbox.drain(2)
+        events = await bus.replay_call(call.call_id, org_id=ORG)
+        assert [(e.turn_id, e.text) for e in events if isinstance(e, TurnUserEnded)] == [
+            ("t1", "It is one two three."), ("k1", "#")]
+    finally:
+        await call.close()
+        await sub.unsubscribe()
+
+
+async def test_a_turn_held_for_the_agent_is_not_lost_when_the_call_ends(bus) -> None:
+    # The caller spoke over an agent that cannot be interrupted, then hung up before it had
+    # finished: the turn the session held goes out as the session ends (the brain answers no
+    # ended call; the caller's words are on the record as a turn).
+    call = Call(bus, "call-barge-in-none-2", msgspec.structs.replace(
+        QUIET_CALLER, interruption_mode="none"))
+    call.session.s.leases = Leases(bus, "test")
+    try:
+        await call.agent_says("t1", "Our hours are", "nine to five.", last=False)
+        await echo(call, "t1", mark_seq(0, 1))
+        await spoken_over(call, "Never mind, goodbye.")
+        await call.session._on_event(CallEnded(org_id=ORG, call_id=call.call_id,
+                                               reason="caller_hangup"))
+        await call.session._close()
+        events = await bus.replay_call(call.call_id, org_id=ORG)
+        assert [(e.turn_id, e.text) for e in events if isinstance(e, TurnUserEnded)] == [
+            ("t1", "Never mind, goodbye.")]
+    finally:
+        await call.close()

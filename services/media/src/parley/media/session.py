@@ -191,6 +191,20 @@ class SessionServices:
 
 
 @dataclass
+class _HeldTurn:
+    """A caller turn that ended over an agent the caller's speech cannot interrupt.
+
+    Its ``turn.user_ended`` (``fields``, as the turn ended: its words and timings) goes out once
+    the agent's turn has played (see :meth:`CallSession._hold_turn`).
+    """
+
+    turn_id: str
+    started_ms: int  # audio time its speech began: a successor resumes before it
+    fields: dict[str, Any]
+    key: tuple[object, ...]
+
+
+@dataclass
 class _AgentTurn:
     turn_id: str
     audio: AgentTurnAudio
@@ -328,6 +342,9 @@ class CallSession:
         self.lease.usage = self._usage
         self._predecessor_usage = resume.usage if resume else None
         self._prepared: _AgentTurn | None = None  # the reply prepared for the open user turn
+        # Caller turns that ended while an agent turn the caller's speech cannot interrupt
+        # (mode none or dtmf) was on the air, in order: published once it has played.
+        self._held_turns: list[_HeldTurn] = []
         self._user_turn_ends: dict[str, float] = {}  # user turn id → wall time speech ended
         self._tasks: list[asyncio.Task[Any]] = []
         # Until the call's past events are read: agent clauses by turn, turns already voiced.
@@ -425,6 +442,14 @@ class CallSession:
                              return_exceptions=True)
         if self._stt is not recogniser:  # a switch under way opened another meanwhile
             await self._close_stt(self._stt)
+        # A caller turn held for the agent to finish (_hold_turn) goes out now: the call is
+        # over (the brain answers no ended call, but the words are a turn on the record), or
+        # another instance takes it on (it hears the turn again from before it: a repeat).
+        if self._held_turns and self.end_reason != "lease_lost":
+            try:
+                await self._release_held_turns()
+            except Exception:
+                log.exception("call %s: publishing the turns held failed", self.call_id)
         # However the session ends (the call over, handed over on shutdown, the lease lost,
         # the recogniser gone), what it used was used: recorded before the call is let go.
         try:
@@ -485,8 +510,11 @@ class CallSession:
         # A turn that ended at max wait, its late words still to come, is as good as open: a
         # successor resumed after it never hears those words, and the turn keeps the stale
         # ones. Resumed before it, the successor hears it again and revises it (_end_turn).
+        # So is a turn held for the agent to finish (_hold_turn): only this session has it.
         starts = [ms for ms in (self.detector.turn_started_ms,
-                                self.detector.revisable_started_ms) if ms is not None]
+                                self.detector.revisable_started_ms,
+                                *(held.started_ms for held in self._held_turns[:1]))
+                  if ms is not None]
         target = (min(starts) if starts else self.audio_ms) - PREROLL_MS
         lease = self.lease
         for ms, seq, sent_at, turn_no, ordinals in self._checkpoints:
@@ -561,7 +589,10 @@ class CallSession:
                 await self._publish(SpeechStopped, "speech.stopped", offset_ms=at)
             await self._barge_in_on_frame(now)
             await self._poll_turn()
-        if self._keys_after_words and not self.detector.text and not self._words_to_hear():
+        if self._held_turns and not self._agent_mid_turn():
+            await self._release_held_turns()
+        if self._keys_after_words and not self.detector.text and not self._words_to_hear() and (
+                not self._held_turns):
             await self._publish_keys_after_words()
         if self.audio_ms >= self._keys_due_ms:
             keys = self._keypad.poll(self.audio_ms)
@@ -619,23 +650,54 @@ class CallSession:
         turn_id = f"t{self.turn_no}"
         self._idle_state.awaiting(turn_id)
         self._idle.reset()
-        self._user_turn_ends[turn_id] = self._speech_end_wall
         self._turn_audio = []
+        # Over an agent the caller's speech cannot interrupt (or behind a turn held so): held.
+        held = bool(self._held_turns) or (
+            not self.barge_in.by_speech and self._agent_mid_turn())
         prepared = self._prepared
-        if prepared is not None and (prepared.turn_id != turn_id or prepared.words != (
+        if prepared is not None and (held or prepared.turn_id != turn_id or prepared.words != (
                 normalize_words(end.text))):
-            await self._discard_prepared()
+            await self._discard_prepared()  # (held: the brain answers it when it goes out)
             prepared = None
         self._prepared = None
         first = prepared.prepared if prepared is not None else None
-        await self._publish(TurnUserEnded, "turn.user_ended", turn_id=turn_id, text=end.text,
-                            reason=end.reason, eou_delay_ms=float(end.eou_delay_ms),
-                            stt_final_ms=float(end.stt_final_ms),
-                            prepared_text=first.text if first else "",
-                            prepared_last=first.last if first else False, revises=revises,
-                            key=(self.turn_no,))
+        fields = dict(turn_id=turn_id, text=end.text, reason=end.reason,
+                      eou_delay_ms=float(end.eou_delay_ms), stt_final_ms=float(end.stt_final_ms),
+                      prepared_text=first.text if first else "",
+                      prepared_last=first.last if first else False, revises=revises)
+        if held:
+            self._hold_turn(_HeldTurn(turn_id, end.started_ms, fields, (self.turn_no,)))
+            return
+        self._user_turn_ends[turn_id] = self._speech_end_wall
+        await self._publish(TurnUserEnded, "turn.user_ended", key=(self.turn_no,), **fields)
         if prepared is not None:
             self._play_prepared(prepared)
+
+    def _hold_turn(self, held: _HeldTurn) -> None:
+        """Hold a caller turn that ended over an agent the caller's speech cannot interrupt.
+
+        Mode none or dtmf: the caller talked over the agent, which neither stopped nor was
+        cut off. Published at once, the turn made the brain cancel the agent's turn it was
+        still writing for the newer one, and the caller heard an answer stop mid-sentence.
+        Like a person who does not let themselves be interrupted, the agent finishes its turn
+        and then answers: the turn goes out once the agent's turn has played, or been cut off
+        by a key in mode dtmf (:meth:`_release_held_turns`), with its words and its timings as
+        it ended; a later turn waits behind it. A backchannel is no turn, as ever.
+        """
+        log.info("call %s: turn %s held until the agent's turn has played (mode %s)",
+                 self.call_id, held.turn_id, self.barge_in.mode)
+        self._held_turns.append(held)
+
+    async def _release_held_turns(self) -> None:
+        """Publish the turns held for the agent (see :meth:`_hold_turn`), in order.
+
+        The answer's voice-to-voice time counts from now, when the agent's turn stopped
+        playing: the wait before is the agent finishing, not the answer's latency.
+        """
+        held, self._held_turns = self._held_turns, []
+        for turn in held:
+            self._user_turn_ends[turn.turn_id] = time.time()
+            await self._publish(TurnUserEnded, "turn.user_ended", key=turn.key, **turn.fields)
 
     def _as_predecessor_published(self, end: TurnEnd) -> TurnEnd:
         """A turn heard again after a take-over, numbered as its predecessor published it.
@@ -711,7 +773,7 @@ class CallSession:
         if not keys:
             return
         self._rearm_keys()  # keys typed after these (a successor's past) are still pending
-        if self.detector.text or self._words_to_hear():
+        if self.detector.text or self._words_to_hear() or self._held_turns:
             self._keys_after_words.append((keys, self._keys_wall, self._keys_last_ms))
             return
         await self._publish_keys(keys, self._keys_wall, self._keys_last_ms)
