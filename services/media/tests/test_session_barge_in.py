@@ -343,3 +343,21 @@ async def test_a_turn_held_for_the_agent_is_not_lost_when_the_call_ends(bus) -> 
             ("t1", "Never mind, goodbye.")]
     finally:
         await call.close()
+
+
+async def test_a_turn_held_for_the_agent_keeps_the_resume_point_before_it(bus) -> None:
+    # Only this session has the turn it holds: were it killed, a successor resumed after that
+    # turn's speech would never hear it. The lease's resume point stays before it.
+    call = Call(bus, "call-barge-in-none-3", msgspec.structs.replace(
+        QUIET_CALLER, interruption_mode="none"))
+    try:
+        await call.agent_says("t1", "Our hours are", "nine to five.", last=False)
+        await echo(call, "t1", mark_seq(0, 1))
+        await call.audio(1.0)
+        spoke_at = call.session.audio_ms
+        await spoken_over(call, "And on Saturdays?")
+        await call.audio(3.0)  # the agent still speaking: held
+        assert call.session._held_turns
+        assert call.session._lease_state().resume_ms <= spoke_at
+    finally:
+        await call.close()
