@@ -7,7 +7,7 @@ from contextlib import aclosing
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from parley.brain.llm.anthropic_llm import AnthropicLlm, to_anthropic_messages
+from parley.brain.llm.anthropic_llm import AnthropicLlm, retry_after_s, to_anthropic_messages
 from parley.brain.llm.base import (
     AssistantMessage,
     Done,
@@ -242,6 +242,8 @@ async def test_http_errors_become_classified_llm_errors(
     assert caught.value.status == status and caught.value.retryable is retryable
     assert caught.value.provider == "anthropic"
     assert len(emulator.requests) == 1  # the SDK did not retry behind the router's back
+    # a 429 says when to come back (retry-after), which the router honours
+    assert caught.value.retry_after_s == (1.0 if status == 429 else None)
 
 
 async def test_a_mid_stream_error_event_is_retryable(
@@ -367,3 +369,14 @@ async def test_tool_arguments_that_are_not_json_are_a_call_whose_error_goes_to_t
     assert "not valid JSON" in calls[0].arguments_error
     assert '{"day": "Tuesday", "note": "a "b""}' in calls[0].arguments_error  # what it sent
     assert isinstance(events[-1], Done) and events[-1].stop_reason == "tool_use"
+
+
+@pytest.mark.parametrize(("headers", "expected"), [
+    ({"retry-after": "20"}, 20.0), ({"retry-after": "1.5"}, 1.5),
+    ({"retry-after-ms": "250", "retry-after": "1"}, 0.25),
+    ({"retry-after-ms": "x", "retry-after": "3"}, 3.0),
+    ({"retry-after": "Thu, 01 Jan 1970 00:00:00 GMT"}, 0.0), ({"retry-after": "soon"}, None),
+    ({"retry-after": "nan"}, None), ({}, None)])
+def test_retry_after_is_read_as_the_sdk_reads_it(headers: dict[str, str],
+                                                 expected: float | None) -> None:
+    assert retry_after_s(headers) == expected

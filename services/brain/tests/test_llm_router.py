@@ -127,6 +127,48 @@ async def test_a_429_is_retried_on_the_same_provider_within_the_deadline() -> No
         await emulator.stop()
 
 
+async def test_a_429_whose_retry_after_outlasts_the_window_falls_back_at_once() -> None:
+    """Anthropic's 429 says when to come back (``retry-after``, whole seconds).
+
+    The router retried after its own 0.2 s backoff, which the real API answers with another
+    429 (the limit has not let up): a wasted round trip before the fallback, and one more
+    request counted against the limit. Now a retry waits at least what the API asked, so a
+    wait past the provider's window goes to the next provider at once.
+    """
+    emulator = AnthropicEmulator(api_key="k")
+    await emulator.start()
+    claude = AnthropicLlm(api_key="k", base_url=emulator.base_url)
+    try:
+        emulator.faults.fail_next(429, times=5, retry_after_s=30)
+        router = LlmRouter([claude, LocalResponder()], retry_backoff_s=0.05)
+        events = await collect(router)
+        switched = events[0]
+        assert isinstance(switched, ProviderSwitched) and switched.to_provider == "local"
+        assert len(emulator.requests) == 1
+        assert emulator.headers and text_of(events)
+    finally:
+        await claude.aclose()
+        await emulator.stop()
+
+
+async def test_a_429_is_retried_once_its_retry_after_has_passed() -> None:
+    emulator = AnthropicEmulator(api_key="k")
+    await emulator.start()
+    claude = AnthropicLlm(api_key="k", base_url=emulator.base_url)
+    try:
+        emulator.faults.fail_next(429, retry_after_s=1)
+        emulator.script(ScriptedReply(text="Worth the wait."))
+        router = LlmRouter([claude, LocalResponder()], retry_backoff_s=0.05,
+                           filler_after_ms=None)
+        started = time.monotonic()
+        events = await collect(router)
+        assert text_of(events) == "Worth the wait." and events[-1].provider == "anthropic"  # type: ignore[union-attr]
+        assert len(emulator.requests) == 2 and time.monotonic() - started >= 1.0
+    finally:
+        await claude.aclose()
+        await emulator.stop()
+
+
 async def test_a_stalled_stream_is_abandoned_and_closed_at_the_deadline() -> None:
     emulator = AnthropicEmulator(api_key="k")
     await emulator.start()

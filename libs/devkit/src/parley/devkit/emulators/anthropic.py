@@ -17,7 +17,8 @@ prefix (system + tools) on first sight and reads it afterwards, reported in
 
 Pacing: ``ttft_s`` before the first content block, then ``tokens_per_second``. Faults
 (:class:`AnthropicFaults`): ``fail_next(status)`` answers the next requests with Anthropic's error
-JSON (429 ``rate_limit_error``, 500 ``api_error``, 529 ``overloaded_error``…), ``stall`` sends
+JSON (429 ``rate_limit_error`` with its ``retry-after`` header, 500 ``api_error``, 529
+``overloaded_error``…), ``stall`` sends
 ``message_start`` and then nothing, ``error_after_tokens`` sends an ``error`` event mid-stream.
 Every request body is kept in :attr:`AnthropicEmulator.requests`; every stream the client
 abandoned is recorded in :attr:`AnthropicEmulator.aborted` (with the tokens sent before).
@@ -30,6 +31,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import math
 import re
 import time
 import uuid
@@ -94,13 +96,21 @@ class AnthropicFaults:
 
     fail_status: int | None = None
     fail_times: int = 0
+    retry_after_s: float | None = None
     stall: bool = False
     error_after_tokens: int | None = None
 
-    def fail_next(self, status: int, *, times: int = 1) -> None:
-        """Answer the next ``times`` requests with ``status`` and Anthropic's error body."""
+    def fail_next(self, status: int, *, times: int = 1,
+                  retry_after_s: float | None = None) -> None:
+        """Answer the next ``times`` requests with ``status`` and Anthropic's error body.
+
+        A 429 carries ``retry-after`` (whole seconds until the limit lets a request through),
+        as the real API's do: ``retry_after_s``, 1 s when not given. Another status carries it
+        only when ``retry_after_s`` is given.
+        """
         self.fail_status = status
         self.fail_times = times
+        self.retry_after_s = retry_after_s if retry_after_s is not None or status != 429 else 1.0
 
     def take_failure(self) -> int | None:
         """The status to fail this request with, if any (consumes one)."""
@@ -188,8 +198,10 @@ class AnthropicEmulator(EmulatorServer):
         self.headers.append(dict(request.headers))
         status = self.faults.take_failure()
         if status is not None:
+            retry_after = self.faults.retry_after_s
             return _error(status, {429: "Number of request tokens has exceeded your rate limit",
-                                   529: "Overloaded"}.get(status, "Internal server error"))
+                                   529: "Overloaded"}.get(status, "Internal server error"),
+                          retry_after_s=retry_after)
         script = self.scripts.popleft() if self.scripts else self.default_reply
         reply = _continued(script(body) if callable(script) else script, body["messages"][-1])
         usage = self._usage(body)
@@ -408,9 +420,11 @@ def _credential(request: web.Request) -> str | None:
     return token if scheme.lower() == "bearer" else None
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response(error_body(status, message), status=status,
-                             headers={"request-id": f"req_{uuid.uuid4().hex[:20]}"})
+def _error(status: int, message: str, *, retry_after_s: float | None = None) -> web.Response:
+    headers = {"request-id": f"req_{uuid.uuid4().hex[:20]}"}
+    if retry_after_s is not None:  # whole seconds, as the API sends it
+        headers["retry-after"] = str(math.ceil(retry_after_s))
+    return web.json_response(error_body(status, message), status=status, headers=headers)
 
 
 class _EventWriter:

@@ -23,14 +23,18 @@ them costs ~12 % of the client's CPU per request (0.19 of 1.6 ms, measured again
 emulator): on a turn's path to its first words, for nothing.
 
 The SDK's own retries are off by default (``max_retries=0``): the router falls back to another
-provider faster than a backoff would. Closing the event stream (or cancelling the task that
-consumes it) closes the HTTP response at once.
+provider faster than a backoff would. The wait a 429 asks for (``retry-after``) goes with the
+error (:attr:`LlmError.retry_after_s`), and the router retries no sooner. Closing the event
+stream (or cancelling the task that consumes it) closes the HTTP response at once.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import anthropic
@@ -235,4 +239,32 @@ def _status_error(provider: str, exc: anthropic.APIStatusError) -> LlmError:
     status = exc.status_code
     if status < 400:  # an ``error`` event inside a 200 stream
         status = _STREAM_ERROR_STATUS.get(exc.type or "", 500)
-    return LlmError(provider, exc.api_message or str(exc), status=status)
+    return LlmError(provider, exc.api_message or str(exc), status=status,
+                    retry_after_s=retry_after_s(exc.response.headers))
+
+
+def retry_after_s(headers: Mapping[str, str]) -> float | None:
+    """The wait an error response asks for: ``retry-after-ms``, else ``retry-after``.
+
+    As the anthropic SDK reads them (``_parse_retry_after_header``): milliseconds, else
+    seconds (a float is taken too), else an HTTP date. None if there is none, or it is not
+    one of those.
+    """
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) * scale
+        except ValueError:
+            if scale != 1.0:
+                continue
+            try:
+                when = parsedate_to_datetime(value)
+            except (TypeError, ValueError):
+                return None
+            if when.tzinfo is None:  # "-0000": UTC, by RFC 5322
+                when = when.replace(tzinfo=UTC)
+            seconds = (when - datetime.now(UTC)).total_seconds()
+        return max(0.0, seconds) if math.isfinite(seconds) else None
+    return None

@@ -251,15 +251,20 @@ def is_retryable_status(status: int | None) -> bool:
 
 
 class LlmError(Exception):
-    """A provider failed: who, what, the HTTP status if any, and whether retrying may help."""
+    """A provider failed: who, what, the HTTP status if any, and whether retrying may help.
+
+    ``retry_after_s``: the wait the provider asked for before a retry (a 429's ``retry-after``).
+    """
 
     def __init__(self, provider: str, message: str, *, status: int | None = None,
-                 retryable: bool | None = None) -> None:
+                 retryable: bool | None = None, retry_after_s: float | None = None) -> None:
         super().__init__(f"{provider}: {message}" + (f" (HTTP {status})" if status else ""))
         self.provider = provider
         self.message = message
         self.status = status
         self.retryable = is_retryable_status(status) if retryable is None else retryable
+        # how long the provider asked us to wait before trying again (its retry-after), if it did
+        self.retry_after_s = retry_after_s
 
 
 @runtime_checkable

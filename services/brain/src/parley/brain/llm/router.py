@@ -17,7 +17,8 @@ instance. (Tool arguments the model garbled are no error: the provider yields th
 its ``arguments_error``, which goes back to the model as the call's outcome.)
 
 A retryable error (429, 5xx, a connection failure) is tried again on the same provider, after
-a short backoff, while the backoff ends within that provider's window (its first-token
+a short backoff (or the wait the provider asked for, a 429's ``retry-after``, if longer),
+while the backoff ends within that provider's window (its first-token
 deadline, counted from its first attempt: a retry does not get a window of its own) and
 within the turn's deadline (``turn_deadline_s``, from the request).
 A failure *after* text went out ends the turn with :class:`LlmError`: repeating half a sentence
@@ -226,8 +227,8 @@ class LlmRouter:
                     if emitted:
                         raise
                     # 429/5xx: again on the same provider if the wait ends within its window
-                    # and the turn's deadline
-                    backoff = self.retry_backoff_s * (attempt + 1)
+                    # and the turn's deadline, waiting at least what the provider asked for
+                    backoff = max(self.retry_backoff_s * (attempt + 1), exc.retry_after_s or 0.0)
                     if (not exc.retryable or attempt == self.retries
                             or self._clock() + backoff >= deadline):
                         break
