@@ -180,6 +180,29 @@ async def test_keepalive_is_sent_while_no_audio_flows(emulator: DeepgramEmulator
     await stream.close()
 
 
+@pytest.mark.parametrize(("keepalive_after_s", "survives"), [(0.2, True), (5.0, False)])
+async def test_keepalives_hold_a_silent_socket_past_deepgrams_idle_timeout(
+        keepalive_after_s: float, survives: bool) -> None:
+    # Deepgram closes a socket that gets no audio and no KeepAlive for 10 s (1011 NET-0001):
+    # here 0.6 s. Without KeepAlives in time the stream fails (transient), as against Deepgram.
+    server = DeepgramEmulator(api_key=KEY, idle_timeout_s=0.6)
+    await server.start()
+    try:
+        stream = await provider(server, keepalive_after_s=keepalive_after_s).open()
+        collector = Collector(stream)
+        await asyncio.sleep(1.5)
+        assert collector.task.done() is not survives
+        if survives:
+            await send_audio(stream, silence(0.1))
+            assert collector.error is None
+        else:
+            assert isinstance(collector.error, ProviderError)
+            assert not collector.error.permanent and "NET-0001" in str(collector.error)
+        await stream.close()
+    finally:
+        await server.stop()
+
+
 async def test_caller_audio_that_stops_mid_speech_is_no_stall(emulator: DeepgramEmulator) -> None:
     """The caller's audio stopped mid-word (nats-server or the gateway killed, in chaos runs):
     Deepgram keeps the last of the audio it was sent unanswered until more comes (its docs:

@@ -21,6 +21,9 @@ entry wrapped in :class:`Retracted` is shown in interims and then taken back: it
 (and no ``UtteranceEnd`` follows), as Deepgram does with a cough or a breath it first heard as
 "uh".
 
+A socket that gets neither audio nor a ``KeepAlive`` for ``idle_timeout_s`` (Deepgram: 10 s) is
+closed with 1011 ``NET-0001``, as Deepgram's "Audio Keep Alive" page says it is.
+
 Fault switches (:class:`DeepgramFaults`, changeable while a session runs): ``stall`` keeps the
 socket open but answers nothing, ``close_with_error`` closes with 1011 on the next message,
 ``reject_status`` refuses the upgrade with that HTTP status.
@@ -269,9 +272,11 @@ class DeepgramEmulator(EmulatorServer):
 
     def __init__(self, *, api_key: str = "test-deepgram-key",
                  utterances: Iterable[str | Retracted] = (),
-                 latency_s: float = 0.0, settings: RecognizerSettings | None = None) -> None:
+                 latency_s: float = 0.0, settings: RecognizerSettings | None = None,
+                 idle_timeout_s: float = 10.0) -> None:
         super().__init__()
         self.api_key = api_key
+        self.idle_timeout_s = idle_timeout_s
         self.script: deque[str | Retracted] = deque(utterances)
         self.latency_s = latency_s
         self.settings = settings or RecognizerSettings()
@@ -308,17 +313,29 @@ class DeepgramEmulator(EmulatorServer):
             for message in messages:
                 outbox.put_nowait((loop.time() + self.latency_s, message))
 
+        heard = loop.time()  # the last audio or KeepAlive: Deepgram's NET-0001 clock
         try:
-            async for message in ws:
+            while True:
+                try:
+                    message = await ws.receive(
+                        timeout=max(0.001, heard + self.idle_timeout_s - loop.time()))
+                except TimeoutError:
+                    await ws.close(code=1011, message=b"NET-0001")
+                    break
+                if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED,
+                                    WSMsgType.ERROR):
+                    break
                 if self.faults.close_with_error:
                     await ws.close(code=1011, message=b"NET-0001: fault injected")
                     break
                 if message.type == WSMsgType.BINARY:
+                    heard = loop.time()
                     session.audio_bytes += len(message.data)
                     post(recognizer.audio(message.data))
                 elif message.type == WSMsgType.TEXT:
                     control = json.loads(message.data).get("type")
                     if control == "KeepAlive":
+                        heard = loop.time()
                         session.keepalives += 1
                     elif control == "Finalize":
                         session.finalizes += 1
