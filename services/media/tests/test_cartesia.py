@@ -186,6 +186,25 @@ async def test_a_stalled_context_fails_within_the_watchdog_time(
     assert len(emulator.sessions) == 2
 
 
+async def test_a_socket_cartesia_closes_for_idling_is_reopened_for_the_next_turn() -> None:
+    # Cartesia closes a WebSocket with no generation for 5 minutes (here 0.3 s): the shared
+    # socket is gone between calls, and the next turn must open a new one, not fail.
+    server = CartesiaEmulator(api_key=KEY, voice=VOICE, idle_timeout_s=0.3)
+    await server.start()
+    tts = CartesiaTts(KEY, base_url=server.base_url)
+    try:
+        for text in ("Good morning.", "Anything else?"):
+            stream = await tts.open()
+            await stream.say(text, last=True)
+            assert b"".join(c.audio for c in await collect(stream))
+            await asyncio.sleep(0.8)
+        assert len(server.sessions) == 2
+        assert server.sessions[0].idle_closed
+    finally:
+        await tts.close()
+        await server.stop()
+
+
 async def test_a_dropped_socket_fails_the_turn(emulator: CartesiaEmulator,
                                                tts: CartesiaTts) -> None:
     stream = await tts.open()

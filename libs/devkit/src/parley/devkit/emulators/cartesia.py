@@ -16,6 +16,9 @@ encoding (``pcm_mulaw``, ``pcm_s16le`` or ``pcm_f32le``) and sample rate, cut in
 ``chunk_s`` chunks. The first chunk of a context waits ``first_byte_s``; after that audio is
 produced ``speed`` times faster than real time. Cancel stops a context at once, silently.
 
+A socket with no request and no generation for ``idle_timeout_s`` (Cartesia: 5 minutes, its
+"Concurrency and WebSocket Limits" page) is closed by the server.
+
 Faults (:class:`CartesiaFaults`): ``stall`` keeps the socket open but sends nothing more,
 ``error_status`` answers the next generation request with an ``error`` of that status,
 ``reject_status`` refuses the upgrade.
@@ -68,6 +71,7 @@ class TtsSession:
     requests: list[dict[str, Any]] = field(default_factory=list)
     cancels: list[str] = field(default_factory=list)
     sent: list[dict[str, Any]] = field(default_factory=list)
+    idle_closed: bool = False  # closed by the emulator after idle_timeout_s with no generation
 
 
 @dataclass(frozen=True)
@@ -171,9 +175,11 @@ class _Context:
 class CartesiaEmulator(EmulatorServer):
     """The emulator: deterministic voice, faults and a record of every session."""
 
-    def __init__(self, *, api_key: str = "test-cartesia-key", voice: Voice | None = None) -> None:
+    def __init__(self, *, api_key: str = "test-cartesia-key", voice: Voice | None = None,
+                 idle_timeout_s: float = 300.0) -> None:
         super().__init__()
         self.api_key = api_key
+        self.idle_timeout_s = idle_timeout_s
         self.voice = voice or Voice()
         self.faults = CartesiaFaults()
         self.sessions: list[TtsSession] = []
@@ -209,8 +215,24 @@ class CartesiaEmulator(EmulatorServer):
                     session.sent.append(message)
                     await ws.send_frame(_encode_json(message), WSMsgType.TEXT)
 
+        loop = asyncio.get_running_loop()
+        last = loop.time()  # the last request or the end of the last generation
         try:
-            async for message in ws:
+            while True:
+                try:
+                    message = await ws.receive(
+                        timeout=max(0.001, last + self.idle_timeout_s - loop.time()))
+                except TimeoutError:
+                    if any(not context.task.done() for context in contexts.values()):
+                        last = loop.time()  # still generating: not idle
+                        continue
+                    session.idle_closed = True
+                    await ws.close()
+                    break
+                if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED,
+                                    WSMsgType.ERROR):
+                    break
+                last = loop.time()
                 if message.type != WSMsgType.TEXT:
                     continue
                 body = json.loads(message.data)
