@@ -340,6 +340,18 @@ async def test_a_plain_text_result_is_read_out_not_claimed_done(body: str) -> No
     assert text == "Here's what I found: Sorry, no slots Friday." and not calls
 
 
+async def test_a_plain_text_result_as_the_tools_service_passes_it_on_is_not_claimed_done(
+        ) -> None:
+    # The tools service passes a body that is not JSON (text/plain) on as {"text": body}
+    # (parley.tools.http_tool), so the plain-text case above never came as a string: the
+    # caller heard "All set: text Sorry, no slots Friday." — a refusal read out as a booking.
+    use = ToolUse(id="local_1", name="book_appointment", arguments={"day": "Friday"})
+    text, calls, _, _ = await run(
+        LocalResponder(), say("Book Friday at 10"), use,
+        ToolResult(tool_use_id="local_1", content='{"text": "Sorry, no slots Friday"}'))
+    assert text == "Here's what I found: Sorry, no slots Friday." and not calls
+
+
 DEMO_PRICES = Passage("c4", "A teeth cleaning costs $95. A check-up with X-rays costs $140. "
                             "A whitening session costs $250. A filling starts at $180.", 0.5)
 

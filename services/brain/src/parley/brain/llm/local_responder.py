@@ -305,6 +305,8 @@ def _phrase_tool_result(messages: Sequence[Any]) -> str:
             body: Any = json.loads(message.content)
         except ValueError:
             body = message.content
+        if isinstance(body, dict) and set(body) == {"text"} and isinstance(body["text"], str):
+            body = body["text"]  # a body that was not JSON, as the tools service passes it on
         outcomes.append((name, body, message.is_error or _reports_failure(body)))
     name, content, failed = next(
         (outcome for outcome in outcomes if outcome[2] and outcome[0] not in _HAND_OFFS),
