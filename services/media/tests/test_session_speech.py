@@ -213,7 +213,9 @@ async def test_a_turn_closed_without_a_last_clause_survives_a_synthesiser_failur
 
 async def test_a_prepared_reply_plays_after_the_agent_turn_still_being_voiced(bus) -> None:
     # interruption_mode "dtmf": the caller spoke over the agent's t1 without stopping it, and
-    # the reply prepared for the caller's words is released while t1 is still synthesised.
+    # their turn ends with the words of the reply prepared for it while t1 is still
+    # synthesised. The turn waits for t1 to play (the brain would cut t1 short for it), and
+    # then the prepared reply plays.
     said: list[tuple[str, str, bool]] = []
     call = session(bus, Synthesiser("tts", said, delay_s=0.15),
                    settings=AgentSettings(interruption_mode="dtmf"))
@@ -235,7 +237,14 @@ async def test_a_prepared_reply_plays_after_the_agent_turn_still_being_voiced(bu
                                                    words="book friday", text="B sure",
                                                    last=True))
         await call._end_turn(TurnEnd("Book Friday.", "silence", 0, 600, 0, 0))
-        await wait_for(lambda: len(out) == 20)  # 5 frames a clause
+        t1 = call._turns["t1"]
+        await wait_for(lambda: t1.audio.text_done and len(out) == 15)  # 5 frames a clause
+        await asyncio.sleep(0.2)
+        assert len(out) == 15  # nothing of the reply while t1 plays
+        await call._on_progress(AgentSpeechProgress(  # t1 has played
+            org_id=ORG, call_id=CALL, turn_id="t1", mark="t1:15", seq=mark_seq(0, 15)))
+        await call._on_audio(b"\xff" * 160, 1, 0, time.time(), False)  # the next inbound frame
+        await wait_for(lambda: len(out) == 20)
         await asyncio.sleep(0.1)
         voices = "".join("A" if byte == ord("A") else "B" for byte in out)
         assert voices == "A" * 15 + "B" * 5

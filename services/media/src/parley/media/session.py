@@ -202,6 +202,7 @@ class _HeldTurn:
     started_ms: int  # audio time its speech began: a successor resumes before it
     fields: dict[str, Any]
     key: tuple[object, ...]
+    prepared: _AgentTurn | None = None  # the reply prepared for it, played when it goes out
 
 
 @dataclass
@@ -655,9 +656,9 @@ class CallSession:
         held = bool(self._held_turns) or (
             not self.barge_in.by_speech and self._agent_mid_turn())
         prepared = self._prepared
-        if prepared is not None and (held or prepared.turn_id != turn_id or prepared.words != (
+        if prepared is not None and (prepared.turn_id != turn_id or prepared.words != (
                 normalize_words(end.text))):
-            await self._discard_prepared()  # (held: the brain answers it when it goes out)
+            await self._discard_prepared()
             prepared = None
         self._prepared = None
         first = prepared.prepared if prepared is not None else None
@@ -666,7 +667,8 @@ class CallSession:
                       prepared_text=first.text if first else "",
                       prepared_last=first.last if first else False, revises=revises)
         if held:
-            self._hold_turn(_HeldTurn(turn_id, end.started_ms, fields, (self.turn_no,)))
+            self._hold_turn(_HeldTurn(turn_id, end.started_ms, fields, (self.turn_no,),
+                                      prepared))
             return
         self._user_turn_ends[turn_id] = self._speech_end_wall
         await self._publish(TurnUserEnded, "turn.user_ended", key=(self.turn_no,), **fields)
@@ -682,7 +684,8 @@ class CallSession:
         Like a person who does not let themselves be interrupted, the agent finishes its turn
         and then answers: the turn goes out once the agent's turn has played, or been cut off
         by a key in mode dtmf (:meth:`_release_held_turns`), with its words and its timings as
-        it ended; a later turn waits behind it. A backchannel is no turn, as ever.
+        it ended, and the reply prepared for it (still held) plays then; a later turn waits
+        behind it. A backchannel is no turn, as ever.
         """
         log.info("call %s: turn %s held until the agent's turn has played (mode %s)",
                  self.call_id, held.turn_id, self.barge_in.mode)
@@ -698,6 +701,8 @@ class CallSession:
         for turn in held:
             self._user_turn_ends[turn.turn_id] = time.time()
             await self._publish(TurnUserEnded, "turn.user_ended", key=turn.key, **turn.fields)
+            if turn.prepared is not None and not turn.prepared.discarded:
+                self._play_prepared(turn.prepared)
 
     def _as_predecessor_published(self, end: TurnEnd) -> TurnEnd:
         """A turn heard again after a take-over, numbered as its predecessor published it.
