@@ -25,7 +25,7 @@ from parley.media.ownership import Leases
 from parley.media.playback import GENERATION, mark_seq
 from parley.media.providers.base import Final
 
-from .test_session_idle import ORG, QUIET_CALLER, Call, wait_for
+from .test_session_idle import NOISE, ORG, QUIET_CALLER, SILENCE, Call, wait_for
 
 
 async def gateway(call: Call, marks: list[int]):
@@ -361,3 +361,66 @@ async def test_a_turn_held_for_the_agent_keeps_the_resume_point_before_it(bus) -
         assert call.session._lease_state().resume_ms <= spoke_at
     finally:
         await call.close()
+
+
+async def caught_up(call: Call, seconds: float, *, speech: bool = False) -> None:
+    """``seconds`` of the caller's past audio, as a successor's catch-up from the AUDIO stream
+    delivers it (behind live): noise the VAD takes for speech, or silence."""
+    for n in range(round(seconds * 50)):
+        call.seq += 1
+        frame = NOISE[n % 50 * 160:n % 50 * 160 + 160] if speech else SILENCE
+        await call.session._on_audio(frame, call.seq, call.seq * 20, time.time() - 5, True)
+
+
+async def test_speech_a_successor_catches_up_on_does_not_barge_in_on_the_agent_now(bus) -> None:
+    # A successor takes the call over and catches up on the caller's audio since the lease's
+    # resume point, seconds old, while the agent's answer plays now. That old speech was
+    # compared with the playback of now: it paused the agent (clear) and its words cut it off
+    # (agent.speech.interrupted), though the caller had said them before the answer began.
+    call = Call(bus, "call-barge-in-catch-up-1", QUIET_CALLER)
+    clears: list[str] = []
+
+    async def clear(msg) -> None:
+        clears.append(msg.subject)
+        await msg.respond(b'{"ok": true}')
+
+    sub = await bus.nc.subscribe(f"parley.cmd.gateway.{call.call_id}.*", cb=clear)
+    try:
+        await call.agent_says("t1", "Your table is booked", "for Friday at seven.",
+                              "We look forward", "to seeing you.")
+        turn = call.session._turns["t1"]
+        await echo(call, "t1", mark_seq(0, 1))
+        await caught_up(call, 0.6, speech=True)
+        await call.session._on_stt(Final("Wait, stop.", speech_final=False))
+        await caught_up(call, 0.2)
+        assert turn.audio.cut_frames is None and not turn.interrupted
+        assert [subject for subject in clears if subject.endswith(".clear")] == []
+        await call.session._outbox.drain(2)
+        events = await bus.replay_call(call.call_id, org_id=ORG)
+        assert [e for e in events if isinstance(e, AgentSpeechInterrupted)] == []
+    finally:
+        await call.close()
+        await sub.unsubscribe()
+
+
+async def test_a_backchannel_a_successor_catches_up_on_is_not_judged_by_the_agent_now(
+        bus) -> None:
+    # The caller's "Okay." from before the take-over, heard again in the catch-up while the
+    # successor's agent audio plays: whether the agent was speaking when it was said is not
+    # known from the playback of now. It was dropped as a backchannel over the agent; it is
+    # judged as said over silence (a turn, after a backchannel's longer silence).
+    call = Call(bus, "call-barge-in-catch-up-2", QUIET_CALLER)
+    sub = await gateway(call, [])
+    try:
+        await call.agent_says("t1", "Let me check that for you.", last=False)
+        await echo(call, "t1", mark_seq(0, 1))
+        await caught_up(call, 0.4, speech=True)
+        await call.session._on_stt(Final("Okay.", speech_final=True))
+        await caught_up(call, 2.0)
+        assert call.session.detector.dropped_backchannels == 0
+        await call.session._outbox.drain(2)
+        events = await bus.replay_call(call.call_id, org_id=ORG)
+        assert [e.text for e in events if isinstance(e, TurnUserEnded)] == ["Okay."]
+    finally:
+        await call.close()
+        await sub.unsubscribe()

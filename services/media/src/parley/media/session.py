@@ -631,7 +631,7 @@ class CallSession:
             self._stt_seconds.get(self._stt_name, 0.0) + size / 8000)
 
     async def _poll_turn(self) -> None:
-        result = self.detector.poll(self.audio_ms, agent_speaking=self._agent_mid_turn())
+        result = self.detector.poll(self.audio_ms, agent_speaking=self._agent_now())
         if isinstance(result, Flush):
             await self._stt_flush()
             if self._stt is not None:
@@ -654,7 +654,7 @@ class CallSession:
         self._turn_audio = []
         # Over an agent the caller's speech cannot interrupt (or behind a turn held so): held.
         held = bool(self._held_turns) or (
-            not self.barge_in.by_speech and self._agent_mid_turn())
+            not self.barge_in.by_speech and self._agent_now())
         prepared = self._prepared
         if prepared is not None and (prepared.turn_id != turn_id or prepared.words != (
                 normalize_words(end.text))):
@@ -1612,6 +1612,14 @@ class CallSession:
         return turn is not None and not turn.interrupted and turn.audio.sent > 0 and (
             not turn.audio.text_done)
 
+    def _agent_now(self) -> bool:
+        """Whether the caller's speech in hand was spoken over the agent (:meth:`_agent_mid_turn`).
+
+        Not known of a successor's catch-up: that speech is seconds old, and the agent's audio
+        playing now is not what it was said over (see :meth:`_barge_in_on_frame`).
+        """
+        return not self._catching_up and self._agent_mid_turn()
+
     # ------------------------------------------------------------------ idle caller
 
     async def _idle_tick(self) -> None:
@@ -1655,6 +1663,15 @@ class CallSession:
     # ------------------------------------------------------------------ barge-in
 
     async def _barge_in_on_frame(self, now: float) -> None:
+        """Caller speech over the agent's audio pauses it, its words interrupt (playback.BargeIn).
+
+        Not the speech a successor catches up on (the caller's audio since the lease's resume
+        point, from the AUDIO stream): said seconds ago, it was compared with the agent audio
+        playing now, and paused or cut off an answer the caller had not yet heard when they
+        spoke. Live speech is judged as soon as the catch-up is over.
+        """
+        if self._catching_up:
+            return
         on_air = self._on_air(now)
         if not on_air:
             return
@@ -1672,6 +1689,8 @@ class CallSession:
         await self._act(on_air, resume, now)
 
     async def _barge_in_on_words(self) -> None:
+        if self._catching_up:  # words of past speech (see _barge_in_on_frame)
+            return
         now = time.monotonic()
         on_air = self._on_air(now)
         if not on_air:
