@@ -124,6 +124,29 @@ async def test_scripted_utterances_give_partials_finals_and_utterance_ends(
     assert ends[0].last_word_end_s == pytest.approx(first.words[-1].end)
 
 
+async def test_a_long_utterance_comes_in_several_finals_the_last_speech_final() -> None:
+    # Deepgram finalizes a long stretch of speech every few seconds (is_final, speech_final
+    # false) and only the piece the endpoint ends has speech_final.
+    text = "I would like to book a table for four people on Friday evening at eight please."
+    server = DeepgramEmulator(api_key=KEY, utterances=[text])
+    await server.start()
+    try:
+        stream = await provider(server).open()
+        collector = Collector(stream)
+        await send_audio(stream, speech(4.5) + silence(1.5))
+        await collector.wait_for(UtteranceEnd)
+        await stream.close()
+    finally:
+        await server.stop()
+    finals = [f for f in collector.of(Final) if f.text]  # not the empty ones of the silence
+    assert len(finals) >= 2 and finals[-1].speech_final
+    assert not any(f.speech_final for f in finals[:-1])
+    assert " ".join(f.text for f in finals) == text
+    words = [w for f in finals for w in f.words]
+    assert all(a.end <= b.start + 1e-6 for a, b in pairwise(words))
+    assert collector.of(UtteranceEnd)[0].last_word_end_s == pytest.approx(words[-1].end)
+
+
 async def test_finalize_at_turn_end_flushes_the_open_utterance(
         emulator: DeepgramEmulator) -> None:
     stream = await provider(emulator).open()

@@ -13,7 +13,9 @@ stretch of speech it detects in the audio (20 ms frames whose mean ``|pcm|`` rea
 ``energy_threshold``) consumes the next one. Everything is timed in *audio* time (bytes
 received), so results do not depend on how fast a test sends: ``SpeechStarted`` at the first
 loud frame, interim ``Results`` every ``interim_every_s`` revealing one more word per
-``seconds_per_word``, a final ``Results`` (``is_final`` and ``speech_final``) once
+``seconds_per_word``, a final ``Results`` with ``speech_final`` false for what was said so far
+every ``final_every_s`` of continuous speech (Deepgram finalizes a long utterance in pieces,
+every few seconds), a final ``Results`` (``is_final`` and ``speech_final``) once
 ``endpointing`` ms of silence follow the speech, or at once on ``Finalize`` (``from_finalize``),
 then ``UtteranceEnd`` after ``utterance_end_ms`` of silence (at once after a Finalize). Silence
 gets an empty final ``Results`` every ``silence_result_s``, as the real service does. A script
@@ -105,6 +107,7 @@ class RecognizerSettings:
     interim_every_s: float = 0.3
     seconds_per_word: float = 0.25
     silence_result_s: float = 1.0
+    final_every_s: float = 3.0  # speech finalized mid-utterance (speech_final false) this often
 
 
 def _flag(params: dict[str, str], name: str) -> bool:
@@ -142,6 +145,8 @@ class ScriptedRecognizer:
         self._words: list[str] = []
         self._retracted = False  # the utterance's final takes its interims back
         self._utterance_start = 0.0
+        self._segment_start = 0.0  # start of the utterance's speech not yet in a final
+        self._done_words = 0  # the utterance's words already in finals
         self._last_loud_end = 0.0
         self._last_interim = 0.0
         self._window_start = 0.0  # start of audio not yet covered by a final
@@ -196,7 +201,8 @@ class ScriptedRecognizer:
                 entry = self._script.popleft() if self._script else ""
                 self._retracted = isinstance(entry, Retracted)
                 self._words = (entry.text if isinstance(entry, Retracted) else entry).split()
-                self._utterance_start = self._last_interim = start
+                self._utterance_start = self._segment_start = self._last_interim = start
+                self._done_words = 0
                 if self.vad_events:
                     yield {"type": "SpeechStarted", "channel": [0], "timestamp": round(start, 3)}
             self._last_loud_end = end
@@ -204,9 +210,21 @@ class ScriptedRecognizer:
                 self._last_interim = end
                 heard = int((end - self._utterance_start) / self.settings.seconds_per_word) + 1
                 shown = min(heard, max(len(self._words) - 1, 1), len(self._words))
-                words = self._timings(self._words[:shown], self._utterance_start, end)
-                yield self._result(self._window_start, end, words, is_final=False,
-                                   speech_final=False)
+                if shown > self._done_words:
+                    words = self._timings(self._words[self._done_words:shown],
+                                          self._segment_start, end)
+                    yield self._result(self._window_start, end, words, is_final=False,
+                                       speech_final=False)
+            if not self._retracted and end - self._segment_start >= self.settings.final_every_s:
+                heard = int((end - self._utterance_start) / self.settings.seconds_per_word) + 1
+                upto = min(heard, len(self._words) - 1)  # the last word waits for the end
+                if upto > self._done_words:
+                    words = self._timings(self._words[self._done_words:upto],
+                                          self._segment_start, end)
+                    yield self._result(self._window_start, end, words, is_final=True,
+                                       speech_final=False)
+                    self._done_words = upto
+                    self._segment_start = self._window_start = end
             return
         silence_ms = (end - self._last_loud_end) * 1000
         if self._speaking and self.endpointing_ms is not None and silence_ms >= self.endpointing_ms:
@@ -219,8 +237,9 @@ class ScriptedRecognizer:
             self._window_start = end
 
     def _final(self, *, from_finalize: bool) -> dict[str, Any]:
-        end = max(self._last_loud_end, self._utterance_start + 0.1)
-        words = [] if self._retracted else self._timings(self._words, self._utterance_start, end)
+        end = max(self._last_loud_end, self._segment_start + 0.1)
+        words = [] if self._retracted else self._timings(self._words[self._done_words:],
+                                                         self._segment_start, end)
         message = self._result(self._window_start, self.position_s, words, is_final=True,
                                speech_final=True, from_finalize=from_finalize)
         self._speaking = False
