@@ -169,6 +169,36 @@ async def test_a_429_is_retried_once_its_retry_after_has_passed() -> None:
         await emulator.stop()
 
 
+async def test_the_fillers_keep_their_threshold_while_a_429_waits_out_its_retry_after() -> None:
+    """A 429 asked for 2 s, retried within the window: the caller still hears the fillers.
+
+    The router slept out the backoff without saying them, so the first filler, due at 0.4 s,
+    came only as the retry began (2 s of silence): the silence the fillers are there to break.
+    """
+    emulator = AnthropicEmulator(api_key="k")
+    await emulator.start()
+    claude = AnthropicLlm(api_key="k", base_url=emulator.base_url)
+    try:
+        emulator.faults.fail_next(429, retry_after_s=2)
+        emulator.script(ScriptedReply(text="Worth the wait."))
+        router = LlmRouter([claude, LocalResponder()], retry_backoff_s=0.05,
+                           first_token_deadline_s=5, filler_after_ms=400)
+        started = time.monotonic()
+        heard: list[tuple[float, RouterEvent]] = []
+        async with aclosing(router.stream(REQUEST)) as events:
+            async for event in events:
+                heard.append((time.monotonic() - started, event))
+        fillers = [(at, e.text) for at, e in heard if isinstance(e, Filler)]
+        assert [text for _, text in fillers][:2] == ["One moment.",
+                                                     "Sorry, just a moment longer."]
+        assert fillers[0][0] < 1.5 and fillers[1][0] < 1.9  # (due at 0.4 s and 0.8 s)
+        assert text_of([e for _, e in heard]) == "Worth the wait."
+        assert len(emulator.requests) == 2 and heard[-1][0] >= 2.0
+    finally:
+        await claude.aclose()
+        await emulator.stop()
+
+
 async def test_a_stalled_stream_is_abandoned_and_closed_at_the_deadline() -> None:
     emulator = AnthropicEmulator(api_key="k")
     await emulator.start()

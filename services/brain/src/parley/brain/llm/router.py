@@ -232,7 +232,14 @@ class LlmRouter:
                     if (not exc.retryable or attempt == self.retries
                             or self._clock() + backoff >= deadline):
                         break
-                    await asyncio.sleep(backoff)
+                    # The fillers keep their threshold while the backoff is waited out (a
+                    # retry-after of seconds is silence to the caller too).
+                    resume = self._clock() + backoff
+                    while (now := self._clock()) < resume:
+                        if fillers.due is not None and now >= fillers.due:
+                            yield fillers.take(now)
+                            continue
+                        await asyncio.sleep(min(resume, fillers.due or resume) - now)
             tried.append(f"{provider.name} ({reason})")
             previous = (provider.name, reason)
         raise LlmError("router", "no provider could serve the turn: "
