@@ -127,13 +127,13 @@ async def run_frame_path(ctx: Any) -> BenchResult:
     count = seconds * FRAMES_PER_S
     frames = (one_pass * (count // len(one_pass) + 1))[:count]
     speech_share = sum(len(_frames(u)) for u in speech) / len(one_pass)
-    settings = SegmenterSettings.from_sensitivity("medium")
+    settings = SegmenterSettings()  # a call's (CallSession)
     result = BenchResult("media_frame_path", config={
         "audio": f"{seconds} s of call audio ({count:,} frames of 20 ms): 4 Piper caller "
                  f"utterances as 8 kHz µ-law, each with 1 s of silence either side "
                  f"({speech_share:.0%} speech), repeated",
         "path": "µ-law → PCM16 (numpy table) + VAD.is_speech + SpeechSegmenter.push "
-                "(medium sensitivity); each frame timed alone with perf_counter_ns, GC on",
+                "(a call's settings); each frame timed alone with perf_counter_ns, GC on",
         "warm-up": "one pass over the utterances per line, not timed",
     })
     cases = [

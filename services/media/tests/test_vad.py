@@ -6,7 +6,6 @@ import pytest
 from parley.media.audio.codec import ulaw_to_pcm16
 from parley.media.vad import (
     FRAME_BYTES,
-    SENSITIVITY_SETTINGS,
     SegmenterSettings,
     SileroVad,
     SpeechSegmenter,
@@ -153,41 +152,26 @@ def test_other_frame_durations():
     assert [b for _, b in feed(segmenter, ".sss...")] == [SpeechStart(10), SpeechStop(10, 40)]
 
 
-# -- sensitivity presets ----------------------------------------------------------------------
-
-
-def test_presets_are_ordered_high_reacts_soonest():
-    high, medium, low = (SegmenterSettings.from_sensitivity(s) for s in ("high", "medium", "low"))
-    assert high.start_ms < medium.start_ms < low.start_ms
-    assert high.hangover_ms <= medium.hangover_ms <= low.hangover_ms
-    assert SENSITIVITY_SETTINGS["medium"] is medium
-    # the hangover outlasts a pause inside a sentence (~250 ms) at every level
-    assert all(s.hangover_ms >= 250 for s in SENSITIVITY_SETTINGS.values())
-
-
-def test_unknown_sensitivity_is_refused():
-    with pytest.raises(ValueError, match="unknown sensitivity"):
-        SegmenterSettings.from_sensitivity("extreme")
+# -- a call's segmenter ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("burst_ms", "started"), [
-    (80, {"high": True, "medium": False, "low": False}),  # a click or short "mm"
-    (160, {"high": True, "medium": True, "low": False}),  # a cough
-    (300, {"high": True, "medium": True, "low": True}),  # a word
+    (80, False),  # a click or a short "mm"
+    (160, True),  # a cough: speech to the VAD (barge-in's pause_ms and words judge it)
+    (300, True),  # a word
 ])
-def test_presets_on_short_bursts(burst_ms, started):
-    for sensitivity, expected in started.items():
-        segmenter = SpeechSegmenter(SegmenterSettings.from_sensitivity(sensitivity))
-        pattern = "." * 5 + "s" * (burst_ms // 20) + "." * 30
-        boundaries = [b for _, b in feed(segmenter, pattern)]
-        assert any(isinstance(b, SpeechStart) for b in boundaries) is expected, sensitivity
-        if expected:  # and every start is closed by the hangover
-            assert isinstance(boundaries[-1], SpeechStop)
+def test_a_calls_segmenter_on_short_bursts(burst_ms, started):
+    segmenter = SpeechSegmenter(SegmenterSettings())
+    pattern = "." * 5 + "s" * (burst_ms // 20) + "." * 30
+    boundaries = [b for _, b in feed(segmenter, pattern)]
+    assert any(isinstance(b, SpeechStart) for b in boundaries) is started
+    if started:  # and every start is closed by the hangover
+        assert isinstance(boundaries[-1], SpeechStop)
 
 
 def test_segmenter_on_real_speech(speech_frames):
     vad = WebRtcVad()
-    segmenter = SpeechSegmenter(SegmenterSettings.from_sensitivity("medium"))
+    segmenter = SpeechSegmenter(SegmenterSettings())
     audio = [DIGITAL_SILENCE] * 25 + speech_frames + [DIGITAL_SILENCE] * 25
     boundaries = [b for frame in audio if (b := segmenter.push(vad.is_speech(frame)))]
     starts = [b for b in boundaries if isinstance(b, SpeechStart)]

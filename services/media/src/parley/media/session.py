@@ -276,7 +276,7 @@ class CallSession:
             max_wait_ms=max(2500, settings.endpointing_ms * 3),
             backchannels=tuple(settings.backchannels)))
         self.vad = WebRtcVad(2)
-        self.segmenter = SpeechSegmenter(SegmenterSettings(start_ms=100, hangover_ms=300))
+        self.segmenter = SpeechSegmenter(SegmenterSettings())
         # Audio kept while no turn is open: the pre-roll, and the speech that confirms a start.
         self._preroll_frames = (PREROLL_MS + self.segmenter.settings.start_ms) // FRAME_MS
         self.barge_in = BargeIn(settings.interruption_mode, settings.interruption_sensitivity)

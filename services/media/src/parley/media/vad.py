@@ -23,8 +23,6 @@ FRAME_MS = 20
 FRAME_SAMPLES = 160  # 20 ms at 8 kHz
 FRAME_BYTES = FRAME_SAMPLES * 2
 
-Sensitivity = Literal["low", "medium", "high"]
-
 
 class VoiceActivityDetector(Protocol):
     """Per-frame speech decision; may keep state across frames of one stream."""
@@ -95,28 +93,16 @@ class SileroVad:
 
 @dataclass(frozen=True)
 class SegmenterSettings:
-    """When speech starts (``start_ms`` of uninterrupted speech) and stops (``hangover_ms``)."""
+    """When speech starts (``start_ms`` of uninterrupted speech) and stops (``hangover_ms``).
+
+    The same for every call: an agent's thresholds are its endpointing silence (the turn
+    detector's) and its barge-in sensitivity (``pause_ms``/``min_words``, playback.BargeIn),
+    both counted from these boundaries. The hangover outlasts the pauses inside a sentence
+    (~150-250 ms).
+    """
 
     start_ms: int = 100
     hangover_ms: int = 300
-
-    @staticmethod
-    def from_sensitivity(sensitivity: Sensitivity) -> SegmenterSettings:
-        """Thresholds for an agent's ``interruption_sensitivity``: high reacts soonest."""
-        try:
-            return SENSITIVITY_SETTINGS[sensitivity]
-        except KeyError:
-            raise ValueError(f"unknown sensitivity {sensitivity!r}; use low, medium or high"
-                             ) from None
-
-
-SENSITIVITY_SETTINGS: dict[str, SegmenterSettings] = {
-    # A cough or "mm" is ~100-200 ms; low sensitivity waits for more than that before it calls
-    # it speech. The hangover must outlast the pauses inside a sentence (~150-250 ms).
-    "high": SegmenterSettings(start_ms=60, hangover_ms=250),
-    "medium": SegmenterSettings(start_ms=120, hangover_ms=300),
-    "low": SegmenterSettings(start_ms=240, hangover_ms=400),
-}
 
 
 @dataclass(frozen=True)
