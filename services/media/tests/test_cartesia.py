@@ -168,6 +168,29 @@ async def test_server_errors_are_classified(emulator: CartesiaEmulator, tts: Car
     assert await collect(stream)
 
 
+async def test_an_error_that_names_no_context_fails_the_turns_awaiting_audio_at_once(
+        emulator: CartesiaEmulator) -> None:
+    # Cartesia's WebSocket error event carries context_id only "when available". One without it
+    # was dropped: the turn waiting for audio heard nothing until the stall watchdog (3 s)
+    # failed it, and took every other turn on the shared socket down with it.
+    tts = CartesiaTts(KEY, base_url=emulator.base_url, stall_after_s=5.0)
+    try:
+        between_clauses = await tts.open()  # sent nothing yet: owed nothing
+        waiting = await tts.open()
+        emulator.faults.error_status = 429
+        emulator.faults.error_without_context = True
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await waiting.say("Hello?", last=True)
+        with pytest.raises(ProviderError, match="429") as caught:
+            await collect(waiting)
+        assert loop.time() - started < 2.0 and "stalled" not in str(caught.value)
+        await between_clauses.say("Still here.", last=True)  # unaffected
+        assert b"".join(c.audio for c in await collect(between_clauses))
+    finally:
+        await tts.close()
+
+
 async def test_a_stalled_context_fails_within_the_watchdog_time(
         emulator: CartesiaEmulator, tts: CartesiaTts) -> None:
     stream = await tts.open()

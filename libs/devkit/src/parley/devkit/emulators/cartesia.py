@@ -20,7 +20,9 @@ A socket with no request and no generation for ``idle_timeout_s`` (Cartesia: 5 m
 "Concurrency and WebSocket Limits" page) is closed by the server.
 
 Faults (:class:`CartesiaFaults`): ``stall`` keeps the socket open but sends nothing more,
-``error_status`` answers the next generation request with an ``error`` of that status,
+``error_status`` answers the next generation request with an ``error`` of that status (with
+no ``context_id`` if ``error_without_context``: Cartesia's docs have it "present when
+available"),
 ``reject_status`` refuses the upgrade.
 """
 
@@ -59,6 +61,7 @@ class CartesiaFaults:
 
     stall: bool = False
     error_status: int | None = None
+    error_without_context: bool = False  # that error names no context_id
     reject_status: int | None = None
 
 
@@ -247,7 +250,9 @@ class CartesiaEmulator(EmulatorServer):
                 problem = self._problem(body, contexts.get(context_id))
                 if problem is not None:
                     status, text = problem
-                    await post({"type": "error", "context_id": context_id or None, "done": True,
+                    named = context_id and not self.faults.error_without_context
+                    await post({"type": "error", "context_id": context_id if named else None,
+                                "done": True,
                                 "status_code": status, "title": "Invalid request",
                                 "message": text, "error_code": "invalid_request"})
                     continue

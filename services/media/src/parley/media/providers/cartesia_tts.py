@@ -28,7 +28,10 @@ arriving for the context is dropped. A context that goes quiet while audio is ow
 ``stall_after_s`` (:class:`StallWatchdog`) and takes the shared socket down with it.
 
 Errors: an HTTP 4xx refusal of the upgrade (bad key, …) and 4xx ``error`` messages (bad voice,
-bad request) are permanent; everything else is transient.
+bad request) are permanent; everything else is transient. An ``error`` naming no context
+(Cartesia sends ``context_id`` only "when available") fails at once every turn waiting for
+audio, the one it concerns among them; dropped, that turn stalled, and its watchdog took the
+shared socket and every other turn down with it.
 
 The socket is opened without permessage-deflate: the audio is base64 of µ-law, which deflate
 barely shrinks, at a CPU cost on both ends and a compressor's memory per socket.
@@ -241,6 +244,17 @@ class _Connection:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.socket.close(), _CLOSE_TIMEOUT_S)
 
+    def _unattributed(self, event: Error) -> None:
+        """An error naming no context: it fails every turn waiting for audio now."""
+        status = event.status_code or 0
+        log.warning("Cartesia error for no context: %s %s: %s", status, event.title,
+                    event.message)
+        error = ProviderError(PROVIDER, f"{status} {event.title}: {event.message} "
+                              "(for no context)", permanent=400 <= status < 500)
+        for stream in list(self.streams.values()):
+            if stream.awaiting_audio:
+                stream.fail(error)
+
     async def _read(self) -> None:
         try:
             while True:
@@ -248,6 +262,8 @@ class _Connection:
                 stream = self.streams.get(event.context_id or "") if event else None
                 if stream is not None:
                     stream.receive(event)
+                elif isinstance(event, Error) and event.context_id is None:
+                    self._unattributed(event)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # closed or broken: every open turn fails, transiently
@@ -357,6 +373,12 @@ class CartesiaTtsStream:
         if self._text_closed:
             return True  # until done
         return self._flush_clauses and self._flushes_done < self._clauses_sent
+
+    @property
+    def awaiting_audio(self) -> bool:
+        """Whether text was sent that Cartesia has not finished answering."""
+        return not self._ended and self._clauses_sent > 0 and (
+            self._owed() or not self._flush_clauses)
 
     def _end(self) -> None:
         self._ended = True
