@@ -87,6 +87,20 @@ async def test_no_beginning_of_an_echoed_secret_survives_the_error_snippet(endpo
     assert "d" * 10 + "Bearer [redacted]!" in outcome.error
 
 
+@pytest.mark.parametrize("status", [401, 503])
+async def test_no_beginning_of_an_echoed_secret_survives_an_error_body_cut_at_a_small_cap(
+        endpoint, status):
+    # A tool capped at 64 bytes reads at most the cap and the longest secret's length of an
+    # error body; the snippet (up to 500 characters) kept all of that, so a secret echoed past
+    # the cap was cut inside itself, went unmatched, and its beginning reached tool.failed.
+    base, _ = endpoint
+    tool = http_tool(base + f"/echo/{status}/70", headers={"Authorization": "Bearer {secret:crm}"},
+                     method="GET", max_response_bytes=64)
+    outcome = await run(tool, {}, {"crm": SECRET})
+    assert not outcome.ok
+    assert SECRET[:8] not in outcome.error, outcome.error
+
+
 async def test_no_beginning_of_an_echoed_secret_survives_the_size_cut(endpoint):
     base, _ = endpoint
     tool = http_tool(base + "/echo/200/1000", headers={"Authorization": "{secret:crm}"},

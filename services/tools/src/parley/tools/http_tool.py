@@ -163,12 +163,13 @@ async def _attempt(session: aiohttp.ClientSession, tool: HttpTool, url: str,
             raise ToolError(str(refused)) from None
         raise _Transient(f"could not reach {tool.name}: {type(exc).__name__}") from exc
     if status >= 500 or status == 429:
-        raise _Transient(f"{tool.name} answered {status}: {_snippet(raw, hidden, charset)}",
-                         retry_after_s=asked)
+        raise _Transient(f"{tool.name} answered {status}: "
+                         f"{_snippet(raw, hidden, charset, cut=more)}", retry_after_s=asked)
     if 300 <= status < 400:
         raise ToolError(f"{tool.name} answered a redirect ({status}); redirects are not followed")
     if status >= 400:
-        raise ToolError(f"{tool.name} answered {status}: {_snippet(raw, hidden, charset)}")
+        raise ToolError(f"{tool.name} answered {status}: "
+                        f"{_snippet(raw, hidden, charset, cut=more)}")
     limit = tool.max_response_bytes
     return _result(raw, more or len(raw) > limit, content_type, limit, hidden, charset)
 
@@ -312,8 +313,12 @@ def _query(arguments: dict[str, Any]) -> dict[str, str]:
             for key, value in arguments.items() if value is not None}
 
 
-def _snippet(raw: bytes, hidden: list[str], charset: str | None = None) -> str:
-    text = _redact_text(_decode(raw, charset).strip(), hidden)
+def _snippet(raw: bytes, hidden: list[str], charset: str | None = None, *,
+             cut: bool = False) -> str:
+    text = _redact_text(_decode(raw, charset), hidden)
+    if cut:  # read up to a cap: a secret may begin in its last bytes, the rest unread
+        text = _without_secret_prefix(text.rstrip("\ufffd"), hidden).strip() + "…"
+    text = text.strip()
     if len(text) <= ERROR_BODY_CHARS:
         return text
     return _without_secret_prefix(text[:ERROR_BODY_CHARS], hidden) + "…"
