@@ -26,7 +26,7 @@ from parley.common.problems import problem_middleware
 from . import due_callbacks, orphans
 from .api import routes as api_routes
 from .api.rate_limit import CallRateLimiter
-from .call_outboxes import CallOutboxes
+from .call_outboxes import DRAIN_AT_SHUTDOWN_S, UNCLAIM_AT_SHUTDOWN_S, CallOutboxes
 from .config import GatewayConfig
 from .keys import (
     BUS,
@@ -42,8 +42,8 @@ from .keys import (
     Clock,
 )
 from .plivo import routes as plivo_routes
-from .registry import CallRegistry
-from .signature_audit import RefusalFolder, SignatureAudit
+from .registry import SETTLE_AT_SHUTDOWN_S, CallRegistry
+from .signature_audit import FLUSH_AT_SHUTDOWN_S, RefusalFolder, SignatureAudit
 from .twilio import media_stream, relay, webhooks
 from .twilio.rest import TwilioCalls
 
@@ -150,14 +150,19 @@ async def _signature_audit_context(app: web.Application) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        await audit.flush(everything=True)  # what was folded since the last interval
+        # what was folded since the last interval: one publish after another, each waiting up
+        # to the publish timeout with NATS away, so bounded as a whole
+        await audit.flush_at_shutdown(min(FLUSH_AT_SHUTDOWN_S, app[CALLS].stop_left()))
 
 
 async def _call_outboxes_context(app: web.Application) -> AsyncIterator[None]:
     """Each call's outbox; at shutdown, what they still hold gets a bounded time to go out."""
     outboxes = app[CALL_OUTBOXES] = CallOutboxes(app[BUS], app[POOL], app[METRICS])
     yield
-    await outboxes.drain()
+    # What is left of the stop's budget, less what the ends' claims and the audit's last flush
+    # after it may take
+    left = app[CALLS].stop_left() - UNCLAIM_AT_SHUTDOWN_S - FLUSH_AT_SHUTDOWN_S
+    await outboxes.drain(max(0.0, min(DRAIN_AT_SHUTDOWN_S, left)))
 
 
 def _twilio_context(rest: TwilioCalls | None,
@@ -203,7 +208,7 @@ def _loop(name: str, run: Callable[[web.Application], Coroutine[Any, Any, None]]
 async def _settling_context(app: web.Application) -> AsyncIterator[None]:
     """At shutdown, the calls whose socket died are decided while bus, pool and REST are open."""
     yield
-    await app[CALLS].settle_all()
+    await app[CALLS].settle_all(min(SETTLE_AT_SHUTDOWN_S, app[CALLS].stop_left()))
 
 
 async def _going_away(app: web.Application) -> None:
@@ -212,7 +217,7 @@ async def _going_away(app: web.Application) -> None:
     Calls whose socket died stop waiting for the carrier: they are decided now, while the
     server still waits for their handlers.
     """
-    app[CALLS].stopping.set()
+    app[CALLS].begin_stop()
     count = len(app[CALLS].sockets)
     if count:
         log.info("closing %d carrier sockets (going away)", count)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Coroutine
 from typing import Any, Protocol
 
@@ -16,6 +17,11 @@ log = logging.getLogger(__name__)
 # so) before the clients they need are closed. Inside the 30 s an orchestrator usually allows
 # a stopping process, after the 10 s the server gives requests in flight.
 SETTLE_AT_SHUTDOWN_S = 5.0
+# The whole stop, from closing the carrier sockets to the audit's last flush: within an
+# orchestrator's kill grace (30 s), leaving time to close the pool and the bus and exit. Each
+# bounded wait after the server's (its sockets, its requests in flight) gets at most what is
+# left of it (app.py): run one after the other at their own bounds, they could take longer.
+STOP_WITHIN_S = 25.0
 
 
 class LiveCall(Protocol):
@@ -39,6 +45,19 @@ class CallRegistry:
         self.calls: dict[str, LiveCall] = {}
         self.stopping = asyncio.Event()  # the gateway is shutting down: wait for nothing
         self.settling: set[asyncio.Task[None]] = set()
+        self._stop_by: float | None = None  # the loop time the stop is to be done by
+
+    def begin_stop(self, within_s: float = STOP_WITHIN_S) -> None:
+        """The gateway is stopping: wait for nothing, and be done within ``within_s``."""
+        self.stopping.set()
+        if self._stop_by is None:
+            self._stop_by = asyncio.get_running_loop().time() + within_s
+
+    def stop_left(self) -> float:
+        """Seconds left of the stop's budget (unbounded if the stop has not begun)."""
+        if self._stop_by is None:
+            return math.inf
+        return max(0.0, self._stop_by - asyncio.get_running_loop().time())
 
     def settle(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         """Run what decides a call whose socket died, as a task the app's shutdown awaits.

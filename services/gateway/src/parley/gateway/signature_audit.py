@@ -43,6 +43,9 @@ from parley.common.runtime import raise_if_cancelled
 log = logging.getLogger(__name__)
 
 UNKNOWN_ORG = "unknown"
+# At shutdown, how long the last flush may take: with NATS away each folded source's publish
+# waits out the publish timeout (5 s), one after another
+FLUSH_AT_SHUTDOWN_S = 2.0
 OVERFLOW_REASON = "refused from more sources than the audit tracks at once (see the metric)"
 
 
@@ -160,6 +163,17 @@ class SignatureAudit:
                 await self._publish(refusal, count, org_id)
         finally:
             self.folder.refold(pending, self.clock())
+
+    async def flush_at_shutdown(self, timeout_s: float) -> None:
+        """Publish every folded count, for up to ``timeout_s``; what is left is logged lost."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.flush(everything=True)
+        except TimeoutError:
+            lost = self.folder.due(self.clock(), everything=True)
+            log.error("stopping with %d refused-signature audit events not published (%d "
+                      "refusals; NATS unreachable within %g s)", len(lost),
+                      sum(count for _, count in lost), timeout_s)
 
     async def _publish(self, refusal: Refusal, count: int, org_id: str) -> None:
         log.warning("refused %s %s from %s: %s (org %s)%s", refusal.carrier, refusal.path,
