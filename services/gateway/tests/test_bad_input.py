@@ -29,9 +29,15 @@ async def not_json(gateway, events):
     return await closed(ws)
 
 
-async def unknown_event(gateway, events):
+async def event_not_a_string(gateway, events):
     ws = await gateway.ws()
-    await ws.send_str('{"event": "teleport", "sequenceNumber": "1"}')
+    await ws.send_str('{"event": 5, "sequenceNumber": "1"}')
+    return await closed(ws)
+
+
+async def event_missing(gateway, events):
+    ws = await gateway.ws()
+    await ws.send_str('{"sequenceNumber": "1", "media": {"payload": ""}}')
     return await closed(ws)
 
 
@@ -146,7 +152,8 @@ async def ended_call(gateway, events):
 CASES = [
     (binary, CloseCode.UNSUPPORTED_DATA, "binary frames are not part of the protocol"),
     (not_json, CloseCode.UNSUPPORTED_DATA, "message is not JSON"),
-    (unknown_event, CloseCode.UNKNOWN_EVENT, "unknown event"),
+    (event_not_a_string, CloseCode.INVALID_MESSAGE, "invalid message"),
+    (event_missing, CloseCode.INVALID_MESSAGE, "invalid message"),
     (invalid_message, CloseCode.INVALID_MESSAGE, "invalid message"),
     (invalid_base64, CloseCode.INVALID_PAYLOAD, "invalid base64"),
     (sequence_number_too_big, CloseCode.INVALID_MESSAGE, "sequenceNumber"),
@@ -199,6 +206,49 @@ async def test_bad_sockets_do_not_affect_a_concurrent_good_call(make_gateway, ev
     await sub.unsubscribe()
     await good.stop(call_sid)
     assert await good.closed() == (1000, "stream stopped")
+    [ended] = await events.wait("call.ended", call_id)
+    assert ended.reason == "caller_hangup"
+
+
+async def test_a_message_of_an_event_we_do_not_know_is_ignored_and_the_call_goes_on(
+        make_gateway, events, bus, caplog):
+    """Twilio adds events to Media Streams (dtmf came after launch); the socket closed on the
+    first one it did not know (4401), so one such addition would have hung up every live call
+    at once. A well-formed message of an unknown event is now ignored, before start as after:
+    counted by event (the label cut to a bounded name), logged once per socket, and the
+    caller's audio after it still reaches NATS."""
+    gateway = await make_gateway()
+    call_sid, call_id, _ = await gateway.inbound_call()
+    received = []
+
+    async def on_in(msg):
+        received.append(decode_frame(msg.data)[3])
+
+    sub = await bus.nc.subscribe(f"parley.audio.{call_id}.in", cb=on_in)
+    stream = StreamClient(await gateway.ws())
+    await stream.connected()
+    await stream.send({"event": "transcription", "sequenceNumber": "1"})  # before start
+    stream.seq = 1
+    await stream.start(call_sid, call_id)
+    await events.wait("call.stream_started", call_id)
+    await stream.media(b"\x01" * 160)
+    await stream.send({"event": "transcription", "sequenceNumber": str(stream.seq + 1),
+                       "streamSid": stream.stream_sid, "transcription": {"text": "hi"}})
+    stream.seq += 1
+    await stream.send({"event": "Teleport-" + "x" * 200 + "\n", "anything": [1, 2]})
+    await stream.media(b"\x02" * 160)
+    await wait_for(lambda: len(received) == 2)
+    assert received == [b"\x01" * 160, b"\x02" * 160]
+    assert gateway.metric("gateway_unknown_messages_total", protocol="twilio_stream",
+                          event="transcription") == 2
+    assert gateway.metric("gateway_unknown_messages_total", protocol="twilio_stream",
+                          event="Teleport_" + "x" * 23) == 1
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelname == "WARNING" and "unknown event" in r.getMessage()]
+    assert len(warnings) == 1 and "'transcription'" in warnings[0]
+    await sub.unsubscribe()
+    await stream.stop(call_sid)
+    assert await stream.closed() == (1000, "stream stopped")
     [ended] = await events.wait("call.ended", call_id)
     assert ended.reason == "caller_hangup"
 

@@ -192,7 +192,7 @@ paths = st.sampled_from(["/twilio/voice", "/twilio/status", "/twilio/amd", "/twi
                   | st.text(max_size=12).map(lambda q: "?call_id=" + quote(q, safe=""))
                   ).map(lambda query: path + query))
 
-ALLOWED_CLOSES = {None, 1000, 1003, 1008, 1009, 4400, 4401, 4402, 4403, 4404, 4405, 4408}
+ALLOWED_CLOSES = {None, 1000, 1003, 1008, 1009, 4400, 4402, 4403, 4404, 4405, 4408}
 
 
 # -- the properties --------------------------------------------------------------------------

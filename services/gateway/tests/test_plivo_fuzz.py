@@ -35,7 +35,7 @@ plivo_number = support.plivo_number
 FUZZ = settings(max_examples=40, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
-PROTOCOL_CODES = {CloseCode.UNSUPPORTED_DATA, CloseCode.INVALID_MESSAGE, CloseCode.UNKNOWN_EVENT,
+PROTOCOL_CODES = {CloseCode.UNSUPPORTED_DATA, CloseCode.INVALID_MESSAGE,
                   CloseCode.INVALID_PAYLOAD, CloseCode.OUT_OF_ORDER, CloseCode.NOT_STARTED,
                   CloseCode.DUPLICATE_START, CloseCode.POLICY_VIOLATION,
                   CloseCode.MESSAGE_TOO_BIG, CloseCode.START_TIMEOUT}

@@ -218,9 +218,9 @@ async def not_json(gateway, events):
     return await stream.closed()
 
 
-async def unknown_event(gateway, events):
+async def event_not_a_string(gateway, events):
     stream = await _socket(gateway, events)
-    await stream.send({"event": "teleport", "sequenceNumber": 1})
+    await stream.send({"event": ["start"], "sequenceNumber": 1})
     return await stream.closed()
 
 
@@ -323,7 +323,7 @@ async def ended_call(gateway, events):
 CASES = [
     (binary, CloseCode.UNSUPPORTED_DATA, "binary frames are not part of the protocol"),
     (not_json, CloseCode.UNSUPPORTED_DATA, "message is not JSON"),
-    (unknown_event, CloseCode.UNKNOWN_EVENT, "unknown event"),
+    (event_not_a_string, CloseCode.INVALID_MESSAGE, "invalid message"),
     (invalid_message, CloseCode.INVALID_MESSAGE, "invalid message"),
     (unsupported_format, CloseCode.INVALID_MESSAGE, "unsupported media format"),
     (invalid_base64, CloseCode.INVALID_PAYLOAD, "invalid base64"),
@@ -375,3 +375,37 @@ async def test_bad_sockets_do_not_affect_a_concurrent_good_call(make_plivo_gatew
     assert received == [bytes([n]) * 160 for n in range(50)]
     await sub.unsubscribe()
     await good.ws.close()
+
+
+async def test_a_message_of_an_event_we_do_not_know_is_ignored_and_the_call_goes_on(
+        make_plivo_gateway, events, bus, caplog):
+    """Plivo's protocol page lists start, media, dtmf, playedStream and clearedAudio, but its
+    own code also reads a ``stop`` (and more) off the socket; the socket closed on the first
+    event it did not know (4401), hanging up the call. A well-formed message of an unknown
+    event is now ignored: counted by event, logged once per socket, and the caller's audio
+    after it still reaches NATS (the call's end comes from Plivo's hangup callback)."""
+    gateway = await make_plivo_gateway()
+    stream, _, call_id = await started_plivo_stream(gateway, events)
+    received = []
+
+    async def on_in(msg):
+        received.append(decode_frame(msg.data)[3])
+
+    sub = await bus.nc.subscribe(f"parley.audio.{call_id}.in", cb=on_in)
+    await stream.media(b"\x01" * 160)
+    await stream.send({"event": "stop", "sequenceNumber": stream.seq + 1,
+                       "streamId": stream.stream_id, "stop": {"reason": "whatever"}})
+    stream.seq += 1
+    await stream.send({"event": "muteStream", "streamId": "someone else's"})
+    await stream.media(b"\x02" * 160)
+    await wait_for(lambda: len(received) == 2)
+    assert received == [b"\x01" * 160, b"\x02" * 160]
+    for event in ("stop", "muteStream"):
+        assert gateway.metric("gateway_unknown_messages_total", protocol="plivo_stream",
+                              event=event) == 1
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelname == "WARNING" and "unknown event" in r.getMessage()]
+    assert len(warnings) == 1 and "'stop'" in warnings[0]
+    assert not stream.ws.closed
+    await sub.unsubscribe()
+    await stream.ws.close()

@@ -92,14 +92,39 @@ async def test_relay_protocol_errors_close_precisely(gateway, events):
     assert await closed(ws) == (4404, "prompt before setup")
 
     ws = await gateway.ws("/twilio/relay")
-    await send(ws, {"type": "dance"})
+    await send(ws, {"type": 7})
     code, reason = await closed(ws)
-    assert code == 4401 and reason.startswith("unknown type")
+    assert code == 4400 and reason.startswith("invalid message")
 
     ws, _, _ = await setup_relay(gateway, events)
     await send(ws, {"type": "prompt", "last": True})  # no voicePrompt
     code, reason = await closed(ws)
     assert code == 4400 and "voicePrompt" in reason
+
+
+async def test_relay_ignores_a_message_of_a_type_we_do_not_know(gateway, events, caplog):
+    """Twilio adds message types to ConversationRelay; the socket closed on the first one it
+    did not know (4401) and the call dropped. A well-formed message of an unknown type is now
+    ignored, before setup as after: counted by type, logged once per socket, and the caller's
+    next prompt is still a turn."""
+    ws = await gateway.ws("/twilio/relay")
+    await send(ws, {"type": "hello", "version": 2})
+    await ws.close()
+    ws, _, call_id = await setup_relay(gateway, events)
+    await send(ws, {"type": "transcriptionUpdate", "text": "I want"})
+    await send(ws, {"type": "transcriptionUpdate", "text": "I want a table"})
+    await send(ws, {"type": "prompt", "voicePrompt": "A table for two.", "last": True})
+    [turn] = await events.wait("turn.user_ended", call_id)
+    assert turn.text == "A table for two."
+    assert gateway.metric("gateway_unknown_messages_total", protocol="twilio_relay",
+                          event="transcriptionUpdate") == 2
+    await wait_for(lambda: gateway.metric("gateway_unknown_messages_total",
+                                          protocol="twilio_relay", event="hello") == 1)
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelname == "WARNING" and "unknown event" in r.getMessage()]
+    assert len(warnings) == 2  # once per socket
+    assert not ws.closed
+    await ws.close()
 
 
 async def say(bus, call_id: str, turn_id: str, clauses: list[str]) -> None:

@@ -19,7 +19,8 @@ class CloseCode(IntEnum):
     MESSAGE_TOO_BIG = 1009  # a frame over max_frame_bytes (sent by aiohttp's reader)
     INTERNAL_ERROR = 1011  # a bug on our side; the call's other sockets are unaffected
     INVALID_MESSAGE = 4400  # JSON, but not a valid message of the protocol (fields, types)
-    UNKNOWN_EVENT = 4401  # an event/type the protocol does not define
+    # 4401 (an event the protocol does not define) is no longer sent: such a message is
+    # ignored and counted (carrier_messages.py); the number is not reused.
     INVALID_PAYLOAD = 4402  # media payload that is not valid base64
     OUT_OF_ORDER = 4403  # sequenceNumber not greater than the previous one
     NOT_STARTED = 4404  # media, mark, dtmf or stop before start/setup

@@ -31,6 +31,7 @@ from parley.common.bus import publish_frame, subscribe_frames
 from parley.common.bus.audio import MARK, stream_seq_base
 from parley.common.events import AgentSpeechProgress, CallDtmf, is_token
 
+from ..carrier_messages import UnknownMessage
 from ..close_codes import CloseCode, ProtocolViolation, clean_text
 from ..commands import CommandError
 from ..keys import CONFIG
@@ -84,6 +85,9 @@ class PlivoStreamSession(TwilioSession):
     async def on_text(self, data: str) -> None:
         """Dispatch one message of the stream protocol."""
         message = protocol.decode_message(data)
+        if isinstance(message, UnknownMessage):
+            self.ignore(message)
+            return
         self._check_order(message)
         if isinstance(message, Start):
             await self._start(message)

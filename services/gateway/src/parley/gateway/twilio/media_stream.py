@@ -1,6 +1,7 @@
 """``WSS /twilio/stream``: Twilio Media Streams, bridged to the bus.
 
-In (Twilio → us): ``connected``, ``start``, ``media``, ``mark`` (echo), ``dtmf``, ``stop``.
+In (Twilio → us): ``connected``, ``start``, ``media``, ``mark`` (echo), ``dtmf``, ``stop``;
+a message of any other event is ignored (counted, :mod:`parley.gateway.carrier_messages`).
 Inbound µ-law goes to ``parley.audio.<call>.in`` as raw bytes after a binary prefix with
 Twilio's sequence number (on top of the stream's start, so it grows over all of the call's
 streams) and timestamp (:mod:`parley.common.bus.audio`); mark echoes become
@@ -27,6 +28,7 @@ from parley.common.bus import audio_subject, subscribe_frames
 from parley.common.bus.audio import CARRIER_SEQ_BITS, MARK, encode_frame, stream_seq_base
 from parley.common.events import AgentSpeechProgress, CallDtmf, is_token
 
+from ..carrier_messages import CarrierDecoder, UnknownMessage
 from ..close_codes import CloseCode, ProtocolViolation, clean_text
 from ..commands import CommandError
 from ..keys import CONFIG
@@ -120,21 +122,13 @@ class Stop(_Message, tag="stop"):
 
 StreamMessage = Connected | Start | Media | Mark | Dtmf | Stop
 # strict=False: Twilio sends sequenceNumber, chunk and timestamp as JSON strings.
-_decoder: msgspec.json.Decoder[StreamMessage] = msgspec.json.Decoder(StreamMessage,
-                                                                    strict=False)
+_decoder: CarrierDecoder[StreamMessage] = CarrierDecoder(StreamMessage, tag_field="event")
 _encoder = msgspec.json.Encoder()
 
 
-def decode_message(data: str) -> StreamMessage:
-    """Parse one message or raise the ProtocolViolation naming what is wrong."""
-    try:
-        return _decoder.decode(data)
-    except msgspec.ValidationError as exc:
-        if "`$.event`" in str(exc):
-            raise ProtocolViolation(CloseCode.UNKNOWN_EVENT, f"unknown event: {exc}") from None
-        raise ProtocolViolation(CloseCode.INVALID_MESSAGE, f"invalid message: {exc}") from None
-    except msgspec.DecodeError:
-        raise ProtocolViolation(CloseCode.UNSUPPORTED_DATA, "message is not JSON") from None
+def decode_message(data: str) -> StreamMessage | UnknownMessage:
+    """Parse one message (an event Twilio added since: ignored) or raise what is wrong."""
+    return _decoder.decode(data)
 
 
 def add_routes(app: web.Application) -> None:
@@ -171,6 +165,9 @@ class MediaStreamSession(TwilioSession):
     async def on_text(self, data: str) -> None:
         """Dispatch one Media Streams message."""
         message = decode_message(data)
+        if isinstance(message, UnknownMessage):
+            self.ignore(message)
+            return
         if isinstance(message, Connected):
             return
         self._check_order(message)

@@ -1,7 +1,8 @@
 """``WSS /twilio/relay``: Twilio ConversationRelay (managed pipeline), bridged to the bus.
 
 Twilio does speech recognition and synthesis; we exchange text. In: ``setup``, ``prompt``,
-``interrupt``, ``dtmf``, ``info``, ``error``. Out: ``text`` tokens, ``play``, ``sendDigits``,
+``interrupt``, ``dtmf``, ``info``, ``error`` (a message of any other type is ignored, counted:
+:mod:`parley.gateway.carrier_messages`). Out: ``text`` tokens, ``play``, ``sendDigits``,
 ``end``. The bridge speaks the same events as the cascading path: a final prompt becomes
 transcript.final + turn.user_ended (reason ``prompt``), each agent.say becomes a text token
 (``last`` on the turn's last clause), an interrupt becomes agent.speech.interrupted with
@@ -51,6 +52,7 @@ from parley.common.keypad import Keypad, KeypadSettings
 from parley.common.resilience import retry_policy
 from parley.common.runtime import raise_if_cancelled
 
+from ..carrier_messages import CarrierDecoder, UnknownMessage
 from ..close_codes import CloseCode, ProtocolViolation, clean_text
 from ..commands import CommandError
 from ..keys import CONFIG
@@ -120,20 +122,13 @@ class Error(_Message, tag="error"):
 
 
 RelayMessage = Setup | Prompt | Interrupt | Dtmf | Info | Error
-_decoder: msgspec.json.Decoder[RelayMessage] = msgspec.json.Decoder(RelayMessage, strict=False)
+_decoder: CarrierDecoder[RelayMessage] = CarrierDecoder(RelayMessage, tag_field="type")
 _encoder = msgspec.json.Encoder()
 
 
-def decode_message(data: str) -> RelayMessage:
-    """Parse one message or raise the ProtocolViolation naming what is wrong."""
-    try:
-        return _decoder.decode(data)
-    except msgspec.ValidationError as exc:
-        if "`$.type`" in str(exc):
-            raise ProtocolViolation(CloseCode.UNKNOWN_EVENT, f"unknown type: {exc}") from None
-        raise ProtocolViolation(CloseCode.INVALID_MESSAGE, f"invalid message: {exc}") from None
-    except msgspec.DecodeError:
-        raise ProtocolViolation(CloseCode.UNSUPPORTED_DATA, "message is not JSON") from None
+def decode_message(data: str) -> RelayMessage | UnknownMessage:
+    """Parse one message (a type Twilio added since: ignored) or raise what is wrong."""
+    return _decoder.decode(data)
 
 
 def add_routes(app: web.Application) -> None:
@@ -183,6 +178,9 @@ class RelaySession(TwilioSession):
     async def on_text(self, data: str) -> None:
         """Dispatch one ConversationRelay message."""
         message = decode_message(data)
+        if isinstance(message, UnknownMessage):
+            self.ignore(message)
+            return
         if isinstance(message, Setup):
             if self.started:
                 raise ProtocolViolation(CloseCode.DUPLICATE_START, "second setup on one socket")

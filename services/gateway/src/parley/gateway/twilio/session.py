@@ -38,6 +38,7 @@ from ..calls import (
     publish_end,
     seconds_since,
 )
+from ..carrier_messages import UnknownMessage, event_label
 from ..close_codes import CloseCode, ProtocolViolation, close_reason
 from ..commands import CommandError, CommandServer, EndReason, serve_commands
 from ..config import GatewayConfig
@@ -96,6 +97,11 @@ class TwilioSession:
             "gateway_frames_dropped", "Caller audio frames NATS could not take (an outage)",
             ["protocol"])
         self._dropped_audio = False  # said once per socket
+        self._unknown_messages = self.metrics.counter(
+            "gateway_unknown_messages", "Carrier socket messages of an event we do not know, "
+            "ignored (a label past the first 16 event names is \"other\")",
+            ["protocol", "event"])
+        self._unknown_said = False  # logged once per socket
 
     @property
     def outbox(self) -> Outbox:
@@ -273,6 +279,20 @@ class TwilioSession:
             self._dropped_audio = True
             log.warning("call %s: NATS unreachable; caller audio dropped until it is back",
                         self.call_id)
+
+    def ignore(self, message: UnknownMessage) -> None:
+        """A message of an event the protocol does not define (yet): counted, not acted on.
+
+        The carrier sent it (the socket's upgrade was signed), most likely an event it added
+        since we wrote the protocol; closing the socket on it would drop the call.
+        """
+        self._unknown_messages.labels(self.protocol, event_label(self.metrics,
+                                                                 message.event)).inc()
+        if not self._unknown_said:
+            self._unknown_said = True
+            log.warning("%s socket (call %s): ignoring a message of unknown event %r (later "
+                        "ones on this socket are only counted)", self.protocol,
+                        self.call_id or "-", message.event[:40])
 
     def add_subscription(self, subscription: Subscription) -> None:
         """Track a subscription so teardown drops it."""
