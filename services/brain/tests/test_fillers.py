@@ -11,6 +11,7 @@ from parley.brain.llm.anthropic_llm import AnthropicLlm
 from parley.brain.llm.router import LlmRouter
 from parley.brain.worker import BrainWorker
 from parley.common.configuration import update_agent
+from parley.common.events import TurnUserEnded
 from parley.devkit.emulators.anthropic import ScriptedReply
 
 from .conftest import AGENT, ORG, open_call, services, user_says
@@ -47,6 +48,33 @@ async def test_a_slow_reply_gets_the_fillers_at_the_agents_threshold(
         await recorder.wait("turn.completed", "fa", count=2)
         says = [e.text for e in recorder.of("agent.say", "fa") if e.turn_id == "t2"]
         assert says == ["Nine on Saturdays."]
+    finally:
+        await worker.stop()
+        await llm.aclose()
+
+
+async def test_no_filler_comes_after_a_prepared_clause_the_caller_is_already_hearing(
+        bus, pool, emulator, recorder) -> None:
+    # Media played the clause another instance's speculation prepared; this instance says it
+    # as the turn's first clause and asks the model to go on from it. The router timed its
+    # fillers from that request as if nothing had been said, so a model slower than the
+    # threshold put "One moment." (and more) into the middle of the answer being heard.
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(dataclasses.replace(
+        services(bus, pool, [llm]),
+        router=LlmRouter([llm], filler_after_ms=300, first_token_deadline_s=10)))
+    await worker.start()
+    try:
+        await open_call(bus, "fp")
+        await recorder.wait("agent.say", "fp")  # the greeting
+        emulator.ttft_s = 1.0
+        emulator.script(ScriptedReply(text="and on Saturdays at nine."))
+        await bus.publish(TurnUserEnded(org_id=ORG, call_id="fp", turn_id="t1",
+                                        text="When do you open?",
+                                        prepared_text="We open at eight on weekdays,"))
+        await recorder.wait("turn.completed", "fp")
+        says = [e.text for e in recorder.of("agent.say", "fp") if e.turn_id == "t1"]
+        assert says == ["We open at eight on weekdays,", "and on Saturdays at nine."]
     finally:
         await worker.stop()
         await llm.aclose()

@@ -34,7 +34,8 @@ replaced; if still none has come ``filler_after_ms`` after that, the next of ``m
 ("Sorry, just a moment longer."), and so on until they run out: a few different phrases, not
 one said over and over, and never a silence longer than the threshold until they do. The
 threshold is the agent's (``stream(filler_after_ms=…)``, from its settings), else the
-router's. That is counted from the request: a speculative reply (requested before the turn
+router's; none for a reply that goes on from a prefill (the caller is hearing its beginning).
+That is counted from the request: a speculative reply (requested before the turn
 ended, :mod:`parley.brain.preemptive`) drops this filler and times its own from the turn's end.
 The final :class:`Done` names the provider that served the turn; a :class:`UsageReported` (a
 response billed as it began) names its provider too, and passes on even from an attempt that
@@ -185,7 +186,9 @@ class LlmRouter:
         turn_started = self._clock()
         turn_end = None if self.turn_deadline_s is None else turn_started + self.turn_deadline_s
         after_ms = self.filler_after_ms if filler_after_ms is None else filler_after_ms
-        fillers = (_Fillers([], 0.0, None) if not after_ms or after_ms <= 0
+        # A reply going on from a prefill has begun: the caller is hearing it, and a filler
+        # would come in the middle of it.
+        fillers = (_Fillers([], 0.0, None) if not after_ms or after_ms <= 0 or request.prefill
                    else _Fillers([self.filler_text, *self.more_fillers], after_ms / 1000,
                                  turn_started + after_ms / 1000))
         tried: list[str] = []
