@@ -253,6 +253,46 @@ async def test_a_callback_nats_could_not_take_is_dialled_once_it_can(
     assert [sent["To"] for sent in twilio_api.requests] == [CALLER]
 
 
+async def test_a_callback_nats_could_not_take_takes_nothing_from_the_orgs_rate_limit(
+        make_dialler, twilio_api, db, bus):  # noqa: F811
+    # The org's last token of its burst went to a callback that was not dialled (NATS could
+    # not take call.requested): the rows were released, the token was not, so once NATS was
+    # back the callback (and the org's POST /v1/calls) waited for a refill of a call nobody
+    # placed; a NATS outage drained the org's bucket round after round. POST /v1/calls gives
+    # the token of a call not dialled back (db8ebb3); the callbacks did not.
+    gateway = await make_dialler(gateway_callback_interval_s=0, gateway_call_rate_per_s=0.001,
+                                 gateway_call_burst=1)
+    _, call_id, _ = await gateway.inbound_call()
+    due = await book(db, call_id, "toolu_1")
+    await bus.js.delete_stream(EVENTS_STREAM)
+    try:
+        assert await place_due(gateway.app) == 1
+    finally:
+        await bus.ensure_streams()
+    assert twilio_api.requests == []
+    assert await place_due(gateway.app) == 1
+    row = await callback(db, due)
+    assert (row["status"], row["attempts"]) == ("placed", 1)
+    assert [sent["To"] for sent in twilio_api.requests] == [CALLER]
+
+
+async def test_a_callback_the_agent_no_longer_allows_takes_nothing_from_the_orgs_rate_limit(
+        make_dialler, twilio_api, db):  # noqa: F811
+    # Failed without being dialled (the guard narrowed since booking): its token was spent
+    # all the same, and the org's next callback waited for a refill.
+    gateway = await make_dialler(gateway_callback_interval_s=0, gateway_call_rate_per_s=0.001,
+                                 gateway_call_burst=1)
+    _, call_id, _ = await gateway.inbound_call()
+    other = await book(db, call_id, "toolu_1", number="+14155550201", due_in_s=-2)
+    await update_agent(db, ORG, CASCADING_AGENT, {"callback_number_prefixes": ["+1212"]})
+    await place_due(gateway.app)
+    assert (await callback(db, other))["status"] == "failed"
+    own = await book(db, call_id, "toolu_2", number=CALLER)
+    await place_due(gateway.app)
+    assert (await callback(db, own))["status"] == "placed"
+    assert [sent["To"] for sent in twilio_api.requests] == [CALLER]
+
+
 async def test_a_late_outcome_does_not_overwrite_a_callback_settled_as_interrupted(
         make_dialler, twilio_api, db):  # noqa: F811
     # Twilio was so slow to answer that another round took the dial for interrupted and failed

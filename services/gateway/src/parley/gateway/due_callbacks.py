@@ -161,6 +161,7 @@ async def _place(app: web.Application, due: _Due) -> None:
     try:
         agent, number = await _origin(app, due)
     except _Undiallable as exc:
+        app[CALL_RATE_LIMITER].give_back(due.org_id)  # nothing dialled: no call to charge
         await _settle(app, due, "failed", str(exc), placed_call_id="")
         return
     except BaseException:  # the database failed, or the gateway is stopping: not dialled
@@ -202,9 +203,14 @@ async def _reached_carrier(app: web.Application, due: _Due) -> bool:
 
 
 async def _release(app: web.Application, claimed: list[_Due]) -> None:
-    """Claimed callbacks that were not dialled: pending again, the attempt not counted."""
+    """Claimed callbacks that were not dialled: pending again, the attempt not counted.
+
+    Nor their calls against the org's rate: each gives back the token its claim took.
+    """
     if not claimed:
         return
+    for due in claimed:
+        app[CALL_RATE_LIMITER].give_back(due.org_id)
     async with app[POOL].connection() as conn:
         await conn.execute(
             "UPDATE tool_callbacks SET status = 'pending', attempts = attempts - 1, "
