@@ -127,6 +127,22 @@ async def test_errors_are_classified(emulator: OpenAICompatEmulator,
     await wrong.aclose()
 
 
+@pytest.mark.parametrize(("status", "retry_after", "expected"), [
+    (429, None, 1.0), (503, 2.0, 2.0), (500, None, None)])
+async def test_the_wait_a_429_or_503_asks_for_goes_with_the_error(
+        emulator: OpenAICompatEmulator, llm: OpenAICompatLlm, status: int,
+        retry_after: float | None, expected: float | None) -> None:
+    """A server's 429 (OpenAI's rate limit) or 503 (a full queue) says when to come back in
+    retry-after (or retry-after-ms, as the OpenAI SDK reads them); the provider dropped it, so
+    the router retried after its own 0.2 s backoff into another 429. Now it is the error's
+    retry_after_s, as AnthropicLlm's, and the router waits at least that (or falls back)."""
+    emulator.faults.fail_next(status, retry_after_s=retry_after)
+    with pytest.raises(LlmError) as caught:
+        await collect(llm, REQUEST)
+    assert caught.value.status == status and caught.value.retryable
+    assert caught.value.retry_after_s == expected
+
+
 async def test_the_emulator_refuses_tool_calls_not_answered_at_once_as_the_api_does(
         emulator: OpenAICompatEmulator, llm: OpenAICompatLlm) -> None:
     system = SystemPrompt(text="You help with orders.")

@@ -6,7 +6,9 @@ service does: with ``stream: true``, ``chat.completion.chunk`` server-sent event
 the arguments JSON in fragments, a ``finish_reason`` chunk, a usage chunk when
 ``stream_options.include_usage`` is set, then ``data: [DONE]``); otherwise one
 ``chat.completion`` object. ``Authorization: Bearer <api_key>`` is checked when ``api_key`` is
-set; ``fail_next(status)`` answers with OpenAI's error JSON. Bodies land in :attr:`requests`.
+set; ``fail_next(status)`` answers with OpenAI's error JSON, with ``retry-after`` (whole
+seconds) on a 429 (1 s unless ``retry_after_s`` says otherwise) or on any status given a
+``retry_after_s``. Bodies land in :attr:`requests`.
 With ``tool_call_ids=False`` tool calls carry no id, as some local servers send them. With
 ``cut_after_tokens`` set, a stream closes after that many tokens (words and argument fragments)
 with no ``finish_reason``, usage or ``[DONE]``, as when a proxy or a restarting server drops it.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import time
 import uuid
 from collections import deque
@@ -52,7 +55,7 @@ class OpenAICompatEmulator(EmulatorServer):
         self.tokens_per_second = tokens_per_second
         self.default_reply: Script = default_reply or ScriptedReply(text="OK.")
         self.scripts: deque[Script] = deque()
-        self.faults = AnthropicFaults()  # only fail_next() applies here
+        self.faults = AnthropicFaults()  # only fail_next() applies here (and its retry-after)
         self.requests: list[dict[str, Any]] = []
         self.tool_call_ids = tool_call_ids
         self.cut_after_tokens: int | None = None
@@ -82,7 +85,8 @@ class OpenAICompatEmulator(EmulatorServer):
         self.requests.append(body)
         status = self.faults.take_failure()
         if status is not None:
-            return _error(status, "The server had an error while processing your request.")
+            return _error(status, "The server had an error while processing your request.",
+                          retry_after_s=self.faults.retry_after_s)
         script = self.scripts.popleft() if self.scripts else self.default_reply
         reply = script(body) if callable(script) else script
         usage = {"prompt_tokens": count_tokens(body["messages"]),
@@ -151,10 +155,11 @@ async def _data(response: web.StreamResponse, payload: dict[str, Any]) -> None:
     await response.write(f"data: {json.dumps(payload)}\n\n".encode())
 
 
-def _error(status: int, message: str) -> web.Response:
+def _error(status: int, message: str, *, retry_after_s: float | None = None) -> web.Response:
     kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    headers = {} if retry_after_s is None else {"retry-after": str(math.ceil(retry_after_s))}
     return web.json_response({"error": {"message": message, "type": kind, "param": None,
-                                        "code": kind}}, status=status)
+                                        "code": kind}}, status=status, headers=headers)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,11 +30,8 @@ stream (or cancelling the task that consumes it) closes the HTTP response at onc
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anthropic
@@ -57,9 +54,10 @@ from .base import (
     UsageReported,
     UserMessage,
     read_tool_arguments,
+    retry_after_s,
 )
 
-__all__ = ["AnthropicLlm", "to_anthropic_messages"]
+__all__ = ["AnthropicLlm", "retry_after_s", "to_anthropic_messages"]
 
 # Error types Anthropic reports in a stream's ``error`` event, where the HTTP status is a 200.
 _STREAM_ERROR_STATUS = {"overloaded_error": 529, "api_error": 500, "rate_limit_error": 429,
@@ -241,30 +239,3 @@ def _status_error(provider: str, exc: anthropic.APIStatusError) -> LlmError:
         status = _STREAM_ERROR_STATUS.get(exc.type or "", 500)
     return LlmError(provider, exc.api_message or str(exc), status=status,
                     retry_after_s=retry_after_s(exc.response.headers))
-
-
-def retry_after_s(headers: Mapping[str, str]) -> float | None:
-    """The wait an error response asks for: ``retry-after-ms``, else ``retry-after``.
-
-    As the anthropic SDK reads them (``_parse_retry_after_header``): milliseconds, else
-    seconds (a float is taken too), else an HTTP date. None if there is none, or it is not
-    one of those.
-    """
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is None:
-            continue
-        try:
-            seconds = float(value) * scale
-        except ValueError:
-            if scale != 1.0:
-                continue
-            try:
-                when = parsedate_to_datetime(value)
-            except (TypeError, ValueError):
-                return None
-            if when.tzinfo is None:  # "-0000": UTC, by RFC 5322
-                when = when.replace(tzinfo=UTC)
-            seconds = (when - datetime.now(UTC)).total_seconds()
-        return max(0.0, seconds) if math.isfinite(seconds) else None
-    return None

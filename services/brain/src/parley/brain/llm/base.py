@@ -15,7 +15,10 @@ consuming task closes the provider's HTTP stream: nothing keeps generating after
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any, Protocol, runtime_checkable
 
 import msgspec
@@ -25,6 +28,7 @@ __all__ = [
     "LlmRequest", "Message", "ProviderSwitched", "SystemPrompt", "TextDelta", "ToolCall",
     "ToolCallStarted", "ToolResult", "ToolSpec", "ToolUse", "Usage", "UsageReported",
     "UserMessage", "estimate_tokens", "is_retryable_status", "read_tool_arguments",
+    "retry_after_s",
 ]
 
 
@@ -282,3 +286,30 @@ class LlmProvider(Protocol):
     def stream(self, request: LlmRequest) -> AsyncIterator[LlmEvent]:
         """Stream the reply to ``request``; raise :class:`LlmError` on failure."""
         ...
+
+
+def retry_after_s(headers: Mapping[str, str]) -> float | None:
+    """The wait an error response asks for: ``retry-after-ms``, else ``retry-after``.
+
+    As the anthropic and openai SDKs read them (``_parse_retry_after_header``): milliseconds, else
+    seconds (a float is taken too), else an HTTP date. None if there is none, or it is not
+    one of those.
+    """
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) * scale
+        except ValueError:
+            if scale != 1.0:
+                continue
+            try:
+                when = parsedate_to_datetime(value)
+            except (TypeError, ValueError):
+                return None
+            if when.tzinfo is None:  # "-0000": UTC, by RFC 5322
+                when = when.replace(tzinfo=UTC)
+            seconds = (when - datetime.now(UTC)).total_seconds()
+        return max(0.0, seconds) if math.isfinite(seconds) else None
+    return None

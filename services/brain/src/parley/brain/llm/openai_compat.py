@@ -15,7 +15,9 @@ reports its input estimated from the request body's characters (:class:`UsageRep
 ``estimated``), which the consumer counts with the output that came; its :class:`Done` has the
 server's usage or, if none came, the same estimate with the output's characters. A stream that
 closes before any ``finish_reason`` or ``[DONE]`` was cut mid-reply (a proxy, a restarting
-server) and is a retryable error, never a short finished answer.
+server) and is a retryable error, never a short finished answer. The wait an error response
+asks for (``retry-after-ms`` / ``retry-after``, on a 429 or a 503) goes with the error
+(:attr:`LlmError.retry_after_s`), and the router retries no sooner.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from .base import (
     UserMessage,
     estimate_tokens,
     read_tool_arguments,
+    retry_after_s,
 )
 
 __all__ = ["OpenAICompatLlm", "to_openai_messages"]
@@ -119,7 +122,8 @@ class OpenAICompatLlm:
                                           timeout=self._timeout) as response:
                 if response.status != 200:
                     raise LlmError(self.name, _error_message(await response.text()),
-                                   status=response.status)
+                                   status=response.status,
+                                   retry_after_s=retry_after_s(response.headers))
                 estimate = Usage(input_tokens=estimate_tokens(len(body)))
                 yield UsageReported(usage=estimate, estimated=True)
                 async for chunk in _sse_chunks(response, self.name):
