@@ -3,6 +3,7 @@ import logging
 import time
 
 import msgspec
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from psycopg.types.json import Jsonb
@@ -297,3 +298,34 @@ async def test_a_json_answer_with_a_lone_surrogate_completes_with_a_replacement_
         await server.close()
     assert done.type == "tool.completed", done
     assert done.result == {"summary": "Great news \ufffd", "\ufffd": "ok"}
+
+
+@pytest.mark.parametrize("status", [200, 401])
+async def test_a_body_whose_charset_decodes_to_half_a_surrogate_pair_has_an_outcome(
+        bus, pool, service, events, status):
+    # UTF-7 (an IANA charset, as unicode-escape is a Python codec) writes half a surrogate pair
+    # as "+2D0-"; read in its declared charset the body held one, which no event can encode:
+    # the answer of a text/plain body (or the snippet of an error) raised building the outcome,
+    # and the run was reported ~a minute later as "may or may not have taken effect".
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(status=status, body=b"Great news +2D0-",
+                            headers={"Content-Type": "text/plain; charset=utf-7"})
+
+    app = web.Application()
+    app.router.add_get("/utf7", answer)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        await add_http_tool(pool, "utf7", f"http://127.0.0.1:{server.port}/utf7", method="GET")
+        await service()
+        call_id = await start_call(bus)
+        request = await request_tool(bus, call_id, "utf7")
+        done = await events.outcome(request.tool_call_id)
+    finally:
+        await server.close()
+    if status == 200:
+        assert done.type == "tool.completed", done
+        assert done.result == {"text": "Great news \ufffd"}
+    else:
+        assert done.type == "tool.failed", done
+        assert done.error == "utf7 answered 401: Great news \ufffd"

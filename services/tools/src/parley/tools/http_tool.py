@@ -231,9 +231,13 @@ def _whole_characters(text: str) -> str:
 
 
 def _decode(raw: bytes, charset: str | None) -> str:
-    """The body as text in its declared charset (a legacy CRM's ISO-8859-1), else UTF-8."""
+    """The body as text in its declared charset (a legacy CRM's ISO-8859-1), else UTF-8.
+
+    Half a surrogate pair that the charset can write (UTF-7's ``+2D0-``) is U+FFFD: no event
+    could carry it.
+    """
     try:
-        return raw.decode(charset or "utf-8", errors="replace")
+        return _whole_characters(raw.decode(charset or "utf-8", errors="replace"))
     except (LookupError, UnicodeError):  # a charset Python does not know, or cannot use so
         return raw.decode("utf-8", errors="replace")  # ("idna", "undefined")
 
