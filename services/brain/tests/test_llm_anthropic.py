@@ -220,7 +220,7 @@ async def test_a_client_gone_before_the_stream_starts_is_an_aborted_stream(
     port = int(emulator.base_url.rsplit(":", 1)[1])
     _, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: sk-test\r\n"
-                 b"content-type: application/json\r\n"
+                 b"anthropic-version: 2023-06-01\r\ncontent-type: application/json\r\n"
                  b"content-length: %d\r\n\r\n%s" % (len(body), body))
     writer.close()
     await writer.wait_closed()
@@ -380,3 +380,29 @@ async def test_tool_arguments_that_are_not_json_are_a_call_whose_error_goes_to_t
 def test_retry_after_is_read_as_the_sdk_reads_it(headers: dict[str, str],
                                                  expected: float | None) -> None:
     assert retry_after_s(headers) == expected
+
+
+async def test_the_emulator_refuses_a_request_without_anthropic_version_as_the_api_does(
+        emulator: AnthropicEmulator) -> None:
+    """The API answers 400 invalid_request_error "anthropic-version: header is required" to a
+    request without the header (its Versions page: every request must send it; the SDK does).
+    The emulator answered it, so a client that dropped the header passed every test."""
+    import anthropic
+
+    client = anthropic.AsyncAnthropic(api_key="sk-test", base_url=emulator.base_url,
+                                      max_retries=0)
+    try:
+        with pytest.raises(anthropic.BadRequestError) as refused:
+            await client.messages.create(
+                model="claude-test", max_tokens=50, messages=[{"role": "user", "content": "Hi"}],
+                extra_headers={"anthropic-version": anthropic.Omit()})
+        assert refused.value.body == {"type": "error", "error": {
+            "type": "invalid_request_error", "message": "anthropic-version: header is required"}}
+        assert not emulator.requests  # refused before anything else
+        message = await client.messages.create(
+            model="claude-test", max_tokens=50, messages=[{"role": "user", "content": "Hi"}])
+        assert message.content[0].text == "OK."  # type: ignore[union-attr]
+    finally:
+        await client.close()
+    assert emulator.headers[0]["anthropic-version"]  # what the SDK sends
+

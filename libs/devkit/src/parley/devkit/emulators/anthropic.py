@@ -1,7 +1,9 @@
 """An Anthropic Messages API emulator: ``POST /v1/messages``, streamed (SSE) or not.
 
 It checks the API key — ``x-api-key``, or ``Authorization: Bearer`` as anthropic SDK 2.x sends it
-— (401 ``authentication_error`` otherwise) and the request's required
+— (401 ``authentication_error`` otherwise), the ``anthropic-version`` header every request must
+send (400 ``invalid_request_error`` "anthropic-version: header is required", as the API answers
+without it) and the request's required
 fields (400 ``invalid_request_error``), then answers with the next scripted reply
 (:class:`ScriptedReply`: text and/or tool uses, or a function of the request body) — or
 ``default_reply`` when the queue is empty. A request whose last message is the assistant's is a
@@ -187,6 +189,8 @@ class AnthropicEmulator(EmulatorServer):
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         if _credential(request) != self.api_key:
             return _error(401, "invalid x-api-key")
+        if not request.headers.get("anthropic-version"):
+            return _error(400, "anthropic-version: header is required")
         try:
             body = await request.json()
         except ValueError:
