@@ -24,7 +24,12 @@ from parley.brain.llm.base import (
 )
 from parley.brain.llm.clauses import ClauseSplitter
 from parley.common.tracing import configure_tracing
-from parley.devkit.emulators.anthropic import AnthropicEmulator, ScriptedReply, ScriptedToolUse
+from parley.devkit.emulators.anthropic import (
+    AnthropicEmulator,
+    ScriptedReply,
+    ScriptedToolUse,
+    count_tokens,
+)
 
 BOOK = ToolSpec(name="book_appointment", description="Book a dental appointment.",
                 input_schema={"type": "object", "required": ["day"],
@@ -72,7 +77,7 @@ async def test_streamed_text_arrives_in_pieces_and_splits_into_clauses(
     assert done.ttft_ms is not None and done.ttft_ms >= 0
 
 
-async def test_system_prompt_is_cached_and_usage_is_mapped(
+async def test_system_prompt_is_marked_for_the_cache_and_usage_is_mapped(
         emulator: AnthropicEmulator, claude: AnthropicLlm) -> None:
     first = await collect(claude, ask("Hello"))
     second = await collect(claude, ask("Hello again"))
@@ -83,11 +88,13 @@ async def test_system_prompt_is_cached_and_usage_is_mapped(
     assert emulator.headers[0]["Authorization"] == "Bearer sk-test"  # how SDK 2.x sends the key
     first_done, second_done = first[-1], second[-1]
     assert isinstance(first_done, Done) and isinstance(second_done, Done)
+    # 10 words: far below the 1024 tokens the API caches at least, so billed as plain input
+    # (a long prompt's cache writes and reads: test_a_prefix_shorter_than_the_models_minimum...)
     prefix = len(SYSTEM.text.split())
-    assert first_done.usage.cache_write_tokens == prefix and first_done.usage.cache_read_tokens == 0
-    assert second_done.usage.cache_read_tokens == prefix
-    assert second_done.usage.cache_write_tokens == 0
-    assert first_done.usage.input_tokens > 0 and first_done.usage.output_tokens == 1  # "OK."
+    for done in (first_done, second_done):
+        assert (done.usage.cache_write_tokens, done.usage.cache_read_tokens) == (0, 0)
+    assert first_done.usage.input_tokens == prefix + count_tokens(sent["messages"])
+    assert first_done.usage.output_tokens == 1  # "OK."
 
     uncached = LlmRequest(system=SystemPrompt(text="Be brief.", cacheable=False),
                           messages=(UserMessage(text="Hi"),))
@@ -406,3 +413,49 @@ async def test_the_emulator_refuses_a_request_without_anthropic_version_as_the_a
         await client.close()
     assert emulator.headers[0]["anthropic-version"]  # what the SDK sends
 
+
+def words(count: int, tag: str) -> str:
+    return " ".join(f"{tag}{i}" for i in range(count))
+
+
+@pytest.mark.parametrize(("model", "minimum"), [
+    ("claude-haiku-4-5", 4096), ("claude-haiku-4-5-20251001", 4096), ("claude-opus-4-6", 4096),
+    ("claude-opus-4-1", 1024), ("claude-3-5-haiku-latest", 2048),
+    ("claude-test", 1024),  # a model the table does not know: the smallest minimum
+])
+async def test_a_prefix_shorter_than_the_models_minimum_is_neither_written_nor_read(
+        emulator: AnthropicEmulator, model: str, minimum: int) -> None:
+    """The API caches a prefix only when it reaches the model's minimum length (its prompt
+    caching page: 4096 tokens for Haiku 4.5 and Opus 4.6, 1024 for Sonnet 4.5 and Opus 4.1,
+    2048 for Haiku 3.5); a shorter one marked with cache_control is billed as plain input, with
+    no error and no cache write or read. The emulator cached a prefix of any length, so a
+    short agent prompt looked cached in every test. The prefix is the tools and the system
+    blocks up to the marked one; the turn's context, after it, is neither in it nor in its key."""
+    claude = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url, model=model)
+    tool_words = count_tokens([{"name": BOOK.name, "description": BOOK.description,
+                                "input_schema": BOOK.input_schema}])
+    try:
+        for system_words, cached in [(minimum - tool_words - 1, False),
+                                     (minimum - tool_words, True)]:
+            system = SystemPrompt(text=words(system_words, f"{cached}-"))
+            usages = []
+            for context in ("Caller: Ann.", "Caller: Ann. Knowledge: we open at 8."):
+                request = LlmRequest(system=system, context=context, tools=(BOOK,),
+                                     messages=(UserMessage(text="Hello"),))
+                done = (await collect(claude, request))[-1]
+                assert isinstance(done, Done)
+                usages.append(done.usage)
+            prefix = tool_words + system_words
+            asked = count_tokens(emulator.requests[-1]["messages"])
+            first, second = usages
+            if cached:
+                assert (first.cache_write_tokens, first.cache_read_tokens) == (prefix, 0)
+                assert (second.cache_write_tokens, second.cache_read_tokens) == (0, prefix)
+                assert second.input_tokens == asked + count_tokens(
+                    "Caller: Ann. Knowledge: we open at 8.")  # the context: after the prefix
+            else:
+                for usage in usages:
+                    assert (usage.cache_write_tokens, usage.cache_read_tokens) == (0, 0)
+                assert first.input_tokens == prefix + count_tokens("Caller: Ann.") + asked
+    finally:
+        await claude.aclose()

@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 import pytest
 
 from parley.brain import worker as brain_worker
@@ -54,11 +55,27 @@ from parley.devkit.emulators.anthropic import ScriptedReply, ScriptedToolUse, co
 from parley.devkit.emulators.openai_compat import OpenAICompatEmulator
 from parley.devkit.infra import NatsServer
 
-from .conftest import ORG, open_call, services, user_says
+from .conftest import ORG, SETTINGS, open_call, services, user_says
 
 KINDS = {"llm_input_tokens": "input_tokens", "llm_output_tokens": "output_tokens",
          "llm_cache_read_tokens": "cache_read_tokens",
          "llm_cache_write_tokens": "cache_write_tokens"}
+
+
+# A prompt long enough for the API to cache (Haiku 4.5, the default model, caches a prefix of
+# 4096 tokens or more; the emulator counts words).
+LONG = msgspec.structs.replace(SETTINGS, prompt=SETTINGS.prompt + " Be kind." * 2100)
+
+
+async def long_prompt(org_id: str, agent_id: str) -> Any:
+    return LONG
+
+
+def billed_input(request: dict[str, Any]) -> int:
+    """An Anthropic request's input with SETTINGS' short prompt: below the minimum the API
+    caches, the system blocks are billed as input with the messages."""
+    return count_tokens(request["messages"]) + sum(
+        count_tokens(block["text"]) for block in request.get("system", []))
 
 
 class Metered:
@@ -110,7 +127,7 @@ async def test_a_turn_whose_rounds_ran_on_two_instances_completes_with_all_their
             name="book_appointment", input={"day": "Friday", "time": "10:00"}, id="toolu_1"),)),
         ScriptedReply(text="You're booked for Friday at ten."))
     emulator.ttft_s = 0.3
-    first = BrainWorker(services(bus, pool, [metered]))
+    first = BrainWorker(services(bus, pool, [metered], agents=long_prompt))
     await first.start()
     try:
         await open_call(bus, "c-rounds")
@@ -119,7 +136,7 @@ async def test_a_turn_whose_rounds_ran_on_two_instances_completes_with_all_their
     finally:
         await first.stop()
     emulator.ttft_s = 0.0
-    second = BrainWorker(services(bus, pool, [metered]))
+    second = BrainWorker(services(bus, pool, [metered], agents=long_prompt))
     await second.start()
     try:
         await bus.publish(ToolCompleted(org_id=ORG, call_id="c-rounds", tool_call_id="toolu_1",
@@ -133,7 +150,8 @@ async def test_a_turn_whose_rounds_ran_on_two_instances_completes_with_all_their
     billed = Counter({kind: sum(getattr(d.usage, field) for d in metered.done)
                       for kind, field in KINDS.items()})
     assert billed["llm_input_tokens"] and billed["llm_output_tokens"]
-    assert billed["llm_cache_write_tokens"]  # each round's system prompt, cached
+    assert billed["llm_cache_write_tokens"]  # round 0's system prompt, cached
+    assert billed["llm_cache_read_tokens"]  # and read by round 1
     assert as_totals(done) == +billed
     assert recorded_totals(recorder, "c-rounds") == +billed
     assert done.ttft_ms >= 300 and done.llm_wait_ms >= 300  # round 0's: the caller's wait
@@ -147,7 +165,7 @@ async def test_an_interrupted_turn_reports_what_its_request_was_billed(
     reported when the response began is recorded and completes the turn."""
     emulator.tokens_per_second = 20
     llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
-    worker = BrainWorker(services(bus, pool, [llm]))
+    worker = BrainWorker(services(bus, pool, [llm], agents=long_prompt))
     await worker.start()
     try:
         emulator.script(ScriptedReply(text="Our hours are eight to five on weekdays, " * 8))
@@ -162,7 +180,8 @@ async def test_an_interrupted_turn_reports_what_its_request_was_billed(
         await worker.stop()
         await llm.aclose()
     request, = emulator.requests
-    assert done.usage.input_tokens == count_tokens(request["messages"]) > 0
+    context = sum(count_tokens(block["text"]) for block in request["system"][1:])
+    assert done.usage.input_tokens == count_tokens(request["messages"]) + context > 0
     assert done.usage.cache_write_tokens > 0  # the system prompt, cached by this request
     assert done.provider == "anthropic"
     assert recorded_totals(recorder, "c-cut") == as_totals(done)
@@ -192,8 +211,7 @@ async def test_a_round_asked_again_after_a_failure_records_both_requests(
         await worker.stop()
         await llm.aclose()
     first, second = emulator.requests
-    assert done.usage.input_tokens == (count_tokens(first["messages"])
-                                       + count_tokens(second["messages"]))
+    assert done.usage.input_tokens == billed_input(first) + billed_input(second)
     assert recorded_totals(recorder, "c-again") == as_totals(done)
     assert len({u.id for u in recorder.of("usage.recorded", "c-again")}) == len(
         recorder.of("usage.recorded", "c-again"))
@@ -261,7 +279,7 @@ async def test_a_speculation_that_is_not_adopted_records_what_it_was_billed(
         await bus.publish(SpeechStarted(org_id=ORG, call_id="c-spec", offset_ms=9000))
         await until(lambda: worker.speculations.outcomes.get("caller spoke") == 1)
         assert emulator.completed_streams == 2  # cut short: no Done, only what it began with
-        tuesday, wednesday, whitening = (count_tokens(r["messages"]) for r in emulator.requests)
+        tuesday, wednesday, whitening = (billed_input(r) for r in emulator.requests)
 
         every_input = tuesday + wednesday + whitening
         await until(lambda: sum(u.quantity for u in recorder.of("usage.recorded", "c-spec")
@@ -375,7 +393,7 @@ async def test_an_anthropic_turn_cut_short_records_an_estimate_of_its_output(
         "c-an-cut")
     request, = emulator.requests
     recorded = recorded_by_estimate(recorder, "c-an-cut", "anthropic")
-    assert recorded[False]["llm_input_tokens"] == count_tokens(request["messages"])
+    assert recorded[False]["llm_input_tokens"] == billed_input(request)
     assert set(recorded[True]) == {"llm_output_tokens"}
     assert len(said.text) / 5 < recorded[True]["llm_output_tokens"] < len(CUT_REPLY) / 4
     assert as_totals(done) == recorded[False] + recorded[True]

@@ -13,9 +13,14 @@ prefill is sent from where the prefill ends. A stream has the real event shapes:
 (``text_delta`` one word at a time / ``input_json_delta`` with the JSON cut into fragments),
 ``content_block_stop``, ``message_delta`` (``stop_reason``, usage) and ``message_stop``.
 
-Prompt caching is modelled: a request whose system blocks carry ``cache_control`` writes its
-prefix (system + tools) on first sight and reads it afterwards, reported in
-``cache_creation_input_tokens`` / ``cache_read_input_tokens``. Token counts are whitespace words.
+Prompt caching is modelled: a request whose system blocks carry ``cache_control`` caches its
+prefix — in the API's order, the tools, then the system blocks up to the last one marked; what
+follows it (a turn's context block, the messages) is neither in the prefix nor in its key —
+written on first sight and read afterwards, reported in ``cache_creation_input_tokens`` /
+``cache_read_input_tokens``. As in the API, a prefix shorter than the model's minimum
+(:func:`min_cacheable_tokens`: 4096 tokens for Haiku 4.5, 1024 for Sonnet 4.5…) is not cached,
+silently: no write, no read, all of it billed as ``input_tokens``. Breakpoints in messages or
+tools are not modelled. Token counts are whitespace words.
 
 Pacing: ``ttft_s`` before the first content block, then ``tokens_per_second``. Faults
 (:class:`AnthropicFaults`): ``fail_next(status)`` answers the next requests with Anthropic's error
@@ -49,12 +54,27 @@ from parley.devkit.emulators import EmulatorServer, run_cli
 
 __all__ = [
     "AbortedStream", "AnthropicEmulator", "AnthropicFaults", "ScriptedReply", "ScriptedToolUse",
-    "count_tokens", "json_fragments", "main", "word_tokens",
+    "count_tokens", "json_fragments", "main", "min_cacheable_tokens", "word_tokens",
 ]
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                403: "permission_error", 404: "not_found_error", 413: "request_too_large",
                429: "rate_limit_error", 500: "api_error", 529: "overloaded_error"}
+
+
+# The shortest prefix each model caches, from Anthropic's prompt caching page ("minimum
+# cacheable prompt length"); first match wins, and a model not listed gets the smallest.
+_CACHE_MINIMUMS = ((re.compile(r"claude-(haiku-4-5|opus-4-5|opus-4-6)"), 4096),
+                   (re.compile(r"claude-(sonnet-4-6|3-5-haiku|3-haiku|haiku-3)"), 2048))
+_SMALLEST_CACHE_MINIMUM = 1024  # Sonnet 4.5, Sonnet 4, Opus 4.1, Opus 4, Sonnet 3.7
+
+
+def min_cacheable_tokens(model: str) -> int:
+    """The shortest prefix (tokens) the API caches for ``model``; a shorter one is not cached."""
+    for pattern, minimum in _CACHE_MINIMUMS:
+        if pattern.match(model):
+            return minimum
+    return _SMALLEST_CACHE_MINIMUM
 
 
 @dataclass(frozen=True)
@@ -215,20 +235,25 @@ class AnthropicEmulator(EmulatorServer):
 
     def _usage(self, body: dict[str, Any]) -> dict[str, int]:
         system = body.get("system")
-        system_text = (system if isinstance(system, str)
-                       else " ".join(b.get("text", "") for b in system or []))
-        prefix_tokens = count_tokens(system_text) + (count_tokens(body["tools"])
-                                                     if body.get("tools") else 0)
-        cached = isinstance(system, list) and any("cache_control" in b for b in system)
+        blocks = [{"type": "text", "text": system}] if isinstance(system, str) else system or []
+        marked = [i for i, b in enumerate(blocks) if isinstance(b, dict) and "cache_control" in b]
+        cut = marked[-1] + 1 if marked else 0  # the system blocks in the cached prefix
+        tools = body.get("tools") or []
+        prefix_tokens = sum(count_tokens(b.get("text", "")) for b in blocks[:cut]) + (
+            count_tokens(tools) if tools and marked else 0)
+        rest = sum(count_tokens(b.get("text", "")) for b in blocks[cut:]) + (
+            count_tokens(tools) if tools and not marked else 0)
         read = write = 0
+        cached = bool(marked) and prefix_tokens >= min_cacheable_tokens(str(body["model"]))
         if cached:
-            key = msgspec.json.encode([system, body.get("tools", [])], order="sorted")
+            key = msgspec.json.encode([body["model"], tools, blocks[:cut]], order="sorted")
             if key in self._cached_prefixes:
                 read = prefix_tokens
             else:
                 write = prefix_tokens
                 self._cached_prefixes.add(key)
-        return {"input_tokens": count_tokens(body["messages"]) + (0 if cached else prefix_tokens),
+        return {"input_tokens": count_tokens(body["messages"]) + rest
+                + (0 if cached else prefix_tokens),
                 "cache_creation_input_tokens": write, "cache_read_input_tokens": read}
 
     def _message(self, reply: ScriptedReply, usage: dict[str, int]) -> dict[str, Any]:

@@ -8,8 +8,14 @@ a ``tool_use`` block's ``input_json_delta`` fragments are joined and parsed at
 ``message_start`` (input, cache read, cache write: at once as :class:`UsageReported`, so a
 response cut short still counts what it was billed) and ``message_delta`` (output) →
 :class:`Done`. The system prompt goes as one text
-block with ``cache_control: ephemeral`` when it is cacheable, so every turn after the first reads
-it from Anthropic's prompt cache.
+block with ``cache_control: ephemeral`` when it is cacheable: the breakpoint where the stable
+part ends, as the API caches in the order tools → system → messages, so the cached prefix is the
+tools and the system prompt; the turn's context goes in a block after it, and the conversation
+after that, neither cached. The API caches that prefix only if it is at least the model's
+minimum (4096 tokens for Haiku 4.5, the default; 1024 for Sonnet 4.5), silently: an agent's
+short prompt and few tools are below it, billed as plain input every turn (no cache write, no
+read), and only a long prompt (or many tools) is read from the cache on the turns after the
+first.
 
 The SDK client made here speaks HTTP through aiohttp (``anthropic.DefaultAioHttpClient``, the
 SDK's ``aiohttp`` extra) rather than its default httpx transport: per request it costs less
