@@ -51,7 +51,7 @@ async def test_two_clauses_in_one_context(emulator: CartesiaEmulator, tts: Carte
     await stream.say(second, last=True)
     chunks = await collect(stream)
 
-    requests = emulator.sessions[0].requests
+    requests = [r for r in emulator.sessions[0].requests if not r.get("flush")]
     assert [r["transcript"] for r in requests] == [first, second]
     assert [r["continue"] for r in requests] == [True, False]
     assert len({r["context_id"] for r in requests}) == 1
@@ -76,6 +76,64 @@ async def test_two_clauses_in_one_context(emulator: CartesiaEmulator, tts: Carte
     assert words[1][0].start == pytest.approx(0.0, abs=1e-6)  # relative to the clause
     assert words[0][1].start == pytest.approx(len("Hello") * 0.06 + 0.04, abs=1e-3)
     assert all(w.end > w.start for w in words[0] + words[1])
+
+
+def clause_words(chunks: list[TtsChunk], clauses: int) -> dict[int, list]:
+    return {clause: [w for c in chunks if c.clause == clause for w in c.words]
+            for clause in range(clauses)}
+
+
+async def test_clauses_are_flushed_as_cartesia_documents_and_keep_their_audio(
+        emulator: CartesiaEmulator, tts: CartesiaTts) -> None:
+    # Cartesia documents a flush only as a request of its own (empty transcript, continue
+    # true, same context); we sent flush on the clause's own request, a form its docs never
+    # describe, while mapping audio and timestamps to clauses by the flush number.
+    clauses = ["Hello there caller.", "Your table is booked.", "Anything else?"]
+    stream = await tts.open()
+    for number, text in enumerate(clauses):
+        await stream.say(text, last=number == len(clauses) - 1)
+    chunks = await collect(stream)
+
+    session = emulator.sessions[0]
+    assert session.undocumented == []
+    shape = [(r["transcript"], r["continue"], r.get("flush", False)) for r in session.requests]
+    assert shape == [(clauses[0], True, False), ("", True, True),
+                     (clauses[1], True, False), ("", True, True),
+                     (clauses[2], False, False)]
+    assert len({r["context_id"] for r in session.requests}) == 1
+    assert all(r["model_id"] == "sonic-3" and r["add_timestamps"] for r in session.requests)
+
+    for clause, text in enumerate(clauses):
+        audio = b"".join(c.audio for c in chunks if c.clause == clause)
+        assert len(audio) == pytest.approx(expected_seconds(text) * 8000, abs=8), clause
+    words = clause_words(chunks, len(clauses))
+    for clause, text in enumerate(clauses):
+        assert [w.text for w in words[clause]] == text.split()
+        first = text.split()[0]
+        assert words[clause][0].start == pytest.approx(0.0, abs=1e-3)
+        assert words[clause][1].start == pytest.approx(len(first) * 0.06 + 0.04, abs=1e-3)
+
+
+async def test_word_timestamps_that_restart_at_each_flush_stay_relative_to_their_clause(
+        emulator: CartesiaEmulator, tts: CartesiaTts) -> None:
+    # Cartesia's docs do not say whether timestamps after a flush count from the context's
+    # start or from the flush. Counted from the flush, every word after the first clause was
+    # taken as before its clause's audio and pinned to 0.0.
+    emulator.timestamps_restart_at_flush = True
+    clauses = ["Hello there caller.", "Your table is booked.", "Anything else?"]
+    stream = await tts.open()
+    for number, text in enumerate(clauses):
+        await stream.say(text, last=number == len(clauses) - 1)
+    chunks = await collect(stream)
+
+    words = clause_words(chunks, len(clauses))
+    for clause, text in enumerate(clauses):
+        assert [w.text for w in words[clause]] == text.split()
+        expected, at = [], 0.0
+        for word in text.split():
+            expected.append(pytest.approx(at, abs=1e-3))
+            at += len(word) * 0.06 + 0.04
+        assert [w.start for w in words[clause]] == expected, clause
 
 
 async def test_turns_share_the_socket_with_separate_contexts(

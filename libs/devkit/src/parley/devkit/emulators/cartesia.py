@@ -6,9 +6,22 @@ upgrade. Messages in: generation requests (``context_id``, ``model_id``, ``trans
 ``voice``, ``output_format``, ``continue``, ``flush``, ``add_timestamps``, …) and
 ``{"context_id": …, "cancel": true}``. Messages out, Cartesia-shaped: ``chunk`` (base64 audio,
 ``flush_id``), ``timestamps`` (``word_timestamps`` ``{words, start, end}``, seconds from the
-start of the context's audio), ``flush_done`` after a request sent with ``flush``, ``done`` once
-a request with ``continue: false`` has been spoken, and ``error`` (with ``status_code``), also
-for a model (or a model's language) Cartesia has sunset (``error_code`` "model_sunsetted").
+start of the context's audio), ``flush_done`` after a flush, ``done`` once a request with
+``continue: false`` has been spoken, and ``error`` (with ``status_code``), also for a model (or a
+model's language) Cartesia has sunset (``error_code`` "model_sunsetted").
+
+Flushing, as Cartesia documents it (its "Context Flushing and Flush IDs" page, and the SDK's
+``ctx.push("", flush=True)`` example): a request of its own for the context, with an empty
+``transcript``, ``continue: true`` and ``flush: true``. Everything sent before it is spoken, then
+``flush_done`` (``flush_id`` n) is sent, and the audio and timestamps of what follows carry
+``flush_id`` n + 1 (those before the first flush carry 1). The docs say nothing of a flush sent
+on a request that also carries text, or with ``continue: false``: the emulator speaks such a
+request, then flushes, but records it in ``TtsSession.undocumented`` so a test can check that a
+client relies on nothing the real server was never documented to do.
+
+Whether word timestamps after a flush count from the start of the context or from the flush,
+Cartesia's docs do not say: ``timestamps_restart_at_flush`` makes the emulator restart them at
+each flush (default: from the start of the context), so a client can be tested against both.
 
 Audio is deterministic and cheap: per word a tone (pitch from the word's letters) lasting
 ``seconds_per_character`` per character, then ``gap_s`` of silence, in the requested raw
@@ -74,6 +87,7 @@ class TtsSession:
     requests: list[dict[str, Any]] = field(default_factory=list)
     cancels: list[str] = field(default_factory=list)
     sent: list[dict[str, Any]] = field(default_factory=list)
+    undocumented: list[str] = field(default_factory=list)  # requests of no documented form
     idle_closed: bool = False  # closed by the emulator after idle_timeout_s with no generation
 
 
@@ -121,8 +135,9 @@ class _Context:
     """One context's generation: its requests, spoken in order by one task."""
 
     def __init__(self, context_id: str, post: Any, voice: Voice,
-                 faults: CartesiaFaults) -> None:
+                 faults: CartesiaFaults, *, timestamps_restart_at_flush: bool = False) -> None:
         self.context_id = context_id
+        self._restart_at_flush = timestamps_restart_at_flush
         self.requests: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.closed = False  # a request with continue=false arrived
         self._post = post
@@ -139,6 +154,8 @@ class _Context:
             await self._speak(request)
             if request.get("flush"):
                 self._flushes += 1
+                if self._restart_at_flush:
+                    self._position_s = 0.0
                 await self._send({"type": "flush_done", "done": False, "flush_done": True,
                                   "flush_id": self._flushes, "status_code": 200})
             if not request.get("continue", True):
@@ -184,6 +201,7 @@ class CartesiaEmulator(EmulatorServer):
         self.api_key = api_key
         self.idle_timeout_s = idle_timeout_s
         self.voice = voice or Voice()
+        self.timestamps_restart_at_flush = False  # see the module doc
         self.faults = CartesiaFaults()
         self.sessions: list[TtsSession] = []
 
@@ -264,8 +282,11 @@ class CartesiaEmulator(EmulatorServer):
                     continue
                 context = contexts.get(context_id)
                 if context is None:
-                    context = contexts[context_id] = _Context(context_id, post, self.voice,
-                                                              self.faults)
+                    context = contexts[context_id] = _Context(
+                        context_id, post, self.voice, self.faults,
+                        timestamps_restart_at_flush=self.timestamps_restart_at_flush)
+                if (reason := _undocumented(body)) is not None:
+                    session.undocumented.append(reason)
                 context.closed = not body.get("continue", True)
                 context.requests.put_nowait(body)
         finally:
@@ -290,6 +311,20 @@ class CartesiaEmulator(EmulatorServer):
         if context is not None and context.closed:
             return 400, f"context {body['context_id']} is closed"
         return None
+
+
+def _undocumented(body: dict[str, Any]) -> str | None:
+    """Why a generation request has a form Cartesia does not document (None: it has one).
+
+    A flush is documented only as a request of its own: empty transcript, ``continue: true``.
+    """
+    if not body.get("flush"):
+        return None
+    if str(body.get("transcript", "")):
+        return f"flush sent with a transcript ({body['transcript']!r})"
+    if not body.get("continue", False):
+        return "flush sent with continue false"
+    return None
 
 
 def _sunset(model_id: str, language: str) -> bool:

@@ -10,18 +10,25 @@ The model is ``sonic-3`` (all of Cartesia's 42 languages): Cartesia sunset ``son
 
 Each ``say`` is one generation request in the turn's context: raw 8 kHz ``pcm_mulaw`` out,
 ``add_timestamps``, ``continue`` true except on the last clause. Cartesia does not label audio
-with the request that produced it, but it does number *flushes*: a request sent with
-``flush: true`` makes the server finish everything before it, answer ``flush_done``, and tag the
-audio that follows with the next ``flush_id``. So every clause but the last is sent with
-``flush`` (``flush_clauses=True``, the default), and a chunk's clause is its ``flush_id`` - 1
-(or, when the server omits ``flush_id``, the number of ``flush_done`` seen so far). The cost is
-that Cartesia cannot buffer text across a clause boundary, which the turn's clauses, being whole
+with the request that produced it, but it does number *flushes*: a flush makes the server finish
+everything sent before it, answer ``flush_done``, and tag the audio that follows with the next
+``flush_id`` (audio before the first flush has 1). A flush is sent the one way Cartesia
+documents it (its "Context Flushing and Flush IDs" page, the SDK's ``push("", flush=True)``): a
+request of its own in the context, empty ``transcript``, ``continue: true``, ``flush: true``.
+(We used to set ``flush`` on the clause's own request, a form the docs never describe, so how
+the server would number it was a guess.) So every clause but the last is followed by a flush
+(``flush_clauses=True``, the default), and a chunk's clause is its ``flush_id`` - 1 (or, when
+the server omits ``flush_id``, the number of ``flush_done`` seen so far). The cost is that
+Cartesia cannot buffer text across a clause boundary, which the turn's clauses, being whole
 phrases, do not need; the context still carries prosody from one to the next. With
 ``flush_clauses=False`` audio is attributed to the latest clause sent (approximate).
 
-Word timestamps come in ``timestamps`` messages, in seconds from the start of the context's
-audio; they are made relative to their clause's first audio sample (the protocol's convention)
-and delivered as :class:`TtsChunk` with empty audio and the words, in stream order.
+Word timestamps come in ``timestamps`` messages, in seconds; they are made relative to their
+clause's first audio sample (the protocol's convention) and delivered as :class:`TtsChunk` with
+empty audio and the words, in stream order. Cartesia's docs do not say whether, after a flush,
+they count from the start of the context's audio or from the flush, so both are taken: a
+clause's first timestamp that starts before half of the audio the context had produced before
+that clause is counted from the flush (its clause's start), any other from the context's start.
 
 ``cancel`` sends Cartesia's cancel for the context and ends ``audio()`` at once; anything still
 arriving for the context is dropped. A context that goes quiet while audio is owed fails after
@@ -93,7 +100,7 @@ class Chunk(msgspec.Struct, tag="chunk", tag_field="type"):
 
 
 class Timestamps(msgspec.Struct, tag="timestamps", tag_field="type"):
-    """Word timestamps, in seconds from the start of the context's audio."""
+    """Word timestamps, in seconds from the context's start or the last flush (module doc)."""
 
     context_id: str
     flush_id: int | None = None
@@ -287,6 +294,7 @@ class CartesiaTtsStream:
         self._flushes_done = 0
         self._clause = 0  # clause of the audio now arriving
         self._clause_start_s = 0.0  # where that clause's audio starts in the context
+        self._stamps_origin_s: float | None = None  # what the clause's timestamps count from
         self._audio_s = 0.0
         self._watchdog = StallWatchdog(PROVIDER, stall_after_s, self._stalled)
         connection.streams[self.context_id] = self
@@ -299,12 +307,12 @@ class CartesiaTtsStream:
             return  # cancelled: the turn is over
         if self._text_closed:
             raise RuntimeError("say() after the last clause")
-        request = {**self._request, "transcript": text, "continue": not last}
-        if self._flush_clauses and not last:
-            request["flush"] = True
         self._text_closed = last
         self._clauses_sent += 1
-        await self._connection.send(request)
+        await self._connection.send({**self._request, "transcript": text, "continue": not last})
+        if self._flush_clauses and not last:  # the documented flush: a request of its own
+            await self._connection.send(
+                {**self._request, "transcript": "", "continue": True, "flush": True})
         self._watchdog.expect()
 
     async def audio(self) -> AsyncIterator[TtsChunk]:
@@ -334,7 +342,7 @@ class CartesiaTtsStream:
                 self._chunks.put_nowait(TtsChunk(audio, [], self._clause))
             case Timestamps(word_timestamps=stamps) if stamps is not None:
                 self._enter_clause(self._clause_of(event.flush_id))
-                offset = self._clause_start_s
+                offset = self._stamps_origin(stamps)
                 words = [WordTiming(word, max(0.0, start - offset), max(0.0, end - offset))
                          for word, start, end in zip(stamps.words, stamps.start, stamps.end,
                                                      strict=False)]
@@ -367,6 +375,19 @@ class CartesiaTtsStream:
         if clause > self._clause:
             self._clause = clause
             self._clause_start_s = self._audio_s
+            self._stamps_origin_s = None
+
+    def _stamps_origin(self, stamps: _WordTimestamps) -> float:
+        """Where the clause's timestamps count from, in the clause's audio (see the module doc).
+
+        Decided on the clause's first timestamp: one well before the clause's audio can start
+        (under half of it) was counted from the flush that began the clause, not from the
+        context's start.
+        """
+        if self._stamps_origin_s is None and stamps.start:
+            restarted = stamps.start[0] < self._clause_start_s / 2
+            self._stamps_origin_s = 0.0 if restarted else self._clause_start_s
+        return self._clause_start_s if self._stamps_origin_s is None else self._stamps_origin_s
 
     def _owed(self) -> bool:
         """Whether Cartesia still owes this context audio (so silence would be a stall)."""
