@@ -323,6 +323,21 @@ async def test_a_socket_closed_with_an_error_fails_events(emulator: DeepgramEmul
     await stream.close()
 
 
+async def test_audio_deepgram_cannot_decode_is_a_permanent_error(
+        emulator: DeepgramEmulator) -> None:
+    # Deepgram closes with 1008 DATA-0000 audio it cannot decode (not audio, or a codec it
+    # does not take): fix the encoding and sample rate, its docs say; retrying sends the same
+    # audio again. Taken as transient, a misconfigured encoding was retried for ever.
+    stream = await provider(emulator).open()
+    collector = Collector(stream)
+    emulator.faults.undecodable_audio = True
+    await stream.send(silence(0.02))
+    await asyncio.wait_for(collector.task, 10)
+    assert isinstance(collector.error, ProviderError) and collector.error.permanent
+    assert "1008" in str(collector.error) and "DATA-0000" in str(collector.error)
+    await stream.close()
+
+
 async def test_a_socket_the_server_closes_cleanly_fails_events(
         emulator: DeepgramEmulator) -> None:
     # Deepgram (or a load balancer) going away closes 1001 with no error: unless we sent

@@ -28,6 +28,9 @@ closed with 1011 ``NET-0001``, as Deepgram's "Audio Keep Alive" page says it is.
 
 Fault switches (:class:`DeepgramFaults`, changeable while a session runs): ``stall`` keeps the
 socket open but answers nothing, ``close_with_error`` closes with 1011 on the next message,
+``undecodable_audio`` closes with 1008 ``DATA-0000`` on the next audio (Deepgram's close for a
+payload it "cannot decode as audio": not audio, or a codec it does not support; its "STT
+Troubleshooting WebSocket, NET, and DATA Errors" page),
 ``reject_status`` refuses the upgrade with that HTTP status.
 """
 
@@ -64,6 +67,9 @@ NOVA_3_LANGUAGES = frozenset({
     "ca", "et", "el", "lv", "lt", "ms", "ro", "sk", "be", "bn", "bs", "hr", "kn", "mk", "mr",
     "sr", "sl", "ta", "tl", "te", "zh", "zh-CN", "zh-Hans", "zh-TW", "zh-Hant",
 })
+# Deepgram's close payload for audio it cannot decode (its DATA-0000 description).
+DATA_0000 = (b"DATA-0000: The payload cannot be decoded as audio. It is either not audio data "
+             b"or is a codec unsupported by Deepgram.")
 _ULAW_ABS = np.abs(ulaw_decode(bytes(range(256))).astype(np.int32))  # µ-law byte → |sample|
 _MODEL_UUID = str(uuid.uuid5(uuid.NAMESPACE_DNS, MODEL_INFO["name"]))
 _NOT_WORD = re.compile(r"[^\w']")
@@ -83,6 +89,7 @@ class DeepgramFaults:
 
     stall: bool = False
     close_with_error: bool = False
+    undecodable_audio: bool = False  # the next audio is closed with 1008 DATA-0000
     reject_status: int | None = None
 
 
@@ -346,6 +353,9 @@ class DeepgramEmulator(EmulatorServer):
                     break
                 if self.faults.close_with_error:
                     await ws.close(code=1011, message=b"NET-0001: fault injected")
+                    break
+                if message.type == WSMsgType.BINARY and self.faults.undecodable_audio:
+                    await ws.close(code=1008, message=DATA_0000)
                     break
                 if message.type == WSMsgType.BINARY:
                     heard = loop.time()

@@ -17,12 +17,15 @@ Deepgram closes a socket that hears nothing for ~10 s, so when no audio has gone
 sends ``CloseStream`` and waits (bounded) for the last results and ``Metadata``.
 
 Failures: an HTTP 4xx refusal of the upgrade (bad key 401, bad request 400, no credit 402,
-forbidden 403) is a permanent :class:`ProviderError` from ``open``; anything else (refused
-connection, 5xx, a socket closed with an error, a server ``Error`` message, a stall caught by
-the :class:`StallWatchdog`) is transient, raised by ``open`` or at the end of ``events()``. So
-is a socket the server closes cleanly (1000/1001: Deepgram, a load balancer or a proxy going
-away) before our ``CloseStream``: ``events()`` ends normally only after ``close()``, so a call
-is never left listening to a socket that is gone.
+forbidden 403) is a permanent :class:`ProviderError` from ``open``; so is a socket Deepgram
+closes with 1008 ``DATA-0000``, raised at the end of ``events()``: audio it cannot decode (not
+audio, or a codec it does not take), which its docs say to fix in the encoding and sample rate.
+Taken as transient, the same audio was sent again to be refused again, for ever. Anything else
+(refused connection, 5xx, a socket closed with another error, a server ``Error`` message, a
+stall caught by the :class:`StallWatchdog`) is transient, raised by ``open`` or at the end of
+``events()``. So is a socket the server closes cleanly (1000/1001: Deepgram, a load balancer or
+a proxy going away) before our ``CloseStream``: ``events()`` ends normally only after
+``close()``, so a call is never left listening to a socket that is gone.
 
 The socket is opened without permessage-deflate: µ-law audio barely compresses, and each
 socket's deflate state costs ~190 KB and CPU on both ends for every 100 ms of audio sent (media
@@ -75,6 +78,7 @@ with warnings.catch_warnings():
     from deepgram.listen.v1.socket_client import AsyncV1SocketClient
 
 PROVIDER = "deepgram"
+_UNDECODABLE_CLOSE = 1008  # Deepgram documents it for DATA-0000 only: audio it cannot decode
 
 
 # -- Deepgram's server messages (the fields used; others are ignored) ---------------------------
@@ -301,7 +305,8 @@ class DeepgramSttStream:
         try:
             await method(*args)
         except Exception as exc:
-            raise ProviderError(PROVIDER, f"send failed: {exc!r}") from exc
+            undecodable = _undecodable(exc)
+            raise (undecodable or ProviderError(PROVIDER, f"send failed: {exc!r}")) from exc
         self._last_sent = self._loop.time()
 
     async def _read(self) -> None:
@@ -325,7 +330,7 @@ class DeepgramSttStream:
             self._error = self._error or exc
         except Exception as exc:  # the socket failed: surfaced through events()
             if not self._closing:
-                self._error = self._error or ProviderError(PROVIDER, f"socket failed: {exc!r}")
+                self._error = self._error or _socket_failed(exc)
         finally:
             self._watchdog.stop()
             self._keepalive.cancel()
@@ -351,6 +356,25 @@ class DeepgramSttStream:
     def _stalled(self) -> None:
         self._error = self._error or self._watchdog.error()
         self._reader.cancel()
+
+
+def _undecodable(exc: BaseException) -> ProviderError | None:
+    """Deepgram's close for audio it cannot decode (1008 DATA-0000) as a permanent error.
+
+    Its "STT Troubleshooting WebSocket, NET, and DATA Errors" page: the payload is not audio or
+    a codec it does not support, to be fixed in the encoding and sample rate, not retried (the
+    same audio would be refused again). None for any other failure.
+    """
+    close = getattr(exc, "rcvd", None)  # websockets' ConnectionClosed: the server's Close frame
+    if getattr(close, "code", None) != _UNDECODABLE_CLOSE:
+        return None
+    reason = getattr(close, "reason", "") or "DATA-0000"
+    return ProviderError(PROVIDER, f"socket closed by the server: {_UNDECODABLE_CLOSE} {reason}",
+                         permanent=True)
+
+
+def _socket_failed(exc: BaseException) -> ProviderError:
+    return _undecodable(exc) or ProviderError(PROVIDER, f"socket failed: {exc!r}")
 
 
 def _event(message: _Message) -> SttEvent | None:
