@@ -12,7 +12,7 @@ from parley.brain.llm.router import LlmRouter
 from parley.brain.worker import BrainWorker
 from parley.common.configuration import update_agent
 from parley.common.events import TurnUserEnded
-from parley.devkit.emulators.anthropic import ScriptedReply
+from parley.devkit.emulators.anthropic import ScriptedReply, ScriptedToolUse
 
 from .conftest import AGENT, ORG, open_call, services, user_says
 
@@ -75,6 +75,33 @@ async def test_no_filler_comes_after_a_prepared_clause_the_caller_is_already_hea
         await recorder.wait("turn.completed", "fp")
         says = [e.text for e in recorder.of("agent.say", "fp") if e.turn_id == "t1"]
         assert says == ["We open at eight on weekdays,", "and on Saturdays at nine."]
+    finally:
+        await worker.stop()
+        await llm.aclose()
+
+
+async def test_the_slow_tool_filler_does_not_repeat_a_filler_the_caller_just_heard(
+        bus, pool, emulator, recorder) -> None:
+    # The model took two thresholds to write a tool call: the caller heard "One moment." and
+    # "Sorry, just a moment longer.". The slow-tool filler was skipped only when the round's
+    # last clause was that same "One moment.", which with several fillers it no longer is, so
+    # the caller heard "One moment." a second time as the tool ran.
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(dataclasses.replace(
+        services(bus, pool, [llm]),
+        router=LlmRouter([llm], filler_after_ms=400, first_token_deadline_s=10)))
+    await worker.start()
+    try:
+        await open_call(bus, "ft")
+        await recorder.wait("agent.say", "ft")  # the greeting
+        emulator.ttft_s = 1.1
+        emulator.script(ScriptedReply(tool_uses=(ScriptedToolUse(
+            name="book_appointment", input={"day": "Friday"}, id="toolu_slow"),)))
+        await user_says(bus, "ft", "t1", "Book me in Friday")
+        await recorder.wait("tool.requested", "ft")
+        says = [e.text for e in recorder.of("agent.say", "ft") if e.turn_id == "t1"]
+        assert says[:2] == ["One moment.", "Sorry, just a moment longer."]
+        assert says.count("One moment.") == 1, says
     finally:
         await worker.stop()
         await llm.aclose()

@@ -1077,10 +1077,13 @@ class BrainWorker:
         llm_wait_ms: float | None = None
 
         said_last = ""  # this round's latest clause
+        filler_last = False  # it was one of the router's fillers
 
-        async def say(text: str, *, last: bool = False, filler_after_ms: int = 0) -> None:
-            nonlocal seq, said_last
+        async def say(text: str, *, last: bool = False, filler_after_ms: int = 0,
+                      filler: bool = False) -> None:
+            nonlocal seq, said_last, filler_last
             said_last = text.strip() or said_last
+            filler_last = filler or (filler_last and not text.strip())
             if text.strip() or last:
                 pending.append(await bus.send(AgentSay(
                     id=stable_id(call_id, speech, "say", seq), org_id=org_id,
@@ -1112,7 +1115,7 @@ class BrainWorker:
                         for clause in splitter.feed(item.text):
                             await say(clause)
                     elif isinstance(item, Filler):
-                        await say(item.text)
+                        await say(item.text, filler=True)
                     elif isinstance(item, ToolCall):
                         rest = splitter.flush()
                         if rest.strip():
@@ -1143,7 +1146,10 @@ class BrainWorker:
         # without it). Before them, the filler for slow tools (a hand-off has its last words):
         # published now, in this round's order, so the round the outcomes start numbers its
         # clauses after it; media says it only if the tools turn out slow.
-        if calls and self.s.tool_filler_after_ms and said_last != self.s.tool_filler.strip() and (
+        # Not right after a filler: the caller has just heard one (perhaps this very phrase,
+        # the first of the router's, before the others).
+        if calls and self.s.tool_filler_after_ms and not filler_last and (
+                said_last != self.s.tool_filler.strip()) and (
                 not any(call.name in HAND_OFFS for call in calls)):
             await say(self.s.tool_filler, filler_after_ms=self.s.tool_filler_after_ms)
         # Each carries the response's time to first token, for a completion that folds it, and
