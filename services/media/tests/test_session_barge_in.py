@@ -424,3 +424,163 @@ async def test_a_backchannel_a_successor_catches_up_on_is_not_judged_by_the_agen
     finally:
         await call.close()
         await sub.unsubscribe()
+
+
+async def test_keys_that_cannot_interrupt_wait_for_the_agent_like_words(bus) -> None:
+    # "For sales press 1, for support press 2." Modes speech and none: keys do not barge in,
+    # and the caller pressed 1 (then #) over the menu, the brain still writing it. Media cut
+    # nothing, but published the turn of keys at once: the brain cancelled the menu's turn for
+    # the newer one, and the caller heard it stop mid-sentence. Now the keys wait for the menu
+    # to have played, as words do, and go out then.
+    for mode in ("speech", "none"):
+        call = Call(bus, f"call-barge-in-keys-{mode}", msgspec.structs.replace(
+            QUIET_CALLER, interruption_mode=mode, keypad_end_key="#"))
+        sub = await gateway(call, [])
+        try:
+            await call.agent_says("t1", "For sales press 1,", "for support", last=False)
+            turn = call.session._turns["t1"]
+            await echo(call, "t1", mark_seq(0, 1))
+            for digit in "1#":
+                await call.session._on_event(CallDtmf(org_id=ORG, call_id=call.call_id,
+                                                      digit=digit))
+            await call.audio(1.0)
+            await call.session._outbox.drain(2)
+            events = await bus.replay_call(call.call_id, org_id=ORG)
+            assert [e for e in events if isinstance(e, TurnUserEnded)] == [], mode
+            assert not turn.interrupted and turn.audio.cut_frames is None
+            await call.agent_says("t1", "press 2.", first_seq=2)  # the rest of the menu
+            await call.played("t1")
+            await call.audio(0.1)
+            await call.session._outbox.drain(2)
+            events = await bus.replay_call(call.call_id, org_id=ORG)
+            assert [(e.turn_id, e.text) for e in events if isinstance(e, TurnUserEnded)] == [
+                ("k1", "1#")], mode
+            [keys] = [e for e in events if isinstance(e, TurnUserEnded)]
+            assert keys.eou_delay_ms < 1000  # at the end key, not the wait for the agent
+            assert [e for e in events if isinstance(e, AgentSpeechInterrupted)] == []
+        finally:
+            await call.close()
+            await sub.unsubscribe()
+
+
+async def test_words_too_few_to_interrupt_wait_for_the_agent_in_mode_speech(bus) -> None:
+    # Mode speech at low sensitivity: two content words interrupt, 700 ms of speech pauses.
+    # "Stop." (one word) over the agent's answer paused it, and is no interruption: the agent
+    # played on from the cut, but the words were published as a turn as they ended, and the
+    # brain cancelled the answer it was still writing for it: cut off after all, by a turn
+    # that was not let interrupt.
+    # Now a turn that ends over the agent's turn without having interrupted it waits for that
+    # turn to have played, whatever the mode.
+    call = Call(bus, "call-barge-in-speech-low-1", msgspec.structs.replace(
+        QUIET_CALLER, interruption_mode="speech", interruption_sensitivity="low"))
+    sub = await gateway(call, [])
+    try:
+        await call.agent_says("t1", "Friday at ten is free.", "Friday at two", last=False)
+        turn = call.session._turns["t1"]
+        await echo(call, "t1", mark_seq(0, 1))
+        await call.speech(0.6)  # long enough to pause the agent (with the VAD's hangover)
+        await call.session._on_stt(Final("Stop.", speech_final=True))
+        await call.audio(1.0)
+        assert call.session.turn_no == 1  # the turn has ended ...
+        assert turn.audio.cut_frames is not None and not turn.interrupted  # paused
+        for _ in range(20):  # no more words: the pause is over after 1.5 s (wall time)
+            await call.audio(0.1)
+            await asyncio.sleep(0.1)
+        assert turn.audio.cut_frames is None and not turn.interrupted  # resumed
+        await call.session._outbox.drain(2)
+        events = await bus.replay_call(call.call_id, org_id=ORG)
+        assert [e for e in events if isinstance(e, TurnUserEnded)] == []  # ... and waits
+        await call.agent_says("t1", "is free too.", first_seq=2)
+        await call.played("t1")
+        await call.audio(0.1)
+        await call.session._outbox.drain(2)
+        events = await bus.replay_call(call.call_id, org_id=ORG)
+        assert [(e.turn_id, e.text) for e in events if isinstance(e, TurnUserEnded)] == [
+            ("t1", "Stop.")]
+        assert [e for e in events if isinstance(e, AgentSpeechInterrupted)] == []
+    finally:
+        await call.close()
+        await sub.unsubscribe()
+
+
+async def test_words_that_interrupt_in_mode_speech_go_out_at_once(bus) -> None:
+    # The other side of the rule: words enough to interrupt cut the agent off, and the turn
+    # they make is published as it ends (the brain answers it now).
+    call = Call(bus, "call-barge-in-speech-2", msgspec.structs.replace(
+        QUIET_CALLER, interruption_mode="speech", interruption_sensitivity="low"))
+    sub = await gateway(call, [])
+    try:
+        await call.agent_says("t1", "Friday at ten is free.", "Friday at two", last=False)
+        turn = call.session._turns["t1"]
+        await echo(call, "t1", mark_seq(0, 1))
+        await call.speech(0.4)
+        await call.session._on_stt(Final("Stop, not Friday.", speech_final=True))
+        await call.audio(1.0)
+        assert turn.interrupted
+        await call.session._outbox.drain(2)
+        events = await bus.replay_call(call.call_id, org_id=ORG)
+        assert [(e.turn_id, e.text) for e in events if isinstance(e, TurnUserEnded)] == [
+            ("t1", "Stop, not Friday.")]
+    finally:
+        await call.close()
+        await sub.unsubscribe()
+
+
+async def test_a_turn_held_for_an_agent_turn_that_never_ends_goes_out_after_a_while(bus) -> None:
+    # The agent said "Let me check that for you." and its turn's last clause never came (the
+    # brain instance running it died and nothing redelivered it, or the synthesiser stuck).
+    # The caller's "Hello? Are you still there?" was held until that turn had played: for
+    # ever. Now, once the agent has been silent within its turn for HOLD_QUIET_S of the
+    # call's audio, the turn goes out (logged and counted).
+    from parley.media.session import HOLD_QUIET_S
+
+    call = Call(bus, "call-barge-in-none-4", msgspec.structs.replace(
+        QUIET_CALLER, interruption_mode="none"))
+    expired: list[int] = []
+    call.session.s.on_hold_expired = lambda: expired.append(1)
+    try:
+        await call.agent_says("t1", "Let me check that for you.", last=False)
+        turn = call.session._turns["t1"]
+        await echo(call, "t1", mark_seq(0, len(turn.audio.frames)))  # its words have played
+        await spoken_over(call, "Hello? Are you still there?")
+        assert call.session._held_turns  # the agent mid-turn: held
+        await call.audio(HOLD_QUIET_S - 2.0)
+        assert call.session._held_turns and expired == []  # a slow tool: still waited for
+        await call.audio(2.5)
+        assert not call.session._held_turns and expired == [1]
+        await call.session._outbox.drain(2)
+        events = await bus.replay_call(call.call_id, org_id=ORG)
+        assert [(e.turn_id, e.text) for e in events if isinstance(e, TurnUserEnded)] == [
+            ("t1", "Hello? Are you still there?")]
+        await spoken_over(call, "Hello?")  # that agent turn given up on: not waited for again
+        assert not call.session._held_turns and expired == [1]
+    finally:
+        await call.close()
+
+
+async def test_a_turn_held_while_the_agent_keeps_talking_is_not_let_out_early(bus) -> None:
+    # The bound counts the agent's silence within its turn, not the hold: an agent that says
+    # more (a long answer in many clauses) is still speaking, and the turn waits for it.
+    from parley.media.session import HOLD_QUIET_S
+
+    call = Call(bus, "call-barge-in-none-5", msgspec.structs.replace(
+        QUIET_CALLER, interruption_mode="none"))
+    call.session.s.on_hold_expired = lambda: None
+    try:
+        await call.agent_says("t1", "First,", last=False)
+        turn = call.session._turns["t1"]
+        await echo(call, "t1", mark_seq(0, 1))
+        await spoken_over(call, "And then?")
+        seq = 1
+        for _ in range(round(HOLD_QUIET_S)):  # a clause every second of audio
+            await call.audio(1.0)
+            await call.agent_says("t1", "and more,", first_seq=seq, last=False)
+            seq += 1
+        assert call.session._held_turns
+        await call.agent_says("t1", "done.", first_seq=seq)
+        await call.played("t1")
+        await call.audio(0.1)
+        assert not call.session._held_turns
+        assert turn.audio.finished
+    finally:
+        await call.close()

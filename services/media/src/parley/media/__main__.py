@@ -32,6 +32,10 @@ async def run(ctx: ServiceContext[MediaConfig], stop: asyncio.Event) -> None:
     fenced = ctx.metrics.counter(
         "media_events_fenced", "Events a session held while its lease was unconfirmed (a "
         "frozen or cut-off instance), then dropped: the lease was lost")
+    hold_expired = ctx.metrics.counter(
+        "media_held_turns_expired", "Caller turns held for the agent's turn to play that went "
+        "out before it had: the agent was silent within it too long (its last clause never "
+        "came)")
     inbound = ctx.metrics.loop_histogram(  # observed for every frame
         "media_inbound_frame_delay_seconds",
         "Inbound audio frame: how late its session handled it (caught-up frames: since "
@@ -44,7 +48,7 @@ async def run(ctx: ServiceContext[MediaConfig], stop: asyncio.Event) -> None:
                       timeout_s=config.lease_timeout_s),
         stt=stt, tts=tts, command_timeout_s=config.command_timeout_s,
         on_unknown_audio=unknown.inc, on_event=lambda kind: events.labels(kind).inc(),
-        on_fenced=fenced.inc, on_inbound_frame=inbound.observe)
+        on_fenced=fenced.inc, on_inbound_frame=inbound.observe, on_hold_expired=hold_expired.inc)
     async with AsyncConnectionPool(config.database_url, min_size=1, max_size=4,
                                    open=False) as pool:
         worker = MediaWorker(services, AgentSettingsCache(pool, config.agent_cache_s),

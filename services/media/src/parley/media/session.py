@@ -150,6 +150,12 @@ IDLE_TICK_MS = 100
 # At the end, what the session holds while its lease is unconfirmed waits this long at most for
 # the lease's verdict: a renewal period, and one more for a renewal sent again.
 FENCE_SETTLE_S = 3.0
+# A caller turn held for the agent's turn to play (_hold_turn) goes out anyway once the agent
+# has been silent within that turn this long (seconds of the call's audio): its last clause
+# never came (the brain instance running it died, and nothing delivered the turn again; a
+# synthesiser stuck). As long as a tool at its default timeout (10 s): the answer of a slow
+# tool is still waited for, not cancelled by the brain for the caller's turn.
+HOLD_QUIET_S = 10.0
 
 
 def stable_id(call_id: str, *parts: object) -> uuid.UUID:
@@ -188,21 +194,26 @@ class SessionServices:
     on_fenced: Callable[[int], None] = lambda count: None
     # Seconds an inbound frame was late when its session handled it (see parley.media.inbound).
     on_inbound_frame: Callable[[float], None] = lambda delay_s: None
+    # A caller turn held for the agent went out before the agent's turn had played: the agent
+    # was silent within it for HOLD_QUIET_S (see CallSession._poll_hold).
+    on_hold_expired: Callable[[], None] = lambda: None
 
 
 @dataclass
 class _HeldTurn:
-    """A caller turn that ended over an agent the caller's speech cannot interrupt.
+    """A caller turn that ended over the agent's turn without interrupting it.
 
-    Its ``turn.user_ended`` (``fields``, as the turn ended: its words and timings) goes out once
-    the agent's turn has played (see :meth:`CallSession._hold_turn`).
+    Its ``turn.user_ended`` (``fields``, as the turn ended: its words and timings; or, a turn of
+    keys, ``keys``) goes out once the agent's turn has played (see
+    :meth:`CallSession._hold_turn`).
     """
 
     turn_id: str
-    started_ms: int  # audio time its speech began: a successor resumes before it
-    fields: dict[str, Any]
-    key: tuple[object, ...]
+    started_ms: int | None  # audio time its speech began: a successor resumes before it
+    fields: dict[str, Any] = field(default_factory=dict)
+    key: tuple[object, ...] = ()
     prepared: _AgentTurn | None = None  # the reply prepared for it, played when it goes out
+    keys: tuple[str, float] | None = None  # a turn of keys: its keys and eou_delay_ms
 
 
 @dataclass
@@ -343,9 +354,11 @@ class CallSession:
         self.lease.usage = self._usage
         self._predecessor_usage = resume.usage if resume else None
         self._prepared: _AgentTurn | None = None  # the reply prepared for the open user turn
-        # Caller turns that ended while an agent turn the caller's speech cannot interrupt
-        # (mode none or dtmf) was on the air, in order: published once it has played.
+        # Caller turns that ended while an agent turn was on the air without interrupting it,
+        # in order: published once it has played (_hold_turn).
         self._held_turns: list[_HeldTurn] = []
+        self._hold_heard_ms = 0  # audio time the agent was last heard while turns are held
+        self._hold_given_up: _AgentTurn | None = None  # its turn: silent too long, not waited for
         self._user_turn_ends: dict[str, float] = {}  # user turn id → wall time speech ended
         self._tasks: list[asyncio.Task[Any]] = []
         # Until the call's past events are read: agent clauses by turn, turns already voiced.
@@ -514,7 +527,8 @@ class CallSession:
         # So is a turn held for the agent to finish (_hold_turn): only this session has it.
         starts = [ms for ms in (self.detector.turn_started_ms,
                                 self.detector.revisable_started_ms,
-                                *(held.started_ms for held in self._held_turns[:1]))
+                                next((held.started_ms for held in self._held_turns
+                                      if held.started_ms is not None), None))
                   if ms is not None]
         target = (min(starts) if starts else self.audio_ms) - PREROLL_MS
         lease = self.lease
@@ -590,8 +604,8 @@ class CallSession:
                 await self._publish(SpeechStopped, "speech.stopped", offset_ms=at)
             await self._barge_in_on_frame(now)
             await self._poll_turn()
-        if self._held_turns and not self._agent_mid_turn():
-            await self._release_held_turns()
+        if self._held_turns:
+            await self._poll_hold()
         if self._keys_after_words and not self.detector.text and not self._words_to_hear() and (
                 not self._held_turns):
             await self._publish_keys_after_words()
@@ -652,9 +666,7 @@ class CallSession:
         self._idle_state.awaiting(turn_id)
         self._idle.reset()
         self._turn_audio = []
-        # Over an agent the caller's speech cannot interrupt (or behind a turn held so): held.
-        held = bool(self._held_turns) or (
-            not self.barge_in.by_speech and self._agent_now())
+        held = self._holds_for_agent()
         prepared = self._prepared
         if prepared is not None and (prepared.turn_id != turn_id or prepared.words != (
                 normalize_words(end.text))):
@@ -675,21 +687,62 @@ class CallSession:
         if prepared is not None:
             self._play_prepared(prepared)
 
-    def _hold_turn(self, held: _HeldTurn) -> None:
-        """Hold a caller turn that ended over an agent the caller's speech cannot interrupt.
+    def _holds_for_agent(self) -> bool:
+        """Whether a caller turn (words or keys) that ends now waits for the agent's turn.
 
-        Mode none or dtmf: the caller talked over the agent, which neither stopped nor was
-        cut off. Published at once, the turn made the brain cancel the agent's turn it was
-        still writing for the newer one, and the caller heard an answer stop mid-sentence.
-        Like a person who does not let themselves be interrupted, the agent finishes its turn
-        and then answers: the turn goes out once the agent's turn has played, or been cut off
-        by a key in mode dtmf (:meth:`_release_held_turns`), with its words and its timings as
-        it ended, and the reply prepared for it (still held) plays then; a later turn waits
-        behind it. A backchannel is no turn, as ever.
+        The rule: a caller turn that ends while the agent's turn is on the air (speaking,
+        paused, or silent within a turn it has not said all of: :meth:`_agent_now`) and did
+        not interrupt it is held until that turn has played (:meth:`_hold_turn`); so is one
+        behind a turn held. A turn that interrupted (speech in mode speech or any with words
+        enough, a key in mode dtmf or any) cut the agent's turn off: none is on the air then.
+        Except a turn the hold gave up waiting for (:meth:`_poll_hold`).
+        """
+        if self._held_turns:
+            return True
+        return self._agent_now() and (
+            self._hold_given_up is None or self._current is not self._hold_given_up)
+
+    def _hold_turn(self, held: _HeldTurn) -> None:
+        """Hold a caller turn that ended over the agent's turn without interrupting it.
+
+        The mode did not let it interrupt (speech in mode none or dtmf, keys in mode none or
+        speech), or it was not enough to (words too few for the sensitivity, after a pause
+        that was resumed): the agent neither stopped nor was cut off. Published at once, the
+        turn made the brain cancel the agent's turn it was still writing for the newer one,
+        and the caller heard an answer stop mid-sentence. Like a person who does not let
+        themselves be interrupted, the agent finishes its turn and then answers: the turn goes
+        out once the agent's turn has played, or been cut off (a key in mode dtmf, words in
+        mode speech), with its words and its timings as it ended, and the reply prepared for
+        it (still held) plays then; a later turn waits behind it. A backchannel is no turn, as
+        ever. Not for ever: see :meth:`_poll_hold`.
         """
         log.info("call %s: turn %s held until the agent's turn has played (mode %s)",
                  self.call_id, held.turn_id, self.barge_in.mode)
+        if not self._held_turns:
+            self._hold_heard_ms = self.audio_ms
         self._held_turns.append(held)
+
+    async def _poll_hold(self) -> None:
+        """Release the turns held once the agent's turn has played, or has gone quiet too long.
+
+        Quiet: silent within its turn (nothing playing or paused) for HOLD_QUIET_S of the
+        call's audio. Its last clause may never come (the brain instance running it died and
+        nothing delivered the turn again; a synthesiser stuck): waited for, the caller's words
+        were never answered. They go out then (logged, counted), and that agent turn holds no
+        later caller turn.
+        """
+        if not self._agent_mid_turn():
+            await self._release_held_turns()
+        elif self._agent_audible():
+            self._hold_heard_ms = self.audio_ms
+        elif self.audio_ms - self._hold_heard_ms >= HOLD_QUIET_S * 1000:
+            current = self._current
+            log.warning("call %s: agent turn %s silent for %.0f s with caller turns held (%s): "
+                        "they go out", self.call_id, current.turn_id if current else "?",
+                        HOLD_QUIET_S, ", ".join(held.turn_id for held in self._held_turns))
+            self._hold_given_up = current
+            self.s.on_hold_expired()
+            await self._release_held_turns()
 
     async def _release_held_turns(self) -> None:
         """Publish the turns held for the agent (see :meth:`_hold_turn`), in order.
@@ -699,6 +752,9 @@ class CallSession:
         """
         held, self._held_turns = self._held_turns, []
         for turn in held:
+            if turn.keys is not None:
+                await self._publish_keys(turn.keys[0], time.time(), turn.keys[1])
+                continue
             self._user_turn_ends[turn.turn_id] = time.time()
             await self._publish(TurnUserEnded, "turn.user_ended", key=turn.key, **turn.fields)
             if turn.prepared is not None and not turn.prepared.discarded:
@@ -778,10 +834,23 @@ class CallSession:
         if not keys:
             return
         self._rearm_keys()  # keys typed after these (a successor's past) are still pending
-        if self.detector.text or self._words_to_hear() or self._held_turns:
+        if self.detector.text or self._words_to_hear():
             self._keys_after_words.append((keys, self._keys_wall, self._keys_last_ms))
             return
-        await self._publish_keys(keys, self._keys_wall, self._keys_last_ms)
+        await self._keys_ended(keys, self._keys_wall, self._keys_last_ms)
+
+    async def _keys_ended(self, keys: str, wall: float, last_ms: int) -> None:
+        """A turn of keys goes out, or is held for the agent's turn as words are.
+
+        See :meth:`_holds_for_agent`: keys that did not cut the agent off (mode none or speech:
+        "for sales press 1, ..." with 1 pressed early) made the brain cancel its turn.
+        """
+        self.detector.turn_of_keys()
+        eou_delay_ms = float(self.audio_ms - last_ms)
+        if self._holds_for_agent():
+            self._hold_turn(_HeldTurn(f"keys {keys!r}", None, keys=(keys, eou_delay_ms)))
+            return
+        await self._publish_keys(keys, wall, eou_delay_ms)
 
     def _words_to_hear(self) -> bool:
         """Whether words a predecessor heard, of a turn it did not end, are still to come.
@@ -800,18 +869,17 @@ class CallSession:
         """The spoken turn the keys waited for is over (published, or no turn after all)."""
         held, self._keys_after_words = self._keys_after_words, []
         for keys, wall, last_ms in held:
-            await self._publish_keys(keys, wall, last_ms)
+            await self._keys_ended(keys, wall, last_ms)
 
-    async def _publish_keys(self, keys: str, wall: float, last_ms: int) -> None:
-        self.detector.turn_of_keys()
+    async def _publish_keys(self, keys: str, wall: float, eou_delay_ms: float) -> None:
+        """A turn of keys goes out: its answer's voice-to-voice counts from ``wall``."""
         self._key_turns += 1
         turn_id = f"k{self._key_turns}"
         self._idle_state.awaiting(turn_id)
         self._idle.reset()
         self._user_turn_ends[turn_id] = wall
         await self._publish(TurnUserEnded, "turn.user_ended", turn_id=turn_id, text=keys,
-                            reason="dtmf", eou_delay_ms=float(self.audio_ms - last_ms),
-                            key=("k", self._key_turns))
+                            reason="dtmf", eou_delay_ms=eou_delay_ms, key=("k", self._key_turns))
 
     async def _supersede(self, turn_id: str) -> None:
         """The caller's turn ``turn_id`` is replaced: the answer to it stops, or never starts.
