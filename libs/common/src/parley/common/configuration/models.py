@@ -34,6 +34,11 @@ class AgentSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     voice: str = ""
     language: str = "en-US"
     pipeline: Pipeline = "cascading"
+    # What may cut the agent off: the caller's speech (speech), keys (dtmf), both (any) or
+    # nothing (none). A caller turn that does not cut the agent's turn off waits until that
+    # turn has played: in mode speech a key pressed over "For sales press 1, for support
+    # press 2" goes out once the menu has played to its end. An agent whose prompts are menus
+    # should use dtmf or any, so that an early key cuts the menu short.
     interruption_mode: InterruptionMode = "speech"
     interruption_sensitivity: Sensitivity = "medium"
     backchannels: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_BACKCHANNELS))
