@@ -378,3 +378,48 @@ async def test_a_price_is_answered_from_the_sentence_about_its_subject(
         question: str, answer: str) -> None:
     text, _, _, _ = await run(LocalResponder(retrieve=retriever(DEMO_PRICES)), say(question))
     assert text == answer
+
+
+@pytest.mark.parametrize(("previous", "follow_up", "answer"), [
+    ("Do you do whitening?", "How much does it cost?", "A whitening session costs $250."),
+    ("Do you do whitening?", "How much is it?", "A whitening session costs $250."),
+    ("Do you do whitening?", "What's the price?", "A whitening session costs $250."),
+    ("Do you do fillings?", "How expensive is that?", "A filling starts at $180."),
+])
+async def test_a_follow_up_naming_no_subject_is_answered_about_the_previous_turns(
+        previous: str, follow_up: str, answer: str) -> None:
+    """"Do you do whitening?" — "How much does it cost?".
+
+    The follow-up names no subject, so every price sentence shared "cost" with it and it was
+    answered with the first two: "A teeth cleaning costs $95. A check-up with X-rays costs
+    $140." — true, but not what was asked ("How much is it?" was not taken for a question,
+    "What's the price?" for one about "what"). Its subject is now the previous turn's.
+    """
+    responder = LocalResponder(retrieve=retriever(DEMO_PRICES))
+    text, calls, done, _ = await run(responder, say(previous), AssistantMessage(text="Yes."),
+                                     say(follow_up))
+    assert text == answer and not calls and done.intent == "question"
+
+
+@pytest.mark.parametrize("previous", [
+    "Do you do teeth whitening?",  # names "teeth" too: no sentence names all of it
+    "Do you do root canals?",  # in no sentence
+    "Hello there",  # no subject at all
+])
+async def test_a_follow_up_is_declined_when_no_sentence_names_the_previous_subject(
+        previous: str) -> None:
+    # "How much does it cost?" after "Do you do teeth whitening?" was answered "A teeth
+    # cleaning costs $95. A check-up with X-rays costs $140.": a price for another subject.
+    text, calls, _, _ = await run(LocalResponder(retrieve=retriever(DEMO_PRICES)),
+                                  say(previous), AssistantMessage(text="Sure."),
+                                  say("How much does it cost?"))
+    assert "check" in text and "follow up" in text, text
+    assert not re.search(r"\d", text) and not calls
+
+
+async def test_a_follow_up_is_searched_with_the_previous_turns_words() -> None:
+    retrieve = retriever(DEMO_PRICES)
+    await run(LocalResponder(retrieve=retrieve), say("Do you do whitening?"),
+              AssistantMessage(text="Yes."), say("How much does it cost?"))
+    assert retrieve.asked == [  # type: ignore[attr-defined]
+        "Do you do whitening? How much does it cost?"]

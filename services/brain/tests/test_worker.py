@@ -219,6 +219,34 @@ async def test_local_responder_is_grounded_in_ingested_knowledge(bus, pool, reco
         await worker.stop()
 
 
+async def test_local_responder_answers_a_follow_up_about_the_previous_turns_subject(
+        bus, pool, recorder) -> None:
+    """The demo's price list; "Do you do whitening?" — "How much does it cost?".
+
+    The follow-up is searched with the previous turn's words (2a5672f), but the responder
+    answered it by its own words, which name no subject: "A teeth cleaning costs $95. A
+    check-up with X-rays costs $140.". It now answers about the previous turn's subject, and
+    declines when no sentence names all of it.
+    """
+    await ingest(pool, ORG, AGENT, "prices.md", b"A teeth cleaning costs $95. A check-up with "
+                 b"X-rays costs $140.\nA whitening session costs $250. A filling starts at $180.")
+    worker = BrainWorker(services(bus, pool, [LocalResponder()]))
+    await worker.start()
+    try:
+        await open_call(bus, "c-local-follow")
+        said = ["Do you do whitening?", "How much does it cost?",
+                "And do you do teeth whitening?", "How much does it cost?"]
+        for number, text in enumerate(said, 1):
+            await user_says(bus, "c-local-follow", f"t{number}", text)
+            await recorder.wait("turn.completed", "c-local-follow", count=number)
+        answers = [" ".join(e.text for e in recorder.of("agent.say", "c-local-follow")
+                            if e.turn_id == f"t{number}") for number in (2, 4)]
+        assert answers[0] == "A whitening session costs $250.", answers
+        assert "check" in answers[1] and not any(ch.isdigit() for ch in answers[1]), answers
+    finally:
+        await worker.stop()
+
+
 async def test_a_newer_user_turn_supersedes_the_running_one(bus, pool, emulator,
                                                             recorder) -> None:
     emulator.tokens_per_second = 10

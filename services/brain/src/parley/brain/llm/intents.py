@@ -78,6 +78,7 @@ def _stem(word: str) -> str:
 def content_words(text: str, *, expand: bool = False) -> set[str]:
     """The stems of ``text``'s meaningful words; ``expand`` adds a few everyday synonyms."""
     words = {_stem(w) for w in _WORD.findall(text.lower()) if w.replace("'", "") not in _STOPWORDS}
+    words -= _STOPWORDS  # "what's" is "what"
     words.discard("")
     if expand:
         for word in list(words):

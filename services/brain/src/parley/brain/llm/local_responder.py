@@ -18,8 +18,10 @@ answers:
 - a question (or anything else with content words) → knowledge retrieval: the one or two
   sentences of the retrieved chunks that share the most words with the question, and its
   subject if it names one (a sentence sharing only "cost" with "How much does a root canal
-  cost?" is about another subject). When no chunk scores ``min_score`` or no sentence shares a
-  content word (and the subject), it says it will check and follow up: it never makes up or
+  cost?" is about another subject). A follow-up that names no subject ("How much does it
+  cost?" after "Do you do whitening?") takes the caller's previous turn's, and only a sentence
+  naming all of it answers. When no chunk scores ``min_score`` or no sentence shares a content
+  word (and the subject), it says it will check and follow up: it never makes up or
   misattributes a fact.
 
 When the conversation ends with a tool result, it phrases a reply from that result (a failed
@@ -105,9 +107,10 @@ _ASPECT_WORDS = content_words(
     "cost costs price prices fee fees charge charges charged pay paying paid expensive cheap "
     "cheaper hour hours open opening opened close closes closed closing time times long take "
     "takes") | {"$", "closed"}
+_PRICE_WORDS = content_words("cost", expand=True)
 
 
-def answer_from_chunks(question: str, chunks: Sequence[RetrievedChunk], *,
+def answer_from_chunks(question: str, chunks: Sequence[RetrievedChunk], *, previous: str = "",
                        min_score: float = 0.05, max_sentences: int = 2) -> str | None:
     """One or two sentences of ``chunks`` that answer ``question``, verbatim; ``None`` if none.
 
@@ -118,12 +121,26 @@ def answer_from_chunks(question: str, chunks: Sequence[RetrievedChunk], *,
     too: one sharing only "cost" is about something else. A question naming none ("What are
     your hours?") is answered as before. A second sentence is added only if it is nearly as
     relevant as the first.
+
+    A follow-up that names no subject ("How much does it cost?") asks about the subject of the
+    caller's ``previous`` turn ("Do you do whitening?"): only a sentence naming every word of
+    it answers (for "teeth whitening", "A teeth cleaning costs $95." names half of it and is
+    another service's price). A price asked of no subject in either turn is not answered: any
+    price would be a guess at what "it" is.
     """
-    asked = content_words(question, expand=True)
+    wants_price = bool(_PRICE.search(question.lower()))
+    # ("How much is it?" has no content word, but asks a price)
+    asked = content_words(question, expand=True) or (_PRICE_WORDS if wants_price else set())
     if not asked:
         return None
     subject = asked - _ASPECT_WORDS
-    wants_price = bool(_PRICE.search(question.lower()))
+    whole_subject = False
+    if not subject:
+        subject = _subject_of(previous)
+        if not subject and wants_price:
+            return None
+        whole_subject = bool(subject)
+        asked = asked | subject
     ranked: list[tuple[float, int, str]] = []
     order = 0
     for chunk in chunks:
@@ -133,7 +150,8 @@ def answer_from_chunks(question: str, chunks: Sequence[RetrievedChunk], *,
             order += 1
             words = content_words(sentence)
             shared = len(asked & words)
-            if not shared or (subject and not subject & words):
+            if not shared or (subject and not subject & words) or (
+                    whole_subject and not subject <= words):
                 continue
             bonus = 0.5 if wants_price and re.search(r"[$\d]", sentence) else 0.0
             ranked.append((shared + bonus + chunk.score / 10, order, sentence))
@@ -198,6 +216,9 @@ class LocalResponder:
             tool, earlier = pending
             return self._use_tool(tool, f"{earlier} {said}", call_id, ask=False)
         intent, _ = classify_intent(said, request.tools)
+        previous = _previous_caller_text(messages)
+        if intent is Intent.OTHER and previous and _PRICE.search(said.lower()):
+            intent = Intent.QUESTION  # "How much is it?": a price follow-up, no content word
         match intent:
             case Intent.GREETING:
                 if is_small_talk(said):
@@ -219,7 +240,7 @@ class LocalResponder:
             case Intent.TOOL if (matched := match_tool(said, request.tools)) is not None:
                 return self._use_tool(matched, said, call_id, ask=True)
             case Intent.QUESTION:
-                return await self._answer(said, request.knowledge), None, intent
+                return await self._answer(said, request.knowledge, previous), None, intent
             case _:
                 return "Sorry, could you say that again?", None, intent
 
@@ -237,15 +258,17 @@ class LocalResponder:
                     "will follow up with you.", None, Intent.TOOL)
         return "One moment.", ToolCall(id=call_id, name=tool.name, arguments=arguments), Intent.TOOL
 
-    async def _answer(self, question: str,
-                      prepared: Sequence[RetrievedChunk] | None = None) -> str:
+    async def _answer(self, question: str, prepared: Sequence[RetrievedChunk] | None = None,
+                      previous: str = "") -> str:
         if prepared is not None:  # the brain retrieved for this turn already
             chunks: Sequence[RetrievedChunk] = prepared
         elif self.retrieve is None:
             return DECLINE
-        else:
-            chunks = await self.retrieve(question)
-        return answer_from_chunks(question, chunks, min_score=self.min_score) or DECLINE
+        else:  # a follow-up is searched with its subject's words, as the brain does
+            follow_up = previous and not content_words(question, expand=True) - _ASPECT_WORDS
+            chunks = await self.retrieve(f"{previous} {question}" if follow_up else question)
+        return answer_from_chunks(question, chunks, previous=previous,
+                                  min_score=self.min_score) or DECLINE
 
 
 _KEY_NAMES = {"#": "pound", "*": "star"}
@@ -274,6 +297,19 @@ def _pending_tool(messages: Sequence[Any],
         return None
     tool = match_tool(before.text, tools)
     return (tool, before.text) if tool is not None else None
+
+
+def _previous_caller_text(messages: Sequence[Any]) -> str:
+    """The caller's words in the turn before their latest ("" when none, or keys pressed)."""
+    spoken = [m.text for m in messages if isinstance(m, UserMessage)]
+    if len(spoken) < 2 or pressed_keys(spoken[-2]):
+        return ""
+    return str(spoken[-2])
+
+
+def _subject_of(text: str) -> set[str]:
+    """What ``text`` names besides what it asks of it (no synonyms: each must be named)."""
+    return content_words(text) - _ASPECT_WORDS if text else set()
 
 
 def _transfer_number(tools: Sequence[ToolSpec]) -> str | None:
