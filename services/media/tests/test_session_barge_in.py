@@ -526,6 +526,42 @@ async def test_words_that_interrupt_in_mode_speech_go_out_at_once(bus) -> None:
         await sub.unsubscribe()
 
 
+async def test_a_turn_that_may_interrupt_goes_out_while_the_agent_is_silent_in_its_turn(
+        bus) -> None:
+    # "Let me check that for you." has played and the agent's tools are slow: it is silent
+    # within its turn, its last clause still to come. Barge-in acts on audio the caller hears,
+    # so "Actually, make it Saturday instead." (mode speech: words enough to interrupt) or a
+    # key (mode dtmf) cut nothing, and the hold kept them until the agent's turn had played:
+    # the caller's change of mind waited for an answer to what they no longer asked. Words or
+    # keys that would have interrupted the agent audible go out at once; in modes where they
+    # may not interrupt they still wait.
+    cases = [("speech", "Actually, make it Saturday instead.", False),
+             ("dtmf", "1#", False), ("none", "Actually, make it Saturday instead.", True),
+             ("speech", "1#", True)]
+    for n, (mode, said, held) in enumerate(cases):
+        call = Call(bus, f"call-barge-in-silent-{n}", msgspec.structs.replace(
+            QUIET_CALLER, interruption_mode=mode, keypad_end_key="#"))
+        try:
+            await call.agent_says("t1", "Let me check that for you.", last=False)
+            turn = call.session._turns["t1"]
+            await echo(call, "t1", mark_seq(0, len(turn.audio.frames)))
+            await asyncio.sleep(len(turn.audio.frames) * 0.02 + 0.05)  # its words have played
+            if said == "1#":
+                for digit in said:
+                    await call.session._on_event(CallDtmf(org_id=ORG, call_id=call.call_id,
+                                                          digit=digit))
+                await call.audio(0.5)
+            else:
+                await spoken_over(call, said)
+            assert bool(call.session._held_turns) is held, (mode, said)
+            await call.session._outbox.drain(2)
+            events = await bus.replay_call(call.call_id, org_id=ORG)
+            ended = [e.text for e in events if isinstance(e, TurnUserEnded)]
+            assert ended == ([] if held else [said]), (mode, said)
+        finally:
+            await call.close()
+
+
 async def test_a_turn_held_for_an_agent_turn_that_never_ends_goes_out_after_a_while(bus) -> None:
     # The agent said "Let me check that for you." and its turn's last clause never came (the
     # brain instance running it died and nothing redelivered it, or the synthesiser stuck).

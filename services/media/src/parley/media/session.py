@@ -666,7 +666,7 @@ class CallSession:
         self._idle_state.awaiting(turn_id)
         self._idle.reset()
         self._turn_audio = []
-        held = self._holds_for_agent()
+        held = self._holds_for_agent(end.text)
         prepared = self._prepared
         if prepared is not None and (prepared.turn_id != turn_id or prepared.words != (
                 normalize_words(end.text))):
@@ -687,20 +687,31 @@ class CallSession:
         if prepared is not None:
             self._play_prepared(prepared)
 
-    def _holds_for_agent(self) -> bool:
-        """Whether a caller turn (words or keys) that ends now waits for the agent's turn.
+    def _holds_for_agent(self, text: str | None) -> bool:
+        """Whether a caller turn (words ``text``, or keys: None) that ends now waits for the agent.
 
         The rule: a caller turn that ends while the agent's turn is on the air (speaking,
         paused, or silent within a turn it has not said all of: :meth:`_agent_now`) and did
         not interrupt it is held until that turn has played (:meth:`_hold_turn`); so is one
         behind a turn held. A turn that interrupted (speech in mode speech or any with words
         enough, a key in mode dtmf or any) cut the agent's turn off: none is on the air then.
-        Except a turn the hold gave up waiting for (:meth:`_poll_hold`).
+        Nor is one held that would have interrupted had the agent been audible, said while it
+        is silent within its turn ("Let me check that." and its tools slow; "Actually, make it
+        Saturday."): barge-in acts only on audio the caller hears, and held, the caller's
+        change of mind waited for an answer to what they no longer asked. Except a turn the
+        hold gave up waiting for (:meth:`_poll_hold`).
         """
         if self._held_turns:
             return True
-        return self._agent_now() and (
-            self._hold_given_up is None or self._current is not self._hold_given_up)
+        if not self._agent_now() or (
+                self._hold_given_up is not None and self._current is self._hold_given_up):
+            return False
+        if self._agent_audible():
+            return True
+        if text is None:
+            return not self.barge_in.by_dtmf
+        return not (self.barge_in.by_speech and self.detector.backchannels.content_words(
+            text) >= self.barge_in.thresholds.min_words)
 
     def _hold_turn(self, held: _HeldTurn) -> None:
         """Hold a caller turn that ended over the agent's turn without interrupting it.
@@ -847,7 +858,7 @@ class CallSession:
         """
         self.detector.turn_of_keys()
         eou_delay_ms = float(self.audio_ms - last_ms)
-        if self._holds_for_agent():
+        if self._holds_for_agent(None):
             self._hold_turn(_HeldTurn(f"keys {keys!r}", None, keys=(keys, eou_delay_ms)))
             return
         await self._publish_keys(keys, wall, eou_delay_ms)
