@@ -59,3 +59,23 @@ async def test_a_call_not_dialled_takes_nothing_from_the_orgs_rate_limit(
     response = await place(api, keys["full"], body())
     assert response.status == 201, await response.text()
     assert (await place(api, keys["full"], body())).status == 429  # the burst, spent now
+
+
+async def test_a_call_not_dialled_gives_its_idempotency_key_back(
+        nats_server_of_test, bus, api, twilio_api, keys):
+    """The 503 says the call was not dialled and is safe to retry: a retry with the same
+    Idempotency-Key once NATS is back places the call, rather than getting the 503 again."""
+    headers = {"X-API-Key": keys["full"], "Idempotency-Key": "k-outage"}
+    server = await outage.cut_off(nats_server_of_test, bus)
+    try:
+        response = await api.gateway.client.post("/v1/calls", json=body(), headers=headers)
+    finally:
+        server.start()
+    assert response.status == 503, await response.text()
+    await wait_for(lambda: bus.nc.is_connected)
+    response = await api.gateway.client.post("/v1/calls", json=body(), headers=headers)
+    assert response.status == 201, await response.text()
+    assert "Idempotent-Replayed" not in response.headers
+    again = await api.gateway.client.post("/v1/calls", json=body(), headers=headers)
+    assert (again.status, await again.json()) == (201, await response.json())
+    assert len(twilio_api.requests) == 1

@@ -24,6 +24,7 @@ from parley.common.metrics import Metrics
 from parley.common.problems import problem_middleware
 
 from . import due_callbacks, orphans
+from .api import idempotency
 from .api import routes as api_routes
 from .api.rate_limit import CallRateLimiter
 from .call_outboxes import DRAIN_AT_SHUTDOWN_S, UNCLAIM_AT_SHUTDOWN_S, CallOutboxes
@@ -91,6 +92,9 @@ def create_app(config: GatewayConfig, *, bus: Bus | None = None,
     app.cleanup_ctx.append(_loop("due-callbacks", due_callbacks.run,
                                  "gateway_callback_interval_s"))
     app.cleanup_ctx.append(_loop("orphaned-calls", orphans.run, "gateway_orphan_check_s"))
+    # Idempotency-Keys of POST /v1/calls past their 24 h are deleted.
+    app.cleanup_ctx.append(_loop("idempotency-keys", idempotency.run,
+                                 "gateway_idempotency_sweep_s"))
     app.cleanup_ctx.append(_settling_context)  # last: closed before the clients it uses
     app.on_shutdown.append(_going_away)
     for add_routes in ROUTE_HOOKS:

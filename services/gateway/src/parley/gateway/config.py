@@ -63,6 +63,9 @@ class GatewayConfig(CommonConfig, kw_only=True):
     # gateway_callback_retry_s, then twice that, and the callback fails after its third attempt.
     gateway_callback_interval_s: Annotated[float, msgspec.Meta(ge=0)] = 1.0
     gateway_callback_retry_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    # POST /v1/calls Idempotency-Keys older than 24 h are deleted every
+    # gateway_idempotency_sweep_s by each instance (0: this one deletes none; api/idempotency.py).
+    gateway_idempotency_sweep_s: Annotated[float, msgspec.Meta(ge=0)] = 600.0
     # Refused signatures: one security.signature_rejected per (carrier, route, remote, reason,
     # called number) per interval, the rest folded into its count; keys tracked at once, the
     # rest folded together (under org "unknown").

@@ -12,6 +12,10 @@ a 500 would invite a retry that rings the callee twice. When call.requested cann
 ``Retry-After``, saying the call was not dialled and is safe to place again; the call's token
 goes back to the org's rate limit.
 
+With an ``Idempotency-Key`` header, a retry of a request gets its first outcome again instead of
+a second call; the same key with another body is a 422, one while the first is in flight a 409
+(:mod:`parley.gateway.api.idempotency`).
+
 Reading a call: the ``calls`` read model, scoped to the key's org — another org's call is a
 404, like a call that does not exist. The read model follows the bus a moment behind; until
 the recorder has seen a call, the gateway's own ``carrier_calls`` row answers for it.
@@ -25,7 +29,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from parley.common.configuration import find_number, get_agent
+from parley.common.configuration import Agent, PhoneNumber, find_number, get_agent
 from parley.common.events import is_token
 from parley.common.problems import Problem, problem_response
 from parley.common.request_bodies import read_body
@@ -33,6 +37,7 @@ from parley.common.request_bodies import read_body
 from ..calls import CarrierCall, find_by_call_id, new_call_id
 from ..keys import CALL_RATE_LIMITER, METRICS, POOL
 from ..outbound import DialledNotRecorded, NotDialled, place_outbound
+from . import idempotency
 from .auth import authenticate
 from .dialing import CarrierUnavailable, DialError
 from .rate_limit import retry_after_header
@@ -70,6 +75,7 @@ def _count(request: web.Request, outcome: str) -> None:
 async def place_call(request: web.Request) -> web.Response:
     """Have an agent call a number; 201 with the call id once the carrier is dialing."""
     key = await authenticate(request, "calls:write")
+    idempotency_key = idempotency.read_key(request)
     body = decode_body(await read_body(request, MAX_BODY_BYTES), PlaceCall)
     storable(body.context, "context")
     storable(body.metadata, "metadata")
@@ -85,9 +91,35 @@ async def place_call(request: web.Request) -> web.Response:
         raise Problem(404, "Not Found", f"no agent {body.agent_id}", kind="unknown-agent")
     if number is None or number.org_id != org_id:
         raise invalid("from", f"{from_number} is not one of your numbers")
+    call_id = new_call_id()
+    if idempotency_key is None:
+        return await _place(request, call_id, agent, number, to_number, body)
+    claimed = await idempotency.claim(
+        app, org_id=org_id, key=idempotency_key, call_id=call_id, request_hash=idempotency.
+        request_hash(body, to_number=to_number, from_number=from_number))
+    if isinstance(claimed, web.Response):  # a retry: the first request's outcome, or why not
+        _count(request, "replayed" if idempotency.REPLAYED_HEADER in claimed.headers
+               else "idempotency_refused")
+        return claimed
+    try:
+        response = await _place(request, claimed.call_id, agent, number, to_number, body)
+    except Problem as exc:
+        response = problem_response(exc.status, exc.title, exc.detail, kind=exc.kind,
+                                    extra=exc.extra)
+    if response.status in (429, 503):  # nothing placed, and the answer says retry: afresh
+        await idempotency.give_back(app, claimed)
+    else:
+        sent = response.body if isinstance(response.body, bytes) else b""
+        await idempotency.finish(app, claimed, response.status, sent)
+    return response
+
+
+async def _place(request: web.Request, call_id: str, agent: Agent, number: PhoneNumber,
+                 to_number: str, body: PlaceCall) -> web.Response:
+    """Take a call from the org's rate limit and place it; the answer (problems raised)."""
+    app, org_id = request.app, agent.org_id
     if wait_s := app[CALL_RATE_LIMITER].take(org_id):
         return _rate_limited(request, wait_s)
-    call_id = new_call_id()
     try:
         await place_outbound(app, call_id=call_id, agent=agent, number=number,
                              to_number=to_number, context=body.context, metadata=body.metadata)
