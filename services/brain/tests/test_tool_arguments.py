@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
+
 from parley.brain.llm.anthropic_llm import AnthropicLlm
 from parley.brain.llm.local_responder import LocalResponder
+from parley.brain.llm.openai_compat import OpenAICompatLlm
 from parley.brain.worker import BrainWorker
 from parley.common.events import ToolFailed
 from parley.devkit.emulators.anthropic import ScriptedReply, ScriptedToolUse
+from parley.devkit.emulators.openai_compat import OpenAICompatEmulator
+from parley.devkit.emulators.openai_compat import ScriptedReply as OpenAIReply
+from parley.devkit.emulators.openai_compat import ScriptedToolUse as OpenAIToolUse
 
 from .conftest import ORG, open_call, services, user_says
 
@@ -51,3 +57,40 @@ async def test_garbled_tool_arguments_after_text_reach_the_model_as_the_calls_er
     finally:
         await worker.stop()
         await llm.aclose()
+
+
+@pytest.mark.parametrize("provider", ["anthropic", "openai_compat"])
+async def test_tool_arguments_with_half_an_emoji_are_requested_with_a_replacement_character(
+        bus, pool, emulator, recorder, provider: str) -> None:
+    # A model (or a JavaScript-ish server) that cut an emoji in half writes the half as
+    # \ud83d: valid JSON, which Python reads into a string UTF-8 cannot encode, so
+    # tool.requested could not be published. Each half is read as U+FFFD, as the tools
+    # service does for an answer (24815c9).
+    arguments = '{"day": "Friday", "note": "see you \\ud83d", "\\udc4b": "hi"}'
+    if provider == "anthropic":
+        emulator.script(ScriptedReply(text="Let me book that.", tool_uses=(ScriptedToolUse(
+            name="book_appointment", input=arguments, id="toolu_half"),)),
+            ScriptedReply(text="You're booked."))
+        llm: AnthropicLlm | OpenAICompatLlm = AnthropicLlm(api_key="sk-test",
+                                                           base_url=emulator.base_url)
+    else:
+        emulator = OpenAICompatEmulator(api_key="sk-local")
+        await emulator.start()
+        emulator.script(OpenAIReply(text="Let me book that.", tool_uses=(OpenAIToolUse(
+            name="book_appointment", input=arguments, id="toolu_half"),)),
+            OpenAIReply(text="You're booked."))
+        llm = OpenAICompatLlm(base_url=f"{emulator.base_url}/v1", model="llama3",
+                              api_key="sk-local")
+    worker = BrainWorker(services(bus, pool, [llm]))
+    await worker.start()
+    try:
+        await open_call(bus, "c-half")
+        await user_says(bus, "c-half", "t1", "Book me in Friday")
+        requested, = await recorder.wait("tool.requested", "c-half")
+        assert requested.arguments == {"day": "Friday", "note": "see you \ufffd", "\ufffd": "hi"}
+        assert requested.arguments_error == ""
+    finally:
+        await worker.stop()
+        await llm.aclose()
+        if provider != "anthropic":
+            await emulator.stop()

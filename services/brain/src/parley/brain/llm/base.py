@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -231,10 +232,12 @@ def estimate_tokens(characters: int) -> int:
 
 
 def read_tool_arguments(text: str) -> tuple[dict[str, Any], str]:
-    """A tool call's arguments from the JSON the model wrote, and why not ("" when read).
+    r"""A tool call's arguments from the JSON the model wrote, and why not ("" when read).
 
     Empty text is no arguments. Text that is not a JSON object gives ``{}`` and an error phrased
     for the model, quoting (the start of) what it sent: see :attr:`ToolCall.arguments_error`.
+    Half a surrogate pair, which JSON may escape ("\ud83d": an emoji cut in half) and json
+    reads into a string no event can carry (UTF-8 cannot encode it), is read as U+FFFD.
     """
     text = text.strip()
     if not text:
@@ -246,7 +249,14 @@ def read_tool_arguments(text: str) -> tuple[dict[str, Any], str]:
         return {}, f"the arguments are not valid JSON ({exc}); you sent: {sent}"
     if not isinstance(arguments, dict):
         return {}, f"the arguments must be a JSON object; you sent: {sent}"
+    if "\\u" in text:  # only an escape can bring one in: the text itself is decoded UTF-8
+        written = json.dumps(arguments, ensure_ascii=False)
+        if _LONE_SURROGATE.search(written):  # (whole pairs were read as one character)
+            arguments = json.loads(_LONE_SURROGATE.sub("\ufffd", written))
     return arguments, ""
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def is_retryable_status(status: int | None) -> bool:
