@@ -94,3 +94,30 @@ async def open_call(bus, call_id: str) -> None:
 
 async def user_says(bus, call_id: str, turn_id: str, text: str) -> None:
     await bus.publish(TurnUserEnded(org_id=ORG, call_id=call_id, turn_id=turn_id, text=text))
+
+
+def turn_context(request: dict) -> str:
+    """The turn's context an Anthropic request carried: the ``<turn_context>`` text block that
+    ends its final user message, after the cached conversation ("" when there is none)."""
+    user = [m for m in request["messages"] if m["role"] == "user"]
+    content = user[-1]["content"] if user else ""
+    last = content[-1] if isinstance(content, list) and content else {}
+    text = last.get("text", "") if last.get("type") == "text" else ""
+    return text if text.startswith("<turn_context>") else ""
+
+
+def conversation(request: dict) -> list[dict]:
+    """An Anthropic request's messages as the conversation: without the turn's context block
+    nor cache marks, and a message of one text block as its text (the API's shorthand)."""
+    context = turn_context(request)
+    messages = []
+    for message in request["messages"]:
+        content = message["content"]
+        if isinstance(content, list):
+            content = [{k: v for k, v in block.items() if k != "cache_control"}
+                       for block in content
+                       if not (context and block.get("text") == context)]
+            if len(content) == 1 and content[0]["type"] == "text":
+                content = content[0]["text"]
+        messages.append({**message, "content": content})
+    return messages

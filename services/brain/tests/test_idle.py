@@ -21,7 +21,7 @@ from parley.common.events import (
 )
 from parley.devkit.emulators.anthropic import ScriptedReply
 
-from .conftest import ORG, SETTINGS, open_call, services, user_says
+from .conftest import ORG, SETTINGS, conversation, open_call, services, user_says
 
 IDLE_PROMPT, IDLE_GOODBYE = SETTINGS.idle_prompt, SETTINGS.idle_goodbye
 
@@ -47,7 +47,7 @@ async def test_the_prompt_is_said_and_the_model_knows_it_asked(
         emulator.script(ScriptedReply(text="Great. How can I help?"))
         await user_says(bus, "idle1", "t1", "Yes, sorry, I'm here.")
         await recorder.wait("turn.completed", "idle1")
-        messages = emulator.requests[-1]["messages"]
+        messages = conversation(emulator.requests[-1])
         assert messages[-2]["role"] == "assistant" and IDLE_PROMPT in str(messages[-2])
         assert messages[-1] == {"role": "user", "content": "Yes, sorry, I'm here."}
         assert not recorder.of("tool.requested", "idle1")
@@ -89,7 +89,7 @@ async def test_the_goodbye_then_the_idle_hang_up_once(bus, pool, emulator, recor
         await user_says(bus, "idle2", "t1", "Wait, I'm here!")
         done = await recorder.wait("turn.completed", "idle2")
         assert [d.turn_id for d in done] == ["t1"]
-        messages = emulator.requests[-1]["messages"]
+        messages = conversation(emulator.requests[-1])
         assert "tool_use" not in str(messages) and "tool_result" not in str(messages)
         assert "I haven't heard" in str(messages[-2]) and messages[-1]["content"] == (
             "Wait, I'm here!")

@@ -51,11 +51,16 @@ from parley.common.events import (
     TurnUserEnded,
     UsageRecorded,
 )
-from parley.devkit.emulators.anthropic import ScriptedReply, ScriptedToolUse, count_tokens
+from parley.devkit.emulators.anthropic import (
+    ScriptedReply,
+    ScriptedToolUse,
+    count_tokens,
+    prompt_tokens,
+)
 from parley.devkit.emulators.openai_compat import OpenAICompatEmulator
 from parley.devkit.infra import NatsServer
 
-from .conftest import ORG, SETTINGS, open_call, services, user_says
+from .conftest import ORG, SETTINGS, open_call, services, turn_context, user_says
 
 KINDS = {"llm_input_tokens": "input_tokens", "llm_output_tokens": "output_tokens",
          "llm_cache_read_tokens": "cache_read_tokens",
@@ -72,10 +77,9 @@ async def long_prompt(org_id: str, agent_id: str) -> Any:
 
 
 def billed_input(request: dict[str, Any]) -> int:
-    """An Anthropic request's input with SETTINGS' short prompt: below the minimum the API
-    caches, the system blocks are billed as input with the messages."""
-    return count_tokens(request["messages"]) + sum(
-        count_tokens(block["text"]) for block in request.get("system", []))
+    """An Anthropic request's input with SETTINGS' short prompt and a short call: below the
+    minimum the API caches, the whole prompt is billed as input."""
+    return prompt_tokens(request)
 
 
 class Metered:
@@ -180,9 +184,11 @@ async def test_an_interrupted_turn_reports_what_its_request_was_billed(
         await worker.stop()
         await llm.aclose()
     request, = emulator.requests
-    context = sum(count_tokens(block["text"]) for block in request["system"][1:])
-    assert done.usage.input_tokens == count_tokens(request["messages"]) + context > 0
-    assert done.usage.cache_write_tokens > 0  # the system prompt, cached by this request
+    # the tools, the prompt and the conversation up to the caller's words, cached by this
+    # request; after them, the turn's context (and the greeting, folded after the words here)
+    assert done.usage.cache_write_tokens > 4096
+    assert done.usage.input_tokens == prompt_tokens(request) - done.usage.cache_write_tokens
+    assert done.usage.input_tokens >= count_tokens(turn_context(request)) > 0
     assert done.provider == "anthropic"
     assert recorded_totals(recorder, "c-cut") == as_totals(done)
 
@@ -595,3 +601,52 @@ async def until_async(check, timeout: float = 5.0):
             return found
         assert asyncio.get_running_loop().time() < deadline, "not in time"
         await asyncio.sleep(0.05)
+
+
+def per_turn(recorder, call_id: str) -> dict[str, Counter[str]]:
+    """The call's usage.recorded, summed per turn and kind."""
+    turns: dict[str, Counter[str]] = {}
+    for usage in recorder.of("usage.recorded", call_id):
+        turns.setdefault(usage.turn_id, Counter())[usage.kind] += usage.quantity
+    return turns
+
+
+async def test_a_long_calls_history_is_read_from_the_prompt_cache_turn_after_turn(
+        bus, pool, emulator, recorder) -> None:
+    """A call whose history grows past the model's cache minimum (4096 tokens on Haiku 4.5, the
+    default): only the system prompt was marked for the cache, and the turn's context (here
+    "nothing relevant was found") sat between it and the messages, so every turn billed the
+    whole history as input again. Now the last block of the conversation is marked and the
+    turn's context comes after it: once the prefix passes the minimum, a turn writes it and the
+    next turn reads what the turn before wrote. A short call is unaffected: nothing cached."""
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(services(bus, pool, [llm]))
+    await worker.start()
+    try:
+        await open_call(bus, "c-short")
+        for number, words in enumerate(("Hi.", "What time do you open?", "Thanks."), 1):
+            await user_says(bus, "c-short", f"t{number}", words)
+            await recorder.wait("turn.completed", "c-short", count=number)
+        await open_call(bus, "c-long")
+        for number in range(1, 5):  # a caller reading out a long list: 1500 words a turn
+            await user_says(bus, "c-long", f"t{number}",
+                            " ".join(f"item{number}-{i}" for i in range(1500)))
+            await recorder.wait("turn.completed", "c-long", count=number)
+    finally:
+        await worker.stop()
+        await llm.aclose()
+
+    short = per_turn(recorder, "c-short")
+    assert set(short) == {"t1", "t2", "t3"}
+    for kinds in short.values():  # far below the minimum: billed as plain input, every turn
+        assert set(kinds) == {"llm_input_tokens", "llm_output_tokens"}
+
+    long = per_turn(recorder, "c-long")
+    # t1 (~1500 words) and t2 (~3000) are below the minimum; t3's prefix (~4500) is written
+    assert "llm_cache_write_tokens" not in long["t1"] | long["t2"]
+    assert long["t3"]["llm_cache_write_tokens"] > 4096
+    assert "llm_cache_read_tokens" not in long["t3"]
+    # t4 reads all t3 wrote, and writes only what came since: t3's reply and t4's words
+    assert long["t4"]["llm_cache_read_tokens"] == long["t3"]["llm_cache_write_tokens"]
+    assert 1500 <= long["t4"]["llm_cache_write_tokens"] < 1600
+    assert long["t4"]["llm_input_tokens"] < 100  # the turn's context, after the mark

@@ -22,7 +22,7 @@ from parley.common.events import (
 )
 from parley.devkit.emulators.anthropic import ScriptedReply, ScriptedToolUse
 
-from .conftest import ORG, open_call, services, user_says
+from .conftest import ORG, conversation, open_call, services, turn_context, user_says
 
 REPLY = "We open at eight. Would you like to book a visit?"
 
@@ -151,7 +151,7 @@ async def test_a_speculation_on_other_words_is_never_published(
         said = [e.text for e in recorder.of("agent.say", "p3") if e.turn_id == "t1"]
         assert said == ["Wednesday at nine is free."]
         assert len(emulator.requests) == 2
-        assert emulator.requests[-1]["messages"][-1]["content"] == "Can I come on Wednesday?"
+        assert conversation(emulator.requests[-1])[-1]["content"] == "Can I come on Wednesday?"
         assert "adopted" not in worker.speculations.outcomes
         assert sum(worker.speculations.outcomes.values()) == 1
     finally:
@@ -182,8 +182,8 @@ async def test_a_speculation_on_words_is_not_adopted_by_a_turn_of_keys(
         assert [e.text for e in recorder.of("agent.say", "p8") if e.turn_id == "k1"] == [
             "Thanks, I have your code."]
         assert len(emulator.requests) == 2
-        assert emulator.requests[-1]["messages"][-1] == {"role": "user",
-                                                         "content": "[keypad] 1234#"}
+        assert conversation(emulator.requests[-1])[-1] == {"role": "user",
+                                                           "content": "[keypad] 1234#"}
         assert "adopted" not in worker.speculations.outcomes
         assert sum(worker.speculations.outcomes.values()) == 1
     finally:
@@ -209,7 +209,7 @@ async def test_after_a_turn_of_keys_the_next_spoken_turn_is_prepared_for(
         await user_says(bus, "p9", "t1", "What time do you open?")
         await recorder.wait("turn.completed", "p9", count=2)
         assert worker.speculations.outcomes == {"adopted": 1}
-        assert emulator.requests[-1]["messages"][-3:] == [
+        assert conversation(emulator.requests[-1])[-3:] == [
             {"role": "user", "content": "[keypad] 1234#"},
             {"role": "assistant", "content": "Thanks, I have your code."},
             {"role": "user", "content": "What time do you open?"}]
@@ -496,7 +496,7 @@ async def test_a_follow_up_is_warmed_and_speculated_on_with_its_subjects_knowled
         await recorder.wait("turn.completed", "p-follow", count=2)
         assert worker.speculations.outcomes == {"adopted": 2}
         assert len(emulator.requests) == 2
-        assert "$300" in str(emulator.requests[-1]["system"])
+        assert "$300" in turn_context(emulator.requests[-1])
         assert worker.warmup.hits == 2
         retrieved = recorder.of("knowledge.retrieved", "p-follow")[-1]
         assert retrieved.turn_id == "t2" and len(retrieved.chunk_ids) == 1

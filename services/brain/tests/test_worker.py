@@ -22,7 +22,16 @@ from parley.common.events import (
 )
 from parley.devkit.emulators.anthropic import ScriptedReply, ScriptedToolUse
 
-from .conftest import AGENT, ORG, SETTINGS, open_call, services, user_says
+from .conftest import (
+    AGENT,
+    ORG,
+    SETTINGS,
+    conversation,
+    open_call,
+    services,
+    turn_context,
+    user_says,
+)
 
 
 async def test_greets_then_answers_clause_by_clause(bus, pool, emulator, recorder) -> None:
@@ -49,7 +58,7 @@ async def test_greets_then_answers_clause_by_clause(bus, pool, emulator, recorde
         assert started.provider == "anthropic"
         request = emulator.requests[-1]
         assert request["system"][0]["cache_control"] == {"type": "ephemeral"}
-        assert request["messages"][-1] == {"role": "user", "content": "When do you open?"}
+        assert conversation(request)[-1] == {"role": "user", "content": "When do you open?"}
         assert "Thanks for calling" in str(request["messages"])  # the greeting is history
         assert worker.replays == 1  # the turn folded the call from memory, not from a replay
     finally:
@@ -124,7 +133,7 @@ async def test_what_was_heard_of_a_tool_turn_reaches_the_model_round_by_round(
         await worker.stop()
         await llm.aclose()
     sent = [(m["role"], block.get("text") or block["type"])
-            for m in emulator.requests[-1]["messages"]
+            for m in conversation(emulator.requests[-1])
             for block in ([{"text": m["content"]}] if isinstance(m["content"], str)
                           else m["content"])]
     assert sent[-5:] == [
@@ -437,8 +446,8 @@ async def test_a_turn_with_no_words_is_completed_without_asking_the_model(
         emulator.script(ScriptedReply(text="We open at eight."))
         await user_says(bus, "c-blank", "t2", "When do you open?")  # the call goes on
         await recorder.wait("turn.completed", "c-blank", count=2)
-        assert emulator.requests[-1]["messages"][-1] == {"role": "user",
-                                                         "content": "When do you open?"}
+        assert conversation(emulator.requests[-1])[-1] == {"role": "user",
+                                                           "content": "When do you open?"}
     finally:
         await worker.stop()
         await llm.aclose()
@@ -501,12 +510,12 @@ async def test_the_turns_knowledge_stays_in_front_of_the_model_after_a_tool_resu
         await user_says(bus, "c-kb", "t1", "Can I book a teeth cleaning Friday, and how much "
                                            "is a teeth cleaning?")
         await recorder.wait("tool.requested", "c-kb")
-        assert "$95" in str(emulator.requests[-1]["system"])
+        assert "$95" in turn_context(emulator.requests[-1])
         await bus.publish(ToolCompleted(org_id=ORG, call_id="c-kb", tool_call_id="toolu_kb",
                                         name="book_appointment", result={"booked": True}))
         await recorder.wait("turn.completed", "c-kb")
         assert len(emulator.requests) == 2
-        assert "$95" in str(emulator.requests[-1]["system"])
+        assert "$95" in turn_context(emulator.requests[-1])  # after the tool result
         assert len(recorder.of("knowledge.retrieved", "c-kb")) == 1
     finally:
         await worker.stop()
@@ -536,8 +545,8 @@ async def test_a_follow_up_question_is_answered_from_what_its_subject_found(
         await recorder.wait("turn.completed", "c-follow")
         await user_says(bus, "c-follow", "t2", "How much is it?")
         await recorder.wait("turn.completed", "c-follow", count=2)
-        system = str(emulator.requests[-1]["system"])
-        assert "$300" in system and "nothing relevant" not in system
+        context = turn_context(emulator.requests[-1])
+        assert "$300" in context and "nothing relevant" not in context
         first, second = recorder.of("knowledge.retrieved", "c-follow")
         assert second.chunk_ids == first.chunk_ids[:1] and len(second.chunk_ids) == 1
         assert second.query == "Do you do teeth whitening? How much is it?"
@@ -548,7 +557,7 @@ async def test_a_follow_up_question_is_answered_from_what_its_subject_found(
         await recorder.wait("turn.completed", "c-follow", count=3)
         third = recorder.of("knowledge.retrieved", "c-follow")[2]
         assert third.query == "What time do you open on Monday?"
-        assert "$300" not in str(emulator.requests[-1]["system"])
+        assert "$300" not in turn_context(emulator.requests[-1])
     finally:
         await worker.stop()
         await llm.aclose()

@@ -13,14 +13,17 @@ prefill is sent from where the prefill ends. A stream has the real event shapes:
 (``text_delta`` one word at a time / ``input_json_delta`` with the JSON cut into fragments),
 ``content_block_stop``, ``message_delta`` (``stop_reason``, usage) and ``message_stop``.
 
-Prompt caching is modelled: a request whose system blocks carry ``cache_control`` caches its
-prefix — in the API's order, the tools, then the system blocks up to the last one marked; what
-follows it (a turn's context block, the messages) is neither in the prefix nor in its key —
-written on first sight and read afterwards, reported in ``cache_creation_input_tokens`` /
-``cache_read_input_tokens``. As in the API, a prefix shorter than the model's minimum
-(:func:`min_cacheable_tokens`: 4096 tokens for Haiku 4.5, 1024 for Sonnet 4.5…) is not cached,
-silently: no write, no read, all of it billed as ``input_tokens``. Breakpoints in messages or
-tools are not modelled. Token counts are whitespace words.
+Prompt caching is modelled as the API documents it. A request renders as tools, then system
+blocks, then the messages' content blocks (a string content is one text block); a block marked
+``cache_control`` (at most 4 in a request, or a 400) ends a prefix — everything before it and the
+block itself — that is cached if it is at least the model's minimum (:func:`min_cacheable_tokens`:
+4096 tokens for Haiku 4.5, 1024 for Sonnet 4.5…; a shorter one's mark is ignored silently). The
+cache key is the model and the prefix's content, ``cache_control`` left out, so a change anywhere
+before a mark misses. A request reads the longest cached prefix that ends at one of its marks or
+at one of the 20 blocks before a mark (the API's lookback: an entry further back is not found),
+writes from there to its last cacheable mark, and bills the rest as ``input_tokens``; reported in
+``cache_read_input_tokens`` / ``cache_creation_input_tokens``. Token counts are whitespace words
+(:func:`prompt_tokens`: a text block's text, any other block or tool as JSON).
 
 Pacing: ``ttft_s`` before the first content block, then ``tokens_per_second``. Faults
 (:class:`AnthropicFaults`): ``fail_next(status)`` answers the next requests with Anthropic's error
@@ -37,6 +40,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -54,7 +58,8 @@ from parley.devkit.emulators import EmulatorServer, run_cli
 
 __all__ = [
     "AbortedStream", "AnthropicEmulator", "AnthropicFaults", "ScriptedReply", "ScriptedToolUse",
-    "count_tokens", "json_fragments", "main", "min_cacheable_tokens", "word_tokens",
+    "count_tokens", "json_fragments", "main", "min_cacheable_tokens", "prompt_tokens",
+    "word_tokens",
 ]
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
@@ -67,6 +72,8 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
 _CACHE_MINIMUMS = ((re.compile(r"claude-(haiku-4-5|opus-4-5|opus-4-6)"), 4096),
                    (re.compile(r"claude-(sonnet-4-6|3-5-haiku|3-haiku|haiku-3)"), 2048))
 _SMALLEST_CACHE_MINIMUM = 1024  # Sonnet 4.5, Sonnet 4, Opus 4.1, Opus 4, Sonnet 3.7
+CACHE_BREAKPOINTS = 4  # at most, in a request
+CACHE_LOOKBACK_BLOCKS = 20  # how far before a mark the API looks for a cached prefix
 
 
 def min_cacheable_tokens(model: str) -> int:
@@ -161,6 +168,46 @@ def count_tokens(value: Any) -> int:
     return len(text.split())
 
 
+def prompt_tokens(body: dict[str, Any]) -> int:
+    """The tokens of a request's prompt (tools, system, messages), as the emulator counts them."""
+    return sum(_block_tokens(block) for block, _ in _rendered(body))
+
+
+def _rendered(body: dict[str, Any]) -> list[tuple[Any, bool]]:
+    """The prompt as the API renders it, tools → system → messages, one item per block.
+
+    Each item: the block without ``cache_control`` (a message's with its role, and whether it
+    opens the message), and whether it was marked.
+    """
+    system = body.get("system")
+    blocks: list[tuple[Any, bool]] = [(["tool", _unmarked(t)], _is_marked(t))
+                                      for t in body.get("tools") or []]
+    blocks += [(["system", _unmarked(b)], _is_marked(b)) for b in (
+        [{"type": "text", "text": system}] if isinstance(system, str) else system or [])]
+    for message in body["messages"]:
+        content = message.get("content")
+        for index, block in enumerate([{"type": "text", "text": content}]
+                                      if isinstance(content, str) else content or []):
+            blocks.append(([message["role"], index == 0, _unmarked(block)], _is_marked(block)))
+    return blocks
+
+
+def _is_marked(block: Any) -> bool:
+    return isinstance(block, dict) and "cache_control" in block
+
+
+def _unmarked(block: Any) -> Any:
+    return ({k: v for k, v in block.items() if k != "cache_control"} if isinstance(block, dict)
+            else block)
+
+
+def _block_tokens(rendered: list[Any]) -> int:
+    block = rendered[-1]
+    if isinstance(block, dict) and block.get("type") == "text" and rendered[0] != "tool":
+        return count_tokens(str(block.get("text", "")))
+    return count_tokens(block)
+
+
 def json_fragments(value: dict[str, Any] | str, size: int = 7) -> list[str]:
     """``value`` as JSON cut into ``size``-character fragments (as input_json_delta sends).
 
@@ -234,26 +281,28 @@ class AnthropicEmulator(EmulatorServer):
         return web.json_response(self._message(reply, usage))
 
     def _usage(self, body: dict[str, Any]) -> dict[str, int]:
-        system = body.get("system")
-        blocks = [{"type": "text", "text": system}] if isinstance(system, str) else system or []
-        marked = [i for i, b in enumerate(blocks) if isinstance(b, dict) and "cache_control" in b]
-        cut = marked[-1] + 1 if marked else 0  # the system blocks in the cached prefix
-        tools = body.get("tools") or []
-        prefix_tokens = sum(count_tokens(b.get("text", "")) for b in blocks[:cut]) + (
-            count_tokens(tools) if tools and marked else 0)
-        rest = sum(count_tokens(b.get("text", "")) for b in blocks[cut:]) + (
-            count_tokens(tools) if tools and not marked else 0)
-        read = write = 0
-        cached = bool(marked) and prefix_tokens >= min_cacheable_tokens(str(body["model"]))
-        if cached:
-            key = msgspec.json.encode([body["model"], tools, blocks[:cut]], order="sorted")
-            if key in self._cached_prefixes:
-                read = prefix_tokens
-            else:
-                write = prefix_tokens
-                self._cached_prefixes.add(key)
-        return {"input_tokens": count_tokens(body["messages"]) + rest
-                + (0 if cached else prefix_tokens),
+        blocks = _rendered(body)
+        digest = hashlib.sha256(str(body["model"]).encode())
+        keys, totals, marks, total = [], [], [], 0
+        for index, (block, marked) in enumerate(blocks):
+            digest.update(msgspec.json.encode(block, order="sorted"))
+            keys.append(digest.digest())
+            total += _block_tokens(block)
+            totals.append(total)
+            if marked:
+                marks.append(index)
+        read = 0
+        for mark in marks:  # the longest cached prefix a mark finds, looking back
+            for index in range(mark, max(mark - CACHE_LOOKBACK_BLOCKS, 0) - 1, -1):
+                if keys[index] in self._cached_prefixes:
+                    read = max(read, totals[index])
+                    break
+        minimum = min_cacheable_tokens(str(body["model"]))
+        cacheable = [mark for mark in marks if totals[mark] >= minimum]
+        for mark in cacheable:
+            self._cached_prefixes.add(keys[mark])
+        write = max(totals[cacheable[-1]] - read, 0) if cacheable else 0
+        return {"input_tokens": total - read - write,
                 "cache_creation_input_tokens": write, "cache_read_input_tokens": read}
 
     def _message(self, reply: ScriptedReply, usage: dict[str, int]) -> dict[str, Any]:
@@ -371,6 +420,10 @@ def _invalid(body: Any) -> str | None:
     roles = [m["role"] for m in body["messages"]]
     if any(a == b for a, b in zip(roles, roles[1:], strict=False)):
         return "messages: roles must alternate between user and assistant"
+    marks = sum(marked for _, marked in _rendered(body))
+    if marks > CACHE_BREAKPOINTS:
+        return (f"A maximum of {CACHE_BREAKPOINTS} blocks with cache_control may be provided. "
+                f"Found {marks}.")
     return _empty_text(body["messages"]) or _unpaired_tool_blocks(body["messages"])
 
 

@@ -93,10 +93,11 @@ class LlmRequest(msgspec.Struct, frozen=True, kw_only=True):
     """One turn's request: instructions, the conversation so far, the tools on offer.
 
     ``system`` is the agent's standing instructions (cacheable); ``context`` is this turn's
-    prepared material as text (retrieved knowledge, what we know about the caller), sent after
-    the system prompt and never cached; ``knowledge`` is the same retrieval as data, for
-    providers that reason over it directly (the local responder); ``prefill`` is the reply's
-    beginning, already said, that the answer continues.
+    prepared material as text (retrieved knowledge, what we know about the caller), data for the
+    model, never cached (Anthropic: at the end of the final user message, after the cached
+    conversation); ``knowledge`` is the same retrieval as data, for providers that reason over
+    it directly (the local responder); ``prefill`` is the reply's beginning, already said, that
+    the answer continues.
     """
 
     messages: tuple[Message, ...]
