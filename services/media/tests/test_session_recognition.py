@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable
 
@@ -11,7 +12,12 @@ from nats.js.errors import KeyNotFoundError
 
 from parley.common.bus import Bus, command_subject
 from parley.common.configuration.models import AgentSettings
-from parley.common.events import TranscriptFinal, TranscriptPartial, TurnUserEnded
+from parley.common.events import (
+    MediaProviderSwitched,
+    TranscriptFinal,
+    TranscriptPartial,
+    TurnUserEnded,
+)
 from parley.devkit.emulators.deepgram import DeepgramEmulator, Retracted
 from parley.media.ownership import Leases, LeaseState
 from parley.media.providers.base import Final, ProviderError, WordTiming
@@ -528,3 +534,53 @@ async def test_a_session_stopped_while_its_fallback_recogniser_opens_closes_that
         await leases.close()
     [opened] = fallback.streams
     assert opened.closed  # type: ignore[attr-defined]
+
+
+class Busy:
+    """Local Whisper at capacity: no room for another stream."""
+
+    name = "whisper"
+
+    async def open(self, *, language: str = "en-US", endpointing_ms: int | None = None):
+        from parley.media.providers.base import ProviderBusy
+        raise ProviderBusy(self.name, "8 streams open (PARLEY_WHISPER_MAX_STREAMS)")
+
+
+async def test_a_recogniser_that_refuses_the_calls_audio_for_good_is_not_reopened(bus) -> None:
+    # Deepgram closes with 1008 DATA-0000 (audio it cannot decode: a misconfigured encoding)
+    # and Whisper, the fallback, is full. The session tried the whole chain again, Deepgram
+    # included, which opened, was sent the turn's audio, closed with 1008 again, and so on for
+    # the rest of the call: a reconnect loop on the vendor. A permanent error leaves Deepgram
+    # out for the rest of the call; with no recogniser left the call is hung up as when none
+    # opens, and media.provider_switched (to none) says why.
+    server = DeepgramEmulator(api_key="dg-key")
+    await server.start()
+    call = session_with(bus, {"deepgram": DeepgramStt("dg-key", base_url=server.base_url),
+                              "whisper": Busy()})
+    call.s.stt.retry_initial_s = 0.01
+    call._stt_name, call._stt = await call.s.stt.open(call._stt_chain, call._open_stt)
+    call._stt_task = asyncio.create_task(call._recognise())
+    try:
+        server.faults.undecodable_audio = True
+        for n in range(10):
+            await call._inbound_frame(b"\xff" * 160, n * 20)
+        await call._stt_flush()
+        with contextlib.suppress(TimeoutError):  # (before: never stopped; it looped)
+            await asyncio.wait_for(call.stopped.wait(), 5)
+        assert len(server.sessions) == 1  # Deepgram was not opened again for this call
+        assert call.stopped.is_set() and call.end_reason == "stt_failed"
+        await call._outbox.drain(1)
+        [switched] = [e for e in await bus.replay_call(CALL, org_id=ORG)
+                      if isinstance(e, MediaProviderSwitched)]
+        assert (switched.kind, switched.from_provider, switched.to_provider) == (
+            "stt", "deepgram", "")
+        assert "1008" in switched.reason and "DATA-0000" in switched.reason
+        assert not call.s.stt.health["deepgram"].breaker.state.value == "open"  # counted once
+        assert call.s.stt.health["deepgram"].error_rate > 0
+    finally:
+        call.stop("test")
+        call._stt_task.cancel()
+        await asyncio.gather(call._stt_task, return_exceptions=True)
+        await call._close_stt(call._stt)
+        await call._outbox.drain(1)
+        await server.stop()

@@ -17,6 +17,7 @@ from parley.common.events import (
     AgentSpeechFinished,
     AgentSpeechInterrupted,
     AgentSpeechProgress,
+    MediaProviderSwitched,
     UsageRecorded,
 )
 from parley.media.playback import mark_seq
@@ -499,3 +500,38 @@ async def test_a_fallback_mid_clause_says_only_the_rest_of_it(bus) -> None:
     interrupted, = [e for e in await bus.replay_call(CALL, org_id=ORG)
                     if isinstance(e, AgentSpeechInterrupted)]
     assert interrupted.played_text == clause
+
+
+async def test_a_synthesiser_that_refuses_the_call_for_good_is_not_asked_again(bus) -> None:
+    # An Italian agent on sonic-2, which Cartesia sunset for Italian: every request is a
+    # model_sunsetted error (permanent, 400), and Cartesia has no fallback. Each turn asked
+    # Cartesia, then the whole chain again, Cartesia again: two refused requests a turn for the
+    # rest of the call. Refused for good, Cartesia is not asked again on this call; the turns
+    # end (with no audio) and media.provider_switched (to none) says why the agent is silent.
+    from parley.devkit.emulators.cartesia import CartesiaEmulator
+    from parley.media.providers.cartesia_tts import CartesiaTts
+
+    emulator = CartesiaEmulator(api_key="key")
+    await emulator.start()
+    cartesia = CartesiaTts("key", base_url=emulator.base_url, model_id="sonic-2")
+    call = session(bus, cartesia, settings=AgentSettings(language="it-IT"))  # type: ignore[arg-type]
+    call.s.tts.retry_initial_s = 0.01
+    speaker = asyncio.create_task(call._speaker())
+    try:
+        call._on_say(say("t1", 0, "Grazie per aver chiamato lo studio dentistico.", last=True))
+        await wait_for(lambda: "t1" in call._turns and call._turns["t1"].spoken, timeout=10)
+        call._on_say(say("t2", 0, "Come posso aiutarla oggi?", last=True))
+        await wait_for(lambda: "t2" in call._turns and call._turns["t2"].spoken, timeout=10)
+        requests = [r for s in emulator.sessions for r in s.requests if r["transcript"]]
+        assert len(requests) == 1  # refused once; not asked again, that turn or the next
+        assert call._turns["t2"].audio.text_done
+        await call._outbox.drain(1)
+        [switched] = [e for e in await bus.replay_call(CALL, org_id=ORG)
+                      if isinstance(e, MediaProviderSwitched)]
+        assert (switched.kind, switched.from_provider, switched.to_provider) == (
+            "tts", "cartesia", "")
+        assert "sunset" in switched.reason
+    finally:
+        await stop(call, speaker)
+        await cartesia.close()
+        await emulator.stop()

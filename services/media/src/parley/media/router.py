@@ -10,7 +10,11 @@ took every socket and then stalled or failed every stream never opened its break
 chain (e.g. ``deepgram → whisper``) skipping providers whose breaker is open. Opening a stream
 retries transient errors with backoff; permanent ones (4xx: bad key, bad request) move on at once,
 as does a provider with no room for another stream (a local model at its limit), which is not
-counted against its health.
+counted against its health. A permanent error counts once against the provider's health, whether
+it came at the open or from a stream (the session counts the latter), and the call that got it
+passes ``refused``: its providers that failed it permanently are not tried again for that call
+(a misconfigured encoding or a sunset model is refused again, however often it is asked), while
+other calls go on with the breaker deciding.
 """
 
 from __future__ import annotations
@@ -94,16 +98,20 @@ class ProviderRouter(Generic[P]):
         return names
 
     async def open(self, chain: Sequence[str], opener: Callable[[P], Awaitable[S]], *,
-                   after: str = "") -> tuple[str, S]:
+                   after: str = "", refused: set[str] | None = None) -> tuple[str, S]:
         """Open a stream on the first usable provider of ``chain`` (after ``after``, if given).
 
         Providers with an open breaker are tried last, only if no other one opens (a probe is
         better than no provider at all). Transient open errors are retried with backoff; a
-        permanent one moves on at once.
+        permanent one moves on at once. ``refused`` (the call's providers that failed it
+        permanently) are skipped, and one that fails to open with a permanent error is added
+        to it (a full one is not: it may have room later).
         """
         names = list(chain)
         if after in names:
             names = names[names.index(after) + 1:]
+        skipped = [n for n in names if refused and n in refused]
+        names = [n for n in names if n not in skipped]
         usable = ([n for n in names if self.health[n].available]
                   + [n for n in names if not self.health[n].available])
         last: ProviderError | None = None
@@ -124,9 +132,12 @@ class ProviderRouter(Generic[P]):
             except ProviderError as exc:
                 self.health[name].failure()
                 log.warning("%s provider %s failed to open: %s", self.kind, name, exc)
+                if exc.permanent and refused is not None:
+                    refused.add(name)
                 last = exc
                 continue
             self.health[name].opened(time.monotonic() - started)
             return name, stream
+        gone = f"; refused this call for good: {skipped}" if skipped else ""
         raise AllProvidersFailed(self.kind, f"no {self.kind} provider could open "
-                                 f"(tried {usable}); last error: {last}")
+                                 f"(tried {usable}{gone}); last error: {last}")

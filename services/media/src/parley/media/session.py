@@ -25,7 +25,9 @@ frame, every 500 ms and after each clause (see :mod:`parley.media.playback`). Wh
 unconfirmed (:mod:`parley.media.fencing`) it is paused, and goes on once a renewal confirms
 it. Turns play one after another. A provider that fails is replaced by the next in the call's
 chain mid-call (``media.provider_switched``); for STT the open turn's audio is replayed into the
-new stream.
+new stream. One whose error was permanent (it refused the call for good: Deepgram's 1008 for
+audio it cannot decode, Cartesia's model_sunsetted) is not tried again on the call; with none
+left, ``media.provider_switched`` names no ``to_provider`` (STT: the call is hung up).
 
 A caller silent while nothing is pending (no caller turn waiting for its answer, no agent audio
 to play) is noticed on the audio clock (:mod:`parley.common.idle`): ``caller.idle`` asks the
@@ -329,8 +331,12 @@ class CallSession:
         self._stt_repeating = False
         self._stt_seconds: dict[str, float] = {}
         self._stt_lock = asyncio.Lock()
+        # Recognisers that failed this call for good (a permanent error: Deepgram's 1008 for
+        # audio it cannot decode, a 4xx at the open): not tried again on it (_switch_stt).
+        self._stt_refused: set[str] = set()
         # TTS
         self._tts_chain = services.tts.chain(settings.providers.get("tts", ""))
+        self._tts_refused: set[str] = set()  # likewise for synthesisers (a sunset model)
         self._turns: dict[str, _AgentTurn] = {}
         # Turns done with (voiced and heard, or interrupted) are forgotten, but for their ids: a
         # late clause of one must not start it again. A long call keeps no audio of old turns.
@@ -413,7 +419,7 @@ class CallSession:
             await self.s.leases.hold(self.call_id, self.revision, self._lease_state,
                                      self._lease_lost, fence=self._fence)
             self._stt_name, self._stt = await self.s.stt.open(
-                self._stt_chain, self._open_stt)
+                self._stt_chain, self._open_stt, refused=self._stt_refused)
             self._stt_task = asyncio.create_task(self._recognise(), name=f"stt:{self.call_id}")
             self._stt_task.add_done_callback(self._recogniser_done)
             self._tasks.append(asyncio.create_task(self._speaker(), name=f"tts:{self.call_id}"))
@@ -941,7 +947,7 @@ class CallSession:
             except ProviderError as exc:
                 if self.stopped.is_set():
                     return
-                await self._switch_stt(str(exc))
+                await self._switch_stt(str(exc), permanent=exc.permanent)
             except Exception as exc:
                 log.exception("call %s: recogniser failed", self.call_id)
                 await self._switch_stt(repr(exc))
@@ -954,9 +960,16 @@ class CallSession:
                   exc_info=task.exception())
         self.stop("stt_failed")
 
-    async def _switch_stt(self, reason: str) -> None:
+    async def _switch_stt(self, reason: str, *, permanent: bool = False) -> None:
         failed = self._stt_name
-        self.s.stt.health[failed].failure()
+        self.s.stt.health[failed].failure()  # once, permanent or not, as at an open (router.py)
+        if permanent:
+            # It refused this call for good (its audio, its settings): asked again, it refuses
+            # again. Reopened, Deepgram's 1008 for audio it cannot decode came back at once, for
+            # the rest of the call: a reconnect loop billing a socket each time.
+            self._stt_refused.add(failed)
+            log.warning("call %s: stt %s refused the call for good; not tried again on it (%s)",
+                        self.call_id, failed, reason)
         async with self._stt_lock:
             if self._stt is not None:
                 with contextlib.suppress(Exception):
@@ -964,18 +977,25 @@ class CallSession:
             try:
                 try:
                     self._stt_name, self._stt = await self.s.stt.open(
-                        self._stt_chain, self._open_stt, after=failed)
+                        self._stt_chain, self._open_stt, after=failed,
+                        refused=self._stt_refused)
                 except ProviderError as exc:
                     # No fallback could take the call (failed, or full: every call moving to
                     # a local model at once would starve the process): the whole chain again,
-                    # the provider that just failed included, before giving the call up.
+                    # the provider that just failed included unless it refused the call for
+                    # good, before giving the call up.
                     log.warning("call %s: no recogniser after %s (%s); trying the chain again",
                                 self.call_id, failed, exc)
                     self._stt_name, self._stt = await self.s.stt.open(
-                        self._stt_chain, self._open_stt)
+                        self._stt_chain, self._open_stt, refused=self._stt_refused)
             except ProviderError as exc:
                 log.error("call %s: every recogniser failed: %s", self.call_id, exc)
                 self._stt = None
+                # Said in the call's events too: the hang-up that follows (reason error) does
+                # not say which recogniser failed, or why.
+                await self._fence.put(MediaProviderSwitched(
+                    org_id=self.org_id, call_id=self.call_id, kind="stt", from_provider=failed,
+                    to_provider="", reason=reason[:500]))
                 self.stop("stt_failed")
                 return
             self._stt_pending.clear()  # the open turn's audio (replayed next) includes it
@@ -1339,24 +1359,31 @@ class CallSession:
         def opener(provider: TtsProvider) -> Awaitable[TtsStream]:
             return provider.open(voice=self.settings.voice, language=self.settings.language)
 
+        refused = self._tts_refused
         while not turn.interrupted:
             try:
                 try:
                     turn.provider, turn.stream = await self.s.tts.open(
-                        self._tts_chain, opener, after=after)
+                        self._tts_chain, opener, after=after, refused=refused)
                 except ProviderError:
                     if not after or not whole_chain_again:
                         raise
                     # No provider after the failed one could take the turn (none in the chain,
                     # or none that speaks the agent's language): the whole chain again, the
-                    # failed one included — a broken socket is opened anew. Once a turn, so a
-                    # provider that fails every stream is not tried for ever.
+                    # failed one included — a broken socket is opened anew — unless it refused
+                    # the call for good. Once a turn, so a provider that fails every stream is
+                    # not tried for ever.
                     whole_chain_again = False
-                    turn.provider, turn.stream = await self.s.tts.open(self._tts_chain, opener)
+                    turn.provider, turn.stream = await self.s.tts.open(
+                        self._tts_chain, opener, refused=refused)
             except ProviderError as exc:
                 # The rest cannot be said; what was synthesised plays, and the turn ends with it
                 # (left without its end, it never finished and the call never counted as idle).
                 log.error("call %s: no speech synthesiser: %s", self.call_id, exc)
+                if failure:  # said in the call's events (through the outbox: the turn ends)
+                    await self._fence.put(MediaProviderSwitched(
+                        org_id=self.org_id, call_id=self.call_id, kind="tts",
+                        from_provider=after, to_provider="", reason=failure[:500]))
                 break
             if failure and turn.provider == after:
                 log.warning("call %s: tts %s reopened (%s)", self.call_id, after, failure)
@@ -1411,8 +1438,14 @@ class CallSession:
             except ProviderError as exc:
                 if turn.interrupted:
                     break
-                self.s.tts.health[turn.provider].failure()
+                self.s.tts.health[turn.provider].failure()  # once, permanent or not
                 after, failure = turn.provider, str(exc)
+                if exc.permanent:
+                    # Refused for good (Cartesia's model_sunsetted, a 4xx): asked again, it
+                    # refuses again; each turn asked it twice for the rest of the call.
+                    refused.add(after)
+                    log.warning("call %s: tts %s refused the call for good; not asked again "
+                                "on it (%s)", self.call_id, after, failure)
                 # Synthesised again from the clause that broke, but for its words already out:
                 # said again from its start, the caller heard them twice (and played_text too).
                 done_clauses = clause

@@ -135,7 +135,12 @@ class CallerIdle(CallEvent, frozen=True, kw_only=True, tag="caller.idle"):
 
 
 class MediaProviderSwitched(CallEvent, frozen=True, kw_only=True, tag="media.provider_switched"):
-    """STT or TTS moved to the next provider in the fallback chain."""
+    """STT or TTS moved to the next provider in the fallback chain.
+
+    ``to_provider`` is "" when none could take over (each failed or refused, or is full, or
+    refused this call for good before): for STT the call is then hung up (reason ``error``), for
+    TTS the rest of the turn goes unsaid. ``reason`` is the failed provider's error.
+    """
 
     kind: Literal["stt", "tts"]
     from_provider: str
