@@ -584,3 +584,93 @@ async def test_a_recogniser_that_refuses_the_calls_audio_for_good_is_not_reopene
         await call._close_stt(call._stt)
         await call._outbox.drain(1)
         await server.stop()
+
+
+async def test_a_recogniser_failing_every_stream_at_once_backs_off_then_the_call_ends(
+        bus) -> None:
+    # Deepgram opens, then closes every stream with 1011 (transient) as soon as audio comes,
+    # and there is no fallback. The session reopened it at once each time, for the rest of the
+    # call (its breaker open, the router still tries it last, as a probe): a reconnect loop on
+    # the vendor. Now consecutive failures wait (0.2 s, doubling), the caller's audio held
+    # meanwhile, and recognition failing for longer than the session allows (30 s of audio;
+    # 2 s here) is handled as no recogniser left: media.provider_switched to none, stt_failed.
+    server = DeepgramEmulator(api_key="dg-key")
+    await server.start()
+    call = session_with(bus, {"deepgram": DeepgramStt("dg-key", base_url=server.base_url)})
+    call.s.stt.retry_initial_s = 0.01
+    call.stt_give_up_after_s = 2.0
+    call._stt_name, call._stt = await call.s.stt.open(call._stt_chain, call._open_stt)
+    call._stt_task = asyncio.create_task(call._recognise())
+    server.faults.close_with_error = True
+
+    async def caller() -> None:  # real-time audio, as the gateway sends it
+        n = 0
+        while not call.stopped.is_set():
+            await call._inbound_frame(b"\xff" * 160, n * 20)
+            n += 1
+            await asyncio.sleep(0.02)
+
+    talking = asyncio.create_task(caller())
+    try:
+        with contextlib.suppress(TimeoutError):  # (before: never stopped; it looped)
+            await asyncio.wait_for(call.stopped.wait(), 10)
+        # 0, 0.2, 0.4, 0.8 s between reopens, then given up: a handful, not hundreds.
+        assert 3 <= len(server.sessions) <= 10, len(server.sessions)
+        assert call.stopped.is_set() and call.end_reason == "stt_failed"
+        await call._outbox.drain(1)
+        [switched] = [e for e in await bus.replay_call(CALL, org_id=ORG)
+                      if isinstance(e, MediaProviderSwitched)]
+        assert (switched.kind, switched.from_provider, switched.to_provider) == (
+            "stt", "deepgram", "")
+        assert "1011" in switched.reason and "failing for" in switched.reason
+    finally:
+        call.stop("test")
+        talking.cancel()
+        call._stt_task.cancel()
+        await asyncio.gather(talking, call._stt_task, return_exceptions=True)
+        await call._close_stt(call._stt)
+        await call._outbox.drain(1)
+        await server.stop()
+
+
+async def test_recognition_after_a_backoff_hears_the_words_said_meanwhile(bus) -> None:
+    # The replacement stream is opened after a wait: the caller's audio of that wait is not
+    # lost. It reaches the new stream after the open turn's replay, each frame once.
+    flaky = Recogniser("deepgram")
+    call = session(bus, flaky)
+    call._stt_name, call._stt = await call.s.stt.open(call._stt_chain, call._open_stt)
+    call._stt_task = asyncio.create_task(call._recognise())
+    fed: list[bytes] = []
+
+    async def feed(count: int) -> None:
+        for _ in range(count):
+            frame = bytes([len(fed) % 120]) * 160  # each frame told apart
+            fed.append(frame)
+            await call._stt_send(frame)
+            await asyncio.sleep(0.01)
+
+    try:
+        call.detector.speech_started(0)  # a turn is open: its audio is replayed on a switch
+        await feed(10)
+        await call._stt_flush()
+        flaky.streams[0].results.put_nowait(ProviderError("deepgram", "1011 NET-0001"))
+        await _until(lambda: len(flaky.streams) == 2, 5)
+        flaky.streams[1].results.put_nowait(ProviderError("deepgram", "1011 NET-0001"))
+        await feed(30)  # said during the wait before the third stream
+        await _until(lambda: len(flaky.streams) == 3, 10)
+        await feed(5)
+        await call._stt_flush()
+        assert b"".join(flaky.streams[2].sent) == b"".join(fed)  # all of it, once, in order
+    finally:
+        call.stop("test")
+        call._stt_task.cancel()
+        await asyncio.gather(call._stt_task, return_exceptions=True)
+        await call._outbox.drain(1)
+
+
+async def _until(predicate: Callable[[], bool], timeout_s: float) -> None:
+    for _ in range(round(timeout_s / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    assert predicate(), "condition not met in time"

@@ -535,3 +535,63 @@ async def test_a_synthesiser_that_refuses_the_call_for_good_is_not_asked_again(b
         await stop(call, speaker)
         await cartesia.close()
         await emulator.stop()
+
+
+async def test_a_call_no_synthesiser_can_speak_for_is_hung_up(bus) -> None:
+    # The agent's only synthesiser refuses it for good (an Italian agent on sonic-2, which
+    # Cartesia sunset for Italian). The turn ended silent, and so did every later one: the
+    # caller heard nothing for the rest of the call while the brain kept answering, and the
+    # call was never hung up. Now, as when no recogniser is left, the call is hung up (reason
+    # error; the agent has no transfer for it) and media.provider_switched says why.
+    import json
+
+    from parley.devkit.emulators.cartesia import CartesiaEmulator
+    from parley.devkit.emulators.deepgram import DeepgramEmulator
+    from parley.media.ownership import Leases, LeaseState
+    from parley.media.providers.cartesia_tts import CartesiaTts
+    from parley.media.providers.deepgram_stt import DeepgramStt
+
+    deepgram, cartesia_server = DeepgramEmulator(api_key="dg"), CartesiaEmulator(api_key="key")
+    await deepgram.start()
+    await cartesia_server.start()
+    cartesia = CartesiaTts("key", base_url=cartesia_server.base_url, model_id="sonic-2")
+    leases = Leases(bus, "media-a")
+    services = SessionServices(
+        bus=bus, leases=leases, instance="media-a",
+        stt=ProviderRouter("stt", {"deepgram": DeepgramStt("dg", base_url=deepgram.base_url)},
+                           ["deepgram"]),  # type: ignore[dict-item]
+        tts=ProviderRouter("tts", {"cartesia": cartesia}, ["cartesia"],  # type: ignore[dict-item]
+                           retry_initial_s=0.01))
+    revision = await leases.claim(CALL, LeaseState(owner="media-a", org_id=ORG))
+    assert revision is not None
+    hangups: list[dict[str, object]] = []
+
+    async def gateway(msg: Msg) -> None:
+        hangups.append(json.loads(msg.data))
+        await msg.respond(b'{"ok": true}')
+
+    sub = await bus.nc.subscribe(command_subject(CALL, "hangup"), cb=gateway)
+    await bus.nc.flush()
+    call = CallSession(services, call_id=CALL, org_id=ORG, agent_id="agent",
+                       settings=AgentSettings(language="it-IT"), revision=revision)
+    running = asyncio.create_task(call.run())
+    try:
+        await wait_for(lambda: call._history is None, timeout=10)  # live
+        await bus.publish(say("t1", 0, "Grazie per aver chiamato.", last=True))
+        done, _ = await asyncio.wait([running], timeout=10)
+        assert done, "the call was not ended"  # (before: it went on, silent)
+        assert call.end_reason == "tts_failed"
+        assert hangups == [{"reason": "error"}]
+        switched = [e for e in await bus.replay_call(CALL, org_id=ORG)
+                    if isinstance(e, MediaProviderSwitched)]
+        assert [(e.kind, e.from_provider, e.to_provider) for e in switched] == [
+            ("tts", "cartesia", "")]
+        assert "sunset" in switched[0].reason
+    finally:
+        call.stop("test")
+        await asyncio.gather(running, return_exceptions=True)
+        await sub.unsubscribe()
+        await leases.close()
+        await cartesia.close()
+        await cartesia_server.stop()
+        await deepgram.stop()

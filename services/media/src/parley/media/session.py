@@ -27,7 +27,10 @@ it. Turns play one after another. A provider that fails is replaced by the next 
 chain mid-call (``media.provider_switched``); for STT the open turn's audio is replayed into the
 new stream. One whose error was permanent (it refused the call for good: Deepgram's 1008 for
 audio it cannot decode, Cartesia's model_sunsetted) is not tried again on the call; with none
-left, ``media.provider_switched`` names no ``to_provider`` (STT: the call is hung up).
+left, ``media.provider_switched`` names no ``to_provider`` and the call is hung up (STT; TTS
+when no provider of the chain opens). A recogniser that fails again soon after it was reopened
+is reopened after a growing wait (the caller's audio held meanwhile), and recognition failing
+so for 30 s is given up the same way (see :meth:`CallSession._stt_backoff`).
 
 A caller silent while nothing is pending (no caller turn waiting for its answer, no agent audio
 to play) is noticed on the audio clock (:mod:`parley.common.idle`): ``caller.idle`` asks the
@@ -134,6 +137,14 @@ RESUME_MARGIN_S = 1.0
 # write (syscall, WebSocket framing, deflate) per frame was the largest per-frame cost of a
 # session. Pending audio is sent before a flush, so turn ends are not delayed by it.
 STT_BATCH_FRAMES = 5
+# A recogniser that fails again soon after it was (re)opened is reopened after a wait, from
+# STT_RETRY_INITIAL_S doubling to STT_RETRY_MAX_S; one that worked STT_RESET_AFTER_S before
+# failing starts over (reopened at once). Recognition failing for STT_GIVE_UP_AFTER_S (of
+# audio: the caller's, held meanwhile) is given up as when no recogniser opens (_switch_stt).
+STT_RETRY_INITIAL_S = 0.2
+STT_RETRY_MAX_S = 3.0
+STT_RESET_AFTER_S = 5.0
+STT_GIVE_UP_AFTER_S = 30.0
 FILLER_DUE = object()  # a filler clause waited out with nothing after it (_unless_more)
 # A recogniser that ends utterances itself (Deepgram's ``endpointing``) is asked to do so this
 # much sooner than the turn detector's shortest end of turn (half the agent's endpointing
@@ -334,6 +345,15 @@ class CallSession:
         # Recognisers that failed this call for good (a permanent error: Deepgram's 1008 for
         # audio it cannot decode, a 4xx at the open): not tried again on it (_switch_stt).
         self._stt_refused: set[str] = set()
+        # Consecutive mid-call failures: when the current stream opened, when the failures
+        # began (None: none under way) and the wait before the next reopen (_stt_backoff).
+        self.stt_retry_initial_s = STT_RETRY_INITIAL_S
+        self.stt_retry_max_s = STT_RETRY_MAX_S
+        self.stt_reset_after_s = STT_RESET_AFTER_S
+        self.stt_give_up_after_s = STT_GIVE_UP_AFTER_S
+        self._stt_opened_at = 0.0
+        self._stt_failing_since: float | None = None
+        self._stt_delay_s = 0.0
         # TTS
         self._tts_chain = services.tts.chain(settings.providers.get("tts", ""))
         self._tts_refused: set[str] = set()  # likewise for synthesisers (a sunset model)
@@ -420,6 +440,7 @@ class CallSession:
                                      self._lease_lost, fence=self._fence)
             self._stt_name, self._stt = await self.s.stt.open(
                 self._stt_chain, self._open_stt, refused=self._stt_refused)
+            self._stt_opened_at = time.monotonic()
             self._stt_task = asyncio.create_task(self._recognise(), name=f"stt:{self.call_id}")
             self._stt_task.add_done_callback(self._recogniser_done)
             self._tasks.append(asyncio.create_task(self._speaker(), name=f"tts:{self.call_id}"))
@@ -489,13 +510,16 @@ class CallSession:
             self.revision = revision
         if self.end_reason == "call_ended":
             await self.s.leases.release(self.call_id, self.revision)
-        elif self.end_reason in ("stt_unavailable", "stt_failed"):
-            # No recogniser can hear the caller. Left held in this instance's name, the lease
-            # was taken by no one (an instance takes over none of its own; the bucket's TTL
-            # then deletes it): the agent stayed deaf for the rest of the call. The call ends;
-            # if the gateway cannot end it, any instance (this one too) takes it up anew.
-            log.error("call %s: no speech recogniser can hear the caller; hanging up",
-                      self.call_id)
+        elif self.end_reason in ("stt_unavailable", "stt_failed", "tts_failed"):
+            # No recogniser can hear the caller (or no synthesiser speak for the agent). Left
+            # held in this instance's name, the lease was taken by no one (an instance takes
+            # over none of its own; the bucket's TTL then deletes it): the agent stayed deaf
+            # for the rest of the call. The call ends (call.ended, reason error; which
+            # provider failed, and why, is media.provider_switched to none); if the gateway
+            # cannot end it, any instance (this one too) takes it up anew.
+            log.error("call %s: no speech %s; hanging up", self.call_id,
+                      "synthesiser can speak for the agent" if self.end_reason == "tts_failed"
+                      else "recogniser can hear the caller")
             if await self._command("hangup", {"reason": "error"}):
                 await self.s.leases.release(self.call_id, self.revision)
             else:
@@ -636,8 +660,12 @@ class CallSession:
             return
         audio = b"".join(self._stt_pending)
         self._stt_pending.clear()
+        stream = self._stt
         async with self._stt_lock:
-            if self._stt is not None:
+            # Taken for a stream a switch then replaced (while it held the lock: its wait, its
+            # reopen), it is in that switch's replay of the open turn (its latest audio); sent
+            # again after it, the new stream heard it twice and its timings were off by as much.
+            if self._stt is not None and self._stt is stream:
                 try:
                     await self._stt.send(audio)
                 except Exception as exc:  # the recogniser task notices and switches
@@ -970,10 +998,26 @@ class CallSession:
             self._stt_refused.add(failed)
             log.warning("call %s: stt %s refused the call for good; not tried again on it (%s)",
                         self.call_id, failed, reason)
+        wait_s, failing_s = self._stt_backoff()
         async with self._stt_lock:
             if self._stt is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._stt.close(), 2)
+            if failing_s >= self.stt_give_up_after_s:
+                # Failing again and again for that long (each stream failing soon after it
+                # opened): as good as no recogniser, however often one still opens. Reopened
+                # for ever, the caller talked to an agent that heard nothing.
+                log.error("call %s: recognition failing for %.0f s (stt %s: %s); giving up",
+                          self.call_id, failing_s, failed, reason)
+                await self._no_recogniser(failed, f"{reason}; recognition failing for "
+                                                  f"{failing_s:.0f} s")
+                return
+            if wait_s:
+                # Inbound audio waits on the lock meanwhile (the caller's frames queue in the
+                # subscription): the new stream hears it after the open turn's replay.
+                log.warning("call %s: stt %s failed again soon after it opened; trying again in "
+                            "%.1f s (%s)", self.call_id, failed, wait_s, reason)
+                await asyncio.sleep(wait_s)
             try:
                 try:
                     self._stt_name, self._stt = await self.s.stt.open(
@@ -990,14 +1034,9 @@ class CallSession:
                         self._stt_chain, self._open_stt, refused=self._stt_refused)
             except ProviderError as exc:
                 log.error("call %s: every recogniser failed: %s", self.call_id, exc)
-                self._stt = None
-                # Said in the call's events too: the hang-up that follows (reason error) does
-                # not say which recogniser failed, or why.
-                await self._fence.put(MediaProviderSwitched(
-                    org_id=self.org_id, call_id=self.call_id, kind="stt", from_provider=failed,
-                    to_provider="", reason=reason[:500]))
-                self.stop("stt_failed")
+                await self._no_recogniser(failed, reason)
                 return
+            self._stt_opened_at = time.monotonic()
             self._stt_pending.clear()  # the open turn's audio (replayed next) includes it
             if not self.detector.in_turn:
                 del self._turn_audio[:-self._preroll_frames]  # no turn yet: its pre-roll
@@ -1022,6 +1061,34 @@ class CallSession:
         await self._fence.put(MediaProviderSwitched(
             org_id=self.org_id, call_id=self.call_id, kind="stt", from_provider=failed,
             to_provider=self._stt_name, reason=reason[:500]))
+
+    def _stt_backoff(self) -> tuple[float, float]:
+        """The wait before reopening after a mid-call failure, and how long it has been failing.
+
+        A failure soon after the stream (re)opened continues the failures before it: reopened
+        at once each time, a provider that opens and then fails every stream at once (Deepgram
+        closing 1011 on each, with no fallback; its breaker open, the router still tries it
+        last) was reconnected in a tight loop for the rest of the call. A stream that worked
+        ``stt_reset_after_s`` first ends them: its failure is reopened at once, as one alone.
+        """
+        now = time.monotonic()
+        if self._stt_failing_since is None or (
+                now - self._stt_opened_at >= self.stt_reset_after_s):
+            self._stt_failing_since, self._stt_delay_s = now, 0.0
+            return 0.0, 0.0
+        self._stt_delay_s = min(max(self._stt_delay_s * 2, self.stt_retry_initial_s),
+                                self.stt_retry_max_s)
+        return self._stt_delay_s, now - self._stt_failing_since
+
+    async def _no_recogniser(self, failed: str, reason: str) -> None:
+        """No recogniser can hear the caller: said in the call's events, and the call ends."""
+        self._stt = None
+        # Said in the call's events too: the hang-up that follows (reason error) does not say
+        # which recogniser failed, or why.
+        await self._fence.put(MediaProviderSwitched(
+            org_id=self.org_id, call_id=self.call_id, kind="stt", from_provider=failed,
+            to_provider="", reason=reason[:500]))
+        self.stop("stt_failed")
 
     async def _on_stt(self, event: SttEvent) -> None:
         # Words for the turn that ended at max wait (a recogniser slower than that): recorded
@@ -1361,6 +1428,7 @@ class CallSession:
 
         refused = self._tts_refused
         while not turn.interrupted:
+            whole_chain = not after  # this open is over the call's whole chain
             try:
                 try:
                     turn.provider, turn.stream = await self.s.tts.open(
@@ -1373,17 +1441,31 @@ class CallSession:
                     # failed one included — a broken socket is opened anew — unless it refused
                     # the call for good. Once a turn, so a provider that fails every stream is
                     # not tried for ever.
-                    whole_chain_again = False
+                    whole_chain_again, whole_chain = False, True
                     turn.provider, turn.stream = await self.s.tts.open(
                         self._tts_chain, opener, refused=refused)
             except ProviderError as exc:
-                # The rest cannot be said; what was synthesised plays, and the turn ends with it
-                # (left without its end, it never finished and the call never counted as idle).
+                # The rest cannot be said; what was synthesised goes out, and the turn ends with
+                # it (left without its end, it never finished and the call never counted as
+                # idle). Said in the call's events (through the outbox: the turn ends).
                 log.error("call %s: no speech synthesiser: %s", self.call_id, exc)
-                if failure:  # said in the call's events (through the outbox: the turn ends)
+                if self.stopped.is_set():  # being hung up (said once), or over anyway
+                    break
+                if failure or whole_chain:
                     await self._fence.put(MediaProviderSwitched(
                         org_id=self.org_id, call_id=self.call_id, kind="tts",
-                        from_provider=after, to_provider="", reason=failure[:500]))
+                        from_provider=after or self._tts_chain[0], to_provider="",
+                        reason=(failure or str(exc))[:500]))
+                if whole_chain:
+                    # No provider of the chain would open (each failed, or refused the call
+                    # for good): as with no recogniser, the call is hung up. Left on, every
+                    # later turn went unsaid the same way, the caller hearing silence while
+                    # the brain kept answering, and the call was never ended. (A turn whose
+                    # streams opened and broke, its whole chain tried again once already,
+                    # only ends: the next turn tries again.)
+                    log.warning("call %s: no speech synthesiser can speak for the agent; "
+                                "ending the call", self.call_id)
+                    self.stop("tts_failed")
                 break
             if failure and turn.provider == after:
                 log.warning("call %s: tts %s reopened (%s)", self.call_id, after, failure)

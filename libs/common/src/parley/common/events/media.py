@@ -138,8 +138,11 @@ class MediaProviderSwitched(CallEvent, frozen=True, kw_only=True, tag="media.pro
     """STT or TTS moved to the next provider in the fallback chain.
 
     ``to_provider`` is "" when none could take over (each failed or refused, or is full, or
-    refused this call for good before): for STT the call is then hung up (reason ``error``), for
-    TTS the rest of the turn goes unsaid. ``reason`` is the failed provider's error.
+    refused this call for good before), or when recognition kept failing (each stream soon
+    after it opened) for longer than the session allows: for STT the call is then hung up
+    (reason ``error``); for TTS the rest of the turn goes unsaid, and if no provider of the
+    chain would open, the call is hung up too (reason ``error``). ``reason`` is the failed
+    provider's error.
     """
 
     kind: Literal["stt", "tts"]
