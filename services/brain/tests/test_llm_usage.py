@@ -60,7 +60,7 @@ from parley.devkit.emulators.anthropic import (
 from parley.devkit.emulators.openai_compat import OpenAICompatEmulator
 from parley.devkit.infra import NatsServer
 
-from .conftest import ORG, SETTINGS, open_call, services, turn_context, user_says
+from .conftest import ORG, SETTINGS, conversation, open_call, services, turn_context, user_says
 
 KINDS = {"llm_input_tokens": "input_tokens", "llm_output_tokens": "output_tokens",
          "llm_cache_read_tokens": "cache_read_tokens",
@@ -185,7 +185,9 @@ async def test_an_interrupted_turn_reports_what_its_request_was_billed(
         await llm.aclose()
     request, = emulator.requests
     # the tools, the prompt and the conversation up to the caller's words, cached by this
-    # request; after them, the turn's context (and the greeting, folded after the words here)
+    # request; after them, the turn's context (the greeting, stored after the words here, is
+    # history before them: the request ends with the caller's turn)
+    assert conversation(request)[-1] == {"role": "user", "content": "What are your hours?"}
     assert done.usage.cache_write_tokens > 4096
     assert done.usage.input_tokens == prompt_tokens(request) - done.usage.cache_write_tokens
     assert done.usage.input_tokens >= count_tokens(turn_context(request)) > 0

@@ -66,6 +66,35 @@ async def test_greets_then_answers_clause_by_clause(bus, pool, emulator, recorde
         await llm.aclose()
 
 
+async def test_a_greeting_said_after_the_caller_spoke_comes_before_their_words(
+        bus, pool, emulator, recorder) -> None:
+    """The brain was late to greet (restarting, backlogged) and the caller said "Hello?" into
+    the silence: the greeting's agent.say was stored after their turn.user_ended, so the fold
+    had it after their words and the request ended with the agent's greeting, which Anthropic
+    reads as a prefill to continue (the model went on greeting instead of answering). Now what
+    the agent said for another turn since the caller spoke comes before their words: the
+    request ends with the caller's turn."""
+    await open_call(bus, "c-late")  # (no brain running yet: the turn ends before the greeting)
+    await user_says(bus, "c-late", "t1", "Hello? Is anyone there?")
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(services(bus, pool, [llm]))
+    emulator.script(ScriptedReply(text="Yes, I'm here. How can I help?"))
+    await worker.start()
+    try:
+        done, = await recorder.wait("turn.completed", "c-late")
+        assert not done.cancelled
+        greeting, = [e for e in recorder.of("agent.say", "c-late") if e.turn_id == "t0"]
+    finally:
+        await worker.stop()
+        await llm.aclose()
+    ended, = recorder.of("turn.user_ended", "c-late")
+    assert recorder.events.index(ended) < recorder.events.index(greeting)  # the late greeting
+    request, = emulator.requests
+    assert conversation(request) == [
+        {"role": "assistant", "content": SETTINGS.greeting},
+        {"role": "user", "content": "Hello? Is anyone there?"}]
+
+
 async def test_tool_use_round_trip_continues_the_turn(bus, pool, emulator, recorder) -> None:
     llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
     worker = BrainWorker(services(bus, pool, [llm]))
@@ -401,6 +430,33 @@ def test_a_revised_user_turn_replaces_the_words_it_revises_unless_an_answer_was_
     assert [m.text for m in heard.llm_messages()] == [
         "I would like", "Sorry,", "I would like to book Friday."]
     assert heard.latest_user_turn == "t2"
+
+
+def test_what_the_agent_said_after_the_caller_spoke_comes_before_their_words() -> None:
+    """A request must end with the caller's words (or tool results), never with agent text a
+    model continues. A clause of the turn before (sent as the caller began their next turn)
+    or an idle prompt (fired as they spoke) can be stored after their turn.user_ended: it goes
+    before their words, with its own utterance, in the order it was said."""
+    def ended(turn_id: str, text: str) -> TurnUserEnded:
+        return TurnUserEnded(org_id=ORG, call_id="c", turn_id=turn_id, text=text)
+
+    def say(turn_id: str, seq: int, text: str) -> AgentSay:
+        return AgentSay(org_id=ORG, call_id="c", turn_id=turn_id, seq=seq, text=text)
+
+    late_clause = fold("c", [ended("t1", "What are your hours?"), say("t1", 0, "Eight to five."),
+                             ended("t2", "And Saturdays?"), say("t1", 1, "Closed Sundays.")])
+    assert [(m.__struct_config__.tag, m.text) for m in late_clause.llm_messages()] == [
+        ("user", "What are your hours?"), ("assistant", "Eight to five. Closed Sundays."),
+        ("user", "And Saturdays?")]
+    unanswered = fold("c", [ended("t1", "What are your hours?"), ended("t2", "Hello?"),
+                            say("t1", 0, "Eight to five.")])
+    assert [(m.__struct_config__.tag, m.text) for m in unanswered.llm_messages()] == [
+        ("user", "What are your hours?"), ("assistant", "Eight to five."), ("user", "Hello?")]
+    idle = fold("c", [say("t0", 0, "Hi!"), ended("t1", "Book me in."), say("t1", 0, "Which day?"),
+                      ended("t2", "Um, Friday."), say("i0", 0, "Are you still there?")])
+    assert [(m.__struct_config__.tag, m.text) for m in idle.llm_messages()] == [
+        ("assistant", "Hi!"), ("user", "Book me in."), ("assistant", "Which day?"),
+        ("assistant", "Are you still there?"), ("user", "Um, Friday.")]
 
 
 def test_clauses_stored_after_the_interruption_are_not_heard_text() -> None:

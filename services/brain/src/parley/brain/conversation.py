@@ -25,6 +25,17 @@ history like any clause (the model knows it asked); their hang-up is not the mod
 and stays out of its messages. The fold counts what the caller did (speech starts, key presses,
 turns) so an idle turn the caller has spoken since can be told apart.
 
+The caller's words come last. A request must end with the caller's turn (or a round's tool
+results), never with agent text, which Anthropic reads as a prefill to continue (as may an
+OpenAI-compatible server): asked to answer "Hello?", the model would go on with the greeting.
+What the agent said for another turn can be stored after the caller's turn ended: the greeting
+of a brain late to greet (the caller said "Hello?" into the silence), an idle prompt that fired
+as they spoke, a clause of the turn before sent as their next turn began. It is history all the
+same, said as they spoke or before they were answered, so it goes before their words (with the
+rest of its utterance), in the order it was said: only an utterance's own turn, the caller's
+words it answers, comes before it. A deliberate prefill (clauses a re-run round already said,
+a clause a speculation prepared) is the worker's, in :attr:`LlmRequest.prefill`.
+
 A caller's turn of keys (reason ``dtmf``: "1234#") reaches the model marked as keypad input,
 ``[keypad] 1234#`` (:func:`caller_text`), not as words the caller said.
 
@@ -308,7 +319,7 @@ class Conversation:
                     self.latest_spoken_turn = event.turn_id
                     self.words_of[event.turn_id] = event.text
                 self.caller_moves += 1
-                said = UserMessage(text=caller_text(event))
+                said = _CallerText(turn_id=event.turn_id, text=caller_text(event))
                 last = self.messages[-1] if self.messages else None
                 if event.revises and isinstance(last, UserMessage):
                     self.messages[-1] = said  # nothing heard between
@@ -369,12 +380,22 @@ class Conversation:
             case CallEnded():
                 self.ended = True
 
-    def _say(self, turn_id: str, text: str) -> None:
-        last = self.messages[-1] if self.messages else None
-        if isinstance(last, _TurnText) and last.turn_id == turn_id:
-            self.messages[-1] = _TurnText(turn_id=turn_id, text=f"{last.text} {text}")
+    def _say(self, speech_id: str, text: str) -> None:
+        """Add what the agent said, before the caller's words it does not answer.
+
+        The caller's turns folded since (their words stored before this clause: it was said as
+        they spoke, or before they were answered) stay after it, so a request ends with them.
+        """
+        turn_id = self.speeches.get(speech_id, speech_id)
+        at = len(self.messages)
+        while at and isinstance(caller := self.messages[at - 1], _CallerText) and (
+                caller.turn_id != turn_id):
+            at -= 1
+        before = self.messages[at - 1] if at else None
+        if isinstance(before, _TurnText) and before.turn_id == speech_id:
+            self.messages[at - 1] = _TurnText(turn_id=speech_id, text=f"{before.text} {text}")
         else:
-            self.messages.append(_TurnText(turn_id=turn_id, text=text))
+            self.messages.insert(at, _TurnText(turn_id=speech_id, text=text))
 
     def _replace_said(self, speech_id: str, heard: str) -> None:
         """Cut the utterance's text to what the caller heard of it, round by round.
@@ -460,10 +481,10 @@ class Conversation:
                 unanswered.append(m.id)
             elif not isinstance(m, ToolResult):
                 answer()
-                out.append(AssistantMessage(text=m.text) if isinstance(m, _TurnText) else m)
+                out.append(AssistantMessage(text=m.text) if isinstance(m, _TurnText)
+                           else UserMessage(text=m.text) if isinstance(m, _CallerText) else m)
         answer()
         return tuple(out)
-
 
     def _pending_note(self, tool_id: str) -> str:
         """What the model reads for a tool use whose outcome is not in yet.
@@ -483,6 +504,15 @@ class Conversation:
 
 class _TurnText(AssistantMessage, frozen=True, kw_only=True, tag="assistant"):
     """Agent text that remembers its turn (so a barge-in can cut it back)."""
+
+    turn_id: str
+
+
+class _CallerText(UserMessage, frozen=True, kw_only=True, tag="user"):
+    """The caller's words that remember their turn.
+
+    So what the agent said for another turn, stored after them, can go before them.
+    """
 
     turn_id: str
 
