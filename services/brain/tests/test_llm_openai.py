@@ -299,3 +299,98 @@ async def test_tool_arguments_that_are_not_a_json_object_are_a_call_with_an_erro
     assert arguments in bad.arguments_error and "JSON" in bad.arguments_error
     assert good == ToolCall(id="call_10", name="lookup_order", arguments={"order": "43"})
     assert isinstance(events[-1], Done) and events[-1].stop_reason == "tool_use"
+
+
+def rendered(messages: list[dict[str, Any]]) -> str:
+    """The prompt a chat template makes of ``messages`` (ChatML, as Qwen's): what a server's
+    automatic prefix caching (vLLM, llama.cpp, Ollama) compares, token by token."""
+    return "".join(f"<|im_start|>{m['role']}\n{m.get('content') or ''}"
+                   f"{json.dumps(m['tool_calls']) if m.get('tool_calls') else ''}<|im_end|>\n"
+                   for m in messages)
+
+
+async def test_consecutive_requests_share_their_prefix_up_to_the_new_turn(
+        bus, pool, emulator: OpenAICompatEmulator, recorder) -> None:
+    """A local model's server reuses the KV cache of a prompt's prefix identical to the last
+    request's. The turn's context (knowledge, caller profile, call context) was a system
+    message before the history: changing every turn, it broke the prefix at the second
+    message, and each turn the whole conversation was computed again. Now it ends the final
+    message (the caller's words, or the last tool result: a message after a tool result would
+    break chat templates that want user and assistant to alternate, Mistral's), in
+    <turn_context> tags, and the next request repeats the one before up to it."""
+    from parley.brain.knowledge.store import Chunk
+    from parley.brain.worker import BrainWorker
+    from parley.common.events import ToolCompleted
+
+    from .conftest import ORG, open_call, services, user_says
+
+    async def knowledge(org_id: str, agent_id: str, query: str) -> list[Chunk]:
+        return [Chunk(id=f"k-{len(query)}", text=f"What we know about: {query}",
+                      source="faq", score=0.9)]
+
+    async def profile(org_id: str, call_id: str, number: str) -> str:
+        return "Called twice last month about a crown."
+
+    llm = OpenAICompatLlm(base_url=f"{emulator.base_url}/v1", model="llama3",
+                          api_key="sk-local")
+    worker = BrainWorker(services(bus, pool, [llm], retrieve=knowledge, profile=profile))
+    await worker.start()
+    try:
+        emulator.script(
+            ScriptedReply(text="Let me check.", tool_uses=(ScriptedToolUse(
+                name="book_appointment", input={"day": "Friday"}, id="call_1"),)),
+            ScriptedReply(text="You're booked for Friday at ten."),
+            ScriptedReply(text="Yes, we take it."))
+        await open_call(bus, "c-prefix")
+        await recorder.wait("agent.say", "c-prefix")  # the greeting
+        await user_says(bus, "c-prefix", "t1", "Can I come Friday at ten?")
+        await recorder.wait("tool.requested", "c-prefix")
+        await bus.publish(ToolCompleted(org_id=ORG, call_id="c-prefix", tool_call_id="call_1",
+                                        name="book_appointment", result={"booked": True}))
+        await recorder.wait("turn.completed", "c-prefix")
+        await user_says(bus, "c-prefix", "t2", "Do you take my insurance?")
+        await recorder.wait("turn.completed", "c-prefix", count=2)
+    finally:
+        await worker.stop()
+        await llm.aclose()
+    requests = [r["messages"] for r in emulator.requests]
+    assert len(requests) == 3
+    for messages in requests:
+        assert [m["role"] for m in messages].count("system") == 1  # the agent's prompt only
+        assert "<turn_context>" not in str(messages[:-1])  # only in the final message
+        assert messages[-1]["role"] in ("user", "tool")  # the model answers, continues nothing
+        assert "Called twice last month" in messages[-1]["content"]
+    first, tool_round, second = requests
+    assert first[-1]["content"].startswith("Can I come Friday at ten?\n\n<turn_context>\n")
+    assert "What we know about: Can I come Friday at ten?" in first[-1]["content"]
+    assert tool_round[-1]["role"] == "tool" and tool_round[-1]["content"].startswith(
+        '{"booked": true}\n\n<turn_context>\n')  # (nothing after the tool result)
+    assert second[-1]["content"].startswith("Do you take my insurance?\n\n<turn_context>\n")
+    assert second[-1]["content"].endswith("Do you take my insurance?\n</turn_context>")
+    for before, after in ((first, tool_round), (tool_round, second)):
+        # The messages are the same up to the final one, which is the same without the context.
+        assert after[:len(before) - 1] == before[:-1]
+        context = before[-1]["content"].index("\n\n<turn_context>")
+        assert after[len(before) - 1] == {**before[-1],
+                                          "content": before[-1]["content"][:context]}
+        # So the prompt the server computes is the one before up to that turn's context.
+        prompt = rendered(before)
+        assert rendered(after).startswith(prompt[:prompt.index("\n\n<turn_context>")])
+        assert before[-1]["content"].endswith("\n</turn_context>")
+
+
+def test_the_turns_context_goes_before_a_prefill_and_without_a_conversation_in_the_system() -> None:
+    from parley.brain.llm.base import turn_context
+    from parley.brain.llm.openai_compat import to_openai_messages
+
+    context = "Knowledge for this turn:\n[faq] Open at 8."
+    continuing = LlmRequest(system=SystemPrompt(text="Be brief."), context=context,
+                            messages=(UserMessage(text="When do you open?"),),
+                            prefill="We open")
+    assert to_openai_messages(continuing) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": f"When do you open?\n\n{turn_context(context)}"},
+        {"role": "assistant", "content": "We open"}]  # the reply's, continued: after it
+    alone = LlmRequest(system=SystemPrompt(text="Be brief."), context=context, messages=())
+    assert to_openai_messages(alone) == [{"role": "system", "content": "Be brief."},
+                                         {"role": "system", "content": context}]

@@ -48,6 +48,7 @@ from .base import (
     estimate_tokens,
     read_tool_arguments,
     retry_after_s,
+    turn_context,
 )
 
 __all__ = ["OpenAICompatLlm", "to_openai_messages"]
@@ -179,17 +180,28 @@ class OpenAICompatLlm:
 
 
 def to_openai_messages(request: LlmRequest) -> list[dict[str, Any]]:
-    """The system prompt and conversation as OpenAI chat messages.
+    """The system prompt, the conversation and the turn's context as OpenAI chat messages.
 
     An agent's tool uses join the assistant message before them (as ``tool_calls`` with JSON
     ``arguments``); each tool result is a ``tool`` message; a prefill is a last assistant
     message.
+
+    The turn's context (call context, caller profile, knowledge), which changes every turn,
+    ends the final user or tool message, after the caller's words or the tool's result, in
+    :func:`~parley.brain.llm.base.turn_context` tags, as for Anthropic: so each request
+    repeats the one before up to that turn's context, and a server's automatic prefix caching
+    (vLLM, llama.cpp, Ollama keep the KV cache of the last prompt) computes only the rest. As
+    a system message before the history (as it was), it broke that prefix at its second
+    message every turn. In the last tool message rather than a user message after it: a
+    user message there would be read as the caller's, and chat templates that want user and
+    assistant to alternate (not counting tool calls and results: Mistral's, Ministral's,
+    Devstral's) refuse it (``raise_exception``: the server answers 500), while one with a
+    tool result keeps every template's shape. A request with neither (none is made) has it
+    as a system message after the prompt.
     """
     messages: list[dict[str, Any]] = []
     if request.system is not None and request.system.text:
         messages.append({"role": "system", "content": request.system.text})
-    if request.context:
-        messages.append({"role": "system", "content": request.context})
     for message in request.messages:
         match message:
             case UserMessage(text=text):
@@ -205,6 +217,13 @@ def to_openai_messages(request: LlmRequest) -> list[dict[str, Any]]:
                     messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
             case ToolResult(tool_use_id=tool_id, content=content):
                 messages.append({"role": "tool", "tool_call_id": tool_id, "content": content})
+    if request.context:
+        last = next((m for m in reversed(messages) if m["role"] in ("user", "tool")), None)
+        if last is not None:
+            last["content"] = f"{last['content']}\n\n{turn_context(request.context)}"
+        else:
+            messages.insert(1 if messages and messages[0]["role"] == "system" else 0,
+                            {"role": "system", "content": request.context})
     if request.prefill.strip():  # servers that continue a final assistant message do so
         messages.append({"role": "assistant", "content": request.prefill})
     return messages
