@@ -94,3 +94,29 @@ async def test_tool_arguments_with_half_an_emoji_are_requested_with_a_replacemen
         await llm.aclose()
         if provider != "anthropic":
             await emulator.stop()
+
+
+async def test_half_an_emoji_the_server_escaped_in_the_stream_is_requested_with_a_replacement(
+        bus, pool, recorder) -> None:
+    # A JavaScript-ish server that cut an emoji in half (a UTF-16 string sliced) and
+    # JSON.stringify'd the chunk sends the half as \ud83d in the chunk's JSON: read, the
+    # arguments' text holds the half itself, not an escape of it, and tool.requested could not
+    # be published (UnicodeEncodeError, the turn redelivered).
+    emulator = OpenAICompatEmulator(api_key="sk-local")
+    await emulator.start()
+    emulator.script(OpenAIReply(text="Let me book that.", tool_uses=(OpenAIToolUse(
+        name="book_appointment", input='{"day": "Friday", "note": "see you \ud83d"}',
+        id="toolu_half"),)), OpenAIReply(text="You're booked."))
+    llm = OpenAICompatLlm(base_url=f"{emulator.base_url}/v1", model="llama3", api_key="sk-local")
+    worker = BrainWorker(services(bus, pool, [llm]))
+    await worker.start()
+    try:
+        await open_call(bus, "c-half-raw")
+        await user_says(bus, "c-half-raw", "t1", "Book me in Friday")
+        requested, = await recorder.wait("tool.requested", "c-half-raw")
+        assert requested.arguments == {"day": "Friday", "note": "see you \ufffd"}
+        assert requested.arguments_error == ""
+    finally:
+        await worker.stop()
+        await llm.aclose()
+        await emulator.stop()

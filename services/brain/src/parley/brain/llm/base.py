@@ -263,11 +263,15 @@ def read_tool_arguments(text: str) -> tuple[dict[str, Any], str]:
     Empty text is no arguments. Text that is not a JSON object gives ``{}`` and an error phrased
     for the model, quoting (the start of) what it sent: see :attr:`ToolCall.arguments_error`.
     Half a surrogate pair, which JSON may escape ("\ud83d": an emoji cut in half) and json
-    reads into a string no event can carry (UTF-8 cannot encode it), is read as U+FFFD.
+    reads into a string no event can carry (UTF-8 cannot encode it), is read as U+FFFD; so is
+    one the text holds itself (a server escaped it in the stream's JSON, the text's own), two
+    halves of a pair (cut between two chunks) being the character they make.
     """
     text = text.strip()
     if not text:
         return {}, ""
+    if _LONE_SURROGATE.search(text):
+        text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
     sent = text if len(text) <= 300 else text[:300] + "…"
     try:
         arguments = json.loads(text)
@@ -275,7 +279,7 @@ def read_tool_arguments(text: str) -> tuple[dict[str, Any], str]:
         return {}, f"the arguments are not valid JSON ({exc}); you sent: {sent}"
     if not isinstance(arguments, dict):
         return {}, f"the arguments must be a JSON object; you sent: {sent}"
-    if "\\u" in text:  # only an escape can bring one in: the text itself is decoded UTF-8
+    if "\\u" in text:  # else only an escape can bring one in (the text's own are replaced)
         written = json.dumps(arguments, ensure_ascii=False)
         if _LONE_SURROGATE.search(written):  # (whole pairs were read as one character)
             arguments = json.loads(_LONE_SURROGATE.sub("\ufffd", written))
