@@ -595,3 +595,90 @@ async def test_a_call_no_synthesiser_can_speak_for_is_hung_up(bus) -> None:
         await cartesia.close()
         await cartesia_server.stop()
         await deepgram.stop()
+
+
+async def test_the_hang_up_for_no_synthesiser_waits_for_the_agent_audio_already_out(bus) -> None:
+    # The agent's answer was synthesised and sent to the carrier, which plays it over some
+    # seconds; then Cartesia went down (its socket dropped, every reconnect a 503) and the next
+    # turn found no synthesiser to open. The call was hung up at once, cutting off the answer
+    # the caller was still hearing, though nothing stopped it from playing. Now the hang-up
+    # waits for the audio already out to play (its last mark echoed, or its length at most).
+    import json
+
+    from parley.devkit.emulators.cartesia import CartesiaEmulator
+    from parley.devkit.emulators.deepgram import DeepgramEmulator
+    from parley.media.ownership import Leases, LeaseState
+    from parley.media.providers.cartesia_tts import CartesiaTts
+    from parley.media.providers.deepgram_stt import DeepgramStt
+
+    deepgram, cartesia_server = DeepgramEmulator(api_key="dg"), CartesiaEmulator(api_key="key")
+    await deepgram.start()
+    await cartesia_server.start()
+    cartesia = CartesiaTts("key", base_url=cartesia_server.base_url)
+    leases = Leases(bus, "media-a")
+    services = SessionServices(
+        bus=bus, leases=leases, instance="media-a",
+        stt=ProviderRouter("stt", {"deepgram": DeepgramStt("dg", base_url=deepgram.base_url)},
+                           ["deepgram"]),  # type: ignore[dict-item]
+        tts=ProviderRouter("tts", {"cartesia": cartesia}, ["cartesia"],  # type: ignore[dict-item]
+                           retry_initial_s=0.01))
+    call_id = "call-tts-gone-after-audio"
+    revision = await leases.claim(call_id, LeaseState(owner="media-a", org_id=ORG))
+    assert revision is not None
+    hangups: list[float] = []
+
+    async def gateway(msg: Msg) -> None:
+        if msg.subject.endswith(".hangup"):
+            assert json.loads(msg.data) == {"reason": "error"}
+            hangups.append(time.monotonic())
+        await msg.respond(b'{"ok": true}')
+
+    sub = await bus.nc.subscribe(f"parley.cmd.gateway.{call_id}.*", cb=gateway)
+    await bus.nc.flush()
+    call = CallSession(services, call_id=call_id, org_id=ORG, agent_id="agent",
+                       settings=AgentSettings(), revision=revision)
+    running = asyncio.create_task(call.run())
+
+    def agent_say(turn_id: str, text: str) -> AgentSay:
+        return AgentSay(org_id=ORG, call_id=call_id, turn_id=turn_id, seq=0, text=text,
+                        last=True)
+
+    try:
+        await wait_for(lambda: call._history is None, timeout=10)  # live
+        # About 10 s of audio at the emulator's pace: all of it sent at once.
+        await bus.publish(agent_say("t1", "Your appointment is confirmed for Friday the "
+                                          "twelfth at ten in the morning with doctor Patel, "
+                                          "please arrive fifteen minutes early."))
+        await wait_for(lambda: "t1" in call._turns, timeout=10)
+        t1 = call._turns["t1"].audio
+        await wait_for(lambda: t1.text_done and t1.frames and t1.sent == len(t1.frames),
+                       timeout=20)
+        cartesia_server.faults.reject_status = 503
+        for ws in list(cartesia_server.sockets):
+            await ws.close()
+        await bus.publish(agent_say("t2", "Is there anything else?"))
+        await wait_for(lambda: call.end_reason == "tts_failed" or any(
+            turn.audio.text_done for turn_id, turn in call._turns.items() if turn_id == "t2"),
+            timeout=10)
+        await asyncio.sleep(0.5)
+        assert hangups == []  # (before: hung up at once, t1 cut off as it played)
+        seq = mark_seq(t1.generation, len(t1.frames))
+        echoed = time.monotonic()
+        await call._on_progress(AgentSpeechProgress(org_id=ORG, call_id=call_id, turn_id="t1",
+                                                    mark=f"t1:{seq}", seq=seq))
+        done, _ = await asyncio.wait([running], timeout=10)
+        assert done, "the call was not ended"
+        assert call.end_reason == "tts_failed"
+        assert len(hangups) == 1 and hangups[0] >= echoed
+        switched = [e for e in await bus.replay_call(call_id, org_id=ORG)
+                    if isinstance(e, MediaProviderSwitched)]
+        assert [(e.kind, e.from_provider, e.to_provider) for e in switched] == [
+            ("tts", "cartesia", "")]
+    finally:
+        call.stop("test")
+        await asyncio.gather(running, return_exceptions=True)
+        await sub.unsubscribe()
+        await leases.close()
+        await cartesia.close()
+        await cartesia_server.stop()
+        await deepgram.stop()

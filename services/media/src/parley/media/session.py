@@ -169,6 +169,9 @@ FENCE_SETTLE_S = 3.0
 # synthesiser stuck). As long as a tool at its default timeout (10 s): the answer of a slow
 # tool is still waited for, not cancelled by the brain for the caller's turn.
 HOLD_QUIET_S = 10.0
+# A call hung up for want of a synthesiser first lets the agent audio already out play: up to
+# its length and this much more (the carrier's latency, its last mark's echo).
+HANG_UP_GRACE_S = 1.0
 
 
 def stable_id(call_id: str, *parts: object) -> uuid.UUID:
@@ -1427,6 +1430,7 @@ class CallSession:
             return provider.open(voice=self.settings.voice, language=self.settings.language)
 
         refused = self._tts_refused
+        hang_up = False  # no synthesiser of the chain would open: the call ends (below)
         while not turn.interrupted:
             whole_chain = not after  # this open is over the call's whole chain
             try:
@@ -1465,7 +1469,7 @@ class CallSession:
                     # only ends: the next turn tries again.)
                     log.warning("call %s: no speech synthesiser can speak for the agent; "
                                 "ending the call", self.call_id)
-                    self.stop("tts_failed")
+                    hang_up = True
                 break
             if failure and turn.provider == after:
                 log.warning("call %s: tts %s reopened (%s)", self.call_id, after, failure)
@@ -1548,6 +1552,25 @@ class CallSession:
         turn.audio.text_done = True
         await self._send_out(turn)
         await self._mark_end(turn)
+        if hang_up:
+            await self._play_out_before_hang_up()
+            self.stop("tts_failed")
+
+    async def _play_out_before_hang_up(self) -> None:
+        """Wait for the agent audio out on the carrier to play before the call is hung up.
+
+        Hung up at once, the answer the caller was still hearing (sent whole, played over
+        seconds) was cut off, though nothing kept it from playing. Until its last mark is
+        echoed, or as long as it has left to play and a little more (echoes that never come).
+        """
+        now = time.monotonic()
+        left_ms = sum(max(0, turn.audio.sent * FRAME_MS - turn.audio.position_ms(now))
+                      for turn in self._on_air(now))
+        deadline = now + left_ms / 1000 + HANG_UP_GRACE_S
+        while self._agent_audible() and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopped.wait(), 0.05)
+                return  # ending anyway (the caller hung up)
 
     def _echoes_lost(self, turn: _AgentTurn) -> None:
         """No echo of the turn will come: its audio is over, as if played.
