@@ -385,6 +385,8 @@ async def test_a_price_is_answered_from_the_sentence_about_its_subject(
     ("Do you do whitening?", "How much is it?", "A whitening session costs $250."),
     ("Do you do whitening?", "What's the price?", "A whitening session costs $250."),
     ("Do you do fillings?", "How expensive is that?", "A filling starts at $180."),
+    # no sentence names "teeth whitening", but the whitening session's is no other thing's
+    ("Do you do teeth whitening?", "How much does it cost?", "A whitening session costs $250."),
 ])
 async def test_a_follow_up_naming_no_subject_is_answered_about_the_previous_turns(
         previous: str, follow_up: str, answer: str) -> None:
@@ -402,14 +404,15 @@ async def test_a_follow_up_naming_no_subject_is_answered_about_the_previous_turn
 
 
 @pytest.mark.parametrize("previous", [
-    "Do you do teeth whitening?",  # names "teeth" too: no sentence names all of it
+    "Do you do deep cleanings?",  # "A teeth cleaning" is another cleaning
     "Do you do root canals?",  # in no sentence
     "Hello there",  # no subject at all
 ])
 async def test_a_follow_up_is_declined_when_no_sentence_names_the_previous_subject(
         previous: str) -> None:
     # "How much does it cost?" after "Do you do teeth whitening?" was answered "A teeth
-    # cleaning costs $95. A check-up with X-rays costs $140.": a price for another subject.
+    # cleaning costs $95. A check-up with X-rays costs $140.": a price for another subject;
+    # after "deep cleanings", "A teeth cleaning costs $95." would be another cleaning's.
     text, calls, _, _ = await run(LocalResponder(retrieve=retriever(DEMO_PRICES)),
                                   say(previous), AssistantMessage(text="Sure."),
                                   say("How much does it cost?"))
@@ -423,3 +426,52 @@ async def test_a_follow_up_is_searched_with_the_previous_turns_words() -> None:
               AssistantMessage(text="Yes."), say("How much does it cost?"))
     assert retrieve.asked == [  # type: ignore[attr-defined]
         "Do you do whitening? How much does it cost?"]
+
+
+CLINIC = (DEMO_PRICES, Passage("c5", "We accept most dental insurance plans, including Delta "
+                                     "Dental and Cigna.", 0.4),
+          Passage("c6", "We are open Monday to Friday from 8 am to 5 pm, and on Saturday from 9 "
+                        "am to 1 pm. We are closed on Sunday.", 0.2),
+          Passage("c7", "We are located at 42 Maple Street in Springfield.", 0.2))
+
+
+@pytest.mark.parametrize("question", [
+    "How much is a deep cleaning?",  # "A teeth cleaning costs $95." is another cleaning's price
+    "How much is a deep teeth cleaning?",  # a teeth cleaning is not the deep one either
+    "Do you accept Aetna insurance?",  # the sentence names dental insurance, never Aetna
+])
+async def test_a_sentence_about_the_same_head_with_another_modifier_does_not_answer(
+        question: str) -> None:
+    """A sentence shared ANY one subject word with the question, so "How much is a deep
+    cleaning?" was answered "A teeth cleaning costs $95.": another service's price. A sentence
+    that puts a modifier of its own before the question's head ("teeth cleaning") answers only
+    if it also names the question's ("deep")."""
+    text, calls, _, _ = await run(LocalResponder(retrieve=retriever(*CLINIC)), say(question))
+    assert "check" in text and "follow up" in text, text
+    assert not re.search(r"\d", text) and not calls
+
+
+@pytest.mark.parametrize(("question", "answer"), [
+    # "A teeth cleaning costs $95." named "teeth" and was said too, first
+    ("How much is teeth whitening?", "A whitening session costs $250."),
+    ("How long is a whitening session?", "A whitening session costs $250."),
+    ("How much are cleanings and fillings?",
+     "A teeth cleaning costs $95. A filling starts at $180."),
+    ("What do a cleaning, a filling or a check-up cost?",
+     "A teeth cleaning costs $95. A check-up with X-rays costs $140. A filling starts at $180."),
+    ("Do you accept Cigna insurance for my daughter?",
+     "We accept most dental insurance plans, including Delta Dental and Cigna."),
+    ("Do you take Delta Dental insurance?",
+     "We accept most dental insurance plans, including Delta Dental and Cigna."),
+    ("Are you open on Saturdays?",
+     "We are open Monday to Friday from 8 am to 5 pm, and on Saturday from 9 am to 1 pm."),
+    ("What's your address?", "We are located at 42 Maple Street in Springfield."),  # synonym
+])
+async def test_each_subject_phrase_is_answered_by_a_sentence_naming_its_head(
+        question: str, answer: str) -> None:
+    """The subject is read as phrases (modifiers and a head noun; "and", "or" and commas part
+    them): each is answered by the sentence naming most of it whose own modifier, if any, is
+    not another thing's. Requiring every subject word instead broke long questions ("…for my
+    daughter") and conjunctions ("cleanings and fillings")."""
+    text, calls, _, _ = await run(LocalResponder(retrieve=retriever(*CLINIC)), say(question))
+    assert text == answer and not calls

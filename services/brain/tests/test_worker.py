@@ -264,7 +264,7 @@ async def test_local_responder_answers_a_follow_up_about_the_previous_turns_subj
     The follow-up is searched with the previous turn's words (2a5672f), but the responder
     answered it by its own words, which name no subject: "A teeth cleaning costs $95. A
     check-up with X-rays costs $140.". It now answers about the previous turn's subject, and
-    declines when no sentence names all of it.
+    declines when no sentence answers it ("deep cleanings": a teeth cleaning is another one).
     """
     await ingest(pool, ORG, AGENT, "prices.md", b"A teeth cleaning costs $95. A check-up with "
                  b"X-rays costs $140.\nA whitening session costs $250. A filling starts at $180.")
@@ -273,7 +273,7 @@ async def test_local_responder_answers_a_follow_up_about_the_previous_turns_subj
     try:
         await open_call(bus, "c-local-follow")
         said = ["Do you do whitening?", "How much does it cost?",
-                "And do you do teeth whitening?", "How much does it cost?"]
+                "And do you do deep cleanings?", "How much does it cost?"]
         for number, text in enumerate(said, 1):
             await user_says(bus, "c-local-follow", f"t{number}", text)
             await recorder.wait("turn.completed", "c-local-follow", count=number)

@@ -15,14 +15,15 @@ answers:
 - a request that matches one of the agent's tools by name and description (``book an
   appointment`` → ``book_appointment``) → that tool, with arguments extracted best effort
   (:func:`extract_arguments`); when required ones are missing it asks for them once;
-- a question (or anything else with content words) → knowledge retrieval: the one or two
-  sentences of the retrieved chunks that share the most words with the question, and its
-  subject if it names one (a sentence sharing only "cost" with "How much does a root canal
-  cost?" is about another subject). A follow-up that names no subject ("How much does it
-  cost?" after "Do you do whitening?") takes the caller's previous turn's, and only a sentence
-  naming all of it answers. When no chunk scores ``min_score`` or no sentence shares a content
-  word (and the subject), it says it will check and follow up: it never makes up or
-  misattributes a fact.
+- a question (or anything else with content words) → knowledge retrieval: for each thing
+  the question names (:func:`subject_phrases`: "deep cleanings and fillings" is two), the
+  sentence of the retrieved chunks that names its head noun and shares the most words with
+  the question, unless the sentence makes it another thing's ("A teeth cleaning costs $95."
+  does not answer "a deep cleaning"; a sentence sharing only "cost" with "How much does a
+  root canal cost?" is about another subject). A follow-up that names no subject ("How much
+  does it cost?" after "Do you do whitening?") takes the caller's previous turn's. When no
+  chunk scores ``min_score`` or no sentence answers, it says it will check and follow up: it
+  never makes up or misattributes a fact.
 
 When the conversation ends with a tool result, it phrases a reply from that result (a failed
 ``transfer_call``: it cannot transfer now, someone will follow up — it never calls a tool in
@@ -73,7 +74,8 @@ from .intents import (
 from .keypad import pressed_keys
 
 __all__ = ["Intent", "LocalResponder", "RetrievedChunk", "Retrieve", "answer_from_chunks",
-           "classify_intent", "content_words", "extract_arguments", "match_tool", "read_back"]
+           "classify_intent", "content_words", "extract_arguments", "match_tool", "read_back",
+           "subject_phrases"]
 
 
 class RetrievedChunk(Protocol):
@@ -112,55 +114,133 @@ _PRICE_WORDS = content_words("cost", expand=True)
 
 def answer_from_chunks(question: str, chunks: Sequence[RetrievedChunk], *, previous: str = "",
                        min_score: float = 0.05, max_sentences: int = 2) -> str | None:
-    """One or two sentences of ``chunks`` that answer ``question``, verbatim; ``None`` if none.
+    """Sentences of ``chunks`` that answer ``question``, verbatim; ``None`` if none.
 
-    Sentences are ranked by the question's content words (with a few synonyms) they share, plus
-    a bonus when a price question meets a sentence with a number; a sentence sharing no word
-    never answers. A question that names a subject (words besides what it asks of it: "root
-    canal" in "How much does a root canal cost?") is answered only by a sentence that names it
-    too: one sharing only "cost" is about something else. A question naming none ("What are
-    your hours?") is answered as before. A second sentence is added only if it is nearly as
-    relevant as the first.
+    The question's subject is read as phrases (:func:`subject_phrases`): "How much are deep
+    cleanings and fillings?" asks about "deep cleaning" and "filling". A sentence answers a
+    phrase when it names the phrase's head ("cleaning", "cleanings") and does not make it
+    another thing's: a word of its own right before the head ("A teeth cleaning costs $95.")
+    answers only if the sentence also names every modifier the question gave ("deep"). So
+    "teeth whitening" is answered by "A whitening session costs $250." (nothing else's
+    whitening) and "Cigna insurance" by "We accept most dental insurance plans, including
+    Delta Dental and Cigna.", but "deep cleaning" by no teeth cleaning's price. Each phrase
+    gets the sentence sharing most of the question's words (a few synonyms; a price question
+    prefers a sentence with a number); a phrase no sentence answers is left out ("…for my
+    daughter"), and when none is answered, ``None``. With a single phrase a second sentence
+    is added if it is nearly as relevant as the first.
 
-    A follow-up that names no subject ("How much does it cost?") asks about the subject of the
-    caller's ``previous`` turn ("Do you do whitening?"): only a sentence naming every word of
-    it answers (for "teeth whitening", "A teeth cleaning costs $95." names half of it and is
-    another service's price). A price asked of no subject in either turn is not answered: any
-    price would be a guess at what "it" is.
+    A question naming no subject ("What are your hours?") is answered by the sentences sharing
+    most of its words. A follow-up that names none ("How much does it cost?") asks about the
+    subject of the caller's ``previous`` turn ("Do you do whitening?"), read the same way. A
+    price asked of no subject in either turn is not answered: any price would be a guess at
+    what "it" is.
     """
     wants_price = bool(_PRICE.search(question.lower()))
     # ("How much is it?" has no content word, but asks a price)
     asked = content_words(question, expand=True) or (_PRICE_WORDS if wants_price else set())
     if not asked:
         return None
-    subject = asked - _ASPECT_WORDS
-    whole_subject = False
-    if not subject:
-        subject = _subject_of(previous)
-        if not subject and wants_price:
-            return None
-        whole_subject = bool(subject)
-        asked = asked | subject
-    ranked: list[tuple[float, int, str]] = []
-    order = 0
+    phrases = subject_phrases(question)
+    if not phrases and previous:
+        phrases = subject_phrases(previous)
+        asked = asked | {word for phrase in phrases for word in phrase}
+    if not phrases and wants_price:
+        return None
+    sentences: list[tuple[list[str | None], float, str]] = []
     for chunk in chunks:
         if chunk.score < min_score:
             continue
         for sentence in split_sentences(" ".join(chunk.text.split())):
-            order += 1
             words = content_words(sentence)
-            shared = len(asked & words)
-            if not shared or (subject and not subject & words) or (
-                    whole_subject and not subject <= words):
+            if not asked & words:
                 continue
             bonus = 0.5 if wants_price and re.search(r"[$\d]", sentence) else 0.0
-            ranked.append((shared + bonus + chunk.score / 10, order, sentence))
-    if not ranked:
+            score = len(asked & words) + bonus + chunk.score / 10
+            sentences.append((_phrase_tokens(sentence), score, sentence))
+    # (index in the passages' order, score) of the sentences answering each phrase
+    answering = [[(i, score) for i, (tokens, score, _) in enumerate(sentences)
+                  if _answers(phrase, tokens)] for phrase in phrases] if phrases else [
+        [(i, score) for i, (_, score, _) in enumerate(sentences)]]
+    chosen: set[int] = set()
+    for ranked in answering:
+        ranked.sort(key=lambda item: (-item[1], item[0]))
+        if not ranked:
+            continue
+        per_phrase = max_sentences if len(answering) == 1 else 1
+        chosen |= {i for i, score in ranked[:per_phrase] if score >= 0.75 * ranked[0][1]}
+    if not chosen:
         return None
-    ranked.sort(key=lambda item: (-item[0], item[1]))
-    best = ranked[0][0]
-    chosen = [item for item in ranked[:max_sentences] if item[0] >= 0.75 * best]
-    return " ".join(sentence for _, _, sentence in sorted(chosen, key=lambda item: item[1]))
+    return " ".join(sentences[i][2] for i in sorted(chosen))
+
+
+# Words that name no thing of their own: a question's generic last word ("a whitening
+# session", "Cigna plans") leaves the phrase's head to the word before it…
+_GENERIC_HEADS = content_words("session sessions appointment appointments visit visits service "
+                               "services treatment treatments procedure procedures plan plans")
+# …and verbs of offering are no modifier ("accept Cigna insurance", "We offer cleanings").
+_NOT_MODIFIERS = content_words("accept accepts accepted offer offers offered offering provide "
+                               "provides provided providing cover covers covered include "
+                               "includes including treat treats see fix fixes handle handles "
+                               "bring")
+_PARTING = _ASPECT_WORDS | _NOT_MODIFIERS
+_TOKEN = re.compile(r"[a-z0-9$']+|[^\sa-z0-9$']")
+
+
+def _phrase_tokens(text: str) -> list[str | None]:
+    """``text``'s words in order as stems, ``None`` for each that parts phrases.
+
+    Stopwords, verbs of offering, aspect words, numbers and punctuation part them; a hyphen
+    joins ("check-up" is "check up").
+    """
+    tokens: list[str | None] = []
+    text = re.sub(r"(?<=\w)-(?=\w)", " ", text.lower()).replace("\u2019", "'")
+    for raw in _TOKEN.findall(text):
+        word = content_words(raw)
+        stem = next(iter(word)) if len(word) == 1 else None
+        keep = stem is not None and stem not in _PARTING and not re.search(r"[$\d]", stem)
+        tokens.append(stem if keep else None)
+    return tokens
+
+
+def subject_phrases(text: str) -> list[tuple[str, ...]]:
+    """The things ``text`` names, each as stems (modifiers first, head noun last).
+
+    A phrase is a run of content words: stopwords ("and", "or", "for my"), punctuation, words
+    asking something of a subject (price, hours) and verbs of offering part them. "Do you
+    accept Cigna insurance for my daughter?" → ``[("cigna", "insurance"), ("daughter",)]``;
+    a generic last word is dropped ("a whitening session" → ``("whiten",)``).
+    """
+    phrases: list[tuple[str, ...]] = []
+    run: list[str] = []
+    for token in [*_phrase_tokens(text), None]:
+        if token is not None:
+            run.append(token)
+            continue
+        while len(run) > 1 and run[-1] in _GENERIC_HEADS:
+            run.pop()
+        if run and tuple(run) not in phrases:
+            phrases.append(tuple(run))
+        run = []
+    return phrases
+
+
+def _answers(phrase: tuple[str, ...], tokens: list[str | None]) -> bool:
+    """Whether a sentence (its :func:`_phrase_tokens`) answers ``phrase``.
+
+    It names the head (or an everyday synonym: "address" is where it is "located"), and where
+    it puts a word of its own right before it ("teeth cleaning"), it names all the phrase's
+    modifiers too.
+    """
+    *modifiers, head = phrase
+    heads = {head} | content_words(head, expand=True)
+    named = {token for token in tokens if token is not None}
+    for at, token in enumerate(tokens):
+        if token not in heads:
+            continue
+        own = tokens[at - 1] if at else None
+        if own is None or named.issuperset(modifiers):
+            return True
+    return False
 
 
 class LocalResponder:
@@ -265,7 +345,7 @@ class LocalResponder:
         elif self.retrieve is None:
             return DECLINE
         else:  # a follow-up is searched with its subject's words, as the brain does
-            follow_up = previous and not content_words(question, expand=True) - _ASPECT_WORDS
+            follow_up = previous and not subject_phrases(question)
             chunks = await self.retrieve(f"{previous} {question}" if follow_up else question)
         return answer_from_chunks(question, chunks, previous=previous,
                                   min_score=self.min_score) or DECLINE
@@ -305,11 +385,6 @@ def _previous_caller_text(messages: Sequence[Any]) -> str:
     if len(spoken) < 2 or pressed_keys(spoken[-2]):
         return ""
     return str(spoken[-2])
-
-
-def _subject_of(text: str) -> set[str]:
-    """What ``text`` names besides what it asks of it (no synonyms: each must be named)."""
-    return content_words(text) - _ASPECT_WORDS if text else set()
 
 
 def _transfer_number(tools: Sequence[ToolSpec]) -> str | None:
