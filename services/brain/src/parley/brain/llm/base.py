@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import unicodedata
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -137,12 +138,32 @@ def turn_context(context: str) -> str:
     Tags like ours inside it are defused, so text that reaches it (a caller's words in the
     profile or a callback's note, a knowledge document) cannot end the block early.
     """
-    defused = _TURN_CONTEXT_TAG.sub(lambda m: m.group(0).replace("<", "(").replace(">", ")"),
-                                    context)
-    return f"<turn_context>\n{TURN_CONTEXT_NOTE}\n\n{defused}\n</turn_context>"
+    return f"<turn_context>\n{TURN_CONTEXT_NOTE}\n\n{_defused(context)}\n</turn_context>"
 
 
-_TURN_CONTEXT_TAG = re.compile(r"<\s*/?\s*turn_context\s*>", re.IGNORECASE)
+def _defused(context: str) -> str:
+    """``context`` with the brackets of tags that read as ours made parentheses.
+
+    Matched in a skeleton of it, one character for each of its own: as NFKC makes it (fullwidth
+    brackets and letters), casefolded, lookalike brackets as ``<`` and ``>``, an invisible
+    (format) character as one the pattern passes over, so none of these hides a tag.
+    """
+    skeleton = "".join(_SKIPPED if unicodedata.category(char) == "Cf" else (
+        folded if len(folded := unicodedata.normalize("NFKC", char).casefold()) == 1
+        else char) for char in context).translate(_LOOKALIKE_BRACKETS)
+    out = list(context)
+    for match in _TURN_CONTEXT_TAG.finditer(skeleton):
+        for at in range(match.start(), match.end()):
+            if skeleton[at] in "<>":
+                out[at] = "(" if skeleton[at] == "<" else ")"
+    return "".join(out)
+
+
+_SKIPPED = "\x00"
+_LOOKALIKE_BRACKETS = str.maketrans("\u2039\u3008\u27e8\u2329\u02c2\u276e\u203a\u3009\u27e9\u232a"
+                                    "\u02c3\u276f", "<<<<<<>>>>>>")
+_TURN_CONTEXT_TAG = re.compile(r"<[\s\x00]*/?[\s\x00]*" + "\x00*".join("turn_context")
+                               + r"(?:[\s\x00/][^<>]*)?>")
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True):
