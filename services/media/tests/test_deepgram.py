@@ -273,7 +273,9 @@ async def test_a_wrong_key_is_a_permanent_error(emulator: DeepgramEmulator) -> N
     assert caught.value.permanent and "401" in str(caught.value)
 
 
-@pytest.mark.parametrize(("status", "permanent"), [(402, True), (503, False)])
+# 429: over the account's concurrency limit (a peak of calls), as transient as a 503: taken as
+# permanent, the call refused Deepgram for the rest of it (44b94e0).
+@pytest.mark.parametrize(("status", "permanent"), [(402, True), (429, False), (503, False)])
 async def test_upgrade_refusals_are_classified(emulator: DeepgramEmulator, status: int,
                                                  permanent: bool) -> None:
     emulator.faults.reject_status = status

@@ -682,3 +682,35 @@ async def test_the_hang_up_for_no_synthesiser_waits_for_the_agent_audio_already_
         await cartesia.close()
         await cartesia_server.stop()
         await deepgram.stop()
+
+
+async def test_a_synthesiser_at_its_concurrency_limit_is_asked_again_not_refused(bus) -> None:
+    # Cartesia's concurrency limit counts the contexts active at once across the account: at a
+    # peak, a turn's context gets an error event with status 429, concurrency_limited (its API
+    # Errors page). Taken as permanent like any 4xx, since 44b94e0 Cartesia was refused for the
+    # rest of the call, and with no fallback the call was hung up (tts_failed) over a moment's
+    # peak. A 429 is transient: the turn is taken up again on Cartesia and said, and the call
+    # goes on.
+    from parley.devkit.emulators.cartesia import CartesiaEmulator
+    from parley.media.providers.cartesia_tts import CartesiaTts
+
+    emulator = CartesiaEmulator(api_key="key")
+    await emulator.start()
+    cartesia = CartesiaTts("key", base_url=emulator.base_url)
+    call = session(bus, cartesia)
+    call.s.tts.retry_initial_s = 0.01
+    speaker = asyncio.create_task(call._speaker())
+    try:
+        emulator.faults.error_status = 429  # the turn's first request
+        call._on_say(say("t1", 0, "Thanks for calling the dental clinic.", last=True))
+        await wait_for(lambda: "t1" in call._turns and call._turns["t1"].spoken, timeout=10)
+        turn = call._turns["t1"]
+        assert [w.text for w in turn.audio.words] == "Thanks for calling the dental clinic.".split()
+        assert not call.stopped.is_set() and not call._tts_refused
+        call._on_say(say("t2", 0, "How can I help?", last=True))
+        await wait_for(lambda: "t2" in call._turns and call._turns["t2"].spoken, timeout=10)
+        assert call._turns["t2"].audio.frames
+    finally:
+        await stop(call, speaker)
+        await cartesia.close()
+        await emulator.stop()

@@ -35,10 +35,11 @@ arriving for the context is dropped. A context that goes quiet while audio is ow
 ``stall_after_s`` (:class:`StallWatchdog`) and takes the shared socket down with it.
 
 Errors: an HTTP 4xx refusal of the upgrade (bad key, …) and 4xx ``error`` messages (bad voice,
-bad request) are permanent; everything else is transient. An ``error`` naming no context
-(Cartesia sends ``context_id`` only "when available") fails at once every turn waiting for
-audio, the one it concerns among them; dropped, that turn stalled, and its watchdog took the
-shared socket and every other turn down with it.
+bad request) are permanent, but for 408 and 429 (its concurrency limit); everything else is
+transient. An ``error`` naming no context (Cartesia sends ``context_id`` only "when
+available") fails at once every turn waiting for audio, the one it concerns among them;
+dropped, that turn stalled, and its watchdog took the shared socket and every other turn down
+with it.
 
 The socket is opened without permessage-deflate: the audio is base64 of µ-law, which deflate
 barely shrinks, at a CPU cost on both ends and a compressor's memory per socket.
@@ -81,6 +82,16 @@ BYTES_PER_SECOND = 8000
 _END = None  # queue sentinel
 _CLOSE_TIMEOUT_S = 3.0
 log = logging.getLogger(__name__)
+
+
+def _permanent(status: int) -> bool:
+    """Whether a refusal with this HTTP(-like) status is for good: a 4xx but 408 and 429.
+
+    429 is Cartesia's concurrency limit (concurrency_limited: too many contexts active at once
+    across the account, a peak of calls), as transient as a 5xx; taken as permanent, the call
+    refused Cartesia for the rest of it (ProviderRouter.open, CallSession._speak).
+    """
+    return 400 <= status < 500 and status not in (408, 429)
 
 
 # -- Cartesia's WebSocket messages (the fields used; others are ignored) ------------------------
@@ -212,7 +223,7 @@ class CartesiaTts:
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 raise ProviderError(PROVIDER, f"connect refused: HTTP {status}",
-                                    permanent=400 <= status < 500) from exc
+                                    permanent=_permanent(status)) from exc
             except Exception as exc:
                 raise ProviderError(PROVIDER, f"connect failed: {exc!r}") from exc
             self._connection = _Connection(socket)
@@ -257,7 +268,7 @@ class _Connection:
         log.warning("Cartesia error for no context: %s %s: %s", status, event.title,
                     event.message)
         error = ProviderError(PROVIDER, f"{status} {event.title}: {event.message} "
-                              "(for no context)", permanent=400 <= status < 500)
+                              "(for no context)", permanent=_permanent(status))
         for stream in list(self.streams.values()):
             if stream.awaiting_audio:
                 stream.fail(error)
@@ -355,7 +366,7 @@ class CartesiaTtsStream:
             case Error():
                 status = event.status_code or 0
                 self.fail(ProviderError(PROVIDER, f"{status} {event.title}: {event.message}",
-                                        permanent=400 <= status < 500))
+                                        permanent=_permanent(status)))
                 return
         self._watchdog.feed(more_expected=self._owed())
 

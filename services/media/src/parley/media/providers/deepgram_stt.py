@@ -21,11 +21,12 @@ forbidden 403) is a permanent :class:`ProviderError` from ``open``; so is a sock
 closes with 1008 ``DATA-0000``, raised at the end of ``events()``: audio it cannot decode (not
 audio, or a codec it does not take), which its docs say to fix in the encoding and sample rate.
 Taken as transient, the same audio was sent again to be refused again, for ever. Anything else
-(refused connection, 5xx, a socket closed with another error, a server ``Error`` message, a
-stall caught by the :class:`StallWatchdog`) is transient, raised by ``open`` or at the end of
-``events()``. So is a socket the server closes cleanly (1000/1001: Deepgram, a load balancer or
-a proxy going away) before our ``CloseStream``: ``events()`` ends normally only after
-``close()``, so a call is never left listening to a socket that is gone.
+(refused connection, 408 or 429 (too many streams at once), 5xx, a socket closed with another
+error, a server ``Error`` message, a stall caught by the :class:`StallWatchdog`) is transient,
+raised by ``open`` or at the end of ``events()``. So is a socket the server closes cleanly
+(1000/1001: Deepgram, a load balancer or a proxy going away) before our ``CloseStream``:
+``events()`` ends normally only after ``close()``, so a call is never left listening to a
+socket that is gone.
 
 The socket is opened without permessage-deflate: µ-law audio barely compresses, and each
 socket's deflate state costs ~190 KB and CPU on both ends for every 100 ms of audio sent (media
@@ -166,7 +167,9 @@ _SDK_CONNECT = "websockets_client_connect"  # what listen.v1's client opens its 
 setattr(_listen_client, _SDK_CONNECT, _without_compression(getattr(_listen_client, _SDK_CONNECT)))
 
 log = logging.getLogger(__name__)
-_PERMANENT_STATUSES = range(400, 500)
+# 4xx but 408 and 429: over the concurrency limit (429, a peak of calls) is as transient as a
+# 5xx; taken as permanent, the call refused Deepgram for the rest of it (ProviderRouter.open).
+_PERMANENT_STATUSES = frozenset(range(400, 500)) - {408, 429}
 # The regional codes Deepgram's nova-3 takes (its "Models & Languages Overview" and changelog);
 # for any other tag only the language itself is sent: "de-DE" → "de", "es-MX" → "es".
 _REGIONAL_CODES = {code.lower(): code for code in (
