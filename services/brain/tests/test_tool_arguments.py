@@ -120,3 +120,28 @@ async def test_half_an_emoji_the_server_escaped_in_the_stream_is_requested_with_
         await worker.stop()
         await llm.aclose()
         await emulator.stop()
+
+
+async def test_half_an_emoji_in_a_servers_text_is_said_with_a_replacement_character(
+        bus, pool, recorder) -> None:
+    # The same server's text: a reply holding half an emoji (escaped in the chunk's JSON) could
+    # not be published as agent.say (UnicodeEncodeError): the turn was redelivered and asked
+    # the model again, billed twice, and said nothing the first time.
+    emulator = OpenAICompatEmulator(api_key="sk-local")
+    await emulator.start()
+    emulator.script(OpenAIReply(text="See you Friday \ud83d. Bye now."),
+                    OpenAIReply(text="Asked again."))
+    llm = OpenAICompatLlm(base_url=f"{emulator.base_url}/v1", model="llama3", api_key="sk-local")
+    worker = BrainWorker(services(bus, pool, [llm]))
+    await worker.start()
+    try:
+        await open_call(bus, "c-half-text")
+        await user_says(bus, "c-half-text", "t1", "See you then")
+        await recorder.wait("turn.completed", "c-half-text")
+        said = [e.text for e in recorder.of("agent.say", "c-half-text") if e.turn_id == "t1"]
+        assert " ".join(said) == "See you Friday \ufffd. Bye now."
+        assert len(emulator.requests) == 1
+    finally:
+        await worker.stop()
+        await llm.aclose()
+        await emulator.stop()

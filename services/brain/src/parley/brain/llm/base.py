@@ -30,7 +30,7 @@ __all__ = [
     "LlmRequest", "Message", "ProviderSwitched", "SystemPrompt", "TextDelta", "ToolCall",
     "ToolCallStarted", "ToolResult", "ToolSpec", "ToolUse", "Usage", "UsageReported",
     "UserMessage", "estimate_tokens", "is_retryable_status", "read_tool_arguments",
-    "retry_after_s", "turn_context",
+    "retry_after_s", "turn_context", "well_formed",
 ]
 
 
@@ -291,8 +291,7 @@ def read_tool_arguments(text: str) -> tuple[dict[str, Any], str]:
     text = text.strip()
     if not text:
         return {}, ""
-    if _LONE_SURROGATE.search(text):
-        text = text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    text = well_formed(text)
     sent = text if len(text) <= 300 else text[:300] + "…"
     try:
         arguments = json.loads(text)
@@ -305,6 +304,17 @@ def read_tool_arguments(text: str) -> tuple[dict[str, Any], str]:
         if _LONE_SURROGATE.search(written):  # (whole pairs were read as one character)
             arguments = json.loads(_LONE_SURROGATE.sub("\ufffd", written))
     return arguments, ""
+
+
+def well_formed(text: str) -> str:
+    """``text`` with each half of a surrogate pair it holds alone as U+FFFD.
+
+    Two halves of a pair are the character they make. A server that cut an emoji in half sends
+    the half escaped in its JSON, and no event can carry it (UTF-8 cannot encode it).
+    """
+    if _LONE_SURROGATE.search(text):
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+    return text
 
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")

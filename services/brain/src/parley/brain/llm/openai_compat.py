@@ -49,6 +49,7 @@ from .base import (
     read_tool_arguments,
     retry_after_s,
     turn_context,
+    well_formed,
 )
 
 __all__ = ["OpenAICompatLlm", "to_openai_messages"]
@@ -139,7 +140,7 @@ class OpenAICompatLlm:
                             ttft_ms = (self._clock() - started) * 1000
                         if delta.get("content"):
                             output_characters += len(delta["content"])
-                            yield TextDelta(text=delta["content"])
+                            yield TextDelta(text=well_formed(delta["content"]))
                         for fragment in delta.get("tool_calls") or []:
                             function = fragment.get("function") or {}
                             output_characters += len(function.get("name") or "") + len(
