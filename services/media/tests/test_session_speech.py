@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 
@@ -537,12 +538,13 @@ async def test_a_synthesiser_that_refuses_the_call_for_good_is_not_asked_again(b
         await emulator.stop()
 
 
-async def test_a_call_no_synthesiser_can_speak_for_is_hung_up(bus) -> None:
-    # The agent's only synthesiser refuses it for good (an Italian agent on sonic-2, which
-    # Cartesia sunset for Italian). The turn ended silent, and so did every later one: the
-    # caller heard nothing for the rest of the call while the brain kept answering, and the
-    # call was never hung up. Now, as when no recogniser is left, the call is hung up (reason
-    # error; the agent has no transfer for it) and media.provider_switched says why.
+@contextlib.asynccontextmanager
+async def cartesia_only_call(bus: Bus, call_id: str, *, settings: AgentSettings | None = None,
+                             model_id: str | None = None):
+    """A live call whose only synthesiser is Cartesia (its emulator), hangups noted.
+
+    Yields (call, the Cartesia emulator, hangups: (reason, monotonic time) of each).
+    """
     import json
 
     from parley.devkit.emulators.cartesia import CartesiaEmulator
@@ -554,7 +556,8 @@ async def test_a_call_no_synthesiser_can_speak_for_is_hung_up(bus) -> None:
     deepgram, cartesia_server = DeepgramEmulator(api_key="dg"), CartesiaEmulator(api_key="key")
     await deepgram.start()
     await cartesia_server.start()
-    cartesia = CartesiaTts("key", base_url=cartesia_server.base_url, model_id="sonic-2")
+    cartesia = CartesiaTts("key", base_url=cartesia_server.base_url,
+                           **({"model_id": model_id} if model_id else {}))
     leases = Leases(bus, "media-a")
     services = SessionServices(
         bus=bus, leases=leases, instance="media-a",
@@ -562,39 +565,55 @@ async def test_a_call_no_synthesiser_can_speak_for_is_hung_up(bus) -> None:
                            ["deepgram"]),  # type: ignore[dict-item]
         tts=ProviderRouter("tts", {"cartesia": cartesia}, ["cartesia"],  # type: ignore[dict-item]
                            retry_initial_s=0.01))
-    revision = await leases.claim(CALL, LeaseState(owner="media-a", org_id=ORG))
+    revision = await leases.claim(call_id, LeaseState(owner="media-a", org_id=ORG))
     assert revision is not None
-    hangups: list[dict[str, object]] = []
+    hangups: list[tuple[str, float]] = []
 
     async def gateway(msg: Msg) -> None:
-        hangups.append(json.loads(msg.data))
+        if msg.subject.endswith(".hangup"):
+            hangups.append((json.loads(msg.data)["reason"], time.monotonic()))
         await msg.respond(b'{"ok": true}')
 
-    sub = await bus.nc.subscribe(command_subject(CALL, "hangup"), cb=gateway)
+    sub = await bus.nc.subscribe(f"parley.cmd.gateway.{call_id}.*", cb=gateway)
     await bus.nc.flush()
-    call = CallSession(services, call_id=CALL, org_id=ORG, agent_id="agent",
-                       settings=AgentSettings(language="it-IT"), revision=revision)
-    running = asyncio.create_task(call.run())
+    call = CallSession(services, call_id=call_id, org_id=ORG, agent_id="agent",
+                       settings=settings or AgentSettings(), revision=revision)
+    call.running = asyncio.create_task(call.run())  # type: ignore[attr-defined]
     try:
         await wait_for(lambda: call._history is None, timeout=10)  # live
-        await bus.publish(say("t1", 0, "Grazie per aver chiamato.", last=True))
-        done, _ = await asyncio.wait([running], timeout=10)
-        assert done, "the call was not ended"  # (before: it went on, silent)
-        assert call.end_reason == "tts_failed"
-        assert hangups == [{"reason": "error"}]
-        switched = [e for e in await bus.replay_call(CALL, org_id=ORG)
-                    if isinstance(e, MediaProviderSwitched)]
-        assert [(e.kind, e.from_provider, e.to_provider) for e in switched] == [
-            ("tts", "cartesia", "")]
-        assert "sunset" in switched[0].reason
+        yield call, cartesia_server, hangups
     finally:
         call.stop("test")
-        await asyncio.gather(running, return_exceptions=True)
+        await asyncio.gather(call.running, return_exceptions=True)  # type: ignore[attr-defined]
         await sub.unsubscribe()
         await leases.close()
         await cartesia.close()
         await cartesia_server.stop()
         await deepgram.stop()
+
+
+def said(call_id: str, turn_id: str, text: str) -> AgentSay:
+    return AgentSay(org_id=ORG, call_id=call_id, turn_id=turn_id, seq=0, text=text, last=True)
+
+
+async def test_a_call_no_synthesiser_can_speak_for_is_hung_up(bus) -> None:
+    # The agent's only synthesiser refuses it for good (an Italian agent on sonic-2, which
+    # Cartesia sunset for Italian). The turn ended silent, and so did every later one: the
+    # caller heard nothing for the rest of the call while the brain kept answering, and the
+    # call was never hung up. Now, as when no recogniser is left, the call is hung up (reason
+    # error; the agent has no transfer for it) and media.provider_switched says why.
+    async with cartesia_only_call(bus, CALL, settings=AgentSettings(language="it-IT"),
+                                  model_id="sonic-2") as (call, _, hangups):
+        await bus.publish(say("t1", 0, "Grazie per aver chiamato.", last=True))
+        done, _ = await asyncio.wait([call.running], timeout=10)
+        assert done, "the call was not ended"  # (before: it went on, silent)
+        assert call.end_reason == "tts_failed"
+        assert [reason for reason, _ in hangups] == ["error"]
+        switched = [e for e in await bus.replay_call(CALL, org_id=ORG)
+                    if isinstance(e, MediaProviderSwitched)]
+        assert [(e.kind, e.from_provider, e.to_provider) for e in switched] == [
+            ("tts", "cartesia", "")]
+        assert "sunset" in switched[0].reason
 
 
 async def test_the_hang_up_for_no_synthesiser_waits_for_the_agent_audio_already_out(bus) -> None:
@@ -603,52 +622,14 @@ async def test_the_hang_up_for_no_synthesiser_waits_for_the_agent_audio_already_
     # turn found no synthesiser to open. The call was hung up at once, cutting off the answer
     # the caller was still hearing, though nothing stopped it from playing. Now the hang-up
     # waits for the audio already out to play (its last mark echoed, or its length at most).
-    import json
-
-    from parley.devkit.emulators.cartesia import CartesiaEmulator
-    from parley.devkit.emulators.deepgram import DeepgramEmulator
-    from parley.media.ownership import Leases, LeaseState
-    from parley.media.providers.cartesia_tts import CartesiaTts
-    from parley.media.providers.deepgram_stt import DeepgramStt
-
-    deepgram, cartesia_server = DeepgramEmulator(api_key="dg"), CartesiaEmulator(api_key="key")
-    await deepgram.start()
-    await cartesia_server.start()
-    cartesia = CartesiaTts("key", base_url=cartesia_server.base_url)
-    leases = Leases(bus, "media-a")
-    services = SessionServices(
-        bus=bus, leases=leases, instance="media-a",
-        stt=ProviderRouter("stt", {"deepgram": DeepgramStt("dg", base_url=deepgram.base_url)},
-                           ["deepgram"]),  # type: ignore[dict-item]
-        tts=ProviderRouter("tts", {"cartesia": cartesia}, ["cartesia"],  # type: ignore[dict-item]
-                           retry_initial_s=0.01))
+    # (Its give-up bound at 0: the first turn with no synthesiser ends the call.)
     call_id = "call-tts-gone-after-audio"
-    revision = await leases.claim(call_id, LeaseState(owner="media-a", org_id=ORG))
-    assert revision is not None
-    hangups: list[float] = []
-
-    async def gateway(msg: Msg) -> None:
-        if msg.subject.endswith(".hangup"):
-            assert json.loads(msg.data) == {"reason": "error"}
-            hangups.append(time.monotonic())
-        await msg.respond(b'{"ok": true}')
-
-    sub = await bus.nc.subscribe(f"parley.cmd.gateway.{call_id}.*", cb=gateway)
-    await bus.nc.flush()
-    call = CallSession(services, call_id=call_id, org_id=ORG, agent_id="agent",
-                       settings=AgentSettings(), revision=revision)
-    running = asyncio.create_task(call.run())
-
-    def agent_say(turn_id: str, text: str) -> AgentSay:
-        return AgentSay(org_id=ORG, call_id=call_id, turn_id=turn_id, seq=0, text=text,
-                        last=True)
-
-    try:
-        await wait_for(lambda: call._history is None, timeout=10)  # live
+    async with cartesia_only_call(bus, call_id) as (call, cartesia_server, hangups):
+        call.tts_give_up_after_s = 0.0
         # About 10 s of audio at the emulator's pace: all of it sent at once.
-        await bus.publish(agent_say("t1", "Your appointment is confirmed for Friday the "
-                                          "twelfth at ten in the morning with doctor Patel, "
-                                          "please arrive fifteen minutes early."))
+        await bus.publish(said(call_id, "t1", "Your appointment is confirmed for Friday the "
+                                              "twelfth at ten in the morning with doctor "
+                                              "Patel, please arrive fifteen minutes early."))
         await wait_for(lambda: "t1" in call._turns, timeout=10)
         t1 = call._turns["t1"].audio
         await wait_for(lambda: t1.text_done and t1.frames and t1.sent == len(t1.frames),
@@ -656,7 +637,7 @@ async def test_the_hang_up_for_no_synthesiser_waits_for_the_agent_audio_already_
         cartesia_server.faults.reject_status = 503
         for ws in list(cartesia_server.sockets):
             await ws.close()
-        await bus.publish(agent_say("t2", "Is there anything else?"))
+        await bus.publish(said(call_id, "t2", "Is there anything else?"))
         await wait_for(lambda: call.end_reason == "tts_failed" or any(
             turn.audio.text_done for turn_id, turn in call._turns.items() if turn_id == "t2"),
             timeout=10)
@@ -666,22 +647,37 @@ async def test_the_hang_up_for_no_synthesiser_waits_for_the_agent_audio_already_
         echoed = time.monotonic()
         await call._on_progress(AgentSpeechProgress(org_id=ORG, call_id=call_id, turn_id="t1",
                                                     mark=f"t1:{seq}", seq=seq))
-        done, _ = await asyncio.wait([running], timeout=10)
+        done, _ = await asyncio.wait([call.running], timeout=10)
         assert done, "the call was not ended"
         assert call.end_reason == "tts_failed"
-        assert len(hangups) == 1 and hangups[0] >= echoed
+        assert [reason for reason, _ in hangups] == ["error"] and hangups[0][1] >= echoed
         switched = [e for e in await bus.replay_call(call_id, org_id=ORG)
                     if isinstance(e, MediaProviderSwitched)]
         assert [(e.kind, e.from_provider, e.to_provider) for e in switched] == [
             ("tts", "cartesia", "")]
-    finally:
-        call.stop("test")
-        await asyncio.gather(running, return_exceptions=True)
-        await sub.unsubscribe()
-        await leases.close()
-        await cartesia.close()
-        await cartesia_server.stop()
-        await deepgram.stop()
+
+
+async def test_a_turn_no_synthesiser_opened_for_does_not_end_the_call_the_next_serves(
+        bus) -> None:
+    # Cartesia, the agent's only synthesiser, answered 503 to both opening attempts of one
+    # turn (0.1 s apart): since 02181c6 the call was hung up (tts_failed) at that first turn,
+    # though Cartesia was back a second later. Now that turn ends unsaid, and the call is hung
+    # up only once every synthesiser refused it for good, or none has spoken for 30 s.
+    call_id = "call-tts-blip"
+    async with cartesia_only_call(bus, call_id) as (call, cartesia_server, hangups):
+        cartesia_server.faults.reject_status = 503
+        await bus.publish(said(call_id, "t1", "One moment please."))
+        await wait_for(lambda: "t1" in call._turns and call._turns["t1"].audio.text_done,
+                       timeout=10)
+        assert call._turns["t1"].audio.frames == []  # unsaid
+        await asyncio.sleep(0.3)
+        assert hangups == [] and not call.end_reason and not call.running.done()
+        cartesia_server.faults.reject_status = None  # back
+        await bus.publish(said(call_id, "t2", "Your appointment is on Friday."))
+        await wait_for(lambda: "t2" in call._turns and call._turns["t2"].audio.text_done,
+                       timeout=10)
+        assert call._turns["t2"].audio.frames  # said
+        assert hangups == [] and not call.end_reason
 
 
 async def test_a_synthesiser_at_its_concurrency_limit_is_asked_again_not_refused(bus) -> None:

@@ -169,6 +169,11 @@ FENCE_SETTLE_S = 3.0
 # synthesiser stuck). As long as a tool at its default timeout (10 s): the answer of a slow
 # tool is still waited for, not cancelled by the brain for the caller's turn.
 HOLD_QUIET_S = 10.0
+# No synthesiser of the chain opening for a turn ends that turn unsaid; the call is hung up
+# only when every synthesiser refused it for good, or none has delivered audio for this long
+# since the first such turn (as STT_GIVE_UP_AFTER_S): one opening blip (a vendor's 503 twice,
+# the local synthesiser full for a moment) does not hang up a call the next turn would serve.
+TTS_GIVE_UP_AFTER_S = 30.0
 # A call hung up for want of a synthesiser first lets the agent audio already out play: up to
 # its length and this much more (the carrier's latency, its last mark's echo).
 HANG_UP_GRACE_S = 1.0
@@ -360,6 +365,9 @@ class CallSession:
         # TTS
         self._tts_chain = services.tts.chain(settings.providers.get("tts", ""))
         self._tts_refused: set[str] = set()  # likewise for synthesisers (a sunset model)
+        self.tts_give_up_after_s = TTS_GIVE_UP_AFTER_S
+        # When a turn first found no synthesiser to open, none having delivered audio since.
+        self._tts_failing_since: float | None = None
         self._turns: dict[str, _AgentTurn] = {}
         # Turns done with (voiced and heard, or interrupted) are forgotten, but for their ids: a
         # late clause of one must not start it again. A long call keeps no audio of old turns.
@@ -1462,14 +1470,25 @@ class CallSession:
                         reason=(failure or str(exc))[:500]))
                 if whole_chain:
                     # No provider of the chain would open (each failed, or refused the call
-                    # for good): as with no recogniser, the call is hung up. Left on, every
-                    # later turn went unsaid the same way, the caller hearing silence while
-                    # the brain kept answering, and the call was never ended. (A turn whose
+                    # for good): as with no recogniser, the call is hung up — once every one
+                    # refused it for good, or none has spoken for tts_give_up_after_s. Left
+                    # on, every later turn went unsaid the same way, the caller hearing
+                    # silence while the brain kept answering, and the call was never ended;
+                    # hung up at the first such turn, one opening blip (a vendor's 503 twice
+                    # in 0.1 s) ended a call the next turn would have served. (A turn whose
                     # streams opened and broke, its whole chain tried again once already,
                     # only ends: the next turn tries again.)
-                    log.warning("call %s: no speech synthesiser can speak for the agent; "
-                                "ending the call", self.call_id)
-                    hang_up = True
+                    now = time.monotonic()
+                    if self._tts_failing_since is None:
+                        self._tts_failing_since = now
+                    if all(name in refused for name in self._tts_chain) or (
+                            now - self._tts_failing_since >= self.tts_give_up_after_s):
+                        log.warning("call %s: no speech synthesiser can speak for the agent; "
+                                    "ending the call", self.call_id)
+                        hang_up = True
+                    else:
+                        log.warning("call %s: turn %s unsaid: no speech synthesiser opened; "
+                                    "the next turn tries again", self.call_id, turn.turn_id)
                 break
             if failure and turn.provider == after:
                 log.warning("call %s: tts %s reopened (%s)", self.call_id, after, failure)
@@ -1501,6 +1520,7 @@ class CallSession:
                 async for chunk in stream.audio():
                     if chunk.audio and not delivered:
                         delivered = True
+                        self._tts_failing_since = None
                         self.s.tts.health[turn.provider].success()
                         turn.tts_answered_at = turn.tts_answered_at or time.monotonic()
                     index = first + chunk.clause
