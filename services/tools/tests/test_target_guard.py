@@ -16,6 +16,12 @@ from .conftest import OTHER_AGENT, OTHER_ORG, add_http_tool, request_tool, start
     # IETF protocol assignments (192.0.0.0/24): not globally reachable, which the standard
     # library knew only of its /29 and .170/31 before Python 3.11.10 (CVE-2024-4032)
     "192.0.0.8", "192.0.0.192", "::ffff:192.0.0.192",
+    # other IPv6 forms of a private or loopback IPv4 address: the local-use NAT64 prefix
+    # (RFC 8215, embedded as RFC 6052 places it for a /96, /64, /56 or /48 prefix), the
+    # IPv4-translated form (RFC 2765) and the deprecated IPv4-compatible one
+    "64:ff9b:1::7f00:1", "64:ff9b:1:2:3:4:a00:1", "64:ff9b:1:0:a:0:100:0",
+    "64:ff9b:1:c0:a8:101::", "64:ff9b:1:c0a8:1:100::", "::ffff:0:7f00:1", "::ffff:0:a00:1",
+    "::7f00:1", "::a00:1", "::c0a8:101",
 ])
 def test_refused_addresses(address):
     assert not address_allowed(ipaddress.ip_address(address))
@@ -30,7 +36,13 @@ def test_public_addresses(address):
 @pytest.mark.parametrize("address", [
     "169.254.169.254", "fd00:ec2::254", "fe80::1", "::ffff:169.254.169.254",
     "64:ff9b::a9fe:a9fe", "0.0.0.0", "::", "224.0.0.1",
-    "100.100.100.200", "::ffff:100.100.100.200"])  # Alibaba Cloud's (RAM role credentials)
+    "100.100.100.200", "::ffff:100.100.100.200",  # Alibaba Cloud's (RAM role credentials)
+    # The same behind a translator: the local-use NAT64 prefix (RFC 8215) with the address
+    # where RFC 6052 puts it for a /96, /64, /56 or /48 prefix, the IPv4-translated form
+    # (RFC 2765) and the deprecated IPv4-compatible one
+    "64:ff9b:1::a9fe:a9fe", "64:ff9b:1::6464:64c8", "64:ff9b:1:ffff:0:ffff:a9fe:a9fe",
+    "64:ff9b:1:0:a9:fea9:fe00:0", "64:ff9b:1:a9:fe:a9fe::", "64:ff9b:1:a9fe:a9:fe00::",
+    "::ffff:0:a9fe:a9fe", "::ffff:0:6464:64c8", "::a9fe:a9fe", "::6464:64c8"])
 def test_link_local_and_metadata_addresses_are_refused_even_when_private_is_allowed(address):
     # An org allowed its own private services must not reach the cloud's instance metadata
     # service, which hands out the platform's credentials.
@@ -38,7 +50,7 @@ def test_link_local_and_metadata_addresses_are_refused_even_when_private_is_allo
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1", "10.1.2.3", "192.168.1.1", "::1", "fc00::1",
-                                     "93.184.216.34"])
+                                     "93.184.216.34", "64:ff9b:1::a00:1", "::ffff:0:a00:1"])
 def test_private_and_loopback_addresses_pass_when_private_is_allowed(address):
     assert address_allowed(ipaddress.ip_address(address), private_ok=True)
 

@@ -15,6 +15,10 @@ goes through the same guard with ``private_ok``: private and loopback addresses 
 link-local ones never do — 169.254.169.254 and fd00:ec2::254 are the cloud's instance metadata
 services, which hand out the platform's own credentials and are no one's tool — nor Alibaba
 Cloud's metadata service, 100.100.100.200 (in the shared range 100.64/10, not link-local).
+Nor any IPv6 form of them a translator on the network would take to them: IPv4-mapped, 6to4,
+Teredo, NAT64 (the well-known 64:ff9b::/96 and the local-use 64:ff9b:1::/48 of RFC 8215, the
+address wherever RFC 6052 puts it), IPv4-translated (::ffff:0:a.b.c.d) and IPv4-compatible
+(::a.b.c.d); for an org not allowed private targets, the same forms of a private address.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ def address_allowed(address: IPAddress, *, private_ok: bool = False) -> bool:
 
     Refuses private, loopback, link-local, site-local, multicast, reserved, unspecified and
     shared (100.64/10) ranges, and IPv6 forms that embed an IPv4 address (mapped, 6to4, Teredo,
-    NAT64) when the embedded address is refused. ``private_ok``: only link-local, metadata,
-    multicast and unspecified addresses are refused (see the module docstring).
+    NAT64, IPv4-translated, IPv4-compatible) when the embedded address is refused.
+    ``private_ok``: only link-local, metadata, multicast and unspecified addresses are refused
+    (see the module docstring).
     """
     if private_ok:
         return not _never(address)
@@ -51,8 +56,7 @@ def address_allowed(address: IPAddress, *, private_ok: bool = False) -> bool:
             return False
         if address.teredo is not None and not address_allowed(address.teredo[1]):
             return False
-        if address in _NAT64 and not address_allowed(ipaddress.IPv4Address(
-                int(address) & 0xFFFF_FFFF)):
+        if not all(address_allowed(embedded) for embedded in _translated(address)):
             return False
         if address.is_site_local:  # fec0::/10: deprecated, yet private where still in use
             return False
@@ -63,7 +67,15 @@ def address_allowed(address: IPAddress, *, private_ok: bool = False) -> bool:
                                       or address.is_unspecified)
 
 
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # the well-known prefix (RFC 6052)
+# The local-use prefix (RFC 8215): a network's translator may use it, or any prefix of /48 to
+# /96 within it, so the IPv4 address can sit where RFC 6052 puts it for any of those lengths.
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")  # IPv4-translated (RFC 2765, SIIT)
+_COMPATIBLE = ipaddress.IPv6Network("::/96")  # IPv4-compatible (deprecated, RFC 4291)
+# Where RFC 6052 puts the IPv4 address's bytes for a /48, /56 and /64 prefix (byte 8, the "u"
+# octet, zero in those forms, is skipped); for a /96, the last four bytes.
+_RFC6052_BYTES = ((6, 7, 9, 10), (7, 9, 10, 11), (9, 10, 11, 12))
 # IETF protocol assignments: not globally reachable but for two anycast addresses (IANA).
 _IETF_PROTOCOL = ipaddress.IPv4Network("192.0.0.0/24")
 _IETF_GLOBAL = frozenset({ipaddress.IPv4Address("192.0.0.9"), ipaddress.IPv4Address("192.0.0.10")})
@@ -71,13 +83,28 @@ _METADATA_V6 = ipaddress.IPv6Address("fd00:ec2::254")  # AWS's, in the private f
 _METADATA_V4 = ipaddress.IPv4Address("100.100.100.200")  # Alibaba Cloud's, in 100.64/10
 
 
+def _translated(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses a translator could take ``address`` for (NAT64, SIIT, compatible)."""
+    packed = address.packed
+    if address in _NAT64 or address in _TRANSLATED or (
+            address in _COMPATIBLE and int(address) > 1):  # not :: nor ::1, IPv6's own
+        return [ipaddress.IPv4Address(packed[12:])]
+    if address in _NAT64_LOCAL:
+        # Each place the translator's prefix length could put it; a shorter prefix's place
+        # only when its "u" octet is zero and the place holds something (the zero bytes of a
+        # /96 address, 64:ff9b:1::a00:1, are no 0.0.0.0).
+        shorter = [bytes(packed[i] for i in at) for at in _RFC6052_BYTES] if not packed[8] else []
+        return [ipaddress.IPv4Address(packed[12:]),
+                *(ipaddress.IPv4Address(b) for b in shorter if any(b))]
+    return []
+
+
 def _never(address: IPAddress) -> bool:
     """An address no tool may reach, whatever the org allows: link-local (and metadata)."""
     if isinstance(address, ipaddress.IPv6Address):
-        embedded = address.ipv4_mapped or address.sixtofour or (
-            address.teredo[1] if address.teredo else None) or (
-            ipaddress.IPv4Address(int(address) & 0xFFFF_FFFF) if address in _NAT64 else None)
-        if embedded is not None and _never(embedded):
+        embedded = [address.ipv4_mapped, address.sixtofour,
+                    address.teredo[1] if address.teredo else None, *_translated(address)]
+        if any(_never(inner) for inner in embedded if inner is not None):
             return True
         if address == _METADATA_V6:
             return True
