@@ -16,6 +16,7 @@ from parley.media.providers.base import (
     UtteranceEnd,
 )
 from parley.media.providers.deepgram_stt import DeepgramStt, DeepgramSttStream, decode_message
+from parley.media.router import ProviderRouter
 
 KEY = "dg-test-key"
 RATE = 8000
@@ -392,3 +393,41 @@ def test_server_messages_decode_to_events_and_an_error_message_fails_the_stream(
     assert decode_message(b"not json") is None
     assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING"]
     assert "SomethingNew" in caplog.records[0].getMessage()
+
+
+class Backup:
+    """A fallback recogniser that always opens (the local one, in production)."""
+
+    name = "backup"
+
+    async def open(self, *, language: str = "en-US", endpointing_ms: int | None = None) -> str:
+        return "backup-stream"
+
+
+@pytest.mark.parametrize(("language", "reject_status", "stays_available"), [
+    ("xx-YY", None, True),  # a language nova-3 has no model for: Deepgram answered, 400
+    ("en-US", 503, False),  # an outage
+    ("en-US", 401, False),  # the account's key: every call would be refused the same
+])
+async def test_only_failures_of_deepgram_itself_count_against_its_health(
+        emulator: DeepgramEmulator, language: str, reject_status: int | None,
+        stays_available: bool) -> None:
+    # A burst of calls in a language nova-3 lacks: each is refused (HTTP 400 at the upgrade,
+    # since a68a2ca), rightly for that call, but each refusal counted against Deepgram's shared
+    # breaker, which opened after three: every other call (English ones Deepgram serves fine)
+    # went to the fallback for the next 30 s. A refusal of the call's own request leaves the
+    # provider's health alone; an outage or a bad key still opens the breaker.
+    stt = ProviderRouter("stt", {"deepgram": provider(emulator), "backup": Backup()},
+                         ["deepgram", "backup"], retry_initial_s=0.001)
+    emulator.faults.reject_status = reject_status
+    for _ in range(5):
+        refused: set[str] = set()
+        name, _ = await stt.open(stt.chain(), lambda p: p.open(language=language),
+                                 refused=refused)
+        assert name == "backup"
+    assert stt.health["deepgram"].available is stays_available
+    emulator.faults.reject_status = None
+    name, stream = await stt.open(stt.chain(), lambda p: p.open(language="en-US"))
+    assert name == ("deepgram" if stays_available else "backup")
+    if name == "deepgram":
+        await stream.close()  # type: ignore[union-attr]

@@ -538,6 +538,53 @@ async def test_a_synthesiser_that_refuses_the_call_for_good_is_not_asked_again(b
         await emulator.stop()
 
 
+async def test_calls_refused_a_sunset_model_leave_cartesia_to_the_other_calls(bus) -> None:
+    # Italian calls on sonic-2, which Cartesia sunset for Italian (model_sunsetted, since
+    # dbc0270): each is refused, rightly for that call, and goes to the fallback; but each
+    # refusal counted against Cartesia's breaker, shared by every call of the process, which
+    # opened after three: the English calls Cartesia serves fine were switched to the fallback
+    # voice for the next 30 s. A refusal of the call's own request leaves Cartesia's health
+    # alone (the call still does not ask it again); an outage still counts.
+    from parley.devkit.emulators.cartesia import CartesiaEmulator
+    from parley.media.providers.cartesia_tts import CartesiaTts
+
+    emulator = CartesiaEmulator(api_key="key")
+    await emulator.start()
+    cartesia = CartesiaTts("key", base_url=emulator.base_url, model_id="sonic-2")
+    said: list[tuple[str, str, bool]] = []
+    services = SessionServices(
+        bus=bus, leases=None,  # type: ignore[arg-type]  # run() is not called
+        stt=ProviderRouter("stt", {"never": object()}, ["never"]),  # type: ignore[dict-item]
+        tts=ProviderRouter("tts", {"cartesia": cartesia, "backup": Synthesiser("backup", said)},
+                           ["cartesia", "backup"], retry_initial_s=0.01),  # type: ignore[dict-item]
+        instance="test", command_timeout_s=0.05)
+    calls: list[tuple[CallSession, asyncio.Task[None]]] = []
+
+    async def one_turn(call_id: str, language: str, text: str) -> str:
+        call = CallSession(services, call_id=call_id, org_id=ORG, agent_id="agent",
+                           settings=AgentSettings(language=language), revision=1)
+        call._history = None  # the call's past events are read
+        calls.append((call, asyncio.create_task(call._speaker())))
+        call._on_say(AgentSay(org_id=ORG, call_id=call_id, turn_id="t1", seq=0, text=text,
+                              last=True))
+        await wait_for(lambda: "t1" in call._turns and call._turns["t1"].audio.text_done,
+                       timeout=10)
+        assert call._tts_refused == ({"cartesia"} if language == "it-IT" else set())
+        return call._turns["t1"].provider
+
+    try:
+        for n in range(5):
+            assert await one_turn(f"call-it-{n}", "it-IT", "Grazie per aver chiamato.") == (
+                "backup")
+        assert services.tts.health["cartesia"].available  # (before: open after three)
+        assert await one_turn("call-en", "en-US", "Thanks for calling.") == "cartesia"
+    finally:
+        for call, speaker in calls:
+            await stop(call, speaker)
+        await cartesia.close()
+        await emulator.stop()
+
+
 @contextlib.asynccontextmanager
 async def cartesia_only_call(bus: Bus, call_id: str, *, settings: AgentSettings | None = None,
                              model_id: str | None = None):

@@ -11,10 +11,13 @@ chain (e.g. ``deepgram → whisper``) skipping providers whose breaker is open. 
 retries transient errors with backoff; permanent ones (4xx: bad key, bad request) move on at once,
 as does a provider with no room for another stream (a local model at its limit), which is not
 counted against its health. A permanent error counts once against the provider's health, whether
-it came at the open or from a stream (the session counts the latter), and the call that got it
-passes ``refused``: its providers that failed it permanently are not tried again for that call
-(a misconfigured encoding or a sunset model is refused again, however often it is asked), while
-other calls go on with the breaker deciding.
+it came at the open or from a stream (the session counts the latter), unless it is
+``call_specific``: a refusal of the call's own request (a language Deepgram has no model for, a
+model Cartesia sunset for it) by a provider that answered. Counted, twenty Italian calls on a
+sunset model opened the breaker and switched every other call to the fallback. The call that
+got a permanent error passes ``refused``: its providers that failed it permanently are not
+tried again for that call (a misconfigured encoding or a sunset model is refused again, however
+often it is asked), while other calls go on with the breaker deciding.
 """
 
 from __future__ import annotations
@@ -54,8 +57,10 @@ class ProviderHealth:
         self.breaker.record_success()
         self.error_rate *= 1 - self.alpha
 
-    def failure(self) -> None:
-        """The provider failed a call."""
+    def failure(self, error: ProviderError | None = None) -> None:
+        """The provider failed a call (with ``error``): counted unless the call's own refusal."""
+        if error is not None and error.call_specific:
+            return
         self.breaker.record_failure()
         self.error_rate += self.alpha * (1 - self.error_rate)
 
@@ -130,7 +135,7 @@ class ProviderRouter(Generic[P]):
                 last = exc
                 continue
             except ProviderError as exc:
-                self.health[name].failure()
+                self.health[name].failure(exc)
                 log.warning("%s provider %s failed to open: %s", self.kind, name, exc)
                 if exc.permanent and refused is not None:
                     refused.add(name)

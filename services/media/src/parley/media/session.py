@@ -986,7 +986,7 @@ class CallSession:
             except ProviderError as exc:
                 if self.stopped.is_set():
                     return
-                await self._switch_stt(str(exc), permanent=exc.permanent)
+                await self._switch_stt(str(exc), error=exc)
             except Exception as exc:
                 log.exception("call %s: recogniser failed", self.call_id)
                 await self._switch_stt(repr(exc))
@@ -999,10 +999,11 @@ class CallSession:
                   exc_info=task.exception())
         self.stop("stt_failed")
 
-    async def _switch_stt(self, reason: str, *, permanent: bool = False) -> None:
+    async def _switch_stt(self, reason: str, *, error: ProviderError | None = None) -> None:
         failed = self._stt_name
-        self.s.stt.health[failed].failure()  # once, permanent or not, as at an open (router.py)
-        if permanent:
+        # Once, permanent or not, as at an open; not the call's own refusal (router.py).
+        self.s.stt.health[failed].failure(error)
+        if error is not None and error.permanent:
             # It refused this call for good (its audio, its settings): asked again, it refuses
             # again. Reopened, Deepgram's 1008 for audio it cannot decode came back at once, for
             # the rest of the call: a reconnect loop billing a socket each time.
@@ -1544,7 +1545,8 @@ class CallSession:
             except ProviderError as exc:
                 if turn.interrupted:
                     break
-                self.s.tts.health[turn.provider].failure()  # once, permanent or not
+                # Once, permanent or not; not the call's own refusal (router.py).
+                self.s.tts.health[turn.provider].failure(exc)
                 after, failure = turn.provider, str(exc)
                 if exc.permanent:
                     # Refused for good (Cartesia's model_sunsetted, a 4xx): asked again, it

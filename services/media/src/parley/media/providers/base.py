@@ -3,7 +3,9 @@
 Audio at these boundaries is 8 kHz µ-law, the telephony wire format, so a provider that takes
 µ-law directly (Deepgram, Cartesia) needs no transcoding; local providers convert inside.
 Providers classify their failures: :class:`ProviderError` with ``permanent`` set for 4xx-style
-errors (bad key, bad request) that retrying cannot fix, otherwise transient.
+errors (bad key, bad request) that retrying cannot fix, otherwise transient; and, among the
+permanent ones, ``call_specific`` for a refusal of the call's own request (its language, model,
+voice or audio) by a provider that is up and answering, which says nothing of its health.
 """
 
 from __future__ import annotations
@@ -15,12 +17,21 @@ import msgspec
 
 
 class ProviderError(Exception):
-    """A provider failed; ``permanent`` errors are not retried on the same provider."""
+    """A provider failed; ``permanent`` errors are not retried on the same provider.
 
-    def __init__(self, provider: str, message: str, *, permanent: bool = False) -> None:
+    ``call_specific`` (implies ``permanent``): the provider answered and refused this call's
+    own request (a language it has no model for, a model sunset for the call's language, the
+    call's audio): the call does not ask it again, but its shared health is not marked down,
+    as it serves other calls fine. An account's refusal (bad key, no credit) is not one: every
+    call would get it.
+    """
+
+    def __init__(self, provider: str, message: str, *, permanent: bool = False,
+                 call_specific: bool = False) -> None:
         super().__init__(f"{provider}: {message}")
         self.provider = provider
-        self.permanent = permanent
+        self.permanent = permanent or call_specific
+        self.call_specific = call_specific
 
 
 class ProviderBusy(ProviderError):

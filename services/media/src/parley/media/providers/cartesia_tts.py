@@ -36,10 +36,11 @@ arriving for the context is dropped. A context that goes quiet while audio is ow
 
 Errors: an HTTP 4xx refusal of the upgrade (bad key, …) and 4xx ``error`` messages (bad voice,
 bad request) are permanent, but for 408 and 429 (its concurrency limit); everything else is
-transient. An ``error`` naming no context (Cartesia sends ``context_id`` only "when
-available") fails at once every turn waiting for audio, the one it concerns among them;
-dropped, that turn stalled, and its watchdog took the shared socket and every other turn down
-with it.
+transient. A permanent ``error`` message (but 401, 402, 403) is ``call_specific``: a refusal of
+the turn's request (its model, language, voice), not a sign Cartesia is down. An ``error``
+naming no context (Cartesia sends ``context_id`` only "when available") fails at once every
+turn waiting for audio, the one it concerns among them; dropped, that turn stalled, and its
+watchdog took the shared socket and every other turn down with it.
 
 The socket is opened without permessage-deflate: the audio is base64 of µ-law, which deflate
 barely shrinks, at a CPU cost on both ends and a compressor's memory per socket.
@@ -92,6 +93,18 @@ def _permanent(status: int) -> bool:
     refused Cartesia for the rest of it (ProviderRouter.open, CallSession._speak).
     """
     return 400 <= status < 500 and status not in (408, 429)
+
+
+def _refusal(status: int, message: str) -> ProviderError:
+    """An ``error`` message's failure: a 4xx but the account's (401, 402, 403) is the call's.
+
+    The socket is up and Cartesia answered: it will not do this request (a model sunset for the
+    call's language, the call's voice), which other calls' requests are not refused for; so
+    it does not count against Cartesia's health (``call_specific``).
+    """
+    permanent = _permanent(status)
+    return ProviderError(PROVIDER, message, permanent=permanent,
+                         call_specific=permanent and status not in (401, 402, 403))
 
 
 # -- Cartesia's WebSocket messages (the fields used; others are ignored) ------------------------
@@ -267,8 +280,7 @@ class _Connection:
         status = event.status_code or 0
         log.warning("Cartesia error for no context: %s %s: %s", status, event.title,
                     event.message)
-        error = ProviderError(PROVIDER, f"{status} {event.title}: {event.message} "
-                              "(for no context)", permanent=_permanent(status))
+        error = _refusal(status, f"{status} {event.title}: {event.message} (for no context)")
         for stream in list(self.streams.values()):
             if stream.awaiting_audio:
                 stream.fail(error)
@@ -365,8 +377,7 @@ class CartesiaTtsStream:
                 return
             case Error():
                 status = event.status_code or 0
-                self.fail(ProviderError(PROVIDER, f"{status} {event.title}: {event.message}",
-                                        permanent=_permanent(status)))
+                self.fail(_refusal(status, f"{status} {event.title}: {event.message}"))
                 return
         self._watchdog.feed(more_expected=self._owed())
 

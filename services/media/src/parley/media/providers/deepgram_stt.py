@@ -20,7 +20,10 @@ Failures: an HTTP 4xx refusal of the upgrade (bad key 401, bad request 400, no c
 forbidden 403) is a permanent :class:`ProviderError` from ``open``; so is a socket Deepgram
 closes with 1008 ``DATA-0000``, raised at the end of ``events()``: audio it cannot decode (not
 audio, or a codec it does not take), which its docs say to fix in the encoding and sample rate.
-Taken as transient, the same audio was sent again to be refused again, for ever. Anything else
+Taken as transient, the same audio was sent again to be refused again, for ever. The 400 (the
+call's language or settings) and the 1008 (the call's audio) are ``call_specific``: Deepgram is
+up and serves other calls, so they do not count against its health; 401, 402 and 403 (the
+account's) do. Anything else
 (refused connection, 408 or 429 (too many streams at once), 5xx, a socket closed with another
 error, a server ``Error`` message, a stall caught by the :class:`StallWatchdog`) is transient,
 raised by ``open`` or at the end of ``events()``. So is a socket the server closes cleanly
@@ -170,6 +173,9 @@ log = logging.getLogger(__name__)
 # 4xx but 408 and 429: over the concurrency limit (429, a peak of calls) is as transient as a
 # 5xx; taken as permanent, the call refused Deepgram for the rest of it (ProviderRouter.open).
 _PERMANENT_STATUSES = frozenset(range(400, 500)) - {408, 429}
+# Of those, the account's refusals (bad key, no credit, forbidden): every call gets them, so they
+# count against Deepgram's health; any other (400: a language it has no model for) is the call's.
+_ACCOUNT_STATUSES = frozenset({401, 402, 403})
 # The regional codes Deepgram's nova-3 takes (its "Models & Languages Overview" and changelog);
 # for any other tag only the language itself is sent: "de-DE" → "de", "es-MX" → "es".
 _REGIONAL_CODES = {code.lower(): code for code in (
@@ -235,7 +241,9 @@ class DeepgramStt:
         except ApiError as exc:
             status = exc.status_code or 0
             raise ProviderError(PROVIDER, f"connect refused: HTTP {status} {exc.body}",
-                                permanent=status in _PERMANENT_STATUSES) from exc
+                                permanent=status in _PERMANENT_STATUSES,
+                                call_specific=(status in _PERMANENT_STATUSES
+                                               and status not in _ACCOUNT_STATUSES)) from exc
         except Exception as exc:
             raise ProviderError(PROVIDER, f"connect failed: {exc!r}") from exc
         return DeepgramSttStream(socket, exits, keepalive_after_s=self._keepalive_after_s,
@@ -373,7 +381,7 @@ def _undecodable(exc: BaseException) -> ProviderError | None:
         return None
     reason = getattr(close, "reason", "") or "DATA-0000"
     return ProviderError(PROVIDER, f"socket closed by the server: {_UNDECODABLE_CLOSE} {reason}",
-                         permanent=True)
+                         call_specific=True)  # the call's audio (the encoding is fixed here)
 
 
 def _socket_failed(exc: BaseException) -> ProviderError:

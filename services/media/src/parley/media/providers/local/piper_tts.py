@@ -105,7 +105,7 @@ class PiperTts:
         if not own and not language.lower().startswith("en"):
             raise ProviderError(PROVIDER, f"the bundled voice speaks English, not {language}; "
                                 "give the agent a Piper voice (.onnx) in its language",
-                                permanent=True)
+                                call_specific=True)  # the call's language: others are served
         path = Path(voice) if own else self._model_path
         loaded = await asyncio.to_thread(load_voice, path)
         return PiperTtsStream(loaded, self._config)

@@ -205,7 +205,7 @@ class WhisperStt:
         """Start recognising a stream of 8 kHz µ-law (English only: the model is tiny.en)."""
         if not language.lower().startswith("en"):
             raise ProviderError(PROVIDER, f"tiny.en recognises English, not {language}",
-                                permanent=True)
+                                call_specific=True)  # the call's language: others are served
         if self.max_streams and self.streams >= self.max_streams:
             # One decoder thread serves every stream of the process and already uses every
             # core: past a few streams each one only waits longer, and the decoder starves
