@@ -11,7 +11,7 @@ from parley.brain.llm.anthropic_llm import AnthropicLlm
 from parley.brain.llm.router import LlmRouter
 from parley.brain.worker import BrainWorker
 from parley.common.configuration import update_agent
-from parley.common.events import TurnUserEnded
+from parley.common.events import ToolCompleted, TurnUserEnded
 from parley.devkit.emulators.anthropic import ScriptedReply, ScriptedToolUse
 
 from .conftest import AGENT, ORG, open_call, services, user_says
@@ -101,6 +101,70 @@ async def test_the_slow_tool_filler_does_not_repeat_a_filler_the_caller_just_hea
         await recorder.wait("tool.requested", "ft")
         says = [e.text for e in recorder.of("agent.say", "ft") if e.turn_id == "t1"]
         assert says[:2] == ["One moment.", "Sorry, just a moment longer."]
+        assert says.count("One moment.") == 1, says
+    finally:
+        await worker.stop()
+        await llm.aclose()
+
+
+async def test_the_round_after_a_slow_tool_goes_on_from_its_filler_not_again_from_the_first(
+        bus, pool, emulator, recorder, database_url) -> None:
+    # The tool filler ("One moment.") went out with the tool request; the model, slow to answer
+    # the tool's outcome, then got the router's fillers from the first: the caller heard "One
+    # moment." from the tool filler and again from the router. The router's fillers go on
+    # from what the turn already said.
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        await update_agent(conn, ORG, AGENT, {"filler_after_ms": 0})  # (the first round: none)
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    lookups = AgentLookups(pool, keep_s=0)
+    worker = BrainWorker(dataclasses.replace(
+        services(bus, pool, [llm], agents=lookups.settings),
+        router=LlmRouter([llm], filler_after_ms=5000, first_token_deadline_s=10)))
+    await worker.start()
+    try:
+        await open_call(bus, "fr")
+        await recorder.wait("agent.say", "fr")  # the greeting
+        emulator.script(
+            ScriptedReply(text="Let me check.", tool_uses=(ScriptedToolUse(
+                name="book_appointment", input={"day": "Friday"}, id="toolu_fr"),)),
+            ScriptedReply(text="You're booked for Friday."))
+        await user_says(bus, "fr", "t1", "Book me in Friday")
+        await recorder.wait("tool.requested", "fr")
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+            await update_agent(conn, ORG, AGENT, {"filler_after_ms": 400})
+        emulator.ttft_s = 1.1  # (the answer to the outcome: two thresholds of silence)
+        await bus.publish(ToolCompleted(org_id=ORG, call_id="fr", tool_call_id="toolu_fr",
+                                        name="book_appointment", result={"booked": True}))
+        await recorder.wait("turn.completed", "fr")
+        says = [e.text for e in recorder.of("agent.say", "fr") if e.turn_id == "t1"]
+        assert says[:3] == ["Let me check.", "One moment.", "Sorry, just a moment longer."]
+        assert says.count("One moment.") == 1, says
+        assert says[-1] == "You're booked for Friday."
+    finally:
+        await worker.stop()
+        await llm.aclose()
+
+
+async def test_the_slow_tool_filler_is_not_a_phrase_the_turn_said_before_its_reply_began(
+        bus, pool, emulator, recorder) -> None:
+    # The model was slow to begin: the caller heard the router's "One moment.", then "Let me
+    # check." and a tool call. The slow-tool filler was skipped only right after a filler, so
+    # "One moment." was published again with the tool request, for the caller to hear twice.
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(dataclasses.replace(
+        services(bus, pool, [llm]),
+        router=LlmRouter([llm], filler_after_ms=400, first_token_deadline_s=10)))
+    await worker.start()
+    try:
+        await open_call(bus, "fb")
+        await recorder.wait("agent.say", "fb")  # the greeting
+        emulator.ttft_s = 0.7  # one threshold of silence (two on a slow machine)
+        emulator.script(ScriptedReply(text="Let me check.", tool_uses=(ScriptedToolUse(
+            name="book_appointment", input={"day": "Friday"}, id="toolu_fb"),)))
+        await user_says(bus, "fb", "t1", "Book me in Friday")
+        await recorder.wait("tool.requested", "fb")
+        says = [e.text for e in recorder.of("agent.say", "fb") if e.turn_id == "t1"]
+        assert says[0] == "One moment." and "Let me check." in says
         assert says.count("One moment.") == 1, says
     finally:
         await worker.stop()

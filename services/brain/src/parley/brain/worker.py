@@ -1078,11 +1078,15 @@ class BrainWorker:
 
         said_last = ""  # this round's latest clause
         filler_last = False  # it was one of the router's fillers
+        # What the turn said before this round and in it: no filler phrase is said twice.
+        said_turn = {say.text.strip() for say in agent_turn.says if say.text.strip()}
 
         async def say(text: str, *, last: bool = False, filler_after_ms: int = 0,
                       filler: bool = False) -> None:
             nonlocal seq, said_last, filler_last
             said_last = text.strip() or said_last
+            if text.strip():
+                said_turn.add(text.strip())
             filler_last = filler or (filler_last and not text.strip())
             if text.strip() or last:
                 pending.append(await bus.send(AgentSay(
@@ -1104,7 +1108,10 @@ class BrainWorker:
             request = msgspec.structs.replace(request, prefill=prepared)
         async with asyncio.timeout(self.s.turn_deadline_s):
             if stream is None:
-                stream = self.s.router.stream(request, filler_after_ms=settings.filler_after_ms)
+                # What the turn said before this round (a slow tool's filler among it): the
+                # router's fillers go on from it rather than say a phrase again.
+                stream = self.s.router.stream(
+                    request, filler_after_ms=settings.filler_after_ms, said=said_turn)
             asked = time.perf_counter()
             try:
                 async for item in stream:
@@ -1147,9 +1154,10 @@ class BrainWorker:
         # published now, in this round's order, so the round the outcomes start numbers its
         # clauses after it; media says it only if the tools turn out slow.
         # Not right after a filler: the caller has just heard one (perhaps this very phrase,
-        # the first of the router's, before the others).
+        # the first of the router's, before the others); nor when the turn said this phrase
+        # already (the router's first filler, before the model began this round's reply).
         if calls and self.s.tool_filler_after_ms and not filler_last and (
-                said_last != self.s.tool_filler.strip()) and (
+                self.s.tool_filler.strip() not in said_turn) and (
                 not any(call.name in HAND_OFFS for call in calls)):
             await say(self.s.tool_filler, filler_after_ms=self.s.tool_filler_after_ms)
         # Each carries the response's time to first token, for a completion that folds it, and

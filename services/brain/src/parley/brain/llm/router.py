@@ -35,6 +35,8 @@ replaced; if still none has come ``filler_after_ms`` after that, the next of ``m
 one said over and over, and never a silence longer than the threshold until they do. The
 threshold is the agent's (``stream(filler_after_ms=…)``, from its settings), else the
 router's; none for a reply that goes on from a prefill (the caller is hearing its beginning).
+A filler the turn already said (``stream(said=…)``: a slow tool's "One moment." in the round
+before) is not said again: the fillers go on from the next one.
 That is counted from the request: a speculative reply (requested before the turn
 ended, :mod:`parley.brain.preemptive`) drops this filler and times its own from the turn's end.
 The final :class:`Done` names the provider that served the turn; a :class:`UsageReported` (a
@@ -52,7 +54,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -178,19 +180,26 @@ class LlmRouter:
                 and health.error_rate <= self.max_error_rate)
 
     async def stream(self, request: LlmRequest, *, max_cost: float | None = None,
-                     filler_after_ms: float | None = None) -> AsyncIterator[RouterEvent]:
+                     filler_after_ms: float | None = None,
+                     said: Collection[str] = ()) -> AsyncIterator[RouterEvent]:
         """Stream the turn; raise :class:`LlmError` if no provider could start it.
 
         ``filler_after_ms``: the agent's filler threshold (0: no filler; None: the router's).
+        ``said``: what the turn already said (its earlier rounds, their tool filler): a filler
+        among it is not said again, the next one is.
         """
         turn_started = self._clock()
         turn_end = None if self.turn_deadline_s is None else turn_started + self.turn_deadline_s
         after_ms = self.filler_after_ms if filler_after_ms is None else filler_after_ms
+        heard = {text.strip() for text in said}
         # A reply going on from a prefill has begun: the caller is hearing it, and a filler
         # would come in the middle of it.
         fillers = (_Fillers([], 0.0, None) if not after_ms or after_ms <= 0 or request.prefill
-                   else _Fillers([self.filler_text, *self.more_fillers], after_ms / 1000,
+                   else _Fillers([text for text in (self.filler_text, *self.more_fillers)
+                                  if text.strip() not in heard], after_ms / 1000,
                                  turn_started + after_ms / 1000))
+        if not fillers.texts:
+            fillers.due = None
         tried: list[str] = []
         previous: tuple[str, str] | None = None
         for provider in self.candidates(request, max_cost=max_cost):
