@@ -594,6 +594,40 @@ async def test_a_turn_held_for_an_agent_turn_that_never_ends_goes_out_after_a_wh
         await call.close()
 
 
+async def test_a_turn_held_for_an_agent_turn_whose_marks_are_never_echoed_goes_out(bus) -> None:
+    # Mode none; the carrier never echoes the agent's marks (a Plivo account without
+    # playedStream, a gateway bug, an echo lost). The caller's "Can you also check Saturday?"
+    # over the agent's answer was held until that answer had played, known by its last mark's
+    # echo: the agent counted as speaking while any audio sent was unechoed, the hold's quiet
+    # bound never ran, and the turn was never published (nor the agent's turn done with). Now
+    # audio sent has played by its own length and ECHO_GRACE_S after it was sent: the turn
+    # goes out then, and the agent's turn is over as heard.
+    from parley.media.playback import ECHO_GRACE_S
+
+    call = Call(bus, "call-barge-in-none-no-echo", msgspec.structs.replace(
+        QUIET_CALLER, interruption_mode="none"))
+    try:
+        await call.agent_says("t1", *["Friday at ten is free."] * 10)  # 1 s of audio
+        sent_at = time.monotonic()
+        turn = call.session._turns["t1"]
+        await spoken_over(call, "Can you also check Saturday?")
+        assert call.session._held_turns  # the agent's answer is playing: held
+        bound_s = turn.audio.duration_ms / 1000 + ECHO_GRACE_S
+        while call.session._held_turns and time.monotonic() - sent_at < bound_s + 10:
+            await call.audio(0.1)  # the caller's audio keeps coming, in real time
+            await asyncio.sleep(0.1)
+        released_after_s = time.monotonic() - sent_at
+        assert not call.session._held_turns, "the held turn never went out"
+        assert released_after_s < bound_s + 3.0  # (a slow, shared machine: some slack)
+        await call.session._outbox.drain(2)
+        events = await bus.replay_call(call.call_id, org_id=ORG)
+        assert [(e.turn_id, e.text) for e in events if isinstance(e, TurnUserEnded)] == [
+            ("t1", "Can you also check Saturday?")]
+        assert turn.audio.echoes_lost and not call.session._agent_mid_turn()
+    finally:
+        await call.close()
+
+
 async def test_a_turn_held_while_the_agent_keeps_talking_is_not_let_out_early(bus) -> None:
     # The bound counts the agent's silence within its turn, not the hold: an agent that says
     # more (a long answer in many clauses) is still speaking, and the turn waits for it.

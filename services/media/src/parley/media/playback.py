@@ -6,7 +6,11 @@ decides where marks go — after the first frame (playback has begun), every ``M
 and after each clause — and learns from the carrier's echoes (Twilio ``mark`` / Plivo
 ``playedStream``, relayed by the gateway as ``agent.speech.progress``) how far playback really
 got. The played position is the last echoed mark plus the time since that echo, never past the
-next mark not yet echoed: truth from the carrier, not from "sent at real-time pace".
+next mark not yet echoed: truth from the carrier, not from "sent at real-time pace". Not waited
+for without end, though: audio sent has played, at the latest, its own length after it was sent
+(or after the last echo, if that is later) and ``ECHO_GRACE_S`` more; echoes that have not come
+by then never will (a carrier that does not echo marks, a Plivo account without
+``playedStream``, an echo lost on the way), and the turn no longer counts as playing.
 
 Mark names are ``<turn_id>:<seq>`` with ``seq = generation * 1_000_000 + frame``; a resume after
 a false interruption starts a new generation, so the echoes of marks flushed by ``clear`` (which
@@ -32,6 +36,9 @@ from parley.media.providers.base import WordTiming
 FRAME_MS = 20
 MARK_EVERY = 25  # frames: a mark each 500 ms of audio between clause ends
 GENERATION = 1_000_000
+# How late a mark's echo may be past the audio's own length (the carrier's buffering and
+# latency, the gateway's hop) before it is taken as never coming.
+ECHO_GRACE_S = 2.0
 
 Mode = Literal["none", "dtmf", "speech", "any"]
 Sensitivity = Literal["low", "medium", "high"]
@@ -65,6 +72,9 @@ class AgentTurnAudio:
     # The gateway refused a mark of this run: the carrier's socket is closed, so nothing sent
     # to it plays any more and none of the run's marks will be echoed (see :meth:`refused`).
     echoes_lost: bool = False
+    # When the audio of this run sent so far will have played if the carrier plays it as sent,
+    # back to back (monotonic; None before anything is sent with a time): see :meth:`overdue`.
+    sent_plays_until: float | None = None
 
     @property
     def duration_ms(self) -> int:
@@ -126,6 +136,9 @@ class AgentTurnAudio:
                 self.pending_marks.append(index + 1)
             out.append((index, self.frames[index], seq))
             self.sent += 1
+        if out and now is not None:
+            start = max(now, self.sent_plays_until or now)  # after what is queued, if any
+            self.sent_plays_until = start + len(out) * FRAME_MS / 1000
         return out
 
     def paused(self) -> None:
@@ -170,6 +183,22 @@ class AgentTurnAudio:
         self.pending_marks = []
         self.echoes_lost = True
 
+    def overdue(self, now: float) -> bool:
+        """Audio sent has had time to play, with ``ECHO_GRACE_S`` to spare, and is not echoed.
+
+        Its length from when it was sent (queued behind what was sent before it), or from the
+        last echo if that says the carrier started later. Waited for instead, a carrier that
+        never echoes kept the turn playing for ever: a caller turn held for it was never
+        published, the caller's silence never counted, barge-in took the agent as speaking.
+        """
+        if self.sent_plays_until is None or self.sent <= self.played_frames:
+            return False
+        plays_until = self.sent_plays_until
+        if self.echoed_at is not None:
+            plays_until = max(plays_until, self.echoed_at
+                              + (self.sent - self.played_frames) * FRAME_MS / 1000)
+        return now >= plays_until + ECHO_GRACE_S
+
     @property
     def started(self) -> bool:
         """The carrier has begun playing this turn (the first mark came back)."""
@@ -178,6 +207,8 @@ class AgentTurnAudio:
     def playing(self, now: float) -> bool:
         """Whether agent audio of this turn is (or is about to be) audible right now."""
         if self.finished or self.echoes_lost or self.cut_frames is not None or not self.frames:
+            return False
+        if self.overdue(now):
             return False
         return self.sent > self.played_frames or self.position_ms(now) < self.sent * FRAME_MS
 
@@ -212,6 +243,7 @@ class AgentTurnAudio:
         self.echoed_at = None
         self.pending_marks = []
         self.echoes_lost = False
+        self.sent_plays_until = None  # the carrier's queue was cleared at the cut
         self.cut_frames = None
 
 

@@ -100,6 +100,7 @@ from parley.media.fencing import Fence
 from parley.media.inbound import InboundAudio
 from parley.media.ownership import Leases, LeaseState, LeaseUsage
 from parley.media.playback import (
+    ECHO_GRACE_S,
     FRAME_MS,
     AgentTurnAudio,
     BargeIn,
@@ -1864,10 +1865,29 @@ class CallSession:
     async def _idle_tick(self) -> None:
         """Count the caller's silence; emit caller.idle when a prompt or hang-up is due."""
         self._idle_due_ms = self.audio_ms + IDLE_TICK_MS
+        self._give_up_unechoed(time.monotonic())
         busy = self._catching_up or self._history is not None or self._idle_busy()
         action = self._idle.tick(self.audio_ms, busy=busy)
         if action is not None:
             await self._publish_idle(action)
+
+    def _give_up_unechoed(self, now: float) -> None:
+        """A turn all sent whose last mark is not echoed long after it played is over, as heard.
+
+        Its own length and ECHO_GRACE_S more (:meth:`AgentTurnAudio.overdue`): the carrier
+        does not echo marks (a Plivo account without playedStream, a gateway bug) or the echo
+        was lost. Waited for, the turn never finished: the caller's silence never counted again
+        (no idle prompt, no hang-up) and the turn was never done with; as with a refused mark
+        (:meth:`_echoes_lost`).
+        """
+        for turn in list(self._turns.values()):
+            audio = turn.audio
+            if audio.text_done and audio.frames and audio.sent == len(audio.frames) and not (
+                    audio.finished or audio.echoes_lost or turn.interrupted or turn.held
+                    or audio.cut_frames is not None) and audio.overdue(now):
+                log.warning("call %s: agent turn %s not echoed %.0f s after its audio played: "
+                            "taken as played", self.call_id, turn.turn_id, ECHO_GRACE_S)
+                self._echoes_lost(turn)
 
     def _idle_busy(self) -> bool:
         """Whether the caller or the agent is at it, or a caller turn waits for its answer."""
