@@ -13,12 +13,14 @@ import time
 
 import msgspec
 
+from parley.common.bus import Bus
 from parley.common.events import (
     AgentSpeechFinished,
     AgentSpeechInterrupted,
     AgentSpeechProgress,
     CallDtmf,
     CallEnded,
+    Event,
     TurnUserEnded,
 )
 from parley.media.ownership import Leases
@@ -43,6 +45,47 @@ async def echo(call: Call, turn_id: str, seq: int) -> None:
         org_id=ORG, call_id=call.call_id, turn_id=turn_id, mark=f"{turn_id}:{seq}", seq=seq))
 
 
+async def agent_begins(call: Call, turn_id: str, *texts: str, last: bool = True):
+    """The agent says ``texts`` and the carrier begins to play them (the first frame's mark
+    echoed)."""
+    await call.agent_says(turn_id, *texts, last=last)
+    await echo(call, turn_id, mark_seq(0, 1))
+    return call.session._turns[turn_id]
+
+
+async def agent_ends(call: Call, turn_id: str, *texts: str, first_seq: int) -> None:
+    """The rest of the agent's turn (from clause ``first_seq``) is said and played to its end,
+    and the caller's next frames come."""
+    await call.agent_says(turn_id, *texts, first_seq=first_seq)
+    await call.played(turn_id)
+    await call.audio(0.1)
+
+
+async def presses(call: Call, keys: str) -> None:
+    for digit in keys:
+        await call.session._on_event(CallDtmf(org_id=ORG, call_id=call.call_id, digit=digit))
+
+
+async def in_real_time(call: Call, seconds: float) -> None:
+    """``seconds`` of the caller's silence, 100 ms at a time as the wall clock goes (a paused
+    agent resumes by wall time)."""
+    for _ in range(round(seconds / 0.1)):
+        await call.audio(0.1)
+        await asyncio.sleep(0.1)
+
+
+def in_mode(bus: Bus, call_id: str, mode: str, **settings: object) -> Call:
+    """A call whose caller may interrupt the agent as ``interruption_mode`` ``mode`` lets them."""
+    return Call(bus, call_id, msgspec.structs.replace(
+        QUIET_CALLER, interruption_mode=mode, **settings))
+
+
+async def published(call: Call) -> list[Event]:
+    """The call's events so far, the session's outbox drained."""
+    await call.session._outbox.drain(2)
+    return await call.bus.replay_call(call.call_id, org_id=ORG)
+
+
 async def test_a_false_alarm_once_the_agent_had_played_out_still_ends_its_turn(bus) -> None:
     # The agent's last words have played (by its echoes and the time since) but the echo of
     # its last mark is still on its way when the caller coughs (the line's latency). The cough
@@ -64,16 +107,13 @@ async def test_a_false_alarm_once_the_agent_had_played_out_still_ends_its_turn(b
         assert turn.audio.cut_frames == frames
         await echo(call, "t1", mark_seq(0, frames))  # flushed by the clear: ignored
         await call.audio(0.6)
-        for _ in range(25):  # no words: the pause is over after 1.5 s (wall time)
-            await call.audio(0.1)
-            await asyncio.sleep(0.1)
+        await in_real_time(call, 2.5)  # no words: the pause is over after 1.5 s (wall time)
         assert turn.audio.cut_frames is None and not turn.interrupted  # resumed
         for seq in [seq for seq in marks if seq >= GENERATION]:  # the carrier echoes at once
             await echo(call, "t1", seq)
         await wait_for(lambda: turn.audio.finished)
         assert await call.silence_until_idle(4.0) is not None
-        await call.session._outbox.drain(2)
-        events = await bus.replay_call(call.call_id, org_id=ORG)
+        events = await published(call)
         assert [e.turn_id for e in events if isinstance(e, AgentSpeechFinished)] == ["t1"]
     finally:
         await call.close()
@@ -112,16 +152,13 @@ async def test_a_backchannel_while_the_agent_waits_between_its_words_is_no_turn(
     # cancelled the turn it was running (tools and all) for a newer one, and answered "Okay.".
     call = Call(bus, "call-barge-in-3", QUIET_CALLER)
     try:
-        await call.agent_says("t1", "Let me check that for you.", last=False)
-        turn = call.session._turns["t1"]
-        await echo(call, "t1", mark_seq(0, 1))
+        turn = await agent_begins(call, "t1", "Let me check that for you.", last=False)
         await asyncio.sleep(len(turn.audio.frames) * 0.02 + 0.05)  # its words have played
         await call.speech(0.4)
         await call.session._on_stt(Final("Okay.", speech_final=True))
         await call.audio(3.0)  # a backchannel's silence, and more
         assert not call.session.detector.in_turn
-        await call.session._outbox.drain(2)
-        events = await bus.replay_call(call.call_id, org_id=ORG)
+        events = await published(call)
         assert [e.text for e in events if isinstance(e, TurnUserEnded)] == []
         assert call.session.detector.dropped_backchannels == 1
     finally:
@@ -146,9 +183,7 @@ async def test_what_was_heard_does_not_count_the_wait_between_two_clauses_as_pla
         await call.agent_says("t1", "You're booked for Friday.", first_seq=1)
         await wait_for(lambda: turn.audio.sent > first)
         await call.session._interrupt(turn, time.monotonic())  # the caller cuts in at once
-        await call.session._outbox.drain(2)
-        [interrupted] = [e for e in await bus.replay_call(call.call_id, org_id=ORG)
-                         if isinstance(e, AgentSpeechInterrupted)]
+        [interrupted] = [e for e in await published(call) if isinstance(e, AgentSpeechInterrupted)]
         # Heard: the first clause, and at most the frame the carrier was about to play.
         assert interrupted.cut_ms <= (first + 1) * 20
     finally:
@@ -177,8 +212,7 @@ async def test_speech_over_an_answer_queued_behind_the_one_playing_cuts_both(bus
         await call.speech(0.6)  # the caller speaks over the menu
         await call.session._on_stt(Final("Wait, I meant support."))
         await echo(call, "t1", mark_seq(0, len(menu.audio.frames)))  # flushed by the clear
-        await call.session._outbox.drain(2)
-        events = await bus.replay_call(call.call_id, org_id=ORG)
+        events = await published(call)
         assert sorted(e.turn_id for e in events if isinstance(e, AgentSpeechInterrupted)) == [
             "k1", "t1"]
         assert [e.turn_id for e in events if isinstance(e, AgentSpeechFinished)] == []
@@ -205,8 +239,7 @@ async def test_an_interruption_clears_the_carrier_again_if_the_pause_could_not(b
 
     sub = await bus.nc.subscribe(f"parley.cmd.gateway.{call.call_id}.clear", cb=gateway)
     try:
-        await call.agent_says("t1", "Our opening hours are", "nine to five on weekdays.")
-        await echo(call, "t1", mark_seq(0, 1))
+        await agent_begins(call, "t1", "Our opening hours are", "nine to five on weekdays.")
         await call.speech(0.6)
         assert call.session._turns["t1"].audio.cut_frames is not None and len(clears) == 1
         await call.session._on_stt(Final("Wait, stop."))
@@ -225,10 +258,8 @@ async def test_okay_over_the_agent_pauses_it_and_the_rest_plays_from_the_cut(bus
     marks: list[int] = []
     sub = await gateway(call, marks)
     try:
-        await call.agent_says("t1", "Your table is booked", "for Friday at seven.",
-                              "We look forward", "to seeing you.")
-        turn = call.session._turns["t1"]
-        await echo(call, "t1", mark_seq(0, 1))
+        turn = await agent_begins(call, "t1", "Your table is booked", "for Friday at seven.",
+                                  "We look forward", "to seeing you.")
         await asyncio.sleep(0.1)
         await call.speech(0.5)
         cut = turn.audio.cut_frames
@@ -240,8 +271,7 @@ async def test_okay_over_the_agent_pauses_it_and_the_rest_plays_from_the_cut(bus
         assert turn.audio.pending_marks[0] == cut + 1  # a mark after the first frame sent again
         await call.audio(2.0)
         await call.played("t1")
-        await call.session._outbox.drain(2)
-        events = await bus.replay_call(call.call_id, org_id=ORG)
+        events = await published(call)
         assert [e for e in events if isinstance(e, AgentSpeechInterrupted | TurnUserEnded)] == []
         assert [e.turn_id for e in events if isinstance(e, AgentSpeechFinished)] == ["t1"]
         assert call.session.detector.dropped_backchannels == 1
@@ -265,8 +295,7 @@ async def test_a_turn_spoken_over_an_agent_that_cannot_be_interrupted_waits_for_
     # running for the newer one, and the caller heard an answer that stopped mid-sentence
     # (wherever generation had got to). Now the turn waits until the agent's turn has played,
     # then goes out with its words and its timing as heard.
-    call = Call(bus, "call-barge-in-none-1", msgspec.structs.replace(
-        QUIET_CALLER, interruption_mode="none"))
+    call = in_mode(bus, "call-barge-in-none-1", "none")
     clears: list[str] = []
 
     async def clear(msg) -> None:
@@ -275,21 +304,15 @@ async def test_a_turn_spoken_over_an_agent_that_cannot_be_interrupted_waits_for_
 
     sub = await bus.nc.subscribe(f"parley.cmd.gateway.{call.call_id}.clear", cb=clear)
     try:
-        await call.agent_says("t1", "Friday at ten is free.", "Friday at two", last=False)
-        turn = call.session._turns["t1"]
-        await echo(call, "t1", mark_seq(0, 1))
+        turn = await agent_begins(call, "t1", "Friday at ten is free.", "Friday at two", last=False)
         await spoken_over(call, "Can you also check Saturday?")
         assert call.session.turn_no == 1  # the turn has ended ...
         await call.audio(2.0)
-        await call.session._outbox.drain(2)
-        events = await bus.replay_call(call.call_id, org_id=ORG)
+        events = await published(call)
         assert [e for e in events if isinstance(e, TurnUserEnded)] == []  # ... and waits
         assert not turn.interrupted and turn.audio.cut_frames is None and clears == []
-        await call.agent_says("t1", "is free too.", first_seq=2)  # the rest of the answer
-        await call.played("t1")
-        await call.audio(0.1)
-        await call.session._outbox.drain(2)
-        events = await bus.replay_call(call.call_id, org_id=ORG)
+        await agent_ends(call, "t1", "is free too.", first_seq=2)  # the rest of the answer
+        events = await published(call)
         [ended] = [e for e in events if isinstance(e, TurnUserEnded)]
         assert (ended.turn_id, ended.text) == ("t1", "Can you also check Saturday?")
         assert ended.reason == "utterance_end"
@@ -304,19 +327,16 @@ async def test_a_turn_spoken_over_an_agent_that_cannot_be_interrupted_waits_for_
 async def test_a_key_interrupts_in_mode_dtmf_and_the_turn_held_goes_out_before_it(bus) -> None:
     # Mode dtmf: the caller's words over the agent wait for it (as above), but a key cuts it
     # off; the caller's turn goes out then, followed by the turn of keys it came before.
-    call = Call(bus, "call-barge-in-dtmf-1", msgspec.structs.replace(
-        QUIET_CALLER, interruption_mode="dtmf", keypad_end_key="#"))
+    call = in_mode(bus, "call-barge-in-dtmf-1", "dtmf", keypad_end_key="#")
     sub = await gateway(call, [])
     try:
-        await call.agent_says("t1", "Please say or enter", "your account number.", last=False)
-        turn = call.session._turns["t1"]
-        await echo(call, "t1", mark_seq(0, 1))
+        turn = await agent_begins(call, "t1", "Please say or enter", "your account number.",
+                                  last=False)
         await spoken_over(call, "It is one two three.")
-        await call.session._on_event(CallDtmf(org_id=ORG, call_id=call.call_id, digit="#"))
+        await presses(call, "#")
         assert turn.interrupted
         await call.audio(0.1)
-        await call.session._outbox.drain(2)
-        events = await bus.replay_call(call.call_id, org_id=ORG)
+        events = await published(call)
         assert [(e.turn_id, e.text) for e in events if isinstance(e, TurnUserEnded)] == [
             ("t1", "It is one two three."), ("k1", "#")]
     finally:
@@ -328,12 +348,10 @@ async def test_a_turn_held_for_the_agent_is_not_lost_when_the_call_ends(bus) -> 
     # The caller spoke over an agent that cannot be interrupted, then hung up before it had
     # finished: the turn the session held goes out as the session ends (the brain answers no
     # ended call; the caller's words are on the record as a turn).
-    call = Call(bus, "call-barge-in-none-2", msgspec.structs.replace(
-        QUIET_CALLER, interruption_mode="none"))
+    call = in_mode(bus, "call-barge-in-none-2", "none")
     call.session.s.leases = Leases(bus, "test")
     try:
-        await call.agent_says("t1", "Our hours are", "nine to five.", last=False)
-        await echo(call, "t1", mark_seq(0, 1))
+        await agent_begins(call, "t1", "Our hours are", "nine to five.", last=False)
         await spoken_over(call, "Never mind, goodbye.")
         await call.session._on_event(CallEnded(org_id=ORG, call_id=call.call_id,
                                                reason="caller_hangup"))
@@ -348,11 +366,9 @@ async def test_a_turn_held_for_the_agent_is_not_lost_when_the_call_ends(bus) -> 
 async def test_a_turn_held_for_the_agent_keeps_the_resume_point_before_it(bus) -> None:
     # Only this session has the turn it holds: were it killed, a successor resumed after that
     # turn's speech would never hear it. The lease's resume point stays before it.
-    call = Call(bus, "call-barge-in-none-3", msgspec.structs.replace(
-        QUIET_CALLER, interruption_mode="none"))
+    call = in_mode(bus, "call-barge-in-none-3", "none")
     try:
-        await call.agent_says("t1", "Our hours are", "nine to five.", last=False)
-        await echo(call, "t1", mark_seq(0, 1))
+        await agent_begins(call, "t1", "Our hours are", "nine to five.", last=False)
         await call.audio(1.0)
         spoke_at = call.session.audio_ms
         await spoken_over(call, "And on Saturdays?")
@@ -386,17 +402,14 @@ async def test_speech_a_successor_catches_up_on_does_not_barge_in_on_the_agent_n
 
     sub = await bus.nc.subscribe(f"parley.cmd.gateway.{call.call_id}.*", cb=clear)
     try:
-        await call.agent_says("t1", "Your table is booked", "for Friday at seven.",
-                              "We look forward", "to seeing you.")
-        turn = call.session._turns["t1"]
-        await echo(call, "t1", mark_seq(0, 1))
+        turn = await agent_begins(call, "t1", "Your table is booked", "for Friday at seven.",
+                                  "We look forward", "to seeing you.")
         await caught_up(call, 0.6, speech=True)
         await call.session._on_stt(Final("Wait, stop.", speech_final=False))
         await caught_up(call, 0.2)
         assert turn.audio.cut_frames is None and not turn.interrupted
         assert [subject for subject in clears if subject.endswith(".clear")] == []
-        await call.session._outbox.drain(2)
-        events = await bus.replay_call(call.call_id, org_id=ORG)
+        events = await published(call)
         assert [e for e in events if isinstance(e, AgentSpeechInterrupted)] == []
     finally:
         await call.close()
@@ -412,14 +425,12 @@ async def test_a_backchannel_a_successor_catches_up_on_is_not_judged_by_the_agen
     call = Call(bus, "call-barge-in-catch-up-2", QUIET_CALLER)
     sub = await gateway(call, [])
     try:
-        await call.agent_says("t1", "Let me check that for you.", last=False)
-        await echo(call, "t1", mark_seq(0, 1))
+        await agent_begins(call, "t1", "Let me check that for you.", last=False)
         await caught_up(call, 0.4, speech=True)
         await call.session._on_stt(Final("Okay.", speech_final=True))
         await caught_up(call, 2.0)
         assert call.session.detector.dropped_backchannels == 0
-        await call.session._outbox.drain(2)
-        events = await bus.replay_call(call.call_id, org_id=ORG)
+        events = await published(call)
         assert [e.text for e in events if isinstance(e, TurnUserEnded)] == ["Okay."]
     finally:
         await call.close()
@@ -433,26 +444,17 @@ async def test_keys_that_cannot_interrupt_wait_for_the_agent_like_words(bus) -> 
     # the newer one, and the caller heard it stop mid-sentence. Now the keys wait for the menu
     # to have played, as words do, and go out then.
     for mode in ("speech", "none"):
-        call = Call(bus, f"call-barge-in-keys-{mode}", msgspec.structs.replace(
-            QUIET_CALLER, interruption_mode=mode, keypad_end_key="#"))
+        call = in_mode(bus, f"call-barge-in-keys-{mode}", mode, keypad_end_key="#")
         sub = await gateway(call, [])
         try:
-            await call.agent_says("t1", "For sales press 1,", "for support", last=False)
-            turn = call.session._turns["t1"]
-            await echo(call, "t1", mark_seq(0, 1))
-            for digit in "1#":
-                await call.session._on_event(CallDtmf(org_id=ORG, call_id=call.call_id,
-                                                      digit=digit))
+            turn = await agent_begins(call, "t1", "For sales press 1,", "for support", last=False)
+            await presses(call, "1#")
             await call.audio(1.0)
-            await call.session._outbox.drain(2)
-            events = await bus.replay_call(call.call_id, org_id=ORG)
+            events = await published(call)
             assert [e for e in events if isinstance(e, TurnUserEnded)] == [], mode
             assert not turn.interrupted and turn.audio.cut_frames is None
-            await call.agent_says("t1", "press 2.", first_seq=2)  # the rest of the menu
-            await call.played("t1")
-            await call.audio(0.1)
-            await call.session._outbox.drain(2)
-            events = await bus.replay_call(call.call_id, org_id=ORG)
+            await agent_ends(call, "t1", "press 2.", first_seq=2)  # the rest of the menu
+            events = await published(call)
             assert [(e.turn_id, e.text) for e in events if isinstance(e, TurnUserEnded)] == [
                 ("k1", "1#")], mode
             [keys] = [e for e in events if isinstance(e, TurnUserEnded)]
@@ -471,30 +473,21 @@ async def test_words_too_few_to_interrupt_wait_for_the_agent_in_mode_speech(bus)
     # that was not let interrupt.
     # Now a turn that ends over the agent's turn without having interrupted it waits for that
     # turn to have played, whatever the mode.
-    call = Call(bus, "call-barge-in-speech-low-1", msgspec.structs.replace(
-        QUIET_CALLER, interruption_mode="speech", interruption_sensitivity="low"))
+    call = in_mode(bus, "call-barge-in-speech-low-1", "speech", interruption_sensitivity="low")
     sub = await gateway(call, [])
     try:
-        await call.agent_says("t1", "Friday at ten is free.", "Friday at two", last=False)
-        turn = call.session._turns["t1"]
-        await echo(call, "t1", mark_seq(0, 1))
+        turn = await agent_begins(call, "t1", "Friday at ten is free.", "Friday at two", last=False)
         await call.speech(0.6)  # long enough to pause the agent (with the VAD's hangover)
         await call.session._on_stt(Final("Stop.", speech_final=True))
         await call.audio(1.0)
         assert call.session.turn_no == 1  # the turn has ended ...
         assert turn.audio.cut_frames is not None and not turn.interrupted  # paused
-        for _ in range(20):  # no more words: the pause is over after 1.5 s (wall time)
-            await call.audio(0.1)
-            await asyncio.sleep(0.1)
+        await in_real_time(call, 2.0)  # no more words: the pause is over after 1.5 s (wall time)
         assert turn.audio.cut_frames is None and not turn.interrupted  # resumed
-        await call.session._outbox.drain(2)
-        events = await bus.replay_call(call.call_id, org_id=ORG)
+        events = await published(call)
         assert [e for e in events if isinstance(e, TurnUserEnded)] == []  # ... and waits
-        await call.agent_says("t1", "is free too.", first_seq=2)
-        await call.played("t1")
-        await call.audio(0.1)
-        await call.session._outbox.drain(2)
-        events = await bus.replay_call(call.call_id, org_id=ORG)
+        await agent_ends(call, "t1", "is free too.", first_seq=2)
+        events = await published(call)
         assert [(e.turn_id, e.text) for e in events if isinstance(e, TurnUserEnded)] == [
             ("t1", "Stop.")]
         assert [e for e in events if isinstance(e, AgentSpeechInterrupted)] == []
@@ -506,19 +499,15 @@ async def test_words_too_few_to_interrupt_wait_for_the_agent_in_mode_speech(bus)
 async def test_words_that_interrupt_in_mode_speech_go_out_at_once(bus) -> None:
     # The other side of the rule: words enough to interrupt cut the agent off, and the turn
     # they make is published as it ends (the brain answers it now).
-    call = Call(bus, "call-barge-in-speech-2", msgspec.structs.replace(
-        QUIET_CALLER, interruption_mode="speech", interruption_sensitivity="low"))
+    call = in_mode(bus, "call-barge-in-speech-2", "speech", interruption_sensitivity="low")
     sub = await gateway(call, [])
     try:
-        await call.agent_says("t1", "Friday at ten is free.", "Friday at two", last=False)
-        turn = call.session._turns["t1"]
-        await echo(call, "t1", mark_seq(0, 1))
+        turn = await agent_begins(call, "t1", "Friday at ten is free.", "Friday at two", last=False)
         await call.speech(0.4)
         await call.session._on_stt(Final("Stop, not Friday.", speech_final=True))
         await call.audio(1.0)
         assert turn.interrupted
-        await call.session._outbox.drain(2)
-        events = await bus.replay_call(call.call_id, org_id=ORG)
+        events = await published(call)
         assert [(e.turn_id, e.text) for e in events if isinstance(e, TurnUserEnded)] == [
             ("t1", "Stop, not Friday.")]
     finally:
@@ -539,23 +528,19 @@ async def test_a_turn_that_may_interrupt_goes_out_while_the_agent_is_silent_in_i
              ("dtmf", "1#", False), ("none", "Actually, make it Saturday instead.", True),
              ("speech", "1#", True)]
     for n, (mode, said, held) in enumerate(cases):
-        call = Call(bus, f"call-barge-in-silent-{n}", msgspec.structs.replace(
-            QUIET_CALLER, interruption_mode=mode, keypad_end_key="#"))
+        call = in_mode(bus, f"call-barge-in-silent-{n}", mode, keypad_end_key="#")
         try:
             await call.agent_says("t1", "Let me check that for you.", last=False)
             turn = call.session._turns["t1"]
             await echo(call, "t1", mark_seq(0, len(turn.audio.frames)))
             await asyncio.sleep(len(turn.audio.frames) * 0.02 + 0.05)  # its words have played
             if said == "1#":
-                for digit in said:
-                    await call.session._on_event(CallDtmf(org_id=ORG, call_id=call.call_id,
-                                                          digit=digit))
+                await presses(call, said)
                 await call.audio(0.5)
             else:
                 await spoken_over(call, said)
             assert bool(call.session._held_turns) is held, (mode, said)
-            await call.session._outbox.drain(2)
-            events = await bus.replay_call(call.call_id, org_id=ORG)
+            events = await published(call)
             ended = [e.text for e in events if isinstance(e, TurnUserEnded)]
             assert ended == ([] if held else [said]), (mode, said)
         finally:
@@ -570,8 +555,7 @@ async def test_a_turn_held_for_an_agent_turn_that_never_ends_goes_out_after_a_wh
     # call's audio, the turn goes out (logged and counted).
     from parley.media.session import HOLD_QUIET_S
 
-    call = Call(bus, "call-barge-in-none-4", msgspec.structs.replace(
-        QUIET_CALLER, interruption_mode="none"))
+    call = in_mode(bus, "call-barge-in-none-4", "none")
     expired: list[int] = []
     call.session.s.on_hold_expired = lambda: expired.append(1)
     try:
@@ -584,8 +568,7 @@ async def test_a_turn_held_for_an_agent_turn_that_never_ends_goes_out_after_a_wh
         assert call.session._held_turns and expired == []  # a slow tool: still waited for
         await call.audio(2.5)
         assert not call.session._held_turns and expired == [1]
-        await call.session._outbox.drain(2)
-        events = await bus.replay_call(call.call_id, org_id=ORG)
+        events = await published(call)
         assert [(e.turn_id, e.text) for e in events if isinstance(e, TurnUserEnded)] == [
             ("t1", "Hello? Are you still there?")]
         await spoken_over(call, "Hello?")  # that agent turn given up on: not waited for again
@@ -604,8 +587,7 @@ async def test_a_turn_held_for_an_agent_turn_whose_marks_are_never_echoed_goes_o
     # goes out then, and the agent's turn is over as heard.
     from parley.media.playback import ECHO_GRACE_S
 
-    call = Call(bus, "call-barge-in-none-no-echo", msgspec.structs.replace(
-        QUIET_CALLER, interruption_mode="none"))
+    call = in_mode(bus, "call-barge-in-none-no-echo", "none")
     try:
         await call.agent_says("t1", *["Friday at ten is free."] * 10)  # 1 s of audio
         sent_at = time.monotonic()
@@ -619,8 +601,7 @@ async def test_a_turn_held_for_an_agent_turn_whose_marks_are_never_echoed_goes_o
         released_after_s = time.monotonic() - sent_at
         assert not call.session._held_turns, "the held turn never went out"
         assert released_after_s < bound_s + 3.0  # (a slow, shared machine: some slack)
-        await call.session._outbox.drain(2)
-        events = await bus.replay_call(call.call_id, org_id=ORG)
+        events = await published(call)
         assert [(e.turn_id, e.text) for e in events if isinstance(e, TurnUserEnded)] == [
             ("t1", "Can you also check Saturday?")]
         assert turn.audio.echoes_lost and not call.session._agent_mid_turn()
@@ -633,13 +614,10 @@ async def test_a_turn_held_while_the_agent_keeps_talking_is_not_let_out_early(bu
     # more (a long answer in many clauses) is still speaking, and the turn waits for it.
     from parley.media.session import HOLD_QUIET_S
 
-    call = Call(bus, "call-barge-in-none-5", msgspec.structs.replace(
-        QUIET_CALLER, interruption_mode="none"))
+    call = in_mode(bus, "call-barge-in-none-5", "none")
     call.session.s.on_hold_expired = lambda: None
     try:
-        await call.agent_says("t1", "First,", last=False)
-        turn = call.session._turns["t1"]
-        await echo(call, "t1", mark_seq(0, 1))
+        turn = await agent_begins(call, "t1", "First,", last=False)
         await spoken_over(call, "And then?")
         seq = 1
         for _ in range(round(HOLD_QUIET_S)):  # a clause every second of audio
