@@ -82,12 +82,40 @@ def session_with(bus: Bus, providers: dict[str, object]) -> CallSession:
                        settings=AgentSettings(), revision=1)
 
 
+async def recognising(call: CallSession) -> None:
+    """The session's recogniser opened and its results read, as run() starts them."""
+    call._stt_name, call._stt = await call.s.stt.open(call._stt_chain, call._open_stt)
+    call._stt_task = asyncio.create_task(call._recognise())
+
+
+async def stop_recognising(call: CallSession, *tasks: asyncio.Task) -> None:
+    """Stop the session and its recognition (and the test's own ``tasks``), its stream
+    closed and its events published."""
+    call.stop("test")
+    for task in (*tasks, call._stt_task):
+        task.cancel()
+    await asyncio.gather(*tasks, call._stt_task, return_exceptions=True)
+    await call._close_stt(call._stt)
+    await call._outbox.drain(1)
+
+
+async def deepgram_given_up(call: CallSession) -> MediaProviderSwitched:
+    """The call hung up for want of a recogniser (stt_failed), Deepgram the last one it had:
+    the media.provider_switched to none, whose reason says why."""
+    assert call.stopped.is_set() and call.end_reason == "stt_failed"
+    await call._outbox.drain(1)
+    [switched] = [e for e in await call.s.bus.replay_call(CALL, org_id=ORG)
+                  if isinstance(e, MediaProviderSwitched)]
+    assert (switched.kind, switched.from_provider, switched.to_provider) == (
+        "stt", "deepgram", "")
+    return switched
+
+
 async def test_a_fallback_whose_socket_breaks_during_the_replay_still_hears_the_caller(
         bus) -> None:
     deepgram, whisper = Recogniser("deepgram"), Recogniser("whisper", first_send_broken=True)
     call = session(bus, deepgram, whisper)
-    call._stt_name, call._stt = await call.s.stt.open(call._stt_chain, call._open_stt)
-    call._stt_task = asyncio.create_task(call._recognise())
+    await recognising(call)
     try:
         for n in range(10):  # caller audio before the failure: replayed to the fallback
             await call._inbound_frame(b"\xff" * 160, n * 20)
@@ -106,10 +134,7 @@ async def test_a_fallback_whose_socket_breaks_during_the_replay_still_hears_the_
                 break
         assert call.detector.text == "book me in for friday"
     finally:
-        call.stop("test")
-        call._stt_task.cancel()
-        await asyncio.gather(call._stt_task, return_exceptions=True)
-        await call._outbox.drain(1)
+        await stop_recognising(call)
 
 
 async def test_a_recogniser_whose_streams_open_but_never_deliver_gets_its_breaker_opened(
@@ -145,8 +170,7 @@ async def test_a_recogniser_stream_that_delivers_resets_the_failures_counted_bef
     deepgram = Recogniser("deepgram")
     call = session(bus, deepgram, Recogniser("whisper"))
     health = call.s.stt.health["deepgram"]
-    call._stt_name, call._stt = await call.s.stt.open(call._stt_chain, call._open_stt)
-    call._stt_task = asyncio.create_task(call._recognise())
+    await recognising(call)
     try:
         health.failure()  # other calls' streams broke meanwhile
         health.failure()
@@ -159,10 +183,7 @@ async def test_a_recogniser_stream_that_delivers_resets_the_failures_counted_bef
         health.failure()
         assert health.available  # 2 failures since this stream's first result, not 4
     finally:
-        call.stop("test")
-        call._stt_task.cancel()
-        await asyncio.gather(call._stt_task, return_exceptions=True)
-        await call._outbox.drain(1)
+        await stop_recognising(call)
 
 
 class LoudIsSpeech:
@@ -198,8 +219,7 @@ async def test_deepgram_closing_the_socket_cleanly_moves_the_call_to_the_fallbac
     whisper = Recogniser("whisper")
     call = session(bus, DeepgramStt("dg-key", base_url=server.base_url),  # type: ignore[arg-type]
                    whisper)
-    call._stt_name, call._stt = await call.s.stt.open(call._stt_chain, call._open_stt)
-    call._stt_task = asyncio.create_task(call._recognise())
+    await recognising(call)
     try:
         for n in range(10):
             await call._inbound_frame(b"\xff" * 160, n * 20)
@@ -212,10 +232,7 @@ async def test_deepgram_closing_the_socket_cleanly_moves_the_call_to_the_fallbac
         assert not call._stt_task.done() and not call.stopped.is_set()
         assert call.s.stt.health["deepgram"].error_rate > 0
     finally:
-        call.stop("test")
-        call._stt_task.cancel()
-        await asyncio.gather(call._stt_task, return_exceptions=True)
-        await call._outbox.drain(1)
+        await stop_recognising(call)
         await server.stop()
 
 
@@ -229,8 +246,7 @@ class Listening:
     @classmethod
     async def start(cls, call: CallSession) -> Listening:
         call.vad = LoudIsSpeech()  # type: ignore[assignment]
-        call._stt_name, call._stt = await call.s.stt.open(call._stt_chain, call._open_stt)
-        call._stt_task = asyncio.create_task(call._recognise())
+        await recognising(call)
         return cls(call)
 
     async def hear(self, frame: bytes, count: int) -> None:
@@ -558,8 +574,7 @@ async def test_a_recogniser_that_refuses_the_calls_audio_for_good_is_not_reopene
     call = session_with(bus, {"deepgram": DeepgramStt("dg-key", base_url=server.base_url),
                               "whisper": Busy()})
     call.s.stt.retry_initial_s = 0.01
-    call._stt_name, call._stt = await call.s.stt.open(call._stt_chain, call._open_stt)
-    call._stt_task = asyncio.create_task(call._recognise())
+    await recognising(call)
     try:
         server.faults.undecodable_audio = True
         for n in range(10):
@@ -568,23 +583,14 @@ async def test_a_recogniser_that_refuses_the_calls_audio_for_good_is_not_reopene
         with contextlib.suppress(TimeoutError):  # (before: never stopped; it looped)
             await asyncio.wait_for(call.stopped.wait(), 5)
         assert len(server.sessions) == 1  # Deepgram was not opened again for this call
-        assert call.stopped.is_set() and call.end_reason == "stt_failed"
-        await call._outbox.drain(1)
-        [switched] = [e for e in await bus.replay_call(CALL, org_id=ORG)
-                      if isinstance(e, MediaProviderSwitched)]
-        assert (switched.kind, switched.from_provider, switched.to_provider) == (
-            "stt", "deepgram", "")
+        switched = await deepgram_given_up(call)
         assert "1008" in switched.reason and "DATA-0000" in switched.reason
         # The call's own audio, not Deepgram's health: not counted against it (other calls'
         # audio it decodes fine).
         assert call.s.stt.health["deepgram"].available
         assert call.s.stt.health["deepgram"].error_rate == 0
     finally:
-        call.stop("test")
-        call._stt_task.cancel()
-        await asyncio.gather(call._stt_task, return_exceptions=True)
-        await call._close_stt(call._stt)
-        await call._outbox.drain(1)
+        await stop_recognising(call)
         await server.stop()
 
 
@@ -601,8 +607,7 @@ async def test_a_recogniser_failing_every_stream_at_once_backs_off_then_the_call
     call = session_with(bus, {"deepgram": DeepgramStt("dg-key", base_url=server.base_url)})
     call.s.stt.retry_initial_s = 0.01
     call.stt_give_up_after_s = 2.0
-    call._stt_name, call._stt = await call.s.stt.open(call._stt_chain, call._open_stt)
-    call._stt_task = asyncio.create_task(call._recognise())
+    await recognising(call)
     server.faults.close_with_error = True
 
     async def caller() -> None:  # real-time audio, as the gateway sends it
@@ -618,20 +623,10 @@ async def test_a_recogniser_failing_every_stream_at_once_backs_off_then_the_call
             await asyncio.wait_for(call.stopped.wait(), 10)
         # 0, 0.2, 0.4, 0.8 s between reopens, then given up: a handful, not hundreds.
         assert 3 <= len(server.sessions) <= 10, len(server.sessions)
-        assert call.stopped.is_set() and call.end_reason == "stt_failed"
-        await call._outbox.drain(1)
-        [switched] = [e for e in await bus.replay_call(CALL, org_id=ORG)
-                      if isinstance(e, MediaProviderSwitched)]
-        assert (switched.kind, switched.from_provider, switched.to_provider) == (
-            "stt", "deepgram", "")
+        switched = await deepgram_given_up(call)
         assert "1011" in switched.reason and "failing for" in switched.reason
     finally:
-        call.stop("test")
-        talking.cancel()
-        call._stt_task.cancel()
-        await asyncio.gather(talking, call._stt_task, return_exceptions=True)
-        await call._close_stt(call._stt)
-        await call._outbox.drain(1)
+        await stop_recognising(call, talking)
         await server.stop()
 
 
@@ -640,8 +635,7 @@ async def test_recognition_after_a_backoff_hears_the_words_said_meanwhile(bus) -
     # lost. It reaches the new stream after the open turn's replay, each frame once.
     flaky = Recogniser("deepgram")
     call = session(bus, flaky)
-    call._stt_name, call._stt = await call.s.stt.open(call._stt_chain, call._open_stt)
-    call._stt_task = asyncio.create_task(call._recognise())
+    await recognising(call)
     fed: list[bytes] = []
 
     async def feed(count: int) -> None:
@@ -664,10 +658,7 @@ async def test_recognition_after_a_backoff_hears_the_words_said_meanwhile(bus) -
         await call._stt_flush()
         assert b"".join(flaky.streams[2].sent) == b"".join(fed)  # all of it, once, in order
     finally:
-        call.stop("test")
-        call._stt_task.cancel()
-        await asyncio.gather(call._stt_task, return_exceptions=True)
-        await call._outbox.drain(1)
+        await stop_recognising(call)
 
 
 async def _until(predicate: Callable[[], bool], timeout_s: float) -> None:
