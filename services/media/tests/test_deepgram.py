@@ -84,6 +84,22 @@ def provider(emulator: DeepgramEmulator, **options: float) -> DeepgramStt:
     return DeepgramStt(KEY, base_url=emulator.base_url, **options)  # type: ignore[arg-type]
 
 
+async def recognised(utterances: list[str | Retracted], audio: bytes, *, until: type) -> Collector:
+    """The events of a stream sent ``audio`` up to the first ``until``, on an emulator of its
+    own that hears ``utterances`` (stopped after)."""
+    server = DeepgramEmulator(api_key=KEY, utterances=utterances)
+    await server.start()
+    try:
+        stream = await provider(server).open()
+        collector = Collector(stream)
+        await send_audio(stream, audio)
+        await collector.wait_for(until)
+        await stream.close()
+    finally:
+        await server.stop()
+    return collector
+
+
 async def test_scripted_utterances_give_partials_finals_and_utterance_ends(
         emulator: DeepgramEmulator) -> None:
     stream = await provider(emulator).open()
@@ -129,16 +145,7 @@ async def test_a_long_utterance_comes_in_several_finals_the_last_speech_final() 
     # Deepgram finalizes a long stretch of speech every few seconds (is_final, speech_final
     # false) and only the piece the endpoint ends has speech_final.
     text = "I would like to book a table for four people on Friday evening at eight please."
-    server = DeepgramEmulator(api_key=KEY, utterances=[text])
-    await server.start()
-    try:
-        stream = await provider(server).open()
-        collector = Collector(stream)
-        await send_audio(stream, speech(4.5) + silence(1.5))
-        await collector.wait_for(UtteranceEnd)
-        await stream.close()
-    finally:
-        await server.stop()
+    collector = await recognised([text], speech(4.5) + silence(1.5), until=UtteranceEnd)
     finals = [f for f in collector.of(Final) if f.text]  # not the empty ones of the silence
     assert len(finals) >= 2 and finals[-1].speech_final
     assert not any(f.speech_final for f in finals[:-1])
@@ -180,16 +187,7 @@ async def test_a_stream_can_end_utterances_sooner_than_the_provider_default(
 
 async def test_an_interim_the_final_takes_back_ends_in_an_empty_final() -> None:
     # A cough heard as "uh", then retracted: the empty final is what clears the interim.
-    server = DeepgramEmulator(api_key=KEY, utterances=[Retracted("Uh")])
-    await server.start()
-    try:
-        stream = await provider(server).open()
-        collector = Collector(stream)
-        await send_audio(stream, speech(0.4) + silence(0.4))
-        await collector.wait_for(Final)
-        await stream.close()
-    finally:
-        await server.stop()
+    collector = await recognised([Retracted("Uh")], speech(0.4) + silence(0.4), until=Final)
     assert collector.of(Partial) == [Partial("Uh")]
     final, = collector.of(Final)
     assert final.text == "" and final.words == [] and final.speech_final
