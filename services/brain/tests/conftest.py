@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -11,11 +13,13 @@ import pytest
 from psycopg_pool import AsyncConnectionPool
 
 from parley.brain.knowledge import retrieve
+from parley.brain.llm.openai_compat import OpenAICompatLlm
 from parley.brain.llm.router import LlmRouter
-from parley.brain.worker import BrainServices
+from parley.brain.worker import BrainServices, BrainWorker
 from parley.common.configuration import AgentSettings, create_agent, create_org
 from parley.common.events import CallRequested, CallStreamStarted, Event, TurnUserEnded, decode
 from parley.devkit.emulators.anthropic import AnthropicEmulator
+from parley.devkit.emulators.openai_compat import OpenAICompatEmulator
 
 ORG, AGENT = "dental", "reception"
 SETTINGS = AgentSettings(prompt="You are the receptionist of Bright Smile Dental.",
@@ -66,6 +70,20 @@ async def emulator():
     await emu.stop()
 
 
+@pytest.fixture
+async def openai_emulator() -> AsyncIterator[OpenAICompatEmulator]:
+    server = OpenAICompatEmulator(api_key="sk-test")
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def openai_llm(emulator: OpenAICompatEmulator) -> OpenAICompatLlm:
+    """The OpenAI-compatible provider (named "openai") on that emulator."""
+    return OpenAICompatLlm(base_url=f"{emulator.base_url}/v1", model="llama3",
+                           api_key="sk-test", name="openai")
+
+
 def services(bus, pool, providers, **overrides: Any) -> BrainServices:
     async def agents(org_id: str, agent_id: str) -> AgentSettings:
         return SETTINGS
@@ -79,9 +97,24 @@ def services(bus, pool, providers, **overrides: Any) -> BrainServices:
     async def profile(org_id: str, call_id: str, number: str) -> str:
         return ""
 
-    return BrainServices(bus=bus, router=LlmRouter(providers, filler_after_ms=None),
-                         **{"agents": agents, "tools": tools, "retrieve": knowledge,
+    return BrainServices(**{"bus": bus, "router": LlmRouter(providers, filler_after_ms=None),
+                            "agents": agents, "tools": tools, "retrieve": knowledge,
                             "profile": profile, **overrides})
+
+
+@contextlib.asynccontextmanager
+async def running_brain(bus, pool, providers, **overrides: Any) -> AsyncIterator[BrainWorker]:
+    """A started brain worker on ``services(bus, pool, providers, **overrides)``; on leaving, the
+    worker is stopped and the providers that hold a client (``aclose``) are closed."""
+    worker = BrainWorker(services(bus, pool, providers, **overrides))
+    await worker.start()
+    try:
+        yield worker
+    finally:
+        await worker.stop()
+        for provider in providers:
+            if hasattr(provider, "aclose"):
+                await provider.aclose()
 
 
 async def open_call(bus, call_id: str) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+from collections.abc import AsyncIterator
 
 import psycopg
 
@@ -14,7 +15,34 @@ from parley.common.configuration import update_agent
 from parley.common.events import ToolCompleted, TurnUserEnded
 from parley.devkit.emulators.anthropic import ScriptedReply, ScriptedToolUse
 
-from .conftest import AGENT, ORG, open_call, services, user_says
+from .conftest import AGENT, ORG, open_call, running_brain, user_says
+
+
+@contextlib.asynccontextmanager
+async def brain_on_emulator(bus, pool, emulator, *, filler_after_ms: int,
+                            agents_from_store: bool = False) -> AsyncIterator[BrainWorker]:
+    """A started brain worker answering through the Anthropic emulator, its router saying fillers
+    after ``filler_after_ms``; with ``agents_from_store`` the agent's settings (and its own
+    threshold) are read from Postgres on every turn."""
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    overrides = {"agents": AgentLookups(pool, keep_s=0).settings} if agents_from_store else {}
+    router = LlmRouter([llm], filler_after_ms=filler_after_ms, first_token_deadline_s=10)
+    async with running_brain(bus, pool, [llm], router=router, **overrides) as worker:
+        yield worker
+
+
+async def store_filler_after_ms(database_url: str, filler_after_ms: int) -> None:
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        await update_agent(conn, ORG, AGENT, {"filler_after_ms": filler_after_ms})
+
+
+async def open_call_past_greeting(bus, recorder, call_id: str) -> None:
+    await open_call(bus, call_id)
+    await recorder.wait("agent.say", call_id)  # the greeting
+
+
+def said_in_turn(recorder, call_id: str, turn_id: str) -> list[str]:
+    return [e.text for e in recorder.of("agent.say", call_id) if e.turn_id == turn_id]
 
 
 async def test_a_slow_reply_gets_the_fillers_at_the_agents_threshold(
@@ -22,35 +50,23 @@ async def test_a_slow_reply_gets_the_fillers_at_the_agents_threshold(
     # The filler threshold was the brain's alone (PARLEY_FILLER_AFTER_MS, 1.2 s): an agent could
     # not have its own. Stored with the agent, it times the fillers its calls hear; with a slow
     # model, a second, different one follows another threshold of silence.
-    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-        await update_agent(conn, ORG, AGENT, {"filler_after_ms": 400})
-    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
-    lookups = AgentLookups(pool, keep_s=0)
-    worker = BrainWorker(dataclasses.replace(
-        services(bus, pool, [llm], agents=lookups.settings),
-        router=LlmRouter([llm], filler_after_ms=5000, first_token_deadline_s=10)))
-    await worker.start()
-    try:
-        await open_call(bus, "fa")
-        await recorder.wait("agent.say", "fa")  # the greeting
+    await store_filler_after_ms(database_url, 400)
+    async with brain_on_emulator(bus, pool, emulator, filler_after_ms=5000,
+                                 agents_from_store=True):
+        await open_call_past_greeting(bus, recorder, "fa")
         emulator.ttft_s = 1.1
         emulator.script(ScriptedReply(text="We open at eight."))
         await user_says(bus, "fa", "t1", "When do you open?")
         await recorder.wait("turn.completed", "fa")
-        says = [e.text for e in recorder.of("agent.say", "fa") if e.turn_id == "t1"]
+        says = said_in_turn(recorder, "fa", "t1")
         assert says[:2] == ["One moment.", "Sorry, just a moment longer."]
         assert says[-1] == "We open at eight."
 
-        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-            await update_agent(conn, ORG, AGENT, {"filler_after_ms": 0})  # none
+        await store_filler_after_ms(database_url, 0)  # none
         emulator.script(ScriptedReply(text="Nine on Saturdays."))
         await user_says(bus, "fa", "t2", "And on Saturdays?")
         await recorder.wait("turn.completed", "fa", count=2)
-        says = [e.text for e in recorder.of("agent.say", "fa") if e.turn_id == "t2"]
-        assert says == ["Nine on Saturdays."]
-    finally:
-        await worker.stop()
-        await llm.aclose()
+        assert said_in_turn(recorder, "fa", "t2") == ["Nine on Saturdays."]
 
 
 async def test_no_filler_comes_after_a_prepared_clause_the_caller_is_already_hearing(
@@ -59,25 +75,16 @@ async def test_no_filler_comes_after_a_prepared_clause_the_caller_is_already_hea
     # as the turn's first clause and asks the model to go on from it. The router timed its
     # fillers from that request as if nothing had been said, so a model slower than the
     # threshold put "One moment." (and more) into the middle of the answer being heard.
-    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
-    worker = BrainWorker(dataclasses.replace(
-        services(bus, pool, [llm]),
-        router=LlmRouter([llm], filler_after_ms=300, first_token_deadline_s=10)))
-    await worker.start()
-    try:
-        await open_call(bus, "fp")
-        await recorder.wait("agent.say", "fp")  # the greeting
+    async with brain_on_emulator(bus, pool, emulator, filler_after_ms=300):
+        await open_call_past_greeting(bus, recorder, "fp")
         emulator.ttft_s = 1.0
         emulator.script(ScriptedReply(text="and on Saturdays at nine."))
         await bus.publish(TurnUserEnded(org_id=ORG, call_id="fp", turn_id="t1",
                                         text="When do you open?",
                                         prepared_text="We open at eight on weekdays,"))
         await recorder.wait("turn.completed", "fp")
-        says = [e.text for e in recorder.of("agent.say", "fp") if e.turn_id == "t1"]
-        assert says == ["We open at eight on weekdays,", "and on Saturdays at nine."]
-    finally:
-        await worker.stop()
-        await llm.aclose()
+        assert said_in_turn(recorder, "fp", "t1") == [
+            "We open at eight on weekdays,", "and on Saturdays at nine."]
 
 
 async def test_the_slow_tool_filler_does_not_repeat_a_filler_the_caller_just_heard(
@@ -86,25 +93,16 @@ async def test_the_slow_tool_filler_does_not_repeat_a_filler_the_caller_just_hea
     # "Sorry, just a moment longer.". The slow-tool filler was skipped only when the round's
     # last clause was that same "One moment.", which with several fillers it no longer is, so
     # the caller heard "One moment." a second time as the tool ran.
-    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
-    worker = BrainWorker(dataclasses.replace(
-        services(bus, pool, [llm]),
-        router=LlmRouter([llm], filler_after_ms=400, first_token_deadline_s=10)))
-    await worker.start()
-    try:
-        await open_call(bus, "ft")
-        await recorder.wait("agent.say", "ft")  # the greeting
+    async with brain_on_emulator(bus, pool, emulator, filler_after_ms=400):
+        await open_call_past_greeting(bus, recorder, "ft")
         emulator.ttft_s = 1.1
         emulator.script(ScriptedReply(tool_uses=(ScriptedToolUse(
             name="book_appointment", input={"day": "Friday"}, id="toolu_slow"),)))
         await user_says(bus, "ft", "t1", "Book me in Friday")
         await recorder.wait("tool.requested", "ft")
-        says = [e.text for e in recorder.of("agent.say", "ft") if e.turn_id == "t1"]
+        says = said_in_turn(recorder, "ft", "t1")
         assert says[:2] == ["One moment.", "Sorry, just a moment longer."]
         assert says.count("One moment.") == 1, says
-    finally:
-        await worker.stop()
-        await llm.aclose()
 
 
 async def test_the_round_after_a_slow_tool_goes_on_from_its_filler_not_again_from_the_first(
@@ -113,36 +111,25 @@ async def test_the_round_after_a_slow_tool_goes_on_from_its_filler_not_again_fro
     # the tool's outcome, then got the router's fillers from the first: the caller heard "One
     # moment." from the tool filler and again from the router. The router's fillers go on
     # from what the turn already said.
-    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-        await update_agent(conn, ORG, AGENT, {"filler_after_ms": 0})  # (the first round: none)
-    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
-    lookups = AgentLookups(pool, keep_s=0)
-    worker = BrainWorker(dataclasses.replace(
-        services(bus, pool, [llm], agents=lookups.settings),
-        router=LlmRouter([llm], filler_after_ms=5000, first_token_deadline_s=10)))
-    await worker.start()
-    try:
-        await open_call(bus, "fr")
-        await recorder.wait("agent.say", "fr")  # the greeting
+    await store_filler_after_ms(database_url, 0)  # (the first round: none)
+    async with brain_on_emulator(bus, pool, emulator, filler_after_ms=5000,
+                                 agents_from_store=True):
+        await open_call_past_greeting(bus, recorder, "fr")
         emulator.script(
             ScriptedReply(text="Let me check.", tool_uses=(ScriptedToolUse(
                 name="book_appointment", input={"day": "Friday"}, id="toolu_fr"),)),
             ScriptedReply(text="You're booked for Friday."))
         await user_says(bus, "fr", "t1", "Book me in Friday")
         await recorder.wait("tool.requested", "fr")
-        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-            await update_agent(conn, ORG, AGENT, {"filler_after_ms": 400})
+        await store_filler_after_ms(database_url, 400)
         emulator.ttft_s = 1.1  # (the answer to the outcome: two thresholds of silence)
         await bus.publish(ToolCompleted(org_id=ORG, call_id="fr", tool_call_id="toolu_fr",
                                         name="book_appointment", result={"booked": True}))
         await recorder.wait("turn.completed", "fr")
-        says = [e.text for e in recorder.of("agent.say", "fr") if e.turn_id == "t1"]
+        says = said_in_turn(recorder, "fr", "t1")
         assert says[:3] == ["Let me check.", "One moment.", "Sorry, just a moment longer."]
         assert says.count("One moment.") == 1, says
         assert says[-1] == "You're booked for Friday."
-    finally:
-        await worker.stop()
-        await llm.aclose()
 
 
 async def test_the_slow_tool_filler_is_not_a_phrase_the_turn_said_before_its_reply_began(
@@ -150,22 +137,13 @@ async def test_the_slow_tool_filler_is_not_a_phrase_the_turn_said_before_its_rep
     # The model was slow to begin: the caller heard the router's "One moment.", then "Let me
     # check." and a tool call. The slow-tool filler was skipped only right after a filler, so
     # "One moment." was published again with the tool request, for the caller to hear twice.
-    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
-    worker = BrainWorker(dataclasses.replace(
-        services(bus, pool, [llm]),
-        router=LlmRouter([llm], filler_after_ms=400, first_token_deadline_s=10)))
-    await worker.start()
-    try:
-        await open_call(bus, "fb")
-        await recorder.wait("agent.say", "fb")  # the greeting
+    async with brain_on_emulator(bus, pool, emulator, filler_after_ms=400):
+        await open_call_past_greeting(bus, recorder, "fb")
         emulator.ttft_s = 0.7  # one threshold of silence (two on a slow machine)
         emulator.script(ScriptedReply(text="Let me check.", tool_uses=(ScriptedToolUse(
             name="book_appointment", input={"day": "Friday"}, id="toolu_fb"),)))
         await user_says(bus, "fb", "t1", "Book me in Friday")
         await recorder.wait("tool.requested", "fb")
-        says = [e.text for e in recorder.of("agent.say", "fb") if e.turn_id == "t1"]
+        says = said_in_turn(recorder, "fb", "t1")
         assert says[0] == "One moment." and "Let me check." in says
         assert says.count("One moment.") == 1, says
-    finally:
-        await worker.stop()
-        await llm.aclose()

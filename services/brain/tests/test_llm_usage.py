@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-import pytest
 
 from parley.brain import worker as brain_worker
 from parley.brain.conversation import fold
@@ -35,7 +34,6 @@ from parley.brain.llm.base import (
     UsageReported,
 )
 from parley.brain.llm.local_responder import LocalResponder
-from parley.brain.llm.openai_compat import OpenAICompatLlm
 from parley.brain.usage import RoundUsage, usage_recorded
 from parley.brain.worker import BrainWorker
 from parley.common.bus import Bus
@@ -57,10 +55,19 @@ from parley.devkit.emulators.anthropic import (
     count_tokens,
     prompt_tokens,
 )
-from parley.devkit.emulators.openai_compat import OpenAICompatEmulator
 from parley.devkit.infra import NatsServer
 
-from .conftest import ORG, SETTINGS, conversation, open_call, services, turn_context, user_says
+from .conftest import (
+    ORG,
+    SETTINGS,
+    conversation,
+    open_call,
+    openai_llm,
+    running_brain,
+    services,
+    turn_context,
+    user_says,
+)
 
 KINDS = {"llm_input_tokens": "input_tokens", "llm_output_tokens": "output_tokens",
          "llm_cache_read_tokens": "cache_read_tokens",
@@ -316,19 +323,6 @@ async def test_a_speculation_that_is_not_adopted_records_what_it_was_billed(
     assert len(set(ids)) == len(ids)
 
 
-@pytest.fixture
-async def openai_emulator() -> AsyncIterator[OpenAICompatEmulator]:
-    server = OpenAICompatEmulator(api_key="sk-test")
-    await server.start()
-    yield server
-    await server.stop()
-
-
-def openai_llm(emulator: OpenAICompatEmulator) -> OpenAICompatLlm:
-    return OpenAICompatLlm(base_url=f"{emulator.base_url}/v1", model="llama3",
-                           api_key="sk-test", name="openai")
-
-
 def recorded_by_estimate(recorder, call_id: str, provider: str = "openai"
                          ) -> dict[bool, Counter[str]]:
     """The call's usage.recorded summed per kind, apart for estimates and reported usage."""
@@ -413,16 +407,11 @@ async def test_an_openai_compatible_turn_that_finished_records_only_what_the_ser
     and completes with, and no estimate besides it."""
     openai_emulator.script(ScriptedReply(text="We open at eight and close at five."))
     llm = openai_llm(openai_emulator)
-    worker = BrainWorker(services(bus, pool, [llm]))
-    await worker.start()
-    try:
+    async with running_brain(bus, pool, [llm]):
         await open_call(bus, "c-oa-done")
         await user_says(bus, "c-oa-done", "t1", "What are your hours?")
         done, = await recorder.wait("turn.completed", "c-oa-done")
         await asyncio.sleep(0.1)
-    finally:
-        await worker.stop()
-        await llm.aclose()
     request, = openai_emulator.requests
     recorded = recorded_by_estimate(recorder, "c-oa-done")
     assert not recorded[True]
@@ -443,18 +432,13 @@ async def test_an_openai_compatible_stream_dropped_mid_reply_records_an_estimate
         return ScriptedReply(text=reply)
 
     llm = openai_llm(openai_emulator)
-    worker = BrainWorker(services(bus, pool, [llm]))
-    await worker.start()
-    try:
+    async with running_brain(bus, pool, [llm]):
         await open_call(bus, "c-oa-drop")
         await recorder.wait("agent.say", "c-oa-drop")
         openai_emulator.cut_after_tokens = 9
         openai_emulator.script(ScriptedReply(text=reply), recovered)
         await user_says(bus, "c-oa-drop", "t1", "Tell me about the clinic.")
         done, = await recorder.wait("turn.completed", "c-oa-drop")
-    finally:
-        await worker.stop()
-        await llm.aclose()
     first, second = openai_emulator.requests[-2:]
     recorded = recorded_by_estimate(recorder, "c-oa-drop")
     assert characters_of(first) / 5 < recorded[True]["llm_input_tokens"] < (
@@ -473,17 +457,12 @@ async def test_an_empty_reply_that_fell_back_records_what_the_server_billed_for_
     as the server reported it, and no estimate besides."""
     openai_emulator.script(ScriptedReply(text="  \n"))
     llm = openai_llm(openai_emulator)
-    worker = BrainWorker(services(bus, pool, [llm, LocalResponder()]))
-    await worker.start()
-    try:
+    async with running_brain(bus, pool, [llm, LocalResponder()]):
         await open_call(bus, "c-oa-empty")
         await recorder.wait("agent.say", "c-oa-empty")  # the greeting
         await user_says(bus, "c-oa-empty", "t1", "What are your hours?")
         done, = await recorder.wait("turn.completed", "c-oa-empty")
         await asyncio.sleep(0.1)
-    finally:
-        await worker.stop()
-        await llm.aclose()
     request, = openai_emulator.requests
     recorded: dict[tuple[str, bool], Counter[str]] = {}
     for usage in recorder.of("usage.recorded", "c-oa-empty"):
@@ -622,9 +601,7 @@ async def test_a_long_calls_history_is_read_from_the_prompt_cache_turn_after_tur
     turn's context comes after it: once the prefix passes the minimum, a turn writes it and the
     next turn reads what the turn before wrote. A short call is unaffected: nothing cached."""
     llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
-    worker = BrainWorker(services(bus, pool, [llm]))
-    await worker.start()
-    try:
+    async with running_brain(bus, pool, [llm]):
         await open_call(bus, "c-short")
         for number, words in enumerate(("Hi.", "What time do you open?", "Thanks."), 1):
             await user_says(bus, "c-short", f"t{number}", words)
@@ -634,9 +611,6 @@ async def test_a_long_calls_history_is_read_from_the_prompt_cache_turn_after_tur
             await user_says(bus, "c-long", f"t{number}",
                             " ".join(f"item{number}-{i}" for i in range(1500)))
             await recorder.wait("turn.completed", "c-long", count=number)
-    finally:
-        await worker.stop()
-        await llm.aclose()
 
     short = per_turn(recorder, "c-short")
     assert set(short) == {"t1", "t2", "t3"}

@@ -28,6 +28,7 @@ from .conftest import (
     SETTINGS,
     conversation,
     open_call,
+    running_brain,
     services,
     turn_context,
     user_says,
@@ -77,16 +78,11 @@ async def test_a_greeting_said_after_the_caller_spoke_comes_before_their_words(
     await open_call(bus, "c-late")  # (no brain running yet: the turn ends before the greeting)
     await user_says(bus, "c-late", "t1", "Hello? Is anyone there?")
     llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
-    worker = BrainWorker(services(bus, pool, [llm]))
     emulator.script(ScriptedReply(text="Yes, I'm here. How can I help?"))
-    await worker.start()
-    try:
+    async with running_brain(bus, pool, [llm]):
         done, = await recorder.wait("turn.completed", "c-late")
         assert not done.cancelled
         greeting, = [e for e in recorder.of("agent.say", "c-late") if e.turn_id == "t0"]
-    finally:
-        await worker.stop()
-        await llm.aclose()
     ended, = recorder.of("turn.user_ended", "c-late")
     assert recorder.events.index(ended) < recorder.events.index(greeting)  # the late greeting
     request, = emulator.requests
@@ -139,9 +135,7 @@ async def test_what_was_heard_of_a_tool_turn_reaches_the_model_round_by_round(
     read "Let me check the calendar. One moment. You're booked for" before the tool use, and
     nothing after its result: it saw itself claim the booking before making it."""
     llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
-    worker = BrainWorker(services(bus, pool, [llm]))
-    await worker.start()
-    try:
+    async with running_brain(bus, pool, [llm]):
         emulator.script(
             ScriptedReply(text="Let me check the calendar.", tool_uses=(ScriptedToolUse(
                 name="book_appointment", input={"day": "Friday"}, id="toolu_7"),)),
@@ -158,9 +152,6 @@ async def test_what_was_heard_of_a_tool_turn_reaches_the_model_round_by_round(
             played_text="Let me check the calendar. One moment. You're booked for"))
         await user_says(bus, "c-heard", "t2", "Actually, make it Monday.")
         await recorder.wait("turn.completed", "c-heard", count=2)
-    finally:
-        await worker.stop()
-        await llm.aclose()
     sent = [(m["role"], block.get("text") or block["type"])
             for m in conversation(emulator.requests[-1])
             for block in ([{"text": m["content"]}] if isinstance(m["content"], str)
@@ -268,9 +259,7 @@ async def test_local_responder_answers_a_follow_up_about_the_previous_turns_subj
     """
     await ingest(pool, ORG, AGENT, "prices.md", b"A teeth cleaning costs $95. A check-up with "
                  b"X-rays costs $140.\nA whitening session costs $250. A filling starts at $180.")
-    worker = BrainWorker(services(bus, pool, [LocalResponder()]))
-    await worker.start()
-    try:
+    async with running_brain(bus, pool, [LocalResponder()]):
         await open_call(bus, "c-local-follow")
         said = ["Do you do whitening?", "How much does it cost?",
                 "And do you do deep cleanings?", "How much does it cost?"]
@@ -281,8 +270,6 @@ async def test_local_responder_answers_a_follow_up_about_the_previous_turns_subj
                             if e.turn_id == f"t{number}") for number in (2, 4)]
         assert answers[0] == "A whitening session costs $250.", answers
         assert "check" in answers[1] and not any(ch.isdigit() for ch in answers[1]), answers
-    finally:
-        await worker.stop()
 
 
 async def test_a_newer_user_turn_supersedes_the_running_one(bus, pool, emulator,
@@ -489,9 +476,7 @@ async def test_a_turn_with_no_words_is_completed_without_asking_the_model(
     agent's last words, which Anthropic takes as a prefill to go on with (newer models refuse
     it). It is now completed at once, nothing said, no model asked."""
     llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
-    worker = BrainWorker(services(bus, pool, [llm]))
-    await worker.start()
-    try:
+    async with running_brain(bus, pool, [llm]):
         await open_call(bus, "c-blank")
         await recorder.wait("agent.say", "c-blank")  # the greeting
         await user_says(bus, "c-blank", "t1", "  ")
@@ -504,9 +489,6 @@ async def test_a_turn_with_no_words_is_completed_without_asking_the_model(
         await recorder.wait("turn.completed", "c-blank", count=2)
         assert conversation(emulator.requests[-1])[-1] == {"role": "user",
                                                            "content": "When do you open?"}
-    finally:
-        await worker.stop()
-        await llm.aclose()
 
 
 async def test_no_second_filler_after_the_model_said_it_itself(bus, pool, emulator,
@@ -555,9 +537,7 @@ async def test_the_turns_knowledge_stays_in_front_of_the_model_after_a_tool_resu
     """
     await ingest(pool, ORG, AGENT, "prices.md", b"# Prices\n\nA teeth cleaning costs $95.")
     llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
-    worker = BrainWorker(services(bus, pool, [llm]))
-    await worker.start()
-    try:
+    async with running_brain(bus, pool, [llm]):
         emulator.script(
             ScriptedReply(text="Let me book that.", tool_uses=(ScriptedToolUse(
                 name="book_appointment", input={"day": "Friday"}, id="toolu_kb"),)),
@@ -573,9 +553,6 @@ async def test_the_turns_knowledge_stays_in_front_of_the_model_after_a_tool_resu
         assert len(emulator.requests) == 2
         assert "$95" in turn_context(emulator.requests[-1])  # after the tool result
         assert len(recorder.of("knowledge.retrieved", "c-kb")) == 1
-    finally:
-        await worker.stop()
-        await llm.aclose()
 
 
 async def test_a_follow_up_question_is_answered_from_what_its_subject_found(
@@ -591,9 +568,7 @@ async def test_a_follow_up_question_is_answered_from_what_its_subject_found(
                  b"Teeth whitening: a whitening session takes an hour and costs $300.")
     await ingest(pool, ORG, AGENT, "hours.md", b"We open at eight, Monday to Friday.")
     llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
-    worker = BrainWorker(services(bus, pool, [llm]))
-    await worker.start()
-    try:
+    async with running_brain(bus, pool, [llm]):
         emulator.script(ScriptedReply(text="Yes, we do whitening."),
                         ScriptedReply(text="It costs $300."))
         await open_call(bus, "c-follow")
@@ -614,6 +589,3 @@ async def test_a_follow_up_question_is_answered_from_what_its_subject_found(
         third = recorder.of("knowledge.retrieved", "c-follow")[2]
         assert third.query == "What time do you open on Monday?"
         assert "$300" not in turn_context(emulator.requests[-1])
-    finally:
-        await worker.stop()
-        await llm.aclose()
