@@ -132,6 +132,43 @@ async def stop(call: CallSession, speaker: asyncio.Task[None]) -> None:
     await call._outbox.drain(1)
 
 
+@contextlib.asynccontextmanager
+async def speaking_with_cartesia(bus: Bus, *fallbacks: object, voice: object = None,
+                                 model_id: str | None = None,
+                                 settings: AgentSettings | None = None):
+    """A session speaking whose synthesisers are Cartesia (its emulator, with ``voice`` if
+    given), then ``fallbacks``. Yields (call, the Cartesia emulator)."""
+    from parley.devkit.emulators.cartesia import CartesiaEmulator
+    from parley.media.providers.cartesia_tts import CartesiaTts
+
+    emulator = CartesiaEmulator(api_key="key", **({"voice": voice} if voice is not None else {}))
+    await emulator.start()
+    cartesia = CartesiaTts("key", base_url=emulator.base_url,
+                           **({"model_id": model_id} if model_id else {}))
+    call = session(bus, cartesia, *fallbacks, settings=settings)  # type: ignore[arg-type]
+    speaker = asyncio.create_task(call._speaker())
+    try:
+        yield call, emulator
+    finally:
+        await stop(call, speaker)
+        await cartesia.close()
+        await emulator.stop()
+
+
+async def until_spoken(call: CallSession, turn_id: str) -> None:
+    """Wait (10 s at most) for the speaker to be done with the agent's turn ``turn_id``."""
+    await wait_for(lambda: turn_id in call._turns and call._turns[turn_id].spoken, timeout=10)
+
+
+async def cartesia_given_up(bus: Bus, call_id: str) -> MediaProviderSwitched:
+    """The call's one media.provider_switched: from Cartesia to no synthesiser at all."""
+    switched = [e for e in await bus.replay_call(call_id, org_id=ORG)
+                if isinstance(e, MediaProviderSwitched)]
+    assert [(e.kind, e.from_provider, e.to_provider) for e in switched] == [
+        ("tts", "cartesia", "")]
+    return switched[0]
+
+
 async def test_a_send_that_fails_with_the_synthesiser_falls_back_to_the_next(bus) -> None:
     said: list[tuple[str, str, bool]] = []
     first = Synthesiser("first", said, stuck_second_say=True)
@@ -403,17 +440,12 @@ async def test_a_broken_cartesia_socket_is_reopened_when_no_fallback_can_speak(b
     # Cartesia's shared socket breaks mid-turn (a redeploy, or another call's stalled context
     # taking it down): Cartesia itself must take the turn again on a new socket; skipping to
     # Piper, which refuses it, dropped the rest of the turn and the caller heard half a sentence.
-    from parley.devkit.emulators.cartesia import CartesiaEmulator, Voice
-    from parley.media.providers.cartesia_tts import CartesiaTts
+    from parley.devkit.emulators.cartesia import Voice
     from parley.media.providers.local.piper_tts import PiperTts
 
-    emulator = CartesiaEmulator(api_key="key", voice=Voice(
-        seconds_per_character=0.06, gap_s=0.04, chunk_s=0.1, speed=2.0))
-    await emulator.start()
-    cartesia = CartesiaTts("key", base_url=emulator.base_url)
-    call = session(bus, cartesia, PiperTts(), settings=AgentSettings(language="es-ES"))
-    speaker = asyncio.create_task(call._speaker())
-    try:
+    voice = Voice(seconds_per_character=0.06, gap_s=0.04, chunk_s=0.1, speed=2.0)
+    async with speaking_with_cartesia(bus, PiperTts(), voice=voice,
+                                      settings=AgentSettings(language="es-ES")) as (call, emulator):
         call._on_say(say("t1", 0, "Hola, gracias por llamar a la clínica dental."))
         call._on_say(say("t1", 1, "¿En qué puedo ayudarle hoy?", last=True))
         await wait_for(lambda: "t1" in call._turns and call._turns["t1"].audio.frames)
@@ -425,10 +457,6 @@ async def test_a_broken_cartesia_socket_is_reopened_when_no_fallback_can_speak(b
         assert [r["transcript"] for r in emulator.sessions[1].requests][-1] == (
             "¿En qué puedo ayudarle hoy?")
         assert [w.text for w in turn.audio.words][-1] == "hoy?"
-    finally:
-        await stop(call, speaker)
-        await cartesia.close()
-        await emulator.stop()
 
 
 async def test_a_turn_no_synthesiser_can_finish_ends_with_the_audio_it_has(bus) -> None:
@@ -436,16 +464,10 @@ async def test_a_turn_no_synthesiser_can_finish_ends_with_the_audio_it_has(bus) 
     # the rest of the turn cannot be said. The audio already sent still plays, and the turn
     # must end when it has: left without its end, it never finished, no agent.speech.finished
     # came, and the idle clock counted the call busy for the rest of it.
-    from parley.devkit.emulators.cartesia import CartesiaEmulator, Voice
-    from parley.media.providers.cartesia_tts import CartesiaTts
+    from parley.devkit.emulators.cartesia import Voice
 
-    emulator = CartesiaEmulator(api_key="key", voice=Voice(
-        seconds_per_character=0.06, gap_s=0.04, chunk_s=0.1, speed=2.0))
-    await emulator.start()
-    cartesia = CartesiaTts("key", base_url=emulator.base_url)
-    call = session(bus, cartesia)
-    speaker = asyncio.create_task(call._speaker())
-    try:
+    voice = Voice(seconds_per_character=0.06, gap_s=0.04, chunk_s=0.1, speed=2.0)
+    async with speaking_with_cartesia(bus, voice=voice) as (call, emulator):
         call._on_say(say("t1", 0, "Thanks for calling the dental clinic."))
         call._on_say(say("t1", 1, "How can I help you today?", last=True))
         await wait_for(lambda: "t1" in call._turns and call._turns["t1"].audio.frames)
@@ -459,10 +481,6 @@ async def test_a_turn_no_synthesiser_can_finish_ends_with_the_audio_it_has(bus) 
         await call._outbox.drain(1)
         events = await bus.replay_call(CALL, org_id=ORG)
         assert [e.turn_id for e in events if isinstance(e, AgentSpeechFinished)] == ["t1"]
-    finally:
-        await stop(call, speaker)
-        await cartesia.close()
-        await emulator.stop()
 
 
 async def test_a_fallback_mid_clause_says_only_the_rest_of_it(bus) -> None:
@@ -470,18 +488,12 @@ async def test_a_fallback_mid_clause_says_only_the_rest_of_it(bus) -> None:
     # refused): Piper takes the turn. The clause's first words have already gone out to the
     # caller; said again from the clause's start, the caller heard them twice, and so did what
     # the caller heard (played_text) record them.
-    from parley.devkit.emulators.cartesia import CartesiaEmulator, Voice
-    from parley.media.providers.cartesia_tts import CartesiaTts
+    from parley.devkit.emulators.cartesia import Voice
     from parley.media.providers.local.piper_tts import PiperTts
 
-    emulator = CartesiaEmulator(api_key="key", voice=Voice(
-        seconds_per_character=0.06, gap_s=0.04, chunk_s=0.1, speed=1.0))
-    await emulator.start()
-    cartesia = CartesiaTts("key", base_url=emulator.base_url)
-    call = session(bus, cartesia, PiperTts())
-    speaker = asyncio.create_task(call._speaker())
     clause = "Thanks for calling the dental clinic, how can I help you today?"
-    try:
+    voice = Voice(seconds_per_character=0.06, gap_s=0.04, chunk_s=0.1, speed=1.0)
+    async with speaking_with_cartesia(bus, PiperTts(), voice=voice) as (call, emulator):
         call._on_say(say("t1", 0, clause, last=True))
         await wait_for(lambda: "t1" in call._turns and len(call._turns["t1"].audio.words) >= 3)
         emulator.faults.reject_status = 503
@@ -494,10 +506,6 @@ async def test_a_fallback_mid_clause_says_only_the_rest_of_it(bus) -> None:
         await played(call, "t1")
         await call._interrupt(turn, time.monotonic())  # the caller cuts in at its very end
         await call._outbox.drain(1)
-    finally:
-        await stop(call, speaker)
-        await cartesia.close()
-        await emulator.stop()
     interrupted, = [e for e in await bus.replay_call(CALL, org_id=ORG)
                     if isinstance(e, AgentSpeechInterrupted)]
     assert interrupted.played_text == clause
@@ -509,33 +517,18 @@ async def test_a_synthesiser_that_refuses_the_call_for_good_is_not_asked_again(b
     # Cartesia, then the whole chain again, Cartesia again: two refused requests a turn for the
     # rest of the call. Refused for good, Cartesia is not asked again on this call; the turns
     # end (with no audio) and media.provider_switched (to none) says why the agent is silent.
-    from parley.devkit.emulators.cartesia import CartesiaEmulator
-    from parley.media.providers.cartesia_tts import CartesiaTts
-
-    emulator = CartesiaEmulator(api_key="key")
-    await emulator.start()
-    cartesia = CartesiaTts("key", base_url=emulator.base_url, model_id="sonic-2")
-    call = session(bus, cartesia, settings=AgentSettings(language="it-IT"))  # type: ignore[arg-type]
-    call.s.tts.retry_initial_s = 0.01
-    speaker = asyncio.create_task(call._speaker())
-    try:
+    async with speaking_with_cartesia(bus, model_id="sonic-2",
+                                      settings=AgentSettings(language="it-IT")) as (call, emulator):
+        call.s.tts.retry_initial_s = 0.01
         call._on_say(say("t1", 0, "Grazie per aver chiamato lo studio dentistico.", last=True))
-        await wait_for(lambda: "t1" in call._turns and call._turns["t1"].spoken, timeout=10)
+        await until_spoken(call, "t1")
         call._on_say(say("t2", 0, "Come posso aiutarla oggi?", last=True))
-        await wait_for(lambda: "t2" in call._turns and call._turns["t2"].spoken, timeout=10)
+        await until_spoken(call, "t2")
         requests = [r for s in emulator.sessions for r in s.requests if r["transcript"]]
         assert len(requests) == 1  # refused once; not asked again, that turn or the next
         assert call._turns["t2"].audio.text_done
         await call._outbox.drain(1)
-        [switched] = [e for e in await bus.replay_call(CALL, org_id=ORG)
-                      if isinstance(e, MediaProviderSwitched)]
-        assert (switched.kind, switched.from_provider, switched.to_provider) == (
-            "tts", "cartesia", "")
-        assert "sunset" in switched.reason
-    finally:
-        await stop(call, speaker)
-        await cartesia.close()
-        await emulator.stop()
+        assert "sunset" in (await cartesia_given_up(bus, CALL)).reason
 
 
 async def test_calls_refused_a_sunset_model_leave_cartesia_to_the_other_calls(bus) -> None:
@@ -656,11 +649,7 @@ async def test_a_call_no_synthesiser_can_speak_for_is_hung_up(bus) -> None:
         assert done, "the call was not ended"  # (before: it went on, silent)
         assert call.end_reason == "tts_failed"
         assert [reason for reason, _ in hangups] == ["error"]
-        switched = [e for e in await bus.replay_call(CALL, org_id=ORG)
-                    if isinstance(e, MediaProviderSwitched)]
-        assert [(e.kind, e.from_provider, e.to_provider) for e in switched] == [
-            ("tts", "cartesia", "")]
-        assert "sunset" in switched[0].reason
+        assert "sunset" in (await cartesia_given_up(bus, CALL)).reason
 
 
 async def test_the_hang_up_for_no_synthesiser_waits_for_the_agent_audio_already_out(bus) -> None:
@@ -698,10 +687,7 @@ async def test_the_hang_up_for_no_synthesiser_waits_for_the_agent_audio_already_
         assert done, "the call was not ended"
         assert call.end_reason == "tts_failed"
         assert [reason for reason, _ in hangups] == ["error"] and hangups[0][1] >= echoed
-        switched = [e for e in await bus.replay_call(call_id, org_id=ORG)
-                    if isinstance(e, MediaProviderSwitched)]
-        assert [(e.kind, e.from_provider, e.to_provider) for e in switched] == [
-            ("tts", "cartesia", "")]
+        await cartesia_given_up(bus, call_id)
 
 
 async def test_a_turn_no_synthesiser_opened_for_does_not_end_the_call_the_next_serves(
@@ -734,26 +720,14 @@ async def test_a_synthesiser_at_its_concurrency_limit_is_asked_again_not_refused
     # rest of the call, and with no fallback the call was hung up (tts_failed) over a moment's
     # peak. A 429 is transient: the turn is taken up again on Cartesia and said, and the call
     # goes on.
-    from parley.devkit.emulators.cartesia import CartesiaEmulator
-    from parley.media.providers.cartesia_tts import CartesiaTts
-
-    emulator = CartesiaEmulator(api_key="key")
-    await emulator.start()
-    cartesia = CartesiaTts("key", base_url=emulator.base_url)
-    call = session(bus, cartesia)
-    call.s.tts.retry_initial_s = 0.01
-    speaker = asyncio.create_task(call._speaker())
-    try:
+    async with speaking_with_cartesia(bus) as (call, emulator):
+        call.s.tts.retry_initial_s = 0.01
         emulator.faults.error_status = 429  # the turn's first request
         call._on_say(say("t1", 0, "Thanks for calling the dental clinic.", last=True))
-        await wait_for(lambda: "t1" in call._turns and call._turns["t1"].spoken, timeout=10)
+        await until_spoken(call, "t1")
         turn = call._turns["t1"]
         assert [w.text for w in turn.audio.words] == "Thanks for calling the dental clinic.".split()
         assert not call.stopped.is_set() and not call._tts_refused
         call._on_say(say("t2", 0, "How can I help?", last=True))
-        await wait_for(lambda: "t2" in call._turns and call._turns["t2"].spoken, timeout=10)
+        await until_spoken(call, "t2")
         assert call._turns["t2"].audio.frames
-    finally:
-        await stop(call, speaker)
-        await cartesia.close()
-        await emulator.stop()
