@@ -1,6 +1,7 @@
 """Played position from mark echoes, heard text from word times, barge-in policy."""
 
 from parley.media.playback import (
+    ECHO_GRACE_S,
     GENERATION,
     AgentTurnAudio,
     BargeIn,
@@ -155,8 +156,6 @@ def test_modes_and_sensitivity() -> None:
 def test_audio_never_echoed_stops_playing_its_length_and_a_grace_after_it_was_sent() -> None:
     # A carrier that echoes no marks (a Plivo account without playedStream, a lost echo): the
     # turn counted as playing for as long as any frame sent was unechoed, that is for ever.
-    from parley.media.playback import ECHO_GRACE_S
-
     turn = turn_with(1.0, [])
     turn.take_unsent(100.0)
     assert turn.playing(100.0) and turn.playing(101.0 + ECHO_GRACE_S - 0.05)
@@ -164,8 +163,6 @@ def test_audio_never_echoed_stops_playing_its_length_and_a_grace_after_it_was_se
 
 
 def test_an_echo_that_says_playback_began_late_moves_the_bound_on() -> None:
-    from parley.media.playback import ECHO_GRACE_S
-
     turn = turn_with(1.0, [])
     turn.take_unsent(100.0)
     turn.echo(1, 103.0)  # the carrier began 3 s after it got the audio; then no more echoes
@@ -174,8 +171,6 @@ def test_an_echo_that_says_playback_began_late_moves_the_bound_on() -> None:
 
 
 def test_audio_sent_while_earlier_audio_plays_is_played_after_it() -> None:
-    from parley.media.playback import ECHO_GRACE_S
-
     turn = AgentTurnAudio("t1")
     turn.add_frames([FRAME] * 50, [], clause_start_s=0.0)
     turn.end_clause()
