@@ -78,6 +78,14 @@ async def test_two_clauses_in_one_context(emulator: CartesiaEmulator, tts: Carte
     assert all(w.end > w.start for w in words[0] + words[1])
 
 
+async def say_in_one_turn(tts: CartesiaTts, clauses: list[str]) -> list[TtsChunk]:
+    """The chunks of one turn (one stream) that says ``clauses``, the last one last."""
+    stream = await tts.open()
+    for number, text in enumerate(clauses):
+        await stream.say(text, last=number == len(clauses) - 1)
+    return await collect(stream)
+
+
 def clause_words(chunks: list[TtsChunk], clauses: int) -> dict[int, list]:
     return {clause: [w for c in chunks if c.clause == clause for w in c.words]
             for clause in range(clauses)}
@@ -89,10 +97,7 @@ async def test_clauses_are_flushed_as_cartesia_documents_and_keep_their_audio(
     # true, same context); we sent flush on the clause's own request, a form its docs never
     # describe, while mapping audio and timestamps to clauses by the flush number.
     clauses = ["Hello there caller.", "Your table is booked.", "Anything else?"]
-    stream = await tts.open()
-    for number, text in enumerate(clauses):
-        await stream.say(text, last=number == len(clauses) - 1)
-    chunks = await collect(stream)
+    chunks = await say_in_one_turn(tts, clauses)
 
     session = emulator.sessions[0]
     assert session.undocumented == []
@@ -121,10 +126,7 @@ async def test_word_timestamps_that_restart_at_each_flush_stay_relative_to_their
     # taken as before its clause's audio and pinned to 0.0.
     emulator.timestamps_restart_at_flush = True
     clauses = ["Hello there caller.", "Your table is booked.", "Anything else?"]
-    stream = await tts.open()
-    for number, text in enumerate(clauses):
-        await stream.say(text, last=number == len(clauses) - 1)
-    chunks = await collect(stream)
+    chunks = await say_in_one_turn(tts, clauses)
 
     words = clause_words(chunks, len(clauses))
     for clause, text in enumerate(clauses):
