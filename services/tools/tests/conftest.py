@@ -1,5 +1,7 @@
 import asyncio
+import contextlib
 import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,6 +102,22 @@ async def other_api_key(pool, orgs):
     async with pool.connection() as conn:
         _, token = await create_api_key(conn, OTHER_ORG, scopes=["tools:approve"])
     return token
+
+
+@contextlib.asynccontextmanager
+async def serving(method: str, path: str,
+                  handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                  ) -> AsyncIterator[str]:
+    """An endpoint of its own on loopback, answering ``method path`` with ``handler``, for as
+    long as the block runs; yields its URL."""
+    app = web.Application()
+    app.router.add_route(method, path, handler)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield f"http://127.0.0.1:{server.port}{path}"
+    finally:
+        await server.close()
 
 
 @dataclass

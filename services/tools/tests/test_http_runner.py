@@ -14,6 +14,8 @@ from aiohttp.test_utils import TestServer
 from parley.common.tools.definitions import parse_http_tool
 from parley.tools.http_tool import retry_after_s, run_http_tool
 
+from .conftest import serving
+
 SECRET = "sk_live_0123456789abcdefghijklmnopqrstuv"
 
 
@@ -126,16 +128,10 @@ async def test_a_secret_echoed_in_an_escaped_json_form_is_redacted(status, cap, 
         return web.Response(status=status, text=quoted + " " * 200,
                             content_type="application/json")
 
-    app = web.Application()
-    app.router.add_get("/echo", echo)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        tool = http_tool(f"http://127.0.0.1:{server.port}/echo", method="GET",
-                         headers={"X-Key": "{secret:key}"}, max_response_bytes=cap)
+    async with serving("GET", "/echo", echo) as url:
+        tool = http_tool(url, method="GET", headers={"X-Key": "{secret:key}"},
+                         max_response_bytes=cap)
         outcome = await run(tool, {}, {"key": secret})
-    finally:
-        await server.close()
     text = json.dumps(msgspec.to_builtins(outcome))
     assert "wJalrX" not in text and "EXAMPLEKEY" not in text, text
     assert "[redacted]" in text, text
@@ -164,16 +160,9 @@ async def test_an_error_body_in_its_declared_charset_has_the_secret_redacted(cha
         return web.Response(status=401, body=f"bad key {request.headers['X-Key']}".encode(charset),
                             content_type="text/plain", charset=charset)
 
-    app = web.Application()
-    app.router.add_get("/echo", echo)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        tool = http_tool(f"http://127.0.0.1:{server.port}/echo", method="GET",
-                         headers={"X-Key": "{secret:key}"})
+    async with serving("GET", "/echo", echo) as url:
+        tool = http_tool(url, method="GET", headers={"X-Key": "{secret:key}"})
         outcome = await run(tool, {}, {"key": secret})
-    finally:
-        await server.close()
     assert not outcome.ok
     assert outcome.error.endswith("401: bad key [redacted]"), outcome.error
 
@@ -184,15 +173,8 @@ async def test_an_error_body_in_a_charset_that_cannot_be_decoded_is_read_as_utf8
         return web.Response(status=404, body="Kunde Müller unbekannt".encode(),
                             headers={"Content-Type": f"text/plain; charset={charset}"})
 
-    app = web.Application()
-    app.router.add_get("/customer", refuse)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        outcome = await run(http_tool(f"http://127.0.0.1:{server.port}/customer",
-                                      method="GET"), {})
-    finally:
-        await server.close()
+    async with serving("GET", "/customer", refuse) as url:
+        outcome = await run(http_tool(url, method="GET"), {})
     assert not outcome.ok and outcome.error == "t answered 404: Kunde Müller unbekannt", outcome
 
 
@@ -209,14 +191,8 @@ async def test_a_binary_body_is_described_not_passed_as_text():
     async def logo(request: web.Request) -> web.Response:
         return web.Response(body=b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", content_type="image/png")
 
-    app = web.Application()
-    app.router.add_get("/logo", logo)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        outcome = await run(http_tool(f"http://127.0.0.1:{server.port}/logo", method="GET"), {})
-    finally:
-        await server.close()
+    async with serving("GET", "/logo", logo) as url:
+        outcome = await run(http_tool(url, method="GET"), {})
     assert outcome.ok
     assert outcome.result == {"binary": True, "content_type": "image/png", "bytes": 16}
 
@@ -287,14 +263,8 @@ async def test_a_retry_after_that_is_no_number_is_ignored(after):
     async def answer(request: web.Request) -> web.Response:
         return web.json_response({"ok": True}, headers={"Retry-After": after})
 
-    app = web.Application()
-    app.router.add_get("/x", answer)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        outcome = await run(http_tool(f"http://127.0.0.1:{server.port}/x", method="GET"), {})
-    finally:
-        await server.close()
+    async with serving("GET", "/x", answer) as url:
+        outcome = await run(http_tool(url, method="GET"), {})
     assert outcome.ok and outcome.result == {"ok": True}, outcome
     assert retry_after_s(after) == 0.0
 
@@ -324,15 +294,8 @@ async def test_a_body_is_read_in_its_declared_charset(body, content_type, expect
     async def handler(request: web.Request) -> web.Response:
         return web.Response(body=body, headers={"Content-Type": content_type})
 
-    app = web.Application()
-    app.router.add_get("/customer", handler)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        outcome = await run(http_tool(f"http://127.0.0.1:{server.port}/customer",
-                                      method="GET"), {})
-    finally:
-        await server.close()
+    async with serving("GET", "/customer", handler) as url:
+        outcome = await run(http_tool(url, method="GET"), {})
     assert outcome.ok and outcome.result == expected, outcome
 
 
@@ -343,16 +306,9 @@ async def test_a_templates_own_idempotency_key_is_the_only_one_sent():
         seen.append(request.headers.getall("Idempotency-Key"))
         return web.json_response({})
 
-    app = web.Application()
-    app.router.add_post("/orders", record)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        tool = http_tool(f"http://127.0.0.1:{server.port}/orders",
-                         headers={"idempotency-key": "order-42"})
+    async with serving("POST", "/orders", record) as url:
+        tool = http_tool(url, headers={"idempotency-key": "order-42"})
         assert (await run(tool, {})).ok
-        tool = http_tool(f"http://127.0.0.1:{server.port}/orders")
+        tool = http_tool(url)
         assert (await run(tool, {})).ok
-    finally:
-        await server.close()
     assert seen == [["order-42"], ["toolu_1"]]  # before: both, the default added beside it

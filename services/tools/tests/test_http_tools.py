@@ -1,20 +1,31 @@
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from psycopg.types.json import Jsonb
 
 from parley.common.events import uuid7
 from parley.common.tools.repository import set_secret
 
-from .conftest import AGENT, ORG, add_http_tool, request_tool, start_call
+from .conftest import AGENT, ORG, add_http_tool, request_tool, serving, start_call
 
 SCHEMA = {"type": "object", "required": ["account"], "additionalProperties": False,
           "properties": {"account": {"type": "string", "pattern": "^[0-9]+$"}}}
+
+
+async def outcome_of_a_get_tool(bus, pool, service, events, name: str,
+                                handler: Callable[[web.Request], Awaitable[web.Response]]):
+    """The outcome of tool ``name``, a GET of an endpoint of its own answering with ``handler``,
+    asked for in a new call."""
+    async with serving("GET", f"/{name}", handler) as url:
+        await add_http_tool(pool, name, url, method="GET")
+        await service()
+        request = await request_tool(bus, await start_call(bus), name)
+        return await events.outcome(request.tool_call_id)
 
 
 async def test_http_tool_completes_with_json_result(bus, pool, service, target, events):
@@ -230,18 +241,7 @@ async def test_a_deeply_nested_json_answer_is_passed_as_text(bus, pool, service,
     async def deep(request: web.Request) -> web.Response:
         return web.Response(text=body, content_type="application/json")
 
-    app = web.Application()
-    app.router.add_get("/deep", deep)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        await add_http_tool(pool, "deep", f"http://127.0.0.1:{server.port}/deep", method="GET")
-        await service()
-        call_id = await start_call(bus)
-        request = await request_tool(bus, call_id, "deep")
-        done = await events.outcome(request.tool_call_id)
-    finally:
-        await server.close()
+    done = await outcome_of_a_get_tool(bus, pool, service, events, "deep", deep)
     assert done.type == "tool.completed", done
     assert done.result == {"text": body}
 
@@ -284,18 +284,7 @@ async def test_a_json_answer_with_a_lone_surrogate_completes_with_a_replacement_
     async def cut(request: web.Request) -> web.Response:
         return web.Response(text=body, content_type="application/json")
 
-    app = web.Application()
-    app.router.add_get("/cut", cut)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        await add_http_tool(pool, "cut", f"http://127.0.0.1:{server.port}/cut", method="GET")
-        await service()
-        call_id = await start_call(bus)
-        request = await request_tool(bus, call_id, "cut")
-        done = await events.outcome(request.tool_call_id)
-    finally:
-        await server.close()
+    done = await outcome_of_a_get_tool(bus, pool, service, events, "cut", cut)
     assert done.type == "tool.completed", done
     assert done.result == {"summary": "Great news \ufffd", "\ufffd": "ok"}
 
@@ -311,18 +300,7 @@ async def test_a_body_whose_charset_decodes_to_half_a_surrogate_pair_has_an_outc
         return web.Response(status=status, body=b"Great news +2D0-",
                             headers={"Content-Type": "text/plain; charset=utf-7"})
 
-    app = web.Application()
-    app.router.add_get("/utf7", answer)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        await add_http_tool(pool, "utf7", f"http://127.0.0.1:{server.port}/utf7", method="GET")
-        await service()
-        call_id = await start_call(bus)
-        request = await request_tool(bus, call_id, "utf7")
-        done = await events.outcome(request.tool_call_id)
-    finally:
-        await server.close()
+    done = await outcome_of_a_get_tool(bus, pool, service, events, "utf7", answer)
     if status == 200:
         assert done.type == "tool.completed", done
         assert done.result == {"text": "Great news \ufffd"}
