@@ -80,6 +80,11 @@ def in_mode(bus: Bus, call_id: str, mode: str, **settings: object) -> Call:
         QUIET_CALLER, interruption_mode=mode, **settings))
 
 
+def caller_turns(events: list[Event]) -> list[tuple[str, str]]:
+    """(turn id, text) of each caller turn among ``events``, in order."""
+    return [(e.turn_id, e.text) for e in events if isinstance(e, TurnUserEnded)]
+
+
 async def published(call: Call) -> list[Event]:
     """The call's events so far, the session's outbox drained."""
     await call.session._outbox.drain(2)
@@ -159,7 +164,7 @@ async def test_a_backchannel_while_the_agent_waits_between_its_words_is_no_turn(
         await call.audio(3.0)  # a backchannel's silence, and more
         assert not call.session.detector.in_turn
         events = await published(call)
-        assert [e.text for e in events if isinstance(e, TurnUserEnded)] == []
+        assert caller_turns(events) == []
         assert call.session.detector.dropped_backchannels == 1
     finally:
         await call.close()
@@ -309,7 +314,7 @@ async def test_a_turn_spoken_over_an_agent_that_cannot_be_interrupted_waits_for_
         assert call.session.turn_no == 1  # the turn has ended ...
         await call.audio(2.0)
         events = await published(call)
-        assert [e for e in events if isinstance(e, TurnUserEnded)] == []  # ... and waits
+        assert caller_turns(events) == []  # ... and waits
         assert not turn.interrupted and turn.audio.cut_frames is None and clears == []
         await agent_ends(call, "t1", "is free too.", first_seq=2)  # the rest of the answer
         events = await published(call)
@@ -337,8 +342,7 @@ async def test_a_key_interrupts_in_mode_dtmf_and_the_turn_held_goes_out_before_i
         assert turn.interrupted
         await call.audio(0.1)
         events = await published(call)
-        assert [(e.turn_id, e.text) for e in events if isinstance(e, TurnUserEnded)] == [
-            ("t1", "It is one two three."), ("k1", "#")]
+        assert caller_turns(events) == [("t1", "It is one two three."), ("k1", "#")]
     finally:
         await call.close()
         await sub.unsubscribe()
@@ -357,8 +361,7 @@ async def test_a_turn_held_for_the_agent_is_not_lost_when_the_call_ends(bus) -> 
                                                reason="caller_hangup"))
         await call.session._close()
         events = await bus.replay_call(call.call_id, org_id=ORG)
-        assert [(e.turn_id, e.text) for e in events if isinstance(e, TurnUserEnded)] == [
-            ("t1", "Never mind, goodbye.")]
+        assert caller_turns(events) == [("t1", "Never mind, goodbye.")]
     finally:
         await call.close()
 
@@ -451,12 +454,11 @@ async def test_keys_that_cannot_interrupt_wait_for_the_agent_like_words(bus) -> 
             await presses(call, "1#")
             await call.audio(1.0)
             events = await published(call)
-            assert [e for e in events if isinstance(e, TurnUserEnded)] == [], mode
+            assert caller_turns(events) == [], mode
             assert not turn.interrupted and turn.audio.cut_frames is None
             await agent_ends(call, "t1", "press 2.", first_seq=2)  # the rest of the menu
             events = await published(call)
-            assert [(e.turn_id, e.text) for e in events if isinstance(e, TurnUserEnded)] == [
-                ("k1", "1#")], mode
+            assert caller_turns(events) == [("k1", "1#")], mode
             [keys] = [e for e in events if isinstance(e, TurnUserEnded)]
             assert keys.eou_delay_ms < 1000  # at the end key, not the wait for the agent
             assert [e for e in events if isinstance(e, AgentSpeechInterrupted)] == []
@@ -485,11 +487,10 @@ async def test_words_too_few_to_interrupt_wait_for_the_agent_in_mode_speech(bus)
         await in_real_time(call, 2.0)  # no more words: the pause is over after 1.5 s (wall time)
         assert turn.audio.cut_frames is None and not turn.interrupted  # resumed
         events = await published(call)
-        assert [e for e in events if isinstance(e, TurnUserEnded)] == []  # ... and waits
+        assert caller_turns(events) == []  # ... and waits
         await agent_ends(call, "t1", "is free too.", first_seq=2)
         events = await published(call)
-        assert [(e.turn_id, e.text) for e in events if isinstance(e, TurnUserEnded)] == [
-            ("t1", "Stop.")]
+        assert caller_turns(events) == [("t1", "Stop.")]
         assert [e for e in events if isinstance(e, AgentSpeechInterrupted)] == []
     finally:
         await call.close()
@@ -508,8 +509,7 @@ async def test_words_that_interrupt_in_mode_speech_go_out_at_once(bus) -> None:
         await call.audio(1.0)
         assert turn.interrupted
         events = await published(call)
-        assert [(e.turn_id, e.text) for e in events if isinstance(e, TurnUserEnded)] == [
-            ("t1", "Stop, not Friday.")]
+        assert caller_turns(events) == [("t1", "Stop, not Friday.")]
     finally:
         await call.close()
         await sub.unsubscribe()
@@ -569,8 +569,7 @@ async def test_a_turn_held_for_an_agent_turn_that_never_ends_goes_out_after_a_wh
         await call.audio(2.5)
         assert not call.session._held_turns and expired == [1]
         events = await published(call)
-        assert [(e.turn_id, e.text) for e in events if isinstance(e, TurnUserEnded)] == [
-            ("t1", "Hello? Are you still there?")]
+        assert caller_turns(events) == [("t1", "Hello? Are you still there?")]
         await spoken_over(call, "Hello?")  # that agent turn given up on: not waited for again
         assert not call.session._held_turns and expired == [1]
     finally:
@@ -602,8 +601,7 @@ async def test_a_turn_held_for_an_agent_turn_whose_marks_are_never_echoed_goes_o
         assert not call.session._held_turns, "the held turn never went out"
         assert released_after_s < bound_s + 3.0  # (a slow, shared machine: some slack)
         events = await published(call)
-        assert [(e.turn_id, e.text) for e in events if isinstance(e, TurnUserEnded)] == [
-            ("t1", "Can you also check Saturday?")]
+        assert caller_turns(events) == [("t1", "Can you also check Saturday?")]
         assert turn.audio.echoes_lost and not call.session._agent_mid_turn()
     finally:
         await call.close()
