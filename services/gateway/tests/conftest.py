@@ -17,6 +17,7 @@ from twilio.request_validator import RequestValidator
 from parley.common.configuration import AgentSettings, assign_number, create_agent, create_org
 from parley.common.events import Event, decode
 from parley.common.metrics import Metrics
+from parley.devkit.infra import NatsServer
 from parley.gateway.app import create_app
 from parley.gateway.config import GatewayConfig
 from parley.gateway.keys import CALLS
@@ -69,6 +70,15 @@ class Events:
                    timeout: float = 10.0) -> list[Event]:
         await wait_for(lambda: len(self.of(event_type, call_id)) >= count, timeout)
         return self.of(event_type, call_id)
+
+
+@pytest.fixture
+def nats_server_of_test(tmp_path):
+    """A nats-server of the test's own (for a test that kills it and starts it again on the
+    same port and store), instead of the session's."""
+    server = NatsServer(tmp_path / "nats").start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

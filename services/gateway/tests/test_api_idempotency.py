@@ -44,6 +44,16 @@ async def place(api, key: str, payload: Any, idempotency_key: str | None = None,
     return await api.gateway.client.post("/v1/calls", json=payload, headers=sent)
 
 
+async def twilio_reports_status(api, call_id: str, call_status: str) -> None:
+    """Twilio's status webhook for the outbound call it placed first (CA00…01): what records
+    the call in the store."""
+    ids = f"call_id={call_id}&org_id={ORG}&agent_id={CASCADING_AGENT}"
+    status = await api.gateway.post(f"/twilio/status?{ids}", {
+        "CallSid": f"CA{1:032x}", "AccountSid": ACCOUNT, "From": CASCADING_NUMBER,
+        "To": CALLEE, "Direction": "outbound-api", "CallStatus": call_status})
+    assert status.status in (200, 204), await status.text()
+
+
 async def test_a_retry_with_the_same_key_gets_the_same_call_and_dials_once(
         api, twilio_api, keys, events, db):
     first = await place(api, keys["full"], body(context={"name": "Ada"}), "order-42-call")
@@ -135,11 +145,7 @@ async def test_an_interrupted_first_request_is_decided_by_what_is_recorded(
         call_id = problem["call_id"]
         assert len(twilio_api.requests) == 1
 
-        ids = f"call_id={call_id}&org_id={ORG}&agent_id={CASCADING_AGENT}"
-        status = await api.gateway.post(f"/twilio/status?{ids}", {
-            "CallSid": f"CA{1:032x}", "AccountSid": ACCOUNT, "From": CASCADING_NUMBER,
-            "To": CALLEE, "Direction": "outbound-api", "CallStatus": "initiated"})
-        assert status.status in (200, 204), await status.text()
+        await twilio_reports_status(api, call_id, "initiated")
         retry = await place(api, keys["full"], body(), "k-died")
         assert retry.status == 201
         assert (await retry.json())["call_id"] == call_id
@@ -245,11 +251,7 @@ async def test_a_gateway_stopped_while_recording_a_placed_call(
     assert retry.status == 500
     call_id = (await retry.json())["call_id"]
 
-    ids = f"call_id={call_id}&org_id={ORG}&agent_id={CASCADING_AGENT}"
-    status = await api.gateway.post(f"/twilio/status?{ids}", {
-        "CallSid": f"CA{1:032x}", "AccountSid": ACCOUNT, "From": CASCADING_NUMBER,
-        "To": CALLEE, "Direction": "outbound-api", "CallStatus": "ringing"})
-    assert status.status in (200, 204), await status.text()
+    await twilio_reports_status(api, call_id, "ringing")
     retry = await place(api, keys["full"], body(), "k-stop")
     assert (retry.status, (await retry.json())["call_id"]) == (201, call_id)
     assert len(twilio_api.requests) == 1  # the callee rang once

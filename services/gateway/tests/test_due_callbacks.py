@@ -49,6 +49,16 @@ async def book(db, call_id: str, tool_call_id: str, *, number: str = CALLER,
     return (await cursor.fetchone())[0]
 
 
+async def place_due_while_nats_cannot_store(gateway, bus) -> int:
+    """A round of due callbacks while JetStream has no stream to store call.requested in (as
+    when NATS is unavailable); the streams are back after it. What place_due returned."""
+    await bus.js.delete_stream(EVENTS_STREAM)
+    try:
+        return await place_due(gateway.app)
+    finally:
+        await bus.ensure_streams()
+
+
 async def callback(db, callback_id: int) -> dict[str, Any]:
     cursor = await db.execute(
         "SELECT status, attempts, placed_call_id, last_error FROM tool_callbacks WHERE id = %s",
@@ -239,11 +249,7 @@ async def test_a_callback_nats_could_not_take_is_dialled_once_it_can(
     gateway = await make_dialler(gateway_callback_interval_s=0)
     _, call_id, _ = await gateway.inbound_call()
     due = await book(db, call_id, "toolu_1")
-    await bus.js.delete_stream(EVENTS_STREAM)
-    try:
-        assert await place_due(gateway.app) == 1
-    finally:
-        await bus.ensure_streams()
+    assert await place_due_while_nats_cannot_store(gateway, bus) == 1
     assert twilio_api.requests == []
     row = await callback(db, due)
     assert (row["status"], row["attempts"]) == ("pending", 0)
@@ -264,11 +270,7 @@ async def test_a_callback_nats_could_not_take_takes_nothing_from_the_orgs_rate_l
                                  gateway_call_burst=1)
     _, call_id, _ = await gateway.inbound_call()
     due = await book(db, call_id, "toolu_1")
-    await bus.js.delete_stream(EVENTS_STREAM)
-    try:
-        assert await place_due(gateway.app) == 1
-    finally:
-        await bus.ensure_streams()
+    assert await place_due_while_nats_cannot_store(gateway, bus) == 1
     assert twilio_api.requests == []
     assert await place_due(gateway.app) == 1
     row = await callback(db, due)

@@ -11,20 +11,12 @@ import pytest
 
 from parley.common.bus import Bus
 from parley.common.bus.client import connect
-from parley.devkit.infra import NatsServer
 from parley.gateway import orphans
 from parley.gateway.calls import find_by_call_id
 from parley.gateway.keys import POOL
 
 from .conftest import started_stream, wait_for
 from .test_media_stream import request
-
-
-@pytest.fixture
-def nats_server_of_test(tmp_path):
-    server = NatsServer(tmp_path / "nats").start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -67,12 +59,8 @@ async def test_caller_audio_the_client_cannot_buffer_during_an_outage_is_dropped
     """Cut off from NATS, the client buffers what is published (2 MiB by default: about 200
     call-seconds of audio, reached in 8 s with 25 calls) and then refuses it: the refused frame
     failed the socket, and so every call on the gateway."""
-    stream, call_sid, call_id = await started_stream(gateway, events)
-    server = await cut_off(nats_server_of_test, bus)
-    for _ in range(60):  # 1.2 s of audio, past the 8 KiB buffer
-        await stream.media(b"\xff" * 160)
-    await stream.mark("t1:3")
-    await asyncio.sleep(0.5)
+    stream, call_sid, call_id, server = await _reported_then_cut_off(
+        nats_server_of_test, bus, gateway, events)
     server.start()
     await wait_for(lambda: bus.nc.is_connected)
     received: list[bytes] = []

@@ -11,18 +11,10 @@ import pytest
 
 from parley.common.bus import Bus
 from parley.common.bus.client import connect
-from parley.devkit.infra import NatsServer
 
 from .conftest import started_stream
 from .test_nats_outage import cut_off
 from .test_signatures import forged
-
-
-@pytest.fixture
-def nats_server_of_test(tmp_path):
-    server = NatsServer(tmp_path / "nats").start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
