@@ -147,3 +147,28 @@ async def test_the_slow_tool_filler_is_not_a_phrase_the_turn_said_before_its_rep
         says = said_in_turn(recorder, "fb", "t1")
         assert says[0] == "One moment." and "Let me check." in says
         assert says.count("One moment.") == 1, says
+
+
+async def test_each_slow_tool_of_a_turn_gets_the_next_filler_until_all_are_said(
+        bus, pool, emulator, recorder) -> None:
+    # A turn called one slow tool, then (in the round its outcome started) another, and more
+    # (the brain publishes each tool's filler; media says it if the tool is slow). Since no
+    # filler phrase is said twice in a turn, the second tool's filler, always "One moment.",
+    # was skipped: the caller heard silence for the whole of the second tool's wait. Each
+    # slow tool's filler is the next phrase the turn has not said; none once all have been.
+    async with brain_on_emulator(bus, pool, emulator, filler_after_ms=5000):
+        await open_call_past_greeting(bus, recorder, "fs")
+        emulator.script(*(ScriptedReply(tool_uses=(ScriptedToolUse(
+            name="check_calendar", input={"week": week}, id=f"toolu_fs{week}"),))
+            for week in range(4)), ScriptedReply(text="Nothing free for a month."))
+        await user_says(bus, "fs", "t1", "When can I come in?")
+        for week in range(4):
+            await recorder.wait("tool.requested", "fs", count=week + 1)
+            await bus.publish(ToolCompleted(org_id=ORG, call_id="fs", name="check_calendar",
+                                            tool_call_id=f"toolu_fs{week}", result={"free": []}))
+        await recorder.wait("turn.completed", "fs")
+        fillers = [(say.text, say.filler_after_ms) for say in recorder.of("agent.say", "fs")
+                   if say.turn_id == "t1" and say.filler_after_ms]
+        assert fillers == [("One moment.", 1500), ("Sorry, just a moment longer.", 1500),
+                           ("Thanks for bearing with me.", 1500)]
+        assert said_in_turn(recorder, "fs", "t1")[-1] == "Nothing free for a month."

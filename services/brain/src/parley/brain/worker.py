@@ -1153,13 +1153,17 @@ class BrainWorker:
         # without it). Before them, the filler for slow tools (a hand-off has its last words):
         # published now, in this round's order, so the round the outcomes start numbers its
         # clauses after it; media says it only if the tools turn out slow.
-        # Not right after a filler: the caller has just heard one (perhaps this very phrase,
-        # the first of the router's, before the others); nor when the turn said this phrase
-        # already (the router's first filler, before the model began this round's reply).
-        if calls and self.s.tool_filler_after_ms and not filler_last and (
-                self.s.tool_filler.strip() not in said_turn) and (
+        # Not right after a filler: the caller has just heard one (the router's, or the model
+        # said the phrase itself). Not a phrase the turn said already (the router's first
+        # filler, an earlier slow tool's): the next of the router's sequence, so a second slow
+        # tool is not a silence; none once all have been said.
+        fillers = [text.strip() for text in (self.s.tool_filler, self.s.router.filler_text,
+                                             *self.s.router.more_fillers) if text.strip()]
+        tool_filler = next((text for text in fillers if text not in said_turn), None)
+        if calls and self.s.tool_filler_after_ms and tool_filler and not (
+                filler_last or said_last in fillers) and (
                 not any(call.name in HAND_OFFS for call in calls)):
-            await say(self.s.tool_filler, filler_after_ms=self.s.tool_filler_after_ms)
+            await say(tool_filler, filler_after_ms=self.s.tool_filler_after_ms)
         # Each carries the response's time to first token, for a completion that folds it, and
         # the response's other calls, for whoever finds only some of them stored.
         first_token = {"ttft_ms": round(done.ttft_ms or 0.0, 2) if done else 0.0,
