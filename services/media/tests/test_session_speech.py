@@ -578,6 +578,62 @@ async def test_calls_refused_a_sunset_model_leave_cartesia_to_the_other_calls(bu
         await emulator.stop()
 
 
+async def test_an_error_for_no_context_is_no_calls_refusal_of_cartesia(bus) -> None:
+    # Cartesia's error event names its context only "when available". One without it fails
+    # every turn waiting for audio on the shared socket (ead306e); a permanent one (a 400)
+    # marked Cartesia refused for the rest of each of those calls, though it was about one
+    # request at most: here two calls on one socket, with no fallback, were left with no
+    # synthesiser at all. Since it cannot be said whose it was, it is no call's refusal: each
+    # waiting turn fails transiently, is taken up again on Cartesia and said.
+    from parley.devkit.emulators.cartesia import CartesiaEmulator, Voice
+    from parley.media.providers.cartesia_tts import CartesiaTts
+
+    emulator = CartesiaEmulator(api_key="key", voice=Voice(first_byte_s=0.5))
+    await emulator.start()
+    cartesia = CartesiaTts("key", base_url=emulator.base_url)
+    services = SessionServices(
+        bus=bus, leases=None,  # type: ignore[arg-type]  # run() is not called
+        stt=ProviderRouter("stt", {"never": object()}, ["never"]),  # type: ignore[dict-item]
+        tts=ProviderRouter("tts", {"cartesia": cartesia}, ["cartesia"],  # type: ignore[dict-item]
+                           retry_initial_s=0.01),
+        instance="test", command_timeout_s=0.05)
+    calls: list[tuple[CallSession, asyncio.Task[None]]] = []
+
+    def speaking(call_id: str, text: str) -> CallSession:
+        call = CallSession(services, call_id=call_id, org_id=ORG, agent_id="agent",
+                           settings=AgentSettings(), revision=1)
+        call._history = None  # the call's past events are read
+        calls.append((call, asyncio.create_task(call._speaker())))
+        call._on_say(AgentSay(org_id=ORG, call_id=call_id, turn_id="t1", seq=0, text=text,
+                              last=True))
+        return call
+
+    def waiting_for_audio() -> int:
+        connection = cartesia._connection
+        return sum(stream.awaiting_audio for stream in connection.streams.values()) if (
+            connection is not None) else 0
+
+    try:
+        first = speaking("call-a", "Thanks for calling.")
+        await wait_for(lambda: waiting_for_audio() == 1, timeout=10)
+        emulator.faults.error_status = 400  # the second call's request, for no context
+        emulator.faults.error_without_context = True
+        second = speaking("call-b", "Good morning.")
+        for call in (first, second):
+            await wait_for(lambda call=call: "t1" in call._turns and (
+                call._turns["t1"].audio.text_done), timeout=10)
+        assert len(emulator.sessions) == 1  # (one socket, both calls on it)
+        for call in (first, second):
+            assert not call._tts_refused, call.call_id
+            assert call._turns["t1"].audio.frames, call.call_id  # said, on Cartesia
+            assert not call.stopped.is_set()
+    finally:
+        for call, speaker in calls:
+            await stop(call, speaker)
+        await cartesia.close()
+        await emulator.stop()
+
+
 @contextlib.asynccontextmanager
 async def cartesia_only_call(bus: Bus, call_id: str, *, settings: AgentSettings | None = None,
                              model_id: str | None = None):

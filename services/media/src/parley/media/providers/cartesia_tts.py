@@ -40,7 +40,9 @@ transient. A permanent ``error`` message (but 401, 402, 403) is ``call_specific`
 the turn's request (its model, language, voice), not a sign Cartesia is down. An ``error``
 naming no context (Cartesia sends ``context_id`` only "when available") fails at once every
 turn waiting for audio, the one it concerns among them; dropped, that turn stalled, and its
-watchdog took the shared socket and every other turn down with it.
+watchdog took the shared socket and every other turn down with it. It fails them transiently,
+whatever its status: which call it was about cannot be told, and taken as a permanent refusal
+every call waiting on the socket gave Cartesia up for the rest of the call.
 
 The socket is opened without permessage-deflate: the audio is base64 of µ-law, which deflate
 barely shrinks, at a CPU cost on both ends and a compressor's memory per socket.
@@ -276,11 +278,17 @@ class _Connection:
             await asyncio.wait_for(self.socket.close(), _CLOSE_TIMEOUT_S)
 
     def _unattributed(self, event: Error) -> None:
-        """An error naming no context: it fails every turn waiting for audio now."""
+        """An error naming no context: it fails every turn waiting for audio now, transiently.
+
+        Whose request it was about cannot be told (one of them at most), so it is no call's
+        refusal, even with a 4xx: each turn is taken up again (or by a fallback) for this turn
+        only, and no call on the socket gives Cartesia up for good over it.
+        """
         status = event.status_code or 0
-        log.warning("Cartesia error for no context: %s %s: %s", status, event.title,
-                    event.message)
-        error = _refusal(status, f"{status} {event.title}: {event.message} (for no context)")
+        log.warning("Cartesia error for no context: %s %s: %s; the turns waiting for audio "
+                    "fail, transiently", status, event.title, event.message)
+        error = ProviderError(PROVIDER, f"{status} {event.title}: {event.message} "
+                              "(for no context)")
         for stream in list(self.streams.values()):
             if stream.awaiting_audio:
                 stream.fail(error)
