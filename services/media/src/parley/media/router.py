@@ -59,7 +59,7 @@ class ProviderHealth:
 
     def failure(self, error: ProviderError | None = None) -> None:
         """The provider failed a call (with ``error``): counted unless the call's own refusal."""
-        if error is not None and error.call_specific:
+        if error is not None and not error.counted:
             return
         self.breaker.record_failure()
         self.error_rate += self.alpha * (1 - self.error_rate)

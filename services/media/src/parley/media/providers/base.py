@@ -23,15 +23,18 @@ class ProviderError(Exception):
     own request (a language it has no model for, a model sunset for the call's language, the
     call's audio): the call does not ask it again, but its shared health is not marked down,
     as it serves other calls fine. An account's refusal (bad key, no credit) is not one: every
-    call would get it.
+    call would get it. ``counted=False``: not held against the provider's health either,
+    though not the call's own (an error the provider could not say whose request it was about,
+    failing every turn waiting on a shared socket: counted once at most, not once per turn).
     """
 
     def __init__(self, provider: str, message: str, *, permanent: bool = False,
-                 call_specific: bool = False) -> None:
+                 call_specific: bool = False, counted: bool = True) -> None:
         super().__init__(f"{provider}: {message}")
         self.provider = provider
         self.permanent = permanent or call_specific
         self.call_specific = call_specific
+        self.counted = counted and not call_specific
 
 
 class ProviderBusy(ProviderError):

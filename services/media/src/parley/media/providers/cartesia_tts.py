@@ -287,11 +287,13 @@ class _Connection:
         status = event.status_code or 0
         log.warning("Cartesia error for no context: %s %s: %s; the turns waiting for audio "
                     "fail, transiently", status, event.title, event.message)
-        error = ProviderError(PROVIDER, f"{status} {event.title}: {event.message} "
-                              "(for no context)")
-        for stream in list(self.streams.values()):
-            if stream.awaiting_audio:
-                stream.fail(error)
+        # Nor is it held against Cartesia's health once per turn failed: a request's own
+        # refusal (a 4xx but an account's or a limit's) not at all, anything else once.
+        counted = not (400 <= status < 500 and status not in (401, 402, 403, 408, 429))
+        message = f"{status} {event.title}: {event.message} (for no context)"
+        for stream in [stream for stream in self.streams.values() if stream.awaiting_audio]:
+            stream.fail(ProviderError(PROVIDER, message, counted=counted))
+            counted = False
 
     async def _read(self) -> None:
         try:
