@@ -9,7 +9,9 @@ saw a call's events after its end; refused outright during the outage, it failed
 on this instance share one outbox, and its end (whichever socket, webhook or check decides it)
 goes through it after everything the call has pending, retried like the rest: other calls wait
 on nothing of it. An end given up unpublished gives its claim back, so the orphan check
-(:mod:`.orphans`) ends the call later rather than never.
+(:mod:`.orphans`) ends the call later rather than never; one whose give-back did not finish
+(Postgres slow at shutdown: cancelled after :data:`UNCLAIM_AT_SHUTDOWN_S`), or whose gateway
+died between the claim and the publish, is published by the check's settling of claimed ends.
 
 At shutdown what is pending gets :data:`DRAIN_AT_SHUTDOWN_S` to go out (a deploy during a NATS
 blip lost it otherwise); what does not is given up, logged and counted.

@@ -20,23 +20,39 @@ the carrier took (a ``transferred:<to>`` milestone), its end not published then 
 ended as transferred, not hung up: the caller is talking to the person now. Twilio is asked for
 the call; Plivo for the live call, then for the ended call's record. Several instances may
 decide the same call: ``call.ended`` is published once.
+
+Each round also settles two kinds of call the check above never sees:
+
+- An end claimed (``ended_at`` set) more than :data:`CLAIMED_END_SETTLE_AFTER_S` ago whose
+  ``call.ended``/``call.failed`` is not in the event store: its claim's give-back did not
+  finish at shutdown (Postgres slow, cancelled after 2 s), or the gateway died between claiming
+  and publishing it. The end is published as claimed (its reason and time); one found stored
+  is only marked. Either way an ``end:stored`` milestone, claimed in the transaction that
+  publishes, makes it once whichever instances settle the call; ends claimed more than
+  :data:`CLAIMED_END_HORIZON_S` ago are not looked at (the event stream keeps 7 days).
+- A call never answered, not ended, created more than :data:`UNANSWERED_AFTER_S` ago (its
+  ``call.failed`` or end given up, the claim given back): its carrier is asked, and an
+  ended call gets the end the carrier's status callback would have published (busy, no
+  answer, failed, canceled → ``call.failed``; completed → ``call.ended``; unknown to the
+  carrier → ``call.failed`` ``failed``). One still ringing is left for a later round.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple, get_args, get_type_hints
 
 from aiohttp import web
 from nats.errors import NoRespondersError
+from nats.js.errors import NotFoundError
 from twilio.base.exceptions import TwilioRestException
 
-from parley.common.bus import command_subject
-from parley.common.events import CallEnded, CallTransferred
+from parley.common.bus import EVENTS_STREAM, call_events, command_subject
+from parley.common.events import CallEnded, CallFailed, CallTransferred
 
-from .calls import publish_end, seconds_since
+from .calls import claim_milestone, publish_end, seconds_since
 from .keys import BUS, CALL_OUTBOXES, CLOCK, CONFIG, POOL, TWILIO_REST
 from .plivo.rest import PLIVO_REST, PlivoCalls
 from .twilio.next_stream import ENDED_AT_TWILIO
@@ -46,6 +62,19 @@ log = logging.getLogger(__name__)
 
 BATCH = 1000  # calls read at once, oldest first
 PING_TIMEOUT_S = 2.0  # a ping unanswered in time has a responder: the call is held
+# An end claimed this long ago not in the event store is published (an outbox retries an end
+# for about a minute, and gives its claim back if it gives up).
+CLAIMED_END_SETTLE_AFTER_S = 300.0
+CLAIMED_END_HORIZON_S = 24 * 3600.0  # ends claimed longer ago are not looked at
+# A call never answered nor ended this long after it was created is asked of its carrier
+# (Twilio rings for at most 600 s).
+UNANSWERED_AFTER_S = 900.0
+END_STORED = "end:stored"  # the milestone of an end found, or published, in the event store
+# end reasons that are call.failed's, not call.ended's (the carriers' status callbacks)
+FAILED_REASONS = frozenset({"busy", "no_answer", "failed", "canceled"})
+_ENDED_REASONS = frozenset(get_args(get_type_hints(CallEnded)["reason"]))
+_FAILED_AT_TWILIO = {"busy": "busy", "no-answer": "no_answer", "failed": "failed",
+                     "canceled": "canceled"}
 
 
 class AtCarrier(NamedTuple):
@@ -66,6 +95,11 @@ async def run(app: web.Application) -> None:
             unheld = await check(app, unheld)
         except Exception:  # a database or bus outage: the next round tries again
             log.exception("orphaned calls: the round failed")
+        try:
+            await settle_claimed_ends(app)
+            await settle_unanswered(app)
+        except Exception:
+            log.exception("orphaned calls: settling ends failed")
 
 
 async def check(app: web.Application, unheld_before: dict[str, int]) -> dict[str, int]:
@@ -113,6 +147,109 @@ async def _look_at(app: web.Application, rows: list[Any], unheld_before: dict[st
                            seconds_since(answered_at, app[CLOCK]()))
         except Exception:  # the carrier or the bus failing: this call is asked about next round
             log.exception("call %s: no gateway holds it, and ending it failed", call_id)
+
+
+async def settle_claimed_ends(app: web.Application) -> None:
+    """Publish the ends claimed long ago that are not in the event store (see the module)."""
+    now = app[CLOCK]()
+    after = (now - timedelta(seconds=CLAIMED_END_HORIZON_S), "")
+    before = now - timedelta(seconds=CLAIMED_END_SETTLE_AFTER_S)
+    while True:
+        async with app[POOL].connection() as conn:
+            cursor = await conn.execute(
+                "SELECT c.call_id, org_id, answered_at, ended_at, end_reason FROM carrier_calls c "
+                "WHERE ended_at IS NOT NULL AND ended_at < %s AND (ended_at, c.call_id) > (%s, %s) "
+                "AND NOT EXISTS (SELECT 1 FROM carrier_call_milestones m "
+                "WHERE m.call_id = c.call_id AND m.milestone = %s) "
+                "ORDER BY ended_at, c.call_id LIMIT %s", (before, *after, END_STORED, BATCH))
+            rows = await cursor.fetchall()
+        for call_id, org_id, answered_at, ended_at, reason in rows:
+            try:
+                await _settle_claimed_end(app, call_id, org_id, answered_at, ended_at, reason)
+            except Exception:  # the bus or the database: the next round tries again
+                log.exception("call %s: settling its claimed end failed", call_id)
+        if len(rows) < BATCH:
+            return
+        after = (rows[-1][3], rows[-1][0])
+
+
+async def _settle_claimed_end(app: web.Application, call_id: str, org_id: str,
+                              answered_at: datetime | None, ended_at: datetime,
+                              reason: str) -> None:
+    event: CallEnded | CallFailed
+    if (reason in FAILED_REASONS and answered_at is None) or reason not in _ENDED_REASONS:
+        event = CallFailed(org_id=org_id, call_id=call_id, at=ended_at, reason=reason)
+    else:
+        event = CallEnded(org_id=org_id, call_id=call_id, at=ended_at,
+                          reason=reason,  # type: ignore[arg-type]
+                          duration_s=seconds_since(answered_at, ended_at))
+    stored = await _end_stored(app, org_id, call_id)
+    async with app[POOL].connection() as conn, conn.transaction():
+        # whoever claims the milestone publishes (another instance waits on it, then skips)
+        if not await claim_milestone(conn, call_id, END_STORED) or stored:
+            return
+        await app[BUS].publish(event)
+    log.warning("call %s: its end (%s, %s) was claimed at %s but never stored: published",
+                call_id, event.type, reason, ended_at.isoformat())
+
+
+async def _end_stored(app: web.Application, org_id: str, call_id: str) -> bool:
+    for end in ("call.ended", "call.failed"):
+        try:
+            await app[BUS].js.get_last_msg(EVENTS_STREAM, call_events(call_id, org_id, end))
+        except NotFoundError:
+            continue
+        return True
+    return False
+
+
+async def settle_unanswered(app: web.Application) -> None:
+    """End the calls never answered nor ended that their carrier has over (see the module)."""
+    before = app[CLOCK]() - timedelta(seconds=UNANSWERED_AFTER_S)
+    after = (datetime.min.replace(tzinfo=UTC), "")
+    while True:
+        async with app[POOL].connection() as conn:
+            cursor = await conn.execute(
+                "SELECT call_id, carrier, carrier_call_id, org_id, created_at FROM carrier_calls "
+                "WHERE carrier IN ('twilio', 'plivo') AND ended_at IS NULL "
+                "AND answered_at IS NULL AND created_at < %s AND (created_at, call_id) > (%s, %s) "
+                "ORDER BY created_at, call_id LIMIT %s", (before, *after, BATCH))
+            rows = await cursor.fetchall()
+        for call_id, carrier, carrier_call_id, org_id, _ in rows:
+            try:
+                await _settle_unanswered(app, call_id, carrier, carrier_call_id, org_id)
+            except Exception:  # the carrier or the bus: asked about next round
+                log.exception("call %s: never answered, and settling it failed", call_id)
+        if len(rows) < BATCH:
+            return
+        after = (rows[-1][4], rows[-1][0])
+
+
+async def _settle_unanswered(app: web.Application, call_id: str, carrier: str,
+                             carrier_call_id: str, org_id: str) -> None:
+    twilio, plivo = app[TWILIO_REST], app.get(PLIVO_REST)
+    if carrier == "twilio" and twilio is not None:
+        at_carrier = await _ask_twilio(twilio, carrier_call_id)
+    elif carrier == "plivo" and plivo is not None:
+        at_carrier = await _ask_plivo(plivo, carrier_call_id)
+    else:
+        return
+    if at_carrier.live:
+        return  # still ringing (or queued): a later round asks again
+    event: CallEnded | CallFailed
+    if at_carrier.live is None:
+        event = CallFailed(org_id=org_id, call_id=call_id, reason="failed",
+                           carrier_status="unknown")
+    elif at_carrier.status in _FAILED_AT_TWILIO:
+        event = CallFailed(org_id=org_id, call_id=call_id,
+                           reason=_FAILED_AT_TWILIO[at_carrier.status],
+                           carrier_status=at_carrier.status)
+    else:  # completed (Plivo's record says no more)
+        event = CallEnded(org_id=org_id, call_id=call_id, reason="completed",
+                          duration_s=at_carrier.duration_s or 0.0)
+    if await publish_end(app[POOL], app[CALL_OUTBOXES], event):
+        log.warning("call %s: never answered nor ended, and %s has it %s: %s", call_id,
+                    carrier, at_carrier.status or "unknown", event.type)
 
 
 async def _held(app: web.Application, call_id: str) -> bool:

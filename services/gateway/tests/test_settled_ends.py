@@ -1,0 +1,129 @@
+"""Ends the orphan check never saw: claimed but never stored, or of calls never answered."""
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+
+from parley.common.bus import Bus
+from parley.common.bus.client import connect
+from parley.gateway import call_outboxes
+from parley.gateway.calls import CarrierCall, find_by_call_id, new_call_id, record_carrier_call
+
+from .conftest import CASCADING_AGENT, CASCADING_NUMBER, ORG, new_call_sid, started_stream, wait_for
+
+
+def later(minutes: float):
+    """A gateway's clock ``minutes`` ahead of now."""
+    return lambda: datetime.now(UTC) + timedelta(minutes=minutes)
+
+
+@pytest.fixture
+async def bus(nats_server_of_test):
+    """The gateway's bus, on this test's server (publishes time out after half a second)."""
+    connected = Bus(await connect(nats_server_of_test.url, name="gateway",
+                                  pending_size=8 * 1024),
+                    owns_connection=True, publish_timeout=0.5)
+    try:
+        await connected.ensure_streams()
+        yield connected
+    finally:
+        await connected.close()
+
+
+async def stored_ends(bus, call_id: str) -> list:
+    try:
+        return [e for e in await bus.replay_call(call_id)
+                if e.type in ("call.ended", "call.failed")]
+    except Exception:  # JetStream still recovering
+        return []
+
+
+async def test_an_end_whose_claim_postgres_was_too_slow_to_give_back_is_published_later(
+        nats_server_of_test, bus, make_gateway, events, database_url, db, monkeypatch):
+    """A stop during a NATS outage with Postgres slow: the caller's end, given up, could not
+    give its claim back within 2 s and was cancelled. ended_at stayed set, call.ended was never
+    stored, and the orphan check (calls not claimed ended) skipped the call for ever."""
+    monkeypatch.setattr("parley.gateway.app.DRAIN_AT_SHUTDOWN_S", 1.0)
+    monkeypatch.setattr(call_outboxes, "PUBLISH_ATTEMPTS", 1000)  # retried until the stop
+    gateway = await make_gateway(rest=True, gateway_orphan_check_s=0)
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    assert nats_server_of_test.proc is not None
+    nats_server_of_test.proc.kill()
+    nats_server_of_test.proc.wait()
+    await wait_for(lambda: not bus.nc.is_connected)
+    for _ in range(60):  # caller audio past the client's 8 KiB buffer: what follows is refused
+        await stream.media(b"\xff" * 160)
+    await stream.stop(call_sid)  # the caller hangs up: the end is claimed, not published
+    await wait_for(lambda: _ended(db, call_id))
+    async with await psycopg.AsyncConnection.connect(database_url) as locker:
+        await locker.execute("SELECT 1 FROM carrier_calls WHERE call_id = %s FOR UPDATE",
+                             (call_id,))  # the give-back waits on this row
+        await asyncio.wait_for(gateway.client.close(), 30)
+        await locker.rollback()
+    assert await _ended(db, call_id)  # still claimed, never published
+    nats_server_of_test.start()
+    await wait_for(lambda: bus.nc.is_connected, timeout=15)
+    # two instances, their clocks past the bound, both settling
+    for _ in range(2):
+        await make_gateway(rest=True, gateway_orphan_check_s=0.2, clock=later(10))
+    [ended] = await wait_for(lambda: stored_ends(bus, call_id), timeout=15)
+    assert ended.type == "call.ended" and ended.reason == "caller_hangup"
+    await asyncio.sleep(1.0)  # more rounds, of both
+    assert len(await stored_ends(bus, call_id)) == 1
+
+
+async def test_an_end_stored_is_not_published_again(make_gateway, bus, events, db):
+    """The settling finds the end in the event store (published, or a SIGKILL after its ack):
+    it only marks the call, publishing nothing."""
+    gateway = await make_gateway(rest=True, gateway_orphan_check_s=0)
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    await stream.stop(call_sid)
+    await events.wait("call.ended", call_id)
+    await make_gateway(rest=True, gateway_orphan_check_s=0.1, clock=later(10))
+    await wait_for(lambda: _milestone(db, call_id, "end:stored"))
+    await asyncio.sleep(0.5)
+    assert len(await stored_ends(bus, call_id)) == 1
+
+
+async def test_a_call_never_answered_whose_failure_was_lost_is_failed_as_twilio_has_it(
+        make_gateway, bus, events, db):
+    """An outbound call Twilio found busy: its call.failed given up (NATS away), the claim was
+    given back, and the call, never answered, stayed dialling in the store for good: the
+    orphan check looks only at answered calls."""
+    call_sid = new_call_sid()
+    call, _ = await record_carrier_call(db, CarrierCall(
+        carrier="twilio", carrier_call_id=call_sid, call_id=new_call_id(), org_id=ORG,
+        agent_id=CASCADING_AGENT, direction="outbound", from_number=CASCADING_NUMBER,
+        to_number="+14155550199"))
+    ringing = await make_gateway(rest=True, gateway_orphan_check_s=0.2, clock=later(1))
+    await asyncio.sleep(1.0)  # rounds within the bound: not asked
+    assert ringing.rest_fake.fetches == []
+    gateway = await make_gateway(rest=True, gateway_orphan_check_s=0.2, clock=later(20))
+    gateway.rest_fake.ended[call_sid] = ("busy", 0)
+    [failed] = await events.wait("call.failed", call.call_id, timeout=10)
+    assert (failed.reason, failed.carrier_status) == ("busy", "busy")
+
+
+async def test_a_call_never_answered_still_ringing_is_left_alone(make_gateway, events, db):
+    call_sid = new_call_sid()
+    call, _ = await record_carrier_call(db, CarrierCall(
+        carrier="twilio", carrier_call_id=call_sid, call_id=new_call_id(), org_id=ORG,
+        agent_id=CASCADING_AGENT, direction="outbound", from_number=CASCADING_NUMBER,
+        to_number="+14155550199"))
+    gateway = await make_gateway(rest=True, gateway_orphan_check_s=0.1, clock=later(20))
+    await wait_for(lambda: call_sid in gateway.rest_fake.fetches)  # in progress at Twilio
+    await asyncio.sleep(0.5)
+    assert events.of("call.failed", call.call_id) == events.of("call.ended", call.call_id) == []
+
+
+async def _ended(db, call_id: str) -> bool:
+    call = await find_by_call_id(db, call_id)
+    return call is not None and call.ended
+
+
+async def _milestone(db, call_id: str, milestone: str) -> bool:
+    cursor = await db.execute("SELECT 1 FROM carrier_call_milestones WHERE call_id = %s "
+                              "AND milestone = %s", (call_id, milestone))
+    return await cursor.fetchone() is not None
