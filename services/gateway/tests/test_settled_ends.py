@@ -87,6 +87,15 @@ async def test_an_end_stored_is_not_published_again(make_gateway, bus, events, d
     assert len(await stored_ends(bus, call_id)) == 1
 
 
+async def test_an_end_stored_is_marked_so_as_it_is_confirmed(make_gateway, events, db):
+    """Unmarked, every call ended cost the settling round a JetStream lookup 5 min later."""
+    gateway = await make_gateway(rest=True, gateway_orphan_check_s=0)
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    await stream.stop(call_sid)
+    await events.wait("call.ended", call_id)
+    await wait_for(lambda: _milestone(db, call_id, "end:stored"), timeout=5)
+
+
 async def test_a_call_never_answered_whose_failure_was_lost_is_failed_as_twilio_has_it(
         make_gateway, bus, events, db):
     """An outbound call Twilio found busy: its call.failed given up (NATS away), the claim was

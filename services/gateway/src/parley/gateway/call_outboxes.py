@@ -29,6 +29,8 @@ from parley.common.bus import Bus, Outbox
 from parley.common.events import CallEnded, CallFailed, Event
 from parley.common.metrics import Metrics
 
+END_STORED = "end:stored"  # the milestone of an end found, or published, in the event store
+
 log = logging.getLogger(__name__)
 
 # Attempts at an event whose first publish went unacknowledged, each up to the bus's publish
@@ -97,11 +99,23 @@ class CallOutboxes:
         return dropped
 
     async def _end(self, event: CallEnded | CallFailed, published: asyncio.Task[bool]) -> None:
-        """Once the end is published or given up: a lost end gives its claim back."""
+        """Once the end is published or given up: a lost end gives its claim back.
+
+        A stored end is marked so (the ``end:stored`` milestone): the orphan check's settling
+        of ends claimed but never stored need not look for it in the event store, a JetStream
+        lookup per call ended otherwise.
+        """
         await asyncio.wait({published})
         confirmed = not published.cancelled() and published.result()
         self.sweep()
         if confirmed:
+            try:
+                async with self.pool.connection() as conn:
+                    await conn.execute(
+                        "INSERT INTO carrier_call_milestones (call_id, milestone) "
+                        "VALUES (%s, %s) ON CONFLICT DO NOTHING", (event.call_id, END_STORED))
+            except Exception as exc:  # the settling round looks it up instead
+                log.warning("call %s: could not mark its end stored: %s", event.call_id, exc)
             return
         log.error("call %s: %s not published; the call is left to the orphan check",
                   event.call_id, event.type)

@@ -52,6 +52,7 @@ from twilio.base.exceptions import TwilioRestException
 from parley.common.bus import EVENTS_STREAM, call_events, command_subject
 from parley.common.events import CallEnded, CallFailed, CallTransferred
 
+from .call_outboxes import END_STORED
 from .calls import claim_milestone, publish_end, seconds_since
 from .keys import BUS, CALL_OUTBOXES, CLOCK, CONFIG, POOL, TWILIO_REST
 from .plivo.rest import PLIVO_REST, PlivoCalls
@@ -69,7 +70,6 @@ CLAIMED_END_HORIZON_S = 24 * 3600.0  # ends claimed longer ago are not looked at
 # A call never answered nor ended this long after it was created is asked of its carrier
 # (Twilio rings for at most 600 s).
 UNANSWERED_AFTER_S = 900.0
-END_STORED = "end:stored"  # the milestone of an end found, or published, in the event store
 # end reasons that are call.failed's, not call.ended's (the carriers' status callbacks)
 FAILED_REASONS = frozenset({"busy", "no_answer", "failed", "canceled"})
 _ENDED_REASONS = frozenset(get_args(get_type_hints(CallEnded)["reason"]))
