@@ -90,6 +90,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -247,6 +248,28 @@ Retrieve = Callable[[str, str, str], Awaitable[list[Any]]]  # org, agent, query 
 Profile = Callable[[str, str, str], Awaitable[str]]  # org, call, from number → summary
 AgentSource = Callable[[str, str], Awaitable[AgentSettings]]  # org, agent → settings
 ToolSource = Callable[[str, str], Awaitable[list[ToolSpec]]]  # org, agent → tools
+
+
+def _said(says: list[AgentSay], *, next_at: datetime | None = None) -> set[str]:
+    """The phrases of a turn's clauses the caller may have heard (no filler is said twice).
+
+    A tool filler (``filler_after_ms``) is said by media only if nothing more of the turn came
+    for its threshold: one the turn's next clause (or one said at ``next_at``) followed sooner
+    was skipped, never heard. Counted as said, quick tools' fillers used up the phrases, and a
+    slow tool after them got none: the caller sat in silence through its wait.
+    """
+    heard: set[str] = set()
+    for index, say in enumerate(says):
+        text = say.text.strip()
+        if not text:
+            continue
+        if say.filler_after_ms:
+            following = says[index + 1].at if index + 1 < len(says) else next_at
+            if following is not None and (
+                    following - say.at).total_seconds() * 1000 < say.filler_after_ms:
+                continue
+        heard.add(text)
+    return heard
 
 
 def _continuing(request: LlmRequest) -> LlmRequest:
@@ -1079,7 +1102,8 @@ class BrainWorker:
         said_last = ""  # this round's latest clause
         filler_last = False  # it was one of the router's fillers
         # What the turn said before this round and in it: no filler phrase is said twice.
-        said_turn = {say.text.strip() for say in agent_turn.says if say.text.strip()}
+        says_turn = list(agent_turn.says)
+        said_turn = _said(says_turn)
 
         async def say(text: str, *, last: bool = False, filler_after_ms: int = 0,
                       filler: bool = False) -> None:
@@ -1089,10 +1113,12 @@ class BrainWorker:
                 said_turn.add(text.strip())
             filler_last = filler or (filler_last and not text.strip())
             if text.strip() or last:
-                pending.append(await bus.send(AgentSay(
+                event = AgentSay(
                     id=stable_id(call_id, speech, "say", seq), org_id=org_id,
                     call_id=call_id, turn_id=speech, seq=seq, text=text.strip(), last=last,
-                    filler_after_ms=filler_after_ms, causation_id=cause.id)))
+                    filler_after_ms=filler_after_ms, causation_id=cause.id)
+                says_turn.append(event)
+                pending.append(await bus.send(event))
                 seq += 1
 
         if prepared and stream is None:
@@ -1157,9 +1183,12 @@ class BrainWorker:
         # said the phrase itself). Not a phrase the turn said already (the router's first
         # filler, an earlier slow tool's): the next of the router's sequence, so a second slow
         # tool is not a silence; none once all have been said.
+        # (A tool filler that a clause of the turn, or this one, came within the threshold of is
+        # skipped by media: never heard, its phrase is not used up.)
         fillers = [text.strip() for text in (self.s.tool_filler, self.s.router.filler_text,
                                              *self.s.router.more_fillers) if text.strip()]
-        tool_filler = next((text for text in fillers if text not in said_turn), None)
+        heard = _said(says_turn, next_at=datetime.now(UTC))
+        tool_filler = next((text for text in fillers if text not in heard), None)
         if calls and self.s.tool_filler_after_ms and tool_filler and not (
                 filler_last or said_last in fillers) and (
                 not any(call.name in HAND_OFFS for call in calls)):
