@@ -136,3 +136,26 @@ async def _milestone(db, call_id: str, milestone: str) -> bool:
     cursor = await db.execute("SELECT 1 FROM carrier_call_milestones WHERE call_id = %s "
                               "AND milestone = %s", (call_id, milestone))
     return await cursor.fetchone() is not None
+
+
+async def test_the_carrier_is_asked_about_a_bounded_number_of_unanswered_calls_a_round(
+        make_gateway, db, monkeypatch):
+    """Every call never answered nor ended was asked of its carrier in each round, one REST
+    lookup each: a backlog (calls the old code left dialling, a carrier failing the lookups)
+    made a round as many lookups as calls, every 30 s on every instance, against the
+    carrier's rate limits, and held up the orphan check of live calls for as long. A round
+    asks about so many at most, the next round going on from where it stopped."""
+    from parley.gateway import orphans
+    monkeypatch.setattr(orphans, "UNANSWERED_LOOKUPS_PER_ROUND", 2)
+    sids = [new_call_sid() for _ in range(3)]
+    for sid in sids:  # ringing at Twilio (the fake's default: in progress)
+        await record_carrier_call(db, CarrierCall(
+            carrier="twilio", carrier_call_id=sid, call_id=new_call_id(), org_id=ORG,
+            agent_id=CASCADING_AGENT, direction="outbound", from_number=CASCADING_NUMBER,
+            to_number="+14155550199"))
+    gateway = await make_gateway(rest=True, gateway_orphan_check_s=0, clock=later(20))
+    asked = lambda: [sid for sid in gateway.rest_fake.fetches if sid in sids]  # noqa: E731
+    cursor = await orphans.settle_unanswered(gateway.app)
+    assert len(asked()) == 2, asked()
+    await orphans.settle_unanswered(gateway.app, cursor)  # the one left, not the first two again
+    assert sorted(asked()) == sorted(sids)

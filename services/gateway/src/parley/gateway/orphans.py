@@ -34,7 +34,9 @@ Each round also settles two kinds of call the check above never sees:
   ``call.failed`` or end given up, the claim given back): its carrier is asked, and an
   ended call gets the end the carrier's status callback would have published (busy, no
   answer, failed, canceled → ``call.failed``; completed → ``call.ended``; unknown to the
-  carrier → ``call.failed`` ``failed``). One still ringing is left for a later round.
+  carrier → ``call.failed`` ``failed``). One still ringing is left for a later round. A round
+  asks about :data:`UNANSWERED_LOOKUPS_PER_ROUND` such calls at most, the next going on after
+  the last it asked about (and from the oldest again once it reached the newest).
 """
 
 from __future__ import annotations
@@ -70,11 +72,18 @@ CLAIMED_END_HORIZON_S = 24 * 3600.0  # ends claimed longer ago are not looked at
 # A call never answered nor ended this long after it was created is asked of its carrier
 # (Twilio rings for at most 600 s).
 UNANSWERED_AFTER_S = 900.0
+# Unanswered calls asked of their carrier in a round at most (one REST lookup each, every
+# round on every instance): a backlog is asked about over rounds, not all at once against the
+# carrier's rate limits while the orphan check of live calls waits for the round to end.
+UNANSWERED_LOOKUPS_PER_ROUND = 50
 # end reasons that are call.failed's, not call.ended's (the carriers' status callbacks)
 FAILED_REASONS = frozenset({"busy", "no_answer", "failed", "canceled"})
 _ENDED_REASONS = frozenset(get_args(get_type_hints(CallEnded)["reason"]))
 _FAILED_AT_TWILIO = {"busy": "busy", "no-answer": "no_answer", "failed": "failed",
                      "canceled": "canceled"}
+
+
+Position = tuple[datetime, str]  # a call's (created_at, call_id), to go on after
 
 
 class AtCarrier(NamedTuple):
@@ -89,6 +98,7 @@ async def run(app: web.Application) -> None:
     """Look for calls no instance holds every ``gateway_orphan_check_s``, until cancelled."""
     interval = app[CONFIG].gateway_orphan_check_s
     unheld: dict[str, int] = {}  # calls no instance held in the last round → their streams
+    unanswered_after: Position | None = None  # the last unanswered call asked about
     while True:
         await asyncio.sleep(interval)
         try:
@@ -97,7 +107,7 @@ async def run(app: web.Application) -> None:
             log.exception("orphaned calls: the round failed")
         try:
             await settle_claimed_ends(app)
-            await settle_unanswered(app)
+            unanswered_after = await settle_unanswered(app, unanswered_after)
         except Exception:
             log.exception("orphaned calls: settling ends failed")
 
@@ -203,26 +213,31 @@ async def _end_stored(app: web.Application, org_id: str, call_id: str) -> bool:
     return False
 
 
-async def settle_unanswered(app: web.Application) -> None:
-    """End the calls never answered nor ended that their carrier has over (see the module)."""
+async def settle_unanswered(app: web.Application, after: Position | None = None) -> Position | None:
+    """End the calls never answered nor ended that their carrier has over (see the module).
+
+    :data:`UNANSWERED_LOOKUPS_PER_ROUND` calls at most, oldest first from after ``after`` (the
+    last call the round before asked about); returns where the next round goes on (None: from
+    the oldest again, every call having been asked about).
+    """
     before = app[CLOCK]() - timedelta(seconds=UNANSWERED_AFTER_S)
-    after = (datetime.min.replace(tzinfo=UTC), "")
-    while True:
-        async with app[POOL].connection() as conn:
-            cursor = await conn.execute(
-                "SELECT call_id, carrier, carrier_call_id, org_id, created_at FROM carrier_calls "
-                "WHERE carrier IN ('twilio', 'plivo') AND ended_at IS NULL "
-                "AND answered_at IS NULL AND created_at < %s AND (created_at, call_id) > (%s, %s) "
-                "ORDER BY created_at, call_id LIMIT %s", (before, *after, BATCH))
-            rows = await cursor.fetchall()
-        for call_id, carrier, carrier_call_id, org_id, _ in rows:
-            try:
-                await _settle_unanswered(app, call_id, carrier, carrier_call_id, org_id)
-            except Exception:  # the carrier or the bus: asked about next round
-                log.exception("call %s: never answered, and settling it failed", call_id)
-        if len(rows) < BATCH:
-            return
-        after = (rows[-1][4], rows[-1][0])
+    start = after or (datetime.min.replace(tzinfo=UTC), "")
+    async with app[POOL].connection() as conn:
+        cursor = await conn.execute(
+            "SELECT call_id, carrier, carrier_call_id, org_id, created_at FROM carrier_calls "
+            "WHERE carrier IN ('twilio', 'plivo') AND ended_at IS NULL "
+            "AND answered_at IS NULL AND created_at < %s AND (created_at, call_id) > (%s, %s) "
+            "ORDER BY created_at, call_id LIMIT %s",
+            (before, *start, UNANSWERED_LOOKUPS_PER_ROUND))
+        rows = await cursor.fetchall()
+    for call_id, carrier, carrier_call_id, org_id, _ in rows:
+        try:
+            await _settle_unanswered(app, call_id, carrier, carrier_call_id, org_id)
+        except Exception:  # the carrier or the bus: asked about next time round
+            log.exception("call %s: never answered, and settling it failed", call_id)
+    if len(rows) < UNANSWERED_LOOKUPS_PER_ROUND:
+        return None
+    return rows[-1][4], rows[-1][0]
 
 
 async def _settle_unanswered(app: web.Application, call_id: str, carrier: str,
