@@ -24,7 +24,7 @@ from parley.common.events import (
     TurnUserEnded,
 )
 from parley.media.ownership import Leases
-from parley.media.playback import GENERATION, mark_seq
+from parley.media.playback import FRAME_MS, GENERATION, mark_seq
 from parley.media.providers.base import Final
 
 from .test_session_idle import NOISE, ORG, QUIET_CALLER, SILENCE, Call, wait_for
@@ -628,5 +628,33 @@ async def test_a_turn_held_while_the_agent_keeps_talking_is_not_let_out_early(bu
         await call.audio(0.1)
         assert not call.session._held_turns
         assert turn.audio.finished
+    finally:
+        await call.close()
+
+
+async def test_an_answer_queued_behind_the_agent_turn_still_playing_is_not_given_up(bus) -> None:
+    # Mode none: the caller spoke over a long answer, synthesised faster than real time and so
+    # all sent while most of it was still to play; the reply to the caller went out right
+    # after it, queued at the carrier behind it. An unechoed turn stops counting as playing its
+    # own length and ECHO_GRACE_S after it was sent, and the reply's own length was counted
+    # from when it was sent, not from when the audio ahead of it will have played: it was
+    # taken as played (echoes lost) while the caller had not heard a word of it, and stopped
+    # counting as the agent speaking.
+    from parley.media.playback import ECHO_GRACE_S
+
+    call = in_mode(bus, "call-barge-in-none-queued", "none")
+    try:
+        first = await agent_begins(call, "t1", *["Friday at ten is free."] * 60)
+        await wait_for(lambda: first.spoken and first.audio.sent == len(first.audio.frames))
+        await call.agent_says("t2", *["And Saturday too."] * 5)
+        reply = call.session._turns["t2"]
+        await wait_for(lambda: reply.spoken and reply.audio.text_done
+                       and reply.audio.sent == len(reply.audio.frames))
+        sent_at = time.monotonic()
+        ahead_s = (first.audio.sent * FRAME_MS - first.audio.position_ms(sent_at)) / 1000
+        own_bound_s = reply.audio.duration_ms / 1000 + ECHO_GRACE_S
+        assert ahead_s > own_bound_s + 1.0, (ahead_s, own_bound_s)  # (the set-up, as meant)
+        await in_real_time(call, own_bound_s + 0.5)  # the first answer still playing
+        assert not reply.audio.echoes_lost and reply.audio.playing(time.monotonic())
     finally:
         await call.close()

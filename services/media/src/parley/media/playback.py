@@ -116,13 +116,16 @@ class AgentTurnAudio:
         return n == self.run_start + 1 or n % MARK_EVERY == 0 or n in self.clause_ends or (
             self.text_done and n == len(self.frames))
 
-    def take_unsent(self, now: float | None = None) -> list[tuple[int, bytes, int | None]]:
+    def take_unsent(self, now: float | None = None, *,
+                    queued_until: float | None = None) -> list[tuple[int, bytes, int | None]]:
         """Frames ready to publish as ``(index, frame, mark seq or None)``; marks them sent.
 
         If by ``now`` the carrier has played all it was sent (a wait for the next clause, or a
         synthesiser slower than the audio), a mark goes after the first frame sent now, as
         after a pause: the wait is not playback, and last echo + time since counted it as
-        played, up to the next mark (words not yet heard taken as heard).
+        played, up to the next mark (words not yet heard taken as heard). ``queued_until``:
+        when the call's other audio sent before (an earlier turn's) will have played, the
+        carrier playing what it is sent in order: these frames play after it.
         """
         if now is not None and self.echoed_at is not None and self.sent < len(self.frames) and (
                 self.position_ms(now) >= self.sent * FRAME_MS):
@@ -137,7 +140,8 @@ class AgentTurnAudio:
             out.append((index, self.frames[index], seq))
             self.sent += 1
         if out and now is not None:
-            start = max(now, self.sent_plays_until or now)  # after what is queued, if any
+            # after what is queued, if any (this turn's, and other turns' sent before it)
+            start = max(now, self.sent_plays_until or now, queued_until or now)
             self.sent_plays_until = start + len(out) * FRAME_MS / 1000
         return out
 
@@ -191,13 +195,23 @@ class AgentTurnAudio:
         never echoes kept the turn playing for ever: a caller turn held for it was never
         published, the caller's silence never counted, barge-in took the agent as speaking.
         """
-        if self.sent_plays_until is None or self.sent <= self.played_frames:
+        plays_until = self.plays_until()
+        if plays_until is None or self.sent <= self.played_frames:
             return False
-        plays_until = self.sent_plays_until
-        if self.echoed_at is not None:
-            plays_until = max(plays_until, self.echoed_at
-                              + (self.sent - self.played_frames) * FRAME_MS / 1000)
         return now >= plays_until + ECHO_GRACE_S
+
+    def plays_until(self) -> float | None:
+        """When the audio sent so far will have played (monotonic); None if nothing was sent.
+
+        From when it was sent (queued behind what was sent before it), or from the last echo
+        if that says the carrier started later.
+        """
+        if self.sent_plays_until is None:
+            return None
+        if self.echoed_at is None:
+            return self.sent_plays_until
+        return max(self.sent_plays_until,
+                   self.echoed_at + (self.sent - self.played_frames) * FRAME_MS / 1000)
 
     @property
     def started(self) -> bool:

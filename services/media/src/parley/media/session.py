@@ -1709,7 +1709,16 @@ class CallSession:
         # message; the telephony side buffers and plays it): a message ends at a marked frame,
         # so a mark still follows exactly the audio before it, or after OUT_CHUNK_FRAMES.
         run: list[bytes] = []
-        for _index, frame, mark in turn.audio.take_unsent(time.monotonic()):
+        # The carrier plays what it is sent in order: these frames play after the audio of
+        # other turns still queued there (a reply sent right after an answer synthesised faster
+        # than real time), and are not overdue until that has played too.
+        queued = [other.audio.plays_until() for other in self._turns.values()
+                  if other is not turn and not (
+                      other.interrupted or other.audio.finished or other.audio.echoes_lost
+                      or other.audio.cut_frames is not None)]
+        queued_until = max((until for until in queued if until is not None), default=None)
+        for _index, frame, mark in turn.audio.take_unsent(time.monotonic(),
+                                                          queued_until=queued_until):
             run.append(frame)
             if mark is None and len(run) < OUT_CHUNK_FRAMES:
                 continue
