@@ -9,8 +9,8 @@ from . import test_plivo_support as support
 from .conftest import wait_for
 from .test_api_calls import body, place
 
-# the shared fixtures, made visible to pytest in this module (the bus on this test's server)
-nats_server_of_test = outage.nats_server_of_test
+# the shared fixtures, made visible to pytest in this module (the bus on this test's server;
+# nats_server_of_test is the package conftest's)
 bus = outage.bus
 make_plivo_gateway = support.make_plivo_gateway
 plivo_number = support.plivo_number
