@@ -4,13 +4,11 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 import psycopg
-import pytest
 
-from parley.common.bus import Bus
-from parley.common.bus.client import connect
 from parley.gateway import call_outboxes
 from parley.gateway.calls import CarrierCall, find_by_call_id, new_call_id, record_carrier_call
 
+from . import test_nats_outage as outage
 from .conftest import CASCADING_AGENT, CASCADING_NUMBER, ORG, new_call_sid, started_stream, wait_for
 
 
@@ -19,17 +17,16 @@ def later(minutes: float):
     return lambda: datetime.now(UTC) + timedelta(minutes=minutes)
 
 
-@pytest.fixture
-async def bus(nats_server_of_test):
-    """The gateway's bus, on this test's server (publishes time out after half a second)."""
-    connected = Bus(await connect(nats_server_of_test.url, name="gateway",
-                                  pending_size=8 * 1024),
-                    owns_connection=True, publish_timeout=0.5)
-    try:
-        await connected.ensure_streams()
-        yield connected
-    finally:
-        await connected.close()
+bus = outage.bus  # the gateway's bus on this test's server, as the NATS-outage tests have it
+
+
+async def dialled_unanswered(db, call_sid: str):
+    """An outbound Twilio call recorded as dialled, never answered (ringing at the fake)."""
+    call, _ = await record_carrier_call(db, CarrierCall(
+        carrier="twilio", carrier_call_id=call_sid, call_id=new_call_id(), org_id=ORG,
+        agent_id=CASCADING_AGENT, direction="outbound", from_number=CASCADING_NUMBER,
+        to_number="+14155550199"))
+    return call
 
 
 async def stored_ends(bus, call_id: str) -> list:
@@ -61,6 +58,12 @@ async def test_an_end_whose_claim_postgres_was_too_slow_to_give_back_is_publishe
         await locker.execute("SELECT 1 FROM carrier_calls WHERE call_id = %s FOR UPDATE",
                              (call_id,))  # the give-back waits on this row
         await asyncio.wait_for(gateway.client.close(), 30)
+        # The give-back, cancelled, may still be waiting on the lock in its backend (the cancel
+        # closed the client's side only): ended then as the lock goes, in autocommit. A crash
+        # kills it; so does this, before the lock is let go.
+        await locker.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = "
+            "current_database() AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()")
         await locker.rollback()
     assert await _ended(db, call_id)  # still claimed, never published
     nats_server_of_test.start()
@@ -102,10 +105,7 @@ async def test_a_call_never_answered_whose_failure_was_lost_is_failed_as_twilio_
     given back, and the call, never answered, stayed dialling in the store for good: the
     orphan check looks only at answered calls."""
     call_sid = new_call_sid()
-    call, _ = await record_carrier_call(db, CarrierCall(
-        carrier="twilio", carrier_call_id=call_sid, call_id=new_call_id(), org_id=ORG,
-        agent_id=CASCADING_AGENT, direction="outbound", from_number=CASCADING_NUMBER,
-        to_number="+14155550199"))
+    call = await dialled_unanswered(db, call_sid)
     ringing = await make_gateway(rest=True, gateway_orphan_check_s=0.2, clock=later(1))
     await asyncio.sleep(1.0)  # rounds within the bound: not asked
     assert ringing.rest_fake.fetches == []
@@ -117,10 +117,7 @@ async def test_a_call_never_answered_whose_failure_was_lost_is_failed_as_twilio_
 
 async def test_a_call_never_answered_still_ringing_is_left_alone(make_gateway, events, db):
     call_sid = new_call_sid()
-    call, _ = await record_carrier_call(db, CarrierCall(
-        carrier="twilio", carrier_call_id=call_sid, call_id=new_call_id(), org_id=ORG,
-        agent_id=CASCADING_AGENT, direction="outbound", from_number=CASCADING_NUMBER,
-        to_number="+14155550199"))
+    call = await dialled_unanswered(db, call_sid)
     gateway = await make_gateway(rest=True, gateway_orphan_check_s=0.1, clock=later(20))
     await wait_for(lambda: call_sid in gateway.rest_fake.fetches)  # in progress at Twilio
     await asyncio.sleep(0.5)
@@ -149,10 +146,7 @@ async def test_the_carrier_is_asked_about_a_bounded_number_of_unanswered_calls_a
     monkeypatch.setattr(orphans, "UNANSWERED_LOOKUPS_PER_ROUND", 2)
     sids = [new_call_sid() for _ in range(3)]
     for sid in sids:  # ringing at Twilio (the fake's default: in progress)
-        await record_carrier_call(db, CarrierCall(
-            carrier="twilio", carrier_call_id=sid, call_id=new_call_id(), org_id=ORG,
-            agent_id=CASCADING_AGENT, direction="outbound", from_number=CASCADING_NUMBER,
-            to_number="+14155550199"))
+        await dialled_unanswered(db, sid)
     gateway = await make_gateway(rest=True, gateway_orphan_check_s=0, clock=later(20))
     asked = lambda: [sid for sid in gateway.rest_fake.fetches if sid in sids]  # noqa: E731
     cursor = await orphans.settle_unanswered(gateway.app)
