@@ -10,7 +10,6 @@ whatever was not injected in a ``cleanup_ctx``, stored under the typed keys of
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
@@ -22,6 +21,7 @@ from parley.common.bus import Bus
 from parley.common.events import utcnow
 from parley.common.metrics import Metrics
 from parley.common.problems import problem_middleware
+from parley.common.runtime import cancel_and_wait
 
 from . import due_callbacks, orphans
 from .api import idempotency
@@ -151,9 +151,7 @@ async def _signature_audit_context(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
         # what was folded since the last interval: one publish after another, each waiting up
         # to the publish timeout with NATS away, so bounded as a whole
         await audit.flush_at_shutdown(min(FLUSH_AT_SHUTDOWN_S, app[CALLS].stop_left()))
@@ -202,9 +200,7 @@ def _loop(name: str, run: Callable[[web.Application], Coroutine[Any, Any, None]]
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     return context
 
