@@ -21,9 +21,11 @@ answers:
   the question, unless the sentence makes it another thing's ("A teeth cleaning costs $95."
   does not answer "a deep cleaning"; a sentence sharing only "cost" with "How much does a
   root canal cost?" is about another subject). A follow-up that names no subject ("How much
-  does it cost?" after "Do you do whitening?") takes the caller's previous turn's. When no
-  chunk scores ``min_score`` or no sentence answers, it says it will check and follow up: it
-  never makes up or misattributes a fact.
+  does it cost?" after "Do you do whitening?") takes the caller's previous turn's. A thing
+  asked together with others ("cleanings and root canals") that no sentence answers is owned
+  up to after the answers ("I don't have the details on root canals here, so let me check…"),
+  not dropped. When no chunk scores ``min_score`` or no sentence answers, it says it will
+  check and follow up: it never makes up or misattributes a fact.
 
 When the conversation ends with a tool result, it phrases a reply from that result (a failed
 ``transfer_call``: it cannot transfer now, someone will follow up — it never calls a tool in
@@ -126,7 +128,9 @@ def answer_from_chunks(question: str, chunks: Sequence[RetrievedChunk], *, previ
     Delta Dental and Cigna.", but "deep cleaning" by no teeth cleaning's price. Each phrase
     gets the sentence sharing most of the question's words (a few synonyms; a price question
     prefers a sentence with a number); a phrase no sentence answers is left out ("…for my
-    daughter"), and when none is answered, ``None``. With a single phrase a second sentence
+    daughter"), unless it was asked together with others ("cleanings and root canals": "and",
+    "or", commas) and another of them is answered: then a sentence after the answers says it
+    will check on it. When none is answered, ``None``. With a single phrase a second sentence
     is added if it is nearly as relevant as the first.
 
     A question naming no subject ("What are your hours?") is answered by the sentences sharing
@@ -140,10 +144,11 @@ def answer_from_chunks(question: str, chunks: Sequence[RetrievedChunk], *, previ
     asked = content_words(question, expand=True) or (_PRICE_WORDS if wants_price else set())
     if not asked:
         return None
-    phrases = subject_phrases(question)
-    if not phrases and previous:
-        phrases = subject_phrases(previous)
-        asked = asked | {word for phrase in phrases for word in phrase}
+    groups = _subject_groups(question)
+    if not groups and previous:
+        groups = _subject_groups(previous)
+        asked = asked | {word for group in groups for phrase, _ in group for word in phrase}
+    phrases = [phrase for group in groups for phrase, _ in group]
     if not phrases and wants_price:
         return None
     sentences: list[tuple[list[str | None], float, str]] = []
@@ -162,15 +167,19 @@ def answer_from_chunks(question: str, chunks: Sequence[RetrievedChunk], *, previ
                   if _answers(phrase, tokens)] for phrase in phrases] if phrases else [
         [(i, score) for i, (_, score, _) in enumerate(sentences)]]
     chosen: set[int] = set()
-    for ranked in answering:
+    answered: set[tuple[str, ...]] = set()
+    for at, ranked in enumerate(answering):
         ranked.sort(key=lambda item: (-item[1], item[0]))
         if not ranked:
             continue
+        if phrases:
+            answered.add(phrases[at])
         per_phrase = max_sentences if len(answering) == 1 else 1
         chosen |= {i for i, score in ranked[:per_phrase] if score >= 0.75 * ranked[0][1]}
     if not chosen:
         return None
-    return " ".join(sentences[i][2] for i in sorted(chosen))
+    return " ".join([*(sentences[i][2] for i in sorted(chosen)),
+                     *filter(None, [_unanswered(groups, answered)])])
 
 
 # Words that name no thing of their own: a question's generic last word ("a whitening
@@ -183,7 +192,7 @@ _NOT_MODIFIERS = content_words("accept accepts accepted offer offers offered off
                                "includes including treat treats see fix fixes handle handles "
                                "bring")
 _PARTING = _ASPECT_WORDS | _NOT_MODIFIERS
-_TOKEN = re.compile(r"[a-z0-9$']+|[^\sa-z0-9$']")
+_TOKEN = re.compile(r"[a-z0-9$']+|[^\sa-z0-9$']", re.IGNORECASE)
 
 
 def _phrase_tokens(text: str) -> list[str | None]:
@@ -192,14 +201,59 @@ def _phrase_tokens(text: str) -> list[str | None]:
     Stopwords, verbs of offering, aspect words, numbers and punctuation part them; a hyphen
     joins ("check-up" is "check up").
     """
-    tokens: list[str | None] = []
-    text = re.sub(r"(?<=\w)-(?=\w)", " ", text.lower()).replace("\u2019", "'")
+    return [stem for _, stem in _tokens(text)]
+
+
+def _tokens(text: str) -> list[tuple[str, str | None]]:
+    """``text``'s tokens as said (case kept) with their :func:`_phrase_tokens` stems."""
+    tokens: list[tuple[str, str | None]] = []
+    text = re.sub(r"(?<=\w)-(?=\w)", " ", text).replace("\u2019", "'")
     for raw in _TOKEN.findall(text):
         word = content_words(raw)
         stem = next(iter(word)) if len(word) == 1 else None
         keep = stem is not None and stem not in _PARTING and not re.search(r"[$\d]", stem)
-        tokens.append(stem if keep else None)
+        tokens.append((raw, stem if keep else None))
     return tokens
+
+
+# What may stand between two things asked about together ("cleanings and root canals",
+# "a cleaning, a filling or a check-up"): the words that join them, and articles.
+_JOINING = frozenset({",", "and", "or", "&", "/", "plus", "nor"})
+_BETWEEN_CONJUNCTS = _JOINING | {"a", "an", "the", "some", "any", "your", "my", "also"}
+
+
+def _subject_groups(text: str) -> list[list[tuple[tuple[str, ...], str]]]:
+    """The things ``text`` names, grouped as asked together: each as (stems, words said).
+
+    Things joined only by "and", "or", commas (and articles) are one group ("cleanings and
+    root canals"); a thing parted from the others by any other word is a group of its own
+    ("Cigna insurance" and "my daughter" in "…Cigna insurance for my daughter?").
+    """
+    groups: list[list[tuple[tuple[str, ...], str]]] = []
+    seen: set[tuple[str, ...]] = set()
+    run: list[tuple[str, str]] = []
+    between: list[str] = []  # the tokens since the last run ended
+    for raw, stem in [*_tokens(text), ("", None)]:
+        if stem is not None:
+            run.append((raw, stem))
+            continue
+        if not run:
+            between.append(raw.lower())
+            continue
+        stems = [s for _, s in run]
+        while len(stems) > 1 and stems[-1] in _GENERIC_HEADS:
+            stems.pop()
+        phrase, said = tuple(stems), " ".join(r for r, _ in run)
+        joined = bool(groups) and bool(between) and set(between) <= _BETWEEN_CONJUNCTS and (
+            bool(set(between) & _JOINING))
+        if phrase not in seen:
+            seen.add(phrase)
+            if joined:
+                groups[-1].append((phrase, said))
+            else:
+                groups.append([(phrase, said)])
+        run, between = [], [raw.lower()] if raw else []
+    return groups
 
 
 def subject_phrases(text: str) -> list[tuple[str, ...]]:
@@ -210,18 +264,24 @@ def subject_phrases(text: str) -> list[tuple[str, ...]]:
     accept Cigna insurance for my daughter?" → ``[("cigna", "insurance"), ("daughter",)]``;
     a generic last word is dropped ("a whitening session" → ``("whiten",)``).
     """
-    phrases: list[tuple[str, ...]] = []
-    run: list[str] = []
-    for token in [*_phrase_tokens(text), None]:
-        if token is not None:
-            run.append(token)
-            continue
-        while len(run) > 1 and run[-1] in _GENERIC_HEADS:
-            run.pop()
-        if run and tuple(run) not in phrases:
-            phrases.append(tuple(run))
-        run = []
-    return phrases
+    return [phrase for group in _subject_groups(text) for phrase, _ in group]
+
+
+def _unanswered(groups: list[list[tuple[tuple[str, ...], str]]],
+                answered: set[tuple[str, ...]]) -> str:
+    """A sentence owning up to the things asked together with others that went unanswered.
+
+    "How much are cleanings and root canals?" answered for cleanings only must not read as
+    the whole answer: "I don't have the details on root canals here, so let me check…". A
+    thing asked on its own, or merely mentioned ("…for my daughter"), is left out as before.
+    """
+    missing = [said for group in groups if len(group) > 1
+               for phrase, said in group if phrase not in answered]
+    if not missing:
+        return ""
+    listed = missing[0] if len(missing) == 1 else f"{', '.join(missing[:-1])} or {missing[-1]}"
+    return (f"I don't have the details on {listed} here, so let me check and follow up with "
+            "you on that.")
 
 
 def _answers(phrase: tuple[str, ...], tokens: list[str | None]) -> bool:
