@@ -60,6 +60,9 @@ class FakePlivoApi:
     drop: bool = False  # a create request's connection is closed once read: no answer
     live: dict[str, str] = field(default_factory=dict)  # CallUUID → call_status (in-progress)
     ended: dict[str, int] = field(default_factory=dict)  # CallUUID → call_duration (its record)
+    # CallUUID → (hangup_cause_code, hangup_cause_name, hangup_source) of a call that ended
+    # never answered: its record has no answer_time and no duration
+    unanswered: dict[str, tuple[int, str, str]] = field(default_factory=dict)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -106,7 +109,21 @@ class FakePlivoApi:
                     "from_number": PLIVO_CALLER, "initiation_time": "2026-12-07 18:00:00+00:00",
                     "parent_call_uuid": None, "resource_uri": request.path,
                     "to_number": PLIVO_NUMBER, "total_amount": "0.00500",
-                    "total_rate": "0.00500"})
+                    "total_rate": "0.00500", "hangup_cause_name": "Normal Hangup",
+                    "hangup_cause_code": 4000, "hangup_source": "Caller"})
+            if "status" not in request.query and call_uuid in self.unanswered:
+                # a call never answered, as Plivo's Call object has it: answer_time null, no
+                # duration, why it ended in hangup_cause_*
+                code, name, source = self.unanswered[call_uuid]
+                return web.json_response({
+                    "answer_time": None, "api_id": str(uuid.uuid4()), "bill_duration": 0,
+                    "billed_duration": 0, "call_direction": "outbound", "call_duration": 0,
+                    "call_uuid": call_uuid, "end_time": "2026-12-07 18:00:30+00:00",
+                    "from_number": PLIVO_NUMBER, "initiation_time": "2026-12-07 18:00:00+00:00",
+                    "parent_call_uuid": None, "resource_uri": request.path,
+                    "to_number": PLIVO_CALLER, "total_amount": "0.00000",
+                    "total_rate": "0.00500", "hangup_cause_name": name,
+                    "hangup_cause_code": code, "hangup_source": source})
             return web.json_response({"api_id": str(uuid.uuid4()), "error": "not found"},
                                      status=404)
 

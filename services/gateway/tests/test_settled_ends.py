@@ -4,11 +4,13 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 import psycopg
+import pytest
 
 from parley.gateway import call_outboxes
 from parley.gateway.calls import CarrierCall, find_by_call_id, new_call_id, record_carrier_call
 
 from . import test_nats_outage as outage
+from . import test_plivo_support as plivo_support
 from .conftest import CASCADING_AGENT, CASCADING_NUMBER, ORG, new_call_sid, started_stream, wait_for
 
 
@@ -20,10 +22,10 @@ def later(minutes: float):
 bus = outage.bus  # the gateway's bus on this test's server, as the NATS-outage tests have it
 
 
-async def dialled_unanswered(db, call_sid: str):
-    """An outbound Twilio call recorded as dialled, never answered (ringing at the fake)."""
+async def dialled_unanswered(db, call_sid: str, *, carrier: str = "twilio"):
+    """An outbound call recorded as dialled, never answered (ringing at Twilio's fake)."""
     call, _ = await record_carrier_call(db, CarrierCall(
-        carrier="twilio", carrier_call_id=call_sid, call_id=new_call_id(), org_id=ORG,
+        carrier=carrier, carrier_call_id=call_sid, call_id=new_call_id(), org_id=ORG,
         agent_id=CASCADING_AGENT, direction="outbound", from_number=CASCADING_NUMBER,
         to_number="+14155550199"))
     return call
@@ -153,3 +155,46 @@ async def test_the_carrier_is_asked_about_a_bounded_number_of_unanswered_calls_a
     assert len(asked()) == 2, asked()
     await orphans.settle_unanswered(gateway.app, cursor)  # the one left, not the first two again
     assert sorted(asked()) == sorted(sids)
+
+
+# the shared Plivo fixtures, made visible to pytest in this module
+make_plivo_gateway = plivo_support.make_plivo_gateway
+plivo_number = plivo_support.plivo_number
+
+
+# (hangup_cause_code, hangup_cause_name, hangup_source). 0-1020, 2000-2070 and 4000-4030 are
+# as Plivo's hangup-causes page lists them; the page's recipient causes (3000s) are read by
+# name, so the codes given them here are not relied on.
+@pytest.mark.parametrize(("cause", "reason"), [
+    ((3000, "Busy Line", "Callee"), "busy"),
+    ((3010, "Rejected", "Callee"), "busy"),
+    ((3020, "No Answer", "Callee"), "no_answer"),
+    ((3030, "Ring Timeout Reached", "Plivo"), "no_answer"),
+    ((1000, "Canceled", "API Request"), "canceled"),
+    ((2000, "Invalid Destination Address", "Plivo"), "failed"),
+])
+async def test_a_plivo_call_never_answered_is_failed_as_plivo_has_it(
+        make_plivo_gateway, events, db, cause, reason):
+    """An outbound Plivo call found over and never answered was settled as call.ended
+    ``completed`` (every record Plivo has was taken for a completed call): Plivo's record of it
+    says why it ended (hangup_cause_*), and that it was never answered (no answer_time), so it
+    fails as Plivo's hangup callback would have failed it, and as Twilio's are settled."""
+    call_uuid = plivo_support.new_call_uuid()
+    call = await dialled_unanswered(db, call_uuid, carrier="plivo")
+    gateway = await make_plivo_gateway(gateway_orphan_check_s=0.2, clock=later(20))
+    gateway.api.unanswered[call_uuid] = cause
+    [failed] = await events.wait("call.failed", call.call_id, timeout=10)
+    assert (failed.reason, failed.carrier_status) == (reason, cause[1])
+    assert events.of("call.ended", call.call_id) == []
+
+
+async def test_a_plivo_call_answered_unbeknown_to_us_ends_completed(
+        make_plivo_gateway, events, db):
+    """Plivo's record has it answered (its answer callback never reached us) and over: ended
+    completed, Plivo's duration."""
+    call_uuid = plivo_support.new_call_uuid()
+    call = await dialled_unanswered(db, call_uuid, carrier="plivo")
+    gateway = await make_plivo_gateway(gateway_orphan_check_s=0.2, clock=later(20))
+    gateway.api.ended[call_uuid] = 17
+    [ended] = await events.wait("call.ended", call.call_id, timeout=10)
+    assert (ended.reason, ended.duration_s) == ("completed", 17.0)

@@ -34,9 +34,12 @@ Each round also settles two kinds of call the check above never sees:
   ``call.failed`` or end given up, the claim given back): its carrier is asked, and an
   ended call gets the end the carrier's status callback would have published (busy, no
   answer, failed, canceled → ``call.failed``; completed → ``call.ended``; unknown to the
-  carrier → ``call.failed`` ``failed``). One still ringing is left for a later round. A round
-  asks about :data:`UNANSWERED_LOOKUPS_PER_ROUND` such calls at most, the next going on after
-  the last it asked about (and from the oldest again once it reached the newest).
+  carrier → ``call.failed`` ``failed``). Plivo's record of an ended call has no status:
+  one with no ``answer_time`` failed, its reason from the record's hangup cause
+  (:attr:`parley.gateway.plivo.rest.AtPlivo.failure`). One still ringing is left for a
+  later round. A round asks about :data:`UNANSWERED_LOOKUPS_PER_ROUND` such calls at most,
+  the next going on after the last it asked about (and from the oldest again once it
+  reached the newest).
 """
 
 from __future__ import annotations
@@ -90,8 +93,9 @@ class AtCarrier(NamedTuple):
     """What the carrier says of a call: ``live`` None if it knows no such call (404)."""
 
     live: bool | None
-    status: str = ""  # its word for the call, logged
+    status: str = ""  # its word for the call, logged (and call.failed's carrier_status)
     duration_s: float | None = None  # an ended call's
+    failed: str | None = None  # an ended call never answered: its call.failed reason
 
 
 async def run(app: web.Application) -> None:
@@ -255,11 +259,10 @@ async def _settle_unanswered(app: web.Application, call_id: str, carrier: str,
     if at_carrier.live is None:
         event = CallFailed(org_id=org_id, call_id=call_id, reason="failed",
                            carrier_status="unknown")
-    elif at_carrier.status in _FAILED_AT_TWILIO:
-        event = CallFailed(org_id=org_id, call_id=call_id,
-                           reason=_FAILED_AT_TWILIO[at_carrier.status],
+    elif at_carrier.failed is not None:
+        event = CallFailed(org_id=org_id, call_id=call_id, reason=at_carrier.failed,
                            carrier_status=at_carrier.status)
-    else:  # completed (Plivo's record says no more)
+    else:  # completed: answered, then over
         event = CallEnded(org_id=org_id, call_id=call_id, reason="completed",
                           duration_s=at_carrier.duration_s or 0.0)
     if await publish_end(app[POOL], app[CALL_OUTBOXES], event):
@@ -334,11 +337,15 @@ async def _ask_twilio(rest: TwilioCalls, call_sid: str) -> AtCarrier:
             raise
         return AtCarrier(live=None)
     return AtCarrier(live=call.status not in ENDED_AT_TWILIO, status=call.status,
-                     duration_s=float(call.duration) if call.duration is not None else None)
+                     duration_s=float(call.duration) if call.duration is not None else None,
+                     failed=_FAILED_AT_TWILIO.get(call.status))
 
 
 async def _ask_plivo(rest: PlivoCalls, call_uuid: str) -> AtCarrier:
     call = await rest.fetch(call_uuid)
     if call is None:
         return AtCarrier(live=None)
-    return AtCarrier(live=call.live, status=call.status, duration_s=call.duration_s)
+    failed = call.failure
+    # Plivo's word for how a call never answered ended: its hangup cause ("Busy Line")
+    return AtCarrier(live=call.live, status=call.hangup_cause if failed else call.status,
+                     duration_s=call.duration_s, failed=failed)

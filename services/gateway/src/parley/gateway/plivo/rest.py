@@ -70,16 +70,46 @@ class AtPlivo(msgspec.Struct, frozen=True, kw_only=True):
     """A call as Plivo has it.
 
     Live: ``status`` is its ``call_status`` (``ringing``, ``in-progress``…). Over: ``status``
-    is ``completed`` and ``duration_s`` its record's ``call_duration``.
+    is ``completed``, ``duration_s`` its record's ``call_duration``, ``answered`` whether the
+    record has an ``answer_time``, and ``hangup_cause``/``hangup_code`` its
+    ``hangup_cause_name``/``hangup_cause_code`` (why it ended).
     """
 
     status: str
     duration_s: float | None = None
+    answered: bool = True
+    hangup_cause: str = ""
+    hangup_code: int | None = None
 
     @property
     def live(self) -> bool:
         """Whether Plivo has the call up."""
         return self.status != "completed"
+
+    @property
+    def failure(self) -> str | None:
+        """The call.failed reason of a call over and never answered (None: it was answered).
+
+        The reasons Plivo's hangup callback gives (``CallStatus`` busy, no-answer, cancel…),
+        from the record's hangup cause (Plivo's "hangup causes" page): 1000-1099 canceled
+        (by the Hangup API before an answer, out of credits, the dial limit), 2000-2999 the
+        destination (invalid, out of service, barred: failed); the recipient's causes by name
+        (busy or rejected → busy, no answer or a ring timeout → no_answer); anything else
+        failed.
+        """
+        if self.live or self.answered:
+            return None
+        name = self.hangup_cause.lower()
+        code = self.hangup_code if self.hangup_code is not None else -1
+        if 1000 <= code < 2000 or "cancel" in name:
+            return "canceled"
+        if 2000 <= code < 3000:
+            return "failed"
+        if "busy" in name or "reject" in name:
+            return "busy"
+        if "no answer" in name or "timeout" in name:
+            return "no_answer"
+        return "failed"
 
 
 class _RebasedClient(plivo.RestClient):  # type: ignore[misc]  # the SDK is untyped
@@ -148,9 +178,12 @@ class PlivoCalls:
         record = await self._run(lambda: _found(lambda: self._client().calls.get(call_uuid)))
         if record is None:
             return None
-        duration = _field(record, "call_duration")
+        duration, code = _field(record, "call_duration"), _field(record, "hangup_cause_code")
         return AtPlivo(status="completed",
-                       duration_s=float(duration) if duration is not None else None)
+                       duration_s=float(duration) if duration is not None else None,
+                       answered=_answered(record, duration),
+                       hangup_cause=str(_field(record, "hangup_cause_name") or ""),
+                       hangup_code=code if isinstance(code, int) else None)
 
     async def hangup(self, call_uuid: str) -> None:
         """End a live call."""
@@ -206,6 +239,20 @@ def _found(operation: Callable[[], T]) -> T | None:
         return operation()
     except plivo_errors.ResourceNotFoundError:
         return None
+
+
+def _answered(record: Any, duration: Any) -> bool:
+    """Whether an ended call's record says it was answered.
+
+    By its ``answer_time`` (null if it never was); a record without the field, by its duration.
+    """
+    try:
+        has_answer_time = "answer_time" in record
+    except TypeError:
+        has_answer_time = False
+    if has_answer_time:
+        return bool(_field(record, "answer_time"))
+    return isinstance(duration, int | float) and duration > 0
 
 
 def _field(response: Any, name: str) -> Any:
