@@ -790,3 +790,43 @@ async def test_a_synthesiser_at_its_concurrency_limit_is_asked_again_not_refused
         call._on_say(say("t2", 0, "How can I help?", last=True))
         await until_spoken(call, "t2")
         assert call._turns["t2"].audio.frames
+
+
+async def test_a_synthesiser_that_opens_but_fails_every_stream_ends_the_call_in_time(bus) -> None:
+    # Cartesia, the agent's only synthesiser, takes every context and answers each request
+    # with an error before any audio (a 503 from its backend, transient). Each turn's stream
+    # opened, failed, was taken up once more on a new context, failed again, and the turn
+    # ended unsaid; but the give-up bound started only when no synthesiser opened at all, so
+    # it never started: every turn went unsaid, the brain kept answering a caller who heard
+    # nothing, and the call was never hung up. No audio for tts_give_up_after_s while turns
+    # wanted some now counts, whether or not the streams open.
+    from parley.devkit.emulators.cartesia import CartesiaFaults
+
+    class EveryRequestFails(CartesiaFaults):
+        @property  # type: ignore[override]
+        def error_status(self) -> int:
+            return 503
+
+        @error_status.setter
+        def error_status(self, value: object) -> None:
+            pass  # (the emulator spends a fault by setting it back to None: this one stays)
+
+    call_id = "call-tts-opens-then-fails"
+    async with cartesia_only_call(bus, call_id) as (call, cartesia_server, hangups):
+        call.tts_give_up_after_s = 1.0
+        cartesia_server.faults = EveryRequestFails()
+        await bus.publish(said(call_id, "t1", "One moment please."))
+        await wait_for(lambda: "t1" in call._turns and call._turns["t1"].spoken, timeout=10)
+        assert call._turns["t1"].audio.frames == []  # unsaid
+        assert any(session.requests for session in cartesia_server.sessions)  # (it opened)
+        await asyncio.sleep(0.2)
+        assert hangups == [] and not call.end_reason  # one turn unsaid ends no call
+        for n in range(2, 12):  # the brain goes on answering
+            if call.running.done():  # type: ignore[attr-defined]
+                break
+            await bus.publish(said(call_id, f"t{n}", "Are you still there?"))
+            await asyncio.sleep(0.3)
+        done, _ = await asyncio.wait([call.running], timeout=5)  # type: ignore[attr-defined]
+        assert done, "the call was not ended"  # (before: it went on, every turn unsaid)
+        assert call.end_reason == "tts_failed"
+        assert [reason for reason, _ in hangups] == ["error"]

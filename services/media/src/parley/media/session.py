@@ -1440,7 +1440,8 @@ class CallSession:
             return provider.open(voice=self.settings.voice, language=self.settings.language)
 
         refused = self._tts_refused
-        hang_up = False  # no synthesiser of the chain would open: the call ends (below)
+        failed = False  # a synthesiser failed the turn: at the open, or with its stream
+        spoke = False  # a synthesiser delivered audio of the turn
         while not turn.interrupted:
             whole_chain = not after  # this open is over the call's whole chain
             try:
@@ -1470,27 +1471,7 @@ class CallSession:
                         org_id=self.org_id, call_id=self.call_id, kind="tts",
                         from_provider=after or self._tts_chain[0], to_provider="",
                         reason=(failure or str(exc))[:500]))
-                if whole_chain:
-                    # No provider of the chain would open (each failed, or refused the call
-                    # for good): as with no recogniser, the call is hung up — once every one
-                    # refused it for good, or none has spoken for tts_give_up_after_s. Left
-                    # on, every later turn went unsaid the same way, the caller hearing
-                    # silence while the brain kept answering, and the call was never ended;
-                    # hung up at the first such turn, one opening blip (a vendor's 503 twice
-                    # in 0.1 s) ended a call the next turn would have served. (A turn whose
-                    # streams opened and broke, its whole chain tried again once already,
-                    # only ends: the next turn tries again.)
-                    now = time.monotonic()
-                    if self._tts_failing_since is None:
-                        self._tts_failing_since = now
-                    if all(name in refused for name in self._tts_chain) or (
-                            now - self._tts_failing_since >= self.tts_give_up_after_s):
-                        log.warning("call %s: no speech synthesiser can speak for the agent; "
-                                    "ending the call", self.call_id)
-                        hang_up = True
-                    else:
-                        log.warning("call %s: turn %s unsaid: no speech synthesiser opened; "
-                                    "the next turn tries again", self.call_id, turn.turn_id)
+                failed = True
                 break
             if failure and turn.provider == after:
                 log.warning("call %s: tts %s reopened (%s)", self.call_id, after, failure)
@@ -1521,7 +1502,7 @@ class CallSession:
                         self._feed(turn, stream, said, len(said), wait=True))
                 async for chunk in stream.audio():
                     if chunk.audio and not delivered:
-                        delivered = True
+                        delivered = spoke = True
                         self._tts_failing_since = None
                         self.s.tts.health[turn.provider].success()
                         turn.tts_answered_at = turn.tts_answered_at or time.monotonic()
@@ -1549,6 +1530,7 @@ class CallSession:
                 # Once, permanent or not; not the call's own refusal (router.py).
                 self.s.tts.health[turn.provider].failure(exc)
                 after, failure = turn.provider, str(exc)
+                failed = True
                 if exc.permanent:
                     # Refused for good (Cartesia's model_sunsetted, a 4xx): asked again, it
                     # refuses again; each turn asked it twice for the rest of the call.
@@ -1571,6 +1553,8 @@ class CallSession:
                         # A send that failed with the stream: its failure is the one above, or
                         # (all audio came) none. Propagating skipped the fallback.
                         log.debug("call %s: tts feeder: %s", self.call_id, exc)
+        hang_up = failed and not turn.interrupted and not self.stopped.is_set() and (
+            self._tts_gives_up(turn, spoke=spoke))
         turn.audio.end_clause()
         turn.audio.text_done = True
         await self._send_out(turn)
@@ -1578,6 +1562,36 @@ class CallSession:
         if hang_up:
             await self._play_out_before_hang_up()
             self.stop("tts_failed")
+
+    def _tts_gives_up(self, turn: _AgentTurn, *, spoke: bool) -> bool:
+        """Whether the call is hung up for want of a synthesiser, a turn having failed.
+
+        As with no recogniser: once every synthesiser of the chain refused the call for good,
+        or none has delivered audio for ``tts_give_up_after_s`` since a turn first got none
+        (``spoke``: this one did). Left on, every later turn went unsaid the same way, the
+        caller hearing silence while the brain kept answering, and the call was never ended;
+        hung up at the first such turn, one blip (a vendor's 503 twice in 0.1 s) ended a call
+        the next turn would have served. Whether the streams opened does not matter: counted
+        only when none of the chain opened, a synthesiser that took every stream and failed
+        each before its first audio (Cartesia answering every request with an error) never
+        started the count, and the call went on unsaid to its end.
+        """
+        if all(name in self._tts_refused for name in self._tts_chain):
+            log.warning("call %s: every speech synthesiser refused the call; ending it",
+                        self.call_id)
+            return True
+        if spoke:
+            return False  # (the count, if any, was started over by its audio)
+        now = time.monotonic()
+        if self._tts_failing_since is None:
+            self._tts_failing_since = now
+        if now - self._tts_failing_since >= self.tts_give_up_after_s:
+            log.warning("call %s: no audio from any speech synthesiser for %.0f s; ending the "
+                        "call", self.call_id, now - self._tts_failing_since)
+            return True
+        log.warning("call %s: turn %s unsaid: no speech synthesiser gave audio; the next turn "
+                    "tries again", self.call_id, turn.turn_id)
+        return False
 
     async def _play_out_before_hang_up(self) -> None:
         """Wait for the agent audio out on the carrier to play before the call is hung up.
