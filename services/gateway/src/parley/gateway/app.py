@@ -23,7 +23,7 @@ from parley.common.metrics import Metrics
 from parley.common.problems import problem_middleware
 from parley.common.runtime import cancel_and_wait
 
-from . import due_callbacks, orphans
+from . import due_callbacks, orphans, replays
 from .api import idempotency
 from .api import routes as api_routes
 from .api.rate_limit import CallRateLimiter
@@ -95,6 +95,8 @@ def create_app(config: GatewayConfig, *, bus: Bus | None = None,
     # Idempotency-Keys of POST /v1/calls past their 24 h are deleted.
     app.cleanup_ctx.append(_loop("idempotency-keys", idempotency.run,
                                  "gateway_idempotency_sweep_s"))
+    # Plivo nonces past their window and stream tokens a day past theirs, on the same interval.
+    app.cleanup_ctx.append(_loop("replay-guards", replays.run, "gateway_idempotency_sweep_s"))
     app.cleanup_ctx.append(_settling_context)  # last: closed before the clients it uses
     app.on_shutdown.append(_going_away)
     for add_routes in ROUTE_HOOKS:

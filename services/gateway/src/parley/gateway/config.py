@@ -31,6 +31,13 @@ class GatewayConfig(CommonConfig, kw_only=True):
     plivo_auth_id: str = ""
     plivo_auth_token: str = ""
     plivo_api_base_url: str = ""
+    # Plivo's V3 signature carries no time: a nonce is remembered this long (in Postgres, so
+    # across instances) and a request bearing it again is refused 403 (replays.py).
+    plivo_nonce_window_s: Annotated[float, msgspec.Meta(gt=0)] = 86400.0
+    # The one-time token a Twilio <Connect><Stream> carries is good this long after it was
+    # issued (after the digits, for a DTMF redirect's); a stream start without a token of its
+    # call, unused and unexpired, is refused (close 4406; replays.py).
+    gateway_stream_token_ttl_s: Annotated[float, msgspec.Meta(gt=0)] = 120.0
     max_frame_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 65536
     # A media socket that has not sent ``start`` this long after the upgrade is closed.
     stream_start_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0

@@ -8,7 +8,8 @@ the ``https://`` form of its ``wss://`` URL: same host, path and query, which is
 signature binds. A bad or missing signature is answered 403 (problem JSON), never processed,
 counted, and audited as ``security.signature_rejected`` (shared with Twilio's check, and
 bounded the same way: one event per source, reason and called number per interval, carrying
-a count).
+a count). A good signature's nonce is claimed across instances: the same nonce again is a
+replay, refused 403 (problem ``replayed-request``) and counted (:mod:`parley.gateway.replays`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from plivo.utils import validate_v3_signature
 from parley.common.problems import Problem
 
 from ..keys import CONFIG
+from ..replays import claim_nonce, count_refusal
 from ..twilio.signatures import read_form, refuse_nul_characters, reject
 
 log = logging.getLogger(__name__)
@@ -71,10 +73,24 @@ async def verify_plivo(request: web.Request, params: Mapping[str, str] | None = 
         except ValueError:  # the SDK cannot parse a query with non-ASCII escapes: not Plivo's
             valid = False
         if valid:
+            await _refuse_replay(request, nonce)
             return
         reason = f"invalid {SIGNATURE_HEADER}"
     await reject(request, reason, params, carrier=CARRIER)
     raise Problem(403, "Forbidden", reason, kind="invalid-signature")
+
+
+async def _refuse_replay(request: web.Request, nonce: str) -> None:
+    """Claim a verified request's nonce (across instances); a 403 Problem if already claimed."""
+    if await claim_nonce(request.app, CARRIER, nonce):
+        return
+    route = request.match_info.route.resource
+    path = route.canonical if route is not None else request.path
+    count_refusal(request.app, CARRIER, path, "nonce")
+    log.warning("refused a replayed Plivo request to %s from %s: its nonce was already used",
+                path, request.remote or "-")
+    raise Problem(403, "Forbidden", f"{NONCE_HEADER} already used: a replayed request",
+                  kind="replayed-request")
 
 
 async def signed_form(request: web.Request) -> MultiDictProxy[str]:

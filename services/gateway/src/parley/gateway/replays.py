@@ -1,0 +1,172 @@
+"""Signed carrier requests are good once: Plivo nonces, Twilio stream tokens, connect order.
+
+A carrier's signature binds a request's URL and parameters, not when it was sent, so a request
+captured (a proxy's log, a debugging dump) verifies again when sent again. Each guard here keeps
+its state in Postgres (``014_replay_guards.sql``), so a replay is refused by whichever
+instance it reaches, and a refusal is counted (``gateway_replays_refused_total`` by carrier,
+route and kind) and logged without the secret:
+
+* **Plivo nonces.** V3 signatures carry a random nonce but no time: every nonce verified is
+  claimed (its sha256) for ``plivo_nonce_window_s``; a request whose nonce is already claimed is
+  refused 403 (problem ``replayed-request``). Plivo signs each request, retries included, with
+  a fresh nonce.
+* **Twilio stream tokens.** A Media Streams (or ConversationRelay) upgrade is signed over the
+  socket URL without parameters, the same for every call: a captured upgrade could open a
+  stream for any live call. Each ``<Connect>`` the gateway answers a call with (the voice
+  webhook's is connect 0, each reconnect and DTMF redirect the next) carries a one-time
+  ``stream_token`` ``<Parameter>``, which Twilio hands back in the ``start`` (``setup``)
+  message's ``customParameters``. A start is accepted only with a token issued for its call,
+  unused and within ``gateway_stream_token_ttl_s``, and uses it up in one UPDATE; else the socket
+  is closed 4406. A repeated request for a connect whose token is unused (a carrier retry) gets
+  a new token in place of the old; once used, or once a later connect exists, the connect is
+  never issued again.
+* **Connect order.** The ``<Connect action>`` URL names its connect (``connect=<n>``): an action
+  of a connect that is not the call's latest (one replaced by a reconnect or a redirect), or whose
+  successor's stream already started, is stale — a replay — and reconnects nothing, counts no
+  attempt and ends no call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+from datetime import timedelta
+from typing import Any, Literal, NamedTuple
+
+from aiohttp import web
+from psycopg import AsyncConnection
+
+from .keys import CLOCK, CONFIG, METRICS, POOL
+
+log = logging.getLogger(__name__)
+
+STREAM_TOKEN = "stream_token"  # the <Parameter> name carrying a connect's token
+Kind = Literal["nonce", "stream_token", "stale_connect"]
+
+
+def digest(secret: str) -> str:
+    """What is stored of a nonce or token: its sha256 (hex)."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def count_refusal(app: web.Application, carrier: str, path: str, kind: Kind) -> None:
+    """Count a request refused as a replay."""
+    app[METRICS].counter(
+        "gateway_replays_refused", "Signed carrier requests refused as replays (a nonce seen, "
+        "a stream token not issued, used or expired, a stale connect)",
+        ["carrier", "path", "kind"]).labels(carrier, path, kind).inc()
+
+
+# -- Plivo nonces -------------------------------------------------------------------------------
+
+async def claim_nonce(app: web.Application, carrier: str, nonce: str) -> bool:
+    """Claim a verified request's nonce; False if it was claimed within the window (a replay)."""
+    now = app[CLOCK]()
+    expires = now + timedelta(seconds=app[CONFIG].plivo_nonce_window_s)
+    async with app[POOL].connection() as conn:
+        cursor = await conn.execute(
+            "INSERT INTO carrier_nonces (carrier, nonce_sha256, expires_at) VALUES (%s, %s, %s) "
+            "ON CONFLICT (carrier, nonce_sha256) DO UPDATE SET expires_at = EXCLUDED.expires_at "
+            "WHERE carrier_nonces.expires_at <= %s RETURNING 1",
+            (carrier, digest(nonce), expires, now))
+        return await cursor.fetchone() is not None
+
+
+async def expire(app: web.Application) -> int:
+    """Delete nonces past their window, and stream tokens a day past theirs; how many."""
+    now = app[CLOCK]()
+    async with app[POOL].connection() as conn:
+        nonces = await conn.execute("DELETE FROM carrier_nonces WHERE expires_at <= %s", (now,))
+        tokens = await conn.execute("DELETE FROM carrier_stream_tokens WHERE expires_at <= %s",
+                                    (now - timedelta(days=1),))
+        return nonces.rowcount + tokens.rowcount
+
+
+async def run(app: web.Application) -> None:
+    """Expire what the guards keep every ``gateway_idempotency_sweep_s``, until cancelled."""
+    interval = app[CONFIG].gateway_idempotency_sweep_s
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            if expired := await expire(app):
+                log.info("expired %d replay-guard rows (nonces, stream tokens)", expired)
+        except Exception:  # a database outage: the next round tries again
+            log.exception("replay guards: the sweep failed")
+
+
+# -- Twilio stream tokens -----------------------------------------------------------------------
+
+class Connect(NamedTuple):
+    """A connect issued: its number (for the action URL) and its token (for the TwiML only)."""
+
+    number: int
+    token: str
+
+
+async def issue_connect(conn: AsyncConnection[Any], app: web.Application, call_id: str,
+                        number: int, *, after_s: float = 0.0) -> Connect | None:
+    """Issue connect ``number`` of a call with a new token; None if it may not be (a replay).
+
+    Refused when a later connect exists or this one's token was used; issued again (a new token
+    replacing the unused one: the carrier retrying the request) otherwise. ``after_s``: what
+    plays before the stream starts (DTMF), added to the token's lifetime.
+    """
+    token = secrets.token_urlsafe(32)
+    now = app[CLOCK]()
+    expires = now + timedelta(seconds=app[CONFIG].gateway_stream_token_ttl_s + after_s)
+    cursor = await conn.execute(
+        "INSERT INTO carrier_stream_tokens (call_id, connect, token_sha256, issued_at, "
+        "expires_at) SELECT %(call)s, %(n)s, %(hash)s, %(now)s, %(expires)s WHERE NOT EXISTS ("
+        "SELECT 1 FROM carrier_stream_tokens WHERE call_id = %(call)s AND connect > %(n)s) "
+        "ON CONFLICT (call_id, connect) DO UPDATE SET token_sha256 = EXCLUDED.token_sha256, "
+        "issued_at = EXCLUDED.issued_at, expires_at = EXCLUDED.expires_at "
+        "WHERE carrier_stream_tokens.used_at IS NULL RETURNING connect",
+        {"call": call_id, "n": number, "hash": digest(token), "now": now, "expires": expires})
+    return None if await cursor.fetchone() is None else Connect(number, token)
+
+
+async def issue_next_connect(conn: AsyncConnection[Any], app: web.Application, call_id: str,
+                             *, after_s: float = 0.0) -> Connect:
+    """Issue the call's next connect (a redirect of ours: DTMF), whatever its number."""
+    for _ in range(5):
+        cursor = await conn.execute(
+            "SELECT coalesce(max(connect) + 1, 0) FROM carrier_stream_tokens WHERE call_id = %s",
+            (call_id,))
+        row = await cursor.fetchone()
+        connect = await issue_connect(conn, app, call_id, int(row[0]) if row else 0,
+                                      after_s=after_s)
+        if connect is not None:
+            return connect
+    raise RuntimeError(f"call {call_id}: no connect could be issued (contended)")
+
+
+async def latest_connect(conn: AsyncConnection[Any], call_id: str) -> tuple[int, bool]:
+    """The call's latest connect number (-1: none) and whether its stream has started."""
+    cursor = await conn.execute(
+        "SELECT connect, used_at IS NOT NULL FROM carrier_stream_tokens WHERE call_id = %s "
+        "ORDER BY connect DESC LIMIT 1", (call_id,))
+    row = await cursor.fetchone()
+    return (-1, False) if row is None else (int(row[0]), bool(row[1]))
+
+
+async def use_stream_token(conn: AsyncConnection[Any], app: web.Application, call_id: str,
+                           token: str, stream_id: str) -> str:
+    """Use up a stream's token: ``""`` if it was good, else why it is refused."""
+    if not token:
+        return "no stream token"
+    now = app[CLOCK]()
+    cursor = await conn.execute(
+        "UPDATE carrier_stream_tokens SET used_at = %s, stream_id = %s WHERE call_id = %s "
+        "AND token_sha256 = %s AND used_at IS NULL AND expires_at > %s RETURNING connect",
+        (now, stream_id, call_id, digest(token), now))
+    if await cursor.fetchone() is not None:
+        return ""
+    cursor = await conn.execute(
+        "SELECT used_at IS NOT NULL FROM carrier_stream_tokens WHERE call_id = %s "
+        "AND token_sha256 = %s", (call_id, digest(token)))
+    row = await cursor.fetchone()
+    if row is None:
+        return "stream token not issued for this call"
+    return "stream token already used" if row[0] else "stream token expired"
