@@ -15,11 +15,12 @@ from parley.common.events import (
     AgentSpeechInterrupted,
     CallerIdle,
     SpeechStarted,
+    ToolCompleted,
     ToolFailed,
     ToolRequested,
     TurnUserEnded,
 )
-from parley.devkit.emulators.anthropic import ScriptedReply
+from parley.devkit.emulators.anthropic import ScriptedReply, ScriptedToolUse
 
 from .conftest import ORG, SETTINGS, conversation, open_call, services, user_says
 
@@ -142,6 +143,54 @@ async def test_the_agents_own_words_in_its_language(bus, pool, emulator, recorde
         await recorder.wait("tool.requested", "idle9")
         said = {e.turn_id: e.text for e in recorder.of("agent.say", "idle9")}
         assert (said["i0"], said["i1"]) == (spanish.idle_prompt, spanish.idle_goodbye)
+    finally:
+        await worker.stop()
+        await llm.aclose()
+
+
+async def test_a_prompt_said_while_a_tool_ran_is_no_prefill_of_the_round_after_it(
+        bus, pool, emulator, recorder) -> None:
+    """A refund waits for approval, the caller says nothing, media asks "Are you still there?":
+    the prompt's agent.say is stored between the tool's request and its outcome. The fold put
+    it after the tool use, so the request of the round the outcome takes up ended with it once
+    its result was moved up to the use (as the API requires): the idle prompt was the
+    request's last message, which Anthropic reads as a prefill to continue. It now goes with
+    the agent's words before the tool use (it was said while the tool ran), so that round's
+    request ends with the tool's result, and the next turn's history keeps that order."""
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(services(bus, pool, [llm]))
+    await worker.start()
+    try:
+        await open_call(bus, "idle10")
+        await recorder.wait("agent.say", "idle10")  # the greeting
+        emulator.script(
+            ScriptedReply(text="Let me check.", tool_uses=(ScriptedToolUse(
+                name="refund", input={"order": "42"}, id="toolu_idle10"),)),
+            ScriptedReply(text="Your refund went through."),
+            ScriptedReply(text="You're welcome!"))
+        await user_says(bus, "idle10", "t1", "Refund my last order.")
+        await recorder.wait("tool.requested", "idle10")
+        await bus.publish(idle("idle10", "i0", "prompt", 8.0))
+        await recorder.wait("agent.say", "idle10", where=lambda e: e.turn_id == "i0")
+        await bus.publish(ToolCompleted(org_id=ORG, call_id="idle10", tool_call_id="toolu_idle10",
+                                        name="refund", result={"ok": True}))
+        await recorder.wait("turn.completed", "idle10")
+        round_after = conversation(emulator.requests[-1])
+        assert round_after[-1] == {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_idle10", "content": '{"ok": true}'}]}
+        assert round_after[-2]["role"] == "assistant" and [
+            block.get("text") or block["type"] for block in round_after[-2]["content"]] == [
+            "Let me check.", IDLE_PROMPT, "tool_use"]
+        said = [e.text for e in recorder.of("agent.say", "idle10") if e.turn_id == "t1"]
+        assert said[-1] == "Your refund went through."
+        # The caller's next turn: the same history, in the same order, then their words.
+        await user_says(bus, "idle10", "t2", "Thanks!")
+        await recorder.wait("turn.completed", "idle10", count=2)
+        next_turn = conversation(emulator.requests[-1])
+        assert next_turn[:len(round_after)] == round_after
+        assert next_turn[len(round_after):] == [
+            {"role": "assistant", "content": "Your refund went through."},
+            {"role": "user", "content": "Thanks!"}]
     finally:
         await worker.stop()
         await llm.aclose()

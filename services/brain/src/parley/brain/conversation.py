@@ -33,8 +33,11 @@ of a brain late to greet (the caller said "Hello?" into the silence), an idle pr
 as they spoke, a clause of the turn before sent as their next turn began. It is history all the
 same, said as they spoke or before they were answered, so it goes before their words (with the
 rest of its utterance), in the order it was said: only an utterance's own turn, the caller's
-words it answers, comes before it. A deliberate prefill (clauses a re-run round already said,
-a clause a speculation prepared) is the worker's, in :attr:`LlmRequest.prefill`.
+words it answers, comes before it. Likewise an idle prompt said while another turn's tool ran
+goes before that tool use, with the words the agent said before it: after it, it would come
+after the tool's result (moved up to its use) and end the round's request. A deliberate
+prefill (clauses a re-run round already said, a clause a speculation prepared) is the
+worker's, in :attr:`LlmRequest.prefill`.
 
 A caller's turn of keys (reason ``dtmf``: "1234#") reaches the model marked as keypad input,
 ``[keypad] 1234#`` (:func:`caller_text`), not as words the caller said.
@@ -385,17 +388,25 @@ class Conversation:
 
         The caller's turns folded since (their words stored before this clause: it was said as
         they spoke, or before they were answered) stay after it, so a request ends with them.
+        So do another turn's tool uses still waiting for their results (an idle prompt said
+        while a tool ran): after the use the text would come after its result once the
+        result is moved up to it, the last thing of the round's request, a prefill.
         """
         turn_id = self.speeches.get(speech_id, speech_id)
         at = len(self.messages)
-        while at and isinstance(caller := self.messages[at - 1], _CallerText) and (
-                caller.turn_id != turn_id):
+        while at and (isinstance(before := self.messages[at - 1], _CallerText) and (
+                before.turn_id != turn_id) or isinstance(before, ToolUse) and (
+                self._owner(before.id) != turn_id)):
             at -= 1
         before = self.messages[at - 1] if at else None
         if isinstance(before, _TurnText) and before.turn_id == speech_id:
             self.messages[at - 1] = _TurnText(turn_id=speech_id, text=f"{before.text} {text}")
         else:
             self.messages.insert(at, _TurnText(turn_id=speech_id, text=text))
+
+    def _owner(self, tool_call_id: str) -> str:
+        """The turn that made the tool call ("" if none has it)."""
+        return next((t.turn_id for t in self.turns.values() if tool_call_id in t.tools), "")
 
     def _replace_said(self, speech_id: str, heard: str) -> None:
         """Cut the utterance's text to what the caller heard of it, round by round.
