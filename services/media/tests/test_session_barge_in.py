@@ -15,6 +15,8 @@ import msgspec
 
 from parley.common.bus import Bus
 from parley.common.events import (
+    AgentReplyPrepared,
+    AgentSay,
     AgentSpeechFinished,
     AgentSpeechInterrupted,
     AgentSpeechProgress,
@@ -25,7 +27,7 @@ from parley.common.events import (
 )
 from parley.media.ownership import Leases
 from parley.media.playback import FRAME_MS, GENERATION, mark_seq
-from parley.media.providers.base import Final
+from parley.media.providers.base import Final, Partial
 
 from .test_session_idle import NOISE, ORG, QUIET_CALLER, SILENCE, Call, wait_for
 
@@ -656,5 +658,47 @@ async def test_an_answer_queued_behind_the_agent_turn_still_playing_is_not_given
         assert ahead_s > own_bound_s + 1.0, (ahead_s, own_bound_s)  # (the set-up, as meant)
         await in_real_time(call, own_bound_s + 0.5)  # the first answer still playing
         assert not reply.audio.echoes_lost and reply.audio.playing(time.monotonic())
+    finally:
+        await call.close()
+
+
+async def test_a_held_turn_revised_by_its_late_words_goes_out_before_its_interruption(
+        bus) -> None:
+    # Mode none: the caller spoke over the agent's t0, and their turn ended at max wait on a
+    # stale partial ("I would like"): held for t0 to play. The recogniser's late words then
+    # revised it. The revision stops the answer to the old turn, and media published that
+    # answer's agent.speech.interrupted at once, though the turn it answers was still held:
+    # the call's events had t1 interrupted before t1 had ended. Now the interruption waits
+    # for the turn: t1, its interruption, then t2 revising it, once t0 has played.
+    call = in_mode(bus, "call-barge-in-none-revised", "none")
+    try:
+        await agent_begins(call, "t0", "Thanks for calling the clinic.", "How can I",
+                           last=False)
+        await call.speech(0.6)
+        await call.session._on_stt(Partial("I would like"))
+        # the brain prepares a reply to those words; it would play once the turn is out
+        await call.session._on_prepared(AgentReplyPrepared(
+            org_id=ORG, call_id=call.call_id, turn_id="t1", words="i would like",
+            text="Sure, what would you like?", last=True))
+        await call.audio(3.0)  # past the max wait: the turn ends on the partial, held
+        [held] = call.session._held_turns
+        assert held.turn_id == "t1" and held.prepared is not None
+        await call.session._on_stt(Final("I would like to book an appointment on Friday.",
+                                         speech_final=True))
+        await call.audio(0.1)
+        assert call.session.turn_no == 2  # revised (and held behind t1)
+        await agent_ends(call, "t0", "help you today?", first_seq=2)
+        events = [e for e in await published(call) if isinstance(
+            e, TurnUserEnded | AgentSpeechInterrupted)]
+        assert [(e.type, e.turn_id) for e in events] == [
+            ("turn.user_ended", "t1"), ("agent.speech.interrupted", "t1"),
+            ("turn.user_ended", "t2")]
+        assert isinstance(events[2], TurnUserEnded) and events[2].revises == "t1"
+        assert events[2].text == "I would like to book an appointment on Friday."
+        assert isinstance(events[1], AgentSpeechInterrupted) and events[1].played_text == ""
+        call.session._on_say(AgentSay(org_id=ORG, call_id=call.call_id, turn_id="t1", seq=0,
+                                      text="Sure.", last=True))
+        assert "t1" not in call.session._turns  # the answer to the old words is never said
+        assert held.prepared.discarded and not held.prepared.audio.sent  # nor the prepared one
     finally:
         await call.close()

@@ -236,6 +236,9 @@ class _HeldTurn:
     key: tuple[object, ...] = ()
     prepared: _AgentTurn | None = None  # the reply prepared for it, played when it goes out
     keys: tuple[str, float] | None = None  # a turn of keys: its keys and eou_delay_ms
+    # A later turn revised it while held: the answer to it is stopped once it is out
+    # (see :meth:`CallSession._supersede`).
+    superseded: bool = False
 
 
 @dataclass
@@ -814,7 +817,9 @@ class CallSession:
                 continue
             self._user_turn_ends[turn.turn_id] = time.time()
             await self._publish(TurnUserEnded, "turn.user_ended", key=turn.key, **turn.fields)
-            if turn.prepared is not None and not turn.prepared.discarded:
+            if turn.superseded:  # revised by a later turn while held: now it is out
+                await self._supersede(turn.turn_id)
+            elif turn.prepared is not None and not turn.prepared.discarded:
                 self._play_prepared(turn.prepared)
 
     def _as_predecessor_published(self, end: TurnEnd) -> TurnEnd:
@@ -942,8 +947,19 @@ class CallSession:
         """The caller's turn ``turn_id`` is replaced: the answer to it stops, or never starts.
 
         What of it was played stays heard (``agent.speech.interrupted``); the brain cancels it
-        on the newer turn.
+        on the newer turn. A turn still held for the agent (:meth:`_hold_turn`; the revision is
+        held behind it) has no answer yet but perhaps a reply prepared for it, dropped unheard
+        now; its interruption waits until the turn itself is out (:meth:`_release_held_turns`).
+        Published at once, the call's events had the answer to a turn interrupted before that
+        turn had ended.
         """
+        held = next((held for held in self._held_turns if held.turn_id == turn_id), None)
+        if held is not None:
+            held.superseded = True
+            self._past_turns.add(turn_id)  # what the brain sends for it is not spoken
+            if held.prepared is not None:
+                await self._drop_prepared(held.prepared)
+            return
         turn = self._turns.get(turn_id)
         if turn is None:  # the brain has not answered yet: what it still sends is not spoken
             self._past_turns.add(turn_id)
@@ -1371,8 +1387,11 @@ class CallSession:
     async def _discard_prepared(self) -> None:
         """Drop the prepared reply: nothing of it is heard; its synthesis is still counted."""
         turn, self._prepared = self._prepared, None
-        if turn is None:
-            return
+        if turn is not None:
+            await self._drop_prepared(turn)
+
+    async def _drop_prepared(self, turn: _AgentTurn) -> None:
+        """A prepared reply is not played: nothing of it is heard."""
         turn.interrupted = turn.discarded = True
         if self._turns.get(turn.turn_id) is turn:
             del self._turns[turn.turn_id]  # the brain's own answer to that turn starts afresh
