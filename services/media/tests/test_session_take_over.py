@@ -8,6 +8,7 @@ the EVENTS stream.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import msgspec
@@ -327,3 +328,94 @@ async def test_a_successor_publishes_nothing_the_call_already_has(bus) -> None:
         ("t1", words)]
     assert successor.turn_no == 1
     assert [e.type for e in heard] == []  # nothing new: every event was the predecessor's
+
+
+async def test_providers_that_refused_the_call_are_not_asked_again_by_its_successor(
+        bus) -> None:
+    # An Italian agent on Cartesia's sonic-2, which Cartesia sunset for Italian (every request
+    # refused, model_sunsetted), and Deepgram closing the call's audio with 1008 DATA-0000 (a
+    # misconfigured encoding): both refused the call for good, and its session went on with
+    # the fallbacks, asking neither again. The call was then taken over by another instance,
+    # which knew nothing of it: it opened Deepgram again (refused again at its first audio)
+    # and asked Cartesia again at its first turn. The lease carries the call's refused
+    # providers: the successor starts with them.
+    from parley.devkit.emulators.cartesia import CartesiaEmulator
+    from parley.devkit.emulators.deepgram import DeepgramEmulator
+    from parley.media.providers.cartesia_tts import CartesiaTts
+    from parley.media.providers.deepgram_stt import DeepgramStt
+
+    from .test_session_recognition import Recogniser
+    from .test_session_speech import Synthesiser, say, wait_for
+
+    call_id = "call-refused-take-over"
+    deepgram, cartesia_server = DeepgramEmulator(api_key="dg"), CartesiaEmulator(api_key="key")
+    await deepgram.start()
+    await cartesia_server.start()
+    said: list[tuple[str, str, bool]] = []
+    clients: list[CartesiaTts] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    def instance(name: str, resume: LeaseState | None) -> CallSession:
+        """The call's session on media instance ``name``: its own providers and health."""
+        clients.append(CartesiaTts("key", base_url=cartesia_server.base_url, model_id="sonic-2"))
+        services = SessionServices(
+            bus=bus, leases=None,  # type: ignore[arg-type]  # run() is not called
+            stt=ProviderRouter("stt", {"deepgram": DeepgramStt("dg", base_url=deepgram.base_url),
+                                       "backup": Recogniser("backup")},  # type: ignore[dict-item]
+                               ["deepgram", "backup"], retry_initial_s=0.01),
+            tts=ProviderRouter("tts", {"cartesia": clients[-1],
+                                       "backup": Synthesiser("backup", said)},  # type: ignore[dict-item]
+                               ["cartesia", "backup"], retry_initial_s=0.01),
+            instance=name, command_timeout_s=0.05)
+        call = CallSession(services, call_id=call_id, org_id=ORG, agent_id="agent",
+                           settings=AgentSettings(language="it-IT"), revision=1, resume=resume)
+        call._history = None  # the call's past events are read
+        return call
+
+    async def start(call: CallSession) -> None:
+        """Open its recogniser as run() does, and follow it; its speaker speaks."""
+        call._stt_name, call._stt = await call.s.stt.open(call._stt_chain, call._open_stt,
+                                                          refused=call._stt_refused)
+        call._stt_task = asyncio.create_task(call._recognise())
+        tasks.extend([call._stt_task, asyncio.create_task(call._speaker())])
+
+    def spoken(call: CallSession, turn_id: str, text: str) -> None:
+        call._on_say(msgspec.structs.replace(say(turn_id, 0, text, last=True), call_id=call_id))
+
+    try:
+        predecessor = instance("media-a", None)
+        await start(predecessor)
+        assert predecessor._stt_name == "deepgram"
+        deepgram.faults.undecodable_audio = True
+        for n in range(10):
+            await predecessor._inbound_frame(SILENCE, n * 20)
+        await predecessor._stt_flush()
+        await wait_for(lambda: predecessor._stt_name == "backup", timeout=10)
+        spoken(predecessor, "t1", "Grazie per aver chiamato.")
+        await wait_for(lambda: "t1" in predecessor._turns and predecessor._turns["t1"].spoken,
+                       timeout=10)
+        assert predecessor._turns["t1"].provider == "backup"
+        assert predecessor._stt_refused == {"deepgram"}
+        assert predecessor._tts_refused == {"cartesia"}
+        asked = [r for s in cartesia_server.sessions for r in s.requests if r["transcript"]]
+        assert len(deepgram.sessions) == 1 and len(asked) == 1
+
+        # Killed: another instance takes the call over from its lease.
+        successor = instance("media-b", lease_of(predecessor))
+        await start(successor)
+        assert successor._stt_name == "backup"
+        assert len(deepgram.sessions) == 1  # (before: opened again, refused again)
+        spoken(successor, "t2", "Come posso aiutarla oggi?")
+        await wait_for(lambda: "t2" in successor._turns and successor._turns["t2"].spoken,
+                       timeout=10)
+        assert successor._turns["t2"].provider == "backup"
+        asked = [r for s in cartesia_server.sessions for r in s.requests if r["transcript"]]
+        assert len(asked) == 1  # (before: asked again, refused again)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for client in clients:
+            await client.close()
+        await cartesia_server.stop()
+        await deepgram.stop()

@@ -99,6 +99,10 @@ class LeaseState(msgspec.Struct, kw_only=True):
     # The owner's usage as of this renewal, unrecorded: a successor records it, under the ids
     # the owner's own record has (None: nothing unrecorded, or a lease of an older version).
     usage: LeaseUsage | None = None
+    # The providers that refused the call for good (a permanent error: a sunset model, audio
+    # they cannot decode), by kind: a successor does not ask them again either. (Not known to
+    # it, each was opened or asked again after a take-over and refused again.)
+    refused: dict[str, list[str]] = msgspec.field(default_factory=dict)
 
 
 class LeaseLost(Exception):

@@ -356,7 +356,8 @@ class CallSession:
         self._stt_lock = asyncio.Lock()
         # Recognisers that failed this call for good (a permanent error: Deepgram's 1008 for
         # audio it cannot decode, a 4xx at the open): not tried again on it (_switch_stt).
-        self._stt_refused: set[str] = set()
+        # Taken on from a predecessor (the lease carries them), and carried on to a successor.
+        self._stt_refused: set[str] = set(resume.refused.get("stt", ())) if resume else set()
         # Consecutive mid-call failures: when the current stream opened, when the failures
         # began (None: none under way) and the wait before the next reopen (_stt_backoff).
         self.stt_retry_initial_s = STT_RETRY_INITIAL_S
@@ -368,7 +369,8 @@ class CallSession:
         self._stt_delay_s = 0.0
         # TTS
         self._tts_chain = services.tts.chain(settings.providers.get("tts", ""))
-        self._tts_refused: set[str] = set()  # likewise for synthesisers (a sunset model)
+        # Likewise for synthesisers (a sunset model).
+        self._tts_refused: set[str] = set(resume.refused.get("tts", ())) if resume else set()
         self.tts_give_up_after_s = TTS_GIVE_UP_AFTER_S
         # When a turn first found no synthesiser to open, none having delivered audio since.
         self._tts_failing_since: float | None = None
@@ -577,6 +579,8 @@ class CallSession:
                   if ms is not None]
         target = (min(starts) if starts else self.audio_ms) - PREROLL_MS
         lease = self.lease
+        lease.refused = {kind: sorted(names) for kind, names in (
+            ("stt", self._stt_refused), ("tts", self._tts_refused)) if names}
         for ms, seq, sent_at, turn_no, ordinals in self._checkpoints:
             if ms > target:
                 break
