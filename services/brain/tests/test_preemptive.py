@@ -503,3 +503,36 @@ async def test_a_follow_up_is_warmed_and_speculated_on_with_its_subjects_knowled
     finally:
         await worker.stop()
         await llm.aclose()
+
+
+async def test_a_follow_up_to_a_follow_up_is_speculated_on_with_its_subjects_knowledge(
+        bus, pool, emulator, recorder) -> None:
+    # "And how long?" after "How much is it?" after "Do you do teeth whitening?": searched
+    # with the subject and the follow-up since, already while the caller speaks, so the
+    # speculation made from the warmed context is still the turn's own request.
+    from parley.brain.knowledge import ingest
+
+    await ingest(pool, ORG, "reception", "whitening.md",
+                 b"Teeth whitening: a whitening session takes an hour and costs $300.")
+    worker, llm = await started_worker(bus, pool, emulator)
+    try:
+        await open_call(bus, "p-follow2")
+        await recorder.wait("agent.say", "p-follow2")
+        emulator.script(ScriptedReply(text="Yes, we do whitening."),
+                        ScriptedReply(text="It costs $300."),
+                        ScriptedReply(text="About an hour."))
+        said = ["Do you do teeth whitening?", "How much is it?", "And how long?"]
+        for number, text in enumerate(said, 1):
+            await final(bus, "p-follow2", text)
+            await until(lambda number=number: emulator.completed_streams == number)
+            await user_says(bus, "p-follow2", f"t{number}", text)
+            await recorder.wait("turn.completed", "p-follow2", count=number)
+        assert worker.speculations.outcomes == {"adopted": 3}
+        assert len(emulator.requests) == 3 and worker.warmup.hits == 3
+        assert "takes an hour" in turn_context(emulator.requests[-1])
+        retrieved = recorder.of("knowledge.retrieved", "p-follow2")[-1]
+        assert retrieved.turn_id == "t3" and len(retrieved.chunk_ids) == 1
+        assert retrieved.query == "Do you do teeth whitening? How much is it? And how long?"
+    finally:
+        await worker.stop()
+        await llm.aclose()

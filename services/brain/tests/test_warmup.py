@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from parley.brain.conversation import fold
 from parley.brain.knowledge import ingest
 from parley.brain.llm.anthropic_llm import AnthropicLlm
 from parley.brain.llm.local_responder import LocalResponder
@@ -180,10 +181,31 @@ async def test_a_turn_takes_only_what_was_warmed_knowing_its_previous_turns_word
     context = await warmup.take("c1", "How much is it?", agent_id="",
                                 previous="Do you do teeth whitening?")
     assert context is not None and context.warm
-    # Seen live, a turn's end gives the next turn its previous words.
+    # Seen live, a turn's end gives the next turn its previous words: a follow-up's, with the
+    # subject it went on with (a follow-up to a follow-up keeps the subject).
     warmup.on_event(TurnUserEnded(org_id=ORG, call_id="c1", turn_id="t2", text="How much is it?"))
     warmup.learn_words("c1", "Do you do teeth whitening?")  # an older fold changes nothing
     warmup.on_event(TranscriptFinal(org_id=ORG, call_id="c1", text="And how long?",
                                     utterance_id="t3"))
-    context = await warmup.take("c1", "And how long?", agent_id="", previous="How much is it?")
+    assert await warmup.take("c1", "And how long?", agent_id="",
+                             previous="How much is it?") is None
+    warmup.on_event(TranscriptFinal(org_id=ORG, call_id="c1", text="And how long?",
+                                    utterance_id="t3"))
+    context = await warmup.take("c1", "And how long?", agent_id="",
+                                previous="Do you do teeth whitening? How much is it?")
+    assert context is not None and context.warm
+    # A revision of that turn goes on from the subject before it, as the fold does.
+    warmup.on_event(TurnUserEnded(org_id=ORG, call_id="c1", turn_id="t3", text="And how long?"))
+    warmup.on_event(TurnUserEnded(org_id=ORG, call_id="c1", turn_id="t4",
+                                  text="And how long does it take?", revises="t3"))
+    warmup.on_event(TranscriptFinal(org_id=ORG, call_id="c1", text="Is it safe?",
+                                    utterance_id="t5"))
+    conversation = fold("c1", [
+        TurnUserEnded(org_id=ORG, call_id="c1", turn_id=turn_id, text=text, revises=revises)
+        for turn_id, text, revises in [
+            ("t1", "Do you do teeth whitening?", ""), ("t2", "How much is it?", ""),
+            ("t3", "And how long?", ""), ("t4", "And how long does it take?", "t3"),
+            ("t5", "Is it safe?", "")]])
+    context = await warmup.take("c1", "Is it safe?", agent_id="",
+                                previous=conversation.previous_words["t5"])
     assert context is not None and context.warm

@@ -272,6 +272,70 @@ async def test_local_responder_answers_a_follow_up_about_the_previous_turns_subj
         assert "check" in answers[1] and not any(ch.isdigit() for ch in answers[1]), answers
 
 
+async def test_a_follow_up_to_a_follow_up_keeps_the_subject(bus, pool, emulator,
+                                                              recorder) -> None:
+    """"Do you do teeth whitening?" — "How much is it?" — "And how long?".
+
+    A follow-up was searched with the caller's previous turn's words only: the second
+    follow-up with the first's ("How much is it? And how long?"), which name nothing, so it
+    found nothing and the model, told nothing relevant was found, declined how long a
+    whitening takes though the passage it had been shown says so. The words a follow-up is
+    searched with now carry the subject: the last turn that was no follow-up and the
+    follow-ups since.
+    """
+    await ingest(pool, ORG, AGENT, "whitening.md",
+                 b"Teeth whitening: a whitening session takes an hour and costs $300.")
+    await ingest(pool, ORG, AGENT, "hours.md", b"We open at eight, Monday to Friday.")
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    async with running_brain(bus, pool, [llm]):
+        emulator.script(ScriptedReply(text="Yes, we do whitening."),
+                        ScriptedReply(text="It costs $300."),
+                        ScriptedReply(text="About an hour."))
+        await open_call(bus, "c-follow2")
+        said = ["Do you do teeth whitening?", "How much is it?", "And how long?"]
+        for number, text in enumerate(said, 1):
+            await user_says(bus, "c-follow2", f"t{number}", text)
+            await recorder.wait("turn.completed", "c-follow2", count=number)
+        context = turn_context(emulator.requests[-1])
+        assert "takes an hour" in context and "nothing relevant" not in context
+        third = recorder.of("knowledge.retrieved", "c-follow2")[2]
+        assert third.query == "Do you do teeth whitening? How much is it? And how long?"
+        # A question of its own starts a new subject.
+        emulator.script(ScriptedReply(text="We open at eight."),
+                        ScriptedReply(text="Monday to Friday."))
+        await user_says(bus, "c-follow2", "t4", "What time do you open on Monday?")
+        await recorder.wait("turn.completed", "c-follow2", count=4)
+        await user_says(bus, "c-follow2", "t5", "Which days?")
+        await recorder.wait("turn.completed", "c-follow2", count=5)
+        fifth = recorder.of("knowledge.retrieved", "c-follow2")[4]
+        assert fifth.query == "What time do you open on Monday? Which days?"
+
+
+def test_the_subject_a_follow_up_carries_is_bounded() -> None:
+    """The last turn that was no follow-up and the latest follow-ups since (a revised turn
+    passed over, keys not counted); a long run of follow-ups keeps only the latest few."""
+    def ended(turn_id: str, text: str, **fields: str) -> TurnUserEnded:
+        return TurnUserEnded(org_id=ORG, call_id="c", turn_id=turn_id, text=text, **fields)
+
+    conversation = fold("c", [
+        ended("t1", "Do you do teeth whitening?"), ended("t2", "How much?"),
+        ended("k1", "1#", reason="dtmf"), ended("t3", "And how long?"),
+        ended("t4", "For kids?"), ended("t5", "Also weekends?"), ended("t6", "Is it safe?")])
+    assert conversation.previous_words["t2"] == "Do you do teeth whitening?"
+    assert conversation.previous_words["t3"] == "Do you do teeth whitening? How much?"
+    assert conversation.previous_words["t6"] == (
+        "Do you do teeth whitening? And how long? For kids? Also weekends?")
+    revised = fold("c", [ended("t1", "Do you do teeth whitening?"), ended("t2", "How much"),
+                         ended("t3", "How much is it?", revises="t2"),
+                         ended("t4", "And how long?")])
+    assert revised.previous_words["t3"] == "Do you do teeth whitening?"
+    assert revised.previous_words["t4"] == "Do you do teeth whitening? How much is it?"
+    new_subject = fold("c", [ended("t1", "Do you do teeth whitening?"), ended("t2", "How much?"),
+                             ended("t3", "What time do you open on Monday?"),
+                             ended("t4", "Which days?")])
+    assert new_subject.previous_words["t4"] == "What time do you open on Monday?"
+
+
 async def test_a_newer_user_turn_supersedes_the_running_one(bus, pool, emulator,
                                                             recorder) -> None:
     emulator.tokens_per_second = 10

@@ -89,6 +89,35 @@ from parley.common.events import (
 from parley.common.words import normalize_words
 
 HAND_OFFS = frozenset({"end_call", "transfer_call"})  # tools that end the turn with the call
+# A caller's turn of at most this many words (of three letters or more: "How much is it?") is a
+# follow-up: its knowledge is searched with the subject's words and its own together.
+FOLLOW_UP_WORDS = 3
+# Follow-ups in a row whose words a later follow-up still carries, after their subject's.
+FOLLOW_UPS_CARRIED = 3
+
+
+def content_words(text: str) -> set[str]:
+    """``text``'s words of three letters or more, lower-cased (what a follow-up is told by)."""
+    return {w for w in "".join(c if c.isalnum() else " " for c in text.lower()).split()
+            if len(w) > 2}
+
+
+def carried_subject(before: tuple[str, ...], words: str) -> tuple[str, ...]:
+    """The words a follow-up after a turn of ``words`` is searched with, as turns' words.
+
+    ``before``: what the turn's own follow-up search carried. A turn of few words
+    (:data:`FOLLOW_UP_WORDS`) goes on with that subject: its words join the subject's (the
+    last turn that was no follow-up) and the follow-ups since, the latest
+    :data:`FOLLOW_UPS_CARRIED` of them; a turn of more words is a subject of its own. One turn
+    back only, a follow-up to a follow-up ("And how long?" after "How much is it?" after "Do
+    you do teeth whitening?") was searched with words that name nothing.
+    """
+    if not before or len(content_words(words)) > FOLLOW_UP_WORDS:
+        return (words,)
+    subject, *follow_ups = before
+    kept = follow_ups[len(follow_ups) - (FOLLOW_UPS_CARRIED - 1):] if (
+        len(follow_ups) >= FOLLOW_UPS_CARRIED) else follow_ups
+    return (subject, *kept, words)
 
 
 @dataclass
@@ -276,9 +305,13 @@ class Conversation:
     user_turns: set[str] = field(default_factory=set)  # the caller's turns ended so far
     # The caller's spoken turns' words (not keys): what their knowledge was retrieved for.
     words_of: dict[str, str] = field(default_factory=dict)
-    # Spoken turn → the words of the caller's spoken turn before it (the one it revises passed
-    # over): a follow-up's knowledge is searched with them too (see the worker).
+    # Spoken turn → the words a follow-up's knowledge is searched with too (see the worker):
+    # the subject it goes on with (:func:`carried_subject`) as of the caller's spoken turn
+    # before it (the one it revises passed over).
     previous_words: dict[str, str] = field(default_factory=dict)
+    # Spoken turn → that subject as turns' words: before it, and for the turn after it.
+    subject_before: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    subject_after: dict[str, tuple[str, ...]] = field(default_factory=dict)
     greeted: bool = False
     ended: bool = False
     events: int = 0
@@ -316,9 +349,11 @@ class Conversation:
                 self.latest_user_turn = event.turn_id
                 self.user_turns.add(event.turn_id)
                 if event.reason != "dtmf":
-                    self.previous_words[event.turn_id] = (
-                        self.previous_words.get(event.revises, "") if event.revises
-                        else self.words_of.get(self.latest_spoken_turn, ""))
+                    before = self.subject_before.get(event.revises, ()) if event.revises \
+                        else self.subject_after.get(self.latest_spoken_turn, ())
+                    self.subject_before[event.turn_id] = before
+                    self.subject_after[event.turn_id] = carried_subject(before, event.text)
+                    self.previous_words[event.turn_id] = " ".join(before)
                     self.latest_spoken_turn = event.turn_id
                     self.words_of[event.turn_id] = event.text
                 self.caller_moves += 1

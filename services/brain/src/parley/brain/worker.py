@@ -46,7 +46,8 @@ Once a turn has ended, its words are that turn's only: the next turn is warmed (
 on) from its own transcripts, never from the ended turn's or the recogniser's late words for it.
 A follow-up ("How much is it?" after "Do you do teeth whitening?") names nothing it asks
 about: a turn's words that are few, or that find nothing, are searched together with the
-caller's previous turn's (:meth:`BrainWorker._knowledge`), warmed or not.
+caller's previous turn's (:meth:`BrainWorker._knowledge`), warmed or not; after a follow-up,
+with its subject's and the follow-ups since (a follow-up to a follow-up keeps the subject).
 The caller's profile (their earlier calls) cannot change during a call: it is looked up once per
 call, as the call starts, and kept.
 
@@ -97,7 +98,15 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy, PubAck
 
-from parley.brain.conversation import HAND_OFFS, AgentTurn, Conversation, fold
+from parley.brain.conversation import (
+    FOLLOW_UP_WORDS,
+    HAND_OFFS,
+    AgentTurn,
+    Conversation,
+    carried_subject,
+    fold,
+)
+from parley.brain.conversation import content_words as _content_words
 from parley.brain.llm.base import (
     AssistantMessage,
     Done,
@@ -163,9 +172,6 @@ USAGE_PUBLISH_ATTEMPTS = 10
 # about a minute through a NATS outage, it must not outlast an orchestrator's kill grace (30 s).
 STOP_RECORDING_WAIT_S = 10.0
 PROFILE_CALLS = 10_000  # calls whose caller profile an instance keeps (least recent go)
-# A caller's turn of at most this many words (of three letters or more: "How much is it?") is a
-# follow-up: its knowledge is searched with the previous turn's words and its own together.
-FOLLOW_UP_WORDS = 3
 _ID_NAMESPACE = uuid.UUID("0b7f5c1e-2f4d-4b8a-9a53-1c9f2e7d4a60")
 
 
@@ -280,11 +286,6 @@ def _continuing(request: LlmRequest) -> LlmRequest:
     return msgspec.structs.replace(request, messages=tuple(history), prefill=said.text)
 
 
-def _content_words(text: str) -> set[str]:
-    return {w for w in "".join(c if c.isalnum() else " " for c in text.lower()).split()
-            if len(w) > 2}
-
-
 def _keyed(event: Event) -> bool:
     """A caller's turn of key presses: its text is the keys ("1234#"), not words."""
     return isinstance(event, TurnUserEnded) and event.reason == "dtmf"
@@ -301,7 +302,7 @@ class _Warm:
     text: str
     agent_id: str  # whose knowledge was retrieved ("" not known: the org's only)
     task: asyncio.Task[Context]
-    previous: str = ""  # the words of the caller's turn before (a follow-up searches them too)
+    previous: str = ""  # the subject a follow-up searches with too (:func:`carried_subject`)
     ended: bool = False  # its turn has ended: that turn may take it, a speculation may not
 
 
@@ -316,9 +317,10 @@ class Warmup:
     are not the next turn's: neither the recogniser's late words for it (media tags them with
     the ended turn's ``utterance_id``) nor what was warmed for it, which only that turn takes.
     A turn of keys ends no spoken turn (one being said goes on), and takes nothing warmed.
-    Each warm-up knows the words of the call's latest spoken turn that ended (seen live, or
-    from the fold: :meth:`learn_words`), for a follow-up's retrieval; a turn takes it only if
-    its own previous turn's words are those.
+    Each warm-up knows the subject a follow-up goes on with as of the call's latest spoken
+    turn that ended (:func:`~parley.brain.conversation.carried_subject`: that turn's words, or
+    a follow-up's with its subject's; seen live, or from the fold: :meth:`learn_words`), for a
+    follow-up's retrieval; a turn takes it only if its fold carries the same.
     """
 
     def __init__(self, prepare: Callable[[str, str, str, str, str], Awaitable[Context]], *,
@@ -330,7 +332,10 @@ class Warmup:
         self._agents: dict[str, str] = {}  # call → agent, learned from call.stream_started
         self._finals: dict[str, list[str]] = {}  # call → the open turn's finals so far
         self._ended: dict[str, int] = {}  # call → the number of its latest ended turn (tN)
-        self._said: dict[str, str] = {}  # call → the words of its latest spoken turn that ended
+        # call → the subject a follow-up carries after its latest spoken turn that ended, and
+        # the one before that turn (a revision of it goes on from there)
+        self._said: dict[str, tuple[str, ...]] = {}
+        self._said_before: dict[str, tuple[str, ...]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -341,10 +346,15 @@ class Warmup:
             if len(self._agents) > 10_000:
                 self._agents.pop(next(iter(self._agents)))
 
-    def learn_words(self, call_id: str, words: str) -> None:
-        """Note the call's latest spoken turn's words (from its fold) if none was seen live."""
-        if words and call_id not in self._said:
-            self._said[call_id] = words
+    def learn_words(self, call_id: str, subject: str | tuple[str, ...]) -> None:
+        """Note what a follow-up carries after the call's latest spoken turn, from its fold.
+
+        That turn's words, or a follow-up's with its subject's; only if no turn end was seen
+        live.
+        """
+        subject = (subject,) if isinstance(subject, str) else subject
+        if any(subject) and call_id not in self._said:
+            self._said[call_id] = subject
             if len(self._said) > 10_000:
                 self._said.pop(next(iter(self._said)))
 
@@ -360,7 +370,10 @@ class Warmup:
         elif isinstance(event, TurnUserEnded) and not _keyed(event):
             # (not a turn of keys: the spoken turn being said goes on)
             self._finals.pop(event.call_id, None)
-            self._said[event.call_id] = event.text
+            before = self._said_before.get(event.call_id, ()) if event.revises \
+                else self._said.get(event.call_id, ())
+            self._said_before[event.call_id] = before
+            self._said[event.call_id] = carried_subject(before, event.text)
             number = _turn_number(event.turn_id)
             if number is not None:
                 self._ended[event.call_id] = number
@@ -371,6 +384,7 @@ class Warmup:
             self._finals.pop(event.call_id, None)
             self._ended.pop(event.call_id, None)
             self._said.pop(event.call_id, None)
+            self._said_before.pop(event.call_id, None)
         elif isinstance(event, TranscriptPartial | TranscriptFinal) and event.text.strip():
             ended = self._ended.get(event.call_id)
             if ended is not None and event.utterance_id:
@@ -391,7 +405,7 @@ class Warmup:
             if current is not None and not current.task.done():
                 current.task.cancel()
             agent = self._agents.get(event.call_id, "")
-            previous = self._said.get(event.call_id, "")
+            previous = " ".join(self._said.get(event.call_id, ()))
             task = asyncio.create_task(
                 self._prepare(event.org_id, event.call_id, agent, text, previous))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
@@ -406,6 +420,8 @@ class Warmup:
             self._ended.pop(next(iter(self._ended)))
         if len(self._said) > 10_000:
             self._said.pop(next(iter(self._said)))
+        if len(self._said_before) > 10_000:
+            self._said_before.pop(next(iter(self._said_before)))
 
     def expected(self, call_id: str) -> tuple[str, str, asyncio.Task[Context]] | None:
         """The words the call's open turn would end with now, for which agent, and their context.
@@ -676,8 +692,8 @@ class BrainWorker:
         # A call that began before this instance followed it: its warm-ups learn the agent (and
         # the words a follow-up is searched with) here.
         self.warmup.learn_agent(call_id, conversation.agent_id)
-        self.warmup.learn_words(call_id, conversation.words_of.get(
-            conversation.latest_spoken_turn, ""))
+        self.warmup.learn_words(call_id, conversation.subject_after.get(
+            conversation.latest_spoken_turn, ()))
         if conversation.ended:
             await self._complete_cancelled(conversation, event)  # (the caller hung up on it)
             self._history.pop(call_id, None)
@@ -1325,12 +1341,14 @@ class BrainWorker:
 
     async def _knowledge(self, org_id: str, agent_id: str, words: str,
                          previous: str) -> Knowledge:
-        """What the caller's words find, a follow-up's searched with their previous turn's.
+        """What the caller's words find, a follow-up's searched with its subject's.
 
         A follow-up ("How much is it?" after "Do you do teeth whitening?") names nothing it asks
         about: words that are few (:data:`FOLLOW_UP_WORDS`), or that find nothing, are searched
-        together with the previous turn's, whose subject they most likely go on with. At most
-        two searches a turn; the query recorded is the one whose passages the prompt gets.
+        together with ``previous``, the subject they most likely go on with: the caller's
+        previous turn's words, or, after a follow-up, its subject's and the follow-ups since
+        (:func:`~parley.brain.conversation.carried_subject`). At most two searches a turn; the
+        query recorded is the one whose passages the prompt gets.
         """
         started = time.perf_counter()
         together = f"{previous.strip()} {words.strip()}"
