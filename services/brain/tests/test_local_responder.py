@@ -505,3 +505,24 @@ async def test_a_follow_up_owns_up_to_a_conjunct_of_the_previous_turn() -> None:
                               AssistantMessage(text="Yes."), say("How much are they?"))
     assert text == ("A teeth cleaning costs $95. I don't have the details on root canals here, "
                     "so let me check and follow up with you on that.")
+
+
+async def test_a_follow_up_to_a_follow_up_is_answered_about_their_subject() -> None:
+    """"Do you do whitening?" — "How much is it?" — "How long does it take?".
+
+    The responder took a follow-up's subject from the caller's turn before it only: the
+    second follow-up's was the first's, which names none, so it was answered with every
+    sentence about how long anything takes, a check-up's included. It now goes back over
+    follow-ups naming nothing to the turn that named the subject.
+    """
+    durations = Passage("c8", "A whitening session takes about an hour. A check-up takes "
+                              "half an hour.", 0.5)
+    retrieve = retriever(DEMO_PRICES, durations)
+    responder = LocalResponder(retrieve=retrieve)
+    text, calls, _, _ = await run(
+        responder, say("Do you do whitening?"), AssistantMessage(text="Yes."),
+        say("How much is it?"), AssistantMessage(text="A whitening session costs $250."),
+        say("How long does it take?"))
+    assert text == "A whitening session takes about an hour." and not calls
+    assert retrieve.asked[-1] == (  # type: ignore[attr-defined]
+        "Do you do whitening? How long does it take?")

@@ -21,7 +21,8 @@ answers:
   the question, unless the sentence makes it another thing's ("A teeth cleaning costs $95."
   does not answer "a deep cleaning"; a sentence sharing only "cost" with "How much does a
   root canal cost?" is about another subject). A follow-up that names no subject ("How much
-  does it cost?" after "Do you do whitening?") takes the caller's previous turn's. A thing
+  does it cost?" after "Do you do whitening?") takes the caller's previous turn's (after a
+  follow-up naming nothing itself, the subject that one went on with). A thing
   asked together with others ("cleanings and root canals") that no sentence answers is owned
   up to after the answers ("I don't have the details on root canals here, so let me check…"),
   not dropped. When no chunk scores ``min_score`` or no sentence answers, it says it will
@@ -439,12 +440,30 @@ def _pending_tool(messages: Sequence[Any],
     return (tool, before.text) if tool is not None else None
 
 
+# How far back a follow-up's subject is looked for: the turn before and the follow-ups
+# naming nothing before it (as the brain carries a subject over follow-ups).
+_FOLLOW_UPS_CARRIED = 3
+_FOLLOW_UP_WORDS = 3  # a turn of at most this many words of three letters or more
+
+
 def _previous_caller_text(messages: Sequence[Any]) -> str:
-    """The caller's words in the turn before their latest ("" when none, or keys pressed)."""
-    spoken = [m.text for m in messages if isinstance(m, UserMessage)]
-    if len(spoken) < 2 or pressed_keys(spoken[-2]):
+    """The caller's words a follow-up of theirs goes on with ("" when none, or keys pressed).
+
+    Their turn before the latest; but if that one is itself a follow-up naming nothing ("How
+    much is it?"), the latest turn before it that names a subject ("Do you do whitening?"),
+    past at most :data:`_FOLLOW_UPS_CARRIED` such follow-ups (keys end the search).
+    """
+    spoken = [str(m.text) for m in messages if isinstance(m, UserMessage)][:-1]
+    if not spoken or pressed_keys(spoken[-1]):
         return ""
-    return str(spoken[-2])
+    for text in reversed(spoken[-(_FOLLOW_UPS_CARRIED + 1):]):
+        if pressed_keys(text):
+            break
+        few = len([w for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) > 2]) <= (
+            _FOLLOW_UP_WORDS)
+        if subject_phrases(text) or not few:
+            return text
+    return spoken[-1]
 
 
 def _transfer_number(tools: Sequence[ToolSpec]) -> str | None:
