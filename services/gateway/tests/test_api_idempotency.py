@@ -7,11 +7,14 @@ import asyncio
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 from multidict import CIMultiDict
 
 from parley.gateway import outbound
 from parley.gateway.api import idempotency
+from parley.gateway.api.schemas import PlaceCall
+from parley.gateway.keys import BUS
 
 from . import test_api_calls as calls_support
 from . import test_plivo_support as support
@@ -254,4 +257,65 @@ async def test_a_gateway_stopped_while_recording_a_placed_call(
     await twilio_reports_status(api, call_id, "ringing")
     retry = await place(api, keys["full"], body(), "k-stop")
     assert (retry.status, (await retry.json())["call_id"]) == (201, call_id)
+    assert len(twilio_api.requests) == 1  # the callee rang once
+
+
+async def test_a_key_whose_request_died_before_dialling_is_taken_over_by_a_retry(
+        api, twilio_api, keys, clock, events):
+    # The first request claimed the key and its process died before it asked the carrier (here:
+    # the claim, made as the request makes it, and nothing after). Its retry was a 500 naming a
+    # call never placed, for the key's whole day: nothing told it from a request that died
+    # mid-dial. A claim never marked dialling is taken over once its lease is out, and the
+    # retry dials, once; within the lease it is a 409, as a request in flight.
+    payload = body()
+    digest = idempotency.request_hash(msgspec.convert(payload, PlaceCall), to_number=CALLEE,
+                                      from_number=CASCADING_NUMBER)
+    dead = await idempotency.claim(api.gateway.app, org_id=ORG, key="k-dead",
+                                   request_hash=digest, call_id="call_" + "d" * 32)
+    assert isinstance(dead, idempotency.Claim)
+    early = await place(api, keys["full"], payload, "k-dead")
+    assert early.status == 409 and twilio_api.requests == []
+    clock.advance(idempotency.CLAIM_LEASE.total_seconds() + 1)
+    retry = await place(api, keys["full"], payload, "k-dead")
+    assert retry.status == 201, await retry.text()
+    call_id = (await retry.json())["call_id"]
+    assert call_id != dead.call_id and "Idempotent-Replayed" not in retry.headers
+    await events.wait("call.dialing", call_id)
+    again = await place(api, keys["full"], payload, "k-dead")
+    assert (again.status, (await again.json())["call_id"]) == (201, call_id)
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert len(twilio_api.requests) == 1  # the callee rang once
+
+
+async def test_a_slow_first_request_whose_key_was_taken_over_does_not_dial(
+        api, twilio_api, keys, clock, events, monkeypatch):
+    # The first request is only slow (its call.requested held past the claim's lease): the
+    # retry takes the key over and dials; the first, going on, finds its claim gone and dials
+    # nothing (a 409), and fails the call it had requested. The callee rings once.
+    bus = api.gateway.app[BUS]
+    publish, held = bus.publish, asyncio.Event()
+
+    async def holding_the_first_request(event, *args, **kwargs):
+        if event.type == "call.requested" and not held.is_set():
+            held.set()
+            await release.wait()
+        return await publish(event, *args, **kwargs)
+
+    release = asyncio.Event()
+    monkeypatch.setattr(bus, "publish", holding_the_first_request)
+    first = asyncio.create_task(place(api, keys["full"], body(), "k-slow"))
+    await asyncio.wait_for(held.wait(), 5)
+    clock.advance(idempotency.CLAIM_LEASE.total_seconds() + 1)
+    retry = await place(api, keys["full"], body(), "k-slow")
+    assert retry.status == 201, await retry.text()
+    call_id = (await retry.json())["call_id"]
+    release.set()
+    response = await first
+    assert response.status == 409, await response.text()
+    superseded = (await response.json())["call_id"]
+    assert superseded != call_id
+    [failed] = await events.wait("call.failed", superseded)
+    assert events.of("call.dialing", superseded) == []
+    again = await place(api, keys["full"], body(), "k-slow")
+    assert (again.status, (await again.json())["call_id"]) == (201, call_id)
     assert len(twilio_api.requests) == 1  # the callee rang once

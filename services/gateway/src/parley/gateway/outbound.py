@@ -5,7 +5,9 @@ Publish call.requested, ask the carrier that owns the ``from`` number to dial
 publish call.dialing in one transaction. A carrier that refuses publishes call.failed and the
 refusal is raised for the caller to answer as it must (an HTTP problem, a callback's retry); so
 does one that never answered (``DialError.ambiguous``: it may have placed the call).
-When call.requested cannot be published (NATS down), nothing is dialled: :class:`NotDialled`.
+When call.requested cannot be published (NATS down), nothing is dialled: :class:`NotDialled`;
+nor when the caller's ``before_dial`` (the API's Idempotency-Key, marked dialling) fails, the
+call it requested then failed.
 
 Once the carrier has said it is dialling, the call exists whatever happens next: recording it
 (``carrier_calls`` and call.dialing, both idempotent: the insert skips a known call, the event
@@ -46,7 +48,15 @@ _DIALING_IDS = uuid.UUID("5d0c8b8e-8f0c-4b8e-9d8a-0c5a1d1a9e11")
 
 
 class NotDialled(Exception):
-    """call.requested could not be published, so the carrier was not asked to dial."""
+    """The carrier was not asked to dial.
+
+    call.requested could not be published (or ``before_dial`` failed); ``unavailable`` names
+    what was missing.
+    """
+
+    def __init__(self, message: str, *, unavailable: str = "the event bus") -> None:
+        super().__init__(message)
+        self.unavailable = unavailable
 
 
 class DialledNotRecorded(Exception):
@@ -84,12 +94,16 @@ async def retried(write: Callable[[int], Awaitable[T]], what: str) -> T:
 
 async def place_outbound(app: web.Application, *, call_id: str, agent: Agent,
                          number: PhoneNumber, to_number: str, context: dict[str, Any],
-                         metadata: dict[str, str]) -> CarrierCall:
+                         metadata: dict[str, str],
+                         before_dial: Callable[[], Awaitable[None]] | None = None,
+                         ) -> CarrierCall:
     """Have ``agent`` call ``to_number`` from ``number``; the call once the carrier is dialing.
 
     Raises :class:`DialError` or :class:`CarrierUnavailable` (call.failed published) when the
-    carrier did not place the call, :class:`NotDialled` when it was not asked to, and
-    :class:`DialledNotRecorded` when it did but recording that failed, tried again.
+    carrier did not place the call, :class:`NotDialled` when it was not asked to (also when
+    ``before_dial``, awaited just before the carrier is asked, raises: the exception itself if
+    a :class:`NotDialled`), and :class:`DialledNotRecorded` when it did but recording that
+    failed, tried again.
     """
     call = CarrierCall(carrier=number.carrier, carrier_call_id="", call_id=call_id,
                        org_id=agent.org_id, agent_id=agent.agent_id, direction="outbound",
@@ -102,6 +116,22 @@ async def place_outbound(app: web.Application, *, call_id: str, agent: Agent,
             context=context, metadata=metadata))
     except Exception as exc:
         raise NotDialled(f"call.requested not published: {exc!r}") from exc
+    if before_dial is not None:
+        try:
+            await before_dial()
+        except Exception as exc:  # not dialled: the call requested fails
+            not_dialled = exc if isinstance(exc, NotDialled) else NotDialled(
+                f"not dialled: {exc!r}", unavailable="the database")
+            try:
+                await bus.publish(CallFailed(org_id=call.org_id, call_id=call_id, reason=(
+                    f"not dialled: {exc}" if isinstance(exc, NotDialled)
+                    else "not dialled: could not record that it dials")[:500]))
+            except Exception:
+                log.exception("call %s: not dialled, and its call.failed not published",
+                              call_id)
+            if not_dialled is exc:
+                raise
+            raise not_dialled from exc
     try:
         call.carrier_call_id = await dial(app, carrier=call.carrier, call_id=call_id,
                                           agent=agent, from_number=call.from_number,

@@ -24,6 +24,7 @@ the recorder has seen a call, the gateway's own ``carrier_calls`` row answers fo
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -102,7 +103,8 @@ async def place_call(request: web.Request) -> web.Response:
                else "idempotency_refused")
         return claimed
     try:
-        response = await _place(request, claimed.call_id, agent, number, to_number, body)
+        response = await _place(request, claimed.call_id, agent, number, to_number, body,
+                                before_dial=lambda: idempotency.mark_dialling(app, claimed))
     except Problem as exc:
         response = problem_response(exc.status, exc.title, exc.detail, kind=exc.kind,
                                     extra=exc.extra)
@@ -115,22 +117,33 @@ async def place_call(request: web.Request) -> web.Response:
 
 
 async def _place(request: web.Request, call_id: str, agent: Agent, number: PhoneNumber,
-                 to_number: str, body: PlaceCall) -> web.Response:
+                 to_number: str, body: PlaceCall,
+                 before_dial: Callable[[], Awaitable[None]] | None = None) -> web.Response:
     """Take a call from the org's rate limit and place it; the answer (problems raised)."""
     app, org_id = request.app, agent.org_id
     if wait_s := app[CALL_RATE_LIMITER].take(org_id):
         return _rate_limited(request, wait_s)
     try:
         await place_outbound(app, call_id=call_id, agent=agent, number=number,
-                             to_number=to_number, context=body.context, metadata=body.metadata)
+                             to_number=to_number, context=body.context, metadata=body.metadata,
+                             before_dial=before_dial)
     except DialledNotRecorded:
         # The carrier is dialling (logged with why it is not recorded): a 500 would invite a
         # retry that rings the callee twice. Its webhooks carry our ids, so they still resolve.
         pass
+    except idempotency.TakenOver as exc:
+        # slow enough for a retry to take its key over: the retry dials, this request not
+        log.warning("call %s: not dialled: %s", call_id, exc)
+        app[CALL_RATE_LIMITER].give_back(org_id)
+        _count(request, "idempotency_refused")
+        raise Problem(409, "Conflict", f"this request was not processed in time: a retry with "
+                      f"its {idempotency.HEADER} took it over and is answered with the call; "
+                      "retry for its outcome", kind="idempotency-key-in-use",
+                      extra={"call_id": call_id}) from exc
     except NotDialled as exc:
         log.warning("call %s: not dialled: %s", call_id, exc)
         app[CALL_RATE_LIMITER].give_back(org_id)  # no call was placed: its retry is not one more
-        return _not_dialled(request)
+        return _not_dialled(request, exc.unavailable)
     except CarrierUnavailable as exc:
         _count(request, "carrier_unavailable")
         raise Problem(503, "Service Unavailable", str(exc), kind="carrier-unavailable") from exc
@@ -148,13 +161,16 @@ async def _place(request: web.Request, call_id: str, agent: Agent, number: Phone
                  headers={"Location": f"{CALLS_PATH}/{call_id}"})
 
 
-def _not_dialled(request: web.Request) -> web.Response:
-    """503 for a call whose call.requested could not be published: the carrier was not asked."""
+def _not_dialled(request: web.Request, unavailable: str = "the event bus") -> web.Response:
+    """503 for a call whose call.requested could not be published: the carrier was not asked.
+
+    Or whose Idempotency-Key could not be marked dialling (``unavailable``: the database).
+    """
     _count(request, "not_dialled")
     retry_after = retry_after_header(NOT_DIALLED_RETRY_AFTER_S)
     response = problem_response(
-        503, "Service Unavailable", "the event bus is unavailable, so the call was not dialled; it "
-        f"is safe to retry (in {retry_after} s)", kind="bus-unavailable",
+        503, "Service Unavailable", f"{unavailable} is unavailable, so the call was not dialled; "
+        f"it is safe to retry (in {retry_after} s)", kind="bus-unavailable",
         extra={"retry_after_s": int(retry_after)})
     response.headers["Retry-After"] = retry_after
     return response

@@ -5,16 +5,26 @@ the callee is ringing; with the same key, its retry gets the first request's out
 a second call (Stripe's semantics). Keys are per org, in ``api_idempotency_keys`` (migration
 013), and live :data:`KEY_TTL` from their first request:
 
-- The first request with a key claims its row (``in_flight``, its call id chosen, a lease of
-  :data:`IN_FLIGHT_LEASE`) after validation and before anything is dialled, and replaces the
-  lease with its outcome (status code and response body: a call id or a problem).
+- The first request with a key claims its row (``claimed``, its call id chosen, a lease of
+  :data:`CLAIM_LEASE`) after validation; just before it asks the carrier to dial it marks the
+  row ``in_flight`` (a lease of :data:`IN_FLIGHT_LEASE`), a compare-and-set on its call id;
+  and it replaces the lease with its outcome (status code and response body: a call id or a
+  problem).
 - A retry whose body hashes the same (:func:`request_hash`: the canonical body, numbers in
   E.164) gets that outcome again, marked ``Idempotent-Replayed: true``; one with another body
-  is a 422; one while the first is in flight a 409 with ``Retry-After``.
-- A first request whose lease ran out (its process died, or stopped mid-way) is decided by
-  what is recorded, never by dialling again: a ``carrier_calls`` row for its call id (the
-  recording, or the carrier's first webhook, which carries our ids) makes it the 201 it
-  would have been; with none, a 500 that names the call id and says the key will not dial.
+  is a 422; one while the first is in flight (either lease running) a 409 with
+  ``Retry-After``.
+- A claim whose lease ran out never marked ``in_flight`` (its process died, or stopped, before
+  it dialled) is taken over by the retry: a compare-and-set gives the row the retry's call id
+  and lease, and the retry is processed as a first request, dialling once. The first request,
+  if it was only slow, finds its claim gone when it comes to mark it: it dials nothing, fails
+  the call it requested and answers 409. (Before, such a key answered 500 for its whole day.)
+- A first request whose ``in_flight`` lease ran out (its process died, or stopped, mid-dial)
+  is decided by what is recorded, never by dialling again: a ``carrier_calls`` row for its call
+  id (the recording, or the carrier's first webhook, which carries our ids) makes it the 201
+  it would have been; with none, a 500 that names the call id and says the key will not dial:
+  the carrier may have placed the call. Rows ``in_flight`` from before ``claimed`` existed are
+  decided so too.
 - A request that placed nothing and said so (429, or a 503 that says it is safe to retry) gives
   its key back: the retry is processed afresh. Requests refused by validation never claim one.
 """
@@ -34,6 +44,7 @@ from aiohttp import web
 from parley.common.problems import Problem, problem_response
 
 from ..keys import CLOCK, CONFIG, POOL
+from ..outbound import NotDialled
 from .schemas import CallCreated, PlaceCall
 
 log = logging.getLogger(__name__)
@@ -42,8 +53,13 @@ HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 MAX_KEY_LENGTH = 255  # Stripe's bound: room for a UUID or a caller's own composite id
 KEY_TTL = timedelta(hours=24)
-# A first request takes at most its publish, the carrier's 10 s and the recording's retries
-# (about half a minute): past this it is taken for interrupted, as a callback left dialing is.
+# From its claim to its dial a first request takes its rate limit and its call.requested
+# publish (seconds even through a NATS blip): a claim not dialling after this is taken over by
+# a retry. Its request, if only slow, cannot dial then (the mark is a compare-and-set), so
+# neither a short lease nor instances' clocks apart can make the callee ring twice.
+CLAIM_LEASE = timedelta(seconds=60)
+# A dialling request takes at most the carrier's 10 s and the recording's retries (about half a
+# minute): past this it is taken for interrupted, as a callback left dialing is.
 IN_FLIGHT_LEASE = timedelta(minutes=2)
 IN_FLIGHT_RETRY_AFTER_S = 1
 _canonical = msgspec.json.Encoder(order="sorted")
@@ -85,32 +101,73 @@ class Claim:
 
 
 _COLUMNS = "request_hash, call_id, state, locked_until, response_status, response_body"
+CLAIMED, IN_FLIGHT, DONE = "claimed", "in_flight", "done"  # a key's states, in order
+
+
+class TakenOver(NotDialled):
+    """The request's claim on its key was taken over by a retry: it must not dial."""
 
 
 async def claim(app: web.Application, *, org_id: str, key: str, request_hash: str,
                 call_id: str) -> Claim | web.Response:
-    """Claim ``key`` for this request, or the response a retry of its first request gets."""
+    """Claim ``key`` for this request, or the response a retry of its first request gets.
+
+    A claim whose request died before it dialled is taken over (see the module).
+    """
     now = app[CLOCK]()
-    for _ in range(3):  # a row expired or given back between the insert and the read
+    for _ in range(3):  # a row expired, given back or taken over between the writes and read
         async with app[POOL].connection() as conn:
             await conn.execute(
                 "DELETE FROM api_idempotency_keys WHERE org_id = %s AND idempotency_key = %s "
                 "AND created_at <= %s", (org_id, key, now - KEY_TTL))
             cursor = await conn.execute(
                 "INSERT INTO api_idempotency_keys (org_id, idempotency_key, request_hash, "
-                "call_id, locked_until, created_at) VALUES (%s, %s, %s, %s, %s, %s) "
+                "call_id, state, locked_until, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s) "
                 "ON CONFLICT DO NOTHING RETURNING 1",
-                (org_id, key, request_hash, call_id, now + IN_FLIGHT_LEASE, now))
+                (org_id, key, request_hash, call_id, CLAIMED, now + CLAIM_LEASE, now))
             if await cursor.fetchone() is not None:
                 return Claim(org_id=org_id, key=key, call_id=call_id)
             cursor = await conn.execute(
                 f"SELECT {_COLUMNS} FROM api_idempotency_keys WHERE org_id = %s "
                 "AND idempotency_key = %s", (org_id, key))
             row = await cursor.fetchone()
-        if row is not None:
-            return await _answer_retry(app, org_id, key, request_hash, row, now)
+            if row is None:
+                continue
+            stored_hash, stale_call_id, state, locked_until, _, _ = row
+            if stored_hash == request_hash and state == CLAIMED and locked_until <= now:
+                # never dialled, and its lease is out: this request takes it over, if no other
+                # retry did first (the update is a compare-and-set on the claim's call id)
+                cursor = await conn.execute(
+                    "UPDATE api_idempotency_keys SET call_id = %s, locked_until = %s "
+                    "WHERE org_id = %s AND idempotency_key = %s AND state = %s "
+                    "AND call_id = %s AND locked_until <= %s RETURNING 1",
+                    (call_id, now + CLAIM_LEASE, org_id, key, CLAIMED, stale_call_id, now))
+                if await cursor.fetchone() is None:
+                    continue
+                log.warning("idempotency key of call %s (org %s): its request never dialled "
+                            "(claimed for call %s until %s); taken over by a retry", call_id,
+                            org_id, stale_call_id, locked_until.isoformat())
+                return Claim(org_id=org_id, key=key, call_id=call_id)
+        return await _answer_retry(app, org_id, key, request_hash, row, now)
     raise Problem(409, "Conflict", f"the {HEADER} is being given back by another request; "
                   "retry", kind="idempotency-key-in-use")
+
+
+async def mark_dialling(app: web.Application, claim: Claim) -> None:
+    """Mark ``claim``'s key dialling, just before the carrier is asked.
+
+    :class:`TakenOver` if a retry took the claim over: this request must not dial then. Once
+    marked, the key is never dialled again: a request that dies now may have placed the
+    call, and its retry is decided by what is recorded.
+    """
+    async with app[POOL].connection() as conn:
+        cursor = await conn.execute(
+            "UPDATE api_idempotency_keys SET state = %s, locked_until = %s WHERE org_id = %s "
+            "AND idempotency_key = %s AND call_id = %s AND state = %s RETURNING 1",
+            (IN_FLIGHT, app[CLOCK]() + IN_FLIGHT_LEASE, claim.org_id, claim.key,
+             claim.call_id, CLAIMED))
+        if await cursor.fetchone() is None:
+            raise TakenOver(f"its {HEADER} was taken over by a retry before it dialled")
 
 
 async def _answer_retry(app: web.Application, org_id: str, key: str, request_hash: str,
@@ -120,7 +177,7 @@ async def _answer_retry(app: web.Application, org_id: str, key: str, request_has
         return problem_response(
             422, "Unprocessable Content", f"this {HEADER} was used with another request body; "
             "a retry must send the same body, a new call a new key", kind="idempotency-key-reused")
-    if state == "done":
+    if state == DONE:
         return replay(status, bytes(body), call_id)
     if locked_until > now:
         response = problem_response(
@@ -129,7 +186,8 @@ async def _answer_retry(app: web.Application, org_id: str, key: str, request_has
             extra={"retry_after_s": IN_FLIGHT_RETRY_AFTER_S})
         response.headers["Retry-After"] = str(IN_FLIGHT_RETRY_AFTER_S)
         return response
-    # The first request was interrupted: what is recorded decides; nothing is dialled again.
+    # The first request was interrupted dialling (or, a row of before ``claimed``, at any
+    # point): what is recorded decides; nothing is dialled again.
     async with app[POOL].connection() as conn:
         cursor = await conn.execute("SELECT 1 FROM carrier_calls WHERE call_id = %s AND "
                                     "org_id = %s", (call_id, org_id))
@@ -167,9 +225,10 @@ async def finish(app: web.Application, claim: Claim, status: int, body: bytes) -
     try:
         async with app[POOL].connection() as conn:
             await conn.execute(
-                "UPDATE api_idempotency_keys SET state = 'done', response_status = %s, "
+                "UPDATE api_idempotency_keys SET state = %s, response_status = %s, "
                 "response_body = %s WHERE org_id = %s AND idempotency_key = %s AND call_id = %s "
-                "AND state = 'in_flight'", (status, body, claim.org_id, claim.key, claim.call_id))
+                "AND state IN (%s, %s)", (DONE, status, body, claim.org_id, claim.key,
+                                          claim.call_id, CLAIMED, IN_FLIGHT))
     except Exception:
         log.exception("call %s: its idempotency key's outcome (%d) was not recorded",
                       claim.call_id, status)
@@ -181,8 +240,8 @@ async def give_back(app: web.Application, claim: Claim) -> None:
         async with app[POOL].connection() as conn:
             await conn.execute(
                 "DELETE FROM api_idempotency_keys WHERE org_id = %s AND idempotency_key = %s "
-                "AND call_id = %s AND state = 'in_flight'", (claim.org_id, claim.key,
-                                                            claim.call_id))
+                "AND call_id = %s AND state IN (%s, %s)", (claim.org_id, claim.key,
+                                                          claim.call_id, CLAIMED, IN_FLIGHT))
     except Exception:
         log.exception("call %s: its idempotency key was not given back", claim.call_id)
 
