@@ -8,6 +8,7 @@ gateway answering ``clear`` and ``mark`` as the real one does (ok), noting each 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -702,3 +703,98 @@ async def test_a_held_turn_revised_by_its_late_words_goes_out_before_its_interru
         assert held.prepared.discarded and not held.prepared.audio.sent  # nor the prepared one
     finally:
         await call.close()
+
+
+@contextlib.asynccontextmanager
+async def recogniser_failing(call: Call, *, backoff_s: float):
+    """The call's recogniser is Deepgram (its emulator, yielded), opened and followed as run()
+    does; each reopen after a quick failure waits ``backoff_s``."""
+    from parley.devkit.emulators.deepgram import DeepgramEmulator
+    from parley.media.providers.deepgram_stt import DeepgramStt
+    from parley.media.router import ProviderRouter
+
+    server = DeepgramEmulator(api_key="dg")
+    await server.start()
+    session = call.session
+    session.s.stt = ProviderRouter("stt", {"deepgram": DeepgramStt("dg", base_url=server.base_url)},
+                                   ["deepgram"], retry_initial_s=0.01)  # type: ignore[dict-item]
+    session._stt_chain = ["deepgram"]
+    session.stt_retry_initial_s = session.stt_retry_max_s = backoff_s
+    session._stt_name, session._stt = await session.s.stt.open(session._stt_chain,
+                                                               session._open_stt)
+    session._stt_task = asyncio.create_task(session._recognise())
+    try:
+        yield server
+    finally:
+        session.stop("test")
+        session._stt_task.cancel()
+        await asyncio.gather(session._stt_task, return_exceptions=True)
+        await session._close_stt(session._stt)
+        await server.stop()
+
+
+async def until_deaf(call: Call, server, *, backoff_s: float) -> None:
+    """Deepgram closes every stream with 1011 at its first audio: the caller's audio comes in
+    real time until the session waits ``backoff_s`` before reopening it (no recogniser)."""
+    session = call.session
+    server.faults.close_with_error = True
+    deadline = time.monotonic() + 10
+    while not (session._stt_delay_s >= backoff_s and session._stt_lock.locked()):
+        assert time.monotonic() < deadline, "the recogniser did not back off"
+        await call.audio(0.02)
+        await asyncio.sleep(0.02)
+
+
+async def test_the_caller_pauses_the_agent_at_once_while_the_recogniser_backs_off(bus) -> None:
+    # Deepgram fails every stream at once (1011), with no fallback: the session waits (0.2 s
+    # doubling to 3 s) before reopening it, holding its recognition lock. The caller's frames
+    # waited on that lock too, VAD and barge-in included: speech over the agent paused it
+    # only once the wait was over, up to 3 s late, the agent talking over the caller. Now the
+    # frames go on (their audio reaches the new stream with the open turn's replay), the
+    # pause comes on the speech alone, and, no words being able to come, speech that goes on
+    # over the paused agent (STT_DOWN_INTERRUPT_MS) interrupts it.
+    call = Call(bus, "call-barge-in-deaf-1", QUIET_CALLER)
+    sub = await gateway(call, [])
+    try:
+        async with recogniser_failing(call, backoff_s=3.0) as server:
+            turn = await agent_begins(call, "t0", *[f"Clause {n}." for n in range(100)])
+            await until_deaf(call, server, backoff_s=3.0)
+            started = time.monotonic()
+            await call.speech(0.6)
+            assert time.monotonic() - started < 1.0  # (before: ~3 s, waiting for the reopen)
+            assert turn.audio.cut_frames is not None and not turn.interrupted  # paused
+            await call.speech(1.0)  # still talking, no words possible: an interruption
+            assert turn.interrupted
+            assert call.session._stt_lock.locked()  # (the recogniser still not back)
+            events = await published(call)
+            assert [e.turn_id for e in events if isinstance(e, AgentSpeechInterrupted)] == ["t0"]
+    finally:
+        await call.close()
+        await sub.unsubscribe()
+
+
+async def test_a_cough_while_no_recogniser_listens_resumes_the_agent_once_one_does(bus) -> None:
+    # A cough over the agent pauses it; no words come within 1.5 s, and it resumes. But while
+    # the recogniser is down (the wait before reopening it) no words can come: the pause is
+    # not taken for a false alarm then, and the 1.5 s count from when a recogniser hears the
+    # caller again (the open turn's audio replayed to it): the caller's words, if any, still
+    # interrupt, and a cough resumes the agent.
+    call = Call(bus, "call-barge-in-deaf-2", QUIET_CALLER)
+    sub = await gateway(call, [])
+    try:
+        async with recogniser_failing(call, backoff_s=3.0) as server:
+            turn = await agent_begins(call, "t0", *[f"Clause {n}." for n in range(100)])
+            await until_deaf(call, server, backoff_s=3.0)
+            await call.speech(0.4)  # a cough
+            assert turn.audio.cut_frames is not None
+            await in_real_time(call, 1.8)
+            assert turn.audio.cut_frames is not None  # not resumed: no words could come
+            server.faults.close_with_error = False
+            await wait_for(lambda: not call.session._stt_lock.locked(), timeout=5)
+            await in_real_time(call, 1.0)
+            assert turn.audio.cut_frames is not None and not turn.interrupted  # waiting
+            await in_real_time(call, 1.0)
+            assert turn.audio.cut_frames is None and not turn.interrupted  # resumed
+    finally:
+        await call.close()
+        await sub.unsubscribe()

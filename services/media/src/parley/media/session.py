@@ -146,6 +146,15 @@ STT_RETRY_INITIAL_S = 0.2
 STT_RETRY_MAX_S = 3.0
 STT_RESET_AFTER_S = 5.0
 STT_GIVE_UP_AFTER_S = 30.0
+# While no recogniser hears the caller (a switch, or the wait before a reopen, under way), no
+# words can confirm a barge-in: caller speech over the paused agent that lasts this long
+# (VAD alone) interrupts it instead. Longer than a cough or a backchannel ("mm-hmm", "okay");
+# a shorter one keeps the agent paused until a recogniser is back (see _barge_in_on_frame).
+STT_DOWN_INTERRUPT_MS = 1200
+# ... and a pause is not taken for a false alarm (no words within the 1.5 s) while no recogniser
+# hears the caller, for this long after it began at most: the recogniser may not come back
+# soon (one failing every stream at once is reopened every 3 s, until given up after 30 s).
+STT_DOWN_PAUSE_MAX_S = 5.0
 FILLER_DUE = object()  # a filler clause waited out with nothing after it (_unless_more)
 # A recogniser that ends utterances itself (Deepgram's ``endpointing``) is asked to do so this
 # much sooner than the turn detector's shortest end of turn (half the agent's endpointing
@@ -354,6 +363,11 @@ class CallSession:
         self._stt_repeating = False
         self._stt_seconds: dict[str, float] = {}
         self._stt_lock = asyncio.Lock()
+        # A switch of recogniser is under way (its wait, its open): no recogniser hears the
+        # caller. Frames are not sent meanwhile (the switch replays the open turn's audio to
+        # the new stream), and barge-in does not wait for words (_barge_in_on_frame).
+        self._stt_switching = False
+        self._pause_began = 0.0  # when barge-in last paused the agent (monotonic)
         # Recognisers that failed this call for good (a permanent error: Deepgram's 1008 for
         # audio it cannot decode, a 4xx at the open): not tried again on it (_switch_stt).
         # Taken on from a predecessor (the lease carries them), and carried on to a successor.
@@ -675,7 +689,12 @@ class CallSession:
             await self._stt_flush()
 
     async def _stt_flush(self) -> None:
-        if not self._stt_pending:
+        if not self._stt_pending or self._stt_switching:
+            # During a switch the frames stay pending, and the caller's next frames are handled
+            # meanwhile: VAD, turns and barge-in go on. (They waited on the switch's lock, for
+            # its backoff and open: up to 3 s and more in which speech over the agent did not
+            # even pause it.) The switch then replays the open turn's audio, these frames
+            # included, and clears them; frames after that are sent after the replay.
             return
         audio = b"".join(self._stt_pending)
         self._stt_pending.clear()
@@ -698,10 +717,12 @@ class CallSession:
             self._stt_seconds.get(self._stt_name, 0.0) + size / 8000)
 
     async def _poll_turn(self) -> None:
-        result = self.detector.poll(self.audio_ms, agent_speaking=self._agent_now())
+        # Whether the agent speaks is asked only of a turn that ends (each frame, it cost more
+        # than the poll).
+        result = self.detector.poll(self.audio_ms, agent_speaking=self._agent_now)
         if isinstance(result, Flush):
             await self._stt_flush()
-            if self._stt is not None:
+            if self._stt is not None and not self._stt_switching:  # (asked again of the next)
                 with contextlib.suppress(Exception):
                     await self._stt.finalize()
         elif isinstance(result, TurnEnd):
@@ -1021,6 +1042,25 @@ class CallSession:
         self.stop("stt_failed")
 
     async def _switch_stt(self, reason: str, *, error: ProviderError | None = None) -> None:
+        self._stt_switching = True
+        try:
+            await self._switch_stt_to_next(reason, error)
+        finally:
+            self._recognition_back()
+
+    def _recognition_back(self) -> None:
+        """A switch of recogniser is over: frames go to it again, and words can come again.
+
+        A pause of the agent while none heard the caller waits for words from now on (its
+        recogniser hears the open turn replayed): timed from the pause, the caller's words
+        had no time to come before it was taken for a false alarm.
+        """
+        if self._stt_switching:
+            self._stt_switching = False
+            if self.barge_in.paused_at is not None:
+                self.barge_in.paused_at = time.monotonic()
+
+    async def _switch_stt_to_next(self, reason: str, error: ProviderError | None) -> None:
         failed = self._stt_name
         # Once, permanent or not, as at an open; not the call's own refusal (router.py).
         self.s.stt.health[failed].failure(error)
@@ -1046,8 +1086,8 @@ class CallSession:
                                                   f"{failing_s:.0f} s")
                 return
             if wait_s:
-                # Inbound audio waits on the lock meanwhile (the caller's frames queue in the
-                # subscription): the new stream hears it after the open turn's replay.
+                # The caller's frames go on being handled meanwhile, held back from the
+                # recogniser: the new stream hears them in the open turn's replay.
                 log.warning("call %s: stt %s failed again soon after it opened; trying again in "
                             "%.1f s (%s)", self.call_id, failed, wait_s, reason)
                 await asyncio.sleep(wait_s)
@@ -1077,6 +1117,7 @@ class CallSession:
             # What the open turn said so far. Frames arriving meanwhile are pending: sent once,
             # after it (the list itself grew under the replay, and they went twice).
             replay = self._turn_audio[:]
+            self._recognition_back()  # frames from here on go after the replay (the lock)
             self._stt_origin = self._stt_received - sum(map(len, replay))
             self._stt_repeating = self._transcribed_ms > self._stt_audio_ms(0)
             try:
@@ -1980,14 +2021,28 @@ class CallSession:
         on_air = self._on_air(now)
         if not on_air:
             return
+        deaf = self._stt_switching  # no recogniser hears the caller: no words can come
         if self._speech_start_ms is not None:
+            speech_ms = self.audio_ms - self._speech_start_ms
             action = self.barge_in.on_speech(
-                self.audio_ms - self._speech_start_ms,
-                self.detector.backchannels.content_words(self.detector.text),
+                speech_ms, self.detector.backchannels.content_words(self.detector.text),
                 agent_playing=any(turn.audio.playing(now) for turn in on_air), now=now)
+            if deaf and action is None and self.barge_in.paused_at is not None and (
+                    speech_ms >= STT_DOWN_INTERRUPT_MS):
+                # Words would confirm it, and none can come: the caller is plainly talking
+                # over the agent, not coughing. (Waiting for the recogniser, the agent stayed
+                # cut off with the brain going on; resuming, it talked over the caller.)
+                log.info("call %s: caller speech over the agent for %d ms with no recogniser: "
+                         "an interruption", self.call_id, speech_ms)
+                self.barge_in.pause_over()
+                action = Interrupt()
             await self._act(on_air, action, now)
         if self.barge_in.paused_at is None:
             return  # nothing to resume: skip matching the caller's words, on every frame
+        if deaf and now - self._pause_began < STT_DOWN_PAUSE_MAX_S:
+            # No words can come: the pause is no false alarm yet. Its wait for words counts
+            # from when a recogniser hears the caller again (_recognition_back).
+            return
         resume = self.barge_in.tick(
             now, only_backchannel=self.detector.backchannels.only_backchannel(
                 self.detector.text), caller_speaking=self._speech_start_ms is not None)
@@ -2017,6 +2072,7 @@ class CallSession:
                    now: float) -> None:
         """Pause, interrupt or resume the turns on the air (see :meth:`_on_air`), in order."""
         if isinstance(action, Pause):
+            self._pause_began = now
             for turn in on_air:
                 turn.audio.cut(now)
             await self._clear()  # (one clear flushes all of them)
