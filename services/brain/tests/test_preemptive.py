@@ -536,3 +536,39 @@ async def test_a_follow_up_to_a_follow_up_is_speculated_on_with_its_subjects_kno
     finally:
         await worker.stop()
         await llm.aclose()
+
+
+async def test_an_adopted_speculation_whose_words_differ_in_case_keeps_the_prompt_cache(
+        bus, pool, emulator, recorder) -> None:
+    """The speculation asked with the words as the final had them ("Okay, here's the list:
+    …"), the turn ended with them cased and punctuated otherwise ("okay here's the list …"):
+    adopted all the same, but the call's history then had the turn's text, so the next turn's
+    prefix differed from the one the adopted request had written to the prompt cache at the
+    caller's words, and it read nothing of it (billed the whole history again). The turn now
+    goes on with the words the model was asked with, and the history keeps them."""
+    from collections import Counter
+
+    items = " ".join(f"item{i}" for i in range(4500))  # past Haiku's cache minimum (4096)
+    worker, llm = await started_worker(bus, pool, emulator)
+    try:
+        await open_call(bus, "p-case")
+        await recorder.wait("agent.say", "p-case")
+        emulator.script(ScriptedReply(text="Got it, that's the whole list."),
+                        ScriptedReply(text="You're welcome!"))
+        await final(bus, "p-case", f"Okay, here's the list: {items}.")
+        await until(lambda: emulator.completed_streams == 1)
+        await user_says(bus, "p-case", "t1", f"okay here's the list {items}")
+        await recorder.wait("turn.completed", "p-case")
+        assert worker.speculations.outcomes == {"adopted": 1} and len(emulator.requests) == 1
+        await user_says(bus, "p-case", "t2", "Thanks!")
+        await recorder.wait("turn.completed", "p-case", count=2)
+        assert conversation(emulator.requests[-1])[-3]["content"] == (
+            f"Okay, here's the list: {items}.")
+        billed: dict[str, Counter[str]] = {}
+        for usage in recorder.of("usage.recorded", "p-case"):
+            billed.setdefault(usage.turn_id, Counter())[usage.kind] += usage.quantity
+        assert billed["t1"]["llm_cache_write_tokens"] > 4096
+        assert billed["t2"]["llm_cache_read_tokens"] == billed["t1"]["llm_cache_write_tokens"]
+    finally:
+        await worker.stop()
+        await llm.aclose()

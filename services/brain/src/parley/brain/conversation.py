@@ -403,6 +403,8 @@ class Conversation:
             case TurnStarted():
                 turn = self.turn(event.turn_id)  # (published as its round begins)
                 turn.started_rounds.add(turn.round)
+                if event.caller_text:
+                    self.reword(event.turn_id, event.caller_text)
             case TurnCompleted():
                 self.turn(event.turn_id).completion_ids.add(event.id)
             case UsageRecorded() if event.turn_id and event.kind in LLM_KINDS and (
@@ -438,6 +440,17 @@ class Conversation:
             self.messages[at - 1] = _TurnText(turn_id=speech_id, text=f"{before.text} {text}")
         else:
             self.messages.insert(at, _TurnText(turn_id=speech_id, text=text))
+
+    def reword(self, turn_id: str, text: str) -> None:
+        """Give the caller's turn ``turn_id`` the words the model was asked with.
+
+        A speculation asked with them cased or punctuated otherwise than the turn ended
+        (``turn.started``'s ``caller_text``): the history keeps them, so each later request
+        begins as that one did.
+        """
+        for index, message in enumerate(self.messages):
+            if isinstance(message, _CallerText) and message.turn_id == turn_id:
+                self.messages[index] = _CallerText(turn_id=turn_id, text=text)
 
     def _owner(self, tool_call_id: str) -> str:
         """The turn that made the tool call ("" if none has it)."""

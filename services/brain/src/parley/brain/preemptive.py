@@ -200,6 +200,8 @@ class Speculation:
         if not self.request.messages or not request.messages:
             return False
         # The caller's words may differ in case and punctuation: compare with the turn's own.
+        # (The worker has the turn go on with the speculation's words then, so the two are the
+        # same request, and the history the next turn's prefix: see BrainWorker._answer.)
         candidate = msgspec.structs.replace(
             self.request, messages=(*self.request.messages[:-1], request.messages[-1]))
         return candidate == request

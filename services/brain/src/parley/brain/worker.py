@@ -1070,13 +1070,24 @@ class BrainWorker:
         context.profile = await self._profile_text(call_id, profile)
         self.s.on_turn("prepare_warm" if context.warm else "prepare_cold",
                        (time.perf_counter() - started) * 1000)
+        # The speculation asked with the caller's words as a partial or final had them: when
+        # the turn's differ only in case or punctuation, the turn goes on with those, so its
+        # request is the speculative one, and the history keeps them (turn.started says so):
+        # the next turn's request then begins as the adopted one did, which the prompt cache
+        # wrote up to the caller's words.
+        reworded = ""
+        if speculation is not None and final_text and speculation.text != final_text and (
+                normalize(speculation.text) == normalize(final_text)) and (
+                agent_turn.next_seq == agent_turn.round_starts[round_no]):
+            reworded = speculation.text
+            conversation.reword(turn_id, reworded)
         request = self._request(conversation, settings, context,
                                 await self.s.tools(org_id, conversation.agent_id))
         candidates = self.s.router.candidates(request)
         turn_started = TurnStarted(
             id=stable_id(call_id, turn_id, "started", round_no), org_id=org_id,
             call_id=call_id, turn_id=turn_id, provider=candidates[0].name if candidates else "",
-            causation_id=cause.id)
+            caller_text=reworded, causation_id=cause.id)
         context_events = self._context_events(conversation, turn_id, context, cause) \
             if final_text else []
         # The clause media already plays as this turn's answer (prepared by a speculation).

@@ -10,10 +10,18 @@ from .envelope import CallEvent
 
 
 class TurnStarted(CallEvent, frozen=True, kw_only=True, tag="turn.started"):
-    """The brain began answering a user turn."""
+    """The brain began answering a user turn.
+
+    ``caller_text``: the caller's words as the model was asked with them, when not the turn's
+    own text ("" otherwise): a reply speculated on the words as a partial or final had them
+    ("How much") was adopted for a turn that ended with them cased or punctuated otherwise
+    ("how much"). The conversation's history keeps those words, so the next request begins
+    as this one did (the prompt cache's prefix).
+    """
 
     turn_id: str
     provider: str = ""
+    caller_text: str = ""
 
 
 class AgentSay(CallEvent, frozen=True, kw_only=True, tag="agent.say"):
