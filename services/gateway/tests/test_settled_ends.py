@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
-from parley.gateway import call_outboxes
+from parley.gateway import call_outboxes, orphans
 from parley.gateway.calls import CarrierCall, find_by_call_id, new_call_id, record_carrier_call
 
 from . import test_nats_outage as outage
@@ -198,3 +198,35 @@ async def test_a_plivo_call_answered_unbeknown_to_us_ends_completed(
     gateway.api.ended[call_uuid] = 17
     [ended] = await events.wait("call.ended", call.call_id, timeout=10)
     assert (ended.reason, ended.duration_s) == ("completed", 17.0)
+
+
+async def test_an_end_still_being_published_when_it_is_settled_is_stored_once(
+        make_gateway, bus, events, db, monkeypatch):
+    """The settling publishes an end claimed 5 min ago and not in the event store; the end's
+    own outbox may still be publishing it then (retrying through an outage), or the instance
+    settling runs on a clock 5 min ahead. Each end had an id of its own, so both were stored:
+    two call.ended for one call, in the store and to every reader of the stream. A call's end
+    has one id, so JetStream (and, past its window, the recorder) stores it once."""
+    gateway = await make_gateway(rest=True, gateway_orphan_check_s=0)
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    publish, held, release, published = bus.publish, asyncio.Event(), asyncio.Event(), []
+
+    async def holding_the_end(event, *args, **kwargs):
+        if event.type == "call.ended" and not held.is_set():
+            held.set()  # the outbox's first attempt, as if NATS were slow to take it
+            await release.wait()
+            ack = await publish(event, *args, **kwargs)
+            published.append(ack)
+            return ack
+        return await publish(event, *args, **kwargs)
+
+    monkeypatch.setattr(bus, "publish", holding_the_end)
+    await stream.stop(call_sid)  # the caller hangs up: the end claimed, its publish held
+    await asyncio.wait_for(held.wait(), 5)
+    settler = await make_gateway(rest=True, gateway_orphan_check_s=0, clock=later(10))
+    await orphans.settle_claimed_ends(settler.app)  # not in the store yet: published
+    assert await _milestone(db, call_id, "end:stored")
+    release.set()
+    await wait_for(lambda: published)
+    ends = await stored_ends(bus, call_id)
+    assert [end.type for end in ends] == ["call.ended"], ends

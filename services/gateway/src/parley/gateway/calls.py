@@ -5,12 +5,17 @@ functions resolve that id synchronously and make each lifecycle event happen onc
 row (or ``answered_at``) is claimed in the same transaction that publishes the event, so a
 failed publish rolls the claim back and the carrier's retry tries again. The end
 (``ended_at``) is claimed first and its event then goes through the call's outbox, after the
-call's events still pending there (:mod:`.call_outboxes`).
+call's events still pending there (:mod:`.call_outboxes`). A call's end has one id
+(:func:`end_event_id`), whoever publishes it: the orphan check's settling of an end claimed
+long ago may publish it while the end's own outbox still does (retrying through an outage, or
+the instances' clocks minutes apart), and JetStream (within its dedupe window) and the
+recorder (past it: a ``duplicate`` dead letter) store it once.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from datetime import datetime
 from typing import Any
 
@@ -26,6 +31,7 @@ from .call_outboxes import CallOutboxes
 
 log = logging.getLogger(__name__)
 
+_END_IDS = uuid.UUID("a737dd7c-3856-446e-856e-656c284b08a2")
 _COLUMNS = ("carrier, carrier_call_id, call_id, org_id, agent_id, direction, from_number, "
             "to_number, created_at, answered_at, ended_at, end_reason")
 
@@ -157,8 +163,13 @@ async def publish_end(pool: AsyncConnectionPool[Any], outboxes: CallOutboxes,
             "AND ended_at IS NULL RETURNING 1", (event.at, event.reason, event.call_id))
         if await cursor.fetchone() is None:
             return False
-    outboxes.end(event, *extra)
+    outboxes.end(msgspec.structs.replace(event, id=end_event_id(event.call_id)), *extra)
     return True
+
+
+def end_event_id(call_id: str) -> uuid.UUID:
+    """The id of the call's end, call.ended or call.failed: one per call (see the module)."""
+    return uuid.uuid5(_END_IDS, call_id)
 
 
 def seconds_since(start: datetime | None, now: datetime) -> float:

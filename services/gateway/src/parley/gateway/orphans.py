@@ -28,7 +28,9 @@ Each round also settles two kinds of call the check above never sees:
   finish at shutdown (Postgres slow, cancelled after 2 s), or the gateway died between claiming
   and publishing it. The end is published as claimed (its reason and time); one found stored
   is only marked. Either way an ``end:stored`` milestone, claimed in the transaction that
-  publishes, makes it once whichever instances settle the call; ends claimed more than
+  publishes, makes it once whichever instances settle the call, and the end's one id
+  (:func:`.calls.end_event_id`) makes it stored once if its own outbox still publishes it
+  (retrying through an outage, or this instance's clock minutes ahead); ends claimed more than
   :data:`CLAIMED_END_HORIZON_S` ago are not looked at (the event stream keeps 7 days).
 - A call never answered, not ended, created more than :data:`UNANSWERED_AFTER_S` ago (its
   ``call.failed`` or end given up, the claim given back): its carrier is asked, and an
@@ -58,7 +60,7 @@ from parley.common.bus import EVENTS_STREAM, call_events, command_subject
 from parley.common.events import CallEnded, CallFailed, CallTransferred
 
 from .call_outboxes import END_STORED
-from .calls import claim_milestone, publish_end, seconds_since
+from .calls import claim_milestone, end_event_id, publish_end, seconds_since
 from .keys import BUS, CALL_OUTBOXES, CLOCK, CONFIG, POOL, TWILIO_REST
 from .plivo.rest import PLIVO_REST, PlivoCalls
 from .twilio.next_stream import ENDED_AT_TWILIO
@@ -191,10 +193,13 @@ async def _settle_claimed_end(app: web.Application, call_id: str, org_id: str,
                               answered_at: datetime | None, ended_at: datetime,
                               reason: str) -> None:
     event: CallEnded | CallFailed
+    # the end's own id: one its outbox still publishes (an outage, clocks apart) is stored once
+    end_id = end_event_id(call_id)
     if (reason in FAILED_REASONS and answered_at is None) or reason not in _ENDED_REASONS:
-        event = CallFailed(org_id=org_id, call_id=call_id, at=ended_at, reason=reason)
+        event = CallFailed(id=end_id, org_id=org_id, call_id=call_id, at=ended_at,
+                           reason=reason)
     else:
-        event = CallEnded(org_id=org_id, call_id=call_id, at=ended_at,
+        event = CallEnded(id=end_id, org_id=org_id, call_id=call_id, at=ended_at,
                           reason=reason,  # type: ignore[arg-type]
                           duration_s=seconds_since(answered_at, ended_at))
     stored = await _end_stored(app, org_id, call_id)
