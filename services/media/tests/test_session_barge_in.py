@@ -798,3 +798,27 @@ async def test_a_cough_while_no_recogniser_listens_resumes_the_agent_once_one_do
     finally:
         await call.close()
         await sub.unsubscribe()
+
+
+async def test_a_pause_held_for_a_recogniser_that_does_not_come_back_ends_in_time(
+        bus, monkeypatch) -> None:
+    # The recogniser may stay down for long (one failing every stream at once is reopened
+    # every 3 s until given up after 30 s): the pause is held for it a while only
+    # (STT_DOWN_PAUSE_MAX_S, 5 s; 1 s here), then taken for a false alarm as ever.
+    from parley.media import session as session_module
+
+    monkeypatch.setattr(session_module, "STT_DOWN_PAUSE_MAX_S", 1.0)
+    call = Call(bus, "call-barge-in-deaf-3", QUIET_CALLER)
+    sub = await gateway(call, [])
+    try:
+        async with recogniser_failing(call, backoff_s=5.0) as server:
+            turn = await agent_begins(call, "t0", *[f"Clause {n}." for n in range(100)])
+            await until_deaf(call, server, backoff_s=5.0)
+            await call.speech(0.4)  # a cough
+            assert turn.audio.cut_frames is not None
+            await in_real_time(call, 1.8)
+            assert call.session._stt_lock.locked()  # still no recogniser
+            assert turn.audio.cut_frames is None and not turn.interrupted  # resumed
+    finally:
+        await call.close()
+        await sub.unsubscribe()
