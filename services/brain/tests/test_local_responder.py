@@ -526,3 +526,9 @@ async def test_a_follow_up_to_a_follow_up_is_answered_about_their_subject() -> N
     assert text == "A whitening session takes about an hour." and not calls
     assert retrieve.asked[-1] == (  # type: ignore[attr-defined]
         "Do you do whitening? How long does it take?")
+
+
+async def test_a_thing_merely_mentioned_after_and_is_not_owned_up_to() -> None:
+    text, _, _, _ = await run(LocalResponder(retrieve=retriever(*CLINIC)),
+                              say("How much are cleanings and my name is John?"))
+    assert text == "A teeth cleaning costs $95."

@@ -220,7 +220,8 @@ def _tokens(text: str) -> list[tuple[str, str | None]]:
 # What may stand between two things asked about together ("cleanings and root canals",
 # "a cleaning, a filling or a check-up"): the words that join them, and articles.
 _JOINING = frozenset({",", "and", "or", "&", "/", "plus", "nor"})
-_BETWEEN_CONJUNCTS = _JOINING | {"a", "an", "the", "some", "any", "your", "my", "also"}
+# ("my" is not: "cleanings and my name is…" names no second thing asked about)
+_BETWEEN_CONJUNCTS = _JOINING | {"a", "an", "the"}
 
 
 def _subject_groups(text: str) -> list[list[tuple[tuple[str, ...], str]]]:
