@@ -112,6 +112,35 @@ def test_backchannels_wait_longer_and_are_dropped_while_the_agent_speaks() -> No
     assert d.dropped_backchannels == 1 and not d.in_turn
 
 
+def test_whether_the_agent_speaks_is_asked_only_of_a_backchannel_turn_that_ends() -> None:
+    # The session passes a callable: working out whether the agent speaks, every frame, cost
+    # more than the poll. It is asked once, when the lone backchannel ends, and its answer is
+    # what counts.
+    asked: list[int] = []
+
+    def agent_speaking(answer: bool):
+        return lambda: asked.append(1) or answer
+
+    d = TurnDetector(TurnSettings(endpointing_ms=600))
+    d.speech_started(0)
+    d.speech_stopped(400)
+    d.final("Okay.", 450)
+    (now, end), = run(d, 0, 2000, agent_speaking=agent_speaking(False))
+    assert now == 1600 and end.text == "Okay." and asked == [1]
+
+    d.speech_started(3000)
+    d.speech_stopped(3400)
+    d.final("Uh-huh.", 3450)
+    assert run(d, 3000, 6000, agent_speaking=agent_speaking(True)) == []
+    assert d.dropped_backchannels == 1 and asked == [1, 1]
+
+    d.speech_started(7000)
+    d.speech_stopped(7400)
+    d.final("I'd like to book a cleaning.", 7450)
+    (_, end), = run(d, 7000, 9000, agent_speaking=agent_speaking(True))
+    assert end.text == "I'd like to book a cleaning." and asked == [1, 1]  # not a backchannel
+
+
 def test_backchannel_recognition() -> None:
     b = Backchannels()
     assert b.only_backchannel("Uh-huh.") and b.only_backchannel("okay, yeah")

@@ -717,7 +717,9 @@ class CallSession:
             self._stt_seconds.get(self._stt_name, 0.0) + size / 8000)
 
     async def _poll_turn(self) -> None:
-        result = self.detector.poll(self.audio_ms, agent_speaking=self._agent_now())
+        # Whether the agent speaks is asked only of a turn that ends (each frame, it cost more
+        # than the poll).
+        result = self.detector.poll(self.audio_ms, agent_speaking=self._agent_now)
         if isinstance(result, Flush):
             await self._stt_flush()
             if self._stt is not None and not self._stt_switching:  # (asked again of the next)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -286,8 +287,13 @@ class TurnDetector:
         elif self._turn is not None:
             self._turn.stt_ended = True
 
-    def poll(self, now_ms: int, *, agent_speaking: bool = False) -> Flush | TurnEnd | None:
-        """Called each frame with the audio clock; see the module docstring."""
+    def poll(self, now_ms: int, *, agent_speaking: bool | Callable[[], bool] = False,
+             ) -> Flush | TurnEnd | None:
+        """Called each frame with the audio clock; see the module docstring.
+
+        ``agent_speaking`` may be a callable, asked only when a turn of backchannels ends
+        (called every frame, working out whether the agent speaks cost more than the poll).
+        """
         turn = self._turn
         if turn is None or self._speaking:
             return self._revision(now_ms) if self._revision_due and self.late else None
@@ -351,15 +357,17 @@ class TurnDetector:
         """
         self._late_turn, self._revision_due = None, False
 
-    def _end(self, text: str, reason: Reason, now_ms: int, *, agent_speaking: bool,
-             only_backchannel: bool) -> TurnEnd | None:
+    def _end(self, text: str, reason: Reason, now_ms: int, *,
+             agent_speaking: bool | Callable[[], bool], only_backchannel: bool
+             ) -> TurnEnd | None:
         turn = self._turn
         assert turn is not None
         self._turn = None
         self._late, self._spoke_again_ms = reason == "max_wait", math.inf
         self._late_turn, self._late_finals, self._revision_due = None, list(turn.finals), False
         self._revision_decided = False
-        if agent_speaking and only_backchannel:
+        if only_backchannel and (
+                agent_speaking() if callable(agent_speaking) else agent_speaking):
             self.dropped_backchannels += 1
             return None
         stt_final_ms = max(0, turn.final_at_ms - self._speech_end_ms) if turn.finals else 0
