@@ -28,7 +28,9 @@ class FrameAligner:
     def push(self, chunk: bytes | bytearray | memoryview) -> list[bytes]:
         """Add a chunk; return every frame completed by it."""
         size = self.frame_bytes
-        if not self._buffer and len(chunk) % size == 0:  # the common case: already aligned
+        if not self._buffer and len(chunk) == size:  # the common case: one whole frame
+            return [bytes(chunk)]
+        if not self._buffer and len(chunk) % size == 0:  # already aligned
             data = bytes(chunk)
             return [data[i : i + size] for i in range(0, len(data), size)]
         self._buffer += chunk
