@@ -32,6 +32,33 @@ CASCADING_AGENT, CASCADING_NUMBER = "ag_cascading", "+14155550100"
 MANAGED_AGENT, MANAGED_NUMBER = "ag_managed", "+14155550101"
 CALLER = "+14155559999"
 _sids = itertools.count(1)
+# The latest <Connect> the gateway handed out for each call (call ids are unique across tests):
+# its one-time stream token and its action path, as Twilio would use them
+_stream_tokens: dict[str, str] = {}
+_actions: dict[str, str] = {}
+
+
+def remember_connects(twiml: str) -> None:
+    """Note the stream token and action URL of each <Connect> in a TwiML document."""
+    if "<Connect" not in twiml:
+        return
+    root = ElementTree.fromstring(twiml)
+    for connect in root.iter("Connect"):
+        params = {p.get("name"): p.get("value") for p in connect.iter("Parameter")}
+        call_id = params.get("call_id", "")
+        if call_id:
+            _stream_tokens[call_id] = params.get("stream_token", "")
+            _actions[call_id] = (connect.get("action") or "").removeprefix(PUBLIC)
+
+
+def stream_token(call_id: str) -> str:
+    """The stream token of the call's latest <Connect> ("" if none was handed out)."""
+    return _stream_tokens.get(call_id, "")
+
+
+def reconnect_path(call_id: str) -> str:
+    """The <Connect action> path (and query) of the call's latest <Connect>."""
+    return _actions[call_id]
 
 
 async def wait_for(predicate, timeout=10.0, interval=0.01):
@@ -152,6 +179,7 @@ class FakeTwilioRest:
                                          status=self.fail_updates_with)
             sid = request.match_info["sid"]
             self.updates.append((sid, {k: str(v) for k, v in form.items()}))
+            remember_connects(str(form.get("Twiml", "")))
             if self.hold_updates is not None:
                 await self.hold_updates.wait()
             if form.get("Status") in ("completed", "canceled"):
@@ -208,7 +236,10 @@ class Gateway:
                    headers: dict[str, str] | None = None):
         all_headers = {"X-Twilio-Signature": signature if signature is not None
                        else sign(PUBLIC + path, params), **(headers or {})}
-        return await self.client.post(path, data=params, headers=all_headers)
+        response = await self.client.post(path, data=params, headers=all_headers)
+        if response.content_type == "application/xml":  # (the body stays readable)
+            remember_connects(await response.text())
+        return response
 
     async def ws(self, path: str = "/twilio/stream", *, signature: str | None = None,
                  **options: Any):
@@ -294,11 +325,13 @@ class StreamClient:
         await self.send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
 
     async def start(self, call_sid: str, call_id: str, org_id: str = ORG,
-                    agent_id: str = CASCADING_AGENT) -> None:
+                    agent_id: str = CASCADING_AGENT, token: str | None = None) -> None:
+        """``start``, with the stream token of the call's latest <Connect> unless ``token``."""
         await self.send({"event": "start", "sequenceNumber": self._next(), "start": {
             "accountSid": ACCOUNT, "streamSid": self.stream_sid, "callSid": call_sid,
             "tracks": ["inbound"], "customParameters": {
-                "call_id": call_id, "org_id": org_id, "agent_id": agent_id},
+                "call_id": call_id, "org_id": org_id, "agent_id": agent_id,
+                "stream_token": stream_token(call_id) if token is None else token},
             "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}},
             "streamSid": self.stream_sid})
 

@@ -21,7 +21,9 @@ from .conftest import (
     StreamClient,
     closed,
     live_calls,
+    reconnect_path,
     started_stream,
+    stream_token,
     wait_for,
 )
 from .test_plivo_support import make_plivo_gateway, plivo_number, started_plivo_stream
@@ -81,7 +83,7 @@ async def test_a_dead_socket_whose_call_twilio_reconnects_goes_on(make_gateway, 
     stream, call_sid, call_id = await started_stream(gateway, events)
     assert (await stream.closed(timeout=5))[0] == 4410
     # Twilio, whose end saw the socket go, asks the <Connect action> URL and streams again
-    response = await gateway.post(f"/twilio/voice/reconnect?call_id={call_id}",
+    response = await gateway.post(reconnect_path(call_id),
                                   {"CallSid": call_sid})
     assert ElementTree.fromstring(await response.text()).find("Connect") is not None
     newer = StreamClient(await gateway.ws())
@@ -110,7 +112,7 @@ async def test_a_reconnect_wait_of_zero_hangs_up_at_once(make_gateway, events):
     assert ended.reason == "error" and took < 0.5
     await wait_for(lambda: gateway.rest_fake.updates)
     assert gateway.rest_fake.updates == [(call_sid, {"Status": "completed"})]
-    response = await gateway.post(f"/twilio/voice/reconnect?call_id={call_id}",
+    response = await gateway.post(reconnect_path(call_id),
                                   {"CallSid": call_sid})
     assert ElementTree.fromstring(await response.text()).find("Hangup") is not None
 
@@ -145,7 +147,7 @@ async def test_a_call_whose_carrier_came_back_is_not_hung_up_when_the_gateway_st
     gateway = await make_gateway(rest=True, **{**SILENT, "gateway_carrier_reconnect_wait_s": 60})
     stream, call_sid, call_id = await started_stream(gateway, events)
     assert (await stream.closed(timeout=5))[0] == 4410
-    response = await gateway.post(f"/twilio/voice/reconnect?call_id={call_id}",
+    response = await gateway.post(reconnect_path(call_id),
                                   {"CallSid": call_sid})
     assert ElementTree.fromstring(await response.text()).find("Connect") is not None
 
@@ -222,7 +224,8 @@ async def test_a_relay_without_pongs_is_closed_and_its_call_ended(make_gateway, 
     ws = await gateway.ws("/twilio/relay", autoping=False)
     await send(ws, {"type": "setup", "sessionId": "VX" + "2" * 32, "callSid": call_sid,
                     "customParameters": {"call_id": call_id, "org_id": ORG,
-                                         "agent_id": MANAGED_AGENT}})
+                                         "agent_id": MANAGED_AGENT,
+                                         "stream_token": stream_token(call_id)}})
     await events.wait("call.stream_started", call_id)
     code, reason = await closed(ws, timeout=5)
     assert code == 4409 and reason.startswith("no pong within 0.2 s")

@@ -24,7 +24,17 @@ from parley.common.metrics import Metrics
 from parley.gateway.app import create_app
 from parley.gateway.config import GatewayConfig
 
-from .conftest import ACCOUNT, CALLER, PUBLIC, PUBLIC_WS, TOKEN, new_call_sid, sign
+from .conftest import (
+    ACCOUNT,
+    CALLER,
+    PUBLIC,
+    PUBLIC_WS,
+    TOKEN,
+    new_call_sid,
+    remember_connects,
+    sign,
+    stream_token,
+)
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -114,6 +124,7 @@ async def new_call(session, base: str, number: str = NUMBER) -> tuple[str, str]:
                                   headers={"X-Twilio-Signature": sign(
                                       PUBLIC + "/twilio/voice", form_of(call_sid, number))})
     text = await response.text()
+    remember_connects(text)  # its stream token, for the start
     return call_sid, text.split('name="call_id" value="')[1].split('"')[0]
 
 
@@ -209,7 +220,8 @@ def test_fuzz_media_stream(server, messages, with_start):
                 await ws.send_str(msgspec.json.encode({
                     "event": "start", "sequenceNumber": "1", "streamSid": sid, "start": {
                         "streamSid": sid, "callSid": call_sid, "customParameters": {
-                            "call_id": call_id, "org_id": ORG, "agent_id": AGENT}}}).decode())
+                            "call_id": call_id, "org_id": ORG, "agent_id": AGENT,
+                            "stream_token": stream_token(call_id)}}}).decode())
             for message in messages:
                 if ws.closed:
                     break
@@ -234,8 +246,8 @@ def test_fuzz_conversation_relay(server, messages, with_setup):
                 call_sid, call_id = await new_call(session, server.base, MANAGED_NUMBER)
                 await ws.send_str(msgspec.json.encode({
                     "type": "setup", "callSid": call_sid, "customParameters": {
-                        "call_id": call_id, "org_id": ORG,
-                        "agent_id": MANAGED_AGENT}}).decode())
+                        "call_id": call_id, "org_id": ORG, "agent_id": MANAGED_AGENT,
+                        "stream_token": stream_token(call_id)}}).decode())
             for message in messages:
                 if ws.closed:
                     break
@@ -286,7 +298,9 @@ def test_server_survives_the_fuzz_and_a_concurrent_call_works(server):
             sid = "MZ" + "b" * 32
             await good.send_json({"event": "start", "sequenceNumber": "1", "streamSid": sid,
                                   "start": {"streamSid": sid, "callSid": call_sid,
-                                            "customParameters": {"call_id": call_id}}})
+                                            "customParameters": {
+                                                "call_id": call_id,
+                                                "stream_token": stream_token(call_id)}}})
             for n in range(2, 42):
                 garbage = await socket(session, server.base, "/twilio/stream")
                 await garbage.send_str("{" * n)

@@ -14,6 +14,7 @@ from .conftest import (
     CASCADING_AGENT,
     StreamClient,
     live_calls,
+    reconnect_path,
     started_stream,
     wait_for,
 )
@@ -119,7 +120,7 @@ async def test_hangup_command_without_rest_closes_the_socket(gateway, events, bu
     [ended] = await events.wait("call.ended", call_id)
     assert ended.reason == "agent_hangup"
     # Twilio then asks the action URL, which hangs up the ended call
-    response = await gateway.post(f"/twilio/voice/reconnect?call_id={call_id}",
+    response = await gateway.post(reconnect_path(call_id),
                                   {"CallSid": call_sid})
     assert ElementTree.fromstring(await response.text())[0].tag == "Hangup"
 
@@ -307,6 +308,9 @@ async def test_max_duration_hangs_up_at_twilio_even_if_call_ended_cannot_be_publ
 
 async def test_a_newer_stream_replaces_the_old_one(gateway, events):
     stream, call_sid, call_id = await started_stream(gateway, events)
+    # Twilio, whose end of the socket went, asks the <Connect action> for the newer stream
+    # (and its token: the first stream's is used up)
+    await gateway.post(reconnect_path(call_id), {"CallSid": call_sid})
     newer = StreamClient(await gateway.ws())
     await newer.start(call_sid, call_id)
     assert await stream.closed() == (1008, "replaced by a newer stream")
@@ -330,6 +334,7 @@ async def test_frame_seqs_keep_growing_over_the_streams_of_a_call(make_gateway, 
     numbers = [await stream.media(b"\xff" * 160) for _ in range(3)]
     await wait_for(lambda: len(seqs) == 3)
     gap[0] = timedelta(seconds=2)  # the carrier reconnects a little later
+    await gateway.post(reconnect_path(call_id), {"CallSid": call_sid})
     newer = StreamClient(await gateway.ws())
     await newer.start(call_sid, call_id)
     await events.wait("call.stream_started", call_id, count=2)

@@ -5,7 +5,16 @@ import msgspec
 from parley.common.configuration import update_agent
 from parley.common.events import AgentSay
 
-from .conftest import CALLER, MANAGED_AGENT, MANAGED_NUMBER, ORG, closed, wait_for
+from .conftest import (
+    CALLER,
+    MANAGED_AGENT,
+    MANAGED_NUMBER,
+    ORG,
+    closed,
+    reconnect_path,
+    stream_token,
+    wait_for,
+)
 from .test_media_stream import request
 
 
@@ -23,7 +32,8 @@ async def setup_relay(gateway, events):
     await send(ws, {"type": "setup", "sessionId": "VX" + "1" * 32, "callSid": call_sid,
                     "accountSid": "AC", "from": CALLER, "to": MANAGED_NUMBER,
                     "direction": "inbound", "callType": "PSTN", "customParameters": {
-                        "call_id": call_id, "org_id": ORG, "agent_id": MANAGED_AGENT}})
+                        "call_id": call_id, "org_id": ORG, "agent_id": MANAGED_AGENT,
+                        "stream_token": stream_token(call_id)}})
     await events.wait("call.stream_started", call_id)
     return ws, call_sid, call_id
 
@@ -435,14 +445,15 @@ async def test_keys_pending_when_the_call_ends_or_the_socket_closes_make_no_turn
 async def connect(gateway, events, call_sid: str, call_id: str, *, session: str):
     """A socket for the call, set up (a reconnect: Twilio back through the reconnect URL)."""
     if events.of("call.stream_started", call_id):  # Twilio asks the <Connect action> first
-        response = await gateway.post(f"/twilio/voice/reconnect?call_id={call_id}",
+        response = await gateway.post(reconnect_path(call_id),
                                       {"CallSid": call_sid})
         assert "<ConversationRelay" in await response.text()
     ws = await gateway.ws("/twilio/relay")
     await send(ws, {"type": "setup", "sessionId": "VX" + session * 32, "callSid": call_sid,
                     "accountSid": "AC", "from": CALLER, "to": MANAGED_NUMBER,
                     "customParameters": {"call_id": call_id, "org_id": ORG,
-                                         "agent_id": MANAGED_AGENT}})
+                                         "agent_id": MANAGED_AGENT,
+                                         "stream_token": stream_token(call_id)}})
     await events.wait("call.stream_started", call_id,
                       count=len(events.of("call.stream_started", call_id)) + 1)
     return ws

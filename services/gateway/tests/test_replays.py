@@ -7,10 +7,25 @@ call) opens a stream only with the one-time token the call's <Connect> carried; 
 <Connect action> of a stream long replaced cannot count as a reconnect nor end the call.
 """
 
+import asyncio
+import xml.etree.ElementTree as ElementTree
 from urllib.parse import urlencode
 
+from parley.gateway import replays
+from parley.gateway.calls import count_milestones
+
 from . import test_plivo_support as support
-from .conftest import PUBLIC
+from .conftest import (
+    ACCOUNT,
+    CALLER,
+    CASCADING_NUMBER,
+    PUBLIC,
+    StreamClient,
+    live_calls,
+    reconnect_path,
+    started_stream,
+    stream_token,
+)
 from .test_plivo_support import (
     PLIVO_CALLER,
     PLIVO_NUMBER,
@@ -64,3 +79,155 @@ async def test_a_replayed_plivo_stream_upgrade_is_refused(plivo_gateway, events)
     assert response.status == 403
     assert plivo_gateway.metric("gateway_replays_refused_total", carrier="plivo",
                                 path="/plivo/stream", kind="nonce") == 1
+
+
+# -- Twilio: stream tokens ---------------------------------------------------------------------
+
+async def test_a_replayed_stream_start_cannot_take_a_live_call_on_any_instance(make_gateway,
+                                                                            events):
+    first, second = await make_gateway(), await make_gateway(instance_id="gw-test-2")
+    stream, call_sid, call_id = await started_stream(first, events)
+    token = stream_token(call_id)
+    # Twilio signs the upgrade over wss://…/twilio/stream alone: the same signature opens a
+    # socket for any call, and the start captured with it names the call and its token
+    for gateway, replayed_token in ((first, token), (second, token), (second, None)):
+        replay = StreamClient(await gateway.ws())  # a stream sid of its own
+        await replay.connected()
+        await replay.start(call_sid, call_id, token=replayed_token or "")
+        code, reason = await replay.closed()
+        assert code == 4406
+        assert reason == ("stream token already used" if replayed_token else "no stream token")
+    assert first.metric("gateway_replays_refused_total", carrier="twilio",
+                        path="/twilio/stream", kind="stream_token") == 1
+    assert second.metric("gateway_replays_refused_total", carrier="twilio",
+                         path="/twilio/stream", kind="stream_token") == 2
+    # the call is still the first stream's: nothing replaced it, it still carries the caller
+    assert len(events.of("call.stream_started", call_id)) == 1
+    assert live_calls(first)[call_id].stream_id == stream.stream_sid
+    assert call_id not in live_calls(second)
+    await stream.media(b"\xff" * 160)
+    await stream.stop(call_sid)
+    [ended] = await events.wait("call.ended", call_id)
+    assert ended.reason == "caller_hangup"
+
+
+async def test_a_token_is_only_good_for_its_call_and_for_its_lifetime(make_gateway, events):
+    gateway = await make_gateway(gateway_stream_token_ttl_s=0.3)
+    call_sid, call_id, _ = await gateway.inbound_call()
+    other_sid, other_id, _ = await gateway.inbound_call()
+    stream = StreamClient(await gateway.ws())
+    await stream.start(call_sid, call_id, token=stream_token(other_id))
+    assert await stream.closed() == (4406, "stream token not issued for this call")
+    await asyncio.sleep(0.4)
+    late = StreamClient(await gateway.ws())
+    await late.start(other_sid, other_id)
+    assert await late.closed() == (4406, "stream token expired")
+    assert events.of("call.stream_started") == []
+
+
+async def test_each_new_stream_of_a_call_gets_its_own_token(gateway, events):
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    first_token = stream_token(call_id)
+    await stream.ws.close()  # the socket drops; Twilio asks the <Connect action>
+    response = await gateway.post(reconnect_path(call_id), {"CallSid": call_sid,
+                                                            "CallStatus": "in-progress"})
+    assert ElementTree.fromstring(await response.text()).find("./Connect/Stream") is not None
+    assert stream_token(call_id) != first_token
+    stale = StreamClient(await gateway.ws())
+    await stale.start(call_sid, call_id, token=first_token)
+    assert await stale.closed() == (4406, "stream token already used")
+    newer = StreamClient(await gateway.ws())
+    await newer.start(call_sid, call_id)
+    await events.wait("call.stream_started", call_id, count=2)
+    assert live_calls(gateway)[call_id].stream_id == newer.stream_sid
+
+
+# -- Twilio: replayed voice and <Connect action> webhooks -------------------------------------
+
+async def test_a_replayed_reconnect_cannot_end_a_live_call(make_gateway, events, db):
+    gateway = await make_gateway(max_reconnects=1)
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    await stream.ws.close()
+    # Twilio's reconnect, as captured by whoever can replay it: signed URL and form
+    captured_path, form = reconnect_path(call_id), {"CallSid": call_sid,
+                                                    "CallStatus": "in-progress"}
+    response = await gateway.post(captured_path, form)
+    assert ElementTree.fromstring(await response.text()).find("./Connect") is not None
+    newer = StreamClient(await gateway.ws())
+    await newer.start(call_sid, call_id)
+    await events.wait("call.stream_started", call_id, count=2)
+
+    # The call lives on the newer stream. Replayed, the old reconnect used to count as the
+    # call's second attempt, over max_reconnects: call.ended (error) for a call in progress.
+    for _ in range(3):
+        replay = await gateway.post(captured_path, form)
+        assert replay.status == 200
+        assert [c.tag for c in ElementTree.fromstring(await replay.text())] == ["Hangup"]
+    await asyncio.sleep(0.3)
+    assert events.of("call.ended", call_id) == []
+    # and the voice webhook replayed hands out no token for the call
+    voice = await gateway.post("/twilio/voice", {
+        "CallSid": call_sid, "AccountSid": ACCOUNT, "From": CALLER, "To": CASCADING_NUMBER,
+        "Direction": "inbound", "CallStatus": "ringing"})
+    assert [c.tag for c in ElementTree.fromstring(await voice.text())] == ["Hangup"]
+    assert gateway.metric("gateway_replays_refused_total", carrier="twilio",
+                          path="/twilio/voice/reconnect", kind="stale_connect") == 3
+    assert gateway.metric("gateway_replays_refused_total", carrier="twilio",
+                          path="/twilio/voice", kind="stale_connect") == 1
+    assert await count_milestones(db, call_id, "reconnect:") == 1
+    assert events.of("call.ended", call_id) == []
+    assert live_calls(gateway)[call_id].stream_id == newer.stream_sid
+    await newer.stop(call_sid)
+    [ended] = await events.wait("call.ended", call_id)
+    assert ended.reason == "caller_hangup"
+
+
+async def test_a_reconnect_replayed_before_its_stream_starts_gets_no_token(make_gateway,
+                                                                          events, db):
+    """Replayed while Twilio is still connecting the new stream: the replayer gets neither a
+    token of its own nor one in place of Twilio's, and no attempt is counted."""
+    gateway = await make_gateway(max_reconnects=1)
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    await stream.ws.close()
+    path, form = reconnect_path(call_id), {"CallSid": call_sid}
+    await gateway.post(path, form)
+    twilios_token = stream_token(call_id)
+    replay = await gateway.post(path, form)
+    assert [c.tag for c in ElementTree.fromstring(await replay.text())] == ["Hangup"]
+    assert await count_milestones(db, call_id, "reconnect:") == 1
+    newer = StreamClient(await gateway.ws())
+    await newer.start(call_sid, call_id, token=twilios_token)
+    await events.wait("call.stream_started", call_id, count=2)
+    assert events.of("call.ended", call_id) == []
+
+
+async def test_a_voice_webhook_asked_again_before_its_stream_starts_gets_a_new_token(
+        gateway, events):
+    """Twilio asking the voice URL again (no answer seen): the call's first connect again,
+    with a token replacing the first, which no stream can use then."""
+    call_sid, call_id, _ = await gateway.inbound_call()
+    first_token = stream_token(call_id)
+    _, again_id, root = await gateway.inbound_call(call_sid=call_sid)
+    assert again_id == call_id and root.find("./Connect/Stream") is not None
+    assert stream_token(call_id) != first_token
+    stale = StreamClient(await gateway.ws())
+    await stale.start(call_sid, call_id, token=first_token)
+    assert (await stale.closed())[0] == 4406
+    stream = StreamClient(await gateway.ws())
+    await stream.start(call_sid, call_id)
+    await events.wait("call.stream_started", call_id)
+
+
+async def test_nonces_are_kept_for_their_window_then_swept(make_plivo_gateway, db):
+    gateway = await make_plivo_gateway(plivo_nonce_window_s=0.3)
+    params = _answer(new_call_uuid())
+    headers = signed_headers("POST", PUBLIC + "/plivo/answer", params)
+    assert (await gateway.post("/plivo/answer", params, headers=headers)).status == 200
+    assert (await gateway.post("/plivo/answer", params, headers=headers)).status == 403
+    await asyncio.sleep(0.4)
+    assert await replays.expire(gateway.app) == 1
+    cursor = await db.execute("SELECT count(*) FROM carrier_nonces")
+    assert (await cursor.fetchone())[0] == 0
+    # past the window a nonce is not known any more (V3 signatures carry no time: the call's
+    # once-only milestones are what still hold then)
+    assert (await gateway.post("/plivo/answer", params, headers=headers)).status == 200

@@ -16,6 +16,8 @@ from .conftest import (
     ORG,
     PUBLIC,
     new_call_sid,
+    reconnect_path,
+    stream_token,
     wait_for,
 )
 
@@ -29,11 +31,13 @@ async def test_inbound_cascading_twiml_connects_a_stream(gateway, events, db):
     action = urlsplit(connect.get("action"))
     assert f"{action.scheme}://{action.netloc}{action.path}" == \
         PUBLIC + "/twilio/voice/reconnect"
-    assert parse_qs(action.query) == {"call_id": [call_id]}
+    assert parse_qs(action.query) == {"call_id": [call_id], "connect": ["0"]}
     [stream] = list(connect)
     assert stream.tag == "Stream"
     assert stream.get("url") == "wss://voice.example.com/twilio/stream"
     params = {p.get("name"): p.get("value") for p in stream.iter("Parameter")}
+    token = params.pop("stream_token")  # one-time, for the stream's start (replays.py)
+    assert len(token) >= 40 and token == stream_token(call_id)
     assert params == {"call_id": call_id, "org_id": ORG, "agent_id": CASCADING_AGENT}
     assert call_id.startswith("call_") and len(call_id) == 5 + 32
 
@@ -60,8 +64,10 @@ async def test_inbound_managed_twiml_uses_conversation_relay(gateway, events):
     assert relay.get("events") == "speaker-events tokens-played"
     assert relay.get("partialPrompts") == "true"  # the caller's words as they speak
     params = {p.get("name"): p.get("value") for p in relay.iter("Parameter")}
+    assert params.pop("stream_token") == stream_token(call_id)
     assert params == {"call_id": call_id, "org_id": ORG, "agent_id": MANAGED_AGENT}
-    assert root.find("./Connect").get("action").endswith(f"reconnect?call_id={call_id}")
+    assert root.find("./Connect").get("action").endswith(
+        f"reconnect?call_id={call_id}&connect=0")
 
 
 async def test_unknown_number_says_so_and_hangs_up(gateway, events):
@@ -152,7 +158,7 @@ async def test_status_for_an_unknown_call_is_404(gateway):
 async def test_reconnect_gives_a_live_call_a_new_stream_and_an_ended_one_a_hangup(
         gateway, events):
     call_sid, call_id, _ = await gateway.inbound_call()
-    path = f"/twilio/voice/reconnect?call_id={call_id}"
+    path = reconnect_path(call_id)
     response = await gateway.post(path, {"CallSid": call_sid, "CallStatus": "in-progress"})
     root = ElementTree.fromstring(await response.text())
     stream = root.find("./Connect/Stream")
@@ -173,7 +179,7 @@ async def test_a_managed_call_back_on_a_new_socket_is_not_greeted_again(gateway,
     # it again, so a managed caller whose socket dropped heard "Hi, Acme here." mid-call.
     call_sid, call_id, root = await gateway.inbound_call(MANAGED_NUMBER)
     assert root.find("./Connect/ConversationRelay").get("welcomeGreeting") == "Hi, Acme here."
-    response = await gateway.post(f"/twilio/voice/reconnect?call_id={call_id}",
+    response = await gateway.post(reconnect_path(call_id),
                                   {"CallSid": call_sid, "CallStatus": "in-progress"})
     relay = ElementTree.fromstring(await response.text()).find("./Connect/ConversationRelay")
     assert relay is not None and relay.get("welcomeGreeting") is None
@@ -183,10 +189,9 @@ async def test_a_managed_call_back_on_a_new_socket_is_not_greeted_again(gateway,
 async def test_reconnects_are_capped(make_gateway, events):
     gateway = await make_gateway(max_reconnects=2)
     call_sid, call_id, _ = await gateway.inbound_call()
-    path = f"/twilio/voice/reconnect?call_id={call_id}"
     tags = []
-    for _ in range(3):
-        response = await gateway.post(path, {"CallSid": call_sid})
+    for _ in range(3):  # each through the action of the <Connect> the one before answered
+        response = await gateway.post(reconnect_path(call_id), {"CallSid": call_sid})
         tags.append(ElementTree.fromstring(await response.text())[0].tag)
     assert tags == ["Connect", "Connect", "Hangup"]
     [ended] = await events.wait("call.ended", call_id)

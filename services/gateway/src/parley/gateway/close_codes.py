@@ -25,6 +25,9 @@ class CloseCode(IntEnum):
     OUT_OF_ORDER = 4403  # sequenceNumber not greater than the previous one
     NOT_STARTED = 4404  # media, mark, dtmf or stop before start/setup
     DUPLICATE_START = 4405  # a second start/setup on the same socket
+    # a Twilio start/setup without a stream token issued for its call, unused and unexpired:
+    # a captured upgrade replayed, or a stream of a <Connect> already used (replays.py)
+    STREAM_TOKEN_REFUSED = 4406
     START_TIMEOUT = 4408  # no start/setup within stream_start_timeout_s of the upgrade
     NO_PONG = 4409  # nothing heard, not even a pong to our ping: the socket is taken for dead
     CARRIER_SILENT = 4410  # a media stream without a message for gateway_carrier_silence_s

@@ -17,13 +17,11 @@ route and kind) and logged without the secret:
   ``stream_token`` ``<Parameter>``, which Twilio hands back in the ``start`` (``setup``)
   message's ``customParameters``. A start is accepted only with a token issued for its call,
   unused and within ``gateway_stream_token_ttl_s``, and uses it up in one UPDATE; else the socket
-  is closed 4406. A repeated request for a connect whose token is unused (a carrier retry) gets
-  a new token in place of the old; once used, or once a later connect exists, the connect is
-  never issued again.
+  is closed 4406. A connect is issued once; only the voice webhook asked again while connect
+  0's token is unused (a carrier retry) gets a new token in place of the old.
 * **Connect order.** The ``<Connect action>`` URL names its connect (``connect=<n>``): an action
-  of a connect that is not the call's latest (one replaced by a reconnect or a redirect), or whose
-  successor's stream already started, is stale — a replay — and reconnects nothing, counts no
-  attempt and ends no call.
+  of a connect that is not the call's latest (one replaced already, by this very action or by a
+  redirect) is stale — a replay — and reconnects nothing, counts no attempt and ends no call.
 """
 
 from __future__ import annotations
@@ -81,7 +79,7 @@ async def expire(app: web.Application) -> int:
         nonces = await conn.execute("DELETE FROM carrier_nonces WHERE expires_at <= %s", (now,))
         tokens = await conn.execute("DELETE FROM carrier_stream_tokens WHERE expires_at <= %s",
                                     (now - timedelta(days=1),))
-        return nonces.rowcount + tokens.rowcount
+        return int(nonces.rowcount) + int(tokens.rowcount)
 
 
 async def run(app: web.Application) -> None:
@@ -106,12 +104,14 @@ class Connect(NamedTuple):
 
 
 async def issue_connect(conn: AsyncConnection[Any], app: web.Application, call_id: str,
-                        number: int, *, after_s: float = 0.0) -> Connect | None:
+                        number: int, *, after_s: float = 0.0,
+                        again: bool = False) -> Connect | None:
     """Issue connect ``number`` of a call with a new token; None if it may not be (a replay).
 
-    Refused when a later connect exists or this one's token was used; issued again (a new token
-    replacing the unused one: the carrier retrying the request) otherwise. ``after_s``: what
-    plays before the stream starts (DTMF), added to the token's lifetime.
+    Refused when it was issued already, or a later connect exists. ``again``: one issued but
+    whose token is unused is issued again, a new token replacing the old (the voice webhook,
+    which Twilio may ask twice). ``after_s``: what plays before the stream starts (DTMF), added
+    to the token's lifetime.
     """
     token = secrets.token_urlsafe(32)
     now = app[CLOCK]()
@@ -122,8 +122,9 @@ async def issue_connect(conn: AsyncConnection[Any], app: web.Application, call_i
         "SELECT 1 FROM carrier_stream_tokens WHERE call_id = %(call)s AND connect > %(n)s) "
         "ON CONFLICT (call_id, connect) DO UPDATE SET token_sha256 = EXCLUDED.token_sha256, "
         "issued_at = EXCLUDED.issued_at, expires_at = EXCLUDED.expires_at "
-        "WHERE carrier_stream_tokens.used_at IS NULL RETURNING connect",
-        {"call": call_id, "n": number, "hash": digest(token), "now": now, "expires": expires})
+        "WHERE carrier_stream_tokens.used_at IS NULL AND %(again)s RETURNING connect",
+        {"call": call_id, "n": number, "hash": digest(token), "now": now, "expires": expires,
+         "again": again})
     return None if await cursor.fetchone() is None else Connect(number, token)
 
 
@@ -142,13 +143,13 @@ async def issue_next_connect(conn: AsyncConnection[Any], app: web.Application, c
     raise RuntimeError(f"call {call_id}: no connect could be issued (contended)")
 
 
-async def latest_connect(conn: AsyncConnection[Any], call_id: str) -> tuple[int, bool]:
-    """The call's latest connect number (-1: none) and whether its stream has started."""
+async def latest_connect(conn: AsyncConnection[Any], call_id: str) -> int:
+    """The call's latest connect number (-1: none)."""
     cursor = await conn.execute(
-        "SELECT connect, used_at IS NOT NULL FROM carrier_stream_tokens WHERE call_id = %s "
-        "ORDER BY connect DESC LIMIT 1", (call_id,))
+        "SELECT coalesce(max(connect), -1) FROM carrier_stream_tokens WHERE call_id = %s",
+        (call_id,))
     row = await cursor.fetchone()
-    return (-1, False) if row is None else (int(row[0]), bool(row[1]))
+    return -1 if row is None else int(row[0])
 
 
 async def use_stream_token(conn: AsyncConnection[Any], app: web.Application, call_id: str,

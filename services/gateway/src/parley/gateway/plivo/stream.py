@@ -66,6 +66,7 @@ class PlivoStreamSession(TwilioSession):
     """One Plivo audio-stream socket."""
 
     protocol: ClassVar[str] = "plivo_stream"
+    needs_stream_token: ClassVar[bool] = False  # its upgrade's nonce is good once (replays.py)
     streams_audio: ClassVar[bool] = True  # a media message every 20 ms
 
     def __init__(self, app: web.Application, ws: web.WebSocketResponse, *,

@@ -33,6 +33,7 @@ from ..close_codes import CloseCode, ProtocolViolation, clean_text
 from ..commands import CommandError
 from ..keys import CONFIG
 from ..marks import parse_mark
+from ..replays import issue_next_connect
 from . import twiml
 from .session import TwilioSession, carrier_socket
 from .signatures import verify_twilio
@@ -149,6 +150,7 @@ class MediaStreamSession(TwilioSession):
     """One Media Streams socket."""
 
     protocol: ClassVar[str] = "twilio_stream"
+    route: ClassVar[str] = twiml.STREAM_PATH
     streams_audio: ClassVar[bool] = True  # a media message every 20 ms
 
     def __init__(self, app: web.Application, ws: web.WebSocketResponse) -> None:
@@ -289,10 +291,13 @@ class MediaStreamSession(TwilioSession):
             raise CommandError("no call attached yet")
         if self.rest is None:
             raise CommandError("sending DTMF needs the Twilio REST client")
+        play_s = twiml.digits_play_s(digits)
+        async with self.pool.connection() as conn:  # the next stream's own one-time token
+            issued = await issue_next_connect(conn, self.app, call.call_id, after_s=play_s)
         await self.redirect(twiml.digits_then_connect(
             self.config, agent.settings, digits, call_id=call.call_id, org_id=call.org_id,
-            agent_id=call.agent_id))
-        self.next_stream_after_s = twiml.digits_play_s(digits)
+            agent_id=call.agent_id, issued=issued))
+        self.next_stream_after_s = play_s
 
 
 def b64decode(payload: str) -> bytes:

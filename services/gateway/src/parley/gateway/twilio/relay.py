@@ -149,6 +149,7 @@ class RelaySession(TwilioSession):
     """One ConversationRelay socket."""
 
     protocol: ClassVar[str] = "twilio_relay"
+    route: ClassVar[str] = twiml.RELAY_PATH
     pipeline: ClassVar[Literal["cascading", "managed"]] = "managed"
 
     def __init__(self, app: web.Application, ws: web.WebSocketResponse) -> None:

@@ -43,6 +43,7 @@ from ..close_codes import CloseCode, ProtocolViolation, close_reason
 from ..commands import CommandError, CommandServer, EndReason, serve_commands
 from ..config import GatewayConfig
 from ..keys import BUS, CALL_OUTBOXES, CALLS, CLOCK, CONFIG, METRICS, POOL, TWILIO_REST
+from ..replays import STREAM_TOKEN, count_refusal, use_stream_token
 from . import twiml
 from .liveness import Liveness
 from .next_stream import end_unless_next_stream
@@ -63,6 +64,11 @@ class TwilioSession:
     """One Twilio WebSocket; subclasses speak the protocol (``on_text``, ``end_locally``)."""
 
     protocol: ClassVar[str] = "twilio"
+    route: ClassVar[str] = ""  # the socket's path (a metric label)
+    # A start must carry the one-time token of the call's <Connect> (replays.py): Twilio signs
+    # the upgrade over a URL that is the same for every call. (Plivo signs each upgrade with a
+    # nonce of its own, over a URL naming the call.)
+    needs_stream_token: ClassVar[bool] = True
     pipeline: ClassVar[Literal["cascading", "managed"]] = "cascading"
     # The carrier streams audio all call long: a socket silent for gateway_carrier_silence_s
     # is dead even if it answers pings (liveness.py says why ConversationRelay is not).
@@ -243,6 +249,19 @@ class TwilioSession:
             raise ProtocolViolation(CloseCode.POLICY_VIOLATION, "call already ended")
         if agent is None:
             raise ProtocolViolation(CloseCode.POLICY_VIOLATION, "agent no longer exists")
+        # The upgrade's signature is the same for every socket (Twilio signs the URL alone):
+        # the one-time token of the call's <Connect> says this is the stream Twilio was told
+        # to open, not a captured upgrade replayed; using it up is one UPDATE, across instances
+        refused = ""
+        if self.needs_stream_token:
+            async with self.pool.connection() as conn:
+                refused = await use_stream_token(conn, self.app, call.call_id,
+                                                 params.get(STREAM_TOKEN, ""), stream_id)
+        if refused:
+            count_refusal(self.app, "twilio", self.route, "stream_token")
+            log.warning("%s socket for call %s (stream %s) refused: %s", self.protocol,
+                        call.call_id, stream_id[:40], refused)
+            raise ProtocolViolation(CloseCode.STREAM_TOKEN_REFUSED, refused)
         self.call_id, self.call, self.agent = call.call_id, call, agent
         self.stream_id = stream_id
         async with self.pool.connection() as conn:  # the orphan check's sign of a new stream

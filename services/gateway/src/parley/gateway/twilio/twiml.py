@@ -13,6 +13,7 @@ from twilio.twiml.voice_response import VoiceResponse
 from parley.common.configuration import AgentSettings
 
 from ..config import GatewayConfig
+from ..replays import STREAM_TOKEN, Connect
 
 STREAM_PATH = "/twilio/stream"
 RELAY_PATH = "/twilio/relay"
@@ -21,19 +22,23 @@ NOT_IN_SERVICE = "Sorry, this number is not in service. Goodbye."
 
 
 def connect_twiml(config: GatewayConfig, settings: AgentSettings, *, call_id: str,
-                  org_id: str, agent_id: str, before: VoiceResponse | None = None,
-                  greet: bool = True) -> str:
+                  org_id: str, agent_id: str, issued: Connect,
+                  before: VoiceResponse | None = None, greet: bool = True) -> str:
     """``<Connect action>`` to our stream (cascading) or ConversationRelay (managed).
 
     The action URL brings a still-live call back to a new socket if this one drops (e.g. the
-    instance holding it died). ``before`` holds verbs to run first (``<Play digits>``).
-    ``greet``: ConversationRelay says the agent's greeting as the caller connects — at the
-    call's start, not when a live call comes back to a new socket.
+    instance holding it died); it names the connect (``issued.number``), so that only the
+    call's latest connect reconnects. The socket's start must carry ``issued.token``, passed as
+    the ``stream_token`` parameter (:mod:`parley.gateway.replays`). ``before`` holds verbs to
+    run first (``<Play digits>``). ``greet``: ConversationRelay says the agent's greeting as the
+    caller connects — at the call's start, not when a live call comes back to a new socket.
     """
     response = before or VoiceResponse()
-    action = f"{config.public_base}{RECONNECT_PATH}?{urlencode({'call_id': call_id})}"
+    query = urlencode({"call_id": call_id, "connect": issued.number})
+    action = f"{config.public_base}{RECONNECT_PATH}?{query}"
     connect = response.connect(action=action, method="POST")
-    params = {"call_id": call_id, "org_id": org_id, "agent_id": agent_id}
+    params = {"call_id": call_id, "org_id": org_id, "agent_id": agent_id,
+              STREAM_TOKEN: issued.token}
     if settings.pipeline == "managed":
         relay = connect.conversation_relay(
             url=config.public_ws_base + RELAY_PATH,
@@ -61,12 +66,12 @@ def connect_twiml(config: GatewayConfig, settings: AgentSettings, *, call_id: st
 
 
 def digits_then_connect(config: GatewayConfig, settings: AgentSettings, digits: str, *,
-                        call_id: str, org_id: str, agent_id: str) -> str:
-    """Play DTMF tones, then reconnect the call to a new stream."""
+                        call_id: str, org_id: str, agent_id: str, issued: Connect) -> str:
+    """Play DTMF tones, then reconnect the call to a new stream (connect ``issued``)."""
     response = VoiceResponse()
     response.play(digits=digits)
     return connect_twiml(config, settings, call_id=call_id, org_id=org_id, agent_id=agent_id,
-                         before=response, greet=False)
+                         issued=issued, before=response, greet=False)
 
 
 def digits_play_s(digits: str) -> float:

@@ -42,6 +42,7 @@ from ..calls import (
     seconds_since,
 )
 from ..keys import BUS, CALL_OUTBOXES, CLOCK, CONFIG, METRICS, POOL, TWILIO_REST
+from ..replays import count_refusal, issue_connect, latest_connect
 from . import twiml
 from .signatures import signed_form
 
@@ -101,11 +102,40 @@ async def voice(request: web.Request) -> web.Response:
         _count(request, "already_ended")
         return _xml(twiml.hangup_twiml())
     app = request.app
+    async with app[POOL].connection() as conn:  # connect 0, the call's first stream's token
+        issued = await issue_connect(conn, app, call.call_id, 0, again=True)
+    if issued is None:  # its stream started, or the call moved on: a replay
+        return _stale(request, call)
     await publish_answered(app[POOL], app[BUS], call.call_id,
                            CallAnswered(org_id=call.org_id, call_id=call.call_id))
     _count(request, "connected")
     return _xml(twiml.connect_twiml(app[CONFIG], agent.settings, call_id=call.call_id,
-                                    org_id=call.org_id, agent_id=call.agent_id))
+                                    org_id=call.org_id, agent_id=call.agent_id, issued=issued))
+
+
+def _stale(request: web.Request, call: CarrierCall) -> web.Response:
+    """A replayed voice or reconnect webhook: a hang-up for whoever sent it, nothing done.
+
+    Twilio itself never asks again for a connect whose stream started or was replaced (it
+    executes the TwiML it has), so the answer only reaches the replayer.
+    """
+    count_refusal(request.app, CARRIER, request.path, "stale_connect")
+    _count(request, "stale")
+    log.warning("call %s: refused a replayed %s webhook from %s (connect %s is not the "
+                "call's latest, or its stream already started)", call.call_id, request.path,
+                request.remote or "-", request.query.get("connect", "(none)")[:12])
+    return _xml(twiml.hangup_twiml())
+
+
+def _connect_number(request: web.Request) -> int:
+    """The connect a ``<Connect action>`` is about; -1 for TwiML issued before connects were."""
+    value = request.query.get("connect", "")
+    if not value:
+        return -1
+    if not value.isdigit() or len(value) > 9:
+        raise Problem(400, "Bad Request", "connect is not a connect number",
+                      kind="invalid-webhook")
+    return int(value)
 
 
 async def _outbound_call(request: web.Request, form: MultiDictProxy[str],
@@ -146,9 +176,17 @@ async def _resolve(request: web.Request, form: MultiDictProxy[str],
 
 
 async def reconnect(request: web.Request) -> web.Response:
-    """``<Connect action>``: the socket ended while the call may still be live."""
+    """``<Connect action>``: the socket ended while the call may still be live.
+
+    The action names its connect (``connect=<n>``) and brings the call to connect n+1. Only the
+    call's latest connect may: an action of an older one (replaced already, by this very action
+    answered before or by a DTMF redirect) is a replay — it reconnects nothing, counts no
+    attempt and ends no call (:func:`_stale`). Twilio asks an action once (no retries are
+    configured), so a second request for it is never Twilio's.
+    """
     form = await signed_form(request)
     call_sid = _required(form, "CallSid")
+    number = _connect_number(request)
     app = request.app
     async with app[POOL].connection() as conn:
         call_id = request.query.get("call_id", "")
@@ -159,6 +197,8 @@ async def reconnect(request: web.Request) -> web.Response:
         if call.ended:
             _count(request, "already_ended")
             return _xml(twiml.hangup_twiml())
+        if await latest_connect(conn, call.call_id) != number:
+            return _stale(request, call)
         attempts = await count_milestones(conn, call.call_id, "reconnect:")
         agent = await get_agent(conn, call.agent_id, org_id=call.org_id)
     if agent is None or attempts >= app[CONFIG].max_reconnects:
@@ -170,11 +210,15 @@ async def reconnect(request: web.Request) -> web.Response:
         _count(request, "gave_up")
         return _xml(twiml.hangup_twiml())
     async with app[POOL].connection() as conn:
-        await claim_milestone(conn, call.call_id, f"reconnect:{attempts + 1}")
+        issued = await issue_connect(conn, app, call.call_id, number + 1)
+        if issued is None:  # another request for it came first
+            return _stale(request, call)
+        await claim_milestone(conn, call.call_id, f"reconnect:{number + 1}")
     _count(request, "reconnected")
     log.info("call %s: reconnecting to a new stream (attempt %d)", call.call_id, attempts + 1)
     return _xml(twiml.connect_twiml(app[CONFIG], agent.settings, call_id=call.call_id,
-                                    org_id=call.org_id, agent_id=call.agent_id, greet=False))
+                                    org_id=call.org_id, agent_id=call.agent_id,
+                                    issued=issued, greet=False))
 
 
 async def status(request: web.Request) -> web.Response:
