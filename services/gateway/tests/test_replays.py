@@ -231,3 +231,21 @@ async def test_nonces_are_kept_for_their_window_then_swept(make_plivo_gateway, d
     # past the window a nonce is not known any more (V3 signatures carry no time: the call's
     # once-only milestones are what still hold then)
     assert (await gateway.post("/plivo/answer", params, headers=headers)).status == 200
+
+
+async def test_a_plivo_request_that_failed_on_our_side_may_be_sent_again(plivo_gateway, db,
+                                                                          events):
+    """Plivo may send a request again after our 5xx: its nonce is given back, not kept."""
+    params = _answer(new_call_uuid())
+    headers = signed_headers("POST", PUBLIC + "/plivo/answer", params)
+    await db.execute("ALTER TABLE carrier_calls RENAME TO carrier_calls_away")  # a failure
+    try:
+        failed = await plivo_gateway.post("/plivo/answer", params, headers=headers)
+        assert failed.status == 500
+    finally:
+        await db.execute("ALTER TABLE carrier_calls_away RENAME TO carrier_calls")
+    again = await plivo_gateway.post("/plivo/answer", params, headers=headers)
+    assert again.status == 200, await again.text()
+    await events.wait("call.requested")
+    # done once, the same request is a replay
+    assert (await plivo_gateway.post("/plivo/answer", params, headers=headers)).status == 403

@@ -72,7 +72,7 @@ def create_app(config: GatewayConfig, *, bus: Bus | None = None,
     ``twilio_auth_token`` are configured (pointed at ``twilio_api_base_url`` if set), else None:
     call control then falls back to closing sockets and AMD only reports.
     """
-    app = web.Application(middlewares=[problem_middleware],
+    app = web.Application(middlewares=[problem_middleware, replays.give_back_nonces],
                           client_max_size=max(1024 * 1024, config.max_frame_bytes))
     app[CONFIG] = config
     app[CLOCK] = clock

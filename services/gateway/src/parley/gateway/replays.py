@@ -8,8 +8,8 @@ route and kind) and logged without the secret:
 
 * **Plivo nonces.** V3 signatures carry a random nonce but no time: every nonce verified is
   claimed (its sha256) for ``plivo_nonce_window_s``; a request whose nonce is already claimed is
-  refused 403 (problem ``replayed-request``). Plivo signs each request, retries included, with
-  a fresh nonce.
+  refused 403 (problem ``replayed-request``). A request that failed on our side (5xx) gives its
+  nonce back, so that the carrier may send it again.
 * **Twilio stream tokens.** A Media Streams (or ConversationRelay) upgrade is signed over the
   socket URL without parameters, the same for every call: a captured upgrade could open a
   stream for any live call. Each ``<Connect>`` the gateway answers a call with (the voice
@@ -34,7 +34,10 @@ from datetime import timedelta
 from typing import Any, Literal, NamedTuple
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from psycopg import AsyncConnection
+
+from parley.common.problems import Problem
 
 from .keys import CLOCK, CONFIG, METRICS, POOL
 
@@ -70,6 +73,53 @@ async def claim_nonce(app: web.Application, carrier: str, nonce: str) -> bool:
             "WHERE carrier_nonces.expires_at <= %s RETURNING 1",
             (carrier, digest(nonce), expires, now))
         return await cursor.fetchone() is not None
+
+
+_NONCE = web.RequestKey("replays.nonce", tuple[str, str])  # the request's claimed nonce
+
+
+async def claim_request_nonce(request: web.Request, carrier: str, nonce: str) -> bool:
+    """:func:`claim_nonce` for ``request``, given back if the request fails on our side."""
+    if not await claim_nonce(request.app, carrier, nonce):
+        return False
+    request[_NONCE] = (carrier, nonce)
+    return True
+
+
+@web.middleware
+async def give_back_nonces(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A request that failed on our side (5xx, a crash) gives its nonce back.
+
+    The carrier may send the same signed request again after an error of ours, and it must be
+    let through then: nothing it asked for was done (what was is done once per call anyway).
+    """
+    try:
+        response = await handler(request)
+    except Problem as exc:
+        if exc.status >= 500:
+            await _give_back(request)
+        raise
+    except web.HTTPException:
+        raise
+    except Exception:
+        await _give_back(request)
+        raise
+    if response.status >= 500:
+        await _give_back(request)
+    return response
+
+
+async def _give_back(request: web.Request) -> None:
+    claimed = request.pop(_NONCE, None)
+    if claimed is None:
+        return
+    try:
+        async with request.app[POOL].connection() as conn:
+            await conn.execute("DELETE FROM carrier_nonces WHERE carrier = %s "
+                               "AND nonce_sha256 = %s", (claimed[0], digest(claimed[1])))
+    except Exception:  # the database failing is likely why the request failed
+        log.exception("%s: the nonce of a failed request could not be given back (a retry of "
+                      "it will be refused)", request.path)
 
 
 async def expire(app: web.Application) -> int:

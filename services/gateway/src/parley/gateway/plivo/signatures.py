@@ -26,7 +26,7 @@ from plivo.utils import validate_v3_signature
 from parley.common.problems import Problem
 
 from ..keys import CONFIG
-from ..replays import claim_nonce, count_refusal
+from ..replays import claim_request_nonce, count_refusal
 from ..twilio.signatures import read_form, refuse_nul_characters, reject
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ async def verify_plivo(request: web.Request, params: Mapping[str, str] | None = 
 
 async def _refuse_replay(request: web.Request, nonce: str) -> None:
     """Claim a verified request's nonce (across instances); a 403 Problem if already claimed."""
-    if await claim_nonce(request.app, CARRIER, nonce):
+    if await claim_request_nonce(request, CARRIER, nonce):
         return
     route = request.match_info.route.resource
     path = route.canonical if route is not None else request.path
