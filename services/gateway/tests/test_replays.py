@@ -19,8 +19,12 @@ from .conftest import (
     ACCOUNT,
     CALLER,
     CASCADING_NUMBER,
+    MANAGED_AGENT,
+    MANAGED_NUMBER,
+    ORG,
     PUBLIC,
     StreamClient,
+    closed,
     live_calls,
     reconnect_path,
     started_stream,
@@ -249,3 +253,22 @@ async def test_a_plivo_request_that_failed_on_our_side_may_be_sent_again(plivo_g
     await events.wait("call.requested")
     # done once, the same request is a replay
     assert (await plivo_gateway.post("/plivo/answer", params, headers=headers)).status == 403
+
+
+async def test_a_replayed_conversation_relay_setup_is_refused(gateway, events):
+    call_sid, call_id, _ = await gateway.inbound_call(MANAGED_NUMBER)
+    setup = {"type": "setup", "sessionId": "VX" + "3" * 32, "accountSid": "AC",
+             "from": CALLER, "to": MANAGED_NUMBER, "customParameters": {
+                 "call_id": call_id, "org_id": ORG, "agent_id": MANAGED_AGENT,
+                 "stream_token": stream_token(call_id)}}
+    live = await gateway.ws("/twilio/relay")
+    await live.send_json({**setup, "callSid": call_sid})
+    await events.wait("call.stream_started", call_id)
+    replay = await gateway.ws("/twilio/relay")
+    await replay.send_json({**setup, "sessionId": "VX" + "4" * 32, "callSid": call_sid})
+    assert await closed(replay) == (4406, "stream token already used")
+    assert gateway.metric("gateway_replays_refused_total", carrier="twilio",
+                          path="/twilio/relay", kind="stream_token") == 1
+    assert len(events.of("call.stream_started", call_id)) == 1
+    assert not live.closed
+    await live.close()
