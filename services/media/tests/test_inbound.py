@@ -96,3 +96,72 @@ async def test_a_message_that_is_not_a_frame_is_counted_and_skipped(bus) -> None
     await wait_for(lambda: len(sink.seqs) == 2)
     await inbound.stop()
     assert invalid == [1] and sink.seqs == [1, 2]
+
+
+async def test_live_frames_are_handled_in_order_once_each_when_handling_some_waits(bus) -> None:
+    # A frame whose handling waits (a publish, a command to the gateway) holds the next ones
+    # back until it is done, and one whose handling fails does not stop the next.
+    seqs: list[int] = []
+
+    async def sink(payload: bytes, seq: int, ts_ms: int, sent_at: float,
+                   behind: bool) -> None:
+        if seq % 7 == 0:
+            await asyncio.sleep(0.005)
+        if seq % 50 == 0:
+            await asyncio.sleep(0)
+            raise RuntimeError("handling failed")
+        if seq % 45 == 0:
+            raise RuntimeError("failed at once")
+        seqs.append(seq)
+
+    inbound = InboundAudio(bus, "c5", sink)
+    await inbound.start()
+    await asyncio.wait_for(inbound.caught_up.wait(), 5)
+    await publish(bus, "c5", range(1, 301))
+    await wait_for(lambda: seqs[-1:] == [299])
+    assert seqs == [seq for seq in range(1, 301) if seq % 50 and seq % 45]
+    assert inbound._sub is not None and inbound._sub.pending_bytes == 0  # nothing counted as
+    # pending (past the subscription's limit, the client would drop the call's frames)
+    await inbound.stop()
+
+
+async def test_a_frame_handled_without_waiting_costs_no_task(bus) -> None:
+    # The client used to hand each frame to a task of the subscription's own (a wake-up per
+    # frame per call); a frame whose handling never waits is now handled as it is read.
+    sink = Sink()
+    tasks = asyncio.all_tasks()
+    inbound = InboundAudio(bus, "c6", sink)
+    await inbound.start()
+    await asyncio.wait_for(inbound.caught_up.wait(), 5)
+    await publish(bus, "c6", range(1, 51))
+    await wait_for(lambda: len(sink.seqs) == 50)
+    await asyncio.sleep(0.01)  # the catch-up's task is over
+    assert sink.seqs == list(range(1, 51))
+    assert not [task for task in asyncio.all_tasks() - tasks if not task.done()]
+    await inbound.stop()
+
+
+async def test_stop_cancels_a_frame_handler_that_waits_and_nothing_follows(bus) -> None:
+    seqs: list[int] = []
+    cancelled = asyncio.Event()
+
+    async def sink(payload: bytes, seq: int, ts_ms: int, sent_at: float,
+                   behind: bool) -> None:
+        seqs.append(seq)
+        if seq == 3:
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
+
+    inbound = InboundAudio(bus, "c7", sink)
+    await inbound.start()
+    await asyncio.wait_for(inbound.caught_up.wait(), 5)
+    await publish(bus, "c7", range(1, 11))
+    await wait_for(lambda: seqs == [1, 2, 3])
+    await asyncio.wait_for(inbound.stop(), 2)
+    assert cancelled.is_set()
+    await publish(bus, "c7", range(11, 13))
+    await asyncio.sleep(0.1)
+    assert seqs == [1, 2, 3]
