@@ -30,6 +30,7 @@ from .conftest import (
     started_stream,
     stream_token,
 )
+from .test_media_stream import request
 from .test_plivo_support import (
     PLIVO_CALLER,
     PLIVO_NUMBER,
@@ -272,3 +273,26 @@ async def test_a_replayed_conversation_relay_setup_is_refused(gateway, events):
     assert len(events.of("call.stream_started", call_id)) == 1
     assert not live.closed
     await live.close()
+
+
+async def test_a_reconnect_after_a_failed_dtmf_redirect_keeps_the_call(make_gateway, events,
+                                                                       bus):
+    """A DTMF redirect Twilio refused left the call on connect 0; when that socket then drops,
+    Twilio's own <Connect action> (connect=0) is not a replay: the call reconnects."""
+    gateway = await make_gateway(rest=True)
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    action = reconnect_path(call_id)  # what Twilio executes: connect 0's
+    gateway.rest_fake.fail_updates_with = 500
+    reply = await request(bus, call_id, "dtmf", {"digits": "1"})
+    assert reply["ok"] is False
+    gateway.rest_fake.fail_updates_with = None
+    await stream.ws.close()  # the socket drops; Twilio asks connect 0's action
+    response = await gateway.post(action, {"CallSid": call_sid, "CallStatus": "in-progress"})
+    root = ElementTree.fromstring(await response.text())
+    assert root.find("./Connect/Stream") is not None, await response.text()
+    newer = StreamClient(await gateway.ws())
+    await newer.start(call_sid, call_id)
+    await events.wait("call.stream_started", call_id, count=2)
+    assert events.of("call.ended", call_id) == []
+    await newer.stop(call_sid)
+    await events.wait("call.ended", call_id)

@@ -193,6 +193,16 @@ async def issue_next_connect(conn: AsyncConnection[Any], app: web.Application, c
     raise RuntimeError(f"call {call_id}: no connect could be issued (contended)")
 
 
+async def withdraw_connect(conn: AsyncConnection[Any], call_id: str, number: int) -> None:
+    """Take back connect ``number`` of a call, unless its stream started.
+
+    Its TwiML was not taken (a DTMF redirect Twilio refused): the call is still on the connect
+    before it, whose action must still reconnect it.
+    """
+    await conn.execute("DELETE FROM carrier_stream_tokens WHERE call_id = %s AND connect = %s "
+                       "AND used_at IS NULL", (call_id, number))
+
+
 async def latest_connect(conn: AsyncConnection[Any], call_id: str) -> int:
     """The call's latest connect number (-1: none)."""
     cursor = await conn.execute(

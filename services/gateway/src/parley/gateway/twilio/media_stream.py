@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import logging
 from typing import Annotated, ClassVar
 
@@ -33,7 +34,7 @@ from ..close_codes import CloseCode, ProtocolViolation, clean_text
 from ..commands import CommandError
 from ..keys import CONFIG
 from ..marks import parse_mark
-from ..replays import issue_next_connect
+from ..replays import issue_next_connect, withdraw_connect
 from . import twiml
 from .session import TwilioSession, carrier_socket
 from .signatures import verify_twilio
@@ -294,9 +295,17 @@ class MediaStreamSession(TwilioSession):
         play_s = twiml.digits_play_s(digits)
         async with self.pool.connection() as conn:  # the next stream's own one-time token
             issued = await issue_next_connect(conn, self.app, call.call_id, after_s=play_s)
-        await self.redirect(twiml.digits_then_connect(
-            self.config, agent.settings, digits, call_id=call.call_id, org_id=call.org_id,
-            agent_id=call.agent_id, issued=issued))
+        try:
+            await self.redirect(twiml.digits_then_connect(
+                self.config, agent.settings, digits, call_id=call.call_id, org_id=call.org_id,
+                agent_id=call.agent_id, issued=issued))
+        except BaseException:
+            # Still on this stream's connect: left issued, the new one made this connect's
+            # action stale, and Twilio asking it when this socket drops was answered <Hangup/>
+            with contextlib.suppress(Exception):
+                async with self.pool.connection() as conn:
+                    await withdraw_connect(conn, call.call_id, issued.number)
+            raise
         self.next_stream_after_s = play_s
 
 
