@@ -532,3 +532,22 @@ async def test_a_thing_merely_mentioned_after_and_is_not_owned_up_to() -> None:
     text, _, _, _ = await run(LocalResponder(retrieve=retriever(*CLINIC)),
                               say("How much are cleanings and my name is John?"))
     assert text == "A teeth cleaning costs $95."
+
+
+@pytest.mark.parametrize(("question", "answer"), [
+    ("Great, whitening then, how much?", "A whitening session costs $250."),
+    ("Cool, and cleaning prices?", "A teeth cleaning costs $95."),
+    ("Do you do whitening, yeah?", "A whitening session costs $250."),
+    ("Sure, Tuesday and how much is a filling?", "A filling starts at $180."),
+    ("Do you do cleanings and stuff?", "A teeth cleaning costs $95."),
+    ("How much is a cleaning and whatnot?", "A teeth cleaning costs $95."),
+])
+async def test_a_word_said_in_passing_beside_a_thing_asked_is_not_owned_up_to(
+        question: str, answer: str) -> None:
+    """A caller's "Great," or "yeah" beside the thing they ask about, joined to it only by a
+    comma (or "and"), was taken for a second thing asked together with it: "Great, whitening
+    then, how much?" was answered "… I don't have the details on Great here, so let me check
+    and follow up with you on that." Interjections and vague words ("stuff", "whatnot") name
+    nothing asked about."""
+    text, calls, _, _ = await run(LocalResponder(retrieve=retriever(DEMO_PRICES)), say(question))
+    assert text == answer and not calls

@@ -192,7 +192,11 @@ _NOT_MODIFIERS = content_words("accept accepts accepted offer offers offered off
                                "provides provided providing cover covers covered include "
                                "includes including treat treats see fix fixes handle handles "
                                "bring")
-_PARTING = _ASPECT_WORDS | _NOT_MODIFIERS
+# …nor is what a caller says in passing: "Great, whitening then", "cleanings and stuff" ask
+# about no "great" or "stuff" (owned up to as a thing asked together with the other).
+_IN_PASSING = content_words("yeah yep yup nope sure alright cool great awesome perfect hmm huh "
+                            "oh ah wow sorry stuff thing things whatnot whatever everything etc")
+_PARTING = _ASPECT_WORDS | _NOT_MODIFIERS | _IN_PASSING
 _TOKEN = re.compile(r"[a-z0-9$']+|[^\sa-z0-9$']", re.IGNORECASE)
 
 
