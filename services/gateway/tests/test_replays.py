@@ -296,3 +296,37 @@ async def test_a_reconnect_after_a_failed_dtmf_redirect_keeps_the_call(make_gate
     assert events.of("call.ended", call_id) == []
     await newer.stop(call_sid)
     await events.wait("call.ended", call_id)
+
+
+async def test_a_stream_of_twiml_issued_before_the_deploy_is_accepted_once(make_gateway, events,
+                                                                          db):
+    """A rolling deploy: an instance of the old code answered the voice webhook (a <Connect>
+    with no token, nothing in carrier_stream_tokens), and Twilio opens the stream to one of the
+    new code. It is the call's stream, not a replay: accepted, once; and when it drops, the
+    old TwiML's action (no connect=) reconnects the call."""
+    gateway = await make_gateway()
+    call_sid, call_id, _ = await gateway.inbound_call()
+    await db.execute("DELETE FROM carrier_stream_tokens WHERE call_id = %s", (call_id,))
+    stream = StreamClient(await gateway.ws())
+    await stream.start(call_sid, call_id, token="")
+    await events.wait("call.stream_started", call_id)
+    replay = StreamClient(await gateway.ws())  # the same tokenless start replayed: refused
+    await replay.start(call_sid, call_id, token="")
+    assert await replay.closed() == (4406, "no stream token")
+    voice = await gateway.post("/twilio/voice", {  # nor does a replayed voice webhook get one
+        "CallSid": call_sid, "AccountSid": ACCOUNT, "From": CALLER, "To": CASCADING_NUMBER,
+        "Direction": "inbound", "CallStatus": "ringing"})
+    assert [c.tag for c in ElementTree.fromstring(await voice.text())] == ["Hangup"]
+    assert live_calls(gateway)[call_id].stream_id == stream.stream_sid
+
+    await stream.ws.close()
+    legacy_action = f"/twilio/voice/reconnect?{urlencode({'call_id': call_id})}"
+    response = await gateway.post(legacy_action, {"CallSid": call_sid,
+                                                  "CallStatus": "in-progress"})
+    assert ElementTree.fromstring(await response.text()).find("./Connect/Stream") is not None
+    newer = StreamClient(await gateway.ws())
+    await newer.start(call_sid, call_id)
+    await events.wait("call.stream_started", call_id, count=2)
+    assert events.of("call.ended", call_id) == []
+    await newer.stop(call_sid)
+    await events.wait("call.ended", call_id)

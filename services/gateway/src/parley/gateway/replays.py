@@ -160,8 +160,9 @@ async def issue_connect(conn: AsyncConnection[Any], app: web.Application, call_i
 
     Refused when it was issued already, or a later connect exists. ``again``: one issued but
     whose token is unused is issued again, a new token replacing the old (the voice webhook,
-    which Twilio may ask twice). ``after_s``: what plays before the stream starts (DTMF), added
-    to the token's lifetime.
+    which Twilio may ask twice), unless an earlier one exists (-1: a stream of TwiML from
+    before stream tokens, started already). ``after_s``: what plays before the stream starts
+    (DTMF), added to the token's lifetime.
     """
     token = secrets.token_urlsafe(32)
     now = app[CLOCK]()
@@ -169,7 +170,8 @@ async def issue_connect(conn: AsyncConnection[Any], app: web.Application, call_i
     cursor = await conn.execute(
         "INSERT INTO carrier_stream_tokens (call_id, connect, token_sha256, issued_at, "
         "expires_at) SELECT %(call)s, %(n)s, %(hash)s, %(now)s, %(expires)s WHERE NOT EXISTS ("
-        "SELECT 1 FROM carrier_stream_tokens WHERE call_id = %(call)s AND connect > %(n)s) "
+        "SELECT 1 FROM carrier_stream_tokens WHERE call_id = %(call)s AND (connect > %(n)s "
+        "OR (%(again)s AND connect < %(n)s))) "
         "ON CONFLICT (call_id, connect) DO UPDATE SET token_sha256 = EXCLUDED.token_sha256, "
         "issued_at = EXCLUDED.issued_at, expires_at = EXCLUDED.expires_at "
         "WHERE carrier_stream_tokens.used_at IS NULL AND %(again)s RETURNING connect",
@@ -215,9 +217,22 @@ async def latest_connect(conn: AsyncConnection[Any], call_id: str) -> int:
 async def use_stream_token(conn: AsyncConnection[Any], app: web.Application, call_id: str,
                            token: str, stream_id: str) -> str:
     """Use up a stream's token: ``""`` if it was good, else why it is refused."""
-    if not token:
-        return "no stream token"
     now = app[CLOCK]()
+    if not token:
+        # TwiML issued before stream tokens were (a rolling deploy: an instance of the older
+        # code answered, nothing issued for the call): its stream is taken once, and marked as
+        # connect -1, which the older TwiML's action (no connect=) goes on from
+        cursor = await conn.execute(
+            "INSERT INTO carrier_stream_tokens (call_id, connect, token_sha256, issued_at, "
+            "expires_at, used_at, stream_id) SELECT %(call)s, -1, '', %(now)s, %(now)s, "
+            "%(now)s, %(stream)s WHERE NOT EXISTS (SELECT 1 FROM carrier_stream_tokens WHERE "
+            "call_id = %(call)s) ON CONFLICT (call_id, connect) DO NOTHING RETURNING connect",
+            {"call": call_id, "now": now, "stream": stream_id})
+        if await cursor.fetchone() is not None:
+            log.info("call %s: a stream of TwiML without a stream token (issued before the "
+                     "deploy) accepted", call_id)
+            return ""
+        return "no stream token"
     cursor = await conn.execute(
         "UPDATE carrier_stream_tokens SET used_at = %s, stream_id = %s WHERE call_id = %s "
         "AND token_sha256 = %s AND used_at IS NULL AND expires_at > %s RETURNING connect",
