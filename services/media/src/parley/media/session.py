@@ -2016,8 +2016,9 @@ class CallSession:
         playing now, and paused or cut off an answer the caller had not yet heard when they
         spoke. Live speech is judged as soon as the catch-up is over.
         """
-        if self._catching_up:
-            return
+        if self._catching_up or (
+                self._speech_start_ms is None and self.barge_in.paused_at is None):
+            return  # no speech, no pause to resume: nothing to do (the caller is mostly silent)
         on_air = self._on_air(now)
         if not on_air:
             return
