@@ -52,6 +52,7 @@ order the completions and failed hand-offs are stored in.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,10 +97,17 @@ FOLLOW_UP_WORDS = 3
 FOLLOW_UPS_CARRIED = 3
 
 
+# A run of three letters or digits or more (``str.isalnum``'s: a word character, not "_").
+_CONTENT_WORD = re.compile(r"[^\W_]{3,}")
+
+
 def content_words(text: str) -> set[str]:
-    """``text``'s words of three letters or more, lower-cased (what a follow-up is told by)."""
-    return {w for w in "".join(c if c.isalnum() else " " for c in text.lower()).split()
-            if len(w) > 2}
+    """``text``'s words of three letters or more, lower-cased (what a follow-up is told by).
+
+    Every caller's turn is counted as the fold goes (:func:`carried_subject`): one regular
+    expression, not a generator over the text's characters (a fifth of a call's fold).
+    """
+    return set(_CONTENT_WORD.findall(text.lower()))
 
 
 def carried_subject(before: tuple[str, ...], words: str) -> tuple[str, ...]:
