@@ -11,6 +11,9 @@ import asyncio
 import xml.etree.ElementTree as ElementTree
 from urllib.parse import urlencode
 
+import pytest
+from aiohttp.test_utils import make_mocked_request
+
 from parley.gateway import replays
 from parley.gateway.calls import count_milestones
 
@@ -330,3 +333,20 @@ async def test_a_stream_of_twiml_issued_before_the_deploy_is_accepted_once(make_
     assert events.of("call.ended", call_id) == []
     await newer.stop(call_sid)
     await events.wait("call.ended", call_id)
+
+
+async def test_a_plivo_request_cancelled_mid_way_gives_its_nonce_back(plivo_gateway, db):
+    """A handler cancelled (the gateway stopping with the request in progress, its shutdown
+    timeout past) answered nothing: Plivo sends it again, and it must be let through."""
+    request = make_mocked_request("POST", "/plivo/hangup", app=plivo_gateway.app)
+    nonce = "cancelled-" + new_call_uuid()
+    assert await replays.claim_request_nonce(request, "plivo", nonce)
+
+    async def handler(_request):
+        raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        await replays.give_back_nonces(request, handler)
+    cursor = await db.execute("SELECT count(*) FROM carrier_nonces WHERE nonce_sha256 = %s",
+                              (replays.digest(nonce),))
+    assert (await cursor.fetchone())[0] == 0

@@ -88,7 +88,7 @@ async def claim_request_nonce(request: web.Request, carrier: str, nonce: str) ->
 
 @web.middleware
 async def give_back_nonces(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """A request that failed on our side (5xx, a crash) gives its nonce back.
+    """A request that failed on our side (5xx, a crash, cancelled) gives its nonce back.
 
     The carrier may send the same signed request again after an error of ours, and it must be
     let through then: nothing it asked for was done (what was is done once per call anyway).
@@ -100,6 +100,9 @@ async def give_back_nonces(request: web.Request, handler: Handler) -> web.Stream
             await _give_back(request)
         raise
     except web.HTTPException:
+        raise
+    except asyncio.CancelledError:  # stopped mid-way (shutdown): nothing was answered
+        await asyncio.shield(_give_back(request))
         raise
     except Exception:
         await _give_back(request)
