@@ -667,3 +667,49 @@ async def _until(predicate: Callable[[], bool], timeout_s: float) -> None:
             return
         await asyncio.sleep(0.01)
     assert predicate(), "condition not met in time"
+
+
+async def test_a_turn_the_caller_finishes_while_the_recogniser_backs_off_is_heard_whole(
+        bus) -> None:
+    # Deepgram fails mid-sentence, and again at once when reopened: the session waits (3 s
+    # here) before reopening it, the caller's frames handled meanwhile but held back from any
+    # recogniser. The caller finished "Book me in for Friday at ten." and went quiet in that
+    # wait; the turn detector, still going, ended the turn at max wait (here dropped as a
+    # noise: the failed reopen had cleared the words; with a partial left, it ended on that)
+    # and forgot its audio, so the next stream was replayed only a pre-roll: the sentence
+    # reached no recogniser, and no turn or late words ever came of it. No turn ends while no
+    # recogniser hears the caller: it is heard whole once one does.
+    sentence = "Book me in for Friday at ten."
+    server = DeepgramEmulator(api_key="dg-key", utterances=[sentence, sentence])
+    await server.start()
+    call = session_with(bus, {"deepgram": DeepgramStt("dg-key", base_url=server.base_url)})
+    call.s.stt.retry_initial_s = 0.01
+    call.stt_retry_initial_s = call.stt_retry_max_s = 3.0
+    ear = await Listening.start(call)
+    loud, quiet = b"\x00" * 160, b"\xff" * 160
+    try:
+        await ear.hear(quiet, 10)
+        await ear.hear(loud, 40)
+        await ear.until(lambda: call.detector.text.startswith("Book me"))  # interims
+        server.faults.close_with_error = True
+        deadline = asyncio.get_running_loop().time() + 5
+        while not (call._stt_switching and call._stt_delay_s >= 3.0):  # failed twice: waiting
+            assert asyncio.get_running_loop().time() < deadline, "no backoff"
+            await ear.hear(loud, 1)
+            await asyncio.sleep(0.02)
+        server.faults.close_with_error = False
+        await ear.hear(loud, 40)  # the rest of the sentence, then the max wait's silence
+        await ear.hear(quiet, 140)
+        assert call._stt_switching  # (all of it within the wait)
+        await ear.until(lambda: not call._stt_switching, timeout_s=5)
+        while call.turn_no == 0 and ear.frames < 700:
+            await ear.hear(quiet, 1)
+            await asyncio.sleep(0.01)
+        await call._outbox.drain(1)
+    finally:
+        await ear.close()
+        await server.stop()
+    events = await bus.replay_call(CALL, org_id=ORG)
+    ended = [e for e in events if isinstance(e, TurnUserEnded)]
+    assert ended and ended[-1].text == sentence  # (before: no turn at all, the words lost)
+    assert [e.text for e in events if isinstance(e, TranscriptFinal)] == [sentence]

@@ -717,6 +717,13 @@ class CallSession:
             self._stt_seconds.get(self._stt_name, 0.0) + size / 8000)
 
     async def _poll_turn(self) -> None:
+        if self._stt_switching:
+            # No recogniser hears the caller: the open turn's words are not known, and it does
+            # not end. Ended (at max wait on the failed stream's partial, or dropped as a noise
+            # with its words cleared), its audio was forgotten, the switch replayed only a
+            # pre-roll, and what the caller said during the wait reached no recogniser. Its
+            # end is decided once one hears the turn replayed (a long wait ends it at once).
+            return
         # Whether the agent speaks is asked only of a turn that ends (each frame, it cost more
         # than the poll).
         result = self.detector.poll(self.audio_ms, agent_speaking=self._agent_now)
