@@ -350,3 +350,28 @@ async def test_a_plivo_request_cancelled_mid_way_gives_its_nonce_back(plivo_gate
     cursor = await db.execute("SELECT count(*) FROM carrier_nonces WHERE nonce_sha256 = %s",
                               (replays.digest(nonce),))
     assert (await cursor.fetchone())[0] == 0
+
+
+async def test_while_tokens_are_not_enforced_a_mixed_fleet_keeps_its_calls(make_gateway, events):
+    """The first phase of a rolling deploy (gateway_stream_tokens_enforced off): a call answered
+    by the new code (connect 0 used) reconnected by an instance of the older code, whose TwiML
+    carries no token and whose action names no connect. Enforced, its stream is refused 4406
+    and that action answered <Hangup/>: the caller is hung up. Not enforced, both go through."""
+    gateway = await make_gateway(gateway_stream_tokens_enforced=False)
+    stream, call_sid, call_id = await started_stream(gateway, events)
+    await stream.ws.close()
+    # the older code's reconnect TwiML: no token; its stream reaches a new instance
+    older = StreamClient(await gateway.ws())
+    await older.start(call_sid, call_id, token="")
+    await events.wait("call.stream_started", call_id, count=2)
+    await older.ws.close()
+    legacy_action = f"/twilio/voice/reconnect?{urlencode({'call_id': call_id})}"
+    response = await gateway.post(legacy_action, {"CallSid": call_sid,
+                                                  "CallStatus": "in-progress"})
+    assert ElementTree.fromstring(await response.text()).find("./Connect/Stream") is not None
+    newer = StreamClient(await gateway.ws())
+    await newer.start(call_sid, call_id)
+    await events.wait("call.stream_started", call_id, count=3)
+    assert events.of("call.ended", call_id) == []
+    await newer.stop(call_sid)
+    await events.wait("call.ended", call_id)

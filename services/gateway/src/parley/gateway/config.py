@@ -38,6 +38,12 @@ class GatewayConfig(CommonConfig, kw_only=True):
     # issued (after the digits, for a DTMF redirect's); a stream start without a token of its
     # call, unused and unexpired, is refused (close 4406; replays.py).
     gateway_stream_token_ttl_s: Annotated[float, msgspec.Meta(gt=0)] = 120.0
+    # Off for the first phase of the rolling deploy that brings stream tokens in: instances of
+    # the older code still answer calls then, with TwiML carrying no token and an action naming
+    # no connect, whose stream or action may reach an instance of the new code. Off, a start
+    # without a token and such an action are let through (tokens are issued all the same); on
+    # once no instance of the older code is left.
+    gateway_stream_tokens_enforced: bool = True
     max_frame_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 65536
     # A media socket that has not sent ``start`` this long after the upgrade is closed.
     stream_start_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 10.0

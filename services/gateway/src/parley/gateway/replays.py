@@ -235,6 +235,10 @@ async def use_stream_token(conn: AsyncConnection[Any], app: web.Application, cal
             log.info("call %s: a stream of TwiML without a stream token (issued before the "
                      "deploy) accepted", call_id)
             return ""
+        if not app[CONFIG].gateway_stream_tokens_enforced:  # a mixed fleet (config.py)
+            log.info("call %s: a stream without a stream token accepted (not enforced)",
+                     call_id)
+            return ""
         return "no stream token"
     cursor = await conn.execute(
         "UPDATE carrier_stream_tokens SET used_at = %s, stream_id = %s WHERE call_id = %s "

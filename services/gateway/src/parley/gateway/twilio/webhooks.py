@@ -197,7 +197,10 @@ async def reconnect(request: web.Request) -> web.Response:
         if call.ended:
             _count(request, "already_ended")
             return _xml(twiml.hangup_twiml())
-        if await latest_connect(conn, call.call_id) != number:
+        latest = await latest_connect(conn, call.call_id)
+        if number == -1 and not app[CONFIG].gateway_stream_tokens_enforced:
+            number = latest  # the older code's TwiML, in a mixed fleet (config.py)
+        if latest != number:
             return _stale(request, call)
         attempts = await count_milestones(conn, call.call_id, "reconnect:")
         agent = await get_agent(conn, call.agent_id, org_id=call.org_id)
