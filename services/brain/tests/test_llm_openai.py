@@ -394,3 +394,64 @@ def test_the_turns_context_goes_before_a_prefill_and_without_a_conversation_in_t
     alone = LlmRequest(system=SystemPrompt(text="Be brief."), context=context, messages=())
     assert to_openai_messages(alone) == [{"role": "system", "content": "Be brief."},
                                          {"role": "system", "content": context}]
+
+
+async def test_agent_words_of_two_turns_in_a_row_go_out_as_one_assistant_message(
+        bus, pool, recorder) -> None:
+    """The agent says two things in a row with no caller turn between: the greeting, then the
+    idle prompt to a caller who stayed silent ("Are you still there?"); or the words before a
+    tool use, then an idle prompt said while the tool ran (which the fold puts before the
+    use, 62c539a). Each went out as an assistant message of its own, two in a row, which chat
+    templates that want user and assistant to alternate refuse (Mistral's, Gemma's: the
+    server answers 500), so the caller's next turn was never answered. They now go out as one
+    message, as the Anthropic adapter merges them."""
+    from parley.brain.worker import BrainWorker
+    from parley.common.events import CallerIdle, ToolCompleted
+
+    from .conftest import ORG, SETTINGS, open_call, services, user_says
+
+    def idle(turn_id: str) -> CallerIdle:
+        return CallerIdle(org_id=ORG, call_id="c-alt", turn_id=turn_id, action="prompt",
+                          silent_s=8.0)
+
+    server = OpenAICompatEmulator(api_key="sk-local", alternating_roles=True)
+    await server.start()
+    llm = OpenAICompatLlm(base_url=f"{server.base_url}/v1", model="mistral",
+                          api_key="sk-local")
+    worker = BrainWorker(services(bus, pool, [llm]))
+    await worker.start()
+    try:
+        server.script(
+            ScriptedReply(text="Let me check.", tool_uses=(ScriptedToolUse(
+                name="refund", input={"order": "42"}, id="call_alt"),)),
+            ScriptedReply(text="Your refund went through."),
+            ScriptedReply(text="You're welcome!"))
+        await open_call(bus, "c-alt")
+        await recorder.wait("agent.say", "c-alt")  # the greeting
+        await bus.publish(idle("i0"))
+        await recorder.wait("agent.say", "c-alt", where=lambda e: e.turn_id == "i0")
+        await user_says(bus, "c-alt", "t1", "Refund my last order.")
+        await recorder.wait("tool.requested", "c-alt")
+        await bus.publish(idle("i1"))
+        await recorder.wait("agent.say", "c-alt", where=lambda e: e.turn_id == "i1")
+        await bus.publish(ToolCompleted(org_id=ORG, call_id="c-alt", tool_call_id="call_alt",
+                                        name="refund", result={"ok": True}))
+        await recorder.wait("turn.completed", "c-alt")
+        await user_says(bus, "c-alt", "t2", "Thanks!")
+        await recorder.wait("turn.completed", "c-alt", count=2)
+    finally:
+        await worker.stop()
+        await llm.aclose()
+        await server.stop()
+    said = [e.text for e in recorder.of("agent.say", "c-alt")
+            if e.turn_id in ("t1", "t2") and not e.filler_after_ms]
+    assert said == ["Let me check.", "Your refund went through.", "You're welcome!"]
+    first, tool_round, second = [r["messages"] for r in server.requests]
+    assert [m["role"] for m in first] == ["system", "assistant", "user"]
+    assert first[1]["content"] == f"{SETTINGS.greeting} {SETTINGS.idle_prompt}"
+    assert tool_round[2:4] == [
+        {"role": "user", "content": "Refund my last order."},
+        {"role": "assistant", "content": f"Let me check. {SETTINGS.idle_prompt}",
+         "tool_calls": [{"id": "call_alt", "type": "function", "function": {
+             "name": "refund", "arguments": '{"order": "42"}'}}]}]
+    assert second[:len(tool_round) - 1] == tool_round[:-1]  # (the prefix a server caches)

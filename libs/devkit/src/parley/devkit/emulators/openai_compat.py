@@ -12,6 +12,10 @@ seconds) on a 429 (1 s unless ``retry_after_s`` says otherwise) or on any status
 With ``tool_call_ids=False`` tool calls carry no id, as some local servers send them. With
 ``cut_after_tokens`` set, a stream closes after that many tokens (words and argument fragments)
 with no ``finish_reason``, usage or ``[DONE]``, as when a proxy or a restarting server drops it.
+With ``alternating_roles=True`` a request with two user or two assistant messages in a row is
+refused as a chat template that wants them to alternate refuses it (Mistral's, Gemma's:
+``raise_exception``, the server answering 500); as Mistral's, tool messages and assistant
+messages with ``tool_calls`` are passed over (but an assistant message may come first).
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ class OpenAICompatEmulator(EmulatorServer):
 
     def __init__(self, *, api_key: str | None = None, model: str = "emulated-chat",
                  tokens_per_second: float | None = None,
-                 default_reply: Script | None = None, tool_call_ids: bool = True) -> None:
+                 default_reply: Script | None = None, tool_call_ids: bool = True,
+                 alternating_roles: bool = False) -> None:
         super().__init__()
         self.api_key = api_key
         self.model = model
@@ -59,6 +64,7 @@ class OpenAICompatEmulator(EmulatorServer):
         self.requests: list[dict[str, Any]] = []
         self.tool_call_ids = tool_call_ids
         self.cut_after_tokens: int | None = None
+        self.alternating_roles = alternating_roles
 
     def script(self, *replies: Script) -> None:
         """Queue replies, used in order by the next requests."""
@@ -82,6 +88,9 @@ class OpenAICompatEmulator(EmulatorServer):
         problem = _unanswered_tool_calls(body["messages"])
         if problem:
             return _error(400, problem)
+        if self.alternating_roles and not _roles_alternate(body["messages"]):
+            return _error(500, "Conversation roles must alternate user/assistant/user/assistant/"
+                               "...")
         self.requests.append(body)
         status = self.faults.take_failure()
         if status is not None:
@@ -178,6 +187,13 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _roles_alternate(messages: list[Any]) -> bool:
+    """No two user or two assistant messages in a row, tool calls and results passed over."""
+    roles = [m.get("role") for m in messages if isinstance(m, dict) and m.get("role") in (
+        "user", "assistant") and not m.get("tool_calls")]
+    return all(a != b for a, b in zip(roles, roles[1:], strict=False))
 
 
 def _unanswered_tool_calls(messages: Any) -> str | None:

@@ -54,6 +54,9 @@ from .base import (
 
 __all__ = ["OpenAICompatLlm", "to_openai_messages"]
 
+# How the texts of two messages of a role in a row join into one: the agent's words read on,
+# the caller's turns stay apart.
+_JOINS = {"assistant": " ", "user": "\n\n"}
 _STOP_REASONS = {"stop": "end_turn", "tool_calls": "tool_use", "function_call": "tool_use",
                  "length": "max_tokens"}
 
@@ -185,7 +188,11 @@ def to_openai_messages(request: LlmRequest) -> list[dict[str, Any]]:
 
     An agent's tool uses join the assistant message before them (as ``tool_calls`` with JSON
     ``arguments``); each tool result is a ``tool`` message; a prefill is a last assistant
-    message.
+    message. Texts of one role in a row (the greeting and an idle prompt to a silent caller,
+    the words before a tool use and an idle prompt said while it ran, the caller's words of
+    two turns) are one message, as for Anthropic: chat templates that want user and
+    assistant to alternate (Mistral's, Gemma's) refuse two in a row. The same history always
+    joins the same way, so the prefix a request repeats is unchanged.
 
     The turn's context (call context, caller profile, knowledge), which changes every turn,
     ends the final user or tool message, after the caller's words or the tool's result, in
@@ -205,10 +212,15 @@ def to_openai_messages(request: LlmRequest) -> list[dict[str, Any]]:
         messages.append({"role": "system", "content": request.system.text})
     for message in request.messages:
         match message:
-            case UserMessage(text=text):
-                messages.append({"role": "user", "content": text})
-            case AssistantMessage(text=text):
-                messages.append({"role": "assistant", "content": text})
+            case UserMessage(text=text) | AssistantMessage(text=text):
+                role = "user" if isinstance(message, UserMessage) else "assistant"
+                last = messages[-1] if messages else None
+                if last is not None and last["role"] == role and not last.get("tool_calls"):
+                    # Two in a row (the greeting and an idle prompt; the caller's words of two
+                    # turns) as one message: templates that want roles to alternate refuse them.
+                    last["content"] = f"{last['content']}{_JOINS[role]}{text}"
+                else:
+                    messages.append({"role": role, "content": text})
             case ToolUse(id=tool_id, name=name, arguments=arguments):
                 call = {"id": tool_id, "type": "function",
                         "function": {"name": name, "arguments": json.dumps(arguments)}}
