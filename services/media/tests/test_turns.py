@@ -278,3 +278,36 @@ def test_a_late_final_that_comes_once_the_caller_spoke_again_stays_the_late_turn
     d.final("Thank you.", 6900, heard_ms=6700)
     (_, end), = run(d, 6800, 8000)
     assert (end.text, end.reason, end.revises) == ("Thank you.", "silence", False)
+
+
+def test_a_turn_heard_again_by_a_new_recogniser_waits_for_it_from_then() -> None:
+    # The recogniser failed and the next one opened 4 s after the caller went quiet (its
+    # backoff, a slow open): it hears the turn replayed and its first partial comes at once,
+    # its final a moment later. Counted from the speech's end, the max wait was long over:
+    # the turn ended at once on that partial ("Book me") and its final came as a revision,
+    # so the brain answered "Book me" and was then cancelled. The max wait (and the flush at
+    # the endpointing delay) count from when the new recogniser began hearing the turn.
+    d = TurnDetector(TurnSettings(endpointing_ms=600, max_wait_ms=2500))
+    d.speech_started(0)
+    d.partial("book me in")
+    d.speech_stopped(2000)
+    d.recognition_restarted(6000)
+    assert d.text == ""
+    d.partial("Book me")
+    assert run(d, 6000, 6600) == []  # (before: ended at once, max wait, on "Book me")
+    (now, flush), = run(d, 6600, 6700)
+    assert now == 6600 and isinstance(flush, Flush)
+    d.final("Book me in for Friday at ten.", 6700, speech_final=True)
+    (now, end), = run(d, 6700, 7000)
+    assert (now, end.text, end.reason, end.eou_delay_ms) == (
+        6700, "Book me in for Friday at ten.", "utterance_end", 4700)
+    assert not d.late
+
+
+def test_a_turn_no_new_recogniser_finds_words_in_ends_nothing_at_its_max_wait() -> None:
+    d = TurnDetector(TurnSettings(endpointing_ms=600, max_wait_ms=2500))
+    d.speech_started(0)
+    d.speech_stopped(500)
+    d.recognition_restarted(4000)
+    assert run(d, 4000, 6480) == [(4600, Flush())]
+    assert run(d, 6480, 6520) == [] and not d.in_turn  # a noise: no turn

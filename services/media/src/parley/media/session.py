@@ -1120,7 +1120,7 @@ class CallSession:
             self._stt_pending.clear()  # the open turn's audio (replayed next) includes it
             if not self.detector.in_turn:
                 del self._turn_audio[:-self._preroll_frames]  # no turn yet: its pre-roll
-            self.detector.recognition_restarted()  # its words come again, from the replay
+            self.detector.recognition_restarted(self.audio_ms)  # its words again, replayed
             # What the open turn said so far. Frames arriving meanwhile are pending: sent once,
             # after it (the list itself grew under the replay, and they went twice).
             replay = self._turn_audio[:]

@@ -168,6 +168,7 @@ class _Turn:
     final_at_ms: int = 0
     stt_ended: bool = False  # the recogniser said the utterance is over
     flushed: bool = False
+    heard_again_ms: int = 0  # audio time a new recogniser began hearing it again (a switch)
 
 
 class TurnDetector:
@@ -298,6 +299,9 @@ class TurnDetector:
         if turn is None or self._speaking:
             return self._revision(now_ms) if self._revision_due and self.late else None
         silence = now_ms - self._speech_end_ms
+        # The recogniser's time to catch up: from the speech's end, or from when a new one
+        # began hearing the turn replayed (recognition_restarted).
+        waited = now_ms - max(self._speech_end_ms, turn.heard_again_ms)
         finals = " ".join(turn.finals).strip()
         settings = self.settings
         only_backchannel = self.backchannels.only_backchannel(finals or turn.partial)
@@ -307,14 +311,14 @@ class TurnDetector:
                 turn.stt_ended and silence >= settings.utterance_end_ms * factor)):
             return self._end(finals, "utterance_end" if turn.stt_ended else "silence", now_ms,
                              agent_speaking=agent_speaking, only_backchannel=only_backchannel)
-        if silence >= settings.max_wait_ms:
+        if waited >= settings.max_wait_ms:
             text = " ".join([finals, turn.partial]).strip()
             if not text:  # a noise with no words: no turn
                 self._turn = None
                 return None
             return self._end(text, "max_wait", now_ms, agent_speaking=agent_speaking,
                              only_backchannel=self.backchannels.only_backchannel(text))
-        if silence >= settings.endpointing_ms and not turn.flushed and not caught_up:
+        if waited >= settings.endpointing_ms and not turn.flushed and not caught_up:
             turn.flushed = True
             return Flush()
         return None
@@ -332,18 +336,23 @@ class TurnDetector:
             max(0, self._late_final_ms - late.speech_end_ms), late.started_ms, revises=True)
         return self._late_turn
 
-    def recognition_restarted(self) -> None:
+    def recognition_restarted(self, now_ms: int = 0) -> None:
         """A new recogniser hears the open turn again from its start (a provider switch).
 
         What the old one made of it is forgotten: the new one's results cover the same words,
         and kept, they came twice ("I'd like to book a table. I'd like to book a table. On
-        Friday."). A flush already asked of the old one is asked of the new one.
+        Friday."). A flush already asked of the old one is asked of the new one, and the max
+        wait for its words counts from ``now_ms`` (when it began hearing the turn): counted
+        from the speech's end, a switch that took seconds (a reopen's backoff) left the turn
+        past it, and it ended at once on the new recogniser's first partial, its final then
+        a revision (the brain answered a fragment and was cancelled).
         """
         turn = self._turn
         if turn is not None:
             turn.finals.clear()
             turn.partial, turn.final_at_ms = "", 0
             turn.stt_ended = turn.flushed = False
+            turn.heard_again_ms = now_ms
 
     def reset(self) -> None:
         """Forget the open turn (e.g. after a DTMF or a barge-in took it over)."""
