@@ -209,3 +209,43 @@ async def test_a_turn_takes_only_what_was_warmed_knowing_its_previous_turns_word
     context = await warmup.take("c1", "Is it safe?", agent_id="",
                                 previous=conversation.previous_words["t5"])
     assert context is not None and context.warm
+
+
+async def test_a_follow_up_seen_live_by_an_instance_that_missed_its_subject_learns_it() -> None:
+    """An instance started mid-call (a deploy) sees the caller's "How much is it?" end live,
+    not the "Do you do teeth whitening?" before it: its warm-ups carried "How much is it?"
+    alone as the subject, and the fold of that turn's unit of work, which knows the whole
+    call, was not heard (a turn end had been seen live), so every warm-up of the follow-ups
+    after it was made for another search than the turn's, and not taken (nor a speculation
+    made from it adopted). The fold of the turn seen live now gives it its subject."""
+    warmup, _ = recording_warmup()
+    warmup.on_event(TurnUserEnded(org_id=ORG, call_id="c1", turn_id="t2", text="How much is it?"))
+    conversation = fold("c1", [
+        TurnUserEnded(org_id=ORG, call_id="c1", turn_id=turn_id, text=text)
+        for turn_id, text in [("t1", "Do you do teeth whitening?"), ("t2", "How much is it?")]])
+    warmup.learn_words("c1", conversation.subject_after["t2"], turn_id="t2")
+    warmup.on_event(TranscriptFinal(org_id=ORG, call_id="c1", text="And how long?",
+                                    utterance_id="t3"))
+    context = await warmup.take("c1", "And how long?", agent_id="",
+                                previous="Do you do teeth whitening? How much is it?")
+    assert context is not None and context.warm
+    # A fold of an earlier turn still changes nothing.
+    warmup.on_event(TurnUserEnded(org_id=ORG, call_id="c1", turn_id="t3", text="And how long?"))
+    warmup.learn_words("c1", conversation.subject_after["t2"], turn_id="t2")
+    warmup.on_event(TranscriptFinal(org_id=ORG, call_id="c1", text="Is it safe?",
+                                    utterance_id="t4"))
+    context = await warmup.take(
+        "c1", "Is it safe?", agent_id="",
+        previous="Do you do teeth whitening? How much is it? And how long?")
+    assert context is not None and context.warm
+    # A revision of the turn seen live goes on from the subject the fold had before it.
+    warmup.on_event(TurnUserEnded(org_id=ORG, call_id="c2", turn_id="t2", text="How much?"))
+    warmup.learn_words("c2", conversation.subject_after["t2"], turn_id="t2",
+                       before=conversation.subject_before["t2"])
+    warmup.on_event(TurnUserEnded(org_id=ORG, call_id="c2", turn_id="t3", text="How much is it?",
+                                  revises="t2"))
+    warmup.on_event(TranscriptFinal(org_id=ORG, call_id="c2", text="And how long?",
+                                    utterance_id="t4"))
+    context = await warmup.take("c2", "And how long?", agent_id="",
+                                previous="Do you do teeth whitening? How much is it?")
+    assert context is not None and context.warm

@@ -336,6 +336,7 @@ class Warmup:
         # the one before that turn (a revision of it goes on from there)
         self._said: dict[str, tuple[str, ...]] = {}
         self._said_before: dict[str, tuple[str, ...]] = {}
+        self._said_turn: dict[str, str] = {}  # call → its latest spoken turn seen ending live
         self.hits = 0
         self.misses = 0
 
@@ -346,15 +347,23 @@ class Warmup:
             if len(self._agents) > 10_000:
                 self._agents.pop(next(iter(self._agents)))
 
-    def learn_words(self, call_id: str, subject: str | tuple[str, ...]) -> None:
+    def learn_words(self, call_id: str, subject: str | tuple[str, ...], *,
+                    turn_id: str = "", before: tuple[str, ...] = ()) -> None:
         """Note what a follow-up carries after the call's latest spoken turn, from its fold.
 
         That turn's words, or a follow-up's with its subject's; only if no turn end was seen
-        live.
+        live, or if the latest seen live is that turn (``turn_id``): the fold knows the call
+        from its start, an instance started mid-call saw only the turns since ("How much is
+        it?" without the "Do you do teeth whitening?" before it). A fold of an earlier turn
+        changes nothing. ``before``: the subject before that turn (a revision of it goes on
+        from there).
         """
         subject = (subject,) if isinstance(subject, str) else subject
-        if any(subject) and call_id not in self._said:
+        if any(subject) and (call_id not in self._said or (
+                turn_id and self._said_turn.get(call_id) == turn_id)):
             self._said[call_id] = subject
+            if turn_id:
+                self._said_before[call_id] = before
             if len(self._said) > 10_000:
                 self._said.pop(next(iter(self._said)))
 
@@ -374,6 +383,7 @@ class Warmup:
                 else self._said.get(event.call_id, ())
             self._said_before[event.call_id] = before
             self._said[event.call_id] = carried_subject(before, event.text)
+            self._said_turn[event.call_id] = event.turn_id
             number = _turn_number(event.turn_id)
             if number is not None:
                 self._ended[event.call_id] = number
@@ -385,6 +395,7 @@ class Warmup:
             self._ended.pop(event.call_id, None)
             self._said.pop(event.call_id, None)
             self._said_before.pop(event.call_id, None)
+            self._said_turn.pop(event.call_id, None)
         elif isinstance(event, TranscriptPartial | TranscriptFinal) and event.text.strip():
             ended = self._ended.get(event.call_id)
             if ended is not None and event.utterance_id:
@@ -422,6 +433,8 @@ class Warmup:
             self._said.pop(next(iter(self._said)))
         if len(self._said_before) > 10_000:
             self._said_before.pop(next(iter(self._said_before)))
+        if len(self._said_turn) > 10_000:
+            self._said_turn.pop(next(iter(self._said_turn)))
 
     def expected(self, call_id: str) -> tuple[str, str, asyncio.Task[Context]] | None:
         """The words the call's open turn would end with now, for which agent, and their context.
@@ -693,7 +706,8 @@ class BrainWorker:
         # the words a follow-up is searched with) here.
         self.warmup.learn_agent(call_id, conversation.agent_id)
         self.warmup.learn_words(call_id, conversation.subject_after.get(
-            conversation.latest_spoken_turn, ()))
+            conversation.latest_spoken_turn, ()), turn_id=conversation.latest_spoken_turn,
+            before=conversation.subject_before.get(conversation.latest_spoken_turn, ()))
         if conversation.ended:
             await self._complete_cancelled(conversation, event)  # (the caller hung up on it)
             self._history.pop(call_id, None)
