@@ -318,7 +318,7 @@ class TurnDetector:
                 return None
             return self._end(text, "max_wait", now_ms, agent_speaking=agent_speaking,
                              only_backchannel=self.backchannels.only_backchannel(text))
-        if waited >= settings.endpointing_ms and not turn.flushed and not caught_up:
+        if silence >= settings.endpointing_ms and not turn.flushed and not caught_up:
             turn.flushed = True
             return Flush()
         return None
@@ -341,8 +341,8 @@ class TurnDetector:
 
         What the old one made of it is forgotten: the new one's results cover the same words,
         and kept, they came twice ("I'd like to book a table. I'd like to book a table. On
-        Friday."). A flush already asked of the old one is asked of the new one, and the max
-        wait for its words counts from ``now_ms`` (when it began hearing the turn): counted
+        Friday."). A flush already asked of the old one is asked of the new one (at once),
+        and the max wait for its words counts from ``now_ms`` (when it began hearing it): counted
         from the speech's end, a switch that took seconds (a reopen's backoff) left the turn
         past it, and it ended at once on the new recogniser's first partial, its final then
         a revision (the brain answered a fragment and was cancelled).
