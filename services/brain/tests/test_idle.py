@@ -194,3 +194,42 @@ async def test_a_prompt_said_while_a_tool_ran_is_no_prefill_of_the_round_after_i
     finally:
         await worker.stop()
         await llm.aclose()
+
+
+async def test_a_prompt_said_while_one_of_two_tools_ran_is_no_prefill_either(
+        bus, pool, emulator, recorder) -> None:
+    """As above with two tools of one response: the order lookup came back, the refund still
+    waited for approval, and the prompt's agent.say was stored after the lookup's outcome.
+    Only tool uses were passed over to put it before them; it stayed after that outcome, and
+    once both results were moved up to their uses the round's request ended with the prompt
+    (a prefill). A result of a turn still waiting for its tools is passed over too."""
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    worker = BrainWorker(services(bus, pool, [llm]))
+    await worker.start()
+    try:
+        await open_call(bus, "idle11")
+        await recorder.wait("agent.say", "idle11")  # the greeting
+        emulator.script(
+            ScriptedReply(text="Let me check.", tool_uses=(
+                ScriptedToolUse(name="lookup_order", input={"order": "42"}, id="toolu_look"),
+                ScriptedToolUse(name="refund", input={"order": "42"}, id="toolu_refund"))),
+            ScriptedReply(text="Your refund went through."))
+        await user_says(bus, "idle11", "t1", "Refund my last order.")
+        await recorder.wait("tool.requested", "idle11", count=2)
+        await bus.publish(ToolCompleted(org_id=ORG, call_id="idle11", tool_call_id="toolu_look",
+                                        name="lookup_order", result={"found": True}))
+        await recorder.wait("tool.completed", "idle11")
+        await bus.publish(idle("idle11", "i0", "prompt", 8.0))
+        await recorder.wait("agent.say", "idle11", where=lambda e: e.turn_id == "i0")
+        await bus.publish(ToolCompleted(org_id=ORG, call_id="idle11",
+                                        tool_call_id="toolu_refund", name="refund",
+                                        result={"ok": True}))
+        await recorder.wait("turn.completed", "idle11")
+        round_after = conversation(emulator.requests[-1])
+        assert [block.get("tool_use_id") for block in round_after[-1]["content"]] == [
+            "toolu_look", "toolu_refund"]
+        assert [block.get("text") or block["type"] for block in round_after[-2]["content"]] == [
+            "Let me check.", IDLE_PROMPT, "tool_use", "tool_use"]
+    finally:
+        await worker.stop()
+        await llm.aclose()

@@ -435,13 +435,16 @@ class Conversation:
         they spoke, or before they were answered) stay after it, so a request ends with them.
         So do another turn's tool uses still waiting for their results (an idle prompt said
         while a tool ran): after the use the text would come after its result once the
-        result is moved up to it, the last thing of the round's request, a prefill.
+        result is moved up to it, the last thing of the round's request, a prefill. And the
+        results already in of a turn still waiting for others (one of two tools came back):
+        they are moved up to their uses all the same.
         """
         turn_id = self.speeches.get(speech_id, speech_id)
         at = len(self.messages)
         while at and (isinstance(before := self.messages[at - 1], _CallerText) and (
                 before.turn_id != turn_id) or isinstance(before, ToolUse) and (
-                self._owner(before.id) != turn_id)):
+                self._owner(before.id) != turn_id) or isinstance(before, ToolResult) and (
+                self._waiting_owner(before.tool_use_id, turn_id))):
             at -= 1
         before = self.messages[at - 1] if at else None
         if isinstance(before, _TurnText) and before.turn_id == speech_id:
@@ -459,6 +462,11 @@ class Conversation:
         for index, message in enumerate(self.messages):
             if isinstance(message, _CallerText) and message.turn_id == turn_id:
                 self.messages[index] = _CallerText(turn_id=turn_id, text=text)
+
+    def _waiting_owner(self, tool_call_id: str, turn_id: str) -> bool:
+        """The tool call is of another turn than ``turn_id``, one still waiting for tools."""
+        owner = next((t for t in self.turns.values() if tool_call_id in t.tools), None)
+        return owner is not None and owner.turn_id != turn_id and owner.waiting_for_tools
 
     def _owner(self, tool_call_id: str) -> str:
         """The turn that made the tool call ("" if none has it)."""
