@@ -165,3 +165,28 @@ async def test_stop_cancels_a_frame_handler_that_waits_and_nothing_follows(bus) 
     await publish(bus, "c7", range(11, 13))
     await asyncio.sleep(0.1)
     assert seqs == [1, 2, 3]
+
+
+async def test_a_frame_handler_failing_at_once_stops_no_other_subscription(bus) -> None:
+    # Handled as the client reads it, a frame whose handling fails before it ever waits (even
+    # with a cancellation: awaiting a task already cancelled) must not stop the client's reader.
+    seqs: list[int] = []
+
+    async def sink(payload: bytes, seq: int, ts_ms: int, sent_at: float,
+                   behind: bool) -> None:
+        if seq == 2:
+            raise asyncio.CancelledError
+        seqs.append(seq)
+
+    other = Sink()
+    inbound = InboundAudio(bus, "c8", sink)
+    watching = InboundAudio(bus, "c9", other)
+    for follower in (inbound, watching):
+        await follower.start()
+        await asyncio.wait_for(follower.caught_up.wait(), 5)
+    await publish(bus, "c8", range(1, 4))
+    await publish(bus, "c9", range(1, 4))
+    await wait_for(lambda: len(other.seqs) == 3)
+    for follower in (inbound, watching):
+        await follower.stop()
+    assert other.seqs == [1, 2, 3] and seqs[:1] == [1]

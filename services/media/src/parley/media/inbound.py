@@ -226,7 +226,9 @@ class InlineDelivery:
             waiting = coro.send(None)
         except StopIteration:
             return
-        except Exception:
+        except (Exception, asyncio.CancelledError):
+            # Not raised into the client's reader, which would stop reading for every
+            # subscription (a cancellation too: awaiting a task already cancelled raises at once).
             log.exception("%s: message handler failed", self._name)
             return
         self._task = asyncio.get_running_loop().create_task(self._finish(coro, waiting),
