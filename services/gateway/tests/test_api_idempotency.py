@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 import msgspec
+import psycopg
 import pytest
 from multidict import CIMultiDict
 
@@ -319,3 +320,81 @@ async def test_a_slow_first_request_whose_key_was_taken_over_does_not_dial(
     again = await place(api, keys["full"], body(), "k-slow")
     assert (again.status, (await again.json())["call_id"]) == (201, call_id)
     assert len(twilio_api.requests) == 1  # the callee rang once
+
+
+async def test_a_key_not_marked_dialling_for_a_database_outage_is_a_503_of_the_store(
+        api, twilio_api, keys, events, db):
+    # Postgres drops the connection that marks the key dialling: nothing is dialled, and the
+    # 503 says the database was unavailable (it said bus-unavailable, the event bus being
+    # up). The key is given back: the retry dials, once.
+    await drop_connection(db, "api_idempotency_keys", "NEW.state = 'in_flight'")
+    response = await place(api, keys["full"], body(), "k-mark")
+    assert response.status == 503, await response.text()
+    problem = await response.json()
+    assert problem["type"].endswith("/store-unavailable")
+    assert problem["detail"].startswith("the database is unavailable, so the call was not "
+                                        "dialled; it is safe to retry")
+    assert int(response.headers["Retry-After"]) >= 1
+    assert api.gateway.metric("gateway_api_calls_placed_total", outcome="not_dialled") == 1
+    [failed] = await events.wait("call.failed")
+    assert failed.id == outbound.not_dialled_event_id(failed.call_id)
+    assert twilio_api.requests == []
+    retry = await place(api, keys["full"], body(), "k-mark")
+    assert retry.status == 201, await retry.text()
+    assert len(twilio_api.requests) == 1
+
+
+async def test_a_key_marked_dialling_not_dialled_nor_given_back_is_taken_over_by_a_retry(
+        api, twilio_api, keys, events, db, monkeypatch):
+    # The mark is written but its answer is lost (Postgres gone between its commit and the
+    # reply), and giving the key back fails too: the key stayed in_flight, and the retry
+    # the 503 invited was a 409, then, once its lease ran out, a 500 saying the key will not
+    # dial though nothing was dialled. The call.failed its request published for the call not
+    # dialled proves it: the retry takes the key over and dials, once.
+    mark = idempotency.mark_dialling
+
+    async def answer_lost(app, claim):
+        await mark(app, claim)
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(idempotency, "mark_dialling", answer_lost)
+    await db.execute("""
+        CREATE FUNCTION drop_give_back() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM pg_terminate_backend(pg_backend_pid()); RETURN OLD; END $$;
+        CREATE TRIGGER drop_give_back BEFORE DELETE ON api_idempotency_keys
+            FOR EACH ROW EXECUTE FUNCTION drop_give_back();""")
+    response = await place(api, keys["full"], body(), "k-lost")
+    assert response.status == 503, await response.text()
+    assert "safe to retry" in (await response.json())["detail"]
+    cursor = await db.execute("SELECT state, call_id FROM api_idempotency_keys")
+    [(state, stale_call_id)] = await cursor.fetchall()
+    assert state == "in_flight"
+    await events.wait("call.failed", stale_call_id)
+    monkeypatch.setattr(idempotency, "mark_dialling", mark)
+    await db.execute("DROP TRIGGER drop_give_back ON api_idempotency_keys")
+
+    retry = await place(api, keys["full"], body(), "k-lost")
+    assert retry.status == 201, await retry.text()
+    call_id = (await retry.json())["call_id"]
+    assert call_id != stale_call_id and "Idempotent-Replayed" not in retry.headers
+    again = await place(api, keys["full"], body(), "k-lost")
+    assert (again.status, (await again.json())["call_id"]) == (201, call_id)
+    assert len(twilio_api.requests) == 1  # the callee rang once
+
+
+async def test_a_key_left_dialling_by_a_request_that_died_mid_dial_still_will_not_dial(
+        api, twilio_api, keys, clock, events):
+    # The other side of the takeover above: a key marked dialling whose call has no
+    # call.failed of not dialled (its request died asking the carrier) is still decided by
+    # what is recorded: a 500, nothing dialled.
+    payload = body()
+    digest = idempotency.request_hash(msgspec.convert(payload, PlaceCall), to_number=CALLEE,
+                                      from_number=CASCADING_NUMBER)
+    dead = await idempotency.claim(api.gateway.app, org_id=ORG, key="k-mid-dial",
+                                   request_hash=digest, call_id="call_" + "e" * 32)
+    assert isinstance(dead, idempotency.Claim)
+    await idempotency.mark_dialling(api.gateway.app, dead)
+    clock.advance(idempotency.IN_FLIGHT_LEASE.total_seconds() + 1)
+    retry = await place(api, keys["full"], payload, "k-mid-dial")
+    assert retry.status == 500, await retry.text()
+    assert twilio_api.requests == []

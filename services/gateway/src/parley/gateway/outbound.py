@@ -45,6 +45,17 @@ T = TypeVar("T")
 # still dialing is taken for interrupted.
 RECORD_RETRY_DELAYS_S = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 8.0)
 _DIALING_IDS = uuid.UUID("5d0c8b8e-8f0c-4b8e-9d8a-0c5a1d1a9e11")
+_NOT_DIALLED_IDS = uuid.UUID("8b1f3c2e-6a4d-4f0e-9c7b-2d5e1a9f4c30")
+
+
+def not_dialled_event_id(call_id: str) -> uuid.UUID:
+    """The id of the call.failed published for a call whose ``before_dial`` failed.
+
+    Only then, and so only for a call the carrier was never asked to dial: the event store
+    holding it is proof that ``call_id`` was not dialled (an Idempotency-Key left marked
+    dialling by such a request can be taken over by its retry).
+    """
+    return uuid.uuid5(_NOT_DIALLED_IDS, call_id)
 
 
 class NotDialled(Exception):
@@ -54,9 +65,11 @@ class NotDialled(Exception):
     what was missing.
     """
 
-    def __init__(self, message: str, *, unavailable: str = "the event bus") -> None:
+    def __init__(self, message: str, *, unavailable: str = "the event bus",
+                 kind: str = "bus-unavailable") -> None:
         super().__init__(message)
         self.unavailable = unavailable
+        self.kind = kind  # the problem type of the API's 503
 
 
 class DialledNotRecorded(Exception):
@@ -121,11 +134,13 @@ async def place_outbound(app: web.Application, *, call_id: str, agent: Agent,
             await before_dial()
         except Exception as exc:  # not dialled: the call requested fails
             not_dialled = exc if isinstance(exc, NotDialled) else NotDialled(
-                f"not dialled: {exc!r}", unavailable="the database")
+                f"not dialled: {exc!r}", unavailable="the database", kind="store-unavailable")
             try:
-                await bus.publish(CallFailed(org_id=call.org_id, call_id=call_id, reason=(
-                    f"not dialled: {exc}" if isinstance(exc, NotDialled)
-                    else "not dialled: could not record that it dials")[:500]))
+                reason = (f"not dialled: {exc}" if isinstance(exc, NotDialled)
+                          else "not dialled: could not record that it dials")
+                await bus.publish(CallFailed(id=not_dialled_event_id(call_id),
+                                             org_id=call.org_id, call_id=call_id,
+                                             reason=reason[:500]))
             except Exception:
                 log.exception("call %s: not dialled, and its call.failed not published",
                               call_id)

@@ -143,7 +143,7 @@ async def _place(request: web.Request, call_id: str, agent: Agent, number: Phone
     except NotDialled as exc:
         log.warning("call %s: not dialled: %s", call_id, exc)
         app[CALL_RATE_LIMITER].give_back(org_id)  # no call was placed: its retry is not one more
-        return _not_dialled(request, exc.unavailable)
+        return _not_dialled(request, exc.unavailable, exc.kind)
     except CarrierUnavailable as exc:
         _count(request, "carrier_unavailable")
         raise Problem(503, "Service Unavailable", str(exc), kind="carrier-unavailable") from exc
@@ -161,16 +161,18 @@ async def _place(request: web.Request, call_id: str, agent: Agent, number: Phone
                  headers={"Location": f"{CALLS_PATH}/{call_id}"})
 
 
-def _not_dialled(request: web.Request, unavailable: str = "the event bus") -> web.Response:
+def _not_dialled(request: web.Request, unavailable: str = "the event bus",
+                 kind: str = "bus-unavailable") -> web.Response:
     """503 for a call whose call.requested could not be published: the carrier was not asked.
 
-    Or whose Idempotency-Key could not be marked dialling (``unavailable``: the database).
+    Or whose Idempotency-Key could not be marked dialling (``unavailable``: the database,
+    ``kind`` ``store-unavailable``).
     """
     _count(request, "not_dialled")
     retry_after = retry_after_header(NOT_DIALLED_RETRY_AFTER_S)
     response = problem_response(
         503, "Service Unavailable", f"{unavailable} is unavailable, so the call was not dialled; "
-        f"it is safe to retry (in {retry_after} s)", kind="bus-unavailable",
+        f"it is safe to retry (in {retry_after} s)", kind=kind,
         extra={"retry_after_s": int(retry_after)})
     response.headers["Retry-After"] = retry_after
     return response

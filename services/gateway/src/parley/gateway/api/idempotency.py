@@ -27,6 +27,12 @@ a second call (Stripe's semantics). Keys are per org, in ``api_idempotency_keys`
   decided so too.
 - A request that placed nothing and said so (429, or a 503 that says it is safe to retry) gives
   its key back: the retry is processed afresh. Requests refused by validation never claim one.
+  If giving it back fails too (Postgres away), the retry still dials once: a key left
+  ``claimed`` is taken over when its lease is out; one left ``in_flight`` (its mark written
+  but its answer lost) is taken over at once when the event store holds the call.failed its
+  request published for the call not dialled (an id only that path gives it:
+  :func:`parley.gateway.outbound.not_dialled_event_id`), which no request that asked the
+  carrier ever publishes. Without that proof an ``in_flight`` key is decided as above.
 """
 
 from __future__ import annotations
@@ -40,11 +46,14 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
+from nats.js.errors import NotFoundError
 
+from parley.common.bus import EVENTS_STREAM, call_events
+from parley.common.events import decode
 from parley.common.problems import Problem, problem_response
 
-from ..keys import CLOCK, CONFIG, POOL
-from ..outbound import NotDialled
+from ..keys import BUS, CLOCK, CONFIG, POOL
+from ..outbound import NotDialled, not_dialled_event_id
 from .schemas import CallCreated, PlaceCall
 
 log = logging.getLogger(__name__)
@@ -134,6 +143,23 @@ async def claim(app: web.Application, *, org_id: str, key: str, request_hash: st
             if row is None:
                 continue
             stored_hash, stale_call_id, state, locked_until, _, _ = row
+            if (stored_hash == request_hash and state == IN_FLIGHT
+                    and await _proven_not_dialled(app, org_id, stale_call_id)):
+                # marked dialling, then not dialled (the mark's answer lost, say) and the key
+                # not given back: its request has ended placing nothing, lease or not, so this
+                # request takes the key over (a compare-and-set on the stale call id)
+                cursor = await conn.execute(
+                    "UPDATE api_idempotency_keys SET call_id = %s, state = %s, "
+                    "locked_until = %s WHERE org_id = %s AND idempotency_key = %s "
+                    "AND state = %s AND call_id = %s RETURNING 1",
+                    (call_id, CLAIMED, now + CLAIM_LEASE, org_id, key, IN_FLIGHT,
+                     stale_call_id))
+                if await cursor.fetchone() is None:
+                    continue
+                log.warning("idempotency key of call %s (org %s): its request never dialled "
+                            "(call %s failed not dialled, the key not given back); taken "
+                            "over by a retry", call_id, org_id, stale_call_id)
+                return Claim(org_id=org_id, key=key, call_id=call_id)
             if stored_hash == request_hash and state == CLAIMED and locked_until <= now:
                 # never dialled, and its lease is out: this request takes it over, if no other
                 # retry did first (the update is a compare-and-set on the claim's call id)
@@ -151,6 +177,20 @@ async def claim(app: web.Application, *, org_id: str, key: str, request_hash: st
         return await _answer_retry(app, org_id, key, request_hash, row, now)
     raise Problem(409, "Conflict", f"the {HEADER} is being given back by another request; "
                   "retry", kind="idempotency-key-in-use")
+
+
+async def _proven_not_dialled(app: web.Application, org_id: str, call_id: str) -> bool:
+    """Whether the event store holds the call.failed of ``call_id`` not dialled.
+
+    :func:`parley.gateway.outbound.not_dialled_event_id`: published only when the request,
+    its key marked dialling or not, failed before the carrier was asked.
+    """
+    try:
+        msg = await app[BUS].js.get_last_msg(EVENTS_STREAM,
+                                             call_events(call_id, org_id, "call.failed"))
+    except NotFoundError:
+        return False
+    return decode(msg.data or b"").id == not_dialled_event_id(call_id)
 
 
 async def mark_dialling(app: web.Application, claim: Claim) -> None:
@@ -235,7 +275,13 @@ async def finish(app: web.Application, claim: Claim, status: int, body: bytes) -
 
 
 async def give_back(app: web.Application, claim: Claim) -> None:
-    """Forget ``claim``: its request placed nothing, and its retry is to be processed afresh."""
+    """Forget ``claim``: its request placed nothing, and its retry is to be processed afresh.
+
+    A failure (Postgres away) is logged: the key is then left to its lease, and a retry after
+    it still dials once. A claim never marked dialling is taken over as any claim whose
+    request died; one marked dialling, by the call.failed its request published for the call
+    not dialled (:func:`_proven_not_dialled`).
+    """
     try:
         async with app[POOL].connection() as conn:
             await conn.execute(
