@@ -63,6 +63,11 @@ class FakePlivoApi:
     # CallUUID → (hangup_cause_code, hangup_cause_name, hangup_source) of a call that ended
     # never answered: its record has no answer_time and no duration
     unanswered: dict[str, tuple[int, str, str]] = field(default_factory=dict)
+    # RequestUUIDs of outbound calls Plivo holds in its queue, not dialled yet (its calls per
+    # second spent). Only "Retrieve a queued call" (?status=queued) knows them by that id; once
+    # dequeued the call is live, then recorded, under a CallUUID of its own that only its
+    # callbacks tell (the live and record lookups never knew the RequestUUID)
+    queued: set[str] = field(default_factory=set)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -92,8 +97,16 @@ class FakePlivoApi:
                                      status=202)
 
         async def get(request: web.Request) -> web.Response:
-            """Retrieve a live call (``?status=live``) or an ended one's record, or 404."""
+            """Retrieve a live call (``?status=live``), a queued one (``?status=queued``, by
+            its RequestUUID) or an ended one's record, or 404."""
             call_uuid = request.match_info["uuid"]
+            if request.query.get("status") == "queued" and call_uuid in self.queued:
+                # Plivo's queued call: its call_uuid is the RequestUUID while it waits
+                return web.json_response({
+                    "api_id": str(uuid.uuid4()), "call_status": "queued",
+                    "call_uuid": call_uuid, "caller_name": PLIVO_NUMBER,
+                    "direction": "outbound", "from": PLIVO_NUMBER.lstrip("+"),
+                    "request_uuid": call_uuid, "to": PLIVO_CALLER.lstrip("+")})
             if request.query.get("status") == "live" and call_uuid in self.live:
                 return web.json_response({
                     "api_id": str(uuid.uuid4()), "call_status": self.live[call_uuid],

@@ -230,3 +230,32 @@ async def test_an_end_still_being_published_when_it_is_settled_is_stored_once(
     await wait_for(lambda: published)
     ends = await stored_ends(bus, call_id)
     assert [end.type for end in ends] == ["call.ended"], ends
+
+
+async def test_a_plivo_call_still_queued_at_plivo_is_left_alone(make_plivo_gateway, events, db):
+    """An outbound Plivo call not dialled yet, waiting in Plivo's queue (the account's calls per
+    second spent), is still keyed by its RequestUUID: the live call and record lookups do not
+    know that id, and it was failed as 'unknown' while Plivo was about to dial it. Plivo's
+    queued call lookup (GET Call/{request_uuid}/?status=queued) knows it: left for a later
+    round."""
+    request_uuid = plivo_support.new_call_uuid()
+    call = await dialled_unanswered(db, request_uuid, carrier="plivo")
+    gateway = await make_plivo_gateway(gateway_orphan_check_s=0.1, clock=later(20))
+    gateway.api.queued.add(request_uuid)
+    await orphans.settle_unanswered(gateway.app)
+    await asyncio.sleep(0.5)
+    assert events.of("call.failed", call.call_id) == events.of("call.ended", call.call_id) == []
+
+
+async def test_a_plivo_request_no_callback_ever_named_is_failed_saying_so(
+        make_plivo_gateway, events, db):
+    """A RequestUUID Plivo no longer has queued, and no callback ever gave us its call's
+    CallUUID: Plivo's live call and record lookups take a CallUUID only, and nothing of its API
+    maps a RequestUUID to one, so whether it rang cannot be asked. It fails, saying that rather
+    than 'unknown'."""
+    request_uuid = plivo_support.new_call_uuid()
+    call = await dialled_unanswered(db, request_uuid, carrier="plivo")
+    await make_plivo_gateway(gateway_orphan_check_s=0.2, clock=later(20))
+    [failed] = await events.wait("call.failed", call.call_id, timeout=10)
+    assert failed.reason == "failed"
+    assert failed.carrier_status == orphans.PLIVO_REQUEST_UNKNOWN

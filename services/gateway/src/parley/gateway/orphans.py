@@ -36,7 +36,13 @@ Each round also settles two kinds of call the check above never sees:
   ``call.failed`` or end given up, the claim given back): its carrier is asked, and an
   ended call gets the end the carrier's status callback would have published (busy, no
   answer, failed, canceled → ``call.failed``; completed → ``call.ended``; unknown to the
-  carrier → ``call.failed`` ``failed``). Plivo's record of an ended call has no status:
+  carrier → ``call.failed`` ``failed``). A Plivo call is asked live, then for its record,
+  then as queued: an outbound call Plivo has not dialled yet (its calls per second spent) is
+  known by its ``RequestUUID`` only to the queued lookup, and is left for a later round. One no
+  longer queued that no callback re-keyed to its ``CallUUID`` cannot be asked about at all
+  (no Plivo lookup takes a ``RequestUUID`` once the call is dequeued, nor maps one to its
+  ``CallUUID``): it fails with carrier status :data:`PLIVO_REQUEST_UNKNOWN`, its callbacks
+  (hangup's, 15 minutes on) having never reached us. Plivo's record of an ended call has no status:
   one with no ``answer_time`` failed, its reason from the record's hangup cause
   (:attr:`parley.gateway.plivo.rest.AtPlivo.failure`). One still ringing is left for a
   later round. A round asks about :data:`UNANSWERED_LOOKUPS_PER_ROUND` such calls at most,
@@ -84,6 +90,10 @@ UNANSWERED_LOOKUPS_PER_ROUND = 50
 # end reasons that are call.failed's, not call.ended's (the carriers' status callbacks)
 FAILED_REASONS = frozenset({"busy", "no_answer", "failed", "canceled"})
 _ENDED_REASONS = frozenset(get_args(get_type_hints(CallEnded)["reason"]))
+# call.failed's carrier_status for a Plivo call none of its lookups knows: for an outbound
+# call still keyed by its RequestUUID (no callback gave us its CallUUID), Plivo knows that
+# id only while the call is queued (see parley.gateway.plivo.rest.PlivoCalls.fetch)
+PLIVO_REQUEST_UNKNOWN = "unknown: not queued, live nor recorded at Plivo under this id"
 _FAILED_AT_TWILIO = {"busy": "busy", "no-answer": "no_answer", "failed": "failed",
                      "canceled": "canceled"}
 
@@ -263,7 +273,8 @@ async def _settle_unanswered(app: web.Application, call_id: str, carrier: str,
     event: CallEnded | CallFailed
     if at_carrier.live is None:
         event = CallFailed(org_id=org_id, call_id=call_id, reason="failed",
-                           carrier_status="unknown")
+                           carrier_status=PLIVO_REQUEST_UNKNOWN if carrier == "plivo"
+                           else "unknown")
     elif at_carrier.failed is not None:
         event = CallFailed(org_id=org_id, call_id=call_id, reason=at_carrier.failed,
                            carrier_status=at_carrier.status)

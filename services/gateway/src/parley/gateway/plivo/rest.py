@@ -69,7 +69,8 @@ class Dialed(msgspec.Struct, frozen=True, kw_only=True):
 class AtPlivo(msgspec.Struct, frozen=True, kw_only=True):
     """A call as Plivo has it.
 
-    Live: ``status`` is its ``call_status`` (``ringing``, ``in-progress``…). Over: ``status``
+    Live: ``status`` is its ``call_status`` (``ringing``, ``in-progress``…; ``queued`` for an
+    outbound call Plivo has not dialled yet). Over: ``status``
     is ``completed``, ``duration_s`` its record's ``call_duration``, ``answered`` whether the
     record has an ``answer_time``, and ``hangup_cause``/``hangup_code`` its
     ``hangup_cause_name``/``hangup_cause_code`` (why it ended).
@@ -170,13 +171,26 @@ class PlivoCalls:
     async def fetch(self, call_uuid: str) -> AtPlivo | None:
         """The call as Plivo has it now (None: Plivo knows no such call).
 
-        Asked as a live call first; one no longer live (404) is asked for its record.
+        Asked as a live call first; one no longer live (404) is asked for its record; one
+        with no record either, as a queued call (``status`` ``queued``, live).
+
+        ``call_uuid`` may be the ``RequestUUID`` of an outbound call no callback re-keyed:
+        Plivo's queued call lookup (``GET Call/{id}/?status=queued``) takes that id while
+        the call waits in the account's queue, but once dequeued the call is live, then
+        recorded, under a ``CallUUID`` of its own, and the live call and record lookups take
+        only that (the record has no ``request_uuid``, and listing records cannot filter on
+        one): only the call's callbacks (``RequestUUID`` next to ``CallUUID``) tell it. So a
+        request no longer queued whose callbacks never reached us is None, as unknown.
         """
         live = await self._run(lambda: _found(lambda: self._client().live_calls.get(call_uuid)))
         if live is not None:
             return AtPlivo(status=str(_field(live, "call_status") or ""))
         record = await self._run(lambda: _found(lambda: self._client().calls.get(call_uuid)))
         if record is None:
+            queued = await self._run(
+                lambda: _found(lambda: self._client().queued_calls.get(call_uuid)))
+            if queued is not None:  # not dialled yet: Plivo dials it as its rate allows
+                return AtPlivo(status=str(_field(queued, "call_status") or "queued"))
             return None
         duration, code = _field(record, "call_duration"), _field(record, "hangup_cause_code")
         return AtPlivo(status="completed",
