@@ -1,13 +1,18 @@
 """Ends the orphan check never saw: claimed but never stored, or of calls never answered."""
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
 
+from parley.common.events import CallDialing, CallRequested
+from parley.common.metrics import Metrics
 from parley.gateway import call_outboxes, orphans
 from parley.gateway.calls import CarrierCall, find_by_call_id, new_call_id, record_carrier_call
+from parley.recorder.projections import CallsProjection
+from parley.recorder.worker import Recorder
 
 from . import test_nats_outage as outage
 from . import test_plivo_support as plivo_support
@@ -259,3 +264,75 @@ async def test_a_plivo_request_no_callback_ever_named_is_failed_saying_so(
     [failed] = await events.wait("call.failed", call.call_id, timeout=10)
     assert failed.reason == "failed"
     assert failed.carrier_status == orphans.PLIVO_REQUEST_UNKNOWN
+
+
+@contextlib.asynccontextmanager
+async def running_recorder(bus, database_url: str):
+    """The recorder, keeping the ``calls`` read model from the events as in production."""
+    recorder = Recorder(bus, database_url, [CallsProjection()], metrics=Metrics("recorder"))
+    stop = asyncio.Event()
+    task = asyncio.create_task(recorder.run(stop))
+    try:
+        yield recorder
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def _call_row(db, call_id: str) -> tuple | None:
+    cursor = await db.execute("SELECT state, failure_reason FROM calls WHERE call_id = %s",
+                              (call_id,))
+    return await cursor.fetchone()
+
+
+async def test_a_call_requested_and_never_dialled_is_failed(
+        make_gateway, bus, events, db, database_url):
+    """A POST /v1/calls whose gateway died after publishing call.requested and before asking
+    the carrier (its Idempotency-Key's retry took the key over with a new call id): nothing
+    recorded a carrier id for the call, nor would anything ever end it, so the calls read
+    model had it "requested" for good. Long enough after, it fails, "never dialled"."""
+    stale, recent = new_call_id(), new_call_id()
+    async with running_recorder(bus, database_url):
+        for call_id in (stale, recent):
+            await bus.publish(CallRequested(
+                org_id=ORG, call_id=call_id, direction="outbound", agent_id=CASCADING_AGENT,
+                from_number=CASCADING_NUMBER, to_number="+14155550199", carrier="twilio",
+                at=datetime.now(UTC) - timedelta(minutes=20 if call_id == stale else 1)))
+        await wait_for(lambda: _call_row(db, recent), timeout=10)
+        assert await _call_row(db, stale) == ("requested", "")
+        await make_gateway(rest=True, gateway_orphan_check_s=0.2)
+        [failed] = await events.wait("call.failed", stale, timeout=10)
+        assert (failed.reason, failed.carrier_status) == ("failed", orphans.NEVER_DIALLED)
+        await wait_for(lambda: _state_is(db, stale, ("failed", "failed")), timeout=10)
+        await asyncio.sleep(0.5)  # rounds more: failed once; the recent request left alone
+    assert len(events.of("call.failed", stale)) == 1
+    assert events.of("call.failed", recent) == []
+    assert await _call_row(db, recent) == ("requested", "")
+
+
+async def test_a_requested_call_a_carrier_recorded_or_dialing_is_not_failed_never_dialled(
+        make_gateway, bus, events, db, database_url):
+    """Requested 20 minutes ago as the read model has it, but dialled: a carrier id recorded
+    (its webhooks: the unanswered calls' settling asks the carrier about it), or call.dialing
+    in the stream the read model has not caught up with."""
+    recorded, dialing = new_call_id(), new_call_id()
+    async with running_recorder(bus, database_url):
+        for call_id in (recorded, dialing):
+            await bus.publish(CallRequested(
+                org_id=ORG, call_id=call_id, direction="outbound", agent_id=CASCADING_AGENT,
+                from_number=CASCADING_NUMBER, to_number="+14155550199", carrier="twilio",
+                at=datetime.now(UTC) - timedelta(minutes=20)))
+        await wait_for(lambda: _call_row(db, dialing), timeout=10)
+        await wait_for(lambda: _call_row(db, recorded), timeout=10)
+    await record_carrier_call(db, CarrierCall(
+        carrier="twilio", carrier_call_id=new_call_sid(), call_id=recorded, org_id=ORG,
+        agent_id=CASCADING_AGENT, direction="outbound", from_number=CASCADING_NUMBER,
+        to_number="+14155550199"))
+    await bus.publish(CallDialing(org_id=ORG, call_id=dialing, carrier_call_id="CA" + "1" * 32))
+    gateway = await make_gateway(rest=True, gateway_orphan_check_s=0)
+    await orphans.settle_never_dialled(gateway.app)
+    assert events.of("call.failed", recorded) == events.of("call.failed", dialing) == []
+
+
+async def _state_is(db, call_id: str, expected: tuple) -> bool:
+    return await _call_row(db, call_id) == expected

@@ -48,6 +48,16 @@ Each round also settles two kinds of call the check above never sees:
   later round. A round asks about :data:`UNANSWERED_LOOKUPS_PER_ROUND` such calls at most,
   the next going on after the last it asked about (and from the oldest again once it
   reached the newest).
+
+And a third kind, which has no ``carrier_calls`` row at all: an outbound call the ``calls``
+read model still has ``requested`` more than :data:`NEVER_DIALLED_AFTER_S` after it was
+requested, no carrier id recorded for it, and neither ``call.dialing`` nor an end in the event
+stream. Its request ended (its gateway died or was stopped) after ``call.requested`` and before
+the carrier was asked, and a retry of it, if any, placed a call of another id: nothing would
+ever end it. It fails, reason ``failed``, carrier status :data:`NEVER_DIALLED` (no carrier was
+asked: none recorded the call, nor called back for it, in that time), with the end's one id.
+Calls requested more than :data:`NEVER_DIALLED_HORIZON_S` ago (the stream keeps 7 days) are not
+looked at; a round looks at as many as it asks carriers about, going on as above.
 """
 
 from __future__ import annotations
@@ -87,6 +97,16 @@ UNANSWERED_AFTER_S = 900.0
 # round on every instance): a backlog is asked about over rounds, not all at once against the
 # carrier's rate limits while the orphan check of live calls waits for the round to end.
 UNANSWERED_LOOKUPS_PER_ROUND = 50
+# An outbound call the read model still has "requested" this long after, with no carrier id
+# recorded and nothing but its request in the event store, was never dialled: its request
+# ended (its process died) between call.requested and asking the carrier, and its retry, if
+# any, placed a call of another id. Well past a request's leases (2 min) and Twilio's 600 s of
+# ringing, whose status callbacks would have recorded a call the carrier placed.
+NEVER_DIALLED_AFTER_S = 900.0
+# Requested calls older than this are not looked at: the event stream keeps 7 days, and what
+# it holds of a call is what tells a call never dialled.
+NEVER_DIALLED_HORIZON_S = 6 * 24 * 3600.0
+NEVER_DIALLED = "never dialled"  # such a call's call.failed carrier_status
 # end reasons that are call.failed's, not call.ended's (the carriers' status callbacks)
 FAILED_REASONS = frozenset({"busy", "no_answer", "failed", "canceled"})
 _ENDED_REASONS = frozenset(get_args(get_type_hints(CallEnded)["reason"]))
@@ -115,6 +135,7 @@ async def run(app: web.Application) -> None:
     interval = app[CONFIG].gateway_orphan_check_s
     unheld: dict[str, int] = {}  # calls no instance held in the last round → their streams
     unanswered_after: Position | None = None  # the last unanswered call asked about
+    never_dialled_after: Position | None = None  # the last requested call looked at
     while True:
         await asyncio.sleep(interval)
         try:
@@ -124,6 +145,7 @@ async def run(app: web.Application) -> None:
         try:
             await settle_claimed_ends(app)
             unanswered_after = await settle_unanswered(app, unanswered_after)
+            never_dialled_after = await settle_never_dialled(app, never_dialled_after)
         except Exception:
             log.exception("orphaned calls: settling ends failed")
 
@@ -284,6 +306,52 @@ async def _settle_unanswered(app: web.Application, call_id: str, carrier: str,
     if await publish_end(app[POOL], app[CALL_OUTBOXES], event):
         log.warning("call %s: never answered nor ended, and %s has it %s: %s", call_id,
                     carrier, at_carrier.status or "unknown", event.type)
+
+
+async def settle_never_dialled(app: web.Application,
+                               after: Position | None = None) -> Position | None:
+    """Fail the outbound calls requested long ago and never dialled (see the module).
+
+    From the ``calls`` read model: :data:`UNANSWERED_LOOKUPS_PER_ROUND` calls at most, oldest
+    first from after ``after``; returns where the next round goes on (None: from the oldest).
+    """
+    now = app[CLOCK]()
+    start = after or (now - timedelta(seconds=NEVER_DIALLED_HORIZON_S), "")
+    async with app[POOL].connection() as conn:
+        cursor = await conn.execute(
+            "SELECT c.call_id, c.org_id, c.requested_at FROM calls c "
+            "WHERE c.state = 'requested' AND c.direction = 'outbound' "
+            "AND c.requested_at < %s AND (c.requested_at, c.call_id) > (%s, %s) "
+            "AND NOT EXISTS (SELECT 1 FROM carrier_calls k WHERE k.call_id = c.call_id) "
+            "ORDER BY c.requested_at, c.call_id LIMIT %s",
+            (now - timedelta(seconds=NEVER_DIALLED_AFTER_S), *start,
+             UNANSWERED_LOOKUPS_PER_ROUND))
+        rows = await cursor.fetchall()
+    for call_id, org_id, requested_at in rows:
+        try:
+            await _settle_never_dialled(app, call_id, org_id, requested_at)
+        except Exception:  # the bus: looked at again once the rounds come back round
+            log.exception("call %s: never dialled, and failing it failed", call_id)
+    if len(rows) < UNANSWERED_LOOKUPS_PER_ROUND:
+        return None
+    return rows[-1][2], rows[-1][0]
+
+
+async def _settle_never_dialled(app: web.Application, call_id: str, org_id: str,
+                                requested_at: datetime) -> None:
+    # the read model follows the stream: what the stream holds of the call decides
+    for later in ("call.dialing", "call.ended", "call.failed"):
+        try:
+            await app[BUS].js.get_last_msg(EVENTS_STREAM, call_events(call_id, org_id, later))
+        except NotFoundError:
+            continue
+        return  # dialled, or over: its own events settle it
+    # the end's one id: instances settling it at once, or again before the read model has
+    # it, store it once
+    await app[BUS].publish(CallFailed(id=end_event_id(call_id), org_id=org_id, call_id=call_id,
+                                      reason="failed", carrier_status=NEVER_DIALLED))
+    log.warning("call %s: requested at %s and never dialled (no carrier id, no call.dialing): "
+                "failed", call_id, requested_at.isoformat())
 
 
 async def _held(app: web.Application, call_id: str) -> bool:
