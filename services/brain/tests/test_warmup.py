@@ -249,3 +249,33 @@ async def test_a_follow_up_seen_live_by_an_instance_that_missed_its_subject_lear
     context = await warmup.take("c2", "And how long?", agent_id="",
                                 previous="Do you do teeth whitening? How much is it?")
     assert context is not None and context.warm
+
+
+async def test_the_warm_up_carries_a_subject_as_the_fold_does() -> None:
+    """A question naming its own subject in few words ("Do you take Visa?") starts one, and a
+    follow-up in its frame ("And Mastercard?") is warmed with it alone, as the turn's fold
+    searches: both decide follow-ups by the same words (before, by their count, both took
+    "Do you take Visa?" for a follow-up of the whitening question)."""
+    warmed: list[tuple[str, str]] = []
+
+    async def prepare(org: str, call: str, agent: str, text: str, previous: str) -> Context:
+        warmed.append((text, previous))
+        return Context()
+
+    warmup = Warmup(prepare)
+    said = [("t1", "How much does teeth whitening cost at your office?"),
+            ("t2", "Do you take Visa?"), ("t3", "And Mastercard?"),
+            ("t4", "What would that treatment cost me?"), ("t5", "And how long?")]
+    conversation = fold("c1", [TurnUserEnded(org_id=ORG, call_id="c1", turn_id=turn_id,
+                                             text=text) for turn_id, text in said])
+    for turn_id, text in said:
+        warmup.on_event(TranscriptFinal(org_id=ORG, call_id="c1", text=text,
+                                        utterance_id=turn_id))
+        previous = conversation.previous_words.get(turn_id, "")
+        context = await warmup.take("c1", text, agent_id="", previous=previous)
+        assert context is not None and context.warm, (turn_id, warmed[-1], previous)
+        warmup.on_event(TurnUserEnded(org_id=ORG, call_id="c1", turn_id=turn_id, text=text))
+    assert [previous for _, previous in warmed] == [
+        "", "How much does teeth whitening cost at your office?", "Do you take Visa?",
+        "Do you take Visa? And Mastercard?",
+        "Do you take Visa? And Mastercard? What would that treatment cost me?"]

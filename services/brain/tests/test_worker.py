@@ -311,6 +311,43 @@ async def test_a_follow_up_to_a_follow_up_keeps_the_subject(bus, pool, emulator,
         assert fifth.query == "What time do you open on Monday? Which days?"
 
 
+async def test_a_short_question_naming_its_own_subject_is_no_follow_up(
+        bus, pool, recorder) -> None:
+    """"How much does teeth whitening cost at your office?" — "Do you take Visa?" — "And
+    Mastercard?" — "What would that treatment cost me?" — "And how long?".
+
+    A turn was a follow-up by its count of words (three of three letters or more): "Do you
+    take Visa?" was one, so it and "And Mastercard?" after it were searched with the whitening
+    question in front, and the payments passage came second behind the whitening one. "What
+    would that treatment cost me?" (more words, naming nothing) was a subject of its own, so
+    the follow-up after it was searched with words naming nothing. A follow-up now refers back
+    ("it", "that", "and…", an elliptical "How long?") or names nothing; "Do you take Visa?"
+    does neither, and "And Mastercard?" goes on in its frame.
+    """
+    await ingest(pool, ORG, AGENT, "whitening.md",
+                 b"Teeth whitening: a whitening session takes an hour and costs $300.")
+    await ingest(pool, ORG, AGENT, "payments.md",
+                 b"Payment: we take Visa, Mastercard and American Express, cash and debit cards.")
+    await ingest(pool, ORG, AGENT, "hours.md", b"We open at eight, Monday to Friday.")
+    await ingest(pool, ORG, AGENT, "parking.md", b"Parking is free behind the building.")
+    async with running_brain(bus, pool, [LocalResponder()]):
+        await open_call(bus, "c-visa")
+        said = ["How much does teeth whitening cost at your office?", "Do you take Visa?",
+                "And Mastercard?", "Do you do teeth whitening?",
+                "What would that treatment cost me?", "And how long?"]
+        for number, text in enumerate(said, 1):
+            await user_says(bus, "c-visa", f"t{number}", text)
+            await recorder.wait("turn.completed", "c-visa", count=number)
+        retrieved = recorder.of("knowledge.retrieved", "c-visa")
+    assert [r.query for r in retrieved[1:]] == [
+        "Do you take Visa?", "Do you take Visa? And Mastercard?", "Do you do teeth whitening?",
+        "Do you do teeth whitening? What would that treatment cost me?",
+        "Do you do teeth whitening? What would that treatment cost me? And how long?"]
+    payments = retrieved[1].chunk_ids[0]
+    assert retrieved[2].chunk_ids[0] == payments
+    assert retrieved[5].chunk_ids[0] == retrieved[3].chunk_ids[0] != payments
+
+
 def test_the_subject_a_follow_up_carries_is_bounded() -> None:
     """The last turn that was no follow-up and the latest follow-ups since (a revised turn
     passed over, keys not counted); a long run of follow-ups keeps only the latest few."""

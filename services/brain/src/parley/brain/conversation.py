@@ -57,6 +57,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from parley.brain.follow_ups import FOLLOW_UPS_CARRIED, is_follow_up
 from parley.brain.llm.base import (
     AssistantMessage,
     Message,
@@ -90,11 +91,6 @@ from parley.common.events import (
 from parley.common.words import normalize_words
 
 HAND_OFFS = frozenset({"end_call", "transfer_call"})  # tools that end the turn with the call
-# A caller's turn of at most this many words (of three letters or more: "How much is it?") is a
-# follow-up: its knowledge is searched with the subject's words and its own together.
-FOLLOW_UP_WORDS = 3
-# Follow-ups in a row whose words a later follow-up still carries, after their subject's.
-FOLLOW_UPS_CARRIED = 3
 
 
 # A run of three letters or digits or more (``str.isalnum``'s: a word character, not "_").
@@ -102,10 +98,9 @@ _CONTENT_WORD = re.compile(r"[^\W_]{3,}")
 
 
 def content_words(text: str) -> set[str]:
-    """``text``'s words of three letters or more, lower-cased (what a follow-up is told by).
+    """``text``'s words of three letters or more, lower-cased (how close a warm-up's words are).
 
-    Every caller's turn is counted as the fold goes (:func:`carried_subject`): one regular
-    expression, not a generator over the text's characters (a fifth of a call's fold).
+    One regular expression, not a generator over the text's characters.
     """
     return set(_CONTENT_WORD.findall(text.lower()))
 
@@ -113,14 +108,15 @@ def content_words(text: str) -> set[str]:
 def carried_subject(before: tuple[str, ...], words: str) -> tuple[str, ...]:
     """The words a follow-up after a turn of ``words`` is searched with, as turns' words.
 
-    ``before``: what the turn's own follow-up search carried. A turn of few words
-    (:data:`FOLLOW_UP_WORDS`) goes on with that subject: its words join the subject's (the
-    last turn that was no follow-up) and the follow-ups since, the latest
-    :data:`FOLLOW_UPS_CARRIED` of them; a turn of more words is a subject of its own. One turn
-    back only, a follow-up to a follow-up ("And how long?" after "How much is it?" after "Do
-    you do teeth whitening?") was searched with words that name nothing.
+    ``before``: what the turn's own follow-up search carried. A follow-up
+    (:func:`~parley.brain.follow_ups.is_follow_up`: it refers back, or names nothing of its
+    own) goes on with that subject: its words join the subject's (the last turn that was no
+    follow-up) and the follow-ups since, the latest :data:`FOLLOW_UPS_CARRIED` of them; any
+    other turn is a subject of its own ("Do you take Visa?"). One turn back only, a follow-up
+    to a follow-up ("And how long?" after "How much is it?" after "Do you do teeth
+    whitening?") was searched with words that name nothing.
     """
-    if not before or len(content_words(words)) > FOLLOW_UP_WORDS:
+    if not before or not is_follow_up(words):
         return (words,)
     subject, *follow_ups = before
     kept = follow_ups[len(follow_ups) - (FOLLOW_UPS_CARRIED - 1):] if (

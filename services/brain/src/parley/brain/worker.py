@@ -99,7 +99,6 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy, PubAck
 
 from parley.brain.conversation import (
-    FOLLOW_UP_WORDS,
     HAND_OFFS,
     AgentTurn,
     Conversation,
@@ -107,6 +106,7 @@ from parley.brain.conversation import (
     fold,
 )
 from parley.brain.conversation import content_words as _content_words
+from parley.brain.follow_ups import is_follow_up
 from parley.brain.llm.base import (
     AssistantMessage,
     Done,
@@ -1369,7 +1369,9 @@ class BrainWorker:
         """What the caller's words find, a follow-up's searched with its subject's.
 
         A follow-up ("How much is it?" after "Do you do teeth whitening?") names nothing it asks
-        about: words that are few (:data:`FOLLOW_UP_WORDS`), or that find nothing, are searched
+        about: words that refer back or name nothing of their own
+        (:func:`~parley.brain.follow_ups.is_follow_up`, as the fold decides what a turn
+        carries), or that find nothing, are searched
         together with ``previous``, the subject they most likely go on with: the caller's
         previous turn's words, or, after a follow-up, its subject's and the follow-ups since
         (:func:`~parley.brain.conversation.carried_subject`). At most two searches a turn; the
@@ -1377,7 +1379,7 @@ class BrainWorker:
         """
         started = time.perf_counter()
         together = f"{previous.strip()} {words.strip()}"
-        if previous.strip() and len(_content_words(words)) <= FOLLOW_UP_WORDS:
+        if previous.strip() and is_follow_up(words):
             query, chunks = together, await self.s.retrieve(org_id, agent_id, together)
         else:
             query, chunks = words, await self.s.retrieve(org_id, agent_id, words)
