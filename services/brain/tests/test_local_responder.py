@@ -387,6 +387,9 @@ async def test_a_price_is_answered_from_the_sentence_about_its_subject(
     ("Do you do fillings?", "How expensive is that?", "A filling starts at $180."),
     # no sentence names "teeth whitening", but the whitening session's is no other thing's
     ("Do you do teeth whitening?", "How much does it cost?", "A whitening session costs $250."),
+    # refers back ("that") and names nothing but a generic "treatment"
+    ("Do you do whitening?", "What would that treatment cost me?",
+     "A whitening session costs $250."),
 ])
 async def test_a_follow_up_naming_no_subject_is_answered_about_the_previous_turns(
         previous: str, follow_up: str, answer: str) -> None:
@@ -551,3 +554,49 @@ async def test_a_word_said_in_passing_beside_a_thing_asked_is_not_owned_up_to(
     nothing asked about."""
     text, calls, _, _ = await run(LocalResponder(retrieve=retriever(DEMO_PRICES)), say(question))
     assert text == answer and not calls
+
+
+PAYMENTS = Passage("c9", "We accept Visa, Mastercard and American Express. We do not take "
+                         "personal checks.", 0.5)
+
+
+async def test_a_follow_up_in_the_frame_of_the_turn_before_is_searched_with_it() -> None:
+    """"Do you do whitening?" — "Do you take Visa?" — "And Mastercard?".
+
+    The responder took a turn naming a subject ("mastercard") for no follow-up and searched
+    "And Mastercard?" alone; and a turn of few words for one, so "Do you take Visa?" was a
+    follow-up. As the brain's retrieval does now (one rule for both), a follow-up refers back
+    ("and…", "it", an elliptical "How long?") or names nothing: "Do you take Visa?" is a
+    subject of its own and "And Mastercard?" goes on in its frame.
+    """
+    retrieve = retriever(DEMO_PRICES, PAYMENTS)
+    text, calls, _, _ = await run(
+        LocalResponder(retrieve=retrieve), say("Do you do whitening?"),
+        AssistantMessage(text="Yes."), say("Do you take Visa?"),
+        AssistantMessage(text="Yes."), say("And Mastercard?"))
+    assert retrieve.asked == ["Do you take Visa? And Mastercard?"]  # type: ignore[attr-defined]
+    assert text == "We accept Visa, Mastercard and American Express." and not calls
+    retrieve = retriever(DEMO_PRICES, PAYMENTS)
+    await run(LocalResponder(retrieve=retrieve), say("Do you do whitening?"),
+              AssistantMessage(text="Yes."), say("Do you take Visa?"))
+    assert retrieve.asked == ["Do you take Visa?"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("question", "answer"), [
+    # "Amex" is American Express: not owned up to as unanswered right after it is listed
+    ("Visa, Mastercard or Amex?", "We accept Visa, Mastercard and American Express."),
+    ("Do you take Amex?", "We accept Visa, Mastercard and American Express."),
+    # "checks" are no check-up: the payments sentence, not the check-up's price
+    ("Do you take checks?", "We do not take personal checks."),
+])
+async def test_an_abbreviation_answers_as_its_full_name_and_a_compound_is_its_own_word(
+        question: str, answer: str) -> None:
+    text, calls, _, _ = await run(LocalResponder(retrieve=retriever(DEMO_PRICES, PAYMENTS)),
+                                  say(question))
+    assert text == answer and not calls
+
+
+async def test_checks_are_not_answered_by_a_check_up() -> None:
+    text, calls, _, _ = await run(LocalResponder(retrieve=retriever(DEMO_PRICES)),
+                                  say("Do you take checks?"))
+    assert "check-up" not in text and "follow up" in text and not calls, text

@@ -53,6 +53,8 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
+from parley.brain.follow_ups import FOLLOW_UPS_CARRIED, is_follow_up
+
 from .base import (
     AssistantMessage,
     Done,
@@ -134,8 +136,13 @@ def answer_from_chunks(question: str, chunks: Sequence[RetrievedChunk], *, previ
     will check on it. When none is answered, ``None``. With a single phrase a second sentence
     is added if it is nearly as relevant as the first.
 
+    A thing may be said by another name (:data:`_ALIASES`: "Amex" is "American Express"), and
+    a word hyphened to the next in a sentence is part of that compound, no head of its own
+    ("checks" are not the "check" of a "check-up").
+
     A question naming no subject ("What are your hours?") is answered by the sentences sharing
-    most of its words. A follow-up that names none ("How much does it cost?") asks about the
+    most of its words. A follow-up that names none, or only a generic word ("How much does it
+    cost?", "What would that treatment cost me?") asks about the
     subject of the caller's ``previous`` turn ("Do you do whitening?"), read the same way. A
     price asked of no subject in either turn is not answered: any price would be a guess at
     what "it" is.
@@ -146,10 +153,14 @@ def answer_from_chunks(question: str, chunks: Sequence[RetrievedChunk], *, previ
     if not asked:
         return None
     groups = _subject_groups(question)
-    if not groups and previous:
+    if previous and all(phrase[-1] in _GENERIC_HEADS for group in groups for phrase, _ in group):
+        # names nothing, or only a generic word ("What would that treatment cost me?")
         groups = _subject_groups(previous)
         asked = asked | {word for group in groups for phrase, _ in group for word in phrase}
     phrases = [phrase for group in groups for phrase, _ in group]
+    # (a thing said by another name: "Amex" is answered by "American Express")
+    asked = asked | {word for phrase in phrases for alias in _ALIASES.get(phrase, ())
+                     for word in alias}
     if not phrases and wants_price:
         return None
     sentences: list[tuple[list[str | None], float, str]] = []
@@ -162,7 +173,7 @@ def answer_from_chunks(question: str, chunks: Sequence[RetrievedChunk], *, previ
                 continue
             bonus = 0.5 if wants_price and re.search(r"[$\d]", sentence) else 0.0
             score = len(asked & words) + bonus + chunk.score / 10
-            sentences.append((_phrase_tokens(sentence), score, sentence))
+            sentences.append((_phrase_tokens(sentence, compounds=True), score, sentence))
     # (index in the passages' order, score) of the sentences answering each phrase
     answering = [[(i, score) for i, (tokens, score, _) in enumerate(sentences)
                   if _answers(phrase, tokens)] for phrase in phrases] if phrases else [
@@ -198,22 +209,39 @@ _IN_PASSING = content_words("yeah yep yup nope sure alright cool great awesome p
                             "oh ah wow sorry stuff thing things whatnot whatever everything etc")
 _PARTING = _ASPECT_WORDS | _NOT_MODIFIERS | _IN_PASSING
 _TOKEN = re.compile(r"[a-z0-9$']+|[^\sa-z0-9$']", re.IGNORECASE)
+_BOUND = "\x01"  # stands for a hyphen joining two words of a sentence ("check-up")
 
 
-def _phrase_tokens(text: str) -> list[str | None]:
+def _alias_table(*names: tuple[str, str]) -> dict[tuple[str, ...], tuple[tuple[str, ...], ...]]:
+    """Each name's phrase (stems) → the phrases of its other names, both ways."""
+    table: dict[tuple[str, ...], tuple[tuple[str, ...], ...]] = {}
+    for one, other in names:
+        a, b = (tuple(stem for stem in _phrase_tokens(name) if stem) for name in (one, other))
+        table[a] = (*table.get(a, ()), b)
+        table[b] = (*table.get(b, ()), a)
+    return table
+
+
+def _phrase_tokens(text: str, *, compounds: bool = False) -> list[str | None]:
     """``text``'s words in order as stems, ``None`` for each that parts phrases.
 
     Stopwords, verbs of offering, aspect words, numbers and punctuation part them; a hyphen
-    joins ("check-up" is "check up").
+    joins ("check-up" is "check up"). With ``compounds`` (a sentence's), a word hyphened to
+    the next keeps a trailing "-" ("check-", "up"): part of the compound, never its head.
     """
-    return [stem for _, stem in _tokens(text)]
+    return [stem for _, stem in _tokens(text, compounds=compounds)]
 
 
-def _tokens(text: str) -> list[tuple[str, str | None]]:
+def _tokens(text: str, *, compounds: bool = False) -> list[tuple[str, str | None]]:
     """``text``'s tokens as said (case kept) with their :func:`_phrase_tokens` stems."""
     tokens: list[tuple[str, str | None]] = []
-    text = re.sub(r"(?<=\w)-(?=\w)", " ", text).replace("\u2019", "'")
+    text = re.sub(r"(?<=\w)-(?=\w)", f"{_BOUND} " if compounds else " ", text).replace(
+        "\u2019", "'")
     for raw in _TOKEN.findall(text):
+        if raw == _BOUND:
+            if tokens and tokens[-1][1] is not None:
+                tokens[-1] = (tokens[-1][0], f"{tokens[-1][1]}-")
+            continue
         word = content_words(raw)
         stem = next(iter(word)) if len(word) == 1 else None
         keep = stem is not None and stem not in _PARTING and not re.search(r"[$\d]", stem)
@@ -295,11 +323,16 @@ def _answers(phrase: tuple[str, ...], tokens: list[str | None]) -> bool:
 
     It names the head (or an everyday synonym: "address" is where it is "located"), and where
     it puts a word of its own right before it ("teeth cleaning"), it names all the phrase's
-    modifiers too.
+    modifiers too; or it names the thing by another name (:data:`_ALIASES`), word for word. A
+    word hyphened to the next ("check-" of "check-up") is no head.
     """
     *modifiers, head = phrase
     heads = {head} | content_words(head, expand=True)
-    named = {token for token in tokens if token is not None}
+    named = {token.rstrip("-") for token in tokens if token is not None}
+    plain = [token.rstrip("-") if token else None for token in tokens]
+    for alias in _ALIASES.get(phrase, ()):
+        if any(tuple(plain[at:at + len(alias)]) == alias for at in range(len(plain))):
+            return True
     for at, token in enumerate(tokens):
         if token not in heads:
             continue
@@ -307,6 +340,12 @@ def _answers(phrase: tuple[str, ...], tokens: list[str | None]) -> bool:
         if own is None or named.issuperset(modifiers):
             return True
     return False
+
+
+# A thing's other names (a tiny table: common abbreviations a caller says for what a
+# passage spells out, or the other way round).
+_ALIASES = _alias_table(("amex", "American Express"), ("checkup", "check up"),
+                        ("xray", "x ray"))
 
 
 class LocalResponder:
@@ -411,7 +450,7 @@ class LocalResponder:
         elif self.retrieve is None:
             return DECLINE
         else:  # a follow-up is searched with its subject's words, as the brain does
-            follow_up = previous and not subject_phrases(question)
+            follow_up = previous and is_follow_up(question)
             chunks = await self.retrieve(f"{previous} {question}" if follow_up else question)
         return answer_from_chunks(question, chunks, previous=previous,
                                   min_score=self.min_score) or DECLINE
@@ -445,28 +484,23 @@ def _pending_tool(messages: Sequence[Any],
     return (tool, before.text) if tool is not None else None
 
 
-# How far back a follow-up's subject is looked for: the turn before and the follow-ups
-# naming nothing before it (as the brain carries a subject over follow-ups).
-_FOLLOW_UPS_CARRIED = 3
-_FOLLOW_UP_WORDS = 3  # a turn of at most this many words of three letters or more
-
-
 def _previous_caller_text(messages: Sequence[Any]) -> str:
     """The caller's words a follow-up of theirs goes on with ("" when none, or keys pressed).
 
     Their turn before the latest; but if that one is itself a follow-up naming nothing ("How
     much is it?"), the latest turn before it that names a subject ("Do you do whitening?"),
-    past at most :data:`_FOLLOW_UPS_CARRIED` such follow-ups (keys end the search).
+    past at most :data:`~parley.brain.follow_ups.FOLLOW_UPS_CARRIED` such follow-ups (keys end
+    the search; a turn that is no follow-up, :func:`~parley.brain.follow_ups.is_follow_up`,
+    too, as the brain's retrieval carries a subject).
     """
     spoken = [str(m.text) for m in messages if isinstance(m, UserMessage)][:-1]
     if not spoken or pressed_keys(spoken[-1]):
         return ""
-    for text in reversed(spoken[-(_FOLLOW_UPS_CARRIED + 1):]):
+    for text in reversed(spoken[-(FOLLOW_UPS_CARRIED + 1):]):
         if pressed_keys(text):
             break
-        few = len([w for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) > 2]) <= (
-            _FOLLOW_UP_WORDS)
-        if subject_phrases(text) or not few:
+        if not is_follow_up(text) or any(
+                phrase[-1] not in _GENERIC_HEADS for phrase in subject_phrases(text)):
             return text
     return spoken[-1]
 
