@@ -167,7 +167,20 @@ class MediaStreamSession(TwilioSession):
 
     async def on_text(self, data: str) -> None:
         """Dispatch one Media Streams message."""
-        message = decode_message(data)
+        message = _decoder.decode(data)
+        if type(message) is Media:  # the caller's audio, 50 a second: the same checks, inline
+            number = message.sequence_number
+            if number <= self.last_sequence:
+                raise ProtocolViolation(CloseCode.OUT_OF_ORDER, f"sequenceNumber {number} after "
+                                        f"{self.last_sequence}")
+            self.last_sequence = number
+            if self.call is None:
+                raise ProtocolViolation(CloseCode.NOT_STARTED, "media before start")
+            if message.stream_sid != self.stream_sid:
+                raise ProtocolViolation(CloseCode.POLICY_VIOLATION,
+                                        f"unknown stream {message.stream_sid[:40]!r}")
+            await self._media(message)
+            return
         if isinstance(message, UnknownMessage):
             self.ignore(message)
             return

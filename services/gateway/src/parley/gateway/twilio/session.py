@@ -49,6 +49,7 @@ from .liveness import Liveness
 from .next_stream import end_unless_next_stream
 
 log = logging.getLogger(__name__)
+TEXT = WSMsgType.TEXT
 
 # A command still running when the socket ends gets this long to finish (the REST clients time
 # out after 10 s): a transfer whose redirect stopped this very stream publishes its end after.
@@ -135,17 +136,20 @@ class TwilioSession:
         live.labels(self.protocol).inc()
         loop = asyncio.get_running_loop()
         start_deadline = loop.time() + self.config.stream_start_timeout_s
+        # Looked up once: a media socket's loop turns 50 times a second
+        receive, heard, on_text, text = self.ws.receive, self.liveness.heard, self.on_text, TEXT
         try:
             while not self.finished:
                 timeout = None if self.started else max(0.0, start_deadline - loop.time())
                 try:
-                    msg = await self.ws.receive(timeout=timeout)
+                    msg = await receive(timeout=timeout)
                 except TimeoutError:
                     raise ProtocolViolation(CloseCode.START_TIMEOUT, "no start within "
                                             f"{self.config.stream_start_timeout_s:g}s") from None
-                self.liveness.heard(said=msg.type is WSMsgType.TEXT)
-                if msg.type is WSMsgType.TEXT:
-                    await self.on_text(msg.data)
+                said = msg.type is text
+                heard(said=said)
+                if said:
+                    await on_text(msg.data)
                 elif msg.type is WSMsgType.PING:
                     with contextlib.suppress(ConnectionError):
                         await self.ws.pong(msg.data)
