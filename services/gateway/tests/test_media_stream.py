@@ -89,6 +89,29 @@ async def test_full_media_stream_session(gateway, events, bus):
     await wait_for(lambda: call_id not in live_calls(gateway))
 
 
+async def test_agent_audio_goes_out_as_the_encoder_writes_the_media_message(gateway, events, bus):
+    """The wire text of an outbound media message and its mark, byte for byte.
+
+    The gateway writes a media message's text around the base64 payload without the JSON
+    encoder (its every outbound frame); it must stay exactly what the encoder makes of the
+    message, compact, keys in Twilio's order, so any JSON reader (Twilio's) reads it the same.
+    """
+    stream, _, call_id = await started_stream(gateway, events)
+    audio = bytes(range(256)) * 6 + b"\xff" * 64  # 200 ms: what media sends together
+    await publish_frame(bus.nc, call_id, "out", audio, seq=1, timestamp_ms=0,
+                        mark=mark_name("turn_1", 10))
+    await publish_frame(bus.nc, call_id, "out", b"\x7f" * 160, seq=11, timestamp_ms=200)
+    texts = [(await stream.ws.receive(timeout=5)).data for _ in range(3)]
+    encode = msgspec.json.encode
+    assert texts == [
+        encode({"event": "media", "streamSid": stream.stream_sid,
+                "media": {"payload": base64.b64encode(audio).decode()}}).decode(),
+        encode({"event": "mark", "streamSid": stream.stream_sid,
+                "mark": {"name": "turn_1:10"}}).decode(),
+        encode({"event": "media", "streamSid": stream.stream_sid,
+                "media": {"payload": base64.b64encode(b"\x7f" * 160).decode()}}).decode()]
+
+
 async def test_a_foreign_mark_ending_in_other_digits_is_reported_whole(gateway, events, bus):
     # str.isdigit() takes "²" for a digit and int() then refused it: the socket closed 1011
     stream, call_sid, call_id = await started_stream(gateway, events)

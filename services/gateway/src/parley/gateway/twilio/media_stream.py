@@ -126,6 +126,7 @@ StreamMessage = Connected | Start | Media | Mark | Dtmf | Stop
 # strict=False: Twilio sends sequenceNumber, chunk and timestamp as JSON strings.
 _decoder: CarrierDecoder[StreamMessage] = CarrierDecoder(StreamMessage, tag_field="event")
 _encoder = msgspec.json.Encoder()
+_MEDIA_TAIL = b'"}}'  # an outbound media message after its payload
 
 
 def decode_message(data: str) -> StreamMessage | UnknownMessage:
@@ -160,6 +161,7 @@ class MediaStreamSession(TwilioSession):
         self.last_sequence = 0
         self.seq_base = 0  # added to Twilio's sequenceNumber: the call's frames keep growing
         self.audio_in = ""  # the call's inbound audio subject, once attached
+        self._media_head = b""  # an outbound media message up to its payload (subscribe)
         frames = self.metrics.loop_counter("gateway_frames", "Audio frames relayed",
                                            ["protocol", "direction"])  # counted every frame
         self._frames_in = frames.labels(self.protocol, "in")
@@ -267,17 +269,20 @@ class MediaStreamSession(TwilioSession):
 
     async def subscribe(self) -> None:
         """Relay the agent's audio frames (and marks) to Twilio."""
+        self._media_head = _encoder.encode({"event": "media", "streamSid": self.stream_sid,
+                                            "media": {"payload": ""}})[:-len(_MEDIA_TAIL)]
         self.add_subscription(await subscribe_frames(self.bus.nc, self.call_id, "out",
                                                      self._out_frame))
 
     async def _out_frame(self, payload: bytes, seq: int, timestamp_ms: int, msg: Msg) -> None:
-        media = {"event": "media", "streamSid": self.stream_sid,
-                 "media": {"payload": base64.b64encode(payload).decode()}}
-        if not await self.send(_encoder.encode(media)):
+        # {"event":"media","streamSid":…,"media":{"payload":…}} as the encoder writes it: base64
+        # is ASCII that JSON never escapes, so only the stream's part is encoded (once)
+        if not await self.send(b"".join((self._media_head, binascii.b2a_base64(
+                payload, newline=False), _MEDIA_TAIL))):
             return
         self._frames_out.inc()
-        name = (msg.headers or {}).get(MARK)
-        if name:
+        headers = msg.headers
+        if headers and (name := headers.get(MARK)):
             await self.send(self._mark_message(name))
 
     async def clear(self) -> None:
