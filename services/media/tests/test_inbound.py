@@ -3,6 +3,8 @@
 import asyncio
 import time
 
+import pytest
+
 from parley.common.bus import publish_frame
 from parley.media.inbound import InboundAudio
 
@@ -128,14 +130,15 @@ async def test_live_frames_are_handled_in_order_once_each_when_handling_some_wai
 async def test_a_frame_handled_without_waiting_costs_no_task(bus) -> None:
     # The client used to hand each frame to a task of the subscription's own (a wake-up per
     # frame per call); a frame whose handling never waits is now handled as it is read.
+    # (On Python 3.11 the subscription has a task of its own, made at the start, for what waits.)
     sink = Sink()
-    tasks = asyncio.all_tasks()
     inbound = InboundAudio(bus, "c6", sink)
     await inbound.start()
     await asyncio.wait_for(inbound.caught_up.wait(), 5)
+    await asyncio.sleep(0.01)  # the catch-up's task is over
+    tasks = asyncio.all_tasks()
     await publish(bus, "c6", range(1, 51))
     await wait_for(lambda: len(sink.seqs) == 50)
-    await asyncio.sleep(0.01)  # the catch-up's task is over
     assert sink.seqs == list(range(1, 51))
     assert not [task for task in asyncio.all_tasks() - tasks if not task.done()]
     await inbound.stop()
@@ -190,3 +193,97 @@ async def test_a_frame_handler_failing_at_once_stops_no_other_subscription(bus) 
     for follower in (inbound, watching):
         await follower.stop()
     assert other.seqs == [1, 2, 3] and seqs[:1] == [1]
+
+
+@pytest.mark.parametrize("delay", [0.2, 0.0])
+async def test_a_frame_handler_timing_out_before_it_first_waits_stops_no_other_subscription(
+        bus, delay: float) -> None:
+    # Handled as the client reads it, a frame's first steps run before any task of its own; a
+    # timeout started there must cancel the handler on expiry, not the client's reader (which
+    # would stop reading for every subscription of the connection). At once too: expiring
+    # before a task has taken the handler's rest over.
+    seqs: list[int] = []
+    timed_out: list[int] = []
+
+    async def sink(payload: bytes, seq: int, ts_ms: int, sent_at: float,
+                   behind: bool) -> None:
+        if seq == 2:
+            try:
+                async with asyncio.timeout(delay):
+                    await asyncio.sleep(5)
+            except TimeoutError:
+                timed_out.append(seq)
+        seqs.append(seq)
+
+    other = Sink()
+    inbound = InboundAudio(bus, "c10", sink)
+    watching = InboundAudio(bus, "c11", other)
+    for follower in (inbound, watching):
+        await follower.start()
+        await asyncio.wait_for(follower.caught_up.wait(), 5)
+    await publish(bus, "c10", range(1, 4))
+    await wait_for(lambda: seqs == [1, 2, 3], timeout=3)
+    assert timed_out == [2]
+    await publish(bus, "c11", range(1, 4))
+    await wait_for(lambda: len(other.seqs) == 3, timeout=3)
+    for follower in (inbound, watching):
+        await follower.stop()
+    assert other.seqs == [1, 2, 3]
+
+
+async def test_a_request_unanswered_from_a_frame_handler_stops_no_other_subscription(
+        bus) -> None:
+    # The barge-in clear is a request to the gateway, from the frame path; on Python 3.12+
+    # its timeout is an asyncio.timeout of the task that asks: a gateway answering late must
+    # not stop the client's reader.
+    import nats.errors
+
+    silent = await bus.nc.subscribe("parley.test.silent")  # listens, never answers
+    seqs: list[int] = []
+    timed_out: list[int] = []
+
+    async def sink(payload: bytes, seq: int, ts_ms: int, sent_at: float,
+                   behind: bool) -> None:
+        if seq == 2:
+            try:
+                await bus.nc.request("parley.test.silent", b"clear", timeout=0.2)
+            except nats.errors.TimeoutError:
+                timed_out.append(seq)
+        seqs.append(seq)
+
+    other = Sink()
+    inbound = InboundAudio(bus, "c12", sink)
+    watching = InboundAudio(bus, "c13", other)
+    for follower in (inbound, watching):
+        await follower.start()
+        await asyncio.wait_for(follower.caught_up.wait(), 5)
+    await publish(bus, "c12", range(1, 4))
+    await wait_for(lambda: seqs == [1, 2, 3], timeout=3)
+    assert timed_out == [2]
+    await publish(bus, "c13", range(1, 4))
+    await wait_for(lambda: len(other.seqs) == 3, timeout=3)
+    for follower in (inbound, watching):
+        await follower.stop()
+    await silent.unsubscribe()
+    assert other.seqs == [1, 2, 3]
+
+
+async def test_a_frame_handler_cancelled_after_it_waited_does_not_hold_the_next_frames(
+        bus) -> None:
+    # A cancellation out of a handler that waited (not the stop's) is its failure, logged:
+    # the frames behind it are still handled.
+    seqs: list[int] = []
+
+    async def sink(payload: bytes, seq: int, ts_ms: int, sent_at: float,
+                   behind: bool) -> None:
+        if seq == 2:
+            await asyncio.sleep(0.01)
+            raise asyncio.CancelledError
+        seqs.append(seq)
+
+    inbound = InboundAudio(bus, "c14", sink)
+    await inbound.start()
+    await asyncio.wait_for(inbound.caught_up.wait(), 5)
+    await publish(bus, "c14", range(1, 6))
+    await wait_for(lambda: seqs == [1, 3, 4, 5], timeout=3)
+    await inbound.stop()

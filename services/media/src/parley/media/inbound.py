@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import datetime
 import logging
+import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Generator
@@ -33,6 +35,10 @@ from parley.common.bus.audio import FrameFormatError, decode_frame
 from parley.common.bus.streams import AUDIO_STREAM
 
 log = logging.getLogger(__name__)
+
+_EAGER = sys.version_info >= (3, 12)  # asyncio's eager tasks
+if not _EAGER:
+    from asyncio.tasks import _current_tasks  # what asyncio.current_task reads (C or not)
 
 # payload, seq, audio ms, sent (epoch s), catching up (behind live by more than a little)
 FrameSink = Callable[[bytes, int, int, float, bool], Awaitable[None]]
@@ -172,16 +178,25 @@ class InlineDelivery:
     round trip per message, about 3 µs — for media, per caller and 20 ms frame, more than the
     frame's VAD. This stands in for that queue (``Subscription._pending_queue``, of the pinned
     nats-py): a message is handed to the handler at once, by the client's reader, which runs it
-    until it first waits (as Python 3.12's eager tasks do); only then does a task take over the
-    rest, and messages that come meanwhile wait behind it, each handled in turn as before. A
-    frame whose handling never waits, the common case, costs no task switch.
+    until it first waits; only then does a task wait for the rest, and messages that come
+    meanwhile wait behind it, each handled in turn as before. A frame whose handling never
+    waits, the common case, costs no task switch.
+
+    Those first steps run as a task's, never as the reader's: ``asyncio.current_task()`` there
+    is the task that finishes the handling, so what cancels it — an ``asyncio.timeout`` expiring
+    (on Python 3.12+ ``asyncio.wait_for`` and so ``nc.request`` are one), a task group — stops
+    the handler, not the reader (which would stop reading for every subscription of the
+    connection). On Python 3.12+ each handling is an eager task (``eager_start``: run at once
+    until it first waits, registered as a task only then). On 3.11, which has none, the steps
+    are run by hand with the current task (and context) set to a task of the subscription's
+    own, as nats-py's was: the handler's rest is handed to it, and a cancellation that reaches
+    it before it takes the rest over is passed on to the handler as a task would.
 
     As with nats-py's queue: one message at a time, in order, each once; a handler's error is
-    logged and the next message handled; pending messages and bytes count against the
-    subscription's limits (a slow consumer's messages are dropped past them, by the client).
-    Unlike it, the handler's first steps run in the reader's context, not a task's:
-    ``asyncio.current_task()`` there is the reader, so the handler must not cancel it, nor use
-    ``asyncio.timeout`` before its first wait (nothing on the frame path does).
+    logged and the next message handled (a cancellation too, unless one asked of its task:
+    :meth:`close`'s, the loop's at its end — then nothing more is handled); pending messages
+    and bytes count against the subscription's limits (a slow consumer's messages are dropped
+    past them, by the client). :meth:`close` it when done.
     """
 
     def __init__(self, sub: Subscription, handler: Callable[[Msg], Awaitable[None]], *,
@@ -190,9 +205,16 @@ class InlineDelivery:
         self._handler = handler
         self._name = name
         self._maxsize = sub._pending_msgs_limit
+        self._loop = asyncio.get_running_loop()
         self._backlog: deque[Msg] = deque()  # what came while a handler waited
-        self._task: asyncio.Task[None] | None = None  # the rest of a handler that waited
+        # While a handler that waited, then the backlog behind it, is handled: done after.
+        self._busy: asyncio.Future[None] | None = None
         self._closed = False
+        if not _EAGER:  # Python 3.11
+            self._context = contextvars.copy_context()
+            self._handoff: tuple[Coroutine[Any, Any, None], Any] | None = None
+            self._wake: asyncio.Future[None] | None = None
+            self._worker = self._loop.create_task(self._work(), name=name, context=self._context)
 
     @classmethod
     def take_over(cls, sub: Subscription, handler: Callable[[Msg], Awaitable[None]], *,
@@ -215,15 +237,27 @@ class InlineDelivery:
         """A message read for the subscription: handle it now, or after the one waiting."""
         if self._closed:
             return
-        if self._task is not None:
+        if self._busy is not None:
             if 0 < self._maxsize <= len(self._backlog):
                 raise asyncio.QueueFull  # the client counts it a slow consumer and drops it
             self._backlog.append(msg)
             return
         self._sub._pending_size -= len(msg.data)
+        if _EAGER:
+            task = asyncio.Task(self._run(msg), loop=self._loop,  # type: ignore[call-arg]
+                                name=self._name, eager_start=True)
+            if not task.done():
+                self._busy = task
+            return
+        # Python 3.11: run the handler to its first wait as the subscription's task, in its
+        # context (the current task swapped as 3.12's eager tasks do; here, the C functions'
+        # own record, asyncio.tasks._current_tasks, cheaper than leaving and entering twice).
         coro = self._handler(msg)
+        loop = self._loop
+        reader = _current_tasks.get(loop)
+        _current_tasks[loop] = self._worker
         try:
-            waiting = coro.send(None)
+            waiting = self._context.run(coro.send, None)
         except StopIteration:
             return
         except (Exception, asyncio.CancelledError):
@@ -231,8 +265,15 @@ class InlineDelivery:
             # subscription (a cancellation too: awaiting a task already cancelled raises at once).
             log.exception("%s: message handler failed", self._name)
             return
-        self._task = asyncio.get_running_loop().create_task(self._finish(coro, waiting),
-                                                            name=self._name)
+        finally:
+            if reader is None:
+                del _current_tasks[loop]
+            else:
+                _current_tasks[loop] = reader
+        self._handoff = (coro, waiting)
+        self._busy = loop.create_future()
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
 
     def qsize(self) -> int:
         """Messages waiting (behind a handler that waits)."""
@@ -251,8 +292,8 @@ class InlineDelivery:
 
     async def join(self) -> None:
         """Until every message so far is handled (the subscription's drain)."""
-        while (task := self._task) is not None and not task.done():
-            await asyncio.wait([task])
+        while (busy := self._busy) is not None and not busy.done():
+            await asyncio.wait([busy])
 
     # -- ours ----------------------------------------------------------------------------------
 
@@ -260,43 +301,125 @@ class InlineDelivery:
         """Handle no more: a handler waiting is cancelled, messages waiting are dropped."""
         self._closed = True
         self._backlog.clear()
-        task, self._task = self._task, None
+        task = self._busy if _EAGER else self._worker
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def _finish(self, coro: Coroutine[Any, Any, None], waiting: Any) -> None:
-        try:
-            await _Rest(coro, waiting)
-        except Exception:
-            log.exception("%s: message handler failed", self._name)
-        while self._backlog and not self._closed:
-            msg = self._backlog.popleft()
-            self._sub._pending_size -= len(msg.data)
+    async def _run(self, msg: Msg) -> None:
+        """Python 3.12+: one message's handling, as an eager task, then those behind it."""
+        while True:
             try:
                 await self._handler(msg)
             except Exception:
                 log.exception("%s: message handler failed", self._name)
+            except asyncio.CancelledError:
+                if self._stopping():
+                    raise
+                log.exception("%s: message handler failed", self._name)
+            if self._closed or not self._backlog:
+                break
+            msg = self._backlog.popleft()
+            self._sub._pending_size -= len(msg.data)
         if not self._closed:
-            self._task = None  # no wait since the backlog was seen empty: nothing is left behind
+            self._busy = None  # no wait since the backlog was seen empty: nothing is left behind
+
+    def _stopping(self) -> bool:
+        """Whether a handler's cancellation is one of its task's: then nothing more is handled.
+
+        One asked of the task — :meth:`close`'s, the loop's at its end, or a handler's of its
+        own task — stops the handling here; any other (awaiting a task already cancelled) is
+        the handler's failure, and the next message is handled.
+        """
+        task = asyncio.current_task()
+        if self._closed or (task is not None and task.cancelling()):
+            self._closed = True
+            self._backlog.clear()
+            return True
+        return False
+
+    # -- Python 3.11 ---------------------------------------------------------------------------
+
+    async def _work(self) -> None:
+        """The subscription's task: what it is handed of a handler, then what came meanwhile."""
+        loop = self._loop
+        try:
+            while True:
+                self._wake = loop.create_future()
+                cancel: asyncio.CancelledError | None = None
+                try:
+                    await self._wake
+                except asyncio.CancelledError as exc:
+                    if self._handoff is None or self._closed:
+                        self._closed = True
+                        self._backlog.clear()
+                        raise
+                    # Meant for the handler run as this task (its timeout expiring at once)
+                    # before this took its rest over.
+                    cancel = exc
+                if self._handoff is None:
+                    continue
+                coro, waiting = self._handoff
+                self._handoff = None
+                try:
+                    await _Rest(coro, waiting, cancel)
+                except Exception:
+                    log.exception("%s: message handler failed", self._name)
+                except asyncio.CancelledError:
+                    if self._stopping():
+                        raise
+                    log.exception("%s: message handler failed", self._name)
+                while self._backlog and not self._closed:
+                    msg = self._backlog.popleft()
+                    self._sub._pending_size -= len(msg.data)
+                    try:
+                        await self._handler(msg)
+                    except Exception:
+                        log.exception("%s: message handler failed", self._name)
+                    except asyncio.CancelledError:
+                        if self._stopping():
+                            raise
+                        log.exception("%s: message handler failed", self._name)
+                busy, self._busy = self._busy, None
+                if busy is not None:
+                    busy.set_result(None)
+        finally:
+            self._closed = True  # nothing more would be handled
+            self._backlog.clear()
+            if self._handoff is not None:
+                self._handoff[0].close()
+                self._handoff = None
+            if self._busy is not None and not self._busy.done():
+                self._busy.set_result(None)
 
 
 class _Rest:
     """The rest of a coroutine already run by hand to its first wait, for a task to await.
 
     ``waiting`` is what it yielded there; awaited, this is what ``await coro`` would have been
-    from there on.
+    from there on. ``cancel``: a cancellation of the task meant for the coroutine before the
+    task took it over, passed on as the task would have (the future it waits on cancelled, or
+    thrown in).
     """
 
-    __slots__ = ("_coro", "_waiting")
+    __slots__ = ("_cancel", "_coro", "_waiting")
 
-    def __init__(self, coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+    def __init__(self, coro: Coroutine[Any, Any, None], waiting: Any,
+                 cancel: asyncio.CancelledError | None = None) -> None:
         self._coro = coro
         self._waiting = waiting
+        self._cancel = cancel
 
     def __await__(self) -> Generator[Any, Any, None]:
-        coro, waiting = self._coro, self._waiting
+        coro, waiting, cancel = self._coro, self._waiting, self._cancel
+        if cancel is not None and not (
+                getattr(waiting, "_asyncio_future_blocking", None) is not None
+                and waiting.cancel(msg=cancel.args[0] if cancel.args else None)):
+            try:
+                waiting = coro.throw(cancel)
+            except StopIteration:
+                return
         while True:
             try:
                 sent = yield waiting
