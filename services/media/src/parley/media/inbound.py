@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 _EAGER = sys.version_info >= (3, 12)  # asyncio's eager tasks
 if not _EAGER:
-    from asyncio.tasks import _current_tasks  # what asyncio.current_task reads (C or not)
+    # What asyncio.current_task reads (the C functions' or not).
+    from asyncio.tasks import _current_tasks  # type: ignore[attr-defined]
 
 # payload, seq, audio ms, sent (epoch s), catching up (behind live by more than a little)
 FrameSink = Callable[[bytes, int, int, float, bool], Awaitable[None]]
@@ -252,7 +253,7 @@ class InlineDelivery:
         # Python 3.11: run the handler to its first wait as the subscription's task, in its
         # context (the current task swapped as 3.12's eager tasks do; here, the C functions'
         # own record, asyncio.tasks._current_tasks, cheaper than leaving and entering twice).
-        coro = self._handler(msg)
+        coro: Coroutine[Any, Any, None] = self._handler(msg)  # type: ignore[assignment]
         loop = self._loop
         reader = _current_tasks.get(loop)
         _current_tasks[loop] = self._worker
