@@ -287,3 +287,31 @@ async def test_a_frame_handler_cancelled_after_it_waited_does_not_hold_the_next_
     await publish(bus, "c14", range(1, 6))
     await wait_for(lambda: seqs == [1, 3, 4, 5], timeout=3)
     await inbound.stop()
+
+
+@pytest.mark.parametrize("wait_first", [False, True])
+async def test_a_frame_handler_may_stop_its_own_inbound_audio(bus, wait_first: bool) -> None:
+    # (A session ending on a frame.) The stop completes, nothing after it is handled, and no
+    # task is left behind.
+    seqs: list[int] = []
+    stopped: list[int] = []
+
+    async def sink(payload: bytes, seq: int, ts_ms: int, sent_at: float,
+                   behind: bool) -> None:
+        seqs.append(seq)
+        if seq == 2:
+            if wait_first:
+                await asyncio.sleep(0.01)
+            await inbound.stop()
+            stopped.append(seq)
+
+    inbound = InboundAudio(bus, "c15", sink)
+    await inbound.start()
+    await asyncio.wait_for(inbound.caught_up.wait(), 5)
+    tasks = asyncio.all_tasks()
+    await publish(bus, "c15", range(1, 6))
+    await wait_for(lambda: stopped == [2], timeout=3)
+    await asyncio.sleep(0.1)
+    assert seqs == [1, 2] and inbound._sub is None
+    assert not [task for task in asyncio.all_tasks() | tasks if not task.done()
+                and (task.get_name() or "").startswith("audio-in:c15")]

@@ -303,10 +303,15 @@ class InlineDelivery:
         self._closed = True
         self._backlog.clear()
         task = self._busy if _EAGER else self._worker
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if task is None:
+            return
+        if task is asyncio.current_task():  # by a handler: its task ends after it
+            if not _EAGER and self._wake is not None and not self._wake.done():
+                self._wake.set_result(None)
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     async def _run(self, msg: Msg) -> None:
         """Python 3.12+: one message's handling, as an eager task, then those behind it."""
@@ -346,7 +351,7 @@ class InlineDelivery:
         """The subscription's task: what it is handed of a handler, then what came meanwhile."""
         loop = self._loop
         try:
-            while True:
+            while not self._closed:
                 self._wake = loop.create_future()
                 cancel: asyncio.CancelledError | None = None
                 try:
