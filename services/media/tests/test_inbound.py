@@ -36,14 +36,38 @@ async def wait_for(predicate, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
+async def follow(bus, call_id: str, handler, **options) -> InboundAudio:
+    """The call's inbound audio, started and caught up."""
+    inbound = InboundAudio(bus, call_id, handler, **options)
+    await inbound.start()
+    await asyncio.wait_for(inbound.caught_up.wait(), 5)
+    return inbound
+
+
+async def assert_frame_2_waited_out_stops_no_other_call(bus, call_id: str, handler,
+                                                        seqs: list[int], timed_out: list[int],
+                                                        other_call_id: str) -> None:
+    """Frames 1-3 of call_id go to handler (which records them in seqs, and frame 2's wait
+    running out in timed_out); then another call's frames 1-3 must still be read."""
+    other = Sink()
+    inbound = await follow(bus, call_id, handler)
+    watching = await follow(bus, other_call_id, other)
+    await publish(bus, call_id, range(1, 4))
+    await wait_for(lambda: seqs == [1, 2, 3], timeout=3)
+    assert timed_out == [2]
+    await publish(bus, other_call_id, range(1, 4))
+    await wait_for(lambda: len(other.seqs) == 3, timeout=3)
+    for follower in (inbound, watching):
+        await follower.stop()
+    assert other.seqs == [1, 2, 3]
+
+
 async def test_a_claim_catches_up_from_the_first_frame_then_follows_live(bus) -> None:
     await publish(bus, "c1", range(1, 301))
     await bus.nc.flush()
     await asyncio.sleep(0.1)  # stored
     sink = Sink()
-    inbound = InboundAudio(bus, "c1", sink, on_delay=sink.delays.append)
-    await inbound.start()
-    await asyncio.wait_for(inbound.caught_up.wait(), 5)
+    inbound = await follow(bus, "c1", sink, on_delay=sink.delays.append)
     await publish(bus, "c1", range(301, 351))
     await wait_for(lambda: len(sink.seqs) == 350)
     await inbound.stop()
@@ -77,9 +101,7 @@ async def test_a_take_over_resumes_from_the_checkpoint_frame(bus) -> None:
     await bus.nc.flush()
     await asyncio.sleep(0.1)
     sink = Sink()
-    inbound = InboundAudio(bus, "c3", sink, after_seq=59, since=time.time() - 5)
-    await inbound.start()
-    await asyncio.wait_for(inbound.caught_up.wait(), 5)
+    inbound = await follow(bus, "c3", sink, after_seq=59, since=time.time() - 5)
     await publish(bus, "c3", range(101, 111))
     await wait_for(lambda: len(sink.seqs) == 51)
     await inbound.stop()
@@ -90,9 +112,7 @@ async def test_a_take_over_resumes_from_the_checkpoint_frame(bus) -> None:
 async def test_a_message_that_is_not_a_frame_is_counted_and_skipped(bus) -> None:
     invalid: list[int] = []
     sink = Sink()
-    inbound = InboundAudio(bus, "c4", sink, on_invalid=lambda: invalid.append(1))
-    await inbound.start()
-    await asyncio.wait_for(inbound.caught_up.wait(), 5)
+    inbound = await follow(bus, "c4", sink, on_invalid=lambda: invalid.append(1))
     await bus.nc.publish("parley.audio.c4.in", b"\x00" * 160)  # no prefix
     await publish(bus, "c4", range(1, 3))
     await wait_for(lambda: len(sink.seqs) == 2)
@@ -116,9 +136,7 @@ async def test_live_frames_are_handled_in_order_once_each_when_handling_some_wai
             raise RuntimeError("failed at once")
         seqs.append(seq)
 
-    inbound = InboundAudio(bus, "c5", sink)
-    await inbound.start()
-    await asyncio.wait_for(inbound.caught_up.wait(), 5)
+    inbound = await follow(bus, "c5", sink)
     await publish(bus, "c5", range(1, 301))
     await wait_for(lambda: seqs[-1:] == [299])
     assert seqs == [seq for seq in range(1, 301) if seq % 50 and seq % 45]
@@ -132,9 +150,7 @@ async def test_a_frame_handled_without_waiting_costs_no_task(bus) -> None:
     # frame per call); a frame whose handling never waits is now handled as it is read.
     # (On Python 3.11 the subscription has a task of its own, made at the start, for what waits.)
     sink = Sink()
-    inbound = InboundAudio(bus, "c6", sink)
-    await inbound.start()
-    await asyncio.wait_for(inbound.caught_up.wait(), 5)
+    inbound = await follow(bus, "c6", sink)
     await asyncio.sleep(0.01)  # the catch-up's task is over
     tasks = asyncio.all_tasks()
     await publish(bus, "c6", range(1, 51))
@@ -158,9 +174,7 @@ async def test_stop_cancels_a_frame_handler_that_waits_and_nothing_follows(bus) 
                 cancelled.set()
                 raise
 
-    inbound = InboundAudio(bus, "c7", sink)
-    await inbound.start()
-    await asyncio.wait_for(inbound.caught_up.wait(), 5)
+    inbound = await follow(bus, "c7", sink)
     await publish(bus, "c7", range(1, 11))
     await wait_for(lambda: seqs == [1, 2, 3])
     await asyncio.wait_for(inbound.stop(), 2)
@@ -182,11 +196,8 @@ async def test_a_frame_handler_failing_at_once_stops_no_other_subscription(bus) 
         seqs.append(seq)
 
     other = Sink()
-    inbound = InboundAudio(bus, "c8", sink)
-    watching = InboundAudio(bus, "c9", other)
-    for follower in (inbound, watching):
-        await follower.start()
-        await asyncio.wait_for(follower.caught_up.wait(), 5)
+    inbound = await follow(bus, "c8", sink)
+    watching = await follow(bus, "c9", other)
     await publish(bus, "c8", range(1, 4))
     await publish(bus, "c9", range(1, 4))
     await wait_for(lambda: len(other.seqs) == 3)
@@ -215,20 +226,7 @@ async def test_a_frame_handler_timing_out_before_it_first_waits_stops_no_other_s
                 timed_out.append(seq)
         seqs.append(seq)
 
-    other = Sink()
-    inbound = InboundAudio(bus, "c10", sink)
-    watching = InboundAudio(bus, "c11", other)
-    for follower in (inbound, watching):
-        await follower.start()
-        await asyncio.wait_for(follower.caught_up.wait(), 5)
-    await publish(bus, "c10", range(1, 4))
-    await wait_for(lambda: seqs == [1, 2, 3], timeout=3)
-    assert timed_out == [2]
-    await publish(bus, "c11", range(1, 4))
-    await wait_for(lambda: len(other.seqs) == 3, timeout=3)
-    for follower in (inbound, watching):
-        await follower.stop()
-    assert other.seqs == [1, 2, 3]
+    await assert_frame_2_waited_out_stops_no_other_call(bus, "c10", sink, seqs, timed_out, "c11")
 
 
 async def test_a_request_unanswered_from_a_frame_handler_stops_no_other_subscription(
@@ -251,21 +249,8 @@ async def test_a_request_unanswered_from_a_frame_handler_stops_no_other_subscrip
                 timed_out.append(seq)
         seqs.append(seq)
 
-    other = Sink()
-    inbound = InboundAudio(bus, "c12", sink)
-    watching = InboundAudio(bus, "c13", other)
-    for follower in (inbound, watching):
-        await follower.start()
-        await asyncio.wait_for(follower.caught_up.wait(), 5)
-    await publish(bus, "c12", range(1, 4))
-    await wait_for(lambda: seqs == [1, 2, 3], timeout=3)
-    assert timed_out == [2]
-    await publish(bus, "c13", range(1, 4))
-    await wait_for(lambda: len(other.seqs) == 3, timeout=3)
-    for follower in (inbound, watching):
-        await follower.stop()
+    await assert_frame_2_waited_out_stops_no_other_call(bus, "c12", sink, seqs, timed_out, "c13")
     await silent.unsubscribe()
-    assert other.seqs == [1, 2, 3]
 
 
 async def test_a_frame_handler_cancelled_after_it_waited_does_not_hold_the_next_frames(
@@ -281,9 +266,7 @@ async def test_a_frame_handler_cancelled_after_it_waited_does_not_hold_the_next_
             raise asyncio.CancelledError
         seqs.append(seq)
 
-    inbound = InboundAudio(bus, "c14", sink)
-    await inbound.start()
-    await asyncio.wait_for(inbound.caught_up.wait(), 5)
+    inbound = await follow(bus, "c14", sink)
     await publish(bus, "c14", range(1, 6))
     await wait_for(lambda: seqs == [1, 3, 4, 5], timeout=3)
     await inbound.stop()
@@ -305,9 +288,7 @@ async def test_a_frame_handler_may_stop_its_own_inbound_audio(bus, wait_first: b
             await inbound.stop()
             stopped.append(seq)
 
-    inbound = InboundAudio(bus, "c15", sink)
-    await inbound.start()
-    await asyncio.wait_for(inbound.caught_up.wait(), 5)
+    inbound = await follow(bus, "c15", sink)
     tasks = asyncio.all_tasks()
     await publish(bus, "c15", range(1, 6))
     await wait_for(lambda: stopped == [2], timeout=3)
