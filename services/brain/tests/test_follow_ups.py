@@ -12,7 +12,7 @@ from parley.brain.follow_ups import is_follow_up
     "How do I get there?", "Can I book one?", "How expensive is that?",
     "And Mastercard?", "What about Amex?", "And a whitening?",  # a fragment going on
     "Which days?", "For kids?", "Visa?",  # a fragment naming few words
-    "Also weekends?", "Do you take Mastercard too?", "Do you do cleanings as well?",  # adds
+    "Also weekends?", "Weekends too?", "Cleanings as well?",  # a fragment adding
     "How much?", "How long?", "When?", "How much do you charge?", "What's the price?",  # none
 ])
 def test_a_turn_that_refers_back_or_names_nothing_is_a_follow_up(text: str) -> None:
@@ -27,6 +27,9 @@ def test_a_turn_that_refers_back_or_names_nothing_is_a_follow_up(text: str) -> N
     "And do you do deep cleanings?",  # a clause naming its own subject, though after "and"
     "Root canal and crown prices for kids?",  # a fragment naming many words
     "How much does teeth whitening cost at your office?",
+    # adding to what was said, but asking of a subject of its own
+    "Also, do you handle emergencies?", "Do you serve the suburbs too?",
+    "Do you take Mastercard too?", "Do you do cleanings as well?",
 ])
 def test_a_turn_naming_its_own_subject_is_none(text: str) -> None:
     assert not is_follow_up(text)

@@ -348,6 +348,38 @@ async def test_a_short_question_naming_its_own_subject_is_no_follow_up(
     assert retrieved[5].chunk_ids[0] == retrieved[3].chunk_ids[0] != payments
 
 
+async def test_a_question_adding_a_subject_of_its_own_is_searched_by_its_own_words(
+        bus, pool, recorder) -> None:
+    """A plumber's line: "How much is the call-out fee?" — "Also, do you handle emergencies?".
+
+    A word adding to what was said ("also", "too", "as well") made any turn a follow-up, so the
+    emergencies question, naming its own subject, was searched with the fee question in front:
+    the fee passage came first (0.17, emergencies 0.04) and the local responder, answering
+    about the subject it was given, said it would check and follow up. (The old count of words
+    searched it alone: four of three letters or more.) Such a turn is now a subject of its own;
+    "Weekends too?" (a fragment naming nothing else) still goes on with the subject.
+    """
+    await ingest(pool, ORG, AGENT, "rates.md", b"Our call-out fee is $89, which covers the first "
+                 b"half hour of labour. After that labour is $120 an hour.")
+    await ingest(pool, ORG, AGENT, "emergency.md", b"For emergencies such as burst pipes or "
+                 b"flooding we come out 24 hours a day, usually within two hours.")
+    await ingest(pool, ORG, AGENT, "area.md", b"We serve the whole city and suburbs within 30 "
+                 b"miles.")
+    async with running_brain(bus, pool, [LocalResponder()]):
+        await open_call(bus, "c-also")
+        said = ["How much is the call-out fee?", "Also, do you handle emergencies?",
+                "Do you serve the suburbs too?"]
+        for number, text in enumerate(said, 1):
+            await user_says(bus, "c-also", f"t{number}", text)
+            await recorder.wait("turn.completed", "c-also", count=number)
+        retrieved = recorder.of("knowledge.retrieved", "c-also")
+        answers = [" ".join(e.text for e in recorder.of("agent.say", "c-also")
+                            if e.turn_id == f"t{number}") for number in (2, 3)]
+    assert [r.query for r in retrieved[1:]] == said[1:]
+    assert answers[0].startswith("For emergencies"), answers
+    assert answers[1] == "We serve the whole city and suburbs within 30 miles.", answers
+
+
 def test_the_subject_a_follow_up_carries_is_bounded() -> None:
     """The last turn that was no follow-up and the latest follow-ups since (a revised turn
     passed over, keys not counted); a long run of follow-ups keeps only the latest few."""

@@ -10,13 +10,18 @@ A turn is a follow-up when it refers back, or when it names nothing of its own:
 
 - it has a word that points back (:data:`REFERRING`: "How much is *it*?", "What would *that*
   treatment cost me?", "Can I book *one*?", "How do I get *there*?"; not an existential "is
-  there", nor "one" counting a thing, "one hour"), or one that adds to what was said
-  (:data:`ADDING`: "Do you *also* do cleanings?", "Weekends *too*?", "…as well?");
+  there", nor "one" counting a thing, "one hour");
 - or it names no subject: every word is a function, question, filler or aspect word
   (:data:`NAMES_NOTHING`: "How much do you charge?", "How long?", "When?");
 - or it is a fragment, no clause of its own (no auxiliary, no "I"/"you"/"we":
   :data:`CLAUSE`), that opens like one going on ("And Mastercard?", "What about Amex?", "Or
-  on Saturday?") or names at most :data:`FOLLOW_UP_WORDS` words ("Which days?", "For kids?").
+  on Saturday?", "Also weekends?") or names at most :data:`FOLLOW_UP_WORDS` words ("Which
+  days?", "For kids?", "Weekends too?").
+
+A word adding to what was said (:data:`ADDING`: also, too, as well) names nothing, but does not
+make a clause naming its own subject a follow-up: "Also, do you handle emergencies?" and "Do
+you serve the suburbs too?" ask about emergencies and the suburbs, and searched behind a fee
+question their passage came second to the fee's.
 
 So "Do you take Visa?" (a clause naming "visa", pointing at nothing) starts a subject of its
 own, "And Mastercard?" goes on in its frame (searched with it: "Do you take Visa? And
@@ -42,7 +47,7 @@ FOLLOW_UPS_CARRIED = 3
 # Words pointing back at what was said ("that" with a noun too: "that treatment").
 REFERRING = frozenset(
     "it its it's that that's this these those they they're them their one ones there".split())
-# Words adding to what was said ("as well" is told by its "well" after "as").
+# Words adding to what was said, naming nothing ("as well": "as" and "well" name nothing too).
 ADDING = frozenset("also too either instead".split())
 # Words making a clause of its own: auxiliaries and modals, and the caller or agent as subject.
 CLAUSE = frozenset("""
@@ -86,7 +91,7 @@ def _points_back(words: list[str], at: int) -> bool:
 def is_follow_up(text: str) -> bool:
     """Whether a caller's turn of ``text`` goes on with the subject before it.
 
-    See the module: it points back or adds to what was said, names nothing of its own, or is a
+    See the module: it points back at what was said, names nothing of its own, or is a
     fragment opening like one going on or naming at most :data:`FOLLOW_UP_WORDS` words. One
     regular expression and a set lookup a word (about a microsecond a turn more than counting
     words did): the fold runs it on every caller turn.
@@ -96,8 +101,6 @@ def is_follow_up(text: str) -> bool:
     clause = False
     for at, word in enumerate(words):
         if word in REFERRING and (word not in _POINTING_IF or _points_back(words, at)):
-            return True
-        if word in ADDING or (word == "well" and at and words[at - 1] == "as"):
             return True
         if word in CLAUSE:
             clause = True
