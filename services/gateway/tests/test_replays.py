@@ -51,6 +51,26 @@ def _answer(call_uuid: str) -> dict[str, str]:
             "Direction": "inbound", "CallStatus": "in-progress", "Event": "StartApp"}
 
 
+def legacy_reconnect_path(call_id: str) -> str:
+    """The <Connect action> of TwiML from before stream tokens: no connect= (nor signature)."""
+    return f"/twilio/voice/reconnect?{urlencode({'call_id': call_id})}"
+
+
+async def reconnects_then_ends(gateway, events, action: str, call_sid: str, call_id: str, *,
+                               streams: int) -> None:
+    """Twilio asks ``action`` once the stream dropped: it reconnects the call (a <Connect>, the
+    new stream the call's ``streams``-th, the call not ended), and that stream's stop ends it."""
+    response = await gateway.post(action, {"CallSid": call_sid, "CallStatus": "in-progress"})
+    root = ElementTree.fromstring(await response.text())
+    assert root.find("./Connect/Stream") is not None, await response.text()
+    newer = StreamClient(await gateway.ws())
+    await newer.start(call_sid, call_id)
+    await events.wait("call.stream_started", call_id, count=streams)
+    assert events.of("call.ended", call_id) == []
+    await newer.stop(call_sid)
+    await events.wait("call.ended", call_id)
+
+
 async def test_a_replayed_plivo_webhook_is_refused_on_every_instance(make_plivo_gateway,
                                                                       events):
     first, second = await make_plivo_gateway(), await make_plivo_gateway()
@@ -290,15 +310,7 @@ async def test_a_reconnect_after_a_failed_dtmf_redirect_keeps_the_call(make_gate
     assert reply["ok"] is False
     gateway.rest_fake.fail_updates_with = None
     await stream.ws.close()  # the socket drops; Twilio asks connect 0's action
-    response = await gateway.post(action, {"CallSid": call_sid, "CallStatus": "in-progress"})
-    root = ElementTree.fromstring(await response.text())
-    assert root.find("./Connect/Stream") is not None, await response.text()
-    newer = StreamClient(await gateway.ws())
-    await newer.start(call_sid, call_id)
-    await events.wait("call.stream_started", call_id, count=2)
-    assert events.of("call.ended", call_id) == []
-    await newer.stop(call_sid)
-    await events.wait("call.ended", call_id)
+    await reconnects_then_ends(gateway, events, action, call_sid, call_id, streams=2)
 
 
 async def test_a_stream_of_twiml_issued_before_the_deploy_is_accepted_once(make_gateway, events,
@@ -323,16 +335,8 @@ async def test_a_stream_of_twiml_issued_before_the_deploy_is_accepted_once(make_
     assert live_calls(gateway)[call_id].stream_id == stream.stream_sid
 
     await stream.ws.close()
-    legacy_action = f"/twilio/voice/reconnect?{urlencode({'call_id': call_id})}"
-    response = await gateway.post(legacy_action, {"CallSid": call_sid,
-                                                  "CallStatus": "in-progress"})
-    assert ElementTree.fromstring(await response.text()).find("./Connect/Stream") is not None
-    newer = StreamClient(await gateway.ws())
-    await newer.start(call_sid, call_id)
-    await events.wait("call.stream_started", call_id, count=2)
-    assert events.of("call.ended", call_id) == []
-    await newer.stop(call_sid)
-    await events.wait("call.ended", call_id)
+    await reconnects_then_ends(gateway, events, legacy_reconnect_path(call_id), call_sid,
+                               call_id, streams=2)
 
 
 async def test_a_plivo_request_cancelled_mid_way_gives_its_nonce_back(plivo_gateway, db):
@@ -365,13 +369,5 @@ async def test_while_tokens_are_not_enforced_a_mixed_fleet_keeps_its_calls(make_
     await older.start(call_sid, call_id, token="")
     await events.wait("call.stream_started", call_id, count=2)
     await older.ws.close()
-    legacy_action = f"/twilio/voice/reconnect?{urlencode({'call_id': call_id})}"
-    response = await gateway.post(legacy_action, {"CallSid": call_sid,
-                                                  "CallStatus": "in-progress"})
-    assert ElementTree.fromstring(await response.text()).find("./Connect/Stream") is not None
-    newer = StreamClient(await gateway.ws())
-    await newer.start(call_sid, call_id)
-    await events.wait("call.stream_started", call_id, count=3)
-    assert events.of("call.ended", call_id) == []
-    await newer.stop(call_sid)
-    await events.wait("call.ended", call_id)
+    await reconnects_then_ends(gateway, events, legacy_reconnect_path(call_id), call_sid,
+                               call_id, streams=3)
