@@ -745,6 +745,23 @@ async def until_deaf(call: Call, server, *, backoff_s: float) -> None:
         await asyncio.sleep(0.02)
 
 
+@contextlib.asynccontextmanager
+async def deaf_while_the_agent_talks(bus: Bus, call_id: str, *, backoff_s: float):
+    """A call (its gateway standing in) whose agent has begun a long turn, t0, and whose
+    recogniser fails every stream until the session waits ``backoff_s`` to reopen it (see
+    recogniser_failing, until_deaf): yields the call, the agent's turn and the emulator."""
+    call = Call(bus, call_id, QUIET_CALLER)
+    sub = await gateway(call, [])
+    try:
+        async with recogniser_failing(call, backoff_s=backoff_s) as server:
+            turn = await agent_begins(call, "t0", *[f"Clause {n}." for n in range(100)])
+            await until_deaf(call, server, backoff_s=backoff_s)
+            yield call, turn, server
+    finally:
+        await call.close()
+        await sub.unsubscribe()
+
+
 async def test_the_caller_pauses_the_agent_at_once_while_the_recogniser_backs_off(bus) -> None:
     # Deepgram fails every stream at once (1011), with no fallback: the session waits (0.2 s
     # doubling to 3 s) before reopening it, holding its recognition lock. The caller's frames
@@ -753,24 +770,17 @@ async def test_the_caller_pauses_the_agent_at_once_while_the_recogniser_backs_of
     # frames go on (their audio reaches the new stream with the open turn's replay), the
     # pause comes on the speech alone, and, no words being able to come, speech that goes on
     # over the paused agent (STT_DOWN_INTERRUPT_MS) interrupts it.
-    call = Call(bus, "call-barge-in-deaf-1", QUIET_CALLER)
-    sub = await gateway(call, [])
-    try:
-        async with recogniser_failing(call, backoff_s=3.0) as server:
-            turn = await agent_begins(call, "t0", *[f"Clause {n}." for n in range(100)])
-            await until_deaf(call, server, backoff_s=3.0)
-            started = time.monotonic()
-            await call.speech(0.6)
-            assert time.monotonic() - started < 1.0  # (before: ~3 s, waiting for the reopen)
-            assert turn.audio.cut_frames is not None and not turn.interrupted  # paused
-            await call.speech(1.0)  # still talking, no words possible: an interruption
-            assert turn.interrupted
-            assert call.session._stt_lock.locked()  # (the recogniser still not back)
-            events = await published(call)
-            assert [e.turn_id for e in events if isinstance(e, AgentSpeechInterrupted)] == ["t0"]
-    finally:
-        await call.close()
-        await sub.unsubscribe()
+    async with deaf_while_the_agent_talks(bus, "call-barge-in-deaf-1",
+                                          backoff_s=3.0) as (call, turn, server):
+        started = time.monotonic()
+        await call.speech(0.6)
+        assert time.monotonic() - started < 1.0  # (before: ~3 s, waiting for the reopen)
+        assert turn.audio.cut_frames is not None and not turn.interrupted  # paused
+        await call.speech(1.0)  # still talking, no words possible: an interruption
+        assert turn.interrupted
+        assert call.session._stt_lock.locked()  # (the recogniser still not back)
+        events = await published(call)
+        assert [e.turn_id for e in events if isinstance(e, AgentSpeechInterrupted)] == ["t0"]
 
 
 async def test_a_cough_while_no_recogniser_listens_resumes_the_agent_once_one_does(bus) -> None:
@@ -779,25 +789,18 @@ async def test_a_cough_while_no_recogniser_listens_resumes_the_agent_once_one_do
     # not taken for a false alarm then, and the 1.5 s count from when a recogniser hears the
     # caller again (the open turn's audio replayed to it): the caller's words, if any, still
     # interrupt, and a cough resumes the agent.
-    call = Call(bus, "call-barge-in-deaf-2", QUIET_CALLER)
-    sub = await gateway(call, [])
-    try:
-        async with recogniser_failing(call, backoff_s=3.0) as server:
-            turn = await agent_begins(call, "t0", *[f"Clause {n}." for n in range(100)])
-            await until_deaf(call, server, backoff_s=3.0)
-            await call.speech(0.4)  # a cough
-            assert turn.audio.cut_frames is not None
-            await in_real_time(call, 1.8)
-            assert turn.audio.cut_frames is not None  # not resumed: no words could come
-            server.faults.close_with_error = False
-            await wait_for(lambda: not call.session._stt_lock.locked(), timeout=5)
-            await in_real_time(call, 1.0)
-            assert turn.audio.cut_frames is not None and not turn.interrupted  # waiting
-            await in_real_time(call, 1.0)
-            assert turn.audio.cut_frames is None and not turn.interrupted  # resumed
-    finally:
-        await call.close()
-        await sub.unsubscribe()
+    async with deaf_while_the_agent_talks(bus, "call-barge-in-deaf-2",
+                                          backoff_s=3.0) as (call, turn, server):
+        await call.speech(0.4)  # a cough
+        assert turn.audio.cut_frames is not None
+        await in_real_time(call, 1.8)
+        assert turn.audio.cut_frames is not None  # not resumed: no words could come
+        server.faults.close_with_error = False
+        await wait_for(lambda: not call.session._stt_lock.locked(), timeout=5)
+        await in_real_time(call, 1.0)
+        assert turn.audio.cut_frames is not None and not turn.interrupted  # waiting
+        await in_real_time(call, 1.0)
+        assert turn.audio.cut_frames is None and not turn.interrupted  # resumed
 
 
 async def test_a_pause_held_for_a_recogniser_that_does_not_come_back_ends_in_time(
@@ -808,17 +811,10 @@ async def test_a_pause_held_for_a_recogniser_that_does_not_come_back_ends_in_tim
     from parley.media import session as session_module
 
     monkeypatch.setattr(session_module, "STT_DOWN_PAUSE_MAX_S", 1.0)
-    call = Call(bus, "call-barge-in-deaf-3", QUIET_CALLER)
-    sub = await gateway(call, [])
-    try:
-        async with recogniser_failing(call, backoff_s=5.0) as server:
-            turn = await agent_begins(call, "t0", *[f"Clause {n}." for n in range(100)])
-            await until_deaf(call, server, backoff_s=5.0)
-            await call.speech(0.4)  # a cough
-            assert turn.audio.cut_frames is not None
-            await in_real_time(call, 1.8)
-            assert call.session._stt_lock.locked()  # still no recogniser
-            assert turn.audio.cut_frames is None and not turn.interrupted  # resumed
-    finally:
-        await call.close()
-        await sub.unsubscribe()
+    async with deaf_while_the_agent_talks(bus, "call-barge-in-deaf-3",
+                                          backoff_s=5.0) as (call, turn, server):
+        await call.speech(0.4)  # a cough
+        assert turn.audio.cut_frames is not None
+        await in_real_time(call, 1.8)
+        assert call.session._stt_lock.locked()  # still no recogniser
+        assert turn.audio.cut_frames is None and not turn.interrupted  # resumed
