@@ -1,10 +1,12 @@
 """Inbound audio: caught up from the AUDIO stream, then live over core NATS — in order, once."""
 
 import asyncio
+import contextvars
 import time
 
 import pytest
 
+from parley.common import logging as logs
 from parley.common.bus import publish_frame
 from parley.media.inbound import InboundAudio
 
@@ -296,3 +298,34 @@ async def test_a_frame_handler_may_stop_its_own_inbound_audio(bus, wait_first: b
     assert seqs == [1, 2] and inbound._sub is None
     assert not [task for task in asyncio.all_tasks() | tasks if not task.done()
                 and (task.get_name() or "").startswith("audio-in:c15")]
+
+
+async def test_a_frame_handler_runs_in_the_context_of_whoever_follows_the_call(bus) -> None:
+    # As with nats-py's own task (made at the subscribe, in the subscriber's context): what the
+    # session set before it followed the call (log_context's call fields, a trace's span) is
+    # what its frame handler sees, before its first wait and after, not the NATS reader's.
+    seen: list[tuple[int, str, str]] = []
+    marker: contextvars.ContextVar[str] = contextvars.ContextVar("marker", default="none")
+
+    def now(seq: int, when: str) -> None:
+        seen.append((seq, when, f"{marker.get()}/{logs._context.get().get('call_id', '-')}"))
+
+    async def sink(payload: bytes, seq: int, ts_ms: int, sent_at: float,
+                   behind: bool) -> None:
+        now(seq, "first")
+        if seq % 2 == 0:
+            await asyncio.sleep(0.001)
+            now(seq, "after")
+
+    async def session() -> InboundAudio:
+        marker.set("session")
+        with logs.log_context(call_id="c16"):
+            return await follow(bus, "c16", sink)
+
+    inbound = await asyncio.create_task(session())
+    await publish(bus, "c16", range(1, 5))
+    await wait_for(lambda: len(seen) == 6)
+    await inbound.stop()
+    assert seen == [(1, "first", "session/c16"), (2, "first", "session/c16"),
+                    (2, "after", "session/c16"), (3, "first", "session/c16"),
+                    (4, "first", "session/c16"), (4, "after", "session/c16")]

@@ -211,8 +211,10 @@ class InlineDelivery:
         # While a handler that waited, then the backlog behind it, is handled: done after.
         self._busy: asyncio.Future[None] | None = None
         self._closed = False
+        # Handlers run in the context of whoever made the subscription, as nats-py's task did
+        # (the reader's is the client's: no call's log fields, no span of the session's).
+        self._context = contextvars.copy_context()
         if not _EAGER:  # Python 3.11
-            self._context = contextvars.copy_context()
             self._handoff: tuple[Coroutine[Any, Any, None], Any] | None = None
             self._wake: asyncio.Future[None] | None = None
             self._worker = self._loop.create_task(self._work(), name=name, context=self._context)
@@ -246,7 +248,7 @@ class InlineDelivery:
         self._sub._pending_size -= len(msg.data)
         if _EAGER:
             task = asyncio.Task(self._run(msg), loop=self._loop,  # type: ignore[call-arg]
-                                name=self._name, eager_start=True)
+                                name=self._name, context=self._context, eager_start=True)
             if not task.done():
                 self._busy = task
             return
