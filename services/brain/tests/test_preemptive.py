@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 
@@ -471,38 +472,47 @@ async def test_no_clause_is_prepared_once_the_turn_has_ended() -> None:
     assert prepared == [] and speculation.prepared == ""
 
 
-async def test_a_follow_up_is_warmed_and_speculated_on_with_its_subjects_knowledge(
-        bus, pool, emulator, recorder) -> None:
-    # "How much is it?" after "Do you do teeth whitening?": its knowledge is searched with the
-    # previous turn's words too, already while the caller speaks, so the speculation made
-    # from the warmed context is the turn's own request and is adopted.
+@contextlib.asynccontextmanager
+async def speculated_on_about_whitening(bus, pool, emulator, recorder, call_id: str,
+                                        said: list[str], replies: list[str]):
+    """A call to a clinic that knows about teeth whitening, in which the caller says ``said``
+    turn by turn: each turn's final comes first and its speculation is made (``replies`` in
+    order) before the turn ends. Yields the worker, still running."""
     from parley.brain.knowledge import ingest
 
     await ingest(pool, ORG, "reception", "whitening.md",
                  b"Teeth whitening: a whitening session takes an hour and costs $300.")
     worker, llm = await started_worker(bus, pool, emulator)
     try:
-        await open_call(bus, "p-follow")
-        await recorder.wait("agent.say", "p-follow")
-        emulator.script(ScriptedReply(text="Yes, we do whitening."),
-                        ScriptedReply(text="It costs $300."))
-        await final(bus, "p-follow", "Do you do teeth whitening?")
-        await until(lambda: emulator.completed_streams == 1)
-        await user_says(bus, "p-follow", "t1", "Do you do teeth whitening?")
-        await recorder.wait("turn.completed", "p-follow")
-        await final(bus, "p-follow", "How much is it?")
-        await until(lambda: emulator.completed_streams == 2)
-        await user_says(bus, "p-follow", "t2", "How much is it?")
-        await recorder.wait("turn.completed", "p-follow", count=2)
+        await open_call(bus, call_id)
+        await recorder.wait("agent.say", call_id)
+        emulator.script(*[ScriptedReply(text=reply) for reply in replies])
+        for number, text in enumerate(said, 1):
+            await final(bus, call_id, text)
+            await until(lambda number=number: emulator.completed_streams == number)
+            await user_says(bus, call_id, f"t{number}", text)
+            await recorder.wait("turn.completed", call_id, count=number)
+        yield worker
+    finally:
+        await worker.stop()
+        await llm.aclose()
+
+
+async def test_a_follow_up_is_warmed_and_speculated_on_with_its_subjects_knowledge(
+        bus, pool, emulator, recorder) -> None:
+    # "How much is it?" after "Do you do teeth whitening?": its knowledge is searched with the
+    # previous turn's words too, already while the caller speaks, so the speculation made
+    # from the warmed context is the turn's own request and is adopted.
+    async with speculated_on_about_whitening(
+            bus, pool, emulator, recorder, "p-follow",
+            ["Do you do teeth whitening?", "How much is it?"],
+            ["Yes, we do whitening.", "It costs $300."]) as worker:
         assert worker.speculations.outcomes == {"adopted": 2}
         assert len(emulator.requests) == 2
         assert "$300" in turn_context(emulator.requests[-1])
         assert worker.warmup.hits == 2
         retrieved = recorder.of("knowledge.retrieved", "p-follow")[-1]
         assert retrieved.turn_id == "t2" and len(retrieved.chunk_ids) == 1
-    finally:
-        await worker.stop()
-        await llm.aclose()
 
 
 async def test_a_follow_up_to_a_follow_up_is_speculated_on_with_its_subjects_knowledge(
@@ -510,32 +520,16 @@ async def test_a_follow_up_to_a_follow_up_is_speculated_on_with_its_subjects_kno
     # "And how long?" after "How much is it?" after "Do you do teeth whitening?": searched
     # with the subject and the follow-up since, already while the caller speaks, so the
     # speculation made from the warmed context is still the turn's own request.
-    from parley.brain.knowledge import ingest
-
-    await ingest(pool, ORG, "reception", "whitening.md",
-                 b"Teeth whitening: a whitening session takes an hour and costs $300.")
-    worker, llm = await started_worker(bus, pool, emulator)
-    try:
-        await open_call(bus, "p-follow2")
-        await recorder.wait("agent.say", "p-follow2")
-        emulator.script(ScriptedReply(text="Yes, we do whitening."),
-                        ScriptedReply(text="It costs $300."),
-                        ScriptedReply(text="About an hour."))
-        said = ["Do you do teeth whitening?", "How much is it?", "And how long?"]
-        for number, text in enumerate(said, 1):
-            await final(bus, "p-follow2", text)
-            await until(lambda number=number: emulator.completed_streams == number)
-            await user_says(bus, "p-follow2", f"t{number}", text)
-            await recorder.wait("turn.completed", "p-follow2", count=number)
+    async with speculated_on_about_whitening(
+            bus, pool, emulator, recorder, "p-follow2",
+            ["Do you do teeth whitening?", "How much is it?", "And how long?"],
+            ["Yes, we do whitening.", "It costs $300.", "About an hour."]) as worker:
         assert worker.speculations.outcomes == {"adopted": 3}
         assert len(emulator.requests) == 3 and worker.warmup.hits == 3
         assert "takes an hour" in turn_context(emulator.requests[-1])
         retrieved = recorder.of("knowledge.retrieved", "p-follow2")[-1]
         assert retrieved.turn_id == "t3" and len(retrieved.chunk_ids) == 1
         assert retrieved.query == "Do you do teeth whitening? How much is it? And how long?"
-    finally:
-        await worker.stop()
-        await llm.aclose()
 
 
 async def test_an_adopted_speculation_whose_words_differ_in_case_keeps_the_prompt_cache(
