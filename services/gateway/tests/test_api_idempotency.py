@@ -261,6 +261,18 @@ async def test_a_gateway_stopped_while_recording_a_placed_call(
     assert len(twilio_api.requests) == 1  # the callee rang once
 
 
+async def claimed_by_a_request_that_died(api, payload, key: str,
+                                        call_id: str) -> idempotency.Claim:
+    """The key claimed for ``payload`` as the request placing it claims it, by a request that
+    did nothing after (its process died)."""
+    digest = idempotency.request_hash(msgspec.convert(payload, PlaceCall), to_number=CALLEE,
+                                      from_number=CASCADING_NUMBER)
+    claim = await idempotency.claim(api.gateway.app, org_id=ORG, key=key, request_hash=digest,
+                                    call_id=call_id)
+    assert isinstance(claim, idempotency.Claim)
+    return claim
+
+
 async def test_a_key_whose_request_died_before_dialling_is_taken_over_by_a_retry(
         api, twilio_api, keys, clock, events):
     # The first request claimed the key and its process died before it asked the carrier (here:
@@ -269,11 +281,7 @@ async def test_a_key_whose_request_died_before_dialling_is_taken_over_by_a_retry
     # mid-dial. A claim never marked dialling is taken over once its lease is out, and the
     # retry dials, once; within the lease it is a 409, as a request in flight.
     payload = body()
-    digest = idempotency.request_hash(msgspec.convert(payload, PlaceCall), to_number=CALLEE,
-                                      from_number=CASCADING_NUMBER)
-    dead = await idempotency.claim(api.gateway.app, org_id=ORG, key="k-dead",
-                                   request_hash=digest, call_id="call_" + "d" * 32)
-    assert isinstance(dead, idempotency.Claim)
+    dead = await claimed_by_a_request_that_died(api, payload, "k-dead", "call_" + "d" * 32)
     early = await place(api, keys["full"], payload, "k-dead")
     assert early.status == 409 and twilio_api.requests == []
     clock.advance(idempotency.CLAIM_LEASE.total_seconds() + 1)
@@ -388,11 +396,7 @@ async def test_a_key_left_dialling_by_a_request_that_died_mid_dial_still_will_no
     # call.failed of not dialled (its request died asking the carrier) is still decided by
     # what is recorded: a 500, nothing dialled.
     payload = body()
-    digest = idempotency.request_hash(msgspec.convert(payload, PlaceCall), to_number=CALLEE,
-                                      from_number=CASCADING_NUMBER)
-    dead = await idempotency.claim(api.gateway.app, org_id=ORG, key="k-mid-dial",
-                                   request_hash=digest, call_id="call_" + "e" * 32)
-    assert isinstance(dead, idempotency.Claim)
+    dead = await claimed_by_a_request_that_died(api, payload, "k-mid-dial", "call_" + "e" * 32)
     await idempotency.mark_dialling(api.gateway.app, dead)
     clock.advance(idempotency.IN_FLIGHT_LEASE.total_seconds() + 1)
     retry = await place(api, keys["full"], payload, "k-mid-dial")
