@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import msgspec
 
@@ -32,12 +33,22 @@ def idle(call_id: str, turn_id: str, action: str, silent_s: float) -> CallerIdle
                       silent_s=silent_s)
 
 
-async def test_the_prompt_is_said_and_the_model_knows_it_asked(
-        bus, pool, emulator, recorder) -> None:
+@contextlib.asynccontextmanager
+async def brain_running(bus, pool, emulator, **overrides):
+    """A brain worker on the emulated model, running for the block (then stopped)."""
     llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
-    worker = BrainWorker(services(bus, pool, [llm]))
+    worker = BrainWorker(services(bus, pool, [llm], **overrides))
     await worker.start()
     try:
+        yield worker
+    finally:
+        await worker.stop()
+        await llm.aclose()
+
+
+async def test_the_prompt_is_said_and_the_model_knows_it_asked(
+        bus, pool, emulator, recorder) -> None:
+    async with brain_running(bus, pool, emulator):
         await open_call(bus, "idle1")
         await recorder.wait("agent.say", "idle1")  # the greeting
         await bus.publish(idle("idle1", "i0", "prompt", 8.0))
@@ -52,16 +63,10 @@ async def test_the_prompt_is_said_and_the_model_knows_it_asked(
         assert messages[-2]["role"] == "assistant" and IDLE_PROMPT in str(messages[-2])
         assert messages[-1] == {"role": "user", "content": "Yes, sorry, I'm here."}
         assert not recorder.of("tool.requested", "idle1")
-    finally:
-        await worker.stop()
-        await llm.aclose()
 
 
 async def test_the_goodbye_then_the_idle_hang_up_once(bus, pool, emulator, recorder) -> None:
-    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
-    worker = BrainWorker(services(bus, pool, [llm]))
-    await worker.start()
-    try:
+    async with brain_running(bus, pool, emulator):
         await open_call(bus, "idle2")
         await bus.publish(idle("idle2", "i0", "prompt", 8.0))
         await bus.publish(idle("idle2", "i1", "hangup", 30.0))
@@ -94,9 +99,6 @@ async def test_the_goodbye_then_the_idle_hang_up_once(bus, pool, emulator, recor
         assert "tool_use" not in str(messages) and "tool_result" not in str(messages)
         assert "I haven't heard" in str(messages[-2]) and messages[-1]["content"] == (
             "Wait, I'm here!")
-    finally:
-        await worker.stop()
-        await llm.aclose()
 
 
 async def test_a_prompt_the_caller_spoke_before_is_not_said(bus, pool, emulator,
@@ -110,18 +112,13 @@ async def test_a_prompt_the_caller_spoke_before_is_not_said(bus, pool, emulator,
     await bus.publish(TurnUserEnded(org_id=ORG, call_id="idle3", turn_id="t1",
                                     text="Hello?"))
     emulator.script(ScriptedReply(text="Hello! How can I help?"))
-    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
-    worker = BrainWorker(services(bus, pool, [llm]))
-    await worker.start()  # from here the brain works through the stored events in order
-    try:
+    # From here the brain works through the stored events in order.
+    async with brain_running(bus, pool, emulator):
         await recorder.wait("turn.completed", "idle3")
         conversation = fold("idle3", await bus.replay_call("idle3"))
         assert [e.turn_id for e in recorder.of("agent.say", "idle3")
                 if e.turn_id.startswith("i")] == []
         assert not recorder.of("tool.requested", "idle3") and not conversation.ended
-    finally:
-        await worker.stop()
-        await llm.aclose()
 
 
 async def test_the_agents_own_words_in_its_language(bus, pool, emulator, recorder) -> None:
@@ -133,19 +130,13 @@ async def test_the_agents_own_words_in_its_language(bus, pool, emulator, recorde
     async def agents(org_id: str, agent_id: str) -> AgentSettings:
         return spanish
 
-    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
-    worker = BrainWorker(services(bus, pool, [llm], agents=agents))
-    await worker.start()
-    try:
+    async with brain_running(bus, pool, emulator, agents=agents):
         await open_call(bus, "idle9")
         await bus.publish(idle("idle9", "i0", "prompt", 8.0))
         await bus.publish(idle("idle9", "i1", "hangup", 30.0))
         await recorder.wait("tool.requested", "idle9")
         said = {e.turn_id: e.text for e in recorder.of("agent.say", "idle9")}
         assert (said["i0"], said["i1"]) == (spanish.idle_prompt, spanish.idle_goodbye)
-    finally:
-        await worker.stop()
-        await llm.aclose()
 
 
 async def test_a_prompt_said_while_a_tool_ran_is_no_prefill_of_the_round_after_it(
@@ -157,10 +148,7 @@ async def test_a_prompt_said_while_a_tool_ran_is_no_prefill_of_the_round_after_i
     request's last message, which Anthropic reads as a prefill to continue. It now goes with
     the agent's words before the tool use (it was said while the tool ran), so that round's
     request ends with the tool's result, and the next turn's history keeps that order."""
-    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
-    worker = BrainWorker(services(bus, pool, [llm]))
-    await worker.start()
-    try:
+    async with brain_running(bus, pool, emulator):
         await open_call(bus, "idle10")
         await recorder.wait("agent.say", "idle10")  # the greeting
         emulator.script(
@@ -191,9 +179,6 @@ async def test_a_prompt_said_while_a_tool_ran_is_no_prefill_of_the_round_after_i
         assert next_turn[len(round_after):] == [
             {"role": "assistant", "content": "Your refund went through."},
             {"role": "user", "content": "Thanks!"}]
-    finally:
-        await worker.stop()
-        await llm.aclose()
 
 
 async def test_a_prompt_said_while_one_of_two_tools_ran_is_no_prefill_either(
@@ -203,10 +188,7 @@ async def test_a_prompt_said_while_one_of_two_tools_ran_is_no_prefill_either(
     Only tool uses were passed over to put it before them; it stayed after that outcome, and
     once both results were moved up to their uses the round's request ended with the prompt
     (a prefill). A result of a turn still waiting for its tools is passed over too."""
-    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
-    worker = BrainWorker(services(bus, pool, [llm]))
-    await worker.start()
-    try:
+    async with brain_running(bus, pool, emulator):
         await open_call(bus, "idle11")
         await recorder.wait("agent.say", "idle11")  # the greeting
         emulator.script(
@@ -230,6 +212,3 @@ async def test_a_prompt_said_while_one_of_two_tools_ran_is_no_prefill_either(
             "toolu_look", "toolu_refund"]
         assert [block.get("text") or block["type"] for block in round_after[-2]["content"]] == [
             "Let me check.", IDLE_PROMPT, "tool_use", "tool_use"]
-    finally:
-        await worker.stop()
-        await llm.aclose()
