@@ -39,6 +39,14 @@ def recording_warmup() -> tuple[Warmup, list[tuple[str, str]]]:
     return Warmup(prepare), prepared
 
 
+async def final_then_take(warmup: Warmup, call_id: str, turn_id: str, text: str, *,
+                          previous: str) -> Context | None:
+    """The recogniser's final ``text`` of ``turn_id`` comes (and is warmed); then the turn,
+    ended on those words after ``previous``, takes what was warmed for it (None: nothing)."""
+    warmup.on_event(TranscriptFinal(org_id=ORG, call_id=call_id, text=text, utterance_id=turn_id))
+    return await warmup.take(call_id, text, agent_id="", previous=previous)
+
+
 async def test_context_warmed_without_the_agent_is_not_taken() -> None:
     warmup, prepared = recording_warmup()
     # A call that began before this instance followed it: its agent is not known yet.
@@ -170,29 +178,21 @@ async def test_a_turn_takes_only_what_was_warmed_knowing_its_previous_turns_word
     # A follow-up's knowledge is searched with the caller's previous turn's words too: what
     # was warmed without them (an instance that did not see that turn end) is not the turn's.
     warmup, _ = recording_warmup()
-    warmup.on_event(TranscriptFinal(org_id=ORG, call_id="c1", text="How much is it?",
-                                    utterance_id="t2"))
-    assert await warmup.take("c1", "How much is it?", agent_id="",
-                             previous="Do you do teeth whitening?") is None
+    assert await final_then_take(warmup, "c1", "t2", "How much is it?",
+                                 previous="Do you do teeth whitening?") is None
 
     warmup.learn_words("c1", "Do you do teeth whitening?")  # from the fold of t1's unit of work
-    warmup.on_event(TranscriptFinal(org_id=ORG, call_id="c1", text="How much is it?",
-                                    utterance_id="t2"))
-    context = await warmup.take("c1", "How much is it?", agent_id="",
-                                previous="Do you do teeth whitening?")
+    context = await final_then_take(warmup, "c1", "t2", "How much is it?",
+                                    previous="Do you do teeth whitening?")
     assert context is not None and context.warm
     # Seen live, a turn's end gives the next turn its previous words: a follow-up's, with the
     # subject it went on with (a follow-up to a follow-up keeps the subject).
     warmup.on_event(TurnUserEnded(org_id=ORG, call_id="c1", turn_id="t2", text="How much is it?"))
     warmup.learn_words("c1", "Do you do teeth whitening?")  # an older fold changes nothing
-    warmup.on_event(TranscriptFinal(org_id=ORG, call_id="c1", text="And how long?",
-                                    utterance_id="t3"))
-    assert await warmup.take("c1", "And how long?", agent_id="",
-                             previous="How much is it?") is None
-    warmup.on_event(TranscriptFinal(org_id=ORG, call_id="c1", text="And how long?",
-                                    utterance_id="t3"))
-    context = await warmup.take("c1", "And how long?", agent_id="",
-                                previous="Do you do teeth whitening? How much is it?")
+    assert await final_then_take(warmup, "c1", "t3", "And how long?",
+                                 previous="How much is it?") is None
+    context = await final_then_take(warmup, "c1", "t3", "And how long?",
+                                    previous="Do you do teeth whitening? How much is it?")
     assert context is not None and context.warm
     # A revision of that turn goes on from the subject before it, as the fold does.
     warmup.on_event(TurnUserEnded(org_id=ORG, call_id="c1", turn_id="t3", text="And how long?"))
@@ -224,18 +224,14 @@ async def test_a_follow_up_seen_live_by_an_instance_that_missed_its_subject_lear
         TurnUserEnded(org_id=ORG, call_id="c1", turn_id=turn_id, text=text)
         for turn_id, text in [("t1", "Do you do teeth whitening?"), ("t2", "How much is it?")]])
     warmup.learn_words("c1", conversation.subject_after["t2"], turn_id="t2")
-    warmup.on_event(TranscriptFinal(org_id=ORG, call_id="c1", text="And how long?",
-                                    utterance_id="t3"))
-    context = await warmup.take("c1", "And how long?", agent_id="",
-                                previous="Do you do teeth whitening? How much is it?")
+    context = await final_then_take(warmup, "c1", "t3", "And how long?",
+                                    previous="Do you do teeth whitening? How much is it?")
     assert context is not None and context.warm
     # A fold of an earlier turn still changes nothing.
     warmup.on_event(TurnUserEnded(org_id=ORG, call_id="c1", turn_id="t3", text="And how long?"))
     warmup.learn_words("c1", conversation.subject_after["t2"], turn_id="t2")
-    warmup.on_event(TranscriptFinal(org_id=ORG, call_id="c1", text="Is it safe?",
-                                    utterance_id="t4"))
-    context = await warmup.take(
-        "c1", "Is it safe?", agent_id="",
+    context = await final_then_take(
+        warmup, "c1", "t4", "Is it safe?",
         previous="Do you do teeth whitening? How much is it? And how long?")
     assert context is not None and context.warm
     # A revision of the turn seen live goes on from the subject the fold had before it.
@@ -244,10 +240,8 @@ async def test_a_follow_up_seen_live_by_an_instance_that_missed_its_subject_lear
                        before=conversation.subject_before["t2"])
     warmup.on_event(TurnUserEnded(org_id=ORG, call_id="c2", turn_id="t3", text="How much is it?",
                                   revises="t2"))
-    warmup.on_event(TranscriptFinal(org_id=ORG, call_id="c2", text="And how long?",
-                                    utterance_id="t4"))
-    context = await warmup.take("c2", "And how long?", agent_id="",
-                                previous="Do you do teeth whitening? How much is it?")
+    context = await final_then_take(warmup, "c2", "t4", "And how long?",
+                                    previous="Do you do teeth whitening? How much is it?")
     assert context is not None and context.warm
 
 
