@@ -285,6 +285,14 @@ async def _call_row(db, call_id: str) -> tuple | None:
     return await cursor.fetchone()
 
 
+async def requested(bus, call_id: str, *, minutes_ago: float) -> None:
+    """The call.requested of an outbound Twilio call, made ``minutes_ago``."""
+    await bus.publish(CallRequested(
+        org_id=ORG, call_id=call_id, direction="outbound", agent_id=CASCADING_AGENT,
+        from_number=CASCADING_NUMBER, to_number="+14155550199", carrier="twilio",
+        at=datetime.now(UTC) - timedelta(minutes=minutes_ago)))
+
+
 async def test_a_call_requested_and_never_dialled_is_failed(
         make_gateway, bus, events, db, database_url):
     """A POST /v1/calls whose gateway died after publishing call.requested and before asking
@@ -293,11 +301,8 @@ async def test_a_call_requested_and_never_dialled_is_failed(
     model had it "requested" for good. Long enough after, it fails, "never dialled"."""
     stale, recent = new_call_id(), new_call_id()
     async with running_recorder(bus, database_url):
-        for call_id in (stale, recent):
-            await bus.publish(CallRequested(
-                org_id=ORG, call_id=call_id, direction="outbound", agent_id=CASCADING_AGENT,
-                from_number=CASCADING_NUMBER, to_number="+14155550199", carrier="twilio",
-                at=datetime.now(UTC) - timedelta(minutes=20 if call_id == stale else 1)))
+        await requested(bus, stale, minutes_ago=20)
+        await requested(bus, recent, minutes_ago=1)
         await wait_for(lambda: _call_row(db, recent), timeout=10)
         assert await _call_row(db, stale) == ("requested", "")
         await make_gateway(rest=True, gateway_orphan_check_s=0.2)
@@ -317,11 +322,8 @@ async def test_a_requested_call_a_carrier_recorded_or_dialing_is_not_failed_neve
     in the stream the read model has not caught up with."""
     recorded, dialing = new_call_id(), new_call_id()
     async with running_recorder(bus, database_url):
-        for call_id in (recorded, dialing):
-            await bus.publish(CallRequested(
-                org_id=ORG, call_id=call_id, direction="outbound", agent_id=CASCADING_AGENT,
-                from_number=CASCADING_NUMBER, to_number="+14155550199", carrier="twilio",
-                at=datetime.now(UTC) - timedelta(minutes=20)))
+        await requested(bus, recorded, minutes_ago=20)
+        await requested(bus, dialing, minutes_ago=20)
         await wait_for(lambda: _call_row(db, dialing), timeout=10)
         await wait_for(lambda: _call_row(db, recorded), timeout=10)
     await record_carrier_call(db, CarrierCall(
