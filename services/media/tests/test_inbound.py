@@ -3,6 +3,7 @@
 import asyncio
 import contextvars
 import time
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -46,13 +47,26 @@ async def follow(bus, call_id: str, handler, **options) -> InboundAudio:
     return inbound
 
 
-async def assert_frame_2_waited_out_stops_no_other_call(bus, call_id: str, handler,
-                                                        seqs: list[int], timed_out: list[int],
-                                                        other_call_id: str) -> None:
-    """Frames 1-3 of call_id go to handler (which records them in seqs, and frame 2's wait
-    running out in timed_out); then another call's frames 1-3 must still be read."""
+async def assert_frame_2_waited_out_stops_no_other_call(
+        bus, call_id: str, other_call_id: str, wait: Callable[[], Awaitable[object]],
+        timed_out_error: type[BaseException]) -> None:
+    """Frame 2 of call_id is handled by awaiting ``wait()``, which must raise
+    ``timed_out_error``; frames 1-3 are still handled in order, and then another call's
+    frames 1-3 must still be read."""
+    seqs: list[int] = []
+    timed_out: list[int] = []
+
+    async def sink(payload: bytes, seq: int, ts_ms: int, sent_at: float,
+                   behind: bool) -> None:
+        if seq == 2:
+            try:
+                await wait()
+            except timed_out_error:
+                timed_out.append(seq)
+        seqs.append(seq)
+
     other = Sink()
-    inbound = await follow(bus, call_id, handler)
+    inbound = await follow(bus, call_id, sink)
     watching = await follow(bus, other_call_id, other)
     await publish(bus, call_id, range(1, 4))
     await wait_for(lambda: seqs == [1, 2, 3], timeout=3)
@@ -215,20 +229,12 @@ async def test_a_frame_handler_timing_out_before_it_first_waits_stops_no_other_s
     # timeout started there must cancel the handler on expiry, not the client's reader (which
     # would stop reading for every subscription of the connection). At once too: expiring
     # before a task has taken the handler's rest over.
-    seqs: list[int] = []
-    timed_out: list[int] = []
+    async def timing_out() -> None:  # started in the frame's first steps
+        async with asyncio.timeout(delay):
+            await asyncio.sleep(5)
 
-    async def sink(payload: bytes, seq: int, ts_ms: int, sent_at: float,
-                   behind: bool) -> None:
-        if seq == 2:
-            try:
-                async with asyncio.timeout(delay):
-                    await asyncio.sleep(5)
-            except TimeoutError:
-                timed_out.append(seq)
-        seqs.append(seq)
-
-    await assert_frame_2_waited_out_stops_no_other_call(bus, "c10", sink, seqs, timed_out, "c11")
+    await assert_frame_2_waited_out_stops_no_other_call(bus, "c10", "c11", timing_out,
+                                                        TimeoutError)
 
 
 async def test_a_request_unanswered_from_a_frame_handler_stops_no_other_subscription(
@@ -239,19 +245,11 @@ async def test_a_request_unanswered_from_a_frame_handler_stops_no_other_subscrip
     import nats.errors
 
     silent = await bus.nc.subscribe("parley.test.silent")  # listens, never answers
-    seqs: list[int] = []
-    timed_out: list[int] = []
+    async def unanswered() -> object:
+        return await bus.nc.request("parley.test.silent", b"clear", timeout=0.2)
 
-    async def sink(payload: bytes, seq: int, ts_ms: int, sent_at: float,
-                   behind: bool) -> None:
-        if seq == 2:
-            try:
-                await bus.nc.request("parley.test.silent", b"clear", timeout=0.2)
-            except nats.errors.TimeoutError:
-                timed_out.append(seq)
-        seqs.append(seq)
-
-    await assert_frame_2_waited_out_stops_no_other_call(bus, "c12", sink, seqs, timed_out, "c13")
+    await assert_frame_2_waited_out_stops_no_other_call(bus, "c12", "c13", unanswered,
+                                                        nats.errors.TimeoutError)
     await silent.unsubscribe()
 
 
