@@ -52,6 +52,17 @@ async def started_worker(bus, pool, emulator, **overrides):
     return worker, llm
 
 
+@contextlib.asynccontextmanager
+async def running_worker(bus, pool, emulator, **overrides):
+    """A brain worker on the emulated model (as started_worker's), running for the block."""
+    worker, llm = await started_worker(bus, pool, emulator, **overrides)
+    try:
+        yield worker
+    finally:
+        await worker.stop()
+        await llm.aclose()
+
+
 async def test_a_reply_started_from_the_final_is_published_only_when_the_turn_ends(
         bus, pool, emulator, recorder) -> None:
     worker, llm = await started_worker(bus, pool, emulator)
@@ -139,8 +150,7 @@ async def test_an_adopted_slow_speculation_says_its_filler_timed_from_the_turns_
 
 async def test_a_speculation_on_other_words_is_never_published(
         bus, pool, emulator, recorder) -> None:
-    worker, llm = await started_worker(bus, pool, emulator)
-    try:
+    async with running_worker(bus, pool, emulator) as worker:
         await open_call(bus, "p3")
         await recorder.wait("agent.say", "p3")
         emulator.script(ScriptedReply(text="Tuesday is fully booked."),
@@ -155,9 +165,6 @@ async def test_a_speculation_on_other_words_is_never_published(
         assert conversation(emulator.requests[-1])[-1]["content"] == "Can I come on Wednesday?"
         assert "adopted" not in worker.speculations.outcomes
         assert sum(worker.speculations.outcomes.values()) == 1
-    finally:
-        await worker.stop()
-        await llm.aclose()
 
 
 async def keys(bus, call_id: str, turn_id: str, pressed: str) -> None:
@@ -170,8 +177,7 @@ async def test_a_speculation_on_words_is_not_adopted_by_a_turn_of_keys(
         bus, pool, emulator, recorder) -> None:
     # The caller read the digits out, then typed them: the words and the keys normalise alike
     # ("1234"), and the reply speculated on the words was adopted for the keys.
-    worker, llm = await started_worker(bus, pool, emulator)
-    try:
+    async with running_worker(bus, pool, emulator) as worker:
         await open_call(bus, "p8")
         await recorder.wait("agent.say", "p8")
         emulator.script(ScriptedReply(text="Twelve thirty-four, got it."),
@@ -187,17 +193,13 @@ async def test_a_speculation_on_words_is_not_adopted_by_a_turn_of_keys(
                                                            "content": "[keypad] 1234#"}
         assert "adopted" not in worker.speculations.outcomes
         assert sum(worker.speculations.outcomes.values()) == 1
-    finally:
-        await worker.stop()
-        await llm.aclose()
 
 
 async def test_after_a_turn_of_keys_the_next_spoken_turn_is_prepared_for(
         bus, pool, emulator, recorder) -> None:
     # Media numbers turns of keys apart (k1) from spoken ones (t1): the reply prepared for the
     # caller's next words was for turn "" after k1, and so never published.
-    worker, llm = await started_worker(bus, pool, emulator)
-    try:
+    async with running_worker(bus, pool, emulator) as worker:
         await open_call(bus, "p9")
         await recorder.wait("agent.say", "p9")
         emulator.script(ScriptedReply(text="Thanks, I have your code."),
@@ -214,15 +216,11 @@ async def test_after_a_turn_of_keys_the_next_spoken_turn_is_prepared_for(
             {"role": "user", "content": "[keypad] 1234#"},
             {"role": "assistant", "content": "Thanks, I have your code."},
             {"role": "user", "content": "What time do you open?"}]
-    finally:
-        await worker.stop()
-        await llm.aclose()
 
 
 async def test_a_tool_call_in_a_speculative_reply_waits_for_the_turn(
         bus, pool, emulator, recorder) -> None:
-    worker, llm = await started_worker(bus, pool, emulator)
-    try:
+    async with running_worker(bus, pool, emulator) as worker:
         await open_call(bus, "p4")
         await recorder.wait("agent.say", "p4")
         emulator.script(ScriptedReply(text="Let me book that.", tool_uses=(
@@ -239,15 +237,11 @@ async def test_a_tool_call_in_a_speculative_reply_waits_for_the_turn(
         assert worker.speculations.outcomes == {"adopted": 1}
         said = [e.text for e in recorder.of("agent.say", "p4") if e.turn_id == "t1"]
         assert said == ["Let me book that.", "One moment."]  # the filler, if the tool is slow
-    finally:
-        await worker.stop()
-        await llm.aclose()
 
 
 async def test_a_stable_partial_starts_it_and_new_speech_cancels_it(
         bus, pool, emulator, recorder) -> None:
-    worker, llm = await started_worker(bus, pool, emulator, preemptive_partial_stable_s=0.05)
-    try:
+    async with running_worker(bus, pool, emulator, preemptive_partial_stable_s=0.05) as worker:
         await open_call(bus, "p5")
         await recorder.wait("agent.say", "p5")
         emulator.script(ScriptedReply(text="First guess."), ScriptedReply(text="Sure."))
@@ -264,15 +258,11 @@ async def test_a_stable_partial_starts_it_and_new_speech_cancels_it(
             "Sure."]
         assert worker.speculations.outcomes.get("adopted") == 1
         assert len(emulator.requests) == 2
-    finally:
-        await worker.stop()
-        await llm.aclose()
 
 
 async def test_by_default_the_caller_stopping_starts_it_and_a_partial_alone_does_not(
         bus, pool, emulator, recorder) -> None:
-    worker, llm = await started_worker(bus, pool, emulator)  # the service's defaults
-    try:
+    async with running_worker(bus, pool, emulator) as worker:  # the service's defaults
         await open_call(bus, "p7")
         await recorder.wait("agent.say", "p7")
         emulator.script(ScriptedReply(text="We are open until six."))
@@ -289,14 +279,10 @@ async def test_by_default_the_caller_stopping_starts_it_and_a_partial_alone_does
         assert worker.speculations.outcomes == {"adopted": 1}
         assert [e.text for e in recorder.of("agent.say", "p7") if e.turn_id == "t1"] == [
             "We are open until six."]
-    finally:
-        await worker.stop()
-        await llm.aclose()
 
 
 async def test_turned_off_it_never_speculates(bus, pool, emulator, recorder) -> None:
-    worker, llm = await started_worker(bus, pool, emulator, preemptive=False)
-    try:
+    async with running_worker(bus, pool, emulator, preemptive=False) as worker:
         await open_call(bus, "p6")
         await recorder.wait("agent.say", "p6")
         await final(bus, "p6", "Hello there.")
@@ -305,9 +291,6 @@ async def test_turned_off_it_never_speculates(bus, pool, emulator, recorder) -> 
         await user_says(bus, "p6", "t1", "Hello there.")
         await recorder.wait("turn.completed", "p6")
         assert len(emulator.requests) == 1 and worker.speculations.outcomes == {}
-    finally:
-        await worker.stop()
-        await llm.aclose()
 
 
 def test_normalize_ignores_case_punctuation_and_spacing() -> None:
@@ -324,8 +307,7 @@ async def playing(bus, call_id: str, turn_id: str, text: str, clause: str, *,
 
 async def test_a_turn_playing_the_prepared_clause_adopts_the_speculation_that_made_it(
         bus, pool, emulator, recorder) -> None:
-    worker, llm = await started_worker(bus, pool, emulator)
-    try:
+    async with running_worker(bus, pool, emulator) as worker:
         await open_call(bus, "q1")
         await recorder.wait("agent.say", "q1")
         emulator.script(ScriptedReply(text=REPLY))
@@ -341,17 +323,13 @@ async def test_a_turn_playing_the_prepared_clause_adopts_the_speculation_that_ma
         assert said == [(0, "We open at eight."), (1, "Would you like to book a visit?")]
         assert len(emulator.requests) == 1
         assert worker.speculations.outcomes == {"adopted": 1}
-    finally:
-        await worker.stop()
-        await llm.aclose()
 
 
 async def test_a_prepared_clause_from_elsewhere_is_said_first_and_the_model_continues_it(
         bus, pool, emulator, recorder) -> None:
     # This instance did not speculate (another one did): the clause the caller hears is the
     # turn's first, and the model is asked to go on from it.
-    worker, llm = await started_worker(bus, pool, emulator, preemptive=False)
-    try:
+    async with running_worker(bus, pool, emulator, preemptive=False):
         await open_call(bus, "q2")
         await recorder.wait("agent.say", "q2")
         emulator.script(ScriptedReply(text=" Would you like to book a visit?"))
@@ -374,9 +352,6 @@ async def test_a_prepared_clause_from_elsewhere_is_said_first_and_the_model_cont
                 if e.turn_id == "t2"]
         assert said == [(0, "You're welcome!", True)]
         assert len(emulator.requests) == requests
-    finally:
-        await worker.stop()
-        await llm.aclose()
 
 
 class _Waiting:
@@ -482,8 +457,7 @@ async def speculated_on_about_whitening(bus, pool, emulator, recorder, call_id: 
 
     await ingest(pool, ORG, "reception", "whitening.md",
                  b"Teeth whitening: a whitening session takes an hour and costs $300.")
-    worker, llm = await started_worker(bus, pool, emulator)
-    try:
+    async with running_worker(bus, pool, emulator) as worker:
         await open_call(bus, call_id)
         await recorder.wait("agent.say", call_id)
         emulator.script(*[ScriptedReply(text=reply) for reply in replies])
@@ -493,9 +467,6 @@ async def speculated_on_about_whitening(bus, pool, emulator, recorder, call_id: 
             await user_says(bus, call_id, f"t{number}", text)
             await recorder.wait("turn.completed", call_id, count=number)
         yield worker
-    finally:
-        await worker.stop()
-        await llm.aclose()
 
 
 async def test_a_follow_up_is_warmed_and_speculated_on_with_its_subjects_knowledge(
@@ -543,8 +514,7 @@ async def test_an_adopted_speculation_whose_words_differ_in_case_keeps_the_promp
     from collections import Counter
 
     items = " ".join(f"item{i}" for i in range(4500))  # past Haiku's cache minimum (4096)
-    worker, llm = await started_worker(bus, pool, emulator)
-    try:
+    async with running_worker(bus, pool, emulator) as worker:
         await open_call(bus, "p-case")
         await recorder.wait("agent.say", "p-case")
         emulator.script(ScriptedReply(text="Got it, that's the whole list."),
@@ -563,6 +533,3 @@ async def test_an_adopted_speculation_whose_words_differ_in_case_keeps_the_promp
             billed.setdefault(usage.turn_id, Counter())[usage.kind] += usage.quantity
         assert billed["t1"]["llm_cache_write_tokens"] > 4096
         assert billed["t2"]["llm_cache_read_tokens"] == billed["t1"]["llm_cache_write_tokens"]
-    finally:
-        await worker.stop()
-        await llm.aclose()
