@@ -13,6 +13,8 @@ from parley.brain.follow_ups import is_follow_up
     "And Mastercard?", "What about Amex?", "And a whitening?",  # a fragment going on
     "Which days?", "For kids?", "Visa?",  # a fragment naming few words
     "Also weekends?", "Weekends too?", "Cleanings as well?",  # a fragment adding
+    "My name is John Smith", "My phone number is 555-0134", "My name's Ana",  # particulars
+    "My date of birth is March 3rd", "It's 555-0134",
     "How much?", "How long?", "When?", "How much do you charge?", "What's the price?",  # none
 ])
 def test_a_turn_that_refers_back_or_names_nothing_is_a_follow_up(text: str) -> None:
@@ -30,6 +32,7 @@ def test_a_turn_that_refers_back_or_names_nothing_is_a_follow_up(text: str) -> N
     # adding to what was said, but asking of a subject of its own
     "Also, do you handle emergencies?", "Do you serve the suburbs too?",
     "Do you take Mastercard too?", "Do you do cleanings as well?",
+    "Can you update my address?", "Is my name on the list?",  # asking of them, not telling
 ])
 def test_a_turn_naming_its_own_subject_is_none(text: str) -> None:
     assert not is_follow_up(text)

@@ -380,6 +380,34 @@ async def test_a_question_adding_a_subject_of_its_own_is_searched_by_its_own_wor
     assert answers[1] == "We serve the whole city and suburbs within 30 miles.", answers
 
 
+async def test_the_callers_name_and_number_are_no_subject(bus, pool, recorder) -> None:
+    """A dental booking: "Do you do teeth whitening?" — "Yes please" — "My name is John Smith"
+    — "My number is 555-0134" — "How much will it be?".
+
+    The caller's name, a clause naming words none of the lists know, was taken for a subject of
+    its own (the old count of words had it a follow-up), so the price question after it was
+    searched with "My name is John Smith" in front and found nothing: the local responder said
+    it would check on a price it had (and the local responder, passing over follow-ups naming
+    nothing, took "My number is 555-0134" for its subject). A caller telling their name,
+    number or address answers the agent and goes on with the subject.
+    """
+    await ingest(pool, ORG, AGENT, "prices.md", b"A teeth cleaning costs $95. A whitening "
+                 b"session costs $250 and takes an hour.")
+    await ingest(pool, ORG, AGENT, "hours.md", b"We open at eight, Monday to Friday.")
+    async with running_brain(bus, pool, [LocalResponder()]):
+        await open_call(bus, "c-name")
+        said = ["Do you do teeth whitening?", "Yes please", "My name is John Smith",
+                "My number is 555-0134", "How much will it be?"]
+        for number, text in enumerate(said, 1):
+            await user_says(bus, "c-name", f"t{number}", text)
+            await recorder.wait("turn.completed", "c-name", count=number)
+        retrieved = recorder.of("knowledge.retrieved", "c-name")
+        answer = " ".join(e.text for e in recorder.of("agent.say", "c-name")
+                          if e.turn_id == "t5")
+    assert retrieved[4].query.startswith("Do you do teeth whitening?"), retrieved[4].query
+    assert answer == "A whitening session costs $250 and takes an hour.", answer
+
+
 def test_the_subject_a_follow_up_carries_is_bounded() -> None:
     """The last turn that was no follow-up and the latest follow-ups since (a revised turn
     passed over, keys not counted); a long run of follow-ups keeps only the latest few."""

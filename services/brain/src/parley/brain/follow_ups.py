@@ -11,6 +11,9 @@ A turn is a follow-up when it refers back, or when it names nothing of its own:
 - it has a word that points back (:data:`REFERRING`: "How much is *it*?", "What would *that*
   treatment cost me?", "Can I book *one*?", "How do I get *there*?"; not an existential "is
   there", nor "one" counting a thing, "one hour");
+- or it tells the caller's particulars the agent asked for (:data:`PARTICULARS`: "My name is
+  John Smith", "My phone number is 555-0134"), an answer going on with the subject: a name is
+  no subject to search the next turn's question with ("How much will it be?");
 - or it names no subject: every word is a function, question, filler or aspect word
   (:data:`NAMES_NOTHING`: "How much do you charge?", "How long?", "When?");
 - or it is a fragment, no clause of its own (no auxiliary, no "I"/"you"/"we":
@@ -37,7 +40,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["FOLLOW_UPS_CARRIED", "FOLLOW_UP_WORDS", "is_follow_up"]
+__all__ = ["FOLLOW_UPS_CARRIED", "FOLLOW_UP_WORDS", "is_follow_up", "tells_particulars"]
 
 # A fragment naming at most this many words goes on with the subject ("Which days?").
 FOLLOW_UP_WORDS = 3
@@ -55,6 +58,11 @@ do does did is are was were am can could will would should shall may might must 
 don't doesn't didn't isn't aren't wasn't can't won't wouldn't couldn't shouldn't haven't
 i you we i'm you're we're i'd i'll i've you've we've what's where's when's how's who's
 """.split())
+# What a caller tells of themselves: "my <particular> is …" ("my phone number is", "my name's").
+PARTICULARS = frozenset("name number phone email address surname birth birthday postcode zip"
+                        .split())
+_TOLD = frozenset({"is", "was"})
+_PARTICULAR_WORDS = PARTICULARS | frozenset(f"{word}'s" for word in PARTICULARS)
 # Words that open a fragment going on with what was said.
 OPENERS = frozenset("and or plus but also".split())
 OPENING_PAIRS = frozenset({("what", "about"), ("how", "about"), ("what", "if")})
@@ -88,10 +96,27 @@ def _points_back(words: list[str], at: int) -> bool:
     return True
 
 
+def _tells_particulars(words: list[str], at: int) -> bool:
+    """Whether ``words[at]``, one of :data:`PARTICULARS` (or with "'s"), is told: "my … is"."""
+    told = words[at].endswith("'s") or (at + 1 < len(words) and words[at + 1] in _TOLD)
+    return told and "my" in words[max(0, at - 3):at]
+
+
+def tells_particulars(text: str) -> bool:
+    """Whether a caller's turn of ``text`` tells their particulars ("My name is John Smith").
+
+    The words it names ("john smith") are no subject a later turn goes on with.
+    """
+    words = _WORD.findall(text.lower().replace("\u2019", "'"))
+    return any(word in _PARTICULAR_WORDS and _tells_particulars(words, at)
+               for at, word in enumerate(words))
+
+
 def is_follow_up(text: str) -> bool:
     """Whether a caller's turn of ``text`` goes on with the subject before it.
 
-    See the module: it points back at what was said, names nothing of its own, or is a
+    See the module: it points back at what was said, tells the caller's particulars, names
+    nothing of its own, or is a
     fragment opening like one going on or naming at most :data:`FOLLOW_UP_WORDS` words. One
     regular expression and a set lookup a word (about a microsecond a turn more than counting
     words did): the fold runs it on every caller turn.
@@ -101,6 +126,8 @@ def is_follow_up(text: str) -> bool:
     clause = False
     for at, word in enumerate(words):
         if word in REFERRING and (word not in _POINTING_IF or _points_back(words, at)):
+            return True
+        if word in _PARTICULAR_WORDS and _tells_particulars(words, at):
             return True
         if word in CLAUSE:
             clause = True

@@ -53,7 +53,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
-from parley.brain.follow_ups import FOLLOW_UPS_CARRIED, is_follow_up
+from parley.brain.follow_ups import FOLLOW_UPS_CARRIED, is_follow_up, tells_particulars
 
 from .base import (
     AssistantMessage,
@@ -491,7 +491,8 @@ def _previous_caller_text(messages: Sequence[Any]) -> str:
     much is it?"), the latest turn before it that names a subject ("Do you do whitening?"),
     past at most :data:`~parley.brain.follow_ups.FOLLOW_UPS_CARRIED` such follow-ups (keys end
     the search; a turn that is no follow-up, :func:`~parley.brain.follow_ups.is_follow_up`,
-    too, as the brain's retrieval carries a subject).
+    too, as the brain's retrieval carries a subject). A turn telling the caller's particulars
+    ("My name is John Smith") is passed over: a name is no subject.
     """
     spoken = [str(m.text) for m in messages if isinstance(m, UserMessage)][:-1]
     if not spoken or pressed_keys(spoken[-1]):
@@ -499,6 +500,8 @@ def _previous_caller_text(messages: Sequence[Any]) -> str:
     for text in reversed(spoken[-(FOLLOW_UPS_CARRIED + 1):]):
         if pressed_keys(text):
             break
+        if tells_particulars(text):
+            continue
         if not is_follow_up(text) or any(
                 phrase[-1] not in _GENERIC_HEADS for phrase in subject_phrases(text)):
             return text
