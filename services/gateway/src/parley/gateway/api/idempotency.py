@@ -184,11 +184,22 @@ async def _proven_not_dialled(app: web.Application, org_id: str, call_id: str) -
 
     :func:`parley.gateway.outbound.not_dialled_event_id`: published only when the request,
     its key marked dialling or not, failed before the carrier was asked.
+
+    Not proven when the event store cannot be asked (NATS away): the key is then decided by
+    the database alone, as without the proof — never dialled again — and at once, not after
+    a JetStream timeout.
     """
+    bus = app[BUS]
+    if not bus.nc.is_connected:
+        return False
     try:
-        msg = await app[BUS].js.get_last_msg(EVENTS_STREAM,
-                                             call_events(call_id, org_id, "call.failed"))
+        msg = await bus.js.get_last_msg(EVENTS_STREAM,
+                                        call_events(call_id, org_id, "call.failed"))
     except NotFoundError:
+        return False
+    except Exception as exc:
+        log.warning("call %s: whether it failed not dialled is unknown (%r); its idempotency "
+                    "key is decided without", call_id, exc)
         return False
     return decode(msg.data or b"").id == not_dialled_event_id(call_id)
 
