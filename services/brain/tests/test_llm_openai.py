@@ -319,10 +319,9 @@ async def test_consecutive_requests_share_their_prefix_up_to_the_new_turn(
     break chat templates that want user and assistant to alternate, Mistral's), in
     <turn_context> tags, and the next request repeats the one before up to it."""
     from parley.brain.knowledge.store import Chunk
-    from parley.brain.worker import BrainWorker
     from parley.common.events import ToolCompleted
 
-    from .conftest import ORG, open_call, services, user_says
+    from .conftest import ORG, open_call, running_brain, user_says
 
     async def knowledge(org_id: str, agent_id: str, query: str) -> list[Chunk]:
         return [Chunk(id=f"k-{len(query)}", text=f"What we know about: {query}",
@@ -333,9 +332,7 @@ async def test_consecutive_requests_share_their_prefix_up_to_the_new_turn(
 
     llm = OpenAICompatLlm(base_url=f"{emulator.base_url}/v1", model="llama3",
                           api_key="sk-local")
-    worker = BrainWorker(services(bus, pool, [llm], retrieve=knowledge, profile=profile))
-    await worker.start()
-    try:
+    async with running_brain(bus, pool, [llm], retrieve=knowledge, profile=profile):
         emulator.script(
             ScriptedReply(text="Let me check.", tool_uses=(ScriptedToolUse(
                 name="book_appointment", input={"day": "Friday"}, id="call_1"),)),
@@ -350,9 +347,6 @@ async def test_consecutive_requests_share_their_prefix_up_to_the_new_turn(
         await recorder.wait("turn.completed", "c-prefix")
         await user_says(bus, "c-prefix", "t2", "Do you take my insurance?")
         await recorder.wait("turn.completed", "c-prefix", count=2)
-    finally:
-        await worker.stop()
-        await llm.aclose()
     requests = [r["messages"] for r in emulator.requests]
     assert len(requests) == 3
     for messages in requests:
@@ -405,10 +399,9 @@ async def test_agent_words_of_two_turns_in_a_row_go_out_as_one_assistant_message
     templates that want user and assistant to alternate refuse (Mistral's, Gemma's: the
     server answers 500), so the caller's next turn was never answered. They now go out as one
     message, as the Anthropic adapter merges them."""
-    from parley.brain.worker import BrainWorker
     from parley.common.events import CallerIdle, ToolCompleted
 
-    from .conftest import ORG, SETTINGS, open_call, services, user_says
+    from .conftest import ORG, SETTINGS, open_call, running_brain, user_says
 
     def idle(turn_id: str) -> CallerIdle:
         return CallerIdle(org_id=ORG, call_id="c-alt", turn_id=turn_id, action="prompt",
@@ -418,30 +411,27 @@ async def test_agent_words_of_two_turns_in_a_row_go_out_as_one_assistant_message
     await server.start()
     llm = OpenAICompatLlm(base_url=f"{server.base_url}/v1", model="mistral",
                           api_key="sk-local")
-    worker = BrainWorker(services(bus, pool, [llm]))
-    await worker.start()
     try:
-        server.script(
-            ScriptedReply(text="Let me check.", tool_uses=(ScriptedToolUse(
-                name="refund", input={"order": "42"}, id="call_alt"),)),
-            ScriptedReply(text="Your refund went through."),
-            ScriptedReply(text="You're welcome!"))
-        await open_call(bus, "c-alt")
-        await recorder.wait("agent.say", "c-alt")  # the greeting
-        await bus.publish(idle("i0"))
-        await recorder.wait("agent.say", "c-alt", where=lambda e: e.turn_id == "i0")
-        await user_says(bus, "c-alt", "t1", "Refund my last order.")
-        await recorder.wait("tool.requested", "c-alt")
-        await bus.publish(idle("i1"))
-        await recorder.wait("agent.say", "c-alt", where=lambda e: e.turn_id == "i1")
-        await bus.publish(ToolCompleted(org_id=ORG, call_id="c-alt", tool_call_id="call_alt",
-                                        name="refund", result={"ok": True}))
-        await recorder.wait("turn.completed", "c-alt")
-        await user_says(bus, "c-alt", "t2", "Thanks!")
-        await recorder.wait("turn.completed", "c-alt", count=2)
+        async with running_brain(bus, pool, [llm]):
+            server.script(
+                ScriptedReply(text="Let me check.", tool_uses=(ScriptedToolUse(
+                    name="refund", input={"order": "42"}, id="call_alt"),)),
+                ScriptedReply(text="Your refund went through."),
+                ScriptedReply(text="You're welcome!"))
+            await open_call(bus, "c-alt")
+            await recorder.wait("agent.say", "c-alt")  # the greeting
+            await bus.publish(idle("i0"))
+            await recorder.wait("agent.say", "c-alt", where=lambda e: e.turn_id == "i0")
+            await user_says(bus, "c-alt", "t1", "Refund my last order.")
+            await recorder.wait("tool.requested", "c-alt")
+            await bus.publish(idle("i1"))
+            await recorder.wait("agent.say", "c-alt", where=lambda e: e.turn_id == "i1")
+            await bus.publish(ToolCompleted(org_id=ORG, call_id="c-alt", tool_call_id="call_alt",
+                                            name="refund", result={"ok": True}))
+            await recorder.wait("turn.completed", "c-alt")
+            await user_says(bus, "c-alt", "t2", "Thanks!")
+            await recorder.wait("turn.completed", "c-alt", count=2)
     finally:
-        await worker.stop()
-        await llm.aclose()
         await server.stop()
     said = [e.text for e in recorder.of("agent.say", "c-alt")
             if e.turn_id in ("t1", "t2") and not e.filler_after_ms]
