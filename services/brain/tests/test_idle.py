@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import msgspec
 
 from parley.brain.conversation import fold
 from parley.brain.llm.anthropic_llm import AnthropicLlm
-from parley.brain.worker import BrainWorker
 from parley.common.configuration import AgentSettings
 from parley.common.events import (
     AgentSay,
@@ -23,7 +21,7 @@ from parley.common.events import (
 )
 from parley.devkit.emulators.anthropic import ScriptedReply, ScriptedToolUse
 
-from .conftest import ORG, SETTINGS, conversation, open_call, services, user_says
+from .conftest import ORG, SETTINGS, conversation, open_call, running_brain, user_says
 
 IDLE_PROMPT, IDLE_GOODBYE = SETTINGS.idle_prompt, SETTINGS.idle_goodbye
 
@@ -33,17 +31,10 @@ def idle(call_id: str, turn_id: str, action: str, silent_s: float) -> CallerIdle
                       silent_s=silent_s)
 
 
-@contextlib.asynccontextmanager
-async def brain_running(bus, pool, emulator, **overrides):
-    """A brain worker on the emulated model, running for the block (then stopped)."""
+def brain_running(bus, pool, emulator, **overrides):
+    """conftest's running_brain on the emulated Anthropic model."""
     llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
-    worker = BrainWorker(services(bus, pool, [llm], **overrides))
-    await worker.start()
-    try:
-        yield worker
-    finally:
-        await worker.stop()
-        await llm.aclose()
+    return running_brain(bus, pool, [llm], **overrides)
 
 
 async def test_the_prompt_is_said_and_the_model_knows_it_asked(
