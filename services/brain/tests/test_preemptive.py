@@ -23,7 +23,15 @@ from parley.common.events import (
 )
 from parley.devkit.emulators.anthropic import ScriptedReply, ScriptedToolUse
 
-from .conftest import ORG, conversation, open_call, services, turn_context, user_says
+from .conftest import (
+    ORG,
+    conversation,
+    open_call,
+    running_brain,
+    services,
+    turn_context,
+    user_says,
+)
 
 REPLY = "We open at eight. Would you like to book a visit?"
 
@@ -52,15 +60,10 @@ async def started_worker(bus, pool, emulator, **overrides):
     return worker, llm
 
 
-@contextlib.asynccontextmanager
-async def running_worker(bus, pool, emulator, **overrides):
-    """A brain worker on the emulated model (as started_worker's), running for the block."""
-    worker, llm = await started_worker(bus, pool, emulator, **overrides)
-    try:
-        yield worker
-    finally:
-        await worker.stop()
-        await llm.aclose()
+def running_worker(bus, pool, emulator, **overrides):
+    """conftest's running_brain on the emulated Anthropic model (as started_worker's)."""
+    llm = AnthropicLlm(api_key="sk-test", base_url=emulator.base_url)
+    return running_brain(bus, pool, [llm], **overrides)
 
 
 async def test_a_reply_started_from_the_final_is_published_only_when_the_turn_ends(
