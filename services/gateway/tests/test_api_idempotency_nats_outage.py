@@ -13,16 +13,19 @@ from parley.common.bus.client import connect
 from parley.gateway.api import idempotency
 
 from . import test_api_calls as calls_support
+from . import test_api_idempotency as idempotency_support
 from . import test_plivo_support as support
-from .conftest import ACCOUNT
-from .test_api_calls import FrozenClock, body
+from .test_api_calls import body
 from .test_api_idempotency import claimed_by_a_request_that_died, place, twilio_reports_status
 from .test_nats_outage import cut_off
 
+# the calls API tests' fixtures (the idempotency tests' gateway, on this test's bus below)
 make_plivo_gateway = support.make_plivo_gateway
 plivo_number = support.plivo_number
 twilio_api = calls_support.twilio_api
 keys = calls_support.keys
+clock = idempotency_support.clock
+api = idempotency_support.api
 
 
 @pytest.fixture
@@ -36,17 +39,6 @@ async def bus(nats_server_of_test):
         yield connected
     finally:
         await connected.close()
-
-
-@pytest.fixture
-def clock() -> FrozenClock:
-    return FrozenClock()
-
-
-@pytest.fixture
-async def api(make_plivo_gateway, twilio_api, clock):
-    return await make_plivo_gateway(twilio_account_sid=ACCOUNT,
-                                    twilio_api_base_url=twilio_api.url, clock=clock)
 
 
 @pytest.mark.parametrize("lease_out", [False, True])
