@@ -273,3 +273,34 @@ async def test_the_warm_up_carries_a_subject_as_the_fold_does() -> None:
         "", "How much does teeth whitening cost at your office?", "Do you take Visa?",
         "Do you take Visa? And Mastercard?",
         "Do you take Visa? And Mastercard? What would that treatment cost me?"]
+
+
+async def test_words_warmed_without_their_pointing_word_are_not_taken_for_a_follow_up(
+        bus, pool, recorder) -> None:
+    """A plumber's line: "My kitchen sink is leaking" — "Can you fix it?", the last word not yet
+    in the words warmed ("Can you fix").
+
+    A warm-up is taken when it holds the final words of three letters or more, which "it" is
+    not; but since 304102c that word decides the search: "Can you fix" (naming "fix") was
+    searched alone and taken for the follow-up "Can you fix it?", whose own search goes with
+    the leak. A warm-up is now taken only if its words decide the follow-up as the final ones.
+    """
+    await ingest(pool, ORG, AGENT, "leaks.md", b"Leaking taps and sinks are usually fixed in "
+                 b"one visit; we carry common washers and cartridges.")
+    await ingest(pool, ORG, AGENT, "fixtures.md", b"We fix and fit toilets, showers and water "
+                 b"heaters.")
+    await open_call(bus, "w-fix")
+    worker = BrainWorker(services(bus, pool, [LocalResponder()]))
+    await worker.start()
+    try:
+        await user_says(bus, "w-fix", "t1", "My kitchen sink is leaking")
+        await recorder.wait("turn.completed", "w-fix")
+        await bus.publish(TranscriptFinal(org_id=ORG, call_id="w-fix", text="Can you fix",
+                                          utterance_id="t2"))
+        await until(lambda: worker.warmup.expected("w-fix") is not None)
+        await user_says(bus, "w-fix", "t2", "Can you fix it?")
+        await recorder.wait("turn.completed", "w-fix", count=2)
+        retrieved = recorder.of("knowledge.retrieved", "w-fix")
+    finally:
+        await worker.stop()
+    assert retrieved[1].query == "My kitchen sink is leaking Can you fix it?"

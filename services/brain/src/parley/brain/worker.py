@@ -450,7 +450,10 @@ class Warmup:
                    previous: str = "") -> Context | None:
         """The warmed context if it was prepared from (nearly) the final words, for the agent.
 
-        Only if it knew the words of the caller's turn before (``previous``) as the turn does.
+        Only if it knew the words of the caller's turn before (``previous``) as the turn does,
+        and its words are a follow-up as the final ones are or not (:func:`is_follow_up`): a
+        word that decides it may be too short to count among the words compared ("Can you fix"
+        warmed alone, "Can you fix it?" searched with the subject).
         """
         warm = self._calls.pop(call_id, None)
         if warm is None:
@@ -458,7 +461,8 @@ class Warmup:
             return None
         final, partial = _content_words(final_text), _content_words(warm.text)
         if warm.agent_id != agent_id or not final or len(final & partial) < 0.8 * len(final) or (
-                warm.previous != previous):
+                warm.previous != previous) or (
+                previous.strip() and is_follow_up(warm.text) != is_follow_up(final_text)):
             warm.task.cancel()
             self.misses += 1
             return None
