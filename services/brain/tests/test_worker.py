@@ -12,6 +12,7 @@ from parley.brain.knowledge import ingest
 from parley.brain.llm.anthropic_llm import AnthropicLlm
 from parley.brain.llm.local_responder import LocalResponder
 from parley.brain.worker import BrainWorker
+from parley.common.configuration import AgentSettings
 from parley.common.events import (
     AgentSay,
     AgentSpeechInterrupted,
@@ -406,6 +407,40 @@ async def test_the_callers_name_and_number_are_no_subject(bus, pool, recorder) -
                           if e.turn_id == "t5")
     assert retrieved[4].query.startswith("Do you do teeth whitening?"), retrieved[4].query
     assert answer == "A whitening session costs $250 and takes an hour.", answer
+
+
+async def test_an_agent_speaking_another_language_searches_a_turn_by_its_own_words(
+        bus, pool, recorder) -> None:
+    """A Spanish-speaking dental agent: "¿Cuánto cuesta una limpieza?" — "¿Aceptan tarjetas?" —
+    "¿Qué horario tienen?".
+
+    The follow-up rule's words are English: to it every Spanish word names something and no
+    Spanish question is a clause, so each short question was a fragment going on with the one
+    before. "¿Aceptan tarjetas?" was searched behind the cleaning's price (the prices passage
+    first, payments at 0.06) and "¿Qué horario tienen?" behind three questions. A turn for an
+    agent of another language is searched by its own words, with the subject only if they
+    find nothing.
+    """
+    await ingest(pool, ORG, AGENT, "precios.md", b"Una limpieza dental cuesta 95 euros. "
+                 b"El blanqueamiento cuesta 250 euros.")
+    await ingest(pool, ORG, AGENT, "horario.md", b"Nuestro horario: abrimos de lunes a "
+                 b"viernes de ocho a cinco.")
+    await ingest(pool, ORG, AGENT, "pagos.md", b"Aceptamos tarjetas Visa y Mastercard.")
+    spanish = msgspec.structs.replace(SETTINGS, language="es-ES")
+
+    async def agents(org_id: str, agent_id: str) -> AgentSettings:
+        return spanish
+
+    async with running_brain(bus, pool, [LocalResponder()], agents=agents):
+        await open_call(bus, "c-es")
+        said = ["¿Cuánto cuesta una limpieza?", "¿Aceptan tarjetas?", "¿Qué horario tienen?"]
+        for number, text in enumerate(said, 1):
+            await user_says(bus, "c-es", f"t{number}", text)
+            await recorder.wait("turn.completed", "c-es", count=number)
+        retrieved = recorder.of("knowledge.retrieved", "c-es")
+    assert [r.query for r in retrieved] == said
+    assert [len(r.chunk_ids) for r in retrieved] == [1, 1, 1]
+    assert len({r.chunk_ids[0] for r in retrieved}) == 3
 
 
 def test_the_subject_a_follow_up_carries_is_bounded() -> None:

@@ -1379,11 +1379,17 @@ class BrainWorker:
         together with ``previous``, the subject they most likely go on with: the caller's
         previous turn's words, or, after a follow-up, its subject's and the follow-ups since
         (:func:`~parley.brain.conversation.carried_subject`). At most two searches a turn; the
-        query recorded is the one whose passages the prompt gets.
+        query recorded is the one whose passages the prompt gets. The follow-up rule's words
+        are English: for an agent of another language (its settings' ``language``) every word
+        names something and no question is a clause to it, so a turn is searched by its own
+        words, and with the subject only if they find nothing ("¿Aceptan tarjetas?" was
+        searched behind "¿Cuánto cuesta una limpieza?", the prices passage first).
         """
         started = time.perf_counter()
         together = f"{previous.strip()} {words.strip()}"
-        if previous.strip() and is_follow_up(words):
+        english = not previous.strip() or (
+            await self.s.agents(org_id, agent_id)).language.lower().startswith("en")
+        if previous.strip() and english and is_follow_up(words):
             query, chunks = together, await self.s.retrieve(org_id, agent_id, together)
         else:
             query, chunks = words, await self.s.retrieve(org_id, agent_id, words)
