@@ -249,6 +249,31 @@ async def test_local_responder_is_grounded_in_ingested_knowledge(bus, pool, reco
         await worker.stop()
 
 
+async def test_local_responder_answers_a_question_said_after_a_greeting(
+        bus, pool, recorder) -> None:
+    """Callers open with a greeting and say what they call about in the same breath: "Hi, I'm
+    calling about teeth whitening", "Hey, how much for a filling, thanks", "Hello, whitening
+    and cleaning prices please". Each was a greeting to the intent rules (a question must open
+    with its question word or end with "?"), and the local responder only greeted back: "Hi!
+    How can I help you today?". What follows a greeting is now classified on its own.
+    """
+    await ingest(pool, ORG, AGENT, "prices.md", b"A teeth cleaning costs $95. A whitening "
+                 b"session costs $250. A filling starts at $180.")
+    said = {"Hi, I'm calling about teeth whitening": "$250",
+            "Hey, how much for a filling, thanks": "$180",
+            "Hello, whitening and cleaning prices please": "$95",
+            "Good morning": "How can I help"}
+    async with running_brain(bus, pool, [LocalResponder()]):
+        for number, (text, expected) in enumerate(said.items()):
+            call = f"c-hi-{number}"
+            await open_call(bus, call)
+            await user_says(bus, call, "t1", text)
+            await recorder.wait("turn.completed", call)
+            answer = " ".join(e.text for e in recorder.of("agent.say", call)
+                              if e.turn_id == "t1")
+            assert expected in answer, (text, answer)
+
+
 async def test_local_responder_answers_a_follow_up_about_the_previous_turns_subject(
         bus, pool, recorder) -> None:
     """The demo's price list; "Do you do whitening?" — "How much does it cost?".

@@ -63,6 +63,10 @@ _QUESTION_START = re.compile(
     r"^(how|what|whats|what's|when|where|why|who|which|do|does|did|can|could|is|are|will"
     r"|would|should|may)\b|\b(tell me|wondering|want to know|like to know|looking for)\b")
 _WORD = re.compile(r"[a-z0-9$']+")
+# What a caller greeting in the same breath says they call about ("Hi, I'm calling about teeth
+# whitening", "Hello, cleaning prices please"); not their name ("Hi, this is John").
+_PURPOSE = re.compile(r"\b(calling (about|regarding|for)|asking about|interested in|prices?|"
+                      r"costs?|rates?|need|want|would like|looking for)\b")
 
 
 def _stem(word: str) -> str:
@@ -108,7 +112,12 @@ def classify_intent(text: str, tools: Sequence[ToolSpec] = ()) -> tuple[Intent, 
     asks = text.rstrip().endswith("?") or bool(_QUESTION_START.search(words))
     if asks and has_content:
         return Intent.QUESTION, 0.8 if text.rstrip().endswith("?") else 0.7
-    if _GREETING.search(words):
+    if greeting := _GREETING.search(words):
+        # A greeting, then what the caller calls about: the question ("Hey, how much for a
+        # filling?"), not the greeting, is what to answer.
+        rest = words[greeting.end():].strip()
+        if content_words(rest) and (_QUESTION_START.search(rest) or _PURPOSE.search(rest)):
+            return Intent.QUESTION, 0.7
         return Intent.GREETING, 0.9
     if _THANKS.search(words):
         return Intent.THANKS, 0.8
