@@ -468,6 +468,29 @@ async def test_an_agent_speaking_another_language_searches_a_turn_by_its_own_wor
     assert len({r.chunk_ids[0] for r in retrieved}) == 3
 
 
+async def test_local_responder_answers_after_a_turn_pointing_back_about_its_subject(
+        bus, pool, recorder) -> None:
+    """"Do you do teeth whitening?" — "Great, I'd like to book one" — "How much will it be?".
+
+    The brain searched the price question with the whitening one in front ("book one" points
+    back), but the local responder took the turn before it for its subject, a follow-up naming
+    a phrase ("book"), and said it would check on the price. A turn pointing back goes on with
+    the subject before it, for the local responder too.
+    """
+    await ingest(pool, ORG, AGENT, "prices.md", b"A teeth cleaning costs $95. A whitening "
+                 b"session costs $250.")
+    async with running_brain(bus, pool, [LocalResponder()]):
+        await open_call(bus, "c-book")
+        said = ["Do you do teeth whitening?", "Great, I'd like to book one",
+                "How much will it be?"]
+        for number, text in enumerate(said, 1):
+            await user_says(bus, "c-book", f"t{number}", text)
+            await recorder.wait("turn.completed", "c-book", count=number)
+        answer = " ".join(e.text for e in recorder.of("agent.say", "c-book")
+                          if e.turn_id == "t3")
+    assert answer == "A whitening session costs $250.", answer
+
+
 def test_the_subject_a_follow_up_carries_is_bounded() -> None:
     """The last turn that was no follow-up and the latest follow-ups since (a revised turn
     passed over, keys not counted); a long run of follow-ups keeps only the latest few."""

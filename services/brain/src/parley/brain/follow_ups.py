@@ -40,7 +40,8 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["FOLLOW_UPS_CARRIED", "FOLLOW_UP_WORDS", "is_follow_up", "tells_particulars"]
+__all__ = ["FOLLOW_UPS_CARRIED", "FOLLOW_UP_WORDS", "is_follow_up", "refers_back",
+           "tells_particulars"]
 
 # A fragment naming at most this many words goes on with the subject ("Which days?").
 FOLLOW_UP_WORDS = 3
@@ -100,6 +101,16 @@ def _tells_particulars(words: list[str], at: int) -> bool:
     """Whether ``words[at]``, one of :data:`PARTICULARS` (or with "'s"), is told: "my … is"."""
     told = words[at].endswith("'s") or (at + 1 < len(words) and words[at + 1] in _TOLD)
     return told and "my" in words[max(0, at - 3):at]
+
+
+def refers_back(text: str) -> bool:
+    """Whether a caller's turn of ``text`` has a word pointing back ("I'd like to book *one*").
+
+    What it names ("book") is then said of the subject before it, not a subject of its own.
+    """
+    words = _WORD.findall(text.lower().replace("\u2019", "'"))
+    return any(word in REFERRING and (word not in _POINTING_IF or _points_back(words, at))
+               for at, word in enumerate(words))
 
 
 def tells_particulars(text: str) -> bool:

@@ -53,7 +53,12 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
-from parley.brain.follow_ups import FOLLOW_UPS_CARRIED, is_follow_up, tells_particulars
+from parley.brain.follow_ups import (
+    FOLLOW_UPS_CARRIED,
+    is_follow_up,
+    refers_back,
+    tells_particulars,
+)
 
 from .base import (
     AssistantMessage,
@@ -492,7 +497,8 @@ def _previous_caller_text(messages: Sequence[Any]) -> str:
     past at most :data:`~parley.brain.follow_ups.FOLLOW_UPS_CARRIED` such follow-ups (keys end
     the search; a turn that is no follow-up, :func:`~parley.brain.follow_ups.is_follow_up`,
     too, as the brain's retrieval carries a subject). A turn telling the caller's particulars
-    ("My name is John Smith") is passed over: a name is no subject.
+    ("My name is John Smith") is passed over: a name is no subject; so is one pointing back
+    ("Great, I'd like to book one"): what it names is said of the subject before it.
     """
     spoken = [str(m.text) for m in messages if isinstance(m, UserMessage)][:-1]
     if not spoken or pressed_keys(spoken[-1]):
@@ -500,7 +506,7 @@ def _previous_caller_text(messages: Sequence[Any]) -> str:
     for text in reversed(spoken[-(FOLLOW_UPS_CARRIED + 1):]):
         if pressed_keys(text):
             break
-        if tells_particulars(text):
+        if tells_particulars(text) or refers_back(text):
             continue
         if not is_follow_up(text) or any(
                 phrase[-1] not in _GENERIC_HEADS for phrase in subject_phrases(text)):
