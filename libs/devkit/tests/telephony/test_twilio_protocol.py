@@ -37,6 +37,18 @@ def test_messages_are_shaped_and_numbered_as_twilio_sends_them() -> None:
     ]
 
 
+def test_media_text_is_the_encoded_media_message_and_numbers_alike() -> None:
+    built = tp.StreamMessages(stream_sid=STREAM, account_sid=ACCOUNT, call_sid=CALL)
+    texts = tp.StreamMessages(stream_sid=STREAM, account_sid=ACCOUNT, call_sid=CALL)
+    for messages in (built, texts):
+        messages.start({"call_id": "c1"})
+    for audio, at in ((b"\xff\x7f", 0), (b"\x00" * 160, 20), (bytes(range(160)), 40)):
+        expected = tp.encode(built.media(audio, at)).encode()
+        assert texts.media_text(base64.b64encode(audio), at) == expected
+        assert texts.sequence == built.sequence
+    assert tp.encode(texts.mark("m1")) == tp.encode(built.mark("m1"))
+
+
 def test_twilio_messages_parse_back() -> None:
     messages = tp.StreamMessages(stream_sid=STREAM, account_sid=ACCOUNT, call_sid=CALL)
     media = tp.parse_twilio_message(tp.encode(messages.media(b"abc", 40)))
