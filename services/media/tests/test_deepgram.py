@@ -1,11 +1,17 @@
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator
 from itertools import pairwise
 
 import numpy as np
 import pytest
 
-from parley.devkit.emulators.deepgram import DeepgramEmulator, Retracted
+from parley.devkit.emulators.deepgram import (
+    DeepgramEmulator,
+    RecognizerSettings,
+    Retracted,
+    ScriptedRecognizer,
+)
 from parley.media.audio.codec import pcm16_array_to_ulaw
 from parley.media.providers.base import (
     Final,
@@ -360,6 +366,24 @@ async def test_our_own_close_ends_events_without_an_error(emulator: DeepgramEmul
     await stream.close()
     await asyncio.wait_for(collector.task, 10)
     assert collector.error is None
+
+
+def test_the_recogniser_hears_audio_alike_frame_by_frame_and_in_chunks() -> None:
+    """A carrier's 20 ms frames, fed one at a time (as media sends them), make the messages the
+    same audio makes in chunks of any size, frames repeated (the same silence bytes) or not."""
+    audio = silence(0.5) + speech(1.2, seed=3) + silence(1.5) + speech(0.8, seed=4) + silence(1.2)
+    params = {"encoding": "mulaw", "sample_rate": str(RATE), "interim_results": "true",
+              "vad_events": "true", "endpointing": "300", "utterance_end_ms": "1000"}
+    script = ["hello there my friend", Retracted("uh"), "bye"]
+    heard = []
+    for size in (FRAME, 5 * FRAME, 7 * FRAME + 33, len(audio)):
+        recognizer = ScriptedRecognizer(params, deque(script), RecognizerSettings())
+        recognizer.request_id = "one id"
+        messages = [m for offset in range(0, len(audio), size)
+                    for m in recognizer.audio(audio[offset:offset + size])]
+        heard.append(messages + recognizer.close()[:-1])  # Metadata: its own id and time
+    assert any(m["type"] == "SpeechStarted" for m in heard[0])
+    assert heard[0] == heard[1] == heard[2] == heard[3]
 
 
 def test_server_messages_decode_to_events_and_an_error_message_fails_the_stream(caplog) -> None:
