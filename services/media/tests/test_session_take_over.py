@@ -419,3 +419,85 @@ async def test_providers_that_refused_the_call_are_not_asked_again_by_its_succes
             await client.close()
         await cartesia_server.stop()
         await deepgram.stop()
+
+
+async def test_a_provider_refused_just_before_the_owner_dies_is_in_the_lease_already(
+        bus) -> None:
+    # Deepgram refused the call for good (1008 for audio it cannot decode) and the session went
+    # on with its fallback, but the lease carried the refusal only from its next renewal, up to
+    # a renewal period later. An owner dying in that second left a lease without it: its
+    # successor opened Deepgram again, refused again. The lease is written at once (through the
+    # renewer: the same compare-and-set on the revision it holds, one writer per lease).
+    from parley.devkit.emulators.deepgram import DeepgramEmulator
+    from parley.media.ownership import Leases
+    from parley.media.providers.deepgram_stt import DeepgramStt
+
+    from .test_session_recognition import Recogniser
+    from .test_session_speech import wait_for
+
+    call_id = "call-refused-lease-at-once"
+    deepgram = DeepgramEmulator(api_key="dg")
+    await deepgram.start()
+    # Renewed every 3 s (the renewer ticks every 0.3 s): none falls within the test's second.
+    leases = Leases(bus, "media-a", renew_s=3.0)
+    tasks: list[asyncio.Task[None]] = []
+
+    def instance(name: str, resume: LeaseState | None) -> CallSession:
+        services = SessionServices(
+            bus=bus, leases=leases,
+            stt=ProviderRouter("stt", {"deepgram": DeepgramStt("dg", base_url=deepgram.base_url),
+                                       "backup": Recogniser("backup")},  # type: ignore[dict-item]
+                               ["deepgram", "backup"], retry_initial_s=0.01),
+            tts=ProviderRouter("tts", {"never": object()}, ["never"]),  # type: ignore[dict-item]
+            instance=name)
+        call = CallSession(services, call_id=call_id, org_id=ORG, agent_id="agent",
+                           settings=QUIET, revision=1, resume=resume)
+        call._history = None
+        return call
+
+    async def start(call: CallSession) -> None:
+        call._stt_name, call._stt = await call.s.stt.open(call._stt_chain, call._open_stt,
+                                                          refused=call._stt_refused)
+        call._stt_task = asyncio.create_task(call._recognise())
+        tasks.append(call._stt_task)
+
+    try:
+        kv = await leases.kv()
+        predecessor = instance("media-a", None)
+        revision = await leases.claim(call_id, predecessor.lease)
+        assert revision is not None
+        await leases.hold(call_id, revision, predecessor._lease_state, predecessor._lease_lost,
+                          fence=predecessor._fence)
+        await start(predecessor)
+        assert predecessor._stt_name == "deepgram"
+        deepgram.faults.undecodable_audio = True
+        for n in range(10):
+            await predecessor._inbound_frame(SILENCE, n * 20)
+        await predecessor._stt_flush()
+        await wait_for(lambda: predecessor._stt_name == "backup", timeout=10)
+        assert predecessor._stt_refused == {"deepgram"}
+
+        # It dies now, well within a renewal period: the lease as the bucket has it.
+        async def written() -> tuple[int, LeaseState]:
+            entry = await kv.get(call_id)
+            return entry.revision, msgspec.json.decode(entry.value, type=LeaseState)
+
+        deadline = time.monotonic() + 1.0
+        at, lease = await written()
+        while lease.refused.get("stt") != ["deepgram"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            at, lease = await written()
+        assert lease.refused.get("stt") == ["deepgram"]  # (before: not until the next renewal)
+        assert at == revision + 1  # written once since the claim: for the refusal
+        await leases.let_go(call_id)
+
+        successor = instance("media-b", lease)
+        await start(successor)
+        assert successor._stt_name == "backup"
+        assert len(deepgram.sessions) == 1  # not opened again, to be refused again
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await leases.close()
+        await deepgram.stop()

@@ -234,6 +234,19 @@ class Leases:
             held.fence = fence
             fence.confirm(held.confirmed_at + self.timeout_s)
 
+    def renew_soon(self, call_id: str) -> None:
+        """Write ``call_id``'s lease at the renewer's next tick, not at its next renewal.
+
+        For a change a successor must not miss (a provider refused the call for good): left to
+        the next renewal, an owner dying within that period handed over a lease without it. The
+        write is a renewal like any other — the same compare-and-set on the revision held, by
+        the one renewer — so fencing is as it was; a renewal in flight is answered first (it was
+        encoded before the change), then this one is sent. Nothing if the lease is not held.
+        """
+        held = self._held.get(call_id)
+        if held is not None:
+            held.due = min(held.due, asyncio.get_running_loop().time())
+
     async def let_go(self, call_id: str, *, wait_s: float = 1.0) -> int | None:
         """Stop renewing ``call_id``; its latest revision (None: not held, or lost).
 

@@ -54,7 +54,7 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -290,6 +290,22 @@ def _turn_number(turn_id: str, prefix: str) -> int | None:
     return None
 
 
+class _Refused(set[str]):
+    """A call's providers that refused it for good; ``on_new()`` runs for each one added.
+
+    The router adds to it as the session does (a refusal at an open), so each is seen here.
+    """
+
+    def __init__(self, names: Iterable[str], on_new: Callable[[], None]) -> None:
+        super().__init__(names)
+        self._on_new = on_new
+
+    def add(self, name: str) -> None:
+        if name not in self:
+            super().add(name)
+            self._on_new()
+
+
 class CallSession:
     """Runs one call until it ends, the lease is lost, or the instance stops."""
 
@@ -371,7 +387,10 @@ class CallSession:
         # Recognisers that failed this call for good (a permanent error: Deepgram's 1008 for
         # audio it cannot decode, a 4xx at the open): not tried again on it (_switch_stt).
         # Taken on from a predecessor (the lease carries them), and carried on to a successor.
-        self._stt_refused: set[str] = set(resume.refused.get("stt", ())) if resume else set()
+        # Each one new is written to the lease at once (_Refused), not at its next renewal: an
+        # owner dying in between left a successor to ask it again.
+        self._stt_refused: set[str] = _Refused(
+            resume.refused.get("stt", ()) if resume else (), self._refusal)
         # Consecutive mid-call failures: when the current stream opened, when the failures
         # began (None: none under way) and the wait before the next reopen (_stt_backoff).
         self.stt_retry_initial_s = STT_RETRY_INITIAL_S
@@ -384,7 +403,8 @@ class CallSession:
         # TTS
         self._tts_chain = services.tts.chain(settings.providers.get("tts", ""))
         # Likewise for synthesisers (a sunset model).
-        self._tts_refused: set[str] = set(resume.refused.get("tts", ())) if resume else set()
+        self._tts_refused: set[str] = _Refused(
+            resume.refused.get("tts", ()) if resume else (), self._refusal)
         self.tts_give_up_after_s = TTS_GIVE_UP_AFTER_S
         # When a turn first found no synthesiser to open, none having delivered audio since.
         self._tts_failing_since: float | None = None
@@ -569,6 +589,11 @@ class CallSession:
     def _lease_state(self) -> LeaseState:
         self._update_lease()
         return self.lease
+
+    def _refusal(self) -> None:
+        """A provider refused the call for good: the lease says so at once (Leases.renew_soon)."""
+        if self.s.leases is not None:
+            self.s.leases.renew_soon(self.call_id)
 
     def _lease_lost(self) -> None:
         log.warning("call %s: lease lost; another instance has the call", self.call_id)
