@@ -715,3 +715,49 @@ async def test_a_turn_the_caller_finishes_while_the_recogniser_backs_off_is_hear
     assert [(e.text, e.revises) for e in events if isinstance(e, TurnUserEnded)] == [
         (sentence, "")]
     assert [e.text for e in events if isinstance(e, TranscriptFinal)] == [sentence]
+
+
+async def test_a_turn_awaiting_its_late_words_is_replayed_to_the_next_recogniser(bus) -> None:
+    # "Book me in for Friday at ten.": Deepgram gave its interims and then nothing (a stalled
+    # socket), and the turn ended at max wait on them, its final still to come and revise it.
+    # Then the socket failed and the call moved to the fallback. No turn was open, so the
+    # fallback was replayed only a pre-roll of silence: the late words never came, and the
+    # turn kept its stale text. A turn awaiting its late words is replayed as the open turn
+    # is, and its revision comes, once, from the recogniser that hears it.
+    sentence = "Book me in for Friday at ten."
+    primary = DeepgramEmulator(api_key="dg-key", utterances=[sentence])
+    backup = DeepgramEmulator(api_key="dg-key", utterances=[sentence])
+    await primary.start()
+    await backup.start()
+    call = session_with(bus, {"deepgram": DeepgramStt("dg-key", base_url=primary.base_url),
+                              "backup": DeepgramStt("dg-key", base_url=backup.base_url)})
+    ear = await Listening.start(call)
+    loud, quiet = b"\x00" * 160, b"\xff" * 160
+    try:
+        await ear.hear(quiet, 10)
+        await ear.hear(loud, 40)
+        await ear.until(lambda: call.detector.text.startswith("Book me"))  # interims
+        primary.faults.stall = True  # its final never comes
+        await ear.hear(loud, 40)
+        while call.turn_no == 0 and ear.frames < 400:  # the max wait
+            await ear.hear(quiet, 1)
+        assert call.turn_no == 1 and call.detector.revisable_started_ms is not None
+        stale = call.detector.text
+        primary.faults.stall, primary.faults.close_with_error = False, True
+        await ear.hear(quiet, 1)
+        await ear.until(lambda: call._stt_name == "backup")
+        for _ in range(300):
+            await ear.hear(quiet, 1)
+            await asyncio.sleep(0.002)  # the backup's final, in audio time
+        await call._outbox.drain(1)
+    finally:
+        await ear.close()
+        await primary.stop()
+        await backup.stop()
+    events = await bus.replay_call(CALL, org_id=ORG)
+    ended = [(e.turn_id, e.text, e.reason, e.revises) for e in events
+             if isinstance(e, TurnUserEnded)]
+    assert ended[0][2] == "max_wait" and sentence not in ended[0][1], (stale, ended)
+    # (before: that one alone, its late words never heard)
+    assert ended[1:] == [("t2", sentence, "utterance_end", "t1")]
+    assert [e.text for e in events if isinstance(e, TranscriptFinal)] == [sentence]

@@ -129,6 +129,10 @@ log = logging.getLogger(__name__)
 
 _ID_NAMESPACE = uuid.UUID("6c1d2a39-4f0e-4c55-9d0e-7a7b8f0b8a11")
 PREROLL_MS = 400  # resume this much audio before the open turn began
+# A turn that ended at max wait keeps its audio (from its pre-roll) while its late words may
+# still revise it, for a recogniser switch to replay, up to this much in all: past it (a long
+# turn, or a recogniser that never ends the utterance), only the pre-roll, as for no turn.
+LATE_REPLAY_MAX_FRAMES = 30 * 50
 # Frames between remembered resume points (see _on_audio), at least.
 CHECKPOINT_EVERY = 50
 # A successor's catch-up starts this long before the resume frame was sent, so clock skew
@@ -367,6 +371,7 @@ class CallSession:
         self._stt_task: asyncio.Task[None] | None = None
         # Inbound audio of the open turn, from its pre-roll on (replayed on a switch).
         self._turn_audio: list[bytes] = []
+        self._late_audio = False  # _turn_audio is a turn awaiting its late words (_end_turn)
         self._stt_pending: list[bytes] = []  # frames not yet sent to the recogniser
         # Bytes of caller audio received, and where the recogniser's stream began among them
         # (its first replayed byte): its timings are from its own start.
@@ -707,11 +712,24 @@ class CallSession:
     async def _stt_send(self, ulaw: bytes) -> None:
         self._stt_received += len(ulaw)
         self._turn_audio.append(ulaw)
-        if not self.detector.in_turn and len(self._turn_audio) > 2 * self._preroll_frames:
+        if not self.detector.in_turn and len(self._turn_audio) > 2 * self._preroll_frames and (
+                not self._late_turn_kept()):
             del self._turn_audio[:-self._preroll_frames]  # once per pre-roll's worth of frames
+            self._late_audio = False  # (a late turn's audio, once cut, is not replayed)
         self._stt_pending.append(ulaw)
         if len(self._stt_pending) >= STT_BATCH_FRAMES:
             await self._stt_flush()
+
+    def _late_turn_kept(self) -> bool:
+        """Whether the audio kept is a turn awaiting its late words, from its pre-roll on.
+
+        A switch of recogniser replays it, as it does the open turn's (_switch_stt_to_next):
+        the late words the failed one still owed come from the new one. Kept from the turn's
+        start (trimmed to its pre-roll when its speech began, not since), until the revision
+        is decided, the caller speaks again, or LATE_REPLAY_MAX_FRAMES.
+        """
+        return self._late_audio and self.detector.revisable_started_ms is not None and (
+            len(self._turn_audio) <= LATE_REPLAY_MAX_FRAMES)
 
     async def _stt_flush(self) -> None:
         if not self._stt_pending or self._stt_switching:
@@ -771,7 +789,10 @@ class CallSession:
         turn_id = f"t{self.turn_no}"
         self._idle_state.awaiting(turn_id)
         self._idle.reset()
-        self._turn_audio = []
+        # A turn ended at max wait: its audio kept for its late words (_late_turn_kept).
+        self._late_audio = not end.revises and self.detector.revisable_started_ms is not None
+        if not self._late_audio:
+            self._turn_audio = []
         held = self._holds_for_agent(end.text)
         prepared = self._prepared
         if prepared is not None and (prepared.turn_id != turn_id or prepared.words != (
@@ -1143,9 +1164,15 @@ class CallSession:
                 return
             self._stt_opened_at = time.monotonic()
             self._stt_pending.clear()  # the open turn's audio (replayed next) includes it
-            if not self.detector.in_turn:
+            # A turn that ended at max wait and awaits its late words is replayed as an open
+            # one: the failed recogniser owed them, and only the pre-roll replayed, they never
+            # came and the turn kept its stale text.
+            late = not self.detector.in_turn and self._late_turn_kept()
+            if not self.detector.in_turn and not late:
                 del self._turn_audio[:-self._preroll_frames]  # no turn yet: its pre-roll
-            self.detector.recognition_restarted(self.audio_ms)  # its words again, replayed
+                self._late_audio = False
+            # its words again, replayed
+            self.detector.recognition_restarted(self.audio_ms, late_replayed=late)
             # What the open turn said so far. Frames arriving meanwhile are pending: sent once,
             # after it (the list itself grew under the replay, and they went twice).
             replay = self._turn_audio[:]

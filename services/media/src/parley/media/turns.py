@@ -336,7 +336,7 @@ class TurnDetector:
             max(0, self._late_final_ms - late.speech_end_ms), late.started_ms, revises=True)
         return self._late_turn
 
-    def recognition_restarted(self, now_ms: int = 0) -> None:
+    def recognition_restarted(self, now_ms: int = 0, *, late_replayed: bool = False) -> None:
         """A new recogniser hears the open turn again from its start (a provider switch).
 
         What the old one made of it is forgotten: the new one's results cover the same words,
@@ -346,7 +346,14 @@ class TurnDetector:
         from the speech's end, a switch that took seconds (a reopen's backoff) left the turn
         past it, and it ended at once on the new recogniser's first partial, its final then
         a revision (the brain answered a fragment and was cancelled).
+
+        ``late_replayed``: no turn is open, and the new one hears the turn that ended at max
+        wait again instead, its late words still owed: its finals so far are forgotten likewise
+        (the new one's cover the whole turn), and the revision comes of the new one's.
         """
+        if late_replayed and self._late_turn is not None and not self._revision_decided:
+            self._late_finals.clear()
+            self._revision_due = False
         turn = self._turn
         if turn is not None:
             turn.finals.clear()
