@@ -371,3 +371,18 @@ async def test_while_tokens_are_not_enforced_a_mixed_fleet_keeps_its_calls(make_
     await older.ws.close()
     await reconnects_then_ends(gateway, events, legacy_reconnect_path(call_id), call_sid,
                                call_id, streams=3)
+
+
+async def test_the_gateway_sweeps_expired_nonces_on_its_own(make_plivo_gateway, db):
+    """The sweep loop the app runs (not expire() called by hand) deletes what has expired."""
+    gateway = await make_plivo_gateway(plivo_nonce_window_s=0.2, gateway_idempotency_sweep_s=0.1)
+    params = _answer(new_call_uuid())
+    headers = signed_headers("POST", PUBLIC + "/plivo/answer", params)
+    assert (await gateway.post("/plivo/answer", params, headers=headers)).status == 200
+    for _ in range(50):
+        cursor = await db.execute("SELECT count(*) FROM carrier_nonces")
+        if (await cursor.fetchone())[0] == 0:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("the expired nonce was never swept")

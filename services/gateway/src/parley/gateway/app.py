@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 from aiohttp import WSCloseCode, web
@@ -93,10 +93,12 @@ def create_app(config: GatewayConfig, *, bus: Bus | None = None,
                                  "gateway_callback_interval_s"))
     app.cleanup_ctx.append(_loop("orphaned-calls", orphans.run, "gateway_orphan_check_s"))
     # Idempotency-Keys of POST /v1/calls past their 24 h are deleted.
-    app.cleanup_ctx.append(_loop("idempotency-keys", idempotency.run,
-                                 "gateway_idempotency_sweep_s"))
+    app.cleanup_ctx.append(_loop("idempotency-keys", _sweep(
+        "idempotency keys", idempotency.expire), "gateway_idempotency_sweep_s"))
     # Plivo nonces past their window and stream tokens a day past theirs, on the same interval.
-    app.cleanup_ctx.append(_loop("replay-guards", replays.run, "gateway_idempotency_sweep_s"))
+    app.cleanup_ctx.append(_loop("replay-guards", _sweep(
+        "replay-guard rows (nonces, stream tokens)", replays.expire),
+        "gateway_idempotency_sweep_s"))
     app.cleanup_ctx.append(_settling_context)  # last: closed before the clients it uses
     app.on_shutdown.append(_going_away)
     for add_routes in ROUTE_HOOKS:
@@ -205,6 +207,22 @@ def _loop(name: str, run: Callable[[web.Application], Coroutine[Any, Any, None]]
             await cancel_and_wait(task)
 
     return context
+
+
+def _sweep(what: str, expire: Callable[[web.Application], Awaitable[int]],
+           ) -> Callable[[web.Application], Coroutine[Any, Any, None]]:
+    """A loop deleting what ``expire`` finds expired every ``gateway_idempotency_sweep_s``."""
+    async def run(app: web.Application) -> None:
+        interval = app[CONFIG].gateway_idempotency_sweep_s
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if expired := await expire(app):
+                    log.info("expired %d %s", expired, what)
+            except Exception:  # a database outage: the next round tries again
+                log.exception("the sweep of %s failed", what)
+
+    return run
 
 
 async def _settling_context(app: web.Application) -> AsyncIterator[None]:

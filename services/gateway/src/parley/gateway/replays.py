@@ -135,18 +135,6 @@ async def expire(app: web.Application) -> int:
         return int(nonces.rowcount) + int(tokens.rowcount)
 
 
-async def run(app: web.Application) -> None:
-    """Expire what the guards keep every ``gateway_idempotency_sweep_s``, until cancelled."""
-    interval = app[CONFIG].gateway_idempotency_sweep_s
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            if expired := await expire(app):
-                log.info("expired %d replay-guard rows (nonces, stream tokens)", expired)
-        except Exception:  # a database outage: the next round tries again
-            log.exception("replay guards: the sweep failed")
-
-
 # -- Twilio stream tokens -----------------------------------------------------------------------
 
 class Connect(NamedTuple):

@@ -37,7 +37,6 @@ a second call (Stripe's semantics). Keys are per org, in ``api_idempotency_keys`
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ from parley.common.bus import EVENTS_STREAM, call_events
 from parley.common.events import decode
 from parley.common.problems import Problem, problem_response
 
-from ..keys import BUS, CLOCK, CONFIG, POOL
+from ..keys import BUS, CLOCK, POOL
 from ..outbound import NotDialled, not_dialled_event_id
 from .schemas import CallCreated, PlaceCall
 
@@ -310,14 +309,3 @@ async def expire(app: web.Application) -> int:
                                     (app[CLOCK]() - KEY_TTL,))
         return cursor.rowcount
 
-
-async def run(app: web.Application) -> None:
-    """Expire keys every ``gateway_idempotency_sweep_s``, until cancelled."""
-    interval = app[CONFIG].gateway_idempotency_sweep_s
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            if expired := await expire(app):
-                log.info("expired %d idempotency keys", expired)
-        except Exception:  # a database outage: the next round tries again
-            log.exception("idempotency keys: the sweep failed")
