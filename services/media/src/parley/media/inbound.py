@@ -318,20 +318,28 @@ class InlineDelivery:
     async def _run(self, msg: Msg) -> None:
         """Python 3.12+: one message's handling, as an eager task, then those behind it."""
         while True:
-            try:
-                await self._handler(msg)
-            except Exception:
-                log.exception("%s: message handler failed", self._name)
-            except asyncio.CancelledError:
-                if self._stopping():
-                    raise
-                log.exception("%s: message handler failed", self._name)
+            await self._handled(self._handler(msg))
             if self._closed or not self._backlog:
                 break
             msg = self._backlog.popleft()
             self._sub._pending_size -= len(msg.data)
         if not self._closed:
             self._busy = None  # no wait since the backlog was seen empty: nothing is left behind
+
+    async def _handled(self, handling: Awaitable[None]) -> None:
+        """Await a message's handling: its error is logged and the next message handled.
+
+        A cancellation too, unless it is one of the task's own (:meth:`_stopping`): then it is
+        raised, and nothing more is handled.
+        """
+        try:
+            await handling
+        except Exception:
+            log.exception("%s: message handler failed", self._name)
+        except asyncio.CancelledError:
+            if self._stopping():
+                raise
+            log.exception("%s: message handler failed", self._name)
 
     def _stopping(self) -> bool:
         """Whether a handler's cancellation is one of its task's: then nothing more is handled.
@@ -370,25 +378,11 @@ class InlineDelivery:
                     continue
                 coro, waiting = self._handoff
                 self._handoff = None
-                try:
-                    await _Rest(coro, waiting, cancel)
-                except Exception:
-                    log.exception("%s: message handler failed", self._name)
-                except asyncio.CancelledError:
-                    if self._stopping():
-                        raise
-                    log.exception("%s: message handler failed", self._name)
+                await self._handled(_Rest(coro, waiting, cancel))
                 while self._backlog and not self._closed:
                     msg = self._backlog.popleft()
                     self._sub._pending_size -= len(msg.data)
-                    try:
-                        await self._handler(msg)
-                    except Exception:
-                        log.exception("%s: message handler failed", self._name)
-                    except asyncio.CancelledError:
-                        if self._stopping():
-                            raise
-                        log.exception("%s: message handler failed", self._name)
+                    await self._handled(self._handler(msg))
                 busy, self._busy = self._busy, None
                 if busy is not None:
                     busy.set_result(None)
