@@ -127,7 +127,11 @@ async def wait_for(predicate, timeout: float = 3.0) -> None:
 
 
 async def stop(call: CallSession, speaker: asyncio.Task[None]) -> None:
+    """End the call's speaking as the session's run ends it: its tasks cancelled, then awaited
+    (awaited uncancelled, a turn's synthesis still waiting on a synthesiser hung the test)."""
     speaker.cancel()
+    for task in call._tasks:
+        task.cancel()
     await asyncio.gather(speaker, *call._tasks, return_exceptions=True)
     await call._outbox.drain(1)
 
